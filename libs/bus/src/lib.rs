@@ -1,0 +1,440 @@
+//! Taskmesh's bus: NATS JetStream as the event log, the dispatch queue and the command channel.
+//!
+//! - [`Bus::provision`] creates or updates the streams idempotently.
+//! - [`Bus::append`] appends an event with `Nats-Msg-Id` dedup and expected-last-subject-sequence
+//!   concurrency; a lost race is [`BusError::Conflict`]. Every appended event also carries the
+//!   sequence it expected in the `Tm-Prev-Seq` header, so a reader can tell whether it saw every
+//!   event of a subject in order.
+//! - [`Bus::read_subject`] reads one aggregate's events back (an ephemeral consumer).
+//! - [`Bus::durable`] provisions durable pull consumers with explicit ack.
+//! - [`Bus::request`] and [`serve`] carry commands over core NATS request/reply.
+//!
+//! Trace context travels in the `traceparent` header of every message.
+//!
+//! # Layout
+//! - this file: [`Bus`], [`Stored`], errors.
+//! - [`serve`]: a bounded request/reply server loop.
+//! - [`consume`]: a durable consumer loop that recreates its consumer when the pull ends.
+
+mod consume;
+mod serve;
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, Context};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use taskmesh_config::NatsSettings;
+use taskmesh_events::{Envelope, Namespace, Problem};
+
+pub use consume::consume;
+pub use serve::serve;
+
+/// The header carrying the sequence an event was appended after (its subject's previous event).
+pub const PREV_SEQ_HEADER: &str = "Tm-Prev-Seq";
+/// The header carrying the event type, so consumers can filter without decoding.
+pub const EVENT_TYPE_HEADER: &str = "Tm-Event-Type";
+/// W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// Errors of the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Someone appended to the subject since the caller read it: reload and decide again.
+    #[error("conflict appending to {subject}: it moved past sequence {expected}")]
+    Conflict { subject: String, expected: u64 },
+    /// Nobody answers on a command subject, or not in time.
+    #[error("no service answered on {0}")]
+    Unavailable(String),
+    /// A command was answered with a problem.
+    #[error(transparent)]
+    Rejected(#[from] Problem),
+    #[error("malformed message on {subject}: {reason}")]
+    Malformed { subject: String, reason: String },
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+impl BusError {
+    fn nats(e: impl std::fmt::Display) -> Self {
+        BusError::Nats(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BusError>;
+
+/// An event read back from the log, with its position.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: u64,
+    /// The subject's previous sequence the appender expected, if it appended with a check.
+    pub prev: Option<u64>,
+    pub envelope: Envelope,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub seq: u64,
+    /// The message id had been seen within the duplicate window: nothing new was stored and
+    /// `seq` is the first copy's.
+    pub duplicate: bool,
+}
+
+/// A connection to the bus under one namespace.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: Context,
+    ns: Namespace,
+    settings: NatsSettings,
+}
+
+impl Bus {
+    /// Connects to NATS. Fails with a clear error when no server answers.
+    pub async fn connect(settings: &NatsSettings) -> Result<Self> {
+        let ns = Namespace::new(&settings.namespace)
+            .ok_or_else(|| BusError::Nats(format!("invalid namespace {:?}", settings.namespace)))?;
+        let client = async_nats::ConnectOptions::new()
+            .name("taskmesh")
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|e| BusError::Nats(format!("connecting to {}: {e}", settings.url)))?;
+        // Wait for the first connection so start-up errors surface here, not later.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BusError::Nats(format!("no NATS server answers at {}", settings.url)));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js, ns, settings: settings.clone() })
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+    pub fn jetstream(&self) -> &Context {
+        &self.js
+    }
+    pub fn settings(&self) -> &NatsSettings {
+        &self.settings
+    }
+
+    /// Creates the streams, or updates their configuration; safe to run at every start.
+    pub async fn provision(&self) -> Result<()> {
+        let dup = Duration::from_secs(self.settings.duplicate_window_secs.max(1));
+        let events = StreamConfig {
+            name: self.ns.events_stream(),
+            description: Some("Taskmesh event log".into()),
+            subjects: vec![self.ns.events_all()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_age: Duration::from_secs(self.settings.events_max_age_days * 86_400),
+            max_bytes: self.settings.events_max_bytes,
+            // A full event log refuses new events rather than silently dropping history.
+            discard: DiscardPolicy::New,
+            duplicate_window: dup,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let queue = |name: String, subject: String, what: &str| StreamConfig {
+            name,
+            description: Some(what.into()),
+            subjects: vec![subject],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_messages: 1_000_000,
+            discard: DiscardPolicy::New,
+            duplicate_window: dup,
+            ..Default::default()
+        };
+        let logs = StreamConfig {
+            name: self.ns.logs_stream(),
+            description: Some("Taskmesh step logs".into()),
+            subjects: vec![self.ns.logs_all()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_age: Duration::from_secs(self.settings.logs_max_age_days.max(1) * 86_400),
+            max_bytes: self.settings.logs_max_bytes,
+            max_message_size: 64 * 1024,
+            // Logs are not the source of truth: a full log stream drops its oldest lines.
+            discard: DiscardPolicy::Old,
+            ..Default::default()
+        };
+        let streams = [
+            events,
+            logs,
+            queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
+            queue(self.ns.deliveries_stream(), self.ns.deliveries_all(), "Taskmesh outbound webhook deliveries"),
+            queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
+        ];
+        for config in streams {
+            let name = config.name.clone();
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| BusError::Nats(format!("provisioning stream {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes this namespace's streams (tests and `taskmesh reset`).
+    pub async fn delete_streams(&self) -> Result<()> {
+        for name in [
+            self.ns.events_stream(),
+            self.ns.dispatch_stream(),
+            self.ns.deliveries_stream(),
+            self.ns.timers_stream(),
+            self.ns.logs_stream(),
+        ] {
+            let _ = self.js.delete_stream(&name).await;
+        }
+        Ok(())
+    }
+
+    /// Appends `envelope` to its subject if the subject's last sequence is `expected` (0: the
+    /// subject must be empty). The message id is the event id, so a retried append is
+    /// deduplicated while a different decision by a racing writer is a [`BusError::Conflict`].
+    pub async fn append(&self, expected: u64, envelope: &Envelope) -> Result<u64> {
+        Ok(self.append_with_id(Some(expected), envelope, &envelope.id.to_string()).await?.seq)
+    }
+
+    /// Appends with an explicit message id, and optionally without a sequence check.
+    #[tracing::instrument(skip_all, fields(subject = %envelope.subject, r#type = envelope.type_name()), err(level = "debug"))]
+    pub async fn append_with_id(&self, expected: Option<u64>, envelope: &Envelope, msg_id: &str) -> Result<Appended> {
+        let mut publish = PublishMessage::build().payload(Bytes::from(envelope.to_json())).message_id(msg_id);
+        publish = publish.header(EVENT_TYPE_HEADER, envelope.type_name());
+        if let Some(expected) = expected {
+            publish =
+                publish.expected_last_subject_sequence(expected).header(PREV_SEQ_HEADER, expected.to_string().as_str());
+        }
+        if let Some(tp) =
+            envelope.traceparent.as_deref().map(str::to_owned).or_else(taskmesh_telemetry::current_traceparent)
+        {
+            publish = publish.header(TRACEPARENT_HEADER, tp.as_str());
+        }
+        let subject = envelope.subject.clone();
+        let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }.await;
+        match ack {
+            Ok(ack) => Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(BusError::Conflict { subject, expected: expected.unwrap_or(0) })
+            }
+            Err(e) => Err(BusError::Nats(format!("appending to {subject}: {e}"))),
+        }
+    }
+
+    /// The sequence of the last event on `subject`, 0 when it has none.
+    pub async fn last_seq(&self, subject: &str) -> Result<u64> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(msg) => Ok(msg.sequence),
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
+        }
+    }
+
+    /// The last event on `subject`, if any.
+    pub async fn last(&self, subject: &str) -> Result<Option<Stored>> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(msg) => Ok(Some(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?)),
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
+        }
+    }
+
+    /// The sequence of the first event on `subject`, 0 when it has none.
+    pub async fn first_seq(&self, subject: &str) -> Result<u64> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        match stream.direct_get_next_for_subject(subject, None).await {
+            Ok(msg) => Ok(msg.sequence),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(BusError::Nats(format!("reading first of {subject}: {e}"))),
+        }
+    }
+
+    /// Every event on `subject` after sequence `after`, in order.
+    pub async fn read_subject(&self, subject: &str, after: u64) -> Result<Vec<Stored>> {
+        let last = self.last_seq(subject).await?;
+        if last <= after {
+            return Ok(Vec::new());
+        }
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        let consumer: PullConsumer = stream
+            .create_consumer(PullConfig {
+                filter_subject: subject.to_string(),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::nats)?;
+        let mut out = Vec::new();
+        let mut empty_fetches = 0;
+        'outer: while out.last().map(|s: &Stored| s.seq).unwrap_or(after) < last {
+            let mut batch = consumer
+                .batch()
+                .max_messages(1_000)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(BusError::nats)?;
+            let before = out.len();
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(BusError::nats)?;
+                let stored = decode(&msg)?;
+                // Every event on an aggregate subject names the one before it: a break in that
+                // chain means a message went missing in flight, and a state folded from it
+                // would be wrong.
+                let before = out.last().map(|s: &Stored| s.seq).unwrap_or(after);
+                if let Some(prev) = stored.prev
+                    && prev != before
+                    && (before != after || prev > after)
+                {
+                    return Err(BusError::Nats(format!(
+                        "reading {subject}: event {} follows {prev}, not {before}",
+                        stored.seq
+                    )));
+                }
+                let done = stored.seq >= last;
+                out.push(stored);
+                if done {
+                    break 'outer;
+                }
+            }
+            if out.len() == before {
+                empty_fetches += 1;
+                if empty_fetches > 10 {
+                    return Err(BusError::Nats(format!("reading {subject}: stopped short of sequence {last}")));
+                }
+            }
+        }
+        let name = consumer.cached_info().name.clone();
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        Ok(out)
+    }
+
+    /// A durable pull consumer with explicit ack, created or updated to `config`.
+    pub async fn durable(&self, stream: &str, name: &str, mut config: PullConfig) -> Result<PullConsumer> {
+        config.durable_name = Some(name.to_string());
+        let stream = self.js.get_stream(stream).await.map_err(|e| BusError::Nats(format!("stream {stream}: {e}")))?;
+        match stream.create_consumer(config.clone()).await {
+            Ok(c) => Ok(c),
+            // An older server may refuse to change some settings of an existing consumer.
+            Err(create) => {
+                stream.get_consumer(name).await.map_err(|e| BusError::Nats(format!("consumer {name}: {create}; {e}")))
+            }
+        }
+    }
+
+    /// Enqueues a message on a work-queue stream, deduplicated by `msg_id`.
+    pub async fn enqueue<T: Serialize>(
+        &self,
+        subject: String,
+        msg_id: &str,
+        body: &T,
+        traceparent: Option<&str>,
+    ) -> Result<u64> {
+        let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
+        let mut publish = PublishMessage::build().payload(payload.into()).message_id(msg_id);
+        if let Some(tp) = traceparent {
+            publish = publish.header(TRACEPARENT_HEADER, tp);
+        }
+        let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }
+            .await
+            .map_err(|e| BusError::Nats(format!("enqueueing on {subject}: {e}")))?;
+        Ok(ack.sequence)
+    }
+
+    /// Sends a command and waits for its reply: `Ok(Resp)`, or the problem the service answered.
+    pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        subject: String,
+        request: &Req,
+    ) -> Result<Resp> {
+        let payload = serde_json::to_vec(request).map_err(BusError::nats)?;
+        let mut headers = HeaderMap::new();
+        if let Some(tp) = taskmesh_telemetry::current_traceparent() {
+            headers.insert(TRACEPARENT_HEADER, tp.as_str());
+        }
+        let timeout = Duration::from_millis(self.settings.request_timeout_ms);
+        let reply =
+            tokio::time::timeout(timeout, self.client.request_with_headers(subject.clone(), headers, payload.into()))
+                .await
+                .map_err(|_| BusError::Unavailable(subject.clone()))?
+                .map_err(|e| match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::TimedOut => {
+                        BusError::Unavailable(subject.clone())
+                    }
+                    _ => BusError::nats(e),
+                })?;
+        let reply: std::result::Result<Resp, Problem> = serde_json::from_slice(&reply.payload)
+            .map_err(|e| BusError::Malformed { subject: subject.clone(), reason: e.to_string() })?;
+        Ok(reply?)
+    }
+}
+
+/// Decodes an event delivered by a consumer.
+pub fn decode(msg: &jetstream::Message) -> Result<Stored> {
+    let seq = msg
+        .info()
+        .map_err(|e| BusError::Malformed { subject: msg.subject.to_string(), reason: e.to_string() })?
+        .stream_sequence;
+    decode_parts(&msg.subject, seq, msg.headers.as_ref(), &msg.payload)
+}
+
+fn decode_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Stored> {
+    let envelope = Envelope::from_json(payload)
+        .map_err(|e| BusError::Malformed { subject: subject.to_string(), reason: e.to_string() })?;
+    let prev = headers.and_then(|h| h.get(PREV_SEQ_HEADER)).and_then(|v| v.as_str().parse().ok());
+    Ok(Stored { seq, prev, envelope })
+}
+
+/// The `traceparent` header of a message, if any.
+pub fn traceparent(headers: Option<&HeaderMap>) -> Option<String> {
+    headers.and_then(|h| h.get(TRACEPARENT_HEADER)).map(|v| v.as_str().to_string())
+}
+
+impl From<BusError> for Problem {
+    /// How a bus failure looks to a client: a lost race is a conflict, an unreachable service
+    /// or JetStream is "unavailable" (retry later), anything else is internal.
+    fn from(e: BusError) -> Self {
+        use taskmesh_events::ErrorCode;
+        match e {
+            BusError::Conflict { .. } => Problem::new(ErrorCode::Conflict, e.to_string()),
+            BusError::Unavailable(_) | BusError::Nats(_) => {
+                tracing::warn!(error = %e, "bus unavailable");
+                Problem::new(ErrorCode::Unavailable, "the event bus is unavailable; retry later")
+            }
+            BusError::Rejected(p) => p,
+            BusError::Malformed { .. } => {
+                tracing::error!(error = %e, "malformed message");
+                Problem::new(ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}

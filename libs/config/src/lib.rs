@@ -1,0 +1,312 @@
+//! Typed settings for every Taskmesh service.
+//!
+//! Settings come from, in order of precedence: built-in defaults, then a TOML file (optional),
+//! then environment variables `TASKMESH_<SECTION>__<KEY>` (for example
+//! `TASKMESH_NATS__URL=nats://10.0.0.5:4222`). Secrets are [`secrecy::SecretString`] and never
+//! printed.
+//!
+//! # Layout
+//! Everything is in this file: [`Settings`] and one struct per section.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// What can go wrong loading settings.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Taskmesh configuration: {0}")]
+pub struct ConfigError(String);
+
+/// All settings of a Taskmesh process; each service reads its own section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    pub postgres: PostgresSettings,
+    pub gateway: HttpSettings,
+    pub git: HttpSettings,
+    pub executor: ExecutorSettings,
+    pub scheduler: SchedulerSettings,
+    pub notification: NotificationSettings,
+    pub telemetry: TelemetrySettings,
+    pub health: HealthSettings,
+    pub secrets: SecretsSettings,
+    /// Where `taskmesh up` keeps its private NATS and Postgres data and the dev API key.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            nats: NatsSettings::default(),
+            postgres: PostgresSettings::default(),
+            gateway: HttpSettings::on(8080),
+            git: HttpSettings::on(8081),
+            executor: ExecutorSettings::default(),
+            scheduler: SchedulerSettings::default(),
+            notification: NotificationSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            health: HealthSettings::default(),
+            secrets: SecretsSettings::default(),
+            data_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSettings {
+    pub url: String,
+    /// Prefix of every stream and subject.
+    pub namespace: String,
+    /// JetStream replicas per stream (1 on a single server, 3 on a cluster).
+    pub replicas: usize,
+    /// How long events are kept; 0 keeps them forever.
+    pub events_max_age_days: u64,
+    /// Cap on the event stream's size; -1 for none.
+    pub events_max_bytes: i64,
+    /// How long step logs are kept.
+    pub logs_max_age_days: u64,
+    /// Cap on the log stream's size; the oldest lines go first.
+    pub logs_max_bytes: i64,
+    /// The window in which JetStream deduplicates `Nats-Msg-Id`.
+    pub duplicate_window_secs: u64,
+    /// How long a request to another service waits for its reply.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            namespace: "tm".into(),
+            replicas: 1,
+            events_max_age_days: 0,
+            events_max_bytes: -1,
+            logs_max_age_days: 7,
+            logs_max_bytes: 1 << 30,
+            duplicate_window_secs: 120,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSettings {
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self { url: SecretString::from("postgres://postgres@127.0.0.1:5432/taskmesh"), max_connections: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub body_limit_bytes: usize,
+    /// The URL clients use to reach this service (for links and `Location`); defaults to
+    /// `http://{listen}`.
+    pub public_url: Option<String>,
+    /// The platform administrator's key (gateway only): manages tenants. None: no platform API.
+    pub admin_key: Option<SecretString>,
+}
+
+impl HttpSettings {
+    fn on(port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            body_limit_bytes: 512 * 1024,
+            public_url: None,
+            admin_key: None,
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self::on(8080)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutorSettings {
+    /// Steps run at once by one executor.
+    pub slots: usize,
+    /// A step's lease: without a heartbeat for this long, the step goes to another executor.
+    pub lease_secs: u64,
+    /// Most bytes of output kept per step; the rest is dropped and marked truncated.
+    pub output_limit_bytes: usize,
+    /// Where steps get their working directories; the system temp dir if unset.
+    pub work_dir: Option<PathBuf>,
+    /// How long SIGTERM waits for running steps before handing them back.
+    pub drain_timeout_secs: u64,
+    /// This executor's name in events; hostname and pid if unset.
+    pub id: Option<String>,
+}
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        Self {
+            slots: 4,
+            lease_secs: 30,
+            output_limit_bytes: 64 * 1024,
+            work_dir: None,
+            drain_timeout_secs: 30,
+            id: None,
+        }
+    }
+}
+
+impl ExecutorSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs.max(1))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// Runs whose state the scheduler keeps in memory; older ones are reloaded from the log.
+    pub cache_runs: usize,
+    /// Times a step may lose its executor before it fails.
+    pub max_lost_attempts: u32,
+    /// How long an event delivered to a replica may go unacknowledged before JetStream gives it
+    /// to another: the delay a crashed replica's in-flight events see.
+    pub event_ack_wait_secs: u64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self { cache_runs: 10_000, max_lost_attempts: 3, event_ack_wait_secs: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationSettings {
+    /// Timeout of one delivery attempt.
+    pub timeout_ms: u64,
+    /// Delays before each retry; its length + 1 is the number of attempts.
+    pub retry_delays_secs: Vec<u64>,
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        Self { timeout_ms: 10_000, retry_delays_secs: vec![5, 30, 120, 600, 1800, 3600, 10800] }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `tracing` filter directives, e.g. `info,taskmesh=debug`. `RUST_LOG` wins when set.
+    pub log_filter: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// OTLP/HTTP endpoint for traces, e.g. `http://127.0.0.1:4318`; none exports nothing.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { log_filter: "info".into(), log_format: "text".into(), otlp_endpoint: None }
+    }
+}
+
+/// The keys that seal secrets (AES-256-GCM). The gateway seals with `key`; executors open
+/// with `key` or any of `previous_keys` (keep old keys there while rotating).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// Base64 of 32 random bytes (`openssl rand -base64 32`). Without one, secrets are off.
+    pub key: Option<SecretString>,
+    pub previous_keys: Vec<SecretString>,
+}
+
+/// Health endpoints of worker processes (the HTTP services serve their own).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Where `taskmesh serve <worker>` answers `GET /healthz` and `/readyz`; none if unset.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then `TASKMESH_…` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let settings: Settings = figment
+            .merge(Env::prefixed("TASKMESH_").split("__").ignore(&["config", "url", "api_key"]))
+            .extract()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Defaults only, ignoring the environment: for tests.
+    pub fn defaults() -> Self {
+        Self::default()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.nats.namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || self.nats.namespace.is_empty()
+        {
+            return Err(ConfigError(format!(
+                "nats.namespace {:?} must be letters, digits, '_' or '-'",
+                self.nats.namespace
+            )));
+        }
+        if self.executor.slots == 0 {
+            return Err(ConfigError("executor.slots must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The directory for local state (`.taskmesh` in the working directory by default).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(".taskmesh"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
+    fn env_overrides_nested_keys_and_unknown_keys_fail() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TASKMESH_NATS__NAMESPACE", "abc");
+            jail.set_env("TASKMESH_EXECUTOR__SLOTS", "7");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.nats.namespace, "abc");
+            assert_eq!(s.executor.slots, 7);
+            assert_eq!(s.git.listen.port(), 8081);
+            jail.set_env("TASKMESH_GIT__LISTEN", "0.0.0.0:9000");
+            assert_eq!(Settings::load(None).unwrap().git.listen.port(), 9000);
+            jail.set_env("TASKMESH_NATS__BOGUS", "1");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("bogus"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,442 @@
+//! The event catalog. Events are facts in the past tense; they are versioned and never edited.
+//! A new optional field is a compatible change; anything else is a new schema version.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::workflow::WorkflowDef;
+
+/// Every event Taskmesh appends. Serialised adjacently tagged: `{"type": "...", "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    TenantCreated(TenantCreated),
+    ApiKeyCreated(ApiKeyCreated),
+    ApiKeyRevoked(ApiKeyRevoked),
+    RunSubmitted(RunSubmitted),
+    RunStarted(RunStarted),
+    StepDispatched(StepDispatched),
+    StepStarted(StepStarted),
+    StepAttemptLost(StepAttemptLost),
+    StepSucceeded(StepSucceeded),
+    StepFailed(StepFailed),
+    StepSkipped(StepSkipped),
+    StepAttemptFailed(StepAttemptFailed),
+    StepCancelled(StepCancelled),
+    RunCancelRequested(RunCancelRequested),
+    RunSucceeded(RunFinished),
+    RunFailed(RunFinished),
+    RunCancelled(RunFinished),
+    RunTimedOut(RunFinished),
+    RepoConnectionCreated(RepoConnectionCreated),
+    WebhookEndpointCreated(WebhookEndpointCreated),
+    WorkflowVersionStored(WorkflowVersionStored),
+    ScheduleCreated(ScheduleCreated),
+    SchedulePaused(ScheduleToggled),
+    ScheduleResumed(ScheduleToggled),
+    ScheduleTicked(ScheduleTicked),
+    SecretSet(SecretSet),
+    SecretDeleted(SecretDeleted),
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::TenantCreated(_) => "TenantCreated",
+            Event::ApiKeyCreated(_) => "ApiKeyCreated",
+            Event::ApiKeyRevoked(_) => "ApiKeyRevoked",
+            Event::RunSubmitted(_) => "RunSubmitted",
+            Event::RunStarted(_) => "RunStarted",
+            Event::StepDispatched(_) => "StepDispatched",
+            Event::StepStarted(_) => "StepStarted",
+            Event::StepAttemptLost(_) => "StepAttemptLost",
+            Event::StepSucceeded(_) => "StepSucceeded",
+            Event::StepFailed(_) => "StepFailed",
+            Event::StepSkipped(_) => "StepSkipped",
+            Event::StepAttemptFailed(_) => "StepAttemptFailed",
+            Event::StepCancelled(_) => "StepCancelled",
+            Event::RunCancelRequested(_) => "RunCancelRequested",
+            Event::RunSucceeded(_) => "RunSucceeded",
+            Event::RunFailed(_) => "RunFailed",
+            Event::RunCancelled(_) => "RunCancelled",
+            Event::RunTimedOut(_) => "RunTimedOut",
+            Event::RepoConnectionCreated(_) => "RepoConnectionCreated",
+            Event::WebhookEndpointCreated(_) => "WebhookEndpointCreated",
+            Event::WorkflowVersionStored(_) => "WorkflowVersionStored",
+            Event::ScheduleCreated(_) => "ScheduleCreated",
+            Event::SchedulePaused(_) => "SchedulePaused",
+            Event::ScheduleResumed(_) => "ScheduleResumed",
+            Event::ScheduleTicked(_) => "ScheduleTicked",
+            Event::SecretSet(_) => "SecretSet",
+            Event::SecretDeleted(_) => "SecretDeleted",
+        }
+    }
+
+    /// The schema version of this event type. Every type is at version 1 so far.
+    pub fn schema_version(&self) -> u16 {
+        1
+    }
+
+    /// Whether this event ends a run.
+    pub fn is_run_terminal(&self) -> bool {
+        matches!(self, Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_))
+    }
+}
+
+/// A tenant came into being.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TenantCreated {
+    pub tenant_id: String,
+    pub name: String,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything within the tenant, including keys.
+    Admin,
+    /// Submit, cancel and rerun runs; read everything.
+    Operator,
+    /// Read only.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// An API key was issued. Only its SHA-256 hash is recorded, never the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyCreated {
+    pub key_id: Uuid,
+    pub role: Role,
+    /// Lower-case hex SHA-256 of the whole key.
+    pub key_hash: String,
+    /// The key's first characters, to tell keys apart in listings.
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// An API key was revoked: it authenticates nothing from now on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyRevoked {
+    pub key_id: Uuid,
+}
+
+/// What started a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Trigger {
+    /// A REST API call, by the key that made it.
+    Api { key_id: Option<Uuid> },
+    /// A schedule's tick.
+    Schedule { schedule_id: Uuid, tick: DateTime<Utc> },
+    /// A rerun of an earlier run: `from` is `failed` or a step id.
+    Rerun { run_id: Uuid, from: String, key_id: Option<Uuid> },
+    /// A forge webhook.
+    Webhook {
+        forge: Forge,
+        connection_id: Uuid,
+        delivery: String,
+        repository: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        branch: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit: Option<String>,
+    },
+}
+
+/// A git forge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Forge {
+    Github,
+}
+
+/// A run was accepted. Carries the whole workflow definition, so a run never depends on
+/// anything that may change after it was submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunSubmitted {
+    pub run_id: Uuid,
+    pub workflow: WorkflowDef,
+    #[serde(default)]
+    pub inputs: BTreeMap<String, serde_json::Value>,
+    pub trigger: Trigger,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The stored workflow version this run was started from, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_version: Option<u32>,
+    /// No step starts before this time (a delayed run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    /// A rerun's steps kept from the earlier run: they count as succeeded with these outcomes
+    /// (outputs included) and do not run again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reused: BTreeMap<String, ReusedStep>,
+}
+
+/// A step a rerun kept from an earlier run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReusedStep {
+    pub from_run: Uuid,
+    pub outcome: StepOutcome,
+}
+
+/// A new, immutable version of a stored workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkflowVersionStored {
+    pub name: String,
+    /// 1 for the first version; each store adds one.
+    pub version: u32,
+    pub workflow: WorkflowDef,
+}
+
+/// A schedule was created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleCreated {
+    pub schedule_id: Uuid,
+    pub spec: crate::schedule::ScheduleSpec,
+    /// The first tick after creation (none: the expression never fires again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_tick: Option<DateTime<Utc>>,
+}
+
+/// A schedule was paused (`SchedulePaused`) or resumed (`ScheduleResumed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleToggled {
+    pub schedule_id: Uuid,
+    /// On resuming: the next tick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_tick: Option<DateTime<Utc>>,
+}
+
+/// A tick was handled: a run started, or the tick was skipped (overlap, or missed while no
+/// scheduler ran). Appended once per tick: replicas race on the schedule's subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleTicked {
+    pub schedule_id: Uuid,
+    pub tick: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// A secret was set: only its sealed form (AES-256-GCM) is recorded, never its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretSet {
+    pub name: String,
+    pub sealed: taskmesh_secrets::Sealed,
+}
+
+/// A secret was deleted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretDeleted {
+    pub name: String,
+}
+
+/// The first step of a run started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunStarted {
+    pub run_id: Uuid,
+}
+
+/// The scheduler found a step ready and put it on the dispatch queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepDispatched {
+    pub step: String,
+    /// 1 for the first dispatch of the step; a retry is a new dispatch.
+    pub dispatch: u32,
+    /// Not to start before this time (a retry's backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+/// An executor was granted the step's lease and started an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepStarted {
+    pub step: String,
+    /// Attempt number, 1-based, counting every start of the step.
+    pub attempt: u32,
+    pub dispatch: u32,
+    /// Stream sequence of the dispatch message the executor holds.
+    #[serde(default)]
+    pub message: u64,
+    /// JetStream's delivery count of the dispatch message: > 1 after a lost lease.
+    pub delivery: u32,
+    pub executor: String,
+}
+
+/// An attempt's executor stopped renewing its lease; the attempt is abandoned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepAttemptLost {
+    pub step: String,
+    pub attempt: u32,
+    pub reason: String,
+}
+
+/// What a step attempt produced.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct StepOutcome {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Captured stdout and stderr, capped; see `output_truncated`.
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `key=value` lines the step wrote to `$TASKMESH_OUTPUT`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, String>,
+    /// The step ran past its timeout and was killed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// The step was killed because its run was cancelled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// A step attempt finished successfully.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepSucceeded {
+    pub step: String,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub outcome: StepOutcome,
+}
+
+/// A step attempt failed (non-zero exit, or could not run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepFailed {
+    pub step: String,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub outcome: StepOutcome,
+}
+
+/// A step will not run, e.g. because a step it needs did not succeed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepSkipped {
+    pub step: String,
+    pub reason: String,
+}
+
+/// An attempt failed and the step will be tried again (its retry policy allows it); the next
+/// dispatch follows with `not_before` = `retry_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepAttemptFailed {
+    pub step: String,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub outcome: StepOutcome,
+    pub retry_at: DateTime<Utc>,
+    pub delay_ms: u64,
+}
+
+/// A step will not run, or was stopped, because its run is being cancelled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepCancelled {
+    pub step: String,
+    pub reason: String,
+}
+
+/// Someone asked to cancel the run: queued steps are cancelled, running ones are killed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunCancelRequested {
+    pub run_id: Uuid,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Uuid>,
+    /// The run ran past its `timeout_seconds`: it ends `timed_out` rather than `cancelled`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+}
+
+/// A run ended (`RunSucceeded`, `RunFailed` or `RunCancelled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunFinished {
+    pub run_id: Uuid,
+    /// Steps that failed, in definition order; empty on success.
+    #[serde(default)]
+    pub failed_steps: Vec<String>,
+}
+
+/// A repository was connected: its webhooks start runs of `workflow` on matching branches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RepoConnectionCreated {
+    pub connection_id: Uuid,
+    pub forge: Forge,
+    /// `owner/name`.
+    pub repository: String,
+    /// The webhook secret the forge signs with, sealed (AES-256-GCM).
+    pub secret: taskmesh_secrets::Sealed,
+    /// Branch names or patterns (`*` matches any run of characters); empty means every branch.
+    #[serde(default)]
+    pub branches: Vec<String>,
+    pub workflow: WorkflowDef,
+}
+
+/// A subscriber registered an endpoint for outbound webhooks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointCreated {
+    pub endpoint_id: Uuid,
+    pub url: String,
+    /// The Standard Webhooks signing secret (`whsec_` + base64), sealed (AES-256-GCM).
+    pub secret: taskmesh_secrets::Sealed,
+    /// Event types delivered (`run.succeeded`, `run.failed`); empty means all.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+}
+
+/// The status of a run or a step, as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Skipped,
+    TimedOut,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Skipped => "skipped",
+            Status::TimedOut => "timed_out",
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Request/reply contracts: commands sent to ingest, and lease requests and result reports
+//! sent by executors to the scheduler. Replies are `Result<T, Problem>` as JSON
+//! (`{"Ok": ...}` or `{"Err": problem}`).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::catalog::{Forge, Role, StepOutcome, Trigger};
+use crate::error::Problem;
+use crate::workflow::StepDef;
+
+/// Every reply on a command subject.
+pub type Reply<T> = Result<T, Problem>;
+
+/// `{ns}.cmd.ingest.submit_run`: start a run of an inline workflow.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SubmitRun {
+    pub tenant: String,
+    /// The workflow: a definition (validated by ingest), or the name of a stored workflow as a
+    /// string, `name` (its latest version) or `name@version`.
+    pub workflow: serde_json::Value,
+    #[serde(default)]
+    pub inputs: BTreeMap<String, serde_json::Value>,
+    pub trigger: Trigger,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// Start no step before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `{ns}.cmd.ingest.rerun_run`: a new run of an ended run's workflow and inputs that keeps
+/// the steps that succeeded, except those `from` reruns: `failed` (every step that did not
+/// succeed) or a step id; either with everything downstream.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RerunRun {
+    pub tenant: String,
+    pub run_id: Uuid,
+    pub from: String,
+    #[serde(default)]
+    pub key_id: Option<Uuid>,
+}
+
+/// The reply to [`SubmitRun`].
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RunAccepted {
+    pub run_id: Uuid,
+    /// Stream sequence of the `RunSubmitted` event.
+    pub seq: u64,
+    /// True when the idempotency key had been seen: `run_id` is the first run's.
+    pub duplicate: bool,
+}
+
+/// `{ns}.cmd.ingest.store_workflow`: store a new version of a named workflow.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct StoreWorkflow {
+    pub tenant: String,
+    pub name: String,
+    pub workflow: serde_json::Value,
+}
+
+/// The reply to [`StoreWorkflow`].
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WorkflowStored {
+    pub name: String,
+    pub version: u32,
+    pub seq: u64,
+}
+
+/// `{ns}.cmd.ingest.cancel_run`: cancel a run (queued steps are cancelled, running ones killed).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CancelRun {
+    pub tenant: String,
+    pub run_id: Uuid,
+    pub reason: String,
+    #[serde(default)]
+    pub key_id: Option<Uuid>,
+}
+
+/// A message on the timers work queue: something the scheduler must do at `due`. Until then the
+/// consumer hands it back with a nak delayed to `due`, so timers survive restarts and are shared
+/// by the scheduler replicas.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Timer {
+    pub tenant: String,
+    pub due: chrono::DateTime<chrono::Utc>,
+    pub kind: TimerKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TimerKind {
+    /// The run's `timeout_seconds` are up.
+    RunTimeout { run_id: Uuid },
+    /// A schedule's tick is due.
+    ScheduleTick { schedule_id: Uuid, tick: chrono::DateTime<chrono::Utc> },
+}
+
+/// `{ns}.cmd.ingest.set_secret`: the value arrives sealed; ingest never sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SetSecret {
+    pub tenant: String,
+    pub name: String,
+    pub sealed: taskmesh_secrets::Sealed,
+}
+
+/// `{ns}.cmd.ingest.delete_secret`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DeleteSecret {
+    pub tenant: String,
+    pub name: String,
+}
+
+/// `{ns}.cmd.ingest.create_schedule`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CreateSchedule {
+    pub tenant: String,
+    pub spec: crate::schedule::ScheduleSpec,
+}
+
+/// `{ns}.cmd.ingest.toggle_schedule`: pause or resume.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ToggleSchedule {
+    pub tenant: String,
+    pub schedule_id: Uuid,
+    pub pause: bool,
+}
+
+/// `{ns}.ctl.cancel` (core NATS, to every executor): kill this run's running steps.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CancelSignal {
+    pub tenant: String,
+    pub run_id: Uuid,
+}
+
+/// `{ns}.cmd.ingest.create_tenant`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CreateTenant {
+    pub tenant_id: String,
+    pub name: String,
+}
+
+/// `{ns}.cmd.ingest.create_api_key`: the caller generated the key and sends only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CreateApiKey {
+    pub tenant: String,
+    pub key_id: Uuid,
+    pub role: Role,
+    pub key_hash: String,
+    pub prefix: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `{ns}.cmd.ingest.revoke_api_key`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RevokeApiKey {
+    pub tenant: String,
+    pub key_id: Uuid,
+}
+
+/// `{ns}.cmd.ingest.create_repo_connection`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CreateRepoConnection {
+    pub tenant: String,
+    pub forge: Forge,
+    pub repository: String,
+    /// Sealed by the gateway.
+    pub secret: taskmesh_secrets::Sealed,
+    #[serde(default)]
+    pub branches: Vec<String>,
+    pub workflow: serde_json::Value,
+}
+
+/// `{ns}.cmd.ingest.create_webhook_endpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CreateWebhookEndpoint {
+    pub tenant: String,
+    pub url: String,
+    /// The signing secret, generated and sealed by the gateway.
+    pub secret: taskmesh_secrets::Sealed,
+    #[serde(default)]
+    pub event_types: Vec<String>,
+}
+
+/// The reply to a create command: the new resource's id and its event's sequence.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Created {
+    pub id: String,
+    pub seq: u64,
+}
+
+/// A message on the dispatch stream: one step ready to run.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Dispatch {
+    pub tenant: String,
+    pub run_id: Uuid,
+    pub dispatch: u32,
+    /// The step, with its `${{ }}` templates rendered.
+    pub step: StepDef,
+    /// Not to start before this time: the executor hands the message back until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// Identifies one lease on a step: the dispatch, the dispatch message's stream sequence, and
+/// JetStream's delivery count of that message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Lease {
+    pub dispatch: u32,
+    /// Stream sequence of the dispatch message: tells a redelivery (same message) from a
+    /// duplicate message for the same dispatch.
+    pub message: u64,
+    pub delivery: u32,
+}
+
+/// `{ns}.cmd.scheduler.lease`: an executor asks to start a delivered step.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct LeaseRequest {
+    pub tenant: String,
+    pub run_id: Uuid,
+    pub step: String,
+    pub lease: Lease,
+    pub executor: String,
+}
+
+/// The scheduler's answer to a [`LeaseRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum LeaseDecision {
+    /// Run it; this is attempt `attempt`.
+    Granted { attempt: u32 },
+    /// Do not run it. `ack`: the message is done with (the step finished, or the message is a
+    /// duplicate) and may be acked; otherwise another executor holds this very message, and
+    /// acking would take it from them: leave it alone.
+    Denied { reason: String, ack: bool },
+}
+
+/// `{ns}.cmd.scheduler.report`: an executor reports how its attempt ended.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ResultReport {
+    pub tenant: String,
+    pub run_id: Uuid,
+    pub step: String,
+    pub lease: Lease,
+    pub succeeded: bool,
+    pub outcome: StepOutcome,
+}
+
+/// The scheduler's answer to a [`ResultReport`].
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ReportAck {
+    /// Recorded (or had been recorded already).
+    Recorded,
+    /// The lease was superseded: the report changed nothing. Do not ack: the message belongs
+    /// to the current lease holder.
+    Stale,
+}
+
+/// Where a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Written by Taskmesh (e.g. lines dropped because the step wrote too fast).
+    System,
+}
+
+/// One line of a step's output, on `{ns}.log.{tenant}.{run}.{step}` (stream `{NS}_LOGS`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct LogLine {
+    pub attempt: u32,
+    /// Line number within the attempt, from 1.
+    pub n: u64,
+    /// When the executor read the line.
+    pub ts: chrono::DateTime<chrono::Utc>,
+    pub stream: LogStream,
+    pub line: String,
+}

@@ -1,0 +1,243 @@
+//! Generates `proto/`: a JSON Schema per event type, one for the envelope and the commands, and
+//! an AsyncAPI 3.0 document describing the streams, subjects and messages.
+//!
+//! `cargo test -p taskmesh-events` fails when `proto/` differs from what these types generate;
+//! `TASKMESH_BLESS=1 cargo test -p taskmesh-events proto` rewrites it.
+
+use std::collections::BTreeMap;
+
+use schemars::{JsonSchema, schema_for};
+use serde_json::{Value, json};
+
+use crate::catalog::*;
+use crate::command::*;
+use crate::envelope::Envelope;
+
+fn pretty<T: JsonSchema>() -> String {
+    let mut s = serde_json::to_string_pretty(&schema_for!(T)).expect("schemas serialise");
+    s.push('\n');
+    s
+}
+
+/// (event type, JSON Schema of its `data`, one-line description) for every event in the catalog.
+fn events() -> Vec<(&'static str, String, &'static str)> {
+    vec![
+        ("TenantCreated", pretty::<TenantCreated>(), "A tenant came into being."),
+        ("ApiKeyCreated", pretty::<ApiKeyCreated>(), "An API key was issued (its hash only)."),
+        ("ApiKeyRevoked", pretty::<ApiKeyRevoked>(), "An API key was revoked."),
+        ("RunSubmitted", pretty::<RunSubmitted>(), "A run was accepted, with its whole workflow."),
+        ("RunStarted", pretty::<RunStarted>(), "The first step of a run started."),
+        ("StepDispatched", pretty::<StepDispatched>(), "A ready step was queued for executors."),
+        ("StepStarted", pretty::<StepStarted>(), "An executor was granted a step's lease."),
+        ("StepAttemptLost", pretty::<StepAttemptLost>(), "An attempt's executor lost its lease."),
+        ("StepSucceeded", pretty::<StepSucceeded>(), "A step attempt succeeded."),
+        ("StepFailed", pretty::<StepFailed>(), "A step attempt failed."),
+        ("StepSkipped", pretty::<StepSkipped>(), "A step will not run."),
+        ("StepAttemptFailed", pretty::<StepAttemptFailed>(), "An attempt failed; the step will be retried."),
+        ("StepCancelled", pretty::<StepCancelled>(), "A step was cancelled with its run."),
+        ("RunCancelRequested", pretty::<RunCancelRequested>(), "Cancelling a run was asked for."),
+        ("RunSucceeded", pretty::<RunFinished>(), "Every step of a run succeeded."),
+        ("RunFailed", pretty::<RunFinished>(), "A run ended with failed steps."),
+        ("RunCancelled", pretty::<RunFinished>(), "A run ended cancelled."),
+        ("RunTimedOut", pretty::<RunFinished>(), "A run ran past its timeout and ended."),
+        ("RepoConnectionCreated", pretty::<RepoConnectionCreated>(), "A repository was connected."),
+        ("WebhookEndpointCreated", pretty::<WebhookEndpointCreated>(), "An outbound webhook endpoint was registered."),
+        ("WorkflowVersionStored", pretty::<WorkflowVersionStored>(), "A new version of a stored workflow."),
+        ("ScheduleCreated", pretty::<ScheduleCreated>(), "A schedule was created."),
+        ("SchedulePaused", pretty::<ScheduleToggled>(), "A schedule was paused."),
+        ("ScheduleResumed", pretty::<ScheduleToggled>(), "A schedule was resumed."),
+        ("ScheduleTicked", pretty::<ScheduleTicked>(), "A schedule's tick was handled, once."),
+        ("SecretSet", pretty::<SecretSet>(), "A secret was set (sealed; never its value)."),
+        ("SecretDeleted", pretty::<SecretDeleted>(), "A secret was deleted."),
+    ]
+}
+
+fn commands() -> Vec<(&'static str, String)> {
+    vec![
+        ("SubmitRun", pretty::<SubmitRun>()),
+        ("RunAccepted", pretty::<RunAccepted>()),
+        ("CreateTenant", pretty::<CreateTenant>()),
+        ("CreateApiKey", pretty::<CreateApiKey>()),
+        ("RevokeApiKey", pretty::<RevokeApiKey>()),
+        ("CreateRepoConnection", pretty::<CreateRepoConnection>()),
+        ("CreateWebhookEndpoint", pretty::<CreateWebhookEndpoint>()),
+        ("Created", pretty::<Created>()),
+        ("CancelRun", pretty::<CancelRun>()),
+        ("RerunRun", pretty::<RerunRun>()),
+        ("StoreWorkflow", pretty::<StoreWorkflow>()),
+        ("CreateSchedule", pretty::<CreateSchedule>()),
+        ("SetSecret", pretty::<SetSecret>()),
+        ("DeleteSecret", pretty::<DeleteSecret>()),
+        ("ToggleSchedule", pretty::<ToggleSchedule>()),
+        ("WorkflowStored", pretty::<WorkflowStored>()),
+        ("CancelSignal", pretty::<CancelSignal>()),
+        ("Dispatch", pretty::<Dispatch>()),
+        ("Timer", pretty::<Timer>()),
+        ("LogLine", pretty::<LogLine>()),
+        ("LeaseRequest", pretty::<LeaseRequest>()),
+        ("LeaseDecision", pretty::<LeaseDecision>()),
+        ("ResultReport", pretty::<ResultReport>()),
+        ("ReportAck", pretty::<ReportAck>()),
+        ("Problem", pretty::<crate::Problem>()),
+    ]
+}
+
+fn asyncapi() -> Value {
+    let mut messages = serde_json::Map::new();
+    for (name, _, summary) in events() {
+        messages.insert(
+            name.to_string(),
+            json!({
+                "name": name,
+                "summary": summary,
+                "contentType": "application/json",
+                "payload": {
+                    "allOf": [
+                        {"$ref": "envelope.schema.json"},
+                        {"type": "object", "properties": {
+                            "type": {"const": name},
+                            "data": {"$ref": format!("events/{name}.schema.json")}
+                        }}
+                    ]
+                }
+            }),
+        );
+    }
+    for (name, _) in commands() {
+        messages.insert(
+            name.to_string(),
+            json!({"name": name, "contentType": "application/json", "payload": {"$ref": format!("commands/{name}.schema.json")}}),
+        );
+    }
+    let refs = |names: &[&str]| -> Value {
+        names
+            .iter()
+            .map(|n| (n.to_string(), json!({"$ref": format!("#/components/messages/{n}")})))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let run_events: Vec<&str> =
+        events().iter().map(|e| e.0).filter(|n| n.starts_with("Run") || n.starts_with("Step")).collect();
+    json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "Taskmesh event bus",
+            "version": "1",
+            "description": "Streams and subjects on NATS JetStream. Every event is an envelope (envelope.schema.json) whose `data` follows events/<type>.schema.json. `{ns}` is the mesh's namespace (default `tm`)."
+        },
+        "defaultContentType": "application/json",
+        "channels": {
+            "runEvents": {
+                "address": "{ns}.evt.{tenant}.run.{runId}",
+                "description": "Stream {NS}_EVENTS. One subject per run aggregate; appended with expected-last-subject-sequence.",
+                "parameters": {"ns": {}, "tenant": {}, "runId": {}},
+                "messages": refs(&run_events)
+            },
+            "tenantEvents": {
+                "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
+                "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
+                "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "repo", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "RepoConnectionCreated", "WebhookEndpointCreated", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "SecretSet", "SecretDeleted"])
+            },
+            "dispatch": {
+                "address": "{ns}.dispatch.{tenant}",
+                "description": "Stream {NS}_DISPATCH (work queue), durable consumer `executors`: steps ready to run.",
+                "parameters": {"ns": {}, "tenant": {}},
+                "messages": refs(&["Dispatch"])
+            },
+            "cancelSignals": {
+                "address": "{ns}.ctl.cancel",
+                "description": "Core NATS, every executor: kill the running steps of a run being cancelled.",
+                "parameters": {"ns": {}},
+                "messages": refs(&["CancelSignal"])
+            },
+            "timers": {
+                "address": "{ns}.timer.{tenant}",
+                "description": "Stream {NS}_TIMERS (work queue), durable consumer `timers`: what the scheduler must do later; handed back with a delayed nak until due.",
+                "parameters": {"ns": {}, "tenant": {}},
+                "messages": refs(&["Timer"])
+            },
+            "logs": {
+                "address": "{ns}.log.{tenant}.{runId}.{step}",
+                "description": "Stream {NS}_LOGS (limits: age and bytes, oldest dropped first): each line of a step's output as the executor reads it.",
+                "parameters": {"ns": {}, "tenant": {}, "runId": {}, "step": {}},
+                "messages": refs(&["LogLine"])
+            },
+            "ingestCommands": {
+                "address": "{ns}.cmd.ingest.{command}",
+                "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "set_secret", "delete_secret", "revoke_api_key", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
+            },
+            "schedulerCommands": {
+                "address": "{ns}.cmd.scheduler.{command}",
+                "description": "Core NATS request/reply, queue group `scheduler`: executors' lease requests and result reports.",
+                "parameters": {"ns": {}, "command": {"enum": ["lease", "report"]}},
+                "messages": refs(&["LeaseRequest", "LeaseDecision", "ResultReport", "ReportAck", "Problem"])
+            }
+        },
+        "operations": {
+            "appendRunEvent": {"action": "send", "channel": {"$ref": "#/channels/runEvents"}},
+            "consumeRunEvents": {"action": "receive", "channel": {"$ref": "#/channels/runEvents"}, "description": "Durable consumers `scheduler`, `projector`, `notification`."},
+            "dispatchStep": {"action": "send", "channel": {"$ref": "#/channels/dispatch"}},
+            "pullStep": {"action": "receive", "channel": {"$ref": "#/channels/dispatch"}},
+            "sendIngestCommand": {"action": "send", "channel": {"$ref": "#/channels/ingestCommands"}},
+            "sendSchedulerCommand": {"action": "send", "channel": {"$ref": "#/channels/schedulerCommands"}}
+        },
+        "components": {"messages": messages}
+    })
+}
+
+/// Every file under `proto/`, by relative path.
+pub fn generate() -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    files.insert("envelope.schema.json".to_string(), pretty::<Envelope>());
+    for (name, schema, _) in events() {
+        files.insert(format!("events/{name}.schema.json"), schema);
+    }
+    for (name, schema) in commands() {
+        files.insert(format!("commands/{name}.schema.json"), schema);
+    }
+    let mut doc = serde_json::to_string_pretty(&asyncapi()).expect("json");
+    doc.push('\n');
+    files.insert("asyncapi.json".to_string(), doc);
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    #[test]
+    fn proto_is_up_to_date() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+        let files = super::generate();
+        if std::env::var_os("TASKMESH_BLESS").is_some() {
+            let _ = std::fs::remove_dir_all(&root);
+            for (path, text) in &files {
+                let p = root.join(path);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, text).unwrap();
+            }
+        }
+        let mut stale = Vec::new();
+        for (path, text) in &files {
+            match std::fs::read_to_string(root.join(path)) {
+                Ok(on_disk) if &on_disk == text => {}
+                _ => stale.push(path.clone()),
+            }
+        }
+        for dir in ["events", "commands"] {
+            for entry in std::fs::read_dir(root.join(dir)).into_iter().flatten().flatten() {
+                let rel = format!("{dir}/{}", entry.file_name().to_string_lossy());
+                if !files.contains_key(&rel) {
+                    stale.push(format!("{rel} (no longer generated)"));
+                }
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "proto/ is stale: {stale:?}\nregenerate with: TASKMESH_BLESS=1 cargo test -p taskmesh-events proto"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! Stream, subject and consumer names. Everything lives under a namespace (default `tm`), so
+//! several meshes, or several tests, can share one NATS server without seeing each other.
+//!
+//! | stream | subjects | retention | what |
+//! |---|---|---|---|
+//! | `{NS}_EVENTS` | `{ns}.evt.{tenant}.{aggregate}.{id}` | limits | the event log |
+//! | `{NS}_DISPATCH` | `{ns}.dispatch.{tenant}` | work queue | steps ready for executors |
+//! | `{NS}_DELIVERIES` | `{ns}.delivery.{tenant}` | work queue | outbound webhook deliveries |
+//! | `{NS}_TIMERS` | `{ns}.timer.{tenant}` | work queue | things the scheduler must do later |
+//! | `{NS}_LOGS` | `{ns}.log.{tenant}.{run}.{step}` | limits (age, bytes) | steps' output lines |
+//!
+//! Commands travel on core NATS request/reply: `{ns}.cmd.ingest.{command}` (queue group
+//! `ingest`) and `{ns}.cmd.scheduler.{lease|report}` (queue group `scheduler`).
+
+use uuid::Uuid;
+
+/// A namespace: the prefix of every stream and subject of one mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Namespace(String);
+
+/// Identifies one run aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    pub tenant: String,
+    pub run_id: Uuid,
+}
+
+/// Checks a subject token: tenant ids, step ids and namespaces must be safe to put in a subject.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Namespace {
+    /// A namespace; `None` unless `name` is a valid subject token.
+    pub fn new(name: &str) -> Option<Self> {
+        is_token(name).then(|| Self(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn stream(&self, what: &str) -> String {
+        format!("{}_{what}", self.0.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    pub fn events_stream(&self) -> String {
+        self.stream("EVENTS")
+    }
+    pub fn dispatch_stream(&self) -> String {
+        self.stream("DISPATCH")
+    }
+    pub fn deliveries_stream(&self) -> String {
+        self.stream("DELIVERIES")
+    }
+    pub fn logs_stream(&self) -> String {
+        self.stream("LOGS")
+    }
+    pub fn logs_all(&self) -> String {
+        format!("{}.log.>", self.0)
+    }
+    /// The log subject of one step of one run.
+    pub fn log(&self, key: &RunKey, step: &str) -> String {
+        format!("{}.log.{}.{}.{step}", self.0, key.tenant, key.run_id)
+    }
+    pub fn timers_stream(&self) -> String {
+        self.stream("TIMERS")
+    }
+    pub fn timers_all(&self) -> String {
+        format!("{}.timer.>", self.0)
+    }
+    pub fn timer(&self, tenant: &str) -> String {
+        format!("{}.timer.{tenant}", self.0)
+    }
+
+    /// Every event subject: `{ns}.evt.>`.
+    pub fn events_all(&self) -> String {
+        format!("{}.evt.>", self.0)
+    }
+    /// Every run subject of every tenant: `{ns}.evt.*.run.*`.
+    pub fn runs_all(&self) -> String {
+        format!("{}.evt.*.run.*", self.0)
+    }
+    /// The subject of one run aggregate.
+    pub fn run(&self, key: &RunKey) -> String {
+        format!("{}.evt.{}.run.{}", self.0, key.tenant, key.run_id)
+    }
+    pub fn tenant(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.tenant.{tenant}", self.0)
+    }
+    pub fn api_key(&self, tenant: &str, key_id: Uuid) -> String {
+        format!("{}.evt.{tenant}.apikey.{key_id}", self.0)
+    }
+    pub fn repo_connection(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}.evt.{tenant}.repo.{id}", self.0)
+    }
+    pub fn workflow(&self, tenant: &str, name: &str) -> String {
+        format!("{}.evt.{tenant}.workflow.{name}", self.0)
+    }
+    pub fn secret(&self, tenant: &str, name: &str) -> String {
+        format!("{}.evt.{tenant}.secret.{name}", self.0)
+    }
+    pub fn schedule(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}.evt.{tenant}.schedule.{id}", self.0)
+    }
+    /// Every schedule subject of every tenant.
+    pub fn schedules_all(&self) -> String {
+        format!("{}.evt.*.schedule.*", self.0)
+    }
+    pub fn webhook_endpoint(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}.evt.{tenant}.endpoint.{id}", self.0)
+    }
+
+    /// Parses a run subject back into its key.
+    pub fn parse_run(&self, subject: &str) -> Option<RunKey> {
+        let rest = subject.strip_prefix(&self.0)?.strip_prefix(".evt.")?;
+        let mut parts = rest.split('.');
+        let tenant = parts.next()?;
+        (parts.next()? == "run").then_some(())?;
+        let run_id = parts.next()?.parse().ok()?;
+        parts.next().is_none().then(|| RunKey { tenant: tenant.to_string(), run_id })
+    }
+
+    pub fn dispatch_all(&self) -> String {
+        format!("{}.dispatch.>", self.0)
+    }
+    pub fn dispatch(&self, tenant: &str) -> String {
+        format!("{}.dispatch.{tenant}", self.0)
+    }
+    pub fn deliveries_all(&self) -> String {
+        format!("{}.delivery.>", self.0)
+    }
+    pub fn delivery(&self, tenant: &str) -> String {
+        format!("{}.delivery.{tenant}", self.0)
+    }
+
+    /// A command handled by ingest.
+    pub fn ingest_command(&self, command: &str) -> String {
+        format!("{}.cmd.ingest.{command}", self.0)
+    }
+    pub fn ingest_commands(&self) -> String {
+        format!("{}.cmd.ingest.*", self.0)
+    }
+    /// Cancellation signals to every executor (core NATS).
+    pub fn cancel_signals(&self) -> String {
+        format!("{}.ctl.cancel", self.0)
+    }
+    /// Lease requests and result reports from executors to the scheduler.
+    pub fn scheduler_command(&self, command: &str) -> String {
+        format!("{}.cmd.scheduler.{command}", self.0)
+    }
+    pub fn scheduler_commands(&self) -> String {
+        format!("{}.cmd.scheduler.*", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_subject_round_trips() {
+        let ns = Namespace::new("tm").unwrap();
+        let key = RunKey { tenant: "default".into(), run_id: Uuid::now_v7() };
+        assert_eq!(ns.parse_run(&ns.run(&key)), Some(key));
+        assert_eq!(ns.parse_run("tm.evt.default.repo.x"), None);
+        assert_eq!(ns.parse_run("other.evt.default.run.x"), None);
+    }
+
+    #[test]
+    fn tokens_reject_subject_syntax() {
+        for bad in ["", "a.b", "a*", ">", "a b", &"x".repeat(65)] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+        assert!(is_token("build-1_x"));
+    }
+}

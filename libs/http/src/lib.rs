@@ -1,0 +1,61 @@
+//! The HTTP edge conventions every Taskmesh HTTP service shares: RFC 9457 problem responses,
+//! body reading with size limits and content types, and serving with graceful shutdown.
+//!
+//! # Layout
+//! - [`error`]: [`ApiError`], problem rendering, rewriting axum's own error responses.
+//! - [`body`]: reading JSON or YAML bodies with every rejection a problem.
+//! - this file: [`Server`], a bound listener plus router.
+
+pub mod body;
+pub mod error;
+
+use std::net::SocketAddr;
+
+pub use error::{ApiError, ApiResult, PROBLEM_JSON};
+use tokio_util::sync::CancellationToken;
+
+/// Wraps a router with the shared layers: problem+json for every error axum produces itself,
+/// and request tracing.
+pub fn finish(router: axum::Router) -> axum::Router {
+    router
+        .layer(axum::middleware::map_response(error::problems_everywhere))
+        // An INFO span per request, so the trace context it carries survives an `info` filter.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO)),
+        )
+}
+
+/// A bound, not yet serving, HTTP service (port 0 picks a free port, for tests).
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+}
+
+impl Server {
+    pub async fn bind(addr: SocketAddr, router: axum::Router) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+        Ok(Self { listener, router })
+    }
+
+    /// Binds first, building the router once the address is known.
+    pub async fn bind_with(addr: SocketAddr, router: impl FnOnce(SocketAddr) -> axum::Router) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+        let local = listener.local_addr()?;
+        Ok(Self { listener, router: router(local) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! Secrets: sealing values with AES-256-GCM, opening them, and masking them in output.
+//!
+//! A value is sealed where it enters (the gateway) with the current key and opened only where it
+//! is used (the executor, for a step that declares it). What travels and is stored is a
+//! [`Sealed`] value: the key's id, a random 96-bit nonce, and the ciphertext with its tag. The
+//! secret's name is bound into the tag (associated data), so a sealed value cannot be moved to
+//! another name or tenant. Rotation: configure a new current key and keep the old ones as
+//! previous keys until every secret has been set again.
+//!
+//! # Layout
+//! Everything is in this file: [`Keyring`], [`Sealed`], [`mask`].
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("a secrets key must be 32 bytes, base64-encoded")]
+    BadKey,
+    #[error("no key with id {0} is configured (was it rotated out too early?)")]
+    UnknownKey(String),
+    #[error("the sealed value does not open with its key (tampered, or another name)")]
+    Corrupt,
+}
+
+/// A sealed secret value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Sealed {
+    /// Which key sealed it: the first 8 hex digits of the key's SHA-256.
+    pub key_id: String,
+    /// Base64 of the 12-byte nonce.
+    pub nonce: String,
+    /// Base64 of the ciphertext and tag.
+    pub ciphertext: String,
+}
+
+struct Key {
+    id: String,
+    cipher: Aes256Gcm,
+}
+
+/// The configured keys: the current one seals, any of them opens.
+pub struct Keyring {
+    keys: Vec<Key>,
+}
+
+impl Keyring {
+    /// `current` and `previous` are base64-encoded 32-byte keys.
+    pub fn new(current: &str, previous: &[&str]) -> Result<Self, SecretError> {
+        let keys = std::iter::once(current)
+            .chain(previous.iter().copied())
+            .map(|k| {
+                let bytes = STANDARD.decode(k.trim()).map_err(|_| SecretError::BadKey)?;
+                let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| SecretError::BadKey)?;
+                let id = hex::encode(&hmac_sha256::Hash::hash(&bytes)[..4]);
+                Ok(Key { id, cipher })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { keys })
+    }
+
+    /// A fresh random key, base64-encoded.
+    pub fn generate_key() -> String {
+        STANDARD.encode(rand::random::<[u8; 32]>())
+    }
+
+    /// Seals `value` for the secret `name` (bound into the tag) with the current key.
+    pub fn seal(&self, name: &str, value: &[u8]) -> Sealed {
+        let key = &self.keys[0];
+        let nonce: [u8; 12] = rand::random();
+        let ciphertext = key
+            .cipher
+            .encrypt(&Nonce::from(nonce), Payload { msg: value, aad: name.as_bytes() })
+            .expect("AES-GCM seals any value of a sane size");
+        Sealed { key_id: key.id.clone(), nonce: STANDARD.encode(nonce), ciphertext: STANDARD.encode(ciphertext) }
+    }
+
+    /// Opens a value sealed for `name`.
+    pub fn open(&self, name: &str, sealed: &Sealed) -> Result<Vec<u8>, SecretError> {
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == sealed.key_id)
+            .ok_or_else(|| SecretError::UnknownKey(sealed.key_id.clone()))?;
+        let nonce = STANDARD.decode(&sealed.nonce).map_err(|_| SecretError::Corrupt)?;
+        let ciphertext = STANDARD.decode(&sealed.ciphertext).map_err(|_| SecretError::Corrupt)?;
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| SecretError::Corrupt)?;
+        key.cipher
+            .decrypt(&Nonce::from(nonce), Payload { msg: &ciphertext, aad: name.as_bytes() })
+            .map_err(|_| SecretError::Corrupt)
+    }
+}
+
+/// The associated data a step secret is sealed with: bound to its tenant and name.
+pub fn step_secret_aad(tenant: &str, name: &str) -> String {
+    format!("{tenant}:secret:{name}")
+}
+
+/// The associated data a repository connection's webhook secret is sealed with.
+pub fn repo_secret_aad(tenant: &str) -> String {
+    format!("{tenant}:repo-connection")
+}
+
+/// The associated data a webhook endpoint's signing secret is sealed with.
+pub fn endpoint_secret_aad(tenant: &str) -> String {
+    format!("{tenant}:webhook-endpoint")
+}
+
+/// Replaces every occurrence of each value in `text` with `***`. Empty values are ignored;
+/// longer values are replaced first, so one that contains another is masked whole.
+pub fn mask(text: &str, values: &[String]) -> String {
+    let mut values: Vec<&String> = values.iter().filter(|v| !v.is_empty()).collect();
+    if values.is_empty() {
+        return text.to_string();
+    }
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    let mut out = text.to_string();
+    for v in values {
+        if out.contains(v.as_str()) {
+            out = out.replace(v.as_str(), "***");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seals_opens_rotates_and_binds_the_name() {
+        let old = Keyring::generate_key();
+        let new = Keyring::generate_key();
+        let before = Keyring::new(&old, &[]).unwrap();
+        let sealed = before.seal("TOKEN", b"hunter2");
+        assert!(!sealed.ciphertext.contains("hunter2"));
+        assert_eq!(before.open("TOKEN", &sealed).unwrap(), b"hunter2");
+        assert!(matches!(before.open("OTHER", &sealed), Err(SecretError::Corrupt)), "bound to its name");
+        // After rotation the old key still opens what it sealed; new values use the new key.
+        let after = Keyring::new(&new, &[&old]).unwrap();
+        assert_eq!(after.open("TOKEN", &sealed).unwrap(), b"hunter2");
+        assert_ne!(after.seal("TOKEN", b"x").key_id, sealed.key_id);
+        assert!(matches!(Keyring::new(&new, &[]).unwrap().open("TOKEN", &sealed), Err(SecretError::UnknownKey(_))));
+        assert!(Keyring::new("short", &[]).is_err());
+    }
+
+    #[test]
+    fn masks_every_occurrence_longest_first() {
+        let values = vec!["abc".to_string(), "abcdef".to_string(), String::new()];
+        assert_eq!(mask("x abcdef y abc z", &values), "x *** y *** z");
+        assert_eq!(mask("nothing here", &values), "nothing here");
+    }
+}

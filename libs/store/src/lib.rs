@@ -1,0 +1,90 @@
+//! Postgres for Taskmesh: the connection pool, the read-model schema (embedded migrations) and
+//! projection checkpoints.
+//!
+//! Postgres holds only projections of the event log. A projector writes its checkpoint (the
+//! last stream sequence it applied) in the same transaction as the rows that event produced,
+//! so a redelivered event is recognised and skipped, and a crash never applies one twice.
+//!
+//! # Layout
+//! Everything is in this file; the schema is in `migrations/`.
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use taskmesh_config::PostgresSettings;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrating the read-model schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The read-model schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Empties every read model; a rebuild then replays the log into them.
+const TRUNCATE_READ_MODELS: &str = "TRUNCATE tenants, api_keys, runs, steps, step_attempts, repo_connections, webhook_endpoints, workflows, schedules, secrets";
+
+/// Connects a pool (lazily: it does not fail when Postgres is down at start).
+pub fn connect(settings: &PostgresSettings) -> Result<PgPool> {
+    let options: PgConnectOptions = settings.url.expose_secret().parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options))
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// The last stream sequence `projection` applied (0 for none), locking its row until the
+/// transaction ends so two projectors never interleave.
+pub async fn checkpoint(tx: &mut Transaction<'_, Postgres>, projection: &str) -> Result<u64> {
+    sqlx::query("INSERT INTO projection_checkpoints (projection, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+        .bind(projection)
+        .execute(&mut **tx)
+        .await?;
+    let seq: i64 = sqlx::query_scalar("SELECT last_seq FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+        .bind(projection)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(seq as u64)
+}
+
+/// Records that `projection` applied everything up to `seq`.
+pub async fn set_checkpoint(tx: &mut Transaction<'_, Postgres>, projection: &str, seq: u64) -> Result<()> {
+    sqlx::query("UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1")
+        .bind(projection)
+        .bind(seq as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The checkpoint outside a transaction (for lag reports and rebuild decisions).
+pub async fn read_checkpoint(pool: &PgPool, projection: &str) -> Result<u64> {
+    let seq: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM projection_checkpoints WHERE projection = $1")
+        .bind(projection)
+        .fetch_optional(pool)
+        .await?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+/// Empties every read model and resets `projection`'s checkpoint to 0, in one transaction.
+pub async fn reset_read_models(pool: &PgPool, projection: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(TRUNCATE_READ_MODELS).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1").bind(projection).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The executor: runs steps. It pulls dispatch messages from the `{NS}_DISPATCH` work queue
+//! (durable consumer `executors`) only when it has a free slot, asks the scheduler for the
+//! step's lease, runs the step, reports the result and only then acks the message.
+//!
+//! The dispatch message's ack deadline is the step's lease: while a step runs the executor
+//! renews it with in-progress acks. An executor that dies stops renewing, JetStream redelivers
+//! the message after the deadline, and the next executor's lease request (with the higher
+//! delivery count) makes the scheduler record the old attempt as lost and start a new one. A
+//! result from a superseded attempt is answered `stale` and changes nothing.
+//!
+//! # Layout
+//! - [`step`]: running one step (a shell script or a built-in), output capture, timeouts.
+//! - this file: [`Executor`]: slots, the pull loop, leases, heartbeats, reports, draining.
+
+pub mod step;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
+use async_nats::jetstream::message::Acker;
+use futures::StreamExt;
+use std::collections::HashMap;
+use taskmesh_bus::{Bus, BusError};
+use taskmesh_config::ExecutorSettings;
+
+use taskmesh_events::command::{
+    CancelSignal, Dispatch, Lease, LeaseDecision, LeaseRequest, LogLine, LogStream, ReportAck, ResultReport,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// The durable consumer every executor shares.
+pub const CONSUMER: &str = "executors";
+
+/// One executor process.
+#[derive(Clone)]
+pub struct Executor {
+    bus: Bus,
+    settings: ExecutorSettings,
+    id: String,
+    /// Kill switches of the steps running here, by run: a cancellation signal fires them.
+    running: Arc<std::sync::Mutex<HashMap<Uuid, HashMap<String, CancellationToken>>>>,
+    /// Opens the secrets steps declare; without it, such steps fail.
+    keyring: Option<Arc<taskmesh_secrets::Keyring>>,
+}
+
+impl Executor {
+    pub fn new(bus: Bus, settings: ExecutorSettings, keyring: Option<Arc<taskmesh_secrets::Keyring>>) -> Self {
+        let id = settings.id.clone().unwrap_or_else(|| {
+            let host =
+                nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "executor".into());
+            format!("{host}-{}", std::process::id())
+        });
+        Self { bus, settings, id, running: Arc::default(), keyring }
+    }
+
+    /// Fires the kill switches of a cancelled run's steps running here.
+    async fn listen_for_cancellations(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut signals = self.bus.client().subscribe(self.bus.namespace().cancel_signals()).await?;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = signals.next() => match m { Some(m) => m, None => return Ok(()) },
+            };
+            let Ok(signal) = serde_json::from_slice::<CancelSignal>(&msg.payload) else { continue };
+            let tokens = self.running.lock().expect("not poisoned").get(&signal.run_id).cloned().unwrap_or_default();
+            for token in tokens.into_values() {
+                tracing::info!(run = %signal.run_id, "killing a cancelled run's step");
+                token.cancel();
+            }
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn consumer(&self) -> Result<PullConsumer, BusError> {
+        let ns = self.bus.namespace();
+        self.bus
+            .durable(
+                &ns.dispatch_stream(),
+                CONSUMER,
+                PullConfig {
+                    filter_subject: ns.dispatch_all(),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.settings.lease(),
+                    max_deliver: -1,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    /// Pulls and runs steps until `shutdown` is cancelled; then stops pulling, lets running
+    /// steps finish for up to the drain timeout, and hands back the ones still running.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let consumer = self.consumer().await?;
+        let slots = self.settings.slots;
+        let permits = Arc::new(Semaphore::new(slots));
+        let hand_back = CancellationToken::new();
+        let listener = tokio::spawn(self.clone().listen_for_cancellations(shutdown.clone()));
+        tracing::info!(executor = %self.id, slots, "executor started");
+        'pull: loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                p = permits.clone().acquire_owned() => p.expect("never closed"),
+            };
+            let mut held = vec![first];
+            while held.len() < slots {
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = consumer.batch().max_messages(held.len()).expires(Duration::from_secs(2)).messages();
+            let mut batch = match batch.await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pulling steps");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    n = batch.next() => n,
+                };
+                let Some(msg) = next else { break };
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "pull batch ended");
+                        break;
+                    }
+                };
+                let Some(permit) = held.pop() else { break };
+                let me = self.clone();
+                let hand_back = hand_back.clone();
+                tokio::spawn(async move {
+                    me.handle(msg, hand_back).await;
+                    drop(permit);
+                });
+            }
+        }
+        tracing::info!(executor = %self.id, "draining");
+        let drain = Duration::from_secs(self.settings.drain_timeout_secs);
+        if tokio::time::timeout(drain, permits.acquire_many(slots as u32)).await.is_err() {
+            tracing::warn!("drain timeout: handing back running steps");
+            hand_back.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(slots as u32)).await;
+        }
+        listener.abort();
+        Ok(())
+    }
+
+    async fn handle(&self, msg: async_nats::jetstream::Message, hand_back: CancellationToken) {
+        let (delivery, message) = msg.info().map(|i| (i.delivered.max(1) as u32, i.stream_sequence)).unwrap_or((1, 0));
+        let (msg, acker) = msg.split();
+        let dispatch: Dispatch = match serde_json::from_slice(&msg.payload) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable dispatch; terminating it");
+                let _ = acker.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        if let Some(not_before) = dispatch.not_before {
+            let wait = (not_before - chrono::Utc::now()).to_std().unwrap_or_default();
+            if !wait.is_zero() {
+                // A retry's backoff: JetStream redelivers the message when it is due.
+                let _ = acker.ack_with(AckKind::Nak(Some(wait))).await;
+                return;
+            }
+        }
+        let span = tracing::info_span!("step", run = %dispatch.run_id, step = %dispatch.step.id, delivery);
+        taskmesh_telemetry::set_parent(&span, dispatch.traceparent.as_deref());
+        let lease = Lease { dispatch: dispatch.dispatch, message, delivery };
+        self.execute(dispatch, lease, Arc::new(acker), hand_back).instrument(span).await
+    }
+
+    /// Opens the secrets the step declares, from the latest `SecretSet` on each one's subject.
+    async fn open_secrets(&self, dispatch: &Dispatch) -> Result<Vec<(String, String)>, String> {
+        let mut out = Vec::new();
+        for name in &dispatch.step.secrets {
+            let keyring = self.keyring.as_ref().ok_or("this executor has no secrets key (TASKMESH_SECRETS__KEY)")?;
+            let subject = self.bus.namespace().secret(&dispatch.tenant, name);
+            let last = self.bus.last(&subject).await.map_err(|e| format!("reading secret {name}: {e}"))?;
+            let Some(taskmesh_events::Event::SecretSet(set)) = last.map(|s| s.envelope.event) else {
+                return Err(format!("secret {name} is not set"));
+            };
+            let aad = taskmesh_secrets::step_secret_aad(&dispatch.tenant, name);
+            let value = keyring.open(&aad, &set.sealed).map_err(|e| format!("secret {name}: {e}"))?;
+            out.push((name.clone(), String::from_utf8(value).map_err(|_| format!("secret {name} is not UTF-8"))?));
+        }
+        Ok(out)
+    }
+
+    /// A bounded channel for the attempt's output lines, and the task publishing them to the
+    /// log stream in order (core NATS publishes: the stream stores them, nobody waits).
+    fn log_publisher(
+        &self,
+        dispatch: &Dispatch,
+        attempt: u32,
+    ) -> (tokio::sync::mpsc::Sender<(LogStream, String)>, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(LogStream, String)>(4096);
+        let key = taskmesh_events::RunKey { tenant: dispatch.tenant.clone(), run_id: dispatch.run_id };
+        let subject = self.bus.namespace().log(&key, &dispatch.step.id);
+        let client = self.bus.client().clone();
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some((stream, line)) = rx.recv().await {
+                n += 1;
+                let entry = LogLine { attempt, n, ts: chrono::Utc::now(), stream, line };
+                let body = serde_json::to_vec(&entry).expect("serialises");
+                if let Err(e) = client.publish(subject.clone(), body.into()).await {
+                    tracing::debug!(error = %e, "log line not published");
+                }
+            }
+            let _ = client.flush().await;
+        });
+        (tx, task)
+    }
+
+    /// Asks for the lease, retrying the same request while the scheduler does not answer (a
+    /// timed-out request may still have been granted: asking again with the same lease gets the
+    /// same answer).
+    async fn request_lease(&self, request: &LeaseRequest) -> Result<LeaseDecision, BusError> {
+        let subject = self.bus.namespace().scheduler_command("lease");
+        let mut tries = 0;
+        loop {
+            match self.bus.request::<_, LeaseDecision>(subject.clone(), request).await {
+                Err(BusError::Unavailable(s)) if tries < 5 => {
+                    tries += 1;
+                    tracing::warn!(subject = %s, tries, "no lease decision yet; asking again");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn execute(&self, dispatch: Dispatch, lease: Lease, acker: Arc<Acker>, hand_back: CancellationToken) {
+        let ns = self.bus.namespace();
+        let request = LeaseRequest {
+            tenant: dispatch.tenant.clone(),
+            run_id: dispatch.run_id,
+            step: dispatch.step.id.clone(),
+            lease,
+            executor: self.id.clone(),
+        };
+        // Renew the message's lease from the moment it is held: while the lease is asked for
+        // (a reply may take a while when a scheduler replica dies), while the step runs and
+        // while its result is reported.
+        let heartbeat = AbortOnDrop({
+            let acker = acker.clone();
+            let every = self.settings.lease() / 3;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "lease renewal failed");
+                    }
+                }
+            })
+        });
+        let attempt = match self.request_lease(&request).await {
+            Ok(LeaseDecision::Granted { attempt }) => attempt,
+            Ok(LeaseDecision::Denied { reason, ack }) => {
+                tracing::info!(%reason, ack, "lease denied");
+                // Without `ack` the message is another executor's current lease: leave it be.
+                if ack {
+                    let _ = acker.ack().await;
+                }
+                return;
+            }
+            Err(BusError::Rejected(p)) if p.code == taskmesh_events::ErrorCode::NotFound => {
+                tracing::error!(problem = %p, "dispatch for an unknown run; terminating it");
+                let _ = acker.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                // Back off more with every delivery, so a scheduler outage is not a busy loop.
+                let delay = Duration::from_secs(u64::from(lease.delivery).min(30));
+                tracing::warn!(error = %e, ?delay, "no lease decision; handing the step back");
+                let _ = acker.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
+        };
+        let secrets = match self.open_secrets(&dispatch).await {
+            Ok(s) => s,
+            Err(error) => {
+                // The step cannot run without them: report it failed, having run nothing.
+                let now = chrono::Utc::now();
+                let outcome = taskmesh_events::StepOutcome {
+                    error: Some(error),
+                    started_at: now,
+                    finished_at: now,
+                    ..Default::default()
+                };
+                let report = ResultReport {
+                    tenant: dispatch.tenant.clone(),
+                    run_id: dispatch.run_id,
+                    step: dispatch.step.id.clone(),
+                    lease,
+                    succeeded: false,
+                    outcome,
+                };
+                if let Ok(ReportAck::Recorded) =
+                    self.bus.request::<_, ReportAck>(ns.scheduler_command("report"), &report).await
+                {
+                    drop(heartbeat);
+                    let _ = acker.double_ack().await;
+                }
+                return;
+            }
+        };
+        let (logs, publisher) = self.log_publisher(&dispatch, attempt);
+        let ctx = step::StepContext {
+            run_id: dispatch.run_id,
+            attempt,
+            output_limit: self.settings.output_limit_bytes,
+            work_dir: self.settings.work_dir.clone(),
+            logs: Some(logs),
+            secrets,
+        };
+        let kill = CancellationToken::new();
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .entry(dispatch.run_id)
+            .or_default()
+            .insert(dispatch.step.id.clone(), kill.clone());
+        let outcome = step::run(&dispatch.step, &ctx, hand_back.clone(), kill.clone()).await;
+        // Every line is out before the result: a follower sees the whole log, then the end.
+        drop(ctx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+        {
+            let mut running = self.running.lock().expect("not poisoned");
+            if let Some(tokens) = running.get_mut(&dispatch.run_id) {
+                tokens.remove(&dispatch.step.id);
+                if tokens.is_empty() {
+                    running.remove(&dispatch.run_id);
+                }
+            }
+        }
+        let Some((succeeded, outcome)) = outcome else {
+            drop(heartbeat);
+            tracing::info!("step handed back");
+            let _ = acker.ack_with(AckKind::Nak(None)).await;
+            return;
+        };
+        let report = ResultReport {
+            tenant: dispatch.tenant.clone(),
+            run_id: dispatch.run_id,
+            step: dispatch.step.id.clone(),
+            lease,
+            succeeded,
+            outcome,
+        };
+        let deadline = tokio::time::Instant::now() + self.settings.lease() * 4;
+        loop {
+            match self.bus.request::<_, ReportAck>(ns.scheduler_command("report"), &report).await {
+                Ok(ReportAck::Recorded) => break,
+                Ok(ReportAck::Stale) => {
+                    // The message now belongs to the attempt that superseded this one.
+                    tracing::info!("result was stale: the step had been given to another attempt");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "reporting result; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    // The message will be redelivered; the scheduler then decides again.
+                    tracing::error!(error = %e, "could not report result");
+                    return;
+                }
+            }
+        }
+        drop(heartbeat);
+        if let Err(e) = acker.double_ack().await {
+            tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
+        }
+    }
+}
+
+/// Aborts a background task when dropped, whatever path (or panic) leaves the scope.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

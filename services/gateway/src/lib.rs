@@ -1,0 +1,217 @@
+//! The gateway: Taskmesh's public REST API. It reads the Postgres projections and turns writes
+//! into commands for ingest; it never writes to Postgres or the log itself.
+//!
+//! Every route but health and the spec needs `Authorization: Bearer <api key>`, and every read
+//! is scoped to the key's tenant: another tenant's run is a 404. Every error is RFC 9457
+//! `application/problem+json` with a stable `type`.
+//!
+//! # Layout
+//! - [`auth`]: API keys → [`auth::Caller`].
+//! - [`logs`]: step logs, paged or followed as Server-Sent Events.
+//! - [`runs`] serves `/v1/runs`.
+//! - [`resources`]: repository connections and webhook endpoints.
+//! - [`workflows`]: stored, versioned workflow definitions.
+//! - [`schedules`]: cron schedules.
+//! - [`secrets`]: write-only secrets, sealed on arrival.
+//! - [`tenancy`]: tenants (platform administrator) and API keys.
+//! - this file: [`AppState`], [`router`], [`Application`], health, the OpenAPI document.
+
+pub mod auth;
+pub mod logs;
+pub mod resources;
+pub mod runs;
+pub mod schedules;
+pub mod secrets;
+pub mod tenancy;
+pub mod workflows;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use sqlx::PgPool;
+use taskmesh_bus::Bus;
+use taskmesh_config::HttpSettings;
+use taskmesh_events::ErrorCode;
+use taskmesh_http::Server;
+use taskmesh_ingest::IngestClient;
+use utoipa::OpenApi;
+
+use taskmesh_http::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub ingest: IngestClient,
+    /// Base URL for `Location` headers.
+    pub public_url: String,
+    /// Seals secret values as they arrive; none when no secrets key is configured.
+    pub keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
+    /// The platform administrator's key, if configured.
+    pub admin_key: Option<secrecy::SecretString>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
+    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, resources::create_repo_connection, resources::create_webhook_endpoint, healthz, readyz),
+    components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
+    modifiers(&BearerAuth),
+    tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("A Taskmesh API key")).build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive")))]
+pub async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: Postgres and NATS answer.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready"),
+    (status = 503, body = taskmesh_events::Problem, content_type = "application/problem+json")))]
+pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    sqlx::query("SELECT 1")
+        .execute(&state.pool)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Unavailable, "postgres does not answer"))?;
+    if state.bus.client().connection_state() != async_nats::connection::State::Connected {
+        return Err(ApiError::new(ErrorCode::Unavailable, "nats is not connected"));
+    }
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+/// The header a client sends with a read to see at least its own write: the `seq` a write
+/// answered. The read waits (up to [`READ_WAIT`]) until the read side has applied that event.
+pub const MIN_SEQ_HEADER: &str = "taskmesh-min-seq";
+/// Longest a read waits for the read side.
+pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Read-your-writes: holds a request carrying [`MIN_SEQ_HEADER`] until the projection has
+/// caught up with that sequence; answers 503 if it does not within [`READ_WAIT`].
+async fn read_your_writes(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let wanted = req.headers().get(MIN_SEQ_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    match wanted {
+        None => {}
+        Some(None) => {
+            return ApiError::new(ErrorCode::BadRequest, "Taskmesh-Min-Seq must be a sequence number").into_response();
+        }
+        Some(Some(seq)) => {
+            let deadline = tokio::time::Instant::now() + READ_WAIT;
+            loop {
+                match taskmesh_store::read_checkpoint(&state.pool, "projector").await {
+                    Ok(applied) if applied >= seq => break,
+                    Ok(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await
+                    }
+                    Ok(applied) => {
+                        return ApiError::new(
+                            ErrorCode::Unavailable,
+                            format!("the read side is at sequence {applied}, not yet {seq}; retry"),
+                        )
+                        .into_response();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the projection checkpoint");
+                        return ApiError::new(ErrorCode::Unavailable, "the read side is unavailable; retry")
+                            .into_response();
+                    }
+                }
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn spec() -> impl IntoResponse {
+    Json(openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+/// The gateway's routes, separate from serving so tests can call them directly.
+pub fn router(state: AppState, body_limit: usize) -> axum::Router {
+    let router = axum::Router::new()
+        .merge(runs::routes())
+        .merge(logs::routes())
+        .merge(resources::routes())
+        .merge(workflows::routes())
+        .merge(schedules::routes())
+        .merge(secrets::routes())
+        .merge(tenancy::routes())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(spec))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), read_your_writes))
+        .layer(DefaultBodyLimit::max(body_limit));
+    taskmesh_http::finish(router.with_state(state))
+}
+
+/// Binds the gateway (port 0 picks a free port) and builds its router.
+pub async fn build(
+    settings: &HttpSettings,
+    pool: PgPool,
+    bus: Bus,
+    keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
+) -> anyhow::Result<Server> {
+    let public_url = settings.public_url.clone();
+    Server::bind_with(settings.listen, |addr| {
+        let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
+        let admin_key = settings.admin_key.clone();
+        let state = AppState { pool, ingest: IngestClient::new(bus.clone()), bus, public_url, keyring, admin_key };
+        router(state, settings.body_limit_bytes)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    /// `docs/openapi.json` is what the gateway serves; regenerate with
+    /// `TASKMESH_BLESS=1 cargo test -p taskmesh-gateway openapi`.
+    #[test]
+    fn openapi_document_in_docs_is_up_to_date() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let mut current = serde_json::to_string_pretty(&super::openapi()).unwrap();
+        current.push('\n');
+        if std::env::var_os("TASKMESH_BLESS").is_some() {
+            std::fs::write(&path, &current).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == current,
+            "docs/openapi.json is stale: regenerate with TASKMESH_BLESS=1 cargo test -p taskmesh-gateway openapi"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! `GET /v1/runs/{id}/steps/{step}/logs`: a step's output lines, paged, or followed live as
+//! Server-Sent Events until the step has ended.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use taskmesh_events::command::LogLine;
+use taskmesh_events::{ErrorCode, RunKey};
+use taskmesh_http::{ApiError, ApiResult};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/v1/runs/{id}/steps/{step}/logs", get(logs))
+}
+
+/// Paging and following.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    /// Lines after this `seq` (the previous page's `next`, or an SSE event id).
+    pub after: Option<u64>,
+    /// Page size, 1 to 1000 (default 500).
+    pub limit: Option<usize>,
+    /// Stream lines as Server-Sent Events until the step has ended.
+    pub follow: Option<bool>,
+}
+
+/// One output line.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogEntry {
+    /// Position in the log stream: pass as `after` to continue.
+    pub seq: u64,
+    pub attempt: u32,
+    /// Line number within the attempt.
+    pub n: u64,
+    pub ts: chrono::DateTime<chrono::Utc>,
+    /// `stdout`, `stderr` or `system`.
+    pub stream: String,
+    pub line: String,
+}
+
+/// A page of lines.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogPage {
+    pub lines: Vec<LogEntry>,
+    /// `after` for the next page; absent when there were no more lines yet.
+    pub next: Option<u64>,
+}
+
+fn entry(seq: u64, payload: &[u8]) -> Option<LogEntry> {
+    let l: LogLine = serde_json::from_slice(payload).ok()?;
+    let stream = serde_json::to_value(l.stream).ok()?.as_str()?.to_string();
+    Some(LogEntry { seq, attempt: l.attempt, n: l.n, ts: l.ts, stream, line: l.line })
+}
+
+/// Read a step's output: a page of lines, or with `follow=true` a live Server-Sent Events
+/// stream (`id` = `seq`, so `Last-Event-ID` resumes) that ends with an `end` event once the step
+/// has ended. Lines are kept for a bounded time and size (see operations).
+#[utoipa::path(get, path = "/v1/runs/{id}/steps/{step}/logs", tag = "runs",
+    params(("id" = Uuid, Path), ("step" = String, Path), LogParams),
+    responses(
+        (status = 200, description = "A page of lines, or an event stream with follow=true", body = LogPage),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, step)): Path<(String, String)>,
+    headers: HeaderMap,
+    params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let run_id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    let exists = sqlx::query("SELECT 1 FROM steps WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3")
+        .bind(&caller.tenant)
+        .bind(run_id)
+        .bind(&step)
+        .fetch_optional(&state.pool)
+        .await?;
+    if exists.is_none() {
+        return Err(ApiError::not_found("step"));
+    }
+    let last_event = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let after = params.after.or(last_event).unwrap_or(0);
+    let limit = params.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be 1 to 1000"));
+    }
+    let key = RunKey { tenant: caller.tenant.clone(), run_id };
+    let subject = state.bus.namespace().log(&key, &step);
+    if params.follow.unwrap_or(false) {
+        return Ok(follow(state, caller.tenant, run_id, step, subject, after).into_response());
+    }
+    Ok(Json(page(&state, &subject, after, limit).await?).into_response())
+}
+
+async fn ordered(
+    state: &AppState,
+    subject: &str,
+    after: u64,
+) -> Result<async_nats::jetstream::consumer::pull::Ordered, ApiError> {
+    let unavailable = |e: String| {
+        tracing::warn!(error = %e, "log stream");
+        ApiError::new(ErrorCode::Unavailable, "the log stream is unavailable; retry")
+    };
+    let stream = state
+        .bus
+        .jetstream()
+        .get_stream_no_info(state.bus.namespace().logs_stream())
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let deliver_policy =
+        if after == 0 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: after + 1 } };
+    let consumer = stream
+        .create_consumer(OrderedConfig { filter_subject: subject.to_string(), deliver_policy, ..Default::default() })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    consumer.messages().await.map_err(|e| unavailable(e.to_string()))
+}
+
+async fn page(state: &AppState, subject: &str, after: u64, limit: usize) -> Result<LogPage, ApiError> {
+    let stream = state.bus.jetstream().get_stream_no_info(state.bus.namespace().logs_stream()).await.ok();
+    let last = match stream {
+        Some(s) => s.get_last_raw_message_by_subject(subject).await.map(|m| m.sequence).unwrap_or(0),
+        None => 0,
+    };
+    if last <= after {
+        return Ok(LogPage { lines: Vec::new(), next: None });
+    }
+    let mut messages = ordered(state, subject, after).await?;
+    let mut lines = Vec::new();
+    while lines.len() < limit {
+        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await else { break };
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        lines.extend(entry(seq, &msg.payload));
+        if seq >= last {
+            break;
+        }
+    }
+    let next = lines.last().map(|l| l.seq);
+    Ok(LogPage { lines, next })
+}
+
+/// Streams lines as they come; ends once the step has ended and every line is out.
+fn follow(state: AppState, tenant: String, run_id: Uuid, step: String, subject: String, after: u64) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
+    tokio::spawn(async move {
+        let mut messages = match ordered(&state, &subject, after).await {
+            Ok(m) => m,
+            Err(_) => return,
+        };
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), messages.next()).await {
+                Ok(Some(Ok(msg))) => {
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let Some(e) = entry(seq, &msg.payload) else { continue };
+                    let event = SseEvent::default().id(seq.to_string()).event("line").json_data(&e);
+                    if tx.send(event.unwrap_or_default()).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                Ok(_) => return,
+                Err(_) => {
+                    // Quiet for a moment: has the step ended? Executors publish every line
+                    // before reporting, so once it has, what is left is already in the stream.
+                    let ended =
+                        sqlx::query("SELECT status FROM steps WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3")
+                            .bind(&tenant)
+                            .bind(run_id)
+                            .bind(&step)
+                            .fetch_optional(&state.pool)
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(|r| r.get::<String, _>("status"))
+                            .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"));
+                    if ended {
+                        while let Ok(Some(Ok(msg))) =
+                            tokio::time::timeout(Duration::from_millis(200), messages.next()).await
+                        {
+                            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            if let Some(Ok(event)) = entry(seq, &msg.payload)
+                                .map(|e| SseEvent::default().id(seq.to_string()).event("line").json_data(&e))
+                            {
+                                let _ = tx.send(event).await;
+                            }
+                        }
+                        let _ = tx.send(SseEvent::default().event("end").data("the step has ended")).await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let events =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}

@@ -1,0 +1,149 @@
+//! `/v1/repo-connections` and `/v1/webhook-endpoints`: the integrations a tenant configures.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use base64::Engine;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use taskmesh_events::command::{CreateRepoConnection, CreateWebhookEndpoint};
+use taskmesh_events::{ErrorCode, Forge};
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::auth::Caller;
+use taskmesh_http::body;
+use taskmesh_http::{ApiError, ApiResult};
+
+/// The keyring that seals integration secrets; without one they cannot be stored.
+fn keyring(state: &AppState) -> Result<&taskmesh_secrets::Keyring, ApiError> {
+    state
+        .keyring
+        .as_deref()
+        .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "no secrets key is configured (TASKMESH_SECRETS__KEY)"))
+}
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/repo-connections", post(create_repo_connection))
+        .route("/v1/webhook-endpoints", post(create_webhook_endpoint))
+}
+
+/// Connect a repository: pushes to matching branches start `workflow`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConnectionRequest {
+    /// Only `github` for now.
+    #[schema(value_type = String, example = "github")]
+    pub forge: Forge,
+    /// `owner/name`.
+    pub repository: String,
+    /// The webhook secret configured on the forge (8 to 256 characters).
+    pub secret: String,
+    /// Branch names or patterns with `*`; empty means every branch.
+    #[serde(default)]
+    pub branches: Vec<String>,
+    #[schema(value_type = Object)]
+    pub workflow: serde_json::Value,
+}
+
+/// A created repository connection.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RepoConnectionCreatedResponse {
+    pub id: String,
+    /// The path the forge posts to on the git-integration service.
+    pub webhook_path: String,
+    pub seq: u64,
+}
+
+/// Connect a repository.
+#[utoipa::path(post, path = "/v1/repo-connections", tag = "integrations", request_body = RepoConnectionRequest,
+    responses(
+        (status = 201, body = RepoConnectionCreatedResponse),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_repo_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<RepoConnectionCreatedResponse>)> {
+    caller.require_admin()?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let req: RepoConnectionRequest = body::json(&bytes)?;
+    if req.secret.len() < 8 || req.secret.len() > 256 {
+        return Err(ApiError::new(ErrorCode::BadRequest, "secret: must be 8 to 256 characters"));
+    }
+    let secret = keyring(&state)?.seal(&taskmesh_secrets::repo_secret_aad(&caller.tenant), req.secret.as_bytes());
+    let created = state
+        .ingest
+        .create_repo_connection(&CreateRepoConnection {
+            tenant: caller.tenant,
+            forge: req.forge,
+            repository: req.repository,
+            secret,
+            branches: req.branches,
+            workflow: req.workflow,
+        })
+        .await?;
+    let webhook_path = format!("/hooks/github/{}", created.id);
+    Ok((StatusCode::CREATED, Json(RepoConnectionCreatedResponse { id: created.id, webhook_path, seq: created.seq })))
+}
+
+/// Subscribe an endpoint to run notifications.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpointRequest {
+    /// `http` or `https` URL the notifications are POSTed to.
+    pub url: String,
+    /// `run.succeeded`, `run.failed`; empty means all.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+}
+
+/// A created endpoint, with its signing secret (shown only here).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointCreatedResponse {
+    pub id: String,
+    /// Standard Webhooks signing secret (`whsec_…`): verify `webhook-signature` with it.
+    pub secret: String,
+    pub seq: u64,
+}
+
+/// Register an outbound webhook endpoint.
+#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "integrations", request_body = WebhookEndpointRequest,
+    responses(
+        (status = 201, body = WebhookEndpointCreatedResponse),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<WebhookEndpointCreatedResponse>)> {
+    caller.require_admin()?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let req: WebhookEndpointRequest = body::json(&bytes)?;
+    let plain = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 24]>()));
+    let secret = keyring(&state)?.seal(&taskmesh_secrets::endpoint_secret_aad(&caller.tenant), plain.as_bytes());
+    let created = state
+        .ingest
+        .create_webhook_endpoint(&CreateWebhookEndpoint {
+            tenant: caller.tenant,
+            url: req.url,
+            event_types: req.event_types,
+            secret,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(WebhookEndpointCreatedResponse { id: created.id, secret: plain, seq: created.seq })))
+}

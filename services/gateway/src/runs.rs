@@ -1,0 +1,494 @@
+//! `/v1/runs`: submit runs, list them, read one with its steps and attempts.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use taskmesh_events::command::{CancelRun, RerunRun, SubmitRun};
+use taskmesh_events::{ErrorCode, Trigger};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+use taskmesh_http::body::{self, Format};
+use taskmesh_http::{ApiError, ApiResult};
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/runs", post(submit).get(list))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/rerun", post(rerun))
+}
+
+/// A run submission: an inline workflow and its inputs. With `Content-Type: application/yaml`
+/// the body is the workflow itself.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRunRequest {
+    /// A workflow definition (see docs/workflows.md), or the name of a stored workflow as a
+    /// string: `"name"` (latest version) or `"name@3"`.
+    #[schema(value_type = Object)]
+    pub workflow: serde_json::Value,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub inputs: BTreeMap<String, serde_json::Value>,
+    /// Start no step before this time (RFC 3339); at most a year ahead.
+    #[serde(default)]
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunAcceptedResponse {
+    pub id: Uuid,
+    /// `queued` for a new run; for a replayed idempotency key, the run's current status if known.
+    pub status: String,
+    /// Stream sequence of the `RunSubmitted` event.
+    pub seq: u64,
+    /// True when the `Idempotency-Key` had been used: this is the first run.
+    pub duplicate: bool,
+}
+
+/// Submit a run of an inline workflow.
+#[utoipa::path(post, path = "/v1/runs", tag = "runs",
+    request_body(content(
+        (SubmitRunRequest = "application/json"),
+        (String = "application/yaml", example = "name: hello\nsteps:\n  - id: build\n    run: echo building\n")
+    )),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Submitting again with the same key returns the first run")),
+    responses(
+        (status = 202, description = "Accepted; the run starts shortly", body = RunAcceptedResponse,
+         headers(("Location" = String, description = "The run's URL"))),
+        (status = 400, description = "Malformed body", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stored workflow", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid workflow or inputs", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is unavailable", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    caller.require_operator()?;
+    let (format, bytes) = body::read(&headers, body, true)?;
+    let request = match format {
+        Format::Json => body::json::<SubmitRunRequest>(&bytes)?,
+        Format::Yaml => {
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "the body is not UTF-8"))?;
+            let workflow: serde_json::Value = serde_yaml_ng::from_str(text)
+                .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed YAML: {e}")))?;
+            SubmitRunRequest { workflow, inputs: BTreeMap::new(), not_before: None }
+        }
+    };
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "Idempotency-Key must be ASCII"))
+        })
+        .transpose()?;
+    let accepted = state
+        .ingest
+        .submit_run(&SubmitRun {
+            tenant: caller.tenant.clone(),
+            workflow: request.workflow,
+            inputs: request.inputs,
+            trigger: Trigger::Api { key_id: Some(caller.key_id) },
+            idempotency_key,
+            traceparent: taskmesh_telemetry::current_traceparent(),
+            not_before: request.not_before,
+        })
+        .await?;
+    Ok(accepted_response(
+        &state,
+        RunAcceptedResponse {
+            id: accepted.run_id,
+            status: "queued".into(),
+            seq: accepted.seq,
+            duplicate: accepted.duplicate,
+        },
+    ))
+}
+
+fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Response {
+    let location = format!("{}/v1/runs/{}", state.public_url, accepted.id);
+    let mut res = (StatusCode::ACCEPTED, Json(accepted)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+/// One attempt at a step.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    pub attempt: i32,
+    pub executor: String,
+    /// `running`, `succeeded`, `failed` or `lost` (its executor stopped renewing the lease).
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    /// Outputs the attempt wrote to `$TASKMESH_OUTPUT`.
+    #[schema(value_type = Object)]
+    pub outputs: serde_json::Value,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A step of a run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepView {
+    pub id: String,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `skipped` or `timed_out`.
+    pub status: String,
+    pub kind: String,
+    pub needs: Vec<String>,
+    /// Attempts started.
+    pub attempts: i32,
+    pub exit_code: Option<i32>,
+    /// Captured stdout and stderr (capped; see `output_truncated`).
+    pub output: Option<String>,
+    pub output_truncated: bool,
+    pub error: Option<String>,
+    /// Why a step was skipped or cancelled.
+    pub reason: Option<String>,
+    /// `key=value` outputs the step wrote to `$TASKMESH_OUTPUT`; `${{ steps.<id>.outputs.<key> }}`.
+    #[schema(value_type = Object)]
+    pub outputs: serde_json::Value,
+    /// When a failed attempt will be retried.
+    pub retry_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub attempt_history: Vec<AttemptView>,
+}
+
+/// A run with its steps.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunView {
+    pub id: Uuid,
+    pub workflow: String,
+    /// The stored workflow version the run was started from, if any.
+    pub workflow_version: Option<i32>,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled` or `timed_out`.
+    pub status: String,
+    #[schema(value_type = Object)]
+    pub trigger: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub inputs: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When cancelling the run was asked for.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The stream sequence of the last event this view reflects.
+    pub seq: i64,
+    pub steps: Vec<StepView>,
+}
+
+/// Read a run, its steps and every attempt.
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs",
+    params(
+        ("id" = Uuid, Path, description = "Run id"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier read: 304 if the run has not changed"),
+        ("Taskmesh-Min-Seq" = Option<u64>, Header, description = "Wait (up to 5 s) until the read side has applied this sequence (a write's `seq`)"),
+    ),
+    responses(
+        (status = 200, body = RunView, headers(("ETag" = String, description = "Changes whenever the run does"))),
+        (status = 304, description = "Not modified since the ETag given"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such run in the caller's tenant", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    let row = sqlx::query(
+        "SELECT id, workflow_name, workflow_version, status, trigger, inputs, created_at, started_at, finished_at, cancel_requested_at, last_seq
+         FROM runs WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::not_found("run"))?;
+    let attempts = sqlx::query(
+        "SELECT step_id, attempt, executor, status, exit_code, error, outputs, started_at, finished_at
+         FROM step_attempts WHERE tenant_id = $1 AND run_id = $2 ORDER BY step_id, attempt",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .fetch_all(&state.pool)
+    .await?;
+    let mut history: BTreeMap<String, Vec<AttemptView>> = BTreeMap::new();
+    for a in attempts {
+        history.entry(a.get("step_id")).or_default().push(AttemptView {
+            attempt: a.get("attempt"),
+            executor: a.get("executor"),
+            status: a.get("status"),
+            exit_code: a.get("exit_code"),
+            error: a.get("error"),
+            outputs: a.get::<sqlx::types::Json<serde_json::Value>, _>("outputs").0,
+            started_at: a.get("started_at"),
+            finished_at: a.get("finished_at"),
+        });
+    }
+    let steps = sqlx::query(
+        "SELECT step_id, status, kind, needs, attempts, exit_code, output, output_truncated, error, reason, outputs, retry_at,
+                started_at, finished_at
+         FROM steps WHERE tenant_id = $1 AND run_id = $2 ORDER BY position",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .fetch_all(&state.pool)
+    .await?
+    .into_iter()
+    .map(|s| {
+        let step_id: String = s.get("step_id");
+        StepView {
+            attempt_history: history.remove(&step_id).unwrap_or_default(),
+            id: step_id,
+            status: s.get("status"),
+            kind: s.get("kind"),
+            needs: s.get("needs"),
+            attempts: s.get("attempts"),
+            exit_code: s.get("exit_code"),
+            output: s.get("output"),
+            output_truncated: s.get("output_truncated"),
+            error: s.get("error"),
+            reason: s.get("reason"),
+            outputs: s.get::<sqlx::types::Json<serde_json::Value>, _>("outputs").0,
+            retry_at: s.get("retry_at"),
+            started_at: s.get("started_at"),
+            finished_at: s.get("finished_at"),
+        }
+    })
+    .collect();
+    // The view changes exactly when the run gets a new event: its sequence is the entity tag.
+    let seq: i64 = row.get("last_seq");
+    let etag = format!("\"{seq}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        let mut res = StatusCode::NOT_MODIFIED.into_response();
+        res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
+        return Ok(res);
+    }
+    let view = RunView {
+        id: row.get("id"),
+        workflow: row.get("workflow_name"),
+        workflow_version: row.get("workflow_version"),
+        status: row.get("status"),
+        trigger: row.get::<sqlx::types::Json<serde_json::Value>, _>("trigger").0,
+        inputs: row.get::<sqlx::types::Json<serde_json::Value>, _>("inputs").0,
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+        cancel_requested_at: row.get("cancel_requested_at"),
+        seq,
+        steps,
+    };
+    let mut res = Json(view).into_response();
+    res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
+    Ok(res)
+}
+
+/// Why a run is being cancelled.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub reason: Option<String>,
+}
+
+/// The answer to a cancellation request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelAccepted {
+    pub id: Uuid,
+    /// Stream sequence of the `RunCancelRequested` event.
+    pub seq: u64,
+}
+
+/// Cancel a run: queued steps are cancelled, running ones are killed on their executors, and
+/// the run ends `cancelled`. Cancelling a finished run changes nothing.
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs",
+    params(("id" = Uuid, Path, description = "Run id")),
+    request_body(content = Option<CancelRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, body = CancelAccepted),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<CancelAccepted>)> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    let request = match body {
+        Ok(b) if b.is_empty() => CancelRequest::default(),
+        other => body::json(&body::read(&headers, other, false)?.1)?,
+    };
+    let reason = request.reason.unwrap_or_else(|| "cancelled through the API".into());
+    let done = state
+        .ingest
+        .cancel_run(&CancelRun { tenant: caller.tenant.clone(), run_id: id, reason, key_id: Some(caller.key_id) })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(CancelAccepted { id, seq: done.seq })))
+}
+
+/// What a rerun starts from.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RerunRequest {
+    /// `failed` (every step that did not succeed) or a step id; either with everything
+    /// downstream of it. The other steps keep their outcomes and outputs.
+    pub from: String,
+}
+
+/// Rerun an ended run: a new run with the same workflow and inputs that keeps the steps that
+/// succeeded (shown as `succeeded` with `reason: reused from run …`) and runs the rest. The
+/// earlier run and its attempts stay as they were.
+#[utoipa::path(post, path = "/v1/runs/{id}/rerun", tag = "runs",
+    params(("id" = Uuid, Path, description = "The run to rerun")),
+    request_body = RerunRequest,
+    responses(
+        (status = 202, description = "The new run", body = RunAcceptedResponse, headers(("Location" = String))),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run has not ended, or nothing failed", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn rerun(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let request: RerunRequest = body::json(&bytes)?;
+    let accepted = state
+        .ingest
+        .rerun_run(&RerunRun {
+            tenant: caller.tenant.clone(),
+            run_id: id,
+            from: request.from,
+            key_id: Some(caller.key_id),
+        })
+        .await?;
+    Ok(accepted_response(
+        &state,
+        RunAcceptedResponse { id: accepted.run_id, status: "queued".into(), seq: accepted.seq, duplicate: false },
+    ))
+}
+
+/// Filters and paging for listing runs.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only runs with this status.
+    pub status: Option<String>,
+    /// Only runs of this workflow.
+    pub workflow: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<Uuid>,
+}
+
+/// A run in a listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunSummary {
+    pub id: Uuid,
+    pub workflow: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A page of runs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunPage {
+    pub items: Vec<RunSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// List the tenant's runs, newest first.
+#[utoipa::path(get, path = "/v1/runs", tag = "runs", params(ListParams),
+    responses(
+        (status = 200, body = RunPage),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<RunPage>> {
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be 1 to 200"));
+    }
+    let rows = sqlx::query(
+        "SELECT id, workflow_name, status, created_at, finished_at FROM runs
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR workflow_name = $3)
+           AND ($4::uuid IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5",
+    )
+    .bind(&caller.tenant)
+    .bind(&params.status)
+    .bind(&params.workflow)
+    .bind(params.cursor)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let mut items: Vec<RunSummary> = rows
+        .into_iter()
+        .map(|r| RunSummary {
+            id: r.get("id"),
+            workflow: r.get("workflow_name"),
+            status: r.get("status"),
+            created_at: r.get("created_at"),
+            finished_at: r.get("finished_at"),
+        })
+        .collect();
+    let next_cursor = (items.len() as i64 > limit).then(|| {
+        items.truncate(limit as usize);
+        items.last().map(|r| r.id)
+    });
+    Ok(Json(RunPage { items, next_cursor: next_cursor.flatten() }))
+}

@@ -1,0 +1,174 @@
+//! `/v1/schedules`: run workflows on cron expressions.
+
+use axum::Json;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use taskmesh_events::command::{CreateSchedule, ToggleSchedule};
+use taskmesh_events::schedule::ScheduleSpec;
+use taskmesh_http::{ApiError, ApiResult, body};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/schedules", post(create).get(list))
+        .route("/v1/schedules/{id}", get(get_one))
+        .route("/v1/schedules/{id}/pause", post(pause))
+        .route("/v1/schedules/{id}/resume", post(resume))
+}
+
+/// A schedule and what it did last.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleView {
+    pub id: Uuid,
+    /// `{cron, timezone, workflow, inputs, overlap, catch_up, catch_up_limit}`.
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+    pub paused: bool,
+    pub last_tick: Option<DateTime<Utc>>,
+    pub last_run_id: Option<Uuid>,
+    /// Ticks handled so far (started or skipped).
+    pub ticks: i64,
+    /// The next tick, unless paused.
+    pub next_tick: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A created schedule.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleCreatedResponse {
+    pub id: String,
+    pub seq: u64,
+}
+
+/// Create a schedule. Body: `{"cron": "*/5 * * * *", "timezone": "Europe/Paris", "workflow":
+/// "nightly" | {definition}, "inputs": {}, "overlap": "skip" | "allow" | "cancel_previous",
+/// "catch_up": "none" | "last" | "all", "catch_up_limit": 100}`.
+#[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body(content = Object, content_type = "application/json"),
+    responses(
+        (status = 201, body = ScheduleCreatedResponse),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stored workflow", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid cron, time zone, workflow or inputs", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
+    caller.require_operator()?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let spec: ScheduleSpec = body::json(&bytes)?;
+    let created = state.ingest.create_schedule(&CreateSchedule { tenant: caller.tenant, spec }).await?;
+    Ok((StatusCode::CREATED, Json(ScheduleCreatedResponse { id: created.id, seq: created.seq })))
+}
+
+fn view(row: &sqlx::postgres::PgRow) -> ScheduleView {
+    let spec: serde_json::Value = row.get::<sqlx::types::Json<serde_json::Value>, _>("spec").0;
+    let paused: bool = row.get("paused");
+    let last_tick: Option<DateTime<Utc>> = row.get("last_tick");
+    let next_tick = (!paused)
+        .then(|| serde_json::from_value::<ScheduleSpec>(spec.clone()).ok())
+        .flatten()
+        .and_then(|s| s.next_after(last_tick.unwrap_or_default().max(Utc::now())));
+    ScheduleView {
+        id: row.get("id"),
+        spec,
+        paused,
+        last_tick,
+        last_run_id: row.get("last_run_id"),
+        ticks: row.get("ticks"),
+        next_tick,
+        created_at: row.get("created_at"),
+    }
+}
+
+/// The tenant's schedules.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleList {
+    pub items: Vec<ScheduleView>,
+}
+
+/// List schedules, newest first.
+#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
+    responses((status = 200, body = ScheduleList), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<ScheduleList>> {
+    let rows = sqlx::query("SELECT * FROM schedules WHERE tenant_id = $1 ORDER BY id DESC LIMIT 1000")
+        .bind(&caller.tenant)
+        .fetch_all(&state.pool)
+        .await?;
+    Ok(Json(ScheduleList { items: rows.iter().map(view).collect() }))
+}
+
+/// Read a schedule.
+#[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, body = ScheduleView),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ScheduleView>> {
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    let row = sqlx::query("SELECT * FROM schedules WHERE tenant_id = $1 AND id = $2")
+        .bind(&caller.tenant)
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("schedule"))?;
+    Ok(Json(view(&row)))
+}
+
+async fn toggle(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    pause: bool,
+) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    let done = state.ingest.toggle_schedule(&ToggleSchedule { tenant: caller.tenant, schedule_id: id, pause }).await?;
+    Ok((StatusCode::ACCEPTED, Json(ScheduleCreatedResponse { id: done.id, seq: done.seq })))
+}
+
+/// Pause a schedule: no tick fires until it is resumed.
+#[utoipa::path(post, path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = Uuid, Path)),
+    responses((status = 202, body = ScheduleCreatedResponse), (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
+    toggle(state, caller, id, true).await
+}
+
+/// Resume a paused schedule from its next tick.
+#[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = Uuid, Path)),
+    responses((status = 202, body = ScheduleCreatedResponse), (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
+    toggle(state, caller, id, false).await
+}

@@ -1,0 +1,221 @@
+//! Tenants and API keys. The platform administrator (a key from configuration) creates tenants;
+//! each tenant's admins issue and revoke its keys. Keys are shown once, stored as SHA-256 only.
+
+use axum::Json;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::{delete, get};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use taskmesh_events::command::{CreateApiKey, CreateTenant, RevokeApiKey};
+use taskmesh_events::{ErrorCode, Role};
+use taskmesh_http::{ApiError, ApiResult, body};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/{id}", delete(revoke_key))
+}
+
+/// The platform administrator: the bearer of the configured admin key.
+pub struct PlatformAdmin;
+
+impl FromRequestParts<AppState> for PlatformAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let unauthorized = || ApiError::new(ErrorCode::Unauthorized, "this needs the platform administrator's key");
+        let expected = state.admin_key.as_ref().ok_or_else(unauthorized)?;
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compared as hashes: equal length, and no early exit on the secret itself.
+        let same = given.is_some_and(|g| {
+            hmac_sha256::Hash::hash(g.trim().as_bytes()) == hmac_sha256::Hash::hash(expected.expose_secret().as_bytes())
+        });
+        same.then_some(PlatformAdmin).ok_or_else(unauthorized)
+    }
+}
+
+/// A new tenant.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRequest {
+    /// Letters, digits, `_`, `-`; at most 64.
+    pub id: String,
+    pub name: String,
+}
+
+/// A created tenant and its first admin key (shown only here).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantCreatedResponse {
+    pub id: String,
+    pub admin_key: String,
+    pub admin_key_id: Uuid,
+}
+
+/// Create a tenant with a first admin key (platform administrator).
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenancy", request_body = TenantRequest,
+    responses(
+        (status = 201, body = TenantCreatedResponse),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The tenant exists", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    _: PlatformAdmin,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<TenantCreatedResponse>)> {
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let req: TenantRequest = body::json(&bytes)?;
+    state.ingest.create_tenant(&CreateTenant { tenant_id: req.id.clone(), name: req.name }).await?;
+    let (key, id) = issue(&state, &req.id, Role::Admin, Some("first admin key".into())).await?;
+    Ok((StatusCode::CREATED, Json(TenantCreatedResponse { id: req.id, admin_key: key, admin_key_id: id })))
+}
+
+/// A tenant.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantView {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// List tenants (platform administrator).
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenancy",
+    responses((status = 200, body = Vec<TenantView>), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn list_tenants(State(state): State<AppState>, _: PlatformAdmin) -> ApiResult<Json<Vec<TenantView>>> {
+    let rows =
+        sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY id LIMIT 10000").fetch_all(&state.pool).await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| TenantView { id: r.get("id"), name: r.get("name"), created_at: r.get("created_at") })
+            .collect(),
+    ))
+}
+
+async fn issue(state: &AppState, tenant: &str, role: Role, name: Option<String>) -> ApiResult<(String, Uuid)> {
+    let (key, hash, prefix) = taskmesh_ingest::generate_api_key();
+    let key_id = Uuid::now_v7();
+    state
+        .ingest
+        .create_api_key(&CreateApiKey { tenant: tenant.to_string(), key_id, role, key_hash: hash, prefix, name })
+        .await?;
+    Ok((key, key_id))
+}
+
+/// A key to issue.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    /// `admin`, `operator` or `viewer`.
+    #[schema(value_type = String, example = "operator")]
+    pub role: Role,
+    pub name: Option<String>,
+}
+
+/// An issued key; `key` is shown only here.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyCreatedResponse {
+    pub id: Uuid,
+    pub key: String,
+    #[schema(value_type = String)]
+    pub role: Role,
+}
+
+/// Issue an API key for the caller's tenant (admin).
+#[utoipa::path(post, path = "/v1/keys", tag = "tenancy", request_body = KeyRequest,
+    responses(
+        (status = 201, body = KeyCreatedResponse),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<KeyCreatedResponse>)> {
+    caller.require_admin()?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let req: KeyRequest = body::json(&bytes)?;
+    if req.name.as_ref().is_some_and(|n| n.len() > 200) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "name: at most 200 bytes"));
+    }
+    let (key, id) = issue(&state, &caller.tenant, req.role, req.name).await?;
+    Ok((StatusCode::CREATED, Json(KeyCreatedResponse { id, key, role: req.role })))
+}
+
+/// A key, without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyView {
+    pub id: Uuid,
+    pub role: String,
+    /// The key's first characters, to tell keys apart.
+    pub prefix: String,
+    pub name: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// List the tenant's keys (admin).
+#[utoipa::path(get, path = "/v1/keys", tag = "tenancy",
+    responses((status = 200, body = Vec<KeyView>), (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<KeyView>>> {
+    caller.require_admin()?;
+    let rows = sqlx::query(
+        "SELECT id, role, prefix, name, created_at, revoked_at FROM api_keys WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+    )
+    .bind(&caller.tenant)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| KeyView {
+                id: r.get("id"),
+                role: r.get("role"),
+                prefix: r.get("prefix"),
+                name: r.get("name"),
+                created_at: r.get("created_at"),
+                revoked_at: r.get("revoked_at"),
+            })
+            .collect(),
+    ))
+}
+
+/// Revoke a key of the tenant (admin); it authenticates nothing afterwards.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "tenancy", params(("id" = Uuid, Path)),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let key_id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
+    state.ingest.revoke_api_key(&RevokeApiKey { tenant: caller.tenant, key_id }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,601 @@
+//! Ingest: Taskmesh's write edge. Commands (from the gateway, git-integration, the CLI) become
+//! events here, after validation; nothing else turns outside input into events.
+//!
+//! Ingest serves request/reply subjects `{ns}.cmd.ingest.*` in the queue group `ingest`, so any
+//! number of replicas share the load. Every command is idempotent: a run submission with an
+//! idempotency key is deduplicated by JetStream's `Nats-Msg-Id` within the duplicate window (and
+//! by the gateway's read model after it), creations guard on an empty subject.
+//!
+//! # Layout
+//! Everything is in this file: [`Ingest`] (the command handlers) and [`Ingest::run`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use base64::Engine;
+use taskmesh_bus::{Bus, BusError};
+use taskmesh_events::command::*;
+use taskmesh_events::workflow::WorkflowDef;
+use taskmesh_events::{
+    ApiKeyCreated, ApiKeyRevoked, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated, ReusedStep,
+    RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleToggled, SecretDeleted, SecretSet,
+    TenantCreated, Trigger, WebhookEndpointCreated, WorkflowVersionStored, subjects::is_token,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+type Reply<T> = Result<T, Problem>;
+
+fn invalid(field: &str, message: impl Into<String>) -> Problem {
+    let message = message.into();
+    Problem::new(ErrorCode::BadRequest, format!("{field}: {message}"))
+        .with_errors(vec![taskmesh_events::FieldError { field: field.into(), message }])
+}
+
+fn check_tenant(tenant: &str) -> Reply<()> {
+    if is_token(tenant) { Ok(()) } else { Err(invalid("tenant", "not a valid tenant id")) }
+}
+
+/// The command handlers.
+#[derive(Clone)]
+pub struct Ingest {
+    bus: Bus,
+}
+
+impl Ingest {
+    pub fn new(bus: Bus) -> Self {
+        Self { bus }
+    }
+
+    /// Validates a workflow and appends `RunSubmitted`.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant))]
+    pub async fn submit_run(&self, cmd: SubmitRun) -> Reply<RunAccepted> {
+        check_tenant(&cmd.tenant)?;
+        let (workflow, workflow_version) = match cmd.workflow {
+            serde_json::Value::String(reference) => {
+                let (def, version) = self.stored_workflow(&cmd.tenant, &reference).await?;
+                (def, Some(version))
+            }
+            inline => (WorkflowDef::from_value(inline)?, None),
+        };
+        let inputs = workflow.resolve_inputs(cmd.inputs)?;
+        let workflow = workflow.expand_matrices()?;
+        if let Some(t) = cmd.not_before
+            && t > chrono::Utc::now() + chrono::Duration::days(366)
+        {
+            return Err(invalid("not_before", "at most a year ahead"));
+        }
+        if let Some(key) = &cmd.idempotency_key
+            && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || key.chars().any(char::is_control))
+        {
+            return Err(invalid("Idempotency-Key", format!("must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")));
+        }
+        // With an idempotency key the run id is derived from it, so a repeat finds the run's
+        // subject taken (expected sequence 0 fails) however long after the first submission.
+        let run_id = match &cmd.idempotency_key {
+            Some(k) => idempotent_run_id(&cmd.tenant, k),
+            None => Uuid::now_v7(),
+        };
+        let key = RunKey { tenant: cmd.tenant.clone(), run_id };
+        let meta = EventMeta::new(&cmd.tenant).with_traceparent(cmd.traceparent);
+        let envelope = meta.envelope(
+            self.bus.namespace().run(&key),
+            Event::RunSubmitted(RunSubmitted {
+                run_id,
+                workflow,
+                inputs,
+                trigger: cmd.trigger,
+                idempotency_key: cmd.idempotency_key.clone(),
+                workflow_version,
+                not_before: cmd.not_before,
+                reused: Default::default(),
+            }),
+        );
+        match self.bus.append(0, &envelope).await {
+            Ok(seq) => Ok(RunAccepted { run_id, seq, duplicate: false }),
+            Err(BusError::Conflict { .. }) if cmd.idempotency_key.is_some() => {
+                let seq = self.bus.first_seq(&envelope.subject).await?;
+                Ok(RunAccepted { run_id, seq, duplicate: true })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A stored workflow by reference: `name` (the latest version) or `name@version`.
+    async fn stored_workflow(&self, tenant: &str, reference: &str) -> Reply<(WorkflowDef, u32)> {
+        let (name, version) = match reference.split_once('@') {
+            Some((n, v)) => {
+                (n, Some(v.parse::<u32>().map_err(|_| invalid("workflow", format!("'{v}' is not a version number")))?))
+            }
+            None => (reference, None),
+        };
+        let not_found = || Problem::new(ErrorCode::NotFound, format!("no stored workflow '{reference}'"));
+        if !is_token(name) {
+            return Err(not_found());
+        }
+        let subject = self.bus.namespace().workflow(tenant, name);
+        let stored = match version {
+            None => self.bus.last(&subject).await?,
+            Some(v) => self
+                .bus
+                .read_subject(&subject, 0)
+                .await?
+                .into_iter()
+                .find(|s| matches!(&s.envelope.event, Event::WorkflowVersionStored(w) if w.version == v)),
+        };
+        match stored.map(|s| s.envelope.event) {
+            Some(Event::WorkflowVersionStored(w)) => Ok((w.workflow, w.version)),
+            _ => Err(not_found()),
+        }
+    }
+
+    /// Stores a new, immutable version of a named workflow. Versions count up from 1 in the
+    /// order the log accepts them (appended with the subject's last sequence expected).
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, workflow = %cmd.name))]
+    pub async fn store_workflow(&self, cmd: StoreWorkflow) -> Reply<WorkflowStored> {
+        check_tenant(&cmd.tenant)?;
+        if !is_token(&cmd.name) {
+            return Err(invalid("name", "stored workflow names are 1 to 64 letters, digits, '_' or '-'"));
+        }
+        let workflow = WorkflowDef::from_value(cmd.workflow)?;
+        if workflow.name != cmd.name {
+            return Err(Problem::new(
+                ErrorCode::InvalidWorkflow,
+                format!("the definition is named '{}', not '{}'", workflow.name, cmd.name),
+            )
+            .with_errors(vec![taskmesh_events::FieldError {
+                field: "name".into(),
+                message: "must match the URL".into(),
+            }]));
+        }
+        let subject = self.bus.namespace().workflow(&cmd.tenant, &cmd.name);
+        for _ in 0..16 {
+            let last = self.bus.last(&subject).await?;
+            let (expected, version) = match &last {
+                Some(s) => match &s.envelope.event {
+                    Event::WorkflowVersionStored(w) => (s.seq, w.version + 1),
+                    _ => (s.seq, 1),
+                },
+                None => (0, 1),
+            };
+            let envelope = EventMeta::new(&cmd.tenant).envelope(
+                subject.clone(),
+                Event::WorkflowVersionStored(WorkflowVersionStored {
+                    name: cmd.name.clone(),
+                    version,
+                    workflow: workflow.clone(),
+                }),
+            );
+            match self.bus.append(expected, &envelope).await {
+                Ok(seq) => return Ok(WorkflowStored { name: cmd.name, version, seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "too many concurrent versions of this workflow; retry"))
+    }
+
+    /// Records a sealed secret (last write wins).
+    pub async fn set_secret(&self, cmd: SetSecret) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        if !taskmesh_events::workflow::is_secret_name(&cmd.name) {
+            return Err(invalid("name", "A-Z, 0-9 and '_', not starting with a digit, at most 64"));
+        }
+        if cmd.sealed.ciphertext.len() > 96 * 1024 {
+            return Err(Problem::new(ErrorCode::PayloadTooLarge, "a secret holds at most 64 KiB"));
+        }
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().secret(&cmd.tenant, &cmd.name),
+            Event::SecretSet(SecretSet { name: cmd.name.clone(), sealed: cmd.sealed }),
+        );
+        let appended = self.bus.append_with_id(None, &envelope, &envelope.id.to_string()).await?;
+        Ok(Created { id: cmd.name, seq: appended.seq })
+    }
+
+    /// Deletes a secret; a missing one is a 404.
+    pub async fn delete_secret(&self, cmd: DeleteSecret) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let subject = self.bus.namespace().secret(&cmd.tenant, &cmd.name);
+        if !taskmesh_events::workflow::is_secret_name(&cmd.name)
+            || !matches!(self.bus.last(&subject).await?.map(|s| s.envelope.event), Some(Event::SecretSet(_)))
+        {
+            return Err(Problem::new(ErrorCode::NotFound, "no such secret"));
+        }
+        let envelope = EventMeta::new(&cmd.tenant)
+            .envelope(subject, Event::SecretDeleted(SecretDeleted { name: cmd.name.clone() }));
+        let appended = self.bus.append_with_id(None, &envelope, &envelope.id.to_string()).await?;
+        Ok(Created { id: cmd.name, seq: appended.seq })
+    }
+
+    /// Creates a schedule after checking its expression, time zone and workflow.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant))]
+    pub async fn create_schedule(&self, cmd: CreateSchedule) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        cmd.spec.validate()?;
+        let workflow = match &cmd.spec.workflow {
+            serde_json::Value::String(reference) => self.stored_workflow(&cmd.tenant, reference).await?.0,
+            inline => WorkflowDef::from_value(inline.clone())?,
+        };
+        workflow.resolve_inputs(cmd.spec.inputs.clone())?;
+        let id = Uuid::now_v7();
+        let first_tick = cmd.spec.next_after(chrono::Utc::now());
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().schedule(&cmd.tenant, id),
+            Event::ScheduleCreated(ScheduleCreated { schedule_id: id, spec: cmd.spec, first_tick }),
+        );
+        let seq = self.append_new(&envelope, "schedule").await?;
+        Ok(Created { id: id.to_string(), seq })
+    }
+
+    /// Pauses or resumes a schedule (idempotent).
+    pub async fn toggle_schedule(&self, cmd: ToggleSchedule) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
+        for _ in 0..16 {
+            let events = self.bus.read_subject(&subject, 0).await?;
+            let Some(Event::ScheduleCreated(created)) = events.first().map(|e| e.envelope.event.clone()) else {
+                return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
+            };
+            let paused = events.iter().fold(false, |p, e| match e.envelope.event {
+                Event::SchedulePaused(_) => true,
+                Event::ScheduleResumed(_) => false,
+                _ => p,
+            });
+            let last = events.last().map(|e| e.seq).unwrap_or(0);
+            if paused == cmd.pause {
+                return Ok(Created { id: cmd.schedule_id.to_string(), seq: last });
+            }
+            let event = if cmd.pause {
+                Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })
+            } else {
+                let next_tick = created.spec.next_after(chrono::Utc::now());
+                Event::ScheduleResumed(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick })
+            };
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
+            match self.bus.append(last, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "the schedule is too busy; retry"))
+    }
+
+    /// Starts a rerun of an ended run: its workflow and inputs again, keeping the steps that
+    /// succeeded (with their outputs) except those `from` reruns and everything downstream.
+    /// The earlier run and its history stay as they were.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, run = %cmd.run_id))]
+    pub async fn rerun_run(&self, cmd: RerunRun) -> Reply<RunAccepted> {
+        check_tenant(&cmd.tenant)?;
+        let key = RunKey { tenant: cmd.tenant.clone(), run_id: cmd.run_id };
+        let events = self.bus.read_subject(&self.bus.namespace().run(&key), 0).await?;
+        let Some(Event::RunSubmitted(original)) = events.first().map(|e| e.envelope.event.clone()) else {
+            return Err(Problem::new(ErrorCode::NotFound, "no such run"));
+        };
+        if !events.last().is_some_and(|e| e.envelope.event.is_run_terminal()) {
+            return Err(Problem::new(ErrorCode::Conflict, "the run has not ended; cancel it first or wait"));
+        }
+        // What each step ended with: reused or succeeded steps keep their outcome.
+        let mut succeeded: BTreeMap<String, ReusedStep> = original.reused.clone();
+        for e in &events {
+            if let Event::StepSucceeded(s) = &e.envelope.event {
+                succeeded.insert(s.step.clone(), ReusedStep { from_run: cmd.run_id, outcome: s.outcome.clone() });
+            }
+        }
+        let steps = &original.workflow.steps;
+        let mut rerun: std::collections::HashSet<&str> = match cmd.from.as_str() {
+            "failed" => steps.iter().map(|s| s.id.as_str()).filter(|id| !succeeded.contains_key(*id)).collect(),
+            step if steps.iter().any(|s| s.id == step) => [step].into(),
+            other => return Err(invalid("from", format!("'failed' or a step of the run; '{other}' is neither"))),
+        };
+        if rerun.is_empty() {
+            return Err(Problem::new(ErrorCode::Conflict, "every step succeeded: nothing to rerun from 'failed'"));
+        }
+        // Everything downstream reruns too (steps are in an order where needs come first or
+        // later, so iterate to a fixed point).
+        loop {
+            let before = rerun.len();
+            for s in steps {
+                if s.needs.iter().any(|n| rerun.contains(n.as_str())) {
+                    rerun.insert(&s.id);
+                }
+            }
+            if rerun.len() == before {
+                break;
+            }
+        }
+        let reused: BTreeMap<String, ReusedStep> =
+            succeeded.into_iter().filter(|(id, _)| !rerun.contains(id.as_str())).collect();
+        let run_id = Uuid::now_v7();
+        let new_key = RunKey { tenant: cmd.tenant.clone(), run_id };
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().run(&new_key),
+            Event::RunSubmitted(RunSubmitted {
+                run_id,
+                workflow: original.workflow,
+                inputs: original.inputs,
+                trigger: Trigger::Rerun { run_id: cmd.run_id, from: cmd.from, key_id: cmd.key_id },
+                idempotency_key: None,
+                workflow_version: original.workflow_version,
+                not_before: None,
+                reused,
+            }),
+        );
+        let seq = self.bus.append(0, &envelope).await?;
+        Ok(RunAccepted { run_id, seq, duplicate: false })
+    }
+
+    /// Asks for a run to be cancelled: appends `RunCancelRequested` after the run's last event
+    /// (retrying if the scheduler appends meanwhile). The scheduler does the rest.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, run = %cmd.run_id))]
+    pub async fn cancel_run(&self, cmd: CancelRun) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        if cmd.reason.len() > 1024 {
+            return Err(invalid("reason", "at most 1024 bytes"));
+        }
+        let key = RunKey { tenant: cmd.tenant.clone(), run_id: cmd.run_id };
+        let subject = self.bus.namespace().run(&key);
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            subject.clone(),
+            Event::RunCancelRequested(RunCancelRequested {
+                run_id: cmd.run_id,
+                reason: cmd.reason,
+                key_id: cmd.key_id,
+                timed_out: false,
+            }),
+        );
+        for _ in 0..16 {
+            let last = self.bus.last_seq(&subject).await?;
+            if last == 0 {
+                return Err(Problem::new(ErrorCode::NotFound, "no such run"));
+            }
+            match self.bus.append(last, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.run_id.to_string(), seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "the run is too busy to cancel right now; retry"))
+    }
+
+    /// Creates a tenant; a second creation of the same id is a conflict.
+    pub async fn create_tenant(&self, cmd: CreateTenant) -> Reply<Created> {
+        if !is_token(&cmd.tenant_id) {
+            return Err(invalid("tenant_id", "must be 1 to 64 letters, digits, '_' or '-'"));
+        }
+        let meta = EventMeta::new(&cmd.tenant_id);
+        let envelope = meta.envelope(
+            self.bus.namespace().tenant(&cmd.tenant_id),
+            Event::TenantCreated(TenantCreated { tenant_id: cmd.tenant_id.clone(), name: cmd.name }),
+        );
+        let seq = self.append_new(&envelope, "tenant").await?;
+        Ok(Created { id: cmd.tenant_id, seq })
+    }
+
+    /// Records a new API key (its hash; the caller generated the key).
+    pub async fn create_api_key(&self, cmd: CreateApiKey) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        if cmd.key_hash.len() != 64 || !cmd.key_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid("key_hash", "must be a hex SHA-256"));
+        }
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().api_key(&cmd.tenant, cmd.key_id),
+            Event::ApiKeyCreated(ApiKeyCreated {
+                key_id: cmd.key_id,
+                role: cmd.role,
+                key_hash: cmd.key_hash,
+                prefix: cmd.prefix,
+                name: cmd.name,
+            }),
+        );
+        let seq = self.append_new(&envelope, "API key").await?;
+        Ok(Created { id: cmd.key_id.to_string(), seq })
+    }
+
+    /// Revokes an API key of the tenant (idempotent); another tenant's key is a 404.
+    pub async fn revoke_api_key(&self, cmd: RevokeApiKey) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let subject = self.bus.namespace().api_key(&cmd.tenant, cmd.key_id);
+        let Some(last) = self.bus.last(&subject).await? else {
+            return Err(Problem::new(ErrorCode::NotFound, "no such key"));
+        };
+        if matches!(last.envelope.event, Event::ApiKeyRevoked(_)) {
+            return Ok(Created { id: cmd.key_id.to_string(), seq: last.seq });
+        }
+        let envelope =
+            EventMeta::new(&cmd.tenant).envelope(subject, Event::ApiKeyRevoked(ApiKeyRevoked { key_id: cmd.key_id }));
+        match self.bus.append(last.seq, &envelope).await {
+            Ok(seq) | Err(BusError::Conflict { expected: seq, .. }) => Ok(Created { id: cmd.key_id.to_string(), seq }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Connects a repository: its signed webhooks will start runs of the given workflow.
+    pub async fn create_repo_connection(&self, cmd: CreateRepoConnection) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let workflow = WorkflowDef::from_value(cmd.workflow)?;
+        let valid_repo = cmd.repository.split('/').count() == 2
+            && cmd
+                .repository
+                .split('/')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+        if !valid_repo {
+            return Err(invalid("repository", "must be 'owner/name'"));
+        }
+        if cmd.branches.len() > 100 || cmd.branches.iter().any(|b| b.is_empty() || b.len() > 255) {
+            return Err(invalid("branches", "at most 100 non-empty patterns"));
+        }
+        let id = Uuid::now_v7();
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().repo_connection(&cmd.tenant, id),
+            Event::RepoConnectionCreated(RepoConnectionCreated {
+                connection_id: id,
+                forge: cmd.forge,
+                repository: cmd.repository,
+                secret: cmd.secret,
+                branches: cmd.branches,
+                workflow,
+            }),
+        );
+        let seq = self.append_new(&envelope, "repository connection").await?;
+        Ok(Created { id: id.to_string(), seq })
+    }
+
+    /// Registers an outbound webhook endpoint and generates its signing secret.
+    pub async fn create_webhook_endpoint(&self, cmd: CreateWebhookEndpoint) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let uri: http::Uri = cmd.url.parse().map_err(|_| invalid("url", "not a URL"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() || cmd.url.len() > 2048 {
+            return Err(invalid("url", "must be an http or https URL with a host"));
+        }
+        const TYPES: &[&str] = &["run.succeeded", "run.failed", "run.cancelled", "run.timed_out"];
+        if let Some(bad) = cmd.event_types.iter().find(|t| !TYPES.contains(&t.as_str())) {
+            return Err(invalid("event_types", format!("unknown event type '{bad}'; known: {}", TYPES.join(", "))));
+        }
+        let id = Uuid::now_v7();
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().webhook_endpoint(&cmd.tenant, id),
+            Event::WebhookEndpointCreated(WebhookEndpointCreated {
+                endpoint_id: id,
+                url: cmd.url,
+                secret: cmd.secret,
+                event_types: cmd.event_types,
+            }),
+        );
+        let seq = self.append_new(&envelope, "webhook endpoint").await?;
+        Ok(Created { id: id.to_string(), seq })
+    }
+
+    async fn append_new(&self, envelope: &taskmesh_events::Envelope, what: &str) -> Reply<u64> {
+        match self.bus.append(0, envelope).await {
+            Ok(seq) => Ok(seq),
+            Err(BusError::Conflict { .. }) => {
+                Err(Problem::new(ErrorCode::Conflict, format!("that {what} exists already")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Serves every ingest command until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ns = self.bus.namespace().clone();
+        let bus = self.bus.clone();
+        let s = || shutdown.clone().cancelled_owned();
+        macro_rules! serve {
+            ($cmd:literal, $method:ident) => {{
+                let me = self.clone();
+                taskmesh_bus::serve(&bus, ns.ingest_command($cmd), "ingest", 64, s(), move |_, req| {
+                    let me = me.clone();
+                    async move { me.$method(req).await }
+                })
+            }};
+        }
+        tokio::try_join!(
+            serve!("submit_run", submit_run),
+            serve!("cancel_run", cancel_run),
+            serve!("rerun_run", rerun_run),
+            serve!("store_workflow", store_workflow),
+            serve!("create_schedule", create_schedule),
+            serve!("set_secret", set_secret),
+            serve!("delete_secret", delete_secret),
+            serve!("toggle_schedule", toggle_schedule),
+            serve!("create_tenant", create_tenant),
+            serve!("create_api_key", create_api_key),
+            serve!("revoke_api_key", revoke_api_key),
+            serve!("create_repo_connection", create_repo_connection),
+            serve!("create_webhook_endpoint", create_webhook_endpoint),
+        )?;
+        Ok(())
+    }
+}
+
+/// Sends ingest commands: what the gateway, git-integration and the CLI use.
+#[derive(Clone)]
+pub struct IngestClient {
+    bus: Bus,
+}
+
+impl IngestClient {
+    pub fn new(bus: Bus) -> Self {
+        Self { bus }
+    }
+
+    fn call<Req: serde::Serialize + Sync, Resp: serde::de::DeserializeOwned>(
+        &self,
+        command: &'static str,
+        req: &Req,
+    ) -> impl Future<Output = Reply<Resp>> {
+        let subject = self.bus.namespace().ingest_command(command);
+        let bus = self.bus.clone();
+        let body = serde_json::to_value(req);
+        async move {
+            let body = body.map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
+            bus.request(subject, &body).await.map_err(Problem::from)
+        }
+    }
+
+    pub async fn submit_run(&self, cmd: &SubmitRun) -> Reply<RunAccepted> {
+        self.call("submit_run", cmd).await
+    }
+    pub async fn cancel_run(&self, cmd: &CancelRun) -> Reply<Created> {
+        self.call("cancel_run", cmd).await
+    }
+    pub async fn rerun_run(&self, cmd: &RerunRun) -> Reply<RunAccepted> {
+        self.call("rerun_run", cmd).await
+    }
+    pub async fn store_workflow(&self, cmd: &StoreWorkflow) -> Reply<WorkflowStored> {
+        self.call("store_workflow", cmd).await
+    }
+    pub async fn create_schedule(&self, cmd: &CreateSchedule) -> Reply<Created> {
+        self.call("create_schedule", cmd).await
+    }
+    pub async fn set_secret(&self, cmd: &SetSecret) -> Reply<Created> {
+        self.call("set_secret", cmd).await
+    }
+    pub async fn delete_secret(&self, cmd: &DeleteSecret) -> Reply<Created> {
+        self.call("delete_secret", cmd).await
+    }
+    pub async fn toggle_schedule(&self, cmd: &ToggleSchedule) -> Reply<Created> {
+        self.call("toggle_schedule", cmd).await
+    }
+    pub async fn create_tenant(&self, cmd: &CreateTenant) -> Reply<Created> {
+        self.call("create_tenant", cmd).await
+    }
+    pub async fn create_api_key(&self, cmd: &CreateApiKey) -> Reply<Created> {
+        self.call("create_api_key", cmd).await
+    }
+    pub async fn create_repo_connection(&self, cmd: &CreateRepoConnection) -> Reply<Created> {
+        self.call("create_repo_connection", cmd).await
+    }
+    pub async fn revoke_api_key(&self, cmd: &RevokeApiKey) -> Reply<Created> {
+        self.call("revoke_api_key", cmd).await
+    }
+    pub async fn create_webhook_endpoint(&self, cmd: &CreateWebhookEndpoint) -> Reply<Created> {
+        self.call("create_webhook_endpoint", cmd).await
+    }
+}
+
+/// The run id for an idempotency key: a UUID v8 from SHA-256 of the tenant and the key.
+pub fn idempotent_run_id(tenant: &str, key: &str) -> Uuid {
+    let digest = hmac_sha256::Hash::hash(format!("{tenant}\n{key}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::new_v8(bytes)
+}
+
+/// Generates an API key: `tm_` + 43 url-safe base64 characters (256 bits). Returns the key, its
+/// SHA-256 hex (all that is ever stored) and a display prefix.
+pub fn generate_api_key() -> (String, String, String) {
+    let key = format!("tm_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()));
+    let hash = hash_api_key(&key);
+    let prefix = key[..10].to_string();
+    (key, hash, prefix)
+}
+
+/// The stored form of an API key.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(hmac_sha256::Hash::hash(key.as_bytes()))
+}

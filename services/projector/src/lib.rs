@@ -1,0 +1,169 @@
+//! The projector: turns the event log into the Postgres read models the gateway serves.
+//!
+//! It reads `{ns}.evt.>` in stream order through the durable pull consumer `projector`, and
+//! applies each batch in one transaction together with its checkpoint (the last stream
+//! sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
+//! applied twice; after a crash the consumer is recreated at the checkpoint, so nothing is
+//! missed. Rows are written only from what events say (their timestamps included), so
+//! replaying the log from sequence 1 rebuilds the same rows: see [`Projector::rebuild`].
+//!
+//! One projector runs per mesh (it owns the consumer's position).
+//!
+//! # Layout
+//! - [`apply`]: one event → SQL.
+//! - this file: [`Projector`]: the consume loop, checkpoints, rebuild.
+
+pub mod apply;
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use futures::StreamExt;
+use sqlx::PgPool;
+use taskmesh_bus::{Bus, Stored};
+use tokio_util::sync::CancellationToken;
+
+/// The durable consumer and the checkpoint's name.
+pub const NAME: &str = "projector";
+/// Most events applied in one transaction.
+const BATCH: usize = 512;
+
+/// The projector.
+#[derive(Clone)]
+pub struct Projector {
+    bus: Bus,
+    pool: PgPool,
+}
+
+impl Projector {
+    pub fn new(bus: Bus, pool: PgPool) -> Self {
+        Self { bus, pool }
+    }
+
+    /// (Re)creates the consumer so that it delivers from the checkpoint on.
+    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
+        let checkpoint = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
+        let ns = self.bus.namespace();
+        let stream = self.bus.jetstream().get_stream(ns.events_stream()).await?;
+        let _ = stream.delete_consumer(NAME).await;
+        let deliver_policy = if checkpoint == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence { start_sequence: checkpoint + 1 }
+        };
+        let consumer = self
+            .bus
+            .durable(
+                &ns.events_stream(),
+                NAME,
+                PullConfig {
+                    filter_subject: ns.events_all(),
+                    deliver_policy,
+                    ack_policy: AckPolicy::All,
+                    ack_wait: Duration::from_secs(60),
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        tracing::info!(checkpoint, "projector consuming");
+        Ok(consumer)
+    }
+
+    /// Projects until `shutdown` is cancelled. Any failure restarts from the checkpoint.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.project(&shutdown).await {
+                tracing::warn!(error = %e, "projector restarting from its checkpoint");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn project(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let consumer = self.consumer().await?;
+        let checkpoint = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
+        let mut stream = self.bus.jetstream().get_stream(self.bus.namespace().events_stream()).await?;
+        let first = stream.info().await?.state.first_sequence;
+        if first > checkpoint + 1 && checkpoint > 0 {
+            tracing::error!(
+                checkpoint,
+                first,
+                "events after the checkpoint have expired from the stream; the read models miss them (rebuild to start over)"
+            );
+        }
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("pulling events: {e}"))?;
+        // The stream holds only event subjects, so sequences are contiguous: a jump means a
+        // message was lost in flight, and applying past it would skip it for good.
+        let mut expected: Option<u64> = Some((checkpoint + 1).max(first));
+        loop {
+            let mut events = Vec::new();
+            let mut last = None;
+            while events.len() < BATCH {
+                // Wait for the first event; then take what arrives within a moment.
+                let next = if events.is_empty() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        n = messages.next() => n,
+                    }
+                } else {
+                    match tokio::time::timeout(Duration::from_millis(2), messages.next()).await {
+                        Ok(n) => n,
+                        Err(_) => break,
+                    }
+                };
+                let msg = next
+                    .ok_or_else(|| anyhow::anyhow!("event stream ended"))?
+                    .map_err(|e| anyhow::anyhow!("pulling events: {e}"))?;
+                let stored = taskmesh_bus::decode(&msg)?;
+                if let Some(want) = expected
+                    && stored.seq > want
+                {
+                    anyhow::bail!("gap in the event stream: expected sequence {want}, got {}", stored.seq);
+                }
+                if expected.is_none_or(|want| stored.seq == want) {
+                    expected = Some(stored.seq + 1);
+                }
+                events.push(stored);
+                last = Some(msg);
+            }
+            let Some(last) = last else { continue };
+            self.apply_batch(&events).await?;
+            last.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
+        }
+    }
+
+    /// Applies events in one transaction with the checkpoint; skips what was applied already.
+    pub async fn apply_batch(&self, events: &[Stored]) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
+        for stored in events {
+            if stored.seq <= checkpoint {
+                continue;
+            }
+            apply::apply(&mut tx, stored).await?;
+            checkpoint = stored.seq;
+        }
+        taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Empties the read models and resets the checkpoint: the next [`Projector::run`] replays
+    /// the whole log. Stop the running projector first.
+    pub async fn rebuild(pool: &PgPool) -> anyhow::Result<()> {
+        taskmesh_store::reset_read_models(pool, NAME).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,498 @@
+//! The scheduler: runs' state machines. It reacts to run events (a durable pull consumer on
+//! `{ns}.evt.*.run.*`), decides what follows (dispatch ready steps, skip blocked ones, finish
+//! runs), grants executors their leases and records their results.
+//!
+//! Every decision is appended with expected-last-subject-sequence on the run's subject, so
+//! several scheduler replicas can share the work: a replica that decided on a stale view gets a
+//! conflict, reloads the run from the log and decides again. The state kept in memory is only a
+//! cache of what the log says; a restarted scheduler rebuilds it from the log.
+//!
+//! # Layout
+//! - [`state`]: the run aggregate (`apply`, `decide`, `lease`, `report`).
+//! - `schedules`: cron schedules: arming ticks, handling each exactly once.
+//! - this file: [`Scheduler`]: the cache, the reactor loop and the command handlers.
+
+mod schedules;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{AckKind, Message};
+use taskmesh_bus::{Bus, BusError, Stored};
+use taskmesh_config::SchedulerSettings;
+use taskmesh_events::command::{
+    CancelSignal, Dispatch, LeaseDecision, LeaseRequest, ReportAck, ResultReport, Timer, TimerKind,
+};
+use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use state::RunState;
+
+/// The durable consumer the scheduler replicas share.
+pub const CONSUMER: &str = "scheduler";
+/// The durable consumer of schedule events.
+pub const SCHEDULES: &str = "schedules";
+/// The durable consumer of the timers queue.
+pub const TIMERS: &str = "timers";
+/// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
+pub(crate) const MAX_CONFLICTS: usize = 16;
+
+/// A scheduler replica.
+#[derive(Clone)]
+pub struct Scheduler {
+    bus: Bus,
+    settings: SchedulerSettings,
+    core: Arc<Mutex<Core>>,
+}
+
+struct Core {
+    runs: HashMap<RunKey, RunState>,
+    /// Dispatches this process has enqueued, so the reactor does not enqueue them again.
+    enqueued: HashSet<(RunKey, String, u32)>,
+}
+
+impl Scheduler {
+    pub fn new(bus: Bus, settings: SchedulerSettings) -> Self {
+        let core = Core { runs: HashMap::new(), enqueued: HashSet::new() };
+        Self { bus, settings, core: Arc::new(Mutex::new(core)) }
+    }
+
+    /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ns = self.bus.namespace().clone();
+        let lease = {
+            let me = self.clone();
+            taskmesh_bus::serve(
+                &self.bus,
+                ns.scheduler_command("lease"),
+                "scheduler",
+                64,
+                shutdown.clone().cancelled_owned(),
+                move |_, req: LeaseRequest| {
+                    let me = me.clone();
+                    async move { me.lease(req).await }
+                },
+            )
+        };
+        let report = {
+            let me = self.clone();
+            taskmesh_bus::serve(
+                &self.bus,
+                ns.scheduler_command("report"),
+                "scheduler",
+                64,
+                shutdown.clone().cancelled_owned(),
+                move |_, req: ResultReport| {
+                    let me = me.clone();
+                    async move { me.report(req).await }
+                },
+            )
+        };
+        let reactor = self.clone().react(shutdown.clone());
+        let timers = self.clone().timers(shutdown.clone());
+        let schedules = self.clone().schedules(shutdown.clone());
+        tokio::try_join!(
+            async { lease.await.map_err(anyhow::Error::from) },
+            async { report.await.map_err(anyhow::Error::from) },
+            reactor,
+            timers,
+            schedules
+        )?;
+        Ok(())
+    }
+
+    /// Consumes run events and acts on them, acking each only once its consequences are in
+    /// the log. The consumer delivers from the log's start when first created, so runs
+    /// submitted before any scheduler ever ran are scheduled too.
+    async fn react(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ns = self.bus.namespace();
+        let config = PullConfig {
+            filter_subject: ns.runs_all(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(self.settings.event_ack_wait_secs.max(1)),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        let me = &self;
+        taskmesh_bus::consume(
+            &self.bus,
+            &ns.events_stream(),
+            CONSUMER,
+            config,
+            64,
+            shutdown.cancelled(),
+            |msg| async move { me.on_message(&msg).await },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Consumes the timers queue: a timer not yet due is handed back with a nak delayed until
+    /// it is; a due one is acted on, then acked.
+    async fn timers(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ns = self.bus.namespace();
+        let config = PullConfig {
+            filter_subject: ns.timers_all(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            ..Default::default()
+        };
+        let me = &self;
+        taskmesh_bus::consume(
+            &self.bus,
+            &ns.timers_stream(),
+            TIMERS,
+            config,
+            256,
+            shutdown.cancelled(),
+            |msg| async move { me.on_timer(&msg).await },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Arms timers for created and resumed schedules (consumer `schedules`, from the log's start).
+    async fn schedules(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ns = self.bus.namespace();
+        let config = PullConfig {
+            filter_subject: ns.schedules_all(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let me = &self;
+        taskmesh_bus::consume(
+            &self.bus,
+            &ns.events_stream(),
+            SCHEDULES,
+            config,
+            64,
+            shutdown.cancelled(),
+            |msg| async move { me.on_schedule_message(&msg).await },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// A timer not yet due goes back with a nak delayed until it is; a due one is fired.
+    async fn on_timer(&self, msg: &Message) -> AckKind {
+        let timer = match serde_json::from_slice::<Timer>(&msg.payload) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable timer; terminating it");
+                return AckKind::Term;
+            }
+        };
+        if let Ok(wait) = (timer.due - chrono::Utc::now()).to_std()
+            && wait > Duration::from_millis(5)
+        {
+            return AckKind::Nak(Some(wait));
+        }
+        match self.fire(&timer).await {
+            Ok(()) => AckKind::Ack,
+            Err(p) if p.code == ErrorCode::NotFound => AckKind::Term,
+            Err(p) => {
+                tracing::warn!(problem = %p, "timer failed; retrying");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
+        }
+    }
+
+    async fn on_schedule_message(&self, msg: &Message) -> AckKind {
+        let stored = match taskmesh_bus::decode(msg) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable schedule event; terminating it");
+                return AckKind::Term;
+            }
+        };
+        match self.on_schedule_event(&stored).await {
+            Ok(()) => AckKind::Ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "arming a schedule failed; retrying");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
+        }
+    }
+
+    async fn fire(&self, timer: &Timer) -> Result<(), Problem> {
+        match &timer.kind {
+            TimerKind::RunTimeout { run_id } => {
+                let key = RunKey { tenant: timer.tenant.clone(), run_id: *run_id };
+                self.command(&key, RunState::time_out).await
+            }
+            TimerKind::ScheduleTick { schedule_id, tick } => self.tick(&timer.tenant, *schedule_id, *tick).await,
+        }
+    }
+
+    /// Handles one delivered run event; says how to ack it.
+    async fn on_message(&self, msg: &Message) -> AckKind {
+        let stored = match taskmesh_bus::decode(msg) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable event; terminating it");
+                return AckKind::Term;
+            }
+        };
+        let span = tracing::info_span!("react", seq = stored.seq, r#type = stored.envelope.type_name());
+        taskmesh_telemetry::set_parent(&span, stored.envelope.traceparent.as_deref());
+        match self.on_event(stored).instrument(span).await {
+            Ok(()) => AckKind::Ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not process event; it will be redelivered");
+                AckKind::Nak(Some(Duration::from_millis(500)))
+            }
+        }
+    }
+
+    /// Applies one delivered event and appends whatever follows from it.
+    pub async fn on_event(&self, stored: Stored) -> Result<(), BusError> {
+        let ns = self.bus.namespace();
+        let Some(key) = ns.parse_run(&stored.envelope.subject) else { return Ok(()) };
+        let mut core = self.core.lock().await;
+        let Some(state) = core.ensure(&self.bus, &key, Some(&stored)).await? else {
+            tracing::warn!(subject = %stored.envelope.subject, "events for a run with no RunSubmitted");
+            return Ok(());
+        };
+        let meta = EventMeta::caused_by(&stored.envelope);
+        match &stored.envelope.event {
+            Event::RunSubmitted(submitted) if !state.is_finished() => {
+                if let Some(secs) = submitted.workflow.timeout_seconds {
+                    let timer = Timer {
+                        tenant: key.tenant.clone(),
+                        due: stored.envelope.occurred_at + chrono::Duration::seconds(secs as i64),
+                        kind: TimerKind::RunTimeout { run_id: key.run_id },
+                    };
+                    let ns = self.bus.namespace();
+                    self.bus.enqueue(ns.timer(&key.tenant), &format!("timeout:{}", key.run_id), &timer, None).await?;
+                }
+            }
+            Event::StepDispatched(d) => {
+                let still = state
+                    .step(&d.step)
+                    .is_some_and(|s| s.phase == state::StepPhase::Dispatched && s.dispatch == d.dispatch);
+                if still {
+                    self.enqueue(&mut core, &key, d, &meta).await?;
+                }
+            }
+            // Running steps are killed where they run; their executors report them cancelled.
+            Event::RunCancelRequested(_) if !state.is_finished() => {
+                let signal = CancelSignal { tenant: key.tenant.clone(), run_id: key.run_id };
+                let body = serde_json::to_vec(&signal).expect("serialises");
+                if let Err(e) = self.bus.client().publish(self.bus.namespace().cancel_signals(), body.into()).await {
+                    tracing::warn!(error = %e, "could not signal executors to cancel");
+                }
+            }
+            _ => {}
+        }
+        self.decide_and_append(&mut core, &key, &meta).await?;
+        core.evict(self.settings.cache_runs);
+        Ok(())
+    }
+
+    /// Decides on the run's current state and appends the decisions, retrying on conflicts.
+    async fn decide_and_append(&self, core: &mut Core, key: &RunKey, meta: &EventMeta) -> Result<(), BusError> {
+        for _ in 0..MAX_CONFLICTS {
+            let Some(state) = core.runs.get(key) else { return Ok(()) };
+            let events = state.decide();
+            if events.is_empty() {
+                return Ok(());
+            }
+            match self.commit(core, key, events, meta).await {
+                Ok(appended) => {
+                    for d in appended.iter().filter_map(|e| match e {
+                        Event::StepDispatched(d) => Some(d),
+                        _ => None,
+                    }) {
+                        self.enqueue(core, key, d, meta).await?;
+                    }
+                }
+                Err(BusError::Conflict { .. }) => core.refresh(&self.bus, key).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(BusError::Nats(format!("gave up deciding {key:?} after {MAX_CONFLICTS} conflicts")))
+    }
+
+    /// Appends `events` after the state's last sequence and applies them to the cache.
+    /// Returns the events appended.
+    async fn commit(
+        &self,
+        core: &mut Core,
+        key: &RunKey,
+        events: Vec<Event>,
+        meta: &EventMeta,
+    ) -> Result<Vec<Event>, BusError> {
+        let state = core.runs.get_mut(key).expect("committing to a cached run");
+        let subject = self.bus.namespace().run(key);
+        let mut seq = state.last_seq;
+        for (i, event) in events.iter().enumerate() {
+            let envelope = meta.envelope(subject.clone(), event.clone());
+            match self.bus.append(seq, &envelope).await {
+                Ok(s) => {
+                    state.apply(s, event);
+                    seq = s;
+                }
+                Err(e) if i == 0 => return Err(e),
+                // A later event conflicting means someone else appended meanwhile: what was
+                // appended stands; the rest is decided again on a fresh view.
+                Err(BusError::Conflict { .. }) => {
+                    core.refresh(&self.bus, key).await?;
+                    return Ok(events[..i].to_vec());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(events)
+    }
+
+    async fn enqueue(
+        &self,
+        core: &mut Core,
+        key: &RunKey,
+        d: &StepDispatched,
+        meta: &EventMeta,
+    ) -> Result<(), BusError> {
+        let marker = (key.clone(), d.step.clone(), d.dispatch);
+        if core.enqueued.contains(&marker) {
+            return Ok(());
+        }
+        let state = core.runs.get(key).expect("enqueueing for a cached run");
+        let Some(i) = state.workflow.steps.iter().position(|s| s.id == d.step) else { return Ok(()) };
+        // Templates were checked when the step was dispatched; they render the same now.
+        let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
+        let body = Dispatch {
+            tenant: key.tenant.clone(),
+            run_id: key.run_id,
+            dispatch: d.dispatch,
+            step,
+            not_before: d.not_before,
+            traceparent: meta.traceparent.clone(),
+        };
+        let ns = self.bus.namespace();
+        let msg_id = format!("{}:{}:{}", key.run_id, d.step, d.dispatch);
+        self.bus.enqueue(ns.dispatch(&key.tenant), &msg_id, &body, meta.traceparent.as_deref()).await?;
+        core.enqueued.insert(marker);
+        Ok(())
+    }
+
+    /// Grants or denies an executor's lease on a step.
+    #[tracing::instrument(skip_all, fields(run = %req.run_id, step = %req.step, delivery = req.lease.delivery))]
+    pub async fn lease(&self, req: LeaseRequest) -> Result<LeaseDecision, Problem> {
+        let key = RunKey { tenant: req.tenant.clone(), run_id: req.run_id };
+        let max_lost = self.settings.max_lost_attempts;
+        self.command(&key, |state| state.lease(&req.step, req.lease, &req.executor, max_lost)).await
+    }
+
+    /// Records an executor's result if it holds the step's current lease.
+    #[tracing::instrument(skip_all, fields(run = %req.run_id, step = %req.step))]
+    pub async fn report(&self, req: ResultReport) -> Result<ReportAck, Problem> {
+        let key = RunKey { tenant: req.tenant.clone(), run_id: req.run_id };
+        self.command(&key, |state| state.report(&req)).await
+    }
+
+    /// Runs a command against the freshest state, appends its events (retrying on conflict),
+    /// then decides what follows so the next steps go out without waiting for the reactor.
+    async fn command<R>(&self, key: &RunKey, decide: impl Fn(&RunState) -> (R, Vec<Event>)) -> Result<R, Problem> {
+        let mut core = self.core.lock().await;
+        if core.ensure(&self.bus, key, None).await?.is_none() {
+            return Err(Problem::new(ErrorCode::NotFound, "no such run"));
+        }
+        let meta = {
+            let state = core.runs.get(key).expect("ensured");
+            let mut meta = EventMeta::new(&key.tenant).with_traceparent(state.traceparent.clone());
+            meta.correlation_id = state.correlation_id.unwrap_or(meta.correlation_id);
+            meta
+        };
+        for _ in 0..MAX_CONFLICTS {
+            core.refresh(&self.bus, key).await?;
+            let (reply, events) = decide(core.runs.get(key).expect("ensured"));
+            if events.is_empty() {
+                return Ok(reply);
+            }
+            let wanted = events.len();
+            match self.commit(&mut core, key, events, &meta).await {
+                // The reply stands only if its whole decision is in the log; a partial append
+                // (someone appended in between) is decided again on the fresh state.
+                Ok(appended) if appended.len() == wanted => {
+                    // What follows is decided here to save a hop; if it fails, the reactor
+                    // decides it when it sees these events. The command itself succeeded.
+                    if let Err(e) = self.decide_and_append(&mut core, key, &meta).await {
+                        tracing::warn!(error = %e, "follow-up decision deferred to the reactor");
+                    }
+                    return Ok(reply);
+                }
+                Ok(_) | Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "too much contention on this run; retry"))
+    }
+}
+
+impl Core {
+    /// The run's state, loading it from the log when not cached, and catching up when `next`
+    /// shows events were missed (another replica may have appended them).
+    async fn ensure(
+        &mut self,
+        bus: &Bus,
+        key: &RunKey,
+        next: Option<&Stored>,
+    ) -> Result<Option<&mut RunState>, BusError> {
+        if !self.runs.contains_key(key) {
+            let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
+            let Some(first) = events.first() else { return Ok(None) };
+            let Some(mut state) = RunState::from_submitted(key.clone(), first.seq, &first.envelope.event) else {
+                return Ok(None);
+            };
+            state.correlation_id = Some(first.envelope.correlation_id);
+            state.traceparent = first.envelope.traceparent.clone();
+            for e in &events[1..] {
+                state.apply(e.seq, &e.envelope.event);
+            }
+            self.runs.insert(key.clone(), state);
+        } else if let Some(next) = next {
+            let last = self.runs[key].last_seq;
+            if next.seq > last {
+                if next.prev == Some(last) {
+                    self.runs.get_mut(key).expect("present").apply(next.seq, &next.envelope.event);
+                } else {
+                    self.refresh(bus, key).await?;
+                }
+            }
+        }
+        Ok(self.runs.get_mut(key))
+    }
+
+    /// Applies whatever the log has for the run beyond the cached state.
+    async fn refresh(&mut self, bus: &Bus, key: &RunKey) -> Result<(), BusError> {
+        let Some(state) = self.runs.get_mut(key) else { return Ok(()) };
+        for e in bus.read_subject(&bus.namespace().run(key), state.last_seq).await? {
+            state.apply(e.seq, &e.envelope.event);
+        }
+        Ok(())
+    }
+
+    /// Keeps the cache bounded: finished runs go first, then any.
+    fn evict(&mut self, cap: usize) {
+        if self.runs.len() <= cap {
+            return;
+        }
+        self.runs.retain(|_, s| !s.is_finished());
+        let cached: HashSet<&RunKey> = self.runs.keys().collect();
+        self.enqueued.retain(|(k, _, _)| cached.contains(k));
+        while self.runs.len() > cap {
+            let Some(k) = self.runs.keys().next().cloned() else { break };
+            self.runs.remove(&k);
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Schedules: arming their ticks as timers, and handling each due tick exactly once.
+//!
+//! A tick is recorded as `ScheduleTicked` on the schedule's subject with the expected last
+//! sequence, so of two replicas handling the same tick one wins and the other re-reads and finds
+//! it done. The tick's run has an id derived from `schedule:{id}:{tick}`, so starting it again
+//! after a crash finds it started. Ticks missed while no scheduler ran are fired or skipped by
+//! the catch-up policy.
+
+use chrono::{DateTime, Utc};
+use taskmesh_bus::{BusError, Stored};
+use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
+use taskmesh_events::schedule::{Overlap, ScheduleSpec};
+use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleTicked, Trigger};
+use uuid::Uuid;
+
+use crate::{MAX_CONFLICTS, Scheduler};
+
+/// A schedule's state, folded from its events.
+struct ScheduleState {
+    spec: ScheduleSpec,
+    paused: bool,
+    last_tick: Option<DateTime<Utc>>,
+    last_run: Option<Uuid>,
+    last_seq: u64,
+}
+
+fn fold(events: &[Stored]) -> Option<ScheduleState> {
+    let Event::ScheduleCreated(created) = &events.first()?.envelope.event else { return None };
+    let mut state =
+        ScheduleState { spec: created.spec.clone(), paused: false, last_tick: None, last_run: None, last_seq: 0 };
+    for e in events {
+        state.last_seq = e.seq;
+        match &e.envelope.event {
+            Event::SchedulePaused(_) => state.paused = true,
+            Event::ScheduleResumed(_) => state.paused = false,
+            Event::ScheduleTicked(t) => {
+                state.last_tick = Some(t.tick);
+                if t.run_id.is_some() {
+                    state.last_run = t.run_id;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(state)
+}
+
+fn idempotency_key(schedule_id: Uuid, tick: DateTime<Utc>) -> String {
+    format!("schedule:{schedule_id}:{}", tick.to_rfc3339())
+}
+
+impl Scheduler {
+    /// Puts a schedule's tick on the timers queue (deduplicated per tick).
+    pub(crate) async fn arm(&self, tenant: &str, schedule_id: Uuid, tick: DateTime<Utc>) -> Result<(), BusError> {
+        let timer =
+            Timer { tenant: tenant.to_string(), due: tick, kind: TimerKind::ScheduleTick { schedule_id, tick } };
+        let ns = self.bus.namespace();
+        let msg_id = format!("tick:{schedule_id}:{}", tick.to_rfc3339());
+        self.bus.enqueue(ns.timer(tenant), &msg_id, &timer, None).await.map(|_| ())
+    }
+
+    /// Arms the first tick of a created schedule, and the next one of a resumed schedule.
+    pub(crate) async fn on_schedule_event(&self, stored: &Stored) -> Result<(), BusError> {
+        let (id, tick) = match &stored.envelope.event {
+            Event::ScheduleCreated(c) => (c.schedule_id, c.first_tick),
+            Event::ScheduleResumed(r) => (r.schedule_id, r.next_tick),
+            _ => return Ok(()),
+        };
+        match tick {
+            Some(tick) => self.arm(&stored.envelope.tenant, id, tick).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Handles a due tick of a schedule, and any ticks missed before it, exactly once.
+    pub(crate) async fn tick(&self, tenant: &str, schedule_id: Uuid, tick: DateTime<Utc>) -> Result<(), Problem> {
+        let subject = self.bus.namespace().schedule(tenant, schedule_id);
+        for _ in 0..MAX_CONFLICTS {
+            let events = self.bus.read_subject(&subject, 0).await?;
+            let state = fold(&events).ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))?;
+            if state.paused {
+                return Ok(()); // resuming arms the next tick
+            }
+            let now = Utc::now();
+            // Ticks after the last one handled, from this timer's on.
+            let from = match state.last_tick {
+                Some(last) if last >= tick => state.spec.next_after(last),
+                _ => Some(tick),
+            };
+            let (fire, last_due) = from.map(|f| state.spec.due(f, now)).unwrap_or_default();
+            let Some(last_due) = last_due else {
+                // Nothing new is due: this timer was a duplicate. Make sure the last tick's run
+                // exists (a crash may have come between recording and starting it) and that the
+                // next tick is armed.
+                if let (Some(last), Some(_)) = (state.last_tick, state.last_run) {
+                    self.start_run(tenant, schedule_id, &state.spec, last).await?;
+                }
+                if let Some(next) = from {
+                    self.arm(tenant, schedule_id, next).await?;
+                }
+                return Ok(());
+            };
+            let mut decided = Vec::new();
+            let mut cancels = Vec::new();
+            let mut starts = Vec::new();
+            let mut previous = state.last_run;
+            if fire.is_empty() {
+                decided.push(ScheduleTicked {
+                    schedule_id,
+                    tick: last_due,
+                    run_id: None,
+                    skipped: Some("missed while no scheduler was running (catch_up: none)".into()),
+                });
+            }
+            for t in fire {
+                let active = match previous {
+                    Some(run) => self.run_active(tenant, run).await?,
+                    None => false,
+                };
+                if active && state.spec.overlap == Overlap::Skip {
+                    decided.push(ScheduleTicked {
+                        schedule_id,
+                        tick: t,
+                        run_id: None,
+                        skipped: Some("the previous run is still running".into()),
+                    });
+                    continue;
+                }
+                if active && state.spec.overlap == Overlap::CancelPrevious {
+                    cancels.extend(previous);
+                }
+                let run_id = taskmesh_ingest::idempotent_run_id(tenant, &idempotency_key(schedule_id, t));
+                decided.push(ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None });
+                starts.push(t);
+                previous = Some(run_id);
+            }
+            let meta = EventMeta::new(tenant);
+            let mut seq = state.last_seq;
+            let mut lost_race = false;
+            for ticked in decided {
+                let envelope = meta.envelope(subject.clone(), Event::ScheduleTicked(ticked));
+                match self.bus.append(seq, &envelope).await {
+                    Ok(s) => seq = s,
+                    Err(BusError::Conflict { .. }) => {
+                        lost_race = true;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if lost_race {
+                continue; // another replica moved the schedule on: decide again on the fresh log
+            }
+            let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
+            for run_id in cancels {
+                let reason = "a newer run of its schedule started (overlap: cancel_previous)".to_string();
+                ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
+            }
+            for t in starts {
+                self.start_run(tenant, schedule_id, &state.spec, t).await?;
+            }
+            if let Some(next) = state.spec.next_after(last_due.max(now)) {
+                self.arm(tenant, schedule_id, next).await?;
+            }
+            return Ok(());
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "too much contention on this schedule; retry"))
+    }
+
+    /// Starts (or finds started) the run of one tick.
+    async fn start_run(
+        &self,
+        tenant: &str,
+        schedule_id: Uuid,
+        spec: &ScheduleSpec,
+        tick: DateTime<Utc>,
+    ) -> Result<(), Problem> {
+        let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
+        ingest
+            .submit_run(&SubmitRun {
+                tenant: tenant.to_string(),
+                workflow: spec.workflow.clone(),
+                inputs: spec.inputs.clone(),
+                trigger: Trigger::Schedule { schedule_id, tick },
+                idempotency_key: Some(idempotency_key(schedule_id, tick)),
+                traceparent: None,
+                not_before: None,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether a run has not ended yet.
+    async fn run_active(&self, tenant: &str, run_id: Uuid) -> Result<bool, BusError> {
+        let subject = self.bus.namespace().run(&RunKey { tenant: tenant.to_string(), run_id });
+        Ok(self.bus.last(&subject).await?.is_some_and(|s| !s.envelope.event.is_run_terminal()))
+    }
+}

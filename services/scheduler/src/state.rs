@@ -1,0 +1,685 @@
+//! The run aggregate: state folded from a run's events ([`RunState::apply`], no decisions) and
+//! the decisions taken on it ([`RunState::decide`], [`RunState::lease`], [`RunState::report`]).
+//!
+//! Final status rules: a run past its `timeout_seconds` ends `timed_out`; a run whose
+//! cancellation was asked for ends `cancelled`; otherwise a
+//! run with a failed (or timed-out) step that does not `continue_on_error` ends `failed`;
+//! otherwise `succeeded`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use taskmesh_events::command::{Lease, LeaseDecision, ReportAck, ResultReport};
+use taskmesh_events::expr::Scope;
+use taskmesh_events::workflow::{StepDef, WorkflowDef};
+use taskmesh_events::{
+    Event, RunFinished, RunKey, RunStarted, StepAttemptFailed, StepAttemptLost, StepCancelled, StepDispatched,
+    StepFailed, StepOutcome, StepSkipped, StepStarted, StepSucceeded,
+};
+
+/// Where a step is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    /// Waiting for the steps it needs.
+    Pending,
+    /// On the dispatch queue, not yet started.
+    Dispatched,
+    Running,
+    /// An attempt failed; the next dispatch is due at `retry_at`.
+    Retrying,
+    Succeeded,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl StepPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped | StepPhase::Cancelled)
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            StepPhase::Pending | StepPhase::Dispatched | StepPhase::Retrying => "queued",
+            StepPhase::Running => "running",
+            StepPhase::Succeeded => "succeeded",
+            StepPhase::Failed => "failed",
+            StepPhase::Skipped => "skipped",
+            StepPhase::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One step's state.
+#[derive(Debug, Clone)]
+pub struct StepState {
+    pub id: String,
+    pub needs: Vec<usize>,
+    pub phase: StepPhase,
+    /// The current dispatch (0: never dispatched).
+    pub dispatch: u32,
+    /// The lease of the current (or last) attempt.
+    pub lease: Option<Lease>,
+    pub executor: Option<String>,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// Attempts abandoned because their executor was lost.
+    pub lost: u32,
+    /// The last attempt recorded as lost (so deciding again never records it twice).
+    pub last_lost: Option<u32>,
+    pub retry_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// What becomes of a pending step.
+enum Verdict {
+    Wait,
+    Run,
+    Skip(String),
+    Fail(String),
+}
+
+/// Whether the run as a whole has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunPhase {
+    Active,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+/// The state of one run, as its events say.
+#[derive(Debug, Clone)]
+pub struct RunState {
+    pub key: RunKey,
+    /// Stream sequence of the last event applied.
+    pub last_seq: u64,
+    pub workflow: WorkflowDef,
+    pub inputs: serde_json::Value,
+    /// No step starts before this (a delayed run).
+    pub not_before: Option<DateTime<Utc>>,
+    pub phase: RunPhase,
+    pub started: bool,
+    pub cancel_requested: bool,
+    /// The cancellation came from the run's own timeout.
+    pub timed_out: bool,
+    /// Correlation and trace of the submission, carried by every event the run causes.
+    pub correlation_id: Option<uuid::Uuid>,
+    pub traceparent: Option<String>,
+    pub steps: Vec<StepState>,
+    index: HashMap<String, usize>,
+    /// Step indices in an order where every step comes after the steps it needs.
+    topo: Vec<usize>,
+}
+
+impl RunState {
+    /// A run's state from its first event, which must be `RunSubmitted`.
+    pub fn from_submitted(key: RunKey, seq: u64, event: &Event) -> Option<Self> {
+        let Event::RunSubmitted(submitted) = event else { return None };
+        let workflow = submitted.workflow.clone();
+        let index: HashMap<String, usize> = workflow.steps.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        let steps: Vec<StepState> = workflow
+            .steps
+            .iter()
+            .map(|s| StepState {
+                id: s.id.clone(),
+                needs: s.needs.iter().filter_map(|n| index.get(n).copied()).collect(),
+                phase: StepPhase::Pending,
+                dispatch: 0,
+                lease: None,
+                executor: None,
+                attempts: 0,
+                lost: 0,
+                last_lost: None,
+                retry_at: None,
+                exit_code: None,
+                timed_out: false,
+                outputs: BTreeMap::new(),
+            })
+            .collect();
+        let mut steps = steps;
+        for s in &mut steps {
+            if let Some(reused) = submitted.reused.get(&s.id) {
+                s.phase = StepPhase::Succeeded;
+                s.exit_code = reused.outcome.exit_code;
+                s.outputs = reused.outcome.outputs.clone();
+            }
+        }
+        let topo = topological_order(&steps);
+        Some(Self {
+            key,
+            not_before: submitted.not_before,
+            last_seq: seq,
+            inputs: serde_json::to_value(&submitted.inputs).unwrap_or_default(),
+            workflow,
+            phase: RunPhase::Active,
+            started: false,
+            cancel_requested: false,
+            timed_out: false,
+            correlation_id: None,
+            traceparent: None,
+            steps,
+            index,
+            topo,
+        })
+    }
+
+    pub fn step(&self, id: &str) -> Option<&StepState> {
+        self.index.get(id).map(|&i| &self.steps[i])
+    }
+
+    fn step_mut(&mut self, id: &str) -> Option<&mut StepState> {
+        self.index.get(id).copied().map(move |i| &mut self.steps[i])
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase != RunPhase::Active
+    }
+
+    /// Folds one event into the state. Makes no decisions.
+    pub fn apply(&mut self, seq: u64, event: &Event) {
+        self.last_seq = self.last_seq.max(seq);
+        match event {
+            Event::RunStarted(_) => self.started = true,
+            Event::RunCancelRequested(e) => {
+                self.cancel_requested = true;
+                self.timed_out |= e.timed_out;
+            }
+            Event::StepDispatched(e) => {
+                if let Some(s) = self.step_mut(&e.step) {
+                    s.phase = StepPhase::Dispatched;
+                    s.dispatch = e.dispatch;
+                }
+            }
+            Event::StepStarted(e) => {
+                if let Some(s) = self.step_mut(&e.step) {
+                    s.phase = StepPhase::Running;
+                    s.lease = Some(Lease { dispatch: e.dispatch, message: e.message, delivery: e.delivery });
+                    s.executor = Some(e.executor.clone());
+                    s.attempts = e.attempt;
+                }
+            }
+            Event::StepAttemptLost(e) => {
+                if let Some(s) = self.step_mut(&e.step)
+                    && s.last_lost != Some(e.attempt)
+                {
+                    s.lost += 1;
+                    s.last_lost = Some(e.attempt);
+                }
+            }
+            Event::StepAttemptFailed(e) => {
+                if let Some(s) = self.step_mut(&e.step) {
+                    s.phase = StepPhase::Retrying;
+                    s.retry_at = Some(e.retry_at);
+                }
+            }
+            Event::StepSucceeded(e) => self.finish_step(&e.step, StepPhase::Succeeded, Some(&e.outcome)),
+            Event::StepFailed(e) => self.finish_step(&e.step, StepPhase::Failed, Some(&e.outcome)),
+            Event::StepSkipped(e) => self.finish_step(&e.step, StepPhase::Skipped, None),
+            Event::StepCancelled(e) => self.finish_step(&e.step, StepPhase::Cancelled, None),
+            Event::RunSucceeded(_) => self.phase = RunPhase::Succeeded,
+            Event::RunFailed(_) => self.phase = RunPhase::Failed,
+            Event::RunCancelled(_) => self.phase = RunPhase::Cancelled,
+            Event::RunTimedOut(_) => self.phase = RunPhase::TimedOut,
+            _ => {}
+        }
+    }
+
+    fn finish_step(&mut self, id: &str, phase: StepPhase, outcome: Option<&StepOutcome>) {
+        if let Some(s) = self.step_mut(id) {
+            s.phase = phase;
+            if let Some(o) = outcome {
+                s.exit_code = o.exit_code;
+                s.timed_out = o.timed_out;
+                s.outputs = o.outputs.clone();
+            }
+        }
+    }
+
+    fn def(&self, i: usize) -> &StepDef {
+        &self.workflow.steps[i]
+    }
+
+    /// Whether step `n`, as `phases` has it, lets the steps that need it go on.
+    fn ok(&self, phases: &[StepPhase], n: usize) -> bool {
+        phases[n] == StepPhase::Succeeded || (phases[n] == StepPhase::Failed && self.def(n).continue_on_error)
+    }
+
+    /// What expressions of step `i` see, given `phases`.
+    pub fn scope(&self, i: usize, phases: &[StepPhase]) -> Scope {
+        let steps: serde_json::Map<String, serde_json::Value> = self
+            .steps
+            .iter()
+            .zip(phases)
+            .map(|(s, p)| {
+                let status = if *p == StepPhase::Failed && s.timed_out { "timed_out" } else { p.as_str() };
+                (s.id.clone(), json!({"status": status, "outputs": s.outputs, "exit_code": s.exit_code}))
+            })
+            .collect();
+        let needs = &self.steps[i].needs;
+        Scope {
+            inputs: self.inputs.clone(),
+            steps: serde_json::Value::Object(steps),
+            run: json!({"id": self.key.run_id.to_string(), "workflow": self.workflow.name}),
+            matrix: serde_json::to_value(&self.def(i).matrix_values).unwrap_or_default(),
+            needs_succeeded: needs.iter().all(|&n| self.ok(phases, n)),
+            needs_failed: needs.iter().any(|&n| phases[n] == StepPhase::Failed),
+            cancelled: self.cancel_requested,
+        }
+    }
+
+    /// Step `i`'s definition with its `${{ }}` templates rendered for dispatch.
+    pub fn render(&self, i: usize) -> Result<StepDef, String> {
+        let phases: Vec<StepPhase> = self.steps.iter().map(|s| s.phase).collect();
+        self.render_with(i, &phases)
+    }
+
+    fn render_with(&self, i: usize, phases: &[StepPhase]) -> Result<StepDef, String> {
+        let def = self.def(i);
+        let templated =
+            def.run.as_deref().is_some_and(|r| r.contains("${{")) || def.env.values().any(|v| v.contains("${{"));
+        if !templated {
+            return Ok(def.clone());
+        }
+        let scope = self.scope(i, phases);
+        let mut out = def.clone();
+        if let Some(run) = &def.run {
+            out.run = Some(scope.render(run)?);
+        }
+        for (k, v) in &def.env {
+            out.env.insert(k.clone(), scope.render(v)?);
+        }
+        Ok(out)
+    }
+
+    /// What follows from the state: ready steps are dispatched (their conditions hold), blocked
+    /// ones skipped, failed attempts with retries left dispatched again, and a run whose steps
+    /// all ended ends. Walks the steps in dependency order, so skips cascade in one decision.
+    pub fn decide(&self) -> Vec<Event> {
+        if self.is_finished() {
+            return Vec::new();
+        }
+        let mut phases: Vec<StepPhase> = self.steps.iter().map(|s| s.phase).collect();
+        let mut events = Vec::new();
+        let now = Utc::now();
+        for &i in &self.topo {
+            let step = &self.steps[i];
+            let id = step.id.clone();
+            if self.cancel_requested {
+                if matches!(phases[i], StepPhase::Pending | StepPhase::Dispatched | StepPhase::Retrying) {
+                    phases[i] = StepPhase::Cancelled;
+                    events
+                        .push(Event::StepCancelled(StepCancelled { step: id, reason: "the run was cancelled".into() }));
+                }
+                continue;
+            }
+            match phases[i] {
+                StepPhase::Retrying => {
+                    phases[i] = StepPhase::Dispatched;
+                    events.push(Event::StepDispatched(StepDispatched {
+                        step: id,
+                        dispatch: step.dispatch + 1,
+                        not_before: step.retry_at,
+                    }));
+                }
+                StepPhase::Pending => match self.verdict(i, &phases) {
+                    Verdict::Wait => {}
+                    Verdict::Run => {
+                        phases[i] = StepPhase::Dispatched;
+                        let not_before = self.not_before.filter(|t| *t > now);
+                        events.push(Event::StepDispatched(StepDispatched { step: id, dispatch: 1, not_before }));
+                    }
+                    Verdict::Skip(reason) => {
+                        phases[i] = StepPhase::Skipped;
+                        events.push(Event::StepSkipped(StepSkipped { step: id, reason }));
+                    }
+                    Verdict::Fail(error) => {
+                        phases[i] = StepPhase::Failed;
+                        let outcome =
+                            StepOutcome { error: Some(error), started_at: now, finished_at: now, ..Default::default() };
+                        events.push(Event::StepFailed(StepFailed { step: id, attempt: 0, outcome }));
+                    }
+                },
+                _ => {}
+            }
+        }
+        if phases.iter().all(|p| p.is_terminal()) {
+            let failed_steps: Vec<String> = (0..self.steps.len())
+                .filter(|&i| phases[i] == StepPhase::Failed && !self.def(i).continue_on_error)
+                .map(|i| self.steps[i].id.clone())
+                .collect();
+            let finished = RunFinished { run_id: self.key.run_id, failed_steps };
+            events.push(if self.timed_out {
+                Event::RunTimedOut(finished)
+            } else if self.cancel_requested {
+                Event::RunCancelled(finished)
+            } else if finished.failed_steps.is_empty() {
+                Event::RunSucceeded(finished)
+            } else {
+                Event::RunFailed(finished)
+            });
+        }
+        events
+    }
+
+    /// Whether pending step `i` runs now, waits, is skipped, or fails before running (a
+    /// condition or template that cannot be evaluated).
+    fn verdict(&self, i: usize, phases: &[StepPhase]) -> Verdict {
+        let needs = &self.steps[i].needs;
+        let needs_ended = needs.iter().all(|&n| phases[n].is_terminal());
+        match &self.def(i).condition {
+            None => {
+                if let Some(&blocker) = needs.iter().find(|&&n| phases[n].is_terminal() && !self.ok(phases, n)) {
+                    return Verdict::Skip(format!("needs '{}', which did not succeed", self.steps[blocker].id));
+                }
+                if !needs_ended {
+                    return Verdict::Wait;
+                }
+            }
+            Some(_) if !needs_ended => return Verdict::Wait,
+            Some(cond) => match self.scope(i, phases).condition(cond) {
+                Ok(true) => {}
+                Ok(false) => return Verdict::Skip(format!("its condition '{cond}' is false")),
+                Err(e) => return Verdict::Fail(e),
+            },
+        }
+        match self.render_with(i, phases) {
+            Ok(_) => Verdict::Run,
+            Err(e) => Verdict::Fail(e),
+        }
+    }
+
+    /// The run's timeout is up: cancel what is left, ending `timed_out`.
+    pub fn time_out(&self) -> ((), Vec<Event>) {
+        if self.is_finished() || self.cancel_requested {
+            return ((), Vec::new());
+        }
+        let secs = self.workflow.timeout_seconds.unwrap_or_default();
+        let event = Event::RunCancelRequested(taskmesh_events::RunCancelRequested {
+            run_id: self.key.run_id,
+            reason: format!("the run timed out after {secs} s"),
+            key_id: None,
+            timed_out: true,
+        });
+        ((), vec![event])
+    }
+
+    /// Decides a lease request. A delivery of the current dispatch message that is newer than
+    /// the running attempt's means that attempt's executor stopped renewing its lease: the
+    /// attempt is lost and a new one starts, unless the step has lost `max_lost` attempts.
+    /// Deciding again on a state that already holds part of a decision adds only the rest.
+    pub fn lease(&self, step_id: &str, lease: Lease, executor: &str, max_lost: u32) -> (LeaseDecision, Vec<Event>) {
+        // `ack`: whether the executor may ack (delete) the message it holds.
+        let deny = |reason: &str, ack: bool| (LeaseDecision::Denied { reason: reason.to_string(), ack }, Vec::new());
+        let Some(step) = self.step(step_id) else { return deny("no such step", true) };
+        if self.is_finished() || step.phase.is_terminal() {
+            return deny("the step has finished", true);
+        }
+        if step.dispatch != lease.dispatch || !matches!(step.phase, StepPhase::Dispatched | StepPhase::Running) {
+            return deny("superseded dispatch", true);
+        }
+        let mut events = Vec::new();
+        if step.phase == StepPhase::Running {
+            let current = step.lease.expect("a running step has a lease");
+            if current.message != lease.message {
+                return deny("a duplicate dispatch message", true);
+            }
+            if current.delivery == lease.delivery {
+                return if step.executor.as_deref() == Some(executor) {
+                    (LeaseDecision::Granted { attempt: step.attempts }, Vec::new())
+                } else {
+                    deny("leased by another executor", false)
+                };
+            }
+            if lease.delivery < current.delivery {
+                return deny("superseded delivery", false);
+            }
+            if step.last_lost != Some(step.attempts) {
+                events.push(Event::StepAttemptLost(StepAttemptLost {
+                    step: step.id.clone(),
+                    attempt: step.attempts,
+                    reason: "the executor stopped renewing its lease".into(),
+                }));
+            }
+            if self.cancel_requested {
+                events.push(Event::StepCancelled(StepCancelled {
+                    step: step.id.clone(),
+                    reason: "the run was cancelled".into(),
+                }));
+                return (LeaseDecision::Denied { reason: "the run was cancelled".into(), ack: true }, events);
+            }
+            let lost = if step.last_lost == Some(step.attempts) { step.lost } else { step.lost + 1 };
+            if lost >= max_lost {
+                let now = Utc::now();
+                events.push(Event::StepFailed(StepFailed {
+                    step: step.id.clone(),
+                    attempt: step.attempts,
+                    outcome: StepOutcome {
+                        error: Some(format!("lost its executor {lost} times")),
+                        started_at: now,
+                        finished_at: now,
+                        ..Default::default()
+                    },
+                }));
+                return (
+                    LeaseDecision::Denied { reason: "the step lost its executor too often".into(), ack: true },
+                    events,
+                );
+            }
+        } else if self.cancel_requested {
+            return deny("the run was cancelled", true);
+        }
+        if !self.started {
+            events.insert(0, Event::RunStarted(RunStarted { run_id: self.key.run_id }));
+        }
+        let attempt = step.attempts + 1;
+        events.push(Event::StepStarted(StepStarted {
+            step: step.id.clone(),
+            attempt,
+            dispatch: lease.dispatch,
+            message: lease.message,
+            delivery: lease.delivery,
+            executor: executor.to_string(),
+        }));
+        (LeaseDecision::Granted { attempt }, events)
+    }
+
+    /// Decides a result report: only the holder of the current lease is heard. A failure the
+    /// step's retry policy covers, with attempts left and the run not being cancelled, becomes
+    /// `StepAttemptFailed` with a jittered exponential backoff.
+    pub fn report(&self, report: &ResultReport) -> (ReportAck, Vec<Event>) {
+        let Some(i) = self.index.get(&report.step).copied() else { return (ReportAck::Stale, Vec::new()) };
+        let step = &self.steps[i];
+        if step.lease != Some(report.lease) {
+            return (ReportAck::Stale, Vec::new());
+        }
+        match step.phase {
+            StepPhase::Running if !self.is_finished() => {
+                let (id, attempt, outcome) = (step.id.clone(), step.attempts, report.outcome.clone());
+                let event = if report.succeeded {
+                    Event::StepSucceeded(StepSucceeded { step: id, attempt, outcome })
+                } else if self.cancel_requested || outcome.cancelled {
+                    Event::StepCancelled(StepCancelled { step: id, reason: "the run was cancelled".into() })
+                } else if let Some(policy) = self
+                    .def(i)
+                    .retry
+                    .as_ref()
+                    .filter(|p| attempt < p.max_attempts && p.retries(outcome.exit_code, outcome.timed_out))
+                {
+                    let ceiling = policy.ceiling_ms(attempt);
+                    let delay_ms = ceiling / 2 + rand::random_range(0..=ceiling - ceiling / 2);
+                    let retry_at = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
+                    Event::StepAttemptFailed(StepAttemptFailed { step: id, attempt, outcome, retry_at, delay_ms })
+                } else {
+                    Event::StepFailed(StepFailed { step: id, attempt, outcome })
+                };
+                (ReportAck::Recorded, vec![event])
+            }
+            // The same report again (its reply was lost): already recorded.
+            StepPhase::Succeeded | StepPhase::Failed | StepPhase::Retrying | StepPhase::Cancelled => {
+                (ReportAck::Recorded, Vec::new())
+            }
+            _ => (ReportAck::Stale, Vec::new()),
+        }
+    }
+}
+
+fn topological_order(steps: &[StepState]) -> Vec<usize> {
+    // Workflows are validated acyclic at submission; Kahn's algorithm over the needs.
+    let mut indegree: Vec<usize> = steps.iter().map(|s| s.needs.len()).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        for &n in &s.needs {
+            dependents[n].push(i);
+        }
+    }
+    let mut order: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut next = 0;
+    while next < order.len() {
+        let i = order[next];
+        next += 1;
+        for &d in &dependents[i] {
+            indegree[d] -= 1;
+            if indegree[d] == 0 {
+                order.push(d);
+            }
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskmesh_events::{RunSubmitted, Trigger};
+    use uuid::Uuid;
+
+    fn run(yaml: &str) -> RunState {
+        let workflow = WorkflowDef::parse_yaml(yaml).unwrap();
+        let run_id = Uuid::now_v7();
+        let event = Event::RunSubmitted(RunSubmitted {
+            run_id,
+            workflow,
+            inputs: Default::default(),
+            trigger: Trigger::Api { key_id: None },
+            idempotency_key: None,
+            workflow_version: None,
+            not_before: None,
+            reused: Default::default(),
+        });
+        RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
+    }
+
+    fn apply_all(state: &mut RunState, events: &[Event]) {
+        for e in events {
+            let seq = state.last_seq + 1;
+            state.apply(seq, e);
+        }
+    }
+
+    fn names(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::StepDispatched(d) => format!("dispatch {}", d.step),
+                Event::StepSkipped(s) => format!("skip {}", s.step),
+                other => other.type_name().to_string(),
+            })
+            .collect()
+    }
+
+    fn finish(state: &mut RunState, step: &str, ok: bool) -> Vec<Event> {
+        let lease = Lease { dispatch: 1, message: 7, delivery: 1 };
+        let (_, ev) = state.lease(step, lease, "x", 3);
+        apply_all(state, &ev);
+        let now = chrono::Utc::now();
+        let outcome = StepOutcome {
+            exit_code: Some(if ok { 0 } else { 1 }),
+            started_at: now,
+            finished_at: now,
+            ..Default::default()
+        };
+        let report = ResultReport {
+            tenant: "t".into(),
+            run_id: state.key.run_id,
+            step: step.into(),
+            lease,
+            succeeded: ok,
+            outcome,
+        };
+        let (_, ev) = state.report(&report);
+        apply_all(state, &ev);
+        let next = state.decide();
+        apply_all(state, &next);
+        next
+    }
+
+    const DIAMOND: &str = "name: d\nsteps:\n  - {id: a, run: 'true'}\n  - {id: b, run: 'true', needs: [a]}\n  - {id: c, run: 'true', needs: [a]}\n  - {id: d, run: 'true', needs: [b, c]}\n";
+
+    #[test]
+    fn diamond_dispatches_in_dependency_order() {
+        let mut s = run(DIAMOND);
+        let first = s.decide();
+        assert_eq!(names(&first), ["dispatch a"]);
+        apply_all(&mut s, &first);
+        assert!(s.decide().is_empty(), "deciding twice adds nothing");
+        assert_eq!(names(&finish(&mut s, "a", true)), ["dispatch b", "dispatch c"]);
+        assert!(finish(&mut s, "b", true).is_empty());
+        assert_eq!(names(&finish(&mut s, "c", true)), ["dispatch d"]);
+        assert_eq!(names(&finish(&mut s, "d", true)), ["RunSucceeded"]);
+    }
+
+    #[test]
+    fn failure_skips_dependents_transitively_and_fails_the_run() {
+        let mut s = run(DIAMOND);
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        assert_eq!(names(&finish(&mut s, "a", false)), ["skip b", "skip c", "skip d", "RunFailed"]);
+    }
+
+    #[test]
+    fn leases_fence_stale_and_foreign_executors() {
+        let mut s = run("name: x\nsteps:\n  - {id: a, run: 'true'}\n");
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        let l1 = Lease { dispatch: 1, message: 7, delivery: 1 };
+        let (d, ev) = s.lease("a", l1, "e1", 3);
+        assert!(matches!(d, LeaseDecision::Granted { attempt: 1 }));
+        assert_eq!(names(&ev), ["RunStarted", "StepStarted"]);
+        apply_all(&mut s, &ev);
+        // The same request again is granted without new events; another executor is refused.
+        assert!(matches!(s.lease("a", l1, "e1", 3), (LeaseDecision::Granted { attempt: 1 }, ref e) if e.is_empty()));
+        assert!(matches!(s.lease("a", l1, "e2", 3).0, LeaseDecision::Denied { ack: false, .. }));
+        // A duplicate message for the same dispatch is refused and may be acked away.
+        let dup = Lease { dispatch: 1, message: 8, delivery: 1 };
+        assert!(matches!(s.lease("a", dup, "e1", 3).0, LeaseDecision::Denied { ack: true, .. }));
+        // Redelivery after a lost lease: attempt 2, attempt 1 recorded as lost.
+        let l2 = Lease { dispatch: 1, message: 7, delivery: 2 };
+        let (d, ev) = s.lease("a", l2, "e2", 3);
+        assert!(matches!(d, LeaseDecision::Granted { attempt: 2 }));
+        assert_eq!(names(&ev), ["StepAttemptLost", "StepStarted"]);
+        // Deciding again on a state holding only the first event adds only the rest.
+        let mut partial = s.clone();
+        apply_all(&mut partial, &ev[..1]);
+        assert_eq!(names(&partial.lease("a", l2, "e2", 3).1), ["StepStarted"]);
+        apply_all(&mut s, &ev);
+        // The superseded holder is refused and must not ack the message.
+        assert!(matches!(s.lease("a", l1, "e1", 3).0, LeaseDecision::Denied { ack: false, .. }));
+        // A late report from attempt 1 is stale and changes nothing.
+        let now = chrono::Utc::now();
+        let outcome = StepOutcome { exit_code: Some(0), started_at: now, finished_at: now, ..Default::default() };
+        let late = ResultReport {
+            tenant: "t".into(),
+            run_id: s.key.run_id,
+            step: "a".into(),
+            lease: l1,
+            succeeded: true,
+            outcome,
+        };
+        assert!(matches!(s.report(&late), (ReportAck::Stale, ref e) if e.is_empty()));
+    }
+}

@@ -1,0 +1,168 @@
+//! The skeleton flows: DAGs run in dependency order, in parallel where they can, and failures
+//! skip what depends on them.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn diamond_runs_b_and_c_in_parallel_and_d_after_both() {
+    let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 2).await;
+    let id = tm
+        .submit(
+            "name: diamond
+steps:
+  - {id: a, run: 'echo a'}
+  - {id: b, needs: [a], run: 'sleep 1; echo b'}
+  - {id: c, needs: [a], run: 'sleep 1; echo c'}
+  - {id: d, needs: [b, c], run: 'echo d'}
+",
+        )
+        .await;
+    let run = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    for s in ["a", "b", "c", "d"] {
+        assert_eq!(step(&run, s)["status"], "succeeded");
+        assert_eq!(step(&run, s)["exit_code"], 0);
+        assert_eq!(step(&run, s)["output"], format!("{s}\n"));
+    }
+    let (b, c, d) = (step(&run, "b"), step(&run, "c"), step(&run, "d"));
+    assert!(
+        ts(b, "started_at") < ts(c, "finished_at") && ts(c, "started_at") < ts(b, "finished_at"),
+        "b and c overlap: {run:#}"
+    );
+    assert!(ts(d, "started_at") >= ts(b, "finished_at").max(ts(c, "finished_at")), "d starts after b and c: {run:#}");
+    assert!(ts(b, "started_at") >= ts(step(&run, "a"), "finished_at"));
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_step_fails_the_run_and_its_dependents_never_run() {
+    let tm = spawn_mesh().await;
+    let id = tm
+        .submit(
+            "name: fails
+steps:
+  - {id: a, run: 'echo boom >&2; exit 3'}
+  - {id: b, needs: [a], run: 'echo should-not-run'}
+  - {id: c, needs: [b], run: 'echo should-not-run'}
+  - {id: side, run: 'echo independent'}
+",
+        )
+        .await;
+    let run = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let a = step(&run, "a");
+    assert_eq!(a["status"], "failed");
+    assert_eq!(a["exit_code"], 3);
+    assert_eq!(a["output"], "boom\n");
+    for s in ["b", "c"] {
+        assert_eq!(step(&run, s)["status"], "skipped", "{run:#}");
+        assert_eq!(step(&run, s)["attempts"], 0, "{s} never ran");
+        assert!(step(&run, s)["attempt_history"].as_array().unwrap().is_empty());
+    }
+    assert_eq!(step(&run, "side")["status"], "succeeded");
+    let started: Vec<_> = tm.run_events(id).await.into_iter().filter(|e| e.type_name() == "StepStarted").collect();
+    assert_eq!(started.len(), 2, "only a and side started");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_idempotency_key_twice_creates_one_run() {
+    let tm = spawn_mesh().await;
+    let post = |key: &'static str| {
+        tm.auth(tm.http.post(format!("{}/v1/runs", tm.api)))
+            .header("idempotency-key", key)
+            .json(&serde_json::json!({"workflow": {"name": "once", "steps": [{"id": "a", "run": "true"}]}}))
+            .send()
+    };
+    let first: serde_json::Value = post("order-42").await.unwrap().json().await.unwrap();
+    let second: serde_json::Value = post("order-42").await.unwrap().json().await.unwrap();
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(second["duplicate"], true);
+    let id = first["id"].as_str().unwrap().parse().unwrap();
+    tm.wait_run(id, Duration::from_secs(30)).await;
+    // After the read side has it, the key is still honoured (beyond JetStream's window too).
+    let third: serde_json::Value = post("order-42").await.unwrap().json().await.unwrap();
+    assert_eq!(third["id"], first["id"]);
+    let other: serde_json::Value = post("order-43").await.unwrap().json().await.unwrap();
+    assert_ne!(other["id"], first["id"]);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE idempotency_key = 'order-42'")
+        .fetch_one(&tm.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+    tm.wait_projected().await;
+    let submitted: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&tm.pool).await.unwrap();
+    assert_eq!(submitted, 2);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_trace_and_one_correlation_follow_a_run_across_the_bus() {
+    // Real tracing with OpenTelemetry (no exporter): spans get W3C trace context.
+    let _guard = taskmesh_telemetry::init("e2e", &taskmesh_config::TelemetrySettings::default());
+    let tm = spawn_mesh().await;
+    let id = tm.submit("name: traced\nsteps:\n  - {id: a, uses: noop}\n  - {id: b, needs: [a], run: 'true'}\n").await;
+    tm.wait_run(id, Duration::from_secs(30)).await;
+    let events = tm.run_events(id).await;
+    assert!(events.len() >= 8, "{events:?}");
+    let trace = taskmesh_telemetry::trace_id(events[0].traceparent.as_deref().expect("the submission is traced"))
+        .unwrap()
+        .to_string();
+    assert_ne!(trace, "00000000000000000000000000000000");
+    for e in &events {
+        let tp = e.traceparent.as_deref().unwrap_or_else(|| panic!("{} has no traceparent", e.type_name()));
+        assert_eq!(
+            taskmesh_telemetry::trace_id(tp),
+            Some(trace.as_str()),
+            "{} is in the submission's trace",
+            e.type_name()
+        );
+        assert_eq!(e.correlation_id, events[0].correlation_id, "{} shares the correlation id", e.type_name());
+    }
+    // Events caused by another event name it.
+    assert!(events.iter().skip(1).any(|e| e.causation_id.is_some()));
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_reads_its_own_write_and_etags_spare_unchanged_reads() {
+    let tm = spawn_mesh().await;
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
+        .json(&serde_json::json!({"workflow": {"name": "ryw", "steps": [{"id": "a", "run": "sleep 0.3"}]}}))
+        .send()
+        .await
+        .unwrap();
+    let accepted: serde_json::Value = res.json().await.unwrap();
+    let (id, seq) = (accepted["id"].as_str().unwrap(), accepted["seq"].as_u64().unwrap());
+    // Right after the write, with its sequence: the run is there (no 404 while the projector lags).
+    let res = tm
+        .auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api)))
+        .header("taskmesh-min-seq", seq.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let bad = tm
+        .auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api)))
+        .header("taskmesh-min-seq", "soon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    let run = tm.wait_run(id.parse().unwrap(), Duration::from_secs(30)).await;
+    let res = tm.auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api))).send().await.unwrap();
+    let etag = res.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(etag, format!("\"{}\"", run["seq"]));
+    let again =
+        tm.auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api))).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(again.status(), 304, "unchanged: not sent again");
+    let stale =
+        tm.auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api))).header("if-none-match", "\"1\"").send().await.unwrap();
+    assert_eq!(stale.status(), 200);
+    tm.finish().await;
+}

@@ -1,0 +1,187 @@
+//! `spawn_mesh`: a test's own mesh, and helpers to drive it through its public API.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use sqlx::PgPool;
+use taskmesh::mesh::{Mesh, Service};
+use taskmesh_bus::Bus;
+use taskmesh_events::{Envelope, RunKey};
+use taskmesh_testkit::{TestEnv, eventually};
+use uuid::Uuid;
+
+pub use taskmesh::mesh::Service as Svc;
+
+/// A running test mesh and clients for it.
+pub struct TestMesh {
+    pub env: TestEnv,
+    pub bus: Bus,
+    pub pool: PgPool,
+    pub mesh: Option<Mesh>,
+    pub api: String,
+    pub git: String,
+    /// An admin key of tenant `default`.
+    pub key: String,
+    pub http: reqwest::Client,
+    _data: tempfile::TempDir,
+}
+
+/// Every service, the usual case.
+pub async fn spawn_mesh() -> TestMesh {
+    spawn_with(&Service::ALL, |_| {}).await
+}
+
+/// A mesh with `services` and settings adjusted by `tweak`. Tenant `default` and its admin
+/// key exist (and are visible to the gateway) before this returns, if a projector runs.
+pub async fn spawn_with(services: &[Service], tweak: impl FnOnce(&mut taskmesh_config::Settings)) -> TestMesh {
+    let mut env = TestEnv::new().await.expect("test environment");
+    tweak(&mut env.settings);
+    let (bus, pool) = taskmesh::mesh::connect(&env.settings, true).await.expect("connect");
+    let pool = pool.expect("pool");
+    let data = tempfile::tempdir().unwrap();
+    let key = taskmesh::bootstrap::ensure_dev_tenant(&bus, data.path()).await.expect("bootstrap");
+    let mesh = Mesh::start(&env.settings, bus.clone(), Some(pool.clone()), services).await.expect("mesh");
+    let api = mesh.gateway.map(|a| format!("http://{a}")).unwrap_or_default();
+    let git = mesh.git.map(|a| format!("http://{a}")).unwrap_or_default();
+    let tm = TestMesh { env, bus, pool, mesh: Some(mesh), api, git, key, http: reqwest::Client::new(), _data: data };
+    if services.contains(&Service::Projector) {
+        tm.wait_projected().await;
+    }
+    tm
+}
+
+impl TestMesh {
+    /// Stops the mesh and removes its namespace and database.
+    pub async fn finish(mut self) {
+        if let Some(mesh) = self.mesh.take() {
+            mesh.stop().await.expect("services stop cleanly");
+        }
+        self.pool.close().await;
+        self.env.cleanup().await;
+    }
+
+    pub fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        req.bearer_auth(&self.key)
+    }
+
+    /// Submits a YAML workflow; returns the run id.
+    pub async fn submit(&self, yaml: &str) -> Uuid {
+        let res = self
+            .auth(self.http.post(format!("{}/v1/runs", self.api)))
+            .header("content-type", "application/yaml")
+            .body(yaml.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202, "submit: {}", res.text().await.unwrap());
+        let body: Value = res.json().await.unwrap();
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// An authenticated GET whose answer is JSON.
+    pub async fn get_json(&self, url: impl reqwest::IntoUrl) -> Value {
+        self.auth(self.http.get(url)).send().await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn get_run(&self, id: Uuid) -> (u16, Value) {
+        let res = self.auth(self.http.get(format!("{}/v1/runs/{id}", self.api))).send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the run is terminal in the read model; returns its view.
+    pub async fn wait_run(&self, id: Uuid, timeout: Duration) -> Value {
+        eventually(&format!("run {id} to finish"), timeout, || async {
+            let (status, run) = self.get_run(id).await;
+            Ok((status == 200
+                && ["succeeded", "failed", "cancelled", "timed_out"].contains(&run["status"].as_str().unwrap_or("")))
+            .then_some(run))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits until the projector has applied everything in the event stream.
+    pub async fn wait_projected(&self) {
+        let stream = self.bus.namespace().events_stream();
+        eventually("the projector to catch up", Duration::from_secs(20), || async {
+            let last = self.bus.jetstream().get_stream(&stream).await?.info().await?.state.last_sequence;
+            let applied = taskmesh_store::read_checkpoint(&self.pool, taskmesh_projector::NAME).await?;
+            Ok((applied >= last).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Every event of a run, from the log.
+    pub async fn run_events(&self, id: Uuid) -> Vec<Envelope> {
+        let key = RunKey { tenant: "default".into(), run_id: id };
+        self.bus
+            .read_subject(&self.bus.namespace().run(&key), 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.envelope)
+            .collect()
+    }
+
+    /// Every message payload of a stream, as text (to scan for what must not be there).
+    pub async fn stream_text(&self, stream: &str) -> String {
+        use async_nats::jetstream::consumer::pull::OrderedConfig;
+        use futures::StreamExt;
+        let stream = self.bus.jetstream().get_stream(stream).await.unwrap();
+        let consumer = stream.create_consumer(OrderedConfig::default()).await.unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut text = String::new();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+            text.push_str(&String::from_utf8_lossy(&msg.payload));
+            text.push('\n');
+            if msg.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                break;
+            }
+        }
+        text
+    }
+
+    /// Every row of every read-model table, as JSON text.
+    pub async fn postgres_text(&self) -> String {
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        let mut text = String::new();
+        for table in tables {
+            let rows: Vec<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT row_to_json(t)::text FROM {table} t")))
+                    .fetch_all(&self.pool)
+                    .await
+                    .unwrap();
+            text.push_str(&rows.join("\n"));
+        }
+        text
+    }
+
+    /// How many messages the event stream holds.
+    pub async fn event_count(&self) -> u64 {
+        let mut stream = self.bus.jetstream().get_stream(self.bus.namespace().events_stream()).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+}
+
+/// The step named `id` in a run view.
+pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .with_context(|| format!("step {id} in {run}"))
+        .unwrap()
+}
+
+/// A timestamp field of a JSON view.
+pub fn ts(v: &Value, field: &str) -> chrono::DateTime<chrono::Utc> {
+    v[field].as_str().with_context(|| format!("{field} in {v}")).unwrap().parse().unwrap()
+}

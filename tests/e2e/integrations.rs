@@ -1,0 +1,153 @@
+//! Forge webhooks in, signed notifications out.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use taskmesh_testkit::eventually;
+
+use crate::helpers::*;
+
+const PUSH: &[u8] = include_bytes!("../fixtures/webhooks/github/push.json");
+const SECRET: &str = "a-shared-webhook-secret";
+
+fn github_signature(body: &[u8]) -> String {
+    format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn github_push_is_verified_and_starts_one_run_per_delivery() {
+    let tm = spawn_mesh().await;
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/repo-connections", tm.api)))
+        .json(&serde_json::json!({
+            "forge": "github",
+            "repository": "binkkatal/sample_app",
+            "secret": SECRET,
+            "branches": ["master", "release/*"],
+            "workflow": {"name": "ci", "steps": [{"id": "test", "run": "echo tested"}]}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let created: serde_json::Value = res.json().await.unwrap();
+    let hook = format!("{}{}", tm.git, created["webhook_path"].as_str().unwrap());
+    tm.wait_projected().await;
+    let send_body = |body: Vec<u8>, signature: String, delivery: &'static str| {
+        tm.http
+            .post(&hook)
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", signature)
+            .body(body)
+            .send()
+    };
+    let send = |signature: String, delivery: &'static str| send_body(PUSH.to_vec(), signature, delivery);
+
+    let before = tm.event_count().await;
+    for bad in [github_signature(b"something else"), String::new(), "sha256=zz".into()] {
+        let res = send(bad, "d-1").await.unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(problem["type"], "https://taskmesh.dev/problems/unauthorized");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tm.event_count().await, before, "a bad signature appends nothing");
+
+    let first: serde_json::Value = send(github_signature(PUSH), "d-1").await.unwrap().json().await.unwrap();
+    assert_eq!(first["outcome"], "started", "{first}");
+    let again: serde_json::Value = send(github_signature(PUSH), "d-1").await.unwrap().json().await.unwrap();
+    assert_eq!(again["run_id"], first["run_id"], "the same delivery starts one run");
+    assert_eq!(again["duplicate"], true);
+
+    let id = first["run_id"].as_str().unwrap().parse().unwrap();
+    let run = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["trigger"]["kind"], "webhook");
+    assert_eq!(run["trigger"]["branch"], "master");
+    assert_eq!(run["trigger"]["commit"], "fd489864e7642b48eaad6e3f155c10e46810ec72");
+    assert_eq!(run["inputs"]["repository"], "binkkatal/sample_app");
+    tm.wait_projected().await;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&tm.pool).await.unwrap();
+    assert_eq!(runs, 1);
+    // The connection's secret is stored sealed: it is in no event and no row.
+    assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(SECRET));
+    assert!(!tm.postgres_text().await.contains(SECRET));
+
+    // A branch outside the filter is acknowledged and ignored.
+    let other = String::from_utf8_lossy(PUSH).replace("refs/heads/master", "refs/heads/feature-x");
+    let res = send_body(other.clone().into_bytes(), github_signature(other.as_bytes()), "d-2").await.unwrap();
+    assert_eq!(res.status(), 202);
+    let res: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(res["outcome"], "ignored");
+    tm.finish().await;
+}
+
+/// What a receiver was sent: headers and body per request.
+type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+
+/// A local receiver that records what it is sent and answers 200.
+async fn receiver() -> (String, Received) {
+    let seen: Received = Arc::default();
+    let store = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push((headers, body.to_vec()));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
+    let tm = spawn_mesh().await;
+    let (url, seen) = receiver().await;
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api)))
+        .json(&serde_json::json!({"url": url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let endpoint: serde_json::Value = res.json().await.unwrap();
+    let secret = endpoint["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    let key = secret.trim_start_matches("whsec_").to_string();
+    tm.wait_projected().await;
+
+    let id = tm.submit("name: notify-me\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    let (headers, body) =
+        eventually("the notification", Duration::from_secs(30), || async { Ok(seen.lock().unwrap().first().cloned()) })
+            .await
+            .unwrap();
+    let webhook = standardwebhooks::Webhook::new(&secret).unwrap();
+    let mut h = http::HeaderMap::new();
+    for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        h.insert(name, headers[name].to_str().unwrap().parse().unwrap());
+    }
+    webhook.verify(&body, &h).expect("a valid Standard Webhooks signature");
+    assert!(
+        standardwebhooks::Webhook::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap().verify(&body, &h).is_err()
+    );
+    let payload: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(payload["type"], "run.failed");
+    assert_eq!(payload["data"]["run_id"], id.to_string());
+    assert_eq!(payload["data"]["failed_steps"], serde_json::json!(["a"]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "delivered once");
+    // The signing secret is stored sealed: it is in no event and no row.
+    assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(&key));
+    assert!(!tm.postgres_text().await.contains(&key));
+    tm.finish().await;
+}

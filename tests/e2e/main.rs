@@ -1,0 +1,18 @@
+//! End-to-end tests: whole meshes in this process (and, where a crash is the point, services
+//! as child processes) against real NATS JetStream and Postgres.
+
+mod helpers;
+
+mod cli;
+mod crash;
+mod deploy;
+mod engine;
+mod flows;
+mod integrations;
+mod logs;
+mod projection;
+mod schedules;
+mod scheduling;
+mod secrets;
+mod tenancy;
+mod validation;

@@ -1,0 +1,86 @@
+//! Two scheduler replicas on one stream never both dispatch a step.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use taskmesh_bus::BusError;
+use taskmesh_events::{Event, EventMeta, RunKey};
+use taskmesh_scheduler::{RunState, Scheduler};
+
+use crate::helpers::*;
+
+/// Folds a run's log into a fresh state, as a replica with an empty cache would.
+async fn load(tm: &TestMesh, key: &RunKey) -> RunState {
+    let events = tm.bus.read_subject(&tm.bus.namespace().run(key), 0).await.unwrap();
+    let mut state = RunState::from_submitted(key.clone(), events[0].seq, &events[0].envelope.event).unwrap();
+    for e in &events[1..] {
+        state.apply(e.seq, &e.envelope.event);
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_replicas_conflict_and_the_loser_redecides_to_nothing() {
+    // No scheduler runs: the test plays two replicas by hand to force the race.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let id = tm.submit("name: race\nsteps:\n  - {id: a, run: 'true'}\n  - {id: b, needs: [a], run: 'true'}\n").await;
+    let key = RunKey { tenant: "default".into(), run_id: id };
+    let (a, b) = (load(&tm, &key).await, load(&tm, &key).await);
+    assert_eq!(a.last_seq, b.last_seq);
+    let (da, db) = (a.decide(), b.decide());
+    assert_eq!(da.len(), 1);
+    assert!(matches!(&da[0], Event::StepDispatched(d) if d.step == "a"));
+    assert_eq!(da, db, "both replicas decide the same dispatch");
+    let subject = tm.bus.namespace().run(&key);
+    let meta = EventMeta::new("default");
+    let (ea, eb) = (meta.envelope(subject.clone(), da[0].clone()), meta.envelope(subject.clone(), db[0].clone()));
+    let (ra, rb) = tokio::join!(tm.bus.append(a.last_seq, &ea), tm.bus.append(b.last_seq, &eb));
+    let conflicts = [&ra, &rb].iter().filter(|r| matches!(r, Err(BusError::Conflict { .. }))).count();
+    assert_eq!(conflicts, 1, "exactly one append wins: {ra:?} {rb:?}");
+    assert_eq!([&ra, &rb].iter().filter(|r| r.is_ok()).count(), 1);
+    // The loser reloads and decides again: nothing is left to dispatch.
+    let mut loser = if ra.is_err() { a } else { b };
+    for e in tm.bus.read_subject(&subject, loser.last_seq).await.unwrap() {
+        loser.apply(e.seq, &e.envelope.event);
+    }
+    assert!(loser.decide().is_empty(), "the loser re-decides to nothing");
+    let dispatched = tm.run_events(id).await.iter().filter(|e| e.type_name() == "StepDispatched").count();
+    assert_eq!(dispatched, 1);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_scheduler_replicas_dispatch_every_step_exactly_once() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor, Svc::Scheduler], |s| {
+        s.executor.slots = 8
+    })
+    .await;
+    // A second replica with its own cache, sharing the durable consumer and command subjects.
+    let second = Scheduler::new(tm.bus.clone(), tm.env.settings.scheduler.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let replica = tokio::spawn(second.run(stop.clone()));
+    let yaml = "name: fan\nsteps:\n  - {id: a, uses: noop}\n  - {id: b, needs: [a], uses: noop}\n  - {id: c, needs: [a], uses: noop}\n  - {id: d, needs: [a], run: 'true'}\n  - {id: e, needs: [b, c, d], uses: noop}\n";
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(tm.submit(yaml).await);
+    }
+    for id in &ids {
+        let run = tm.wait_run(*id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+        let mut per_step: HashMap<(String, &str), usize> = HashMap::new();
+        for e in tm.run_events(*id).await {
+            let (name, step) = match &e.event {
+                Event::StepDispatched(d) => ("dispatched", d.step.clone()),
+                Event::StepStarted(s) => ("started", s.step.clone()),
+                Event::StepSucceeded(s) => ("succeeded", s.step.clone()),
+                _ => continue,
+            };
+            *per_step.entry((step, name)).or_default() += 1;
+        }
+        assert_eq!(per_step.len(), 15, "{per_step:?}");
+        assert!(per_step.values().all(|&n| n == 1), "every step dispatched, started and finished once: {per_step:?}");
+    }
+    stop.cancel();
+    replica.await.unwrap().unwrap();
+    tm.finish().await;
+}
