@@ -1,0 +1,185 @@
+//! Crash safety with real processes: an executor killed with SIGKILL mid-step.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use taskmesh::mesh::Mesh;
+use taskmesh_events::Event;
+use taskmesh_testkit::eventually;
+
+use crate::helpers::*;
+
+/// Starts `taskmesh serve <service>` as a child process on the test's namespace.
+fn spawn_service(tm: &TestMesh, service: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TASKMESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["serve", service])
+        .env("TASKMESH_SCHEDULER__EVENT_ACK_WAIT_SECS", tm.env.settings.scheduler.event_ack_wait_secs.to_string())
+        .env("TASKMESH_NATS__URL", &tm.env.settings.nats.url)
+        .env("TASKMESH_NATS__NAMESPACE", &tm.env.settings.nats.namespace)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Starts `taskmesh serve executor` as a child process on the test's namespace.
+fn spawn_executor(tm: &TestMesh, id: &str) -> tokio::process::Child {
+    let mut cmd = spawn_service(tm, "executor");
+    cmd.env("TASKMESH_NATS__URL", &tm.env.settings.nats.url)
+        .env("TASKMESH_NATS__NAMESPACE", &tm.env.settings.nats.namespace)
+        .env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
+        .env("TASKMESH_EXECUTOR__SLOTS", "1")
+        .env("TASKMESH_EXECUTOR__ID", id);
+    cmd.spawn().expect("spawning the executor")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_executor_loses_its_lease_and_the_step_finishes_once_on_another() {
+    // Everything but the executor in this process; the first executor is a child process.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway, Svc::Notification], |_| {}).await;
+    let mut doomed = spawn_executor(&tm, "doomed");
+    let id = tm.submit("name: crash\nsteps:\n  - {id: slow, run: 'sleep 3; echo finished'}\n  - {id: after, needs: [slow], run: 'echo after'}\n").await;
+    eventually("the step to start on the doomed executor", Duration::from_secs(30), || async {
+        let (_, run) = tm.get_run(id).await;
+        Ok((run["steps"][0]["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    doomed.start_kill().unwrap();
+    let status = doomed.wait().await.unwrap();
+    assert!(!status.success(), "killed: {status:?}");
+
+    // A survivor joins; the dispatch is redelivered to it once the lease (2 s) expires.
+    let survivor = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Executor]).await.unwrap();
+    let run = tm.wait_run(id, Duration::from_secs(40)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let slow = step(&run, "slow");
+    assert_eq!(slow["attempts"], 2, "{run:#}");
+    assert_eq!(slow["output"], "finished\n");
+    let history = slow["attempt_history"].as_array().unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["executor"], "doomed");
+    assert_eq!(history[0]["status"], "lost");
+    assert_eq!(history[1]["status"], "succeeded");
+    assert_ne!(history[1]["executor"], "doomed");
+    let events = tm.run_events(id).await;
+    let finished = events.iter().filter(|e| matches!(&e.event, Event::StepSucceeded(s) if s.step == "slow")).count();
+    assert_eq!(finished, 1, "the step finished exactly once");
+    assert_eq!(events.iter().filter(|e| e.type_name() == "RunSucceeded").count(), 1);
+    survivor.stop().await.unwrap();
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_scheduler_replica_loses_no_run_repeats_no_step_and_skips_no_tick() {
+    // One scheduler replica in this process, one as a child process that gets SIGKILLed.
+    let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 16).await;
+    let mut doomed = spawn_service(&tm, "scheduler").spawn().unwrap();
+    let schedule: serde_json::Value = tm
+        .auth(tm.http.post(format!("{}/v1/schedules", tm.api)))
+        .json(&serde_json::json!({
+            "cron": "* * * * * *",
+            "workflow": {"name": "tick", "steps": [{"id": "a", "uses": "noop"}]},
+            "overlap": "allow",
+            "catch_up": "all"
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schedule_id: uuid::Uuid = schedule["id"].as_str().unwrap().parse().unwrap();
+    let yaml = "name: busy\nsteps:\n  - {id: a, run: 'sleep 0.05'}\n  - {id: b, needs: [a], uses: noop}\n  - {id: c, needs: [a], run: 'true'}\n  - {id: d, needs: [b, c], uses: noop}\n";
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(tm.submit(yaml).await);
+        if i == 100 {
+            doomed.start_kill().unwrap();
+        }
+    }
+    let status = doomed.wait().await.unwrap();
+    assert!(!status.success(), "the replica was killed: {status:?}");
+    for id in &ids {
+        let run = tm.wait_run(*id, Duration::from_secs(120)).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+    }
+    for id in &ids {
+        let mut per_step = std::collections::HashMap::<String, (usize, usize)>::new();
+        for e in tm.run_events(*id).await {
+            match &e.event {
+                Event::StepStarted(s) => per_step.entry(s.step.clone()).or_default().0 += 1,
+                Event::StepSucceeded(s) => per_step.entry(s.step.clone()).or_default().1 += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(per_step.len(), 4);
+        assert!(per_step.values().all(|&(started, done)| started == 1 && done == 1), "run {id}: {per_step:?}");
+    }
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{schedule_id}/pause", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let subject = tm.bus.namespace().schedule("default", schedule_id);
+    let ticks: Vec<_> = tm
+        .bus
+        .read_subject(&subject, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.envelope.event {
+            Event::ScheduleTicked(t) => Some(t.tick),
+            _ => None,
+        })
+        .collect();
+    assert!(ticks.len() >= 2, "{ticks:?}");
+    for pair in ticks.windows(2) {
+        assert_eq!((pair[1] - pair[0]).num_milliseconds(), 1000, "every tick once, none skipped: {ticks:?}");
+    }
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_running_step_finish_and_takes_no_new_one() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let mut draining = spawn_executor(&tm, "draining");
+    let id = tm.submit("name: drain\nsteps:\n  - {id: slow, run: 'sleep 3; echo finished'}\n  - {id: next, needs: [slow], run: 'true'}\n").await;
+    eventually("the step to start", Duration::from_secs(30), || async {
+        let (status, run) = tm.get_run(id).await;
+        Ok((status == 200 && run["steps"][0]["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(draining.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(20), draining.wait()).await.expect("exits after draining").unwrap();
+    assert!(status.success(), "a clean exit: {status:?}");
+    // The scheduler acknowledged the report before the executor exited, so the outcome is in
+    // the log; the projection follows it shortly.
+    let run = eventually("the finished step to be projected", Duration::from_secs(20), || async {
+        let (_, run) = tm.get_run(id).await;
+        Ok((step(&run, "slow")["status"] != "running").then_some(run))
+    })
+    .await
+    .unwrap();
+    let slow = step(&run, "slow");
+    assert_eq!(slow["status"], "succeeded", "the running step finished and was recorded: {run:#}");
+    assert_eq!(slow["output"], "finished\n");
+    assert_eq!(slow["attempts"], 1);
+    assert_eq!(step(&run, "next")["status"], "queued", "no new step started on the draining executor");
+    // Another executor picks up what is left.
+    let other = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Executor]).await.unwrap();
+    let run = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_ne!(step(&run, "next")["attempt_history"][0]["executor"], "draining");
+    other.stop().await.unwrap();
+    tm.finish().await;
+}
