@@ -41,7 +41,12 @@ fn spawn_executor(tm: &TestMesh, id: &str) -> tokio::process::Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_executor_loses_its_lease_and_the_step_finishes_once_on_another() {
     // Everything but the executor in this process; the first executor is a child process.
-    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway, Svc::Notification], |_| {}).await;
+    // A 4 s lease (the kit's is 2 s): a survivor stalled by a loaded machine keeps its lease,
+    // so the step is not handed out a third time. The doomed child gets the same lease.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway, Svc::Notification], |s| {
+        s.executor.lease_secs = 4
+    })
+    .await;
     let mut doomed = spawn_executor(&tm, "doomed");
     let id = tm.submit("name: crash\nsteps:\n  - {id: slow, run: 'sleep 3; echo finished'}\n  - {id: after, needs: [slow], run: 'echo after'}\n").await;
     eventually("the step to start on the doomed executor", Duration::from_secs(30), || async {
@@ -54,7 +59,7 @@ async fn sigkilled_executor_loses_its_lease_and_the_step_finishes_once_on_anothe
     let status = doomed.wait().await.unwrap();
     assert!(!status.success(), "killed: {status:?}");
 
-    // A survivor joins; the dispatch is redelivered to it once the lease (2 s) expires.
+    // A survivor joins; the dispatch is redelivered to it once the lease (4 s) expires.
     let survivor = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Executor]).await.unwrap();
     let run = tm.wait_run(id, Duration::from_secs(40)).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");

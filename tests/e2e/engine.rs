@@ -154,7 +154,11 @@ async fn cancelling_kills_running_steps_and_ends_the_run_cancelled_quickly() {
     })
     .await
     .unwrap();
-    assert!(sleeping(&marker), "the steps' processes run");
+    eventually("the steps' processes to run", Duration::from_secs(10), || async {
+        Ok(sleeping(&marker).then_some(()))
+    })
+    .await
+    .unwrap();
     let started = std::time::Instant::now();
     let res = tm
         .auth(tm.http.post(format!("{}/v1/runs/{id}/cancel", tm.api)))
@@ -166,7 +170,19 @@ async fn cancelling_kills_running_steps_and_ends_the_run_cancelled_quickly() {
     let run = tm.wait_run(id, Duration::from_secs(10)).await;
     let took = started.elapsed();
     assert_eq!(run["status"], "cancelled", "{run:#}");
-    assert!(took < Duration::from_secs(2), "cancelled in {took:?}");
+    // Under 2 s from the request to the run's end, by the log's clock (not the test's, which
+    // also counts projection and polling on a loaded machine); loosely bounded as seen over HTTP.
+    let events = tm.run_events(id).await;
+    let requested = events
+        .iter()
+        .find(|e| matches!(e.event, Event::RunCancelRequested(_)))
+        .expect("a RunCancelRequested event")
+        .occurred_at;
+    let cancelled =
+        events.iter().find(|e| matches!(e.event, Event::RunCancelled(_))).expect("a RunCancelled event").occurred_at;
+    let logged = (cancelled - requested).num_milliseconds();
+    assert!(logged < 2000, "cancelled in {logged} ms (RunCancelRequested to RunCancelled)");
+    assert!(took < Duration::from_secs(8), "cancelled in {took:?} as seen over HTTP");
     for s in ["long", "also-long", "never"] {
         assert_eq!(step(&run, s)["status"], "cancelled", "{run:#}");
     }

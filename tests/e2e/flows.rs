@@ -3,21 +3,26 @@
 
 use std::time::Duration;
 
+use taskmesh_testkit::eventually;
+
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn diamond_runs_b_and_c_in_parallel_and_d_after_both() {
     let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 2).await;
+    // A barrier: b and c each wait for the other to have started, so they must overlap.
+    let barrier = tempfile::tempdir().unwrap();
+    let bar = barrier.path().display();
     let id = tm
-        .submit(
+        .submit(&format!(
             "name: diamond
 steps:
-  - {id: a, run: 'echo a'}
-  - {id: b, needs: [a], run: 'sleep 1; echo b'}
-  - {id: c, needs: [a], run: 'sleep 1; echo c'}
-  - {id: d, needs: [b, c], run: 'echo d'}
-",
-        )
+  - {{id: a, run: 'echo a'}}
+  - {{id: b, needs: [a], run: 'touch {bar}/b; until [ -f {bar}/c ]; do sleep 0.05; done; echo b', timeout_seconds: 20}}
+  - {{id: c, needs: [a], run: 'touch {bar}/c; until [ -f {bar}/b ]; do sleep 0.05; done; echo c', timeout_seconds: 20}}
+  - {{id: d, needs: [b, c], run: 'echo d'}}
+"
+        ))
         .await;
     let run = tm.wait_run(id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
@@ -139,13 +144,19 @@ async fn a_client_reads_its_own_write_and_etags_spare_unchanged_reads() {
     let accepted: serde_json::Value = res.json().await.unwrap();
     let (id, seq) = (accepted["id"].as_str().unwrap(), accepted["seq"].as_u64().unwrap());
     // Right after the write, with its sequence: the run is there (no 404 while the projector lags).
-    let res = tm
-        .auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api)))
-        .header("taskmesh-min-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    // 503 means the projector is still behind the sequence: asking again is what a client does.
+    let status = eventually("a read at the write's sequence to be answered", Duration::from_secs(30), || async {
+        let res = tm
+            .auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api)))
+            .header("taskmesh-min-seq", seq.to_string())
+            .send()
+            .await
+            .unwrap();
+        Ok((res.status() != 503).then_some(res.status()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
     let bad = tm
         .auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api)))
         .header("taskmesh-min-seq", "soon")

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod admission;
 mod cli;
 mod crash;
 mod deploy;

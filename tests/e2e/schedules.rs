@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use taskmesh::mesh::Mesh;
 use taskmesh_events::Event;
 use taskmesh_scheduler::Scheduler;
+use taskmesh_testkit::eventually;
 
 use crate::helpers::*;
 
@@ -78,7 +79,11 @@ async fn every_tick_fires_once_with_two_scheduler_replicas() {
     let res = create(&tm, every_second()).await;
     assert_eq!(res.status(), 201);
     let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    eventually("three ticks", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= 3).then_some(()))
+    })
+    .await
+    .unwrap();
     pause(&tm, &id).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (ticks, runs) = ticks(&tm, &id).await;
@@ -107,7 +112,11 @@ async fn ticks_missed_while_the_scheduler_was_down_are_caught_up_once() {
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert!(ticks(&tm, &id).await.0.is_empty(), "nothing fires without a scheduler");
     let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually("the missed ticks and a live one", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= 4).then_some(()))
+    })
+    .await
+    .unwrap();
     pause(&tm, &id).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (ticks, runs) = ticks(&tm, &id).await;

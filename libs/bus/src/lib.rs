@@ -180,9 +180,39 @@ impl Bus {
             discard: DiscardPolicy::Old,
             ..Default::default()
         };
+        // What waits for admission: entries are deleted once admitted, so the stream holds
+        // exactly the waiting work and a new dispatcher reads it back from the start.
+        let ready = StreamConfig {
+            name: self.ns.ready_stream(),
+            description: Some("Taskmesh work waiting for admission".into()),
+            subjects: vec![self.ns.ready_all()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_messages: 1_000_000,
+            discard: DiscardPolicy::New,
+            duplicate_window: dup,
+            ..Default::default()
+        };
+        // One message per active run of a concurrency group, purged when the run ends.
+        let groups = StreamConfig {
+            name: self.ns.groups_stream(),
+            description: Some("Taskmesh concurrency groups' active runs".into()),
+            subjects: vec![self.ns.groups_all()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_messages_per_subject: 1,
+            max_messages: 1_000_000,
+            discard: DiscardPolicy::New,
+            duplicate_window: dup,
+            ..Default::default()
+        };
         let streams = [
             events,
             logs,
+            ready,
+            groups,
             queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
             queue(self.ns.deliveries_stream(), self.ns.deliveries_all(), "Taskmesh outbound webhook deliveries"),
             queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
@@ -205,6 +235,9 @@ impl Bus {
             self.ns.deliveries_stream(),
             self.ns.timers_stream(),
             self.ns.logs_stream(),
+            self.ns.ready_stream(),
+            self.ns.groups_stream(),
+            self.ns.leases_stream(),
         ] {
             let _ = self.js.delete_stream(&name).await;
         }
@@ -368,6 +401,79 @@ impl Bus {
             .await
             .map_err(|e| BusError::Nats(format!("enqueueing on {subject}: {e}")))?;
         Ok(ack.sequence)
+    }
+
+    /// How many messages each subject matching `filter` holds in `stream` (subjects with none
+    /// are absent). One request, whatever the number of messages.
+    pub async fn subject_counts(&self, stream: &str, filter: &str) -> Result<std::collections::HashMap<String, u64>> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        let mut subjects = stream.info_with_subjects(filter).await.map_err(BusError::nats)?;
+        let mut counts = std::collections::HashMap::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, count) = entry.map_err(BusError::nats)?;
+            counts.insert(subject, count as u64);
+        }
+        Ok(counts)
+    }
+
+    /// Deletes one message of `stream` (already gone is fine).
+    pub async fn delete_message(&self, stream: &str, seq: u64) -> Result<()> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        match stream.delete_message(seq).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("no message found") => Ok(()),
+            Err(e) => Err(BusError::Nats(format!("deleting message {seq}: {e}"))),
+        }
+    }
+
+    /// Removes every message on `subject` from `stream`.
+    pub async fn purge_subject(&self, stream: &str, subject: &str) -> Result<()> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        stream.purge().filter(subject).await.map_err(|e| BusError::Nats(format!("purging {subject}: {e}")))?;
+        Ok(())
+    }
+
+    /// Provisions the stream of leader leases: one message per lease subject, expiring after
+    /// `ttl` unless renewed. (A key-value bucket in all but name; a plain stream keeps to what
+    /// every server version since 2.9 answers the same way.)
+    pub async fn provision_leases(&self, ttl: Duration) -> Result<()> {
+        let config = StreamConfig {
+            name: self.ns.leases_stream(),
+            description: Some("Taskmesh leader leases".into()),
+            subjects: vec![self.ns.leases_all()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            duplicate_window: ttl.min(Duration::from_secs(120)),
+            ..Default::default()
+        };
+        self.js.create_or_update_stream(config).await.map_err(|e| BusError::Nats(format!("lease stream: {e}")))?;
+        Ok(())
+    }
+
+    /// Takes (`held` = None: only if nobody holds it) or renews (`held` = the sequence of
+    /// our last claim) the lease `name` for `holder`. Returns the claim's sequence; someone
+    /// else holding it is a [`BusError::Conflict`].
+    pub async fn claim_lease(&self, name: &str, holder: &str, held: Option<u64>) -> Result<u64> {
+        let subject = self.ns.lease(name);
+        let publish = PublishMessage::build()
+            .payload(holder.as_bytes().to_vec().into())
+            .expected_last_subject_sequence(held.unwrap_or(0));
+        let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }.await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(BusError::Conflict { subject, expected: held.unwrap_or(0) })
+            }
+            Err(e) => Err(BusError::Nats(format!("claiming {subject}: {e}"))),
+        }
+    }
+
+    /// Gives up the lease `name` (whoever holds it: call only as its holder).
+    pub async fn release_lease(&self, name: &str) -> Result<()> {
+        self.purge_subject(&self.ns.leases_stream(), &self.ns.lease(name)).await
     }
 
     /// Sends a command and waits for its reply: `Ok(Resp)`, or the problem the service answered.

@@ -185,11 +185,41 @@ pub struct SchedulerSettings {
     /// How long an event delivered to a replica may go unacknowledged before JetStream gives it
     /// to another: the delay a crashed replica's in-flight events see.
     pub event_ack_wait_secs: u64,
+    /// Steps of one tenant on the dispatch queue or running at once (0: no limit), unless
+    /// `tenant_limits` names the tenant.
+    pub tenant_max_steps: u32,
+    /// Per-tenant overrides of `tenant_max_steps`, e.g. `{ acme = 50 }`.
+    pub tenant_limits: std::collections::BTreeMap<String, u32>,
+    /// Steps of all tenants on the dispatch queue or running at once (0: no limit); when it is
+    /// reached, tenants take turns.
+    pub dispatch_window: u32,
+    /// How long the dispatcher's leader lease lasts unless renewed: the pause in admissions
+    /// when the leading replica dies.
+    pub leader_ttl_ms: u64,
+    /// The deadline of a run whose workflow sets no `timeout_seconds` (0: none): no run waits
+    /// or runs forever.
+    pub max_run_seconds: u64,
 }
 
 impl Default for SchedulerSettings {
     fn default() -> Self {
-        Self { cache_runs: 10_000, max_lost_attempts: 3, event_ack_wait_secs: 10 }
+        Self {
+            cache_runs: 10_000,
+            max_lost_attempts: 3,
+            event_ack_wait_secs: 10,
+            tenant_max_steps: 1_000,
+            tenant_limits: Default::default(),
+            dispatch_window: 0,
+            leader_ttl_ms: 3_000,
+            max_run_seconds: 7 * 86_400,
+        }
+    }
+}
+
+impl SchedulerSettings {
+    /// The concurrency limit of `tenant`'s steps (0: none).
+    pub fn tenant_limit(&self, tenant: &str) -> u32 {
+        self.tenant_limits.get(tenant).copied().unwrap_or(self.tenant_max_steps)
     }
 }
 

@@ -20,6 +20,10 @@ pub enum Event {
     RunSubmitted(RunSubmitted),
     RunStarted(RunStarted),
     StepDispatched(StepDispatched),
+    StepWaiting(StepWaiting),
+    StepAdmitted(StepAdmitted),
+    RunWaiting(RunWaiting),
+    RunAdmitted(RunAdmitted),
     StepStarted(StepStarted),
     StepAttemptLost(StepAttemptLost),
     StepSucceeded(StepSucceeded),
@@ -52,6 +56,10 @@ impl Event {
             Event::RunSubmitted(_) => "RunSubmitted",
             Event::RunStarted(_) => "RunStarted",
             Event::StepDispatched(_) => "StepDispatched",
+            Event::StepWaiting(_) => "StepWaiting",
+            Event::StepAdmitted(_) => "StepAdmitted",
+            Event::RunWaiting(_) => "RunWaiting",
+            Event::RunAdmitted(_) => "RunAdmitted",
             Event::StepStarted(_) => "StepStarted",
             Event::StepAttemptLost(_) => "StepAttemptLost",
             Event::StepSucceeded(_) => "StepSucceeded",
@@ -195,6 +203,60 @@ pub struct RunSubmitted {
     /// (outputs included) and do not run again.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reused: BTreeMap<String, ReusedStep>,
+    /// The run's dispatch priority (-100 to 100), when the submission set one; otherwise the
+    /// workflow's, otherwise 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// The run's concurrency group, its key rendered from the inputs. Such a run starts no step
+    /// before `RunAdmitted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<RunConcurrency>,
+}
+
+/// A run's concurrency group, as submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunConcurrency {
+    /// The rendered group key.
+    pub key: String,
+    pub limit: u32,
+    pub policy: crate::workflow::GroupPolicy,
+}
+
+impl RunConcurrency {
+    /// The key as a subject token: a hash, since keys are free text.
+    pub fn token(&self) -> String {
+        let digest = hmac_sha256::Hash::hash(self.key.as_bytes());
+        digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Dispatched steps of a run are held back by admission control (the tenant's concurrency
+/// limit, the dispatch window or a rate-limit bucket). Recorded once per held dispatch, when a
+/// hold has lasted a moment; the steps held for one reason in one look go in one event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepWaiting {
+    pub steps: Vec<String>,
+    /// Why, for people: e.g. "tenant concurrency limit (5 steps)".
+    pub reason: String,
+}
+
+/// Steps that had been held (`StepWaiting`) were let through to the executors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepAdmitted {
+    pub steps: Vec<String>,
+}
+
+/// A run waits for a place in its concurrency group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunWaiting {
+    pub run_id: Uuid,
+    pub reason: String,
+}
+
+/// A run got its place in its concurrency group; its steps may start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunAdmitted {
+    pub run_id: Uuid,
 }
 
 /// A step a rerun kept from an earlier run.

@@ -32,6 +32,9 @@ pub struct SubmitRun {
     /// Start no step before this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// Dispatch priority under contention (-100 to 100, higher first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
 }
 
 /// `{ns}.cmd.ingest.rerun_run`: a new run of an ended run's workflow and inputs that keeps
@@ -208,6 +211,22 @@ pub struct Dispatch {
     pub not_before: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+}
+
+/// `{ns}.ready.<tenant>`: work waiting for admission control (the scheduler's dispatcher).
+/// The READY stream holds exactly what waits: an entry is deleted once admitted.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Ready {
+    /// A dispatched step, to go onto the dispatch queue once the tenant's concurrency limit, its
+    /// rate-limit bucket and its `not_before` allow.
+    Step {
+        dispatch: Box<Dispatch>,
+        /// Effective priority: the step's, else the run's, else the workflow's, else 0.
+        priority: i32,
+    },
+    /// A run of a concurrency group, to be admitted once its group has room.
+    Run { tenant: String, run_id: Uuid, concurrency: crate::catalog::RunConcurrency },
 }
 
 /// Identifies one lease on a step: the dispatch, the dispatch message's stream sequence, and

@@ -50,6 +50,49 @@ impl Namespace {
     pub fn dispatch_stream(&self) -> String {
         self.stream("DISPATCH")
     }
+    /// Work waiting for admission (see `command::Ready`).
+    pub fn ready_stream(&self) -> String {
+        self.stream("READY")
+    }
+    pub fn ready_all(&self) -> String {
+        format!("{}.ready.>", self.0)
+    }
+    pub fn ready(&self, tenant: &str) -> String {
+        format!("{}.ready.{tenant}", self.0)
+    }
+    /// One message per active run of a concurrency group: the group's occupancy.
+    pub fn groups_stream(&self) -> String {
+        self.stream("GROUPS")
+    }
+    pub fn groups_all(&self) -> String {
+        format!("{}.group.>", self.0)
+    }
+    /// Every active run of one group.
+    pub fn group_all(&self, tenant: &str, token: &str) -> String {
+        format!("{}.group.{tenant}.{token}.*", self.0)
+    }
+    pub fn group_member(&self, tenant: &str, token: &str, run_id: Uuid) -> String {
+        format!("{}.group.{tenant}.{token}.{run_id}", self.0)
+    }
+    /// Core NATS: "a dispatch slot may have freed up", for the dispatcher.
+    pub fn slot_signals(&self) -> String {
+        format!("{}.ctl.slot", self.0)
+    }
+    /// Core NATS: a run ended cancelled or timed out, so the dispatcher drops its held steps
+    /// (a `command::CancelSignal` body).
+    pub fn run_ended_signals(&self) -> String {
+        format!("{}.ctl.run_ended", self.0)
+    }
+    /// Leader leases: one subject per lease.
+    pub fn leases_stream(&self) -> String {
+        self.stream("LEASES")
+    }
+    pub fn leases_all(&self) -> String {
+        format!("{}.lease.>", self.0)
+    }
+    pub fn lease(&self, name: &str) -> String {
+        format!("{}.lease.{name}", self.0)
+    }
     pub fn deliveries_stream(&self) -> String {
         self.stream("DELIVERIES")
     }

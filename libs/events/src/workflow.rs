@@ -38,8 +38,74 @@ pub struct WorkflowDef {
     /// Cancel the whole run after this many seconds; it ends `timed_out`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
+    /// Dispatch priority of the workflow's steps under contention (-100 to 100, higher first;
+    /// default 0). A run's own `priority` overrides it; a step's overrides both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// A concurrency group: at most `limit` runs with the same rendered `group` key are active
+    /// at once; `policy` says what a run that finds the group full does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyDef>,
     pub steps: Vec<StepDef>,
 }
+
+/// `concurrency:` on a workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyDef {
+    /// The group's key, a `${{ }}` template over `inputs` and `run` (e.g.
+    /// `deploy-${{ inputs.branch }}`); rendered when the run is submitted.
+    pub group: String,
+    /// Runs of the group active at once (1 to 1,000; default 1).
+    #[serde(default = "one")]
+    pub limit: u32,
+    #[serde(default)]
+    pub policy: GroupPolicy,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a run does when its concurrency group is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupPolicy {
+    /// Wait, in submission order, until a run of the group ends.
+    #[default]
+    Queue,
+    /// Cancel the group's active runs, then start once they have ended.
+    CancelInProgress,
+    /// Do not run: the run ends `cancelled` at once.
+    Skip,
+}
+
+impl GroupPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupPolicy::Queue => "queue",
+            GroupPolicy::CancelInProgress => "cancel_in_progress",
+            GroupPolicy::Skip => "skip",
+        }
+    }
+}
+
+/// `rate_limit:` on a step: a named token bucket of the tenant's. Steps sharing a key share
+/// the bucket; a step finding it empty waits (it is never failed for it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitDef {
+    /// The bucket's name: letters, digits, `_` or `-`.
+    pub key: String,
+    /// Steps started per second, on average (0.001 to 10,000).
+    pub per_second: f64,
+    /// Steps that may start at once after a quiet spell (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// Lowest and highest priorities.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
 
 /// One step. Exactly one of `run` or `uses` says what it does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -84,6 +150,12 @@ pub struct StepDef {
     /// masked (`***`) in its output, outputs and logs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Dispatch priority under contention (-100 to 100, higher first); overrides the run's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Hold the step until the named rate-limit bucket has a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitDef>,
     /// Set on each instance by the matrix expansion: its combination of values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matrix_values: Option<BTreeMap<String, serde_json::Value>>,
@@ -297,6 +369,19 @@ impl WorkflowDef {
         if self.timeout_seconds == Some(0) {
             err("timeout_seconds".into(), "must be at least 1".into());
         }
+        if let Some(p) = self.priority.filter(|p| !PRIORITY_RANGE.contains(p)) {
+            err("priority".into(), format!("{p} is out of range: -100 to 100"));
+        }
+        if let Some(c) = &self.concurrency {
+            if c.group.trim().is_empty() || c.group.len() > 256 {
+                err("concurrency.group".into(), "must be 1 to 256 characters".into());
+            } else if let Err(e) = crate::expr::check_template(&c.group) {
+                err("concurrency.group".into(), e);
+            }
+            if !(1..=1000).contains(&c.limit) {
+                err("concurrency.limit".into(), "must be 1 to 1000".into());
+            }
+        }
         if self.steps.is_empty() {
             err("steps".into(), "a workflow needs at least one step".into());
         }
@@ -330,6 +415,20 @@ impl WorkflowDef {
             }
             if step.timeout_seconds == Some(0) {
                 err(format!("steps[{i}].timeout_seconds"), "must be at least 1".into());
+            }
+            if let Some(p) = step.priority.filter(|p| !PRIORITY_RANGE.contains(p)) {
+                err(format!("steps[{i}].priority"), format!("{p} is out of range: -100 to 100"));
+            }
+            if let Some(r) = &step.rate_limit {
+                if !is_token(&r.key) {
+                    err(format!("steps[{i}].rate_limit.key"), "must be 1 to 64 letters, digits, '_' or '-'".into());
+                }
+                if !(r.per_second.is_finite() && (0.001..=10_000.0).contains(&r.per_second)) {
+                    err(format!("steps[{i}].rate_limit.per_second"), "must be 0.001 to 10000".into());
+                }
+                if r.burst.is_some_and(|b| !(1..=10_000).contains(&b)) {
+                    err(format!("steps[{i}].rate_limit.burst"), "must be 1 to 10000".into());
+                }
             }
             if let Some(cond) = &step.condition
                 && let Err(e) = crate::expr::check(cond)

@@ -68,6 +68,7 @@ impl TestEnv {
         settings.executor.lease_secs = 2;
         settings.executor.drain_timeout_secs = 5;
         settings.scheduler.event_ack_wait_secs = 3;
+        settings.scheduler.leader_ttl_ms = 1_500;
         settings.secrets.key = Some(SecretString::from(taskmesh_secrets::Keyring::generate_key()));
         settings.notification.retry_delays_secs = vec![1, 1, 1];
         settings.notification.timeout_ms = 2_000;

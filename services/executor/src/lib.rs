@@ -280,6 +280,7 @@ impl Executor {
                 // Without `ack` the message is another executor's current lease: leave it be.
                 if ack {
                     let _ = acker.ack().await;
+                    self.slot_freed().await;
                 }
                 return;
             }
@@ -320,6 +321,7 @@ impl Executor {
                 {
                     drop(heartbeat);
                     let _ = acker.double_ack().await;
+                    self.slot_freed().await;
                 }
                 return;
             }
@@ -391,6 +393,13 @@ impl Executor {
         if let Err(e) = acker.double_ack().await {
             tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
         }
+        self.slot_freed().await;
+    }
+
+    /// Tells the dispatcher a message left the dispatch queue, so held work can go out at once
+    /// rather than at its next periodic look (best effort: a lost signal costs a little delay).
+    async fn slot_freed(&self) {
+        let _ = self.bus.client().publish(self.bus.namespace().slot_signals(), Vec::<u8>::new().into()).await;
     }
 }
 

@@ -45,6 +45,10 @@ pub struct SubmitRunRequest {
     /// Start no step before this time (RFC 3339); at most a year ahead.
     #[serde(default)]
     pub not_before: Option<DateTime<Utc>>,
+    /// Dispatch priority under contention, -100 to 100 (higher first); overrides the
+    /// workflow's `priority`.
+    #[serde(default)]
+    pub priority: Option<i32>,
 }
 
 /// The answer to a submission.
@@ -93,7 +97,7 @@ pub async fn submit(
                 .map_err(|_| ApiError::new(ErrorCode::BadRequest, "the body is not UTF-8"))?;
             let workflow: serde_json::Value = serde_yaml_ng::from_str(text)
                 .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed YAML: {e}")))?;
-            SubmitRunRequest { workflow, inputs: BTreeMap::new(), not_before: None }
+            SubmitRunRequest { workflow, inputs: BTreeMap::new(), not_before: None, priority: None }
         }
     };
     let idempotency_key = headers
@@ -114,6 +118,7 @@ pub async fn submit(
             idempotency_key,
             traceparent: taskmesh_telemetry::current_traceparent(),
             not_before: request.not_before,
+            priority: request.priority,
         })
         .await?;
     Ok(accepted_response(
@@ -174,6 +179,9 @@ pub struct StepView {
     pub outputs: serde_json::Value,
     /// When a failed attempt will be retried.
     pub retry_at: Option<DateTime<Utc>>,
+    /// Why a queued step is held back, e.g. `tenant concurrency limit (5 steps)` or
+    /// `rate limit 'openai' (5/s)`; null when it only waits for a free executor.
+    pub wait_reason: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub attempt_history: Vec<AttemptView>,
@@ -197,6 +205,10 @@ pub struct RunView {
     pub finished_at: Option<DateTime<Utc>>,
     /// When cancelling the run was asked for.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Dispatch priority under contention (-100 to 100, higher first).
+    pub priority: i32,
+    /// Why a queued run has not started, e.g. `concurrency group 'deploy-main' is full (limit 1)`.
+    pub wait_reason: Option<String>,
     /// The stream sequence of the last event this view reflects.
     pub seq: i64,
     pub steps: Vec<StepView>,
@@ -224,7 +236,8 @@ pub async fn get_run(
 ) -> ApiResult<Response> {
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
     let row = sqlx::query(
-        "SELECT id, workflow_name, workflow_version, status, trigger, inputs, created_at, started_at, finished_at, cancel_requested_at, last_seq
+        "SELECT id, workflow_name, workflow_version, status, trigger, inputs, created_at, started_at, finished_at, cancel_requested_at, last_seq,
+                priority, wait_reason
          FROM runs WHERE tenant_id = $1 AND id = $2",
     )
     .bind(&caller.tenant)
@@ -255,7 +268,7 @@ pub async fn get_run(
     }
     let steps = sqlx::query(
         "SELECT step_id, status, kind, needs, attempts, exit_code, output, output_truncated, error, reason, outputs, retry_at,
-                started_at, finished_at
+                wait_reason, started_at, finished_at
          FROM steps WHERE tenant_id = $1 AND run_id = $2 ORDER BY position",
     )
     .bind(&caller.tenant)
@@ -279,6 +292,7 @@ pub async fn get_run(
             reason: s.get("reason"),
             outputs: s.get::<sqlx::types::Json<serde_json::Value>, _>("outputs").0,
             retry_at: s.get("retry_at"),
+            wait_reason: s.get("wait_reason"),
             started_at: s.get("started_at"),
             finished_at: s.get("finished_at"),
         }
@@ -307,6 +321,8 @@ pub async fn get_run(
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
         cancel_requested_at: row.get("cancel_requested_at"),
+        priority: row.get("priority"),
+        wait_reason: row.get("wait_reason"),
         seq,
         steps,
     };

@@ -191,6 +191,7 @@ async fn github_hook(
                 commit: Some(push.after.clone()),
             },
             idempotency_key: Some(format!("github:{id}:{delivery}")),
+            priority: None,
             traceparent: taskmesh_telemetry::current_traceparent(),
             not_before: None,
         })

@@ -79,6 +79,11 @@ impl Ingest {
             Some(k) => idempotent_run_id(&cmd.tenant, k),
             None => Uuid::now_v7(),
         };
+        if let Some(p) = cmd.priority.filter(|p| !taskmesh_events::workflow::PRIORITY_RANGE.contains(p)) {
+            return Err(invalid("priority", format!("{p} is out of range: -100 to 100")));
+        }
+        let concurrency =
+            workflow.concurrency.as_ref().map(|c| concurrency_of(c, &inputs, &workflow.name, run_id)).transpose()?;
         let key = RunKey { tenant: cmd.tenant.clone(), run_id };
         let meta = EventMeta::new(&cmd.tenant).with_traceparent(cmd.traceparent);
         let envelope = meta.envelope(
@@ -92,6 +97,8 @@ impl Ingest {
                 workflow_version,
                 not_before: cmd.not_before,
                 reused: Default::default(),
+                priority: cmd.priority,
+                concurrency,
             }),
         );
         match self.bus.append(0, &envelope).await {
@@ -322,6 +329,8 @@ impl Ingest {
                 workflow_version: original.workflow_version,
                 not_before: None,
                 reused,
+                priority: original.priority,
+                concurrency: original.concurrency,
             }),
         );
         let seq = self.bus.append(0, &envelope).await?;
@@ -598,4 +607,27 @@ pub fn generate_api_key() -> (String, String, String) {
 /// The stored form of an API key.
 pub fn hash_api_key(key: &str) -> String {
     hex::encode(hmac_sha256::Hash::hash(key.as_bytes()))
+}
+
+/// A run's concurrency group: the workflow's `concurrency.group` rendered over the inputs.
+fn concurrency_of(
+    def: &taskmesh_events::workflow::ConcurrencyDef,
+    inputs: &BTreeMap<String, serde_json::Value>,
+    workflow: &str,
+    run_id: Uuid,
+) -> Reply<taskmesh_events::RunConcurrency> {
+    let scope = taskmesh_events::expr::Scope {
+        inputs: serde_json::to_value(inputs).unwrap_or_default(),
+        steps: serde_json::json!({}),
+        run: serde_json::json!({"id": run_id.to_string(), "workflow": workflow}),
+        matrix: serde_json::Value::Null,
+        needs_succeeded: true,
+        needs_failed: false,
+        cancelled: false,
+    };
+    let key = scope.render(&def.group).map_err(|e| invalid("concurrency.group", e))?;
+    if key.is_empty() || key.len() > 512 {
+        return Err(invalid("concurrency.group", "renders to an empty or over-long key"));
+    }
+    Ok(taskmesh_events::RunConcurrency { key, limit: def.limit, policy: def.policy })
 }

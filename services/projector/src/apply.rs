@@ -51,8 +51,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::RunSubmitted(e) => {
             sqlx::query(
-                "INSERT INTO runs (tenant_id, id, workflow_name, status, trigger, inputs, idempotency_key, created_at, last_seq, workflow_version)
-                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                "INSERT INTO runs (tenant_id, id, workflow_name, status, trigger, inputs, idempotency_key, created_at, last_seq, workflow_version, priority)
+                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
             )
             .bind(tenant)
             .bind(e.run_id)
@@ -63,6 +63,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(at)
             .bind(seq)
             .bind(e.workflow_version.map(|v| v as i32))
+            .bind(e.priority.or(e.workflow.priority).unwrap_or(0))
             .execute(&mut **tx)
             .await?;
             let ids: Vec<&str> = e.workflow.steps.iter().map(|s| s.id.as_str()).collect();
@@ -106,7 +107,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::RunStarted(e) => {
             sqlx::query(
-                "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $3), last_seq = $4
+                "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $3), last_seq = $4, wait_reason = NULL
                  WHERE tenant_id = $1 AND id = $2 AND status = 'queued'",
             )
             .bind(tenant)
@@ -117,9 +118,49 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .await?;
         }
         Event::StepDispatched(_) => touch_run(tx, tenant, run_id(), seq).await?,
+        Event::StepWaiting(e) => {
+            sqlx::query(
+                "UPDATE steps SET wait_reason = $4 WHERE tenant_id = $1 AND run_id = $2 AND step_id = ANY($3) AND status = 'queued'",
+            )
+            .bind(tenant)
+            .bind(run_id())
+            .bind(&e.steps)
+            .bind(&e.reason)
+            .execute(&mut **tx)
+            .await?;
+            touch_run(tx, tenant, run_id(), seq).await?;
+        }
+        Event::StepAdmitted(e) => {
+            sqlx::query(
+                "UPDATE steps SET wait_reason = NULL WHERE tenant_id = $1 AND run_id = $2 AND step_id = ANY($3)",
+            )
+            .bind(tenant)
+            .bind(run_id())
+            .bind(&e.steps)
+            .execute(&mut **tx)
+            .await?;
+            touch_run(tx, tenant, run_id(), seq).await?;
+        }
+        Event::RunWaiting(e) => {
+            sqlx::query("UPDATE runs SET wait_reason = $3 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'")
+                .bind(tenant)
+                .bind(e.run_id)
+                .bind(&e.reason)
+                .execute(&mut **tx)
+                .await?;
+            touch_run(tx, tenant, Some(e.run_id), seq).await?;
+        }
+        Event::RunAdmitted(_) => {
+            sqlx::query("UPDATE runs SET wait_reason = NULL WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(run_id())
+                .execute(&mut **tx)
+                .await?;
+            touch_run(tx, tenant, run_id(), seq).await?;
+        }
         Event::StepStarted(e) => {
             sqlx::query(
-                "UPDATE steps SET status = 'running', attempts = $4, started_at = COALESCE(started_at, $5)
+                "UPDATE steps SET status = 'running', attempts = $4, started_at = COALESCE(started_at, $5), wait_reason = NULL
                  WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3",
             )
             .bind(tenant)
@@ -186,7 +227,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::StepCancelled(e) => {
             sqlx::query(
-                "UPDATE steps SET status = 'cancelled', reason = $4, finished_at = $5, retry_at = NULL
+                "UPDATE steps SET status = 'cancelled', reason = $4, finished_at = $5, retry_at = NULL, wait_reason = NULL
                  WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3",
             )
             .bind(tenant)
@@ -219,7 +260,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::StepSkipped(e) => {
             sqlx::query(
-                "UPDATE steps SET status = 'skipped', reason = $4, finished_at = $5
+                "UPDATE steps SET status = 'skipped', reason = $4, finished_at = $5, wait_reason = NULL
                  WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3",
             )
             .bind(tenant)
@@ -239,7 +280,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 _ => Status::Cancelled,
             };
             sqlx::query(
-                "UPDATE runs SET status = $3, finished_at = $4, last_seq = $5 WHERE tenant_id = $1 AND id = $2",
+                "UPDATE runs SET status = $3, finished_at = $4, last_seq = $5, wait_reason = NULL WHERE tenant_id = $1 AND id = $2",
             )
             .bind(tenant)
             .bind(e.run_id)
@@ -365,7 +406,7 @@ async fn finish_step(
     seq: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE steps SET status = $4, exit_code = $5, output = $6, output_truncated = $7, error = $8,
+        "UPDATE steps SET status = $4, exit_code = $5, output = $6, output_truncated = $7, error = $8, wait_reason = NULL,
                 started_at = COALESCE(started_at, $9), finished_at = $10, outputs = $11, retry_at = NULL
          WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3",
     )

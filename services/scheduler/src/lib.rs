@@ -9,9 +9,12 @@
 //!
 //! # Layout
 //! - [`state`]: the run aggregate (`apply`, `decide`, `lease`, `report`).
+//! - `dispatch`: admission control: tenant limits, priorities, rate limits, concurrency
+//!   groups; one leader replica at a time.
 //! - `schedules`: cron schedules: arming ticks, handling each exactly once.
 //! - this file: [`Scheduler`]: the cache, the reactor loop and the command handlers.
 
+mod dispatch;
 mod schedules;
 pub mod state;
 
@@ -25,7 +28,7 @@ use async_nats::jetstream::{AckKind, Message};
 use taskmesh_bus::{Bus, BusError, Stored};
 use taskmesh_config::SchedulerSettings;
 use taskmesh_events::command::{
-    CancelSignal, Dispatch, LeaseDecision, LeaseRequest, ReportAck, ResultReport, Timer, TimerKind,
+    CancelSignal, Dispatch, LeaseDecision, LeaseRequest, Ready, ReportAck, ResultReport, Timer, TimerKind,
 };
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched};
 use tokio::sync::Mutex;
@@ -40,6 +43,8 @@ pub const CONSUMER: &str = "scheduler";
 pub const SCHEDULES: &str = "schedules";
 /// The durable consumer of the timers queue.
 pub const TIMERS: &str = "timers";
+/// Longest a not-yet-due timer is handed back for before it is looked at again.
+const TIMER_RECHECK: Duration = Duration::from_secs(300);
 /// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
 pub(crate) const MAX_CONFLICTS: usize = 16;
 
@@ -97,12 +102,14 @@ impl Scheduler {
         let reactor = self.clone().react(shutdown.clone());
         let timers = self.clone().timers(shutdown.clone());
         let schedules = self.clone().schedules(shutdown.clone());
+        let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone()).run(shutdown.clone());
         tokio::try_join!(
             async { lease.await.map_err(anyhow::Error::from) },
             async { report.await.map_err(anyhow::Error::from) },
             reactor,
             timers,
-            schedules
+            schedules,
+            dispatcher
         )?;
         Ok(())
     }
@@ -195,7 +202,22 @@ impl Scheduler {
         if let Ok(wait) = (timer.due - chrono::Utc::now()).to_std()
             && wait > Duration::from_millis(5)
         {
-            return AckKind::Nak(Some(wait));
+            // A run's deadline is looked at again every few minutes, and dropped once the run
+            // has ended, so the timers queue holds only live runs' deadlines.
+            if let TimerKind::RunTimeout { run_id } = timer.kind
+                && msg.info().is_ok_and(|i| i.delivered > 1)
+            {
+                let key = RunKey { tenant: timer.tenant.clone(), run_id };
+                if let Ok(Some(last)) = self.bus.last(&self.bus.namespace().run(&key)).await
+                    && matches!(
+                        last.envelope.event,
+                        Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_)
+                    )
+                {
+                    return AckKind::Ack;
+                }
+            }
+            return AckKind::Nak(Some(wait.min(TIMER_RECHECK)));
         }
         match self.fire(&timer).await {
             Ok(()) => AckKind::Ack,
@@ -266,7 +288,18 @@ impl Scheduler {
         let meta = EventMeta::caused_by(&stored.envelope);
         match &stored.envelope.event {
             Event::RunSubmitted(submitted) if !state.is_finished() => {
-                if let Some(secs) = submitted.workflow.timeout_seconds {
+                if let Some(concurrency) = &submitted.concurrency
+                    && !state.admitted
+                {
+                    let ready =
+                        Ready::Run { tenant: key.tenant.clone(), run_id: key.run_id, concurrency: concurrency.clone() };
+                    let ns = self.bus.namespace();
+                    self.bus.enqueue(ns.ready(&key.tenant), &format!("run:{}", key.run_id), &ready, None).await?;
+                }
+                // Every run has a deadline: its own timeout, or the platform's longest run time.
+                let limit =
+                    submitted.workflow.timeout_seconds.or(Some(self.settings.max_run_seconds).filter(|s| *s > 0));
+                if let Some(secs) = limit {
                     let timer = Timer {
                         tenant: key.tenant.clone(),
                         due: stored.envelope.occurred_at + chrono::Duration::seconds(secs as i64),
@@ -290,6 +323,21 @@ impl Scheduler {
                 let body = serde_json::to_vec(&signal).expect("serialises");
                 if let Err(e) = self.bus.client().publish(self.bus.namespace().cancel_signals(), body.into()).await {
                     tracing::warn!(error = %e, "could not signal executors to cancel");
+                }
+            }
+            // A run leaving its concurrency group makes room for the next.
+            Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_) => {
+                if matches!(stored.envelope.event, Event::RunCancelled(_) | Event::RunTimedOut(_)) {
+                    // Steps of the run still held for admission need not go out at all.
+                    let signal = CancelSignal { tenant: key.tenant.clone(), run_id: key.run_id };
+                    let body = serde_json::to_vec(&signal).expect("serialises");
+                    let _ = self.bus.client().publish(self.bus.namespace().run_ended_signals(), body.into()).await;
+                }
+                if let Some(c) = &state.concurrency {
+                    let ns = self.bus.namespace();
+                    let member = ns.group_member(&key.tenant, &c.token(), key.run_id);
+                    self.bus.purge_subject(&ns.groups_stream(), &member).await?;
+                    let _ = self.bus.client().publish(ns.slot_signals(), Vec::<u8>::new().into()).await;
                 }
             }
             _ => {}
@@ -370,7 +418,8 @@ impl Scheduler {
         let Some(i) = state.workflow.steps.iter().position(|s| s.id == d.step) else { return Ok(()) };
         // Templates were checked when the step was dispatched; they render the same now.
         let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
-        let body = Dispatch {
+        let priority = state.priority_of(i);
+        let dispatch = Dispatch {
             tenant: key.tenant.clone(),
             run_id: key.run_id,
             dispatch: d.dispatch,
@@ -378,9 +427,11 @@ impl Scheduler {
             not_before: d.not_before,
             traceparent: meta.traceparent.clone(),
         };
+        // Admission control lets it through to the executors (see `dispatch`).
         let ns = self.bus.namespace();
         let msg_id = format!("{}:{}:{}", key.run_id, d.step, d.dispatch);
-        self.bus.enqueue(ns.dispatch(&key.tenant), &msg_id, &body, meta.traceparent.as_deref()).await?;
+        let ready = Ready::Step { dispatch: Box::new(dispatch), priority };
+        self.bus.enqueue(ns.ready(&key.tenant), &msg_id, &ready, meta.traceparent.as_deref()).await?;
         core.enqueued.insert(marker);
         Ok(())
     }

@@ -183,6 +183,7 @@ impl Scheduler {
                 inputs: spec.inputs.clone(),
                 trigger: Trigger::Schedule { schedule_id, tick },
                 idempotency_key: Some(idempotency_key(schedule_id, tick)),
+                priority: None,
                 traceparent: None,
                 not_before: None,
             })

@@ -6,7 +6,8 @@
 //! run with a failed (or timed-out) step that does not `continue_on_error` ends `failed`;
 //! otherwise `succeeded`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -14,8 +15,8 @@ use taskmesh_events::command::{Lease, LeaseDecision, ReportAck, ResultReport};
 use taskmesh_events::expr::Scope;
 use taskmesh_events::workflow::{StepDef, WorkflowDef};
 use taskmesh_events::{
-    Event, RunFinished, RunKey, RunStarted, StepAttemptFailed, StepAttemptLost, StepCancelled, StepDispatched,
-    StepFailed, StepOutcome, StepSkipped, StepStarted, StepSucceeded,
+    Event, RunConcurrency, RunFinished, RunKey, RunStarted, StepAttemptFailed, StepAttemptLost, StepCancelled,
+    StepDispatched, StepFailed, StepOutcome, StepSkipped, StepStarted, StepSucceeded,
 };
 
 /// Where a step is in its life.
@@ -110,10 +111,28 @@ pub struct RunState {
     /// Correlation and trace of the submission, carried by every event the run causes.
     pub correlation_id: Option<uuid::Uuid>,
     pub traceparent: Option<String>,
+    /// The run's dispatch priority (a step's own overrides it).
+    pub priority: i32,
+    /// The run's concurrency group, if it has one.
+    pub concurrency: Option<RunConcurrency>,
+    /// Whether its steps may start: always, unless the run waits for its concurrency group.
+    pub admitted: bool,
     pub steps: Vec<StepState>,
     index: HashMap<String, usize>,
     /// Step indices in an order where every step comes after the steps it needs.
     topo: Vec<usize>,
+    /// Each step's position in `topo`.
+    topo_pos: Vec<usize>,
+    /// The steps that need each step.
+    dependents: Vec<Vec<usize>>,
+    /// How many of each step's needs have not ended.
+    open_needs: Vec<usize>,
+    /// Steps a decision may act on: pending ones whose needs have all ended, and retrying
+    /// ones; keyed by topological position. Deciding looks at these (and what they cascade
+    /// to), never at the whole run.
+    candidates: BTreeSet<(usize, usize)>,
+    /// Steps not yet in a terminal phase.
+    unfinished: usize,
 }
 
 impl RunState {
@@ -150,8 +169,34 @@ impl RunState {
             }
         }
         let topo = topological_order(&steps);
+        let mut topo_pos = vec![0; steps.len()];
+        for (pos, &i) in topo.iter().enumerate() {
+            topo_pos[i] = pos;
+        }
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+        for (i, s) in steps.iter().enumerate() {
+            for &n in &s.needs {
+                dependents[n].push(i);
+            }
+        }
+        let open_needs: Vec<usize> =
+            steps.iter().map(|s| s.needs.iter().filter(|&&n| !steps[n].phase.is_terminal()).count()).collect();
+        let candidates = (0..steps.len())
+            .filter(|&i| steps[i].phase == StepPhase::Pending && open_needs[i] == 0)
+            .map(|i| (topo_pos[i], i))
+            .collect();
+        let unfinished = steps.iter().filter(|s| !s.phase.is_terminal()).count();
+        let priority = submitted.priority.or(workflow.priority).unwrap_or(0);
         Some(Self {
             key,
+            priority,
+            concurrency: submitted.concurrency.clone(),
+            admitted: submitted.concurrency.is_none(),
+            topo_pos,
+            dependents,
+            open_needs,
+            candidates,
+            unfinished,
             not_before: submitted.not_before,
             last_seq: seq,
             inputs: serde_json::to_value(&submitted.inputs).unwrap_or_default(),
@@ -189,15 +234,16 @@ impl RunState {
                 self.cancel_requested = true;
                 self.timed_out |= e.timed_out;
             }
+            Event::RunAdmitted(_) => self.admitted = true,
             Event::StepDispatched(e) => {
+                self.set_phase(&e.step, StepPhase::Dispatched);
                 if let Some(s) = self.step_mut(&e.step) {
-                    s.phase = StepPhase::Dispatched;
                     s.dispatch = e.dispatch;
                 }
             }
             Event::StepStarted(e) => {
+                self.set_phase(&e.step, StepPhase::Running);
                 if let Some(s) = self.step_mut(&e.step) {
-                    s.phase = StepPhase::Running;
                     s.lease = Some(Lease { dispatch: e.dispatch, message: e.message, delivery: e.delivery });
                     s.executor = Some(e.executor.clone());
                     s.attempts = e.attempt;
@@ -212,8 +258,8 @@ impl RunState {
                 }
             }
             Event::StepAttemptFailed(e) => {
+                self.set_phase(&e.step, StepPhase::Retrying);
                 if let Some(s) = self.step_mut(&e.step) {
-                    s.phase = StepPhase::Retrying;
                     s.retry_at = Some(e.retry_at);
                 }
             }
@@ -229,14 +275,54 @@ impl RunState {
         }
     }
 
-    fn finish_step(&mut self, id: &str, phase: StepPhase, outcome: Option<&StepOutcome>) {
-        if let Some(s) = self.step_mut(id) {
-            s.phase = phase;
-            if let Some(o) = outcome {
-                s.exit_code = o.exit_code;
-                s.timed_out = o.timed_out;
-                s.outputs = o.outputs.clone();
+    /// Moves a step to `phase`, keeping the dependency counts and the candidates current:
+    /// O(the step's dependents).
+    fn set_phase(&mut self, id: &str, phase: StepPhase) {
+        let Some(&i) = self.index.get(id) else { return };
+        let old = self.steps[i].phase;
+        if old.is_terminal() {
+            // Terminal is final: a late or repeated event changes nothing.
+            return;
+        }
+        self.steps[i].phase = phase;
+        self.candidates.remove(&(self.topo_pos[i], i));
+        if phase == StepPhase::Retrying || (phase == StepPhase::Pending && self.open_needs[i] == 0) {
+            self.candidates.insert((self.topo_pos[i], i));
+        }
+        if phase.is_terminal() {
+            self.unfinished -= 1;
+            for k in 0..self.dependents[i].len() {
+                let d = self.dependents[i][k];
+                self.open_needs[d] -= 1;
+                if self.open_needs[d] == 0 && self.steps[d].phase == StepPhase::Pending {
+                    self.candidates.insert((self.topo_pos[d], d));
+                }
             }
+        }
+    }
+
+    /// The dispatch priority of step `i`: its own, else the run's.
+    pub fn priority_of(&self, i: usize) -> i32 {
+        self.def(i).priority.unwrap_or(self.priority)
+    }
+
+    /// How many steps the next decision looks at first (see `candidates`).
+    pub fn candidate_count(&self) -> usize {
+        self.candidates.len()
+    }
+
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    fn finish_step(&mut self, id: &str, phase: StepPhase, outcome: Option<&StepOutcome>) {
+        self.set_phase(id, phase);
+        if let Some(s) = self.step_mut(id)
+            && let Some(o) = outcome
+        {
+            s.exit_code = o.exit_code;
+            s.timed_out = o.timed_out;
+            s.outputs = o.outputs.clone();
         }
     }
 
@@ -244,19 +330,42 @@ impl RunState {
         &self.workflow.steps[i]
     }
 
-    /// Whether step `n`, as `phases` has it, lets the steps that need it go on.
-    fn ok(&self, phases: &[StepPhase], n: usize) -> bool {
-        phases[n] == StepPhase::Succeeded || (phases[n] == StepPhase::Failed && self.def(n).continue_on_error)
+    /// Whether step `n`, as `phase` has it, lets the steps that need it go on.
+    fn ok(&self, phase: &dyn Fn(usize) -> StepPhase, n: usize) -> bool {
+        let p = phase(n);
+        p == StepPhase::Succeeded || (p == StepPhase::Failed && self.def(n).continue_on_error)
     }
 
-    /// What expressions of step `i` see, given `phases`.
-    pub fn scope(&self, i: usize, phases: &[StepPhase]) -> Scope {
+    /// The steps the expressions of step `i` may name: every step id that occurs as a word in
+    /// its condition or templates. A superset is harmless; it keeps a scope's cost in
+    /// proportion to what the step refers to, not to the size of the run.
+    fn referenced(&self, i: usize) -> Vec<usize> {
+        let def = self.def(i);
+        let texts = def.condition.iter().chain(def.run.iter()).chain(def.env.values());
+        let mut out: Vec<usize> = Vec::new();
+        for text in texts.filter(|t| t.contains("steps")) {
+            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')) {
+                let parts = std::iter::once(word).chain(word.split('-'));
+                for part in parts {
+                    if let Some(&j) = self.index.get(part)
+                        && !out.contains(&j)
+                    {
+                        out.push(j);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What expressions of step `i` see, given each step's `phase`.
+    fn scope(&self, i: usize, phase: &dyn Fn(usize) -> StepPhase) -> Scope {
         let steps: serde_json::Map<String, serde_json::Value> = self
-            .steps
-            .iter()
-            .zip(phases)
-            .map(|(s, p)| {
-                let status = if *p == StepPhase::Failed && s.timed_out { "timed_out" } else { p.as_str() };
+            .referenced(i)
+            .into_iter()
+            .map(|j| {
+                let (s, p) = (&self.steps[j], phase(j));
+                let status = if p == StepPhase::Failed && s.timed_out { "timed_out" } else { p.as_str() };
                 (s.id.clone(), json!({"status": status, "outputs": s.outputs, "exit_code": s.exit_code}))
             })
             .collect();
@@ -266,19 +375,18 @@ impl RunState {
             steps: serde_json::Value::Object(steps),
             run: json!({"id": self.key.run_id.to_string(), "workflow": self.workflow.name}),
             matrix: serde_json::to_value(&self.def(i).matrix_values).unwrap_or_default(),
-            needs_succeeded: needs.iter().all(|&n| self.ok(phases, n)),
-            needs_failed: needs.iter().any(|&n| phases[n] == StepPhase::Failed),
+            needs_succeeded: needs.iter().all(|&n| self.ok(phase, n)),
+            needs_failed: needs.iter().any(|&n| phase(n) == StepPhase::Failed),
             cancelled: self.cancel_requested,
         }
     }
 
     /// Step `i`'s definition with its `${{ }}` templates rendered for dispatch.
     pub fn render(&self, i: usize) -> Result<StepDef, String> {
-        let phases: Vec<StepPhase> = self.steps.iter().map(|s| s.phase).collect();
-        self.render_with(i, &phases)
+        self.render_with(i, &|j| self.steps[j].phase)
     }
 
-    fn render_with(&self, i: usize, phases: &[StepPhase]) -> Result<StepDef, String> {
+    fn render_with(&self, i: usize, phases: &dyn Fn(usize) -> StepPhase) -> Result<StepDef, String> {
         let def = self.def(i);
         let templated =
             def.run.as_deref().is_some_and(|r| r.contains("${{")) || def.env.values().any(|v| v.contains("${{"));
@@ -298,82 +406,125 @@ impl RunState {
 
     /// What follows from the state: ready steps are dispatched (their conditions hold), blocked
     /// ones skipped, failed attempts with retries left dispatched again, and a run whose steps
-    /// all ended ends. Walks the steps in dependency order, so skips cascade in one decision.
+    /// all ended ends. Looks only at the candidates (steps whose needs have all ended, and
+    /// retrying ones) and at what their skips cascade to, in dependency order: the cost is
+    /// proportional to the steps the last events affected, not to the size of the run.
     pub fn decide(&self) -> Vec<Event> {
         if self.is_finished() {
             return Vec::new();
         }
-        let mut phases: Vec<StepPhase> = self.steps.iter().map(|s| s.phase).collect();
+        if self.cancel_requested {
+            return self.decide_cancelled();
+        }
+        if !self.admitted {
+            return Vec::new();
+        }
+        let mut changed: HashMap<usize, StepPhase> = HashMap::new();
         let mut events = Vec::new();
         let now = Utc::now();
-        for &i in &self.topo {
+        let mut work: BinaryHeap<Reverse<(usize, usize)>> = self.candidates.iter().copied().map(Reverse).collect();
+        let mut newly_terminal = 0;
+        while let Some(Reverse((_, i))) = work.pop() {
+            let phase = |j: usize| changed.get(&j).copied().unwrap_or(self.steps[j].phase);
             let step = &self.steps[i];
             let id = step.id.clone();
-            if self.cancel_requested {
-                if matches!(phases[i], StepPhase::Pending | StepPhase::Dispatched | StepPhase::Retrying) {
-                    phases[i] = StepPhase::Cancelled;
-                    events
-                        .push(Event::StepCancelled(StepCancelled { step: id, reason: "the run was cancelled".into() }));
-                }
-                continue;
-            }
-            match phases[i] {
+            let next = match phase(i) {
                 StepPhase::Retrying => {
-                    phases[i] = StepPhase::Dispatched;
                     events.push(Event::StepDispatched(StepDispatched {
                         step: id,
                         dispatch: step.dispatch + 1,
                         not_before: step.retry_at,
                     }));
+                    StepPhase::Dispatched
                 }
-                StepPhase::Pending => match self.verdict(i, &phases) {
-                    Verdict::Wait => {}
-                    Verdict::Run => {
-                        phases[i] = StepPhase::Dispatched;
-                        let not_before = self.not_before.filter(|t| *t > now);
-                        events.push(Event::StepDispatched(StepDispatched { step: id, dispatch: 1, not_before }));
+                StepPhase::Pending if step.needs.iter().all(|&n| phase(n).is_terminal()) => {
+                    match self.verdict(i, &phase) {
+                        Verdict::Wait => continue,
+                        Verdict::Run => {
+                            let not_before = self.not_before.filter(|t| *t > now);
+                            events.push(Event::StepDispatched(StepDispatched { step: id, dispatch: 1, not_before }));
+                            StepPhase::Dispatched
+                        }
+                        Verdict::Skip(reason) => {
+                            events.push(Event::StepSkipped(StepSkipped { step: id, reason }));
+                            StepPhase::Skipped
+                        }
+                        Verdict::Fail(error) => {
+                            let outcome = StepOutcome {
+                                error: Some(error),
+                                started_at: now,
+                                finished_at: now,
+                                ..Default::default()
+                            };
+                            events.push(Event::StepFailed(StepFailed { step: id, attempt: 0, outcome }));
+                            StepPhase::Failed
+                        }
                     }
-                    Verdict::Skip(reason) => {
-                        phases[i] = StepPhase::Skipped;
-                        events.push(Event::StepSkipped(StepSkipped { step: id, reason }));
-                    }
-                    Verdict::Fail(error) => {
-                        phases[i] = StepPhase::Failed;
-                        let outcome =
-                            StepOutcome { error: Some(error), started_at: now, finished_at: now, ..Default::default() };
-                        events.push(Event::StepFailed(StepFailed { step: id, attempt: 0, outcome }));
-                    }
-                },
-                _ => {}
+                }
+                _ => continue,
+            };
+            changed.insert(i, next);
+            if next.is_terminal() {
+                newly_terminal += 1;
+                // What this step ended may now be decidable too.
+                for &d in &self.dependents[i] {
+                    work.push(Reverse((self.topo_pos[d], d)));
+                }
             }
         }
-        if phases.iter().all(|p| p.is_terminal()) {
-            let failed_steps: Vec<String> = (0..self.steps.len())
-                .filter(|&i| phases[i] == StepPhase::Failed && !self.def(i).continue_on_error)
-                .map(|i| self.steps[i].id.clone())
-                .collect();
-            let finished = RunFinished { run_id: self.key.run_id, failed_steps };
-            events.push(if self.timed_out {
-                Event::RunTimedOut(finished)
-            } else if self.cancel_requested {
-                Event::RunCancelled(finished)
-            } else if finished.failed_steps.is_empty() {
-                Event::RunSucceeded(finished)
-            } else {
-                Event::RunFailed(finished)
-            });
+        if self.unfinished == newly_terminal {
+            let phase = |j: usize| changed.get(&j).copied().unwrap_or(self.steps[j].phase);
+            events.push(self.finished(&phase));
         }
         events
     }
 
+    /// Deciding on a run being cancelled: every step not running is cancelled, and once no
+    /// step runs, the run ends. Happens once per run, so it may look at every step.
+    fn decide_cancelled(&self) -> Vec<Event> {
+        let mut phases: Vec<StepPhase> = self.steps.iter().map(|s| s.phase).collect();
+        let mut events = Vec::new();
+        for &i in &self.topo {
+            if matches!(phases[i], StepPhase::Pending | StepPhase::Dispatched | StepPhase::Retrying) {
+                phases[i] = StepPhase::Cancelled;
+                events.push(Event::StepCancelled(StepCancelled {
+                    step: self.steps[i].id.clone(),
+                    reason: "the run was cancelled".into(),
+                }));
+            }
+        }
+        if phases.iter().all(|p| p.is_terminal()) {
+            events.push(self.finished(&|j| phases[j]));
+        }
+        events
+    }
+
+    /// The run's final event, by the documented rules.
+    fn finished(&self, phase: &dyn Fn(usize) -> StepPhase) -> Event {
+        let failed_steps: Vec<String> = (0..self.steps.len())
+            .filter(|&i| phase(i) == StepPhase::Failed && !self.def(i).continue_on_error)
+            .map(|i| self.steps[i].id.clone())
+            .collect();
+        let finished = RunFinished { run_id: self.key.run_id, failed_steps };
+        if self.timed_out {
+            Event::RunTimedOut(finished)
+        } else if self.cancel_requested {
+            Event::RunCancelled(finished)
+        } else if finished.failed_steps.is_empty() {
+            Event::RunSucceeded(finished)
+        } else {
+            Event::RunFailed(finished)
+        }
+    }
+
     /// Whether pending step `i` runs now, waits, is skipped, or fails before running (a
     /// condition or template that cannot be evaluated).
-    fn verdict(&self, i: usize, phases: &[StepPhase]) -> Verdict {
+    fn verdict(&self, i: usize, phases: &dyn Fn(usize) -> StepPhase) -> Verdict {
         let needs = &self.steps[i].needs;
-        let needs_ended = needs.iter().all(|&n| phases[n].is_terminal());
+        let needs_ended = needs.iter().all(|&n| phases(n).is_terminal());
         match &self.def(i).condition {
             None => {
-                if let Some(&blocker) = needs.iter().find(|&&n| phases[n].is_terminal() && !self.ok(phases, n)) {
+                if let Some(&blocker) = needs.iter().find(|&&n| phases(n).is_terminal() && !self.ok(phases, n)) {
                     return Verdict::Skip(format!("needs '{}', which did not succeed", self.steps[blocker].id));
                 }
                 if !needs_ended {
@@ -398,10 +549,13 @@ impl RunState {
         if self.is_finished() || self.cancel_requested {
             return ((), Vec::new());
         }
-        let secs = self.workflow.timeout_seconds.unwrap_or_default();
+        let reason = match self.workflow.timeout_seconds {
+            Some(secs) => format!("the run timed out after {secs} s"),
+            None => "the run passed the platform's longest run time (scheduler.max_run_seconds)".into(),
+        };
         let event = Event::RunCancelRequested(taskmesh_events::RunCancelRequested {
             run_id: self.key.run_id,
-            reason: format!("the run timed out after {secs} s"),
+            reason,
             key_id: None,
             timed_out: true,
         });
@@ -570,6 +724,8 @@ mod tests {
             workflow_version: None,
             not_before: None,
             reused: Default::default(),
+            priority: None,
+            concurrency: None,
         });
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
     }
@@ -681,5 +837,73 @@ mod tests {
             outcome,
         };
         assert!(matches!(s.report(&late), (ReportAck::Stale, ref e) if e.is_empty()));
+    }
+
+    #[test]
+    fn a_2000_step_chain_decides_one_step_at_a_time() {
+        let mut yaml = String::from("name: chain\nsteps:\n  - {id: s0, uses: noop}\n");
+        for i in 1..2000 {
+            yaml.push_str(&format!("  - {{id: s{i}, needs: [s{}], uses: noop}}\n", i - 1));
+        }
+        let mut s = run(&yaml);
+        let first = s.decide();
+        assert_eq!(names(&first), ["dispatch s0"]);
+        apply_all(&mut s, &first);
+        for i in 0..2000 {
+            // Each decision looks at the one step the last result unblocked, not at the run.
+            assert!(s.candidate_count() <= 1, "{} candidates after step {i}", s.candidate_count());
+            let next = finish(&mut s, &format!("s{i}"), true);
+            let want = if i == 1999 { "RunSucceeded".to_string() } else { format!("dispatch s{}", i + 1) };
+            assert_eq!(names(&next), [want]);
+        }
+    }
+
+    #[test]
+    fn a_500_way_fan_out_dispatches_once_and_fans_in_once() {
+        let mut yaml = String::from("name: fan\nsteps:\n  - {id: a, uses: noop}\n");
+        for i in 0..500 {
+            yaml.push_str(&format!("  - {{id: b{i}, needs: [a], uses: noop}}\n"));
+        }
+        let all: Vec<String> = (0..500).map(|i| format!("b{i}")).collect();
+        yaml.push_str(&format!("  - {{id: c, needs: [{}], uses: noop}}\n", all.join(", ")));
+        let mut s = run(&yaml);
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        let fanned = finish(&mut s, "a", true);
+        assert_eq!(fanned.len(), 500);
+        assert_eq!(s.candidate_count(), 0, "dispatched steps are no longer candidates");
+        for (i, b) in all.iter().enumerate() {
+            let next = finish(&mut s, b, true);
+            if i < 499 {
+                assert!(next.is_empty(), "nothing to do while {} of the fan-out run", 499 - i);
+            } else {
+                assert_eq!(names(&next), ["dispatch c"]);
+            }
+        }
+        assert_eq!(names(&finish(&mut s, "c", true)), ["RunSucceeded"]);
+    }
+
+    #[test]
+    fn a_failure_early_in_a_long_chain_skips_the_rest_in_one_decision() {
+        let mut yaml = String::from("name: chain\nsteps:\n  - {id: s0, uses: noop}\n");
+        for i in 1..1000 {
+            yaml.push_str(&format!("  - {{id: s{i}, needs: [s{}], uses: noop}}\n", i - 1));
+        }
+        let mut s = run(&yaml);
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        let next = finish(&mut s, "s0", false);
+        assert_eq!(next.len(), 1000, "999 skips and the run's end");
+        assert_eq!(names(&next[998..]), ["skip s999", "RunFailed"]);
+    }
+
+    #[test]
+    fn a_run_in_a_concurrency_group_waits_for_admission() {
+        let mut s = run("name: g\nsteps:\n  - {id: a, uses: noop}\n");
+        s.admitted = false;
+        assert!(s.decide().is_empty(), "nothing starts before RunAdmitted");
+        let run_id = s.key.run_id;
+        apply_all(&mut s, &[Event::RunAdmitted(taskmesh_events::RunAdmitted { run_id })]);
+        assert_eq!(names(&s.decide()), ["dispatch a"]);
     }
 }

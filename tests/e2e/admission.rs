@@ -1,0 +1,310 @@
+//! Admission control: per-tenant concurrency limits and fairness, priorities, rate-limit
+//! buckets, concurrency groups, and the reasons a wait shows in the API.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use taskmesh_events::{Event, RunKey};
+use taskmesh_testkit::eventually;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+const PLATFORM_KEY: &str = "platform-admin-key-for-admission-tests";
+
+/// Every event of a run of `tenant`, from the log.
+async fn events_of(tm: &TestMesh, tenant: &str, id: Uuid) -> Vec<taskmesh_events::Envelope> {
+    let key = RunKey { tenant: tenant.into(), run_id: id };
+    tm.bus.read_subject(&tm.bus.namespace().run(&key), 0).await.unwrap().into_iter().map(|s| s.envelope).collect()
+}
+
+/// A step's id, when it started and when it ended (if it did).
+type Interval = (String, DateTime<Utc>, Option<DateTime<Utc>>);
+
+/// When each step of a run started and ended, from the log.
+async fn intervals(tm: &TestMesh, tenant: &str, id: Uuid) -> Vec<Interval> {
+    let mut out: Vec<Interval> = Vec::new();
+    for e in events_of(tm, tenant, id).await {
+        match &e.event {
+            Event::StepStarted(s) => out.push((s.step.clone(), e.occurred_at, None)),
+            Event::StepSucceeded(s) => {
+                if let Some(i) = out.iter_mut().find(|i| i.0 == s.step) {
+                    i.2 = Some(e.occurred_at);
+                }
+            }
+            Event::StepCancelled(s) => {
+                if let Some(i) = out.iter_mut().find(|i| i.0 == s.step) {
+                    i.2 = Some(e.occurred_at);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Most intervals open at once.
+fn peak(intervals: &[Interval]) -> usize {
+    let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
+    for (_, start, end) in intervals {
+        edges.push((*start, 1));
+        edges.push((end.unwrap_or(DateTime::<Utc>::MAX_UTC), -1));
+    }
+    // At equal times an end comes before a start: the slot was freed first.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+async fn submit_json(tm: &TestMesh, key: &str, body: Value) -> Uuid {
+    let res = tm.http.post(format!("{}/v1/runs", tm.api)).bearer_auth(key).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 202, "submit: {}", res.text().await.unwrap());
+    res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap()
+}
+
+async fn run_of(tm: &TestMesh, key: &str, id: Uuid) -> Value {
+    tm.http.get(format!("{}/v1/runs/{id}", tm.api)).bearer_auth(key).send().await.unwrap().json().await.unwrap()
+}
+
+fn finished(run: &Value) -> bool {
+    ["succeeded", "failed", "cancelled", "timed_out"].contains(&run["status"].as_str().unwrap_or(""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
+    const LIMIT: usize = 3;
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+        s.executor.slots = 4;
+        s.scheduler.tenant_limits.insert("default".into(), LIMIT as u32);
+    })
+    .await;
+    let res = tm
+        .http
+        .post(format!("{}/v1/tenants", tm.api))
+        .bearer_auth(PLATFORM_KEY)
+        .json(&json!({"id": "beta", "name": "Beta"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let beta_key = res.json::<Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+
+    // Tenant A (`default`): 5,000 steps, ten runs of 500.
+    let steps: Vec<Value> = (0..500).map(|i| json!({"id": format!("s{i}"), "uses": "noop"})).collect();
+    let mut a_runs = Vec::new();
+    for r in 0..10 {
+        a_runs
+            .push(submit_json(&tm, &tm.key, json!({"workflow": {"name": format!("flood-{r}"), "steps": steps}})).await);
+    }
+    // A's backlog is held back for the tenant's limit, and the API says so.
+    let reason = eventually("a held step's wait reason", Duration::from_secs(60), || async {
+        let run = run_of(&tm, &tm.key, a_runs[9]).await;
+        Ok(run["steps"].as_array().and_then(|s| s.iter().find_map(|s| s["wait_reason"].as_str().map(str::to_owned))))
+    })
+    .await
+    .unwrap();
+    assert_eq!(reason, format!("tenant concurrency limit ({LIMIT} steps)"));
+
+    // Tenant B: ten steps, submitted behind A's backlog.
+    let b_steps: Vec<Value> = (0..10).map(|i| json!({"id": format!("b{i}"), "uses": "noop"})).collect();
+    let b_run = submit_json(&tm, &beta_key, json!({"workflow": {"name": "small", "steps": b_steps}})).await;
+    let b = eventually("B's run to finish", Duration::from_secs(60), || async {
+        let run = run_of(&tm, &beta_key, b_run).await;
+        Ok(finished(&run).then_some(run))
+    })
+    .await
+    .unwrap();
+    assert_eq!(b["status"], "succeeded");
+
+    // When B was done, A's backlog had not drained.
+    let mut a_done = 0;
+    for id in &a_runs {
+        let run = run_of(&tm, &tm.key, *id).await;
+        a_done += run["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "succeeded").count();
+    }
+    assert!(a_done < 4_000, "B finished before A's backlog drained ({a_done} of A's 5000 steps done)");
+
+    // A never had more than its limit of steps running at once.
+    let mut all = Vec::new();
+    for id in &a_runs {
+        all.extend(intervals(&tm, "default", *id).await);
+    }
+    assert!(!all.is_empty());
+    assert!(peak(&all) <= LIMIT, "tenant A ran {} steps at once (limit {LIMIT})", peak(&all));
+
+    // Cancelling A's runs ends them, held steps and all.
+    for id in &a_runs {
+        let res = tm.auth(tm.http.post(format!("{}/v1/runs/{id}/cancel", tm.api))).send().await.unwrap();
+        assert!(res.status() == 202 || res.status() == 409, "{}", res.status());
+    }
+    for id in &a_runs {
+        let run = tm.wait_run(*id, Duration::from_secs(60)).await;
+        assert!(["cancelled", "succeeded"].contains(&run["status"].as_str().unwrap()), "{}", run["status"]);
+    }
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_contention_the_higher_priority_goes_first() {
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.scheduler.tenant_limits.insert("default".into(), 1);
+    })
+    .await;
+    let blocker = submit_json(
+        &tm,
+        &tm.key,
+        json!({"workflow": {"name": "blocker", "steps": [{"id": "hold", "run": "sleep 2"}]}}),
+    )
+    .await;
+    eventually("the blocker to run", Duration::from_secs(30), || async {
+        let run = run_of(&tm, &tm.key, blocker).await;
+        Ok((run["steps"][0]["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    let one = |name: &str| json!({"name": name, "steps": [{"id": "go", "run": "true"}]});
+    let low = submit_json(&tm, &tm.key, json!({"workflow": one("low"), "priority": -10})).await;
+    let mid = submit_json(&tm, &tm.key, json!({"workflow": one("mid")})).await;
+    // A step's own priority beats the run's.
+    let high = submit_json(
+        &tm,
+        &tm.key,
+        json!({"workflow": {"name": "high", "steps": [{"id": "go", "run": "true", "priority": 50}]}, "priority": -20}),
+    )
+    .await;
+    let mut started = Vec::new();
+    for (name, id) in [("low", low), ("mid", mid), ("high", high)] {
+        let run = tm.wait_run(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded");
+        started.push((ts(step(&run, "go"), "started_at"), name));
+    }
+    assert_eq!(run_of(&tm, &tm.key, low).await["priority"], -10);
+    started.sort();
+    let order: Vec<&str> = started.iter().map(|(_, n)| *n).collect();
+    assert_eq!(order, ["high", "mid", "low"], "dispatched by priority, not submission order");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_step_runs_at_the_buckets_rate_and_none_fails_for_it() {
+    let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 8).await;
+    let id = tm
+        .submit(
+            "name: throttled\nsteps:\n  - id: call\n    matrix: {n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n    rate_limit: {key: partner, per_second: 5}\n    uses: noop\n",
+        )
+        .await;
+    let run = tm.wait_run(id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 12);
+    assert!(steps.iter().all(|s| s["status"] == "succeeded" && s["attempts"] == 1), "none failed or retried: {run:#}");
+    let mut starts: Vec<DateTime<Utc>> = steps.iter().map(|s| ts(s, "started_at")).collect();
+    starts.sort();
+    // A bucket of 5/s with a burst of 1: the n-th start comes no sooner than n/5 s after the
+    // first (less 150 ms: an executor may be slower to start one step than the next), and the
+    // whole lot not much later than that.
+    for (n, t) in starts.iter().enumerate() {
+        let earliest = chrono::Duration::milliseconds(n as i64 * 200 - 150);
+        assert!(
+            *t - starts[0] >= earliest,
+            "start {n} came {} ms after the first",
+            (*t - starts[0]).num_milliseconds()
+        );
+    }
+    let span = (starts[11] - starts[0]).num_milliseconds();
+    assert!(span < 6_000, "11 intervals at 5/s took {span} ms");
+    let waits = tm
+        .run_events(id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::StepWaiting(w) => Some(w.reason),
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    assert!(waits.iter().all(|r| r == "rate limit 'partner' (5/s)"), "{waits:?}");
+    assert!(!waits.is_empty(), "the held steps said why they waited");
+    tm.finish().await;
+}
+
+const GROUP: &str = "name: deploy\ninputs:\n  env: {type: string}\nconcurrency: {group: 'deploy-${{ inputs.env }}', limit: 1, policy: POLICY}\nsteps:\n  - {id: go, run: 'sleep SECS'}\n";
+
+async fn submit_group(tm: &TestMesh, policy: &str, secs: &str, env: &str) -> Uuid {
+    let yaml = GROUP.replace("POLICY", policy).replace("SECS", secs);
+    let workflow: Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    submit_json(tm, &tm.key, json!({"workflow": workflow, "inputs": {"env": env}})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_group_runs_one_at_a_time_in_order_and_other_keys_are_free() {
+    let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 4).await;
+    let first = submit_group(&tm, "queue", "2", "prod").await;
+    let second = submit_group(&tm, "queue", "1", "prod").await;
+    let third = submit_group(&tm, "queue", "1", "prod").await;
+    let other = submit_group(&tm, "queue", "1", "dev").await;
+    let reason = eventually("the waiting run's reason", Duration::from_secs(30), || async {
+        let run = run_of(&tm, &tm.key, third).await;
+        Ok(run["wait_reason"].as_str().map(str::to_owned))
+    })
+    .await
+    .unwrap();
+    assert_eq!(reason, "concurrency group 'deploy-prod' is full (limit 1)");
+    let mut spans = Vec::new();
+    for id in [first, second, third] {
+        let run = tm.wait_run(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded");
+        spans.push((ts(&run, "started_at"), ts(&run, "finished_at")));
+    }
+    for pair in spans.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "one run of the group at a time, in submission order: {spans:?}");
+    }
+    let other = tm.wait_run(other, Duration::from_secs(60)).await;
+    assert_eq!(other["status"], "succeeded");
+    assert!(ts(&other, "started_at") < spans[0].1, "another key's run did not wait for the group");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_in_progress_cancels_the_running_one_and_skip_drops_the_newcomer() {
+    let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 4).await;
+    // cancel_in_progress: the newer run replaces the older.
+    let old = submit_group(&tm, "cancel_in_progress", "30", "prod").await;
+    eventually("the old run to run", Duration::from_secs(30), || async {
+        Ok((run_of(&tm, &tm.key, old).await["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    let new = submit_group(&tm, "cancel_in_progress", "0", "prod").await;
+    let old_run = tm.wait_run(old, Duration::from_secs(30)).await;
+    assert_eq!(old_run["status"], "cancelled");
+    let new_run = tm.wait_run(new, Duration::from_secs(30)).await;
+    assert_eq!(new_run["status"], "succeeded");
+    assert!(ts(&new_run, "started_at") >= ts(&old_run, "finished_at"), "the new run waited for the old to end");
+    let reason = events_of(&tm, "default", old).await.into_iter().find_map(|e| match e.event {
+        Event::RunCancelRequested(c) => Some(c.reason),
+        _ => None,
+    });
+    assert_eq!(reason, Some(format!("superseded by run {new} in concurrency group 'deploy-prod'")));
+
+    // skip: a run finding its group full does not run at all.
+    let busy = submit_group(&tm, "skip", "3", "stage").await;
+    eventually("the busy run to run", Duration::from_secs(30), || async {
+        Ok((run_of(&tm, &tm.key, busy).await["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    let skipped = submit_group(&tm, "skip", "0", "stage").await;
+    let skipped_run = tm.wait_run(skipped, Duration::from_secs(30)).await;
+    assert_eq!(skipped_run["status"], "cancelled");
+    assert_eq!(step(&skipped_run, "go")["attempts"], 0, "the skipped run's step never ran");
+    let busy_run = tm.wait_run(busy, Duration::from_secs(30)).await;
+    assert_eq!(busy_run["status"], "succeeded");
+    tm.finish().await;
+}
