@@ -154,17 +154,22 @@ impl Bus {
             allow_direct: true,
             ..Default::default()
         };
-        let queue = |name: String, subject: String, what: &str| StreamConfig {
+        // A bounded stream that refuses new messages when full (the publisher backs off).
+        let bounded = |name: String, subject: String, what: &str| StreamConfig {
             name,
             description: Some(what.into()),
             subjects: vec![subject],
-            retention: RetentionPolicy::WorkQueue,
+            retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             num_replicas: self.settings.replicas,
             max_messages: 1_000_000,
             discard: DiscardPolicy::New,
             duplicate_window: dup,
             ..Default::default()
+        };
+        let queue = |name: String, subject: String, what: &str| StreamConfig {
+            retention: RetentionPolicy::WorkQueue,
+            ..bounded(name, subject, what)
         };
         let logs = StreamConfig {
             name: self.ns.logs_stream(),
@@ -182,31 +187,11 @@ impl Bus {
         };
         // What waits for admission: entries are deleted once admitted, so the stream holds
         // exactly the waiting work and a new dispatcher reads it back from the start.
-        let ready = StreamConfig {
-            name: self.ns.ready_stream(),
-            description: Some("Taskmesh work waiting for admission".into()),
-            subjects: vec![self.ns.ready_all()],
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            num_replicas: self.settings.replicas,
-            max_messages: 1_000_000,
-            discard: DiscardPolicy::New,
-            duplicate_window: dup,
-            ..Default::default()
-        };
+        let ready = bounded(self.ns.ready_stream(), self.ns.ready_all(), "Taskmesh work waiting for admission");
         // One message per active run of a concurrency group, purged when the run ends.
         let groups = StreamConfig {
-            name: self.ns.groups_stream(),
-            description: Some("Taskmesh concurrency groups' active runs".into()),
-            subjects: vec![self.ns.groups_all()],
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            num_replicas: self.settings.replicas,
             max_messages_per_subject: 1,
-            max_messages: 1_000_000,
-            discard: DiscardPolicy::New,
-            duplicate_window: dup,
-            ..Default::default()
+            ..bounded(self.ns.groups_stream(), self.ns.groups_all(), "Taskmesh concurrency groups' active runs")
         };
         let streams = [
             events,

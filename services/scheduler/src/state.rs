@@ -839,13 +839,18 @@ mod tests {
         assert!(matches!(s.report(&late), (ReportAck::Stale, ref e) if e.is_empty()));
     }
 
-    #[test]
-    fn a_2000_step_chain_decides_one_step_at_a_time() {
+    /// A chain of `n` noop steps, `s0` … `s{n-1}`.
+    fn chain(n: usize) -> RunState {
         let mut yaml = String::from("name: chain\nsteps:\n  - {id: s0, uses: noop}\n");
-        for i in 1..2000 {
+        for i in 1..n {
             yaml.push_str(&format!("  - {{id: s{i}, needs: [s{}], uses: noop}}\n", i - 1));
         }
-        let mut s = run(&yaml);
+        run(&yaml)
+    }
+
+    #[test]
+    fn a_2000_step_chain_decides_one_step_at_a_time() {
+        let mut s = chain(2000);
         let first = s.decide();
         assert_eq!(names(&first), ["dispatch s0"]);
         apply_all(&mut s, &first);
@@ -885,11 +890,7 @@ mod tests {
 
     #[test]
     fn a_failure_early_in_a_long_chain_skips_the_rest_in_one_decision() {
-        let mut yaml = String::from("name: chain\nsteps:\n  - {id: s0, uses: noop}\n");
-        for i in 1..1000 {
-            yaml.push_str(&format!("  - {{id: s{i}, needs: [s{}], uses: noop}}\n", i - 1));
-        }
-        let mut s = run(&yaml);
+        let mut s = chain(1000);
         let first = s.decide();
         apply_all(&mut s, &first);
         let next = finish(&mut s, "s0", false);
