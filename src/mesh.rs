@@ -114,11 +114,12 @@ impl Mesh {
                     tasks.spawn(async move { (service, server.run_until_stopped(token).await) });
                 }
                 Service::Ingest => {
-                    let ingest = taskmesh_ingest::Ingest::new(bus);
+                    let ingest = taskmesh_ingest::Ingest::new(bus).with_limits(settings.limits.clone());
                     tasks.spawn(async move { (service, ingest.run(token).await) });
                 }
                 Service::Scheduler => {
-                    let scheduler = taskmesh_scheduler::Scheduler::new(bus, settings.scheduler.clone());
+                    let scheduler =
+                        taskmesh_scheduler::Scheduler::new(bus, settings.scheduler.clone(), settings.limits.clone());
                     tasks.spawn(async move { (service, scheduler.run(token).await) });
                 }
                 Service::Executor => {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use taskmesh_config::TenantLimits;
 use taskmesh_events::{Event, RunKey};
 use taskmesh_testkit::eventually;
 use uuid::Uuid;
@@ -81,7 +82,7 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
     let tm = spawn_with(&Svc::ALL, |s| {
         s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
         s.executor.slots = 4;
-        s.scheduler.tenant_limits.insert("default".into(), LIMIT as u32);
+        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: Some(LIMIT as u32), max_runs: None });
     })
     .await;
     let res = tm
@@ -154,7 +155,7 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_contention_the_higher_priority_goes_first() {
     let tm = spawn_with(&Svc::ALL, |s| {
-        s.scheduler.tenant_limits.insert("default".into(), 1);
+        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: Some(1), max_runs: None });
     })
     .await;
     let blocker = submit_json(
@@ -306,5 +307,36 @@ async fn cancel_in_progress_cancels_the_running_one_and_skip_drops_the_newcomer(
     assert_eq!(step(&skipped_run, "go")["attempts"], 0, "the skipped run's step never ran");
     let busy_run = tm.wait_run(busy, Duration::from_secs(30)).await;
     assert_eq!(busy_run["status"], "succeeded");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_run_limit_queues_its_runs_in_order() {
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.executor.slots = 6;
+        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: None, max_runs: Some(2) });
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let yaml =
+            format!("name: r{i}\nsteps:\n  - {{id: a, run: 'sleep 1'}}\n  - {{id: b, needs: [a], uses: noop}}\n");
+        ids.push(tm.submit(&yaml).await);
+    }
+    let reason = eventually("a waiting run's reason", Duration::from_secs(30), || async {
+        Ok(run_of(&tm, &tm.key, ids[4]).await["wait_reason"].as_str().map(str::to_owned))
+    })
+    .await
+    .unwrap();
+    assert_eq!(reason, "tenant concurrent-run limit (2 runs)");
+    let mut spans = Vec::new();
+    for id in &ids {
+        let run = tm.wait_run(*id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded");
+        spans.push((String::new(), ts(&run, "started_at"), Some(ts(&run, "finished_at"))));
+    }
+    assert!(peak(&spans) <= 2, "at most two runs at once: {spans:?}");
+    // The first two went at once; the rest in submission order.
+    assert!(spans[2].1 >= spans[0].1 && spans[4].1 >= spans[2].1, "{spans:?}");
     tm.finish().await;
 }

@@ -73,7 +73,7 @@ async fn assert_runs(tm: &TestMesh, runs: &[uuid::Uuid], ticks: &[DateTime<Utc>]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_tick_fires_once_with_two_scheduler_replicas() {
     let tm = spawn_mesh().await;
-    let second = Scheduler::new(tm.bus.clone(), tm.env.settings.scheduler.clone());
+    let second = Scheduler::new(tm.bus.clone(), tm.env.settings.scheduler.clone(), tm.env.settings.limits.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let replica = tokio::spawn(second.run(stop.clone()));
     let res = create(&tm, every_second()).await;

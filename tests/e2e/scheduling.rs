@@ -56,7 +56,7 @@ async fn two_scheduler_replicas_dispatch_every_step_exactly_once() {
     })
     .await;
     // A second replica with its own cache, sharing the durable consumer and command subjects.
-    let second = Scheduler::new(tm.bus.clone(), tm.env.settings.scheduler.clone());
+    let second = Scheduler::new(tm.bus.clone(), tm.env.settings.scheduler.clone(), tm.env.settings.limits.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let replica = tokio::spawn(second.run(stop.clone()));
     let yaml = "name: fan\nsteps:\n  - {id: a, uses: noop}\n  - {id: b, needs: [a], uses: noop}\n  - {id: c, needs: [a], uses: noop}\n  - {id: d, needs: [a], run: 'true'}\n  - {id: e, needs: [b, c, d], uses: noop}\n";

@@ -32,6 +32,7 @@ pub struct Settings {
     pub git: HttpSettings,
     pub executor: ExecutorSettings,
     pub scheduler: SchedulerSettings,
+    pub limits: LimitsSettings,
     pub notification: NotificationSettings,
     pub telemetry: TelemetrySettings,
     pub health: HealthSettings,
@@ -49,6 +50,7 @@ impl Default for Settings {
             git: HttpSettings::on(8081),
             executor: ExecutorSettings::default(),
             scheduler: SchedulerSettings::default(),
+            limits: LimitsSettings::default(),
             notification: NotificationSettings::default(),
             telemetry: TelemetrySettings::default(),
             health: HealthSettings::default(),
@@ -185,11 +187,6 @@ pub struct SchedulerSettings {
     /// How long an event delivered to a replica may go unacknowledged before JetStream gives it
     /// to another: the delay a crashed replica's in-flight events see.
     pub event_ack_wait_secs: u64,
-    /// Steps of one tenant on the dispatch queue or running at once (0: no limit), unless
-    /// `tenant_limits` names the tenant.
-    pub tenant_max_steps: u32,
-    /// Per-tenant overrides of `tenant_max_steps`, e.g. `{ acme = 50 }`.
-    pub tenant_limits: std::collections::BTreeMap<String, u32>,
     /// Steps of all tenants on the dispatch queue or running at once (0: no limit); when it is
     /// reached, tenants take turns.
     pub dispatch_window: u32,
@@ -207,8 +204,6 @@ impl Default for SchedulerSettings {
             cache_runs: 10_000,
             max_lost_attempts: 3,
             event_ack_wait_secs: 10,
-            tenant_max_steps: 1_000,
-            tenant_limits: Default::default(),
             dispatch_window: 0,
             leader_ttl_ms: 3_000,
             max_run_seconds: 7 * 86_400,
@@ -216,10 +211,41 @@ impl Default for SchedulerSettings {
     }
 }
 
-impl SchedulerSettings {
+/// Per-tenant limits, read by ingest (runs) and the scheduler's dispatcher (steps).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Steps of one tenant on the dispatch queue or running at once (0: no limit).
+    pub tenant_max_steps: u32,
+    /// Runs of one tenant started and not yet ended at once (0: no limit); further runs wait
+    /// their turn in submission order.
+    pub tenant_max_runs: u32,
+    /// Per-tenant overrides, e.g. `{ acme = { max_steps = 50, max_runs = 10 } }`.
+    pub tenants: std::collections::BTreeMap<String, TenantLimits>,
+}
+
+/// One tenant's overrides of the defaults in [`LimitsSettings`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    pub max_steps: Option<u32>,
+    pub max_runs: Option<u32>,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self { tenant_max_steps: 1_000, tenant_max_runs: 0, tenants: Default::default() }
+    }
+}
+
+impl LimitsSettings {
     /// The concurrency limit of `tenant`'s steps (0: none).
-    pub fn tenant_limit(&self, tenant: &str) -> u32 {
-        self.tenant_limits.get(tenant).copied().unwrap_or(self.tenant_max_steps)
+    pub fn max_steps(&self, tenant: &str) -> u32 {
+        self.tenants.get(tenant).and_then(|t| t.max_steps).unwrap_or(self.tenant_max_steps)
+    }
+    /// The limit of `tenant`'s concurrent runs (0: none).
+    pub fn max_runs(&self, tenant: &str) -> u32 {
+        self.tenants.get(tenant).and_then(|t| t.max_runs).unwrap_or(self.tenant_max_runs)
     }
 }
 

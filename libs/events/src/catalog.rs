@@ -211,7 +211,21 @@ pub struct RunSubmitted {
     /// before `RunAdmitted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<RunConcurrency>,
+    /// The tenant's limit of concurrent runs when the run was submitted, if it had one. Such a
+    /// run starts no step before `RunAdmitted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_max_runs: Option<u32>,
 }
+
+impl RunSubmitted {
+    /// Whether the run waits for `RunAdmitted` before its steps may start.
+    pub fn needs_admission(&self) -> bool {
+        self.concurrency.is_some() || self.tenant_max_runs.is_some()
+    }
+}
+
+/// The token of the implicit group of a tenant's runs (never a hash: hashes are hex).
+pub const TENANT_RUNS_GROUP: &str = "tenant-runs";
 
 /// A run's concurrency group, as submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -225,8 +225,16 @@ pub enum Ready {
         /// Effective priority: the step's, else the run's, else the workflow's, else 0.
         priority: i32,
     },
-    /// A run of a concurrency group, to be admitted once its group has room.
-    Run { tenant: String, run_id: Uuid, concurrency: crate::catalog::RunConcurrency },
+    /// A run to be admitted once its concurrency group and its tenant's limit of concurrent
+    /// runs both have room.
+    Run {
+        tenant: String,
+        run_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        concurrency: Option<crate::catalog::RunConcurrency>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant_max_runs: Option<u32>,
+    },
 }
 
 /// Identifies one lease on a step: the dispatch, the dispatch message's stream sequence, and

@@ -43,11 +43,20 @@ fn check_tenant(tenant: &str) -> Reply<()> {
 #[derive(Clone)]
 pub struct Ingest {
     bus: Bus,
+    limits: taskmesh_config::LimitsSettings,
 }
 
 impl Ingest {
+    /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]).
     pub fn new(bus: Bus) -> Self {
-        Self { bus }
+        let limits = taskmesh_config::LimitsSettings { tenant_max_runs: 0, ..Default::default() };
+        Self { bus, limits }
+    }
+
+    /// Records each tenant's limit of concurrent runs in the runs it accepts.
+    pub fn with_limits(mut self, limits: taskmesh_config::LimitsSettings) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Validates a workflow and appends `RunSubmitted`.
@@ -99,6 +108,7 @@ impl Ingest {
                 reused: Default::default(),
                 priority: cmd.priority,
                 concurrency,
+                tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
             }),
         );
         match self.bus.append(0, &envelope).await {
@@ -331,6 +341,7 @@ impl Ingest {
                 reused,
                 priority: original.priority,
                 concurrency: original.concurrency,
+                tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
             }),
         );
         let seq = self.bus.append(0, &envelope).await?;

@@ -10,8 +10,9 @@
 //!   work queue holds a message per step from admission until its executor acks it, so its
 //!   per-subject counts are the truth, whoever admitted them and whatever crashed since);
 //! - the step's rate-limit bucket has a token, and its `not_before` has passed;
-//! - for a run with a concurrency group: the group has room (the GROUPS stream holds one message
-//!   per active run of a group, purged when the run ends).
+//! - for a run with a concurrency group, or of a tenant with a limit of concurrent runs: the
+//!   group (and the tenant's implicit group of runs) has room. The GROUPS stream holds one
+//!   message per active run of a group, purged when the run ends.
 //!
 //! Within a tenant the highest priority goes first, then the oldest; tenants take turns, one
 //! step each, so one tenant's backlog never holds another's work behind it. A step held for
@@ -31,11 +32,12 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
 use taskmesh_bus::{Bus, BusError};
-use taskmesh_config::SchedulerSettings;
+use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{CancelSignal, Dispatch, Ready};
 use taskmesh_events::workflow::GroupPolicy;
 use taskmesh_events::{
     Event, EventMeta, RunAdmitted, RunCancelRequested, RunConcurrency, RunKey, RunWaiting, StepAdmitted, StepWaiting,
+    TENANT_RUNS_GROUP,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -52,6 +54,7 @@ const READ_BATCH: usize = 4_096;
 pub(crate) struct Dispatcher {
     bus: Bus,
     settings: SchedulerSettings,
+    limits: LimitsSettings,
     id: String,
 }
 
@@ -63,17 +66,48 @@ struct HeldStep {
     reported: bool,
 }
 
-/// A run waiting for its concurrency group.
+/// A run waiting for its concurrency group or its tenant's run limit.
 struct HeldRun {
     tenant: String,
     run_id: Uuid,
-    concurrency: RunConcurrency,
+    concurrency: Option<RunConcurrency>,
+    tenant_max_runs: Option<u32>,
     reported: bool,
 }
 
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Tokens per second, and most tokens held, as the last step using it said.
+    rate: f64,
+    cap: f64,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
+        self.at = now;
+    }
+}
+
+/// Until when the leader may admit: a margin inside its lease, pushed on by each renewal.
+#[derive(Clone)]
+struct Validity(std::sync::Arc<std::sync::Mutex<Instant>>);
+
+impl Validity {
+    fn new(until: Instant) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(until)))
+    }
+    fn extend(&self, until: Instant) {
+        *self.0.lock().expect("not poisoned") = until;
+    }
+    fn check(&self) -> Result<(), BusError> {
+        if Instant::now() < *self.0.lock().expect("not poisoned") {
+            Ok(())
+        } else {
+            Err(BusError::Nats("the dispatcher lease was not renewed in time".into()))
+        }
+    }
 }
 
 #[derive(Default)]
@@ -104,8 +138,8 @@ enum Hold {
 }
 
 impl Dispatcher {
-    pub fn new(bus: Bus, settings: SchedulerSettings) -> Self {
-        Self { bus, settings, id: Uuid::now_v7().to_string() }
+    pub fn new(bus: Bus, settings: SchedulerSettings, limits: LimitsSettings) -> Self {
+        Self { bus, settings, limits, id: Uuid::now_v7().to_string() }
     }
 
     /// Competes for the leader lease and, while holding it, admits work; until `shutdown`.
@@ -123,23 +157,26 @@ impl Dispatcher {
                 Ok(claim) => {
                     tracing::info!(id = %self.id, "leading the dispatcher");
                     let lost = CancellationToken::new();
+                    // Admissions stop a margin before the lease could have expired unrenewed,
+                    // so a stalled leader never admits alongside its successor.
+                    let valid = Validity::new(Instant::now() + ttl * 2 / 3);
                     let renew = {
-                        let (bus, id, lost, shutdown) =
-                            (self.bus.clone(), self.id.clone(), lost.clone(), shutdown.clone());
+                        let (bus, id, lost, shutdown, valid) =
+                            (self.bus.clone(), self.id.clone(), lost.clone(), shutdown.clone(), valid.clone());
                         tokio::spawn(async move {
                             let mut claim = claim;
                             loop {
                                 tokio::select! {
-                                    _ = shutdown.cancelled() => {
-                                        // Hand over at once rather than at the lease's expiry.
-                                        let _ = bus.release_lease(LEASE_KEY).await;
-                                        lost.cancel();
-                                        return;
-                                    }
+                                    _ = shutdown.cancelled() => break,
+                                    _ = lost.cancelled() => break,
                                     _ = tokio::time::sleep(ttl / 3) => {}
                                 }
+                                let asked = Instant::now();
                                 match bus.claim_lease(LEASE_KEY, &id, Some(claim)).await {
-                                    Ok(c) => claim = c,
+                                    Ok(c) => {
+                                        claim = c;
+                                        valid.extend(asked + ttl * 2 / 3);
+                                    }
                                     Err(e) => {
                                         tracing::warn!(error = %e, "lost the dispatcher lease");
                                         lost.cancel();
@@ -147,9 +184,12 @@ impl Dispatcher {
                                     }
                                 }
                             }
+                            // Hand over at once rather than at the lease's expiry.
+                            let _ = bus.release_lease(LEASE_KEY).await;
+                            lost.cancel();
                         })
                     };
-                    if let Err(e) = self.lead(lost.clone()).await {
+                    if let Err(e) = self.lead(lost.clone(), valid).await {
                         tracing::warn!(error = %e, "dispatcher stopped leading");
                     }
                     lost.cancel();
@@ -169,7 +209,7 @@ impl Dispatcher {
     }
 
     /// Reads READY from its start and admits what may go, until the lease is `lost`.
-    async fn lead(&self, lost: CancellationToken) -> anyhow::Result<()> {
+    async fn lead(&self, lost: CancellationToken, valid: Validity) -> anyhow::Result<()> {
         let ns = self.bus.namespace();
         let stream = self.bus.jetstream().get_stream(ns.ready_stream()).await?;
         let consumer = stream
@@ -211,20 +251,42 @@ impl Dispatcher {
                     }
                     _ = tokio::time::sleep(wait) => {}
                 }
-                if let Err(e) = self.admit(&mut held, &report_tx).await {
+                if !held.runs.is_empty()
+                    && let Err(e) = self.admit_runs(&mut held, &report_tx, &valid).await
+                {
+                    tracing::warn!(error = %e, "admitting runs failed; retrying");
+                }
+                if let Err(e) = self.admit(&mut held, &report_tx, &valid).await {
                     tracing::warn!(error = %e, "admission round failed; retrying");
                     tokio::time::sleep(TICK).await;
                 }
             }
         }
         .await;
-        drop(report_tx);
-        let _ = reporter.await;
+        // What is not yet reported is only informational; a new leader says it again.
+        reporter.abort();
         result
+    }
+
+    /// Deletes an admitted (or dropped) entry from READY. A failure is logged, not returned:
+    /// the entry is already out of this leader's memory, and were a later leader to admit it
+    /// again, the dispatch queue's deduplication and the lease check keep it harmless.
+    async fn forget(&self, seq: u64) {
+        if let Err(e) = self.bus.delete_message(&self.bus.namespace().ready_stream(), seq).await {
+            tracing::warn!(error = %e, seq, "could not delete an admitted READY entry");
+        }
     }
 
     /// Forgets the held steps of a run that ended, deleting their READY entries.
     fn drop_run(&self, held: &mut Held, run: &CancelSignal) {
+        let runs: Vec<u64> = held.runs.iter().filter(|(_, r)| r.run_id == run.run_id).map(|(k, _)| *k).collect();
+        for seq in runs {
+            held.runs.remove(&seq);
+            let bus = self.bus.clone();
+            tokio::spawn(async move {
+                let _ = bus.delete_message(&bus.namespace().ready_stream(), seq).await;
+            });
+        }
         let Some(queue) = held.steps.get_mut(&run.tenant) else { return };
         let gone: Vec<(Reverse<i32>, u64)> =
             queue.iter().filter(|(_, s)| s.dispatch.run_id == run.run_id).map(|(k, _)| *k).collect();
@@ -260,8 +322,8 @@ impl Dispatcher {
                 let entry = HeldStep { dispatch: *dispatch, since: Instant::now(), reported: false };
                 held.steps.entry(tenant).or_default().insert((Reverse(priority), seq), entry);
             }
-            Ok(Ready::Run { tenant, run_id, concurrency }) => {
-                held.runs.insert(seq, HeldRun { tenant, run_id, concurrency, reported: false });
+            Ok(Ready::Run { tenant, run_id, concurrency, tenant_max_runs }) => {
+                held.runs.insert(seq, HeldRun { tenant, run_id, concurrency, tenant_max_runs, reported: false });
             }
             Err(e) => {
                 tracing::error!(error = %e, seq, "undecodable READY entry; dropping it");
@@ -274,10 +336,12 @@ impl Dispatcher {
     }
 
     /// One admission round over everything held.
-    async fn admit(&self, held: &mut Held, reports: &tokio::sync::mpsc::Sender<Event2>) -> Result<(), BusError> {
-        if !held.runs.is_empty() {
-            self.admit_runs(held, reports).await?;
-        }
+    async fn admit(
+        &self,
+        held: &mut Held,
+        reports: &tokio::sync::mpsc::Sender<Event2>,
+        valid: &Validity,
+    ) -> Result<(), BusError> {
         if held.steps.values().all(BTreeMap::is_empty) {
             held.steps.clear();
             held.turns.clear();
@@ -312,7 +376,7 @@ impl Dispatcher {
                     blocked.insert(tenant);
                     continue;
                 }
-                let limit = self.settings.tenant_limit(&tenant);
+                let limit = self.limits.max_steps(&tenant);
                 let used = in_flight.get(&tenant).copied().unwrap_or(0);
                 if limit > 0 && used >= u64::from(limit) {
                     blocked.insert(tenant);
@@ -325,14 +389,15 @@ impl Dispatcher {
                         continue;
                     }
                     if let Some(rl) = &step.dispatch.step.rate_limit {
-                        let bucket = held
-                            .buckets
-                            .entry((tenant.clone(), rl.key.clone()))
-                            .or_insert_with(|| Bucket { tokens: f64::from(rl.burst.unwrap_or(1)), at: now });
                         let cap = f64::from(rl.burst.unwrap_or(1));
-                        bucket.tokens =
-                            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rl.per_second).min(cap);
-                        bucket.at = now;
+                        let bucket = held.buckets.entry((tenant.clone(), rl.key.clone())).or_insert_with(|| Bucket {
+                            tokens: cap,
+                            at: now,
+                            rate: rl.per_second,
+                            cap,
+                        });
+                        (bucket.rate, bucket.cap) = (rl.per_second, cap);
+                        bucket.refill(now);
                         if bucket.tokens < 1.0 {
                             continue;
                         }
@@ -345,6 +410,7 @@ impl Dispatcher {
                     blocked.insert(tenant);
                     continue;
                 };
+                valid.check()?;
                 let step = queue.remove(&k).expect("chosen from the queue");
                 let seq = k.1;
                 let msg_id = format!("{}:{}:{}", step.dispatch.run_id, step.dispatch.step.id, step.dispatch.dispatch);
@@ -356,7 +422,7 @@ impl Dispatcher {
                     queue.insert(k, step);
                     return Err(e);
                 }
-                self.bus.delete_message(&ns.ready_stream(), seq).await?;
+                self.forget(seq).await;
                 if step.reported {
                     let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
                     admitted.entry(key).or_default().push(step.dispatch.step.id.clone());
@@ -375,7 +441,7 @@ impl Dispatcher {
         // Say why the rest waits, once each, for holds that last: one event per run and reason.
         let mut waiting: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
         for (tenant, queue) in held.steps.iter_mut() {
-            let limit = self.settings.tenant_limit(tenant);
+            let limit = self.limits.max_steps(tenant);
             let used = in_flight.get(tenant).copied().unwrap_or(0);
             for step in queue.values_mut().filter(|s| !s.reported && now.duration_since(s.since) >= REPORT_AFTER) {
                 let hold = if step.dispatch.not_before.is_some_and(|t| t > wall) {
@@ -405,92 +471,127 @@ impl Dispatcher {
         }
         held.steps.retain(|_, q| !q.is_empty());
         held.turns.retain(|t| held.steps.contains_key(t));
+        // A bucket that has filled up again is the same as a new one.
+        held.buckets.retain(|_, b| {
+            b.refill(now);
+            b.tokens < b.cap
+        });
         Ok(())
     }
 
-    /// Admits runs whose concurrency group has room, in submission order per group.
-    async fn admit_runs(&self, held: &mut Held, reports: &tokio::sync::mpsc::Sender<Event2>) -> Result<(), BusError> {
+    /// Admits runs whose concurrency group and tenant run limit both have room, in submission
+    /// order per group. A run waiting for one group does not hold back runs of other groups.
+    async fn admit_runs(
+        &self,
+        held: &mut Held,
+        reports: &tokio::sync::mpsc::Sender<Event2>,
+        valid: &Validity,
+    ) -> Result<(), BusError> {
         let ns = self.bus.namespace().clone();
         let mut members: HashMap<(String, String), HashSet<Uuid>> = HashMap::new();
         let mut full: HashSet<(String, String)> = HashSet::new();
         let seqs: Vec<u64> = held.runs.keys().copied().collect();
         for seq in seqs {
-            let (run_id, c) = {
+            let (tenant, run_id, group, tenant_max_runs) = {
                 let run = &held.runs[&seq];
-                (run.run_id, run.concurrency.clone())
+                (run.tenant.clone(), run.run_id, run.concurrency.clone(), run.tenant_max_runs)
             };
-            let tenant = held.runs[&seq].tenant.clone();
-            let group = (tenant.clone(), c.token());
-            let key = RunKey { tenant, run_id };
-            let subject = ns.run(&key);
-            // A run that ended while it waited (cancelled) no longer wants a place.
-            if let Some(last) = self.bus.last(&subject).await?
-                && matches!(
-                    last.envelope.event,
-                    Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_)
-                )
-            {
-                held.runs.remove(&seq);
-                self.bus.delete_message(&ns.ready_stream(), seq).await?;
-                continue;
+            let key = RunKey { tenant: tenant.clone(), run_id };
+            // The groups the run must enter: (group, limit).
+            let mut groups: Vec<((String, String), u32)> = Vec::new();
+            if let Some(c) = &group {
+                groups.push(((tenant.clone(), c.token()), c.limit));
             }
-            if !members.contains_key(&group) {
-                let counts = self.bus.subject_counts(&ns.groups_stream(), &ns.group_all(&group.0, &group.1)).await?;
-                let ids = counts.keys().filter_map(|s| s.rsplit('.').next()?.parse::<Uuid>().ok()).collect();
-                members.insert(group.clone(), ids);
+            if let Some(n) = tenant_max_runs {
+                groups.push(((tenant.clone(), TENANT_RUNS_GROUP.to_string()), n));
             }
-            let active = members.get_mut(&group).expect("loaded");
-            let has_room = active.contains(&run_id) || (!full.contains(&group) && active.len() < c.limit as usize);
-            if has_room {
-                let member = ns.group_member(&group.0, &group.1, run_id);
-                self.bus.enqueue(member, &format!("group:{}", run_id), &run_id, None).await?;
+            let mut lacking = Vec::new();
+            for (g, limit) in &groups {
+                if !members.contains_key(g) {
+                    let counts = self.bus.subject_counts(&ns.groups_stream(), &ns.group_all(&g.0, &g.1)).await?;
+                    let ids = counts.keys().filter_map(|s| s.rsplit('.').next()?.parse::<Uuid>().ok()).collect();
+                    members.insert(g.clone(), ids);
+                }
+                let active = &members[g];
+                let room = active.contains(&run_id) || (!full.contains(g) && active.len() < *limit as usize);
+                if !room {
+                    lacking.push((g.clone(), *limit));
+                }
+            }
+            let decisive = lacking.is_empty() || group.as_ref().is_some_and(|c| c.policy != GroupPolicy::Queue);
+            if decisive {
+                // About to admit, skip, or cancel others: a run that ended while it waited
+                // (cancelled) no longer wants a place. (Waiting runs are not looked up every
+                // round; a cancelled one is dropped by its `run_ended` signal, or here.)
+                if let Some(last) = self.bus.last(&ns.run(&key)).await?
+                    && is_end(&last.envelope.event)
+                {
+                    held.runs.remove(&seq);
+                    self.forget(seq).await;
+                    continue;
+                }
+            }
+            if lacking.is_empty() {
+                valid.check()?;
+                for (g, _) in &groups {
+                    let member = ns.group_member(&g.0, &g.1, run_id);
+                    self.bus.enqueue(member, &format!("group:{}:{run_id}", g.1), &run_id, None).await?;
+                    members.get_mut(g).expect("loaded").insert(run_id);
+                }
                 let admitted = Event::RunAdmitted(RunAdmitted { run_id });
-                append_to_run(&self.bus, &key, admitted, &format!("admit:{}", run_id)).await?;
-                active.insert(run_id);
+                append_to_run(&self.bus, &key, admitted, &format!("admit:{run_id}")).await?;
                 held.runs.remove(&seq);
-                self.bus.delete_message(&ns.ready_stream(), seq).await?;
+                self.forget(seq).await;
                 continue;
             }
             // Later runs of a full group wait behind this one.
-            full.insert(group.clone());
-            match c.policy {
-                GroupPolicy::Skip => {
-                    let event = Event::RunCancelRequested(RunCancelRequested {
-                        run_id,
-                        reason: format!("skipped: concurrency group '{}' is full (limit {})", c.key, c.limit),
-                        key_id: None,
-                        timed_out: false,
-                    });
-                    append_to_run(&self.bus, &key, event, &format!("skip:{}", run_id)).await?;
-                    held.runs.remove(&seq);
-                    self.bus.delete_message(&ns.ready_stream(), seq).await?;
-                    continue;
-                }
-                GroupPolicy::CancelInProgress => {
-                    let newer = run_id;
-                    for &old in active.iter() {
-                        if held.cancelling.insert(old) {
-                            let event = Event::RunCancelRequested(RunCancelRequested {
-                                run_id: old,
-                                reason: format!("superseded by run {newer} in concurrency group '{}'", c.key),
-                                key_id: None,
-                                timed_out: false,
-                            });
-                            let old_key = RunKey { tenant: group.0.clone(), run_id: old };
-                            append_to_run(&self.bus, &old_key, event, &format!("supersede:{old}")).await?;
+            full.extend(lacking.iter().map(|(g, _)| g.clone()));
+            let group_full = group.as_ref().filter(|c| lacking.iter().any(|(g, _)| g.1 == c.token()));
+            if let Some(c) = group_full {
+                match c.policy {
+                    GroupPolicy::Skip => {
+                        let event = Event::RunCancelRequested(RunCancelRequested {
+                            run_id,
+                            reason: format!("skipped: concurrency group '{}' is full (limit {})", c.key, c.limit),
+                            key_id: None,
+                            timed_out: false,
+                        });
+                        append_to_run(&self.bus, &key, event, &format!("skip:{run_id}")).await?;
+                        held.runs.remove(&seq);
+                        self.forget(seq).await;
+                        continue;
+                    }
+                    GroupPolicy::CancelInProgress => {
+                        let active: Vec<Uuid> = members[&(tenant.clone(), c.token())].iter().copied().collect();
+                        for old in active {
+                            if held.cancelling.insert(old) {
+                                let event = Event::RunCancelRequested(RunCancelRequested {
+                                    run_id: old,
+                                    reason: format!("superseded by run {run_id} in concurrency group '{}'", c.key),
+                                    key_id: None,
+                                    timed_out: false,
+                                });
+                                let old_key = RunKey { tenant: tenant.clone(), run_id: old };
+                                append_to_run(&self.bus, &old_key, event, &format!("supersede:{old}")).await?;
+                            }
                         }
                     }
+                    GroupPolicy::Queue => {}
                 }
-                GroupPolicy::Queue => {}
             }
             let run = held.runs.get_mut(&seq).expect("present");
             if !run.reported {
-                let reason = format!("concurrency group '{}' is full (limit {})", c.key, c.limit);
-                let event = Event::RunWaiting(RunWaiting { run_id, reason });
-                let _ = reports.try_send(Event2::new(key.clone(), event));
+                let reason = match group_full {
+                    Some(c) => format!("concurrency group '{}' is full (limit {})", c.key, c.limit),
+                    None => format!("tenant concurrent-run limit ({} runs)", lacking[0].1),
+                };
+                let _ = reports.try_send(Event2::new(key.clone(), Event::RunWaiting(RunWaiting { run_id, reason })));
                 run.reported = true;
             }
         }
+        // Runs asked to cancel are gone from their groups once no group lists them.
+        let listed: HashSet<Uuid> = members.values().flatten().copied().collect();
+        held.cancelling.retain(|r| listed.contains(r));
         Ok(())
     }
 }
@@ -538,4 +639,9 @@ pub(crate) async fn append_to_run(bus: &Bus, key: &RunKey, event: Event, msg_id:
         }
     }
     Err(BusError::Nats(format!("gave up appending to {subject}")))
+}
+
+/// Whether `event` ends a run.
+pub(crate) fn is_end(event: &Event) -> bool {
+    matches!(event, Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_))
 }

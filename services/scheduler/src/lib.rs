@@ -26,7 +26,7 @@ use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{AckKind, Message};
 use taskmesh_bus::{Bus, BusError, Stored};
-use taskmesh_config::SchedulerSettings;
+use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{
     CancelSignal, Dispatch, LeaseDecision, LeaseRequest, Ready, ReportAck, ResultReport, Timer, TimerKind,
 };
@@ -53,6 +53,7 @@ pub(crate) const MAX_CONFLICTS: usize = 16;
 pub struct Scheduler {
     bus: Bus,
     settings: SchedulerSettings,
+    limits: LimitsSettings,
     core: Arc<Mutex<Core>>,
 }
 
@@ -63,9 +64,9 @@ struct Core {
 }
 
 impl Scheduler {
-    pub fn new(bus: Bus, settings: SchedulerSettings) -> Self {
+    pub fn new(bus: Bus, settings: SchedulerSettings, limits: LimitsSettings) -> Self {
         let core = Core { runs: HashMap::new(), enqueued: HashSet::new() };
-        Self { bus, settings, core: Arc::new(Mutex::new(core)) }
+        Self { bus, settings, limits, core: Arc::new(Mutex::new(core)) }
     }
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
@@ -102,7 +103,8 @@ impl Scheduler {
         let reactor = self.clone().react(shutdown.clone());
         let timers = self.clone().timers(shutdown.clone());
         let schedules = self.clone().schedules(shutdown.clone());
-        let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone()).run(shutdown.clone());
+        let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone(), self.limits.clone())
+            .run(shutdown.clone());
         tokio::try_join!(
             async { lease.await.map_err(anyhow::Error::from) },
             async { report.await.map_err(anyhow::Error::from) },
@@ -288,11 +290,13 @@ impl Scheduler {
         let meta = EventMeta::caused_by(&stored.envelope);
         match &stored.envelope.event {
             Event::RunSubmitted(submitted) if !state.is_finished() => {
-                if let Some(concurrency) = &submitted.concurrency
-                    && !state.admitted
-                {
-                    let ready =
-                        Ready::Run { tenant: key.tenant.clone(), run_id: key.run_id, concurrency: concurrency.clone() };
+                if !state.admitted {
+                    let ready = Ready::Run {
+                        tenant: key.tenant.clone(),
+                        run_id: key.run_id,
+                        concurrency: submitted.concurrency.clone(),
+                        tenant_max_runs: submitted.tenant_max_runs,
+                    };
                     let ns = self.bus.namespace();
                     self.bus.enqueue(ns.ready(&key.tenant), &format!("run:{}", key.run_id), &ready, None).await?;
                 }
@@ -333,13 +337,11 @@ impl Scheduler {
                     let body = serde_json::to_vec(&signal).expect("serialises");
                     let _ = self.bus.client().publish(self.bus.namespace().run_ended_signals(), body.into()).await;
                 }
-                if let Some(c) = &state.concurrency {
-                    let ns = self.bus.namespace();
-                    let member = ns.group_member(&key.tenant, &c.token(), key.run_id);
-                    self.bus.purge_subject(&ns.groups_stream(), &member).await?;
-                    let _ = self.bus.client().publish(ns.slot_signals(), Vec::<u8>::new().into()).await;
-                }
+                leave_groups(&self.bus, &key, state).await?;
             }
+            // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
+            // places it was given are left again, or nobody would ever free them.
+            Event::RunAdmitted(_) if state.is_finished() => leave_groups(&self.bus, &key, state).await?,
             _ => {}
         }
         self.decide_and_append(&mut core, &key, &meta).await?;
@@ -488,6 +490,25 @@ impl Scheduler {
         }
         Err(Problem::new(ErrorCode::Unavailable, "too much contention on this run; retry"))
     }
+}
+
+/// Takes the run out of the groups it counts in (its concurrency group, its tenant's runs),
+/// and wakes the dispatcher to give the places to whoever waits.
+async fn leave_groups(bus: &Bus, key: &RunKey, state: &RunState) -> Result<(), BusError> {
+    let tokens: Vec<String> = state
+        .concurrency
+        .iter()
+        .map(|c| c.token())
+        .chain(state.tenant_max_runs.map(|_| taskmesh_events::TENANT_RUNS_GROUP.to_string()))
+        .collect();
+    let ns = bus.namespace();
+    for token in &tokens {
+        bus.purge_subject(&ns.groups_stream(), &ns.group_member(&key.tenant, token, key.run_id)).await?;
+    }
+    if !tokens.is_empty() {
+        let _ = bus.client().publish(ns.slot_signals(), Vec::<u8>::new().into()).await;
+    }
+    Ok(())
 }
 
 impl Core {

@@ -115,6 +115,8 @@ pub struct RunState {
     pub priority: i32,
     /// The run's concurrency group, if it has one.
     pub concurrency: Option<RunConcurrency>,
+    /// The tenant's limit of concurrent runs, if the run counts against one.
+    pub tenant_max_runs: Option<u32>,
     /// Whether its steps may start: always, unless the run waits for its concurrency group.
     pub admitted: bool,
     pub steps: Vec<StepState>,
@@ -191,7 +193,8 @@ impl RunState {
             key,
             priority,
             concurrency: submitted.concurrency.clone(),
-            admitted: submitted.concurrency.is_none(),
+            tenant_max_runs: submitted.tenant_max_runs,
+            admitted: !submitted.needs_admission(),
             topo_pos,
             dependents,
             open_needs,
@@ -291,10 +294,15 @@ impl RunState {
         }
         if phase.is_terminal() {
             self.unfinished -= 1;
+            // A step without a condition is skipped as soon as any need did not succeed, even
+            // while others still run.
+            let blocks =
+                !(phase == StepPhase::Succeeded || (phase == StepPhase::Failed && self.def(i).continue_on_error));
             for k in 0..self.dependents[i].len() {
                 let d = self.dependents[i][k];
                 self.open_needs[d] -= 1;
-                if self.open_needs[d] == 0 && self.steps[d].phase == StepPhase::Pending {
+                let pending = self.steps[d].phase == StepPhase::Pending;
+                if pending && (self.open_needs[d] == 0 || (blocks && self.def(d).condition.is_none())) {
                     self.candidates.insert((self.topo_pos[d], d));
                 }
             }
@@ -336,32 +344,54 @@ impl RunState {
         p == StepPhase::Succeeded || (p == StepPhase::Failed && self.def(n).continue_on_error)
     }
 
-    /// The steps the expressions of step `i` may name: every step id that occurs as a word in
-    /// its condition or templates. A superset is harmless; it keeps a scope's cost in
-    /// proportion to what the step refers to, not to the size of the run.
-    fn referenced(&self, i: usize) -> Vec<usize> {
+    /// The steps the expressions of step `i` name, when every use of `steps` in them is
+    /// `steps.<id>` or `steps['<id>']` with a literal id; `None` (every step) when an expression
+    /// picks steps at run time (`steps[inputs.x]`, `steps.exists(...)`). Keeps a scope's cost
+    /// in proportion to what the step refers to, not to the size of the run.
+    fn referenced(&self, i: usize) -> Option<Vec<usize>> {
         let def = self.def(i);
         let texts = def.condition.iter().chain(def.run.iter()).chain(def.env.values());
         let mut out: Vec<usize> = Vec::new();
-        for text in texts.filter(|t| t.contains("steps")) {
-            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')) {
-                let parts = std::iter::once(word).chain(word.split('-'));
-                for part in parts {
-                    if let Some(&j) = self.index.get(part)
-                        && !out.contains(&j)
-                    {
-                        out.push(j);
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        for text in texts {
+            let mut from = 0;
+            while let Some(at) = text[from..].find("steps").map(|k| k + from) {
+                from = at + "steps".len();
+                let before = text[..at].chars().next_back();
+                let rest = &text[from..];
+                if before.is_some_and(|c| word(c) || c == '.') || rest.starts_with(word) {
+                    continue; // part of another name
+                }
+                let id = if let Some(r) = rest.strip_prefix('.') {
+                    r.split(|c: char| !(word(c) || c == '-')).next().unwrap_or("")
+                } else if let Some(r) = rest.strip_prefix("['").or_else(|| rest.strip_prefix("[\"")) {
+                    r.split(['\'', '"']).next().unwrap_or("")
+                } else {
+                    return None;
+                };
+                // `steps.a-b` parses as `steps.a - b`: either reading may be meant.
+                let candidates = std::iter::once(id).chain(id.split('-').take(1));
+                let mut found = false;
+                for c in candidates {
+                    if let Some(&j) = self.index.get(c) {
+                        found = true;
+                        if !out.contains(&j) {
+                            out.push(j);
+                        }
                     }
+                }
+                if !found {
+                    return None;
                 }
             }
         }
-        out
+        Some(out)
     }
 
     /// What expressions of step `i` see, given each step's `phase`.
     fn scope(&self, i: usize, phase: &dyn Fn(usize) -> StepPhase) -> Scope {
-        let steps: serde_json::Map<String, serde_json::Value> = self
-            .referenced(i)
+        let named = self.referenced(i).unwrap_or_else(|| (0..self.steps.len()).collect());
+        let steps: serde_json::Map<String, serde_json::Value> = named
             .into_iter()
             .map(|j| {
                 let (s, p) = (&self.steps[j], phase(j));
@@ -437,36 +467,31 @@ impl RunState {
                     }));
                     StepPhase::Dispatched
                 }
-                StepPhase::Pending if step.needs.iter().all(|&n| phase(n).is_terminal()) => {
-                    match self.verdict(i, &phase) {
-                        Verdict::Wait => continue,
-                        Verdict::Run => {
-                            let not_before = self.not_before.filter(|t| *t > now);
-                            events.push(Event::StepDispatched(StepDispatched { step: id, dispatch: 1, not_before }));
-                            StepPhase::Dispatched
-                        }
-                        Verdict::Skip(reason) => {
-                            events.push(Event::StepSkipped(StepSkipped { step: id, reason }));
-                            StepPhase::Skipped
-                        }
-                        Verdict::Fail(error) => {
-                            let outcome = StepOutcome {
-                                error: Some(error),
-                                started_at: now,
-                                finished_at: now,
-                                ..Default::default()
-                            };
-                            events.push(Event::StepFailed(StepFailed { step: id, attempt: 0, outcome }));
-                            StepPhase::Failed
-                        }
+                StepPhase::Pending => match self.verdict(i, &phase) {
+                    Verdict::Wait => continue,
+                    Verdict::Run => {
+                        let not_before = self.not_before.filter(|t| *t > now);
+                        events.push(Event::StepDispatched(StepDispatched { step: id, dispatch: 1, not_before }));
+                        StepPhase::Dispatched
                     }
-                }
+                    Verdict::Skip(reason) => {
+                        events.push(Event::StepSkipped(StepSkipped { step: id, reason }));
+                        StepPhase::Skipped
+                    }
+                    Verdict::Fail(error) => {
+                        let outcome =
+                            StepOutcome { error: Some(error), started_at: now, finished_at: now, ..Default::default() };
+                        events.push(Event::StepFailed(StepFailed { step: id, attempt: 0, outcome }));
+                        StepPhase::Failed
+                    }
+                },
                 _ => continue,
             };
             changed.insert(i, next);
             if next.is_terminal() {
                 newly_terminal += 1;
-                // What this step ended may now be decidable too.
+                // What this step ended may now be decidable too (`verdict` says `Wait` for a
+                // step whose needs have not all ended, unless one already blocks it).
                 for &d in &self.dependents[i] {
                     work.push(Reverse((self.topo_pos[d], d)));
                 }
@@ -726,6 +751,7 @@ mod tests {
             reused: Default::default(),
             priority: None,
             concurrency: None,
+            tenant_max_runs: None,
         });
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
     }
@@ -906,5 +932,32 @@ mod tests {
         let run_id = s.key.run_id;
         apply_all(&mut s, &[Event::RunAdmitted(taskmesh_events::RunAdmitted { run_id })]);
         assert_eq!(names(&s.decide()), ["dispatch a"]);
+    }
+
+    #[test]
+    fn a_failed_need_skips_its_dependent_while_other_needs_still_run() {
+        let mut s = run(
+            "name: x\nsteps:\n  - {id: a, uses: noop}\n  - {id: b, uses: noop}\n  - {id: c, needs: [a, b], uses: noop}\n",
+        );
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        assert_eq!(names(&finish(&mut s, "a", false)), ["skip c"], "b still runs, c is skipped already");
+        assert_eq!(names(&finish(&mut s, "b", true)), ["RunFailed"]);
+    }
+
+    #[test]
+    fn an_expression_that_picks_steps_at_run_time_sees_every_step() {
+        let yaml = "name: x\nsteps:\n  - {id: a, uses: noop, continue_on_error: true}\n  - {id: b, uses: noop}\n  - {id: c, needs: [a, b], if: \"steps[inputs.which].status == 'failed'\", uses: noop}\n";
+        let mut s = run(yaml);
+        s.inputs = json!({"which": "a"});
+        assert!(s.referenced(2).is_none(), "a run-time pick of steps needs them all");
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        assert!(finish(&mut s, "a", false).is_empty());
+        assert_eq!(names(&finish(&mut s, "b", true)), ["dispatch c"]);
+        let named = run(
+            "name: y\nsteps:\n  - {id: a, uses: noop}\n  - {id: b-2, uses: noop}\n  - {id: c, needs: [a], if: \"steps.a.status == 'succeeded' && steps['b-2'].status != 'x'\", uses: noop}\n",
+        );
+        assert_eq!(named.referenced(2), Some(vec![0, 1]));
     }
 }
