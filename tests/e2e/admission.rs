@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use taskmesh_config::TenantLimits;
-use taskmesh_events::{Event, RunKey};
+use taskmesh_events::Event;
 use taskmesh_testkit::eventually;
 use uuid::Uuid;
 
@@ -14,19 +14,13 @@ use crate::helpers::*;
 
 const PLATFORM_KEY: &str = "platform-admin-key-for-admission-tests";
 
-/// Every event of a run of `tenant`, from the log.
-async fn events_of(tm: &TestMesh, tenant: &str, id: Uuid) -> Vec<taskmesh_events::Envelope> {
-    let key = RunKey { tenant: tenant.into(), run_id: id };
-    tm.bus.read_subject(&tm.bus.namespace().run(&key), 0).await.unwrap().into_iter().map(|s| s.envelope).collect()
-}
-
 /// A step's id, when it started and when it ended (if it did).
 type Interval = (String, DateTime<Utc>, Option<DateTime<Utc>>);
 
 /// When each step of a run started and ended, from the log.
 async fn intervals(tm: &TestMesh, tenant: &str, id: Uuid) -> Vec<Interval> {
     let mut out: Vec<Interval> = Vec::new();
-    for e in events_of(tm, tenant, id).await {
+    for e in tm.tenant_run_events(tenant, id).await {
         match &e.event {
             Event::StepStarted(s) => out.push((s.step.clone(), e.occurred_at, None)),
             Event::StepSucceeded(s) => {
@@ -288,7 +282,7 @@ async fn cancel_in_progress_cancels_the_running_one_and_skip_drops_the_newcomer(
     let new_run = tm.wait_run(new, Duration::from_secs(30)).await;
     assert_eq!(new_run["status"], "succeeded");
     assert!(ts(&new_run, "started_at") >= ts(&old_run, "finished_at"), "the new run waited for the old to end");
-    let reason = events_of(&tm, "default", old).await.into_iter().find_map(|e| match e.event {
+    let reason = tm.run_events(old).await.into_iter().find_map(|e| match e.event {
         Event::RunCancelRequested(c) => Some(c.reason),
         _ => None,
     });

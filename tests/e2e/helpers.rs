@@ -114,9 +114,14 @@ impl TestMesh {
         .unwrap();
     }
 
-    /// Every event of a run, from the log.
+    /// Every event of a run of tenant `default`, from the log.
     pub async fn run_events(&self, id: Uuid) -> Vec<Envelope> {
-        let key = RunKey { tenant: "default".into(), run_id: id };
+        self.tenant_run_events("default", id).await
+    }
+
+    /// Every event of a run of `tenant`, from the log.
+    pub async fn tenant_run_events(&self, tenant: &str, id: Uuid) -> Vec<Envelope> {
+        let key = RunKey { tenant: tenant.into(), run_id: id };
         self.bus
             .read_subject(&self.bus.namespace().run(&key), 0)
             .await

@@ -49,8 +49,7 @@ pub struct Ingest {
 impl Ingest {
     /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]).
     pub fn new(bus: Bus) -> Self {
-        let limits = taskmesh_config::LimitsSettings { tenant_max_runs: 0, ..Default::default() };
-        Self { bus, limits }
+        Self { bus, limits: Default::default() }
     }
 
     /// Records each tenant's limit of concurrent runs in the runs it accepts.

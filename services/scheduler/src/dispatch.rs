@@ -129,14 +129,6 @@ impl Held {
     }
 }
 
-/// Why a step is held.
-enum Hold {
-    TenantLimit(u32),
-    Window(u32),
-    RateLimit(String),
-    NotBefore,
-}
-
 impl Dispatcher {
     pub fn new(bus: Bus, settings: SchedulerSettings, limits: LimitsSettings) -> Self {
         Self { bus, settings, limits, id: Uuid::now_v7().to_string() }
@@ -444,22 +436,17 @@ impl Dispatcher {
             let limit = self.limits.max_steps(tenant);
             let used = in_flight.get(tenant).copied().unwrap_or(0);
             for step in queue.values_mut().filter(|s| !s.reported && now.duration_since(s.since) >= REPORT_AFTER) {
-                let hold = if step.dispatch.not_before.is_some_and(|t| t > wall) {
-                    Hold::NotBefore
+                // A step held only by its `not_before` shows its `retry_at` instead.
+                let reason = if step.dispatch.not_before.is_some_and(|t| t > wall) {
+                    continue;
                 } else if limit > 0 && used >= u64::from(limit) {
-                    Hold::TenantLimit(limit)
+                    format!("tenant concurrency limit ({limit} steps)")
                 } else if window > 0 && total >= u64::from(window) {
-                    Hold::Window(window)
+                    format!("dispatch window full ({window} steps across tenants)")
                 } else if let Some(rl) = &step.dispatch.step.rate_limit {
-                    Hold::RateLimit(format!("rate limit '{}' ({}/s)", rl.key, rl.per_second))
+                    format!("rate limit '{}' ({}/s)", rl.key, rl.per_second)
                 } else {
                     continue;
-                };
-                let reason = match hold {
-                    Hold::NotBefore => continue,
-                    Hold::TenantLimit(n) => format!("tenant concurrency limit ({n} steps)"),
-                    Hold::Window(n) => format!("dispatch window full ({n} steps across tenants)"),
-                    Hold::RateLimit(r) => r,
                 };
                 let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
                 waiting.entry((key, reason)).or_default().push(step.dispatch.step.id.clone());

@@ -211,10 +211,7 @@ impl Scheduler {
             {
                 let key = RunKey { tenant: timer.tenant.clone(), run_id };
                 if let Ok(Some(last)) = self.bus.last(&self.bus.namespace().run(&key)).await
-                    && matches!(
-                        last.envelope.event,
-                        Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_)
-                    )
+                    && dispatch::is_end(&last.envelope.event)
                 {
                     return AckKind::Ack;
                 }
