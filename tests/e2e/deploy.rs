@@ -91,7 +91,10 @@ fn kubernetes_manifests_run_real_commands() {
     let keda = std::fs::read_to_string(root().join("k8s/executor-keda.yaml")).unwrap();
     let keda: Value = serde_yaml_ng::from_str(&keda).unwrap();
     assert_eq!(keda["spec"]["minReplicaCount"], 0, "executors scale to zero");
-    assert_eq!(keda["spec"]["triggers"][0]["metadata"]["consumer"], taskmesh_executor::CONSUMER);
+    assert_eq!(
+        keda["spec"]["triggers"][0]["metadata"]["consumer"],
+        taskmesh_events::subjects::pool_consumer(taskmesh_events::subjects::ANY_POOL)
+    );
 }
 
 use serde::Deserialize;

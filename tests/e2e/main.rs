@@ -10,6 +10,7 @@ mod deploy;
 mod engine;
 mod flows;
 mod integrations;
+mod kinds;
 mod logs;
 mod projection;
 mod schedules;

@@ -193,11 +193,30 @@ impl Bus {
             max_messages_per_subject: 1,
             ..bounded(self.ns.groups_stream(), self.ns.groups_all(), "Taskmesh concurrency groups' active runs")
         };
+        // Live executors' latest heartbeats: the stream forgets an executor that stopped
+        // beating. Old messages give way, so heartbeats never block.
+        let executors = StreamConfig {
+            max_messages_per_subject: 1,
+            max_messages: 100_000,
+            max_age: Duration::from_secs(60),
+            duplicate_window: Duration::from_secs(30),
+            discard: DiscardPolicy::Old,
+            storage: StorageType::Memory,
+            ..bounded(self.ns.executors_stream(), self.ns.executors_all(), "Taskmesh live executors")
+        };
+        // The label sets steps were dispatched for, so executors find their pools' consumers.
+        let pools = StreamConfig {
+            max_messages_per_subject: 1,
+            max_messages: 100_000,
+            ..bounded(self.ns.pools_stream(), self.ns.pools_all(), "Taskmesh executor pools (label sets)")
+        };
         let streams = [
             events,
             logs,
             ready,
             groups,
+            executors,
+            pools,
             queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
             queue(self.ns.deliveries_stream(), self.ns.deliveries_all(), "Taskmesh outbound webhook deliveries"),
             queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
@@ -223,6 +242,8 @@ impl Bus {
             self.ns.ready_stream(),
             self.ns.groups_stream(),
             self.ns.leases_stream(),
+            self.ns.executors_stream(),
+            self.ns.pools_stream(),
         ] {
             let _ = self.js.delete_stream(&name).await;
         }
@@ -399,6 +420,39 @@ impl Bus {
             counts.insert(subject, count as u64);
         }
         Ok(counts)
+    }
+
+    /// The latest message of each subject of `stream` matching `filter`, decoded (undecodable
+    /// ones are skipped), for small registries such as live executors and pools.
+    pub async fn latest_per_subject<T: serde::de::DeserializeOwned>(
+        &self,
+        stream: &str,
+        filter: &str,
+    ) -> Result<Vec<T>> {
+        let subjects = self.subject_counts(stream, filter).await?;
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        let mut out = Vec::with_capacity(subjects.len());
+        for subject in subjects.keys() {
+            match stream.get_last_raw_message_by_subject(subject).await {
+                Ok(msg) => {
+                    if let Ok(v) = serde_json::from_slice(&msg.payload) {
+                        out.push(v);
+                    }
+                }
+                Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publishes `body` on a stream subject and waits for the stream's acknowledgement.
+    pub async fn put<T: Serialize>(&self, subject: String, body: &T) -> Result<u64> {
+        let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
+        let ack = async { self.js.publish(subject.clone(), payload.into()).await?.await }
+            .await
+            .map_err(|e| BusError::Nats(format!("publishing on {subject}: {e}")))?;
+        Ok(ack.sequence)
     }
 
     /// Deletes one message of `stream` (already gone is fine).

@@ -156,6 +156,21 @@ pub struct ExecutorSettings {
     pub drain_timeout_secs: u64,
     /// This executor's name in events; hostname and pid if unset.
     pub id: Option<String>,
+    /// Custom labels advertised besides the detected ones (os, arch, cpus, memory_mb, gpu…);
+    /// a custom label overrides a detected one of the same name.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The docker- or podman-compatible CLI for container steps: `auto` (docker, then podman,
+    /// whichever answers `info`), `none`, or a program name or path.
+    pub container_cli: String,
+    /// Sandboxing of shell steps: `none`, `bwrap` (required: the executor refuses to start
+    /// without bubblewrap) or `auto` (bubblewrap when installed).
+    pub sandbox: String,
+    /// Run shell steps as this user (a name or uid); the executor must be root to switch.
+    pub run_as: Option<String>,
+    /// Default CPU-time limit of a step's processes, in seconds (a step's `limits` win).
+    pub cpu_seconds: Option<u64>,
+    /// Default memory limit of a step's processes, in MiB (a step's `limits` win).
+    pub memory_mb: Option<u64>,
 }
 
 impl Default for ExecutorSettings {
@@ -167,6 +182,12 @@ impl Default for ExecutorSettings {
             work_dir: None,
             drain_timeout_secs: 30,
             id: None,
+            labels: Default::default(),
+            container_cli: "auto".into(),
+            sandbox: "none".into(),
+            run_as: None,
+            cpu_seconds: None,
+            memory_mb: None,
         }
     }
 }

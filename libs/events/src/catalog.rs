@@ -394,6 +394,10 @@ pub struct StepOutcome {
     /// The step was killed because its run was cancelled.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancelled: bool,
+    /// The far end asked to be tried again no sooner than this (an HTTP step's `Retry-After`);
+    /// a retry waits at least this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
 }

@@ -313,3 +313,39 @@ pub struct LogLine {
     pub stream: LogStream,
     pub line: String,
 }
+
+/// `{ns}.executor.<id>` on the EXECUTORS stream (last message per subject): an executor's
+/// latest heartbeat. Not an event: live state, expired by the stream's `max_age`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ExecutorBeat {
+    pub id: String,
+    /// Detected (os, arch, cpus, memory_mb, gpu, gpu_model, gpus, gpu_memory_mb, container,
+    /// sandbox) and configured labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub slots: u32,
+    pub in_use: u32,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Draining after SIGTERM: takes no new steps.
+    #[serde(default)]
+    pub stopping: bool,
+    pub version: String,
+}
+
+impl ExecutorBeat {
+    /// Seconds between heartbeats.
+    pub const EVERY_SECS: u64 = 5;
+
+    /// Alive: it beat recently and is not stopping.
+    pub fn is_live(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        !self.stopping && now - self.at < chrono::Duration::seconds(3 * Self::EVERY_SECS as i64)
+    }
+}
+
+/// `{ns}.pool.<token>` on the POOLS stream: a label set steps have been dispatched for, so
+/// executors with those labels attach to its consumer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Pool {
+    pub token: String,
+    pub runs_on: std::collections::BTreeMap<String, String>,
+}

@@ -41,12 +41,48 @@ fn segments(template: &str) -> Result<Vec<(usize, usize, &str)>, String> {
     Ok(out)
 }
 
-/// Checks every `${{ … }}` of a template.
+/// Checks every `${{ … }}` of a template. `${{ secrets.NAME }}` is left for the executor.
 pub fn check_template(template: &str) -> Result<(), String> {
     for (_, _, source) in segments(template)? {
-        check(source)?;
+        if secret_ref(source).is_none() {
+            check(source)?;
+        }
     }
     Ok(())
+}
+
+/// `NAME` when `source` is exactly `secrets.NAME`: a secret the executor fills in, never the
+/// scheduler (events carry secret names, never values).
+fn secret_ref(source: &str) -> Option<&str> {
+    source.strip_prefix("secrets.").filter(|n| crate::workflow::is_secret_name(n))
+}
+
+/// The secrets a template names with `${{ secrets.NAME }}` (none if it does not parse).
+pub fn secret_refs(template: &str) -> Vec<&str> {
+    segments(template)
+        .map(|parts| parts.into_iter().filter_map(|(_, _, s)| secret_ref(s)).collect())
+        .unwrap_or_default()
+}
+
+/// Fills in `${{ secrets.NAME }}` from `secrets` (name, value); other text is kept as it is.
+/// A name not in `secrets` is an error.
+pub fn render_secrets(template: &str, secrets: &[(String, String)]) -> Result<String, String> {
+    let parts = segments(template)?;
+    let mut out = String::with_capacity(template.len());
+    let mut at = 0;
+    for (start, end, source) in parts {
+        let Some(name) = secret_ref(source) else { continue };
+        let value = secrets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| format!("secret {name} was not opened for this step"))?;
+        out.push_str(&template[at..start]);
+        out.push_str(value);
+        at = end;
+    }
+    out.push_str(&template[at..]);
+    Ok(out)
 }
 
 /// What expressions see: the JSON values of `inputs`, `steps` and `run`, and the outcome of the
@@ -101,6 +137,9 @@ impl Scope {
         let mut out = String::with_capacity(template.len());
         let mut at = 0;
         for (start, end, source) in parts {
+            if secret_ref(source).is_some() {
+                continue; // the executor's to fill in
+            }
             out.push_str(&template[at..start]);
             let value = check(source)?.execute(&ctx).map_err(|e| format!("evaluating '{source}': {e}"))?;
             out.push_str(&text(&value));
@@ -179,6 +218,19 @@ mod tests {
         assert_eq!(s.render("n=${{ inputs.n + 1 }}").unwrap(), "n=4");
         assert_eq!(s.render("plain").unwrap(), "plain");
         assert_eq!(s.render("on ${{ matrix.os }}").unwrap(), "on linux");
+    }
+
+    #[test]
+    fn secret_references_are_left_for_the_executor() {
+        let s = scope();
+        let t = "Bearer ${{ secrets.TOKEN }} for ${{ inputs.env }}";
+        check_template(t).unwrap();
+        let rendered = s.render(t).unwrap();
+        assert_eq!(rendered, "Bearer ${{ secrets.TOKEN }} for prod");
+        assert_eq!(secret_refs(&rendered), ["TOKEN"]);
+        assert_eq!(render_secrets(&rendered, &[("TOKEN".into(), "abc".into())]).unwrap(), "Bearer abc for prod");
+        assert!(render_secrets(&rendered, &[]).is_err());
+        assert!(check_template("${{ secrets.lower }}").is_err());
     }
 
     #[test]

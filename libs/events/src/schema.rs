@@ -82,6 +82,8 @@ fn commands() -> Vec<(&'static str, String)> {
         ("LeaseDecision", pretty::<LeaseDecision>()),
         ("ResultReport", pretty::<ResultReport>()),
         ("ReportAck", pretty::<ReportAck>()),
+        ("ExecutorBeat", pretty::<ExecutorBeat>()),
+        ("Pool", pretty::<Pool>()),
         ("Problem", pretty::<crate::Problem>()),
     ]
 }
@@ -144,10 +146,22 @@ fn asyncapi() -> Value {
                 "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "RepoConnectionCreated", "WebhookEndpointCreated", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
-                "address": "{ns}.dispatch.{tenant}",
-                "description": "Stream {NS}_DISPATCH (work queue), durable consumer `executors`: steps ready to run.",
-                "parameters": {"ns": {}, "tenant": {}},
+                "address": "{ns}.dispatch.{tenant}.{pool}",
+                "description": "Stream {NS}_DISPATCH (work queue): steps admitted to run. `pool` is the token of the step's `runs_on` label set (`any` for none); each pool has its own durable consumer (`executors`, or `executors-{pool}`) shared by the executors that have its labels.",
+                "parameters": {"ns": {}, "tenant": {}, "pool": {}},
                 "messages": refs(&["Dispatch"])
+            },
+            "executors": {
+                "address": "{ns}.executor.{id}",
+                "description": "Stream {NS}_EXECUTORS (memory, last message per subject, max age 60 s): each live executor's latest heartbeat.",
+                "parameters": {"ns": {}, "id": {}},
+                "messages": refs(&["ExecutorBeat"])
+            },
+            "pools": {
+                "address": "{ns}.pool.{pool}",
+                "description": "Stream {NS}_POOLS (last message per subject): the label sets steps have been dispatched for, so executors with those labels attach to their consumers.",
+                "parameters": {"ns": {}, "pool": {}},
+                "messages": refs(&["Pool"])
             },
             "cancelSignals": {
                 "address": "{ns}.ctl.cancel",
@@ -185,6 +199,8 @@ fn asyncapi() -> Value {
             "consumeRunEvents": {"action": "receive", "channel": {"$ref": "#/channels/runEvents"}, "description": "Durable consumers `scheduler`, `projector`, `notification`."},
             "dispatchStep": {"action": "send", "channel": {"$ref": "#/channels/dispatch"}},
             "pullStep": {"action": "receive", "channel": {"$ref": "#/channels/dispatch"}},
+            "heartbeat": {"action": "send", "channel": {"$ref": "#/channels/executors"}},
+            "registerPool": {"action": "send", "channel": {"$ref": "#/channels/pools"}},
             "sendIngestCommand": {"action": "send", "channel": {"$ref": "#/channels/ingestCommands"}},
             "sendSchedulerCommand": {"action": "send", "channel": {"$ref": "#/channels/schedulerCommands"}}
         },

@@ -167,8 +167,42 @@ impl Namespace {
     pub fn dispatch_all(&self) -> String {
         format!("{}.dispatch.>", self.0)
     }
-    pub fn dispatch(&self, tenant: &str) -> String {
-        format!("{}.dispatch.{tenant}", self.0)
+    /// A step of `tenant` for executors of label set `pool` (see [`pool_token`]).
+    pub fn dispatch(&self, tenant: &str, pool: &str) -> String {
+        format!("{}.dispatch.{tenant}.{pool}", self.0)
+    }
+    /// Every queued step of one tenant.
+    pub fn dispatch_tenant(&self, tenant: &str) -> String {
+        format!("{}.dispatch.{tenant}.*", self.0)
+    }
+    /// Every queued step for one label set: the filter of that pool's consumer.
+    pub fn dispatch_pool(&self, pool: &str) -> String {
+        format!("{}.dispatch.*.{pool}", self.0)
+    }
+    /// The (tenant, pool) of a dispatch subject.
+    pub fn parse_dispatch<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = subject.strip_prefix(self.0.as_str())?.strip_prefix(".dispatch.")?;
+        rest.split_once('.')
+    }
+    /// Live executors: one message per executor, its latest heartbeat (`command::ExecutorBeat`).
+    pub fn executors_stream(&self) -> String {
+        self.stream("EXECUTORS")
+    }
+    pub fn executors_all(&self) -> String {
+        format!("{}.executor.*", self.0)
+    }
+    pub fn executor(&self, id: &str) -> String {
+        format!("{}.executor.{id}", self.0)
+    }
+    /// Label sets steps have been dispatched for: one message per pool (`command::Pool`).
+    pub fn pools_stream(&self) -> String {
+        self.stream("POOLS")
+    }
+    pub fn pools_all(&self) -> String {
+        format!("{}.pool.*", self.0)
+    }
+    pub fn pool(&self, token: &str) -> String {
+        format!("{}.pool.{token}", self.0)
     }
     pub fn deliveries_all(&self) -> String {
         format!("{}.delivery.>", self.0)
@@ -197,6 +231,25 @@ impl Namespace {
     }
 }
 
+/// The pool of steps that need no labels.
+pub const ANY_POOL: &str = "any";
+
+/// A label set's pool token: [`ANY_POOL`] for none, else `l` and 16 hex digits of a hash of
+/// the sorted `key=value` pairs (values compared case-insensitively, as matching does).
+pub fn pool_token(runs_on: &std::collections::BTreeMap<String, String>) -> String {
+    if runs_on.is_empty() {
+        return ANY_POOL.to_string();
+    }
+    let canonical: String = runs_on.iter().map(|(k, v)| format!("{k}={}\n", v.to_ascii_lowercase())).collect();
+    let digest = hmac_sha256::Hash::hash(canonical.as_bytes());
+    format!("l{}", digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The durable consumer executors of a pool share: `executors` for [`ANY_POOL`].
+pub fn pool_consumer(token: &str) -> String {
+    if token == ANY_POOL { "executors".to_string() } else { format!("executors-{token}") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +269,20 @@ mod tests {
             assert!(!is_token(bad), "{bad:?}");
         }
         assert!(is_token("build-1_x"));
+    }
+
+    #[test]
+    fn pool_tokens_are_stable_subject_tokens() {
+        let set = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(pool_token(&set(&[])), ANY_POOL);
+        let gpu = pool_token(&set(&[("gpu", "nvidia"), ("os", "linux")]));
+        assert_eq!(gpu, pool_token(&set(&[("os", "linux"), ("gpu", "NVIDIA")])));
+        assert_ne!(gpu, pool_token(&set(&[("gpu", "amd")])));
+        assert!(is_token(&gpu) && gpu.len() == 17, "{gpu}");
+        let ns = Namespace::new("tm").unwrap();
+        assert_eq!(ns.parse_dispatch(&ns.dispatch("acme", &gpu)), Some(("acme", gpu.as_str())));
+        assert_eq!(pool_consumer(ANY_POOL), "executors");
     }
 }

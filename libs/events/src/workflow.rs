@@ -107,7 +107,8 @@ pub struct RateLimitDef {
 /// Lowest and highest priorities.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
 
-/// One step. Exactly one of `run` or `uses` says what it does.
+/// One step. Exactly one of `run`, `uses`, `http`, `llm`, `container` or `sleep` says what it
+/// does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepDef {
@@ -124,6 +125,30 @@ pub struct StepDef {
     /// A built-in step: `noop` does nothing and succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses: Option<Builtin>,
+    /// An HTTP request, made by the executor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpStep>,
+    /// A chat completion from an OpenAI-compatible API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmStep>,
+    /// A command in a container image, run with the executor's docker- or podman-compatible CLI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerStep>,
+    /// Wait this many seconds inside the executor (no process), then succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<f64>,
+    /// Labels an executor must have to run the step, e.g. `{gpu: nvidia}` or
+    /// `{arch: aarch64, pool: fast}`; `"*"` matches any value of a label the executor has.
+    /// Until a live executor has them all, the step waits with that reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub runs_on: BTreeMap<String, String>,
+    /// Network access for a sandboxed or container step (default: none when sandboxed, the
+    /// runtime's default for containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<bool>,
+    /// Resource limits on the step's processes (shell and container steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<StepLimits>,
     /// Environment variables for the step (the executor's own are never passed on).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -243,6 +268,262 @@ impl RetryPolicy {
 #[serde(rename_all = "snake_case")]
 pub enum Builtin {
     Noop,
+}
+
+/// `http:` on a step. `url`, header values and string parts of `body` may hold `${{ }}`
+/// templates, and `${{ secrets.NAME }}` for a secret the step declares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpStep {
+    /// GET (default), HEAD, POST, PUT, PATCH, DELETE or OPTIONS.
+    #[serde(default = "HttpStep::default_method")]
+    pub method: String,
+    /// An `http://` or `https://` URL.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// A string is sent as it is; any other JSON value is sent as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+    /// Statuses that mean success: codes (`204`), classes (`"2xx"`) or ranges (`"200-399"`).
+    /// Default: any 2xx.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub success: Vec<StatusMatch>,
+    /// Most bytes of the response body kept as the `body` output (1 to 1 MiB; default 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<usize>,
+}
+
+impl HttpStep {
+    fn default_method() -> String {
+        "GET".into()
+    }
+    pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+    pub const DEFAULT_BODY_BYTES: usize = 64 * 1024;
+    pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+    /// Whether `status` counts as success.
+    pub fn succeeds(&self, status: u16) -> bool {
+        if self.success.is_empty() {
+            return (200..300).contains(&status);
+        }
+        self.success.iter().any(|m| m.range().is_ok_and(|r| r.contains(&status)))
+    }
+}
+
+/// One entry of `http.success`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StatusMatch {
+    Code(u16),
+    Pattern(String),
+}
+
+impl StatusMatch {
+    /// The statuses it matches.
+    pub fn range(&self) -> Result<std::ops::RangeInclusive<u16>, String> {
+        let valid = |c: u16| (100..=599).contains(&c);
+        let r = match self {
+            StatusMatch::Code(c) => *c..=*c,
+            StatusMatch::Pattern(p) => {
+                let p = p.trim();
+                if let Some(class) = p.strip_suffix("xx").and_then(|d| d.parse::<u16>().ok()) {
+                    class * 100..=class * 100 + 99
+                } else if let Some((a, b)) = p.split_once('-') {
+                    let a = a.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a status range"))?;
+                    let b = b.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a status range"))?;
+                    a..=b
+                } else {
+                    let c = p.parse::<u16>().map_err(|_| format!("'{p}' is not a status, class (2xx) or range"))?;
+                    c..=c
+                }
+            }
+        };
+        if valid(*r.start()) && valid(*r.end()) && r.start() <= r.end() {
+            Ok(r)
+        } else {
+            Err("statuses are 100 to 599".into())
+        }
+    }
+}
+
+/// `llm:` on a step: one chat completion. `system` and `prompt` are `${{ }}` templates over
+/// inputs and upstream outputs. The reply becomes the `reply` output (and the step's output),
+/// token usage the `prompt_tokens`, `completion_tokens` and `total_tokens` outputs. Rate-limit
+/// and quota answers (429, 503) are waited out, honouring `Retry-After`, until the step's
+/// deadline (`timeout_seconds`, default 10 minutes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmStep {
+    /// The API's base URL, e.g. `https://api.openai.com/v1`; `/chat/completions` is appended.
+    pub base_url: String,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    pub prompt: String,
+    /// 0 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// 1 to 1,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// The secret holding the API key, sent as `Authorization: Bearer`. It need not be listed
+    /// in `secrets` as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<String>,
+}
+
+impl LlmStep {
+    /// The deadline when the step sets no `timeout_seconds`.
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 600;
+}
+
+/// `container:` on a step. The step's workspace is mounted at `/workspace` (the working
+/// directory); `env` and declared secrets are passed as environment variables (secret values
+/// never on the command line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerStep {
+    /// An image reference, e.g. `alpine:3.20`.
+    pub image: String,
+    /// The command and its arguments; the image's default command if empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+/// `limits:` on a step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepLimits {
+    /// CPU seconds the step's processes may use (each process; RLIMIT_CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
+    /// Memory in MiB each process may map (RLIMIT_AS; containers: the container's limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
+/// The HTTP step's default deadline when it sets no `timeout_seconds`.
+pub const HTTP_DEFAULT_TIMEOUT_SECS: u64 = 60;
+/// The longest `sleep`.
+pub const MAX_SLEEP_SECS: f64 = 7.0 * 86_400.0;
+
+impl StepDef {
+    /// What the step does, by the field that says it (`None` if not exactly one does).
+    pub fn kind(&self) -> Option<&'static str> {
+        let set = [
+            (self.run.is_some(), "run"),
+            (self.uses.is_some(), "uses"),
+            (self.http.is_some(), "http"),
+            (self.llm.is_some(), "llm"),
+            (self.container.is_some(), "container"),
+            (self.sleep.is_some(), "sleep"),
+        ];
+        let mut kinds = set.iter().filter(|(on, _)| *on).map(|(_, k)| *k);
+        match (kinds.next(), kinds.next()) {
+            (Some(k), None) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Every field that may hold `${{ }}` templates, with its path under the step.
+    pub fn templates(&self) -> Vec<(String, &String)> {
+        let mut out: Vec<(String, &String)> = Vec::new();
+        if let Some(run) = &self.run {
+            out.push(("run".into(), run));
+        }
+        for (k, v) in &self.env {
+            out.push((format!("env.{k}"), v));
+        }
+        if let Some(h) = &self.http {
+            out.push(("http.url".into(), &h.url));
+            for (k, v) in &h.headers {
+                out.push((format!("http.headers.{k}"), v));
+            }
+            if let Some(body) = &h.body {
+                json_strings(body, &mut |s| out.push(("http.body".into(), s)));
+            }
+        }
+        if let Some(l) = &self.llm {
+            out.push(("llm.base_url".into(), &l.base_url));
+            out.push(("llm.model".into(), &l.model));
+            if let Some(s) = &l.system {
+                out.push(("llm.system".into(), s));
+            }
+            out.push(("llm.prompt".into(), &l.prompt));
+        }
+        if let Some(c) = &self.container {
+            out.push(("container.image".into(), &c.image));
+            for (n, a) in c.command.iter().enumerate() {
+                out.push((format!("container.command[{n}]"), a));
+            }
+        }
+        out
+    }
+
+    /// The same fields as [`StepDef::templates`], to render them.
+    pub fn templates_mut(&mut self) -> Vec<&mut String> {
+        let mut out: Vec<&mut String> = Vec::new();
+        out.extend(self.run.as_mut());
+        out.extend(self.env.values_mut());
+        if let Some(h) = &mut self.http {
+            out.push(&mut h.url);
+            out.extend(h.headers.values_mut());
+            if let Some(body) = &mut h.body {
+                json_strings_mut(body, &mut out);
+            }
+        }
+        if let Some(l) = &mut self.llm {
+            out.push(&mut l.base_url);
+            out.push(&mut l.model);
+            out.extend(l.system.as_mut());
+            out.push(&mut l.prompt);
+        }
+        if let Some(c) = &mut self.container {
+            out.push(&mut c.image);
+            out.extend(c.command.iter_mut());
+        }
+        out
+    }
+
+    /// The secrets the executor opens for the step: those it declares, and the LLM API key.
+    pub fn secret_names(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        if let Some(name) = self.llm.as_ref().and_then(|l| l.api_key_secret.as_deref())
+            && !out.contains(&name)
+        {
+            out.push(name);
+        }
+        out
+    }
+
+    /// Whether an executor with `labels` may run the step.
+    pub fn runs_on_matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels_match(&self.runs_on, labels)
+    }
+}
+
+/// Whether `labels` satisfy every requirement (`"*"`: the label is present).
+pub fn labels_match(required: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    required.iter().all(|(k, v)| labels.get(k).is_some_and(|have| v == "*" || have.eq_ignore_ascii_case(v)))
+}
+
+fn json_strings<'a>(v: &'a serde_json::Value, f: &mut dyn FnMut(&'a String)) {
+    match v {
+        serde_json::Value::String(s) => f(s),
+        serde_json::Value::Array(items) => items.iter().for_each(|i| json_strings(i, f)),
+        serde_json::Value::Object(map) => map.values().for_each(|i| json_strings(i, f)),
+        _ => {}
+    }
+}
+
+fn json_strings_mut<'a>(v: &'a mut serde_json::Value, out: &mut Vec<&'a mut String>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| json_strings_mut(i, out)),
+        serde_json::Value::Object(map) => map.values_mut().for_each(|i| json_strings_mut(i, out)),
+        _ => {}
+    }
 }
 
 impl WorkflowDef {
@@ -405,14 +686,17 @@ impl WorkflowDef {
             if let Some(first) = index.insert(&step.id, i) {
                 err(format!("steps[{i}].id"), format!("duplicate step id '{}' (also steps[{first}])", step.id));
             }
-            match (&step.run, &step.uses) {
-                (Some(_), Some(_)) => err(format!("steps[{i}]"), "set either 'run' or 'uses', not both".into()),
-                (None, None) => err(format!("steps[{i}]"), "set 'run' (a shell script) or 'uses' (a built-in)".into()),
-                (Some(script), None) if script.len() > MAX_SCRIPT_BYTES => {
-                    err(format!("steps[{i}].run"), format!("at most {MAX_SCRIPT_BYTES} bytes"))
-                }
-                _ => {}
+            if step.kind().is_none() {
+                err(
+                    format!("steps[{i}]"),
+                    "set exactly one of 'run' (a shell script), 'uses' (a built-in), 'http', 'llm', 'container' or 'sleep'"
+                        .into(),
+                );
             }
+            if step.run.as_ref().is_some_and(|s| s.len() > MAX_SCRIPT_BYTES) {
+                err(format!("steps[{i}].run"), format!("at most {MAX_SCRIPT_BYTES} bytes"));
+            }
+            validate_kinds(step, &mut |f, m| err(format!("steps[{i}].{f}"), m));
             if step.timeout_seconds == Some(0) {
                 err(format!("steps[{i}].timeout_seconds"), "must be at least 1".into());
             }
@@ -435,14 +719,17 @@ impl WorkflowDef {
             {
                 err(format!("steps[{i}].if"), e);
             }
-            if let Some(script) = &step.run
-                && let Err(e) = crate::expr::check_template(script)
-            {
-                err(format!("steps[{i}].run"), e);
-            }
-            for (name, value) in &step.env {
-                if let Err(e) = crate::expr::check_template(value) {
-                    err(format!("steps[{i}].env.{name}"), e);
+            for (path, text) in step.templates() {
+                if let Err(e) = crate::expr::check_template(text) {
+                    err(format!("steps[{i}].{path}"), e);
+                }
+                for name in crate::expr::secret_refs(text) {
+                    if !step.secret_names().contains(&name) {
+                        err(
+                            format!("steps[{i}].{path}"),
+                            format!("uses secret {name}, which the step does not declare in 'secrets'"),
+                        );
+                    }
                 }
             }
             for (j, name) in step.secrets.iter().enumerate() {
@@ -513,9 +800,132 @@ impl WorkflowDef {
     }
 }
 
+/// Checks the kind-specific fields of a step; `err(field, message)` for each problem.
+fn validate_kinds(step: &StepDef, err: &mut dyn FnMut(&str, String)) {
+    if let Some(h) = &step.http {
+        if !HttpStep::METHODS.contains(&h.method.to_ascii_uppercase().as_str()) {
+            err("http.method", format!("'{}' is not one of {}", h.method, HttpStep::METHODS.join(", ")));
+        }
+        if !h.url.contains("${{") && url::Url::parse(&h.url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+            err("http.url", format!("'{}' is not an http:// or https:// URL", h.url));
+        }
+        for (n, m) in h.success.iter().enumerate() {
+            if let Err(e) = m.range() {
+                err(&format!("http.success[{n}]"), e);
+            }
+        }
+        if h.max_body_bytes.is_some_and(|b| b == 0 || b > HttpStep::MAX_BODY_BYTES) {
+            err("http.max_body_bytes", format!("must be 1 to {}", HttpStep::MAX_BODY_BYTES));
+        }
+        for name in h.headers.keys() {
+            if http_header_name_invalid(name) {
+                err(&format!("http.headers.{name}"), "not a valid header name".into());
+            }
+        }
+    }
+    if let Some(l) = &step.llm {
+        if !l.base_url.contains("${{")
+            && url::Url::parse(&l.base_url).map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+        {
+            err("llm.base_url", format!("'{}' is not an http:// or https:// URL", l.base_url));
+        }
+        if l.model.trim().is_empty() {
+            err("llm.model", "must not be empty".into());
+        }
+        if l.prompt.trim().is_empty() {
+            err("llm.prompt", "must not be empty".into());
+        }
+        if l.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            err("llm.temperature", "must be 0 to 2".into());
+        }
+        if l.max_tokens.is_some_and(|t| !(1..=1_000_000).contains(&t)) {
+            err("llm.max_tokens", "must be 1 to 1000000".into());
+        }
+        if l.api_key_secret.as_deref().is_some_and(|s| !is_secret_name(s)) {
+            err("llm.api_key_secret", "secret names are A-Z, 0-9 and '_', not starting with a digit".into());
+        }
+    }
+    if let Some(c) = &step.container {
+        let image_ok = !c.image.is_empty()
+            && c.image.len() <= 512
+            && !c.image.starts_with('-')
+            && c.image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@${} ".contains(&b));
+        if !image_ok {
+            err("container.image", format!("'{}' is not an image reference", c.image));
+        }
+    }
+    if let Some(s) = step.sleep
+        && !(s.is_finite() && (0.0..=MAX_SLEEP_SECS).contains(&s))
+    {
+        err("sleep", format!("must be 0 to {MAX_SLEEP_SECS} seconds"));
+    }
+    for (k, v) in &step.runs_on {
+        if !is_token(k) || v.is_empty() || v.len() > 128 {
+            err(&format!("runs_on.{k}"), "labels are letters, digits, '_' or '-', with a non-empty value".into());
+        }
+    }
+    if let Some(l) = &step.limits {
+        if l.cpu_seconds == Some(0) {
+            err("limits.cpu_seconds", "must be at least 1".into());
+        }
+        if l.memory_mb.is_some_and(|m| m < 4) {
+            err("limits.memory_mb", "must be at least 4".into());
+        }
+    }
+}
+
+fn http_header_name_invalid(name: &str) -> bool {
+    name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_kinds_validate_their_fields() {
+        let ok = WorkflowDef::parse_yaml(
+            "name: k\nsteps:\n  - {id: h, http: {url: 'https://example.com/${{ inputs.x }}', success: [200, 2xx, '300-302'], headers: {Authorization: 'Bearer ${{ secrets.TOKEN }}'}}, secrets: [TOKEN]}\n  - {id: l, llm: {base_url: 'http://127.0.0.1:1/v1', model: m, prompt: 'hi ${{ inputs.x }}', api_key_secret: KEY}}\n  - {id: c, container: {image: 'alpine:3.20', command: [echo, hi]}}\n  - {id: s, sleep: 0.5, runs_on: {gpu: nvidia}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.steps.iter().map(|s| s.kind().unwrap()).collect::<Vec<_>>(),
+            ["http", "llm", "container", "sleep"]
+        );
+        assert!(ok.steps[0].http.as_ref().unwrap().succeeds(301));
+        assert!(!ok.steps[0].http.as_ref().unwrap().succeeds(404));
+        assert_eq!(ok.steps[1].secret_names(), ["KEY"]);
+        let p = problem(
+            "name: k\nsteps:\n  - {id: h, http: {method: FETCH, url: 'ftp://x', success: [700, 'abc']}}\n  - {id: l, llm: {base_url: nope, model: '', prompt: x, temperature: 3}}\n  - {id: c, container: {image: '--privileged'}}\n  - {id: s, sleep: -1}\n  - {id: t, run: 'true', sleep: 1}\n  - {id: u, http: {url: 'http://x/${{ secrets.NOPE }}'}}\n",
+        );
+        let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "steps[0].http.method",
+            "steps[0].http.url",
+            "steps[0].http.success[0]",
+            "steps[0].http.success[1]",
+            "steps[1].llm.base_url",
+            "steps[1].llm.model",
+            "steps[1].llm.temperature",
+            "steps[2].container.image",
+            "steps[3].sleep",
+            "steps[4]",
+            "steps[5].http.url",
+        ] {
+            assert!(fields.contains(&f), "{f} in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn labels_match_exactly_or_by_wildcard() {
+        let have: BTreeMap<String, String> = [("gpu".into(), "nvidia".into()), ("os".into(), "linux".into())].into();
+        let need = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(labels_match(&need(&[]), &have));
+        assert!(labels_match(&need(&[("gpu", "NVIDIA")]), &have));
+        assert!(labels_match(&need(&[("gpu", "*"), ("os", "linux")]), &have));
+        assert!(!labels_match(&need(&[("gpu", "amd")]), &have));
+        assert!(!labels_match(&need(&[("arch", "*")]), &have));
+    }
 
     fn problem(yaml: &str) -> Problem {
         WorkflowDef::parse_yaml(yaml).expect_err("should be invalid")

@@ -1,6 +1,11 @@
 //! The executor: runs steps. It pulls dispatch messages from the `{NS}_DISPATCH` work queue
-//! (durable consumer `executors`) only when it has a free slot, asks the scheduler for the
-//! step's lease, runs the step, reports the result and only then acks the message.
+//! only when it has a free slot, asks the scheduler for the step's lease, runs the step,
+//! reports the result and only then acks the message.
+//!
+//! Steps are queued per label set (a pool, `{ns}.dispatch.<tenant>.<pool>`), each pool with
+//! its own durable consumer (`executors` for steps that need no labels). An executor pulls from
+//! every pool whose labels it has, found on the POOLS stream, and says it is alive (labels,
+//! slots in use) with a heartbeat on the EXECUTORS stream every few seconds.
 //!
 //! The dispatch message's ack deadline is the step's lease: while a step runs the executor
 //! renews it with in-progress acks. An executor that dies stops renewing, JetStream redelivers
@@ -9,9 +14,14 @@
 //! result from a superseded attempt is answered `stale` and changes nothing.
 //!
 //! # Layout
-//! - [`step`]: running one step (a shell script or a built-in), output capture, timeouts.
+//! - [`step`]: running one step (shell, container or in-process kinds), isolation, output
+//!   capture, timeouts.
+//! - [`remote`]: the `http` and `llm` step kinds.
+//! - [`labels`]: detected and configured labels, GPUs, the container CLI.
 //! - this file: [`Executor`]: slots, the pull loop, leases, heartbeats, reports, draining.
 
+pub mod labels;
+pub mod remote;
 pub mod step;
 
 use std::sync::Arc;
@@ -22,20 +32,23 @@ use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::message::Acker;
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::ExecutorSettings;
 
 use taskmesh_events::command::{
-    CancelSignal, Dispatch, Lease, LeaseDecision, LeaseRequest, LogLine, LogStream, ReportAck, ResultReport,
+    CancelSignal, Dispatch, ExecutorBeat, Lease, LeaseDecision, LeaseRequest, LogLine, LogStream, Pool, ReportAck,
+    ResultReport,
 };
+use taskmesh_events::subjects::{ANY_POOL, pool_consumer};
+use taskmesh_events::workflow::labels_match;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-/// The durable consumer every executor shares.
-pub const CONSUMER: &str = "executors";
+/// How often the POOLS stream is looked at for new label sets this executor can serve.
+const POOL_LOOK: Duration = Duration::from_secs(1);
 
 /// One executor process.
 #[derive(Clone)]
@@ -47,6 +60,9 @@ pub struct Executor {
     running: Arc<std::sync::Mutex<HashMap<Uuid, HashMap<String, CancellationToken>>>>,
     /// Opens the secrets steps declare; without it, such steps fail.
     keyring: Option<Arc<taskmesh_secrets::Keyring>>,
+    /// What steps run with: found out at start.
+    runtime: Arc<step::Runtime>,
+    labels: Arc<BTreeMap<String, String>>,
 }
 
 impl Executor {
@@ -56,7 +72,104 @@ impl Executor {
                 nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "executor".into());
             format!("{host}-{}", std::process::id())
         });
-        Self { bus, settings, id, running: Arc::default(), keyring }
+        Self { bus, settings, id, running: Arc::default(), keyring, runtime: Arc::default(), labels: Arc::default() }
+    }
+
+    /// Finds out what this executor can do (container CLI, sandbox, user, GPUs) and its labels.
+    /// A sandbox or user that is configured but unusable is an error: never run unprotected
+    /// what was meant to be protected.
+    pub async fn prepare(&mut self) -> anyhow::Result<()> {
+        let s = &self.settings;
+        let sandbox = match s.sandbox.as_str() {
+            "none" | "" => None,
+            mode @ ("bwrap" | "auto") => {
+                let works = tokio::process::Command::new("bwrap")
+                    .args(["--ro-bind", "/", "/", "--unshare-all", "--", "true"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .await
+                    .is_ok_and(|st| st.success());
+                match (works, mode) {
+                    (true, _) => Some("bwrap".into()),
+                    (false, "auto") => {
+                        tracing::warn!(
+                            "sandbox = auto but bubblewrap is missing or cannot run: steps are not sandboxed"
+                        );
+                        None
+                    }
+                    _ => anyhow::bail!(
+                        "executor.sandbox = bwrap, but bubblewrap (bwrap) is not installed or cannot create namespaces here"
+                    ),
+                }
+            }
+            other => anyhow::bail!("executor.sandbox must be none, bwrap or auto, not '{other}'"),
+        };
+        let mut runtime = step::Runtime { sandbox, ..step::Runtime::default() };
+        if let Some(user) = &s.run_as {
+            let found = match user.parse::<u32>() {
+                Ok(uid) => nix::unistd::User::from_uid(uid.into()),
+                Err(_) => nix::unistd::User::from_name(user),
+            };
+            let user_entry = found
+                .map_err(|e| anyhow::anyhow!("looking up executor.run_as '{user}': {e}"))?
+                .ok_or_else(|| anyhow::anyhow!("executor.run_as: no user '{user}'"))?;
+            anyhow::ensure!(nix::unistd::geteuid().is_root(), "executor.run_as needs the executor to run as root");
+            runtime.run_as = Some((user_entry.uid.as_raw(), user_entry.gid.as_raw()));
+        }
+        if s.cpu_seconds.is_some() || s.memory_mb.is_some() {
+            runtime.limits =
+                Some(taskmesh_events::workflow::StepLimits { cpu_seconds: s.cpu_seconds, memory_mb: s.memory_mb });
+        }
+        runtime.container_cli = labels::detect_container_cli(&s.container_cli).await;
+        let gpus = labels::detect_gpus().await;
+        self.labels = Arc::new(labels::labels(
+            gpus.as_ref(),
+            runtime.container_cli.as_deref(),
+            runtime.sandbox.is_some(),
+            &s.labels,
+        ));
+        self.runtime = Arc::new(runtime);
+        Ok(())
+    }
+
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    /// This executor's subject token on the EXECUTORS stream.
+    fn token(&self) -> String {
+        self.id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).collect()
+    }
+
+    /// Publishes a heartbeat every few seconds until `stop`, then one saying it is stopping.
+    async fn heartbeat(self, permits: Arc<Semaphore>, stop: CancellationToken) {
+        let started_at = chrono::Utc::now();
+        let subject = self.bus.namespace().executor(&self.token());
+        let slots = self.settings.slots as u32;
+        let mut tick = tokio::time::interval(Duration::from_secs(ExecutorBeat::EVERY_SECS));
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let beat = ExecutorBeat {
+                id: self.id.clone(),
+                labels: (*self.labels).clone(),
+                slots,
+                in_use: slots.saturating_sub(permits.available_permits() as u32),
+                started_at,
+                at: chrono::Utc::now(),
+                stopping,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            if let Err(e) = self.bus.put(subject.clone(), &beat).await {
+                tracing::debug!(error = %e, "heartbeat not published");
+            }
+            if stopping {
+                return;
+            }
+        }
     }
 
     /// Fires the kill switches of a cancelled run's steps running here.
@@ -80,14 +193,14 @@ impl Executor {
         &self.id
     }
 
-    async fn consumer(&self) -> Result<PullConsumer, BusError> {
+    async fn consumer(&self, pool: &str) -> Result<PullConsumer, BusError> {
         let ns = self.bus.namespace();
         self.bus
             .durable(
                 &ns.dispatch_stream(),
-                CONSUMER,
+                &pool_consumer(pool),
                 PullConfig {
-                    filter_subject: ns.dispatch_all(),
+                    filter_subject: ns.dispatch_pool(pool),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: self.settings.lease(),
                     max_deliver: -1,
@@ -100,13 +213,81 @@ impl Executor {
 
     /// Pulls and runs steps until `shutdown` is cancelled; then stops pulling, lets running
     /// steps finish for up to the drain timeout, and hands back the ones still running.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let consumer = self.consumer().await?;
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if self.labels.is_empty() {
+            self.prepare().await?;
+        }
         let slots = self.settings.slots;
         let permits = Arc::new(Semaphore::new(slots));
         let hand_back = CancellationToken::new();
         let listener = tokio::spawn(self.clone().listen_for_cancellations(shutdown.clone()));
-        tracing::info!(executor = %self.id, slots, "executor started");
+        let beats_stop = CancellationToken::new();
+        let beats = tokio::spawn(self.clone().heartbeat(permits.clone(), beats_stop.clone()));
+        tracing::info!(executor = %self.id, slots, labels = ?self.labels, "executor started");
+        let pools_active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut loops = tokio::task::JoinSet::new();
+        let mut attached: HashSet<String> = HashSet::new();
+        let ns = self.bus.namespace().clone();
+        let mut look = tokio::time::interval(POOL_LOOK);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = look.tick() => {}
+            }
+            let mut pools = vec![Pool { token: ANY_POOL.into(), runs_on: BTreeMap::new() }];
+            match self.bus.latest_per_subject::<Pool>(&ns.pools_stream(), &ns.pools_all()).await {
+                Ok(found) => pools.extend(found),
+                Err(e) => tracing::debug!(error = %e, "reading pools"),
+            }
+            for pool in pools {
+                if attached.contains(&pool.token) || !labels_match(&pool.runs_on, &self.labels) {
+                    continue;
+                }
+                let consumer = match self.consumer(&pool.token).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, pool = %pool.token, "attaching to a pool");
+                        continue;
+                    }
+                };
+                tracing::info!(pool = %pool.token, runs_on = ?pool.runs_on, "pulling from pool");
+                attached.insert(pool.token.clone());
+                pools_active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                loops.spawn(self.clone().pull(
+                    consumer,
+                    permits.clone(),
+                    pools_active.clone(),
+                    hand_back.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        while loops.join_next().await.is_some() {}
+        tracing::info!(executor = %self.id, "draining");
+        beats_stop.cancel();
+        let _ = beats.await;
+        let drain = Duration::from_secs(self.settings.drain_timeout_secs);
+        if tokio::time::timeout(drain, permits.acquire_many(slots as u32)).await.is_err() {
+            tracing::warn!("drain timeout: handing back running steps");
+            hand_back.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(slots as u32)).await;
+        }
+        // Gone: no longer listed as alive.
+        let _ = self.bus.purge_subject(&ns.executors_stream(), &ns.executor(&self.token())).await;
+        listener.abort();
+        Ok(())
+    }
+
+    /// Pulls one pool's steps whenever a slot is free, until `shutdown`.
+    async fn pull(
+        self,
+        consumer: PullConsumer,
+        permits: Arc<Semaphore>,
+        pools_active: Arc<std::sync::atomic::AtomicUsize>,
+        hand_back: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
+        let slots = self.settings.slots;
         'pull: loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break 'pull,
@@ -119,11 +300,19 @@ impl Executor {
                     Err(_) => break,
                 }
             }
-            let batch = consumer.batch().max_messages(held.len()).expires(Duration::from_secs(2)).messages();
+            // A pull holds its slots while it waits: with several pools, wait less, so an
+            // idle pool does not keep a slot from a busy one for long.
+            let expires = if pools_active.load(std::sync::atomic::Ordering::Relaxed) > 1 {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(2)
+            };
+            let batch = consumer.batch().max_messages(held.len()).expires(expires).messages();
             let mut batch = match batch.await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "pulling steps");
+                    drop(held);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -150,15 +339,6 @@ impl Executor {
                 });
             }
         }
-        tracing::info!(executor = %self.id, "draining");
-        let drain = Duration::from_secs(self.settings.drain_timeout_secs);
-        if tokio::time::timeout(drain, permits.acquire_many(slots as u32)).await.is_err() {
-            tracing::warn!("drain timeout: handing back running steps");
-            hand_back.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(slots as u32)).await;
-        }
-        listener.abort();
-        Ok(())
     }
 
     async fn handle(&self, msg: async_nats::jetstream::Message, hand_back: CancellationToken) {
@@ -189,7 +369,7 @@ impl Executor {
     /// Opens the secrets the step declares, from the latest `SecretSet` on each one's subject.
     async fn open_secrets(&self, dispatch: &Dispatch) -> Result<Vec<(String, String)>, String> {
         let mut out = Vec::new();
-        for name in &dispatch.step.secrets {
+        for name in dispatch.step.secret_names() {
             let keyring = self.keyring.as_ref().ok_or("this executor has no secrets key (TASKMESH_SECRETS__KEY)")?;
             let subject = self.bus.namespace().secret(&dispatch.tenant, name);
             let last = self.bus.last(&subject).await.map_err(|e| format!("reading secret {name}: {e}"))?;
@@ -198,7 +378,7 @@ impl Executor {
             };
             let aad = taskmesh_secrets::step_secret_aad(&dispatch.tenant, name);
             let value = keyring.open(&aad, &set.sealed).map_err(|e| format!("secret {name}: {e}"))?;
-            out.push((name.clone(), String::from_utf8(value).map_err(|_| format!("secret {name} is not UTF-8"))?));
+            out.push((name.to_string(), String::from_utf8(value).map_err(|_| format!("secret {name} is not UTF-8"))?));
         }
         Ok(out)
     }
@@ -334,6 +514,7 @@ impl Executor {
             work_dir: self.settings.work_dir.clone(),
             logs: Some(logs),
             secrets,
+            runtime: self.runtime.clone(),
         };
         let kill = CancellationToken::new();
         self.running

@@ -1,24 +1,32 @@
-//! Running one step: a shell script in a fresh working directory with a clean environment, or
-//! a built-in. Output (stdout and stderr, interleaved as they arrive) is capped.
+//! Running one step: a shell script or a container in a fresh working directory with a clean
+//! environment (optionally sandboxed with bubblewrap, as another user, under resource limits),
+//! or an in-process kind: an HTTP call, an LLM completion, `sleep`, `noop`. Output (stdout and
+//! stderr, interleaved as they arrive) is capped; secret values are masked wherever it goes.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use taskmesh_events::StepOutcome;
 use taskmesh_events::command::LogStream;
-use taskmesh_events::workflow::{Builtin, StepDef};
+use taskmesh_events::workflow::{HTTP_DEFAULT_TIMEOUT_SECS, LlmStep, StepDef, StepLimits};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::remote;
 
 /// PATH given to steps: the executor's own environment is never passed on.
 const STEP_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Most bytes of `$TASKMESH_OUTPUT` read, and most keys kept.
 pub const OUTPUT_FILE_LIMIT: usize = 64 * 1024;
 pub const MAX_OUTPUTS: usize = 100;
+/// Where a container step's workspace is mounted.
+pub const CONTAINER_WORKSPACE: &str = "/workspace";
 
 /// Why a running step was stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +40,35 @@ pub enum Stop {
 /// Longest log line published; a longer one is cut.
 pub const MAX_LOG_LINE: usize = 16 * 1024;
 
+/// What this executor can run steps with, found out once at start.
+#[derive(Clone)]
+pub struct Runtime {
+    /// For `http` and `llm` steps.
+    pub http: reqwest::Client,
+    /// A docker- or podman-compatible CLI that answered `info`; without one, container steps
+    /// fail.
+    pub container_cli: Option<String>,
+    /// bubblewrap, when shell steps are sandboxed.
+    pub sandbox: Option<PathBuf>,
+    /// Run shell steps as this user and group.
+    pub run_as: Option<(u32, u32)>,
+    /// Limits for steps that set none.
+    pub limits: Option<StepLimits>,
+}
+
+impl Default for Runtime {
+    /// An HTTP client, and nothing else: no container CLI, no sandbox, no limits.
+    fn default() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("taskmesh-executor/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .expect("an HTTP client with the ring provider builds");
+        Self { http, container_cli: None, sandbox: None, run_as: None, limits: None }
+    }
+}
+
 /// What a step attempt needs to know besides its definition.
 pub struct StepContext {
     pub run_id: Uuid,
@@ -44,11 +81,45 @@ pub struct StepContext {
     /// The step's secrets, opened: (name, value). Given as environment variables and masked
     /// wherever the step's output goes.
     pub secrets: Vec<(String, String)>,
+    pub runtime: Arc<Runtime>,
 }
 
-/// Runs `step`. `None` when `hand_back` fired first (the process group was killed and the
-/// step is to be handed back); otherwise whether it succeeded and what it produced. `cancel`
-/// kills it too, and it ends cancelled.
+impl StepContext {
+    /// Masks every secret value in `text`.
+    pub fn mask(&self, text: &str) -> String {
+        let masks: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
+        taskmesh_secrets::mask(text, &masks)
+    }
+
+    /// Sends a line to the step's log (best effort), masked.
+    pub fn log(&self, stream: LogStream, line: &str) {
+        if let Some(logs) = &self.logs {
+            let _ = logs.try_send((stream, self.mask(line)));
+        }
+    }
+}
+
+/// What a finished attempt produced, before it is stamped with its times.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub ok: bool,
+    pub exit_code: Option<i32>,
+    pub output: String,
+    pub output_truncated: bool,
+    pub error: Option<String>,
+    pub outputs: BTreeMap<String, String>,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Done {
+    pub fn failed(error: impl Into<String>) -> Self {
+        Done { error: Some(error.into()), ..Default::default() }
+    }
+}
+
+/// Runs `step`. `None` when `hand_back` fired first (the step was stopped and is to be handed
+/// back); otherwise whether it succeeded and what it produced. `cancel` stops it too, and it
+/// ends cancelled; past its deadline it ends timed out.
 pub async fn run(
     step: &StepDef,
     ctx: &StepContext,
@@ -56,60 +127,216 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Option<(bool, StepOutcome)> {
     let started_at = Utc::now();
-    let finish = |ok: bool, exit_code: Option<i32>, output: String, output_truncated: bool, error: Option<String>| {
+    let kind = step.kind().unwrap_or("none");
+    let deadline_secs = step.timeout_seconds.or(match kind {
+        "http" => Some(HTTP_DEFAULT_TIMEOUT_SECS),
+        "llm" => Some(LlmStep::DEFAULT_TIMEOUT_SECS),
+        _ => None,
+    });
+    let timeout = deadline_secs.map(Duration::from_secs).unwrap_or(Duration::MAX);
+    let stamp = |done: Done, timed_out: bool, cancelled: bool| {
+        let ok = done.ok;
         (
             ok,
             StepOutcome {
-                exit_code,
-                output,
-                output_truncated,
-                error,
+                exit_code: done.exit_code,
+                output: done.output,
+                output_truncated: done.output_truncated,
+                error: done.error,
+                outputs: done.outputs,
+                timed_out,
+                cancelled,
+                retry_after_ms: done.retry_after_ms,
                 started_at,
                 finished_at: Utc::now(),
-                ..Default::default()
             },
         )
     };
-    if let Some(Builtin::Noop) = step.uses {
-        return Some(finish(true, None, String::new(), false, None));
+    if matches!(kind, "run" | "container") {
+        return run_process(step, ctx, hand_back, cancel, timeout, deadline_secs)
+            .await
+            .map(|(done, timed_out, cancelled)| stamp(done, timed_out, cancelled));
     }
-    let Some(script) = &step.run else {
-        return Some(finish(false, None, String::new(), false, Some("the step has nothing to run".into())));
+    let work = async {
+        match kind {
+            "uses" => Done { ok: true, ..Default::default() },
+            "sleep" => {
+                let secs = step.sleep.unwrap_or_default();
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                Done { ok: true, ..Default::default() }
+            }
+            "http" => remote::http(step.http.as_ref().expect("kind http"), ctx).await,
+            "llm" => remote::llm(step.llm.as_ref().expect("kind llm"), ctx).await,
+            _ => Done::failed("the step has nothing to run"),
+        }
     };
-    let workspace = match ctx.work_dir.as_ref().map_or_else(tempfile::tempdir, tempfile::tempdir_in) {
-        Ok(dir) => dir,
-        Err(e) => return Some(finish(false, None, String::new(), false, Some(format!("creating the workspace: {e}")))),
+    tokio::select! {
+        done = work => Some(stamp(done, false, false)),
+        _ = tokio::time::sleep(timeout) => {
+            let secs = deadline_secs.unwrap_or_default();
+            Some(stamp(Done::failed(format!("timed out after {secs} s")), true, false))
+        }
+        _ = hand_back.cancelled() => None,
+        _ = cancel.cancelled() => Some(stamp(Done::failed("cancelled"), false, true)),
+    }
+}
+
+/// How a process step is started: the command, and the container to remove when it is stopped.
+struct Launch {
+    cmd: tokio::process::Command,
+    container: Option<(String, String)>,
+    output_file: PathBuf,
+}
+
+/// Builds the command of a shell or container step in `workspace`.
+fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Result<Launch, String> {
+    let rt = &ctx.runtime;
+    let limits = step.limits.or(rt.limits);
+    if let Some(c) = &step.container {
+        let cli = rt.container_cli.as_deref().ok_or(
+            "this executor has no container runtime (no docker- or podman-compatible CLI answered `info`); \
+             route container steps to executors that have one with runs_on: {container: '*'}",
+        )?;
+        let name = format!("taskmesh-{}-{}-{}", ctx.run_id, step.id, ctx.attempt);
+        let mut cmd = tokio::process::Command::new(cli);
+        cmd.arg("run")
+            .arg("--rm")
+            .arg("--name")
+            .arg(&name)
+            .arg("--volume")
+            .arg(format!("{}:{CONTAINER_WORKSPACE}", workspace.display()))
+            .arg("--workdir")
+            .arg(CONTAINER_WORKSPACE);
+        if step.network == Some(false) {
+            cmd.arg("--network").arg("none");
+        }
+        if let Some(mb) = limits.and_then(|l| l.memory_mb) {
+            cmd.arg("--memory").arg(format!("{mb}m"));
+        }
+        if let Some(cpu) = limits.and_then(|l| l.cpu_seconds) {
+            cmd.arg("--ulimit").arg(format!("cpu={cpu}:{cpu}"));
+        }
+        // Values travel in the CLI's environment; only names are on its command line.
+        let mut env: Vec<(String, String)> = vec![
+            ("TASKMESH_WORKSPACE".into(), CONTAINER_WORKSPACE.into()),
+            ("TASKMESH_OUTPUT".into(), format!("{CONTAINER_WORKSPACE}/.taskmesh-output")),
+            ("TASKMESH_RUN_ID".into(), ctx.run_id.to_string()),
+            ("TASKMESH_STEP_ID".into(), step.id.clone()),
+            ("TASKMESH_ATTEMPT".into(), ctx.attempt.to_string()),
+        ];
+        env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(ctx.secrets.iter().cloned());
+        for (k, _) in &env {
+            cmd.arg("--env").arg(k);
+        }
+        cmd.arg("--").arg(&c.image).args(&c.command);
+        cmd.env_clear().env("PATH", STEP_PATH).env("HOME", workspace).envs(env);
+        // The CLI finds its engine the way its operator configured it.
+        for var in ["DOCKER_HOST", "DOCKER_CONFIG", "CONTAINER_HOST", "XDG_RUNTIME_DIR"] {
+            if let Ok(v) = std::env::var(var) {
+                cmd.env(var, v);
+            }
+        }
+        return Ok(Launch {
+            cmd,
+            container: Some((cli.to_string(), name)),
+            output_file: workspace.join(".taskmesh-output"),
+        });
+    }
+    let script = step.run.as_deref().ok_or("the step has nothing to run")?;
+    let output_file = workspace.join(".taskmesh-output");
+    let mut cmd = match &rt.sandbox {
+        Some(bwrap) => {
+            let mut cmd = tokio::process::Command::new(bwrap);
+            for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"] {
+                cmd.arg("--ro-bind-try").arg(dir).arg(dir);
+            }
+            cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"])
+                .arg("--bind")
+                .arg(workspace)
+                .arg(workspace)
+                .arg("--chdir")
+                .arg(workspace)
+                .args(["--unshare-all", "--hostname", "taskmesh-step", "--die-with-parent", "--new-session"]);
+            if step.network == Some(true) {
+                cmd.arg("--share-net");
+            }
+            cmd.args(["--", "sh", "-c", script]);
+            cmd
+        }
+        None => {
+            let mut cmd = tokio::process::Command::new("sh");
+            cmd.arg("-c").arg(script);
+            cmd
+        }
     };
-    let output_file = workspace.path().join(".taskmesh-output");
-    let masks: Vec<String> = ctx.secrets.iter().map(|(_, v)| v.clone()).collect();
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(script)
-        .current_dir(workspace.path())
+    cmd.current_dir(workspace)
         .env_clear()
         .env("PATH", STEP_PATH)
-        .env("HOME", workspace.path())
-        .env("TASKMESH_WORKSPACE", workspace.path())
+        .env("HOME", workspace)
+        .env("TASKMESH_WORKSPACE", workspace)
         .env("TASKMESH_RUN_ID", ctx.run_id.to_string())
         .env("TASKMESH_STEP_ID", &step.id)
         .env("TASKMESH_ATTEMPT", ctx.attempt.to_string())
         .env("TASKMESH_OUTPUT", &output_file)
         .envs(&step.env)
-        .envs(ctx.secrets.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .envs(ctx.secrets.iter().map(|(k, v)| (k, v)));
+    if let Some((uid, gid)) = rt.run_as {
+        nix::unistd::chown(workspace, Some(uid.into()), Some(gid.into()))
+            .map_err(|e| format!("giving the workspace to uid {uid}: {e}"))?;
+        cmd.uid(uid).gid(gid);
+    }
+    if let Some(l) = limits {
+        let (cpu, mem) = (l.cpu_seconds, l.memory_mb.map(|m| m * 1024 * 1024));
+        // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::sys::resource::{Resource, setrlimit};
+                if let Some(c) = cpu {
+                    // SIGXCPU at the soft limit (a clear cause), SIGKILL a second later.
+                    setrlimit(Resource::RLIMIT_CPU, c, c + 1).map_err(std::io::Error::from)?;
+                }
+                if let Some(m) = mem {
+                    setrlimit(Resource::RLIMIT_AS, m, m).map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
+    }
+    Ok(Launch { cmd, container: None, output_file })
+}
+
+/// Runs a shell or container step: `None` when handed back, else what it did and whether it
+/// timed out or was cancelled.
+async fn run_process(
+    step: &StepDef,
+    ctx: &StepContext,
+    hand_back: CancellationToken,
+    cancel: CancellationToken,
+    timeout: Duration,
+    deadline_secs: Option<u64>,
+) -> Option<(Done, bool, bool)> {
+    let workspace = match ctx.work_dir.as_ref().map_or_else(tempfile::tempdir, tempfile::tempdir_in) {
+        Ok(dir) => dir,
+        Err(e) => return Some((Done::failed(format!("creating the workspace: {e}")), false, false)),
+    };
+    let Launch { mut cmd, container, output_file } = match launch(step, ctx, workspace.path()) {
+        Ok(l) => l,
+        Err(e) => return Some((Done::failed(e), false, false)),
+    };
+    let masks: Vec<String> = ctx.secrets.iter().map(|(_, v)| v.clone()).collect();
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Some(finish(false, None, String::new(), false, Some(format!("starting sh: {e}")))),
+        Err(e) => {
+            let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+            return Some((Done::failed(format!("starting {program}: {e}")), false, false));
+        }
     };
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     let output = Mutex::new(Capture { buf: Vec::new(), limit: ctx.output_limit, truncated: false });
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let timeout = step.timeout_seconds.map(Duration::from_secs).unwrap_or(Duration::MAX);
     let kill_group = move || {
         if let Some(pgid) = pgid {
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
@@ -142,43 +369,65 @@ pub async fn run(
         _ = hand_back.cancelled() => Err(Some(Stop::HandBack)),
         _ = cancel.cancelled() => Err(Some(Stop::Cancel)),
     };
+    if result.is_err()
+        && let Some((cli, name)) = &container
+    {
+        // Killing the CLI does not stop the container: remove it.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new(cli)
+                .args(["rm", "--force", name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status(),
+        )
+        .await;
+    }
     let capture = output.into_inner();
     let text = taskmesh_secrets::mask(&String::from_utf8_lossy(&capture.buf), &masks);
+    let done = |ok: bool, exit_code: Option<i32>, error: Option<String>| Done {
+        ok,
+        exit_code,
+        output: text.clone(),
+        output_truncated: capture.truncated,
+        error,
+        ..Default::default()
+    };
     match result {
         Ok(Ok(status)) => {
             let code =
                 status.code().or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s));
             let ok = status.success();
-            let error = (!ok).then(|| format!("exited with {}", code.map_or("a signal".into(), |c| c.to_string())));
-            let (mut ok, mut out) = finish(ok, code, text, capture.truncated, error);
+            let error = (!ok).then(|| match std::os::unix::process::ExitStatusExt::signal(&status) {
+                Some(9) if step.limits.or(ctx.runtime.limits).is_some() => {
+                    "killed (signal 9): over a resource limit?".to_string()
+                }
+                Some(24) => "killed: over its CPU-time limit (signal 24)".to_string(),
+                Some(s) => format!("killed by signal {s}"),
+                None => format!("exited with {}", code.map_or("?".into(), |c| c.to_string())),
+            });
+            let mut out = done(ok, code, error);
             match read_outputs(&output_file).await {
                 Ok(outputs) => {
                     out.outputs = outputs.into_iter().map(|(k, v)| (k, taskmesh_secrets::mask(&v, &masks))).collect();
                 }
                 Err(e) => {
-                    ok = false;
+                    out.ok = false;
                     out.error = Some(e);
                 }
             }
-            Some((ok, out))
+            Some((out, false, false))
         }
-        Ok(Err(e)) => Some(finish(false, None, text, capture.truncated, Some(format!("waiting for the step: {e}")))),
+        Ok(Err(e)) => Some((done(false, None, Some(format!("waiting for the step: {e}"))), false, false)),
         Err(stop) => {
             kill_group();
             let _ = child.wait().await;
             match stop {
                 None => {
-                    let secs = step.timeout_seconds.unwrap_or_default();
-                    let (ok, mut out) =
-                        finish(false, None, text, capture.truncated, Some(format!("timed out after {secs} s")));
-                    out.timed_out = true;
-                    Some((ok, out))
+                    let secs = deadline_secs.unwrap_or_default();
+                    Some((done(false, None, Some(format!("timed out after {secs} s"))), true, false))
                 }
-                Some(Stop::Cancel) => {
-                    let (ok, mut out) = finish(false, None, text, capture.truncated, Some("cancelled".into()));
-                    out.cancelled = true;
-                    Some((ok, out))
-                }
+                Some(Stop::Cancel) => Some((done(false, None, Some("cancelled".into())), false, true)),
                 Some(Stop::HandBack) => None,
             }
         }
@@ -300,6 +549,7 @@ mod tests {
             work_dir: None,
             logs: None,
             secrets: Vec::new(),
+            runtime: Arc::default(),
         }
     }
 
@@ -401,6 +651,42 @@ mod tests {
         let (ok, out) = run(&s, &ctx(1000), CancellationToken::new(), cancel).await.unwrap();
         assert!(!ok && out.cancelled);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    fn ctx_with(runtime: Runtime) -> StepContext {
+        StepContext { runtime: Arc::new(runtime), ..ctx(4096) }
+    }
+
+    #[tokio::test]
+    async fn run_as_switches_user_and_limits_stop_runaway_steps() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: switching users needs root");
+            return;
+        }
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+        let rt = Runtime { run_as: Some((nobody.uid.as_raw(), nobody.gid.as_raw())), ..Runtime::default() };
+        let s = step("{id: a, run: 'id -u; touch $TASKMESH_WORKSPACE/mine && echo wrote'}");
+        let (ok, out) = run(&s, &ctx_with(rt), CancellationToken::new(), CancellationToken::new()).await.unwrap();
+        assert!(ok, "{out:?}");
+        assert_eq!(out.output, format!("{}\nwrote\n", nobody.uid));
+
+        let cpu = step("{id: a, run: 'while :; do :; done', limits: {cpu_seconds: 1}, timeout_seconds: 20}");
+        let t = std::time::Instant::now();
+        let (ok, out) = run(&cpu, &ctx(1000), CancellationToken::new(), CancellationToken::new()).await.unwrap();
+        assert!(!ok && !out.timed_out, "{out:?}");
+        assert!(out.error.as_deref().unwrap().contains("CPU-time limit"), "{out:?}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+
+        let mem = step(
+            "{id: a, run: 'x=$(head -c 300000000 /dev/zero | tr \"\\\\0\" a); echo ${#x}', limits: {memory_mb: 64}}",
+        );
+        let (ok, out) = run(&mem, &ctx(1000), CancellationToken::new(), CancellationToken::new()).await.unwrap();
+        assert!(!ok, "300 MB do not fit in 64: {out:?}");
+        let unlimited = step(
+            "{id: a, run: 'x=$(head -c 3000000 /dev/zero | tr \"\\\\0\" a); echo ${#x}', limits: {memory_mb: 64}}",
+        );
+        let (ok, out) = run(&unlimited, &ctx(1000), CancellationToken::new(), CancellationToken::new()).await.unwrap();
+        assert!(ok && out.output == "3000000\n", "3 MB do: {out:?}");
     }
 
     #[tokio::test]

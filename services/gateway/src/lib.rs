@@ -17,6 +17,7 @@
 //! - this file: [`AppState`], [`router`], [`Application`], health, the OpenAPI document.
 
 pub mod auth;
+pub mod executors;
 pub mod logs;
 pub mod resources;
 pub mod runs;
@@ -56,10 +57,10 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
-    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, resources::create_repo_connection, resources::create_webhook_endpoint, healthz, readyz),
+    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, resources::create_repo_connection, resources::create_webhook_endpoint, executors::list, healthz, readyz),
     components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
     modifiers(&BearerAuth),
-    tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
+    tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
 )]
 pub struct ApiDoc;
 
@@ -167,6 +168,7 @@ pub fn router(state: AppState, body_limit: usize) -> axum::Router {
         .merge(workflows::routes())
         .merge(schedules::routes())
         .merge(secrets::routes())
+        .merge(executors::routes())
         .merge(tenancy::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

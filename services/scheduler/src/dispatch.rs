@@ -33,8 +33,10 @@ use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
 use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
-use taskmesh_events::command::{CancelSignal, Dispatch, Ready};
+use taskmesh_events::command::{CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
+use taskmesh_events::subjects::pool_token;
 use taskmesh_events::workflow::GroupPolicy;
+use taskmesh_events::workflow::labels_match;
 use taskmesh_events::{
     Event, EventMeta, RunAdmitted, RunCancelRequested, RunConcurrency, RunKey, RunWaiting, StepAdmitted, StepWaiting,
     TENANT_RUNS_GROUP,
@@ -121,6 +123,10 @@ struct Held {
     buckets: HashMap<(String, String), Bucket>,
     /// Runs already asked to cancel for a `cancel_in_progress` group.
     cancelling: HashSet<Uuid>,
+    /// Pools (label sets) registered on the POOLS stream by this leader.
+    pools: HashSet<String>,
+    /// Live executors' labels as last read, and when.
+    executors: Option<(Instant, Vec<BTreeMap<String, String>>)>,
 }
 
 impl Held {
@@ -327,6 +333,35 @@ impl Dispatcher {
         }
     }
 
+    /// Records a label set on the POOLS stream, so executors with those labels attach to it.
+    async fn register_pool(&self, token: &str, runs_on: &BTreeMap<String, String>) -> Result<(), BusError> {
+        let ns = self.bus.namespace();
+        let pool = Pool { token: token.to_string(), runs_on: runs_on.clone() };
+        self.bus.put(ns.pool(token), &pool).await.map(|_| ())
+    }
+
+    /// The labels of the live executors, read at most once a second (a failed read counts as
+    /// none known, which only affects the reasons shown).
+    async fn live_executors(&self, held: &mut Held) -> Vec<BTreeMap<String, String>> {
+        if let Some((at, labels)) = &held.executors
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return labels.clone();
+        }
+        let ns = self.bus.namespace();
+        let now = chrono::Utc::now();
+        let labels: Vec<BTreeMap<String, String>> =
+            match self.bus.latest_per_subject::<ExecutorBeat>(&ns.executors_stream(), &ns.executors_all()).await {
+                Ok(beats) => beats.into_iter().filter(|b| b.is_live(now)).map(|b| b.labels).collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading live executors");
+                    return Vec::new();
+                }
+            };
+        held.executors = Some((Instant::now(), labels.clone()));
+        labels
+    }
+
     /// One admission round over everything held.
     async fn admit(
         &self,
@@ -343,13 +378,13 @@ impl Dispatcher {
         let counts = self.bus.subject_counts(&ns.dispatch_stream(), &ns.dispatch_all()).await?;
         let mut in_flight: HashMap<String, u64> = HashMap::new();
         let mut total: u64 = 0;
-        let prefix = format!("{}.dispatch.", ns.as_str());
         for (subject, n) in counts {
             total += n;
-            if let Some(tenant) = subject.strip_prefix(&prefix) {
+            if let Some((tenant, _pool)) = ns.parse_dispatch(&subject) {
                 *in_flight.entry(tenant.to_string()).or_default() += n;
             }
         }
+        let mut sent: Vec<(RunKey, String, BTreeMap<String, String>)> = Vec::new();
         let now = Instant::now();
         let wall = chrono::Utc::now();
         let window = self.settings.dispatch_window;
@@ -406,15 +441,30 @@ impl Dispatcher {
                 let step = queue.remove(&k).expect("chosen from the queue");
                 let seq = k.1;
                 let msg_id = format!("{}:{}:{}", step.dispatch.run_id, step.dispatch.step.id, step.dispatch.dispatch);
-                let subject = ns.dispatch(&tenant);
-                if let Err(e) =
-                    self.bus.enqueue(subject, &msg_id, &step.dispatch, step.dispatch.traceparent.as_deref()).await
-                {
+                let pool = pool_token(&step.dispatch.step.runs_on);
+                let subject = ns.dispatch(&tenant, &pool);
+                let registered = if held.pools.contains(&pool) {
+                    Ok(())
+                } else {
+                    self.register_pool(&pool, &step.dispatch.step.runs_on).await.map(|_| {
+                        held.pools.insert(pool.clone());
+                    })
+                };
+                let queue = held.steps.get_mut(&tenant).expect("chosen from this tenant's queue");
+                let enqueued = match registered {
+                    Ok(()) => {
+                        self.bus.enqueue(subject, &msg_id, &step.dispatch, step.dispatch.traceparent.as_deref()).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = enqueued {
                     // Keep it; the next round tries again.
                     queue.insert(k, step);
                     return Err(e);
                 }
                 self.forget(seq).await;
+                let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
+                sent.push((key, step.dispatch.step.id.clone(), step.dispatch.step.runs_on.clone()));
                 if step.reported {
                     let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
                     admitted.entry(key).or_default().push(step.dispatch.step.id.clone());
@@ -429,6 +479,26 @@ impl Dispatcher {
         }
         for (key, steps) in admitted {
             let _ = reports.try_send(Event2::new(key, Event::StepAdmitted(StepAdmitted { steps })));
+        }
+        // A step no live executor can take waits on the dispatch queue (where autoscalers see
+        // it): say so.
+        if !sent.is_empty() {
+            let live = self.live_executors(held).await;
+            let mut unserved: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
+            for (key, step, runs_on) in sent {
+                if !live.iter().any(|labels| labels_match(&runs_on, labels)) {
+                    let reason = if runs_on.is_empty() {
+                        "no executor is running".to_string()
+                    } else {
+                        let wanted: Vec<String> = runs_on.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        format!("no live executor has labels {}", wanted.join(", "))
+                    };
+                    unserved.entry((key, reason)).or_default().push(step);
+                }
+            }
+            for ((key, reason), steps) in unserved {
+                let _ = reports.try_send(Event2::new(key, Event::StepWaiting(StepWaiting { steps, reason })));
+            }
         }
         // Say why the rest waits, once each, for holds that last: one event per run and reason.
         let mut waiting: HashMap<(RunKey, String), Vec<String>> = HashMap::new();

@@ -350,7 +350,8 @@ impl RunState {
     /// in proportion to what the step refers to, not to the size of the run.
     fn referenced(&self, i: usize) -> Option<Vec<usize>> {
         let def = self.def(i);
-        let texts = def.condition.iter().chain(def.run.iter()).chain(def.env.values());
+        let templates = def.templates();
+        let texts = def.condition.iter().chain(templates.iter().map(|(_, t)| *t));
         let mut out: Vec<usize> = Vec::new();
         let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
         for text in texts {
@@ -418,18 +419,16 @@ impl RunState {
 
     fn render_with(&self, i: usize, phases: &dyn Fn(usize) -> StepPhase) -> Result<StepDef, String> {
         let def = self.def(i);
-        let templated =
-            def.run.as_deref().is_some_and(|r| r.contains("${{")) || def.env.values().any(|v| v.contains("${{"));
+        let templated = def.templates().iter().any(|(_, t)| t.contains("${{"));
         if !templated {
             return Ok(def.clone());
         }
         let scope = self.scope(i, phases);
         let mut out = def.clone();
-        if let Some(run) = &def.run {
-            out.run = Some(scope.render(run)?);
-        }
-        for (k, v) in &def.env {
-            out.env.insert(k.clone(), scope.render(v)?);
+        for text in out.templates_mut() {
+            if text.contains("${{") {
+                *text = scope.render(text)?;
+            }
         }
         Ok(out)
     }
@@ -690,7 +689,9 @@ impl RunState {
                     .filter(|p| attempt < p.max_attempts && p.retries(outcome.exit_code, outcome.timed_out))
                 {
                     let ceiling = policy.ceiling_ms(attempt);
-                    let delay_ms = ceiling / 2 + rand::random_range(0..=ceiling - ceiling / 2);
+                    let jittered = ceiling / 2 + rand::random_range(0..=ceiling - ceiling / 2);
+                    // The far end's `Retry-After` is honoured (up to a day).
+                    let delay_ms = jittered.max(outcome.retry_after_ms.unwrap_or(0).min(86_400_000));
                     let retry_at = Utc::now() + chrono::Duration::milliseconds(delay_ms as i64);
                     Event::StepAttemptFailed(StepAttemptFailed { step: id, attempt, outcome, retry_at, delay_ms })
                 } else {
