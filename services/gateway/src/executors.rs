@@ -10,7 +10,7 @@ use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use taskmesh_events::command::{ExecutorBeat, Pool};
-use taskmesh_events::subjects::{ANY_POOL, pool_token};
+use taskmesh_events::subjects::{ANY_POOL, pool_consumer, pool_token};
 use taskmesh_events::workflow::labels_match;
 use taskmesh_http::{ApiError, ApiResult};
 use utoipa::ToSchema;
@@ -42,6 +42,9 @@ pub struct ExecutorView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PoolView {
     pub runs_on: BTreeMap<String, String>,
+    /// The JetStream durable consumer of this label set on the dispatch stream: the one an
+    /// autoscaler (KEDA's NATS JetStream scaler) watches for this pool.
+    pub consumer: String,
     /// The caller's steps on the dispatch queue for this label set, not yet finished by an
     /// executor (queued or running).
     pub queued: u64,
@@ -99,6 +102,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
         .into_iter()
         .filter(|p| p.token == pool_token(&p.runs_on))
         .map(|p| PoolView {
+            consumer: pool_consumer(&p.token),
             queued: queued.get(&p.token).copied().unwrap_or(0),
             executors: beats.iter().filter(|b| b.is_live(now) && labels_match(&p.runs_on, &b.labels)).count(),
             runs_on: p.runs_on,
