@@ -167,9 +167,11 @@ pub struct ExecutorSettings {
     pub sandbox: String,
     /// Run shell steps as this user (a name or uid); the executor must be root to switch.
     pub run_as: Option<String>,
-    /// Default CPU-time limit of a step's processes, in seconds (a step's `limits` win).
+    /// CPU-time limit of a step's processes, in seconds: the default, and the most a step's
+    /// `limits` may ask for.
     pub cpu_seconds: Option<u64>,
-    /// Default memory limit of a step's processes, in MiB (a step's `limits` win).
+    /// Memory limit of a step's processes, in MiB: the default, and the most a step's
+    /// `limits` may ask for.
     pub memory_mb: Option<u64>,
 }
 

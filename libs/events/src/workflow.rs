@@ -403,6 +403,11 @@ pub struct StepLimits {
     pub memory_mb: Option<u64>,
 }
 
+/// Fields where `${{ secrets.NAME }}` is filled in by the executor (elsewhere a secret is an
+/// environment variable, so its value never lands in a command line).
+pub const SECRET_FIELDS: &[&str] =
+    &["http.url", "http.headers", "http.body", "llm.base_url", "llm.system", "llm.prompt"];
+
 /// The HTTP step's default deadline when it sets no `timeout_seconds`.
 pub const HTTP_DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// The longest `sleep`.
@@ -723,7 +728,17 @@ impl WorkflowDef {
                 if let Err(e) = crate::expr::check_template(text) {
                     err(format!("steps[{i}].{path}"), e);
                 }
-                for name in crate::expr::secret_refs(text) {
+                let refs = crate::expr::secret_refs(text);
+                let fillable = SECRET_FIELDS.iter().any(|f| path == *f || path.starts_with(&format!("{f}.")));
+                if let Some(name) = refs.first().filter(|_| !fillable) {
+                    err(
+                        format!("steps[{i}].{path}"),
+                        format!(
+                            "${{{{ secrets.{name} }}}} is filled in only in http url, headers and body and llm base_url, system and prompt; here, declare the secret and use the environment variable {name}"
+                        ),
+                    );
+                }
+                for name in refs {
                     if !step.secret_names().contains(&name) {
                         err(
                             format!("steps[{i}].{path}"),
@@ -896,7 +911,7 @@ mod tests {
         assert!(!ok.steps[0].http.as_ref().unwrap().succeeds(404));
         assert_eq!(ok.steps[1].secret_names(), ["KEY"]);
         let p = problem(
-            "name: k\nsteps:\n  - {id: h, http: {method: FETCH, url: 'ftp://x', success: [700, 'abc']}}\n  - {id: l, llm: {base_url: nope, model: '', prompt: x, temperature: 3}}\n  - {id: c, container: {image: '--privileged'}}\n  - {id: s, sleep: -1}\n  - {id: t, run: 'true', sleep: 1}\n  - {id: u, http: {url: 'http://x/${{ secrets.NOPE }}'}}\n",
+            "name: k\nsteps:\n  - {id: h, http: {method: FETCH, url: 'ftp://x', success: [700, 'abc']}}\n  - {id: l, llm: {base_url: nope, model: '', prompt: x, temperature: 3}}\n  - {id: c, container: {image: '--privileged'}}\n  - {id: s, sleep: -1}\n  - {id: t, run: 'true', sleep: 1}\n  - {id: u, http: {url: 'http://x/${{ secrets.NOPE }}'}}\n  - {id: v, secrets: [T], run: 'echo ${{ secrets.T }}'}\n",
         );
         let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
         for f in [
@@ -911,6 +926,7 @@ mod tests {
             "steps[3].sleep",
             "steps[4]",
             "steps[5].http.url",
+            "steps[6].run",
         ] {
             assert!(fields.contains(&f), "{f} in {fields:?}");
         }

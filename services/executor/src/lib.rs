@@ -63,6 +63,8 @@ pub struct Executor {
     /// What steps run with: found out at start.
     runtime: Arc<step::Runtime>,
     labels: Arc<BTreeMap<String, String>>,
+    /// Steps being handled right now (slots held by a waiting pull are not counted).
+    busy: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Executor {
@@ -72,7 +74,16 @@ impl Executor {
                 nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "executor".into());
             format!("{host}-{}", std::process::id())
         });
-        Self { bus, settings, id, running: Arc::default(), keyring, runtime: Arc::default(), labels: Arc::default() }
+        Self {
+            bus,
+            settings,
+            id,
+            running: Arc::default(),
+            keyring,
+            runtime: Arc::default(),
+            labels: Arc::default(),
+            busy: Arc::default(),
+        }
     }
 
     /// Finds out what this executor can do (container CLI, sandbox, user, GPUs) and its labels.
@@ -143,7 +154,7 @@ impl Executor {
     }
 
     /// Publishes a heartbeat every few seconds until `stop`, then one saying it is stopping.
-    async fn heartbeat(self, permits: Arc<Semaphore>, stop: CancellationToken) {
+    async fn heartbeat(self, stop: CancellationToken) {
         let started_at = chrono::Utc::now();
         let subject = self.bus.namespace().executor(&self.token());
         let slots = self.settings.slots as u32;
@@ -157,7 +168,7 @@ impl Executor {
                 id: self.id.clone(),
                 labels: (*self.labels).clone(),
                 slots,
-                in_use: slots.saturating_sub(permits.available_permits() as u32),
+                in_use: self.busy.load(std::sync::atomic::Ordering::Relaxed).min(slots),
                 started_at,
                 at: chrono::Utc::now(),
                 stopping,
@@ -222,7 +233,7 @@ impl Executor {
         let hand_back = CancellationToken::new();
         let listener = tokio::spawn(self.clone().listen_for_cancellations(shutdown.clone()));
         let beats_stop = CancellationToken::new();
-        let beats = tokio::spawn(self.clone().heartbeat(permits.clone(), beats_stop.clone()));
+        let beats = tokio::spawn(self.clone().heartbeat(beats_stop.clone()));
         tracing::info!(executor = %self.id, slots, labels = ?self.labels, "executor started");
         let pools_active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut loops = tokio::task::JoinSet::new();
@@ -334,7 +345,9 @@ impl Executor {
                 let me = self.clone();
                 let hand_back = hand_back.clone();
                 tokio::spawn(async move {
+                    me.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     me.handle(msg, hand_back).await;
+                    me.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     drop(permit);
                 });
             }

@@ -28,6 +28,31 @@ pub const MAX_OUTPUTS: usize = 100;
 /// Where a container step's workspace is mounted.
 pub const CONTAINER_WORKSPACE: &str = "/workspace";
 
+/// What a sandboxed step sees of /etc.
+const SANDBOX_ETC: &[&str] = &[
+    "passwd",
+    "group",
+    "hosts",
+    "resolv.conf",
+    "nsswitch.conf",
+    "host.conf",
+    "gai.conf",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "alternatives",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "timezone",
+    "mime.types",
+    "protocols",
+    "services",
+    "os-release",
+    "debian_version",
+];
+
 /// Why a running step was stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -181,6 +206,21 @@ pub async fn run(
     }
 }
 
+/// A step's limits within the executor's: each of the executor's is a default and a ceiling.
+fn effective_limits(step: Option<StepLimits>, executor: Option<StepLimits>) -> Option<StepLimits> {
+    let lower = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    match (step, executor) {
+        (Some(s), Some(e)) => Some(StepLimits {
+            cpu_seconds: lower(s.cpu_seconds, e.cpu_seconds),
+            memory_mb: lower(s.memory_mb, e.memory_mb),
+        }),
+        (s, e) => s.or(e),
+    }
+}
+
 /// How a process step is started: the command, and the container to remove when it is stopped.
 struct Launch {
     cmd: tokio::process::Command,
@@ -191,7 +231,7 @@ struct Launch {
 /// Builds the command of a shell or container step in `workspace`.
 fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Result<Launch, String> {
     let rt = &ctx.runtime;
-    let limits = step.limits.or(rt.limits);
+    let limits = effective_limits(step.limits, rt.limits);
     if let Some(c) = &step.container {
         let cli = rt.container_cli.as_deref().ok_or(
             "this executor has no container runtime (no docker- or podman-compatible CLI answered `info`); \
@@ -248,8 +288,13 @@ fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Res
     let mut cmd = match &rt.sandbox {
         Some(bwrap) => {
             let mut cmd = tokio::process::Command::new(bwrap);
-            for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"] {
+            for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"] {
                 cmd.arg("--ro-bind-try").arg(dir).arg(dir);
+            }
+            // Only the parts of /etc programs need: not the executor's own configuration.
+            for entry in SANDBOX_ETC {
+                let path = format!("/etc/{entry}");
+                cmd.arg("--ro-bind-try").arg(&path).arg(&path);
             }
             cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"])
                 .arg("--bind")
@@ -399,7 +444,7 @@ async fn run_process(
                 status.code().or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s));
             let ok = status.success();
             let error = (!ok).then(|| match std::os::unix::process::ExitStatusExt::signal(&status) {
-                Some(9) if step.limits.or(ctx.runtime.limits).is_some() => {
+                Some(9) if effective_limits(step.limits, ctx.runtime.limits).is_some() => {
                     "killed (signal 9): over a resource limit?".to_string()
                 }
                 Some(24) => "killed: over its CPU-time limit (signal 24)".to_string(),

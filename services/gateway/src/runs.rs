@@ -163,6 +163,7 @@ pub struct StepView {
     pub id: String,
     /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `skipped` or `timed_out`.
     pub status: String,
+    /// `run`, `http`, `llm`, `container`, `sleep` or `builtin` (`uses: noop`).
     pub kind: String,
     pub needs: Vec<String>,
     /// Attempts started.

@@ -68,8 +68,15 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .await?;
             let ids: Vec<&str> = e.workflow.steps.iter().map(|s| s.id.as_str()).collect();
             let positions: Vec<i32> = (0..ids.len() as i32).collect();
-            let kinds: Vec<&str> =
-                e.workflow.steps.iter().map(|s| if s.run.is_some() { "run" } else { "builtin" }).collect();
+            let kinds: Vec<&str> = e
+                .workflow
+                .steps
+                .iter()
+                .map(|s| match s.kind() {
+                    Some("uses") | None => "builtin",
+                    Some(k) => k,
+                })
+                .collect();
             let needs: Vec<String> = e.workflow.steps.iter().map(|s| s.needs.join(",")).collect();
             sqlx::query(
                 "INSERT INTO steps (tenant_id, run_id, step_id, position, kind, needs, status)
