@@ -451,6 +451,7 @@ steps:
       touch /tmp/{escape} && echo "tmp-private"
       touch "$TASKMESH_WORKSPACE/../{escape}" && echo "parent-private"
       [ -d /root/.cargo ] && echo "sees-root" || echo "no-root"
+      [ -e /etc/shadow ] || [ -e /etc/taskmesh ] && echo "sees-etc" || echo "no-etc-secrets"
       echo "tcp=$(wc -l < /proc/net/tcp)"
       echo inside > "$TASKMESH_WORKSPACE/file" && echo "workspace-ok"
       echo "procs=$(cat $TASKMESH_WORKSPACE/procs)" >> $TASKMESH_OUTPUT
@@ -464,7 +465,17 @@ steps:
     let lines: Vec<&str> = probe["output"].as_str().unwrap().lines().collect();
     assert_eq!(
         lines,
-        ["0", "no-environ", "no-usr", "tmp-private", "parent-private", "no-root", "tcp=1", "workspace-ok"],
+        [
+            "0",
+            "no-environ",
+            "no-usr",
+            "tmp-private",
+            "parent-private",
+            "no-root",
+            "no-etc-secrets",
+            "tcp=1",
+            "workspace-ok"
+        ],
         "{probe:#}"
     );
     let procs: u32 = probe["outputs"]["procs"].as_str().unwrap().parse().unwrap();

@@ -80,16 +80,6 @@ pub enum GroupPolicy {
     Skip,
 }
 
-impl GroupPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GroupPolicy::Queue => "queue",
-            GroupPolicy::CancelInProgress => "cancel_in_progress",
-            GroupPolicy::Skip => "skip",
-        }
-    }
-}
-
 /// `rate_limit:` on a step: a named token bucket of the tenant's. Steps sharing a key share
 /// the bucket; a step finding it empty waits (it is never failed for it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -347,8 +337,8 @@ impl StatusMatch {
     }
 }
 
-/// `llm:` on a step: one chat completion. `system` and `prompt` are `${{ }}` templates over
-/// inputs and upstream outputs. The reply becomes the `reply` output (and the step's output),
+/// `llm:` on a step: one chat completion. `base_url`, `model`, `system` and `prompt` are `${{ }}`
+/// templates over inputs and upstream outputs. The reply becomes the `reply` output (and the step's output),
 /// token usage the `prompt_tokens`, `completion_tokens` and `total_tokens` outputs. Rate-limit
 /// and quota answers (429, 503) are waited out, honouring `Retry-After`, until the step's
 /// deadline (`timeout_seconds`, default 10 minutes).
@@ -500,11 +490,6 @@ impl StepDef {
             out.push(name);
         }
         out
-    }
-
-    /// Whether an executor with `labels` may run the step.
-    pub fn runs_on_matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        labels_match(&self.runs_on, labels)
     }
 }
 

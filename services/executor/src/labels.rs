@@ -15,7 +15,7 @@ pub struct Gpus {
 }
 
 /// Runs a probe command with a deadline; its stdout when it exits 0.
-async fn probe(program: &str, args: &[&str]) -> Option<String> {
+pub(crate) async fn probe(program: &str, args: &[&str]) -> Option<String> {
     let run = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -84,8 +84,8 @@ pub async fn detect_container_cli(setting: &str) -> Option<String> {
         if probe(cli, &["info"]).await.is_some() {
             return Some(cli.to_string());
         }
-        tracing::info!(cli, "no container engine answers; container steps will fail on this executor");
     }
+    tracing::info!(setting, "no container CLI answers `info`; container steps will fail on this executor");
     None
 }
 

@@ -89,18 +89,13 @@ impl Executor {
     /// Finds out what this executor can do (container CLI, sandbox, user, GPUs) and its labels.
     /// A sandbox or user that is configured but unusable is an error: never run unprotected
     /// what was meant to be protected.
-    pub async fn prepare(&mut self) -> anyhow::Result<()> {
+    async fn prepare(&mut self) -> anyhow::Result<()> {
         let s = &self.settings;
         let sandbox = match s.sandbox.as_str() {
             "none" | "" => None,
             mode @ ("bwrap" | "auto") => {
-                let works = tokio::process::Command::new("bwrap")
-                    .args(["--ro-bind", "/", "/", "--unshare-all", "--", "true"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .await
-                    .is_ok_and(|st| st.success());
+                let works =
+                    labels::probe("bwrap", &["--ro-bind", "/", "/", "--unshare-all", "--", "true"]).await.is_some();
                 match (works, mode) {
                     (true, _) => Some("bwrap".into()),
                     (false, "auto") => {
@@ -132,8 +127,8 @@ impl Executor {
             runtime.limits =
                 Some(taskmesh_events::workflow::StepLimits { cpu_seconds: s.cpu_seconds, memory_mb: s.memory_mb });
         }
-        runtime.container_cli = labels::detect_container_cli(&s.container_cli).await;
-        let gpus = labels::detect_gpus().await;
+        let (container_cli, gpus) = tokio::join!(labels::detect_container_cli(&s.container_cli), labels::detect_gpus());
+        runtime.container_cli = container_cli;
         self.labels = Arc::new(labels::labels(
             gpus.as_ref(),
             runtime.container_cli.as_deref(),
@@ -142,10 +137,6 @@ impl Executor {
         ));
         self.runtime = Arc::new(runtime);
         Ok(())
-    }
-
-    pub fn labels(&self) -> &BTreeMap<String, String> {
-        &self.labels
     }
 
     /// This executor's subject token on the EXECUTORS stream.
@@ -225,9 +216,7 @@ impl Executor {
     /// Pulls and runs steps until `shutdown` is cancelled; then stops pulling, lets running
     /// steps finish for up to the drain timeout, and hands back the ones still running.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        if self.labels.is_empty() {
-            self.prepare().await?;
-        }
+        self.prepare().await?;
         let slots = self.settings.slots;
         let permits = Arc::new(Semaphore::new(slots));
         let hand_back = CancellationToken::new();

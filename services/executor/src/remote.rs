@@ -227,8 +227,21 @@ async fn try_llm(l: &LlmStep, ctx: &StepContext) -> Result<Done, String> {
         let choice = json.pointer("/choices/0").ok_or("the reply has no choices")?;
         let reply = choice.pointer("/message/content").and_then(|c| c.as_str()).unwrap_or_default();
         let reply = ctx.mask(reply);
+        for line in reply.lines() {
+            ctx.log(LogStream::Stdout, line);
+        }
+        let mut output = reply;
+        let cut = output.len() > ctx.output_limit;
+        if cut {
+            let mut end = ctx.output_limit;
+            while !output.is_char_boundary(end) {
+                end -= 1;
+            }
+            output.truncate(end);
+        }
+        // The reply output is bounded like the step's output.
         let mut outputs = std::collections::BTreeMap::new();
-        outputs.insert("reply".to_string(), reply.clone());
+        outputs.insert("reply".to_string(), output.clone());
         if let Some(f) = choice.get("finish_reason").and_then(|f| f.as_str()) {
             outputs.insert("finish_reason".into(), f.into());
         }
@@ -239,18 +252,6 @@ async fn try_llm(l: &LlmStep, ctx: &StepContext) -> Result<Done, String> {
             if let Some(n) = json.pointer(&format!("/usage/{field}")).and_then(|n| n.as_u64()) {
                 outputs.insert(field.into(), n.to_string());
             }
-        }
-        for line in reply.lines() {
-            ctx.log(LogStream::Stdout, line);
-        }
-        let cut = reply.len() > ctx.output_limit;
-        let mut output = reply;
-        if cut {
-            let mut end = ctx.output_limit;
-            while !output.is_char_boundary(end) {
-                end -= 1;
-            }
-            output.truncate(end);
         }
         return Ok(Done { ok: true, output, output_truncated: cut, outputs, ..Default::default() });
     }

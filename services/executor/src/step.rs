@@ -77,7 +77,7 @@ pub struct Runtime {
     pub sandbox: Option<PathBuf>,
     /// Run shell steps as this user and group.
     pub run_as: Option<(u32, u32)>,
-    /// Limits for steps that set none.
+    /// The executor's limits: the default, and a ceiling a step's `limits` can only lower.
     pub limits: Option<StepLimits>,
 }
 
@@ -103,8 +103,9 @@ pub struct StepContext {
     /// Where output lines go as they are read (bounded: lines are dropped, and counted, when
     /// it is full rather than slowing the step down).
     pub logs: Option<tokio::sync::mpsc::Sender<(LogStream, String)>>,
-    /// The step's secrets, opened: (name, value). Given as environment variables and masked
-    /// wherever the step's output goes.
+    /// The step's secrets, opened: (name, value). Shell and container steps get them as
+    /// environment variables, `http` and `llm` steps where they name them; masked wherever the
+    /// step's output goes.
     pub secrets: Vec<(String, String)>,
     pub runtime: Arc<Runtime>,
 }
@@ -703,7 +704,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn run_as_switches_user_and_limits_stop_runaway_steps() {
+    async fn run_as_switches_user() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: switching users needs root");
             return;
@@ -714,7 +715,20 @@ mod tests {
         let (ok, out) = run(&s, &ctx_with(rt), CancellationToken::new(), CancellationToken::new()).await.unwrap();
         assert!(ok, "{out:?}");
         assert_eq!(out.output, format!("{}\nwrote\n", nobody.uid));
+    }
 
+    #[test]
+    fn executor_limits_are_defaults_and_ceilings() {
+        let l = |cpu: Option<u64>, mem: Option<u64>| Some(StepLimits { cpu_seconds: cpu, memory_mb: mem });
+        assert_eq!(effective_limits(None, l(Some(10), Some(512))), l(Some(10), Some(512)));
+        assert_eq!(effective_limits(l(Some(5), None), l(Some(10), Some(512))), l(Some(5), Some(512)));
+        assert_eq!(effective_limits(l(Some(60), Some(4096)), l(Some(10), Some(512))), l(Some(10), Some(512)));
+        assert_eq!(effective_limits(l(Some(60), None), None), l(Some(60), None));
+        assert_eq!(effective_limits(None, None), None);
+    }
+
+    #[tokio::test]
+    async fn limits_stop_runaway_steps() {
         let cpu = step("{id: a, run: 'while :; do :; done', limits: {cpu_seconds: 1}, timeout_seconds: 20}");
         let t = std::time::Instant::now();
         let (ok, out) = run(&cpu, &ctx(1000), CancellationToken::new(), CancellationToken::new()).await.unwrap();

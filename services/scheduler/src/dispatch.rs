@@ -127,6 +127,9 @@ struct Held {
     pools: HashSet<String>,
     /// Live executors' labels as last read, and when.
     executors: Option<(Instant, Vec<BTreeMap<String, String>>)>,
+    /// When this leader first read the live executors: until a few heartbeats have had time
+    /// to arrive, seeing none is not evidence that none runs (they may be starting too).
+    first_look: Option<Instant>,
 }
 
 impl Held {
@@ -484,8 +487,10 @@ impl Dispatcher {
         // it): say so.
         if !sent.is_empty() {
             let live = self.live_executors(held).await;
+            let settled = held.first_look.get_or_insert_with(Instant::now).elapsed()
+                >= Duration::from_secs(3 * ExecutorBeat::EVERY_SECS);
             let mut unserved: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
-            for (key, step, runs_on) in sent {
+            for (key, step, runs_on) in sent.into_iter().filter(|_| settled || !live.is_empty()) {
                 if !live.iter().any(|labels| labels_match(&runs_on, labels)) {
                     let reason = if runs_on.is_empty() {
                         "no executor is running".to_string()
@@ -581,7 +586,7 @@ impl Dispatcher {
                 // (cancelled) no longer wants a place. (Waiting runs are not looked up every
                 // round; a cancelled one is dropped by its `run_ended` signal, or here.)
                 if let Some(last) = self.bus.last(&ns.run(&key)).await?
-                    && is_end(&last.envelope.event)
+                    && last.envelope.event.is_run_terminal()
                 {
                     held.runs.remove(&seq);
                     self.forget(seq).await;
@@ -696,9 +701,4 @@ pub(crate) async fn append_to_run(bus: &Bus, key: &RunKey, event: Event, msg_id:
         }
     }
     Err(BusError::Nats(format!("gave up appending to {subject}")))
-}
-
-/// Whether `event` ends a run.
-pub(crate) fn is_end(event: &Event) -> bool {
-    matches!(event, Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_))
 }

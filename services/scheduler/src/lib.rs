@@ -211,7 +211,7 @@ impl Scheduler {
             {
                 let key = RunKey { tenant: timer.tenant.clone(), run_id };
                 if let Ok(Some(last)) = self.bus.last(&self.bus.namespace().run(&key)).await
-                    && dispatch::is_end(&last.envelope.event)
+                    && last.envelope.event.is_run_terminal()
                 {
                     return AckKind::Ack;
                 }

@@ -319,10 +319,6 @@ impl RunState {
         self.candidates.len()
     }
 
-    pub fn index_of(&self, id: &str) -> Option<usize> {
-        self.index.get(id).copied()
-    }
-
     fn finish_step(&mut self, id: &str, phase: StepPhase, outcome: Option<&StepOutcome>) {
         self.set_phase(id, phase);
         if let Some(s) = self.step_mut(id)
