@@ -411,21 +411,36 @@ impl Executor {
         (tx, task)
     }
 
-    /// Asks for the lease, retrying the same request while the scheduler does not answer (a
-    /// timed-out request may still have been granted: asking again with the same lease gets the
-    /// same answer).
+    /// Asks for the lease, asking again with the same request while the scheduler cannot
+    /// decide (no replica answers, or one failed to record its decision): a timed-out request
+    /// may still have been granted, and asking again with the same lease gets the same answer,
+    /// whereas handing the message back would make the next delivery a new attempt. The
+    /// message's lease is renewed meanwhile; after four lease periods the executor gives up.
     async fn request_lease(&self, request: &LeaseRequest) -> Result<LeaseDecision, BusError> {
         let subject = self.bus.namespace().scheduler_command("lease");
-        let mut tries = 0;
+        let deadline = tokio::time::Instant::now() + self.settings.lease() * 4;
+        let mut delay = Duration::from_millis(200);
         loop {
-            match self.bus.request::<_, LeaseDecision>(subject.clone(), request).await {
-                Err(BusError::Unavailable(s)) if tries < 5 => {
-                    tries += 1;
-                    tracing::warn!(subject = %s, tries, "no lease decision yet; asking again");
-                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            let transient = match self.bus.request::<_, LeaseDecision>(subject.clone(), request).await {
+                Err(BusError::Unavailable(s)) => s,
+                Err(BusError::Rejected(p))
+                    if matches!(
+                        p.code,
+                        taskmesh_events::ErrorCode::Conflict
+                            | taskmesh_events::ErrorCode::Unavailable
+                            | taskmesh_events::ErrorCode::Internal
+                    ) =>
+                {
+                    p.to_string()
                 }
                 other => return other,
+            };
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Err(BusError::Unavailable(transient));
             }
+            tracing::warn!(reason = %transient, "no lease decision yet; asking again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
