@@ -103,7 +103,14 @@ impl Mesh {
             let bus = bus.clone();
             match service {
                 Service::Gateway => {
-                    let server = taskmesh_gateway::build(&settings.gateway, pool()?, bus, keyring(settings)?).await?;
+                    let server = taskmesh_gateway::build(
+                        &settings.gateway,
+                        pool()?,
+                        bus,
+                        keyring(settings)?,
+                        settings.limits.clone(),
+                    )
+                    .await?;
                     mesh.gateway = Some(server.local_addr());
                     tasks.spawn(async move { (service, server.run_until_stopped(token).await) });
                 }

@@ -76,7 +76,10 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
     let tm = spawn_with(&Svc::ALL, |s| {
         s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
         s.executor.slots = 4;
-        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: Some(LIMIT as u32), max_runs: None });
+        s.limits.tenants.insert(
+            "default".into(),
+            TenantLimits { max_steps: Some(LIMIT as u32), max_runs: None, ..Default::default() },
+        );
     })
     .await;
     let res = tm
@@ -149,7 +152,9 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_contention_the_higher_priority_goes_first() {
     let tm = spawn_with(&Svc::ALL, |s| {
-        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: Some(1), max_runs: None });
+        s.limits
+            .tenants
+            .insert("default".into(), TenantLimits { max_steps: Some(1), max_runs: None, ..Default::default() });
     })
     .await;
     let blocker = submit_json(
@@ -308,7 +313,9 @@ async fn cancel_in_progress_cancels_the_running_one_and_skip_drops_the_newcomer(
 async fn a_tenants_run_limit_queues_its_runs_in_order() {
     let tm = spawn_with(&Svc::ALL, |s| {
         s.executor.slots = 6;
-        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: None, max_runs: Some(2) });
+        s.limits
+            .tenants
+            .insert("default".into(), TenantLimits { max_steps: None, max_runs: Some(2), ..Default::default() });
     })
     .await;
     let mut ids = Vec::new();

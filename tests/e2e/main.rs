@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod access;
 mod admission;
 mod cli;
 mod crash;

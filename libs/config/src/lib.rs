@@ -234,7 +234,8 @@ impl Default for SchedulerSettings {
     }
 }
 
-/// Per-tenant limits, read by ingest (runs) and the scheduler's dispatcher (steps).
+/// Per-tenant limits, read by ingest (runs), the scheduler's dispatcher (steps) and the
+/// gateway (request rates and quotas).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSettings {
@@ -243,6 +244,26 @@ pub struct LimitsSettings {
     /// Runs of one tenant started and not yet ended at once (0: no limit); further runs wait
     /// their turn in submission order.
     pub tenant_max_runs: u32,
+    /// API requests per second of one tenant, all its keys together (a token bucket refilled
+    /// at this rate; 0: no limit). Each gateway replica keeps its own buckets.
+    pub requests_per_second: u32,
+    /// The tenant bucket's size: how many requests may come at once after a quiet spell.
+    pub request_burst: u32,
+    /// API requests per second of one key (0: no limit).
+    pub key_requests_per_second: u32,
+    /// The key bucket's size.
+    pub key_request_burst: u32,
+    /// Quota: runs of one tenant not yet ended (queued or running); a submission beyond it
+    /// is refused with `quota-exceeded` (0: no quota).
+    pub max_active_runs: u32,
+    /// Quota: stored workflows (names) of one tenant (0: no quota).
+    pub max_workflows: u32,
+    /// Quota: steps declared in one run's workflow, a matrix step counting once (0: only the
+    /// workflow format's own limit of 5,000).
+    pub max_steps_per_run: u32,
+    /// Quota: bytes of one request body of the tenant, below the gateway's own body limit
+    /// (0: only that limit).
+    pub max_payload_bytes: u32,
     /// Per-tenant overrides, e.g. `{ acme = { max_steps = 50, max_runs = 10 } }`.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -253,13 +274,66 @@ pub struct LimitsSettings {
 pub struct TenantLimits {
     pub max_steps: Option<u32>,
     pub max_runs: Option<u32>,
+    pub requests_per_second: Option<u32>,
+    pub request_burst: Option<u32>,
+    pub key_requests_per_second: Option<u32>,
+    pub key_request_burst: Option<u32>,
+    pub max_active_runs: Option<u32>,
+    pub max_workflows: Option<u32>,
+    pub max_steps_per_run: Option<u32>,
+    pub max_payload_bytes: Option<u32>,
 }
 
 impl Default for LimitsSettings {
     fn default() -> Self {
-        Self { tenant_max_steps: 1_000, tenant_max_runs: 0, tenants: Default::default() }
+        Self {
+            tenant_max_steps: 1_000,
+            tenant_max_runs: 0,
+            requests_per_second: 1_000,
+            request_burst: 2_000,
+            key_requests_per_second: 500,
+            key_request_burst: 1_000,
+            max_active_runs: 100_000,
+            max_workflows: 1_000,
+            max_steps_per_run: 0,
+            max_payload_bytes: 0,
+            tenants: Default::default(),
+        }
     }
 }
+
+/// A tenant's effective value of one limit: its override, else the default.
+macro_rules! tenant_limit {
+    ($(#[$doc:meta] $name:ident),* $(,)?) => {
+        impl LimitsSettings {
+            $(
+                #[$doc]
+                pub fn $name(&self, tenant: &str) -> u32 {
+                    self.tenants.get(tenant).and_then(|t| t.$name).unwrap_or(self.$name)
+                }
+            )*
+        }
+    };
+}
+
+tenant_limit!(
+    /// The tenant's request rate (per second; 0: none).
+    requests_per_second,
+    /// The tenant's request burst.
+    request_burst,
+    /// One key's request rate (per second; 0: none).
+    key_requests_per_second,
+    /// One key's request burst.
+    key_request_burst,
+    /// The tenant's quota of runs not yet ended (0: none).
+    max_active_runs,
+    /// The tenant's quota of stored workflows (0: none).
+    max_workflows,
+    /// The tenant's quota of steps per run (0: none).
+    max_steps_per_run,
+    /// The tenant's quota of request body bytes (0: only the gateway's limit).
+    max_payload_bytes,
+);
 
 impl LimitsSettings {
     /// The concurrency limit of `tenant`'s steps (0: none).

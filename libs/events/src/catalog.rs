@@ -45,6 +45,8 @@ pub enum Event {
     ScheduleTicked(ScheduleTicked),
     SecretSet(SecretSet),
     SecretDeleted(SecretDeleted),
+    ApiKeyUsed(ApiKeyUsed),
+    AuditRecorded(AuditRecorded),
 }
 
 impl Event {
@@ -81,6 +83,8 @@ impl Event {
             Event::ScheduleTicked(_) => "ScheduleTicked",
             Event::SecretSet(_) => "SecretSet",
             Event::SecretDeleted(_) => "SecretDeleted",
+            Event::ApiKeyUsed(_) => "ApiKeyUsed",
+            Event::AuditRecorded(_) => "AuditRecorded",
         }
     }
 
@@ -152,6 +156,38 @@ pub struct ApiKeyRevoked {
     pub key_id: Uuid,
 }
 
+/// An API key authenticated a request (recorded at most once a minute per key and gateway
+/// replica, for the key's last-used time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyUsed {
+    pub key_id: Uuid,
+    pub at: DateTime<Utc>,
+}
+
+/// A mutating API call was made: the tenant's audit log. Recorded whatever its outcome,
+/// refusals included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditRecorded {
+    /// The key that made the call; none for the platform administrator.
+    pub key_id: Option<Uuid>,
+    /// `key:<prefix>` or `platform-admin`.
+    pub actor: String,
+    pub method: String,
+    /// The path called, without its query.
+    pub path: String,
+    /// The route's template, e.g. `/v1/runs/{id}/cancel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// The peer address the call came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
 /// What started a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -215,6 +251,9 @@ pub struct RunSubmitted {
     /// run starts no step before `RunAdmitted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_max_runs: Option<u32>,
+    /// The submitter's labels, for finding runs (`GET /v1/runs?label=k=v`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl RunSubmitted {

@@ -35,6 +35,10 @@ pub struct SubmitRun {
     /// Dispatch priority under contention (-100 to 100, higher first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
+    /// Labels to find the run by: at most 16, keys 1 to 64 letters, digits, `_`, `-` or `.`,
+    /// values at most 256 bytes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `{ns}.cmd.ingest.rerun_run`: a new run of an ended run's workflow and inputs that keeps
@@ -165,6 +169,23 @@ pub struct CreateApiKey {
 pub struct RevokeApiKey {
     pub tenant: String,
     pub key_id: Uuid,
+}
+
+/// `{ns}.cmd.ingest.touch_api_key`: the key was used (for its last-used time).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct TouchApiKey {
+    pub tenant: String,
+    pub key_id: Uuid,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `{ns}.cmd.ingest.record_audit`: one mutating API call, for the tenant's audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RecordAudit {
+    pub tenant: String,
+    /// Unique per call: the audit event's id, so a retried command records it once.
+    pub id: Uuid,
+    pub record: crate::AuditRecorded,
 }
 
 /// `{ns}.cmd.ingest.create_repo_connection`.

@@ -18,6 +18,10 @@ pub enum ErrorCode {
     Conflict,
     PayloadTooLarge,
     UnsupportedMediaType,
+    /// Too many requests: the tenant's or the key's rate limit; see `Retry-After`.
+    RateLimited,
+    /// A tenant quota (active runs, stored workflows, steps per run) would be exceeded.
+    QuotaExceeded,
     Unavailable,
     Internal,
 }
@@ -35,6 +39,8 @@ impl ErrorCode {
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::QuotaExceeded => 403,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
@@ -52,6 +58,8 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::PayloadTooLarge => "payload-too-large",
             ErrorCode::UnsupportedMediaType => "unsupported-media-type",
+            ErrorCode::RateLimited => "rate-limited",
+            ErrorCode::QuotaExceeded => "quota-exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -74,6 +82,8 @@ impl ErrorCode {
             ErrorCode::Conflict => "The request conflicts with the current state",
             ErrorCode::PayloadTooLarge => "The request body is too large",
             ErrorCode::UnsupportedMediaType => "Unsupported content type",
+            ErrorCode::RateLimited => "Too many requests",
+            ErrorCode::QuotaExceeded => "A tenant quota would be exceeded",
             ErrorCode::Unavailable => "A service Taskmesh depends on is unavailable",
             ErrorCode::Internal => "Internal error",
         }

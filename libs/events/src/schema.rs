@@ -53,6 +53,8 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
         ("ScheduleTicked", pretty::<ScheduleTicked>(), "A schedule's tick was handled, once."),
         ("SecretSet", pretty::<SecretSet>(), "A secret was set (sealed; never its value)."),
         ("SecretDeleted", pretty::<SecretDeleted>(), "A secret was deleted."),
+        ("ApiKeyUsed", pretty::<ApiKeyUsed>(), "An API key was used (at most once a minute per key and gateway)."),
+        ("AuditRecorded", pretty::<AuditRecorded>(), "A mutating API call, for the tenant's audit log."),
     ]
 }
 
@@ -63,6 +65,8 @@ fn commands() -> Vec<(&'static str, String)> {
         ("CreateTenant", pretty::<CreateTenant>()),
         ("CreateApiKey", pretty::<CreateApiKey>()),
         ("RevokeApiKey", pretty::<RevokeApiKey>()),
+        ("TouchApiKey", pretty::<TouchApiKey>()),
+        ("RecordAudit", pretty::<RecordAudit>()),
         ("CreateRepoConnection", pretty::<CreateRepoConnection>()),
         ("CreateWebhookEndpoint", pretty::<CreateWebhookEndpoint>()),
         ("Created", pretty::<Created>()),
@@ -184,8 +188,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "set_secret", "delete_secret", "revoke_api_key", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

@@ -150,6 +150,10 @@ impl Namespace {
     pub fn schedules_all(&self) -> String {
         format!("{}.evt.*.schedule.*", self.0)
     }
+    /// A tenant's audit log: `{ns}.evt.<tenant>.audit.log`.
+    pub fn audit(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.audit.log", self.0)
+    }
     pub fn webhook_endpoint(&self, tenant: &str, id: Uuid) -> String {
         format!("{}.evt.{tenant}.endpoint.{id}", self.0)
     }

@@ -55,7 +55,9 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        // The peer's address reaches handlers as `ConnectInfo<SocketAddr>` (the audit log's `ip`).
+        let app = self.router.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         Ok(())
     }
 }

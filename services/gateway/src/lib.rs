@@ -6,7 +6,10 @@
 //! `application/problem+json` with a stable `type`.
 //!
 //! # Layout
-//! - [`auth`]: API keys → [`auth::Caller`].
+//! - [`access`]: the middleware that authenticates keys, applies rate limits and the payload
+//!   quota, records keys' last use and writes the audit log.
+//! - [`audit`]: `GET /v1/audit`.
+//! - [`auth`]: the authenticated [`auth::Caller`] and the platform administrator.
 //! - [`logs`]: step logs, paged or followed as Server-Sent Events.
 //! - [`runs`] serves `/v1/runs`.
 //! - [`resources`]: repository connections and webhook endpoints.
@@ -16,6 +19,8 @@
 //! - [`tenancy`]: tenants (platform administrator) and API keys.
 //! - this file: [`AppState`], [`router`], [`Application`], health, the OpenAPI document.
 
+pub mod access;
+pub mod audit;
 pub mod auth;
 pub mod executors;
 pub mod logs;
@@ -52,12 +57,23 @@ pub struct AppState {
     pub keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
     /// The platform administrator's key, if configured.
     pub admin_key: Option<secrecy::SecretString>,
+    /// Rate-limit buckets, quotas and last-used marks.
+    pub access: std::sync::Arc<access::Access>,
+}
+
+/// A page size from a `limit` parameter: 1 to 200, 50 by default.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be 1 to 200"));
+    }
+    Ok(limit)
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
-    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, resources::create_repo_connection, resources::create_webhook_endpoint, executors::list, healthz, readyz),
+    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, audit::list, resources::create_repo_connection, resources::create_webhook_endpoint, executors::list, healthz, readyz),
     components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
     modifiers(&BearerAuth),
     tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
@@ -151,10 +167,6 @@ async fn read_your_writes(
     next.run(req).await
 }
 
-async fn spec() -> impl IntoResponse {
-    Json(openapi())
-}
-
 async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such route")
 }
@@ -170,11 +182,15 @@ pub fn router(state: AppState, body_limit: usize) -> axum::Router {
         .merge(secrets::routes())
         .merge(executors::routes())
         .merge(tenancy::routes())
+        .merge(audit::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/openapi.json", get(spec))
+        // The spec at /openapi.json and interactive docs at /docs, their assets embedded in the
+        // binary (no CDN): they work offline.
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", openapi()))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), read_your_writes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::middleware))
         .layer(DefaultBodyLimit::max(body_limit));
     taskmesh_http::finish(router.with_state(state))
 }
@@ -185,12 +201,15 @@ pub async fn build(
     pool: PgPool,
     bus: Bus,
     keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
+    limits: taskmesh_config::LimitsSettings,
 ) -> anyhow::Result<Server> {
+    let access = std::sync::Arc::new(access::Access::new(limits));
     let public_url = settings.public_url.clone();
     Server::bind_with(settings.listen, |addr| {
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
         let admin_key = settings.admin_key.clone();
-        let state = AppState { pool, ingest: IngestClient::new(bus.clone()), bus, public_url, keyring, admin_key };
+        let state =
+            AppState { pool, ingest: IngestClient::new(bus.clone()), bus, public_url, keyring, admin_key, access };
         router(state, settings.body_limit_bytes)
     })
     .await

@@ -30,6 +30,7 @@ pub fn routes() -> axum::Router<AppState> {
 
 /// Paging and following.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogParams {
     /// Lines after this `seq` (the previous page's `next`, or an SSE event id).

@@ -49,6 +49,10 @@ pub struct SubmitRunRequest {
     /// workflow's `priority`.
     #[serde(default)]
     pub priority: Option<i32>,
+    /// Labels to find the run by (`GET /v1/runs?label=key=value`): at most 16; keys 1 to 64
+    /// letters, digits, `_`, `.` or `-`; values at most 256 bytes.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The answer to a submission.
@@ -89,6 +93,7 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     caller.require_operator()?;
+    check_active_runs_quota(&state, &caller.tenant).await?;
     let (format, bytes) = body::read(&headers, body, true)?;
     let request = match format {
         Format::Json => body::json::<SubmitRunRequest>(&bytes)?,
@@ -97,7 +102,13 @@ pub async fn submit(
                 .map_err(|_| ApiError::new(ErrorCode::BadRequest, "the body is not UTF-8"))?;
             let workflow: serde_json::Value = serde_yaml_ng::from_str(text)
                 .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed YAML: {e}")))?;
-            SubmitRunRequest { workflow, inputs: BTreeMap::new(), not_before: None, priority: None }
+            SubmitRunRequest {
+                workflow,
+                inputs: BTreeMap::new(),
+                not_before: None,
+                priority: None,
+                labels: BTreeMap::new(),
+            }
         }
     };
     let idempotency_key = headers
@@ -119,6 +130,7 @@ pub async fn submit(
             traceparent: taskmesh_telemetry::current_traceparent(),
             not_before: request.not_before,
             priority: request.priority,
+            labels: request.labels,
         })
         .await?;
     Ok(accepted_response(
@@ -130,6 +142,29 @@ pub async fn submit(
             duplicate: accepted.duplicate,
         },
     ))
+}
+
+/// The tenant's quota of runs not yet ended, counted in the read model (so it can be passed by
+/// the few runs submitted in the moment before they are projected).
+pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str) -> ApiResult<()> {
+    let max = state.access.limits().max_active_runs(tenant);
+    if max == 0 {
+        return Ok(());
+    }
+    let active: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') LIMIT $2) a",
+    )
+    .bind(tenant)
+    .bind(i64::from(max))
+    .fetch_one(&state.pool)
+    .await?;
+    if active >= i64::from(max) {
+        return Err(ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!("this tenant has {active} runs not yet ended; its quota is {max}"),
+        ));
+    }
+    Ok(())
 }
 
 fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Response {
@@ -208,6 +243,7 @@ pub struct RunView {
     pub cancel_requested_at: Option<DateTime<Utc>>,
     /// Dispatch priority under contention (-100 to 100, higher first).
     pub priority: i32,
+    pub labels: BTreeMap<String, String>,
     /// Why a queued run has not started, e.g. `concurrency group 'deploy-main' is full (limit 1)`.
     pub wait_reason: Option<String>,
     /// The stream sequence of the last event this view reflects.
@@ -238,7 +274,7 @@ pub async fn get_run(
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
     let row = sqlx::query(
         "SELECT id, workflow_name, workflow_version, status, trigger, inputs, created_at, started_at, finished_at, cancel_requested_at, last_seq,
-                priority, wait_reason
+                priority, wait_reason, labels
          FROM runs WHERE tenant_id = $1 AND id = $2",
     )
     .bind(&caller.tenant)
@@ -323,6 +359,7 @@ pub async fn get_run(
         finished_at: row.get("finished_at"),
         cancel_requested_at: row.get("cancel_requested_at"),
         priority: row.get("priority"),
+        labels: row.get::<sqlx::types::Json<BTreeMap<String, String>>, _>("labels").0,
         wait_reason: row.get("wait_reason"),
         seq,
         steps,
@@ -412,6 +449,7 @@ pub async fn rerun(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     caller.require_operator()?;
+    check_active_runs_quota(&state, &caller.tenant).await?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let request: RerunRequest = body::json(&bytes)?;
@@ -432,13 +470,23 @@ pub async fn rerun(
 
 /// Filters and paging for listing runs.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// Only runs with this status.
     pub status: Option<String>,
     /// Only runs of this workflow.
     pub workflow: Option<String>,
+    /// Only runs started this way: `api`, `schedule`, `rerun`, `webhook` or `event`.
+    pub trigger: Option<String>,
+    /// Only runs created at or after this time (RFC 3339).
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only runs created before this time (RFC 3339).
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only runs with this label, `key=value`.
+    pub label: Option<String>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<Uuid>,
@@ -450,6 +498,9 @@ pub struct RunSummary {
     pub id: Uuid,
     pub workflow: String,
     pub status: String,
+    /// How the run started: `api`, `schedule`, `rerun`, `webhook` or `event`.
+    pub trigger: String,
+    pub labels: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
@@ -476,14 +527,18 @@ pub async fn list(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<RunPage>> {
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::new(ErrorCode::BadRequest, "limit must be 1 to 200"));
-    }
+    let limit = crate::page_limit(params.limit)?;
+    let label = match params.label.as_deref().map(|l| l.split_once('=')) {
+        None => None,
+        Some(Some((k, v))) => Some(serde_json::json!({ k: v })),
+        Some(None) => return Err(ApiError::new(ErrorCode::BadRequest, "label must be key=value")),
+    };
     let rows = sqlx::query(
-        "SELECT id, workflow_name, status, created_at, finished_at FROM runs
+        "SELECT id, workflow_name, status, trigger, labels, created_at, finished_at FROM runs
          WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR workflow_name = $3)
-           AND ($4::uuid IS NULL OR id < $4)
+           AND ($4::uuid IS NULL OR id < $4) AND ($6::text IS NULL OR trigger->>'kind' = $6)
+           AND ($7::timestamptz IS NULL OR created_at >= $7) AND ($8::timestamptz IS NULL OR created_at < $8)
+           AND ($9::jsonb IS NULL OR labels @> $9)
          ORDER BY id DESC LIMIT $5",
     )
     .bind(&caller.tenant)
@@ -491,6 +546,10 @@ pub async fn list(
     .bind(&params.workflow)
     .bind(params.cursor)
     .bind(limit + 1)
+    .bind(&params.trigger)
+    .bind(params.created_after)
+    .bind(params.created_before)
+    .bind(label.map(sqlx::types::Json))
     .fetch_all(&state.pool)
     .await?;
     let mut items: Vec<RunSummary> = rows
@@ -499,6 +558,11 @@ pub async fn list(
             id: r.get("id"),
             workflow: r.get("workflow_name"),
             status: r.get("status"),
+            trigger: r.get::<sqlx::types::Json<serde_json::Value>, _>("trigger").0["kind"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            labels: r.get::<sqlx::types::Json<BTreeMap<String, String>>, _>("labels").0,
             created_at: r.get("created_at"),
             finished_at: r.get("finished_at"),
         })

@@ -85,6 +85,22 @@ pub async fn create_tenant(
     let req: TenantRequest = body::json(&bytes)?;
     state.ingest.create_tenant(&CreateTenant { tenant_id: req.id.clone(), name: req.name }).await?;
     let (key, id) = issue(&state, &req.id, Role::Admin, Some("first admin key".into())).await?;
+    // The platform administrator's call opens the new tenant's audit log.
+    let record = taskmesh_events::AuditRecorded {
+        key_id: None,
+        actor: "platform-admin".into(),
+        method: "POST".into(),
+        path: "/v1/tenants".into(),
+        route: Some("/v1/tenants".into()),
+        status: 201,
+        ip: None,
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|u| u.chars().take(512).collect()),
+        at: Utc::now(),
+    };
+    crate::access::audit(&state, &req.id, record).await;
     Ok((StatusCode::CREATED, Json(TenantCreatedResponse { id: req.id, admin_key: key, admin_key_id: id })))
 }
 
@@ -173,6 +189,8 @@ pub struct KeyView {
     pub name: Option<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When the key last authenticated a request (to the minute).
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 /// List the tenant's keys (admin).
@@ -182,7 +200,7 @@ pub struct KeyView {
 pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<KeyView>>> {
     caller.require_admin()?;
     let rows = sqlx::query(
-        "SELECT id, role, prefix, name, created_at, revoked_at FROM api_keys WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+        "SELECT id, role, prefix, name, created_at, revoked_at, last_used_at FROM api_keys WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
     )
     .bind(&caller.tenant)
     .fetch_all(&state.pool)
@@ -196,6 +214,7 @@ pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResu
                 name: r.get("name"),
                 created_at: r.get("created_at"),
                 revoked_at: r.get("revoked_at"),
+                last_used_at: r.get("last_used_at"),
             })
             .collect(),
     ))

@@ -82,6 +82,7 @@ pub async fn store(
 
 /// Which version to read.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct VersionParam {
     /// A version number; the latest if absent.

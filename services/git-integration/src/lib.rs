@@ -192,6 +192,7 @@ async fn github_hook(
             },
             idempotency_key: Some(format!("github:{id}:{delivery}")),
             priority: None,
+            labels: Default::default(),
             traceparent: taskmesh_telemetry::current_traceparent(),
             not_before: None,
         })

@@ -17,7 +17,7 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
-    ApiKeyCreated, ApiKeyRevoked, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated, ReusedStep,
+    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated, ReusedStep,
     RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleToggled, SecretDeleted, SecretSet,
     TenantCreated, Trigger, WebhookEndpointCreated, WorkflowVersionStored, subjects::is_token,
 };
@@ -69,6 +69,7 @@ impl Ingest {
             }
             inline => (WorkflowDef::from_value(inline)?, None),
         };
+        self.check_steps_quota(&cmd.tenant, &workflow)?;
         let inputs = workflow.resolve_inputs(cmd.inputs)?;
         let workflow = workflow.expand_matrices()?;
         if let Some(t) = cmd.not_before
@@ -87,6 +88,7 @@ impl Ingest {
             Some(k) => idempotent_run_id(&cmd.tenant, k),
             None => Uuid::now_v7(),
         };
+        check_labels(&cmd.labels)?;
         if let Some(p) = cmd.priority.filter(|p| !taskmesh_events::workflow::PRIORITY_RANGE.contains(p)) {
             return Err(invalid("priority", format!("{p} is out of range: -100 to 100")));
         }
@@ -108,6 +110,7 @@ impl Ingest {
                 priority: cmd.priority,
                 concurrency,
                 tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
+                labels: cmd.labels,
             }),
         );
         match self.bus.append(0, &envelope).await {
@@ -118,6 +121,35 @@ impl Ingest {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The tenant's quota of steps per run (a matrix step counts once).
+    fn check_steps_quota(&self, tenant: &str, workflow: &WorkflowDef) -> Reply<()> {
+        let max = self.limits.max_steps_per_run(tenant);
+        if max > 0 && workflow.steps.len() > max as usize {
+            return Err(Problem::new(
+                ErrorCode::QuotaExceeded,
+                format!("the workflow has {} steps; this tenant's quota is {max} steps per run", workflow.steps.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The tenant's quota of stored workflows, counted in the log: one subject per name.
+    async fn check_workflows_quota(&self, tenant: &str) -> Reply<()> {
+        let max = self.limits.max_workflows(tenant);
+        if max == 0 {
+            return Ok(());
+        }
+        let ns = self.bus.namespace();
+        let stored = self.bus.subject_counts(&ns.events_stream(), &ns.workflow(tenant, "*")).await?.len();
+        if stored >= max as usize {
+            return Err(Problem::new(
+                ErrorCode::QuotaExceeded,
+                format!("this tenant stores {stored} workflows; its quota is {max}"),
+            ));
+        }
+        Ok(())
     }
 
     /// A stored workflow by reference: `name` (the latest version) or `name@version`.
@@ -167,9 +199,13 @@ impl Ingest {
                 message: "must match the URL".into(),
             }]));
         }
+        self.check_steps_quota(&cmd.tenant, &workflow)?;
         let subject = self.bus.namespace().workflow(&cmd.tenant, &cmd.name);
-        for _ in 0..16 {
+        for attempt in 0..16 {
             let last = self.bus.last(&subject).await?;
+            if attempt == 0 && last.is_none() {
+                self.check_workflows_quota(&cmd.tenant).await?;
+            }
             let (expected, version) = match &last {
                 Some(s) => match &s.envelope.event {
                     Event::WorkflowVersionStored(w) => (s.seq, w.version + 1),
@@ -341,6 +377,7 @@ impl Ingest {
                 priority: original.priority,
                 concurrency: original.concurrency,
                 tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
+                labels: original.labels,
             }),
         );
         let seq = self.bus.append(0, &envelope).await?;
@@ -430,6 +467,38 @@ impl Ingest {
             Ok(seq) | Err(BusError::Conflict { expected: seq, .. }) => Ok(Created { id: cmd.key_id.to_string(), seq }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Records that a key was used; the event is deduplicated per key and minute.
+    pub async fn touch_api_key(&self, cmd: TouchApiKey) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().api_key(&cmd.tenant, cmd.key_id),
+            Event::ApiKeyUsed(ApiKeyUsed { key_id: cmd.key_id, at: cmd.at }),
+        );
+        let msg_id = format!("used:{}:{}", cmd.key_id, cmd.at.timestamp() / 60);
+        let appended = self.bus.append_with_id(None, &envelope, &msg_id).await?;
+        Ok(Created { id: cmd.key_id.to_string(), seq: appended.seq })
+    }
+
+    /// Appends one record to the tenant's audit log, once per record id.
+    pub async fn record_audit(&self, cmd: RecordAudit) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let r = &cmd.record;
+        let too_long = [
+            r.method.len() > 16,
+            r.path.len() > 2048,
+            r.actor.len() > 128,
+            r.user_agent.as_ref().is_some_and(|u| u.len() > 512),
+        ];
+        if too_long.into_iter().any(|t| t) {
+            return Err(invalid("record", "a field is too long"));
+        }
+        let mut envelope = EventMeta::new(&cmd.tenant)
+            .envelope(self.bus.namespace().audit(&cmd.tenant), Event::AuditRecorded(cmd.record));
+        envelope.id = cmd.id;
+        let appended = self.bus.append_with_id(None, &envelope, &cmd.id.to_string()).await?;
+        Ok(Created { id: cmd.id.to_string(), seq: appended.seq })
     }
 
     /// Connects a repository: its signed webhooks will start runs of the given workflow.
@@ -524,6 +593,8 @@ impl Ingest {
             serve!("create_tenant", create_tenant),
             serve!("create_api_key", create_api_key),
             serve!("revoke_api_key", revoke_api_key),
+            serve!("touch_api_key", touch_api_key),
+            serve!("record_audit", record_audit),
             serve!("create_repo_connection", create_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
         )?;
@@ -592,9 +663,34 @@ impl IngestClient {
     pub async fn revoke_api_key(&self, cmd: &RevokeApiKey) -> Reply<Created> {
         self.call("revoke_api_key", cmd).await
     }
+    pub async fn touch_api_key(&self, cmd: &TouchApiKey) -> Reply<Created> {
+        self.call("touch_api_key", cmd).await
+    }
+    pub async fn record_audit(&self, cmd: &RecordAudit) -> Reply<Created> {
+        self.call("record_audit", cmd).await
+    }
     pub async fn create_webhook_endpoint(&self, cmd: &CreateWebhookEndpoint) -> Reply<Created> {
         self.call("create_webhook_endpoint", cmd).await
     }
+}
+
+/// A run's labels: at most 16, keys 1 to 64 of `[A-Za-z0-9_.-]`, values at most 256 bytes
+/// without control characters.
+fn check_labels(labels: &BTreeMap<String, String>) -> Reply<()> {
+    if labels.len() > 16 {
+        return Err(invalid("labels", "at most 16 labels"));
+    }
+    for (k, v) in labels {
+        let key_ok =
+            !k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !key_ok {
+            return Err(invalid(&format!("labels.{k}"), "keys are 1 to 64 letters, digits, '_', '.' or '-'"));
+        }
+        if v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(invalid(&format!("labels.{k}"), "values are at most 256 bytes, without control characters"));
+        }
+    }
+    Ok(())
 }
 
 /// The run id for an idempotency key: a UUID v8 from SHA-256 of the tenant and the key.

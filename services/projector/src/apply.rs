@@ -41,6 +41,36 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
+        Event::ApiKeyUsed(e) => {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = GREATEST(last_used_at, $3) WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(tenant)
+            .bind(e.key_id)
+            .bind(e.at)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Event::AuditRecorded(e) => {
+            sqlx::query(
+                "INSERT INTO audit_log (tenant_id, seq, id, key_id, actor, method, path, route, status, ip, user_agent, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
+            )
+            .bind(tenant)
+            .bind(seq)
+            .bind(env.id)
+            .bind(e.key_id)
+            .bind(&e.actor)
+            .bind(&e.method)
+            .bind(&e.path)
+            .bind(&e.route)
+            .bind(i32::from(e.status))
+            .bind(&e.ip)
+            .bind(&e.user_agent)
+            .bind(e.at)
+            .execute(&mut **tx)
+            .await?;
+        }
         Event::ApiKeyRevoked(e) => {
             sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) WHERE tenant_id = $1 AND id = $2")
                 .bind(tenant)
@@ -51,8 +81,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::RunSubmitted(e) => {
             sqlx::query(
-                "INSERT INTO runs (tenant_id, id, workflow_name, status, trigger, inputs, idempotency_key, created_at, last_seq, workflow_version, priority)
-                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+                "INSERT INTO runs (tenant_id, id, workflow_name, status, trigger, inputs, idempotency_key, created_at, last_seq, workflow_version, priority, labels)
+                 VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
             )
             .bind(tenant)
             .bind(e.run_id)
@@ -64,6 +94,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(seq)
             .bind(e.workflow_version.map(|v| v as i32))
             .bind(e.priority.or(e.workflow.priority).unwrap_or(0))
+            .bind(sqlx::types::Json(&e.labels))
             .execute(&mut **tx)
             .await?;
             let ids: Vec<&str> = e.workflow.steps.iter().map(|s| s.id.as_str()).collect();

@@ -184,6 +184,7 @@ impl Scheduler {
                 trigger: Trigger::Schedule { schedule_id, tick },
                 idempotency_key: Some(idempotency_key(schedule_id, tick)),
                 priority: None,
+                labels: Default::default(),
                 traceparent: None,
                 not_before: None,
             })

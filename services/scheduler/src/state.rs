@@ -749,6 +749,7 @@ mod tests {
             priority: None,
             concurrency: None,
             tenant_max_runs: None,
+            labels: Default::default(),
         });
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
     }

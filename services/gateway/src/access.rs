@@ -1,0 +1,287 @@
+//! Who calls, how often, and what they changed. One middleware in front of every route:
+//!
+//! - **Authentication.** A bearer key is looked up by its SHA-256; the [`Caller`] it belongs to
+//!   goes into the request's extensions, where the [`Caller`] extractor finds it. A request
+//!   without a tenant key passes through untouched, so the routes that need one answer 401.
+//! - **Rate limits.** Two token buckets (GCRA, from `governor`) per request: the tenant's, shared
+//!   by all its keys, and the key's own, sized from [`LimitsSettings`]. A request either bucket
+//!   refuses is answered `429 rate-limited` with `Retry-After`; every answer carries
+//!   `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` and `RateLimit-Policy` for the
+//!   tighter bucket. Buckets live in this process: with N gateway replicas behind a balancer a
+//!   tenant gets up to N times its rate.
+//! - **Payload quota.** A body longer than the tenant's `max_payload_bytes` is a 413.
+//! - **Last used.** A key's use is recorded as an `ApiKeyUsed` event at most once a minute per
+//!   key and replica, off the request's path.
+//! - **Audit.** Every mutating call (POST, PUT, PATCH, DELETE) by a tenant key is recorded as an
+//!   `AuditRecorded` event (key, method, path, route, status, peer address, user agent), whatever
+//!   its outcome, before the answer leaves.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::middleware::StateInformationMiddleware;
+use governor::{DefaultDirectRateLimiter, Quota};
+use sqlx::Row;
+use taskmesh_config::LimitsSettings;
+use taskmesh_events::command::{RecordAudit, TouchApiKey};
+use taskmesh_events::{AuditRecorded, ErrorCode, Role};
+use taskmesh_http::ApiError;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+/// One token bucket and the quota it was built with.
+struct Bucket {
+    limiter: DefaultDirectRateLimiter<StateInformationMiddleware>,
+    rate: u32,
+    burst: u32,
+}
+
+/// Buckets and last-used marks. Entries exist only for keys that authenticated, and each map
+/// is emptied when it outgrows [`MAX_ENTRIES`] (buckets then start full again).
+pub struct Access {
+    limits: LimitsSettings,
+    tenants: Mutex<HashMap<String, Arc<Bucket>>>,
+    keys: Mutex<HashMap<Uuid, Arc<Bucket>>>,
+    touched: Mutex<HashMap<Uuid, Instant>>,
+}
+
+const MAX_ENTRIES: usize = 100_000;
+/// How often a key's use is recorded, at most.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// What a bucket says of a request.
+#[derive(Debug, Clone, Copy)]
+struct Headroom {
+    /// `key` or `tenant`.
+    scope: &'static str,
+    /// The bucket's size.
+    limit: u32,
+    /// Requests left in it after this one.
+    remaining: u32,
+    /// Its refill rate per second.
+    rate: u32,
+    /// How long until a refused caller may try again (zero when allowed).
+    retry_after: Duration,
+}
+
+impl Headroom {
+    /// Seconds until the bucket is full again (RateLimit-Reset), or until a refused caller
+    /// may retry.
+    fn reset_secs(&self) -> u64 {
+        if self.retry_after > Duration::ZERO {
+            return self.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        }
+        let missing = f64::from(self.limit.saturating_sub(self.remaining));
+        (missing / f64::from(self.rate.max(1))).ceil() as u64
+    }
+
+    fn write(&self, headers: &mut HeaderMap) {
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        };
+        put("ratelimit-limit", self.limit.to_string());
+        put("ratelimit-remaining", self.remaining.to_string());
+        put("ratelimit-reset", self.reset_secs().to_string());
+        let window = (f64::from(self.limit) / f64::from(self.rate.max(1))).ceil() as u64;
+        put("ratelimit-policy", format!("{};w={window};scope={}", self.limit, self.scope));
+    }
+}
+
+impl Access {
+    pub fn new(limits: LimitsSettings) -> Self {
+        Self { limits, tenants: Default::default(), keys: Default::default(), touched: Default::default() }
+    }
+
+    pub fn limits(&self) -> &LimitsSettings {
+        &self.limits
+    }
+
+    fn bucket<K: std::hash::Hash + Eq + Clone>(
+        map: &Mutex<HashMap<K, Arc<Bucket>>>,
+        key: &K,
+        rate: u32,
+        burst: u32,
+    ) -> Option<Arc<Bucket>> {
+        let nz_rate = NonZeroU32::new(rate)?;
+        let nz_burst = NonZeroU32::new(burst).unwrap_or(nz_rate);
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_ENTRIES && !map.contains_key(key) {
+            map.clear();
+        }
+        let bucket = map.entry(key.clone()).or_insert_with(|| {
+            let quota = Quota::per_second(nz_rate).allow_burst(nz_burst);
+            Arc::new(Bucket {
+                limiter: DefaultDirectRateLimiter::direct(quota).with_middleware(),
+                rate,
+                burst: nz_burst.get(),
+            })
+        });
+        // A changed configuration takes effect for new buckets only; the process restarts
+        // when the configuration changes, so this is the same quota.
+        Some(bucket.clone())
+    }
+
+    /// Takes a token from the key's and the tenant's bucket. `Ok` carries the tighter bucket's
+    /// headroom (none when neither is limited), `Err` the refusing one's.
+    fn check(&self, caller: &Caller) -> Result<Option<Headroom>, Headroom> {
+        let t = caller.tenant.as_str();
+        let l = &self.limits;
+        let buckets = [
+            ("key", Self::bucket(&self.keys, &caller.key_id, l.key_requests_per_second(t), l.key_request_burst(t))),
+            ("tenant", Self::bucket(&self.tenants, &caller.tenant, l.requests_per_second(t), l.request_burst(t))),
+        ];
+        let mut tightest: Option<Headroom> = None;
+        for (scope, bucket) in buckets {
+            let Some(b) = bucket else { continue };
+            let mut h = Headroom { scope, limit: b.burst, remaining: 0, rate: b.rate, retry_after: Duration::ZERO };
+            match b.limiter.check() {
+                Ok(state) => {
+                    h.remaining = state.remaining_burst_capacity();
+                    if tightest.is_none_or(|t| h.remaining < t.remaining) {
+                        tightest = Some(h);
+                    }
+                }
+                Err(not_until) => {
+                    let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
+                    h.retry_after = not_until.wait_time_from(now).max(Duration::from_millis(1));
+                    return Err(h);
+                }
+            }
+        }
+        Ok(tightest)
+    }
+
+    /// True when the key's use should be recorded now.
+    fn should_touch(&self, key_id: Uuid) -> bool {
+        let now = Instant::now();
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        if touched.len() >= MAX_ENTRIES {
+            touched.retain(|_, at| now.duration_since(*at) < TOUCH_EVERY);
+        }
+        match touched.get(&key_id) {
+            Some(at) if now.duration_since(*at) < TOUCH_EVERY => false,
+            _ => {
+                touched.insert(key_id, now);
+                true
+            }
+        }
+    }
+}
+
+/// Looks up the tenant key a request carries, if any.
+async fn lookup(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    let Some(key) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    else {
+        return Ok(None);
+    };
+    let hash = taskmesh_ingest::hash_api_key(key);
+    let row =
+        sqlx::query("SELECT id, tenant_id, role, prefix FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+            .bind(&hash)
+            .fetch_optional(&state.pool)
+            .await?;
+    Ok(row.and_then(|row| {
+        let role: String = row.get("role");
+        Some(Caller {
+            tenant: row.get("tenant_id"),
+            key_id: row.get("id"),
+            role: Role::parse(&role)?,
+            prefix: row.get("prefix"),
+        })
+    }))
+}
+
+fn too_many(h: Headroom) -> Response {
+    let secs = h.reset_secs();
+    let mut res = ApiError::new(
+        ErrorCode::RateLimited,
+        format!("the {}'s rate limit is {}/s (burst {}); retry in {secs} s", h.scope, h.rate, h.limit),
+    )
+    .into_response();
+    h.write(res.headers_mut());
+    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    res
+}
+
+/// The middleware: authenticate, limit, record.
+pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let caller = match lookup(&state, req.headers()).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return next.run(req).await,
+        Err(e) => return e.into_response(),
+    };
+    let headroom = match state.access.check(&caller) {
+        Ok(h) => h,
+        Err(h) => return too_many(h),
+    };
+    let max_body = state.access.limits.max_payload_bytes(&caller.tenant);
+    let length =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if max_body > 0 && length.is_some_and(|l| l > u64::from(max_body)) {
+        return ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("this tenant's requests carry at most {max_body} bytes"),
+        )
+        .into_response();
+    }
+    if state.access.should_touch(caller.key_id) {
+        let ingest = state.ingest.clone();
+        let cmd = TouchApiKey { tenant: caller.tenant.clone(), key_id: caller.key_id, at: chrono::Utc::now() };
+        tokio::spawn(async move {
+            if let Err(e) = ingest.touch_api_key(&cmd).await {
+                tracing::debug!(error = %e, "recording a key's use");
+            }
+        });
+    }
+    let audited = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let record = audited.then(|| AuditRecorded {
+        key_id: Some(caller.key_id),
+        actor: format!("key:{}", caller.prefix),
+        method: req.method().to_string(),
+        path: req.uri().path().chars().take(2048).collect(),
+        route: req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()),
+        status: 0,
+        ip: req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|u| u.chars().take(512).collect()),
+        at: chrono::Utc::now(),
+    });
+    let tenant = caller.tenant.clone();
+    req.extensions_mut().insert(caller);
+    let mut res = next.run(req).await;
+    if let Some(h) = headroom {
+        h.write(res.headers_mut());
+    }
+    if let Some(mut record) = record {
+        record.status = res.status().as_u16();
+        audit(&state, &tenant, record).await;
+    }
+    res
+}
+
+/// Appends one audit record; a failure is logged, not answered (the call itself is done).
+pub async fn audit(state: &AppState, tenant: &str, record: AuditRecorded) {
+    let cmd = RecordAudit { tenant: tenant.to_string(), id: Uuid::now_v7(), record };
+    if let Err(e) = state.ingest.record_audit(&cmd).await {
+        tracing::warn!(error = %e, tenant, "recording an audit entry failed");
+    }
+}

@@ -1,0 +1,366 @@
+//! Rate limits under a burst, the audit log, keys' last use, and keys never in clear text.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use taskmesh_config::TenantLimits;
+use taskmesh_testkit::eventually;
+use tokio::io::AsyncReadExt;
+
+use crate::helpers::*;
+
+const PLATFORM_KEY: &str = "platform-admin-key-for-access-tests";
+
+async fn call(tm: &TestMesh, key: &str, method: Method, path: &str, body: Option<Value>) -> reqwest::Response {
+    let mut req = tm.http.request(method, format!("{}{path}", tm.api)).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap()
+}
+
+async fn new_tenant(tm: &TestMesh, id: &str) -> String {
+    let res = call(tm, PLATFORM_KEY, Method::POST, "/v1/tenants", Some(json!({"id": id, "name": id}))).await;
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    tm.wait_projected().await;
+    body["admin_key"].as_str().unwrap().to_string()
+}
+
+/// What a burst of `clients` concurrent clients, `each` requests apiece, got.
+struct Burst {
+    ok: usize,
+    limited: usize,
+    elapsed: Duration,
+}
+
+async fn burst(tm: &TestMesh, keys: &[String], clients: usize, each: usize) -> Burst {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let key = keys[c % keys.len()].clone();
+        let http = tm.http.clone();
+        let url = format!("{}/v1/runs?limit=1", tm.api);
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..each {
+                let res = http.get(&url).bearer_auth(&key).send().await.unwrap();
+                let status = res.status().as_u16();
+                let headers = res.headers().clone();
+                let body: Value = res.json().await.unwrap_or(Value::Null);
+                answers.push((status, headers, body));
+            }
+            answers
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        for (status, headers, body) in t.await.unwrap() {
+            for h in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "ratelimit-policy"] {
+                assert!(headers.contains_key(h), "{status} without {h}");
+            }
+            match status {
+                200 => ok += 1,
+                429 => {
+                    limited += 1;
+                    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+                    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+                    assert_eq!(headers["ratelimit-remaining"], "0");
+                    assert_eq!(body["type"], "https://taskmesh.dev/problems/rate-limited", "{body}");
+                }
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+    }
+    Burst { ok, limited, elapsed: start.elapsed() }
+}
+
+/// The most a token bucket lets through in `elapsed`: its size, plus what refilled, plus one
+/// for a token refilled while the last answer travelled.
+fn bucket_allows(rate: u32, burst: u32, elapsed: Duration) -> usize {
+    (burst as f64 + rate as f64 * elapsed.as_secs_f64()).floor() as usize + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_from_50_clients_is_held_to_the_buckets_and_another_tenant_is_unaffected() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |s| {
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+        // Tenant `default`: a small tenant bucket shared by its keys.
+        s.limits.tenants.insert(
+            "default".into(),
+            TenantLimits {
+                requests_per_second: Some(10),
+                request_burst: Some(20),
+                key_requests_per_second: Some(1000),
+                key_request_burst: Some(1000),
+                ..Default::default()
+            },
+        );
+        // Tenant `beta`: a small bucket per key, a large one for the tenant.
+        s.limits.tenants.insert(
+            "beta".into(),
+            TenantLimits { key_requests_per_second: Some(5), key_request_burst: Some(5), ..Default::default() },
+        );
+    })
+    .await;
+    let beta_key = new_tenant(&tm, "beta").await;
+    let res = call(&tm, &beta_key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
+    let beta_viewer = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    // Another key of `default`, so the burst comes from two keys of one tenant.
+    let res = call(&tm, &tm.key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
+    let second = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // refill what set-up used
+
+    // 50 clients of `default`, 6 requests each, while 10 clients of `beta` ask 2 each with
+    // two keys: beta's per-key buckets hold 5 each.
+    let keys_a = [tm.key.clone(), second];
+    let keys_b = [beta_key.clone(), beta_viewer.clone()];
+    let (a, b) = tokio::join!(burst(&tm, &keys_a, 50, 6), burst(&tm, &keys_b, 10, 2));
+    assert_eq!(a.ok + a.limited, 300);
+    assert!(a.ok >= 20, "the tenant's whole burst is served: {}", a.ok);
+    assert!(
+        a.ok <= bucket_allows(10, 20, a.elapsed),
+        "{} requests served in {:?}: more than the tenant's bucket allows",
+        a.ok,
+        a.elapsed
+    );
+    assert!(a.limited > 0);
+    assert_eq!(b.ok + b.limited, 20);
+    assert!(b.ok <= 2 * bucket_allows(5, 5, b.elapsed), "beta's keys hold {} in {:?}", b.ok, b.elapsed);
+
+    // Another tenant's requests are unaffected by `default`'s flood: a fresh beta key gets
+    // every one of a small burst while `default` is still throttled.
+    let res = call(&tm, &beta_key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
+    let fresh = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let (a2, b2) = tokio::join!(burst(&tm, &keys_a, 50, 2), burst(&tm, std::slice::from_ref(&fresh), 5, 1));
+    assert!(a2.limited > 0, "default is still held back");
+    assert_eq!((b2.ok, b2.limited), (5, 0), "beta is not");
+
+    // After waiting as told, a throttled client gets through.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(call(&tm, &tm.key, Method::GET, "/v1/runs", None).await.status(), 200);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
+    let tm = spawn_with(&Svc::ALL, |s| s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY))).await;
+    let beta_key = new_tenant(&tm, "beta").await;
+    let res = call(&tm, &tm.key, Method::POST, "/v1/keys", Some(json!({"role": "viewer", "name": "ro"}))).await;
+    let viewer: Value = res.json().await.unwrap();
+    let viewer_key = viewer["key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+
+    let run = tm.submit("name: audited\nsteps:\n  - {id: a, run: 'echo hi'}\n").await;
+    let res = tm
+        .http
+        .put(format!("{}/v1/secrets/TOKEN", tm.api))
+        .bearer_auth(&tm.key)
+        .header("user-agent", "audit-test/1")
+        .json(&json!({"value": "s3cret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    // A refused call is recorded too.
+    let res = call(&tm, &viewer_key, Method::POST, &format!("/v1/runs/{run}/cancel"), Some(json!({}))).await;
+    assert_eq!(res.status(), 403);
+    // Reads are not.
+    assert_eq!(call(&tm, &viewer_key, Method::GET, "/v1/runs", None).await.status(), 200);
+
+    let entries = eventually("the audit log", Duration::from_secs(20), || async {
+        let res = call(&tm, &tm.key, Method::GET, "/v1/audit", None).await;
+        let page: Value = res.json().await?;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        Ok((items.len() >= 4).then_some(items))
+    })
+    .await
+    .unwrap();
+    let find = |method: &str, route: &str| {
+        entries
+            .iter()
+            .find(|e| e["method"] == method && e["route"] == route)
+            .unwrap_or_else(|| panic!("no {method} {route} in {entries:#?}"))
+            .clone()
+    };
+    let submitted = find("POST", "/v1/runs");
+    assert_eq!(submitted["status"], 202);
+    assert_eq!(submitted["ip"], "127.0.0.1");
+    assert!(submitted["actor"].as_str().unwrap().starts_with("key:tm_"));
+    let secret = find("PUT", "/v1/secrets/{name}");
+    assert_eq!(secret["path"], "/v1/secrets/TOKEN");
+    assert_eq!(secret["user_agent"], "audit-test/1");
+    let refused = find("POST", "/v1/runs/{id}/cancel");
+    assert_eq!(refused["status"], 403);
+    assert_eq!(refused["key_id"], viewer["id"]);
+    find("POST", "/v1/keys");
+    assert!(!entries.iter().any(|e| e["method"] == "GET"), "reads are not audited");
+    let opened = entries.iter().find(|e| e["actor"] == "platform-admin");
+    assert!(opened.is_none(), "tenant default was not created by the platform administrator");
+    assert!(!serde_json::to_string(&entries).unwrap().contains("s3cret"), "no bodies in the audit log");
+
+    // Newest first, paged by cursor; filtered by key.
+    let res = call(&tm, &tm.key, Method::GET, "/v1/audit?limit=1", None).await;
+    let page: Value = res.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let cursor = page["next_cursor"].as_i64().unwrap();
+    let res = call(&tm, &tm.key, Method::GET, &format!("/v1/audit?limit=200&cursor={cursor}"), None).await;
+    let rest: Value = res.json().await.unwrap();
+    assert_eq!(rest["items"].as_array().unwrap().len(), entries.len() - 1);
+    let res =
+        call(&tm, &tm.key, Method::GET, &format!("/v1/audit?key_id={}", viewer["id"].as_str().unwrap()), None).await;
+    let by_viewer: Value = res.json().await.unwrap();
+    assert_eq!(by_viewer["items"].as_array().unwrap().len(), 1);
+
+    // Only admins read it; another tenant sees only its own (its creation by the platform).
+    assert_eq!(call(&tm, &viewer_key, Method::GET, "/v1/audit", None).await.status(), 403);
+    let res = call(&tm, &beta_key, Method::GET, "/v1/audit", None).await;
+    let beta: Value = res.json().await.unwrap();
+    let beta_items = beta["items"].as_array().unwrap();
+    assert_eq!(beta_items.len(), 1, "{beta}");
+    assert_eq!(beta_items[0]["actor"], "platform-admin");
+    assert_eq!(beta_items[0]["path"], "/v1/tenants");
+
+    // Keys show when they were last used.
+    let keys = eventually("last-used times", Duration::from_secs(20), || async {
+        let keys: Value = call(&tm, &tm.key, Method::GET, "/v1/keys", None).await.json().await?;
+        let all_used = keys.as_array().is_some_and(|k| k.len() == 2 && k.iter().all(|k| !k["last_used_at"].is_null()));
+        Ok(all_used.then_some(keys))
+    })
+    .await
+    .unwrap();
+    let used = chrono::DateTime::parse_from_rfc3339(keys[0]["last_used_at"].as_str().unwrap()).unwrap();
+    assert!((chrono::Utc::now() - used.to_utc()).num_seconds() < 60);
+    tm.finish().await;
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_are_never_stored_or_logged_in_clear_text() {
+    // The gateway is a child process logging everything (trace) to a pipe we read; the rest of
+    // the mesh runs here.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Scheduler, Svc::Executor], |s| {
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY))
+    })
+    .await;
+    let port = free_port();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TASKMESH_") {
+            cmd.env_remove(k);
+        }
+    }
+    use secrecy::ExposeSecret;
+    let mut child = cmd
+        .args(["serve", "gateway"])
+        .env("TASKMESH_NATS__URL", &tm.env.settings.nats.url)
+        .env("TASKMESH_NATS__NAMESPACE", &tm.env.settings.nats.namespace)
+        .env("TASKMESH_POSTGRES__URL", tm.env.settings.postgres.url.expose_secret())
+        .env("TASKMESH_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env("TASKMESH_GATEWAY__ADMIN_KEY", PLATFORM_KEY)
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    for mut pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let api = format!("http://127.0.0.1:{port}");
+    eventually("the gateway child", Duration::from_secs(30), || async {
+        Ok(tm.http.get(format!("{api}/readyz")).send().await.ok().filter(|r| r.status() == 200).map(|_| ()))
+    })
+    .await
+    .unwrap();
+
+    // Keys made every way there is, each then used for reads and writes.
+    let res = tm
+        .http
+        .post(format!("{api}/v1/tenants"))
+        .bearer_auth(PLATFORM_KEY)
+        .json(&json!({"id": "gamma", "name": "Gamma"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let gamma = res.json::<Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let mut keys = vec![tm.key.clone(), gamma.clone()];
+    let mut issued = Vec::new();
+    for role in ["admin", "operator", "viewer"] {
+        let res = tm
+            .http
+            .post(format!("{api}/v1/keys"))
+            .bearer_auth(&gamma)
+            .json(&json!({"role": role}))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = res.json().await.unwrap();
+        issued.push(body["id"].as_str().unwrap().to_string());
+        keys.push(body["key"].as_str().unwrap().to_string());
+    }
+    tm.wait_projected().await;
+    for key in &keys {
+        let res = tm.http.get(format!("{api}/v1/runs")).bearer_auth(key).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let res = tm
+            .http
+            .post(format!("{api}/v1/runs"))
+            .bearer_auth(key)
+            .header("content-type", "application/yaml")
+            .body("name: k\nsteps:\n  - {id: a, run: 'echo ok'}\n")
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(res.status().as_u16(), 202 | 403), "{}", res.status());
+    }
+    // A revoked key, and a wrong one, are refused (and logged as refusals, not as keys).
+    let res = tm.http.delete(format!("{api}/v1/keys/{}", issued[2])).bearer_auth(&gamma).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    tm.wait_projected().await;
+    let res = tm.http.get(format!("{api}/v1/runs")).bearer_auth(&keys[4]).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let log = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the child logged at trace level: {log:.2000}");
+    let rows = tm.postgres_text().await;
+    let events = tm.stream_text(&tm.bus.namespace().events_stream()).await;
+    assert!(rows.contains(&taskmesh_ingest::hash_api_key(&gamma)), "keys are stored as hashes");
+    for key in keys.iter().chain([&PLATFORM_KEY.to_string()]) {
+        // The whole key, and its secret part without the prefix shown in listings.
+        let secret_part = &key[10.min(key.len())..];
+        for (what, text) in [("the log", &log), ("Postgres", &rows), ("the event log", &events)] {
+            assert!(!text.contains(secret_part), "a key is in {what} in clear text");
+        }
+    }
+    tm.finish().await;
+}
