@@ -103,19 +103,15 @@ tm_find_bin() {
   return 1
 }
 
-# tm_need_pkg BIN PKG: make sure command BIN exists, installing Debian
-# package PKG with apt-get if it does not.
-tm_need_pkg() {
-  local bin=$1 pkg=$2
-  if tm_find_bin "$bin" >/dev/null; then
-    return 0
-  fi
-  tm_log "'$bin' not found: installing Debian package '$pkg'"
+# tm_apt_install PKG: install Debian package PKG with apt-get (as root, or via
+# sudo), running apt-get update once first.
+tm_apt_install() {
+  local pkg=$1
   if ! command -v apt-get >/dev/null 2>&1; then
-    tm_die "'$bin' is missing and apt-get is not available: install package '$pkg' by hand"
+    tm_die "package '$pkg' is needed and apt-get is not available: install it by hand"
   fi
   if ((EUID != 0)) && ! command -v sudo >/dev/null 2>&1; then
-    tm_die "'$bin' is missing; not root and no sudo: run 'apt-get install -y $pkg' as root"
+    tm_die "package '$pkg' is needed; not root and no sudo: run 'apt-get install -y $pkg' as root"
   fi
   if ((_TM_APT_UPDATED == 0)); then
     _tm_as_root env DEBIAN_FRONTEND=noninteractive apt-get update \
@@ -124,6 +120,17 @@ tm_need_pkg() {
   fi
   _tm_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "$pkg" \
     || tm_die "apt-get install -y $pkg failed"
+}
+
+# tm_need_pkg BIN PKG: make sure command BIN exists, installing Debian
+# package PKG with apt-get if it does not.
+tm_need_pkg() {
+  local bin=$1 pkg=$2
+  if tm_find_bin "$bin" >/dev/null; then
+    return 0
+  fi
+  tm_log "'$bin' not found: installing Debian package '$pkg'"
+  tm_apt_install "$pkg"
   tm_find_bin "$bin" >/dev/null \
     || tm_die "package '$pkg' installed but '$bin' is still not found"
 }

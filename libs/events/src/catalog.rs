@@ -198,6 +198,14 @@ pub enum Trigger {
     Schedule { schedule_id: Uuid, tick: DateTime<Utc> },
     /// A rerun of an earlier run: `from` is `failed` or a step id.
     Rerun { run_id: Uuid, from: String, key_id: Option<Uuid> },
+    /// A CloudEvent posted to `POST /v1/events` matched the workflow's `on.events`.
+    Event {
+        /// The CloudEvent's `source`, `id` and `type`.
+        source: String,
+        id: String,
+        #[serde(rename = "type")]
+        event_type: String,
+    },
     /// A forge webhook.
     Webhook {
         forge: Forge,

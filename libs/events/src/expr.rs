@@ -17,14 +17,34 @@ pub const VARIABLES: &[&str] = &["inputs", "steps", "run", "matrix"];
 /// The status functions.
 pub const FUNCTIONS: &[&str] = &["success", "failure", "cancelled", "always"];
 
-/// Compiles `source` and checks it only names known variables.
-pub fn check(source: &str) -> Result<Program, String> {
+/// The variables a trigger's filter and inputs may use: the CloudEvent.
+pub const TRIGGER_VARIABLES: &[&str] = &["event"];
+/// What a [`Scope`] evaluates against; validation has already narrowed each use.
+const EVERY_VARIABLE: &[&str] = &["inputs", "steps", "run", "matrix", "event"];
+
+/// Compiles `source` and checks it only names variables in `known`.
+fn compile(source: &str, known: &[&str]) -> Result<Program, String> {
     let program = Program::compile(source).map_err(|e| format!("invalid expression '{source}': {e}"))?;
     let refs = program.references();
-    if let Some(unknown) = refs.variables().into_iter().find(|v| !VARIABLES.contains(v)) {
-        return Err(format!("unknown variable '{unknown}' in '{source}' (known: {})", VARIABLES.join(", ")));
+    if let Some(unknown) = refs.variables().into_iter().find(|v| !known.contains(v)) {
+        return Err(format!("unknown variable '{unknown}' in '{source}' (known: {})", known.join(", ")));
     }
     Ok(program)
+}
+
+/// Compiles a step's or workflow's expression: it may name [`VARIABLES`].
+pub fn check(source: &str) -> Result<Program, String> {
+    compile(source, VARIABLES)
+}
+
+/// Compiles a trigger's filter: it may name [`TRIGGER_VARIABLES`].
+pub fn check_trigger(source: &str) -> Result<Program, String> {
+    compile(source, TRIGGER_VARIABLES)
+}
+
+/// Checks every `${{ … }}` of a trigger's input template.
+pub fn check_trigger_template(template: &str) -> Result<(), String> {
+    segments(template)?.into_iter().try_for_each(|(_, _, source)| check_trigger(source).map(drop))
 }
 
 /// The `${{ … }}` parts of a template, as (start, end, expression) byte ranges.
@@ -97,6 +117,8 @@ pub struct Scope {
     pub needs_succeeded: bool,
     pub needs_failed: bool,
     pub cancelled: bool,
+    /// The CloudEvent that triggers a run, for trigger filters and inputs (`null` elsewhere).
+    pub event: serde_json::Value,
 }
 
 impl Scope {
@@ -106,6 +128,7 @@ impl Scope {
         ctx.add_variable_from_value("steps", to_cel(&self.steps));
         ctx.add_variable_from_value("run", to_cel(&self.run));
         ctx.add_variable_from_value("matrix", to_cel(&self.matrix));
+        ctx.add_variable_from_value("event", to_cel(&self.event));
         let (ok, failed, cancelled) = (self.needs_succeeded, self.needs_failed, self.cancelled);
         let flags: Arc<[bool; 3]> = Arc::new([ok, failed, cancelled]);
         let f = flags.clone();
@@ -120,11 +143,27 @@ impl Scope {
 
     /// Evaluates a condition; it must be a boolean.
     pub fn condition(&self, source: &str) -> Result<bool, String> {
-        let program = check(source)?;
+        let program = compile(source, EVERY_VARIABLE)?;
         match program.execute(&self.context()?).map_err(|e| format!("evaluating '{source}': {e}"))? {
             cel::Value::Bool(b) => Ok(b),
             other => Err(format!("'{source}' is {other:?}, not a boolean")),
         }
+    }
+
+    /// A value from a template: a template that is exactly one `${{ expr }}` gives the
+    /// expression's value with its type; any other string is rendered as text.
+    pub fn value(&self, template: &str) -> Result<serde_json::Value, String> {
+        let parts = segments(template)?;
+        if let [(0, end, source)] = parts.as_slice()
+            && *end == template.len()
+            && secret_ref(source).is_none()
+        {
+            let value = compile(source, EVERY_VARIABLE)?
+                .execute(&self.context()?)
+                .map_err(|e| format!("evaluating '{source}': {e}"))?;
+            return value.json().map_err(|e| format!("'{source}' has no JSON value: {e}"));
+        }
+        self.render(template).map(serde_json::Value::String)
     }
 
     /// Renders a template, replacing each `${{ … }}` with its value as text.
@@ -141,7 +180,8 @@ impl Scope {
                 continue; // the executor's to fill in
             }
             out.push_str(&template[at..start]);
-            let value = check(source)?.execute(&ctx).map_err(|e| format!("evaluating '{source}': {e}"))?;
+            let value =
+                compile(source, EVERY_VARIABLE)?.execute(&ctx).map_err(|e| format!("evaluating '{source}': {e}"))?;
             out.push_str(&text(&value));
             at = end;
         }
@@ -194,7 +234,18 @@ mod tests {
             needs_succeeded: true,
             needs_failed: false,
             cancelled: false,
+            event: json!({"type": "order.created", "data": {"amount": 120, "id": "o-1"}}),
         }
+    }
+
+    #[test]
+    fn a_lone_expression_keeps_its_type_and_templates_render_as_text() {
+        let s = scope();
+        assert_eq!(s.value("${{ event.data.amount }}").unwrap(), json!(120));
+        assert_eq!(s.value("${{ event.data.amount > 100 }}").unwrap(), json!(true));
+        assert_eq!(s.value("order ${{ event.data.id }}").unwrap(), json!("order o-1"));
+        assert_eq!(s.value("plain").unwrap(), json!("plain"));
+        assert!(s.condition("event.type == 'order.created' && event.data.amount > 100").unwrap());
     }
 
     #[test]

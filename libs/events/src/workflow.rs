@@ -46,8 +46,41 @@ pub struct WorkflowDef {
     /// at once; `policy` says what a run that finds the group full does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencyDef>,
+    /// What starts the workflow besides API calls: CloudEvents posted to `POST /v1/events`.
+    /// Only stored workflows are triggered (their latest version).
+    #[serde(default, rename = "on", skip_serializing_if = "Option::is_none")]
+    pub triggers: Option<TriggersDef>,
     pub steps: Vec<StepDef>,
 }
+
+/// `on:` on a workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TriggersDef {
+    /// CloudEvents that start a run, each matched by type and an optional filter.
+    #[serde(default)]
+    pub events: Vec<EventTrigger>,
+}
+
+/// One CloudEvents trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventTrigger {
+    /// The CloudEvents `type` to match, exactly (e.g. `com.example.order.created`).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// A CEL filter over `event` (the whole CloudEvent: `event.data`, `event.source`,
+    /// `event.subject`, …), e.g. `event.data.amount > 100`. No filter: every event of the type.
+    #[serde(default, rename = "if", skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// The run's inputs, from the event: a value that is exactly `${{ expr }}` keeps the
+    /// expression's type (a number stays a number); other strings are templates.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, serde_json::Value>,
+}
+
+/// At most this many event triggers per workflow.
+pub const MAX_EVENT_TRIGGERS: usize = 32;
 
 /// `concurrency:` on a workflow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -651,6 +684,27 @@ impl WorkflowDef {
             }
             if !(1..=1000).contains(&c.limit) {
                 err("concurrency.limit".into(), "must be 1 to 1000".into());
+            }
+        }
+        if let Some(on) = &self.triggers {
+            if on.events.len() > MAX_EVENT_TRIGGERS {
+                err("on.events".into(), format!("at most {MAX_EVENT_TRIGGERS} triggers"));
+            }
+            for (i, t) in on.events.iter().enumerate() {
+                let t_ok = !t.event_type.is_empty()
+                    && t.event_type.len() <= 256
+                    && !t.event_type.chars().any(|c| c.is_control() || c.is_whitespace());
+                if !t_ok {
+                    err(format!("on.events[{i}].type"), "must be 1 to 256 characters without spaces".into());
+                }
+                if let Some(Err(e)) = t.condition.as_deref().map(crate::expr::check_trigger) {
+                    err(format!("on.events[{i}].if"), e);
+                }
+                for (name, value) in &t.inputs {
+                    if let Some(Err(e)) = value.as_str().map(crate::expr::check_trigger_template) {
+                        err(format!("on.events[{i}].inputs.{name}"), e);
+                    }
+                }
             }
         }
         if self.steps.is_empty() {

@@ -15,19 +15,22 @@ pub enum Format {
     Yaml,
 }
 
+/// A body that could not be read: too large (413), or otherwise malformed (400).
+pub fn rejection(r: BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(ErrorCode::PayloadTooLarge, "the request body is over the size limit")
+    } else {
+        ApiError::new(ErrorCode::BadRequest, r.body_text())
+    }
+}
+
 /// Reads the body and its format; `yaml_ok` says whether YAML is accepted on this route.
 pub fn read(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     yaml_ok: bool,
 ) -> Result<(Format, Bytes), ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorCode::PayloadTooLarge, "the request body is over the size limit")
-        } else {
-            ApiError::new(ErrorCode::BadRequest, r.body_text())
-        }
-    })?;
+    let body = body.map_err(rejection)?;
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let format = match mime.as_str() {

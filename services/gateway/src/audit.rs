@@ -64,7 +64,7 @@ pub struct AuditPage {
 
 /// List the tenant's audit log, newest first (admin): who (key), what (method, path, status),
 /// when, and from where, for every mutating call, refused ones included.
-#[utoipa::path(get, path = "/v1/audit", tag = "tenancy", params(AuditParams),
+#[utoipa::path(get, operation_id = "list_audit", path = "/v1/audit", tag = "tenancy", params(AuditParams),
     responses(
         (status = 200, body = AuditPage),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),

@@ -59,7 +59,7 @@ pub struct ExecutorList {
 }
 
 /// List live executors, their labels and slots, and the queue depth per label set.
-#[utoipa::path(get, path = "/v1/executors", tag = "executors",
+#[utoipa::path(get, operation_id = "list_executors", path = "/v1/executors", tag = "executors",
     responses(
         (status = 200, body = ExecutorList),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),

@@ -10,7 +10,9 @@
 //!   quota, records keys' last use and writes the audit log.
 //! - [`audit`]: `GET /v1/audit`.
 //! - [`auth`]: the authenticated [`auth::Caller`] and the platform administrator.
+//! - [`events`]: CloudEvents in, runs of the stored workflows they trigger out.
 //! - [`logs`]: step logs, paged or followed as Server-Sent Events.
+//! - [`live`]: a run's events as Server-Sent Events, resumable with `Last-Event-ID`.
 //! - [`runs`] serves `/v1/runs`.
 //! - [`resources`]: repository connections and webhook endpoints.
 //! - [`workflows`]: stored, versioned workflow definitions.
@@ -22,7 +24,9 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod events;
 pub mod executors;
+pub mod live;
 pub mod logs;
 pub mod resources;
 pub mod runs;
@@ -73,10 +77,10 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
-    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, audit::list, resources::create_repo_connection, resources::create_webhook_endpoint, executors::list, healthz, readyz),
+    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, audit::list, resources::create_repo_connection, resources::create_webhook_endpoint, executors::list, events::publish, healthz, readyz),
     components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
-    modifiers(&BearerAuth),
-    tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
+    modifiers(&BearerAuth, &CommonResponses),
+    tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "events", description = "CloudEvents that trigger stored workflows"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
 )]
 pub struct ApiDoc;
 
@@ -95,19 +99,79 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Documents on every operation the problems any route may answer, where its own annotation
+/// does not: 400 (a malformed parameter or header), 401, 403 (role or quota), 429 (rate limit,
+/// with `Retry-After`) and 503 (a dependency unavailable) on authenticated routes, 404 where a
+/// path names a resource, and 413 and 415 where there is a body.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, path::Operation};
+        let problem = |description: &str, code: ErrorCode| {
+            let mut r = ResponseBuilder::new().description(description).content(
+                "application/problem+json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+            );
+            if code == ErrorCode::RateLimited {
+                r = r.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer))
+                        .description(Some("Seconds to wait before retrying"))
+                        .build(),
+                );
+            }
+            RefOr::T(r.build())
+        };
+        let add = |op: &mut Operation, path: &str| {
+            let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            let mut wanted = vec![("400", "Malformed request", ErrorCode::BadRequest)];
+            if secured {
+                wanted.extend([
+                    ("401", "No or bad API key", ErrorCode::Unauthorized),
+                    ("403", "The key's role does not allow this, or a quota would be exceeded", ErrorCode::Forbidden),
+                    ("429", "Rate limited; see Retry-After and the RateLimit headers", ErrorCode::RateLimited),
+                    ("503", "A dependency is unavailable; retry", ErrorCode::Unavailable),
+                ]);
+            }
+            if path.contains('{') {
+                wanted.push(("404", "No such resource in the caller's tenant", ErrorCode::NotFound));
+            }
+            if op.request_body.is_some() {
+                wanted.extend([
+                    ("413", "The body is too large", ErrorCode::PayloadTooLarge),
+                    ("415", "Unsupported content type", ErrorCode::UnsupportedMediaType),
+                ]);
+            }
+            for (status, description, code) in wanted {
+                op.responses.responses.entry(status.to_string()).or_insert_with(|| problem(description, code));
+            }
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for op in
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+            {
+                add(op, path);
+            }
+        }
+    }
+}
+
 /// The OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive")))]
+#[utoipa::path(get, operation_id = "healthz", path = "/healthz", tag = "health", responses((status = 200, description = "Alive")))]
 pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
 /// Readiness: Postgres and NATS answer.
-#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+#[utoipa::path(get, operation_id = "readyz", path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready"),
     (status = 503, body = taskmesh_events::Problem, content_type = "application/problem+json")))]
 pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
@@ -141,6 +205,20 @@ async fn read_your_writes(
             return ApiError::new(ErrorCode::BadRequest, "Taskmesh-Min-Seq must be a sequence number").into_response();
         }
         Some(Some(seq)) => {
+            // A sequence the log has not reached yet is never going to be read: say so now.
+            match taskmesh_store::read_checkpoint(&state.pool, "projector").await {
+                Ok(applied) if applied < seq => match last_written(&state).await {
+                    Some(last) if seq > last => {
+                        return ApiError::new(
+                            ErrorCode::BadRequest,
+                            format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence {last}"),
+                        )
+                        .into_response();
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
             let deadline = tokio::time::Instant::now() + READ_WAIT;
             loop {
                 match taskmesh_store::read_checkpoint(&state.pool, "projector").await {
@@ -167,6 +245,12 @@ async fn read_your_writes(
     next.run(req).await
 }
 
+/// The event log's last sequence, if the stream answers.
+async fn last_written(state: &AppState) -> Option<u64> {
+    let mut stream = state.bus.jetstream().get_stream(state.bus.namespace().events_stream()).await.ok()?;
+    Some(stream.info().await.ok()?.state.last_sequence)
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such route")
 }
@@ -176,11 +260,13 @@ pub fn router(state: AppState, body_limit: usize) -> axum::Router {
     let router = axum::Router::new()
         .merge(runs::routes())
         .merge(logs::routes())
+        .merge(live::routes())
         .merge(resources::routes())
         .merge(workflows::routes())
         .merge(schedules::routes())
         .merge(secrets::routes())
         .merge(executors::routes())
+        .merge(events::routes())
         .merge(tenancy::routes())
         .merge(audit::routes())
         .route("/healthz", get(healthz))

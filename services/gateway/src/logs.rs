@@ -72,7 +72,7 @@ fn entry(seq: u64, payload: &[u8]) -> Option<LogEntry> {
 /// Read a step's output: a page of lines, or with `follow=true` a live Server-Sent Events
 /// stream (`id` = `seq`, so `Last-Event-ID` resumes) that ends with an `end` event once the step
 /// has ended. Lines are kept for a bounded time and size (see operations).
-#[utoipa::path(get, path = "/v1/runs/{id}/steps/{step}/logs", tag = "runs",
+#[utoipa::path(get, operation_id = "get_step_logs", path = "/v1/runs/{id}/steps/{step}/logs", tag = "runs",
     params(("id" = Uuid, Path), ("step" = String, Path), LogParams),
     responses(
         (status = 200, description = "A page of lines, or an event stream with follow=true", body = LogPage),
@@ -112,21 +112,18 @@ pub async fn logs(
     Ok(Json(page(&state, &subject, after, limit).await?).into_response())
 }
 
-async fn ordered(
+/// An ordered consumer of `subject` in `stream`, from just after sequence `after`.
+pub(crate) async fn ordered_on(
     state: &AppState,
+    stream: String,
     subject: &str,
     after: u64,
 ) -> Result<async_nats::jetstream::consumer::pull::Ordered, ApiError> {
     let unavailable = |e: String| {
-        tracing::warn!(error = %e, "log stream");
-        ApiError::new(ErrorCode::Unavailable, "the log stream is unavailable; retry")
+        tracing::warn!(error = %e, "reading a stream");
+        ApiError::new(ErrorCode::Unavailable, "the stream is unavailable; retry")
     };
-    let stream = state
-        .bus
-        .jetstream()
-        .get_stream_no_info(state.bus.namespace().logs_stream())
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
+    let stream = state.bus.jetstream().get_stream_no_info(stream).await.map_err(|e| unavailable(e.to_string()))?;
     let deliver_policy =
         if after == 0 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: after + 1 } };
     let consumer = stream
@@ -134,6 +131,14 @@ async fn ordered(
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     consumer.messages().await.map_err(|e| unavailable(e.to_string()))
+}
+
+async fn ordered(
+    state: &AppState,
+    subject: &str,
+    after: u64,
+) -> Result<async_nats::jetstream::consumer::pull::Ordered, ApiError> {
+    ordered_on(state, state.bus.namespace().logs_stream(), subject, after).await
 }
 
 async fn page(state: &AppState, subject: &str, after: u64, limit: usize) -> Result<LogPage, ApiError> {

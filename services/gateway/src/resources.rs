@@ -59,7 +59,7 @@ pub struct RepoConnectionCreatedResponse {
 }
 
 /// Connect a repository.
-#[utoipa::path(post, path = "/v1/repo-connections", tag = "integrations", request_body = RepoConnectionRequest,
+#[utoipa::path(post, operation_id = "create_repo_connection", path = "/v1/repo-connections", tag = "integrations", request_body = RepoConnectionRequest,
     responses(
         (status = 201, body = RepoConnectionCreatedResponse),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -117,7 +117,7 @@ pub struct WebhookEndpointCreatedResponse {
 }
 
 /// Register an outbound webhook endpoint.
-#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "integrations", request_body = WebhookEndpointRequest,
+#[utoipa::path(post, operation_id = "create_webhook_endpoint", path = "/v1/webhook-endpoints", tag = "integrations", request_body = WebhookEndpointRequest,
     responses(
         (status = 201, body = WebhookEndpointCreatedResponse),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),

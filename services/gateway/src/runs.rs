@@ -68,7 +68,7 @@ pub struct RunAcceptedResponse {
 }
 
 /// Submit a run of an inline workflow.
-#[utoipa::path(post, path = "/v1/runs", tag = "runs",
+#[utoipa::path(post, operation_id = "submit_run", path = "/v1/runs", tag = "runs",
     request_body(content(
         (SubmitRunRequest = "application/json"),
         (String = "application/yaml", example = "name: hello\nsteps:\n  - id: build\n    run: echo building\n")
@@ -252,11 +252,11 @@ pub struct RunView {
 }
 
 /// Read a run, its steps and every attempt.
-#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs",
+#[utoipa::path(get, operation_id = "get_run", path = "/v1/runs/{id}", tag = "runs",
     params(
         ("id" = Uuid, Path, description = "Run id"),
         ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier read: 304 if the run has not changed"),
-        ("Taskmesh-Min-Seq" = Option<u64>, Header, description = "Wait (up to 5 s) until the read side has applied this sequence (a write's `seq`)"),
+        ("Taskmesh-Min-Seq" = Option<String>, Header, description = "A decimal sequence number, a write's `seq`: the read waits (up to 5 s) until the read side has applied it"),
     ),
     responses(
         (status = 200, body = RunView, headers(("ETag" = String, description = "Changes whenever the run does"))),
@@ -386,7 +386,7 @@ pub struct CancelAccepted {
 
 /// Cancel a run: queued steps are cancelled, running ones are killed on their executors, and
 /// the run ends `cancelled`. Cancelling a finished run changes nothing.
-#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs",
+#[utoipa::path(post, operation_id = "cancel_run", path = "/v1/runs/{id}/cancel", tag = "runs",
     params(("id" = Uuid, Path, description = "Run id")),
     request_body(content = Option<CancelRequest>, content_type = "application/json"),
     responses(
@@ -429,7 +429,7 @@ pub struct RerunRequest {
 /// Rerun an ended run: a new run with the same workflow and inputs that keeps the steps that
 /// succeeded (shown as `succeeded` with `reason: reused from run …`) and runs the rest. The
 /// earlier run and its attempts stay as they were.
-#[utoipa::path(post, path = "/v1/runs/{id}/rerun", tag = "runs",
+#[utoipa::path(post, operation_id = "rerun_run", path = "/v1/runs/{id}/rerun", tag = "runs",
     params(("id" = Uuid, Path, description = "The run to rerun")),
     request_body = RerunRequest,
     responses(
@@ -514,7 +514,7 @@ pub struct RunPage {
 }
 
 /// List the tenant's runs, newest first.
-#[utoipa::path(get, path = "/v1/runs", tag = "runs", params(ListParams),
+#[utoipa::path(get, operation_id = "list_runs", path = "/v1/runs", tag = "runs", params(ListParams),
     responses(
         (status = 200, body = RunPage),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),

@@ -53,7 +53,7 @@ pub struct ScheduleCreatedResponse {
 /// Create a schedule. Body: `{"cron": "*/5 * * * *", "timezone": "Europe/Paris", "workflow":
 /// "nightly" | {definition}, "inputs": {}, "overlap": "skip" | "allow" | "cancel_previous",
 /// "catch_up": "none" | "last" | "all", "catch_up_limit": 100}`.
-#[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body(content = Object, content_type = "application/json"),
+#[utoipa::path(post, operation_id = "create_schedule", path = "/v1/schedules", tag = "schedules", request_body(content = Object, content_type = "application/json"),
     responses(
         (status = 201, body = ScheduleCreatedResponse),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -103,7 +103,7 @@ pub struct ScheduleList {
 }
 
 /// List schedules, newest first.
-#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
+#[utoipa::path(get, operation_id = "list_schedules", path = "/v1/schedules", tag = "schedules",
     responses((status = 200, body = ScheduleList), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<ScheduleList>> {
@@ -115,7 +115,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 }
 
 /// Read a schedule.
-#[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+#[utoipa::path(get, operation_id = "get_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
     responses(
         (status = 200, body = ScheduleView),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -150,7 +150,7 @@ async fn toggle(
 }
 
 /// Pause a schedule: no tick fires until it is resumed.
-#[utoipa::path(post, path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = Uuid, Path)),
+#[utoipa::path(post, operation_id = "pause_schedule", path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = Uuid, Path)),
     responses((status = 202, body = ScheduleCreatedResponse), (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn pause(
@@ -162,7 +162,7 @@ pub async fn pause(
 }
 
 /// Resume a paused schedule from its next tick.
-#[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = Uuid, Path)),
+#[utoipa::path(post, operation_id = "resume_schedule", path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = Uuid, Path)),
     responses((status = 202, body = ScheduleCreatedResponse), (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn resume(

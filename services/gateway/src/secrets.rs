@@ -48,7 +48,7 @@ pub struct SecretList {
 
 /// Set a secret (admin). Steps get it by listing its name in `secrets:`; its value is masked as
 /// `***` in their output, outputs and logs.
-#[utoipa::path(put, path = "/v1/secrets/{name}", tag = "secrets",
+#[utoipa::path(put, operation_id = "set_secret", path = "/v1/secrets/{name}", tag = "secrets",
     params(("name" = String, Path, description = "A-Z, 0-9 and '_', not starting with a digit")),
     request_body = SecretValue,
     responses(
@@ -88,7 +88,7 @@ pub async fn set(
 }
 
 /// List the tenant's secrets: names and times, never values.
-#[utoipa::path(get, path = "/v1/secrets", tag = "secrets",
+#[utoipa::path(get, operation_id = "list_secrets", path = "/v1/secrets", tag = "secrets",
     responses((status = 200, body = SecretList), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<SecretList>> {
@@ -101,7 +101,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 }
 
 /// Delete a secret (admin).
-#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets", params(("name" = String, Path)),
+#[utoipa::path(delete, operation_id = "delete_secret", path = "/v1/secrets/{name}", tag = "secrets", params(("name" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),

@@ -68,7 +68,7 @@ pub struct TenantCreatedResponse {
 }
 
 /// Create a tenant with a first admin key (platform administrator).
-#[utoipa::path(post, path = "/v1/tenants", tag = "tenancy", request_body = TenantRequest,
+#[utoipa::path(post, operation_id = "create_tenant", path = "/v1/tenants", tag = "tenancy", request_body = TenantRequest,
     responses(
         (status = 201, body = TenantCreatedResponse),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -113,7 +113,7 @@ pub struct TenantView {
 }
 
 /// List tenants (platform administrator).
-#[utoipa::path(get, path = "/v1/tenants", tag = "tenancy",
+#[utoipa::path(get, operation_id = "list_tenants", path = "/v1/tenants", tag = "tenancy",
     responses((status = 200, body = Vec<TenantView>), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list_tenants(State(state): State<AppState>, _: PlatformAdmin) -> ApiResult<Json<Vec<TenantView>>> {
@@ -156,7 +156,7 @@ pub struct KeyCreatedResponse {
 }
 
 /// Issue an API key for the caller's tenant (admin).
-#[utoipa::path(post, path = "/v1/keys", tag = "tenancy", request_body = KeyRequest,
+#[utoipa::path(post, operation_id = "create_key", path = "/v1/keys", tag = "tenancy", request_body = KeyRequest,
     responses(
         (status = 201, body = KeyCreatedResponse),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -194,7 +194,7 @@ pub struct KeyView {
 }
 
 /// List the tenant's keys (admin).
-#[utoipa::path(get, path = "/v1/keys", tag = "tenancy",
+#[utoipa::path(get, operation_id = "list_keys", path = "/v1/keys", tag = "tenancy",
     responses((status = 200, body = Vec<KeyView>), (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<KeyView>>> {
@@ -221,7 +221,7 @@ pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResu
 }
 
 /// Revoke a key of the tenant (admin); it authenticates nothing afterwards.
-#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "tenancy", params(("id" = Uuid, Path)),
+#[utoipa::path(delete, operation_id = "revoke_key", path = "/v1/keys/{id}", tag = "tenancy", params(("id" = Uuid, Path)),
     responses(
         (status = 204, description = "Revoked"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),

@@ -44,7 +44,7 @@ pub struct WorkflowStoredResponse {
 
 /// Store a new version of a workflow (YAML or JSON; its `name` must match the URL). Versions are
 /// immutable and count up from 1.
-#[utoipa::path(put, path = "/v1/workflows/{name}", tag = "workflows",
+#[utoipa::path(put, operation_id = "store_workflow", path = "/v1/workflows/{name}", tag = "workflows",
     params(("name" = String, Path, description = "Workflow name: letters, digits, '_' or '-'")),
     request_body(content((Object = "application/json"), (String = "application/yaml"))),
     responses(
@@ -90,7 +90,7 @@ pub struct VersionParam {
 }
 
 /// Read a stored workflow: its latest version, or `?version=N`.
-#[utoipa::path(get, path = "/v1/workflows/{name}", tag = "workflows",
+#[utoipa::path(get, operation_id = "get_workflow", path = "/v1/workflows/{name}", tag = "workflows",
     params(("name" = String, Path), VersionParam),
     responses(
         (status = 200, body = WorkflowVersion),
@@ -135,7 +135,7 @@ pub struct WorkflowList {
 }
 
 /// List stored workflows (latest versions), by name.
-#[utoipa::path(get, path = "/v1/workflows", tag = "workflows",
+#[utoipa::path(get, operation_id = "list_workflows", path = "/v1/workflows", tag = "workflows",
     responses(
         (status = 200, body = WorkflowList),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),

@@ -730,6 +730,7 @@ fn concurrency_of(
         needs_succeeded: true,
         needs_failed: false,
         cancelled: false,
+        event: serde_json::Value::Null,
     };
     let key = scope.render(&def.group).map_err(|e| invalid("concurrency.group", e))?;
     if key.is_empty() || key.len() > 512 {

@@ -405,6 +405,7 @@ impl RunState {
             needs_succeeded: needs.iter().all(|&n| self.ok(phase, n)),
             needs_failed: needs.iter().any(|&n| phase(n) == StepPhase::Failed),
             cancelled: self.cancel_requested,
+            event: serde_json::Value::Null,
         }
     }
 

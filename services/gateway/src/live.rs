@@ -1,0 +1,117 @@
+//! `GET /v1/runs/{id}/events`: a run's events as Server-Sent Events, live, straight from the
+//! event log. Each SSE event's `id` is the event's stream sequence, so a client that
+//! reconnects with `Last-Event-ID` resumes exactly after the last event it saw. The stream
+//! ends with an `end` event once the run has ended.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use sqlx::Row;
+use taskmesh_events::{ErrorCode, RunKey};
+use taskmesh_http::{ApiError, ApiResult};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/v1/runs/{id}/events", get(run_events))
+}
+
+/// Follow a run's events as Server-Sent Events: `event` is the event type (`RunSubmitted`,
+/// `StepStarted`, …), `data` the whole event envelope as JSON, `id` its stream sequence.
+/// Reconnecting with `Last-Event-ID` resumes after that event. After the run's final event
+/// comes an `end` event and the stream closes.
+#[utoipa::path(get, operation_id = "stream_run_events", path = "/v1/runs/{id}/events", tag = "runs",
+    params(
+        ("id" = Uuid, Path, description = "Run id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event (an SSE `id` seen before)"),
+    ),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such run in the caller's tenant", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn run_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let run_id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    if run_status(&state, &caller.tenant, run_id).await?.is_none() {
+        return Err(ApiError::not_found("run"));
+    }
+    let after = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok())) {
+        None => 0,
+        Some(Some(seq)) => seq,
+        Some(None) => return Err(ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's sequence")),
+    };
+    let subject = state.bus.namespace().run(&RunKey { tenant: caller.tenant.clone(), run_id });
+    let messages = crate::logs::ordered_on(&state, state.bus.namespace().events_stream(), &subject, after).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
+    tokio::spawn(follow(state, caller.tenant, run_id, messages, tx));
+    let events =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn run_status(state: &AppState, tenant: &str, run_id: Uuid) -> Result<Option<String>, ApiError> {
+    Ok(sqlx::query("SELECT status FROM runs WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(run_id)
+        .fetch_optional(&state.pool)
+        .await?
+        .map(|r| r.get("status")))
+}
+
+/// Sends each event as it comes; ends after the run's final event, or, when resuming after
+/// it, once the read side says the run has ended and nothing more comes.
+async fn follow(
+    state: AppState,
+    tenant: String,
+    run_id: Uuid,
+    mut messages: async_nats::jetstream::consumer::pull::Ordered,
+    tx: tokio::sync::mpsc::Sender<SseEvent>,
+) {
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+            Ok(Some(Ok(msg))) => {
+                let Ok(stored) = taskmesh_bus::decode(&msg) else { continue };
+                let last = stored.envelope.event.is_run_terminal();
+                let event = SseEvent::default()
+                    .id(stored.seq.to_string())
+                    .event(stored.envelope.type_name())
+                    .json_data(&stored.envelope)
+                    .unwrap_or_default();
+                if tx.send(event).await.is_err() {
+                    return; // the client went away
+                }
+                if last {
+                    break;
+                }
+            }
+            Ok(_) => return,
+            Err(_) => {
+                let ended = run_status(&state, &tenant, run_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"));
+                if ended {
+                    break;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
+}
