@@ -1,25 +1,47 @@
-//! The `taskmesh` client commands: submit and follow runs, list and manage them, read logs.
+//! The `taskmesh` client commands: submit and follow runs, list and manage them, read logs; store
+//! and read workflows; manage schedules and secrets.
 //!
 //! The server and key come from `--url`/`--key`, else `TASKMESH_URL`/`TASKMESH_API_KEY`, else
-//! `http://127.0.0.1:8080` and the development key in `.taskmesh/api-key`. `--output json`
-//! prints the API's JSON for scripts; exit codes reflect the run: 0 succeeded, 1 anything else.
+//! the chosen profile of the profile file, else `http://127.0.0.1:8080` and the development key in
+//! `.taskmesh/api-key`. The profile file is `$TASKMESH_PROFILE_FILE`, else
+//! `$XDG_CONFIG_HOME/taskmesh/config.toml` (by default `~/.config/taskmesh/config.toml`):
+//!
+//! ```toml
+//! default = "local"
+//! [profiles.local]
+//! url = "http://127.0.0.1:8080"
+//! key = "tm_..."
+//! ```
+//!
+//! `--profile NAME` (or `TASKMESH_PROFILE`) picks a profile, else the file's `default` does.
+//! `--output json` prints the API's JSON for scripts; exit codes reflect the run: 0 succeeded,
+//! 1 anything else.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+/// The gateway URL when nothing else names one.
+const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+/// The development key `taskmesh up` writes, relative to the working directory.
+const DEFAULT_KEY_FILE: &str = ".taskmesh/api-key";
+
 /// Where and how to talk to the API.
 #[derive(clap::Args, Clone)]
 pub struct Connection {
-    /// Gateway URL.
-    #[arg(long, global = true, env = "TASKMESH_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
-    /// API key; by default the one in .taskmesh/api-key.
-    #[arg(long, global = true, env = "TASKMESH_API_KEY", hide_env_values = true)]
+    /// Gateway URL; else TASKMESH_URL, the profile's, or http://127.0.0.1:8080.
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// API key; else TASKMESH_API_KEY, the profile's, or the one in .taskmesh/api-key.
+    #[arg(long, global = true)]
     pub key: Option<String>,
+    /// A profile of the profile file; else TASKMESH_PROFILE, or the file's `default`.
+    #[arg(long, global = true)]
+    pub profile: Option<String>,
     /// `text` for people, `json` for scripts.
     #[arg(long, global = true, default_value = "text")]
     pub output: String,
@@ -31,6 +53,15 @@ pub enum Runs {
     Ls {
         #[arg(long)]
         status: Option<String>,
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only runs with this label, `key=value`.
+        #[arg(long)]
+        label: Option<String>,
+        /// Only runs started this way: api, schedule, rerun, webhook or event.
+        #[arg(long)]
+        trigger: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -46,6 +77,78 @@ pub enum Runs {
     },
 }
 
+#[derive(clap::Subcommand)]
+pub enum Workflows {
+    /// Store a workflow file (YAML or JSON) as the next version of the workflow it names.
+    Push { file: PathBuf },
+    /// List stored workflows, each at its latest version.
+    Ls,
+    /// Print a stored workflow's definition, as YAML (JSON with --output json).
+    Get {
+        name: String,
+        /// This version rather than the latest.
+        #[arg(long)]
+        version: Option<u32>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum Schedules {
+    /// List schedules.
+    Ls,
+    /// Run a stored workflow on a cron expression; prints the schedule's id.
+    Create {
+        /// 5 fields, or 6 with seconds first.
+        #[arg(long)]
+        cron: String,
+        /// A stored workflow: `name` (its latest version when a tick fires) or `name@version`.
+        #[arg(long)]
+        workflow: String,
+        /// IANA time zone the expression is read in (default UTC).
+        #[arg(long)]
+        timezone: Option<String>,
+        /// An input, `key=value` (repeatable).
+        #[arg(long = "input", short = 'i')]
+        inputs: Vec<String>,
+        /// While the previous run goes on: skip (default), allow or cancel_previous.
+        #[arg(long)]
+        overlap: Option<String>,
+        /// Ticks missed while no scheduler ran: none (default), last or all.
+        #[arg(long)]
+        catch_up: Option<String>,
+    },
+    /// Pause a schedule: no tick fires until it is resumed.
+    Pause { id: String },
+    /// Resume a paused schedule from its next tick.
+    Resume { id: String },
+}
+
+#[derive(clap::Subcommand)]
+pub enum Secrets {
+    /// Set a secret from --value, --from-file, or else standard input (one trailing newline
+    /// dropped). The value is never printed.
+    Set {
+        name: String,
+        /// The value (visible to other local users in the process list; prefer stdin).
+        #[arg(long, conflicts_with = "from_file")]
+        value: Option<String>,
+        /// Read the value from this file, as it is.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+    },
+    /// List secret names (never values).
+    Ls,
+    /// Remove a secret.
+    Rm { name: String },
+}
+
+#[derive(clap::Subcommand)]
+pub enum Profiles {
+    /// Show the URL the client commands use, the key's first characters, and where each
+    /// comes from.
+    Show,
+}
+
 struct Client {
     http: reqwest::Client,
     url: String,
@@ -56,15 +159,13 @@ struct Client {
 impl Client {
     fn new(c: &Connection) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let key = match &c.key {
-            Some(k) => k.clone(),
-            None => std::fs::read_to_string(".taskmesh/api-key")
-                .map(|k| k.trim().to_string())
-                .context("no API key: pass --key, set TASKMESH_API_KEY, or run where .taskmesh/api-key is")?,
-        };
+        let target = Target::resolve(c, false)?;
+        let key = target.key.context(
+            "no API key: pass --key, set TASKMESH_API_KEY, choose a profile with a key, or run where .taskmesh/api-key is",
+        )?;
         Ok(Self {
             http: reqwest::Client::new(),
-            url: c.url.trim_end_matches('/').to_string(),
+            url: target.url.trim_end_matches('/').to_string(),
             key,
             json: c.output == "json",
         })
@@ -86,6 +187,174 @@ impl Client {
     }
 }
 
+/// The server and key the client commands use, and where each came from.
+struct Target {
+    url: String,
+    url_from: String,
+    key: Option<String>,
+    key_from: String,
+    /// The chosen profile and what chose it.
+    profile: Option<(String, String)>,
+    /// The profile file looked at, and whether it exists.
+    file: Option<(PathBuf, bool)>,
+}
+
+impl Target {
+    /// Each of the URL and the key: the flag, else the environment, else the chosen profile, else
+    /// the default. The profile file is read only when it can matter (a profile is named, or the
+    /// URL or the key is not given otherwise), or when `always`.
+    fn resolve(c: &Connection, always: bool) -> anyhow::Result<Self> {
+        let url = given(c.url.as_deref(), "--url", "TASKMESH_URL");
+        let key = given(c.key.as_deref(), "--key", "TASKMESH_API_KEY");
+        let named = given(c.profile.as_deref(), "--profile", "TASKMESH_PROFILE");
+        let mut file: Option<(PathBuf, bool)> = None;
+        let mut chosen: Option<(String, String, ProfileSettings)> = None;
+        if always || named.is_some() || url.is_none() || key.is_none() {
+            let location = profile_file();
+            let loaded: Option<(PathBuf, ProfileFile)> = match &location {
+                Some((path, must_exist)) => read_profiles(path, *must_exist)?.map(|f| (path.clone(), f)),
+                None => None,
+            };
+            file = location.map(|(path, _)| {
+                let exists = loaded.is_some();
+                (path, exists)
+            });
+            let pick = named.or_else(|| {
+                loaded.as_ref().and_then(|(_, f)| f.default.clone()).map(|d| (d, "the file's default".to_string()))
+            });
+            if let Some((name, why)) = pick {
+                let Some((path, profiles)) = &loaded else {
+                    match &file {
+                        Some((path, _)) => {
+                            bail!("profile '{name}' (from {why}): there is no profile file {}", path.display())
+                        }
+                        None => bail!("profile '{name}' (from {why}): no profile file; set TASKMESH_PROFILE_FILE"),
+                    }
+                };
+                let Some(settings) = profiles.profiles.get(&name) else {
+                    bail!("profile '{name}' (from {why}) is not defined in {}", path.display());
+                };
+                chosen = Some((name, why, settings.clone()));
+            }
+        }
+        let profile_url = chosen.as_ref().and_then(|(n, _, p)| p.url.clone().map(|u| (u, format!("profile '{n}'"))));
+        let profile_key = chosen.as_ref().and_then(|(n, _, p)| p.key.clone().map(|k| (k, format!("profile '{n}'"))));
+        let (url, url_from) =
+            url.or(profile_url).unwrap_or_else(|| (DEFAULT_URL.to_string(), "the default".to_string()));
+        let (key, key_from) = match key.or(profile_key) {
+            Some((k, from)) => (Some(k), from),
+            None => match std::fs::read_to_string(DEFAULT_KEY_FILE) {
+                Ok(k) => (Some(k.trim().to_string()), DEFAULT_KEY_FILE.to_string()),
+                Err(_) => (None, "nowhere".to_string()),
+            },
+        };
+        Ok(Self { url, url_from, key, key_from, profile: chosen.map(|(n, why, _)| (n, why)), file })
+    }
+}
+
+/// A flag's value and its name, else the environment variable's value and its name.
+fn given(flag: Option<&str>, flag_name: &str, var: &str) -> Option<(String, String)> {
+    match flag {
+        Some(v) => Some((v.to_string(), flag_name.to_string())),
+        None => env_var(var).map(|v| (v, var.to_string())),
+    }
+}
+
+/// An environment variable, if set and not empty.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The profile file, and whether it must exist: `$TASKMESH_PROFILE_FILE` (it must), else
+/// `$XDG_CONFIG_HOME/taskmesh/config.toml`, else `~/.config/taskmesh/config.toml`.
+fn profile_file() -> Option<(PathBuf, bool)> {
+    if let Some(path) = env_var("TASKMESH_PROFILE_FILE") {
+        return Some((PathBuf::from(path), true));
+    }
+    let config = env_var("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| env_var("HOME").map(|home| Path::new(&home).join(".config")))?;
+    Some((config.join("taskmesh").join("config.toml"), false))
+}
+
+/// What the profile file holds.
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileFile {
+    default: Option<String>,
+    #[serde(default)]
+    profiles: BTreeMap<String, ProfileSettings>,
+}
+
+/// One profile.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileSettings {
+    url: Option<String>,
+    key: Option<String>,
+}
+
+/// Reads and parses the profile file (TOML); `None` if it does not exist and need not.
+fn read_profiles(path: &Path, must_exist: bool) -> anyhow::Result<Option<ProfileFile>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => return Ok(None),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reading the profile file {}", path.display())));
+        }
+    };
+    match toml::from_str::<ProfileFile>(&text) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) => bail!("the profile file {} is malformed: {e}", path.display()),
+    }
+}
+
+/// The first characters of a key, then `…`: ten of them, or half of a short key; never all.
+fn key_hint(key: &str) -> String {
+    let shown = (key.chars().count() / 2).min(10);
+    format!("{}…", key.chars().take(shown).collect::<String>())
+}
+
+/// Percent-encodes `s` for a URL path segment or query value: all but `A-Za-z0-9-._~`.
+fn enc(s: &str) -> String {
+    const UNRESERVED: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
+}
+
+/// `?k=v&…` of the pairs that have a value (encoded), or nothing.
+fn query(pairs: &[(&str, Option<&str>)]) -> String {
+    let parts: Vec<String> = pairs.iter().filter_map(|&(k, v)| v.map(|v| format!("{k}={}", enc(v)))).collect();
+    if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
+}
+
+/// A workflow file, YAML or JSON.
+fn read_workflow(file: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    serde_yaml_ng::from_str(&text).with_context(|| format!("{} is not YAML or JSON", file.display()))
+}
+
+/// `--input key=value`s: numbers, booleans and JSON pass as such; anything else is a string.
+fn parse_inputs(pairs: Vec<String>) -> anyhow::Result<BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    for kv in pairs {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--input {kv}: expected key=value"))?;
+        out.insert(k.to_string(), serde_json::from_str(v).unwrap_or(Value::String(v.to_string())));
+    }
+    Ok(out)
+}
+
+/// `--label key=value`s.
+fn parse_labels(pairs: Vec<String>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for kv in pairs {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--label {kv}: expected key=value"))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
 fn exit_code(status: &str) -> i32 {
     if status == "succeeded" { 0 } else { 1 }
 }
@@ -96,22 +365,19 @@ pub async fn run(
     conn: &Connection,
     file: PathBuf,
     inputs: Vec<String>,
+    labels: Vec<String>,
     wait: bool,
     follow: bool,
 ) -> anyhow::Result<i32> {
     let client = Client::new(conn)?;
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let workflow: Value =
-        serde_yaml_ng::from_str(&text).with_context(|| format!("{} is not YAML or JSON", file.display()))?;
-    let mut input_map = BTreeMap::new();
-    for kv in inputs {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--input {kv}: expected key=value"))?;
-        // Numbers, booleans and JSON pass as such; anything else is a string.
-        input_map.insert(k.to_string(), serde_json::from_str(v).unwrap_or(Value::String(v.to_string())));
+    let input_map = parse_inputs(inputs)?;
+    let labels = parse_labels(labels)?;
+    let workflow = read_workflow(&file)?;
+    let mut body = json!({"workflow": workflow, "inputs": input_map});
+    if !labels.is_empty() {
+        body["labels"] = json!(labels);
     }
-    let accepted = client
-        .call(reqwest::Method::POST, "/v1/runs", Some(json!({"workflow": workflow, "inputs": input_map})))
-        .await?;
+    let accepted = client.call(reqwest::Method::POST, "/v1/runs", Some(body)).await?;
     let id = accepted["id"].as_str().context("the answer has no run id")?.to_string();
     if !(wait || follow) {
         if client.json {
@@ -183,22 +449,33 @@ pub async fn run(
 pub async fn runs(conn: &Connection, cmd: Runs) -> anyhow::Result<i32> {
     let client = Client::new(conn)?;
     match cmd {
-        Runs::Ls { status, limit } => {
-            let mut path = format!("/v1/runs?limit={limit}");
-            if let Some(s) = status {
-                path.push_str(&format!("&status={s}"));
+        Runs::Ls { status, workflow, label, trigger, limit } => {
+            if label.as_deref().is_some_and(|l| !l.contains('=')) {
+                bail!("--label: expected key=value");
             }
+            let limit = limit.to_string();
+            let path = format!(
+                "/v1/runs{}",
+                query(&[
+                    ("limit", Some(limit.as_str())),
+                    ("status", status.as_deref()),
+                    ("workflow", workflow.as_deref()),
+                    ("label", label.as_deref()),
+                    ("trigger", trigger.as_deref()),
+                ])
+            );
             let page = client.call(reqwest::Method::GET, &path, None).await?;
             if client.json {
                 println!("{page}");
             } else {
-                println!("{:<38} {:<24} {:<10} CREATED", "ID", "WORKFLOW", "STATUS");
+                println!("{:<38} {:<24} {:<10} {:<9} CREATED", "ID", "WORKFLOW", "STATUS", "TRIGGER");
                 for r in page["items"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<38} {:<24} {:<10} {}",
+                        "{:<38} {:<24} {:<10} {:<9} {}",
                         r["id"].as_str().unwrap_or(""),
                         r["workflow"].as_str().unwrap_or(""),
                         r["status"].as_str().unwrap_or(""),
+                        r["trigger"].as_str().unwrap_or(""),
                         r["created_at"].as_str().unwrap_or("")
                     );
                 }
@@ -283,5 +560,226 @@ pub async fn logs(conn: &Connection, run: String, step: String, follow: bool) ->
             return Ok(0);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `taskmesh workflows …`.
+pub async fn workflows(conn: &Connection, cmd: Workflows) -> anyhow::Result<i32> {
+    let client = Client::new(conn)?;
+    match cmd {
+        Workflows::Push { file } => {
+            let workflow = read_workflow(&file)?;
+            let name =
+                workflow["name"].as_str().with_context(|| format!("{} has no `name`", file.display()))?.to_string();
+            let stored =
+                client.call(reqwest::Method::PUT, &format!("/v1/workflows/{}", enc(&name)), Some(workflow)).await?;
+            if client.json {
+                println!("{stored}");
+            } else {
+                println!("stored {} version {}", stored["name"].as_str().unwrap_or(name.as_str()), stored["version"]);
+            }
+            Ok(0)
+        }
+        Workflows::Ls => {
+            let list = client.call(reqwest::Method::GET, "/v1/workflows", None).await?;
+            if client.json {
+                println!("{list}");
+            } else {
+                println!("{:<32} {:<8} CREATED", "NAME", "VERSION");
+                for w in list["items"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<8} {}",
+                        w["name"].as_str().unwrap_or(""),
+                        w["version"].to_string(),
+                        w["created_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Workflows::Get { name, version } => {
+            let version = version.map(|v| v.to_string());
+            let path = format!("/v1/workflows/{}{}", enc(&name), query(&[("version", version.as_deref())]));
+            let stored = client.call(reqwest::Method::GET, &path, None).await?;
+            if client.json {
+                println!("{stored}");
+            } else {
+                // A comment line, so that the output can be pushed again as it is.
+                println!(
+                    "# {} version {}, stored {}",
+                    stored["name"].as_str().unwrap_or(name.as_str()),
+                    stored["version"],
+                    stored["created_at"].as_str().unwrap_or("")
+                );
+                let yaml =
+                    serde_yaml_ng::to_string(&stored["definition"]).context("rendering the definition as YAML")?;
+                print!("{yaml}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `taskmesh schedules …`.
+pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32> {
+    let client = Client::new(conn)?;
+    match cmd {
+        Schedules::Ls => {
+            let list = client.call(reqwest::Method::GET, "/v1/schedules", None).await?;
+            if client.json {
+                println!("{list}");
+            } else {
+                println!("{:<38} {:<24} {:<16} {:<16} {:<7} NEXT", "ID", "WORKFLOW", "CRON", "TIMEZONE", "STATE");
+                for s in list["items"].as_array().into_iter().flatten() {
+                    let spec = &s["spec"];
+                    let workflow = match &spec["workflow"] {
+                        Value::String(name) => name.clone(),
+                        inline => format!("{} (inline)", inline["name"].as_str().unwrap_or("?")),
+                    };
+                    println!(
+                        "{:<38} {:<24} {:<16} {:<16} {:<7} {}",
+                        s["id"].as_str().unwrap_or(""),
+                        workflow,
+                        spec["cron"].as_str().unwrap_or(""),
+                        spec["timezone"].as_str().unwrap_or(""),
+                        if s["paused"].as_bool().unwrap_or(false) { "paused" } else { "active" },
+                        s["next_tick"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Schedules::Create { cron, workflow, timezone, inputs, overlap, catch_up } => {
+            let inputs = parse_inputs(inputs)?;
+            let mut spec = json!({"cron": cron, "workflow": workflow, "inputs": inputs});
+            if let Some(tz) = timezone {
+                spec["timezone"] = json!(tz);
+            }
+            if let Some(overlap) = overlap {
+                spec["overlap"] = json!(overlap);
+            }
+            if let Some(catch_up) = catch_up {
+                spec["catch_up"] = json!(catch_up);
+            }
+            let created = client.call(reqwest::Method::POST, "/v1/schedules", Some(spec)).await?;
+            if client.json {
+                println!("{created}");
+            } else {
+                println!("{}", created["id"].as_str().unwrap_or(""));
+            }
+            Ok(0)
+        }
+        Schedules::Pause { id } => {
+            let done = client.call(reqwest::Method::POST, &format!("/v1/schedules/{}/pause", enc(&id)), None).await?;
+            println!("{}", if client.json { done.to_string() } else { format!("paused {id}") });
+            Ok(0)
+        }
+        Schedules::Resume { id } => {
+            let done = client.call(reqwest::Method::POST, &format!("/v1/schedules/{}/resume", enc(&id)), None).await?;
+            println!("{}", if client.json { done.to_string() } else { format!("resumed {id}") });
+            Ok(0)
+        }
+    }
+}
+
+/// `taskmesh secrets …`. A value is sent, never printed.
+pub async fn secrets(conn: &Connection, cmd: Secrets) -> anyhow::Result<i32> {
+    let client = Client::new(conn)?;
+    match cmd {
+        Secrets::Set { name, value, from_file } => {
+            let value = match (value, from_file) {
+                (Some(value), _) => value,
+                (None, Some(path)) => {
+                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+                }
+                (None, None) => {
+                    let mut stdin = std::io::stdin();
+                    if stdin.is_terminal() {
+                        eprintln!("value of {name} (then Ctrl-D):");
+                    }
+                    let mut value = String::new();
+                    stdin.read_to_string(&mut value).context("reading the value from standard input")?;
+                    // `echo value | taskmesh secrets set NAME` means `value`.
+                    let trimmed = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v).to_string());
+                    if let Some(v) = trimmed {
+                        value = v;
+                    }
+                    if value.is_empty() {
+                        bail!("no value: pass --value or --from-file, or write it to standard input");
+                    }
+                    value
+                }
+            };
+            client
+                .call(reqwest::Method::PUT, &format!("/v1/secrets/{}", enc(&name)), Some(json!({"value": value})))
+                .await?;
+            if client.json {
+                println!("{}", json!({"name": name}));
+            } else {
+                println!("secret {name} set");
+            }
+            Ok(0)
+        }
+        Secrets::Ls => {
+            let list = client.call(reqwest::Method::GET, "/v1/secrets", None).await?;
+            if client.json {
+                println!("{list}");
+            } else {
+                println!("{:<32} UPDATED", "NAME");
+                for s in list["items"].as_array().into_iter().flatten() {
+                    println!("{:<32} {}", s["name"].as_str().unwrap_or(""), s["updated_at"].as_str().unwrap_or(""));
+                }
+            }
+            Ok(0)
+        }
+        Secrets::Rm { name } => {
+            client.call(reqwest::Method::DELETE, &format!("/v1/secrets/{}", enc(&name)), None).await?;
+            if client.json {
+                println!("{}", json!({"name": name}));
+            } else {
+                println!("secret {name} removed");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `taskmesh profile show`: the URL the client commands use and where it comes from, and the
+/// same for the key, of which only the first characters are shown.
+pub fn profile(conn: &Connection, cmd: Profiles) -> anyhow::Result<i32> {
+    match cmd {
+        Profiles::Show => {
+            let target = Target::resolve(conn, true)?;
+            let key = target.key.as_deref().map(key_hint);
+            if conn.output == "json" {
+                let shown = json!({
+                    "url": target.url,
+                    "url_from": target.url_from,
+                    "key": key,
+                    "key_from": target.key_from,
+                    "profile": target.profile.as_ref().map(|(name, _)| name.clone()),
+                    "profile_from": target.profile.as_ref().map(|(_, why)| why.clone()),
+                    "file": target.file.as_ref().map(|(path, _)| path.display().to_string()),
+                    "file_exists": target.file.as_ref().is_some_and(|(_, exists)| *exists),
+                });
+                println!("{shown}");
+            } else {
+                println!("url      {}  (from {})", target.url, target.url_from);
+                match &key {
+                    Some(k) => println!("key      {k}  (from {})", target.key_from),
+                    None => println!("key      none"),
+                }
+                match &target.profile {
+                    Some((name, why)) => println!("profile  {name}  (from {why})"),
+                    None => println!("profile  none"),
+                }
+                match &target.file {
+                    Some((path, true)) => println!("file     {}", path.display()),
+                    Some((path, false)) => println!("file     none ({} does not exist)", path.display()),
+                    None => println!("file     none"),
+                }
+            }
+            Ok(0)
+        }
     }
 }

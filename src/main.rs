@@ -27,6 +27,9 @@ enum Command {
         /// An input, `key=value` (repeatable).
         #[arg(long = "input", short = 'i')]
         inputs: Vec<String>,
+        /// A label to find the run by, `key=value` (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
         #[arg(long)]
         wait: bool,
         #[arg(long, short = 'f')]
@@ -47,6 +50,34 @@ enum Command {
         step: String,
         #[arg(long, short = 'f')]
         follow: bool,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
+    /// Store, list and show workflow definitions.
+    Workflows {
+        #[command(subcommand)]
+        action: taskmesh::cli::Workflows,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
+    /// List, create, pause and resume schedules.
+    Schedules {
+        #[command(subcommand)]
+        action: taskmesh::cli::Schedules,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
+    /// Set, list and remove secrets (admin keys).
+    Secrets {
+        #[command(subcommand)]
+        action: taskmesh::cli::Secrets,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
+    /// Which server and key the client commands use, from flags, environment or profile file.
+    Profile {
+        #[command(subcommand)]
+        action: taskmesh::cli::Profiles,
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
@@ -81,11 +112,15 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Client commands talk to a server over its API; they need none of its configuration.
     let client = match cli.command {
-        Command::Run { file, inputs, wait, follow, conn } => {
-            taskmesh::cli::run(&conn, file, inputs, wait, follow).await
+        Command::Run { file, inputs, labels, wait, follow, conn } => {
+            taskmesh::cli::run(&conn, file, inputs, labels, wait, follow).await
         }
         Command::Runs { action, conn } => taskmesh::cli::runs(&conn, action).await,
         Command::Logs { run, step, follow, conn } => taskmesh::cli::logs(&conn, run, step, follow).await,
+        Command::Workflows { action, conn } => taskmesh::cli::workflows(&conn, action).await,
+        Command::Schedules { action, conn } => taskmesh::cli::schedules(&conn, action).await,
+        Command::Secrets { action, conn } => taskmesh::cli::secrets(&conn, action).await,
+        Command::Profile { action, conn } => taskmesh::cli::profile(&conn, action),
         command => return server(command, cli.config).await,
     };
     match client {
@@ -151,7 +186,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("tenant 'default' ready; admin key in {}", settings.data_dir().join("api-key").display());
             Ok(())
         }
-        Command::Run { .. } | Command::Runs { .. } | Command::Logs { .. } => {
+        Command::Run { .. }
+        | Command::Runs { .. }
+        | Command::Logs { .. }
+        | Command::Workflows { .. }
+        | Command::Schedules { .. }
+        | Command::Secrets { .. }
+        | Command::Profile { .. } => {
             anyhow::bail!("client commands run without the server's configuration")
         }
         Command::Projector { action: ProjectorAction::Rebuild } => {

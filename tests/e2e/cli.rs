@@ -1,23 +1,96 @@
 //! The `taskmesh` client: `run --wait --follow` shows progress and logs, and its exit code
-//! reflects the run.
+//! reflects the run; workflows, schedules, secrets, labels and profiles from the command line.
 
+use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use taskmesh_testkit::eventually;
 
 use crate::helpers::*;
 
-async fn taskmesh(tm: &TestMesh, args: &[&str]) -> (i32, String, String) {
+/// The `taskmesh` binary, with none of this process's TASKMESH_* variables.
+fn command() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
     for (k, _) in std::env::vars() {
         if k.starts_with("TASKMESH_") {
             cmd.env_remove(k);
         }
     }
-    let out = cmd.args(args).args(["--url", &tm.api, "--key", &tm.key]).stdin(Stdio::null()).output().await.unwrap();
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn outcome(out: std::process::Output) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+async fn taskmesh(tm: &TestMesh, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = command();
+    cmd.args(args).args(["--url", &tm.api, "--key", &tm.key]);
+    outcome(cmd.output().await.unwrap())
+}
+
+/// `taskmesh ARGS` with `input` on its standard input.
+async fn taskmesh_stdin(tm: &TestMesh, args: &[&str], input: &str) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = command();
+    cmd.args(args)
+        .args(["--url", &tm.api, "--key", &tm.key])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    outcome(child.wait_with_output().await.unwrap())
+}
+
+/// `taskmesh ARGS` without --url or --key, in `dir` (no .taskmesh/api-key there), with
+/// TASKMESH_PROFILE_FILE=`profiles` and `env`.
+async fn taskmesh_profile(profiles: &Path, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = command();
+    cmd.args(args).current_dir(dir).env_remove("XDG_CONFIG_HOME").env("TASKMESH_PROFILE_FILE", profiles);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    outcome(cmd.output().await.unwrap())
+}
+
+/// Polls `taskmesh ARGS --output json` until `found` accepts the answer (reads trail writes);
+/// returns it. A failing command fails at once.
+async fn poll_json<F: Fn(&Value) -> bool>(tm: &TestMesh, what: &str, args: &[&str], found: F) -> Value {
+    let found = &found;
+    eventually(what, Duration::from_secs(20), move || async move {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let (code, out, err) = taskmesh(tm, &all).await;
+        anyhow::ensure!(code == 0, "taskmesh {}: exit {code}: {out} {err}", all.join(" "));
+        let answer: Value = serde_json::from_str(out.trim())?;
+        Ok(found(&answer).then_some(answer))
+    })
+    .await
+    .unwrap()
+}
+
+/// The `field` of every item of a list answer.
+fn items(answer: &Value, field: &str) -> Vec<String> {
+    answer["items"].as_array().unwrap().iter().map(|i| i[field].as_str().unwrap().to_string()).collect()
+}
+
+/// The item of a list answer whose `id` is `id`.
+fn item(answer: &Value, id: &str) -> Option<Value> {
+    answer["items"].as_array()?.iter().find(|i| i["id"] == id).cloned()
+}
+
+fn parse(out: &str) -> Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -52,5 +125,221 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     assert_eq!(code, 2, "an API error is a clear message: {err}");
     assert!(err.contains("404"), "{err}");
     let _ = std::fs::remove_file(path);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line() {
+    let tm = spawn_mesh().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Workflows: two pushes are two versions; the list has the latest; get reads either.
+    let flow_path = dir.path().join("flow.yml");
+    std::fs::write(
+        &flow_path,
+        "name: cli-flow\ninputs:\n  who: {type: string, default: world}\nsteps:\n  - id: greet\n    run: echo hello ${{ inputs.who }}\n",
+    )
+    .unwrap();
+    let flow = flow_path.to_str().unwrap();
+    let (code, out, err) = taskmesh(&tm, &["workflows", "push", flow]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.trim(), "stored cli-flow version 1");
+    let (code, out, err) = taskmesh(&tm, &["workflows", "push", flow, "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let stored = parse(&out);
+    assert_eq!((stored["name"].as_str(), stored["version"].as_u64()), (Some("cli-flow"), Some(2)), "{stored}");
+    let list = poll_json(&tm, "the workflow's version 2 listed", &["workflows", "ls"], |v| {
+        v["items"].as_array().is_some_and(|i| i.iter().any(|w| w["name"] == "cli-flow" && w["version"] == 2))
+    })
+    .await;
+    assert_eq!(items(&list, "name"), ["cli-flow"], "one entry per workflow: {list}");
+    let (code, out, err) = taskmesh(&tm, &["workflows", "get", "cli-flow", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let got = parse(&out);
+    assert_eq!(got["version"], 2, "{got}");
+    assert_eq!(got["definition"]["name"], "cli-flow", "{got}");
+    assert_eq!(got["definition"]["steps"][0]["id"], "greet", "{got}");
+    let (code, out, err) = taskmesh(&tm, &["workflows", "get", "cli-flow", "--version", "1"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.starts_with("# cli-flow version 1"), "{out}");
+    let yaml: Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert_eq!(yaml["name"], "cli-flow", "the definition is printed as YAML: {out}");
+    assert_eq!(yaml["steps"][0]["id"], "greet", "{out}");
+    let (code, _, err) = taskmesh(&tm, &["workflows", "get", "no-such-flow"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("404"), "{err}");
+
+    // Labels: set on submission, found by a URL-encoded filter; other filters too.
+    let (code, out, err) = taskmesh(&tm, &["run", flow, "--label", "team=a"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let labelled = out.trim().to_string();
+    let (code, out, err) = taskmesh(&tm, &["run", flow, "--label", "team=b", "--label", "note=x&y z"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let other = out.trim().to_string();
+    // Both are listed before filtering, so that a filter letting too much through would show.
+    poll_json(&tm, "both runs listed", &["runs", "ls"], |v| {
+        let ids = items(v, "id");
+        ids.contains(&labelled) && ids.contains(&other)
+    })
+    .await;
+    let (code, out, err) = taskmesh(&tm, &["runs", "ls", "--label", "team=a", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let page = parse(&out);
+    assert_eq!(items(&page, "id"), std::slice::from_ref(&labelled), "{page}");
+    assert_eq!(page["items"][0]["labels"]["team"], "a", "{page}");
+    let (code, out, err) = taskmesh(&tm, &["runs", "ls", "--label", "note=x&y z", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(items(&parse(&out), "id"), std::slice::from_ref(&other), "'&' and ' ' are part of the value");
+    let (code, out, err) =
+        taskmesh(&tm, &["runs", "ls", "--workflow", "cli-flow", "--trigger", "api", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(items(&parse(&out), "id").len(), 2, "{out}");
+    let (code, out, err) = taskmesh(&tm, &["runs", "ls", "--trigger", "schedule", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(items(&parse(&out), "id").is_empty(), "no run was started by a schedule: {out}");
+    let (code, out, err) = taskmesh(&tm, &["runs", "ls", "--workflow", "another", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(items(&parse(&out), "id").is_empty(), "{out}");
+    let (code, _, err) = taskmesh(&tm, &["runs", "ls", "--label", "team"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("key=value"), "{err}");
+
+    // Schedules: create (yearly, so it does not fire here), list, pause, resume.
+    let (code, out, err) = taskmesh(
+        &tm,
+        &[
+            "schedules",
+            "create",
+            "--cron",
+            "0 0 1 1 *",
+            "--workflow",
+            "cli-flow",
+            "--timezone",
+            "Europe/Paris",
+            "--input",
+            "who=cron",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out} {err}");
+    let schedule = out.trim().to_string();
+    assert!(schedule.parse::<uuid::Uuid>().is_ok(), "the schedule's id: {out}");
+    let list = poll_json(&tm, "the schedule listed", &["schedules", "ls"], |v| item(v, &schedule).is_some()).await;
+    let created = item(&list, &schedule).unwrap();
+    assert_eq!(created["spec"]["cron"], "0 0 1 1 *", "{created}");
+    assert_eq!(created["spec"]["timezone"], "Europe/Paris", "{created}");
+    assert_eq!(created["spec"]["workflow"], "cli-flow", "{created}");
+    assert_eq!(created["spec"]["inputs"]["who"], "cron", "{created}");
+    assert_eq!(created["paused"], false, "{created}");
+    let (code, out, err) = taskmesh(&tm, &["schedules", "pause", &schedule]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.trim(), format!("paused {schedule}"));
+    poll_json(&tm, "the schedule paused", &["schedules", "ls"], |v| {
+        item(v, &schedule).is_some_and(|s| s["paused"] == true)
+    })
+    .await;
+    let (code, out, err) = taskmesh(&tm, &["schedules", "ls"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(
+        out.lines().any(|l| l.starts_with(schedule.as_str()) && l.contains("cli-flow") && l.contains("paused")),
+        "{out}"
+    );
+    let (code, out, err) = taskmesh(&tm, &["schedules", "resume", &schedule]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    poll_json(&tm, "the schedule resumed", &["schedules", "ls"], |v| {
+        item(v, &schedule).is_some_and(|s| s["paused"] == false)
+    })
+    .await;
+    let (code, _, err) =
+        taskmesh(&tm, &["schedules", "create", "--cron", "not a cron", "--workflow", "cli-flow"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("422") && err.contains("cron"), "{err}");
+
+    // Secrets: names are listed, values never printed; stdin works and loses its newline.
+    let value = format!("v4lue-{}", uuid::Uuid::now_v7().simple());
+    let (code, out, err) = taskmesh(&tm, &["secrets", "set", "CLI_TOKEN", "--value", &value]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.trim(), "secret CLI_TOKEN set");
+    assert!(!out.contains(&value) && !err.contains(&value));
+    let listed = poll_json(&tm, "the secret listed", &["secrets", "ls"], |v| {
+        items(v, "name").contains(&"CLI_TOKEN".to_string())
+    })
+    .await;
+    assert!(!listed.to_string().contains(&value), "{listed}");
+    let (code, out, err) = taskmesh(&tm, &["secrets", "ls"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("CLI_TOKEN") && !out.contains(&value), "{out}");
+    let (code, out, err) = taskmesh_stdin(&tm, &["secrets", "set", "FROM_STDIN"], "piped value\n").await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(!out.contains("piped value") && !err.contains("piped value"), "{out} {err}");
+    tm.wait_projected().await;
+    let check = dir.path().join("check.yml");
+    std::fs::write(
+        &check,
+        "name: check\nsteps:\n  - id: a\n    secrets: [FROM_STDIN]\n    run: '[ \"$FROM_STDIN\" = \"piped value\" ]'\n",
+    )
+    .unwrap();
+    let (code, out, err) = taskmesh(&tm, &["run", check.to_str().unwrap(), "--wait"]).await;
+    assert_eq!(code, 0, "the step got the piped value without its newline: {out} {err}");
+    let (code, out, err) = taskmesh(&tm, &["secrets", "rm", "CLI_TOKEN"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.trim(), "secret CLI_TOKEN removed");
+    poll_json(&tm, "the secret removed", &["secrets", "ls"], |v| {
+        let names = items(v, "name");
+        !names.contains(&"CLI_TOKEN".to_string()) && names.contains(&"FROM_STDIN".to_string())
+    })
+    .await;
+
+    // A profile file gives the server and key; --profile and TASKMESH_PROFILE pick another;
+    // flags beat it; the key is never shown.
+    let home = tempfile::tempdir().unwrap();
+    let profiles = home.path().join("config.toml");
+    std::fs::write(
+        &profiles,
+        format!(
+            "# profiles for the test\ndefault = \"good\"\n\n[profiles.good]\nurl = \"{api}\"\nkey = \"{key}\"  # an admin key\n\n[profiles.\"broken\"]\nurl = '{api}'\nkey = \"tm_not_a_key\"\n",
+            api = tm.api,
+            key = tm.key
+        ),
+    )
+    .unwrap();
+    let at = home.path();
+    let (code, out, err) = taskmesh_profile(&profiles, at, &[], &["runs", "ls", "--output", "json"]).await;
+    assert_eq!(code, 0, "the default profile gives the server and key: {out} {err}");
+    assert!(items(&parse(&out), "id").contains(&labelled), "{out}");
+    let (code, _, err) = taskmesh_profile(&profiles, at, &[], &["runs", "ls", "--profile", "broken"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("401"), "--profile picks the profile with a bad key: {err}");
+    let (code, _, err) = taskmesh_profile(&profiles, at, &[("TASKMESH_PROFILE", "broken")], &["runs", "ls"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("401"), "TASKMESH_PROFILE picks it too: {err}");
+    let (code, out, err) =
+        taskmesh_profile(&profiles, at, &[("TASKMESH_PROFILE", "broken")], &["runs", "ls", "--key", &tm.key]).await;
+    assert_eq!(code, 0, "--key beats the profile's key: {out} {err}");
+    let (code, _, err) = taskmesh_profile(&profiles, at, &[], &["runs", "ls", "--profile", "nope"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("'nope'") && err.contains(profiles.to_str().unwrap()), "{err}");
+
+    let (code, out, err) = taskmesh_profile(&profiles, at, &[], &["profile", "show", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(!out.contains(&tm.key), "the key is never shown: {out}");
+    let shown = parse(&out);
+    assert_eq!(shown["url"], tm.api.as_str(), "{shown}");
+    assert_eq!(shown["url_from"], "profile 'good'", "{shown}");
+    assert_eq!(shown["key"], format!("{}…", &tm.key[..10]), "{shown}");
+    assert_eq!(shown["profile"], "good", "{shown}");
+    let (code, out, err) =
+        taskmesh_profile(&profiles, at, &[], &["profile", "show", "--url", "http://elsewhere.invalid:1"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("http://elsewhere.invalid:1  (from --url)"), "{out}");
+    assert!(!out.contains(&tm.key), "{out}");
+
+    // A malformed profile file is an error naming the file and the line.
+    let bad = home.path().join("bad.toml");
+    std::fs::write(&bad, "default = good\n").unwrap();
+    let (code, _, err) = taskmesh_profile(&bad, at, &[], &["runs", "ls"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(bad.to_str().unwrap()) && err.contains("line 1"), "{err}");
+
     tm.finish().await;
 }

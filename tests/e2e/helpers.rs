@@ -168,8 +168,19 @@ impl TestMesh {
         text
     }
 
-    /// How many messages the event stream holds.
+    /// How many events the stream holds, not counting access records: the audit log (a refused
+    /// call is audited, and changes nothing else) and API keys (whose use is recorded).
     pub async fn event_count(&self) -> u64 {
+        let ns = self.bus.namespace();
+        let mut access = 0;
+        for filter in [ns.audit("*"), format!("{}.evt.*.apikey.*", ns.as_str())] {
+            access += self.bus.subject_counts(&ns.events_stream(), &filter).await.unwrap().values().sum::<u64>();
+        }
+        self.all_event_count().await - access
+    }
+
+    /// How many messages the event stream holds.
+    pub async fn all_event_count(&self) -> u64 {
         let mut stream = self.bus.jetstream().get_stream(self.bus.namespace().events_stream()).await.unwrap();
         stream.info().await.unwrap().state.messages
     }

@@ -1,5 +1,6 @@
 //! `POST /v1/events`: generic event triggers. A CloudEvents 1.0 event, in structured mode
-//! (`Content-Type: application/cloudevents+json`, the whole event as JSON) or binary mode
+//! (`Content-Type: application/cloudevents+json`, or `application/json` without `ce-*` headers:
+//! the whole event as JSON) or binary mode
 //! (`ce-*` headers, the body as `data`), starts a run of every stored workflow whose
 //! `on.events` has a trigger with the event's `type` and whose filter, if any, holds.
 //! Posting the same event again (same `source` and `id`) starts nothing new.
@@ -95,7 +96,11 @@ const MAX_ATTRIBUTE: usize = 1024;
 fn parse(headers: &HeaderMap, bytes: &Bytes) -> Result<CloudEvent, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let event = if essence == "application/cloudevents+json" {
+    // Structured mode; a structured event sent as plain `application/json` (no `ce-*` headers)
+    // is taken as one too, as many senders do.
+    let structured = essence == "application/cloudevents+json"
+        || (essence == "application/json" && headers.get("ce-specversion").is_none());
+    let event = if structured {
         serde_json::from_slice::<CloudEvent>(bytes)
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("not a structured CloudEvent: {e}")))?
     } else if let Some(spec) = headers.get("ce-specversion") {
@@ -141,7 +146,7 @@ fn parse(headers: &HeaderMap, bytes: &Bytes) -> Result<CloudEvent, ApiError> {
     } else {
         return Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
-            "send a structured CloudEvent (application/cloudevents+json) or a binary one (ce-* headers)",
+            "send a structured CloudEvent (application/cloudevents+json or application/json) or a binary one (ce-* headers)",
         ));
     };
     if event.specversion != "1.0" {

@@ -34,7 +34,7 @@ pub fn routes() -> axum::Router<AppState> {
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event (an SSE `id` seen before)"),
     ),
     responses(
-        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream: each event's data is an event envelope (see proto/envelope.schema.json)", content_type = "text/event-stream", body = serde_json::Value),
         (status = 404, description = "No such run in the caller's tenant", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]

@@ -4,10 +4,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::routing::get;
 use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sqlx::Row;
 use taskmesh_events::command::{CreateRepoConnection, CreateWebhookEndpoint};
 use taskmesh_events::{ErrorCode, Forge};
 use utoipa::ToSchema;
@@ -27,8 +28,103 @@ fn keyring(state: &AppState) -> Result<&taskmesh_secrets::Keyring, ApiError> {
 
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
-        .route("/v1/repo-connections", post(create_repo_connection))
-        .route("/v1/webhook-endpoints", post(create_webhook_endpoint))
+        .route("/v1/repo-connections", get(list_repo_connections).post(create_repo_connection))
+        .route("/v1/webhook-endpoints", get(list_webhook_endpoints).post(create_webhook_endpoint))
+}
+
+/// A repository connection, without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RepoConnectionView {
+    pub id: uuid::Uuid,
+    pub forge: String,
+    pub repository: String,
+    pub branches: Vec<String>,
+    /// The workflow's name.
+    pub workflow: String,
+    /// The path the forge posts to on the git-integration service.
+    pub webhook_path: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The tenant's repository connections.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RepoConnectionList {
+    pub items: Vec<RepoConnectionView>,
+}
+
+/// List the tenant's repository connections (their secrets are never shown).
+#[utoipa::path(get, operation_id = "list_repo_connections", path = "/v1/repo-connections", tag = "integrations",
+    responses((status = 200, body = RepoConnectionList)),
+    security(("bearer" = [])))]
+pub async fn list_repo_connections(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<RepoConnectionList>> {
+    let rows = sqlx::query(
+        "SELECT id, forge, repository, branches, workflow->>'name' AS workflow, created_at FROM repo_connections
+         WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+    )
+    .bind(&caller.tenant)
+    .fetch_all(&state.pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let id: uuid::Uuid = r.get("id");
+            RepoConnectionView {
+                id,
+                forge: r.get("forge"),
+                repository: r.get("repository"),
+                branches: r.get("branches"),
+                workflow: r.get::<Option<String>, _>("workflow").unwrap_or_default(),
+                webhook_path: format!("/hooks/github/{id}"),
+                created_at: r.get("created_at"),
+            }
+        })
+        .collect();
+    Ok(Json(RepoConnectionList { items }))
+}
+
+/// An outbound webhook endpoint, without its signing secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointView {
+    pub id: uuid::Uuid,
+    pub url: String,
+    /// The events sent to it; empty means every one.
+    pub event_types: Vec<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The tenant's webhook endpoints.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointList {
+    pub items: Vec<WebhookEndpointView>,
+}
+
+/// List the tenant's outbound webhook endpoints (their secrets are never shown again).
+#[utoipa::path(get, operation_id = "list_webhook_endpoints", path = "/v1/webhook-endpoints", tag = "integrations",
+    responses((status = 200, body = WebhookEndpointList)),
+    security(("bearer" = [])))]
+pub async fn list_webhook_endpoints(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<WebhookEndpointList>> {
+    let rows = sqlx::query(
+        "SELECT id, url, event_types, created_at FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+    )
+    .bind(&caller.tenant)
+    .fetch_all(&state.pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| WebhookEndpointView {
+            id: r.get("id"),
+            url: r.get("url"),
+            event_types: r.get("event_types"),
+            created_at: r.get("created_at"),
+        })
+        .collect();
+    Ok(Json(WebhookEndpointList { items }))
 }
 
 /// Connect a repository: pushes to matching branches start `workflow`.
