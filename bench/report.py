@@ -19,7 +19,7 @@ lines = [
     "## Machine and method", "",
     f"- {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
     f"{version(['nats-server', '--version'])}; {version(['psql', '--version'])}.",
-    "- `taskmesh up` (release build, every service in one process, 16 executor slots) against the",
+    "- `taskmesh up` (release build, every service in one process, 16 executor slots, API rate limits off) against the",
     "  machine's NATS JetStream (file storage) and Postgres. Every step is a `noop` built-in, so the",
     "  figures are Taskmesh's own overhead: each step is appended, dispatched, leased, reported and",
     "  projected, durably.",

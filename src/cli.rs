@@ -238,7 +238,16 @@ impl Target {
             }
         }
         let profile_url = chosen.as_ref().and_then(|(n, _, p)| p.url.clone().map(|u| (u, format!("profile '{n}'"))));
-        let profile_key = chosen.as_ref().and_then(|(n, _, p)| p.key.clone().map(|k| (k, format!("profile '{n}'"))));
+        // A profile's key goes only to the profile's server: never to a URL given otherwise.
+        let same_server = match (&url, &profile_url) {
+            (None, _) => true,
+            (Some((given, _)), Some((theirs, _))) => given.trim_end_matches('/') == theirs.trim_end_matches('/'),
+            (Some(_), None) => false,
+        };
+        let profile_key = chosen
+            .as_ref()
+            .filter(|_| same_server)
+            .and_then(|(n, _, p)| p.key.clone().map(|k| (k, format!("profile '{n}'"))));
         let (url, url_from) =
             url.or(profile_url).unwrap_or_else(|| (DEFAULT_URL.to_string(), "the default".to_string()));
         let (key, key_from) = match key.or(profile_key) {

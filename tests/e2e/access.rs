@@ -109,6 +109,9 @@ async fn a_burst_from_50_clients_is_held_to_the_buckets_and_another_tenant_is_un
     let beta_key = new_tenant(&tm, "beta").await;
     let res = call(&tm, &beta_key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
     let beta_viewer = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    // A key of beta's kept fresh for later.
+    let res = call(&tm, &beta_key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
+    let fresh = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
     // Another key of `default`, so the burst comes from two keys of one tenant.
     let res = call(&tm, &tm.key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
     let second = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
@@ -134,9 +137,6 @@ async fn a_burst_from_50_clients_is_held_to_the_buckets_and_another_tenant_is_un
 
     // Another tenant's requests are unaffected by `default`'s flood: a fresh beta key gets
     // every one of a small burst while `default` is still throttled.
-    let res = call(&tm, &beta_key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
-    let fresh = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
     let (a2, b2) = tokio::join!(burst(&tm, &keys_a, 50, 2), burst(&tm, std::slice::from_ref(&fresh), 5, 1));
     assert!(a2.limited > 0, "default is still held back");
     assert_eq!((b2.ok, b2.limited), (5, 0), "beta is not");
@@ -363,4 +363,128 @@ async fn keys_are_never_stored_or_logged_in_clear_text() {
         }
     }
     tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_carry_entity_tags_and_an_unchanged_one_is_a_304() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let url = format!("{}/v1/workflows", tm.api);
+    let first = tm.auth(tm.http.get(&url)).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let tag = first.headers()["etag"].to_str().unwrap().to_string();
+    assert!(tag.starts_with("W/\""), "{tag}");
+    let again = tm.auth(tm.http.get(&url)).header("if-none-match", &tag).send().await.unwrap();
+    assert_eq!(again.status(), 304);
+    assert_eq!(again.headers()["etag"], tag.as_str());
+    assert!(again.bytes().await.unwrap().is_empty());
+
+    let res = tm
+        .auth(tm.http.put(format!("{url}/tagged")))
+        .json(&json!({"name": "tagged", "steps": [{"id": "a", "uses": "noop"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    tm.wait_projected().await;
+    let changed = tm.auth(tm.http.get(&url)).header("if-none-match", &tag).send().await.unwrap();
+    assert_eq!(changed.status(), 200, "the list changed");
+    assert_ne!(changed.headers()["etag"], tag.as_str());
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
+    // No executor: submitted runs stay queued, so they count as not yet ended.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway], |s| {
+        s.limits.tenants.insert(
+            "default".into(),
+            TenantLimits {
+                max_active_runs: Some(2),
+                max_workflows: Some(2),
+                max_steps_per_run: Some(3),
+                max_payload_bytes: Some(2_000),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let submit = |n: usize| submit_steps(&tm, n);
+    let quota = |body: &Value, needle: &str| {
+        assert_eq!(body["type"], "https://taskmesh.dev/problems/quota-exceeded", "{body}");
+        assert!(body["detail"].as_str().unwrap().contains(needle), "{body}");
+    };
+    // Steps per run.
+    let res = submit(4).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "3 steps per run");
+    // Runs not yet ended: two fit, the third does not.
+    assert_eq!(submit(3).await.status(), 202);
+    assert_eq!(submit(1).await.status(), 202);
+    tm.wait_projected().await;
+    let res = submit(1).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "runs not yet ended");
+    // Stored workflows: two names fit; a new version of one of them is not a new name.
+    let store = |name: &'static str, on: Value| store_workflow(&tm, name, on);
+    let on = json!({"events": [{"type": "com.example.q"}]});
+    assert_eq!(store("one", on.clone()).await.status(), 201);
+    assert_eq!(store("two", on.clone()).await.status(), 201);
+    let res = store("three", on.clone()).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "quota is 2");
+    assert_eq!(store("one", on).await.status(), 201, "a new version of a stored name");
+    tm.wait_projected().await;
+    // An event that would start runs past the quota starts none and says why.
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/events", tm.api)))
+        .header("content-type", "application/cloudevents+json")
+        .body(json!({"specversion": "1.0", "id": "q1", "source": "/q", "type": "com.example.q"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let accepted: Value = res.json().await.unwrap();
+    assert_eq!(accepted["runs"], json!([]), "{accepted}");
+    assert!(accepted["errors"][0]["message"].as_str().unwrap().contains("runs not yet ended"), "{accepted}");
+    // Payload bytes: a declared length over the quota, and a chunked body that runs past it.
+    let big = "x".repeat(3_000);
+    let res = call(&tm, &tm.key, Method::PUT, "/v1/secrets/BIG", Some(json!({"value": big}))).await;
+    assert_eq!(res.status(), 413);
+    let body: Value = res.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("2000 bytes"), "{body}");
+    let status = chunked_put(&tm, "/v1/secrets/BIG", &json!({"value": big}).to_string()).await;
+    assert_eq!(status, 413, "a chunked body is cut off at the quota");
+    let status = chunked_put(&tm, "/v1/secrets/SMALL", &json!({"value": "small"}).to_string()).await;
+    assert_eq!(status, 204, "a small chunked body is fine");
+    tm.finish().await;
+}
+
+async fn submit_steps(tm: &TestMesh, n: usize) -> reqwest::Response {
+    let steps: Vec<Value> = (0..n).map(|i| json!({"id": format!("s{i}"), "uses": "noop"})).collect();
+    call(tm, &tm.key, Method::POST, "/v1/runs", Some(json!({"workflow": {"name": "q", "steps": steps}}))).await
+}
+
+async fn store_workflow(tm: &TestMesh, name: &str, on: Value) -> reqwest::Response {
+    let wf = json!({"name": name, "on": on, "steps": [{"id": "a", "uses": "noop"}]});
+    call(tm, &tm.key, Method::PUT, &format!("/v1/workflows/{name}"), Some(wf)).await
+}
+
+/// Sends `body` with `Transfer-Encoding: chunked` (no length) and returns the status.
+async fn chunked_put(tm: &TestMesh, path: &str, body: &str) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let addr = tm.api.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        tm.key
+    );
+    for chunk in body.as_bytes().chunks(500) {
+        req.push_str(&format!("{:x}\r\n{}\r\n", chunk.len(), std::str::from_utf8(chunk).unwrap()));
+    }
+    req.push_str("0\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }

@@ -333,6 +333,7 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
     assert_eq!(code, 0, "{out} {err}");
     assert!(out.contains("http://elsewhere.invalid:1  (from --url)"), "{out}");
     assert!(!out.contains(&tm.key), "{out}");
+    assert!(!out.contains(&tm.key[..10]), "a profile's key is not sent to another server: {out}");
 
     // A malformed profile file is an error naming the file and the line.
     let bad = home.path().join("bad.toml");

@@ -169,11 +169,11 @@ impl TestMesh {
     }
 
     /// How many events the stream holds, not counting access records: the audit log (a refused
-    /// call is audited, and changes nothing else) and API keys (whose use is recorded).
+    /// call is audited, and changes nothing else) and keys' uses.
     pub async fn event_count(&self) -> u64 {
         let ns = self.bus.namespace();
         let mut access = 0;
-        for filter in [ns.audit("*"), format!("{}.evt.*.apikey.*", ns.as_str())] {
+        for filter in [ns.audit("*"), format!("{}.evt.*.keyuse.*", ns.as_str())] {
             access += self.bus.subject_counts(&ns.events_stream(), &filter).await.unwrap().values().sum::<u64>();
         }
         self.all_event_count().await - access

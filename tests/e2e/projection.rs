@@ -11,7 +11,7 @@ use crate::helpers::*;
 /// Every read-model row, in a stable order, as JSON text.
 async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
     let mut out = Vec::new();
-    for (table, order) in [
+    let tables = [
         ("tenants", "id"),
         ("api_keys", "id"),
         ("runs", "tenant_id, id"),
@@ -22,7 +22,21 @@ async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
         ("workflows", "tenant_id, name, version"),
         ("schedules", "tenant_id, id"),
         ("secrets", "tenant_id, name"),
-    ] {
+        ("audit_log", "tenant_id, seq"),
+    ];
+    // Every read model is compared: a new table must be added above.
+    let mut all: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'
+         AND tablename NOT IN ('projection_checkpoints', '_sqlx_migrations')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    all.sort();
+    let mut listed: Vec<String> = tables.iter().map(|(t, _)| t.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, all, "dump() compares every read-model table");
+    for (table, order) in tables {
         let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT row_to_json(t)::text FROM (SELECT * FROM {table} ORDER BY {order}) t"
         )))

@@ -182,7 +182,13 @@ impl Scope {
             out.push_str(&template[at..start]);
             let value =
                 compile(source, EVERY_VARIABLE)?.execute(&ctx).map_err(|e| format!("evaluating '{source}': {e}"))?;
-            out.push_str(&text(&value));
+            let value = text(&value);
+            // A value must not smuggle in a template of its own (say `${{ secrets.TOKEN }}` in
+            // an input, for the executor to fill in): refuse it.
+            if value.contains("${{") {
+                return Err(format!("the value of '{source}' contains '${{{{', which would be read as a template"));
+            }
+            out.push_str(&value);
             at = end;
         }
         out.push_str(&template[at..]);
@@ -236,6 +242,14 @@ mod tests {
             cancelled: false,
             event: json!({"type": "order.created", "data": {"amount": 120, "id": "o-1"}}),
         }
+    }
+
+    #[test]
+    fn a_value_cannot_smuggle_in_a_template() {
+        let mut s = scope();
+        s.inputs = json!({"url": "https://x.example/${{ secrets.TOKEN }}"});
+        let err = s.render("${{ inputs.url }}").unwrap_err();
+        assert!(err.contains("would be read as a template"), "{err}");
     }
 
     #[test]

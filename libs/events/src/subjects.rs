@@ -134,6 +134,11 @@ impl Namespace {
     pub fn api_key(&self, tenant: &str, key_id: Uuid) -> String {
         format!("{}.evt.{tenant}.apikey.{key_id}", self.0)
     }
+    /// Where a key's uses are recorded: apart from the key's own subject, so a use never
+    /// races a revocation's expected-sequence append.
+    pub fn api_key_use(&self, tenant: &str, key_id: Uuid) -> String {
+        format!("{}.evt.{tenant}.keyuse.{key_id}", self.0)
+    }
     pub fn repo_connection(&self, tenant: &str, id: Uuid) -> String {
         format!("{}.evt.{tenant}.repo.{id}", self.0)
     }

@@ -701,6 +701,9 @@ impl WorkflowDef {
                     err(format!("on.events[{i}].if"), e);
                 }
                 for (name, value) in &t.inputs {
+                    if !self.inputs.is_empty() && !self.inputs.contains_key(name) {
+                        err(format!("on.events[{i}].inputs.{name}"), "the workflow declares no such input".into());
+                    }
                     if let Some(Err(e)) = value.as_str().map(crate::expr::check_trigger_template) {
                         err(format!("on.events[{i}].inputs.{name}"), e);
                     }

@@ -233,12 +233,16 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     let max_body = state.access.limits.max_payload_bytes(&caller.tenant);
     let length =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if max_body > 0 && length.is_some_and(|l| l > u64::from(max_body)) {
-        return ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("this tenant's requests carry at most {max_body} bytes"),
-        )
-        .into_response();
+    if max_body > 0 {
+        if length.is_some_and(|l| l > u64::from(max_body)) {
+            return ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("this tenant's requests carry at most {max_body} bytes"),
+            )
+            .into_response();
+        }
+        // A body without a length (chunked) is cut off at the quota as it is read: a 413.
+        req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, max_body as usize)));
     }
     if state.access.should_touch(caller.key_id) {
         let ingest = state.ingest.clone();
@@ -258,11 +262,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         route: req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()),
         status: 0,
         ip: req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|u| u.chars().take(512).collect()),
+        user_agent: user_agent(req.headers()),
         at: chrono::Utc::now(),
     });
     let tenant = caller.tenant.clone();
@@ -273,9 +273,15 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     }
     if let Some(mut record) = record {
         record.status = res.status().as_u16();
-        audit(&state, &tenant, record).await;
+        // On its own task: a client that hangs up now does not cancel the record.
+        let _ = tokio::spawn(async move { audit(&state, &tenant, record).await }).await;
     }
     res
+}
+
+/// The caller's `User-Agent`, as much of it as the audit log keeps.
+pub fn user_agent(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|u| u.chars().take(512).collect())
 }
 
 /// Appends one audit record; a failure is logged, not answered (the call itself is done).

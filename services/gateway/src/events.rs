@@ -199,7 +199,8 @@ pub async fn publish(
     .await?;
     let scope = Scope { event: event_json, ..Default::default() };
     let mut accepted = EventAccepted { runs: Vec::new(), errors: Vec::new() };
-    let mut started = false;
+    // Room left in the quota of runs not yet ended: read once, at the first new run.
+    let mut room: Option<Option<i64>> = None;
     for row in rows {
         let name: String = row.get("name");
         let version: i32 = row.get("version");
@@ -239,12 +240,30 @@ pub async fn publish(
                 accepted.errors.push(TriggerError { workflow: name.clone(), message });
                 continue;
             }
-            if !started {
-                crate::runs::check_active_runs_quota(&state, &caller.tenant).await?;
-                started = true;
-            }
             // One run per workflow and event, however often the event is posted.
             let digest = hex::encode(hmac_sha256::Hash::hash(format!("{}\n{}", event.source, event.id).as_bytes()));
+            let idempotency_key = format!("cloudevent:{name}:{digest}");
+            // A new run counts against the quota of runs not yet ended; a repeat does not.
+            let run_id = taskmesh_ingest::idempotent_run_id(&caller.tenant, &idempotency_key);
+            let seen = sqlx::query("SELECT 1 FROM runs WHERE tenant_id = $1 AND id = $2")
+                .bind(&caller.tenant)
+                .bind(run_id)
+                .fetch_optional(&state.pool)
+                .await?
+                .is_some();
+            if !seen {
+                if room.is_none() {
+                    room = Some(crate::runs::active_runs_room(&state, &caller.tenant).await?);
+                }
+                if let Some(Some(left)) = room.as_mut() {
+                    if *left <= 0 {
+                        let problem = crate::runs::active_runs_exceeded(&state, &caller.tenant);
+                        accepted.errors.push(TriggerError { workflow: name.clone(), message: problem.0.detail });
+                        break;
+                    }
+                    *left -= 1;
+                }
+            }
             let reply = state
                 .ingest
                 .submit_run(&SubmitRun {
@@ -256,7 +275,7 @@ pub async fn publish(
                         id: event.id.clone(),
                         event_type: event.event_type.clone(),
                     },
-                    idempotency_key: Some(format!("cloudevent:{name}:{digest}")),
+                    idempotency_key: Some(idempotency_key),
                     traceparent: taskmesh_telemetry::current_traceparent(),
                     not_before: None,
                     priority: None,

@@ -77,7 +77,7 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
-    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, audit::list, resources::create_repo_connection, resources::list_repo_connections, resources::create_webhook_endpoint, resources::list_webhook_endpoints, executors::list, events::publish, healthz, readyz),
+    paths(runs::submit, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, workflows::versions, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, secrets::set, secrets::list, secrets::delete, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, audit::list, resources::create_repo_connection, resources::list_repo_connections, resources::create_webhook_endpoint, resources::list_webhook_endpoints, executors::list, events::publish, healthz, readyz),
     components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "events", description = "CloudEvents that trigger stored workflows"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
@@ -99,8 +99,8 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Documents on every operation the problems any route may answer, where its own annotation
-/// does not: 400 (a malformed parameter or header), 401, 403 (role or quota), 429 (rate limit,
+/// Documents on every operation the answers any route may give, where its own annotation does
+/// not: 304 on reads (see [`etags`]); 400 (a malformed parameter or header), 401, 403 (role or quota), 429 (rate limit,
 /// with `Retry-After`) and 503 (a dependency unavailable) on authenticated routes, 404 where a
 /// path names a resource, and 413 and 415 where there is a body.
 struct CommonResponses;
@@ -150,6 +150,15 @@ impl utoipa::Modify for CommonResponses {
             }
         };
         for (path, item) in openapi.paths.paths.iter_mut() {
+            if let Some(get) = item.get.as_mut().filter(|_| path.starts_with("/v1/")) {
+                get.responses.responses.entry("304".to_string()).or_insert_with(|| {
+                    RefOr::T(
+                        ResponseBuilder::new()
+                            .description("Not modified: If-None-Match named the current ETag")
+                            .build(),
+                    )
+                });
+            }
             for op in
                 [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
             {
@@ -191,6 +200,71 @@ pub const MIN_SEQ_HEADER: &str = "taskmesh-min-seq";
 /// Longest a read waits for the read side.
 pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The `Last-Event-ID` a reconnecting Server-Sent Events client sends: a stream sequence.
+pub fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's sequence"))
+        })
+        .transpose()
+}
+
+/// Whether an `If-None-Match` value names `tag` (weak comparison, as RFC 9110 asks for it).
+pub fn etag_matches(if_none_match: &str, tag: &str) -> bool {
+    if_none_match.split(',').any(|t| {
+        let t = t.trim();
+        t == "*" || t.trim_start_matches("W/") == tag.trim_start_matches("W/")
+    })
+}
+
+/// Largest JSON answer given an entity tag (bigger ones are streamed through untouched).
+const ETAG_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// Entity tags on reads: a `GET` answered 200 with JSON and no `ETag` of its own gets a weak
+/// one, a hash of the body, and a request whose `If-None-Match` names it is answered
+/// `304 Not Modified` without the body. (`GET /v1/runs/{id}` sets its own: the run's sequence.)
+async fn etags(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::http::{Method, StatusCode, header};
+    if req.method() != Method::GET {
+        return next.run(req).await;
+    }
+    let if_none_match = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let res = next.run(req).await;
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if res.status() != StatusCode::OK || !is_json || res.headers().contains_key(header::ETAG) {
+        return res;
+    }
+    use http_body::Body as _;
+    let size = res.body().size_hint().upper();
+    if size.is_none_or(|n| n > ETAG_MAX_BYTES as u64) {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, ETAG_MAX_BYTES).await else {
+        return ApiError::new(ErrorCode::Internal, "the answer could not be read").into_response();
+    };
+    let digest = hmac_sha256::Hash::hash(&bytes);
+    let tag = format!("W/\"{}\"", hex::encode(&digest[..12]));
+    let value = axum::http::HeaderValue::from_str(&tag).expect("ascii");
+    let matches = if_none_match.is_some_and(|v| etag_matches(&v, &tag));
+    parts.headers.insert(header::ETAG, value);
+    if matches {
+        parts.status = StatusCode::NOT_MODIFIED;
+        parts.headers.remove(header::CONTENT_TYPE);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return axum::response::Response::from_parts(parts, axum::body::Body::empty());
+    }
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
 /// Read-your-writes: holds a request carrying [`MIN_SEQ_HEADER`] until the projection has
 /// caught up with that sequence; answers 503 if it does not within [`READ_WAIT`].
 async fn read_your_writes(
@@ -198,6 +272,10 @@ async fn read_your_writes(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    // Only for callers with a key: waiting costs the server, and the answer names a sequence.
+    if req.extensions().get::<auth::Caller>().is_none() {
+        return next.run(req).await;
+    }
     let wanted = req.headers().get(MIN_SEQ_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
     match wanted {
         None => {}
@@ -275,6 +353,7 @@ pub fn router(state: AppState, body_limit: usize) -> axum::Router {
         // binary (no CDN): they work offline.
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", openapi()))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(etags))
         .layer(axum::middleware::from_fn_with_state(state.clone(), read_your_writes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::middleware))
         .layer(DefaultBodyLimit::max(body_limit));

@@ -3,17 +3,13 @@
 //! reconnects with `Last-Event-ID` resumes exactly after the last event it saw. The stream
 //! ends with an `end` event once the run has ended.
 
-use std::convert::Infallible;
-use std::time::Duration;
-
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::response::sse::Event as SseEvent;
 use axum::routing::get;
-use futures::StreamExt;
 use sqlx::Row;
-use taskmesh_events::{ErrorCode, RunKey};
+use taskmesh_events::RunKey;
 use taskmesh_http::{ApiError, ApiResult};
 use uuid::Uuid;
 
@@ -48,18 +44,31 @@ pub async fn run_events(
     if run_status(&state, &caller.tenant, run_id).await?.is_none() {
         return Err(ApiError::not_found("run"));
     }
-    let after = match headers.get("last-event-id").map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok())) {
-        None => 0,
-        Some(Some(seq)) => seq,
-        Some(None) => return Err(ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's sequence")),
-    };
+    let after = crate::last_event_id(&headers)?.unwrap_or(0);
     let subject = state.bus.namespace().run(&RunKey { tenant: caller.tenant.clone(), run_id });
     let messages = crate::logs::ordered_on(&state, state.bus.namespace().events_stream(), &subject, after).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
-    tokio::spawn(follow(state, caller.tenant, run_id, messages, tx));
-    let events =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    tokio::spawn(async move {
+        let to_event = |msg: &async_nats::jetstream::Message| {
+            let stored = taskmesh_bus::decode(msg).ok()?;
+            let event = SseEvent::default()
+                .id(stored.seq.to_string())
+                .event(stored.envelope.type_name())
+                .json_data(&stored.envelope)
+                .ok()?;
+            Some((event, stored.envelope.event.is_run_terminal()))
+        };
+        let ended = || async {
+            run_status(&state, &caller.tenant, run_id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"))
+        };
+        crate::logs::follow_until_ended(messages, &tx, to_event, ended).await;
+        let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
+    });
+    Ok(crate::logs::sse(rx))
 }
 
 async fn run_status(state: &AppState, tenant: &str, run_id: Uuid) -> Result<Option<String>, ApiError> {
@@ -69,49 +78,4 @@ async fn run_status(state: &AppState, tenant: &str, run_id: Uuid) -> Result<Opti
         .fetch_optional(&state.pool)
         .await?
         .map(|r| r.get("status")))
-}
-
-/// Sends each event as it comes; ends after the run's final event, or, when resuming after
-/// it, once the read side says the run has ended and nothing more comes.
-async fn follow(
-    state: AppState,
-    tenant: String,
-    run_id: Uuid,
-    mut messages: async_nats::jetstream::consumer::pull::Ordered,
-    tx: tokio::sync::mpsc::Sender<SseEvent>,
-) {
-    loop {
-        match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
-            Ok(Some(Ok(msg))) => {
-                let Ok(stored) = taskmesh_bus::decode(&msg) else { continue };
-                let last = stored.envelope.event.is_run_terminal();
-                let event = SseEvent::default()
-                    .id(stored.seq.to_string())
-                    .event(stored.envelope.type_name())
-                    .json_data(&stored.envelope)
-                    .unwrap_or_default();
-                if tx.send(event).await.is_err() {
-                    return; // the client went away
-                }
-                if last {
-                    break;
-                }
-            }
-            Ok(_) => return,
-            Err(_) => {
-                let ended = run_status(&state, &tenant, run_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"));
-                if ended {
-                    break;
-                }
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        }
-    }
-    let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
 }

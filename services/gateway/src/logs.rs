@@ -98,8 +98,7 @@ pub async fn logs(
     if exists.is_none() {
         return Err(ApiError::not_found("step"));
     }
-    let last_event = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    let after = params.after.or(last_event).unwrap_or(0);
+    let after = params.after.or(crate::last_event_id(&headers)?).unwrap_or(0);
     let limit = params.limit.unwrap_or(500);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(ErrorCode::BadRequest, "limit must be 1 to 1000"));
@@ -124,8 +123,14 @@ pub(crate) async fn ordered_on(
         ApiError::new(ErrorCode::Unavailable, "the stream is unavailable; retry")
     };
     let stream = state.bus.jetstream().get_stream_no_info(stream).await.map_err(|e| unavailable(e.to_string()))?;
-    let deliver_policy =
-        if after == 0 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: after + 1 } };
+    let deliver_policy = match after {
+        0 => DeliverPolicy::All,
+        _ => DeliverPolicy::ByStartSequence {
+            start_sequence: after
+                .checked_add(1)
+                .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "no sequence comes after that one"))?,
+        },
+    };
     let consumer = stream
         .create_consumer(OrderedConfig { filter_subject: subject.to_string(), deliver_policy, ..Default::default() })
         .await
@@ -168,53 +173,64 @@ async fn page(state: &AppState, subject: &str, after: u64, limit: usize) -> Resu
 fn follow(state: AppState, tenant: String, run_id: Uuid, step: String, subject: String, after: u64) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
-        let mut messages = match ordered(&state, &subject, after).await {
-            Ok(m) => m,
-            Err(_) => return,
+        let Ok(messages) = ordered(&state, &subject, after).await else { return };
+        let to_event = |msg: &async_nats::jetstream::Message| {
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let e = entry(seq, &msg.payload)?;
+            Some((SseEvent::default().id(seq.to_string()).event("line").json_data(&e).ok()?, false))
         };
-        loop {
-            match tokio::time::timeout(Duration::from_millis(250), messages.next()).await {
-                Ok(Some(Ok(msg))) => {
-                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    let Some(e) = entry(seq, &msg.payload) else { continue };
-                    let event = SseEvent::default().id(seq.to_string()).event("line").json_data(&e);
-                    if tx.send(event.unwrap_or_default()).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                Ok(_) => return,
-                Err(_) => {
-                    // Quiet for a moment: has the step ended? Executors publish every line
-                    // before reporting, so once it has, what is left is already in the stream.
-                    let ended =
-                        sqlx::query("SELECT status FROM steps WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3")
-                            .bind(&tenant)
-                            .bind(run_id)
-                            .bind(&step)
-                            .fetch_optional(&state.pool)
-                            .await
-                            .ok()
-                            .flatten()
-                            .map(|r| r.get::<String, _>("status"))
-                            .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"));
-                    if ended {
-                        while let Ok(Some(Ok(msg))) =
-                            tokio::time::timeout(Duration::from_millis(200), messages.next()).await
-                        {
-                            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            if let Some(Ok(event)) = entry(seq, &msg.payload)
-                                .map(|e| SseEvent::default().id(seq.to_string()).event("line").json_data(&e))
-                            {
-                                let _ = tx.send(event).await;
-                            }
-                        }
-                        let _ = tx.send(SseEvent::default().event("end").data("the step has ended")).await;
-                        return;
-                    }
+        // Executors publish every line before reporting, so once the step has ended, what is
+        // left is already in the stream.
+        let ended = || async {
+            sqlx::query("SELECT status FROM steps WHERE tenant_id = $1 AND run_id = $2 AND step_id = $3")
+                .bind(&tenant)
+                .bind(run_id)
+                .bind(&step)
+                .fetch_optional(&state.pool)
+                .await
+                .ok()
+                .flatten()
+                .map(|r| r.get::<String, _>("status"))
+                .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"))
+        };
+        follow_until_ended(messages, &tx, to_event, ended).await;
+        let _ = tx.send(SseEvent::default().event("end").data("the step has ended")).await;
+    });
+    sse(rx)
+}
+
+/// Sends each message of `messages` as the event `to_event` makes of it (the flag says it was
+/// the last there will be) until the client goes away, the last one is sent, or `ended` says
+/// the source has ended and a short wait brings nothing more.
+pub(crate) async fn follow_until_ended<F, E, Fut>(
+    mut messages: async_nats::jetstream::consumer::pull::Ordered,
+    tx: &tokio::sync::mpsc::Sender<SseEvent>,
+    to_event: F,
+    ended: E,
+) where
+    F: Fn(&async_nats::jetstream::Message) -> Option<(SseEvent, bool)>,
+    E: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut draining = false;
+    loop {
+        let wait = Duration::from_millis(if draining { 300 } else { 500 });
+        match tokio::time::timeout(wait, messages.next()).await {
+            Ok(Some(Ok(msg))) => {
+                let Some((event, last)) = to_event(&msg) else { continue };
+                if tx.send(event).await.is_err() || last {
+                    return; // the client went away, or that was all
                 }
             }
+            Ok(_) => return,
+            Err(_) if draining || tx.is_closed() => return,
+            Err(_) => draining = ended().await,
         }
-    });
+    }
+}
+
+/// A Server-Sent Events answer of what arrives on `rx`.
+pub(crate) fn sse(rx: tokio::sync::mpsc::Receiver<SseEvent>) -> Response {
     let events =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()

@@ -144,12 +144,13 @@ pub async fn submit(
     ))
 }
 
-/// The tenant's quota of runs not yet ended, counted in the read model (so it can be passed by
-/// the few runs submitted in the moment before they are projected).
-pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str) -> ApiResult<()> {
+/// How many more runs the tenant's quota of runs not yet ended allows (none: no quota),
+/// counted in the read model (so the few runs submitted in the moment before they are
+/// projected can pass it).
+pub(crate) async fn active_runs_room(state: &AppState, tenant: &str) -> ApiResult<Option<i64>> {
     let max = state.access.limits().max_active_runs(tenant);
     if max == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let active: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') LIMIT $2) a",
@@ -158,13 +159,21 @@ pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str) -> A
     .bind(i64::from(max))
     .fetch_one(&state.pool)
     .await?;
-    if active >= i64::from(max) {
-        return Err(ApiError::new(
-            ErrorCode::QuotaExceeded,
-            format!("this tenant has {active} runs not yet ended; its quota is {max}"),
-        ));
+    Ok(Some(i64::from(max) - active))
+}
+
+/// The quota problem for a tenant at its limit of runs not yet ended.
+pub(crate) fn active_runs_exceeded(state: &AppState, tenant: &str) -> ApiError {
+    let max = state.access.limits().max_active_runs(tenant);
+    ApiError::new(ErrorCode::QuotaExceeded, format!("this tenant has {max} runs not yet ended, its quota"))
+}
+
+/// Refuses a new run when the tenant is at its quota of runs not yet ended.
+pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str) -> ApiResult<()> {
+    match active_runs_room(state, tenant).await? {
+        Some(room) if room <= 0 => Err(active_runs_exceeded(state, tenant)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Response {
@@ -338,11 +347,7 @@ pub async fn get_run(
     // The view changes exactly when the run gets a new event: its sequence is the entity tag.
     let seq: i64 = row.get("last_seq");
     let etag = format!("\"{seq}\"");
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| crate::etag_matches(v, &etag)) {
         let mut res = StatusCode::NOT_MODIFIED.into_response();
         res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
         return Ok(res);

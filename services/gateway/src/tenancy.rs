@@ -94,10 +94,7 @@ pub async fn create_tenant(
         route: Some("/v1/tenants".into()),
         status: 201,
         ip: None,
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|u| u.chars().take(512).collect()),
+        user_agent: crate::access::user_agent(&headers),
         at: Utc::now(),
     };
     crate::access::audit(&state, &req.id, record).await;

@@ -20,7 +20,10 @@ use crate::AppState;
 use crate::auth::Caller;
 
 pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new().route("/v1/workflows", get(list)).route("/v1/workflows/{name}", put(store).get(get_one))
+    axum::Router::new()
+        .route("/v1/workflows", get(list))
+        .route("/v1/workflows/{name}", put(store).get(get_one))
+        .route("/v1/workflows/{name}/versions", get(versions))
 }
 
 /// A stored workflow version.
@@ -149,5 +152,29 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
     .bind(&caller.tenant)
     .fetch_all(&state.pool)
     .await?;
+    Ok(Json(WorkflowList { items: rows.iter().map(to_version).collect() }))
+}
+
+/// Every stored version of one workflow, newest first.
+#[utoipa::path(get, operation_id = "list_workflow_versions", path = "/v1/workflows/{name}/versions", tag = "workflows",
+    params(("name" = String, Path)),
+    responses((status = 200, body = WorkflowList)),
+    security(("bearer" = [])))]
+pub async fn versions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<WorkflowList>> {
+    let rows = sqlx::query(
+        "SELECT name, version, definition, created_at FROM workflows
+         WHERE tenant_id = $1 AND name = $2 ORDER BY version DESC LIMIT 1000",
+    )
+    .bind(&caller.tenant)
+    .bind(&name)
+    .fetch_all(&state.pool)
+    .await?;
+    if rows.is_empty() {
+        return Err(ApiError::not_found("workflow"));
+    }
     Ok(Json(WorkflowList { items: rows.iter().map(to_version).collect() }))
 }

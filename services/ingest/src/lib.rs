@@ -473,7 +473,7 @@ impl Ingest {
     pub async fn touch_api_key(&self, cmd: TouchApiKey) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         let envelope = EventMeta::new(&cmd.tenant).envelope(
-            self.bus.namespace().api_key(&cmd.tenant, cmd.key_id),
+            self.bus.namespace().api_key_use(&cmd.tenant, cmd.key_id),
             Event::ApiKeyUsed(ApiKeyUsed { key_id: cmd.key_id, at: cmd.at }),
         );
         let msg_id = format!("used:{}:{}", cmd.key_id, cmd.at.timestamp() / 60);
