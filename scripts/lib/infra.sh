@@ -135,6 +135,18 @@ tm_need_pkg() {
     || tm_die "package '$pkg' installed but '$bin' is still not found"
 }
 
+# tm_need_python_venv: python3 and its venv module (Debian ships it apart, as
+# python3.X-venv), installed with apt-get when missing.
+tm_need_python_venv() {
+  tm_need_pkg python3 python3
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    local version
+    version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    tm_log "python3 has no venv module: installing python${version}-venv"
+    tm_apt_install "python${version}-venv"
+  fi
+}
+
 # --- network -----------------------------------------------------------------
 
 # tm_port_open HOST PORT: true if a TCP connection to HOST:PORT succeeds

@@ -25,13 +25,7 @@ TM_PYTHON_REQUIREMENTS=(
 
 tm_python_tools() {
   local venv=${1:-$_TM_PT_REPO/.taskmesh/venv}
-  tm_need_pkg python3 python3
-  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-    local version
-    version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    tm_log "python3 has no venv module: installing python3-venv"
-    tm_apt_install "python${version}-venv"
-  fi
+  tm_need_python_venv
   local stamp="$venv/.taskmesh-requirements"
   local wanted="${TM_PYTHON_REQUIREMENTS[*]}"
   if [[ -x $venv/bin/st && -x $venv/bin/openapi-python-client && -f $stamp && $(cat "$stamp") == "$wanted" ]]; then

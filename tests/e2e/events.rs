@@ -221,6 +221,18 @@ async fn a_runs_events_stream_live_and_resume_after_the_last_event_id() {
     let after_end = sse(&res.text().await.unwrap());
     assert_eq!(after_end.iter().map(|(_, e, _)| e.as_str()).collect::<Vec<_>>(), ["end"]);
 
+    // What one noop step costs in the log (docs/benchmarks.md counts on it).
+    let one = tm.submit("name: one\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(one, Duration::from_secs(30)).await;
+    let res = tm.auth(tm.http.get(format!("{}/v1/runs/{one}/events", tm.api))).send().await.unwrap();
+    let one_events = sse(&res.text().await.unwrap());
+    let types: Vec<&str> = one_events.iter().map(|(_, e, _)| e.as_str()).filter(|e| *e != "end").collect();
+    assert_eq!(
+        types,
+        ["RunSubmitted", "StepDispatched", "RunStarted", "StepStarted", "StepSucceeded", "RunSucceeded"],
+        "a one-step run's events"
+    );
+
     let res = tm.auth(tm.http.get(&url)).header("last-event-id", "soon").send().await.unwrap();
     assert_eq!(res.status(), 400);
     let res = tm.auth(tm.http.get(format!("{}/v1/runs/{}/events", tm.api, uuid::Uuid::now_v7()))).send().await.unwrap();

@@ -4,8 +4,12 @@
 //! Workloads: `throughput` (N one-step `noop` runs submitted concurrently, until all have
 //! succeeded in the read side), `dag` (N runs of a 1 → 10 → 1 DAG), `roundtrip` (runs submitted
 //! one after another, each awaited), `chain` (one run of a sequential chain: time per hop) and
-//! `api` (`GET /v1/runs/{id}` under concurrent load). Medians over repetitions are the
-//! caller's business (`scripts/bench` runs each several times).
+//! `api` (`GET /v1/runs/{id}` under concurrent load), `openloop` (runs arriving at a fixed
+//! rate, whatever the mesh does: time from submit to step start and to run end) and `limits`
+//! (what JetStream and Postgres themselves sustain here, without Taskmesh). `throughput` and
+//! `dag` also sample projection lag: how long after a submission is accepted it is readable
+//! (`Taskmesh-Min-Seq`). Medians over repetitions are the caller's business (`scripts/bench`
+//! runs each several times).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +35,15 @@ struct Args {
     /// Requests in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Arrivals per second (openloop).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// NATS server (limits).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Postgres database (limits): a scratch table is created and dropped in it.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    postgres: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -40,6 +53,8 @@ enum Workload {
     Roundtrip,
     Chain,
     Api,
+    Openloop,
+    Limits,
 }
 
 struct Api {
@@ -89,6 +104,25 @@ impl Api {
                 None => return Ok(total),
             }
         }
+    }
+
+    /// A run's view.
+    async fn run(&self, id: &str) -> anyhow::Result<Value> {
+        let res = self.http.get(format!("{}/v1/runs/{id}", self.url)).bearer_auth(&self.key).send().await?;
+        Ok(res.error_for_status()?.json().await?)
+    }
+
+    /// Reads a run once the read side has applied sequence `seq` (the gateway holds the read).
+    async fn read_after(&self, id: &str, seq: u64) -> anyhow::Result<()> {
+        let res = self
+            .http
+            .get(format!("{}/v1/runs/{id}", self.url))
+            .bearer_auth(&self.key)
+            .header("taskmesh-min-seq", seq.to_string())
+            .send()
+            .await?;
+        res.error_for_status()?;
+        Ok(())
     }
 
     /// Polls until the run has ended; returns its status.
@@ -145,35 +179,187 @@ fn chain(n: usize) -> Value {
 
 /// Submits `n` runs of `workflow` (renamed uniquely) with `concurrency` in flight, then waits
 /// until all have ended, counting them through the list endpoint every 50 ms (polling each run
-/// would load the machine more than Taskmesh does); returns (seconds to submit, seconds until
-/// all ended, failures).
-async fn flood(api: Arc<Api>, mut workflow: Value, n: usize, concurrency: usize) -> anyhow::Result<(f64, f64, usize)> {
+/// would load the machine more than Taskmesh does). About 200 of the submissions are followed
+/// by a read that waits for the read side to hold them (`Taskmesh-Min-Seq`): its latency is the
+/// projection lag under this load (to the gateway's 5 ms polling of the checkpoint). Returns
+/// (seconds to submit, seconds until all ended, failures, lag in ms).
+async fn flood(
+    api: Arc<Api>,
+    mut workflow: Value,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<(f64, f64, usize, Vec<f64>)> {
     let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
     workflow["name"] = json!(name);
+    let every = (n / 200).max(1);
     let start = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|_| {
+    let lags: Vec<Option<f64>> = futures::stream::iter(0..n)
+        .map(|i| {
             let (api, wf) = (api.clone(), workflow.clone());
-            async move { api.submit(&wf).await.map(|_| ()) }
+            async move {
+                let (id, seq) = api.submit(&wf).await?;
+                if i % every != 0 {
+                    return Ok(None);
+                }
+                let t = Instant::now();
+                api.read_after(&id, seq).await?;
+                Ok(Some(t.elapsed().as_secs_f64() * 1000.0))
+            }
         })
         .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<anyhow::Result<Vec<()>>>()?;
+        .collect::<anyhow::Result<_>>()?;
     let submitted = start.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let ok = api.count(&name, "succeeded").await?;
         let failed = api.count(&name, "failed").await?;
         if ok + failed >= n {
-            return Ok((submitted, start.elapsed().as_secs_f64(), failed));
+            return Ok((submitted, start.elapsed().as_secs_f64(), failed, lags.into_iter().flatten().collect()));
         }
         if Instant::now() > deadline {
             bail!("only {} of {n} runs ended in 10 minutes", ok + failed);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Milliseconds from `from` to the RFC 3339 time `to` (both this machine's clock).
+fn ms_between(from: chrono::DateTime<chrono::Utc>, to: &Value) -> Option<f64> {
+    let to = chrono::DateTime::parse_from_rfc3339(to.as_str()?).ok()?;
+    Some((to.to_utc() - from).num_microseconds()? as f64 / 1000.0)
+}
+
+/// Open-loop arrivals: `n` one-step runs submitted at `rate` per second on a fixed schedule,
+/// whether or not earlier ones are done (a closed loop would hide queueing). Then, from each
+/// run's record: submit → its step started, and submit → the run finished (the events' own
+/// times, from this machine's clock).
+async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
+    let name = format!("bench-open-{}", uuid::Uuid::now_v7().simple());
+    let mut workflow = noop();
+    workflow["name"] = json!(name);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        let (api, wf) = (api.clone(), workflow.clone());
+        tasks.push(tokio::spawn(async move {
+            let sent = chrono::Utc::now();
+            api.submit(&wf).await.map(|(id, _)| (id, sent))
+        }));
+    }
+    let offered = start.elapsed().as_secs_f64();
+    let mut submitted = Vec::with_capacity(n);
+    for t in tasks {
+        submitted.push(t.await??);
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while api.count(&name, "succeeded").await? + api.count(&name, "failed").await? < n {
+        if Instant::now() > deadline {
+            bail!("open-loop runs did not all end in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let views: Vec<(chrono::DateTime<chrono::Utc>, Value)> = futures::stream::iter(submitted)
+        .map(|(id, sent)| {
+            let api = api.clone();
+            async move { api.run(&id).await.map(|v| (sent, v)) }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let started: Vec<f64> =
+        views.iter().filter_map(|(sent, v)| ms_between(*sent, &v["steps"][0]["started_at"])).collect();
+    let finished: Vec<f64> = views.iter().filter_map(|(sent, v)| ms_between(*sent, &v["finished_at"])).collect();
+    Ok(json!({
+        "workload": "openloop", "rate": rate, "runs": n, "offered_seconds": offered,
+        "start_latency": latency_summary(started), "finish_latency": latency_summary(finished),
+    }))
+}
+
+/// What the parts sustain here without Taskmesh: JetStream publishes acknowledged one at a
+/// time (what one event append costs) and pipelined (256 in flight), a pull consumer's rate
+/// with an ack per message, and Postgres single-row commits and 1,000-row batched inserts.
+async fn limits(nats: &str, postgres: &str, n: usize) -> anyhow::Result<Value> {
+    use async_nats::jetstream::{self, consumer, stream};
+    let client = async_nats::connect(nats).await?;
+    let js = jetstream::new(client);
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let subject = format!("benchlimits.{id}");
+    let mut s = js
+        .create_stream(stream::Config {
+            name: format!("BENCHLIMITS_{id}"),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 512]);
+    let one_by_one = 2_000.min(n);
+    let t = Instant::now();
+    for _ in 0..one_by_one {
+        js.publish(subject.clone(), payload.clone()).await?.await?;
+    }
+    let sequential = one_by_one as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        inflight.push(js.publish(subject.clone(), payload.clone()).await?.into_future());
+        if inflight.len() >= 256 {
+            inflight.next().await.context("an ack")??;
+        }
+    }
+    while let Some(ack) = inflight.next().await {
+        ack?;
+    }
+    let pipelined = n as f64 / t.elapsed().as_secs_f64();
+    let total = s.info().await?.state.messages as usize;
+    let consumer = s
+        .create_consumer(consumer::pull::Config { ack_policy: consumer::AckPolicy::Explicit, ..Default::default() })
+        .await?;
+    let t = Instant::now();
+    let mut messages = consumer.stream().max_messages_per_batch(500).messages().await?;
+    for _ in 0..total {
+        let msg = messages.next().await.context("a message")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let consumed = total as f64 / t.elapsed().as_secs_f64();
+    js.delete_stream(format!("BENCHLIMITS_{id}")).await?;
+
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(postgres).await?;
+    let table = format!("bench_limits_{id}");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id bigint, payload text)"))).execute(&pool).await?;
+    let insert = format!("INSERT INTO {table} (id, payload) VALUES ($1, $2)");
+    let rows = 2_000.min(n);
+    let text = "x".repeat(512);
+    let t = Instant::now();
+    for i in 0..rows {
+        sqlx::query(sqlx::AssertSqlSafe(insert.clone())).bind(i as i64).bind(&text).execute(&pool).await?;
+    }
+    let commits = rows as f64 / t.elapsed().as_secs_f64();
+    let batch = format!("INSERT INTO {table} (id, payload) SELECT * FROM UNNEST($1::bigint[], $2::text[])");
+    let t = Instant::now();
+    let batches = (n / 1_000).max(1);
+    for b in 0..batches {
+        let ids: Vec<i64> = (0..1_000).map(|i| (b * 1_000 + i) as i64).collect();
+        let texts = vec![text.clone(); 1_000];
+        sqlx::query(sqlx::AssertSqlSafe(batch.clone())).bind(&ids).bind(&texts).execute(&pool).await?;
+    }
+    let batched = (batches * 1_000) as f64 / t.elapsed().as_secs_f64();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}"))).execute(&pool).await?;
+    Ok(json!({
+        "workload": "limits", "payload_bytes": 512,
+        "jetstream_publish_acked_one_by_one_per_second": sequential,
+        "jetstream_publish_pipelined_per_second": pipelined,
+        "jetstream_consume_acked_per_second": consumed,
+        "postgres_single_row_commits_per_second": commits,
+        "postgres_batched_rows_per_second": batched,
+    }))
 }
 
 #[tokio::main]
@@ -189,13 +375,14 @@ async fn main() -> anyhow::Result<()> {
     let report = match args.workload {
         Workload::Throughput | Workload::Dag => {
             let (workflow, steps) = if matches!(args.workload, Workload::Dag) { (dag(), 12) } else { (noop(), 1) };
-            let (submitted, done, failed) = flood(api, workflow, args.n, args.concurrency).await?;
+            let (submitted, done, failed, lag) = flood(api, workflow, args.n, args.concurrency).await?;
             json!({
                 "workload": if steps == 1 { "throughput" } else { "dag" },
                 "runs": args.n, "failed": failed,
                 "submit_seconds": submitted, "total_seconds": done,
                 "runs_per_second": args.n as f64 / done,
                 "steps_per_second": (args.n * steps) as f64 / done,
+                "projection_lag": latency_summary(lag),
             })
         }
         Workload::Roundtrip => {
@@ -235,6 +422,8 @@ async fn main() -> anyhow::Result<()> {
             let rps = args.n as f64 / start.elapsed().as_secs_f64();
             json!({"workload": "api", "requests": args.n, "concurrency": args.concurrency, "requests_per_second": rps, "latency": latency_summary(ms)})
         }
+        Workload::Openloop => openloop(api, args.rate, args.n).await?,
+        Workload::Limits => limits(&args.nats, &args.postgres, args.n).await?,
     };
     println!("{report}");
     Ok(())
