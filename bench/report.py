@@ -43,6 +43,18 @@ def fmt(x, digits=1):
 
 
 t, d, rt, ch, api, lim = (by.get(k, []) for k in ["throughput", "dag", "roundtrip", "chain", "api", "limits"])
+cpu = by.get("cpu_split", [])
+
+
+def cpu_share(part):
+    """Median share of the machine's CPU a part used during the throughput workload (%)."""
+    return med([100 * r["cpu_seconds"].get(part, 0) / (r["seconds"] * r["cores"]) for r in cpu])
+
+
+def cpu_per_run(part):
+    """Median CPU milliseconds a part spent per run of the throughput workload."""
+    runs = med(get(t, "runs"))
+    return med([1000 * r["cpu_seconds"].get(part, 0) / runs for r in cpu])
 ct, cd, crt = (by.get(k, []) for k in ["celery-throughput", "celery-dag", "celery-roundtrip"])
 open_rates = sorted({r["rate"] for r in rows if r["workload"] == "openloop"})
 
@@ -65,6 +77,16 @@ pg_batch = med(get(lim, "postgres_batched_rows_per_second"))
 # RunSubmitted, StepDispatched, RunStarted, StepStarted, StepSucceeded, RunSucceeded (pinned by
 # tests/e2e/events.rs) and the submission's AuditRecorded.
 EVENTS_PER_RUN = 7
+
+
+def sustained(rate):
+    """Runs started per second at an open-loop rate: all of them had started by the end of the
+    arrivals plus the slowest start."""
+    rows = by.get(f"openloop@{rate:g}", [])
+    return med([r["runs"] / (r["offered_seconds"] + r["start_latency"]["max_ms"] / 1000) for r in rows])
+
+
+write_rate = med([sustained(r) for r in open_rates if r >= 500])
 
 
 def ratio(a, b):
@@ -154,17 +176,30 @@ lines = [
     ]],
     "",
     "## What stands in the way", "",
-    "Not profiled yet; what the figures above already say:", "",
-    "- The parts allow far more than Taskmesh does, so the cost is in how Taskmesh uses them.",
+    "Where the machine's CPU went during the throughput workload (median over repetitions):", "",
+    "| process | share of the machine's CPU | CPU ms per run |", "|---|---|---|",
+    *[f"| {p} | {fmt(cpu_share(p))} % | {fmt(cpu_per_run(p), 2)} |" for p in ["nats-server", "taskmesh", "postgres"]],
+    f"| the rest: the load generator (gone before the second reading, so not counted by name), the kernel's idle time and other processes | {fmt(100 - sum(cpu_share(p) for p in ['nats-server', 'taskmesh', 'postgres']))} % | |",
+    "",
+    "A flat CPU profile of `taskmesh` (`perf`) shows no hot spot: allocation, copying, JSON and the",
+    "NATS client, spread thin. What the figures say:", "",
+    "- The parts allow far more than Taskmesh does, so the cost is in how Taskmesh uses them. The",
+    "  machine is busy, though, and nats-server spends about as much CPU as Taskmesh: Taskmesh asks JetStream for",
+    "  more than appends per run (last-message reads before appends, stream-info requests with",
+    "  subject filters for admission counts, consumer pulls, the READY publish and delete, lease",
+    "  and report requests). Fewer and cheaper JetStream calls per step come first.",
     "- Both sides saturate near the throughput figure. The open-loop table uses the events' own",
     "  times, not the read side: at 100 runs/s a step starts within tens of milliseconds, at 500",
-    "  and 1,000 runs/s the backlog grows for as long as the arrivals last, so the write path",
-    "  (ingest, scheduler, dispatch, executor) carries no more than a few hundred runs/s.",
+    "  and 1,000 runs/s the backlog grows for as long as the arrivals last, and runs start at",
+    f"  {fmt(write_rate, 0)} runs/s on average (runs ÷ (arrival time + the slowest start)), about the throughput",
+    "  figure. So the write path (ingest, scheduler, dispatch, executor) is as much the limit as",
+    "  the read side.",
     f"- And the read side falls behind: during the throughput test a submission became readable",
     f"  {fmt(lag50, 0)} ms (p50) after it was accepted, while an idle mesh completes a whole run in",
     f"  {fmt(rt50)} ms. The projector (one consumer, one or more SQL statements per event inside each",
     "  batch's transaction) applies about 700 events/s at 100 runs/s, one statement at a time;",
-    "  batching its writes (one multi-row statement per table per batch) is the first change to try.",
+    "  batching its writes (one multi-row statement per table per batch) would cut the lag, but not",
+    "  the throughput while the write path holds it at the same rate.",
     "- The scheduler appends each event with an awaited, expected-sequence publish, one after",
     "  another per run; dispatch adds a READY publish and delete and a lease round trip per step;",
     "  every mutating API call also appends an audit record. And on this 2-core machine the load",
