@@ -109,9 +109,8 @@ async fn receiver() -> (String, Received) {
     (url, seen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
-    let tm = spawn_mesh().await;
+/// A local receiver subscribed as a webhook endpoint: what it is sent, and the created endpoint.
+async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
     let (url, seen) = receiver().await;
     let res = tm
         .auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api)))
@@ -120,7 +119,13 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    let endpoint: serde_json::Value = res.json().await.unwrap();
+    (seen, res.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
+    let tm = spawn_mesh().await;
+    let (seen, endpoint) = subscribe(&tm).await;
     let secret = endpoint["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("whsec_"));
     let key = secret.trim_start_matches("whsec_").to_string();
@@ -149,5 +154,40 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     // The signing secret is stored sealed: it is in no event and no row.
     assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(&key));
     assert!(!tm.postgres_text().await.contains(&key));
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_webhook_endpoint_is_sent_nothing_more() {
+    let tm = spawn_mesh().await;
+    let (seen, endpoint) = subscribe(&tm).await;
+    let id = endpoint["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let first = tm.submit("name: before\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    tm.wait_run(first, Duration::from_secs(30)).await;
+    eventually("the first notification", Duration::from_secs(30), || async {
+        Ok((seen.lock().unwrap().len() == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    let res = tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{id}", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    let again = tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{id}", tm.api))).send().await.unwrap();
+    assert_eq!(again.status(), 204, "deleting twice is fine");
+    let never = tm
+        .auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, uuid::Uuid::now_v7())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status(), 404);
+    tm.wait_projected().await;
+    let list = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
+    assert_eq!(list["items"], serde_json::json!([]));
+
+    let second = tm.submit("name: after\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    tm.wait_run(second, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing is sent to a deleted endpoint");
     tm.finish().await;
 }

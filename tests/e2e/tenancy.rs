@@ -83,10 +83,14 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         a.call(Method::POST, "/v1/schedules", Some(json!({"cron": "0 0 1 1 *", "workflow": "wf"}))).await;
     let schedule = schedule["id"].as_str().unwrap().to_string();
     assert_eq!(a.call(Method::PUT, "/v1/secrets/A_SECRET", Some(json!({"value": "x"}))).await.0, 204);
-    let (status, _) = a.call(Method::POST, "/v1/webhook-endpoints", Some(json!({"url": "http://127.0.0.1:9/a"}))).await;
+    let (status, endpoint) =
+        a.call(Method::POST, "/v1/webhook-endpoints", Some(json!({"url": "http://127.0.0.1:9/a"}))).await;
     assert_eq!(status, 201);
+    let endpoint = endpoint["id"].as_str().unwrap().to_string();
     let repo = json!({"forge": "github", "repository": "o/r", "secret": "12345678", "workflow": wf});
-    assert_eq!(a.call(Method::POST, "/v1/repo-connections", Some(repo.clone())).await.0, 201);
+    let (status, connection) = a.call(Method::POST, "/v1/repo-connections", Some(repo.clone())).await;
+    assert_eq!(status, 201);
+    let connection = connection["id"].as_str().unwrap().to_string();
     tm.wait_projected().await;
 
     // Tenant B sees none of it: 404 on each of A's resources, whatever the verb.
@@ -105,6 +109,8 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::POST, format!("/v1/schedules/{schedule}/resume"), None),
         (Method::DELETE, "/v1/secrets/A_SECRET".to_string(), None),
         (Method::DELETE, format!("/v1/keys/{}", viewer["id"].as_str().unwrap()), None),
+        (Method::DELETE, format!("/v1/webhook-endpoints/{endpoint}"), None),
+        (Method::DELETE, format!("/v1/repo-connections/{connection}"), None),
     ];
     for (method, path, body) in not_found {
         let (status, problem) = b.call(method.clone(), &path, body).await;
@@ -222,6 +228,20 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         ),
         case(Method::GET, "/v1/repo-connections", "/v1/repo-connections", None, [200, 200, 200]),
         case(Method::POST, "/v1/repo-connections", "/v1/repo-connections", Some(repo), [403, 403, 201]),
+        case(
+            Method::DELETE,
+            "/v1/webhook-endpoints/{id}",
+            format!("/v1/webhook-endpoints/{endpoint}"),
+            None,
+            [403, 403, 204],
+        ),
+        case(
+            Method::DELETE,
+            "/v1/repo-connections/{id}",
+            format!("/v1/repo-connections/{connection}"),
+            None,
+            [403, 403, 204],
+        ),
         case(Method::GET, "/v1/keys", "/v1/keys", None, [403, 403, 200]),
         case(Method::POST, "/v1/keys", "/v1/keys", Some(json!({"role": "viewer"})), [403, 403, 201]),
         case(

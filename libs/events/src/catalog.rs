@@ -47,6 +47,8 @@ pub enum Event {
     SecretDeleted(SecretDeleted),
     ApiKeyUsed(ApiKeyUsed),
     AuditRecorded(AuditRecorded),
+    WebhookEndpointDeleted(WebhookEndpointDeleted),
+    RepoConnectionDeleted(RepoConnectionDeleted),
 }
 
 impl Event {
@@ -85,6 +87,8 @@ impl Event {
             Event::SecretDeleted(_) => "SecretDeleted",
             Event::ApiKeyUsed(_) => "ApiKeyUsed",
             Event::AuditRecorded(_) => "AuditRecorded",
+            Event::WebhookEndpointDeleted(_) => "WebhookEndpointDeleted",
+            Event::RepoConnectionDeleted(_) => "RepoConnectionDeleted",
         }
     }
 
@@ -154,6 +158,18 @@ pub struct ApiKeyCreated {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ApiKeyRevoked {
     pub key_id: Uuid,
+}
+
+/// An outbound webhook endpoint was deleted: nothing more is delivered to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointDeleted {
+    pub endpoint_id: Uuid,
+}
+
+/// A repository connection was deleted: its webhooks start nothing more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RepoConnectionDeleted {
+    pub connection_id: Uuid,
 }
 
 /// An API key authenticated a request (recorded at most once a minute per key and gateway

@@ -201,6 +201,22 @@ pub struct CreateRepoConnection {
     pub workflow: serde_json::Value,
 }
 
+/// `{ns}.cmd.ingest.delete_integration`: delete a webhook endpoint or a repository connection.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DeleteIntegration {
+    pub tenant: String,
+    pub kind: IntegrationKind,
+    pub id: Uuid,
+}
+
+/// Which kind of integration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegrationKind {
+    WebhookEndpoint,
+    RepoConnection,
+}
+
 /// `{ns}.cmd.ingest.create_webhook_endpoint`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CreateWebhookEndpoint {

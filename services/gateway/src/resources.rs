@@ -1,15 +1,16 @@
 //! `/v1/repo-connections` and `/v1/webhook-endpoints`: the integrations a tenant configures.
 
 use axum::Json;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use taskmesh_events::command::{CreateRepoConnection, CreateWebhookEndpoint};
+use taskmesh_events::command::{CreateRepoConnection, CreateWebhookEndpoint, DeleteIntegration, IntegrationKind};
 use taskmesh_events::{ErrorCode, Forge};
 use utoipa::ToSchema;
 
@@ -29,7 +30,52 @@ fn keyring(state: &AppState) -> Result<&taskmesh_secrets::Keyring, ApiError> {
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/repo-connections", get(list_repo_connections).post(create_repo_connection))
+        .route("/v1/repo-connections/{id}", delete(delete_repo_connection))
         .route("/v1/webhook-endpoints", get(list_webhook_endpoints).post(create_webhook_endpoint))
+        .route("/v1/webhook-endpoints/{id}", delete(delete_webhook_endpoint))
+}
+
+async fn delete_integration(
+    state: &AppState,
+    caller: &Caller,
+    kind: IntegrationKind,
+    id: &str,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let what = match kind {
+        IntegrationKind::WebhookEndpoint => "webhook endpoint",
+        IntegrationKind::RepoConnection => "repository connection",
+    };
+    let id: uuid::Uuid = id.parse().map_err(|_| ApiError::not_found(what))?;
+    state.ingest.delete_integration(&DeleteIntegration { tenant: caller.tenant.clone(), kind, id }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Delete a repository connection (admin): its forge's webhooks start nothing more.
+#[utoipa::path(delete, operation_id = "delete_repo_connection", path = "/v1/repo-connections/{id}", tag = "integrations",
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 204, description = "Deleted (or already gone)")),
+    security(("bearer" = [])))]
+pub async fn delete_repo_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    delete_integration(&state, &caller, IntegrationKind::RepoConnection, &id).await
+}
+
+/// Delete an outbound webhook endpoint (admin): nothing more is delivered to it, retries
+/// included.
+#[utoipa::path(delete, operation_id = "delete_webhook_endpoint", path = "/v1/webhook-endpoints/{id}", tag = "integrations",
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 204, description = "Deleted (or already gone)")),
+    security(("bearer" = [])))]
+pub async fn delete_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    delete_integration(&state, &caller, IntegrationKind::WebhookEndpoint, &id).await
 }
 
 /// A repository connection, without its secret.

@@ -17,9 +17,10 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
-    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated, ReusedStep,
-    RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleToggled, SecretDeleted, SecretSet,
-    TenantCreated, Trigger, WebhookEndpointCreated, WorkflowVersionStored, subjects::is_token,
+    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated,
+    RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleToggled,
+    SecretDeleted, SecretSet, TenantCreated, Trigger, WebhookEndpointCreated, WebhookEndpointDeleted,
+    WorkflowVersionStored, subjects::is_token,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -532,6 +533,36 @@ impl Ingest {
         Ok(Created { id: id.to_string(), seq })
     }
 
+    /// Deletes a webhook endpoint or a repository connection of the tenant (idempotent); another
+    /// tenant's, or one never made, is a 404.
+    pub async fn delete_integration(&self, cmd: DeleteIntegration) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let ns = self.bus.namespace();
+        let (subject, event, what) = match cmd.kind {
+            IntegrationKind::WebhookEndpoint => (
+                ns.webhook_endpoint(&cmd.tenant, cmd.id),
+                Event::WebhookEndpointDeleted(WebhookEndpointDeleted { endpoint_id: cmd.id }),
+                "webhook endpoint",
+            ),
+            IntegrationKind::RepoConnection => (
+                ns.repo_connection(&cmd.tenant, cmd.id),
+                Event::RepoConnectionDeleted(RepoConnectionDeleted { connection_id: cmd.id }),
+                "repository connection",
+            ),
+        };
+        let Some(last) = self.bus.last(&subject).await? else {
+            return Err(Problem::new(ErrorCode::NotFound, format!("no such {what}")));
+        };
+        if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_)) {
+            return Ok(Created { id: cmd.id.to_string(), seq: last.seq });
+        }
+        let envelope = EventMeta::new(&cmd.tenant).envelope(subject, event);
+        match self.bus.append(last.seq, &envelope).await {
+            Ok(seq) | Err(BusError::Conflict { expected: seq, .. }) => Ok(Created { id: cmd.id.to_string(), seq }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Registers an outbound webhook endpoint and generates its signing secret.
     pub async fn create_webhook_endpoint(&self, cmd: CreateWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
@@ -595,6 +626,7 @@ impl Ingest {
             serve!("revoke_api_key", revoke_api_key),
             serve!("touch_api_key", touch_api_key),
             serve!("record_audit", record_audit),
+            serve!("delete_integration", delete_integration),
             serve!("create_repo_connection", create_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
         )?;
@@ -668,6 +700,9 @@ impl IngestClient {
     }
     pub async fn record_audit(&self, cmd: &RecordAudit) -> Reply<Created> {
         self.call("record_audit", cmd).await
+    }
+    pub async fn delete_integration(&self, cmd: &DeleteIntegration) -> Reply<Created> {
+        self.call("delete_integration", cmd).await
     }
     pub async fn create_webhook_endpoint(&self, cmd: &CreateWebhookEndpoint) -> Reply<Created> {
         self.call("create_webhook_endpoint", cmd).await

@@ -403,6 +403,20 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 .execute(&mut **tx)
                 .await?;
         }
+        Event::WebhookEndpointDeleted(e) => {
+            sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.endpoint_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Event::RepoConnectionDeleted(e) => {
+            sqlx::query("DELETE FROM repo_connections WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.connection_id)
+                .execute(&mut **tx)
+                .await?;
+        }
         Event::WebhookEndpointCreated(e) => {
             sqlx::query(
                 "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, event_types, created_at)
