@@ -81,7 +81,7 @@ pub async fn list(
     caller.require_admin()?;
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let limit = crate::page_limit(params.limit)?;
-    let rows = sqlx::query(
+    let mut rows = sqlx::query(
         "SELECT seq, id, key_id, actor, method, path, route, status, ip, user_agent, at FROM audit_log
          WHERE tenant_id = $1 AND ($2::uuid IS NULL OR key_id = $2) AND ($3::bigint IS NULL OR seq < $3)
          ORDER BY seq DESC LIMIT $4",
@@ -92,28 +92,21 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let mut seqs: Vec<i64> = Vec::with_capacity(rows.len());
-    let mut items: Vec<AuditEntry> = rows
-        .into_iter()
-        .map(|r| {
-            seqs.push(r.get("seq"));
-            AuditEntry {
-                id: r.get("id"),
-                key_id: r.get("key_id"),
-                actor: r.get("actor"),
-                method: r.get("method"),
-                path: r.get("path"),
-                route: r.get("route"),
-                status: r.get("status"),
-                ip: r.get("ip"),
-                user_agent: r.get("user_agent"),
-                at: r.get("at"),
-            }
+    let next_cursor = crate::cut_page(&mut rows, limit, |r| r.get::<i64, _>("seq"));
+    let items: Vec<AuditEntry> = rows
+        .iter()
+        .map(|r| AuditEntry {
+            id: r.get("id"),
+            key_id: r.get("key_id"),
+            actor: r.get("actor"),
+            method: r.get("method"),
+            path: r.get("path"),
+            route: r.get("route"),
+            status: r.get("status"),
+            ip: r.get("ip"),
+            user_agent: r.get("user_agent"),
+            at: r.get("at"),
         })
         .collect();
-    let next_cursor = (items.len() as i64 > limit).then(|| {
-        items.truncate(limit as usize);
-        seqs[limit as usize - 1]
-    });
     Ok(Json(AuditPage { items, next_cursor }))
 }

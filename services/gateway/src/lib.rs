@@ -65,6 +65,16 @@ pub struct AppState {
     pub access: std::sync::Arc<access::Access>,
 }
 
+/// Cuts `rows` (fetched with `LIMIT limit + 1`) to one page and returns the cursor of the next
+/// page, taken from the page's last row, when there is one.
+pub fn cut_page<R, C>(rows: &mut Vec<R>, limit: i64, cursor: impl Fn(&R) -> C) -> Option<C> {
+    if rows.len() as i64 <= limit {
+        return None;
+    }
+    rows.truncate(limit as usize);
+    rows.last().map(cursor)
+}
+
 /// A page size from a `limit` parameter: 1 to 200, 50 by default.
 pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     let limit = limit.unwrap_or(50);
@@ -283,24 +293,21 @@ async fn read_your_writes(
             return ApiError::new(ErrorCode::BadRequest, "Taskmesh-Min-Seq must be a sequence number").into_response();
         }
         Some(Some(seq)) => {
-            // A sequence the log has not reached yet is never going to be read: say so now.
-            match taskmesh_store::read_checkpoint(&state.pool, "projector").await {
-                Ok(applied) if applied < seq => match last_written(&state).await {
-                    Some(last) if seq > last => {
-                        return ApiError::new(
-                            ErrorCode::BadRequest,
-                            format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence {last}"),
-                        )
-                        .into_response();
-                    }
-                    _ => {}
-                },
-                _ => {}
-            }
             let deadline = tokio::time::Instant::now() + READ_WAIT;
+            let mut first = true;
             loop {
                 match taskmesh_store::read_checkpoint(&state.pool, "projector").await {
                     Ok(applied) if applied >= seq => break,
+                    // A sequence the log has not reached yet is never going to be read: say so.
+                    Ok(_)
+                        if std::mem::take(&mut first) && last_written(&state).await.is_some_and(|last| seq > last) =>
+                    {
+                        return ApiError::new(
+                            ErrorCode::BadRequest,
+                            format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence"),
+                        )
+                        .into_response();
+                    }
                     Ok(_) if tokio::time::Instant::now() < deadline => {
                         tokio::time::sleep(std::time::Duration::from_millis(5)).await
                     }
@@ -323,10 +330,11 @@ async fn read_your_writes(
     next.run(req).await
 }
 
-/// The event log's last sequence, if the stream answers.
+/// The event log's last sequence, if the stream answers (one request: getting the stream
+/// fetches its info).
 async fn last_written(state: &AppState) -> Option<u64> {
-    let mut stream = state.bus.jetstream().get_stream(state.bus.namespace().events_stream()).await.ok()?;
-    Some(stream.info().await.ok()?.state.last_sequence)
+    let stream = state.bus.jetstream().get_stream(state.bus.namespace().events_stream()).await.ok()?;
+    Some(stream.cached_info().state.last_sequence)
 }
 
 async fn not_found() -> ApiError {

@@ -538,8 +538,8 @@ pub async fn list(
         Some(Some((k, v))) => Some(serde_json::json!({ k: v })),
         Some(None) => return Err(ApiError::new(ErrorCode::BadRequest, "label must be key=value")),
     };
-    let rows = sqlx::query(
-        "SELECT id, workflow_name, status, trigger, labels, created_at, finished_at FROM runs
+    let mut rows = sqlx::query(
+        "SELECT id, workflow_name, status, trigger->>'kind' AS trigger_kind, labels, created_at, finished_at FROM runs
          WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR workflow_name = $3)
            AND ($4::uuid IS NULL OR id < $4) AND ($6::text IS NULL OR trigger->>'kind' = $6)
            AND ($7::timestamptz IS NULL OR created_at >= $7) AND ($8::timestamptz IS NULL OR created_at < $8)
@@ -557,24 +557,18 @@ pub async fn list(
     .bind(label.map(sqlx::types::Json))
     .fetch_all(&state.pool)
     .await?;
-    let mut items: Vec<RunSummary> = rows
-        .into_iter()
+    let next_cursor = crate::cut_page(&mut rows, limit, |r| r.get::<Uuid, _>("id"));
+    let items: Vec<RunSummary> = rows
+        .iter()
         .map(|r| RunSummary {
             id: r.get("id"),
             workflow: r.get("workflow_name"),
             status: r.get("status"),
-            trigger: r.get::<sqlx::types::Json<serde_json::Value>, _>("trigger").0["kind"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            trigger: r.get::<Option<String>, _>("trigger_kind").unwrap_or_default(),
             labels: r.get::<sqlx::types::Json<BTreeMap<String, String>>, _>("labels").0,
             created_at: r.get("created_at"),
             finished_at: r.get("finished_at"),
         })
         .collect();
-    let next_cursor = (items.len() as i64 > limit).then(|| {
-        items.truncate(limit as usize);
-        items.last().map(|r| r.id)
-    });
-    Ok(Json(RunPage { items, next_cursor: next_cursor.flatten() }))
+    Ok(Json(RunPage { items, next_cursor }))
 }
