@@ -14,6 +14,7 @@ mod events;
 mod flows;
 mod integrations;
 mod kinds;
+mod lanes;
 mod logs;
 mod projection;
 mod schedules;

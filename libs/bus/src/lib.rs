@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 use taskmesh_config::NatsSettings;
 use taskmesh_events::{Envelope, Namespace, Problem};
 
-pub use consume::consume;
+pub use consume::{Lanes, consume, consume_in_lanes};
 pub use serve::serve;
 
 /// The header carrying the sequence an event was appended after (its subject's previous event).

@@ -52,6 +52,8 @@ pub const REPORT_AFTER: Duration = Duration::from_millis(500);
 const TICK: Duration = Duration::from_millis(100);
 /// Most entries read from READY before an admission round.
 const READ_BATCH: usize = 4_096;
+/// Most publishes (or deletions) in flight at once while a round's admissions go out.
+const PIPELINE: usize = 256;
 
 pub(crate) struct Dispatcher {
     bus: Bus,
@@ -394,6 +396,7 @@ impl Dispatcher {
         // Tenants take turns, one step each, until nobody can admit more.
         let mut blocked: HashSet<String> = HashSet::new();
         let mut admitted: HashMap<RunKey, Vec<String>> = HashMap::new();
+        let mut outgoing = Vec::new();
         loop {
             let mut admitted_any = false;
             for _ in 0..held.turns.len() {
@@ -442,36 +445,16 @@ impl Dispatcher {
                 };
                 valid.check()?;
                 let step = queue.remove(&k).expect("chosen from the queue");
-                let seq = k.1;
-                let msg_id = format!("{}:{}:{}", step.dispatch.run_id, step.dispatch.step.id, step.dispatch.dispatch);
                 let pool = pool_token(&step.dispatch.step.runs_on);
-                let subject = ns.dispatch(&tenant, &pool);
-                let registered = if held.pools.contains(&pool) {
-                    Ok(())
-                } else {
-                    self.register_pool(&pool, &step.dispatch.step.runs_on).await.map(|_| {
-                        held.pools.insert(pool.clone());
-                    })
-                };
-                let queue = held.steps.get_mut(&tenant).expect("chosen from this tenant's queue");
-                let enqueued = match registered {
-                    Ok(()) => {
-                        self.bus.enqueue(subject, &msg_id, &step.dispatch, step.dispatch.traceparent.as_deref()).await
+                if !held.pools.contains(&pool) {
+                    if let Err(e) = self.register_pool(&pool, &step.dispatch.step.runs_on).await {
+                        // Keep it; the next round tries again.
+                        held.steps.get_mut(&tenant).expect("chosen from this tenant's queue").insert(k, step);
+                        return Err(e);
                     }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = enqueued {
-                    // Keep it; the next round tries again.
-                    queue.insert(k, step);
-                    return Err(e);
+                    held.pools.insert(pool.clone());
                 }
-                self.forget(seq).await;
-                let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
-                sent.push((key, step.dispatch.step.id.clone(), step.dispatch.step.runs_on.clone()));
-                if step.reported {
-                    let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
-                    admitted.entry(key).or_default().push(step.dispatch.step.id.clone());
-                }
+                outgoing.push((tenant.clone(), k, ns.dispatch(&tenant, &pool), step));
                 *in_flight.entry(tenant).or_default() += 1;
                 total += 1;
                 admitted_any = true;
@@ -480,6 +463,38 @@ impl Dispatcher {
                 break;
             }
         }
+        // The round's admissions go out together: every enqueue in flight at once, then every
+        // admitted READY entry deleted at once. An enqueue that fails keeps its step held for
+        // the next round; one that succeeded is not sent again, since its READY entry goes.
+        valid.check()?;
+        let results = futures::stream::iter(outgoing.into_iter().map(|(tenant, k, subject, step)| async move {
+            let d = &step.dispatch;
+            let msg_id = format!("{}:{}:{}", d.run_id, d.step.id, d.dispatch);
+            let result = self.bus.enqueue(subject, &msg_id, d, d.traceparent.as_deref()).await;
+            (tenant, k, step, result)
+        }))
+        .buffered(PIPELINE)
+        .collect::<Vec<_>>()
+        .await;
+        let mut failure = None;
+        let mut done = Vec::new();
+        for (tenant, k, step, result) in results {
+            if let Err(e) = result {
+                held.steps.entry(tenant).or_default().insert(k, step);
+                failure = Some(e);
+                continue;
+            }
+            done.push(k.1);
+            let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
+            if step.reported {
+                admitted.entry(key.clone()).or_default().push(step.dispatch.step.id.clone());
+            }
+            sent.push((key, step.dispatch.step.id.clone(), step.dispatch.step.runs_on.clone()));
+        }
+        futures::stream::iter(done.into_iter().map(|seq| self.forget(seq)))
+            .buffer_unordered(PIPELINE)
+            .collect::<()>()
+            .await;
         for (key, steps) in admitted {
             let _ = reports.try_send(Event2::new(key, Event::StepAdmitted(StepAdmitted { steps })));
         }
@@ -533,6 +548,9 @@ impl Dispatcher {
         }
         held.steps.retain(|_, q| !q.is_empty());
         held.turns.retain(|t| held.steps.contains_key(t));
+        if let Some(e) = failure {
+            return Err(e);
+        }
         // A bucket that has filled up again is the same as a new one.
         held.buckets.retain(|_, b| {
             b.refill(now);

@@ -54,19 +54,32 @@ pub struct Scheduler {
     bus: Bus,
     settings: SchedulerSettings,
     limits: LimitsSettings,
-    core: Arc<Mutex<Core>>,
+    cache: Arc<Cache>,
 }
 
-struct Core {
-    runs: HashMap<RunKey, RunState>,
-    /// Dispatches this process has enqueued, so the reactor does not enqueue them again.
-    enqueued: HashSet<(RunKey, String, u32)>,
+/// The runs this replica has in memory, each behind its own lock: work on one run (its events,
+/// its executors' leases and reports) is serialised, while different runs proceed side by side.
+#[derive(Default)]
+struct Cache {
+    runs: std::sync::Mutex<HashMap<RunKey, Arc<Mutex<Slot>>>>,
 }
+
+/// One run's cached state.
+#[derive(Default)]
+struct Slot {
+    /// `None` until loaded (or when the log has no such run).
+    state: Option<RunState>,
+    /// Dispatches (step, dispatch n) this process has enqueued, so the reactor does not
+    /// enqueue them again.
+    enqueued: HashSet<(String, u32)>,
+}
+
+/// Lanes of the run-event reactor: events of one run in order, different runs side by side.
+const REACTOR_LANES: taskmesh_bus::Lanes = taskmesh_bus::Lanes { count: 32, depth: 16 };
 
 impl Scheduler {
     pub fn new(bus: Bus, settings: SchedulerSettings, limits: LimitsSettings) -> Self {
-        let core = Core { runs: HashMap::new(), enqueued: HashSet::new() };
-        Self { bus, settings, limits, core: Arc::new(Mutex::new(core)) }
+        Self { bus, settings, limits, cache: Arc::new(Cache::default()) }
     }
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
@@ -130,12 +143,13 @@ impl Scheduler {
             ..Default::default()
         };
         let me = &self;
-        taskmesh_bus::consume(
+        taskmesh_bus::consume_in_lanes(
             &self.bus,
             &ns.events_stream(),
             CONSUMER,
             config,
-            64,
+            256,
+            REACTOR_LANES,
             shutdown.cancelled(),
             |msg| async move { me.on_message(&msg).await },
         )
@@ -279,43 +293,63 @@ impl Scheduler {
     pub async fn on_event(&self, stored: Stored) -> Result<(), BusError> {
         let ns = self.bus.namespace();
         let Some(key) = ns.parse_run(&stored.envelope.subject) else { return Ok(()) };
-        let mut core = self.core.lock().await;
-        let Some(state) = core.ensure(&self.bus, &key, Some(&stored)).await? else {
+        let result = self.on_run_event(&key, &stored).await;
+        self.cache.evict(self.settings.cache_runs);
+        result
+    }
+
+    async fn on_run_event(&self, key: &RunKey, stored: &Stored) -> Result<(), BusError> {
+        let slot = self.cache.slot(key);
+        let mut slot = slot.lock().await;
+        let slot = &mut *slot;
+        let Some(state) = slot.ensure(&self.bus, key, Some(stored)).await? else {
             tracing::warn!(subject = %stored.envelope.subject, "events for a run with no RunSubmitted");
             return Ok(());
         };
         let meta = EventMeta::caused_by(&stored.envelope);
         match &stored.envelope.event {
             Event::RunSubmitted(submitted) if !state.is_finished() => {
-                if !state.admitted {
+                let ns = self.bus.namespace();
+                // Its admission (when it needs one) and its deadline are independent: both go
+                // out together.
+                let admission = async {
+                    if state.admitted {
+                        return Ok(());
+                    }
                     let ready = Ready::Run {
                         tenant: key.tenant.clone(),
                         run_id: key.run_id,
                         concurrency: submitted.concurrency.clone(),
                         tenant_max_runs: submitted.tenant_max_runs,
                     };
-                    let ns = self.bus.namespace();
-                    self.bus.enqueue(ns.ready(&key.tenant), &format!("run:{}", key.run_id), &ready, None).await?;
-                }
+                    self.bus
+                        .enqueue(ns.ready(&key.tenant), &format!("run:{}", key.run_id), &ready, None)
+                        .await
+                        .map(|_| ())
+                };
                 // Every run has a deadline: its own timeout, or the platform's longest run time.
-                let limit =
-                    submitted.workflow.timeout_seconds.or(Some(self.settings.max_run_seconds).filter(|s| *s > 0));
-                if let Some(secs) = limit {
+                let deadline = async {
+                    let limit =
+                        submitted.workflow.timeout_seconds.or(Some(self.settings.max_run_seconds).filter(|s| *s > 0));
+                    let Some(secs) = limit else { return Ok(()) };
                     let timer = Timer {
                         tenant: key.tenant.clone(),
                         due: stored.envelope.occurred_at + chrono::Duration::seconds(secs as i64),
                         kind: TimerKind::RunTimeout { run_id: key.run_id },
                     };
-                    let ns = self.bus.namespace();
-                    self.bus.enqueue(ns.timer(&key.tenant), &format!("timeout:{}", key.run_id), &timer, None).await?;
-                }
+                    self.bus
+                        .enqueue(ns.timer(&key.tenant), &format!("timeout:{}", key.run_id), &timer, None)
+                        .await
+                        .map(|_| ())
+                };
+                tokio::try_join!(admission, deadline)?;
             }
             Event::StepDispatched(d) => {
                 let still = state
                     .step(&d.step)
                     .is_some_and(|s| s.phase == state::StepPhase::Dispatched && s.dispatch == d.dispatch);
                 if still {
-                    self.enqueue(&mut core, &key, d, &meta).await?;
+                    self.enqueue(slot, key, d, &meta).await?;
                 }
             }
             // Running steps are killed where they run; their executors report them cancelled.
@@ -334,36 +368,34 @@ impl Scheduler {
                     let body = serde_json::to_vec(&signal).expect("serialises");
                     let _ = self.bus.client().publish(self.bus.namespace().run_ended_signals(), body.into()).await;
                 }
-                leave_groups(&self.bus, &key, state).await?;
+                leave_groups(&self.bus, key, state).await?;
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
             // places it was given are left again, or nobody would ever free them.
-            Event::RunAdmitted(_) if state.is_finished() => leave_groups(&self.bus, &key, state).await?,
+            Event::RunAdmitted(_) if state.is_finished() => leave_groups(&self.bus, key, state).await?,
             _ => {}
         }
-        self.decide_and_append(&mut core, &key, &meta).await?;
-        core.evict(self.settings.cache_runs);
-        Ok(())
+        self.decide_and_append(slot, key, &meta).await
     }
 
     /// Decides on the run's current state and appends the decisions, retrying on conflicts.
-    async fn decide_and_append(&self, core: &mut Core, key: &RunKey, meta: &EventMeta) -> Result<(), BusError> {
+    async fn decide_and_append(&self, slot: &mut Slot, key: &RunKey, meta: &EventMeta) -> Result<(), BusError> {
         for _ in 0..MAX_CONFLICTS {
-            let Some(state) = core.runs.get(key) else { return Ok(()) };
+            let Some(state) = &slot.state else { return Ok(()) };
             let events = state.decide();
             if events.is_empty() {
                 return Ok(());
             }
-            match self.commit(core, key, events, meta).await {
+            match self.commit(slot, key, events, meta).await {
                 Ok(appended) => {
                     for d in appended.iter().filter_map(|e| match e {
                         Event::StepDispatched(d) => Some(d),
                         _ => None,
                     }) {
-                        self.enqueue(core, key, d, meta).await?;
+                        self.enqueue(slot, key, d, meta).await?;
                     }
                 }
-                Err(BusError::Conflict { .. }) => core.refresh(&self.bus, key).await?,
+                Err(BusError::Conflict { .. }) => slot.refresh(&self.bus, key).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -374,12 +406,12 @@ impl Scheduler {
     /// Returns the events appended.
     async fn commit(
         &self,
-        core: &mut Core,
+        slot: &mut Slot,
         key: &RunKey,
         events: Vec<Event>,
         meta: &EventMeta,
     ) -> Result<Vec<Event>, BusError> {
-        let state = core.runs.get_mut(key).expect("committing to a cached run");
+        let state = slot.state.as_mut().expect("committing to a cached run");
         let subject = self.bus.namespace().run(key);
         let mut seq = state.last_seq;
         for (i, event) in events.iter().enumerate() {
@@ -393,7 +425,7 @@ impl Scheduler {
                 // A later event conflicting means someone else appended meanwhile: what was
                 // appended stands; the rest is decided again on a fresh view.
                 Err(BusError::Conflict { .. }) => {
-                    core.refresh(&self.bus, key).await?;
+                    slot.refresh(&self.bus, key).await?;
                     return Ok(events[..i].to_vec());
                 }
                 Err(e) => return Err(e),
@@ -404,16 +436,16 @@ impl Scheduler {
 
     async fn enqueue(
         &self,
-        core: &mut Core,
+        slot: &mut Slot,
         key: &RunKey,
         d: &StepDispatched,
         meta: &EventMeta,
     ) -> Result<(), BusError> {
-        let marker = (key.clone(), d.step.clone(), d.dispatch);
-        if core.enqueued.contains(&marker) {
+        let marker = (d.step.clone(), d.dispatch);
+        if slot.enqueued.contains(&marker) {
             return Ok(());
         }
-        let state = core.runs.get(key).expect("enqueueing for a cached run");
+        let state = slot.state.as_ref().expect("enqueueing for a cached run");
         let Some(i) = state.workflow.steps.iter().position(|s| s.id == d.step) else { return Ok(()) };
         // Templates were checked when the step was dispatched; they render the same now.
         let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
@@ -431,7 +463,7 @@ impl Scheduler {
         let msg_id = format!("{}:{}:{}", key.run_id, d.step, d.dispatch);
         let ready = Ready::Step { dispatch: Box::new(dispatch), priority };
         self.bus.enqueue(ns.ready(&key.tenant), &msg_id, &ready, meta.traceparent.as_deref()).await?;
-        core.enqueued.insert(marker);
+        slot.enqueued.insert(marker);
         Ok(())
     }
 
@@ -450,38 +482,65 @@ impl Scheduler {
         self.command(&key, |state| state.report(&req)).await
     }
 
-    /// Runs a command against the freshest state, appends its events (retrying on conflict),
+    /// Runs a command against the run's state, appends its events (retrying on conflict),
     /// then decides what follows so the next steps go out without waiting for the reactor.
+    ///
+    /// It decides on the cached state first: a decision with events is appended with the
+    /// cache's last sequence as the expected one, so it stands only if the cache was the
+    /// log's latest (a conflict reloads and decides again). A decision without events (a
+    /// refusal, a repeated request) proves nothing about freshness, so it is made again on
+    /// the log's latest before it is answered.
     async fn command<R>(&self, key: &RunKey, decide: impl Fn(&RunState) -> (R, Vec<Event>)) -> Result<R, Problem> {
-        let mut core = self.core.lock().await;
-        if core.ensure(&self.bus, key, None).await?.is_none() {
+        let result = self.command_on_slot(key, decide).await;
+        self.cache.evict(self.settings.cache_runs);
+        result
+    }
+
+    async fn command_on_slot<R>(
+        &self,
+        key: &RunKey,
+        decide: impl Fn(&RunState) -> (R, Vec<Event>),
+    ) -> Result<R, Problem> {
+        let slot = self.cache.slot(key);
+        let mut slot = slot.lock().await;
+        let slot = &mut *slot;
+        let loaded = slot.state.is_none();
+        let Some(state) = slot.ensure(&self.bus, key, None).await? else {
             return Err(Problem::new(ErrorCode::NotFound, "no such run"));
-        }
+        };
         let meta = {
-            let state = core.runs.get(key).expect("ensured");
             let mut meta = EventMeta::new(&key.tenant).with_traceparent(state.traceparent.clone());
             meta.correlation_id = state.correlation_id.unwrap_or(meta.correlation_id);
             meta
         };
+        // Just loaded from the log: as fresh as a refresh would make it.
+        let mut fresh = loaded;
         for _ in 0..MAX_CONFLICTS {
-            core.refresh(&self.bus, key).await?;
-            let (reply, events) = decide(core.runs.get(key).expect("ensured"));
+            let (reply, events) = decide(slot.state.as_ref().expect("ensured"));
             if events.is_empty() {
-                return Ok(reply);
+                if fresh {
+                    return Ok(reply);
+                }
+                slot.refresh(&self.bus, key).await?;
+                fresh = true;
+                continue;
             }
             let wanted = events.len();
-            match self.commit(&mut core, key, events, &meta).await {
+            match self.commit(slot, key, events, &meta).await {
                 // The reply stands only if its whole decision is in the log; a partial append
                 // (someone appended in between) is decided again on the fresh state.
                 Ok(appended) if appended.len() == wanted => {
                     // What follows is decided here to save a hop; if it fails, the reactor
                     // decides it when it sees these events. The command itself succeeded.
-                    if let Err(e) = self.decide_and_append(&mut core, key, &meta).await {
+                    if let Err(e) = self.decide_and_append(slot, key, &meta).await {
                         tracing::warn!(error = %e, "follow-up decision deferred to the reactor");
                     }
                     return Ok(reply);
                 }
-                Ok(_) | Err(BusError::Conflict { .. }) => continue,
+                Ok(_) | Err(BusError::Conflict { .. }) => {
+                    slot.refresh(&self.bus, key).await?;
+                    fresh = true;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -508,60 +567,79 @@ async fn leave_groups(bus: &Bus, key: &RunKey, state: &RunState) -> Result<(), B
     Ok(())
 }
 
-impl Core {
-    /// The run's state, loading it from the log when not cached, and catching up when `next`
-    /// shows events were missed (another replica may have appended them).
-    async fn ensure(
-        &mut self,
-        bus: &Bus,
-        key: &RunKey,
-        next: Option<&Stored>,
-    ) -> Result<Option<&mut RunState>, BusError> {
-        if !self.runs.contains_key(key) {
-            let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
-            let Some(first) = events.first() else { return Ok(None) };
-            let Some(mut state) = RunState::from_submitted(key.clone(), first.seq, &first.envelope.event) else {
-                return Ok(None);
-            };
-            state.correlation_id = Some(first.envelope.correlation_id);
-            state.traceparent = first.envelope.traceparent.clone();
-            for e in &events[1..] {
-                state.apply(e.seq, &e.envelope.event);
+impl Cache {
+    /// The run's slot, created empty if it has none.
+    fn slot(&self, key: &RunKey) -> Arc<Mutex<Slot>> {
+        self.runs.lock().expect("not poisoned").entry(key.clone()).or_default().clone()
+    }
+
+    /// Keeps the cache bounded: when it holds more than `cap` runs, slots nobody is using go,
+    /// finished (or empty) runs first, then any, down to nine tenths of `cap`.
+    fn evict(&self, cap: usize) {
+        let mut runs = self.runs.lock().expect("not poisoned");
+        if runs.len() <= cap {
+            return;
+        }
+        // A slot only the map holds is in nobody's hands, and nobody can take it while the
+        // map is locked.
+        let idle = |slot: &Arc<Mutex<Slot>>| Arc::strong_count(slot) == 1;
+        runs.retain(|_, slot| {
+            !idle(slot) || slot.try_lock().is_ok_and(|s| s.state.as_ref().is_some_and(|st| !st.is_finished()))
+        });
+        let target = cap - cap / 10;
+        if runs.len() > target {
+            let surplus: Vec<RunKey> =
+                runs.iter().filter(|(_, slot)| idle(slot)).map(|(k, _)| k.clone()).take(runs.len() - target).collect();
+            for k in surplus {
+                runs.remove(&k);
             }
-            self.runs.insert(key.clone(), state);
-        } else if let Some(next) = next {
-            let last = self.runs[key].last_seq;
-            if next.seq > last {
-                if next.prev == Some(last) {
-                    self.runs.get_mut(key).expect("present").apply(next.seq, &next.envelope.event);
+        }
+    }
+}
+
+impl Slot {
+    /// The run's state, loading it from the log when not cached, and catching up when `next`
+    /// shows events were missed (another replica may have appended them). A run's first event
+    /// (its `RunSubmitted`, appended to an empty subject) is the whole state: no read needed.
+    async fn ensure(&mut self, bus: &Bus, key: &RunKey, next: Option<&Stored>) -> Result<Option<&RunState>, BusError> {
+        match (&mut self.state, next) {
+            (None, Some(first)) if first.prev == Some(0) => {
+                self.state = Self::load(key, std::slice::from_ref(first));
+            }
+            (None, _) => {
+                let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
+                self.state = Self::load(key, &events);
+            }
+            (Some(state), Some(next)) if next.seq > state.last_seq => {
+                if next.prev == Some(state.last_seq) {
+                    state.apply(next.seq, &next.envelope.event);
                 } else {
                     self.refresh(bus, key).await?;
                 }
             }
+            (Some(_), _) => {}
         }
-        Ok(self.runs.get_mut(key))
+        Ok(self.state.as_ref())
+    }
+
+    /// A run's state folded from its events, the first being its `RunSubmitted`.
+    fn load(key: &RunKey, events: &[Stored]) -> Option<RunState> {
+        let first = events.first()?;
+        let mut state = RunState::from_submitted(key.clone(), first.seq, &first.envelope.event)?;
+        state.correlation_id = Some(first.envelope.correlation_id);
+        state.traceparent = first.envelope.traceparent.clone();
+        for e in &events[1..] {
+            state.apply(e.seq, &e.envelope.event);
+        }
+        Some(state)
     }
 
     /// Applies whatever the log has for the run beyond the cached state.
     async fn refresh(&mut self, bus: &Bus, key: &RunKey) -> Result<(), BusError> {
-        let Some(state) = self.runs.get_mut(key) else { return Ok(()) };
+        let Some(state) = self.state.as_mut() else { return Ok(()) };
         for e in bus.read_subject(&bus.namespace().run(key), state.last_seq).await? {
             state.apply(e.seq, &e.envelope.event);
         }
         Ok(())
-    }
-
-    /// Keeps the cache bounded: finished runs go first, then any.
-    fn evict(&mut self, cap: usize) {
-        if self.runs.len() <= cap {
-            return;
-        }
-        self.runs.retain(|_, s| !s.is_finished());
-        let cached: HashSet<&RunKey> = self.runs.keys().collect();
-        self.enqueued.retain(|(k, _, _)| cached.contains(k));
-        while self.runs.len() > cap {
-            let Some(k) = self.runs.keys().next().cloned() else { break };
-            self.runs.remove(&k);
-        }
     }
 }
