@@ -61,14 +61,72 @@ pub async fn checkpoint(tx: &mut Transaction<'_, Postgres>, projection: &str) ->
     Ok(seq as u64)
 }
 
-/// Records that `projection` applied everything up to `seq`.
+/// The channel a checkpoint's advance is announced on (`NOTIFY`, payload `{projection}:{seq}`);
+/// Postgres delivers it when the transaction that wrote the checkpoint commits.
+pub const CHECKPOINT_CHANNEL: &str = "taskmesh_checkpoint";
+
+/// Records that `projection` applied everything up to `seq`, and announces it on
+/// [`CHECKPOINT_CHANNEL`] once the transaction commits.
 pub async fn set_checkpoint(tx: &mut Transaction<'_, Postgres>, projection: &str, seq: u64) -> Result<()> {
-    sqlx::query("UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1")
-        .bind(projection)
-        .bind(seq as i64)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1
+         RETURNING pg_notify($3, projection || ':' || last_seq)",
+    )
+    .bind(projection)
+    .bind(seq as i64)
+    .bind(CHECKPOINT_CHANNEL)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
+}
+
+/// Follows `projection`'s checkpoint as it is committed: a background task listens on
+/// [`CHECKPOINT_CHANNEL`] over a connection of its own (not one of `pool`'s) and publishes
+/// each advance. After (re)connecting it reads the table, so an announcement missed while
+/// disconnected is made up for. Waiting readers get woken by commits instead of polling the
+/// table. The task ends when every receiver is dropped.
+pub fn follow_checkpoint(pool: &PgPool, projection: &'static str) -> tokio::sync::watch::Receiver<u64> {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let own = PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone());
+    let pool = pool.clone();
+    let advance = move |tx: &tokio::sync::watch::Sender<u64>, seq: u64| {
+        tx.send_if_modified(|at| {
+            let moved = seq > *at;
+            *at = (*at).max(seq);
+            moved
+        });
+    };
+    tokio::spawn(async move {
+        let prefix = format!("{projection}:");
+        while !tx.is_closed() {
+            let listening = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
+                listener.listen(CHECKPOINT_CHANNEL).await?;
+                advance(&tx, read_checkpoint(&pool, projection).await?);
+                loop {
+                    match listener.try_recv().await? {
+                        Some(n) => {
+                            if let Some(seq) = n.payload().strip_prefix(&prefix).and_then(|s| s.parse().ok()) {
+                                advance(&tx, seq);
+                            }
+                        }
+                        // The connection dropped (the next call reconnects): catch up from the table.
+                        None => advance(&tx, read_checkpoint(&pool, projection).await?),
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), StoreError>(())
+            };
+            tokio::select! {
+                _ = tx.closed() => return,
+                r = listening => if let Err(e) = r {
+                    tracing::debug!(error = %e, "following the projection checkpoint; reconnecting");
+                },
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    rx
 }
 
 /// The checkpoint outside a transaction (for lag reports and rebuild decisions).

@@ -52,7 +52,16 @@ pub struct Access {
     tenants: Mutex<HashMap<String, Arc<Bucket>>>,
     keys: Mutex<HashMap<Uuid, Arc<Bucket>>>,
     touched: Mutex<HashMap<Uuid, Instant>>,
+    /// Per tenant: the room under the active-runs quota as last counted, when, and how many
+    /// runs were let through on that count since.
+    room: Mutex<HashMap<String, (Instant, i64, i64)>>,
 }
+
+/// How long a count of a tenant's active runs is relied on.
+const ROOM_FOR: Duration = Duration::from_secs(1);
+/// A count is relied on only while it leaves at least this much room: near the quota every
+/// submission counts afresh.
+const ROOM_MARGIN: i64 = 100;
 
 const MAX_ENTRIES: usize = 100_000;
 /// How often a key's use is recorded, at most.
@@ -100,7 +109,37 @@ impl Headroom {
 
 impl Access {
     pub fn new(limits: LimitsSettings) -> Self {
-        Self { limits, tenants: Default::default(), keys: Default::default(), touched: Default::default() }
+        Self {
+            limits,
+            tenants: Default::default(),
+            keys: Default::default(),
+            touched: Default::default(),
+            room: Default::default(),
+        }
+    }
+
+    /// Lets one more run through on a recent count of the tenant's active runs, if that count
+    /// (less the runs let through on it since) leaves ample room. Conservative: runs that
+    /// ended since the count only add room, so this never lets through more than a fresh
+    /// count would.
+    pub(crate) fn take_counted_room(&self, tenant: &str) -> bool {
+        let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        match room.get_mut(tenant) {
+            Some((at, left, taken)) if at.elapsed() < ROOM_FOR && *left - *taken > ROOM_MARGIN => {
+                *taken += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a fresh count's room, one run (the one it was counted for) already let through.
+    pub(crate) fn counted_room(&self, tenant: &str, left: i64) {
+        let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        if room.len() >= MAX_ENTRIES {
+            room.clear();
+        }
+        room.insert(tenant.to_string(), (Instant::now(), left, 1));
     }
 
     pub fn limits(&self) -> &LimitsSettings {

@@ -63,6 +63,8 @@ pub struct AppState {
     pub admin_key: Option<secrecy::SecretString>,
     /// Rate-limit buckets, quotas and last-used marks.
     pub access: std::sync::Arc<access::Access>,
+    /// The projector's checkpoint as announced at each commit (see [`taskmesh_store::follow_checkpoint`]).
+    pub projected: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Cuts `rows` (fetched with `LIMIT limit + 1`) to one page and returns the cursor of the next
@@ -209,6 +211,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
 pub const MIN_SEQ_HEADER: &str = "taskmesh-min-seq";
 /// Longest a read waits for the read side.
 pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a waiting read looks at the checkpoint table itself, between announcements.
+const READ_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The `Last-Event-ID` a reconnecting Server-Sent Events client sends: a stream sequence.
 pub fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
@@ -294,12 +298,31 @@ async fn read_your_writes(
         }
         Some(Some(seq)) => {
             let deadline = tokio::time::Instant::now() + READ_WAIT;
+            // Woken by the projector's commits (LISTEN/NOTIFY); the table is read at the start
+            // and then every so often, in case announcements are not coming through.
+            let mut projected = state.projected.clone();
             let mut first = true;
             loop {
-                match taskmesh_store::read_checkpoint(&state.pool, "projector").await {
-                    Ok(applied) if applied >= seq => break,
+                if *projected.borrow_and_update() >= seq {
+                    break;
+                }
+                let now = tokio::time::Instant::now();
+                let checked = if first || now >= deadline {
+                    taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some)
+                } else {
+                    tokio::select! {
+                        // (Should the announcer be gone, only the rechecks are left.)
+                        Ok(()) = projected.changed() => Ok(None),
+                        _ = tokio::time::sleep(READ_RECHECK.min(deadline - now)) => {
+                            taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some)
+                        }
+                    }
+                };
+                match checked {
+                    Ok(None) => {}
+                    Ok(Some(applied)) if applied >= seq => break,
                     // A sequence the log has not reached yet is never going to be read: say so.
-                    Ok(_)
+                    Ok(Some(_))
                         if std::mem::take(&mut first) && last_written(&state).await.is_some_and(|last| seq > last) =>
                     {
                         return ApiError::new(
@@ -308,10 +331,8 @@ async fn read_your_writes(
                         )
                         .into_response();
                     }
-                    Ok(_) if tokio::time::Instant::now() < deadline => {
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await
-                    }
-                    Ok(applied) => {
+                    Ok(Some(_)) if tokio::time::Instant::now() < deadline => {}
+                    Ok(Some(applied)) => {
                         return ApiError::new(
                             ErrorCode::Unavailable,
                             format!("the read side is at sequence {applied}, not yet {seq}; retry"),
@@ -381,8 +402,17 @@ pub async fn build(
     Server::bind_with(settings.listen, |addr| {
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
         let admin_key = settings.admin_key.clone();
-        let state =
-            AppState { pool, ingest: IngestClient::new(bus.clone()), bus, public_url, keyring, admin_key, access };
+        let projected = taskmesh_store::follow_checkpoint(&pool, "projector");
+        let state = AppState {
+            pool,
+            ingest: IngestClient::new(bus.clone()),
+            bus,
+            public_url,
+            keyring,
+            admin_key,
+            access,
+            projected,
+        };
         router(state, settings.body_limit_bytes)
     })
     .await

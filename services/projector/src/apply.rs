@@ -8,7 +8,7 @@ use taskmesh_events::{Event, Status, StepOutcome};
 type Tx<'a> = Transaction<'a, Postgres>;
 
 /// Applies one event inside the projector's transaction.
-pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
+pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> Result<(), sqlx::Error> {
     let env = &stored.envelope;
     let tenant = env.tenant.as_str();
     let at = env.occurred_at;
@@ -155,7 +155,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
-        Event::StepDispatched(_) => touch_run(tx, tenant, run_id(), seq).await?,
+        Event::StepDispatched(_) => touched.record(tenant, run_id(), seq),
         Event::StepWaiting(e) => {
             sqlx::query(
                 "UPDATE steps SET wait_reason = $4 WHERE tenant_id = $1 AND run_id = $2 AND step_id = ANY($3) AND status = 'queued'",
@@ -166,7 +166,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(&e.reason)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::StepAdmitted(e) => {
             sqlx::query(
@@ -177,7 +177,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(&e.steps)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::RunWaiting(e) => {
             sqlx::query("UPDATE runs SET wait_reason = $3 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'")
@@ -186,7 +186,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 .bind(&e.reason)
                 .execute(&mut **tx)
                 .await?;
-            touch_run(tx, tenant, Some(e.run_id), seq).await?;
+            touched.record(tenant, Some(e.run_id), seq);
         }
         Event::RunAdmitted(_) => {
             sqlx::query("UPDATE runs SET wait_reason = NULL WHERE tenant_id = $1 AND id = $2")
@@ -194,7 +194,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 .bind(run_id())
                 .execute(&mut **tx)
                 .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::StepStarted(e) => {
             sqlx::query(
@@ -220,7 +220,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(at)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::StepAttemptLost(e) => {
             sqlx::query(
@@ -235,14 +235,14 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(at)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::StepSucceeded(e) => {
-            finish_step(tx, tenant, run_id(), &e.step, e.attempt, Status::Succeeded, &e.outcome, seq).await?
+            finish_step(tx, touched, tenant, run_id(), &e.step, e.attempt, Status::Succeeded, &e.outcome, seq).await?
         }
         Event::StepFailed(e) => {
             let status = if e.outcome.timed_out { Status::TimedOut } else { Status::Failed };
-            finish_step(tx, tenant, run_id(), &e.step, e.attempt, status, &e.outcome, seq).await?
+            finish_step(tx, touched, tenant, run_id(), &e.step, e.attempt, status, &e.outcome, seq).await?
         }
         Event::StepAttemptFailed(e) => {
             let status = if e.outcome.timed_out { Status::TimedOut } else { Status::Failed };
@@ -261,7 +261,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(e.retry_at)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::StepCancelled(e) => {
             sqlx::query(
@@ -285,7 +285,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(at)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::RunCancelRequested(e) => {
             sqlx::query("UPDATE runs SET cancel_requested_at = $3, last_seq = $4 WHERE tenant_id = $1 AND id = $2")
@@ -308,7 +308,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(at)
             .execute(&mut **tx)
             .await?;
-            touch_run(tx, tenant, run_id(), seq).await?;
+            touched.record(tenant, run_id(), seq);
         }
         Event::RunSucceeded(e) | Event::RunFailed(e) | Event::RunCancelled(e) | Event::RunTimedOut(e) => {
             let status = match env.event {
@@ -436,19 +436,48 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
 }
 
 /// Records the run's last applied sequence (read-your-writes and ETags key on it).
-async fn touch_run(tx: &mut Tx<'_>, tenant: &str, run_id: Option<uuid::Uuid>, seq: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE runs SET last_seq = $3 WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(run_id)
-        .bind(seq)
+/// Runs whose `last_seq` a batch moved, applied once per run at the batch's end (most events
+/// of a run only move its `last_seq`: one statement for the batch instead of one each).
+#[derive(Default)]
+pub struct Touched(std::collections::HashMap<(String, uuid::Uuid), i64>);
+
+impl Touched {
+    fn record(&mut self, tenant: &str, run_id: Option<uuid::Uuid>, seq: i64) {
+        if let Some(run_id) = run_id {
+            let at = self.0.entry((tenant.to_string(), run_id)).or_default();
+            *at = (*at).max(seq);
+        }
+    }
+
+    /// Writes the recorded sequences (a run's `last_seq` only ever grows).
+    pub async fn flush(self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let (mut tenants, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        for ((tenant, id), seq) in self.0 {
+            tenants.push(tenant);
+            ids.push(id);
+            seqs.push(seq);
+        }
+        sqlx::query(
+            "UPDATE runs r SET last_seq = GREATEST(r.last_seq, t.seq)
+             FROM UNNEST($1::text[], $2::uuid[], $3::bigint[]) AS t(tenant, id, seq)
+             WHERE r.tenant_id = t.tenant AND r.id = t.id",
+        )
+        .bind(&tenants)
+        .bind(&ids)
+        .bind(&seqs)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+        Ok(())
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn finish_step(
     tx: &mut Tx<'_>,
+    touched: &mut Touched,
     tenant: &str,
     run_id: Option<uuid::Uuid>,
     step: &str,
@@ -476,7 +505,8 @@ async fn finish_step(
     .execute(&mut **tx)
     .await?;
     finish_attempt(tx, tenant, run_id, step, attempt, status, outcome).await?;
-    touch_run(tx, tenant, run_id, seq).await
+    touched.record(tenant, run_id, seq);
+    Ok(())
 }
 
 /// Records how an attempt ended (a lost attempt keeps its `lost` status).

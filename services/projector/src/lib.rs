@@ -1,7 +1,7 @@
 //! The projector: turns the event log into the Postgres read models the gateway serves.
 //!
 //! It reads `{ns}.evt.>` in stream order through the durable pull consumer `projector`, and
-//! applies each batch in one transaction together with its checkpoint (the last stream
+//! applies each batch (whatever has arrived, up to 512 events) in one transaction together with its checkpoint (the last stream
 //! sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
 //! applied twice; after a crash the consumer is recreated at the checkpoint, so nothing is
 //! missed. Rows are written only from what events say (their timestamps included), so
@@ -111,16 +111,18 @@ impl Projector {
             let mut events = Vec::new();
             let mut last = None;
             while events.len() < BATCH {
-                // Wait for the first event; then take what arrives within a moment.
+                // Wait for the first event; then take only what has already arrived (group
+                // commit: while a batch is applied the next one gathers, so batches grow with
+                // the load and an event never waits for others that have not come).
                 let next = if events.is_empty() {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         n = messages.next() => n,
                     }
                 } else {
-                    match tokio::time::timeout(Duration::from_millis(2), messages.next()).await {
-                        Ok(n) => n,
-                        Err(_) => break,
+                    match futures::FutureExt::now_or_never(messages.next()) {
+                        Some(n) => n,
+                        None => break,
                     }
                 };
                 let msg = next
@@ -148,13 +150,15 @@ impl Projector {
     pub async fn apply_batch(&self, events: &[Stored]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
+        let mut touched = apply::Touched::default();
         for stored in events {
             if stored.seq <= checkpoint {
                 continue;
             }
-            apply::apply(&mut tx, stored).await?;
+            apply::apply(&mut tx, stored, &mut touched).await?;
             checkpoint = stored.seq;
         }
+        touched.flush(&mut tx).await?;
         taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint).await?;
         tx.commit().await?;
         Ok(())
