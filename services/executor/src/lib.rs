@@ -406,7 +406,11 @@ impl Executor {
                     tracing::debug!(error = %e, "log line not published");
                 }
             }
-            let _ = client.flush().await;
+            // Lines are out of this process before the result is reported (a step that
+            // printed nothing has nothing to wait for).
+            if n > 0 {
+                let _ = client.flush().await;
+            }
         });
         (tx, task)
     }
