@@ -89,37 +89,11 @@ pub fn follow_checkpoint(pool: &PgPool, projection: &'static str) -> tokio::sync
     let (tx, rx) = tokio::sync::watch::channel(0u64);
     let own = PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone());
     let pool = pool.clone();
-    let advance = move |tx: &tokio::sync::watch::Sender<u64>, seq: u64| {
-        tx.send_if_modified(|at| {
-            let moved = seq > *at;
-            *at = (*at).max(seq);
-            moved
-        });
-    };
     tokio::spawn(async move {
-        let prefix = format!("{projection}:");
         while !tx.is_closed() {
-            let listening = async {
-                let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
-                listener.listen(CHECKPOINT_CHANNEL).await?;
-                advance(&tx, read_checkpoint(&pool, projection).await?);
-                loop {
-                    match listener.try_recv().await? {
-                        Some(n) => {
-                            if let Some(seq) = n.payload().strip_prefix(&prefix).and_then(|s| s.parse().ok()) {
-                                advance(&tx, seq);
-                            }
-                        }
-                        // The connection dropped (the next call reconnects): catch up from the table.
-                        None => advance(&tx, read_checkpoint(&pool, projection).await?),
-                    }
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), StoreError>(())
-            };
             tokio::select! {
                 _ = tx.closed() => return,
-                r = listening => if let Err(e) = r {
+                Err(e) = listen_to_checkpoint(&own, &pool, projection, &tx) => {
                     tracing::debug!(error = %e, "following the projection checkpoint; reconnecting");
                 },
             }
@@ -127,6 +101,39 @@ pub fn follow_checkpoint(pool: &PgPool, projection: &'static str) -> tokio::sync
         }
     });
     rx
+}
+
+/// Listens on [`CHECKPOINT_CHANNEL`] over `own` and moves `tx` on with each announcement of
+/// `projection`'s checkpoint (and with the table's value on connecting and after a dropped
+/// connection); returns only on an error.
+async fn listen_to_checkpoint(
+    own: &PgPool,
+    pool: &PgPool,
+    projection: &str,
+    tx: &tokio::sync::watch::Sender<u64>,
+) -> Result<std::convert::Infallible> {
+    let advance = |seq: u64| {
+        tx.send_if_modified(|at| {
+            let moved = seq > *at;
+            *at = (*at).max(seq);
+            moved
+        });
+    };
+    let prefix = format!("{projection}:");
+    let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
+    listener.listen(CHECKPOINT_CHANNEL).await?;
+    advance(read_checkpoint(pool, projection).await?);
+    loop {
+        match listener.try_recv().await? {
+            Some(n) => {
+                if let Some(seq) = n.payload().strip_prefix(&prefix).and_then(|s| s.parse().ok()) {
+                    advance(seq);
+                }
+            }
+            // The connection dropped (the next call reconnects): catch up from the table.
+            None => advance(read_checkpoint(pool, projection).await?),
+        }
+    }
 }
 
 /// The checkpoint outside a transaction (for lag reports and rebuild decisions).

@@ -330,3 +330,22 @@ pub async fn audit(state: &AppState, tenant: &str, record: AuditRecorded) {
         tracing::warn!(error = %e, tenant, "recording an audit entry failed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recent_count_serves_submissions_only_while_it_leaves_ample_room() {
+        let access = Access::new(LimitsSettings::default());
+        assert!(!access.take_counted_room("acme"), "nothing counted yet: count afresh");
+        // Counted 150 free places, one taken by the submission it was counted for.
+        access.counted_room("acme", 150);
+        let served = std::iter::from_fn(|| access.take_counted_room("acme").then_some(())).take(1_000).count();
+        assert_eq!(served as i64, 150 - 1 - ROOM_MARGIN, "let through down to the margin, then count afresh");
+        assert!(!access.take_counted_room("other"), "counts are per tenant");
+        // Near the quota every submission counts afresh.
+        access.counted_room("acme", ROOM_MARGIN);
+        assert!(!access.take_counted_room("acme"));
+    }
+}

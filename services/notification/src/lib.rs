@@ -118,7 +118,7 @@ impl Notifier {
     async fn fan_out_one(&self, msg: &Message) -> anyhow::Result<()> {
         // Most run events are not ends: the type header tells without decoding the body.
         let kind = msg.headers.as_ref().and_then(|h| h.get(taskmesh_bus::EVENT_TYPE_HEADER)).map(|v| v.as_str());
-        if kind.is_some_and(|k| !matches!(k, "RunSucceeded" | "RunFailed" | "RunCancelled" | "RunTimedOut")) {
+        if kind.is_some_and(|k| !Event::is_run_terminal_type(k)) {
             return Ok(());
         }
         let stored = taskmesh_bus::decode(msg)?;

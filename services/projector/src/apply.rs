@@ -435,9 +435,9 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
     Ok(())
 }
 
-/// Records the run's last applied sequence (read-your-writes and ETags key on it).
-/// Runs whose `last_seq` a batch moved, applied once per run at the batch's end (most events
-/// of a run only move its `last_seq`: one statement for the batch instead of one each).
+/// Each run's last applied sequence in a batch (read-your-writes and ETags key on it), written
+/// once per run at the batch's end: most events of a run only move its `last_seq`, so one
+/// statement serves the batch instead of one per event.
 #[derive(Default)]
 pub struct Touched(std::collections::HashMap<(String, uuid::Uuid), i64>);
 

@@ -1,8 +1,8 @@
 //! The projector: turns the event log into the Postgres read models the gateway serves.
 //!
 //! It reads `{ns}.evt.>` in stream order through the durable pull consumer `projector`, and
-//! applies each batch (whatever has arrived, up to 512 events) in one transaction together with its checkpoint (the last stream
-//! sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
+//! applies each batch (whatever has arrived, up to 512 events) in one transaction together
+//! with its checkpoint (the last stream sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
 //! applied twice; after a crash the consumer is recreated at the checkpoint, so nothing is
 //! missed. Rows are written only from what events say (their timestamps included), so
 //! replaying the log from sequence 1 rebuilds the same rows: see [`Projector::rebuild`].

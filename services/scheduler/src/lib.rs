@@ -570,7 +570,11 @@ async fn leave_groups(bus: &Bus, key: &RunKey, state: &RunState) -> Result<(), B
 impl Cache {
     /// The run's slot, created empty if it has none.
     fn slot(&self, key: &RunKey) -> Arc<Mutex<Slot>> {
-        self.runs.lock().expect("not poisoned").entry(key.clone()).or_default().clone()
+        let mut runs = self.runs.lock().expect("not poisoned");
+        match runs.get(key) {
+            Some(slot) => slot.clone(),
+            None => runs.entry(key.clone()).or_default().clone(),
+        }
     }
 
     /// Keeps the cache bounded: when it holds more than `cap` runs, slots nobody is using go,
