@@ -417,6 +417,11 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
     let res = submit(4).await;
     assert_eq!(res.status(), 403);
     quota(&res.json().await.unwrap(), "3 steps per run");
+    // A batch is refused whole when the quota has no room for all of its runs.
+    let one = json!({"workflow": {"name": "q", "steps": [{"id": "s0", "uses": "noop"}]}});
+    let res = call(&tm, &tm.key, Method::POST, "/v1/runs/batch", Some(json!({"runs": [one, one, one]}))).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "runs not yet ended");
     // Runs not yet ended: two fit, the third does not.
     assert_eq!(submit(3).await.status(), 202);
     assert_eq!(submit(1).await.status(), 202);

@@ -342,3 +342,84 @@ async fn delayed_runs_start_no_step_before_not_before() {
     assert!(ts(step(&run, "a"), "started_at") >= not_before, "{run:#}");
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_submits_each_run_on_its_own_and_is_refused_whole_only_when_malformed() {
+    let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 4).await;
+    let url = format!("{}/v1/runs/batch", tm.api);
+    let post = |body: Value| {
+        let req = tm.auth(tm.http.post(&url)).json(&body);
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let ok = |name: &str| serde_json::json!({"name": name, "steps": [{"id": "a", "run": "echo hi"}]});
+    let cyclic = serde_json::json!({"name": "bad", "steps": [
+        {"id": "a", "needs": ["b"], "run": "true"}, {"id": "b", "needs": ["a"], "run": "true"}]});
+    let batch = serde_json::json!({"runs": [
+        {"workflow": ok("one"), "labels": {"batch": "b1"}},
+        {"workflow": cyclic},
+        {"workflow": ok("three"), "idempotency_key": "batch-k1", "priority": 5},
+    ]});
+    let (status, first) = post(batch.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        (first["accepted"].clone(), first["rejected"].clone()),
+        (serde_json::json!(2), serde_json::json!(1)),
+        "{first}"
+    );
+    let runs = first["runs"].as_array().unwrap();
+    assert_eq!(runs.iter().map(|r| r["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2], "in order");
+    assert!(runs[1]["run"].is_null(), "{first}");
+    assert_eq!(runs[1]["problem"]["type"], "https://taskmesh.dev/problems/invalid-workflow", "{first}");
+    assert_eq!(runs[1]["problem"]["status"], 422, "{first}");
+    let id = |r: &Value| -> uuid::Uuid { r["run"]["id"].as_str().unwrap().parse().unwrap() };
+    for r in [&runs[0], &runs[2]] {
+        assert!(r["problem"].is_null(), "{first}");
+        assert_eq!(r["run"]["status"], "queued");
+        assert_eq!(r["run"]["duplicate"], false);
+        assert!(r["run"]["seq"].as_u64().unwrap() > 0);
+    }
+    for r in [&runs[0], &runs[2]] {
+        let run = tm.wait_run(id(r), Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+    }
+    let (_, labelled) = {
+        let res = tm.auth(tm.http.get(format!("{}/v1/runs?label=batch=b1", tm.api))).send().await.unwrap();
+        (res.status(), res.json::<Value>().await.unwrap())
+    };
+    assert_eq!(labelled["items"][0]["id"], runs[0]["run"]["id"], "the run keeps its labels: {labelled}");
+
+    // Sent again: the run with an idempotency key is found, not started twice; the other is new.
+    let (status, again) = post(batch).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["runs"][2]["run"]["id"], runs[2]["run"]["id"], "{again}");
+    assert_eq!(again["runs"][2]["run"]["duplicate"], true, "{again}");
+    assert_ne!(again["runs"][0]["run"]["id"], runs[0]["run"]["id"], "{again}");
+    tm.wait_projected().await;
+    let (_, three) = {
+        let res = tm.auth(tm.http.get(format!("{}/v1/runs?workflow=three", tm.api))).send().await.unwrap();
+        (res.status(), res.json::<Value>().await.unwrap())
+    };
+    assert_eq!(three["items"].as_array().unwrap().len(), 1, "one run of the keyed workflow: {three}");
+
+    // Refused whole: no runs, too many, an unknown field, not JSON.
+    let noop = serde_json::json!({"workflow": ok("n")});
+    let too_many: Vec<Value> = std::iter::repeat_n(noop.clone(), 101).collect();
+    for (body, needle) in [
+        (serde_json::json!({"runs": []}), "1 to 100 runs, not 0"),
+        (serde_json::json!({"runs": too_many}), "1 to 100 runs, not 101"),
+        (serde_json::json!({"runs": [noop.clone()], "extra": 1}), "extra"),
+        (serde_json::json!({"runs": [{"workflow": ok("n"), "bogus": true}]}), "bogus"),
+    ] {
+        let (status, problem) = post(body).await;
+        assert_eq!(status, 400, "{problem}");
+        assert_eq!(problem["type"], "https://taskmesh.dev/problems/bad-request", "{problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(needle), "{needle}: {problem}");
+    }
+    let res =
+        tm.auth(tm.http.post(&url)).header("content-type", "application/yaml").body("runs: []").send().await.unwrap();
+    assert_eq!(res.status(), 415);
+    tm.finish().await;
+}

@@ -117,6 +117,11 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         assert_eq!(status, 404, "{method} {path} as another tenant: {problem}");
         assert_eq!(problem["type"], "https://taskmesh.dev/problems/not-found");
     }
+    // A batch naming A's stored workflow starts nothing: its one run is refused as not found.
+    let (status, batch) = b.call(Method::POST, "/v1/runs/batch", Some(json!({"runs": [{"workflow": "wf"}]}))).await;
+    assert_eq!(status, 200, "{batch}");
+    assert_eq!((batch["accepted"].clone(), batch["rejected"].clone()), (json!(0), json!(1)), "{batch}");
+    assert_eq!(batch["runs"][0]["problem"]["type"], "https://taskmesh.dev/problems/not-found", "{batch}");
     // Its lists hold nothing of A's.
     for path in
         ["/v1/runs", "/v1/workflows", "/v1/schedules", "/v1/secrets", "/v1/webhook-endpoints", "/v1/repo-connections"]
@@ -178,6 +183,13 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             [200, 200, 200],
         ),
         case(Method::POST, "/v1/runs", "/v1/runs", Some(json!({"workflow": "wf"})), [403, 202, 202]),
+        case(
+            Method::POST,
+            "/v1/runs/batch",
+            "/v1/runs/batch",
+            Some(json!({"runs": [{"workflow": "wf"}]})),
+            [403, 200, 200],
+        ),
         case(
             Method::POST,
             "/v1/runs/{id}/rerun",

@@ -118,28 +118,28 @@ impl Access {
         }
     }
 
-    /// Lets one more run through on a recent count of the tenant's active runs, if that count
-    /// (less the runs let through on it since) leaves ample room. Conservative: runs that
-    /// ended since the count only add room, so this never lets through more than a fresh
-    /// count would.
-    pub(crate) fn take_counted_room(&self, tenant: &str) -> bool {
+    /// Lets `runs` more runs through on a recent count of the tenant's active runs, if that
+    /// count (less the runs let through on it since, and these) still leaves ample room.
+    /// Conservative: runs that ended since the count only add room, so this never lets through
+    /// more than a fresh count would.
+    pub(crate) fn take_counted_room(&self, tenant: &str, runs: i64) -> bool {
         let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
         match room.get_mut(tenant) {
-            Some((at, left, taken)) if at.elapsed() < ROOM_FOR && *left - *taken > ROOM_MARGIN => {
-                *taken += 1;
+            Some((at, left, taken)) if at.elapsed() < ROOM_FOR && *left - *taken - runs >= ROOM_MARGIN => {
+                *taken += runs;
                 true
             }
             _ => false,
         }
     }
 
-    /// Records a fresh count's room, one run (the one it was counted for) already let through.
-    pub(crate) fn counted_room(&self, tenant: &str, left: i64) {
+    /// Records a fresh count's room, `runs` (those it was counted for) already let through.
+    pub(crate) fn counted_room(&self, tenant: &str, left: i64, runs: i64) {
         let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
         if room.len() >= MAX_ENTRIES {
             room.clear();
         }
-        room.insert(tenant.to_string(), (Instant::now(), left, 1));
+        room.insert(tenant.to_string(), (Instant::now(), left, runs));
     }
 
     pub fn limits(&self) -> &LimitsSettings {
@@ -338,14 +338,19 @@ mod tests {
     #[test]
     fn a_recent_count_serves_submissions_only_while_it_leaves_ample_room() {
         let access = Access::new(LimitsSettings::default());
-        assert!(!access.take_counted_room("acme"), "nothing counted yet: count afresh");
+        assert!(!access.take_counted_room("acme", 1), "nothing counted yet: count afresh");
         // Counted 150 free places, one taken by the submission it was counted for.
-        access.counted_room("acme", 150);
-        let served = std::iter::from_fn(|| access.take_counted_room("acme").then_some(())).take(1_000).count();
+        access.counted_room("acme", 150, 1);
+        let served = std::iter::from_fn(|| access.take_counted_room("acme", 1).then_some(())).take(1_000).count();
         assert_eq!(served as i64, 150 - 1 - ROOM_MARGIN, "let through down to the margin, then count afresh");
-        assert!(!access.take_counted_room("other"), "counts are per tenant");
+        assert!(!access.take_counted_room("other", 1), "counts are per tenant");
         // Near the quota every submission counts afresh.
-        access.counted_room("acme", ROOM_MARGIN);
-        assert!(!access.take_counted_room("acme"));
+        access.counted_room("acme", ROOM_MARGIN, 1);
+        assert!(!access.take_counted_room("acme", 1));
+        // A batch takes its whole size at once, and only if the margin stays.
+        access.counted_room("acme", 300, 100);
+        assert!(!access.take_counted_room("acme", 101), "300 - 100 - 101 leaves less than the margin");
+        assert!(access.take_counted_room("acme", 100), "300 - 100 - 100 leaves the margin");
+        assert!(!access.take_counted_room("acme", 1));
     }
 }

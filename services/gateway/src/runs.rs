@@ -25,6 +25,7 @@ use taskmesh_http::{ApiError, ApiResult};
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/runs", post(submit).get(list))
+        .route("/v1/runs/batch", post(submit_batch))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/cancel", post(cancel))
         .route("/v1/runs/{id}/rerun", post(rerun))
@@ -53,6 +54,23 @@ pub struct SubmitRunRequest {
     /// letters, digits, `_`, `.` or `-`; values at most 256 bytes.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+impl SubmitRunRequest {
+    /// The ingest command that submits this run for `caller`.
+    fn into_command(self, caller: &Caller, idempotency_key: Option<String>, traceparent: Option<String>) -> SubmitRun {
+        SubmitRun {
+            tenant: caller.tenant.clone(),
+            workflow: self.workflow,
+            inputs: self.inputs,
+            trigger: Trigger::Api { key_id: Some(caller.key_id) },
+            idempotency_key,
+            traceparent,
+            not_before: self.not_before,
+            priority: self.priority,
+            labels: self.labels,
+        }
+    }
 }
 
 /// The answer to a submission.
@@ -93,7 +111,7 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     caller.require_operator()?;
-    check_active_runs_quota(&state, &caller.tenant).await?;
+    check_active_runs_quota(&state, &caller.tenant, 1).await?;
     let (format, bytes) = body::read(&headers, body, true)?;
     let request = match format {
         Format::Json => body::json::<SubmitRunRequest>(&bytes)?,
@@ -121,17 +139,7 @@ pub async fn submit(
         .transpose()?;
     let accepted = state
         .ingest
-        .submit_run(&SubmitRun {
-            tenant: caller.tenant.clone(),
-            workflow: request.workflow,
-            inputs: request.inputs,
-            trigger: Trigger::Api { key_id: Some(caller.key_id) },
-            idempotency_key,
-            traceparent: taskmesh_telemetry::current_traceparent(),
-            not_before: request.not_before,
-            priority: request.priority,
-            labels: request.labels,
-        })
+        .submit_run(&request.into_command(&caller, idempotency_key, taskmesh_telemetry::current_traceparent()))
         .await?;
     Ok(accepted_response(
         &state,
@@ -142,6 +150,132 @@ pub async fn submit(
             duplicate: accepted.duplicate,
         },
     ))
+}
+
+/// The most runs one batch may carry.
+pub const MAX_BATCH_RUNS: usize = 100;
+
+/// Several run submissions in one request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRunsRequest {
+    /// 1 to 100 runs, each submitted as `POST /v1/runs` would submit it. (Read item by item
+    /// with [`batch_run`]: serde does not refuse unknown fields of a flattened struct.)
+    #[schema(value_type = Vec<BatchRunRequest>)]
+    pub runs: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One run of a batch: a run submission, with its idempotency key in the body. (Only the
+/// documented shape: [`batch_run`] reads it.)
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BatchRunRequest {
+    /// Submitting again with the same key returns the first run (as `Idempotency-Key` does
+    /// for a single submission): give every run a key and a retried batch starts nothing twice.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(flatten)]
+    pub run: SubmitRunRequest,
+}
+
+/// Reads the run at `index` of a batch: its idempotency key, then the rest as a
+/// [`SubmitRunRequest`] (unknown fields refused, with the run's position in the message).
+fn batch_run(
+    index: usize,
+    mut item: serde_json::Map<String, serde_json::Value>,
+) -> ApiResult<(Option<String>, SubmitRunRequest)> {
+    let at = |mut e: ApiError| {
+        e.0.detail = format!("runs[{index}].{}", e.0.detail);
+        e
+    };
+    let key = match item.remove("idempotency_key") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(k)) => Some(k),
+        Some(_) => return Err(at(ApiError::new(ErrorCode::BadRequest, "idempotency_key: must be a string"))),
+    };
+    let bytes = serde_json::to_vec(&item).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    Ok((key, body::json::<SubmitRunRequest>(&bytes).map_err(at)?))
+}
+
+/// The answer to a batch: one outcome per run, in the order they were sent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmitRunsResponse {
+    /// How many runs were accepted (new or found by their idempotency key).
+    pub accepted: usize,
+    /// How many were refused; each refused run's `problem` says why.
+    pub rejected: usize,
+    pub runs: Vec<BatchRunOutcome>,
+}
+
+/// What became of one run of a batch: `run` when it was accepted, `problem` when it was not.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchRunOutcome {
+    /// The run's position in the request, from 0.
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunAcceptedResponse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<taskmesh_events::Problem>,
+}
+
+/// Submit up to 100 runs in one request. Each run is validated and accepted on its own, as
+/// `POST /v1/runs` would: one run's problem does not refuse the others. The request as a
+/// whole is refused only when it is malformed, holds no runs or more than 100, or the tenant's
+/// quota of runs not yet ended has no room for all of them.
+#[utoipa::path(post, operation_id = "submit_runs", path = "/v1/runs/batch", tag = "runs",
+    request_body(content((SubmitRunsRequest = "application/json"))),
+    responses(
+        (status = 200, description = "Each run's outcome", body = SubmitRunsResponse),
+        (status = 400, description = "Malformed body, or not 1 to 100 runs", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an operator, or over the quota of runs not yet ended", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is unavailable", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn submit_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    caller.require_operator()?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let request = body::json::<SubmitRunsRequest>(&bytes)?;
+    let n = request.runs.len();
+    if !(1..=MAX_BATCH_RUNS).contains(&n) {
+        return Err(ApiError::new(ErrorCode::BadRequest, format!("a batch holds 1 to {MAX_BATCH_RUNS} runs, not {n}")));
+    }
+    let runs =
+        request.runs.into_iter().enumerate().map(|(i, item)| batch_run(i, item)).collect::<ApiResult<Vec<_>>>()?;
+    check_active_runs_quota(&state, &caller.tenant, n as i64).await?;
+    let traceparent = taskmesh_telemetry::current_traceparent();
+    // Every run's command is in flight at once, over the one NATS connection.
+    let outcomes = futures::future::join_all(runs.into_iter().map(|(idempotency_key, run)| {
+        let cmd = run.into_command(&caller, idempotency_key, traceparent.clone());
+        let ingest = state.ingest.clone();
+        async move { ingest.submit_run(&cmd).await }
+    }))
+    .await;
+    let runs: Vec<BatchRunOutcome> = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(index, outcome)| match outcome {
+            Ok(a) => BatchRunOutcome {
+                index,
+                run: Some(RunAcceptedResponse {
+                    id: a.run_id,
+                    status: "queued".into(),
+                    seq: a.seq,
+                    duplicate: a.duplicate,
+                }),
+                problem: None,
+            },
+            Err(problem) => BatchRunOutcome { index, run: None, problem: Some(problem) },
+        })
+        .collect();
+    let accepted = runs.iter().filter(|r| r.run.is_some()).count();
+    Ok(Json(SubmitRunsResponse { accepted, rejected: n - accepted, runs }).into_response())
 }
 
 /// How many more runs the tenant's quota of runs not yet ended allows (none: no quota),
@@ -168,17 +302,18 @@ pub(crate) fn active_runs_exceeded(state: &AppState, tenant: &str) -> ApiError {
     ApiError::new(ErrorCode::QuotaExceeded, format!("this tenant has {max} runs not yet ended, its quota"))
 }
 
-/// Refuses a new run when the tenant is at its quota of runs not yet ended.
-/// Far from the quota, a count made in the last second serves several submissions (see
-/// `Access::take_counted_room`), so a flood of submissions does not count the table each time.
-pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str) -> ApiResult<()> {
-    if state.access.take_counted_room(tenant) {
+/// Refuses `runs` new runs when the tenant's quota of runs not yet ended has no room for
+/// them all. Far from the quota, a count made in the last second serves several submissions
+/// (see `Access::take_counted_room`), so a flood of submissions does not count the table each
+/// time.
+pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str, runs: i64) -> ApiResult<()> {
+    if state.access.take_counted_room(tenant, runs) {
         return Ok(());
     }
     match active_runs_room(state, tenant).await? {
-        Some(room) if room <= 0 => Err(active_runs_exceeded(state, tenant)),
+        Some(room) if room < runs => Err(active_runs_exceeded(state, tenant)),
         Some(room) => {
-            state.access.counted_room(tenant, room);
+            state.access.counted_room(tenant, room, runs);
             Ok(())
         }
         None => Ok(()),
@@ -463,7 +598,7 @@ pub async fn rerun(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     caller.require_operator()?;
-    check_active_runs_quota(&state, &caller.tenant).await?;
+    check_active_runs_quota(&state, &caller.tenant, 1).await?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let request: RerunRequest = body::json(&bytes)?;
