@@ -35,6 +35,10 @@ struct Args {
     /// Requests in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Runs per submission request (throughput, dag): 1 posts each run to `/v1/runs`; more
+    /// posts them in batches to `/v1/runs/batch` (at most 100).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    batch: u16,
     /// Arrivals per second (openloop).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -77,6 +81,30 @@ impl Api {
         }
         let body: Value = res.json().await?;
         Ok((body["id"].as_str().context("id")?.to_string(), body["seq"].as_u64().unwrap_or(0)))
+    }
+
+    /// Submits runs of `workflow` in one `POST /v1/runs/batch`; their ids and sequences, in order.
+    async fn submit_batch(&self, workflow: &Value, n: usize) -> anyhow::Result<Vec<(String, u64)>> {
+        let runs: Vec<Value> = (0..n).map(|_| json!({"workflow": workflow})).collect();
+        let res = self
+            .http
+            .post(format!("{}/v1/runs/batch", self.url))
+            .bearer_auth(&self.key)
+            .json(&json!({"runs": runs}))
+            .send()
+            .await?;
+        if res.status() != 200 {
+            bail!("batch submit answered {}: {}", res.status(), res.text().await.unwrap_or_default());
+        }
+        let body: Value = res.json().await?;
+        let outcomes = body["runs"].as_array().context("runs")?;
+        outcomes
+            .iter()
+            .map(|o| match o["run"].as_object() {
+                Some(run) => Ok((run["id"].as_str().context("id")?.to_string(), run["seq"].as_u64().unwrap_or(0))),
+                None => bail!("a run of the batch was refused: {}", o["problem"]),
+            })
+            .collect()
     }
 
     async fn status(&self, id: &str) -> anyhow::Result<String> {
@@ -177,7 +205,8 @@ fn chain(n: usize) -> Value {
     json!({"name": "bench-chain", "steps": steps})
 }
 
-/// Submits `n` runs of `workflow` (renamed uniquely) with `concurrency` in flight, then waits
+/// Submits `n` runs of `workflow` (renamed uniquely), `batch` per request, with `concurrency`
+/// requests in flight, then waits
 /// until all have ended, counting them through the list endpoint every 50 ms (polling each run
 /// would load the machine more than Taskmesh does). About 200 of the submissions are followed
 /// by a read that waits for the read side to hold them (`Taskmesh-Min-Seq`): its latency is the
@@ -189,27 +218,33 @@ async fn flood(
     mut workflow: Value,
     n: usize,
     concurrency: usize,
+    batch: usize,
 ) -> anyhow::Result<(f64, f64, usize, Vec<f64>)> {
     let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
     workflow["name"] = json!(name);
     let every = (n / 200).max(1);
     let start = Instant::now();
     let mut lag_reads = tokio::task::JoinSet::new();
-    let mut submissions = futures::stream::iter(0..n)
-        .map(|i| {
+    let mut submissions = futures::stream::iter((0..n).step_by(batch))
+        .map(|first| {
             let (api, wf) = (api.clone(), workflow.clone());
-            async move { api.submit(&wf).await.map(|(id, seq)| (i, id, seq)) }
+            let size = batch.min(n - first);
+            async move {
+                let runs = if batch == 1 { vec![api.submit(&wf).await?] } else { api.submit_batch(&wf, size).await? };
+                anyhow::Ok(runs.into_iter().enumerate().map(move |(k, (id, seq))| (first + k, id, seq)))
+            }
         })
         .buffer_unordered(concurrency);
     while let Some(submitted) = submissions.next().await {
-        let (i, id, seq) = submitted?;
-        if i % every == 0 {
-            let api = api.clone();
-            lag_reads.spawn(async move {
-                let t = Instant::now();
-                api.read_after(&id, seq).await?;
-                anyhow::Ok(t.elapsed().as_secs_f64() * 1000.0)
-            });
+        for (i, id, seq) in submitted? {
+            if i % every == 0 {
+                let api = api.clone();
+                lag_reads.spawn(async move {
+                    let t = Instant::now();
+                    api.read_after(&id, seq).await?;
+                    anyhow::Ok(t.elapsed().as_secs_f64() * 1000.0)
+                });
+            }
         }
     }
     let submitted = start.elapsed().as_secs_f64();
@@ -380,9 +415,12 @@ async fn main() -> anyhow::Result<()> {
     let report = match args.workload {
         Workload::Throughput | Workload::Dag => {
             let (workflow, steps) = if matches!(args.workload, Workload::Dag) { (dag(), 12) } else { (noop(), 1) };
-            let (submitted, done, failed, lag) = flood(api, workflow, args.n, args.concurrency).await?;
+            let batch = usize::from(args.batch);
+            let (submitted, done, failed, lag) = flood(api, workflow, args.n, args.concurrency, batch).await?;
+            let workload = if steps == 1 { "throughput" } else { "dag" };
             json!({
-                "workload": if steps == 1 { "throughput" } else { "dag" },
+                "workload": if batch == 1 { workload.to_string() } else { format!("{workload}_batch") },
+                "batch": batch,
                 "runs": args.n, "failed": failed,
                 "submit_seconds": submitted, "total_seconds": done,
                 "runs_per_second": args.n as f64 / done,
