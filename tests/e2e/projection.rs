@@ -108,3 +108,62 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     projector.stop().await.unwrap();
     tm.finish().await;
 }
+
+/// The projector gathers the commonest run events of a batch and writes them a statement per
+/// kind (`apply::Pending`). Fan-out, fan-in, retries, a failure with skips and a chain, applied
+/// one event per batch and then all in one batch, must leave the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would() {
+    // The projector runs until the API key is readable, then stops: the test applies the
+    // runs' events itself.
+    let mut tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Gateway, Svc::Projector], |s| {
+        s.executor.slots = 8
+    })
+    .await;
+    let services = [Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Gateway];
+    let rest = Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &services).await.unwrap();
+    tm.mesh.as_ref().unwrap().shutdown_token().cancel();
+    tm.mesh.take().unwrap().stop().await.unwrap();
+    tm.mesh = Some(rest);
+    tm.api = format!("http://{}", tm.mesh.as_ref().unwrap().gateway.unwrap());
+    let workflows = [
+        "name: fan\nsteps:\n  - {id: a, run: 'echo a'}\n  - {id: b1, needs: [a], run: 'echo b1'}\n  - {id: b2, needs: [a], run: 'echo b2'}\n  - {id: b3, needs: [a], run: 'echo b3'}\n  - {id: c, needs: [b1, b2, b3], run: 'echo c'}\n",
+        "name: retry\nsteps:\n  - {id: flaky, run: '[ \"$TASKMESH_ATTEMPT\" -ge 3 ] || exit 7', retry: {max_attempts: 3, initial_delay_ms: 50}}\n  - {id: after, needs: [flaky], run: 'true'}\n",
+        "name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n  - {id: b, needs: [a], run: 'true'}\n  - {id: c, needs: [b], run: 'true'}\n",
+        "name: chain\nsteps:\n  - {id: a, run: 'true'}\n  - {id: b, needs: [a], run: 'true'}\n  - {id: c, needs: [b], run: 'true'}\n",
+    ];
+    let mut ids = Vec::new();
+    for wf in workflows.iter().cycle().take(8) {
+        ids.push(tm.submit(wf).await);
+    }
+    let mut events = Vec::new();
+    for id in &ids {
+        let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: *id });
+        let run_events = eventually("the run to end in the log", Duration::from_secs(30), || async {
+            let events = tm.bus.read_subject(&subject, 0).await?;
+            Ok(events.last().is_some_and(|e| e.envelope.event.is_run_terminal()).then_some(events))
+        })
+        .await
+        .unwrap();
+        events.extend(run_events);
+    }
+    events.sort_by_key(|e| e.seq);
+    let projector = taskmesh_projector::Projector::new(tm.bus.clone(), tm.pool.clone());
+    let run_rows = |rows: Vec<String>| -> Vec<String> {
+        rows.into_iter().filter(|r| ["runs:", "steps:", "step_attempts:"].iter().any(|t| r.starts_with(t))).collect()
+    };
+
+    taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    for e in &events {
+        projector.apply_batch(std::slice::from_ref(e)).await.unwrap();
+    }
+    let one_at_a_time = run_rows(dump(&tm.pool).await);
+    assert_eq!(one_at_a_time.iter().filter(|r| r.starts_with("runs:")).count(), 8);
+    assert!(one_at_a_time.iter().any(|r| r.starts_with("step_attempts:") && r.contains("\"attempt\":3")));
+
+    taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    projector.apply_batch(&events).await.unwrap();
+    let gathered = run_rows(dump(&tm.pool).await);
+    assert_eq!(gathered, one_at_a_time, "one batch writes what one event at a time writes");
+    tm.finish().await;
+}

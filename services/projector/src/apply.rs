@@ -7,8 +7,26 @@ use taskmesh_events::{Event, Status, StepOutcome};
 
 type Tx<'a> = Transaction<'a, Postgres>;
 
-/// Applies one event inside the projector's transaction.
-pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> Result<(), sqlx::Error> {
+/// Applies one event inside the projector's transaction. The commonest run events are not
+/// written at once but gathered in `pending` and written a statement per kind for the batch
+/// (see [`Pending`]); every other run event first writes what is gathered, so rows see their
+/// events in log order.
+pub async fn apply<'a>(tx: &mut Tx<'_>, stored: &'a Stored, pending: &mut Pending<'a>) -> Result<(), sqlx::Error> {
+    if let Some(kind) = Kind::of(&stored.envelope.event) {
+        return pending.gather(tx, kind, stored).await;
+    }
+    // A run event that writes rows waits for what is gathered (`StepDispatched` only moves the
+    // run's last sequence, which is written at the end of the batch in any order).
+    if stored.envelope.subject.rsplit('.').nth(1) == Some("run")
+        && !matches!(stored.envelope.event, Event::StepDispatched(_))
+    {
+        pending.write(tx).await?;
+    }
+    apply_one(tx, stored, &mut pending.touched).await
+}
+
+/// Applies one event at once.
+async fn apply_one(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> Result<(), sqlx::Error> {
     let env = &stored.envelope;
     let tenant = env.tenant.as_str();
     let at = env.occurred_at;
@@ -438,6 +456,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
 /// Each run's last applied sequence in a batch (read-your-writes and ETags key on it), written
 /// once per run at the batch's end: most events of a run only move its `last_seq`, so one
 /// statement serves the batch instead of one per event.
+///
+/// (Part of [`Pending`].)
 #[derive(Default)]
 pub struct Touched(std::collections::HashMap<(String, uuid::Uuid), i64>);
 
@@ -534,5 +554,344 @@ async fn finish_attempt(
     .bind(sqlx::types::Json(&outcome.outputs))
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// The run events a batch gathers to write a statement per kind instead of one per event, in
+/// the order a run's rows go through them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+enum Kind {
+    /// `RunSubmitted` (without reused steps): the run's row and its steps' rows.
+    Submitted,
+    /// `RunStarted`.
+    RunStarted,
+    /// `StepStarted`: the step's row and a new attempt's.
+    StepStarted,
+    /// `StepSucceeded`, `StepFailed`: the step's row and its attempt's.
+    StepEnded,
+    /// `RunSucceeded`, `RunFailed`, `RunCancelled`, `RunTimedOut`.
+    RunEnded,
+}
+
+impl Kind {
+    fn of(event: &Event) -> Option<Kind> {
+        Some(match event {
+            Event::RunSubmitted(e) if e.reused.is_empty() => Kind::Submitted,
+            Event::RunStarted(_) => Kind::RunStarted,
+            Event::StepStarted(_) => Kind::StepStarted,
+            Event::StepSucceeded(_) | Event::StepFailed(_) => Kind::StepEnded,
+            Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_) => {
+                Kind::RunEnded
+            }
+            _ => return None,
+        })
+    }
+
+    const ALL: [Kind; 5] = [Kind::Submitted, Kind::RunStarted, Kind::StepStarted, Kind::StepEnded, Kind::RunEnded];
+}
+
+/// What a batch has gathered and not yet written. Gathered events are written kind by kind in
+/// [`Kind`] order, which is the order a run's rows go through them (a run's steps are created
+/// with it, before any of them starts). An event whose row (its step's, or its run's) already
+/// has a gathered event of the same kind or a later one first writes everything gathered; so
+/// is every run event that is not gathered. Writing gathered events therefore never reorders
+/// two events of one row, and leaves what applying each event on its own, in log order, would.
+#[derive(Default)]
+pub struct Pending<'a> {
+    events: [Vec<&'a Stored>; 5],
+    /// Per row (tenant, run, step; no step for the run's own row): the latest kind gathered.
+    rows: std::collections::HashMap<(&'a str, uuid::Uuid, &'a str), Kind>,
+    touched: Touched,
+}
+
+impl<'a> Pending<'a> {
+    async fn gather(&mut self, tx: &mut Tx<'_>, kind: Kind, stored: &'a Stored) -> Result<(), sqlx::Error> {
+        let env = &stored.envelope;
+        let run = match &env.event {
+            Event::RunSubmitted(e) => Some(e.run_id),
+            _ => env.subject.rsplit('.').next().and_then(|s| s.parse().ok()),
+        };
+        let Some(run) = run else {
+            // Not a run's subject: nothing to gather it under.
+            self.write(tx).await?;
+            return apply_one(tx, stored, &mut self.touched).await;
+        };
+        let tenant = env.tenant.as_str();
+        let step = match &env.event {
+            Event::StepStarted(e) => Some(e.step.as_str()),
+            Event::StepSucceeded(e) => Some(e.step.as_str()),
+            Event::StepFailed(e) => Some(e.step.as_str()),
+            _ => None,
+        };
+        // The row the event changes: its step's for step events, else its run's. A row that
+        // already has an event of this kind or a later one gathered would see them out of order.
+        let row = (tenant, run, step.unwrap_or(""));
+        if self.rows.get(&row).is_some_and(|latest| *latest >= kind) {
+            self.write(tx).await?;
+        }
+        self.rows.insert(row, kind);
+        self.events[kind as usize].push(stored);
+        Ok(())
+    }
+
+    /// Writes everything gathered, kind by kind, and forgets it.
+    pub async fn write(&mut self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        for kind in Kind::ALL {
+            let events = std::mem::take(&mut self.events[kind as usize]);
+            if !events.is_empty() {
+                write_kind(tx, kind, &events, &mut self.touched).await?;
+            }
+        }
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Writes everything gathered and the runs' last sequences: the end of a batch.
+    pub async fn finish(mut self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        self.write(tx).await?;
+        std::mem::take(&mut self.touched).flush(tx).await
+    }
+}
+
+/// Columns of one kind's events, for `UNNEST`.
+#[derive(Default)]
+struct Columns<'a> {
+    tenant: Vec<&'a str>,
+    id: Vec<uuid::Uuid>,
+    seq: Vec<i64>,
+    at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, stored: &'a Stored, run: uuid::Uuid) {
+        self.tenant.push(&stored.envelope.tenant);
+        self.id.push(run);
+        self.seq.push(stored.seq as i64);
+        self.at.push(stored.envelope.occurred_at);
+    }
+}
+
+fn run_of(stored: &Stored) -> uuid::Uuid {
+    match &stored.envelope.event {
+        Event::RunSubmitted(e) => e.run_id,
+        Event::RunStarted(e) => e.run_id,
+        Event::RunSucceeded(e) | Event::RunFailed(e) | Event::RunCancelled(e) | Event::RunTimedOut(e) => e.run_id,
+        // Gathered only with a run id parsed from the subject.
+        _ => stored.envelope.subject.rsplit('.').next().and_then(|s| s.parse().ok()).unwrap_or_default(),
+    }
+}
+
+/// One statement (or two) for all gathered events of one kind: the same effect as
+/// [`apply_one`] on each in turn, since no two of them touch the same row.
+async fn write_kind(tx: &mut Tx<'_>, kind: Kind, events: &[&Stored], touched: &mut Touched) -> Result<(), sqlx::Error> {
+    let mut c = Columns::default();
+    match kind {
+        Kind::Submitted => {
+            let (mut names, mut triggers, mut inputs, mut keys, mut versions, mut priorities, mut labels) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut step_runs, mut step_tenants, mut ids, mut positions, mut step_kinds, mut needs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for stored in events {
+                let Event::RunSubmitted(e) = &stored.envelope.event else { continue };
+                c.push(stored, e.run_id);
+                names.push(e.workflow.name.as_str());
+                triggers.push(sqlx::types::Json(&e.trigger));
+                inputs.push(sqlx::types::Json(&e.inputs));
+                keys.push(e.idempotency_key.as_deref());
+                versions.push(e.workflow_version.map(|v| v as i32));
+                priorities.push(e.priority.or(e.workflow.priority).unwrap_or(0));
+                labels.push(sqlx::types::Json(&e.labels));
+                for (pos, s) in e.workflow.steps.iter().enumerate() {
+                    step_tenants.push(stored.envelope.tenant.as_str());
+                    step_runs.push(e.run_id);
+                    ids.push(s.id.as_str());
+                    positions.push(pos as i32);
+                    step_kinds.push(match s.kind() {
+                        Some("uses") | None => "builtin",
+                        Some(k) => k,
+                    });
+                    needs.push(s.needs.join(","));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO runs (tenant_id, id, workflow_name, status, trigger, inputs, idempotency_key, created_at, last_seq, workflow_version, priority, labels)
+                 SELECT t, i, n, 'queued', tr, inp, k, at, s, v, p, l
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::timestamptz[], $8::bigint[], $9::int[], $10::int[], $11::jsonb[])
+                      AS x(t, i, n, tr, inp, k, at, s, v, p, l)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&names)
+            .bind(&triggers)
+            .bind(&inputs)
+            .bind(&keys)
+            .bind(&c.at)
+            .bind(&c.seq)
+            .bind(&versions)
+            .bind(&priorities)
+            .bind(&labels)
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO steps (tenant_id, run_id, step_id, position, kind, needs, status)
+                 SELECT t, r, id, pos, kind, CASE WHEN needs = '' THEN '{}'::text[] ELSE string_to_array(needs, ',') END, 'queued'
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[]) AS x(t, r, id, pos, kind, needs)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&step_tenants)
+            .bind(&step_runs)
+            .bind(&ids)
+            .bind(&positions)
+            .bind(&step_kinds)
+            .bind(&needs)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Kind::RunStarted => {
+            for stored in events {
+                c.push(stored, run_of(stored));
+            }
+            sqlx::query(
+                "UPDATE runs r SET status = 'running', started_at = COALESCE(r.started_at, x.at), last_seq = x.s, wait_reason = NULL
+                 FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::bigint[]) AS x(t, i, at, s)
+                 WHERE r.tenant_id = x.t AND r.id = x.i AND r.status = 'queued'",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&c.at)
+            .bind(&c.seq)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Kind::StepStarted => {
+            let (mut steps, mut attempts, mut executors) = (Vec::new(), Vec::new(), Vec::new());
+            for stored in events {
+                let Event::StepStarted(e) = &stored.envelope.event else { continue };
+                let run = run_of(stored);
+                c.push(stored, run);
+                steps.push(e.step.as_str());
+                attempts.push(e.attempt as i32);
+                executors.push(e.executor.as_str());
+                touched.record(&stored.envelope.tenant, Some(run), stored.seq as i64);
+            }
+            sqlx::query(
+                "UPDATE steps st SET status = 'running', attempts = x.a, started_at = COALESCE(st.started_at, x.at), wait_reason = NULL
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[]) AS x(t, r, s, a, at)
+                 WHERE st.tenant_id = x.t AND st.run_id = x.r AND st.step_id = x.s",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&steps)
+            .bind(&attempts)
+            .bind(&c.at)
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO step_attempts (tenant_id, run_id, step_id, attempt, executor, status, started_at)
+                 SELECT t, r, s, a, e, 'running', at
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::timestamptz[]) AS x(t, r, s, a, e, at)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&steps)
+            .bind(&attempts)
+            .bind(&executors)
+            .bind(&c.at)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Kind::StepEnded => {
+            let (mut steps, mut attempts, mut statuses, mut codes, mut outputs, mut truncated, mut errors) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut started, mut finished, mut step_outputs) = (Vec::new(), Vec::new(), Vec::new());
+            for stored in events {
+                let (step, attempt, outcome, status) = match &stored.envelope.event {
+                    Event::StepSucceeded(e) => (&e.step, e.attempt, &e.outcome, Status::Succeeded),
+                    Event::StepFailed(e) if e.outcome.timed_out => (&e.step, e.attempt, &e.outcome, Status::TimedOut),
+                    Event::StepFailed(e) => (&e.step, e.attempt, &e.outcome, Status::Failed),
+                    _ => continue,
+                };
+                let run = run_of(stored);
+                c.push(stored, run);
+                steps.push(step.as_str());
+                attempts.push(attempt as i32);
+                statuses.push(status.as_str());
+                codes.push(outcome.exit_code);
+                outputs.push(outcome.output.as_str());
+                truncated.push(outcome.output_truncated);
+                errors.push(outcome.error.as_deref());
+                started.push(outcome.started_at);
+                finished.push(outcome.finished_at);
+                step_outputs.push(sqlx::types::Json(&outcome.outputs));
+                touched.record(&stored.envelope.tenant, Some(run), stored.seq as i64);
+            }
+            sqlx::query(
+                "UPDATE steps st SET status = x.st, exit_code = x.code, output = x.out, output_truncated = x.tr, error = x.err, wait_reason = NULL,
+                        started_at = COALESCE(st.started_at, x.sa), finished_at = x.fa, outputs = x.o, retry_at = NULL
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::text[], $7::bool[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[])
+                      AS x(t, r, s, st, code, out, tr, err, sa, fa, o)
+                 WHERE st.tenant_id = x.t AND st.run_id = x.r AND st.step_id = x.s",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&steps)
+            .bind(&statuses)
+            .bind(&codes)
+            .bind(&outputs)
+            .bind(&truncated)
+            .bind(&errors)
+            .bind(&started)
+            .bind(&finished)
+            .bind(&step_outputs)
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query(
+                "UPDATE step_attempts a SET status = x.st, exit_code = x.code, error = x.err, finished_at = x.fa, outputs = x.o
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[], $8::timestamptz[], $9::jsonb[])
+                      AS x(t, r, s, n, st, code, err, fa, o)
+                 WHERE a.tenant_id = x.t AND a.run_id = x.r AND a.step_id = x.s AND a.attempt = x.n AND a.status <> 'lost'",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&steps)
+            .bind(&attempts)
+            .bind(&statuses)
+            .bind(&codes)
+            .bind(&errors)
+            .bind(&finished)
+            .bind(&step_outputs)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Kind::RunEnded => {
+            let mut statuses = Vec::new();
+            for stored in events {
+                c.push(stored, run_of(stored));
+                statuses.push(
+                    match &stored.envelope.event {
+                        Event::RunSucceeded(_) => Status::Succeeded,
+                        Event::RunFailed(_) => Status::Failed,
+                        Event::RunTimedOut(_) => Status::TimedOut,
+                        _ => Status::Cancelled,
+                    }
+                    .as_str(),
+                );
+            }
+            sqlx::query(
+                "UPDATE runs r SET status = x.st, finished_at = x.at, last_seq = x.s, wait_reason = NULL
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bigint[]) AS x(t, i, st, at, s)
+                 WHERE r.tenant_id = x.t AND r.id = x.i",
+            )
+            .bind(&c.tenant)
+            .bind(&c.id)
+            .bind(&statuses)
+            .bind(&c.at)
+            .bind(&c.seq)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
     Ok(())
 }

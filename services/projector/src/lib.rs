@@ -150,15 +150,15 @@ impl Projector {
     pub async fn apply_batch(&self, events: &[Stored]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
-        let mut touched = apply::Touched::default();
+        let mut pending = apply::Pending::default();
         for stored in events {
             if stored.seq <= checkpoint {
                 continue;
             }
-            apply::apply(&mut tx, stored, &mut touched).await?;
+            apply::apply(&mut tx, stored, &mut pending).await?;
             checkpoint = stored.seq;
         }
-        touched.flush(&mut tx).await?;
+        pending.finish(&mut tx).await?;
         taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint).await?;
         tx.commit().await?;
         Ok(())
