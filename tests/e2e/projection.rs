@@ -109,9 +109,9 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.finish().await;
 }
 
-/// The projector gathers the commonest run events of a batch and writes them a statement per
-/// kind (`apply::Pending`). Fan-out, fan-in, retries, a failure with skips and a chain, applied
-/// one event per batch and then all in one batch, must leave the same rows.
+/// A batch of events leaves the rows that the same events one per batch would: fan-out, fan-in,
+/// retries, a failure with skips and a chain, applied both ways. (Any batching of the
+/// projector's writes must keep this.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would() {
     // The projector runs until the API key is readable, then stops: the test applies the

@@ -150,15 +150,15 @@ impl Projector {
     pub async fn apply_batch(&self, events: &[Stored]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
-        let mut pending = apply::Pending::default();
+        let mut touched = apply::Touched::default();
         for stored in events {
             if stored.seq <= checkpoint {
                 continue;
             }
-            apply::apply(&mut tx, stored, &mut pending).await?;
+            apply::apply(&mut tx, stored, &mut touched).await?;
             checkpoint = stored.seq;
         }
-        pending.finish(&mut tx).await?;
+        touched.flush(&mut tx).await?;
         taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint).await?;
         tx.commit().await?;
         Ok(())
