@@ -80,7 +80,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
                 .await?;
         }
         Event::RunSubmitted(e) => {
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO runs (tenant_id, id, workflow_name, status, trigger, inputs, idempotency_key, created_at, last_seq, workflow_version, priority, labels)
                  VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
             )
@@ -97,6 +97,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             .bind(sqlx::types::Json(&e.labels))
             .execute(&mut **tx)
             .await?;
+            touched.wrote(tenant, e.run_id, seq, inserted.rows_affected());
             let ids: Vec<&str> = e.workflow.steps.iter().map(|s| s.id.as_str()).collect();
             let positions: Vec<i32> = (0..ids.len() as i32).collect();
             let kinds: Vec<&str> = e
@@ -144,7 +145,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             }
         }
         Event::RunStarted(e) => {
-            sqlx::query(
+            let updated = sqlx::query(
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $3), last_seq = $4, wait_reason = NULL
                  WHERE tenant_id = $1 AND id = $2 AND status = 'queued'",
             )
@@ -154,6 +155,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             .bind(seq)
             .execute(&mut **tx)
             .await?;
+            touched.wrote(tenant, e.run_id, seq, updated.rows_affected());
         }
         Event::StepDispatched(_) => touched.record(tenant, run_id(), seq),
         Event::StepWaiting(e) => {
@@ -288,13 +290,15 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             touched.record(tenant, run_id(), seq);
         }
         Event::RunCancelRequested(e) => {
-            sqlx::query("UPDATE runs SET cancel_requested_at = $3, last_seq = $4 WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant)
-                .bind(e.run_id)
-                .bind(at)
-                .bind(seq)
-                .execute(&mut **tx)
-                .await?;
+            let updated =
+                sqlx::query("UPDATE runs SET cancel_requested_at = $3, last_seq = $4 WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant)
+                    .bind(e.run_id)
+                    .bind(at)
+                    .bind(seq)
+                    .execute(&mut **tx)
+                    .await?;
+            touched.wrote(tenant, e.run_id, seq, updated.rows_affected());
         }
         Event::StepSkipped(e) => {
             sqlx::query(
@@ -317,7 +321,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
                 Event::RunTimedOut(_) => Status::TimedOut,
                 _ => Status::Cancelled,
             };
-            sqlx::query(
+            let updated = sqlx::query(
                 "UPDATE runs SET status = $3, finished_at = $4, last_seq = $5, wait_reason = NULL WHERE tenant_id = $1 AND id = $2",
             )
             .bind(tenant)
@@ -327,6 +331,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             .bind(seq)
             .execute(&mut **tx)
             .await?;
+            touched.wrote(tenant, e.run_id, seq, updated.rows_affected());
         }
         Event::RepoConnectionCreated(e) => {
             sqlx::query(
@@ -437,28 +442,41 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
 
 /// Each run's last applied sequence in a batch (read-your-writes and ETags key on it), written
 /// once per run at the batch's end: most events of a run only move its `last_seq`, so one
-/// statement serves the batch instead of one per event.
+/// statement serves the batch instead of one per event. A run whose row a statement of the
+/// batch already left at its latest sequence (its submission, start, cancel request or end) is
+/// not written again: each write of a `runs` row is a new row version.
 #[derive(Default)]
-pub struct Touched(std::collections::HashMap<(String, uuid::Uuid), i64>);
+pub struct Touched(std::collections::HashMap<(String, uuid::Uuid), (i64, i64)>);
 
 impl Touched {
+    /// An event of the run at `seq` that its row's other columns do not show.
     fn record(&mut self, tenant: &str, run_id: Option<uuid::Uuid>, seq: i64) {
         if let Some(run_id) = run_id {
-            let at = self.0.entry((tenant.to_string(), run_id)).or_default();
-            *at = (*at).max(seq);
+            let (touched, _) = self.0.entry((tenant.to_string(), run_id)).or_default();
+            *touched = (*touched).max(seq);
+        }
+    }
+
+    /// A statement set the run's `last_seq` to `seq` (if it changed a row).
+    fn wrote(&mut self, tenant: &str, run_id: uuid::Uuid, seq: i64, rows: u64) {
+        if rows > 0 {
+            let (_, written) = self.0.entry((tenant.to_string(), run_id)).or_default();
+            *written = (*written).max(seq);
         }
     }
 
     /// Writes the recorded sequences (a run's `last_seq` only ever grows).
     pub async fn flush(self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
         let (mut tenants, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-        for ((tenant, id), seq) in self.0 {
-            tenants.push(tenant);
-            ids.push(id);
-            seqs.push(seq);
+        for ((tenant, id), (seq, written)) in self.0 {
+            if seq > written {
+                tenants.push(tenant);
+                ids.push(id);
+                seqs.push(seq);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
         }
         sqlx::query(
             "UPDATE runs r SET last_seq = GREATEST(r.last_seq, t.seq)
