@@ -421,7 +421,9 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
     let one = json!({"workflow": {"name": "q", "steps": [{"id": "s0", "uses": "noop"}]}});
     let res = call(&tm, &tm.key, Method::POST, "/v1/runs/batch", Some(json!({"runs": [one, one, one]}))).await;
     assert_eq!(res.status(), 403);
-    quota(&res.json().await.unwrap(), "runs not yet ended");
+    let body: Value = res.json().await.unwrap();
+    quota(&body, "runs not yet ended");
+    quota(&body, "room for 2 more; the batch has 3");
     // Runs not yet ended: two fit, the third does not.
     assert_eq!(submit(3).await.status(), 202);
     assert_eq!(submit(1).await.status(), 202);

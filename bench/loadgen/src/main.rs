@@ -137,16 +137,22 @@ impl Api {
     /// Whether any run of `workflow` has `status` (one row asked for), once the read side has
     /// applied sequence `seq`.
     async fn any(&self, workflow: &str, status: &str, seq: u64) -> anyhow::Result<bool> {
-        let page: Value = self
-            .http
-            .get(format!("{}/v1/runs?workflow={workflow}&status={status}&limit=1", self.url))
-            .bearer_auth(&self.key)
-            .header("taskmesh-min-seq", seq.to_string())
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let mut tries = 0;
+        let res = loop {
+            let res = self
+                .http
+                .get(format!("{}/v1/runs?workflow={workflow}&status={status}&limit=1", self.url))
+                .bearer_auth(&self.key)
+                .header("taskmesh-min-seq", seq.to_string())
+                .send()
+                .await?;
+            // A read side further behind than the gateway waits for answers 503: ask again.
+            tries += 1;
+            if res.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || tries == 20 {
+                break res;
+            }
+        };
+        let page: Value = res.error_for_status()?.json().await?;
         Ok(page["items"].as_array().is_some_and(|items| !items.is_empty()))
     }
 

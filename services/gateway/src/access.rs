@@ -134,12 +134,19 @@ impl Access {
     }
 
     /// Records a fresh count's room, `runs` (those it was counted for) already let through.
+    /// Runs let through in the last moment may not be in the read model yet, so while the
+    /// previous count is still relied on, what was let through on it carries over: several
+    /// requests that counted at once cannot each spend the same room.
     pub(crate) fn counted_room(&self, tenant: &str, left: i64, runs: i64) {
         let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
         if room.len() >= MAX_ENTRIES {
             room.clear();
         }
-        room.insert(tenant.to_string(), (Instant::now(), left, runs));
+        let entry = match room.get(tenant) {
+            Some(&(at, _, taken)) if at.elapsed() < ROOM_FOR => (at, left, taken + runs),
+            _ => (Instant::now(), left, runs),
+        };
+        room.insert(tenant.to_string(), entry);
     }
 
     pub fn limits(&self) -> &LimitsSettings {
@@ -348,9 +355,26 @@ mod tests {
         access.counted_room("acme", ROOM_MARGIN, 1);
         assert!(!access.take_counted_room("acme", 1));
         // A batch takes its whole size at once, and only if the margin stays.
-        access.counted_room("acme", 300, 100);
-        assert!(!access.take_counted_room("acme", 101), "300 - 100 - 101 leaves less than the margin");
-        assert!(access.take_counted_room("acme", 100), "300 - 100 - 100 leaves the margin");
+        access.counted_room("batch", 300, 100);
+        assert!(!access.take_counted_room("batch", 101), "300 - 100 - 101 leaves less than the margin");
+        assert!(access.take_counted_room("batch", 100), "300 - 100 - 100 leaves the margin");
+        assert!(!access.take_counted_room("batch", 1));
+    }
+
+    #[test]
+    fn requests_that_count_at_once_do_not_each_spend_the_same_room() {
+        let access = Access::new(LimitsSettings::default());
+        // Two batches of 100 both found no usable count, both counted 250 free places (the
+        // read model not yet holding either), and both were let through.
+        access.counted_room("acme", 250, 100);
+        access.counted_room("acme", 250, 100);
+        // 250 - 200 leaves less than the margin: the next submission counts afresh.
         assert!(!access.take_counted_room("acme", 1));
+        // Once the count is old, a fresh one starts over.
+        let mut room = access.room.lock().unwrap();
+        room.get_mut("acme").unwrap().0 -= ROOM_FOR;
+        drop(room);
+        access.counted_room("acme", 250, 1);
+        assert!(access.take_counted_room("acme", 1), "250 - 1 - 1 leaves the margin");
     }
 }

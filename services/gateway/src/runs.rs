@@ -184,7 +184,7 @@ fn batch_run(
     mut item: serde_json::Map<String, serde_json::Value>,
 ) -> ApiResult<(Option<String>, SubmitRunRequest)> {
     let at = |mut e: ApiError| {
-        e.0.detail = format!("runs[{index}].{}", e.0.detail);
+        e.0.detail = format!("runs[{index}]: {}", e.0.detail);
         e
     };
     let key = match item.remove("idempotency_key") {
@@ -219,8 +219,9 @@ pub struct BatchRunOutcome {
 
 /// Submit up to 100 runs in one request. Each run is validated and accepted on its own, as
 /// `POST /v1/runs` would: one run's problem does not refuse the others. The request as a
-/// whole is refused only when it is malformed, holds no runs or more than 100, or the tenant's
-/// quota of runs not yet ended has no room for all of them.
+/// whole is refused (beyond what refuses any request: key, size, type, rate limit) only when it
+/// is malformed, holds no runs or more than 100, or the tenant's quota of runs not yet ended has
+/// no room for all of them. A batch takes one token from the rate limits.
 #[utoipa::path(post, operation_id = "submit_runs", path = "/v1/runs/batch", tag = "runs",
     request_body(content((SubmitRunsRequest = "application/json"))),
     responses(
@@ -311,6 +312,16 @@ pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str, runs
         return Ok(());
     }
     match active_runs_room(state, tenant).await? {
+        Some(room) if room < runs && runs > 1 => {
+            let max = state.access.limits().max_active_runs(tenant);
+            Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the quota of runs not yet ended ({max}) has room for {} more; the batch has {runs}",
+                    room.max(0)
+                ),
+            ))
+        }
         Some(room) if room < runs => Err(active_runs_exceeded(state, tenant)),
         Some(room) => {
             state.access.counted_room(tenant, room, runs);
