@@ -84,6 +84,10 @@ async fn sigkilled_executor_loses_its_lease_and_the_step_finishes_once_on_anothe
 async fn sigkilled_scheduler_replica_loses_no_run_repeats_no_step_and_skips_no_tick() {
     // One scheduler replica in this process, one as a child process that gets SIGKILLed.
     let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 16).await;
+    // Every run's end reaches a webhook endpoint: the replicas announce ends to the notifier
+    // as they consume them, and the killed one's unacked events are announced by the other.
+    let (seen, _) = crate::integrations::subscribe(&tm).await;
+    tm.wait_projected().await;
     let mut doomed = spawn_service(&tm, "scheduler").spawn().unwrap();
     let schedule: serde_json::Value = tm
         .auth(tm.http.post(format!("{}/v1/schedules", tm.api)))
@@ -126,6 +130,20 @@ async fn sigkilled_scheduler_replica_loses_no_run_repeats_no_step_and_skips_no_t
         assert_eq!(per_step.len(), 4);
         assert!(per_step.values().all(|&(started, done)| started == 1 && done == 1), "run {id}: {per_step:?}");
     }
+    let want: std::collections::BTreeSet<String> = ids.iter().map(|id| id.to_string()).collect();
+    eventually("every run's end to be notified", Duration::from_secs(60), || async {
+        let notified: std::collections::BTreeSet<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, body)| serde_json::from_slice::<serde_json::Value>(body).ok())
+            .filter(|p| p["type"] == "run.succeeded")
+            .filter_map(|p| p["data"]["run_id"].as_str().map(String::from))
+            .collect();
+        Ok(want.is_subset(&notified).then_some(()))
+    })
+    .await
+    .unwrap();
     let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{schedule_id}/pause", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -87,10 +87,10 @@ async fn github_push_is_verified_and_starts_one_run_per_delivery() {
 }
 
 /// What a receiver was sent: headers and body per request.
-type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+pub(crate) type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
 
 /// A local receiver that records what it is sent and answers 200.
-async fn receiver() -> (String, Received) {
+pub(crate) async fn receiver() -> (String, Received) {
     let seen: Received = Arc::default();
     let store = seen.clone();
     let app = axum::Router::new().route(
@@ -110,7 +110,7 @@ async fn receiver() -> (String, Received) {
 }
 
 /// A local receiver subscribed as a webhook endpoint: what it is sent, and the created endpoint.
-async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
+pub(crate) async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
     let (url, seen) = receiver().await;
     let res = tm
         .auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api)))

@@ -210,8 +210,17 @@ impl Bus {
             max_messages: 100_000,
             ..bounded(self.ns.pools_stream(), self.ns.pools_all(), "Taskmesh executor pools (label sets)")
         };
+        // Ended runs waiting for the notifier. A notifier that is not deployed, or far behind,
+        // loses the oldest notices rather than stopping the scheduler (as the event log's own
+        // limits would drop the events themselves).
+        let ended = StreamConfig {
+            max_age: Duration::from_secs(7 * 86_400),
+            discard: DiscardPolicy::Old,
+            ..queue(self.ns.ended_stream(), self.ns.ended_all(), "Taskmesh runs that ended, for notifications")
+        };
         let streams = [
             events,
+            ended,
             logs,
             ready,
             groups,
@@ -237,6 +246,7 @@ impl Bus {
             self.ns.events_stream(),
             self.ns.dispatch_stream(),
             self.ns.deliveries_stream(),
+            self.ns.ended_stream(),
             self.ns.timers_stream(),
             self.ns.logs_stream(),
             self.ns.ready_stream(),

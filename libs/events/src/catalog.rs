@@ -101,11 +101,6 @@ impl Event {
     pub fn is_run_terminal(&self) -> bool {
         matches!(self, Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_))
     }
-
-    /// [`Event::is_run_terminal`] by type name (the `Tm-Event-Type` header), without decoding.
-    pub fn is_run_terminal_type(type_name: &str) -> bool {
-        matches!(type_name, "RunSucceeded" | "RunFailed" | "RunCancelled" | "RunTimedOut")
-    }
 }
 
 /// A tenant came into being.
@@ -585,26 +580,6 @@ impl Status {
             Status::Cancelled => "cancelled",
             Status::Skipped => "skipped",
             Status::TimedOut => "timed_out",
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_ends_are_known_by_type_name() {
-        let finished = RunFinished { run_id: Uuid::nil(), failed_steps: vec![] };
-        let events = [
-            Event::RunSucceeded(finished.clone()),
-            Event::RunFailed(finished.clone()),
-            Event::RunCancelled(finished.clone()),
-            Event::RunTimedOut(finished.clone()),
-            Event::RunStarted(RunStarted { run_id: Uuid::nil() }),
-        ];
-        for e in &events {
-            assert_eq!(Event::is_run_terminal_type(e.type_name()), e.is_run_terminal(), "{}", e.type_name());
         }
     }
 }

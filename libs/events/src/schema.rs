@@ -176,6 +176,12 @@ fn asyncapi() -> Value {
                 "parameters": {"ns": {}},
                 "messages": refs(&["CancelSignal"])
             },
+            "endedRuns": {
+                "address": "{ns}.ended.{tenant}",
+                "description": "Stream {NS}_ENDED (work queue, 7 days, oldest dropped when full), durable consumer `fan-out` (notification): each run's terminal event, as its envelope, enqueued by the scheduler as it consumes the event (Nats-Msg-Id `ended:{event id}`).",
+                "parameters": {"ns": {}, "tenant": {}},
+                "messages": refs(&["RunSucceeded", "RunFailed", "RunCancelled", "RunTimedOut"])
+            },
             "timers": {
                 "address": "{ns}.timer.{tenant}",
                 "description": "Stream {NS}_TIMERS (work queue), durable consumer `timers`: what the scheduler must do later; handed back with a delayed nak until due.",
@@ -203,7 +209,9 @@ fn asyncapi() -> Value {
         },
         "operations": {
             "appendRunEvent": {"action": "send", "channel": {"$ref": "#/channels/runEvents"}},
-            "consumeRunEvents": {"action": "receive", "channel": {"$ref": "#/channels/runEvents"}, "description": "Durable consumers `scheduler`, `projector`, `notification`."},
+            "consumeRunEvents": {"action": "receive", "channel": {"$ref": "#/channels/runEvents"}, "description": "Durable consumers `scheduler`, `projector`."},
+            "announceEndedRun": {"action": "send", "channel": {"$ref": "#/channels/endedRuns"}},
+            "fanOutEndedRun": {"action": "receive", "channel": {"$ref": "#/channels/endedRuns"}},
             "dispatchStep": {"action": "send", "channel": {"$ref": "#/channels/dispatch"}},
             "pullStep": {"action": "receive", "channel": {"$ref": "#/channels/dispatch"}},
             "heartbeat": {"action": "send", "channel": {"$ref": "#/channels/executors"}},

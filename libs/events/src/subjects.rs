@@ -213,6 +213,17 @@ impl Namespace {
     pub fn pool(&self, token: &str) -> String {
         format!("{}.pool.{token}", self.0)
     }
+    /// Runs that ended, for the notifier: a work queue the scheduler fills from the run
+    /// events it consumes (each message is a terminal event's envelope).
+    pub fn ended_stream(&self) -> String {
+        self.stream("ENDED")
+    }
+    pub fn ended_all(&self) -> String {
+        format!("{}.ended.>", self.0)
+    }
+    pub fn ended(&self, tenant: &str) -> String {
+        format!("{}.ended.{tenant}", self.0)
+    }
     pub fn deliveries_all(&self) -> String {
         format!("{}.delivery.>", self.0)
     }

@@ -1,9 +1,11 @@
 //! Notification: tells subscribers when runs end, by outbound webhooks signed per the
 //! Standard Webhooks specification.
 //!
-//! Two loops. The fan-out reads run events (durable consumer `notification`) and, for each run
-//! that ended, enqueues one delivery per subscribed endpoint on the `{NS}_DELIVERIES` work
-//! queue, deduplicated by `{event id}:{endpoint id}`. The delivery loop (durable consumer
+//! Two loops. The fan-out reads the runs that ended from the `{NS}_ENDED` work queue (durable
+//! consumer `fan-out`; the scheduler puts each run's terminal event there as it consumes it,
+//! so this service reads one message per run, not every run event) and enqueues one delivery
+//! per subscribed endpoint on the `{NS}_DELIVERIES` work queue, deduplicated by
+//! `{event id}:{endpoint id}`. The delivery loop (durable consumer
 //! `deliveries`) POSTs each one with `webhook-id` (the event id, stable across retries so the
 //! receiver can deduplicate), `webhook-timestamp` and `webhook-signature`; a failure is retried
 //! after the configured delays, then dropped with an error log (dead letter).
@@ -26,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-/// The run-event consumer.
-pub const FAN_OUT: &str = "notification";
+/// The consumer of runs that ended.
+pub const FAN_OUT: &str = "fan-out";
 /// The delivery consumer.
 pub const DELIVERIES: &str = "deliveries";
 
@@ -85,9 +87,9 @@ impl Notifier {
     async fn fan_out(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let ns = self.bus.namespace();
         let config = PullConfig {
-            filter_subject: ns.runs_all(),
-            // From the log's start when first created: runs that ended before the
-            // notifier first ran are notified too (at least once is the contract).
+            filter_subject: ns.ended_all(),
+            // Runs that ended before the notifier first ran wait in the queue: they are
+            // notified too (at least once is the contract).
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
@@ -96,7 +98,7 @@ impl Notifier {
         let me = &self;
         taskmesh_bus::consume(
             &self.bus,
-            &ns.events_stream(),
+            &ns.ended_stream(),
             FAN_OUT,
             config,
             64,
@@ -116,13 +118,14 @@ impl Notifier {
     }
 
     async fn fan_out_one(&self, msg: &Message) -> anyhow::Result<()> {
-        // Most run events are not ends: the type header tells without decoding the body.
-        let kind = msg.headers.as_ref().and_then(|h| h.get(taskmesh_bus::EVENT_TYPE_HEADER)).map(|v| v.as_str());
-        if kind.is_some_and(|k| !Event::is_run_terminal_type(k)) {
-            return Ok(());
-        }
-        let stored = taskmesh_bus::decode(msg)?;
-        let env = &stored.envelope;
+        let env = match taskmesh_events::Envelope::from_json(&msg.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable notice of an ended run; dropping it");
+                return Ok(());
+            }
+        };
+        let env = &env;
         let (type_name, status, finished) = match &env.event {
             Event::RunSucceeded(f) => ("run.succeeded", "succeeded", f),
             Event::RunFailed(f) => ("run.failed", "failed", f),
