@@ -72,6 +72,9 @@ dag_s = max((x for x in [dag_1, dag_b] if x == x), default=nan)
 rt50, rt99 = med(get(rt, "latency", "p50_ms")), med(get(rt, "latency", "p99_ms"))
 chain_s, hop_ms = med(get(ch, "total_seconds")), med(get(ch, "ms_per_hop"))
 api_rps, api50, api99 = med(get(api, "requests_per_second")), med(get(api, "latency", "p50_ms")), med(get(api, "latency", "p99_ms"))
+api_open = by.get("api_open", [])
+open_rate = api_open[0]["rate"] if api_open else float("nan")
+open_rps, open50, open99 = med(get(api_open, "requests_per_second")), med(get(api_open, "latency", "p50_ms")), med(get(api_open, "latency", "p99_ms"))
 lag50, lag99 = med(get(t, "projection_lag", "p50_ms")), med(get(t, "projection_lag", "p99_ms"))
 c_steps = med(get(ct, "steps_per_second"))
 c_dag = med(get(cd, "runs_per_second"))
@@ -144,6 +147,7 @@ lines = [
     f"| {ch[0]['hops'] if ch else '?'}-step sequential chain | total s / ms per hop | {fmt(chain_s, 2)} / {fmt(hop_ms, 2)} | | |",
     f"| `GET /v1/runs/{{id}}`, 32 in flight | requests/s | {fmt(api_rps, 0)} | | |",
     f"| `GET /v1/runs/{{id}}` | p50 / p99 ms | {fmt(api50, 2)} / {fmt(api99, 2)} | | |",
+    f"| `GET /v1/runs/{{id}}` at {fmt(open_rate, 0)} req/s offered (open loop, latency from each request's scheduled time) | p50 / p99 ms (achieved req/s) | {fmt(open50, 2)} / {fmt(open99, 2)} ({fmt(open_rps, 0)}) | | |",
     f"| projection lag under the throughput load (submit accepted → readable) | p50 / p99 ms | {fmt(lag50)} / {fmt(lag99)} | | |",
     f"| memory: `taskmesh up` RSS | idle / peak MB | {idle_kb/1024:.0f} / {peak_kb/1024:.0f} | | |",
     "",
@@ -194,7 +198,9 @@ lines = [
          "openloop@500" in by and med(get(by["openloop@500"], "start_latency", "p50_ms")) < 5 and med(get(by["openloop@500"], "start_latency", "p99_ms")) < 25),
         ("400-step chain < 2 s (< 5 ms per hop)", f"{fmt(chain_s, 2)} s", chain_s < 2),
         ("`GET /v1/runs/{id}` p99 < 5 ms at 2,000 req/s",
-         f"p99 {fmt(api99)} ms at {fmt(api_rps, 0)} req/s (32 in flight, closed loop)", api99 < 5 and api_rps >= 2000),
+         (f"p99 {fmt(open99)} ms at {fmt(open_rps, 0)} req/s (open loop at {fmt(open_rate, 0)}/s offered); at saturation (32 in flight) p99 {fmt(api99)} ms at {fmt(api_rps, 0)} req/s"
+          if api_open else f"p99 {fmt(api99)} ms at {fmt(api_rps, 0)} req/s (32 in flight, closed loop)"),
+         (open99 < 5 and open_rps >= 1950 and open_rate >= 2000) if api_open else (api99 < 5 and api_rps >= 2000)),
         ("projection lag p99 < 100 ms at full throughput", f"p99 {fmt(lag99)} ms", lag99 < 100),
         ("`taskmesh up` idle RSS < 80 MB", f"{idle_kb/1024:.0f} MB", idle_kb / 1024 < 80),
     ]],

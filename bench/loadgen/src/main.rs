@@ -4,7 +4,9 @@
 //! Workloads: `throughput` (N one-step `noop` runs submitted concurrently, until all have
 //! succeeded in the read side), `dag` (N runs of a 1 → 10 → 1 DAG), `roundtrip` (runs submitted
 //! one after another, each awaited), `chain` (one run of a sequential chain: time per hop) and
-//! `api` (`GET /v1/runs/{id}` under concurrent load), `openloop` (runs arriving at a fixed
+//! `api` (`GET /v1/runs/{id}` under concurrent load, `--concurrency` in flight), `api-open`
+//! (the same read at a fixed `--rate`, each request sent on schedule whether or not earlier
+//! ones have answered, latency from its scheduled time), `openloop` (runs arriving at a fixed
 //! rate, whatever the mesh does: time from submit to step start and to run end) and `limits`
 //! (what JetStream and Postgres themselves sustain here, without Taskmesh). `throughput` and
 //! `dag` also sample projection lag: how long after a submission is accepted it is readable
@@ -39,7 +41,7 @@ struct Args {
     /// posts them in batches to `/v1/runs/batch` (at most 100).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
     batch: u16,
-    /// Arrivals per second (openloop).
+    /// Arrivals per second (openloop, api-open).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
     /// NATS server (limits).
@@ -57,6 +59,7 @@ enum Workload {
     Roundtrip,
     Chain,
     Api,
+    ApiOpen,
     Openloop,
     Limits,
 }
@@ -495,6 +498,28 @@ async fn main() -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?;
             let rps = args.n as f64 / start.elapsed().as_secs_f64();
             json!({"workload": "api", "requests": args.n, "concurrency": args.concurrency, "requests_per_second": rps, "latency": latency_summary(ms)})
+        }
+        Workload::ApiOpen => {
+            let (id, _) = api.submit(&noop()).await?;
+            api.wait(&id).await?;
+            let interval = Duration::from_secs_f64(1.0 / args.rate);
+            let start = tokio::time::Instant::now();
+            let mut tasks = Vec::with_capacity(args.n);
+            for i in 0..args.n {
+                let due = start + interval * i as u32;
+                tokio::time::sleep_until(due).await;
+                let (api, id) = (api.clone(), id.clone());
+                // From the scheduled time, not the send: a late send is the server's queue too.
+                tasks.push(tokio::spawn(
+                    async move { api.status(&id).await.map(|_| due.elapsed().as_secs_f64() * 1000.0) },
+                ));
+            }
+            let mut ms = Vec::with_capacity(args.n);
+            for t in tasks {
+                ms.push(t.await??);
+            }
+            let rps = args.n as f64 / start.elapsed().as_secs_f64();
+            json!({"workload": "api_open", "rate": args.rate, "requests": args.n, "requests_per_second": rps, "latency": latency_summary(ms)})
         }
         Workload::Openloop => openloop(api, args.rate, args.n).await?,
         Workload::Limits => limits(&args.nats, &args.postgres, args.n).await?,
