@@ -70,6 +70,12 @@ struct Api {
     key: String,
 }
 
+/// The id and `RunSubmitted` sequence of an accepted run, as `POST /v1/runs` answers it (and
+/// each accepted run of a batch).
+fn accepted(run: &Value) -> anyhow::Result<(String, u64)> {
+    Ok((run["id"].as_str().context("id")?.to_string(), run["seq"].as_u64().unwrap_or(0)))
+}
+
 impl Api {
     async fn submit(&self, workflow: &Value) -> anyhow::Result<(String, u64)> {
         let res = self
@@ -82,8 +88,7 @@ impl Api {
         if res.status() != 202 {
             bail!("submit answered {}: {}", res.status(), res.text().await.unwrap_or_default());
         }
-        let body: Value = res.json().await?;
-        Ok((body["id"].as_str().context("id")?.to_string(), body["seq"].as_u64().unwrap_or(0)))
+        accepted(&res.json().await?)
     }
 
     /// Submits runs of `workflow` in one `POST /v1/runs/batch`; their ids and sequences, in order.
@@ -104,7 +109,7 @@ impl Api {
         outcomes
             .iter()
             .map(|o| match o["run"].as_object() {
-                Some(run) => Ok((run["id"].as_str().context("id")?.to_string(), run["seq"].as_u64().unwrap_or(0))),
+                Some(_) => accepted(&o["run"]),
                 None => bail!("a run of the batch was refused: {}", o["problem"]),
             })
             .collect()

@@ -85,6 +85,12 @@ pub struct RunAcceptedResponse {
     pub duplicate: bool,
 }
 
+impl From<taskmesh_events::command::RunAccepted> for RunAcceptedResponse {
+    fn from(a: taskmesh_events::command::RunAccepted) -> Self {
+        Self { id: a.run_id, status: "queued".into(), seq: a.seq, duplicate: a.duplicate }
+    }
+}
+
 /// Submit a run of an inline workflow.
 #[utoipa::path(post, operation_id = "submit_run", path = "/v1/runs", tag = "runs",
     request_body(content(
@@ -141,15 +147,7 @@ pub async fn submit(
         .ingest
         .submit_run(&request.into_command(&caller, idempotency_key, taskmesh_telemetry::current_traceparent()))
         .await?;
-    Ok(accepted_response(
-        &state,
-        RunAcceptedResponse {
-            id: accepted.run_id,
-            status: "queued".into(),
-            seq: accepted.seq,
-            duplicate: accepted.duplicate,
-        },
-    ))
+    Ok(accepted_response(&state, accepted.into()))
 }
 
 /// The most runs one batch may carry.
@@ -262,16 +260,7 @@ pub async fn submit_batch(
         .into_iter()
         .enumerate()
         .map(|(index, outcome)| match outcome {
-            Ok(a) => BatchRunOutcome {
-                index,
-                run: Some(RunAcceptedResponse {
-                    id: a.run_id,
-                    status: "queued".into(),
-                    seq: a.seq,
-                    duplicate: a.duplicate,
-                }),
-                problem: None,
-            },
+            Ok(a) => BatchRunOutcome { index, run: Some(a.into()), problem: None },
             Err(problem) => BatchRunOutcome { index, run: None, problem: Some(problem) },
         })
         .collect();

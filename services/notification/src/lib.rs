@@ -118,14 +118,13 @@ impl Notifier {
     }
 
     async fn fan_out_one(&self, msg: &Message) -> anyhow::Result<()> {
-        let env = match taskmesh_events::Envelope::from_json(&msg.payload) {
+        let env = &match taskmesh_events::Envelope::from_json(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
                 tracing::error!(error = %e, "undecodable notice of an ended run; dropping it");
                 return Ok(());
             }
         };
-        let env = &env;
         let (type_name, status, finished) = match &env.event {
             Event::RunSucceeded(f) => ("run.succeeded", "succeeded", f),
             Event::RunFailed(f) => ("run.failed", "failed", f),

@@ -368,15 +368,15 @@ impl Scheduler {
                     let body = serde_json::to_vec(&signal).expect("serialises");
                     let _ = self.bus.client().publish(self.bus.namespace().run_ended_signals(), body.into()).await;
                 }
-                leave_groups(&self.bus, key, state).await?;
                 // The notifier learns of the end from a queue of its own rather than by reading
                 // every run event: announced before this event is acked, so a crash in between
-                // announces it again (the message id deduplicates).
-                let ns = self.bus.namespace();
+                // announces it again (the message id deduplicates). Independent of leaving the
+                // groups: both go out together.
                 let env = &stored.envelope;
-                self.bus
-                    .enqueue(ns.ended(&key.tenant), &format!("ended:{}", env.id), env, env.traceparent.as_deref())
-                    .await?;
+                let msg_id = format!("ended:{}", env.id);
+                let announce =
+                    self.bus.enqueue(self.bus.namespace().ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
+                tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
             // places it was given are left again, or nobody would ever free them.
