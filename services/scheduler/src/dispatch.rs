@@ -54,6 +54,8 @@ const TICK: Duration = Duration::from_millis(100);
 const READ_BATCH: usize = 4_096;
 /// Most publishes (or deletions) in flight at once while a round's admissions go out.
 const PIPELINE: usize = 256;
+/// How long a read of DISPATCH's counts serves admission rounds, at most (see [`InFlight`]).
+const COUNTS_FOR: Duration = Duration::from_secs(1);
 
 pub(crate) struct Dispatcher {
     bus: Bus,
@@ -91,6 +93,66 @@ impl Bucket {
     fn refill(&mut self, now: Instant) {
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
         self.at = now;
+    }
+}
+
+/// Steps on DISPATCH (queued or running), per tenant and in all: its per-subject counts as last
+/// read, plus every step this leader has admitted since. Steps leave DISPATCH only when their
+/// executors ack them, and within a leader's term only this leader adds any, so these figures
+/// are never below what DISPATCH holds: admitting on them never takes a tenant past its limit
+/// (invariant 9), while sparing a stream-info request on every round. They are read afresh
+/// when they could hold a step back (`held` would reach a limit on them), when they are older
+/// than [`COUNTS_FOR`], and by every new leader.
+struct InFlight {
+    read_at: Instant,
+    tenants: HashMap<String, u64>,
+    total: u64,
+}
+
+impl InFlight {
+    fn new(counts: HashMap<String, u64>, ns: &taskmesh_events::subjects::Namespace, now: Instant) -> Self {
+        let mut tenants: HashMap<String, u64> = HashMap::new();
+        let mut total = 0;
+        for (subject, n) in counts {
+            total += n;
+            if let Some((tenant, _pool)) = ns.parse_dispatch(&subject) {
+                *tenants.entry(tenant.to_string()).or_default() += n;
+            }
+        }
+        Self { read_at: now, tenants, total }
+    }
+
+    fn of(&self, tenant: &str) -> u64 {
+        self.tenants.get(tenant).copied().unwrap_or(0)
+    }
+
+    fn admitted(&mut self, tenant: &str) {
+        *self.tenants.entry(tenant.to_string()).or_default() += 1;
+        self.total += 1;
+    }
+
+    /// Whether these figures may still decide a round over `held` (steps waiting, per tenant):
+    /// they are recent, and admitting everything held would take no tenant to its limit
+    /// (`limit` of a tenant, 0 for none) nor the total to `window` (0: none).
+    fn serves<'a>(
+        &self,
+        now: Instant,
+        held: impl Iterator<Item = (&'a str, usize)>,
+        limit: impl Fn(&str) -> u32,
+        window: u32,
+    ) -> bool {
+        if now.duration_since(self.read_at) >= COUNTS_FOR {
+            return false;
+        }
+        let mut all = self.total;
+        for (tenant, n) in held {
+            let (n, limit) = (n as u64, u64::from(limit(tenant)));
+            if limit > 0 && self.of(tenant) + n >= limit {
+                return false;
+            }
+            all += n;
+        }
+        window == 0 || all < u64::from(window)
     }
 }
 
@@ -132,6 +194,8 @@ struct Held {
     /// When this leader first read the live executors: until a few heartbeats have had time
     /// to arrive, seeing none is not evidence that none runs (they may be starting too).
     first_look: Option<Instant>,
+    /// What is on DISPATCH, at most (none until the first round of this term).
+    in_flight: Option<InFlight>,
 }
 
 impl Held {
@@ -380,19 +444,25 @@ impl Dispatcher {
             return Ok(());
         }
         let ns = self.bus.namespace().clone();
-        let counts = self.bus.subject_counts(&ns.dispatch_stream(), &ns.dispatch_all()).await?;
-        let mut in_flight: HashMap<String, u64> = HashMap::new();
-        let mut total: u64 = 0;
-        for (subject, n) in counts {
-            total += n;
-            if let Some((tenant, _pool)) = ns.parse_dispatch(&subject) {
-                *in_flight.entry(tenant.to_string()).or_default() += n;
-            }
-        }
-        let mut sent: Vec<(RunKey, String, BTreeMap<String, String>)> = Vec::new();
         let now = Instant::now();
         let wall = chrono::Utc::now();
         let window = self.settings.dispatch_window;
+        // Taken out for the round and put back only when the round went through: a round that
+        // failed half-way reads the counts afresh next time.
+        let mut in_flight = match held.in_flight.take() {
+            Some(f)
+                if f.serves(
+                    now,
+                    held.steps.iter().map(|(t, q)| (t.as_str(), q.len())),
+                    |t| self.limits.max_steps(t),
+                    window,
+                ) =>
+            {
+                f
+            }
+            _ => InFlight::new(self.bus.subject_counts(&ns.dispatch_stream(), &ns.dispatch_all()).await?, &ns, now),
+        };
+        let mut sent: Vec<(RunKey, String, BTreeMap<String, String>)> = Vec::new();
         // Tenants take turns, one step each, until nobody can admit more.
         let mut blocked: HashSet<String> = HashSet::new();
         let mut admitted: HashMap<RunKey, Vec<String>> = HashMap::new();
@@ -405,13 +475,12 @@ impl Dispatcher {
                 if blocked.contains(&tenant) {
                     continue;
                 }
-                if window > 0 && total >= u64::from(window) {
+                if window > 0 && in_flight.total >= u64::from(window) {
                     blocked.insert(tenant);
                     continue;
                 }
                 let limit = self.limits.max_steps(&tenant);
-                let used = in_flight.get(&tenant).copied().unwrap_or(0);
-                if limit > 0 && used >= u64::from(limit) {
+                if limit > 0 && in_flight.of(&tenant) >= u64::from(limit) {
                     blocked.insert(tenant);
                     continue;
                 }
@@ -455,8 +524,7 @@ impl Dispatcher {
                     held.pools.insert(pool.clone());
                 }
                 outgoing.push((tenant.clone(), k, ns.dispatch(&tenant, &pool), step));
-                *in_flight.entry(tenant).or_default() += 1;
-                total += 1;
+                in_flight.admitted(&tenant);
                 admitted_any = true;
             }
             if !admitted_any {
@@ -524,14 +592,14 @@ impl Dispatcher {
         let mut waiting: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
         for (tenant, queue) in held.steps.iter_mut() {
             let limit = self.limits.max_steps(tenant);
-            let used = in_flight.get(tenant).copied().unwrap_or(0);
+            let used = in_flight.of(tenant);
             for step in queue.values_mut().filter(|s| !s.reported && now.duration_since(s.since) >= REPORT_AFTER) {
                 // A step held only by its `not_before` shows its `retry_at` instead.
                 let reason = if step.dispatch.not_before.is_some_and(|t| t > wall) {
                     continue;
                 } else if limit > 0 && used >= u64::from(limit) {
                     format!("tenant concurrency limit ({limit} steps)")
-                } else if window > 0 && total >= u64::from(window) {
+                } else if window > 0 && in_flight.total >= u64::from(window) {
                     format!("dispatch window full ({window} steps across tenants)")
                 } else if let Some(rl) = &step.dispatch.step.rate_limit {
                     format!("rate limit '{}' ({}/s)", rl.key, rl.per_second)
@@ -551,6 +619,7 @@ impl Dispatcher {
         if let Some(e) = failure {
             return Err(e);
         }
+        held.in_flight = Some(in_flight);
         // A bucket that has filled up again is the same as a new one.
         held.buckets.retain(|_, b| {
             b.refill(now);
@@ -719,4 +788,49 @@ pub(crate) async fn append_to_run(bus: &Bus, key: &RunKey, event: Event, msg_id:
         }
     }
     Err(BusError::Nats(format!("gave up appending to {subject}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskmesh_events::subjects::Namespace;
+
+    fn read(counts: &[(&str, &str, u64)], now: Instant) -> InFlight {
+        let ns = Namespace::new("tm").expect("a valid namespace");
+        let counts = counts.iter().map(|(tenant, pool, n)| (ns.dispatch(tenant, pool), *n)).collect();
+        InFlight::new(counts, &ns, now)
+    }
+
+    #[test]
+    fn counts_add_up_each_tenants_pools_and_what_was_admitted_since() {
+        let now = Instant::now();
+        let mut f = read(&[("a", "any", 3), ("a", "l0123", 2), ("b", "any", 1)], now);
+        assert_eq!((f.of("a"), f.of("b"), f.of("c"), f.total), (5, 1, 0, 6));
+        f.admitted("c");
+        f.admitted("a");
+        assert_eq!((f.of("a"), f.of("c"), f.total), (6, 1, 8));
+    }
+
+    #[test]
+    fn counts_serve_only_while_everything_held_fits_under_the_limits() {
+        let now = Instant::now();
+        let f = read(&[("a", "any", 5)], now);
+        let limit = |t: &str| if t == "a" { 10 } else { 0 };
+        // Room for all four held: no need to ask DISPATCH again.
+        assert!(f.serves(now, [("a", 4)].into_iter(), limit, 0));
+        // Admitting all five would reach the limit: what is there must be read afresh.
+        assert!(!f.serves(now, [("a", 5)].into_iter(), limit, 0));
+        // A tenant without a limit never needs it; a window does.
+        assert!(f.serves(now, [("b", 1_000)].into_iter(), limit, 0));
+        assert!(f.serves(now, [("b", 9)].into_iter(), limit, 15));
+        assert!(!f.serves(now, [("b", 10)].into_iter(), limit, 15));
+    }
+
+    #[test]
+    fn counts_are_read_again_once_they_are_old() {
+        let then = Instant::now();
+        let f = read(&[], then);
+        assert!(f.serves(then + COUNTS_FOR / 2, [("a", 1)].into_iter(), |_| 0, 0));
+        assert!(!f.serves(then + COUNTS_FOR, [("a", 1)].into_iter(), |_| 0, 0));
+    }
 }
