@@ -177,3 +177,58 @@ async fn a_client_reads_its_own_write_and_etags_spare_unchanged_reads() {
     assert_eq!(stale.status(), 200);
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_with_wait_answers_once_the_run_has_ended_or_the_wait_is_over() {
+    let tm = spawn_mesh().await;
+    let submit = |workflow: serde_json::Value| {
+        let req = tm.auth(tm.http.post(format!("{}/v1/runs", tm.api))).json(&serde_json::json!({"workflow": workflow}));
+        async move {
+            let accepted: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+            (accepted["id"].as_str().unwrap().to_string(), accepted["seq"].as_u64().unwrap())
+        }
+    };
+    let read = |id: String, seq: u64, wait: &'static str| {
+        let req = tm
+            .auth(tm.http.get(format!("{}/v1/runs/{id}?wait={wait}", tm.api)))
+            .header("taskmesh-min-seq", seq.to_string());
+        async move {
+            let started = std::time::Instant::now();
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<serde_json::Value>().await.unwrap(), started.elapsed())
+        }
+    };
+
+    // Held until the run has ended: it cannot have succeeded before its step slept 0.5 s, and
+    // the answer comes when it ends, long before the wait is over.
+    let (id, seq) = submit(serde_json::json!({"name": "w", "steps": [{"id": "a", "run": "sleep 0.5"}]})).await;
+    let (status, run, took) = read(id.clone(), seq, "30").await;
+    assert_eq!(status, 200, "{run:#}");
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert!(took < Duration::from_secs(20), "woken by the end, not by the wait running out: {took:?}");
+    // An ended run is answered at once.
+    let (status, again, _) = read(id, seq, "30").await;
+    assert_eq!((status, &again["status"]), (200, &run["status"]));
+
+    // A run that does not end within the wait: the view as it is when the wait is over.
+    let (id, seq) = submit(serde_json::json!({"name": "w", "steps": [{"id": "a", "run": "sleep 30"}]})).await;
+    let (status, run, took) = read(id.clone(), seq, "1").await;
+    assert_eq!(status, 200, "{run:#}");
+    assert!(["queued", "running"].contains(&run["status"].as_str().unwrap()), "{run:#}");
+    assert!(took >= Duration::from_secs(1), "held for the wait: {took:?}");
+    // Ended by a cancel while a read waits: the read sees the end.
+    let waiting = tokio::spawn(read(id.clone(), seq, "30"));
+    let res = tm.auth(tm.http.post(format!("{}/v1/runs/{id}/cancel", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let (status, run, _) = waiting.await.unwrap();
+    assert_eq!((status, run["status"].as_str().unwrap()), (200, "cancelled"), "{run:#}");
+
+    // A wait that is not 0 to 60 seconds is a 400 problem.
+    for bad in ["61", "soon", "-1"] {
+        let res = tm.auth(tm.http.get(format!("{}/v1/runs/{id}?wait={bad}", tm.api))).send().await.unwrap();
+        assert_eq!(res.status(), 400, "wait={bad}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json", "wait={bad}");
+    }
+    tm.finish().await;
+}

@@ -65,7 +65,13 @@ pub struct AppState {
     pub access: std::sync::Arc<access::Access>,
     /// The projector's checkpoint as announced at each commit (see [`taskmesh_store::follow_checkpoint`]).
     pub projected: tokio::sync::watch::Receiver<u64>,
+    /// Reads waiting for runs to end (`GET /v1/runs/{id}?wait=`), woken by the projector's
+    /// announcements.
+    pub run_ends: std::sync::Arc<taskmesh_store::RunEnds>,
 }
+
+/// Most reads of one gateway waiting for runs to end at once.
+pub const MAX_WAITING_READS: usize = 10_000;
 
 /// Cuts `rows` (fetched with `LIMIT limit + 1`) to one page and returns the cursor of the next
 /// page, taken from the page's last row, when there is one.
@@ -402,7 +408,8 @@ pub async fn build(
     Server::bind_with(settings.listen, |addr| {
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
         let admin_key = settings.admin_key.clone();
-        let projected = taskmesh_store::follow_checkpoint(&pool, "projector");
+        let run_ends = taskmesh_store::RunEnds::new(MAX_WAITING_READS);
+        let projected = taskmesh_store::follow_checkpoint(&pool, "projector", run_ends.clone());
         let state = AppState {
             pool,
             ingest: IngestClient::new(bus.clone()),
@@ -412,6 +419,7 @@ pub async fn build(
             admin_key,
             access,
             projected,
+            run_ends,
         };
         router(state, settings.body_limit_bytes)
     })

@@ -410,27 +410,94 @@ pub struct RunView {
         ("id" = Uuid, Path, description = "Run id"),
         ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier read: 304 if the run has not changed"),
         ("Taskmesh-Min-Seq" = Option<String>, Header, description = "A decimal sequence number, a write's `seq`: the read waits (up to 5 s) until the read side has applied it"),
+        GetRunParams,
     ),
     responses(
         (status = 200, body = RunView, headers(("ETag" = String, description = "Changes whenever the run does"))),
         (status = 304, description = "Not modified since the ETag given"),
+        (status = 400, description = "`wait` is not a whole number of seconds from 0 to 60", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such run in the caller's tenant", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Too many reads are waiting for runs to end; retry", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_run(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    params: Result<Query<GetRunParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let wait = match params.wait {
+        None | Some(0) => None,
+        Some(s) if s <= MAX_WAIT_SECONDS => Some(std::time::Duration::from_secs(s)),
+        Some(_) => {
+            return Err(ApiError::new(ErrorCode::BadRequest, format!("wait: at most {MAX_WAIT_SECONDS} seconds")));
+        }
+    };
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    let view = match wait {
+        None => run_view(&state, &caller.tenant, id).await?,
+        Some(wait) => {
+            let registered = state.run_ends.wait(id).ok_or_else(|| {
+                ApiError::new(ErrorCode::Unavailable, "too many reads are waiting for runs to end; retry")
+            })?;
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                // Registered before the read, so an end announced after it wakes this wait.
+                let ended = registered.ended();
+                let view = run_view(&state, &caller.tenant, id).await?;
+                if is_ended(&view.status) {
+                    break view;
+                }
+                tokio::select! {
+                    _ = ended => {}
+                    _ = tokio::time::sleep_until(deadline) => break view,
+                }
+            }
+        }
+    };
+    // The view changes exactly when the run gets a new event: its sequence is the entity tag.
+    let etag = format!("\"{}\"", view.seq);
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| crate::etag_matches(v, &etag)) {
+        let mut res = StatusCode::NOT_MODIFIED.into_response();
+        res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
+        return Ok(res);
+    }
+    let mut res = Json(view).into_response();
+    res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
+    Ok(res)
+}
+
+/// Longest `wait` of `GET /v1/runs/{id}`.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+
+/// Options of reading a run.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct GetRunParams {
+    /// Hold the answer until the run has ended in the read side (`succeeded`, `failed`,
+    /// `cancelled` or `timed_out`), for at most this many seconds; then answer the view as it
+    /// is. 0 or absent: answer at once.
+    #[param(minimum = 0, maximum = 60)]
+    pub wait: Option<u64>,
+}
+
+/// Whether a run with this status has ended.
+fn is_ended(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled" | "timed_out")
+}
+
+/// A run's view in `tenant`, with its steps and every attempt; 404 if there is none.
+async fn run_view(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<RunView> {
     let row = sqlx::query(
         "SELECT id, workflow_name, workflow_version, status, trigger, inputs, created_at, started_at, finished_at, cancel_requested_at, last_seq,
                 priority, wait_reason, labels
          FROM runs WHERE tenant_id = $1 AND id = $2",
     )
-    .bind(&caller.tenant)
+    .bind(tenant)
     .bind(id)
     .fetch_optional(&state.pool)
     .await?
@@ -439,7 +506,7 @@ pub async fn get_run(
         "SELECT step_id, attempt, executor, status, exit_code, error, outputs, started_at, finished_at
          FROM step_attempts WHERE tenant_id = $1 AND run_id = $2 ORDER BY step_id, attempt",
     )
-    .bind(&caller.tenant)
+    .bind(tenant)
     .bind(id)
     .fetch_all(&state.pool)
     .await?;
@@ -461,7 +528,7 @@ pub async fn get_run(
                 wait_reason, started_at, finished_at
          FROM steps WHERE tenant_id = $1 AND run_id = $2 ORDER BY position",
     )
-    .bind(&caller.tenant)
+    .bind(tenant)
     .bind(id)
     .fetch_all(&state.pool)
     .await?
@@ -488,15 +555,7 @@ pub async fn get_run(
         }
     })
     .collect();
-    // The view changes exactly when the run gets a new event: its sequence is the entity tag.
-    let seq: i64 = row.get("last_seq");
-    let etag = format!("\"{seq}\"");
-    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| crate::etag_matches(v, &etag)) {
-        let mut res = StatusCode::NOT_MODIFIED.into_response();
-        res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
-        return Ok(res);
-    }
-    let view = RunView {
+    Ok(RunView {
         id: row.get("id"),
         workflow: row.get("workflow_name"),
         workflow_version: row.get("workflow_version"),
@@ -510,12 +569,9 @@ pub async fn get_run(
         priority: row.get("priority"),
         labels: row.get::<sqlx::types::Json<BTreeMap<String, String>>, _>("labels").0,
         wait_reason: row.get("wait_reason"),
-        seq,
+        seq: row.get("last_seq"),
         steps,
-    };
-    let mut res = Json(view).into_response();
-    res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
-    Ok(res)
+    })
 }
 
 /// Why a run is being cancelled.

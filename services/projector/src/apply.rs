@@ -332,6 +332,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             .execute(&mut **tx)
             .await?;
             touched.wrote(tenant, e.run_id, seq, updated.rows_affected());
+            touched.ended.push(e.run_id);
         }
         Event::RepoConnectionCreated(e) => {
             sqlx::query(
@@ -444,15 +445,19 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
 /// once per run at the batch's end: most events of a run only move its `last_seq`, so one
 /// statement serves the batch instead of one per event. A run whose row a statement of the
 /// batch already left at its latest sequence (its submission, start, cancel request or end) is
-/// not written again: each write of a `runs` row is a new row version.
+/// not written again: each write of a `runs` row is a new row version. Also the runs that
+/// ended in the batch, whose ends are announced when it commits.
 #[derive(Default)]
-pub struct Touched(std::collections::HashMap<(String, uuid::Uuid), (i64, i64)>);
+pub struct Touched {
+    seqs: std::collections::HashMap<(String, uuid::Uuid), (i64, i64)>,
+    ended: Vec<uuid::Uuid>,
+}
 
 impl Touched {
     /// An event of the run at `seq` that its row's other columns do not show.
     fn record(&mut self, tenant: &str, run_id: Option<uuid::Uuid>, seq: i64) {
         if let Some(run_id) = run_id {
-            let (touched, _) = self.0.entry((tenant.to_string(), run_id)).or_default();
+            let (touched, _) = self.seqs.entry((tenant.to_string(), run_id)).or_default();
             *touched = (*touched).max(seq);
         }
     }
@@ -460,15 +465,16 @@ impl Touched {
     /// A statement set the run's `last_seq` to `seq` (if it changed a row).
     fn wrote(&mut self, tenant: &str, run_id: uuid::Uuid, seq: i64, rows: u64) {
         if rows > 0 {
-            let (_, written) = self.0.entry((tenant.to_string(), run_id)).or_default();
+            let (_, written) = self.seqs.entry((tenant.to_string(), run_id)).or_default();
             *written = (*written).max(seq);
         }
     }
 
-    /// Writes the recorded sequences (a run's `last_seq` only ever grows).
-    pub async fn flush(self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+    /// Writes the recorded sequences (a run's `last_seq` only ever grows); returns the runs
+    /// that ended.
+    pub async fn flush(self, tx: &mut Tx<'_>) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
         let (mut tenants, mut ids, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-        for ((tenant, id), (seq, written)) in self.0 {
+        for ((tenant, id), (seq, written)) in self.seqs {
             if seq > written {
                 tenants.push(tenant);
                 ids.push(id);
@@ -476,7 +482,7 @@ impl Touched {
             }
         }
         if ids.is_empty() {
-            return Ok(());
+            return Ok(self.ended);
         }
         sqlx::query(
             "UPDATE runs r SET last_seq = GREATEST(r.last_seq, t.seq)
@@ -488,7 +494,7 @@ impl Touched {
         .bind(&seqs)
         .execute(&mut **tx)
         .await?;
-        Ok(())
+        Ok(self.ended)
     }
 }
 

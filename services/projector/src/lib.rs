@@ -4,7 +4,9 @@
 //! applies each batch (whatever has arrived, up to 512 events) in one transaction together
 //! with its checkpoint (the last stream sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
 //! applied twice; after a crash the consumer is recreated at the checkpoint, so nothing is
-//! missed. Rows are written only from what events say (their timestamps included), so
+//! missed. Transactions commit without waiting for the disk (see [`Projector::apply_batch`]):
+//! should Postgres lose the last of them, the projector notices and replays them. Each commit
+//! announces the checkpoint, and the runs that ended, with `NOTIFY`. Rows are written only from what events say (their timestamps included), so
 //! replaying the log from sequence 1 rebuilds the same rows: see [`Projector::rebuild`].
 //!
 //! One projector runs per mesh (it owns the consumer's position).
@@ -107,6 +109,8 @@ impl Projector {
         // The stream holds only event subjects, so sequences are contiguous: a jump means a
         // message was lost in flight, and applying past it would skip it for good.
         let mut expected: Option<u64> = Some((checkpoint + 1).max(first));
+        // What this consumer's batches have committed: the table must never be found behind it.
+        let mut committed = Some(checkpoint);
         loop {
             let mut events = Vec::new();
             let mut last = None;
@@ -141,15 +145,30 @@ impl Projector {
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
-            self.apply_batch(&events).await?;
+            committed = Some(self.apply_batch(&events, committed).await?);
             last.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
         }
     }
 
     /// Applies events in one transaction with the checkpoint; skips what was applied already.
-    pub async fn apply_batch(&self, events: &[Stored]) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
+    /// Returns the checkpoint committed.
+    ///
+    /// The transaction commits asynchronously (`synchronous_commit = off`): it does not wait
+    /// for its WAL to reach the disk. Postgres may then lose the last batches in a crash of its
+    /// own, but only whole (rows and checkpoint are one transaction), and the projector finds
+    /// out: `committed` is the checkpoint its last batch left, and a table behind it means
+    /// batches were lost, so it fails and restarts from the table's checkpoint, replaying them
+    /// from the log. The read models are derived data; the log is what must not lose a write.
+    pub async fn apply_batch(&self, events: &[Stored], committed: Option<u64>) -> anyhow::Result<u64> {
+        let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
         let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
+        if let Some(committed) = committed
+            && checkpoint < committed
+        {
+            anyhow::bail!(
+                "the read models' checkpoint is {checkpoint}, but batches up to {committed} were committed: Postgres lost them (a crash?); replaying from {checkpoint}"
+            );
+        }
         let mut touched = apply::Touched::default();
         for stored in events {
             if stored.seq <= checkpoint {
@@ -158,10 +177,10 @@ impl Projector {
             apply::apply(&mut tx, stored, &mut touched).await?;
             checkpoint = stored.seq;
         }
-        touched.flush(&mut tx).await?;
-        taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint).await?;
+        let ended = touched.flush(&mut tx).await?;
+        taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint, &ended).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(checkpoint)
     }
 
     /// Empties the read models and resets the checkpoint: the next [`Projector::run`] replays
