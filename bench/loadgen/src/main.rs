@@ -21,6 +21,9 @@ use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+/// A time on this machine's clock.
+type Utc = chrono::DateTime<chrono::Utc>;
+
 #[derive(Parser)]
 struct Args {
     /// Gateway base URL.
@@ -47,6 +50,10 @@ struct Args {
     /// NATS server (limits).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// Round trip: learn of each run's end by polling its view every 0.5 ms, instead of one
+    /// read that waits for it (`GET /v1/runs/{id}?wait=`).
+    #[arg(long)]
+    poll: bool,
     /// Postgres database (limits): a scratch table is created and dropped in it.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres: String,
@@ -183,6 +190,25 @@ impl Api {
         Ok(())
     }
 
+    /// Reads the run once it has ended: one read the gateway holds until then (re-asked
+    /// should its 60 s run out); returns its status.
+    async fn wait_ended(&self, id: &str) -> anyhow::Result<String> {
+        loop {
+            let res = self.http.get(format!("{}/v1/runs/{id}?wait=60", self.url)).bearer_auth(&self.key).send().await?;
+            let status = res.status();
+            let body: Value = res.json().await?;
+            // 404: not projected yet (the wait is for an end, not for a submission to appear).
+            if status == 404 {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                continue;
+            }
+            let s = body["status"].as_str().unwrap_or("").to_string();
+            if ["succeeded", "failed", "cancelled", "timed_out"].contains(&s.as_str()) {
+                return Ok(s);
+            }
+        }
+    }
+
     /// Polls until the run has ended; returns its status.
     async fn wait(&self, id: &str) -> anyhow::Result<String> {
         loop {
@@ -309,6 +335,58 @@ async fn flood(
 fn ms_between(from: chrono::DateTime<chrono::Utc>, to: &Value) -> Option<f64> {
     let to = chrono::DateTime::parse_from_rfc3339(to.as_str()?).ok()?;
     Some((to.to_utc() - from).num_microseconds()? as f64 / 1000.0)
+}
+
+/// A run's events as its event stream sends them (the run has ended, so the stream closes):
+/// (type, occurred_at) in log order.
+async fn run_events(api: &Api, id: &str) -> anyhow::Result<Vec<(String, Utc)>> {
+    let res = api.http.get(format!("{}/v1/runs/{id}/events", api.url)).bearer_auth(&api.key).send().await?;
+    let body = res.error_for_status()?.text().await?;
+    Ok(body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|env| {
+            let at = chrono::DateTime::parse_from_rfc3339(env["occurred_at"].as_str()?).ok()?.to_utc();
+            Some((env["type"].as_str()?.to_string(), at))
+        })
+        .collect())
+}
+
+/// Where a round trip's time goes. The marks of each run: the request sent, each of its events
+/// in log order (named by type, at its `occurred_at`), and the read that saw it ended; each hop
+/// is from one mark to the next, and `RunSubmitted -> answer received` is how long the answer
+/// to the submission took after its event. Medians and p99 over the runs, in ms (this
+/// machine's one clock).
+async fn roundtrip_hops(api: &Api, marks: Vec<(String, Utc, Utc, Utc)>) -> anyhow::Result<Value> {
+    let ms = |a: Utc, b: Utc| (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+    let mut hops: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut answer = Vec::new();
+    for (id, sent, answered, seen) in marks {
+        let mut points = vec![("request sent".to_string(), sent)];
+        points.extend(run_events(api, &id).await?);
+        if let Some((_, submitted)) = points.get(1) {
+            answer.push(ms(*submitted, answered));
+        }
+        points.push(("read side shows it ended".to_string(), seen));
+        for (i, pair) in points.windows(2).enumerate() {
+            let name = format!("{} -> {}", pair[0].0, pair[1].0);
+            match hops.get_mut(i) {
+                None => hops.push((name, vec![ms(pair[0].1, pair[1].1)])),
+                // A run whose events differ from the first's (none should) is left out of the rest.
+                Some((n, _)) if *n != name => break,
+                Some((_, v)) => v.push(ms(pair[0].1, pair[1].1)),
+            }
+        }
+    }
+    hops.push(("RunSubmitted -> answer received".into(), answer));
+    Ok(hops
+        .into_iter()
+        .map(|(hop, v)| {
+            let summary = latency_summary(v);
+            json!({"hop": hop, "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"], "count": summary["count"]})
+        })
+        .collect())
 }
 
 /// Open-loop arrivals: `n` one-step runs submitted at `rate` per second on a fixed schedule,
@@ -469,13 +547,25 @@ async fn main() -> anyhow::Result<()> {
         }
         Workload::Roundtrip => {
             let mut ms = Vec::with_capacity(args.n);
+            let mut marks = Vec::with_capacity(args.n);
             for _ in 0..args.n {
+                let sent = chrono::Utc::now();
                 let t = Instant::now();
                 let (id, _) = api.submit(&noop()).await?;
-                api.wait(&id).await?;
+                let answered = chrono::Utc::now();
+                if args.poll {
+                    api.wait(&id).await?;
+                } else {
+                    api.wait_ended(&id).await?;
+                }
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                marks.push((id, sent, answered, chrono::Utc::now()));
             }
-            json!({"workload": "roundtrip", "latency": latency_summary(ms)})
+            // Afterwards, so it costs the measured loop nothing: where each round trip's time
+            // went, from its events' own times.
+            let hops = roundtrip_hops(&api, marks).await?;
+            let workload = if args.poll { "roundtrip_poll" } else { "roundtrip" };
+            json!({"workload": workload, "latency": latency_summary(ms), "hops": hops})
         }
         Workload::Chain => {
             let t = Instant::now();
