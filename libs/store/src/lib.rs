@@ -210,8 +210,8 @@ pub fn follow_checkpoint(
 }
 
 /// Listens on [`CHECKPOINT_CHANNEL`] over `own` and moves `tx` on with each announcement of
-/// `projection`'s checkpoint (and with the table's value on connecting and after a dropped
-/// connection), and on [`RUN_ENDED_CHANNEL`] to wake the waiters of each run that ended (every
+/// `projection`'s checkpoint (and sets it to the table's value on connecting and after a
+/// dropped connection), and on [`RUN_ENDED_CHANNEL`] to wake the waiters of each run that ended (every
 /// waiter on connecting and after a dropped connection); returns only on an error.
 async fn listen_to_checkpoint(
     own: &PgPool,
@@ -230,7 +230,10 @@ async fn listen_to_checkpoint(
     let prefix = format!("{projection}:");
     let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
     listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL]).await?;
-    advance(read_checkpoint(pool, projection).await?);
+    // The table's value replaces the last one heard: should Postgres have lost commits (the
+    // projector's are asynchronous), the checkpoint moves back until they are replayed, rather
+    // than vouching for rows that are gone.
+    tx.send_replace(read_checkpoint(pool, projection).await?);
     ends.wake_all();
     loop {
         match listener.try_recv().await? {
@@ -247,7 +250,7 @@ async fn listen_to_checkpoint(
             // The connection dropped (the next call reconnects): catch up from the table, and
             // have every waiting read look again.
             None => {
-                advance(read_checkpoint(pool, projection).await?);
+                tx.send_replace(read_checkpoint(pool, projection).await?);
                 ends.wake_all();
             }
         }

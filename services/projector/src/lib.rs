@@ -31,6 +31,19 @@ pub const NAME: &str = "projector";
 /// Most events applied in one transaction.
 const BATCH: usize = 512;
 
+/// How often an idle projector looks for batches Postgres lost.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Fails when the table's `checkpoint` is behind the `committed` one: Postgres lost batches.
+fn lost_batches(checkpoint: u64, committed: u64) -> anyhow::Result<()> {
+    if checkpoint < committed {
+        anyhow::bail!(
+            "the read models' checkpoint is {checkpoint}, but batches up to {committed} were committed: Postgres lost them (a crash?); replaying from {checkpoint}"
+        );
+    }
+    Ok(())
+}
+
 /// The projector.
 #[derive(Clone)]
 pub struct Projector {
@@ -122,6 +135,14 @@ impl Projector {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         n = messages.next() => n,
+                        // Idle: look whether Postgres has lost what was committed meanwhile,
+                        // so the read side does not stay behind until the next event.
+                        _ = tokio::time::sleep(IDLE_CHECK) => {
+                            if let Some(committed) = committed {
+                                lost_batches(taskmesh_store::read_checkpoint(&self.pool, NAME).await?, committed)?;
+                            }
+                            continue;
+                        }
                     }
                 } else {
                     match futures::FutureExt::now_or_never(messages.next()) {
@@ -162,12 +183,8 @@ impl Projector {
     pub async fn apply_batch(&self, events: &[Stored], committed: Option<u64>) -> anyhow::Result<u64> {
         let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
         let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
-        if let Some(committed) = committed
-            && checkpoint < committed
-        {
-            anyhow::bail!(
-                "the read models' checkpoint is {checkpoint}, but batches up to {committed} were committed: Postgres lost them (a crash?); replaying from {checkpoint}"
-            );
+        if let Some(committed) = committed {
+            lost_batches(checkpoint, committed)?;
         }
         let mut touched = apply::Touched::default();
         for stored in events {

@@ -466,7 +466,7 @@ impl Dispatcher {
         // Tenants take turns, one step each, until nobody can admit more.
         let mut blocked: HashSet<String> = HashSet::new();
         let mut admitted: HashMap<RunKey, Vec<String>> = HashMap::new();
-        let mut outgoing = Vec::new();
+        let mut outgoing: Vec<Outgoing> = Vec::new();
         loop {
             let mut admitted_any = false;
             for _ in 0..held.turns.len() {
@@ -512,13 +512,17 @@ impl Dispatcher {
                     blocked.insert(tenant);
                     continue;
                 };
-                valid.check()?;
+                if let Err(e) = valid.check() {
+                    hold_again(held, outgoing);
+                    return Err(e);
+                }
                 let step = queue.remove(&k).expect("chosen from the queue");
                 let pool = pool_token(&step.dispatch.step.runs_on);
                 if !held.pools.contains(&pool) {
                     if let Err(e) = self.register_pool(&pool, &step.dispatch.step.runs_on).await {
-                        // Keep it; the next round tries again.
+                        // Keep it, and what the round chose before it; the next round tries again.
                         held.steps.get_mut(&tenant).expect("chosen from this tenant's queue").insert(k, step);
+                        hold_again(held, outgoing);
                         return Err(e);
                     }
                     held.pools.insert(pool.clone());
@@ -534,11 +538,15 @@ impl Dispatcher {
         // The round's admissions go out together: every enqueue in flight at once, then every
         // admitted READY entry deleted at once. An enqueue that fails keeps its step held for
         // the next round; one that succeeded is not sent again, since its READY entry goes.
-        valid.check()?;
+        // Each enqueue checks the lease first: a leader whose lease ran out while its round was
+        // in flight stops there, so it cannot add to what a successor has counted.
         let results = futures::stream::iter(outgoing.into_iter().map(|(tenant, k, subject, step)| async move {
             let d = &step.dispatch;
             let msg_id = format!("{}:{}:{}", d.run_id, d.step.id, d.dispatch);
-            let result = self.bus.enqueue(subject, &msg_id, d, d.traceparent.as_deref()).await;
+            let result = match valid.check() {
+                Ok(()) => self.bus.enqueue(subject, &msg_id, d, d.traceparent.as_deref()).await,
+                Err(e) => Err(e),
+            };
             (tenant, k, step, result)
         }))
         .buffered(PIPELINE)
@@ -742,6 +750,18 @@ impl Dispatcher {
         let listed: HashSet<Uuid> = members.values().flatten().copied().collect();
         held.cancelling.retain(|r| listed.contains(r));
         Ok(())
+    }
+}
+
+/// A step a round has chosen: its tenant, its key among the tenant's held steps, the subject
+/// it goes to, the step.
+type Outgoing = (String, (Reverse<i32>, u64), String, HeldStep);
+
+/// Puts steps a round had chosen but not sent back among the held ones (their READY entries
+/// are still there), so a round that stops half-way loses none of them.
+fn hold_again(held: &mut Held, outgoing: Vec<Outgoing>) {
+    for (tenant, k, _, step) in outgoing {
+        held.steps.entry(tenant).or_default().insert(k, step);
     }
 }
 
