@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
+use taskmesh_testkit::eventually;
 
 use crate::helpers::*;
 
@@ -316,7 +317,11 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
     // A revoked key authenticates nothing.
     assert_eq!(a.call(Method::DELETE, &format!("/v1/keys/{}", viewer["id"].as_str().unwrap()), None).await.0, 204);
     tm.wait_projected().await;
-    assert_eq!(viewer_key.call(Method::GET, "/v1/runs", None).await.0, 401);
+    eventually("the revoked key to be refused", Duration::from_secs(5), || async {
+        Ok((viewer_key.call(Method::GET, "/v1/runs", None).await.0 == 401).then_some(()))
+    })
+    .await
+    .unwrap();
     let (_, keys) = a.call(Method::GET, "/v1/keys", None).await;
     assert!(keys.as_array().unwrap().iter().any(|k| k["id"] == viewer["id"] && !k["revoked_at"].is_null()));
     tm.finish().await;

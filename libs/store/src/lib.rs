@@ -1,5 +1,7 @@
-//! Postgres for Taskmesh: the connection pool, the read-model schema (embedded migrations) and
-//! projection checkpoints.
+//! Postgres for Taskmesh: the connection pool, the read-model schema (embedded migrations),
+//! projection checkpoints, and what readers keep of the projector's announcements (the
+//! checkpoint, runs' ends, API keys' revocations: [`follow_checkpoint`], [`RunEnds`],
+//! [`KeyCache`]).
 //!
 //! Postgres holds only projections of the event log. A projector writes its checkpoint (the
 //! last stream sequence it applied) in the same transaction as the rows that event produced,
@@ -78,6 +80,12 @@ pub const CHECKPOINT_CHANNEL: &str = "taskmesh_checkpoint";
 /// The channel a run's end is announced on once it is in the read model (`NOTIFY`, payload
 /// the run's id), for reads that wait for runs to end (see [`RunEnds`]).
 pub const RUN_ENDED_CHANNEL: &str = "taskmesh_run_ended";
+
+/// The channel an API key's revocation is announced on once it is in the read model
+/// (`NOTIFY`, payload the key's hash), for caches of keys (see [`KeyCache`]). It is sent
+/// before the checkpoint of the same commit, so a reader that has seen the checkpoint has seen
+/// the revocation.
+pub const KEY_REVOKED_CHANNEL: &str = "taskmesh_key_revoked";
 
 /// Records that `projection` applied everything up to `seq`, and announces it on
 /// [`CHECKPOINT_CHANNEL`], and the end of each run in `ended` on [`RUN_ENDED_CHANNEL`], once the
@@ -182,6 +190,101 @@ impl RunEnds {
     }
 }
 
+/// Hears of API keys' revocations (from the listener of [`follow_checkpoint`]).
+pub trait KeyRevocations: Send + Sync {
+    /// The key with this hash was revoked.
+    fn revoked(&self, key_hash: &str);
+    /// Revocations may have been missed (`false`: from now until `true` again, they are not
+    /// heard at all).
+    fn missed(&self, listening: bool);
+}
+
+/// Looked-up API keys by hash, so an authenticated request costs no query, kept only while
+/// revocations are heard: an entry goes when its key's revocation is announced on
+/// [`KEY_REVOKED_CHANNEL`], every entry goes when announcements may have been missed (and
+/// none is kept or served while the listener is down), and each lives at most `ttl` anyway.
+/// Bounded to `max` entries.
+pub struct KeyCache<V> {
+    max: usize,
+    ttl: Duration,
+    inner: std::sync::Mutex<KeyEntries<V>>,
+}
+
+struct KeyEntries<V> {
+    by_hash: std::collections::HashMap<String, (V, std::time::Instant)>,
+    /// Moves on at every revocation and every miss: a lookup that began before one must not
+    /// be kept (its answer may predate the revocation).
+    generation: u64,
+    listening: bool,
+}
+
+/// A lookup's place in a [`KeyCache`]'s history; see [`KeyCache::keep`].
+pub struct KeyTicket(u64);
+
+impl<V: Clone> KeyCache<V> {
+    pub fn new(max: usize, ttl: Duration) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            max,
+            ttl,
+            inner: std::sync::Mutex::new(KeyEntries { by_hash: Default::default(), generation: 0, listening: false }),
+        })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, KeyEntries<V>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached key, or a ticket to [`KeyCache::keep`] what the read model says.
+    pub fn get(&self, key_hash: &str) -> std::result::Result<V, KeyTicket> {
+        let entries = self.entries();
+        match entries.by_hash.get(key_hash) {
+            Some((v, at)) if entries.listening && at.elapsed() < self.ttl => Ok(v.clone()),
+            _ => Err(KeyTicket(entries.generation)),
+        }
+    }
+
+    /// Keeps a key looked up since `ticket` was issued, unless a revocation (or a miss) was
+    /// heard meanwhile.
+    pub fn keep(&self, ticket: KeyTicket, key_hash: &str, value: V) {
+        let mut entries = self.entries();
+        if !entries.listening || entries.generation != ticket.0 {
+            return;
+        }
+        if entries.by_hash.len() >= self.max {
+            let ttl = self.ttl;
+            entries.by_hash.retain(|_, (_, at)| at.elapsed() < ttl);
+            if entries.by_hash.len() >= self.max {
+                entries.by_hash.clear();
+            }
+        }
+        entries.by_hash.insert(key_hash.to_string(), (value, std::time::Instant::now()));
+    }
+
+    /// How many keys are cached.
+    pub fn len(&self) -> usize {
+        self.entries().by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<V: Clone + Send> KeyRevocations for KeyCache<V> {
+    fn revoked(&self, key_hash: &str) {
+        let mut entries = self.entries();
+        entries.generation += 1;
+        entries.by_hash.remove(key_hash);
+    }
+
+    fn missed(&self, listening: bool) {
+        let mut entries = self.entries();
+        entries.generation += 1;
+        entries.by_hash.clear();
+        entries.listening = listening;
+    }
+}
+
 /// Follows `projection`'s checkpoint as it is committed: a background task listens on
 /// [`CHECKPOINT_CHANNEL`] over a connection of its own (not one of `pool`'s) and publishes
 /// each advance. After (re)connecting it reads the table, so an announcement missed while
@@ -191,6 +294,7 @@ pub fn follow_checkpoint(
     pool: &PgPool,
     projection: &'static str,
     ends: std::sync::Arc<RunEnds>,
+    keys: std::sync::Arc<dyn KeyRevocations>,
 ) -> tokio::sync::watch::Receiver<u64> {
     let (tx, rx) = tokio::sync::watch::channel(0u64);
     let own = PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone());
@@ -199,10 +303,11 @@ pub fn follow_checkpoint(
         while !tx.is_closed() {
             tokio::select! {
                 _ = tx.closed() => return,
-                Err(e) = listen_to_checkpoint(&own, &pool, projection, &tx, &ends) => {
+                Err(e) = listen_to_checkpoint(&own, &pool, projection, &tx, &ends, &*keys) => {
                     tracing::debug!(error = %e, "following the projection checkpoint; reconnecting");
                 },
             }
+            keys.missed(false);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
@@ -211,14 +316,16 @@ pub fn follow_checkpoint(
 
 /// Listens on [`CHECKPOINT_CHANNEL`] over `own` and moves `tx` on with each announcement of
 /// `projection`'s checkpoint (and sets it to the table's value on connecting and after a
-/// dropped connection), and on [`RUN_ENDED_CHANNEL`] to wake the waiters of each run that ended (every
-/// waiter on connecting and after a dropped connection); returns only on an error.
+/// dropped connection), on [`RUN_ENDED_CHANNEL`] to wake the waiters of each run that ended (every
+/// waiter on connecting and after a dropped connection), and on [`KEY_REVOKED_CHANNEL`] to tell
+/// `keys`; returns only on an error.
 async fn listen_to_checkpoint(
     own: &PgPool,
     pool: &PgPool,
     projection: &str,
     tx: &tokio::sync::watch::Sender<u64>,
     ends: &RunEnds,
+    keys: &dyn KeyRevocations,
 ) -> Result<std::convert::Infallible> {
     let advance = |seq: u64| {
         tx.send_if_modified(|at| {
@@ -229,14 +336,24 @@ async fn listen_to_checkpoint(
     };
     let prefix = format!("{projection}:");
     let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
-    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL]).await?;
+    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL]).await?;
+    // Every revocation committed from here on is heard (cached keys may be kept); after a
+    // dropped connection, only once a notification shows the listener is back.
+    keys.missed(true);
+    let mut listening = true;
     // The table's value replaces the last one heard: should Postgres have lost commits (the
     // projector's are asynchronous), the checkpoint moves back until they are replayed, rather
     // than vouching for rows that are gone.
     tx.send_replace(read_checkpoint(pool, projection).await?);
     ends.wake_all();
     loop {
-        match listener.try_recv().await? {
+        let next = listener.try_recv().await?;
+        if next.is_some() && !listening {
+            keys.missed(true);
+            listening = true;
+        }
+        match next {
+            Some(n) if n.channel() == KEY_REVOKED_CHANNEL => keys.revoked(n.payload()),
             Some(n) if n.channel() == RUN_ENDED_CHANNEL => {
                 if let Ok(run) = n.payload().parse() {
                     ends.ended(run);
@@ -250,6 +367,8 @@ async fn listen_to_checkpoint(
             // The connection dropped (the next call reconnects): catch up from the table, and
             // have every waiting read look again.
             None => {
+                keys.missed(false);
+                listening = false;
                 tx.send_replace(read_checkpoint(pool, projection).await?);
                 ends.wake_all();
             }
@@ -273,4 +392,62 @@ pub async fn reset_read_models(pool: &PgPool, projection: &str) -> Result<()> {
     sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1").bind(projection).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_key_serves_until_its_revocation_is_heard() {
+        let cache = KeyCache::<u32>::new(10, Duration::from_secs(60));
+        // Nothing is kept before the listener is up.
+        let ticket = cache.get("a").unwrap_err();
+        cache.keep(ticket, "a", 1);
+        assert!(cache.is_empty());
+        cache.missed(true);
+        let ticket = cache.get("a").unwrap_err();
+        cache.keep(ticket, "a", 1);
+        assert_eq!(cache.get("a").ok(), Some(1));
+        cache.revoked("b");
+        assert_eq!(cache.get("a").ok(), Some(1), "another key's revocation leaves it");
+        cache.revoked("a");
+        assert!(cache.get("a").is_err());
+    }
+
+    #[test]
+    fn a_lookup_that_began_before_a_revocation_is_not_kept() {
+        let cache = KeyCache::<u32>::new(10, Duration::from_secs(60));
+        cache.missed(true);
+        // The read model answered before the revocation was committed; the announcement
+        // arrives before the answer is kept.
+        let ticket = cache.get("a").unwrap_err();
+        cache.revoked("a");
+        cache.keep(ticket, "a", 1);
+        assert!(cache.get("a").is_err());
+        // So does one that began before announcements were missed.
+        let ticket = cache.get("a").unwrap_err();
+        cache.missed(true);
+        cache.keep(ticket, "a", 1);
+        assert!(cache.get("a").is_err());
+    }
+
+    #[test]
+    fn nothing_is_served_while_revocations_go_unheard_and_entries_age_out() {
+        let cache = KeyCache::<u32>::new(2, Duration::from_millis(50));
+        cache.missed(true);
+        for key in ["a", "b", "c"] {
+            let ticket = cache.get(key).unwrap_err();
+            cache.keep(ticket, key, 1);
+        }
+        assert!(cache.len() <= 2, "bounded");
+        assert_eq!(cache.get("c").ok(), Some(1));
+        cache.missed(false);
+        assert!(cache.get("c").is_err(), "the listener is down");
+        cache.missed(true);
+        let ticket = cache.get("c").unwrap_err();
+        cache.keep(ticket, "c", 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(cache.get("c").is_err(), "older than its time to live");
+    }
 }

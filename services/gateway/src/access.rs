@@ -237,12 +237,16 @@ async fn lookup(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>,
         return Ok(None);
     };
     let hash = taskmesh_ingest::hash_api_key(key);
+    let ticket = match state.keys.get(&hash) {
+        Ok(caller) => return Ok(Some(caller)),
+        Err(ticket) => ticket,
+    };
     let row =
         sqlx::query("SELECT id, tenant_id, role, prefix FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
             .bind(&hash)
             .fetch_optional(&state.pool)
             .await?;
-    Ok(row.and_then(|row| {
+    let caller = row.and_then(|row| {
         let role: String = row.get("role");
         Some(Caller {
             tenant: row.get("tenant_id"),
@@ -250,7 +254,12 @@ async fn lookup(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>,
             role: Role::parse(&role)?,
             prefix: row.get("prefix"),
         })
-    }))
+    });
+    // Only keys that exist are kept: one created a moment ago must work once it is projected.
+    if let Some(caller) = &caller {
+        state.keys.keep(ticket, &hash, caller.clone());
+    }
+    Ok(caller)
 }
 
 fn too_many(h: Headroom) -> Response {

@@ -49,9 +49,21 @@ use utoipa::OpenApi;
 
 use taskmesh_http::ApiError;
 
-/// What every handler shares.
+/// What every handler shares: one allocation, so the clone each extractor and middleware takes
+/// is one reference count, not a copy of every field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct Shared {
     pub pool: PgPool,
     pub bus: Bus,
     pub ingest: IngestClient,
@@ -68,7 +80,14 @@ pub struct AppState {
     /// Reads waiting for runs to end (`GET /v1/runs/{id}?wait=`), woken by the projector's
     /// announcements.
     pub run_ends: std::sync::Arc<taskmesh_store::RunEnds>,
+    /// Keys already looked up, dropped as the projector announces their revocation.
+    pub keys: std::sync::Arc<taskmesh_store::KeyCache<auth::Caller>>,
 }
+
+/// Most API keys one gateway keeps looked up.
+pub const MAX_CACHED_KEYS: usize = 10_000;
+/// Longest a looked-up key is trusted without looking again (revocations are announced sooner).
+pub const CACHED_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Most reads of one gateway waiting for runs to end at once.
 pub const MAX_WAITING_READS: usize = 10_000;
@@ -409,8 +428,9 @@ pub async fn build(
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
         let admin_key = settings.admin_key.clone();
         let run_ends = taskmesh_store::RunEnds::new(MAX_WAITING_READS);
-        let projected = taskmesh_store::follow_checkpoint(&pool, "projector", run_ends.clone());
-        let state = AppState {
+        let keys = taskmesh_store::KeyCache::new(MAX_CACHED_KEYS, CACHED_KEY_TTL);
+        let projected = taskmesh_store::follow_checkpoint(&pool, "projector", run_ends.clone(), keys.clone());
+        let state = AppState(std::sync::Arc::new(Shared {
             pool,
             ingest: IngestClient::new(bus.clone()),
             bus,
@@ -420,7 +440,8 @@ pub async fn build(
             access,
             projected,
             run_ends,
-        };
+            keys,
+        }));
         router(state, settings.body_limit_bytes)
     })
     .await

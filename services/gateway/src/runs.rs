@@ -330,7 +330,7 @@ fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Respons
 }
 
 /// One attempt at a step.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AttemptView {
     pub attempt: i32,
     pub executor: String,
@@ -346,7 +346,7 @@ pub struct AttemptView {
 }
 
 /// A step of a run.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StepView {
     pub id: String,
     /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `skipped` or `timed_out`.
@@ -491,70 +491,42 @@ fn is_ended(status: &str) -> bool {
 }
 
 /// A run's view in `tenant`, with its steps and every attempt; 404 if there is none.
+/// A run, with its steps (in workflow order) and each step's attempts as JSON built by
+/// Postgres, the keys named as [`StepView`]'s and [`AttemptView`]'s fields.
+const RUN_VIEW_SQL: &str = "
+SELECT r.id, r.workflow_name, r.workflow_version, r.status, r.trigger, r.inputs, r.created_at, r.started_at,
+       r.finished_at, r.cancel_requested_at, r.last_seq, r.priority, r.wait_reason, r.labels,
+       COALESCE((
+           SELECT json_agg(json_build_object(
+                      'id', s.step_id, 'status', s.status, 'kind', s.kind, 'needs', s.needs,
+                      'attempts', s.attempts, 'exit_code', s.exit_code, 'output', s.output,
+                      'output_truncated', s.output_truncated, 'error', s.error, 'reason', s.reason,
+                      'outputs', s.outputs, 'retry_at', s.retry_at, 'wait_reason', s.wait_reason,
+                      'started_at', s.started_at, 'finished_at', s.finished_at,
+                      'attempt_history', COALESCE((
+                          SELECT json_agg(json_build_object(
+                                     'attempt', a.attempt, 'executor', a.executor, 'status', a.status,
+                                     'exit_code', a.exit_code, 'error', a.error, 'outputs', a.outputs,
+                                     'started_at', a.started_at, 'finished_at', a.finished_at)
+                                 ORDER BY a.attempt)
+                          FROM step_attempts a
+                          WHERE a.tenant_id = s.tenant_id AND a.run_id = s.run_id AND a.step_id = s.step_id
+                      ), '[]'::json))
+                  ORDER BY s.position)
+           FROM steps s WHERE s.tenant_id = r.tenant_id AND s.run_id = r.id
+       ), '[]'::json) AS steps
+FROM runs r WHERE r.tenant_id = $1 AND r.id = $2";
+
 async fn run_view(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<RunView> {
-    let row = sqlx::query(
-        "SELECT id, workflow_name, workflow_version, status, trigger, inputs, created_at, started_at, finished_at, cancel_requested_at, last_seq,
-                priority, wait_reason, labels
-         FROM runs WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or_else(|| ApiError::not_found("run"))?;
-    let attempts = sqlx::query(
-        "SELECT step_id, attempt, executor, status, exit_code, error, outputs, started_at, finished_at
-         FROM step_attempts WHERE tenant_id = $1 AND run_id = $2 ORDER BY step_id, attempt",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_all(&state.pool)
-    .await?;
-    let mut history: BTreeMap<String, Vec<AttemptView>> = BTreeMap::new();
-    for a in attempts {
-        history.entry(a.get("step_id")).or_default().push(AttemptView {
-            attempt: a.get("attempt"),
-            executor: a.get("executor"),
-            status: a.get("status"),
-            exit_code: a.get("exit_code"),
-            error: a.get("error"),
-            outputs: a.get::<sqlx::types::Json<serde_json::Value>, _>("outputs").0,
-            started_at: a.get("started_at"),
-            finished_at: a.get("finished_at"),
-        });
-    }
-    let steps = sqlx::query(
-        "SELECT step_id, status, kind, needs, attempts, exit_code, output, output_truncated, error, reason, outputs, retry_at,
-                wait_reason, started_at, finished_at
-         FROM steps WHERE tenant_id = $1 AND run_id = $2 ORDER BY position",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_all(&state.pool)
-    .await?
-    .into_iter()
-    .map(|s| {
-        let step_id: String = s.get("step_id");
-        StepView {
-            attempt_history: history.remove(&step_id).unwrap_or_default(),
-            id: step_id,
-            status: s.get("status"),
-            kind: s.get("kind"),
-            needs: s.get("needs"),
-            attempts: s.get("attempts"),
-            exit_code: s.get("exit_code"),
-            output: s.get("output"),
-            output_truncated: s.get("output_truncated"),
-            error: s.get("error"),
-            reason: s.get("reason"),
-            outputs: s.get::<sqlx::types::Json<serde_json::Value>, _>("outputs").0,
-            retry_at: s.get("retry_at"),
-            wait_reason: s.get("wait_reason"),
-            started_at: s.get("started_at"),
-            finished_at: s.get("finished_at"),
-        }
-    })
-    .collect();
+    // One statement, so one snapshot: the run, its steps and their attempts agree with each
+    // other (and with `seq`), and a read costs one round trip.
+    let row = sqlx::query(RUN_VIEW_SQL)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("run"))?;
+    let steps = row.try_get::<sqlx::types::Json<Vec<StepView>>, _>("steps")?.0;
     Ok(RunView {
         id: row.get("id"),
         workflow: row.get("workflow_name"),

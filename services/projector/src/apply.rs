@@ -72,12 +72,17 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             .await?;
         }
         Event::ApiKeyRevoked(e) => {
-            sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant)
-                .bind(e.key_id)
-                .bind(at)
-                .execute(&mut **tx)
-                .await?;
+            // Announced (before this batch's checkpoint) to the gateways' key caches.
+            sqlx::query(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) WHERE tenant_id = $1 AND id = $2
+                 RETURNING pg_notify($4, key_hash)",
+            )
+            .bind(tenant)
+            .bind(e.key_id)
+            .bind(at)
+            .bind(taskmesh_store::KEY_REVOKED_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
         }
         Event::RunSubmitted(e) => {
             let inserted = sqlx::query(
