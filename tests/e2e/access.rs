@@ -501,3 +501,59 @@ async fn chunked_put(tm: &TestMesh, path: &str, body: &str) -> u16 {
     let answer = String::from_utf8_lossy(&answer);
     answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
+
+/// A new viewer key of tenant `default`, used once (so the gateway has looked it up and keeps
+/// it): its id and the key.
+async fn used_key(tm: &TestMesh) -> (String, String) {
+    let res = call(tm, &tm.key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
+    let made: Value = res.json().await.unwrap();
+    tm.wait_projected().await;
+    let key = made["key"].as_str().unwrap().to_string();
+    assert_eq!(call(tm, &key, Method::GET, "/v1/runs", None).await.status(), 200);
+    (made["id"].as_str().unwrap().to_string(), key)
+}
+
+async fn revoke(tm: &TestMesh, id: &str) {
+    assert_eq!(call(tm, &tm.key, Method::DELETE, &format!("/v1/keys/{id}"), None).await.status(), 204);
+    tm.wait_projected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_while_the_gateway_cannot_hear_of_it_is_refused_all_the_same() {
+    let tm = spawn_mesh().await;
+    let (id, key) = used_key(&tm).await;
+    // Cut the gateway's listening connection, and revoke the key before it listens again: the
+    // announcement goes unheard, so the gateway must not answer from what it kept.
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_one(&tm.pool)
+    .await
+    .unwrap();
+    assert_eq!(cut, 1, "the gateway listens over one connection");
+    revoke(&tm, &id).await;
+    assert_eq!(call(&tm, &key, Method::GET, "/v1/runs", None).await.status(), 401);
+    // It listens again: a key used and revoked afterwards goes too, and reads that want the
+    // projector's latest are answered.
+    eventually("the gateway to listen again", Duration::from_secs(10), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(&tm.pool)
+        .await?;
+        Ok((n == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (id, key) = used_key(&tm).await;
+    revoke(&tm, &id).await;
+    eventually("the second revoked key to be refused", Duration::from_secs(5), || async {
+        Ok((call(&tm, &key, Method::GET, "/v1/runs", None).await.status() == 401).then_some(()))
+    })
+    .await
+    .unwrap();
+    let run = tm.submit("name: after\nsteps:\n  - {id: a, uses: noop}\n").await;
+    assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "succeeded");
+    tm.finish().await;
+}

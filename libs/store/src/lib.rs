@@ -82,22 +82,27 @@ pub const CHECKPOINT_CHANNEL: &str = "taskmesh_checkpoint";
 pub const RUN_ENDED_CHANNEL: &str = "taskmesh_run_ended";
 
 /// The channel an API key's revocation is announced on once it is in the read model
-/// (`NOTIFY`, payload the key's hash), for caches of keys (see [`KeyCache`]). It is sent
+/// (`NOTIFY`, payload the key's hash, or `*` when the table was emptied for a rebuild), for
+/// caches of keys (see [`KeyCache`]). It is sent
 /// before the checkpoint of the same commit, so a reader that has seen the checkpoint has seen
 /// the revocation.
 pub const KEY_REVOKED_CHANNEL: &str = "taskmesh_key_revoked";
 
-/// Records that `projection` applied everything up to `seq`, and announces it on
-/// [`CHECKPOINT_CHANNEL`], and the end of each run in `ended` on [`RUN_ENDED_CHANNEL`], once the
-/// transaction commits. One statement.
+/// Records that `projection` applied everything up to `seq`, provided its checkpoint is still
+/// `from`, and announces it on [`CHECKPOINT_CHANNEL`], and the end of each run in `ended` on
+/// [`RUN_ENDED_CHANNEL`], once the transaction commits. One statement; false (nothing written)
+/// when the checkpoint is not `from`, or has no row: someone else moved it, or Postgres lost
+/// what moved it there. The update locks the row, so of two transactions moving the same
+/// checkpoint on from the same place, the second finds it moved.
 pub async fn set_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     projection: &str,
+    from: u64,
     seq: u64,
     ended: &[uuid::Uuid],
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1
+) -> Result<bool> {
+    let moved = sqlx::query(
+        "UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1 AND last_seq = $6
          RETURNING pg_notify($3, projection || ':' || last_seq),
                    (SELECT count(pg_notify($4, run::text)) FROM UNNEST($5::uuid[]) AS run)",
     )
@@ -106,8 +111,19 @@ pub async fn set_checkpoint(
     .bind(CHECKPOINT_CHANNEL)
     .bind(RUN_ENDED_CHANNEL)
     .bind(ended)
+    .bind(from as i64)
     .execute(&mut **tx)
     .await?;
+    Ok(moved.rows_affected() == 1)
+}
+
+/// Creates `projection`'s checkpoint at 0 if it has none (a new database, or after a rebuild),
+/// so that [`set_checkpoint`] finds a row to move on.
+pub async fn ensure_checkpoint(pool: &PgPool, projection: &str) -> Result<()> {
+    sqlx::query("INSERT INTO projection_checkpoints (projection, last_seq) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+        .bind(projection)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -285,11 +301,21 @@ impl<V: Clone + Send> KeyRevocations for KeyCache<V> {
     }
 }
 
+/// The channel each gateway's listener sends itself a notification on every [`PING_EVERY`], to
+/// tell a live listening connection from one that has died without a word.
+pub const PING_CHANNEL: &str = "taskmesh_ping";
+/// How often the listener of [`follow_checkpoint`] pings itself.
+pub const PING_EVERY: Duration = Duration::from_secs(2);
+/// A listener that has heard nothing for this long (three pings) is taken for dead.
+pub const SILENCE: Duration = Duration::from_secs(6);
+
 /// Follows `projection`'s checkpoint as it is committed: a background task listens on
 /// [`CHECKPOINT_CHANNEL`] over a connection of its own (not one of `pool`'s) and publishes
 /// each advance. After (re)connecting it reads the table, so an announcement missed while
 /// disconnected is made up for. Waiting readers get woken by commits instead of polling the
-/// table. The task ends when every receiver is dropped.
+/// table. While the connection is lost (closed, or silent for [`SILENCE`] though pinged), the
+/// checkpoint reads 0 (readers look at the table), `keys` serves nothing, and then the
+/// listener starts afresh. The task ends when every receiver is dropped.
 pub fn follow_checkpoint(
     pool: &PgPool,
     projection: &'static str,
@@ -300,25 +326,38 @@ pub fn follow_checkpoint(
     let own = PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone());
     let pool = pool.clone();
     tokio::spawn(async move {
+        let ping = async {
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                let sent = sqlx::query("SELECT pg_notify($1, '')").bind(PING_CHANNEL).execute(&pool).await;
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "pinging the checkpoint listener");
+                }
+            }
+        };
+        tokio::pin!(ping);
         while !tx.is_closed() {
             tokio::select! {
                 _ = tx.closed() => return,
+                _ = &mut ping => {},
                 Err(e) = listen_to_checkpoint(&own, &pool, projection, &tx, &ends, &*keys) => {
                     tracing::debug!(error = %e, "following the projection checkpoint; reconnecting");
                 },
             }
             keys.missed(false);
+            tx.send_replace(0);
+            ends.wake_all();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
     rx
 }
 
-/// Listens on [`CHECKPOINT_CHANNEL`] over `own` and moves `tx` on with each announcement of
-/// `projection`'s checkpoint (and sets it to the table's value on connecting and after a
-/// dropped connection), on [`RUN_ENDED_CHANNEL`] to wake the waiters of each run that ended (every
-/// waiter on connecting and after a dropped connection), and on [`KEY_REVOKED_CHANNEL`] to tell
-/// `keys`; returns only on an error.
+/// Listens over `own`: on [`CHECKPOINT_CHANNEL`] it moves `tx` on with each announcement of
+/// `projection`'s checkpoint (having set it to the table's value once listening), on
+/// [`RUN_ENDED_CHANNEL`] it wakes the waiters of each run that ended (every waiter once
+/// listening), and on [`KEY_REVOKED_CHANNEL`] it tells `keys` (`*`: every key may be gone).
+/// Returns only on an error: a lost connection, or [`SILENCE`].
 async fn listen_to_checkpoint(
     own: &PgPool,
     pool: &PgPool,
@@ -336,24 +375,27 @@ async fn listen_to_checkpoint(
     };
     let prefix = format!("{projection}:");
     let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
-    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL]).await?;
-    // Every revocation committed from here on is heard (cached keys may be kept); after a
-    // dropped connection, only once a notification shows the listener is back.
+    // A lost connection is reported at once (and this listener dropped), not mended quietly:
+    // what was announced meanwhile is lost, and the caller must know.
+    listener.eager_reconnect(false);
+    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL, PING_CHANNEL]).await?;
+    // Every revocation committed from here on is heard: cached keys may be kept.
     keys.missed(true);
-    let mut listening = true;
     // The table's value replaces the last one heard: should Postgres have lost commits (the
     // projector's are asynchronous), the checkpoint moves back until they are replayed, rather
     // than vouching for rows that are gone.
     tx.send_replace(read_checkpoint(pool, projection).await?);
     ends.wake_all();
+    let lost = || StoreError::Db(sqlx::Error::Protocol("the listening connection was lost".into()));
     loop {
-        let next = listener.try_recv().await?;
-        if next.is_some() && !listening {
-            keys.missed(true);
-            listening = true;
-        }
+        // (A timeout drops the listener, so whatever it was reading is not needed.)
+        let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| lost())??;
         match next {
-            Some(n) if n.channel() == KEY_REVOKED_CHANNEL => keys.revoked(n.payload()),
+            Some(n) if n.channel() == PING_CHANNEL => {}
+            Some(n) if n.channel() == KEY_REVOKED_CHANNEL => match n.payload() {
+                "*" => keys.missed(true),
+                hash => keys.revoked(hash),
+            },
             Some(n) if n.channel() == RUN_ENDED_CHANNEL => {
                 if let Ok(run) = n.payload().parse() {
                     ends.ended(run);
@@ -364,14 +406,7 @@ async fn listen_to_checkpoint(
                     advance(seq);
                 }
             }
-            // The connection dropped (the next call reconnects): catch up from the table, and
-            // have every waiting read look again.
-            None => {
-                keys.missed(false);
-                listening = false;
-                tx.send_replace(read_checkpoint(pool, projection).await?);
-                ends.wake_all();
-            }
+            None => return Err(lost()),
         }
     }
 }
@@ -389,6 +424,8 @@ pub async fn read_checkpoint(pool: &PgPool, projection: &str) -> Result<u64> {
 pub async fn reset_read_models(pool: &PgPool, projection: &str) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(TRUNCATE_READ_MODELS).execute(&mut *tx).await?;
+    // Keys gone from the table may not come back: caches forget them all.
+    sqlx::query("SELECT pg_notify($1, '*')").bind(KEY_REVOKED_CHANNEL).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1").bind(projection).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(())

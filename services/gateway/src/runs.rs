@@ -490,7 +490,6 @@ fn is_ended(status: &str) -> bool {
     matches!(status, "succeeded" | "failed" | "cancelled" | "timed_out")
 }
 
-/// A run's view in `tenant`, with its steps and every attempt; 404 if there is none.
 /// A run, with its steps (in workflow order) and each step's attempts as JSON built by
 /// Postgres, the keys named as [`StepView`]'s and [`AttemptView`]'s fields.
 const RUN_VIEW_SQL: &str = "
@@ -517,6 +516,7 @@ SELECT r.id, r.workflow_name, r.workflow_version, r.status, r.trigger, r.inputs,
        ), '[]'::json) AS steps
 FROM runs r WHERE r.tenant_id = $1 AND r.id = $2";
 
+/// A run's view in `tenant`, with its steps and every attempt; 404 if there is none.
 async fn run_view(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<RunView> {
     // One statement, so one snapshot: the run, its steps and their attempts agree with each
     // other (and with `seq`), and a read costs one round trip.

@@ -101,6 +101,7 @@ impl Projector {
     }
 
     async fn project(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        taskmesh_store::ensure_checkpoint(&self.pool, NAME).await?;
         let consumer = self.consumer().await?;
         let checkpoint = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
         let mut stream = self.bus.jetstream().get_stream(self.bus.namespace().events_stream()).await?;
@@ -138,8 +139,12 @@ impl Projector {
                         // Idle: look whether Postgres has lost what was committed meanwhile,
                         // so the read side does not stay behind until the next event.
                         _ = tokio::time::sleep(IDLE_CHECK) => {
-                            if let Some(committed) = committed {
-                                lost_batches(taskmesh_store::read_checkpoint(&self.pool, NAME).await?, committed)?;
+                            // (Postgres not answering is no reason to restart: the next batch
+                            // will find out, or the next look.)
+                            match (committed, taskmesh_store::read_checkpoint(&self.pool, NAME).await) {
+                                (Some(committed), Ok(table)) => lost_batches(table, committed)?,
+                                (_, Err(e)) => tracing::debug!(error = %e, "looking at the checkpoint"),
+                                (None, Ok(_)) => {}
                             }
                             continue;
                         }
@@ -174,18 +179,24 @@ impl Projector {
     /// Applies events in one transaction with the checkpoint; skips what was applied already.
     /// Returns the checkpoint committed.
     ///
+    /// `committed` is the checkpoint the caller's last batch committed (`None`: unknown, so it
+    /// is read, and locked, first). The batch moves the checkpoint on from there in its last
+    /// statement, and only if the table still says so: a table behind it means Postgres lost
+    /// batches, one ahead that another projector moved it; either way the batch is rolled back
+    /// and this fails, and the projector restarts from the table's checkpoint.
+    ///
     /// The transaction commits asynchronously (`synchronous_commit = off`): it does not wait
     /// for its WAL to reach the disk. Postgres may then lose the last batches in a crash of its
     /// own, but only whole (rows and checkpoint are one transaction), and the projector finds
-    /// out: `committed` is the checkpoint its last batch left, and a table behind it means
-    /// batches were lost, so it fails and restarts from the table's checkpoint, replaying them
-    /// from the log. The read models are derived data; the log is what must not lose a write.
+    /// out as above, replaying them from the log. The read models are derived data; the log is
+    /// what must not lose a write.
     pub async fn apply_batch(&self, events: &[Stored], committed: Option<u64>) -> anyhow::Result<u64> {
         let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
-        let mut checkpoint = taskmesh_store::checkpoint(&mut tx, NAME).await?;
-        if let Some(committed) = committed {
-            lost_batches(checkpoint, committed)?;
-        }
+        let from = match committed {
+            Some(c) => c,
+            None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
+        };
+        let mut checkpoint = from;
         let mut touched = apply::Touched::default();
         for stored in events {
             if stored.seq <= checkpoint {
@@ -195,7 +206,14 @@ impl Projector {
             checkpoint = stored.seq;
         }
         let ended = touched.flush(&mut tx).await?;
-        taskmesh_store::set_checkpoint(&mut tx, NAME, checkpoint, &ended).await?;
+        if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, &ended).await? {
+            drop(tx);
+            let table = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
+            lost_batches(table, from)?;
+            anyhow::bail!(
+                "the read models' checkpoint moved under this projector (it left {from}, the table says {table}): another projector, or a rebuild, is at work"
+            );
+        }
         tx.commit().await?;
         Ok(checkpoint)
     }
