@@ -557,3 +557,85 @@ async fn a_key_revoked_while_the_gateway_cannot_hear_of_it_is_refused_all_the_sa
     assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "succeeded");
     tm.finish().await;
 }
+
+/// Copies `from` to `to`, holding what it has read while `frozen` is set (nothing closes: the
+/// connection just goes quiet, as one that died without a word).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_whose_connection_goes_silent_serves_no_kept_key_and_listens_afresh() {
+    let tm = spawn_mesh().await;
+    tm.wait_projected().await;
+    // A proxy in front of Postgres whose connections can be made to go quiet.
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    let upstream = {
+        let o = tm.pool.connect_options();
+        format!("{}:{}", o.get_host(), o.get_port())
+    };
+    let accepting = {
+        let frozen = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = proxy.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                tokio::spawn(pump(cr, sw, frozen.clone()));
+                tokio::spawn(pump(sr, cw, frozen.clone()));
+            }
+        })
+    };
+    let via_proxy = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with((*tm.pool.connect_options()).clone().host("127.0.0.1").port(port));
+    let keys = taskmesh_store::KeyCache::<u32>::new(10, Duration::from_secs(60));
+    let checkpoint = taskmesh_store::follow_checkpoint(
+        &via_proxy,
+        taskmesh_projector::NAME,
+        taskmesh_store::RunEnds::new(10),
+        keys.clone(),
+    );
+    let table = taskmesh_store::read_checkpoint(&tm.pool, taskmesh_projector::NAME).await.unwrap();
+    assert!(table > 0);
+    let kept = || {
+        if let Err(ticket) = keys.get("k") {
+            keys.keep(ticket, "k", 1);
+        }
+        keys.get("k").is_ok() && *checkpoint.borrow() >= table
+    };
+    eventually("the listener to listen", Duration::from_secs(10), || async { Ok(kept().then_some(())) }).await.unwrap();
+    // Silence: within a few pings the listener gives up, serves nothing and vouches for nothing.
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually("the silent listener to give up", Duration::from_secs(12), || async {
+        Ok((keys.get("k").is_err() && *checkpoint.borrow() == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(!kept(), "nothing is kept while the listener is down");
+    // Connections flow again: it listens afresh, on new connections.
+    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually("the listener to listen again", Duration::from_secs(20), || async { Ok(kept().then_some(())) })
+        .await
+        .unwrap();
+    accepting.abort();
+    tm.finish().await;
+}

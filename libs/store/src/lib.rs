@@ -301,8 +301,9 @@ impl<V: Clone + Send> KeyRevocations for KeyCache<V> {
     }
 }
 
-/// The channel each gateway's listener sends itself a notification on every [`PING_EVERY`], to
-/// tell a live listening connection from one that has died without a word.
+/// The prefix of the channel each gateway's listener sends itself a notification on every
+/// [`PING_EVERY`] (one channel per listener), to tell a live listening connection from one
+/// that has died without a word.
 pub const PING_CHANNEL: &str = "taskmesh_ping";
 /// How often the listener of [`follow_checkpoint`] pings itself.
 pub const PING_EVERY: Duration = Duration::from_secs(2);
@@ -323,24 +324,33 @@ pub fn follow_checkpoint(
     keys: std::sync::Arc<dyn KeyRevocations>,
 ) -> tokio::sync::watch::Receiver<u64> {
     let (tx, rx) = tokio::sync::watch::channel(0u64);
-    let own = PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone());
+    let options = (*pool.connect_options()).clone();
     let pool = pool.clone();
+    // This listener's own ping channel: it hears its pings, not every gateway's.
+    let channel = format!("{PING_CHANNEL}_{}", uuid::Uuid::now_v7().simple());
     tokio::spawn(async move {
-        let ping = async {
-            loop {
-                tokio::time::sleep(PING_EVERY).await;
-                let sent = sqlx::query("SELECT pg_notify($1, '')").bind(PING_CHANNEL).execute(&pool).await;
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "pinging the checkpoint listener");
-                }
-            }
-        };
-        tokio::pin!(ping);
         while !tx.is_closed() {
+            // Two connections of its own, afresh for each attempt (not `pool`'s, which may be
+            // busy): one to listen on, one to ping it with. A connection that died silently
+            // may stay held by a background task until TCP gives up on it; a new pool does not
+            // wait for it.
+            let own = PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options.clone());
+            let ping = async {
+                loop {
+                    tokio::time::sleep(PING_EVERY).await;
+                    let sent = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&own).await;
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "pinging the checkpoint listener");
+                    }
+                }
+            };
             tokio::select! {
                 _ = tx.closed() => return,
-                _ = &mut ping => {},
-                Err(e) = listen_to_checkpoint(&own, &pool, projection, &tx, &ends, &*keys) => {
+                _ = ping => {},
+                Err(e) = listen_to_checkpoint(&own, &pool, projection, &channel, &tx, &ends, &*keys) => {
                     tracing::debug!(error = %e, "following the projection checkpoint; reconnecting");
                 },
             }
@@ -362,6 +372,7 @@ async fn listen_to_checkpoint(
     own: &PgPool,
     pool: &PgPool,
     projection: &str,
+    ping_channel: &str,
     tx: &tokio::sync::watch::Sender<u64>,
     ends: &RunEnds,
     keys: &dyn KeyRevocations,
@@ -378,7 +389,7 @@ async fn listen_to_checkpoint(
     // A lost connection is reported at once (and this listener dropped), not mended quietly:
     // what was announced meanwhile is lost, and the caller must know.
     listener.eager_reconnect(false);
-    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL, PING_CHANNEL]).await?;
+    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL, ping_channel]).await?;
     // Every revocation committed from here on is heard: cached keys may be kept.
     keys.missed(true);
     // The table's value replaces the last one heard: should Postgres have lost commits (the
@@ -391,7 +402,7 @@ async fn listen_to_checkpoint(
         // (A timeout drops the listener, so whatever it was reading is not needed.)
         let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| lost())??;
         match next {
-            Some(n) if n.channel() == PING_CHANNEL => {}
+            Some(n) if n.channel() == ping_channel => {}
             Some(n) if n.channel() == KEY_REVOKED_CHANNEL => match n.payload() {
                 "*" => keys.missed(true),
                 hash => keys.revoked(hash),

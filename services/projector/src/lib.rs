@@ -38,7 +38,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 fn lost_batches(checkpoint: u64, committed: u64) -> anyhow::Result<()> {
     if checkpoint < committed {
         anyhow::bail!(
-            "the read models' checkpoint is {checkpoint}, but batches up to {committed} were committed: Postgres lost them (a crash?); replaying from {checkpoint}"
+            "the read models' checkpoint is {checkpoint}, but batches up to {committed} were committed: Postgres lost them (a crash?), or a rebuild started; replaying from {checkpoint}"
         );
     }
     Ok(())
