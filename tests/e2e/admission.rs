@@ -14,25 +14,30 @@ use crate::helpers::*;
 
 const PLATFORM_KEY: &str = "platform-admin-key-for-admission-tests";
 
-/// A step's id, when it started and when it ended (if it did).
-type Interval = (String, DateTime<Utc>, Option<DateTime<Utc>>);
+/// Something's key, when it started and when it ended (if it did).
+type Span<K> = (K, DateTime<Utc>, Option<DateTime<Utc>>);
 
-/// When each step of a run started and ended, from the log.
+/// A step's id and attempt, when the attempt started and when it ended (if it did).
+type Interval = Span<(String, u32)>;
+
+/// When each attempt of each step of a run started and ended, from the log. An attempt ends
+/// with its success, failure or loss (a second attempt, after a lost lease or a redelivery,
+/// is an interval of its own), or with its step's cancellation.
 async fn intervals(tm: &TestMesh, tenant: &str, id: Uuid) -> Vec<Interval> {
     let mut out: Vec<Interval> = Vec::new();
+    let end = |step: &str, attempt: Option<u32>, at: DateTime<Utc>, out: &mut Vec<Interval>| {
+        if let Some(i) = out.iter_mut().find(|i| i.0.0 == step && attempt.is_none_or(|a| i.0.1 == a) && i.2.is_none()) {
+            i.2 = Some(at);
+        }
+    };
     for e in tm.tenant_run_events(tenant, id).await {
         match &e.event {
-            Event::StepStarted(s) => out.push((s.step.clone(), e.occurred_at, None)),
-            Event::StepSucceeded(s) => {
-                if let Some(i) = out.iter_mut().find(|i| i.0 == s.step) {
-                    i.2 = Some(e.occurred_at);
-                }
-            }
-            Event::StepCancelled(s) => {
-                if let Some(i) = out.iter_mut().find(|i| i.0 == s.step) {
-                    i.2 = Some(e.occurred_at);
-                }
-            }
+            Event::StepStarted(s) => out.push(((s.step.clone(), s.attempt), e.occurred_at, None)),
+            Event::StepSucceeded(s) => end(&s.step, Some(s.attempt), e.occurred_at, &mut out),
+            Event::StepFailed(s) => end(&s.step, Some(s.attempt), e.occurred_at, &mut out),
+            Event::StepAttemptFailed(s) => end(&s.step, Some(s.attempt), e.occurred_at, &mut out),
+            Event::StepAttemptLost(s) => end(&s.step, Some(s.attempt), e.occurred_at, &mut out),
+            Event::StepCancelled(s) => end(&s.step, None, e.occurred_at, &mut out),
             _ => {}
         }
     }
@@ -40,7 +45,7 @@ async fn intervals(tm: &TestMesh, tenant: &str, id: Uuid) -> Vec<Interval> {
 }
 
 /// Most intervals open at once.
-fn peak(intervals: &[Interval]) -> usize {
+fn peak<K>(intervals: &[Span<K>]) -> usize {
     let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
     for (_, start, end) in intervals {
         edges.push((*start, 1));
