@@ -269,8 +269,11 @@ impl<V: Clone> KeyCache<V> {
         if entries.by_hash.len() >= self.max {
             let ttl = self.ttl;
             entries.by_hash.retain(|_, (_, at)| at.elapsed() < ttl);
-            if entries.by_hash.len() >= self.max {
-                entries.by_hash.clear();
+            // Still full of live keys: the oldest goes (one scan, only when full).
+            if entries.by_hash.len() >= self.max
+                && let Some(oldest) = entries.by_hash.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
+            {
+                entries.by_hash.remove(&oldest);
             }
         }
         entries.by_hash.insert(key_hash.to_string(), (value, std::time::Instant::now()));
@@ -487,8 +490,11 @@ mod tests {
         for key in ["a", "b", "c"] {
             let ticket = cache.get(key).unwrap_err();
             cache.keep(ticket, key, 1);
+            std::thread::sleep(Duration::from_millis(2));
         }
-        assert!(cache.len() <= 2, "bounded");
+        assert_eq!(cache.len(), 2, "bounded");
+        assert!(cache.get("a").is_err(), "the oldest went");
+        assert_eq!(cache.get("b").ok(), Some(1));
         assert_eq!(cache.get("c").ok(), Some(1));
         cache.missed(false);
         assert!(cache.get("c").is_err(), "the listener is down");
