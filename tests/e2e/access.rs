@@ -636,6 +636,13 @@ async fn a_listener_whose_connection_goes_silent_serves_no_kept_key_and_listens_
     eventually("the listener to listen again", Duration::from_secs(20), || async { Ok(kept().then_some(())) })
         .await
         .unwrap();
+    // A rebuild empties the keys table, and every cache with it.
+    taskmesh_store::reset_read_models(&tm.pool, taskmesh_projector::NAME).await.unwrap();
+    eventually("the rebuild to empty the cache", Duration::from_secs(5), || async {
+        Ok(keys.get("k").is_err().then_some(()))
+    })
+    .await
+    .unwrap();
     accepting.abort();
     tm.finish().await;
 }

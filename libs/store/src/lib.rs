@@ -24,6 +24,9 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migrating the read-model schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The listening connection of [`follow_checkpoint`] closed, or went silent.
+    #[error("the listening connection was lost")]
+    ListenerLost,
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -400,10 +403,9 @@ async fn listen_to_checkpoint(
     // than vouching for rows that are gone.
     tx.send_replace(read_checkpoint(pool, projection).await?);
     ends.wake_all();
-    let lost = || StoreError::Db(sqlx::Error::Protocol("the listening connection was lost".into()));
     loop {
         // (A timeout drops the listener, so whatever it was reading is not needed.)
-        let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| lost())??;
+        let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| StoreError::ListenerLost)??;
         match next {
             Some(n) if n.channel() == ping_channel => {}
             Some(n) if n.channel() == KEY_REVOKED_CHANNEL => match n.payload() {
@@ -420,7 +422,7 @@ async fn listen_to_checkpoint(
                     advance(seq);
                 }
             }
-            None => return Err(lost()),
+            None => return Err(StoreError::ListenerLost),
         }
     }
 }

@@ -57,8 +57,7 @@ impl Projector {
     }
 
     /// (Re)creates the consumer so that it delivers from the checkpoint on.
-    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
-        let checkpoint = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
+    async fn consumer(&self, checkpoint: u64) -> anyhow::Result<PullConsumer> {
         let ns = self.bus.namespace();
         let stream = self.bus.jetstream().get_stream(ns.events_stream()).await?;
         let _ = stream.delete_consumer(NAME).await;
@@ -102,8 +101,8 @@ impl Projector {
 
     async fn project(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         taskmesh_store::ensure_checkpoint(&self.pool, NAME).await?;
-        let consumer = self.consumer().await?;
         let checkpoint = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
+        let consumer = self.consumer(checkpoint).await?;
         let mut stream = self.bus.jetstream().get_stream(self.bus.namespace().events_stream()).await?;
         let first = stream.info().await?.state.first_sequence;
         if first > checkpoint + 1 && checkpoint > 0 {
