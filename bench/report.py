@@ -102,8 +102,8 @@ pg_commit = med(get(lim, "postgres_single_row_commits_per_second"))
 pg_batch = med(get(lim, "postgres_batched_rows_per_second"))
 
 
-# RunSubmitted, StepDispatched, RunStarted, StepStarted, StepSucceeded, RunSucceeded (pinned by
-# tests/e2e/events.rs) and the submission's AuditRecorded.
+# RunSubmitted, StepDispatched, StepStarted, StepSucceeded, RunSucceeded (pinned by
+# tests/e2e/events.rs) and the submission's AuditRecorded. (Before 2026-12-03, a RunStarted too.)
 EVENTS_PER_RUN = 6
 
 
@@ -243,7 +243,7 @@ lines = [
     f"{fmt(a_steps, 0)}). Absolute figures from the two days do not compare; the same-run ratios do, within a",
     f"noise that is large on a VM this contended: throughput 0.90 → {fmt(ratio(steps_1, c_steps), 2)} × Celery one run per request and",
     f"1.08 → {fmt(ratio(steps_b, c_steps), 2)} × batched, the DAG 1.97 → {fmt(ratio(dag_s, c_dag), 2)} ×, the round trip 3.5 → {fmt(ratio(rt50, c50), 1)} × Celery's time.",
-    "Our reading: a mesh of many small sequential hops (six appends in a row per run, three",
+    "Our reading: a mesh of many small sequential hops (five appends in a row per run, three",
     "processes) suffers more from a host that delays each wake-up than a Redis push and pop does.",
     "Changes since:", "",
     "- **A read costs one statement and no key lookup.** A gateway keeps the API keys it has",
@@ -287,17 +287,15 @@ lines = [
     "  issue's 3,500 steps/s would need under 0.57 CPU-ms per run",
     f"  across all three (two cores' 2,000 CPU-ms a second), a {fmt(sum(cpu_per_run(p) for p in ['nats-server', 'taskmesh', 'postgres']) / (2000 / 3500), 1)}-fold cut: fewer messages per step, not",
     "  faster code on the same path.",
-    "- **JetStream calls per step.** A one-step run is 6 acknowledged appends (each delivered to",
+    "- **JetStream calls per step.** A one-step run is 5 acknowledged appends (each delivered to",
     "  the scheduler, which acks each, and to the projector, which acks a batch at once), a READY",
     "  publish, delivery and delete, a DISPATCH publish, pull and ack, a `TM_ENDED` publish,",
     "  delivery and ack, a timer message (delivered and handed back until the run's deadline), a",
     "  submit, a lease and a report request/reply: about 28 messages into nats-server per run",
     "  (counted by hand on 2026-11-22, with a subscriber on `>`; the dispatcher's stream-info",
     "  request for admission counts, then made every few runs, is now made only near a limit).",
-    "  Candidates: `RunStarted` is decided together with the first `StepStarted` (in the same",
-    "  lease decision) but appended as an event of its own before it, each append awaiting the",
-    "  previous one's acknowledgement: folding the run's start into its first step's start would",
-    "  take one sequential append, and its deliveries, off every run. The timer message could go",
+    "  The run's start is no longer an event of its own: the first `StepStarted` says it (one",
+    "  sequential append, and its deliveries, fewer per run since 2026-12-03). The timer message could go",
     "  only to runs with a deadline shorter than the platform's maximum. Acking the scheduler's",
     "  deliveries a batch at once (ack-all) would halve its acks, but is unsafe while several",
     "  scheduler replicas share the consumer: one replica's ack would cover another's unhandled",
@@ -319,13 +317,13 @@ lines = [
     "  and a `last_seq` move per batch that sees the run). Next: fewer writes of a run's row per",
     "  run, for instance keeping `last_seq` out of it.",
     "- **The round trip** is the sum of the hops in the table above. Each is a local round trip",
-    "  or two: six appends in sequence (one per event, each awaiting its acknowledgement, since the",
+    "  or two: five appends in sequence (one per event, each awaiting its acknowledgement, since the",
     "  next expects its sequence), the `READY` and `DISPATCH` publishes, the executor's lease and",
     "  report requests, and the projector's commit; the submission's answer also waits for its",
-    "  audit record. The largest are the dispatch hop (`StepDispatched` → `RunStarted`) and the",
+    "  audit record. The largest are the dispatch hop (`StepDispatched` → `StepStarted`) and the",
     "  end reaching the read side. Celery's round trip is a Redis push and pop each way, none",
-    "  durable; matching its p50 needs fewer sequential appends per run (the `RunStarted`",
-    "  candidate above is one). On this 2-core machine the load generator and Celery's idle",
+    "  durable; matching its p50 needs fewer sequential appends per run. On this 2-core",
+    "  machine the load generator and Celery's idle",
     "  worker share the CPU with the mesh.",
     "- **apalis** keeps a task as a few Redis keys, and its worker and client share one process;",
     f"  no step of it is durable on disk. Taskmesh's {fmt(steps_s, 0)} steps/s is {fmt(100 * ratio(steps_s, a_steps), 1)} % of apalis's rate: parity",

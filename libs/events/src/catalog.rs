@@ -396,7 +396,8 @@ pub struct SecretDeleted {
     pub name: String,
 }
 
-/// The first step of a run started.
+/// The first step of a run started. No longer appended (since 2026-12-03): the first
+/// `StepStarted` of a run says so itself (`run_started`). Still applied where old logs hold it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunStarted {
     pub run_id: Uuid,
@@ -426,6 +427,10 @@ pub struct StepStarted {
     /// JetStream's delivery count of the dispatch message: > 1 after a lost lease.
     pub delivery: u32,
     pub executor: String,
+    /// This is the run's first start of a step: the run is running from this event on. (Logs
+    /// written before 2026-12-03 say so with a `RunStarted` event before it instead.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub run_started: bool,
 }
 
 /// An attempt's executor stopped renewing its lease; the attempt is abandoned.

@@ -26,7 +26,11 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
         ("ApiKeyCreated", pretty::<ApiKeyCreated>(), "An API key was issued (its hash only)."),
         ("ApiKeyRevoked", pretty::<ApiKeyRevoked>(), "An API key was revoked."),
         ("RunSubmitted", pretty::<RunSubmitted>(), "A run was accepted, with its whole workflow."),
-        ("RunStarted", pretty::<RunStarted>(), "The first step of a run started."),
+        (
+            "RunStarted",
+            pretty::<RunStarted>(),
+            "The first step of a run started (no longer appended: the first StepStarted says so with run_started).",
+        ),
         ("StepDispatched", pretty::<StepDispatched>(), "A ready step was queued for admission and executors."),
         ("StepWaiting", pretty::<StepWaiting>(), "Admission control holds a dispatched step back, and why."),
         ("StepAdmitted", pretty::<StepAdmitted>(), "A held step was let through to the executors."),

@@ -149,19 +149,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
                 .await?;
             }
         }
-        Event::RunStarted(e) => {
-            let updated = sqlx::query(
-                "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $3), last_seq = $4, wait_reason = NULL
-                 WHERE tenant_id = $1 AND id = $2 AND status = 'queued'",
-            )
-            .bind(tenant)
-            .bind(e.run_id)
-            .bind(at)
-            .bind(seq)
-            .execute(&mut **tx)
-            .await?;
-            touched.wrote(tenant, e.run_id, seq, updated.rows_affected());
-        }
+        // (Appended by logs before 2026-12-03; since, the first `StepStarted` says it.)
+        Event::RunStarted(e) => start_run(tx, touched, tenant, e.run_id, at, seq).await?,
         Event::StepDispatched(_) => touched.record(tenant, run_id(), seq),
         Event::StepWaiting(e) => {
             sqlx::query(
@@ -227,7 +216,10 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
             .bind(at)
             .execute(&mut **tx)
             .await?;
-            touched.record(tenant, run_id(), seq);
+            match run_id() {
+                Some(id) if e.run_started => start_run(tx, touched, tenant, id, at, seq).await?,
+                _ => touched.record(tenant, run_id(), seq),
+            }
         }
         Event::StepAttemptLost(e) => {
             sqlx::query(
@@ -501,6 +493,30 @@ impl Touched {
         .await?;
         Ok(self.ended)
     }
+}
+
+/// A queued run is running from `at` on.
+async fn start_run(
+    tx: &mut Tx<'_>,
+    touched: &mut Touched,
+    tenant: &str,
+    run_id: uuid::Uuid,
+    at: chrono::DateTime<chrono::Utc>,
+    seq: i64,
+) -> Result<(), sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, $3), last_seq = $4, wait_reason = NULL
+         WHERE tenant_id = $1 AND id = $2 AND status = 'queued'",
+    )
+    .bind(tenant)
+    .bind(run_id)
+    .bind(at)
+    .bind(seq)
+    .execute(&mut **tx)
+    .await?;
+    touched.record(tenant, Some(run_id), seq);
+    touched.wrote(tenant, run_id, seq, updated.rows_affected());
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

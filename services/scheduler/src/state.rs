@@ -15,8 +15,8 @@ use taskmesh_events::command::{Lease, LeaseDecision, ReportAck, ResultReport};
 use taskmesh_events::expr::Scope;
 use taskmesh_events::workflow::{StepDef, WorkflowDef};
 use taskmesh_events::{
-    Event, RunConcurrency, RunFinished, RunKey, RunStarted, StepAttemptFailed, StepAttemptLost, StepCancelled,
-    StepDispatched, StepFailed, StepOutcome, StepSkipped, StepStarted, StepSucceeded,
+    Event, RunConcurrency, RunFinished, RunKey, StepAttemptFailed, StepAttemptLost, StepCancelled, StepDispatched,
+    StepFailed, StepOutcome, StepSkipped, StepStarted, StepSucceeded,
 };
 
 /// Where a step is in its life.
@@ -245,6 +245,7 @@ impl RunState {
                 }
             }
             Event::StepStarted(e) => {
+                self.started = true;
                 self.set_phase(&e.step, StepPhase::Running);
                 if let Some(s) = self.step_mut(&e.step) {
                     s.lease = Some(Lease { dispatch: e.dispatch, message: e.message, delivery: e.delivery });
@@ -648,9 +649,6 @@ impl RunState {
         } else if self.cancel_requested {
             return deny("the run was cancelled", true);
         }
-        if !self.started {
-            events.insert(0, Event::RunStarted(RunStarted { run_id: self.key.run_id }));
-        }
         let attempt = step.attempts + 1;
         events.push(Event::StepStarted(StepStarted {
             step: step.id.clone(),
@@ -659,6 +657,8 @@ impl RunState {
             message: lease.message,
             delivery: lease.delivery,
             executor: executor.to_string(),
+            // The run starts with it: one append fewer than a `RunStarted` of its own.
+            run_started: !self.started,
         }));
         (LeaseDecision::Granted { attempt }, events)
     }
@@ -830,8 +830,11 @@ mod tests {
         let l1 = Lease { dispatch: 1, message: 7, delivery: 1 };
         let (d, ev) = s.lease("a", l1, "e1", 3);
         assert!(matches!(d, LeaseDecision::Granted { attempt: 1 }));
-        assert_eq!(names(&ev), ["RunStarted", "StepStarted"]);
+        // The run's first start says the run started: no `RunStarted` of its own.
+        assert_eq!(names(&ev), ["StepStarted"]);
+        assert!(matches!(&ev[0], Event::StepStarted(e) if e.run_started));
         apply_all(&mut s, &ev);
+        assert!(s.started);
         // The same request again is granted without new events; another executor is refused.
         assert!(matches!(s.lease("a", l1, "e1", 3), (LeaseDecision::Granted { attempt: 1 }, ref e) if e.is_empty()));
         assert!(matches!(s.lease("a", l1, "e2", 3).0, LeaseDecision::Denied { ack: false, .. }));
@@ -843,6 +846,7 @@ mod tests {
         let (d, ev) = s.lease("a", l2, "e2", 3);
         assert!(matches!(d, LeaseDecision::Granted { attempt: 2 }));
         assert_eq!(names(&ev), ["StepAttemptLost", "StepStarted"]);
+        assert!(matches!(&ev[1], Event::StepStarted(e) if !e.run_started));
         // Deciding again on a state holding only the first event adds only the rest.
         let mut partial = s.clone();
         apply_all(&mut partial, &ev[..1]);
