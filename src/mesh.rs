@@ -130,7 +130,8 @@ impl Mesh {
                     tasks.spawn(async move { (service, scheduler.run(token).await) });
                 }
                 Service::Executor => {
-                    let executor = taskmesh_executor::Executor::new(bus, settings.executor.clone(), keyring(settings)?);
+                    let executor = taskmesh_executor::Executor::new(bus, settings.executor.clone(), keyring(settings)?)
+                        .with_egress(taskmesh_egress::Egress::new(&settings.egress));
                     tasks.spawn(async move { (service, executor.run(token).await) });
                 }
                 Service::Notification => {
@@ -139,6 +140,7 @@ impl Mesh {
                         pool()?,
                         settings.notification.clone(),
                         keyring(settings)?,
+                        taskmesh_egress::Egress::new(&settings.egress),
                     )?;
                     tasks.spawn(async move { (service, notifier.run(token).await) });
                 }

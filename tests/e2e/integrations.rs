@@ -91,19 +91,26 @@ pub(crate) type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
 
 /// A local receiver that records what it is sent and answers 200.
 pub(crate) async fn receiver() -> (String, Received) {
+    receiver_on("127.0.0.1").await
+}
+
+/// [`receiver`] on the loopback address `ip`; `/ok` answers GETs too.
+async fn receiver_on(ip: &str) -> (String, Received) {
     let seen: Received = Arc::default();
     let store = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let store = store.clone();
-            async move {
-                store.lock().unwrap().push((headers, body.to_vec()));
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let store = store.clone();
+                async move {
+                    store.lock().unwrap().push((headers, body.to_vec()));
+                    "ok"
+                }
+            }),
+        )
+        .route("/ok", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, seen)
@@ -112,6 +119,11 @@ pub(crate) async fn receiver() -> (String, Received) {
 /// A local receiver subscribed as a webhook endpoint: what it is sent, and the created endpoint.
 pub(crate) async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
     let (url, seen) = receiver().await;
+    (seen, subscribe_url(tm, &url).await)
+}
+
+/// Subscribes `url` as a webhook endpoint; returns the created endpoint.
+async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value {
     let res = tm
         .auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api)))
         .json(&serde_json::json!({"url": url}))
@@ -119,7 +131,56 @@ pub(crate) async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    (seen, res.json().await.unwrap())
+    res.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steps_and_webhooks_reach_only_the_addresses_the_egress_rules_permit() {
+    // Every non-public address denied, but for 127.0.0.1: 127.0.0.2 (loopback too) is not.
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.egress.deny_private = true;
+        s.egress.allow = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let (permitted, permitted_seen) = receiver_on("127.0.0.1").await;
+    let (denied, denied_seen) = receiver_on("127.0.0.2").await;
+    subscribe_url(&tm, &permitted).await;
+    subscribe_url(&tm, &denied).await;
+    tm.wait_projected().await;
+    let ok = permitted.replace("/hook", "/ok");
+    let denied_ok = denied.replace("/hook", "/ok");
+    let denied_port = denied_ok.rsplit(':').next().unwrap().trim_end_matches("/ok").to_string();
+    let id = tm
+        .submit(&format!(
+            r#"name: egress
+steps:
+  - {{id: permitted, http: {{url: "{ok}"}}}}
+  - {{id: loopback, continue_on_error: true, http: {{url: "{denied_ok}"}}}}
+  - {{id: mapped, continue_on_error: true, http: {{url: "http://[::ffff:127.0.0.2]:{denied_port}/ok"}}}}
+  - {{id: metadata, continue_on_error: true, http: {{url: "http://169.254.169.254/latest/meta-data/"}}}}
+  - {{id: llm, continue_on_error: true, llm: {{base_url: "http://127.0.0.2:{denied_port}/v1", model: m, prompt: hi}}}}
+"#
+        ))
+        .await;
+    let run = tm.wait_run(id, Duration::from_secs(60)).await;
+    assert_eq!(step(&run, "permitted")["status"], "succeeded", "{run:#}");
+    for (name, addr) in
+        [("loopback", "127.0.0.2"), ("mapped", "127.0.0.2"), ("metadata", "169.254.169.254"), ("llm", "127.0.0.2")]
+    {
+        let s = step(&run, name);
+        assert_eq!(s["status"], "failed", "{name}: {s:#}");
+        let error = s["error"].as_str().unwrap();
+        assert!(error.contains(&format!("egress to {addr} is denied")), "{name}: {error}");
+    }
+    // Both endpoints were due the run's notification; only the permitted one got it.
+    eventually("the permitted endpoint's notification", Duration::from_secs(30), || async {
+        Ok((!permitted_seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(denied_seen.lock().unwrap().is_empty(), "nothing reached 127.0.0.2");
+    tm.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -37,6 +37,8 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub health: HealthSettings,
     pub secrets: SecretsSettings,
+    /// Where steps' and webhooks' outbound requests may go.
+    pub egress: EgressSettings,
     /// Where `taskmesh up` keeps its private NATS and Postgres data and the dev API key.
     pub data_dir: Option<PathBuf>,
 }
@@ -55,6 +57,7 @@ impl Default for Settings {
             telemetry: TelemetrySettings::default(),
             health: HealthSettings::default(),
             secrets: SecretsSettings::default(),
+            egress: EgressSettings::default(),
             data_dir: None,
         }
     }
@@ -361,6 +364,21 @@ impl Default for NotificationSettings {
     }
 }
 
+/// Where `http` and `llm` steps and webhook deliveries may connect (taskmesh-egress). Link-local
+/// and cloud instance-metadata addresses are always denied unless `allow` lists them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressSettings {
+    /// Deny every address that is not on the public internet (loopback, private, shared,
+    /// unspecified, multicast, reserved): for a multi-tenant deployment, where tenants must not
+    /// reach the platform's own network.
+    pub deny_private: bool,
+    /// Further ranges to deny, as CIDR (`10.20.0.0/16`, `2001:db8::/32`).
+    pub deny: Vec<ipnet::IpNet>,
+    /// Ranges permitted whatever else is denied, as CIDR.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetrySettings {
@@ -456,6 +474,16 @@ mod tests {
             assert_eq!(s.git.listen.port(), 8081);
             jail.set_env("TASKMESH_GIT__LISTEN", "0.0.0.0:9000");
             assert_eq!(Settings::load(None).unwrap().git.listen.port(), 9000);
+            assert!(!s.egress.deny_private && s.egress.allow.is_empty());
+            jail.set_env("TASKMESH_EGRESS__DENY_PRIVATE", "true");
+            jail.set_env("TASKMESH_EGRESS__ALLOW", "[10.1.0.0/16, \"fd00::/8\"]");
+            let s = Settings::load(None).unwrap();
+            assert!(s.egress.deny_private);
+            assert_eq!(s.egress.allow, ["10.1.0.0/16".parse::<ipnet::IpNet>().unwrap(), "fd00::/8".parse().unwrap()]);
+            jail.set_env("TASKMESH_EGRESS__ALLOW", "[10.1.0.0/33]");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("egress.allow"), "{err}");
+            jail.set_env("TASKMESH_EGRESS__ALLOW", "[]");
             jail.set_env("TASKMESH_NATS__BOGUS", "1");
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.contains("bogus"), "{err}");

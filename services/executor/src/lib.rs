@@ -62,6 +62,8 @@ pub struct Executor {
     keyring: Option<Arc<taskmesh_secrets::Keyring>>,
     /// What steps run with: found out at start.
     runtime: Arc<step::Runtime>,
+    /// Where `http` and `llm` steps may connect.
+    egress: Arc<taskmesh_egress::Egress>,
     labels: Arc<BTreeMap<String, String>>,
     /// Steps being handled right now (slots held by a waiting pull are not counted).
     busy: Arc<std::sync::atomic::AtomicU32>,
@@ -81,9 +83,17 @@ impl Executor {
             running: Arc::default(),
             keyring,
             runtime: Arc::default(),
+            egress: Arc::default(),
             labels: Arc::default(),
             busy: Arc::default(),
         }
+    }
+
+    /// Holds `http` and `llm` steps to `egress` (the default denies only link-local and
+    /// instance-metadata addresses).
+    pub fn with_egress(mut self, egress: taskmesh_egress::Egress) -> Self {
+        self.egress = Arc::new(egress);
+        self
     }
 
     /// Finds out what this executor can do (container CLI, sandbox, user, GPUs) and its labels.
@@ -111,7 +121,7 @@ impl Executor {
             }
             other => anyhow::bail!("executor.sandbox must be none, bwrap or auto, not '{other}'"),
         };
-        let mut runtime = step::Runtime { sandbox, ..step::Runtime::default() };
+        let mut runtime = step::Runtime { sandbox, ..step::Runtime::new(self.egress.clone()) };
         if let Some(user) = &s.run_as {
             let found = match user.parse::<u32>() {
                 Ok(uid) => nix::unistd::User::from_uid(uid.into()),

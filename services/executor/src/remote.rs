@@ -10,6 +10,8 @@ use taskmesh_events::command::LogStream;
 use taskmesh_events::expr::render_secrets;
 use taskmesh_events::workflow::{HttpStep, LlmStep};
 
+use taskmesh_egress::error_chain;
+
 use crate::step::{Done, StepContext};
 
 /// Longest wait between LLM retries when the server does not say.
@@ -87,6 +89,7 @@ async fn try_http(h: &HttpStep, ctx: &StepContext) -> Result<Done, String> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("'{}' is not an http:// or https:// URL", ctx.mask(url.as_str())));
     }
+    ctx.runtime.egress.check_url(&url).map_err(|d| d.to_string())?;
     let method = reqwest::Method::from_bytes(h.method.to_ascii_uppercase().as_bytes())
         .map_err(|_| format!("'{}' is not an HTTP method", h.method))?;
     let mut request = ctx.runtime.http.request(method.clone(), url.clone()).headers(headers(&h.headers, ctx)?);
@@ -136,18 +139,6 @@ async fn try_http(h: &HttpStep, ctx: &StepContext) -> Result<Done, String> {
     })
 }
 
-/// Errors with their causes (reqwest's own message hides them).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// One chat completion. Outputs: `reply`, `finish_reason`, `model`, `prompt_tokens`,
 /// `completion_tokens`, `total_tokens`. 429 and 503 answers (rate limits, quota) are waited out
 /// with `Retry-After` or a capped exponential backoff; the step's deadline ends the wait.
@@ -162,6 +153,7 @@ async fn try_llm(l: &LlmStep, ctx: &StepContext) -> Result<Done, String> {
     let base = render_secrets(&l.base_url, &ctx.secrets)?;
     let url = format!("{}/chat/completions", base.trim_end_matches('/'));
     let url = reqwest::Url::parse(&url).map_err(|e| format!("'{url}' is not a URL: {e}"))?;
+    ctx.runtime.egress.check_url(&url).map_err(|d| d.to_string())?;
     let key = match &l.api_key_secret {
         Some(name) => Some(
             ctx.secrets

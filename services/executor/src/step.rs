@@ -68,8 +68,10 @@ pub const MAX_LOG_LINE: usize = 16 * 1024;
 /// What this executor can run steps with, found out once at start.
 #[derive(Clone)]
 pub struct Runtime {
-    /// For `http` and `llm` steps.
+    /// For `http` and `llm` steps: connects only where `egress` permits.
     pub http: reqwest::Client,
+    /// Where `http` and `llm` steps may connect.
+    pub egress: Arc<taskmesh_egress::Egress>,
     /// A docker- or podman-compatible CLI that answered `info`; without one, container steps
     /// fail.
     pub container_cli: Option<String>,
@@ -81,16 +83,21 @@ pub struct Runtime {
     pub limits: Option<StepLimits>,
 }
 
-impl Default for Runtime {
-    /// An HTTP client, and nothing else: no container CLI, no sandbox, no limits.
-    fn default() -> Self {
+impl Runtime {
+    /// An HTTP client held to `egress`, and nothing else: no container CLI, no sandbox, no
+    /// limits.
+    pub fn new(egress: Arc<taskmesh_egress::Egress>) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("taskmesh-executor/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .build()
-            .expect("an HTTP client with the ring provider builds");
-        Self { http, container_cli: None, sandbox: None, run_as: None, limits: None }
+        let builder = reqwest::Client::builder().user_agent(concat!("taskmesh-executor/", env!("CARGO_PKG_VERSION")));
+        let http = egress.client(builder, 5).expect("an HTTP client with the ring provider builds");
+        Self { http, egress, container_cli: None, sandbox: None, run_as: None, limits: None }
+    }
+}
+
+impl Default for Runtime {
+    /// [`Runtime::new`] with the default egress rules.
+    fn default() -> Self {
+        Self::new(Arc::default())
     }
 }
 

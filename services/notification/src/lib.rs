@@ -57,7 +57,9 @@ pub struct Notifier {
     bus: Bus,
     pool: PgPool,
     settings: NotificationSettings,
+    /// Connects only where `egress` permits.
     http: reqwest::Client,
+    egress: std::sync::Arc<taskmesh_egress::Egress>,
     /// Opens endpoints' sealed signing secrets.
     keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
 }
@@ -68,14 +70,16 @@ impl Notifier {
         pool: PgPool,
         settings: NotificationSettings,
         keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
+        egress: taskmesh_egress::Egress,
     ) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let egress = std::sync::Arc::new(egress);
+        let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))
-            .user_agent(concat!("Taskmesh-Webhooks/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        Ok(Self { bus, pool, settings, http, keyring })
+            .user_agent(concat!("Taskmesh-Webhooks/", env!("CARGO_PKG_VERSION")));
+        // A redirect is an answer (a failed delivery), never followed.
+        let http = egress.client(builder, 0)?;
+        Ok(Self { bus, pool, settings, http, egress, keyring })
     }
 
     /// Runs the fan-out and the deliveries until `shutdown` is cancelled.
@@ -243,9 +247,11 @@ impl Notifier {
         let body = serde_json::to_vec(&d.payload).map_err(|e| Outcome::Failed(e.to_string()))?;
         let timestamp = Utc::now().timestamp();
         let signature = sign(&secret, &d.message_id, timestamp, &body).map_err(|e| Outcome::Failed(e.to_string()))?;
+        let parsed = reqwest::Url::parse(&url).map_err(|e| Outcome::Failed(format!("'{url}' is not a URL: {e}")))?;
+        self.egress.check_url(&parsed).map_err(|d| Outcome::Failed(format!("POST {url}: {d}")))?;
         let res = self
             .http
-            .post(&url)
+            .post(parsed)
             .header("content-type", "application/json")
             .header("webhook-id", &d.message_id)
             .header("webhook-timestamp", timestamp.to_string())
@@ -253,7 +259,7 @@ impl Notifier {
             .body(body)
             .send()
             .await
-            .map_err(|e| Outcome::Failed(format!("POST {url}: {e}")))?;
+            .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
         if res.status().is_success() {
             Ok(())
         } else {
