@@ -121,6 +121,8 @@ pub enum Schedules {
     Pause { id: String },
     /// Resume a paused schedule from its next tick.
     Resume { id: String },
+    /// Delete a schedule: no tick fires after it (the runs it started are kept).
+    Rm { id: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -686,6 +688,11 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
         Schedules::Resume { id } => {
             let done = client.call(reqwest::Method::POST, &format!("/v1/schedules/{}/resume", enc(&id)), None).await?;
             println!("{}", if client.json { done.to_string() } else { format!("resumed {id}") });
+            Ok(0)
+        }
+        Schedules::Rm { id } => {
+            client.call(reqwest::Method::DELETE, &format!("/v1/schedules/{}", enc(&id)), None).await?;
+            println!("{}", if client.json { json!({"deleted": id}).to_string() } else { format!("deleted {id}") });
             Ok(0)
         }
     }

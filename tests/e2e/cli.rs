@@ -204,7 +204,7 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("key=value"), "{err}");
 
-    // Schedules: create (yearly, so it does not fire here), list, pause, resume.
+    // Schedules: create (yearly, so it does not fire here), list, pause, resume, delete.
     let (code, out, err) = taskmesh(
         &tm,
         &[
@@ -254,6 +254,10 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
         taskmesh(&tm, &["schedules", "create", "--cron", "not a cron", "--workflow", "cli-flow"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("422") && err.contains("cron"), "{err}");
+    let (code, out, err) = taskmesh(&tm, &["schedules", "rm", &schedule]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.trim(), format!("deleted {schedule}"));
+    poll_json(&tm, "the schedule gone", &["schedules", "ls"], |v| item(v, &schedule).is_none()).await;
 
     // Secrets: names are listed, values never printed; stdin works and loses its newline.
     let value = format!("v4lue-{}", uuid::Uuid::now_v7().simple());

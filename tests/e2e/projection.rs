@@ -48,11 +48,26 @@ async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
     out
 }
 
+async fn delete_schedule(tm: &TestMesh, id: &str) {
+    let res = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Gateway, Svc::Projector], |_| {}).await;
     let first = tm.submit("name: before\nsteps:\n  - {id: a, run: 'echo one'}\n").await;
     tm.wait_run(first, Duration::from_secs(30)).await;
+    // Three yearly schedules: one deleted now, one while the projector is down, one kept.
+    let schedule = || async {
+        let spec = serde_json::json!({"cron": "0 0 1 1 *", "workflow": {"name": "yearly", "steps": [{"id": "a", "uses": "noop"}]}});
+        let res = tm.auth(tm.http.post(format!("{}/v1/schedules", tm.api))).json(&spec).send().await.unwrap();
+        assert_eq!(res.status(), 201);
+        res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+    };
+    let (gone, gone_later, _kept) = (schedule().await, schedule().await, schedule().await);
+    delete_schedule(&tm, &gone).await;
+    tm.wait_projected().await;
 
     // Projector down: runs still execute, their events pile up in the log.
     let rest = Mesh::start(
@@ -68,6 +83,7 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.mesh.take().unwrap().stop().await.unwrap();
     tm.mesh = Some(rest);
     tm.api = format!("http://{}", tm.mesh.as_ref().unwrap().gateway.unwrap());
+    delete_schedule(&tm, &gone_later).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(tm.submit(&format!("name: during\nsteps:\n  - {{id: a, run: 'echo {i}'}}\n  - {{id: b, needs: [a], run: 'exit 1'}}\n  - {{id: c, needs: [b], run: 'true'}}\n")).await);
@@ -95,6 +111,7 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.wait_projected().await;
     let live = dump(&tm.pool).await;
     assert!(live.iter().filter(|r| r.starts_with("runs:")).count() == 6);
+    assert_eq!(live.iter().filter(|r| r.starts_with("schedules:")).count(), 1, "deleted schedules are gone");
 
     // Rebuild: drop every row, replay the log from sequence 1.
     projector.stop().await.unwrap();

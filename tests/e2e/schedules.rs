@@ -1,5 +1,5 @@
 //! Cron schedules: each tick fires exactly once, with two scheduler replicas and after the
-//! scheduler was down (catch-up `all`).
+//! scheduler was down (catch-up `all`); a deleted schedule fires no more.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -143,5 +143,51 @@ async fn invalid_schedules_are_problems_naming_the_field() {
     }
     assert_eq!(create(&tm, json!({"cron": "* * * * *", "workflow": "missing"})).await.status(), 404);
     assert_eq!(create(&tm, json!({"cron": "* * * * *", "workflow": "x", "bogus": 1})).await.status(), 400);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_schedule_ticks_no_more_and_is_gone_from_the_read_side() {
+    let tm = spawn_mesh().await;
+    let res = create(&tm, every_second()).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let other = create(&tm, every_second()).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    pause(&tm, &other).await;
+    eventually("a tick", Duration::from_secs(30), || async { Ok((!ticks(&tm, &id).await.0.is_empty()).then_some(())) })
+        .await
+        .unwrap();
+    let delete = |id: String| {
+        let req = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api)));
+        async move { req.send().await.unwrap().status() }
+    };
+    assert_eq!(delete(id.clone()).await, 204);
+    assert_eq!(delete(id.clone()).await, 204, "deleting twice is fine");
+    assert_eq!(delete(uuid::Uuid::now_v7().to_string()).await, 404);
+    assert_eq!(delete("not-a-uuid".into()).await, 404);
+    // Nothing ticks after the deletion, which is the subject's last event.
+    let (before, runs) = ticks(&tm, &id).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (after, _) = ticks(&tm, &id).await;
+    assert_eq!(after, before, "a deleted schedule does not tick");
+    let subject = tm.bus.namespace().schedule("default", id.parse().unwrap());
+    let events = tm.bus.read_subject(&subject, 0).await.unwrap();
+    assert_eq!(events.iter().filter(|e| matches!(e.envelope.event, Event::ScheduleDeleted(_))).count(), 1);
+    assert!(matches!(events.last().unwrap().envelope.event, Event::ScheduleDeleted(_)));
+    // Gone from the read side; the other schedule and the runs it started stay.
+    tm.wait_projected().await;
+    let res = tm.auth(tm.http.get(format!("{}/v1/schedules/{id}", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let list = tm.get_json(format!("{}/v1/schedules", tm.api)).await;
+    let listed: Vec<&str> = list["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [other.as_str()]);
+    for run in runs {
+        assert_eq!(tm.get_run(run).await.0, 200, "a deleted schedule's runs are kept");
+    }
+    // A deleted schedule can be neither paused nor resumed.
+    for action in ["pause", "resume"] {
+        let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/{action}", tm.api))).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{action}");
+    }
     tm.finish().await;
 }

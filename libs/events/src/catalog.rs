@@ -43,6 +43,7 @@ pub enum Event {
     SchedulePaused(ScheduleToggled),
     ScheduleResumed(ScheduleToggled),
     ScheduleTicked(ScheduleTicked),
+    ScheduleDeleted(ScheduleDeleted),
     SecretSet(SecretSet),
     SecretDeleted(SecretDeleted),
     ApiKeyUsed(ApiKeyUsed),
@@ -83,6 +84,7 @@ impl Event {
             Event::SchedulePaused(_) => "SchedulePaused",
             Event::ScheduleResumed(_) => "ScheduleResumed",
             Event::ScheduleTicked(_) => "ScheduleTicked",
+            Event::ScheduleDeleted(_) => "ScheduleDeleted",
             Event::SecretSet(_) => "SecretSet",
             Event::SecretDeleted(_) => "SecretDeleted",
             Event::ApiKeyUsed(_) => "ApiKeyUsed",
@@ -381,6 +383,13 @@ pub struct ScheduleTicked {
     pub run_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+}
+
+/// A schedule was deleted: no tick fires after it (a tick is appended expecting the schedule's
+/// last sequence, so none can come after), and its row is gone. The last event of its subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleDeleted {
+    pub schedule_id: Uuid,
 }
 
 /// A secret was set: only its sealed form (AES-256-GCM) is recorded, never its value.

@@ -130,6 +130,13 @@ pub struct CreateSchedule {
     pub spec: crate::schedule::ScheduleSpec,
 }
 
+/// `{ns}.cmd.ingest.delete_schedule`: delete a schedule (idempotent).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DeleteSchedule {
+    pub tenant: String,
+    pub schedule_id: Uuid,
+}
+
 /// `{ns}.cmd.ingest.toggle_schedule`: pause or resume.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ToggleSchedule {

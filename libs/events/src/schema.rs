@@ -55,6 +55,7 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
         ("SchedulePaused", pretty::<ScheduleToggled>(), "A schedule was paused."),
         ("ScheduleResumed", pretty::<ScheduleToggled>(), "A schedule was resumed."),
         ("ScheduleTicked", pretty::<ScheduleTicked>(), "A schedule's tick was handled, once."),
+        ("ScheduleDeleted", pretty::<ScheduleDeleted>(), "A schedule was deleted: no tick fires after it."),
         ("SecretSet", pretty::<SecretSet>(), "A secret was set (sealed; never its value)."),
         ("SecretDeleted", pretty::<SecretDeleted>(), "A secret was deleted."),
         ("ApiKeyUsed", pretty::<ApiKeyUsed>(), "An API key was used (at most once a minute per key and gateway)."),
@@ -84,6 +85,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("SetSecret", pretty::<SetSecret>()),
         ("DeleteSecret", pretty::<DeleteSecret>()),
         ("ToggleSchedule", pretty::<ToggleSchedule>()),
+        ("DeleteSchedule", pretty::<DeleteSchedule>()),
         ("WorkflowStored", pretty::<WorkflowStored>()),
         ("CancelSignal", pretty::<CancelSignal>()),
         ("Dispatch", pretty::<Dispatch>()),
@@ -154,7 +156,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "repo", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "SecretSet", "SecretDeleted"])
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",
@@ -201,8 +203,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
-use taskmesh_events::command::{CreateSchedule, ToggleSchedule};
+use taskmesh_events::command::{CreateSchedule, DeleteSchedule, ToggleSchedule};
 use taskmesh_events::schedule::ScheduleSpec;
 use taskmesh_http::{ApiError, ApiResult, body};
 use utoipa::ToSchema;
@@ -21,7 +21,7 @@ use crate::auth::Caller;
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/schedules", post(create).get(list))
-        .route("/v1/schedules/{id}", get(get_one))
+        .route("/v1/schedules/{id}", get(get_one).delete(delete))
         .route("/v1/schedules/{id}/pause", post(pause))
         .route("/v1/schedules/{id}/resume", post(resume))
 }
@@ -171,4 +171,21 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
     toggle(state, caller, id, false).await
+}
+
+/// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are
+/// kept. Deleting a deleted schedule is fine.
+#[utoipa::path(delete, operation_id = "delete_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+    responses(
+        (status = 204, description = "Deleted (or already gone)"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    state.ingest.delete_schedule(&DeleteSchedule { tenant: caller.tenant, schedule_id: id }).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

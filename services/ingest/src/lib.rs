@@ -18,8 +18,8 @@ use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated,
-    RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleToggled,
-    SecretDeleted, SecretSet, TenantCreated, Trigger, WebhookEndpointCreated, WebhookEndpointDeleted,
+    RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted,
+    ScheduleToggled, SecretDeleted, SecretSet, TenantCreated, Trigger, WebhookEndpointCreated, WebhookEndpointDeleted,
     WorkflowVersionStored, subjects::is_token,
 };
 use tokio_util::sync::CancellationToken;
@@ -292,6 +292,9 @@ impl Ingest {
             let Some(Event::ScheduleCreated(created)) = events.first().map(|e| e.envelope.event.clone()) else {
                 return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
             };
+            if events.last().is_some_and(|e| matches!(e.envelope.event, Event::ScheduleDeleted(_))) {
+                return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
+            }
             let paused = events.iter().fold(false, |p, e| match e.envelope.event {
                 Event::SchedulePaused(_) => true,
                 Event::ScheduleResumed(_) => false,
@@ -309,6 +312,30 @@ impl Ingest {
             };
             let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
             match self.bus.append(last, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "the schedule is too busy; retry"))
+    }
+
+    /// Deletes a schedule: no tick fires after it. Deleting a deleted schedule changes nothing.
+    pub async fn delete_schedule(&self, cmd: DeleteSchedule) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
+        // A tick appended meanwhile (replicas append them expecting the last sequence too)
+        // makes this one conflict: look again.
+        for _ in 0..16 {
+            let Some(last) = self.bus.last(&subject).await? else {
+                return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
+            };
+            if matches!(last.envelope.event, Event::ScheduleDeleted(_)) {
+                return Ok(Created { id: cmd.schedule_id.to_string(), seq: last.seq });
+            }
+            let event = Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id });
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
+            match self.bus.append(last.seq, &envelope).await {
                 Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
                 Err(BusError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -621,6 +648,7 @@ impl Ingest {
             serve!("set_secret", set_secret),
             serve!("delete_secret", delete_secret),
             serve!("toggle_schedule", toggle_schedule),
+            serve!("delete_schedule", delete_schedule),
             serve!("create_tenant", create_tenant),
             serve!("create_api_key", create_api_key),
             serve!("revoke_api_key", revoke_api_key),
@@ -682,6 +710,9 @@ impl IngestClient {
     }
     pub async fn toggle_schedule(&self, cmd: &ToggleSchedule) -> Reply<Created> {
         self.call("toggle_schedule", cmd).await
+    }
+    pub async fn delete_schedule(&self, cmd: &DeleteSchedule) -> Reply<Created> {
+        self.call("delete_schedule", cmd).await
     }
     pub async fn create_tenant(&self, cmd: &CreateTenant) -> Reply<Created> {
         self.call("create_tenant", cmd).await

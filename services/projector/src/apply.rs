@@ -376,6 +376,13 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, touched: &mut Touched) -> R
                 .execute(&mut **tx)
                 .await?;
         }
+        Event::ScheduleDeleted(e) => {
+            sqlx::query("DELETE FROM schedules WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.schedule_id)
+                .execute(&mut **tx)
+                .await?;
+        }
         Event::ScheduleTicked(e) => {
             sqlx::query(
                 "UPDATE schedules SET last_tick = $3, last_run_id = COALESCE($4, last_run_id), ticks = ticks + 1

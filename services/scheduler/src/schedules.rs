@@ -31,6 +31,8 @@ fn fold(events: &[Stored]) -> Option<ScheduleState> {
     for e in events {
         state.last_seq = e.seq;
         match &e.envelope.event {
+            // A deleted schedule is no schedule: its timers are dropped.
+            Event::ScheduleDeleted(_) => return None,
             Event::SchedulePaused(_) => state.paused = true,
             Event::ScheduleResumed(_) => state.paused = false,
             Event::ScheduleTicked(t) => {
