@@ -108,6 +108,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::GET, format!("/v1/schedules/{schedule}"), None),
         (Method::POST, format!("/v1/schedules/{schedule}/pause"), None),
         (Method::POST, format!("/v1/schedules/{schedule}/resume"), None),
+        (Method::DELETE, format!("/v1/schedules/{schedule}"), None),
         (Method::DELETE, "/v1/secrets/A_SECRET".to_string(), None),
         (Method::DELETE, format!("/v1/keys/{}", viewer["id"].as_str().unwrap()), None),
         (Method::DELETE, format!("/v1/webhook-endpoints/{endpoint}"), None),
@@ -227,6 +228,8 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             None,
             [403, 202, 202],
         ),
+        // Last of the schedule's cases: the operator deletes it, the admin finds it deleted.
+        case(Method::DELETE, "/v1/schedules/{id}", format!("/v1/schedules/{schedule}"), None, [403, 204, 204]),
         case(Method::GET, "/v1/secrets", "/v1/secrets", None, [200, 200, 200]),
         case(Method::PUT, "/v1/secrets/{name}", "/v1/secrets/X", Some(json!({"value": "x"})), [403, 403, 204]),
         case(Method::DELETE, "/v1/secrets/{name}", "/v1/secrets/X", None, [403, 403, 204]),
