@@ -646,3 +646,40 @@ async fn a_listener_whose_connection_goes_silent_serves_no_kept_key_and_listens_
     accepting.abort();
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn made_up_keys_are_limited_per_address_and_keys_already_seen_still_pass() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |s| {
+        s.limits.failed_auth_per_second = 1;
+        s.limits.failed_auth_burst = 3;
+    })
+    .await;
+    // A real key the gateway has not looked up yet.
+    let res = call(&tm, &tm.key, Method::POST, "/v1/keys", Some(json!({"role": "viewer"}))).await;
+    let unseen = res.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    assert_eq!(call(&tm, &tm.key, Method::GET, "/v1/runs", None).await.status(), 200);
+
+    // Three made-up keys are each a 401; the fourth finds the address's bucket empty.
+    for i in 0..3 {
+        let res = call(&tm, &format!("tm_made_up_{i}"), Method::GET, "/v1/runs", None).await;
+        assert_eq!(res.status(), 401, "made-up key {i}");
+    }
+    let res = call(&tm, "tm_made_up_3", Method::GET, "/v1/runs", None).await;
+    assert_eq!(res.status(), 429);
+    let wait: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "retry after {wait} s");
+    assert_eq!(res.headers()["ratelimit-policy"], "3;w=3;scope=address");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "https://taskmesh.dev/problems/rate-limited", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("unknown API keys"), "{body}");
+    // While the address is refused: a key already seen passes; one never looked up is not
+    // looked up (so a flood of made-up keys cannot pass for it either).
+    assert_eq!(call(&tm, &tm.key, Method::GET, "/v1/runs", None).await.status(), 200);
+    assert_eq!(call(&tm, &unseen, Method::GET, "/v1/runs", None).await.status(), 429);
+    assert_eq!(call(&tm, "tm_made_up_4", Method::GET, "/v1/runs", None).await.status(), 429);
+    // Once the wait is over, the real key is looked up and passes.
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(call(&tm, &unseen, Method::GET, "/v1/runs", None).await.status(), 200);
+    tm.finish().await;
+}

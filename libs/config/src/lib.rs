@@ -267,6 +267,13 @@ pub struct LimitsSettings {
     /// Quota: bytes of one request body of the tenant, below the gateway's own body limit
     /// (0: only that limit).
     pub max_payload_bytes: u32,
+    /// Requests per second bearing an API key that does not exist (or was revoked), per client
+    /// address and gateway process (0: no limit). Past it, the address's requests are refused
+    /// with `429` before their key is looked up, until it is under the limit again; keys the
+    /// gateway has already looked up still pass.
+    pub failed_auth_per_second: u32,
+    /// The failed-authentication bucket's size.
+    pub failed_auth_burst: u32,
     /// Per-tenant overrides, e.g. `{ acme = { max_steps = 50, max_runs = 10 } }`.
     pub tenants: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -300,6 +307,8 @@ impl Default for LimitsSettings {
             max_workflows: 1_000,
             max_steps_per_run: 0,
             max_payload_bytes: 0,
+            failed_auth_per_second: 10,
+            failed_auth_burst: 100,
             tenants: Default::default(),
         }
     }

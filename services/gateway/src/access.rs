@@ -9,6 +9,11 @@
 //!   `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` and `RateLimit-Policy` for the
 //!   tighter bucket. Buckets live in this process: with N gateway replicas behind a balancer a
 //!   tenant gets up to N times its rate.
+//! - **Unknown keys.** Requests whose key does not exist cost a lookup each, so they are limited
+//!   per client address ([`LimitsSettings::failed_auth_per_second`]): past the limit, that
+//!   address's requests with keys this gateway has not looked up before are answered `429
+//!   rate-limited` (scope `address`) without a lookup until the bucket has room again. Keys in
+//!   the key cache still pass, so a flood of made-up keys does not lock out known ones.
 //! - **Payload quota.** A body longer than the tenant's `max_payload_bytes` is a 413.
 //! - **Last used.** A key's use is recorded as an `ApiKeyUsed` event at most once a minute per
 //!   key and replica, off the request's path.
@@ -17,7 +22,7 @@
 //!   its outcome, before the answer leaves.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +57,10 @@ pub struct Access {
     tenants: Mutex<HashMap<String, Arc<Bucket>>>,
     keys: Mutex<HashMap<Uuid, Arc<Bucket>>>,
     touched: Mutex<HashMap<Uuid, Instant>>,
+    /// Per client address: its bucket of failed authentications, and until when it is
+    /// refused for having emptied it.
+    failures: Mutex<HashMap<IpAddr, Arc<Bucket>>>,
+    refused: Mutex<HashMap<IpAddr, (Instant, Headroom)>>,
     /// Per tenant: the room under the active-runs quota as last counted, when, and how many
     /// runs were let through on that count since.
     room: Mutex<HashMap<String, (Instant, i64, i64)>>,
@@ -114,8 +123,39 @@ impl Access {
             tenants: Default::default(),
             keys: Default::default(),
             touched: Default::default(),
+            failures: Default::default(),
+            refused: Default::default(),
             room: Default::default(),
         }
+    }
+
+    /// Whether `addr` is refused for now for its failed authentications: the headroom to
+    /// answer it with.
+    fn refusing(&self, addr: IpAddr) -> Option<Headroom> {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let (until, mut h) = *refused.get(&addr)?;
+        let now = Instant::now();
+        if now >= until {
+            refused.remove(&addr);
+            return None;
+        }
+        h.retry_after = until - now;
+        Some(h)
+    }
+
+    /// Records a failed authentication from `addr`: the headroom to refuse it with when this
+    /// one empties its bucket.
+    fn failed(&self, addr: IpAddr) -> Option<Headroom> {
+        let l = &self.limits;
+        let b = Self::bucket(&self.failures, &addr, l.failed_auth_per_second, l.failed_auth_burst)?;
+        let Err(h) = take(&b, "address") else { return None };
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.len() >= MAX_ENTRIES {
+            let now = Instant::now();
+            refused.retain(|_, (until, _)| *until > now);
+        }
+        refused.insert(addr, (Instant::now() + h.retry_after, h));
+        Some(h)
     }
 
     /// Lets `runs` more runs through on a recent count of the tenant's active runs, if that
@@ -190,19 +230,9 @@ impl Access {
         let mut tightest: Option<Headroom> = None;
         for (scope, bucket) in buckets {
             let Some(b) = bucket else { continue };
-            let mut h = Headroom { scope, limit: b.burst, remaining: 0, rate: b.rate, retry_after: Duration::ZERO };
-            match b.limiter.check() {
-                Ok(state) => {
-                    h.remaining = state.remaining_burst_capacity();
-                    if tightest.is_none_or(|t| h.remaining < t.remaining) {
-                        tightest = Some(h);
-                    }
-                }
-                Err(not_until) => {
-                    let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
-                    h.retry_after = not_until.wait_time_from(now).max(Duration::from_millis(1));
-                    return Err(h);
-                }
+            let h = take(&b, scope)?;
+            if tightest.is_none_or(|t| h.remaining < t.remaining) {
+                tightest = Some(h);
             }
         }
         Ok(tightest)
@@ -225,8 +255,25 @@ impl Access {
     }
 }
 
-/// Looks up the tenant key a request carries, if any.
-async fn lookup(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+/// Takes a token from `b`: its headroom after, or (`Err`) when a refused caller may retry.
+fn take(b: &Bucket, scope: &'static str) -> Result<Headroom, Headroom> {
+    let mut h = Headroom { scope, limit: b.burst, remaining: 0, rate: b.rate, retry_after: Duration::ZERO };
+    match b.limiter.check() {
+        Ok(state) => {
+            h.remaining = state.remaining_burst_capacity();
+            Ok(h)
+        }
+        Err(not_until) => {
+            let now = governor::clock::Clock::now(&governor::clock::DefaultClock::default());
+            h.retry_after = not_until.wait_time_from(now).max(Duration::from_millis(1));
+            Err(h)
+        }
+    }
+}
+
+/// Looks up the tenant key a request from `peer` carries, if any. A key that is not known
+/// counts against the address's failed authentications; `Err` is the answer to give instead.
+async fn lookup(state: &AppState, headers: &HeaderMap, peer: Option<IpAddr>) -> Result<Option<Caller>, Response> {
     let Some(key) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -241,11 +288,15 @@ async fn lookup(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>,
         Ok(caller) => return Ok(Some(caller)),
         Err(ticket) => ticket,
     };
+    if let Some(h) = peer.and_then(|p| state.access.refusing(p)) {
+        return Err(too_many(h));
+    }
     let row =
         sqlx::query("SELECT id, tenant_id, role, prefix FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
             .bind(&hash)
             .fetch_optional(&state.pool)
-            .await?;
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?;
     let caller = row.and_then(|row| {
         let role: String = row.get("role");
         Some(Caller {
@@ -256,19 +307,27 @@ async fn lookup(state: &AppState, headers: &HeaderMap) -> Result<Option<Caller>,
         })
     });
     // Only keys that exist are kept: one created a moment ago must work once it is projected.
-    if let Some(caller) = &caller {
-        state.keys.keep(ticket, &hash, caller.clone());
+    match &caller {
+        Some(caller) => state.keys.keep(ticket, &hash, caller.clone()),
+        None => {
+            if let Some(h) = peer.and_then(|p| state.access.failed(p)) {
+                return Err(too_many(h));
+            }
+        }
     }
     Ok(caller)
 }
 
 fn too_many(h: Headroom) -> Response {
     let secs = h.reset_secs();
-    let mut res = ApiError::new(
-        ErrorCode::RateLimited,
-        format!("the {}'s rate limit is {}/s (burst {}); retry in {secs} s", h.scope, h.rate, h.limit),
-    )
-    .into_response();
+    let detail = match h.scope {
+        "address" => format!(
+            "too many requests with unknown API keys from this address ({}/s, burst {}); retry in {secs} s",
+            h.rate, h.limit
+        ),
+        scope => format!("the {scope}'s rate limit is {}/s (burst {}); retry in {secs} s", h.rate, h.limit),
+    };
+    let mut res = ApiError::new(ErrorCode::RateLimited, detail).into_response();
     h.write(res.headers_mut());
     res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     res
@@ -276,10 +335,11 @@ fn too_many(h: Headroom) -> Response {
 
 /// The middleware: authenticate, limit, record.
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let caller = match lookup(&state, req.headers()).await {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let caller = match lookup(&state, req.headers(), peer).await {
         Ok(Some(c)) => c,
         Ok(None) => return next.run(req).await,
-        Err(e) => return e.into_response(),
+        Err(answer) => return answer,
     };
     let headroom = match state.access.check(&caller) {
         Ok(h) => h,
