@@ -229,12 +229,15 @@ async fn stored_workflows_are_versioned_and_typed_inputs_are_checked_by_name() {
     assert_eq!(v1["version"], 1, "{v1}");
     let v2 = put(def("v2")).send().await.unwrap();
     assert_eq!(v2.status(), 201);
+    let location = v2.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, format!("{}/v1/workflows/deploy?version=2", tm.api));
     assert_eq!(v2.json::<Value>().await.unwrap()["version"], 2);
     let wrong_name = put(def("v3").replace("name: deploy", "name: other")).send().await.unwrap();
     assert_eq!(wrong_name.status(), 422);
     let invalid = put("name: deploy\nsteps:\n  - {id: a, run: 'true', needs: [zz]}\n".into()).send().await.unwrap();
     assert_eq!(invalid.status(), 422);
     tm.wait_projected().await;
+    assert_eq!(tm.get_json(&location).await["version"], 2, "the Location reads the stored version");
 
     let submit = |workflow: &str, inputs: Value| {
         tm.auth(tm.http.post(format!("{}/v1/runs", tm.api)))

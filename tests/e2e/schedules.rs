@@ -151,12 +151,16 @@ async fn a_deleted_schedule_ticks_no_more_and_is_gone_from_the_read_side() {
     let tm = spawn_mesh().await;
     let res = create(&tm, every_second()).await;
     assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().unwrap().to_string();
     let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("{}/v1/schedules/{id}", tm.api));
     let other = create(&tm, every_second()).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     pause(&tm, &other).await;
     eventually("a tick", Duration::from_secs(30), || async { Ok((!ticks(&tm, &id).await.0.is_empty()).then_some(())) })
         .await
         .unwrap();
+    tm.wait_projected().await;
+    assert_eq!(tm.get_json(&location).await["id"], id.as_str(), "the Location reads the schedule");
     let delete = |id: String| {
         let req = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api)));
         async move { req.send().await.unwrap().status() }
@@ -176,7 +180,7 @@ async fn a_deleted_schedule_ticks_no_more_and_is_gone_from_the_read_side() {
     assert!(matches!(events.last().unwrap().envelope.event, Event::ScheduleDeleted(_)));
     // Gone from the read side; the other schedule and the runs it started stay.
     tm.wait_projected().await;
-    let res = tm.auth(tm.http.get(format!("{}/v1/schedules/{id}", tm.api))).send().await.unwrap();
+    let res = tm.auth(tm.http.get(&location)).send().await.unwrap();
     assert_eq!(res.status(), 404);
     let list = tm.get_json(format!("{}/v1/schedules", tm.api)).await;
     let listed: Vec<&str> = list["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();

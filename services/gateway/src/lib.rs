@@ -388,6 +388,21 @@ async fn not_found() -> ApiError {
 }
 
 /// The gateway's routes, separate from serving so tests can call them directly.
+/// `body` answered with `status` and a `Location` of `path` under the gateway's public URL:
+/// where what the request created (or accepted) can be read.
+pub(crate) fn located(
+    state: &AppState,
+    status: axum::http::StatusCode,
+    body: impl axum::response::IntoResponse,
+    path: &str,
+) -> axum::response::Response {
+    let mut res = (status, body).into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("{}{path}", state.public_url)) {
+        res.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    res
+}
+
 pub fn router(state: AppState, body_limit: usize) -> axum::Router {
     let router = axum::Router::new()
         .merge(runs::routes())

@@ -321,12 +321,8 @@ pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str, runs
 }
 
 fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Response {
-    let location = format!("{}/v1/runs/{}", state.public_url, accepted.id);
-    let mut res = (StatusCode::ACCEPTED, Json(accepted)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        res.headers_mut().insert(header::LOCATION, v);
-    }
-    res
+    let path = format!("/v1/runs/{}", accepted.id);
+    crate::located(state, StatusCode::ACCEPTED, Json(accepted), &path)
 }
 
 /// One attempt at a step.

@@ -55,7 +55,7 @@ pub struct ScheduleCreatedResponse {
 /// "catch_up": "none" | "last" | "all", "catch_up_limit": 100}`.
 #[utoipa::path(post, operation_id = "create_schedule", path = "/v1/schedules", tag = "schedules", request_body(content = Object, content_type = "application/json"),
     responses(
-        (status = 201, body = ScheduleCreatedResponse),
+        (status = 201, body = ScheduleCreatedResponse, headers(("Location" = String, description = "The schedule's URL"))),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -68,12 +68,18 @@ pub async fn create(
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let spec: ScheduleSpec = body::json(&bytes)?;
     let created = state.ingest.create_schedule(&CreateSchedule { tenant: caller.tenant, spec }).await?;
-    Ok((StatusCode::CREATED, Json(ScheduleCreatedResponse { id: created.id, seq: created.seq })))
+    let path = format!("/v1/schedules/{}", created.id);
+    Ok(crate::located(
+        &state,
+        StatusCode::CREATED,
+        Json(ScheduleCreatedResponse { id: created.id, seq: created.seq }),
+        &path,
+    ))
 }
 
 fn view(row: &sqlx::postgres::PgRow) -> ScheduleView {

@@ -51,7 +51,7 @@ pub struct WorkflowStoredResponse {
     params(("name" = String, Path, description = "Workflow name: letters, digits, '_' or '-'")),
     request_body(content((Object = "application/json"), (String = "application/yaml"))),
     responses(
-        (status = 201, body = WorkflowStoredResponse),
+        (status = 201, body = WorkflowStoredResponse, headers(("Location" = String, description = "The stored version's URL: `/v1/workflows/{name}?version={version}`"))),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -64,7 +64,7 @@ pub async fn store(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<WorkflowStoredResponse>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     let (format, bytes) = body::read(&headers, body, true)?;
     let workflow: serde_json::Value = match format {
@@ -77,10 +77,9 @@ pub async fn store(
         }
     };
     let stored = state.ingest.store_workflow(&StoreWorkflow { tenant: caller.tenant, name, workflow }).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(WorkflowStoredResponse { name: stored.name, version: stored.version, seq: stored.seq }),
-    ))
+    let path = format!("/v1/workflows/{}?version={}", stored.name, stored.version);
+    let body = Json(WorkflowStoredResponse { name: stored.name, version: stored.version, seq: stored.seq });
+    Ok(crate::located(&state, StatusCode::CREATED, body, &path))
 }
 
 /// Which version to read.
