@@ -140,7 +140,18 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
         all.extend(intervals(&tm, "default", *id).await);
     }
     assert!(!all.is_empty());
-    assert!(peak(&all) <= LIMIT, "tenant A ran {} steps at once (limit {LIMIT})", peak(&all));
+    if peak(&all) > LIMIT {
+        // Which attempts overlapped, to tell a real breach from a measuring artefact.
+        let mut open: Vec<_> = all
+            .iter()
+            .filter(|a| all.iter().filter(|b| b.1 <= a.1 && b.2.is_none_or(|e| e > a.1)).count() > LIMIT)
+            .collect();
+        open.sort_by_key(|i| i.1);
+        panic!(
+            "tenant A ran {} steps at once (limit {LIMIT}); attempts starting at such a moment: {open:?}",
+            peak(&all)
+        );
+    }
 
     // Cancelling A's runs ends them, held steps and all.
     for id in &a_runs {
