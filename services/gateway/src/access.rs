@@ -50,8 +50,9 @@ struct Bucket {
     burst: u32,
 }
 
-/// Buckets and last-used marks. Entries exist only for keys that authenticated, and each map
-/// is emptied when it outgrows [`MAX_ENTRIES`] (buckets then start full again).
+/// Buckets and last-used marks. Entries exist only for keys that authenticated, and for client
+/// addresses that sent keys that did not; each map is emptied when it outgrows [`MAX_ENTRIES`]
+/// (buckets then start full again).
 pub struct Access {
     limits: LimitsSettings,
     tenants: Mutex<HashMap<String, Arc<Bucket>>>,
@@ -153,6 +154,10 @@ impl Access {
         if refused.len() >= MAX_ENTRIES {
             let now = Instant::now();
             refused.retain(|_, (until, _)| *until > now);
+            if refused.len() >= MAX_ENTRIES {
+                // Bounded like the buckets: when full of live refusals, start over.
+                refused.clear();
+            }
         }
         refused.insert(addr, (Instant::now() + h.retry_after, h));
         Some(h)
