@@ -29,8 +29,9 @@ struct Args {
     /// Gateway base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// API key (or the path of a file holding it, prefixed with @).
-    #[arg(long)]
+    /// API key (or the path of a file holding it, prefixed with @); every workload but
+    /// `limits` and `drop-namespace` needs one.
+    #[arg(long, default_value = "")]
     key: String,
     #[arg(value_enum)]
     workload: Workload,
@@ -47,9 +48,12 @@ struct Args {
     /// Arrivals per second (openloop, api-open).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
-    /// NATS server (limits).
+    /// NATS server (limits, drop-namespace).
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// The Taskmesh namespace whose streams `drop-namespace` deletes.
+    #[arg(long)]
+    namespace: Option<String>,
     /// Round trip: learn of each run's end by polling its view every 0.5 ms, instead of one
     /// read that waits for it (`GET /v1/runs/{id}?wait=`).
     #[arg(long)]
@@ -69,6 +73,9 @@ enum Workload {
     ApiOpen,
     Openloop,
     Limits,
+    /// Not a workload: deletes a finished benchmark mesh's streams (`{NAMESPACE}_…`), whose
+    /// storage JetStream would otherwise keep reserved.
+    DropNamespace,
 }
 
 struct Api {
@@ -439,6 +446,26 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     }))
 }
 
+/// Deletes the streams of Taskmesh namespace `ns` (named `{NS}_…`, as the bus names them);
+/// returns how many.
+async fn drop_namespace(nats: &str, ns: &str) -> anyhow::Result<usize> {
+    let prefix = format!("{}_", ns.to_ascii_uppercase().replace('-', "_"));
+    let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
+    let mut names = js.stream_names();
+    let mut doomed = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name?;
+        // `{NS}_{KIND}`, the kind without `_`: a namespace `ns_x` is not `ns`'s.
+        if name.strip_prefix(&prefix).is_some_and(|kind| !kind.contains('_')) {
+            doomed.push(name);
+        }
+    }
+    for name in &doomed {
+        js.delete_stream(name).await?;
+    }
+    Ok(doomed.len())
+}
+
 /// What the parts sustain here without Taskmesh: JetStream publishes acknowledged one at a
 /// time (what one event append costs) and pipelined (256 in flight), a pull consumer's rate
 /// with an ack per message, and Postgres single-row commits and 1,000-row batched inserts.
@@ -530,6 +557,10 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
     let api = Arc::new(Api { http, url: args.url.trim_end_matches('/').to_string(), key });
     let report = match args.workload {
+        Workload::DropNamespace => {
+            let ns = args.namespace.as_deref().context("drop-namespace needs --namespace")?;
+            json!({"workload": "drop_namespace", "namespace": ns, "streams_deleted": drop_namespace(&args.nats, ns).await?})
+        }
         Workload::Throughput | Workload::Dag => {
             let (workflow, steps) = if matches!(args.workload, Workload::Dag) { (dag(), 12) } else { (noop(), 1) };
             let batch = usize::from(args.batch);

@@ -240,7 +240,7 @@ impl Bus {
         Ok(())
     }
 
-    /// Deletes this namespace's streams (tests and `taskmesh reset`).
+    /// Deletes this namespace's streams (tests clean up with it).
     pub async fn delete_streams(&self) -> Result<()> {
         for name in [
             self.ns.events_stream(),
