@@ -134,7 +134,20 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
     }
     assert!(a_done < 4_000, "B finished before A's backlog drained ({a_done} of A's 5000 steps done)");
 
-    // A never had more than its limit of steps running at once.
+    // Cancelling A's runs ends them, held steps and all.
+    for id in &a_runs {
+        let res = tm.auth(tm.http.post(format!("{}/v1/runs/{id}/cancel", tm.api))).send().await.unwrap();
+        assert!(res.status() == 202 || res.status() == 409, "{}", res.status());
+    }
+    for id in &a_runs {
+        let run = tm.wait_run(*id, Duration::from_secs(60)).await;
+        assert!(["cancelled", "succeeded"].contains(&run["status"].as_str().unwrap()), "{}", run["status"]);
+    }
+
+    // A never had more than its limit of steps running at once. Measured once every run has
+    // ended, so that every attempt has its end in the log: read while they still ran, one run
+    // after another, a step that ended after its run was read would look as if it ran on
+    // beside steps started later in runs read later.
     let mut all = Vec::new();
     for id in &a_runs {
         all.extend(intervals(&tm, "default", *id).await);
@@ -153,15 +166,6 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
         );
     }
 
-    // Cancelling A's runs ends them, held steps and all.
-    for id in &a_runs {
-        let res = tm.auth(tm.http.post(format!("{}/v1/runs/{id}/cancel", tm.api))).send().await.unwrap();
-        assert!(res.status() == 202 || res.status() == 409, "{}", res.status());
-    }
-    for id in &a_runs {
-        let run = tm.wait_run(*id, Duration::from_secs(60)).await;
-        assert!(["cancelled", "succeeded"].contains(&run["status"].as_str().unwrap()), "{}", run["status"]);
-    }
     tm.finish().await;
 }
 
