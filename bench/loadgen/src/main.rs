@@ -73,8 +73,8 @@ enum Workload {
     ApiOpen,
     Openloop,
     Limits,
-    /// Not a workload: deletes a finished benchmark mesh's streams (`{NAMESPACE}_…`), whose
-    /// storage JetStream would otherwise keep reserved.
+    /// Not a workload: deletes a finished benchmark mesh's streams, whose storage JetStream
+    /// would otherwise keep reserved.
     DropNamespace,
 }
 
@@ -446,24 +446,12 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     }))
 }
 
-/// Deletes the streams of Taskmesh namespace `ns` (named `{NS}_…`, as the bus names them);
-/// returns how many.
-async fn drop_namespace(nats: &str, ns: &str) -> anyhow::Result<usize> {
-    let prefix = format!("{}_", ns.to_ascii_uppercase().replace('-', "_"));
-    let js = async_nats::jetstream::new(async_nats::connect(nats).await?);
-    let mut names = js.stream_names();
-    let mut doomed = Vec::new();
-    while let Some(name) = names.next().await {
-        let name = name?;
-        // `{NS}_{KIND}`, the kind without `_`: a namespace `ns_x` is not `ns`'s.
-        if name.strip_prefix(&prefix).is_some_and(|kind| !kind.contains('_')) {
-            doomed.push(name);
-        }
-    }
-    for name in &doomed {
-        js.delete_stream(name).await?;
-    }
-    Ok(doomed.len())
+/// Deletes the streams of Taskmesh namespace `ns`, as the mesh's own tests do.
+async fn drop_namespace(nats: &str, ns: &str) -> anyhow::Result<()> {
+    let settings =
+        taskmesh_config::NatsSettings { url: nats.to_string(), namespace: ns.to_string(), ..Default::default() };
+    taskmesh_bus::Bus::connect(&settings).await?.delete_streams().await?;
+    Ok(())
 }
 
 /// What the parts sustain here without Taskmesh: JetStream publishes acknowledged one at a
@@ -559,7 +547,8 @@ async fn main() -> anyhow::Result<()> {
     let report = match args.workload {
         Workload::DropNamespace => {
             let ns = args.namespace.as_deref().context("drop-namespace needs --namespace")?;
-            json!({"workload": "drop_namespace", "namespace": ns, "streams_deleted": drop_namespace(&args.nats, ns).await?})
+            drop_namespace(&args.nats, ns).await?;
+            json!({"workload": "drop_namespace", "namespace": ns})
         }
         Workload::Throughput | Workload::Dag => {
             let (workflow, steps) = if matches!(args.workload, Workload::Dag) { (dag(), 12) } else { (noop(), 1) };

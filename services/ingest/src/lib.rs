@@ -285,58 +285,61 @@ impl Ingest {
 
     /// Pauses or resumes a schedule (idempotent).
     pub async fn toggle_schedule(&self, cmd: ToggleSchedule) -> Reply<Created> {
-        check_tenant(&cmd.tenant)?;
-        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        for _ in 0..16 {
-            let events = self.bus.read_subject(&subject, 0).await?;
-            let Some(Event::ScheduleCreated(created)) = events.first().map(|e| e.envelope.event.clone()) else {
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
+            let Some(Event::ScheduleCreated(created)) = events.first().map(|e| &e.envelope.event) else {
                 return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
             };
-            if events.last().is_some_and(|e| matches!(e.envelope.event, Event::ScheduleDeleted(_))) {
-                return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
+            let mut paused = false;
+            for e in events {
+                match e.envelope.event {
+                    Event::SchedulePaused(_) => paused = true,
+                    Event::ScheduleResumed(_) => paused = false,
+                    Event::ScheduleDeleted(_) => return Err(Problem::new(ErrorCode::NotFound, "no such schedule")),
+                    _ => {}
+                }
             }
-            let paused = events.iter().fold(false, |p, e| match e.envelope.event {
-                Event::SchedulePaused(_) => true,
-                Event::ScheduleResumed(_) => false,
-                _ => p,
-            });
-            let last = events.last().map(|e| e.seq).unwrap_or(0);
-            if paused == cmd.pause {
-                return Ok(Created { id: cmd.schedule_id.to_string(), seq: last });
-            }
-            let event = if cmd.pause {
-                Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })
-            } else {
-                let next_tick = created.spec.next_after(chrono::Utc::now());
-                Event::ScheduleResumed(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick })
-            };
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
-            match self.bus.append(last, &envelope).await {
-                Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
-                Err(BusError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Problem::new(ErrorCode::Unavailable, "the schedule is too busy; retry"))
+            Ok((paused != cmd.pause).then(|| {
+                if cmd.pause {
+                    Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })
+                } else {
+                    let next_tick = created.spec.next_after(chrono::Utc::now());
+                    Event::ScheduleResumed(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick })
+                }
+            }))
+        })
+        .await
     }
 
     /// Deletes a schedule: no tick fires after it. Deleting a deleted schedule changes nothing.
     pub async fn delete_schedule(&self, cmd: DeleteSchedule) -> Reply<Created> {
-        check_tenant(&cmd.tenant)?;
-        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        // A tick appended meanwhile (replicas append them expecting the last sequence too)
-        // makes this one conflict: look again.
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| match events.last().map(|e| &e.envelope.event) {
+            None => Err(Problem::new(ErrorCode::NotFound, "no such schedule")),
+            Some(Event::ScheduleDeleted(_)) => Ok(None),
+            Some(_) => Ok(Some(Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id }))),
+        })
+        .await
+    }
+
+    /// Appends to a schedule's subject the event `decide` makes of its events (none: nothing
+    /// to do), expecting the last of them: a tick a scheduler appended meanwhile makes it look
+    /// again.
+    async fn change_schedule(
+        &self,
+        tenant: &str,
+        schedule_id: Uuid,
+        decide: impl Fn(&[taskmesh_bus::Stored]) -> Reply<Option<Event>>,
+    ) -> Reply<Created> {
+        check_tenant(tenant)?;
+        let subject = self.bus.namespace().schedule(tenant, schedule_id);
         for _ in 0..16 {
-            let Some(last) = self.bus.last(&subject).await? else {
-                return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
+            let events = self.bus.read_subject(&subject, 0).await?;
+            let last = events.last().map(|e| e.seq).unwrap_or(0);
+            let Some(event) = decide(&events)? else {
+                return Ok(Created { id: schedule_id.to_string(), seq: last });
             };
-            if matches!(last.envelope.event, Event::ScheduleDeleted(_)) {
-                return Ok(Created { id: cmd.schedule_id.to_string(), seq: last.seq });
-            }
-            let event = Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id });
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
-            match self.bus.append(last.seq, &envelope).await {
-                Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
+            let envelope = EventMeta::new(tenant).envelope(subject.clone(), event);
+            match self.bus.append(last, &envelope).await {
+                Ok(seq) => return Ok(Created { id: schedule_id.to_string(), seq }),
                 Err(BusError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
