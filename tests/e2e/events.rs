@@ -154,13 +154,13 @@ async fn a_cloudevent_starts_each_matching_stored_workflow_once() {
 }
 
 /// `(id, event, data)` of each Server-Sent Event in `text`.
-fn sse(text: &str) -> Vec<(Option<u64>, String, String)> {
+fn sse(text: &str) -> Vec<(Option<String>, String, String)> {
     let mut events = Vec::new();
     for block in text.split("\n\n") {
         let (mut id, mut event, mut data) = (None, String::from("message"), String::new());
         for line in block.lines() {
             if let Some(v) = line.strip_prefix("id:") {
-                id = v.trim().parse().ok();
+                id = Some(v.trim().to_string());
             } else if let Some(v) = line.strip_prefix("event:") {
                 event = v.trim().to_string();
             } else if let Some(v) = line.strip_prefix("data:") {
@@ -205,23 +205,39 @@ async fn a_runs_events_stream_live_and_resume_after_the_last_event_id() {
             "{step} succeeded: {types:?}"
         );
     }
-    let ids: Vec<u64> = events.iter().filter_map(|(id, _, _)| *id).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are increasing sequences: {ids:?}");
+    // An event's id is its sequence; events appended together share one, and all but the
+    // last of them carry their place in it (`{seq}.{n}`).
+    let position = |id: &str| -> (u64, u32) {
+        match id.split_once('.') {
+            Some((seq, n)) => (seq.parse().unwrap(), n.parse().unwrap()),
+            None => (id.parse().unwrap(), u32::MAX),
+        }
+    };
+    let ids: Vec<String> = events.iter().filter_map(|(id, _, _)| id.clone()).collect();
+    assert!(ids.windows(2).all(|w| position(&w[0]) < position(&w[1])), "ids are increasing positions: {ids:?}");
     let envelope: Value = serde_json::from_str(&events[0].2).unwrap();
     assert_eq!(envelope["data"]["run_id"], id.to_string());
 
     // Resume after the third event: exactly the rest.
-    let res = tm.auth(tm.http.get(&url)).header("last-event-id", ids[2].to_string()).send().await.unwrap();
+    let res = tm.auth(tm.http.get(&url)).header("last-event-id", ids[2].as_str()).send().await.unwrap();
     let rest = sse(&res.text().await.unwrap());
-    let rest_ids: Vec<u64> = rest.iter().filter_map(|(id, _, _)| *id).collect();
+    let rest_ids: Vec<String> = rest.iter().filter_map(|(id, _, _)| id.clone()).collect();
     assert_eq!(rest_ids, ids[3..], "resumed after {}", ids[2]);
     assert_eq!(rest.last().unwrap().1, "end");
+    // Resume from within a commit (a step's success and the next step's dispatch): the rest of
+    // it, then what follows.
+    let inside = ids.iter().position(|id| id.contains('.')).expect("some events were appended together");
+    let res = tm.auth(tm.http.get(&url)).header("last-event-id", ids[inside].as_str()).send().await.unwrap();
+    let rest = sse(&res.text().await.unwrap());
+    let rest_ids: Vec<String> = rest.iter().filter_map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(rest_ids, ids[inside + 1..], "resumed after {}", ids[inside]);
     // Resuming after the last event of an ended run just ends.
-    let res = tm.auth(tm.http.get(&url)).header("last-event-id", ids.last().unwrap().to_string()).send().await.unwrap();
+    let res = tm.auth(tm.http.get(&url)).header("last-event-id", ids.last().unwrap().as_str()).send().await.unwrap();
     let after_end = sse(&res.text().await.unwrap());
     assert_eq!(after_end.iter().map(|(_, e, _)| e.as_str()).collect::<Vec<_>>(), ["end"]);
 
-    // What one noop step costs in the log (docs/benchmarks.md counts on it).
+    // What one noop step costs in the log (docs/benchmarks.md counts on it): five events in
+    // four appends, the step's success and the run's end together.
     let one = tm.submit("name: one\nsteps:\n  - {id: a, uses: noop}\n").await;
     tm.wait_run(one, Duration::from_secs(30)).await;
     let res = tm.auth(tm.http.get(format!("{}/v1/runs/{one}/events", tm.api))).send().await.unwrap();
@@ -232,9 +248,15 @@ async fn a_runs_events_stream_live_and_resume_after_the_last_event_id() {
         ["RunSubmitted", "StepDispatched", "StepStarted", "StepSucceeded", "RunSucceeded"],
         "a one-step run's events"
     );
+    let seqs: std::collections::BTreeSet<u64> =
+        one_events.iter().filter_map(|(id, _, _)| id.as_deref().map(|id| position(id).0)).collect();
+    assert_eq!(seqs.len(), 4, "a one-step run's appends: {one_events:?}");
+    assert!(one_events[3].0.as_deref().is_some_and(|id| id.ends_with(".0")), "{one_events:?}");
 
-    let res = tm.auth(tm.http.get(&url)).header("last-event-id", "soon").send().await.unwrap();
-    assert_eq!(res.status(), 400);
+    for bad in ["soon", "5.x", "0.1", "-1"] {
+        let res = tm.auth(tm.http.get(&url)).header("last-event-id", bad).send().await.unwrap();
+        assert_eq!(res.status(), 400, "Last-Event-ID {bad}");
+    }
     let res = tm.auth(tm.http.get(format!("{}/v1/runs/{}/events", tm.api, uuid::Uuid::now_v7()))).send().await.unwrap();
     assert_eq!(res.status(), 404);
     tm.finish().await;

@@ -126,9 +126,9 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.finish().await;
 }
 
-/// A batch of events leaves the rows that the same events one per batch would: fan-out, fan-in,
-/// retries, a failure with skips and a chain, applied both ways. (Any batching of the
-/// projector's writes must keep this.)
+/// A batch of events leaves the rows that the same events one message per batch would:
+/// fan-out, fan-in, retries, a failure with skips and a chain, applied both ways. (Any batching
+/// of the projector's writes must keep this.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would() {
     // The projector runs until the API key is readable, then stops: the test applies the
@@ -172,9 +172,12 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
         rows.into_iter().filter(|r| ["runs:", "steps:", "step_attempts:"].iter().any(|t| r.starts_with(t))).collect()
     };
 
+    // A batch holds whole messages: a commit's events (one sequence) go together.
+    let messages: Vec<Vec<taskmesh_bus::Stored>> = events.chunk_by(|a, b| a.seq == b.seq).map(|m| m.to_vec()).collect();
+    assert!(messages.len() < events.len(), "some events were appended together, as commits");
     taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
-    for e in &events {
-        projector.apply_batch(std::slice::from_ref(e), None).await.unwrap();
+    for m in &messages {
+        projector.apply_batch(m, None).await.unwrap();
     }
     let one_at_a_time = run_rows(dump(&tm.pool).await);
     assert_eq!(one_at_a_time.iter().filter(|r| r.starts_with("runs:")).count(), 8);
@@ -191,8 +194,9 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     for size in [2, 3, 5, 7, 13] {
         taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
         let mut want = std::collections::BTreeMap::new();
-        for chunk in events.chunks(size) {
-            projector.apply_batch(chunk, None).await.unwrap();
+        for chunk in messages.chunks(size) {
+            let chunk: Vec<taskmesh_bus::Stored> = chunk.concat();
+            projector.apply_batch(&chunk, None).await.unwrap();
             want.extend(chunk.iter().map(|e| (run_of[&e.seq], e.seq as i64)));
             let have: std::collections::BTreeMap<uuid::Uuid, i64> =
                 sqlx::query_as::<_, (uuid::Uuid, i64)>("SELECT id, last_seq FROM runs")

@@ -1,10 +1,11 @@
 //! Taskmesh's bus: NATS JetStream as the event log, the dispatch queue and the command channel.
 //!
 //! - [`Bus::provision`] creates or updates the streams idempotently.
-//! - [`Bus::append`] appends an event with `Nats-Msg-Id` dedup and expected-last-subject-sequence
-//!   concurrency; a lost race is [`BusError::Conflict`]. Every appended event also carries the
-//!   sequence it expected in the `Tm-Prev-Seq` header, so a reader can tell whether it saw every
-//!   event of a subject in order.
+//! - [`Bus::append`] appends an event, and [`Bus::append_commit`] the events of one decision
+//!   together (one message, a [`taskmesh_events::Commit`]), with `Nats-Msg-Id` dedup and
+//!   expected-last-subject-sequence concurrency; a lost race is [`BusError::Conflict`]. Every
+//!   appended message also carries the sequence it expected in the `Tm-Prev-Seq` header, so a
+//!   reader can tell whether it saw every event of a subject in order.
 //! - [`Bus::read_subject`] reads one aggregate's events back (an ephemeral consumer).
 //! - [`Bus::durable`] provisions durable pull consumers with explicit ack.
 //! - [`Bus::request`] and [`serve`] carry commands over core NATS request/reply.
@@ -33,14 +34,15 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use taskmesh_config::NatsSettings;
-use taskmesh_events::{Envelope, Namespace, Problem};
+use taskmesh_events::{Commit, Envelope, Namespace, Problem};
 
 pub use consume::{Lanes, consume, consume_in_lanes};
 pub use serve::serve;
 
 /// The header carrying the sequence an event was appended after (its subject's previous event).
 pub const PREV_SEQ_HEADER: &str = "Tm-Prev-Seq";
-/// The header carrying the event type, so consumers can filter without decoding.
+/// The header carrying the event type (a commit's types, comma-separated), so consumers can
+/// filter without decoding.
 pub const EVENT_TYPE_HEADER: &str = "Tm-Event-Type";
 /// W3C trace context.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
@@ -71,14 +73,32 @@ impl BusError {
 
 pub type Result<T> = std::result::Result<T, BusError>;
 
-/// An event read back from the log, with its position.
+/// An event read back from the log, with its position: its message's stream sequence, and its
+/// place among the events that message holds (a commit of several events shares one sequence).
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub seq: u64,
     /// The subject's previous sequence the appender expected, if it appended with a check.
     pub prev: Option<u64>,
     pub envelope: Envelope,
+    /// Its index in its commit (0 for an event stored alone).
+    pub part: u32,
+    /// How many events its commit holds (1 for an event stored alone).
+    pub parts: u32,
 }
+
+impl Stored {
+    /// Whether it is its commit's last event (after it, the next sequence).
+    pub fn ends_commit(&self) -> bool {
+        self.part + 1 == self.parts
+    }
+}
+
+/// Most bytes one commit's message holds: a decision with more is appended as several commits
+/// (NATS refuses messages over its `max_payload`, 1 MiB by default).
+pub const COMMIT_MAX_BYTES: usize = 256 * 1024;
+/// Most events one commit holds.
+pub const COMMIT_MAX_EVENTS: usize = 1_000;
 
 /// The result of an append.
 #[derive(Debug, Clone, Copy)]
@@ -264,24 +284,42 @@ impl Bus {
     /// subject must be empty). The message id is the event id, so a retried append is
     /// deduplicated while a different decision by a racing writer is a [`BusError::Conflict`].
     pub async fn append(&self, expected: u64, envelope: &Envelope) -> Result<u64> {
-        Ok(self.append_with_id(Some(expected), envelope, &envelope.id.to_string()).await?.seq)
+        self.append_commit(expected, std::slice::from_ref(envelope)).await
     }
 
-    /// Appends with an explicit message id, and optionally without a sequence check.
-    #[tracing::instrument(skip_all, fields(subject = %envelope.subject, r#type = envelope.type_name()), err(level = "debug"))]
+    /// Appends `envelopes` (one decision's events, all for one subject, at most
+    /// [`COMMIT_MAX_EVENTS`] of them) as one message, atomically, if the subject's last
+    /// sequence is `expected`; every event gets the returned sequence. The message id is the
+    /// first event's id. Use [`commits`] to cut a longer decision into commits that fit.
+    pub async fn append_commit(&self, expected: u64, envelopes: &[Envelope]) -> Result<u64> {
+        let first = envelopes.first().ok_or_else(|| BusError::Nats("appending an empty commit".into()))?;
+        Ok(self.append_message(Some(expected), envelopes, &first.id.to_string()).await?.seq)
+    }
+
+    /// Appends one event with an explicit message id, and optionally without a sequence check.
     pub async fn append_with_id(&self, expected: Option<u64>, envelope: &Envelope, msg_id: &str) -> Result<Appended> {
-        let mut publish = PublishMessage::build().payload(Bytes::from(envelope.to_json())).message_id(msg_id);
-        publish = publish.header(EVENT_TYPE_HEADER, envelope.type_name());
+        self.append_message(expected, std::slice::from_ref(envelope), msg_id).await
+    }
+
+    #[tracing::instrument(skip_all, fields(subject = %envelopes[0].subject, r#type = envelopes[0].type_name(), events = envelopes.len()), err(level = "debug"))]
+    async fn append_message(&self, expected: Option<u64>, envelopes: &[Envelope], msg_id: &str) -> Result<Appended> {
+        let first = &envelopes[0];
+        let mut publish = PublishMessage::build().payload(Bytes::from(Commit::to_json(envelopes))).message_id(msg_id);
+        publish = match envelopes {
+            [one] => publish.header(EVENT_TYPE_HEADER, one.type_name()),
+            many => publish
+                .header(EVENT_TYPE_HEADER, many.iter().map(Envelope::type_name).collect::<Vec<_>>().join(",").as_str()),
+        };
         if let Some(expected) = expected {
             publish =
                 publish.expected_last_subject_sequence(expected).header(PREV_SEQ_HEADER, expected.to_string().as_str());
         }
         if let Some(tp) =
-            envelope.traceparent.as_deref().map(str::to_owned).or_else(taskmesh_telemetry::current_traceparent)
+            first.traceparent.as_deref().map(str::to_owned).or_else(taskmesh_telemetry::current_traceparent)
         {
             publish = publish.header(TRACEPARENT_HEADER, tp.as_str());
         }
-        let subject = envelope.subject.clone();
+        let subject = first.subject.clone();
         let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }.await;
         match ack {
             Ok(ack) => Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
@@ -302,11 +340,11 @@ impl Bus {
         }
     }
 
-    /// The last event on `subject`, if any.
+    /// The last event on `subject` (of a commit, its last event), if any.
     pub async fn last(&self, subject: &str) -> Result<Option<Stored>> {
         let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
         match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(msg) => Ok(Some(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?)),
+            Ok(msg) => Ok(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?.pop()),
             Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
         }
@@ -353,23 +391,20 @@ impl Bus {
             let before = out.len();
             while let Some(msg) = batch.next().await {
                 let msg = msg.map_err(BusError::nats)?;
-                let stored = decode(&msg)?;
-                // Every event on an aggregate subject names the one before it: a break in that
-                // chain means a message went missing in flight, and a state folded from it
-                // would be wrong.
+                let commit = decode(&msg)?;
+                let (seq, prev) = (commit[0].seq, commit[0].prev);
+                // Every message on an aggregate subject names the one before it: a break in
+                // that chain means a message went missing in flight, and a state folded from
+                // it would be wrong.
                 let before = out.last().map(|s: &Stored| s.seq).unwrap_or(after);
-                if let Some(prev) = stored.prev
+                if let Some(prev) = prev
                     && prev != before
                     && (before != after || prev > after)
                 {
-                    return Err(BusError::Nats(format!(
-                        "reading {subject}: event {} follows {prev}, not {before}",
-                        stored.seq
-                    )));
+                    return Err(BusError::Nats(format!("reading {subject}: event {seq} follows {prev}, not {before}")));
                 }
-                let done = stored.seq >= last;
-                out.push(stored);
-                if done {
+                out.extend(commit);
+                if seq >= last {
                     break 'outer;
                 }
             }
@@ -553,8 +588,9 @@ impl Bus {
     }
 }
 
-/// Decodes an event delivered by a consumer.
-pub fn decode(msg: &jetstream::Message) -> Result<Stored> {
+/// Decodes the events of a message delivered by a consumer (one, or a commit's several, in
+/// order; never none).
+pub fn decode(msg: &jetstream::Message) -> Result<Vec<Stored>> {
     let seq = msg
         .info()
         .map_err(|e| BusError::Malformed { subject: msg.subject.to_string(), reason: e.to_string() })?
@@ -562,11 +598,36 @@ pub fn decode(msg: &jetstream::Message) -> Result<Stored> {
     decode_parts(&msg.subject, seq, msg.headers.as_ref(), &msg.payload)
 }
 
-fn decode_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Stored> {
-    let envelope = Envelope::from_json(payload)
+fn decode_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Vec<Stored>> {
+    let envelopes = Commit::from_json(payload)
         .map_err(|e| BusError::Malformed { subject: subject.to_string(), reason: e.to_string() })?;
     let prev = headers.and_then(|h| h.get(PREV_SEQ_HEADER)).and_then(|v| v.as_str().parse().ok());
-    Ok(Stored { seq, prev, envelope })
+    let parts = envelopes.len() as u32;
+    Ok(envelopes
+        .into_iter()
+        .enumerate()
+        .map(|(part, envelope)| Stored { seq, prev, envelope, part: part as u32, parts })
+        .collect())
+}
+
+/// Cuts one decision's `envelopes` into commits that fit a message: at most
+/// [`COMMIT_MAX_EVENTS`] events and [`COMMIT_MAX_BYTES`] of JSON each (an event bigger than
+/// that alone goes alone), in order.
+pub fn commits(envelopes: &[Envelope]) -> Vec<&[Envelope]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, envelope) in envelopes.iter().enumerate() {
+        let size = serde_json::to_vec(envelope).map(|v| v.len()).unwrap_or(0) + 1;
+        if i > start && (i - start >= COMMIT_MAX_EVENTS || bytes + size > COMMIT_MAX_BYTES) {
+            out.push(&envelopes[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < envelopes.len() {
+        out.push(&envelopes[start..]);
+    }
+    out
 }
 
 /// The `traceparent` header of a message, if any.
@@ -591,5 +652,46 @@ impl From<BusError> for Problem {
                 Problem::new(ErrorCode::Internal, "internal error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskmesh_events::{Event, EventMeta, StepDispatched};
+
+    fn dispatched(n: usize, pad: usize) -> Vec<Envelope> {
+        let meta = EventMeta::new("t");
+        (0..n)
+            .map(|i| {
+                let step = format!("s{i}-{}", "x".repeat(pad));
+                meta.envelope(
+                    "tm.evt.t.run.r",
+                    Event::StepDispatched(StepDispatched { step, dispatch: 1, not_before: None }),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_decision_is_cut_into_commits_that_fit_a_message_in_order() {
+        let small = dispatched(10, 0);
+        assert_eq!(commits(&small).len(), 1, "a small decision is one commit");
+        for long in [dispatched(COMMIT_MAX_EVENTS * 2 + 5, 0), dispatched(40, 20_000)] {
+            let cut = commits(&long);
+            assert!(cut.len() > 1);
+            for c in &cut {
+                assert!(
+                    c.len() <= COMMIT_MAX_EVENTS && Commit::to_json(c).len() <= COMMIT_MAX_BYTES,
+                    "each commit fits"
+                );
+            }
+            let order: Vec<_> = cut.concat().into_iter().map(|e| e.id).collect();
+            assert_eq!(order, long.iter().map(|e| e.id).collect::<Vec<_>>(), "nothing lost or reordered");
+        }
+        // An event bigger than a commit may be goes alone.
+        let huge = dispatched(3, COMMIT_MAX_BYTES);
+        assert_eq!(commits(&huge).len(), 3);
+        assert!(commits(&[]).is_empty());
     }
 }

@@ -98,3 +98,77 @@ impl Envelope {
         self.event.type_name()
     }
 }
+
+/// A message on the events stream: the events one decision appended together, atomically, to
+/// one aggregate's subject, at one stream sequence.
+///
+/// One event is stored as its envelope (a JSON object), as every event was before commits
+/// existed; two or more as a JSON array of envelopes, in order. A reader takes either
+/// ([`Commit::from_json`]), so logs written before commits replay unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Commit {
+    /// One event.
+    One(Box<Envelope>),
+    /// Two or more events, in the order they happened.
+    Many(Vec<Envelope>),
+}
+
+impl Commit {
+    /// The JSON of a message holding `envelopes` (one: the envelope itself; more: an array).
+    pub fn to_json(envelopes: &[Envelope]) -> Vec<u8> {
+        match envelopes {
+            [one] => one.to_json(),
+            many => serde_json::to_vec(many).expect("envelopes always serialise"),
+        }
+    }
+
+    /// The events of a stored message, in order. An empty array is malformed.
+    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Vec<Envelope>> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first == Some(&b'[') {
+            let many: Vec<Envelope> = serde_json::from_slice(bytes)?;
+            if many.is_empty() {
+                return Err(serde::de::Error::custom("a commit holds at least one event"));
+            }
+            Ok(many)
+        } else {
+            Ok(vec![Envelope::from_json(bytes)?])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RunFinished, StepDispatched};
+
+    fn envelopes(n: usize) -> Vec<Envelope> {
+        let meta = EventMeta::new("t");
+        (0..n)
+            .map(|i| {
+                meta.envelope(
+                    "tm.evt.t.run.r",
+                    Event::StepDispatched(StepDispatched { step: format!("s{i}"), dispatch: 1, not_before: None }),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_event_is_stored_as_its_envelope_and_several_as_an_array_in_order() {
+        let one = envelopes(1);
+        assert_eq!(Commit::to_json(&one), one[0].to_json(), "a commit of one is what a lone event always was");
+        assert_eq!(Commit::from_json(&one[0].to_json()).unwrap(), one);
+        let mut three = envelopes(2);
+        three.push(EventMeta::new("t").envelope(
+            "tm.evt.t.run.r",
+            Event::RunSucceeded(RunFinished { run_id: Uuid::now_v7(), failed_steps: vec![] }),
+        ));
+        let json = Commit::to_json(&three);
+        assert_eq!(json[0], b'[');
+        assert_eq!(Commit::from_json(&json).unwrap(), three);
+        assert!(Commit::from_json(b"[]").is_err(), "a commit holds at least one event");
+        assert!(Commit::from_json(b"  {\"nope\": 1}").is_err());
+    }
+}

@@ -8,7 +8,8 @@
 //! ([`schema`]); a test fails when it is stale.
 //!
 //! # Layout
-//! - [`envelope`]: the versioned envelope around every event.
+//! - [`envelope`]: the versioned envelope around every event, and the commit: the events one
+//!   decision appends together, in one message.
 //! - [`catalog`]: the events themselves, facts in the past tense.
 //! - [`subjects`]: stream names, subjects and consumer names under a namespace.
 //! - [`workflow`]: workflow and step definitions, parsing and validation.
@@ -30,6 +31,6 @@ pub mod subjects;
 pub mod workflow;
 
 pub use catalog::*;
-pub use envelope::{Envelope, EventMeta};
+pub use envelope::{Commit, Envelope, EventMeta};
 pub use error::{ErrorCode, FieldError, Problem};
 pub use subjects::{Namespace, RunKey};

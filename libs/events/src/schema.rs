@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::catalog::*;
 use crate::command::*;
-use crate::envelope::Envelope;
+use crate::envelope::{Commit, Envelope};
 
 fn pretty<T: JsonSchema>() -> String {
     let mut s = serde_json::to_string_pretty(&schema_for!(T)).expect("schemas serialise");
@@ -142,13 +142,13 @@ fn asyncapi() -> Value {
         "info": {
             "title": "Taskmesh event bus",
             "version": "1",
-            "description": "Streams and subjects on NATS JetStream. Every event is an envelope (envelope.schema.json) whose `data` follows events/<type>.schema.json. `{ns}` is the mesh's namespace (default `tm`)."
+            "description": "Streams and subjects on NATS JetStream. Every event is an envelope (envelope.schema.json) whose `data` follows events/<type>.schema.json. A message on the events stream is a commit (commit.schema.json): one envelope, or an array of two or more envelopes that one decision appended together, atomically, at one stream sequence (headers `Tm-Event-Type` lists their types, comma-separated; `Nats-Msg-Id` is the first event's id). `{ns}` is the mesh's namespace (default `tm`)."
         },
         "defaultContentType": "application/json",
         "channels": {
             "runEvents": {
                 "address": "{ns}.evt.{tenant}.run.{runId}",
-                "description": "Stream {NS}_EVENTS. One subject per run aggregate; appended with expected-last-subject-sequence.",
+                "description": "Stream {NS}_EVENTS. One subject per run aggregate; appended with expected-last-subject-sequence. Each message is a commit: one of these events, or several appended together (e.g. StepSucceeded with the StepDispatched of the steps it unblocks, or with the run's end).",
                 "parameters": {"ns": {}, "tenant": {}, "runId": {}},
                 "messages": refs(&run_events)
             },
@@ -233,6 +233,7 @@ fn asyncapi() -> Value {
 pub fn generate() -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
     files.insert("envelope.schema.json".to_string(), pretty::<Envelope>());
+    files.insert("commit.schema.json".to_string(), pretty::<Commit>());
     for (name, schema, _) in events() {
         files.insert(format!("events/{name}.schema.json"), schema);
     }

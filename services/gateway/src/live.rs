@@ -1,7 +1,8 @@
 //! `GET /v1/runs/{id}/events`: a run's events as Server-Sent Events, live, straight from the
-//! event log. Each SSE event's `id` is the event's stream sequence, so a client that
-//! reconnects with `Last-Event-ID` resumes exactly after the last event it saw. The stream
-//! ends with an `end` event once the run has ended.
+//! event log. Each SSE event's `id` is the event's stream sequence (`{seq}.{n}` for the n-th of
+//! a commit's events but its last), so a client that reconnects with `Last-Event-ID` resumes
+//! exactly after the last event it saw. The stream ends with an `end` event once the run has
+//! ended.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -9,7 +10,7 @@ use axum::response::Response;
 use axum::response::sse::Event as SseEvent;
 use axum::routing::get;
 use sqlx::Row;
-use taskmesh_events::RunKey;
+use taskmesh_events::{ErrorCode, RunKey};
 use taskmesh_http::{ApiError, ApiResult};
 use uuid::Uuid;
 
@@ -21,9 +22,10 @@ pub fn routes() -> axum::Router<AppState> {
 }
 
 /// Follow a run's events as Server-Sent Events: `event` is the event type (`RunSubmitted`,
-/// `StepStarted`, …), `data` the whole event envelope as JSON, `id` its stream sequence.
-/// Reconnecting with `Last-Event-ID` resumes after that event. After the run's final event
-/// comes an `end` event and the stream closes.
+/// `StepStarted`, …), `data` the whole event envelope as JSON, `id` its stream sequence (events
+/// appended together share a sequence: all but the last of them get `{seq}.{n}`, n counting
+/// from 0). Reconnecting with `Last-Event-ID` resumes after that event. After the run's final
+/// event comes an `end` event and the stream closes.
 #[utoipa::path(get, operation_id = "stream_run_events", path = "/v1/runs/{id}/events", tag = "runs",
     params(
         ("id" = Uuid, Path, description = "Run id"),
@@ -44,19 +46,27 @@ pub async fn run_events(
     if run_status(&state, &caller.tenant, run_id).await?.is_none() {
         return Err(ApiError::not_found("run"));
     }
-    let after = crate::last_event_id(&headers)?.unwrap_or(0);
+    let (after, after_part) = match event_position(&headers)? {
+        None => (0, None),
+        // Within a commit: from the commit again, past the parts seen.
+        Some((seq, Some(part))) => (seq - 1, Some((seq, part))),
+        Some((seq, None)) => (seq, None),
+    };
     let subject = state.bus.namespace().run(&RunKey { tenant: caller.tenant.clone(), run_id });
     let messages = crate::logs::ordered_on(&state, state.bus.namespace().events_stream(), &subject, after).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
         let to_event = |msg: &async_nats::jetstream::Message| {
-            let stored = taskmesh_bus::decode(msg).ok()?;
-            let event = SseEvent::default()
-                .id(stored.seq.to_string())
-                .event(stored.envelope.type_name())
-                .json_data(&stored.envelope)
-                .ok()?;
-            Some((event, stored.envelope.event.is_run_terminal()))
+            let Ok(commit) = taskmesh_bus::decode(msg) else { return Vec::new() };
+            commit
+                .iter()
+                .filter(|s| after_part.is_none_or(|(seq, part)| s.seq != seq || s.part > part))
+                .filter_map(|s| {
+                    let id = if s.ends_commit() { s.seq.to_string() } else { format!("{}.{}", s.seq, s.part) };
+                    let event = SseEvent::default().id(id).event(s.envelope.type_name()).json_data(&s.envelope).ok()?;
+                    Some((event, s.envelope.event.is_run_terminal()))
+                })
+                .collect()
         };
         let ended = || async {
             run_status(&state, &caller.tenant, run_id)
@@ -69,6 +79,23 @@ pub async fn run_events(
         let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
     });
     Ok(crate::logs::sse(rx))
+}
+
+/// `Last-Event-ID` as a run event's position: its sequence, and its part when it was not the
+/// last of its commit.
+fn event_position(headers: &HeaderMap) -> Result<Option<(u64, Option<u32>)>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else { return Ok(None) };
+    let bad = || ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's id as this stream gave it");
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    let (seq, part) = match text.split_once('.') {
+        Some((seq, part)) => (seq, Some(part.parse::<u32>().map_err(|_| bad())?)),
+        None => (text, None),
+    };
+    let seq = seq.parse::<u64>().map_err(|_| bad())?;
+    if seq == 0 && part.is_some() {
+        return Err(bad());
+    }
+    Ok(Some((seq, part)))
 }
 
 async fn run_status(state: &AppState, tenant: &str, run_id: Uuid) -> Result<Option<String>, ApiError> {

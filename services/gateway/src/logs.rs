@@ -176,8 +176,15 @@ fn follow(state: AppState, tenant: String, run_id: Uuid, step: String, subject: 
         let Ok(messages) = ordered(&state, &subject, after).await else { return };
         let to_event = |msg: &async_nats::jetstream::Message| {
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let e = entry(seq, &msg.payload)?;
-            Some((SseEvent::default().id(seq.to_string()).event("line").json_data(&e).ok()?, false))
+            let Some(e) = entry(seq, &msg.payload) else { return Vec::new() };
+            SseEvent::default()
+                .id(seq.to_string())
+                .event("line")
+                .json_data(&e)
+                .ok()
+                .map(|e| (e, false))
+                .into_iter()
+                .collect()
         };
         // Executors publish every line before reporting, so once the step has ended, what is
         // left is already in the stream.
@@ -199,16 +206,16 @@ fn follow(state: AppState, tenant: String, run_id: Uuid, step: String, subject: 
     sse(rx)
 }
 
-/// Sends each message of `messages` as the event `to_event` makes of it (the flag says it was
-/// the last there will be) until the client goes away, the last one is sent, or `ended` says
-/// the source has ended and a short wait brings nothing more.
+/// Sends each message of `messages` as the events `to_event` makes of it (the flag says it
+/// was the last there will be) until the client goes away, the last one is sent, or `ended`
+/// says the source has ended and a short wait brings nothing more.
 pub(crate) async fn follow_until_ended<F, E, Fut>(
     mut messages: async_nats::jetstream::consumer::pull::Ordered,
     tx: &tokio::sync::mpsc::Sender<SseEvent>,
     to_event: F,
     ended: E,
 ) where
-    F: Fn(&async_nats::jetstream::Message) -> Option<(SseEvent, bool)>,
+    F: Fn(&async_nats::jetstream::Message) -> Vec<(SseEvent, bool)>,
     E: Fn() -> Fut,
     Fut: Future<Output = bool>,
 {
@@ -217,9 +224,10 @@ pub(crate) async fn follow_until_ended<F, E, Fut>(
         let wait = Duration::from_millis(if draining { 300 } else { 500 });
         match tokio::time::timeout(wait, messages.next()).await {
             Ok(Some(Ok(msg))) => {
-                let Some((event, last)) = to_event(&msg) else { continue };
-                if tx.send(event).await.is_err() || last {
-                    return; // the client went away, or that was all
+                for (event, last) in to_event(&msg) {
+                    if tx.send(event).await.is_err() || last {
+                        return; // the client went away, or that was all
+                    }
                 }
             }
             Ok(_) => return,

@@ -157,16 +157,17 @@ impl Projector {
                 let msg = next
                     .ok_or_else(|| anyhow::anyhow!("event stream ended"))?
                     .map_err(|e| anyhow::anyhow!("pulling events: {e}"))?;
-                let stored = taskmesh_bus::decode(&msg)?;
+                let commit = taskmesh_bus::decode(&msg)?;
+                let seq = commit[0].seq;
                 if let Some(want) = expected
-                    && stored.seq > want
+                    && seq > want
                 {
-                    anyhow::bail!("gap in the event stream: expected sequence {want}, got {}", stored.seq);
+                    anyhow::bail!("gap in the event stream: expected sequence {want}, got {seq}");
                 }
-                if expected.is_none_or(|want| stored.seq == want) {
-                    expected = Some(stored.seq + 1);
+                if expected.is_none_or(|want| seq == want) {
+                    expected = Some(seq + 1);
                 }
-                events.push(stored);
+                events.extend(commit);
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
@@ -197,12 +198,14 @@ impl Projector {
         };
         let mut checkpoint = from;
         let mut touched = apply::Touched::default();
+        // A commit's events share its sequence: each is applied, and the checkpoint moves to
+        // the sequence once all of them are (a batch holds whole messages).
         for stored in events {
-            if stored.seq <= checkpoint {
+            if stored.seq <= from {
                 continue;
             }
             apply::apply(&mut tx, stored, &mut touched).await?;
-            checkpoint = stored.seq;
+            checkpoint = checkpoint.max(stored.seq);
         }
         let ended = touched.flush(&mut tx).await?;
         if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, &ended).await? {

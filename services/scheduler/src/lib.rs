@@ -47,6 +47,9 @@ pub const TIMERS: &str = "timers";
 const TIMER_RECHECK: Duration = Duration::from_secs(300);
 /// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
 pub(crate) const MAX_CONFLICTS: usize = 16;
+/// Rounds of follow-up decisions gathered into one commit (one is the rule: a decision's
+/// dispatches and skips cascade within it, and a run's end ends it).
+const MAX_FOLLOW_UPS: usize = 4;
 
 /// A scheduler replica.
 #[derive(Clone)]
@@ -250,7 +253,13 @@ impl Scheduler {
                 return AckKind::Term;
             }
         };
-        match self.on_schedule_event(&stored).await {
+        let armed = async {
+            for stored in &stored {
+                self.on_schedule_event(stored).await?;
+            }
+            Ok::<_, BusError>(())
+        };
+        match armed.await {
             Ok(()) => AckKind::Ack,
             Err(e) => {
                 tracing::warn!(error = %e, "arming a schedule failed; retrying");
@@ -269,18 +278,24 @@ impl Scheduler {
         }
     }
 
-    /// Handles one delivered run event; says how to ack it.
+    /// Handles one delivered message of run events (one event, or a commit's several); says
+    /// how to ack it.
     async fn on_message(&self, msg: &Message) -> AckKind {
-        let stored = match taskmesh_bus::decode(msg) {
+        let commit = match taskmesh_bus::decode(msg) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "undecodable event; terminating it");
                 return AckKind::Term;
             }
         };
-        let span = tracing::info_span!("react", seq = stored.seq, r#type = stored.envelope.type_name());
-        taskmesh_telemetry::set_parent(&span, stored.envelope.traceparent.as_deref());
-        match self.on_event(stored).instrument(span).await {
+        let span = tracing::info_span!(
+            "react",
+            seq = commit[0].seq,
+            r#type = commit[0].envelope.type_name(),
+            events = commit.len()
+        );
+        taskmesh_telemetry::set_parent(&span, commit[0].envelope.traceparent.as_deref());
+        match self.on_event(&commit).instrument(span).await {
             Ok(()) => AckKind::Ack,
             Err(e) => {
                 tracing::warn!(error = %e, "could not process event; it will be redelivered");
@@ -289,24 +304,37 @@ impl Scheduler {
         }
     }
 
-    /// Applies one delivered event and appends whatever follows from it.
-    pub async fn on_event(&self, stored: Stored) -> Result<(), BusError> {
+    /// Applies one delivered message's events (a commit: one or more, all of one run) and
+    /// appends whatever follows from them.
+    pub async fn on_event(&self, commit: &[Stored]) -> Result<(), BusError> {
         let ns = self.bus.namespace();
-        let Some(key) = ns.parse_run(&stored.envelope.subject) else { return Ok(()) };
-        let result = self.on_run_event(&key, &stored).await;
+        let Some(first) = commit.first() else { return Ok(()) };
+        let Some(key) = ns.parse_run(&first.envelope.subject) else { return Ok(()) };
+        let result = self.on_run_commit(&key, commit).await;
         self.cache.evict(self.settings.cache_runs);
         result
     }
 
-    async fn on_run_event(&self, key: &RunKey, stored: &Stored) -> Result<(), BusError> {
+    async fn on_run_commit(&self, key: &RunKey, commit: &[Stored]) -> Result<(), BusError> {
         let slot = self.cache.slot(key);
         let mut slot = slot.lock().await;
         let slot = &mut *slot;
-        let Some(state) = slot.ensure(&self.bus, key, Some(stored)).await? else {
-            tracing::warn!(subject = %stored.envelope.subject, "events for a run with no RunSubmitted");
+        if slot.ensure(&self.bus, key, Some(commit)).await?.is_none() {
+            tracing::warn!(subject = %commit[0].envelope.subject, "events for a run with no RunSubmitted");
             return Ok(());
-        };
+        }
+        for stored in commit {
+            self.on_run_event(slot, key, stored).await?;
+        }
+        let last = &commit[commit.len() - 1];
+        self.decide_and_append(slot, key, &EventMeta::caused_by(&last.envelope)).await
+    }
+
+    /// What one event asks of the world beyond the run's own log (admission, deadlines,
+    /// dispatch, cancellation signals, announcing the end), done before the event is acked.
+    async fn on_run_event(&self, slot: &mut Slot, key: &RunKey, stored: &Stored) -> Result<(), BusError> {
         let meta = EventMeta::caused_by(&stored.envelope);
+        let state = slot.state.as_ref().expect("ensured");
         match &stored.envelope.event {
             Event::RunSubmitted(submitted) if !state.is_finished() => {
                 let ns = self.bus.namespace();
@@ -383,7 +411,7 @@ impl Scheduler {
             Event::RunAdmitted(_) if state.is_finished() => leave_groups(&self.bus, key, state).await?,
             _ => {}
         }
-        self.decide_and_append(slot, key, &meta).await
+        Ok(())
     }
 
     /// Decides on the run's current state and appends the decisions, retrying on conflicts.
@@ -395,51 +423,101 @@ impl Scheduler {
                 return Ok(());
             }
             match self.commit(slot, key, events, meta).await {
-                Ok(appended) => {
-                    for d in appended.iter().filter_map(|e| match e {
-                        Event::StepDispatched(d) => Some(d),
-                        _ => None,
-                    }) {
-                        self.enqueue(slot, key, d, meta).await?;
-                    }
-                }
-                Err(BusError::Conflict { .. }) => slot.refresh(&self.bus, key).await?,
+                Ok(_) => return Ok(()),
+                Err(BusError::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }
         Err(BusError::Nats(format!("gave up deciding {key:?} after {MAX_CONFLICTS} conflicts")))
     }
 
-    /// Appends `events` after the state's last sequence and applies them to the cache.
-    /// Returns the events appended.
+    /// Appends `events`, and everything the run then decides, as one commit (several for a
+    /// decision too big for one message), applies them to the cache, and enqueues the steps
+    /// they dispatched. Returns how many of `events` the log holds: all, or (a later commit of
+    /// a long decision lost a race) the ones before it; what follows them is left for the
+    /// next decision. A conflict on the first commit is [`BusError::Conflict`], and any failure
+    /// leaves the cache reloaded from the log.
+    ///
+    /// What follows from `events` is decided on the state they leave, before anything is
+    /// appended: a step's success goes into the log together with the dispatches of the steps
+    /// it unblocks, or with the run's end: one append, where each was one of its own.
     async fn commit(
         &self,
         slot: &mut Slot,
         key: &RunKey,
         events: Vec<Event>,
         meta: &EventMeta,
-    ) -> Result<Vec<Event>, BusError> {
-        let state = slot.state.as_mut().expect("committing to a cached run");
+    ) -> Result<usize, BusError> {
+        let wanted = events.len();
         let subject = self.bus.namespace().run(key);
-        let mut seq = state.last_seq;
-        for (i, event) in events.iter().enumerate() {
-            let envelope = meta.envelope(subject.clone(), event.clone());
-            match self.bus.append(seq, &envelope).await {
+        let state = slot.state.as_mut().expect("committing to a cached run");
+        let expected = state.last_seq;
+        // Applied ahead of the append (with the sequence they will follow), so the decision
+        // that follows is made on the state they leave; undone by a reload if the append fails.
+        for event in &events {
+            state.apply(expected, event);
+        }
+        let mut all = events;
+        for _ in 0..MAX_FOLLOW_UPS {
+            let more = state.decide();
+            if more.is_empty() {
+                break;
+            }
+            for event in &more {
+                state.apply(expected, event);
+            }
+            all.extend(more);
+        }
+        let envelopes: Vec<_> = all.iter().map(|e| meta.envelope(subject.clone(), e.clone())).collect();
+        let mut seq = expected;
+        let mut appended = 0;
+        for commit in taskmesh_bus::commits(&envelopes) {
+            match self.bus.append_commit(seq, commit).await {
                 Ok(s) => {
-                    state.apply(s, event);
                     seq = s;
+                    appended += commit.len();
                 }
-                Err(e) if i == 0 => return Err(e),
-                // A later event conflicting means someone else appended meanwhile: what was
-                // appended stands; the rest is decided again on a fresh view.
-                Err(BusError::Conflict { .. }) => {
-                    slot.refresh(&self.bus, key).await?;
-                    return Ok(events[..i].to_vec());
+                Err(e) => {
+                    slot.reload(&self.bus, key).await?;
+                    return match e {
+                        // A later commit conflicting means someone else appended meanwhile:
+                        // what was appended stands; the rest is decided again on a fresh view.
+                        BusError::Conflict { .. } if appended > 0 => {
+                            self.enqueue_dispatched(slot, key, &all[..appended], meta).await?;
+                            Ok(appended.min(wanted))
+                        }
+                        e => Err(e),
+                    };
                 }
-                Err(e) => return Err(e),
             }
         }
-        Ok(events)
+        slot.state.as_mut().expect("committed to a cached run").last_seq = seq;
+        self.enqueue_dispatched(slot, key, &all, meta).await?;
+        Ok(wanted)
+    }
+
+    /// Enqueues the steps `events` dispatched that are still dispatched.
+    async fn enqueue_dispatched(
+        &self,
+        slot: &mut Slot,
+        key: &RunKey,
+        events: &[Event],
+        meta: &EventMeta,
+    ) -> Result<(), BusError> {
+        for d in events.iter().filter_map(|e| match e {
+            Event::StepDispatched(d) => Some(d),
+            _ => None,
+        }) {
+            let still = slot
+                .state
+                .as_ref()
+                .and_then(|s| s.step(&d.step))
+                .is_some_and(|s| s.phase == state::StepPhase::Dispatched && s.dispatch == d.dispatch);
+            if still {
+                self.enqueue(slot, key, d, meta).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn enqueue(
@@ -533,22 +611,14 @@ impl Scheduler {
                 fresh = true;
                 continue;
             }
+            // What follows (the next steps' dispatches, the run's end) goes into the same
+            // commit, so the next steps go out without waiting for the reactor.
             let wanted = events.len();
             match self.commit(slot, key, events, &meta).await {
                 // The reply stands only if its whole decision is in the log; a partial append
                 // (someone appended in between) is decided again on the fresh state.
-                Ok(appended) if appended.len() == wanted => {
-                    // What follows is decided here to save a hop; if it fails, the reactor
-                    // decides it when it sees these events. The command itself succeeded.
-                    if let Err(e) = self.decide_and_append(slot, key, &meta).await {
-                        tracing::warn!(error = %e, "follow-up decision deferred to the reactor");
-                    }
-                    return Ok(reply);
-                }
-                Ok(_) | Err(BusError::Conflict { .. }) => {
-                    slot.refresh(&self.bus, key).await?;
-                    fresh = true;
-                }
+                Ok(appended) if appended == wanted => return Ok(reply),
+                Ok(_) | Err(BusError::Conflict { .. }) => fresh = true,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -611,20 +681,29 @@ impl Cache {
 
 impl Slot {
     /// The run's state, loading it from the log when not cached, and catching up when `next`
-    /// shows events were missed (another replica may have appended them). A run's first event
-    /// (its `RunSubmitted`, appended to an empty subject) is the whole state: no read needed.
-    async fn ensure(&mut self, bus: &Bus, key: &RunKey, next: Option<&Stored>) -> Result<Option<&RunState>, BusError> {
+    /// (a delivered commit) shows events were missed (another replica may have appended them).
+    /// A run's first commit (its `RunSubmitted`, appended to an empty subject, and whatever was
+    /// decided with it) is the whole state: no read needed.
+    async fn ensure(
+        &mut self,
+        bus: &Bus,
+        key: &RunKey,
+        next: Option<&[Stored]>,
+    ) -> Result<Option<&RunState>, BusError> {
+        let next = next.filter(|c| !c.is_empty());
         match (&mut self.state, next) {
-            (None, Some(first)) if first.prev == Some(0) => {
-                self.state = Self::load(key, std::slice::from_ref(first));
+            (None, Some(first)) if first[0].prev == Some(0) => {
+                self.state = Self::load(key, first);
             }
             (None, _) => {
                 let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
                 self.state = Self::load(key, &events);
             }
-            (Some(state), Some(next)) if next.seq > state.last_seq => {
-                if next.prev == Some(state.last_seq) {
-                    state.apply(next.seq, &next.envelope.event);
+            (Some(state), Some(next)) if next[0].seq > state.last_seq => {
+                if next[0].prev == Some(state.last_seq) {
+                    for stored in next {
+                        state.apply(stored.seq, &stored.envelope.event);
+                    }
                 } else {
                     self.refresh(bus, key).await?;
                 }
@@ -652,6 +731,15 @@ impl Slot {
         for e in bus.read_subject(&bus.namespace().run(key), state.last_seq).await? {
             state.apply(e.seq, &e.envelope.event);
         }
+        Ok(())
+    }
+
+    /// Folds the run's state from the log afresh (the cached one holds events that may not
+    /// have been appended).
+    async fn reload(&mut self, bus: &Bus, key: &RunKey) -> Result<(), BusError> {
+        self.state = None;
+        let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
+        self.state = Self::load(key, &events);
         Ok(())
     }
 }
