@@ -510,6 +510,13 @@ impl Bus {
         }
     }
 
+    /// Removes every message of `stream` below sequence `below` (one request, however many).
+    pub async fn purge_below(&self, stream: &str, below: u64) -> Result<()> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        stream.purge().sequence(below).await.map_err(|e| BusError::Nats(format!("purging below {below}: {e}")))?;
+        Ok(())
+    }
+
     /// Removes every message on `subject` from `stream`.
     pub async fn purge_subject(&self, stream: &str, subject: &str) -> Result<()> {
         let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;

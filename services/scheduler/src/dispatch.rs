@@ -19,9 +19,12 @@
 //! longer than [`REPORT_AFTER`] gets a `StepWaiting` event with the reason (and `StepAdmitted`
 //! when it goes), so the API can say why it waits; a held run gets `RunWaiting`.
 //!
-//! Crash safety: admitting is "enqueue on DISPATCH (deduplicated by message id), then delete
+//! Crash safety: admitting is "enqueue on DISPATCH (deduplicated by message id), then remove
 //! from READY"; a leader dying in between leaves the entry for the next leader, whose enqueue is
-//! deduplicated (and a duplicate that slipped through is refused by the lease check).
+//! deduplicated (and a duplicate that slipped through is refused by the lease check). Admitted
+//! entries are removed together: everything below the oldest entry still held goes in one purge
+//! request after each round; an admitted entry above one that is held (a retry waiting for its
+//! backoff, a tenant at its limit) is deleted on its own once it has waited [`REMOVE_AFTER`].
 //! Rate-limit buckets live in the leader's memory: a new leader starts them full.
 
 use std::cmp::Reverse;
@@ -54,6 +57,9 @@ const TICK: Duration = Duration::from_millis(100);
 const READ_BATCH: usize = 4_096;
 /// Most publishes (or deletions) in flight at once while a round's admissions go out.
 const PIPELINE: usize = 256;
+/// How long an admitted READY entry may wait for a purge to take it before it is deleted on
+/// its own (see [`Removals`]).
+const REMOVE_AFTER: Duration = Duration::from_secs(1);
 /// How long a read of DISPATCH's counts serves admission rounds, at most (see [`InFlight`]).
 const COUNTS_FOR: Duration = Duration::from_secs(1);
 
@@ -176,6 +182,40 @@ impl Validity {
     }
 }
 
+/// READY entries this leader is done with (admitted, or dropped) and has not yet removed, by
+/// sequence. READY is read in order, so every entry below both the last one read and the oldest
+/// still held is done, and one purge removes them all: in a flood, one request per round where
+/// there was one per step.
+#[derive(Default)]
+struct Removals {
+    /// The highest READY sequence read so far.
+    last_read: u64,
+    /// Entries done but still on READY, and since when.
+    pending: BTreeMap<u64, Instant>,
+}
+
+impl Removals {
+    /// What to remove now, given the oldest entry still held (`None`: nothing is): the sequence
+    /// to purge below (if any done entry lies below it), and the entries above it that have
+    /// waited past `after` for a purge, to delete one by one. Both leave `pending`.
+    fn due(&mut self, oldest_held: Option<u64>, now: Instant, after: Duration) -> (Option<u64>, Vec<u64>) {
+        let low = oldest_held.unwrap_or(u64::MAX).min(self.last_read.saturating_add(1));
+        let purge = match self.pending.range(..low).next_back() {
+            Some(_) => {
+                self.pending = self.pending.split_off(&low);
+                Some(low)
+            }
+            None => None,
+        };
+        let overdue: Vec<u64> =
+            self.pending.iter().filter(|(_, at)| now.duration_since(**at) >= after).map(|(seq, _)| *seq).collect();
+        for seq in &overdue {
+            self.pending.remove(seq);
+        }
+        (purge, overdue)
+    }
+}
+
 #[derive(Default)]
 struct Held {
     /// Per tenant, in admission order: priority (highest first), then READY sequence.
@@ -196,11 +236,20 @@ struct Held {
     first_look: Option<Instant>,
     /// What is on DISPATCH, at most (none until the first round of this term).
     in_flight: Option<InFlight>,
+    /// Entries done with and not yet removed from READY.
+    removals: Removals,
 }
 
 impl Held {
     fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.steps.values().all(BTreeMap::is_empty)
+    }
+
+    /// The READY sequence of the oldest entry still held.
+    fn oldest(&self) -> Option<u64> {
+        let steps = self.steps.values().flat_map(|q| q.keys().map(|k| k.1)).min();
+        let runs = self.runs.keys().next().copied();
+        steps.into_iter().chain(runs).min()
     }
 }
 
@@ -294,7 +343,8 @@ impl Dispatcher {
         let reporter = tokio::spawn(report(self.bus.clone(), report_rx));
         let result: anyhow::Result<()> = async {
             loop {
-                let wait = if held.is_empty() { Duration::from_secs(3600) } else { TICK };
+                let wait =
+                    if held.is_empty() && held.removals.pending.is_empty() { Duration::from_secs(3600) } else { TICK };
                 tokio::select! {
                     _ = lost.cancelled() => return Ok(()),
                     msg = ready.next() => {
@@ -327,6 +377,7 @@ impl Dispatcher {
                     tracing::warn!(error = %e, "admission round failed; retrying");
                     tokio::time::sleep(TICK).await;
                 }
+                self.remove_done(&mut held).await;
             }
         }
         .await;
@@ -335,41 +386,47 @@ impl Dispatcher {
         result
     }
 
-    /// Deletes an admitted (or dropped) entry from READY. A failure is logged, not returned:
-    /// the entry is already out of this leader's memory, and were a later leader to admit it
-    /// again, the dispatch queue's deduplication and the lease check keep it harmless.
-    async fn forget(&self, seq: u64) {
-        if let Err(e) = self.bus.delete_message(&self.bus.namespace().ready_stream(), seq).await {
-            tracing::warn!(error = %e, seq, "could not delete an admitted READY entry");
+    /// Removes the READY entries this leader is done with (see [`Removals`]). A failure is
+    /// logged, not returned: the entries are already out of this leader's memory, and were a
+    /// later leader to admit them again, the dispatch queue's deduplication and the lease check
+    /// keep them harmless.
+    async fn remove_done(&self, held: &mut Held) {
+        let oldest = held.oldest();
+        let (purge, overdue) = held.removals.due(oldest, Instant::now(), REMOVE_AFTER);
+        let stream = self.bus.namespace().ready_stream();
+        if let Some(below) = purge
+            && let Err(e) = self.bus.purge_below(&stream, below).await
+        {
+            tracing::warn!(error = %e, below, "could not remove admitted READY entries");
         }
+        futures::stream::iter(overdue.into_iter().map(|seq| {
+            let stream = &stream;
+            async move {
+                if let Err(e) = self.bus.delete_message(stream, seq).await {
+                    tracing::warn!(error = %e, seq, "could not delete an admitted READY entry");
+                }
+            }
+        }))
+        .buffer_unordered(PIPELINE)
+        .collect::<()>()
+        .await;
     }
 
     /// Forgets the held steps of a run that ended, deleting their READY entries.
     fn drop_run(&self, held: &mut Held, run: &CancelSignal) {
+        let now = Instant::now();
         let runs: Vec<u64> = held.runs.iter().filter(|(_, r)| r.run_id == run.run_id).map(|(k, _)| *k).collect();
         for seq in runs {
             held.runs.remove(&seq);
-            let bus = self.bus.clone();
-            tokio::spawn(async move {
-                let _ = bus.delete_message(&bus.namespace().ready_stream(), seq).await;
-            });
+            held.removals.pending.insert(seq, now);
         }
         let Some(queue) = held.steps.get_mut(&run.tenant) else { return };
         let gone: Vec<(Reverse<i32>, u64)> =
             queue.iter().filter(|(_, s)| s.dispatch.run_id == run.run_id).map(|(k, _)| *k).collect();
-        if gone.is_empty() {
-            return;
-        }
         for k in &gone {
             queue.remove(k);
+            held.removals.pending.insert(k.1, now);
         }
-        let bus = self.bus.clone();
-        tokio::spawn(async move {
-            let stream = bus.namespace().ready_stream();
-            for (_, seq) in gone {
-                let _ = bus.delete_message(&stream, seq).await;
-            }
-        });
     }
 
     fn take(&self, held: &mut Held, msg: async_nats::jetstream::Message) {
@@ -380,6 +437,7 @@ impl Dispatcher {
                 return;
             }
         };
+        held.removals.last_read = held.removals.last_read.max(seq);
         match serde_json::from_slice::<Ready>(&msg.payload) {
             Ok(Ready::Step { dispatch, priority }) => {
                 let tenant = dispatch.tenant.clone();
@@ -394,10 +452,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::error!(error = %e, seq, "undecodable READY entry; dropping it");
-                let bus = self.bus.clone();
-                tokio::spawn(async move {
-                    let _ = bus.delete_message(&bus.namespace().ready_stream(), seq).await;
-                });
+                held.removals.pending.insert(seq, Instant::now());
             }
         }
     }
@@ -567,10 +622,8 @@ impl Dispatcher {
             }
             sent.push((key, step.dispatch.step.id.clone(), step.dispatch.step.runs_on.clone()));
         }
-        futures::stream::iter(done.into_iter().map(|seq| self.forget(seq)))
-            .buffer_unordered(PIPELINE)
-            .collect::<()>()
-            .await;
+        let at = Instant::now();
+        held.removals.pending.extend(done.into_iter().map(|seq| (seq, at)));
         for (key, steps) in admitted {
             let _ = reports.try_send(Event2::new(key, Event::StepAdmitted(StepAdmitted { steps })));
         }
@@ -684,7 +737,7 @@ impl Dispatcher {
                     && last.envelope.event.is_run_terminal()
                 {
                     held.runs.remove(&seq);
-                    self.forget(seq).await;
+                    held.removals.pending.insert(seq, Instant::now());
                     continue;
                 }
             }
@@ -698,7 +751,7 @@ impl Dispatcher {
                 let admitted = Event::RunAdmitted(RunAdmitted { run_id });
                 append_to_run(&self.bus, &key, admitted, &format!("admit:{run_id}")).await?;
                 held.runs.remove(&seq);
-                self.forget(seq).await;
+                held.removals.pending.insert(seq, Instant::now());
                 continue;
             }
             // Later runs of a full group wait behind this one.
@@ -715,7 +768,7 @@ impl Dispatcher {
                         });
                         append_to_run(&self.bus, &key, event, &format!("skip:{run_id}")).await?;
                         held.runs.remove(&seq);
-                        self.forget(seq).await;
+                        held.removals.pending.insert(seq, Instant::now());
                         continue;
                     }
                     GroupPolicy::CancelInProgress => {
@@ -819,6 +872,31 @@ mod tests {
         let ns = Namespace::new("tm").expect("a valid namespace");
         let counts = counts.iter().map(|(tenant, pool, n)| (ns.dispatch(tenant, pool), *n)).collect();
         InFlight::new(counts, &ns, now)
+    }
+
+    #[test]
+    fn done_entries_below_the_oldest_held_go_in_one_purge_and_the_rest_once_overdue() {
+        let t0 = Instant::now();
+        let mut r = Removals { last_read: 10, pending: BTreeMap::new() };
+        // 1..=4 and 6..=8 admitted; 5 still held (a retry waiting for its backoff).
+        r.pending.extend([1, 2, 3, 4, 6, 7, 8].map(|s| (s, t0)));
+        let (purge, overdue) = r.due(Some(5), t0, REMOVE_AFTER);
+        assert_eq!(purge, Some(5), "everything below the held entry in one request");
+        assert!(overdue.is_empty());
+        assert_eq!(r.pending.keys().copied().collect::<Vec<_>>(), [6, 7, 8]);
+        // Nothing new below the held entry: no request at all.
+        assert_eq!(r.due(Some(5), t0, REMOVE_AFTER), (None, Vec::new()));
+        // Still held a second later: the entries above it go one by one.
+        let (purge, overdue) = r.due(Some(5), t0 + REMOVE_AFTER, REMOVE_AFTER);
+        assert_eq!((purge, overdue), (None, vec![6, 7, 8]));
+        assert!(r.pending.is_empty());
+        // Nothing held: everything read so far may go, but never what has not been read.
+        r.pending.extend([5, 9].map(|s| (s, t0)));
+        assert_eq!(r.due(None, t0, REMOVE_AFTER), (Some(11), Vec::new()));
+        r.last_read = 20;
+        r.pending.insert(15, t0);
+        assert_eq!(r.due(Some(12), t0, REMOVE_AFTER), (None, Vec::new()), "15 is above the held 12");
+        assert_eq!(r.due(None, t0, REMOVE_AFTER), (Some(21), Vec::new()));
     }
 
     #[test]
