@@ -127,8 +127,8 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
 }
 
 /// A batch of events leaves the rows that the same events one message per batch would:
-/// fan-out, fan-in, retries, a failure with skips and a chain, applied both ways. (Any batching
-/// of the projector's writes must keep this.)
+/// fan-out, fan-in, retries, a failure with skips and a chain, applied both ways. (The projector
+/// folds a batch's run events into rows written once each; this is what keeps it honest.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would() {
     // The projector runs until the API key is readable, then stops: the test applies the

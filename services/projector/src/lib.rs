@@ -1,7 +1,8 @@
 //! The projector: turns the event log into the Postgres read models the gateway serves.
 //!
 //! It reads `{ns}.evt.>` in stream order through the durable pull consumer `projector`, and
-//! applies each batch (whatever has arrived, up to 512 events) in one transaction together
+//! applies each batch (whatever has arrived, up to 512 events) in one transaction, the run
+//! events folded into rows written once each ([`fold`]), together
 //! with its checkpoint (the last stream sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
 //! applied twice; after a crash the consumer is recreated at the checkpoint, so nothing is
 //! missed. Transactions commit without waiting for the disk (see [`Projector::apply_batch`]):
@@ -12,10 +13,13 @@
 //! One projector runs per mesh (it owns the consumer's position).
 //!
 //! # Layout
-//! - [`apply`]: one event → SQL.
+//! - [`apply`]: one event → SQL, for every event but a run's.
+//! - [`fold`]: a batch's run events → `runs`, `steps` and `step_attempts` rows, each read and
+//!   written once per batch.
 //! - this file: [`Projector`]: the consume loop, checkpoints, rebuild.
 
 pub mod apply;
+pub mod fold;
 
 use std::time::Duration;
 
@@ -28,8 +32,12 @@ use tokio_util::sync::CancellationToken;
 
 /// The durable consumer and the checkpoint's name.
 pub const NAME: &str = "projector";
-/// Most events applied in one transaction.
+/// Most events gathered into one transaction (a commit's events are never split, so a batch
+/// may end up to one commit past it).
 const BATCH: usize = 512;
+/// Most step rows a batch's submissions may create (each is held in memory until the batch is
+/// written; see [`fold`]).
+const BATCH_STEPS: usize = 20_000;
 
 /// How often an idle projector looks for batches Postgres lost.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -127,7 +135,8 @@ impl Projector {
         loop {
             let mut events = Vec::new();
             let mut last = None;
-            while events.len() < BATCH {
+            let mut steps = 0;
+            while events.len() < BATCH && steps < BATCH_STEPS {
                 // Wait for the first event; then take only what has already arrived (group
                 // commit: while a batch is applied the next one gathers, so batches grow with
                 // the load and an event never waits for others that have not come).
@@ -167,6 +176,13 @@ impl Projector {
                 if expected.is_none_or(|want| seq == want) {
                     expected = Some(seq + 1);
                 }
+                steps += commit
+                    .iter()
+                    .map(|s| match &s.envelope.event {
+                        taskmesh_events::Event::RunSubmitted(e) => e.workflow.steps.len(),
+                        _ => 0,
+                    })
+                    .sum::<usize>();
                 events.extend(commit);
                 last = Some(msg);
             }
@@ -197,17 +213,19 @@ impl Projector {
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
         };
         let mut checkpoint = from;
-        let mut touched = apply::Touched::default();
         // A commit's events share its sequence: each is applied, and the checkpoint moves to
         // the sequence once all of them are (a batch holds whole messages).
-        for stored in events {
-            if stored.seq <= from {
-                continue;
+        let fresh = || events.iter().filter(|s| s.seq > from);
+        let mut runs = fold::RunRows::load(&mut tx, fresh()).await?;
+        for stored in fresh() {
+            if fold::is_run_event(&stored.envelope.event) {
+                runs.apply(stored);
+            } else {
+                apply::apply(&mut tx, stored).await?;
             }
-            apply::apply(&mut tx, stored, &mut touched).await?;
             checkpoint = checkpoint.max(stored.seq);
         }
-        let ended = touched.flush(&mut tx).await?;
+        let ended = runs.write(&mut tx).await?;
         if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, &ended).await? {
             drop(tx);
             let table = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;

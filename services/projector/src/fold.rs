@@ -1,0 +1,877 @@
+//! A batch's run events → the `runs`, `steps` and `step_attempts` rows, folded in memory: every
+//! row the batch touches is read once (one statement per table), changed by each event in log
+//! order exactly as the event's own statement would change it, and written once (one statement
+//! per table for new rows, one for changed ones).
+//!
+//! A one-step run is eight row writes when its events come one per batch (its run row
+//! inserted, started and ended; its step inserted, started and finished; its attempt inserted
+//! and finished), and each is a new row version with its index entries. When the projector
+//! falls behind, a batch holds whole lifetimes, and the same run costs three rows written
+//! once each: the read side catches up faster the further behind it is, instead of paying
+//! per event.
+//!
+//! The rules each event follows are the statements this module replaced; they are written
+//! out on [`RunRows::apply`]. `tests/e2e/projection.rs` checks that one log applied one event at
+//! a time, all at once, and in batches of many sizes leaves the same rows.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, Transaction};
+use taskmesh_bus::Stored;
+use taskmesh_events::{Event, Status, StepOutcome};
+use uuid::Uuid;
+
+type Tx<'a> = Transaction<'a, Postgres>;
+type RunKey = (String, Uuid);
+type StepKey = (String, Uuid, String);
+type AttemptKey = (String, Uuid, String, i32);
+
+/// Whether an event belongs to a run (and is folded here rather than applied on its own).
+pub fn is_run_event(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::RunSubmitted(_)
+            | Event::RunStarted(_)
+            | Event::RunWaiting(_)
+            | Event::RunAdmitted(_)
+            | Event::RunCancelRequested(_)
+            | Event::RunSucceeded(_)
+            | Event::RunFailed(_)
+            | Event::RunCancelled(_)
+            | Event::RunTimedOut(_)
+            | Event::StepDispatched(_)
+            | Event::StepWaiting(_)
+            | Event::StepAdmitted(_)
+            | Event::StepStarted(_)
+            | Event::StepAttemptLost(_)
+            | Event::StepSucceeded(_)
+            | Event::StepFailed(_)
+            | Event::StepAttemptFailed(_)
+            | Event::StepCancelled(_)
+            | Event::StepSkipped(_)
+    )
+}
+
+/// The run an event belongs to: named by the event, or by its subject's last token.
+fn run_of(stored: &Stored) -> Option<Uuid> {
+    match &stored.envelope.event {
+        Event::RunSubmitted(e) => Some(e.run_id),
+        _ => stored.envelope.subject.rsplit('.').next().and_then(|s| s.parse().ok()),
+    }
+}
+
+/// The step a step event touches: its id, whether its `steps` row changes, and whether its
+/// attempts may.
+fn step_touched(event: &Event) -> Option<(&str, bool, bool)> {
+    Some(match event {
+        Event::StepStarted(e) => (&e.step, true, true),
+        Event::StepSucceeded(e) => (&e.step, true, true),
+        Event::StepFailed(e) => (&e.step, true, true),
+        Event::StepAttemptFailed(e) => (&e.step, true, true),
+        Event::StepCancelled(e) => (&e.step, true, true),
+        Event::StepAttemptLost(e) => (&e.step, false, true),
+        Event::StepSkipped(e) => (&e.step, true, false),
+        _ => return None,
+    })
+}
+
+/// A row as the batch found it (`stored`: it is in the table) and as it leaves it.
+struct Slot<T> {
+    stored: bool,
+    /// What the table holds, for rows found there (to write only what changed).
+    before: Option<T>,
+    row: T,
+}
+
+/// What the batch may change of a `runs` row, and, for a row the batch inserts, the rest.
+#[derive(Clone, PartialEq)]
+struct RunRow {
+    status: String,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    last_seq: i64,
+    cancel_requested_at: Option<DateTime<Utc>>,
+    wait_reason: Option<String>,
+    new: Option<Box<NewRun>>,
+}
+
+#[derive(Clone, PartialEq)]
+struct NewRun {
+    workflow_name: String,
+    trigger: Value,
+    inputs: Value,
+    idempotency_key: Option<String>,
+    created_at: DateTime<Utc>,
+    workflow_version: Option<i32>,
+    priority: i32,
+    labels: Value,
+}
+
+#[derive(Clone, PartialEq)]
+struct StepRow {
+    status: String,
+    attempts: i32,
+    exit_code: Option<i32>,
+    output: Option<String>,
+    output_truncated: bool,
+    error: Option<String>,
+    reason: Option<String>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    outputs: Value,
+    retry_at: Option<DateTime<Utc>>,
+    wait_reason: Option<String>,
+    /// Position, kind and needs, for a row the batch inserts.
+    new: Option<(i32, String, String)>,
+}
+
+#[derive(Clone, PartialEq)]
+struct AttemptRow {
+    status: String,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    finished_at: Option<DateTime<Utc>>,
+    outputs: Value,
+    /// Executor and start, for a row the batch inserts.
+    new: Option<(String, DateTime<Utc>)>,
+}
+
+/// The run rows one batch touches.
+#[derive(Default)]
+pub struct RunRows {
+    runs: HashMap<RunKey, Slot<RunRow>>,
+    steps: HashMap<StepKey, Slot<StepRow>>,
+    attempts: HashMap<AttemptKey, Slot<AttemptRow>>,
+    /// Each step's attempts among `attempts` (a cancelled step's running ones end with it).
+    attempts_of: HashMap<StepKey, Vec<i32>>,
+    /// Runs that ended in the batch, announced when it commits.
+    pub ended: Vec<Uuid>,
+}
+
+impl RunRows {
+    /// Reads every row the batch's run events touch (`events` after the checkpoint only).
+    pub async fn load<'e>(tx: &mut Tx<'_>, events: impl Iterator<Item = &'e Stored>) -> Result<Self, sqlx::Error> {
+        let mut runs: HashSet<RunKey> = HashSet::new();
+        let mut steps: HashSet<StepKey> = HashSet::new();
+        let mut attempt_steps: HashSet<StepKey> = HashSet::new();
+        for stored in events.filter(|s| is_run_event(&s.envelope.event)) {
+            let Some(run) = run_of(stored) else { continue };
+            let tenant = stored.envelope.tenant.clone();
+            runs.insert((tenant.clone(), run));
+            let step = |id: &str| (tenant.clone(), run, id.to_string());
+            match &stored.envelope.event {
+                Event::RunSubmitted(e) => steps.extend(e.workflow.steps.iter().map(|s| step(&s.id))),
+                Event::StepWaiting(taskmesh_events::StepWaiting { steps: ids, .. })
+                | Event::StepAdmitted(taskmesh_events::StepAdmitted { steps: ids }) => {
+                    steps.extend(ids.iter().map(|s| step(s)))
+                }
+                event => {
+                    let Some((id, row, attempts)) = step_touched(event) else { continue };
+                    if row {
+                        steps.insert(step(id));
+                    }
+                    if attempts {
+                        attempt_steps.insert(step(id));
+                    }
+                }
+            }
+        }
+        let mut rows = RunRows::default();
+        if !runs.is_empty() {
+            let (tenants, ids): (Vec<String>, Vec<Uuid>) = runs.into_iter().unzip();
+            let found = sqlx::query(
+                "SELECT r.tenant_id, r.id, r.status, r.started_at, r.finished_at, r.last_seq, r.cancel_requested_at, r.wait_reason
+                 FROM runs r JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, id) ON r.tenant_id = k.tenant AND r.id = k.id",
+            )
+            .bind(&tenants)
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
+            for r in found {
+                let row = RunRow {
+                    status: r.get("status"),
+                    started_at: r.get("started_at"),
+                    finished_at: r.get("finished_at"),
+                    last_seq: r.get("last_seq"),
+                    cancel_requested_at: r.get("cancel_requested_at"),
+                    wait_reason: r.get("wait_reason"),
+                    new: None,
+                };
+                rows.runs
+                    .insert((r.get("tenant_id"), r.get("id")), Slot { stored: true, before: Some(row.clone()), row });
+            }
+        }
+        if !steps.is_empty() {
+            let found = by_step(
+                tx,
+                "SELECT s.tenant_id, s.run_id, s.step_id, s.status, s.attempts, s.exit_code, s.output, s.output_truncated,
+                        s.error, s.reason, s.started_at, s.finished_at, s.outputs, s.retry_at, s.wait_reason
+                 FROM steps s JOIN UNNEST($1::text[], $2::uuid[], $3::text[]) AS k(tenant, run, step)
+                   ON s.tenant_id = k.tenant AND s.run_id = k.run AND s.step_id = k.step",
+                steps,
+            )
+            .await?;
+            for r in found {
+                let row = StepRow {
+                    status: r.get("status"),
+                    attempts: r.get("attempts"),
+                    exit_code: r.get("exit_code"),
+                    output: r.get("output"),
+                    output_truncated: r.get("output_truncated"),
+                    error: r.get("error"),
+                    reason: r.get("reason"),
+                    started_at: r.get("started_at"),
+                    finished_at: r.get("finished_at"),
+                    outputs: r.get::<Json<Value>, _>("outputs").0,
+                    retry_at: r.get("retry_at"),
+                    wait_reason: r.get("wait_reason"),
+                    new: None,
+                };
+                let key = (r.get("tenant_id"), r.get("run_id"), r.get("step_id"));
+                rows.steps.insert(key, Slot { stored: true, before: Some(row.clone()), row });
+            }
+        }
+        if !attempt_steps.is_empty() {
+            let found = by_step(
+                tx,
+                "SELECT a.tenant_id, a.run_id, a.step_id, a.attempt, a.status, a.exit_code, a.error, a.finished_at, a.outputs
+                 FROM step_attempts a JOIN UNNEST($1::text[], $2::uuid[], $3::text[]) AS k(tenant, run, step)
+                   ON a.tenant_id = k.tenant AND a.run_id = k.run AND a.step_id = k.step",
+                attempt_steps,
+            )
+            .await?;
+            for r in found {
+                let row = AttemptRow {
+                    status: r.get("status"),
+                    exit_code: r.get("exit_code"),
+                    error: r.get("error"),
+                    finished_at: r.get("finished_at"),
+                    outputs: r.get::<Json<Value>, _>("outputs").0,
+                    new: None,
+                };
+                let step: StepKey = (r.get("tenant_id"), r.get("run_id"), r.get("step_id"));
+                let attempt: i32 = r.get("attempt");
+                rows.attempts_of.entry(step.clone()).or_default().push(attempt);
+                rows.attempts
+                    .insert((step.0, step.1, step.2, attempt), Slot { stored: true, before: Some(row.clone()), row });
+            }
+        }
+        Ok(rows)
+    }
+
+    fn run(&mut self, tenant: &str, run: Uuid) -> Option<&mut RunRow> {
+        self.runs.get_mut(&(tenant.to_string(), run)).map(|s| &mut s.row)
+    }
+
+    fn step(&mut self, tenant: &str, run: Uuid, step: &str) -> Option<&mut StepRow> {
+        self.steps.get_mut(&(tenant.to_string(), run, step.to_string())).map(|s| &mut s.row)
+    }
+
+    fn attempt(&mut self, tenant: &str, run: Uuid, step: &str, attempt: u32) -> Option<&mut AttemptRow> {
+        self.attempts.get_mut(&(tenant.to_string(), run, step.to_string(), attempt as i32)).map(|s| &mut s.row)
+    }
+
+    /// Folds one run event into the rows, as its statement would have changed them. Rows the
+    /// table does not hold (and the batch did not insert) are left alone, as an `UPDATE` that
+    /// matches nothing would. Every event of a run that has a row moves its `last_seq` on,
+    /// except a `RunSubmitted` whose run was already there (`INSERT … ON CONFLICT DO NOTHING`).
+    pub fn apply(&mut self, stored: &Stored) {
+        let Some(run) = run_of(stored) else { return };
+        let env = &stored.envelope;
+        let tenant = env.tenant.as_str();
+        let (at, seq) = (env.occurred_at, stored.seq as i64);
+        if let Event::RunSubmitted(e) = &env.event {
+            self.submit(tenant, e, at, seq);
+            return;
+        }
+        if let Some(r) = self.run(tenant, run) {
+            r.last_seq = r.last_seq.max(seq);
+        }
+        match &env.event {
+            // status = 'running', started_at = COALESCE(started_at, at), wait_reason = NULL
+            // WHERE status = 'queued'
+            Event::RunStarted(_) => self.start_run(tenant, run, at),
+            // steps: wait_reason = reason WHERE step_id = ANY(steps) AND status = 'queued'
+            Event::StepWaiting(e) => {
+                for id in &e.steps {
+                    if let Some(s) = self.step(tenant, run, id).filter(|s| s.status == "queued") {
+                        s.wait_reason = Some(e.reason.clone());
+                    }
+                }
+            }
+            // steps: wait_reason = NULL WHERE step_id = ANY(steps)
+            Event::StepAdmitted(e) => {
+                for id in &e.steps {
+                    if let Some(s) = self.step(tenant, run, id) {
+                        s.wait_reason = None;
+                    }
+                }
+            }
+            // runs: wait_reason = reason WHERE status = 'queued'
+            Event::RunWaiting(e) => {
+                if let Some(r) = self.run(tenant, run).filter(|r| r.status == "queued") {
+                    r.wait_reason = Some(e.reason.clone());
+                }
+            }
+            // runs: wait_reason = NULL
+            Event::RunAdmitted(_) => {
+                if let Some(r) = self.run(tenant, run) {
+                    r.wait_reason = None;
+                }
+            }
+            // steps: status = 'running', attempts = n, started_at = COALESCE(started_at, at),
+            // wait_reason = NULL; the attempt inserted (ON CONFLICT DO NOTHING); the run
+            // started with its first.
+            Event::StepStarted(e) => {
+                if let Some(s) = self.step(tenant, run, &e.step) {
+                    s.status = "running".into();
+                    s.attempts = e.attempt as i32;
+                    s.started_at = s.started_at.or(Some(at));
+                    s.wait_reason = None;
+                }
+                let key = (tenant.to_string(), run, e.step.clone(), e.attempt as i32);
+                if let Entry::Vacant(vacant) = self.attempts.entry(key) {
+                    let row = AttemptRow {
+                        status: "running".into(),
+                        exit_code: None,
+                        error: None,
+                        finished_at: None,
+                        outputs: Value::Object(Default::default()),
+                        new: Some((e.executor.clone(), at)),
+                    };
+                    self.attempts_of
+                        .entry((tenant.to_string(), run, e.step.clone()))
+                        .or_default()
+                        .push(e.attempt as i32);
+                    vacant.insert(Slot { stored: false, before: None, row });
+                }
+                if e.run_started {
+                    self.start_run(tenant, run, at);
+                }
+            }
+            // attempt: status = 'lost', error = reason, finished_at = at
+            Event::StepAttemptLost(e) => {
+                if let Some(a) = self.attempt(tenant, run, &e.step, e.attempt) {
+                    a.status = "lost".into();
+                    a.error = Some(e.reason.clone());
+                    a.finished_at = Some(at);
+                }
+            }
+            Event::StepSucceeded(e) => self.finish_step(tenant, run, &e.step, e.attempt, Status::Succeeded, &e.outcome),
+            Event::StepFailed(e) => {
+                let status = if e.outcome.timed_out { Status::TimedOut } else { Status::Failed };
+                self.finish_step(tenant, run, &e.step, e.attempt, status, &e.outcome)
+            }
+            // The attempt ends; steps: status = 'queued', exit_code, output, output_truncated,
+            // error, retry_at = the retry's time
+            Event::StepAttemptFailed(e) => {
+                let status = if e.outcome.timed_out { Status::TimedOut } else { Status::Failed };
+                self.finish_attempt(tenant, run, &e.step, e.attempt, status, &e.outcome);
+                if let Some(s) = self.step(tenant, run, &e.step) {
+                    s.status = "queued".into();
+                    s.exit_code = e.outcome.exit_code;
+                    s.output = Some(e.outcome.output.clone());
+                    s.output_truncated = e.outcome.output_truncated;
+                    s.error = e.outcome.error.clone();
+                    s.retry_at = Some(e.retry_at);
+                }
+            }
+            // steps: status = 'cancelled', reason, finished_at = at, retry_at and wait_reason
+            // NULL; its running attempts: status = 'cancelled', finished_at = at
+            Event::StepCancelled(e) => {
+                if let Some(s) = self.step(tenant, run, &e.step) {
+                    s.status = "cancelled".into();
+                    s.reason = Some(e.reason.clone());
+                    s.finished_at = Some(at);
+                    s.retry_at = None;
+                    s.wait_reason = None;
+                }
+                let step = (tenant.to_string(), run, e.step.clone());
+                for n in self.attempts_of.get(&step).cloned().unwrap_or_default() {
+                    let key = (step.0.clone(), run, step.2.clone(), n);
+                    if let Some(a) = self.attempts.get_mut(&key).map(|s| &mut s.row).filter(|a| a.status == "running") {
+                        a.status = "cancelled".into();
+                        a.finished_at = Some(at);
+                    }
+                }
+            }
+            // runs: cancel_requested_at = at
+            Event::RunCancelRequested(_) => {
+                if let Some(r) = self.run(tenant, run) {
+                    r.cancel_requested_at = Some(at);
+                }
+            }
+            // steps: status = 'skipped', reason, finished_at = at, wait_reason = NULL
+            Event::StepSkipped(e) => {
+                if let Some(s) = self.step(tenant, run, &e.step) {
+                    s.status = "skipped".into();
+                    s.reason = Some(e.reason.clone());
+                    s.finished_at = Some(at);
+                    s.wait_reason = None;
+                }
+            }
+            // runs: status, finished_at = at, wait_reason = NULL; announced on commit
+            Event::RunSucceeded(e) | Event::RunFailed(e) | Event::RunCancelled(e) | Event::RunTimedOut(e) => {
+                let status = match env.event {
+                    Event::RunSucceeded(_) => Status::Succeeded,
+                    Event::RunFailed(_) => Status::Failed,
+                    Event::RunTimedOut(_) => Status::TimedOut,
+                    _ => Status::Cancelled,
+                };
+                if let Some(r) = self.run(tenant, e.run_id) {
+                    r.status = status.as_str().into();
+                    r.finished_at = Some(at);
+                    r.wait_reason = None;
+                }
+                self.ended.push(e.run_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The run's row and its steps' rows, each inserted unless there (ON CONFLICT DO NOTHING);
+    /// then each reused step: status = 'succeeded' with the reused outcome and its reason.
+    fn submit(&mut self, tenant: &str, e: &taskmesh_events::RunSubmitted, at: DateTime<Utc>, seq: i64) {
+        if let Entry::Vacant(vacant) = self.runs.entry((tenant.to_string(), e.run_id)) {
+            let new = NewRun {
+                workflow_name: e.workflow.name.clone(),
+                trigger: serde_json::to_value(&e.trigger).unwrap_or_default(),
+                inputs: serde_json::to_value(&e.inputs).unwrap_or_default(),
+                idempotency_key: e.idempotency_key.clone(),
+                created_at: at,
+                workflow_version: e.workflow_version.map(|v| v as i32),
+                priority: e.priority.or(e.workflow.priority).unwrap_or(0),
+                labels: serde_json::to_value(&e.labels).unwrap_or_default(),
+            };
+            let row = RunRow {
+                status: "queued".into(),
+                started_at: None,
+                finished_at: None,
+                last_seq: seq,
+                cancel_requested_at: None,
+                wait_reason: None,
+                new: Some(Box::new(new)),
+            };
+            vacant.insert(Slot { stored: false, before: None, row });
+        }
+        for (position, step) in e.workflow.steps.iter().enumerate() {
+            let Entry::Vacant(vacant) = self.steps.entry((tenant.to_string(), e.run_id, step.id.clone())) else {
+                continue;
+            };
+            let kind = match step.kind() {
+                Some("uses") | None => "builtin",
+                Some(k) => k,
+            };
+            let row = StepRow {
+                status: "queued".into(),
+                attempts: 0,
+                exit_code: None,
+                output: None,
+                output_truncated: false,
+                error: None,
+                reason: None,
+                started_at: None,
+                finished_at: None,
+                outputs: Value::Object(Default::default()),
+                retry_at: None,
+                wait_reason: None,
+                new: Some((position as i32, kind.to_string(), step.needs.join(","))),
+            };
+            vacant.insert(Slot { stored: false, before: None, row });
+        }
+        for (id, reused) in &e.reused {
+            if let Some(s) = self.step(tenant, e.run_id, id) {
+                let o = &reused.outcome;
+                s.status = "succeeded".into();
+                s.exit_code = o.exit_code;
+                s.output = Some(o.output.clone());
+                s.output_truncated = o.output_truncated;
+                s.outputs = serde_json::to_value(&o.outputs).unwrap_or_default();
+                s.reason = Some(format!("reused from run {}", reused.from_run));
+                s.started_at = Some(o.started_at);
+                s.finished_at = Some(o.finished_at);
+            }
+        }
+    }
+
+    fn start_run(&mut self, tenant: &str, run: Uuid, at: DateTime<Utc>) {
+        if let Some(r) = self.run(tenant, run).filter(|r| r.status == "queued") {
+            r.status = "running".into();
+            r.started_at = r.started_at.or(Some(at));
+            r.wait_reason = None;
+        }
+    }
+
+    /// steps: status, exit_code, output, output_truncated, error, wait_reason = NULL,
+    /// started_at = COALESCE(started_at, outcome's), finished_at, outputs, retry_at = NULL;
+    /// and the attempt ends.
+    fn finish_step(&mut self, tenant: &str, run: Uuid, step: &str, attempt: u32, status: Status, o: &StepOutcome) {
+        if let Some(s) = self.step(tenant, run, step) {
+            s.status = status.as_str().into();
+            s.exit_code = o.exit_code;
+            s.output = Some(o.output.clone());
+            s.output_truncated = o.output_truncated;
+            s.error = o.error.clone();
+            s.wait_reason = None;
+            s.started_at = s.started_at.or(Some(o.started_at));
+            s.finished_at = Some(o.finished_at);
+            s.outputs = serde_json::to_value(&o.outputs).unwrap_or_default();
+            s.retry_at = None;
+        }
+        self.finish_attempt(tenant, run, step, attempt, status, o);
+    }
+
+    /// attempt: status, exit_code, error, finished_at, outputs, unless it was lost.
+    fn finish_attempt(&mut self, tenant: &str, run: Uuid, step: &str, attempt: u32, status: Status, o: &StepOutcome) {
+        if let Some(a) = self.attempt(tenant, run, step, attempt).filter(|a| a.status != "lost") {
+            a.status = status.as_str().into();
+            a.exit_code = o.exit_code;
+            a.error = o.error.clone();
+            a.finished_at = Some(o.finished_at);
+            a.outputs = serde_json::to_value(&o.outputs).unwrap_or_default();
+        }
+    }
+
+    /// Writes what the batch changed: new rows in one `INSERT` per table, changed ones in one
+    /// `UPDATE` per table. Returns the runs that ended.
+    pub async fn write(self, tx: &mut Tx<'_>) -> Result<Vec<Uuid>, sqlx::Error> {
+        self.write_runs(tx).await?;
+        self.write_steps(tx).await?;
+        self.write_attempts(tx).await?;
+        Ok(self.ended)
+    }
+
+    async fn write_runs(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        let mut new = RunColumns::default();
+        let mut changed = RunColumns::default();
+        let (mut names, mut triggers, mut inputs, mut keys, mut created, mut versions, mut priorities, mut labels) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((tenant, id), slot) in &self.runs {
+            if slot.stored {
+                if slot.before.as_ref() != Some(&slot.row) {
+                    changed.push(tenant, *id, &slot.row);
+                }
+                continue;
+            }
+            let n = slot.row.new.as_ref().expect("a new run has its columns");
+            names.push(n.workflow_name.as_str());
+            triggers.push(Json(&n.trigger));
+            inputs.push(Json(&n.inputs));
+            keys.push(n.idempotency_key.as_deref());
+            created.push(n.created_at);
+            versions.push(n.workflow_version);
+            priorities.push(n.priority);
+            labels.push(Json(&n.labels));
+            new.push(tenant, *id, &slot.row);
+        }
+        if !new.ids.is_empty() {
+            sqlx::query(
+                "INSERT INTO runs (tenant_id, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason,
+                                   workflow_name, trigger, inputs, idempotency_key, created_at, workflow_version, priority, labels)
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+                                      $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::text[],
+                                      $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&new.tenants)
+            .bind(&new.ids)
+            .bind(&new.status)
+            .bind(&new.started_at)
+            .bind(&new.finished_at)
+            .bind(&new.last_seq)
+            .bind(&new.cancel_requested_at)
+            .bind(&new.wait_reason)
+            .bind(&names)
+            .bind(&triggers)
+            .bind(&inputs)
+            .bind(&keys)
+            .bind(&created)
+            .bind(&versions)
+            .bind(&priorities)
+            .bind(&labels)
+            .execute(&mut **tx)
+            .await?;
+        }
+        if !changed.ids.is_empty() {
+            sqlx::query(
+                "UPDATE runs r SET status = t.status, started_at = t.started_at, finished_at = t.finished_at,
+                        last_seq = t.last_seq, cancel_requested_at = t.cancel_requested_at, wait_reason = t.wait_reason
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+                             $7::timestamptz[], $8::text[])
+                      AS t(tenant, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason)
+                 WHERE r.tenant_id = t.tenant AND r.id = t.id",
+            )
+            .bind(&changed.tenants)
+            .bind(&changed.ids)
+            .bind(&changed.status)
+            .bind(&changed.started_at)
+            .bind(&changed.finished_at)
+            .bind(&changed.last_seq)
+            .bind(&changed.cancel_requested_at)
+            .bind(&changed.wait_reason)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_steps(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        let mut new = StepColumns::default();
+        let (mut positions, mut kinds, mut needs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut changed = StepColumns::default();
+        for (key, slot) in &self.steps {
+            if slot.stored {
+                if slot.before.as_ref() != Some(&slot.row) {
+                    changed.push(key, &slot.row);
+                }
+            } else {
+                let (position, kind, need) = slot.row.new.as_ref().expect("a new step has its columns");
+                positions.push(*position);
+                kinds.push(kind.as_str());
+                needs.push(need.as_str());
+                new.push(key, &slot.row);
+            }
+        }
+        if !new.tenants.is_empty() {
+            sqlx::query(
+                "INSERT INTO steps (tenant_id, run_id, step_id, status, attempts, exit_code, output, output_truncated, error,
+                                    reason, started_at, finished_at, outputs, retry_at, wait_reason, position, kind, needs)
+                 SELECT tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
+                        finished_at, outputs, retry_at, wait_reason, position, kind,
+                        CASE WHEN needs = '' THEN '{}'::text[] ELSE string_to_array(needs, ',') END
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
+                             $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::jsonb[], $14::timestamptz[],
+                             $15::text[], $16::int[], $17::text[], $18::text[])
+                      AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
+                           finished_at, outputs, retry_at, wait_reason, position, kind, needs)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&new.tenants)
+            .bind(&new.runs)
+            .bind(&new.steps)
+            .bind(&new.status)
+            .bind(&new.attempts)
+            .bind(&new.exit_code)
+            .bind(&new.output)
+            .bind(&new.output_truncated)
+            .bind(&new.error)
+            .bind(&new.reason)
+            .bind(&new.started_at)
+            .bind(&new.finished_at)
+            .bind(&new.outputs)
+            .bind(&new.retry_at)
+            .bind(&new.wait_reason)
+            .bind(&positions)
+            .bind(&kinds)
+            .bind(&needs)
+            .execute(&mut **tx)
+            .await?;
+        }
+        if !changed.tenants.is_empty() {
+            sqlx::query(
+                "UPDATE steps s SET status = t.status, attempts = t.attempts, exit_code = t.exit_code, output = t.output,
+                        output_truncated = t.output_truncated, error = t.error, reason = t.reason, started_at = t.started_at,
+                        finished_at = t.finished_at, outputs = t.outputs, retry_at = t.retry_at, wait_reason = t.wait_reason
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
+                             $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::jsonb[], $14::timestamptz[],
+                             $15::text[])
+                      AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
+                           finished_at, outputs, retry_at, wait_reason)
+                 WHERE s.tenant_id = t.tenant AND s.run_id = t.run AND s.step_id = t.step",
+            )
+            .bind(&changed.tenants)
+            .bind(&changed.runs)
+            .bind(&changed.steps)
+            .bind(&changed.status)
+            .bind(&changed.attempts)
+            .bind(&changed.exit_code)
+            .bind(&changed.output)
+            .bind(&changed.output_truncated)
+            .bind(&changed.error)
+            .bind(&changed.reason)
+            .bind(&changed.started_at)
+            .bind(&changed.finished_at)
+            .bind(&changed.outputs)
+            .bind(&changed.retry_at)
+            .bind(&changed.wait_reason)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_attempts(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        let mut new = AttemptColumns::default();
+        let (mut executors, mut started) = (Vec::new(), Vec::new());
+        let mut changed = AttemptColumns::default();
+        for (key, slot) in &self.attempts {
+            if slot.stored {
+                if slot.before.as_ref() != Some(&slot.row) {
+                    changed.push(key, &slot.row);
+                }
+            } else {
+                let (executor, at) = slot.row.new.as_ref().expect("a new attempt has its columns");
+                executors.push(executor.as_str());
+                started.push(*at);
+                new.push(key, &slot.row);
+            }
+        }
+        if !new.tenants.is_empty() {
+            sqlx::query(
+                "INSERT INTO step_attempts (tenant_id, run_id, step_id, attempt, status, exit_code, error, finished_at, outputs,
+                                            executor, started_at)
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
+                                      $8::timestamptz[], $9::jsonb[], $10::text[], $11::timestamptz[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&new.tenants)
+            .bind(&new.runs)
+            .bind(&new.steps)
+            .bind(&new.attempts)
+            .bind(&new.status)
+            .bind(&new.exit_code)
+            .bind(&new.error)
+            .bind(&new.finished_at)
+            .bind(&new.outputs)
+            .bind(&executors)
+            .bind(&started)
+            .execute(&mut **tx)
+            .await?;
+        }
+        if !changed.tenants.is_empty() {
+            sqlx::query(
+                "UPDATE step_attempts a SET status = t.status, exit_code = t.exit_code, error = t.error,
+                        finished_at = t.finished_at, outputs = t.outputs
+                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
+                             $8::timestamptz[], $9::jsonb[])
+                      AS t(tenant, run, step, attempt, status, exit_code, error, finished_at, outputs)
+                 WHERE a.tenant_id = t.tenant AND a.run_id = t.run AND a.step_id = t.step AND a.attempt = t.attempt",
+            )
+            .bind(&changed.tenants)
+            .bind(&changed.runs)
+            .bind(&changed.steps)
+            .bind(&changed.attempts)
+            .bind(&changed.status)
+            .bind(&changed.exit_code)
+            .bind(&changed.error)
+            .bind(&changed.finished_at)
+            .bind(&changed.outputs)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The rows `sql` selects for step keys, given as `UNNEST($1::text[], $2::uuid[], $3::text[])`.
+async fn by_step(
+    tx: &mut Tx<'_>,
+    sql: &'static str,
+    keys: HashSet<StepKey>,
+) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+    let (mut tenants, mut runs, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for (t, r, s) in keys {
+        tenants.push(t);
+        runs.push(r);
+        ids.push(s);
+    }
+    sqlx::query(sql).bind(&tenants).bind(&runs).bind(&ids).fetch_all(&mut **tx).await
+}
+
+/// The columns a batch may change of `runs` rows, one array each, for `UNNEST`.
+#[derive(Default)]
+struct RunColumns<'a> {
+    tenants: Vec<&'a str>,
+    ids: Vec<Uuid>,
+    status: Vec<&'a str>,
+    started_at: Vec<Option<DateTime<Utc>>>,
+    finished_at: Vec<Option<DateTime<Utc>>>,
+    last_seq: Vec<i64>,
+    cancel_requested_at: Vec<Option<DateTime<Utc>>>,
+    wait_reason: Vec<Option<&'a str>>,
+}
+
+impl<'a> RunColumns<'a> {
+    fn push(&mut self, tenant: &'a str, id: Uuid, r: &'a RunRow) {
+        self.tenants.push(tenant);
+        self.ids.push(id);
+        self.status.push(&r.status);
+        self.started_at.push(r.started_at);
+        self.finished_at.push(r.finished_at);
+        self.last_seq.push(r.last_seq);
+        self.cancel_requested_at.push(r.cancel_requested_at);
+        self.wait_reason.push(r.wait_reason.as_deref());
+    }
+}
+
+/// The columns a batch may change of `steps` rows.
+#[derive(Default)]
+struct StepColumns<'a> {
+    tenants: Vec<&'a str>,
+    runs: Vec<Uuid>,
+    steps: Vec<&'a str>,
+    status: Vec<&'a str>,
+    attempts: Vec<i32>,
+    exit_code: Vec<Option<i32>>,
+    output: Vec<Option<&'a str>>,
+    output_truncated: Vec<bool>,
+    error: Vec<Option<&'a str>>,
+    reason: Vec<Option<&'a str>>,
+    started_at: Vec<Option<DateTime<Utc>>>,
+    finished_at: Vec<Option<DateTime<Utc>>>,
+    outputs: Vec<Json<&'a Value>>,
+    retry_at: Vec<Option<DateTime<Utc>>>,
+    wait_reason: Vec<Option<&'a str>>,
+}
+
+impl<'a> StepColumns<'a> {
+    fn push(&mut self, (tenant, run, step): &'a StepKey, s: &'a StepRow) {
+        self.tenants.push(tenant);
+        self.runs.push(*run);
+        self.steps.push(step);
+        self.status.push(&s.status);
+        self.attempts.push(s.attempts);
+        self.exit_code.push(s.exit_code);
+        self.output.push(s.output.as_deref());
+        self.output_truncated.push(s.output_truncated);
+        self.error.push(s.error.as_deref());
+        self.reason.push(s.reason.as_deref());
+        self.started_at.push(s.started_at);
+        self.finished_at.push(s.finished_at);
+        self.outputs.push(Json(&s.outputs));
+        self.retry_at.push(s.retry_at);
+        self.wait_reason.push(s.wait_reason.as_deref());
+    }
+}
+
+/// The columns a batch may change of `step_attempts` rows.
+#[derive(Default)]
+struct AttemptColumns<'a> {
+    tenants: Vec<&'a str>,
+    runs: Vec<Uuid>,
+    steps: Vec<&'a str>,
+    attempts: Vec<i32>,
+    status: Vec<&'a str>,
+    exit_code: Vec<Option<i32>>,
+    error: Vec<Option<&'a str>>,
+    finished_at: Vec<Option<DateTime<Utc>>>,
+    outputs: Vec<Json<&'a Value>>,
+}
+
+impl<'a> AttemptColumns<'a> {
+    fn push(&mut self, (tenant, run, step, attempt): &'a AttemptKey, a: &'a AttemptRow) {
+        self.tenants.push(tenant);
+        self.runs.push(*run);
+        self.steps.push(step);
+        self.attempts.push(*attempt);
+        self.status.push(&a.status);
+        self.exit_code.push(a.exit_code);
+        self.error.push(a.error.as_deref());
+        self.finished_at.push(a.finished_at);
+        self.outputs.push(Json(&a.outputs));
+    }
+}
