@@ -621,13 +621,15 @@ fn decode_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &
 /// [`COMMIT_MAX_EVENTS`] events and [`COMMIT_MAX_BYTES`] of JSON each (an event bigger than
 /// that alone goes alone), in order.
 pub fn commits(envelopes: &[Envelope]) -> Vec<&[Envelope]> {
+    // A commit of n envelopes is `[` + each envelope followed by `,` or `]`: one byte for the
+    // opening bracket, and each envelope's length plus one.
     let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
+    let (mut start, mut bytes) = (0, 1);
     for (i, envelope) in envelopes.iter().enumerate() {
         let size = serde_json::to_vec(envelope).map(|v| v.len()).unwrap_or(0) + 1;
         if i > start && (i - start >= COMMIT_MAX_EVENTS || bytes + size > COMMIT_MAX_BYTES) {
             out.push(&envelopes[start..i]);
-            (start, bytes) = (i, 0);
+            (start, bytes) = (i, 1);
         }
         bytes += size;
     }
@@ -695,6 +697,18 @@ mod tests {
             }
             let order: Vec<_> = cut.concat().into_iter().map(|e| e.id).collect();
             assert_eq!(order, long.iter().map(|e| e.id).collect::<Vec<_>>(), "nothing lost or reordered");
+        }
+        // Two events whose lengths plus separators fill a commit exactly go together; one byte
+        // more and they part, since the array's brackets count too.
+        for (extra, parts) in [(0, 1), (1, 2)] {
+            let mut pair = dispatched(2, 0);
+            let len = |e: &Envelope| serde_json::to_vec(e).unwrap().len();
+            let fill = COMMIT_MAX_BYTES - 3 - len(&pair[0]) - len(&pair[1]) + extra;
+            if let Event::StepDispatched(d) = &mut pair[1].event {
+                d.step.push_str(&"x".repeat(fill));
+            }
+            assert_eq!(Commit::to_json(&pair).len(), COMMIT_MAX_BYTES + extra);
+            assert_eq!(commits(&pair).len(), parts, "a pair {extra} byte(s) over the bound");
         }
         // An event bigger than a commit may be goes alone.
         let huge = dispatched(3, COMMIT_MAX_BYTES);
