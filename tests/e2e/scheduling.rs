@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use taskmesh_bus::BusError;
-use taskmesh_events::{Event, EventMeta, RunKey};
+use taskmesh_events::command::{Lease, LeaseDecision, ReportAck, ResultReport};
+use taskmesh_events::{Event, EventMeta, RunKey, StepOutcome};
+use taskmesh_scheduler::state::StepPhase;
 use taskmesh_scheduler::{RunState, Scheduler};
 
 use crate::helpers::*;
@@ -25,14 +27,36 @@ async fn racing_replicas_conflict_and_the_loser_redecides_to_nothing() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
     let id = tm.submit("name: race\nsteps:\n  - {id: a, run: 'true'}\n  - {id: b, needs: [a], run: 'true'}\n").await;
     let key = RunKey { tenant: "default".into(), run_id: id };
+    let subject = tm.bus.namespace().run(&key);
+    let meta = EventMeta::new("default");
+    // Ingest took the first decision with the submission: `a` is dispatched, nothing is left.
+    let first = load(&tm, &key).await;
+    assert!(first.step("a").is_some_and(|s| s.phase == StepPhase::Dispatched));
+    assert!(first.decide().is_empty(), "ingest dispatched `a` with the submission");
+    // `a` starts and succeeds (played by hand), so the next decision is `b`'s dispatch.
+    let lease = Lease { dispatch: 1, message: 1, delivery: 1 };
+    let (granted, started) = first.lease("a", lease, "x", 3);
+    assert!(matches!(granted, LeaseDecision::Granted { attempt: 1 }), "{granted:?}");
+    tm.bus.append_commit(first.last_seq, &[meta.envelope(subject.clone(), started[0].clone())]).await.unwrap();
+    let running = load(&tm, &key).await;
+    let report = ResultReport {
+        tenant: key.tenant.clone(),
+        run_id: id,
+        step: "a".into(),
+        lease,
+        succeeded: true,
+        outcome: StepOutcome { exit_code: Some(0), ..Default::default() },
+    };
+    let (ack, done) = running.report(&report);
+    assert!(matches!(ack, ReportAck::Recorded));
+    tm.bus.append_commit(running.last_seq, &[meta.envelope(subject.clone(), done[0].clone())]).await.unwrap();
+
     let (a, b) = (load(&tm, &key).await, load(&tm, &key).await);
     assert_eq!(a.last_seq, b.last_seq);
     let (da, db) = (a.decide(), b.decide());
     assert_eq!(da.len(), 1);
-    assert!(matches!(&da[0], Event::StepDispatched(d) if d.step == "a"));
+    assert!(matches!(&da[0], Event::StepDispatched(d) if d.step == "b"), "{da:?}");
     assert_eq!(da, db, "both replicas decide the same dispatch");
-    let subject = tm.bus.namespace().run(&key);
-    let meta = EventMeta::new("default");
     let (ea, eb) = (meta.envelope(subject.clone(), da[0].clone()), meta.envelope(subject.clone(), db[0].clone()));
     let (ra, rb) = tokio::join!(tm.bus.append(a.last_seq, &ea), tm.bus.append(b.last_seq, &eb));
     let conflicts = [&ra, &rb].iter().filter(|r| matches!(r, Err(BusError::Conflict { .. }))).count();
@@ -44,8 +68,16 @@ async fn racing_replicas_conflict_and_the_loser_redecides_to_nothing() {
         loser.apply(e.seq, &e.envelope.event);
     }
     assert!(loser.decide().is_empty(), "the loser re-decides to nothing");
-    let dispatched = tm.run_events(id).await.iter().filter(|e| e.type_name() == "StepDispatched").count();
-    assert_eq!(dispatched, 1);
+    let dispatched: Vec<String> = tm
+        .run_events(id)
+        .await
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::StepDispatched(d) => Some(d.step.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dispatched, ["a", "b"], "each step dispatched once");
     tm.finish().await;
 }
 

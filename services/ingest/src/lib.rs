@@ -6,6 +6,9 @@
 //! idempotency key is deduplicated by JetStream's `Nats-Msg-Id` within the duplicate window (and
 //! by the gateway's read model after it), creations guard on an empty subject.
 //!
+//! A run's `RunSubmitted` goes into the log with the run's first decision (the steps it can
+//! start at once), taken by the run aggregate the scheduler also uses (`taskmesh-run`).
+//!
 //! # Layout
 //! Everything is in this file: [`Ingest`] (the command handlers) and [`Ingest::run`].
 
@@ -22,6 +25,7 @@ use taskmesh_events::{
     ScheduleToggled, SecretDeleted, SecretSet, TenantCreated, Trigger, WebhookEndpointCreated, WebhookEndpointDeleted,
     WorkflowVersionStored, subjects::is_token,
 };
+use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -114,7 +118,7 @@ impl Ingest {
                 labels: cmd.labels,
             }),
         );
-        match self.bus.append(0, &envelope).await {
+        match self.append_submission(&key, envelope.clone()).await {
             Ok(seq) => Ok(RunAccepted { run_id, seq, duplicate: false }),
             Err(BusError::Conflict { .. }) if cmd.idempotency_key.is_some() => {
                 let seq = self.bus.first_seq(&envelope.subject).await?;
@@ -411,8 +415,47 @@ impl Ingest {
                 labels: original.labels,
             }),
         );
-        let seq = self.bus.append(0, &envelope).await?;
+        let seq = self.append_submission(&new_key, envelope).await?;
         Ok(RunAccepted { run_id, seq, duplicate: false })
+    }
+
+    /// Appends a new run's `RunSubmitted` to its (empty) subject together with the run's first
+    /// decision, which depends on nothing but the submission: the steps that can start at once
+    /// dispatched (or skipped, or failed on a template), and, for a run with nothing left to
+    /// do, its end. One commit, so the scheduler's first act on the run is to queue its steps,
+    /// not to append their dispatch. Returns the commit's sequence (the run's `seq`). A first
+    /// decision too big for one message goes on in further commits; should one of those fail,
+    /// the scheduler decides what is missing when it sees the first.
+    async fn append_submission(&self, key: &RunKey, submitted: taskmesh_events::Envelope) -> Result<u64, BusError> {
+        let mut envelopes = vec![submitted];
+        if let Some(mut state) = RunState::from_submitted(key.clone(), 0, &envelopes[0].event) {
+            let meta = EventMeta::caused_by(&envelopes[0]);
+            let subject = envelopes[0].subject.clone();
+            // A decision cascades within itself; a second round finds only a run's end.
+            for _ in 0..2 {
+                let decided = state.decide();
+                if decided.is_empty() {
+                    break;
+                }
+                for event in &decided {
+                    state.apply(0, event);
+                }
+                envelopes.extend(decided.into_iter().map(|e| meta.envelope(subject.clone(), e)));
+            }
+        }
+        let commits = taskmesh_bus::commits(&envelopes);
+        let seq = self.bus.append_commit(0, commits[0]).await?;
+        let mut last = seq;
+        for rest in &commits[1..] {
+            match self.bus.append_commit(last, rest).await {
+                Ok(s) => last = s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the rest of a run's first decision is left to the scheduler");
+                    break;
+                }
+            }
+        }
+        Ok(seq)
     }
 
     /// Asks for a run to be cancelled: appends `RunCancelRequested` after the run's last event

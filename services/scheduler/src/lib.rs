@@ -8,7 +8,8 @@
 //! cache of what the log says; a restarted scheduler rebuilds it from the log.
 //!
 //! # Layout
-//! - [`state`]: the run aggregate (`apply`, `decide`, `lease`, `report`).
+//! - [`state`]: the run aggregate (`apply`, `decide`, `lease`, `report`): the `taskmesh-run`
+//!   crate, which ingest shares.
 //! - `dispatch`: admission control: tenant limits, priorities, rate limits, concurrency
 //!   groups; one leader replica at a time.
 //! - `schedules`: cron schedules: arming ticks, handling each exactly once.
@@ -16,7 +17,7 @@
 
 mod dispatch;
 mod schedules;
-pub mod state;
+pub use taskmesh_run as state;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -1,10 +1,16 @@
-//! The run aggregate: state folded from a run's events ([`RunState::apply`], no decisions) and
-//! the decisions taken on it ([`RunState::decide`], [`RunState::lease`], [`RunState::report`]).
+//! The run aggregate: a run's state folded from its events ([`RunState::apply`], no
+//! decisions) and the decisions taken on it ([`RunState::decide`], [`RunState::lease`],
+//! [`RunState::report`], [`RunState::time_out`]). The scheduler keeps runs' states and appends
+//! their decisions; ingest takes a new run's first decision (the steps it can start at once) so
+//! it goes into the log with the `RunSubmitted` itself.
 //!
 //! Final status rules: a run past its `timeout_seconds` ends `timed_out`; a run whose
 //! cancellation was asked for ends `cancelled`; otherwise a
 //! run with a failed (or timed-out) step that does not `continue_on_error` ends `failed`;
 //! otherwise `succeeded`.
+//!
+//! # Layout
+//! - this file: [`RunState`] and [`StepState`], folding and deciding; `topological_order`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
