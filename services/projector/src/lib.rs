@@ -206,8 +206,18 @@ impl Projector {
     /// own, but only whole (rows and checkpoint are one transaction), and the projector finds
     /// out as above, replaying them from the log. The read models are derived data; the log is
     /// what must not lose a write.
+    ///
+    /// Its statements are planned for the keys they are given each time (`plan_cache_mode =
+    /// force_custom_plan`): a cached generic plan is made from the first few executions, when
+    /// the tables may be nearly empty, and kept until the tables are next analysed. Where
+    /// nothing analyses them (autovacuum off), such a plan joins a batch's keys against whole
+    /// tables, and a run's end took ever longer to reach the read side as they grew
+    /// (docs/benchmarks.md).
     pub async fn apply_batch(&self, events: &[Stored], committed: Option<u64>) -> anyhow::Result<u64> {
-        let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan")
+            .await?;
         let from = match committed {
             Some(c) => c,
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
