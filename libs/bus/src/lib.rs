@@ -5,7 +5,8 @@
 //!   together (one message, a [`taskmesh_events::Commit`]), with `Nats-Msg-Id` dedup and
 //!   expected-last-subject-sequence concurrency; a lost race is [`BusError::Conflict`]. Every
 //!   appended message also carries the sequence it expected in the `Tm-Prev-Seq` header, so a
-//!   reader can tell whether it saw every event of a subject in order.
+//!   reader can tell whether it saw every event of a subject in order. [`Bus::append_decision`]
+//!   appends a decision too long for one message as several commits in turn.
 //! - [`Bus::read_subject`] reads one aggregate's events back (an ephemeral consumer).
 //! - [`Bus::durable`] provisions durable pull consumers with explicit ack.
 //! - [`Bus::request`] and [`serve`] carry commands over core NATS request/reply.
@@ -99,6 +100,19 @@ impl Stored {
 pub const COMMIT_MAX_BYTES: usize = 256 * 1024;
 /// Most events one commit holds.
 pub const COMMIT_MAX_EVENTS: usize = 1_000;
+
+/// What [`Bus::append_decision`] got into the log.
+#[derive(Debug)]
+pub struct DecisionAppended {
+    /// The first commit's sequence, if any was appended.
+    pub first: Option<u64>,
+    /// The last commit's sequence (the expected one, if none was appended).
+    pub last: u64,
+    /// How many of the decision's events the appended commits hold, from its start.
+    pub events: usize,
+    /// Why it stopped short, if it did.
+    pub error: Option<BusError>,
+}
 
 /// The result of an append.
 #[derive(Debug, Clone, Copy)]
@@ -294,6 +308,27 @@ impl Bus {
     pub async fn append_commit(&self, expected: u64, envelopes: &[Envelope]) -> Result<u64> {
         let first = envelopes.first().ok_or_else(|| BusError::Nats("appending an empty commit".into()))?;
         Ok(self.append_message(Some(expected), envelopes, &first.id.to_string()).await?.seq)
+    }
+
+    /// Appends one decision's `envelopes` (all for one subject) after sequence `expected`, as
+    /// few commits as fit ([`commits`]), one after another, each expecting the one before.
+    /// Stops at the first failure; what was appended before it stands.
+    pub async fn append_decision(&self, expected: u64, envelopes: &[Envelope]) -> DecisionAppended {
+        let mut done = DecisionAppended { first: None, last: expected, events: 0, error: None };
+        for commit in commits(envelopes) {
+            match self.append_commit(done.last, commit).await {
+                Ok(seq) => {
+                    done.first.get_or_insert(seq);
+                    done.last = seq;
+                    done.events += commit.len();
+                }
+                Err(e) => {
+                    done.error = Some(e);
+                    break;
+                }
+            }
+        }
+        done
     }
 
     /// Appends one event with an explicit message id, and optionally without a sequence check.

@@ -25,6 +25,10 @@ use taskmesh_events::{
     StepFailed, StepOutcome, StepSkipped, StepStarted, StepSucceeded,
 };
 
+/// Rounds of follow-up decisions [`RunState::decide_ahead`] gathers into one decision (one is
+/// the rule: a decision's dispatches and skips cascade within it, and a run's end ends it).
+pub const FOLLOW_UPS: usize = 4;
+
 /// Where a step is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepPhase {
@@ -435,6 +439,30 @@ impl RunState {
             }
         }
         Ok(out)
+    }
+
+    /// Applies `events` (decided on this state, not yet appended) ahead of their append, then
+    /// decides what follows on the state they leave, applying it too, for up to
+    /// [`FOLLOW_UPS`] rounds. Returns `events` and what follows, in order: one decision's
+    /// worth, to append together. If the append fails, this state is ahead of the log: fold it
+    /// afresh.
+    pub fn decide_ahead(&mut self, events: Vec<Event>) -> Vec<Event> {
+        let seq = self.last_seq;
+        for event in &events {
+            self.apply(seq, event);
+        }
+        let mut all = events;
+        for _ in 0..FOLLOW_UPS {
+            let more = self.decide();
+            if more.is_empty() {
+                break;
+            }
+            for event in &more {
+                self.apply(seq, event);
+            }
+            all.extend(more);
+        }
+        all
     }
 
     /// What follows from the state: ready steps are dispatched (their conditions hold), blocked

@@ -431,31 +431,18 @@ impl Ingest {
         if let Some(mut state) = RunState::from_submitted(key.clone(), 0, &envelopes[0].event) {
             let meta = EventMeta::caused_by(&envelopes[0]);
             let subject = envelopes[0].subject.clone();
-            // A decision cascades within itself; a second round finds only a run's end.
-            for _ in 0..2 {
-                let decided = state.decide();
-                if decided.is_empty() {
-                    break;
-                }
-                for event in &decided {
-                    state.apply(0, event);
-                }
-                envelopes.extend(decided.into_iter().map(|e| meta.envelope(subject.clone(), e)));
-            }
+            let decided = state.decide_ahead(Vec::new());
+            envelopes.extend(decided.into_iter().map(|e| meta.envelope(subject.clone(), e)));
         }
-        let commits = taskmesh_bus::commits(&envelopes);
-        let seq = self.bus.append_commit(0, commits[0]).await?;
-        let mut last = seq;
-        for rest in &commits[1..] {
-            match self.bus.append_commit(last, rest).await {
-                Ok(s) => last = s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the rest of a run's first decision is left to the scheduler");
-                    break;
-                }
+        let done = self.bus.append_decision(0, &envelopes).await;
+        match (done.first, done.error) {
+            (Some(seq), None) => Ok(seq),
+            (Some(seq), Some(e)) => {
+                tracing::warn!(error = %e, "the rest of a run's first decision is left to the scheduler");
+                Ok(seq)
             }
+            (None, e) => Err(e.unwrap_or_else(|| BusError::Nats("nothing to append".into()))),
         }
-        Ok(seq)
     }
 
     /// Asks for a run to be cancelled: appends `RunCancelRequested` after the run's last event

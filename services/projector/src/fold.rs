@@ -29,6 +29,7 @@ type Tx<'a> = Transaction<'a, Postgres>;
 type RunKey = (String, Uuid);
 type StepKey = (String, Uuid, String);
 type AttemptKey = (String, Uuid, String, i32);
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 /// Whether an event belongs to a run (and is folded here rather than applied on its own).
 pub fn is_run_event(event: &Event) -> bool {
@@ -569,22 +570,16 @@ impl RunRows {
             new.push(tenant, *id, &slot.row);
         }
         if !new.ids.is_empty() {
-            sqlx::query(
-                "INSERT INTO runs (tenant_id, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason,
-                                   workflow_name, trigger, inputs, idempotency_key, created_at, workflow_version, priority, labels)
-                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
-                                      $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::text[],
-                                      $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[])
-                 ON CONFLICT DO NOTHING",
+            new.bind(
+                sqlx::query(
+                    "INSERT INTO runs (tenant_id, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason,
+                                       workflow_name, trigger, inputs, idempotency_key, created_at, workflow_version, priority, labels)
+                     SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+                                          $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::text[],
+                                          $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[])
+                     ON CONFLICT DO NOTHING",
+                )
             )
-            .bind(&new.tenants)
-            .bind(&new.ids)
-            .bind(&new.status)
-            .bind(&new.started_at)
-            .bind(&new.finished_at)
-            .bind(&new.last_seq)
-            .bind(&new.cancel_requested_at)
-            .bind(&new.wait_reason)
             .bind(&names)
             .bind(&triggers)
             .bind(&inputs)
@@ -597,22 +592,16 @@ impl RunRows {
             .await?;
         }
         if !changed.ids.is_empty() {
-            sqlx::query(
-                "UPDATE runs r SET status = t.status, started_at = t.started_at, finished_at = t.finished_at,
-                        last_seq = t.last_seq, cancel_requested_at = t.cancel_requested_at, wait_reason = t.wait_reason
-                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
-                             $7::timestamptz[], $8::text[])
-                      AS t(tenant, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason)
-                 WHERE r.tenant_id = t.tenant AND r.id = t.id",
+            changed.bind(
+                sqlx::query(
+                    "UPDATE runs r SET status = t.status, started_at = t.started_at, finished_at = t.finished_at,
+                            last_seq = t.last_seq, cancel_requested_at = t.cancel_requested_at, wait_reason = t.wait_reason
+                     FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+                                 $7::timestamptz[], $8::text[])
+                          AS t(tenant, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason)
+                     WHERE r.tenant_id = t.tenant AND r.id = t.id",
+                )
             )
-            .bind(&changed.tenants)
-            .bind(&changed.ids)
-            .bind(&changed.status)
-            .bind(&changed.started_at)
-            .bind(&changed.finished_at)
-            .bind(&changed.last_seq)
-            .bind(&changed.cancel_requested_at)
-            .bind(&changed.wait_reason)
             .execute(&mut **tx)
             .await?;
         }
@@ -637,34 +626,21 @@ impl RunRows {
             }
         }
         if !new.tenants.is_empty() {
-            sqlx::query(
-                "INSERT INTO steps (tenant_id, run_id, step_id, status, attempts, exit_code, output, output_truncated, error,
-                                    reason, started_at, finished_at, outputs, retry_at, wait_reason, position, kind, needs)
-                 SELECT tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
-                        finished_at, outputs, retry_at, wait_reason, position, kind,
-                        CASE WHEN needs = '' THEN '{}'::text[] ELSE string_to_array(needs, ',') END
-                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
-                             $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::jsonb[], $14::timestamptz[],
-                             $15::text[], $16::int[], $17::text[], $18::text[])
-                      AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
-                           finished_at, outputs, retry_at, wait_reason, position, kind, needs)
-                 ON CONFLICT DO NOTHING",
+            new.bind(
+                sqlx::query(
+                    "INSERT INTO steps (tenant_id, run_id, step_id, status, attempts, exit_code, output, output_truncated, error,
+                                        reason, started_at, finished_at, outputs, retry_at, wait_reason, position, kind, needs)
+                     SELECT tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
+                            finished_at, outputs, retry_at, wait_reason, position, kind,
+                            CASE WHEN needs = '' THEN '{}'::text[] ELSE string_to_array(needs, ',') END
+                     FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
+                                 $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::jsonb[], $14::timestamptz[],
+                                 $15::text[], $16::int[], $17::text[], $18::text[])
+                          AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
+                               finished_at, outputs, retry_at, wait_reason, position, kind, needs)
+                     ON CONFLICT DO NOTHING",
+                )
             )
-            .bind(&new.tenants)
-            .bind(&new.runs)
-            .bind(&new.steps)
-            .bind(&new.status)
-            .bind(&new.attempts)
-            .bind(&new.exit_code)
-            .bind(&new.output)
-            .bind(&new.output_truncated)
-            .bind(&new.error)
-            .bind(&new.reason)
-            .bind(&new.started_at)
-            .bind(&new.finished_at)
-            .bind(&new.outputs)
-            .bind(&new.retry_at)
-            .bind(&new.wait_reason)
             .bind(&positions)
             .bind(&kinds)
             .bind(&needs)
@@ -672,32 +648,19 @@ impl RunRows {
             .await?;
         }
         if !changed.tenants.is_empty() {
-            sqlx::query(
-                "UPDATE steps s SET status = t.status, attempts = t.attempts, exit_code = t.exit_code, output = t.output,
-                        output_truncated = t.output_truncated, error = t.error, reason = t.reason, started_at = t.started_at,
-                        finished_at = t.finished_at, outputs = t.outputs, retry_at = t.retry_at, wait_reason = t.wait_reason
-                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
-                             $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::jsonb[], $14::timestamptz[],
-                             $15::text[])
-                      AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
-                           finished_at, outputs, retry_at, wait_reason)
-                 WHERE s.tenant_id = t.tenant AND s.run_id = t.run AND s.step_id = t.step",
+            changed.bind(
+                sqlx::query(
+                    "UPDATE steps s SET status = t.status, attempts = t.attempts, exit_code = t.exit_code, output = t.output,
+                            output_truncated = t.output_truncated, error = t.error, reason = t.reason, started_at = t.started_at,
+                            finished_at = t.finished_at, outputs = t.outputs, retry_at = t.retry_at, wait_reason = t.wait_reason
+                     FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
+                                 $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::jsonb[], $14::timestamptz[],
+                                 $15::text[])
+                          AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
+                               finished_at, outputs, retry_at, wait_reason)
+                     WHERE s.tenant_id = t.tenant AND s.run_id = t.run AND s.step_id = t.step",
+                )
             )
-            .bind(&changed.tenants)
-            .bind(&changed.runs)
-            .bind(&changed.steps)
-            .bind(&changed.status)
-            .bind(&changed.attempts)
-            .bind(&changed.exit_code)
-            .bind(&changed.output)
-            .bind(&changed.output_truncated)
-            .bind(&changed.error)
-            .bind(&changed.reason)
-            .bind(&changed.started_at)
-            .bind(&changed.finished_at)
-            .bind(&changed.outputs)
-            .bind(&changed.retry_at)
-            .bind(&changed.wait_reason)
             .execute(&mut **tx)
             .await?;
         }
@@ -721,45 +684,31 @@ impl RunRows {
             }
         }
         if !new.tenants.is_empty() {
-            sqlx::query(
-                "INSERT INTO step_attempts (tenant_id, run_id, step_id, attempt, status, exit_code, error, finished_at, outputs,
-                                            executor, started_at)
-                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
-                                      $8::timestamptz[], $9::jsonb[], $10::text[], $11::timestamptz[])
-                 ON CONFLICT DO NOTHING",
+            new.bind(
+                sqlx::query(
+                    "INSERT INTO step_attempts (tenant_id, run_id, step_id, attempt, status, exit_code, error, finished_at, outputs,
+                                                executor, started_at)
+                     SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
+                                          $8::timestamptz[], $9::jsonb[], $10::text[], $11::timestamptz[])
+                     ON CONFLICT DO NOTHING",
+                )
             )
-            .bind(&new.tenants)
-            .bind(&new.runs)
-            .bind(&new.steps)
-            .bind(&new.attempts)
-            .bind(&new.status)
-            .bind(&new.exit_code)
-            .bind(&new.error)
-            .bind(&new.finished_at)
-            .bind(&new.outputs)
             .bind(&executors)
             .bind(&started)
             .execute(&mut **tx)
             .await?;
         }
         if !changed.tenants.is_empty() {
-            sqlx::query(
-                "UPDATE step_attempts a SET status = t.status, exit_code = t.exit_code, error = t.error,
-                        finished_at = t.finished_at, outputs = t.outputs
-                 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
-                             $8::timestamptz[], $9::jsonb[])
-                      AS t(tenant, run, step, attempt, status, exit_code, error, finished_at, outputs)
-                 WHERE a.tenant_id = t.tenant AND a.run_id = t.run AND a.step_id = t.step AND a.attempt = t.attempt",
+            changed.bind(
+                sqlx::query(
+                    "UPDATE step_attempts a SET status = t.status, exit_code = t.exit_code, error = t.error,
+                            finished_at = t.finished_at, outputs = t.outputs
+                     FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
+                                 $8::timestamptz[], $9::jsonb[])
+                          AS t(tenant, run, step, attempt, status, exit_code, error, finished_at, outputs)
+                     WHERE a.tenant_id = t.tenant AND a.run_id = t.run AND a.step_id = t.step AND a.attempt = t.attempt",
+                )
             )
-            .bind(&changed.tenants)
-            .bind(&changed.runs)
-            .bind(&changed.steps)
-            .bind(&changed.attempts)
-            .bind(&changed.status)
-            .bind(&changed.exit_code)
-            .bind(&changed.error)
-            .bind(&changed.finished_at)
-            .bind(&changed.outputs)
             .execute(&mut **tx)
             .await?;
         }
@@ -796,6 +745,18 @@ struct RunColumns<'a> {
 }
 
 impl<'a> RunColumns<'a> {
+    /// Binds the columns, in order, as the statement's first parameters.
+    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
+        q.bind(&self.tenants)
+            .bind(&self.ids)
+            .bind(&self.status)
+            .bind(&self.started_at)
+            .bind(&self.finished_at)
+            .bind(&self.last_seq)
+            .bind(&self.cancel_requested_at)
+            .bind(&self.wait_reason)
+    }
+
     fn push(&mut self, tenant: &'a str, id: Uuid, r: &'a RunRow) {
         self.tenants.push(tenant);
         self.ids.push(id);
@@ -829,6 +790,25 @@ struct StepColumns<'a> {
 }
 
 impl<'a> StepColumns<'a> {
+    /// Binds the columns, in order, as the statement's first parameters.
+    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
+        q.bind(&self.tenants)
+            .bind(&self.runs)
+            .bind(&self.steps)
+            .bind(&self.status)
+            .bind(&self.attempts)
+            .bind(&self.exit_code)
+            .bind(&self.output)
+            .bind(&self.output_truncated)
+            .bind(&self.error)
+            .bind(&self.reason)
+            .bind(&self.started_at)
+            .bind(&self.finished_at)
+            .bind(&self.outputs)
+            .bind(&self.retry_at)
+            .bind(&self.wait_reason)
+    }
+
     fn push(&mut self, (tenant, run, step): &'a StepKey, s: &'a StepRow) {
         self.tenants.push(tenant);
         self.runs.push(*run);
@@ -863,6 +843,19 @@ struct AttemptColumns<'a> {
 }
 
 impl<'a> AttemptColumns<'a> {
+    /// Binds the columns, in order, as the statement's first parameters.
+    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
+        q.bind(&self.tenants)
+            .bind(&self.runs)
+            .bind(&self.steps)
+            .bind(&self.attempts)
+            .bind(&self.status)
+            .bind(&self.exit_code)
+            .bind(&self.error)
+            .bind(&self.finished_at)
+            .bind(&self.outputs)
+    }
+
     fn push(&mut self, (tenant, run, step, attempt): &'a AttemptKey, a: &'a AttemptRow) {
         self.tenants.push(tenant);
         self.runs.push(*run);

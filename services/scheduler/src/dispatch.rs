@@ -195,6 +195,12 @@ struct Removals {
 }
 
 impl Removals {
+    /// Notes an entry as done with: it goes with the next purge below it, or on its own once
+    /// overdue.
+    fn done(&mut self, seq: u64) {
+        self.pending.insert(seq, Instant::now());
+    }
+
     /// What to remove now, given the oldest entry still held (`None`: nothing is): the sequence
     /// to purge below (if any done entry lies below it), and the entries above it that have
     /// waited past `after` for a purge, to delete one by one. Both leave `pending`.
@@ -414,18 +420,17 @@ impl Dispatcher {
 
     /// Forgets the held steps of a run that ended, deleting their READY entries.
     fn drop_run(&self, held: &mut Held, run: &CancelSignal) {
-        let now = Instant::now();
         let runs: Vec<u64> = held.runs.iter().filter(|(_, r)| r.run_id == run.run_id).map(|(k, _)| *k).collect();
         for seq in runs {
             held.runs.remove(&seq);
-            held.removals.pending.insert(seq, now);
+            held.removals.done(seq);
         }
         let Some(queue) = held.steps.get_mut(&run.tenant) else { return };
         let gone: Vec<(Reverse<i32>, u64)> =
             queue.iter().filter(|(_, s)| s.dispatch.run_id == run.run_id).map(|(k, _)| *k).collect();
         for k in &gone {
             queue.remove(k);
-            held.removals.pending.insert(k.1, now);
+            held.removals.done(k.1);
         }
     }
 
@@ -452,7 +457,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::error!(error = %e, seq, "undecodable READY entry; dropping it");
-                held.removals.pending.insert(seq, Instant::now());
+                held.removals.done(seq);
             }
         }
     }
@@ -622,8 +627,9 @@ impl Dispatcher {
             }
             sent.push((key, step.dispatch.step.id.clone(), step.dispatch.step.runs_on.clone()));
         }
-        let at = Instant::now();
-        held.removals.pending.extend(done.into_iter().map(|seq| (seq, at)));
+        for seq in done {
+            held.removals.done(seq);
+        }
         for (key, steps) in admitted {
             let _ = reports.try_send(Event2::new(key, Event::StepAdmitted(StepAdmitted { steps })));
         }
@@ -737,7 +743,7 @@ impl Dispatcher {
                     && last.envelope.event.is_run_terminal()
                 {
                     held.runs.remove(&seq);
-                    held.removals.pending.insert(seq, Instant::now());
+                    held.removals.done(seq);
                     continue;
                 }
             }
@@ -751,7 +757,7 @@ impl Dispatcher {
                 let admitted = Event::RunAdmitted(RunAdmitted { run_id });
                 append_to_run(&self.bus, &key, admitted, &format!("admit:{run_id}")).await?;
                 held.runs.remove(&seq);
-                held.removals.pending.insert(seq, Instant::now());
+                held.removals.done(seq);
                 continue;
             }
             // Later runs of a full group wait behind this one.
@@ -768,7 +774,7 @@ impl Dispatcher {
                         });
                         append_to_run(&self.bus, &key, event, &format!("skip:{run_id}")).await?;
                         held.runs.remove(&seq);
-                        held.removals.pending.insert(seq, Instant::now());
+                        held.removals.done(seq);
                         continue;
                     }
                     GroupPolicy::CancelInProgress => {

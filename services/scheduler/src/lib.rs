@@ -48,9 +48,6 @@ pub const TIMERS: &str = "timers";
 const TIMER_RECHECK: Duration = Duration::from_secs(300);
 /// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
 pub(crate) const MAX_CONFLICTS: usize = 16;
-/// Rounds of follow-up decisions gathered into one commit (one is the rule: a decision's
-/// dispatches and skips cascade within it, and a run's end ends it).
-const MAX_FOLLOW_UPS: usize = 4;
 
 /// A scheduler replica.
 #[derive(Clone)]
@@ -453,46 +450,22 @@ impl Scheduler {
         let subject = self.bus.namespace().run(key);
         let state = slot.state.as_mut().expect("committing to a cached run");
         let expected = state.last_seq;
-        // Applied ahead of the append (with the sequence they will follow), so the decision
-        // that follows is made on the state they leave; undone by a reload if the append fails.
-        for event in &events {
-            state.apply(expected, event);
-        }
-        let mut all = events;
-        for _ in 0..MAX_FOLLOW_UPS {
-            let more = state.decide();
-            if more.is_empty() {
-                break;
-            }
-            for event in &more {
-                state.apply(expected, event);
-            }
-            all.extend(more);
-        }
+        let all = state.decide_ahead(events);
         let envelopes: Vec<_> = all.iter().map(|e| meta.envelope(subject.clone(), e.clone())).collect();
-        let mut seq = expected;
-        let mut appended = 0;
-        for commit in taskmesh_bus::commits(&envelopes) {
-            match self.bus.append_commit(seq, commit).await {
-                Ok(s) => {
-                    seq = s;
-                    appended += commit.len();
+        let done = self.bus.append_decision(expected, &envelopes).await;
+        if let Some(e) = done.error {
+            slot.reload(&self.bus, key).await?;
+            return match e {
+                // A later commit conflicting means someone else appended meanwhile: what was
+                // appended stands; the rest is decided again on a fresh view.
+                BusError::Conflict { .. } if done.events > 0 => {
+                    self.enqueue_dispatched(slot, key, &all[..done.events], meta).await?;
+                    Ok(done.events.min(wanted))
                 }
-                Err(e) => {
-                    slot.reload(&self.bus, key).await?;
-                    return match e {
-                        // A later commit conflicting means someone else appended meanwhile:
-                        // what was appended stands; the rest is decided again on a fresh view.
-                        BusError::Conflict { .. } if appended > 0 => {
-                            self.enqueue_dispatched(slot, key, &all[..appended], meta).await?;
-                            Ok(appended.min(wanted))
-                        }
-                        e => Err(e),
-                    };
-                }
-            }
+                e => Err(e),
+            };
         }
-        slot.state.as_mut().expect("committed to a cached run").last_seq = seq;
+        slot.state.as_mut().expect("committed to a cached run").last_seq = done.last;
         self.enqueue_dispatched(slot, key, &all, meta).await?;
         Ok(wanted)
     }
