@@ -176,15 +176,17 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     let messages: Vec<Vec<taskmesh_bus::Stored>> = events.chunk_by(|a, b| a.seq == b.seq).map(|m| m.to_vec()).collect();
     assert!(messages.len() < events.len(), "some events were appended together, as commits");
     taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    // One event at a time, each batch reading its runs from the tables (a new cache each);
+    // then all at once; then in chunks, each batch handing its rows to the next in one cache.
     for m in &messages {
-        projector.apply_batch(m, None).await.unwrap();
+        projector.apply_batch(m, None, &mut Default::default()).await.unwrap();
     }
     let one_at_a_time = run_rows(dump(&tm.pool).await);
     assert_eq!(one_at_a_time.iter().filter(|r| r.starts_with("runs:")).count(), 8);
     assert!(one_at_a_time.iter().any(|r| r.starts_with("step_attempts:") && r.contains("\"attempt\":3")));
 
     taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
-    projector.apply_batch(&events, None).await.unwrap();
+    projector.apply_batch(&events, None, &mut Default::default()).await.unwrap();
     let gathered = run_rows(dump(&tm.pool).await);
     assert_eq!(gathered, one_at_a_time, "one batch writes what one event at a time writes");
 
@@ -194,9 +196,10 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     for size in [2, 3, 5, 7, 13] {
         taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
         let mut want = std::collections::BTreeMap::new();
+        let mut cache = taskmesh_projector::fold::RowCache::default();
         for chunk in messages.chunks(size) {
             let chunk: Vec<taskmesh_bus::Stored> = chunk.concat();
-            projector.apply_batch(&chunk, None).await.unwrap();
+            projector.apply_batch(&chunk, None, &mut cache).await.unwrap();
             want.extend(chunk.iter().map(|e| (run_of[&e.seq], e.seq as i64)));
             let have: std::collections::BTreeMap<uuid::Uuid, i64> =
                 sqlx::query_as::<_, (uuid::Uuid, i64)>("SELECT id, last_seq FROM runs")
@@ -207,6 +210,7 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
                     .collect();
             assert_eq!(have, want, "each run's last_seq after a batch of {size}");
         }
+        assert!(cache.is_empty(), "every run ended, and the cache keeps no ended run's rows");
         let chunked = run_rows(dump(&tm.pool).await);
         assert_eq!(chunked, one_at_a_time, "batches of {size} write what one event at a time writes");
     }
@@ -251,7 +255,7 @@ async fn a_projector_that_finds_its_committed_batches_lost_replays_them() {
     assert_eq!(tm.get_run(lost).await.0, 404, "the run's rows are gone");
     // A batch applied on top of a table behind what was committed refuses to commit.
     let projector = taskmesh_projector::Projector::new(tm.bus.clone(), tm.pool.clone());
-    let refused = projector.apply_batch(&[], Some(first + 1_000_000)).await;
+    let refused = projector.apply_batch(&[], Some(first + 1_000_000), &mut Default::default()).await;
     assert!(refused.is_err(), "a checkpoint behind the committed one is a loss");
     // With nothing new in the log, the idle projector finds the loss by itself.
     let back = tm.wait_run(lost, Duration::from_secs(30)).await;

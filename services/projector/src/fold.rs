@@ -1,7 +1,11 @@
 //! A batch's run events → the `runs`, `steps` and `step_attempts` rows, folded in memory: every
-//! row the batch touches is read once (one statement per table), changed by each event in log
-//! order exactly as the event's own statement would change it, and written once (one statement
-//! per table for new rows, one for changed ones).
+//! row the batch touches is read once, changed by each event in log order exactly as the
+//! event's own statement would change it, and written once (one statement per table for new
+//! rows, one for changed ones).
+//!
+//! Rows are read whole by run (the run's row, all its steps, all their attempts), and only for
+//! runs the [`RowCache`] does not hold: the projector keeps the rows of the runs its batches
+//! left running, so a run's events after its submission cost writes and no reads.
 //!
 //! A one-step run is eight row writes when its events come one per batch (its run row
 //! inserted, started and ended; its step inserted, started and finished; its attempt inserted
@@ -65,27 +69,19 @@ fn run_of(stored: &Stored) -> Option<Uuid> {
     }
 }
 
-/// The step a step event touches: its id, whether its `steps` row changes, and whether its
-/// attempts may.
-fn step_touched(event: &Event) -> Option<(&str, bool, bool)> {
-    Some(match event {
-        Event::StepStarted(e) => (&e.step, true, true),
-        Event::StepSucceeded(e) => (&e.step, true, true),
-        Event::StepFailed(e) => (&e.step, true, true),
-        Event::StepAttemptFailed(e) => (&e.step, true, true),
-        Event::StepCancelled(e) => (&e.step, true, true),
-        Event::StepAttemptLost(e) => (&e.step, false, true),
-        Event::StepSkipped(e) => (&e.step, true, false),
-        _ => return None,
-    })
-}
-
 /// A row as the batch found it (`stored`: it is in the table) and as it leaves it.
 struct Slot<T> {
     stored: bool,
     /// What the table holds, for rows found there (to write only what changed).
     before: Option<T>,
     row: T,
+}
+
+impl<T: Clone> Slot<T> {
+    /// A row as the table holds it.
+    fn stored(row: T) -> Self {
+        Slot { stored: true, before: Some(row.clone()), row }
+    }
 }
 
 /// What the batch may change of a `runs` row, and, for a row the batch inserts, the rest.
@@ -141,6 +137,91 @@ struct AttemptRow {
     new: Option<(String, DateTime<Utc>)>,
 }
 
+/// Most bytes (roughly counted) of rows [`RowCache`] holds.
+pub const CACHE_BYTES: usize = 32 << 20;
+
+/// The rows of runs not yet ended, as the projector's committed batches left them, so that a
+/// batch reads from the tables only the runs it has not seen (after a start, or evicted): a
+/// run's later events are then one write per table and no read. It is valid only while this
+/// projector alone writes these tables and every batch it holds rows for committed; a
+/// projector that fails starts over with an empty one (see `Projector::run`). Bounded by
+/// [`CACHE_BYTES`]: past it, runs are dropped (and read again when next touched).
+#[derive(Default)]
+pub struct RowCache {
+    runs: HashMap<RunKey, CachedRun>,
+    bytes: usize,
+}
+
+/// One run's rows: its own, all its steps', all their attempts'.
+struct CachedRun {
+    run: RunRow,
+    steps: Vec<(String, StepRow)>,
+    attempts: Vec<((String, i32), AttemptRow)>,
+}
+
+impl CachedRun {
+    fn new(run: RunRow) -> Self {
+        CachedRun { run, steps: Vec::new(), attempts: Vec::new() }
+    }
+
+    /// Roughly the bytes it holds.
+    fn bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let steps: usize = self
+            .steps
+            .iter()
+            .map(|(id, s)| 160 + id.len() + text(&s.output) + text(&s.error) + text(&s.reason) + json_bytes(&s.outputs))
+            .sum();
+        let attempts: usize =
+            self.attempts.iter().map(|((id, _), a)| 96 + id.len() + text(&a.error) + json_bytes(&a.outputs)).sum();
+        128 + text(&self.run.wait_reason) + steps + attempts
+    }
+}
+
+/// Roughly the bytes a JSON value holds.
+fn json_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => 24 + s.len(),
+        Value::Array(a) => 24 + a.iter().map(json_bytes).sum::<usize>(),
+        Value::Object(o) => 24 + o.iter().map(|(k, v)| 24 + k.len() + json_bytes(v)).sum::<usize>(),
+        _ => 16,
+    }
+}
+
+impl RowCache {
+    /// How many runs it holds.
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    fn take(&mut self, key: &RunKey) -> Option<CachedRun> {
+        let run = self.runs.remove(key)?;
+        self.bytes -= run.bytes();
+        Some(run)
+    }
+
+    fn put(&mut self, key: RunKey, run: CachedRun) {
+        self.bytes += run.bytes();
+        if let Some(old) = self.runs.insert(key, run) {
+            self.bytes -= old.bytes();
+        }
+        if self.bytes > CACHE_BYTES {
+            // Down to three quarters, so that a full cache does not evict on every batch.
+            let victims: Vec<RunKey> = self.runs.keys().cloned().collect();
+            for key in victims {
+                if self.bytes <= CACHE_BYTES / 4 * 3 {
+                    break;
+                }
+                self.take(&key);
+            }
+        }
+    }
+}
+
 /// The run rows one batch touches.
 #[derive(Default)]
 pub struct RunRows {
@@ -154,114 +235,152 @@ pub struct RunRows {
 }
 
 impl RunRows {
-    /// Reads every row the batch's run events touch (`events` after the checkpoint only).
-    pub async fn load<'e>(tx: &mut Tx<'_>, events: impl Iterator<Item = &'e Stored>) -> Result<Self, sqlx::Error> {
-        let mut runs: HashSet<RunKey> = HashSet::new();
-        let mut steps: HashSet<StepKey> = HashSet::new();
-        let mut attempt_steps: HashSet<StepKey> = HashSet::new();
+    /// Reads every row of every run the batch's events touch (`events` after the checkpoint
+    /// only): from `cache` where it holds the run (taking it out), the rest from the tables,
+    /// each such run whole (its row, all its steps and all their attempts).
+    pub async fn load<'e>(
+        tx: &mut Tx<'_>,
+        events: impl Iterator<Item = &'e Stored>,
+        cache: &mut RowCache,
+    ) -> Result<Self, sqlx::Error> {
+        let mut rows = RunRows::default();
+        let mut missing: HashSet<RunKey> = HashSet::new();
         for stored in events.filter(|s| is_run_event(&s.envelope.event)) {
             let Some(run) = run_of(stored) else { continue };
-            let tenant = stored.envelope.tenant.clone();
-            runs.insert((tenant.clone(), run));
-            let step = |id: &str| (tenant.clone(), run, id.to_string());
-            match &stored.envelope.event {
-                Event::RunSubmitted(e) => steps.extend(e.workflow.steps.iter().map(|s| step(&s.id))),
-                Event::StepWaiting(taskmesh_events::StepWaiting { steps: ids, .. })
-                | Event::StepAdmitted(taskmesh_events::StepAdmitted { steps: ids }) => {
-                    steps.extend(ids.iter().map(|s| step(s)))
-                }
-                event => {
-                    let Some((id, row, attempts)) = step_touched(event) else { continue };
-                    if row {
-                        steps.insert(step(id));
-                    }
-                    if attempts {
-                        attempt_steps.insert(step(id));
-                    }
+            let key = (stored.envelope.tenant.clone(), run);
+            if rows.runs.contains_key(&key) || missing.contains(&key) {
+                continue;
+            }
+            match cache.take(&key) {
+                Some(cached) => rows.hold(key, cached),
+                None => {
+                    missing.insert(key);
                 }
             }
         }
-        let mut rows = RunRows::default();
-        if !runs.is_empty() {
-            let (tenants, ids): (Vec<String>, Vec<Uuid>) = runs.into_iter().unzip();
-            let found = sqlx::query(
-                "SELECT r.tenant_id, r.id, r.status, r.started_at, r.finished_at, r.last_seq, r.cancel_requested_at, r.wait_reason
-                 FROM runs r JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, id) ON r.tenant_id = k.tenant AND r.id = k.id",
-            )
-            .bind(&tenants)
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?;
-            for r in found {
-                let row = RunRow {
-                    status: r.get("status"),
-                    started_at: r.get("started_at"),
-                    finished_at: r.get("finished_at"),
-                    last_seq: r.get("last_seq"),
-                    cancel_requested_at: r.get("cancel_requested_at"),
-                    wait_reason: r.get("wait_reason"),
-                    new: None,
-                };
-                rows.runs
-                    .insert((r.get("tenant_id"), r.get("id")), Slot { stored: true, before: Some(row.clone()), row });
-            }
+        if missing.is_empty() {
+            return Ok(rows);
         }
-        if !steps.is_empty() {
-            let found = by_step(
-                tx,
-                "SELECT s.tenant_id, s.run_id, s.step_id, s.status, s.attempts, s.exit_code, s.output, s.output_truncated,
-                        s.error, s.reason, s.started_at, s.finished_at, s.outputs, s.retry_at, s.wait_reason
-                 FROM steps s JOIN UNNEST($1::text[], $2::uuid[], $3::text[]) AS k(tenant, run, step)
-                   ON s.tenant_id = k.tenant AND s.run_id = k.run AND s.step_id = k.step",
-                steps,
-            )
-            .await?;
-            for r in found {
-                let row = StepRow {
-                    status: r.get("status"),
-                    attempts: r.get("attempts"),
-                    exit_code: r.get("exit_code"),
-                    output: r.get("output"),
-                    output_truncated: r.get("output_truncated"),
-                    error: r.get("error"),
-                    reason: r.get("reason"),
-                    started_at: r.get("started_at"),
-                    finished_at: r.get("finished_at"),
-                    outputs: r.get::<Json<Value>, _>("outputs").0,
-                    retry_at: r.get("retry_at"),
-                    wait_reason: r.get("wait_reason"),
-                    new: None,
-                };
-                let key = (r.get("tenant_id"), r.get("run_id"), r.get("step_id"));
-                rows.steps.insert(key, Slot { stored: true, before: Some(row.clone()), row });
-            }
+        let (tenants, ids): (Vec<String>, Vec<Uuid>) = missing.into_iter().unzip();
+        let found = by_runs(
+            tx,
+            "SELECT r.tenant_id, r.id, r.status, r.started_at, r.finished_at, r.last_seq, r.cancel_requested_at, r.wait_reason
+             FROM runs r JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, id) ON r.tenant_id = k.tenant AND r.id = k.id",
+            &tenants,
+            &ids,
+        )
+        .await?;
+        // Steps and attempts only of runs the table holds (none, for a batch of new runs).
+        let (mut tenants, mut ids) = (Vec::new(), Vec::new());
+        for r in found {
+            let row = RunRow {
+                status: r.get("status"),
+                started_at: r.get("started_at"),
+                finished_at: r.get("finished_at"),
+                last_seq: r.get("last_seq"),
+                cancel_requested_at: r.get("cancel_requested_at"),
+                wait_reason: r.get("wait_reason"),
+                new: None,
+            };
+            let key: RunKey = (r.get("tenant_id"), r.get("id"));
+            tenants.push(key.0.clone());
+            ids.push(key.1);
+            rows.runs.insert(key, Slot::stored(row));
         }
-        if !attempt_steps.is_empty() {
-            let found = by_step(
-                tx,
-                "SELECT a.tenant_id, a.run_id, a.step_id, a.attempt, a.status, a.exit_code, a.error, a.finished_at, a.outputs
-                 FROM step_attempts a JOIN UNNEST($1::text[], $2::uuid[], $3::text[]) AS k(tenant, run, step)
-                   ON a.tenant_id = k.tenant AND a.run_id = k.run AND a.step_id = k.step",
-                attempt_steps,
-            )
-            .await?;
-            for r in found {
-                let row = AttemptRow {
-                    status: r.get("status"),
-                    exit_code: r.get("exit_code"),
-                    error: r.get("error"),
-                    finished_at: r.get("finished_at"),
-                    outputs: r.get::<Json<Value>, _>("outputs").0,
-                    new: None,
-                };
-                let step: StepKey = (r.get("tenant_id"), r.get("run_id"), r.get("step_id"));
-                let attempt: i32 = r.get("attempt");
-                rows.attempts_of.entry(step.clone()).or_default().push(attempt);
-                rows.attempts
-                    .insert((step.0, step.1, step.2, attempt), Slot { stored: true, before: Some(row.clone()), row });
-            }
+        if ids.is_empty() {
+            return Ok(rows);
+        }
+        let found = by_runs(
+            tx,
+            "SELECT s.tenant_id, s.run_id, s.step_id, s.status, s.attempts, s.exit_code, s.output, s.output_truncated,
+                    s.error, s.reason, s.started_at, s.finished_at, s.outputs, s.retry_at, s.wait_reason
+             FROM steps s JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, run)
+               ON s.tenant_id = k.tenant AND s.run_id = k.run",
+            &tenants,
+            &ids,
+        )
+        .await?;
+        for r in found {
+            let row = StepRow {
+                status: r.get("status"),
+                attempts: r.get("attempts"),
+                exit_code: r.get("exit_code"),
+                output: r.get("output"),
+                output_truncated: r.get("output_truncated"),
+                error: r.get("error"),
+                reason: r.get("reason"),
+                started_at: r.get("started_at"),
+                finished_at: r.get("finished_at"),
+                outputs: r.get::<Json<Value>, _>("outputs").0,
+                retry_at: r.get("retry_at"),
+                wait_reason: r.get("wait_reason"),
+                new: None,
+            };
+            rows.steps.insert((r.get("tenant_id"), r.get("run_id"), r.get("step_id")), Slot::stored(row));
+        }
+        let found = by_runs(
+            tx,
+            "SELECT a.tenant_id, a.run_id, a.step_id, a.attempt, a.status, a.exit_code, a.error, a.finished_at, a.outputs
+             FROM step_attempts a JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, run)
+               ON a.tenant_id = k.tenant AND a.run_id = k.run",
+            &tenants,
+            &ids,
+        )
+        .await?;
+        for r in found {
+            let row = AttemptRow {
+                status: r.get("status"),
+                exit_code: r.get("exit_code"),
+                error: r.get("error"),
+                finished_at: r.get("finished_at"),
+                outputs: r.get::<Json<Value>, _>("outputs").0,
+                new: None,
+            };
+            let key: AttemptKey = (r.get("tenant_id"), r.get("run_id"), r.get("step_id"), r.get("attempt"));
+            rows.add_attempt(key, Slot::stored(row));
         }
         Ok(rows)
+    }
+
+    /// Takes in a run's rows from the cache, as the table holds them.
+    fn hold(&mut self, (tenant, run): RunKey, cached: CachedRun) {
+        for (step, row) in cached.steps {
+            self.steps.insert((tenant.clone(), run, step), Slot::stored(row));
+        }
+        for ((step, attempt), row) in cached.attempts {
+            self.add_attempt((tenant.clone(), run, step, attempt), Slot::stored(row));
+        }
+        self.runs.insert((tenant, run), Slot::stored(cached.run));
+    }
+
+    fn add_attempt(&mut self, key: AttemptKey, slot: Slot<AttemptRow>) {
+        self.attempts_of.entry((key.0.clone(), key.1, key.2.clone())).or_default().push(key.3);
+        self.attempts.insert(key, slot);
+    }
+
+    /// Once the batch has committed: its rows as the table now holds them go into `cache`,
+    /// but for runs that ended (their rows change no more).
+    pub fn keep(self, cache: &mut RowCache) {
+        let ended: HashSet<Uuid> = self.ended.into_iter().collect();
+        let mut runs: HashMap<RunKey, CachedRun> = HashMap::new();
+        for ((tenant, run), slot) in self.runs {
+            if !ended.contains(&run) {
+                runs.insert((tenant, run), CachedRun::new(RunRow { new: None, ..slot.row }));
+            }
+        }
+        for ((tenant, run, step), slot) in self.steps {
+            if let Some(c) = runs.get_mut(&(tenant, run)) {
+                c.steps.push((step, StepRow { new: None, ..slot.row }));
+            }
+        }
+        for ((tenant, run, step, attempt), slot) in self.attempts {
+            if let Some(c) = runs.get_mut(&(tenant, run)) {
+                c.attempts.push(((step, attempt), AttemptRow { new: None, ..slot.row }));
+            }
+        }
+        for (key, run) in runs {
+            cache.put(key, run);
+        }
     }
 
     fn run(&mut self, tenant: &str, run: Uuid) -> Option<&mut RunRow> {
@@ -539,11 +658,11 @@ impl RunRows {
 
     /// Writes what the batch changed: new rows in one `INSERT` per table, changed ones in one
     /// `UPDATE` per table. Returns the runs that ended.
-    pub async fn write(self, tx: &mut Tx<'_>) -> Result<Vec<Uuid>, sqlx::Error> {
+    pub async fn write(&self, tx: &mut Tx<'_>) -> Result<&[Uuid], sqlx::Error> {
         self.write_runs(tx).await?;
         self.write_steps(tx).await?;
         self.write_attempts(tx).await?;
-        Ok(self.ended)
+        Ok(&self.ended)
     }
 
     async fn write_runs(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
@@ -716,19 +835,14 @@ impl RunRows {
     }
 }
 
-/// The rows `sql` selects for step keys, given as `UNNEST($1::text[], $2::uuid[], $3::text[])`.
-async fn by_step(
+/// The rows `sql` selects for runs, given as `UNNEST($1::text[], $2::uuid[])`.
+async fn by_runs(
     tx: &mut Tx<'_>,
     sql: &'static str,
-    keys: HashSet<StepKey>,
+    tenants: &[String],
+    ids: &[Uuid],
 ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
-    let (mut tenants, mut runs, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-    for (t, r, s) in keys {
-        tenants.push(t);
-        runs.push(r);
-        ids.push(s);
-    }
-    sqlx::query(sql).bind(&tenants).bind(&runs).bind(&ids).fetch_all(&mut **tx).await
+    sqlx::query(sql).bind(tenants).bind(ids).fetch_all(&mut **tx).await
 }
 
 /// The columns a batch may change of `runs` rows, one array each, for `UNNEST`.
@@ -866,5 +980,54 @@ impl<'a> AttemptColumns<'a> {
         self.error.push(a.error.as_deref());
         self.finished_at.push(a.finished_at);
         self.outputs.push(Json(&a.outputs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with_output(bytes: usize) -> CachedRun {
+        let run = RunRow {
+            status: "running".into(),
+            started_at: None,
+            finished_at: None,
+            last_seq: 1,
+            cancel_requested_at: None,
+            wait_reason: None,
+            new: None,
+        };
+        let step = StepRow {
+            status: "succeeded".into(),
+            attempts: 1,
+            exit_code: Some(0),
+            output: Some("x".repeat(bytes)),
+            output_truncated: false,
+            error: None,
+            reason: None,
+            started_at: None,
+            finished_at: None,
+            outputs: serde_json::json!({"k": "v"}),
+            retry_at: None,
+            wait_reason: None,
+            new: None,
+        };
+        CachedRun { run, steps: vec![("a".into(), step)], attempts: Vec::new() }
+    }
+
+    #[test]
+    fn the_row_cache_drops_runs_past_its_byte_bound_and_counts_what_it_holds() {
+        let mut cache = RowCache::default();
+        let each = run_with_output(64 * 1024).bytes();
+        let n = CACHE_BYTES / each * 2;
+        for _ in 0..n {
+            cache.put(("t".into(), Uuid::now_v7()), run_with_output(64 * 1024));
+            assert!(cache.bytes <= CACHE_BYTES, "{} bytes held", cache.bytes);
+        }
+        assert!(cache.len() < n && cache.len() >= CACHE_BYTES / 2 / each, "{} runs held", cache.len());
+        assert_eq!(cache.bytes, cache.runs.values().map(CachedRun::bytes).sum::<usize>());
+        let key = cache.runs.keys().next().cloned().unwrap();
+        assert!(cache.take(&key).is_some() && cache.take(&key).is_none(), "taken out once");
+        assert_eq!(cache.bytes, cache.runs.values().map(CachedRun::bytes).sum::<usize>());
     }
 }

@@ -132,6 +132,9 @@ impl Projector {
         let mut expected: Option<u64> = Some((checkpoint + 1).max(first));
         // What this consumer's batches have committed: the table must never be found behind it.
         let mut committed = Some(checkpoint);
+        // Rows of the runs this consumer's batches left running: valid while every batch
+        // commits (a failure ends this call, and the next starts with none).
+        let mut cache = fold::RowCache::default();
         loop {
             let mut events = Vec::new();
             let mut last = None;
@@ -187,7 +190,7 @@ impl Projector {
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
-            committed = Some(self.apply_batch(&events, committed).await?);
+            committed = Some(self.apply_batch(&events, committed, &mut cache).await?);
             last.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
         }
     }
@@ -207,13 +210,24 @@ impl Projector {
     /// out as above, replaying them from the log. The read models are derived data; the log is
     /// what must not lose a write.
     ///
+    /// `cache` holds the rows of runs earlier batches left running ([`fold::RowCache`]): the
+    /// batch reads from the tables only the runs it does not hold, and leaves the rows it
+    /// wrote in it once it has committed. Give it the same cache only for batches applied one
+    /// after another by this projector, with nothing else writing the run tables meanwhile (a
+    /// rebuild, say): after a failure or such a write, start a new one.
+    ///
     /// Its statements are planned for the keys they are given each time (`plan_cache_mode =
     /// force_custom_plan`): a cached generic plan is made from the first few executions, when
     /// the tables may be nearly empty, and kept until the tables are next analysed. Where
     /// nothing analyses them (autovacuum off), such a plan joins a batch's keys against whole
     /// tables, and a run's end took ever longer to reach the read side as they grew
     /// (docs/benchmarks.md).
-    pub async fn apply_batch(&self, events: &[Stored], committed: Option<u64>) -> anyhow::Result<u64> {
+    pub async fn apply_batch(
+        &self,
+        events: &[Stored],
+        committed: Option<u64>,
+        cache: &mut fold::RowCache,
+    ) -> anyhow::Result<u64> {
         let mut tx = self
             .pool
             .begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan")
@@ -226,7 +240,7 @@ impl Projector {
         // A commit's events share its sequence: each is applied, and the checkpoint moves to
         // the sequence once all of them are (a batch holds whole messages).
         let fresh = || events.iter().filter(|s| s.seq > from);
-        let mut runs = fold::RunRows::load(&mut tx, fresh()).await?;
+        let mut runs = fold::RunRows::load(&mut tx, fresh(), cache).await?;
         for stored in fresh() {
             if fold::is_run_event(&stored.envelope.event) {
                 runs.apply(stored);
@@ -236,7 +250,7 @@ impl Projector {
             checkpoint = checkpoint.max(stored.seq);
         }
         let ended = runs.write(&mut tx).await?;
-        if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, &ended).await? {
+        if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, ended).await? {
             drop(tx);
             let table = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
             lost_batches(table, from)?;
@@ -245,6 +259,7 @@ impl Projector {
             );
         }
         tx.commit().await?;
+        runs.keep(cache);
         Ok(checkpoint)
     }
 
