@@ -91,35 +91,137 @@ pub const RUN_ENDED_CHANNEL: &str = "taskmesh_run_ended";
 /// the revocation.
 pub const KEY_REVOKED_CHANNEL: &str = "taskmesh_key_revoked";
 
+/// The checkpoint's statement; its parameters are numbered after those of the writes that go
+/// with it in one statement ([`Alongside`]).
+const SET_CHECKPOINT: &str = "UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1 AND last_seq = $6
+     RETURNING pg_notify($3, projection || ':' || last_seq),
+               (SELECT count(pg_notify($4, run::text)) FROM UNNEST($5::uuid[]) AS run)";
+
+/// Writes sent in the same statement as a checkpoint's move ([`set_checkpoint`]), as
+/// data-modifying `WITH` parts before it: one round trip to Postgres for all of them. Each
+/// part is a statement of its own text, parameters numbered from `$1`, renumbered here to
+/// follow the ones before. The parts run on one snapshot and see nothing of each other's
+/// writes, so no two may touch the same row.
+#[derive(Default)]
+pub struct Alongside {
+    parts: Vec<String>,
+    args: sqlx::postgres::PgArguments,
+    params: usize,
+}
+
+impl Alongside {
+    /// Adds a write (`INSERT`, `UPDATE` or `DELETE` without `RETURNING`) whose parameters,
+    /// `$1` to `$n`, `bind` adds in order. An error (a value that does not encode, or a count
+    /// of values that is not `n`) leaves the writes unusable: drop them.
+    pub fn add(
+        &mut self,
+        sql: &str,
+        bind: impl FnOnce(&mut Binds<'_>) -> std::result::Result<(), sqlx::error::BoxDynError>,
+    ) -> Result<()> {
+        let before = self.params;
+        let mut binds = Binds { args: &mut self.args, added: 0 };
+        bind(&mut binds).map_err(sqlx::Error::Encode)?;
+        let added = binds.added;
+        let (sql, highest) = renumber(sql, before);
+        if highest != added {
+            return Err(sqlx::Error::Protocol(format!(
+                "a write alongside the checkpoint names {highest} parameters but {added} were bound"
+            ))
+            .into());
+        }
+        self.params += added;
+        self.parts.push(sql);
+        Ok(())
+    }
+
+    /// How many writes it holds.
+    pub fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+}
+
+/// Adds parameters to an [`Alongside`] write.
+pub struct Binds<'a> {
+    args: &'a mut sqlx::postgres::PgArguments,
+    added: usize,
+}
+
+impl Binds<'_> {
+    pub fn bind<'q, T>(&mut self, value: T) -> std::result::Result<&mut Self, sqlx::error::BoxDynError>
+    where
+        T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + 'q,
+    {
+        sqlx::Arguments::add(self.args, value)?;
+        self.added += 1;
+        Ok(self)
+    }
+}
+
+/// `sql` with each parameter `$n` made `$(n + offset)`, and the highest `n` it names.
+fn renumber(sql: &str, offset: usize) -> (String, usize) {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut highest = 0;
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..].bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            out.push('$');
+            rest = &rest[at + 1..];
+            continue;
+        }
+        let n: usize = rest[at + 1..at + 1 + digits].parse().expect("digits");
+        highest = highest.max(n);
+        out.push_str(&format!("${}", n + offset));
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    (out, highest)
+}
+
 /// Records that `projection` applied everything up to `seq`, provided its checkpoint is still
 /// `from`, and announces it on [`CHECKPOINT_CHANNEL`], and the end of each run in `ended` on
-/// [`RUN_ENDED_CHANNEL`], once the transaction commits. One statement; false (nothing written)
-/// when the checkpoint is not `from`, or has no row: someone else moved it, or Postgres lost
-/// what moved it there. The update locks the row, so of two transactions moving the same
-/// checkpoint on from the same place, the second finds it moved.
+/// [`RUN_ENDED_CHANNEL`], once the transaction commits. The `writes` go in the same statement,
+/// before it: one round trip for a batch's rows and its checkpoint. False when the checkpoint
+/// is not `from`, or has no row: someone else moved it, or Postgres lost what moved it there;
+/// the writes were made all the same, so the caller must roll the transaction back. The update
+/// locks the row, so of two transactions moving the same checkpoint on from the same place,
+/// the second finds it moved.
 pub async fn set_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     projection: &str,
     from: u64,
     seq: u64,
     ended: &[uuid::Uuid],
+    writes: Alongside,
 ) -> Result<bool> {
-    let moved = sqlx::query(
-        "UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1 AND last_seq = $6
-         RETURNING pg_notify($3, projection || ':' || last_seq),
-                   (SELECT count(pg_notify($4, run::text)) FROM UNNEST($5::uuid[]) AS run)",
-    )
-    .bind(projection)
-    .bind(seq as i64)
-    .bind(CHECKPOINT_CHANNEL)
-    .bind(RUN_ENDED_CHANNEL)
-    .bind(ended)
-    .bind(from as i64)
-    .execute(&mut **tx)
-    .await?;
+    let Alongside { parts, mut args, params } = writes;
+    let mut binds = Binds { args: &mut args, added: 0 };
+    let bound = (|| {
+        binds
+            .bind(projection)?
+            .bind(seq as i64)?
+            .bind(CHECKPOINT_CHANNEL)?
+            .bind(RUN_ENDED_CHANNEL)?
+            .bind(ended)?
+            .bind(from as i64)?;
+        Ok::<_, sqlx::error::BoxDynError>(())
+    })();
+    bound.map_err(sqlx::Error::Encode)?;
+    let (checkpoint, _) = renumber(SET_CHECKPOINT, params);
+    let sql = if parts.is_empty() {
+        checkpoint
+    } else {
+        let with: Vec<String> = parts.iter().enumerate().map(|(i, p)| format!("w{i} AS ({p})")).collect();
+        format!("WITH {} {checkpoint}", with.join(", "))
+    };
+    let moved = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut **tx).await?;
     Ok(moved.rows_affected() == 1)
 }
-
 /// Creates `projection`'s checkpoint at 0 if it has none (a new database, or after a rebuild),
 /// so that [`set_checkpoint`] finds a row to move on.
 pub async fn ensure_checkpoint(pool: &PgPool, projection: &str) -> Result<()> {
@@ -450,6 +552,35 @@ pub async fn reset_read_models(pool: &PgPool, projection: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_alongside_a_checkpoint_are_numbered_after_the_ones_before() {
+        assert_eq!(
+            renumber("UPDATE t SET a = $1 WHERE b = $12 AND c = '$x'", 6),
+            ("UPDATE t SET a = $7 WHERE b = $18 AND c = '$x'".into(), 12)
+        );
+        let mut writes = Alongside::default();
+        writes
+            .add("INSERT INTO t SELECT * FROM UNNEST($1::int[], $2::text[])", |b| {
+                b.bind(vec![1])?.bind(vec!["a"])?;
+                Ok(())
+            })
+            .unwrap();
+        writes
+            .add("DELETE FROM t WHERE a = $1", |b| {
+                b.bind(1)?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(writes.params, 3);
+        assert_eq!(writes.parts[1], "DELETE FROM t WHERE a = $3");
+        let mismatched = writes.add("DELETE FROM t WHERE a = $1 OR a = $2", |b| {
+            b.bind(1)?;
+            Ok(())
+        });
+        assert!(mismatched.is_err(), "a write naming more parameters than it binds is refused");
+        assert_eq!(writes.len(), 2);
+    }
 
     #[test]
     fn a_cached_key_serves_until_its_revocation_is_heard() {

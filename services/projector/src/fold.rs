@@ -27,13 +27,14 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use taskmesh_bus::Stored;
 use taskmesh_events::{Event, Status, StepOutcome};
+use taskmesh_store::{Alongside, Binds, StoreError};
 use uuid::Uuid;
 
 type Tx<'a> = Transaction<'a, Postgres>;
 type RunKey = (String, Uuid);
 type StepKey = (String, Uuid, String);
 type AttemptKey = (String, Uuid, String, i32);
-type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+type BoxDynError = sqlx::error::BoxDynError;
 
 /// Whether an event belongs to a run (and is folded here rather than applied on its own).
 pub fn is_run_event(event: &Event) -> bool {
@@ -656,16 +657,17 @@ impl RunRows {
         }
     }
 
-    /// Writes what the batch changed: new rows in one `INSERT` per table, changed ones in one
-    /// `UPDATE` per table. Returns the runs that ended.
-    pub async fn write(&self, tx: &mut Tx<'_>) -> Result<&[Uuid], sqlx::Error> {
-        self.write_runs(tx).await?;
-        self.write_steps(tx).await?;
-        self.write_attempts(tx).await?;
+    /// Adds to `writes` what the batch changed: new rows in one `INSERT` per table, changed
+    /// ones in one `UPDATE` per table (each table's new and changed rows are different rows,
+    /// as one statement needs). Returns the runs that ended.
+    pub fn write(&self, writes: &mut Alongside) -> Result<&[Uuid], StoreError> {
+        self.write_runs(writes)?;
+        self.write_steps(writes)?;
+        self.write_attempts(writes)?;
         Ok(&self.ended)
     }
 
-    async fn write_runs(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+    fn write_runs(&self, writes: &mut Alongside) -> Result<(), StoreError> {
         let mut new = RunColumns::default();
         let mut changed = RunColumns::default();
         let (mut names, mut triggers, mut inputs, mut keys, mut created, mut versions, mut priorities, mut labels) =
@@ -689,45 +691,37 @@ impl RunRows {
             new.push(tenant, *id, &slot.row);
         }
         if !new.ids.is_empty() {
-            new.bind(
-                sqlx::query(
-                    "INSERT INTO runs (tenant_id, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason,
+            writes.add(
+                "INSERT INTO runs (tenant_id, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason,
                                        workflow_name, trigger, inputs, idempotency_key, created_at, workflow_version, priority, labels)
                      SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
                                           $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::text[],
                                           $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[])
                      ON CONFLICT DO NOTHING",
-                )
-            )
-            .bind(&names)
-            .bind(&triggers)
-            .bind(&inputs)
-            .bind(&keys)
-            .bind(&created)
-            .bind(&versions)
-            .bind(&priorities)
-            .bind(&labels)
-            .execute(&mut **tx)
-            .await?;
+                |b| {
+                    new.bind(b)?.bind(&names)?.bind(&triggers)?.bind(&inputs)?.bind(&keys)?.bind(&created)?.bind(&versions)?.bind(&priorities)?.bind(&labels)?;
+                    Ok(())
+                },
+            )?;
         }
         if !changed.ids.is_empty() {
-            changed.bind(
-                sqlx::query(
-                    "UPDATE runs r SET status = t.status, started_at = t.started_at, finished_at = t.finished_at,
+            writes.add(
+                "UPDATE runs r SET status = t.status, started_at = t.started_at, finished_at = t.finished_at,
                             last_seq = t.last_seq, cancel_requested_at = t.cancel_requested_at, wait_reason = t.wait_reason
                      FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
                                  $7::timestamptz[], $8::text[])
                           AS t(tenant, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason)
                      WHERE r.tenant_id = t.tenant AND r.id = t.id",
-                )
-            )
-            .execute(&mut **tx)
-            .await?;
+                |b| {
+                    changed.bind(b)?;
+                    Ok(())
+                },
+            )?;
         }
         Ok(())
     }
 
-    async fn write_steps(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+    fn write_steps(&self, writes: &mut Alongside) -> Result<(), StoreError> {
         let mut new = StepColumns::default();
         let (mut positions, mut kinds, mut needs) = (Vec::new(), Vec::new(), Vec::new());
         let mut changed = StepColumns::default();
@@ -745,9 +739,8 @@ impl RunRows {
             }
         }
         if !new.tenants.is_empty() {
-            new.bind(
-                sqlx::query(
-                    "INSERT INTO steps (tenant_id, run_id, step_id, status, attempts, exit_code, output, output_truncated, error,
+            writes.add(
+                "INSERT INTO steps (tenant_id, run_id, step_id, status, attempts, exit_code, output, output_truncated, error,
                                         reason, started_at, finished_at, outputs, retry_at, wait_reason, position, kind, needs)
                      SELECT tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
                             finished_at, outputs, retry_at, wait_reason, position, kind,
@@ -758,18 +751,15 @@ impl RunRows {
                           AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
                                finished_at, outputs, retry_at, wait_reason, position, kind, needs)
                      ON CONFLICT DO NOTHING",
-                )
-            )
-            .bind(&positions)
-            .bind(&kinds)
-            .bind(&needs)
-            .execute(&mut **tx)
-            .await?;
+                |b| {
+                    new.bind(b)?.bind(&positions)?.bind(&kinds)?.bind(&needs)?;
+                    Ok(())
+                },
+            )?;
         }
         if !changed.tenants.is_empty() {
-            changed.bind(
-                sqlx::query(
-                    "UPDATE steps s SET status = t.status, attempts = t.attempts, exit_code = t.exit_code, output = t.output,
+            writes.add(
+                "UPDATE steps s SET status = t.status, attempts = t.attempts, exit_code = t.exit_code, output = t.output,
                             output_truncated = t.output_truncated, error = t.error, reason = t.reason, started_at = t.started_at,
                             finished_at = t.finished_at, outputs = t.outputs, retry_at = t.retry_at, wait_reason = t.wait_reason
                      FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::bool[],
@@ -778,15 +768,16 @@ impl RunRows {
                           AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
                                finished_at, outputs, retry_at, wait_reason)
                      WHERE s.tenant_id = t.tenant AND s.run_id = t.run AND s.step_id = t.step",
-                )
-            )
-            .execute(&mut **tx)
-            .await?;
+                |b| {
+                    changed.bind(b)?;
+                    Ok(())
+                },
+            )?;
         }
         Ok(())
     }
 
-    async fn write_attempts(&self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+    fn write_attempts(&self, writes: &mut Alongside) -> Result<(), StoreError> {
         let mut new = AttemptColumns::default();
         let (mut executors, mut started) = (Vec::new(), Vec::new());
         let mut changed = AttemptColumns::default();
@@ -803,33 +794,31 @@ impl RunRows {
             }
         }
         if !new.tenants.is_empty() {
-            new.bind(
-                sqlx::query(
-                    "INSERT INTO step_attempts (tenant_id, run_id, step_id, attempt, status, exit_code, error, finished_at, outputs,
+            writes.add(
+                "INSERT INTO step_attempts (tenant_id, run_id, step_id, attempt, status, exit_code, error, finished_at, outputs,
                                                 executor, started_at)
                      SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
                                           $8::timestamptz[], $9::jsonb[], $10::text[], $11::timestamptz[])
                      ON CONFLICT DO NOTHING",
-                )
-            )
-            .bind(&executors)
-            .bind(&started)
-            .execute(&mut **tx)
-            .await?;
+                |b| {
+                    new.bind(b)?.bind(&executors)?.bind(&started)?;
+                    Ok(())
+                },
+            )?;
         }
         if !changed.tenants.is_empty() {
-            changed.bind(
-                sqlx::query(
-                    "UPDATE step_attempts a SET status = t.status, exit_code = t.exit_code, error = t.error,
+            writes.add(
+                "UPDATE step_attempts a SET status = t.status, exit_code = t.exit_code, error = t.error,
                             finished_at = t.finished_at, outputs = t.outputs
                      FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
                                  $8::timestamptz[], $9::jsonb[])
                           AS t(tenant, run, step, attempt, status, exit_code, error, finished_at, outputs)
                      WHERE a.tenant_id = t.tenant AND a.run_id = t.run AND a.step_id = t.step AND a.attempt = t.attempt",
-                )
-            )
-            .execute(&mut **tx)
-            .await?;
+                |b| {
+                    changed.bind(b)?;
+                    Ok(())
+                },
+            )?;
         }
         Ok(())
     }
@@ -860,14 +849,14 @@ struct RunColumns<'a> {
 
 impl<'a> RunColumns<'a> {
     /// Binds the columns, in order, as the statement's first parameters.
-    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
-        q.bind(&self.tenants)
-            .bind(&self.ids)
-            .bind(&self.status)
-            .bind(&self.started_at)
-            .bind(&self.finished_at)
-            .bind(&self.last_seq)
-            .bind(&self.cancel_requested_at)
+    fn bind<'b, 'c>(&self, b: &'b mut Binds<'c>) -> Result<&'b mut Binds<'c>, BoxDynError> {
+        b.bind(&self.tenants)?
+            .bind(&self.ids)?
+            .bind(&self.status)?
+            .bind(&self.started_at)?
+            .bind(&self.finished_at)?
+            .bind(&self.last_seq)?
+            .bind(&self.cancel_requested_at)?
             .bind(&self.wait_reason)
     }
 
@@ -905,21 +894,21 @@ struct StepColumns<'a> {
 
 impl<'a> StepColumns<'a> {
     /// Binds the columns, in order, as the statement's first parameters.
-    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
-        q.bind(&self.tenants)
-            .bind(&self.runs)
-            .bind(&self.steps)
-            .bind(&self.status)
-            .bind(&self.attempts)
-            .bind(&self.exit_code)
-            .bind(&self.output)
-            .bind(&self.output_truncated)
-            .bind(&self.error)
-            .bind(&self.reason)
-            .bind(&self.started_at)
-            .bind(&self.finished_at)
-            .bind(&self.outputs)
-            .bind(&self.retry_at)
+    fn bind<'b, 'c>(&self, b: &'b mut Binds<'c>) -> Result<&'b mut Binds<'c>, BoxDynError> {
+        b.bind(&self.tenants)?
+            .bind(&self.runs)?
+            .bind(&self.steps)?
+            .bind(&self.status)?
+            .bind(&self.attempts)?
+            .bind(&self.exit_code)?
+            .bind(&self.output)?
+            .bind(&self.output_truncated)?
+            .bind(&self.error)?
+            .bind(&self.reason)?
+            .bind(&self.started_at)?
+            .bind(&self.finished_at)?
+            .bind(&self.outputs)?
+            .bind(&self.retry_at)?
             .bind(&self.wait_reason)
     }
 
@@ -958,15 +947,15 @@ struct AttemptColumns<'a> {
 
 impl<'a> AttemptColumns<'a> {
     /// Binds the columns, in order, as the statement's first parameters.
-    fn bind<'q>(&'q self, q: PgQuery<'q>) -> PgQuery<'q> {
-        q.bind(&self.tenants)
-            .bind(&self.runs)
-            .bind(&self.steps)
-            .bind(&self.attempts)
-            .bind(&self.status)
-            .bind(&self.exit_code)
-            .bind(&self.error)
-            .bind(&self.finished_at)
+    fn bind<'b, 'c>(&self, b: &'b mut Binds<'c>) -> Result<&'b mut Binds<'c>, BoxDynError> {
+        b.bind(&self.tenants)?
+            .bind(&self.runs)?
+            .bind(&self.steps)?
+            .bind(&self.attempts)?
+            .bind(&self.status)?
+            .bind(&self.exit_code)?
+            .bind(&self.error)?
+            .bind(&self.finished_at)?
             .bind(&self.outputs)
     }
 

@@ -249,8 +249,10 @@ impl Projector {
             }
             checkpoint = checkpoint.max(stored.seq);
         }
-        let ended = runs.write(&mut tx).await?;
-        if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, ended).await? {
+        // The rows and the checkpoint go in one statement: one round trip.
+        let mut writes = taskmesh_store::Alongside::default();
+        let ended = runs.write(&mut writes)?;
+        if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, ended, writes).await? {
             drop(tx);
             let table = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
             lost_batches(table, from)?;
