@@ -214,6 +214,13 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
         let chunked = run_rows(dump(&tm.pool).await);
         assert_eq!(chunked, one_at_a_time, "batches of {size} write what one event at a time writes");
     }
+
+    // A batch of run events is one statement outside a transaction; left from a checkpoint the
+    // table does not hold, it writes nothing (each write asks whether the checkpoint moved).
+    taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    let refused = projector.apply_batch(&events, Some(1), &mut Default::default()).await;
+    assert!(refused.is_err(), "the table holds no checkpoint 1");
+    assert!(run_rows(dump(&tm.pool).await).is_empty(), "nothing of a refused batch is written");
     tm.finish().await;
 }
 

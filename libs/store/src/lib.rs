@@ -94,14 +94,19 @@ pub const KEY_REVOKED_CHANNEL: &str = "taskmesh_key_revoked";
 /// The checkpoint's statement; its parameters are numbered after those of the writes that go
 /// with it in one statement ([`Alongside`]).
 const SET_CHECKPOINT: &str = "UPDATE projection_checkpoints SET last_seq = $2 WHERE projection = $1 AND last_seq = $6
-     RETURNING pg_notify($3, projection || ':' || last_seq),
-               (SELECT count(pg_notify($4, run::text)) FROM UNNEST($5::uuid[]) AS run)";
+     RETURNING pg_notify($3, projection || ':' || last_seq) AS moved,
+               (SELECT count(pg_notify($4, run::text)) FROM UNNEST($5::uuid[]) AS run) AS ended";
+
+/// Where a write alongside a checkpoint says it happens only if the checkpoint moves: a
+/// condition, written into its `WHERE` (see [`Alongside`]).
+pub const IF_MOVED: &str = "{if_checkpoint_moved}";
 
 /// Writes sent in the same statement as a checkpoint's move ([`set_checkpoint`]), as
 /// data-modifying `WITH` parts before it: one round trip to Postgres for all of them. Each
 /// part is a statement of its own text, parameters numbered from `$1`, renumbered here to
 /// follow the ones before. The parts run on one snapshot and see nothing of each other's
-/// writes, so no two may touch the same row.
+/// writes, so no two may touch the same row. Each part's `WHERE` holds [`IF_MOVED`], so that it
+/// writes nothing when the checkpoint does not move.
 #[derive(Default)]
 pub struct Alongside {
     parts: Vec<String>,
@@ -118,6 +123,7 @@ impl Alongside {
         sql: &str,
         bind: impl FnOnce(&mut Binds<'_>) -> std::result::Result<(), sqlx::error::BoxDynError>,
     ) -> Result<()> {
+        debug_assert!(sql.contains(IF_MOVED), "a write alongside a checkpoint names IF_MOVED: {sql}");
         let before = self.params;
         let mut binds = Binds { args: &mut self.args, added: 0 };
         bind(&mut binds).map_err(sqlx::Error::Encode)?;
@@ -185,14 +191,15 @@ fn renumber(sql: &str, offset: usize) -> (String, usize) {
 
 /// Records that `projection` applied everything up to `seq`, provided its checkpoint is still
 /// `from`, and announces it on [`CHECKPOINT_CHANNEL`], and the end of each run in `ended` on
-/// [`RUN_ENDED_CHANNEL`], once the transaction commits. The `writes` go in the same statement,
-/// before it: one round trip for a batch's rows and its checkpoint. False when the checkpoint
-/// is not `from`, or has no row: someone else moved it, or Postgres lost what moved it there;
-/// the writes were made all the same, so the caller must roll the transaction back. The update
-/// locks the row, so of two transactions moving the same checkpoint on from the same place,
-/// the second finds it moved.
+/// [`RUN_ENDED_CHANNEL`], once committed. The `writes` go in the same statement, each made only
+/// if the checkpoint moves (its [`IF_MOVED`] asks the checkpoint's `UPDATE`, a part of the
+/// same statement, whether it updated its row): one round trip for a batch's rows and its
+/// checkpoint, atomic by itself outside a transaction. False (nothing written) when the
+/// checkpoint is not `from`, or has no row: someone else moved it, or Postgres lost what moved
+/// it there. The update locks the row, so of two statements moving the same checkpoint on from
+/// the same place, the second finds it moved.
 pub async fn set_checkpoint(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut sqlx::PgConnection,
     projection: &str,
     from: u64,
     seq: u64,
@@ -212,16 +219,25 @@ pub async fn set_checkpoint(
         Ok::<_, sqlx::error::BoxDynError>(())
     })();
     bound.map_err(sqlx::Error::Encode)?;
-    let (checkpoint, _) = renumber(SET_CHECKPOINT, params);
-    let sql = if parts.is_empty() {
-        checkpoint
-    } else {
-        let with: Vec<String> = parts.iter().enumerate().map(|(i, p)| format!("w{i} AS ({p})")).collect();
-        format!("WITH {} {checkpoint}", with.join(", "))
-    };
-    let moved = sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut **tx).await?;
-    Ok(moved.rows_affected() == 1)
+    let sql = with_checkpoint(&parts, params);
+    let moved: i64 = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), args).fetch_one(conn).await?;
+    Ok(moved == 1)
 }
+
+/// The statement moving a checkpoint (its parameters numbered after the `params` of the
+/// writes) with the writes' `parts`, each asking whether it moved.
+fn with_checkpoint(parts: &[String], params: usize) -> String {
+    let (checkpoint, _) = renumber(SET_CHECKPOINT, params);
+    let mut with = vec![format!("checkpoint AS ({checkpoint})")];
+    with.extend(
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("w{i} AS ({})", p.replace(IF_MOVED, "EXISTS (SELECT 1 FROM checkpoint)"))),
+    );
+    format!("WITH {} SELECT count(*) FROM checkpoint", with.join(", "))
+}
+
 /// Creates `projection`'s checkpoint at 0 if it has none (a new database, or after a rebuild),
 /// so that [`set_checkpoint`] finds a row to move on.
 pub async fn ensure_checkpoint(pool: &PgPool, projection: &str) -> Result<()> {
@@ -561,25 +577,40 @@ mod tests {
         );
         let mut writes = Alongside::default();
         writes
-            .add("INSERT INTO t SELECT * FROM UNNEST($1::int[], $2::text[])", |b| {
+            .add("INSERT INTO t SELECT * FROM UNNEST($1::int[], $2::text[]) WHERE {if_checkpoint_moved}", |b| {
                 b.bind(vec![1])?.bind(vec!["a"])?;
                 Ok(())
             })
             .unwrap();
         writes
-            .add("DELETE FROM t WHERE a = $1", |b| {
+            .add("DELETE FROM t WHERE a = $1 AND {if_checkpoint_moved}", |b| {
                 b.bind(1)?;
                 Ok(())
             })
             .unwrap();
         assert_eq!(writes.params, 3);
-        assert_eq!(writes.parts[1], "DELETE FROM t WHERE a = $3");
-        let mismatched = writes.add("DELETE FROM t WHERE a = $1 OR a = $2", |b| {
+        assert_eq!(writes.parts[1], "DELETE FROM t WHERE a = $3 AND {if_checkpoint_moved}");
+        let mismatched = writes.add("DELETE FROM t WHERE (a = $1 OR a = $2) AND {if_checkpoint_moved}", |b| {
             b.bind(1)?;
             Ok(())
         });
         assert!(mismatched.is_err(), "a write naming more parameters than it binds is refused");
         assert_eq!(writes.len(), 2);
+    }
+
+    #[test]
+    fn a_checkpoint_guards_each_write_alongside_and_counts_its_row() {
+        let mut writes = Alongside::default();
+        writes
+            .add("DELETE FROM t WHERE a = $1 AND {if_checkpoint_moved}", |b| {
+                b.bind(1)?;
+                Ok(())
+            })
+            .unwrap();
+        let sql = with_checkpoint(&writes.parts, writes.params);
+        assert!(sql.starts_with("WITH checkpoint AS (UPDATE projection_checkpoints SET last_seq = $3"), "{sql}");
+        assert!(sql.contains("w0 AS (DELETE FROM t WHERE a = $1 AND EXISTS (SELECT 1 FROM checkpoint))"), "{sql}");
+        assert!(sql.ends_with("SELECT count(*) FROM checkpoint"), "{sql}");
     }
 
     #[test]

@@ -24,13 +24,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{PgConnection, Row};
 use taskmesh_bus::Stored;
 use taskmesh_events::{Event, Status, StepOutcome};
 use taskmesh_store::{Alongside, Binds, StoreError};
 use uuid::Uuid;
 
-type Tx<'a> = Transaction<'a, Postgres>;
 type RunKey = (String, Uuid);
 type StepKey = (String, Uuid, String);
 type AttemptKey = (String, Uuid, String, i32);
@@ -240,7 +239,7 @@ impl RunRows {
     /// only): from `cache` where it holds the run (taking it out), the rest from the tables,
     /// each such run whole (its row, all its steps and all their attempts).
     pub async fn load<'e>(
-        tx: &mut Tx<'_>,
+        conn: &mut PgConnection,
         events: impl Iterator<Item = &'e Stored>,
         cache: &mut RowCache,
     ) -> Result<Self, sqlx::Error> {
@@ -264,7 +263,7 @@ impl RunRows {
         }
         let (tenants, ids): (Vec<String>, Vec<Uuid>) = missing.into_iter().unzip();
         let found = by_runs(
-            tx,
+            conn,
             "SELECT r.tenant_id, r.id, r.status, r.started_at, r.finished_at, r.last_seq, r.cancel_requested_at, r.wait_reason
              FROM runs r JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, id) ON r.tenant_id = k.tenant AND r.id = k.id",
             &tenants,
@@ -292,7 +291,7 @@ impl RunRows {
             return Ok(rows);
         }
         let found = by_runs(
-            tx,
+            conn,
             "SELECT s.tenant_id, s.run_id, s.step_id, s.status, s.attempts, s.exit_code, s.output, s.output_truncated,
                     s.error, s.reason, s.started_at, s.finished_at, s.outputs, s.retry_at, s.wait_reason
              FROM steps s JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, run)
@@ -320,7 +319,7 @@ impl RunRows {
             rows.steps.insert((r.get("tenant_id"), r.get("run_id"), r.get("step_id")), Slot::stored(row));
         }
         let found = by_runs(
-            tx,
+            conn,
             "SELECT a.tenant_id, a.run_id, a.step_id, a.attempt, a.status, a.exit_code, a.error, a.finished_at, a.outputs
              FROM step_attempts a JOIN UNNEST($1::text[], $2::uuid[]) AS k(tenant, run)
                ON a.tenant_id = k.tenant AND a.run_id = k.run",
@@ -697,6 +696,7 @@ impl RunRows {
                      SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
                                           $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::text[],
                                           $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[])
+                     WHERE {if_checkpoint_moved}
                      ON CONFLICT DO NOTHING",
                 |b| {
                     new.bind(b)?.bind(&names)?.bind(&triggers)?.bind(&inputs)?.bind(&keys)?.bind(&created)?.bind(&versions)?.bind(&priorities)?.bind(&labels)?;
@@ -711,7 +711,7 @@ impl RunRows {
                      FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
                                  $7::timestamptz[], $8::text[])
                           AS t(tenant, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason)
-                     WHERE r.tenant_id = t.tenant AND r.id = t.id",
+                     WHERE r.tenant_id = t.tenant AND r.id = t.id AND {if_checkpoint_moved}",
                 |b| {
                     changed.bind(b)?;
                     Ok(())
@@ -750,6 +750,7 @@ impl RunRows {
                                  $15::text[], $16::int[], $17::text[], $18::text[])
                           AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
                                finished_at, outputs, retry_at, wait_reason, position, kind, needs)
+                     WHERE {if_checkpoint_moved}
                      ON CONFLICT DO NOTHING",
                 |b| {
                     new.bind(b)?.bind(&positions)?.bind(&kinds)?.bind(&needs)?;
@@ -767,7 +768,7 @@ impl RunRows {
                                  $15::text[])
                           AS t(tenant, run, step, status, attempts, exit_code, output, output_truncated, error, reason, started_at,
                                finished_at, outputs, retry_at, wait_reason)
-                     WHERE s.tenant_id = t.tenant AND s.run_id = t.run AND s.step_id = t.step",
+                     WHERE s.tenant_id = t.tenant AND s.run_id = t.run AND s.step_id = t.step AND {if_checkpoint_moved}",
                 |b| {
                     changed.bind(b)?;
                     Ok(())
@@ -799,6 +800,7 @@ impl RunRows {
                                                 executor, started_at)
                      SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
                                           $8::timestamptz[], $9::jsonb[], $10::text[], $11::timestamptz[])
+                     WHERE {if_checkpoint_moved}
                      ON CONFLICT DO NOTHING",
                 |b| {
                     new.bind(b)?.bind(&executors)?.bind(&started)?;
@@ -813,7 +815,8 @@ impl RunRows {
                      FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[],
                                  $8::timestamptz[], $9::jsonb[])
                           AS t(tenant, run, step, attempt, status, exit_code, error, finished_at, outputs)
-                     WHERE a.tenant_id = t.tenant AND a.run_id = t.run AND a.step_id = t.step AND a.attempt = t.attempt",
+                     WHERE a.tenant_id = t.tenant AND a.run_id = t.run AND a.step_id = t.step AND a.attempt = t.attempt
+                       AND {if_checkpoint_moved}",
                 |b| {
                     changed.bind(b)?;
                     Ok(())
@@ -826,12 +829,12 @@ impl RunRows {
 
 /// The rows `sql` selects for runs, given as `UNNEST($1::text[], $2::uuid[])`.
 async fn by_runs(
-    tx: &mut Tx<'_>,
+    conn: &mut PgConnection,
     sql: &'static str,
     tenants: &[String],
     ids: &[Uuid],
 ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
-    sqlx::query(sql).bind(tenants).bind(ids).fetch_all(&mut **tx).await
+    sqlx::query(sql).bind(tenants).bind(ids).fetch_all(conn).await
 }
 
 /// The columns a batch may change of `runs` rows, one array each, for `UNNEST`.

@@ -1,11 +1,12 @@
 //! The projector: turns the event log into the Postgres read models the gateway serves.
 //!
 //! It reads `{ns}.evt.>` in stream order through the durable pull consumer `projector`, and
-//! applies each batch (whatever has arrived, up to 512 events) in one transaction, the run
-//! events folded into rows written once each ([`fold`]), together
-//! with its checkpoint (the last stream sequence applied). A redelivered event at or below the checkpoint is skipped, so nothing is
-//! applied twice; after a crash the consumer is recreated at the checkpoint, so nothing is
-//! missed. Transactions commit without waiting for the disk (see [`Projector::apply_batch`]):
+//! applies each batch (whatever has arrived, up to 512 events) atomically, the run events
+//! folded into rows written once each ([`fold`]), together with its checkpoint (the last
+//! stream sequence applied): one statement for a batch of run events, one transaction for
+//! others. A redelivered event at or below the checkpoint is skipped, so nothing is applied
+//! twice; after a crash the consumer is recreated at the checkpoint, so nothing is
+//! missed. Batches commit without waiting for the disk (see [`Projector::apply_batch`]):
 //! should Postgres lose the last of them, the projector notices and replays them. Each commit
 //! announces the checkpoint, and the runs that ended, with `NOTIFY`. Rows are written only from what events say (their timestamps included), so
 //! replaying the log from sequence 1 rebuilds the same rows: see [`Projector::rebuild`].
@@ -60,7 +61,14 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// A projector writing to `pool`'s database over connections of its own, which commit
+    /// without waiting for the disk and plan each statement for its keys (see
+    /// [`Projector::apply_batch`]).
     pub fn new(bus: Bus, pool: PgPool) -> Self {
+        let options = (*pool.connect_options())
+            .clone()
+            .options([("synchronous_commit", "off"), ("plan_cache_mode", "force_custom_plan")]);
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy_with(options);
         Self { bus, pool }
     }
 
@@ -195,20 +203,25 @@ impl Projector {
         }
     }
 
-    /// Applies events in one transaction with the checkpoint; skips what was applied already.
-    /// Returns the checkpoint committed.
+    /// Applies events atomically with the checkpoint; skips what was applied already. Returns
+    /// the checkpoint committed.
     ///
     /// `committed` is the checkpoint the caller's last batch committed (`None`: unknown, so it
-    /// is read, and locked, first). The batch moves the checkpoint on from there in its last
-    /// statement, and only if the table still says so: a table behind it means Postgres lost
-    /// batches, one ahead that another projector moved it; either way the batch is rolled back
-    /// and this fails, and the projector restarts from the table's checkpoint.
+    /// is read, and locked, first). The batch moves the checkpoint on from there, and only if
+    /// the table still says so: a table behind it means Postgres lost batches, one ahead that
+    /// another projector moved it; either way nothing of the batch is written and this fails,
+    /// and the projector restarts from the table's checkpoint.
     ///
-    /// The transaction commits asynchronously (`synchronous_commit = off`): it does not wait
-    /// for its WAL to reach the disk. Postgres may then lose the last batches in a crash of its
-    /// own, but only whole (rows and checkpoint are one transaction), and the projector finds
-    /// out as above, replaying them from the log. The read models are derived data; the log is
-    /// what must not lose a write.
+    /// A batch of run events only (the common case) is one statement and no transaction: its
+    /// rows' writes and the checkpoint's move together, each write made only if the checkpoint
+    /// moves ([`taskmesh_store::set_checkpoint`]), after reading the runs the cache
+    /// lacks. Any other event needs statements of its own, and the batch is one transaction.
+    ///
+    /// Commits are asynchronous (the projector's connections set `synchronous_commit = off`):
+    /// they do not wait for the WAL to reach the disk. Postgres may then lose the last batches
+    /// in a crash of its own, but only whole (rows and checkpoint commit together), and the
+    /// projector finds out as above, replaying them from the log. The read models are derived
+    /// data; the log is what must not lose a write.
     ///
     /// `cache` holds the rows of runs earlier batches left running ([`fold::RowCache`]): the
     /// batch reads from the tables only the runs it does not hold, and leaves the rows it
@@ -216,32 +229,47 @@ impl Projector {
     /// after another by this projector, with nothing else writing the run tables meanwhile (a
     /// rebuild, say): after a failure or such a write, start a new one.
     ///
-    /// Its statements are planned for the keys they are given each time (`plan_cache_mode =
-    /// force_custom_plan`): a cached generic plan is made from the first few executions, when
-    /// the tables may be nearly empty, and kept until the tables are next analysed. Where
-    /// nothing analyses them (autovacuum off), such a plan joins a batch's keys against whole
-    /// tables, and a run's end took ever longer to reach the read side as they grew
-    /// (docs/benchmarks.md).
+    /// Its statements are planned for the keys they are given each time (the connections set
+    /// `plan_cache_mode = force_custom_plan`): a cached generic plan is made from the first few
+    /// executions, when the tables may be nearly empty, and kept until the tables are next
+    /// analysed. Where nothing analyses them (autovacuum off), such a plan joins a batch's keys
+    /// against whole tables, and a run's end took ever longer to reach the read side as they
+    /// grew (docs/benchmarks.md).
     pub async fn apply_batch(
         &self,
         events: &[Stored],
         committed: Option<u64>,
         cache: &mut fold::RowCache,
     ) -> anyhow::Result<u64> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan")
-            .await?;
+        // A commit's events share its sequence: each is applied, and the checkpoint moves to
+        // the sequence once all of them are (a batch holds whole messages).
+        let fresh = |from: u64| events.iter().filter(move |s| s.seq > from);
+        if let Some(from) = committed
+            && fresh(from).all(|s| fold::is_run_event(&s.envelope.event))
+        {
+            // Only run rows: one statement, no transaction.
+            let mut conn = self.pool.acquire().await?;
+            let mut runs = fold::RunRows::load(&mut conn, fresh(from), cache).await?;
+            let checkpoint = fresh(from).fold(from, |c, stored| {
+                runs.apply(stored);
+                c.max(stored.seq)
+            });
+            let mut writes = taskmesh_store::Alongside::default();
+            let ended = runs.write(&mut writes)?;
+            if !taskmesh_store::set_checkpoint(&mut conn, NAME, from, checkpoint, ended, writes).await? {
+                return Err(self.moved_under(from).await);
+            }
+            runs.keep(cache);
+            return Ok(checkpoint);
+        }
+        let mut tx = self.pool.begin().await?;
         let from = match committed {
             Some(c) => c,
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
         };
         let mut checkpoint = from;
-        // A commit's events share its sequence: each is applied, and the checkpoint moves to
-        // the sequence once all of them are (a batch holds whole messages).
-        let fresh = || events.iter().filter(|s| s.seq > from);
-        let mut runs = fold::RunRows::load(&mut tx, fresh(), cache).await?;
-        for stored in fresh() {
+        let mut runs = fold::RunRows::load(&mut tx, fresh(from), cache).await?;
+        for stored in fresh(from) {
             if fold::is_run_event(&stored.envelope.event) {
                 runs.apply(stored);
             } else {
@@ -254,15 +282,26 @@ impl Projector {
         let ended = runs.write(&mut writes)?;
         if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, ended, writes).await? {
             drop(tx);
-            let table = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
-            lost_batches(table, from)?;
-            anyhow::bail!(
-                "the read models' checkpoint moved under this projector (it left {from}, the table says {table}): another projector, or a rebuild, is at work"
-            );
+            return Err(self.moved_under(from).await);
         }
         tx.commit().await?;
         runs.keep(cache);
         Ok(checkpoint)
+    }
+
+    /// Why a batch left from checkpoint `from` could not move it on: Postgres lost batches (the
+    /// table is behind), or another projector or a rebuild is at work.
+    async fn moved_under(&self, from: u64) -> anyhow::Error {
+        let table = match taskmesh_store::read_checkpoint(&self.pool, NAME).await {
+            Ok(table) => table,
+            Err(e) => return e.into(),
+        };
+        if let Err(lost) = lost_batches(table, from) {
+            return lost;
+        }
+        anyhow::anyhow!(
+            "the read models' checkpoint moved under this projector (it left {from}, the table says {table}): another projector, or a rebuild, is at work"
+        )
     }
 
     /// Empties the read models and resets the checkpoint: the next [`Projector::run`] replays
