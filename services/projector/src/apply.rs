@@ -1,9 +1,12 @@
 //! One event → its effect on the read models. Only what the event says is written (no clock,
 //! no randomness), so replaying the log rebuilds identical rows.
 
+use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use taskmesh_bus::Stored;
 use taskmesh_events::Event;
+use taskmesh_store::{Alongside, StoreError};
+use uuid::Uuid;
 
 type Tx<'a> = Transaction<'a, Postgres>;
 
@@ -13,7 +16,6 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
     let env = &stored.envelope;
     let tenant = env.tenant.as_str();
     let at = env.occurred_at;
-    let seq = stored.seq as i64;
     match &env.event {
         Event::TenantCreated(e) => {
             sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
@@ -44,26 +46,6 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             )
             .bind(tenant)
             .bind(e.key_id)
-            .bind(e.at)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Event::AuditRecorded(e) => {
-            sqlx::query(
-                "INSERT INTO audit_log (tenant_id, seq, id, key_id, actor, method, path, route, status, ip, user_agent, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
-            )
-            .bind(tenant)
-            .bind(seq)
-            .bind(env.id)
-            .bind(e.key_id)
-            .bind(&e.actor)
-            .bind(&e.method)
-            .bind(&e.path)
-            .bind(&e.route)
-            .bind(i32::from(e.status))
-            .bind(&e.ip)
-            .bind(&e.user_agent)
             .bind(e.at)
             .execute(&mut **tx)
             .await?;
@@ -191,8 +173,84 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
-        // Run events are folded per batch (see `fold`); nothing else is left out.
-        event => debug_assert!(crate::fold::is_run_event(event), "{} is not projected", event.type_name()),
+        // Run events are folded per batch (see `fold`), audit records gathered ([`AuditRows`]);
+        // nothing else is left out.
+        event => {
+            debug_assert!(crate::fold::is_run_event(event) || is_audit(event), "{} is not projected", event.type_name())
+        }
     }
     Ok(())
+}
+
+/// Whether an event is an audit record (gathered into [`AuditRows`], not applied on its own).
+pub fn is_audit(event: &Event) -> bool {
+    matches!(event, Event::AuditRecorded(_))
+}
+
+/// A batch's audit records (`AuditRecorded`), inserted in one statement with the batch's
+/// checkpoint: a request's record costs no statement of its own, and a batch of run events
+/// and audit records needs no transaction (see `Projector::apply_batch`).
+#[derive(Default)]
+pub struct AuditRows<'a> {
+    tenants: Vec<&'a str>,
+    seqs: Vec<i64>,
+    ids: Vec<Uuid>,
+    key_ids: Vec<Option<Uuid>>,
+    actors: Vec<&'a str>,
+    methods: Vec<&'a str>,
+    paths: Vec<&'a str>,
+    routes: Vec<Option<&'a str>>,
+    statuses: Vec<i32>,
+    ips: Vec<Option<&'a str>>,
+    user_agents: Vec<Option<&'a str>>,
+    ats: Vec<DateTime<Utc>>,
+}
+
+impl<'a> AuditRows<'a> {
+    /// Takes `stored` if it is an audit record; says whether it was.
+    pub fn take(&mut self, stored: &'a Stored) -> bool {
+        let Event::AuditRecorded(e) = &stored.envelope.event else { return false };
+        self.tenants.push(&stored.envelope.tenant);
+        self.seqs.push(stored.seq as i64);
+        self.ids.push(stored.envelope.id);
+        self.key_ids.push(e.key_id);
+        self.actors.push(&e.actor);
+        self.methods.push(&e.method);
+        self.paths.push(&e.path);
+        self.routes.push(e.route.as_deref());
+        self.statuses.push(i32::from(e.status));
+        self.ips.push(e.ip.as_deref());
+        self.user_agents.push(e.user_agent.as_deref());
+        self.ats.push(e.at);
+        true
+    }
+
+    /// Adds the insert of what it took to `writes` (nothing, if it took nothing).
+    pub fn write(&self, writes: &mut Alongside) -> Result<(), StoreError> {
+        if self.seqs.is_empty() {
+            return Ok(());
+        }
+        writes.add(
+            "INSERT INTO audit_log (tenant_id, seq, id, key_id, actor, method, path, route, status, ip, user_agent, at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
+                                  $8::text[], $9::int[], $10::text[], $11::text[], $12::timestamptz[])
+             WHERE {if_checkpoint_moved}
+             ON CONFLICT DO NOTHING",
+            |b| {
+                b.bind(&self.tenants)?
+                    .bind(&self.seqs)?
+                    .bind(&self.ids)?
+                    .bind(&self.key_ids)?
+                    .bind(&self.actors)?
+                    .bind(&self.methods)?
+                    .bind(&self.paths)?
+                    .bind(&self.routes)?
+                    .bind(&self.statuses)?
+                    .bind(&self.ips)?
+                    .bind(&self.user_agents)?
+                    .bind(&self.ats)?;
+                Ok(())
+            },
+        )
+    }
 }

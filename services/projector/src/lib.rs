@@ -244,17 +244,22 @@ impl Projector {
         // A commit's events share its sequence: each is applied, and the checkpoint moves to
         // the sequence once all of them are (a batch holds whole messages).
         let fresh = |from: u64| events.iter().filter(move |s| s.seq > from);
+        let gathered = |e: &Stored| fold::is_run_event(&e.envelope.event) || apply::is_audit(&e.envelope.event);
         if let Some(from) = committed
-            && fresh(from).all(|s| fold::is_run_event(&s.envelope.event))
+            && fresh(from).all(gathered)
         {
-            // Only run rows: one statement, no transaction.
+            // Only run rows and audit records: one statement, no transaction.
             let mut conn = self.pool.acquire().await?;
             let mut runs = fold::RunRows::load(&mut conn, fresh(from), cache).await?;
+            let mut audit = apply::AuditRows::default();
             let checkpoint = fresh(from).fold(from, |c, stored| {
-                runs.apply(stored);
+                if !audit.take(stored) {
+                    runs.apply(stored);
+                }
                 c.max(stored.seq)
             });
             let mut writes = taskmesh_store::Alongside::default();
+            audit.write(&mut writes)?;
             let ended = runs.write(&mut writes)?;
             if !taskmesh_store::set_checkpoint(&mut conn, NAME, from, checkpoint, ended, writes).await? {
                 return Err(self.moved_under(from).await);
@@ -269,16 +274,18 @@ impl Projector {
         };
         let mut checkpoint = from;
         let mut runs = fold::RunRows::load(&mut tx, fresh(from), cache).await?;
+        let mut audit = apply::AuditRows::default();
         for stored in fresh(from) {
             if fold::is_run_event(&stored.envelope.event) {
                 runs.apply(stored);
-            } else {
+            } else if !audit.take(stored) {
                 apply::apply(&mut tx, stored).await?;
             }
             checkpoint = checkpoint.max(stored.seq);
         }
         // The rows and the checkpoint go in one statement: one round trip.
         let mut writes = taskmesh_store::Alongside::default();
+        audit.write(&mut writes)?;
         let ended = runs.write(&mut writes)?;
         if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, ended, writes).await? {
             drop(tx);
