@@ -69,6 +69,20 @@ fn run_of(stored: &Stored) -> Option<Uuid> {
     }
 }
 
+/// The step a step event names (its row, its attempts, or both).
+fn step_named(event: &Event) -> Option<&str> {
+    Some(match event {
+        Event::StepStarted(e) => &e.step,
+        Event::StepSucceeded(e) => &e.step,
+        Event::StepFailed(e) => &e.step,
+        Event::StepAttemptFailed(e) => &e.step,
+        Event::StepCancelled(e) => &e.step,
+        Event::StepAttemptLost(e) => &e.step,
+        Event::StepSkipped(e) => &e.step,
+        _ => return None,
+    })
+}
+
 /// A row as the batch found it (`stored`: it is in the table) and as it leaves it.
 struct Slot<T> {
     stored: bool,
@@ -142,41 +156,45 @@ pub const CACHE_BYTES: usize = 32 << 20;
 
 /// The rows of runs not yet ended, as the projector's committed batches left them, so that a
 /// batch reads from the tables only the runs it has not seen (after a start, or evicted): a
-/// run's later events are then one write per table and no read. It is valid only while this
-/// projector alone writes these tables and every batch it holds rows for committed; a
-/// projector that fails starts over with an empty one (see `Projector::run`). Bounded by
-/// [`CACHE_BYTES`]: past it, runs are dropped (and read again when next touched).
+/// run's later events are then writes and no read. A run is held whole (its row, every step,
+/// every attempt), so a step it does not hold does not exist; a batch takes out only the run's
+/// row and the steps its events name, and puts them back once it has committed. It is valid
+/// only while this projector alone writes these tables; a run whose parts a failed batch took
+/// out is read again when next touched, and a projector that fails starts over with an empty
+/// cache (see `Projector::run`). Bounded by [`CACHE_BYTES`]: past it, runs are dropped (and
+/// read again when next touched).
 #[derive(Default)]
 pub struct RowCache {
     runs: HashMap<RunKey, CachedRun>,
     bytes: usize,
 }
 
-/// One run's rows: its own, all its steps', all their attempts'.
+/// One run's rows: its own (none while a batch holds it), and its steps' with their attempts.
+#[derive(Default)]
 struct CachedRun {
-    run: RunRow,
-    steps: Vec<(String, StepRow)>,
-    attempts: Vec<((String, i32), AttemptRow)>,
+    run: Option<RunRow>,
+    steps: HashMap<String, CachedStep>,
+    /// Roughly the bytes its steps hold.
+    bytes: usize,
 }
 
-impl CachedRun {
-    fn new(run: RunRow) -> Self {
-        CachedRun { run, steps: Vec::new(), attempts: Vec::new() }
-    }
+struct CachedStep {
+    row: StepRow,
+    attempts: Vec<(i32, AttemptRow)>,
+}
 
+impl CachedStep {
     /// Roughly the bytes it holds.
-    fn bytes(&self) -> usize {
+    fn bytes(&self, id: &str) -> usize {
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        let steps: usize = self
-            .steps
-            .iter()
-            .map(|(id, s)| 160 + id.len() + text(&s.output) + text(&s.error) + text(&s.reason) + json_bytes(&s.outputs))
-            .sum();
-        let attempts: usize =
-            self.attempts.iter().map(|((id, _), a)| 96 + id.len() + text(&a.error) + json_bytes(&a.outputs)).sum();
-        128 + text(&self.run.wait_reason) + steps + attempts
+        let s = &self.row;
+        let attempts: usize = self.attempts.iter().map(|(_, a)| 96 + text(&a.error) + json_bytes(&a.outputs)).sum();
+        160 + id.len() + text(&s.output) + text(&s.error) + text(&s.reason) + json_bytes(&s.outputs) + attempts
     }
 }
+
+/// Roughly the bytes a run's own row takes in the cache.
+const RUN_BYTES: usize = 256;
 
 /// Roughly the bytes a JSON value holds.
 fn json_bytes(v: &Value) -> usize {
@@ -198,26 +216,64 @@ impl RowCache {
         self.runs.is_empty()
     }
 
-    fn take(&mut self, key: &RunKey) -> Option<CachedRun> {
-        let run = self.runs.remove(key)?;
-        self.bytes -= run.bytes();
-        Some(run)
+    fn remove(&mut self, key: &RunKey) {
+        if let Some(run) = self.runs.remove(key) {
+            self.bytes -= RUN_BYTES + run.bytes;
+        }
     }
 
-    fn put(&mut self, key: RunKey, run: CachedRun) {
-        self.bytes += run.bytes();
-        if let Some(old) = self.runs.insert(key, run) {
-            self.bytes -= old.bytes();
-        }
-        if self.bytes > CACHE_BYTES {
-            // Down to three quarters, so that a full cache does not evict on every batch.
-            let victims: Vec<RunKey> = self.runs.keys().cloned().collect();
-            for key in victims {
-                if self.bytes <= CACHE_BYTES / 4 * 3 {
-                    break;
-                }
-                self.take(&key);
+    /// Takes out a held run's row and the rows of the steps in `steps` that it has (the others
+    /// do not exist). None when it does not hold the run whole.
+    fn take(&mut self, key: &RunKey, steps: &HashSet<String>) -> Option<(RunRow, Vec<(String, CachedStep)>)> {
+        let held = self.runs.get_mut(key)?;
+        let Some(run) = held.run.take() else {
+            // Parts of it went to a batch that did not put them back.
+            self.remove(key);
+            return None;
+        };
+        let mut taken = Vec::with_capacity(steps.len());
+        for id in steps {
+            if let Some(step) = held.steps.remove(id) {
+                let bytes = step.bytes(id);
+                held.bytes -= bytes;
+                self.bytes -= bytes;
+                taken.push((id.clone(), step));
             }
+        }
+        Some((run, taken))
+    }
+
+    /// Puts back (or in) a run's row and the rows of some of its steps.
+    fn put(&mut self, key: RunKey, run: RunRow, steps: Vec<(String, CachedStep)>) {
+        let held = self.runs.entry(key).or_insert_with(|| {
+            self.bytes += RUN_BYTES;
+            CachedRun::default()
+        });
+        held.run = Some(run);
+        for (id, step) in steps {
+            let bytes = step.bytes(&id);
+            held.bytes += bytes;
+            self.bytes += bytes;
+            if let Some(old) = held.steps.insert(id.clone(), step) {
+                let old = old.bytes(&id);
+                held.bytes -= old;
+                self.bytes -= old;
+            }
+        }
+    }
+
+    /// Drops runs until it is under three quarters of [`CACHE_BYTES`], if it is over it (so
+    /// that a full cache does not evict on every batch).
+    fn trim(&mut self) {
+        if self.bytes <= CACHE_BYTES {
+            return;
+        }
+        let victims: Vec<RunKey> = self.runs.keys().cloned().collect();
+        for key in victims {
+            if self.bytes <= CACHE_BYTES / 4 * 3 {
+                break;
+            }
+            self.remove(&key);
         }
     }
 }
@@ -244,15 +300,24 @@ impl RunRows {
         cache: &mut RowCache,
     ) -> Result<Self, sqlx::Error> {
         let mut rows = RunRows::default();
-        let mut missing: HashSet<RunKey> = HashSet::new();
+        // The runs the events touch, and the steps each names.
+        let mut touched: HashMap<RunKey, HashSet<String>> = HashMap::new();
         for stored in events.filter(|s| is_run_event(&s.envelope.event)) {
             let Some(run) = run_of(stored) else { continue };
-            let key = (stored.envelope.tenant.clone(), run);
-            if rows.runs.contains_key(&key) || missing.contains(&key) {
-                continue;
+            let steps = touched.entry((stored.envelope.tenant.clone(), run)).or_default();
+            match &stored.envelope.event {
+                Event::RunSubmitted(e) => steps.extend(e.workflow.steps.iter().map(|s| s.id.clone())),
+                Event::StepWaiting(taskmesh_events::StepWaiting { steps: ids, .. })
+                | Event::StepAdmitted(taskmesh_events::StepAdmitted { steps: ids }) => {
+                    steps.extend(ids.iter().cloned())
+                }
+                event => steps.extend(step_named(event).map(str::to_string)),
             }
-            match cache.take(&key) {
-                Some(cached) => rows.hold(key, cached),
+        }
+        let mut missing: HashSet<RunKey> = HashSet::new();
+        for (key, steps) in touched {
+            match cache.take(&key, &steps) {
+                Some((run, steps)) => rows.hold(key, run, steps),
                 None => {
                     missing.insert(key);
                 }
@@ -342,15 +407,15 @@ impl RunRows {
         Ok(rows)
     }
 
-    /// Takes in a run's rows from the cache, as the table holds them.
-    fn hold(&mut self, (tenant, run): RunKey, cached: CachedRun) {
-        for (step, row) in cached.steps {
-            self.steps.insert((tenant.clone(), run, step), Slot::stored(row));
+    /// Takes in a run's row and some of its steps' rows from the cache, as the table holds them.
+    fn hold(&mut self, (tenant, run): RunKey, row: RunRow, steps: Vec<(String, CachedStep)>) {
+        for (step, cached) in steps {
+            for (attempt, row) in cached.attempts {
+                self.add_attempt((tenant.clone(), run, step.clone(), attempt), Slot::stored(row));
+            }
+            self.steps.insert((tenant.clone(), run, step), Slot::stored(cached.row));
         }
-        for ((step, attempt), row) in cached.attempts {
-            self.add_attempt((tenant.clone(), run, step, attempt), Slot::stored(row));
-        }
-        self.runs.insert((tenant, run), Slot::stored(cached.run));
+        self.runs.insert((tenant, run), Slot::stored(row));
     }
 
     fn add_attempt(&mut self, key: AttemptKey, slot: Slot<AttemptRow>) {
@@ -359,28 +424,30 @@ impl RunRows {
     }
 
     /// Once the batch has committed: its rows as the table now holds them go into `cache`,
-    /// but for runs that ended (their rows change no more).
+    /// but for runs that ended (their rows change no more), which leave it.
     pub fn keep(self, cache: &mut RowCache) {
         let ended: HashSet<Uuid> = self.ended.into_iter().collect();
-        let mut runs: HashMap<RunKey, CachedRun> = HashMap::new();
-        for ((tenant, run), slot) in self.runs {
-            if !ended.contains(&run) {
-                runs.insert((tenant, run), CachedRun::new(RunRow { new: None, ..slot.row }));
-            }
+        let mut steps: HashMap<RunKey, Vec<(String, CachedStep)>> = HashMap::new();
+        let mut attempts: HashMap<StepKey, Vec<(i32, AttemptRow)>> = HashMap::new();
+        for ((tenant, run, step, attempt), slot) in self.attempts {
+            attempts.entry((tenant, run, step)).or_default().push((attempt, AttemptRow { new: None, ..slot.row }));
         }
         for ((tenant, run, step), slot) in self.steps {
-            if let Some(c) = runs.get_mut(&(tenant, run)) {
-                c.steps.push((step, StepRow { new: None, ..slot.row }));
+            let held = attempts.remove(&(tenant.clone(), run, step.clone())).unwrap_or_default();
+            let cached = CachedStep { row: StepRow { new: None, ..slot.row }, attempts: held };
+            steps.entry((tenant, run)).or_default().push((step, cached));
+        }
+        // Attempts of a step with no row (none are made so): such a run is not held whole.
+        let partial: HashSet<RunKey> = attempts.into_keys().map(|(t, r, _)| (t, r)).collect();
+        for (key, slot) in self.runs {
+            if ended.contains(&key.1) || partial.contains(&key) {
+                cache.remove(&key);
+                continue;
             }
+            let steps = steps.remove(&key).unwrap_or_default();
+            cache.put(key, RunRow { new: None, ..slot.row }, steps);
         }
-        for ((tenant, run, step, attempt), slot) in self.attempts {
-            if let Some(c) = runs.get_mut(&(tenant, run)) {
-                c.attempts.push(((step, attempt), AttemptRow { new: None, ..slot.row }));
-            }
-        }
-        for (key, run) in runs {
-            cache.put(key, run);
-        }
+        cache.trim();
     }
 
     fn run(&mut self, tenant: &str, run: Uuid) -> Option<&mut RunRow> {
@@ -979,8 +1046,8 @@ impl<'a> AttemptColumns<'a> {
 mod tests {
     use super::*;
 
-    fn run_with_output(bytes: usize) -> CachedRun {
-        let run = RunRow {
+    fn run_row() -> RunRow {
+        RunRow {
             status: "running".into(),
             started_at: None,
             finished_at: None,
@@ -988,8 +1055,11 @@ mod tests {
             cancel_requested_at: None,
             wait_reason: None,
             new: None,
-        };
-        let step = StepRow {
+        }
+    }
+
+    fn step_with_output(bytes: usize) -> CachedStep {
+        let row = StepRow {
             status: "succeeded".into(),
             attempts: 1,
             exit_code: Some(0),
@@ -1004,22 +1074,40 @@ mod tests {
             wait_reason: None,
             new: None,
         };
-        CachedRun { run, steps: vec![("a".into(), step)], attempts: Vec::new() }
+        CachedStep { row, attempts: Vec::new() }
+    }
+
+    fn counted(cache: &RowCache) -> usize {
+        cache.runs.values().map(|r| RUN_BYTES + r.steps.iter().map(|(id, s)| s.bytes(id)).sum::<usize>()).sum()
     }
 
     #[test]
     fn the_row_cache_drops_runs_past_its_byte_bound_and_counts_what_it_holds() {
         let mut cache = RowCache::default();
-        let each = run_with_output(64 * 1024).bytes();
+        let each = RUN_BYTES + step_with_output(64 * 1024).bytes("a");
         let n = CACHE_BYTES / each * 2;
         for _ in 0..n {
-            cache.put(("t".into(), Uuid::now_v7()), run_with_output(64 * 1024));
+            cache.put(("t".into(), Uuid::now_v7()), run_row(), vec![("a".into(), step_with_output(64 * 1024))]);
+            cache.trim();
             assert!(cache.bytes <= CACHE_BYTES, "{} bytes held", cache.bytes);
         }
         assert!(cache.len() < n && cache.len() >= CACHE_BYTES / 2 / each, "{} runs held", cache.len());
-        assert_eq!(cache.bytes, cache.runs.values().map(CachedRun::bytes).sum::<usize>());
-        let key = cache.runs.keys().next().cloned().unwrap();
-        assert!(cache.take(&key).is_some() && cache.take(&key).is_none(), "taken out once");
-        assert_eq!(cache.bytes, cache.runs.values().map(CachedRun::bytes).sum::<usize>());
+        assert_eq!(cache.bytes, counted(&cache));
+    }
+
+    #[test]
+    fn a_batch_takes_out_the_steps_it_names_and_a_run_not_put_back_is_read_again() {
+        let mut cache = RowCache::default();
+        let key: RunKey = ("t".into(), Uuid::now_v7());
+        let steps = (0..3).map(|i| (format!("s{i}"), step_with_output(10))).collect();
+        cache.put(key.clone(), run_row(), steps);
+        let named: HashSet<String> = ["s1".to_string(), "nope".to_string()].into();
+        let (_, taken) = cache.take(&key, &named).expect("held");
+        assert_eq!(taken.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["s1"], "only what exists");
+        assert_eq!(cache.runs[&key].steps.len(), 2, "the others stay");
+        assert_eq!(cache.bytes, counted(&cache));
+        // Not put back (the batch failed): the run is no longer held whole.
+        assert!(cache.take(&key, &named).is_none());
+        assert!(cache.is_empty() && cache.bytes == 0);
     }
 }
