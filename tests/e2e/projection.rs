@@ -196,10 +196,13 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     for size in [2, 3, 5, 7, 13] {
         taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
         let mut want = std::collections::BTreeMap::new();
+        // Each batch after the first knows the checkpoint it leaves from, as the running
+        // projector does: the batches go as one statement each, without a transaction.
         let mut cache = taskmesh_projector::fold::RowCache::default();
+        let mut committed = None;
         for chunk in messages.chunks(size) {
             let chunk: Vec<taskmesh_bus::Stored> = chunk.concat();
-            projector.apply_batch(&chunk, None, &mut cache).await.unwrap();
+            committed = Some(projector.apply_batch(&chunk, committed, &mut cache).await.unwrap());
             want.extend(chunk.iter().map(|e| (run_of[&e.seq], e.seq as i64)));
             let have: std::collections::BTreeMap<uuid::Uuid, i64> =
                 sqlx::query_as::<_, (uuid::Uuid, i64)>("SELECT id, last_seq FROM runs")

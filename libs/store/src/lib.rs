@@ -116,14 +116,19 @@ pub struct Alongside {
 
 impl Alongside {
     /// Adds a write (`INSERT`, `UPDATE` or `DELETE` without `RETURNING`) whose parameters,
-    /// `$1` to `$n`, `bind` adds in order. An error (a value that does not encode, or a count
-    /// of values that is not `n`) leaves the writes unusable: drop them.
+    /// `$1` to `$n`, `bind` adds in order, and whose `WHERE` names [`IF_MOVED`]. An error (no
+    /// [`IF_MOVED`], a value that does not encode, or a count of values that is not `n`) leaves
+    /// the writes unusable: drop them.
     pub fn add(
         &mut self,
         sql: &str,
         bind: impl FnOnce(&mut Binds<'_>) -> std::result::Result<(), sqlx::error::BoxDynError>,
     ) -> Result<()> {
-        debug_assert!(sql.contains(IF_MOVED), "a write alongside a checkpoint names IF_MOVED: {sql}");
+        if !sql.contains(IF_MOVED) {
+            return Err(
+                sqlx::Error::Protocol(format!("a write alongside a checkpoint must name {IF_MOVED}: {sql}")).into()
+            );
+        }
         let before = self.params;
         let mut binds = Binds { args: &mut self.args, added: 0 };
         bind(&mut binds).map_err(sqlx::Error::Encode)?;

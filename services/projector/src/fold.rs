@@ -440,7 +440,9 @@ impl RunRows {
         // Attempts of a step with no row (none are made so): such a run is not held whole.
         let partial: HashSet<RunKey> = attempts.into_keys().map(|(t, r, _)| (t, r)).collect();
         for (key, slot) in self.runs {
-            if ended.contains(&key.1) || partial.contains(&key) {
+            // A run that ended (in this batch, or before it: a late event brought it back)
+            // changes no more.
+            if ended.contains(&key.1) || slot.row.finished_at.is_some() || partial.contains(&key) {
                 cache.remove(&key);
                 continue;
             }

@@ -40,6 +40,12 @@ const BATCH: usize = 512;
 /// written; see [`fold`]).
 const BATCH_STEPS: usize = 20_000;
 
+/// Whether a batch folds or gathers this event into its one statement (run events, audit
+/// records) rather than applying it with a statement of its own.
+fn gathered(stored: &Stored) -> bool {
+    fold::is_run_event(&stored.envelope.event) || apply::is_audit(&stored.envelope.event)
+}
+
 /// How often an idle projector looks for batches Postgres lost.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
@@ -241,29 +247,15 @@ impl Projector {
         committed: Option<u64>,
         cache: &mut fold::RowCache,
     ) -> anyhow::Result<u64> {
-        // A commit's events share its sequence: each is applied, and the checkpoint moves to
-        // the sequence once all of them are (a batch holds whole messages).
         let fresh = |from: u64| events.iter().filter(move |s| s.seq > from);
-        let gathered = |e: &Stored| fold::is_run_event(&e.envelope.event) || apply::is_audit(&e.envelope.event);
         if let Some(from) = committed
             && fresh(from).all(gathered)
         {
             // Only run rows and audit records: one statement, no transaction.
             let mut conn = self.pool.acquire().await?;
-            let mut runs = fold::RunRows::load(&mut conn, fresh(from), cache).await?;
-            let mut audit = apply::AuditRows::default();
-            let checkpoint = fresh(from).fold(from, |c, stored| {
-                if !audit.take(stored) {
-                    runs.apply(stored);
-                }
-                c.max(stored.seq)
-            });
-            let mut writes = taskmesh_store::Alongside::default();
-            audit.write(&mut writes)?;
-            let ended = runs.write(&mut writes)?;
-            if !taskmesh_store::set_checkpoint(&mut conn, NAME, from, checkpoint, ended, writes).await? {
+            let Some((checkpoint, runs)) = self.move_on(&mut conn, events, from, cache).await? else {
                 return Err(self.moved_under(from).await);
-            }
+            };
             runs.keep(cache);
             return Ok(checkpoint);
         }
@@ -272,28 +264,45 @@ impl Projector {
             Some(c) => c,
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
         };
-        let mut checkpoint = from;
-        let mut runs = fold::RunRows::load(&mut tx, fresh(from), cache).await?;
-        let mut audit = apply::AuditRows::default();
-        for stored in fresh(from) {
-            if fold::is_run_event(&stored.envelope.event) {
-                runs.apply(stored);
-            } else if !audit.take(stored) {
-                apply::apply(&mut tx, stored).await?;
-            }
-            checkpoint = checkpoint.max(stored.seq);
+        for stored in fresh(from).filter(|s| !gathered(s)) {
+            apply::apply(&mut tx, stored).await?;
         }
-        // The rows and the checkpoint go in one statement: one round trip.
-        let mut writes = taskmesh_store::Alongside::default();
-        audit.write(&mut writes)?;
-        let ended = runs.write(&mut writes)?;
-        if !taskmesh_store::set_checkpoint(&mut tx, NAME, from, checkpoint, ended, writes).await? {
+        let Some((checkpoint, runs)) = self.move_on(&mut tx, events, from, cache).await? else {
             drop(tx);
             return Err(self.moved_under(from).await);
-        }
+        };
         tx.commit().await?;
         runs.keep(cache);
         Ok(checkpoint)
+    }
+
+    /// Folds the batch's run events and gathers its audit records (those after `from`), and
+    /// writes them with the checkpoint's move in one statement. Returns the checkpoint and the
+    /// rows to keep in the cache once committed; none when the checkpoint was not `from`
+    /// (nothing written).
+    async fn move_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        events: &[Stored],
+        from: u64,
+        cache: &mut fold::RowCache,
+    ) -> anyhow::Result<Option<(u64, fold::RunRows)>> {
+        // A commit's events share its sequence: the checkpoint moves to the sequence once all of
+        // them are applied (a batch holds whole messages).
+        let fresh = || events.iter().filter(|s| s.seq > from);
+        let checkpoint = fresh().map(|s| s.seq).max().unwrap_or(from);
+        let mut runs = fold::RunRows::load(conn, fresh(), cache).await?;
+        let mut audit = apply::AuditRows::default();
+        for stored in fresh().filter(|s| gathered(s)) {
+            if !audit.take(stored) {
+                runs.apply(stored);
+            }
+        }
+        let mut writes = taskmesh_store::Alongside::default();
+        audit.write(&mut writes)?;
+        let ended = runs.write(&mut writes)?;
+        let moved = taskmesh_store::set_checkpoint(conn, NAME, from, checkpoint, ended, writes).await?;
+        Ok(moved.then_some((checkpoint, runs)))
     }
 
     /// Why a batch left from checkpoint `from` could not move it on: Postgres lost batches (the
