@@ -16,6 +16,7 @@ mod integrations;
 mod kinds;
 mod lanes;
 mod logs;
+mod pooler;
 mod projection;
 mod schedules;
 mod scheduling;

@@ -22,6 +22,8 @@
 pub mod apply;
 pub mod fold;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -59,23 +61,69 @@ fn lost_batches(checkpoint: u64, committed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The settings the projector's own connections ask for at startup (see
+/// [`Projector::apply_batch`]).
+const SESSION_SETTINGS: [(&str, &str); 2] = [("synchronous_commit", "off"), ("plan_cache_mode", "force_custom_plan")];
+
+/// Whether connecting failed because something in front of Postgres refuses the startup
+/// parameter that carries [`SESSION_SETTINGS`]: PgBouncer answers `unsupported startup
+/// parameter: options` unless `options` is in its `ignore_startup_parameters`.
+fn refuses_settings(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.message().contains("unsupported startup parameter"))
+}
+
 /// The projector.
 #[derive(Clone)]
 pub struct Projector {
     bus: Bus,
-    pool: PgPool,
+    /// Its own connections, opened with [`SESSION_SETTINGS`].
+    tuned: PgPool,
+    /// Its own connections without them, for when those are refused.
+    plain: PgPool,
+    /// Whether [`Projector::tuned`]'s settings were refused (then [`Projector::plain`] serves).
+    refused: Arc<AtomicBool>,
 }
 
 impl Projector {
     /// A projector writing to `pool`'s database over connections of its own, which commit
     /// without waiting for the disk and plan each statement for its keys (see
-    /// [`Projector::apply_batch`]).
+    /// [`Projector::apply_batch`]). Where a pooler refuses those settings, it connects
+    /// without them (and says so in the log once).
     pub fn new(bus: Bus, pool: PgPool) -> Self {
-        let options = (*pool.connect_options())
-            .clone()
-            .options([("synchronous_commit", "off"), ("plan_cache_mode", "force_custom_plan")]);
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy_with(options);
-        Self { bus, pool }
+        let own = |options| {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options)
+        };
+        let plain = (*pool.connect_options()).clone();
+        let tuned = plain.clone().options(SESSION_SETTINGS);
+        Self { bus, tuned: own(tuned), plain: own(plain), refused: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The connections to use: the tuned ones, unless their settings were refused.
+    fn pool(&self) -> &PgPool {
+        if self.refused.load(Ordering::Relaxed) { &self.plain } else { &self.tuned }
+    }
+
+    /// Connects once, with the settings; if they are refused, uses connections without them
+    /// from now on.
+    async fn connect(&self) -> anyhow::Result<()> {
+        if self.refused.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match self.tuned.acquire().await {
+            Ok(_) => Ok(()),
+            Err(e) if refuses_settings(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "Postgres (or a pooler in front of it) refuses the projector's connection settings; connecting without them: commits wait for the disk, and statements may be planned generically (see docs/operations.md)"
+                );
+                self.refused.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// (Re)creates the consumer so that it delivers from the checkpoint on.
@@ -122,8 +170,9 @@ impl Projector {
     }
 
     async fn project(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        taskmesh_store::ensure_checkpoint(&self.pool, NAME).await?;
-        let checkpoint = taskmesh_store::read_checkpoint(&self.pool, NAME).await?;
+        self.connect().await?;
+        taskmesh_store::ensure_checkpoint(self.pool(), NAME).await?;
+        let checkpoint = taskmesh_store::read_checkpoint(self.pool(), NAME).await?;
         let consumer = self.consumer(checkpoint).await?;
         let mut stream = self.bus.jetstream().get_stream(self.bus.namespace().events_stream()).await?;
         let first = stream.info().await?.state.first_sequence;
@@ -166,7 +215,7 @@ impl Projector {
                         _ = tokio::time::sleep(IDLE_CHECK) => {
                             // (Postgres not answering is no reason to restart: the next batch
                             // will find out, or the next look.)
-                            match (committed, taskmesh_store::read_checkpoint(&self.pool, NAME).await) {
+                            match (committed, taskmesh_store::read_checkpoint(self.pool(), NAME).await) {
                                 (Some(committed), Ok(table)) => lost_batches(table, committed)?,
                                 (_, Err(e)) => tracing::debug!(error = %e, "looking at the checkpoint"),
                                 (None, Ok(_)) => {}
@@ -252,14 +301,14 @@ impl Projector {
             && fresh(from).all(gathered)
         {
             // Only run rows and audit records: one statement, no transaction.
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.pool().acquire().await?;
             let Some((checkpoint, runs)) = self.move_on(&mut conn, events, from, cache).await? else {
                 return Err(self.moved_under(from).await);
             };
             runs.keep(cache);
             return Ok(checkpoint);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         let from = match committed {
             Some(c) => c,
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
@@ -308,7 +357,7 @@ impl Projector {
     /// Why a batch left from checkpoint `from` could not move it on: Postgres lost batches (the
     /// table is behind), or another projector or a rebuild is at work.
     async fn moved_under(&self, from: u64) -> anyhow::Error {
-        let table = match taskmesh_store::read_checkpoint(&self.pool, NAME).await {
+        let table = match taskmesh_store::read_checkpoint(self.pool(), NAME).await {
             Ok(table) => table,
             Err(e) => return e.into(),
         };
