@@ -121,7 +121,9 @@ impl Mesh {
                     tasks.spawn(async move { (service, server.run_until_stopped(token).await) });
                 }
                 Service::Ingest => {
-                    let ingest = taskmesh_ingest::Ingest::new(bus).with_limits(settings.limits.clone());
+                    let ingest = taskmesh_ingest::Ingest::new(bus)
+                        .with_limits(settings.limits.clone())
+                        .with_egress(taskmesh_egress::Egress::new(&settings.egress));
                     tasks.spawn(async move { (service, ingest.run(token).await) });
                 }
                 Service::Scheduler => {

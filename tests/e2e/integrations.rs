@@ -122,14 +122,18 @@ pub(crate) async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
     (seen, subscribe_url(tm, &url).await)
 }
 
-/// Subscribes `url` as a webhook endpoint; returns the created endpoint.
-async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value {
-    let res = tm
-        .auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api)))
+/// Asks to create a webhook endpoint for `url`.
+async fn post_endpoint(tm: &TestMesh, url: &str) -> reqwest::Response {
+    tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api)))
         .json(&serde_json::json!({"url": url}))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Subscribes `url` as a webhook endpoint; returns the created endpoint.
+async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value {
+    let res = post_endpoint(tm, url).await;
     assert_eq!(res.status(), 201);
     res.json().await.unwrap()
 }
@@ -145,7 +149,23 @@ async fn steps_and_webhooks_reach_only_the_addresses_the_egress_rules_permit() {
     let (permitted, permitted_seen) = receiver_on("127.0.0.1").await;
     let (denied, denied_seen) = receiver_on("127.0.0.2").await;
     subscribe_url(&tm, &permitted).await;
-    subscribe_url(&tm, &denied).await;
+    // An endpoint whose URL names a denied address is refused when it is created.
+    let res = post_endpoint(&tm, &denied).await;
+    assert_eq!(res.status(), 400);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("egress to 127.0.0.2 is denied"), "{problem}");
+    // One created before the rules were tightened (by an ingest with the default rules) is
+    // judged at each delivery.
+    let keyring = taskmesh::mesh::keyring(&tm.env.settings).unwrap().unwrap();
+    taskmesh_ingest::Ingest::new(tm.bus.clone())
+        .create_webhook_endpoint(taskmesh_events::command::CreateWebhookEndpoint {
+            tenant: "default".into(),
+            url: denied.clone(),
+            secret: keyring.seal(&taskmesh_secrets::endpoint_secret_aad("default"), b"whsec_AAAA"),
+            event_types: vec![],
+        })
+        .await
+        .unwrap();
     tm.wait_projected().await;
     let ok = permitted.replace("/hook", "/ok");
     let denied_ok = denied.replace("/hook", "/ok");

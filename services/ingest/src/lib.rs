@@ -49,12 +49,21 @@ fn check_tenant(tenant: &str) -> Reply<()> {
 pub struct Ingest {
     bus: Bus,
     limits: taskmesh_config::LimitsSettings,
+    egress: taskmesh_egress::Egress,
 }
 
 impl Ingest {
-    /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]).
+    /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]) and the default
+    /// egress rules (see [`Ingest::with_egress`]).
     pub fn new(bus: Bus) -> Self {
-        Self { bus, limits: Default::default() }
+        Self { bus, limits: Default::default(), egress: Default::default() }
+    }
+
+    /// The outbound address rules: a webhook endpoint whose URL names an address they deny is
+    /// refused when it is created (the notifier judges every delivery too, names included).
+    pub fn with_egress(mut self, egress: taskmesh_egress::Egress) -> Self {
+        self.egress = egress;
+        self
     }
 
     /// Records each tenant's limit of concurrent runs in the runs it accepts.
@@ -626,10 +635,11 @@ impl Ingest {
     /// Registers an outbound webhook endpoint and generates its signing secret.
     pub async fn create_webhook_endpoint(&self, cmd: CreateWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let uri: http::Uri = cmd.url.parse().map_err(|_| invalid("url", "not a URL"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() || cmd.url.len() > 2048 {
+        let url = url::Url::parse(&cmd.url).map_err(|_| invalid("url", "not a URL"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || cmd.url.len() > 2048 {
             return Err(invalid("url", "must be an http or https URL with a host"));
         }
+        self.egress.check_url(&url).map_err(|denied| invalid("url", denied.to_string()))?;
         const TYPES: &[&str] = &["run.succeeded", "run.failed", "run.cancelled", "run.timed_out"];
         if let Some(bad) = cmd.event_types.iter().find(|t| !TYPES.contains(&t.as_str())) {
             return Err(invalid("event_types", format!("unknown event type '{bad}'; known: {}", TYPES.join(", "))));
