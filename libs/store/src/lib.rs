@@ -172,25 +172,50 @@ impl Binds<'_> {
     }
 }
 
-/// `sql` with each parameter `$n` made `$(n + offset)`, and the highest `n` it names.
+/// `sql` with each parameter `$n` made `$(n + offset)`, and the highest `n` it names. What is
+/// not a parameter is left as it is: string literals (`'…'`, `E'…'`), quoted identifiers
+/// (`"…"`), dollar-quoted strings (`$$…$$`, `$tag$…$tag$`), comments, and a `$` inside an
+/// identifier (`a$1`).
 fn renumber(sql: &str, offset: usize) -> (String, usize) {
+    let bytes = sql.as_bytes();
     let mut out = String::with_capacity(sql.len() + 16);
     let mut highest = 0;
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let digits = rest[at + 1..].bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            out.push('$');
-            rest = &rest[at + 1..];
-            continue;
-        }
-        let n: usize = rest[at + 1..at + 1 + digits].parse().expect("digits");
-        highest = highest.max(n);
-        out.push_str(&format!("${}", n + offset));
-        rest = &rest[at + 1 + digits..];
+    // `copied` is where the text not yet copied to `out` starts; `i` is the scan position.
+    let (mut copied, mut i) = (0, 0);
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+    // The index just past the first `end` at or after `from` (the text's end if none).
+    let past = |from: usize, end: &str| sql[from..].find(end).map_or(sql.len(), |at| from + at + end.len());
+    while i < bytes.len() {
+        i = match bytes[i] {
+            // A doubled quote inside reads as two literals back to back: the same here.
+            // (`E'…\'…'` escapes are not read: nothing here writes them.)
+            b'\'' => past(i + 1, "'"),
+            b'"' => past(i + 1, "\""),
+            b'-' if bytes.get(i + 1) == Some(&b'-') => past(i, "\n"),
+            b'/' if bytes.get(i + 1) == Some(&b'*') => past(i + 2, "*/"),
+            b'$' if i > 0 && ident(bytes[i - 1]) => i + 1,
+            b'$' => {
+                let digits = bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+                if digits > 0 {
+                    let n: usize = sql[i + 1..i + 1 + digits].parse().expect("digits");
+                    highest = highest.max(n);
+                    out.push_str(&sql[copied..i]);
+                    out.push_str(&format!("${}", n + offset));
+                    copied = i + 1 + digits;
+                    copied
+                } else {
+                    // A dollar quote's opening tag (`$$`, `$tag$`) runs to its closing one.
+                    let tag = bytes[i + 1..].iter().take_while(|b| ident(**b)).count();
+                    match bytes.get(i + 1 + tag) {
+                        Some(b'$') => past(i + tag + 2, &sql[i..i + tag + 2]),
+                        _ => i + 1,
+                    }
+                }
+            }
+            _ => i + 1,
+        };
     }
-    out.push_str(rest);
+    out.push_str(&sql[copied..]);
     (out, highest)
 }
 
@@ -580,6 +605,12 @@ mod tests {
             renumber("UPDATE t SET a = $1 WHERE b = $12 AND c = '$x'", 6),
             ("UPDATE t SET a = $7 WHERE b = $18 AND c = '$x'".into(), 12)
         );
+        // Only parameters: not what literals, quoted names, dollar quotes, comments or names
+        // hold.
+        let sql = "SELECT $2, 'a $1 ''$3''', \"col $1\", $$ $1 $$, $f$ $1 $f$, a$1 -- $1\n, $1 /* $9 */";
+        let want = "SELECT $12, 'a $1 ''$3''', \"col $1\", $$ $1 $$, $f$ $1 $f$, a$1 -- $1\n, $11 /* $9 */";
+        assert_eq!(renumber(sql, 10), (want.into(), 2));
+        assert_eq!(renumber("'unterminated $1", 1), ("'unterminated $1".into(), 0));
         let mut writes = Alongside::default();
         writes
             .add("INSERT INTO t SELECT * FROM UNNEST($1::int[], $2::text[]) WHERE {if_checkpoint_moved}", |b| {
