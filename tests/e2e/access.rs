@@ -149,7 +149,12 @@ async fn a_burst_from_50_clients_is_held_to_the_buckets_and_another_tenant_is_un
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
-    let tm = spawn_with(&Svc::ALL, |s| s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY))).await;
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+        // The test's own address stands in for an ingress in front of the gateway.
+        s.gateway.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
     let beta_key = new_tenant(&tm, "beta").await;
     let res = call(&tm, &tm.key, Method::POST, "/v1/keys", Some(json!({"role": "viewer", "name": "ro"}))).await;
     let viewer: Value = res.json().await.unwrap();
@@ -162,6 +167,7 @@ async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
         .put(format!("{}/v1/secrets/TOKEN", tm.api))
         .bearer_auth(&tm.key)
         .header("user-agent", "audit-test/1")
+        .header("x-forwarded-for", "6.6.6.6, 198.51.100.7")
         .json(&json!({"value": "s3cret"}))
         .send()
         .await
@@ -195,6 +201,7 @@ async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
     let secret = find("PUT", "/v1/secrets/{name}");
     assert_eq!(secret["path"], "/v1/secrets/TOKEN");
     assert_eq!(secret["user_agent"], "audit-test/1");
+    assert_eq!(secret["ip"], "198.51.100.7", "the address the trusted proxy heard from");
     let refused = find("POST", "/v1/runs/{id}/cancel");
     assert_eq!(refused["status"], 403);
     assert_eq!(refused["key_id"], viewer["id"]);
@@ -652,6 +659,7 @@ async fn made_up_keys_are_limited_per_address_and_keys_already_seen_still_pass()
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |s| {
         s.limits.failed_auth_per_second = 1;
         s.limits.failed_auth_burst = 3;
+        s.gateway.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
     })
     .await;
     // A real key the gateway has not looked up yet.
@@ -678,6 +686,16 @@ async fn made_up_keys_are_limited_per_address_and_keys_already_seen_still_pass()
     assert_eq!(call(&tm, &tm.key, Method::GET, "/v1/runs", None).await.status(), 200);
     assert_eq!(call(&tm, &unseen, Method::GET, "/v1/runs", None).await.status(), 429);
     assert_eq!(call(&tm, "tm_made_up_4", Method::GET, "/v1/runs", None).await.status(), 429);
+    // Another client behind the same (trusted) proxy has a bucket of its own.
+    let other = tm
+        .http
+        .get(format!("{}/v1/runs", tm.api))
+        .bearer_auth("tm_made_up_5")
+        .header("x-forwarded-for", "198.51.100.8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 401, "198.51.100.8 has failed no authentication yet");
     // Once the wait is over, the real key is looked up and passes.
     tokio::time::sleep(Duration::from_secs(wait)).await;
     assert_eq!(call(&tm, &unseen, Method::GET, "/v1/runs", None).await.status(), 200);

@@ -125,6 +125,11 @@ pub struct HttpSettings {
     pub public_url: Option<String>,
     /// The platform administrator's key (gateway only): manages tenants. None: no platform API.
     pub admin_key: Option<SecretString>,
+    /// Reverse proxies (an ingress, a load balancer) trusted to name the client in
+    /// `X-Forwarded-For` (gateway only). A request whose peer is in one of these ranges is
+    /// attributed to the last address in that header that is not (for the failed-authentication
+    /// limit and the audit log); anything else, to its peer. Empty: every request to its peer.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl HttpSettings {
@@ -134,6 +139,7 @@ impl HttpSettings {
             body_limit_bytes: 512 * 1024,
             public_url: None,
             admin_key: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

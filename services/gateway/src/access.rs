@@ -340,7 +340,10 @@ fn too_many(h: Headroom) -> Response {
 
 /// The middleware: authenticate, limit, record.
 pub async fn middleware(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| client_addr(c.0.ip(), req.headers(), &state.trusted_proxies));
     let caller = match lookup(&state, req.headers(), peer).await {
         Ok(Some(c)) => c,
         Ok(None) => return next.run(req).await,
@@ -381,7 +384,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         path: req.uri().path().chars().take(2048).collect(),
         route: req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()),
         status: 0,
-        ip: req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()),
+        ip: peer.map(|p| p.to_string()),
         user_agent: user_agent(req.headers()),
         at: chrono::Utc::now(),
     });
@@ -397,6 +400,34 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         let _ = tokio::spawn(async move { audit(&state, &tenant, record).await }).await;
     }
     res
+}
+
+/// The address a request from `peer` came from: `peer` itself, unless it is one of the
+/// `trusted` proxies; then the last address in `X-Forwarded-For` (each proxy appends the one it
+/// heard from) that is not a trusted proxy. An entry that is not an address ends the search at
+/// the proxy that wrote it, so a client cannot pass for another by writing the header itself:
+/// only what trusted proxies appended is read.
+pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |a: &IpAddr| trusted.iter().any(|n| n.contains(a));
+    let mut addr = peer;
+    if !is_trusted(&addr) {
+        return addr;
+    }
+    // Several header lines read as one list, in order.
+    let lines: Vec<&HeaderValue> = headers.get_all("x-forwarded-for").iter().collect();
+    for line in lines.into_iter().rev() {
+        let Ok(line) = line.to_str() else { return addr };
+        for entry in line.rsplit(',') {
+            let entry = entry.trim();
+            let parsed = entry.parse::<IpAddr>().or_else(|_| entry.parse::<SocketAddr>().map(|s| s.ip()));
+            let Ok(hop) = parsed else { return addr };
+            addr = hop;
+            if !is_trusted(&addr) {
+                return addr;
+            }
+        }
+    }
+    addr
 }
 
 /// The caller's `User-Agent`, as much of it as the audit log keeps.
@@ -415,6 +446,47 @@ pub async fn audit(state: &AppState, tenant: &str, record: AuditRecorded) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_is_the_last_forwarded_address_that_is_not_a_trusted_proxy() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let forwarded = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append("x-forwarded-for", HeaderValue::from_str(l).unwrap());
+            }
+            h
+        };
+        let from = |peer: &str, lines: &[&str]| client_addr(ip(peer), &forwarded(lines), &trusted);
+        // A peer that is no trusted proxy is the client, whatever it writes.
+        assert_eq!(from("203.0.113.9", &["198.51.100.1"]), ip("203.0.113.9"));
+        // Through one proxy, and through a chain of them (the client's own entries ignored).
+        assert_eq!(from("10.0.0.2", &["198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(from("10.0.0.2", &["6.6.6.6, 198.51.100.1, 10.1.1.1"]), ip("198.51.100.1"));
+        assert_eq!(from("10.0.0.2", &["6.6.6.6", "198.51.100.1:4711", "fd00::1"]), ip("198.51.100.1"));
+        assert_eq!(from("10.0.0.2", &["2001:db8::7"]), ip("2001:db8::7"));
+        // No header, or one that is not an address: the last trusted hop is all that is known.
+        assert_eq!(from("10.0.0.2", &[]), ip("10.0.0.2"));
+        assert_eq!(from("10.0.0.2", &["198.51.100.1, unknown"]), ip("10.0.0.2"));
+        assert_eq!(from("10.0.0.2", &["10.0.0.3"]), ip("10.0.0.3"));
+        // Nothing trusted: the peer.
+        assert_eq!(client_addr(ip("10.0.0.2"), &forwarded(&["198.51.100.1"]), &[]), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn failed_authentications_are_not_limited_when_the_limit_is_zero() {
+        let access = Access::new(LimitsSettings { failed_auth_per_second: 0, ..LimitsSettings::default() });
+        let addr: IpAddr = "198.51.100.1".parse().unwrap();
+        for _ in 0..10_000 {
+            assert!(access.failed(addr).is_none());
+        }
+        assert!(access.refusing(addr).is_none());
+        // And with the default limit, the same failures are refused.
+        let access = Access::new(LimitsSettings::default());
+        assert!((0..10_000).any(|_| access.failed(addr).is_some()));
+        assert!(access.refusing(addr).is_some());
+    }
 
     #[test]
     fn a_recent_count_serves_submissions_only_while_it_leaves_ample_room() {

@@ -82,6 +82,8 @@ pub struct Shared {
     pub run_ends: std::sync::Arc<taskmesh_store::RunEnds>,
     /// Keys already looked up, dropped as the projector announces their revocation.
     pub keys: std::sync::Arc<taskmesh_store::KeyCache<auth::Caller>>,
+    /// Proxies whose `X-Forwarded-For` names the client ([`access::client_addr`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Most API keys one gateway keeps looked up.
@@ -456,6 +458,7 @@ pub async fn build(
             projected,
             run_ends,
             keys,
+            trusted_proxies: settings.trusted_proxies.clone(),
         }));
         router(state, settings.body_limit_bytes)
     })
