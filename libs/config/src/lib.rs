@@ -499,6 +499,11 @@ mod tests {
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.to_lowercase().contains("egress.allow"), "{err}");
             jail.set_env("TASKMESH_EGRESS__ALLOW", "[]");
+            jail.set_env("TASKMESH_GATEWAY__TRUSTED_PROXIES", "[10.0.0.0/8]");
+            assert_eq!(
+                Settings::load(None).unwrap().gateway.trusted_proxies,
+                ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+            );
             jail.set_env("TASKMESH_NATS__BOGUS", "1");
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.contains("bogus"), "{err}");
