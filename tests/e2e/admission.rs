@@ -295,6 +295,7 @@ async fn a_queue_group_runs_one_at_a_time_in_order_and_other_keys_are_free() {
     let other = tm.wait_run(other, Duration::from_secs(60)).await;
     assert_eq!(other["status"], "succeeded");
     assert!(ts(&other, "started_at") < spans[0].1, "another key's run did not wait for the group");
+    tm.wait_queues_drained().await;
     tm.finish().await;
 }
 
@@ -366,5 +367,6 @@ async fn a_tenants_run_limit_queues_its_runs_in_order() {
     assert!(peak(&spans) <= 2, "at most two runs at once: {spans:?}");
     // The first two went at once; the rest in submission order.
     assert!(spans[2].1 >= spans[0].1 && spans[4].1 >= spans[2].1, "{spans:?}");
+    tm.wait_queues_drained().await;
     tm.finish().await;
 }

@@ -168,6 +168,21 @@ impl TestMesh {
         text
     }
 
+    /// Waits until the queues between "ready" and "running" hold nothing: READY (every entry
+    /// removed once admitted, held ones included), GROUPS (every run's place given back when it
+    /// ended) and DISPATCH (every step taken and acked). Call it once every run has ended.
+    pub async fn wait_queues_drained(&self) {
+        let ns = self.bus.namespace();
+        for stream in [ns.ready_stream(), ns.groups_stream(), ns.dispatch_stream()] {
+            eventually(&format!("{stream} to be empty"), Duration::from_secs(20), || async {
+                let messages = self.bus.jetstream().get_stream(&stream).await?.info().await?.state.messages;
+                Ok((messages == 0).then_some(()))
+            })
+            .await
+            .unwrap();
+        }
+    }
+
     /// How many events the stream holds, not counting access records: the audit log (a refused
     /// call is audited, and changes nothing else) and keys' uses.
     pub async fn event_count(&self) -> u64 {
