@@ -241,17 +241,22 @@ pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a waiting read looks at the checkpoint table itself, between announcements.
 const READ_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// The `Last-Event-ID` a reconnecting Server-Sent Events client sends: a stream sequence.
-pub fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
-    headers
-        .get("last-event-id")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's sequence"))
-        })
-        .transpose()
+/// The `Last-Event-ID` a reconnecting Server-Sent Events client sends, as the gateway's
+/// streams write their ids: a stream sequence, and for a run event that was not the last of
+/// its commit, its part (`{seq}.{part}`).
+pub fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<(u64, Option<u32>)>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else { return Ok(None) };
+    let bad = || ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's id as this stream gave it");
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    let (seq, part) = match text.split_once('.') {
+        Some((seq, part)) => (seq, Some(part.parse::<u32>().map_err(|_| bad())?)),
+        None => (text, None),
+    };
+    let seq = seq.parse::<u64>().map_err(|_| bad())?;
+    if seq == 0 && part.is_some() {
+        return Err(bad());
+    }
+    Ok(Some((seq, part)))
 }
 
 /// Whether an `If-None-Match` value names `tag` (weak comparison, as RFC 9110 asks for it).

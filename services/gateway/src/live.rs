@@ -10,7 +10,7 @@ use axum::response::Response;
 use axum::response::sse::Event as SseEvent;
 use axum::routing::get;
 use sqlx::Row;
-use taskmesh_events::{ErrorCode, RunKey};
+use taskmesh_events::RunKey;
 use taskmesh_http::{ApiError, ApiResult};
 use uuid::Uuid;
 
@@ -46,7 +46,7 @@ pub async fn run_events(
     if run_status(&state, &caller.tenant, run_id).await?.is_none() {
         return Err(ApiError::not_found("run"));
     }
-    let (after, after_part) = match event_position(&headers)? {
+    let (after, after_part) = match crate::last_event_id(&headers)? {
         None => (0, None),
         // Within a commit: from the commit again, past the parts seen.
         Some((seq, Some(part))) => (seq - 1, Some((seq, part))),
@@ -79,23 +79,6 @@ pub async fn run_events(
         let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
     });
     Ok(crate::logs::sse(rx))
-}
-
-/// `Last-Event-ID` as a run event's position: its sequence, and its part when it was not the
-/// last of its commit.
-fn event_position(headers: &HeaderMap) -> Result<Option<(u64, Option<u32>)>, ApiError> {
-    let Some(value) = headers.get("last-event-id") else { return Ok(None) };
-    let bad = || ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be an event's id as this stream gave it");
-    let text = value.to_str().map_err(|_| bad())?.trim();
-    let (seq, part) = match text.split_once('.') {
-        Some((seq, part)) => (seq, Some(part.parse::<u32>().map_err(|_| bad())?)),
-        None => (text, None),
-    };
-    let seq = seq.parse::<u64>().map_err(|_| bad())?;
-    if seq == 0 && part.is_some() {
-        return Err(bad());
-    }
-    Ok(Some((seq, part)))
 }
 
 async fn run_status(state: &AppState, tenant: &str, run_id: Uuid) -> Result<Option<String>, ApiError> {

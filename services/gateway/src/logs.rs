@@ -98,7 +98,14 @@ pub async fn logs(
     if exists.is_none() {
         return Err(ApiError::not_found("step"));
     }
-    let after = params.after.or(crate::last_event_id(&headers)?).unwrap_or(0);
+    let resumed = match crate::last_event_id(&headers)? {
+        Some((seq, None)) => Some(seq),
+        Some((_, Some(_))) => {
+            return Err(ApiError::new(ErrorCode::BadRequest, "Last-Event-ID must be a log line's sequence"));
+        }
+        None => None,
+    };
+    let after = params.after.or(resumed).unwrap_or(0);
     let limit = params.limit.unwrap_or(500);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(ErrorCode::BadRequest, "limit must be 1 to 1000"));
