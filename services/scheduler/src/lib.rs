@@ -56,6 +56,8 @@ pub struct Scheduler {
     settings: SchedulerSettings,
     limits: LimitsSettings,
     cache: Arc<Cache>,
+    /// Schedules' states as last folded (see [`schedules::Folded`]).
+    schedules: Arc<schedules::Folded>,
 }
 
 /// The runs this replica has in memory, each behind its own lock: work on one run (its events,
@@ -80,7 +82,7 @@ const REACTOR_LANES: taskmesh_bus::Lanes = taskmesh_bus::Lanes { count: 32, dept
 
 impl Scheduler {
     pub fn new(bus: Bus, settings: SchedulerSettings, limits: LimitsSettings) -> Self {
-        Self { bus, settings, limits, cache: Arc::new(Cache::default()) }
+        Self { bus, settings, limits, cache: Arc::new(Cache::default()), schedules: Default::default() }
     }
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.

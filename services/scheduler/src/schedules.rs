@@ -15,8 +15,9 @@ use uuid::Uuid;
 
 use crate::{MAX_CONFLICTS, Scheduler};
 
-/// A schedule's state, folded from its events.
-struct ScheduleState {
+/// A schedule's state, folded from its events up to `last_seq`.
+#[derive(Clone)]
+pub(crate) struct ScheduleState {
     spec: ScheduleSpec,
     paused: bool,
     last_tick: Option<DateTime<Utc>>,
@@ -24,10 +25,23 @@ struct ScheduleState {
     last_seq: u64,
 }
 
-fn fold(events: &[Stored]) -> Option<ScheduleState> {
-    let Event::ScheduleCreated(created) = &events.first()?.envelope.event else { return None };
-    let mut state =
-        ScheduleState { spec: created.spec.clone(), paused: false, last_tick: None, last_run: None, last_seq: 0 };
+/// Folds `events` (those after `state`'s `last_seq`; all of them when `state` is `None`) onto
+/// `state`. `None`: no such schedule (never created, or deleted).
+fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState> {
+    let (mut state, events) = match state {
+        Some(state) => (state, events),
+        None => {
+            let Event::ScheduleCreated(created) = &events.first()?.envelope.event else { return None };
+            let state = ScheduleState {
+                spec: created.spec.clone(),
+                paused: false,
+                last_tick: None,
+                last_run: None,
+                last_seq: 0,
+            };
+            (state, events)
+        }
+    };
     for e in events {
         state.last_seq = e.seq;
         match &e.envelope.event {
@@ -45,6 +59,38 @@ fn fold(events: &[Stored]) -> Option<ScheduleState> {
         }
     }
     Some(state)
+}
+
+/// Most schedules whose folded state a scheduler keeps between ticks.
+const FOLDED_SCHEDULES: usize = 10_000;
+
+/// Schedules' states as this scheduler last folded them, so that a tick reads only the events
+/// after them (a schedule ticking every minute has half a million events after a year; reading
+/// them all at each tick would make every tick slower than the last). Bounded: when full, it
+/// starts over, and a schedule not held is read whole once.
+#[derive(Default)]
+pub(crate) struct Folded(std::sync::Mutex<std::collections::HashMap<(String, Uuid), ScheduleState>>);
+
+impl Folded {
+    fn get(&self, tenant: &str, id: Uuid) -> Option<ScheduleState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&(tenant.to_string(), id)).cloned()
+    }
+
+    fn put(&self, tenant: &str, id: Uuid, state: Option<&ScheduleState>) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.to_string(), id);
+        match state {
+            Some(state) => {
+                if held.len() >= FOLDED_SCHEDULES && !held.contains_key(&key) {
+                    held.clear();
+                }
+                held.insert(key, state.clone());
+            }
+            None => {
+                held.remove(&key);
+            }
+        }
+    }
 }
 
 fn idempotency_key(schedule_id: Uuid, tick: DateTime<Utc>) -> String {
@@ -78,8 +124,12 @@ impl Scheduler {
     pub(crate) async fn tick(&self, tenant: &str, schedule_id: Uuid, tick: DateTime<Utc>) -> Result<(), Problem> {
         let subject = self.bus.namespace().schedule(tenant, schedule_id);
         for _ in 0..MAX_CONFLICTS {
-            let events = self.bus.read_subject(&subject, 0).await?;
-            let state = fold(&events).ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))?;
+            // What this scheduler folded before, and the events since (all of them, the first time).
+            let known = self.schedules.get(tenant, schedule_id);
+            let events = self.bus.read_subject(&subject, known.as_ref().map_or(0, |s| s.last_seq)).await?;
+            let state = fold(known, &events);
+            self.schedules.put(tenant, schedule_id, state.as_ref());
+            let state = state.ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))?;
             if state.paused {
                 return Ok(()); // resuming arms the next tick
             }
@@ -198,5 +248,65 @@ impl Scheduler {
     async fn run_active(&self, tenant: &str, run_id: Uuid) -> Result<bool, BusError> {
         let subject = self.bus.namespace().run(&RunKey { tenant: tenant.to_string(), run_id });
         Ok(self.bus.last(&subject).await?.is_some_and(|s| !s.envelope.event.is_run_terminal()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use taskmesh_events::{ScheduleCreated, ScheduleDeleted, ScheduleToggled};
+
+    use super::*;
+
+    fn stored(seq: u64, event: Event) -> Stored {
+        let envelope = EventMeta::new("acme").envelope("tm.evt.acme.schedule.x", event);
+        Stored { seq, prev: None, envelope, part: 0, parts: 1 }
+    }
+
+    /// What a tick decides on: paused, last tick, last run, last sequence.
+    type Seen = (bool, Option<DateTime<Utc>>, Option<Uuid>, u64);
+
+    fn seen(state: &Option<ScheduleState>) -> Option<Seen> {
+        state.as_ref().map(|s| (s.paused, s.last_tick, s.last_run, s.last_seq))
+    }
+
+    #[test]
+    fn folding_the_events_since_a_fold_gives_what_folding_them_all_gives() {
+        let id = Uuid::now_v7();
+        let spec: ScheduleSpec =
+            serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap();
+        let now = Utc::now();
+        let at = |m: i64| now + chrono::Duration::minutes(m);
+        let (run1, run2) = (Uuid::now_v7(), Uuid::now_v7());
+        let toggled = ScheduleToggled { schedule_id: id, next_tick: None };
+        let ticked = |m, run_id, skipped: Option<&str>| {
+            Event::ScheduleTicked(ScheduleTicked {
+                schedule_id: id,
+                tick: at(m),
+                run_id,
+                skipped: skipped.map(Into::into),
+            })
+        };
+        let events = vec![
+            stored(3, Event::ScheduleCreated(ScheduleCreated { schedule_id: id, spec, first_tick: Some(at(1)) })),
+            stored(7, ticked(1, Some(run1), None)),
+            stored(9, Event::SchedulePaused(toggled.clone())),
+            stored(12, Event::ScheduleResumed(toggled)),
+            stored(15, ticked(2, None, Some("the previous run is still running"))),
+            stored(20, ticked(3, Some(run2), None)),
+        ];
+        let whole = fold(None, &events);
+        assert_eq!(seen(&whole), Some((false, Some(at(3)), Some(run2), 20)));
+        for cut in 1..events.len() {
+            let earlier = fold(None, &events[..cut]);
+            assert_eq!(seen(&fold(earlier, &events[cut..])), seen(&whole), "folded up to event {cut}, then the rest");
+        }
+        // A skipped tick keeps the last run; a pause shows.
+        assert_eq!(seen(&fold(None, &events[..5])).map(|s| (s.0, s.2)), Some((false, Some(run1))));
+        assert_eq!(seen(&fold(None, &events[..3])).map(|s| s.0), Some(true));
+        // Deleted, or never created: no schedule.
+        let deleted = fold(whole, &[stored(21, Event::ScheduleDeleted(ScheduleDeleted { schedule_id: id }))]);
+        assert!(deleted.is_none());
+        assert!(fold(None, &events[1..]).is_none(), "no ScheduleCreated first");
+        assert!(fold(None, &[]).is_none());
     }
 }
