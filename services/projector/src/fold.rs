@@ -161,12 +161,15 @@ pub const CACHE_BYTES: usize = 32 << 20;
 /// row and the steps its events name, and puts them back once it has committed. It is valid
 /// only while this projector alone writes these tables; a run whose parts a failed batch took
 /// out is read again when next touched, and a projector that fails starts over with an empty
-/// cache (see `Projector::run`). Bounded by [`CACHE_BYTES`]: past it, runs are dropped (and
-/// read again when next touched).
+/// cache (see `Projector::run`). Bounded by [`CACHE_BYTES`]: past it, the runs used least
+/// recently are dropped (and read again when next touched).
 #[derive(Default)]
 pub struct RowCache {
     runs: HashMap<RunKey, CachedRun>,
     bytes: usize,
+    /// Counts puts: each run remembers the count at its last, so the least recently used go
+    /// first when it is over its bound.
+    clock: u64,
 }
 
 /// One run's rows: its own (none while a batch holds it), and its steps' with their attempts.
@@ -176,6 +179,8 @@ struct CachedRun {
     steps: HashMap<String, CachedStep>,
     /// Roughly the bytes its steps hold.
     bytes: usize,
+    /// [`RowCache::clock`] when it was last put back.
+    used: u64,
 }
 
 struct CachedStep {
@@ -250,6 +255,8 @@ impl RowCache {
             CachedRun::default()
         });
         held.run = Some(run);
+        self.clock += 1;
+        held.used = self.clock;
         for (id, step) in steps {
             let bytes = step.bytes(&id);
             held.bytes += bytes;
@@ -262,14 +269,15 @@ impl RowCache {
         }
     }
 
-    /// Drops runs until it is under three quarters of [`CACHE_BYTES`], if it is over it (so
-    /// that a full cache does not evict on every batch).
+    /// Drops runs, least recently used first, until it is under three quarters of
+    /// [`CACHE_BYTES`], if it is over it (so that a full cache does not evict on every batch).
     fn trim(&mut self) {
         if self.bytes <= CACHE_BYTES {
             return;
         }
-        let victims: Vec<RunKey> = self.runs.keys().cloned().collect();
-        for key in victims {
+        let mut victims: Vec<(u64, RunKey)> = self.runs.iter().map(|(k, r)| (r.used, k.clone())).collect();
+        victims.sort_unstable_by_key(|(used, _)| *used);
+        for (_, key) in victims {
             if self.bytes <= CACHE_BYTES / 4 * 3 {
                 break;
             }
@@ -1094,6 +1102,36 @@ mod tests {
             assert!(cache.bytes <= CACHE_BYTES, "{} bytes held", cache.bytes);
         }
         assert!(cache.len() < n && cache.len() >= CACHE_BYTES / 2 / each, "{} runs held", cache.len());
+        assert_eq!(cache.bytes, counted(&cache));
+    }
+
+    #[test]
+    fn past_its_bound_the_row_cache_drops_the_runs_used_least_recently() {
+        let mut cache = RowCache::default();
+        let each = RUN_BYTES + step_with_output(64 * 1024).bytes("a");
+        let fill = CACHE_BYTES / each;
+        let keys: Vec<RunKey> = (0..fill).map(|_| ("t".into(), Uuid::now_v7())).collect();
+        for key in &keys {
+            cache.put(key.clone(), run_row(), vec![("a".into(), step_with_output(64 * 1024))]);
+        }
+        // The first run is used again (taken by a batch and put back): now the most recent.
+        let a: HashSet<String> = ["a".to_string()].into();
+        let (run, steps) = cache.take(&keys[0], &a).expect("held");
+        cache.put(keys[0].clone(), run, steps);
+        // New runs push it over its bound.
+        let mut newer = Vec::new();
+        while cache.bytes <= CACHE_BYTES {
+            let key: RunKey = ("t".into(), Uuid::now_v7());
+            cache.put(key.clone(), run_row(), vec![("a".into(), step_with_output(64 * 1024))]);
+            newer.push(key);
+        }
+        cache.trim();
+        assert!(cache.runs.contains_key(&keys[0]), "the run used again stays");
+        assert!(newer.iter().all(|k| cache.runs.contains_key(k)), "the newest stay");
+        assert!(!cache.runs.contains_key(&keys[1]), "the least recently used goes first");
+        let dropped = keys[1..].iter().filter(|k| !cache.runs.contains_key(*k)).count();
+        let kept_old = keys[1..].iter().skip(dropped).all(|k| cache.runs.contains_key(k));
+        assert!(kept_old, "runs go in the order they were last used");
         assert_eq!(cache.bytes, counted(&cache));
     }
 
