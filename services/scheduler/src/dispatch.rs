@@ -937,4 +937,60 @@ mod tests {
         assert!(f.serves(then + COUNTS_FOR / 2, [("a", 1)].into_iter(), |_| 0, 0));
         assert!(!f.serves(then + COUNTS_FOR, [("a", 1)].into_iter(), |_| 0, 0));
     }
+
+    /// A step of `tenant`, held as if read from READY at sequence `seq`.
+    fn hold(held: &mut Held, tenant: &str, seq: u64) {
+        let step = serde_json::from_value(serde_json::json!({"id": format!("s{seq}"), "uses": "noop"})).unwrap();
+        let dispatch = Dispatch {
+            tenant: tenant.into(),
+            run_id: Uuid::now_v7(),
+            dispatch: 1,
+            step,
+            not_before: None,
+            traceparent: None,
+        };
+        if !held.steps.contains_key(tenant) {
+            held.turns.push_back(tenant.into());
+        }
+        let entry = HeldStep { dispatch, since: Instant::now(), reported: false };
+        held.steps.entry(tenant.into()).or_default().insert((Reverse(0), seq), entry);
+    }
+
+    #[tokio::test]
+    async fn a_round_whose_lease_ran_out_sends_nothing_and_loses_no_step() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let mut held = Held::default();
+        for (seq, tenant) in [(1, "a"), (2, "a"), (3, "b")] {
+            hold(&mut held, tenant, seq);
+        }
+        let queued = || async {
+            let ns = bus.namespace();
+            bus.jetstream().get_stream(ns.dispatch_stream()).await.unwrap().info().await.unwrap().state.messages
+        };
+        let (reports, _rx) = tokio::sync::mpsc::channel(16);
+        // Its lease ran out (another replica may lead by now): the round stops before sending.
+        let lapsed = Validity::new(Instant::now() - Duration::from_millis(1));
+        assert!(dispatcher.admit(&mut held, &reports, &lapsed).await.is_err());
+        assert_eq!(held.steps.values().map(BTreeMap::len).sum::<usize>(), 3, "every step still held");
+        assert_eq!(held.removals.pending.len(), 0, "no READY entry counted as done");
+        assert_eq!(queued().await, 0, "nothing went onto the dispatch queue");
+        // Steps a round had chosen when it stopped are held again.
+        let mut chosen = Vec::new();
+        let ns = bus.namespace();
+        for (tenant, queue) in held.steps.iter_mut() {
+            let (k, step) = queue.pop_first().unwrap();
+            chosen.push((tenant.clone(), k, ns.dispatch(tenant, taskmesh_events::subjects::ANY_POOL), step));
+        }
+        hold_again(&mut held, chosen);
+        assert_eq!(held.steps.values().map(BTreeMap::len).sum::<usize>(), 3);
+        // Renewed, the next round sends them all, once each.
+        let valid = Validity::new(Instant::now() + Duration::from_secs(30));
+        dispatcher.admit(&mut held, &reports, &valid).await.unwrap();
+        assert!(held.steps.is_empty());
+        assert_eq!(held.removals.pending.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(queued().await, 3);
+        env.cleanup().await;
+    }
 }
