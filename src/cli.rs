@@ -174,9 +174,24 @@ impl Client {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.call_after(method, path, body, None).await
+    }
+
+    /// [`Client::call`], answered once the read side shows the log up to `min_seq` (the
+    /// gateway waits a few seconds for it: `Taskmesh-Min-Seq`).
+    async fn call_after(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        min_seq: Option<u64>,
+    ) -> anyhow::Result<Value> {
         let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.key);
         if let Some(b) = body {
             req = req.json(&b);
+        }
+        if let Some(seq) = min_seq {
+            req = req.header("taskmesh-min-seq", seq);
         }
         let res = req.send().await.with_context(|| format!("no answer from {}", self.url))?;
         let status = res.status();
@@ -186,6 +201,60 @@ impl Client {
             bail!("{status}: {detail}");
         }
         Ok(body)
+    }
+}
+
+/// A run's event stream (`GET /v1/runs/{id}/events`), read only to learn that something
+/// happened and up to which log sequence.
+struct RunEvents {
+    res: reqwest::Response,
+    /// What arrived and is not yet a whole line.
+    partial: String,
+}
+
+/// What waiting on [`RunEvents`] found.
+enum Woken {
+    /// Events up to this log sequence arrived.
+    Event(u64),
+    /// Nothing within the time given.
+    Quiet,
+    /// The stream ended (after the run's end) or failed.
+    Closed,
+}
+
+impl RunEvents {
+    async fn open(client: &Client, run: &str) -> Option<Self> {
+        let url = format!("{}/v1/runs/{run}/events", client.url);
+        let res = client.http.get(url).bearer_auth(&client.key).send().await.ok()?;
+        res.status().is_success().then(|| Self { res, partial: String::new() })
+    }
+
+    /// Waits up to `wait` for the next events; says the highest sequence among them.
+    async fn next(&mut self, wait: Duration) -> Woken {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let chunk = match tokio::time::timeout_at(until, self.res.chunk()).await {
+                Err(_) => return Woken::Quiet,
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(_) => return Woken::Closed,
+            };
+            self.partial.push_str(&String::from_utf8_lossy(&chunk));
+            // An event's `id` is `{seq}` or `{seq}.{part}`.
+            let mut seen = None;
+            while let Some(end) = self.partial.find('\n') {
+                let line: String = self.partial.drain(..=end).collect();
+                if let Some(id) = line.strip_prefix("id:") {
+                    let seq = id.trim().split('.').next().and_then(|s| s.parse::<u64>().ok());
+                    seen = seen.max(seq);
+                }
+            }
+            if self.partial.len() > 1 << 20 {
+                return Woken::Closed; // no line ends: not an event stream
+            }
+            if let Some(seq) = seen {
+                return Woken::Event(seq);
+            }
+        }
     }
 }
 
@@ -403,8 +472,15 @@ pub async fn run(
     }
     let mut shown: HashMap<String, String> = HashMap::new();
     let mut log_after: HashMap<String, u64> = HashMap::new();
+    // The run is read again whenever its event stream says something happened (asking for the
+    // read side to show the log up to that event), or after a pause; by polling where the
+    // stream cannot be had.
+    let mut events: Option<RunEvents> = None;
+    let mut opened = false;
+    let mut min_seq = accepted["seq"].as_u64();
     loop {
-        let run = client.call(reqwest::Method::GET, &format!("/v1/runs/{id}"), None).await.unwrap_or(Value::Null);
+        let path = format!("/v1/runs/{id}");
+        let run = client.call_after(reqwest::Method::GET, &path, None, min_seq).await.unwrap_or(Value::Null);
         if let Some(steps) = run["steps"].as_array() {
             for step in steps {
                 let sid = step["id"].as_str().unwrap_or("?").to_string();
@@ -452,7 +528,23 @@ pub async fn run(
             }
             return Ok(exit_code(status));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !opened && !run.is_null() {
+            opened = true;
+            events = RunEvents::open(&client, &id).await;
+        }
+        // Following logs, look often: lines are not events.
+        let pause = if follow { Duration::from_millis(200) } else { Duration::from_secs(2) };
+        match events.as_mut() {
+            Some(stream) => match stream.next(pause).await {
+                Woken::Event(seq) => min_seq = min_seq.max(Some(seq)),
+                Woken::Quiet => {}
+                Woken::Closed => {
+                    events = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }
 

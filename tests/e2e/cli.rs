@@ -102,6 +102,11 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     assert!(out.contains("[build] building on"), "logs are shown: {out}");
     assert!(out.contains("[package] packaged"), "{out}");
     assert!(err.contains("✓ build succeeded") && err.contains("succeeded"), "progress is shown: {err}");
+    // Without --follow, woken by the run's event stream: every step's end is shown.
+    let (code, out, err) = taskmesh(&tm, &["run", hello, "--wait"]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("✓ build succeeded") && err.contains("✓ package succeeded"), "progress is shown: {err}");
+    assert!(!out.contains("[build]"), "no logs without --follow: {out}");
 
     let failing = tm.env.database.clone() + ".yml";
     let path = std::env::temp_dir().join(failing);
@@ -114,7 +119,7 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     let (code, out, _) = taskmesh(&tm, &["runs", "ls", "--output", "json"]).await;
     assert_eq!(code, 0);
     let page: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
     let (code, out, _) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--input", "n=3"]).await;
     assert_eq!(code, 0, "without --wait it only submits");
     let id = out.trim().to_string();
