@@ -192,7 +192,20 @@ fn renumber(sql: &str, offset: usize) -> (String, usize) {
             b'\'' => past(i + 1, "'"),
             b'"' => past(i + 1, "\""),
             b'-' if bytes.get(i + 1) == Some(&b'-') => past(i, "\n"),
-            b'/' if bytes.get(i + 1) == Some(&b'*') => past(i + 2, "*/"),
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                // Block comments nest.
+                let (mut depth, mut j) = (1, i + 2);
+                while depth > 0 && j < bytes.len() {
+                    if bytes[j..].starts_with(b"/*") {
+                        (depth, j) = (depth + 1, j + 2);
+                    } else if bytes[j..].starts_with(b"*/") {
+                        (depth, j) = (depth - 1, j + 2);
+                    } else {
+                        j += 1;
+                    }
+                }
+                j
+            }
             b'$' if i > 0 && ident(bytes[i - 1]) => i + 1,
             b'$' => {
                 let digits = bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
@@ -611,6 +624,7 @@ mod tests {
         let want = "SELECT $12, 'a $1 ''$3''', \"col $1\", $$ $1 $$, $f$ $1 $f$, a$1 -- $1\n, $11 /* $9 */";
         assert_eq!(renumber(sql, 10), (want.into(), 2));
         assert_eq!(renumber("'unterminated $1", 1), ("'unterminated $1".into(), 0));
+        assert_eq!(renumber("/* a /* $1 */ $2 */ $3", 1), ("/* a /* $1 */ $2 */ $4".into(), 3));
         let mut writes = Alongside::default();
         writes
             .add("INSERT INTO t SELECT * FROM UNNEST($1::int[], $2::text[]) WHERE {if_checkpoint_moved}", |b| {

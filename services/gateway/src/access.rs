@@ -408,8 +408,9 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
 /// the proxy that wrote it, so a client cannot pass for another by writing the header itself:
 /// only what trusted proxies appended is read.
 pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    // `::ffff:10.0.0.2` (a peer of a gateway listening on `[::]`) is 10.0.0.2.
     let is_trusted = |a: &IpAddr| trusted.iter().any(|n| n.contains(a));
-    let mut addr = peer;
+    let mut addr = peer.to_canonical();
     if !is_trusted(&addr) {
         return addr;
     }
@@ -421,7 +422,7 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) 
             let entry = entry.trim();
             let parsed = entry.parse::<IpAddr>().or_else(|_| entry.parse::<SocketAddr>().map(|s| s.ip()));
             let Ok(hop) = parsed else { return addr };
-            addr = hop;
+            addr = hop.to_canonical();
             if !is_trusted(&addr) {
                 return addr;
             }
@@ -466,6 +467,8 @@ mod tests {
         assert_eq!(from("10.0.0.2", &["6.6.6.6, 198.51.100.1, 10.1.1.1"]), ip("198.51.100.1"));
         assert_eq!(from("10.0.0.2", &["6.6.6.6", "198.51.100.1:4711", "fd00::1"]), ip("198.51.100.1"));
         assert_eq!(from("10.0.0.2", &["2001:db8::7"]), ip("2001:db8::7"));
+        // IPv4 as IPv6 (a gateway listening on `[::]`) is IPv4.
+        assert_eq!(from("::ffff:10.0.0.2", &["::ffff:198.51.100.1"]), ip("198.51.100.1"));
         // No header, or one that is not an address: the last trusted hop is all that is known.
         assert_eq!(from("10.0.0.2", &[]), ip("10.0.0.2"));
         assert_eq!(from("10.0.0.2", &["198.51.100.1, unknown"]), ip("10.0.0.2"));

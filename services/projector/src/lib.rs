@@ -67,9 +67,13 @@ const SESSION_SETTINGS: [(&str, &str); 2] = [("synchronous_commit", "off"), ("pl
 
 /// Whether connecting failed because something in front of Postgres refuses the startup
 /// parameter that carries [`SESSION_SETTINGS`]: PgBouncer answers `unsupported startup
-/// parameter: options` unless `options` is in its `ignore_startup_parameters`.
+/// parameter: options` (or, in later versions, `unsupported startup parameter in options: …`)
+/// unless `options` is in its `ignore_startup_parameters`. Its refusal of another parameter
+/// is not this: connecting without the settings would fail alike.
 fn refuses_settings(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.message().contains("unsupported startup parameter"))
+    let sqlx::Error::Database(d) = e else { return false };
+    let m = d.message();
+    m.contains("unsupported startup parameter: options") || m.contains("unsupported startup parameter in options")
 }
 
 /// The projector.

@@ -66,8 +66,9 @@ const FOLDED_SCHEDULES: usize = 10_000;
 
 /// Schedules' states as this scheduler last folded them, so that a tick reads only the events
 /// after them (a schedule ticking every minute has half a million events after a year; reading
-/// them all at each tick would make every tick slower than the last). Bounded: when full, it
-/// starts over, and a schedule not held is read whole once.
+/// them all at each tick would make every tick slower than the last). Bounded by count: when
+/// full, a schedule not yet held takes an arbitrary one's place, and a schedule not held is
+/// read whole (so beyond the bound, some ticks read whole logs).
 #[derive(Default)]
 pub(crate) struct Folded(std::sync::Mutex<std::collections::HashMap<(String, Uuid), ScheduleState>>);
 
@@ -81,8 +82,11 @@ impl Folded {
         let key = (tenant.to_string(), id);
         match state {
             Some(state) => {
-                if held.len() >= FOLDED_SCHEDULES && !held.contains_key(&key) {
-                    held.clear();
+                if held.len() >= FOLDED_SCHEDULES
+                    && !held.contains_key(&key)
+                    && let Some(other) = held.keys().next().cloned()
+                {
+                    held.remove(&other);
                 }
                 held.insert(key, state.clone());
             }
