@@ -191,7 +191,7 @@ impl Client {
             req = req.json(&b);
         }
         if let Some(seq) = min_seq {
-            req = req.header("taskmesh-min-seq", seq);
+            req = req.header(taskmesh_gateway::MIN_SEQ_HEADER, seq);
         }
         let res = req.send().await.with_context(|| format!("no answer from {}", self.url))?;
         let status = res.status();
