@@ -246,6 +246,94 @@ async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
     tm.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_made_together_are_audited_together_each_once_and_paged_in_order() {
+    let mesh = spawn_mesh().await;
+    let tm = &mesh;
+    // 80 calls at once: the gateway appends those that arrive while an append is under way as
+    // one event.
+    let calls = (0..80).map(|i| async move {
+        let res = call(tm, &tm.key, Method::PUT, &format!("/v1/secrets/S{i}"), Some(json!({"value": "v"}))).await;
+        assert_eq!(res.status(), 204);
+    });
+    futures::future::join_all(calls).await;
+
+    // Every call is in the log once, and the log is read whole in pages of 7, each cursor
+    // before the last.
+    let seen = eventually("the whole audit log, paged", Duration::from_secs(20), || async {
+        let mut seen: Vec<Value> = Vec::new();
+        let mut cursor: Option<i64> = None;
+        loop {
+            let after = cursor.map(|c| format!("&cursor={c}")).unwrap_or_default();
+            let res = call(tm, &tm.key, Method::GET, &format!("/v1/audit?limit=7{after}"), None).await;
+            let page: Value = res.json().await?;
+            seen.extend(page["items"].as_array().cloned().unwrap_or_default());
+            let Some(next) = page["next_cursor"].as_i64() else { break };
+            assert!(cursor.is_none_or(|before| next < before), "cursor {next} after {cursor:?}");
+            cursor = Some(next);
+        }
+        seen.retain(|e| e["path"].as_str().is_some_and(|p| p.starts_with("/v1/secrets/S")));
+        Ok((seen.len() >= 80).then_some(seen))
+    })
+    .await
+    .unwrap();
+    let mut paths: Vec<&str> = seen.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!((seen.len(), paths.len()), (80, 80), "each call once: {paths:?}");
+    let mut ids: Vec<&str> = seen.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 80, "each record has its own id");
+
+    // Fewer events than records: calls shared appends.
+    let (records, events): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM audit_log WHERE path LIKE '/v1/secrets/S%'")
+            .fetch_one(&tm.pool)
+            .await
+            .unwrap();
+    assert_eq!(records, 80);
+    assert!(events < records, "{events} events for {records} records: no call shared an append");
+
+    // The command itself: a retried batch is recorded once; a bad one is refused whole.
+    let ingest = taskmesh_ingest::IngestClient::new(tm.bus.clone());
+    let record = |path: &str| taskmesh_events::AuditedCall {
+        id: uuid::Uuid::now_v7(),
+        call: taskmesh_events::AuditRecorded {
+            key_id: None,
+            actor: "platform-admin".into(),
+            method: "POST".into(),
+            path: path.into(),
+            route: None,
+            status: 200,
+            ip: None,
+            user_agent: None,
+            at: chrono::Utc::now(),
+        },
+    };
+    let batch = |records| taskmesh_events::command::RecordAudits { tenant: "default".into(), records };
+    let twice = batch(vec![record("/retried/0"), record("/retried/1")]);
+    let first = ingest.record_audits(&twice).await.unwrap();
+    assert_eq!(ingest.record_audits(&twice).await.unwrap().seq, first.seq, "the retry is the same append");
+    for bad in [vec![], vec![record("/ok"), record(&"x".repeat(2049))], (0..257).map(|_| record("/many")).collect()] {
+        let problem = ingest.record_audits(&batch(bad)).await.unwrap_err();
+        assert_eq!(problem.code, taskmesh_events::ErrorCode::BadRequest, "{problem:?}");
+    }
+    tm.wait_projected().await;
+    let retried: Vec<(String, i32)> =
+        sqlx::query_as("SELECT path, part FROM audit_log WHERE path LIKE '/retried/%' ORDER BY part")
+            .fetch_all(&tm.pool)
+            .await
+            .unwrap();
+    assert_eq!(retried, [("/retried/0".to_string(), 0), ("/retried/1".to_string(), 1)]);
+    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE path IN ('/ok', '/many')")
+        .fetch_one(&tm.pool)
+        .await
+        .unwrap();
+    assert_eq!(refused, 0, "nothing of a refused batch is recorded");
+    mesh.finish().await;
+}
+
 /// A free TCP port on the loopback interface.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -22,7 +22,7 @@ async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
         ("workflows", "tenant_id, name, version"),
         ("schedules", "tenant_id, id"),
         ("secrets", "tenant_id, name"),
-        ("audit_log", "tenant_id, seq"),
+        ("audit_log", "tenant_id, seq, part"),
     ];
     // Every read model is compared: a new table must be added above.
     let mut all: Vec<String> = sqlx::query_scalar(

@@ -50,6 +50,7 @@ pub enum Event {
     AuditRecorded(AuditRecorded),
     WebhookEndpointDeleted(WebhookEndpointDeleted),
     RepoConnectionDeleted(RepoConnectionDeleted),
+    AuditBatchRecorded(AuditBatchRecorded),
 }
 
 impl Event {
@@ -91,6 +92,7 @@ impl Event {
             Event::AuditRecorded(_) => "AuditRecorded",
             Event::WebhookEndpointDeleted(_) => "WebhookEndpointDeleted",
             Event::RepoConnectionDeleted(_) => "RepoConnectionDeleted",
+            Event::AuditBatchRecorded(_) => "AuditBatchRecorded",
         }
     }
 
@@ -204,6 +206,25 @@ pub struct AuditRecorded {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
     pub at: DateTime<Utc>,
+}
+
+/// Most records one [`AuditBatchRecorded`] holds.
+pub const MAX_AUDIT_BATCH: usize = 256;
+
+/// Several mutating API calls of one tenant, recorded together: a gateway appends the calls
+/// answered while its previous append was under way as one event. Each keeps its own id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditBatchRecorded {
+    /// 1 to 256 records ([`MAX_AUDIT_BATCH`]), in the order the gateway took them.
+    pub records: Vec<AuditedCall>,
+}
+
+/// One record of an [`AuditBatchRecorded`]: an [`AuditRecorded`] and its own id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditedCall {
+    pub id: Uuid,
+    #[serde(flatten)]
+    pub call: AuditRecorded,
 }
 
 /// What started a run.

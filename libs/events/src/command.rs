@@ -195,6 +195,15 @@ pub struct RecordAudit {
     pub record: crate::AuditRecorded,
 }
 
+/// `{ns}.cmd.ingest.record_audits`: several mutating API calls of one tenant (1 to
+/// [`crate::MAX_AUDIT_BATCH`]), appended as one `AuditBatchRecorded`. The first record's id
+/// deduplicates the append, so a retried command records them once.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RecordAudits {
+    pub tenant: String,
+    pub records: Vec<crate::AuditedCall>,
+}
+
 /// `{ns}.cmd.ingest.create_repo_connection`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CreateRepoConnection {

@@ -62,6 +62,11 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
         ("AuditRecorded", pretty::<AuditRecorded>(), "A mutating API call, for the tenant's audit log."),
         ("WebhookEndpointDeleted", pretty::<WebhookEndpointDeleted>(), "An outbound webhook endpoint was deleted."),
         ("RepoConnectionDeleted", pretty::<RepoConnectionDeleted>(), "A repository connection was deleted."),
+        (
+            "AuditBatchRecorded",
+            pretty::<AuditBatchRecorded>(),
+            "Several mutating API calls of one tenant, for its audit log, recorded together.",
+        ),
     ]
 }
 
@@ -74,6 +79,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("RevokeApiKey", pretty::<RevokeApiKey>()),
         ("TouchApiKey", pretty::<TouchApiKey>()),
         ("RecordAudit", pretty::<RecordAudit>()),
+        ("RecordAudits", pretty::<RecordAudits>()),
         ("DeleteIntegration", pretty::<DeleteIntegration>()),
         ("CreateRepoConnection", pretty::<CreateRepoConnection>()),
         ("CreateWebhookEndpoint", pretty::<CreateWebhookEndpoint>()),
@@ -156,7 +162,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "repo", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",
@@ -203,8 +209,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RunAccepted", "Created", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

@@ -18,8 +18,8 @@
 //! - **Last used.** A key's use is recorded as an `ApiKeyUsed` event at most once a minute per
 //!   key and replica, off the request's path.
 //! - **Audit.** Every mutating call (POST, PUT, PATCH, DELETE) by a tenant key is recorded as an
-//!   `AuditRecorded` event (key, method, path, route, status, peer address, user agent), whatever
-//!   its outcome, before the answer leaves.
+//!   audit record (key, method, path, route, status, client address, user agent), whatever its
+//!   outcome, before the answer leaves ([`crate::audit::AuditWriter`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -35,7 +35,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota};
 use sqlx::Row;
 use taskmesh_config::LimitsSettings;
-use taskmesh_events::command::{RecordAudit, TouchApiKey};
+use taskmesh_events::command::TouchApiKey;
 use taskmesh_events::{AuditRecorded, ErrorCode, Role};
 use taskmesh_http::ApiError;
 use uuid::Uuid;
@@ -397,7 +397,7 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
     if let Some(mut record) = record {
         record.status = res.status().as_u16();
         // On its own task: a client that hangs up now does not cancel the record.
-        let _ = tokio::spawn(async move { audit(&state, &tenant, record).await }).await;
+        let _ = tokio::spawn(async move { state.audit.record(&tenant, record).await }).await;
     }
     res
 }
@@ -434,14 +434,6 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) 
 /// The caller's `User-Agent`, as much of it as the audit log keeps.
 pub fn user_agent(headers: &HeaderMap) -> Option<String> {
     headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|u| u.chars().take(512).collect())
-}
-
-/// Appends one audit record; a failure is logged, not answered (the call itself is done).
-pub async fn audit(state: &AppState, tenant: &str, record: AuditRecorded) {
-    let cmd = RecordAudit { tenant: tenant.to_string(), id: Uuid::now_v7(), record };
-    if let Err(e) = state.ingest.record_audit(&cmd).await {
-        tracing::warn!(error = %e, tenant, "recording an audit entry failed");
-    }
 }
 
 #[cfg(test)]

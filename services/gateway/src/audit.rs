@@ -1,5 +1,6 @@
-//! `GET /v1/audit`: the tenant's audit log, newest first. Every mutating call is recorded by
-//! [`crate::access`].
+//! The tenant's audit log: `GET /v1/audit` reads it, newest first; [`AuditWriter`] appends
+//! the record of every mutating call that [`crate::access`] hands it, gathering the calls that
+//! arrive while an append is under way into one event.
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -8,7 +9,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use taskmesh_events::ErrorCode;
+use taskmesh_events::command::RecordAudits;
+use taskmesh_events::{AuditRecorded, AuditedCall};
 use taskmesh_http::{ApiError, ApiResult};
+use taskmesh_ingest::IngestClient;
+use tokio::sync::{mpsc, oneshot};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -29,7 +34,8 @@ pub struct AuditParams {
     /// Page size, 1 to 200 (default 50).
     #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (a record's position: its event's sequence × 1024 plus
+    /// its place in the event).
     #[param(minimum = 0)]
     pub cursor: Option<i64>,
 }
@@ -81,18 +87,21 @@ pub async fn list(
     caller.require_admin()?;
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let limit = crate::page_limit(params.limit)?;
+    let position = params.cursor.map(|c| (c / PARTS, (c % PARTS) as i32));
     let mut rows = sqlx::query(
-        "SELECT seq, id, key_id, actor, method, path, route, status, ip, user_agent, at FROM audit_log
-         WHERE tenant_id = $1 AND ($2::uuid IS NULL OR key_id = $2) AND ($3::bigint IS NULL OR seq < $3)
-         ORDER BY seq DESC LIMIT $4",
+        "SELECT seq, part, id, key_id, actor, method, path, route, status, ip, user_agent, at FROM audit_log
+         WHERE tenant_id = $1 AND ($2::uuid IS NULL OR key_id = $2) AND ($3::bigint IS NULL OR (seq, part) < ($3, $4))
+         ORDER BY seq DESC, part DESC LIMIT $5",
     )
     .bind(&caller.tenant)
     .bind(params.key_id)
-    .bind(params.cursor)
+    .bind(position.map(|p| p.0))
+    .bind(position.map(|p| p.1))
     .bind(limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let next_cursor = crate::cut_page(&mut rows, limit, |r| r.get::<i64, _>("seq"));
+    let next_cursor =
+        crate::cut_page(&mut rows, limit, |r| r.get::<i64, _>("seq") * PARTS + i64::from(r.get::<i32, _>("part")));
     let items: Vec<AuditEntry> = rows
         .iter()
         .map(|r| AuditEntry {
@@ -109,4 +118,110 @@ pub async fn list(
         })
         .collect();
     Ok(Json(AuditPage { items, next_cursor }))
+}
+
+/// A cursor is a record's event sequence × `PARTS` plus its place in the event.
+const PARTS: i64 = 1024;
+const _: () = assert!(taskmesh_events::MAX_AUDIT_BATCH as i64 <= PARTS);
+
+/// Most records waiting to be appended; a call that finds the queue full waits for room.
+const QUEUE: usize = 4096;
+/// Most bytes of records (roughly counted) one append carries: well under NATS's payload limit.
+const MAX_APPEND_BYTES: usize = 256 * 1024;
+
+/// Appends audit records through ingest (`record_audits`), one append at a time: the records
+/// that arrive while an append is under way go together in the next, one event per tenant. A
+/// lone call is appended at once; under load, many calls share an event.
+#[derive(Clone)]
+pub struct AuditWriter {
+    queue: mpsc::Sender<Pending>,
+}
+
+/// A record waiting to be appended, and whom to tell once it is.
+struct Pending {
+    tenant: String,
+    call: AuditedCall,
+    appended: oneshot::Sender<()>,
+}
+
+impl AuditWriter {
+    /// Starts the task that appends; it ends once every `AuditWriter` is dropped and the
+    /// queue is empty.
+    pub fn start(ingest: IngestClient) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(append_all(ingest, rx));
+        Self { queue }
+    }
+
+    /// Appends `record` to `tenant`'s audit log, and returns once it is appended. A failure is
+    /// logged, not answered: the call itself is done.
+    pub async fn record(&self, tenant: &str, record: AuditRecorded) {
+        let (appended, done) = oneshot::channel();
+        let call = AuditedCall { id: Uuid::now_v7(), call: record };
+        if self.queue.send(Pending { tenant: tenant.to_string(), call, appended }).await.is_err() {
+            tracing::warn!(tenant, "recording an audit entry failed: the writer has stopped");
+            return;
+        }
+        // Dropped unanswered only if the writer stopped; it logged why.
+        let _ = done.await;
+    }
+}
+
+/// About how many bytes a record takes in a command.
+fn size(call: &AuditedCall) -> usize {
+    let c = &call.call;
+    let optional = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    256 + c.actor.len() + c.path.len() + optional(&c.route) + optional(&c.ip) + optional(&c.user_agent)
+}
+
+async fn append_all(ingest: IngestClient, mut rx: mpsc::Receiver<Pending>) {
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // Whatever else is waiting, as far as one append carries.
+        let mut bytes = size(&first.call);
+        let mut batch = vec![first];
+        while batch.len() < taskmesh_events::MAX_AUDIT_BATCH {
+            let Ok(p) = rx.try_recv() else { break };
+            bytes += size(&p.call);
+            if bytes > MAX_APPEND_BYTES {
+                carried = Some(p);
+                break;
+            }
+            batch.push(p);
+        }
+        // One command per tenant, all at once.
+        let mut tenants: Vec<(String, Vec<AuditedCall>, Vec<oneshot::Sender<()>>)> = Vec::new();
+        for p in batch {
+            let i = match tenants.iter().position(|(t, ..)| *t == p.tenant) {
+                Some(i) => i,
+                None => {
+                    tenants.push((p.tenant, Vec::new(), Vec::new()));
+                    tenants.len() - 1
+                }
+            };
+            tenants[i].1.push(p.call);
+            tenants[i].2.push(p.appended);
+        }
+        let appends = tenants.into_iter().map(|(tenant, records, waiting)| {
+            let ingest = ingest.clone();
+            async move {
+                let count = records.len();
+                let cmd = RecordAudits { tenant, records };
+                if let Err(e) = ingest.record_audits(&cmd).await {
+                    tracing::warn!(error = %e, tenant = cmd.tenant, count, "recording audit entries failed");
+                }
+                for w in waiting {
+                    let _ = w.send(());
+                }
+            }
+        });
+        futures::future::join_all(appends).await;
+    }
 }

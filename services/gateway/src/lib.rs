@@ -67,6 +67,8 @@ pub struct Shared {
     pub pool: PgPool,
     pub bus: Bus,
     pub ingest: IngestClient,
+    /// Appends audit records, gathering those that arrive together.
+    pub audit: audit::AuditWriter,
     /// Base URL for `Location` headers.
     pub public_url: String,
     /// Seals secret values as they arrive; none when no secrets key is configured.
@@ -455,6 +457,7 @@ pub async fn build(
         let state = AppState(std::sync::Arc::new(Shared {
             pool,
             ingest: IngestClient::new(bus.clone()),
+            audit: audit::AuditWriter::start(IngestClient::new(bus.clone())),
             bus,
             public_url,
             keyring,

@@ -97,7 +97,7 @@ pub async fn create_tenant(
         user_agent: crate::access::user_agent(&headers),
         at: Utc::now(),
     };
-    crate::access::audit(&state, &req.id, record).await;
+    state.audit.record(&req.id, record).await;
     Ok((StatusCode::CREATED, Json(TenantCreatedResponse { id: req.id, admin_key: key, admin_key_id: id })))
 }
 

@@ -20,10 +20,10 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
-    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, ErrorCode, Event, EventMeta, Problem, RepoConnectionCreated,
-    RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted,
-    ScheduleToggled, SecretDeleted, SecretSet, TenantCreated, Trigger, WebhookEndpointCreated, WebhookEndpointDeleted,
-    WorkflowVersionStored, subjects::is_token,
+    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, ErrorCode, Event, EventMeta,
+    MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey,
+    RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated, Trigger,
+    WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored, subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -554,21 +554,34 @@ impl Ingest {
     /// Appends one record to the tenant's audit log, once per record id.
     pub async fn record_audit(&self, cmd: RecordAudit) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let r = &cmd.record;
-        let too_long = [
-            r.method.len() > 16,
-            r.path.len() > 2048,
-            r.actor.len() > 128,
-            r.user_agent.as_ref().is_some_and(|u| u.len() > 512),
-        ];
-        if too_long.into_iter().any(|t| t) {
-            return Err(invalid("record", "a field is too long"));
-        }
+        check_audit(&cmd.record, "record")?;
         let mut envelope = EventMeta::new(&cmd.tenant)
             .envelope(self.bus.namespace().audit(&cmd.tenant), Event::AuditRecorded(cmd.record));
         envelope.id = cmd.id;
         let appended = self.bus.append_with_id(None, &envelope, &cmd.id.to_string()).await?;
         Ok(Created { id: cmd.id.to_string(), seq: appended.seq })
+    }
+
+    /// Appends several records to the tenant's audit log as one event, once per first record
+    /// id. Answers with that id.
+    pub async fn record_audits(&self, cmd: RecordAudits) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let Some(first) = cmd.records.first().map(|r| r.id) else {
+            return Err(invalid("records", "at least one record"));
+        };
+        if cmd.records.len() > MAX_AUDIT_BATCH {
+            return Err(invalid("records", format!("at most {MAX_AUDIT_BATCH} records")));
+        }
+        for (i, r) in cmd.records.iter().enumerate() {
+            check_audit(&r.call, &format!("records[{i}]"))?;
+        }
+        let mut envelope = EventMeta::new(&cmd.tenant).envelope(
+            self.bus.namespace().audit(&cmd.tenant),
+            Event::AuditBatchRecorded(AuditBatchRecorded { records: cmd.records }),
+        );
+        envelope.id = first;
+        let appended = self.bus.append_with_id(None, &envelope, &first.to_string()).await?;
+        Ok(Created { id: first.to_string(), seq: appended.seq })
     }
 
     /// Connects a repository: its signed webhooks will start runs of the given workflow.
@@ -697,6 +710,7 @@ impl Ingest {
             serve!("revoke_api_key", revoke_api_key),
             serve!("touch_api_key", touch_api_key),
             serve!("record_audit", record_audit),
+            serve!("record_audits", record_audits),
             serve!("delete_integration", delete_integration),
             serve!("create_repo_connection", create_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
@@ -775,12 +789,29 @@ impl IngestClient {
     pub async fn record_audit(&self, cmd: &RecordAudit) -> Reply<Created> {
         self.call("record_audit", cmd).await
     }
+    pub async fn record_audits(&self, cmd: &RecordAudits) -> Reply<Created> {
+        self.call("record_audits", cmd).await
+    }
     pub async fn delete_integration(&self, cmd: &DeleteIntegration) -> Reply<Created> {
         self.call("delete_integration", cmd).await
     }
     pub async fn create_webhook_endpoint(&self, cmd: &CreateWebhookEndpoint) -> Reply<Created> {
         self.call("create_webhook_endpoint", cmd).await
     }
+}
+
+/// An audit record's fields are within what the audit log keeps.
+fn check_audit(r: &AuditRecorded, field: &str) -> Reply<()> {
+    let too_long = [
+        r.method.len() > 16,
+        r.path.len() > 2048,
+        r.actor.len() > 128,
+        r.user_agent.as_ref().is_some_and(|u| u.len() > 512),
+    ];
+    if too_long.into_iter().any(|t| t) {
+        return Err(invalid(field, "a field is too long"));
+    }
+    Ok(())
 }
 
 /// A run's labels: at most 16, keys 1 to 64 of `[A-Za-z0-9_.-]`, values at most 256 bytes

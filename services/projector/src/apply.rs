@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use taskmesh_bus::Stored;
-use taskmesh_events::Event;
+use taskmesh_events::{AuditRecorded, Event};
 use taskmesh_store::{Alongside, StoreError};
 use uuid::Uuid;
 
@@ -184,16 +184,18 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
 
 /// Whether an event is an audit record (gathered into [`AuditRows`], not applied on its own).
 pub fn is_audit(event: &Event) -> bool {
-    matches!(event, Event::AuditRecorded(_))
+    matches!(event, Event::AuditRecorded(_) | Event::AuditBatchRecorded(_))
 }
 
-/// A batch's audit records (`AuditRecorded`), inserted in one statement with the batch's
+/// A batch's audit records (`AuditRecorded`, and each record of an `AuditBatchRecorded` at its
+/// place, `part`, in the event), inserted in one statement with the batch's
 /// checkpoint: a request's record costs no statement of its own, and a batch of run events
 /// and audit records needs no transaction (see `Projector::apply_batch`).
 #[derive(Default)]
 pub struct AuditRows<'a> {
     tenants: Vec<&'a str>,
     seqs: Vec<i64>,
+    parts: Vec<i32>,
     ids: Vec<Uuid>,
     key_ids: Vec<Option<Uuid>>,
     actors: Vec<&'a str>,
@@ -207,12 +209,25 @@ pub struct AuditRows<'a> {
 }
 
 impl<'a> AuditRows<'a> {
-    /// Takes `stored` if it is an audit record; says whether it was.
+    /// Takes `stored` if it is an audit record, or several; says whether it was.
     pub fn take(&mut self, stored: &'a Stored) -> bool {
-        let Event::AuditRecorded(e) = &stored.envelope.event else { return false };
+        match &stored.envelope.event {
+            Event::AuditRecorded(e) => self.push(stored, 0, stored.envelope.id, e),
+            Event::AuditBatchRecorded(b) => {
+                for (part, r) in (0..).zip(&b.records) {
+                    self.push(stored, part, r.id, &r.call);
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn push(&mut self, stored: &'a Stored, part: i32, id: Uuid, e: &'a AuditRecorded) {
         self.tenants.push(&stored.envelope.tenant);
         self.seqs.push(stored.seq as i64);
-        self.ids.push(stored.envelope.id);
+        self.parts.push(part);
+        self.ids.push(id);
         self.key_ids.push(e.key_id);
         self.actors.push(&e.actor);
         self.methods.push(&e.method);
@@ -222,7 +237,6 @@ impl<'a> AuditRows<'a> {
         self.ips.push(e.ip.as_deref());
         self.user_agents.push(e.user_agent.as_deref());
         self.ats.push(e.at);
-        true
     }
 
     /// Adds the insert of what it took to `writes` (nothing, if it took nothing).
@@ -231,14 +245,15 @@ impl<'a> AuditRows<'a> {
             return Ok(());
         }
         writes.add(
-            "INSERT INTO audit_log (tenant_id, seq, id, key_id, actor, method, path, route, status, ip, user_agent, at)
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
-                                  $8::text[], $9::int[], $10::text[], $11::text[], $12::timestamptz[])
+            "INSERT INTO audit_log (tenant_id, seq, part, id, key_id, actor, method, path, route, status, ip, user_agent, at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], $7::text[],
+                                  $8::text[], $9::text[], $10::int[], $11::text[], $12::text[], $13::timestamptz[])
              WHERE {if_checkpoint_moved}
              ON CONFLICT DO NOTHING",
             |b| {
                 b.bind(&self.tenants)?
                     .bind(&self.seqs)?
+                    .bind(&self.parts)?
                     .bind(&self.ids)?
                     .bind(&self.key_ids)?
                     .bind(&self.actors)?
