@@ -246,70 +246,88 @@ async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
     tm.finish().await;
 }
 
+/// A tenant's whole audit log, newest first, read in pages of `limit`; each page's cursor is
+/// before the last one's.
+async fn audit_log(tm: &TestMesh, key: &str, limit: usize) -> anyhow::Result<Vec<Value>> {
+    let mut seen: Vec<Value> = Vec::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let after = cursor.map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let page: Value =
+            call(tm, key, Method::GET, &format!("/v1/audit?limit={limit}{after}"), None).await.json().await?;
+        seen.extend(page["items"].as_array().cloned().unwrap_or_default());
+        let Some(next) = page["next_cursor"].as_i64() else { return Ok(seen) };
+        assert!(cursor.is_none_or(|before| next < before), "cursor {next} after {cursor:?}");
+        cursor = Some(next);
+    }
+}
+
+/// The paths of the entries whose path starts with `prefix`, sorted.
+fn paths_under(entries: &[Value], prefix: &str) -> Vec<String> {
+    let mut paths: Vec<String> =
+        entries.iter().filter_map(|e| e["path"].as_str()).filter(|p| p.starts_with(prefix)).map(String::from).collect();
+    paths.sort();
+    paths
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_made_together_are_audited_together_each_once_and_paged_in_order() {
-    let mesh = spawn_mesh().await;
+    let mesh = spawn_with(&Svc::ALL, |s| {
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+    })
+    .await;
     let tm = &mesh;
-    // 80 calls at once: the gateway appends those that arrive while an append is under way as
-    // one event.
-    let calls = (0..80).map(|i| async move {
-        let res = call(tm, &tm.key, Method::PUT, &format!("/v1/secrets/S{i}"), Some(json!({"value": "v"}))).await;
-        assert_eq!(res.status(), 204);
+    let beta = new_tenant(tm, "beta").await;
+    // 80 calls at once, two tenants' interleaved: the gateway appends those that arrive while
+    // an append is under way together, one event per tenant.
+    let calls = (0..80).map(|i| {
+        let (key, path) =
+            if i % 2 == 0 { (&tm.key, format!("/v1/secrets/S{i}")) } else { (&beta, format!("/v1/secrets/B{i}")) };
+        async move {
+            let res = call(tm, key, Method::PUT, &path, Some(json!({"value": "v"}))).await;
+            assert_eq!(res.status(), 204);
+        }
     });
     futures::future::join_all(calls).await;
+    let expected = |letter: &str, parity: usize| {
+        let mut p: Vec<String> =
+            (0..80).filter(|i| i % 2 == parity).map(|i| format!("/v1/secrets/{letter}{i}")).collect();
+        p.sort();
+        p
+    };
 
-    // Every call is in the log once, and the log is read whole in pages of 7, each cursor
-    // before the last.
-    let seen = eventually("the whole audit log, paged", Duration::from_secs(20), || async {
-        let mut seen: Vec<Value> = Vec::new();
-        let mut cursor: Option<i64> = None;
-        loop {
-            let after = cursor.map(|c| format!("&cursor={c}")).unwrap_or_default();
-            let res = call(tm, &tm.key, Method::GET, &format!("/v1/audit?limit=7{after}"), None).await;
-            let page: Value = res.json().await?;
-            seen.extend(page["items"].as_array().cloned().unwrap_or_default());
-            let Some(next) = page["next_cursor"].as_i64() else { break };
-            assert!(cursor.is_none_or(|before| next < before), "cursor {next} after {cursor:?}");
-            cursor = Some(next);
-        }
-        seen.retain(|e| e["path"].as_str().is_some_and(|p| p.starts_with("/v1/secrets/S")));
-        Ok((seen.len() >= 80).then_some(seen))
+    // Each tenant's log holds its own calls, each once, read whole one record a page.
+    let default_log = eventually("default's audit log", Duration::from_secs(20), || async {
+        let log = audit_log(tm, &tm.key, 1).await?;
+        Ok((paths_under(&log, "/v1/secrets/").len() >= 40).then_some(log))
     })
     .await
     .unwrap();
-    let mut paths: Vec<&str> = seen.iter().map(|e| e["path"].as_str().unwrap()).collect();
-    paths.sort();
-    paths.dedup();
-    assert_eq!((seen.len(), paths.len()), (80, 80), "each call once: {paths:?}");
-    let mut ids: Vec<&str> = seen.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(paths_under(&default_log, "/v1/secrets/"), expected("S", 0));
+    let beta_log = audit_log(tm, &beta, 7).await.unwrap();
+    assert_eq!(paths_under(&beta_log, "/v1/secrets/"), expected("B", 1));
+    let mut ids: Vec<&str> = default_log.iter().chain(&beta_log).map(|e| e["id"].as_str().unwrap()).collect();
+    let all = ids.len();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 80, "each record has its own id");
+    assert_eq!(ids.len(), all, "each record has its own id");
 
     // Fewer events than records: calls shared appends.
-    let (records, events): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM audit_log WHERE path LIKE '/v1/secrets/S%'")
-            .fetch_one(&tm.pool)
-            .await
-            .unwrap();
+    let (records, events): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (tenant_id, seq)) FROM audit_log WHERE path LIKE '/v1/secrets/%'",
+    )
+    .fetch_one(&tm.pool)
+    .await
+    .unwrap();
     assert_eq!(records, 80);
     assert!(events < records, "{events} events for {records} records: no call shared an append");
 
-    // The command itself: a retried batch is recorded once; a bad one is refused whole.
+    // The commands themselves: a retried batch is recorded once; a bad one is refused whole;
+    // one record (`record_audit`, what gateways sent before) is its event's part 0.
     let ingest = taskmesh_ingest::IngestClient::new(tm.bus.clone());
     let record = |path: &str| taskmesh_events::AuditedCall {
         id: uuid::Uuid::now_v7(),
-        call: taskmesh_events::AuditRecorded {
-            key_id: None,
-            actor: "platform-admin".into(),
-            method: "POST".into(),
-            path: path.into(),
-            route: None,
-            status: 200,
-            ip: None,
-            user_agent: None,
-            at: chrono::Utc::now(),
-        },
+        call: taskmesh_testkit::audit_record(path),
     };
     let batch = |records| taskmesh_events::command::RecordAudits { tenant: "default".into(), records };
     let twice = batch(vec![record("/retried/0"), record("/retried/1")]);
@@ -319,18 +337,23 @@ async fn calls_made_together_are_audited_together_each_once_and_paged_in_order()
         let problem = ingest.record_audits(&batch(bad)).await.unwrap_err();
         assert_eq!(problem.code, taskmesh_events::ErrorCode::BadRequest, "{problem:?}");
     }
+    let single = record("/single");
+    let cmd = taskmesh_events::command::RecordAudit { tenant: "default".into(), id: single.id, record: single.call };
+    ingest.record_audit(&cmd).await.unwrap();
     tm.wait_projected().await;
-    let retried: Vec<(String, i32)> =
-        sqlx::query_as("SELECT path, part FROM audit_log WHERE path LIKE '/retried/%' ORDER BY part")
-            .fetch_all(&tm.pool)
-            .await
-            .unwrap();
-    assert_eq!(retried, [("/retried/0".to_string(), 0), ("/retried/1".to_string(), 1)]);
-    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE path IN ('/ok', '/many')")
-        .fetch_one(&tm.pool)
-        .await
-        .unwrap();
-    assert_eq!(refused, 0, "nothing of a refused batch is recorded");
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT path, part FROM audit_log WHERE path LIKE '/retried/%' OR path IN ('/single', '/ok', '/many') ORDER BY path",
+    )
+    .fetch_all(&tm.pool)
+    .await
+    .unwrap();
+    let rows: Vec<(&str, i32)> = rows.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+    assert_eq!(rows, [("/retried/0", 0), ("/retried/1", 1), ("/single", 0)], "nothing of a refused batch");
+    // Paged one record at a time, the two records of one event are both read, in order.
+    let log = audit_log(tm, &tm.key, 1).await.unwrap();
+    let newest: Vec<&str> = log.iter().take(3).map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(newest, ["/single", "/retried/1", "/retried/0"]);
+    assert_eq!(log.len(), default_log.len() + 3);
     mesh.finish().await;
 }
 

@@ -208,6 +208,39 @@ pub struct AuditRecorded {
     pub at: DateTime<Utc>,
 }
 
+impl AuditRecorded {
+    /// Longest `method`, `actor`, `path` and `user_agent` the audit log keeps, in bytes.
+    pub const MAX_METHOD: usize = 16;
+    pub const MAX_ACTOR: usize = 128;
+    pub const MAX_PATH: usize = 2048;
+    pub const MAX_USER_AGENT: usize = 512;
+
+    /// Whether every field is within what the audit log keeps.
+    pub fn fits(&self) -> bool {
+        self.method.len() <= Self::MAX_METHOD
+            && self.actor.len() <= Self::MAX_ACTOR
+            && self.path.len() <= Self::MAX_PATH
+            && self.user_agent.as_ref().is_none_or(|u| u.len() <= Self::MAX_USER_AGENT)
+    }
+
+    /// Cuts every field to what the audit log keeps, at a character boundary: then it
+    /// [`fits`](Self::fits).
+    pub fn clip(&mut self) {
+        fn cut(s: &mut String, max: usize) {
+            if s.len() > max {
+                let end = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                s.truncate(end);
+            }
+        }
+        cut(&mut self.method, Self::MAX_METHOD);
+        cut(&mut self.actor, Self::MAX_ACTOR);
+        cut(&mut self.path, Self::MAX_PATH);
+        if let Some(u) = self.user_agent.as_mut() {
+            cut(u, Self::MAX_USER_AGENT);
+        }
+    }
+}
+
 /// Most records one [`AuditBatchRecorded`] holds.
 pub const MAX_AUDIT_BATCH: usize = 256;
 
@@ -616,5 +649,32 @@ impl Status {
             Status::Skipped => "skipped",
             Status::TimedOut => "timed_out",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clipped_audit_record_fits_and_is_cut_at_a_character_boundary() {
+        let mut r = AuditRecorded {
+            key_id: None,
+            actor: "key:tm_abc".into(),
+            method: "POST".into(),
+            // 'é' is two bytes: 2,047 of them end in the middle of one.
+            path: format!("/{}", "é".repeat(1_500)),
+            route: None,
+            status: 200,
+            ip: None,
+            user_agent: Some("ü".repeat(300)),
+            at: Utc::now(),
+        };
+        assert!(!r.fits());
+        r.clip();
+        assert!(r.fits());
+        assert_eq!(r.path.len(), 2_047, "the last whole character before 2,048 bytes");
+        assert_eq!(r.user_agent.as_ref().unwrap().len(), 512);
+        assert_eq!((r.actor.as_str(), r.method.as_str()), ("key:tm_abc", "POST"), "what fits is kept");
     }
 }

@@ -7,7 +7,7 @@
 //! shown with `TEST_LOG=1`.
 //!
 //! # Layout
-//! Everything is in this file: [`TestEnv`], [`eventually`], [`init_logs`].
+//! Everything is in this file: [`TestEnv`], [`eventually`], [`init_logs`], [`audit_record`].
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -130,6 +130,21 @@ async fn sweep_stale_streams(bus: &Bus) {
                 let _ = bus.jetstream().delete_stream(&name).await;
             }
         }
+    }
+}
+
+/// An audit record of a `POST` to `path` answered `200`, made now by a key.
+pub fn audit_record(path: &str) -> taskmesh_events::AuditRecorded {
+    taskmesh_events::AuditRecorded {
+        key_id: None,
+        actor: "key:tm_test".into(),
+        method: "POST".into(),
+        path: path.into(),
+        route: None,
+        status: 200,
+        ip: None,
+        user_agent: None,
+        at: chrono::Utc::now(),
     }
 }
 

@@ -381,7 +381,8 @@ pub async fn middleware(State(state): State<AppState>, mut req: Request, next: N
         key_id: Some(caller.key_id),
         actor: format!("key:{}", caller.prefix),
         method: req.method().to_string(),
-        path: req.uri().path().chars().take(2048).collect(),
+        // Cut again, by bytes, when it is queued (`AuditRecorded::clip`).
+        path: req.uri().path().chars().take(AuditRecorded::MAX_PATH).collect(),
         route: req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()),
         status: 0,
         ip: peer.map(|p| p.to_string()),
@@ -433,7 +434,10 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) 
 
 /// The caller's `User-Agent`, as much of it as the audit log keeps.
 pub fn user_agent(headers: &HeaderMap) -> Option<String> {
-    headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|u| u.chars().take(512).collect())
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|u| u.chars().take(AuditRecorded::MAX_USER_AGENT).collect())
 }
 
 #[cfg(test)]

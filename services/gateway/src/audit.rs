@@ -155,7 +155,9 @@ impl AuditWriter {
 
     /// Appends `record` to `tenant`'s audit log, and returns once it is appended. A failure is
     /// logged, not answered: the call itself is done.
-    pub async fn record(&self, tenant: &str, record: AuditRecorded) {
+    pub async fn record(&self, tenant: &str, mut record: AuditRecorded) {
+        // Cut to what the log keeps, so that ingest refuses no record, and no batch for it.
+        record.clip();
         let (appended, done) = oneshot::channel();
         let call = AuditedCall { id: Uuid::now_v7(), call: record };
         if self.queue.send(Pending { tenant: tenant.to_string(), call, appended }).await.is_err() {
@@ -210,18 +212,100 @@ async fn append_all(ingest: IngestClient, mut rx: mpsc::Receiver<Pending>) {
             tenants[i].2.push(p.appended);
         }
         let appends = tenants.into_iter().map(|(tenant, records, waiting)| {
-            let ingest = ingest.clone();
+            let ingest = &ingest;
             async move {
-                let count = records.len();
-                let cmd = RecordAudits { tenant, records };
-                if let Err(e) = ingest.record_audits(&cmd).await {
-                    tracing::warn!(error = %e, tenant = cmd.tenant, count, "recording audit entries failed");
-                }
+                append(ingest, RecordAudits { tenant, records }).await;
                 for w in waiting {
                     let _ = w.send(());
                 }
             }
         });
         futures::future::join_all(appends).await;
+    }
+}
+
+/// Appends one tenant's records. Should ingest refuse them (it should not: they are clipped),
+/// they are sent again one by one, so only a bad record is lost.
+async fn append(ingest: &IngestClient, cmd: RecordAudits) {
+    let e = match send(ingest, &cmd).await {
+        Ok(()) => return,
+        Err(e) => e,
+    };
+    if e.code == ErrorCode::BadRequest && cmd.records.len() > 1 {
+        for record in cmd.records {
+            let one = RecordAudits { tenant: cmd.tenant.clone(), records: vec![record] };
+            if let Err(e) = send(ingest, &one).await {
+                tracing::warn!(error = %e, tenant = one.tenant, "recording an audit entry failed");
+            }
+        }
+        return;
+    }
+    tracing::warn!(error = %e, tenant = cmd.tenant, count = cmd.records.len(), "recording audit entries failed");
+}
+
+/// Sends `cmd`, and once more, unchanged, if it was not refused (no answer, say): its first
+/// record's id deduplicates the append, should the first have been made.
+async fn send(ingest: &IngestClient, cmd: &RecordAudits) -> Result<(), taskmesh_events::Problem> {
+    match ingest.record_audits(cmd).await {
+        Err(e) if e.code != ErrorCode::BadRequest => ingest.record_audits(cmd).await.map(drop),
+        answered => answered.map(drop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use taskmesh_events::Event;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    use taskmesh_testkit::audit_record as call;
+
+    /// The paths of each event on `tenant`'s audit subject.
+    async fn appended(bus: &taskmesh_bus::Bus, tenant: &str) -> Vec<Vec<String>> {
+        let stored = bus.read_subject(&bus.namespace().audit(tenant), 0).await.unwrap();
+        stored
+            .iter()
+            .map(|s| match &s.envelope.event {
+                Event::AuditBatchRecorded(b) => b.records.iter().map(|r| r.call.path.clone()).collect(),
+                other => panic!("{other:?} on the audit subject"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn records_are_clipped_and_a_refused_batch_goes_again_one_by_one() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let stop = CancellationToken::new();
+        let ingest = tokio::spawn(taskmesh_ingest::Ingest::new(bus.clone()).run(stop.clone()));
+        let client = IngestClient::new(bus.clone());
+        let probe = || RecordAudits {
+            tenant: "probe".into(),
+            records: vec![AuditedCall { id: Uuid::now_v7(), call: call("/") }],
+        };
+        taskmesh_testkit::eventually("ingest to answer", std::time::Duration::from_secs(10), || async {
+            Ok(client.record_audits(&probe()).await.ok())
+        })
+        .await
+        .unwrap();
+
+        // A path of 3,000 bytes (in two-byte characters) is cut to what the log keeps.
+        let writer = AuditWriter::start(client.clone());
+        writer.record("clipped", call(&"é".repeat(1_500))).await;
+        let clipped = appended(&bus, "clipped").await;
+        assert_eq!(clipped.len(), 1);
+        assert_eq!(clipped[0][0].len(), 2_048);
+
+        // A batch ingest refuses (one record too long) goes again a record at a time: only the
+        // bad one is lost.
+        let records = [call("/a"), call(&"x".repeat(3_000)), call("/b")];
+        let records = records.into_iter().map(|c| AuditedCall { id: Uuid::now_v7(), call: c }).collect();
+        append(&client, RecordAudits { tenant: "mixed".into(), records }).await;
+        assert_eq!(appended(&bus, "mixed").await, [vec!["/a".to_string()], vec!["/b".to_string()]]);
+
+        stop.cancel();
+        ingest.await.unwrap().unwrap();
+        env.cleanup().await;
     }
 }

@@ -802,13 +802,7 @@ impl IngestClient {
 
 /// An audit record's fields are within what the audit log keeps.
 fn check_audit(r: &AuditRecorded, field: &str) -> Reply<()> {
-    let too_long = [
-        r.method.len() > 16,
-        r.path.len() > 2048,
-        r.actor.len() > 128,
-        r.user_agent.as_ref().is_some_and(|u| u.len() > 512),
-    ];
-    if too_long.into_iter().any(|t| t) {
+    if !r.fits() {
         return Err(invalid(field, "a field is too long"));
     }
     Ok(())
