@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use eventsource_stream::Eventsource;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 /// The gateway URL when nothing else names one.
@@ -204,12 +206,35 @@ impl Client {
     }
 }
 
+/// A Server-Sent Events stream the gateway answers.
+type Events = std::pin::Pin<
+    Box<
+        dyn futures::Stream<
+                Item = Result<eventsource_stream::Event, eventsource_stream::EventStreamError<reqwest::Error>>,
+            > + Send,
+    >,
+>;
+
+/// Opens the event stream at `path`; none if the gateway answers anything but one.
+async fn open_events(client: &Client, path: &str) -> Option<Events> {
+    let res = client.http.get(format!("{}{path}", client.url)).bearer_auth(&client.key).send().await.ok()?;
+    let is_events = res
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/event-stream"));
+    (res.status().is_success() && is_events).then(|| Box::pin(res.bytes_stream().eventsource()) as Events)
+}
+
+/// The log sequence an event's `id` (`{seq}` or `{seq}.{part}`) names.
+fn event_seq(event: &eventsource_stream::Event) -> Option<u64> {
+    event.id.split('.').next().and_then(|s| s.parse().ok())
+}
+
 /// A run's event stream (`GET /v1/runs/{id}/events`), read only to learn that something
 /// happened and up to which log sequence.
 struct RunEvents {
-    res: reqwest::Response,
-    /// What arrived and is not yet a whole line.
-    partial: String,
+    events: Events,
 }
 
 /// What waiting on [`RunEvents`] found.
@@ -224,38 +249,76 @@ enum Woken {
 
 impl RunEvents {
     async fn open(client: &Client, run: &str) -> Option<Self> {
-        let url = format!("{}/v1/runs/{run}/events", client.url);
-        let res = client.http.get(url).bearer_auth(&client.key).send().await.ok()?;
-        res.status().is_success().then(|| Self { res, partial: String::new() })
+        open_events(client, &format!("/v1/runs/{run}/events")).await.map(|events| Self { events })
     }
 
-    /// Waits up to `wait` for the next events; says the highest sequence among them.
+    /// Waits up to `wait` for the next events; says the highest sequence among those that
+    /// have arrived.
     async fn next(&mut self, wait: Duration) -> Woken {
         let until = tokio::time::Instant::now() + wait;
         loop {
-            let chunk = match tokio::time::timeout_at(until, self.res.chunk()).await {
+            let event = match tokio::time::timeout_at(until, self.events.next()).await {
                 Err(_) => return Woken::Quiet,
-                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Some(Ok(event))) => event,
                 Ok(_) => return Woken::Closed,
             };
-            self.partial.push_str(&String::from_utf8_lossy(&chunk));
-            // An event's `id` is `{seq}` or `{seq}.{part}`.
-            let mut seen = None;
-            while let Some(end) = self.partial.find('\n') {
-                let line: String = self.partial.drain(..=end).collect();
-                if let Some(id) = line.strip_prefix("id:") {
-                    let seq = id.trim().split('.').next().and_then(|s| s.parse::<u64>().ok());
-                    seen = seen.max(seq);
-                }
+            let Some(mut seen) = event_seq(&event) else { continue };
+            while let Some(Some(Ok(more))) = self.events.next().now_or_never() {
+                seen = seen.max(event_seq(&more).unwrap_or(0));
             }
-            if self.partial.len() > 1 << 20 {
-                return Woken::Closed; // no line ends: not an event stream
-            }
-            if let Some(seq) = seen {
-                return Woken::Event(seq);
-            }
+            return Woken::Event(seen);
         }
     }
+}
+
+/// Prints every line of a step's log after sequence `after`, a page at a time, with `show`;
+/// returns the last line's sequence (`after` if there was none).
+async fn print_pages(
+    client: &Client,
+    run: &str,
+    step: &str,
+    mut after: u64,
+    show: impl Fn(&Value),
+) -> anyhow::Result<u64> {
+    loop {
+        let path = format!("/v1/runs/{run}/steps/{step}/logs?after={after}&limit=1000");
+        let page = client.call(reqwest::Method::GET, &path, None).await?;
+        page["lines"].as_array().into_iter().flatten().for_each(&show);
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => return Ok(after),
+        }
+    }
+}
+
+/// How following a step's log stream ended.
+enum Followed {
+    /// The gateway said the step has ended, every line out.
+    Ended,
+    /// The stream broke off.
+    Broken,
+    /// No stream could be had.
+    Unavailable,
+}
+
+/// Prints a step's log lines with `show` as the gateway streams them (`follow=true`), from
+/// after `after`, moving `after` on with each.
+async fn follow_log(client: &Client, run: &str, step: &str, after: &mut u64, show: impl Fn(&Value)) -> Followed {
+    let path = format!("/v1/runs/{run}/steps/{step}/logs?follow=true&after={after}");
+    let Some(mut events) = open_events(client, &path).await else { return Followed::Unavailable };
+    while let Some(event) = events.next().await {
+        let Ok(event) = event else { return Followed::Broken };
+        match event.event.as_str() {
+            "end" => return Followed::Ended,
+            "line" => {
+                let Ok(line) = serde_json::from_str::<Value>(&event.data) else { continue };
+                show(&line);
+                *after = line["seq"].as_u64().unwrap_or(*after);
+            }
+            _ => {}
+        }
+    }
+    Followed::Broken
 }
 
 /// The server and key the client commands use, and where each came from.
@@ -486,21 +549,15 @@ pub async fn run(
                 let sid = step["id"].as_str().unwrap_or("?").to_string();
                 let status = step["status"].as_str().unwrap_or("").to_string();
                 if follow && status != "queued" {
+                    // Every line there is, however many: those of a step that has ended are
+                    // all out, and the run may be over now.
                     let after = log_after.get(&sid).copied().unwrap_or(0);
-                    let page = client
-                        .call(
-                            reqwest::Method::GET,
-                            &format!("/v1/runs/{id}/steps/{sid}/logs?after={after}&limit=1000"),
-                            None,
-                        )
-                        .await
-                        .unwrap_or(Value::Null);
-                    for line in page["lines"].as_array().into_iter().flatten() {
+                    let show = |line: &Value| {
                         if !client.json {
                             println!("[{sid}] {}", line["line"].as_str().unwrap_or(""));
                         }
-                    }
-                    if let Some(next) = page["next"].as_u64() {
+                    };
+                    if let Ok(next) = print_pages(&client, &id, &sid, after, show).await {
                         log_after.insert(sid.clone(), next);
                     }
                 }
@@ -625,42 +682,41 @@ pub async fn runs(conn: &Connection, cmd: Runs) -> anyhow::Result<i32> {
     }
 }
 
-/// `taskmesh logs RUN STEP [-f]`.
+/// `taskmesh logs RUN STEP [-f]`: the step's lines so far; with `-f`, then each as it comes,
+/// until the step has ended.
 pub async fn logs(conn: &Connection, run: String, step: String, follow: bool) -> anyhow::Result<i32> {
     let client = Client::new(conn)?;
-    let mut after = 0u64;
+    let show = |line: &Value| {
+        if client.json {
+            println!("{line}");
+        } else {
+            println!("{}", line["line"].as_str().unwrap_or(""));
+        }
+    };
+    let mut after = print_pages(&client, &run, &step, 0, show).await?;
+    if !follow {
+        return Ok(0);
+    }
+    // The gateway streams lines as they come and ends the stream once the step has ended and
+    // every line is out. A stream that breaks off is opened again after the last line shown;
+    // where none can be had, the step is looked at every 200 ms.
     loop {
-        let page = client
-            .call(reqwest::Method::GET, &format!("/v1/runs/{run}/steps/{step}/logs?after={after}&limit=1000"), None)
-            .await?;
-        for line in page["lines"].as_array().into_iter().flatten() {
-            if client.json {
-                println!("{line}");
-            } else {
-                println!("{}", line["line"].as_str().unwrap_or(""));
+        match follow_log(&client, &run, &step, &mut after, show).await {
+            Followed::Ended => return Ok(0),
+            Followed::Broken => {}
+            Followed::Unavailable => {
+                let run_view = client.call(reqwest::Method::GET, &format!("/v1/runs/{run}"), None).await?;
+                let ended = run_view["steps"]
+                    .as_array()
+                    .and_then(|s| s.iter().find(|x| x["id"] == step.as_str()))
+                    .is_some_and(|s| !matches!(s["status"].as_str(), Some("queued" | "running")));
+                // Executors send every line before they report: once the step has ended, this
+                // reads the rest.
+                after = print_pages(&client, &run, &step, after, show).await?;
+                if ended {
+                    return Ok(0);
+                }
             }
-        }
-        if let Some(next) = page["next"].as_u64() {
-            after = next;
-            continue;
-        }
-        if !follow {
-            return Ok(0);
-        }
-        let status = client.call(reqwest::Method::GET, &format!("/v1/runs/{run}"), None).await?;
-        let ended = status["steps"]
-            .as_array()
-            .and_then(|s| s.iter().find(|x| x["id"] == step.as_str()))
-            .is_some_and(|s| !matches!(s["status"].as_str(), Some("queued" | "running")));
-        if ended {
-            // One last page: every line is out before a step ends.
-            let last = client
-                .call(reqwest::Method::GET, &format!("/v1/runs/{run}/steps/{step}/logs?after={after}&limit=1000"), None)
-                .await?;
-            for line in last["lines"].as_array().into_iter().flatten() {
-                println!("{}", line["line"].as_str().unwrap_or(""));
-            }
-            return Ok(0);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

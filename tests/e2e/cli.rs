@@ -134,6 +134,47 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn following_a_chatty_step_shows_every_line_once_in_order_and_stops_when_it_ends() {
+    let tm = spawn_mesh().await;
+    // A pause, then 2,500 lines at once (more than a page of 1,000) just before the step ends.
+    let path = std::env::temp_dir().join(format!("{}-chatty.yml", tm.env.database));
+    std::fs::write(&path, "name: chatty\nsteps:\n  - {id: a, run: 'echo first; sleep 1; seq 1 2500'}\n").unwrap();
+    let path = path.to_str().unwrap();
+    let expected: Vec<String> = ["first".to_string()].into_iter().chain((1..=2500).map(|i| i.to_string())).collect();
+
+    let (code, out, err) = taskmesh(&tm, &["run", path, "--wait", "--follow"]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("[a] ")).collect();
+    assert_eq!(shown, expected, "run --follow shows every line once, in order");
+
+    // `logs -f` from while the step runs: the lines so far, then the rest as they come, and it
+    // returns once the step has ended.
+    let (code, out, _) = taskmesh(&tm, &["run", path]).await;
+    assert_eq!(code, 0);
+    let id = out.trim().to_string();
+    eventually("the step running", Duration::from_secs(20), || async {
+        let run: Value =
+            tm.http.get(format!("{}/v1/runs/{id}", tm.api)).bearer_auth(&tm.key).send().await?.json().await?;
+        Ok((run["steps"][0]["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    let (code, out, err) = taskmesh(&tm, &["logs", &id, "a", "-f"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected, "logs -f shows every line once, in order");
+    let (_, run, _) = taskmesh(&tm, &["runs", "get", &id, "--output", "json"]).await;
+    let run = parse(&run);
+    assert_ne!(run["steps"][0]["status"], "running", "it returned before the step ended: {run}");
+    // As JSON, a line is an object.
+    let (code, out, _) = taskmesh(&tm, &["logs", &id, "a", "-f", "--output", "json"]).await;
+    assert_eq!(code, 0);
+    let last = parse(out.lines().last().unwrap());
+    assert_eq!((last["line"].as_str(), last["stream"].as_str()), (Some("2500"), Some("stdout")));
+    let _ = std::fs::remove_file(path);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line() {
     let tm = spawn_mesh().await;
     let dir = tempfile::tempdir().unwrap();

@@ -75,8 +75,10 @@ pub async fn run_events(
                 .flatten()
                 .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"))
         };
-        crate::logs::follow_until_ended(messages, &tx, to_event, ended).await;
-        let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
+        // Broken off, the stream just ends: the client opens it again from its last event.
+        if crate::logs::follow_until_ended(messages, &tx, to_event, ended).await {
+            let _ = tx.send(SseEvent::default().event("end").data("the run has ended")).await;
+        }
     });
     Ok(crate::logs::sse(rx))
 }

@@ -207,21 +207,26 @@ fn follow(state: AppState, tenant: String, run_id: Uuid, step: String, subject: 
                 .map(|r| r.get::<String, _>("status"))
                 .is_some_and(|s| !matches!(s.as_str(), "queued" | "running"))
         };
-        follow_until_ended(messages, &tx, to_event, ended).await;
-        let _ = tx.send(SseEvent::default().event("end").data("the step has ended")).await;
+        // Broken off, the stream just ends: the client opens it again from its last line.
+        if follow_until_ended(messages, &tx, to_event, ended).await {
+            let _ = tx.send(SseEvent::default().event("end").data("the step has ended")).await;
+        }
     });
     sse(rx)
 }
 
 /// Sends each message of `messages` as the events `to_event` makes of it (the flag says it
 /// was the last there will be) until the client goes away, the last one is sent, or `ended`
-/// says the source has ended and a short wait brings nothing more.
+/// says the source has ended and a short wait brings nothing more. Says whether it got to the
+/// end (not when the client went away or the messages broke off: then the client must not be
+/// told the source has ended).
 pub(crate) async fn follow_until_ended<F, E, Fut>(
     mut messages: async_nats::jetstream::consumer::pull::Ordered,
     tx: &tokio::sync::mpsc::Sender<SseEvent>,
     to_event: F,
     ended: E,
-) where
+) -> bool
+where
     F: Fn(&async_nats::jetstream::Message) -> Vec<(SseEvent, bool)>,
     E: Fn() -> Fut,
     Fut: Future<Output = bool>,
@@ -232,13 +237,20 @@ pub(crate) async fn follow_until_ended<F, E, Fut>(
         match tokio::time::timeout(wait, messages.next()).await {
             Ok(Some(Ok(msg))) => {
                 for (event, last) in to_event(&msg) {
-                    if tx.send(event).await.is_err() || last {
-                        return; // the client went away, or that was all
+                    if tx.send(event).await.is_err() {
+                        return false; // the client went away
+                    }
+                    if last {
+                        return true;
                     }
                 }
             }
-            Ok(_) => return,
-            Err(_) if draining || tx.is_closed() => return,
+            Ok(_) => {
+                tracing::debug!("a followed stream broke off");
+                return false;
+            }
+            Err(_) if tx.is_closed() => return false,
+            Err(_) if draining => return true,
             Err(_) => draining = ended().await,
         }
     }
