@@ -6,6 +6,8 @@
 //! after a crash finds it started. Ticks missed while no scheduler ran are fired or skipped by
 //! the catch-up policy.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{BusError, Stored};
 use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
@@ -18,7 +20,10 @@ use crate::{MAX_CONFLICTS, Scheduler};
 /// A schedule's state, folded from its events up to `last_seq`.
 #[derive(Clone)]
 pub(crate) struct ScheduleState {
-    spec: ScheduleSpec,
+    /// Shared with [`Folded`]: taking a state out of it does not copy the spec.
+    spec: Arc<ScheduleSpec>,
+    /// About how many bytes the spec takes (its JSON), for [`Folded`]'s bound.
+    size: usize,
     paused: bool,
     last_tick: Option<DateTime<Utc>>,
     last_run: Option<Uuid>,
@@ -33,7 +38,8 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
         None => {
             let Event::ScheduleCreated(created) = &events.first()?.envelope.event else { return None };
             let state = ScheduleState {
-                spec: created.spec.clone(),
+                spec: Arc::new(created.spec.clone()),
+                size: serde_json::to_vec(&created.spec).map_or(0, |j| j.len()) + std::mem::size_of::<ScheduleState>(),
                 paused: false,
                 last_tick: None,
                 last_run: None,
@@ -63,37 +69,51 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
 
 /// Most schedules whose folded state a scheduler keeps between ticks.
 const FOLDED_SCHEDULES: usize = 10_000;
+/// Most bytes of folded states (their specs' JSON, roughly: an inline workflow can be large) a
+/// scheduler keeps between ticks.
+const FOLDED_BYTES: usize = 64 << 20;
 
 /// Schedules' states as this scheduler last folded them, so that a tick reads only the events
 /// after them (a schedule ticking every minute has half a million events after a year; reading
-/// them all at each tick would make every tick slower than the last). Bounded by count: when
-/// full, a schedule not yet held takes an arbitrary one's place, and a schedule not held is
-/// read whole (so beyond the bound, some ticks read whole logs).
+/// them all at each tick would make every tick slower than the last). Bounded by count
+/// ([`FOLDED_SCHEDULES`]) and by size ([`FOLDED_BYTES`]): when full, a schedule not yet held
+/// takes the place of arbitrary ones, and a schedule not held is read whole (so beyond the
+/// bounds, some ticks read whole logs).
 #[derive(Default)]
-pub(crate) struct Folded(std::sync::Mutex<std::collections::HashMap<(String, Uuid), ScheduleState>>);
+pub(crate) struct Folded(std::sync::Mutex<Held>);
+
+/// What [`Folded`] holds, and the sum of its states' sizes.
+#[derive(Default)]
+pub(crate) struct Held {
+    states: std::collections::HashMap<(String, Uuid), ScheduleState>,
+    bytes: usize,
+}
+
+impl Held {
+    fn remove(&mut self, key: &(String, Uuid)) {
+        if let Some(old) = self.states.remove(key) {
+            self.bytes -= old.size;
+        }
+    }
+}
 
 impl Folded {
     fn get(&self, tenant: &str, id: Uuid) -> Option<ScheduleState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&(tenant.to_string(), id)).cloned()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).states.get(&(tenant.to_string(), id)).cloned()
     }
 
     fn put(&self, tenant: &str, id: Uuid, state: Option<&ScheduleState>) {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let key = (tenant.to_string(), id);
-        match state {
-            Some(state) => {
-                if held.len() >= FOLDED_SCHEDULES
-                    && !held.contains_key(&key)
-                    && let Some(other) = held.keys().next().cloned()
-                {
-                    held.remove(&other);
-                }
-                held.insert(key, state.clone());
-            }
-            None => {
-                held.remove(&key);
-            }
+        held.remove(&key);
+        // One bigger than the whole bound is never held.
+        let Some(state) = state.filter(|s| s.size <= FOLDED_BYTES) else { return };
+        while held.states.len() >= FOLDED_SCHEDULES || held.bytes + state.size > FOLDED_BYTES {
+            let Some(other) = held.states.keys().next().cloned() else { break };
+            held.remove(&other);
         }
+        held.bytes += state.size;
+        held.states.insert(key, state.clone());
     }
 }
 
@@ -312,5 +332,46 @@ mod tests {
         assert!(deleted.is_none());
         assert!(fold(None, &events[1..]).is_none(), "no ScheduleCreated first");
         assert!(fold(None, &[]).is_none());
+    }
+
+    #[test]
+    fn the_folded_states_stay_within_their_count_and_their_bytes() {
+        let spec: Arc<ScheduleSpec> =
+            Arc::new(serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap());
+        let state = |size| ScheduleState {
+            spec: spec.clone(),
+            size,
+            paused: false,
+            last_tick: None,
+            last_run: None,
+            last_seq: 1,
+        };
+        let folded = Folded::default();
+        let bytes = || folded.0.lock().unwrap().bytes;
+        let count = || folded.0.lock().unwrap().states.len();
+        // By bytes: three of a third of the bound fit; a fourth takes one's place.
+        let third = FOLDED_BYTES / 3;
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        for id in &ids {
+            folded.put("t", *id, Some(&state(third)));
+            assert!(bytes() <= FOLDED_BYTES);
+        }
+        assert_eq!((count(), bytes()), (3, 3 * third));
+        assert!(folded.get("t", ids[3]).is_some(), "the newest is held");
+        // Put again, a state is counted once; taken out, it is no longer counted.
+        folded.put("t", ids[3], Some(&state(10)));
+        assert_eq!((count(), bytes()), (3, 2 * third + 10));
+        folded.put("t", ids[3], None);
+        assert_eq!((count(), bytes()), (2, 2 * third));
+        // One bigger than the whole bound is not held, and leaves the others be.
+        folded.put("t", ids[3], Some(&state(FOLDED_BYTES + 1)));
+        assert_eq!((count(), bytes()), (2, 2 * third));
+        // By count.
+        for _ in 0..FOLDED_SCHEDULES + 5 {
+            folded.put("t", Uuid::now_v7(), Some(&state(1)));
+        }
+        assert_eq!(count(), FOLDED_SCHEDULES);
+        let held = folded.0.lock().unwrap();
+        assert_eq!(held.bytes, held.states.values().map(|s| s.size).sum::<usize>());
     }
 }
