@@ -78,6 +78,21 @@ async fn burst(tm: &TestMesh, keys: &[String], clients: usize, each: usize) -> B
     Burst { ok, limited, elapsed: start.elapsed() }
 }
 
+/// Tenant `default` gets a small bucket (20, refilled at 10/s) shared by its keys, whose own
+/// buckets are large.
+fn small_bucket_for_default(s: &mut taskmesh_config::Settings) {
+    s.limits.tenants.insert(
+        "default".into(),
+        TenantLimits {
+            requests_per_second: Some(10),
+            request_burst: Some(20),
+            key_requests_per_second: Some(1000),
+            key_request_burst: Some(1000),
+            ..Default::default()
+        },
+    );
+}
+
 /// The most a token bucket lets through in `elapsed`: its size, plus what refilled, plus one
 /// for a token refilled while the last answer travelled.
 fn bucket_allows(rate: u32, burst: u32, elapsed: Duration) -> usize {
@@ -88,17 +103,7 @@ fn bucket_allows(rate: u32, burst: u32, elapsed: Duration) -> usize {
 async fn a_burst_from_50_clients_is_held_to_the_buckets_and_another_tenant_is_unaffected() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |s| {
         s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
-        // Tenant `default`: a small tenant bucket shared by its keys.
-        s.limits.tenants.insert(
-            "default".into(),
-            TenantLimits {
-                requests_per_second: Some(10),
-                request_burst: Some(20),
-                key_requests_per_second: Some(1000),
-                key_request_burst: Some(1000),
-                ..Default::default()
-            },
-        );
+        small_bucket_for_default(s);
         // Tenant `beta`: a small bucket per key, a large one for the tenant.
         s.limits.tenants.insert(
             "beta".into(),
@@ -144,6 +149,56 @@ async fn a_burst_from_50_clients_is_held_to_the_buckets_and_another_tenant_is_un
     // After waiting as told, a throttled client gets through.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(call(&tm, &tm.key, Method::GET, "/v1/runs", None).await.status(), 200);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateways_of_one_mesh_share_a_tenants_rate_limit() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], small_bucket_for_default).await;
+    let second = taskmesh::mesh::Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &[Svc::Gateway])
+        .await
+        .unwrap();
+    let apis = [tm.api.clone(), format!("http://{}", second.gateway.unwrap())];
+    // Each gateway counts two, and takes half of the tenant's bucket, as its RateLimit-Limit says.
+    let limit_is = |api: String, limit: &'static str| {
+        let tm = &tm;
+        async move {
+            eventually(&format!("{api} to take a bucket of {limit}"), Duration::from_secs(20), || async {
+                let res = tm.http.get(format!("{api}/v1/runs?limit=1")).bearer_auth(&tm.key).send().await?;
+                Ok(res.headers().get("ratelimit-limit").is_some_and(|v| v == limit).then_some(()))
+            })
+            .await
+            .unwrap();
+        }
+    };
+    limit_is(apis[0].clone(), "10").await;
+    limit_is(apis[1].clone(), "10").await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // refill what that used
+
+    // 40 requests at each gateway at once: together they serve what the tenant's one bucket
+    // allows, each about half.
+    let fire = |api: &str| {
+        let calls = (0..40).map(|_| {
+            let req = tm.http.get(format!("{api}/v1/runs?limit=1")).bearer_auth(&tm.key);
+            async move { req.send().await.unwrap().status().as_u16() }
+        });
+        futures::future::join_all(calls)
+    };
+    let start = Instant::now();
+    let (a, b) = tokio::join!(fire(&apis[0]), fire(&apis[1]));
+    let elapsed = start.elapsed();
+    let served = |s: &[u16]| s.iter().filter(|&&c| c == 200).count();
+    assert!(a.iter().chain(&b).all(|&c| c == 200 || c == 429), "{a:?} {b:?}");
+    let (a, b) = (served(&a), served(&b));
+    assert!(a >= 10 && b >= 10, "each serves its half of the burst: {a} and {b}");
+    assert!(
+        a + b <= bucket_allows(10, 20, elapsed) + 1,
+        "{a} + {b} served in {elapsed:?}: more than the tenant's bucket allows"
+    );
+
+    // Alone again, a gateway takes the whole bucket (within a count, 5 s).
+    second.stop().await.unwrap();
+    limit_is(apis[0].clone(), "20").await;
     tm.finish().await;
 }
 

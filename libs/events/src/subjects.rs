@@ -74,6 +74,11 @@ impl Namespace {
     pub fn group_member(&self, tenant: &str, token: &str, run_id: Uuid) -> String {
         format!("{}.group.{tenant}.{token}.{run_id}", self.0)
     }
+    /// Core NATS request: every gateway answers (an empty body), so each can count the
+    /// gateways sharing the rate limits.
+    pub fn gateway_pings(&self) -> String {
+        format!("{}.ctl.gateways", self.0)
+    }
     /// Core NATS: "a dispatch slot may have freed up", for the dispatcher.
     pub fn slot_signals(&self) -> String {
         format!("{}.ctl.slot", self.0)

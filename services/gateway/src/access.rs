@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,97 @@ pub struct Access {
     /// Per tenant: the room under the active-runs quota as last counted, when, and how many
     /// runs were let through on that count since.
     room: Mutex<HashMap<String, (Instant, i64, i64)>>,
+    /// The gateways sharing the limits, this one included, as last counted ([`count_gateways`]).
+    gateways: AtomicU32,
+}
+
+/// A gateway's share of a limit (`per_gateway`) when `gateways` share it: a rate or a burst
+/// divided among them, rounded up, at least 1; 0 (no limit) stays 0.
+fn share(limit: u32, gateways: u32) -> u32 {
+    if limit == 0 { 0 } else { limit.div_ceil(gateways.max(1)).max(1) }
+}
+
+/// The next answer to a count under way (none: the count's subscription ended).
+async fn next_answer(
+    counting: &mut Option<(async_nats::Subscriber, tokio::time::Instant, u32)>,
+) -> Option<async_nats::Message> {
+    futures::StreamExt::next(&mut counting.as_mut()?.0).await
+}
+
+/// Records a finished count; false once the gateway is gone.
+fn settle(
+    access: &std::sync::Weak<Access>,
+    count: Option<(async_nats::Subscriber, tokio::time::Instant, u32)>,
+) -> bool {
+    let Some(access) = access.upgrade() else { return false };
+    if let Some((_, _, n)) = count {
+        // It answers itself: no answer at all means the count failed, not that none run.
+        access.gateways.store(n.max(1), Ordering::Relaxed);
+    }
+    true
+}
+
+/// How often a gateway counts the gateways of its namespace.
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// How long a count waits for answers.
+const COUNT_WAIT: Duration = Duration::from_millis(250);
+/// Most answers a count reads.
+const MAX_GATEWAYS: u32 = 10_000;
+
+/// Answers other gateways' counts, and counts the gateways of the namespace every
+/// [`COUNT_EVERY`] (a request on `{ns}.ctl.gateways` every gateway answers), so that each takes
+/// its share of the rate limits. Ends once `access` is dropped.
+pub async fn count_gateways(bus: taskmesh_bus::Bus, access: std::sync::Weak<Access>) {
+    let client = bus.client().clone();
+    let subject = bus.namespace().gateway_pings();
+    let mut pings = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot answer other gateways: each will count itself alone");
+            return;
+        }
+    };
+    let mut every = tokio::time::interval(COUNT_EVERY);
+    // The answers of a count under way, until when to wait for them, and how many came.
+    let mut counting: Option<(async_nats::Subscriber, tokio::time::Instant, u32)> = None;
+    loop {
+        let until = counting.as_ref().map(|c| c.1);
+        tokio::select! {
+            ping = futures::StreamExt::next(&mut pings) => {
+                let Some(ping) = ping else { return };
+                if let Some(reply) = ping.reply {
+                    let _ = client.publish(reply, bytes::Bytes::new()).await;
+                }
+            }
+            answer = next_answer(&mut counting), if counting.is_some() => {
+                let more = match (answer, counting.as_mut()) {
+                    (Some(_), Some(c)) => {
+                        c.2 += 1;
+                        c.2 < MAX_GATEWAYS
+                    }
+                    _ => false,
+                };
+                if !more && !settle(&access, counting.take()) {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {
+                if !settle(&access, counting.take()) {
+                    return;
+                }
+            }
+            _ = every.tick(), if counting.is_none() => {
+                if access.strong_count() == 0 {
+                    return;
+                }
+                let inbox = client.new_inbox();
+                let Ok(answers) = client.subscribe(inbox.clone()).await else { continue };
+                if client.publish_with_reply(subject.clone(), inbox, bytes::Bytes::new()).await.is_ok() {
+                    counting = Some((answers, tokio::time::Instant::now() + COUNT_WAIT, 0));
+                }
+            }
+        }
+    }
 }
 
 /// How long a count of a tenant's active runs is relied on.
@@ -127,7 +219,13 @@ impl Access {
             failures: Default::default(),
             refused: Default::default(),
             room: Default::default(),
+            gateways: AtomicU32::new(1),
         }
+    }
+
+    /// The gateways sharing the limits, this one included, as last counted.
+    pub fn gateways(&self) -> u32 {
+        self.gateways.load(Ordering::Relaxed)
     }
 
     /// Whether `addr` is refused for now for its failed authentications: the headroom to
@@ -147,8 +245,8 @@ impl Access {
     /// Records a failed authentication from `addr`: the headroom to refuse it with when this
     /// one empties its bucket.
     fn failed(&self, addr: IpAddr) -> Option<Headroom> {
-        let l = &self.limits;
-        let b = Self::bucket(&self.failures, &addr, l.failed_auth_per_second, l.failed_auth_burst)?;
+        let (l, n) = (&self.limits, self.gateways());
+        let b = Self::bucket(&self.failures, &addr, share(l.failed_auth_per_second, n), share(l.failed_auth_burst, n))?;
         let Err(h) = take(&b, "address") else { return None };
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         if refused.len() >= MAX_ENTRIES {
@@ -210,16 +308,19 @@ impl Access {
         if map.len() >= MAX_ENTRIES && !map.contains_key(key) {
             map.clear();
         }
-        let bucket = map.entry(key.clone()).or_insert_with(|| {
+        let new = || {
             let quota = Quota::per_second(nz_rate).allow_burst(nz_burst);
             Arc::new(Bucket {
                 limiter: DefaultDirectRateLimiter::direct(quota).with_middleware(),
                 rate,
                 burst: nz_burst.get(),
             })
-        });
-        // A changed configuration takes effect for new buckets only; the process restarts
-        // when the configuration changes, so this is the same quota.
+        };
+        let bucket = map.entry(key.clone()).or_insert_with(new);
+        // The quota changes when the count of gateways does: the bucket starts afresh (full).
+        if bucket.rate != rate || bucket.burst != nz_burst.get() {
+            *bucket = new();
+        }
         Some(bucket.clone())
     }
 
@@ -227,10 +328,13 @@ impl Access {
     /// headroom (none when neither is limited), `Err` the refusing one's.
     fn check(&self, caller: &Caller) -> Result<Option<Headroom>, Headroom> {
         let t = caller.tenant.as_str();
-        let l = &self.limits;
+        let (l, n) = (&self.limits, self.gateways());
+        // Each of the gateways takes its share: together they allow the limits.
+        let (key_rate, key_burst) = (share(l.key_requests_per_second(t), n), share(l.key_request_burst(t), n));
+        let (rate, burst) = (share(l.requests_per_second(t), n), share(l.request_burst(t), n));
         let buckets = [
-            ("key", Self::bucket(&self.keys, &caller.key_id, l.key_requests_per_second(t), l.key_request_burst(t))),
-            ("tenant", Self::bucket(&self.tenants, &caller.tenant, l.requests_per_second(t), l.request_burst(t))),
+            ("key", Self::bucket(&self.keys, &caller.key_id, key_rate, key_burst)),
+            ("tenant", Self::bucket(&self.tenants, &caller.tenant, rate, burst)),
         ];
         let mut tightest: Option<Headroom> = None;
         for (scope, bucket) in buckets {
@@ -471,6 +575,16 @@ mod tests {
         assert_eq!(from("10.0.0.2", &["10.0.0.3"]), ip("10.0.0.3"));
         // Nothing trusted: the peer.
         assert_eq!(client_addr(ip("10.0.0.2"), &forwarded(&["198.51.100.1"]), &[]), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn each_gateway_takes_its_share_of_a_limit_rounded_up() {
+        assert_eq!(share(20, 1), 20);
+        assert_eq!(share(20, 2), 10);
+        assert_eq!(share(20, 3), 7);
+        assert_eq!(share(5, 10), 1, "never below one");
+        assert_eq!(share(0, 3), 0, "no limit stays none");
+        assert_eq!(share(7, 0), 7, "a count of none is read as this one alone");
     }
 
     #[test]

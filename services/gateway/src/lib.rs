@@ -447,6 +447,7 @@ pub async fn build(
     limits: taskmesh_config::LimitsSettings,
 ) -> anyhow::Result<Server> {
     let access = std::sync::Arc::new(access::Access::new(limits));
+    tokio::spawn(access::count_gateways(bus.clone(), std::sync::Arc::downgrade(&access)));
     let public_url = settings.public_url.clone();
     Server::bind_with(settings.listen, |addr| {
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
