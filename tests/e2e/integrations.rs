@@ -15,14 +15,14 @@ fn github_signature(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes())))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn github_push_is_verified_and_starts_one_run_per_delivery() {
-    let tm = spawn_mesh().await;
+/// Connects `repository` on `forge` (its branches `master` and `release/*`, secret [`SECRET`])
+/// to a one-step workflow; returns the URL its webhooks go to, once the gateway has it.
+async fn connect(tm: &TestMesh, forge: &str, repository: &str) -> String {
     let res = tm
         .auth(tm.http.post(format!("{}/v1/repo-connections", tm.api)))
         .json(&serde_json::json!({
-            "forge": "github",
-            "repository": "binkkatal/sample_app",
+            "forge": forge,
+            "repository": repository,
             "secret": SECRET,
             "branches": ["master", "release/*"],
             "workflow": {"name": "ci", "steps": [{"id": "test", "run": "echo tested"}]}
@@ -32,8 +32,28 @@ async fn github_push_is_verified_and_starts_one_run_per_delivery() {
         .unwrap();
     assert_eq!(res.status(), 201);
     let created: serde_json::Value = res.json().await.unwrap();
-    let hook = format!("{}{}", tm.git, created["webhook_path"].as_str().unwrap());
+    let path = created["webhook_path"].as_str().unwrap();
+    assert!(path.starts_with(&format!("/hooks/{forge}/")), "{path}");
     tm.wait_projected().await;
+    format!("{}{path}", tm.git)
+}
+
+/// Waits for the run a hook answer started, and checks what it was started with.
+async fn check_started(tm: &TestMesh, answer: &serde_json::Value, forge: &str, repository: &str, commit: &str) {
+    assert_eq!(answer["outcome"], "started", "{answer}");
+    let run = tm.wait_run(answer["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["trigger"]["kind"], "webhook");
+    assert_eq!(run["trigger"]["forge"], forge);
+    assert_eq!(run["trigger"]["branch"], "master");
+    assert_eq!(run["trigger"]["commit"], commit);
+    assert_eq!(run["inputs"]["repository"], repository);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn github_push_is_verified_and_starts_one_run_per_delivery() {
+    let tm = spawn_mesh().await;
+    let hook = connect(&tm, "github", "binkkatal/sample_app").await;
     let send_body = |body: Vec<u8>, signature: String, delivery: &'static str| {
         tm.http
             .post(&hook)
@@ -62,14 +82,7 @@ async fn github_push_is_verified_and_starts_one_run_per_delivery() {
     let again: serde_json::Value = send(github_signature(PUSH), "d-1").await.unwrap().json().await.unwrap();
     assert_eq!(again["run_id"], first["run_id"], "the same delivery starts one run");
     assert_eq!(again["duplicate"], true);
-
-    let id = first["run_id"].as_str().unwrap().parse().unwrap();
-    let run = tm.wait_run(id, Duration::from_secs(30)).await;
-    assert_eq!(run["status"], "succeeded");
-    assert_eq!(run["trigger"]["kind"], "webhook");
-    assert_eq!(run["trigger"]["branch"], "master");
-    assert_eq!(run["trigger"]["commit"], "fd489864e7642b48eaad6e3f155c10e46810ec72");
-    assert_eq!(run["inputs"]["repository"], "binkkatal/sample_app");
+    check_started(&tm, &first, "github", "binkkatal/sample_app", "fd489864e7642b48eaad6e3f155c10e46810ec72").await;
     tm.wait_projected().await;
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&tm.pool).await.unwrap();
     assert_eq!(runs, 1);
@@ -83,6 +96,74 @@ async fn github_push_is_verified_and_starts_one_run_per_delivery() {
     assert_eq!(res.status(), 202);
     let res: serde_json::Value = res.json().await.unwrap();
     assert_eq!(res["outcome"], "ignored");
+    tm.finish().await;
+}
+
+const GITLAB_PUSH: &[u8] = include_bytes!("../fixtures/webhooks/gitlab/push.json");
+const GITEA_PUSH: &[u8] = include_bytes!("../fixtures/webhooks/gitea/push.json");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
+    let tm = spawn_mesh().await;
+
+    // GitLab: the token is the secret itself; a delivery is its Idempotency-Key, or its body.
+    let hook = connect(&tm, "gitlab", "mike/diaspora").await;
+    let gitlab = |event: &str, token: &str, key: Option<&str>| {
+        let mut req = tm.http.post(&hook).header("content-type", "application/json").header("x-gitlab-event", event);
+        req = req.header("x-gitlab-token", token);
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        async move { req.body(GITLAB_PUSH.to_vec()).send().await.unwrap() }
+    };
+    let answer = |res: reqwest::Response| async move { res.json::<serde_json::Value>().await.unwrap() };
+    let before = tm.event_count().await;
+    for bad in ["not-the-secret", ""] {
+        let res = gitlab("Push Hook", bad, Some("k-1")).await;
+        assert_eq!(res.status(), 401);
+        assert_eq!(answer(res).await["type"], "https://taskmesh.dev/problems/unauthorized");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tm.event_count().await, before, "a bad token appends nothing");
+    let first = answer(gitlab("Push Hook", SECRET, Some("k-1")).await).await;
+    let again = answer(gitlab("Push Hook", SECRET, Some("k-1")).await).await;
+    assert_eq!((&again["run_id"], &again["duplicate"]), (&first["run_id"], &serde_json::json!(true)));
+    // GitLab before 17.4 sends no Idempotency-Key: the same body is the same delivery.
+    let unkeyed = answer(gitlab("Push Hook", SECRET, None).await).await;
+    assert_ne!(unkeyed["run_id"], first["run_id"]);
+    let unkeyed_again = answer(gitlab("Push Hook", SECRET, None).await).await;
+    assert_eq!(unkeyed_again["run_id"], unkeyed["run_id"]);
+    check_started(&tm, &first, "gitlab", "mike/diaspora", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7").await;
+    let res = gitlab("Tag Push Hook", SECRET, Some("k-2")).await;
+    assert_eq!(res.status(), 202);
+    assert_eq!(answer(res).await["outcome"], "ignored");
+
+    // Gitea: a bare hex HMAC-SHA256; Forgejo's own header names are read alike.
+    let hook = connect(&tm, "gitea", "example/example").await;
+    let gitea = |prefix: &str, signature: String, delivery: &str| {
+        let req = tm
+            .http
+            .post(&hook)
+            .header("content-type", "application/json")
+            .header(format!("x-{prefix}-event"), "push")
+            .header(format!("x-{prefix}-delivery"), delivery)
+            .header(format!("x-{prefix}-signature"), signature);
+        async move { req.body(GITEA_PUSH.to_vec()).send().await.unwrap() }
+    };
+    let hex_signature = |body: &[u8]| hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes()));
+    for bad in [hex_signature(b"something else"), github_signature(GITEA_PUSH), String::new()] {
+        assert_eq!(gitea("gitea", bad, "g-1").await.status(), 401);
+    }
+    let first = answer(gitea("gitea", hex_signature(GITEA_PUSH), "g-1").await).await;
+    let again = answer(gitea("forgejo", hex_signature(GITEA_PUSH), "g-1").await).await;
+    assert_eq!((&again["run_id"], &again["duplicate"]), (&first["run_id"], &serde_json::json!(true)));
+    check_started(&tm, &first, "gitea", "example/example", "67b56589a45103f891bdee7c0546e5d40bc02001").await;
+
+    // A connection answers on its own forge's path only.
+    let id = hook.rsplit('/').next().unwrap();
+    let res = tm.http.post(format!("{}/hooks/github/{id}", tm.git)).header("content-type", "application/json");
+    let res = res.body("{}").send().await.unwrap();
+    assert_eq!(res.status(), 404);
     tm.finish().await;
 }
 

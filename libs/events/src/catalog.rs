@@ -296,6 +296,20 @@ pub enum Trigger {
 #[serde(rename_all = "snake_case")]
 pub enum Forge {
     Github,
+    Gitlab,
+    /// Gitea, and Forgejo (which signs and names its deliveries alike).
+    Gitea,
+}
+
+impl Forge {
+    /// Its name in the API, in webhook paths and in the read models.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Forge::Github => "github",
+            Forge::Gitlab => "gitlab",
+            Forge::Gitea => "gitea",
+        }
+    }
 }
 
 /// A run was accepted. Carries the whole workflow definition, so a run never depends on

@@ -177,7 +177,7 @@ pub async fn list_webhook_endpoints(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepoConnectionRequest {
-    /// Only `github` for now.
+    /// `github`, `gitlab` or `gitea` (Gitea and Forgejo).
     #[schema(value_type = String, example = "github")]
     pub forge: Forge,
     /// `owner/name`.
@@ -223,6 +223,7 @@ pub async fn create_repo_connection(
         return Err(ApiError::new(ErrorCode::BadRequest, "secret: must be 8 to 256 characters"));
     }
     let secret = keyring(&state)?.seal(&taskmesh_secrets::repo_secret_aad(&caller.tenant), req.secret.as_bytes());
+    let req_forge = req.forge;
     let created = state
         .ingest
         .create_repo_connection(&CreateRepoConnection {
@@ -234,7 +235,7 @@ pub async fn create_repo_connection(
             workflow: req.workflow,
         })
         .await?;
-    let webhook_path = format!("/hooks/github/{}", created.id);
+    let webhook_path = format!("/hooks/{}/{}", req_forge.as_str(), created.id);
     Ok((StatusCode::CREATED, Json(RepoConnectionCreatedResponse { id: created.id, webhook_path, seq: created.seq })))
 }
 

@@ -1,13 +1,15 @@
 //! GitHub: webhook signatures and the parts of a push payload Taskmesh uses.
 
+use axum::http::HeaderMap;
 use serde::Deserialize;
+use taskmesh_events::ErrorCode;
+use taskmesh_http::ApiError;
+
+use crate::{Hook, Push, header};
 
 /// Checks `X-Hub-Signature-256` (`sha256=` + hex HMAC-SHA256 of the body) in constant time.
 pub fn verify_signature(secret: &[u8], body: &[u8], header: &str) -> bool {
-    let Some(hex_sig) = header.strip_prefix("sha256=") else { return false };
-    let Ok(bytes) = hex::decode(hex_sig) else { return false };
-    let Ok(expected) = <[u8; 32]>::try_from(bytes.as_slice()) else { return false };
-    hmac_sha256::HMAC::verify(body, secret, &expected)
+    header.strip_prefix("sha256=").is_some_and(|hex_sig| crate::verify_hex_hmac(secret, body, hex_sig))
 }
 
 /// The signature GitHub would send for `body`.
@@ -15,26 +17,51 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, secret)))
 }
 
+/// Verifies a delivery (`X-Hub-Signature-256`) and reads what it asks: a `push` (one run per
+/// `X-GitHub-Delivery`), a `ping`, or another event.
+pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, ApiError> {
+    if !verify_signature(secret, body, header(headers, "x-hub-signature-256").unwrap_or("")) {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "X-Hub-Signature-256 is missing or does not match the body",
+        ));
+    }
+    let delivery = crate::delivery(header(headers, "x-github-delivery"), "X-GitHub-Delivery")?;
+    match header(headers, "x-github-event").unwrap_or("") {
+        "ping" => Ok(Hook::Ping),
+        "push" => Ok(Hook::Push { delivery, push: push(body)? }),
+        other => Ok(Hook::Other(other.to_string())),
+    }
+}
+
+/// Reads a `push` payload: GitHub's, or Gitea's, which has the same fields.
+pub(crate) fn push(body: &[u8]) -> Result<Push, ApiError> {
+    let p: PushPayload = taskmesh_http::body::json(body)?;
+    let mut push = Push::new(p.repository.full_name, p.r#ref, p.after, p.head_commit.map(|c| c.message));
+    push.deleted |= p.deleted;
+    Ok(push)
+}
+
 /// A `push` event (only the fields used).
 #[derive(Debug, Deserialize)]
-pub struct Push {
-    pub r#ref: String,
-    pub after: String,
+struct PushPayload {
+    r#ref: String,
+    after: String,
     #[serde(default)]
-    pub deleted: bool,
-    pub repository: Repository,
-    pub head_commit: Option<Commit>,
+    deleted: bool,
+    repository: Repository,
+    head_commit: Option<Commit>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Repository {
-    pub full_name: String,
+struct Repository {
+    full_name: String,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Commit {
+struct Commit {
     #[serde(default)]
-    pub message: String,
+    message: String,
 }
 
 #[cfg(test)]

@@ -1,16 +1,21 @@
 //! Git integration: forges' webhooks in. A push to a connected repository starts a run of the
 //! connection's workflow, once per delivery.
 //!
-//! `POST /hooks/github/{connection}` verifies `X-Hub-Signature-256` (HMAC-SHA256 of the exact
-//! body with the connection's secret) before anything else; a bad or missing signature is a 401
-//! and nothing is appended. The run is submitted with the idempotency key
-//! `github:{connection}:{X-GitHub-Delivery}`, so a redelivered webhook starts no second run.
+//! `POST /hooks/{forge}/{connection}` (`github`, `gitlab` or `gitea`, as the connection says)
+//! verifies the delivery with the connection's secret before anything else: GitHub's
+//! `X-Hub-Signature-256` and Gitea's (or Forgejo's) `X-Gitea-Signature` are HMAC-SHA256 of the
+//! exact body, GitLab's `X-Gitlab-Token` is the secret itself. A bad or missing one is a 401 and
+//! nothing is appended. The run is submitted with the idempotency key
+//! `{forge}:{connection}:{delivery}`, so a redelivered webhook starts no second run.
 //!
 //! # Layout
-//! - [`github`]: signature verification and the push payload.
-//! - this file: the router, [`build`] and branch filters.
+//! - [`github`], [`gitlab`], [`gitea`]: each forge's verification and push payload, read into
+//!   a [`Hook`].
+//! - this file: the router, [`build`], the filters and the run a push starts.
 
+pub mod gitea;
 pub mod github;
+pub mod gitlab;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -69,7 +74,9 @@ impl HookResponse {
 pub fn router(pool: PgPool, bus: Bus, body_limit: usize, keyring: Option<Arc<Keyring>>) -> axum::Router {
     let state = GitState { pool, ingest: IngestClient::new(bus), keyring };
     let router = axum::Router::new()
-        .route("/hooks/github/{connection}", post(github_hook))
+        .route("/hooks/github/{connection}", post(|s, p, h, b| hook(Forge::Github, s, p, h, b)))
+        .route("/hooks/gitlab/{connection}", post(|s, p, h, b| hook(Forge::Gitlab, s, p, h, b)))
+        .route("/hooks/gitea/{connection}", post(|s, p, h, b| hook(Forge::Gitea, s, p, h, b)))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
@@ -105,12 +112,73 @@ struct Connection {
     workflow: serde_json::Value,
 }
 
-async fn connection(pool: &PgPool, id: Uuid) -> ApiResult<Connection> {
-    let row = sqlx::query("SELECT tenant_id, repository, secret, branches, workflow FROM repo_connections WHERE id = $1 AND forge = 'github'")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| ApiError::not_found("repository connection"))?;
+/// What a verified delivery asks of Taskmesh.
+pub enum Hook {
+    /// A push: a run, if it passes the connection's filters; once per `delivery`.
+    Push { delivery: String, push: Push },
+    /// A ping (GitHub's, when a webhook is set up): answered `200`.
+    Ping,
+    /// Any other event, by its name: acknowledged and ignored.
+    Other(String),
+}
+
+/// A push, as every forge describes it.
+pub struct Push {
+    /// `owner/name` (GitLab: the project's path with its namespace).
+    pub repository: String,
+    /// `refs/heads/…` for a branch.
+    pub r#ref: String,
+    /// The commit the ref points to now.
+    pub commit: String,
+    /// The ref was deleted.
+    pub deleted: bool,
+    /// The head commit's message, where the payload has it.
+    pub message: Option<String>,
+}
+
+impl Push {
+    /// A push of `commit` to `r#ref`; a commit of all zeros (what forges send for a deleted
+    /// ref) makes it a deletion.
+    pub fn new(repository: String, r#ref: String, commit: String, message: Option<String>) -> Self {
+        let deleted = is_zero_sha(&commit);
+        Self { repository, r#ref, commit, deleted, message }
+    }
+}
+
+/// A request header, if it is text.
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A delivery id from header `name`: present, and at most 128 characters.
+pub(crate) fn delivery(value: Option<&str>, name: &str) -> ApiResult<String> {
+    value
+        .filter(|d| !d.is_empty() && d.len() <= 128)
+        .map(String::from)
+        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, format!("{name} is missing or longer than 128 characters")))
+}
+
+/// Checks a bare hex HMAC-SHA256 of `body` keyed with `secret`, in constant time.
+pub(crate) fn verify_hex_hmac(secret: &[u8], body: &[u8], hex_sig: &str) -> bool {
+    let Ok(bytes) = hex::decode(hex_sig) else { return false };
+    let Ok(expected) = <[u8; 32]>::try_from(bytes.as_slice()) else { return false };
+    hmac_sha256::HMAC::verify(body, secret, &expected)
+}
+
+/// Whether a commit id is all zeros: what forges send as the new commit of a deleted ref.
+fn is_zero_sha(sha: &str) -> bool {
+    !sha.is_empty() && sha.bytes().all(|b| b == b'0')
+}
+
+async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connection> {
+    let row = sqlx::query(
+        "SELECT tenant_id, repository, secret, branches, workflow FROM repo_connections WHERE id = $1 AND forge = $2",
+    )
+    .bind(id)
+    .bind(forge.as_str())
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| ApiError::not_found("repository connection"))?;
     Ok(Connection {
         tenant: row.get("tenant_id"),
         repository: row.get("repository"),
@@ -120,8 +188,9 @@ async fn connection(pool: &PgPool, id: Uuid) -> ApiResult<Connection> {
     })
 }
 
-#[tracing::instrument(skip_all, fields(connection = %connection_id))]
-async fn github_hook(
+#[tracing::instrument(skip_all, fields(forge = forge.as_str(), connection = %connection_id))]
+async fn hook(
+    forge: Forge,
     State(state): State<GitState>,
     Path(connection_id): Path<String>,
     headers: HeaderMap,
@@ -129,34 +198,25 @@ async fn github_hook(
 ) -> ApiResult<(StatusCode, Json<HookResponse>)> {
     let id: Uuid = connection_id.parse().map_err(|_| ApiError::not_found("repository connection"))?;
     let (_, body) = taskmesh_http::body::read(&headers, body, false)?;
-    let conn = connection(&state.pool, id).await?;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let signature = header("x-hub-signature-256").unwrap_or("");
+    let conn = connection(&state.pool, id, forge).await?;
     let secret = open_secret(&state, &conn)?;
-    if !github::verify_signature(&secret, &body, signature) {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "X-Hub-Signature-256 is missing or does not match the body",
-        ));
-    }
-    let delivery = header("x-github-delivery")
-        .filter(|d| !d.is_empty() && d.len() <= 128)
-        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "X-GitHub-Delivery is missing"))?;
-    match header("x-github-event").unwrap_or("") {
-        "ping" => {
-            return Ok((
-                StatusCode::OK,
-                Json(HookResponse { outcome: "ignored", run_id: None, duplicate: None, reason: Some("pong".into()) }),
-            ));
+    let read = match forge {
+        Forge::Github => github::read,
+        Forge::Gitlab => gitlab::read,
+        Forge::Gitea => gitea::read,
+    };
+    let (delivery, push) = match read(&headers, &body, &secret)? {
+        Hook::Push { delivery, push } => (delivery, push),
+        Hook::Ping => {
+            let pong = HookResponse { outcome: "ignored", run_id: None, duplicate: None, reason: Some("pong".into()) };
+            return Ok((StatusCode::OK, Json(pong)));
         }
-        "push" => {}
-        other => return Ok(HookResponse::ignored(format!("event '{other}' starts no run"))),
-    }
-    let push: github::Push = taskmesh_http::body::json(&body)?;
-    if !push.repository.full_name.eq_ignore_ascii_case(&conn.repository) {
+        Hook::Other(event) => return Ok(HookResponse::ignored(format!("event '{event}' starts no run"))),
+    };
+    if !push.repository.eq_ignore_ascii_case(&conn.repository) {
         return Ok(HookResponse::ignored(format!(
             "push to {}, but this connection is for {}",
-            push.repository.full_name, conn.repository
+            push.repository, conn.repository
         )));
     }
     if push.deleted {
@@ -168,13 +228,13 @@ async fn github_hook(
     if !conn.branches.is_empty() && !conn.branches.iter().any(|p| glob_match(p, branch)) {
         return Ok(HookResponse::ignored(format!("branch {branch} matches none of the connection's branches")));
     }
-    if push.head_commit.as_ref().is_some_and(|c| c.message.contains("[skip ci]") || c.message.contains("[ci skip]")) {
+    if push.message.as_ref().is_some_and(|m| m.contains("[skip ci]") || m.contains("[ci skip]")) {
         return Ok(HookResponse::ignored("the head commit asks to skip CI"));
     }
     let inputs = BTreeMap::from([
-        ("repository".to_string(), serde_json::json!(push.repository.full_name)),
+        ("repository".to_string(), serde_json::json!(push.repository)),
         ("branch".to_string(), serde_json::json!(branch)),
-        ("commit".to_string(), serde_json::json!(push.after)),
+        ("commit".to_string(), serde_json::json!(push.commit)),
     ]);
     let accepted = state
         .ingest
@@ -183,14 +243,14 @@ async fn github_hook(
             workflow: conn.workflow,
             inputs,
             trigger: Trigger::Webhook {
-                forge: Forge::Github,
+                forge,
                 connection_id: id,
-                delivery: delivery.to_string(),
-                repository: push.repository.full_name.clone(),
+                delivery: delivery.clone(),
+                repository: push.repository.clone(),
                 branch: Some(branch.to_string()),
-                commit: Some(push.after.clone()),
+                commit: Some(push.commit.clone()),
             },
-            idempotency_key: Some(format!("github:{id}:{delivery}")),
+            idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),
             priority: None,
             labels: Default::default(),
             traceparent: taskmesh_telemetry::current_traceparent(),
@@ -244,7 +304,15 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+
+    #[test]
+    fn a_push_of_the_zero_commit_deletes_its_ref() {
+        let push = |commit: &str| Push::new("o/r".into(), "refs/heads/main".into(), commit.into(), None);
+        assert!(push("0000000000000000000000000000000000000000").deleted);
+        assert!(!push("da1560886d4f094c3e6c9ef40349f7d38b5d27d7").deleted);
+        assert!(!push("").deleted);
+    }
 
     #[test]
     fn branch_patterns() {

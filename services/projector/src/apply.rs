@@ -66,7 +66,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         Event::RepoConnectionCreated(e) => {
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at)
-                 VALUES ($1, $2, 'github', $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
             )
             .bind(e.connection_id)
             .bind(tenant)
@@ -75,6 +75,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(&e.branches)
             .bind(sqlx::types::Json(&e.workflow))
             .bind(at)
+            .bind(e.forge.as_str())
             .execute(&mut **tx)
             .await?;
         }

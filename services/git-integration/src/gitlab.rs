@@ -1,0 +1,76 @@
+//! GitLab: the webhook token and the parts of a push payload Taskmesh uses.
+
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use taskmesh_events::ErrorCode;
+use taskmesh_http::ApiError;
+
+use crate::{Hook, Push, header};
+
+/// Checks `X-Gitlab-Token`, which is the secret itself, in constant time: the HMACs of the
+/// token and of the secret, both keyed with the secret, are compared.
+pub fn verify_token(secret: &[u8], token: &str) -> bool {
+    let expected = hmac_sha256::HMAC::mac(secret, secret);
+    hmac_sha256::HMAC::verify(token.as_bytes(), secret, &expected)
+}
+
+/// Verifies a delivery (`X-Gitlab-Token`) and reads what it asks: a `Push Hook` (one run per
+/// delivery), or another event. A delivery is named by its `Idempotency-Key` (the same on every
+/// retry; GitLab 17.4 and later), else by the SHA-256 of its body (a retry resends the same
+/// body; two pushes differ in their commits).
+pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, ApiError> {
+    if !verify_token(secret, header(headers, "x-gitlab-token").unwrap_or("")) {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "X-Gitlab-Token is missing or is not the connection's secret",
+        ));
+    }
+    let delivery = match header(headers, "idempotency-key") {
+        Some(key) => crate::delivery(Some(key), "Idempotency-Key")?,
+        None => format!("sha256:{}", hex::encode(hmac_sha256::Hash::hash(body))),
+    };
+    match header(headers, "x-gitlab-event").unwrap_or("") {
+        "Push Hook" => {
+            let p: PushPayload = taskmesh_http::body::json(body)?;
+            let message = p.commits.into_iter().find(|c| c.id == p.after).map(|c| c.message);
+            let push = Push::new(p.project.path_with_namespace, p.r#ref, p.after, message);
+            Ok(Hook::Push { delivery, push })
+        }
+        other => Ok(Hook::Other(other.to_string())),
+    }
+}
+
+/// A `Push Hook` event (only the fields used).
+#[derive(Debug, Deserialize)]
+struct PushPayload {
+    r#ref: String,
+    after: String,
+    project: Project,
+    #[serde(default)]
+    commits: Vec<Commit>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Project {
+    path_with_namespace: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Commit {
+    id: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_must_be_the_secret() {
+        assert!(verify_token(b"a-shared-secret", "a-shared-secret"));
+        assert!(!verify_token(b"a-shared-secret", "a-shared-secreT"));
+        assert!(!verify_token(b"a-shared-secret", "a-shared-secret "));
+        assert!(!verify_token(b"a-shared-secret", ""));
+    }
+}
