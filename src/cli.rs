@@ -271,25 +271,38 @@ impl RunEvents {
     }
 }
 
-/// Prints every line of a step's log after sequence `after`, a page at a time, with `show`;
-/// returns the last line's sequence (`after` if there was none).
+/// Prints every line of a step's log after sequence `after`, a page at a time, with `show`,
+/// moving `after` on with each page (so a page that fails leaves it after the last one shown).
 async fn print_pages(
     client: &Client,
     run: &str,
     step: &str,
-    mut after: u64,
+    after: &mut u64,
     show: impl Fn(&Value),
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<()> {
     loop {
         let path = format!("/v1/runs/{run}/steps/{step}/logs?after={after}&limit=1000");
         let page = client.call(reqwest::Method::GET, &path, None).await?;
         page["lines"].as_array().into_iter().flatten().for_each(&show);
         match page["next"].as_u64() {
-            Some(next) => after = next,
-            None => return Ok(after),
+            Some(next) => *after = next,
+            None => return Ok(()),
         }
     }
 }
+
+/// Whether the step has ended (is neither queued nor running).
+async fn step_ended(client: &Client, run: &str, step: &str) -> anyhow::Result<bool> {
+    let view = client.call(reqwest::Method::GET, &format!("/v1/runs/{run}"), None).await?;
+    Ok(view["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["id"] == step))
+        .is_some_and(|s| !matches!(s["status"].as_str(), Some("queued" | "running"))))
+}
+
+/// The longest a followed stream may stay silent: the gateway sends a keep-alive every 15 s,
+/// so a connection quiet for longer is dead (the host gone without closing it, say).
+const SILENT_FOR: Duration = Duration::from_secs(45);
 
 /// How following a step's log stream ended.
 enum Followed {
@@ -306,7 +319,7 @@ enum Followed {
 async fn follow_log(client: &Client, run: &str, step: &str, after: &mut u64, show: impl Fn(&Value)) -> Followed {
     let path = format!("/v1/runs/{run}/steps/{step}/logs?follow=true&after={after}");
     let Some(mut events) = open_events(client, &path).await else { return Followed::Unavailable };
-    while let Some(event) = events.next().await {
+    while let Ok(Some(event)) = tokio::time::timeout(SILENT_FOR, events.next()).await {
         let Ok(event) = event else { return Followed::Broken };
         match event.event.as_str() {
             "end" => return Followed::Ended,
@@ -551,15 +564,14 @@ pub async fn run(
                 if follow && status != "queued" {
                     // Every line there is, however many: those of a step that has ended are
                     // all out, and the run may be over now.
-                    let after = log_after.get(&sid).copied().unwrap_or(0);
                     let show = |line: &Value| {
                         if !client.json {
                             println!("[{sid}] {}", line["line"].as_str().unwrap_or(""));
                         }
                     };
-                    if let Ok(next) = print_pages(&client, &id, &sid, after, show).await {
-                        log_after.insert(sid.clone(), next);
-                    }
+                    let after = log_after.entry(sid.clone()).or_insert(0);
+                    // One that fails is read again, from after what was shown, next time round.
+                    let _ = print_pages(&client, &id, &sid, after, show).await;
                 }
                 if shown.get(&sid) != Some(&status) && !client.json {
                     let mark = match status.as_str() {
@@ -693,32 +705,32 @@ pub async fn logs(conn: &Connection, run: String, step: String, follow: bool) ->
             println!("{}", line["line"].as_str().unwrap_or(""));
         }
     };
-    let mut after = print_pages(&client, &run, &step, 0, show).await?;
+    let mut after = 0;
+    print_pages(&client, &run, &step, &mut after, show).await?;
     if !follow {
         return Ok(0);
     }
     // The gateway streams lines as they come and ends the stream once the step has ended and
     // every line is out. A stream that breaks off is opened again after the last line shown;
-    // where none can be had, the step is looked at every 200 ms.
+    // where none can be had, or one broke off having brought nothing, the step itself is looked
+    // at (executors send every line before they report, so once it has ended, a last read
+    // gets the rest). The pause grows while nothing comes, up to 2 s.
+    let mut pause = Duration::from_millis(200);
     loop {
-        match follow_log(&client, &run, &step, &mut after, show).await {
-            Followed::Ended => return Ok(0),
-            Followed::Broken => {}
-            Followed::Unavailable => {
-                let run_view = client.call(reqwest::Method::GET, &format!("/v1/runs/{run}"), None).await?;
-                let ended = run_view["steps"]
-                    .as_array()
-                    .and_then(|s| s.iter().find(|x| x["id"] == step.as_str()))
-                    .is_some_and(|s| !matches!(s["status"].as_str(), Some("queued" | "running")));
-                // Executors send every line before they report: once the step has ended, this
-                // reads the rest.
-                after = print_pages(&client, &run, &step, after, show).await?;
-                if ended {
-                    return Ok(0);
-                }
+        let before = after;
+        let followed = follow_log(&client, &run, &step, &mut after, show).await;
+        if matches!(followed, Followed::Ended) {
+            return Ok(0);
+        }
+        if after == before || matches!(followed, Followed::Unavailable) {
+            let ended = step_ended(&client, &run, &step).await?;
+            print_pages(&client, &run, &step, &mut after, show).await?;
+            if ended {
+                return Ok(0);
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        pause = if after == before { (pause * 2).min(Duration::from_secs(2)) } else { Duration::from_millis(200) };
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -18,9 +18,13 @@ fn command() -> tokio::process::Command {
             cmd.env_remove(k);
         }
     }
-    cmd.stdin(Stdio::null());
+    // A client that hangs fails its test (below) instead of holding up the suite.
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
+
+/// How long any one `taskmesh` command of these tests may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn outcome(out: std::process::Output) -> (i32, String, String) {
     (
@@ -33,7 +37,8 @@ fn outcome(out: std::process::Output) -> (i32, String, String) {
 async fn taskmesh(tm: &TestMesh, args: &[&str]) -> (i32, String, String) {
     let mut cmd = command();
     cmd.args(args).args(["--url", &tm.api, "--key", &tm.key]);
-    outcome(cmd.output().await.unwrap())
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output()).await;
+    outcome(out.unwrap_or_else(|_| panic!("taskmesh {} did not end in {COMMAND_TIMEOUT:?}", args.join(" "))).unwrap())
 }
 
 /// `taskmesh ARGS` with `input` on its standard input.
@@ -138,7 +143,7 @@ async fn following_a_chatty_step_shows_every_line_once_in_order_and_stops_when_i
     let tm = spawn_mesh().await;
     // A pause, then 2,500 lines at once (more than a page of 1,000) just before the step ends.
     let path = std::env::temp_dir().join(format!("{}-chatty.yml", tm.env.database));
-    std::fs::write(&path, "name: chatty\nsteps:\n  - {id: a, run: 'echo first; sleep 1; seq 1 2500'}\n").unwrap();
+    std::fs::write(&path, "name: chatty\nsteps:\n  - {id: a, run: 'echo first; sleep 2; seq 1 2500'}\n").unwrap();
     let path = path.to_str().unwrap();
     let expected: Vec<String> = ["first".to_string()].into_iter().chain((1..=2500).map(|i| i.to_string())).collect();
 

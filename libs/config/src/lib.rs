@@ -254,7 +254,7 @@ pub struct LimitsSettings {
     /// their turn in submission order.
     pub tenant_max_runs: u32,
     /// API requests per second of one tenant, all its keys together (a token bucket refilled
-    /// at this rate; 0: no limit). Each gateway replica keeps its own buckets.
+    /// at this rate; 0: no limit). For the whole mesh: each of N gateways keeps buckets of 1/N.
     pub requests_per_second: u32,
     /// The tenant bucket's size: how many requests may come at once after a quiet spell.
     pub request_burst: u32,
@@ -274,7 +274,7 @@ pub struct LimitsSettings {
     /// (0: only that limit).
     pub max_payload_bytes: u32,
     /// Requests per second bearing an API key that does not exist (or was revoked), per client
-    /// address and gateway process (0: no limit). Past it, the address's requests are refused
+    /// address (0: no limit; each of N gateways takes 1/N). Past it, the address's requests are refused
     /// with `429` before their key is looked up, until it is under the limit again; keys the
     /// gateway has already looked up still pass.
     pub failed_auth_per_second: u32,

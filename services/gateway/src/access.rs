@@ -83,17 +83,36 @@ async fn next_answer(
     futures::StreamExt::next(&mut counting.as_mut()?.0).await
 }
 
-/// Records a finished count; false once the gateway is gone.
+/// Records a finished count; false once the gateway is gone. A count may only flap so far: one
+/// with no answer at all failed (a gateway answers itself) and changes nothing, and a lower
+/// count takes effect only when the next count is lower too (the higher of the two), since
+/// each change refills the buckets.
 fn settle(
     access: &std::sync::Weak<Access>,
     count: Option<(async_nats::Subscriber, tokio::time::Instant, u32)>,
+    lower: &mut Option<u32>,
 ) -> bool {
     let Some(access) = access.upgrade() else { return false };
-    if let Some((_, _, n)) = count {
-        // It answers itself: no answer at all means the count failed, not that none run.
-        access.gateways.store(n.max(1), Ordering::Relaxed);
+    if let Some((_, _, counted)) = count {
+        access.gateways.store(next_count(access.gateways(), counted, lower), Ordering::Relaxed);
     }
     true
+}
+
+/// The count of gateways to take after one that found `counted`, where it was `now`, with a
+/// lower count waiting in `lower` (see [`settle`]).
+fn next_count(now: u32, counted: u32, lower: &mut Option<u32>) -> u32 {
+    if counted == 0 {
+        now
+    } else if counted >= now {
+        *lower = None;
+        counted
+    } else if let Some(before) = lower.take() {
+        counted.max(before)
+    } else {
+        *lower = Some(counted);
+        now
+    }
 }
 
 /// How often a gateway counts the gateways of its namespace.
@@ -119,9 +138,13 @@ pub async fn count_gateways(bus: taskmesh_bus::Bus, access: std::sync::Weak<Acce
     let mut every = tokio::time::interval(COUNT_EVERY);
     // The answers of a count under way, until when to wait for them, and how many came.
     let mut counting: Option<(async_nats::Subscriber, tokio::time::Instant, u32)> = None;
+    // A lower count waiting for the next to confirm it.
+    let mut lower: Option<u32> = None;
     loop {
         let until = counting.as_ref().map(|c| c.1);
+        // In this order: answers already here count before the count's time is up.
         tokio::select! {
+            biased;
             ping = futures::StreamExt::next(&mut pings) => {
                 let Some(ping) = ping else { return };
                 if let Some(reply) = ping.reply {
@@ -136,12 +159,12 @@ pub async fn count_gateways(bus: taskmesh_bus::Bus, access: std::sync::Weak<Acce
                     }
                     _ => false,
                 };
-                if !more && !settle(&access, counting.take()) {
+                if !more && !settle(&access, counting.take(), &mut lower) {
                     return;
                 }
             }
             _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {
-                if !settle(&access, counting.take()) {
+                if !settle(&access, counting.take(), &mut lower) {
                     return;
                 }
             }
@@ -575,6 +598,18 @@ mod tests {
         assert_eq!(from("10.0.0.2", &["10.0.0.3"]), ip("10.0.0.3"));
         // Nothing trusted: the peer.
         assert_eq!(client_addr(ip("10.0.0.2"), &forwarded(&["198.51.100.1"]), &[]), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn a_count_rises_at_once_falls_when_two_counts_agree_and_a_failed_one_changes_nothing() {
+        let mut lower = None;
+        assert_eq!(next_count(1, 3, &mut lower), 3, "a new gateway counts at once");
+        assert_eq!(next_count(3, 0, &mut lower), 3, "no answer at all: the count failed");
+        assert_eq!(next_count(3, 2, &mut lower), 3, "one lower count is not believed yet");
+        assert_eq!(next_count(3, 3, &mut lower), 3);
+        assert_eq!(next_count(3, 2, &mut lower), 3, "a higher count in between starts it over");
+        assert_eq!(next_count(3, 1, &mut lower), 2, "two lower counts: the higher of them");
+        assert_eq!(next_count(2, 2, &mut lower), 2);
     }
 
     #[test]

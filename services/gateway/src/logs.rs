@@ -113,7 +113,9 @@ pub async fn logs(
     let key = RunKey { tenant: caller.tenant.clone(), run_id };
     let subject = state.bus.namespace().log(&key, &step);
     if params.follow.unwrap_or(false) {
-        return Ok(follow(state, caller.tenant, run_id, step, subject, after).into_response());
+        // Opened before answering: a stream that cannot be read is a 503, not an empty stream.
+        let messages = ordered(&state, &subject, after).await?;
+        return Ok(follow(state, caller.tenant, run_id, step, messages).into_response());
     }
     Ok(Json(page(&state, &subject, after, limit).await?).into_response())
 }
@@ -177,10 +179,15 @@ async fn page(state: &AppState, subject: &str, after: u64, limit: usize) -> Resu
 }
 
 /// Streams lines as they come; ends once the step has ended and every line is out.
-fn follow(state: AppState, tenant: String, run_id: Uuid, step: String, subject: String, after: u64) -> Response {
+fn follow(
+    state: AppState,
+    tenant: String,
+    run_id: Uuid,
+    step: String,
+    messages: async_nats::jetstream::consumer::pull::Ordered,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
-        let Ok(messages) = ordered(&state, &subject, after).await else { return };
         let to_event = |msg: &async_nats::jetstream::Message| {
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
             let Some(e) = entry(seq, &msg.payload) else { return Vec::new() };
