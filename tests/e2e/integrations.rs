@@ -15,21 +15,19 @@ fn github_signature(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes())))
 }
 
-/// Connects `repository` on `forge` (its branches `master` and `release/*`, secret [`SECRET`])
-/// to a one-step workflow; returns the URL its webhooks go to, once the gateway has it.
-async fn connect(tm: &TestMesh, forge: &str, repository: &str) -> String {
-    let res = tm
-        .auth(tm.http.post(format!("{}/v1/repo-connections", tm.api)))
-        .json(&serde_json::json!({
-            "forge": forge,
-            "repository": repository,
-            "secret": SECRET,
-            "branches": ["master", "release/*"],
-            "workflow": {"name": "ci", "steps": [{"id": "test", "run": "echo tested"}]}
-        }))
-        .send()
-        .await
-        .unwrap();
+/// Connects `repository` on `forge` (its branches `master` and `release/*`, secret [`SECRET`],
+/// and the fields of `more`) to a one-step workflow; returns the URL its webhooks go to, once
+/// the gateway has it.
+async fn connect(tm: &TestMesh, forge: &str, repository: &str, more: serde_json::Value) -> String {
+    let mut body = serde_json::json!({
+        "forge": forge,
+        "repository": repository,
+        "secret": SECRET,
+        "branches": ["master", "release/*"],
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "echo tested"}]}
+    });
+    body.as_object_mut().unwrap().extend(more.as_object().cloned().unwrap_or_default());
+    let res = tm.auth(tm.http.post(format!("{}/v1/repo-connections", tm.api))).json(&body).send().await.unwrap();
     assert_eq!(res.status(), 201);
     let created: serde_json::Value = res.json().await.unwrap();
     let path = created["webhook_path"].as_str().unwrap();
@@ -53,7 +51,7 @@ async fn check_started(tm: &TestMesh, answer: &serde_json::Value, forge: &str, r
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn github_push_is_verified_and_starts_one_run_per_delivery() {
     let tm = spawn_mesh().await;
-    let hook = connect(&tm, "github", "binkkatal/sample_app").await;
+    let hook = connect(&tm, "github", "binkkatal/sample_app", serde_json::json!({})).await;
     let send_body = |body: Vec<u8>, signature: String, delivery: &'static str| {
         tm.http
             .post(&hook)
@@ -107,7 +105,7 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
     let tm = spawn_mesh().await;
 
     // GitLab: the token is the secret itself; a delivery is its Idempotency-Key, or its body.
-    let hook = connect(&tm, "gitlab", "mike/diaspora").await;
+    let hook = connect(&tm, "gitlab", "mike/diaspora", serde_json::json!({})).await;
     let gitlab = |event: &str, token: &str, key: Option<&str>| {
         let mut req = tm.http.post(&hook).header("content-type", "application/json").header("x-gitlab-event", event);
         req = req.header("x-gitlab-token", token);
@@ -139,7 +137,7 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
     assert_eq!(answer(res).await["outcome"], "ignored");
 
     // Gitea: a bare hex HMAC-SHA256; Forgejo's own header names are read alike.
-    let hook = connect(&tm, "gitea", "example/example").await;
+    let hook = connect(&tm, "gitea", "example/example", serde_json::json!({})).await;
     let gitea = |prefix: &str, signature: String, delivery: &str| {
         let req = tm
             .http
@@ -164,6 +162,136 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
     let res = tm.http.post(format!("{}/hooks/github/{id}", tm.git)).header("content-type", "application/json");
     let res = res.body("{}").send().await.unwrap();
     assert_eq!(res.status(), 404);
+    tm.finish().await;
+}
+
+/// What a forge's API stand-in was sent: method and path, headers, and body per request.
+type ApiCalls = Arc<Mutex<Vec<(String, HeaderMap, serde_json::Value)>>>;
+
+/// A local stand-in for a forge's API: records every request and answers `201`.
+async fn forge_api() -> (String, ApiCalls) {
+    let seen: ApiCalls = Arc::default();
+    let store = seen.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let store = store.clone();
+        async move {
+            let line = format!("{} {}", req.method(), req.uri().path());
+            let headers = req.headers().clone();
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+            store.lock().unwrap().push((line, headers, serde_json::from_slice(&body).unwrap_or_default()));
+            (axum::http::StatusCode::CREATED, "{}")
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
+    let tm = spawn_mesh().await;
+    let (api, calls) = forge_api().await;
+    let with_token = |token: &str| serde_json::json!({"status_token": token, "api_url": api});
+    let github = connect(&tm, "github", "binkkatal/sample_app", with_token("gh-token")).await;
+    let gitlab = connect(&tm, "gitlab", "mike/diaspora", with_token("gl-token")).await;
+    let gitea = connect(&tm, "gitea", "example/example", with_token("gt-token")).await;
+    let post = |url: &str, headers: Vec<(String, String)>, body: &'static [u8]| {
+        let mut req = tm.http.post(url).header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let h = |pairs: &[(&str, String)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>();
+    let hex_signature = |body: &[u8]| hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes()));
+    let started = [
+        post(
+            &github,
+            h(&[
+                ("x-github-event", "push".into()),
+                ("x-github-delivery", "s-1".into()),
+                ("x-hub-signature-256", github_signature(PUSH)),
+            ]),
+            PUSH,
+        )
+        .await,
+        post(&gitlab, h(&[("x-gitlab-event", "Push Hook".into()), ("x-gitlab-token", SECRET.into())]), GITLAB_PUSH)
+            .await,
+        post(
+            &gitea,
+            h(&[
+                ("x-gitea-event", "push".into()),
+                ("x-gitea-delivery", "s-1".into()),
+                ("x-gitea-signature", hex_signature(GITEA_PUSH)),
+            ]),
+            GITEA_PUSH,
+        )
+        .await,
+    ];
+    for s in &started {
+        assert_eq!(s["outcome"], "started", "{s}");
+        tm.wait_run(s["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    }
+    // Each run shows on its commit: pending when it was submitted, then its outcome.
+    let expected = [
+        (
+            "POST /repos/binkkatal/sample_app/statuses/fd489864e7642b48eaad6e3f155c10e46810ec72",
+            "authorization",
+            "Bearer gh-token",
+            "context",
+            ["pending", "success"],
+        ),
+        (
+            "POST /api/v4/projects/mike%2Fdiaspora/statuses/da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
+            "private-token",
+            "gl-token",
+            "name",
+            ["running", "success"],
+        ),
+        (
+            "POST /api/v1/repos/example/example/statuses/67b56589a45103f891bdee7c0546e5d40bc02001",
+            "authorization",
+            "token gt-token",
+            "context",
+            ["pending", "success"],
+        ),
+    ];
+    let seen = eventually("two statuses per commit", Duration::from_secs(20), || async {
+        let seen = calls.lock().unwrap().clone();
+        Ok((seen.len() >= 6).then_some(seen))
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    for (line, auth, token, name, states) in expected {
+        let mine: Vec<_> = seen.iter().filter(|(l, ..)| l == line).collect();
+        let got: Vec<&str> = mine.iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("")).collect();
+        assert_eq!(got, states, "{line}: {seen:?}");
+        for (_, headers, body) in mine {
+            assert_eq!(headers[auth], token);
+            assert_eq!(body[name], "taskmesh/ci");
+        }
+    }
+    // A Gitea server has no public API to fall back on; an API URL must be one.
+    for (more, field) in [
+        (serde_json::json!({"status_token": "t"}), "api_url"),
+        (serde_json::json!({"status_token": "t", "api_url": "ftp://example.com"}), "api_url"),
+        (serde_json::json!({"status_token": ""}), "status_token"),
+    ] {
+        let mut body = serde_json::json!({"forge": "gitea", "repository": "o/r", "secret": SECRET,
+            "workflow": {"name": "ci", "steps": [{"id": "t", "run": "true"}]}});
+        body.as_object_mut().unwrap().extend(more.as_object().cloned().unwrap());
+        let res = tm.auth(tm.http.post(format!("{}/v1/repo-connections", tm.api))).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{more}");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert!(problem["detail"].as_str().unwrap().starts_with(field), "{problem}");
+    }
+    // Tokens are stored sealed, like webhook secrets.
+    for token in ["gh-token", "gl-token", "gt-token"] {
+        assert!(!tm.postgres_text().await.contains(token));
+        assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(token));
+    }
     tm.finish().await;
 }
 

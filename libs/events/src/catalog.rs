@@ -302,6 +302,16 @@ pub enum Forge {
 }
 
 impl Forge {
+    /// Where its API is when a connection names none: GitHub's and GitLab's public services
+    /// (Gitea is always self-hosted).
+    pub fn default_api_url(&self) -> Option<&'static str> {
+        match self {
+            Forge::Github => Some("https://api.github.com"),
+            Forge::Gitlab => Some("https://gitlab.com"),
+            Forge::Gitea => None,
+        }
+    }
+
     /// Its name in the API, in webhook paths and in the read models.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -625,6 +635,13 @@ pub struct RepoConnectionCreated {
     #[serde(default)]
     pub branches: Vec<String>,
     pub workflow: WorkflowDef,
+    /// A token of the forge's API, sealed (AES-256-GCM): with it, runs report their state to
+    /// the pushed commit (a commit status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_token: Option<taskmesh_secrets::Sealed>,
+    /// The forge's API base URL (its server, for GitLab and Gitea); none: the forge's public one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
 }
 
 /// A subscriber registered an endpoint for outbound webhooks.

@@ -215,6 +215,43 @@ pub struct CreateRepoConnection {
     #[serde(default)]
     pub branches: Vec<String>,
     pub workflow: serde_json::Value,
+    /// A token of the forge's API, sealed by the gateway: runs then report commit statuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_token: Option<taskmesh_secrets::Sealed>,
+    /// The forge's API base URL; none: the forge's public one (required for Gitea).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+}
+
+/// A run's state as a forge shows it on a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitState {
+    /// Started, not ended.
+    Pending,
+    Success,
+    /// Failed or timed out.
+    Failure,
+    /// Cancelled.
+    Cancelled,
+}
+
+/// A message on the deliveries stream (`{ns}.delivery.{tenant}`, beside the webhook
+/// deliveries): a webhook-triggered run's state, to report on its commit through the forge's
+/// API with its connection's status token. The scheduler enqueues one when the run is
+/// submitted (`pending`) and one when it ends.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct CommitStatus {
+    pub tenant: String,
+    pub connection_id: Uuid,
+    pub forge: Forge,
+    /// `owner/name`, or GitLab's project path.
+    pub repository: String,
+    pub commit: String,
+    pub state: CommitState,
+    pub run_id: Uuid,
+    /// The workflow's name: the status is `taskmesh/{workflow}` on the commit.
+    pub workflow: String,
 }
 
 /// `{ns}.cmd.ingest.delete_integration`: delete a webhook endpoint or a repository connection.

@@ -96,6 +96,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("CancelSignal", pretty::<CancelSignal>()),
         ("Dispatch", pretty::<Dispatch>()),
         ("Timer", pretty::<Timer>()),
+        ("CommitStatus", pretty::<CommitStatus>()),
         ("LogLine", pretty::<LogLine>()),
         ("LeaseRequest", pretty::<LeaseRequest>()),
         ("LeaseDecision", pretty::<LeaseDecision>()),

@@ -118,6 +118,8 @@ pub struct RunState {
     pub cancel_requested: bool,
     /// The cancellation came from the run's own timeout.
     pub timed_out: bool,
+    /// What started the run.
+    pub trigger: taskmesh_events::Trigger,
     /// Correlation and trace of the submission, carried by every event the run causes.
     pub correlation_id: Option<uuid::Uuid>,
     pub traceparent: Option<String>,
@@ -201,6 +203,7 @@ impl RunState {
         let priority = submitted.priority.or(workflow.priority).unwrap_or(0);
         Some(Self {
             key,
+            trigger: submitted.trigger.clone(),
             priority,
             concurrency: submitted.concurrency.clone(),
             tenant_max_runs: submitted.tenant_max_runs,

@@ -189,6 +189,15 @@ pub struct RepoConnectionRequest {
     pub branches: Vec<String>,
     #[schema(value_type = Object)]
     pub workflow: serde_json::Value,
+    /// A token of the forge's API (GitHub: a token that may write commit statuses; GitLab: a
+    /// token with the `api` scope; Gitea: an access token with write access to the
+    /// repository). With it, each run the connection starts shows on the pushed commit as
+    /// the status `taskmesh/{workflow}`: pending, then its outcome. Stored sealed, never shown.
+    pub status_token: Option<String>,
+    /// The forge's API base URL: `https://api.github.com` (the default for GitHub),
+    /// `https://gitlab.com` (the default for GitLab) or your server's; required for Gitea
+    /// when `status_token` is set.
+    pub api_url: Option<String>,
 }
 
 /// A created repository connection.
@@ -222,7 +231,13 @@ pub async fn create_repo_connection(
     if req.secret.len() < 8 || req.secret.len() > 256 {
         return Err(ApiError::new(ErrorCode::BadRequest, "secret: must be 8 to 256 characters"));
     }
-    let secret = keyring(&state)?.seal(&taskmesh_secrets::repo_secret_aad(&caller.tenant), req.secret.as_bytes());
+    if req.status_token.as_ref().is_some_and(|t| t.is_empty() || t.len() > 1024) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "status_token: must be 1 to 1024 characters"));
+    }
+    let keyring = keyring(&state)?;
+    let aad = taskmesh_secrets::repo_secret_aad(&caller.tenant);
+    let secret = keyring.seal(&aad, req.secret.as_bytes());
+    let status_token = req.status_token.map(|t| keyring.seal(&aad, t.as_bytes()));
     let req_forge = req.forge;
     let created = state
         .ingest
@@ -233,6 +248,8 @@ pub async fn create_repo_connection(
             secret,
             branches: req.branches,
             workflow: req.workflow,
+            status_token,
+            api_url: req.api_url,
         })
         .await?;
     let webhook_path = format!("/hooks/{}/{}", req_forge.as_str(), created.id);

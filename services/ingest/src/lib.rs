@@ -20,7 +20,7 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
-    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, ErrorCode, Event, EventMeta,
+    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, ErrorCode, Event, EventMeta, Forge,
     MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey,
     RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated, Trigger,
     WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored, subjects::is_token,
@@ -588,13 +588,28 @@ impl Ingest {
     pub async fn create_repo_connection(&self, cmd: CreateRepoConnection) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         let workflow = WorkflowDef::from_value(cmd.workflow)?;
-        let valid_repo = cmd.repository.split('/').count() == 2
+        // GitLab's projects sit in groups within groups: `group/subgroup/project`.
+        let parts = cmd.repository.split('/').count();
+        let nested = cmd.forge == Forge::Gitlab && parts > 2 && parts <= 21;
+        let valid_repo = (parts == 2 || nested)
+            && cmd.repository.len() <= 512
             && cmd
                 .repository
                 .split('/')
                 .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
         if !valid_repo {
-            return Err(invalid("repository", "must be 'owner/name'"));
+            let what = if cmd.forge == Forge::Gitlab { "'group/project' (groups may nest)" } else { "'owner/name'" };
+            return Err(invalid("repository", format!("must be {what}")));
+        }
+        if let Some(api) = &cmd.api_url {
+            let url = url::Url::parse(api).map_err(|_| invalid("api_url", "not a URL"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || api.len() > 2048 {
+                return Err(invalid("api_url", "must be an http or https URL with a host"));
+            }
+            self.egress.check_url(&url).map_err(|denied| invalid("api_url", denied.to_string()))?;
+        }
+        if cmd.status_token.is_some() && cmd.api_url.is_none() && cmd.forge.default_api_url().is_none() {
+            return Err(invalid("api_url", "a Gitea connection that reports statuses needs its server's URL"));
         }
         if cmd.branches.len() > 100 || cmd.branches.iter().any(|b| b.is_empty() || b.len() > 255) {
             return Err(invalid("branches", "at most 100 non-empty patterns"));
@@ -609,6 +624,8 @@ impl Ingest {
                 secret: cmd.secret,
                 branches: cmd.branches,
                 workflow,
+                status_token: cmd.status_token,
+                api_url: cmd.api_url,
             }),
         );
         let seq = self.append_new(&envelope, "repository connection").await?;

@@ -10,6 +10,12 @@
 //! receiver can deduplicate), `webhook-timestamp` and `webhook-signature`; a failure is retried
 //! after the configured delays, then dropped with an error log (dead letter).
 //!
+//! The same queue carries commit statuses ([`CommitStatus`]): the scheduler enqueues a
+//! webhook-triggered run's state when it is submitted and when it ends, and the delivery loop
+//! reports it to the forge's API (GitHub, GitLab or Gitea) with the connection's status token,
+//! as the status `taskmesh/{workflow}` of the pushed commit. A connection without a token
+//! reports nothing; a `pending` that would land after the run's end is not sent.
+//!
 //! # Layout
 //! Everything is in this file: [`Notifier`], [`Delivery`], [`sign`].
 
@@ -23,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
 use taskmesh_bus::Bus;
 use taskmesh_config::NotificationSettings;
-use taskmesh_events::Event;
+use taskmesh_events::command::{CommitState, CommitStatus};
+use taskmesh_events::{Event, Forge};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -42,6 +49,14 @@ pub struct Delivery {
     pub message_id: String,
     /// The exact JSON body to send.
     pub payload: serde_json::Value,
+}
+
+/// What the deliveries stream carries: webhook deliveries and commit statuses.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Outgoing {
+    Webhook(Delivery),
+    Status(CommitStatus),
 }
 
 /// Signs `body` per Standard Webhooks: `v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`
@@ -198,20 +213,31 @@ impl Notifier {
     /// Attempts one delivery; says how to ack it.
     async fn deliver_one(&self, msg: &Message) -> AckKind {
         let attempt = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
-        let delivery: Delivery = match serde_json::from_slice(&msg.payload) {
+        let outgoing: Outgoing = match serde_json::from_slice(&msg.payload) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "undecodable delivery; dropping it");
                 return AckKind::Term;
             }
         };
-        let span =
-            tracing::info_span!("deliver", endpoint = %delivery.endpoint_id, message = %delivery.message_id, attempt);
-        let result = self.post(&delivery).instrument(span.clone()).await;
+        let (span, result) = match &outgoing {
+            Outgoing::Webhook(d) => {
+                let span = tracing::info_span!("deliver", endpoint = %d.endpoint_id, message = %d.message_id, attempt);
+                (span.clone(), self.post(d).instrument(span).await)
+            }
+            Outgoing::Status(s) => {
+                let span = tracing::info_span!("commit_status", connection = %s.connection_id, run = %s.run_id, state = ?s.state, attempt);
+                (span.clone(), self.post_status(s).instrument(span).await)
+            }
+        };
         let _guard = span.enter();
         match result {
             Ok(()) => AckKind::Ack,
             Err(Outcome::Gone) => AckKind::Term,
+            Err(Outcome::Refused(reason)) => {
+                tracing::error!(%reason, "refused for good: not retried");
+                AckKind::Term
+            }
             Err(Outcome::Failed(reason)) => match self.settings.retry_delays_secs.get(attempt - 1) {
                 Some(&delay) => {
                     tracing::info!(%reason, retry_in_secs = delay, "delivery failed; will retry");
@@ -225,13 +251,96 @@ impl Notifier {
         }
     }
 
-    /// Opens an endpoint's sealed signing secret.
-    fn open_secret(&self, tenant: &str, sealed: &str) -> Result<String, String> {
+    /// Opens a sealed secret (an endpoint's signing secret, a connection's status token),
+    /// stored as JSON, sealed for `aad`.
+    fn open_secret(&self, aad: &str, sealed: &str) -> Result<String, String> {
         let keyring = self.keyring.as_ref().ok_or("no secrets key is configured")?;
         let sealed: taskmesh_secrets::Sealed =
             serde_json::from_str(sealed).map_err(|e| format!("stored secret: {e}"))?;
-        let plain = keyring.open(&taskmesh_secrets::endpoint_secret_aad(tenant), &sealed).map_err(|e| e.to_string())?;
-        String::from_utf8(plain).map_err(|_| "the signing secret is not UTF-8".to_string())
+        let plain = keyring.open(aad, &sealed).map_err(|e| e.to_string())?;
+        String::from_utf8(plain).map_err(|_| "the stored secret is not UTF-8".to_string())
+    }
+
+    /// Reports a run's state on its commit through the forge's API.
+    async fn post_status(&self, s: &CommitStatus) -> Result<(), Outcome> {
+        let failed = |what: &str, e: sqlx::Error| Outcome::Failed(format!("reading {what}: {e}"));
+        if s.state == CommitState::Pending {
+            // Sent late (after retries), it would cover the run's outcome.
+            let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE tenant_id = $1 AND id = $2")
+                .bind(&s.tenant)
+                .bind(s.run_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| failed("the run", e))?;
+            if status.is_some_and(|st| matches!(st.as_str(), "succeeded" | "failed" | "cancelled" | "timed_out")) {
+                return Ok(());
+            }
+        }
+        let row = sqlx::query(
+            "SELECT repository, status_token, api_url FROM repo_connections WHERE id = $1 AND tenant_id = $2",
+        )
+        .bind(s.connection_id)
+        .bind(&s.tenant)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| failed("the connection", e))?
+        .ok_or(Outcome::Gone)?;
+        let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(()) };
+        let token =
+            self.open_secret(&taskmesh_secrets::repo_secret_aad(&s.tenant), &sealed).map_err(Outcome::Failed)?;
+        let repository: String = row.get("repository");
+        let base = row
+            .get::<Option<String>, _>("api_url")
+            .or_else(|| s.forge.default_api_url().map(String::from))
+            .ok_or_else(|| Outcome::Refused("the connection names no API URL".into()))?;
+        let base = base.trim_end_matches('/');
+        if s.commit.is_empty() || s.commit.len() > 64 || !s.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Outcome::Refused(format!("'{}' is not a commit id", s.commit)));
+        }
+        let (commit, context) = (&s.commit, format!("taskmesh/{}", s.workflow));
+        let description = match s.state {
+            CommitState::Pending => "running",
+            CommitState::Success => "succeeded",
+            CommitState::Failure => "failed",
+            CommitState::Cancelled => "cancelled",
+        };
+        let (url, auth, body) = match s.forge {
+            Forge::Github => (
+                format!("{base}/repos/{repository}/statuses/{commit}"),
+                ("authorization", format!("Bearer {token}")),
+                serde_json::json!({"state": github_state(s.state), "context": context, "description": description}),
+            ),
+            Forge::Gitlab => (
+                format!("{base}/api/v4/projects/{}/statuses/{commit}", repository.replace('/', "%2F")),
+                ("private-token", token),
+                serde_json::json!({"state": gitlab_state(s.state), "name": context, "description": description}),
+            ),
+            Forge::Gitea => (
+                format!("{base}/api/v1/repos/{repository}/statuses/{commit}"),
+                ("authorization", format!("token {token}")),
+                serde_json::json!({"state": github_state(s.state), "context": context, "description": description}),
+            ),
+        };
+        let parsed = reqwest::Url::parse(&url).map_err(|e| Outcome::Refused(format!("'{url}' is not a URL: {e}")))?;
+        self.egress.check_url(&parsed).map_err(|d| Outcome::Refused(format!("POST {url}: {d}")))?;
+        let res = self
+            .http
+            .post(parsed)
+            .header(auth.0, auth.1)
+            .header("accept", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
+        let status = res.status();
+        match status.as_u16() {
+            200..=299 => Ok(()),
+            // The token, the repository or the commit is wrong: asking again changes nothing.
+            400..=499 if !matches!(status.as_u16(), 408 | 429) => {
+                Err(Outcome::Refused(format!("POST {url} answered {status}")))
+            }
+            _ => Err(Outcome::Failed(format!("POST {url} answered {status}"))),
+        }
     }
 
     async fn post(&self, d: &Delivery) -> Result<(), Outcome> {
@@ -243,7 +352,8 @@ impl Notifier {
             .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
             .ok_or(Outcome::Gone)?;
         let (url, sealed): (String, String) = (row.get("url"), row.get("secret"));
-        let secret = self.open_secret(&d.tenant, &sealed).map_err(Outcome::Failed)?;
+        let secret =
+            self.open_secret(&taskmesh_secrets::endpoint_secret_aad(&d.tenant), &sealed).map_err(Outcome::Failed)?;
         let body = serde_json::to_vec(&d.payload).map_err(|e| Outcome::Failed(e.to_string()))?;
         let timestamp = Utc::now().timestamp();
         let signature = sign(&secret, &d.message_id, timestamp, &body).map_err(|e| Outcome::Failed(e.to_string()))?;
@@ -269,9 +379,32 @@ impl Notifier {
 }
 
 enum Outcome {
-    /// The endpoint no longer exists: drop the delivery.
+    /// The endpoint (or connection) no longer exists: drop the delivery.
     Gone,
+    /// Retrying changes nothing: drop it, with an error log.
+    Refused(String),
+    /// Retry it later.
     Failed(String),
+}
+
+/// A state as GitHub and Gitea name it.
+fn github_state(s: CommitState) -> &'static str {
+    match s {
+        CommitState::Pending => "pending",
+        CommitState::Success => "success",
+        CommitState::Failure => "failure",
+        CommitState::Cancelled => "error",
+    }
+}
+
+/// A state as GitLab names it.
+fn gitlab_state(s: CommitState) -> &'static str {
+    match s {
+        CommitState::Pending => "running",
+        CommitState::Success => "success",
+        CommitState::Failure => "failed",
+        CommitState::Cancelled => "canceled",
+    }
 }
 
 #[cfg(test)]

@@ -65,8 +65,9 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::RepoConnectionCreated(e) => {
             sqlx::query(
-                "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
+                                              status_token, api_url)
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10) ON CONFLICT DO NOTHING",
             )
             .bind(e.connection_id)
             .bind(tenant)
@@ -76,6 +77,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(sqlx::types::Json(&e.workflow))
             .bind(at)
             .bind(e.forge.as_str())
+            .bind(e.status_token.as_ref().map(|t| serde_json::to_string(t).expect("serialises")))
+            .bind(&e.api_url)
             .execute(&mut **tx)
             .await?;
         }

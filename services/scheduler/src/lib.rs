@@ -29,9 +29,10 @@ use async_nats::jetstream::{AckKind, Message};
 use taskmesh_bus::{Bus, BusError, Stored};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{
-    CancelSignal, Dispatch, LeaseDecision, LeaseRequest, Ready, ReportAck, ResultReport, Timer, TimerKind,
+    CancelSignal, CommitState, CommitStatus, Dispatch, LeaseDecision, LeaseRequest, Ready, ReportAck, ResultReport,
+    Timer, TimerKind,
 };
-use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched};
+use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched, Trigger};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -370,7 +371,14 @@ impl Scheduler {
                         .await
                         .map(|_| ())
                 };
-                tokio::try_join!(admission, deadline)?;
+                let status = self.report_status(
+                    key,
+                    &submitted.trigger,
+                    &submitted.workflow.name,
+                    CommitState::Pending,
+                    &stored.envelope,
+                );
+                tokio::try_join!(admission, deadline, status)?;
             }
             Event::StepDispatched(d) => {
                 let still = state
@@ -404,7 +412,13 @@ impl Scheduler {
                 let msg_id = format!("ended:{}", env.id);
                 let announce =
                     self.bus.enqueue(self.bus.namespace().ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
-                tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
+                let end = match env.event {
+                    Event::RunSucceeded(_) => CommitState::Success,
+                    Event::RunCancelled(_) => CommitState::Cancelled,
+                    _ => CommitState::Failure,
+                };
+                let status = self.report_status(key, &state.trigger, &state.workflow.name, end, env);
+                tokio::try_join!(leave_groups(&self.bus, key, state), announce, status)?;
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
             // places it was given are left again, or nobody would ever free them.
@@ -412,6 +426,34 @@ impl Scheduler {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Enqueues a webhook-triggered run's `state` for its commit (see [`CommitStatus`]), once
+    /// per event (`event`'s id deduplicates it); nothing for runs other triggers started.
+    async fn report_status(
+        &self,
+        key: &RunKey,
+        trigger: &Trigger,
+        workflow: &str,
+        state: CommitState,
+        event: &taskmesh_events::Envelope,
+    ) -> Result<(), BusError> {
+        let Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), .. } = trigger else {
+            return Ok(());
+        };
+        let status = CommitStatus {
+            tenant: key.tenant.clone(),
+            connection_id: *connection_id,
+            forge: *forge,
+            repository: repository.clone(),
+            commit: commit.clone(),
+            state,
+            run_id: key.run_id,
+            workflow: workflow.to_string(),
+        };
+        let ns = self.bus.namespace();
+        let msg_id = format!("status:{}", event.id);
+        self.bus.enqueue(ns.delivery(&key.tenant), &msg_id, &status, event.traceparent.as_deref()).await.map(|_| ())
     }
 
     /// Decides on the run's current state and appends the decisions, retrying on conflicts.
