@@ -223,7 +223,18 @@ async fn open_events(client: &Client, path: &str) -> Option<Events> {
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/event-stream"));
-    (res.status().is_success() && is_events).then(|| Box::pin(res.bytes_stream().eventsource()) as Events)
+    if !(res.status().is_success() && is_events) {
+        return None;
+    }
+    // The bytes, until none come for SILENT_FOR: keep-alives (comments, which the parser
+    // drops) count, so only a dead connection ends a quiet stream.
+    let bytes = futures::stream::unfold(Box::pin(res.bytes_stream()), |mut bytes| async move {
+        match tokio::time::timeout(SILENT_FOR, bytes.next()).await {
+            Ok(Some(chunk)) => Some((chunk, bytes)),
+            _ => None,
+        }
+    });
+    Some(Box::pin(bytes.eventsource()))
 }
 
 /// The log sequence an event's `id` (`{seq}` or `{seq}.{part}`) names.
@@ -300,8 +311,8 @@ async fn step_ended(client: &Client, run: &str, step: &str) -> anyhow::Result<bo
         .is_some_and(|s| !matches!(s["status"].as_str(), Some("queued" | "running"))))
 }
 
-/// The longest a followed stream may stay silent: the gateway sends a keep-alive every 15 s,
-/// so a connection quiet for longer is dead (the host gone without closing it, say).
+/// The longest an event stream may send no bytes at all: the gateway sends a keep-alive every
+/// 15 s, so a connection quiet for longer is dead (the host gone without closing it, say).
 const SILENT_FOR: Duration = Duration::from_secs(45);
 
 /// How following a step's log stream ended.
@@ -319,7 +330,7 @@ enum Followed {
 async fn follow_log(client: &Client, run: &str, step: &str, after: &mut u64, show: impl Fn(&Value)) -> Followed {
     let path = format!("/v1/runs/{run}/steps/{step}/logs?follow=true&after={after}");
     let Some(mut events) = open_events(client, &path).await else { return Followed::Unavailable };
-    while let Ok(Some(event)) = tokio::time::timeout(SILENT_FOR, events.next()).await {
+    while let Some(event) = events.next().await {
         let Ok(event) = event else { return Followed::Broken };
         match event.event.as_str() {
             "end" => return Followed::Ended,

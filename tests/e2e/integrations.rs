@@ -106,14 +106,16 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
 
     // GitLab: the token is the secret itself; a delivery is its Idempotency-Key, or its body.
     let hook = connect(&tm, "gitlab", "mike/diaspora", serde_json::json!({})).await;
-    let gitlab = |event: &str, token: &str, key: Option<&str>| {
+    let gitlab_with = |event: &str, token: &str, id: Option<(&str, &str)>| {
         let mut req = tm.http.post(&hook).header("content-type", "application/json").header("x-gitlab-event", event);
         req = req.header("x-gitlab-token", token);
-        if let Some(key) = key {
-            req = req.header("idempotency-key", key);
+        if let Some((name, value)) = id {
+            req = req.header(name, value);
         }
         async move { req.body(GITLAB_PUSH.to_vec()).send().await.unwrap() }
     };
+    let gitlab =
+        |event, token, key: Option<&'static str>| gitlab_with(event, token, key.map(|k| ("idempotency-key", k)));
     let answer = |res: reqwest::Response| async move { res.json::<serde_json::Value>().await.unwrap() };
     let before = tm.event_count().await;
     for bad in ["not-the-secret", ""] {
@@ -126,11 +128,18 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
     let first = answer(gitlab("Push Hook", SECRET, Some("k-1")).await).await;
     let again = answer(gitlab("Push Hook", SECRET, Some("k-1")).await).await;
     assert_eq!((&again["run_id"], &again["duplicate"]), (&first["run_id"], &serde_json::json!(true)));
-    // GitLab before 17.4 sends no Idempotency-Key: the same body is the same delivery.
-    let unkeyed = answer(gitlab("Push Hook", SECRET, None).await).await;
-    assert_ne!(unkeyed["run_id"], first["run_id"]);
-    let unkeyed_again = answer(gitlab("Push Hook", SECRET, None).await).await;
-    assert_eq!(unkeyed_again["run_id"], unkeyed["run_id"]);
+    // GitLab before 17.4 sends no Idempotency-Key: its X-Gitlab-Event-UUID names the delivery.
+    let event_id = Some(("x-gitlab-event-uuid", "e-1"));
+    let by_event = answer(gitlab_with("Push Hook", SECRET, event_id).await).await;
+    assert_ne!(by_event["run_id"], first["run_id"]);
+    let by_event_again = answer(gitlab_with("Push Hook", SECRET, event_id).await).await;
+    assert_eq!(by_event_again["run_id"], by_event["run_id"]);
+    // With neither, each is a delivery of its own, even with the same body: two real pushes
+    // can have the same (a branch made again at the same commit).
+    let bare = answer(gitlab("Push Hook", SECRET, None).await).await;
+    let bare_again = answer(gitlab("Push Hook", SECRET, None).await).await;
+    assert_ne!(bare["run_id"], bare_again["run_id"]);
+    assert_eq!((bare["outcome"].as_str(), bare_again["duplicate"].as_bool()), (Some("started"), Some(false)));
     check_started(&tm, &first, "gitlab", "mike/diaspora", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7").await;
     let res = gitlab("Tag Push Hook", SECRET, Some("k-2")).await;
     assert_eq!(res.status(), 202);
@@ -195,7 +204,10 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     let with_token = |token: &str| serde_json::json!({"status_token": token, "api_url": api});
     let github = connect(&tm, "github", "binkkatal/sample_app", with_token("gh-token")).await;
     let gitlab = connect(&tm, "gitlab", "mike/diaspora", with_token("gl-token")).await;
-    let gitea = connect(&tm, "gitea", "example/example", with_token("gt-token")).await;
+    // Gitea's workflow fails: its commit shows the failure.
+    let mut failing = with_token("gt-token");
+    failing["workflow"] = serde_json::json!({"name": "ci", "steps": [{"id": "test", "run": "exit 3"}]});
+    let gitea = connect(&tm, "gitea", "example/example", failing).await;
     let post = |url: &str, headers: Vec<(String, String)>, body: &'static [u8]| {
         let mut req = tm.http.post(url).header("content-type", "application/json");
         for (k, v) in headers {
@@ -254,16 +266,17 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
             "authorization",
             "token gt-token",
             "context",
-            ["pending", "success"],
+            ["pending", "failure"],
         ),
     ];
-    let seen = eventually("two statuses per commit", Duration::from_secs(20), || async {
-        let seen = calls.lock().unwrap().clone();
-        Ok((seen.len() >= 6).then_some(seen))
+    eventually("two statuses per commit", Duration::from_secs(20), || async {
+        Ok((calls.lock().unwrap().len() >= 6).then_some(()))
     })
     .await
     .unwrap();
-    assert_eq!(seen.len(), 6, "{seen:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = calls.lock().unwrap().clone();
+    assert_eq!(seen.len(), 6, "two each, no more: {seen:?}");
     for (line, auth, token, name, states) in expected {
         let mine: Vec<_> = seen.iter().filter(|(l, ..)| l == line).collect();
         let got: Vec<&str> = mine.iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("")).collect();
@@ -273,13 +286,17 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
             assert_eq!(body[name], "taskmesh/ci");
         }
     }
-    // A Gitea server has no public API to fall back on; an API URL must be one.
-    for (more, field) in [
-        (serde_json::json!({"status_token": "t"}), "api_url"),
-        (serde_json::json!({"status_token": "t", "api_url": "ftp://example.com"}), "api_url"),
-        (serde_json::json!({"status_token": ""}), "status_token"),
+    // GitLab and Gitea name their server (a token is never sent anywhere by default); an API URL
+    // is one, without credentials; a repository path stays a path.
+    for (forge, more, field) in [
+        ("gitea", serde_json::json!({"status_token": "t"}), "api_url"),
+        ("gitlab", serde_json::json!({"status_token": "t"}), "api_url"),
+        ("gitea", serde_json::json!({"status_token": "t", "api_url": "ftp://example.com"}), "api_url"),
+        ("gitea", serde_json::json!({"status_token": "t", "api_url": "https://u:p@example.com"}), "api_url"),
+        ("gitea", serde_json::json!({"status_token": ""}), "status_token"),
+        ("github", serde_json::json!({"repository": "o/.."}), "repository"),
     ] {
-        let mut body = serde_json::json!({"forge": "gitea", "repository": "o/r", "secret": SECRET,
+        let mut body = serde_json::json!({"forge": forge, "repository": "o/r", "secret": SECRET,
             "workflow": {"name": "ci", "steps": [{"id": "t", "run": "true"}]}});
         body.as_object_mut().unwrap().extend(more.as_object().cloned().unwrap());
         let res = tm.auth(tm.http.post(format!("{}/v1/repo-connections", tm.api))).json(&body).send().await.unwrap();

@@ -288,6 +288,9 @@ pub enum Trigger {
         branch: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         commit: Option<String>,
+        /// The connection has a status token: the run's state is reported on the commit.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reports_status: bool,
     },
 }
 
@@ -302,13 +305,13 @@ pub enum Forge {
 }
 
 impl Forge {
-    /// Where its API is when a connection names none: GitHub's and GitLab's public services
-    /// (Gitea is always self-hosted).
+    /// Where its API is when a connection names none: GitHub's public service. GitLab and Gitea
+    /// are often self-hosted, so a connection to them names its server: a token is never sent
+    /// to a server by default.
     pub fn default_api_url(&self) -> Option<&'static str> {
         match self {
             Forge::Github => Some("https://api.github.com"),
-            Forge::Gitlab => Some("https://gitlab.com"),
-            Forge::Gitea => None,
+            Forge::Gitlab | Forge::Gitea => None,
         }
     }
 

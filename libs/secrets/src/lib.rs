@@ -106,6 +106,12 @@ pub fn repo_secret_aad(tenant: &str) -> String {
     format!("{tenant}:repo-connection")
 }
 
+/// The associated data a repository connection's status token is sealed with: not the webhook
+/// secret's, so neither can stand in for the other.
+pub fn repo_status_token_aad(tenant: &str) -> String {
+    format!("{tenant}:repo-connection:status-token")
+}
+
 /// The associated data a webhook endpoint's signing secret is sealed with.
 pub fn endpoint_secret_aad(tenant: &str) -> String {
     format!("{tenant}:webhook-endpoint")

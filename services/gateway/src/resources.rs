@@ -194,9 +194,9 @@ pub struct RepoConnectionRequest {
     /// repository). With it, each run the connection starts shows on the pushed commit as
     /// the status `taskmesh/{workflow}`: pending, then its outcome. Stored sealed, never shown.
     pub status_token: Option<String>,
-    /// The forge's API base URL: `https://api.github.com` (the default for GitHub),
-    /// `https://gitlab.com` (the default for GitLab) or your server's; required for Gitea
-    /// when `status_token` is set.
+    /// The forge's API base URL: `https://api.github.com` (the default for GitHub), or your
+    /// GitLab's or Gitea's (`https://gitlab.com` for GitLab's service); required for GitLab and
+    /// Gitea when `status_token` is set, so that a token is never sent to a server by default.
     pub api_url: Option<String>,
 }
 
@@ -235,9 +235,9 @@ pub async fn create_repo_connection(
         return Err(ApiError::new(ErrorCode::BadRequest, "status_token: must be 1 to 1024 characters"));
     }
     let keyring = keyring(&state)?;
-    let aad = taskmesh_secrets::repo_secret_aad(&caller.tenant);
-    let secret = keyring.seal(&aad, req.secret.as_bytes());
-    let status_token = req.status_token.map(|t| keyring.seal(&aad, t.as_bytes()));
+    let secret = keyring.seal(&taskmesh_secrets::repo_secret_aad(&caller.tenant), req.secret.as_bytes());
+    let token_aad = taskmesh_secrets::repo_status_token_aad(&caller.tenant);
+    let status_token = req.status_token.map(|t| keyring.seal(&token_aad, t.as_bytes()));
     let req_forge = req.forge;
     let created = state
         .ingest

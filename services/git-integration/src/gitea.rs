@@ -9,7 +9,8 @@ use crate::{Hook, header};
 
 /// Verifies a delivery (`X-Gitea-Signature`, or Forgejo's `X-Forgejo-Signature`: bare hex
 /// HMAC-SHA256 of the body) and reads what it asks: a `push` (one run per `X-Gitea-Delivery`
-/// or `X-Forgejo-Delivery`), or another event.
+/// or `X-Forgejo-Delivery`), or another event. Gitea's "Redeliver" sends a new delivery id:
+/// it starts a new run, as asked.
 pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, ApiError> {
     let either = |gitea: &str, forgejo: &str| header(headers, gitea).or_else(|| header(headers, forgejo));
     let signature = either("x-gitea-signature", "x-forgejo-signature").unwrap_or("");

@@ -16,8 +16,9 @@ pub fn verify_token(secret: &[u8], token: &str) -> bool {
 
 /// Verifies a delivery (`X-Gitlab-Token`) and reads what it asks: a `Push Hook` (one run per
 /// delivery), or another event. A delivery is named by its `Idempotency-Key` (the same on every
-/// retry; GitLab 17.4 and later), else by the SHA-256 of its body (a retry resends the same
-/// body; two pushes differ in their commits).
+/// retry; GitLab 17.4 and later), else by its `X-Gitlab-Event-UUID`; without either, it is a
+/// delivery of its own. Not by its body: two real pushes can have the same (a branch made again
+/// at the same commit), and the second must start its run.
 pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, ApiError> {
     if !verify_token(secret, header(headers, "x-gitlab-token").unwrap_or("")) {
         return Err(ApiError::new(
@@ -25,9 +26,10 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
             "X-Gitlab-Token is missing or is not the connection's secret",
         ));
     }
-    let delivery = match header(headers, "idempotency-key") {
-        Some(key) => crate::delivery(Some(key), "Idempotency-Key")?,
-        None => format!("sha256:{}", hex::encode(hmac_sha256::Hash::hash(body))),
+    let delivery = match (header(headers, "idempotency-key"), header(headers, "x-gitlab-event-uuid")) {
+        (Some(key), _) => crate::delivery(Some(key), "Idempotency-Key")?,
+        (None, Some(event)) => crate::delivery(Some(event), "X-Gitlab-Event-UUID")?,
+        (None, None) => uuid::Uuid::now_v7().to_string(),
     };
     match header(headers, "x-gitlab-event").unwrap_or("") {
         "Push Hook" => {

@@ -110,6 +110,8 @@ struct Connection {
     secret: String,
     branches: Vec<String>,
     workflow: serde_json::Value,
+    /// It has a status token: runs report their state on the commit.
+    reports_status: bool,
 }
 
 /// What a verified delivery asks of Taskmesh.
@@ -172,7 +174,8 @@ fn is_zero_sha(sha: &str) -> bool {
 
 async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connection> {
     let row = sqlx::query(
-        "SELECT tenant_id, repository, secret, branches, workflow FROM repo_connections WHERE id = $1 AND forge = $2",
+        "SELECT tenant_id, repository, secret, branches, workflow, status_token IS NOT NULL AS reports_status
+         FROM repo_connections WHERE id = $1 AND forge = $2",
     )
     .bind(id)
     .bind(forge.as_str())
@@ -185,6 +188,7 @@ async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connecti
         secret: row.get("secret"),
         branches: row.get("branches"),
         workflow: row.get::<sqlx::types::Json<serde_json::Value>, _>("workflow").0,
+        reports_status: row.get("reports_status"),
     })
 }
 
@@ -249,6 +253,7 @@ async fn hook(
                 repository: push.repository.clone(),
                 branch: Some(branch.to_string()),
                 commit: Some(push.commit.clone()),
+                reports_status: conn.reports_status,
             },
             idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),
             priority: None,

@@ -593,10 +593,9 @@ impl Ingest {
         let nested = cmd.forge == Forge::Gitlab && parts > 2 && parts <= 21;
         let valid_repo = (parts == 2 || nested)
             && cmd.repository.len() <= 512
-            && cmd
-                .repository
-                .split('/')
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+            && cmd.repository.split('/').all(|p| {
+                !matches!(p, "" | "." | "..") && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            });
         if !valid_repo {
             let what = if cmd.forge == Forge::Gitlab { "'group/project' (groups may nest)" } else { "'owner/name'" };
             return Err(invalid("repository", format!("must be {what}")));
@@ -606,10 +605,23 @@ impl Ingest {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || api.len() > 2048 {
                 return Err(invalid("api_url", "must be an http or https URL with a host"));
             }
+            if !url.username().is_empty()
+                || url.password().is_some()
+                || url.query().is_some()
+                || url.fragment().is_some()
+            {
+                return Err(invalid(
+                    "api_url",
+                    "must carry no credentials, query or fragment (the token goes in a header)",
+                ));
+            }
             self.egress.check_url(&url).map_err(|denied| invalid("api_url", denied.to_string()))?;
         }
         if cmd.status_token.is_some() && cmd.api_url.is_none() && cmd.forge.default_api_url().is_none() {
-            return Err(invalid("api_url", "a Gitea connection that reports statuses needs its server's URL"));
+            return Err(invalid(
+                "api_url",
+                "a GitLab or Gitea connection that reports statuses needs its server's URL",
+            ));
         }
         if cmd.branches.len() > 100 || cmd.branches.iter().any(|b| b.is_empty() || b.len() > 255) {
             return Err(invalid("branches", "at most 100 non-empty patterns"));

@@ -30,7 +30,7 @@ use sqlx::{PgPool, Row};
 use taskmesh_bus::Bus;
 use taskmesh_config::NotificationSettings;
 use taskmesh_events::command::{CommitState, CommitStatus};
-use taskmesh_events::{Event, Forge};
+use taskmesh_events::{Event, Forge, RunKey};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -261,21 +261,39 @@ impl Notifier {
         String::from_utf8(plain).map_err(|_| "the stored secret is not UTF-8".to_string())
     }
 
-    /// Reports a run's state on its commit through the forge's API.
+    /// How the run ended, by its last event in the log (none: not ended).
+    async fn run_end(&self, s: &CommitStatus) -> Result<Option<CommitState>, Outcome> {
+        let subject = self.bus.namespace().run(&RunKey { tenant: s.tenant.clone(), run_id: s.run_id });
+        let last = self.bus.last(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
+        Ok(last.and_then(|l| match l.envelope.event {
+            Event::RunSucceeded(_) => Some(CommitState::Success),
+            Event::RunFailed(_) | Event::RunTimedOut(_) => Some(CommitState::Failure),
+            Event::RunCancelled(_) => Some(CommitState::Cancelled),
+            _ => None,
+        }))
+    }
+
+    /// Reports a run's state on its commit through the forge's API. A `pending` never stays
+    /// over the outcome: none is sent for a run that has ended (its outcome is sent instead),
+    /// and should the run end while one is sent (its outcome perhaps sent before, by another
+    /// replica), the outcome is sent again after it.
     async fn post_status(&self, s: &CommitStatus) -> Result<(), Outcome> {
-        let failed = |what: &str, e: sqlx::Error| Outcome::Failed(format!("reading {what}: {e}"));
-        if s.state == CommitState::Pending {
-            // Sent late (after retries), it would cover the run's outcome.
-            let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE tenant_id = $1 AND id = $2")
-                .bind(&s.tenant)
-                .bind(s.run_id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| failed("the run", e))?;
-            if status.is_some_and(|st| matches!(st.as_str(), "succeeded" | "failed" | "cancelled" | "timed_out")) {
-                return Ok(());
-            }
+        if s.state != CommitState::Pending {
+            return self.send_status(s, s.state).await;
         }
+        if self.run_end(s).await?.is_some() {
+            return Ok(());
+        }
+        self.send_status(s, CommitState::Pending).await?;
+        match self.run_end(s).await? {
+            Some(end) => self.send_status(s, end).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `state` for the run of `s` to the forge's API.
+    async fn send_status(&self, s: &CommitStatus, state: CommitState) -> Result<(), Outcome> {
+        let failed = |what: &str, e: sqlx::Error| Outcome::Failed(format!("reading {what}: {e}"));
         let row = sqlx::query(
             "SELECT repository, status_token, api_url FROM repo_connections WHERE id = $1 AND tenant_id = $2",
         )
@@ -287,7 +305,7 @@ impl Notifier {
         .ok_or(Outcome::Gone)?;
         let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(()) };
         let token =
-            self.open_secret(&taskmesh_secrets::repo_secret_aad(&s.tenant), &sealed).map_err(Outcome::Failed)?;
+            self.open_secret(&taskmesh_secrets::repo_status_token_aad(&s.tenant), &sealed).map_err(Outcome::Failed)?;
         let repository: String = row.get("repository");
         let base = row
             .get::<Option<String>, _>("api_url")
@@ -298,7 +316,7 @@ impl Notifier {
             return Err(Outcome::Refused(format!("'{}' is not a commit id", s.commit)));
         }
         let (commit, context) = (&s.commit, format!("taskmesh/{}", s.workflow));
-        let description = match s.state {
+        let description = match state {
             CommitState::Pending => "running",
             CommitState::Success => "succeeded",
             CommitState::Failure => "failed",
@@ -308,21 +326,22 @@ impl Notifier {
             Forge::Github => (
                 format!("{base}/repos/{repository}/statuses/{commit}"),
                 ("authorization", format!("Bearer {token}")),
-                serde_json::json!({"state": github_state(s.state), "context": context, "description": description}),
+                serde_json::json!({"state": github_state(state), "context": context, "description": description}),
             ),
             Forge::Gitlab => (
                 format!("{base}/api/v4/projects/{}/statuses/{commit}", repository.replace('/', "%2F")),
                 ("private-token", token),
-                serde_json::json!({"state": gitlab_state(s.state), "name": context, "description": description}),
+                serde_json::json!({"state": gitlab_state(state), "name": context, "description": description}),
             ),
             Forge::Gitea => (
                 format!("{base}/api/v1/repos/{repository}/statuses/{commit}"),
                 ("authorization", format!("token {token}")),
-                serde_json::json!({"state": github_state(s.state), "context": context, "description": description}),
+                serde_json::json!({"state": github_state(state), "context": context, "description": description}),
             ),
         };
         let parsed = reqwest::Url::parse(&url).map_err(|e| Outcome::Refused(format!("'{url}' is not a URL: {e}")))?;
-        self.egress.check_url(&parsed).map_err(|d| Outcome::Refused(format!("POST {url}: {d}")))?;
+        // Denied like a webhook delivery: retried, as the rules may change.
+        self.egress.check_url(&parsed).map_err(|d| Outcome::Failed(format!("POST {url}: {d}")))?;
         let res = self
             .http
             .post(parsed)

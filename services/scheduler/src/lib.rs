@@ -429,7 +429,9 @@ impl Scheduler {
     }
 
     /// Enqueues a webhook-triggered run's `state` for its commit (see [`CommitStatus`]), once
-    /// per event (`event`'s id deduplicates it); nothing for runs other triggers started.
+    /// per event (`event`'s id deduplicates it); nothing for runs other triggers started, or
+    /// whose connection has no status token. Never fails: a status is informational, and a
+    /// full or unreachable deliveries queue must not hold the run up (it is logged).
     async fn report_status(
         &self,
         key: &RunKey,
@@ -438,7 +440,9 @@ impl Scheduler {
         state: CommitState,
         event: &taskmesh_events::Envelope,
     ) -> Result<(), BusError> {
-        let Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), .. } = trigger else {
+        let Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), reports_status: true, .. } =
+            trigger
+        else {
             return Ok(());
         };
         let status = CommitStatus {
@@ -453,7 +457,11 @@ impl Scheduler {
         };
         let ns = self.bus.namespace();
         let msg_id = format!("status:{}", event.id);
-        self.bus.enqueue(ns.delivery(&key.tenant), &msg_id, &status, event.traceparent.as_deref()).await.map(|_| ())
+        if let Err(e) = self.bus.enqueue(ns.delivery(&key.tenant), &msg_id, &status, event.traceparent.as_deref()).await
+        {
+            tracing::warn!(error = %e, run = %key.run_id, ?state, "a commit status could not be enqueued; it is not reported");
+        }
+        Ok(())
     }
 
     /// Decides on the run's current state and appends the decisions, retrying on conflicts.
