@@ -201,13 +201,17 @@ async fn forge_api() -> (String, ApiCalls) {
 async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     let tm = spawn_mesh().await;
     let (api, calls) = forge_api().await;
-    let with_token = |token: &str| serde_json::json!({"status_token": token, "api_url": api});
-    let github = connect(&tm, "github", "binkkatal/sample_app", with_token("gh-token")).await;
-    let gitlab = connect(&tm, "gitlab", "mike/diaspora", with_token("gl-token")).await;
+    // Each run takes a while, so that its pending status is sent while it runs.
+    let with_token = |token: &str, exit: u8| {
+        serde_json::json!({"status_token": token, "api_url": api,
+            "workflow": {"name": "ci", "steps": [{"id": "test", "run": format!("sleep 1.5; exit {exit}")}]}})
+    };
+    let github = connect(&tm, "github", "binkkatal/sample_app", with_token("gh-token", 0)).await;
+    // The same repository connected again without a token: its runs report nothing.
+    let untold = connect(&tm, "github", "binkkatal/sample_app", serde_json::json!({})).await;
+    let gitlab = connect(&tm, "gitlab", "mike/diaspora", with_token("gl-token", 0)).await;
     // Gitea's workflow fails: its commit shows the failure.
-    let mut failing = with_token("gt-token");
-    failing["workflow"] = serde_json::json!({"name": "ci", "steps": [{"id": "test", "run": "exit 3"}]});
-    let gitea = connect(&tm, "gitea", "example/example", failing).await;
+    let gitea = connect(&tm, "gitea", "example/example", with_token("gt-token", 3)).await;
     let post = |url: &str, headers: Vec<(String, String)>, body: &'static [u8]| {
         let mut req = tm.http.post(url).header("content-type", "application/json");
         for (k, v) in headers {
@@ -217,17 +221,21 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     };
     let h = |pairs: &[(&str, String)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>();
     let hex_signature = |body: &[u8]| hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes()));
-    let started = [
+    let push_github = |url| {
+        let signature = github_signature(PUSH);
         post(
-            &github,
+            url,
             h(&[
                 ("x-github-event", "push".into()),
                 ("x-github-delivery", "s-1".into()),
-                ("x-hub-signature-256", github_signature(PUSH)),
+                ("x-hub-signature-256", signature),
             ]),
             PUSH,
         )
-        .await,
+    };
+    let started = [
+        push_github(&github).await,
+        push_github(&untold).await,
         post(&gitlab, h(&[("x-gitlab-event", "Push Hook".into()), ("x-gitlab-token", SECRET.into())]), GITLAB_PUSH)
             .await,
         post(
@@ -245,7 +253,9 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
         assert_eq!(s["outcome"], "started", "{s}");
         tm.wait_run(s["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
     }
-    // Each run shows on its commit: pending when it was submitted, then its outcome.
+    // Each run shows on its commit: pending when it was submitted, then its outcome. (Were the
+    // pending status late, after the run's end, the outcome would be sent in its place; with
+    // the runs' pause it is not late.)
     let expected = [
         (
             "POST /repos/binkkatal/sample_app/statuses/fd489864e7642b48eaad6e3f155c10e46810ec72",

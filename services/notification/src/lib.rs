@@ -190,7 +190,8 @@ impl Notifier {
         let config = PullConfig {
             filter_subject: ns.deliveries_all(),
             ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10),
+            // A pending status may take two requests (its own, and the outcome's again).
+            ack_wait: 2 * Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10),
             max_deliver: self.settings.retry_delays_secs.len() as i64 + 1,
             ..Default::default()
         };
@@ -262,15 +263,33 @@ impl Notifier {
     }
 
     /// How the run ended, by its last event in the log (none: not ended).
+    /// Either of two readings says so: the log's last event on the run (the freshest, but a
+    /// cancellation asked for after the end can follow it) and the read model's status (which
+    /// may lag).
     async fn run_end(&self, s: &CommitStatus) -> Result<Option<CommitState>, Outcome> {
         let subject = self.bus.namespace().run(&RunKey { tenant: s.tenant.clone(), run_id: s.run_id });
         let last = self.bus.last(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
-        Ok(last.and_then(|l| match l.envelope.event {
+        let logged = last.and_then(|l| match l.envelope.event {
             Event::RunSucceeded(_) => Some(CommitState::Success),
             Event::RunFailed(_) | Event::RunTimedOut(_) => Some(CommitState::Failure),
             Event::RunCancelled(_) => Some(CommitState::Cancelled),
             _ => None,
-        }))
+        });
+        if logged.is_some() {
+            return Ok(logged);
+        }
+        let projected: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE tenant_id = $1 AND id = $2")
+            .bind(&s.tenant)
+            .bind(s.run_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
+        Ok(match projected.as_deref() {
+            Some("succeeded") => Some(CommitState::Success),
+            Some("failed" | "timed_out") => Some(CommitState::Failure),
+            Some("cancelled") => Some(CommitState::Cancelled),
+            _ => None,
+        })
     }
 
     /// Reports a run's state on its commit through the forge's API. A `pending` never stays
@@ -281,8 +300,9 @@ impl Notifier {
         if s.state != CommitState::Pending {
             return self.send_status(s, s.state).await;
         }
-        if self.run_end(s).await?.is_some() {
-            return Ok(());
+        if let Some(end) = self.run_end(s).await? {
+            // Perhaps sent before, its pending landing after it (a retry): sent again.
+            return self.send_status(s, end).await;
         }
         self.send_status(s, CommitState::Pending).await?;
         match self.run_end(s).await? {

@@ -417,8 +417,8 @@ impl Scheduler {
                     Event::RunCancelled(_) => CommitState::Cancelled,
                     _ => CommitState::Failure,
                 };
-                let status = self.report_status(key, &state.trigger, &state.workflow.name, end, env);
-                tokio::try_join!(leave_groups(&self.bus, key, state), announce, status)?;
+                tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
+                self.report_status(key, &state.trigger, &state.workflow.name, end, env).await?;
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
             // places it was given are left again, or nobody would ever free them.
@@ -430,8 +430,9 @@ impl Scheduler {
 
     /// Enqueues a webhook-triggered run's `state` for its commit (see [`CommitStatus`]), once
     /// per event (`event`'s id deduplicates it); nothing for runs other triggers started, or
-    /// whose connection has no status token. Never fails: a status is informational, and a
-    /// full or unreachable deliveries queue must not hold the run up (it is logged).
+    /// whose connection has no status token. A `pending` that cannot be enqueued is logged and
+    /// dropped, so it never holds a run's start up; an outcome fails, so the end is handled
+    /// again (after the run's groups were left and its end announced).
     async fn report_status(
         &self,
         key: &RunKey,
@@ -457,11 +458,14 @@ impl Scheduler {
         };
         let ns = self.bus.namespace();
         let msg_id = format!("status:{}", event.id);
-        if let Err(e) = self.bus.enqueue(ns.delivery(&key.tenant), &msg_id, &status, event.traceparent.as_deref()).await
-        {
-            tracing::warn!(error = %e, run = %key.run_id, ?state, "a commit status could not be enqueued; it is not reported");
+        match self.bus.enqueue(ns.delivery(&key.tenant), &msg_id, &status, event.traceparent.as_deref()).await {
+            Ok(_) => Ok(()),
+            Err(e) if state == CommitState::Pending => {
+                tracing::warn!(error = %e, run = %key.run_id, "a pending commit status could not be enqueued; it is not reported");
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     /// Decides on the run's current state and appends the decisions, retrying on conflicts.
