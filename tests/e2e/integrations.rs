@@ -322,6 +322,44 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     tm.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_run_shows_as_an_error_on_its_commit() {
+    let tm = spawn_mesh().await;
+    let (api, calls) = forge_api().await;
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 30"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let res = tm
+        .http
+        .post(&hook)
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", "c-1")
+        .header("x-hub-signature-256", github_signature(PUSH))
+        .body(PUSH)
+        .send()
+        .await
+        .unwrap();
+    let started: serde_json::Value = res.json().await.unwrap();
+    let run = started["run_id"].as_str().unwrap().to_string();
+    let states = || -> Vec<String> {
+        calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect()
+    };
+    eventually("the pending status", Duration::from_secs(20), || async { Ok((states() == ["pending"]).then_some(())) })
+        .await
+        .unwrap();
+    let res = tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api))).json(&serde_json::json!({})).send();
+    assert_eq!(res.await.unwrap().status(), 202);
+    let ended = tm.wait_run(run.parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(ended["status"], "cancelled");
+    eventually("the outcome", Duration::from_secs(20), || async { Ok((states().len() >= 2).then_some(())) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(states(), ["pending", "error"]);
+    tm.finish().await;
+}
+
 /// What a receiver was sent: headers and body per request.
 pub(crate) type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
 
