@@ -98,6 +98,7 @@ async fn github_push_is_verified_and_starts_one_run_per_delivery() {
 }
 
 const GITLAB_PUSH: &[u8] = include_bytes!("../fixtures/webhooks/gitlab/push.json");
+const GITLAB_TAG_PUSH: &[u8] = include_bytes!("../fixtures/webhooks/gitlab/tag_push.json");
 const GITEA_PUSH: &[u8] = include_bytes!("../fixtures/webhooks/gitea/push.json");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -141,9 +142,18 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
     assert_ne!(bare["run_id"], bare_again["run_id"]);
     assert_eq!((bare["outcome"].as_str(), bare_again["duplicate"].as_bool()), (Some("started"), Some(false)));
     check_started(&tm, &first, "gitlab", "mike/diaspora", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7").await;
-    let res = gitlab("Tag Push Hook", SECRET, Some("k-2")).await;
+    let res = gitlab("Merge Request Hook", SECRET, Some("k-2")).await;
     assert_eq!(res.status(), 202);
     assert_eq!(answer(res).await["outcome"], "ignored");
+    // A tag's push comes as `Tag Push Hook`; it starts a run where the connection names the tag.
+    let tagged = connect(&tm, "gitlab", "jsmith/example", serde_json::json!({"tags": ["v1.*"]})).await;
+    let req =
+        tm.http.post(&tagged).header("content-type", "application/json").header("x-gitlab-event", "Tag Push Hook");
+    let res = req.header("x-gitlab-token", SECRET).body(GITLAB_TAG_PUSH).send().await.unwrap();
+    let started = answer(res).await;
+    assert_eq!(started["outcome"], "started", "{started}");
+    let run = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(run["trigger"]["tag"], "v1.0.0");
 
     // Gitea: a bare hex HMAC-SHA256; Forgejo's own header names are read alike.
     let hook = connect(&tm, "gitea", "example/example", serde_json::json!({})).await;
@@ -357,6 +367,58 @@ async fn a_cancelled_run_shows_as_an_error_on_its_commit() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(states(), ["pending", "error"]);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_and_path_filters_choose_which_pushes_start_runs() {
+    let tm = spawn_mesh().await;
+    let github = |more| connect(&tm, "github", "binkkatal/sample_app", more);
+    let send = |hook: String, body: Vec<u8>, delivery: &'static str| {
+        let req = tm
+            .http
+            .post(hook)
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", github_signature(&body));
+        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    // The fixture's push changes `.razorops.yaml` and `app/controllers/application_controller.rb`.
+    let docs_only = github(serde_json::json!({"paths": ["docs/*"]})).await;
+    let app = github(serde_json::json!({"paths": ["app/*", "lib/*"]})).await;
+    let ignored = send(docs_only.clone(), PUSH.to_vec(), "p-1").await;
+    assert_eq!(ignored["outcome"], "ignored", "{ignored}");
+    assert!(ignored["reason"].as_str().unwrap().contains("paths"), "{ignored}");
+    check_started(
+        &tm,
+        &send(app, PUSH.to_vec(), "p-1").await,
+        "github",
+        "binkkatal/sample_app",
+        "fd489864e7642b48eaad6e3f155c10e46810ec72",
+    )
+    .await;
+
+    // A tag push starts a run where the connection names the tag, with input `tag`.
+    let tag_push = String::from_utf8_lossy(PUSH).replace("refs/heads/master", "refs/tags/v1.2.0").into_bytes();
+    let tagged = github(serde_json::json!({"tags": ["v*"]})).await;
+    let started = send(tagged, tag_push.clone(), "t-1").await;
+    assert_eq!(started["outcome"], "started", "{started}");
+    let run = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(
+        (&run["trigger"]["tag"], &run["trigger"]["branch"]),
+        (&serde_json::json!("v1.2.0"), &serde_json::Value::Null)
+    );
+    assert_eq!(run["inputs"]["tag"], "v1.2.0");
+    let untagged = send(docs_only, tag_push, "t-1").await;
+    assert_eq!(untagged["outcome"], "ignored", "a connection naming no tags starts nothing for one");
+
+    // GitLab's payload says it left commits out (4 pushed, 2 listed): the push starts its run
+    // whatever the paths, as a file left out might match.
+    let gitlab = connect(&tm, "gitlab", "mike/diaspora", serde_json::json!({"paths": ["docs/*"]})).await;
+    let req = tm.http.post(gitlab).header("content-type", "application/json").header("x-gitlab-event", "Push Hook");
+    let res = req.header("x-gitlab-token", SECRET).body(GITLAB_PUSH).send().await.unwrap();
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["outcome"], "started");
     tm.finish().await;
 }
 

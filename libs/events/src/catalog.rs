@@ -288,6 +288,9 @@ pub enum Trigger {
         branch: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         commit: Option<String>,
+        /// The tag pushed, for a tag push (then no `branch`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
         /// The connection has a status token: the run's state is reported on the commit.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         reports_status: bool,
@@ -637,6 +640,13 @@ pub struct RepoConnectionCreated {
     /// Branch names or patterns (`*` matches any run of characters); empty means every branch.
     #[serde(default)]
     pub branches: Vec<String>,
+    /// Tag names or patterns whose pushes start runs too; empty: tag pushes start none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Path patterns: a branch push starts a run only if it changes a file matching one
+    /// (when the payload lists every changed file); empty: any change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
     pub workflow: WorkflowDef,
     /// A token of the forge's API, sealed (AES-256-GCM): with it, runs report their state to
     /// the pushed commit (a commit status).

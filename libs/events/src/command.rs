@@ -214,6 +214,12 @@ pub struct CreateRepoConnection {
     pub secret: taskmesh_secrets::Sealed,
     #[serde(default)]
     pub branches: Vec<String>,
+    /// Tag patterns whose pushes start runs; empty: none.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Path patterns a branch push must change a file of; empty: any.
+    #[serde(default)]
+    pub paths: Vec<String>,
     pub workflow: serde_json::Value,
     /// A token of the forge's API, sealed by the gateway: runs then report commit statuses.
     #[serde(default, skip_serializing_if = "Option::is_none")]

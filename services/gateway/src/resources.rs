@@ -187,6 +187,16 @@ pub struct RepoConnectionRequest {
     /// Branch names or patterns with `*`; empty means every branch.
     #[serde(default)]
     pub branches: Vec<String>,
+    /// Tag names or patterns with `*` whose pushes start runs too (input `tag`); empty: tag
+    /// pushes start none.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// File path patterns with `*` (any run of characters, `/` included): a branch push starts
+    /// a run only if it changes a matching file. Empty: any push. Where the payload may not
+    /// list every changed file (GitHub's lists at most 20 commits; GitLab's says how many it
+    /// left out), the push starts its run.
+    #[serde(default)]
+    pub paths: Vec<String>,
     #[schema(value_type = Object)]
     pub workflow: serde_json::Value,
     /// A token of the forge's API (GitHub: a token that may write commit statuses; GitLab: a
@@ -247,6 +257,8 @@ pub async fn create_repo_connection(
             repository: req.repository,
             secret,
             branches: req.branches,
+            tags: req.tags,
+            paths: req.paths,
             workflow: req.workflow,
             status_token,
             api_url: req.api_url,

@@ -29,16 +29,26 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
     let delivery = crate::delivery(header(headers, "x-github-delivery"), "X-GitHub-Delivery")?;
     match header(headers, "x-github-event").unwrap_or("") {
         "ping" => Ok(Hook::Ping),
-        "push" => Ok(Hook::Push { delivery, push: push(body)? }),
+        "push" => Ok(Hook::Push { delivery, push: push(body, false)? }),
         other => Ok(Hook::Other(other.to_string())),
     }
 }
 
-/// Reads a `push` payload: GitHub's, or Gitea's, which has the same fields.
-pub(crate) fn push(body: &[u8]) -> Result<Push, ApiError> {
+/// A push listing this many commits or more may have left some out (GitHub caps the list).
+const MAX_LISTED_COMMITS: usize = 20;
+
+/// Reads a `push` payload: GitHub's, or Gitea's, which has the same fields. Its changed files
+/// are taken as complete when GitHub lists fewer than [`MAX_LISTED_COMMITS`], or when Gitea
+/// says (`total_commits`, which older versions do not send) that it listed them all.
+pub(crate) fn push(body: &[u8], gitea: bool) -> Result<Push, ApiError> {
     let p: PushPayload = taskmesh_http::body::json(body)?;
+    let complete = match gitea {
+        false => p.commits.len() < MAX_LISTED_COMMITS,
+        true => p.total_commits.is_some_and(|n| n <= p.commits.len()),
+    };
     let mut push = Push::new(p.repository.full_name, p.r#ref, p.after, p.head_commit.map(|c| c.message));
     push.deleted |= p.deleted;
+    push.changed = complete.then(|| crate::changed_files(&p.commits));
     Ok(push)
 }
 
@@ -51,6 +61,10 @@ struct PushPayload {
     deleted: bool,
     repository: Repository,
     head_commit: Option<Commit>,
+    #[serde(default)]
+    commits: Vec<crate::CommitFiles>,
+    /// Gitea's count of the commits pushed.
+    total_commits: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -32,10 +32,15 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
         (None, None) => uuid::Uuid::now_v7().to_string(),
     };
     match header(headers, "x-gitlab-event").unwrap_or("") {
-        "Push Hook" => {
+        // A tag's push comes as an event of its own, in the same shape.
+        "Push Hook" | "Tag Push Hook" => {
             let p: PushPayload = taskmesh_http::body::json(body)?;
-            let message = p.commits.into_iter().find(|c| c.id == p.after).map(|c| c.message);
-            let push = Push::new(p.project.path_with_namespace, p.r#ref, p.after, message);
+            let message = p.commits.iter().find(|c| c.id == p.after).map(|c| c.message.clone());
+            // GitLab lists at most 20 commits, and says how many there were.
+            let complete = p.total_commits_count.is_none_or(|n| n <= p.commits.len());
+            let files: Vec<crate::CommitFiles> = p.commits.into_iter().map(|c| c.files).collect();
+            let mut push = Push::new(p.project.path_with_namespace, p.r#ref, p.after, message);
+            push.changed = complete.then(|| crate::changed_files(&files));
             Ok(Hook::Push { delivery, push })
         }
         other => Ok(Hook::Other(other.to_string())),
@@ -50,6 +55,7 @@ struct PushPayload {
     project: Project,
     #[serde(default)]
     commits: Vec<Commit>,
+    total_commits_count: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +68,8 @@ struct Commit {
     id: String,
     #[serde(default)]
     message: String,
+    #[serde(flatten)]
+    files: crate::CommitFiles,
 }
 
 #[cfg(test)]

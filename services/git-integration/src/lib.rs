@@ -109,6 +109,8 @@ struct Connection {
     /// The sealed webhook secret, as stored.
     secret: String,
     branches: Vec<String>,
+    tags: Vec<String>,
+    paths: Vec<String>,
     workflow: serde_json::Value,
     /// It has a status token: runs report their state on the commit.
     reports_status: bool,
@@ -136,6 +138,9 @@ pub struct Push {
     pub deleted: bool,
     /// The head commit's message, where the payload has it.
     pub message: Option<String>,
+    /// Every file the push adds, changes or removes, if the payload lists them all (none: it
+    /// may not, and path filters do not apply).
+    pub changed: Option<Vec<String>>,
 }
 
 impl Push {
@@ -143,8 +148,30 @@ impl Push {
     /// ref) makes it a deletion.
     pub fn new(repository: String, r#ref: String, commit: String, message: Option<String>) -> Self {
         let deleted = is_zero_sha(&commit);
-        Self { repository, r#ref, commit, deleted, message }
+        Self { repository, r#ref, commit, deleted, message, changed: None }
     }
+}
+
+/// A commit's files as GitHub, GitLab and Gitea list them in a push.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct CommitFiles {
+    #[serde(default)]
+    added: Vec<String>,
+    #[serde(default)]
+    modified: Vec<String>,
+    #[serde(default)]
+    removed: Vec<String>,
+}
+
+/// The files `commits` add, change or remove, all of them, in order, once each.
+pub(crate) fn changed_files(commits: &[CommitFiles]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    commits
+        .iter()
+        .flat_map(|c| c.added.iter().chain(&c.modified).chain(&c.removed))
+        .filter(|f| seen.insert(f.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// A request header, if it is text.
@@ -174,7 +201,7 @@ fn is_zero_sha(sha: &str) -> bool {
 
 async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connection> {
     let row = sqlx::query(
-        "SELECT tenant_id, repository, secret, branches, workflow, status_token IS NOT NULL AS reports_status
+        "SELECT tenant_id, repository, secret, branches, tags, paths, workflow, status_token IS NOT NULL AS reports_status
          FROM repo_connections WHERE id = $1 AND forge = $2",
     )
     .bind(id)
@@ -187,6 +214,8 @@ async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connecti
         repository: row.get("repository"),
         secret: row.get("secret"),
         branches: row.get("branches"),
+        tags: row.get("tags"),
+        paths: row.get("paths"),
         workflow: row.get::<sqlx::types::Json<serde_json::Value>, _>("workflow").0,
         reports_status: row.get("reports_status"),
     })
@@ -224,22 +253,39 @@ async fn hook(
         )));
     }
     if push.deleted {
-        return Ok(HookResponse::ignored("branch deleted"));
+        return Ok(HookResponse::ignored("ref deleted"));
     }
-    let Some(branch) = push.r#ref.strip_prefix("refs/heads/") else {
-        return Ok(HookResponse::ignored(format!("{} is not a branch", push.r#ref)));
+    let matches = |patterns: &[String], name: &str| patterns.iter().any(|p| glob_match(p, name));
+    let (branch, tag) = if let Some(branch) = push.r#ref.strip_prefix("refs/heads/") {
+        if !conn.branches.is_empty() && !matches(&conn.branches, branch) {
+            return Ok(HookResponse::ignored(format!("branch {branch} matches none of the connection's branches")));
+        }
+        // A branch push changes files; a tag push names a commit.
+        if let Some(changed) = push.changed.as_ref().filter(|_| !conn.paths.is_empty())
+            && !changed.iter().any(|f| matches(&conn.paths, f))
+        {
+            return Ok(HookResponse::ignored("no file it changes matches the connection's paths"));
+        }
+        (Some(branch), None)
+    } else if let Some(tag) = push.r#ref.strip_prefix("refs/tags/") {
+        if !matches(&conn.tags, tag) {
+            return Ok(HookResponse::ignored(format!("tag {tag} matches none of the connection's tags")));
+        }
+        (None, Some(tag))
+    } else {
+        return Ok(HookResponse::ignored(format!("{} is neither a branch nor a tag", push.r#ref)));
     };
-    if !conn.branches.is_empty() && !conn.branches.iter().any(|p| glob_match(p, branch)) {
-        return Ok(HookResponse::ignored(format!("branch {branch} matches none of the connection's branches")));
-    }
     if push.message.as_ref().is_some_and(|m| m.contains("[skip ci]") || m.contains("[ci skip]")) {
         return Ok(HookResponse::ignored("the head commit asks to skip CI"));
     }
-    let inputs = BTreeMap::from([
+    let mut inputs = BTreeMap::from([
         ("repository".to_string(), serde_json::json!(push.repository)),
-        ("branch".to_string(), serde_json::json!(branch)),
         ("commit".to_string(), serde_json::json!(push.commit)),
     ]);
+    match (branch, tag) {
+        (Some(branch), _) => inputs.insert("branch".to_string(), serde_json::json!(branch)),
+        (_, tag) => inputs.insert("tag".to_string(), serde_json::json!(tag)),
+    };
     let accepted = state
         .ingest
         .submit_run(&SubmitRun {
@@ -251,8 +297,9 @@ async fn hook(
                 connection_id: id,
                 delivery: delivery.clone(),
                 repository: push.repository.clone(),
-                branch: Some(branch.to_string()),
+                branch: branch.map(String::from),
                 commit: Some(push.commit.clone()),
+                tag: tag.map(String::from),
                 reports_status: conn.reports_status,
             },
             idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),

@@ -623,8 +623,10 @@ impl Ingest {
                 "a GitLab or Gitea connection that reports statuses needs its server's URL",
             ));
         }
-        if cmd.branches.len() > 100 || cmd.branches.iter().any(|b| b.is_empty() || b.len() > 255) {
-            return Err(invalid("branches", "at most 100 non-empty patterns"));
+        for (field, patterns) in [("branches", &cmd.branches), ("tags", &cmd.tags), ("paths", &cmd.paths)] {
+            if patterns.len() > 100 || patterns.iter().any(|b| b.is_empty() || b.len() > 255) {
+                return Err(invalid(field, "at most 100 patterns of 1 to 255 characters"));
+            }
         }
         let id = Uuid::now_v7();
         let envelope = EventMeta::new(&cmd.tenant).envelope(
@@ -635,6 +637,8 @@ impl Ingest {
                 repository: cmd.repository,
                 secret: cmd.secret,
                 branches: cmd.branches,
+                tags: cmd.tags,
+                paths: cmd.paths,
                 workflow,
                 status_token: cmd.status_token,
                 api_url: cmd.api_url,

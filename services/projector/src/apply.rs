@@ -66,8 +66,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         Event::RepoConnectionCreated(e) => {
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
-                                              status_token, api_url)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10) ON CONFLICT DO NOTHING",
+                                              status_token, api_url, tags, paths)
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
             )
             .bind(e.connection_id)
             .bind(tenant)
@@ -79,6 +79,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(e.forge.as_str())
             .bind(e.status_token.as_ref().map(|t| serde_json::to_string(t).expect("serialises")))
             .bind(&e.api_url)
+            .bind(&e.tags)
+            .bind(&e.paths)
             .execute(&mut **tx)
             .await?;
         }
