@@ -399,6 +399,13 @@ async fn tag_and_path_filters_choose_which_pushes_start_runs() {
     )
     .await;
 
+    // A branch made at a commit already pushed lists no file: it is not judged by the paths.
+    let mut created: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
+    created["commits"] = serde_json::json!([]);
+    let created = serde_json::to_vec(&created).unwrap();
+    let res = send(docs_only.clone(), created, "p-2").await;
+    assert_eq!(res["outcome"], "started", "{res}");
+
     // A tag push starts a run where the connection names the tag, with input `tag`.
     let tag_push = String::from_utf8_lossy(PUSH).replace("refs/heads/master", "refs/tags/v1.2.0").into_bytes();
     let tagged = github(serde_json::json!({"tags": ["v*"]})).await;

@@ -260,8 +260,9 @@ async fn hook(
         if !conn.branches.is_empty() && !matches(&conn.branches, branch) {
             return Ok(HookResponse::ignored(format!("branch {branch} matches none of the connection's branches")));
         }
-        // A branch push changes files; a tag push names a commit.
-        if let Some(changed) = push.changed.as_ref().filter(|_| !conn.paths.is_empty())
+        // A branch push changes files; a tag push names a commit. A push listing no file at
+        // all (a branch made at a commit already pushed) is not judged: it starts its run.
+        if let Some(changed) = push.changed.as_ref().filter(|c| !conn.paths.is_empty() && !c.is_empty())
             && !changed.iter().any(|f| matches(&conn.paths, f))
         {
             return Ok(HookResponse::ignored("no file it changes matches the connection's paths"));
