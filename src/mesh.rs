@@ -115,8 +115,14 @@ impl Mesh {
                     tasks.spawn(async move { (service, server.run_until_stopped(token).await) });
                 }
                 Service::GitIntegration => {
-                    let server =
-                        taskmesh_git_integration::build(&settings.git, pool()?, bus, keyring(settings)?).await?;
+                    let server = taskmesh_git_integration::build(
+                        &settings.git,
+                        pool()?,
+                        bus,
+                        keyring(settings)?,
+                        taskmesh_egress::Egress::new(&settings.egress),
+                    )
+                    .await?;
                     mesh.git = Some(server.local_addr());
                     tasks.spawn(async move { (service, server.run_until_stopped(token).await) });
                 }

@@ -15,6 +15,17 @@ fn github_signature(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes())))
 }
 
+/// A signed GitHub push delivery of `body` to `hook`.
+fn github_push(tm: &TestMesh, hook: &str, body: &[u8], delivery: &str) -> reqwest::RequestBuilder {
+    tm.http
+        .post(hook)
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", delivery)
+        .header("x-hub-signature-256", github_signature(body))
+        .body(body.to_vec())
+}
+
 /// Connects `repository` on `forge` (its branches `master` and `release/*`, secret [`SECRET`],
 /// and the fields of `more`) to a one-step workflow; returns the URL its webhooks go to, once
 /// the gateway has it.
@@ -189,22 +200,7 @@ type ApiCalls = Arc<Mutex<Vec<(String, HeaderMap, serde_json::Value)>>>;
 
 /// A local stand-in for a forge's API: records every request and answers `201`.
 async fn forge_api() -> (String, ApiCalls) {
-    let seen: ApiCalls = Arc::default();
-    let store = seen.clone();
-    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let store = store.clone();
-        async move {
-            let line = format!("{} {}", req.method(), req.uri().path());
-            let headers = req.headers().clone();
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
-            store.lock().unwrap().push((line, headers, serde_json::from_slice(&body).unwrap_or_default()));
-            (axum::http::StatusCode::CREATED, "{}")
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, seen)
+    forge_files(Vec::new()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -332,6 +328,146 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     tm.finish().await;
 }
 
+/// A local stand-in for forges' APIs: answers `GET {path}?{query}` with what `files` says for
+/// it (status and body), any other `GET` with `404` and any `POST` with `201`; records every
+/// request (method, path and query, headers, JSON body).
+async fn forge_files(files: Vec<(String, u16, &'static str)>) -> (String, ApiCalls) {
+    let seen: ApiCalls = Arc::default();
+    let store = seen.clone();
+    let files = Arc::new(files);
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (store, files) = (store.clone(), files.clone());
+        async move {
+            let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+            let line = format!("{} {target}", req.method());
+            let (post, headers) = (req.method() == axum::http::Method::POST, req.headers().clone());
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+            store.lock().unwrap().push((line, headers, serde_json::from_slice(&body).unwrap_or_default()));
+            if post {
+                return (axum::http::StatusCode::CREATED, "{}");
+            }
+            match files.iter().find(|(t, ..)| *t == target) {
+                Some((_, status, body)) => (axum::http::StatusCode::from_u16(*status).unwrap(), *body),
+                None => (axum::http::StatusCode::NOT_FOUND, "{\"message\": \"Not Found\"}"),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
+    let tm = spawn_mesh().await;
+    const GITHUB_COMMIT: &str = "fd489864e7642b48eaad6e3f155c10e46810ec72";
+    const GITLAB_COMMIT: &str = "da1560886d4f094c3e6c9ef40349f7d38b5d27d7";
+    let github_file = |path: &str| format!("/repos/binkkatal/sample_app/contents/{path}?ref={GITHUB_COMMIT}");
+    let (api, calls) = forge_files(vec![
+        (github_file(".taskmesh.yml"), 200, "name: from-repo\nsteps:\n  - id: build\n    run: echo built\n"),
+        (
+            format!("/api/v4/projects/mike%2Fdiaspora/repository/files/ci%2Fpipeline.yml/raw?ref={GITLAB_COMMIT}"),
+            200,
+            r#"{"name": "from-gitlab", "steps": [{"id": "check", "run": "true"}]}"#,
+        ),
+        (github_file("malformed.yml"), 200, "name: [unclosed\n"),
+        (github_file("no-steps.yml"), 200, "name: empty\nsteps: 3\n"),
+        (github_file("denied.yml"), 401, "{\"message\": \"Bad credentials\"}"),
+    ])
+    .await;
+    let from_file = |token: &str, path: &str| serde_json::json!({"workflow": null, "pipeline_file": path, "status_token": token, "api_url": api});
+    let github = |path: &str| connect(&tm, "github", "binkkatal/sample_app", from_file("gh-token", path));
+    let push = |hook: String, delivery: &'static str| github_push(&tm, &hook, PUSH, delivery).send();
+
+    // The workflow a push runs is the file's at the pushed commit, read with the token.
+    let res = push(github(".taskmesh.yml").await, "f-1").await.unwrap();
+    assert_eq!(res.status(), 202);
+    let started: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
+    let run = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!((&run["status"], &run["workflow"]), (&serde_json::json!("succeeded"), &serde_json::json!("from-repo")));
+    assert_eq!(run["steps"][0]["id"], "build");
+    assert_eq!(run["trigger"]["commit"], GITHUB_COMMIT);
+    let read = |line: String| calls.lock().unwrap().iter().find(|(l, ..)| *l == line).map(|(_, h, _)| h.clone());
+    let headers = read(format!("GET {}", github_file(".taskmesh.yml"))).expect("the file was read");
+    assert_eq!(headers["authorization"], "Bearer gh-token");
+    assert_eq!(headers["accept"], "application/vnd.github.raw+json");
+
+    // GitLab: a file in a directory, in JSON, with GitLab's token header.
+    let gitlab = connect(&tm, "gitlab", "mike/diaspora", from_file("gl-token", "ci/pipeline.yml")).await;
+    let req = tm.http.post(gitlab).header("content-type", "application/json").header("x-gitlab-event", "Push Hook");
+    let started: serde_json::Value =
+        req.header("x-gitlab-token", SECRET).body(GITLAB_PUSH).send().await.unwrap().json().await.unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
+    let run = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(
+        (&run["status"], &run["workflow"]),
+        (&serde_json::json!("succeeded"), &serde_json::json!("from-gitlab"))
+    );
+    let line =
+        format!("GET /api/v4/projects/mike%2Fdiaspora/repository/files/ci%2Fpipeline.yml/raw?ref={GITLAB_COMMIT}");
+    assert_eq!(read(line).expect("the file was read")["private-token"], "gl-token");
+
+    // Gitea: the commit has no such file, so the push starts nothing.
+    let gitea = connect(&tm, "gitea", "example/example", from_file("gt-token", ".taskmesh.yml")).await;
+    let req = tm.http.post(gitea).header("content-type", "application/json").header("x-gitea-event", "push");
+    let res = req
+        .header("x-gitea-delivery", "f-1")
+        .header("x-gitea-signature", hex::encode(hmac_sha256::HMAC::mac(GITEA_PUSH, SECRET.as_bytes())))
+        .body(GITEA_PUSH)
+        .send()
+        .await
+        .unwrap();
+    let ignored: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(ignored["outcome"], "ignored", "{ignored}");
+    assert!(ignored["reason"].as_str().unwrap().contains("no pipeline file .taskmesh.yml"), "{ignored}");
+    let line = "GET /api/v1/repos/example/example/raw/.taskmesh.yml?ref=67b56589a45103f891bdee7c0546e5d40bc02001";
+    assert_eq!(read(line.into()).expect("the file was looked for")["authorization"], "token gt-token");
+
+    // A file that is no workflow is refused, saying why (the forge shows it on the delivery);
+    // a forge refusing the token is a 503, so the delivery can be sent again once it is fixed.
+    for (path, status, says) in [
+        ("malformed.yml", 422, "not YAML"),
+        ("no-steps.yml", 422, "the pipeline file no-steps.yml at fd48"),
+        ("denied.yml", 503, "answered 401"),
+    ] {
+        let res = push(github(path).await, "f-2").await.unwrap();
+        assert_eq!(res.status(), status, "{path}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert!(problem["detail"].as_str().unwrap().contains(says), "{path}: {problem}");
+    }
+
+    // The list shows where each connection's workflow comes from.
+    let list: serde_json::Value =
+        tm.auth(tm.http.get(format!("{}/v1/repo-connections", tm.api))).send().await.unwrap().json().await.unwrap();
+    let gitlab_view = list["items"].as_array().unwrap().iter().find(|c| c["forge"] == "gitlab").unwrap();
+    assert_eq!(gitlab_view["pipeline_file"], "ci/pipeline.yml");
+    assert_eq!(gitlab_view["workflow"], serde_json::Value::Null);
+    assert!(gitlab_view["webhook_path"].as_str().unwrap().starts_with("/hooks/gitlab/"), "{gitlab_view}");
+    assert_eq!(gitlab_view["reports_status"], true);
+
+    // A connection names a workflow or a pipeline file (not both, not neither), read with a
+    // token, at a path within the repository.
+    for (more, field) in [
+        (serde_json::json!({"pipeline_file": ".taskmesh.yml"}), "workflow"),
+        (serde_json::json!({"workflow": null}), "workflow"),
+        (serde_json::json!({"workflow": null, "pipeline_file": ".taskmesh.yml"}), "pipeline_file"),
+        (serde_json::json!({"workflow": null, "pipeline_file": "../x.yml", "status_token": "t"}), "pipeline_file"),
+        (serde_json::json!({"workflow": null, "pipeline_file": "/x.yml", "status_token": "t"}), "pipeline_file"),
+    ] {
+        let mut body = serde_json::json!({"forge": "github", "repository": "o/r", "secret": SECRET,
+            "workflow": {"name": "ci", "steps": [{"id": "t", "run": "true"}]}});
+        body.as_object_mut().unwrap().extend(more.as_object().cloned().unwrap());
+        let res = tm.auth(tm.http.post(format!("{}/v1/repo-connections", tm.api))).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{more}");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert!(problem["detail"].as_str().unwrap().starts_with(field), "{more}: {problem}");
+    }
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_run_shows_as_an_error_on_its_commit() {
     let tm = spawn_mesh().await;
@@ -375,14 +511,8 @@ async fn tag_and_path_filters_choose_which_pushes_start_runs() {
     let tm = spawn_mesh().await;
     let github = |more| connect(&tm, "github", "binkkatal/sample_app", more);
     let send = |hook: String, body: Vec<u8>, delivery: &'static str| {
-        let req = tm
-            .http
-            .post(hook)
-            .header("content-type", "application/json")
-            .header("x-github-event", "push")
-            .header("x-github-delivery", delivery)
-            .header("x-hub-signature-256", github_signature(&body));
-        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+        let req = github_push(&tm, &hook, &body, delivery);
+        async move { req.send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
     };
     // The fixture's push changes `.razorops.yaml` and `app/controllers/application_controller.rb`.
     let docs_only = github(serde_json::json!({"paths": ["docs/*"]})).await;

@@ -318,6 +318,33 @@ impl Forge {
         }
     }
 
+    /// The URL of `path` (segments, each escaped as one) within `repository`'s part of the
+    /// forge's API at `base`: GitHub's `/repos/{owner}/{name}`, GitLab's
+    /// `/api/v4/projects/{group%2Fproject}`, Gitea's `/api/v1/repos/{owner}/{name}`.
+    pub fn repo_api_url(&self, base: &str, repository: &str, path: &[&str]) -> Result<url::Url, String> {
+        let mut url = url::Url::parse(base).map_err(|e| format!("'{base}' is not a URL: {e}"))?;
+        {
+            let mut segments = url.path_segments_mut().map_err(|_| format!("'{base}' cannot be a base URL"))?;
+            segments.pop_if_empty();
+            match self {
+                Forge::Github => segments.push("repos").extend(repository.split('/')),
+                Forge::Gitlab => segments.extend(["api", "v4", "projects", repository]),
+                Forge::Gitea => segments.extend(["api", "v1", "repos"]).extend(repository.split('/')),
+            };
+            segments.extend(path);
+        }
+        Ok(url)
+    }
+
+    /// The header a request to its API carries `token` in.
+    pub fn api_auth(&self, token: &str) -> (&'static str, String) {
+        match self {
+            Forge::Github => ("authorization", format!("Bearer {token}")),
+            Forge::Gitlab => ("private-token", token.to_string()),
+            Forge::Gitea => ("authorization", format!("token {token}")),
+        }
+    }
+
     /// Its name in the API, in webhook paths and in the read models.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -628,7 +655,8 @@ pub struct RunFinished {
     pub failed_steps: Vec<String>,
 }
 
-/// A repository was connected: its webhooks start runs of `workflow` on matching branches.
+/// A repository was connected: its webhooks start runs of `workflow` (or of the workflow in
+/// its `pipeline_file` at the pushed commit) on matching branches and tags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RepoConnectionCreated {
     pub connection_id: Uuid,
@@ -647,9 +675,16 @@ pub struct RepoConnectionCreated {
     /// (when the payload lists every changed file); empty: any change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    pub workflow: WorkflowDef,
+    /// The workflow its pushes run; none when it is read from the repository
+    /// (`pipeline_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowDef>,
+    /// The path of the workflow's file in the repository, read at each pushed commit with
+    /// `status_token`; none: `workflow` is the connection's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_file: Option<String>,
     /// A token of the forge's API, sealed (AES-256-GCM): with it, runs report their state to
-    /// the pushed commit (a commit status).
+    /// the pushed commit (a commit status), and a pipeline file is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_token: Option<taskmesh_secrets::Sealed>,
     /// The forge's API base URL (its server, for GitLab and Gitea); none: the forge's public one.

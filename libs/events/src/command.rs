@@ -220,8 +220,14 @@ pub struct CreateRepoConnection {
     /// Path patterns a branch push must change a file of; empty: any.
     #[serde(default)]
     pub paths: Vec<String>,
-    pub workflow: serde_json::Value,
-    /// A token of the forge's API, sealed by the gateway: runs then report commit statuses.
+    /// The workflow its pushes run; none: the one in `pipeline_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<serde_json::Value>,
+    /// The path of the workflow's file in the repository, read at each pushed commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_file: Option<String>,
+    /// A token of the forge's API, sealed by the gateway: runs then report commit statuses
+    /// (and the pipeline file is read with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_token: Option<taskmesh_secrets::Sealed>,
     /// The forge's API base URL; none: the forge's public one (required for Gitea).

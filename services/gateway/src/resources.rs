@@ -85,8 +85,16 @@ pub struct RepoConnectionView {
     pub forge: String,
     pub repository: String,
     pub branches: Vec<String>,
-    /// The workflow's name.
-    pub workflow: String,
+    pub tags: Vec<String>,
+    pub paths: Vec<String>,
+    /// The workflow's name; none when it is read from `pipeline_file`.
+    pub workflow: Option<String>,
+    /// The path in the repository each push reads its workflow from.
+    pub pipeline_file: Option<String>,
+    /// Its runs report their state on their commits (it has a status token).
+    pub reports_status: bool,
+    /// The forge's API base URL it was given, if any.
+    pub api_url: Option<String>,
     /// The path the forge posts to on the git-integration service.
     pub webhook_path: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -107,8 +115,9 @@ pub async fn list_repo_connections(
     caller: Caller,
 ) -> ApiResult<Json<RepoConnectionList>> {
     let rows = sqlx::query(
-        "SELECT id, forge, repository, branches, workflow->>'name' AS workflow, created_at FROM repo_connections
-         WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+        "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
+                status_token IS NOT NULL AS reports_status, api_url, created_at
+         FROM repo_connections WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
     )
     .bind(&caller.tenant)
     .fetch_all(&state.pool)
@@ -117,13 +126,19 @@ pub async fn list_repo_connections(
         .iter()
         .map(|r| {
             let id: uuid::Uuid = r.get("id");
+            let forge: String = r.get("forge");
             RepoConnectionView {
                 id,
-                forge: r.get("forge"),
+                webhook_path: format!("/hooks/{forge}/{id}"),
+                forge,
                 repository: r.get("repository"),
                 branches: r.get("branches"),
-                workflow: r.get::<Option<String>, _>("workflow").unwrap_or_default(),
-                webhook_path: format!("/hooks/github/{id}"),
+                tags: r.get("tags"),
+                paths: r.get("paths"),
+                workflow: r.get("workflow"),
+                pipeline_file: r.get("pipeline_file"),
+                reports_status: r.get("reports_status"),
+                api_url: r.get("api_url"),
                 created_at: r.get("created_at"),
             }
         })
@@ -173,7 +188,8 @@ pub async fn list_webhook_endpoints(
     Ok(Json(WebhookEndpointList { items }))
 }
 
-/// Connect a repository: pushes to matching branches start `workflow`.
+/// Connect a repository: pushes to matching branches (and tags) start `workflow`, or the
+/// workflow in the repository's `pipeline_file` at the pushed commit.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepoConnectionRequest {
@@ -197,12 +213,20 @@ pub struct RepoConnectionRequest {
     /// left out), the push starts its run.
     #[serde(default)]
     pub paths: Vec<String>,
-    #[schema(value_type = Object)]
-    pub workflow: serde_json::Value,
-    /// A token of the forge's API (GitHub: a token that may write commit statuses; GitLab: a
-    /// token with the `api` scope; Gitea: an access token with write access to the
-    /// repository). With it, each run the connection starts shows on the pushed commit as
-    /// the status `taskmesh/{workflow}`: pending, then its outcome. Stored sealed, never shown.
+    /// The workflow a push runs. Give this or `pipeline_file`.
+    #[schema(value_type = Option<Object>)]
+    pub workflow: Option<serde_json::Value>,
+    /// The path of a workflow file in the repository (YAML or JSON, as `POST /v1/runs` takes,
+    /// at most 1 MiB), such as `.taskmesh.yml`: each push runs the workflow that file holds at
+    /// the pushed commit, read through the forge's API with `status_token`. A commit without
+    /// the file starts nothing; one whose file is not a valid workflow is refused (`422`, which
+    /// the forge shows on the delivery). Give this or `workflow`.
+    pub pipeline_file: Option<String>,
+    /// A token of the forge's API (GitHub: a token that may write commit statuses, and read
+    /// contents for `pipeline_file`; GitLab: a token with the `api` scope; Gitea: an access
+    /// token with write access to the repository). With it, each run the connection starts
+    /// shows on the pushed commit as the status `taskmesh/{workflow}`: pending, then its
+    /// outcome; a `pipeline_file` is read with it. Stored sealed, never shown.
     pub status_token: Option<String>,
     /// The forge's API base URL: `https://api.github.com` (the default for GitHub), or your
     /// GitLab's or Gitea's (`https://gitlab.com` for GitLab's service); required for GitLab and
@@ -260,6 +284,7 @@ pub async fn create_repo_connection(
             tags: req.tags,
             paths: req.paths,
             workflow: req.workflow,
+            pipeline_file: req.pipeline_file,
             status_token,
             api_url: req.api_url,
         })

@@ -1,5 +1,6 @@
 //! Git integration: forges' webhooks in. A push to a connected repository starts a run of the
-//! connection's workflow, once per delivery.
+//! connection's workflow, or of the workflow its pipeline file holds at the pushed commit, once
+//! per delivery.
 //!
 //! `POST /hooks/{forge}/{connection}` (`github`, `gitlab` or `gitea`, as the connection says)
 //! verifies the delivery with the connection's secret before anything else: GitHub's
@@ -11,11 +12,14 @@
 //! # Layout
 //! - [`github`], [`gitlab`], [`gitea`]: each forge's verification and push payload, read into
 //!   a [`Hook`].
+//! - [`pipeline`]: a connection's workflow read from a file in the repository at the pushed
+//!   commit.
 //! - this file: the router, [`build`], the filters and the run a push starts.
 
 pub mod gitea;
 pub mod github;
 pub mod gitlab;
+pub mod pipeline;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,6 +50,9 @@ struct GitState {
     ingest: IngestClient,
     /// Opens connections' sealed webhook secrets.
     keyring: Option<Arc<Keyring>>,
+    /// Reads pipeline files from forges' APIs, where `egress` permits.
+    http: reqwest::Client,
+    egress: Arc<taskmesh_egress::Egress>,
 }
 
 /// What a webhook delivery led to.
@@ -71,8 +78,21 @@ impl HookResponse {
 }
 
 /// The router, separate from serving so tests can call it directly.
-pub fn router(pool: PgPool, bus: Bus, body_limit: usize, keyring: Option<Arc<Keyring>>) -> axum::Router {
-    let state = GitState { pool, ingest: IngestClient::new(bus), keyring };
+pub fn router(
+    pool: PgPool,
+    bus: Bus,
+    body_limit: usize,
+    keyring: Option<Arc<Keyring>>,
+    egress: taskmesh_egress::Egress,
+) -> anyhow::Result<axum::Router> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let egress = Arc::new(egress);
+    let builder = reqwest::Client::builder()
+        .timeout(pipeline::FETCH_TIMEOUT)
+        .user_agent(concat!("Taskmesh/", env!("CARGO_PKG_VERSION")));
+    // A redirect is followed only where the egress rules permit it, as every hop is.
+    let http = egress.client(builder, 3)?;
+    let state = GitState { pool, ingest: IngestClient::new(bus), keyring, http, egress };
     let router = axum::Router::new()
         .route("/hooks/github/{connection}", post(|s, p, h, b| hook(Forge::Github, s, p, h, b)))
         .route("/hooks/gitlab/{connection}", post(|s, p, h, b| hook(Forge::Gitlab, s, p, h, b)))
@@ -82,7 +102,7 @@ pub fn router(pool: PgPool, bus: Bus, body_limit: usize, keyring: Option<Arc<Key
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .layer(DefaultBodyLimit::max(body_limit.max(MAX_WEBHOOK_BYTES)))
         .with_state(state);
-    taskmesh_http::finish(router)
+    Ok(taskmesh_http::finish(router))
 }
 
 /// Binds the service (port 0 picks a free port).
@@ -91,8 +111,9 @@ pub async fn build(
     pool: PgPool,
     bus: Bus,
     keyring: Option<Arc<Keyring>>,
+    egress: taskmesh_egress::Egress,
 ) -> anyhow::Result<Server> {
-    Server::bind(settings.listen, router(pool, bus, settings.body_limit_bytes, keyring)).await
+    Server::bind(settings.listen, router(pool, bus, settings.body_limit_bytes, keyring, egress)?).await
 }
 
 async fn ready(State(state): State<GitState>) -> ApiResult<Json<serde_json::Value>> {
@@ -111,9 +132,13 @@ struct Connection {
     branches: Vec<String>,
     tags: Vec<String>,
     paths: Vec<String>,
-    workflow: serde_json::Value,
-    /// It has a status token: runs report their state on the commit.
-    reports_status: bool,
+    /// Its workflow; none: read from `pipeline_file`.
+    workflow: Option<serde_json::Value>,
+    pipeline_file: Option<String>,
+    /// The sealed token of the forge's API, if it has one: runs then report their state on
+    /// the commit, and a pipeline file is read with it.
+    status_token: Option<String>,
+    api_url: Option<String>,
 }
 
 /// What a verified delivery asks of Taskmesh.
@@ -201,7 +226,7 @@ fn is_zero_sha(sha: &str) -> bool {
 
 async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connection> {
     let row = sqlx::query(
-        "SELECT tenant_id, repository, secret, branches, tags, paths, workflow, status_token IS NOT NULL AS reports_status
+        "SELECT tenant_id, repository, secret, branches, tags, paths, workflow, pipeline_file, status_token, api_url
          FROM repo_connections WHERE id = $1 AND forge = $2",
     )
     .bind(id)
@@ -216,8 +241,10 @@ async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connecti
         branches: row.get("branches"),
         tags: row.get("tags"),
         paths: row.get("paths"),
-        workflow: row.get::<sqlx::types::Json<serde_json::Value>, _>("workflow").0,
-        reports_status: row.get("reports_status"),
+        workflow: row.get::<Option<sqlx::types::Json<serde_json::Value>>, _>("workflow").map(|w| w.0),
+        pipeline_file: row.get("pipeline_file"),
+        status_token: row.get("status_token"),
+        api_url: row.get("api_url"),
     })
 }
 
@@ -232,7 +259,7 @@ async fn hook(
     let id: Uuid = connection_id.parse().map_err(|_| ApiError::not_found("repository connection"))?;
     let (_, body) = taskmesh_http::body::read(&headers, body, false)?;
     let conn = connection(&state.pool, id, forge).await?;
-    let secret = open_secret(&state, &conn)?;
+    let secret = open_secret(&state, &taskmesh_secrets::repo_secret_aad(&conn.tenant), &conn.secret)?;
     let read = match forge {
         Forge::Github => github::read,
         Forge::Gitlab => gitlab::read,
@@ -279,6 +306,18 @@ async fn hook(
     if push.message.as_ref().is_some_and(|m| m.contains("[skip ci]") || m.contains("[ci skip]")) {
         return Ok(HookResponse::ignored("the head commit asks to skip CI"));
     }
+    let workflow = match (&conn.workflow, &conn.pipeline_file) {
+        (Some(workflow), _) => workflow.clone(),
+        (None, Some(path)) => match pipeline_workflow(&state, &conn, forge, path, &push.commit).await? {
+            Some(workflow) => workflow,
+            None => return Ok(HookResponse::ignored(format!("the commit has no pipeline file {path}"))),
+        },
+        (None, None) => {
+            tracing::error!("a repository connection with neither a workflow nor a pipeline file");
+            return Err(ApiError::new(ErrorCode::Internal, "internal error"));
+        }
+    };
+    let pipeline_file = conn.workflow.is_none().then(|| conn.pipeline_file.clone()).flatten();
     let mut inputs = BTreeMap::from([
         ("repository".to_string(), serde_json::json!(push.repository)),
         ("commit".to_string(), serde_json::json!(push.commit)),
@@ -291,7 +330,7 @@ async fn hook(
         .ingest
         .submit_run(&SubmitRun {
             tenant: conn.tenant,
-            workflow: conn.workflow,
+            workflow,
             inputs,
             trigger: Trigger::Webhook {
                 forge,
@@ -301,7 +340,7 @@ async fn hook(
                 branch: branch.map(String::from),
                 commit: Some(push.commit.clone()),
                 tag: tag.map(String::from),
-                reports_status: conn.reports_status,
+                reports_status: conn.status_token.is_some(),
             },
             idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),
             priority: None,
@@ -309,7 +348,14 @@ async fn hook(
             traceparent: taskmesh_telemetry::current_traceparent(),
             not_before: None,
         })
-        .await?;
+        .await
+        .map_err(|mut p| {
+            // Said of a file in the repository, the problem names it (the forge shows it).
+            if let (Some(path), ErrorCode::InvalidWorkflow | ErrorCode::InvalidInput) = (&pipeline_file, p.code) {
+                p.detail = format!("the pipeline file {path} at {}: {}", push.commit, p.detail);
+            }
+            p
+        })?;
     Ok((
         StatusCode::ACCEPTED,
         Json(HookResponse {
@@ -321,15 +367,37 @@ async fn hook(
     ))
 }
 
-/// Opens a connection's sealed webhook secret.
-fn open_secret(state: &GitState, conn: &Connection) -> ApiResult<Vec<u8>> {
+/// The workflow in a connection's pipeline file at `commit`; `None` if there is no such file.
+async fn pipeline_workflow(
+    state: &GitState,
+    conn: &Connection,
+    forge: Forge,
+    path: &str,
+    commit: &str,
+) -> ApiResult<Option<serde_json::Value>> {
+    let sealed = conn.status_token.as_deref().ok_or_else(|| {
+        tracing::error!("a repository connection with a pipeline file but no token");
+        ApiError::new(ErrorCode::Internal, "internal error")
+    })?;
+    let token = open_secret(state, &taskmesh_secrets::repo_status_token_aad(&conn.tenant), sealed)?;
+    let token = String::from_utf8(token).map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?;
+    let api_url = conn.api_url.as_deref().or(forge.default_api_url()).ok_or_else(|| {
+        tracing::error!("a repository connection with a pipeline file but no API URL");
+        ApiError::new(ErrorCode::Internal, "internal error")
+    })?;
+    let source = pipeline::Source { forge, api_url, repository: &conn.repository, path, commit, token: &token };
+    pipeline::fetch(&state.http, &state.egress, &source).await
+}
+
+/// Opens one of a connection's sealed values (its webhook secret, its token) sealed with `aad`.
+fn open_secret(state: &GitState, aad: &str, stored: &str) -> ApiResult<Vec<u8>> {
     let keyring =
         state.keyring.as_ref().ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "no secrets key is configured"))?;
-    let sealed: taskmesh_secrets::Sealed = serde_json::from_str(&conn.secret).map_err(|e| {
+    let sealed: taskmesh_secrets::Sealed = serde_json::from_str(stored).map_err(|e| {
         tracing::error!(error = %e, "a stored connection secret is not sealed");
         ApiError::new(ErrorCode::Internal, "internal error")
     })?;
-    keyring.open(&taskmesh_secrets::repo_secret_aad(&conn.tenant), &sealed).map_err(|e| {
+    keyring.open(aad, &sealed).map_err(|e| {
         tracing::error!(error = %e, "cannot open a connection's secret");
         ApiError::new(ErrorCode::Internal, "internal error")
     })

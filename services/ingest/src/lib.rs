@@ -587,7 +587,18 @@ impl Ingest {
     /// Connects a repository: its signed webhooks will start runs of the given workflow.
     pub async fn create_repo_connection(&self, cmd: CreateRepoConnection) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let workflow = WorkflowDef::from_value(cmd.workflow)?;
+        let workflow = match (cmd.workflow, &cmd.pipeline_file) {
+            (Some(w), None) => Some(WorkflowDef::from_value(w)?),
+            (None, Some(path)) => {
+                check_pipeline_file(path)?;
+                if cmd.status_token.is_none() {
+                    return Err(invalid("pipeline_file", "is read with the connection's status_token: give one"));
+                }
+                None
+            }
+            (Some(_), Some(_)) => return Err(invalid("workflow", "give a workflow or a pipeline_file, not both")),
+            (None, None) => return Err(invalid("workflow", "give a workflow, or the pipeline_file it is read from")),
+        };
         // GitLab's projects sit in groups within groups: `group/subgroup/project`.
         let parts = cmd.repository.split('/').count();
         let nested = cmd.forge == Forge::Gitlab && parts > 2 && parts <= 21;
@@ -640,6 +651,7 @@ impl Ingest {
                 tags: cmd.tags,
                 paths: cmd.paths,
                 workflow,
+                pipeline_file: cmd.pipeline_file,
                 status_token: cmd.status_token,
                 api_url: cmd.api_url,
             }),
@@ -904,4 +916,18 @@ fn concurrency_of(
         return Err(invalid("concurrency.group", "renders to an empty or over-long key"));
     }
     Ok(taskmesh_events::RunConcurrency { key, limit: def.limit, policy: def.policy })
+}
+
+/// A pipeline file's path: relative to the repository's root, `/`-separated, with no empty, `.`
+/// or `..` part, 1 to 255 printable characters.
+fn check_pipeline_file(path: &str) -> Result<(), Problem> {
+    let fine = !path.is_empty()
+        && path.len() <= 255
+        && !path.chars().any(|c| c.is_control() || c == '\\')
+        && path.split('/').all(|p| !matches!(p, "" | "." | ".."));
+    if fine {
+        Ok(())
+    } else {
+        Err(invalid("pipeline_file", "must be a path within the repository, like '.taskmesh.yml' or 'ci/build.yml'"))
+    }
 }

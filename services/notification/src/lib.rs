@@ -331,7 +331,6 @@ impl Notifier {
             .get::<Option<String>, _>("api_url")
             .or_else(|| s.forge.default_api_url().map(String::from))
             .ok_or_else(|| Outcome::Refused("the connection names no API URL".into()))?;
-        let base = base.trim_end_matches('/');
         if s.commit.is_empty() || s.commit.len() > 64 || !s.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Outcome::Refused(format!("'{}' is not a commit id", s.commit)));
         }
@@ -342,24 +341,17 @@ impl Notifier {
             CommitState::Failure => "failed",
             CommitState::Cancelled => "cancelled",
         };
-        let (url, auth, body) = match s.forge {
-            Forge::Github => (
-                format!("{base}/repos/{repository}/statuses/{commit}"),
-                ("authorization", format!("Bearer {token}")),
-                serde_json::json!({"state": github_state(state), "context": context, "description": description}),
-            ),
-            Forge::Gitlab => (
-                format!("{base}/api/v4/projects/{}/statuses/{commit}", repository.replace('/', "%2F")),
-                ("private-token", token),
-                serde_json::json!({"state": gitlab_state(state), "name": context, "description": description}),
-            ),
-            Forge::Gitea => (
-                format!("{base}/api/v1/repos/{repository}/statuses/{commit}"),
-                ("authorization", format!("token {token}")),
-                serde_json::json!({"state": github_state(state), "context": context, "description": description}),
-            ),
+        let body = match s.forge {
+            Forge::Github | Forge::Gitea => {
+                serde_json::json!({"state": github_state(state), "context": context, "description": description})
+            }
+            Forge::Gitlab => {
+                serde_json::json!({"state": gitlab_state(state), "name": context, "description": description})
+            }
         };
-        let parsed = reqwest::Url::parse(&url).map_err(|e| Outcome::Refused(format!("'{url}' is not a URL: {e}")))?;
+        let parsed = s.forge.repo_api_url(&base, &repository, &["statuses", commit]).map_err(Outcome::Refused)?;
+        let url = parsed.to_string();
+        let auth = s.forge.api_auth(&token);
         // Denied like a webhook delivery: retried, as the rules may change.
         self.egress.check_url(&parsed).map_err(|d| Outcome::Failed(format!("POST {url}: {d}")))?;
         let res = self

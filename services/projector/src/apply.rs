@@ -66,21 +66,22 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         Event::RepoConnectionCreated(e) => {
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
-                                              status_token, api_url, tags, paths)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
+                                              status_token, api_url, tags, paths, pipeline_file)
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
             )
             .bind(e.connection_id)
             .bind(tenant)
             .bind(&e.repository)
             .bind(serde_json::to_string(&e.secret).expect("serialises"))
             .bind(&e.branches)
-            .bind(sqlx::types::Json(&e.workflow))
+            .bind(e.workflow.as_ref().map(sqlx::types::Json))
             .bind(at)
             .bind(e.forge.as_str())
             .bind(e.status_token.as_ref().map(|t| serde_json::to_string(t).expect("serialises")))
             .bind(&e.api_url)
             .bind(&e.tags)
             .bind(&e.paths)
+            .bind(&e.pipeline_file)
             .execute(&mut **tx)
             .await?;
         }

@@ -1,0 +1,158 @@
+//! Pipeline files: a connection's workflow read from its repository at the pushed commit,
+//! through the forge's API with the connection's token.
+//!
+//! - GitHub: `GET {api}/repos/{owner}/{name}/contents/{path}?ref={commit}` with
+//!   `Accept: application/vnd.github.raw+json`;
+//! - GitLab: `GET {api}/api/v4/projects/{project}/repository/files/{path}/raw?ref={commit}`;
+//! - Gitea and Forgejo: `GET {api}/api/v1/repos/{owner}/{name}/raw/{path}?ref={commit}`.
+//!
+//! A `404` means the commit has no such file: the push starts nothing. The forge not answering,
+//! or answering anything else, is a `503` to the webhook's sender, so that the forge shows the
+//! delivery as failed and it can be sent again. A file that is not YAML or JSON, or larger
+//! than [`MAX_PIPELINE_BYTES`], is a `422`.
+
+use std::time::Duration;
+
+use taskmesh_events::{ErrorCode, Forge};
+use taskmesh_http::{ApiError, ApiResult};
+
+/// Largest pipeline file read.
+pub const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
+/// How long a forge has to send a pipeline file, all of it (the webhook's sender waits).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Where a pipeline file is, and what opens it.
+pub(crate) struct Source<'a> {
+    pub forge: Forge,
+    /// The forge's API base URL.
+    pub api_url: &'a str,
+    pub repository: &'a str,
+    pub path: &'a str,
+    pub commit: &'a str,
+    pub token: &'a str,
+}
+
+/// The URL of a file's raw content at a commit.
+pub(crate) fn file_url(src: &Source<'_>) -> Result<url::Url, String> {
+    let parts: Vec<&str> = src.path.split('/').collect();
+    let mut url = match src.forge {
+        Forge::Github => {
+            let path: Vec<&str> = std::iter::once("contents").chain(parts.iter().copied()).collect();
+            src.forge.repo_api_url(src.api_url, src.repository, &path)?
+        }
+        Forge::Gitlab => {
+            src.forge.repo_api_url(src.api_url, src.repository, &["repository", "files", src.path, "raw"])?
+        }
+        Forge::Gitea => {
+            let path: Vec<&str> = std::iter::once("raw").chain(parts.iter().copied()).collect();
+            src.forge.repo_api_url(src.api_url, src.repository, &path)?
+        }
+    };
+    url.query_pairs_mut().append_pair("ref", src.commit);
+    Ok(url)
+}
+
+/// The workflow in the file, as JSON; `None` if the commit has no such file.
+pub(crate) async fn fetch(
+    http: &reqwest::Client,
+    egress: &taskmesh_egress::Egress,
+    src: &Source<'_>,
+) -> ApiResult<Option<serde_json::Value>> {
+    let unavailable = |detail: String| ApiError::new(ErrorCode::Unavailable, detail);
+    let url = file_url(src).map_err(|e| unavailable(format!("the connection's api_url: {e}")))?;
+    let shown = format!("{} at {}", src.path, src.commit);
+    egress.check_url(&url).map_err(|d| unavailable(format!("reading the pipeline file {shown}: {d}")))?;
+    let (name, value) = src.forge.api_auth(src.token);
+    let accept = match src.forge {
+        Forge::Github => "application/vnd.github.raw+json",
+        Forge::Gitlab | Forge::Gitea => "*/*",
+    };
+    let read = async {
+        let mut res = http.get(url).header(name, value).header("accept", accept).send().await.map_err(|e| {
+            unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
+        })?;
+        match res.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            code => {
+                return Err(unavailable(format!("reading the pipeline file {shown}: the forge answered {code}")));
+            }
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| {
+            unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
+        })? {
+            if body.len() + chunk.len() > MAX_PIPELINE_BYTES {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidWorkflow,
+                    format!("the pipeline file {shown} is larger than {MAX_PIPELINE_BYTES} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Some(body))
+    };
+    let body = match tokio::time::timeout(FETCH_TIMEOUT, read).await {
+        Ok(read) => read?,
+        Err(_) => {
+            return Err(unavailable(format!(
+                "reading the pipeline file {shown}: no whole answer in {} s",
+                FETCH_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    let Some(body) = body else { return Ok(None) };
+    parse(&body)
+        .map(Some)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidWorkflow, format!("the pipeline file {shown}: {e}")))
+}
+
+/// A pipeline file's text as JSON: YAML (JSON is YAML too).
+pub(crate) fn parse(body: &[u8]) -> Result<serde_json::Value, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "is not UTF-8 text".to_string())?;
+    let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| format!("is not YAML: {e}"))?;
+    if !value.is_object() {
+        return Err("is not a workflow (a mapping with `name` and `steps`)".into());
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(forge: Forge, repository: &'static str, path: &'static str) -> Source<'static> {
+        Source { forge, api_url: "https://forge.example/base/", repository, path, commit: "abc123", token: "t" }
+    }
+
+    #[test]
+    fn file_urls_follow_each_forges_api() {
+        let url = |s| file_url(&s).unwrap().to_string();
+        assert_eq!(
+            url(src(Forge::Github, "o/r", "ci/build.yml")),
+            "https://forge.example/base/repos/o/r/contents/ci/build.yml?ref=abc123"
+        );
+        assert_eq!(
+            url(src(Forge::Gitlab, "group/sub/p", "ci/build.yml")),
+            "https://forge.example/base/api/v4/projects/group%2Fsub%2Fp/repository/files/ci%2Fbuild.yml/raw?ref=abc123"
+        );
+        assert_eq!(
+            url(src(Forge::Gitea, "o/r", ".taskmesh.yml")),
+            "https://forge.example/base/api/v1/repos/o/r/raw/.taskmesh.yml?ref=abc123"
+        );
+        // A name with characters a URL path gives meaning to stays one name.
+        assert_eq!(
+            url(src(Forge::Github, "o/r", "a b/c?d#e.yml")),
+            "https://forge.example/base/repos/o/r/contents/a%20b/c%3Fd%23e.yml?ref=abc123"
+        );
+    }
+
+    #[test]
+    fn a_pipeline_file_is_yaml_or_json_holding_a_mapping() {
+        assert_eq!(parse(b"name: ci\nsteps: []\n").unwrap()["name"], "ci");
+        assert_eq!(parse(br#"{"name": "ci", "steps": []}"#).unwrap()["name"], "ci");
+        assert!(parse(b"- a\n- b\n").unwrap_err().contains("mapping"));
+        assert!(parse(b"name: [").unwrap_err().contains("YAML"));
+        assert!(parse(&[0xff, 0xfe]).unwrap_err().contains("UTF-8"));
+    }
+}
