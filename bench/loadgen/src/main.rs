@@ -198,17 +198,24 @@ impl Api {
     }
 
     /// Reads the run once it has ended: one read the gateway holds until then (re-asked
-    /// should its 60 s run out); returns its status.
-    async fn wait_ended(&self, id: &str) -> anyhow::Result<String> {
+    /// should its 60 s run out); returns its status. With `seq` (the submission's), the
+    /// gateway first waits for the read side to hold the run; without, a run not yet there
+    /// is asked for again every 0.5 ms.
+    async fn wait_ended(&self, id: &str, seq: Option<u64>) -> anyhow::Result<String> {
         loop {
-            let res = self.http.get(format!("{}/v1/runs/{id}?wait=60", self.url)).bearer_auth(&self.key).send().await?;
+            let mut req = self.http.get(format!("{}/v1/runs/{id}?wait=60", self.url)).bearer_auth(&self.key);
+            if let Some(seq) = seq {
+                req = req.header("taskmesh-min-seq", seq.to_string());
+            }
+            let res = req.send().await?;
             let status = res.status();
-            let body: Value = res.json().await?;
-            // 404: not projected yet (the wait is for an end, not for a submission to appear).
-            if status == 404 {
+            // 404: not projected yet (the wait is for an end, not for a submission to
+            // appear); 503: the read side is further behind than the gateway waits for.
+            if status == 404 || status == 503 {
                 tokio::time::sleep(Duration::from_micros(500)).await;
                 continue;
             }
+            let body: Value = res.json().await?;
             let s = body["status"].as_str().unwrap_or("").to_string();
             if ["succeeded", "failed", "cancelled", "timed_out"].contains(&s.as_str()) {
                 return Ok(s);
@@ -397,9 +404,11 @@ async fn roundtrip_hops(api: &Api, marks: Vec<(String, Utc, Utc, Utc)>) -> anyho
 }
 
 /// Open-loop arrivals: `n` one-step runs submitted at `rate` per second on a fixed schedule,
-/// whether or not earlier ones are done (a closed loop would hide queueing). Then, from each
-/// run's record: submit → its step started, and submit → the run finished (the events' own
-/// times, from this machine's clock).
+/// whether or not earlier ones are done (a closed loop would hide queueing). Each submission
+/// is followed by one read the gateway holds until the run has ended (`?wait`, after the read
+/// side holds the submission), as a client awaiting its result would: submit → visible as
+/// finished is when that answer arrives. Then, from each run's record: submit → its step
+/// started, and submit → the run finished (the events' own times, this machine's clock).
 async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     let name = format!("bench-open-{}", uuid::Uuid::now_v7().simple());
     let mut workflow = noop();
@@ -412,20 +421,22 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
         let (api, wf) = (api.clone(), workflow.clone());
         tasks.push(tokio::spawn(async move {
             let sent = chrono::Utc::now();
-            api.submit(&wf).await.map(|(id, _)| (id, sent))
+            let (id, seq) = api.submit(&wf).await?;
+            // As a client awaiting its result would: one read, held until the run has ended.
+            tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
+                .await
+                .context("an open-loop run did not end in 10 minutes")??;
+            let seen = (chrono::Utc::now() - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            anyhow::Ok(((id, sent), seen))
         }));
     }
     let offered = start.elapsed().as_secs_f64();
     let mut submitted = Vec::with_capacity(n);
+    let mut visible = Vec::with_capacity(n);
     for t in tasks {
-        submitted.push(t.await??);
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while api.count(&name, "succeeded").await? + api.count(&name, "failed").await? < n {
-        if Instant::now() > deadline {
-            bail!("open-loop runs did not all end in 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (run, seen) = t.await??;
+        submitted.push(run);
+        visible.push(seen);
     }
     let views: Vec<(chrono::DateTime<chrono::Utc>, Value)> = futures::stream::iter(submitted)
         .map(|(id, sent)| {
@@ -443,6 +454,7 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     Ok(json!({
         "workload": "openloop", "rate": rate, "runs": n, "offered_seconds": offered,
         "start_latency": latency_summary(started), "finish_latency": latency_summary(finished),
+        "visible_latency": latency_summary(visible),
     }))
 }
 
@@ -576,7 +588,7 @@ async fn main() -> anyhow::Result<()> {
                 if args.poll {
                     api.wait(&id).await?;
                 } else {
-                    api.wait_ended(&id).await?;
+                    api.wait_ended(&id, None).await?;
                 }
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 marks.push((id, sent, answered, chrono::Utc::now()));
