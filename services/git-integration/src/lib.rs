@@ -306,10 +306,11 @@ async fn hook(
     if push.message.as_ref().is_some_and(|m| m.contains("[skip ci]") || m.contains("[ci skip]")) {
         return Ok(HookResponse::ignored("the head commit asks to skip CI"));
     }
-    let workflow = match (&conn.workflow, &conn.pipeline_file) {
-        (Some(workflow), _) => workflow.clone(),
+    // The workflow, and the file it was read from, if it was.
+    let (workflow, pipeline_file) = match (&conn.workflow, &conn.pipeline_file) {
+        (Some(workflow), _) => (workflow.clone(), None),
         (None, Some(path)) => match pipeline_workflow(&state, &conn, forge, path, &push.commit).await? {
-            Some(workflow) => workflow,
+            Some(workflow) => (workflow, Some(path.clone())),
             None => return Ok(HookResponse::ignored(format!("the commit has no pipeline file {path}"))),
         },
         (None, None) => {
@@ -317,7 +318,6 @@ async fn hook(
             return Err(ApiError::new(ErrorCode::Internal, "internal error"));
         }
     };
-    let pipeline_file = conn.workflow.is_none().then(|| conn.pipeline_file.clone()).flatten();
     let mut inputs = BTreeMap::from([
         ("repository".to_string(), serde_json::json!(push.repository)),
         ("commit".to_string(), serde_json::json!(push.commit)),

@@ -67,41 +67,26 @@ pub(crate) async fn fetch(
         Forge::Github => "application/vnd.github.raw+json",
         Forge::Gitlab | Forge::Gitea => "*/*",
     };
-    let read = async {
-        let mut res = http.get(url).header(name, value).header("accept", accept).send().await.map_err(|e| {
-            unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
-        })?;
-        match res.status().as_u16() {
-            200 => {}
-            404 => return Ok(None),
-            code => {
-                return Err(unavailable(format!("reading the pipeline file {shown}: the forge answered {code}")));
-            }
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = res.chunk().await.map_err(|e| {
-            unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
-        })? {
-            if body.len() + chunk.len() > MAX_PIPELINE_BYTES {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidWorkflow,
-                    format!("the pipeline file {shown} is larger than {MAX_PIPELINE_BYTES} bytes"),
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(Some(body))
+    // The client's timeout ([`FETCH_TIMEOUT`]) covers the whole answer, its body included.
+    let failed = |e: reqwest::Error| {
+        unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
     };
-    let body = match tokio::time::timeout(FETCH_TIMEOUT, read).await {
-        Ok(read) => read?,
-        Err(_) => {
-            return Err(unavailable(format!(
-                "reading the pipeline file {shown}: no whole answer in {} s",
-                FETCH_TIMEOUT.as_secs()
-            )));
+    let mut res = http.get(url).header(name, value).header("accept", accept).send().await.map_err(failed)?;
+    match res.status().as_u16() {
+        200 => {}
+        404 => return Ok(None),
+        code => return Err(unavailable(format!("reading the pipeline file {shown}: the forge answered {code}"))),
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(failed)? {
+        if body.len() + chunk.len() > MAX_PIPELINE_BYTES {
+            return Err(ApiError::new(
+                ErrorCode::InvalidWorkflow,
+                format!("the pipeline file {shown} is larger than {MAX_PIPELINE_BYTES} bytes"),
+            ));
         }
-    };
-    let Some(body) = body else { return Ok(None) };
+        body.extend_from_slice(&chunk);
+    }
     parse(&body)
         .map(Some)
         .map_err(|e| ApiError::new(ErrorCode::InvalidWorkflow, format!("the pipeline file {shown}: {e}")))

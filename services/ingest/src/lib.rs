@@ -919,7 +919,7 @@ fn concurrency_of(
 }
 
 /// A pipeline file's path: relative to the repository's root, `/`-separated, with no empty, `.`
-/// or `..` part, 1 to 255 printable characters.
+/// or `..` part, of 1 to 255 bytes, printable.
 fn check_pipeline_file(path: &str) -> Result<(), Problem> {
     let fine = !path.is_empty()
         && path.len() <= 255
