@@ -340,7 +340,7 @@ impl Forge {
     pub fn api_auth(&self, token: &str) -> (&'static str, String) {
         match self {
             Forge::Github => ("authorization", format!("Bearer {token}")),
-            Forge::Gitlab => ("private-token", token.to_string()),
+            Forge::Gitlab => ("authorization", format!("Bearer {token}")),
             Forge::Gitea => ("authorization", format!("token {token}")),
         }
     }

@@ -6,10 +6,12 @@
 //! - GitLab: `GET {api}/api/v4/projects/{project}/repository/files/{path}/raw?ref={commit}`;
 //! - Gitea and Forgejo: `GET {api}/api/v1/repos/{owner}/{name}/raw/{path}?ref={commit}`.
 //!
-//! A `404` means the commit has no such file: the push starts nothing. The forge not answering,
-//! or answering anything else, is a `503` to the webhook's sender, so that the forge shows the
-//! delivery as failed and it can be sent again. A file that is not YAML or JSON, or larger
-//! than [`MAX_PIPELINE_BYTES`], is a `422`.
+//! A forge answers `404` both for a file the commit does not have and for a repository the token
+//! cannot see (or an `api_url` that is not the forge's), so a `404` is read as "no such file",
+//! and the push starts nothing, only when the forge then shows the commit itself to the same
+//! token. The forge not answering within [`FETCH_TIMEOUT`], or answering anything else, is a
+//! `503` to the webhook's sender, so that the forge shows the delivery as failed and it can be
+//! sent again. A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
 
 use std::time::Duration;
 
@@ -18,8 +20,9 @@ use taskmesh_http::{ApiError, ApiResult};
 
 /// Largest pipeline file read.
 pub const MAX_PIPELINE_BYTES: usize = 1024 * 1024;
-/// How long a forge has to send a pipeline file, all of it (the webhook's sender waits).
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long reading a pipeline file may take, all of it: the forge waits for the webhook's
+/// answer (Gitea gives it 5 s by default, GitHub and GitLab 10 s).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Where a pipeline file is, and what opens it.
 pub(crate) struct Source<'a> {
@@ -52,29 +55,71 @@ pub(crate) fn file_url(src: &Source<'_>) -> Result<url::Url, String> {
     Ok(url)
 }
 
+/// The URL of the commit itself.
+pub(crate) fn commit_url(src: &Source<'_>) -> Result<url::Url, String> {
+    let path: &[&str] = match src.forge {
+        Forge::Github => &["commits", src.commit],
+        Forge::Gitlab => &["repository", "commits", src.commit],
+        Forge::Gitea => &["git", "commits", src.commit],
+    };
+    src.forge.repo_api_url(src.api_url, src.repository, path)
+}
+
 /// The workflow in the file, as JSON; `None` if the commit has no such file.
 pub(crate) async fn fetch(
     http: &reqwest::Client,
     egress: &taskmesh_egress::Egress,
     src: &Source<'_>,
 ) -> ApiResult<Option<serde_json::Value>> {
-    let unavailable = |detail: String| ApiError::new(ErrorCode::Unavailable, detail);
-    let url = file_url(src).map_err(|e| unavailable(format!("the connection's api_url: {e}")))?;
     let shown = format!("{} at {}", src.path, src.commit);
-    egress.check_url(&url).map_err(|d| unavailable(format!("reading the pipeline file {shown}: {d}")))?;
-    let (name, value) = src.forge.api_auth(src.token);
+    tokio::time::timeout(FETCH_TIMEOUT, read(http, egress, src, &shown)).await.unwrap_or_else(|_| {
+        Err(unavailable(format!(
+            "reading the pipeline file {shown}: the forge did not answer within {} s",
+            FETCH_TIMEOUT.as_secs()
+        )))
+    })
+}
+
+fn unavailable(detail: String) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, detail)
+}
+
+async fn read(
+    http: &reqwest::Client,
+    egress: &taskmesh_egress::Egress,
+    src: &Source<'_>,
+    shown: &str,
+) -> ApiResult<Option<serde_json::Value>> {
+    let failed = |e: reqwest::Error| {
+        unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
+    };
+    let get = |url: Result<url::Url, String>, accept: &'static str| {
+        let url = url.map_err(|e| unavailable(format!("the connection's api_url: {e}")));
+        let url = url.and_then(|url| {
+            egress.check_url(&url).map_err(|d| unavailable(format!("reading the pipeline file {shown}: {d}")))?;
+            Ok(url)
+        });
+        let (name, value) = src.forge.api_auth(src.token);
+        async move { http.get(url?).header(name, value).header("accept", accept).send().await.map_err(failed) }
+    };
     let accept = match src.forge {
         Forge::Github => "application/vnd.github.raw+json",
         Forge::Gitlab | Forge::Gitea => "*/*",
     };
-    // The client's timeout ([`FETCH_TIMEOUT`]) covers the whole answer, its body included.
-    let failed = |e: reqwest::Error| {
-        unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
-    };
-    let mut res = http.get(url).header(name, value).header("accept", accept).send().await.map_err(failed)?;
+    let mut res = get(file_url(src), accept).await?;
     match res.status().as_u16() {
         200 => {}
-        404 => return Ok(None),
+        // No such file, or no such repository for this token: the commit tells them apart.
+        404 => {
+            return match get(commit_url(src), "application/json").await?.status().as_u16() {
+                200 => Ok(None),
+                code => Err(unavailable(format!(
+                    "reading the pipeline file {shown}: the forge answered 404, and {code} for the commit \
+                     itself: the connection's token may not see the repository, or its api_url is not \
+                     the forge's"
+                ))),
+            };
+        }
         code => return Err(unavailable(format!("reading the pipeline file {shown}: the forge answered {code}"))),
     }
     let mut body = Vec::new();
@@ -124,6 +169,16 @@ mod tests {
         assert_eq!(
             url(src(Forge::Gitea, "o/r", ".taskmesh.yml")),
             "https://forge.example/base/api/v1/repos/o/r/raw/.taskmesh.yml?ref=abc123"
+        );
+        let commit = |s| commit_url(&s).unwrap().to_string();
+        assert_eq!(commit(src(Forge::Github, "o/r", "x")), "https://forge.example/base/repos/o/r/commits/abc123");
+        assert_eq!(
+            commit(src(Forge::Gitlab, "group/p", "x")),
+            "https://forge.example/base/api/v4/projects/group%2Fp/repository/commits/abc123"
+        );
+        assert_eq!(
+            commit(src(Forge::Gitea, "o/r", "x")),
+            "https://forge.example/base/api/v1/repos/o/r/git/commits/abc123"
         );
         // A name with characters a URL path gives meaning to stays one name.
         assert_eq!(
