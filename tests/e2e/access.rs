@@ -695,11 +695,12 @@ async fn revoke(tm: &TestMesh, id: &str) {
 async fn a_key_revoked_while_the_gateway_cannot_hear_of_it_is_refused_all_the_same() {
     let tm = spawn_mesh().await;
     let (id, key) = used_key(&tm).await;
-    // Cut the gateway's listening connection, and revoke the key before it listens again: the
+    // Cut the gateway's listening connection (the one that hears of keys; the notifier has one
+    // of its own), and revoke the key before it listens again: the
     // announcement goes unheard, so the gateway must not answer from what it kept.
     let cut: i64 = sqlx::query_scalar(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+         WHERE datname = current_database() AND query LIKE 'LISTEN%taskmesh_key_revoked%'",
     )
     .fetch_one(&tm.pool)
     .await
@@ -711,7 +712,8 @@ async fn a_key_revoked_while_the_gateway_cannot_hear_of_it_is_refused_all_the_sa
     // projector's latest are answered.
     eventually("the gateway to listen again", Duration::from_secs(10), || async {
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%taskmesh_key_revoked%'",
         )
         .fetch_one(&tm.pool)
         .await?;
@@ -780,7 +782,7 @@ async fn a_listener_whose_connection_goes_silent_serves_no_kept_key_and_listens_
     let via_proxy = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with((*tm.pool.connect_options()).clone().host("127.0.0.1").port(port));
-    let keys = taskmesh_store::KeyCache::<u32>::new(10, Duration::from_secs(60));
+    let keys = taskmesh_store::NotifiedCache::<u32>::new(10, Duration::from_secs(60));
     let checkpoint = taskmesh_store::follow_checkpoint(
         &via_proxy,
         taskmesh_projector::NAME,

@@ -750,5 +750,19 @@ async fn a_deleted_webhook_endpoint_is_sent_nothing_more() {
     tm.wait_run(second, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing is sent to a deleted endpoint");
+
+    // The notifier keeps a tenant's endpoints in memory between runs' ends (it has just kept
+    // "none"): an endpoint added since is told of the next run's end all the same.
+    let (later, _) = subscribe(&tm).await;
+    tm.wait_projected().await;
+    let third = tm.submit("name: later\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    eventually("the new endpoint's notification", Duration::from_secs(30), || async {
+        Ok(later.lock().unwrap().first().cloned())
+    })
+    .await
+    .unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(&later.lock().unwrap()[0].1).unwrap();
+    assert_eq!(payload["data"]["run_id"], third.to_string());
+    assert_eq!(seen.lock().unwrap().len(), 1, "the deleted endpoint still hears nothing");
     tm.finish().await;
 }

@@ -1,7 +1,8 @@
 //! Postgres for Taskmesh: the connection pool, the read-model schema (embedded migrations),
 //! projection checkpoints, and what readers keep of the projector's announcements (the
 //! checkpoint, runs' ends, API keys' revocations: [`follow_checkpoint`], [`RunEnds`],
-//! [`KeyCache`]).
+//! [`NotifiedCache`]), and caches kept true by announcements of their rows' changes
+//! ([`follow_invalidations`]).
 //!
 //! Postgres holds only projections of the event log. A projector writes its checkpoint (the
 //! last stream sequence it applied) in the same transaction as the rows that event produced,
@@ -86,10 +87,15 @@ pub const RUN_ENDED_CHANNEL: &str = "taskmesh_run_ended";
 
 /// The channel an API key's revocation is announced on once it is in the read model
 /// (`NOTIFY`, payload the key's hash, or `*` when the table was emptied for a rebuild), for
-/// caches of keys (see [`KeyCache`]). It is sent
+/// caches of keys (see [`NotifiedCache`]). It is sent
 /// before the checkpoint of the same commit, so a reader that has seen the checkpoint has seen
 /// the revocation.
 pub const KEY_REVOKED_CHANNEL: &str = "taskmesh_key_revoked";
+
+/// The channel a change to a tenant's webhook endpoints is announced on (`NOTIFY` by a trigger
+/// on `webhook_endpoints`, payload the tenant, or `*` when the table was emptied), for caches of
+/// each tenant's endpoints (see [`follow_invalidations`]).
+pub const WEBHOOK_ENDPOINTS_CHANNEL: &str = "taskmesh_webhook_endpoints";
 
 /// The checkpoint's statement; its parameters are numbered after those of the writes that go
 /// with it in one statement ([`Alongside`]).
@@ -370,62 +376,64 @@ impl RunEnds {
     }
 }
 
-/// Hears of API keys' revocations (from the listener of [`follow_checkpoint`]).
-pub trait KeyRevocations: Send + Sync {
-    /// The key with this hash was revoked.
-    fn revoked(&self, key_hash: &str);
-    /// Revocations may have been missed (`false`: from now until `true` again, they are not
+/// Hears that what a cache holds under a key changed: API keys' revocations (from the listener
+/// of [`follow_checkpoint`]), a tenant's webhook endpoints (from [`follow_invalidations`]).
+pub trait Invalidations: Send + Sync {
+    /// What is held under `key` changed (a key with this hash was revoked, …).
+    fn invalidated(&self, key: &str);
+    /// Changes may have been missed (`false`: from now until `true` again, they are not
     /// heard at all).
     fn missed(&self, listening: bool);
 }
 
-/// Looked-up API keys by hash, so an authenticated request costs no query, kept only while
-/// revocations are heard: an entry goes when its key's revocation is announced on
-/// [`KEY_REVOKED_CHANNEL`], every entry goes when announcements may have been missed (and
-/// none is kept or served while the listener is down), and each lives at most `ttl` anyway.
-/// Bounded to `max` entries.
-pub struct KeyCache<V> {
+/// Values looked up in the read model, by key, kept only while changes to them are heard, so a
+/// hot lookup costs no query: an entry goes when its change is announced (an API key's
+/// revocation on [`KEY_REVOKED_CHANNEL`], a tenant's endpoints on
+/// [`WEBHOOK_ENDPOINTS_CHANNEL`]), every entry goes when announcements may have been missed
+/// (and none is kept or served while the listener is down), and each lives at most `ttl`
+/// anyway. Bounded to `max` entries.
+pub struct NotifiedCache<V> {
     max: usize,
     ttl: Duration,
-    inner: std::sync::Mutex<KeyEntries<V>>,
+    inner: std::sync::Mutex<CacheEntries<V>>,
 }
 
-struct KeyEntries<V> {
+struct CacheEntries<V> {
     by_hash: std::collections::HashMap<String, (V, std::time::Instant)>,
-    /// Moves on at every revocation and every miss: a lookup that began before one must not
-    /// be kept (its answer may predate the revocation).
+    /// Moves on at every change heard and every miss: a lookup that began before one must not
+    /// be kept (its answer may predate the change).
     generation: u64,
     listening: bool,
 }
 
-/// A lookup's place in a [`KeyCache`]'s history; see [`KeyCache::keep`].
-pub struct KeyTicket(u64);
+/// A lookup's place in a [`NotifiedCache`]'s history; see [`NotifiedCache::keep`].
+pub struct CacheTicket(u64);
 
-impl<V: Clone> KeyCache<V> {
+impl<V: Clone> NotifiedCache<V> {
     pub fn new(max: usize, ttl: Duration) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             max,
             ttl,
-            inner: std::sync::Mutex::new(KeyEntries { by_hash: Default::default(), generation: 0, listening: false }),
+            inner: std::sync::Mutex::new(CacheEntries { by_hash: Default::default(), generation: 0, listening: false }),
         })
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, KeyEntries<V>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, CacheEntries<V>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached key, or a ticket to [`KeyCache::keep`] what the read model says.
-    pub fn get(&self, key_hash: &str) -> std::result::Result<V, KeyTicket> {
+    /// The cached value, or a ticket to [`NotifiedCache::keep`] what the read model says.
+    pub fn get(&self, key_hash: &str) -> std::result::Result<V, CacheTicket> {
         let entries = self.entries();
         match entries.by_hash.get(key_hash) {
             Some((v, at)) if entries.listening && at.elapsed() < self.ttl => Ok(v.clone()),
-            _ => Err(KeyTicket(entries.generation)),
+            _ => Err(CacheTicket(entries.generation)),
         }
     }
 
-    /// Keeps a key looked up since `ticket` was issued, unless a revocation (or a miss) was
-    /// heard meanwhile.
-    pub fn keep(&self, ticket: KeyTicket, key_hash: &str, value: V) {
+    /// Keeps a value looked up since `ticket` was issued, unless a change to it (or a miss)
+    /// was heard meanwhile.
+    pub fn keep(&self, ticket: CacheTicket, key_hash: &str, value: V) {
         let mut entries = self.entries();
         if !entries.listening || entries.generation != ticket.0 {
             return;
@@ -453,8 +461,8 @@ impl<V: Clone> KeyCache<V> {
     }
 }
 
-impl<V: Clone + Send> KeyRevocations for KeyCache<V> {
-    fn revoked(&self, key_hash: &str) {
+impl<V: Clone + Send> Invalidations for NotifiedCache<V> {
+    fn invalidated(&self, key_hash: &str) {
         let mut entries = self.entries();
         entries.generation += 1;
         entries.by_hash.remove(key_hash);
@@ -488,46 +496,125 @@ pub fn follow_checkpoint(
     pool: &PgPool,
     projection: &'static str,
     ends: std::sync::Arc<RunEnds>,
-    keys: std::sync::Arc<dyn KeyRevocations>,
+    keys: std::sync::Arc<dyn Invalidations>,
 ) -> tokio::sync::watch::Receiver<u64> {
     let (tx, rx) = tokio::sync::watch::channel(0u64);
-    let options = (*pool.connect_options()).clone();
     let pool = pool.clone();
-    // This listener's own ping channel: it hears its pings, not every gateway's.
-    let channel = format!("{PING_CHANNEL}_{}", uuid::Uuid::now_v7().simple());
     tokio::spawn(async move {
-        while !tx.is_closed() {
-            // Two connections of its own, afresh for each attempt (not `pool`'s, which may be
-            // busy): one to listen on, one to ping it with. A connection that died silently
-            // may stay held by a background task until TCP gives up on it; a new pool does not
-            // wait for it.
-            let own = PgPoolOptions::new()
-                .max_connections(2)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy_with(options.clone());
-            let ping = async {
-                loop {
-                    tokio::time::sleep(PING_EVERY).await;
-                    let sent = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&own).await;
-                    if let Err(e) = sent {
-                        tracing::debug!(error = %e, "pinging the checkpoint listener");
-                    }
-                }
-            };
-            tokio::select! {
-                _ = tx.closed() => return,
-                _ = ping => {},
-                Err(e) = listen_to_checkpoint(&own, &pool, projection, &channel, &tx, &ends, &*keys) => {
-                    tracing::debug!(error = %e, "following the projection checkpoint; reconnecting");
-                },
-            }
-            keys.missed(false);
-            tx.send_replace(0);
-            ends.wake_all();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        keep_listening(
+            &pool,
+            tx.closed(),
+            |own, ping| {
+                let (pool, tx, ends, keys) = (&pool, &tx, &*ends, &*keys);
+                async move { listen_to_checkpoint(&own, pool, projection, &ping, tx, ends, keys).await }
+            },
+            || {
+                keys.missed(false);
+                tx.send_replace(0);
+                ends.wake_all();
+            },
+        )
+        .await
     });
     rx
+}
+
+/// Keeps `cache` true to the announcements on `channel` (payload: the key whose value changed,
+/// or `*` for all): a background task listens over a connection of its own, pinged as
+/// [`follow_checkpoint`]'s is, and tells `cache` of each change, and that changes may have been
+/// missed whenever the connection is lost (closed, or silent for [`SILENCE`]), until it listens
+/// again. The task ends when `stopped` resolves.
+pub fn follow_invalidations(
+    pool: &PgPool,
+    channel: &'static str,
+    cache: std::sync::Arc<dyn Invalidations>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let listen = |own: PgPool, ping: String| {
+            let cache = cache.clone();
+            async move {
+                let mut listener = listen_on(&own, &[channel, &ping]).await?;
+                cache.missed(true);
+                loop {
+                    let heard = hear(&mut listener).await?;
+                    match (heard.channel() == ping, heard.payload()) {
+                        (true, _) => {}
+                        (false, "*") => cache.missed(true),
+                        (false, key) => cache.invalidated(key),
+                    }
+                }
+            }
+        };
+        keep_listening(&pool, stopped, listen, || cache.missed(false)).await
+    })
+}
+
+/// Runs `listen` over fresh connections of its own until `stopped` resolves: `listen` gets
+/// them and the name of the channel they are pinged on every [`PING_EVERY`], and returns only
+/// on an error (a lost connection, or [`SILENCE`]); `lost` is called then, and it starts
+/// afresh a second later.
+async fn keep_listening<Fut>(
+    pool: &PgPool,
+    stopped: impl std::future::Future<Output = ()>,
+    listen: impl Fn(PgPool, String) -> Fut,
+    lost: impl Fn(),
+) where
+    Fut: std::future::Future<Output = Result<std::convert::Infallible>>,
+{
+    let options = (*pool.connect_options()).clone();
+    // This listener's own ping channel: it hears its pings, not every listener's.
+    let channel = format!("{PING_CHANNEL}_{}", uuid::Uuid::now_v7().simple());
+    tokio::pin!(stopped);
+    loop {
+        // Two connections of its own, afresh for each attempt (not `pool`'s, which may be
+        // busy): one to listen on, one to ping it with. A connection that died silently
+        // may stay held by a background task until TCP gives up on it; a new pool does not
+        // wait for it.
+        let own = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options.clone());
+        let ping = async {
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                let sent = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&own).await;
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "pinging a listener");
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = ping => {},
+            Err(e) = listen(own.clone(), channel.clone()) => {
+                tracing::debug!(error = %e, "listening for announcements; reconnecting");
+            },
+        }
+        lost();
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// A listener on `channels` over `own` that reports a lost connection at once (it is then
+/// dropped), rather than mending it quietly: what was announced meanwhile is lost, and the
+/// caller must know.
+async fn listen_on(own: &PgPool, channels: &[&str]) -> Result<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
+    listener.eager_reconnect(false);
+    listener.listen_all(channels.iter().copied()).await?;
+    Ok(listener)
+}
+
+/// The next announcement; an error if the connection is lost or silent for [`SILENCE`].
+async fn hear(listener: &mut sqlx::postgres::PgListener) -> Result<sqlx::postgres::PgNotification> {
+    // (A timeout drops the listener, so whatever it was reading is not needed.)
+    let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| StoreError::ListenerLost)??;
+    next.ok_or(StoreError::ListenerLost)
 }
 
 /// Listens over `own`: on [`CHECKPOINT_CHANNEL`] it moves `tx` on with each announcement of
@@ -542,7 +629,7 @@ async fn listen_to_checkpoint(
     ping_channel: &str,
     tx: &tokio::sync::watch::Sender<u64>,
     ends: &RunEnds,
-    keys: &dyn KeyRevocations,
+    keys: &dyn Invalidations,
 ) -> Result<std::convert::Infallible> {
     let advance = |seq: u64| {
         tx.send_if_modified(|at| {
@@ -552,11 +639,8 @@ async fn listen_to_checkpoint(
         });
     };
     let prefix = format!("{projection}:");
-    let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
-    // A lost connection is reported at once (and this listener dropped), not mended quietly:
-    // what was announced meanwhile is lost, and the caller must know.
-    listener.eager_reconnect(false);
-    listener.listen_all([CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL, ping_channel]).await?;
+    let mut listener =
+        listen_on(own, &[CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL, ping_channel]).await?;
     // Every revocation committed from here on is heard: cached keys may be kept.
     keys.missed(true);
     // The table's value replaces the last one heard: should Postgres have lost commits (the
@@ -565,25 +649,23 @@ async fn listen_to_checkpoint(
     tx.send_replace(read_checkpoint(pool, projection).await?);
     ends.wake_all();
     loop {
-        // (A timeout drops the listener, so whatever it was reading is not needed.)
-        let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| StoreError::ListenerLost)??;
-        match next {
-            Some(n) if n.channel() == ping_channel => {}
-            Some(n) if n.channel() == KEY_REVOKED_CHANNEL => match n.payload() {
+        let n = hear(&mut listener).await?;
+        match n.channel() {
+            c if c == ping_channel => {}
+            KEY_REVOKED_CHANNEL => match n.payload() {
                 "*" => keys.missed(true),
-                hash => keys.revoked(hash),
+                hash => keys.invalidated(hash),
             },
-            Some(n) if n.channel() == RUN_ENDED_CHANNEL => {
+            RUN_ENDED_CHANNEL => {
                 if let Ok(run) = n.payload().parse() {
                     ends.ended(run);
                 }
             }
-            Some(n) => {
+            _ => {
                 if let Some(seq) = n.payload().strip_prefix(&prefix).and_then(|s| s.parse().ok()) {
                     advance(seq);
                 }
             }
-            None => return Err(StoreError::ListenerLost),
         }
     }
 }
@@ -665,7 +747,7 @@ mod tests {
 
     #[test]
     fn a_cached_key_serves_until_its_revocation_is_heard() {
-        let cache = KeyCache::<u32>::new(10, Duration::from_secs(60));
+        let cache = NotifiedCache::<u32>::new(10, Duration::from_secs(60));
         // Nothing is kept before the listener is up.
         let ticket = cache.get("a").unwrap_err();
         cache.keep(ticket, "a", 1);
@@ -674,20 +756,20 @@ mod tests {
         let ticket = cache.get("a").unwrap_err();
         cache.keep(ticket, "a", 1);
         assert_eq!(cache.get("a").ok(), Some(1));
-        cache.revoked("b");
+        cache.invalidated("b");
         assert_eq!(cache.get("a").ok(), Some(1), "another key's revocation leaves it");
-        cache.revoked("a");
+        cache.invalidated("a");
         assert!(cache.get("a").is_err());
     }
 
     #[test]
     fn a_lookup_that_began_before_a_revocation_is_not_kept() {
-        let cache = KeyCache::<u32>::new(10, Duration::from_secs(60));
+        let cache = NotifiedCache::<u32>::new(10, Duration::from_secs(60));
         cache.missed(true);
         // The read model answered before the revocation was committed; the announcement
         // arrives before the answer is kept.
         let ticket = cache.get("a").unwrap_err();
-        cache.revoked("a");
+        cache.invalidated("a");
         cache.keep(ticket, "a", 1);
         assert!(cache.get("a").is_err());
         // So does one that began before announcements were missed.
@@ -699,7 +781,7 @@ mod tests {
 
     #[test]
     fn nothing_is_served_while_revocations_go_unheard_and_entries_age_out() {
-        let cache = KeyCache::<u32>::new(2, Duration::from_millis(50));
+        let cache = NotifiedCache::<u32>::new(2, Duration::from_millis(50));
         cache.missed(true);
         for key in ["a", "b", "c"] {
             let ticket = cache.get(key).unwrap_err();

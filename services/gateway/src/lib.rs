@@ -83,7 +83,7 @@ pub struct Shared {
     /// announcements.
     pub run_ends: std::sync::Arc<taskmesh_store::RunEnds>,
     /// Keys already looked up, dropped as the projector announces their revocation.
-    pub keys: std::sync::Arc<taskmesh_store::KeyCache<auth::Caller>>,
+    pub keys: std::sync::Arc<taskmesh_store::NotifiedCache<auth::Caller>>,
     /// Proxies whose `X-Forwarded-For` names the client ([`access::client_addr`]).
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -453,7 +453,7 @@ pub async fn build(
         let public_url = public_url.unwrap_or_else(|| format!("http://{addr}"));
         let admin_key = settings.admin_key.clone();
         let run_ends = taskmesh_store::RunEnds::new(MAX_WAITING_READS);
-        let keys = taskmesh_store::KeyCache::new(MAX_CACHED_KEYS, CACHED_KEY_TTL);
+        let keys = taskmesh_store::NotifiedCache::new(MAX_CACHED_KEYS, CACHED_KEY_TTL);
         let projected = taskmesh_store::follow_checkpoint(&pool, "projector", run_ends.clone(), keys.clone());
         let state = AppState(std::sync::Arc::new(Shared {
             pool,

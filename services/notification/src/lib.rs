@@ -5,7 +5,10 @@
 //! consumer `fan-out`; the scheduler puts each run's terminal event there as it consumes it,
 //! so this service reads one message per run, not every run event) and enqueues one delivery
 //! per subscribed endpoint on the `{NS}_DELIVERIES` work queue, deduplicated by
-//! `{event id}:{endpoint id}`. The delivery loop (durable consumer
+//! `{event id}:{endpoint id}`. Each tenant's endpoints are kept in memory between runs' ends
+//! ([`EndpointCache`]), forgotten as a trigger on `webhook_endpoints` announces their change
+//! (and all of them while that announcement cannot be heard), so a run's end costs no query.
+//! The delivery loop (durable consumer
 //! `deliveries`) POSTs each one with `webhook-id` (the event id, stable across retries so the
 //! receiver can deduplicate), `webhook-timestamp` and `webhook-signature`; a failure is retried
 //! after the configured delays, then dropped with an error log (dead letter).
@@ -66,6 +69,14 @@ pub fn sign(secret: &str, message_id: &str, timestamp: i64, body: &[u8]) -> anyh
     webhook.sign(message_id, timestamp, body).map_err(|e| anyhow::anyhow!("signing: {e:?}"))
 }
 
+/// Each tenant's webhook endpoints (id and event types), by tenant; see
+/// [`taskmesh_store::NotifiedCache`].
+pub type EndpointCache = taskmesh_store::NotifiedCache<std::sync::Arc<[(Uuid, Vec<String>)]>>;
+/// Most tenants whose endpoints are kept in memory.
+const MAX_CACHED_TENANTS: usize = 10_000;
+/// Longest an entry of [`EndpointCache`] is kept, should an announcement be lost all the same.
+const CACHED_ENDPOINTS_TTL: Duration = Duration::from_secs(300);
+
 /// The notification service.
 #[derive(Clone)]
 pub struct Notifier {
@@ -77,6 +88,7 @@ pub struct Notifier {
     egress: std::sync::Arc<taskmesh_egress::Egress>,
     /// Opens endpoints' sealed signing secrets.
     keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
+    endpoints: std::sync::Arc<EndpointCache>,
 }
 
 impl Notifier {
@@ -94,11 +106,15 @@ impl Notifier {
             .user_agent(concat!("Taskmesh-Webhooks/", env!("CARGO_PKG_VERSION")));
         // A redirect is an answer (a failed delivery), never followed.
         let http = egress.client(builder, 0)?;
-        Ok(Self { bus, pool, settings, http, egress, keyring })
+        let endpoints = EndpointCache::new(MAX_CACHED_TENANTS, CACHED_ENDPOINTS_TTL);
+        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints })
     }
 
     /// Runs the fan-out and the deliveries until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let stopped = shutdown.clone().cancelled_owned();
+        let endpoints = self.endpoints.clone();
+        taskmesh_store::follow_invalidations(&self.pool, taskmesh_store::WEBHOOK_ENDPOINTS_CHANNEL, endpoints, stopped);
         tokio::try_join!(self.clone().fan_out(shutdown.clone()), self.deliver(shutdown))?;
         Ok(())
     }
@@ -151,10 +167,7 @@ impl Notifier {
             Event::RunTimedOut(f) => ("run.timed_out", "timed_out", f),
             _ => return Ok(()),
         };
-        let endpoints = sqlx::query("SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1")
-            .bind(&env.tenant)
-            .fetch_all(&self.pool)
-            .await?;
+        let endpoints = self.endpoints_of(&env.tenant).await?;
         let payload = serde_json::json!({
             "type": type_name,
             "timestamp": env.occurred_at,
@@ -165,9 +178,8 @@ impl Notifier {
                 "failed_steps": finished.failed_steps,
             }
         });
-        for row in endpoints {
-            let endpoint_id: Uuid = row.get("id");
-            let types: Vec<String> = row.get("event_types");
+        for (endpoint_id, types) in endpoints.iter() {
+            let endpoint_id = *endpoint_id;
             if !types.is_empty() && !types.iter().any(|t| t == type_name) {
                 continue;
             }
@@ -183,6 +195,23 @@ impl Notifier {
                 .await?;
         }
         Ok(())
+    }
+
+    /// A tenant's endpoints, from memory when their changes are being heard.
+    async fn endpoints_of(&self, tenant: &str) -> sqlx::Result<std::sync::Arc<[(Uuid, Vec<String>)]>> {
+        let ticket = match self.endpoints.get(tenant) {
+            Ok(endpoints) => return Ok(endpoints),
+            Err(ticket) => ticket,
+        };
+        let rows = sqlx::query_as::<_, (Uuid, Vec<String>)>(
+            "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        let endpoints: std::sync::Arc<[(Uuid, Vec<String>)]> = rows.into();
+        self.endpoints.keep(ticket, tenant, endpoints.clone());
+        Ok(endpoints)
     }
 
     async fn deliver(self, shutdown: CancellationToken) -> anyhow::Result<()> {
