@@ -822,6 +822,94 @@ async fn a_listener_whose_connection_goes_silent_serves_no_kept_key_and_listens_
     tm.finish().await;
 }
 
+/// Copies Postgres's answers over, less every notification: a connection on which `LISTEN`
+/// succeeds and nothing is heard, as behind a transaction-mode pooler.
+async fn pump_without_notifications(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::AsyncWriteExt;
+    let (mut buf, mut pending) = (vec![0u8; 16 * 1024], Vec::new());
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        // Whole messages only: a type byte, then a length that counts itself.
+        let (mut at, mut out) = (0, Vec::new());
+        while pending.len() - at >= 5 {
+            let len = u32::from_be_bytes(pending[at + 1..at + 5].try_into().unwrap()) as usize;
+            if pending.len() - at < 1 + len {
+                break;
+            }
+            if pending[at] != b'A' {
+                out.extend_from_slice(&pending[at..at + 1 + len]);
+            }
+            at += 1 + len;
+        }
+        pending.drain(..at);
+        if to.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_that_hears_nothing_though_it_listens_keeps_nothing() {
+    let tm = spawn_with(&[Svc::Projector], |_| {}).await;
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    let upstream = {
+        let o = tm.pool.connect_options();
+        format!("{}:{}", o.get_host(), o.get_port())
+    };
+    let accepting = tokio::spawn(async move {
+        while let Ok((client, _)) = proxy.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+            let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+            tokio::spawn(pump(cr, sw, Arc::new(std::sync::atomic::AtomicBool::new(false))));
+            tokio::spawn(pump_without_notifications(sr, cw));
+        }
+    });
+    // (Unencrypted, so the proxy can read the messages.)
+    let options = (*tm.pool.connect_options()).clone().ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    let via_proxy =
+        sqlx::postgres::PgPoolOptions::new().connect_lazy_with(options.clone().host("127.0.0.1").port(port));
+    let direct = sqlx::postgres::PgPoolOptions::new().connect_lazy_with(options);
+    let follow = |pool: &sqlx::PgPool| {
+        let cache = taskmesh_store::NotifiedCache::<u32>::new(10, Duration::from_secs(60));
+        let task = taskmesh_store::follow_invalidations(
+            pool,
+            taskmesh_store::WEBHOOK_ENDPOINTS_CHANNEL,
+            cache.clone(),
+            std::future::pending(),
+        );
+        (cache, task)
+    };
+    let kept = |cache: &taskmesh_store::NotifiedCache<u32>| {
+        if let Err(ticket) = cache.get("k") {
+            cache.keep(ticket, "k", 1);
+        }
+        cache.get("k").is_ok()
+    };
+    let (deaf, deaf_task) = follow(&via_proxy);
+    let (hearing, hearing_task) = follow(&direct);
+    // Where announcements arrive, the first ping shows it, and entries are kept.
+    eventually("a listener that hears to keep", Duration::from_secs(5), || async { Ok(kept(&hearing).then_some(())) })
+        .await
+        .unwrap();
+    // Where they do not, nothing is, though each `LISTEN` succeeded: not before the listener
+    // gives up on its silence (6 s), nor after, as it listens afresh.
+    for _ in 0..80 {
+        assert!(!kept(&deaf), "a listener that hears nothing keeps nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let through: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&via_proxy).await.unwrap();
+    assert_eq!(through, 1, "the proxy carries everything else");
+    for task in [deaf_task, hearing_task, accepting] {
+        task.abort();
+    }
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn made_up_keys_are_limited_per_address_and_keys_already_seen_still_pass() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |s| {

@@ -376,7 +376,7 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
         (github_file("denied.yml"), 401, "{\"message\": \"Bad credentials\"}"),
         // Gitea shows the commit, so a 404 for its file means there is none. GitHub does not
         // show its commit here, as to a token that cannot see the repository.
-        ("/api/v1/repos/example/example/git/commits/67b56589a45103f891bdee7c0546e5d40bc02001".into(), 200, "{}"),
+        ("/api/v1/repos/example/example/git/commits/67b56589a45103f891bdee7c0546e5d40bc02001?stat=false&verification=false&files=false".into(), 200, "{}"),
     ])
     .await;
     let from_file = |token: &str, path: &str| serde_json::json!({"workflow": null, "pipeline_file": path, "status_token": token, "api_url": api});
@@ -428,7 +428,7 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
     assert!(ignored["reason"].as_str().unwrap().contains("no pipeline file .taskmesh.yml"), "{ignored}");
     let line = "GET /api/v1/repos/example/example/raw/.taskmesh.yml?ref=67b56589a45103f891bdee7c0546e5d40bc02001";
     assert_eq!(read(line.into()).expect("the file was looked for")["authorization"], "token gt-token");
-    let line = "GET /api/v1/repos/example/example/git/commits/67b56589a45103f891bdee7c0546e5d40bc02001";
+    let line = "GET /api/v1/repos/example/example/git/commits/67b56589a45103f891bdee7c0546e5d40bc02001?stat=false&verification=false&files=false";
     assert_eq!(read(line.into()).expect("the commit was looked at")["authorization"], "token gt-token");
 
     // A file that is no workflow is refused, saying why (the forge shows it on the delivery);

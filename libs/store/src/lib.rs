@@ -441,11 +441,17 @@ impl<V: Clone> NotifiedCache<V> {
         if entries.by_hash.len() >= self.max {
             let ttl = self.ttl;
             entries.by_hash.retain(|_, (_, at)| at.elapsed() < ttl);
-            // Still full of live keys: the oldest goes (one scan, only when full).
-            if entries.by_hash.len() >= self.max
-                && let Some(oldest) = entries.by_hash.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
-            {
-                entries.by_hash.remove(&oldest);
+            // Still full of live keys: the older half goes, so the scans this costs come once
+            // per `max / 2` keys kept, not once per key.
+            if entries.by_hash.len() >= self.max {
+                let mut ages: Vec<std::time::Instant> = entries.by_hash.values().map(|(_, at)| *at).collect();
+                let middle = ages.len() / 2;
+                let newer_from = *ages.select_nth_unstable(middle).1;
+                entries.by_hash.retain(|_, (_, at)| *at >= newer_from);
+                if entries.by_hash.len() >= self.max {
+                    // All kept at one instant: no age to tell them apart.
+                    entries.by_hash.clear();
+                }
             }
         }
         entries.by_hash.insert(key_hash.to_string(), (value, std::time::Instant::now()));
@@ -535,13 +541,18 @@ pub fn follow_invalidations(
         let listen = |own: PgPool, ping: String| {
             let cache = cache.clone();
             async move {
-                let mut listener = listen_on(&own, &[channel, &ping]).await?;
-                cache.missed(true);
+                let mut listener = listen_on(&own, &[channel], &ping).await?;
+                // Kept entries are served only once announcements are seen to arrive.
+                let mut heard_ping = false;
                 loop {
                     let heard = hear(&mut listener).await?;
                     match (heard.channel() == ping, heard.payload()) {
+                        (true, _) if !heard_ping => {
+                            heard_ping = true;
+                            cache.missed(true);
+                        }
                         (true, _) => {}
-                        (false, "*") => cache.missed(true),
+                        (false, "*") => cache.missed(heard_ping),
                         (false, key) => cache.invalidated(key),
                     }
                 }
@@ -586,7 +597,7 @@ async fn keep_listening<Fut>(
             }
         };
         tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut stopped => break,
             _ = ping => {},
             Err(e) = listen(own.clone(), channel.clone()) => {
                 tracing::debug!(error = %e, "listening for announcements; reconnecting");
@@ -594,19 +605,23 @@ async fn keep_listening<Fut>(
         }
         lost();
         tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut stopped => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+    // Nothing is heard any more: a cache that outlives this task must not serve what it kept.
+    lost();
 }
 
-/// A listener on `channels` over `own` that reports a lost connection at once (it is then
-/// dropped), rather than mending it quietly: what was announced meanwhile is lost, and the
-/// caller must know.
-async fn listen_on(own: &PgPool, channels: &[&str]) -> Result<sqlx::postgres::PgListener> {
+/// A listener on `channels` and `ping` over `own` that reports a lost connection at once (it
+/// is then dropped), rather than mending it quietly: what was announced meanwhile is lost, and
+/// the caller must know. It has pinged itself once: hearing that ping shows announcements
+/// arrive (they may not, though `LISTEN` succeeded, e.g. behind a transaction-mode pooler).
+async fn listen_on(own: &PgPool, channels: &[&str], ping: &str) -> Result<sqlx::postgres::PgListener> {
     let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
     listener.eager_reconnect(false);
-    listener.listen_all(channels.iter().copied()).await?;
+    listener.listen_all(channels.iter().copied().chain([ping])).await?;
+    sqlx::query("SELECT pg_notify($1, '')").bind(ping).execute(own).await?;
     Ok(listener)
 }
 
@@ -640,9 +655,10 @@ async fn listen_to_checkpoint(
     };
     let prefix = format!("{projection}:");
     let mut listener =
-        listen_on(own, &[CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL, ping_channel]).await?;
-    // Every revocation committed from here on is heard: cached keys may be kept.
-    keys.missed(true);
+        listen_on(own, &[CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL], ping_channel).await?;
+    // Once the first ping is heard, every revocation committed since `LISTEN` is seen to be
+    // heard: cached keys may be kept from then on.
+    let mut heard_ping = false;
     // The table's value replaces the last one heard: should Postgres have lost commits (the
     // projector's are asynchronous), the checkpoint moves back until they are replayed, rather
     // than vouching for rows that are gone.
@@ -651,9 +667,14 @@ async fn listen_to_checkpoint(
     loop {
         let n = hear(&mut listener).await?;
         match n.channel() {
-            c if c == ping_channel => {}
+            c if c == ping_channel => {
+                if !heard_ping {
+                    heard_ping = true;
+                    keys.missed(true);
+                }
+            }
             KEY_REVOKED_CHANNEL => match n.payload() {
-                "*" => keys.missed(true),
+                "*" => keys.missed(heard_ping),
                 hash => keys.invalidated(hash),
             },
             RUN_ENDED_CHANNEL => {
@@ -781,23 +802,24 @@ mod tests {
 
     #[test]
     fn nothing_is_served_while_revocations_go_unheard_and_entries_age_out() {
-        let cache = NotifiedCache::<u32>::new(2, Duration::from_millis(50));
+        let cache = NotifiedCache::<u32>::new(4, Duration::from_millis(100));
         cache.missed(true);
-        for key in ["a", "b", "c"] {
+        for key in ["a", "b", "c", "d", "e"] {
             let ticket = cache.get(key).unwrap_err();
             cache.keep(ticket, key, 1);
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(cache.len(), 2, "bounded");
-        assert!(cache.get("a").is_err(), "the oldest went");
-        assert_eq!(cache.get("b").ok(), Some(1));
-        assert_eq!(cache.get("c").ok(), Some(1));
+        assert_eq!(cache.len(), 3, "bounded: when full, the older half went");
+        assert!(cache.get("a").is_err() && cache.get("b").is_err(), "the oldest went");
+        for key in ["c", "d", "e"] {
+            assert_eq!(cache.get(key).ok(), Some(1));
+        }
         cache.missed(false);
         assert!(cache.get("c").is_err(), "the listener is down");
         cache.missed(true);
         let ticket = cache.get("c").unwrap_err();
         cache.keep(ticket, "c", 1);
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(110));
         assert!(cache.get("c").is_err(), "older than its time to live");
     }
 }

@@ -55,14 +55,21 @@ pub(crate) fn file_url(src: &Source<'_>) -> Result<url::Url, String> {
     Ok(url)
 }
 
-/// The URL of the commit itself.
+/// The URL of the commit itself, at its cheapest: its object only (GitHub's Git database API),
+/// without the diff's statistics, files or signature check where the forge would add them.
 pub(crate) fn commit_url(src: &Source<'_>) -> Result<url::Url, String> {
-    let path: &[&str] = match src.forge {
-        Forge::Github => &["commits", src.commit],
-        Forge::Gitlab => &["repository", "commits", src.commit],
-        Forge::Gitea => &["git", "commits", src.commit],
+    let (path, query): (&[&str], &[(&str, &str)]) = match src.forge {
+        Forge::Github => (&["git", "commits", src.commit], &[]),
+        Forge::Gitlab => (&["repository", "commits", src.commit], &[("stats", "false")]),
+        Forge::Gitea => {
+            (&["git", "commits", src.commit], &[("stat", "false"), ("verification", "false"), ("files", "false")])
+        }
     };
-    src.forge.repo_api_url(src.api_url, src.repository, path)
+    let mut url = src.forge.repo_api_url(src.api_url, src.repository, path)?;
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    Ok(url)
 }
 
 /// The workflow in the file, as JSON; `None` if the commit has no such file.
@@ -171,14 +178,14 @@ mod tests {
             "https://forge.example/base/api/v1/repos/o/r/raw/.taskmesh.yml?ref=abc123"
         );
         let commit = |s| commit_url(&s).unwrap().to_string();
-        assert_eq!(commit(src(Forge::Github, "o/r", "x")), "https://forge.example/base/repos/o/r/commits/abc123");
+        assert_eq!(commit(src(Forge::Github, "o/r", "x")), "https://forge.example/base/repos/o/r/git/commits/abc123");
         assert_eq!(
             commit(src(Forge::Gitlab, "group/p", "x")),
-            "https://forge.example/base/api/v4/projects/group%2Fp/repository/commits/abc123"
+            "https://forge.example/base/api/v4/projects/group%2Fp/repository/commits/abc123?stats=false"
         );
         assert_eq!(
             commit(src(Forge::Gitea, "o/r", "x")),
-            "https://forge.example/base/api/v1/repos/o/r/git/commits/abc123"
+            "https://forge.example/base/api/v1/repos/o/r/git/commits/abc123?stat=false&verification=false&files=false"
         );
         // A name with characters a URL path gives meaning to stays one name.
         assert_eq!(

@@ -75,7 +75,7 @@ pub type EndpointCache = taskmesh_store::NotifiedCache<std::sync::Arc<[(Uuid, Ve
 /// Most tenants whose endpoints are kept in memory.
 const MAX_CACHED_TENANTS: usize = 10_000;
 /// Longest an entry of [`EndpointCache`] is kept, should an announcement be lost all the same.
-const CACHED_ENDPOINTS_TTL: Duration = Duration::from_secs(300);
+const CACHED_ENDPOINTS_TTL: Duration = Duration::from_secs(60);
 
 /// The notification service.
 #[derive(Clone)]
