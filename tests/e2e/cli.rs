@@ -68,6 +68,17 @@ async fn taskmesh_profile(profiles: &Path, dir: &Path, env: &[(&str, &str)], arg
     outcome(cmd.output().await.unwrap())
 }
 
+/// Waits until the first step of run `id` runs.
+async fn first_step_running(tm: &TestMesh, id: &str) {
+    eventually("the step running", Duration::from_secs(20), || async {
+        let run: Value =
+            tm.http.get(format!("{}/v1/runs/{id}", tm.api)).bearer_auth(&tm.key).send().await?.json().await?;
+        Ok((run["steps"][0]["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 /// Polls `taskmesh ARGS --output json` until `found` accepts the answer (reads trail writes);
 /// returns it. A failing command fails at once.
 async fn poll_json<F: Fn(&Value) -> bool>(tm: &TestMesh, what: &str, args: &[&str], found: F) -> Value {
@@ -157,13 +168,7 @@ async fn following_a_chatty_step_shows_every_line_once_in_order_and_stops_when_i
     let (code, out, _) = taskmesh(&tm, &["run", path]).await;
     assert_eq!(code, 0);
     let id = out.trim().to_string();
-    eventually("the step running", Duration::from_secs(20), || async {
-        let run: Value =
-            tm.http.get(format!("{}/v1/runs/{id}", tm.api)).bearer_auth(&tm.key).send().await?.json().await?;
-        Ok((run["steps"][0]["status"] == "running").then_some(()))
-    })
-    .await
-    .unwrap();
+    first_step_running(&tm, &id).await;
     let (code, out, err) = taskmesh(&tm, &["logs", &id, "a", "-f"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), expected, "logs -f shows every line once, in order");
@@ -175,6 +180,53 @@ async fn following_a_chatty_step_shows_every_line_once_in_order_and_stops_when_i
     assert_eq!(code, 0);
     let last = parse(out.lines().last().unwrap());
     assert_eq!((last["line"].as_str(), last["stream"].as_str()), (Some("2500"), Some("stdout")));
+    let _ = std::fs::remove_file(path);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn following_logs_through_connections_that_break_off_shows_every_line_once_in_order() {
+    let tm = spawn_mesh().await;
+    // A proxy in front of the gateway that cuts every connection 700 ms after it opened.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = format!("http://{}", proxy.local_addr().unwrap());
+    let upstream = tm.api.trim_start_matches("http://").to_string();
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepting = {
+        let opened = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = proxy.accept().await {
+                opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let cut = Duration::from_millis(700);
+                    let _ = tokio::time::timeout(cut, tokio::io::copy_bidirectional(&mut client, &mut server)).await;
+                });
+            }
+        })
+    };
+    let path = std::env::temp_dir().join(format!("{}-slow.yml", tm.env.database));
+    std::fs::write(
+        &path,
+        "name: slow\nsteps:\n  - {id: a, run: 'for i in $(seq 1 40); do echo $i; sleep 0.1; done'}\n",
+    )
+    .unwrap();
+    let (code, out, _) = taskmesh(&tm, &["run", path.to_str().unwrap()]).await;
+    assert_eq!(code, 0);
+    let id = out.trim().to_string();
+    first_step_running(&tm, &id).await;
+    let before = opened.load(std::sync::atomic::Ordering::SeqCst);
+    let mut cmd = command();
+    cmd.args(["logs", &id, "a", "-f", "--url", &via, "--key", &tm.key]);
+    let (code, out, err) = outcome(tokio::time::timeout(COMMAND_TIMEOUT, cmd.output()).await.unwrap().unwrap());
+    assert_eq!(code, 0, "{err}");
+    let expected: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected, "every line once, in order: {err}");
+    // It took several connections (the step ran for 4 s), each reopened after the last line shown.
+    let connections = opened.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(connections >= 4, "{connections} connections");
+    accepting.abort();
     let _ = std::fs::remove_file(path);
     tm.finish().await;
 }

@@ -1,5 +1,6 @@
 //! Forge webhooks in, signed notifications out.
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -332,11 +333,17 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
 /// it (status and body), any other `GET` with `404` and any `POST` with `201`; records every
 /// request (method, path and query, headers, JSON body).
 async fn forge_files(files: Vec<(String, u16, &'static str)>) -> (String, ApiCalls) {
+    forge_stand_in(files, 0).await
+}
+
+/// [`forge_files`], whose first `failing_posts` `POST`s are answered `500`.
+async fn forge_stand_in(files: Vec<(String, u16, &'static str)>, failing_posts: usize) -> (String, ApiCalls) {
     let seen: ApiCalls = Arc::default();
     let store = seen.clone();
     let files = Arc::new(files);
+    let failing = Arc::new(std::sync::atomic::AtomicUsize::new(failing_posts));
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let (store, files) = (store.clone(), files.clone());
+        let (store, files, failing) = (store.clone(), files.clone(), failing.clone());
         async move {
             let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
             let line = format!("{} {target}", req.method());
@@ -344,7 +351,12 @@ async fn forge_files(files: Vec<(String, u16, &'static str)>) -> (String, ApiCal
             let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
             store.lock().unwrap().push((line, headers, serde_json::from_slice(&body).unwrap_or_default()));
             if post {
-                return (axum::http::StatusCode::CREATED, "{}");
+                let fail = failing.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
+                return if fail {
+                    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{}")
+                } else {
+                    (axum::http::StatusCode::CREATED, "{}")
+                };
             }
             match files.iter().find(|(t, ..)| *t == target) {
                 Some((_, status, body)) => (axum::http::StatusCode::from_u16(*status).unwrap(), *body),
@@ -510,6 +522,32 @@ async fn a_cancelled_run_shows_as_an_error_on_its_commit() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(states(), ["pending", "error"]);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_status_retried_after_the_run_ended_is_sent_as_its_outcome() {
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![2, 2]).await;
+    // The forge fails the first status it is sent: the pending one, sent as the run starts.
+    let (api, calls) = forge_stand_in(Vec::new(), 1).await;
+    // The run ends (after a second) before the pending status is retried (after two).
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 1"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "p-1").send().await.unwrap().json().await.unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
+    let ended = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(ended["status"], "succeeded");
+    let states = || -> Vec<String> {
+        calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect()
+    };
+    eventually("the retry", Duration::from_secs(20), || async { Ok((states().len() >= 3).then_some(())) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The pending (refused), the outcome, and the pending's retry, which finds the run ended
+    // and sends the outcome in its place: the commit never goes back to pending.
+    assert_eq!(states(), ["pending", "success", "success"]);
     tm.finish().await;
 }
 
