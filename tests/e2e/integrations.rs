@@ -657,6 +657,88 @@ async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_the_delivery_queue() {
+    const PLATFORM_KEY: &str = "platform-key-for-delivery-shares";
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.nats.deliveries_per_tenant = 2;
+        // A failed delivery waits ten minutes for its retry: it stays in the queue meanwhile.
+        s.notification.retry_delays_secs = vec![600];
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+    })
+    .await;
+    // Tenant `default`'s endpoint answers every delivery 500.
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let refused = refused.clone();
+        axum::Router::new().fallback(move || {
+            refused.fetch_add(1, SeqCst);
+            async { axum::http::StatusCode::INTERNAL_SERVER_ERROR }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refusing = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    subscribe_url(&tm, &refusing).await;
+    // Tenant `beta`'s endpoint takes what it is sent.
+    let created = tm
+        .http
+        .post(format!("{}/v1/tenants", tm.api))
+        .bearer_auth(PLATFORM_KEY)
+        .json(&serde_json::json!({"id": "beta", "name": "Beta"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let beta_key = created.json::<serde_json::Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let (beta_url, beta_seen) = receiver().await;
+    let res = tm
+        .http
+        .post(format!("{}/v1/webhook-endpoints", tm.api))
+        .bearer_auth(&beta_key)
+        .json(&serde_json::json!({"url": beta_url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    tm.wait_projected().await;
+
+    // Four of `default`'s runs end: two deliveries fill its share, the other two are dropped,
+    // and every run ends all the same.
+    for _ in 0..4 {
+        let run = tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
+        assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "succeeded");
+    }
+    let ns = tm.bus.namespace();
+    eventually("every end fanned out", Duration::from_secs(20), || async {
+        let waiting = tm.bus.jetstream().get_stream(ns.ended_stream()).await?.info().await?.state.messages;
+        Ok((waiting == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let held = tm.bus.subject_counts(&ns.deliveries_stream(), &ns.delivery("default")).await.unwrap();
+    assert_eq!(held.get(&ns.delivery("default")).copied(), Some(2), "{held:?}");
+    // `beta`'s run is notified as ever.
+    let res = tm
+        .http
+        .post(format!("{}/v1/runs", tm.api))
+        .bearer_auth(&beta_key)
+        .header("content-type", "application/yaml")
+        .body("name: quick\nsteps:\n  - {id: a, uses: noop}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    eventually("beta's webhook", Duration::from_secs(20), || async {
+        Ok((!beta_seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.load(SeqCst), 2, "only the two deliveries queued were attempted");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn steps_and_webhooks_reach_only_the_addresses_the_egress_rules_permit() {
     // Every non-public address denied, but for 127.0.0.1: 127.0.0.2 (loopback too) is not.
     let tm = spawn_with(&Svc::ALL, |s| {

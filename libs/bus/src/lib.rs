@@ -62,6 +62,9 @@ pub enum BusError {
     Rejected(#[from] Problem),
     #[error("malformed message on {subject}: {reason}")]
     Malformed { subject: String, reason: String },
+    /// A queue refused a message: it holds as many as it may (in all, or for its subject).
+    #[error("full: {0}")]
+    Full(String),
     #[error("nats: {0}")]
     Nats(String),
 }
@@ -252,6 +255,17 @@ impl Bus {
             discard: DiscardPolicy::Old,
             ..queue(self.ns.ended_stream(), self.ns.ended_all(), "Taskmesh runs that ended, for notifications")
         };
+        // One subject per tenant, each bounded: a tenant past its share is refused new
+        // deliveries rather than filling the queue for all (nats-server 2.9 and later).
+        let deliveries = StreamConfig {
+            max_messages_per_subject: i64::from(self.settings.deliveries_per_tenant.max(1)),
+            discard_new_per_subject: true,
+            ..queue(
+                self.ns.deliveries_stream(),
+                self.ns.deliveries_all(),
+                "Taskmesh outbound deliveries: webhooks and commit statuses",
+            )
+        };
         let streams = [
             events,
             ended,
@@ -261,7 +275,7 @@ impl Bus {
             executors,
             pools,
             queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
-            queue(self.ns.deliveries_stream(), self.ns.deliveries_all(), "Taskmesh outbound webhook deliveries"),
+            deliveries,
             queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
         ];
         for config in streams {
@@ -483,9 +497,11 @@ impl Bus {
         if let Some(tp) = traceparent {
             publish = publish.header(TRACEPARENT_HEADER, tp);
         }
-        let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }
-            .await
-            .map_err(|e| BusError::Nats(format!("enqueueing on {subject}: {e}")))?;
+        let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }.await.map_err(|e| {
+            let e = format!("enqueueing on {subject}: {e}");
+            // JetStream's words when a stream with `discard: new` is at a limit.
+            if e.contains("maximum messages") { BusError::Full(e) } else { BusError::Nats(e) }
+        })?;
         Ok(ack.sequence)
     }
 
@@ -686,7 +702,7 @@ impl From<BusError> for Problem {
         use taskmesh_events::ErrorCode;
         match e {
             BusError::Conflict { .. } => Problem::new(ErrorCode::Conflict, e.to_string()),
-            BusError::Unavailable(_) | BusError::Nats(_) => {
+            BusError::Unavailable(_) | BusError::Nats(_) | BusError::Full(_) => {
                 tracing::warn!(error = %e, "bus unavailable");
                 Problem::new(ErrorCode::Unavailable, "the event bus is unavailable; retry later")
             }

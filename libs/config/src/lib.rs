@@ -83,6 +83,10 @@ pub struct NatsSettings {
     pub duplicate_window_secs: u64,
     /// How long a request to another service waits for its reply.
     pub request_timeout_ms: u64,
+    /// Most outbound deliveries (webhooks, commit statuses) one tenant may have queued or
+    /// waiting for a retry; past it, new ones are dropped (with an error in the log), so one
+    /// tenant's dead endpoint never fills the queue every tenant shares.
+    pub deliveries_per_tenant: u32,
 }
 
 impl Default for NatsSettings {
@@ -97,6 +101,7 @@ impl Default for NatsSettings {
             logs_max_bytes: 1 << 30,
             duplicate_window_secs: 120,
             request_timeout_ms: 5_000,
+            deliveries_per_tenant: 100_000,
         }
     }
 }

@@ -190,9 +190,22 @@ impl Notifier {
                 payload: payload.clone(),
             };
             let msg_id = format!("{}:{endpoint_id}", env.id);
-            self.bus
-                .enqueue(self.bus.namespace().delivery(&env.tenant), &msg_id, &delivery, env.traceparent.as_deref())
-                .await?;
+            let queued = self.bus.enqueue(
+                self.bus.namespace().delivery(&env.tenant),
+                &msg_id,
+                &delivery,
+                env.traceparent.as_deref(),
+            );
+            match queued.await {
+                Ok(_) => {}
+                // Its endpoints' deliveries fill the tenant's share of the queue (one refusing
+                // them for hours, say): this one is dropped, not every tenant's held up.
+                Err(e @ taskmesh_bus::BusError::Full(_)) => tracing::error!(
+                    error = %e, tenant = %env.tenant, endpoint = %endpoint_id, run = %finished.run_id,
+                    "the tenant's delivery queue is full; the webhook is dropped (dead letter)"
+                ),
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
