@@ -739,6 +739,48 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcome_status_the_full_delivery_queue_refuses_does_not_hold_up_the_runs_end() {
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.nats.deliveries_per_tenant = 1;
+        s.notification.retry_delays_secs = vec![600];
+    })
+    .await;
+    // The forge refuses every status: the pending one then waits ten minutes for its retry,
+    // filling the tenant's one place in the queue.
+    let (api, calls) = forge_stand_in(Vec::new(), usize::MAX).await;
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 1"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "q-1").send().await.unwrap().json().await.unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
+    let ended = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(ended["status"], "succeeded");
+    // The outcome is dropped, and the scheduler is done with the run's end: nothing of it
+    // waits for an ack or a redelivery.
+    let ns = tm.bus.namespace();
+    eventually("the scheduler done with every event", Duration::from_secs(20), || async {
+        let mut consumer = tm
+            .bus
+            .jetstream()
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                taskmesh_scheduler::CONSUMER,
+                ns.events_stream(),
+            )
+            .await?;
+        let info = consumer.info().await?;
+        Ok((info.num_ack_pending == 0 && info.num_pending == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let held = tm.bus.subject_counts(&ns.deliveries_stream(), &ns.delivery("default")).await.unwrap();
+    assert_eq!(held.get(&ns.delivery("default")).copied(), Some(1), "the pending status alone: {held:?}");
+    let states: Vec<String> =
+        calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(states, ["pending"]);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn steps_and_webhooks_reach_only_the_addresses_the_egress_rules_permit() {
     // Every non-public address denied, but for 127.0.0.1: 127.0.0.2 (loopback too) is not.
     let tm = spawn_with(&Svc::ALL, |s| {
