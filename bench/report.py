@@ -267,7 +267,7 @@ lines = [
     "against 972 steps/s (+21 %), each pair won. A build that skipped the lookup altogether,",
     "which bounds what keeping it can give, measured earlier that day 1,285 against 1,142",
     "(+13 %): less than the cache's own gain, so the pairs of one session differ from another's",
-    "by more than the change, and its size is known only roughly (10 to 20 %), its sign",
+    "by more than the change, and its size is known only roughly (12 to 22 %), its sign",
     "surely. Measured again by hand just after this run: 2,000",
     "runs 100 per request, 1,307 against 1,069 steps/s (4 of 4 pairs); 2,000 runs one per",
     f"request, 934 against 826 (3 of 3). In this run's same-run ratios it does not show ({fmt(ratio(steps_b, c_steps), 2)} ×",

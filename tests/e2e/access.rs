@@ -823,8 +823,12 @@ async fn a_listener_whose_connection_goes_silent_serves_no_kept_key_and_listens_
 }
 
 /// Copies Postgres's answers over, less every notification: a connection on which `LISTEN`
-/// succeeds and nothing is heard, as behind a transaction-mode pooler.
-async fn pump_without_notifications(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+/// succeeds and nothing is heard, as behind a transaction-mode pooler. Counts those it drops.
+async fn pump_without_notifications(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+) {
     use tokio::io::AsyncWriteExt;
     let (mut buf, mut pending) = (vec![0u8; 16 * 1024], Vec::new());
     loop {
@@ -840,7 +844,9 @@ async fn pump_without_notifications(mut from: tokio::net::tcp::OwnedReadHalf, mu
             if pending.len() - at < 1 + len {
                 break;
             }
-            if pending[at] != b'A' {
+            if pending[at] == b'A' {
+                dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            } else {
                 out.extend_from_slice(&pending[at..at + 1 + len]);
             }
             at += 1 + len;
@@ -861,14 +867,18 @@ async fn a_listener_that_hears_nothing_though_it_listens_keeps_nothing() {
         let o = tm.pool.connect_options();
         format!("{}:{}", o.get_host(), o.get_port())
     };
-    let accepting = tokio::spawn(async move {
-        while let Ok((client, _)) = proxy.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
-            let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
-            tokio::spawn(pump(cr, sw, Arc::new(std::sync::atomic::AtomicBool::new(false))));
-            tokio::spawn(pump_without_notifications(sr, cw));
-        }
-    });
+    let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepting = {
+        let dropped = dropped.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = proxy.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                tokio::spawn(pump(cr, sw, Arc::new(std::sync::atomic::AtomicBool::new(false))));
+                tokio::spawn(pump_without_notifications(sr, cw, dropped.clone()));
+            }
+        })
+    };
     // (Unencrypted, so the proxy can read the messages.)
     let options = (*tm.pool.connect_options()).clone().ssl_mode(sqlx::postgres::PgSslMode::Disable);
     let via_proxy =
@@ -904,6 +914,8 @@ async fn a_listener_that_hears_nothing_though_it_listens_keeps_nothing() {
     }
     let through: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&via_proxy).await.unwrap();
     assert_eq!(through, 1, "the proxy carries everything else");
+    // The listener through it did listen: its pings reached its socket, and were dropped there.
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst) > 0, "no notification came through the proxy");
     for task in [deaf_task, hearing_task, accepting] {
         task.abort();
     }

@@ -441,18 +441,20 @@ impl<V: Clone> NotifiedCache<V> {
         if entries.by_hash.len() >= self.max {
             let ttl = self.ttl;
             entries.by_hash.retain(|_, (_, at)| at.elapsed() < ttl);
-            // Still full of live keys: the older half goes, so the scans this costs come once
-            // per `max / 2` keys kept, not once per key.
-            if entries.by_hash.len() >= self.max {
-                let mut ages: Vec<std::time::Instant> = entries.by_hash.values().map(|(_, at)| *at).collect();
-                let middle = ages.len() / 2;
-                let newer_from = *ages.select_nth_unstable(middle).1;
-                entries.by_hash.retain(|_, (_, at)| *at >= newer_from);
-                if entries.by_hash.len() >= self.max {
-                    // All kept at one instant: no age to tell them apart.
-                    entries.by_hash.clear();
+            // Still full of live keys: the older half goes (at least one), so the scans this
+            // costs come once per `max / 2` keys kept, not once per key.
+            if entries.by_hash.len() >= self.max && !entries.by_hash.is_empty() {
+                let mut ages: Vec<(std::time::Instant, String)> =
+                    entries.by_hash.iter().map(|(k, (_, at))| (*at, k.clone())).collect();
+                let older = (ages.len() / 2).max(1);
+                ages.select_nth_unstable_by_key(older - 1, |(at, _)| *at);
+                for (_, key) in &ages[..older] {
+                    entries.by_hash.remove(key);
                 }
             }
+        }
+        if self.max == 0 {
+            return;
         }
         entries.by_hash.insert(key_hash.to_string(), (value, std::time::Instant::now()));
     }
@@ -495,9 +497,11 @@ pub const SILENCE: Duration = Duration::from_secs(6);
 /// [`CHECKPOINT_CHANNEL`] over a connection of its own (not one of `pool`'s) and publishes
 /// each advance. After (re)connecting it reads the table, so an announcement missed while
 /// disconnected is made up for. Waiting readers get woken by commits instead of polling the
-/// table. While the connection is lost (closed, or silent for [`SILENCE`] though pinged), the
-/// checkpoint reads 0 (readers look at the table), `keys` serves nothing, and then the
-/// listener starts afresh. The task ends when every receiver is dropped.
+/// table. `keys` keeps and serves entries only once the listener has heard its own first ping
+/// (announcements are seen to arrive). While the connection is lost (closed, or silent for
+/// [`SILENCE`] though pinged), the checkpoint reads 0 (readers look at the table), `keys`
+/// serves nothing, and then the listener starts afresh. The task ends when every receiver is
+/// dropped.
 pub fn follow_checkpoint(
     pool: &PgPool,
     projection: &'static str,
@@ -565,7 +569,7 @@ pub fn follow_invalidations(
 /// Runs `listen` over fresh connections of its own until `stopped` resolves: `listen` gets
 /// them and the name of the channel they are pinged on every [`PING_EVERY`], and returns only
 /// on an error (a lost connection, or [`SILENCE`]); `lost` is called then, and it starts
-/// afresh a second later.
+/// afresh a second later. `lost` is called once more when it stops.
 async fn keep_listening<Fut>(
     pool: &PgPool,
     stopped: impl std::future::Future<Output = ()>,
@@ -810,6 +814,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(cache.len(), 3, "bounded: when full, the older half went");
+        let none = NotifiedCache::<u32>::new(0, Duration::from_secs(60));
+        none.missed(true);
+        none.keep(none.get("a").unwrap_err(), "a", 1);
+        assert!(none.is_empty(), "a cache of no entries keeps none");
         assert!(cache.get("a").is_err() && cache.get("b").is_err(), "the oldest went");
         for key in ["c", "d", "e"] {
             assert_eq!(cache.get(key).ok(), Some(1));
