@@ -62,9 +62,13 @@ pub enum BusError {
     Rejected(#[from] Problem),
     #[error("malformed message on {subject}: {reason}")]
     Malformed { subject: String, reason: String },
-    /// A queue refused a message: it holds as many as it may (in all, or for its subject).
+    /// A stream refused a message: it holds as many as it may in all.
     #[error("full: {0}")]
     Full(String),
+    /// A stream refused a message: it holds as many as it may for the message's subject (a
+    /// tenant's share).
+    #[error("share full: {0}")]
+    SubjectFull(String),
     #[error("nats: {0}")]
     Nats(String),
 }
@@ -256,10 +260,15 @@ impl Bus {
             ..queue(self.ns.ended_stream(), self.ns.ended_all(), "Taskmesh runs that ended, for notifications")
         };
         // One subject per tenant, each bounded: a tenant past its share is refused new
-        // deliveries rather than filling the queue for all (nats-server 2.9 and later).
+        // deliveries rather than filling the queue for all (discard new per subject:
+        // nats-server 2.9 and later; 0: no share).
+        let per_tenant = match self.settings.deliveries_per_tenant {
+            0 => -1,
+            n => i64::from(n),
+        };
         let deliveries = StreamConfig {
-            max_messages_per_subject: i64::from(self.settings.deliveries_per_tenant.max(1)),
-            discard_new_per_subject: true,
+            max_messages_per_subject: per_tenant,
+            discard_new_per_subject: per_tenant > 0,
             ..queue(
                 self.ns.deliveries_stream(),
                 self.ns.deliveries_all(),
@@ -500,7 +509,13 @@ impl Bus {
         let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }.await.map_err(|e| {
             let e = format!("enqueueing on {subject}: {e}");
             // JetStream's words when a stream with `discard: new` is at a limit.
-            if e.contains("maximum messages") { BusError::Full(e) } else { BusError::Nats(e) }
+            if e.contains("maximum messages per subject") {
+                BusError::SubjectFull(e)
+            } else if e.contains("maximum messages") {
+                BusError::Full(e)
+            } else {
+                BusError::Nats(e)
+            }
         })?;
         Ok(ack.sequence)
     }
@@ -702,7 +717,7 @@ impl From<BusError> for Problem {
         use taskmesh_events::ErrorCode;
         match e {
             BusError::Conflict { .. } => Problem::new(ErrorCode::Conflict, e.to_string()),
-            BusError::Unavailable(_) | BusError::Nats(_) | BusError::Full(_) => {
+            BusError::Unavailable(_) | BusError::Nats(_) | BusError::Full(_) | BusError::SubjectFull(_) => {
                 tracing::warn!(error = %e, "bus unavailable");
                 Problem::new(ErrorCode::Unavailable, "the event bus is unavailable; retry later")
             }

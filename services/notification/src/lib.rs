@@ -199,10 +199,11 @@ impl Notifier {
             match queued.await {
                 Ok(_) => {}
                 // Its endpoints' deliveries fill the tenant's share of the queue (one refusing
-                // them for hours, say): this one is dropped, not every tenant's held up.
-                Err(e @ taskmesh_bus::BusError::Full(_)) => tracing::error!(
+                // them for hours, say): this one is dropped, not every tenant's held up. (A
+                // queue full in all is waited out: the end is retried from TM_ENDED.)
+                Err(e @ taskmesh_bus::BusError::SubjectFull(_)) => tracing::error!(
                     error = %e, tenant = %env.tenant, endpoint = %endpoint_id, run = %finished.run_id,
-                    "the tenant's delivery queue is full; the webhook is dropped (dead letter)"
+                    "the tenant's share of the delivery queue is full; the webhook is dropped"
                 ),
                 Err(e) => return Err(e.into()),
             }
@@ -234,7 +235,10 @@ impl Notifier {
             ack_policy: AckPolicy::Explicit,
             // A pending status may take two requests (its own, and the outcome's again).
             ack_wait: 2 * Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10),
-            max_deliver: self.settings.retry_delays_secs.len() as i64 + 1,
+            // Unlimited: an attempt past the schedule ends without a request (`deliver_one`),
+            // so a last attempt whose ack was lost still leaves the queue rather than holding
+            // a place in the tenant's share for good.
+            max_deliver: -1,
             ..Default::default()
         };
         let me = &self;
@@ -256,6 +260,11 @@ impl Notifier {
     /// Attempts one delivery; says how to ack it.
     async fn deliver_one(&self, msg: &Message) -> AckKind {
         let attempt = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
+        if attempt > self.settings.retry_delays_secs.len() + 1 {
+            // Its last attempt was made, and its ack lost (a notifier stopped mid-way, say).
+            tracing::error!(attempts = attempt - 1, "delivery failed for good (its last attempt's outcome was lost)");
+            return AckKind::Term;
+        }
         let outgoing: Outgoing = match serde_json::from_slice(&msg.payload) {
             Ok(d) => d,
             Err(e) => {

@@ -464,10 +464,11 @@ impl Scheduler {
                 tracing::warn!(error = %e, run = %key.run_id, "a pending commit status could not be enqueued; it is not reported");
                 Ok(())
             }
-            // The tenant's deliveries fill their share of the queue (a forge refusing them for
-            // hours, say): the outcome is dropped rather than holding up the run's end.
-            Err(e @ BusError::Full(_)) => {
-                tracing::error!(error = %e, run = %key.run_id, tenant = %key.tenant, "the tenant's delivery queue is full; the run's commit status is dropped");
+            // The tenant's deliveries fill its share of the queue (a forge refusing them for
+            // hours, say), or all deliveries fill the queue: the outcome is dropped rather than
+            // holding up the run's end (a retry of its pending status still sends it).
+            Err(e @ (BusError::SubjectFull(_) | BusError::Full(_))) => {
+                tracing::error!(error = %e, run = %key.run_id, tenant = %key.tenant, "the delivery queue is full; the run's commit status is dropped");
                 Ok(())
             }
             Err(e) => Err(e),
