@@ -199,6 +199,11 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
 /// What a forge's API stand-in was sent: method and path, headers, and body per request.
 type ApiCalls = Arc<Mutex<Vec<(String, HeaderMap, serde_json::Value)>>>;
 
+/// The `state` of each request's body, in order: the commit statuses a forge was sent.
+fn states_sent(calls: &ApiCalls) -> Vec<String> {
+    calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect()
+}
+
 /// A local stand-in for a forge's API: records every request and answers `201`.
 async fn forge_api() -> (String, ApiCalls) {
     forge_files(Vec::new()).await
@@ -336,7 +341,8 @@ async fn forge_files(files: Vec<(String, u16, &'static str)>) -> (String, ApiCal
     forge_stand_in(files, 0).await
 }
 
-/// [`forge_files`], whose first `failing_posts` `POST`s are answered `500`.
+/// [`forge_files`], whose first `failing_posts` `POST`s are answered `500` (`usize::MAX`: all of
+/// them, which makes it a webhook endpoint refusing everything too).
 async fn forge_stand_in(files: Vec<(String, u16, &'static str)>, failing_posts: usize) -> (String, ApiCalls) {
     let seen: ApiCalls = Arc::default();
     let store = seen.clone();
@@ -507,9 +513,7 @@ async fn a_cancelled_run_shows_as_an_error_on_its_commit() {
         .unwrap();
     let started: serde_json::Value = res.json().await.unwrap();
     let run = started["run_id"].as_str().unwrap().to_string();
-    let states = || -> Vec<String> {
-        calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect()
-    };
+    let states = || states_sent(&calls);
     eventually("the pending status", Duration::from_secs(20), || async { Ok((states() == ["pending"]).then_some(())) })
         .await
         .unwrap();
@@ -538,9 +542,7 @@ async fn a_pending_status_retried_after_the_run_ended_is_sent_as_its_outcome() {
     assert_eq!(started["outcome"], "started", "{started}");
     let ended = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
     assert_eq!(ended["status"], "succeeded");
-    let states = || -> Vec<String> {
-        calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect()
-    };
+    let states = || states_sent(&calls);
     eventually("the retry", Duration::from_secs(20), || async { Ok((states().len() >= 3).then_some(())) })
         .await
         .unwrap();
@@ -667,18 +669,8 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
     })
     .await;
     // Tenant `default`'s endpoint answers every delivery 500.
-    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = {
-        let refused = refused.clone();
-        axum::Router::new().fallback(move || {
-            refused.fetch_add(1, SeqCst);
-            async { axum::http::StatusCode::INTERNAL_SERVER_ERROR }
-        })
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let refusing = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    subscribe_url(&tm, &refusing).await;
+    let (refusing, refused) = forge_stand_in(Vec::new(), usize::MAX).await;
+    subscribe_url(&tm, &format!("{refusing}/hook")).await;
     // Tenant `beta`'s endpoint takes what it is sent.
     let created = tm
         .http
@@ -734,7 +726,7 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
     })
     .await
     .unwrap();
-    assert_eq!(refused.load(SeqCst), 2, "only the two deliveries queued were attempted");
+    assert_eq!(refused.lock().unwrap().len(), 2, "only the two deliveries queued were attempted");
     tm.finish().await;
 }
 
@@ -774,9 +766,7 @@ async fn an_outcome_status_the_full_delivery_queue_refuses_does_not_hold_up_the_
     .unwrap();
     let held = tm.bus.subject_counts(&ns.deliveries_stream(), &ns.delivery("default")).await.unwrap();
     assert_eq!(held.get(&ns.delivery("default")).copied(), Some(1), "the pending status alone: {held:?}");
-    let states: Vec<String> =
-        calls.lock().unwrap().iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("").to_string()).collect();
-    assert_eq!(states, ["pending"]);
+    assert_eq!(states_sent(&calls), ["pending"]);
     tm.finish().await;
 }
 

@@ -435,7 +435,7 @@ impl<V: Clone> NotifiedCache<V> {
     /// was heard meanwhile.
     pub fn keep(&self, ticket: CacheTicket, key_hash: &str, value: V) {
         let mut entries = self.entries();
-        if !entries.listening || entries.generation != ticket.0 {
+        if self.max == 0 || !entries.listening || entries.generation != ticket.0 {
             return;
         }
         if entries.by_hash.len() >= self.max {
@@ -443,7 +443,7 @@ impl<V: Clone> NotifiedCache<V> {
             entries.by_hash.retain(|_, (_, at)| at.elapsed() < ttl);
             // Still full of live keys: the older half goes (at least one), so the scans this
             // costs come once per `max / 2` keys kept, not once per key.
-            if entries.by_hash.len() >= self.max && !entries.by_hash.is_empty() {
+            if entries.by_hash.len() >= self.max {
                 let mut ages: Vec<(std::time::Instant, String)> =
                     entries.by_hash.iter().map(|(k, (_, at))| (*at, k.clone())).collect();
                 let older = (ages.len() / 2).max(1);
@@ -452,9 +452,6 @@ impl<V: Clone> NotifiedCache<V> {
                     entries.by_hash.remove(key);
                 }
             }
-        }
-        if self.max == 0 {
-            return;
         }
         entries.by_hash.insert(key_hash.to_string(), (value, std::time::Instant::now()));
     }
@@ -545,19 +542,12 @@ pub fn follow_invalidations(
         let listen = |own: PgPool, ping: String| {
             let cache = cache.clone();
             async move {
-                let mut listener = listen_on(&own, &[channel], &ping).await?;
-                // Kept entries are served only once announcements are seen to arrive.
-                let mut heard_ping = false;
+                let mut listening = Listening::open(&own, &[channel], &ping).await?;
                 loop {
-                    let heard = hear(&mut listener).await?;
-                    match (heard.channel() == ping, heard.payload()) {
-                        (true, _) if !heard_ping => {
-                            heard_ping = true;
-                            cache.missed(true);
-                        }
-                        (true, _) => {}
-                        (false, "*") => cache.missed(heard_ping),
-                        (false, key) => cache.invalidated(key),
+                    let heard = listening.next(&*cache).await?;
+                    match heard.payload() {
+                        "*" => listening.all_changed(&*cache),
+                        key => cache.invalidated(key),
                     }
                 }
             }
@@ -617,23 +607,50 @@ async fn keep_listening<Fut>(
     lost();
 }
 
-/// A listener on `channels` and `ping` over `own` that reports a lost connection at once (it
-/// is then dropped), rather than mending it quietly: what was announced meanwhile is lost, and
-/// the caller must know. It has pinged itself once: hearing that ping shows announcements
-/// arrive (they may not, though `LISTEN` succeeded, e.g. behind a transaction-mode pooler).
-async fn listen_on(own: &PgPool, channels: &[&str], ping: &str) -> Result<sqlx::postgres::PgListener> {
-    let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
-    listener.eager_reconnect(false);
-    listener.listen_all(channels.iter().copied().chain([ping])).await?;
-    sqlx::query("SELECT pg_notify($1, '')").bind(ping).execute(own).await?;
-    Ok(listener)
+/// A listener on some channels and on its ping channel, which reports a lost connection at
+/// once (it is then dropped) rather than mending it quietly: what was announced meanwhile is
+/// lost, and the caller must know. A cache is told changes are heard only once the listener's
+/// own first ping is: announcements may not arrive though `LISTEN` succeeded (behind a
+/// transaction-mode pooler, say).
+struct Listening {
+    listener: sqlx::postgres::PgListener,
+    ping: String,
+    heard_ping: bool,
 }
 
-/// The next announcement; an error if the connection is lost or silent for [`SILENCE`].
-async fn hear(listener: &mut sqlx::postgres::PgListener) -> Result<sqlx::postgres::PgNotification> {
-    // (A timeout drops the listener, so whatever it was reading is not needed.)
-    let next = tokio::time::timeout(SILENCE, listener.try_recv()).await.map_err(|_| StoreError::ListenerLost)??;
-    next.ok_or(StoreError::ListenerLost)
+impl Listening {
+    /// Listens on `channels` and `ping` over `own`, and pings itself once.
+    async fn open(own: &PgPool, channels: &[&str], ping: &str) -> Result<Self> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(own).await?;
+        listener.eager_reconnect(false);
+        listener.listen_all(channels.iter().copied().chain([ping])).await?;
+        sqlx::query("SELECT pg_notify($1, '')").bind(ping).execute(own).await?;
+        Ok(Self { listener, ping: ping.to_string(), heard_ping: false })
+    }
+
+    /// The next announcement other than a ping; an error if the connection is lost or silent
+    /// for [`SILENCE`]. At the first ping heard, `cache` is told that changes are heard.
+    async fn next(&mut self, cache: &dyn Invalidations) -> Result<sqlx::postgres::PgNotification> {
+        loop {
+            // (A timeout drops the listener, so whatever it was reading is not needed.)
+            let next = tokio::time::timeout(SILENCE, self.listener.try_recv())
+                .await
+                .map_err(|_| StoreError::ListenerLost)??
+                .ok_or(StoreError::ListenerLost)?;
+            if next.channel() != self.ping {
+                return Ok(next);
+            }
+            if !self.heard_ping {
+                self.heard_ping = true;
+                cache.missed(true);
+            }
+        }
+    }
+
+    /// Tells `cache` that everything it holds may have changed (`*` was announced).
+    fn all_changed(&self, cache: &dyn Invalidations) {
+        cache.missed(self.heard_ping);
+    }
 }
 
 /// Listens over `own`: on [`CHECKPOINT_CHANNEL`] it moves `tx` on with each announcement of
@@ -658,27 +675,18 @@ async fn listen_to_checkpoint(
         });
     };
     let prefix = format!("{projection}:");
-    let mut listener =
-        listen_on(own, &[CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL], ping_channel).await?;
-    // Once the first ping is heard, every revocation committed since `LISTEN` is seen to be
-    // heard: cached keys may be kept from then on.
-    let mut heard_ping = false;
+    let mut listening =
+        Listening::open(own, &[CHECKPOINT_CHANNEL, RUN_ENDED_CHANNEL, KEY_REVOKED_CHANNEL], ping_channel).await?;
     // The table's value replaces the last one heard: should Postgres have lost commits (the
     // projector's are asynchronous), the checkpoint moves back until they are replayed, rather
     // than vouching for rows that are gone.
     tx.send_replace(read_checkpoint(pool, projection).await?);
     ends.wake_all();
     loop {
-        let n = hear(&mut listener).await?;
+        let n = listening.next(keys).await?;
         match n.channel() {
-            c if c == ping_channel => {
-                if !heard_ping {
-                    heard_ping = true;
-                    keys.missed(true);
-                }
-            }
             KEY_REVOKED_CHANNEL => match n.payload() {
-                "*" => keys.missed(heard_ping),
+                "*" => listening.all_changed(keys),
                 hash => keys.invalidated(hash),
             },
             RUN_ENDED_CHANNEL => {
@@ -814,10 +822,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(cache.len(), 3, "bounded: when full, the older half went");
-        let none = NotifiedCache::<u32>::new(0, Duration::from_secs(60));
-        none.missed(true);
-        none.keep(none.get("a").unwrap_err(), "a", 1);
-        assert!(none.is_empty(), "a cache of no entries keeps none");
         assert!(cache.get("a").is_err() && cache.get("b").is_err(), "the oldest went");
         for key in ["c", "d", "e"] {
             assert_eq!(cache.get(key).ok(), Some(1));
@@ -829,5 +833,9 @@ mod tests {
         cache.keep(ticket, "c", 1);
         std::thread::sleep(Duration::from_millis(110));
         assert!(cache.get("c").is_err(), "older than its time to live");
+        let none = NotifiedCache::<u32>::new(0, Duration::from_secs(60));
+        none.missed(true);
+        none.keep(none.get("a").unwrap_err(), "a", 1);
+        assert!(none.is_empty(), "a cache of no entries keeps none");
     }
 }
