@@ -918,3 +918,165 @@ async fn a_deleted_webhook_endpoint_is_sent_nothing_more() {
     assert_eq!(seen.lock().unwrap().len(), 1, "the deleted endpoint still hears nothing");
     tm.finish().await;
 }
+
+/// A git server over smart HTTP (`git http-backend`, as forges run it) for the bare
+/// repositories under `root`, at `/<owner>/<name>.git`. With `token`, a git request must carry
+/// GitHub's basic authentication for it (`x-access-token`), else `401`. Every git request's
+/// `Authorization` header (or `None`) is kept; anything else is a forge API stand-in answering
+/// `POST`s `201` (commit statuses) and the rest `404`.
+async fn git_forge(root: std::path::PathBuf, token: Option<&str>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    use base64::Engine as _;
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let store = seen.clone();
+    let expected = token
+        .map(|t| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{t}"))));
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (root, store, expected) = (root.clone(), store.clone(), expected.clone());
+        async move {
+            use axum::response::IntoResponse;
+            let path = req.uri().path().to_string();
+            if !path.contains(".git/") {
+                let status = if req.method() == axum::http::Method::POST { 201 } else { 404 };
+                return (axum::http::StatusCode::from_u16(status).unwrap(), "{}").into_response();
+            }
+            let headers = req.headers().clone();
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(String::from);
+            let auth = header("authorization");
+            store.lock().unwrap().push(auth.clone());
+            if expected.is_some() && auth != expected {
+                return (axum::http::StatusCode::UNAUTHORIZED, [("www-authenticate", "Basic realm=\"git\"")], "")
+                    .into_response();
+            }
+            let mut cgi = tokio::process::Command::new("git");
+            cgi.arg("http-backend")
+                .env("GIT_PROJECT_ROOT", &root)
+                .env("GIT_HTTP_EXPORT_ALL", "1")
+                .env("PATH_INFO", &path)
+                .env("QUERY_STRING", req.uri().query().unwrap_or(""))
+                .env("REQUEST_METHOD", req.method().as_str())
+                .env("CONTENT_TYPE", header("content-type").unwrap_or_default())
+                .env("GIT_PROTOCOL", header("git-protocol").unwrap_or_default())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+            let mut child = cgi.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut stdin, &body).await.unwrap();
+            drop(stdin);
+            let out = child.wait_with_output().await.unwrap().stdout;
+            // A CGI answer: header lines, a blank line, the body.
+            let split = out.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+            let (end, gap) = split.or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2))).unwrap();
+            let mut response = axum::response::Response::new(axum::body::Body::from(out[end + gap..].to_vec()));
+            for line in String::from_utf8_lossy(&out[..end]).lines() {
+                let Some((name, value)) = line.split_once(':') else { continue };
+                match name.trim().eq_ignore_ascii_case("status") {
+                    true => *response.status_mut() = value.trim()[..3].parse().unwrap(),
+                    false => {
+                        let name = axum::http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap();
+                        response.headers_mut().append(name, value.trim().parse().unwrap());
+                    }
+                }
+            }
+            response
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// Runs `git args` in `dir`, as a test sets up a repository.
+fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=master"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only_from_its_forge() {
+    let tm = spawn_mesh().await;
+    // A repository with two commits; the push is of the first, so the step must get that one
+    // by its id, not whatever the branch points to now.
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    git_in(&work, &["init", "-q"]);
+    std::fs::write(work.join("version.txt"), "one\n").unwrap();
+    git_in(&work, &["add", "version.txt"]);
+    git_in(&work, &["commit", "-q", "-m", "one"]);
+    let pushed = git_in(&work, &["rev-parse", "HEAD"]);
+    std::fs::write(work.join("version.txt"), "two\n").unwrap();
+    git_in(&work, &["commit", "-q", "-am", "two"]);
+    std::fs::create_dir(root.path().join("binkkatal")).unwrap();
+    git_in(root.path(), &["clone", "-q", "--bare", "work", "binkkatal/sample_app.git"]);
+
+    let (forge, fetches) = git_forge(root.path().to_path_buf(), Some("gh-token")).await;
+    let workflow = serde_json::json!({"name": "ci", "steps": [
+        {"id": "build", "checkout": true,
+         "run": "cat version.txt; git rev-parse HEAD; git remote get-url origin; git config --get-regexp extraheader || echo no-header"},
+    ]});
+    let hook = connect(
+        &tm,
+        "github",
+        "binkkatal/sample_app",
+        serde_json::json!({"workflow": workflow, "status_token": "gh-token", "api_url": forge}),
+    )
+    .await;
+    // Pushes `commit` of the repository at `clone_url`; the run it started, once it has ended.
+    let run_of_push = async |clone_url: &str, commit: &str, delivery: &str| {
+        let mut body: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
+        body["after"] = commit.into();
+        body["repository"]["clone_url"] = clone_url.into();
+        let res = github_push(&tm, &hook, &serde_json::to_vec(&body).unwrap(), delivery).send().await.unwrap();
+        let answer: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(answer["outcome"], "started", "{answer}");
+        let run_id: uuid::Uuid = answer["run_id"].as_str().unwrap().parse().unwrap();
+        (run_id, tm.wait_run(run_id, Duration::from_secs(60)).await)
+    };
+    let clone_url = format!("{forge}/binkkatal/sample_app.git");
+    let (run_id, run) = run_of_push(&clone_url, &pushed, "c-1").await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // The pushed commit's files, that commit, `origin` set, and no token left in the checkout.
+    assert_eq!(run["steps"][0]["output"], format!("one\n{pushed}\n{clone_url}\nno-header\n"), "{run}");
+    let sent = fetches.lock().unwrap().clone();
+    assert!(!sent.is_empty());
+    let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
+    assert!(sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
+
+    // A rerun checks out the same commit.
+    let rerun = tm.auth(tm.http.post(format!("{}/v1/runs/{run_id}/rerun", tm.api)));
+    let rerun: serde_json::Value =
+        rerun.json(&serde_json::json!({"from": "build"})).send().await.unwrap().json().await.unwrap();
+    let again = tm.wait_run(rerun["id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!((&again["status"], &again["steps"][0]["output"]), (&run["status"], &run["steps"][0]["output"]));
+
+    // A repository URL at another origin than the connection's API gets no token: this server
+    // wants none, and sees none.
+    let (elsewhere, open_fetches) = git_forge(root.path().to_path_buf(), None).await;
+    let other_url = format!("{elsewhere}/binkkatal/sample_app.git");
+    let (_, run) = run_of_push(&other_url, &pushed, "c-2").await;
+    assert_eq!(run["steps"][0]["output"], format!("one\n{pushed}\n{other_url}\nno-header\n"), "{run}");
+    let sent = open_fetches.lock().unwrap().clone();
+    assert!(!sent.is_empty() && sent.iter().all(Option::is_none), "{sent:?}");
+
+    // A commit the repository does not have fails the step, saying why.
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let (_, run) = run_of_push(&clone_url, missing, "c-3").await;
+    assert_eq!(run["status"], "failed");
+    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with(&format!("checking out {missing}: git fetch failed")), "{run}");
+
+    // A run that no push started has nothing to check out: it is refused as it is submitted.
+    let res = tm.auth(tm.http.post(format!("{}/v1/runs", tm.api))).json(&serde_json::json!({"workflow": workflow}));
+    let res = res.send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "steps[0].checkout", "{problem}");
+}

@@ -294,7 +294,60 @@ pub enum Trigger {
         /// The connection has a status token: the run's state is reported on the commit.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         reports_status: bool,
+        /// The repository's git URL over HTTP(S), as the push gave it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clone_url: Option<String>,
     },
+}
+
+/// The commit a run's `checkout` steps find in their workspace: the one a forge push was for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Checkout {
+    pub forge: Forge,
+    /// The repository connection the push came through: its token, if it has one, fetches
+    /// the commit.
+    pub connection_id: Uuid,
+    /// `owner/name`.
+    pub repository: String,
+    /// The repository's git URL over HTTP(S).
+    pub url: String,
+    /// The commit's full id.
+    pub commit: String,
+}
+
+impl Checkout {
+    /// What a run started by `trigger` checks out: the pushed commit of a forge webhook whose
+    /// payload named the repository's HTTP(S) URL.
+    pub fn of(trigger: &Trigger) -> Option<Self> {
+        match trigger {
+            Trigger::Webhook {
+                forge, connection_id, repository, commit: Some(commit), clone_url: Some(url), ..
+            } => Some(Self {
+                forge: *forge,
+                connection_id: *connection_id,
+                repository: repository.clone(),
+                url: url.clone(),
+                commit: commit.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection's token may go with requests to `url`: only to the forge it is a
+    /// token of, the origin (scheme, host and port) of the connection's API, or for
+    /// `api.github.com`, `github.com`. A push names its repository's URL itself, and a token is
+    /// never sent anywhere else.
+    pub fn token_goes_to(&self, api_url: Option<&str>) -> bool {
+        let Some(api) = api_url.or(self.forge.default_api_url()).and_then(|u| url::Url::parse(u).ok()) else {
+            return false;
+        };
+        let Ok(repo) = url::Url::parse(&self.url) else { return false };
+        let github = api.scheme() == "https" && api.host_str() == Some("api.github.com");
+        match github {
+            true => repo.scheme() == "https" && repo.host_str() == Some("github.com") && repo.port().is_none(),
+            false => repo.origin() == api.origin(),
+        }
+    }
 }
 
 /// A git forge.
@@ -334,6 +387,19 @@ impl Forge {
             segments.extend(path);
         }
         Ok(url)
+    }
+
+    /// The `Authorization` header a git request over HTTP(S) carries `token` in: basic
+    /// authentication with the user name each forge documents for tokens (GitHub
+    /// `x-access-token`, GitLab `oauth2`; Gitea takes the token as the user name).
+    pub fn git_auth(&self, token: &str) -> String {
+        use base64::Engine as _;
+        let user_pass = match self {
+            Forge::Github => format!("x-access-token:{token}"),
+            Forge::Gitlab => format!("oauth2:{token}"),
+            Forge::Gitea => format!("{token}:x-oauth-basic"),
+        };
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_pass))
     }
 
     /// The header a request to its API carries `token` in.
@@ -391,6 +457,10 @@ pub struct RunSubmitted {
     /// The submitter's labels, for finding runs (`GET /v1/runs?label=k=v`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The commit the run's `checkout` steps get in their workspace: a forge push's (a rerun
+    /// keeps its earlier run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<Checkout>,
 }
 
 impl RunSubmitted {
@@ -755,5 +825,42 @@ mod tests {
         assert_eq!(r.path.len(), 2_047, "the last whole character before 2,048 bytes");
         assert_eq!(r.user_agent.as_ref().unwrap().len(), 512);
         assert_eq!((r.actor.as_str(), r.method.as_str()), ("key:tm_abc", "POST"), "what fits is kept");
+    }
+
+    #[test]
+    fn a_token_goes_only_to_its_forge() {
+        let at = |forge: Forge, url: &str| Checkout {
+            forge,
+            connection_id: Uuid::now_v7(),
+            repository: "o/r".into(),
+            url: url.into(),
+            commit: "0".repeat(40),
+        };
+        // GitHub's API and its git host.
+        assert!(at(Forge::Github, "https://github.com/o/r.git").token_goes_to(None));
+        assert!(!at(Forge::Github, "http://github.com/o/r.git").token_goes_to(None));
+        assert!(!at(Forge::Github, "https://github.com:8443/o/r.git").token_goes_to(None));
+        assert!(!at(Forge::Github, "https://gitlab.com/o/r.git").token_goes_to(None));
+        // Elsewhere (GitHub Enterprise, GitLab, Gitea), the API's origin only.
+        assert!(at(Forge::Github, "https://ghe.example/o/r.git").token_goes_to(Some("https://ghe.example/api/v3")));
+        assert!(at(Forge::Gitea, "https://git.example/o/r.git").token_goes_to(Some("https://git.example")));
+        assert!(!at(Forge::Gitea, "https://git.example.evil/o/r.git").token_goes_to(Some("https://git.example")));
+        assert!(!at(Forge::Gitlab, "http://git.example/o/r.git").token_goes_to(Some("https://git.example")));
+        assert!(!at(Forge::Gitlab, "https://git.example:444/o/r.git").token_goes_to(Some("https://git.example")));
+        // A self-hosted forge without an API URL has no token sent anywhere.
+        assert!(!at(Forge::Gitlab, "https://gitlab.com/o/r.git").token_goes_to(None));
+    }
+
+    #[test]
+    fn git_authentication_uses_each_forges_user_name_for_tokens() {
+        use base64::Engine as _;
+        let decoded = |f: Forge| {
+            let header = f.git_auth("tok");
+            let encoded = header.strip_prefix("Basic ").unwrap();
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap()).unwrap()
+        };
+        assert_eq!(decoded(Forge::Github), "x-access-token:tok");
+        assert_eq!(decoded(Forge::Gitlab), "oauth2:tok");
+        assert_eq!(decoded(Forge::Gitea), "tok:x-oauth-basic");
     }
 }

@@ -313,6 +313,9 @@ pub struct Dispatch {
     pub not_before: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// For a `checkout` step: the commit to check out into its working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<crate::catalog::Checkout>,
 }
 
 /// `{ns}.ready.<tenant>`: work waiting for admission control (the scheduler's dispatcher).

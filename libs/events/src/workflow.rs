@@ -145,6 +145,10 @@ pub struct StepDef {
     /// A shell script, run with `sh -c` in a fresh working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
+    /// Start a shell or container step with the pushed commit checked out in its working
+    /// directory (runs started by a forge push, and their reruns).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkout: bool,
     /// A built-in step: `noop` does nothing and succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses: Option<Builtin>,
@@ -859,6 +863,9 @@ impl WorkflowDef {
 
 /// Checks the kind-specific fields of a step; `err(field, message)` for each problem.
 fn validate_kinds(step: &StepDef, err: &mut dyn FnMut(&str, String)) {
+    if step.checkout && step.run.is_none() && step.container.is_none() {
+        err("checkout", "only shell (run) and container steps have a working directory to check out into".into());
+    }
     if let Some(h) = &step.http {
         if !HttpStep::METHODS.contains(&h.method.to_ascii_uppercase().as_str()) {
             err("http.method", format!("'{}' is not one of {}", h.method, HttpStep::METHODS.join(", ")));
@@ -953,7 +960,7 @@ mod tests {
         assert!(!ok.steps[0].http.as_ref().unwrap().succeeds(404));
         assert_eq!(ok.steps[1].secret_names(), ["KEY"]);
         let p = problem(
-            "name: k\nsteps:\n  - {id: h, http: {method: FETCH, url: 'ftp://x', success: [700, 'abc']}}\n  - {id: l, llm: {base_url: nope, model: '', prompt: x, temperature: 3}}\n  - {id: c, container: {image: '--privileged'}}\n  - {id: s, sleep: -1}\n  - {id: t, run: 'true', sleep: 1}\n  - {id: u, http: {url: 'http://x/${{ secrets.NOPE }}'}}\n  - {id: v, secrets: [T], run: 'echo ${{ secrets.T }}'}\n",
+            "name: k\nsteps:\n  - {id: h, http: {method: FETCH, url: 'ftp://x', success: [700, 'abc']}}\n  - {id: l, llm: {base_url: nope, model: '', prompt: x, temperature: 3}}\n  - {id: c, container: {image: '--privileged'}}\n  - {id: s, sleep: -1}\n  - {id: t, run: 'true', sleep: 1}\n  - {id: u, http: {url: 'http://x/${{ secrets.NOPE }}'}}\n  - {id: v, secrets: [T], run: 'echo ${{ secrets.T }}'}\n  - {id: w, uses: noop, checkout: true}\n  - {id: x, run: make, checkout: true}\n",
         );
         let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
         for f in [
@@ -969,9 +976,11 @@ mod tests {
             "steps[4]",
             "steps[5].http.url",
             "steps[6].run",
+            "steps[7].checkout",
         ] {
             assert!(fields.contains(&f), "{f} in {fields:?}");
         }
+        assert!(!fields.iter().any(|f| f.starts_with("steps[8]")), "a shell step may check out: {fields:?}");
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct RunState {
     pub timed_out: bool,
     /// What started the run.
     pub trigger: taskmesh_events::Trigger,
+    /// The commit its `checkout` steps get, if it has one.
+    pub checkout: Option<taskmesh_events::Checkout>,
     /// Correlation and trace of the submission, carried by every event the run causes.
     pub correlation_id: Option<uuid::Uuid>,
     pub traceparent: Option<String>,
@@ -204,6 +206,7 @@ impl RunState {
         Some(Self {
             key,
             trigger: submitted.trigger.clone(),
+            checkout: submitted.checkout.clone(),
             priority,
             concurrency: submitted.concurrency.clone(),
             tenant_max_runs: submitted.tenant_max_runs,
@@ -424,6 +427,12 @@ impl RunState {
     }
 
     /// Step `i`'s definition with its `${{ }}` templates rendered for dispatch.
+    /// What step `i` checks out into its working directory: the run's commit, if the step
+    /// asks for it.
+    pub fn checkout_of(&self, i: usize) -> Option<taskmesh_events::Checkout> {
+        self.def(i).checkout.then(|| self.checkout.clone()).flatten()
+    }
+
     pub fn render(&self, i: usize) -> Result<StepDef, String> {
         self.render_with(i, &|j| self.steps[j].phase)
     }
@@ -788,6 +797,7 @@ mod tests {
             concurrency: None,
             tenant_max_runs: None,
             labels: Default::default(),
+            checkout: None,
         });
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
     }

@@ -16,10 +16,12 @@
 //! # Layout
 //! - [`step`]: running one step (shell, container or in-process kinds), isolation, output
 //!   capture, timeouts.
+//! - [`checkout`]: fetching a run's pushed commit into a `checkout` step's working directory.
 //! - [`remote`]: the `http` and `llm` step kinds.
 //! - [`labels`]: detected and configured labels, GPUs, the container CLI.
 //! - this file: [`Executor`]: slots, the pull loop, leases, heartbeats, reports, draining.
 
+pub mod checkout;
 pub mod labels;
 pub mod remote;
 pub mod step;
@@ -378,6 +380,30 @@ impl Executor {
         self.execute(dispatch, lease, Arc::new(acker), hand_back).instrument(span).await
     }
 
+    /// For a `checkout` step, where its commit comes from: the repository connection's latest
+    /// event must be its creation, and its token (opened) goes along where it may.
+    async fn open_checkout(&self, dispatch: &Dispatch) -> Result<Option<checkout::Source>, String> {
+        let Some(c) = &dispatch.checkout else { return Ok(None) };
+        let subject = self.bus.namespace().repo_connection(&dispatch.tenant, c.connection_id);
+        let last = self.bus.last(&subject).await.map_err(|e| format!("reading the repository connection: {e}"))?;
+        let Some(taskmesh_events::Event::RepoConnectionCreated(conn)) = last.map(|s| s.envelope.event) else {
+            return Err(format!("checkout: the repository connection {} was deleted", c.connection_id));
+        };
+        let token = match &conn.status_token {
+            Some(sealed) if c.token_goes_to(conn.api_url.as_deref()) => {
+                let keyring = self
+                    .keyring
+                    .as_ref()
+                    .ok_or("checkout: this executor has no secrets key (TASKMESH_SECRETS__KEY) to open the token")?;
+                let aad = taskmesh_secrets::repo_status_token_aad(&dispatch.tenant);
+                let token = keyring.open(&aad, sealed).map_err(|e| format!("checkout: the connection's token: {e}"))?;
+                Some(String::from_utf8(token).map_err(|_| "checkout: the connection's token is not UTF-8")?)
+            }
+            _ => None,
+        };
+        checkout::Source::new(c, token).map(Some).map_err(|e| format!("checkout: {e}"))
+    }
+
     /// Opens the secrets the step declares, from the latest `SecretSet` on each one's subject.
     async fn open_secrets(&self, dispatch: &Dispatch) -> Result<Vec<(String, String)>, String> {
         let mut out = Vec::new();
@@ -508,8 +534,12 @@ impl Executor {
                 return;
             }
         };
-        let secrets = match self.open_secrets(&dispatch).await {
-            Ok(s) => s,
+        let opened = match self.open_secrets(&dispatch).await {
+            Ok(secrets) => self.open_checkout(&dispatch).await.map(|checkout| (secrets, checkout)),
+            Err(e) => Err(e),
+        };
+        let (secrets, checkout) = match opened {
+            Ok(opened) => opened,
             Err(error) => {
                 // The step cannot run without them: report it failed, having run nothing.
                 let now = chrono::Utc::now();
@@ -545,6 +575,7 @@ impl Executor {
             work_dir: self.settings.work_dir.clone(),
             logs: Some(logs),
             secrets,
+            checkout,
             runtime: self.runtime.clone(),
         };
         let kill = CancellationToken::new();

@@ -114,6 +114,8 @@ pub struct StepContext {
     /// environment variables, `http` and `llm` steps where they name them; masked wherever the
     /// step's output goes.
     pub secrets: Vec<(String, String)>,
+    /// For a `checkout` step: the commit to fetch into its working directory first.
+    pub checkout: Option<crate::checkout::Source>,
     pub runtime: Arc<Runtime>,
 }
 
@@ -373,6 +375,26 @@ async fn run_process(
         Ok(dir) => dir,
         Err(e) => return Some((Done::failed(format!("creating the workspace: {e}")), false, false)),
     };
+    let started = tokio::time::Instant::now();
+    if let Some(source) = &ctx.checkout {
+        let with_token = if source.authenticated() { ", with the connection's token" } else { "" };
+        ctx.log(LogStream::System, &format!("checking out {} from {}{with_token}", source.commit, source.url));
+        let fetch = crate::checkout::fetch(source, workspace.path(), &ctx.runtime.egress, ctx.runtime.run_as);
+        let fetched = tokio::select! {
+            fetched = fetch => fetched,
+            _ = tokio::time::sleep(timeout) => {
+                let secs = deadline_secs.unwrap_or_default();
+                return Some((Done::failed(format!("timed out after {secs} s, checking out")), true, false));
+            }
+            _ = hand_back.cancelled() => return None,
+            _ = cancel.cancelled() => return Some((Done::failed("cancelled"), false, true)),
+        };
+        if let Err(e) = fetched {
+            return Some((Done::failed(format!("checking out {}: {e}", source.commit)), false, false));
+        }
+    }
+    // The checkout counts against the step's time.
+    let timeout = timeout.saturating_sub(started.elapsed());
     let Launch { mut cmd, container, output_file } = match launch(step, ctx, workspace.path()) {
         Ok(l) => l,
         Err(e) => return Some((Done::failed(e), false, false)),
@@ -602,6 +624,7 @@ mod tests {
             work_dir: None,
             logs: None,
             secrets: Vec::new(),
+            checkout: None,
             runtime: Arc::default(),
         }
     }

@@ -48,6 +48,7 @@ pub(crate) fn push(body: &[u8], gitea: bool) -> Result<Push, ApiError> {
     };
     let mut push = Push::new(p.repository.full_name, p.r#ref, p.after, p.head_commit.map(|c| c.message));
     push.deleted |= p.deleted;
+    push.clone_url = p.repository.clone_url;
     push.changed = complete.then(|| crate::changed_files(&p.commits));
     Ok(push)
 }
@@ -70,6 +71,7 @@ struct PushPayload {
 #[derive(Debug, Deserialize)]
 struct Repository {
     full_name: String,
+    clone_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -40,6 +40,7 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
             let complete = p.total_commits_count.is_none_or(|n| n <= p.commits.len());
             let files: Vec<crate::CommitFiles> = p.commits.into_iter().map(|c| c.files).collect();
             let mut push = Push::new(p.project.path_with_namespace, p.r#ref, p.after, message);
+            push.clone_url = p.project.git_http_url;
             push.changed = complete.then(|| crate::changed_files(&files));
             Ok(Hook::Push { delivery, push })
         }
@@ -61,6 +62,7 @@ struct PushPayload {
 #[derive(Debug, Deserialize)]
 struct Project {
     path_with_namespace: String,
+    git_http_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

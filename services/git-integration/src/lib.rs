@@ -166,6 +166,8 @@ pub struct Push {
     /// Every file the push adds, changes or removes, if the payload lists them all (none: it
     /// may not, and path filters do not apply).
     pub changed: Option<Vec<String>>,
+    /// The repository's git URL over HTTP(S), where the payload has it.
+    pub clone_url: Option<String>,
 }
 
 impl Push {
@@ -173,7 +175,7 @@ impl Push {
     /// ref) makes it a deletion.
     pub fn new(repository: String, r#ref: String, commit: String, message: Option<String>) -> Self {
         let deleted = is_zero_sha(&commit);
-        Self { repository, r#ref, commit, deleted, message, changed: None }
+        Self { repository, r#ref, commit, deleted, message, changed: None, clone_url: None }
     }
 }
 
@@ -220,6 +222,15 @@ pub(crate) fn verify_hex_hmac(secret: &[u8], body: &[u8], hex_sig: &str) -> bool
 }
 
 /// Whether a commit id is all zeros: what forges send as the new commit of a deleted ref.
+/// A repository URL a step may fetch from: http(s), without credentials of its own, and of a
+/// sane length (anything else in a payload is ignored, and `checkout` steps of the run fail).
+fn is_http_url(url: &str) -> bool {
+    url.len() <= 2048
+        && url::Url::parse(url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https") && u.username().is_empty() && u.password().is_none() && u.has_host()
+        })
+}
+
 fn is_zero_sha(sha: &str) -> bool {
     !sha.is_empty() && sha.bytes().all(|b| b == b'0')
 }
@@ -341,6 +352,7 @@ async fn hook(
                 commit: Some(push.commit.clone()),
                 tag: tag.map(String::from),
                 reports_status: conn.status_token.is_some(),
+                clone_url: push.clone_url.clone().filter(|u| is_http_url(u)),
             },
             idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),
             priority: None,

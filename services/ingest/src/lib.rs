@@ -20,10 +20,10 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
-    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, ErrorCode, Event, EventMeta, Forge,
-    MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested, RunKey,
-    RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated, Trigger,
-    WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored, subjects::is_token,
+    ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
+    Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested,
+    RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated,
+    Trigger, WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored, subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,15 @@ impl Ingest {
             inline => (WorkflowDef::from_value(inline)?, None),
         };
         self.check_steps_quota(&cmd.tenant, &workflow)?;
+        let checkout = Checkout::of(&cmd.trigger);
+        if checkout.is_none()
+            && let Some(i) = workflow.steps.iter().position(|s| s.checkout)
+        {
+            return Err(invalid(
+                &format!("steps[{i}].checkout"),
+                "only a run started by a forge push (whose payload names the repository's http(s) URL) has a commit to check out",
+            ));
+        }
         let inputs = workflow.resolve_inputs(cmd.inputs)?;
         let workflow = workflow.expand_matrices()?;
         if let Some(t) = cmd.not_before
@@ -125,6 +134,7 @@ impl Ingest {
                 concurrency,
                 tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
                 labels: cmd.labels,
+                checkout,
             }),
         );
         match self.append_submission(&key, envelope.clone()).await {
@@ -422,6 +432,7 @@ impl Ingest {
                 concurrency: original.concurrency,
                 tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
                 labels: original.labels,
+                checkout: original.checkout,
             }),
         );
         let seq = self.append_submission(&new_key, envelope).await?;

@@ -948,6 +948,7 @@ mod tests {
             step,
             not_before: None,
             traceparent: None,
+            checkout: None,
         };
         if !held.steps.contains_key(tenant) {
             held.turns.push_back(tenant.into());

@@ -580,6 +580,7 @@ impl Scheduler {
             step,
             not_before: d.not_before,
             traceparent: meta.traceparent.clone(),
+            checkout: state.checkout_of(i),
         };
         // Admission control lets it through to the executors (see `dispatch`).
         let ns = self.bus.namespace();

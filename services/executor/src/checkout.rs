@@ -1,0 +1,236 @@
+//! `checkout` steps: the run's pushed commit, fetched with the `git` CLI into the step's
+//! working directory before the step starts.
+//!
+//! Only that commit is fetched (`--depth 1`), by its id, so a branch that moved on since the
+//! push does not change what the step sees. The connection's token goes with the requests (as
+//! an `http.extraHeader` in git's environment, never on a command line or in `.git/config`, so
+//! the step's own `git` commands do not have it) only where [`Checkout::token_goes_to`] allows.
+//! The repository's host is judged by the executor's egress rules and git is pinned to the
+//! addresses judged (`http.curloptResolve`), redirects are not followed, and git speaks only
+//! http(s): the URL comes from a push payload, which whoever holds the connection's webhook
+//! secret can write.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use taskmesh_events::Checkout;
+
+/// The `PATH` git runs with.
+const GIT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The executor's variables git keeps: how the operator reaches the outside, and whom it trusts.
+const PASSED_ON: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "GIT_SSL_CAINFO",
+];
+/// Most bytes of git's error output kept in the step's error.
+const ERROR_TAIL: usize = 2048;
+
+/// Where a step's commit comes from, with what opens it.
+#[derive(Clone)]
+pub struct Source {
+    pub url: url::Url,
+    pub commit: String,
+    /// The `Authorization` header the fetch sends, when the connection's token goes there.
+    auth: Option<String>,
+    /// The token, to mask in whatever git says.
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("url", &self.url.as_str())
+            .field("commit", &self.commit)
+            .field("authenticated", &self.auth.is_some())
+            .finish()
+    }
+}
+
+impl Source {
+    /// `checkout`'s commit, fetched with `token` (the connection's, when it may go to the
+    /// repository's URL).
+    pub fn new(checkout: &Checkout, token: Option<String>) -> Result<Self, String> {
+        let url = url::Url::parse(&checkout.url).map_err(|e| format!("'{}' is not a URL: {e}", checkout.url))?;
+        if !matches!(url.scheme(), "http" | "https") || !url.username().is_empty() || url.password().is_some() {
+            return Err(format!("'{}' is not an http(s) URL without credentials", checkout.url));
+        }
+        let commit = checkout.commit.to_ascii_lowercase();
+        if !matches!(commit.len(), 40 | 64) || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("'{}' is not a full commit id", checkout.commit));
+        }
+        let auth = token.as_deref().map(|t| checkout.forge.git_auth(t));
+        Ok(Self { url, commit, auth, token })
+    }
+
+    /// Whether the fetch carries the connection's token.
+    pub fn authenticated(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    fn mask(&self, text: &str) -> String {
+        let masks: Vec<String> = self.token.iter().chain(&self.auth).cloned().collect();
+        taskmesh_secrets::mask(text, &masks)
+    }
+}
+
+/// Fetches the commit into `dir` (an empty directory) and checks it out, detached, with
+/// `origin` set to the repository's URL. `run_as`: the user and group the step runs as, who
+/// then owns the files.
+pub async fn fetch(
+    source: &Source,
+    dir: &Path,
+    egress: &taskmesh_egress::Egress,
+    run_as: Option<(u32, u32)>,
+) -> Result<(), String> {
+    let mut config = vec![
+        ("http.followRedirects".to_string(), "false".to_string()),
+        ("init.defaultBranch".to_string(), "main".to_string()),
+        ("advice.detachedHead".to_string(), "false".to_string()),
+    ];
+    if let Some(pin) = pin(&source.url, egress).await? {
+        config.push(("http.curloptResolve".into(), pin));
+    }
+    if let Some(auth) = &source.auth {
+        config.push(("http.extraHeader".into(), format!("Authorization: {auth}")));
+    }
+    if let Some((uid, gid)) = run_as {
+        nix::unistd::chown(dir, Some(uid.into()), Some(gid.into()))
+            .map_err(|e| format!("giving the workspace to uid {uid}: {e}"))?;
+    }
+    let git = |args: &'static [&'static str], extra: Vec<String>| git(source, dir, &config, run_as, args, extra);
+    git(&["init", "-q"], vec![]).await?;
+    git(&["remote", "add", "origin"], vec![source.url.to_string()]).await?;
+    git(&["fetch", "-q", "--depth=1", "--no-tags", "origin"], vec![source.commit.clone()]).await?;
+    git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await
+}
+
+/// For a URL naming a host: `host:port:addresses` of the addresses it resolves to that egress
+/// permits, for `http.curloptResolve`, so git connects to those and no others (a name resolving
+/// elsewhere a moment later gains nothing). A URL naming an address is judged as it is.
+async fn pin(url: &url::Url, egress: &taskmesh_egress::Egress) -> Result<Option<String>, String> {
+    let port = url.port_or_known_default().ok_or("the repository URL has no port")?;
+    let host = match url.host() {
+        Some(url::Host::Domain(host)) => host.to_string(),
+        Some(_) => return egress.check_url(url).map(|()| None).map_err(|e| e.to_string()),
+        None => return Err("the repository URL has no host".into()),
+    };
+    let addrs: Vec<IpAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .map(|a| a.ip())
+        .collect();
+    let mut denied = None;
+    let permitted: Vec<String> = addrs
+        .iter()
+        .filter(|a| egress.check(**a).map_err(|e| denied = Some(e)).is_ok())
+        .map(|a| match a {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        })
+        .collect();
+    match (permitted.is_empty(), denied) {
+        (false, _) => Ok(Some(format!("{host}:{port}:{}", permitted.join(",")))),
+        (true, Some(e)) => Err(e.to_string()),
+        (true, None) => Err(format!("{host} resolves to no address")),
+    }
+}
+
+/// Runs `git args extra…` in `dir` with only `config` for configuration.
+async fn git(
+    source: &Source,
+    dir: &Path,
+    config: &[(String, String)],
+    run_as: Option<(u32, u32)>,
+    args: &[&str],
+    extra: Vec<String>,
+) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.args(args)
+        .args(extra)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", GIT_PATH)
+        .env("HOME", dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_ALLOW_PROTOCOL", "http:https")
+        .env("GIT_CONFIG_COUNT", config.len().to_string());
+    for (i, (key, value)) in config.iter().enumerate() {
+        cmd.env(format!("GIT_CONFIG_KEY_{i}"), key).env(format!("GIT_CONFIG_VALUE_{i}"), value);
+    }
+    for var in PASSED_ON {
+        if let Ok(v) = std::env::var(var) {
+            cmd.env(var, v);
+        }
+    }
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    let out = cmd.output().await.map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let said = said.trim();
+    let tail = &said[said.floor_char_boundary(said.len().saturating_sub(ERROR_TAIL))..];
+    Err(source.mask(&format!("git {} failed ({}): {tail}", args[0], out.status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskmesh_events::Forge;
+
+    fn checkout(url: &str, commit: &str) -> Checkout {
+        Checkout {
+            forge: Forge::Github,
+            connection_id: uuid::Uuid::now_v7(),
+            repository: "o/r".into(),
+            url: url.into(),
+            commit: commit.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_full_commit_id_at_an_http_url_without_credentials_is_fetched() {
+        let sha = "fd489864e7642b48eaad6e3f155c10e46810ec72";
+        assert!(Source::new(&checkout("https://github.com/o/r.git", sha), None).is_ok());
+        assert!(Source::new(&checkout("https://github.com/o/r.git", &sha[..12]), None).is_err());
+        assert!(Source::new(&checkout("https://github.com/o/r.git", "main"), None).is_err());
+        assert!(Source::new(&checkout("file:///etc", sha), None).is_err());
+        assert!(Source::new(&checkout("ssh://git@github.com/o/r.git", sha), None).is_err());
+        assert!(Source::new(&checkout("https://u:p@github.com/o/r.git", sha), None).is_err());
+    }
+
+    #[test]
+    fn what_git_says_never_shows_the_token() {
+        let source = Source::new(
+            &checkout("https://github.com/o/r.git", "fd489864e7642b48eaad6e3f155c10e46810ec72"),
+            Some("ghp_secret".into()),
+        )
+        .unwrap();
+        assert!(source.authenticated());
+        let said = source.mask(&format!("fatal: header {} rejected; token ghp_secret", source.auth.clone().unwrap()));
+        assert!(!said.contains("ghp_secret") && !said.contains("Basic eC1"), "{said}");
+        assert!(!format!("{source:?}").contains("ghp_secret"));
+    }
+
+    #[tokio::test]
+    async fn a_repository_at_a_denied_address_is_not_fetched() {
+        let egress = taskmesh_egress::Egress::default();
+        let metadata = url::Url::parse("http://169.254.169.254/o/r.git").unwrap();
+        assert!(pin(&metadata, &egress).await.unwrap_err().contains("denied"));
+        let local = url::Url::parse("http://localhost:8080/o/r.git").unwrap();
+        let pinned = pin(&local, &egress).await.unwrap().unwrap();
+        assert!(pinned.starts_with("localhost:8080:"), "{pinned}");
+    }
+}
