@@ -1050,12 +1050,22 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
     assert!(sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
 
-    // A rerun checks out the same commit.
+    // A rerun checks out the same commit, fetching it again.
+    let fetched_before = fetches.lock().unwrap().len();
     let rerun = tm.auth(tm.http.post(format!("{}/v1/runs/{run_id}/rerun", tm.api)));
     let rerun: serde_json::Value =
         rerun.json(&serde_json::json!({"from": "build"})).send().await.unwrap().json().await.unwrap();
     let again = tm.wait_run(rerun["id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(60)).await;
     assert_eq!((&again["status"], &again["steps"][0]["output"]), (&run["status"], &run["steps"][0]["output"]));
+    assert!(fetches.lock().unwrap().len() > fetched_before);
+
+    // Another repository at the forge's origin gets no token either: whoever holds the webhook
+    // secret writes the push, and the token is the connected repository's.
+    let fetched_before = fetches.lock().unwrap().len();
+    let (_, run) = run_of_push(&format!("{forge}/x/binkkatal/sample_app.git"), &pushed, "c-0").await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let sent = fetches.lock().unwrap()[fetched_before..].to_vec();
+    assert!(!sent.is_empty() && sent.iter().all(Option::is_none), "{sent:?}");
 
     // A repository URL at another origin than the connection's API gets no token: this server
     // wants none, and sees none.
@@ -1076,6 +1086,12 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     // A run that no push started has nothing to check out: it is refused as it is submitted.
     let res = tm.auth(tm.http.post(format!("{}/v1/runs", tm.api))).json(&serde_json::json!({"workflow": workflow}));
     let res = res.send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "steps[0].checkout", "{problem}");
+    // Nor does a schedule's: it is refused as it is created, not at every tick.
+    let schedule = serde_json::json!({"cron": "0 * * * *", "workflow": workflow});
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules", tm.api))).json(&schedule).send().await.unwrap();
     assert_eq!(res.status(), 400);
     let problem: serde_json::Value = res.json().await.unwrap();
     assert_eq!(problem["errors"][0]["field"], "steps[0].checkout", "{problem}");

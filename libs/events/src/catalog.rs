@@ -333,20 +333,32 @@ impl Checkout {
         }
     }
 
-    /// Whether the connection's token may go with requests to `url`: only to the forge it is a
-    /// token of, the origin (scheme, host and port) of the connection's API, or for
-    /// `api.github.com`, `github.com`. A push names its repository's URL itself, and a token is
-    /// never sent anywhere else.
+    /// Whether the connection's token may go with the fetch: only to the repository it is a
+    /// token for, at the forge it is a token of. The URL must be at the origin (scheme, host,
+    /// port) of the connection's API (for `https://api.github.com`, at `https://github.com`),
+    /// and its path must be the API's own path (GitHub Enterprise's `/api/v3` aside: a forge
+    /// served under a path prefix) followed by the connected repository, with or without
+    /// `.git`. A push names the repository's URL itself, and whoever holds the webhook secret
+    /// can write a push: the token never goes to another host, nor to another repository on
+    /// the same forge.
     pub fn token_goes_to(&self, api_url: Option<&str>) -> bool {
         let Some(api) = api_url.or(self.forge.default_api_url()).and_then(|u| url::Url::parse(u).ok()) else {
             return false;
         };
         let Ok(repo) = url::Url::parse(&self.url) else { return false };
         let github = api.scheme() == "https" && api.host_str() == Some("api.github.com");
-        match github {
+        let at_the_forge = match github {
             true => repo.scheme() == "https" && repo.host_str() == Some("github.com") && repo.port().is_none(),
             false => repo.origin() == api.origin(),
-        }
+        };
+        let prefix = match (github, self.forge) {
+            (true, _) => "",
+            (false, Forge::Github) => api.path().trim_end_matches('/').trim_end_matches("/api/v3"),
+            (false, _) => api.path().trim_end_matches('/'),
+        };
+        let expected = format!("{prefix}/{}", self.repository).to_ascii_lowercase();
+        let path = repo.path().trim_end_matches('/').to_ascii_lowercase();
+        at_the_forge && path.strip_suffix(".git").unwrap_or(&path) == expected
     }
 }
 
@@ -849,6 +861,16 @@ mod tests {
         assert!(!at(Forge::Gitlab, "https://git.example:444/o/r.git").token_goes_to(Some("https://git.example")));
         // A self-hosted forge without an API URL has no token sent anywhere.
         assert!(!at(Forge::Gitlab, "https://gitlab.com/o/r.git").token_goes_to(None));
+        // Only to the connected repository, under the forge's path prefix, `.git` or not.
+        assert!(at(Forge::Github, "https://github.com/O/R").token_goes_to(None));
+        assert!(!at(Forge::Github, "https://github.com/o/other.git").token_goes_to(None));
+        assert!(!at(Forge::Github, "https://github.com/x/o/r.git").token_goes_to(None));
+        assert!(!at(Forge::Github, "https://github.com/o/r.git/../other.git").token_goes_to(None));
+        assert!(at(Forge::Gitlab, "https://h.example/gitlab/o/r.git").token_goes_to(Some("https://h.example/gitlab/")));
+        assert!(!at(Forge::Gitlab, "https://h.example/o/r.git").token_goes_to(Some("https://h.example/gitlab")));
+        assert!(
+            !at(Forge::Gitlab, "https://h.example/gitlab/g/o/r.git").token_goes_to(Some("https://h.example/gitlab"))
+        );
     }
 
     #[test]

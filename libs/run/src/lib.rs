@@ -426,13 +426,13 @@ impl RunState {
         }
     }
 
-    /// Step `i`'s definition with its `${{ }}` templates rendered for dispatch.
     /// What step `i` checks out into its working directory: the run's commit, if the step
     /// asks for it.
     pub fn checkout_of(&self, i: usize) -> Option<taskmesh_events::Checkout> {
         self.def(i).checkout.then(|| self.checkout.clone()).flatten()
     }
 
+    /// Step `i`'s definition with its `${{ }}` templates rendered for dispatch.
     pub fn render(&self, i: usize) -> Result<StepDef, String> {
         self.render_with(i, &|j| self.steps[j].phase)
     }

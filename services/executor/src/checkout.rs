@@ -4,11 +4,14 @@
 //! Only that commit is fetched (`--depth 1`), by its id, so a branch that moved on since the
 //! push does not change what the step sees. The connection's token goes with the requests (as
 //! an `http.extraHeader` in git's environment, never on a command line or in `.git/config`, so
-//! the step's own `git` commands do not have it) only where [`Checkout::token_goes_to`] allows.
-//! The repository's host is judged by the executor's egress rules and git is pinned to the
+//! the step's own `git` commands do not have it) only where [`Checkout::token_goes_to`] allows:
+//! the connected repository at its forge. git runs as the executor's user, so steps running as
+//! `run_as` cannot read the token from its environment; the files are theirs afterwards. The
+//! repository's host is judged by the executor's egress rules and git is pinned to the
 //! addresses judged (`http.curloptResolve`), redirects are not followed, and git speaks only
 //! http(s): the URL comes from a push payload, which whoever holds the connection's webhook
-//! secret can write.
+//! secret can write. git and its helpers run in a process group of their own, killed whole
+//! when the fetch is given up.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -31,6 +34,8 @@ const PASSED_ON: [&str; 8] = [
 ];
 /// Most bytes of git's error output kept in the step's error.
 const ERROR_TAIL: usize = 2048;
+/// A fetch that receives nothing for this long fails.
+const LOW_SPEED_SECS: u64 = 60;
 
 /// Where a step's commit comes from, with what opens it.
 #[derive(Clone)]
@@ -82,7 +87,7 @@ impl Source {
 
 /// Fetches the commit into `dir` (an empty directory) and checks it out, detached, with
 /// `origin` set to the repository's URL. `run_as`: the user and group the step runs as, who
-/// then owns the files.
+/// is given the files.
 pub async fn fetch(
     source: &Source,
     dir: &Path,
@@ -91,6 +96,9 @@ pub async fn fetch(
 ) -> Result<(), String> {
     let mut config = vec![
         ("http.followRedirects".to_string(), "false".to_string()),
+        // A server that stops sending fails the fetch rather than holding it for ever.
+        ("http.lowSpeedLimit".to_string(), "1".to_string()),
+        ("http.lowSpeedTime".to_string(), LOW_SPEED_SECS.to_string()),
         ("init.defaultBranch".to_string(), "main".to_string()),
         ("advice.detachedHead".to_string(), "false".to_string()),
     ];
@@ -100,15 +108,32 @@ pub async fn fetch(
     if let Some(auth) = &source.auth {
         config.push(("http.extraHeader".into(), format!("Authorization: {auth}")));
     }
-    if let Some((uid, gid)) = run_as {
-        nix::unistd::chown(dir, Some(uid.into()), Some(gid.into()))
-            .map_err(|e| format!("giving the workspace to uid {uid}: {e}"))?;
-    }
-    let git = |args: &'static [&'static str], extra: Vec<String>| git(source, dir, &config, run_as, args, extra);
+    // git runs as the executor, not as the step's user: steps of that user (other tenants'
+    // among them) must not find the token in its environment. The files are the step's after.
+    let git = |args: &'static [&'static str], extra: Vec<String>| git(source, dir, &config, args, extra);
     git(&["init", "-q"], vec![]).await?;
     git(&["remote", "add", "origin"], vec![source.url.to_string()]).await?;
     git(&["fetch", "-q", "--depth=1", "--no-tags", "origin"], vec![source.commit.clone()]).await?;
-    git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await
+    git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await?;
+    if let Some((uid, gid)) = run_as {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || give(&dir, uid, gid))
+            .await
+            .map_err(|e| format!("giving the checkout to uid {uid}: {e}"))?
+            .map_err(|e| format!("giving the checkout to uid {uid}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Gives `path` and everything under it to `uid`:`gid`, following no symbolic link.
+fn give(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            give(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 /// For a URL naming a host: `host:port:addresses` of the addresses it resolves to that egress
@@ -142,12 +167,13 @@ async fn pin(url: &url::Url, egress: &taskmesh_egress::Egress) -> Result<Option<
     }
 }
 
-/// Runs `git args extra…` in `dir` with only `config` for configuration.
+/// Runs `git args extra…` in `dir` with only `config` for configuration, in a process group
+/// of its own that is killed whole if this is dropped before it ends (a timeout, a
+/// cancellation): git's transport helpers would otherwise outlive it, token and all.
 async fn git(
     source: &Source,
     dir: &Path,
     config: &[(String, String)],
-    run_as: Option<(u32, u32)>,
     args: &[&str],
     extra: Vec<String>,
 ) -> Result<(), String> {
@@ -171,18 +197,29 @@ async fn git(
             cmd.env(var, v);
         }
     }
-    if let Some((uid, gid)) = run_as {
-        cmd.uid(uid).gid(gid);
-    }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    let out = cmd.output().await.map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    let child = cmd.spawn().map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
+    let mut group = KillGroup(child.id().map(|p| nix::unistd::Pid::from_raw(p as i32)));
+    let out = child.wait_with_output().await.map_err(|e| format!("waiting for git: {e}"))?;
+    // It ended (and waited for its helpers): its id may be another's from now on.
+    group.0 = None;
     if out.status.success() {
         return Ok(());
     }
-    let said = String::from_utf8_lossy(&out.stderr);
-    let said = said.trim();
+    let said = source.mask(String::from_utf8_lossy(&out.stderr).trim());
     let tail = &said[said.floor_char_boundary(said.len().saturating_sub(ERROR_TAIL))..];
-    Err(source.mask(&format!("git {} failed ({}): {tail}", args[0], out.status)))
+    Err(format!("git {} failed ({}): {tail}", args[0], out.status))
+}
+
+/// Kills a process group when dropped while armed (git and whatever it started).
+struct KillGroup(Option<nix::unistd::Pid>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +259,72 @@ mod tests {
         let said = source.mask(&format!("fatal: header {} rejected; token ghp_secret", source.auth.clone().unwrap()));
         assert!(!said.contains("ghp_secret") && !said.contains("Basic eC1"), "{said}");
         assert!(!format!("{source:?}").contains("ghp_secret"));
+    }
+
+    /// The processes whose environment holds `text`.
+    fn holding(text: &str) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.windows(text.len()).any(|w| w == text.as_bytes()))
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_given_up_leaves_no_process_holding_the_token() {
+        // A server that takes connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let token = format!("tok-{}", uuid::Uuid::now_v7().simple());
+        let url = format!("http://{addr}/o/r.git");
+        let source = Source::new(&checkout(&url, &"a".repeat(40)), Some(token.clone())).unwrap();
+        let auth = source.auth.clone().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let fetch = tokio::spawn(async move { fetch(&source, &path, &taskmesh_egress::Egress::default(), None).await });
+        // git and its transport helper hold the header while they wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while holding(&auth).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "no git process came to hold the header");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Let the helper get to waiting for the server's answer.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Given up (a timeout, a cancellation): none of them is left.
+        fetch.abort();
+        let _ = fetch.await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while !holding(&auth).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "left holding the token: {:?}", holding(&auth));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn the_checkout_is_given_to_the_steps_user_without_following_links() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: giving files away needs root");
+            return;
+        }
+        let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::NamedTempFile::new().unwrap());
+        std::fs::create_dir_all(dir.path().join(".git/objects")).unwrap();
+        std::fs::write(dir.path().join(".git/objects/x"), "x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        give(dir.path(), 65534, 65534).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        for path in [dir.path().to_path_buf(), dir.path().join(".git/objects/x"), dir.path().join("link")] {
+            assert_eq!(std::fs::symlink_metadata(&path).unwrap().uid(), 65534, "{path:?}");
+        }
+        assert_eq!(std::fs::metadata(outside.path()).unwrap().uid(), 0, "a link's target is not given away");
     }
 
     #[tokio::test]

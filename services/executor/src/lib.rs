@@ -383,7 +383,12 @@ impl Executor {
     /// For a `checkout` step, where its commit comes from: the repository connection's latest
     /// event must be its creation, and its token (opened) goes along where it may.
     async fn open_checkout(&self, dispatch: &Dispatch) -> Result<Option<checkout::Source>, String> {
-        let Some(c) = &dispatch.checkout else { return Ok(None) };
+        let Some(c) = &dispatch.checkout else {
+            return match dispatch.step.checkout {
+                true => Err("checkout: the run has no pushed commit to check out".into()),
+                false => Ok(None),
+            };
+        };
         let subject = self.bus.namespace().repo_connection(&dispatch.tenant, c.connection_id);
         let last = self.bus.last(&subject).await.map_err(|e| format!("reading the repository connection: {e}"))?;
         let Some(taskmesh_events::Event::RepoConnectionCreated(conn)) = last.map(|s| s.envelope.event) else {

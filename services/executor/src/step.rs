@@ -274,6 +274,15 @@ fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Res
             ("TASKMESH_STEP_ID".into(), step.id.clone()),
             ("TASKMESH_ATTEMPT".into(), ctx.attempt.to_string()),
         ];
+        // The checkout belongs to the executor's user (or run_as), not to the container's
+        // (often root), whose git would refuse it as of dubious ownership.
+        if ctx.checkout.is_some() && !step.env.contains_key("GIT_CONFIG_COUNT") {
+            env.extend([
+                ("GIT_CONFIG_COUNT".into(), "1".into()),
+                ("GIT_CONFIG_KEY_0".into(), "safe.directory".into()),
+                ("GIT_CONFIG_VALUE_0".into(), CONTAINER_WORKSPACE.into()),
+            ]);
+        }
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(ctx.secrets.iter().cloned());
         for (k, _) in &env {
@@ -627,6 +636,35 @@ mod tests {
             checkout: None,
             runtime: Arc::default(),
         }
+    }
+
+    #[test]
+    fn a_container_step_may_use_git_in_its_checkout() {
+        let checkout = taskmesh_events::Checkout {
+            forge: taskmesh_events::Forge::Github,
+            connection_id: Uuid::now_v7(),
+            repository: "o/r".into(),
+            url: "https://github.com/o/r.git".into(),
+            commit: "a".repeat(40),
+        };
+        let runtime = Runtime { container_cli: Some("docker".into()), ..Runtime::default() };
+        let mut c = StepContext { runtime: Arc::new(runtime), ..ctx(1024) };
+        let s = step("{id: c, checkout: true, container: {image: 'alpine:3.20', command: [git, status]}}");
+        let env_of = |c: &StepContext| {
+            let launch = launch(&s, c, std::path::Path::new("/tmp/ws")).unwrap();
+            let env: BTreeMap<String, String> = launch
+                .cmd
+                .as_std()
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+                .collect();
+            env
+        };
+        assert!(!env_of(&c).contains_key("GIT_CONFIG_COUNT"), "only with a checkout");
+        c.checkout = Some(crate::checkout::Source::new(&checkout, None).unwrap());
+        let env = env_of(&c);
+        assert_eq!(env["GIT_CONFIG_KEY_0"], "safe.directory");
+        assert_eq!(env["GIT_CONFIG_VALUE_0"], CONTAINER_WORKSPACE);
     }
 
     #[tokio::test]

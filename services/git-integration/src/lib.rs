@@ -221,16 +221,21 @@ pub(crate) fn verify_hex_hmac(secret: &[u8], body: &[u8], hex_sig: &str) -> bool
     hmac_sha256::HMAC::verify(body, secret, &expected)
 }
 
-/// Whether a commit id is all zeros: what forges send as the new commit of a deleted ref.
-/// A repository URL a step may fetch from: http(s), without credentials of its own, and of a
-/// sane length (anything else in a payload is ignored, and `checkout` steps of the run fail).
-fn is_http_url(url: &str) -> bool {
-    url.len() <= 2048
-        && url::Url::parse(url).is_ok_and(|u| {
-            matches!(u.scheme(), "http" | "https") && u.username().is_empty() && u.password().is_none() && u.has_host()
-        })
+/// The repository URL a push names, if a step may fetch from it: http(s), without credentials
+/// of its own, of a sane length, and naming the connected repository (its path ends in
+/// `/{repository}` or `/{repository}.git`). Anything else is ignored, and `checkout` steps of
+/// the run are refused.
+fn repository_url(url: &str, repository: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok().filter(|_| url.len() <= 2048)?;
+    let http = matches!(parsed.scheme(), "http" | "https") && parsed.has_host();
+    let bare = parsed.username().is_empty() && parsed.password().is_none();
+    let path = parsed.path().trim_end_matches('/').to_ascii_lowercase();
+    let path = path.strip_suffix(".git").unwrap_or(&path);
+    let named = path.ends_with(&format!("/{}", repository.to_ascii_lowercase()));
+    (http && bare && named).then(|| url.to_string())
 }
 
+/// Whether a commit id is all zeros: what forges send as the new commit of a deleted ref.
 fn is_zero_sha(sha: &str) -> bool {
     !sha.is_empty() && sha.bytes().all(|b| b == b'0')
 }
@@ -352,7 +357,7 @@ async fn hook(
                 commit: Some(push.commit.clone()),
                 tag: tag.map(String::from),
                 reports_status: conn.status_token.is_some(),
-                clone_url: push.clone_url.clone().filter(|u| is_http_url(u)),
+                clone_url: push.clone_url.as_deref().and_then(|u| repository_url(u, &push.repository)),
             },
             idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),
             priority: None,
@@ -445,6 +450,40 @@ mod tests {
         assert!(push("0000000000000000000000000000000000000000").deleted);
         assert!(!push("da1560886d4f094c3e6c9ef40349f7d38b5d27d7").deleted);
         assert!(!push("").deleted);
+    }
+
+    #[test]
+    fn each_forges_push_names_its_repositorys_url() {
+        let fixture = |forge: &str| {
+            let path = format!("{}/../../tests/fixtures/webhooks/{forge}/push.json", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read(path).unwrap()
+        };
+        let github = github::push(&fixture("github"), false).unwrap();
+        assert_eq!(github.clone_url.as_deref(), Some("https://github.com/binkkatal/sample_app.git"));
+        let gitea = github::push(&fixture("gitea"), true).unwrap();
+        assert_eq!(gitea.clone_url.as_deref(), Some("http://localhost:3000/example/example.git"));
+        let secret = b"s";
+        let headers: HeaderMap = [("x-gitlab-token", "s"), ("x-gitlab-event", "Push Hook")]
+            .into_iter()
+            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+            .collect();
+        let Ok(Hook::Push { push: gitlab, .. }) = gitlab::read(&headers, &fixture("gitlab"), secret) else {
+            panic!("a GitLab push")
+        };
+        assert_eq!(gitlab.clone_url.as_deref(), Some("http://example.com/mike/diaspora.git"));
+    }
+
+    #[test]
+    fn only_an_http_url_of_the_pushed_repository_is_kept() {
+        let kept = |url: &str| repository_url(url, "Mike/Diaspora").is_some();
+        assert!(kept("http://example.com/mike/diaspora.git"));
+        assert!(kept("https://example.com/gitlab/mike/diaspora"));
+        assert!(!kept("https://example.com/mike/other.git"));
+        assert!(!kept("https://example.com/xmike/diaspora.git"));
+        assert!(!kept("ssh://git@example.com/mike/diaspora.git"));
+        assert!(!kept("file:///srv/mike/diaspora.git"));
+        assert!(!kept("https://user:pass@example.com/mike/diaspora.git"));
+        assert!(!kept(&format!("https://example.com/{}/mike/diaspora.git", "a".repeat(2048))));
     }
 
     #[test]

@@ -40,6 +40,17 @@ fn invalid(field: &str, message: impl Into<String>) -> Problem {
         .with_errors(vec![taskmesh_events::FieldError { field: field.into(), message }])
 }
 
+/// Refuses a workflow with `checkout` steps for a run that has no pushed commit.
+fn nothing_to_check_out(workflow: &WorkflowDef) -> Reply<()> {
+    match workflow.steps.iter().position(|s| s.checkout) {
+        Some(i) => Err(invalid(
+            &format!("steps[{i}].checkout"),
+            "only a run started by a forge push (whose payload names the repository's http(s) URL) has a commit to check out",
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_tenant(tenant: &str) -> Reply<()> {
     if is_token(tenant) { Ok(()) } else { Err(invalid("tenant", "not a valid tenant id")) }
 }
@@ -85,13 +96,8 @@ impl Ingest {
         };
         self.check_steps_quota(&cmd.tenant, &workflow)?;
         let checkout = Checkout::of(&cmd.trigger);
-        if checkout.is_none()
-            && let Some(i) = workflow.steps.iter().position(|s| s.checkout)
-        {
-            return Err(invalid(
-                &format!("steps[{i}].checkout"),
-                "only a run started by a forge push (whose payload names the repository's http(s) URL) has a commit to check out",
-            ));
+        if checkout.is_none() {
+            nothing_to_check_out(&workflow)?;
         }
         let inputs = workflow.resolve_inputs(cmd.inputs)?;
         let workflow = workflow.expand_matrices()?;
@@ -296,6 +302,8 @@ impl Ingest {
             inline => WorkflowDef::from_value(inline.clone())?,
         };
         workflow.resolve_inputs(cmd.spec.inputs.clone())?;
+        // A schedule's runs have no pushed commit.
+        nothing_to_check_out(&workflow)?;
         let id = Uuid::now_v7();
         let first_tick = cmd.spec.next_after(chrono::Utc::now());
         let envelope = EventMeta::new(&cmd.tenant).envelope(
