@@ -8,6 +8,7 @@ mod admission;
 mod cli;
 mod contract;
 mod crash;
+mod dashboard;
 mod deploy;
 mod engine;
 mod events;

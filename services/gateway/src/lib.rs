@@ -19,6 +19,7 @@
 //! - [`schedules`]: cron schedules.
 //! - [`secrets`]: write-only secrets, sealed on arrival.
 //! - [`tenancy`]: tenants (platform administrator) and API keys.
+//! - [`ui`]: the web dashboard at `/ui/` (static files that use the API with the user's key).
 //! - this file: [`AppState`], [`router`], [`Application`], health, the OpenAPI document.
 
 pub mod access;
@@ -33,6 +34,7 @@ pub mod runs;
 pub mod schedules;
 pub mod secrets;
 pub mod tenancy;
+pub mod ui;
 pub mod workflows;
 
 use axum::Json;
@@ -425,6 +427,7 @@ pub fn router(state: AppState, body_limit: usize) -> axum::Router {
         .merge(events::routes())
         .merge(tenancy::routes())
         .merge(audit::routes())
+        .merge(ui::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // The spec at /openapi.json and interactive docs at /docs, their assets embedded in the

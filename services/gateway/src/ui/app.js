@@ -1,0 +1,399 @@
+// Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, executors.
+//
+// Everything it shows comes from the REST API with the API key the user gives it, kept in
+// this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
+// Text from the API is only ever set as text (textContent), never parsed as HTML.
+"use strict";
+
+const KEY = "taskmesh.key";
+const TERMINAL = new Set(["succeeded", "failed", "cancelled", "timed_out", "skipped"]);
+const main = document.getElementById("main");
+let timer = null; // the current view's refresh
+
+// --- the API --------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem && (problem.detail || problem.title) ? `${problem.title || ""}: ${problem.detail || ""}` : `HTTP ${status}`);
+    this.status = status;
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ accept: "application/json" }, options.headers || {});
+  headers.authorization = `Bearer ${sessionStorage.getItem(KEY) || ""}`;
+  if (options.body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(path, {
+    method: options.method || "GET",
+    headers,
+    body: options.body === undefined ? undefined : JSON.stringify(options.body),
+  });
+  const text = await res.text();
+  const body = text ? JSON.parse(text) : null;
+  if (res.status === 401) {
+    sessionStorage.removeItem(KEY);
+    route();
+  }
+  if (!res.ok) throw new ApiError(res.status, body);
+  return body;
+}
+
+const enc = encodeURIComponent;
+
+// --- building the page ----------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+const badge = (status) => el("span", { class: `status ${status || ""}` }, status || "?");
+const when = (t) => (t ? new Date(t).toLocaleString() : "");
+
+function took(start, end) {
+  if (!start) return "";
+  const ms = (end ? new Date(end) : new Date()) - new Date(start);
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
+}
+
+function show(...nodes) {
+  main.replaceChildren(...nodes);
+}
+
+function failure(e) {
+  return el("p", { class: "error" }, e instanceof Error ? e.message : String(e));
+}
+
+// Runs `load` now and again every `ms` while this view stays (a new view stops it).
+function every(ms, load) {
+  clearInterval(timer);
+  load();
+  timer = setInterval(load, ms);
+}
+
+// --- views ----------------------------------------------------------------------------------
+
+function signIn() {
+  clearInterval(timer);
+  const input = el("input", { type: "password", name: "key", placeholder: "tm_…", size: 48, autocomplete: "off", required: true });
+  const form = el(
+    "form",
+    {
+      class: "inline",
+      onsubmit: (ev) => {
+        ev.preventDefault();
+        sessionStorage.setItem(KEY, input.value.trim());
+        location.hash = "#/runs";
+        route();
+      },
+    },
+    el("label", {}, "API key ", input),
+    el("button", { class: "primary", type: "submit" }, "Sign in"),
+  );
+  show(
+    el("h1", {}, "Sign in"),
+    el("p", { class: "muted" }, "Paste an API key of your tenant. It stays in this tab only, and every request carries it."),
+    form,
+  );
+}
+
+function runsView(query) {
+  const params = new URLSearchParams(query);
+  const status = el("select", { name: "status" }, ["", "queued", "running", "succeeded", "failed", "cancelled", "timed_out"].map((s) => el("option", { value: s, selected: params.get("status") === s }, s || "any status")));
+  const workflow = el("input", { name: "workflow", placeholder: "workflow", value: params.get("workflow") || "" });
+  const filter = el(
+    "form",
+    {
+      class: "inline",
+      onsubmit: (ev) => {
+        ev.preventDefault();
+        const q = new URLSearchParams();
+        if (status.value) q.set("status", status.value);
+        if (workflow.value.trim()) q.set("workflow", workflow.value.trim());
+        location.hash = `#/runs?${q}`;
+      },
+    },
+    status,
+    workflow,
+    el("button", { type: "submit" }, "Filter"),
+  );
+  const body = el("tbody");
+  const problem = el("div");
+  const table = el("table", {}, el("thead", {}, el("tr", {}, ["Run", "Workflow", "Status", "Trigger", "Created", "Took"].map((h) => el("th", {}, h)))), body);
+  show(el("h1", {}, "Runs"), filter, problem, table);
+  every(3000, async () => {
+    try {
+      const q = new URLSearchParams(params);
+      q.set("limit", "50");
+      const page = await api(`/v1/runs?${q}`);
+      problem.replaceChildren();
+      body.replaceChildren(
+        ...page.items.map((r) =>
+          el(
+            "tr",
+            { class: "link", onclick: () => (location.hash = `#/runs/${r.id}`) },
+            el("td", { class: "mono" }, r.id),
+            el("td", {}, r.workflow),
+            el("td", {}, badge(r.status)),
+            el("td", {}, r.trigger),
+            el("td", {}, when(r.created_at)),
+            el("td", {}, r.finished_at ? took(r.created_at, r.finished_at) : ""),
+          ),
+        ),
+      );
+      if (page.items.length === 0) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No runs.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
+// Each step's column: the length of the longest chain of needs leading to it.
+function layers(steps) {
+  const byId = new Map(steps.map((s) => [s.id, s]));
+  const depth = new Map();
+  const visit = (s, seen) => {
+    if (depth.has(s.id)) return depth.get(s.id);
+    if (seen.has(s.id)) return 0; // not a DAG: cannot happen, validated on submission
+    seen.add(s.id);
+    const d = Math.max(-1, ...(s.needs || []).filter((n) => byId.has(n)).map((n) => visit(byId.get(n), seen))) + 1;
+    depth.set(s.id, d);
+    return d;
+  };
+  steps.forEach((s) => visit(s, new Set()));
+  return depth;
+}
+
+const COLORS = { succeeded: "#1a7f37", failed: "#cf222e", timed_out: "#cf222e", running: "#0969da", queued: "#9a6700" };
+
+function dag(run, selected, pick) {
+  const depth = layers(run.steps);
+  const rows = new Map();
+  const place = new Map();
+  for (const s of run.steps) {
+    const d = depth.get(s.id);
+    const row = rows.get(d) || 0;
+    rows.set(d, row + 1);
+    place.set(s.id, { x: 16 + d * 190, y: 16 + row * 52 });
+  }
+  const width = 16 + (Math.max(0, ...depth.values()) + 1) * 190;
+  const height = 16 + Math.max(1, ...rows.values()) * 52;
+  const edges = run.steps.flatMap((s) =>
+    (s.needs || [])
+      .filter((n) => place.has(n))
+      .map((n) => {
+        const a = place.get(n);
+        const b = place.get(s.id);
+        const [x1, y1, x2, y2] = [a.x + 160, a.y + 18, b.x, b.y + 18];
+        return svg("path", { d: `M${x1},${y1} C${x1 + 15},${y1} ${x2 - 15},${y2} ${x2},${y2}` });
+      }),
+  );
+  const nodes = run.steps.map((s) => {
+    const p = place.get(s.id);
+    const label = s.id.length > 20 ? `${s.id.slice(0, 19)}…` : s.id;
+    return svg(
+      "g",
+      { class: `node${s.id === selected ? " selected" : ""}`, transform: `translate(${p.x},${p.y})`, onclick: () => pick(s.id) },
+      svg("rect", { width: 160, height: 36, rx: 6, stroke: COLORS[s.status] || "#8c959f" }),
+      svg("text", { x: 10, y: 15 }, label),
+      svg("text", { x: 10, y: 29, fill: "#667085" }, s.status),
+      svg("title", {}, `${s.id}: ${s.status}`),
+    );
+  });
+  return svg("svg", { class: "dag", width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "the run's steps and their needs" }, edges, nodes);
+}
+
+// A bar per step over the run's span, from its start to its end (or now).
+function timeline(run, step) {
+  const start = new Date(run.started_at || run.created_at).getTime();
+  const end = run.finished_at ? new Date(run.finished_at).getTime() : Date.now();
+  const span = Math.max(1, end - start);
+  const bar = el("div", { class: "timeline" });
+  if (step.started_at) {
+    const a = new Date(step.started_at).getTime();
+    const b = step.finished_at ? new Date(step.finished_at).getTime() : end;
+    const left = (100 * (a - start)) / span;
+    const width = Math.max(0.5, (100 * (b - a)) / span);
+    const part = el("span");
+    part.style.left = `${left}%`;
+    part.style.width = `${width}%`;
+    part.style.background = COLORS[step.status] || "#8c959f";
+    bar.append(part);
+  }
+  return bar;
+}
+
+function runView(id, stepId) {
+  const problem = el("div");
+  const head = el("div");
+  const picture = el("div");
+  const steps = el("tbody");
+  const detail = el("div");
+  const log = el("pre", { "aria-label": "log" });
+  let logFor = null;
+  let after = 0;
+  show(el("p", {}, el("a", { href: "#/runs" }, "← Runs")), problem, head, picture, el("h2", {}, "Steps"),
+    el("table", {}, el("thead", {}, el("tr", {}, ["Step", "Kind", "Status", "Attempts", "Took", "Timeline"].map((h) => el("th", {}, h)))), steps),
+    detail);
+  const pick = (s) => (location.hash = `#/runs/${id}/steps/${enc(s)}`);
+
+  const act = async (path, body) => {
+    try {
+      const r = await api(path, { method: "POST", body });
+      if (r && r.id && r.id !== id) location.hash = `#/runs/${r.id}`;
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
+
+  async function readLog(step) {
+    if (logFor !== step.id) {
+      logFor = step.id;
+      after = 0;
+      log.replaceChildren();
+    }
+    // Every page there is now; the next refresh asks for what came after.
+    for (let pages = 0; pages < 20; pages++) {
+      const page = await api(`/v1/runs/${id}/steps/${enc(step.id)}/logs?after=${after}&limit=1000`);
+      for (const l of page.lines) {
+        log.append(el("span", { class: l.stream }, `${l.line}\n`));
+        after = Math.max(after, l.seq);
+      }
+      if (page.lines.length < 1000) break;
+    }
+  }
+
+  every(1000, async () => {
+    try {
+      const run = await api(`/v1/runs/${id}`);
+      problem.replaceChildren();
+      const ended = TERMINAL.has(run.status);
+      head.replaceChildren(
+        el("h1", {}, `${run.workflow} `, badge(run.status)),
+        el("dl", { class: "facts" },
+          el("dt", {}, "Run"), el("dd", { class: "mono" }, run.id),
+          el("dt", {}, "Trigger"), el("dd", {}, triggerText(run.trigger)),
+          el("dt", {}, "Created"), el("dd", {}, when(run.created_at)),
+          el("dt", {}, "Took"), el("dd", {}, took(run.started_at || run.created_at, run.finished_at)),
+          run.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, run.wait_reason)] : null,
+          Object.keys(run.inputs || {}).length ? [el("dt", {}, "Inputs"), el("dd", { class: "mono" }, JSON.stringify(run.inputs))] : null),
+        el("div", { class: "actions" },
+          ended ? null : el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/cancel`) }, "Cancel"),
+          ended && run.status !== "succeeded" ? el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/rerun`, { from: "failed" }) }, "Rerun failed steps") : null),
+      );
+      picture.replaceChildren(dag(run, stepId, pick));
+      steps.replaceChildren(
+        ...run.steps.map((s) =>
+          el("tr", { class: "link", onclick: () => pick(s.id) },
+            el("td", {}, s.id), el("td", {}, s.kind), el("td", {}, badge(s.status)), el("td", {}, s.attempts),
+            el("td", {}, took(s.started_at, s.finished_at)), el("td", {}, timeline(run, s))),
+        ),
+      );
+      const step = run.steps.find((s) => s.id === stepId);
+      // An ended run changes no more: this was the last look (its log included).
+      if (ended) clearInterval(timer);
+      if (!step) {
+        detail.replaceChildren(el("p", { class: "muted" }, "Pick a step to see its output and attempts."));
+        return;
+      }
+      detail.replaceChildren(
+        el("h2", {}, `Step ${step.id} `, badge(step.status)),
+        el("dl", { class: "facts" },
+          step.exit_code !== null && step.exit_code !== undefined ? [el("dt", {}, "Exit code"), el("dd", {}, step.exit_code)] : null,
+          step.error ? [el("dt", {}, "Error"), el("dd", { class: "error" }, step.error)] : null,
+          step.reason ? [el("dt", {}, "Reason"), el("dd", {}, step.reason)] : null,
+          step.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, step.wait_reason)] : null,
+          Object.keys(step.outputs || {}).length ? [el("dt", {}, "Outputs"), el("dd", { class: "mono" }, JSON.stringify(step.outputs))] : null),
+        el("h2", {}, "Log"),
+        log,
+        el("h2", {}, "Attempts"),
+        el("table", {}, el("thead", {}, el("tr", {}, ["#", "Executor", "Status", "Exit", "Error", "Took"].map((h) => el("th", {}, h)))),
+          el("tbody", {}, (step.attempt_history || []).map((a) =>
+            el("tr", {}, el("td", {}, a.attempt), el("td", {}, a.executor || ""), el("td", {}, badge(a.status)),
+              el("td", {}, a.exit_code ?? ""), el("td", {}, a.error || ""), el("td", {}, took(a.started_at, a.finished_at)))))),
+      );
+      await readLog(step);
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
+function triggerText(t) {
+  if (!t) return "";
+  switch (t.kind) {
+    case "webhook": return `${t.forge} push to ${t.repository}${t.branch ? ` (${t.branch})` : t.tag ? ` (tag ${t.tag})` : ""}${t.commit ? ` at ${t.commit.slice(0, 12)}` : ""}`;
+    case "schedule": return `schedule ${t.schedule_id} (${when(t.tick)})`;
+    case "rerun": return `rerun of ${t.run_id} from ${t.from}`;
+    case "event": return `event ${t.type} from ${t.source}`;
+    default: return "API";
+  }
+}
+
+function executorsView() {
+  const problem = el("div");
+  const live = el("tbody");
+  const queues = el("tbody");
+  show(el("h1", {}, "Executors"), problem,
+    el("table", {}, el("thead", {}, el("tr", {}, ["Executor", "Labels", "Slots in use", "Last heartbeat", ""].map((h) => el("th", {}, h)))), live),
+    el("h2", {}, "Queues"),
+    el("table", {}, el("thead", {}, el("tr", {}, ["Labels", "Your steps queued", "Executors"].map((h) => el("th", {}, h)))), queues));
+  every(3000, async () => {
+    try {
+      const answer = await api("/v1/executors");
+      problem.replaceChildren();
+      const labels = (l) => Object.entries(l || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+      live.replaceChildren(...(answer.items || []).map((x) =>
+        el("tr", {}, el("td", { class: "mono" }, x.id), el("td", {}, labels(x.labels)), el("td", {}, `${x.slots_in_use} / ${x.slots}`),
+          el("td", {}, when(x.last_heartbeat)), el("td", {}, x.stopping ? "draining" : ""))));
+      if (!live.children.length) live.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No executor is running.")));
+      queues.replaceChildren(...(answer.pools || []).map((q) =>
+        el("tr", {}, el("td", {}, labels(q.runs_on) || "(no labels)"), el("td", {}, q.queued), el("td", {}, q.executors))));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
+// --- routing --------------------------------------------------------------------------------
+
+function route() {
+  const signedIn = Boolean(sessionStorage.getItem(KEY));
+  document.getElementById("nav").hidden = !signedIn;
+  document.getElementById("sign-out").hidden = !signedIn;
+  if (!signedIn) return signIn();
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  if (parts[0] === "runs" && parts[1]) return runView(parts[1], parts[2] === "steps" ? parts[3] : null);
+  if (parts[0] === "executors") return executorsView();
+  return runsView(query || "");
+}
+
+document.getElementById("sign-out").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  location.hash = "";
+  route();
+});
+window.addEventListener("hashchange", route);
+route();

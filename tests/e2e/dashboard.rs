@@ -1,0 +1,236 @@
+//! The web dashboard: its files are served to anyone under a strict policy, and the answers
+//! to the requests it makes carry every field it reads.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_is_served_and_the_api_answers_what_it_reads() {
+    let tm = spawn_mesh().await;
+    let no_redirects = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let res = no_redirects.get(format!("{}/ui", tm.api)).send().await.unwrap();
+    assert_eq!((res.status().as_u16(), &res.headers()["location"]), (308, &"/ui/".parse().unwrap()));
+    for (path, content_type, holds) in [
+        ("/ui/", "text/html; charset=utf-8", "<script src=\"app.js\"></script>"),
+        ("/ui/app.js", "text/javascript; charset=utf-8", "function runView"),
+        ("/ui/app.css", "text/css; charset=utf-8", "svg.dag"),
+    ] {
+        // No key: the files hold no data.
+        let res = tm.http.get(format!("{}{path}", tm.api)).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(res.headers()["content-type"], content_type, "{path}");
+        let policy = res.headers()["content-security-policy"].to_str().unwrap().to_string();
+        assert!(policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"), "{policy}");
+        assert!(res.text().await.unwrap().contains(holds), "{path}");
+    }
+    // ...while what it shows needs one.
+    assert_eq!(tm.http.get(format!("{}/v1/runs", tm.api)).send().await.unwrap().status(), 401);
+
+    // The requests it makes, and the fields it reads from their answers.
+    let id =
+        tm.submit("name: shown\nsteps:\n  - {id: a, run: 'echo hello'}\n  - {id: b, needs: [a], uses: noop}\n").await;
+    tm.wait_run(id, Duration::from_secs(30)).await;
+    let tm = &tm;
+    let get = |path: String| async move {
+        let res = tm.auth(tm.http.get(format!("{}{path}", tm.api))).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        res.json::<serde_json::Value>().await.unwrap()
+    };
+    let page = get("/v1/runs?limit=50".into()).await;
+    let listed = page["items"].as_array().unwrap().iter().find(|r| r["id"] == id.to_string()).expect("listed").clone();
+    for field in ["id", "workflow", "status", "trigger", "created_at", "finished_at"] {
+        assert!(listed.get(field).is_some(), "runs list: {field} in {listed}");
+    }
+    let run = get(format!("/v1/runs/{id}")).await;
+    for field in
+        ["id", "workflow", "status", "trigger", "created_at", "started_at", "finished_at", "inputs", "wait_reason"]
+    {
+        assert!(run.get(field).is_some(), "run: {field} in {run}");
+    }
+    assert_eq!(run["trigger"]["kind"], "api");
+    let b = &run["steps"][1];
+    assert_eq!(b["needs"], serde_json::json!(["a"]), "the DAG's edges");
+    for field in
+        ["id", "kind", "status", "attempts", "started_at", "finished_at", "exit_code", "error", "reason", "outputs"]
+    {
+        assert!(b.get(field).is_some(), "step: {field} in {b}");
+    }
+    let attempt = &run["steps"][0]["attempt_history"][0];
+    for field in ["attempt", "executor", "status", "exit_code", "error", "started_at", "finished_at"] {
+        assert!(attempt.get(field).is_some(), "attempt: {field} in {attempt}");
+    }
+    let log = get(format!("/v1/runs/{id}/steps/a/logs?after=0&limit=1000")).await;
+    let line = &log["lines"][0];
+    assert_eq!((&line["line"], &line["stream"]), (&serde_json::json!("hello"), &serde_json::json!("stdout")));
+    assert!(line["seq"].as_u64().is_some());
+    let later = get(format!("/v1/runs/{id}/steps/a/logs?after={}&limit=1000", line["seq"])).await;
+    assert_eq!(later["lines"], serde_json::json!([]), "after the last line, nothing");
+    let executors = get("/v1/executors".into()).await;
+    let x = &executors["items"][0];
+    for field in ["id", "labels", "slots", "slots_in_use", "last_heartbeat", "stopping"] {
+        assert!(x.get(field).is_some(), "executor: {field} in {x}");
+    }
+    for field in ["runs_on", "queued", "executors"] {
+        assert!(executors["pools"][0].get(field).is_some(), "pool: {field} in {executors}");
+    }
+}
+
+/// `chromedriver`: `TM_TEST_CHROMEDRIVER`, or Debian's (`chromium-driver`, which
+/// `scripts/test` installs with `chromium`).
+fn chromedriver() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("TM_TEST_CHROMEDRIVER") {
+        return Some(p.into());
+    }
+    ["/usr/bin/chromedriver", "/usr/local/bin/chromedriver"].iter().map(std::path::PathBuf::from).find(|p| p.exists())
+}
+
+/// A headless Chromium driven over WebDriver (plain HTTP and JSON), ended when dropped.
+struct Browser {
+    driver: tokio::process::Child,
+    session: String,
+    http: reqwest::Client,
+}
+
+impl Browser {
+    async fn start(bin: &std::path::Path) -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = tokio::process::Command::new(bin)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        taskmesh_testkit::eventually("chromedriver to answer", Duration::from_secs(20), || async {
+            let Ok(ready) = http.get(format!("{base}/status")).send().await else { return Ok(None) };
+            let ready: serde_json::Value = ready.json().await?;
+            Ok(ready["value"]["ready"].as_bool().filter(|r| *r))
+        })
+        .await
+        .unwrap();
+        let mut args = vec!["--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"];
+        if nix::unistd::geteuid().is_root() {
+            args.push("--no-sandbox");
+        }
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"args": args}}}});
+        let res = http.post(format!("{base}/session")).json(&caps).send().await.unwrap();
+        let created: serde_json::Value = res.json().await.unwrap();
+        let id = created["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("a session: {created}"));
+        Browser { driver, session: format!("{base}/session/{id}"), http }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let res = self.http.request(method, format!("{}{path}", self.session)).json(&body).send().await.unwrap();
+        let answer: serde_json::Value = res.json().await.unwrap();
+        assert!(answer["value"].get("error").is_none(), "{path}: {answer}");
+        answer["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", serde_json::json!({"url": url})).await;
+    }
+
+    /// Runs `script` (a function body) in the page; its return value.
+    async fn run(&self, script: &str) -> serde_json::Value {
+        self.call(reqwest::Method::POST, "/execute/sync", serde_json::json!({"script": script, "args": []})).await
+    }
+
+    /// Waits until `script` returns true.
+    async fn until(&self, what: &str, script: &str) {
+        let waited = taskmesh_testkit::eventually(what, Duration::from_secs(20), || async {
+            Ok((self.run(script).await == serde_json::Value::Bool(true)).then_some(()))
+        })
+        .await;
+        if let Err(e) = waited {
+            panic!("{e}; the page shows: {}", self.run("return document.body.innerText").await);
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        let found = self
+            .call(reqwest::Method::POST, "/element", serde_json::json!({"using": "css selector", "value": css}))
+            .await;
+        let id = found.as_object().and_then(|o| o.values().next()).and_then(|v| v.as_str()).unwrap().to_string();
+        self.call(reqwest::Method::POST, &format!("/element/{id}/click"), serde_json::json!({})).await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let found = self
+            .call(reqwest::Method::POST, "/element", serde_json::json!({"using": "css selector", "value": css}))
+            .await;
+        let id = found.as_object().and_then(|o| o.values().next()).and_then(|v| v.as_str()).unwrap().to_string();
+        self.call(reqwest::Method::POST, &format!("/element/{id}/value"), serde_json::json!({"text": text})).await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ends the session (and its Chromium) before the driver is killed.
+        let (http, session) = (self.http.clone(), self.session.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async { http.delete(&session).send().await.ok() });
+        })
+        .join();
+        let _ = self.driver.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
+    let Some(bin) = chromedriver() else {
+        assert!(std::env::var_os("CI").is_none(), "chromedriver is missing (scripts/test installs chromium-driver)");
+        eprintln!("skipped: chromedriver is not installed (scripts/test installs chromium-driver)");
+        return;
+    };
+    let tm = spawn_mesh().await;
+    let yaml = "name: pictured\nsteps:\n  - {id: build, run: 'echo built it; echo oops >&2'}\n  - {id: test, needs: [build], run: 'exit 3'}\n  - {id: docs, needs: [build], uses: noop}\n";
+    let id = tm.submit(yaml).await;
+    tm.wait_run(id, Duration::from_secs(30)).await;
+    let browser = Browser::start(&bin).await;
+
+    // Without a key it asks for one; with it, the runs list shows the run.
+    browser.go(&format!("{}/ui/", tm.api)).await;
+    browser.until("the sign-in form", "return !!document.querySelector('input[name=key]')").await;
+    browser.type_into("input[name=key]", &tm.key).await;
+    browser.click("button[type=submit]").await;
+    let listed = format!("return document.querySelector('main').innerText.includes('{id}')");
+    browser.until("the run in the list", &listed).await;
+    assert_eq!(browser.run("return sessionStorage.getItem('taskmesh.key')").await, tm.key.as_str());
+
+    // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
+    browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;
+    browser.until("the DAG", "return document.querySelectorAll('svg.dag .node').length === 3").await;
+    assert_eq!(browser.run("return document.querySelectorAll('svg.dag path').length").await, 2);
+    let text = "return document.querySelector('main').innerText";
+    browser.until("the step's log", "return document.querySelector('pre').innerText.includes('built it')").await;
+    let shown = browser.run(text).await.as_str().unwrap().to_string();
+    for expected in ["pictured", "failed", "succeeded", "Rerun failed steps", "oops"] {
+        assert!(shown.contains(expected), "{expected} in {shown}");
+    }
+    assert_eq!(browser.run("return document.querySelector('pre .stderr').innerText").await, "oops\n");
+    // The policy let the script set the timeline's bars (styles set from script, not inline).
+    let width = browser.run("return document.querySelector('.timeline span').style.width").await;
+    assert!(width.as_str().is_some_and(|w| w.ends_with('%')), "{width}");
+
+    // Rerunning from the page starts a new run and shows it.
+    browser.click(".actions button").await;
+    browser
+        .until(
+            "the rerun's page",
+            &format!("return !location.hash.includes('{id}') && location.hash.startsWith('#/runs/')"),
+        )
+        .await;
+    let hash = browser.run("return location.hash").await;
+    let rerun: uuid::Uuid = hash.as_str().unwrap().trim_start_matches("#/runs/").parse().unwrap();
+    let (status, run) = tm.get_run(rerun).await;
+    assert_eq!((status, &run["trigger"]["kind"]), (200, &serde_json::json!("rerun")));
+
+    // Signing out forgets the key.
+    browser.click("#sign-out").await;
+    browser.until("the sign-in form again", "return !!document.querySelector('input[name=key]')").await;
+    assert_eq!(browser.run("return sessionStorage.getItem('taskmesh.key')").await, serde_json::Value::Null);
+}
