@@ -149,7 +149,8 @@ impl Mesh {
                         settings.notification.clone(),
                         keyring(settings)?,
                         taskmesh_egress::Egress::new(&settings.egress),
-                    )?;
+                    )?
+                    .with_dashboard(settings.notification.dashboard(&settings.gateway).map_err(anyhow::Error::msg)?);
                     tasks.spawn(async move { (service, notifier.run(token).await) });
                 }
                 Service::Projector => {

@@ -211,7 +211,11 @@ async fn forge_api() -> (String, ApiCalls) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
-    let tm = spawn_mesh().await;
+    // The statuses link to each run's page in the dashboard.
+    let tm = spawn_with(&taskmesh::mesh::Service::ALL, |s| {
+        s.notification.dashboard_url = Some("https://tm.example/ui/".into())
+    })
+    .await;
     let (api, calls) = forge_api().await;
     // Each run takes a while, so that its pending status is sent while it runs.
     let with_token = |token: &str, exit: u8| {
@@ -275,6 +279,7 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
             "Bearer gh-token",
             "context",
             ["pending", "success"],
+            &started[0],
         ),
         (
             "POST /api/v4/projects/mike%2Fdiaspora/statuses/da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
@@ -282,6 +287,7 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
             "Bearer gl-token",
             "name",
             ["running", "success"],
+            &started[2],
         ),
         (
             "POST /api/v1/repos/example/example/statuses/67b56589a45103f891bdee7c0546e5d40bc02001",
@@ -289,6 +295,7 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
             "token gt-token",
             "context",
             ["pending", "failure"],
+            &started[3],
         ),
     ];
     eventually("two statuses per commit", Duration::from_secs(20), || async {
@@ -299,13 +306,14 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let seen = calls.lock().unwrap().clone();
     assert_eq!(seen.len(), 6, "two each, no more: {seen:?}");
-    for (line, auth, token, name, states) in expected {
+    for (line, auth, token, name, states, run) in expected {
         let mine: Vec<_> = seen.iter().filter(|(l, ..)| l == line).collect();
         let got: Vec<&str> = mine.iter().map(|(_, _, b)| b["state"].as_str().unwrap_or("")).collect();
         assert_eq!(got, states, "{line}: {seen:?}");
         for (_, headers, body) in mine {
             assert_eq!(headers[auth], token);
             assert_eq!(body[name], "taskmesh/ci");
+            assert_eq!(body["target_url"], format!("https://tm.example/ui/#/runs/{}", run["run_id"].as_str().unwrap()));
         }
     }
     // GitLab and Gitea name their server (a token is never sent anywhere by default); an API URL

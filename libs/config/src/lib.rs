@@ -376,11 +376,31 @@ pub struct NotificationSettings {
     pub timeout_ms: u64,
     /// Delays before each retry; its length + 1 is the number of attempts.
     pub retry_delays_secs: Vec<u64>,
+    /// The dashboard's address as users reach it (`https://taskmesh.example.com/ui/`): commit
+    /// statuses link to their run's page there. None: the gateway's `public_url` followed by
+    /// `/ui/`, if that is set; otherwise statuses carry no link.
+    pub dashboard_url: Option<String>,
 }
 
 impl Default for NotificationSettings {
     fn default() -> Self {
-        Self { timeout_ms: 10_000, retry_delays_secs: vec![5, 30, 120, 600, 1800, 3600, 10800] }
+        Self { timeout_ms: 10_000, retry_delays_secs: vec![5, 30, 120, 600, 1800, 3600, 10800], dashboard_url: None }
+    }
+}
+
+impl NotificationSettings {
+    /// Where commit statuses link to (see `dashboard_url`); an error names a setting that is
+    /// not an http(s) URL.
+    pub fn dashboard(&self, gateway: &HttpSettings) -> Result<Option<url::Url>, String> {
+        let (name, value) = match (&self.dashboard_url, &gateway.public_url) {
+            (Some(url), _) => ("notification.dashboard_url", url.clone()),
+            (None, Some(public)) => ("gateway.public_url", format!("{}/ui/", public.trim_end_matches('/'))),
+            (None, None) => return Ok(None),
+        };
+        match url::Url::parse(&value) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(Some(url)),
+            _ => Err(format!("{name}: '{value}' is not an http(s) URL")),
+        }
     }
 }
 
@@ -481,6 +501,19 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_link_to_the_dashboard_named_or_under_the_gateways_public_url() {
+        let mut gateway = HttpSettings::on(8080);
+        let mut n = NotificationSettings::default();
+        assert_eq!(n.dashboard(&gateway), Ok(None), "no address known: no link");
+        gateway.public_url = Some("https://tm.example/".into());
+        assert_eq!(n.dashboard(&gateway).unwrap().unwrap().as_str(), "https://tm.example/ui/");
+        n.dashboard_url = Some("https://dash.example/ui/".into());
+        assert_eq!(n.dashboard(&gateway).unwrap().unwrap().as_str(), "https://dash.example/ui/");
+        n.dashboard_url = Some("javascript:alert(1)".into());
+        assert!(n.dashboard(&gateway).unwrap_err().starts_with("notification.dashboard_url"));
+    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's own error type

@@ -89,6 +89,8 @@ pub struct Notifier {
     /// Opens endpoints' sealed signing secrets.
     keyring: Option<std::sync::Arc<taskmesh_secrets::Keyring>>,
     endpoints: std::sync::Arc<EndpointCache>,
+    /// The dashboard statuses link to.
+    dashboard: Option<url::Url>,
 }
 
 impl Notifier {
@@ -107,7 +109,13 @@ impl Notifier {
         // A redirect is an answer (a failed delivery), never followed.
         let http = egress.client(builder, 0)?;
         let endpoints = EndpointCache::new(MAX_CACHED_TENANTS, CACHED_ENDPOINTS_TTL);
-        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints })
+        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints, dashboard: None })
+    }
+
+    /// Commit statuses link to their run's page in the dashboard at `url` (`…/ui/`).
+    pub fn with_dashboard(mut self, url: Option<url::Url>) -> Self {
+        self.dashboard = url;
+        self
     }
 
     /// Runs the fan-out and the deliveries until `shutdown` is cancelled.
@@ -392,7 +400,7 @@ impl Notifier {
             CommitState::Failure => "failed",
             CommitState::Cancelled => "cancelled",
         };
-        let body = match s.forge {
+        let mut body = match s.forge {
             Forge::Github | Forge::Gitea => {
                 serde_json::json!({"state": github_state(state), "context": context, "description": description})
             }
@@ -400,6 +408,12 @@ impl Notifier {
                 serde_json::json!({"state": gitlab_state(state), "name": context, "description": description})
             }
         };
+        if let Some(dashboard) = &self.dashboard {
+            // The run's page: the dashboard routes by the URL's fragment.
+            let mut page = dashboard.clone();
+            page.set_fragment(Some(&format!("/runs/{}", s.run_id)));
+            body["target_url"] = page.to_string().into();
+        }
         let parsed = s.forge.repo_api_url(&base, &repository, &["statuses", commit]).map_err(Outcome::Refused)?;
         let url = parsed.to_string();
         let auth = s.forge.api_auth(&token);
