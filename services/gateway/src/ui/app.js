@@ -29,7 +29,12 @@ async function api(path, options = {}) {
     body: options.body === undefined ? undefined : JSON.stringify(options.body),
   });
   const text = await res.text();
-  const body = text ? JSON.parse(text) : null;
+  let body = null;
+  try {
+    body = text ? JSON.parse(text) : null;
+  } catch {
+    // Not JSON (a proxy's error page, say): the status says enough.
+  }
   if (res.status === 401) {
     sessionStorage.removeItem(KEY);
     route();
@@ -85,12 +90,29 @@ function failure(e) {
   return el("p", { class: "error" }, e instanceof Error ? e.message : String(e));
 }
 
-// Runs `load` now and again every `ms` while this view stays (a new view stops it).
+// Runs `load(stop)` now and again every `ms` while this view stays: a new view stops it, and
+// so does `stop` (this view's own, so a late answer cannot stop the next view's). A look still
+// under way when the next is due lets that one pass, so two never overlap.
 function every(ms, load) {
   clearInterval(timer);
-  load();
-  timer = setInterval(load, ms);
+  let busy = false;
+  const tick = async () => {
+    if (busy) return;
+    busy = true;
+    try {
+      await load(stop);
+    } finally {
+      busy = false;
+    }
+  };
+  const id = setInterval(tick, ms);
+  const stop = () => clearInterval(id);
+  timer = id;
+  tick();
 }
+
+// Most log lines kept on the page; older ones make way.
+const MAX_LOG_LINES = 5000;
 
 // --- views ----------------------------------------------------------------------------------
 
@@ -141,13 +163,21 @@ function runsView(query) {
   const body = el("tbody");
   const problem = el("div");
   const table = el("table", {}, el("thead", {}, el("tr", {}, ["Run", "Workflow", "Status", "Trigger", "Created", "Took"].map((h) => el("th", {}, h)))), body);
-  show(el("h1", {}, "Runs"), filter, problem, table);
+  const more = el("p");
+  show(el("h1", {}, "Runs"), filter, problem, table, more);
   every(3000, async () => {
     try {
       const q = new URLSearchParams(params);
       q.set("limit", "50");
       const page = await api(`/v1/runs?${q}`);
       problem.replaceChildren();
+      if (page.next_cursor) {
+        const older = new URLSearchParams(params);
+        older.set("cursor", page.next_cursor);
+        more.replaceChildren(el("a", { href: `#/runs?${older}` }, "Older runs →"));
+      } else {
+        more.replaceChildren();
+      }
       body.replaceChildren(
         ...page.items.map((r) =>
           el(
@@ -276,15 +306,16 @@ function runView(id, stepId) {
     // Every page there is now; the next refresh asks for what came after.
     for (let pages = 0; pages < 20; pages++) {
       const page = await api(`/v1/runs/${id}/steps/${enc(step.id)}/logs?after=${after}&limit=1000`);
-      for (const l of page.lines) {
-        log.append(el("span", { class: l.stream }, `${l.line}\n`));
-        after = Math.max(after, l.seq);
-      }
+      for (const l of page.lines) log.append(el("span", { class: l.stream }, `${l.line}\n`));
+      if (page.next !== null && page.next !== undefined) after = page.next;
+      else if (page.lines.length) after = page.lines[page.lines.length - 1].seq;
       if (page.lines.length < 1000) break;
     }
+    while (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
+    if (log.childElementCount === MAX_LOG_LINES) log.title = `the last ${MAX_LOG_LINES} lines; the API has them all`;
   }
 
-  every(1000, async () => {
+  every(1000, async (stop) => {
     try {
       const run = await api(`/v1/runs/${id}`);
       problem.replaceChildren();
@@ -312,7 +343,7 @@ function runView(id, stepId) {
       );
       const step = run.steps.find((s) => s.id === stepId);
       // An ended run changes no more: this was the last look (its log included).
-      if (ended) clearInterval(timer);
+      if (ended) stop();
       if (!step) {
         detail.replaceChildren(el("p", { class: "muted" }, "Pick a step to see its output and attempts."));
         return;
