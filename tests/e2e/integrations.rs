@@ -1097,7 +1097,12 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     assert_eq!(res.status(), 400);
     let problem: serde_json::Value = res.json().await.unwrap();
     assert_eq!(problem["errors"][0]["field"], "steps[0].checkout", "{problem}");
-    // Nor does a schedule's: it is refused as it is created, not at every tick.
+    // Nor does a stored workflow's (it runs from the API, a schedule or an event), nor a
+    // schedule's: they are refused as they are stored or created, not at every run.
+    let res = tm.auth(tm.http.put(format!("{}/v1/workflows/ci", tm.api))).json(&workflow).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "steps[0].checkout", "{problem}");
     let schedule = serde_json::json!({"cron": "0 * * * *", "workflow": workflow});
     let res = tm.auth(tm.http.post(format!("{}/v1/schedules", tm.api))).json(&schedule).send().await.unwrap();
     assert_eq!(res.status(), 400);

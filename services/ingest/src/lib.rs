@@ -230,6 +230,8 @@ impl Ingest {
             }]));
         }
         self.check_steps_quota(&cmd.tenant, &workflow)?;
+        // A stored workflow runs from the API, a schedule or an event: never from a push.
+        nothing_to_check_out(&workflow)?;
         let subject = self.bus.namespace().workflow(&cmd.tenant, &cmd.name);
         for attempt in 0..16 {
             let last = self.bus.last(&subject).await?;
