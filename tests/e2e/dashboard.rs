@@ -192,9 +192,15 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     tm.wait_run(id, Duration::from_secs(30)).await;
     let browser = Browser::start(&bin).await;
 
-    // Without a key it asks for one; with it, the runs list shows the run.
+    // Without a key it asks for one; a wrong one is refused, saying so.
     browser.go(&format!("{}/ui/", tm.api)).await;
     browser.until("the sign-in form", "return !!document.querySelector('input[name=key]')").await;
+    browser.type_into("input[name=key]", "tm_not-a-key").await;
+    browser.click("button[type=submit]").await;
+    browser
+        .until("the refusal", "return document.querySelector('main').innerText.includes('That key was refused')")
+        .await;
+    // With a good one, the runs list shows the run.
     browser.type_into("input[name=key]", &tm.key).await;
     browser.click("button[type=submit]").await;
     let listed = format!("return document.querySelector('main').innerText.includes('{id}')");
@@ -212,6 +218,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         assert!(shown.contains(expected), "{expected} in {shown}");
     }
     assert_eq!(browser.run("return document.querySelector('pre .stderr').innerText").await, "oops\n");
+    // Looks a second apart, and none shows a line twice.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = browser.run("return document.querySelector('pre').innerText").await;
+    assert_eq!(log, "built it\noops\n");
     // The policy let the script set the timeline's bars (styles set from script, not inline).
     let width = browser.run("return document.querySelector('.timeline span').style.width").await;
     assert!(width.as_str().is_some_and(|w| w.ends_with('%')), "{width}");
@@ -228,6 +238,12 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let rerun: uuid::Uuid = hash.as_str().unwrap().trim_start_matches("#/runs/").parse().unwrap();
     let (status, run) = tm.get_run(rerun).await;
     assert_eq!((status, &run["trigger"]["kind"]), (200, &serde_json::json!("rerun")));
+
+    // A link whose run id is not one is not followed into the API's paths.
+    browser.go(&format!("{}/ui/#/runs/..%2Fkeys%23", tm.api)).await;
+    browser
+        .until("the refusal of the link", "return document.querySelector('main').innerText.includes('not a run id')")
+        .await;
 
     // Signing out forgets the key.
     browser.click("#sign-out").await;

@@ -8,7 +8,9 @@
 const KEY = "taskmesh.key";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "timed_out", "skipped"]);
 const main = document.getElementById("main");
-let timer = null; // the current view's refresh
+const RUN_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+let current = { stopped: true, stop() {} }; // the view on the page, and its refresh
+let refused = false; // the key was just refused: say so on the sign-in form
 
 // --- the API --------------------------------------------------------------------------------
 
@@ -27,6 +29,8 @@ async function api(path, options = {}) {
     method: options.method || "GET",
     headers,
     body: options.body === undefined ? undefined : JSON.stringify(options.body),
+    // What a key reads stays out of the browser's cache, so signing out leaves none of it.
+    cache: "no-store",
   });
   const text = await res.text();
   let body = null;
@@ -35,8 +39,9 @@ async function api(path, options = {}) {
   } catch {
     // Not JSON (a proxy's error page, say): the status says enough.
   }
-  if (res.status === 401) {
+  if (res.status === 401 && sessionStorage.getItem(KEY)) {
     sessionStorage.removeItem(KEY);
+    refused = true;
     route();
   }
   if (!res.ok) throw new ApiError(res.status, body);
@@ -72,11 +77,12 @@ function svg(tag, attrs = {}, ...children) {
 }
 
 const badge = (status) => el("span", { class: `status ${status || ""}` }, status || "?");
-const when = (t) => (t ? new Date(t).toLocaleString() : "");
+const when = (t) => (t ? new Date(t).toLocaleString(undefined, { timeZoneName: "short" }) : "");
 
 function took(start, end) {
   if (!start) return "";
-  const ms = (end ? new Date(end) : new Date()) - new Date(start);
+  // The browser's clock may be behind the server's: a running step never took less than nothing.
+  const ms = Math.max(0, (end ? new Date(end) : new Date()) - new Date(start));
   if (ms < 1000) return `${ms} ms`;
   if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
   return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
@@ -90,24 +96,31 @@ function failure(e) {
   return el("p", { class: "error" }, e instanceof Error ? e.message : String(e));
 }
 
-// Runs `load(stop)` now and again every `ms` while this view stays: a new view stops it, and
-// so does `stop` (this view's own, so a late answer cannot stop the next view's). A look still
-// under way when the next is due lets that one pass, so two never overlap.
+// Runs `load(view)` now and again every `ms` while this view stays: a new view stops it, and
+// so does `view.stop()` (this view's own, so a late answer cannot stop the next view's); an
+// answer that comes once `view.stopped` must be dropped. A look still under way when the next
+// is due lets that one pass, so two never overlap.
 function every(ms, load) {
-  clearInterval(timer);
+  current.stop();
   let busy = false;
+  const view = {
+    stopped: false,
+    stop() {
+      view.stopped = true;
+      clearInterval(id);
+    },
+  };
   const tick = async () => {
-    if (busy) return;
+    if (busy || view.stopped) return;
     busy = true;
     try {
-      await load(stop);
+      await load(view);
     } finally {
       busy = false;
     }
   };
   const id = setInterval(tick, ms);
-  const stop = () => clearInterval(id);
-  timer = id;
+  current = view;
   tick();
 }
 
@@ -117,7 +130,9 @@ const MAX_LOG_LINES = 5000;
 // --- views ----------------------------------------------------------------------------------
 
 function signIn() {
-  clearInterval(timer);
+  current.stop();
+  const why = refused ? el("p", { class: "error" }, "That key was refused (401): it is unknown, revoked, or of another deployment.") : null;
+  refused = false;
   const input = el("input", { type: "password", name: "key", placeholder: "tm_…", size: 48, autocomplete: "off", required: true });
   const form = el(
     "form",
@@ -135,7 +150,8 @@ function signIn() {
   );
   show(
     el("h1", {}, "Sign in"),
-    el("p", { class: "muted" }, "Paste an API key of your tenant. It stays in this tab only, and every request carries it."),
+    why,
+    el("p", { class: "muted" }, "Paste an API key of your tenant. The page keeps it in this tab only, and every request carries it."),
     form,
   );
 }
@@ -165,11 +181,12 @@ function runsView(query) {
   const table = el("table", {}, el("thead", {}, el("tr", {}, ["Run", "Workflow", "Status", "Trigger", "Created", "Took"].map((h) => el("th", {}, h)))), body);
   const more = el("p");
   show(el("h1", {}, "Runs"), filter, problem, table, more);
-  every(3000, async () => {
+  every(3000, async (view) => {
     try {
       const q = new URLSearchParams(params);
       q.set("limit", "50");
       const page = await api(`/v1/runs?${q}`);
+      if (view.stopped) return;
       problem.replaceChildren();
       if (page.next_cursor) {
         const older = new URLSearchParams(params);
@@ -279,10 +296,17 @@ function runView(id, stepId) {
   const head = el("div");
   const picture = el("div");
   const steps = el("tbody");
-  const detail = el("div");
+  // The step's facts and attempts are drawn anew each second; its log is only appended to, so
+  // a reader's scroll position and selection stay.
+  const facts = el("div");
   const log = el("pre", { "aria-label": "log" });
-  let logFor = null;
+  const logNote = el("p", { class: "muted" });
+  const attempts = el("div");
+  const detail = el("div", {}, el("p", { class: "muted" }, "Pick a step to see its output and attempts."));
+  if (stepId) detail.replaceChildren(facts, el("h2", {}, "Log"), logNote, log, el("h2", {}, "Attempts"), attempts);
   let after = 0;
+  let logDone = false;
+  let shown = 0;
   show(el("p", {}, el("a", { href: "#/runs" }, "← Runs")), problem, head, picture, el("h2", {}, "Steps"),
     el("table", {}, el("thead", {}, el("tr", {}, ["Step", "Kind", "Status", "Attempts", "Took", "Timeline"].map((h) => el("th", {}, h)))), steps),
     detail);
@@ -297,27 +321,29 @@ function runView(id, stepId) {
     }
   };
 
-  async function readLog(step) {
-    if (logFor !== step.id) {
-      logFor = step.id;
-      after = 0;
-      log.replaceChildren();
-    }
-    // Every page there is now; the next refresh asks for what came after.
+  // Reads what the step's log has after what is shown (20 pages at most a look: a long log
+  // comes in over several looks). True once a page came back short: all there is was read.
+  async function readLog(view, step) {
     for (let pages = 0; pages < 20; pages++) {
       const page = await api(`/v1/runs/${id}/steps/${enc(step.id)}/logs?after=${after}&limit=1000`);
+      if (view.stopped) return false;
+      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
       for (const l of page.lines) log.append(el("span", { class: l.stream }, `${l.line}\n`));
+      shown += page.lines.length;
       if (page.next !== null && page.next !== undefined) after = page.next;
       else if (page.lines.length) after = page.lines[page.lines.length - 1].seq;
-      if (page.lines.length < 1000) break;
+      while (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
+      logNote.textContent = shown > MAX_LOG_LINES ? `${shown} lines; the last ${MAX_LOG_LINES} read are shown (the API has them all).` : "";
+      if (atEnd) log.scrollTop = log.scrollHeight;
+      if (page.lines.length < 1000) return true;
     }
-    while (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
-    if (log.childElementCount === MAX_LOG_LINES) log.title = `the last ${MAX_LOG_LINES} lines; the API has them all`;
+    return false;
   }
 
-  every(1000, async (stop) => {
+  every(1000, async (view) => {
     try {
       const run = await api(`/v1/runs/${id}`);
+      if (view.stopped) return;
       problem.replaceChildren();
       const ended = TERMINAL.has(run.status);
       head.replaceChildren(
@@ -330,7 +356,7 @@ function runView(id, stepId) {
           run.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, run.wait_reason)] : null,
           Object.keys(run.inputs || {}).length ? [el("dt", {}, "Inputs"), el("dd", { class: "mono" }, JSON.stringify(run.inputs))] : null),
         el("div", { class: "actions" },
-          ended ? null : el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/cancel`) }, "Cancel"),
+          ended ? null : el("button", { type: "button", onclick: () => confirm("Cancel this run?") && act(`/v1/runs/${id}/cancel`) }, "Cancel"),
           ended && run.status !== "succeeded" ? el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/rerun`, { from: "failed" }) }, "Rerun failed steps") : null),
       );
       picture.replaceChildren(dag(run, stepId, pick));
@@ -342,13 +368,12 @@ function runView(id, stepId) {
         ),
       );
       const step = run.steps.find((s) => s.id === stepId);
-      // An ended run changes no more: this was the last look (its log included).
-      if (ended) stop();
       if (!step) {
-        detail.replaceChildren(el("p", { class: "muted" }, "Pick a step to see its output and attempts."));
+        // An ended run changes no more: this was the last look.
+        if (ended) view.stop();
         return;
       }
-      detail.replaceChildren(
+      facts.replaceChildren(
         el("h2", {}, `Step ${step.id} `, badge(step.status)),
         el("dl", { class: "facts" },
           step.exit_code !== null && step.exit_code !== undefined ? [el("dt", {}, "Exit code"), el("dd", {}, step.exit_code)] : null,
@@ -356,17 +381,24 @@ function runView(id, stepId) {
           step.reason ? [el("dt", {}, "Reason"), el("dd", {}, step.reason)] : null,
           step.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, step.wait_reason)] : null,
           Object.keys(step.outputs || {}).length ? [el("dt", {}, "Outputs"), el("dd", { class: "mono" }, JSON.stringify(step.outputs))] : null),
-        el("h2", {}, "Log"),
-        log,
-        el("h2", {}, "Attempts"),
+      );
+      attempts.replaceChildren(
         el("table", {}, el("thead", {}, el("tr", {}, ["#", "Executor", "Status", "Exit", "Error", "Took"].map((h) => el("th", {}, h)))),
           el("tbody", {}, (step.attempt_history || []).map((a) =>
             el("tr", {}, el("td", {}, a.attempt), el("td", {}, a.executor || ""), el("td", {}, badge(a.status)),
               el("td", {}, a.exit_code ?? ""), el("td", {}, a.error || ""), el("td", {}, took(a.started_at, a.finished_at)))))),
       );
-      await readLog(step);
+      if (!logDone) {
+        const all = await readLog(view, step);
+        // Once the step has ended and its whole log is read, nothing more will come.
+        logDone = all && TERMINAL.has(step.status);
+      }
+      if (ended && logDone) view.stop();
     } catch (e) {
+      if (view.stopped) return;
       problem.replaceChildren(failure(e));
+      // A run that is not there (or not this tenant's) will not appear by asking again.
+      if (e instanceof ApiError && e.status === 404) view.stop();
     }
   });
 }
@@ -390,9 +422,10 @@ function executorsView() {
     el("table", {}, el("thead", {}, el("tr", {}, ["Executor", "Labels", "Slots in use", "Last heartbeat", ""].map((h) => el("th", {}, h)))), live),
     el("h2", {}, "Queues"),
     el("table", {}, el("thead", {}, el("tr", {}, ["Labels", "Your steps queued", "Executors"].map((h) => el("th", {}, h)))), queues));
-  every(3000, async () => {
+  every(3000, async (view) => {
     try {
       const answer = await api("/v1/executors");
+      if (view.stopped) return;
       problem.replaceChildren();
       const labels = (l) => Object.entries(l || {}).map(([k, v]) => `${k}=${v}`).join(", ");
       live.replaceChildren(...(answer.items || []).map((x) =>
@@ -416,7 +449,14 @@ function route() {
   if (!signedIn) return signIn();
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
-  if (parts[0] === "runs" && parts[1]) return runView(parts[1], parts[2] === "steps" ? parts[3] : null);
+  if (parts[0] === "runs" && parts[1]) {
+    // Only a run id goes into the API's paths: a crafted link cannot aim the key elsewhere.
+    if (!RUN_ID.test(parts[1])) {
+      current.stop();
+      return show(el("p", {}, el("a", { href: "#/runs" }, "← Runs")), el("p", { class: "error" }, "That is not a run id."));
+    }
+    return runView(parts[1], parts[2] === "steps" ? parts[3] : null);
+  }
   if (parts[0] === "executors") return executorsView();
   return runsView(query || "");
 }
