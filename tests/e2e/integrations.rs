@@ -212,10 +212,7 @@ async fn forge_api() -> (String, ApiCalls) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     // The statuses link to each run's page in the dashboard.
-    let tm = spawn_with(&taskmesh::mesh::Service::ALL, |s| {
-        s.notification.dashboard_url = Some("https://tm.example/ui/".into())
-    })
-    .await;
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.dashboard_url = Some("https://tm.example/ui/".into())).await;
     let (api, calls) = forge_api().await;
     // Each run takes a while, so that its pending status is sent while it runs.
     let with_token = |token: &str, exit: u8| {
@@ -803,6 +800,7 @@ async fn steps_and_webhooks_reach_only_the_addresses_the_egress_rules_permit() {
             url: denied.clone(),
             secret: keyring.seal(&taskmesh_secrets::endpoint_secret_aad("default"), b"whsec_AAAA"),
             event_types: vec![],
+            format: Default::default(),
         })
         .await
         .unwrap();
@@ -876,6 +874,37 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(&key));
     assert!(!tm.postgres_text().await.contains(&key));
     tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slack_endpoint_is_told_how_a_run_ended_with_a_link_to_it() {
+    // The dashboard is under the gateway's public URL: messages link to the run there.
+    let tm = spawn_with(&Svc::ALL, |s| s.gateway.public_url = Some("https://tm.example".into())).await;
+    let (url, seen) = receiver().await;
+    let body = serde_json::json!({"url": url, "format": "slack", "event_types": ["run.failed"]});
+    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let bad = serde_json::json!({"url": url, "format": "teams"});
+    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&bad).send().await.unwrap();
+    assert_eq!(res.status(), 400, "an unknown format");
+    tm.wait_projected().await;
+    let listed: serde_json::Value =
+        tm.auth(tm.http.get(format!("{}/v1/webhook-endpoints", tm.api))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["items"][0]["format"], "slack", "{listed}");
+
+    let id = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'exit 1'}\n").await;
+    let (_, body) =
+        eventually("the message", Duration::from_secs(30), || async { Ok(seen.lock().unwrap().first().cloned()) })
+            .await
+            .unwrap();
+    let message: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let text = format!(":x: <https://tm.example/ui/#/runs/{id}|nightly> failed (run `{id}`)\nFailed steps: `build`");
+    assert_eq!(message, serde_json::json!({ "text": text }));
+    // A run that succeeds is not of the types it asked for.
+    let ok = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'true'}\n").await;
+    tm.wait_run(ok, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "one message, once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -408,6 +408,18 @@ impl Bus {
         }
     }
 
+    /// The first event on `subject` (of a commit, its first event), if any.
+    pub async fn first(&self, subject: &str) -> Result<Option<Stored>> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        match stream.direct_get_next_for_subject(subject, None).await {
+            Ok(msg) => {
+                Ok(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?.into_iter().next())
+            }
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BusError::Nats(format!("reading first of {subject}: {e}"))),
+        }
+    }
+
     /// The sequence of the first event on `subject`, 0 when it has none.
     pub async fn first_seq(&self, subject: &str) -> Result<u64> {
         let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;

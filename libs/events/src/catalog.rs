@@ -784,6 +784,35 @@ pub struct WebhookEndpointCreated {
     /// Event types delivered (`run.succeeded`, `run.failed`); empty means all.
     #[serde(default)]
     pub event_types: Vec<String>,
+    /// What its requests carry.
+    #[serde(default, skip_serializing_if = "EndpointFormat::is_standard")]
+    pub format: EndpointFormat,
+}
+
+/// What a webhook endpoint is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointFormat {
+    /// The event as JSON, signed per Standard Webhooks.
+    #[default]
+    StandardWebhooks,
+    /// A Slack incoming webhook's message (`{"text": …}`; Mattermost's and others' take it too),
+    /// saying how the run ended with a link to it in the dashboard.
+    Slack,
+}
+
+impl EndpointFormat {
+    pub fn is_standard(&self) -> bool {
+        *self == EndpointFormat::StandardWebhooks
+    }
+
+    /// Its name in the API and the read model.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EndpointFormat::StandardWebhooks => "standard_webhooks",
+            EndpointFormat::Slack => "slack",
+        }
+    }
 }
 
 /// The status of a run or a step, as the API shows it.

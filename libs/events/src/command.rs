@@ -291,6 +291,8 @@ pub struct CreateWebhookEndpoint {
     pub secret: taskmesh_secrets::Sealed,
     #[serde(default)]
     pub event_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "crate::catalog::EndpointFormat::is_standard")]
+    pub format: crate::catalog::EndpointFormat,
 }
 
 /// The reply to a create command: the new resource's id and its event's sequence.

@@ -153,6 +153,8 @@ pub struct WebhookEndpointView {
     pub url: String,
     /// The events sent to it; empty means every one.
     pub event_types: Vec<String>,
+    /// `standard_webhooks` or `slack`.
+    pub format: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -171,7 +173,7 @@ pub async fn list_webhook_endpoints(
     caller: Caller,
 ) -> ApiResult<Json<WebhookEndpointList>> {
     let rows = sqlx::query(
-        "SELECT id, url, event_types, created_at FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+        "SELECT id, url, event_types, format, created_at FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
     )
     .bind(&caller.tenant)
     .fetch_all(&state.pool)
@@ -182,6 +184,7 @@ pub async fn list_webhook_endpoints(
             id: r.get("id"),
             url: r.get("url"),
             event_types: r.get("event_types"),
+            format: r.get("format"),
             created_at: r.get("created_at"),
         })
         .collect();
@@ -302,6 +305,11 @@ pub struct WebhookEndpointRequest {
     /// `run.succeeded`, `run.failed`; empty means all.
     #[serde(default)]
     pub event_types: Vec<String>,
+    /// `standard_webhooks` (the default): the event, signed; `slack`: a Slack incoming
+    /// webhook's message.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "slack")]
+    pub format: taskmesh_events::EndpointFormat,
 }
 
 /// A created endpoint, with its signing secret (shown only here).
@@ -339,6 +347,7 @@ pub async fn create_webhook_endpoint(
             tenant: caller.tenant,
             url: req.url,
             event_types: req.event_types,
+            format: req.format,
             secret,
         })
         .await?;

@@ -731,6 +731,7 @@ impl Ingest {
                 url: cmd.url,
                 secret: cmd.secret,
                 event_types: cmd.event_types,
+                format: cmd.format,
             }),
         );
         let seq = self.append_new(&envelope, "webhook endpoint").await?;

@@ -440,17 +440,20 @@ impl Notifier {
     }
 
     async fn post(&self, d: &Delivery) -> Result<(), Outcome> {
-        let row = sqlx::query("SELECT url, secret FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2")
+        let row = sqlx::query("SELECT url, secret, format FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2")
             .bind(d.endpoint_id)
             .bind(&d.tenant)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
             .ok_or(Outcome::Gone)?;
-        let (url, sealed): (String, String) = (row.get("url"), row.get("secret"));
+        let (url, sealed, format): (String, String, String) = (row.get("url"), row.get("secret"), row.get("format"));
         let secret =
             self.open_secret(&taskmesh_secrets::endpoint_secret_aad(&d.tenant), &sealed).map_err(Outcome::Failed)?;
-        let body = serde_json::to_vec(&d.payload).map_err(|e| Outcome::Failed(e.to_string()))?;
+        let body = match format.as_str() {
+            "slack" => self.slack_message(d).await?,
+            _ => serde_json::to_vec(&d.payload).map_err(|e| Outcome::Failed(e.to_string()))?,
+        };
         let timestamp = Utc::now().timestamp();
         let signature = sign(&secret, &d.message_id, timestamp, &body).map_err(|e| Outcome::Failed(e.to_string()))?;
         let parsed = reqwest::Url::parse(&url).map_err(|e| Outcome::Failed(format!("'{url}' is not a URL: {e}")))?;
@@ -472,6 +475,71 @@ impl Notifier {
             Err(Outcome::Failed(format!("POST {url} answered {}", res.status())))
         }
     }
+}
+
+impl Notifier {
+    /// A Slack incoming webhook's message for a run's end: its workflow (from the run's first
+    /// event in the log, not the read side, which may not have it yet), how it ended, its
+    /// failed steps, and a link to it in the dashboard when the notifier knows where that is.
+    async fn slack_message(&self, d: &Delivery) -> Result<Vec<u8>, Outcome> {
+        let data = &d.payload["data"];
+        let run_id = data["run_id"].as_str().unwrap_or_default();
+        let workflow = match run_id.parse::<Uuid>() {
+            Ok(id) => {
+                let subject =
+                    self.bus.namespace().run(&taskmesh_events::RunKey { tenant: d.tenant.clone(), run_id: id });
+                match self.bus.first(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))? {
+                    Some(first) => match first.envelope.event {
+                        Event::RunSubmitted(s) => Some(s.workflow.name),
+                        _ => None,
+                    },
+                    None => None,
+                }
+            }
+            Err(_) => None,
+        };
+        let failed: Vec<&str> =
+            data["failed_steps"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+        let status = data["status"].as_str().unwrap_or("ended");
+        let text = slack_text(workflow.as_deref(), run_id, status, &failed, self.dashboard.as_ref());
+        serde_json::to_vec(&serde_json::json!({"text": text})).map_err(|e| Outcome::Failed(e.to_string()))
+    }
+}
+
+/// Escapes what Slack's message format gives a meaning (`&`, `<`, `>`).
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The text of a Slack message for a run's end.
+fn slack_text(
+    workflow: Option<&str>,
+    run_id: &str,
+    status: &str,
+    failed: &[&str],
+    dashboard: Option<&url::Url>,
+) -> String {
+    let mark = match status {
+        "succeeded" => ":white_check_mark:",
+        "failed" => ":x:",
+        "timed_out" => ":hourglass:",
+        _ => ":no_entry_sign:",
+    };
+    let name = slack_escape(workflow.unwrap_or("A run"));
+    let name = match dashboard {
+        Some(dashboard) => {
+            let mut page = dashboard.clone();
+            page.set_fragment(Some(&format!("/runs/{run_id}")));
+            format!("<{}|{name}>", slack_escape(page.as_str()))
+        }
+        None => format!("*{name}*"),
+    };
+    let mut text = format!("{mark} {name} {} (run `{run_id}`)", status.replace('_', " "));
+    if !failed.is_empty() {
+        let steps: Vec<String> = failed.iter().map(|s| format!("`{}`", slack_escape(s))).collect();
+        text.push_str(&format!("\nFailed steps: {}", steps.join(", ")));
+    }
+    text
 }
 
 enum Outcome {
@@ -506,6 +574,22 @@ fn gitlab_state(s: CommitState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slack_message_says_how_the_run_ended_and_links_to_it() {
+        let dashboard = url::Url::parse("https://tm.example/ui/").unwrap();
+        let id = "01a2-run";
+        assert_eq!(
+            slack_text(Some("deploy <prod> & more"), id, "failed", &["test", "lint"], Some(&dashboard)),
+            ":x: <https://tm.example/ui/#/runs/01a2-run|deploy &lt;prod&gt; &amp; more> failed (run `01a2-run`)\n\
+             Failed steps: `test`, `lint`"
+        );
+        assert_eq!(
+            slack_text(Some("ci"), id, "succeeded", &[], None),
+            ":white_check_mark: *ci* succeeded (run `01a2-run`)"
+        );
+        assert_eq!(slack_text(None, id, "timed_out", &[], None), ":hourglass: *A run* timed out (run `01a2-run`)");
+    }
 
     #[test]
     fn reproduces_the_standard_webhooks_test_vector() {

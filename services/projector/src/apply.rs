@@ -168,8 +168,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         Event::WebhookEndpointCreated(e) => {
             sqlx::query(
-                "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, event_types, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, event_types, created_at, format)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
             )
             .bind(e.endpoint_id)
             .bind(tenant)
@@ -177,6 +177,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(serde_json::to_string(&e.secret).expect("serialises"))
             .bind(&e.event_types)
             .bind(at)
+            .bind(e.format.as_str())
             .execute(&mut **tx)
             .await?;
         }
