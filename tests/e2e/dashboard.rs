@@ -252,4 +252,12 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.click("#sign-out").await;
     browser.until("the sign-in form again", "return !!document.querySelector('input[name=key]')").await;
     assert_eq!(browser.run("return sessionStorage.getItem('taskmesh.key')").await, serde_json::Value::Null);
+
+    // A link to the run (a commit status's, a Slack message's) opens that run once signed in.
+    browser.go(&format!("{}/ui/#/runs/{id}", tm.api)).await;
+    browser.until("the sign-in form for the link", "return !!document.querySelector('input[name=key]')").await;
+    browser.type_into("input[name=key]", &tm.key).await;
+    browser.click("button[type=submit]").await;
+    browser.until("the linked run's DAG", "return document.querySelectorAll('svg.dag .node').length === 3").await;
+    assert_eq!(browser.run("return location.hash").await, format!("#/runs/{id}").as_str());
 }

@@ -908,6 +908,55 @@ async fn a_slack_endpoint_is_told_how_a_run_ended_with_a_link_to_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1, 1]).await;
+    // `/slack` answers as Slack does for a deleted channel; `/standard` the same 404 (a
+    // Standard Webhooks endpoint mid-deploy, say); `/busy` asks for three seconds' rest once.
+    let hits: Arc<Mutex<Vec<(String, std::time::Instant)>>> = Arc::default();
+    let store = hits.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let store = store.clone();
+        async move {
+            use axum::response::IntoResponse;
+            let path = uri.path().to_string();
+            let before = store.lock().unwrap().iter().filter(|(p, _)| *p == path).count();
+            store.lock().unwrap().push((path.clone(), std::time::Instant::now()));
+            match path.as_str() {
+                "/busy" if before == 0 => {
+                    (axum::http::StatusCode::TOO_MANY_REQUESTS, [("retry-after", "3")], "").into_response()
+                }
+                "/busy" => "ok".into_response(),
+                _ => (axum::http::StatusCode::NOT_FOUND, "channel_not_found").into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    for (path, format) in [("slack", "slack"), ("standard", "standard_webhooks"), ("busy", "slack")] {
+        let body = serde_json::json!({"url": format!("{base}/{path}"), "format": format});
+        let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    tm.wait_projected().await;
+    let id = tm.submit("name: told\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    tm.wait_run(id, Duration::from_secs(30)).await;
+    let count = |path: &str| hits.lock().unwrap().iter().filter(|(p, _)| p == path).count();
+    // The standard endpoint is tried three times (the first attempt and two retries).
+    eventually("the standard endpoint's retries", Duration::from_secs(30), || async {
+        Ok((count("/standard") == 3 && count("/busy") == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(count("/slack"), 1, "Slack's 404 is not asked again");
+    let busy: Vec<std::time::Instant> =
+        hits.lock().unwrap().iter().filter(|(p, _)| p == "/busy").map(|(_, at)| *at).collect();
+    let waited = busy[1] - busy[0];
+    assert!(waited >= Duration::from_millis(2900), "Retry-After 3 was waited out, not the schedule's 1 s: {waited:?}");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_webhook_endpoint_is_sent_nothing_more() {
     let tm = spawn_mesh().await;
     let (seen, endpoint) = subscribe(&tm).await;

@@ -67,6 +67,18 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     };
     let (gone, gone_later, _kept) = (schedule().await, schedule().await, schedule().await);
     delete_schedule(&tm, &gone).await;
+    // Webhook endpoints of both formats, one deleted (the projector is the only service that
+    // reads their events here: nothing is delivered).
+    let mut endpoints = Vec::new();
+    for (format, types) in [("slack", vec!["run.failed"]), ("standard_webhooks", vec![]), ("slack", vec![])] {
+        let body = serde_json::json!({"url": "https://hooks.example/x", "format": format, "event_types": types});
+        let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 201);
+        endpoints.push(res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    let res =
+        tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, endpoints[2]))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
     tm.wait_projected().await;
 
     // Projector down: runs still execute, their events pile up in the log.
@@ -112,6 +124,9 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     let live = dump(&tm.pool).await;
     assert!(live.iter().filter(|r| r.starts_with("runs:")).count() == 6);
     assert_eq!(live.iter().filter(|r| r.starts_with("schedules:")).count(), 1, "deleted schedules are gone");
+    let hooks: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_endpoints:")).collect();
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
+    assert!(hooks.iter().any(|r| r.contains(r#""format":"slack""#)), "{hooks:?}");
 
     // Rebuild: drop every row, replay the log from sequence 1.
     projector.stop().await.unwrap();

@@ -389,18 +389,39 @@ impl Default for NotificationSettings {
 }
 
 impl NotificationSettings {
-    /// Where commit statuses link to (see `dashboard_url`); an error names a setting that is
-    /// not an http(s) URL.
+    /// Where commit statuses and Slack messages link to (see `dashboard_url`); an error names
+    /// the setting that is not an http(s) URL a browser can be sent to: one with a user name
+    /// or password (which would be shown on every commit), a query or fragment (the run's page
+    /// is put in the fragment), or longer than 1,000 bytes.
     pub fn dashboard(&self, gateway: &HttpSettings) -> Result<Option<url::Url>, String> {
-        let (name, value) = match (&self.dashboard_url, &gateway.public_url) {
-            (Some(url), _) => ("notification.dashboard_url", url.clone()),
-            (None, Some(public)) => ("gateway.public_url", format!("{}/ui/", public.trim_end_matches('/'))),
+        let (name, url) = match (&self.dashboard_url, &gateway.public_url) {
+            (Some(url), _) => ("notification.dashboard_url", url::Url::parse(url)),
+            (None, Some(public)) => {
+                let base = url::Url::parse(public).map(|mut base| {
+                    // `https://tm.example/base` is the directory `base/`, under which `ui/` is.
+                    if !base.path().ends_with('/') {
+                        base.set_path(&format!("{}/", base.path()));
+                    }
+                    base
+                });
+                ("gateway.public_url", base.and_then(|base| base.join("ui/")))
+            }
             (None, None) => return Ok(None),
         };
-        match url::Url::parse(&value) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(Some(url)),
-            _ => Err(format!("{name}: '{value}' is not an http(s) URL")),
+        let url = url.map_err(|e| format!("{name}: not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!("{name}: '{url}' is not an http(s) URL"));
         }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!("{name}: the dashboard's address must not carry a user name or password"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("{name}: '{url}' has a query or fragment (the run's page goes in the fragment)"));
+        }
+        if url.as_str().len() > 1000 {
+            return Err(format!("{name}: the dashboard's address is longer than 1,000 bytes"));
+        }
+        Ok(Some(url))
     }
 }
 
@@ -513,6 +534,19 @@ mod tests {
         assert_eq!(n.dashboard(&gateway).unwrap().unwrap().as_str(), "https://dash.example/ui/");
         n.dashboard_url = Some("javascript:alert(1)".into());
         assert!(n.dashboard(&gateway).unwrap_err().starts_with("notification.dashboard_url"));
+        for refused in
+            ["https://user:pass@dash.example/ui/", "https://dash.example/ui/?a=b", "https://dash.example/ui/#x"]
+        {
+            n.dashboard_url = Some(refused.into());
+            assert!(n.dashboard(&gateway).is_err(), "{refused} is refused");
+        }
+        n.dashboard_url = Some(format!("https://dash.example/{}", "a".repeat(1000)));
+        assert!(n.dashboard(&gateway).is_err(), "a too long address is refused");
+        n.dashboard_url = None;
+        gateway.public_url = Some("https://tm.example/base".into());
+        assert_eq!(n.dashboard(&gateway).unwrap().unwrap().as_str(), "https://tm.example/base/ui/");
+        gateway.public_url = Some("https://token@tm.example/".into());
+        assert!(n.dashboard(&gateway).unwrap_err().starts_with("gateway.public_url"));
     }
 
     #[test]

@@ -306,10 +306,10 @@ pub struct WebhookEndpointRequest {
     #[serde(default)]
     pub event_types: Vec<String>,
     /// `standard_webhooks` (the default): the event, signed; `slack`: a Slack incoming
-    /// webhook's message.
+    /// webhook's message. Null or absent: the default.
     #[serde(default)]
-    #[schema(value_type = Option<String>, example = "slack")]
-    pub format: taskmesh_events::EndpointFormat,
+    #[schema(example = "slack")]
+    pub format: Option<taskmesh_events::EndpointFormat>,
 }
 
 /// A created endpoint, with its signing secret (shown only here).
@@ -347,7 +347,7 @@ pub async fn create_webhook_endpoint(
             tenant: caller.tenant,
             url: req.url,
             event_types: req.event_types,
-            format: req.format,
+            format: req.format.unwrap_or_default(),
             secret,
         })
         .await?;

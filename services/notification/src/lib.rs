@@ -298,16 +298,25 @@ impl Notifier {
                 tracing::error!(%reason, "refused for good: not retried");
                 AckKind::Term
             }
-            Err(Outcome::Failed(reason)) => match self.settings.retry_delays_secs.get(attempt - 1) {
-                Some(&delay) => {
-                    tracing::info!(%reason, retry_in_secs = delay, "delivery failed; will retry");
-                    AckKind::Nak(Some(Duration::from_secs(delay)))
-                }
-                None => {
-                    tracing::error!(%reason, attempts = attempt, "delivery failed for good (dead letter)");
-                    AckKind::Term
-                }
-            },
+            Err(Outcome::Failed(reason)) => self.retry(reason, attempt, Duration::ZERO),
+            // A throttled endpoint's own wait, when longer than the schedule's.
+            Err(Outcome::Later(reason, wait)) => self.retry(reason, attempt, wait),
+        }
+    }
+
+    /// A failed attempt: retried after the schedule's next delay (or `at_least`), or dropped
+    /// when it was the last.
+    fn retry(&self, reason: String, attempt: usize, at_least: Duration) -> AckKind {
+        match self.settings.retry_delays_secs.get(attempt - 1) {
+            Some(&delay) => {
+                let delay = Duration::from_secs(delay).max(at_least);
+                tracing::info!(%reason, retry_in_secs = delay.as_secs(), "delivery failed; will retry");
+                AckKind::Nak(Some(delay))
+            }
+            None => {
+                tracing::error!(%reason, attempts = attempt, "delivery failed for good (dead letter)");
+                AckKind::Term
+            }
         }
     }
 
@@ -429,6 +438,10 @@ impl Notifier {
             .await
             .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
         let status = res.status();
+        if let Some(wait) = retry_after(&res) {
+            // Rate limited (GitHub's secondary limits answer 403 with Retry-After).
+            return Err(Outcome::Later(format!("POST {url} answered {status}"), wait));
+        }
         match status.as_u16() {
             200..=299 => Ok(()),
             // The token, the repository or the commit is wrong: asking again changes nothing.
@@ -469,12 +482,32 @@ impl Notifier {
             .send()
             .await
             .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
-        if res.status().is_success() {
-            Ok(())
-        } else {
-            Err(Outcome::Failed(format!("POST {url} answered {}", res.status())))
+        let status = res.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let reason = format!("POST {url} answered {status}");
+        if let Some(wait) = retry_after(&res) {
+            return Err(Outcome::Later(reason, wait));
+        }
+        match status.as_u16() {
+            // Slack says so for a bad message, a revoked webhook, an archived or deleted
+            // channel: asking again for hours changes nothing. (A standard endpoint's 4xx is
+            // retried, as Standard Webhooks senders do: it may be a deploy under way.)
+            400..=499 if format == "slack" && !matches!(status.as_u16(), 408 | 429) => Err(Outcome::Refused(reason)),
+            _ => Err(Outcome::Failed(reason)),
         }
     }
+}
+
+/// How long a `429`, `503` (or a forge's rate-limiting `403`) asks to be left alone
+/// (`Retry-After` in seconds; an HTTP date is not honoured), at most an hour.
+fn retry_after(res: &reqwest::Response) -> Option<Duration> {
+    if !matches!(res.status().as_u16(), 403 | 429 | 503) {
+        return None;
+    }
+    let secs: u64 = res.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(3600)))
 }
 
 impl Notifier {
@@ -506,9 +539,15 @@ impl Notifier {
     }
 }
 
-/// Escapes what Slack's message format gives a meaning (`&`, `<`, `>`).
+/// Escapes what Slack's message format gives a meaning (`&`, `<`, `>`), and puts a space for
+/// each control character (a newline in a name would start a line of its own).
 fn slack_escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The text of a Slack message for a run's end.
@@ -530,7 +569,8 @@ fn slack_text(
         Some(dashboard) => {
             let mut page = dashboard.clone();
             page.set_fragment(Some(&format!("/runs/{run_id}")));
-            format!("<{}|{name}>", slack_escape(page.as_str()))
+            // A `|` would end the link's address early.
+            format!("<{}|{name}>", slack_escape(page.as_str()).replace('|', "%7C"))
         }
         None => format!("*{name}*"),
     };
@@ -549,6 +589,8 @@ enum Outcome {
     Refused(String),
     /// Retry it later.
     Failed(String),
+    /// Retry it, but not before this long (the endpoint's `Retry-After`).
+    Later(String, Duration),
 }
 
 /// A state as GitHub and Gitea name it.
@@ -589,6 +631,12 @@ mod tests {
             ":white_check_mark: *ci* succeeded (run `01a2-run`)"
         );
         assert_eq!(slack_text(None, id, "timed_out", &[], None), ":hourglass: *A run* timed out (run `01a2-run`)");
+        let piped = url::Url::parse("https://tm.example/a|b/").unwrap();
+        assert_eq!(
+            slack_text(Some("two\nlines"), id, "cancelled", &[], Some(&piped)),
+            ":no_entry_sign: <https://tm.example/a%7Cb/#/runs/01a2-run|two lines> cancelled (run `01a2-run`)",
+            "a name stays on its line, and a | cannot end the link early"
+        );
     }
 
     #[test]

@@ -141,8 +141,9 @@ function signIn() {
       onsubmit: (ev) => {
         ev.preventDefault();
         sessionStorage.setItem(KEY, input.value.trim());
-        location.hash = "#/runs";
-        route();
+        // A link to a run (from a commit status, from Slack) opens that run once signed in.
+        if (location.hash.length > 1) route();
+        else location.hash = "#/runs"; // the hashchange routes
       },
     },
     el("label", {}, "API key ", input),
