@@ -1,4 +1,5 @@
-//! Crash safety with real processes: an executor killed with SIGKILL mid-step.
+//! Crash safety with real processes: an executor, a scheduler replica and a notifier killed
+//! with SIGKILL mid-work, an executor drained with SIGTERM.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -204,5 +205,80 @@ async fn sigterm_lets_the_running_step_finish_and_takes_no_new_one() {
     assert_eq!(run["status"], "succeeded");
     assert_ne!(step(&run, "next")["attempt_history"][0]["executor"], "draining");
     other.stop().await.unwrap();
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_notifier_leaves_its_deliveries_to_another_and_every_run_end_is_told() {
+    use secrecy::ExposeSecret;
+    use std::sync::{Arc, Mutex};
+    // Everything but the notifier in this process; the first notifier is a child process.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Projector, Svc::Gateway], |s| {
+        s.notification.timeout_ms = 1_000
+    })
+    .await;
+    // The endpoint takes half a second over each delivery and keeps the webhook-id of each it
+    // answered (a request cut off by the kill is not answered, so not kept).
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let store = answered.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            store.lock().unwrap().push(id);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    crate::integrations::subscribe_url(&tm, &url).await;
+    tm.wait_projected().await;
+
+    let mut doomed = spawn_service(&tm, "notification");
+    doomed
+        .env("TASKMESH_POSTGRES__URL", tm.env.settings.postgres.url.expose_secret())
+        .env("TASKMESH_SECRETS__KEY", tm.env.settings.secrets.key.as_ref().unwrap().expose_secret())
+        .env("TASKMESH_NOTIFICATION__TIMEOUT_MS", "1000");
+    let mut doomed = doomed.spawn().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        ids.push(tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await);
+    }
+    // Killed with four of its deliveries under way (four at a time per tenant).
+    eventually("the doomed notifier's first deliveries", Duration::from_secs(30), || async {
+        Ok((answered.lock().unwrap().len() >= 4).then_some(()))
+    })
+    .await
+    .unwrap();
+    doomed.start_kill().unwrap();
+    let status = doomed.wait().await.unwrap();
+    assert!(!status.success(), "killed: {status:?}");
+    let before = answered.lock().unwrap().len();
+    assert!(before < 16, "killed with deliveries left ({before} of 16 answered)");
+
+    // Another notifier delivers the rest, and those the killed one held once their ack
+    // deadline (twelve seconds) passes.
+    let survivor =
+        Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &[Svc::Notification]).await.unwrap();
+    let mut want = std::collections::BTreeSet::new();
+    for id in &ids {
+        tm.wait_run(*id, Duration::from_secs(30)).await;
+        let events = tm.run_events(*id).await;
+        let end = events.iter().rev().find(|e| e.event.is_run_terminal()).expect("the run's end");
+        want.insert(end.id.to_string());
+    }
+    eventually("every run's end told", Duration::from_secs(60), || async {
+        let told: std::collections::BTreeSet<String> = answered.lock().unwrap().iter().cloned().collect();
+        Ok((told == want).then_some(()))
+    })
+    .await
+    .unwrap();
+    // At least once: one the kill cut off after its answer and before its ack is told again;
+    // no more than the four that were under way.
+    let total = answered.lock().unwrap().len();
+    assert!(total <= 16 + 4, "{total} answers for 16 runs");
+    survivor.stop().await.unwrap();
     tm.finish().await;
 }

@@ -657,7 +657,7 @@ async fn post_endpoint(tm: &TestMesh, url: &str) -> reqwest::Response {
 }
 
 /// Subscribes `url` as a webhook endpoint; returns the created endpoint.
-async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value {
+pub(crate) async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value {
     let res = post_endpoint(tm, url).await;
     assert_eq!(res.status(), 201);
     res.json().await.unwrap()
@@ -677,28 +677,7 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
     let (refusing, refused) = forge_stand_in(Vec::new(), usize::MAX).await;
     subscribe_url(&tm, &format!("{refusing}/hook")).await;
     // Tenant `beta`'s endpoint takes what it is sent.
-    let created = tm
-        .http
-        .post(format!("{}/v1/tenants", tm.api))
-        .bearer_auth(PLATFORM_KEY)
-        .json(&serde_json::json!({"id": "beta", "name": "Beta"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let beta_key = created.json::<serde_json::Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
-    let (beta_url, beta_seen) = receiver().await;
-    let res = tm
-        .http
-        .post(format!("{}/v1/webhook-endpoints", tm.api))
-        .bearer_auth(&beta_key)
-        .json(&serde_json::json!({"url": beta_url}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    tm.wait_projected().await;
+    let (beta_key, beta_seen) = tenant_with_receiver(&tm, PLATFORM_KEY, "beta").await;
 
     // Four of `default`'s runs end: two deliveries fill its share, the other two are dropped,
     // and every run ends all the same.
@@ -716,22 +695,126 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
     let held = tm.bus.subject_counts(&ns.deliveries_stream(), &ns.delivery("default")).await.unwrap();
     assert_eq!(held.get(&ns.delivery("default")).copied(), Some(2), "{held:?}");
     // `beta`'s run is notified as ever.
-    let res = tm
-        .http
-        .post(format!("{}/v1/runs", tm.api))
-        .bearer_auth(&beta_key)
-        .header("content-type", "application/yaml")
-        .body("name: quick\nsteps:\n  - {id: a, uses: noop}\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
+    submit_as(&tm, &beta_key).await;
     eventually("beta's webhook", Duration::from_secs(20), || async {
         Ok((!beta_seen.lock().unwrap().is_empty()).then_some(()))
     })
     .await
     .unwrap();
     assert_eq!(refused.lock().unwrap().len(), 2, "only the two deliveries queued were attempted");
+    tm.finish().await;
+}
+
+/// Creates tenant `id` (with the platform key) and subscribes a [`receiver`] of its own to its
+/// runs' ends: its admin key and what the receiver hears.
+async fn tenant_with_receiver(tm: &TestMesh, platform_key: &str, id: &str) -> (String, Received) {
+    let created = tm
+        .http
+        .post(format!("{}/v1/tenants", tm.api))
+        .bearer_auth(platform_key)
+        .json(&serde_json::json!({"id": id, "name": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let key = created.json::<serde_json::Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let (url, seen) = receiver().await;
+    let res = tm
+        .http
+        .post(format!("{}/v1/webhook-endpoints", tm.api))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"url": url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    tm.wait_projected().await;
+    (key, seen)
+}
+
+/// Submits a one-step run with tenant `key`.
+async fn submit_as(tm: &TestMesh, key: &str) {
+    let res = tm
+        .http
+        .post(format!("{}/v1/runs", tm.api))
+        .bearer_auth(key)
+        .header("content-type", "application/yaml")
+        .body("name: quick\nsteps:\n  - {id: a, uses: noop}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks() {
+    const PLATFORM_KEY: &str = "platform-key-for-delivery-fairness";
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.notification.timeout_ms = 3_000;
+        s.notification.per_tenant_concurrency = 2;
+        // A failed delivery waits ten minutes for its retry, unacknowledged meanwhile.
+        s.notification.retry_delays_secs = vec![600];
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+    })
+    .await;
+    // Tenant `default`'s endpoint never answers: each delivery takes the whole timeout. The
+    // stand-in counts the requests it holds, and the most it held at once.
+    let held = Arc::new((std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)));
+    let count = held.clone();
+    struct Leaving(Arc<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>);
+    impl Drop for Leaving {
+        fn drop(&mut self) {
+            self.0.0.fetch_sub(1, SeqCst);
+        }
+    }
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let starts = started.clone();
+    let app = axum::Router::new().fallback(move || {
+        let (count, starts) = (count.clone(), starts.clone());
+        async move {
+            starts.fetch_add(1, SeqCst);
+            let now = count.0.fetch_add(1, SeqCst) + 1;
+            count.1.fetch_max(now, SeqCst);
+            let _leaving = Leaving(count);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    subscribe_url(&tm, &hanging).await;
+    let (beta_key, beta_seen) = tenant_with_receiver(&tm, PLATFORM_KEY, "beta").await;
+
+    // Ten of `default`'s runs end: ten deliveries of three seconds each, two at a time.
+    for _ in 0..10 {
+        let run = tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
+        assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "succeeded");
+    }
+    eventually("default's deliveries under way", Duration::from_secs(20), || async {
+        Ok((started.load(SeqCst) > 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    // `beta`'s run is notified while `default`'s are still being tried (one at a time, as
+    // before, it would have waited out all ten).
+    submit_as(&tm, &beta_key).await;
+    eventually("beta's webhook", Duration::from_secs(30), || async {
+        Ok((!beta_seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let tried = started.load(SeqCst);
+    assert!(tried < 10, "beta's webhook came after {tried} of default's ten attempts, not after all of them");
+    // Every one of `default`'s is tried in the end (the waits for their retries unacknowledged
+    // hold up none of them), never more than two at once.
+    eventually("default's ten attempts", Duration::from_secs(60), || async {
+        Ok((started.load(SeqCst) == 10).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(held.1.load(SeqCst), 2, "two of the tenant's deliveries at once, at most");
     tm.finish().await;
 }
 

@@ -380,11 +380,23 @@ pub struct NotificationSettings {
     /// statuses link to their run's page there. None: the gateway's `public_url` followed by
     /// `/ui/`, if that is set; otherwise statuses carry no link.
     pub dashboard_url: Option<String>,
+    /// Most deliveries (webhooks, Slack messages, commit statuses) one notifier sends at once,
+    /// across tenants.
+    pub concurrency: usize,
+    /// Most of one tenant's deliveries one notifier sends at once: a tenant whose endpoint
+    /// hangs holds this many of the `concurrency` places, never all of them.
+    pub per_tenant_concurrency: usize,
 }
 
 impl Default for NotificationSettings {
     fn default() -> Self {
-        Self { timeout_ms: 10_000, retry_delays_secs: vec![5, 30, 120, 600, 1800, 3600, 10800], dashboard_url: None }
+        Self {
+            timeout_ms: 10_000,
+            retry_delays_secs: vec![5, 30, 120, 600, 1800, 3600, 10800],
+            dashboard_url: None,
+            concurrency: 32,
+            per_tenant_concurrency: 4,
+        }
     }
 }
 

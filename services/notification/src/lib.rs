@@ -8,8 +8,8 @@
 //! `{event id}:{endpoint id}`. Each tenant's endpoints are kept in memory between runs' ends
 //! ([`EndpointCache`]), forgotten as a trigger on `webhook_endpoints` announces their change
 //! (and all of them while that announcement cannot be heard), so a run's end costs no query.
-//! The delivery loop (durable consumer
-//! `deliveries`) POSTs each one with `webhook-id` (the event id, stable across retries so the
+//! The delivery loop (a durable consumer per tenant, [`tenants`], so that one tenant's slow
+//! endpoint or backlog never holds up another's) POSTs each one with `webhook-id` (the event id, stable across retries so the
 //! receiver can deduplicate), `webhook-timestamp` and `webhook-signature`; a failure is retried
 //! after the configured delays, then dropped with an error log (dead letter).
 //!
@@ -20,7 +20,11 @@
 //! reports nothing; a `pending` that would land after the run's end is not sent.
 //!
 //! # Layout
-//! Everything is in this file: [`Notifier`], [`Delivery`], [`sign`].
+//! - this file: [`Notifier`] (the fan-out, one delivery's attempt, Slack messages, commit
+//!   statuses), [`Delivery`], [`sign`];
+//! - [`tenants`]: the delivery loop, pulling each tenant's deliveries on its own.
+
+pub mod tenants;
 
 use std::time::Duration;
 
@@ -40,8 +44,6 @@ use uuid::Uuid;
 
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
-/// The delivery consumer.
-pub const DELIVERIES: &str = "deliveries";
 
 /// One notification to one endpoint: a message on the deliveries queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,33 +238,9 @@ impl Notifier {
         Ok(endpoints)
     }
 
+    /// The delivery loop: each tenant's deliveries pulled on their own ([`tenants`]).
     async fn deliver(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let ns = self.bus.namespace();
-        let config = PullConfig {
-            filter_subject: ns.deliveries_all(),
-            ack_policy: AckPolicy::Explicit,
-            // A pending status may take two requests (its own, and the outcome's again).
-            ack_wait: 2 * Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10),
-            // Unlimited: an attempt past the schedule ends without a request (`deliver_one`),
-            // so a last attempt whose ack was lost still leaves the queue rather than holding
-            // a place in the tenant's share for good.
-            max_deliver: -1,
-            ..Default::default()
-        };
-        let me = &self;
-        // One delivery pulled at a time: a prefetched one would sit out its ack wait behind a
-        // slow endpoint and be redelivered while still held.
-        taskmesh_bus::consume(
-            &self.bus,
-            &ns.deliveries_stream(),
-            DELIVERIES,
-            config,
-            1,
-            shutdown.cancelled(),
-            |msg| async move { me.deliver_one(&msg).await },
-        )
-        .await;
-        Ok(())
+        tenants::run(self, shutdown).await
     }
 
     /// Attempts one delivery; says how to ack it.
