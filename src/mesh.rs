@@ -129,7 +129,8 @@ impl Mesh {
                 Service::Ingest => {
                     let ingest = taskmesh_ingest::Ingest::new(bus)
                         .with_limits(settings.limits.clone())
-                        .with_egress(taskmesh_egress::Egress::new(&settings.egress));
+                        .with_egress(taskmesh_egress::Egress::new(&settings.egress))
+                        .with_email(settings.notification.smtp_url.is_some());
                     tasks.spawn(async move { (service, ingest.run(token).await) });
                 }
                 Service::Scheduler => {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 #
 # scripts/lib/python-tools.sh — the Python tools the contract tests use, from PyPI, in a
-# virtualenv: Schemathesis (fuzzes the API against /openapi.json) and openapi-python-client
-# (generates a client from docs/openapi.json). Installs python3 and its venv module with
+# virtualenv: Schemathesis (fuzzes the API against /openapi.json), openapi-python-client
+# (generates a client from docs/openapi.json) and aiosmtpd (the SMTP server e-mail endpoints
+# are tested against). Installs python3 and its venv module with
 # apt-get when they are missing. Idempotent: a venv with the pinned versions is reused.
 #
 # Usage: scripts/lib/python-tools.sh [VENV]      (default: .taskmesh/venv in the repository)
@@ -21,6 +22,7 @@ TM_PYTHON_REQUIREMENTS=(
   "httpx==0.28.1"
   "attrs==26.1.0"
   "python-dateutil==4.0.0"
+  "aiosmtpd==1.4.6"
 )
 
 tm_python_tools() {
@@ -28,7 +30,7 @@ tm_python_tools() {
   tm_need_python_venv
   local stamp="$venv/.taskmesh-requirements"
   local wanted="${TM_PYTHON_REQUIREMENTS[*]}"
-  if [[ -x $venv/bin/st && -x $venv/bin/openapi-python-client && -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
+  if [[ -x $venv/bin/st && -x $venv/bin/openapi-python-client && -x $venv/bin/aiosmtpd && -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
     tm_log "python tools ready in $venv"
     return 0
   fi

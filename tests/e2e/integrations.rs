@@ -1039,6 +1039,121 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
     tm.finish().await;
 }
 
+/// aiosmtpd (a real SMTP server, from PyPI into the tests' virtualenv by
+/// `scripts/lib/python-tools.sh`) listening on a free port, keeping what it receives in the
+/// maildir `dir`; None where it is not installed (outside CI).
+async fn smtp_server(dir: &std::path::Path) -> Option<(tokio::process::Child, u16)> {
+    let venv = std::env::var_os("TM_PYTHON_TOOLS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".taskmesh/venv"));
+    let python = venv.join("bin/python");
+    let installed =
+        std::process::Command::new(&python).args(["-c", "import aiosmtpd"]).status().is_ok_and(|s| s.success());
+    if !installed {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "aiosmtpd is missing from {} (scripts/test installs it)",
+            venv.display()
+        );
+        eprintln!("skipped: aiosmtpd is not installed (scripts/test installs it)");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = tokio::process::Command::new(&python)
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting aiosmtpd");
+    eventually("the SMTP server to listen", Duration::from_secs(30), || async {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ()))
+    })
+    .await
+    .unwrap();
+    Some((child, port))
+}
+
+/// The messages in maildir `dir`, as text, oldest first.
+fn mails(dir: &std::path::Path) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("new")).into_iter().flatten().flatten().collect();
+    files.sort_by_key(|f| f.metadata().and_then(|m| m.modified()).ok());
+    files.iter().map(|f| std::fs::read_to_string(f.path()).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    // aiosmtpd makes the maildir (and its tmp, new and cur) only where nothing is.
+    let maildir = tmp.path().join("mail");
+    let Some((_smtp, port)) = smtp_server(&maildir).await else { return };
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.notification.smtp_url = Some(secrecy::SecretString::from(format!("smtp://127.0.0.1:{port}")));
+        s.notification.email_from = Some("Taskmesh <taskmesh@example.com>".into());
+        s.gateway.public_url = Some("https://tm.example".into());
+    })
+    .await;
+    let mesh = &tm;
+    let create = |body: serde_json::Value| async move {
+        mesh.auth(mesh.http.post(format!("{}/v1/webhook-endpoints", mesh.api))).json(&body).send().await.unwrap()
+    };
+    let res = create(serde_json::json!({"url": "mailto:ops@example.com, dev@example.com", "format": "email",
+        "event_types": ["run.failed"]}))
+    .await;
+    assert_eq!(res.status(), 201);
+    let endpoint = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    for bad in ["mailto:ops@example.com?cc=boss@example.com", "https://example.com/hook", "mailto:ops"] {
+        let res = create(serde_json::json!({"url": bad, "format": "email"})).await;
+        assert_eq!(res.status(), 400, "{bad}");
+    }
+    // A mailto: URL is an e-mail endpoint's only.
+    assert_eq!(create(serde_json::json!({"url": "mailto:ops@example.com"})).await.status(), 400);
+    tm.wait_projected().await;
+
+    let failed = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'exit 1'}\n").await;
+    let mail = eventually("the e-mail", Duration::from_secs(30), || async { Ok(mails(&maildir).pop()) }).await.unwrap();
+    let events = tm.run_events(failed).await;
+    let end = events.iter().rev().find(|e| e.event.is_run_terminal()).unwrap();
+    for expected in [
+        "From: Taskmesh <taskmesh@example.com>".to_string(),
+        "Subject: [Taskmesh] nightly failed".to_string(),
+        "Auto-Submitted: auto-generated".to_string(),
+        format!("Message-ID: <{}.{endpoint}@taskmesh>", end.id),
+        "X-RcptTo: ops@example.com, dev@example.com".to_string(),
+        format!("The run {failed} of nightly failed.\nFailed steps: build\n\nhttps://tm.example/ui/#/runs/{failed}"),
+    ] {
+        assert!(mail.replace("\r\n", "\n").contains(&expected), "{expected} in\n{mail}");
+    }
+    // A run that succeeds is not of the types it asked for; the next failure is mailed.
+    let ok = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'true'}\n").await;
+    tm.wait_run(ok, Duration::from_secs(30)).await;
+    let again = tm.submit("name: again\nsteps:\n  - {id: build, run: 'exit 1'}\n").await;
+    tm.wait_run(again, Duration::from_secs(30)).await;
+    eventually("the second e-mail", Duration::from_secs(30), || async {
+        Ok((mails(&maildir).len() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    let all = mails(&maildir);
+    assert_eq!(all.len(), 2, "the success is not mailed");
+    assert!(all.iter().all(|m| m.contains("failed")), "{all:?}");
+
+    // An ingest whose notifiers have no SMTP server refuses e-mail endpoints.
+    let keyring = taskmesh::mesh::keyring(&tm.env.settings).unwrap().unwrap();
+    let refused = taskmesh_ingest::Ingest::new(tm.bus.clone())
+        .create_webhook_endpoint(taskmesh_events::command::CreateWebhookEndpoint {
+            tenant: "default".into(),
+            url: "mailto:ops@example.com".into(),
+            secret: keyring.seal(&taskmesh_secrets::endpoint_secret_aad("default"), b"whsec_AAAA"),
+            event_types: vec![],
+            format: taskmesh_events::EndpointFormat::Email,
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.detail.contains("SMTP"), "{refused:?}");
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_webhook_endpoint_is_sent_nothing_more() {
     let tm = spawn_mesh().await;

@@ -386,6 +386,13 @@ pub struct NotificationSettings {
     /// Most of one tenant's deliveries one notifier sends at once: a tenant whose endpoint
     /// hangs holds this many of the `concurrency` places, never all of them.
     pub per_tenant_concurrency: usize,
+    /// The SMTP server e-mail endpoints are sent through, as a URL: `smtps://user:password@host`
+    /// (TLS, port 465), `smtp://user:password@host:587?tls=required` (STARTTLS), or
+    /// `smtp://host:25` (plain, for a relay on a trusted network). None: e-mail endpoints are
+    /// refused when created, and their deliveries dropped with an error log.
+    pub smtp_url: Option<SecretString>,
+    /// The sender of e-mails (`Taskmesh <taskmesh@example.com>`); needed with `smtp_url`.
+    pub email_from: Option<String>,
 }
 
 impl Default for NotificationSettings {
@@ -396,6 +403,8 @@ impl Default for NotificationSettings {
             dashboard_url: None,
             concurrency: 32,
             per_tenant_concurrency: 4,
+            smtp_url: None,
+            email_from: None,
         }
     }
 }

@@ -799,6 +799,49 @@ pub enum EndpointFormat {
     /// A Slack incoming webhook's message (`{"text": …}`; Mattermost's and others' take it too),
     /// saying how the run ended with a link to it in the dashboard.
     Slack,
+    /// An e-mail to the addresses of a `mailto:` URL, through the operator's SMTP server,
+    /// saying how the run ended with a link to it in the dashboard.
+    Email,
+}
+
+/// Most recipients of an e-mail endpoint.
+pub const MAX_MAIL_RECIPIENTS: usize = 10;
+
+/// The addresses of an e-mail endpoint's `mailto:` URL (`mailto:ops@example.com,dev@example.com`):
+/// 1 to [`MAX_MAIL_RECIPIENTS`] plain addresses, without headers (`?subject=`, `?cc=`) or
+/// percent-encoding; an error says what is wrong.
+pub fn mailto_recipients(url: &str) -> Result<Vec<String>, String> {
+    let rest = url
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("mailto:"))
+        .map(|_| &url[7..])
+        .ok_or("must be a mailto: URL")?;
+    if rest.contains(['?', '%']) {
+        return Err("takes addresses only, without headers or percent-encoding".into());
+    }
+    let addresses: Vec<String> = rest.split(',').map(|a| a.trim().to_string()).collect();
+    if addresses.len() > MAX_MAIL_RECIPIENTS {
+        return Err(format!("at most {MAX_MAIL_RECIPIENTS} addresses"));
+    }
+    for address in &addresses {
+        let (local, domain) = address.rsplit_once('@').ok_or_else(|| format!("'{address}' is not an address"))?;
+        let local_ok = !local.is_empty()
+            && local.len() <= 64
+            && local.bytes().all(|b| b.is_ascii_graphic() && !b"<>()[]\\,;:\"@".contains(&b));
+        let domain_ok = !domain.is_empty()
+            && domain.len() <= 253
+            && domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !local_ok || !domain_ok {
+            return Err(format!("'{address}' is not an address"));
+        }
+    }
+    Ok(addresses)
 }
 
 impl EndpointFormat {
@@ -811,6 +854,7 @@ impl EndpointFormat {
         match self {
             EndpointFormat::StandardWebhooks => "standard_webhooks",
             EndpointFormat::Slack => "slack",
+            EndpointFormat::Email => "email",
         }
     }
 }
@@ -913,5 +957,30 @@ mod tests {
         assert_eq!(decoded(Forge::Github), "x-access-token:tok");
         assert_eq!(decoded(Forge::Gitlab), "oauth2:tok");
         assert_eq!(decoded(Forge::Gitea), "tok:x-oauth-basic");
+    }
+
+    #[test]
+    fn an_email_endpoint_names_plain_addresses_in_a_mailto_url() {
+        assert_eq!(
+            mailto_recipients("mailto:ops@example.com, dev+ci@mail.example.org").unwrap(),
+            ["ops@example.com", "dev+ci@mail.example.org"]
+        );
+        assert_eq!(mailto_recipients("MAILTO:a@b").unwrap(), ["a@b"]);
+        for refused in [
+            "https://example.com/",
+            "mailto:",
+            "mailto:ops@example.com?subject=hi",
+            "mailto:ops%40example.com",
+            "mailto:ops",
+            "mailto:<ops@example.com>",
+            "mailto:ops@exa mple.com",
+            "mailto:ops@-example.com",
+            "mailto:a@b\r\nBcc: c@d",
+            "mailto:\"quoted\"@example.com",
+        ] {
+            assert!(mailto_recipients(refused).is_err(), "{refused}");
+        }
+        let eleven = (0..11).map(|i| format!("u{i}@example.com")).collect::<Vec<_>>().join(",");
+        assert!(mailto_recipients(&format!("mailto:{eleven}")).is_err());
     }
 }

@@ -61,19 +61,27 @@ pub struct Ingest {
     bus: Bus,
     limits: taskmesh_config::LimitsSettings,
     egress: taskmesh_egress::Egress,
+    /// E-mail endpoints may be created.
+    email: bool,
 }
 
 impl Ingest {
     /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]) and the default
     /// egress rules (see [`Ingest::with_egress`]).
     pub fn new(bus: Bus) -> Self {
-        Self { bus, limits: Default::default(), egress: Default::default() }
+        Self { bus, limits: Default::default(), egress: Default::default(), email: false }
     }
 
     /// The outbound address rules: a webhook endpoint whose URL names an address they deny is
     /// refused when it is created (the notifier judges every delivery too, names included).
     pub fn with_egress(mut self, egress: taskmesh_egress::Egress) -> Self {
         self.egress = egress;
+        self
+    }
+
+    /// E-mail endpoints may be created: the notifiers have an SMTP server.
+    pub fn with_email(mut self, enabled: bool) -> Self {
+        self.email = enabled;
         self
     }
 
@@ -714,11 +722,28 @@ impl Ingest {
     /// Registers an outbound webhook endpoint and generates its signing secret.
     pub async fn create_webhook_endpoint(&self, cmd: CreateWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let url = url::Url::parse(&cmd.url).map_err(|_| invalid("url", "not a URL"))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || cmd.url.len() > 2048 {
-            return Err(invalid("url", "must be an http or https URL with a host"));
+        if cmd.format == taskmesh_events::EndpointFormat::Email {
+            if !self.email {
+                return Err(invalid(
+                    "format",
+                    "e-mail endpoints need an SMTP server, and none is configured (notification.smtp_url)",
+                ));
+            }
+            // Sent through the operator's SMTP server, which the egress rules do not govern.
+            if cmd.url.len() > 2048 {
+                return Err(invalid("url", "at most 2,048 bytes"));
+            }
+            taskmesh_events::catalog::mailto_recipients(&cmd.url).map_err(|e| invalid("url", e))?;
+        } else {
+            let url = url::Url::parse(&cmd.url).map_err(|_| invalid("url", "not a URL"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || cmd.url.len() > 2048 {
+                return Err(invalid(
+                    "url",
+                    "must be an http or https URL with a host (a mailto: URL for format email)",
+                ));
+            }
+            self.egress.check_url(&url).map_err(|denied| invalid("url", denied.to_string()))?;
         }
-        self.egress.check_url(&url).map_err(|denied| invalid("url", denied.to_string()))?;
         const TYPES: &[&str] = &["run.succeeded", "run.failed", "run.cancelled", "run.timed_out"];
         if let Some(bad) = cmd.event_types.iter().find(|t| !TYPES.contains(&t.as_str())) {
             return Err(invalid("event_types", format!("unknown event type '{bad}'; known: {}", TYPES.join(", "))));

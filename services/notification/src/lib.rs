@@ -1,5 +1,5 @@
 //! Notification: tells subscribers when runs end, by outbound webhooks signed per the
-//! Standard Webhooks specification.
+//! Standard Webhooks specification, Slack messages or e-mails.
 //!
 //! Two loops. The fan-out reads the runs that ended from the `{NS}_ENDED` work queue (durable
 //! consumer `fan-out`; the scheduler puts each run's terminal event there as it consumes it,
@@ -22,8 +22,10 @@
 //! # Layout
 //! - this file: [`Notifier`] (the fan-out, one delivery's attempt, Slack messages, commit
 //!   statuses), [`Delivery`], [`sign`];
-//! - [`tenants`]: the delivery loop, pulling each tenant's deliveries on its own.
+//! - [`tenants`]: the delivery loop, pulling each tenant's deliveries on its own;
+//! - `email`: e-mail endpoints' messages, sent through the operator's SMTP server.
 
+mod email;
 pub mod tenants;
 
 use std::time::Duration;
@@ -93,6 +95,8 @@ pub struct Notifier {
     endpoints: std::sync::Arc<EndpointCache>,
     /// The dashboard statuses link to.
     dashboard: Option<url::Url>,
+    /// Sends e-mail endpoints' messages; none without an SMTP server.
+    mailer: Option<std::sync::Arc<email::Mailer>>,
 }
 
 impl Notifier {
@@ -111,7 +115,8 @@ impl Notifier {
         // A redirect is an answer (a failed delivery), never followed.
         let http = egress.client(builder, 0)?;
         let endpoints = EndpointCache::new(MAX_CACHED_TENANTS, CACHED_ENDPOINTS_TTL);
-        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints, dashboard: None })
+        let mailer = email::Mailer::new(&settings)?.map(std::sync::Arc::new);
+        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints, dashboard: None, mailer })
     }
 
     /// Commit statuses link to their run's page in the dashboard at `url` (`…/ui/`).
@@ -396,10 +401,7 @@ impl Notifier {
             }
         };
         if let Some(dashboard) = &self.dashboard {
-            // The run's page: the dashboard routes by the URL's fragment.
-            let mut page = dashboard.clone();
-            page.set_fragment(Some(&format!("/runs/{}", s.run_id)));
-            body["target_url"] = page.to_string().into();
+            body["target_url"] = run_page(dashboard, &s.run_id.to_string()).to_string().into();
         }
         let parsed = s.forge.repo_api_url(&base, &repository, &["statuses", commit]).map_err(Outcome::Refused)?;
         let url = parsed.to_string();
@@ -439,6 +441,15 @@ impl Notifier {
             .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
             .ok_or(Outcome::Gone)?;
         let (url, sealed, format): (String, String, String) = (row.get("url"), row.get("secret"), row.get("format"));
+        if format == "email" {
+            let mailer = self.mailer.as_ref().ok_or_else(|| {
+                Outcome::Refused("an e-mail endpoint, but no SMTP server is configured (notification.smtp_url)".into())
+            })?;
+            let to = taskmesh_events::catalog::mailto_recipients(&url).map_err(Outcome::Refused)?;
+            let summary = self.summary(d).await?;
+            let (subject, body) = email::text(&summary, self.dashboard.as_ref());
+            return mailer.send(&to, &subject, body, &format!("{}.{}", d.message_id, d.endpoint_id)).await;
+        }
         let secret =
             self.open_secret(&taskmesh_secrets::endpoint_secret_aad(&d.tenant), &sealed).map_err(Outcome::Failed)?;
         let body = match format.as_str() {
@@ -488,11 +499,20 @@ fn retry_after(res: &reqwest::Response) -> Option<Duration> {
     Some(Duration::from_secs(secs.min(3600)))
 }
 
+/// What a message about a run's end says (Slack's, an e-mail's).
+pub(crate) struct Summary {
+    /// The run's workflow, from the run's first event in the log.
+    pub workflow: Option<String>,
+    pub run_id: String,
+    /// `succeeded`, `failed`, `cancelled`, `timed_out`.
+    pub status: String,
+    pub failed_steps: Vec<String>,
+}
+
 impl Notifier {
-    /// A Slack incoming webhook's message for a run's end: its workflow (from the run's first
-    /// event in the log, not the read side, which may not have it yet), how it ended, its
-    /// failed steps, and a link to it in the dashboard when the notifier knows where that is.
-    async fn slack_message(&self, d: &Delivery) -> Result<Vec<u8>, Outcome> {
+    /// What a delivery's run's end says: its workflow (from the run's first event in the log,
+    /// not the read side, which may not have it yet), how it ended, its failed steps.
+    async fn summary(&self, d: &Delivery) -> Result<Summary, Outcome> {
         let data = &d.payload["data"];
         let run_id = data["run_id"].as_str().unwrap_or_default();
         let workflow = match run_id.parse::<Uuid>() {
@@ -509,12 +529,36 @@ impl Notifier {
             }
             Err(_) => None,
         };
-        let failed: Vec<&str> =
-            data["failed_steps"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-        let status = data["status"].as_str().unwrap_or("ended");
-        let text = slack_text(workflow.as_deref(), run_id, status, &failed, self.dashboard.as_ref());
+        let failed_steps = data["failed_steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .map(String::from)
+            .collect();
+        Ok(Summary {
+            workflow,
+            run_id: run_id.to_string(),
+            status: data["status"].as_str().unwrap_or("ended").to_string(),
+            failed_steps,
+        })
+    }
+
+    /// A Slack incoming webhook's message for a run's end, with a link to it in the dashboard
+    /// when the notifier knows where that is.
+    async fn slack_message(&self, d: &Delivery) -> Result<Vec<u8>, Outcome> {
+        let s = self.summary(d).await?;
+        let failed: Vec<&str> = s.failed_steps.iter().map(String::as_str).collect();
+        let text = slack_text(s.workflow.as_deref(), &s.run_id, &s.status, &failed, self.dashboard.as_ref());
         serde_json::to_vec(&serde_json::json!({"text": text})).map_err(|e| Outcome::Failed(e.to_string()))
     }
+}
+
+/// The page of run `run_id` in the dashboard at `dashboard` (which routes by the fragment).
+fn run_page(dashboard: &url::Url, run_id: &str) -> url::Url {
+    let mut page = dashboard.clone();
+    page.set_fragment(Some(&format!("/runs/{run_id}")));
+    page
 }
 
 /// Escapes what Slack's message format gives a meaning (`&`, `<`, `>`), and puts a space for
@@ -544,11 +588,9 @@ fn slack_text(
     };
     let name = slack_escape(workflow.unwrap_or("A run"));
     let name = match dashboard {
+        // A `|` would end the link's address early.
         Some(dashboard) => {
-            let mut page = dashboard.clone();
-            page.set_fragment(Some(&format!("/runs/{run_id}")));
-            // A `|` would end the link's address early.
-            format!("<{}|{name}>", slack_escape(page.as_str()).replace('|', "%7C"))
+            format!("<{}|{name}>", slack_escape(run_page(dashboard, run_id).as_str()).replace('|', "%7C"))
         }
         None => format!("*{name}*"),
     };
@@ -560,7 +602,7 @@ fn slack_text(
     text
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     /// The endpoint (or connection) no longer exists: drop the delivery.
     Gone,
     /// Retrying changes nothing: drop it, with an error log.

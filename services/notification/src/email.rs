@@ -1,0 +1,153 @@
+//! E-mail endpoints: a run's end told by e-mail, through the SMTP server the operator names
+//! (`notification.smtp_url`), to the addresses of the endpoint's `mailto:` URL.
+//!
+//! The message is plain text: how the run ended, its failed steps, and a link to it in the
+//! dashboard when the notifier knows where that is. Its `Message-ID` is the event's id and the
+//! endpoint's, the same on every retry, so a mail system can tell a retried message from a new
+//! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it. A permanent
+//! refusal (an SMTP `5xx`: an unknown recipient, say) is not retried; the rest is, on the
+//! schedule of every delivery.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, Mailboxes};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use secrecy::ExposeSecret;
+use taskmesh_config::NotificationSettings;
+
+use crate::{Outcome, Summary};
+
+/// Sends e-mails through the operator's SMTP server.
+pub(crate) struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    /// None without `smtp_url`; an error names a setting that is wrong (never echoing the URL,
+    /// which may hold a password).
+    pub fn new(settings: &NotificationSettings) -> anyhow::Result<Option<Self>> {
+        let Some(url) = &settings.smtp_url else { return Ok(None) };
+        let from: Mailbox = settings
+            .email_from
+            .as_deref()
+            .context("notification.email_from (the sender's address) is needed with notification.smtp_url")?
+            .parse()
+            .context("notification.email_from is not an address")?;
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose_secret())
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "notification.smtp_url is not an SMTP URL (smtp://host:25, smtp://user:password@host:587?tls=required, smtps://user:password@host)"
+                )
+            })?
+            .timeout(Some(Duration::from_millis(settings.timeout_ms)))
+            .build();
+        Ok(Some(Self { transport, from }))
+    }
+
+    /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`.
+    pub async fn send(&self, to: &[String], subject: &str, body: String, id: &str) -> Result<(), Outcome> {
+        let mut recipients = Mailboxes::new();
+        for address in to {
+            let mailbox = address.parse::<Mailbox>().map_err(|e| Outcome::Refused(format!("'{address}': {e}")))?;
+            recipients.push(mailbox);
+        }
+        let mut message = Message::builder()
+            .from(self.from.clone())
+            .subject(subject)
+            .message_id(Some(format!("<{id}@taskmesh>")))
+            .header(ContentType::TEXT_PLAIN)
+            .header(AutoSubmitted);
+        for mailbox in recipients {
+            message = message.to(mailbox);
+        }
+        let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
+        match self.transport.send(message).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_permanent() => Err(Outcome::Refused(format!("the SMTP server refused the e-mail: {e}"))),
+            Err(e) => Err(Outcome::Failed(format!("sending the e-mail: {e}"))),
+        }
+    }
+}
+
+/// `Auto-Submitted: auto-generated` (RFC 3834).
+#[derive(Debug, Clone)]
+struct AutoSubmitted;
+
+impl Header for AutoSubmitted {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("Auto-Submitted")
+    }
+
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Self)
+    }
+
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), "auto-generated".to_string())
+    }
+}
+
+/// The subject and body of the e-mail for a run's end.
+pub(crate) fn text(s: &Summary, dashboard: Option<&url::Url>) -> (String, String) {
+    // A name's control characters (a newline) become spaces: a subject is one line.
+    let line = |t: &str| t.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>();
+    let status = s.status.replace('_', " ");
+    let (subject, mut body) = match s.workflow.as_deref().map(line) {
+        Some(workflow) => {
+            (format!("[Taskmesh] {workflow} {status}"), format!("The run {} of {workflow} {status}.\n", s.run_id))
+        }
+        None => (format!("[Taskmesh] run {} {status}", s.run_id), format!("The run {} {status}.\n", s.run_id)),
+    };
+    if !s.failed_steps.is_empty() {
+        let steps: Vec<String> = s.failed_steps.iter().map(|step| line(step)).collect();
+        body.push_str(&format!("Failed steps: {}\n", steps.join(", ")));
+    }
+    if let Some(dashboard) = dashboard {
+        body.push_str(&format!("\n{}\n", crate::run_page(dashboard, &s.run_id)));
+    }
+    (subject, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_email_says_how_the_run_ended_and_links_to_it() {
+        let summary = Summary {
+            workflow: Some("deploy\nprod".into()),
+            run_id: "01a2-run".into(),
+            status: "timed_out".into(),
+            failed_steps: vec!["test".into(), "lint".into()],
+        };
+        let dashboard = url::Url::parse("https://tm.example/ui/").unwrap();
+        let (subject, body) = text(&summary, Some(&dashboard));
+        assert_eq!(subject, "[Taskmesh] deploy prod timed out");
+        assert_eq!(
+            body,
+            "The run 01a2-run of deploy prod timed out.\nFailed steps: test, lint\n\nhttps://tm.example/ui/#/runs/01a2-run\n"
+        );
+        let plain = Summary { workflow: None, failed_steps: vec![], status: "succeeded".into(), ..summary };
+        assert_eq!(
+            text(&plain, None),
+            ("[Taskmesh] run 01a2-run succeeded".into(), "The run 01a2-run succeeded.\n".into())
+        );
+    }
+
+    #[test]
+    fn a_wrong_smtp_setting_is_named_without_its_password() {
+        let mut settings = NotificationSettings::default();
+        assert!(Mailer::new(&settings).unwrap().is_none(), "no server: no mailer");
+        settings.smtp_url = Some("smtps://user:hunter2@mail.example.com".into());
+        let err = Mailer::new(&settings).err().unwrap().to_string();
+        assert!(err.contains("notification.email_from"), "{err}");
+        settings.email_from = Some("Taskmesh <tm@example.com>".into());
+        assert!(Mailer::new(&settings).unwrap().is_some());
+        settings.smtp_url = Some("ftp://user:hunter2@mail.example.com".into());
+        let err = format!("{:#}", Mailer::new(&settings).err().unwrap());
+        assert!(err.contains("notification.smtp_url") && !err.contains("hunter2"), "{err}");
+    }
+}
