@@ -74,6 +74,8 @@ async fn the_dashboard_is_served_and_the_api_answers_what_it_reads() {
     for field in ["runs_on", "queued", "executors"] {
         assert!(executors["pools"][0].get(field).is_some(), "pool: {field} in {executors}");
     }
+    let who = get("/v1/whoami".into()).await;
+    assert_eq!((&who["tenant"], &who["role"]), (&serde_json::json!("default"), &serde_json::json!("admin")));
 }
 
 /// `chromedriver`: `TM_TEST_CHROMEDRIVER`, or Debian's (`chromium-driver`, which
@@ -206,6 +208,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let listed = format!("return document.querySelector('main').innerText.includes('{id}')");
     browser.until("the run in the list", &listed).await;
     assert_eq!(browser.run("return sessionStorage.getItem('taskmesh.key')").await, tm.key.as_str());
+    // Its id is a link (to open in a new tab); the header says who the key is.
+    let link = format!("return !!document.querySelector('tbody a[href=\"#/runs/{id}\"]')");
+    assert_eq!(browser.run(&link).await, true);
+    browser.until("who the key is", "return document.getElementById('who').innerText === 'default · admin'").await;
 
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;
@@ -260,4 +266,24 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.click("button[type=submit]").await;
     browser.until("the linked run's DAG", "return document.querySelectorAll('svg.dag .node').length === 3").await;
     assert_eq!(browser.run("return location.hash").await, format!("#/runs/{id}").as_str());
+    assert_eq!(browser.run("return !!document.querySelector('.actions button')").await, true, "an admin may rerun");
+
+    // A viewer's key is offered no cancel or rerun.
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/keys", tm.api)))
+        .json(&serde_json::json!({"role": "viewer"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let viewer = res.json::<serde_json::Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    browser.click("#sign-out").await;
+    browser.go(&format!("{}/ui/#/runs/{id}", tm.api)).await;
+    browser.until("the sign-in form for the viewer", "return !!document.querySelector('input[name=key]')").await;
+    browser.type_into("input[name=key]", &viewer).await;
+    browser.click("button[type=submit]").await;
+    browser.until("the run, for the viewer", "return document.querySelectorAll('svg.dag .node').length === 3").await;
+    browser.until("the viewer named", "return document.getElementById('who').innerText === 'default · viewer'").await;
+    assert_eq!(browser.run("return document.querySelector('.actions')").await, serde_json::Value::Null);
 }

@@ -26,6 +26,33 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", delete(revoke_key))
+        .route("/v1/whoami", get(whoami))
+}
+
+/// The caller, as its key says.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Whoami {
+    pub tenant: String,
+    /// The key's id.
+    pub key_id: Uuid,
+    /// `admin`, `operator` or `viewer`.
+    pub role: String,
+    /// The key's first characters.
+    pub prefix: String,
+}
+
+/// Who the caller is (any role): its tenant and its key's id and role, so that a client (the
+/// dashboard) offers only what the role may do.
+#[utoipa::path(get, operation_id = "whoami", path = "/v1/whoami", tag = "tenancy",
+    responses((status = 200, body = Whoami)),
+    security(("bearer" = [])))]
+pub async fn whoami(caller: Caller) -> Json<Whoami> {
+    Json(Whoami {
+        tenant: caller.tenant,
+        key_id: caller.key_id,
+        role: caller.role.as_str().into(),
+        prefix: caller.prefix,
+    })
 }
 
 /// The platform administrator: the bearer of the configured admin key.

@@ -11,6 +11,8 @@ const main = document.getElementById("main");
 const RUN_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 let current = { stopped: true, stop() {} }; // the view on the page, and its refresh
 let refused = false; // the key was just refused: say so on the sign-in form
+let me = null; // who the key is (GET /v1/whoami), once asked
+let written = null; // { id, seq } of a run this page just started: its first read waits for it
 
 // --- the API --------------------------------------------------------------------------------
 
@@ -41,6 +43,7 @@ async function api(path, options = {}) {
   }
   if (res.status === 401 && sessionStorage.getItem(KEY)) {
     sessionStorage.removeItem(KEY);
+    me = null;
     refused = true;
     route();
   }
@@ -201,7 +204,8 @@ function runsView(query) {
           el(
             "tr",
             { class: "link", onclick: () => (location.hash = `#/runs/${r.id}`) },
-            el("td", { class: "mono" }, r.id),
+            // A link too, to open the run in a new tab.
+            el("td", { class: "mono" }, el("a", { href: `#/runs/${r.id}`, onclick: (ev) => ev.stopPropagation() }, r.id)),
             el("td", {}, r.workflow),
             el("td", {}, badge(r.status)),
             el("td", {}, r.trigger),
@@ -316,7 +320,11 @@ function runView(id, stepId) {
   const act = async (path, body) => {
     try {
       const r = await api(path, { method: "POST", body });
-      if (r && r.id && r.id !== id) location.hash = `#/runs/${r.id}`;
+      if (r && r.id && r.id !== id) {
+        // The new run's page reads it once the read side has it (not a 404 meanwhile).
+        written = { id: r.id, seq: r.seq };
+        location.hash = `#/runs/${r.id}`;
+      }
     } catch (e) {
       problem.replaceChildren(failure(e));
     }
@@ -343,10 +351,15 @@ function runView(id, stepId) {
 
   every(1000, async (view) => {
     try {
-      const run = await api(`/v1/runs/${id}`);
+      if (!me) await whoami();
+      const fresh = written && written.id === id && written.seq ? { "taskmesh-min-seq": String(written.seq) } : {};
+      const run = await api(`/v1/runs/${id}`, { headers: fresh });
       if (view.stopped) return;
+      written = null;
       problem.replaceChildren();
       const ended = TERMINAL.has(run.status);
+      // A viewer's key may not cancel or rerun: no buttons for it (the API refuses them anyway).
+      const mayAct = !me || me.role !== "viewer";
       head.replaceChildren(
         el("h1", {}, `${run.workflow} `, badge(run.status)),
         el("dl", { class: "facts" },
@@ -356,7 +369,7 @@ function runView(id, stepId) {
           el("dt", {}, "Took"), el("dd", {}, took(run.started_at || run.created_at, run.finished_at)),
           run.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, run.wait_reason)] : null,
           Object.keys(run.inputs || {}).length ? [el("dt", {}, "Inputs"), el("dd", { class: "mono" }, JSON.stringify(run.inputs))] : null),
-        el("div", { class: "actions" },
+        mayAct && el("div", { class: "actions" },
           ended ? null : el("button", { type: "button", onclick: () => confirm("Cancel this run?") && act(`/v1/runs/${id}/cancel`) }, "Cancel"),
           ended && run.status !== "succeeded" ? el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/rerun`, { from: "failed" }) }, "Rerun failed steps") : null),
       );
@@ -447,7 +460,11 @@ function route() {
   const signedIn = Boolean(sessionStorage.getItem(KEY));
   document.getElementById("nav").hidden = !signedIn;
   document.getElementById("sign-out").hidden = !signedIn;
-  if (!signedIn) return signIn();
+  if (!signedIn) {
+    document.getElementById("who").textContent = "";
+    return signIn();
+  }
+  if (!me) whoami();
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   if (parts[0] === "runs" && parts[1]) {
@@ -462,8 +479,22 @@ function route() {
   return runsView(query || "");
 }
 
+// Asks once who the key is: its tenant and role show in the header, and a viewer's pages
+// offer no actions. (A gateway too old to answer leaves the buttons; the API judges them.)
+async function whoami() {
+  try {
+    const who = await api("/v1/whoami");
+    if (!sessionStorage.getItem(KEY)) return;
+    me = who;
+    document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
+  } catch {
+    // Shown nowhere: the views say what is wrong with the key.
+  }
+}
+
 document.getElementById("sign-out").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
+  me = null;
   location.hash = "";
   route();
 });
