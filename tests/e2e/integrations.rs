@@ -663,21 +663,30 @@ pub(crate) async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value
     res.json().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_the_delivery_queue() {
-    const PLATFORM_KEY: &str = "platform-key-for-delivery-shares";
+/// A mesh (set as `tweak` says) where tenant `default`'s endpoint answers every delivery 500,
+/// and a failed delivery waits ten minutes for its retry (in the queue, unacknowledged), while
+/// tenant `beta`'s endpoint takes what it is sent: the mesh, what `default`'s endpoint was
+/// sent, `beta`'s key and what its endpoint heard.
+async fn refusing_default_and_receiving_beta(
+    tweak: impl FnOnce(&mut taskmesh_config::Settings),
+) -> (TestMesh, ApiCalls, String, Received) {
+    const PLATFORM_KEY: &str = "platform-key-for-two-tenants";
     let tm = spawn_with(&Svc::ALL, |s| {
-        s.nats.deliveries_per_tenant = 2;
-        // A failed delivery waits ten minutes for its retry: it stays in the queue meanwhile.
         s.notification.retry_delays_secs = vec![600];
         s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+        tweak(s);
     })
     .await;
-    // Tenant `default`'s endpoint answers every delivery 500.
     let (refusing, refused) = forge_stand_in(Vec::new(), usize::MAX).await;
     subscribe_url(&tm, &format!("{refusing}/hook")).await;
-    // Tenant `beta`'s endpoint takes what it is sent.
     let (beta_key, beta_seen) = tenant_with_receiver(&tm, PLATFORM_KEY, "beta").await;
+    (tm, refused, beta_key, beta_seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_the_delivery_queue() {
+    let (tm, refused, beta_key, beta_seen) =
+        refusing_default_and_receiving_beta(|s| s.nats.deliveries_per_tenant = 2).await;
 
     // Four of `default`'s runs end: two deliveries fill its share, the other two are dropped,
     // and every run ends all the same.
@@ -695,12 +704,7 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
     let held = tm.bus.subject_counts(&ns.deliveries_stream(), &ns.delivery("default")).await.unwrap();
     assert_eq!(held.get(&ns.delivery("default")).copied(), Some(2), "{held:?}");
     // `beta`'s run is notified as ever.
-    submit_as(&tm, &beta_key).await;
-    eventually("beta's webhook", Duration::from_secs(20), || async {
-        Ok((!beta_seen.lock().unwrap().is_empty()).then_some(()))
-    })
-    .await
-    .unwrap();
+    beta_is_told(&tm, &beta_key, &beta_seen).await;
     assert_eq!(refused.lock().unwrap().len(), 2, "only the two deliveries queued were attempted");
     tm.finish().await;
 }
@@ -733,6 +737,16 @@ async fn tenant_with_receiver(tm: &TestMesh, platform_key: &str, id: &str) -> (S
     (key, seen)
 }
 
+/// Submits a one-step run as `beta` (its key) and waits until its endpoint hears of it.
+async fn beta_is_told(tm: &TestMesh, beta_key: &str, beta_seen: &Received) {
+    submit_as(tm, beta_key).await;
+    eventually("beta's webhook", Duration::from_secs(30), || async {
+        Ok((!beta_seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 /// Submits a one-step run with tenant `key`.
 async fn submit_as(tm: &TestMesh, key: &str) {
     let res = tm
@@ -751,7 +765,7 @@ async fn submit_as(tm: &TestMesh, key: &str) {
 async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks() {
     const PLATFORM_KEY: &str = "platform-key-for-delivery-fairness";
     let tm = spawn_with(&Svc::ALL, |s| {
-        s.notification.timeout_ms = 3_000;
+        s.notification.timeout_ms = 5_000;
         s.notification.per_tenant_concurrency = 2;
         // A failed delivery waits ten minutes for its retry, unacknowledged meanwhile.
         s.notification.retry_delays_secs = vec![600];
@@ -787,34 +801,60 @@ async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks
     subscribe_url(&tm, &hanging).await;
     let (beta_key, beta_seen) = tenant_with_receiver(&tm, PLATFORM_KEY, "beta").await;
 
-    // Ten of `default`'s runs end: ten deliveries of three seconds each, two at a time.
-    for _ in 0..10 {
-        let run = tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
-        assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "succeeded");
+    // Six of `default`'s runs end: six deliveries of five seconds each, two at a time.
+    for _ in 0..6 {
+        tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
     }
-    eventually("default's deliveries under way", Duration::from_secs(20), || async {
-        Ok((started.load(SeqCst) > 0).then_some(()))
+    eventually("default's first two deliveries under way", Duration::from_secs(30), || async {
+        Ok((started.load(SeqCst) >= 2).then_some(()))
     })
     .await
     .unwrap();
-    // `beta`'s run is notified while `default`'s are still being tried (one at a time, as
-    // before, it would have waited out all ten).
-    submit_as(&tm, &beta_key).await;
-    eventually("beta's webhook", Duration::from_secs(30), || async {
-        Ok((!beta_seen.lock().unwrap().is_empty()).then_some(()))
-    })
-    .await
-    .unwrap();
+    // `beta`'s run is notified while `default`'s first two are still hanging (one at a time,
+    // as before, it would have waited out all six: thirty seconds).
+    beta_is_told(&tm, &beta_key, &beta_seen).await;
     let tried = started.load(SeqCst);
-    assert!(tried < 10, "beta's webhook came after {tried} of default's ten attempts, not after all of them");
+    assert!(tried <= 4, "beta's webhook came after {tried} of default's six attempts, not after all of them");
     // Every one of `default`'s is tried in the end (the waits for their retries unacknowledged
     // hold up none of them), never more than two at once.
-    eventually("default's ten attempts", Duration::from_secs(60), || async {
-        Ok((started.load(SeqCst) == 10).then_some(()))
+    eventually("default's six attempts", Duration::from_secs(60), || async {
+        Ok((started.load(SeqCst) == 6).then_some(()))
     })
     .await
     .unwrap();
     assert_eq!(held.1.load(SeqCst), 2, "two of the tenant's deliveries at once, at most");
+    // Deliveries waiting for their retries count against no limit of unacknowledged messages
+    // (the server's default of 1,000 stopped every delivery once reached).
+    let consumer = tm
+        .bus
+        .jetstream()
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            taskmesh_notification::tenants::consumer_name("default"),
+            tm.bus.namespace().deliveries_stream(),
+        )
+        .await
+        .unwrap();
+    let info = consumer.get_info().await.unwrap();
+    assert_eq!((info.config.max_ack_pending, info.num_ack_pending), (-1, 6), "{info:?}");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_with_only_retries_waiting_gives_its_pullers_place_to_another() {
+    // One tenant pulled for at a time. `default`'s endpoint refuses its delivery, which then
+    // waits ten minutes for its retry.
+    let (tm, refused, beta_key, beta_seen) =
+        refusing_default_and_receiving_beta(|s| s.notification.tenants_at_once = 1).await;
+    let run = tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    eventually("default's attempt", Duration::from_secs(30), || async {
+        Ok((!refused.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    // `beta`'s delivery gets the place: the puller with only a retry waiting gives it up.
+    beta_is_told(&tm, &beta_key, &beta_seen).await;
+    assert_eq!(refused.lock().unwrap().len(), 1, "default's delivery waits for its retry");
     tm.finish().await;
 }
 

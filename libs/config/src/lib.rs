@@ -386,6 +386,9 @@ pub struct NotificationSettings {
     /// Most of one tenant's deliveries one notifier sends at once: a tenant whose endpoint
     /// hangs holds this many of the `concurrency` places, never all of them.
     pub per_tenant_concurrency: usize,
+    /// Most tenants one notifier pulls deliveries for at once; others wait for a place, which
+    /// a tenant with only retries waiting gives up.
+    pub tenants_at_once: usize,
     /// The SMTP server e-mail endpoints are sent through, as a URL: `smtps://user:password@host`
     /// (TLS, port 465), `smtp://user:password@host:587?tls=required` (STARTTLS), or
     /// `smtp://host:25` (plain, for a relay on a trusted network). None: e-mail endpoints are
@@ -403,6 +406,7 @@ impl Default for NotificationSettings {
             dashboard_url: None,
             concurrency: 32,
             per_tenant_concurrency: 4,
+            tenants_at_once: 1024,
             smtp_url: None,
             email_from: None,
         }

@@ -251,7 +251,10 @@ impl Notifier {
     /// Attempts one delivery; says how to ack it.
     async fn deliver_one(&self, msg: &Message) -> AckKind {
         let attempt = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
-        if attempt > self.settings.retry_delays_secs.len() + 1 {
+        // A delivery also counts one when it is handed back unattempted (a notifier stopping,
+        // or dying, while it waited for its turn): a few such are allowed for, so a delivery
+        // is never dropped without its last attempt.
+        if attempt > self.settings.retry_delays_secs.len() + 1 + UNATTEMPTED_DELIVERIES {
             // Its last attempt was made, and its ack lost (a notifier stopped mid-way, say).
             tracing::error!(attempts = attempt - 1, "delivery failed for good (its last attempt's outcome was lost)");
             return AckKind::Term;
@@ -408,7 +411,7 @@ impl Notifier {
         let auth = s.forge.api_auth(&token);
         // Denied like a webhook delivery: retried, as the rules may change.
         self.egress.check_url(&parsed).map_err(|d| Outcome::Failed(format!("POST {url}: {d}")))?;
-        let res = self
+        let mut res = self
             .http
             .post(parsed)
             .header(auth.0, auth.1)
@@ -419,8 +422,19 @@ impl Notifier {
             .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
         let status = res.status();
         if let Some(wait) = retry_after(&res) {
-            // Rate limited (GitHub's secondary limits answer 403 with Retry-After).
+            // Rate limited (GitHub answers 403 or 429 so).
             return Err(Outcome::Later(format!("POST {url} answered {status}"), wait));
+        }
+        if status.as_u16() == 403 {
+            // GitHub's secondary rate limit may say so only in its message: a minute's rest.
+            let start = res.chunk().await.ok().flatten().unwrap_or_default();
+            let said = String::from_utf8_lossy(&start[..start.len().min(4096)]).to_ascii_lowercase();
+            if said.contains("rate limit") {
+                return Err(Outcome::Later(
+                    format!("POST {url} answered {status}: rate limited"),
+                    Duration::from_secs(60),
+                ));
+            }
         }
         match status.as_u16() {
             200..=299 => Ok(()),
@@ -489,13 +503,26 @@ impl Notifier {
     }
 }
 
-/// How long a `429`, `503` (or a forge's rate-limiting `403`) asks to be left alone
-/// (`Retry-After` in seconds; an HTTP date is not honoured), at most an hour.
+/// Deliveries of one message that may have been no attempt (see `deliver_one`).
+const UNATTEMPTED_DELIVERIES: usize = 3;
+
+/// How long a `429`, `503` (or a forge's rate-limiting `403`) asks to be left alone, at most an
+/// hour: its `Retry-After` in seconds (an HTTP date is not honoured), or, as GitHub says when
+/// its rate limit is spent, until `x-ratelimit-reset` (seconds since the epoch) when
+/// `x-ratelimit-remaining` is `0`.
 fn retry_after(res: &reqwest::Response) -> Option<Duration> {
     if !matches!(res.status().as_u16(), 403 | 429 | 503) {
         return None;
     }
-    let secs: u64 = res.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let secs = match header("retry-after").and_then(|v| v.parse::<u64>().ok()) {
+        Some(secs) => secs,
+        None if header("x-ratelimit-remaining") == Some("0") => {
+            let reset: i64 = header("x-ratelimit-reset")?.parse().ok()?;
+            (reset - Utc::now().timestamp()).max(1) as u64
+        }
+        None => return None,
+    };
     Some(Duration::from_secs(secs.min(3600)))
 }
 
@@ -657,6 +684,27 @@ mod tests {
             ":no_entry_sign: <https://tm.example/a%7Cb/#/runs/01a2-run|two lines> cancelled (run `01a2-run`)",
             "a name stays on its line, and a | cannot end the link early"
         );
+    }
+
+    #[test]
+    fn a_rate_limited_answer_says_how_long_to_wait() {
+        let answer = |status: u16, headers: &[(&str, String)]| {
+            let mut res = http::Response::builder().status(status);
+            for (name, value) in headers {
+                res = res.header(*name, value);
+            }
+            retry_after(&reqwest::Response::from(res.body("").unwrap()))
+        };
+        assert_eq!(answer(429, &[("retry-after", "7".into())]), Some(Duration::from_secs(7)));
+        assert_eq!(answer(503, &[("retry-after", "99999".into())]), Some(Duration::from_secs(3600)), "an hour at most");
+        assert_eq!(answer(500, &[("retry-after", "7".into())]), None, "only a 403, 429 or 503 is rate limiting");
+        assert_eq!(answer(429, &[]), None, "no wait said: the schedule's");
+        // GitHub's spent primary limit: until the reset.
+        let reset = (Utc::now().timestamp() + 120).to_string();
+        let waited =
+            answer(403, &[("x-ratelimit-remaining", "0".into()), ("x-ratelimit-reset", reset.clone())]).unwrap();
+        assert!((Duration::from_secs(115)..=Duration::from_secs(120)).contains(&waited), "{waited:?}");
+        assert_eq!(answer(403, &[("x-ratelimit-remaining", "12".into()), ("x-ratelimit-reset", reset)]), None);
     }
 
     #[test]

@@ -1,29 +1,31 @@
 //! Deliveries pulled tenant by tenant, so that one tenant's backlog, retries or slow endpoint
-//! never hold up another's.
+//! do not hold up another's.
 //!
 //! Each tenant's deliveries are on their own subject of the `{NS}_DELIVERIES` work queue, and
 //! a tenant with deliveries gets its own durable pull consumer on that subject
-//! (`deliveries-{tenant}`, which the server removes once idle for [`IDLE_CONSUMER`]). A single
+//! (`deliveries-{tenant}`, which the server removes once idle for [`IDLE_CONSUMER`]). (A single
 //! consumer for all tenants, as before, handed out one delivery at a time: a tenant whose
-//! endpoint timed out held everyone's webhooks, and deliveries waiting for their retries
-//! counted against the consumer's one limit of unacknowledged messages.
+//! endpoint timed out held everyone's webhooks, and 1,000 deliveries waiting for their retries,
+//! the server's default limit of unacknowledged messages, stopped all of them.)
 //!
-//! This notifier pulls from at most [`MAX_TENANTS`] tenants' consumers at once; a tenant's next
-//! delivery only when one of its `per_tenant_concurrency` places is free (nothing is pulled
-//! ahead, so nothing sits out its ack deadline in memory); and sends at most `concurrency`
-//! requests at once across tenants, first come first served, a delivery waiting for its turn
-//! having its ack deadline renewed. It learns that a tenant has deliveries by hearing them
-//! enqueued (a plain subscription on the queue's subjects) and by reading the queue's
-//! per-subject counts every [`SWEEP`] (what it could not hear: its own restart, another
-//! process's enqueues while it was away). A tenant's puller stops when its consumer holds
-//! nothing to deliver and nothing unacknowledged (a retry waiting for its time is the latter).
+//! A notifier runs a puller for at most `tenants_at_once` tenants at once (1,024). A puller takes its
+//! tenant's next delivery only when one of the tenant's `per_tenant_concurrency` places is free
+//! (nothing is pulled ahead), and a delivery waits for one of the `concurrency` request places,
+//! shared by all tenants first come first served, with its ack deadline renewed while it waits
+//! and while it is attempted. The notifier learns that a tenant has deliveries by hearing them
+//! enqueued (a plain subscription on the queue's subjects) and from the queue's per-subject
+//! counts every [`SWEEP`] (what it could not hear: its own restart, another process's enqueues
+//! while it was away, retries come due for a tenant without a puller). A puller stops once its
+//! consumer holds nothing to deliver and nothing unacknowledged; one whose tenant has only
+//! retries waiting gives its place up when another tenant waits for one (tenants turned away
+//! wait in arrival order), and its tenant is found again by the sweep.
 //!
 //! Crash safety is the work queue's: a delivery leaves the queue only when acknowledged after
 //! its attempt, and one whose notifier died is redelivered after its ack deadline.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::AckPolicy;
@@ -35,9 +37,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::Notifier;
 
-/// Most tenants whose consumers one notifier pulls from at once (others wait for a place; the
-/// sweep finds them again).
-pub const MAX_TENANTS: usize = 1024;
+/// Most tenants waiting for a place (beyond it, the sweep finds them again).
+const MAX_WAITING: usize = 100_000;
 /// How often the queue's subjects are read for tenants with deliveries.
 pub const SWEEP: Duration = Duration::from_secs(2);
 /// A tenant's consumer unused this long is removed by the server (and made again when needed).
@@ -46,21 +47,44 @@ pub const IDLE_CONSUMER: Duration = Duration::from_secs(3600);
 const PULL_FOR: Duration = Duration::from_secs(10);
 /// The consumer all tenants shared, which a work queue does not allow beside theirs.
 const SHARED_CONSUMER: &str = "deliveries";
+/// A warning repeated for every tenant is logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The name of `tenant`'s delivery consumer (tenant ids are subject tokens, safe here too).
 pub fn consumer_name(tenant: &str) -> String {
     format!("deliveries-{tenant}")
 }
 
+/// A running puller, as the pool sees it.
+struct Puller {
+    /// Deliveries were heard for the tenant since the puller last looked: it must not stop.
+    again: bool,
+    /// The puller's last look found nothing to deliver (only retries waiting, if anything).
+    idle: bool,
+    /// Asks the puller to give its place up (another tenant waits for one).
+    give_up: CancellationToken,
+}
+
+#[derive(Default)]
+struct Places {
+    running: HashMap<String, Puller>,
+    /// Tenants turned away at `tenants_at_once`, in arrival order (and as a set).
+    waiting: VecDeque<String>,
+    queued: HashSet<String>,
+}
+
 struct Pool {
     notifier: Notifier,
-    /// Tenants with a puller.
-    active: Mutex<HashSet<String>>,
+    places: Mutex<Places>,
     /// Requests under way across tenants.
     requests: Arc<Semaphore>,
     per_tenant: usize,
+    /// Most pullers at once.
+    tenants: usize,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// When a consumer could last not be made (logged once a minute, not once a tenant).
+    warned: Mutex<Option<Instant>>,
 }
 
 /// Delivers until `shutdown` is cancelled, then lets the attempts under way finish.
@@ -71,16 +95,18 @@ pub(crate) async fn run(notifier: Notifier, shutdown: CancellationToken) -> anyh
     // unacknowledged deliveries stay in the queue for the tenants' consumers.
     match notifier.bus.jetstream().delete_consumer_from_stream(SHARED_CONSUMER, &stream).await {
         Ok(_) => tracing::info!("removed the consumer all tenants shared; deliveries are pulled per tenant"),
-        Err(e) if e.to_string().contains("not found") => {}
+        Err(e) if is_not_found(&e) => {}
         Err(e) => tracing::warn!(error = %e, "could not remove the consumer all tenants shared"),
     }
     let pool = Arc::new(Pool {
         requests: Arc::new(Semaphore::new(notifier.settings.concurrency.max(1))),
         per_tenant: notifier.settings.per_tenant_concurrency.max(1),
+        tenants: notifier.settings.tenants_at_once.max(1),
         notifier,
-        active: Mutex::default(),
+        places: Mutex::default(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
+        warned: Mutex::default(),
     });
     let prefix = format!("{}.delivery.", ns.as_str());
     // Heard as they are enqueued (by any process); a hint only: a lost one waits for the sweep.
@@ -121,33 +147,103 @@ pub(crate) async fn run(notifier: Notifier, shutdown: CancellationToken) -> anyh
     Ok(())
 }
 
+/// JetStream's "consumer not found".
+fn is_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    use async_nats::jetstream::stream::ConsumerErrorKind;
+    matches!(e.kind(), ConsumerErrorKind::JetStream(js)
+        if js.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+}
+
 impl Pool {
-    /// Starts `tenant`'s puller unless it has one (or [`MAX_TENANTS`] are running).
+    /// Sees that `tenant` has a puller: says so to its puller if it runs, starts one if there is
+    /// a place, or else queues the tenant and asks a puller with only retries waiting to give
+    /// its place up.
     fn start(self: &Arc<Self>, tenant: &str) {
-        {
-            let mut active = self.active.lock().unwrap();
-            if active.contains(tenant) || active.len() >= MAX_TENANTS || self.shutdown.is_cancelled() {
-                return;
-            }
-            active.insert(tenant.to_string());
+        let mut places = self.places.lock().unwrap();
+        if let Some(puller) = places.running.get_mut(tenant) {
+            puller.again = true;
+            return;
         }
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        if places.running.len() < self.tenants {
+            self.spawn(&mut places, tenant.to_string());
+            return;
+        }
+        if !places.queued.contains(tenant) && places.queued.len() < MAX_WAITING {
+            if places.queued.is_empty() {
+                tracing::warn!(tenants = self.tenants, "every puller's place is taken; tenants wait for one");
+            }
+            places.queued.insert(tenant.to_string());
+            places.waiting.push_back(tenant.to_string());
+        }
+        // As many idle pullers give up their places as tenants wait (each going once).
+        let wanted = places.waiting.len();
+        let idle = places.running.values().filter(|p| p.idle && !p.give_up.is_cancelled());
+        for puller in idle.take(wanted) {
+            puller.give_up.cancel();
+        }
+    }
+
+    /// Starts `tenant`'s puller (a place is free: the caller checked, holding the lock).
+    fn spawn(self: &Arc<Self>, places: &mut Places, tenant: String) {
+        let give_up = CancellationToken::new();
+        places.running.insert(tenant.clone(), Puller { again: false, idle: false, give_up: give_up.clone() });
         let me = self.clone();
-        let tenant = tenant.to_string();
         self.tasks.spawn(async move {
-            me.pull(&tenant).await;
-            me.active.lock().unwrap().remove(&tenant);
+            // Its place is freed however the puller ends (a panic too), and given to the
+            // first tenant waiting.
+            let _leaving = Leaving { pool: me.clone(), tenant: tenant.clone() };
+            me.pull(&tenant, give_up).await;
         });
     }
 
-    /// Pulls `tenant`'s deliveries until its consumer holds none (or shutdown).
-    async fn pull(self: &Arc<Self>, tenant: &str) {
+    /// Frees `tenant`'s place and gives it to the first tenant waiting.
+    fn leave(self: &Arc<Self>, tenant: &str) {
+        let mut places = self.places.lock().unwrap();
+        places.running.remove(tenant);
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        while places.running.len() < self.tenants {
+            let Some(next) = places.waiting.pop_front() else { break };
+            places.queued.remove(&next);
+            if !places.running.contains_key(&next) {
+                self.spawn(&mut places, next);
+            }
+        }
+    }
+
+    /// Whether `tenant`'s puller may stop: nothing was heard for it since it looked (else it
+    /// looks again). Decided under the lock `start` takes, so nothing heard is missed.
+    fn may_stop(&self, tenant: &str) -> bool {
+        let mut places = self.places.lock().unwrap();
+        match places.running.get_mut(tenant) {
+            Some(puller) if puller.again => {
+                puller.again = false;
+                false
+            }
+            _ => true,
+        }
+    }
+
+    fn set_idle(&self, tenant: &str, idle: bool) {
+        if let Some(puller) = self.places.lock().unwrap().running.get_mut(tenant) {
+            puller.idle = idle;
+        }
+    }
+
+    /// Pulls `tenant`'s deliveries until its consumer holds none, it is asked to give its place
+    /// up while only retries wait, or shutdown.
+    async fn pull(self: &Arc<Self>, tenant: &str, give_up: CancellationToken) {
         let notifier = &self.notifier;
         let ns = notifier.bus.namespace();
         let timeout = Duration::from_millis(notifier.settings.timeout_ms);
         let config = PullConfig {
             filter_subject: ns.delivery(tenant),
             ack_policy: AckPolicy::Explicit,
-            // A pending status may take two requests (its own, and the outcome's again).
+            // Renewed while a delivery waits and while it is attempted (see `attempt`).
             ack_wait: 2 * timeout + Duration::from_secs(10),
             // Unlimited: an attempt past the schedule ends without a request (`deliver_one`),
             // so a last attempt whose ack was lost still leaves the queue.
@@ -161,11 +257,17 @@ impl Pool {
         let consumer = match notifier.bus.durable(&ns.deliveries_stream(), &consumer_name(tenant), config).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(%tenant, error = %e, "cannot pull the tenant's deliveries; trying again later");
+                let mut warned = self.warned.lock().unwrap();
+                if warned.is_none_or(|at| at.elapsed() > WARN_EVERY) {
+                    *warned = Some(Instant::now());
+                    tracing::warn!(%tenant, error = %e, "cannot pull a tenant's deliveries (an older notifier running beside this one?); trying again on the next sweep");
+                }
                 return;
             }
         };
         let places = Arc::new(Semaphore::new(self.per_tenant));
+        // The last look found nothing to deliver (only retries waiting, if anything).
+        let mut idle = false;
         loop {
             let place = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -173,6 +275,8 @@ impl Pool {
             };
             let pulled = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
+                // Only a puller with nothing under way is asked to give up.
+                _ = give_up.cancelled(), if idle && places.available_permits() + 1 == self.per_tenant => return,
                 b = async {
                     let mut batch = consumer.batch().max_messages(1).expires(PULL_FOR).messages().await?;
                     batch.next().await.transpose()
@@ -180,6 +284,8 @@ impl Pool {
             };
             match pulled {
                 Ok(Some(msg)) => {
+                    idle = false;
+                    self.set_idle(tenant, false);
                     let me = self.clone();
                     self.tasks.spawn(async move {
                         me.attempt(msg).await;
@@ -188,15 +294,26 @@ impl Pool {
                 }
                 Ok(None) => {
                     drop(place);
-                    // Nothing came: stop when nothing is under way here and the consumer holds
-                    // nothing unacknowledged (another notifier's, or a retry's wait).
                     if places.available_permits() < self.per_tenant {
                         continue;
                     }
-                    match consumer.clone().info().await {
-                        Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(%tenant, error = %e, "reading the consumer failed"),
+                    // Nothing came and nothing is under way here.
+                    let info = match consumer.get_info().await {
+                        Ok(info) => info,
+                        Err(e) => {
+                            tracing::debug!(%tenant, error = %e, "reading the consumer failed");
+                            continue;
+                        }
+                    };
+                    if info.num_pending == 0 {
+                        let may_go = info.num_ack_pending == 0 || give_up.is_cancelled();
+                        if may_go && self.may_stop(tenant) {
+                            return;
+                        }
+                        // Only retries waiting (a place it gives up when asked), or something
+                        // heard meanwhile (looked for before going).
+                        idle = !may_go;
+                        self.set_idle(tenant, idle);
                     }
                 }
                 Err(e) => {
@@ -211,16 +328,21 @@ impl Pool {
         }
     }
 
-    /// One delivery: waits for a request's turn (renewing its ack deadline meanwhile), attempts
-    /// it, and acks it as the attempt says.
+    /// One delivery: waits for a request's turn, attempts it, and acks it as the attempt says,
+    /// renewing its ack deadline all the while.
     async fn attempt(&self, msg: async_nats::jetstream::Message) {
+        let every = Duration::from_millis(self.notifier.settings.timeout_ms)
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let mut renew = tokio::time::interval(every);
+        renew.tick().await;
+        let progress = || async {
+            if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                tracing::debug!(error = %e, "renewing a delivery's ack deadline failed");
+            }
+        };
         let turn = {
             let wait = self.requests.clone().acquire_owned();
             tokio::pin!(wait);
-            let mut renew = tokio::time::interval(
-                Duration::from_millis(self.notifier.settings.timeout_ms).max(Duration::from_secs(3)),
-            );
-            renew.tick().await;
             loop {
                 tokio::select! {
                     turn = &mut wait => break turn.expect("never closed"),
@@ -229,18 +351,38 @@ impl Pool {
                         let _ = msg.ack_with(AckKind::Nak(None)).await;
                         return;
                     }
-                    _ = renew.tick() => {
-                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                            tracing::debug!(error = %e, "renewing a waiting delivery's deadline failed");
-                        }
-                    }
+                    _ = renew.tick() => progress().await,
                 }
             }
         };
-        let kind = self.notifier.deliver_one(&msg).await;
+        // The deadline starts afresh with the attempt, and is renewed while it lasts (a pending
+        // commit status may take two requests and reads of the log).
+        progress().await;
+        let kind = {
+            let attempt = self.notifier.deliver_one(&msg);
+            tokio::pin!(attempt);
+            loop {
+                tokio::select! {
+                    kind = &mut attempt => break kind,
+                    _ = renew.tick() => progress().await,
+                }
+            }
+        };
         drop(turn);
         if let Err(e) = msg.ack_with(kind).await {
             tracing::warn!(error = %e, "ack failed; the delivery will be redelivered");
         }
+    }
+}
+
+/// Frees a puller's place when it ends.
+struct Leaving {
+    pool: Arc<Pool>,
+    tenant: String,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.pool.leave(&self.tenant);
     }
 }
