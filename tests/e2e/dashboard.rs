@@ -192,6 +192,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let yaml = "name: pictured\nsteps:\n  - {id: build, run: 'echo built it; echo oops >&2'}\n  - {id: test, needs: [build], run: 'exit 3'}\n  - {id: docs, needs: [build], uses: noop}\n";
     let id = tm.submit(yaml).await;
     tm.wait_run(id, Duration::from_secs(30)).await;
+    let retried = tm
+        .submit("name: retried\nsteps:\n  - {id: flaky, run: 'echo try $TASKMESH_ATTEMPT; [ $TASKMESH_ATTEMPT -ge 2 ]', retry: {max_attempts: 2, initial_delay_ms: 10}}\n")
+        .await;
+    assert_eq!(tm.wait_run(retried, Duration::from_secs(30)).await["status"], "succeeded");
     let browser = Browser::start(&bin).await;
 
     // Without a key it asks for one; a wrong one is refused, saying so.
@@ -253,6 +257,11 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser
         .until("the refusal of the link", "return document.querySelector('main').innerText.includes('not a run id')")
         .await;
+
+    // A retried step's log shows each attempt's lines under its number.
+    browser.go(&format!("{}/ui/#/runs/{retried}/steps/flaky", tm.api)).await;
+    browser.until("the retried step's log", "return document.querySelector('pre').innerText.includes('try 2')").await;
+    assert_eq!(browser.run("return document.querySelector('pre').innerText").await, "try 1\n── attempt 2 ──\ntry 2\n");
 
     // Signing out forgets the key.
     browser.click("#sign-out").await;

@@ -268,6 +268,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             [403, 403, 204],
         ),
         case(Method::GET, "/v1/audit", "/v1/audit", None, [403, 403, 200]),
+        case(Method::GET, "/v1/whoami", "/v1/whoami", None, [200, 200, 200]),
         // The platform administrator's routes: no tenant key will do.
         case(Method::GET, "/v1/tenants", "/v1/tenants", None, [401, 401, 401]),
         case(Method::POST, "/v1/tenants", "/v1/tenants", Some(json!({"id": "gamma", "name": "G"})), [401, 401, 401]),

@@ -312,6 +312,8 @@ function runView(id, stepId) {
   let after = 0;
   let logDone = false;
   let shown = 0;
+  let lastAttempt = null; // the attempt of the last log line shown
+  let drawn = ""; // what the DAG was last drawn from: it is drawn again only when that changes
   show(el("p", {}, el("a", { href: "#/runs" }, "← Runs")), problem, head, picture, el("h2", {}, "Steps"),
     el("table", {}, el("thead", {}, el("tr", {}, ["Step", "Kind", "Status", "Attempts", "Took", "Timeline"].map((h) => el("th", {}, h)))), steps),
     detail);
@@ -337,7 +339,12 @@ function runView(id, stepId) {
       const page = await api(`/v1/runs/${id}/steps/${enc(step.id)}/logs?after=${after}&limit=1000`);
       if (view.stopped) return false;
       const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-      for (const l of page.lines) log.append(el("span", { class: l.stream }, `${l.line}\n`));
+      for (const l of page.lines) {
+        // A retried step's attempts each write their own lines: each begins under its number.
+        if (lastAttempt !== null && l.attempt !== lastAttempt) log.append(el("span", { class: "attempt" }, `── attempt ${l.attempt} ──\n`));
+        lastAttempt = l.attempt;
+        log.append(el("span", { class: l.stream }, `${l.line}\n`));
+      }
       shown += page.lines.length;
       if (page.next !== null && page.next !== undefined) after = page.next;
       else if (page.lines.length) after = page.lines[page.lines.length - 1].seq;
@@ -355,7 +362,7 @@ function runView(id, stepId) {
       const fresh = written && written.id === id && written.seq ? { "taskmesh-min-seq": String(written.seq) } : {};
       const run = await api(`/v1/runs/${id}`, { headers: fresh });
       if (view.stopped) return;
-      written = null;
+      if (written && written.id === id) written = null;
       problem.replaceChildren();
       const ended = TERMINAL.has(run.status);
       // A viewer's key may not cancel or rerun: no buttons for it (the API refuses them anyway).
@@ -373,7 +380,12 @@ function runView(id, stepId) {
           ended ? null : el("button", { type: "button", onclick: () => confirm("Cancel this run?") && act(`/v1/runs/${id}/cancel`) }, "Cancel"),
           ended && run.status !== "succeeded" ? el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/rerun`, { from: "failed" }) }, "Rerun failed steps") : null),
       );
-      picture.replaceChildren(dag(run, stepId, pick));
+      // A DAG of hundreds of steps is not redrawn every second unless a step's state changed.
+      const state = JSON.stringify([stepId, run.steps.map((s) => [s.id, s.status])]);
+      if (state !== drawn) {
+        picture.replaceChildren(dag(run, stepId, pick));
+        drawn = state;
+      }
       steps.replaceChildren(
         ...run.steps.map((s) =>
           el("tr", { class: "link", onclick: () => pick(s.id) },
@@ -482,9 +494,11 @@ function route() {
 // Asks once who the key is: its tenant and role show in the header, and a viewer's pages
 // offer no actions. (A gateway too old to answer leaves the buttons; the API judges them.)
 async function whoami() {
+  const key = sessionStorage.getItem(KEY);
   try {
     const who = await api("/v1/whoami");
-    if (!sessionStorage.getItem(KEY)) return;
+    // Signed out, or in with another key, meanwhile: this answer is not about the key now.
+    if (sessionStorage.getItem(KEY) !== key) return;
     me = who;
     document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
   } catch {
