@@ -130,7 +130,7 @@ impl Mesh {
                     let ingest = taskmesh_ingest::Ingest::new(bus)
                         .with_limits(settings.limits.clone())
                         .with_egress(taskmesh_egress::Egress::new(&settings.egress))
-                        .with_email(settings.notification.smtp_url.is_some());
+                        .with_email(&settings.notification);
                     tasks.spawn(async move { (service, ingest.run(token).await) });
                 }
                 Service::Scheduler => {

@@ -1130,6 +1130,7 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
     let tm = spawn_with(&Svc::ALL, |s| {
         s.notification.smtp_url = Some(secrecy::SecretString::from(format!("smtp://127.0.0.1:{port}")));
         s.notification.email_from = Some("Taskmesh <taskmesh@example.com>".into());
+        s.notification.email_domains = vec!["example.com".into()];
         s.gateway.public_url = Some("https://tm.example".into());
     })
     .await;
@@ -1142,7 +1143,13 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
     .await;
     assert_eq!(res.status(), 201);
     let endpoint = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    for bad in ["mailto:ops@example.com?cc=boss@example.com", "https://example.com/hook", "mailto:ops"] {
+    // Headers, not a mailto: URL, not an address, a domain e-mail may not go to.
+    for bad in [
+        "mailto:ops@example.com?cc=boss@example.com",
+        "https://example.com/hook",
+        "mailto:ops",
+        "mailto:ops@example.org",
+    ] {
         let res = create(serde_json::json!({"url": bad, "format": "email"})).await;
         assert_eq!(res.status(), 400, "{bad}");
     }

@@ -396,6 +396,10 @@ pub struct NotificationSettings {
     pub smtp_url: Option<SecretString>,
     /// The sender of e-mails (`Taskmesh <taskmesh@example.com>`); needed with `smtp_url`.
     pub email_from: Option<String>,
+    /// The domains e-mail endpoints may send to (each with its subdomains); empty: any. On a
+    /// multi-tenant deployment, where any tenant's admin could otherwise make the operator's
+    /// server mail anyone, list the tenants' own.
+    pub email_domains: Vec<String>,
 }
 
 impl Default for NotificationSettings {
@@ -409,11 +413,22 @@ impl Default for NotificationSettings {
             tenants_at_once: 1024,
             smtp_url: None,
             email_from: None,
+            email_domains: Vec::new(),
         }
     }
 }
 
 impl NotificationSettings {
+    /// Whether e-mail may go to `address` (see `email_domains`).
+    pub fn email_allowed(&self, address: &str) -> bool {
+        let domain = address.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+        self.email_domains.is_empty()
+            || self.email_domains.iter().any(|allowed| {
+                let allowed = allowed.trim_start_matches('.').to_ascii_lowercase();
+                domain == allowed || domain.ends_with(&format!(".{allowed}"))
+            })
+    }
+
     /// Where commit statuses and Slack messages link to (see `dashboard_url`); an error names
     /// the setting that is not an http(s) URL a browser can be sent to: one with a user name
     /// or password (which would be shown on every commit), a query or fragment (the run's page
@@ -572,6 +587,19 @@ mod tests {
         assert_eq!(n.dashboard(&gateway).unwrap().unwrap().as_str(), "https://tm.example/base/ui/");
         gateway.public_url = Some("https://token@tm.example/".into());
         assert!(n.dashboard(&gateway).unwrap_err().starts_with("gateway.public_url"));
+    }
+
+    #[test]
+    fn e_mail_goes_only_to_the_domains_listed() {
+        let mut n = NotificationSettings::default();
+        assert!(n.email_allowed("anyone@anywhere.example"), "no list: any");
+        n.email_domains = vec!["example.com".into()];
+        for allowed in ["ops@example.com", "ops@MAIL.Example.com"] {
+            assert!(n.email_allowed(allowed), "{allowed}");
+        }
+        for refused in ["ops@example.org", "ops@badexample.com", "ops@example.com.evil.org", "ops"] {
+            assert!(!n.email_allowed(refused), "{refused}");
+        }
     }
 
     #[test]

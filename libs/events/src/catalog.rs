@@ -825,9 +825,11 @@ pub fn mailto_recipients(url: &str) -> Result<Vec<String>, String> {
     }
     for address in &addresses {
         let (local, domain) = address.rsplit_once('@').ok_or_else(|| format!("'{address}' is not an address"))?;
+        // A dot-atom (RFC 5322): no dot first, last, or twice in a row.
         let local_ok = !local.is_empty()
             && local.len() <= 64
-            && local.bytes().all(|b| b.is_ascii_graphic() && !b"<>()[]\\,;:\"@".contains(&b));
+            && local.bytes().all(|b| b.is_ascii_graphic() && !b"<>()[]\\,;:\"@".contains(&b))
+            && local.split('.').all(|atom| !atom.is_empty());
         let domain_ok = !domain.is_empty()
             && domain.len() <= 253
             && domain.split('.').all(|label| {
@@ -977,6 +979,9 @@ mod tests {
             "mailto:ops@-example.com",
             "mailto:a@b\r\nBcc: c@d",
             "mailto:\"quoted\"@example.com",
+            "mailto:.ops@example.com",
+            "mailto:ops.@example.com",
+            "mailto:o..ps@example.com",
         ] {
             assert!(mailto_recipients(refused).is_err(), "{refused}");
         }

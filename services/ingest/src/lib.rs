@@ -61,15 +61,15 @@ pub struct Ingest {
     bus: Bus,
     limits: taskmesh_config::LimitsSettings,
     egress: taskmesh_egress::Egress,
-    /// E-mail endpoints may be created.
-    email: bool,
+    /// E-mail endpoints may be created, to the addresses these settings permit.
+    email: Option<taskmesh_config::NotificationSettings>,
 }
 
 impl Ingest {
     /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]) and the default
     /// egress rules (see [`Ingest::with_egress`]).
     pub fn new(bus: Bus) -> Self {
-        Self { bus, limits: Default::default(), egress: Default::default(), email: false }
+        Self { bus, limits: Default::default(), egress: Default::default(), email: None }
     }
 
     /// The outbound address rules: a webhook endpoint whose URL names an address they deny is
@@ -79,9 +79,10 @@ impl Ingest {
         self
     }
 
-    /// E-mail endpoints may be created: the notifiers have an SMTP server.
-    pub fn with_email(mut self, enabled: bool) -> Self {
-        self.email = enabled;
+    /// E-mail endpoints may be created when the notifiers have an SMTP server, to the
+    /// addresses `settings` permits.
+    pub fn with_email(mut self, settings: &taskmesh_config::NotificationSettings) -> Self {
+        self.email = settings.smtp_url.is_some().then(|| settings.clone());
         self
     }
 
@@ -723,17 +724,23 @@ impl Ingest {
     pub async fn create_webhook_endpoint(&self, cmd: CreateWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         if cmd.format == taskmesh_events::EndpointFormat::Email {
-            if !self.email {
+            let Some(email) = &self.email else {
                 return Err(invalid(
                     "format",
                     "e-mail endpoints need an SMTP server, and none is configured (notification.smtp_url)",
                 ));
-            }
+            };
             // Sent through the operator's SMTP server, which the egress rules do not govern.
             if cmd.url.len() > 2048 {
                 return Err(invalid("url", "at most 2,048 bytes"));
             }
-            taskmesh_events::catalog::mailto_recipients(&cmd.url).map_err(|e| invalid("url", e))?;
+            let to = taskmesh_events::catalog::mailto_recipients(&cmd.url).map_err(|e| invalid("url", e))?;
+            if let Some(other) = to.iter().find(|a| !email.email_allowed(a)) {
+                return Err(invalid(
+                    "url",
+                    format!("'{other}' is not in a domain e-mail may go to (notification.email_domains)"),
+                ));
+            }
         } else {
             let url = url::Url::parse(&cmd.url).map_err(|_| invalid("url", "not a URL"))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || cmd.url.len() > 2048 {

@@ -4,9 +4,10 @@
 //! The message is plain text: how the run ended, its failed steps, and a link to it in the
 //! dashboard when the notifier knows where that is. Its `Message-ID` is the event's id and the
 //! endpoint's, the same on every retry, so a mail system can tell a retried message from a new
-//! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it. A permanent
-//! refusal (an SMTP `5xx`: an unknown recipient, say) is not retried; the rest is, on the
-//! schedule of every delivery.
+//! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it. A recipient the
+//! server refuses for good (`550`, `551`, `553`) is not retried (and, as the message goes to all
+//! its recipients at once, none of them gets it); the rest is, on the schedule of every
+//! delivery. Credentials go only over TLS (`smtps://`, or `?tls=required` for STARTTLS).
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::{Outcome, Summary};
 pub(crate) struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
+    timeout: Duration,
 }
 
 impl Mailer {
@@ -30,6 +32,15 @@ impl Mailer {
     /// which may hold a password).
     pub fn new(settings: &NotificationSettings) -> anyhow::Result<Option<Self>> {
         let Some(url) = &settings.smtp_url else { return Ok(None) };
+        let parsed =
+            url::Url::parse(url.expose_secret()).map_err(|_| anyhow::anyhow!("notification.smtp_url is not a URL"))?;
+        let tls_required =
+            parsed.scheme() == "smtps" || parsed.query_pairs().any(|(k, v)| k == "tls" && v == "required");
+        if (!parsed.username().is_empty() || parsed.password().is_some()) && !tls_required {
+            // Over a plain (or opportunistic, which can be stripped) connection, the
+            // credentials could be read on the way.
+            anyhow::bail!("notification.smtp_url has credentials but no TLS: use smtps:// or add ?tls=required");
+        }
         let from: Mailbox = settings
             .email_from
             .as_deref()
@@ -44,7 +55,7 @@ impl Mailer {
             })?
             .timeout(Some(Duration::from_millis(settings.timeout_ms)))
             .build();
-        Ok(Some(Self { transport, from }))
+        Ok(Some(Self { transport, from, timeout: Duration::from_millis(settings.timeout_ms) }))
     }
 
     /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`.
@@ -64,9 +75,20 @@ impl Mailer {
             message = message.to(mailbox);
         }
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
-        match self.transport.send(message).await {
+        // lettre's own timeout covers connecting only: the whole exchange is bounded here.
+        let sent = match tokio::time::timeout(2 * self.timeout, self.transport.send(message)).await {
+            Ok(sent) => sent,
+            Err(_) => return Err(Outcome::Failed(format!("the SMTP server took over {:?}", 2 * self.timeout))),
+        };
+        match sent {
             Ok(_) => Ok(()),
-            Err(e) if e.is_permanent() => Err(Outcome::Refused(format!("the SMTP server refused the e-mail: {e}"))),
+            // A recipient the server will never take (no such mailbox, not relayed for us, a
+            // name it refuses): asking again changes nothing. Every other refusal (its
+            // authentication, TLS, a full mailbox, a policy) is the operator's or passing, and
+            // retried.
+            Err(e) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
+                Err(Outcome::Refused(format!("the SMTP server refused a recipient: {e}")))
+            }
             Err(e) => Err(Outcome::Failed(format!("sending the e-mail: {e}"))),
         }
     }
@@ -146,8 +168,18 @@ mod tests {
         assert!(err.contains("notification.email_from"), "{err}");
         settings.email_from = Some("Taskmesh <tm@example.com>".into());
         assert!(Mailer::new(&settings).unwrap().is_some());
-        settings.smtp_url = Some("ftp://user:hunter2@mail.example.com".into());
-        let err = format!("{:#}", Mailer::new(&settings).err().unwrap());
-        assert!(err.contains("notification.smtp_url") && !err.contains("hunter2"), "{err}");
+        for wrong in [
+            "ftp://user:hunter2@mail.example.com",
+            "smtp://user:hunter2@mail.example.com:587",
+            "smtp://user:hunter2@mail.example.com:587?tls=opportunistic",
+        ] {
+            settings.smtp_url = Some(wrong.into());
+            let err = format!("{:#}", Mailer::new(&settings).err().unwrap());
+            assert!(err.contains("notification.smtp_url") && !err.contains("hunter2"), "{wrong}: {err}");
+        }
+        for right in ["smtp://user:hunter2@mail.example.com:587?tls=required", "smtp://relay.internal:25"] {
+            settings.smtp_url = Some(right.into());
+            assert!(Mailer::new(&settings).unwrap().is_some(), "{right}");
+        }
     }
 }

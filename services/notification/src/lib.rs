@@ -460,6 +460,10 @@ impl Notifier {
                 Outcome::Refused("an e-mail endpoint, but no SMTP server is configured (notification.smtp_url)".into())
             })?;
             let to = taskmesh_events::catalog::mailto_recipients(&url).map_err(Outcome::Refused)?;
+            // Created before the domains were narrowed, perhaps.
+            if let Some(other) = to.iter().find(|a| !self.settings.email_allowed(a)) {
+                return Err(Outcome::Refused(format!("'{other}' is not in notification.email_domains")));
+            }
             let summary = self.summary(d).await?;
             let (subject, body) = email::text(&summary, self.dashboard.as_ref());
             return mailer.send(&to, &subject, body, &format!("{}.{}", d.message_id, d.endpoint_id)).await;
@@ -519,7 +523,7 @@ fn retry_after(res: &reqwest::Response) -> Option<Duration> {
         Some(secs) => secs,
         None if header("x-ratelimit-remaining") == Some("0") => {
             let reset: i64 = header("x-ratelimit-reset")?.parse().ok()?;
-            (reset - Utc::now().timestamp()).max(1) as u64
+            reset.saturating_sub(Utc::now().timestamp()).max(1) as u64
         }
         None => return None,
     };

@@ -16,9 +16,10 @@
 //! enqueued (a plain subscription on the queue's subjects) and from the queue's per-subject
 //! counts every [`SWEEP`] (what it could not hear: its own restart, another process's enqueues
 //! while it was away, retries come due for a tenant without a puller). A puller stops once its
-//! consumer holds nothing to deliver and nothing unacknowledged; one whose tenant has only
-//! retries waiting gives its place up when another tenant waits for one (tenants turned away
-//! wait in arrival order), and its tenant is found again by the sweep.
+//! consumer holds nothing to deliver and nothing unacknowledged. When tenants wait for a place
+//! (in arrival order), pullers give theirs up: one whose tenant has only retries waiting at
+//! once, a busy one once it has held its place for [`SLICE`] with nothing under way; their
+//! tenants are found again by the sweep and wait their turn.
 //!
 //! Crash safety is the work queue's: a delivery leaves the queue only when acknowledged after
 //! its attempt, and one whose notifier died is redelivered after its ack deadline.
@@ -31,7 +32,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::AckPolicy;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +48,8 @@ pub const IDLE_CONSUMER: Duration = Duration::from_secs(3600);
 const PULL_FOR: Duration = Duration::from_secs(10);
 /// The consumer all tenants shared, which a work queue does not allow beside theirs.
 const SHARED_CONSUMER: &str = "deliveries";
+/// How long a busy puller keeps its place while a tenant waits for one.
+const SLICE: Duration = Duration::from_secs(30);
 /// A warning repeated for every tenant is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -57,12 +60,18 @@ pub fn consumer_name(tenant: &str) -> String {
 
 /// A running puller, as the pool sees it.
 struct Puller {
+    /// Tells this puller from a later one of the same tenant.
+    generation: u64,
     /// Deliveries were heard for the tenant since the puller last looked: it must not stop.
     again: bool,
     /// The puller's last look found nothing to deliver (only retries waiting, if anything).
     idle: bool,
-    /// Asks the puller to give its place up (another tenant waits for one).
-    give_up: CancellationToken,
+    /// Asked to give its place up (a tenant waits for one): it does when idle, or once it has
+    /// held the place for [`SLICE`] and has nothing under way.
+    asked: bool,
+    since: Instant,
+    /// Cuts an idle puller's long pull short when it is asked.
+    wake: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -71,6 +80,7 @@ struct Places {
     /// Tenants turned away at `tenants_at_once`, in arrival order (and as a set).
     waiting: VecDeque<String>,
     queued: HashSet<String>,
+    generation: u64,
 }
 
 struct Pool {
@@ -156,8 +166,7 @@ fn is_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool {
 
 impl Pool {
     /// Sees that `tenant` has a puller: says so to its puller if it runs, starts one if there is
-    /// a place, or else queues the tenant and asks a puller with only retries waiting to give
-    /// its place up.
+    /// a place, or else queues the tenant and asks pullers to give their places up.
     fn start(self: &Arc<Self>, tenant: &str) {
         let mut places = self.places.lock().unwrap();
         if let Some(puller) = places.running.get_mut(tenant) {
@@ -178,31 +187,49 @@ impl Pool {
             places.queued.insert(tenant.to_string());
             places.waiting.push_back(tenant.to_string());
         }
-        // As many idle pullers give up their places as tenants wait (each going once).
-        let wanted = places.waiting.len();
-        let idle = places.running.values().filter(|p| p.idle && !p.give_up.is_cancelled());
-        for puller in idle.take(wanted) {
-            puller.give_up.cancel();
+        // As many pullers are asked as tenants wait beyond those already asked: idle ones
+        // first, then those that have held their place for a slice.
+        let asked = places.running.values().filter(|p| p.asked).count();
+        let mut wanted = places.waiting.len().saturating_sub(asked);
+        for busy in [false, true] {
+            for puller in places.running.values_mut() {
+                if wanted == 0 {
+                    return;
+                }
+                let eligible = if busy { puller.since.elapsed() >= SLICE } else { puller.idle };
+                if !puller.asked && eligible {
+                    puller.asked = true;
+                    puller.wake.notify_one();
+                    wanted -= 1;
+                }
+            }
         }
     }
 
     /// Starts `tenant`'s puller (a place is free: the caller checked, holding the lock).
     fn spawn(self: &Arc<Self>, places: &mut Places, tenant: String) {
-        let give_up = CancellationToken::new();
-        places.running.insert(tenant.clone(), Puller { again: false, idle: false, give_up: give_up.clone() });
+        places.generation += 1;
+        let generation = places.generation;
+        let wake = Arc::new(Notify::new());
+        let puller =
+            Puller { generation, again: false, idle: false, asked: false, since: Instant::now(), wake: wake.clone() };
+        places.running.insert(tenant.clone(), puller);
         let me = self.clone();
         self.tasks.spawn(async move {
             // Its place is freed however the puller ends (a panic too), and given to the
             // first tenant waiting.
-            let _leaving = Leaving { pool: me.clone(), tenant: tenant.clone() };
-            me.pull(&tenant, give_up).await;
+            let _leaving = Leaving { pool: me.clone(), tenant: tenant.clone(), generation };
+            me.pull(&tenant, generation, &wake).await;
         });
     }
 
-    /// Frees `tenant`'s place and gives it to the first tenant waiting.
-    fn leave(self: &Arc<Self>, tenant: &str) {
+    /// Frees the place of `tenant`'s puller `generation` (if it still holds it) and gives the
+    /// free places to the tenants waiting.
+    fn leave(self: &Arc<Self>, tenant: &str, generation: u64) {
         let mut places = self.places.lock().unwrap();
-        places.running.remove(tenant);
+        if places.running.get(tenant).is_some_and(|p| p.generation == generation) {
+            places.running.remove(tenant);
+        }
         if self.shutdown.is_cancelled() {
             return;
         }
@@ -215,28 +242,53 @@ impl Pool {
         }
     }
 
-    /// Whether `tenant`'s puller may stop: nothing was heard for it since it looked (else it
-    /// looks again). Decided under the lock `start` takes, so nothing heard is missed.
-    fn may_stop(&self, tenant: &str) -> bool {
+    /// Whether `tenant`'s puller `generation` may stop, its consumer holding nothing: not if
+    /// something was heard for it since it looked (it looks again). Decided, and its place
+    /// freed, under the lock `start` takes, so nothing heard is missed.
+    fn may_stop(&self, tenant: &str, generation: u64) -> bool {
         let mut places = self.places.lock().unwrap();
         match places.running.get_mut(tenant) {
-            Some(puller) if puller.again => {
-                puller.again = false;
+            Some(p) if p.generation == generation && p.again => {
+                p.again = false;
                 false
+            }
+            Some(p) if p.generation == generation => {
+                places.running.remove(tenant);
+                true
             }
             _ => true,
         }
     }
 
-    fn set_idle(&self, tenant: &str, idle: bool) {
-        if let Some(puller) = self.places.lock().unwrap().running.get_mut(tenant) {
-            puller.idle = idle;
+    /// Whether `tenant`'s puller `generation`, with nothing under way, gives its place up now
+    /// (freed under the lock): asked while a tenant still waits, and idle or past its slice.
+    fn gives_up(&self, tenant: &str, generation: u64) -> bool {
+        let mut places = self.places.lock().unwrap();
+        let waiting = !places.waiting.is_empty();
+        let Some(p) = places.running.get_mut(tenant).filter(|p| p.generation == generation) else { return true };
+        if !p.asked {
+            return false;
+        }
+        if !waiting {
+            p.asked = false;
+            return false;
+        }
+        if p.idle || p.since.elapsed() >= SLICE {
+            places.running.remove(tenant);
+            return true;
+        }
+        false
+    }
+
+    fn set_idle(&self, tenant: &str, generation: u64, idle: bool) {
+        if let Some(p) = self.places.lock().unwrap().running.get_mut(tenant).filter(|p| p.generation == generation) {
+            p.idle = idle;
         }
     }
 
-    /// Pulls `tenant`'s deliveries until its consumer holds none, it is asked to give its place
-    /// up while only retries wait, or shutdown.
-    async fn pull(self: &Arc<Self>, tenant: &str, give_up: CancellationToken) {
+    /// Pulls `tenant`'s deliveries until its consumer holds none, it gives its place up to a
+    /// tenant waiting, or shutdown.
+    async fn pull(self: &Arc<Self>, tenant: &str, generation: u64, wake: &Notify) {
         let notifier = &self.notifier;
         let ns = notifier.bus.namespace();
         let timeout = Duration::from_millis(notifier.settings.timeout_ms);
@@ -266,17 +318,20 @@ impl Pool {
             }
         };
         let places = Arc::new(Semaphore::new(self.per_tenant));
-        // The last look found nothing to deliver (only retries waiting, if anything).
-        let mut idle = false;
         loop {
             let place = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 p = places.clone().acquire_owned() => p.expect("never closed"),
             };
+            // Nothing under way here: the place may be given up.
+            let free = places.available_permits() + 1 == self.per_tenant;
+            if free && self.gives_up(tenant, generation) {
+                return;
+            }
             let pulled = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                // Only a puller with nothing under way is asked to give up.
-                _ = give_up.cancelled(), if idle && places.available_permits() + 1 == self.per_tenant => return,
+                // Asked: look again whether to give the place up.
+                _ = wake.notified(), if free => continue,
                 b = async {
                     let mut batch = consumer.batch().max_messages(1).expires(PULL_FOR).messages().await?;
                     batch.next().await.transpose()
@@ -284,8 +339,7 @@ impl Pool {
             };
             match pulled {
                 Ok(Some(msg)) => {
-                    idle = false;
-                    self.set_idle(tenant, false);
+                    self.set_idle(tenant, generation, false);
                     let me = self.clone();
                     self.tasks.spawn(async move {
                         me.attempt(msg).await;
@@ -306,14 +360,11 @@ impl Pool {
                         }
                     };
                     if info.num_pending == 0 {
-                        let may_go = info.num_ack_pending == 0 || give_up.is_cancelled();
-                        if may_go && self.may_stop(tenant) {
+                        if info.num_ack_pending == 0 && self.may_stop(tenant, generation) {
                             return;
                         }
-                        // Only retries waiting (a place it gives up when asked), or something
-                        // heard meanwhile (looked for before going).
-                        idle = !may_go;
-                        self.set_idle(tenant, idle);
+                        // Only retries waiting: a place it gives up when asked.
+                        self.set_idle(tenant, generation, info.num_ack_pending > 0);
                     }
                 }
                 Err(e) => {
@@ -359,7 +410,19 @@ impl Pool {
         // commit status may take two requests and reads of the log).
         progress().await;
         let kind = {
-            let attempt = self.notifier.deliver_one(&msg);
+            // However it is sent (an SMTP server that stops answering mid-way, say), an attempt
+            // that takes much longer than its requests may ends as a failed one.
+            let timeout = Duration::from_millis(self.notifier.settings.timeout_ms);
+            let limit = 3 * timeout + Duration::from_secs(10);
+            let attempt = async {
+                match tokio::time::timeout(limit, self.notifier.deliver_one(&msg)).await {
+                    Ok(kind) => kind,
+                    Err(_) => {
+                        let number = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
+                        self.notifier.retry(format!("the attempt took over {limit:?}"), number, Duration::ZERO)
+                    }
+                }
+            };
             tokio::pin!(attempt);
             loop {
                 tokio::select! {
@@ -379,10 +442,11 @@ impl Pool {
 struct Leaving {
     pool: Arc<Pool>,
     tenant: String,
+    generation: u64,
 }
 
 impl Drop for Leaving {
     fn drop(&mut self) {
-        self.pool.leave(&self.tenant);
+        self.pool.leave(&self.tenant, self.generation);
     }
 }
