@@ -9,9 +9,11 @@
 //! ([`EndpointCache`]), forgotten as a trigger on `webhook_endpoints` announces their change
 //! (and all of them while that announcement cannot be heard), so a run's end costs no query.
 //! The delivery loop (a durable consumer per tenant, [`tenants`], so that one tenant's slow
-//! endpoint or backlog never holds up another's) POSTs each one with `webhook-id` (the event id, stable across retries so the
-//! receiver can deduplicate), `webhook-timestamp` and `webhook-signature`; a failure is retried
-//! after the configured delays, then dropped with an error log (dead letter).
+//! endpoint or backlog does not hold up another's) POSTs each one with `webhook-id` (the
+//! event id, stable across retries so the receiver can deduplicate), `webhook-timestamp` and
+//! `webhook-signature`; a failure is retried after the configured delays, then dropped with an
+//! error log (dead letter). Slack endpoints get a Slack message instead, e-mail endpoints an
+//! e-mail (`email`).
 //!
 //! The same queue carries commit statuses ([`CommitStatus`]): the scheduler enqueues a
 //! webhook-triggered run's state when it is submitted and when it ends, and the delivery loop
