@@ -196,6 +196,15 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         .submit("name: retried\nsteps:\n  - {id: flaky, run: 'echo try $TASKMESH_ATTEMPT; [ $TASKMESH_ATTEMPT -ge 2 ]', retry: {max_attempts: 2, initial_delay_ms: 10}}\n")
         .await;
     assert_eq!(tm.wait_run(retried, Duration::from_secs(30)).await["status"], "succeeded");
+    // A stored workflow, and a yearly schedule of it.
+    let stored = serde_json::json!({"name": "stored", "steps": [{"id": "a", "uses": "noop"}]});
+    let res = tm.auth(tm.http.put(format!("{}/v1/workflows/stored", tm.api))).json(&stored).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let yearly = serde_json::json!({"cron": "0 0 1 1 *", "workflow": "stored"});
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules", tm.api))).json(&yearly).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let schedule = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
     let browser = Browser::start(&bin).await;
 
     // Without a key it asks for one; a wrong one is refused, saying so.
@@ -216,6 +225,22 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let link = format!("return !!document.querySelector('tbody a[href=\"#/runs/{id}\"]')");
     assert_eq!(browser.run(&link).await, true);
     browser.until("who the key is", "return document.getElementById('who').innerText === 'default · admin'").await;
+
+    // The schedules: the stored workflow's yearly one, paused from the page (and shown so at
+    // once: the next look waits for the read side to have the change).
+    browser.go(&format!("{}/ui/#/schedules", tm.api)).await;
+    browser.until("the schedule", "return document.querySelector('main').innerText.includes('0 0 1 1 *')").await;
+    browser.click("main td button").await;
+    browser.until("the schedule paused", "return !!document.querySelector('main .status.paused')").await;
+    let (status, paused) = {
+        let res = tm.auth(tm.http.get(format!("{}/v1/schedules/{schedule}", tm.api))).send().await.unwrap();
+        (res.status(), res.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!((status.as_u16(), &paused["paused"]), (200, &serde_json::json!(true)), "{paused}");
+    // The stored workflows, each linking to its runs.
+    browser.go(&format!("{}/ui/#/workflows", tm.api)).await;
+    browser.until("the stored workflow", "return document.querySelector('main').innerText.includes('stored')").await;
+    assert_eq!(browser.run("return !!document.querySelector('main a[href=\"#/runs?workflow=stored\"]')").await, true);
 
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;

@@ -1,4 +1,5 @@
-// Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, executors.
+// Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, schedules, stored
+// workflows, executors.
 //
 // Everything it shows comes from the REST API with the API key the user gives it, kept in
 // this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
@@ -124,7 +125,9 @@ function every(ms, load) {
   };
   const id = setInterval(tick, ms);
   current = view;
+  view.now = tick; // looks again at once (a look under way lets it pass)
   tick();
+  return view;
 }
 
 // Most log lines kept on the page; older ones make way.
@@ -466,6 +469,78 @@ function executorsView() {
   });
 }
 
+function schedulesView() {
+  const problem = el("div");
+  const body = el("tbody");
+  show(el("h1", {}, "Schedules"), problem,
+    el("table", {}, el("thead", {}, el("tr", {}, ["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""].map((h) => el("th", {}, h)))), body));
+  let fresh = null; // the seq of a change made here: the next look waits for the read side to have it
+  let shown = null;
+  const act = async (path) => {
+    try {
+      const r = await api(path, { method: "POST" });
+      fresh = r && r.seq ? r.seq : null;
+      if (shown) shown.now();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
+  shown = every(3000, async (view) => {
+    try {
+      if (!me) await whoami();
+      const answer = await api("/v1/schedules", { headers: fresh ? { "taskmesh-min-seq": String(fresh) } : {} });
+      fresh = null;
+      if (view.stopped) return;
+      problem.replaceChildren();
+      const mayAct = !me || me.role !== "viewer";
+      body.replaceChildren(...(answer.items || []).map((x) => {
+        const spec = x.spec || {};
+        const workflow = typeof spec.workflow === "string" ? spec.workflow : (spec.workflow && spec.workflow.name) || "";
+        // Only a schedule's id goes into the API's paths.
+        const id = RUN_ID.test(x.id) ? x.id : null;
+        const button = mayAct && id
+          ? el("button", { type: "button", onclick: () => (x.paused ? act(`/v1/schedules/${id}/resume`) : act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause")
+          : null;
+        return el("tr", {},
+          el("td", {}, workflow),
+          el("td", { class: "mono" }, `${spec.cron || ""}${spec.timezone ? ` (${spec.timezone})` : ""}`),
+          el("td", {}, x.paused ? badge("paused") : badge("active")),
+          el("td", {}, when(x.next_tick)),
+          el("td", {}, when(x.last_tick)),
+          el("td", { class: "mono" }, x.last_run_id && RUN_ID.test(x.last_run_id) ? el("a", { href: `#/runs/${x.last_run_id}` }, x.last_run_id) : ""),
+          el("td", {}, x.ticks),
+          el("td", {}, button));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No schedules.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
+function workflowsView() {
+  const problem = el("div");
+  const body = el("tbody");
+  show(el("h1", {}, "Workflows"), problem,
+    el("table", {}, el("thead", {}, el("tr", {}, ["Workflow", "Version", "Steps", "Stored", ""].map((h) => el("th", {}, h)))), body));
+  every(10000, async (view) => {
+    try {
+      const answer = await api("/v1/workflows");
+      if (view.stopped) return;
+      problem.replaceChildren();
+      body.replaceChildren(...(answer.items || []).map((w) => {
+        const steps = (w.definition && Array.isArray(w.definition.steps)) ? w.definition.steps.length : "";
+        const runs = new URLSearchParams({ workflow: w.name });
+        return el("tr", {}, el("td", {}, w.name), el("td", {}, w.version), el("td", {}, steps), el("td", {}, when(w.created_at)),
+          el("td", {}, el("a", { href: `#/runs?${runs}` }, "Runs →")));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No stored workflows.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
 // --- routing --------------------------------------------------------------------------------
 
 function route() {
@@ -488,6 +563,8 @@ function route() {
     return runView(parts[1], parts[2] === "steps" ? parts[3] : null);
   }
   if (parts[0] === "executors") return executorsView();
+  if (parts[0] === "schedules") return schedulesView();
+  if (parts[0] === "workflows") return workflowsView();
   return runsView(query || "");
 }
 
