@@ -1343,8 +1343,10 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     git_in(&work, &["add", "version.txt"]);
     git_in(&work, &["commit", "-q", "-m", "one"]);
     let pushed = git_in(&work, &["rev-parse", "HEAD"]);
+    git_in(&work, &["tag", "v1.0"]);
     std::fs::write(work.join("version.txt"), "two\n").unwrap();
     git_in(&work, &["commit", "-q", "-am", "two"]);
+    let second = git_in(&work, &["rev-parse", "HEAD"]);
     std::fs::create_dir(root.path().join("binkkatal")).unwrap();
     git_in(root.path(), &["clone", "-q", "--bare", "work", "binkkatal/sample_app.git"]);
 
@@ -1352,6 +1354,9 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     let workflow = serde_json::json!({"name": "ci", "steps": [
         {"id": "build", "checkout": true,
          "run": "cat version.txt; git rev-parse HEAD; git remote get-url origin; git config --get-regexp extraheader || echo no-header"},
+        // The pushed commit alone by default; all its history and the tags when asked.
+        {"id": "shallow", "checkout": true, "run": "git rev-list --count HEAD; git tag | wc -l"},
+        {"id": "history", "checkout": {"depth": 0, "tags": true}, "run": "git rev-list --count HEAD; git describe --tags"},
     ]});
     let hook = connect(
         &tm,
@@ -1380,6 +1385,15 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     assert!(!sent.is_empty());
     let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
     assert!(sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
+    assert_eq!(step(&run, "history")["output"], "1\nv1.0\n", "{run}");
+    // The second commit: by default itself alone, without tags; with `depth: 0` and `tags`,
+    // its parent too, and `git describe` finds the tag on it.
+    let (_, later) = run_of_push(&clone_url, &second, "c-4").await;
+    assert_eq!(later["status"], "succeeded", "{later}");
+    assert!(step(&later, "build")["output"].as_str().unwrap().starts_with(&format!("two\n{second}\n")), "{later}");
+    assert_eq!(step(&later, "shallow")["output"], "1\n0\n", "{later}");
+    let described = step(&later, "history")["output"].as_str().unwrap().to_string();
+    assert!(described.starts_with("2\nv1.0-1-g"), "{described}");
 
     // A rerun checks out the same commit, fetching it again.
     let fetched_before = fetches.lock().unwrap().len();

@@ -127,6 +127,83 @@ pub struct RateLimitDef {
     pub burst: Option<u32>,
 }
 
+/// A step's `checkout`: off, `true` (the pushed commit alone), or `{depth, tags}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckoutDef {
+    /// Whether the pushed commit is checked out.
+    pub enabled: bool,
+    /// Commits of history fetched, the pushed one included: 1 (the default) the commit alone,
+    /// 0 all of its history.
+    pub depth: u32,
+    /// The repository's tags are fetched too (for `git describe`).
+    pub tags: bool,
+}
+
+impl Default for CheckoutDef {
+    fn default() -> Self {
+        Self { enabled: false, depth: 1, tags: false }
+    }
+}
+
+impl CheckoutDef {
+    /// Most commits of history a checkout may ask for (0 asks for all).
+    pub const MAX_DEPTH: u32 = 100_000;
+
+    pub fn is_off(&self) -> bool {
+        !self.enabled
+    }
+}
+
+/// `checkout` as written: a flag, or options (which turn it on).
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum CheckoutInput {
+    Flag(bool),
+    Options(CheckoutOptions),
+}
+
+/// `checkout`'s options.
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct CheckoutOptions {
+    /// Commits of history, the pushed one included: 1 (the default) the commit alone, 0 all.
+    #[serde(default = "one")]
+    depth: u32,
+    /// Fetch the repository's tags too.
+    #[serde(default)]
+    tags: bool,
+}
+
+impl Serialize for CheckoutDef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // `true` as written before options existed, so older readers read it still.
+        if !self.enabled || (self.depth == 1 && !self.tags) {
+            serializer.serialize_bool(self.enabled)
+        } else {
+            CheckoutOptions { depth: self.depth, tags: self.tags }.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckoutDef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match CheckoutInput::deserialize(deserializer)? {
+            CheckoutInput::Flag(enabled) => Self { enabled, ..Self::default() },
+            CheckoutInput::Options(o) => Self { enabled: true, depth: o.depth, tags: o.tags },
+        })
+    }
+}
+
+impl JsonSchema for CheckoutDef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "CheckoutDef".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        CheckoutInput::json_schema(generator)
+    }
+}
+
 /// Lowest and highest priorities.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
 
@@ -146,9 +223,10 @@ pub struct StepDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
     /// Start a shell or container step with the pushed commit checked out in its working
-    /// directory (runs started by a forge push, and their reruns).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub checkout: bool,
+    /// directory (runs started by a forge push, and their reruns): `true`, or
+    /// `{depth, tags}` for more of its history (`depth: 0`, all of it) and the repository's tags.
+    #[serde(default, skip_serializing_if = "CheckoutDef::is_off")]
+    pub checkout: CheckoutDef,
     /// A built-in step: `noop` does nothing and succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses: Option<Builtin>,
@@ -863,8 +941,11 @@ impl WorkflowDef {
 
 /// Checks the kind-specific fields of a step; `err(field, message)` for each problem.
 fn validate_kinds(step: &StepDef, err: &mut dyn FnMut(&str, String)) {
-    if step.checkout && step.run.is_none() && step.container.is_none() {
+    if step.checkout.enabled && step.run.is_none() && step.container.is_none() {
         err("checkout", "only shell (run) and container steps have a working directory to check out into".into());
+    }
+    if step.checkout.depth > CheckoutDef::MAX_DEPTH {
+        err("checkout.depth", format!("at most {} (0 fetches all of the history)", CheckoutDef::MAX_DEPTH));
     }
     if let Some(h) = &step.http {
         if !HttpStep::METHODS.contains(&h.method.to_ascii_uppercase().as_str()) {
@@ -944,6 +1025,26 @@ fn http_header_name_invalid(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn checkout_is_a_flag_or_options_and_reads_as_written_before() {
+        let read = |v: serde_json::Value| serde_json::from_value::<CheckoutDef>(v);
+        let on = CheckoutDef { enabled: true, ..Default::default() };
+        assert_eq!(read(serde_json::json!(true)).unwrap(), on);
+        assert_eq!(read(serde_json::json!(false)).unwrap(), CheckoutDef::default());
+        let all = read(serde_json::json!({"depth": 0, "tags": true})).unwrap();
+        assert_eq!(all, CheckoutDef { enabled: true, depth: 0, tags: true });
+        assert_eq!(read(serde_json::json!({"tags": true})).unwrap().depth, 1, "depth 1 unless said");
+        assert!(read(serde_json::json!({"depht": 5})).is_err(), "an unknown option");
+        assert!(read(serde_json::json!("yes")).is_err());
+        // Written as `true` where nothing more is asked, so older readers still read it.
+        assert_eq!(serde_json::to_value(on).unwrap(), serde_json::json!(true));
+        assert_eq!(serde_json::to_value(all).unwrap(), serde_json::json!({"depth": 0, "tags": true}));
+        let step: StepDef = serde_yaml_ng::from_str("{id: a, run: 'true', checkout: {depth: 200000}}").unwrap();
+        let mut errors = Vec::new();
+        validate_kinds(&step, &mut |field, message| errors.push(format!("{field}: {message}")));
+        assert!(errors.iter().any(|e| e.starts_with("checkout.depth")), "{errors:?}");
+    }
+
     use super::*;
 
     #[test]

@@ -429,7 +429,7 @@ impl RunState {
     /// What step `i` checks out into its working directory: the run's commit, if the step
     /// asks for it.
     pub fn checkout_of(&self, i: usize) -> Option<taskmesh_events::Checkout> {
-        self.def(i).checkout.then(|| self.checkout.clone()).flatten()
+        self.def(i).checkout.enabled.then(|| self.checkout.clone()).flatten()
     }
 
     /// Step `i`'s definition with its `${{ }}` templates rendered for dispatch.

@@ -1,8 +1,9 @@
 //! `checkout` steps: the run's pushed commit, fetched with the `git` CLI into the step's
 //! working directory before the step starts.
 //!
-//! Only that commit is fetched (`--depth 1`), by its id, so a branch that moved on since the
-//! push does not change what the step sees. The connection's token goes with the requests (as
+//! The commit is fetched by its id, so a branch that moved on since the push does not change
+//! what the step sees: by default it alone (`--depth 1`, no tags), or as much of its history
+//! as the step's `checkout.depth` asks (0: all) and the repository's tags with `checkout.tags`. The connection's token goes with the requests (as
 //! an `http.extraHeader` in git's environment, never on a command line or in `.git/config`, so
 //! the step's own `git` commands do not have it) only where [`Checkout::token_goes_to`] allows:
 //! the connected repository at its forge. git runs as the executor's user, so steps running as
@@ -46,6 +47,8 @@ pub struct Source {
     auth: Option<String>,
     /// The token, to mask in whatever git says.
     token: Option<String>,
+    /// How much history, and whether tags, are fetched.
+    options: taskmesh_events::workflow::CheckoutDef,
 }
 
 impl std::fmt::Debug for Source {
@@ -71,7 +74,13 @@ impl Source {
             return Err(format!("'{}' is not a full commit id", checkout.commit));
         }
         let auth = token.as_deref().map(|t| checkout.forge.git_auth(t));
-        Ok(Self { url, commit, auth, token })
+        Ok(Self { url, commit, auth, token, options: Default::default() })
+    }
+
+    /// Fetches as much history, and the tags, as the step's `checkout` asks.
+    pub fn with_options(mut self, options: taskmesh_events::workflow::CheckoutDef) -> Self {
+        self.options = options;
+        self
     }
 
     /// Whether the fetch carries the connection's token.
@@ -113,7 +122,13 @@ pub async fn fetch(
     let git = |args: &'static [&'static str], extra: Vec<String>| git(source, dir, &config, args, extra);
     git(&["init", "-q"], vec![]).await?;
     git(&["remote", "add", "origin"], vec![source.url.to_string()]).await?;
-    git(&["fetch", "-q", "--depth=1", "--no-tags", "origin"], vec![source.commit.clone()]).await?;
+    let mut fetch = Vec::new();
+    if source.options.depth > 0 {
+        fetch.push(format!("--depth={}", source.options.depth));
+    }
+    fetch.push(if source.options.tags { "--tags" } else { "--no-tags" }.to_string());
+    fetch.extend(["origin".to_string(), source.commit.clone()]);
+    git(&["fetch", "-q"], fetch).await?;
     git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await?;
     if let Some((uid, gid)) = run_as {
         let dir = dir.to_path_buf();

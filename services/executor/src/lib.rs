@@ -384,7 +384,7 @@ impl Executor {
     /// event must be its creation, and its token (opened) goes along where it may.
     async fn open_checkout(&self, dispatch: &Dispatch) -> Result<Option<checkout::Source>, String> {
         let Some(c) = &dispatch.checkout else {
-            return match dispatch.step.checkout {
+            return match dispatch.step.checkout.enabled {
                 true => Err("checkout: the run has no pushed commit to check out".into()),
                 false => Ok(None),
             };
@@ -406,7 +406,9 @@ impl Executor {
             }
             _ => None,
         };
-        checkout::Source::new(c, token).map(Some).map_err(|e| format!("checkout: {e}"))
+        checkout::Source::new(c, token)
+            .map(|source| Some(source.with_options(dispatch.step.checkout)))
+            .map_err(|e| format!("checkout: {e}"))
     }
 
     /// Opens the secrets the step declares, from the latest `SecretSet` on each one's subject.

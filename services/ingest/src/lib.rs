@@ -42,7 +42,7 @@ fn invalid(field: &str, message: impl Into<String>) -> Problem {
 
 /// Refuses a workflow with `checkout` steps for a run that has no pushed commit.
 fn nothing_to_check_out(workflow: &WorkflowDef) -> Reply<()> {
-    match workflow.steps.iter().position(|s| s.checkout) {
+    match workflow.steps.iter().position(|s| s.checkout.enabled) {
         Some(i) => Err(invalid(
             &format!("steps[{i}].checkout"),
             "only a run started by a forge push (whose payload names the repository's http(s) URL) has a commit to check out",
