@@ -168,6 +168,7 @@ enum CheckoutInput {
 struct CheckoutOptions {
     /// Commits of history, the pushed one included: 1 (the default) the commit alone, 0 all.
     #[serde(default = "one")]
+    #[schemars(range(max = 100_000))]
     depth: u32,
     /// Fetch the repository's tags too.
     #[serde(default)]
@@ -187,10 +188,26 @@ impl Serialize for CheckoutDef {
 
 impl<'de> Deserialize<'de> for CheckoutDef {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match CheckoutInput::deserialize(deserializer)? {
-            CheckoutInput::Flag(enabled) => Self { enabled, ..Self::default() },
-            CheckoutInput::Options(o) => Self { enabled: true, depth: o.depth, tags: o.tags },
-        })
+        // By hand rather than as the untagged `CheckoutInput`, so that a mistake is named
+        // ("unknown field `depht`", "invalid type: string") rather than "no variant matched".
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CheckoutDef;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or {depth, tags}")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, enabled: bool) -> Result<CheckoutDef, E> {
+                Ok(CheckoutDef { enabled, ..CheckoutDef::default() })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<CheckoutDef, A::Error> {
+                let o = CheckoutOptions::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(CheckoutDef { enabled: true, depth: o.depth, tags: o.tags })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -1034,8 +1051,12 @@ mod tests {
         let all = read(serde_json::json!({"depth": 0, "tags": true})).unwrap();
         assert_eq!(all, CheckoutDef { enabled: true, depth: 0, tags: true });
         assert_eq!(read(serde_json::json!({"tags": true})).unwrap().depth, 1, "depth 1 unless said");
-        assert!(read(serde_json::json!({"depht": 5})).is_err(), "an unknown option");
-        assert!(read(serde_json::json!("yes")).is_err());
+        // A mistake is named, not "no variant matched".
+        let unknown = read(serde_json::json!({"depht": 5})).unwrap_err().to_string();
+        assert!(unknown.contains("unknown field `depht`"), "{unknown}");
+        let string = read(serde_json::json!("yes")).unwrap_err().to_string();
+        assert!(string.contains("expected true, false or {depth, tags}"), "{string}");
+        assert!(read(serde_json::json!({"depth": -1})).is_err());
         // Written as `true` where nothing more is asked, so older readers still read it.
         assert_eq!(serde_json::to_value(on).unwrap(), serde_json::json!(true));
         assert_eq!(serde_json::to_value(all).unwrap(), serde_json::json!({"depth": 0, "tags": true}));

@@ -34,8 +34,9 @@ impl Mailer {
         let Some(url) = &settings.smtp_url else { return Ok(None) };
         let parsed =
             url::Url::parse(url.expose_secret()).map_err(|_| anyhow::anyhow!("notification.smtp_url is not a URL"))?;
-        let tls_required =
-            parsed.scheme() == "smtps" || parsed.query_pairs().any(|(k, v)| k == "tls" && v == "required");
+        // lettre reads the first `tls` it finds.
+        let tls = parsed.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned());
+        let tls_required = parsed.scheme() == "smtps" || tls.as_deref() == Some("required");
         if (!parsed.username().is_empty() || parsed.password().is_some()) && !tls_required {
             // Over a plain (or opportunistic, which can be stripped) connection, the
             // credentials could be read on the way.
@@ -172,6 +173,7 @@ mod tests {
             "ftp://user:hunter2@mail.example.com",
             "smtp://user:hunter2@mail.example.com:587",
             "smtp://user:hunter2@mail.example.com:587?tls=opportunistic",
+            "smtp://user:hunter2@mail.example.com:587?tls=opportunistic&tls=required",
         ] {
             settings.smtp_url = Some(wrong.into());
             let err = format!("{:#}", Mailer::new(&settings).err().unwrap());

@@ -17,9 +17,10 @@
 //! counts every [`SWEEP`] (what it could not hear: its own restart, another process's enqueues
 //! while it was away, retries come due for a tenant without a puller). A puller stops once its
 //! consumer holds nothing to deliver and nothing unacknowledged. When tenants wait for a place
-//! (in arrival order), pullers give theirs up: one whose tenant has only retries waiting at
-//! once, a busy one once it has held its place for [`SLICE`] with nothing under way; their
-//! tenants are found again by the sweep and wait their turn.
+//! (in arrival order), pullers give theirs up: one whose tenant has only retries waiting at its
+//! next look (a pull's wait at most), a busy one once it has held its place for [`SLICE`] (it
+//! then takes nothing more and goes when what is under way ends); their tenants are found
+//! again by the sweep and wait their turn.
 //!
 //! Crash safety is the work queue's: a delivery leaves the queue only when acknowledged after
 //! its attempt, and one whose notifier died is redelivered after its ack deadline.
@@ -32,7 +33,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::AckPolicy;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use futures::StreamExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,11 +68,10 @@ struct Puller {
     /// The puller's last look found nothing to deliver (only retries waiting, if anything).
     idle: bool,
     /// Asked to give its place up (a tenant waits for one): it does when idle, or once it has
-    /// held the place for [`SLICE`] and has nothing under way.
+    /// held the place for [`SLICE`] (then taking nothing more, and going when what is under
+    /// way ends).
     asked: bool,
     since: Instant,
-    /// Cuts an idle puller's long pull short when it is asked.
-    wake: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -198,8 +198,9 @@ impl Pool {
                 }
                 let eligible = if busy { puller.since.elapsed() >= SLICE } else { puller.idle };
                 if !puller.asked && eligible {
+                    // It sees it at its next look (within a pull's wait): a pull cut short
+                    // could leave a delivery to wait out its ack deadline.
                     puller.asked = true;
-                    puller.wake.notify_one();
                     wanted -= 1;
                 }
             }
@@ -210,16 +211,14 @@ impl Pool {
     fn spawn(self: &Arc<Self>, places: &mut Places, tenant: String) {
         places.generation += 1;
         let generation = places.generation;
-        let wake = Arc::new(Notify::new());
-        let puller =
-            Puller { generation, again: false, idle: false, asked: false, since: Instant::now(), wake: wake.clone() };
+        let puller = Puller { generation, again: false, idle: false, asked: false, since: Instant::now() };
         places.running.insert(tenant.clone(), puller);
         let me = self.clone();
         self.tasks.spawn(async move {
             // Its place is freed however the puller ends (a panic too), and given to the
             // first tenant waiting.
             let _leaving = Leaving { pool: me.clone(), tenant: tenant.clone(), generation };
-            me.pull(&tenant, generation, &wake).await;
+            me.pull(&tenant, generation).await;
         });
     }
 
@@ -280,6 +279,18 @@ impl Pool {
         false
     }
 
+    /// Whether `tenant`'s puller `generation`, busy, stops taking deliveries to give its place
+    /// up: asked while a tenant still waits, and past its slice.
+    fn drains(&self, tenant: &str, generation: u64) -> bool {
+        let mut places = self.places.lock().unwrap();
+        let waiting = !places.waiting.is_empty();
+        let Some(p) = places.running.get_mut(tenant).filter(|p| p.generation == generation) else { return false };
+        if p.asked && !waiting {
+            p.asked = false;
+        }
+        p.asked && p.since.elapsed() >= SLICE
+    }
+
     fn set_idle(&self, tenant: &str, generation: u64, idle: bool) {
         if let Some(p) = self.places.lock().unwrap().running.get_mut(tenant).filter(|p| p.generation == generation) {
             p.idle = idle;
@@ -288,7 +299,7 @@ impl Pool {
 
     /// Pulls `tenant`'s deliveries until its consumer holds none, it gives its place up to a
     /// tenant waiting, or shutdown.
-    async fn pull(self: &Arc<Self>, tenant: &str, generation: u64, wake: &Notify) {
+    async fn pull(self: &Arc<Self>, tenant: &str, generation: u64) {
         let notifier = &self.notifier;
         let ns = notifier.bus.namespace();
         let timeout = Duration::from_millis(notifier.settings.timeout_ms);
@@ -319,6 +330,17 @@ impl Pool {
         };
         let places = Arc::new(Semaphore::new(self.per_tenant));
         loop {
+            if self.drains(tenant, generation) {
+                // Its slice is over and a tenant waits: it takes nothing more, lets what is
+                // under way finish, and goes.
+                let all = u32::try_from(self.per_tenant).unwrap_or(u32::MAX);
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => {}
+                    _ = places.acquire_many(all) => {}
+                }
+                self.leave(tenant, generation);
+                return;
+            }
             let place = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 p = places.clone().acquire_owned() => p.expect("never closed"),
@@ -330,8 +352,6 @@ impl Pool {
             }
             let pulled = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                // Asked: look again whether to give the place up.
-                _ = wake.notified(), if free => continue,
                 b = async {
                     let mut batch = consumer.batch().max_messages(1).expires(PULL_FOR).messages().await?;
                     batch.next().await.transpose()

@@ -107,6 +107,7 @@ function failure(e) {
 function every(ms, load) {
   current.stop();
   let busy = false;
+  let again = false; // `now()` asked while a look was under way
   const view = {
     stopped: false,
     stop() {
@@ -122,10 +123,19 @@ function every(ms, load) {
     } finally {
       busy = false;
     }
+    if (again && !view.stopped) {
+      again = false;
+      tick();
+    }
   };
   const id = setInterval(tick, ms);
   current = view;
-  view.now = tick; // looks again at once (a look under way lets it pass)
+  // Looks again at once, or, if a look is under way, as soon as it ends (it may have asked
+  // before the change it must show).
+  view.now = () => {
+    if (busy) again = true;
+    else tick();
+  };
   tick();
   return view;
 }
@@ -488,8 +498,10 @@ function schedulesView() {
   shown = every(3000, async (view) => {
     try {
       if (!me) await whoami();
-      const answer = await api("/v1/schedules", { headers: fresh ? { "taskmesh-min-seq": String(fresh) } : {} });
-      fresh = null;
+      const asked = fresh;
+      const answer = await api("/v1/schedules", { headers: asked ? { "taskmesh-min-seq": String(asked) } : {} });
+      // Only the change this look waited for is done with (a later one waits for the next).
+      if (fresh === asked) fresh = null;
       if (view.stopped) return;
       problem.replaceChildren();
       const mayAct = !me || me.role !== "viewer";
