@@ -373,6 +373,26 @@ async fn sleep_and_noop_run_in_process_and_sleep_times_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_admitted_before_any_executor_is_heard_of_is_still_told_why_it_waits() {
+    // No executor yet: the GPU step is admitted before any heartbeat could have arrived (as on
+    // a loaded machine whose executors start late), so whether one can take it is judged once
+    // an executor is heard of.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let id = tm.submit("name: gpu\nsteps:\n  - {id: train, runs_on: {gpu: nvidia}, run: 'echo trained'}\n").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let executor = taskmesh::mesh::Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Executor]).await.unwrap();
+    eventually("the GPU step to wait with its reason", Duration::from_secs(20), || async {
+        let (_, run) = tm.get_run(id).await;
+        let train = run["steps"].as_array().into_iter().flatten().find(|s| s["id"] == "train");
+        Ok(train.and_then(|s| s["wait_reason"].as_str()).filter(|r| r.contains("gpu=nvidia")).map(String::from))
+    })
+    .await
+    .unwrap();
+    executor.stop().await.unwrap();
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_needs_a_gpu_waits_until_an_executor_with_one_joins() {
     let tm = spawn_mesh().await;
     let id = tm

@@ -60,6 +60,8 @@ const PIPELINE: usize = 256;
 /// How long an admitted READY entry may wait for a purge to take it before it is deleted on
 /// its own (see [`Removals`]).
 const REMOVE_AFTER: Duration = Duration::from_secs(1);
+/// Most admitted steps kept to be judged once executors could have been heard of.
+const UNJUDGED: usize = 10_000;
 /// How long a read of DISPATCH's counts serves admission rounds, at most (see [`InFlight`]).
 const COUNTS_FOR: Duration = Duration::from_secs(1);
 
@@ -244,11 +246,14 @@ struct Held {
     in_flight: Option<InFlight>,
     /// Entries done with and not yet removed from READY.
     removals: Removals,
+    /// Steps admitted before any executor was heard of and before heartbeats had had time to
+    /// arrive: whether one can take them is judged once either holds (at most [`UNJUDGED`]).
+    unjudged: Vec<(RunKey, String, BTreeMap<String, String>)>,
 }
 
 impl Held {
     fn is_empty(&self) -> bool {
-        self.runs.is_empty() && self.steps.values().all(BTreeMap::is_empty)
+        self.runs.is_empty() && self.steps.values().all(BTreeMap::is_empty) && self.unjudged.is_empty()
     }
 
     /// The READY sequence of the oldest entry still held.
@@ -491,6 +496,47 @@ impl Dispatcher {
         labels
     }
 
+    /// Says why admitted steps that no live executor can take wait on the dispatch queue
+    /// (where autoscalers see them).
+    async fn report_unserved(
+        &self,
+        held: &mut Held,
+        mut sent: Vec<(RunKey, String, BTreeMap<String, String>)>,
+        reports: &tokio::sync::mpsc::Sender<Event2>,
+    ) {
+        // A step no live executor can take waits on the dispatch queue (where autoscalers see
+        // it): say so. Steps admitted before executors could have been heard of are judged
+        // once they could (a loaded machine may delay the first heartbeats past the first
+        // admissions: those steps must still be told why they wait).
+        if !sent.is_empty() || !held.unjudged.is_empty() {
+            let live = self.live_executors(held).await;
+            let settled = held.first_look.get_or_insert_with(Instant::now).elapsed()
+                >= Duration::from_secs(3 * ExecutorBeat::EVERY_SECS);
+            if !settled && live.is_empty() {
+                let room = UNJUDGED.saturating_sub(held.unjudged.len());
+                held.unjudged.extend(sent.into_iter().take(room));
+                sent = Vec::new();
+            } else {
+                sent.append(&mut held.unjudged);
+            }
+            let mut unserved: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
+            for (key, step, runs_on) in sent {
+                if !live.iter().any(|labels| labels_match(&runs_on, labels)) {
+                    let reason = if runs_on.is_empty() {
+                        "no executor is running".to_string()
+                    } else {
+                        let wanted: Vec<String> = runs_on.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        format!("no live executor has labels {}", wanted.join(", "))
+                    };
+                    unserved.entry((key, reason)).or_default().push(step);
+                }
+            }
+            for ((key, reason), steps) in unserved {
+                let _ = reports.try_send(Event2::new(key, Event::StepWaiting(StepWaiting { steps, reason })));
+            }
+        }
+    }
+
     /// One admission round over everything held.
     async fn admit(
         &self,
@@ -501,6 +547,7 @@ impl Dispatcher {
         if held.steps.values().all(BTreeMap::is_empty) {
             held.steps.clear();
             held.turns.clear();
+            self.report_unserved(held, Vec::new(), reports).await;
             return Ok(());
         }
         let ns = self.bus.namespace().clone();
@@ -633,28 +680,7 @@ impl Dispatcher {
         for (key, steps) in admitted {
             let _ = reports.try_send(Event2::new(key, Event::StepAdmitted(StepAdmitted { steps })));
         }
-        // A step no live executor can take waits on the dispatch queue (where autoscalers see
-        // it): say so.
-        if !sent.is_empty() {
-            let live = self.live_executors(held).await;
-            let settled = held.first_look.get_or_insert_with(Instant::now).elapsed()
-                >= Duration::from_secs(3 * ExecutorBeat::EVERY_SECS);
-            let mut unserved: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
-            for (key, step, runs_on) in sent.into_iter().filter(|_| settled || !live.is_empty()) {
-                if !live.iter().any(|labels| labels_match(&runs_on, labels)) {
-                    let reason = if runs_on.is_empty() {
-                        "no executor is running".to_string()
-                    } else {
-                        let wanted: Vec<String> = runs_on.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        format!("no live executor has labels {}", wanted.join(", "))
-                    };
-                    unserved.entry((key, reason)).or_default().push(step);
-                }
-            }
-            for ((key, reason), steps) in unserved {
-                let _ = reports.try_send(Event2::new(key, Event::StepWaiting(StepWaiting { steps, reason })));
-            }
-        }
+        self.report_unserved(held, sent, reports).await;
         // Say why the rest waits, once each, for holds that last: one event per run and reason.
         let mut waiting: HashMap<(RunKey, String), Vec<String>> = HashMap::new();
         for (tenant, queue) in held.steps.iter_mut() {
