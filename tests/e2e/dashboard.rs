@@ -198,10 +198,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     assert_eq!(tm.wait_run(retried, Duration::from_secs(30)).await["status"], "succeeded");
     // A stored workflow, and a yearly schedule of it.
     let stored = serde_json::json!({"name": "stored", "steps": [{"id": "a", "uses": "noop"}]});
-    let res = tm.auth(tm.http.put(format!("{}/v1/workflows/stored", tm.api))).json(&stored).send().await.unwrap();
+    let res = tm.send_json(reqwest::Method::PUT, "/v1/workflows/stored", &stored).await;
     assert_eq!(res.status(), 201);
     let yearly = serde_json::json!({"cron": "0 0 1 1 *", "workflow": "stored"});
-    let res = tm.auth(tm.http.post(format!("{}/v1/schedules", tm.api))).json(&yearly).send().await.unwrap();
+    let res = tm.send_json(reqwest::Method::POST, "/v1/schedules", &yearly).await;
     assert_eq!(res.status(), 201);
     let schedule = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     tm.wait_projected().await;
@@ -303,12 +303,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     assert_eq!(browser.run("return !!document.querySelector('.actions button')").await, true, "an admin may rerun");
 
     // A viewer's key is offered no cancel or rerun.
-    let res = tm
-        .auth(tm.http.post(format!("{}/v1/keys", tm.api)))
-        .json(&serde_json::json!({"role": "viewer"}))
-        .send()
-        .await
-        .unwrap();
+    let res = tm.send_json(reqwest::Method::POST, "/v1/keys", &serde_json::json!({"role": "viewer"})).await;
     assert_eq!(res.status(), 201);
     let viewer = res.json::<serde_json::Value>().await.unwrap()["key"].as_str().unwrap().to_string();
     tm.wait_projected().await;

@@ -79,6 +79,11 @@ impl TestMesh {
         body["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// `method` `path` (under the API) with the tenant's key and `body` as JSON.
+    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> reqwest::Response {
+        self.auth(self.http.request(method, format!("{}{path}", self.api))).json(body).send().await.unwrap()
+    }
+
     /// An authenticated GET whose answer is JSON.
     pub async fn get_json(&self, url: impl reqwest::IntoUrl) -> Value {
         self.auth(self.http.get(url)).send().await.unwrap().json().await.unwrap()

@@ -1005,10 +1005,10 @@ async fn a_slack_endpoint_is_told_how_a_run_ended_with_a_link_to_it() {
     let tm = spawn_with(&Svc::ALL, |s| s.gateway.public_url = Some("https://tm.example".into())).await;
     let (url, seen) = receiver().await;
     let body = serde_json::json!({"url": url, "format": "slack", "event_types": ["run.failed"]});
-    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&body).send().await.unwrap();
+    let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await;
     assert_eq!(res.status(), 201);
     let bad = serde_json::json!({"url": url, "format": "teams"});
-    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&bad).send().await.unwrap();
+    let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &bad).await;
     assert_eq!(res.status(), 400, "an unknown format");
     tm.wait_projected().await;
     let listed: serde_json::Value =
@@ -1058,7 +1058,7 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     for (path, format) in [("slack", "slack"), ("standard", "standard_webhooks"), ("busy", "slack")] {
         let body = serde_json::json!({"url": format!("{base}/{path}"), "format": format});
-        let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&body).send().await.unwrap();
+        let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await;
         assert_eq!(res.status(), 201);
     }
     tm.wait_projected().await;
@@ -1134,9 +1134,9 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
         s.gateway.public_url = Some("https://tm.example".into());
     })
     .await;
-    let mesh = &tm;
-    let create = |body: serde_json::Value| async move {
-        mesh.auth(mesh.http.post(format!("{}/v1/webhook-endpoints", mesh.api))).json(&body).send().await.unwrap()
+    let create = |body: serde_json::Value| {
+        let tm = &tm;
+        async move { tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await }
     };
     let res = create(serde_json::json!({"url": "mailto:ops@example.com, dev@example.com", "format": "email",
         "event_types": ["run.failed"]}))

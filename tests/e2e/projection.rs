@@ -72,7 +72,7 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     let mut endpoints = Vec::new();
     for (format, types) in [("slack", vec!["run.failed"]), ("standard_webhooks", vec![]), ("slack", vec![])] {
         let body = serde_json::json!({"url": "https://hooks.example/x", "format": format, "event_types": types});
-        let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints", tm.api))).json(&body).send().await.unwrap();
+        let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await;
         assert_eq!(res.status(), 201);
         endpoints.push(res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
     }

@@ -380,8 +380,8 @@ pub struct NotificationSettings {
     /// statuses link to their run's page there. None: the gateway's `public_url` followed by
     /// `/ui/`, if that is set; otherwise statuses carry no link.
     pub dashboard_url: Option<String>,
-    /// Most deliveries (webhooks, Slack messages, commit statuses) one notifier sends at once,
-    /// across tenants.
+    /// Most deliveries (webhooks, Slack messages, e-mails, commit statuses) one notifier sends
+    /// at once, across tenants.
     pub concurrency: usize,
     /// Most of one tenant's deliveries one notifier sends at once: a tenant whose endpoint
     /// hangs holds this many of the `concurrency` places, never all of them.

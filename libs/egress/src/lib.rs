@@ -19,6 +19,9 @@
 //! IPv4 one (`::ffff:a.b.c.d`, NAT64's `64:ff9b::/96`) is judged as that IPv4 address. A request
 //! through a proxy is resolved by the proxy: give it the same rules.
 //!
+//! Also here, for whatever reads an outbound response: [`retry_after`] (how long the far end
+//! asks to wait) and [`error_chain`].
+//!
 //! # Layout
 //! - this file: [`Egress`], [`Denied`], the resolver, and [`error_chain`] for messages.
 
@@ -122,6 +125,23 @@ impl Resolve for Resolver {
     }
 }
 
+/// How long the far end of a response asks to be left alone: `Retry-After` (seconds or an
+/// HTTP date) or `retry-after-ms`.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if let Some(ms) =
+        headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    }
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return Some(Duration::from_secs_f64(secs.max(0.0)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
 /// An error and its causes, one after another (reqwest's own message hides the causes, where
 /// a denial is).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -204,6 +224,24 @@ fn not_public(addr: IpAddr) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_milliseconds_and_dates() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        use std::time::Duration;
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = HeaderMap::new();
+        let later = std::time::SystemTime::now() + Duration::from_secs(60);
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d > Duration::from_secs(55) && d <= Duration::from_secs(60), "{d:?}");
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
 
     fn rules(deny_private: bool, deny: &[&str], allow: &[&str]) -> Egress {
         let nets = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect();

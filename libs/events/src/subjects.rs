@@ -235,6 +235,10 @@ impl Namespace {
     pub fn delivery(&self, tenant: &str) -> String {
         format!("{}.delivery.{tenant}", self.0)
     }
+    /// The tenant of a delivery subject.
+    pub fn parse_delivery<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(self.0.as_str())?.strip_prefix(".delivery.").filter(|t| is_token(t))
+    }
 
     /// A command handled by ingest.
     pub fn ingest_command(&self, command: &str) -> String {
@@ -308,6 +312,9 @@ mod tests {
         assert!(is_token(&gpu) && gpu.len() == 17, "{gpu}");
         let ns = Namespace::new("tm").unwrap();
         assert_eq!(ns.parse_dispatch(&ns.dispatch("acme", &gpu)), Some(("acme", gpu.as_str())));
+        assert_eq!(ns.parse_delivery(&ns.delivery("acme")), Some("acme"));
+        assert_eq!(ns.parse_delivery("tm.delivery.a.b"), None);
+        assert_eq!(ns.parse_delivery("other.delivery.acme"), None);
         assert_eq!(pool_consumer(ANY_POOL), "executors");
     }
 }

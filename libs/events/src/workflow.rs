@@ -154,9 +154,11 @@ impl CheckoutDef {
     }
 }
 
+// Only its JSON Schema is used: `CheckoutDef` reads and writes itself.
 /// `checkout` as written: a flag, or options (which turn it on).
-#[derive(Serialize, Deserialize, JsonSchema)]
+#[derive(JsonSchema)]
 #[serde(untagged)]
+#[allow(dead_code)]
 enum CheckoutInput {
     Flag(bool),
     Options(CheckoutOptions),
@@ -168,7 +170,7 @@ enum CheckoutInput {
 struct CheckoutOptions {
     /// Commits of history, the pushed one included: 1 (the default) the commit alone, 0 all.
     #[serde(default = "one")]
-    #[schemars(range(max = 100_000))]
+    #[schemars(range(max = CheckoutDef::MAX_DEPTH))]
     depth: u32,
     /// Fetch the repository's tags too.
     #[serde(default)]

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use taskmesh_events::command::LogStream;
 use taskmesh_events::expr::render_secrets;
 use taskmesh_events::workflow::{HttpStep, LlmStep};
 
-use taskmesh_egress::error_chain;
+use taskmesh_egress::{error_chain, retry_after};
 
 use crate::step::{Done, StepContext};
 
@@ -28,22 +28,6 @@ fn render_json(value: &mut serde_json::Value, secrets: &[(String, String)]) -> R
         _ => {}
     }
     Ok(())
-}
-
-/// How long the far end asks to wait: `Retry-After` (seconds or an HTTP date) or
-/// `retry-after-ms`.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) =
-        headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return Some(Duration::from_secs_f64(secs.max(0.0)));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
 }
 
 /// Reads at most `limit` bytes of a body: (bytes, truncated).
@@ -246,26 +230,5 @@ async fn try_llm(l: &LlmStep, ctx: &StepContext) -> Result<Done, String> {
             }
         }
         return Ok(Done { ok: true, output, output_truncated: cut, outputs, ..Default::default() });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_reads_seconds_milliseconds_and_dates() {
-        let mut h = HeaderMap::new();
-        h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert("retry-after-ms", HeaderValue::from_static("250"));
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
-        let mut h = HeaderMap::new();
-        let later = std::time::SystemTime::now() + Duration::from_secs(60);
-        h.insert(RETRY_AFTER, HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap());
-        let d = retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(55) && d <= Duration::from_secs(60), "{d:?}");
-        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&h), None);
     }
 }

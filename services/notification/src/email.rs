@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use lettre::message::Mailbox;
 use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
-use lettre::message::{Mailbox, Mailboxes};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use secrecy::ExposeSecret;
 use taskmesh_config::NotificationSettings;
@@ -48,31 +48,28 @@ impl Mailer {
             .context("notification.email_from (the sender's address) is needed with notification.smtp_url")?
             .parse()
             .context("notification.email_from is not an address")?;
+        let timeout = Duration::from_millis(settings.timeout_ms);
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose_secret())
             .map_err(|_| {
                 anyhow::anyhow!(
                     "notification.smtp_url is not an SMTP URL (smtp://host:25, smtp://user:password@host:587?tls=required, smtps://user:password@host)"
                 )
             })?
-            .timeout(Some(Duration::from_millis(settings.timeout_ms)))
+            .timeout(Some(timeout))
             .build();
-        Ok(Some(Self { transport, from, timeout: Duration::from_millis(settings.timeout_ms) }))
+        Ok(Some(Self { transport, from, timeout }))
     }
 
     /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`.
     pub async fn send(&self, to: &[String], subject: &str, body: String, id: &str) -> Result<(), Outcome> {
-        let mut recipients = Mailboxes::new();
-        for address in to {
-            let mailbox = address.parse::<Mailbox>().map_err(|e| Outcome::Refused(format!("'{address}': {e}")))?;
-            recipients.push(mailbox);
-        }
         let mut message = Message::builder()
             .from(self.from.clone())
             .subject(subject)
             .message_id(Some(format!("<{id}@taskmesh>")))
             .header(ContentType::TEXT_PLAIN)
             .header(AutoSubmitted);
-        for mailbox in recipients {
+        for address in to {
+            let mailbox = address.parse::<Mailbox>().map_err(|e| Outcome::Refused(format!("'{address}': {e}")))?;
             message = message.to(mailbox);
         }
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
@@ -115,8 +112,8 @@ impl Header for AutoSubmitted {
 
 /// The subject and body of the e-mail for a run's end.
 pub(crate) fn text(s: &Summary, dashboard: Option<&url::Url>) -> (String, String) {
-    // A name's control characters (a newline) become spaces: a subject is one line.
-    let line = |t: &str| t.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>();
+    // A subject is one line.
+    let line = crate::one_line;
     let status = s.status.replace('_', " ");
     let (subject, mut body) = match s.workflow.as_deref().map(line) {
         Some(workflow) => {

@@ -513,23 +513,23 @@ impl Notifier {
 const UNATTEMPTED_DELIVERIES: usize = 3;
 
 /// How long a `429`, `503` (or a forge's rate-limiting `403`) asks to be left alone, at most an
-/// hour: its `Retry-After` in seconds (an HTTP date is not honoured), or, as GitHub says when
-/// its rate limit is spent, until `x-ratelimit-reset` (seconds since the epoch) when
+/// hour: its `Retry-After` ([`taskmesh_egress::retry_after`]), or, as GitHub says when its rate
+/// limit is spent, until `x-ratelimit-reset` (seconds since the epoch) when
 /// `x-ratelimit-remaining` is `0`.
 fn retry_after(res: &reqwest::Response) -> Option<Duration> {
     if !matches!(res.status().as_u16(), 403 | 429 | 503) {
         return None;
     }
     let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let secs = match header("retry-after").and_then(|v| v.parse::<u64>().ok()) {
-        Some(secs) => secs,
+    let wait = match taskmesh_egress::retry_after(res.headers()) {
+        Some(wait) => wait,
         None if header("x-ratelimit-remaining") == Some("0") => {
             let reset: i64 = header("x-ratelimit-reset")?.parse().ok()?;
-            reset.saturating_sub(Utc::now().timestamp()).max(1) as u64
+            Duration::from_secs(reset.saturating_sub(Utc::now().timestamp()).max(1) as u64)
         }
         None => return None,
     };
-    Some(Duration::from_secs(secs.min(3600)))
+    Some(wait.min(Duration::from_secs(3600)))
 }
 
 /// What a message about a run's end says (Slack's, an e-mail's).
@@ -594,15 +594,15 @@ fn run_page(dashboard: &url::Url, run_id: &str) -> url::Url {
     page
 }
 
-/// Escapes what Slack's message format gives a meaning (`&`, `<`, `>`), and puts a space for
-/// each control character (a newline in a name would start a line of its own).
+/// `text` with a space for each control character: a newline in a name would start a line of
+/// its own (in a Slack message, an e-mail's subject).
+fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// Escapes what Slack's message format gives a meaning (`&`, `<`, `>`), on one line.
 fn slack_escape(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    one_line(text).replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// The text of a Slack message for a run's end.

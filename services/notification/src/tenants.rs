@@ -118,7 +118,6 @@ pub(crate) async fn run(notifier: Notifier, shutdown: CancellationToken) -> anyh
         tasks: TaskTracker::new(),
         warned: Mutex::default(),
     });
-    let prefix = format!("{}.delivery.", ns.as_str());
     // Heard as they are enqueued (by any process); a hint only: a lost one waits for the sweep.
     let mut heard = match pool.notifier.bus.client().subscribe(ns.deliveries_all()).await {
         Ok(sub) => Some(sub),
@@ -134,7 +133,7 @@ pub(crate) async fn run(notifier: Notifier, shutdown: CancellationToken) -> anyh
             _ = shutdown.cancelled() => break,
             msg = async { heard.as_mut().unwrap().next().await }, if heard.is_some() => match msg {
                 Some(msg) => {
-                    if let Some(tenant) = msg.subject.as_str().strip_prefix(&prefix) {
+                    if let Some(tenant) = ns.parse_delivery(msg.subject.as_str()) {
                         pool.start(tenant);
                     }
                 }
@@ -143,7 +142,7 @@ pub(crate) async fn run(notifier: Notifier, shutdown: CancellationToken) -> anyh
             _ = sweep.tick() => match pool.notifier.bus.subject_counts(&stream, &ns.deliveries_all()).await {
                 Ok(counts) => {
                     for (subject, count) in counts {
-                        if let (Some(tenant), true) = (subject.strip_prefix(&prefix), count > 0) {
+                        if let (Some(tenant), true) = (ns.parse_delivery(&subject), count > 0) {
                             pool.start(tenant);
                         }
                     }

@@ -13,6 +13,7 @@ const RUN_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 let current = { stopped: true, stop() {} }; // the view on the page, and its refresh
 let refused = false; // the key was just refused: say so on the sign-in form
 let me = null; // who the key is (GET /v1/whoami), once asked
+let asking = null; // that question, while it is under way
 let written = null; // { id, seq } of a run this page just started: its first read waits for it
 
 // --- the API --------------------------------------------------------------------------------
@@ -79,6 +80,11 @@ function svg(tag, attrs = {}, ...children) {
   for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return node;
 }
+
+// A table with a header row over `body`.
+const table = (heads, body) => el("table", {}, el("thead", {}, el("tr", {}, heads.map((h) => el("th", {}, h)))), body);
+// A read that waits until the read side holds the write `seq` answered (none: as it is).
+const minSeq = (seq) => (seq ? { "taskmesh-min-seq": String(seq) } : {});
 
 const badge = (status) => el("span", { class: `status ${status || ""}` }, status || "?");
 const when = (t) => (t ? new Date(t).toLocaleString(undefined, { timeZoneName: "short" }) : "");
@@ -195,9 +201,9 @@ function runsView(query) {
   );
   const body = el("tbody");
   const problem = el("div");
-  const table = el("table", {}, el("thead", {}, el("tr", {}, ["Run", "Workflow", "Status", "Trigger", "Created", "Took"].map((h) => el("th", {}, h)))), body);
+  const list = table(["Run", "Workflow", "Status", "Trigger", "Created", "Took"], body);
   const more = el("p");
-  show(el("h1", {}, "Runs"), filter, problem, table, more);
+  show(el("h1", {}, "Runs"), filter, problem, list, more);
   every(3000, async (view) => {
     try {
       const q = new URLSearchParams(params);
@@ -328,7 +334,7 @@ function runView(id, stepId) {
   let lastAttempt = null; // the attempt of the last log line shown
   let drawn = ""; // what the DAG was last drawn from: it is drawn again only when that changes
   show(el("p", {}, el("a", { href: "#/runs" }, "← Runs")), problem, head, picture, el("h2", {}, "Steps"),
-    el("table", {}, el("thead", {}, el("tr", {}, ["Step", "Kind", "Status", "Attempts", "Took", "Timeline"].map((h) => el("th", {}, h)))), steps),
+    table(["Step", "Kind", "Status", "Attempts", "Took", "Timeline"], steps),
     detail);
   const pick = (s) => (location.hash = `#/runs/${id}/steps/${enc(s)}`);
 
@@ -371,15 +377,12 @@ function runView(id, stepId) {
 
   every(1000, async (view) => {
     try {
-      if (!me) await whoami();
-      const fresh = written && written.id === id && written.seq ? { "taskmesh-min-seq": String(written.seq) } : {};
-      const run = await api(`/v1/runs/${id}`, { headers: fresh });
+      await whoami();
+      const run = await api(`/v1/runs/${id}`, { headers: minSeq(written && written.id === id && written.seq) });
       if (view.stopped) return;
       if (written && written.id === id) written = null;
       problem.replaceChildren();
       const ended = TERMINAL.has(run.status);
-      // A viewer's key may not cancel or rerun: no buttons for it (the API refuses them anyway).
-      const mayAct = !me || me.role !== "viewer";
       head.replaceChildren(
         el("h1", {}, `${run.workflow} `, badge(run.status)),
         el("dl", { class: "facts" },
@@ -389,7 +392,7 @@ function runView(id, stepId) {
           el("dt", {}, "Took"), el("dd", {}, took(run.started_at || run.created_at, run.finished_at)),
           run.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, run.wait_reason)] : null,
           Object.keys(run.inputs || {}).length ? [el("dt", {}, "Inputs"), el("dd", { class: "mono" }, JSON.stringify(run.inputs))] : null),
-        mayAct && el("div", { class: "actions" },
+        mayAct() && el("div", { class: "actions" },
           ended ? null : el("button", { type: "button", onclick: () => confirm("Cancel this run?") && act(`/v1/runs/${id}/cancel`) }, "Cancel"),
           ended && run.status !== "succeeded" ? el("button", { type: "button", onclick: () => act(`/v1/runs/${id}/rerun`, { from: "failed" }) }, "Rerun failed steps") : null),
       );
@@ -422,7 +425,7 @@ function runView(id, stepId) {
           Object.keys(step.outputs || {}).length ? [el("dt", {}, "Outputs"), el("dd", { class: "mono" }, JSON.stringify(step.outputs))] : null),
       );
       attempts.replaceChildren(
-        el("table", {}, el("thead", {}, el("tr", {}, ["#", "Executor", "Status", "Exit", "Error", "Took"].map((h) => el("th", {}, h)))),
+        table(["#", "Executor", "Status", "Exit", "Error", "Took"],
           el("tbody", {}, (step.attempt_history || []).map((a) =>
             el("tr", {}, el("td", {}, a.attempt), el("td", {}, a.executor || ""), el("td", {}, badge(a.status)),
               el("td", {}, a.exit_code ?? ""), el("td", {}, a.error || ""), el("td", {}, took(a.started_at, a.finished_at)))))),
@@ -458,9 +461,9 @@ function executorsView() {
   const live = el("tbody");
   const queues = el("tbody");
   show(el("h1", {}, "Executors"), problem,
-    el("table", {}, el("thead", {}, el("tr", {}, ["Executor", "Labels", "Slots in use", "Last heartbeat", ""].map((h) => el("th", {}, h)))), live),
+    table(["Executor", "Labels", "Slots in use", "Last heartbeat", ""], live),
     el("h2", {}, "Queues"),
-    el("table", {}, el("thead", {}, el("tr", {}, ["Labels", "Your steps queued", "Executors"].map((h) => el("th", {}, h)))), queues));
+    table(["Labels", "Your steps queued", "Executors"], queues));
   every(3000, async (view) => {
     try {
       const answer = await api("/v1/executors");
@@ -483,7 +486,7 @@ function schedulesView() {
   const problem = el("div");
   const body = el("tbody");
   show(el("h1", {}, "Schedules"), problem,
-    el("table", {}, el("thead", {}, el("tr", {}, ["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""].map((h) => el("th", {}, h)))), body));
+    table(["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""], body));
   let fresh = null; // the seq of a change made here: the next look waits for the read side to have it
   let shown = null;
   const act = async (path) => {
@@ -497,20 +500,19 @@ function schedulesView() {
   };
   shown = every(3000, async (view) => {
     try {
-      if (!me) await whoami();
+      await whoami();
       const asked = fresh;
-      const answer = await api("/v1/schedules", { headers: asked ? { "taskmesh-min-seq": String(asked) } : {} });
+      const answer = await api("/v1/schedules", { headers: minSeq(asked) });
       // Only the change this look waited for is done with (a later one waits for the next).
       if (fresh === asked) fresh = null;
       if (view.stopped) return;
       problem.replaceChildren();
-      const mayAct = !me || me.role !== "viewer";
       body.replaceChildren(...(answer.items || []).map((x) => {
         const spec = x.spec || {};
         const workflow = typeof spec.workflow === "string" ? spec.workflow : (spec.workflow && spec.workflow.name) || "";
         // Only a schedule's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
-        const button = mayAct && id
+        const button = mayAct() && id
           ? el("button", { type: "button", onclick: () => (x.paused ? act(`/v1/schedules/${id}/resume`) : act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause")
           : null;
         return el("tr", {},
@@ -534,7 +536,7 @@ function workflowsView() {
   const problem = el("div");
   const body = el("tbody");
   show(el("h1", {}, "Workflows"), problem,
-    el("table", {}, el("thead", {}, el("tr", {}, ["Workflow", "Version", "Steps", "Stored", ""].map((h) => el("th", {}, h)))), body));
+    table(["Workflow", "Version", "Steps", "Stored", ""], body));
   every(10000, async (view) => {
     try {
       const answer = await api("/v1/workflows");
@@ -563,7 +565,7 @@ function route() {
     document.getElementById("who").textContent = "";
     return signIn();
   }
-  if (!me) whoami();
+  whoami();
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   if (parts[0] === "runs" && parts[1]) {
@@ -580,20 +582,33 @@ function route() {
   return runsView(query || "");
 }
 
-// Asks once who the key is: its tenant and role show in the header, and a viewer's pages
-// offer no actions. (A gateway too old to answer leaves the buttons; the API judges them.)
-async function whoami() {
-  const key = sessionStorage.getItem(KEY);
-  try {
-    const who = await api("/v1/whoami");
-    // Signed out, or in with another key, meanwhile: this answer is not about the key now.
-    if (sessionStorage.getItem(KEY) !== key) return;
-    me = who;
-    document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
-  } catch {
-    // Shown nowhere: the views say what is wrong with the key.
+// Asks who the key is, once (callers meanwhile share the one request): its tenant and role
+// show in the header, and a viewer's pages offer no actions. (A gateway too old to answer
+// leaves the buttons; the API judges them.)
+function whoami() {
+  if (me) return Promise.resolve(me);
+  if (!asking) {
+    const key = sessionStorage.getItem(KEY);
+    asking = api("/v1/whoami")
+      .then((who) => {
+        // Signed out, or in with another key, meanwhile: this answer is not about the key now.
+        if (sessionStorage.getItem(KEY) !== key) return;
+        me = who;
+        document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
+      })
+      .catch(() => {
+        // Shown nowhere: the views say what is wrong with the key.
+      })
+      .finally(() => {
+        asking = null;
+      });
   }
+  return asking;
 }
+
+// A viewer's key may not cancel, rerun, pause or resume: no buttons for it (the API refuses
+// them anyway).
+const mayAct = () => !me || me.role !== "viewer";
 
 document.getElementById("sign-out").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
