@@ -761,28 +761,45 @@ async fn submit_as(tm: &TestMesh, key: &str) {
     assert_eq!(res.status(), 202);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks() {
-    const PLATFORM_KEY: &str = "platform-key-for-delivery-fairness";
-    let tm = spawn_with(&Svc::ALL, |s| {
-        s.notification.timeout_ms = 5_000;
-        s.notification.per_tenant_concurrency = 2;
-        // A failed delivery waits ten minutes for its retry, unacknowledged meanwhile.
-        s.notification.retry_delays_secs = vec![600];
-        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+/// The requests an endpoint holds now, and the most it held at once.
+type HeldRequests = Arc<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>;
+
+/// Submits `runs` one-step runs (as `default`) and waits until `started` counts `under_way`
+/// attempts.
+async fn end_runs_until_attempted(
+    tm: &TestMesh,
+    runs: usize,
+    started: &std::sync::atomic::AtomicUsize,
+    under_way: usize,
+) {
+    for _ in 0..runs {
+        tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
+    }
+    attempted(started, under_way).await;
+}
+
+/// Waits until `started` counts `n` attempts.
+async fn attempted(started: &std::sync::atomic::AtomicUsize, n: usize) {
+    eventually(&format!("{n} attempts"), Duration::from_secs(60), || async {
+        Ok((started.load(SeqCst) >= n).then_some(()))
     })
-    .await;
-    // Tenant `default`'s endpoint never answers: each delivery takes the whole timeout. The
-    // stand-in counts the requests it holds, and the most it held at once.
-    let held = Arc::new((std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)));
+    .await
+    .unwrap();
+}
+
+/// A webhook endpoint that never answers (it holds each request a minute): its URL, how many
+/// requests it was sent, and how many it holds now and held at most at once.
+async fn hanging_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>, HeldRequests) {
+    use std::sync::atomic::AtomicUsize;
+    let held = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
     let count = held.clone();
-    struct Leaving(Arc<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>);
+    struct Leaving(Arc<(AtomicUsize, AtomicUsize)>);
     impl Drop for Leaving {
         fn drop(&mut self) {
             self.0.0.fetch_sub(1, SeqCst);
         }
     }
-    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
     let starts = started.clone();
     let app = axum::Router::new().fallback(move || {
         let (count, starts) = (count.clone(), starts.clone());
@@ -796,20 +813,41 @@ async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks
         }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hanging = format!("http://{}/hook", listener.local_addr().unwrap());
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, started, held)
+}
+
+/// A mesh (set as `tweak` says) where tenant `default`'s endpoint never answers (each delivery
+/// takes the whole timeout, then waits ten minutes for its retry, unacknowledged meanwhile)
+/// and tenant `beta`'s takes what it is sent: the mesh, the [`hanging_endpoint`]'s counts,
+/// `beta`'s key and what its endpoint heard.
+async fn hanging_default_and_receiving_beta(
+    tweak: impl FnOnce(&mut taskmesh_config::Settings),
+) -> (TestMesh, Arc<std::sync::atomic::AtomicUsize>, HeldRequests, String, Received) {
+    const PLATFORM_KEY: &str = "platform-key-for-a-hanging-endpoint";
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.notification.retry_delays_secs = vec![600];
+        s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY));
+        tweak(s);
+    })
+    .await;
+    let (hanging, started, held) = hanging_endpoint().await;
     subscribe_url(&tm, &hanging).await;
     let (beta_key, beta_seen) = tenant_with_receiver(&tm, PLATFORM_KEY, "beta").await;
+    (tm, started, held, beta_key, beta_seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks() {
+    let (tm, started, held, beta_key, beta_seen) = hanging_default_and_receiving_beta(|s| {
+        s.notification.timeout_ms = 5_000;
+        s.notification.per_tenant_concurrency = 2;
+    })
+    .await;
 
     // Six of `default`'s runs end: six deliveries of five seconds each, two at a time.
-    for _ in 0..6 {
-        tm.submit("name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
-    }
-    eventually("default's first two deliveries under way", Duration::from_secs(30), || async {
-        Ok((started.load(SeqCst) >= 2).then_some(()))
-    })
-    .await
-    .unwrap();
+    end_runs_until_attempted(&tm, 6, &started, 2).await;
     // `beta`'s run is notified while `default`'s first two are still hanging (one at a time,
     // as before, it would have waited out all six: thirty seconds).
     beta_is_told(&tm, &beta_key, &beta_seen).await;
@@ -817,11 +855,7 @@ async fn a_tenant_whose_endpoint_hangs_does_not_hold_up_another_tenants_webhooks
     assert!(tried <= 4, "beta's webhook came after {tried} of default's six attempts, not after all of them");
     // Every one of `default`'s is tried in the end (the waits for their retries unacknowledged
     // hold up none of them), never more than two at once.
-    eventually("default's six attempts", Duration::from_secs(60), || async {
-        Ok((started.load(SeqCst) == 6).then_some(()))
-    })
-    .await
-    .unwrap();
+    attempted(&started, 6).await;
     assert_eq!(held.1.load(SeqCst), 2, "two of the tenant's deliveries at once, at most");
     // Deliveries waiting for their retries count against no limit of unacknowledged messages
     // (the server's default of 1,000 stopped every delivery once reached).
@@ -855,6 +889,30 @@ async fn a_tenant_with_only_retries_waiting_gives_its_pullers_place_to_another()
     // `beta`'s delivery gets the place: the puller with only a retry waiting gives it up.
     beta_is_told(&tm, &beta_key, &beta_seen).await;
     assert_eq!(refused.lock().unwrap().len(), 1, "default's delivery waits for its retry");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_tenant_gives_its_pullers_place_to_another_after_its_slice() {
+    // One tenant pulled for at a time, for a slice of 2 s while another waits. `default`'s
+    // twelve deliveries keep its puller busy for eighteen seconds, one after another.
+    let (tm, started, _, beta_key, beta_seen) = hanging_default_and_receiving_beta(|s| {
+        s.notification.tenants_at_once = 1;
+        s.notification.tenant_slice_secs = 2;
+        s.notification.timeout_ms = 1_500;
+        s.notification.per_tenant_concurrency = 1;
+    })
+    .await;
+    const RUNS: usize = 12;
+    end_runs_until_attempted(&tm, RUNS, &started, 1).await;
+    // `beta`'s delivery waits for the place, which `default`'s puller gives up once its slice
+    // is over and its delivery under way has ended, though more of `default`'s are waiting (a
+    // busy puller that kept its place would have beta wait for all twelve).
+    beta_is_told(&tm, &beta_key, &beta_seen).await;
+    let tried = started.load(SeqCst);
+    assert!(tried < RUNS, "beta's webhook came after {tried} of default's {RUNS} attempts, not after all of them");
+    // `default` gets its place back: every one of its deliveries is tried in the end.
+    attempted(&started, RUNS).await;
     tm.finish().await;
 }
 
@@ -1081,7 +1139,9 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
 
 /// aiosmtpd (a real SMTP server, from PyPI into the tests' virtualenv by
 /// `scripts/lib/python-tools.sh`) listening on a free port, keeping what it receives in the
-/// maildir `dir`; None where it is not installed (outside CI).
+/// maildir `dir` and the recipients it was asked for in `dir.rcpt`; it refuses `gone@` for
+/// good and `later@` once (`tests/python/smtp_refusing.py`). None where it is not installed
+/// (outside CI).
 async fn smtp_server(dir: &std::path::Path) -> Option<(tokio::process::Child, u16)> {
     let venv = std::env::var_os("TM_PYTHON_TOOLS")
         .map(std::path::PathBuf::from)
@@ -1100,8 +1160,9 @@ async fn smtp_server(dir: &std::path::Path) -> Option<(tokio::process::Child, u1
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = tokio::process::Command::new(&python)
-        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "smtp_refusing.RefusingMailbox"])
         .arg(dir)
+        .env("PYTHONPATH", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python"))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -1121,19 +1182,39 @@ fn mails(dir: &std::path::Path) -> Vec<String> {
     files.iter().map(|f| std::fs::read_to_string(f.path()).unwrap()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A mesh mailing through an [`smtp_server`] of its own, from `taskmesh@example.com` to
+/// `example.com` only (and set as `tweak` says).
+struct Mailing {
+    tm: TestMesh,
+    maildir: std::path::PathBuf,
+    _smtp: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+/// A [`Mailing`] mesh (bind every field: the server and its maildir go with theirs); None
+/// where aiosmtpd is not installed (outside CI).
+async fn mailing_mesh(tweak: impl FnOnce(&mut taskmesh_config::Settings)) -> Option<Mailing> {
+    let dir = tempfile::tempdir().unwrap();
     // aiosmtpd makes the maildir (and its tmp, new and cur) only where nothing is.
-    let maildir = tmp.path().join("mail");
-    let Some((_smtp, port)) = smtp_server(&maildir).await else { return };
+    let maildir = dir.path().join("mail");
+    let (smtp, port) = smtp_server(&maildir).await?;
     let tm = spawn_with(&Svc::ALL, |s| {
         s.notification.smtp_url = Some(secrecy::SecretString::from(format!("smtp://127.0.0.1:{port}")));
         s.notification.email_from = Some("Taskmesh <taskmesh@example.com>".into());
         s.notification.email_domains = vec!["example.com".into()];
-        s.gateway.public_url = Some("https://tm.example".into());
+        tweak(s);
     })
     .await;
+    Some(Mailing { tm, maildir, _smtp: smtp, _dir: dir })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
+    let Some(Mailing { tm, maildir, _smtp, _dir }) =
+        mailing_mesh(|s| s.gateway.public_url = Some("https://tm.example".into())).await
+    else {
+        return;
+    };
     let create = |body: serde_json::Value| {
         let tm = &tm;
         async move { tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await }
@@ -1158,31 +1239,44 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
     tm.wait_projected().await;
 
     let failed = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'exit 1'}\n").await;
-    let mail = eventually("the e-mail", Duration::from_secs(30), || async { Ok(mails(&maildir).pop()) }).await.unwrap();
+    // One SMTP transaction a recipient.
+    let first = eventually("the e-mails", Duration::from_secs(30), || async {
+        let all = mails(&maildir);
+        Ok((all.len() >= 2).then_some(all))
+    })
+    .await
+    .unwrap();
     let events = tm.run_events(failed).await;
     let end = events.iter().rev().find(|e| e.event.is_run_terminal()).unwrap();
-    for expected in [
-        "From: Taskmesh <taskmesh@example.com>".to_string(),
-        "Subject: [Taskmesh] nightly failed".to_string(),
-        "Auto-Submitted: auto-generated".to_string(),
-        format!("Message-ID: <{}.{endpoint}@taskmesh>", end.id),
-        "X-RcptTo: ops@example.com, dev@example.com".to_string(),
-        format!("The run {failed} of nightly failed.\nFailed steps: build\n\nhttps://tm.example/ui/#/runs/{failed}"),
-    ] {
-        assert!(mail.replace("\r\n", "\n").contains(&expected), "{expected} in\n{mail}");
+    let mut rcpt: Vec<String> = first.iter().map(|m| mail_header(m, "X-RcptTo")).collect();
+    rcpt.sort();
+    assert_eq!(rcpt, ["dev@example.com", "ops@example.com"]);
+    for mail in &first {
+        for expected in [
+            "From: Taskmesh <taskmesh@example.com>".to_string(),
+            "To: ops@example.com, dev@example.com".to_string(),
+            "Subject: [Taskmesh] nightly failed".to_string(),
+            "Auto-Submitted: auto-generated".to_string(),
+            format!("Message-ID: <{}.{endpoint}@taskmesh>", end.id),
+            format!(
+                "The run {failed} of nightly failed.\nFailed steps: build\n\nhttps://tm.example/ui/#/runs/{failed}"
+            ),
+        ] {
+            assert!(mail.replace("\r\n", "\n").contains(&expected), "{expected} in\n{mail}");
+        }
     }
     // A run that succeeds is not of the types it asked for; the next failure is mailed.
     let ok = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'true'}\n").await;
     tm.wait_run(ok, Duration::from_secs(30)).await;
     let again = tm.submit("name: again\nsteps:\n  - {id: build, run: 'exit 1'}\n").await;
     tm.wait_run(again, Duration::from_secs(30)).await;
-    eventually("the second e-mail", Duration::from_secs(30), || async {
-        Ok((mails(&maildir).len() >= 2).then_some(()))
+    eventually("the second e-mails", Duration::from_secs(30), || async {
+        Ok((mails(&maildir).len() >= 4).then_some(()))
     })
     .await
     .unwrap();
     let all = mails(&maildir);
-    assert_eq!(all.len(), 2, "the success is not mailed");
+    assert_eq!(all.len(), 4, "the success is not mailed");
     assert!(all.iter().all(|m| m.contains("failed")), "{all:?}");
 
     // An ingest whose notifiers have no SMTP server refuses e-mail endpoints.
@@ -1198,6 +1292,76 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
         .await
         .unwrap_err();
     assert!(refused.detail.contains("SMTP"), "{refused:?}");
+    tm.finish().await;
+}
+
+/// The recipients aiosmtpd was asked for (`RCPT TO`), in order.
+fn asked(maildir: &std::path::Path) -> Vec<String> {
+    let log = std::fs::read_to_string(maildir.with_extension("rcpt")).unwrap_or_default();
+    log.lines().map(str::to_string).collect()
+}
+
+/// A mail's `name:` header's value.
+fn mail_header(mail: &str, name: &str) -> String {
+    let prefix = format!("{name}: ");
+    mail.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_default().trim_end().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_good_is_not_asked_again() {
+    let Some(Mailing { tm, maildir, _smtp, _dir }) =
+        mailing_mesh(|s| s.notification.retry_delays_secs = vec![1, 1]).await
+    else {
+        return;
+    };
+    // Created when e-mail could also go to example.org; the notifiers' list has been narrowed
+    // since. And one whose only recipient the server will never take.
+    let mut wider = tm.env.settings.notification.clone();
+    wider.email_domains.push("example.org".into());
+    let keyring = taskmesh::mesh::keyring(&tm.env.settings).unwrap().unwrap();
+    let ingest = taskmesh_ingest::Ingest::new(tm.bus.clone()).with_email(&wider);
+    for url in [
+        "mailto:ops@example.com, gone@example.com, later@example.com, stranger@example.org",
+        "mailto:gone@lists.example.com",
+    ] {
+        ingest
+            .create_webhook_endpoint(taskmesh_events::command::CreateWebhookEndpoint {
+                tenant: "default".into(),
+                url: url.into(),
+                secret: keyring.seal(&taskmesh_secrets::endpoint_secret_aad("default"), b"whsec_AAAA"),
+                event_types: vec![],
+                format: taskmesh_events::EndpointFormat::Email,
+            })
+            .await
+            .unwrap();
+    }
+    tm.wait_projected().await;
+
+    let run = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'true'}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    // The first attempt mails ops@ and is refused gone@ for good and later@ for now; the retry,
+    // a second on, mails ops@ again (under the same Message-ID) and later@.
+    eventually("later@'s e-mail", Duration::from_secs(30), || async {
+        Ok(mails(&maildir).iter().any(|m| mail_header(m, "X-RcptTo") == "later@example.com").then_some(()))
+    })
+    .await
+    .unwrap();
+    // Two more attempts would have come by now, were either delivery still retried.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let all = mails(&maildir);
+    let mut to: Vec<String> = all.iter().map(|m| mail_header(m, "X-RcptTo")).collect();
+    to.sort();
+    assert_eq!(to, ["later@example.com", "ops@example.com", "ops@example.com"], "{all:?}");
+    let ids: std::collections::BTreeSet<String> = all.iter().map(|m| mail_header(m, "Message-ID")).collect();
+    assert_eq!(ids.len(), 1, "one message, sent again: {ids:?}");
+    for mail in &all {
+        assert_eq!(mail_header(mail, "To"), "ops@example.com, gone@example.com, later@example.com", "{mail}");
+    }
+    let asked = asked(&maildir);
+    let times = |address: &str| asked.iter().filter(|a| a.as_str() == address).count();
+    assert_eq!(times("gone@example.com"), 2, "asked once an attempt, and there were two: {asked:?}");
+    assert_eq!(times("gone@lists.example.com"), 1, "refused for good: not asked again: {asked:?}");
+    assert_eq!(times("stranger@example.org"), 0, "not in the domains e-mail may go to: {asked:?}");
     tm.finish().await;
 }
 

@@ -389,6 +389,9 @@ pub struct NotificationSettings {
     /// Most tenants one notifier pulls deliveries for at once; others wait for a place, which
     /// a tenant with only retries waiting gives up.
     pub tenants_at_once: usize,
+    /// How long, in seconds, a tenant with deliveries under way keeps its place while other
+    /// tenants wait for one (it then takes nothing more, and goes when those end).
+    pub tenant_slice_secs: u64,
     /// The SMTP server e-mail endpoints are sent through, as a URL: `smtps://user:password@host`
     /// (TLS, port 465), `smtp://user:password@host:587?tls=required` (STARTTLS), or
     /// `smtp://host:25` (plain, for a relay on a trusted network). None: e-mail endpoints are
@@ -411,6 +414,7 @@ impl Default for NotificationSettings {
             concurrency: 32,
             per_tenant_concurrency: 4,
             tenants_at_once: 1024,
+            tenant_slice_secs: 30,
             smtp_url: None,
             email_from: None,
             email_domains: Vec::new(),

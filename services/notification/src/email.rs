@@ -4,14 +4,19 @@
 //! The message is plain text: how the run ended, its failed steps, and a link to it in the
 //! dashboard when the notifier knows where that is. Its `Message-ID` is the event's id and the
 //! endpoint's, the same on every retry, so a mail system can tell a retried message from a new
-//! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it. A recipient the
-//! server refuses for good (`550`, `551`, `553`) is not retried (and, as the message goes to all
-//! its recipients at once, none of them gets it); the rest is, on the schedule of every
-//! delivery. Credentials go only over TLS (`smtps://`, or `?tls=required` for STARTTLS).
+//! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it.
+//!
+//! Each recipient is sent the message in an SMTP transaction of its own (over the pool's
+//! connections), so a recipient the server refuses for good (`550`, `551`, `553`) is dropped
+//! and the others still get it. Any other refusal, or a server out of reach, retries the
+//! delivery on the schedule of every delivery: the message then goes again to every recipient,
+//! those who had it included, under the same `Message-ID`. Credentials go only over TLS
+//! (`smtps://`, or `?tls=required` for STARTTLS).
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use lettre::address::Envelope;
 use lettre::message::Mailbox;
 use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -60,7 +65,12 @@ impl Mailer {
         Ok(Some(Self { transport, from, timeout }))
     }
 
-    /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`.
+    /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`, one SMTP transaction per
+    /// recipient (all named in `To:`), so that a server refusing one address does not keep the
+    /// message from the others. Done when every recipient took it or was refused for good (a
+    /// warning names those); retried when any was refused for now, or could not be reached,
+    /// and then sent again to all, under the same `Message-ID`; refused when every one was
+    /// refused for good.
     pub async fn send(&self, to: &[String], subject: &str, body: String, id: &str) -> Result<(), Outcome> {
         let mut message = Message::builder()
             .from(self.from.clone())
@@ -68,27 +78,51 @@ impl Mailer {
             .message_id(Some(format!("<{id}@taskmesh>")))
             .header(ContentType::TEXT_PLAIN)
             .header(AutoSubmitted);
+        let mut recipients = Vec::with_capacity(to.len());
         for address in to {
             let mailbox = address.parse::<Mailbox>().map_err(|e| Outcome::Refused(format!("'{address}': {e}")))?;
+            recipients.push(mailbox.email.clone());
             message = message.to(mailbox);
         }
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
+        let raw = message.formatted();
+        let sender = Some(self.from.email.clone());
+        let (mut refused, mut failed) = (Vec::new(), None);
         // lettre's own timeout covers connecting only: the whole exchange is bounded here.
-        let sent = match tokio::time::timeout(2 * self.timeout, self.transport.send(message)).await {
-            Ok(sent) => sent,
-            Err(_) => return Err(Outcome::Failed(format!("the SMTP server took over {:?}", 2 * self.timeout))),
-        };
-        match sent {
-            Ok(_) => Ok(()),
-            // A recipient the server will never take (no such mailbox, not relayed for us, a
-            // name it refuses): asking again changes nothing. Every other refusal (its
-            // authentication, TLS, a full mailbox, a policy) is the operator's or passing, and
-            // retried.
-            Err(e) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
-                Err(Outcome::Refused(format!("the SMTP server refused a recipient: {e}")))
+        let exchange = async {
+            for recipient in &recipients {
+                let envelope = Envelope::new(sender.clone(), vec![recipient.clone()])
+                    .map_err(|e| Outcome::Refused(format!("the envelope for '{recipient}': {e}")))?;
+                match self.transport.send_raw(&envelope, &raw).await {
+                    Ok(_) => {}
+                    // A recipient the server will never take (no such mailbox, not relayed for
+                    // us, a name it refuses): asking again changes nothing. Every other refusal
+                    // (its authentication, TLS, a full mailbox, a policy) is the operator's or
+                    // passing, and retried.
+                    Err(e) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
+                        refused.push(format!("'{recipient}': {e}"));
+                    }
+                    Err(e) => {
+                        failed.get_or_insert_with(|| format!("sending the e-mail to '{recipient}': {e}"));
+                    }
+                }
             }
-            Err(e) => Err(Outcome::Failed(format!("sending the e-mail: {e}"))),
+            Ok(())
+        };
+        match tokio::time::timeout(2 * self.timeout, exchange).await {
+            Ok(built) => built?,
+            Err(_) => return Err(Outcome::Failed(format!("the SMTP server took over {:?}", 2 * self.timeout))),
         }
+        if let Some(reason) = failed {
+            return Err(Outcome::Failed(reason));
+        }
+        if refused.len() == recipients.len() {
+            return Err(Outcome::Refused(format!("the SMTP server refused every recipient: {}", refused.join("; "))));
+        }
+        if !refused.is_empty() {
+            tracing::warn!(refused = %refused.join("; "), "the SMTP server refused some recipients for good; the others have the e-mail");
+        }
+        Ok(())
     }
 }
 

@@ -462,9 +462,14 @@ impl Notifier {
                 Outcome::Refused("an e-mail endpoint, but no SMTP server is configured (notification.smtp_url)".into())
             })?;
             let to = taskmesh_events::catalog::mailto_recipients(&url).map_err(Outcome::Refused)?;
-            // Created before the domains were narrowed, perhaps.
-            if let Some(other) = to.iter().find(|a| !self.settings.email_allowed(a)) {
-                return Err(Outcome::Refused(format!("'{other}' is not in notification.email_domains")));
+            // Created before the domains were narrowed, perhaps: the others still get it.
+            let (to, barred): (Vec<String>, Vec<String>) = to.into_iter().partition(|a| self.settings.email_allowed(a));
+            if !barred.is_empty() {
+                let barred = barred.join(", ");
+                if to.is_empty() {
+                    return Err(Outcome::Refused(format!("{barred}: not in notification.email_domains")));
+                }
+                tracing::warn!(%barred, "not mailed: not in notification.email_domains");
             }
             let summary = self.summary(d).await?;
             let (subject, body) = email::text(&summary, self.dashboard.as_ref());

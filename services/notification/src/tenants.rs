@@ -18,7 +18,7 @@
 //! while it was away, retries come due for a tenant without a puller). A puller stops once its
 //! consumer holds nothing to deliver and nothing unacknowledged. When tenants wait for a place
 //! (in arrival order), pullers give theirs up: one whose tenant has only retries waiting at its
-//! next look (a pull's wait at most), a busy one once it has held its place for [`SLICE`] (it
+//! next look (a pull's wait at most), a busy one once it has held its place for its slice (`tenant_slice_secs`, 30 s) (it
 //! then takes nothing more and goes when what is under way ends); their tenants are found
 //! again by the sweep and wait their turn.
 //!
@@ -49,8 +49,6 @@ pub const IDLE_CONSUMER: Duration = Duration::from_secs(3600);
 const PULL_FOR: Duration = Duration::from_secs(10);
 /// The consumer all tenants shared, which a work queue does not allow beside theirs.
 const SHARED_CONSUMER: &str = "deliveries";
-/// How long a busy puller keeps its place while a tenant waits for one.
-const SLICE: Duration = Duration::from_secs(30);
 /// A warning repeated for every tenant is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -68,7 +66,7 @@ struct Puller {
     /// The puller's last look found nothing to deliver (only retries waiting, if anything).
     idle: bool,
     /// Asked to give its place up (a tenant waits for one): it does when idle, or once it has
-    /// held the place for [`SLICE`] (then taking nothing more, and going when what is under
+    /// held the place for its slice (then taking nothing more, and going when what is under
     /// way ends).
     asked: bool,
     since: Instant,
@@ -91,6 +89,8 @@ struct Pool {
     per_tenant: usize,
     /// Most pullers at once.
     tenants: usize,
+    /// How long a busy puller keeps its place while a tenant waits for one.
+    slice: Duration,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// When a consumer could last not be made (logged once a minute, not once a tenant).
@@ -112,6 +112,7 @@ pub(crate) async fn run(notifier: Notifier, shutdown: CancellationToken) -> anyh
         requests: Arc::new(Semaphore::new(notifier.settings.concurrency.max(1))),
         per_tenant: notifier.settings.per_tenant_concurrency.max(1),
         tenants: notifier.settings.tenants_at_once.max(1),
+        slice: Duration::from_secs(notifier.settings.tenant_slice_secs.max(1)),
         notifier,
         places: Mutex::default(),
         shutdown: shutdown.clone(),
@@ -195,7 +196,7 @@ impl Pool {
                 if wanted == 0 {
                     return;
                 }
-                let eligible = if busy { puller.since.elapsed() >= SLICE } else { puller.idle };
+                let eligible = if busy { puller.since.elapsed() >= self.slice } else { puller.idle };
                 if !puller.asked && eligible {
                     // It sees it at its next look (within a pull's wait): a pull cut short
                     // could leave a delivery to wait out its ack deadline.
@@ -271,7 +272,7 @@ impl Pool {
             p.asked = false;
             return false;
         }
-        if p.idle || p.since.elapsed() >= SLICE {
+        if p.idle || p.since.elapsed() >= self.slice {
             places.running.remove(tenant);
             return true;
         }
@@ -287,7 +288,7 @@ impl Pool {
         if p.asked && !waiting {
             p.asked = false;
         }
-        p.asked && p.since.elapsed() >= SLICE
+        p.asked && p.since.elapsed() >= self.slice
     }
 
     fn set_idle(&self, tenant: &str, generation: u64, idle: bool) {

@@ -1,0 +1,33 @@
+"""An aiosmtpd handler for the e-mail tests: aiosmtpd's maildir handler behind a server that
+refuses some recipients, as real mail servers do.
+
+- gone@<any domain> is refused for good (550 5.1.1, no such mailbox), every time;
+- later@<any domain> is refused for now (451 4.3.0) the first time it is asked for, then taken;
+- every other recipient is taken.
+
+Each recipient asked for (RCPT TO) is appended, one per line, to the file <maildir>.rcpt beside
+the maildir, so a test can count how often each was tried.
+
+Run as: python -m aiosmtpd -n -l HOST:PORT -c smtp_refusing.RefusingMailbox MAILDIR
+(with this directory on PYTHONPATH).
+"""
+
+from aiosmtpd.handlers import Mailbox
+
+
+class RefusingMailbox(Mailbox):
+    def __init__(self, mail_dir):
+        super().__init__(mail_dir)
+        self.asked = {}
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with open(str(self.mail_dir) + ".rcpt", "a", encoding="utf-8") as log:
+            log.write(address + "\n")
+        local = address.split("@", 1)[0].lower()
+        self.asked[local] = self.asked.get(local, 0) + 1
+        if local == "gone":
+            return "550 5.1.1 no such mailbox"
+        if local == "later" and self.asked[local] == 1:
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
