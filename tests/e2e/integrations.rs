@@ -621,16 +621,27 @@ pub(crate) async fn receiver() -> (String, Received) {
 
 /// [`receiver`] on the loopback address `ip`; `/ok` answers GETs too.
 async fn receiver_on(ip: &str) -> (String, Received) {
+    let (url, seen, _) = switchable_receiver_on(ip, true).await;
+    (url, seen)
+}
+
+/// [`receiver`] on the loopback address `ip` that answers `500` without recording anything
+/// while its switch (returned, first set to `up`) is off.
+async fn switchable_receiver_on(ip: &str, up: bool) -> (String, Received, Arc<std::sync::atomic::AtomicBool>) {
     let seen: Received = Arc::default();
-    let store = seen.clone();
+    let switch = Arc::new(std::sync::atomic::AtomicBool::new(up));
+    let (store, on) = (seen.clone(), switch.clone());
     let app = axum::Router::new()
         .route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let store = store.clone();
+                let (store, on) = (store.clone(), on.clone());
                 async move {
+                    if !on.load(SeqCst) {
+                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down");
+                    }
                     store.lock().unwrap().push((headers, body.to_vec()));
-                    "ok"
+                    (axum::http::StatusCode::OK, "ok")
                 }
             }),
         )
@@ -638,7 +649,99 @@ async fn receiver_on(ip: &str) -> (String, Received) {
     let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, seen)
+    (url, seen, switch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
+    // Two attempts: the first, and one retry a second later.
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1]).await;
+    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
+    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+
+    // Two runs end while the endpoint is down: both deliveries are given up, and listed newest
+    // first with what they carry.
+    let mut ends = Vec::new();
+    for name in ["first", "second"] {
+        let run = tm.submit(&format!("name: {name}\nsteps:\n  - {{id: a, run: 'exit 3'}}\n")).await;
+        tm.wait_run(run, Duration::from_secs(30)).await;
+        let events = tm.run_events(run).await;
+        ends.push((run, events.iter().rev().find(|e| e.event.is_run_terminal()).unwrap().id.to_string()));
+        eventually("the delivery given up", Duration::from_secs(30), || async {
+            let page = tm.get_json(failed.clone()).await;
+            Ok((page["items"].as_array().unwrap().len() == ends.len()).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    let page = tm.get_json(format!("{failed}?limit=1")).await;
+    let newest = &page["items"][0];
+    assert_eq!(newest["message_id"], ends[1].1, "{page}");
+    assert_eq!(newest["attempts"], 2, "{page}");
+    assert!(newest["error"].as_str().unwrap().contains("500"), "{page}");
+    assert_eq!(newest["payload"]["type"], "run.failed");
+    assert_eq!(newest["payload"]["data"]["run_id"], ends[1].0.to_string());
+    assert_eq!(newest["retried_at"], serde_json::Value::Null);
+    let cursor = page["next_cursor"].as_i64().expect("a second page");
+    let older = tm.get_json(format!("{failed}?limit=1&cursor={cursor}")).await;
+    assert_eq!(older["items"][0]["message_id"], ends[0].1, "{older}");
+    assert_eq!(older["next_cursor"], serde_json::Value::Null);
+    assert!(seen.lock().unwrap().is_empty());
+
+    // The endpoint is back: the first is sent again, as it was, under its webhook-id.
+    up.store(true, SeqCst);
+    let retry = |message: &str| {
+        let url = format!("{failed}/{message}/retry");
+        let tm = &tm;
+        async move { tm.auth(tm.http.post(url)).send().await.unwrap() }
+    };
+    let res = retry(&ends[0].1).await;
+    assert_eq!(res.status(), 202);
+    let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    eventually("the delivery sent again", Duration::from_secs(30), || async {
+        Ok((!seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0["webhook-id"], ends[0].1.as_str());
+        let body: serde_json::Value = serde_json::from_slice(&seen[0].1).unwrap();
+        assert_eq!(body, older["items"][0]["payload"], "the body it was to carry");
+    }
+    // Read with the retry applied: it says when it was sent again.
+    let page = tm
+        .auth(tm.http.get(&failed))
+        .header("Taskmesh-Min-Seq", seq.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let entry = page["items"].as_array().unwrap().iter().find(|i| i["message_id"] == ends[0].1.as_str()).unwrap();
+    assert!(entry["retried_at"].is_string(), "{page}");
+
+    // What is not there is a 404 problem.
+    for res in [
+        retry("no-such-message").await,
+        tm.auth(tm.http.get(format!("{}/v1/webhook-endpoints/{}/failed-deliveries", tm.api, uuid::Uuid::now_v7())))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(res.status(), 404);
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+    }
+    // An endpoint deleted takes its failed deliveries with it.
+    let res = tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{endpoint}", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    tm.wait_projected().await;
+    assert_eq!(retry(&ends[1].1).await.status(), 404);
+    tm.finish().await;
 }
 
 /// A local receiver subscribed as a webhook endpoint: what it is sent, and the created endpoint.

@@ -19,6 +19,7 @@ async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
         ("step_attempts", "tenant_id, run_id, step_id, attempt"),
         ("repo_connections", "id"),
         ("webhook_endpoints", "id"),
+        ("webhook_delivery_failures", "endpoint_id, message_id"),
         ("workflows", "tenant_id, name, version"),
         ("schedules", "tenant_id, id"),
         ("secrets", "tenant_id, name"),
@@ -76,6 +77,40 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
         assert_eq!(res.status(), 201);
         endpoints.push(res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
     }
+    // Failed deliveries, as a notifier records them: of a kept endpoint one failed, sent again,
+    // failed again, and one failed and sent again; of the endpoint deleted below, one failed.
+    let failure = |endpoint: &str, message: &str, attempts: u32| {
+        let endpoint: uuid::Uuid = endpoint.parse().unwrap();
+        let event = taskmesh_events::Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
+            endpoint,
+            message.into(),
+            attempts,
+            format!("POST https://hooks.example/x answered 500 ({attempts})"),
+            serde_json::json!({"type": "run.failed", "data": {"message": message}}),
+        ));
+        (endpoint, event)
+    };
+    let retried = |endpoint: &str, message: &str| {
+        let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
+        let event = taskmesh_events::Event::WebhookDeliveryRetried(taskmesh_events::WebhookDeliveryRetried {
+            endpoint_id,
+            message_id: message.into(),
+        });
+        (endpoint_id, event)
+    };
+    for (endpoint, event) in [
+        failure(&endpoints[1], "m1", 6),
+        retried(&endpoints[1], "m1"),
+        failure(&endpoints[1], "m1", 7),
+        failure(&endpoints[1], "m2", 1),
+        retried(&endpoints[1], "m2"),
+        failure(&endpoints[2], "m3", 6),
+    ] {
+        let subject = tm.bus.namespace().webhook_endpoint("default", endpoint);
+        let last = tm.bus.last_seq(&subject).await.unwrap();
+        let envelope = taskmesh_events::EventMeta::new("default").envelope(subject, event);
+        tm.bus.append(last, &envelope).await.unwrap();
+    }
     let res =
         tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, endpoints[2]))).send().await.unwrap();
     assert_eq!(res.status(), 204);
@@ -127,6 +162,10 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     let hooks: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_endpoints:")).collect();
     assert_eq!(hooks.len(), 2, "{hooks:?}");
     assert!(hooks.iter().any(|r| r.contains(r#""format":"slack""#)), "{hooks:?}");
+    let failed: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_delivery_failures:")).collect();
+    assert_eq!(failed.len(), 2, "one row a delivery, none of the deleted endpoint: {failed:?}");
+    assert!(failed[0].contains(r#""attempts":7"#) && failed[0].contains(r#""retried_at":null"#), "{failed:?}");
+    assert!(failed[1].contains(r#""message_id":"m2""#) && !failed[1].contains(r#""retried_at":null"#), "{failed:?}");
 
     // Rebuild: drop every row, replay the log from sequence 1.
     projector.stop().await.unwrap();

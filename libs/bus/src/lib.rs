@@ -408,6 +408,18 @@ impl Bus {
         }
     }
 
+    /// The event at sequence `seq` (of a commit, its first event), if any.
+    pub async fn at(&self, seq: u64) -> Result<Option<Stored>> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        match stream.get_raw_message(seq).await {
+            Ok(msg) => {
+                Ok(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?.into_iter().next())
+            }
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BusError::Nats(format!("reading event {seq}: {e}"))),
+        }
+    }
+
     /// The first event on `subject` (of a commit, its first event), if any.
     pub async fn first(&self, subject: &str) -> Result<Option<Stored>> {
         let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;

@@ -51,6 +51,8 @@ pub enum Event {
     WebhookEndpointDeleted(WebhookEndpointDeleted),
     RepoConnectionDeleted(RepoConnectionDeleted),
     AuditBatchRecorded(AuditBatchRecorded),
+    WebhookDeliveryFailed(WebhookDeliveryFailed),
+    WebhookDeliveryRetried(WebhookDeliveryRetried),
 }
 
 impl Event {
@@ -93,6 +95,8 @@ impl Event {
             Event::WebhookEndpointDeleted(_) => "WebhookEndpointDeleted",
             Event::RepoConnectionDeleted(_) => "RepoConnectionDeleted",
             Event::AuditBatchRecorded(_) => "AuditBatchRecorded",
+            Event::WebhookDeliveryFailed(_) => "WebhookDeliveryFailed",
+            Event::WebhookDeliveryRetried(_) => "WebhookDeliveryRetried",
         }
     }
 
@@ -170,6 +174,46 @@ pub struct WebhookEndpointDeleted {
     pub endpoint_id: Uuid,
 }
 
+/// A webhook delivery was given up (a dead letter): the endpoint refused it for good, or its
+/// last attempt failed. Asking for it again sends it once more (`WebhookDeliveryRetried`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookDeliveryFailed {
+    pub endpoint_id: Uuid,
+    /// The delivery's `webhook-id`: the id of the event it tells of.
+    pub message_id: String,
+    /// The attempts made.
+    pub attempts: u32,
+    /// Why the last one failed (at most [`WebhookDeliveryFailed::MAX_ERROR`] bytes).
+    pub error: String,
+    /// The body it carries.
+    pub payload: serde_json::Value,
+}
+
+impl WebhookDeliveryFailed {
+    /// Most bytes of `error` kept.
+    pub const MAX_ERROR: usize = 1000;
+
+    /// The delivery of `payload` as `message_id` to `endpoint_id`, given up after `attempts`
+    /// for `error` (cut to [`Self::MAX_ERROR`] bytes).
+    pub fn new(
+        endpoint_id: Uuid,
+        message_id: String,
+        attempts: u32,
+        mut error: String,
+        payload: serde_json::Value,
+    ) -> Self {
+        truncate_at_char(&mut error, Self::MAX_ERROR);
+        Self { endpoint_id, message_id, attempts, error, payload }
+    }
+}
+
+/// A failed webhook delivery was sent once more, on the schedule of every delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookDeliveryRetried {
+    pub endpoint_id: Uuid,
+    pub message_id: String,
+}
+
 /// A repository connection was deleted: its webhooks start nothing more.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RepoConnectionDeleted {
@@ -226,18 +270,20 @@ impl AuditRecorded {
     /// Cuts every field to what the audit log keeps, at a character boundary: then it
     /// [`fits`](Self::fits).
     pub fn clip(&mut self) {
-        fn cut(s: &mut String, max: usize) {
-            if s.len() > max {
-                let end = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-                s.truncate(end);
-            }
-        }
-        cut(&mut self.method, Self::MAX_METHOD);
-        cut(&mut self.actor, Self::MAX_ACTOR);
-        cut(&mut self.path, Self::MAX_PATH);
+        truncate_at_char(&mut self.method, Self::MAX_METHOD);
+        truncate_at_char(&mut self.actor, Self::MAX_ACTOR);
+        truncate_at_char(&mut self.path, Self::MAX_PATH);
         if let Some(u) = self.user_agent.as_mut() {
-            cut(u, Self::MAX_USER_AGENT);
+            truncate_at_char(u, Self::MAX_USER_AGENT);
         }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+pub fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let end = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(end);
     }
 }
 

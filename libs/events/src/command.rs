@@ -295,6 +295,28 @@ pub struct CreateWebhookEndpoint {
     pub format: crate::catalog::EndpointFormat,
 }
 
+/// One notification to one webhook endpoint: a message on the deliveries queue (from the
+/// notifier's fan-out, or a failed one's retry).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Delivery {
+    pub tenant: String,
+    pub endpoint_id: Uuid,
+    /// `webhook-id`: the event's id.
+    pub message_id: String,
+    /// The exact JSON body to send.
+    pub payload: serde_json::Value,
+}
+
+/// `{ns}.cmd.ingest.retry_webhook_delivery`: send a failed webhook delivery once more.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RetryWebhookDelivery {
+    pub tenant: String,
+    pub endpoint_id: Uuid,
+    pub message_id: String,
+    /// The sequence of its `WebhookDeliveryFailed` event (its body is read from there).
+    pub seq: u64,
+}
+
 /// The reply to a create command: the new resource's id and its event's sequence.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Created {

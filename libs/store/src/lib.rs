@@ -36,7 +36,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Empties every read model; a rebuild then replays the log into them.
-const TRUNCATE_READ_MODELS: &str = "TRUNCATE tenants, api_keys, runs, steps, step_attempts, repo_connections, webhook_endpoints, workflows, schedules, secrets, audit_log";
+const TRUNCATE_READ_MODELS: &str = "TRUNCATE tenants, api_keys, runs, steps, step_attempts, repo_connections, webhook_endpoints, webhook_delivery_failures, workflows, schedules, secrets, audit_log";
 
 /// Connects a pool (lazily: it does not fail when Postgres is down at start).
 pub fn connect(settings: &PostgresSettings) -> Result<PgPool> {

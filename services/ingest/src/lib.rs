@@ -23,7 +23,8 @@ use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
     Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested,
     RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated,
-    Trigger, WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored, subjects::is_token,
+    Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored,
+    subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -770,6 +771,52 @@ impl Ingest {
         Ok(Created { id: id.to_string(), seq })
     }
 
+    /// Sends a failed webhook delivery (its `WebhookDeliveryFailed` event at `seq`) once more,
+    /// on the schedule of every delivery, and records that it was. A delivery of an endpoint
+    /// deleted since, or not of this tenant and endpoint, is a 404. Asked twice for the same
+    /// failure within the queue's deduplication window (two minutes), it is sent once.
+    pub async fn retry_webhook_delivery(&self, cmd: RetryWebhookDelivery) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let not_found = || Problem::new(ErrorCode::NotFound, "no such failed delivery");
+        let ns = self.bus.namespace();
+        let subject = ns.webhook_endpoint(&cmd.tenant, cmd.endpoint_id);
+        let failed = match self.bus.at(cmd.seq).await? {
+            Some(stored) if stored.envelope.subject == subject => match stored.envelope.event {
+                Event::WebhookDeliveryFailed(f) if f.message_id == cmd.message_id => f,
+                _ => return Err(not_found()),
+            },
+            _ => return Err(not_found()),
+        };
+        let delivery = Delivery {
+            tenant: cmd.tenant.clone(),
+            endpoint_id: cmd.endpoint_id,
+            message_id: failed.message_id,
+            payload: failed.payload,
+        };
+        let retried = Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
+            endpoint_id: cmd.endpoint_id,
+            message_id: cmd.message_id.clone(),
+        });
+        for _ in 0..5 {
+            let Some(last) = self.bus.last(&subject).await? else { return Err(not_found()) };
+            if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
+                return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint"));
+            }
+            // Sent before it is recorded: a crash in between leaves it shown as failed, and
+            // asked again, it is sent again (under the same `webhook-id`), never recorded
+            // as sent without having been.
+            let msg_id = format!("{}:{}:retry:{}", delivery.message_id, cmd.endpoint_id, cmd.seq);
+            self.bus.enqueue(ns.delivery(&cmd.tenant), &msg_id, &delivery, None).await?;
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), retried.clone());
+            match self.bus.append(last.seq, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.message_id, seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Conflict, "the webhook endpoint kept changing; try again"))
+    }
+
     async fn append_new(&self, envelope: &taskmesh_events::Envelope, what: &str) -> Reply<u64> {
         match self.bus.append(0, envelope).await {
             Ok(seq) => Ok(seq),
@@ -813,6 +860,7 @@ impl Ingest {
             serve!("delete_integration", delete_integration),
             serve!("create_repo_connection", create_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
+            serve!("retry_webhook_delivery", retry_webhook_delivery),
         )?;
         Ok(())
     }
@@ -896,6 +944,9 @@ impl IngestClient {
     }
     pub async fn create_webhook_endpoint(&self, cmd: &CreateWebhookEndpoint) -> Reply<Created> {
         self.call("create_webhook_endpoint", cmd).await
+    }
+    pub async fn retry_webhook_delivery(&self, cmd: &RetryWebhookDelivery) -> Reply<Created> {
+        self.call("retry_webhook_delivery", cmd).await
     }
 }
 

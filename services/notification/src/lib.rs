@@ -36,7 +36,7 @@ use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::{PgPool, Row};
 use taskmesh_bus::Bus;
 use taskmesh_config::NotificationSettings;
@@ -49,16 +49,7 @@ use uuid::Uuid;
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
 
-/// One notification to one endpoint: a message on the deliveries queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Delivery {
-    pub tenant: String,
-    pub endpoint_id: Uuid,
-    /// `webhook-id`: the event's id.
-    pub message_id: String,
-    /// The exact JSON body to send.
-    pub payload: serde_json::Value,
-}
+pub use taskmesh_events::command::Delivery;
 
 /// What the deliveries stream carries: webhook deliveries and commit statuses.
 #[derive(Debug, Deserialize)]
@@ -253,14 +244,6 @@ impl Notifier {
     /// Attempts one delivery; says how to ack it.
     async fn deliver_one(&self, msg: &Message) -> AckKind {
         let attempt = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
-        // A delivery also counts one when it is handed back unattempted (a notifier stopping,
-        // or dying, while it waited for its turn): a few such are allowed for, so a delivery
-        // is never dropped without its last attempt.
-        if attempt > self.settings.retry_delays_secs.len() + 1 + UNATTEMPTED_DELIVERIES {
-            // Its last attempt was made, and its ack lost (a notifier stopped mid-way, say).
-            tracing::error!(attempts = attempt - 1, "delivery failed for good (its last attempt's outcome was lost)");
-            return AckKind::Term;
-        }
         let outgoing: Outgoing = match serde_json::from_slice(&msg.payload) {
             Ok(d) => d,
             Err(e) => {
@@ -268,44 +251,114 @@ impl Notifier {
                 return AckKind::Term;
             }
         };
-        let (span, result) = match &outgoing {
+        let msg_id = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str());
+        // A delivery also counts one when it is handed back unattempted (a notifier stopping,
+        // or dying, while it waited for its turn): a few such are allowed for, so a delivery
+        // is never dropped without its last attempt.
+        if attempt > self.settings.retry_delays_secs.len() + 1 + UNATTEMPTED_DELIVERIES {
+            // Its last attempt was made, and its ack lost (a notifier stopped mid-way, say).
+            tracing::error!(attempts = attempt - 1, "delivery failed for good (its last attempt's outcome was lost)");
+            let error = "its last attempt's outcome was lost (a notifier stopped during it)";
+            return self.give_up(&outgoing, msg_id, attempt - 1, error).await;
+        }
+        let span = match &outgoing {
             Outgoing::Webhook(d) => {
-                let span = tracing::info_span!("deliver", endpoint = %d.endpoint_id, message = %d.message_id, attempt);
-                (span.clone(), self.post(d).instrument(span).await)
+                tracing::info_span!("deliver", endpoint = %d.endpoint_id, message = %d.message_id, attempt)
             }
             Outgoing::Status(s) => {
-                let span = tracing::info_span!("commit_status", connection = %s.connection_id, run = %s.run_id, state = ?s.state, attempt);
-                (span.clone(), self.post_status(s).instrument(span).await)
+                tracing::info_span!("commit_status", connection = %s.connection_id, run = %s.run_id, state = ?s.state, attempt)
             }
         };
-        let _guard = span.enter();
-        match result {
-            Ok(()) => AckKind::Ack,
-            Err(Outcome::Gone) => AckKind::Term,
-            Err(Outcome::Refused(reason)) => {
-                tracing::error!(%reason, "refused for good: not retried");
-                AckKind::Term
+        let attempted = async {
+            match &outgoing {
+                Outgoing::Webhook(d) => self.post(d).await,
+                Outgoing::Status(s) => self.post_status(s).await,
             }
-            Err(Outcome::Failed(reason)) => self.retry(reason, attempt, Duration::ZERO),
+        };
+        // However it is sent (an SMTP server that stops answering mid-way, say), an attempt
+        // that takes much longer than its requests may ends as a failed one.
+        let limit = 3 * Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10);
+        let result = match tokio::time::timeout(limit, attempted.instrument(span.clone())).await {
+            Ok(result) => result,
+            Err(_) => Err(Outcome::Failed(format!("the attempt took over {limit:?}"))),
+        };
+        // `None`: refused for good; else the least wait before a retry.
+        let (reason, at_least) = match result {
+            Ok(()) => return AckKind::Ack,
+            Err(Outcome::Gone) => return AckKind::Term,
+            Err(Outcome::Refused(reason)) => (reason, None),
+            Err(Outcome::Failed(reason)) => (reason, Some(Duration::ZERO)),
             // A throttled endpoint's own wait, when longer than the schedule's.
-            Err(Outcome::Later(reason, wait)) => self.retry(reason, attempt, wait),
+            Err(Outcome::Later(reason, wait)) => (reason, Some(wait)),
+        };
+        // A failed attempt is retried after the schedule's next delay, or given up when it was
+        // the last.
+        let next = self.settings.retry_delays_secs.get(attempt - 1).map(|&d| Duration::from_secs(d));
+        match (at_least, next) {
+            (Some(at_least), Some(delay)) => {
+                let delay = delay.max(at_least);
+                span.in_scope(
+                    || tracing::info!(%reason, retry_in_secs = delay.as_secs(), "delivery failed; will retry"),
+                );
+                return AckKind::Nak(Some(delay));
+            }
+            (None, _) => span.in_scope(|| tracing::error!(%reason, "refused for good: not retried")),
+            (Some(_), None) => {
+                span.in_scope(|| tracing::error!(%reason, attempts = attempt, "delivery failed for good (dead letter)"))
+            }
+        }
+        self.give_up(&outgoing, msg_id, attempt, &reason).instrument(span).await
+    }
+
+    /// A delivery given up: a webhook's is recorded as failed on its endpoint
+    /// (`WebhookDeliveryFailed`, which the API lists and can send again), then terminated;
+    /// when that cannot be recorded, it comes back in a few seconds to be given up again.
+    async fn give_up(&self, outgoing: &Outgoing, msg_id: Option<&str>, attempts: usize, error: &str) -> AckKind {
+        let Outgoing::Webhook(d) = outgoing else { return AckKind::Term };
+        match self.record_failure(d, msg_id, attempts, error).await {
+            Ok(()) => AckKind::Term,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the failed delivery; it comes back to be given up again");
+                AckKind::Nak(Some(Duration::from_secs(5)))
+            }
         }
     }
 
-    /// A failed attempt: retried after the schedule's next delay (or `at_least`), or dropped
-    /// when it was the last.
-    fn retry(&self, reason: String, attempt: usize, at_least: Duration) -> AckKind {
-        match self.settings.retry_delays_secs.get(attempt - 1) {
-            Some(&delay) => {
-                let delay = Duration::from_secs(delay).max(at_least);
-                tracing::info!(%reason, retry_in_secs = delay.as_secs(), "delivery failed; will retry");
-                AckKind::Nak(Some(delay))
+    /// Appends `WebhookDeliveryFailed` to the endpoint's events, unless it was deleted. Its
+    /// message id is the delivery's own, so a delivery given up twice (its notifier died
+    /// between the two) is recorded once; the read side keeps one row per delivery anyway.
+    async fn record_failure(
+        &self,
+        d: &Delivery,
+        msg_id: Option<&str>,
+        attempts: usize,
+        error: &str,
+    ) -> Result<(), taskmesh_bus::BusError> {
+        let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
+        let id = match msg_id {
+            Some(id) => format!("failed:{id}"),
+            None => format!("failed:{}:{}", d.message_id, d.endpoint_id),
+        };
+        let failed = Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
+            d.endpoint_id,
+            d.message_id.clone(),
+            u32::try_from(attempts).unwrap_or(u32::MAX),
+            error.to_string(),
+            d.payload.clone(),
+        ));
+        for _ in 0..5 {
+            let Some(last) = self.bus.last(&subject).await? else { return Ok(()) };
+            if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
+                return Ok(());
             }
-            None => {
-                tracing::error!(%reason, attempts = attempt, "delivery failed for good (dead letter)");
-                AckKind::Term
+            let envelope = taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), failed.clone());
+            match self.bus.append_with_id(Some(last.seq), &envelope, &id).await {
+                Ok(_) => return Ok(()),
+                Err(taskmesh_bus::BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
             }
         }
+        Err(taskmesh_bus::BusError::Conflict { subject, expected: 0 })
     }
 
     /// Opens a sealed secret (an endpoint's signing secret, a connection's status token),

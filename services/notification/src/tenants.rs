@@ -430,19 +430,7 @@ impl Pool {
         // commit status may take two requests and reads of the log).
         progress().await;
         let kind = {
-            // However it is sent (an SMTP server that stops answering mid-way, say), an attempt
-            // that takes much longer than its requests may ends as a failed one.
-            let timeout = Duration::from_millis(self.notifier.settings.timeout_ms);
-            let limit = 3 * timeout + Duration::from_secs(10);
-            let attempt = async {
-                match tokio::time::timeout(limit, self.notifier.deliver_one(&msg)).await {
-                    Ok(kind) => kind,
-                    Err(_) => {
-                        let number = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
-                        self.notifier.retry(format!("the attempt took over {limit:?}"), number, Duration::ZERO)
-                    }
-                }
-            };
+            let attempt = self.notifier.deliver_one(&msg);
             tokio::pin!(attempt);
             loop {
                 tokio::select! {

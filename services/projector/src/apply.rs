@@ -153,11 +153,49 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 .await?;
         }
         Event::WebhookEndpointDeleted(e) => {
-            sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant)
-                .bind(e.endpoint_id)
-                .execute(&mut **tx)
-                .await?;
+            // Its failed deliveries go with it (none can be sent again).
+            for delete in [
+                "DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2",
+                "DELETE FROM webhook_delivery_failures WHERE tenant_id = $1 AND endpoint_id = $2",
+            ] {
+                sqlx::query(delete).bind(tenant).bind(e.endpoint_id).execute(&mut **tx).await?;
+            }
+        }
+        // One row per delivery: a later failure (of a retry) replaces an earlier one; a
+        // redelivered event changes nothing.
+        Event::WebhookDeliveryFailed(e) => {
+            sqlx::query(
+                "INSERT INTO webhook_delivery_failures
+                 (tenant_id, endpoint_id, message_id, attempts, error, payload, failed_at, seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (endpoint_id, message_id) DO UPDATE SET attempts = EXCLUDED.attempts,
+                   error = EXCLUDED.error, payload = EXCLUDED.payload, failed_at = EXCLUDED.failed_at,
+                   seq = EXCLUDED.seq, retried_at = NULL
+                 WHERE webhook_delivery_failures.seq < EXCLUDED.seq",
+            )
+            .bind(tenant)
+            .bind(e.endpoint_id)
+            .bind(&e.message_id)
+            .bind(i32::try_from(e.attempts).unwrap_or(i32::MAX))
+            .bind(&e.error)
+            .bind(sqlx::types::Json(&e.payload))
+            .bind(at)
+            .bind(stored.seq as i64)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Event::WebhookDeliveryRetried(e) => {
+            sqlx::query(
+                "UPDATE webhook_delivery_failures SET retried_at = $4
+                 WHERE tenant_id = $1 AND endpoint_id = $2 AND message_id = $3 AND seq < $5",
+            )
+            .bind(tenant)
+            .bind(e.endpoint_id)
+            .bind(&e.message_id)
+            .bind(at)
+            .bind(stored.seq as i64)
+            .execute(&mut **tx)
+            .await?;
         }
         Event::RepoConnectionDeleted(e) => {
             sqlx::query("DELETE FROM repo_connections WHERE tenant_id = $1 AND id = $2")

@@ -1,0 +1,186 @@
+//! `/v1/webhook-endpoints/{id}/failed-deliveries`: an endpoint's webhook deliveries that were
+//! given up (dead letters: refused for good, or failed on their last attempt), and sending one
+//! of them again.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use taskmesh_events::ErrorCode;
+use taskmesh_events::command::RetryWebhookDelivery;
+use taskmesh_http::{ApiError, ApiResult};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/v1/webhook-endpoints/{id}/failed-deliveries", get(list))
+        .route("/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry", post(retry))
+}
+
+/// Longest message id looked up (the ids Taskmesh gives are UUIDs).
+const MAX_MESSAGE_ID: usize = 200;
+
+/// Paging.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct FailedDeliveryParams {
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(minimum = 0)]
+    pub cursor: Option<i64>,
+}
+
+/// A webhook delivery that was given up.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailedDelivery {
+    /// The delivery's `webhook-id`: the id of the event it tells of.
+    pub message_id: String,
+    /// The attempts made before it was given up.
+    pub attempts: i32,
+    /// Why the last attempt failed (the endpoint's answer, or what went wrong on the way).
+    pub error: String,
+    /// The body it carries, as it was to be sent.
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub failed_at: DateTime<Utc>,
+    /// When it was last sent again, if it was since it failed (a later failure shows as a
+    /// later `failed_at`).
+    pub retried_at: Option<DateTime<Utc>>,
+}
+
+/// A page of an endpoint's failed deliveries, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailedDeliveryPage {
+    pub items: Vec<FailedDelivery>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<i64>,
+}
+
+/// The delivery is queued to be sent again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetryAccepted {
+    pub message_id: String,
+    /// The sequence of the `WebhookDeliveryRetried` event: send it as `Taskmesh-Min-Seq` to
+    /// read the list with it applied.
+    pub seq: u64,
+}
+
+/// The tenant's endpoint `id`, or a 404.
+async fn endpoint(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Uuid> {
+    let not_found = || ApiError::not_found("webhook endpoint");
+    let id: Uuid = id.parse().map_err(|_| not_found())?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2)")
+            .bind(&caller.tenant)
+            .bind(id)
+            .fetch_one(&state.pool)
+            .await?;
+    if !exists {
+        return Err(not_found());
+    }
+    Ok(id)
+}
+
+/// List a webhook endpoint's failed deliveries (dead letters), newest first: those its
+/// endpoint refused for good, or whose last attempt on the retry schedule failed. One entry
+/// per delivery: a delivery sent again that fails again shows its latest failure.
+#[utoipa::path(get, operation_id = "list_failed_deliveries", path = "/v1/webhook-endpoints/{id}/failed-deliveries",
+    tag = "integrations",
+    params(("id" = Uuid, Path), FailedDeliveryParams),
+    responses(
+        (status = 200, body = FailedDeliveryPage),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    params: Result<Query<FailedDeliveryParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<FailedDeliveryPage>> {
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let limit = crate::page_limit(params.limit)?;
+    let id = endpoint(&state, &caller, &id).await?;
+    let mut rows = sqlx::query(
+        "SELECT message_id, attempts, error, payload, failed_at, retried_at, seq FROM webhook_delivery_failures
+         WHERE tenant_id = $1 AND endpoint_id = $2 AND ($3::bigint IS NULL OR seq < $3)
+         ORDER BY seq DESC LIMIT $4",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .bind(params.cursor)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = crate::cut_page(&mut rows, limit, |r| r.get::<i64, _>("seq"));
+    let items = rows
+        .iter()
+        .map(|r| FailedDelivery {
+            message_id: r.get("message_id"),
+            attempts: r.get("attempts"),
+            error: r.get("error"),
+            payload: r.get::<sqlx::types::Json<serde_json::Value>, _>("payload").0,
+            failed_at: r.get("failed_at"),
+            retried_at: r.get("retried_at"),
+        })
+        .collect();
+    Ok(Json(FailedDeliveryPage { items, next_cursor }))
+}
+
+/// Send a failed delivery again (operator): the same body under the same `webhook-id`, signed
+/// afresh, on the retry schedule of every delivery; if it fails again, it is listed again with
+/// its new failure. Asked again for the same failure within two minutes, it is sent once.
+#[utoipa::path(post, operation_id = "retry_failed_delivery",
+    path = "/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry", tag = "integrations",
+    params(("id" = Uuid, Path), ("message_id" = String, Path, description = "The failed delivery's `message_id`")),
+    responses(
+        (status = 202, body = RetryAccepted),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 503, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, message_id)): Path<(String, String)>,
+) -> ApiResult<(StatusCode, Json<RetryAccepted>)> {
+    caller.require_operator()?;
+    let id = endpoint(&state, &caller, &id).await?;
+    let not_found = || ApiError::not_found("failed delivery");
+    if message_id.len() > MAX_MESSAGE_ID {
+        return Err(not_found());
+    }
+    let seq: Option<i64> = sqlx::query_scalar(
+        "SELECT seq FROM webhook_delivery_failures WHERE tenant_id = $1 AND endpoint_id = $2 AND message_id = $3",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .bind(&message_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    let seq = seq.ok_or_else(not_found)?;
+    let done = state
+        .ingest
+        .retry_webhook_delivery(&RetryWebhookDelivery {
+            tenant: caller.tenant.clone(),
+            endpoint_id: id,
+            message_id: message_id.clone(),
+            seq: seq as u64,
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(RetryAccepted { message_id, seq: done.seq })))
+}
