@@ -111,6 +111,8 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::DELETE, format!("/v1/schedules/{schedule}"), None),
         (Method::DELETE, "/v1/secrets/A_SECRET".to_string(), None),
         (Method::DELETE, format!("/v1/keys/{}", viewer["id"].as_str().unwrap()), None),
+        (Method::GET, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries"), None),
+        (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/m/retry"), None),
         (Method::DELETE, format!("/v1/webhook-endpoints/{endpoint}"), None),
         (Method::DELETE, format!("/v1/repo-connections/{connection}"), None),
     ];
@@ -235,6 +237,21 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         case(Method::DELETE, "/v1/secrets/{name}", "/v1/secrets/X", None, [403, 403, 204]),
         case(Method::GET, "/v1/executors", "/v1/executors", None, [200, 200, 200]),
         case(Method::GET, "/v1/webhook-endpoints", "/v1/webhook-endpoints", None, [200, 200, 200]),
+        case(
+            Method::GET,
+            "/v1/webhook-endpoints/{id}/failed-deliveries",
+            format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries"),
+            None,
+            [200, 200, 200],
+        ),
+        // Operators may send a failed delivery again (this one failed never: a 404).
+        case(
+            Method::POST,
+            "/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry",
+            format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/m/retry"),
+            None,
+            [403, 404, 404],
+        ),
         case(
             Method::POST,
             "/v1/webhook-endpoints",

@@ -34,7 +34,8 @@ pub(crate) struct Mailer {
 
 impl Mailer {
     /// None without `smtp_url`; an error names a setting that is wrong (never echoing the URL,
-    /// which may hold a password).
+    /// which may hold a password). Called within a Tokio runtime (the connection pool starts a
+    /// task of its own).
     pub fn new(settings: &NotificationSettings) -> anyhow::Result<Option<Self>> {
         let Some(url) = &settings.smtp_url else { return Ok(None) };
         let parsed =
@@ -191,8 +192,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_wrong_smtp_setting_is_named_without_its_password() {
+    // The transport's connection pool starts a task: a Tokio runtime is needed.
+    #[tokio::test]
+    async fn a_wrong_smtp_setting_is_named_without_its_password() {
         let mut settings = NotificationSettings::default();
         assert!(Mailer::new(&settings).unwrap().is_none(), "no server: no mailer");
         settings.smtp_url = Some("smtps://user:hunter2@mail.example.com".into());
