@@ -705,6 +705,9 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     })
     .await
     .unwrap();
+    // Asked again at once: the same failure is sent once.
+    assert_eq!(retry(&ends[0].1).await.status(), 202);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
@@ -725,6 +728,34 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     let entry = page["items"].as_array().unwrap().iter().find(|i| i["message_id"] == ends[0].1.as_str()).unwrap();
     assert!(entry["retried_at"].is_string(), "{page}");
 
+    // Ingest reads the body from the failure's own event: a sequence that is not that
+    // endpoint's failure of that message (another event; the same, for another tenant) is
+    // not found, whatever a caller says.
+    let ingest = taskmesh_ingest::Ingest::new(tm.bus.clone());
+    let failure_seq = tm
+        .bus
+        .read_subject(&tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap()), 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| matches!(&e.envelope.event, taskmesh_events::Event::WebhookDeliveryFailed(f) if f.message_id == ends[1].1))
+        .unwrap()
+        .seq;
+    for (tenant, message, seq) in [
+        ("default", &ends[0].1, failure_seq),
+        ("default", &ends[1].1, failure_seq - 1),
+        ("beta", &ends[1].1, failure_seq),
+    ] {
+        let cmd = taskmesh_events::command::RetryWebhookDelivery {
+            tenant: tenant.into(),
+            endpoint_id: endpoint.parse().unwrap(),
+            message_id: message.clone(),
+            seq,
+        };
+        let refused = ingest.retry_webhook_delivery(cmd).await.unwrap_err();
+        assert_eq!(refused.code, taskmesh_events::ErrorCode::NotFound, "{tenant} {message} {seq}: {refused:?}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing more was sent");
     // What is not there is a 404 problem.
     for res in [
         retry("no-such-message").await,

@@ -77,39 +77,43 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
         assert_eq!(res.status(), 201);
         endpoints.push(res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
     }
-    // Failed deliveries, as a notifier records them: of a kept endpoint one failed, sent again,
-    // failed again, and one failed and sent again; of the endpoint deleted below, one failed.
-    let failure = |endpoint: &str, message: &str, attempts: u32| {
-        let endpoint: uuid::Uuid = endpoint.parse().unwrap();
-        let event = taskmesh_events::Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
-            endpoint,
-            message.into(),
-            attempts,
-            format!("POST https://hooks.example/x answered 500 ({attempts})"),
-            serde_json::json!({"type": "run.failed", "data": {"message": message}}),
-        ));
-        (endpoint, event)
-    };
-    let retried = |endpoint: &str, message: &str| {
-        let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
-        let event = taskmesh_events::Event::WebhookDeliveryRetried(taskmesh_events::WebhookDeliveryRetried {
-            endpoint_id,
-            message_id: message.into(),
-        });
-        (endpoint_id, event)
-    };
-    for (endpoint, event) in [
-        failure(&endpoints[1], "m1", 6),
-        retried(&endpoints[1], "m1"),
-        failure(&endpoints[1], "m1", 7),
-        failure(&endpoints[1], "m2", 1),
-        retried(&endpoints[1], "m2"),
-        failure(&endpoints[2], "m3", 6),
+    // Failed deliveries, as a notifier records them: of a kept endpoint, one failed twice and
+    // then sent again from its first failure (which marks nothing: its latest failure came
+    // after), and one failed and sent again; of the endpoint deleted below, one failed.
+    let mut failures = std::collections::HashMap::new(); // message: its first failure's seq
+    for (endpoint, message, attempts) in [
+        (1, "m1", Some(6)),
+        (1, "m1", Some(7)),
+        (1, "m1", None),
+        (1, "m2", Some(1)),
+        (1, "m2", None),
+        (2, "m3", Some(6)),
     ] {
-        let subject = tm.bus.namespace().webhook_endpoint("default", endpoint);
+        let endpoint_id: uuid::Uuid = endpoints[endpoint].parse().unwrap();
+        let event = match attempts {
+            Some(attempts) => {
+                taskmesh_events::Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
+                    endpoint_id,
+                    message.into(),
+                    attempts,
+                    format!("POST https://hooks.example/x answered 500 ({attempts})"),
+                    serde_json::json!({"type": "run.failed", "data": {"message": message}}),
+                ))
+            }
+            None => taskmesh_events::Event::WebhookDeliveryRetried(taskmesh_events::WebhookDeliveryRetried {
+                endpoint_id,
+                message_id: message.into(),
+                failed_seq: *failures.get(message).unwrap(),
+            }),
+        };
+        let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);
         let last = tm.bus.last_seq(&subject).await.unwrap();
         let envelope = taskmesh_events::EventMeta::new("default").envelope(subject, event);
-        tm.bus.append(last, &envelope).await.unwrap();
+        let seq = tm.bus.append(last, &envelope).await.unwrap();
+        // A retry names the message's first failure.
+        if attempts.is_some() {
+            failures.entry(message).or_insert(seq);
+        }
     }
     let res =
         tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, endpoints[2]))).send().await.unwrap();

@@ -212,6 +212,8 @@ impl WebhookDeliveryFailed {
 pub struct WebhookDeliveryRetried {
     pub endpoint_id: Uuid,
     pub message_id: String,
+    /// The sequence of the `WebhookDeliveryFailed` it sends again.
+    pub failed_seq: u64,
 }
 
 /// A repository connection was deleted: its webhooks start nothing more.

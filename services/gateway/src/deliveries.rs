@@ -141,7 +141,8 @@ pub async fn list(
 
 /// Send a failed delivery again (operator): the same body under the same `webhook-id`, signed
 /// afresh, on the retry schedule of every delivery; if it fails again, it is listed again with
-/// its new failure. Asked again for the same failure within two minutes, it is sent once.
+/// its new failure. Asked again for the same failure within the queue's deduplication window
+/// (`nats.duplicate_window_secs`, two minutes), it is sent once.
 #[utoipa::path(post, operation_id = "retry_failed_delivery",
     path = "/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry", tag = "integrations",
     params(("id" = Uuid, Path), ("message_id" = String, Path, description = "The failed delivery's `message_id`")),
@@ -150,6 +151,7 @@ pub async fn list(
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 503, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]

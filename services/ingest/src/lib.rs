@@ -708,17 +708,23 @@ impl Ingest {
                 "repository connection",
             ),
         };
-        let Some(last) = self.bus.last(&subject).await? else {
-            return Err(Problem::new(ErrorCode::NotFound, format!("no such {what}")));
-        };
-        if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_)) {
-            return Ok(Created { id: cmd.id.to_string(), seq: last.seq });
+        // Others append to an endpoint's subject too (its failed deliveries, their retries): a
+        // conflict is read again, never taken for a deletion.
+        for _ in 0..5 {
+            let Some(last) = self.bus.last(&subject).await? else {
+                return Err(Problem::new(ErrorCode::NotFound, format!("no such {what}")));
+            };
+            if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_)) {
+                return Ok(Created { id: cmd.id.to_string(), seq: last.seq });
+            }
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event.clone());
+            match self.bus.append(last.seq, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.id.to_string(), seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let envelope = EventMeta::new(&cmd.tenant).envelope(subject, event);
-        match self.bus.append(last.seq, &envelope).await {
-            Ok(seq) | Err(BusError::Conflict { expected: seq, .. }) => Ok(Created { id: cmd.id.to_string(), seq }),
-            Err(e) => Err(e.into()),
-        }
+        Err(Problem::new(ErrorCode::Conflict, format!("the {what} kept changing; try again")))
     }
 
     /// Registers an outbound webhook endpoint and generates its signing secret.
@@ -774,7 +780,8 @@ impl Ingest {
     /// Sends a failed webhook delivery (its `WebhookDeliveryFailed` event at `seq`) once more,
     /// on the schedule of every delivery, and records that it was. A delivery of an endpoint
     /// deleted since, or not of this tenant and endpoint, is a 404. Asked twice for the same
-    /// failure within the queue's deduplication window (two minutes), it is sent once.
+    /// failure within the queue's deduplication window (`nats.duplicate_window_secs`), it is
+    /// sent once.
     pub async fn retry_webhook_delivery(&self, cmd: RetryWebhookDelivery) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         let not_found = || Problem::new(ErrorCode::NotFound, "no such failed delivery");
@@ -796,6 +803,7 @@ impl Ingest {
         let retried = Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
             endpoint_id: cmd.endpoint_id,
             message_id: cmd.message_id.clone(),
+            failed_seq: cmd.seq,
         });
         for _ in 0..5 {
             let Some(last) = self.bus.last(&subject).await? else { return Err(not_found()) };

@@ -6,8 +6,8 @@
 //! endpoint's, the same on every retry, so a mail system can tell a retried message from a new
 //! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it.
 //!
-//! Each recipient is sent the message in an SMTP transaction of its own (over the pool's
-//! connections), so a recipient the server refuses for good (`550`, `551`, `553`) is dropped
+//! Each recipient is sent the message in an SMTP transaction of its own, all at once over the
+//! pool's connections, so a recipient the server refuses for good (`550`, `551`, `553`) is dropped
 //! and the others still get it. Any other refusal, or a server out of reach, retries the
 //! delivery on the schedule of every delivery: the message then goes again to every recipient,
 //! those who had it included, under the same `Message-ID`. Credentials go only over TLS
@@ -67,7 +67,7 @@ impl Mailer {
     }
 
     /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`, one SMTP transaction per
-    /// recipient (all named in `To:`), so that a server refusing one address does not keep the
+    /// recipient, all at once (all named in `To:`), so that a server refusing one address does not keep the
     /// message from the others. Done when every recipient took it or was refused for good (a
     /// warning names those); retried when any was refused for now, or could not be reached,
     /// and then sent again to all, under the same `Message-ID`; refused when every one was
@@ -88,31 +88,40 @@ impl Mailer {
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
         let raw = message.formatted();
         let sender = Some(self.from.email.clone());
-        let (mut refused, mut failed) = (Vec::new(), None);
-        // lettre's own timeout covers connecting only: the whole exchange is bounded here.
-        let exchange = async {
-            for recipient in &recipients {
-                let envelope = Envelope::new(sender.clone(), vec![recipient.clone()])
-                    .map_err(|e| Outcome::Refused(format!("the envelope for '{recipient}': {e}")))?;
-                match self.transport.send_raw(&envelope, &raw).await {
-                    Ok(_) => {}
+        // All at once, over the pool's connections (one a recipient, at most 10), each bounded
+        // as a whole (lettre's own timeout covers connecting only).
+        let sends = recipients.iter().map(|recipient| {
+            let (raw, sender) = (&raw, sender.clone());
+            async move {
+                let envelope = match Envelope::new(sender, vec![recipient.clone()]) {
+                    Ok(envelope) => envelope,
+                    Err(e) => return Sent::Refused(format!("'{recipient}': {e}")),
+                };
+                match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
+                    Ok(Ok(_)) => Sent::Taken,
                     // A recipient the server will never take (no such mailbox, not relayed for
                     // us, a name it refuses): asking again changes nothing. Every other refusal
                     // (its authentication, TLS, a full mailbox, a policy) is the operator's or
                     // passing, and retried.
-                    Err(e) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
-                        refused.push(format!("'{recipient}': {e}"));
+                    Ok(Err(e)) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
+                        Sent::Refused(format!("'{recipient}': {e}"))
                     }
-                    Err(e) => {
-                        failed.get_or_insert_with(|| format!("sending the e-mail to '{recipient}': {e}"));
+                    Ok(Err(e)) => Sent::Failed(format!("sending the e-mail to '{recipient}': {e}")),
+                    Err(_) => {
+                        Sent::Failed(format!("the SMTP server took over {:?} for '{recipient}'", 2 * self.timeout))
                     }
                 }
             }
-            Ok(())
-        };
-        match tokio::time::timeout(2 * self.timeout, exchange).await {
-            Ok(built) => built?,
-            Err(_) => return Err(Outcome::Failed(format!("the SMTP server took over {:?}", 2 * self.timeout))),
+        });
+        let (mut refused, mut failed) = (Vec::new(), None);
+        for sent in futures::future::join_all(sends).await {
+            match sent {
+                Sent::Taken => {}
+                Sent::Refused(reason) => refused.push(reason),
+                Sent::Failed(reason) => {
+                    failed.get_or_insert(reason);
+                }
+            }
         }
         if let Some(reason) = failed {
             return Err(Outcome::Failed(reason));
@@ -125,6 +134,15 @@ impl Mailer {
         }
         Ok(())
     }
+}
+
+/// What became of the message for one recipient.
+enum Sent {
+    Taken,
+    /// Refused for good.
+    Refused(String),
+    /// Refused for now, or not sent.
+    Failed(String),
 }
 
 /// `Auto-Submitted: auto-generated` (RFC 3834).

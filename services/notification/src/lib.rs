@@ -46,6 +46,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+/// How long a delivery given up keeps trying to record its failure before going back to the
+/// queue.
+const RECORD_FOR: Duration = Duration::from_secs(120);
+
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
 
@@ -311,15 +315,25 @@ impl Notifier {
     }
 
     /// A delivery given up: a webhook's is recorded as failed on its endpoint
-    /// (`WebhookDeliveryFailed`, which the API lists and can send again), then terminated;
-    /// when that cannot be recorded, it comes back in a few seconds to be given up again.
+    /// (`WebhookDeliveryFailed`, which the API lists and can send again), then terminated.
+    /// Recording is tried again here (its ack deadline renewed meanwhile) for up to
+    /// [`RECORD_FOR`]; only then is the delivery handed back, to be attempted once more.
     async fn give_up(&self, outgoing: &Outgoing, msg_id: Option<&str>, attempts: usize, error: &str) -> AckKind {
         let Outgoing::Webhook(d) = outgoing else { return AckKind::Term };
-        match self.record_failure(d, msg_id, attempts, error).await {
-            Ok(()) => AckKind::Term,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not record the failed delivery; it comes back to be given up again");
-                AckKind::Nak(Some(Duration::from_secs(5)))
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match self.record_failure(d, msg_id, attempts, error).await {
+                Ok(()) => return AckKind::Term,
+                Err(e) if started.elapsed() + wait < RECORD_FOR => {
+                    tracing::warn!(error = %e, "could not record the failed delivery; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not record the failed delivery; it goes back to the queue");
+                    return AckKind::Nak(Some(Duration::from_secs(5)));
+                }
             }
         }
     }
@@ -347,7 +361,11 @@ impl Notifier {
             d.payload.clone(),
         ));
         for _ in 0..5 {
-            let Some(last) = self.bus.last(&subject).await? else { return Ok(()) };
+            let Some(last) = self.bus.last(&subject).await? else {
+                // Its events aged out of the log (`nats.events_max_age_days`).
+                tracing::warn!(endpoint = %d.endpoint_id, "the endpoint has no events left; its failed delivery is not recorded");
+                return Ok(());
+            };
             if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
                 return Ok(());
             }

@@ -184,16 +184,17 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
+        // Marks the failure it sent again, not one that came after it.
         Event::WebhookDeliveryRetried(e) => {
             sqlx::query(
                 "UPDATE webhook_delivery_failures SET retried_at = $4
-                 WHERE tenant_id = $1 AND endpoint_id = $2 AND message_id = $3 AND seq < $5",
+                 WHERE tenant_id = $1 AND endpoint_id = $2 AND message_id = $3 AND seq = $5",
             )
             .bind(tenant)
             .bind(e.endpoint_id)
             .bind(&e.message_id)
             .bind(at)
-            .bind(stored.seq as i64)
+            .bind(e.failed_seq as i64)
             .execute(&mut **tx)
             .await?;
         }
