@@ -653,6 +653,97 @@ async fn switchable_receiver_on(ip: &str, up: bool) -> (String, Received, Arc<st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_success_resets_the_clock() {
+    // One attempt a delivery; an endpoint failing for 2 s is disabled.
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.notification.retry_delays_secs = vec![];
+        s.notification.disable_after_secs = 2;
+    })
+    .await;
+    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
+    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let run_ends = |name: &'static str| {
+        let tm = &tm;
+        async move {
+            let run = tm.submit(&format!("name: {name}\nsteps:\n  - {{id: a, uses: noop}}\n")).await;
+            tm.wait_run(run, Duration::from_secs(30)).await;
+        }
+    };
+    let failures = |n: usize| {
+        let (tm, failed) = (&tm, &failed);
+        async move {
+            eventually(&format!("{n} failed deliveries"), Duration::from_secs(30), || async {
+                Ok((tm.get_json(failed.clone()).await["items"].as_array().unwrap().len() == n).then_some(()))
+            })
+            .await
+            .unwrap();
+        }
+    };
+    let received = |n: usize| {
+        let seen = seen.clone();
+        async move {
+            eventually(&format!("{n} deliveries"), Duration::from_secs(30), || async {
+                Ok((seen.lock().unwrap().len() == n).then_some(()))
+            })
+            .await
+            .unwrap();
+        }
+    };
+    let disabled = || {
+        let tm = &tm;
+        let endpoint = endpoint.clone();
+        async move {
+            tm.wait_projected().await;
+            let list = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
+            let me = list["items"].as_array().unwrap().iter().find(|e| e["id"] == endpoint.as_str()).unwrap().clone();
+            me["disabled_at"].is_string().then(|| me["disabled_reason"].as_str().unwrap().to_string())
+        }
+    };
+    let endpoint_log = tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap());
+
+    // A failure, then a delivery taken: the failure no longer counts.
+    run_ends("one").await;
+    failures(1).await;
+    up.store(true, SeqCst);
+    run_ends("two").await;
+    received(1).await;
+    eventually("the endpoint recorded as recovered", Duration::from_secs(10), || async {
+        let last = tm.bus.last(&endpoint_log).await?.unwrap();
+        Ok(matches!(last.envelope.event, taskmesh_events::Event::WebhookEndpointRecovered(_)).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Failing again, over 2 s after the first failure: not disabled, as its clock started again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    up.store(false, SeqCst);
+    run_ends("three").await;
+    failures(2).await;
+    assert_eq!(disabled().await, None, "a delivery was taken since the first failure");
+    // Still failing 2 s on: disabled.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    run_ends("four").await;
+    failures(3).await;
+    let reason = disabled().await.expect("disabled");
+    assert!(reason.contains("every delivery since") && reason.contains("500"), "{reason}");
+    // While disabled, nothing is queued for it, though it would take it now.
+    up.store(true, SeqCst);
+    run_ends("five").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing is sent to a disabled endpoint");
+    // Enabled again (by an admin): the next run's end is sent.
+    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(disabled().await, None);
+    run_ends("six").await;
+    received(2).await;
+    let body: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[1].1).unwrap();
+    assert_eq!(body["type"], "run.succeeded");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // Two attempts: the first, and one retry a second later.
     let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1]).await;

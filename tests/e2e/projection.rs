@@ -98,12 +98,14 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
                     attempts,
                     format!("POST https://hooks.example/x answered 500 ({attempts})"),
                     serde_json::json!({"type": "run.failed", "data": {"message": message}}),
+                    chrono::Utc::now(),
                 ))
             }
             None => taskmesh_events::Event::WebhookDeliveryRetried(taskmesh_events::WebhookDeliveryRetried {
                 endpoint_id,
                 message_id: message.into(),
                 failed_seq: *failures.get(message).unwrap(),
+                failing_since: None,
             }),
         };
         let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);

@@ -113,6 +113,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::DELETE, format!("/v1/keys/{}", viewer["id"].as_str().unwrap()), None),
         (Method::GET, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries"), None),
         (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/m/retry"), None),
+        (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/enable"), None),
         (Method::DELETE, format!("/v1/webhook-endpoints/{endpoint}"), None),
         (Method::DELETE, format!("/v1/repo-connections/{connection}"), None),
     ];
@@ -251,6 +252,13 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/m/retry"),
             None,
             [403, 404, 404],
+        ),
+        case(
+            Method::POST,
+            "/v1/webhook-endpoints/{id}/enable",
+            format!("/v1/webhook-endpoints/{endpoint}/enable"),
+            None,
+            [403, 403, 200],
         ),
         case(
             Method::POST,

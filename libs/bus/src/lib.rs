@@ -359,6 +359,20 @@ impl Bus {
         self.append_message(expected, std::slice::from_ref(envelope), msg_id).await
     }
 
+    /// Appends one commit (see [`Bus::append_commit`]) with an explicit message id, and
+    /// optionally without a sequence check.
+    pub async fn append_commit_with_id(
+        &self,
+        expected: Option<u64>,
+        envelopes: &[Envelope],
+        msg_id: &str,
+    ) -> Result<Appended> {
+        if envelopes.is_empty() {
+            return Err(BusError::Nats("appending an empty commit".into()));
+        }
+        self.append_message(expected, envelopes, msg_id).await
+    }
+
     #[tracing::instrument(skip_all, fields(subject = %envelopes[0].subject, r#type = envelopes[0].type_name(), events = envelopes.len()), err(level = "debug"))]
     async fn append_message(&self, expected: Option<u64>, envelopes: &[Envelope], msg_id: &str) -> Result<Appended> {
         let first = &envelopes[0];

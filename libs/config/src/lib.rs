@@ -392,6 +392,10 @@ pub struct NotificationSettings {
     /// How long, in seconds, a tenant with deliveries under way keeps its place while other
     /// tenants wait for one (it then takes nothing more, and goes when those end).
     pub tenant_slice_secs: u64,
+    /// A webhook endpoint every delivery to which has failed for this many seconds (counted
+    /// from the first failure since it last took one) is disabled when the next is given up;
+    /// 0: never.
+    pub disable_after_secs: u64,
     /// The SMTP server e-mail endpoints are sent through, as a URL: `smtps://user:password@host`
     /// (TLS, port 465), `smtp://user:password@host:587?tls=required` (STARTTLS), or
     /// `smtp://host:25` (plain, for a relay on a trusted network). None: e-mail endpoints are
@@ -415,6 +419,7 @@ impl Default for NotificationSettings {
             per_tenant_concurrency: 4,
             tenants_at_once: 1024,
             tenant_slice_secs: 30,
+            disable_after_secs: 5 * 86_400,
             smtp_url: None,
             email_from: None,
             email_domains: Vec::new(),

@@ -53,6 +53,9 @@ pub enum Event {
     AuditBatchRecorded(AuditBatchRecorded),
     WebhookDeliveryFailed(WebhookDeliveryFailed),
     WebhookDeliveryRetried(WebhookDeliveryRetried),
+    WebhookEndpointDisabled(WebhookEndpointDisabled),
+    WebhookEndpointEnabled(WebhookEndpointEnabled),
+    WebhookEndpointRecovered(WebhookEndpointRecovered),
 }
 
 impl Event {
@@ -97,6 +100,9 @@ impl Event {
             Event::AuditBatchRecorded(_) => "AuditBatchRecorded",
             Event::WebhookDeliveryFailed(_) => "WebhookDeliveryFailed",
             Event::WebhookDeliveryRetried(_) => "WebhookDeliveryRetried",
+            Event::WebhookEndpointDisabled(_) => "WebhookEndpointDisabled",
+            Event::WebhookEndpointEnabled(_) => "WebhookEndpointEnabled",
+            Event::WebhookEndpointRecovered(_) => "WebhookEndpointRecovered",
         }
     }
 
@@ -187,6 +193,9 @@ pub struct WebhookDeliveryFailed {
     pub error: String,
     /// The body it carries.
     pub payload: serde_json::Value,
+    /// Since when the endpoint's deliveries have been failing: this failure's time, or that of
+    /// the earliest since the endpoint last took a delivery (or was created or enabled).
+    pub failing_since: DateTime<Utc>,
 }
 
 impl WebhookDeliveryFailed {
@@ -201,10 +210,44 @@ impl WebhookDeliveryFailed {
         attempts: u32,
         mut error: String,
         payload: serde_json::Value,
+        failing_since: DateTime<Utc>,
     ) -> Self {
         truncate_at_char(&mut error, Self::MAX_ERROR);
-        Self { endpoint_id, message_id, attempts, error, payload }
+        Self { endpoint_id, message_id, attempts, error, payload, failing_since }
     }
+}
+
+/// Since when an endpoint's deliveries have been failing, as the last event on its log says:
+/// `None` when that event is not a failure or a failure's retry (the endpoint took a delivery,
+/// or was created or enabled, since).
+pub fn failing_since(last: &Event) -> Option<DateTime<Utc>> {
+    match last {
+        Event::WebhookDeliveryFailed(f) => Some(f.failing_since),
+        Event::WebhookDeliveryRetried(r) => r.failing_since,
+        _ => None,
+    }
+}
+
+/// An endpoint was disabled: every delivery to it had failed for longer than the notifiers'
+/// `disable_after_secs`. Nothing is queued for it until it is enabled again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointDisabled {
+    pub endpoint_id: Uuid,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// A disabled endpoint was enabled again; its failures so far no longer count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointEnabled {
+    pub endpoint_id: Uuid,
+}
+
+/// An endpoint with failures recorded took a delivery: those failures no longer count toward
+/// disabling it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointRecovered {
+    pub endpoint_id: Uuid,
 }
 
 /// A failed webhook delivery was sent once more, on the schedule of every delivery.
@@ -214,6 +257,10 @@ pub struct WebhookDeliveryRetried {
     pub message_id: String,
     /// The sequence of the `WebhookDeliveryFailed` it sends again.
     pub failed_seq: u64,
+    /// The endpoint's failures' start, carried on (see `WebhookDeliveryFailed::failing_since`);
+    /// none when the endpoint had taken a delivery since the failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// A repository connection was deleted: its webhooks start nothing more.

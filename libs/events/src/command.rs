@@ -317,6 +317,13 @@ pub struct RetryWebhookDelivery {
     pub seq: u64,
 }
 
+/// `{ns}.cmd.ingest.enable_webhook_endpoint`: enable a disabled webhook endpoint again.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct EnableWebhookEndpoint {
+    pub tenant: String,
+    pub endpoint_id: Uuid,
+}
+
 /// The reply to a create command: the new resource's id and its event's sequence.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Created {

@@ -73,6 +73,21 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
             "A webhook delivery was given up (refused for good, or its last attempt failed).",
         ),
         ("WebhookDeliveryRetried", pretty::<WebhookDeliveryRetried>(), "A failed webhook delivery was sent once more."),
+        (
+            "WebhookEndpointDisabled",
+            pretty::<WebhookEndpointDisabled>(),
+            "A webhook endpoint was disabled: its deliveries had failed for too long.",
+        ),
+        (
+            "WebhookEndpointEnabled",
+            pretty::<WebhookEndpointEnabled>(),
+            "A disabled webhook endpoint was enabled again.",
+        ),
+        (
+            "WebhookEndpointRecovered",
+            pretty::<WebhookEndpointRecovered>(),
+            "A webhook endpoint with failures recorded took a delivery.",
+        ),
     ]
 }
 
@@ -90,6 +105,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("CreateRepoConnection", pretty::<CreateRepoConnection>()),
         ("CreateWebhookEndpoint", pretty::<CreateWebhookEndpoint>()),
         ("RetryWebhookDelivery", pretty::<RetryWebhookDelivery>()),
+        ("EnableWebhookEndpoint", pretty::<EnableWebhookEndpoint>()),
         ("Created", pretty::<Created>()),
         ("CancelRun", pretty::<CancelRun>()),
         ("RerunRun", pretty::<RerunRun>()),
@@ -170,7 +186,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "repo", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",
@@ -217,8 +233,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "RunAccepted", "Created", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "RunAccepted", "Created", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

@@ -1,6 +1,7 @@
 //! `/v1/webhook-endpoints/{id}/failed-deliveries`: an endpoint's webhook deliveries that were
 //! given up (dead letters: refused for good, or failed on their last attempt), and sending one
-//! of them again.
+//! of them again; `/v1/webhook-endpoints/{id}/enable`: an endpoint disabled after failing for
+//! too long, enabled again.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -10,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use taskmesh_events::ErrorCode;
-use taskmesh_events::command::RetryWebhookDelivery;
+use taskmesh_events::command::{EnableWebhookEndpoint, RetryWebhookDelivery};
 use taskmesh_http::{ApiError, ApiResult};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -22,6 +23,7 @@ pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/webhook-endpoints/{id}/failed-deliveries", get(list))
         .route("/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry", post(retry))
+        .route("/v1/webhook-endpoints/{id}/enable", post(enable))
 }
 
 /// Longest message id looked up (the ids Taskmesh gives are UUIDs).
@@ -185,4 +187,38 @@ pub async fn retry(
         })
         .await?;
     Ok((StatusCode::ACCEPTED, Json(RetryAccepted { message_id, seq: done.seq })))
+}
+
+/// The endpoint is enabled.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Enabled {
+    pub id: Uuid,
+    /// The sequence of the `WebhookEndpointEnabled` event (for `Taskmesh-Min-Seq`).
+    pub seq: u64,
+}
+
+/// Enable a webhook endpoint again (admin): one disabled after every delivery to it had failed
+/// for too long (`disabled_at` in `GET /v1/webhook-endpoints`). Runs' ends are sent to it again
+/// from now on, and its failures so far no longer count toward disabling it; those given up
+/// meanwhile can be sent again from its failed deliveries. Enabling one that is not disabled
+/// changes nothing.
+#[utoipa::path(post, operation_id = "enable_webhook_endpoint", path = "/v1/webhook-endpoints/{id}/enable",
+    tag = "integrations",
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 200, body = Enabled),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn enable(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Enabled>> {
+    caller.require_admin()?;
+    let id = endpoint(&state, &caller, &id).await?;
+    let done = state
+        .ingest
+        .enable_webhook_endpoint(&EnableWebhookEndpoint { tenant: caller.tenant.clone(), endpoint_id: id })
+        .await?;
+    Ok(Json(Enabled { id, seq: done.seq }))
 }

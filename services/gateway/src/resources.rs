@@ -153,9 +153,14 @@ pub struct WebhookEndpointView {
     pub url: String,
     /// The events sent to it; empty means every one.
     pub event_types: Vec<String>,
-    /// `standard_webhooks` or `slack`.
+    /// `standard_webhooks`, `slack` or `email`.
     pub format: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When it was disabled, after every delivery to it had failed for too long (nothing is
+    /// sent to it until `POST /v1/webhook-endpoints/{id}/enable`); null while enabled.
+    pub disabled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why it was disabled.
+    pub disabled_reason: Option<String>,
 }
 
 /// The tenant's webhook endpoints.
@@ -173,7 +178,8 @@ pub async fn list_webhook_endpoints(
     caller: Caller,
 ) -> ApiResult<Json<WebhookEndpointList>> {
     let rows = sqlx::query(
-        "SELECT id, url, event_types, format, created_at FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
+        "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason FROM webhook_endpoints
+         WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
     )
     .bind(&caller.tenant)
     .fetch_all(&state.pool)
@@ -186,6 +192,8 @@ pub async fn list_webhook_endpoints(
             event_types: r.get("event_types"),
             format: r.get("format"),
             created_at: r.get("created_at"),
+            disabled_at: r.get("disabled_at"),
+            disabled_reason: r.get("disabled_reason"),
         })
         .collect();
     Ok(Json(WebhookEndpointList { items }))

@@ -23,8 +23,8 @@ use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
     Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested,
     RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated,
-    Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted, WorkflowVersionStored,
-    subjects::is_token,
+    Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted, WebhookEndpointEnabled,
+    WorkflowVersionStored, subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -800,11 +800,6 @@ impl Ingest {
             message_id: failed.message_id,
             payload: failed.payload,
         };
-        let retried = Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
-            endpoint_id: cmd.endpoint_id,
-            message_id: cmd.message_id.clone(),
-            failed_seq: cmd.seq,
-        });
         for _ in 0..5 {
             let Some(last) = self.bus.last(&subject).await? else { return Err(not_found()) };
             if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
@@ -815,9 +810,37 @@ impl Ingest {
             // as sent without having been.
             let msg_id = format!("{}:{}:retry:{}", delivery.message_id, cmd.endpoint_id, cmd.seq);
             self.bus.enqueue(ns.delivery(&cmd.tenant), &msg_id, &delivery, None).await?;
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), retried.clone());
+            let retried = Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
+                endpoint_id: cmd.endpoint_id,
+                message_id: cmd.message_id.clone(),
+                failed_seq: cmd.seq,
+                failing_since: taskmesh_events::failing_since(&last.envelope.event),
+            });
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), retried);
             match self.bus.append(last.seq, &envelope).await {
                 Ok(seq) => return Ok(Created { id: cmd.message_id, seq }),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Conflict, "the webhook endpoint kept changing; try again"))
+    }
+
+    /// Enables a webhook endpoint again (one disabled after failing for too long; for one that
+    /// is not, it changes nothing): runs' ends are queued for it again, and its failures so
+    /// far no longer count. A deleted endpoint, or another tenant's, is a 404.
+    pub async fn enable_webhook_endpoint(&self, cmd: EnableWebhookEndpoint) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let subject = self.bus.namespace().webhook_endpoint(&cmd.tenant, cmd.endpoint_id);
+        let enabled = Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: cmd.endpoint_id });
+        for _ in 0..5 {
+            let last = match self.bus.last(&subject).await? {
+                Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => last,
+                _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
+            };
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), enabled.clone());
+            match self.bus.append(last.seq, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.endpoint_id.to_string(), seq }),
                 Err(BusError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -869,6 +892,7 @@ impl Ingest {
             serve!("create_repo_connection", create_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
             serve!("retry_webhook_delivery", retry_webhook_delivery),
+            serve!("enable_webhook_endpoint", enable_webhook_endpoint),
         )?;
         Ok(())
     }
@@ -955,6 +979,9 @@ impl IngestClient {
     }
     pub async fn retry_webhook_delivery(&self, cmd: &RetryWebhookDelivery) -> Reply<Created> {
         self.call("retry_webhook_delivery", cmd).await
+    }
+    pub async fn enable_webhook_endpoint(&self, cmd: &EnableWebhookEndpoint) -> Reply<Created> {
+        self.call("enable_webhook_endpoint", cmd).await
     }
 }
 

@@ -50,6 +50,12 @@ use uuid::Uuid;
 /// queue.
 const RECORD_FOR: Duration = Duration::from_secs(120);
 
+/// How long an endpoint seen taking a delivery, with no failure on record, is not looked up
+/// again on its next ones.
+const HEALTHY_FOR: Duration = Duration::from_secs(60);
+/// Most endpoints so remembered (then forgotten all at once).
+const MAX_HEALTHY: usize = 100_000;
+
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
 
@@ -94,6 +100,9 @@ pub struct Notifier {
     dashboard: Option<url::Url>,
     /// Sends e-mail endpoints' messages; none without an SMTP server.
     mailer: Option<std::sync::Arc<email::Mailer>>,
+    /// Endpoints seen taking a delivery with no failure on record, and when (see
+    /// [`Notifier::took`]).
+    healthy: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
 }
 
 impl Notifier {
@@ -113,7 +122,18 @@ impl Notifier {
         let http = egress.client(builder, 0)?;
         let endpoints = EndpointCache::new(MAX_CACHED_TENANTS, CACHED_ENDPOINTS_TTL);
         let mailer = email::Mailer::new(&settings)?.map(std::sync::Arc::new);
-        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints, dashboard: None, mailer })
+        Ok(Self {
+            bus,
+            pool,
+            settings,
+            http,
+            egress,
+            keyring,
+            endpoints,
+            dashboard: None,
+            mailer,
+            healthy: Default::default(),
+        })
     }
 
     /// Commit statuses link to their run's page in the dashboard at `url` (`…/ui/`).
@@ -230,7 +250,7 @@ impl Notifier {
             Err(ticket) => ticket,
         };
         let rows = sqlx::query_as::<_, (Uuid, Vec<String>)>(
-            "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id",
+            "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL ORDER BY id",
         )
         .bind(tenant)
         .fetch_all(&self.pool)
@@ -286,6 +306,10 @@ impl Notifier {
             Ok(result) => result,
             Err(_) => Err(Outcome::Failed(format!("the attempt took over {limit:?}"))),
         };
+        if let (Ok(()), Outgoing::Webhook(d)) = (&result, &outgoing) {
+            self.took(d).instrument(span).await;
+            return AckKind::Ack;
+        }
         // `None`: refused for good; else the least wait before a retry.
         let (reason, at_least) = match result {
             Ok(()) => return AckKind::Ack,
@@ -348,18 +372,22 @@ impl Notifier {
         attempts: usize,
         error: &str,
     ) -> Result<(), taskmesh_bus::BusError> {
+        self.healthy.lock().expect("not poisoned").remove(&d.endpoint_id);
         let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
         let id = match msg_id {
             Some(id) => format!("failed:{id}"),
             None => format!("failed:{}:{}", d.message_id, d.endpoint_id),
         };
-        let failed = Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
-            d.endpoint_id,
-            d.message_id.clone(),
-            u32::try_from(attempts).unwrap_or(u32::MAX),
-            error.to_string(),
-            d.payload.clone(),
-        ));
+        // Disabled already (as far as the read side knows; a second disabling is harmless).
+        let disabled: bool = sqlx::query_scalar(
+            "SELECT disabled_at IS NOT NULL FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2",
+        )
+        .bind(d.endpoint_id)
+        .bind(&d.tenant)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| taskmesh_bus::BusError::Nats(format!("reading the endpoint: {e}")))?
+        .unwrap_or(true);
         for _ in 0..5 {
             let Some(last) = self.bus.last(&subject).await? else {
                 // Its events aged out of the log (`nats.events_max_age_days`).
@@ -369,14 +397,85 @@ impl Notifier {
             if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
                 return Ok(());
             }
-            let envelope = taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), failed.clone());
-            match self.bus.append_with_id(Some(last.seq), &envelope, &id).await {
+            let now = chrono::Utc::now();
+            let since = taskmesh_events::failing_since(&last.envelope.event).unwrap_or(now);
+            let meta = taskmesh_events::EventMeta::new(&d.tenant);
+            let mut events = vec![meta.envelope(
+                subject.clone(),
+                Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
+                    d.endpoint_id,
+                    d.message_id.clone(),
+                    u32::try_from(attempts).unwrap_or(u32::MAX),
+                    error.to_string(),
+                    d.payload.clone(),
+                    since,
+                )),
+            )];
+            let after = self.settings.disable_after_secs;
+            if after > 0 && !disabled && (now - since).num_seconds() >= after as i64 {
+                let reason = format!("every delivery since {} failed (the last: {error})", since.to_rfc3339());
+                let mut reason = reason;
+                taskmesh_events::truncate_at_char(&mut reason, taskmesh_events::WebhookDeliveryFailed::MAX_ERROR);
+                tracing::warn!(endpoint = %d.endpoint_id, %reason, "disabling the webhook endpoint");
+                events.push(meta.envelope(
+                    subject.clone(),
+                    Event::WebhookEndpointDisabled(taskmesh_events::WebhookEndpointDisabled {
+                        endpoint_id: d.endpoint_id,
+                        reason,
+                    }),
+                ));
+            }
+            match self.bus.append_commit_with_id(Some(last.seq), &events, &id).await {
                 Ok(_) => return Ok(()),
                 Err(taskmesh_bus::BusError::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }
         Err(taskmesh_bus::BusError::Conflict { subject, expected: 0 })
+    }
+
+    /// `d`'s endpoint took it: were failures on record for it, they no longer count toward
+    /// disabling it (`WebhookEndpointRecovered`). Looked up at most once a minute per endpoint
+    /// (in between it is known to have none, unless this notifier recorded one); best effort,
+    /// as a miss is looked at again on the endpoint's next delivery after that minute.
+    async fn took(&self, d: &Delivery) {
+        {
+            let healthy = self.healthy.lock().expect("not poisoned");
+            if healthy.get(&d.endpoint_id).is_some_and(|at| at.elapsed() < HEALTHY_FOR) {
+                return;
+            }
+        }
+        let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
+        for _ in 0..5 {
+            let last = match self.bus.last(&subject).await {
+                Ok(Some(last)) => last,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the endpoint's log failed");
+                    return;
+                }
+            };
+            if taskmesh_events::failing_since(&last.envelope.event).is_none() {
+                break;
+            }
+            let recovered = Event::WebhookEndpointRecovered(taskmesh_events::WebhookEndpointRecovered {
+                endpoint_id: d.endpoint_id,
+            });
+            let envelope = taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), recovered);
+            match self.bus.append(last.seq, &envelope).await {
+                Ok(_) => break,
+                Err(taskmesh_bus::BusError::Conflict { .. }) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "recording that the endpoint took a delivery failed");
+                    return;
+                }
+            }
+        }
+        let mut healthy = self.healthy.lock().expect("not poisoned");
+        if healthy.len() >= MAX_HEALTHY {
+            healthy.clear();
+        }
+        healthy.insert(d.endpoint_id, std::time::Instant::now());
     }
 
     /// Opens a sealed secret (an endpoint's signing secret, a connection's status token),
@@ -520,13 +619,21 @@ impl Notifier {
     }
 
     async fn post(&self, d: &Delivery) -> Result<(), Outcome> {
-        let row = sqlx::query("SELECT url, secret, format FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2")
-            .bind(d.endpoint_id)
-            .bind(&d.tenant)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
-            .ok_or(Outcome::Gone)?;
+        let row = sqlx::query(
+            "SELECT url, secret, format, disabled_at IS NOT NULL AS disabled FROM webhook_endpoints
+             WHERE id = $1 AND tenant_id = $2",
+        )
+        .bind(d.endpoint_id)
+        .bind(&d.tenant)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
+        .ok_or(Outcome::Gone)?;
+        // Queued before it was disabled (or sent again since): listed as failed, to be sent
+        // again once it is enabled.
+        if row.get::<bool, _>("disabled") {
+            return Err(Outcome::Refused("the endpoint is disabled".into()));
+        }
         let (url, sealed, format): (String, String, String) = (row.get("url"), row.get("secret"), row.get("format"));
         if format == "email" {
             let mailer = self.mailer.as_ref().ok_or_else(|| {

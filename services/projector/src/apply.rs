@@ -184,6 +184,30 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
+        // The first disabling stands (two notifiers may both decide it).
+        Event::WebhookEndpointDisabled(e) => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET disabled_at = $3, disabled_reason = $4
+                 WHERE tenant_id = $1 AND id = $2 AND disabled_at IS NULL",
+            )
+            .bind(tenant)
+            .bind(e.endpoint_id)
+            .bind(at)
+            .bind(&e.reason)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Event::WebhookEndpointEnabled(e) => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(tenant)
+            .bind(e.endpoint_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // Only the notifiers read it (on the endpoint's log).
+        Event::WebhookEndpointRecovered(_) => {}
         // Marks the failure it sent again, not one that came after it.
         Event::WebhookDeliveryRetried(e) => {
             sqlx::query(
