@@ -727,19 +727,23 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     failures(3).await;
     let reason = disabled().await.expect("disabled");
     assert!(reason.contains("every delivery since") && reason.contains("500"), "{reason}");
-    // While disabled, nothing is queued for it, though it would take it now.
+    // While disabled, nothing is queued for it, though it would take it now (nor given up:
+    // its failed deliveries stay three).
     up.store(true, SeqCst);
     run_ends("five").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing is sent to a disabled endpoint");
+    assert_eq!(tm.get_json(failed.clone()).await["items"].as_array().unwrap().len(), 3);
     // Enabled again (by an admin): the next run's end is sent.
     let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(disabled().await, None);
-    run_ends("six").await;
+    let six = tm.submit("name: six\nsteps:\n  - {id: a, uses: noop}\n").await;
     received(2).await;
     let body: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[1].1).unwrap();
-    assert_eq!(body["type"], "run.succeeded");
+    assert_eq!(body["data"]["run_id"], six.to_string(), "run six's end, not run five's sent late");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seen.lock().unwrap().len(), 2);
     tm.finish().await;
 }
 

@@ -194,8 +194,10 @@ pub struct WebhookDeliveryFailed {
     /// The body it carries.
     pub payload: serde_json::Value,
     /// Since when the endpoint's deliveries have been failing: this failure's time, or that of
-    /// the earliest since the endpoint last took a delivery (or was created or enabled).
-    pub failing_since: DateTime<Utc>,
+    /// the earliest since the endpoint last took a delivery (or was created or enabled). Absent
+    /// from failures recorded before it was: their own time is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 impl WebhookDeliveryFailed {
@@ -213,16 +215,16 @@ impl WebhookDeliveryFailed {
         failing_since: DateTime<Utc>,
     ) -> Self {
         truncate_at_char(&mut error, Self::MAX_ERROR);
-        Self { endpoint_id, message_id, attempts, error, payload, failing_since }
+        Self { endpoint_id, message_id, attempts, error, payload, failing_since: Some(failing_since) }
     }
 }
 
 /// Since when an endpoint's deliveries have been failing, as the last event on its log says:
 /// `None` when that event is not a failure or a failure's retry (the endpoint took a delivery,
 /// or was created or enabled, since).
-pub fn failing_since(last: &Event) -> Option<DateTime<Utc>> {
-    match last {
-        Event::WebhookDeliveryFailed(f) => Some(f.failing_since),
+pub fn failing_since(last: &crate::Envelope) -> Option<DateTime<Utc>> {
+    match &last.event {
+        Event::WebhookDeliveryFailed(f) => Some(f.failing_since.unwrap_or(last.occurred_at)),
         Event::WebhookDeliveryRetried(r) => r.failing_since,
         _ => None,
     }
@@ -986,6 +988,38 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoints_failures_count_from_the_first_since_it_last_took_a_delivery() {
+        let meta = crate::EventMeta::new("t");
+        let endpoint_id = Uuid::now_v7();
+        let at = |event| meta.envelope("tm.evt.t.endpoint.e", event);
+        let since = Utc::now() - chrono::Duration::days(3);
+        let failed = WebhookDeliveryFailed::new(endpoint_id, "m".into(), 8, "500".into(), serde_json::json!({}), since);
+        assert_eq!(failing_since(&at(Event::WebhookDeliveryFailed(failed.clone()))), Some(since));
+        let retried = |failing_since| {
+            at(Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
+                endpoint_id,
+                message_id: "m".into(),
+                failed_seq: 7,
+                failing_since,
+            }))
+        };
+        assert_eq!(failing_since(&retried(Some(since))), Some(since), "carried through a retry");
+        assert_eq!(failing_since(&retried(None)), None);
+        for took in [
+            Event::WebhookEndpointRecovered(WebhookEndpointRecovered { endpoint_id }),
+            Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id }),
+        ] {
+            assert_eq!(failing_since(&at(took)), None);
+        }
+        // A failure recorded before `failing_since` was counts from its own time.
+        let mut older = at(Event::WebhookDeliveryFailed(failed));
+        let mut json: serde_json::Value = serde_json::from_slice(&older.to_json()).unwrap();
+        json["data"].as_object_mut().unwrap().remove("failing_since").unwrap();
+        older = crate::Envelope::from_json(&serde_json::to_vec(&json).unwrap()).unwrap();
+        assert_eq!(failing_since(&older), Some(older.occurred_at));
+    }
 
     #[test]
     fn a_clipped_audit_record_fits_and_is_cut_at_a_character_boundary() {

@@ -814,7 +814,7 @@ impl Ingest {
                 endpoint_id: cmd.endpoint_id,
                 message_id: cmd.message_id.clone(),
                 failed_seq: cmd.seq,
-                failing_since: taskmesh_events::failing_since(&last.envelope.event),
+                failing_since: taskmesh_events::failing_since(&last.envelope),
             });
             let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), retried);
             match self.bus.append(last.seq, &envelope).await {
@@ -826,9 +826,9 @@ impl Ingest {
         Err(Problem::new(ErrorCode::Conflict, "the webhook endpoint kept changing; try again"))
     }
 
-    /// Enables a webhook endpoint again (one disabled after failing for too long; for one that
-    /// is not, it changes nothing): runs' ends are queued for it again, and its failures so
-    /// far no longer count. A deleted endpoint, or another tenant's, is a 404.
+    /// Enables a webhook endpoint again (one disabled after failing for too long): runs' ends
+    /// are queued for it again, and its failures so far no longer count (for an endpoint that
+    /// is not disabled, that is all it does). A deleted endpoint, or another tenant's, is a 404.
     pub async fn enable_webhook_endpoint(&self, cmd: EnableWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         let subject = self.bus.namespace().webhook_endpoint(&cmd.tenant, cmd.endpoint_id);

@@ -50,12 +50,6 @@ use uuid::Uuid;
 /// queue.
 const RECORD_FOR: Duration = Duration::from_secs(120);
 
-/// How long an endpoint seen taking a delivery, with no failure on record, is not looked up
-/// again on its next ones.
-const HEALTHY_FOR: Duration = Duration::from_secs(60);
-/// Most endpoints so remembered (then forgotten all at once).
-const MAX_HEALTHY: usize = 100_000;
-
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
 
@@ -100,9 +94,6 @@ pub struct Notifier {
     dashboard: Option<url::Url>,
     /// Sends e-mail endpoints' messages; none without an SMTP server.
     mailer: Option<std::sync::Arc<email::Mailer>>,
-    /// Endpoints seen taking a delivery with no failure on record, and when (see
-    /// [`Notifier::took`]).
-    healthy: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
 }
 
 impl Notifier {
@@ -122,18 +113,7 @@ impl Notifier {
         let http = egress.client(builder, 0)?;
         let endpoints = EndpointCache::new(MAX_CACHED_TENANTS, CACHED_ENDPOINTS_TTL);
         let mailer = email::Mailer::new(&settings)?.map(std::sync::Arc::new);
-        Ok(Self {
-            bus,
-            pool,
-            settings,
-            http,
-            egress,
-            keyring,
-            endpoints,
-            dashboard: None,
-            mailer,
-            healthy: Default::default(),
-        })
+        Ok(Self { bus, pool, settings, http, egress, keyring, endpoints, dashboard: None, mailer })
     }
 
     /// Commit statuses link to their run's page in the dashboard at `url` (`…/ui/`).
@@ -372,7 +352,6 @@ impl Notifier {
         attempts: usize,
         error: &str,
     ) -> Result<(), taskmesh_bus::BusError> {
-        self.healthy.lock().expect("not poisoned").remove(&d.endpoint_id);
         let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
         let id = match msg_id {
             Some(id) => format!("failed:{id}"),
@@ -398,7 +377,7 @@ impl Notifier {
                 return Ok(());
             }
             let now = chrono::Utc::now();
-            let since = taskmesh_events::failing_since(&last.envelope.event).unwrap_or(now);
+            let since = taskmesh_events::failing_since(&last.envelope).unwrap_or(now);
             let meta = taskmesh_events::EventMeta::new(&d.tenant);
             let mut events = vec![meta.envelope(
                 subject.clone(),
@@ -435,16 +414,11 @@ impl Notifier {
     }
 
     /// `d`'s endpoint took it: were failures on record for it, they no longer count toward
-    /// disabling it (`WebhookEndpointRecovered`). Looked up at most once a minute per endpoint
-    /// (in between it is known to have none, unless this notifier recorded one); best effort,
-    /// as a miss is looked at again on the endpoint's next delivery after that minute.
+    /// disabling it (`WebhookEndpointRecovered`). Its log's last event is read on every
+    /// delivery taken (one direct read: remembered instead, a success this notifier skipped
+    /// could miss a failure another recorded meanwhile); best effort, as a miss is made up on
+    /// the endpoint's next delivery taken.
     async fn took(&self, d: &Delivery) {
-        {
-            let healthy = self.healthy.lock().expect("not poisoned");
-            if healthy.get(&d.endpoint_id).is_some_and(|at| at.elapsed() < HEALTHY_FOR) {
-                return;
-            }
-        }
         let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
         for _ in 0..5 {
             let last = match self.bus.last(&subject).await {
@@ -455,15 +429,15 @@ impl Notifier {
                     return;
                 }
             };
-            if taskmesh_events::failing_since(&last.envelope.event).is_none() {
-                break;
+            if taskmesh_events::failing_since(&last.envelope).is_none() {
+                return;
             }
             let recovered = Event::WebhookEndpointRecovered(taskmesh_events::WebhookEndpointRecovered {
                 endpoint_id: d.endpoint_id,
             });
             let envelope = taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), recovered);
             match self.bus.append(last.seq, &envelope).await {
-                Ok(_) => break,
+                Ok(_) => return,
                 Err(taskmesh_bus::BusError::Conflict { .. }) => continue,
                 Err(e) => {
                     tracing::debug!(error = %e, "recording that the endpoint took a delivery failed");
@@ -471,11 +445,6 @@ impl Notifier {
                 }
             }
         }
-        let mut healthy = self.healthy.lock().expect("not poisoned");
-        if healthy.len() >= MAX_HEALTHY {
-            healthy.clear();
-        }
-        healthy.insert(d.endpoint_id, std::time::Instant::now());
     }
 
     /// Opens a sealed secret (an endpoint's signing secret, a connection's status token),
