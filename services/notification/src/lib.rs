@@ -392,8 +392,7 @@ impl Notifier {
             )];
             let after = self.settings.disable_after_secs;
             if after > 0 && !disabled && (now - since).num_seconds() >= after as i64 {
-                let reason = format!("every delivery since {} failed (the last: {error})", since.to_rfc3339());
-                let mut reason = reason;
+                let mut reason = format!("every delivery since {} failed (the last: {error})", since.to_rfc3339());
                 taskmesh_events::truncate_at_char(&mut reason, taskmesh_events::WebhookDeliveryFailed::MAX_ERROR);
                 tracing::warn!(endpoint = %d.endpoint_id, %reason, "disabling the webhook endpoint");
                 events.push(meta.envelope(
