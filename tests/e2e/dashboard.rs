@@ -204,6 +204,14 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let res = tm.send_json(reqwest::Method::POST, "/v1/schedules", &yearly).await;
     assert_eq!(res.status(), 201);
     let schedule = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    // A webhook endpoint that is down: the end of a run is given up after its retries.
+    let (hook, hook_seen, hook_up) = crate::integrations::switchable_receiver_on("127.0.0.1", false).await;
+    let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &serde_json::json!({"url": hook})).await;
+    assert_eq!(res.status(), 201);
+    let endpoint = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let told = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(told, Duration::from_secs(30)).await;
     tm.wait_projected().await;
     let browser = Browser::start(&bin).await;
 
@@ -241,6 +249,28 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.go(&format!("{}/ui/#/workflows", tm.api)).await;
     browser.until("the stored workflow", "return document.querySelector('main').innerText.includes('stored')").await;
     assert_eq!(browser.run("return !!document.querySelector('main a[href=\"#/runs?workflow=stored\"]')").await, true);
+
+    // The webhooks: the endpoint, and its failed delivery (once given up), sent again from the
+    // page once the endpoint is back.
+    browser.go(&format!("{}/ui/#/webhooks", tm.api)).await;
+    browser.until("the endpoint", &format!("return document.querySelector('main').innerText.includes('{hook}')")).await;
+    browser.click(&format!("main a[href=\"#/webhooks/{endpoint}\"]")).await;
+    browser
+        .until("the failed delivery", &format!("return !!document.querySelector('main a[href=\"#/runs/{told}\"]')"))
+        .await;
+    hook_up.store(true, std::sync::atomic::Ordering::SeqCst);
+    browser.click("main td button").await;
+    browser
+        .until(
+            "the delivery sent again",
+            "return [...document.querySelectorAll('main td')].some((td) => td.cellIndex === 4 && td.innerText !== '')",
+        )
+        .await;
+    taskmesh_testkit::eventually("the endpoint to receive it", Duration::from_secs(30), || async {
+        Ok((!hook_seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
 
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;

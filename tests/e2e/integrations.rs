@@ -627,7 +627,10 @@ async fn receiver_on(ip: &str) -> (String, Received) {
 
 /// [`receiver`] on the loopback address `ip` that answers `500` without recording anything
 /// while its switch (returned, first set to `up`) is off.
-async fn switchable_receiver_on(ip: &str, up: bool) -> (String, Received, Arc<std::sync::atomic::AtomicBool>) {
+pub(crate) async fn switchable_receiver_on(
+    ip: &str,
+    up: bool,
+) -> (String, Received, Arc<std::sync::atomic::AtomicBool>) {
     let seen: Received = Arc::default();
     let switch = Arc::new(std::sync::atomic::AtomicBool::new(up));
     let (store, on) = (seen.clone(), switch.clone());

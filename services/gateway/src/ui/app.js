@@ -1,5 +1,5 @@
 // Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, schedules, stored
-// workflows, executors.
+// workflows, webhook endpoints and their failed deliveries, executors.
 //
 // Everything it shows comes from the REST API with the API key the user gives it, kept in
 // this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
@@ -482,29 +482,39 @@ function executorsView() {
   });
 }
 
+// What a view's buttons share: `act` POSTs a change and has the view (`shown`, an `every`)
+// look again at once; that look asks the read side to hold the change first (`fresh`, the
+// change's seq, sent as Taskmesh-Min-Seq), and `seen(asked)` says it did (only the change it
+// asked for is done with: a later one waits for the next look).
+function changing(problem) {
+  const changes = { fresh: null, shown: null };
+  changes.act = async (path) => {
+    try {
+      const r = await api(path, { method: "POST" });
+      changes.fresh = r && r.seq ? r.seq : null;
+      if (changes.shown) changes.shown.now();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
+  changes.seen = (asked) => {
+    if (changes.fresh === asked) changes.fresh = null;
+  };
+  return changes;
+}
+
 function schedulesView() {
   const problem = el("div");
   const body = el("tbody");
   show(el("h1", {}, "Schedules"), problem,
     table(["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""], body));
-  let fresh = null; // the seq of a change made here: the next look waits for the read side to have it
-  let shown = null;
-  const act = async (path) => {
-    try {
-      const r = await api(path, { method: "POST" });
-      fresh = r && r.seq ? r.seq : null;
-      if (shown) shown.now();
-    } catch (e) {
-      problem.replaceChildren(failure(e));
-    }
-  };
-  shown = every(3000, async (view) => {
+  const changes = changing(problem);
+  changes.shown = every(3000, async (view) => {
     try {
       await whoami();
-      const asked = fresh;
+      const asked = changes.fresh;
       const answer = await api("/v1/schedules", { headers: minSeq(asked) });
-      // Only the change this look waited for is done with (a later one waits for the next).
-      if (fresh === asked) fresh = null;
+      changes.seen(asked);
       if (view.stopped) return;
       problem.replaceChildren();
       body.replaceChildren(...(answer.items || []).map((x) => {
@@ -513,7 +523,7 @@ function schedulesView() {
         // Only a schedule's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
         const button = mayAct() && id
-          ? el("button", { type: "button", onclick: () => (x.paused ? act(`/v1/schedules/${id}/resume`) : act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause")
+          ? el("button", { type: "button", onclick: () => (x.paused ? changes.act(`/v1/schedules/${id}/resume`) : changes.act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause")
           : null;
         return el("tr", {},
           el("td", {}, workflow),
@@ -555,6 +565,77 @@ function workflowsView() {
   });
 }
 
+// The tenant's webhook endpoints: their state (a disabled one says why, and an admin may
+// enable it), each linking to its failed deliveries.
+function webhooksView() {
+  const problem = el("div");
+  const body = el("tbody");
+  show(el("h1", {}, "Webhooks"), problem, table(["Endpoint", "Format", "Events", "State", "", ""], body));
+  const changes = changing(problem);
+  changes.shown = every(5000, async (view) => {
+    try {
+      await whoami();
+      const asked = changes.fresh;
+      const answer = await api("/v1/webhook-endpoints", { headers: minSeq(asked) });
+      changes.seen(asked);
+      if (view.stopped) return;
+      problem.replaceChildren();
+      body.replaceChildren(...(answer.items || []).map((x) => {
+        // Only an endpoint's id goes into the API's paths and the page's links.
+        const id = RUN_ID.test(x.id) ? x.id : null;
+        const state = x.disabled_at ? el("span", { title: x.disabled_reason || "" }, badge("disabled"), ` ${when(x.disabled_at)}`) : badge("active");
+        const button = x.disabled_at && id && me && me.role === "admin"
+          ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/enable`) }, "Enable")
+          : null;
+        return el("tr", {},
+          el("td", { class: "mono" }, x.url),
+          el("td", {}, x.format),
+          el("td", {}, (x.event_types || []).join(", ") || "all"),
+          el("td", {}, state),
+          el("td", {}, button),
+          el("td", {}, id ? el("a", { href: `#/webhooks/${id}` }, "Failed deliveries →") : ""));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No webhook endpoints.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
+// An endpoint's deliveries given up, newest first (the first page); each may be sent again.
+function failedDeliveriesView(id) {
+  const problem = el("div");
+  const body = el("tbody");
+  show(el("p", {}, el("a", { href: "#/webhooks" }, "← Webhooks")), el("h1", {}, "Failed deliveries"), problem,
+    table(["Message", "Failed", "Attempts", "Error", "Sent again", ""], body));
+  const changes = changing(problem);
+  changes.shown = every(5000, async (view) => {
+    try {
+      await whoami();
+      const asked = changes.fresh;
+      const answer = await api(`/v1/webhook-endpoints/${id}/failed-deliveries`, { headers: minSeq(asked) });
+      changes.seen(asked);
+      if (view.stopped) return;
+      problem.replaceChildren();
+      body.replaceChildren(...(answer.items || []).map((x) => {
+        const data = (x.payload && x.payload.data) || {};
+        const run = typeof data.run_id === "string" && RUN_ID.test(data.run_id) ? el("a", { href: `#/runs/${data.run_id}` }, "run") : "";
+        const button = mayAct() ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/failed-deliveries/${enc(x.message_id)}/retry`) }, "Send again") : null;
+        return el("tr", {},
+          el("td", { class: "mono" }, x.message_id, " ", run),
+          el("td", {}, when(x.failed_at)),
+          el("td", {}, x.attempts),
+          el("td", {}, x.error),
+          el("td", {}, when(x.retried_at)),
+          el("td", {}, button));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No failed deliveries.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
 // --- routing --------------------------------------------------------------------------------
 
 function route() {
@@ -579,6 +660,14 @@ function route() {
   if (parts[0] === "executors") return executorsView();
   if (parts[0] === "schedules") return schedulesView();
   if (parts[0] === "workflows") return workflowsView();
+  if (parts[0] === "webhooks" && parts[1]) {
+    if (!RUN_ID.test(parts[1])) {
+      current.stop();
+      return show(el("p", {}, el("a", { href: "#/webhooks" }, "← Webhooks")), el("p", { class: "error" }, "That is not an endpoint id."));
+    }
+    return failedDeliveriesView(parts[1]);
+  }
+  if (parts[0] === "webhooks") return webhooksView();
   return runsView(query || "");
 }
 
@@ -606,8 +695,8 @@ function whoami() {
   return asking;
 }
 
-// A viewer's key may not cancel, rerun, pause or resume: no buttons for it (the API refuses
-// them anyway).
+// A viewer's key may not cancel, rerun, pause, resume or send a delivery again: no buttons for
+// it (the API refuses them anyway). Enabling an endpoint is an admin's.
 const mayAct = () => !me || me.role !== "viewer";
 
 document.getElementById("sign-out").addEventListener("click", () => {
