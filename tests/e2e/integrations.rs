@@ -349,6 +349,15 @@ async fn forge_files(files: Vec<(String, u16, &'static str)>) -> (String, ApiCal
 /// [`forge_files`], whose first `failing_posts` `POST`s are answered `500` (`usize::MAX`: all of
 /// them, which makes it a webhook endpoint refusing everything too).
 async fn forge_stand_in(files: Vec<(String, u16, &'static str)>, failing_posts: usize) -> (String, ApiCalls) {
+    forge_stand_in_failing(files, failing_posts, (500, "{}")).await
+}
+
+/// [`forge_stand_in`] whose failing `POST`s are answered `failure` (a status and a body).
+async fn forge_stand_in_failing(
+    files: Vec<(String, u16, &'static str)>,
+    failing_posts: usize,
+    failure: (u16, &'static str),
+) -> (String, ApiCalls) {
     let seen: ApiCalls = Arc::default();
     let store = seen.clone();
     let files = Arc::new(files);
@@ -364,7 +373,7 @@ async fn forge_stand_in(files: Vec<(String, u16, &'static str)>, failing_posts: 
             if post {
                 let fail = failing.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
                 return if fail {
-                    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{}")
+                    (axum::http::StatusCode::from_u16(failure.0).unwrap(), failure.1)
                 } else {
                     (axum::http::StatusCode::CREATED, "{}")
                 };
@@ -1145,6 +1154,34 @@ async fn a_busy_tenant_gives_its_pullers_place_to_another_after_its_slice() {
     assert!(tried < RUNS, "beta's webhook came after {tried} of default's {RUNS} attempts, not after all of them");
     // `default` gets its place back: every one of its deliveries is tried in the end.
     attempted(&started, RUNS).await;
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_status_refused_for_a_secondary_rate_limit_waits_a_minute_rather_than_being_dropped() {
+    // Retried a second after a failure, were it one.
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1, 1]).await;
+    // GitHub's secondary rate limit: a 403 saying so only in its message, no Retry-After.
+    let limited = (403, r#"{"message": "You have exceeded a secondary rate limit. Please wait a few minutes."}"#);
+    let (api, calls) = forge_stand_in_failing(Vec::new(), usize::MAX, limited).await;
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 1"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rl-1").send().await.unwrap().json().await.unwrap();
+    let run = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded");
+    eventually("the pending and the outcome tried", Duration::from_secs(20), || async {
+        Ok((calls.lock().unwrap().len() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Three seconds on, neither was asked again (a failure's retry would have been) nor
+    // dropped (a refusal's would have): both wait in the queue for their minute.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(calls.lock().unwrap().len(), 2, "{:?}", states_sent(&calls));
+    let ns = tm.bus.namespace();
+    let held = tm.bus.subject_counts(&ns.deliveries_stream(), &ns.delivery("default")).await.unwrap();
+    assert_eq!(held.get(&ns.delivery("default")).copied(), Some(2), "{held:?}");
     tm.finish().await;
 }
 
