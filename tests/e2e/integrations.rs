@@ -760,6 +760,66 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decision_on_an_endpoints_log_is_taken_again_when_someone_appended_meanwhile() {
+    use taskmesh_bus::{AfterLast, Settled};
+    use taskmesh_events::{Event, EventMeta, WebhookEndpointEnabled, WebhookEndpointRecovered};
+    let tm = spawn_mesh().await;
+    let endpoint_id = uuid::Uuid::now_v7();
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);
+    let event = |e| EventMeta::new("default").envelope(subject.clone(), e);
+    let first =
+        tm.bus.append(0, &event(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id }))).await.unwrap();
+    // The first decision is overtaken by a racing writer's append: it is read and decided
+    // again, and the second, seeing the race's event, appends after it.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let settled = tm
+        .bus
+        .append_after_last(&subject, 5, |last| {
+            let (tm, seen, event) = (&tm, &seen, &event);
+            async move {
+                let last = last.unwrap();
+                let tries = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(last.seq);
+                    seen.len()
+                };
+                if tries == 1 {
+                    let racing = event(Event::WebhookEndpointRecovered(WebhookEndpointRecovered { endpoint_id }));
+                    tm.bus.append(last.seq, &racing).await?;
+                }
+                let ours = event(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id }));
+                Ok::<_, taskmesh_bus::BusError>(AfterLast::<()>::Append { events: vec![ours], msg_id: None })
+            }
+        })
+        .await
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), 2, "decided twice: {seen:?}");
+    assert_eq!(seen[0], first);
+    let Settled::Appended(seq) = settled else { panic!("appended: {settled:?}") };
+    assert!(seq > seen[1] && seen[1] > first, "after the racing append: {seen:?} {seq}");
+    let types: Vec<&str> =
+        tm.bus.read_subject(&subject, 0).await.unwrap().iter().map(|e| e.envelope.type_name()).collect();
+    assert_eq!(types, ["WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointEnabled"]);
+    // One that keeps losing gives up with the conflict.
+    let lost = tm
+        .bus
+        .append_after_last(&subject, 2, |last| {
+            let (tm, event) = (&tm, &event);
+            async move {
+                let last = last.unwrap();
+                let racing = event(Event::WebhookEndpointRecovered(WebhookEndpointRecovered { endpoint_id }));
+                tm.bus.append(last.seq, &racing).await?;
+                let ours = event(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id }));
+                Ok::<_, taskmesh_bus::BusError>(AfterLast::<()>::Append { events: vec![ours], msg_id: None })
+            }
+        })
+        .await;
+    assert!(matches!(lost, Err(taskmesh_bus::BusError::Conflict { .. })), "{lost:?}");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // Two attempts: the first, and one retry a second later.
     let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1]).await;

@@ -130,6 +130,24 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// What follows from a subject's last event, as [`Bus::append_after_last`] asks it.
+pub enum AfterLast<T> {
+    /// Append these events (one commit) under `msg_id` (none: the first event's id), if the
+    /// event read is the subject's last still.
+    Append { events: Vec<Envelope>, msg_id: Option<String> },
+    /// Append nothing: done, with this.
+    Done(T),
+}
+
+/// How [`Bus::append_after_last`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled<T> {
+    /// The commit appended, at this sequence.
+    Appended(u64),
+    /// Nothing was to be appended.
+    Done(T),
+}
+
 /// A connection to the bus under one namespace.
 #[derive(Clone)]
 pub struct Bus {
@@ -359,20 +377,6 @@ impl Bus {
         self.append_message(expected, std::slice::from_ref(envelope), msg_id).await
     }
 
-    /// Appends one commit (see [`Bus::append_commit`]) with an explicit message id, and
-    /// optionally without a sequence check.
-    pub async fn append_commit_with_id(
-        &self,
-        expected: Option<u64>,
-        envelopes: &[Envelope],
-        msg_id: &str,
-    ) -> Result<Appended> {
-        if envelopes.is_empty() {
-            return Err(BusError::Nats("appending an empty commit".into()));
-        }
-        self.append_message(expected, envelopes, msg_id).await
-    }
-
     #[tracing::instrument(skip_all, fields(subject = %envelopes[0].subject, r#type = envelopes[0].type_name(), events = envelopes.len()), err(level = "debug"))]
     async fn append_message(&self, expected: Option<u64>, envelopes: &[Envelope], msg_id: &str) -> Result<Appended> {
         let first = &envelopes[0];
@@ -400,6 +404,41 @@ impl Bus {
             }
             Err(e) => Err(BusError::Nats(format!("appending to {subject}: {e}"))),
         }
+    }
+
+    /// Reads `subject`'s last event (none when it has none), asks `decide` what follows from it,
+    /// and appends that if the event read is the last still. When someone appended meanwhile,
+    /// reads and decides again, `tries` times at most; then the conflict is the error.
+    pub async fn append_after_last<T, E, F, Fut>(
+        &self,
+        subject: &str,
+        tries: usize,
+        mut decide: F,
+    ) -> std::result::Result<Settled<T>, E>
+    where
+        F: FnMut(Option<Stored>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<AfterLast<T>, E>>,
+        E: From<BusError>,
+    {
+        let mut expected = 0;
+        for _ in 0..tries {
+            let last = self.last(subject).await?;
+            expected = last.as_ref().map_or(0, |l| l.seq);
+            let (events, msg_id) = match decide(last).await? {
+                AfterLast::Done(done) => return Ok(Settled::Done(done)),
+                AfterLast::Append { events, msg_id } => (events, msg_id),
+            };
+            let Some(first) = events.first() else {
+                return Err(BusError::Nats(format!("appending an empty commit to {subject}")).into());
+            };
+            let msg_id = msg_id.unwrap_or_else(|| first.id.to_string());
+            match self.append_message(Some(expected), &events, &msg_id).await {
+                Ok(appended) => return Ok(Settled::Appended(appended.seq)),
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(BusError::Conflict { subject: subject.to_string(), expected }.into())
     }
 
     /// The sequence of the last event on `subject`, 0 when it has none.

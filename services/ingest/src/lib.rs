@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use base64::Engine;
-use taskmesh_bus::{Bus, BusError};
+use taskmesh_bus::{AfterLast, Bus, BusError, Settled};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
@@ -710,21 +710,27 @@ impl Ingest {
         };
         // Others append to an endpoint's subject too (its failed deliveries, their retries): a
         // conflict is read again, never taken for a deletion.
-        for _ in 0..5 {
-            let Some(last) = self.bus.last(&subject).await? else {
-                return Err(Problem::new(ErrorCode::NotFound, format!("no such {what}")));
-            };
-            if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_)) {
-                return Ok(Created { id: cmd.id.to_string(), seq: last.seq });
-            }
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event.clone());
-            match self.bus.append(last.seq, &envelope).await {
-                Ok(seq) => return Ok(Created { id: cmd.id.to_string(), seq }),
-                Err(BusError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Problem::new(ErrorCode::Conflict, format!("the {what} kept changing; try again")))
+        let settled = self
+            .bus
+            .append_after_last(&subject, 5, |last| {
+                let (event, subject, tenant) = (event.clone(), &subject, &cmd.tenant);
+                async move {
+                    let Some(last) = last else {
+                        return Err(Problem::new(ErrorCode::NotFound, format!("no such {what}")));
+                    };
+                    if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_))
+                    {
+                        return Ok(AfterLast::Done(last.seq));
+                    }
+                    Ok(AfterLast::Append {
+                        events: vec![EventMeta::new(tenant).envelope(subject.clone(), event)],
+                        msg_id: None,
+                    })
+                }
+            })
+            .await?;
+        let (Settled::Appended(seq) | Settled::Done(seq)) = settled;
+        Ok(Created { id: cmd.id.to_string(), seq })
     }
 
     /// Registers an outbound webhook endpoint and generates its signing secret.
@@ -800,30 +806,33 @@ impl Ingest {
             message_id: failed.message_id,
             payload: failed.payload,
         };
-        for _ in 0..5 {
-            let Some(last) = self.bus.last(&subject).await? else { return Err(not_found()) };
-            if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
-                return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint"));
-            }
-            // Sent before it is recorded: a crash in between leaves it shown as failed, and
-            // asked again, it is sent again (under the same `webhook-id`), never recorded
-            // as sent without having been.
-            let msg_id = format!("{}:{}:retry:{}", delivery.message_id, cmd.endpoint_id, cmd.seq);
-            self.bus.enqueue(ns.delivery(&cmd.tenant), &msg_id, &delivery, None).await?;
-            let retried = Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
-                endpoint_id: cmd.endpoint_id,
-                message_id: cmd.message_id.clone(),
-                failed_seq: cmd.seq,
-                failing_since: taskmesh_events::failing_since(&last.envelope),
-            });
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), retried);
-            match self.bus.append(last.seq, &envelope).await {
-                Ok(seq) => return Ok(Created { id: cmd.message_id, seq }),
-                Err(BusError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Problem::new(ErrorCode::Conflict, "the webhook endpoint kept changing; try again"))
+        let (cmd, delivery, subject) = (&cmd, &delivery, &subject);
+        let settled = self
+            .bus
+            .append_after_last(subject, 5, |last| async move {
+                let last = match last {
+                    Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => last,
+                    _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
+                };
+                // Sent before it is recorded: a crash in between leaves it shown as failed,
+                // and asked again, it is sent again (under the same `webhook-id`), never
+                // recorded as sent without having been.
+                let msg_id = format!("{}:{}:retry:{}", delivery.message_id, cmd.endpoint_id, cmd.seq);
+                self.bus.enqueue(ns.delivery(&cmd.tenant), &msg_id, delivery, None).await?;
+                let retried = Event::WebhookDeliveryRetried(WebhookDeliveryRetried {
+                    endpoint_id: cmd.endpoint_id,
+                    message_id: cmd.message_id.clone(),
+                    failed_seq: cmd.seq,
+                    failing_since: taskmesh_events::failing_since(&last.envelope),
+                });
+                Ok(AfterLast::Append {
+                    events: vec![EventMeta::new(&cmd.tenant).envelope(subject.clone(), retried)],
+                    msg_id: None,
+                })
+            })
+            .await?;
+        let (Settled::Appended(seq) | Settled::Done(seq)) = settled;
+        Ok(Created { id: cmd.message_id.clone(), seq })
     }
 
     /// Enables a webhook endpoint again (one disabled after failing for too long): runs' ends
@@ -833,19 +842,20 @@ impl Ingest {
         check_tenant(&cmd.tenant)?;
         let subject = self.bus.namespace().webhook_endpoint(&cmd.tenant, cmd.endpoint_id);
         let enabled = Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: cmd.endpoint_id });
-        for _ in 0..5 {
-            let last = match self.bus.last(&subject).await? {
-                Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => last,
-                _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
-            };
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), enabled.clone());
-            match self.bus.append(last.seq, &envelope).await {
-                Ok(seq) => return Ok(Created { id: cmd.endpoint_id.to_string(), seq }),
-                Err(BusError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Problem::new(ErrorCode::Conflict, "the webhook endpoint kept changing; try again"))
+        let (enabled, subject, tenant) = (&enabled, &subject, &cmd.tenant);
+        let settled = self
+            .bus
+            .append_after_last(subject, 5, |last| async move {
+                match last {
+                    Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => {}
+                    _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
+                }
+                let events = vec![EventMeta::new(tenant).envelope(subject.clone(), enabled.clone())];
+                Ok::<_, Problem>(AfterLast::<u64>::Append { events, msg_id: None })
+            })
+            .await?;
+        let (Settled::Appended(seq) | Settled::Done(seq)) = settled;
+        Ok(Created { id: cmd.endpoint_id.to_string(), seq })
     }
 
     async fn append_new(&self, envelope: &taskmesh_events::Envelope, what: &str) -> Reply<u64> {

@@ -38,7 +38,7 @@ use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use serde::Deserialize;
 use sqlx::{PgPool, Row};
-use taskmesh_bus::Bus;
+use taskmesh_bus::{AfterLast, Bus};
 use taskmesh_config::NotificationSettings;
 use taskmesh_events::command::{CommitState, CommitStatus};
 use taskmesh_events::{Event, Forge, RunKey};
@@ -367,49 +367,49 @@ impl Notifier {
         .await
         .map_err(|e| taskmesh_bus::BusError::Nats(format!("reading the endpoint: {e}")))?
         .unwrap_or(true);
-        for _ in 0..5 {
-            let Some(last) = self.bus.last(&subject).await? else {
-                // Its events aged out of the log (`nats.events_max_age_days`).
-                tracing::warn!(endpoint = %d.endpoint_id, "the endpoint has no events left; its failed delivery is not recorded");
-                return Ok(());
-            };
-            if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) {
-                return Ok(());
-            }
-            let now = chrono::Utc::now();
-            let since = taskmesh_events::failing_since(&last.envelope).unwrap_or(now);
-            let meta = taskmesh_events::EventMeta::new(&d.tenant);
-            let mut events = vec![meta.envelope(
-                subject.clone(),
-                Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
-                    d.endpoint_id,
-                    d.message_id.clone(),
-                    u32::try_from(attempts).unwrap_or(u32::MAX),
-                    error.to_string(),
-                    d.payload.clone(),
-                    since,
-                )),
-            )];
-            let after = self.settings.disable_after_secs;
-            if after > 0 && !disabled && (now - since).num_seconds() >= after as i64 {
-                let mut reason = format!("every delivery since {} failed (the last: {error})", since.to_rfc3339());
-                taskmesh_events::truncate_at_char(&mut reason, taskmesh_events::WebhookDeliveryFailed::MAX_ERROR);
-                tracing::warn!(endpoint = %d.endpoint_id, %reason, "disabling the webhook endpoint");
-                events.push(meta.envelope(
+        let (subject, id) = (&subject, &id);
+        self.bus
+            .append_after_last(subject, 5, |last| async move {
+                let last = match last {
+                    Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => last,
+                    Some(_) => return Ok(AfterLast::Done(())),
+                    None => {
+                        // Its events aged out of the log (`nats.events_max_age_days`).
+                        tracing::warn!(endpoint = %d.endpoint_id, "the endpoint has no events left; its failed delivery is not recorded");
+                        return Ok(AfterLast::Done(()));
+                    }
+                };
+                let now = chrono::Utc::now();
+                let since = taskmesh_events::failing_since(&last.envelope).unwrap_or(now);
+                let meta = taskmesh_events::EventMeta::new(&d.tenant);
+                let mut events = vec![meta.envelope(
                     subject.clone(),
-                    Event::WebhookEndpointDisabled(taskmesh_events::WebhookEndpointDisabled {
-                        endpoint_id: d.endpoint_id,
-                        reason,
-                    }),
-                ));
-            }
-            match self.bus.append_commit_with_id(Some(last.seq), &events, &id).await {
-                Ok(_) => return Ok(()),
-                Err(taskmesh_bus::BusError::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(taskmesh_bus::BusError::Conflict { subject, expected: 0 })
+                    Event::WebhookDeliveryFailed(taskmesh_events::WebhookDeliveryFailed::new(
+                        d.endpoint_id,
+                        d.message_id.clone(),
+                        u32::try_from(attempts).unwrap_or(u32::MAX),
+                        error.to_string(),
+                        d.payload.clone(),
+                        since,
+                    )),
+                )];
+                let after = self.settings.disable_after_secs;
+                if after > 0 && !disabled && (now - since).num_seconds() >= after as i64 {
+                    let mut reason = format!("every delivery since {} failed (the last: {error})", since.to_rfc3339());
+                    taskmesh_events::truncate_at_char(&mut reason, taskmesh_events::WebhookDeliveryFailed::MAX_ERROR);
+                    tracing::warn!(endpoint = %d.endpoint_id, %reason, "disabling the webhook endpoint");
+                    events.push(meta.envelope(
+                        subject.clone(),
+                        Event::WebhookEndpointDisabled(taskmesh_events::WebhookEndpointDisabled {
+                            endpoint_id: d.endpoint_id,
+                            reason,
+                        }),
+                    ));
+                }
+                Ok::<_, taskmesh_bus::BusError>(AfterLast::Append { events, msg_id: Some(id.clone()) })
+            })
+            .await?;
+        Ok(())
     }
 
     /// `d`'s endpoint took it: were failures on record for it, they no longer count toward
@@ -418,31 +418,22 @@ impl Notifier {
     /// could miss a failure another recorded meanwhile); best effort, as a miss is made up on
     /// the endpoint's next delivery taken.
     async fn took(&self, d: &Delivery) {
-        let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
-        for _ in 0..5 {
-            let last = match self.bus.last(&subject).await {
-                Ok(Some(last)) => last,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading the endpoint's log failed");
-                    return;
+        let subject = &self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
+        let recovered = self
+            .bus
+            .append_after_last(subject, 5, |last| async move {
+                if last.as_ref().is_none_or(|last| taskmesh_events::failing_since(&last.envelope).is_none()) {
+                    return Ok(AfterLast::Done(()));
                 }
-            };
-            if taskmesh_events::failing_since(&last.envelope).is_none() {
-                return;
-            }
-            let recovered = Event::WebhookEndpointRecovered(taskmesh_events::WebhookEndpointRecovered {
-                endpoint_id: d.endpoint_id,
-            });
-            let envelope = taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), recovered);
-            match self.bus.append(last.seq, &envelope).await {
-                Ok(_) => return,
-                Err(taskmesh_bus::BusError::Conflict { .. }) => continue,
-                Err(e) => {
-                    tracing::debug!(error = %e, "recording that the endpoint took a delivery failed");
-                    return;
-                }
-            }
+                let recovered = Event::WebhookEndpointRecovered(taskmesh_events::WebhookEndpointRecovered {
+                    endpoint_id: d.endpoint_id,
+                });
+                let events = vec![taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), recovered)];
+                Ok::<_, taskmesh_bus::BusError>(AfterLast::Append { events, msg_id: None })
+            })
+            .await;
+        if let Err(e) = recovered {
+            tracing::debug!(error = %e, "recording that the endpoint took a delivery failed");
         }
     }
 
