@@ -421,7 +421,7 @@ impl Bus {
         E: From<BusError>,
     {
         let mut expected = 0;
-        for _ in 0..tries {
+        for _ in 0..tries.max(1) {
             let last = self.last(subject).await?;
             expected = last.as_ref().map_or(0, |l| l.seq);
             let (events, msg_id) = match decide(last).await? {
@@ -429,7 +429,8 @@ impl Bus {
                 AfterLast::Append { events, msg_id } => (events, msg_id),
             };
             let Some(first) = events.first() else {
-                return Err(BusError::Nats(format!("appending an empty commit to {subject}")).into());
+                let reason = "an empty commit".to_string();
+                return Err(BusError::Malformed { subject: subject.to_string(), reason }.into());
             };
             let msg_id = msg_id.unwrap_or_else(|| first.id.to_string());
             match self.append_message(Some(expected), &events, &msg_id).await {

@@ -399,7 +399,7 @@ pub struct NotificationSettings {
     /// The SMTP server e-mail endpoints are sent through, as a URL: `smtps://user:password@host`
     /// (TLS, port 465), `smtp://user:password@host:587?tls=required` (STARTTLS), or
     /// `smtp://host:25` (plain, for a relay on a trusted network). None: e-mail endpoints are
-    /// refused when created, and their deliveries dropped with an error log.
+    /// refused when created, and their deliveries given up (recorded as failed).
     pub smtp_url: Option<SecretString>,
     /// The sender of e-mails (`Taskmesh <taskmesh@example.com>`); needed with `smtp_url`.
     pub email_from: Option<String>,

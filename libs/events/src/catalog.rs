@@ -221,7 +221,7 @@ impl WebhookDeliveryFailed {
 
 /// Since when an endpoint's deliveries have been failing, as the last event on its log says:
 /// `None` when that event is not a failure or a failure's retry (the endpoint took a delivery,
-/// or was created or enabled, since).
+/// or was created, enabled or disabled, since: a disabled endpoint's count starts again).
 pub fn failing_since(last: &crate::Envelope) -> Option<DateTime<Utc>> {
     match &last.event {
         Event::WebhookDeliveryFailed(f) => Some(f.failing_since.unwrap_or(last.occurred_at)),

@@ -201,7 +201,7 @@ pub struct Enabled {
 /// for too long (`disabled_at` in `GET /v1/webhook-endpoints`). Runs' ends are sent to it again
 /// from now on, and its failures so far no longer count toward disabling it; those given up
 /// meanwhile can be sent again from its failed deliveries. Enabling one that is not disabled
-/// changes nothing.
+/// only restarts its count of failures.
 #[utoipa::path(post, operation_id = "enable_webhook_endpoint", path = "/v1/webhook-endpoints/{id}/enable",
     tag = "integrations",
     params(("id" = Uuid, Path)),

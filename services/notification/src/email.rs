@@ -6,12 +6,13 @@
 //! endpoint's, the same on every retry, so a mail system can tell a retried message from a new
 //! one; `Auto-Submitted: auto-generated` asks auto-responders not to answer it.
 //!
-//! Each recipient is sent the message in an SMTP transaction of its own, all at once over the
-//! pool's connections, so a recipient the server refuses for good (`550`, `551`, `553`) is dropped
-//! and the others still get it. Any other refusal, or a server out of reach, retries the
-//! delivery on the schedule of every delivery: the message then goes again to every recipient,
-//! those who had it included, under the same `Message-ID`. Credentials go only over TLS
-//! (`smtps://`, or `?tls=required` for STARTTLS).
+//! Each recipient is sent the message in an SMTP transaction of its own, all at once (at most
+//! ten transactions at once across deliveries), so a recipient the server refuses for good
+//! (`550`, `551`, `553`) is dropped and the others still get it; when every one is refused so,
+//! the delivery is given up (recorded as failed). Any other refusal, or a server out of reach,
+//! retries the delivery on the schedule of every delivery: the message then goes again to
+//! every recipient, those who had it included, under the same `Message-ID`. Credentials go only
+//! over TLS (`smtps://`, or `?tls=required` for STARTTLS).
 
 use std::time::Duration;
 
@@ -30,7 +31,12 @@ pub(crate) struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     timeout: Duration,
+    /// Transactions under way at once (lettre's pool bounds only its idle connections).
+    connections: tokio::sync::Semaphore,
 }
+
+/// Most SMTP transactions (so connections) one notifier has under way at once.
+const MAX_CONNECTIONS: usize = 10;
 
 impl Mailer {
     /// None without `smtp_url`; an error names a setting that is wrong (never echoing the URL,
@@ -63,7 +69,7 @@ impl Mailer {
             })?
             .timeout(Some(timeout))
             .build();
-        Ok(Some(Self { transport, from, timeout }))
+        Ok(Some(Self { transport, from, timeout, connections: tokio::sync::Semaphore::new(MAX_CONNECTIONS) }))
     }
 
     /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`, one SMTP transaction per
@@ -88,14 +94,17 @@ impl Mailer {
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
         let raw = message.formatted();
         let sender = Some(self.from.email.clone());
-        // All at once, over the pool's connections (one a recipient, at most 10), each bounded
-        // as a whole (lettre's own timeout covers connecting only).
+        // All at once, each bounded as a whole (lettre's own timeout covers connecting only),
+        // over at most `MAX_CONNECTIONS` connections for all deliveries at once.
         let sends = recipients.iter().map(|recipient| {
             let (raw, sender) = (&raw, sender.clone());
             async move {
                 let envelope = match Envelope::new(sender, vec![recipient.clone()]) {
                     Ok(envelope) => envelope,
                     Err(e) => return Sent::Refused(format!("'{recipient}': {e}")),
+                };
+                let Ok(_connection) = self.connections.acquire().await else {
+                    return Sent::Failed("the mailer is closed".into());
                 };
                 match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
                     Ok(Ok(_)) => Sent::Taken,

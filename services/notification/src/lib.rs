@@ -11,8 +11,10 @@
 //! The delivery loop (a durable consumer per tenant, [`tenants`], so that one tenant's slow
 //! endpoint or backlog does not hold up another's) POSTs each one with `webhook-id` (the
 //! event id, stable across retries so the receiver can deduplicate), `webhook-timestamp` and
-//! `webhook-signature`; a failure is retried after the configured delays, then dropped with an
-//! error log (dead letter). Slack endpoints get a Slack message instead, e-mail endpoints an
+//! `webhook-signature`; a failure is retried after the configured delays, then given up: recorded
+//! on the endpoint's log as failed (`WebhookDeliveryFailed`, listed by the API and sent again on
+//! request), and the endpoint disabled once every delivery to it has failed for
+//! `disable_after_secs`. Slack endpoints get a Slack message instead, e-mail endpoints an
 //! e-mail (`email`).
 //!
 //! The same queue carries commit statuses ([`CommitStatus`]): the scheduler enqueues a
@@ -246,7 +248,7 @@ impl Notifier {
     }
 
     /// Attempts one delivery; says how to ack it.
-    async fn deliver_one(&self, msg: &Message) -> AckKind {
+    async fn deliver_one(&self, msg: &Message, shutdown: &CancellationToken) -> AckKind {
         let attempt = msg.info().map(|i| i.delivered.max(1) as usize).unwrap_or(1);
         let outgoing: Outgoing = match serde_json::from_slice(&msg.payload) {
             Ok(d) => d,
@@ -263,7 +265,7 @@ impl Notifier {
             // Its last attempt was made, and its ack lost (a notifier stopped mid-way, say).
             tracing::error!(attempts = attempt - 1, "delivery failed for good (its last attempt's outcome was lost)");
             let error = "its last attempt's outcome was lost (a notifier stopped during it)";
-            return self.give_up(&outgoing, msg_id, attempt - 1, error).await;
+            return self.give_up(&outgoing, msg_id, attempt - 1, error, shutdown).await;
         }
         let span = match &outgoing {
             Outgoing::Webhook(d) => {
@@ -315,23 +317,34 @@ impl Notifier {
                 span.in_scope(|| tracing::error!(%reason, attempts = attempt, "delivery failed for good (dead letter)"))
             }
         }
-        self.give_up(&outgoing, msg_id, attempt, &reason).instrument(span).await
+        self.give_up(&outgoing, msg_id, attempt, &reason, shutdown).instrument(span).await
     }
 
     /// A delivery given up: a webhook's is recorded as failed on its endpoint
     /// (`WebhookDeliveryFailed`, which the API lists and can send again), then terminated.
     /// Recording is tried again here (its ack deadline renewed meanwhile) for up to
-    /// [`RECORD_FOR`]; only then is the delivery handed back, to be attempted once more.
-    async fn give_up(&self, outgoing: &Outgoing, msg_id: Option<&str>, attempts: usize, error: &str) -> AckKind {
+    /// [`RECORD_FOR`] (or until shutdown); only then is the delivery handed back, to be
+    /// attempted once more.
+    async fn give_up(
+        &self,
+        outgoing: &Outgoing,
+        msg_id: Option<&str>,
+        attempts: usize,
+        error: &str,
+        shutdown: &CancellationToken,
+    ) -> AckKind {
         let Outgoing::Webhook(d) = outgoing else { return AckKind::Term };
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
         loop {
             match self.record_failure(d, msg_id, attempts, error).await {
                 Ok(()) => return AckKind::Term,
-                Err(e) if started.elapsed() + wait < RECORD_FOR => {
+                Err(e) if started.elapsed() + wait < RECORD_FOR && !shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "could not record the failed delivery; trying again");
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
                     wait = (wait * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => {
@@ -342,9 +355,11 @@ impl Notifier {
         }
     }
 
-    /// Appends `WebhookDeliveryFailed` to the endpoint's events, unless it was deleted. Its
-    /// message id is the delivery's own, so a delivery given up twice (its notifier died
-    /// between the two) is recorded once; the read side keeps one row per delivery anyway.
+    /// Appends `WebhookDeliveryFailed` to the endpoint's events, unless it was deleted, with
+    /// `WebhookEndpointDisabled` in the same commit when every delivery to it has now failed
+    /// for `disable_after_secs`. Its message id is the delivery's own, so a delivery given up
+    /// twice (its notifier died between the two) is recorded once; the read side keeps one row
+    /// per delivery anyway.
     async fn record_failure(
         &self,
         d: &Delivery,
@@ -358,15 +373,21 @@ impl Notifier {
             None => format!("failed:{}:{}", d.message_id, d.endpoint_id),
         };
         // Disabled already (as far as the read side knows; a second disabling is harmless).
-        let disabled: bool = sqlx::query_scalar(
+        // When that cannot be read, the failure is recorded all the same, deciding nothing.
+        let disabled: bool = match sqlx::query_scalar(
             "SELECT disabled_at IS NOT NULL FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2",
         )
         .bind(d.endpoint_id)
         .bind(&d.tenant)
         .fetch_optional(&self.pool)
         .await
-        .map_err(|e| taskmesh_bus::BusError::Nats(format!("reading the endpoint: {e}")))?
-        .unwrap_or(true);
+        {
+            Ok(disabled) => disabled.unwrap_or(true),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the endpoint failed; its failure is recorded without deciding to disable it");
+                true
+            }
+        };
         let (subject, id) = (&subject, &id);
         self.bus
             .append_after_last(subject, 5, |last| async move {
@@ -394,7 +415,7 @@ impl Notifier {
                     )),
                 )];
                 let after = self.settings.disable_after_secs;
-                if after > 0 && !disabled && (now - since).num_seconds() >= after as i64 {
+                if after > 0 && !disabled && (now - since).num_seconds() >= i64::try_from(after).unwrap_or(i64::MAX) {
                     let mut reason = format!("every delivery since {} failed (the last: {error})", since.to_rfc3339());
                     taskmesh_events::truncate_at_char(&mut reason, taskmesh_events::WebhookDeliveryFailed::MAX_ERROR);
                     tracing::warn!(endpoint = %d.endpoint_id, %reason, "disabling the webhook endpoint");
@@ -780,7 +801,7 @@ fn slack_text(
 pub(crate) enum Outcome {
     /// The endpoint (or connection) no longer exists: drop the delivery.
     Gone,
-    /// Retrying changes nothing: drop it, with an error log.
+    /// Retrying changes nothing: give it up (a webhook's is recorded as failed).
     Refused(String),
     /// Retry it later.
     Failed(String),

@@ -18,7 +18,7 @@
 //! while it was away, retries come due for a tenant without a puller). A puller stops once its
 //! consumer holds nothing to deliver and nothing unacknowledged. When tenants wait for a place
 //! (in arrival order), pullers give theirs up: one whose tenant has only retries waiting at its
-//! next look (a pull's wait at most), a busy one once it has held its place for its slice (`tenant_slice_secs`, 30 s) (it
+//! next look (a pull's wait at most), a busy one once it has held its place for its slice (`tenant_slice_secs`: 30 s; it
 //! then takes nothing more and goes when what is under way ends); their tenants are found
 //! again by the sweep and wait their turn.
 //!
@@ -430,7 +430,7 @@ impl Pool {
         // commit status may take two requests and reads of the log).
         progress().await;
         let kind = {
-            let attempt = self.notifier.deliver_one(&msg);
+            let attempt = self.notifier.deliver_one(&msg, &self.shutdown);
             tokio::pin!(attempt);
             loop {
                 tokio::select! {
