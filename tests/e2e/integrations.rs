@@ -923,6 +923,26 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
         assert_eq!(refused.code, taskmesh_events::ErrorCode::NotFound, "{tenant} {message} {seq}: {refused:?}");
     }
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing more was sent");
+    // All of them again: those not sent again since they failed (the second), and only those
+    // that failed since the time given.
+    let all = |body: serde_json::Value| {
+        let (tm, url) = (&tm, format!("{failed}/retry"));
+        async move {
+            let res = tm.auth(tm.http.post(url)).json(&body).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    assert_eq!(all(serde_json::json!({"since": later})).await["retried"], 0);
+    let sent = all(serde_json::json!({})).await;
+    assert_eq!((&sent["retried"], &sent["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{sent}");
+    eventually("the second sent again", Duration::from_secs(30), || async {
+        Ok((seen.lock().unwrap().len() == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen.lock().unwrap()[1].0["webhook-id"], ends[1].1.as_str());
     // What is not there is a 404 problem.
     for res in [
         retry("no-such-message").await,

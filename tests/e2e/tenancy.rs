@@ -114,6 +114,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::GET, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries"), None),
         (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/m/retry"), None),
         (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/enable"), None),
+        (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/retry"), None),
         (Method::DELETE, format!("/v1/webhook-endpoints/{endpoint}"), None),
         (Method::DELETE, format!("/v1/repo-connections/{connection}"), None),
     ];
@@ -252,6 +253,13 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/m/retry"),
             None,
             [403, 404, 404],
+        ),
+        case(
+            Method::POST,
+            "/v1/webhook-endpoints/{id}/failed-deliveries/retry",
+            format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/retry"),
+            None,
+            [403, 200, 200],
         ),
         case(
             Method::POST,

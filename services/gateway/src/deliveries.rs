@@ -22,6 +22,7 @@ use crate::auth::Caller;
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/webhook-endpoints/{id}/failed-deliveries", get(list))
+        .route("/v1/webhook-endpoints/{id}/failed-deliveries/retry", post(retry_all))
         .route("/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry", post(retry))
         .route("/v1/webhook-endpoints/{id}/enable", post(enable))
 }
@@ -187,6 +188,84 @@ pub async fn retry(
         })
         .await?;
     Ok((StatusCode::ACCEPTED, Json(RetryAccepted { message_id, seq: done.seq })))
+}
+
+/// Which failed deliveries to send again.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryAllRequest {
+    /// Only those that failed at or after this time; absent: all.
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// What was sent again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetriedAll {
+    /// How many deliveries were queued again (at most [`MAX_RETRY_ALL`] a request).
+    pub retried: usize,
+    /// More are left to send again: ask again.
+    pub more: bool,
+    /// The sequence of the last `WebhookDeliveryRetried` (for `Taskmesh-Min-Seq`); absent when
+    /// none was sent.
+    pub seq: Option<u64>,
+}
+
+/// Most failed deliveries one `retry` of them all sends again.
+pub const MAX_RETRY_ALL: i64 = 100;
+
+/// Send an endpoint's failed deliveries again (operator), oldest first: those not sent again
+/// since they failed, that failed at or after `since` if given, at most 100 a request (`more`
+/// says whether to ask again). Each goes as `POST …/{message_id}/retry` sends one: the same
+/// body under the same `webhook-id`, on the retry schedule of every delivery. For an endpoint
+/// back after an outage (enable a disabled one first: its deliveries would fail at once).
+#[utoipa::path(post, operation_id = "retry_failed_deliveries",
+    path = "/v1/webhook-endpoints/{id}/failed-deliveries/retry", tag = "integrations",
+    params(("id" = Uuid, Path)),
+    request_body(content = Option<RetryAllRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = RetriedAll),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 503, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn retry_all(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Json<RetriedAll>> {
+    caller.require_operator()?;
+    let request: RetryAllRequest = match body {
+        Ok(b) if b.is_empty() => RetryAllRequest::default(),
+        other => taskmesh_http::body::json(&taskmesh_http::body::read(&headers, other, false)?.1)?,
+    };
+    let id = endpoint(&state, &caller, &id).await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT message_id, seq FROM webhook_delivery_failures
+         WHERE tenant_id = $1 AND endpoint_id = $2 AND retried_at IS NULL AND ($3::timestamptz IS NULL OR failed_at >= $3)
+         ORDER BY seq LIMIT $4",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .bind(request.since)
+    .bind(MAX_RETRY_ALL + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let more = rows.len() as i64 > MAX_RETRY_ALL;
+    let (mut retried, mut seq) = (0, None);
+    for (message_id, failed) in rows.into_iter().take(MAX_RETRY_ALL as usize) {
+        let cmd =
+            RetryWebhookDelivery { tenant: caller.tenant.clone(), endpoint_id: id, message_id, seq: failed as u64 };
+        let done = state.ingest.retry_webhook_delivery(&cmd).await?;
+        retried += 1;
+        seq = Some(done.seq);
+    }
+    Ok(Json(RetriedAll { retried, more, seq }))
 }
 
 /// The endpoint is enabled.
