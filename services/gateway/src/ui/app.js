@@ -482,10 +482,10 @@ function executorsView() {
   });
 }
 
-// What a view's buttons share: `act` POSTs a change and has the view (`shown`, an `every`)
-// look again at once; that look asks the read side to hold the change first (`fresh`, the
-// change's seq, sent as Taskmesh-Min-Seq), and `seen(asked)` says it did (only the change it
-// asked for is done with: a later one waits for the next look).
+// What a view and its buttons share: `act` POSTs a change and has the view (`shown`, an
+// `every`) look again at once; the view's `api` read then asks the read side to hold the change
+// first (`fresh`, the change's seq, sent as Taskmesh-Min-Seq). Only the change a read asked for
+// is done with: a later one waits for the next look.
 function changing(problem) {
   const changes = { fresh: null, shown: null };
   changes.act = async (path) => {
@@ -497,8 +497,11 @@ function changing(problem) {
       problem.replaceChildren(failure(e));
     }
   };
-  changes.seen = (asked) => {
+  changes.api = async (path) => {
+    const asked = changes.fresh;
+    const answer = await api(path, { headers: minSeq(asked) });
     if (changes.fresh === asked) changes.fresh = null;
+    return answer;
   };
   return changes;
 }
@@ -512,9 +515,7 @@ function schedulesView() {
   changes.shown = every(3000, async (view) => {
     try {
       await whoami();
-      const asked = changes.fresh;
-      const answer = await api("/v1/schedules", { headers: minSeq(asked) });
-      changes.seen(asked);
+      const answer = await changes.api("/v1/schedules");
       if (view.stopped) return;
       problem.replaceChildren();
       body.replaceChildren(...(answer.items || []).map((x) => {
@@ -575,9 +576,7 @@ function webhooksView() {
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
-      const asked = changes.fresh;
-      const answer = await api("/v1/webhook-endpoints", { headers: minSeq(asked) });
-      changes.seen(asked);
+      const answer = await changes.api("/v1/webhook-endpoints");
       if (view.stopped) return;
       problem.replaceChildren();
       body.replaceChildren(...(answer.items || []).map((x) => {
@@ -612,9 +611,7 @@ function failedDeliveriesView(id) {
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
-      const asked = changes.fresh;
-      const answer = await api(`/v1/webhook-endpoints/${id}/failed-deliveries`, { headers: minSeq(asked) });
-      changes.seen(asked);
+      const answer = await changes.api(`/v1/webhook-endpoints/${id}/failed-deliveries`);
       if (view.stopped) return;
       problem.replaceChildren();
       body.replaceChildren(...(answer.items || []).map((x) => {
