@@ -19,6 +19,7 @@ mod lanes;
 mod logs;
 mod pooler;
 mod projection;
+mod requests;
 mod schedules;
 mod scheduling;
 mod secrets;

@@ -9,7 +9,8 @@
 //!   appends a decision too long for one message as several commits in turn.
 //! - [`Bus::read_subject`] reads one aggregate's events back (an ephemeral consumer).
 //! - [`Bus::durable`] provisions durable pull consumers with explicit ack.
-//! - [`Bus::request`] and [`serve`] carry commands over core NATS request/reply.
+//! - [`Bus::request`] and [`serve`] carry commands over core NATS request/reply, or straight
+//!   to the server when it runs in the same process.
 //!
 //! Trace context travels in the `traceparent` header of every message.
 //!
@@ -155,6 +156,8 @@ pub struct Bus {
     js: Context,
     ns: Namespace,
     settings: NatsSettings,
+    /// The request servers running in this process ([`serve`]), reached without NATS.
+    local: std::sync::Arc<serve::Local>,
 }
 
 impl Bus {
@@ -179,7 +182,7 @@ impl Bus {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let js = jetstream::new(client.clone());
-        Ok(Self { client, js, ns, settings: settings.clone() })
+        Ok(Self { client, js, ns, settings: settings.clone(), local: Default::default() })
     }
 
     pub fn namespace(&self) -> &Namespace {
@@ -712,28 +715,56 @@ impl Bus {
     }
 
     /// Sends a command and waits for its reply: `Ok(Resp)`, or the problem the service answered.
+    /// A command whose server runs in this process goes to it directly (see [`serve`]).
     pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         subject: String,
         request: &Req,
     ) -> Result<Resp> {
-        let payload = serde_json::to_vec(request).map_err(BusError::nats)?;
-        let mut headers = HeaderMap::new();
-        if let Some(tp) = taskmesh_telemetry::current_traceparent() {
-            headers.insert(TRACEPARENT_HEADER, tp.as_str());
-        }
+        let payload = Bytes::from(serde_json::to_vec(request).map_err(BusError::nats)?);
+        let traceparent = taskmesh_telemetry::current_traceparent();
         let timeout = Duration::from_millis(self.settings.request_timeout_ms);
-        let reply =
-            tokio::time::timeout(timeout, self.client.request_with_headers(subject.clone(), headers, payload.into()))
-                .await
-                .map_err(|_| BusError::Unavailable(subject.clone()))?
-                .map_err(|e| match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::TimedOut => {
-                        BusError::Unavailable(subject.clone())
-                    }
-                    _ => BusError::nats(e),
-                })?;
-        let reply: std::result::Result<Resp, Problem> = serde_json::from_slice(&reply.payload)
+        let local = self.local.get(&subject).and_then(|respond| {
+            // As NATS would, refuse what it would not carry: the same request must not pass
+            // or fail by where its server runs.
+            let max = self.client.server_info().max_payload;
+            if max > 0 && payload.len() > max {
+                return Some(Err(BusError::Nats(format!(
+                    "{subject}: a request of {} bytes is over the server's max_payload of {max}",
+                    payload.len()
+                ))));
+            }
+            respond(payload.clone(), traceparent.clone()).map(Ok)
+        });
+        let reply = match local {
+            // Served in this process: handed over directly, the handler running as its own task
+            // as it would for a request over NATS (see `serve`); one that panicked answers no
+            // more than it would over NATS.
+            Some(answer) => {
+                let answer = tokio::spawn(answer?);
+                tokio::time::timeout(timeout, answer)
+                    .await
+                    .map_err(|_| BusError::Unavailable(subject.clone()))?
+                    .map_err(|_| BusError::Unavailable(subject.clone()))?
+            }
+            None => {
+                let mut headers = HeaderMap::new();
+                if let Some(tp) = traceparent {
+                    headers.insert(TRACEPARENT_HEADER, tp.as_str());
+                }
+                tokio::time::timeout(timeout, self.client.request_with_headers(subject.clone(), headers, payload))
+                    .await
+                    .map_err(|_| BusError::Unavailable(subject.clone()))?
+                    .map_err(|e| match e.kind() {
+                        async_nats::RequestErrorKind::NoResponders | async_nats::RequestErrorKind::TimedOut => {
+                            BusError::Unavailable(subject.clone())
+                        }
+                        _ => BusError::nats(e),
+                    })?
+                    .payload
+            }
+        };
+        let reply: std::result::Result<Resp, Problem> = serde_json::from_slice(&reply)
             .map_err(|e| BusError::Malformed { subject: subject.clone(), reason: e.to_string() })?;
         Ok(reply?)
     }

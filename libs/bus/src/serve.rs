@@ -1,9 +1,22 @@
 //! A request/reply server loop: bounded concurrency, JSON in, `Result<T, Problem>` JSON out.
+//!
+//! A server is also reachable without NATS by requests made through the same [`Bus`] (the
+//! services of one process share one): while [`serve`] runs, it is registered under its subject
+//! in the bus's [`Local`] table, and [`Bus::request`] hands a request for that subject straight
+//! to it. The request is still JSON, answered with the same handler, under the same bound on
+//! concurrent handlers and the same timeout, and the handler runs to its end as its own task
+//! whether or not the asker still waits, as it does for a request over NATS. What it spares is
+//! two messages through nats-server and their wait (request and reply); a subject served by no
+//! one in this process goes over NATS, to the other processes' servers.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use taskmesh_events::{ErrorCode, Problem};
@@ -12,9 +25,76 @@ use tracing::Instrument;
 
 use crate::{Bus, BusError, Result, TRACEPARENT_HEADER};
 
+/// Answers one request's payload (with its caller's trace context) with the reply's payload;
+/// `None` when the server holds as many requests as it may (see [`LOCAL_WAITING`]).
+type Responder = Arc<dyn Fn(Bytes, Option<String>) -> Option<BoxFuture<'static, Bytes>> + Send + Sync>;
+
+/// Most requests from its own process a server holds beyond those it is handling; more go over
+/// NATS, where its subscription's own bound applies.
+const LOCAL_WAITING: usize = 1_024;
+
+/// The servers running in this process, by the subject they serve (see the module's docs).
+#[derive(Default)]
+pub(crate) struct Local {
+    next: AtomicU64,
+    servers: RwLock<HashMap<String, (u64, Responder)>>,
+}
+
+impl Local {
+    /// The server of `subject` in this process, if one runs.
+    pub(crate) fn get(&self, subject: &str) -> Option<Responder> {
+        self.servers.read().unwrap_or_else(|e| e.into_inner()).get(subject).map(|(_, r)| r.clone())
+    }
+
+    /// Registers `respond` for `subject` until the returned guard drops. Of two servers of one
+    /// subject in a process (replicas in one test, say), the first started answers; the other
+    /// takes over when it stops.
+    fn register(self: &Arc<Self>, subject: &str, respond: Responder) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut servers = self.servers.write().unwrap_or_else(|e| e.into_inner());
+        let mine = !servers.contains_key(subject);
+        if mine {
+            servers.insert(subject.to_string(), (id, respond.clone()));
+        }
+        Registered { local: self.clone(), subject: subject.to_string(), id, respond, mine }
+    }
+}
+
+/// A server's place in [`Local`], given up when dropped.
+struct Registered {
+    local: Arc<Local>,
+    subject: String,
+    id: u64,
+    respond: Responder,
+    mine: bool,
+}
+
+impl Registered {
+    /// Takes the subject if the server holding it has stopped.
+    fn claim(&mut self) {
+        if !self.mine {
+            let mut servers = self.local.servers.write().unwrap_or_else(|e| e.into_inner());
+            if !servers.contains_key(&self.subject) {
+                servers.insert(self.subject.clone(), (self.id, self.respond.clone()));
+                self.mine = true;
+            }
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut servers = self.local.servers.write().unwrap_or_else(|e| e.into_inner());
+        if servers.get(&self.subject).is_some_and(|(id, _)| *id == self.id) {
+            servers.remove(&self.subject);
+        }
+    }
+}
+
 /// Serves requests on `subject` in queue group `group` until `shutdown` resolves, running at
 /// most `concurrency` handlers at once. A request that does not decode as `Req` is answered
 /// with a `bad-request` problem; the handler's own problems are passed back as they are.
+/// Requests made through this process's [`Bus`] reach it without NATS (see the module's docs).
 pub async fn serve<Req, Resp, F, Fut>(
     bus: &Bus,
     subject: String,
@@ -32,41 +112,69 @@ where
     let client = bus.client().clone();
     let mut sub = client.queue_subscribe(subject.clone(), group.to_string()).await.map_err(BusError::nats)?;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let respond: Responder = {
+        let (handler, permits, subject) = (handler.clone(), permits.clone(), subject.clone());
+        let held = Arc::new(Semaphore::new(concurrency.max(1) + LOCAL_WAITING));
+        Arc::new(move |payload, traceparent| {
+            let place = held.clone().try_acquire_owned().ok()?;
+            let (handler, permits, subject) = (handler.clone(), permits.clone(), subject.clone());
+            Some(Box::pin(async move {
+                let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
+                let reply = answer(&handler, subject, &payload, traceparent.as_deref()).await;
+                drop(place);
+                reply
+            }))
+        })
+    };
+    let mut registered = bus.local.register(&subject, respond);
     tokio::pin!(shutdown);
     loop {
         let msg = tokio::select! {
             _ = &mut shutdown => break,
             msg = sub.next() => match msg { Some(m) => m, None => break },
         };
+        registered.claim();
         let Some(reply_to) = msg.reply.clone() else { continue };
         let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
         let handler = handler.clone();
         let client = client.clone();
-        let span = tracing::info_span!("command", subject = %msg.subject);
-        taskmesh_telemetry::set_parent(
-            &span,
-            msg.headers.as_ref().and_then(|h| h.get(TRACEPARENT_HEADER)).map(|v| v.as_str()),
-        );
-        tokio::spawn(
-            async move {
-                let reply: std::result::Result<Resp, Problem> = match serde_json::from_slice::<Req>(&msg.payload) {
-                    Ok(req) => handler(msg.subject.to_string(), req).await,
-                    Err(e) => Err(Problem::new(ErrorCode::BadRequest, format!("malformed command: {e}"))),
-                };
-                if let Err(p) = &reply
-                    && matches!(p.code, ErrorCode::Internal | ErrorCode::Unavailable)
-                {
-                    tracing::warn!(problem = %p, "command failed");
-                }
-                let body = serde_json::to_vec(&reply).unwrap_or_default();
-                if let Err(e) = client.publish(reply_to, body.into()).await {
-                    tracing::warn!(error = %e, "could not reply");
-                }
-                drop(permit);
+        tokio::spawn(async move {
+            let traceparent = msg.headers.as_ref().and_then(|h| h.get(TRACEPARENT_HEADER)).map(|v| v.as_str());
+            let body = answer(&handler, msg.subject.to_string(), &msg.payload, traceparent).await;
+            if let Err(e) = client.publish(reply_to, body).await {
+                tracing::warn!(error = %e, "could not reply");
             }
-            .instrument(span),
-        );
+            drop(permit);
+        });
     }
+    drop(registered);
     let _ = sub.unsubscribe().await;
     Ok(())
+}
+
+/// Decodes a request, runs the handler on it in a span continuing the caller's trace, and
+/// encodes its reply.
+async fn answer<Req, Resp, F, Fut>(handler: &F, subject: String, payload: &[u8], traceparent: Option<&str>) -> Bytes
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    F: Fn(String, Req) -> Fut,
+    Fut: Future<Output = std::result::Result<Resp, Problem>>,
+{
+    let span = tracing::info_span!("command", subject = %subject);
+    taskmesh_telemetry::set_parent(&span, traceparent);
+    async move {
+        let reply: std::result::Result<Resp, Problem> = match serde_json::from_slice::<Req>(payload) {
+            Ok(req) => handler(subject, req).await,
+            Err(e) => Err(Problem::new(ErrorCode::BadRequest, format!("malformed command: {e}"))),
+        };
+        if let Err(p) = &reply
+            && matches!(p.code, ErrorCode::Internal | ErrorCode::Unavailable)
+        {
+            tracing::warn!(problem = %p, "command failed");
+        }
+        serde_json::to_vec(&reply).unwrap_or_default().into()
+    }
+    .instrument(span)
+    .await
 }
