@@ -10,10 +10,14 @@
 //! ten transactions at once across deliveries), so a recipient the server refuses for good
 //! (`550`, `551`, `553`) is dropped and the others still get it; when every one is refused so,
 //! the delivery is given up (recorded as failed). Any other refusal, or a server out of reach,
-//! retries the delivery on the schedule of every delivery: the message then goes again to
-//! every recipient, those who had it included, under the same `Message-ID`. Credentials go only
+//! retries the delivery on the schedule of every delivery: the retry goes only to the recipients
+//! no earlier attempt settled (the notifier remembers, for the last [`SETTLED_KEPT`] messages,
+//! who took each or was refused it for good); a retry taken by another notifier, or after a
+//! restart, goes to every recipient again, under the same `Message-ID`. Credentials go only
 //! over TLS (`smtps://`, or `?tls=required` for STARTTLS).
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -33,6 +37,46 @@ pub(crate) struct Mailer {
     timeout: Duration,
     /// Transactions under way at once (lettre's pool bounds only its idle connections).
     connections: tokio::sync::Semaphore,
+    /// The recipients earlier attempts at a message settled, by `Message-ID`, while it is retried.
+    settled: Mutex<Settled>,
+}
+
+/// Messages whose settled recipients a notifier remembers while they are retried, at most.
+pub(crate) const SETTLED_KEPT: usize = 10_000;
+
+/// The recipients of messages being retried that earlier attempts settled: each took the message
+/// or was refused it for good. The oldest message is forgotten first beyond [`SETTLED_KEPT`]
+/// (its retry then mails everyone again).
+#[derive(Default)]
+struct Settled {
+    by_message: HashMap<String, Recipients>,
+    order: VecDeque<String>,
+}
+
+#[derive(Default, Clone)]
+struct Recipients {
+    done: HashSet<String>,
+    /// One of them took it.
+    taken: bool,
+}
+
+impl Settled {
+    fn keep(&mut self, id: &str, recipients: Recipients) {
+        if self.by_message.insert(id.to_string(), recipients).is_none() {
+            self.order.push_back(id.to_string());
+        }
+        while self.order.len() > SETTLED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.by_message.remove(&old);
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if self.by_message.remove(id).is_some() {
+            self.order.retain(|m| m != id);
+        }
+    }
 }
 
 /// Most SMTP transactions (so connections) one notifier has under way at once.
@@ -69,15 +113,21 @@ impl Mailer {
             })?
             .timeout(Some(timeout))
             .build();
-        Ok(Some(Self { transport, from, timeout, connections: tokio::sync::Semaphore::new(MAX_CONNECTIONS) }))
+        Ok(Some(Self {
+            transport,
+            from,
+            timeout,
+            connections: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
+            settled: Mutex::default(),
+        }))
     }
 
     /// Sends `body` to `to` as `Message-ID: <{id}@taskmesh>`, one SMTP transaction per
-    /// recipient, all at once (all named in `To:`), so that a server refusing one address does not keep the
-    /// message from the others. Done when every recipient took it or was refused for good (a
-    /// warning names those); retried when any was refused for now, or could not be reached,
-    /// and then sent again to all, under the same `Message-ID`; refused when every one was
-    /// refused for good.
+    /// recipient, all at once (all named in `To:`), so that a server refusing one address does
+    /// not keep the message from the others. Done when every recipient took it or was refused
+    /// for good (a warning names those); retried when any was refused for now, or could not be
+    /// reached, and then sent to those left, under the same `Message-ID`; refused when every one
+    /// was refused for good.
     pub async fn send(&self, to: &[String], subject: &str, body: String, id: &str) -> Result<(), Outcome> {
         let mut message = Message::builder()
             .from(self.from.clone())
@@ -94,19 +144,22 @@ impl Mailer {
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
         let raw = message.formatted();
         let sender = Some(self.from.email.clone());
+        let before = self.settled.lock().unwrap_or_else(|e| e.into_inner()).by_message.get(id).cloned();
+        let mut now = before.unwrap_or_default();
+        let left: Vec<_> = recipients.iter().filter(|r| !now.done.contains(&r.to_string())).collect();
         // All at once, each bounded as a whole (lettre's own timeout covers connecting only),
         // over at most `MAX_CONNECTIONS` connections for all deliveries at once.
-        let sends = recipients.iter().map(|recipient| {
+        let sends = left.iter().map(|&recipient| {
             let (raw, sender) = (&raw, sender.clone());
             async move {
                 let envelope = match Envelope::new(sender, vec![recipient.clone()]) {
                     Ok(envelope) => envelope,
-                    Err(e) => return Sent::Refused(format!("'{recipient}': {e}")),
+                    Err(e) => return (recipient, Sent::Refused(format!("'{recipient}': {e}"))),
                 };
                 let Ok(_connection) = self.connections.acquire().await else {
-                    return Sent::Failed("the mailer is closed".into());
+                    return (recipient, Sent::Failed("the mailer is closed".into()));
                 };
-                match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
+                let sent = match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
                     Ok(Ok(_)) => Sent::Taken,
                     // A recipient the server will never take (no such mailbox, not relayed for
                     // us, a name it refuses): asking again changes nothing. Every other refusal
@@ -119,23 +172,35 @@ impl Mailer {
                     Err(_) => {
                         Sent::Failed(format!("the SMTP server took over {:?} for '{recipient}'", 2 * self.timeout))
                     }
-                }
+                };
+                (recipient, sent)
             }
         });
         let (mut refused, mut failed) = (Vec::new(), None);
-        for sent in futures::future::join_all(sends).await {
+        for (recipient, sent) in futures::future::join_all(sends).await {
             match sent {
-                Sent::Taken => {}
-                Sent::Refused(reason) => refused.push(reason),
+                Sent::Taken => {
+                    now.done.insert(recipient.to_string());
+                    now.taken = true;
+                }
+                Sent::Refused(reason) => {
+                    now.done.insert(recipient.to_string());
+                    refused.push(reason);
+                }
                 Sent::Failed(reason) => {
                     failed.get_or_insert(reason);
                 }
             }
         }
+        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(reason) = failed {
+            // The retry asks only those left.
+            settled.keep(id, now);
             return Err(Outcome::Failed(reason));
         }
-        if refused.len() == recipients.len() {
+        settled.forget(id);
+        drop(settled);
+        if !now.taken {
             return Err(Outcome::Refused(format!("the SMTP server refused every recipient: {}", refused.join("; "))));
         }
         if !refused.is_empty() {
