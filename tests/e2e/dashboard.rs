@@ -211,7 +211,9 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let endpoint = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     tm.wait_projected().await;
     let told = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
+    let told_too = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
     tm.wait_run(told, Duration::from_secs(30)).await;
+    tm.wait_run(told_too, Duration::from_secs(30)).await;
     tm.wait_projected().await;
     let browser = Browser::start(&bin).await;
 
@@ -250,14 +252,28 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.until("the stored workflow", "return document.querySelector('main').innerText.includes('stored')").await;
     assert_eq!(browser.run("return !!document.querySelector('main a[href=\"#/runs?workflow=stored\"]')").await, true);
 
-    // The webhooks: the endpoint, and its failed delivery (once given up), sent again from the
-    // page once the endpoint is back.
+    // The webhooks: the endpoint, and its failed deliveries (once given up), a page at a time,
+    // one sent again from the page once the endpoint is back, then the rest all at once.
     browser.go(&format!("{}/ui/#/webhooks", tm.api)).await;
     browser.until("the endpoint", &format!("return document.querySelector('main').innerText.includes('{hook}')")).await;
-    browser.click(&format!("main a[href=\"#/webhooks/{endpoint}\"]")).await;
+    browser.go(&format!("{}/ui/#/webhooks/{endpoint}?limit=1", tm.api)).await;
     browser
-        .until("the failed delivery", &format!("return !!document.querySelector('main a[href=\"#/runs/{told}\"]')"))
+        .until("a page of one, older ones behind it", "return !!document.querySelector('main a[href*=\"cursor=\"]')")
         .await;
+    assert_eq!(browser.run("return document.querySelectorAll('main tbody tr').length").await, 1);
+    let newest = browser.run("return document.querySelector('main td a').getAttribute('href')").await;
+    let older = if newest.as_str() == Some(&format!("#/runs/{told}")) { told_too } else { told };
+    browser.click("main a[href*=\"cursor=\"]").await;
+    browser
+        .until("the older page", &format!("return !!document.querySelector('main a[href=\"#/runs/{older}\"]')"))
+        .await;
+    browser.go(&format!("{}/ui/#/webhooks", tm.api)).await;
+    browser.click(&format!("main a[href=\"#/webhooks/{endpoint}\"]")).await;
+    for run in [told, told_too] {
+        browser
+            .until("both failures", &format!("return !!document.querySelector('main a[href=\"#/runs/{run}\"]')"))
+            .await;
+    }
     hook_up.store(true, std::sync::atomic::Ordering::SeqCst);
     browser.click("main td button").await;
     browser
@@ -266,11 +282,30 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
             "return [...document.querySelectorAll('main td')].some((td) => td.cellIndex === 4 && td.innerText !== '')",
         )
         .await;
-    taskmesh_testkit::eventually("the endpoint to receive it", Duration::from_secs(30), || async {
-        Ok((!hook_seen.lock().unwrap().is_empty()).then_some(()))
-    })
-    .await
-    .unwrap();
+    let received = |n: usize| {
+        let hook_seen = hook_seen.clone();
+        async move {
+            taskmesh_testkit::eventually("the endpoint to receive them", Duration::from_secs(30), || async {
+                let seen = hook_seen.lock().unwrap();
+                Ok((seen.len() >= n).then(|| {
+                    seen.iter()
+                        .map(|(_, body)| {
+                            serde_json::from_slice::<serde_json::Value>(body).unwrap()["data"]["run_id"].clone()
+                        })
+                        .collect::<Vec<_>>()
+                }))
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(received(1).await, [serde_json::json!(newest.as_str().unwrap().trim_start_matches("#/runs/"))]);
+    // "Send all again" sends the one not sent again yet, and only it.
+    browser.click("main button.send-all").await;
+    browser.until("what was sent", "return document.querySelector('main').innerText.includes('1 sent again.')").await;
+    assert_eq!(received(2).await[1], serde_json::json!(older.to_string()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hook_seen.lock().unwrap().len(), 2, "each run's end sent again once");
 
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;

@@ -601,19 +601,57 @@ function webhooksView() {
   });
 }
 
-// An endpoint's deliveries given up, newest first (the first page); each may be sent again.
-function failedDeliveriesView(id) {
+// An endpoint's deliveries given up, newest first, a page at a time (the page's address may
+// carry `cursor` and `limit`); each may be sent again, or all not yet sent again at once.
+function failedDeliveriesView(id, query) {
+  const params = new URLSearchParams(query);
+  const page = new URLSearchParams();
+  for (const k of ["cursor", "limit"]) if (/^\d{1,19}$/.test(params.get(k) || "")) page.set(k, params.get(k));
   const problem = el("div");
   const body = el("tbody");
-  show(el("p", {}, el("a", { href: "#/webhooks" }, "← Webhooks")), el("h1", {}, "Failed deliveries"), problem,
-    table(["Message", "Failed", "Attempts", "Error", "Sent again", ""], body));
+  const more = el("p");
+  const sent = el("span", { class: "muted" });
   const changes = changing(problem);
+  // The API sends at most 100 a request and says whether more are left: ask again while it
+  // does, up to 1,000 a click.
+  const sendAll = async () => {
+    all.disabled = true;
+    try {
+      let count = 0;
+      let left = false;
+      for (let i = 0; i < 10; i++) {
+        const r = await api(`/v1/webhook-endpoints/${id}/failed-deliveries/retry`, { method: "POST" });
+        count += r.retried;
+        if (r.seq) changes.fresh = r.seq;
+        left = r.more;
+        if (!left) break;
+      }
+      sent.textContent = ` ${count} sent again${left ? "; more are left: send again" : "."}`;
+      if (changes.shown) changes.shown.now();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    } finally {
+      all.disabled = false;
+    }
+  };
+  const all = el("button", { type: "button", class: "send-all", hidden: true, onclick: sendAll }, "Send all again");
+  show(el("p", {}, el("a", { href: "#/webhooks" }, "← Webhooks")), el("h1", {}, "Failed deliveries"), problem,
+    el("p", {}, all, sent),
+    table(["Message", "Failed", "Attempts", "Error", "Sent again", ""], body), more);
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
-      const answer = await changes.api(`/v1/webhook-endpoints/${id}/failed-deliveries`);
+      const answer = await changes.api(`/v1/webhook-endpoints/${id}/failed-deliveries?${page}`);
       if (view.stopped) return;
       problem.replaceChildren();
+      all.hidden = !mayAct();
+      if (answer.next_cursor) {
+        const older = new URLSearchParams(page);
+        older.set("cursor", answer.next_cursor);
+        more.replaceChildren(el("a", { href: `#/webhooks/${id}?${older}` }, "Older failures →"));
+      } else {
+        more.replaceChildren();
+      }
       body.replaceChildren(...(answer.items || []).map((x) => {
         const data = (x.payload && x.payload.data) || {};
         const run = typeof data.run_id === "string" && RUN_ID.test(data.run_id) ? el("a", { href: `#/runs/${data.run_id}` }, "run") : "";
@@ -665,7 +703,7 @@ function route() {
       current.stop();
       return show(el("p", {}, el("a", { href: "#/webhooks" }, "← Webhooks")), el("p", { class: "error" }, "That is not an endpoint id."));
     }
-    return failedDeliveriesView(parts[1]);
+    return failedDeliveriesView(parts[1], query);
   }
   if (parts[0] === "webhooks") return webhooksView();
   return runsView(query || "");
