@@ -820,6 +820,54 @@ async fn a_decision_on_an_endpoints_log_is_taken_again_when_someone_appended_mea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_listed_as_failed() {
+    use taskmesh_bus::AfterLast;
+    use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
+    // Two attempts, 3 s apart; the clock disables nothing here.
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.notification.retry_delays_secs = vec![3];
+        s.notification.disable_after_secs = 0;
+    })
+    .await;
+    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
+    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let run = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    // Its first attempt has failed; before the retry the endpoint is disabled (as a notifier
+    // does once it has failed for too long) and is back up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);
+    let disabled = EventMeta::new("default").envelope(
+        subject.clone(),
+        Event::WebhookEndpointDisabled(WebhookEndpointDisabled { endpoint_id, reason: "failing".into() }),
+    );
+    tm.bus
+        .append_after_last(&subject, 5, |_| {
+            let disabled = disabled.clone();
+            async move { Ok::<_, taskmesh_bus::BusError>(AfterLast::<()>::Append { events: vec![disabled], msg_id: None }) }
+        })
+        .await
+        .unwrap();
+    tm.wait_projected().await;
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The retry finds it disabled: nothing is sent, and the delivery is listed as failed, to be
+    // sent again once the endpoint is enabled.
+    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let listed = eventually("the delivery given up", Duration::from_secs(30), || async {
+        let items = tm.get_json(failed.clone()).await["items"].as_array().unwrap().clone();
+        Ok(items.first().cloned())
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed["error"], "the endpoint is disabled", "{listed}");
+    assert_eq!(listed["payload"]["data"]["run_id"], run.to_string(), "{listed}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing sent to a disabled endpoint");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // Two attempts: the first, and one retry a second later.
     let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1]).await;
