@@ -247,6 +247,23 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         (res.status(), res.json::<serde_json::Value>().await.unwrap())
     };
     assert_eq!((status.as_u16(), &paused["paused"]), (200, &serde_json::json!(true)), "{paused}");
+    // The audit log: the pause just made, by this key; the key's link lists its calls only.
+    tm.wait_projected().await;
+    browser.go(&format!("{}/ui/#/audit", tm.api)).await;
+    let pause = format!("POST /v1/schedules/{schedule}/pause");
+    browser
+        .until(
+            "the pause in the audit log",
+            &format!("return document.querySelector('main').innerText.includes('{pause}')"),
+        )
+        .await;
+    browser.click("main td a[href^=\"#/audit?key_id=\"]").await;
+    browser
+        .until("one key's calls", "return document.querySelector('main').innerText.includes('Calls of one key only')")
+        .await;
+    browser
+        .until("the pause among them", &format!("return document.querySelector('main').innerText.includes('{pause}')"))
+        .await;
     // The stored workflows, each linking to its runs.
     browser.go(&format!("{}/ui/#/workflows", tm.api)).await;
     browser.until("the stored workflow", "return document.querySelector('main').innerText.includes('stored')").await;

@@ -1,5 +1,5 @@
 // Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, schedules, stored
-// workflows, webhook endpoints and their failed deliveries, executors.
+// workflows, webhook endpoints and their failed deliveries, executors, the audit log.
 //
 // Everything it shows comes from the REST API with the API key the user gives it, kept in
 // this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
@@ -674,6 +674,50 @@ function failedDeliveriesView(id, query) {
   });
 }
 
+// The tenant's audit log (admins): every mutating call, newest first, a page at a time (the
+// page's address may carry `cursor`, `limit` and `key_id`, as the API takes them).
+function auditView(query) {
+  const params = new URLSearchParams(query);
+  const page = new URLSearchParams();
+  for (const k of ["cursor", "limit"]) if (/^\d{1,19}$/.test(params.get(k) || "")) page.set(k, params.get(k));
+  if (RUN_ID.test(params.get("key_id") || "")) page.set("key_id", params.get("key_id"));
+  const problem = el("div");
+  const body = el("tbody");
+  const more = el("p");
+  const filtered = page.has("key_id") ? el("p", { class: "muted" }, "Calls of one key only. ", el("a", { href: "#/audit" }, "All calls")) : null;
+  show(el("h1", {}, "Audit log"), filtered, problem,
+    table(["When", "Who", "Call", "Answered", "From"], body), more);
+  every(10000, async (view) => {
+    try {
+      const answer = await api(`/v1/audit?${page}`);
+      if (view.stopped) return;
+      problem.replaceChildren();
+      if (answer.next_cursor) {
+        const older = new URLSearchParams(page);
+        older.set("cursor", answer.next_cursor);
+        more.replaceChildren(el("a", { href: `#/audit?${older}` }, "Older calls →"));
+      } else {
+        more.replaceChildren();
+      }
+      body.replaceChildren(...(answer.items || []).map((x) => {
+        // A key's calls, linked when its id is one.
+        const who = x.key_id && RUN_ID.test(x.key_id)
+          ? el("a", { href: `#/audit?${new URLSearchParams({ key_id: x.key_id })}`, title: "This key's calls" }, x.actor)
+          : x.actor;
+        return el("tr", {},
+          el("td", {}, when(x.at)),
+          el("td", { class: "mono" }, who),
+          el("td", { class: "mono" }, `${x.method} ${x.path}`),
+          el("td", {}, x.status),
+          el("td", { class: "mono", title: x.user_agent || "" }, x.ip || ""));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No calls recorded.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
 // --- routing --------------------------------------------------------------------------------
 
 function route() {
@@ -706,6 +750,7 @@ function route() {
     return failedDeliveriesView(parts[1], query);
   }
   if (parts[0] === "webhooks") return webhooksView();
+  if (parts[0] === "audit") return auditView(query);
   return runsView(query || "");
 }
 
