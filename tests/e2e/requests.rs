@@ -1,5 +1,6 @@
 //! Commands over the bus: a server in the asker's own process is reached without NATS, one in
-//! another process over NATS, and a stopped server by no one.
+//! another process over NATS, and a stopped server by no one (not even the commands from its own
+//! process that were waiting for their turn).
 
 use std::time::Duration;
 
@@ -62,6 +63,61 @@ async fn a_command_goes_straight_to_a_server_in_this_process_and_over_nats_to_an
     server.await??;
     assert!(matches!(bus.request::<_, u32>(subject.clone(), &5).await, Err(BusError::Unavailable(_))));
     assert!(matches!(other.request::<_, u32>(subject, &5).await, Err(BusError::Unavailable(_))));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_handles_none_of_its_own_process_commands_still_waiting_for_their_turn() -> anyhow::Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = TestEnv::new().await?;
+    let bus = env.bus().await?;
+    let subject = bus.namespace().scheduler_command("slow");
+    let (release, handled) = (Arc::new(tokio::sync::Notify::new()), Arc::new(AtomicUsize::new(0)));
+    let stop = CancellationToken::new();
+    // One handler at a time; 0 is answered at once, anything else once released.
+    let server = {
+        let (bus, subject, stop, release, handled) =
+            (bus.clone(), subject.clone(), stop.clone(), release.clone(), handled.clone());
+        tokio::spawn(async move {
+            taskmesh_bus::serve(&bus, subject, "test", 1, stop.cancelled_owned(), move |_, n: u32| {
+                let (release, handled) = (release.clone(), handled.clone());
+                async move {
+                    if n > 0 {
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        release.notified().await;
+                    }
+                    Ok::<_, Problem>(n)
+                }
+            })
+            .await
+        })
+    };
+    eventually("the server answers", Duration::from_secs(5), || async {
+        Ok(bus.request::<_, u32>(subject.clone(), &0).await.ok())
+    })
+    .await?;
+    let ask = |n: u32| {
+        let (bus, subject) = (bus.clone(), subject.clone());
+        tokio::spawn(async move { bus.request::<_, u32>(subject, &n).await })
+    };
+    // The first holds the one handler; the second waits for its turn.
+    let first = ask(1);
+    eventually("the first handled", Duration::from_secs(5), || async {
+        Ok((handled.load(Ordering::SeqCst) == 1).then_some(()))
+    })
+    .await?;
+    let second = ask(2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stopped, the server lets the first finish and answer, and never handles the second.
+    stop.cancel();
+    server.await??;
+    release.notify_one();
+    assert_eq!(first.await??, 1);
+    assert!(matches!(second.await?, Err(BusError::Unavailable(_))));
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
     env.cleanup().await;
     Ok(())
 }

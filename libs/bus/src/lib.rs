@@ -727,25 +727,27 @@ impl Bus {
         let local = self.local.get(&subject).and_then(|respond| {
             // As NATS would, refuse what it would not carry: the same request must not pass
             // or fail by where its server runs.
-            let max = self.client.server_info().max_payload;
-            if max > 0 && payload.len() > max {
+            // NATS counts the headers too: "NATS/1.0\r\n", "traceparent: …\r\n", "\r\n".
+            let headers = traceparent.as_ref().map_or(0, |tp| 10 + TRACEPARENT_HEADER.len() + 2 + tp.len() + 2 + 2);
+            let (max, size) = (self.client.server_info().max_payload, headers + payload.len());
+            if max > 0 && size > max {
                 return Some(Err(BusError::Nats(format!(
-                    "{subject}: a request of {} bytes is over the server's max_payload of {max}",
-                    payload.len()
+                    "{subject}: a request of {size} bytes is over the server's max_payload of {max}"
                 ))));
             }
             respond(payload.clone(), traceparent.clone()).map(Ok)
         });
         let reply = match local {
             // Served in this process: handed over directly, the handler running as its own task
-            // as it would for a request over NATS (see `serve`); one that panicked answers no
-            // more than it would over NATS.
+            // as it would for a request over NATS (see `serve`). A server that stopped before
+            // handling it, or a handler that panicked, answers nothing, as over NATS.
             Some(answer) => {
                 let answer = tokio::spawn(answer?);
                 tokio::time::timeout(timeout, answer)
                     .await
-                    .map_err(|_| BusError::Unavailable(subject.clone()))?
-                    .map_err(|_| BusError::Unavailable(subject.clone()))?
+                    .ok()
+                    .and_then(|joined| joined.ok().flatten())
+                    .ok_or_else(|| BusError::Unavailable(subject.clone()))?
             }
             None => {
                 let mut headers = HeaderMap::new();

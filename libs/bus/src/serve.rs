@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -26,8 +26,10 @@ use tracing::Instrument;
 use crate::{Bus, BusError, Result, TRACEPARENT_HEADER};
 
 /// Answers one request's payload (with its caller's trace context) with the reply's payload;
-/// `None` when the server holds as many requests as it may (see [`LOCAL_WAITING`]).
-type Responder = Arc<dyn Fn(Bytes, Option<String>) -> Option<BoxFuture<'static, Bytes>> + Send + Sync>;
+/// `None` when the server holds as many requests as it may (see [`LOCAL_WAITING`]). The answer
+/// is `None` when the server stopped before the request's turn came: over NATS, a request
+/// still waiting in the subscription then is never handled, and the asker hears nothing.
+type Responder = Arc<dyn Fn(Bytes, Option<String>) -> Option<BoxFuture<'static, Option<Bytes>>> + Send + Sync>;
 
 /// Most requests from its own process a server holds beyond those it is handling; more go over
 /// NATS, where its subscription's own bound applies.
@@ -112,17 +114,22 @@ where
     let client = bus.client().clone();
     let mut sub = client.queue_subscribe(subject.clone(), group.to_string()).await.map_err(BusError::nats)?;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let stopped = Arc::new(AtomicBool::new(false));
     let respond: Responder = {
-        let (handler, permits, subject) = (handler.clone(), permits.clone(), subject.clone());
+        let (handler, permits, subject, stopped) = (handler.clone(), permits.clone(), subject.clone(), stopped.clone());
         let held = Arc::new(Semaphore::new(concurrency.max(1) + LOCAL_WAITING));
         Arc::new(move |payload, traceparent| {
             let place = held.clone().try_acquire_owned().ok()?;
-            let (handler, permits, subject) = (handler.clone(), permits.clone(), subject.clone());
+            let (handler, permits, subject, stopped) =
+                (handler.clone(), permits.clone(), subject.clone(), stopped.clone());
             Some(Box::pin(async move {
                 let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
+                if stopped.load(Ordering::Acquire) {
+                    return None;
+                }
                 let reply = answer(&handler, subject, &payload, traceparent.as_deref()).await;
                 drop(place);
-                reply
+                Some(reply)
             }))
         })
     };
@@ -135,7 +142,11 @@ where
         };
         registered.claim();
         let Some(reply_to) = msg.reply.clone() else { continue };
-        let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
+        // Stopping while every handler is busy stops at once, handling no more.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+        };
         let handler = handler.clone();
         let client = client.clone();
         tokio::spawn(async move {
@@ -147,6 +158,9 @@ where
             drop(permit);
         });
     }
+    // Requests from this process not yet handled are refused from now on, as those still in
+    // the subscription are never handled.
+    stopped.store(true, Ordering::Release);
     drop(registered);
     let _ = sub.unsubscribe().await;
     Ok(())
