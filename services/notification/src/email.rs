@@ -72,10 +72,10 @@ impl Settled {
         }
     }
 
-    fn forget(&mut self, id: &str) {
-        if self.by_message.remove(id).is_some() {
-            self.order.retain(|m| m != id);
-        }
+    fn forget(&mut self, id: &str) -> Option<Recipients> {
+        let recipients = self.by_message.remove(id)?;
+        self.order.retain(|m| m != id);
+        Some(recipients)
     }
 }
 
@@ -144,69 +144,76 @@ impl Mailer {
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
         let raw = message.formatted();
         let sender = Some(self.from.email.clone());
-        let before = self.settled.lock().unwrap_or_else(|e| e.into_inner()).by_message.get(id).cloned();
-        let mut now = before.unwrap_or_default();
-        let left: Vec<_> = recipients.iter().filter(|r| !now.done.contains(&r.to_string())).collect();
-        // All at once, each bounded as a whole (lettre's own timeout covers connecting only),
-        // over at most `MAX_CONNECTIONS` connections for all deliveries at once.
+        let done = self.settled.lock().unwrap_or_else(|e| e.into_inner()).by_message.get(id).map(|r| r.done.clone());
+        let done = done.unwrap_or_default();
+        let left: Vec<_> = recipients.iter().filter(|r| !done.contains(&r.to_string())).collect();
+        // All at once, each bounded as a whole, its wait for a connection included (lettre's own
+        // timeout covers connecting only), over at most `MAX_CONNECTIONS` connections for all
+        // deliveries at once. Each recipient settled is noted as it is, so an attempt cut short
+        // (the delivery's own time limit) still spares them on the retry.
         let sends = left.iter().map(|&recipient| {
             let (raw, sender) = (&raw, sender.clone());
             async move {
                 let envelope = match Envelope::new(sender, vec![recipient.clone()]) {
                     Ok(envelope) => envelope,
-                    Err(e) => return (recipient, Sent::Refused(format!("'{recipient}': {e}"))),
+                    Err(e) => return self.settle(id, recipient, Sent::Refused(format!("'{recipient}': {e}"))),
                 };
-                let Ok(_connection) = self.connections.acquire().await else {
-                    return (recipient, Sent::Failed("the mailer is closed".into()));
-                };
-                let sent = match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
-                    Ok(Ok(_)) => Sent::Taken,
-                    // A recipient the server will never take (no such mailbox, not relayed for
-                    // us, a name it refuses): asking again changes nothing. Every other refusal
-                    // (its authentication, TLS, a full mailbox, a policy) is the operator's or
-                    // passing, and retried.
-                    Ok(Err(e)) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
-                        Sent::Refused(format!("'{recipient}': {e}"))
+                let send = async {
+                    let Ok(_connection) = self.connections.acquire().await else {
+                        return Sent::Failed("the mailer is closed".into());
+                    };
+                    match self.transport.send_raw(&envelope, raw).await {
+                        Ok(_) => Sent::Taken,
+                        // A recipient the server will never take (no such mailbox, not relayed
+                        // for us, a name it refuses): asking again changes nothing. Every other
+                        // refusal (its authentication, TLS, a full mailbox, a policy) is the
+                        // operator's or passing, and retried.
+                        Err(e) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
+                            Sent::Refused(format!("'{recipient}': {e}"))
+                        }
+                        Err(e) => Sent::Failed(format!("sending the e-mail to '{recipient}': {e}")),
                     }
-                    Ok(Err(e)) => Sent::Failed(format!("sending the e-mail to '{recipient}': {e}")),
-                    Err(_) => {
-                        Sent::Failed(format!("the SMTP server took over {:?} for '{recipient}'", 2 * self.timeout))
-                    }
                 };
-                (recipient, sent)
+                let sent = tokio::time::timeout(2 * self.timeout, send).await.unwrap_or_else(|_| {
+                    Sent::Failed(format!("the e-mail to '{recipient}' was not sent within {:?}", 2 * self.timeout))
+                });
+                self.settle(id, recipient, sent)
             }
         });
         let (mut refused, mut failed) = (Vec::new(), None);
-        for (recipient, sent) in futures::future::join_all(sends).await {
+        for sent in futures::future::join_all(sends).await {
             match sent {
-                Sent::Taken => {
-                    now.done.insert(recipient.to_string());
-                    now.taken = true;
-                }
-                Sent::Refused(reason) => {
-                    now.done.insert(recipient.to_string());
-                    refused.push(reason);
-                }
+                Sent::Taken => {}
+                Sent::Refused(reason) => refused.push(reason),
                 Sent::Failed(reason) => {
                     failed.get_or_insert(reason);
                 }
             }
         }
-        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        // Failed: the retry asks only those left. Otherwise the message is done with.
         if let Some(reason) = failed {
-            // The retry asks only those left.
-            settled.keep(id, now);
             return Err(Outcome::Failed(reason));
         }
-        settled.forget(id);
-        drop(settled);
-        if !now.taken {
+        let taken = self.settled.lock().unwrap_or_else(|e| e.into_inner()).forget(id).is_some_and(|r| r.taken);
+        if !taken {
             return Err(Outcome::Refused(format!("the SMTP server refused every recipient: {}", refused.join("; "))));
         }
         if !refused.is_empty() {
             tracing::warn!(refused = %refused.join("; "), "the SMTP server refused some recipients for good; the others have the e-mail");
         }
         Ok(())
+    }
+
+    /// Notes a recipient the attempt settled (took the message, or was refused it for good).
+    fn settle(&self, id: &str, recipient: &lettre::Address, sent: Sent) -> Sent {
+        if !matches!(sent, Sent::Failed(_)) {
+            let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+            let mut recipients = settled.by_message.get(id).cloned().unwrap_or_default();
+            recipients.done.insert(recipient.to_string());
+            recipients.taken |= matches!(sent, Sent::Taken);
+            settled.keep(id, recipients);
+        }
+        sent
     }
 }
 
