@@ -106,6 +106,15 @@ function failure(e) {
   return el("p", { class: "error" }, e instanceof Error ? e.message : String(e));
 }
 
+// A list's link to its next page: `at` (a page's address, `#/…`) with `params` and the
+// answer's `next_cursor`, or nothing on the last page.
+function olderLink(more, at, params, cursor, label) {
+  if (!cursor) return more.replaceChildren();
+  const older = new URLSearchParams(params);
+  older.set("cursor", cursor);
+  more.replaceChildren(el("a", { href: `${at}?${older}` }, label));
+}
+
 // Runs `load(view)` now and again every `ms` while this view stays: a new view stops it, and
 // so does `view.stop()` (this view's own, so a late answer cannot stop the next view's); an
 // answer that comes once `view.stopped` must be dropped. A look still under way when the next
@@ -211,13 +220,7 @@ function runsView(query) {
       const page = await api(`/v1/runs?${q}`);
       if (view.stopped) return;
       problem.replaceChildren();
-      if (page.next_cursor) {
-        const older = new URLSearchParams(params);
-        older.set("cursor", page.next_cursor);
-        more.replaceChildren(el("a", { href: `#/runs?${older}` }, "Older runs →"));
-      } else {
-        more.replaceChildren();
-      }
+      olderLink(more, "#/runs", params, page.next_cursor, "Older runs →");
       body.replaceChildren(
         ...page.items.map((r) =>
           el(
@@ -613,25 +616,28 @@ function failedDeliveriesView(id, query) {
   const sent = el("span", { class: "muted" });
   const changes = changing(problem);
   // The API sends at most 100 a request and says whether more are left: ask again while it
-  // does, up to 1,000 a click.
+  // does, up to 1,000 a click, each time after the read side holds the last request's sends
+  // (else it would pick the same ones again). What was sent is said even when a request fails.
   const sendAll = async () => {
     all.disabled = true;
+    let count = 0;
+    let left = false;
     try {
-      let count = 0;
-      let left = false;
+      let seq = null;
       for (let i = 0; i < 10; i++) {
-        const r = await api(`/v1/webhook-endpoints/${id}/failed-deliveries/retry`, { method: "POST" });
+        const r = await api(`/v1/webhook-endpoints/${id}/failed-deliveries/retry`, { method: "POST", headers: minSeq(seq) });
         count += r.retried;
-        if (r.seq) changes.fresh = r.seq;
+        if (r.seq) seq = changes.fresh = r.seq;
         left = r.more;
-        if (!left) break;
+        if (!left || (changes.shown && changes.shown.stopped)) break;
       }
-      sent.textContent = ` ${count} sent again${left ? "; more are left: send again" : "."}`;
-      if (changes.shown) changes.shown.now();
     } catch (e) {
       problem.replaceChildren(failure(e));
+      left = true;
     } finally {
       all.disabled = false;
+      sent.textContent = ` ${count} sent again${left ? "; more may be left: send again" : "."}`;
+      if (changes.shown) changes.shown.now();
     }
   };
   const all = el("button", { type: "button", class: "send-all", hidden: true, onclick: sendAll }, "Send all again");
@@ -645,13 +651,7 @@ function failedDeliveriesView(id, query) {
       if (view.stopped) return;
       problem.replaceChildren();
       all.hidden = !mayAct();
-      if (answer.next_cursor) {
-        const older = new URLSearchParams(page);
-        older.set("cursor", answer.next_cursor);
-        more.replaceChildren(el("a", { href: `#/webhooks/${id}?${older}` }, "Older failures →"));
-      } else {
-        more.replaceChildren();
-      }
+      olderLink(more, `#/webhooks/${id}`, page, answer.next_cursor, "Older failures →");
       body.replaceChildren(...(answer.items || []).map((x) => {
         const data = (x.payload && x.payload.data) || {};
         const run = typeof data.run_id === "string" && RUN_ID.test(data.run_id) ? el("a", { href: `#/runs/${data.run_id}` }, "run") : "";
@@ -692,13 +692,7 @@ function auditView(query) {
       const answer = await api(`/v1/audit?${page}`);
       if (view.stopped) return;
       problem.replaceChildren();
-      if (answer.next_cursor) {
-        const older = new URLSearchParams(page);
-        older.set("cursor", answer.next_cursor);
-        more.replaceChildren(el("a", { href: `#/audit?${older}` }, "Older calls →"));
-      } else {
-        more.replaceChildren();
-      }
+      olderLink(more, "#/audit", page, answer.next_cursor, "Older calls →");
       body.replaceChildren(...(answer.items || []).map((x) => {
         // A key's calls, linked when its id is one.
         const who = x.key_id && RUN_ID.test(x.key_id)
