@@ -285,7 +285,9 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         .until("the older page", &format!("return !!document.querySelector('main a[href=\"#/runs/{older}\"]')"))
         .await;
     browser.go(&format!("{}/ui/#/webhooks", tm.api)).await;
-    browser.click(&format!("main a[href=\"#/webhooks/{endpoint}\"]")).await;
+    let endpoint_link = format!("main a[href=\"#/webhooks/{endpoint}\"]");
+    browser.until("the endpoint's link", &format!("return !!document.querySelector('{endpoint_link}')")).await;
+    browser.click(&endpoint_link).await;
     for run in [told, told_too] {
         browser
             .until("both failures", &format!("return !!document.querySelector('main a[href=\"#/runs/{run}\"]')"))
