@@ -11,7 +11,7 @@
 //! (`550`, `551`, `553`) is dropped and the others still get it; when every one is refused so,
 //! the delivery is given up (recorded as failed). Any other refusal, or a server out of reach,
 //! retries the delivery on the schedule of every delivery: the retry goes only to the recipients
-//! no earlier attempt settled (the notifier remembers, for the last [`SETTLED_KEPT`] messages,
+//! no earlier attempt settled (the notifier remembers, for up to [`SETTLED_KEPT`] messages at once,
 //! who took each or was refused it for good); a retry taken by another notifier, or after a
 //! restart, goes to every recipient again, under the same `Message-ID`. Credentials go only
 //! over TLS (`smtps://`, or `?tls=required` for STARTTLS).
@@ -41,7 +41,8 @@ pub(crate) struct Mailer {
     settled: Mutex<Settled>,
 }
 
-/// Messages whose settled recipients a notifier remembers while they are retried, at most.
+/// Messages whose settled recipients a notifier remembers at once, at most (those being sent
+/// or waiting for a retry).
 pub(crate) const SETTLED_KEPT: usize = 10_000;
 
 /// The recipients of messages being retried that earlier attempts settled: each took the message
@@ -65,6 +66,9 @@ impl Settled {
         if self.by_message.insert(id.to_string(), recipients).is_none() {
             self.order.push_back(id.to_string());
         }
+        // Forgotten messages leave their place in `order` behind (forgetting costs no scan);
+        // such a place, if its message comes back, may forget it early: a re-mail, never a
+        // lost one.
         while self.order.len() > SETTLED_KEPT {
             if let Some(old) = self.order.pop_front() {
                 self.by_message.remove(&old);
@@ -72,10 +76,8 @@ impl Settled {
         }
     }
 
-    fn forget(&mut self, id: &str) -> Option<Recipients> {
-        let recipients = self.by_message.remove(id)?;
-        self.order.retain(|m| m != id);
-        Some(recipients)
+    fn forget(&mut self, id: &str) {
+        self.by_message.remove(id);
     }
 }
 
@@ -144,13 +146,13 @@ impl Mailer {
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
         let raw = message.formatted();
         let sender = Some(self.from.email.clone());
-        let done = self.settled.lock().unwrap_or_else(|e| e.into_inner()).by_message.get(id).map(|r| r.done.clone());
-        let done = done.unwrap_or_default();
-        let left: Vec<_> = recipients.iter().filter(|r| !done.contains(&r.to_string())).collect();
-        // All at once, each bounded as a whole, its wait for a connection included (lettre's own
-        // timeout covers connecting only), over at most `MAX_CONNECTIONS` connections for all
-        // deliveries at once. Each recipient settled is noted as it is, so an attempt cut short
-        // (the delivery's own time limit) still spares them on the retry.
+        let before = self.settled.lock().unwrap_or_else(|e| e.into_inner()).by_message.get(id).cloned();
+        let before = before.unwrap_or_default();
+        let left: Vec<_> = recipients.iter().filter(|r| !before.done.contains(&r.to_string())).collect();
+        // All at once, each transaction bounded as a whole (lettre's own timeout covers
+        // connecting only), over at most `MAX_CONNECTIONS` connections for all deliveries at
+        // once (a wait for one is bounded by the delivery's own time limit). Each recipient
+        // settled is noted as it is, so an attempt cut short still spares them on the retry.
         let sends = left.iter().map(|&recipient| {
             let (raw, sender) = (&raw, sender.clone());
             async move {
@@ -158,32 +160,30 @@ impl Mailer {
                     Ok(envelope) => envelope,
                     Err(e) => return self.settle(id, recipient, Sent::Refused(format!("'{recipient}': {e}"))),
                 };
-                let send = async {
-                    let Ok(_connection) = self.connections.acquire().await else {
-                        return Sent::Failed("the mailer is closed".into());
-                    };
-                    match self.transport.send_raw(&envelope, raw).await {
-                        Ok(_) => Sent::Taken,
-                        // A recipient the server will never take (no such mailbox, not relayed
-                        // for us, a name it refuses): asking again changes nothing. Every other
-                        // refusal (its authentication, TLS, a full mailbox, a policy) is the
-                        // operator's or passing, and retried.
-                        Err(e) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
-                            Sent::Refused(format!("'{recipient}': {e}"))
-                        }
-                        Err(e) => Sent::Failed(format!("sending the e-mail to '{recipient}': {e}")),
+                let Ok(_connection) = self.connections.acquire().await else {
+                    return self.settle(id, recipient, Sent::Failed("the mailer is closed".into()));
+                };
+                let sent = match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
+                    Ok(Ok(_)) => Sent::Taken,
+                    // A recipient the server will never take (no such mailbox, not relayed for
+                    // us, a name it refuses): asking again changes nothing. Every other refusal
+                    // (its authentication, TLS, a full mailbox, a policy) is the operator's or
+                    // passing, and retried.
+                    Ok(Err(e)) if e.status().is_some_and(|code| matches!(u16::from(code), 550 | 551 | 553)) => {
+                        Sent::Refused(format!("'{recipient}': {e}"))
+                    }
+                    Ok(Err(e)) => Sent::Failed(format!("sending the e-mail to '{recipient}': {e}")),
+                    Err(_) => {
+                        Sent::Failed(format!("the SMTP server took over {:?} for '{recipient}'", 2 * self.timeout))
                     }
                 };
-                let sent = tokio::time::timeout(2 * self.timeout, send).await.unwrap_or_else(|_| {
-                    Sent::Failed(format!("the e-mail to '{recipient}' was not sent within {:?}", 2 * self.timeout))
-                });
                 self.settle(id, recipient, sent)
             }
         });
-        let (mut refused, mut failed) = (Vec::new(), None);
+        let (mut refused, mut failed, mut taken) = (Vec::new(), None, before.taken);
         for sent in futures::future::join_all(sends).await {
             match sent {
-                Sent::Taken => {}
+                Sent::Taken => taken = true,
                 Sent::Refused(reason) => refused.push(reason),
                 Sent::Failed(reason) => {
                     failed.get_or_insert(reason);
@@ -194,7 +194,7 @@ impl Mailer {
         if let Some(reason) = failed {
             return Err(Outcome::Failed(reason));
         }
-        let taken = self.settled.lock().unwrap_or_else(|e| e.into_inner()).forget(id).is_some_and(|r| r.taken);
+        self.settled.lock().unwrap_or_else(|e| e.into_inner()).forget(id);
         if !taken {
             return Err(Outcome::Refused(format!("the SMTP server refused every recipient: {}", refused.join("; "))));
         }
