@@ -249,6 +249,12 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     assert_eq!((status.as_u16(), &paused["paused"]), (200, &serde_json::json!(true)), "{paused}");
     // The audit log: the pause just made, by this key; the key's link lists its calls only.
     tm.wait_projected().await;
+    browser
+        .until(
+            "the audit log's link, for an admin",
+            "return !document.querySelector('#nav a[href=\"#/audit\"]').hidden",
+        )
+        .await;
     browser.go(&format!("{}/ui/#/audit", tm.api)).await;
     let pause = format!("POST /v1/schedules/{schedule}/pause");
     browser

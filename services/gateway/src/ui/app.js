@@ -623,7 +623,8 @@ function failedDeliveriesView(id, query) {
     let count = 0;
     let left = false;
     try {
-      let seq = null;
+      // After a change made from this page (a row's "Send again"), the first asks after it too.
+      let seq = changes.fresh;
       for (let i = 0; i < 10; i++) {
         const r = await api(`/v1/webhook-endpoints/${id}/failed-deliveries/retry`, { method: "POST", headers: minSeq(seq) });
         count += r.retried;
@@ -761,6 +762,8 @@ function whoami() {
         if (sessionStorage.getItem(KEY) !== key) return;
         me = who;
         document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
+        // The audit log is an admin's to read: no link for other keys.
+        document.querySelector('#nav a[href="#/audit"]').hidden = who.role !== "admin";
       })
       .catch(() => {
         // Shown nowhere: the views say what is wrong with the key.
