@@ -823,9 +823,9 @@ async fn a_decision_on_an_endpoints_log_is_taken_again_when_someone_appended_mea
 async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_listed_as_failed() {
     use taskmesh_bus::AfterLast;
     use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
-    // Two attempts, 3 s apart; the clock disables nothing here.
+    // Two attempts, 5 s apart; the clock disables nothing here.
     let tm = spawn_with(&Svc::ALL, |s| {
-        s.notification.retry_delays_secs = vec![3];
+        s.notification.retry_delays_secs = vec![5];
         s.notification.disable_after_secs = 0;
     })
     .await;
