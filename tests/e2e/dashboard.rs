@@ -332,6 +332,32 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(hook_seen.lock().unwrap().len(), 2, "each run's end sent again once");
 
+    // An admin adds an endpoint from the page (its secret shown once) and deletes it (a second
+    // click confirms).
+    let (added, _, _) = crate::integrations::switchable_receiver_on("127.0.0.1", true).await;
+    browser.go(&format!("{}/ui/#/webhooks", tm.api)).await;
+    browser
+        .until("the form to add one, for an admin", "return !!document.querySelector('main form:not([hidden])')")
+        .await;
+    browser.type_into("main input[name=url]", &added).await;
+    browser.click("main form button[type=submit]").await;
+    browser
+        .until("its secret, shown once", "return !!document.querySelector('main code.secret') && document.querySelector('main code.secret').innerText.startsWith('whsec_')")
+        .await;
+    let row = format!("[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('{added}'))");
+    browser.until("the endpoint added", &format!("return !!{row}")).await;
+    let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
+    assert!(listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
+    browser.run(&format!("{row}.querySelector('button.delete').click(); return true")).await;
+    assert_eq!(
+        browser.run(&format!("return {row}.querySelector('button.delete').innerText")).await,
+        "Delete? Click again"
+    );
+    browser.run(&format!("{row}.querySelector('button.delete').click(); return true")).await;
+    browser.until("the endpoint gone", &format!("return !{row}")).await;
+    let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
+    assert!(!listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
+
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;
     browser.until("the DAG", "return document.querySelectorAll('svg.dag .node').length === 3").await;

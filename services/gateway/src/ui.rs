@@ -76,8 +76,13 @@ mod tests {
                 }
             }
             let statement = &after[..after.find(';').unwrap_or(after.len())];
-            let method =
-                if SCRIPT[i..].starts_with("act(") || statement.contains("method: \"POST\"") { "post" } else { "get" };
+            let method = if SCRIPT[i..].starts_with("act(") || statement.contains("method: \"POST\"") {
+                "post"
+            } else if statement.contains("method: \"DELETE\"") {
+                "delete"
+            } else {
+                "get"
+            };
             out.push((method.to_string(), path));
         }
         out

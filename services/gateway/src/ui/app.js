@@ -570,34 +570,85 @@ function workflowsView() {
 }
 
 // The tenant's webhook endpoints: their state (a disabled one says why, and an admin may
-// enable it), each linking to its failed deliveries.
+// enable it), each linking to its failed deliveries. An admin may add one (its signing secret
+// is shown once, as the API answers it once) and delete one (a second click confirms).
 function webhooksView() {
   const problem = el("div");
   const body = el("tbody");
-  show(el("h1", {}, "Webhooks"), problem, table(["Endpoint", "Format", "Events", "State", "", ""], body));
+  const made = el("div");
+  const url = el("input", { name: "url", placeholder: "https://… or mailto:…", size: 40, required: true });
+  const format = el("select", { name: "format" }, ["standard_webhooks", "slack", "email"].map((f) => el("option", { value: f }, f)));
+  const events = el("select", { name: "events" }, [["", "every run's end"], ["run.succeeded", "run.succeeded"], ["run.failed", "run.failed"]].map(([v, t]) => el("option", { value: v }, t)));
+  const add = el(
+    "form",
+    {
+      class: "inline",
+      hidden: true,
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        try {
+          const r = await api("/v1/webhook-endpoints", {
+            method: "POST",
+            body: { url: url.value.trim(), format: format.value, event_types: events.value ? [events.value] : [] },
+          });
+          url.value = "";
+          problem.replaceChildren();
+          made.replaceChildren(el("p", {}, "Added. Its signing secret, shown this once: ", el("code", { class: "secret" }, r.secret)));
+          changes.fresh = r.seq || null;
+          if (changes.shown) changes.shown.now();
+        } catch (e) {
+          problem.replaceChildren(failure(e));
+        }
+      },
+    },
+    url, format, events, el("button", { type: "submit" }, "Add endpoint"),
+  );
+  show(el("h1", {}, "Webhooks"), add, made, problem, table(["Endpoint", "Format", "Events", "State", "", "", ""], body));
   const changes = changing(problem);
+  // Deleting answers no sequence to wait for: the row stays marked until the read side drops it.
+  const deleting = new Set();
+  const remove = async (id, button) => {
+    if (button.dataset.armed !== "yes") {
+      button.dataset.armed = "yes";
+      button.textContent = "Delete? Click again";
+      return;
+    }
+    try {
+      await api(`/v1/webhook-endpoints/${id}`, { method: "DELETE" });
+      deleting.add(id);
+      if (changes.shown) changes.shown.now();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
       const answer = await changes.api("/v1/webhook-endpoints");
       if (view.stopped) return;
       problem.replaceChildren();
+      const admin = Boolean(me && me.role === "admin");
+      add.hidden = !admin;
       body.replaceChildren(...(answer.items || []).map((x) => {
         // Only an endpoint's id goes into the API's paths and the page's links.
         const id = RUN_ID.test(x.id) ? x.id : null;
         const state = x.disabled_at ? el("span", { title: x.disabled_reason || "" }, badge("disabled"), ` ${when(x.disabled_at)}`) : badge("active");
-        const button = x.disabled_at && id && me && me.role === "admin"
+        const button = x.disabled_at && id && admin
           ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/enable`) }, "Enable")
           : null;
+        const del = id && admin && !deleting.has(id)
+          ? el("button", { type: "button", class: "delete", onclick: (ev) => remove(id, ev.currentTarget) }, "Delete")
+          : id && deleting.has(id) ? el("span", { class: "muted" }, "deleting…") : null;
         return el("tr", {},
           el("td", { class: "mono" }, x.url),
           el("td", {}, x.format),
           el("td", {}, (x.event_types || []).join(", ") || "all"),
           el("td", {}, state),
           el("td", {}, button),
-          el("td", {}, id ? el("a", { href: `#/webhooks/${id}` }, "Failed deliveries →") : ""));
+          el("td", {}, id ? el("a", { href: `#/webhooks/${id}` }, "Failed deliveries →") : ""),
+          el("td", {}, del));
       }));
-      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No webhook endpoints.")));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No webhook endpoints.")));
     } catch (e) {
       problem.replaceChildren(failure(e));
     }
