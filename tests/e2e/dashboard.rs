@@ -358,6 +358,24 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
     assert!(!listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
 
+    // An admin sets a secret from the page (only its name is listed) and deletes it.
+    browser.go(&format!("{}/ui/#/secrets", tm.api)).await;
+    browser
+        .until("the form to set one, for an admin", "return !!document.querySelector('main form:not([hidden])')")
+        .await;
+    browser.type_into("main input[name=name]", "DEPLOY_TOKEN").await;
+    browser.type_into("main input[name=value]", "s3cr3t-from-the-page").await;
+    browser.click("main form button[type=submit]").await;
+    let secret_row =
+        "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('DEPLOY_TOKEN'))";
+    browser.until("the secret listed", &format!("return !!{secret_row}")).await;
+    assert_eq!(browser.run("return document.querySelector('main').innerText.includes('s3cr3t')").await, false);
+    let listed = tm.get_json(format!("{}/v1/secrets", tm.api)).await;
+    assert!(listed["items"].as_array().unwrap().iter().any(|x| x["name"] == "DEPLOY_TOKEN"), "{listed}");
+    browser.run(&format!("{secret_row}.querySelector('button.delete').click(); return true")).await;
+    browser.run(&format!("{secret_row}.querySelector('button.delete').click(); return true")).await;
+    browser.until("the secret gone", &format!("return !{secret_row}")).await;
+
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;
     browser.until("the DAG", "return document.querySelectorAll('svg.dag .node').length === 3").await;

@@ -80,6 +80,8 @@ mod tests {
                 "post"
             } else if statement.contains("method: \"DELETE\"") {
                 "delete"
+            } else if statement.contains("method: \"PUT\"") {
+                "put"
             } else {
                 "get"
             };

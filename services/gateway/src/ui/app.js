@@ -1,5 +1,5 @@
 // Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, schedules, stored
-// workflows, webhook endpoints and their failed deliveries, executors, the audit log.
+// workflows, webhook endpoints and their failed deliveries, executors, secrets, the audit log.
 //
 // Everything it shows comes from the REST API with the API key the user gives it, kept in
 // this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
@@ -104,6 +104,17 @@ function show(...nodes) {
 
 function failure(e) {
   return el("p", { class: "error" }, e instanceof Error ? e.message : String(e));
+}
+
+// A destructive button: its first click arms it (saying `ask`), its second does `action`. The
+// view's next look draws it afresh, unarmed.
+function twice(button, ask, action) {
+  if (button.dataset.armed !== "yes") {
+    button.dataset.armed = "yes";
+    button.textContent = ask;
+    return;
+  }
+  action();
 }
 
 // A list's link to its next page: `at` (a page's address, `#/…`) with `params` and the
@@ -607,12 +618,7 @@ function webhooksView() {
   const changes = changing(problem);
   // Deleting answers no sequence to wait for: the row stays marked until the read side drops it.
   const deleting = new Set();
-  const remove = async (id, button) => {
-    if (button.dataset.armed !== "yes") {
-      button.dataset.armed = "yes";
-      button.textContent = "Delete? Click again";
-      return;
-    }
+  const remove = async (id) => {
     try {
       await api(`/v1/webhook-endpoints/${id}`, { method: "DELETE" });
       deleting.add(id);
@@ -637,7 +643,7 @@ function webhooksView() {
           ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/enable`) }, "Enable")
           : null;
         const del = id && admin && !deleting.has(id)
-          ? el("button", { type: "button", class: "delete", onclick: (ev) => remove(id, ev.currentTarget) }, "Delete")
+          ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(id)) }, "Delete")
           : id && deleting.has(id) ? el("span", { class: "muted" }, "deleting…") : null;
         return el("tr", {},
           el("td", { class: "mono" }, x.url),
@@ -726,6 +732,72 @@ function failedDeliveriesView(id, query) {
   });
 }
 
+// The tenant's secrets: names and when each was last set, never a value. An admin sets one
+// (the value goes to the API and is not kept on the page) and deletes one (a second click
+// confirms). Neither answer carries a sequence: the list shows a change once the read side has it.
+// Only such a name goes into the API's paths.
+const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,63}$/;
+
+function secretsView() {
+  const problem = el("div");
+  const body = el("tbody");
+  const said = el("p", { class: "muted" });
+  const name = el("input", { name: "name", placeholder: "NAME", pattern: "[A-Z_][A-Z0-9_]*", required: true });
+  const value = el("input", { name: "value", type: "password", placeholder: "value", autocomplete: "off", required: true });
+  const set = el(
+    "form",
+    {
+      class: "inline",
+      hidden: true,
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        const n = name.value.trim();
+        if (!SECRET_NAME.test(n)) return problem.replaceChildren(failure("A secret's name is A-Z, 0-9 and _, not starting with a digit, at most 64."));
+        try {
+          await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
+          value.value = "";
+          problem.replaceChildren();
+          said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
+          if (view) view.now();
+        } catch (e) {
+          problem.replaceChildren(failure(e));
+        }
+      },
+    },
+    name, value, el("button", { type: "submit" }, "Set secret"),
+  );
+  show(el("h1", {}, "Secrets"), set, said, problem, table(["Name", "Set", ""], body));
+  const remove = async (n) => {
+    try {
+      await api(`/v1/secrets/${enc(n)}`, { method: "DELETE" });
+      said.textContent = `${n} is deleted.`;
+      if (view) view.now();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
+  const view = every(5000, async (v) => {
+    try {
+      await whoami();
+      const answer = await api("/v1/secrets");
+      if (v.stopped) return;
+      problem.replaceChildren();
+      const admin = Boolean(me && me.role === "admin");
+      set.hidden = !admin;
+      body.replaceChildren(...(answer.items || []).map((x) =>
+        el("tr", {},
+          el("td", { class: "mono" }, x.name),
+          el("td", {}, when(x.updated_at)),
+          el("td", {}, admin && SECRET_NAME.test(x.name)
+            ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(x.name)) }, "Delete")
+            : null))));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 3, class: "muted" }, "No secrets.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
 // The tenant's audit log (admins): every mutating call, newest first, a page at a time (the
 // page's address may carry `cursor`, `limit` and `key_id`, as the API takes them).
 function auditView(query) {
@@ -797,6 +869,7 @@ function route() {
   }
   if (parts[0] === "webhooks") return webhooksView();
   if (parts[0] === "audit") return auditView(query);
+  if (parts[0] === "secrets") return secretsView();
   return runsView(query || "");
 }
 
