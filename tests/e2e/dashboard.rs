@@ -206,9 +206,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let schedule = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     // A webhook endpoint that is down: the end of a run is given up after its retries.
     let (hook, hook_seen, hook_up) = crate::integrations::switchable_receiver_on("127.0.0.1", false).await;
-    let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &serde_json::json!({"url": hook})).await;
-    assert_eq!(res.status(), 201);
-    let endpoint = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let endpoint = crate::integrations::subscribe_url(&tm, &hook).await["id"].as_str().unwrap().to_string();
     tm.wait_projected().await;
     let told = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
     let told_too = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;

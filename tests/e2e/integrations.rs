@@ -821,7 +821,6 @@ async fn a_decision_on_an_endpoints_log_is_taken_again_when_someone_appended_mea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_listed_as_failed() {
-    use taskmesh_bus::AfterLast;
     use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
     // Two attempts, 5 s apart; the clock disables nothing here.
     let tm = spawn_with(&Svc::ALL, |s| {
@@ -843,13 +842,7 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
         subject.clone(),
         Event::WebhookEndpointDisabled(WebhookEndpointDisabled { endpoint_id, reason: "failing".into() }),
     );
-    tm.bus
-        .append_after_last(&subject, 5, |_| {
-            let disabled = disabled.clone();
-            async move { Ok::<_, taskmesh_bus::BusError>(AfterLast::<()>::Append { events: vec![disabled], msg_id: None }) }
-        })
-        .await
-        .unwrap();
+    tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &disabled).await.unwrap();
     tm.wait_projected().await;
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     // The retry finds it disabled: nothing is sent, and the delivery is listed as failed, to be

@@ -149,6 +149,15 @@ pub enum Settled<T> {
     Done(T),
 }
 
+impl Settled<u64> {
+    /// The sequence either way: the commit's, or the one the decision settled on.
+    pub fn seq(self) -> u64 {
+        match self {
+            Settled::Appended(seq) | Settled::Done(seq) => seq,
+        }
+    }
+}
+
 /// A connection to the bus under one namespace.
 #[derive(Clone)]
 pub struct Bus {
@@ -729,8 +738,9 @@ impl Bus {
             // or fail by where its server runs.
             // NATS counts the headers too: "NATS/1.0\r\n", "traceparent: …\r\n", "\r\n".
             let headers = traceparent.as_ref().map_or(0, |tp| 10 + TRACEPARENT_HEADER.len() + 2 + tp.len() + 2 + 2);
-            let (max, size) = (self.client.server_info().max_payload, headers + payload.len());
-            if max > 0 && size > max {
+            // The limit the client checks its own publishes against (an atomic read).
+            let (max, size) = (self.client.max_payload(), headers + payload.len());
+            if size > max {
                 return Some(Err(BusError::Nats(format!(
                     "{subject}: a request of {size} bytes is over the server's max_payload of {max}"
                 ))));

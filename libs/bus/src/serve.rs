@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -38,27 +38,25 @@ const LOCAL_WAITING: usize = 1_024;
 /// The servers running in this process, by the subject they serve (see the module's docs).
 #[derive(Default)]
 pub(crate) struct Local {
-    next: AtomicU64,
-    servers: RwLock<HashMap<String, (u64, Responder)>>,
+    servers: RwLock<HashMap<String, Responder>>,
 }
 
 impl Local {
     /// The server of `subject` in this process, if one runs.
     pub(crate) fn get(&self, subject: &str) -> Option<Responder> {
-        self.servers.read().unwrap_or_else(|e| e.into_inner()).get(subject).map(|(_, r)| r.clone())
+        self.servers.read().unwrap_or_else(|e| e.into_inner()).get(subject).cloned()
     }
 
     /// Registers `respond` for `subject` until the returned guard drops. Of two servers of one
     /// subject in a process (replicas in one test, say), the first started answers; the other
     /// takes over when it stops.
     fn register(self: &Arc<Self>, subject: &str, respond: Responder) -> Registered {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut servers = self.servers.write().unwrap_or_else(|e| e.into_inner());
         let mine = !servers.contains_key(subject);
         if mine {
-            servers.insert(subject.to_string(), (id, respond.clone()));
+            servers.insert(subject.to_string(), respond.clone());
         }
-        Registered { local: self.clone(), subject: subject.to_string(), id, respond, mine }
+        Registered { local: self.clone(), subject: subject.to_string(), respond, mine }
     }
 }
 
@@ -66,7 +64,7 @@ impl Local {
 struct Registered {
     local: Arc<Local>,
     subject: String,
-    id: u64,
+    /// Its handler, which also tells its place from another server's.
     respond: Responder,
     mine: bool,
 }
@@ -77,7 +75,7 @@ impl Registered {
         if !self.mine {
             let mut servers = self.local.servers.write().unwrap_or_else(|e| e.into_inner());
             if !servers.contains_key(&self.subject) {
-                servers.insert(self.subject.clone(), (self.id, self.respond.clone()));
+                servers.insert(self.subject.clone(), self.respond.clone());
                 self.mine = true;
             }
         }
@@ -87,7 +85,7 @@ impl Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         let mut servers = self.local.servers.write().unwrap_or_else(|e| e.into_inner());
-        if servers.get(&self.subject).is_some_and(|(id, _)| *id == self.id) {
+        if servers.get(&self.subject).is_some_and(|r| Arc::ptr_eq(r, &self.respond)) {
             servers.remove(&self.subject);
         }
     }

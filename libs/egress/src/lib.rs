@@ -23,7 +23,8 @@
 //! asks to wait) and [`error_chain`].
 //!
 //! # Layout
-//! - this file: [`Egress`], [`Denied`], the resolver, and [`error_chain`] for messages.
+//! - this file: [`Egress`], [`Denied`], the resolver, [`error_chain`] for messages, and
+//!   [`retry_after`] for a refusal's wait.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -126,17 +127,19 @@ impl Resolve for Resolver {
 }
 
 /// How long the far end of a response asks to be left alone: `Retry-After` (seconds or an
-/// HTTP date) or `retry-after-ms`.
+/// HTTP date) or `retry-after-ms`. A wait too long for a `Duration` (`inf`, `1e300`) is the
+/// longest one: callers cap it.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
+    let secs = |s: f64| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX);
     if let Some(ms) =
         headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok())
     {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+        return Some(secs(ms / 1000.0));
     }
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return Some(Duration::from_secs_f64(secs.max(0.0)));
+    if let Ok(s) = v.parse::<f64>() {
+        return Some(secs(s));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
@@ -241,6 +244,17 @@ mod tests {
         assert!(d > Duration::from_secs(55) && d <= Duration::from_secs(60), "{d:?}");
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        // Too long to hold, or not a number at all: the longest wait, or none; never a panic.
+        for (value, wait) in
+            [("inf", Some(Duration::MAX)), ("1e300", Some(Duration::MAX)), ("NaN", Some(Duration::ZERO))]
+        {
+            h.insert(RETRY_AFTER, HeaderValue::from_static(value));
+            assert_eq!(retry_after(&h), wait, "{value}");
+            h.remove(RETRY_AFTER);
+            h.insert("retry-after-ms", HeaderValue::from_static(value));
+            assert_eq!(retry_after(&h), wait, "ms {value}");
+            h.remove("retry-after-ms");
+        }
     }
 
     fn rules(deny_private: bool, deny: &[&str], allow: &[&str]) -> Egress {

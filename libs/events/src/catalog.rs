@@ -59,6 +59,12 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether it ends an integration's log (an endpoint or a repository connection deleted):
+    /// nothing follows it there.
+    pub fn is_deletion(&self) -> bool {
+        matches!(self, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_))
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             Event::TenantCreated(_) => "TenantCreated",
@@ -230,7 +236,7 @@ pub fn failing_since(last: &crate::Envelope) -> Option<DateTime<Utc>> {
     }
 }
 
-/// An endpoint was disabled: every delivery to it had failed for longer than the notifiers'
+/// An endpoint was disabled: every delivery to it had failed for the notifiers'
 /// `disable_after_secs`. Nothing is queued for it until it is enabled again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WebhookEndpointDisabled {

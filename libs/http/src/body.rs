@@ -45,6 +45,18 @@ pub fn read(
     Ok((format, body))
 }
 
+/// An optional JSON body: an empty one is `T::default()`; any other is checked by [`read`]
+/// (JSON only) and parsed by [`json`].
+pub fn json_or_default<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    match body {
+        Ok(b) if b.is_empty() => Ok(T::default()),
+        other => json(&read(headers, other, false)?.1),
+    }
+}
+
 /// Parses a JSON body into `T`, naming what is wrong when it does not fit.
 pub fn json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);

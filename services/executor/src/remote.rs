@@ -208,13 +208,7 @@ async fn try_llm(l: &LlmStep, ctx: &StepContext) -> Result<Done, String> {
         }
         let mut output = reply;
         let cut = output.len() > ctx.output_limit;
-        if cut {
-            let mut end = ctx.output_limit;
-            while !output.is_char_boundary(end) {
-                end -= 1;
-            }
-            output.truncate(end);
-        }
+        taskmesh_events::truncate_at_char(&mut output, ctx.output_limit);
         // The reply output is bounded like the step's output.
         let mut outputs = std::collections::BTreeMap::new();
         outputs.insert("reply".to_string(), output.clone());

@@ -201,7 +201,7 @@ pub struct RetryAllRequest {
 /// What was sent again.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RetriedAll {
-    /// How many deliveries were queued again (at most [`MAX_RETRY_ALL`] a request).
+    /// How many deliveries were queued again (at most 100 a request).
     pub retried: usize,
     /// More are left to send again: ask again.
     pub more: bool,
@@ -240,10 +240,7 @@ pub async fn retry_all(
     body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<RetriedAll>> {
     caller.require_operator()?;
-    let request: RetryAllRequest = match body {
-        Ok(b) if b.is_empty() => RetryAllRequest::default(),
-        other => taskmesh_http::body::json(&taskmesh_http::body::read(&headers, other, false)?.1)?,
-    };
+    let request: RetryAllRequest = taskmesh_http::body::json_or_default(&headers, body)?;
     let id = endpoint(&state, &caller, &id).await?;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT message_id, seq FROM webhook_delivery_failures

@@ -578,10 +578,7 @@ pub async fn cancel(
 ) -> ApiResult<(StatusCode, Json<CancelAccepted>)> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
-    let request = match body {
-        Ok(b) if b.is_empty() => CancelRequest::default(),
-        other => body::json(&body::read(&headers, other, false)?.1)?,
-    };
+    let request: CancelRequest = body::json_or_default(&headers, body)?;
     let reason = request.reason.unwrap_or_else(|| "cancelled through the API".into());
     let done = state
         .ingest

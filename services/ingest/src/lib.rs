@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use base64::Engine;
-use taskmesh_bus::{AfterLast, Bus, BusError, Settled};
+use taskmesh_bus::{AfterLast, Bus, BusError};
 use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
@@ -718,8 +718,7 @@ impl Ingest {
                     let Some(last) = last else {
                         return Err(Problem::new(ErrorCode::NotFound, format!("no such {what}")));
                     };
-                    if matches!(last.envelope.event, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_))
-                    {
+                    if last.envelope.event.is_deletion() {
                         return Ok(AfterLast::Done(last.seq));
                     }
                     Ok(AfterLast::Append {
@@ -729,7 +728,7 @@ impl Ingest {
                 }
             })
             .await?;
-        let (Settled::Appended(seq) | Settled::Done(seq)) = settled;
+        let seq = settled.seq();
         Ok(Created { id: cmd.id.to_string(), seq })
     }
 
@@ -811,7 +810,7 @@ impl Ingest {
             .bus
             .append_after_last(subject, 5, |last| async move {
                 let last = match last {
-                    Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => last,
+                    Some(last) if !last.envelope.event.is_deletion() => last,
                     _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
                 };
                 // Sent before it is recorded: a crash in between leaves it shown as failed,
@@ -831,7 +830,7 @@ impl Ingest {
                 })
             })
             .await?;
-        let (Settled::Appended(seq) | Settled::Done(seq)) = settled;
+        let seq = settled.seq();
         Ok(Created { id: cmd.message_id.clone(), seq })
     }
 
@@ -847,14 +846,14 @@ impl Ingest {
             .bus
             .append_after_last(subject, 5, |last| async move {
                 match last {
-                    Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => {}
+                    Some(last) if !last.envelope.event.is_deletion() => {}
                     _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
                 }
                 let events = vec![EventMeta::new(tenant).envelope(subject.clone(), enabled.clone())];
                 Ok::<_, Problem>(AfterLast::<u64>::Append { events, msg_id: None })
             })
             .await?;
-        let (Settled::Appended(seq) | Settled::Done(seq)) = settled;
+        let seq = settled.seq();
         Ok(Created { id: cmd.endpoint_id.to_string(), seq })
     }
 

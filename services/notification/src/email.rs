@@ -62,10 +62,14 @@ struct Recipients {
 }
 
 impl Settled {
-    fn keep(&mut self, id: &str, recipients: Recipients) {
-        if self.by_message.insert(id.to_string(), recipients).is_none() {
+    /// Notes that `recipient` of message `id` took it (`taken`) or was refused it for good.
+    fn note(&mut self, id: &str, recipient: &lettre::Address, taken: bool) {
+        let recipients = self.by_message.entry(id.to_string()).or_insert_with(|| {
             self.order.push_back(id.to_string());
-        }
+            Recipients::default()
+        });
+        recipients.done.insert(recipient.to_string());
+        recipients.taken |= taken;
         // Forgotten messages leave their place in `order` behind (forgetting costs no scan);
         // such a place, if its message comes back, may forget it early: a re-mail, never a
         // lost one.
@@ -160,9 +164,7 @@ impl Mailer {
                     Ok(envelope) => envelope,
                     Err(e) => return self.settle(id, recipient, Sent::Refused(format!("'{recipient}': {e}"))),
                 };
-                let Ok(_connection) = self.connections.acquire().await else {
-                    return self.settle(id, recipient, Sent::Failed("the mailer is closed".into()));
-                };
+                let _connection = self.connections.acquire().await.expect("the semaphore is never closed");
                 let sent = match tokio::time::timeout(2 * self.timeout, self.transport.send_raw(&envelope, raw)).await {
                     Ok(Ok(_)) => Sent::Taken,
                     // A recipient the server will never take (no such mailbox, not relayed for
@@ -207,11 +209,8 @@ impl Mailer {
     /// Notes a recipient the attempt settled (took the message, or was refused it for good).
     fn settle(&self, id: &str, recipient: &lettre::Address, sent: Sent) -> Sent {
         if !matches!(sent, Sent::Failed(_)) {
-            let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
-            let mut recipients = settled.by_message.get(id).cloned().unwrap_or_default();
-            recipients.done.insert(recipient.to_string());
-            recipients.taken |= matches!(sent, Sent::Taken);
-            settled.keep(id, recipients);
+            let taken = matches!(sent, Sent::Taken);
+            self.settled.lock().unwrap_or_else(|e| e.into_inner()).note(id, recipient, taken);
         }
         sent
     }

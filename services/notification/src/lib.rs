@@ -257,7 +257,7 @@ impl Notifier {
                 return AckKind::Term;
             }
         };
-        let msg_id = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str());
+        let msg_id = msg.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID)).map(|v| v.as_str());
         // A delivery also counts one when it is handed back unattempted (a notifier stopping,
         // or dying, while it waited for its turn): a few such are allowed for, so a delivery
         // is never dropped without its last attempt.
@@ -334,10 +334,11 @@ impl Notifier {
         shutdown: &CancellationToken,
     ) -> AckKind {
         let Outgoing::Webhook(d) = outgoing else { return AckKind::Term };
+        let disabled = self.disabled(d).await;
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
         loop {
-            match self.record_failure(d, msg_id, attempts, error).await {
+            match self.record_failure(d, msg_id, attempts, error, disabled).await {
                 Ok(()) => return AckKind::Term,
                 Err(e) if started.elapsed() + wait < RECORD_FOR && !shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "could not record the failed delivery; trying again");
@@ -355,26 +356,11 @@ impl Notifier {
         }
     }
 
-    /// Appends `WebhookDeliveryFailed` to the endpoint's events, unless it was deleted, with
-    /// `WebhookEndpointDisabled` in the same commit when every delivery to it has now failed
-    /// for `disable_after_secs`. Its message id is the delivery's own, so a delivery given up
-    /// twice (its notifier died between the two) is recorded once; the read side keeps one row
-    /// per delivery anyway.
-    async fn record_failure(
-        &self,
-        d: &Delivery,
-        msg_id: Option<&str>,
-        attempts: usize,
-        error: &str,
-    ) -> Result<(), taskmesh_bus::BusError> {
-        let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
-        let id = match msg_id {
-            Some(id) => format!("failed:{id}"),
-            None => format!("failed:{}:{}", d.message_id, d.endpoint_id),
-        };
-        // Disabled already (as far as the read side knows; a second disabling is harmless).
-        // When that cannot be read, the failure is recorded all the same, deciding nothing.
-        let disabled: bool = match sqlx::query_scalar(
+    /// Whether a delivery's endpoint is disabled already, as far as the read side knows (a second
+    /// disabling is harmless); true also when that cannot be read, so that its failure is
+    /// recorded all the same, deciding nothing.
+    async fn disabled(&self, d: &Delivery) -> bool {
+        match sqlx::query_scalar(
             "SELECT disabled_at IS NOT NULL FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2",
         )
         .bind(d.endpoint_id)
@@ -387,12 +373,33 @@ impl Notifier {
                 tracing::warn!(error = %e, "reading the endpoint failed; its failure is recorded without deciding to disable it");
                 true
             }
+        }
+    }
+
+    /// Appends `WebhookDeliveryFailed` to the endpoint's events, unless it was deleted, with
+    /// `WebhookEndpointDisabled` in the same commit when every delivery to it has now failed
+    /// for `disable_after_secs`. Its message id is the delivery's own, so a delivery given up
+    /// twice (its notifier died between the two) is recorded once; the read side keeps one row
+    /// per delivery anyway.
+    /// `disabled`: the endpoint is disabled already, or that could not be read ([`Self::disabled`]).
+    async fn record_failure(
+        &self,
+        d: &Delivery,
+        msg_id: Option<&str>,
+        attempts: usize,
+        error: &str,
+        disabled: bool,
+    ) -> Result<(), taskmesh_bus::BusError> {
+        let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
+        let id = match msg_id {
+            Some(id) => format!("failed:{id}"),
+            None => format!("failed:{}:{}", d.message_id, d.endpoint_id),
         };
         let (subject, id) = (&subject, &id);
         self.bus
             .append_after_last(subject, 5, |last| async move {
                 let last = match last {
-                    Some(last) if !matches!(last.envelope.event, Event::WebhookEndpointDeleted(_)) => last,
+                    Some(last) if !last.envelope.event.is_deletion() => last,
                     Some(_) => return Ok(AfterLast::Done(())),
                     None => {
                         // Its events aged out of the log (`nats.events_max_age_days`).

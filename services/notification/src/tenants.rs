@@ -18,9 +18,9 @@
 //! while it was away, retries come due for a tenant without a puller). A puller stops once its
 //! consumer holds nothing to deliver and nothing unacknowledged. When tenants wait for a place
 //! (in arrival order), pullers give theirs up: one whose tenant has only retries waiting at its
-//! next look (a pull's wait at most), a busy one once it has held its place for its slice (`tenant_slice_secs`: 30 s; it
-//! then takes nothing more and goes when what is under way ends); their tenants are found
-//! again by the sweep and wait their turn.
+//! next look (a pull's wait at most), a busy one once it has held its place for its slice
+//! (`notification.tenant_slice_secs`; it then takes nothing more and goes when what is under
+//! way ends); their tenants are found again by the sweep and wait their turn.
 //!
 //! Crash safety is the work queue's: a delivery leaves the queue only when acknowledged after
 //! its attempt, and one whose notifier died is redelivered after its ack deadline.

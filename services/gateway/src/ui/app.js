@@ -117,6 +117,13 @@ function twice(button, ask, action) {
   action();
 }
 
+// The paging a list's address may carry (`cursor`, `limit`), digits only, as the API's query.
+function pageParams(params) {
+  const page = new URLSearchParams();
+  for (const k of ["cursor", "limit"]) if (/^\d{1,19}$/.test(params.get(k) || "")) page.set(k, params.get(k));
+  return page;
+}
+
 // A list's link to its next page: `at` (a page's address, `#/…`) with `params` and the
 // answer's `next_cursor`, or nothing on the last page.
 function olderLink(more, at, params, cursor, label) {
@@ -502,11 +509,14 @@ function executorsView() {
 // is done with: a later one waits for the next look.
 function changing(problem) {
   const changes = { fresh: null, shown: null };
+  // A change made (the API's answer, with its seq if it has one): the view looks again after it.
+  changes.wrote = (r) => {
+    changes.fresh = r && r.seq ? r.seq : null;
+    if (changes.shown) changes.shown.now();
+  };
   changes.act = async (path) => {
     try {
-      const r = await api(path, { method: "POST" });
-      changes.fresh = r && r.seq ? r.seq : null;
-      if (changes.shown) changes.shown.now();
+      changes.wrote(await api(path, { method: "POST" }));
     } catch (e) {
       problem.replaceChildren(failure(e));
     }
@@ -605,8 +615,7 @@ function webhooksView() {
           url.value = "";
           problem.replaceChildren();
           made.replaceChildren(el("p", {}, "Added. Its signing secret, shown this once: ", el("code", { class: "secret" }, r.secret)));
-          changes.fresh = r.seq || null;
-          if (changes.shown) changes.shown.now();
+          changes.wrote(r);
         } catch (e) {
           problem.replaceChildren(failure(e));
         }
@@ -633,7 +642,7 @@ function webhooksView() {
       const answer = await changes.api("/v1/webhook-endpoints");
       if (view.stopped) return;
       problem.replaceChildren();
-      const admin = Boolean(me && me.role === "admin");
+      const admin = isAdmin();
       add.hidden = !admin;
       body.replaceChildren(...(answer.items || []).map((x) => {
         // Only an endpoint's id goes into the API's paths and the page's links.
@@ -664,9 +673,7 @@ function webhooksView() {
 // An endpoint's deliveries given up, newest first, a page at a time (the page's address may
 // carry `cursor` and `limit`); each may be sent again, or all not yet sent again at once.
 function failedDeliveriesView(id, query) {
-  const params = new URLSearchParams(query);
-  const page = new URLSearchParams();
-  for (const k of ["cursor", "limit"]) if (/^\d{1,19}$/.test(params.get(k) || "")) page.set(k, params.get(k));
+  const page = pageParams(new URLSearchParams(query));
   const problem = el("div");
   const body = el("tbody");
   const more = el("p");
@@ -782,7 +789,7 @@ function secretsView() {
       const answer = await api("/v1/secrets");
       if (v.stopped) return;
       problem.replaceChildren();
-      const admin = Boolean(me && me.role === "admin");
+      const admin = isAdmin();
       set.hidden = !admin;
       body.replaceChildren(...(answer.items || []).map((x) =>
         el("tr", {},
@@ -802,8 +809,7 @@ function secretsView() {
 // page's address may carry `cursor`, `limit` and `key_id`, as the API takes them).
 function auditView(query) {
   const params = new URLSearchParams(query);
-  const page = new URLSearchParams();
-  for (const k of ["cursor", "limit"]) if (/^\d{1,19}$/.test(params.get(k) || "")) page.set(k, params.get(k));
+  const page = pageParams(params);
   if (RUN_ID.test(params.get("key_id") || "")) page.set("key_id", params.get("key_id"));
   const problem = el("div");
   const body = el("tbody");
@@ -887,7 +893,7 @@ function whoami() {
         me = who;
         document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
         // The audit log is an admin's to read: no link for other keys.
-        document.querySelector('#nav a[href="#/audit"]').hidden = who.role !== "admin";
+        document.querySelector('#nav a[href="#/audit"]').hidden = !isAdmin();
       })
       .catch(() => {
         // Shown nowhere: the views say what is wrong with the key.
@@ -902,6 +908,8 @@ function whoami() {
 // A viewer's key may not cancel, rerun, pause, resume or send a delivery again: no buttons for
 // it (the API refuses them anyway). Enabling an endpoint is an admin's.
 const mayAct = () => !me || me.role !== "viewer";
+// Keys, secrets, endpoints, enabling one and the audit log are an admin's.
+const isAdmin = () => Boolean(me && me.role === "admin");
 
 document.getElementById("sign-out").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
