@@ -89,6 +89,12 @@ impl TestMesh {
         self.auth(self.http.get(url)).send().await.unwrap().json().await.unwrap()
     }
 
+    /// [`Self::get_json`] once the read side holds the write `seq` answered (`Taskmesh-Min-Seq`).
+    pub async fn get_json_after(&self, url: impl reqwest::IntoUrl, seq: u64) -> Value {
+        let req = self.auth(self.http.get(url)).header("Taskmesh-Min-Seq", seq.to_string());
+        req.send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn get_run(&self, id: Uuid) -> (u16, Value) {
         let res = self.auth(self.http.get(format!("{}/v1/runs/{id}", self.api))).send().await.unwrap();
         let status = res.status().as_u16();

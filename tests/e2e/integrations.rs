@@ -924,15 +924,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
         assert_eq!(body, older["items"][0]["payload"], "the body it was to carry");
     }
     // Read with the retry applied: it says when it was sent again.
-    let page = tm
-        .auth(tm.http.get(&failed))
-        .header("Taskmesh-Min-Seq", seq.to_string())
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap();
+    let page = tm.get_json_after(&failed, seq).await;
     let entry = page["items"].as_array().unwrap().iter().find(|i| i["message_id"] == ends[0].1.as_str()).unwrap();
     assert!(entry["retried_at"].is_string(), "{page}");
 
@@ -1000,6 +992,70 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     assert_eq!(res.status(), 204);
     tm.wait_projected().await;
     assert_eq!(retry(&ends[1].1).await.status(), 404);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first() {
+    // One attempt a delivery: a run's end the endpoint refuses is given up at once.
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![]).await;
+    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
+    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let before = chrono::Utc::now();
+    // 101 runs end while the endpoint is down.
+    for n in [100, 1] {
+        let runs: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"workflow": {"name": format!("r{i}"), "steps": [{"id": "a", "run": "true"}]}}))
+            .collect();
+        let res = tm.send_json(reqwest::Method::POST, "/v1/runs/batch", &serde_json::json!({"runs": runs})).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<serde_json::Value>().await.unwrap()["accepted"], n);
+    }
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap());
+    eventually("101 deliveries given up", Duration::from_secs(60), || async {
+        let log = tm.bus.read_subject(&subject, 0).await?;
+        let failed =
+            log.iter().filter(|e| matches!(e.envelope.event, taskmesh_events::Event::WebhookDeliveryFailed(_))).count();
+        Ok((failed == 101).then_some(()))
+    })
+    .await
+    .unwrap();
+    tm.wait_projected().await;
+    up.store(true, SeqCst);
+
+    // Each request sends at most 100, oldest first, and says whether more are left; read
+    // after its answer's `seq`, the next does not pick those again. `since` before them all
+    // takes them all in.
+    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let all = |after: &serde_json::Value| {
+        let mut req = tm.auth(tm.http.post(format!("{failed}/retry"))).json(&serde_json::json!({"since": before}));
+        if let Some(seq) = after["seq"].as_u64() {
+            req = req.header("Taskmesh-Min-Seq", seq.to_string());
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let first = all(&serde_json::Value::Null).await;
+    assert_eq!((&first["retried"], &first["more"]), (&serde_json::json!(100), &serde_json::json!(true)), "{first}");
+    let newest = tm.get_json_after(format!("{failed}?limit=1"), first["seq"].as_u64().unwrap()).await;
+    assert_eq!(newest["items"][0]["retried_at"], serde_json::Value::Null, "the newest is left for the next: {newest}");
+    let second = all(&first).await;
+    assert_eq!((&second["retried"], &second["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{second}");
+    let third = all(&second).await;
+    assert_eq!((&third["retried"], &third["more"]), (&serde_json::json!(0), &serde_json::json!(false)), "{third}");
+    eventually("the 101 sent again", Duration::from_secs(60), || async {
+        Ok((seen.lock().unwrap().len() >= 101).then_some(()))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids: std::collections::BTreeSet<String> =
+        seen.lock().unwrap().iter().map(|(headers, _)| headers["webhook-id"].to_str().unwrap().to_string()).collect();
+    assert_eq!((seen.lock().unwrap().len(), ids.len()), (101, 101), "each failure sent again once");
     tm.finish().await;
 }
 
@@ -1504,10 +1560,13 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut ids = std::collections::HashMap::new();
     for (path, format) in [("slack", "slack"), ("standard", "standard_webhooks"), ("busy", "slack")] {
         let body = serde_json::json!({"url": format!("{base}/{path}"), "format": format});
         let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await;
         assert_eq!(res.status(), 201);
+        let created = res.json::<serde_json::Value>().await.unwrap();
+        ids.insert(path, created["id"].as_str().unwrap().to_string());
     }
     tm.wait_projected().await;
     let id = tm.submit("name: told\nsteps:\n  - {id: a, run: 'true'}\n").await;
@@ -1524,6 +1583,26 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
         hits.lock().unwrap().iter().filter(|(p, _)| p == "/busy").map(|(_, at)| *at).collect();
     let waited = busy[1] - busy[0];
     assert!(waited >= Duration::from_millis(2900), "Retry-After 3 was waited out, not the schedule's 1 s: {waited:?}");
+    // Slack's refusal and the standard endpoint's last failure are listed as failed
+    // deliveries, each with the attempts it had; the busy endpoint's delivery, which got
+    // through, is not.
+    let failed = |path: &str| {
+        let url = format!("{}/v1/webhook-endpoints/{}/failed-deliveries", tm.api, ids[path]);
+        let tm = &tm;
+        async move { tm.get_json(url).await["items"].as_array().unwrap().clone() }
+    };
+    let (slack, standard) = eventually("the failures listed", Duration::from_secs(10), || async {
+        let (slack, standard) = (failed("slack").await, failed("standard").await);
+        Ok((slack.len() == 1 && standard.len() == 1).then_some((slack, standard)))
+    })
+    .await
+    .unwrap();
+    for (entry, attempts) in [(&slack[0], 1), (&standard[0], 3)] {
+        assert_eq!(entry["attempts"], attempts, "{entry}");
+        assert!(entry["error"].as_str().unwrap().contains("404"), "{entry}");
+        assert_eq!(entry["payload"]["type"], "run.succeeded", "the event, as a standard endpoint is sent it: {entry}");
+    }
+    assert!(failed("busy").await.is_empty());
     tm.finish().await;
 }
 
@@ -1710,11 +1789,12 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     wider.email_domains.push("example.org".into());
     let keyring = taskmesh::mesh::keyring(&tm.env.settings).unwrap().unwrap();
     let ingest = taskmesh_ingest::Ingest::new(tm.bus.clone()).with_email(&wider);
+    let mut endpoints = Vec::new();
     for url in [
         "mailto:ops@example.com, gone@example.com, later@example.com, stranger@example.org",
         "mailto:gone@lists.example.com",
     ] {
-        ingest
+        let created = ingest
             .create_webhook_endpoint(taskmesh_events::command::CreateWebhookEndpoint {
                 tenant: "default".into(),
                 url: url.into(),
@@ -1724,6 +1804,7 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
             })
             .await
             .unwrap();
+        endpoints.push(created.id);
     }
     tm.wait_projected().await;
 
@@ -1753,6 +1834,25 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     assert_eq!(times("ops@example.com"), 1, "took it, not asked on the retry: {asked:?}");
     assert_eq!(times("gone@lists.example.com"), 1, "refused for good: not asked again: {asked:?}");
     assert_eq!(times("stranger@example.org"), 0, "not in the domains e-mail may go to: {asked:?}");
+    // The endpoint whose every recipient was refused for good lists its delivery as failed,
+    // after its one attempt; the other, whose recipients all took it or were refused, none.
+    let failed = |id: &str| {
+        let url = format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api);
+        let tm = &tm;
+        async move { tm.get_json(url).await["items"].as_array().unwrap().clone() }
+    };
+    let refused = eventually("the refused e-mail listed", Duration::from_secs(10), || async {
+        let items = failed(&endpoints[1]).await;
+        Ok((!items.is_empty()).then_some(items))
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["attempts"], 1, "{refused:?}");
+    let error = refused[0]["error"].as_str().unwrap();
+    assert!(error.contains("refused every recipient") && error.contains("gone@lists.example.com"), "{error}");
+    assert_eq!(refused[0]["payload"]["data"]["run_id"], run.to_string());
+    assert!(failed(&endpoints[0]).await.is_empty());
     tm.finish().await;
 }
 
