@@ -76,6 +76,11 @@ async fn the_dashboard_is_served_and_the_api_answers_what_it_reads() {
     }
     let who = get("/v1/whoami".into()).await;
     assert_eq!((&who["tenant"], &who["role"]), (&serde_json::json!("default"), &serde_json::json!("admin")));
+    assert!(who["key_id"].is_string(), "the keys page tells its own key by it: {who}");
+    let keys = get("/v1/keys".into()).await;
+    for field in ["id", "name", "role", "prefix", "created_at", "last_used_at", "revoked_at"] {
+        assert!(keys[0].get(field).is_some(), "key: {field} in {keys}");
+    }
 }
 
 /// `chromedriver`: `TM_TEST_CHROMEDRIVER`, or Debian's (`chromium-driver`, which
@@ -373,6 +378,56 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.run(&format!("{secret_row}.querySelector('button.delete').click(); return true")).await;
     browser.run(&format!("{secret_row}.querySelector('button.delete').click(); return true")).await;
     browser.until("the secret gone", &format!("return !{secret_row}")).await;
+
+    // An admin issues a key from the Keys page (shown once; it works) and revokes it (a second
+    // click confirms; it then works no more). The page's own key offers no Revoke.
+    browser.click("#nav a[href=\"#/keys\"]").await;
+    browser
+        .until("the form to issue one, for an admin", "return !!document.querySelector('main form:not([hidden])')")
+        .await;
+    browser.type_into("main input[name=name]", "ci-bot").await;
+    browser.run("document.querySelector('main select[name=role]').value = 'operator'; return true").await;
+    browser.click("main form button[type=submit]").await;
+    browser
+        .until("the key, shown once", "return !!document.querySelector('main code.secret') && document.querySelector('main code.secret').innerText.startsWith('tm_')")
+        .await;
+    let issued = browser.run("return document.querySelector('main code.secret').innerText").await;
+    let issued = issued.as_str().unwrap().to_string();
+    let whoami = |key: String| {
+        let tm = &tm;
+        async move { tm.http.get(format!("{}/v1/whoami", tm.api)).bearer_auth(key).send().await.unwrap() }
+    };
+    let res = whoami(issued.clone()).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["role"], "operator");
+    let key_row = "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('ci-bot'))";
+    browser.until("the key listed", &format!("return !!{key_row} && !!{key_row}.querySelector('button.delete')")).await;
+    assert_eq!(
+        browser.run("return document.querySelector('main').innerText.includes(\"this page's key\")").await,
+        true
+    );
+    assert_eq!(
+        browser.run(&format!("return document.querySelector('main').innerText.includes('{}')", issued)).await,
+        true,
+        "shown once, above the list"
+    );
+    browser.run(&format!("{key_row}.querySelector('button.delete').click(); return true")).await;
+    assert_eq!(
+        browser.run(&format!("return {key_row}.querySelector('button.delete').innerText")).await,
+        "Revoke? Click again"
+    );
+    browser.run(&format!("{key_row}.querySelector('button.delete').click(); return true")).await;
+    browser
+        .until(
+            "the key shown revoked",
+            &format!("return !{key_row}.querySelector('button') && !{key_row}.innerText.includes('revoking')"),
+        )
+        .await;
+    taskmesh_testkit::eventually("the revoked key refused", Duration::from_secs(10), || async {
+        Ok((whoami(issued.clone()).await.status() == 401).then_some(()))
+    })
+    .await
+    .unwrap();
 
     // The run: its DAG (three steps, two edges), each step's state, the timeline, the log.
     browser.go(&format!("{}/ui/#/runs/{id}/steps/build", tm.api)).await;

@@ -111,7 +111,7 @@ pub async fn create_tenant(
     let (_, bytes) = body::read(&headers, body, false)?;
     let req: TenantRequest = body::json(&bytes)?;
     state.ingest.create_tenant(&CreateTenant { tenant_id: req.id.clone(), name: req.name }).await?;
-    let (key, id) = issue(&state, &req.id, Role::Admin, Some("first admin key".into())).await?;
+    let (key, id, _) = issue(&state, &req.id, Role::Admin, Some("first admin key".into())).await?;
     // The platform administrator's call opens the new tenant's audit log.
     let record = taskmesh_events::AuditRecorded {
         key_id: None,
@@ -150,14 +150,15 @@ pub async fn list_tenants(State(state): State<AppState>, _: PlatformAdmin) -> Ap
     ))
 }
 
-async fn issue(state: &AppState, tenant: &str, role: Role, name: Option<String>) -> ApiResult<(String, Uuid)> {
+/// Issues a key: the key, its id and the sequence of its `ApiKeyCreated`.
+async fn issue(state: &AppState, tenant: &str, role: Role, name: Option<String>) -> ApiResult<(String, Uuid, u64)> {
     let (key, hash, prefix) = taskmesh_ingest::generate_api_key();
     let key_id = Uuid::now_v7();
-    state
+    let created = state
         .ingest
         .create_api_key(&CreateApiKey { tenant: tenant.to_string(), key_id, role, key_hash: hash, prefix, name })
         .await?;
-    Ok((key, key_id))
+    Ok((key, key_id, created.seq))
 }
 
 /// A key to issue.
@@ -177,6 +178,9 @@ pub struct KeyCreatedResponse {
     pub key: String,
     #[schema(value_type = String)]
     pub role: Role,
+    /// The sequence of its `ApiKeyCreated` event: send it as `Taskmesh-Min-Seq` to list the
+    /// keys with it.
+    pub seq: u64,
 }
 
 /// Issue an API key for the caller's tenant (admin).
@@ -199,8 +203,8 @@ pub async fn create_key(
     if req.name.as_ref().is_some_and(|n| n.len() > 200) {
         return Err(ApiError::new(ErrorCode::BadRequest, "name: at most 200 bytes"));
     }
-    let (key, id) = issue(&state, &caller.tenant, req.role, req.name).await?;
-    Ok((StatusCode::CREATED, Json(KeyCreatedResponse { id, key, role: req.role })))
+    let (key, id, seq) = issue(&state, &caller.tenant, req.role, req.name).await?;
+    Ok((StatusCode::CREATED, Json(KeyCreatedResponse { id, key, role: req.role, seq })))
 }
 
 /// A key, without its secret.

@@ -53,10 +53,13 @@ mod tests {
     /// The API calls in the dashboard's script: (method, path with each `${…}` as `{}`).
     fn calls() -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for (i, _) in
-            SCRIPT.match_indices("api(`").chain(SCRIPT.match_indices("act(`")).chain(SCRIPT.match_indices("api(\""))
-        {
-            let rest = &SCRIPT[i + 5..];
+        // How a call starts, and its method when that says it (`act` posts, `remove` deletes).
+        let starts = [("api(`", None), ("api(\"", None), ("act(`", Some("post")), ("remove(`", Some("delete"))];
+        let found = starts
+            .iter()
+            .flat_map(|&(start, method)| SCRIPT.match_indices(start).map(move |(i, _)| (i + start.len(), method)));
+        for (i, said) in found {
+            let rest = &SCRIPT[i..];
             let end = rest.find(['`', '"']).expect("a closed string");
             let (literal, after) = (&rest[..end], &rest[end..]);
             let mut path = String::new();
@@ -76,7 +79,9 @@ mod tests {
                 }
             }
             let statement = &after[..after.find(';').unwrap_or(after.len())];
-            let method = if SCRIPT[i..].starts_with("act(") || statement.contains("method: \"POST\"") {
+            let method = if let Some(method) = said {
+                method
+            } else if statement.contains("method: \"POST\"") {
                 "post"
             } else if statement.contains("method: \"DELETE\"") {
                 "delete"
@@ -115,8 +120,13 @@ mod tests {
             });
             assert!(found, "{method} {path} is not an operation of the API");
         }
-        for (method, path) in [("get", "/v1/runs"), ("get", "/v1/runs/{}/steps/{}/logs"), ("post", "/v1/runs/{}/rerun")]
-        {
+        for (method, path) in [
+            ("get", "/v1/runs"),
+            ("get", "/v1/runs/{}/steps/{}/logs"),
+            ("post", "/v1/runs/{}/rerun"),
+            ("delete", "/v1/keys/{}"),
+            ("put", "/v1/secrets/{}"),
+        ] {
             assert!(calls.contains(&(method.into(), path.into())), "{method} {path} in {calls:?}");
         }
     }

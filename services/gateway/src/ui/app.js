@@ -1,5 +1,6 @@
 // Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, schedules, stored
-// workflows, webhook endpoints and their failed deliveries, executors, secrets, the audit log.
+// workflows, webhook endpoints and their failed deliveries, executors, secrets, API keys, the
+// audit log.
 //
 // Everything it shows comes from the REST API with the API key the user gives it, kept in
 // this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
@@ -115,6 +116,21 @@ function twice(button, ask, action) {
     return;
   }
   action();
+}
+
+// An admin's form on a list's page (hidden until the view shows it to an admin): `fields` and
+// a button saying `label`, which does `submit()` and says in `problem` what went wrong.
+function adminForm(problem, label, fields, submit) {
+  const onsubmit = async (ev) => {
+    ev.preventDefault();
+    try {
+      await submit();
+      problem.replaceChildren();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
+  return el("form", { class: "inline", hidden: true, onsubmit }, fields, el("button", { type: "submit" }, label));
 }
 
 // The paging a list's address may carry (`cursor`, `limit`), digits only, as the API's query.
@@ -521,6 +537,18 @@ function changing(problem) {
       problem.replaceChildren(failure(e));
     }
   };
+  // Deletes what `path` names (`id`): the answer carries no sequence to wait for, so `gone`
+  // keeps its row marked until the read side drops it.
+  changes.gone = new Set();
+  changes.remove = async (path, id) => {
+    try {
+      await api(path, { method: "DELETE" });
+      changes.gone.add(id);
+      if (changes.shown) changes.shown.now();
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  };
   changes.api = async (path) => {
     const asked = changes.fresh;
     const answer = await api(path, { headers: minSeq(asked) });
@@ -600,42 +628,17 @@ function webhooksView() {
   const url = el("input", { name: "url", placeholder: "https://… or mailto:…", size: 40, required: true });
   const format = el("select", { name: "format" }, ["standard_webhooks", "slack", "email"].map((f) => el("option", { value: f }, f)));
   const events = el("select", { name: "events" }, [["", "every run's end"], ["run.succeeded", "run.succeeded"], ["run.failed", "run.failed"]].map(([v, t]) => el("option", { value: v }, t)));
-  const add = el(
-    "form",
-    {
-      class: "inline",
-      hidden: true,
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        try {
-          const r = await api("/v1/webhook-endpoints", {
-            method: "POST",
-            body: { url: url.value.trim(), format: format.value, event_types: events.value ? [events.value] : [] },
-          });
-          url.value = "";
-          problem.replaceChildren();
-          made.replaceChildren(el("p", {}, "Added. Its signing secret, shown this once: ", el("code", { class: "secret" }, r.secret)));
-          changes.wrote(r);
-        } catch (e) {
-          problem.replaceChildren(failure(e));
-        }
-      },
-    },
-    url, format, events, el("button", { type: "submit" }, "Add endpoint"),
-  );
+  const add = adminForm(problem, "Add endpoint", [url, format, events], async () => {
+    const r = await api("/v1/webhook-endpoints", {
+      method: "POST",
+      body: { url: url.value.trim(), format: format.value, event_types: events.value ? [events.value] : [] },
+    });
+    url.value = "";
+    made.replaceChildren(el("p", {}, "Added. Its signing secret, shown this once: ", el("code", { class: "secret" }, r.secret)));
+    changes.wrote(r);
+  });
   show(el("h1", {}, "Webhooks"), add, made, problem, table(["Endpoint", "Format", "Events", "State", "", "", ""], body));
   const changes = changing(problem);
-  // Deleting answers no sequence to wait for: the row stays marked until the read side drops it.
-  const deleting = new Set();
-  const remove = async (id) => {
-    try {
-      await api(`/v1/webhook-endpoints/${id}`, { method: "DELETE" });
-      deleting.add(id);
-      if (changes.shown) changes.shown.now();
-    } catch (e) {
-      problem.replaceChildren(failure(e));
-    }
-  };
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
@@ -651,9 +654,9 @@ function webhooksView() {
         const button = x.disabled_at && id && admin
           ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/enable`) }, "Enable")
           : null;
-        const del = id && admin && !deleting.has(id)
-          ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(id)) }, "Delete")
-          : id && deleting.has(id) ? el("span", { class: "muted" }, "deleting…") : null;
+        const del = id && admin && !changes.gone.has(id)
+          ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => changes.remove(`/v1/webhook-endpoints/${id}`, id)) }, "Delete")
+          : id && changes.gone.has(id) ? el("span", { class: "muted" }, "deleting…") : null;
         return el("tr", {},
           el("td", { class: "mono" }, x.url),
           el("td", {}, x.format),
@@ -751,28 +754,14 @@ function secretsView() {
   const said = el("p", { class: "muted" });
   const name = el("input", { name: "name", placeholder: "NAME", pattern: "[A-Z_][A-Z0-9_]*", required: true });
   const value = el("input", { name: "value", type: "password", placeholder: "value", autocomplete: "off", required: true });
-  const set = el(
-    "form",
-    {
-      class: "inline",
-      hidden: true,
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        const n = name.value.trim();
-        if (!SECRET_NAME.test(n)) return problem.replaceChildren(failure("A secret's name is A-Z, 0-9 and _, not starting with a digit, at most 64."));
-        try {
-          await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
-          value.value = "";
-          problem.replaceChildren();
-          said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
-          if (view) view.now();
-        } catch (e) {
-          problem.replaceChildren(failure(e));
-        }
-      },
-    },
-    name, value, el("button", { type: "submit" }, "Set secret"),
-  );
+  const set = adminForm(problem, "Set secret", [name, value], async () => {
+    const n = name.value.trim();
+    if (!SECRET_NAME.test(n)) throw new Error("A secret's name is A-Z, 0-9 and _, not starting with a digit, at most 64.");
+    await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
+    value.value = "";
+    said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
+    if (view) view.now();
+  });
   show(el("h1", {}, "Secrets"), set, said, problem, table(["Name", "Set", ""], body));
   const remove = async (n) => {
     try {
@@ -799,6 +788,57 @@ function secretsView() {
             ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(x.name)) }, "Delete")
             : null))));
       if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 3, class: "muted" }, "No secrets.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
+// The tenant's API keys (admins): name, role, prefix, when each was made, last used and
+// revoked, never a key. An admin issues one (shown once, as the API answers it once) and
+// revokes one (a second click confirms; not the key this page is signed in with).
+function keysView() {
+  const problem = el("div");
+  const body = el("tbody");
+  const made = el("div");
+  const name = el("input", { name: "name", placeholder: "name (what uses it)", maxlength: 200 });
+  const role = el("select", { name: "role" }, ["viewer", "operator", "admin"].map((r) => el("option", { value: r }, r)));
+  const add = adminForm(problem, "Issue key", [name, role], async () => {
+    const n = name.value.trim();
+    const r = await api("/v1/keys", { method: "POST", body: { role: role.value, name: n || null } });
+    name.value = "";
+    made.replaceChildren(el("p", {}, `Issued ${r.role} key${n ? ` ${n}` : ""}, shown this once: `, el("code", { class: "secret" }, r.key)));
+    changes.wrote(r);
+  });
+  show(el("h1", {}, "API keys"), add, made, problem,
+    table(["Name", "Role", "Prefix", "Created", "Last used", "Revoked", ""], body));
+  const changes = changing(problem);
+  changes.shown = every(5000, async (view) => {
+    try {
+      await whoami();
+      const answer = await changes.api("/v1/keys");
+      if (view.stopped) return;
+      problem.replaceChildren();
+      add.hidden = !isAdmin();
+      body.replaceChildren(...(answer || []).map((x) => {
+        // Only a key's id goes into the API's paths.
+        const id = RUN_ID.test(x.id) ? x.id : null;
+        const mine = Boolean(me && id && me.key_id === id);
+        const action = x.revoked_at ? null
+          : mine ? el("span", { class: "muted" }, "this page's key")
+          : id && changes.gone.has(id) ? el("span", { class: "muted" }, "revoking…")
+          : id ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Revoke? Click again", () => changes.remove(`/v1/keys/${id}`, id)) }, "Revoke")
+          : null;
+        return el("tr", { class: x.revoked_at ? "muted" : "" },
+          el("td", {}, x.name || ""),
+          el("td", {}, x.role),
+          el("td", { class: "mono" }, x.prefix),
+          el("td", {}, when(x.created_at)),
+          el("td", {}, when(x.last_used_at)),
+          el("td", {}, when(x.revoked_at)),
+          el("td", {}, action));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No keys.")));
     } catch (e) {
       problem.replaceChildren(failure(e));
     }
@@ -876,6 +916,7 @@ function route() {
   if (parts[0] === "webhooks") return webhooksView();
   if (parts[0] === "audit") return auditView(query);
   if (parts[0] === "secrets") return secretsView();
+  if (parts[0] === "keys") return keysView();
   return runsView(query || "");
 }
 
@@ -892,8 +933,8 @@ function whoami() {
         if (sessionStorage.getItem(KEY) !== key) return;
         me = who;
         document.getElementById("who").textContent = `${who.tenant} · ${who.role}`;
-        // The audit log is an admin's to read: no link for other keys.
-        document.querySelector('#nav a[href="#/audit"]').hidden = !isAdmin();
+        // The audit log and the keys are an admin's to read: no links for other keys.
+        for (const link of document.querySelectorAll('#nav a.admin')) link.hidden = !isAdmin();
       })
       .catch(() => {
         // Shown nowhere: the views say what is wrong with the key.
