@@ -1059,6 +1059,71 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
     tm.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_delivery_whose_event_aged_out_is_listed_as_expired_and_not_sent_again() {
+    // One attempt a delivery: a run's end the endpoint refuses is given up at once.
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![]).await;
+    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
+    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    for name in ["older", "newer"] {
+        let run = tm.submit(&format!("name: {name}\nsteps:\n  - {{id: a, run: 'true'}}\n")).await;
+        tm.wait_run(run, Duration::from_secs(30)).await;
+    }
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap());
+    let failures = eventually("both deliveries given up", Duration::from_secs(30), || async {
+        let log = tm.bus.read_subject(&subject, 0).await?;
+        let failures: Vec<(u64, String)> = log
+            .iter()
+            .filter_map(|e| match &e.envelope.event {
+                taskmesh_events::Event::WebhookDeliveryFailed(f) => Some((e.seq, f.message_id.clone())),
+                _ => None,
+            })
+            .collect();
+        Ok((failures.len() == 2).then_some(failures))
+    })
+    .await
+    .unwrap();
+    tm.wait_projected().await;
+    // The log's retention takes everything before the newer failure (as `events_max_age_days`
+    // would, oldest first), the older failure with it.
+    let events = tm.bus.jetstream().get_stream(tm.bus.namespace().events_stream()).await.unwrap();
+    events.purge().sequence(failures[1].0).await.unwrap();
+    up.store(true, SeqCst);
+
+    let page = tm.get_json(&failed).await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{page}");
+    assert_eq!(
+        (&items[0]["message_id"], &items[0]["expired"]),
+        (&serde_json::json!(failures[1].1), &serde_json::json!(false))
+    );
+    assert_eq!(
+        (&items[1]["message_id"], &items[1]["expired"]),
+        (&serde_json::json!(failures[0].1), &serde_json::json!(true))
+    );
+    // Sending them all again passes over the expired one (it would fail every request).
+    let res = tm.auth(tm.http.post(format!("{failed}/retry"))).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let sent = res.json::<serde_json::Value>().await.unwrap();
+    assert_eq!((&sent["retried"], &sent["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{sent}");
+    eventually("the newer sent again", Duration::from_secs(30), || async {
+        Ok((!seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen.lock().unwrap()[0].0["webhook-id"], failures[1].1.as_str());
+    // Asked for alone, the expired one is a 404 that says why.
+    let res = tm.auth(tm.http.post(format!("{failed}/{}/retry", failures[0].1))).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let problem = res.json::<serde_json::Value>().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("aged out"), "{problem}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "the expired one was not sent");
+    tm.finish().await;
+}
+
 /// A local receiver subscribed as a webhook endpoint: what it is sent, and the created endpoint.
 pub(crate) async fn subscribe(tm: &TestMesh) -> (Received, serde_json::Value) {
     let (url, seen) = receiver().await;

@@ -59,6 +59,9 @@ pub struct FailedDelivery {
     /// When it was last sent again, if it was since it failed (a later failure shows as a
     /// later `failed_at`).
     pub retried_at: Option<DateTime<Utc>>,
+    /// Its failure's event has aged out of the log (`nats.events_max_age_days`), and with it
+    /// what would be sent: it can no longer be sent again.
+    pub expired: bool,
 }
 
 /// A page of an endpoint's failed deliveries, newest first.
@@ -76,6 +79,20 @@ pub struct RetryAccepted {
     /// The sequence of the `WebhookDeliveryRetried` event: send it as `Taskmesh-Min-Seq` to
     /// read the list with it applied.
     pub seq: u64,
+}
+
+/// The log's first sequence still kept: a failure recorded below it has aged out. 1 (none has)
+/// when the stream does not answer; sending one again then finds out for itself.
+async fn first_kept(state: &AppState) -> u64 {
+    crate::log_state(state).await.map_or(1, |s| s.first_sequence)
+}
+
+/// A failure whose event has aged out of the log.
+fn expired() -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "this failed delivery's event has aged out of the log (nats.events_max_age_days): it can no longer be sent again",
+    )
 }
 
 /// The tenant's endpoint `id`, or a 404.
@@ -128,6 +145,7 @@ pub async fn list(
     .fetch_all(&state.pool)
     .await?;
     let next_cursor = crate::cut_page(&mut rows, limit, |r| r.get::<i64, _>("seq"));
+    let first = first_kept(&state).await;
     let items = rows
         .iter()
         .map(|r| FailedDelivery {
@@ -137,6 +155,7 @@ pub async fn list(
             payload: r.get::<sqlx::types::Json<serde_json::Value>, _>("payload").0,
             failed_at: r.get("failed_at"),
             retried_at: r.get("retried_at"),
+            expired: (r.get::<i64, _>("seq") as u64) < first,
         })
         .collect();
     Ok(Json(FailedDeliveryPage { items, next_cursor }))
@@ -145,7 +164,8 @@ pub async fn list(
 /// Send a failed delivery again (operator): the same body under the same `webhook-id`, signed
 /// afresh, on the retry schedule of every delivery; if it fails again, it is listed again with
 /// its new failure. Asked again for the same failure within the queue's deduplication window
-/// (`nats.duplicate_window_secs`, two minutes), it is sent once.
+/// (`nats.duplicate_window_secs`, two minutes), it is sent once. One whose event has aged out
+/// of the log (`expired`) is a 404 that says so.
 #[utoipa::path(post, operation_id = "retry_failed_delivery",
     path = "/v1/webhook-endpoints/{id}/failed-deliveries/{message_id}/retry", tag = "integrations",
     params(("id" = Uuid, Path), ("message_id" = String, Path, description = "The failed delivery's `message_id`")),
@@ -178,6 +198,9 @@ pub async fn retry(
     .fetch_optional(&state.pool)
     .await?;
     let seq = seq.ok_or_else(not_found)?;
+    if (seq as u64) < first_kept(&state).await {
+        return Err(expired());
+    }
     let done = state
         .ingest
         .retry_webhook_delivery(&RetryWebhookDelivery {
@@ -214,7 +237,7 @@ pub struct RetriedAll {
 pub const MAX_RETRY_ALL: i64 = 100;
 
 /// Send an endpoint's failed deliveries again (operator), oldest first: those not sent again
-/// since they failed, that failed at or after `since` if given, at most 100 a request (`more`
+/// since they failed (nor `expired`), that failed at or after `since` if given, at most 100 a request (`more`
 /// says whether to ask again). Each goes as `POST …/{message_id}/retry` sends one: the same
 /// body under the same `webhook-id`, on the retry schedule of every delivery. For an endpoint
 /// back after an outage (enable a disabled one first: its deliveries would fail at once).
@@ -242,15 +265,19 @@ pub async fn retry_all(
     caller.require_operator()?;
     let request: RetryAllRequest = taskmesh_http::body::json_or_default(&headers, body)?;
     let id = endpoint(&state, &caller, &id).await?;
+    // Those whose events aged out of the log are passed over: they can no longer be sent.
+    let first = first_kept(&state).await;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT message_id, seq FROM webhook_delivery_failures
          WHERE tenant_id = $1 AND endpoint_id = $2 AND retried_at IS NULL AND ($3::timestamptz IS NULL OR failed_at >= $3)
+           AND seq >= $5
          ORDER BY seq LIMIT $4",
     )
     .bind(&caller.tenant)
     .bind(id)
     .bind(request.since)
     .bind(MAX_RETRY_ALL + 1)
+    .bind(first as i64)
     .fetch_all(&state.pool)
     .await?;
     let more = rows.len() as i64 > MAX_RETRY_ALL;

@@ -390,11 +390,16 @@ async fn read_your_writes(
     next.run(req).await
 }
 
-/// The event log's last sequence, if the stream answers (one request: getting the stream
-/// fetches its info).
+/// The event log's last sequence, if the stream answers.
 async fn last_written(state: &AppState) -> Option<u64> {
+    log_state(state).await.map(|s| s.last_sequence)
+}
+
+/// The event log's first and last sequences, if the stream answers (one request: getting the
+/// stream fetches its info).
+pub(crate) async fn log_state(state: &AppState) -> Option<async_nats::jetstream::stream::State> {
     let stream = state.bus.jetstream().get_stream(state.bus.namespace().events_stream()).await.ok()?;
-    Some(stream.cached_info().state.last_sequence)
+    Some(stream.cached_info().state.clone())
 }
 
 async fn not_found() -> ApiError {

@@ -724,9 +724,11 @@ function failedDeliveriesView(id, query) {
         const data = (x.payload && x.payload.data) || {};
         const run = typeof data.run_id === "string" && RUN_ID.test(data.run_id) ? el("a", { href: `#/runs/${data.run_id}` }, "run") : "";
         // Message ids are event ids: only such a one goes into the API's paths.
-        const button = mayAct() && RUN_ID.test(x.message_id)
-          ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/failed-deliveries/${x.message_id}/retry`) }, "Send again")
-          : null;
+        const button = x.expired
+          ? el("span", { class: "muted", title: "Its event has aged out of the log: it can no longer be sent again." }, "expired")
+          : mayAct() && RUN_ID.test(x.message_id)
+            ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/failed-deliveries/${x.message_id}/retry`) }, "Send again")
+            : null;
         return el("tr", {},
           el("td", { class: "mono" }, x.message_id, " ", run),
           el("td", {}, when(x.failed_at)),
