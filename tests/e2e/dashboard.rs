@@ -351,12 +351,11 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.until("the endpoint added", &format!("return !!{row}")).await;
     let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
     assert!(listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
-    browser.run(&format!("{row}.querySelector('button.delete').click(); return true")).await;
-    assert_eq!(
-        browser.run(&format!("return {row}.querySelector('button.delete').innerText")).await,
-        "Delete? Click again"
+    // Armed and confirmed in one script: the list's redraw (every 5 s) draws the button afresh.
+    let armed = format!(
+        "const b = {row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said"
     );
-    browser.run(&format!("{row}.querySelector('button.delete').click(); return true")).await;
+    assert_eq!(browser.run(&armed).await, "Delete? Click again");
     browser.until("the endpoint gone", &format!("return !{row}")).await;
     let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
     assert!(!listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
@@ -383,7 +382,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     // click confirms; it then works no more). The page's own key offers no Revoke.
     browser.click("#nav a[href=\"#/keys\"]").await;
     browser
-        .until("the form to issue one, for an admin", "return !!document.querySelector('main form:not([hidden])')")
+        .until(
+            "the form to issue one, for an admin",
+            "return !!document.querySelector('main form:not([hidden]) select[name=role]')",
+        )
         .await;
     browser.type_into("main input[name=name]", "ci-bot").await;
     browser.run("document.querySelector('main select[name=role]').value = 'operator'; return true").await;
@@ -397,11 +399,12 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         let tm = &tm;
         async move { tm.http.get(format!("{}/v1/whoami", tm.api)).bearer_auth(key).send().await.unwrap() }
     };
+    let key_row = "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('ci-bot'))";
+    browser.until("the key listed", &format!("return !!{key_row} && !!{key_row}.querySelector('button.delete')")).await;
+    // Listed after the read side held its creation: it authenticates now.
     let res = whoami(issued.clone()).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<serde_json::Value>().await.unwrap()["role"], "operator");
-    let key_row = "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('ci-bot'))";
-    browser.until("the key listed", &format!("return !!{key_row} && !!{key_row}.querySelector('button.delete')")).await;
     assert_eq!(
         browser.run("return document.querySelector('main').innerText.includes(\"this page's key\")").await,
         true
@@ -411,12 +414,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         true,
         "shown once, above the list"
     );
-    browser.run(&format!("{key_row}.querySelector('button.delete').click(); return true")).await;
-    assert_eq!(
-        browser.run(&format!("return {key_row}.querySelector('button.delete').innerText")).await,
-        "Revoke? Click again"
+    let armed = format!(
+        "const b = {key_row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said"
     );
-    browser.run(&format!("{key_row}.querySelector('button.delete').click(); return true")).await;
+    assert_eq!(browser.run(&armed).await, "Revoke? Click again");
     browser
         .until(
             "the key shown revoked",

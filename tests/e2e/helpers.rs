@@ -89,10 +89,13 @@ impl TestMesh {
         self.auth(self.http.get(url)).send().await.unwrap().json().await.unwrap()
     }
 
-    /// [`Self::get_json`] once the read side holds the write `seq` answered (`Taskmesh-Min-Seq`).
+    /// [`Self::get_json`] once the read side holds the write `seq` answered (`Taskmesh-Min-Seq`);
+    /// the answer must be a `200`.
     pub async fn get_json_after(&self, url: impl reqwest::IntoUrl, seq: u64) -> Value {
         let req = self.auth(self.http.get(url)).header("Taskmesh-Min-Seq", seq.to_string());
-        req.send().await.unwrap().json().await.unwrap()
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 200, "read after {seq}");
+        res.json().await.unwrap()
     }
 
     pub async fn get_run(&self, id: Uuid) -> (u16, Value) {

@@ -1042,6 +1042,8 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
     let first = all(&serde_json::Value::Null).await;
     assert_eq!((&first["retried"], &first["more"]), (&serde_json::json!(100), &serde_json::json!(true)), "{first}");
     let newest = tm.get_json_after(format!("{failed}?limit=1"), first["seq"].as_u64().unwrap()).await;
+    assert_eq!(newest["items"].as_array().unwrap().len(), 1, "{newest}");
+    assert!(newest["items"][0]["message_id"].is_string(), "{newest}");
     assert_eq!(newest["items"][0]["retried_at"], serde_json::Value::Null, "the newest is left for the next: {newest}");
     let second = all(&first).await;
     assert_eq!((&second["retried"], &second["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{second}");

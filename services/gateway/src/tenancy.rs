@@ -178,8 +178,8 @@ pub struct KeyCreatedResponse {
     pub key: String,
     #[schema(value_type = String)]
     pub role: Role,
-    /// The sequence of its `ApiKeyCreated` event: send it as `Taskmesh-Min-Seq` to list the
-    /// keys with it.
+    /// The sequence of its `ApiKeyCreated` event: the key authenticates once the read side
+    /// holds it (send it as `Taskmesh-Min-Seq` with the creator's key to wait for that).
     pub seq: u64,
 }
 

@@ -538,7 +538,7 @@ function changing(problem) {
     }
   };
   // Deletes what `path` names (`id`): the answer carries no sequence to wait for, so `gone`
-  // keeps its row marked until the read side drops it.
+  // keeps its row marked until the read side has the change (the row dropped, or revoked).
   changes.gone = new Set();
   changes.remove = async (path, id) => {
     try {
@@ -825,9 +825,10 @@ function keysView() {
       body.replaceChildren(...(answer || []).map((x) => {
         // Only a key's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
-        const mine = Boolean(me && id && me.key_id === id);
-        const action = x.revoked_at ? null
-          : mine ? el("span", { class: "muted" }, "this page's key")
+        // Revoke only when the page knows its own key (else it might offer to revoke that).
+        const known = Boolean(me && RUN_ID.test(me.key_id || ""));
+        const action = x.revoked_at || !known || !isAdmin() ? null
+          : me.key_id === id ? el("span", { class: "muted" }, "this page's key")
           : id && changes.gone.has(id) ? el("span", { class: "muted" }, "revoking…")
           : id ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Revoke? Click again", () => changes.remove(`/v1/keys/${id}`, id)) }, "Revoke")
           : null;
