@@ -2079,6 +2079,9 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
         // The pushed commit alone by default; all its history and the tags when asked.
         {"id": "shallow", "checkout": true, "run": "git rev-list --count HEAD; git tag | wc -l"},
         {"id": "history", "checkout": {"depth": 0, "tags": true}, "run": "git rev-list --count HEAD; git describe --tags"},
+        // Into a directory of the working directory, made as it goes.
+        {"id": "nested", "checkout": {"path": "src/app"},
+         "run": "cat src/app/version.txt; git -C src/app rev-parse HEAD; test -e .git || echo 'nothing at the top'"},
     ]});
     let hook = connect(
         &tm,
@@ -2108,6 +2111,7 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
     assert!(sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
     assert_eq!(step(&run, "history")["output"], "1\nv1.0\n", "{run}");
+    assert_eq!(step(&run, "nested")["output"], format!("one\n{pushed}\nnothing at the top\n"), "{run}");
     // The second commit: by default itself alone, without tags; with `depth: 0` and `tags`,
     // its parent too, and `git describe` finds the tag on it.
     let (_, later) = run_of_push(&clone_url, &second, "c-4").await;

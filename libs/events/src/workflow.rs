@@ -127,8 +127,8 @@ pub struct RateLimitDef {
     pub burst: Option<u32>,
 }
 
-/// A step's `checkout`: off, `true` (the pushed commit alone), or `{depth, tags}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A step's `checkout`: off, `true` (the pushed commit alone), or `{depth, tags, path}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutDef {
     /// Whether the pushed commit is checked out.
     pub enabled: bool,
@@ -137,17 +137,35 @@ pub struct CheckoutDef {
     pub depth: u32,
     /// The repository's tags are fetched too (for `git describe`).
     pub tags: bool,
+    /// Where in the step's working directory the repository goes (a relative path of plain
+    /// names, made as needed); `None`: the working directory itself.
+    pub path: Option<String>,
 }
 
 impl Default for CheckoutDef {
     fn default() -> Self {
-        Self { enabled: false, depth: 1, tags: false }
+        Self { enabled: false, depth: 1, tags: false, path: None }
     }
 }
 
 impl CheckoutDef {
     /// Most commits of history a checkout may ask for (0 asks for all).
     pub const MAX_DEPTH: u32 = 100_000;
+    /// Longest `path`, in bytes.
+    pub const MAX_PATH: usize = 255;
+
+    /// Why `path` cannot be where a checkout goes, if it cannot: it must be relative, made of
+    /// plain names (no `.`, `..` or empty ones), and short.
+    pub fn path_problem(path: &str) -> Option<String> {
+        if path.is_empty() || path.len() > Self::MAX_PATH {
+            return Some(format!("1 to {} bytes", Self::MAX_PATH));
+        }
+        let plain = |name: &str| !name.is_empty() && name != "." && name != ".." && !name.contains(['\\', '\0']);
+        if path.starts_with('/') || !path.split('/').all(plain) {
+            return Some(format!("'{path}' is not a relative path of plain names (no '.', '..' or empty ones)"));
+        }
+        None
+    }
 
     pub fn is_off(&self) -> bool {
         !self.enabled
@@ -175,15 +193,20 @@ struct CheckoutOptions {
     /// Fetch the repository's tags too.
     #[serde(default)]
     tags: bool,
+    /// Where in the step's working directory the repository goes (a relative path of plain
+    /// names); absent: the working directory itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = CheckoutDef::MAX_PATH))]
+    path: Option<String>,
 }
 
 impl Serialize for CheckoutDef {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // `true` as written before options existed, so older readers read it still.
-        if !self.enabled || (self.depth == 1 && !self.tags) {
+        if !self.enabled || (self.depth == 1 && !self.tags && self.path.is_none()) {
             serializer.serialize_bool(self.enabled)
         } else {
-            CheckoutOptions { depth: self.depth, tags: self.tags }.serialize(serializer)
+            CheckoutOptions { depth: self.depth, tags: self.tags, path: self.path.clone() }.serialize(serializer)
         }
     }
 }
@@ -197,7 +220,7 @@ impl<'de> Deserialize<'de> for CheckoutDef {
             type Value = CheckoutDef;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("true, false or {depth, tags}")
+                f.write_str("true, false or {depth, tags, path}")
             }
 
             fn visit_bool<E: serde::de::Error>(self, enabled: bool) -> Result<CheckoutDef, E> {
@@ -206,7 +229,7 @@ impl<'de> Deserialize<'de> for CheckoutDef {
 
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<CheckoutDef, A::Error> {
                 let o = CheckoutOptions::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-                Ok(CheckoutDef { enabled: true, depth: o.depth, tags: o.tags })
+                Ok(CheckoutDef { enabled: true, depth: o.depth, tags: o.tags, path: o.path })
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -966,6 +989,9 @@ fn validate_kinds(step: &StepDef, err: &mut dyn FnMut(&str, String)) {
     if step.checkout.depth > CheckoutDef::MAX_DEPTH {
         err("checkout.depth", format!("at most {} (0 fetches all of the history)", CheckoutDef::MAX_DEPTH));
     }
+    if let Some(problem) = step.checkout.path.as_deref().and_then(CheckoutDef::path_problem) {
+        err("checkout.path", problem);
+    }
     if let Some(h) = &step.http {
         if !HttpStep::METHODS.contains(&h.method.to_ascii_uppercase().as_str()) {
             err("http.method", format!("'{}' is not one of {}", h.method, HttpStep::METHODS.join(", ")));
@@ -1051,21 +1077,38 @@ mod tests {
         assert_eq!(read(serde_json::json!(true)).unwrap(), on);
         assert_eq!(read(serde_json::json!(false)).unwrap(), CheckoutDef::default());
         let all = read(serde_json::json!({"depth": 0, "tags": true})).unwrap();
-        assert_eq!(all, CheckoutDef { enabled: true, depth: 0, tags: true });
+        assert_eq!(all, CheckoutDef { enabled: true, depth: 0, tags: true, path: None });
+        let nested = read(serde_json::json!({"path": "src/app"})).unwrap();
+        assert_eq!(nested, CheckoutDef { enabled: true, path: Some("src/app".into()), ..Default::default() });
+        assert_eq!(
+            serde_json::to_value(&nested).unwrap(),
+            serde_json::json!({"depth": 1, "tags": false, "path": "src/app"})
+        );
         assert_eq!(read(serde_json::json!({"tags": true})).unwrap().depth, 1, "depth 1 unless said");
         // A mistake is named, not "no variant matched".
         let unknown = read(serde_json::json!({"depht": 5})).unwrap_err().to_string();
         assert!(unknown.contains("unknown field `depht`"), "{unknown}");
         let string = read(serde_json::json!("yes")).unwrap_err().to_string();
-        assert!(string.contains("expected true, false or {depth, tags}"), "{string}");
+        assert!(string.contains("expected true, false or {depth, tags, path}"), "{string}");
         assert!(read(serde_json::json!({"depth": -1})).is_err());
         // Written as `true` where nothing more is asked, so older readers still read it.
-        assert_eq!(serde_json::to_value(on).unwrap(), serde_json::json!(true));
-        assert_eq!(serde_json::to_value(all).unwrap(), serde_json::json!({"depth": 0, "tags": true}));
+        assert_eq!(serde_json::to_value(&on).unwrap(), serde_json::json!(true));
+        assert_eq!(serde_json::to_value(&all).unwrap(), serde_json::json!({"depth": 0, "tags": true}));
         let step: StepDef = serde_yaml_ng::from_str("{id: a, run: 'true', checkout: {depth: 200000}}").unwrap();
         let mut errors = Vec::new();
         validate_kinds(&step, &mut |field, message| errors.push(format!("{field}: {message}")));
         assert!(errors.iter().any(|e| e.starts_with("checkout.depth")), "{errors:?}");
+        // A path stays inside the working directory.
+        for bad in ["", "/etc", "../up", "a/../../b", "a//b", "./a", "a/", "a\\b", &"x".repeat(256)] {
+            assert!(CheckoutDef::path_problem(bad).is_some(), "{bad:?}");
+        }
+        for good in ["src", "src/app", "a.b/c-d_e", ".hidden"] {
+            assert_eq!(CheckoutDef::path_problem(good), None, "{good:?}");
+        }
+        let step: StepDef = serde_yaml_ng::from_str("{id: a, run: 'true', checkout: {path: ../x}}").unwrap();
+        let mut errors = Vec::new();
+        validate_kinds(&step, &mut |field, message| errors.push(format!("{field}: {message}")));
+        assert!(errors.iter().any(|e| e.starts_with("checkout.path")), "{errors:?}");
     }
 
     use super::*;

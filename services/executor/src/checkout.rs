@@ -3,9 +3,11 @@
 //!
 //! The commit is fetched by its id, so a branch that moved on since the push does not change
 //! what the step sees: by default it alone (`--depth 1`, no tags), or as much of its history
-//! as the step's `checkout.depth` asks (0: all) and the repository's tags with `checkout.tags`. The connection's token goes with the requests (as
-//! an `http.extraHeader` in git's environment, never on a command line or in `.git/config`, so
-//! the step's own `git` commands do not have it) only where [`Checkout::token_goes_to`] allows:
+//! as the step's `checkout.depth` asks (0: all) and the repository's tags with `checkout.tags`,
+//! into the working directory or the `checkout.path` under it. The connection's token goes
+//! with the requests (as an `http.extraHeader` in git's environment, never on a command line
+//! or in `.git/config`, so the step's own `git` commands do not have it) only where
+//! [`Checkout::token_goes_to`] allows:
 //! the connected repository at its forge. git runs as the executor's user, so steps running as
 //! `run_as` cannot read the token from its environment; the files are theirs afterwards. The
 //! repository's host is judged by the executor's egress rules and git is pinned to the
@@ -94,15 +96,25 @@ impl Source {
     }
 }
 
-/// Fetches the commit into `dir` (an empty directory) and checks it out, detached, with
-/// `origin` set to the repository's URL. `run_as`: the user and group the step runs as, who
-/// is given the files.
+/// Fetches the commit into `workspace` (an empty directory), or into the step's
+/// `checkout.path` under it (made, with the directories above it), and checks it out,
+/// detached, with `origin` set to the repository's URL. `run_as`: the user and group the
+/// step runs as, who is given the files.
 pub async fn fetch(
     source: &Source,
-    dir: &Path,
+    workspace: &Path,
     egress: &taskmesh_egress::Egress,
     run_as: Option<(u32, u32)>,
 ) -> Result<(), String> {
+    let dir = &match &source.options.path {
+        // Checked when the workflow was (plain names, relative), and again here.
+        Some(path) => match taskmesh_events::workflow::CheckoutDef::path_problem(path) {
+            Some(problem) => return Err(format!("checkout.path: {problem}")),
+            None => workspace.join(path),
+        },
+        None => workspace.to_path_buf(),
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(|e| format!("making {}: {e}", dir.display()))?;
     let mut config = vec![
         ("http.followRedirects".to_string(), "false".to_string()),
         // A server that stops sending fails the fetch rather than holding it for ever.
@@ -131,7 +143,7 @@ pub async fn fetch(
     git(&["fetch", "-q"], fetch).await?;
     git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await?;
     if let Some((uid, gid)) = run_as {
-        let dir = dir.to_path_buf();
+        let dir = workspace.to_path_buf();
         tokio::task::spawn_blocking(move || give(&dir, uid, gid))
             .await
             .map_err(|e| format!("giving the checkout to uid {uid}: {e}"))?

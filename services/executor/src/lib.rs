@@ -407,7 +407,7 @@ impl Executor {
             _ => None,
         };
         checkout::Source::new(c, token)
-            .map(|source| Some(source.with_options(dispatch.step.checkout)))
+            .map(|source| Some(source.with_options(dispatch.step.checkout.clone())))
             .map_err(|e| format!("checkout: {e}"))
     }
 
