@@ -82,9 +82,21 @@ pub struct RetryAccepted {
 }
 
 /// The log's first sequence still kept: a failure recorded below it has aged out. 1 (none has)
-/// when the stream does not answer; sending one again then finds out for itself.
+/// when the stream does not answer.
 async fn first_kept(state: &AppState) -> u64 {
     crate::log_state(state).await.map_or(1, |s| s.first_sequence)
+}
+
+/// Whether a failure recorded at `seq` has aged out of a log whose first kept is `first`
+/// (`retry_all`'s query says the same in SQL).
+fn is_expired(seq: i64, first: u64) -> bool {
+    (seq as u64) < first
+}
+
+/// Whether sending the failure recorded at `seq` again was not found because its event has
+/// aged out of the log (the log is looked at only then: the usual answer costs nothing more).
+async fn aged_out<T>(state: &AppState, seq: i64, answer: &Result<T, taskmesh_events::Problem>) -> bool {
+    matches!(answer, Err(p) if p.code == ErrorCode::NotFound) && is_expired(seq, first_kept(state).await)
 }
 
 /// A failure whose event has aged out of the log.
@@ -155,7 +167,7 @@ pub async fn list(
             payload: r.get::<sqlx::types::Json<serde_json::Value>, _>("payload").0,
             failed_at: r.get("failed_at"),
             retried_at: r.get("retried_at"),
-            expired: (r.get::<i64, _>("seq") as u64) < first,
+            expired: is_expired(r.get("seq"), first),
         })
         .collect();
     Ok(Json(FailedDeliveryPage { items, next_cursor }))
@@ -198,18 +210,17 @@ pub async fn retry(
     .fetch_optional(&state.pool)
     .await?;
     let seq = seq.ok_or_else(not_found)?;
-    if (seq as u64) < first_kept(&state).await {
+    let cmd = RetryWebhookDelivery {
+        tenant: caller.tenant.clone(),
+        endpoint_id: id,
+        message_id: message_id.clone(),
+        seq: seq as u64,
+    };
+    let answer = state.ingest.retry_webhook_delivery(&cmd).await;
+    if aged_out(&state, seq, &answer).await {
         return Err(expired());
     }
-    let done = state
-        .ingest
-        .retry_webhook_delivery(&RetryWebhookDelivery {
-            tenant: caller.tenant.clone(),
-            endpoint_id: id,
-            message_id: message_id.clone(),
-            seq: seq as u64,
-        })
-        .await?;
+    let done = answer?;
     Ok((StatusCode::ACCEPTED, Json(RetryAccepted { message_id, seq: done.seq })))
 }
 
@@ -237,10 +248,11 @@ pub struct RetriedAll {
 pub const MAX_RETRY_ALL: i64 = 100;
 
 /// Send an endpoint's failed deliveries again (operator), oldest first: those not sent again
-/// since they failed (nor `expired`), that failed at or after `since` if given, at most 100 a request (`more`
-/// says whether to ask again). Each goes as `POST …/{message_id}/retry` sends one: the same
-/// body under the same `webhook-id`, on the retry schedule of every delivery. For an endpoint
-/// back after an outage (enable a disabled one first: its deliveries would fail at once).
+/// since they failed and not `expired`, that failed at or after `since` if given, at most 100
+/// a request (`more` says whether to ask again). Each goes as `POST …/{message_id}/retry`
+/// sends one: the same body under the same `webhook-id`, on the retry schedule of every
+/// delivery. For an endpoint back after an outage (enable a disabled one first: its
+/// deliveries would fail at once).
 #[utoipa::path(post, operation_id = "retry_failed_deliveries",
     path = "/v1/webhook-endpoints/{id}/failed-deliveries/retry", tag = "integrations",
     params(("id" = Uuid, Path)),
@@ -265,7 +277,8 @@ pub async fn retry_all(
     caller.require_operator()?;
     let request: RetryAllRequest = taskmesh_http::body::json_or_default(&headers, body)?;
     let id = endpoint(&state, &caller, &id).await?;
-    // Those whose events aged out of the log are passed over: they can no longer be sent.
+    // Those whose events aged out of the log are passed over: they can no longer be sent
+    // (`seq >= $5`: not `is_expired`).
     let first = first_kept(&state).await;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT message_id, seq FROM webhook_delivery_failures
@@ -285,7 +298,12 @@ pub async fn retry_all(
     for (message_id, failed) in rows.into_iter().take(MAX_RETRY_ALL as usize) {
         let cmd =
             RetryWebhookDelivery { tenant: caller.tenant.clone(), endpoint_id: id, message_id, seq: failed as u64 };
-        let done = state.ingest.retry_webhook_delivery(&cmd).await?;
+        let answer = state.ingest.retry_webhook_delivery(&cmd).await;
+        // One that aged out since the query is passed over too.
+        if aged_out(&state, failed, &answer).await {
+            continue;
+        }
+        let done = answer?;
         retried += 1;
         seq = Some(done.seq);
     }
