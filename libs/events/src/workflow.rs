@@ -155,14 +155,26 @@ impl CheckoutDef {
     pub const MAX_PATH: usize = 255;
 
     /// Why `path` cannot be where a checkout goes, if it cannot: it must be relative, made of
-    /// plain names (no `.`, `..` or empty ones), and short.
+    /// plain names (no `.`, `..`, `.git` or empty ones), not start at the step's output file,
+    /// and be at most [`Self::MAX_PATH`] bytes.
     pub fn path_problem(path: &str) -> Option<String> {
         if path.is_empty() || path.len() > Self::MAX_PATH {
             return Some(format!("1 to {} bytes", Self::MAX_PATH));
         }
-        let plain = |name: &str| !name.is_empty() && name != "." && name != ".." && !name.contains(['\\', '\0']);
+        let plain = |name: &str| {
+            !name.is_empty()
+                && name != "."
+                && name != ".."
+                && !name.eq_ignore_ascii_case(".git")
+                && !name.contains(['\\', '\0'])
+        };
         if path.starts_with('/') || !path.split('/').all(plain) {
-            return Some(format!("'{path}' is not a relative path of plain names (no '.', '..' or empty ones)"));
+            return Some(format!(
+                "'{path}' is not a relative path of plain names (no '.', '..', '.git' or empty ones)"
+            ));
+        }
+        if path.split('/').next() == Some(".taskmesh-output") {
+            return Some("'.taskmesh-output' is the step's output file".into());
         }
         None
     }
@@ -193,8 +205,9 @@ struct CheckoutOptions {
     /// Fetch the repository's tags too.
     #[serde(default)]
     tags: bool,
-    /// Where in the step's working directory the repository goes (a relative path of plain
-    /// names); absent: the working directory itself.
+    /// Where in the step's working directory the repository goes: a relative path of plain
+    /// names (no `.`, `..`, `.git` or empty ones), at most 255 bytes; absent: the working
+    /// directory itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = CheckoutDef::MAX_PATH))]
     path: Option<String>,
@@ -266,7 +279,8 @@ pub struct StepDef {
     pub run: Option<String>,
     /// Start a shell or container step with the pushed commit checked out in its working
     /// directory (runs started by a forge push, and their reruns): `true`, or
-    /// `{depth, tags}` for more of its history (`depth: 0`, all of it) and the repository's tags.
+    /// `{depth, tags, path}` for more of its history (`depth: 0`, all of it), the repository's
+    /// tags, and a directory under the working directory to check it out into.
     #[serde(default, skip_serializing_if = "CheckoutDef::is_off")]
     pub checkout: CheckoutDef,
     /// A built-in step: `noop` does nothing and succeeds.
@@ -1099,10 +1113,28 @@ mod tests {
         validate_kinds(&step, &mut |field, message| errors.push(format!("{field}: {message}")));
         assert!(errors.iter().any(|e| e.starts_with("checkout.depth")), "{errors:?}");
         // A path stays inside the working directory.
-        for bad in ["", "/etc", "../up", "a/../../b", "a//b", "./a", "a/", "a\\b", &"x".repeat(256)] {
+        let wide = "é".repeat(200); // 200 characters, 400 bytes
+        for bad in [
+            "",
+            ".",
+            "..",
+            "/etc",
+            "../up",
+            "a/../../b",
+            "a//b",
+            "./a",
+            "a/",
+            "a\\b",
+            "a\0b",
+            ".git",
+            "src/.GIT/x",
+            ".taskmesh-output",
+            &wide,
+            &"x".repeat(256),
+        ] {
             assert!(CheckoutDef::path_problem(bad).is_some(), "{bad:?}");
         }
-        for good in ["src", "src/app", "a.b/c-d_e", ".hidden"] {
+        for good in ["src", "src/app", "a.b/c-d_e", ".hidden", "src/.taskmesh-output", "a.git"] {
             assert_eq!(CheckoutDef::path_problem(good), None, "{good:?}");
         }
         let step: StepDef = serde_yaml_ng::from_str("{id: a, run: 'true', checkout: {path: ../x}}").unwrap();

@@ -85,6 +85,11 @@ impl Source {
         self
     }
 
+    /// Where under the step's working directory the checkout goes (`None`: the directory itself).
+    pub fn path(&self) -> Option<&str> {
+        self.options.path.as_deref()
+    }
+
     /// Whether the fetch carries the connection's token.
     pub fn authenticated(&self) -> bool {
         self.auth.is_some()

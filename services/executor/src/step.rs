@@ -275,12 +275,16 @@ fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Res
             ("TASKMESH_ATTEMPT".into(), ctx.attempt.to_string()),
         ];
         // The checkout belongs to the executor's user (or run_as), not to the container's
-        // (often root), whose git would refuse it as of dubious ownership.
-        if ctx.checkout.is_some() && !step.env.contains_key("GIT_CONFIG_COUNT") {
+        // (often root), whose git would refuse it as of dubious ownership. git matches the
+        // repository's own top directory: the checkout's `path`, if it has one.
+        if let Some(checkout) = &ctx.checkout
+            && !step.env.contains_key("GIT_CONFIG_COUNT")
+        {
+            let top = checkout.path().map_or(CONTAINER_WORKSPACE.to_string(), |p| format!("{CONTAINER_WORKSPACE}/{p}"));
             env.extend([
                 ("GIT_CONFIG_COUNT".into(), "1".into()),
                 ("GIT_CONFIG_KEY_0".into(), "safe.directory".into()),
-                ("GIT_CONFIG_VALUE_0".into(), CONTAINER_WORKSPACE.into()),
+                ("GIT_CONFIG_VALUE_0".into(), top),
             ]);
         }
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -665,6 +669,14 @@ mod tests {
         let env = env_of(&c);
         assert_eq!(env["GIT_CONFIG_KEY_0"], "safe.directory");
         assert_eq!(env["GIT_CONFIG_VALUE_0"], CONTAINER_WORKSPACE);
+        // Checked out under a path: that is the repository git is to trust.
+        let options = taskmesh_events::workflow::CheckoutDef {
+            enabled: true,
+            path: Some("src/app".into()),
+            ..Default::default()
+        };
+        c.checkout = Some(crate::checkout::Source::new(&checkout, None).unwrap().with_options(options));
+        assert_eq!(env_of(&c)["GIT_CONFIG_VALUE_0"], format!("{CONTAINER_WORKSPACE}/src/app"));
     }
 
     #[tokio::test]
