@@ -1831,6 +1831,24 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
     tm.finish().await;
 }
 
+/// Waits for later@'s e-mail, then `settle` more (for any further attempt to show), and checks
+/// that ops@ and later@ each have it once, under one `Message-ID`; the mails.
+async fn mailed_ops_and_later_once(maildir: &std::path::Path, settle: Duration) -> Vec<String> {
+    eventually("later@'s e-mail", Duration::from_secs(30), || async {
+        Ok(mails(maildir).iter().any(|m| mail_header(m, "X-RcptTo") == "later@example.com").then_some(()))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(settle).await;
+    let all = mails(maildir);
+    let mut to: Vec<String> = all.iter().map(|m| mail_header(m, "X-RcptTo")).collect();
+    to.sort();
+    assert_eq!(to, ["later@example.com", "ops@example.com"], "ops@ has it once: {all:?}");
+    let ids: std::collections::BTreeSet<String> = all.iter().map(|m| mail_header(m, "Message-ID")).collect();
+    assert_eq!(ids.len(), 1, "one message, sent again: {ids:?}");
+    all
+}
+
 /// The recipients aiosmtpd was asked for (`RCPT TO`), in order.
 fn asked(maildir: &std::path::Path) -> Vec<String> {
     let log = std::fs::read_to_string(maildir.with_extension("rcpt")).unwrap_or_default();
@@ -1879,19 +1897,8 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     tm.wait_run(run, Duration::from_secs(30)).await;
     // The first attempt mails ops@ and is refused gone@ for good and later@ for now; the retry,
     // a second on, asks only later@, the one left, under the same Message-ID.
-    eventually("later@'s e-mail", Duration::from_secs(30), || async {
-        Ok(mails(&maildir).iter().any(|m| mail_header(m, "X-RcptTo") == "later@example.com").then_some(()))
-    })
-    .await
-    .unwrap();
-    // Two more attempts would have come by now, were either delivery still retried.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let all = mails(&maildir);
-    let mut to: Vec<String> = all.iter().map(|m| mail_header(m, "X-RcptTo")).collect();
-    to.sort();
-    assert_eq!(to, ["later@example.com", "ops@example.com"], "ops@ has it once: {all:?}");
-    let ids: std::collections::BTreeSet<String> = all.iter().map(|m| mail_header(m, "Message-ID")).collect();
-    assert_eq!(ids.len(), 1, "one message, sent again: {ids:?}");
+    // Two more attempts would have come 2.5 s on, were either delivery still retried.
+    let all = mailed_ops_and_later_once(&maildir, Duration::from_millis(2500)).await;
     for mail in &all {
         assert_eq!(mail_header(mail, "To"), "ops@example.com, gone@example.com, later@example.com", "{mail}");
     }
@@ -1920,6 +1927,43 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     assert!(error.contains("refused every recipient") && error.contains("gone@lists.example.com"), "{error}");
     assert_eq!(refused[0]["payload"]["data"]["run_id"], run.to_string());
     assert!(failed(&endpoints[0]).await.is_empty());
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_email_sent_again_on_request_mails_only_the_addresses_left() {
+    // One attempt a delivery: an address refused for now fails the delivery at once.
+    let Some(Mailing { tm, maildir, _smtp, _dir }) = mailing_mesh(|s| s.notification.retry_delays_secs = vec![]).await
+    else {
+        return;
+    };
+    let body = serde_json::json!({"url": "mailto:ops@example.com, later@example.com", "format": "email"});
+    let res = tm.send_json(reqwest::Method::POST, "/v1/webhook-endpoints", &body).await;
+    assert_eq!(res.status(), 201);
+    let endpoint = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let run = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'true'}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    // ops@ took it; later@ was refused it for now (once), and with no retry left the delivery
+    // is given up and listed.
+    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let item = eventually("the e-mail listed as failed", Duration::from_secs(30), || async {
+        let page = tm.get_json(&failed).await;
+        Ok(page["items"].as_array().unwrap().first().cloned())
+    })
+    .await
+    .unwrap();
+    let res =
+        tm.auth(tm.http.post(format!("{failed}/{}/retry", item["message_id"].as_str().unwrap()))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    mailed_ops_and_later_once(&maildir, Duration::from_millis(500)).await;
+    let asked = asked(&maildir);
+    let times = |address: &str| asked.iter().filter(|a| a.as_str() == address).count();
+    assert_eq!(
+        (times("ops@example.com"), times("later@example.com")),
+        (1, 2),
+        "only the one left asked again: {asked:?}"
+    );
     tm.finish().await;
 }
 
