@@ -1875,9 +1875,12 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     let keyring = taskmesh::mesh::keyring(&tm.env.settings).unwrap().unwrap();
     let ingest = taskmesh_ingest::Ingest::new(tm.bus.clone()).with_email(&wider);
     let mut endpoints = Vec::new();
+    // And one whose recipients are refused for good, one on the first attempt, the other on
+    // the retry.
     for url in [
         "mailto:ops@example.com, gone@example.com, later@example.com, stranger@example.org",
         "mailto:gone@lists.example.com",
+        "mailto:gone@mail.example.com, closing@example.com",
     ] {
         let created = ingest
             .create_webhook_endpoint(taskmesh_events::command::CreateWebhookEndpoint {
@@ -1927,6 +1930,18 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     assert!(error.contains("refused every recipient") && error.contains("gone@lists.example.com"), "{error}");
     assert_eq!(refused[0]["payload"]["data"]["run_id"], run.to_string());
     assert!(failed(&endpoints[0]).await.is_empty());
+    // Refused every recipient over two attempts: the failure names both.
+    let closing = eventually("the e-mail refused over two attempts listed", Duration::from_secs(10), || async {
+        let items = failed(&endpoints[2]).await;
+        Ok((!items.is_empty()).then_some(items))
+    })
+    .await
+    .unwrap();
+    assert_eq!(closing[0]["attempts"], 2, "{closing:?}");
+    let error = closing[0]["error"].as_str().unwrap();
+    for address in ["refused every recipient", "gone@mail.example.com", "closing@example.com"] {
+        assert!(error.contains(address), "{address} in {error}");
+    }
     tm.finish().await;
 }
 

@@ -3,6 +3,8 @@ refuses some recipients, as real mail servers do.
 
 - gone@<any domain> is refused for good (550 5.1.1, no such mailbox), every time;
 - later@<any domain> is refused for now (451 4.3.0) the first time it is asked for, then taken;
+- closing@<any domain> is refused for now the first time, then for good (a mailbox being
+  closed);
 - every other recipient is taken.
 
 Each recipient asked for (RCPT TO) is appended, one per line, to the file <maildir>.rcpt beside
@@ -27,7 +29,9 @@ class RefusingMailbox(Mailbox):
         self.asked[local] = self.asked.get(local, 0) + 1
         if local == "gone":
             return "550 5.1.1 no such mailbox"
-        if local == "later" and self.asked[local] == 1:
+        if local in ("later", "closing") and self.asked[local] == 1:
             return "451 4.3.0 try again later"
+        if local == "closing":
+            return "550 5.1.1 mailbox closed"
         envelope.rcpt_tos.append(address)
         return "250 OK"

@@ -59,17 +59,24 @@ struct Recipients {
     done: HashSet<String>,
     /// One of them took it.
     taken: bool,
+    /// Why those refused it for good were (for the failure, should every one be).
+    refused: Vec<String>,
 }
 
 impl Settled {
-    /// Notes that `recipient` of message `id` took it (`taken`) or was refused it for good.
-    fn note(&mut self, id: &str, recipient: &lettre::Address, taken: bool) {
+    /// Notes that `recipient` of message `id` took it, or was refused it for good (`refused`:
+    /// why).
+    fn note(&mut self, id: &str, recipient: &lettre::Address, refused: Option<&str>) {
         let recipients = self.by_message.entry(id.to_string()).or_insert_with(|| {
             self.order.push_back(id.to_string());
             Recipients::default()
         });
-        recipients.done.insert(recipient.to_string());
-        recipients.taken |= taken;
+        if recipients.done.insert(recipient.to_string()) {
+            match refused {
+                Some(reason) => recipients.refused.push(reason.to_string()),
+                None => recipients.taken = true,
+            }
+        }
         // Forgotten messages leave their place in `order` behind (forgetting costs no scan);
         // such a place, if its message comes back, may forget it early: a re-mail, never a
         // lost one.
@@ -182,7 +189,8 @@ impl Mailer {
                 self.settle(id, recipient, sent)
             }
         });
-        let (mut refused, mut failed, mut taken) = (Vec::new(), None, before.taken);
+        // Those refused for good by earlier attempts count toward "every recipient" too.
+        let (mut refused, mut failed, mut taken) = (before.refused, None, before.taken);
         for sent in futures::future::join_all(sends).await {
             match sent {
                 Sent::Taken => taken = true,
@@ -208,10 +216,12 @@ impl Mailer {
 
     /// Notes a recipient the attempt settled (took the message, or was refused it for good).
     fn settle(&self, id: &str, recipient: &lettre::Address, sent: Sent) -> Sent {
-        if !matches!(sent, Sent::Failed(_)) {
-            let taken = matches!(sent, Sent::Taken);
-            self.settled.lock().unwrap_or_else(|e| e.into_inner()).note(id, recipient, taken);
-        }
+        let refused = match &sent {
+            Sent::Failed(_) => return sent,
+            Sent::Taken => None,
+            Sent::Refused(reason) => Some(reason.as_str()),
+        };
+        self.settled.lock().unwrap_or_else(|e| e.into_inner()).note(id, recipient, refused);
         sent
     }
 }
