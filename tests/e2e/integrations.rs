@@ -1669,6 +1669,9 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
         assert!(entry["error"].as_str().unwrap().contains("404"), "{entry}");
         assert_eq!(entry["payload"]["type"], "run.succeeded", "the event, as a standard endpoint is sent it: {entry}");
     }
+    // Were busy's delivery given up, its failure would be recorded right after its attempt.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tm.wait_projected().await;
     assert!(failed("busy").await.is_empty());
     tm.finish().await;
 }
@@ -1911,6 +1914,8 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     assert_eq!(times("ops@example.com"), 1, "took it, not asked on the retry: {asked:?}");
     assert_eq!(times("gone@lists.example.com"), 1, "refused for good: not asked again: {asked:?}");
     assert_eq!(times("stranger@example.org"), 0, "not in the domains e-mail may go to: {asked:?}");
+    assert_eq!(times("gone@mail.example.com"), 1, "refused for good, not asked on the retry: {asked:?}");
+    assert_eq!(times("closing@example.com"), 2, "refused for now, then for good on the retry: {asked:?}");
     // The endpoint whose every recipient was refused for good lists its delivery as failed,
     // after its one attempt; the other, whose recipients all took it or were refused, none.
     let failed = |id: &str| {
@@ -1929,6 +1934,7 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     let error = refused[0]["error"].as_str().unwrap();
     assert!(error.contains("refused every recipient") && error.contains("gone@lists.example.com"), "{error}");
     assert_eq!(refused[0]["payload"]["data"]["run_id"], run.to_string());
+    tm.wait_projected().await;
     assert!(failed(&endpoints[0]).await.is_empty());
     // Refused every recipient over two attempts: the failure names both.
     let closing = eventually("the e-mail refused over two attempts listed", Duration::from_secs(10), || async {

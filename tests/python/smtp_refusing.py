@@ -2,9 +2,10 @@
 refuses some recipients, as real mail servers do.
 
 - gone@<any domain> is refused for good (550 5.1.1, no such mailbox), every time;
-- later@<any domain> is refused for now (451 4.3.0) the first time it is asked for, then taken;
-- closing@<any domain> is refused for now the first time, then for good (a mailbox being
-  closed);
+- later@<any domain> is refused for now (451 4.3.0) the first time that address is asked for,
+  then taken;
+- closing@<any domain> is refused for now the first time that address is asked for, then for
+  good (a mailbox being closed);
 - every other recipient is taken.
 
 Each recipient asked for (RCPT TO) is appended, one per line, to the file <maildir>.rcpt beside
@@ -25,11 +26,13 @@ class RefusingMailbox(Mailbox):
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with open(str(self.mail_dir) + ".rcpt", "a", encoding="utf-8") as log:
             log.write(address + "\n")
+        # Counted by the whole address: later@a and later@b are refused for now once each.
+        self.asked[address.lower()] = self.asked.get(address.lower(), 0) + 1
+        asked = self.asked[address.lower()]
         local = address.split("@", 1)[0].lower()
-        self.asked[local] = self.asked.get(local, 0) + 1
         if local == "gone":
             return "550 5.1.1 no such mailbox"
-        if local in ("later", "closing") and self.asked[local] == 1:
+        if local in ("later", "closing") and asked == 1:
             return "451 4.3.0 try again later"
         if local == "closing":
             return "550 5.1.1 mailbox closed"

@@ -161,14 +161,7 @@ impl CheckoutDef {
         if path.is_empty() || path.len() > Self::MAX_PATH {
             return Some(format!("1 to {} bytes", Self::MAX_PATH));
         }
-        let plain = |name: &str| {
-            !name.is_empty()
-                && name != "."
-                && name != ".."
-                && !name.eq_ignore_ascii_case(".git")
-                && !name.contains(['\\', '\0'])
-        };
-        if path.starts_with('/') || !path.split('/').all(plain) {
+        if !is_plain_relative_path(path, Self::MAX_PATH) || path.split('/').any(|n| n.eq_ignore_ascii_case(".git")) {
             return Some(format!(
                 "'{path}' is not a relative path of plain names (no '.', '..', '.git' or empty ones)"
             ));
@@ -257,6 +250,16 @@ impl JsonSchema for CheckoutDef {
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
         CheckoutInput::json_schema(generator)
     }
+}
+
+/// Whether `path` is a relative path of plain names, of 1 to `max` bytes: no empty, `.` or `..`
+/// name (so no leading `/`), no backslash and no control character. Such a path stays inside
+/// whatever it is joined to.
+pub fn is_plain_relative_path(path: &str, max: usize) -> bool {
+    !path.is_empty()
+        && path.len() <= max
+        && !path.chars().any(|c| c.is_control() || c == '\\')
+        && path.split('/').all(|name| !matches!(name, "" | "." | ".."))
 }
 
 /// Lowest and highest priorities.
@@ -1126,6 +1129,7 @@ mod tests {
             "a/",
             "a\\b",
             "a\0b",
+            "a\nb",
             ".git",
             "src/.GIT/x",
             ".taskmesh-output",

@@ -95,7 +95,7 @@ fn is_expired(seq: i64, first: u64) -> bool {
 
 /// Whether sending the failure recorded at `seq` again was not found because its event has
 /// aged out of the log (the log is looked at only then: the usual answer costs nothing more).
-async fn aged_out<T>(state: &AppState, seq: i64, answer: &Result<T, taskmesh_events::Problem>) -> bool {
+async fn aged_out<T>(state: &AppState, seq: i64, answer: &taskmesh_events::command::Reply<T>) -> bool {
     matches!(answer, Err(p) if p.code == ErrorCode::NotFound) && is_expired(seq, first_kept(state).await)
 }
 
@@ -157,7 +157,8 @@ pub async fn list(
     .fetch_all(&state.pool)
     .await?;
     let next_cursor = crate::cut_page(&mut rows, limit, |r| r.get::<i64, _>("seq"));
-    let first = first_kept(&state).await;
+    // (An empty page asks the log nothing.)
+    let first = if rows.is_empty() { 1 } else { first_kept(&state).await };
     let items = rows
         .iter()
         .map(|r| FailedDelivery {

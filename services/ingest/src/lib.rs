@@ -1070,11 +1070,7 @@ fn concurrency_of(
 /// A pipeline file's path: relative to the repository's root, `/`-separated, with no empty, `.`
 /// or `..` part, of 1 to 255 bytes, printable.
 fn check_pipeline_file(path: &str) -> Result<(), Problem> {
-    let fine = !path.is_empty()
-        && path.len() <= 255
-        && !path.chars().any(|c| c.is_control() || c == '\\')
-        && path.split('/').all(|p| !matches!(p, "" | "." | ".."));
-    if fine {
+    if taskmesh_events::workflow::is_plain_relative_path(path, 255) {
         Ok(())
     } else {
         Err(invalid("pipeline_file", "must be a path within the repository, like '.taskmesh.yml' or 'ci/build.yml'"))

@@ -59,9 +59,13 @@ struct Recipients {
     done: HashSet<String>,
     /// One of them took it.
     taken: bool,
-    /// Why those refused it for good were (for the failure, should every one be).
-    refused: Vec<String>,
+    /// Those refused it for good, each with why (for the failure, should every one be).
+    refused: Vec<(String, String)>,
 }
+
+/// Most bytes of why a recipient was refused that are kept (a server's reply may be long): ten
+/// recipients' fit a recorded failure's error.
+const REASON_BYTES: usize = 90;
 
 impl Settled {
     /// Notes that `recipient` of message `id` took it, or was refused it for good (`refused`:
@@ -73,7 +77,7 @@ impl Settled {
         });
         if recipients.done.insert(recipient.to_string()) {
             match refused {
-                Some(reason) => recipients.refused.push(reason.to_string()),
+                Some(reason) => recipients.refused.push((recipient.to_string(), reason.to_string())),
                 None => recipients.taken = true,
             }
         }
@@ -189,8 +193,11 @@ impl Mailer {
                 self.settle(id, recipient, sent)
             }
         });
-        // Those refused for good by earlier attempts count toward "every recipient" too.
-        let (mut refused, mut failed, mut taken) = (before.refused, None, before.taken);
+        // Those refused for good by earlier attempts (and still recipients) count toward
+        // "every recipient" too.
+        let earlier = before.refused.into_iter().filter(|(a, _)| recipients.iter().any(|r| r.to_string() == *a));
+        let (mut refused, mut failed, mut taken) =
+            (earlier.map(|(_, why)| why).collect::<Vec<_>>(), None, before.taken);
         for sent in futures::future::join_all(sends).await {
             match sent {
                 Sent::Taken => taken = true,
@@ -215,11 +222,15 @@ impl Mailer {
     }
 
     /// Notes a recipient the attempt settled (took the message, or was refused it for good).
-    fn settle(&self, id: &str, recipient: &lettre::Address, sent: Sent) -> Sent {
-        let refused = match &sent {
+    /// A refusal's reason is cut to [`REASON_BYTES`].
+    fn settle(&self, id: &str, recipient: &lettre::Address, mut sent: Sent) -> Sent {
+        let refused = match &mut sent {
             Sent::Failed(_) => return sent,
             Sent::Taken => None,
-            Sent::Refused(reason) => Some(reason.as_str()),
+            Sent::Refused(reason) => {
+                taskmesh_events::truncate_at_char(reason, REASON_BYTES);
+                Some(reason.as_str())
+            }
         };
         self.settled.lock().unwrap_or_else(|e| e.into_inner()).note(id, recipient, refused);
         sent

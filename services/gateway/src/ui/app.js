@@ -628,6 +628,7 @@ function webhooksView() {
   const url = el("input", { name: "url", placeholder: "https://… or mailto:…", size: 40, required: true });
   const format = el("select", { name: "format" }, ["standard_webhooks", "slack", "email"].map((f) => el("option", { value: f }, f)));
   const events = el("select", { name: "events" }, [["", "every run's end"], ["run.succeeded", "run.succeeded"], ["run.failed", "run.failed"]].map(([v, t]) => el("option", { value: v }, t)));
+  const changes = changing(problem);
   const add = adminForm(problem, "Add endpoint", [url, format, events], async () => {
     const r = await api("/v1/webhook-endpoints", {
       method: "POST",
@@ -638,7 +639,6 @@ function webhooksView() {
     changes.wrote(r);
   });
   show(el("h1", {}, "Webhooks"), add, made, problem, table(["Endpoint", "Format", "Events", "State", "", "", ""], body));
-  const changes = changing(problem);
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
@@ -805,6 +805,7 @@ function keysView() {
   const made = el("div");
   const name = el("input", { name: "name", placeholder: "name (what uses it)", maxlength: 200 });
   const role = el("select", { name: "role" }, ["viewer", "operator", "admin"].map((r) => el("option", { value: r }, r)));
+  const changes = changing(problem);
   const add = adminForm(problem, "Issue key", [name, role], async () => {
     const n = name.value.trim();
     const r = await api("/v1/keys", { method: "POST", body: { role: role.value, name: n || null } });
@@ -814,7 +815,6 @@ function keysView() {
   });
   show(el("h1", {}, "API keys"), add, made, problem,
     table(["Name", "Role", "Prefix", "Created", "Last used", "Revoked", ""], body));
-  const changes = changing(problem);
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
@@ -822,11 +822,11 @@ function keysView() {
       if (view.stopped) return;
       problem.replaceChildren();
       add.hidden = !isAdmin();
+      // Revoke only when the page knows its own key (else it might offer to revoke that).
+      const known = Boolean(me && RUN_ID.test(me.key_id || ""));
       body.replaceChildren(...(answer || []).map((x) => {
         // Only a key's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
-        // Revoke only when the page knows its own key (else it might offer to revoke that).
-        const known = Boolean(me && RUN_ID.test(me.key_id || ""));
         const action = x.revoked_at || !known || !isAdmin() ? null
           : me.key_id === id ? el("span", { class: "muted" }, "this page's key")
           : id && changes.gone.has(id) ? el("span", { class: "muted" }, "revoking…")
