@@ -374,8 +374,10 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     assert_eq!(browser.run("return document.querySelector('main').innerText.includes('s3cr3t')").await, false);
     let listed = tm.get_json(format!("{}/v1/secrets", tm.api)).await;
     assert!(listed["items"].as_array().unwrap().iter().any(|x| x["name"] == "DEPLOY_TOKEN"), "{listed}");
-    browser.run(&format!("{secret_row}.querySelector('button.delete').click(); return true")).await;
-    browser.run(&format!("{secret_row}.querySelector('button.delete').click(); return true")).await;
+    let armed = format!(
+        "const b = {secret_row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said"
+    );
+    assert_eq!(browser.run(&armed).await, "Delete? Click again");
     browser.until("the secret gone", &format!("return !{secret_row}")).await;
 
     // An admin issues a key from the Keys page (shown once; it works) and revokes it (a second

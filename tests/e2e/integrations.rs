@@ -672,10 +672,8 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
         s.notification.disable_after_secs = 2;
     })
     .await;
-    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
-    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
-    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
+    let failed = failed_deliveries(&tm, &endpoint);
     let run_ends = |name: &'static str| {
         let tm = &tm;
         async move {
@@ -828,9 +826,7 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
         s.notification.disable_after_secs = 0;
     })
     .await;
-    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
-    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
     let run = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
     tm.wait_run(run, Duration::from_secs(30)).await;
     // Its first attempt has failed; before the retry the endpoint is disabled (as a notifier
@@ -847,7 +843,7 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     // The retry finds it disabled: nothing is sent, and the delivery is listed as failed, to be
     // sent again once the endpoint is enabled.
-    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let failed = failed_deliveries(&tm, &endpoint);
     let listed = eventually("the delivery given up", Duration::from_secs(30), || async {
         let items = tm.get_json(failed.clone()).await["items"].as_array().unwrap().clone();
         Ok(items.first().cloned())
@@ -864,10 +860,8 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
 async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // Two attempts: the first, and one retry a second later.
     let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![1]).await;
-    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
-    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
-    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
+    let failed = failed_deliveries(&tm, &endpoint);
 
     // Two runs end while the endpoint is down: both deliveries are given up, and listed newest
     // first with what they carry.
@@ -979,10 +973,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // What is not there is a 404 problem.
     for res in [
         retry("no-such-message").await,
-        tm.auth(tm.http.get(format!("{}/v1/webhook-endpoints/{}/failed-deliveries", tm.api, uuid::Uuid::now_v7())))
-            .send()
-            .await
-            .unwrap(),
+        tm.auth(tm.http.get(failed_deliveries(&tm, uuid::Uuid::now_v7()))).send().await.unwrap(),
     ] {
         assert_eq!(res.status(), 404);
         assert_eq!(res.headers()["content-type"], "application/problem+json");
@@ -999,9 +990,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
 async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first() {
     // One attempt a delivery: a run's end the endpoint refuses is given up at once.
     let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![]).await;
-    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
-    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
     let before = chrono::Utc::now();
     // 101 runs end while the endpoint is down.
     for n in [100, 1] {
@@ -1027,7 +1016,7 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
     // Each request sends at most 100, oldest first, and says whether more are left; read
     // after its answer's `seq`, the next does not pick those again. `since` before them all
     // takes them all in.
-    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let failed = failed_deliveries(&tm, &endpoint);
     let all = |after: &serde_json::Value| {
         let mut req = tm.auth(tm.http.post(format!("{failed}/retry"))).json(&serde_json::json!({"since": before}));
         if let Some(seq) = after["seq"].as_u64() {
@@ -1065,10 +1054,8 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
 async fn a_failed_delivery_whose_event_aged_out_is_listed_as_expired_and_not_sent_again() {
     // One attempt a delivery: a run's end the endpoint refuses is given up at once.
     let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![]).await;
-    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
-    let endpoint = subscribe_url(&tm, &url).await["id"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
-    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
+    let failed = failed_deliveries(&tm, &endpoint);
     for name in ["older", "newer"] {
         let run = tm.submit(&format!("name: {name}\nsteps:\n  - {{id: a, run: 'true'}}\n")).await;
         tm.wait_run(run, Duration::from_secs(30)).await;
@@ -1146,6 +1133,21 @@ pub(crate) async fn subscribe_url(tm: &TestMesh, url: &str) -> serde_json::Value
     let res = post_endpoint(tm, url).await;
     assert_eq!(res.status(), 201);
     res.json().await.unwrap()
+}
+
+/// A webhook endpoint that is down (a [`switchable_receiver_on`] loopback, answering 500 until
+/// its switch is on), subscribed and visible to the gateway: its id, what it is sent once up,
+/// and its switch.
+async fn down_endpoint(tm: &TestMesh) -> (String, Received, Arc<std::sync::atomic::AtomicBool>) {
+    let (url, seen, up) = switchable_receiver_on("127.0.0.1", false).await;
+    let endpoint = subscribe_url(tm, &url).await["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    (endpoint, seen, up)
+}
+
+/// The address of webhook endpoint `id`'s failed deliveries.
+fn failed_deliveries(tm: &TestMesh, id: impl std::fmt::Display) -> String {
+    format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api)
 }
 
 /// A mesh (set as `tweak` says) where tenant `default`'s endpoint answers every delivery 500,
@@ -1654,7 +1656,7 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
     // deliveries, each with the attempts it had; the busy endpoint's delivery, which got
     // through, is not.
     let failed = |path: &str| {
-        let url = format!("{}/v1/webhook-endpoints/{}/failed-deliveries", tm.api, ids[path]);
+        let url = failed_deliveries(&tm, &ids[path]);
         let tm = &tm;
         async move { tm.get_json(url).await["items"].as_array().unwrap().clone() }
     };
@@ -1919,7 +1921,7 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     // The endpoint whose every recipient was refused for good lists its delivery as failed,
     // after its one attempt; the other, whose recipients all took it or were refused, none.
     let failed = |id: &str| {
-        let url = format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api);
+        let url = failed_deliveries(&tm, id);
         let tm = &tm;
         async move { tm.get_json(url).await["items"].as_array().unwrap().clone() }
     };
@@ -1967,7 +1969,7 @@ async fn a_failed_email_sent_again_on_request_mails_only_the_addresses_left() {
     tm.wait_run(run, Duration::from_secs(30)).await;
     // ops@ took it; later@ was refused it for now (once), and with no retry left the delivery
     // is given up and listed.
-    let failed = format!("{}/v1/webhook-endpoints/{endpoint}/failed-deliveries", tm.api);
+    let failed = failed_deliveries(&tm, &endpoint);
     let item = eventually("the e-mail listed as failed", Duration::from_secs(30), || async {
         let page = tm.get_json(&failed).await;
         Ok(page["items"].as_array().unwrap().first().cloned())
