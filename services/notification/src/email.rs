@@ -16,11 +16,12 @@
 //! restart, goes to every recipient again, under the same `Message-ID`. Credentials go only
 //! over TLS (`smtps://`, or `?tls=required` for STARTTLS).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hashlink::LinkedHashMap;
 use lettre::address::Envelope;
 use lettre::message::Mailbox;
 use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
@@ -46,12 +47,13 @@ pub(crate) struct Mailer {
 pub(crate) const SETTLED_KEPT: usize = 10_000;
 
 /// The recipients of messages being retried that earlier attempts settled: each took the message
-/// or was refused it for good. The oldest message is forgotten first beyond [`SETTLED_KEPT`]
-/// (its retry then mails everyone again).
+/// or was refused it for good. Beyond [`SETTLED_KEPT`], the message noted least recently is
+/// forgotten first (its retry then mails everyone again); a message done with is forgotten at
+/// once.
 #[derive(Default)]
 struct Settled {
-    by_message: HashMap<String, Recipients>,
-    order: VecDeque<String>,
+    /// Least recently noted first.
+    by_message: LinkedHashMap<String, Recipients>,
 }
 
 #[derive(Default, Clone)]
@@ -71,24 +73,20 @@ impl Settled {
     /// Notes that `recipient` of message `id` took it, or was refused it for good (`refused`:
     /// why).
     fn note(&mut self, id: &str, recipient: &lettre::Address, refused: Option<&str>) {
-        let recipients = self.by_message.entry(id.to_string()).or_insert_with(|| {
-            self.order.push_back(id.to_string());
-            Recipients::default()
-        });
+        let recipients = self.by_message.entry(id.to_string()).or_insert_with(Recipients::default);
         if recipients.done.insert(recipient.to_string()) {
             match refused {
                 Some(reason) => recipients.refused.push((recipient.to_string(), reason.to_string())),
                 None => recipients.taken = true,
             }
         }
-        // Forgotten messages leave their place in `order` behind (forgetting costs no scan);
-        // such a place, if its message comes back, may forget it early: a re-mail, never a
-        // lost one.
-        while self.order.len() > SETTLED_KEPT {
-            if let Some(old) = self.order.pop_front() {
-                self.by_message.remove(&old);
-            }
+        while self.by_message.len() > SETTLED_KEPT {
+            self.by_message.pop_front();
         }
+    }
+
+    fn get(&self, id: &str) -> Option<&Recipients> {
+        self.by_message.get(id)
     }
 
     fn forget(&mut self, id: &str) {
@@ -161,7 +159,7 @@ impl Mailer {
         let message = message.body(body).map_err(|e| Outcome::Refused(format!("building the e-mail: {e}")))?;
         let raw = message.formatted();
         let sender = Some(self.from.email.clone());
-        let before = self.settled.lock().unwrap_or_else(|e| e.into_inner()).by_message.get(id).cloned();
+        let before = self.settled.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
         let before = before.unwrap_or_default();
         let left: Vec<_> = recipients.iter().filter(|r| !before.done.contains(&r.to_string())).collect();
         // All at once, each transaction bounded as a whole (lettre's own timeout covers
@@ -309,6 +307,28 @@ mod tests {
             text(&plain, None),
             ("[Taskmesh] run 01a2-run succeeded".into(), "The run 01a2-run succeeded.\n".into())
         );
+    }
+
+    /// The bound counts messages still being sent or retried: those done with (forgotten) do
+    /// not push out one that waits for its retry, however many went before it.
+    #[test]
+    fn the_settled_recipients_of_a_waiting_message_outlast_many_done_with() {
+        let to: lettre::Address = "ops@example.com".parse().unwrap();
+        let mut settled = Settled::default();
+        settled.note("waiting", &to, None);
+        for n in 0..2 * SETTLED_KEPT {
+            let id = format!("done-{n}");
+            settled.note(&id, &to, Some("550 no such mailbox"));
+            settled.forget(&id);
+        }
+        assert!(settled.get("waiting").is_some_and(|r| r.taken && r.done.contains("ops@example.com")));
+        // Beyond the bound, the one noted least recently goes first.
+        for n in 0..SETTLED_KEPT {
+            settled.note(&format!("retried-{n}"), &to, None);
+        }
+        assert!(settled.get("waiting").is_none());
+        assert!(settled.get("retried-0").is_some());
+        assert_eq!(settled.by_message.len(), SETTLED_KEPT);
     }
 
     // The transport's connection pool starts a task: a Tokio runtime is needed.
