@@ -379,6 +379,24 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     );
     assert_eq!(browser.run(&armed).await, "Delete? Click again");
     browser.until("the secret gone", &format!("return !{secret_row}")).await;
+    assert!(
+        browser
+            .run("return document.querySelector('main').innerText")
+            .await
+            .as_str()
+            .unwrap()
+            .contains("DEPLOY_TOKEN is deleted.")
+    );
+    // Set again after its delete (the name is still in the form), it can be deleted again: it
+    // is no longer marked deleting.
+    browser.type_into("main input[name=value]", "another").await;
+    browser.click("main form button[type=submit]").await;
+    browser
+        .until(
+            "the secret listed again, with its Delete",
+            &format!("return !!{secret_row} && !!{secret_row}.querySelector('button.delete')"),
+        )
+        .await;
 
     // An admin issues a key from the Keys page (shown once; it works) and revokes it (a second
     // click confirms; it then works no more). The page's own key offers no Revoke.

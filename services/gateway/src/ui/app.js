@@ -540,13 +540,16 @@ function changing(problem) {
   // Deletes what `path` names (`id`): the answer carries no sequence to wait for, so `gone`
   // keeps its row marked until the read side has the change (the row dropped, or revoked).
   changes.gone = new Set();
+  // Answers whether it was deleted.
   changes.remove = async (path, id) => {
     try {
       await api(path, { method: "DELETE" });
       changes.gone.add(id);
       if (changes.shown) changes.shown.now();
+      return true;
     } catch (e) {
       problem.replaceChildren(failure(e));
+      return false;
     }
   };
   changes.api = async (path) => {
@@ -654,9 +657,10 @@ function webhooksView() {
         const button = x.disabled_at && id && admin
           ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/enable`) }, "Enable")
           : null;
-        const del = id && admin && !changes.gone.has(id)
-          ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => changes.remove(`/v1/webhook-endpoints/${id}`, id)) }, "Delete")
-          : id && changes.gone.has(id) ? el("span", { class: "muted" }, "deleting…") : null;
+        const del = !id ? null
+          : changes.gone.has(id) ? el("span", { class: "muted" }, "deleting…")
+          : admin ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => changes.remove(`/v1/webhook-endpoints/${id}`, id)) }, "Delete")
+          : null;
         return el("tr", {},
           el("td", { class: "mono" }, x.url),
           el("td", {}, x.format),
@@ -746,8 +750,9 @@ function failedDeliveriesView(id, query) {
 
 // The tenant's secrets: names and when each was last set, never a value. An admin sets one
 // (the value goes to the API and is not kept on the page) and deletes one (a second click
-// confirms). Neither answer carries a sequence: the list shows a change once the read side has it.
-// Only such a name goes into the API's paths.
+// confirms; the row shows "deleting…" until the read side drops it). Neither answer carries a
+// sequence: the list shows a change once the read side has it. Only such a name goes into the
+// API's paths.
 const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,63}$/;
 
 function secretsView() {
@@ -756,25 +761,22 @@ function secretsView() {
   const said = el("p", { class: "muted" });
   const name = el("input", { name: "name", placeholder: "NAME", pattern: "[A-Z_][A-Z0-9_]*", required: true });
   const value = el("input", { name: "value", type: "password", placeholder: "value", autocomplete: "off", required: true });
+  const changes = changing(problem);
   const set = adminForm(problem, "Set secret", [name, value], async () => {
     const n = name.value.trim();
     if (!SECRET_NAME.test(n)) throw new Error("A secret's name is A-Z, 0-9 and _, not starting with a digit, at most 64.");
     await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
     value.value = "";
+    // Set again after a delete: no longer on its way out.
+    changes.gone.delete(n);
     said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
-    if (view) view.now();
+    if (changes.shown) changes.shown.now();
   });
   show(el("h1", {}, "Secrets"), set, said, problem, table(["Name", "Set", ""], body));
   const remove = async (n) => {
-    try {
-      await api(`/v1/secrets/${enc(n)}`, { method: "DELETE" });
-      said.textContent = `${n} is deleted.`;
-      if (view) view.now();
-    } catch (e) {
-      problem.replaceChildren(failure(e));
-    }
+    if (await changes.remove(`/v1/secrets/${enc(n)}`, n)) said.textContent = `${n} is deleted.`;
   };
-  const view = every(5000, async (v) => {
+  changes.shown = every(5000, async (v) => {
     try {
       await whoami();
       const answer = await api("/v1/secrets");
@@ -782,13 +784,20 @@ function secretsView() {
       problem.replaceChildren();
       const admin = isAdmin();
       set.hidden = !admin;
+      // A name the read side no longer lists is deleted: set again later (here or elsewhere),
+      // it may be deleted again.
+      const listed = new Set((answer.items || []).map((x) => x.name));
+      for (const n of [...changes.gone]) if (!listed.has(n)) changes.gone.delete(n);
+      const action = (n) => {
+        if (!admin || !SECRET_NAME.test(n)) return null;
+        if (changes.gone.has(n)) return el("span", { class: "muted" }, "deleting…");
+        return el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(n)) }, "Delete");
+      };
       body.replaceChildren(...(answer.items || []).map((x) =>
         el("tr", {},
           el("td", { class: "mono" }, x.name),
           el("td", {}, when(x.updated_at)),
-          el("td", {}, admin && SECRET_NAME.test(x.name)
-            ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(x.name)) }, "Delete")
-            : null))));
+          el("td", {}, action(x.name)))));
       if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 3, class: "muted" }, "No secrets.")));
     } catch (e) {
       problem.replaceChildren(failure(e));
