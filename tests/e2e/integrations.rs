@@ -952,17 +952,9 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing more was sent");
     // All of them again: those not sent again since they failed (the second), and only those
     // that failed since the time given.
-    let all = |body: serde_json::Value| {
-        let (tm, url) = (&tm, format!("{failed}/retry"));
-        async move {
-            let res = tm.auth(tm.http.post(url)).json(&body).send().await.unwrap();
-            assert_eq!(res.status(), 200);
-            res.json::<serde_json::Value>().await.unwrap()
-        }
-    };
     let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
-    assert_eq!(all(serde_json::json!({"since": later})).await["retried"], 0);
-    let sent = all(serde_json::json!({})).await;
+    assert_eq!(retry_all(&tm, &failed, Some(serde_json::json!({"since": later})), None).await["retried"], 0);
+    let sent = retry_all(&tm, &failed, Some(serde_json::json!({})), None).await;
     assert_eq!((&sent["retried"], &sent["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{sent}");
     eventually("the second sent again", Duration::from_secs(30), || async {
         Ok((seen.lock().unwrap().len() == 2).then_some(()))
@@ -1018,15 +1010,7 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
     // takes them all in.
     let failed = failed_deliveries(&tm, &endpoint);
     let all = |after: &serde_json::Value| {
-        let mut req = tm.auth(tm.http.post(format!("{failed}/retry"))).json(&serde_json::json!({"since": before}));
-        if let Some(seq) = after["seq"].as_u64() {
-            req = req.header("Taskmesh-Min-Seq", seq.to_string());
-        }
-        async move {
-            let res = req.send().await.unwrap();
-            assert_eq!(res.status(), 200);
-            res.json::<serde_json::Value>().await.unwrap()
-        }
+        retry_all(&tm, &failed, Some(serde_json::json!({"since": before})), after["seq"].as_u64())
     };
     let first = all(&serde_json::Value::Null).await;
     assert_eq!((&first["retried"], &first["more"]), (&serde_json::json!(100), &serde_json::json!(true)), "{first}");
@@ -1093,9 +1077,7 @@ async fn a_failed_delivery_whose_event_aged_out_is_listed_as_expired_and_not_sen
         (&serde_json::json!(failures[0].1), &serde_json::json!(true))
     );
     // Sending them all again passes over the expired one (it would fail every request).
-    let res = tm.auth(tm.http.post(format!("{failed}/retry"))).send().await.unwrap();
-    assert_eq!(res.status(), 200);
-    let sent = res.json::<serde_json::Value>().await.unwrap();
+    let sent = retry_all(&tm, &failed, None, None).await;
     assert_eq!((&sent["retried"], &sent["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{sent}");
     eventually("the newer sent again", Duration::from_secs(30), || async {
         Ok((!seen.lock().unwrap().is_empty()).then_some(()))
@@ -1148,6 +1130,27 @@ async fn down_endpoint(tm: &TestMesh) -> (String, Received, Arc<std::sync::atomi
 /// The address of webhook endpoint `id`'s failed deliveries.
 fn failed_deliveries(tm: &TestMesh, id: impl std::fmt::Display) -> String {
     format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api)
+}
+
+/// Sends again the failed deliveries `failed` (their list's address) lists, as `body` asks (none:
+/// a request without a body), read after `min_seq` if given: the answer (`retried`, `more`,
+/// `seq`), which must be a 200.
+async fn retry_all(
+    tm: &TestMesh,
+    failed: &str,
+    body: Option<serde_json::Value>,
+    min_seq: Option<u64>,
+) -> serde_json::Value {
+    let mut req = tm.auth(tm.http.post(format!("{failed}/retry")));
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    if let Some(seq) = min_seq {
+        req = req.header("Taskmesh-Min-Seq", seq.to_string());
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
 }
 
 /// A mesh (set as `tweak` says) where tenant `default`'s endpoint answers every delivery 500,

@@ -166,8 +166,8 @@ impl CheckoutDef {
                 "'{path}' is not a relative path of plain names (no '.', '..', '.git' or empty ones)"
             ));
         }
-        if path.split('/').next() == Some(".taskmesh-output") {
-            return Some("'.taskmesh-output' is the step's output file".into());
+        if path.split('/').next() == Some(OUTPUT_FILE) {
+            return Some(format!("'{OUTPUT_FILE}' is the step's output file"));
         }
         None
     }
@@ -261,6 +261,9 @@ pub fn is_plain_relative_path(path: &str, max: usize) -> bool {
         && !path.chars().any(|c| c.is_control() || c == '\\')
         && path.split('/').all(|name| !matches!(name, "" | "." | ".."))
 }
+
+/// The file in a step's working directory that the step writes its outputs to.
+pub const OUTPUT_FILE: &str = ".taskmesh-output";
 
 /// Lowest and highest priorities.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;

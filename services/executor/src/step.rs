@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use taskmesh_events::StepOutcome;
 use taskmesh_events::command::LogStream;
-use taskmesh_events::workflow::{HTTP_DEFAULT_TIMEOUT_SECS, LlmStep, StepDef, StepLimits};
+use taskmesh_events::workflow::{HTTP_DEFAULT_TIMEOUT_SECS, LlmStep, OUTPUT_FILE, StepDef, StepLimits};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -269,7 +269,7 @@ fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Res
         // Values travel in the CLI's environment; only names are on its command line.
         let mut env: Vec<(String, String)> = vec![
             ("TASKMESH_WORKSPACE".into(), CONTAINER_WORKSPACE.into()),
-            ("TASKMESH_OUTPUT".into(), format!("{CONTAINER_WORKSPACE}/.taskmesh-output")),
+            ("TASKMESH_OUTPUT".into(), format!("{CONTAINER_WORKSPACE}/{OUTPUT_FILE}")),
             ("TASKMESH_RUN_ID".into(), ctx.run_id.to_string()),
             ("TASKMESH_STEP_ID".into(), step.id.clone()),
             ("TASKMESH_ATTEMPT".into(), ctx.attempt.to_string()),
@@ -300,14 +300,10 @@ fn launch(step: &StepDef, ctx: &StepContext, workspace: &std::path::Path) -> Res
                 cmd.env(var, v);
             }
         }
-        return Ok(Launch {
-            cmd,
-            container: Some((cli.to_string(), name)),
-            output_file: workspace.join(".taskmesh-output"),
-        });
+        return Ok(Launch { cmd, container: Some((cli.to_string(), name)), output_file: workspace.join(OUTPUT_FILE) });
     }
     let script = step.run.as_deref().ok_or("the step has nothing to run")?;
-    let output_file = workspace.join(".taskmesh-output");
+    let output_file = workspace.join(OUTPUT_FILE);
     let mut cmd = match &rt.sandbox {
         Some(bwrap) => {
             let mut cmd = tokio::process::Command::new(bwrap);
