@@ -408,7 +408,8 @@ async fn roundtrip_hops(api: &Api, marks: Vec<(String, Utc, Utc, Utc)>) -> anyho
 /// is followed by one read the gateway holds until the run has ended (`?wait`, after the read
 /// side holds the submission), as a client awaiting its result would: submit → visible as
 /// finished is when that answer arrives. Then, from each run's record: submit → its step
-/// started, and submit → the run finished (the events' own times, this machine's clock).
+/// started, and submit → the run finished (the events' own times, this machine's clock); and
+/// where the time goes, hop by hop, as for the round trip.
 async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     let name = format!("bench-open-{}", uuid::Uuid::now_v7().simple());
     let mut workflow = noop();
@@ -422,22 +423,29 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
         tasks.push(tokio::spawn(async move {
             let sent = chrono::Utc::now();
             let (id, seq) = api.submit(&wf).await?;
+            let answered = chrono::Utc::now();
             // As a client awaiting its result would: one read, held until the run has ended.
             tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
                 .await
                 .context("an open-loop run did not end in 10 minutes")??;
-            let seen = (chrono::Utc::now() - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-            anyhow::Ok(((id, sent), seen))
+            anyhow::Ok((id, sent, answered, chrono::Utc::now()))
         }));
     }
     let offered = start.elapsed().as_secs_f64();
     let mut submitted = Vec::with_capacity(n);
     let mut visible = Vec::with_capacity(n);
-    for t in tasks {
-        let (run, seen) = t.await??;
-        submitted.push(run);
-        visible.push(seen);
+    let mut marks = Vec::new();
+    // Where the time goes, from at most 200 of the runs, spread over the whole arrival.
+    let sample = n.div_ceil(200).max(1);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (id, sent, answered, seen) = t.await??;
+        visible.push((seen - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        if i % sample == 0 {
+            marks.push((id.clone(), sent, answered, seen));
+        }
+        submitted.push((id, sent));
     }
+    let hops = roundtrip_hops(&api, marks).await?;
     let views: Vec<(chrono::DateTime<chrono::Utc>, Value)> = futures::stream::iter(submitted)
         .map(|(id, sent)| {
             let api = api.clone();
@@ -454,7 +462,7 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     Ok(json!({
         "workload": "openloop", "rate": rate, "runs": n, "offered_seconds": offered,
         "start_latency": latency_summary(started), "finish_latency": latency_summary(finished),
-        "visible_latency": latency_summary(visible),
+        "visible_latency": latency_summary(visible), "hops": hops,
     }))
 }
 
