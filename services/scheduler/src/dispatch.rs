@@ -23,7 +23,8 @@
 //! from READY"; a leader dying in between leaves the entry for the next leader, whose enqueue is
 //! deduplicated (and a duplicate that slipped through is refused by the lease check). Admitted
 //! entries are removed together: everything below the oldest entry still held goes in one purge
-//! request after each round; an admitted entry above one that is held (a retry waiting for its
+//! request after each round (on a task of its own, one at a time, so the next round need not
+//! wait for it); an admitted entry above one that is held (a retry waiting for its
 //! backoff, a tenant at its limit) is deleted on its own once it has waited [`REMOVE_AFTER`].
 //! Rate-limit buckets live in the leader's memory: a new leader starts them full.
 
@@ -352,6 +353,7 @@ impl Dispatcher {
         let mut held = Held::default();
         let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Event2>(8_192);
         let reporter = tokio::spawn(report(self.bus.clone(), report_rx));
+        let mut removing = None;
         let result: anyhow::Result<()> = async {
             loop {
                 let wait =
@@ -388,7 +390,9 @@ impl Dispatcher {
                     tracing::warn!(error = %e, "admission round failed; retrying");
                     tokio::time::sleep(TICK).await;
                 }
-                self.remove_done(&mut held).await;
+                if removing.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    removing = self.remove_done(&mut held);
+                }
             }
         }
         .await;
@@ -401,26 +405,35 @@ impl Dispatcher {
     /// logged, not returned: the entries are already out of this leader's memory, and were a
     /// later leader to admit them again, the dispatch queue's deduplication and the lease check
     /// keep them harmless.
-    async fn remove_done(&self, held: &mut Held) {
+    ///
+    /// The requests go out on a task of their own, so the next round does not wait for them:
+    /// the caller starts the next removal only once this one is done.
+    fn remove_done(&self, held: &mut Held) -> Option<tokio::task::JoinHandle<()>> {
         let oldest = held.oldest();
         let (purge, overdue) = held.removals.due(oldest, Instant::now(), REMOVE_AFTER);
-        let stream = self.bus.namespace().ready_stream();
-        if let Some(below) = purge
-            && let Err(e) = self.bus.purge_below(&stream, below).await
-        {
-            tracing::warn!(error = %e, below, "could not remove admitted READY entries");
+        if purge.is_none() && overdue.is_empty() {
+            return None;
         }
-        futures::stream::iter(overdue.into_iter().map(|seq| {
-            let stream = &stream;
-            async move {
-                if let Err(e) = self.bus.delete_message(stream, seq).await {
-                    tracing::warn!(error = %e, seq, "could not delete an admitted READY entry");
-                }
+        let bus = self.bus.clone();
+        Some(tokio::spawn(async move {
+            let stream = bus.namespace().ready_stream();
+            if let Some(below) = purge
+                && let Err(e) = bus.purge_below(&stream, below).await
+            {
+                tracing::warn!(error = %e, below, "could not remove admitted READY entries");
             }
+            futures::stream::iter(overdue.into_iter().map(|seq| {
+                let (stream, bus) = (&stream, &bus);
+                async move {
+                    if let Err(e) = bus.delete_message(stream, seq).await {
+                        tracing::warn!(error = %e, seq, "could not delete an admitted READY entry");
+                    }
+                }
+            }))
+            .buffer_unordered(PIPELINE)
+            .collect::<()>()
+            .await;
         }))
-        .buffer_unordered(PIPELINE)
-        .collect::<()>()
-        .await;
     }
 
     /// Forgets the held steps of a run that ended, deleting their READY entries.
