@@ -687,7 +687,10 @@ async fn used_key(tm: &TestMesh) -> (String, String) {
 }
 
 async fn revoke(tm: &TestMesh, id: &str) {
-    assert_eq!(call(tm, &tm.key, Method::DELETE, &format!("/v1/keys/{id}"), None).await.status(), 204);
+    let seq = TestMesh::written_seq(&call(tm, &tm.key, Method::DELETE, &format!("/v1/keys/{id}"), None).await);
+    // Read after its seq, the key is listed revoked.
+    let keys = tm.get_json_after(format!("{}/v1/keys", tm.api), seq).await;
+    assert!(keys.as_array().unwrap().iter().any(|k| k["id"] == id && k["revoked_at"].is_string()), "{keys}");
     tm.wait_projected().await;
 }
 

@@ -91,6 +91,13 @@ impl TestMesh {
 
     /// [`Self::get_json`] once the read side holds the write `seq` answered (`Taskmesh-Min-Seq`);
     /// the answer must be a `200`.
+    /// The `seq` of a write answered `204`, from its `Taskmesh-Seq` header.
+    pub fn written_seq(res: &reqwest::Response) -> u64 {
+        assert_eq!(res.status(), 204);
+        let seq = res.headers().get("taskmesh-seq").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        seq.expect("a Taskmesh-Seq header with a sequence")
+    }
+
     pub async fn get_json_after(&self, url: impl reqwest::IntoUrl, seq: u64) -> Value {
         let req = self.auth(self.http.get(url)).header("Taskmesh-Min-Seq", seq.to_string());
         let res = req.send().await.unwrap();

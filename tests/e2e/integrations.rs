@@ -2008,9 +2008,11 @@ async fn a_deleted_webhook_endpoint_is_sent_nothing_more() {
     .unwrap();
 
     let res = tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{id}", tm.api))).send().await.unwrap();
-    assert_eq!(res.status(), 204);
+    let deleted = TestMesh::written_seq(&res);
     let again = tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{id}", tm.api))).send().await.unwrap();
-    assert_eq!(again.status(), 204, "deleting twice is fine");
+    assert_eq!(TestMesh::written_seq(&again), deleted, "deleting twice is fine, and answers the deletion's seq");
+    let listed = tm.get_json_after(format!("{}/v1/webhook-endpoints", tm.api), deleted).await;
+    assert!(!listed["items"].as_array().unwrap().iter().any(|e| e["id"] == id.as_str()), "{listed}");
     let never = tm
         .auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, uuid::Uuid::now_v7())))
         .send()

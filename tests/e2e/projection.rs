@@ -51,7 +51,7 @@ async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
 
 async fn delete_schedule(tm: &TestMesh, id: &str) {
     let res = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api))).send().await.unwrap();
-    assert_eq!(res.status(), 204);
+    TestMesh::written_seq(&res);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

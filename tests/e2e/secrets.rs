@@ -16,7 +16,10 @@ async fn a_secret_reaches_its_step_and_appears_nowhere_else() {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 204);
+    // Read after the write's seq, the list has it at once.
+    let set = TestMesh::written_seq(&res);
+    let listed = tm.get_json_after(format!("{}/v1/secrets", tm.api), set).await;
+    assert_eq!(listed["items"][0]["name"], "DEPLOY_TOKEN", "{listed}");
     tm.wait_projected().await;
     let digest = hex::encode(hmac_sha256::Hash::hash(value.as_bytes()));
     let id = tm
@@ -58,7 +61,10 @@ async fn a_secret_reaches_its_step_and_appears_nowhere_else() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     let res = tm.auth(tm.http.delete(format!("{}/v1/secrets/DEPLOY_TOKEN", tm.api))).send().await.unwrap();
-    assert_eq!(res.status(), 204);
+    let deleted = TestMesh::written_seq(&res);
+    assert!(deleted > set);
+    let listed = tm.get_json_after(format!("{}/v1/secrets", tm.api), deleted).await;
+    assert_eq!(listed["items"], serde_json::json!([]), "gone once read after its delete");
     let res = tm.auth(tm.http.delete(format!("{}/v1/secrets/DEPLOY_TOKEN", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 404);
     tm.finish().await;

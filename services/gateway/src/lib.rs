@@ -243,6 +243,19 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
 /// The header a client sends with a read to see at least its own write: the `seq` a write
 /// answered. The read waits (up to [`READ_WAIT`]) until the read side has applied that event.
 pub const MIN_SEQ_HEADER: &str = "taskmesh-min-seq";
+/// The header a write answered `204 No Content` carries its event's sequence in (the `seq`
+/// other writes answer in their body): send it back as [`MIN_SEQ_HEADER`] to read the write.
+pub const SEQ_HEADER: &str = "taskmesh-seq";
+
+/// A write's answer without a body: `204`, its event's sequence in [`SEQ_HEADER`].
+pub struct Written(pub u64);
+
+impl IntoResponse for Written {
+    fn into_response(self) -> axum::response::Response {
+        (axum::http::StatusCode::NO_CONTENT, [(SEQ_HEADER, self.0.to_string())]).into_response()
+    }
+}
+
 /// Longest a read waits for the read side.
 pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a waiting read looks at the checkpoint table itself, between announcements.

@@ -40,27 +40,28 @@ async fn delete_integration(
     caller: &Caller,
     kind: IntegrationKind,
     id: &str,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<crate::Written> {
     caller.require_admin()?;
     let what = match kind {
         IntegrationKind::WebhookEndpoint => "webhook endpoint",
         IntegrationKind::RepoConnection => "repository connection",
     };
     let id: uuid::Uuid = id.parse().map_err(|_| ApiError::not_found(what))?;
-    state.ingest.delete_integration(&DeleteIntegration { tenant: caller.tenant.clone(), kind, id }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let written =
+        state.ingest.delete_integration(&DeleteIntegration { tenant: caller.tenant.clone(), kind, id }).await?;
+    Ok(crate::Written(written.seq))
 }
 
 /// Delete a repository connection (admin): its forge's webhooks start nothing more.
 #[utoipa::path(delete, operation_id = "delete_repo_connection", path = "/v1/repo-connections/{id}", tag = "integrations",
     params(("id" = uuid::Uuid, Path)),
-    responses((status = 204, description = "Deleted (or already gone)")),
+    responses((status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it")))),
     security(("bearer" = [])))]
 pub async fn delete_repo_connection(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<crate::Written> {
     delete_integration(&state, &caller, IntegrationKind::RepoConnection, &id).await
 }
 
@@ -68,13 +69,13 @@ pub async fn delete_repo_connection(
 /// included.
 #[utoipa::path(delete, operation_id = "delete_webhook_endpoint", path = "/v1/webhook-endpoints/{id}", tag = "integrations",
     params(("id" = uuid::Uuid, Path)),
-    responses((status = 204, description = "Deleted (or already gone)")),
+    responses((status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it")))),
     security(("bearer" = [])))]
 pub async fn delete_webhook_endpoint(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<crate::Written> {
     delete_integration(&state, &caller, IntegrationKind::WebhookEndpoint, &id).await
 }
 

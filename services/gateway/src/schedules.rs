@@ -183,15 +183,19 @@ pub async fn resume(
 /// kept. Deleting a deleted schedule is fine.
 #[utoipa::path(delete, operation_id = "delete_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
     responses(
-        (status = 204, description = "Deleted (or already gone)"),
+        (status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn delete(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<crate::Written> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
-    state.ingest.delete_schedule(&DeleteSchedule { tenant: caller.tenant, schedule_id: id }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let written = state.ingest.delete_schedule(&DeleteSchedule { tenant: caller.tenant, schedule_id: id }).await?;
+    Ok(crate::Written(written.seq))
 }

@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::routing::{get, put};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -52,7 +52,7 @@ pub struct SecretList {
     params(("name" = String, Path, description = "A-Z, 0-9 and '_', not starting with a digit")),
     request_body = SecretValue,
     responses(
-        (status = 204, description = "Set"),
+        (status = 204, description = "Set", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -66,7 +66,7 @@ pub async fn set(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<crate::Written> {
     caller.require_admin()?;
     if !taskmesh_events::workflow::is_secret_name(&name) {
         return Err(ApiError::new(
@@ -83,8 +83,8 @@ pub async fn set(
         return Err(ApiError::new(ErrorCode::PayloadTooLarge, "a secret holds at most 64 KiB"));
     }
     let sealed = keyring.seal(&taskmesh_secrets::step_secret_aad(&caller.tenant, &name), value.value.as_bytes());
-    state.ingest.set_secret(&SetSecret { tenant: caller.tenant, name, sealed }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let written = state.ingest.set_secret(&SetSecret { tenant: caller.tenant, name, sealed }).await?;
+    Ok(crate::Written(written.seq))
 }
 
 /// List the tenant's secrets: names and times, never values.
@@ -103,13 +103,17 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 /// Delete a secret (admin).
 #[utoipa::path(delete, operation_id = "delete_secret", path = "/v1/secrets/{name}", tag = "secrets", params(("name" = String, Path)),
     responses(
-        (status = 204, description = "Deleted"),
+        (status = 204, description = "Deleted", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn delete(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<crate::Written> {
     caller.require_admin()?;
-    state.ingest.delete_secret(&DeleteSecret { tenant: caller.tenant, name }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let written = state.ingest.delete_secret(&DeleteSecret { tenant: caller.tenant, name }).await?;
+    Ok(crate::Written(written.seq))
 }

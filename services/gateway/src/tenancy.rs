@@ -251,7 +251,7 @@ pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResu
 /// Revoke a key of the tenant (admin); it authenticates nothing afterwards.
 #[utoipa::path(delete, operation_id = "revoke_key", path = "/v1/keys/{id}", tag = "tenancy", params(("id" = Uuid, Path)),
     responses(
-        (status = 204, description = "Revoked"),
+        (status = 204, description = "Revoked", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
@@ -260,9 +260,9 @@ pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<crate::Written> {
     caller.require_admin()?;
     let key_id: Uuid = id.parse().map_err(|_| ApiError::not_found("key"))?;
-    state.ingest.revoke_api_key(&RevokeApiKey { tenant: caller.tenant, key_id }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let written = state.ingest.revoke_api_key(&RevokeApiKey { tenant: caller.tenant, key_id }).await?;
+    Ok(crate::Written(written.seq))
 }
