@@ -51,6 +51,9 @@ async function api(path, options = {}) {
     route();
   }
   if (!res.ok) throw new ApiError(res.status, body);
+  // A write answered without a body says its seq in a header.
+  const seq = res.headers.get("taskmesh-seq");
+  if (body === null && /^\d{1,16}$/.test(seq || "")) return { seq: Number(seq) };
   return body;
 }
 
@@ -537,15 +540,15 @@ function changing(problem) {
       problem.replaceChildren(failure(e));
     }
   };
-  // Deletes what `path` names (`id`): the answer carries no sequence to wait for, so `gone`
-  // keeps its row marked until the read side has the change (the row dropped, or revoked).
+  // Deletes what `path` names (`id`); `gone` keeps its row marked until a look shows the
+  // read side has the change (the row dropped, or revoked): the next look waits for it.
   changes.gone = new Set();
   // Answers whether it was deleted.
   changes.remove = async (path, id) => {
     try {
-      await api(path, { method: "DELETE" });
+      const r = await api(path, { method: "DELETE" });
       changes.gone.add(id);
-      if (changes.shown) changes.shown.now();
+      changes.wrote(r);
       return true;
     } catch (e) {
       problem.replaceChildren(failure(e));
@@ -750,9 +753,8 @@ function failedDeliveriesView(id, query) {
 
 // The tenant's secrets: names and when each was last set, never a value. An admin sets one
 // (the value goes to the API and is not kept on the page) and deletes one (a second click
-// confirms; the row shows "deleting…" until the read side drops it). Neither answer carries a
-// sequence: the list shows a change once the read side has it. Only such a name goes into the
-// API's paths.
+// confirms; the row shows "deleting…" until the list shows it gone). The list looks again after
+// either, read after its seq. Only such a name goes into the API's paths.
 const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,63}$/;
 
 function secretsView() {
@@ -765,12 +767,12 @@ function secretsView() {
   const set = adminForm(problem, "Set secret", [name, value], async () => {
     const n = name.value.trim();
     if (!SECRET_NAME.test(n)) throw new Error("A secret's name is A-Z, 0-9 and _, not starting with a digit, at most 64.");
-    await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
+    const r = await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
     value.value = "";
     // Set again after a delete: no longer on its way out.
     changes.gone.delete(n);
     said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
-    if (changes.shown) changes.shown.now();
+    changes.wrote(r);
   });
   show(el("h1", {}, "Secrets"), set, said, problem, table(["Name", "Set", ""], body));
   const remove = async (n) => {
@@ -779,7 +781,7 @@ function secretsView() {
   changes.shown = every(5000, async (v) => {
     try {
       await whoami();
-      const answer = await api("/v1/secrets");
+      const answer = await changes.api("/v1/secrets");
       if (v.stopped) return;
       problem.replaceChildren();
       const admin = isAdmin();
