@@ -694,6 +694,26 @@ async fn revoke(tm: &TestMesh, id: &str) {
     tm.wait_projected().await;
 }
 
+/// Revocations of one key at once (a double click, two admins): every one answers the
+/// revocation's seq, so a read after any of them sees the key revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_revocations_of_a_key_all_answer_the_revocations_seq() {
+    let tm = spawn_mesh().await;
+    let (id, key) = used_key(&tm).await;
+    let path = format!("/v1/keys/{id}");
+    let answers = futures::future::join_all((0..16).map(|_| call(&tm, &tm.key, Method::DELETE, &path, None))).await;
+    let seqs: Vec<u64> = answers.iter().map(TestMesh::written_seq).collect();
+    assert!(seqs.iter().all(|s| *s == seqs[0]), "{seqs:?}");
+    let keys = tm.get_json_after(format!("{}/v1/keys", tm.api), seqs[0]).await;
+    assert!(keys.as_array().unwrap().iter().any(|k| k["id"] == id.as_str() && k["revoked_at"].is_string()), "{keys}");
+    eventually("the revoked key refused", Duration::from_secs(5), || async {
+        Ok((call(&tm, &key, Method::GET, "/v1/runs", None).await.status() == 401).then_some(()))
+    })
+    .await
+    .unwrap();
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_revoked_while_the_gateway_cannot_hear_of_it_is_refused_all_the_same() {
     let tm = spawn_mesh().await;

@@ -562,10 +562,18 @@ impl Ingest {
         if matches!(last.envelope.event, Event::ApiKeyRevoked(_)) {
             return Ok(Created { id: cmd.key_id.to_string(), seq: last.seq });
         }
-        let envelope =
-            EventMeta::new(&cmd.tenant).envelope(subject, Event::ApiKeyRevoked(ApiKeyRevoked { key_id: cmd.key_id }));
+        let envelope = EventMeta::new(&cmd.tenant)
+            .envelope(subject.clone(), Event::ApiKeyRevoked(ApiKeyRevoked { key_id: cmd.key_id }));
         match self.bus.append(last.seq, &envelope).await {
-            Ok(seq) | Err(BusError::Conflict { expected: seq, .. }) => Ok(Created { id: cmd.key_id.to_string(), seq }),
+            Ok(seq) => Ok(Created { id: cmd.key_id.to_string(), seq }),
+            // Only a revocation follows a key's creation: another got there first. Its seq (not
+            // the creation's) is what a read must wait for to see the key revoked.
+            Err(BusError::Conflict { .. }) => match self.bus.last(&subject).await? {
+                Some(now) if matches!(now.envelope.event, Event::ApiKeyRevoked(_)) => {
+                    Ok(Created { id: cmd.key_id.to_string(), seq: now.seq })
+                }
+                _ => Err(Problem::new(ErrorCode::Unavailable, "the key changed meanwhile; retry")),
+            },
             Err(e) => Err(e.into()),
         }
     }
