@@ -375,20 +375,18 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     let listed = tm.get_json(format!("{}/v1/secrets", tm.api)).await;
     assert!(listed["items"].as_array().unwrap().iter().any(|x| x["name"] == "DEPLOY_TOKEN"), "{listed}");
     let armed = format!(
-        "const b = {secret_row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said"
+        "const b = {secret_row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said + (b.disabled ? ' (then disabled)' : '')"
     );
-    assert_eq!(browser.run(&armed).await, "Delete? Click again");
+    // Confirmed, the button is disabled: a third click does not send the delete again.
+    assert_eq!(browser.run(&armed).await, "Delete? Click again (then disabled)");
     browser.until("the secret gone", &format!("return !{secret_row}")).await;
-    assert!(
-        browser
-            .run("return document.querySelector('main').innerText")
-            .await
-            .as_str()
-            .unwrap()
-            .contains("DEPLOY_TOKEN is deleted.")
-    );
-    // Set again after its delete (the name is still in the form), it can be deleted again: it
-    // is no longer marked deleting.
+    browser
+        .until(
+            "the page saying so",
+            "return document.querySelector('main').innerText.includes('DEPLOY_TOKEN is deleted.')",
+        )
+        .await;
+    // Set again after its delete (the name is still in the form), it can be deleted again.
     browser.type_into("main input[name=value]", "another").await;
     browser.click("main form button[type=submit]").await;
     browser

@@ -89,8 +89,6 @@ impl TestMesh {
         self.auth(self.http.get(url)).send().await.unwrap().json().await.unwrap()
     }
 
-    /// [`Self::get_json`] once the read side holds the write `seq` answered (`Taskmesh-Min-Seq`);
-    /// the answer must be a `200`.
     /// The `seq` of a write answered `204`, from its `Taskmesh-Seq` header.
     pub fn written_seq(res: &reqwest::Response) -> u64 {
         assert_eq!(res.status(), 204);
@@ -98,6 +96,8 @@ impl TestMesh {
         seq.expect("a Taskmesh-Seq header with a sequence")
     }
 
+    /// [`Self::get_json`] once the read side holds the write `seq` answered (`Taskmesh-Min-Seq`);
+    /// the answer must be a `200`.
     pub async fn get_json_after(&self, url: impl reqwest::IntoUrl, seq: u64) -> Value {
         let req = self.auth(self.http.get(url)).header("Taskmesh-Min-Seq", seq.to_string());
         let res = req.send().await.unwrap();

@@ -396,8 +396,12 @@ impl Dispatcher {
             }
         }
         .await;
-        // What is not yet reported is only informational; a new leader says it again.
+        // What is not yet reported is only informational; a new leader says it again. Entries
+        // not yet removed are admitted again by the next leader, deduplicated.
         reporter.abort();
+        if let Some(removal) = removing {
+            removal.abort();
+        }
         result
     }
 

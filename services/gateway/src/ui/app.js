@@ -110,14 +110,15 @@ function failure(e) {
   return el("p", { class: "error" }, e instanceof Error ? e.message : String(e));
 }
 
-// A destructive button: its first click arms it (saying `ask`), its second does `action`. The
-// view's next look draws it afresh, unarmed.
+// A destructive button: its first click arms it (saying `ask`), its second does `action` and
+// disables it (a third would ask again). The view's next look draws it afresh, unarmed.
 function twice(button, ask, action) {
   if (button.dataset.armed !== "yes") {
     button.dataset.armed = "yes";
     button.textContent = ask;
     return;
   }
+  button.disabled = true;
   action();
 }
 
