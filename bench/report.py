@@ -91,6 +91,9 @@ def hops(rows):
         same = [r["hops"][i] for r in rows if len(r.get("hops", [])) > i and r["hops"][i]["hop"] == name]
         out.append((name, med([h["p50_ms"] for h in same]), med([h["p99_ms"] for h in same])))
     return out
+# The open-loop runs' hops, by rate (absent from results made before they were recorded).
+open_hops = {rate: {n: (a, b) for n, a, b in hops(by.get(f"openloop@{rate:g}", []))} for rate in open_rates}
+open_hop_names = next((list(v) for v in open_hops.values() if v), [])
 chain_s, hop_ms = med(get(ch, "total_seconds")), med(get(ch, "ms_per_hop"))
 api_rps, api50, api99 = med(get(api, "requests_per_second")), med(get(api, "latency", "p50_ms")), med(get(api, "latency", "p99_ms"))
 api_open = by.get("api_open", [])
@@ -211,6 +214,20 @@ lines = [
         for rate in open_rates
     ],
     "",
+    *([
+        "Where an open-loop run's time goes, hop by hop as for the round trip below (at most 200",
+        "runs of each rate, spread over its arrivals; medians over repetitions of each hop's p50 /",
+        "p99, ms): what grows with the rate is where the queue is.", "",
+        "| hop | " + " | ".join(f"{rate:g}/s" for rate in open_rates) + " |",
+        "|---|" + "---|" * len(open_rates),
+        *[
+            f"| {name} | " + " | ".join(
+                (lambda h: f"{fmt(h[0], 2)} / {fmt(h[1], 2)}" if h else "—")(open_hops[rate].get(name))
+                for rate in open_rates) + " |"
+            for name in open_hop_names
+        ],
+        "",
+    ] if open_hop_names else []),
     "### Where a round trip's time goes", "",
     "Each round trip's marks are the request, its run's events in log order (at their",
     "`occurred_at`, which is taken just before the append), and the answer that showed the run",
