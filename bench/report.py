@@ -8,6 +8,10 @@ import subprocess
 import sys
 
 path, idle_kb, peak_kb, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+# The commit measured and the day, as the run recorded them (so a later rendering keeps them).
+measured_at = sys.argv[5] if len(sys.argv) > 5 else (
+    subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
+measured_on = sys.argv[6] if len(sys.argv) > 6 else str(datetime.date.today())
 rows = [json.loads(l) for l in open(path) if l.strip()]
 by = {}
 for r in rows:
@@ -140,7 +144,7 @@ def ratio(a, b):
 
 lines = [
     "# Benchmarks", "",
-    f"Measured {datetime.date.today()} at commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip() or 'unknown'} by `./scripts/bench` ({reps} repetitions; medians).", "",
+    f"Measured {measured_on} at commit {measured_at} by `./scripts/bench` ({reps} repetitions; medians).", "",
     "## Machine and method", "",
     f"- {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
     f"{version(['nats-server', '--version'])}; {version(['psql', '--version'])}; {version(['redis-server', '--version'])}.",
@@ -289,9 +293,10 @@ lines = [
     "This run was made on 2026-12-06 at 986441d, on another machine of this kind, slower at the",
     "parts: its pipelined JetStream publishes, acknowledged consumption and batched Postgres",
     "inserts ran about a quarter to two fifths below the run before's (the raw figures), while",
-    "Celery's rate stayed where it was, so the ratios fell with it. Since 2950d40 one change is",
-    "on the measured path: the dispatcher's `READY` purge no longer holds up its next round",
-    "(2a42065; measured by hand below).",
+    "Celery's rate stayed where it was, so the ratios fell with it. Since 2950d40 the change of",
+    "note on the measured path is that the dispatcher's `READY` purge no longer holds up its",
+    "next round (2a42065; measured by hand below); the other, e14dc81, saves a copy of the",
+    "server's info per in-process command.",
     f"This run ({fmt(med(get(by.get('throughput', []), 'runs')), 0)} and {fmt(med(get(by.get('dag', []), 'runs')), 0)} runs, the limit off): {fmt(ratio(steps_1, c_steps), 2)} × and {fmt(ratio(steps_b, c_steps), 2)} ×, the DAG {fmt(ratio(dag_1, c_dag), 2)} × and",
     f"{fmt(ratio(dag_b, c_dag), 2)} × (the targets table reads the better of the two), the round trip {fmt(rt50, 1)} ms",
     f"({fmt(ratio(rt50, c50), 1)} ×). Taskmesh's own round trip moved little between the runs before this one (4.2",
@@ -307,8 +312,8 @@ lines = [
     "runs at f3eebdb and 2950d40, 3.33 ms in the one after): the slower the machine, the better the",
     "ratios usually look for Taskmesh, so a ratio just past a target is no margin to lean on; this",
     "run's machine was slower at the parts Taskmesh uses, not at Celery's.", "",
-    "Since 46fbd80, one change on the measured path and two in the method (the workloads' sizes,",
-    "and the tenant's step limit, both above and below). The change: **commands between services",
+    "Between 46fbd80 and 2950d40, one change on the measured path and two in the method (the",
+    "workloads' sizes, and the tenant's step limit, both above and below). The change: **commands between services",
     "in one process no longer cross nats-server** (f3eebdb; `architecture.md`, Commands). A one-step run's",
     "submission, lease and report, and its share of an audit-record command (shared by the",
     "calls answered together), were three requests and three replies and a little more through",

@@ -99,6 +99,12 @@ struct Browser {
     http: reqwest::Client,
 }
 
+/// A page script's expression for the list row whose text includes `text`.
+fn row_with(text: &str) -> String {
+    let text = serde_json::to_string(text).unwrap();
+    format!("[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes({text}))")
+}
+
 impl Browser {
     async fn start(bin: &std::path::Path) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -162,6 +168,16 @@ impl Browser {
             .await;
         let id = found.as_object().and_then(|o| o.values().next()).and_then(|v| v.as_str()).unwrap().to_string();
         self.call(reqwest::Method::POST, &format!("/element/{id}/click"), serde_json::json!({})).await;
+    }
+
+    /// Arms and confirms `row`'s destructive button in one script (the list's redraw, every
+    /// 5 s, draws the button afresh): what the armed button said, with " (then disabled)" if
+    /// the confirmed one is disabled.
+    async fn confirm(&self, row: &str) -> serde_json::Value {
+        let script = format!(
+            "const b = {row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said + (b.disabled ? ' (then disabled)' : '')"
+        );
+        self.run(&script).await
     }
 
     async fn type_into(&self, css: &str, text: &str) {
@@ -347,15 +363,11 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser
         .until("its secret, shown once", "return !!document.querySelector('main code.secret') && document.querySelector('main code.secret').innerText.startsWith('whsec_')")
         .await;
-    let row = format!("[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('{added}'))");
+    let row = row_with(&added);
     browser.until("the endpoint added", &format!("return !!{row}")).await;
     let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
     assert!(listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
-    // Armed and confirmed in one script: the list's redraw (every 5 s) draws the button afresh.
-    let armed = format!(
-        "const b = {row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said"
-    );
-    assert_eq!(browser.run(&armed).await, "Delete? Click again");
+    assert_eq!(browser.confirm(&row).await, "Delete? Click again (then disabled)");
     browser.until("the endpoint gone", &format!("return !{row}")).await;
     let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
     assert!(!listed["items"].as_array().unwrap().iter().any(|e| e["url"] == added.as_str()), "{listed}");
@@ -368,17 +380,13 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.type_into("main input[name=name]", "DEPLOY_TOKEN").await;
     browser.type_into("main input[name=value]", "s3cr3t-from-the-page").await;
     browser.click("main form button[type=submit]").await;
-    let secret_row =
-        "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('DEPLOY_TOKEN'))";
+    let secret_row = row_with("DEPLOY_TOKEN");
     browser.until("the secret listed", &format!("return !!{secret_row}")).await;
     assert_eq!(browser.run("return document.querySelector('main').innerText.includes('s3cr3t')").await, false);
     let listed = tm.get_json(format!("{}/v1/secrets", tm.api)).await;
     assert!(listed["items"].as_array().unwrap().iter().any(|x| x["name"] == "DEPLOY_TOKEN"), "{listed}");
-    let armed = format!(
-        "const b = {secret_row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said + (b.disabled ? ' (then disabled)' : '')"
-    );
     // Confirmed, the button is disabled: a third click does not send the delete again.
-    assert_eq!(browser.run(&armed).await, "Delete? Click again (then disabled)");
+    assert_eq!(browser.confirm(&secret_row).await, "Delete? Click again (then disabled)");
     browser.until("the secret gone", &format!("return !{secret_row}")).await;
     browser
         .until(
@@ -417,15 +425,14 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         let tm = &tm;
         async move { tm.http.get(format!("{}/v1/whoami", tm.api)).bearer_auth(key).send().await.unwrap() }
     };
-    let key_row = "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes('ci-bot'))";
+    let key_row = row_with("ci-bot");
     browser.until("the key listed", &format!("return !!{key_row} && !!{key_row}.querySelector('button.delete')")).await;
     // Listed after the read side held its creation: it authenticates now.
     let res = whoami(issued.clone()).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<serde_json::Value>().await.unwrap()["role"], "operator");
     // The page's own key: marked so, with no button.
-    let own_row =
-        "[...document.querySelectorAll('main tbody tr')].find((r) => r.innerText.includes(\"this page's key\"))";
+    let own_row = row_with("this page's key");
     assert_eq!(browser.run(&format!("return !!{own_row} && !{own_row}.querySelector('button')")).await, true);
     // The key itself is above the list, and in no row of it.
     assert_eq!(
@@ -436,10 +443,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
             .await,
         true
     );
-    let armed = format!(
-        "const b = {key_row}.querySelector('button.delete'); b.click(); const said = b.innerText; b.click(); return said"
-    );
-    assert_eq!(browser.run(&armed).await, "Revoke? Click again");
+    assert_eq!(browser.confirm(&key_row).await, "Revoke? Click again (then disabled)");
     browser
         .until(
             "the key shown revoked",
@@ -526,5 +530,8 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.click("button[type=submit]").await;
     browser.until("the run, for the viewer", "return document.querySelectorAll('svg.dag .node').length === 3").await;
     browser.until("the viewer named", "return document.getElementById('who').innerText === 'default · viewer'").await;
+    let admin_links =
+        "const a = [...document.querySelectorAll('#nav a.admin')]; return a.length > 0 && a.every((l) => l.hidden)";
+    assert_eq!(browser.run(admin_links).await, true, "a viewer is offered no admin pages");
     assert_eq!(browser.run("return document.querySelector('.actions')").await, serde_json::Value::Null);
 }

@@ -504,6 +504,12 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
         let problem: serde_json::Value = res.json().await.unwrap();
         assert!(problem["detail"].as_str().unwrap().starts_with(field), "{more}: {problem}");
     }
+    // Deleted, a connection is gone from the list read after the delete's seq.
+    let gitlab = gitlab_view["id"].as_str().unwrap().to_string();
+    let res = tm.auth(tm.http.delete(format!("{}/v1/repo-connections/{gitlab}", tm.api))).send().await.unwrap();
+    let deleted = TestMesh::written_seq(&res);
+    let list = tm.get_json_after(format!("{}/v1/repo-connections", tm.api), deleted).await;
+    assert!(!list["items"].as_array().unwrap().iter().any(|c| c["id"] == gitlab.as_str()), "{list}");
     tm.finish().await;
 }
 
@@ -926,15 +932,8 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // endpoint's failure of that message (another event; the same, for another tenant) is
     // not found, whatever a caller says.
     let ingest = taskmesh_ingest::Ingest::new(tm.bus.clone());
-    let failure_seq = tm
-        .bus
-        .read_subject(&tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap()), 0)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| matches!(&e.envelope.event, taskmesh_events::Event::WebhookDeliveryFailed(f) if f.message_id == ends[1].1))
-        .unwrap()
-        .seq;
+    let failures = logged_failures(&tm, &endpoint).await.unwrap();
+    let failure_seq = failures.iter().find(|(_, message)| *message == ends[1].1).unwrap().0;
     for (tenant, message, seq) in [
         ("default", &ends[0].1, failure_seq),
         ("default", &ends[1].1, failure_seq - 1),
@@ -993,12 +992,9 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
         assert_eq!(res.status(), 200);
         assert_eq!(res.json::<serde_json::Value>().await.unwrap()["accepted"], n);
     }
-    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap());
-    eventually("101 deliveries given up", Duration::from_secs(60), || async {
-        let log = tm.bus.read_subject(&subject, 0).await?;
-        let failed =
-            log.iter().filter(|e| matches!(e.envelope.event, taskmesh_events::Event::WebhookDeliveryFailed(_))).count();
-        Ok((failed == 101).then_some(()))
+    let failures = eventually("101 deliveries given up", Duration::from_secs(60), || async {
+        let failures = logged_failures(&tm, &endpoint).await?;
+        Ok((failures.len() == 101).then_some(failures))
     })
     .await
     .unwrap();
@@ -1016,7 +1012,7 @@ async fn all_failed_deliveries_are_sent_again_a_hundred_a_request_oldest_first()
     assert_eq!((&first["retried"], &first["more"]), (&serde_json::json!(100), &serde_json::json!(true)), "{first}");
     let newest = tm.get_json_after(format!("{failed}?limit=1"), first["seq"].as_u64().unwrap()).await;
     assert_eq!(newest["items"].as_array().unwrap().len(), 1, "{newest}");
-    assert!(newest["items"][0]["message_id"].is_string(), "{newest}");
+    assert_eq!(newest["items"][0]["message_id"], failures[100].1.as_str(), "{newest}");
     assert_eq!(newest["items"][0]["retried_at"], serde_json::Value::Null, "the newest is left for the next: {newest}");
     let second = all(&first).await;
     assert_eq!((&second["retried"], &second["more"]), (&serde_json::json!(1), &serde_json::json!(false)), "{second}");
@@ -1044,16 +1040,8 @@ async fn a_failed_delivery_whose_event_aged_out_is_listed_as_expired_and_not_sen
         let run = tm.submit(&format!("name: {name}\nsteps:\n  - {{id: a, run: 'true'}}\n")).await;
         tm.wait_run(run, Duration::from_secs(30)).await;
     }
-    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap());
     let failures = eventually("both deliveries given up", Duration::from_secs(30), || async {
-        let log = tm.bus.read_subject(&subject, 0).await?;
-        let failures: Vec<(u64, String)> = log
-            .iter()
-            .filter_map(|e| match &e.envelope.event {
-                taskmesh_events::Event::WebhookDeliveryFailed(f) => Some((e.seq, f.message_id.clone())),
-                _ => None,
-            })
-            .collect();
+        let failures = logged_failures(&tm, &endpoint).await?;
         Ok((failures.len() == 2).then_some(failures))
     })
     .await
@@ -1130,6 +1118,25 @@ async fn down_endpoint(tm: &TestMesh) -> (String, Received, Arc<std::sync::atomi
 /// The address of webhook endpoint `id`'s failed deliveries.
 fn failed_deliveries(tm: &TestMesh, id: impl std::fmt::Display) -> String {
     format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api)
+}
+
+/// What webhook endpoint `id`'s failed deliveries list holds (its first page).
+async fn failed_items(tm: &TestMesh, id: &str) -> Vec<serde_json::Value> {
+    tm.get_json(failed_deliveries(tm, id)).await["items"].as_array().unwrap().clone()
+}
+
+/// Tenant `default`'s webhook endpoint `endpoint`'s failures as its log holds them: (sequence,
+/// message id), oldest first.
+async fn logged_failures(tm: &TestMesh, endpoint: &str) -> taskmesh_bus::Result<Vec<(u64, String)>> {
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap());
+    let log = tm.bus.read_subject(&subject, 0).await?;
+    Ok(log
+        .iter()
+        .filter_map(|e| match &e.envelope.event {
+            taskmesh_events::Event::WebhookDeliveryFailed(f) => Some((e.seq, f.message_id.clone())),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Sends again the failed deliveries `failed` (their list's address) lists, as `body` asks (none:
@@ -1658,13 +1665,8 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
     // Slack's refusal and the standard endpoint's last failure are listed as failed
     // deliveries, each with the attempts it had; the busy endpoint's delivery, which got
     // through, is not.
-    let failed = |path: &str| {
-        let url = failed_deliveries(&tm, &ids[path]);
-        let tm = &tm;
-        async move { tm.get_json(url).await["items"].as_array().unwrap().clone() }
-    };
     let (slack, standard) = eventually("the failures listed", Duration::from_secs(10), || async {
-        let (slack, standard) = (failed("slack").await, failed("standard").await);
+        let (slack, standard) = (failed_items(&tm, &ids["slack"]).await, failed_items(&tm, &ids["standard"]).await);
         Ok((slack.len() == 1 && standard.len() == 1).then_some((slack, standard)))
     })
     .await
@@ -1677,7 +1679,7 @@ async fn a_slack_refusal_is_not_retried_and_a_retry_after_is_waited_out() {
     // Were busy's delivery given up, its failure would be recorded right after its attempt.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tm.wait_projected().await;
-    assert!(failed("busy").await.is_empty());
+    assert!(failed_items(&tm, &ids["busy"]).await.is_empty());
     tm.finish().await;
 }
 
@@ -1923,13 +1925,8 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     assert_eq!(times("closing@example.com"), 2, "refused for now, then for good on the retry: {asked:?}");
     // The endpoint whose every recipient was refused for good lists its delivery as failed,
     // after its one attempt; the other, whose recipients all took it or were refused, none.
-    let failed = |id: &str| {
-        let url = failed_deliveries(&tm, id);
-        let tm = &tm;
-        async move { tm.get_json(url).await["items"].as_array().unwrap().clone() }
-    };
     let refused = eventually("the refused e-mail listed", Duration::from_secs(10), || async {
-        let items = failed(&endpoints[1]).await;
+        let items = failed_items(&tm, &endpoints[1]).await;
         Ok((!items.is_empty()).then_some(items))
     })
     .await
@@ -1940,10 +1937,10 @@ async fn an_email_reaches_the_recipients_the_server_takes_and_one_refused_for_go
     assert!(error.contains("refused every recipient") && error.contains("gone@lists.example.com"), "{error}");
     assert_eq!(refused[0]["payload"]["data"]["run_id"], run.to_string());
     tm.wait_projected().await;
-    assert!(failed(&endpoints[0]).await.is_empty());
+    assert!(failed_items(&tm, &endpoints[0]).await.is_empty());
     // Refused every recipient over two attempts: the failure names both.
     let closing = eventually("the e-mail refused over two attempts listed", Duration::from_secs(10), || async {
-        let items = failed(&endpoints[2]).await;
+        let items = failed_items(&tm, &endpoints[2]).await;
         Ok((!items.is_empty()).then_some(items))
     })
     .await

@@ -163,7 +163,7 @@ impl CheckoutDef {
         }
         if !is_plain_relative_path(path, Self::MAX_PATH) || path.split('/').any(|n| n.eq_ignore_ascii_case(".git")) {
             return Some(format!(
-                "'{path}' is not a relative path of plain names (no '.', '..', '.git' or empty ones)"
+                "'{path}' is not a relative path of plain names (no '.', '..', '.git' or empty ones, no control characters or '\\')"
             ));
         }
         if path.split('/').next() == Some(OUTPUT_FILE) {
@@ -199,8 +199,8 @@ struct CheckoutOptions {
     #[serde(default)]
     tags: bool,
     /// Where in the step's working directory the repository goes: a relative path of plain
-    /// names (no `.`, `..`, `.git` or empty ones), at most 255 bytes; absent: the working
-    /// directory itself.
+    /// names (no `.`, `..`, `.git` or empty ones, no control characters or `\`, not starting at
+    /// `.taskmesh-output`), at most 255 bytes; absent: the working directory itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = CheckoutDef::MAX_PATH))]
     path: Option<String>,

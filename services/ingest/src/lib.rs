@@ -556,26 +556,26 @@ impl Ingest {
     pub async fn revoke_api_key(&self, cmd: RevokeApiKey) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         let subject = self.bus.namespace().api_key(&cmd.tenant, cmd.key_id);
-        let Some(last) = self.bus.last(&subject).await? else {
-            return Err(Problem::new(ErrorCode::NotFound, "no such key"));
-        };
-        if matches!(last.envelope.event, Event::ApiKeyRevoked(_)) {
-            return Ok(Created { id: cmd.key_id.to_string(), seq: last.seq });
-        }
-        let envelope = EventMeta::new(&cmd.tenant)
-            .envelope(subject.clone(), Event::ApiKeyRevoked(ApiKeyRevoked { key_id: cmd.key_id }));
-        match self.bus.append(last.seq, &envelope).await {
-            Ok(seq) => Ok(Created { id: cmd.key_id.to_string(), seq }),
-            // Only a revocation follows a key's creation: another got there first. Its seq (not
-            // the creation's) is what a read must wait for to see the key revoked.
-            Err(BusError::Conflict { .. }) => match self.bus.last(&subject).await? {
-                Some(now) if matches!(now.envelope.event, Event::ApiKeyRevoked(_)) => {
-                    Ok(Created { id: cmd.key_id.to_string(), seq: now.seq })
+        // A revocation that loses a race to another reads it and answers its seq (not the
+        // creation's): what a read must wait for to see the key revoked.
+        let settled = self
+            .bus
+            .append_after_last(&subject, 5, |last| {
+                let (subject, tenant, key_id) = (&subject, &cmd.tenant, cmd.key_id);
+                async move {
+                    let Some(last) = last else { return Err(Problem::new(ErrorCode::NotFound, "no such key")) };
+                    if matches!(last.envelope.event, Event::ApiKeyRevoked(_)) {
+                        return Ok(AfterLast::Done(last.seq));
+                    }
+                    let revoked = Event::ApiKeyRevoked(ApiKeyRevoked { key_id });
+                    Ok(AfterLast::Append {
+                        events: vec![EventMeta::new(tenant).envelope(subject.clone(), revoked)],
+                        msg_id: None,
+                    })
                 }
-                _ => Err(Problem::new(ErrorCode::Unavailable, "the key changed meanwhile; retry")),
-            },
-            Err(e) => Err(e.into()),
-        }
+            })
+            .await?;
+        Ok(Created { id: cmd.key_id.to_string(), seq: settled.seq() })
     }
 
     /// Records that a key was used; the event is deduplicated per key and minute.

@@ -42,14 +42,14 @@ pub(crate) struct Mailer {
     settled: Mutex<Settled>,
 }
 
-/// Messages whose settled recipients a notifier remembers at once, at most (those being sent
-/// or waiting for a retry).
+/// Messages whose settled recipients a notifier remembers at once, at most (those being sent,
+/// waiting for a retry, or given up after a passing failure, which may be sent again on request).
 pub(crate) const SETTLED_KEPT: usize = 10_000;
 
 /// The recipients of messages being retried that earlier attempts settled: each took the message
 /// or was refused it for good. Beyond [`SETTLED_KEPT`], the message noted least recently is
-/// forgotten first (its retry then mails everyone again); a message done with is forgotten at
-/// once.
+/// forgotten first (its retry then mails everyone again); a message every recipient settled is
+/// forgotten at once.
 #[derive(Default)]
 struct Settled {
     /// Least recently noted first.
@@ -59,10 +59,16 @@ struct Settled {
 #[derive(Default, Clone)]
 struct Recipients {
     done: HashSet<String>,
-    /// One of them took it.
-    taken: bool,
-    /// Those refused it for good, each with why (for the failure, should every one be).
+    /// Those refused it for good, each with why (for the failure, should every one be); the
+    /// rest of `done` took it.
     refused: Vec<(String, String)>,
+}
+
+impl Recipients {
+    /// One of them took it.
+    fn taken(&self) -> bool {
+        self.done.len() > self.refused.len()
+    }
 }
 
 /// Most bytes of why a recipient was refused that are kept (a server's reply may be long): ten
@@ -74,11 +80,10 @@ impl Settled {
     /// why).
     fn note(&mut self, id: &str, recipient: &lettre::Address, refused: Option<&str>) {
         let recipients = self.by_message.entry(id.to_string()).or_insert_with(Recipients::default);
-        if recipients.done.insert(recipient.to_string()) {
-            match refused {
-                Some(reason) => recipients.refused.push((recipient.to_string(), reason.to_string())),
-                None => recipients.taken = true,
-            }
+        if recipients.done.insert(recipient.to_string())
+            && let Some(reason) = refused
+        {
+            recipients.refused.push((recipient.to_string(), reason.to_string()));
         }
         while self.by_message.len() > SETTLED_KEPT {
             self.by_message.pop_front();
@@ -193,9 +198,10 @@ impl Mailer {
         });
         // Those refused for good by earlier attempts (and still recipients) count toward
         // "every recipient" too.
-        let earlier = before.refused.into_iter().filter(|(a, _)| recipients.iter().any(|r| r.to_string() == *a));
-        let (mut refused, mut failed, mut taken) =
-            (earlier.map(|(_, why)| why).collect::<Vec<_>>(), None, before.taken);
+        let mut taken = before.taken();
+        let addresses: HashSet<String> = recipients.iter().map(ToString::to_string).collect();
+        let earlier = before.refused.into_iter().filter(|(a, _)| addresses.contains(a));
+        let (mut refused, mut failed) = (earlier.map(|(_, why)| why).collect::<Vec<_>>(), None);
         for sent in futures::future::join_all(sends).await {
             match sent {
                 Sent::Taken => taken = true,
@@ -321,7 +327,7 @@ mod tests {
             settled.note(&id, &to, Some("550 no such mailbox"));
             settled.forget(&id);
         }
-        assert!(settled.get("waiting").is_some_and(|r| r.taken && r.done.contains("ops@example.com")));
+        assert!(settled.get("waiting").is_some_and(|r| r.taken() && r.done.contains("ops@example.com")));
         // Beyond the bound, the one noted least recently goes first: noted again (a retry's
         // next recipient), "waiting" outlasts "older", noted after it the first time.
         settled.note("older", &to, None);

@@ -541,14 +541,14 @@ function changing(problem) {
       problem.replaceChildren(failure(e));
     }
   };
-  // Deletes what `path` names (`id`); `gone` keeps its row marked until a look shows the
-  // read side has the change (the row dropped, or revoked): the next look waits for it.
-  changes.gone = new Set();
+  // Deletes what `path` names (`id`); `gone` keeps its row marked (by the delete's seq) until
+  // a look that waited for that seq has the change (the row dropped, or revoked).
+  changes.gone = new Map();
   // Answers whether it was deleted.
   changes.remove = async (path, id) => {
     try {
       const r = await api(path, { method: "DELETE" });
-      changes.gone.add(id);
+      changes.gone.set(id, (r && r.seq) || 0);
       changes.wrote(r);
       return true;
     } catch (e) {
@@ -560,6 +560,7 @@ function changing(problem) {
     const asked = changes.fresh;
     const answer = await api(path, { headers: minSeq(asked) });
     if (changes.fresh === asked) changes.fresh = null;
+    for (const [id, seq] of changes.gone) if (seq <= (asked || 0)) changes.gone.delete(id);
     return answer;
   };
   return changes;
@@ -770,8 +771,6 @@ function secretsView() {
     if (!SECRET_NAME.test(n)) throw new Error("A secret's name is A-Z, 0-9 and _, not starting with a digit, at most 64.");
     const r = await api(`/v1/secrets/${enc(n)}`, { method: "PUT", body: { value: value.value } });
     value.value = "";
-    // Set again after a delete: no longer on its way out.
-    changes.gone.delete(n);
     said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
     changes.wrote(r);
   });
@@ -787,10 +786,6 @@ function secretsView() {
       problem.replaceChildren();
       const admin = isAdmin();
       set.hidden = !admin;
-      // A name the read side no longer lists is deleted: set again later (here or elsewhere),
-      // it may be deleted again.
-      const listed = new Set((answer.items || []).map((x) => x.name));
-      for (const n of [...changes.gone]) if (!listed.has(n)) changes.gone.delete(n);
       const action = (n) => {
         if (!admin || !SECRET_NAME.test(n)) return null;
         if (changes.gone.has(n)) return el("span", { class: "muted" }, "deleting…");
@@ -833,13 +828,14 @@ function keysView() {
       const answer = await changes.api("/v1/keys");
       if (view.stopped) return;
       problem.replaceChildren();
-      add.hidden = !isAdmin();
+      const admin = isAdmin();
+      add.hidden = !admin;
       // Revoke only when the page knows its own key (else it might offer to revoke that).
       const known = Boolean(me && RUN_ID.test(me.key_id || ""));
       body.replaceChildren(...(answer || []).map((x) => {
         // Only a key's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
-        const action = x.revoked_at || !known || !isAdmin() ? null
+        const action = x.revoked_at || !known || !admin ? null
           : me.key_id === id ? el("span", { class: "muted" }, "this page's key")
           : id && changes.gone.has(id) ? el("span", { class: "muted" }, "revoking…")
           : id ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Revoke? Click again", () => changes.remove(`/v1/keys/${id}`, id)) }, "Revoke")
