@@ -179,6 +179,22 @@ impl Client {
         self.call_after(method, path, body, None).await
     }
 
+    /// Every item of the list at `path`, page after page (as `{"items": […]}`).
+    async fn list_all(&self, path: &str) -> anyhow::Result<Value> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_path = format!("{path}{}", query(&[("limit", Some("200")), ("cursor", cursor.as_deref())]));
+            let mut page = self.call(reqwest::Method::GET, &page_path, None).await?;
+            items.extend(page["items"].as_array_mut().map(std::mem::take).unwrap_or_default());
+            cursor = match page["next_cursor"].take() {
+                Value::Null => return Ok(json!({ "items": items })),
+                Value::String(c) => Some(c),
+                other => Some(other.to_string()),
+            };
+        }
+    }
+
     /// [`Client::call`], answered once the read side shows the log up to `min_seq` (the
     /// gateway waits a few seconds for it: `Taskmesh-Min-Seq`).
     async fn call_after(
@@ -763,7 +779,7 @@ pub async fn workflows(conn: &Connection, cmd: Workflows) -> anyhow::Result<i32>
             Ok(0)
         }
         Workflows::Ls => {
-            let list = client.call(reqwest::Method::GET, "/v1/workflows", None).await?;
+            let list = client.list_all("/v1/workflows").await?;
             if client.json {
                 println!("{list}");
             } else {
@@ -807,7 +823,7 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
     let client = Client::new(conn)?;
     match cmd {
         Schedules::Ls => {
-            let list = client.call(reqwest::Method::GET, "/v1/schedules", None).await?;
+            let list = client.list_all("/v1/schedules").await?;
             if client.json {
                 println!("{list}");
             } else {
@@ -908,7 +924,7 @@ pub async fn secrets(conn: &Connection, cmd: Secrets) -> anyhow::Result<i32> {
             Ok(0)
         }
         Secrets::Ls => {
-            let list = client.call(reqwest::Method::GET, "/v1/secrets", None).await?;
+            let list = client.list_all("/v1/secrets").await?;
             if client.json {
                 println!("{list}");
             } else {

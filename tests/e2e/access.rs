@@ -291,12 +291,13 @@ async fn every_mutating_call_is_audited_and_keys_show_their_last_use() {
     // Keys show when they were last used.
     let keys = eventually("last-used times", Duration::from_secs(20), || async {
         let keys: Value = call(&tm, &tm.key, Method::GET, "/v1/keys", None).await.json().await?;
-        let all_used = keys.as_array().is_some_and(|k| k.len() == 2 && k.iter().all(|k| !k["last_used_at"].is_null()));
+        let all_used =
+            keys["items"].as_array().is_some_and(|k| k.len() == 2 && k.iter().all(|k| !k["last_used_at"].is_null()));
         Ok(all_used.then_some(keys))
     })
     .await
     .unwrap();
-    let used = chrono::DateTime::parse_from_rfc3339(keys[0]["last_used_at"].as_str().unwrap()).unwrap();
+    let used = chrono::DateTime::parse_from_rfc3339(keys["items"][0]["last_used_at"].as_str().unwrap()).unwrap();
     assert!((chrono::Utc::now() - used.to_utc()).num_seconds() < 60);
     tm.finish().await;
 }
@@ -690,7 +691,7 @@ async fn revoke(tm: &TestMesh, id: &str) {
     let seq = TestMesh::written_seq(&call(tm, &tm.key, Method::DELETE, &format!("/v1/keys/{id}"), None).await);
     // Read after its seq, the key is listed revoked.
     let keys = tm.get_json_after(format!("{}/v1/keys", tm.api), seq).await;
-    assert!(keys.as_array().unwrap().iter().any(|k| k["id"] == id && k["revoked_at"].is_string()), "{keys}");
+    assert!(keys["items"].as_array().unwrap().iter().any(|k| k["id"] == id && k["revoked_at"].is_string()), "{keys}");
     tm.wait_projected().await;
 }
 
@@ -705,7 +706,10 @@ async fn racing_revocations_of_a_key_all_answer_the_revocations_seq() {
     let seqs: Vec<u64> = answers.iter().map(TestMesh::written_seq).collect();
     assert!(seqs.iter().all(|s| *s == seqs[0]), "{seqs:?}");
     let keys = tm.get_json_after(format!("{}/v1/keys", tm.api), seqs[0]).await;
-    assert!(keys.as_array().unwrap().iter().any(|k| k["id"] == id.as_str() && k["revoked_at"].is_string()), "{keys}");
+    assert!(
+        keys["items"].as_array().unwrap().iter().any(|k| k["id"] == id.as_str() && k["revoked_at"].is_string()),
+        "{keys}"
+    );
     eventually("the revoked key refused", Duration::from_secs(5), || async {
         Ok((call(&tm, &key, Method::GET, "/v1/runs", None).await.status() == 401).then_some(()))
     })

@@ -451,3 +451,27 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
 
     tm.finish().await;
 }
+
+/// The `ls` commands list every page, not the first: 201 secrets are more than a page of 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_lists_every_page() {
+    use futures::StreamExt;
+    let tm = spawn_mesh().await;
+    let names: Vec<String> = (0..201).map(|i| format!("PAGED_{i:03}")).collect();
+    let mesh = &tm;
+    futures::stream::iter(&names)
+        .for_each_concurrent(8, |name| async move {
+            let body = serde_json::json!({"value": "x"});
+            let res = mesh.send_json(reqwest::Method::PUT, &format!("/v1/secrets/{name}"), &body).await;
+            assert_eq!(res.status(), 204, "{name}");
+        })
+        .await;
+    tm.wait_projected().await;
+    let (code, out, err) = taskmesh(&tm, &["secrets", "ls", "--output", "json"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(items(&parse(&out), "name"), names, "every secret, once each, by name");
+    let (code, out, err) = taskmesh(&tm, &["secrets", "ls"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.lines().count(), 202, "a heading and a line a secret: {out}");
+    tm.finish().await;
+}

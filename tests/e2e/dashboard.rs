@@ -79,7 +79,7 @@ async fn the_dashboard_is_served_and_the_api_answers_what_it_reads() {
     assert!(who["key_id"].is_string(), "the keys page tells its own key by it: {who}");
     let keys = get("/v1/keys".into()).await;
     for field in ["id", "name", "role", "prefix", "created_at", "last_used_at", "revoked_at"] {
-        assert!(keys[0].get(field).is_some(), "key: {field} in {keys}");
+        assert!(keys["items"][0].get(field).is_some(), "key: {field} in {keys}");
     }
 }
 
@@ -403,6 +403,17 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
             &format!("return !!{secret_row} && !!{secret_row}.querySelector('button.delete')"),
         )
         .await;
+    // A list shows a page and links to the next; its address takes the API's `limit`.
+    let res = tm.send_json(reqwest::Method::PUT, "/v1/secrets/A_FIRST", &serde_json::json!({"value": "x"})).await;
+    tm.get_json_after(format!("{}/v1/secrets", tm.api), TestMesh::written_seq(&res)).await;
+    browser.go(&format!("{}/ui/#/secrets?limit=1", tm.api)).await;
+    let first_row = row_with("A_FIRST");
+    let next_link = "document.querySelector(\"main a[href^='#/secrets?']\")";
+    browser
+        .until("a page of one, linking to the next", &format!("return !!{first_row} && !{secret_row} && !!{next_link}"))
+        .await;
+    browser.click("main a[href^='#/secrets?']").await;
+    browser.until("the next page, the last", &format!("return !!{secret_row} && !{first_row} && !{next_link}")).await;
 
     // An admin issues a key from the Keys page (shown once; it works) and revokes it (a second
     // click confirms; it then works no more). The page's own key offers no Revoke.

@@ -16,6 +16,7 @@ mod flows;
 mod integrations;
 mod kinds;
 mod lanes;
+mod lists;
 mod logs;
 mod pooler;
 mod projection;

@@ -65,7 +65,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
     tm.wait_projected().await;
     let (status, tenants) = platform.call(Method::GET, "/v1/tenants", None).await;
     assert_eq!(status, 200);
-    assert!(tenants.as_array().unwrap().iter().any(|t| t["id"] == "beta"));
+    assert!(tenants["items"].as_array().unwrap().iter().any(|t| t["id"] == "beta"));
     let b = Client { tm: &tm, key: beta["admin_key"].as_str().unwrap().into() };
 
     // Tenant A's resources: keys, a run, a stored workflow with an event trigger, a schedule,
@@ -137,7 +137,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         assert_eq!(page["items"], json!([]), "{path} lists nothing of another tenant's");
     }
     let (_, keys) = b.call(Method::GET, "/v1/keys", None).await;
-    assert_eq!(keys.as_array().unwrap().len(), 1, "B sees only its own key");
+    assert_eq!(keys["items"].as_array().unwrap().len(), 1, "B sees only its own key");
     let (_, audit) = b.call(Method::GET, "/v1/audit", None).await;
     assert!(
         audit["items"]
@@ -360,6 +360,6 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
     .await
     .unwrap();
     let (_, keys) = a.call(Method::GET, "/v1/keys", None).await;
-    assert!(keys.as_array().unwrap().iter().any(|k| k["id"] == viewer["id"] && !k["revoked_at"].is_null()));
+    assert!(keys["items"].as_array().unwrap().iter().any(|k| k["id"] == viewer["id"] && !k["revoked_at"].is_null()));
     tm.finish().await;
 }

@@ -111,6 +111,76 @@ pub fn cut_page<R, C>(rows: &mut Vec<R>, limit: i64, cursor: impl Fn(&R) -> C) -
     rows.last().map(cursor)
 }
 
+/// The paging of a list whose other parameters are its path's: a page size and where the page
+/// starts. Runs, failed deliveries and the audit log have their own parameters, filters too.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(max_length = 256)]
+    pub cursor: Option<String>,
+}
+
+/// A list's page as asked for: [`PageParams`] checked (a bad one is a `400`).
+#[derive(Debug)]
+pub struct Page {
+    /// Rows a page holds; fetch one more, for [`cut_page`] to tell whether another follows.
+    pub limit: i64,
+    cursor: Option<String>,
+}
+
+impl Page {
+    /// Where the page starts: the cursor read as the list's own (a string that is not one is a
+    /// `400`), or `None` for the first page.
+    pub fn after<T: std::str::FromStr>(&self) -> Result<Option<T>, ApiError> {
+        self.cursor.as_deref().map(|c| c.parse().map_err(|_| not_a_cursor())).transpose()
+    }
+
+    /// This page of one of `tenant`'s lists, and the next page's cursor (the last row's `key`)
+    /// if another follows: `sql` selects the tenant's rows (`$1`) after the cursor (`$2`, a `T`;
+    /// null on the first page) in the list's order, at most `$3`.
+    pub async fn of_tenant<T>(
+        &self,
+        pool: &PgPool,
+        sql: &'static str,
+        tenant: &str,
+        key: &str,
+    ) -> Result<(Vec<sqlx::postgres::PgRow>, Option<T>), ApiError>
+    where
+        T: std::str::FromStr + sqlx::Type<sqlx::Postgres> + Send,
+        T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + for<'r> sqlx::Decode<'r, sqlx::Postgres>,
+    {
+        use sqlx::Row;
+        let mut rows =
+            sqlx::query(sql).bind(tenant).bind(self.after::<T>()?).bind(self.limit + 1).fetch_all(pool).await?;
+        let next = cut_page(&mut rows, self.limit, |r| r.get::<T, _>(key));
+        Ok((rows, next))
+    }
+}
+
+fn not_a_cursor() -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, "cursor is not a next_cursor of this list")
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Page {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Query(params) = axum::extract::Query::<PageParams>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+        // Every cursor a list gives is short and printable; Postgres refuses a text with a NUL.
+        if params.cursor.as_deref().is_some_and(|c| c.chars().count() > 256 || c.contains(char::is_control)) {
+            return Err(not_a_cursor());
+        }
+        Ok(Page { limit: page_limit(params.limit)?, cursor: params.cursor })
+    }
+}
+
 /// A page size from a `limit` parameter: 1 to 200, 50 by default.
 pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     let limit = limit.unwrap_or(50);

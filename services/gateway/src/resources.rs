@@ -105,24 +105,24 @@ pub struct RepoConnectionView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RepoConnectionList {
     pub items: Vec<RepoConnectionView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<uuid::Uuid>,
 }
 
 /// List the tenant's repository connections (their secrets are never shown).
 #[utoipa::path(get, operation_id = "list_repo_connections", path = "/v1/repo-connections", tag = "integrations",
-    responses((status = 200, body = RepoConnectionList)),
+    params(crate::PageParams),
+    responses((status = 200, body = RepoConnectionList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list_repo_connections(
     State(state): State<AppState>,
     caller: Caller,
+    page: crate::Page,
 ) -> ApiResult<Json<RepoConnectionList>> {
-    let rows = sqlx::query(
-        "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
-                status_token IS NOT NULL AS reports_status, api_url, created_at
-         FROM repo_connections WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
-    )
-    .bind(&caller.tenant)
-    .fetch_all(&state.pool)
-    .await?;
+    let sql = "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
+        status_token IS NOT NULL AS reports_status, api_url, created_at
+        FROM repo_connections WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
+    let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
         .iter()
         .map(|r| {
@@ -144,7 +144,7 @@ pub async fn list_repo_connections(
             }
         })
         .collect();
-    Ok(Json(RepoConnectionList { items }))
+    Ok(Json(RepoConnectionList { items, next_cursor }))
 }
 
 /// An outbound webhook endpoint, without its signing secret.
@@ -168,23 +168,23 @@ pub struct WebhookEndpointView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookEndpointList {
     pub items: Vec<WebhookEndpointView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<uuid::Uuid>,
 }
 
 /// List the tenant's outbound webhook endpoints (their secrets are never shown again).
 #[utoipa::path(get, operation_id = "list_webhook_endpoints", path = "/v1/webhook-endpoints", tag = "integrations",
-    responses((status = 200, body = WebhookEndpointList)),
+    params(crate::PageParams),
+    responses((status = 200, body = WebhookEndpointList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list_webhook_endpoints(
     State(state): State<AppState>,
     caller: Caller,
+    page: crate::Page,
 ) -> ApiResult<Json<WebhookEndpointList>> {
-    let rows = sqlx::query(
-        "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason FROM webhook_endpoints
-         WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
-    )
-    .bind(&caller.tenant)
-    .fetch_all(&state.pool)
-    .await?;
+    let sql = "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason FROM webhook_endpoints
+        WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
+    let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
         .iter()
         .map(|r| WebhookEndpointView {
@@ -197,7 +197,7 @@ pub async fn list_webhook_endpoints(
             disabled_reason: r.get("disabled_reason"),
         })
         .collect();
-    Ok(Json(WebhookEndpointList { items }))
+    Ok(Json(WebhookEndpointList { items, next_cursor }))
 }
 
 /// Connect a repository: pushes to matching branches (and tags) start `workflow`, or the

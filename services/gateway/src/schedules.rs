@@ -106,18 +106,20 @@ fn view(row: &sqlx::postgres::PgRow) -> ScheduleView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ScheduleList {
     pub items: Vec<ScheduleView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
 }
 
 /// List schedules, newest first.
 #[utoipa::path(get, operation_id = "list_schedules", path = "/v1/schedules", tag = "schedules",
-    responses((status = 200, body = ScheduleList), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    params(crate::PageParams),
+    responses((status = 200, body = ScheduleList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<ScheduleList>> {
-    let rows = sqlx::query("SELECT * FROM schedules WHERE tenant_id = $1 ORDER BY id DESC LIMIT 1000")
-        .bind(&caller.tenant)
-        .fetch_all(&state.pool)
-        .await?;
-    Ok(Json(ScheduleList { items: rows.iter().map(view).collect() }))
+pub async fn list(State(state): State<AppState>, caller: Caller, page: crate::Page) -> ApiResult<Json<ScheduleList>> {
+    let sql =
+        "SELECT * FROM schedules WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3";
+    let (rows, next_cursor) = page.of_tenant::<Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
+    Ok(Json(ScheduleList { items: rows.iter().map(view).collect(), next_cursor }))
 }
 
 /// Read a schedule.

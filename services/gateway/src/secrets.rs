@@ -44,6 +44,8 @@ pub struct SecretInfo {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SecretList {
     pub items: Vec<SecretInfo>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// Set a secret (admin). Steps get it by listing its name in `secrets:`; its value is masked as
@@ -89,15 +91,15 @@ pub async fn set(
 
 /// List the tenant's secrets: names and times, never values.
 #[utoipa::path(get, operation_id = "list_secrets", path = "/v1/secrets", tag = "secrets",
-    responses((status = 200, body = SecretList), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    params(crate::PageParams),
+    responses((status = 200, body = SecretList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<SecretList>> {
-    let rows = sqlx::query("SELECT name, updated_at FROM secrets WHERE tenant_id = $1 ORDER BY name LIMIT 1000")
-        .bind(&caller.tenant)
-        .fetch_all(&state.pool)
-        .await?;
+pub async fn list(State(state): State<AppState>, caller: Caller, page: crate::Page) -> ApiResult<Json<SecretList>> {
+    let sql = "SELECT name, updated_at FROM secrets WHERE tenant_id = $1 AND ($2::text IS NULL OR name > $2)
+        ORDER BY name LIMIT $3";
+    let (rows, next_cursor) = page.of_tenant::<String>(&state.pool, sql, &caller.tenant, "name").await?;
     let items = rows.iter().map(|r| SecretInfo { name: r.get("name"), updated_at: r.get("updated_at") }).collect();
-    Ok(Json(SecretList { items }))
+    Ok(Json(SecretList { items, next_cursor }))
 }
 
 /// Delete a secret (admin).

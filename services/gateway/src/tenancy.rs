@@ -136,18 +136,37 @@ pub struct TenantView {
     pub created_at: DateTime<Utc>,
 }
 
+/// A page of tenants, by id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantList {
+    pub items: Vec<TenantView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
 /// List tenants (platform administrator).
 #[utoipa::path(get, operation_id = "list_tenants", path = "/v1/tenants", tag = "tenancy",
-    responses((status = 200, body = Vec<TenantView>), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    params(crate::PageParams),
+    responses((status = 200, body = TenantList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"), (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
-pub async fn list_tenants(State(state): State<AppState>, _: PlatformAdmin) -> ApiResult<Json<Vec<TenantView>>> {
-    let rows =
-        sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY id LIMIT 10000").fetch_all(&state.pool).await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| TenantView { id: r.get("id"), name: r.get("name"), created_at: r.get("created_at") })
-            .collect(),
-    ))
+pub async fn list_tenants(
+    State(state): State<AppState>,
+    _: PlatformAdmin,
+    page: crate::Page,
+) -> ApiResult<Json<TenantList>> {
+    let mut rows = sqlx::query(
+        "SELECT id, name, created_at FROM tenants WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2",
+    )
+    .bind(page.after::<String>()?)
+    .bind(page.limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = crate::cut_page(&mut rows, page.limit, |r| r.get::<String, _>("id"));
+    let items = rows
+        .iter()
+        .map(|r| TenantView { id: r.get("id"), name: r.get("name"), created_at: r.get("created_at") })
+        .collect();
+    Ok(Json(TenantList { items, next_cursor }))
 }
 
 /// Issues a key: the key, its id and the sequence of its `ApiKeyCreated`.
@@ -221,31 +240,37 @@ pub struct KeyView {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
-/// List the tenant's keys (admin).
+/// A page of the tenant's keys, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub items: Vec<KeyView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// List the tenant's keys (admin), oldest first.
 #[utoipa::path(get, operation_id = "list_keys", path = "/v1/keys", tag = "tenancy",
-    responses((status = 200, body = Vec<KeyView>), (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json")),
+    params(crate::PageParams),
+    responses((status = 200, body = KeyList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"), (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
-pub async fn list_keys(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<KeyView>>> {
+pub async fn list_keys(State(state): State<AppState>, caller: Caller, page: crate::Page) -> ApiResult<Json<KeyList>> {
     caller.require_admin()?;
-    let rows = sqlx::query(
-        "SELECT id, role, prefix, name, created_at, revoked_at, last_used_at FROM api_keys WHERE tenant_id = $1 ORDER BY id LIMIT 10000",
-    )
-    .bind(&caller.tenant)
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| KeyView {
-                id: r.get("id"),
-                role: r.get("role"),
-                prefix: r.get("prefix"),
-                name: r.get("name"),
-                created_at: r.get("created_at"),
-                revoked_at: r.get("revoked_at"),
-                last_used_at: r.get("last_used_at"),
-            })
-            .collect(),
-    ))
+    let sql = "SELECT id, role, prefix, name, created_at, revoked_at, last_used_at FROM api_keys
+        WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
+    let (rows, next_cursor) = page.of_tenant::<Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
+    let items = rows
+        .iter()
+        .map(|r| KeyView {
+            id: r.get("id"),
+            role: r.get("role"),
+            prefix: r.get("prefix"),
+            name: r.get("name"),
+            created_at: r.get("created_at"),
+            revoked_at: r.get("revoked_at"),
+            last_used_at: r.get("last_used_at"),
+        })
+        .collect();
+    Ok(Json(KeyList { items, next_cursor }))
 }
 
 /// Revoke a key of the tenant (admin); it authenticates nothing afterwards.

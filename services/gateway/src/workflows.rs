@@ -130,50 +130,68 @@ fn to_version(row: &sqlx::postgres::PgRow) -> WorkflowVersion {
     }
 }
 
-/// The tenant's stored workflows, each at its latest version.
+/// A page of the tenant's stored workflows, each at its latest version, by name.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WorkflowList {
     pub items: Vec<WorkflowVersion>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// List stored workflows (latest versions), by name.
 #[utoipa::path(get, operation_id = "list_workflows", path = "/v1/workflows", tag = "workflows",
+    params(crate::PageParams),
     responses(
         (status = 200, body = WorkflowList),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<WorkflowList>> {
-    let rows = sqlx::query(
-        "SELECT DISTINCT ON (name) name, version, definition, created_at FROM workflows
-         WHERE tenant_id = $1 ORDER BY name, version DESC LIMIT 1000",
-    )
-    .bind(&caller.tenant)
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(Json(WorkflowList { items: rows.iter().map(to_version).collect() }))
+pub async fn list(State(state): State<AppState>, caller: Caller, page: crate::Page) -> ApiResult<Json<WorkflowList>> {
+    let sql = "SELECT DISTINCT ON (name) name, version, definition, created_at FROM workflows
+        WHERE tenant_id = $1 AND ($2::text IS NULL OR name > $2) ORDER BY name, version DESC LIMIT $3";
+    let (rows, next_cursor) = page.of_tenant::<String>(&state.pool, sql, &caller.tenant, "name").await?;
+    Ok(Json(WorkflowList { items: rows.iter().map(to_version).collect(), next_cursor }))
+}
+
+/// A page of one workflow's stored versions, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowVersionList {
+    pub items: Vec<WorkflowVersion>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<i32>,
 }
 
 /// Every stored version of one workflow, newest first.
 #[utoipa::path(get, operation_id = "list_workflow_versions", path = "/v1/workflows/{name}/versions", tag = "workflows",
-    params(("name" = String, Path)),
-    responses((status = 200, body = WorkflowList)),
+    params(("name" = String, Path), crate::PageParams),
+    responses(
+        (status = 200, body = WorkflowVersionList),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
     security(("bearer" = [])))]
 pub async fn versions(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Json<WorkflowList>> {
-    let rows = sqlx::query(
+    page: crate::Page,
+) -> ApiResult<Json<WorkflowVersionList>> {
+    let after = page.after::<i32>()?;
+    let mut rows = sqlx::query(
         "SELECT name, version, definition, created_at FROM workflows
-         WHERE tenant_id = $1 AND name = $2 ORDER BY version DESC LIMIT 1000",
+         WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version < $3) ORDER BY version DESC LIMIT $4",
     )
     .bind(&caller.tenant)
     .bind(&name)
+    .bind(after)
+    .bind(page.limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    if rows.is_empty() {
+    // (A later page may be empty: its cursor was the workflow's first version.)
+    if rows.is_empty() && after.is_none() {
         return Err(ApiError::not_found("workflow"));
     }
-    Ok(Json(WorkflowList { items: rows.iter().map(to_version).collect() }))
+    let next_cursor = crate::cut_page(&mut rows, page.limit, |r| r.get::<i32, _>("version"));
+    Ok(Json(WorkflowVersionList { items: rows.iter().map(to_version).collect(), next_cursor }))
 }

@@ -137,10 +137,12 @@ function adminForm(problem, label, fields, submit) {
   return el("form", { class: "inline", hidden: true, onsubmit }, fields, el("button", { type: "submit" }, label));
 }
 
-// The paging a list's address may carry (`cursor`, `limit`), digits only, as the API's query.
+// The paging a list's address may carry, as the API's query: `limit` (digits) and `cursor`
+// (a `next_cursor` the API gave: digits, an id or a name; the API refuses one it did not give).
 function pageParams(params) {
   const page = new URLSearchParams();
-  for (const k of ["cursor", "limit"]) if (/^\d{1,19}$/.test(params.get(k) || "")) page.set(k, params.get(k));
+  if (/^\d{1,3}$/.test(params.get("limit") || "")) page.set("limit", params.get("limit"));
+  if (/^\S{1,256}$/.test(params.get("cursor") || "")) page.set("cursor", params.get("cursor"));
   return page;
 }
 
@@ -566,18 +568,23 @@ function changing(problem) {
   return changes;
 }
 
-function schedulesView() {
+// The tenant's schedules, newest first, a page at a time (the page's address may carry
+// `cursor` and `limit`, as the API takes them), as the lists below are.
+function schedulesView(query) {
+  const page = pageParams(new URLSearchParams(query));
   const problem = el("div");
   const body = el("tbody");
+  const more = el("p");
   show(el("h1", {}, "Schedules"), problem,
-    table(["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""], body));
+    table(["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""], body), more);
   const changes = changing(problem);
   changes.shown = every(3000, async (view) => {
     try {
       await whoami();
-      const answer = await changes.api("/v1/schedules");
+      const answer = await changes.api(`/v1/schedules?${page}`);
       if (view.stopped) return;
       problem.replaceChildren();
+      olderLink(more, "#/schedules", page, answer.next_cursor, "Older schedules →");
       body.replaceChildren(...(answer.items || []).map((x) => {
         const spec = x.spec || {};
         const workflow = typeof spec.workflow === "string" ? spec.workflow : (spec.workflow && spec.workflow.name) || "";
@@ -603,16 +610,19 @@ function schedulesView() {
   });
 }
 
-function workflowsView() {
+function workflowsView(query) {
+  const page = pageParams(new URLSearchParams(query));
   const problem = el("div");
   const body = el("tbody");
+  const more = el("p");
   show(el("h1", {}, "Workflows"), problem,
-    table(["Workflow", "Version", "Steps", "Stored", ""], body));
+    table(["Workflow", "Version", "Steps", "Stored", ""], body), more);
   every(10000, async (view) => {
     try {
-      const answer = await api("/v1/workflows");
+      const answer = await api(`/v1/workflows?${page}`);
       if (view.stopped) return;
       problem.replaceChildren();
+      olderLink(more, "#/workflows", page, answer.next_cursor, "More workflows →");
       body.replaceChildren(...(answer.items || []).map((w) => {
         const steps = (w.definition && Array.isArray(w.definition.steps)) ? w.definition.steps.length : "";
         const runs = new URLSearchParams({ workflow: w.name });
@@ -629,7 +639,9 @@ function workflowsView() {
 // The tenant's webhook endpoints: their state (a disabled one says why, and an admin may
 // enable it), each linking to its failed deliveries. An admin may add one (its signing secret
 // is shown once, as the API answers it once) and delete one (a second click confirms).
-function webhooksView() {
+function webhooksView(query) {
+  const page = pageParams(new URLSearchParams(query));
+  const more = el("p");
   const problem = el("div");
   const body = el("tbody");
   const made = el("div");
@@ -646,13 +658,14 @@ function webhooksView() {
     made.replaceChildren(el("p", {}, "Added. Its signing secret, shown this once: ", el("code", { class: "secret" }, r.secret)));
     changes.wrote(r);
   });
-  show(el("h1", {}, "Webhooks"), add, made, problem, table(["Endpoint", "Format", "Events", "State", "", "", ""], body));
+  show(el("h1", {}, "Webhooks"), add, made, problem, table(["Endpoint", "Format", "Events", "State", "", "", ""], body), more);
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
-      const answer = await changes.api("/v1/webhook-endpoints");
+      const answer = await changes.api(`/v1/webhook-endpoints?${page}`);
       if (view.stopped) return;
       problem.replaceChildren();
+      olderLink(more, "#/webhooks", page, answer.next_cursor, "More endpoints →");
       const admin = isAdmin();
       add.hidden = !admin;
       body.replaceChildren(...(answer.items || []).map((x) => {
@@ -759,7 +772,9 @@ function failedDeliveriesView(id, query) {
 // either, read after its seq. Only such a name goes into the API's paths.
 const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,63}$/;
 
-function secretsView() {
+function secretsView(query) {
+  const page = pageParams(new URLSearchParams(query));
+  const more = el("p");
   const problem = el("div");
   const body = el("tbody");
   const said = el("p", { class: "muted" });
@@ -774,16 +789,17 @@ function secretsView() {
     said.textContent = `${n} is set: steps that list it under secrets get it, masked in their output.`;
     changes.wrote(r);
   });
-  show(el("h1", {}, "Secrets"), set, said, problem, table(["Name", "Set", ""], body));
+  show(el("h1", {}, "Secrets"), set, said, problem, table(["Name", "Set", ""], body), more);
   const remove = async (n) => {
     if (await changes.remove(`/v1/secrets/${enc(n)}`, n)) said.textContent = `${n} is deleted.`;
   };
   changes.shown = every(5000, async (v) => {
     try {
       await whoami();
-      const answer = await changes.api("/v1/secrets");
+      const answer = await changes.api(`/v1/secrets?${page}`);
       if (v.stopped) return;
       problem.replaceChildren();
+      olderLink(more, "#/secrets", page, answer.next_cursor, "More secrets →");
       const admin = isAdmin();
       set.hidden = !admin;
       const action = (n) => {
@@ -806,7 +822,9 @@ function secretsView() {
 // The tenant's API keys (admins): name, role, prefix, when each was made, last used and
 // revoked, never a key. An admin issues one (shown once, as the API answers it once) and
 // revokes one (a second click confirms; not the key this page is signed in with).
-function keysView() {
+function keysView(query) {
+  const page = pageParams(new URLSearchParams(query));
+  const more = el("p");
   const problem = el("div");
   const body = el("tbody");
   const made = el("div");
@@ -821,18 +839,19 @@ function keysView() {
     changes.wrote(r);
   });
   show(el("h1", {}, "API keys"), add, made, problem,
-    table(["Name", "Role", "Prefix", "Created", "Last used", "Revoked", ""], body));
+    table(["Name", "Role", "Prefix", "Created", "Last used", "Revoked", ""], body), more);
   changes.shown = every(5000, async (view) => {
     try {
       await whoami();
-      const answer = await changes.api("/v1/keys");
+      const answer = await changes.api(`/v1/keys?${page}`);
       if (view.stopped) return;
       problem.replaceChildren();
+      olderLink(more, "#/keys", page, answer.next_cursor, "More keys →");
       const admin = isAdmin();
       add.hidden = !admin;
       // Revoke only when the page knows its own key (else it might offer to revoke that).
       const known = Boolean(me && RUN_ID.test(me.key_id || ""));
-      body.replaceChildren(...(answer || []).map((x) => {
+      body.replaceChildren(...(answer.items || []).map((x) => {
         // Only a key's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
         const action = x.revoked_at || !known || !admin ? null
@@ -915,8 +934,8 @@ function route() {
     return runView(parts[1], parts[2] === "steps" ? parts[3] : null);
   }
   if (parts[0] === "executors") return executorsView();
-  if (parts[0] === "schedules") return schedulesView();
-  if (parts[0] === "workflows") return workflowsView();
+  if (parts[0] === "schedules") return schedulesView(query);
+  if (parts[0] === "workflows") return workflowsView(query);
   if (parts[0] === "webhooks" && parts[1]) {
     if (!RUN_ID.test(parts[1])) {
       current.stop();
@@ -924,10 +943,10 @@ function route() {
     }
     return failedDeliveriesView(parts[1], query);
   }
-  if (parts[0] === "webhooks") return webhooksView();
+  if (parts[0] === "webhooks") return webhooksView(query);
   if (parts[0] === "audit") return auditView(query);
-  if (parts[0] === "secrets") return secretsView();
-  if (parts[0] === "keys") return keysView();
+  if (parts[0] === "secrets") return secretsView(query);
+  if (parts[0] === "keys") return keysView(query);
   return runsView(query || "");
 }
 
