@@ -743,13 +743,21 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     failures(3).await;
     let reason = disabled().await.expect("disabled");
     assert!(reason.contains("every delivery since") && reason.contains("500"), "{reason}");
-    // While disabled, nothing is queued for it, though it would take it now (nor given up:
-    // its failed deliveries stay three).
+    // While disabled, nothing is sent to it, though it would take it now: a run's end is
+    // listed among its failed deliveries at once, unsent.
     up.store(true, SeqCst);
     run_ends("five").await;
+    failures(4).await;
+    let missed = tm.get_json(failed.clone()).await["items"][0].clone();
+    let five = missed["payload"]["data"]["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (&missed["error"], &missed["attempts"]),
+        (&serde_json::json!("the endpoint is disabled"), &serde_json::json!(0)),
+        "{missed}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing is sent to a disabled endpoint");
-    assert_eq!(tm.get_json(failed.clone()).await["items"].as_array().unwrap().len(), 3);
+    assert_eq!(disabled().await, Some(reason), "a delivery given up while disabled changes nothing");
     // Enabled again (by an admin): the next run's end is sent.
     let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 200);
@@ -760,6 +768,12 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     assert_eq!(body["data"]["run_id"], six.to_string(), "run six's end, not run five's sent late");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.lock().unwrap().len(), 2);
+    // What it missed while disabled is sent on request.
+    let retry = format!("{failed}/{}/retry", missed["message_id"].as_str().unwrap());
+    assert_eq!(tm.auth(tm.http.post(retry)).send().await.unwrap().status(), 202);
+    received(3).await;
+    let body: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[2].1).unwrap();
+    assert_eq!(body["data"]["run_id"], five, "run five's end, missed while disabled");
     tm.finish().await;
 }
 

@@ -14,7 +14,7 @@
 //! `webhook-signature`; a failure is retried after the configured delays, then given up: recorded
 //! on the endpoint's log as failed (`WebhookDeliveryFailed`, listed by the API and sent again on
 //! request), and the endpoint disabled once every delivery to it has failed for
-//! `disable_after_secs`. Slack endpoints get a Slack message instead, e-mail endpoints an
+//! `disable_after_secs` (a disabled endpoint's deliveries are given up unsent, and listed). Slack endpoints get a Slack message instead, e-mail endpoints an
 //! e-mail (`email`).
 //!
 //! The same queue carries commit statuses ([`CommitStatus`]): the scheduler enqueues a
@@ -51,6 +51,10 @@ use uuid::Uuid;
 /// How long a delivery given up keeps trying to record its failure before going back to the
 /// queue.
 const RECORD_FOR: Duration = Duration::from_secs(120);
+
+/// A failed delivery's error when its endpoint was disabled: queued while it was (or before,
+/// or sent again since), it was not sent.
+const DISABLED: &str = "the endpoint is disabled";
 
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
@@ -225,14 +229,16 @@ impl Notifier {
         Ok(())
     }
 
-    /// A tenant's endpoints, from memory when their changes are being heard.
+    /// A tenant's endpoints, disabled ones too (a run's end is queued for one all the same, and
+    /// given up unsent: listed among its failed deliveries, to be sent once it is enabled), from
+    /// memory when their changes are being heard.
     async fn endpoints_of(&self, tenant: &str) -> sqlx::Result<std::sync::Arc<[(Uuid, Vec<String>)]>> {
         let ticket = match self.endpoints.get(tenant) {
             Ok(endpoints) => return Ok(endpoints),
             Err(ticket) => ticket,
         };
         let rows = sqlx::query_as::<_, (Uuid, Vec<String>)>(
-            "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1 AND disabled_at IS NULL ORDER BY id",
+            "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id",
         )
         .bind(tenant)
         .fetch_all(&self.pool)
@@ -296,6 +302,11 @@ impl Notifier {
         let (reason, at_least) = match result {
             Ok(()) => return AckKind::Ack,
             Err(Outcome::Gone) => return AckKind::Term,
+            // Never attempted: given up at once, as the attempts before this one.
+            Err(Outcome::Disabled) => {
+                span.in_scope(|| tracing::info!("the endpoint is disabled: listed as failed, not sent"));
+                return self.give_up(&outgoing, msg_id, attempt - 1, DISABLED, shutdown).instrument(span).await;
+            }
             Err(Outcome::Refused(reason)) => (reason, None),
             Err(Outcome::Failed(reason)) => (reason, Some(Duration::ZERO)),
             // A throttled endpoint's own wait, when longer than the schedule's.
@@ -616,10 +627,8 @@ impl Notifier {
         .await
         .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
         .ok_or(Outcome::Gone)?;
-        // Queued before it was disabled (or sent again since): listed as failed, to be sent
-        // again once it is enabled.
         if row.get::<bool, _>("disabled") {
-            return Err(Outcome::Refused("the endpoint is disabled".into()));
+            return Err(Outcome::Disabled);
         }
         let (url, sealed, format): (String, String, String) = (row.get("url"), row.get("secret"), row.get("format"));
         if format == "email" {
@@ -808,6 +817,9 @@ fn slack_text(
 pub(crate) enum Outcome {
     /// The endpoint (or connection) no longer exists: drop the delivery.
     Gone,
+    /// The endpoint is disabled: give the delivery up unsent, to be sent again once it is
+    /// enabled (its failed deliveries list it, with the error [`DISABLED`]).
+    Disabled,
     /// Retrying changes nothing: give it up (a webhook's is recorded as failed).
     Refused(String),
     /// Retry it later.
