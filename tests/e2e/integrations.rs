@@ -1427,6 +1427,55 @@ async fn a_busy_tenant_gives_its_pullers_place_to_another_after_its_slice() {
     tm.finish().await;
 }
 
+/// A commit status the forge refuses is not lost without a word: the connection shows its last
+/// one given up (when, for which run and commit, why) until a status goes through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_shows_its_last_commit_status_given_up_until_one_goes_through() {
+    let tm = spawn_mesh().await;
+    // The first run's two statuses (pending, then its outcome) are refused: a wrong token.
+    let (api, calls) = forge_stand_in_failing(Vec::new(), 2, (401, r#"{"message": "Bad credentials"}"#)).await;
+    // (A step of a second, so that each run's pending status goes before its outcome.)
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 1"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let connection: uuid::Uuid = hook.rsplit('/').next().unwrap().parse().unwrap();
+    let shown = || {
+        let tm = &tm;
+        async move {
+            let list = tm.get_json(format!("{}/v1/repo-connections", tm.api)).await;
+            list["items"].as_array().unwrap().iter().find(|c| c["id"] == connection.to_string()).unwrap()["status_failure"]
+                .clone()
+        }
+    };
+    assert_eq!(shown().await, serde_json::Value::Null, "none before any status");
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "sf-1").send().await.unwrap().json().await.unwrap();
+    let first = started["run_id"].as_str().unwrap().to_string();
+    tm.wait_run(first.parse().unwrap(), Duration::from_secs(30)).await;
+    let failure = eventually("the refused outcome shown", Duration::from_secs(20), || async {
+        let failure = shown().await;
+        Ok((failure["state"] == "success").then_some(failure))
+    })
+    .await
+    .unwrap();
+    assert_eq!(failure["run_id"], first.as_str(), "{failure}");
+    assert_eq!(failure["commit"], "fd489864e7642b48eaad6e3f155c10e46810ec72", "{failure}");
+    assert!(failure["error"].as_str().unwrap().contains("401"), "{failure}");
+    assert!(failure["at"].is_string(), "{failure}");
+    assert_eq!(states_sent(&calls), ["pending", "success"], "each refusal given up at once, not retried");
+    // The next run's statuses go through: the failure is cleared, once.
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "sf-2").send().await.unwrap().json().await.unwrap();
+    tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    eventually("the failure cleared", Duration::from_secs(20), || async {
+        Ok((states_sent(&calls).len() == 4 && shown().await.is_null()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let log = tm.bus.read_subject(&tm.bus.namespace().repo_statuses("default", connection), 0).await.unwrap();
+    let types: Vec<&str> = log.iter().map(|e| e.envelope.type_name()).collect();
+    assert_eq!(types, ["CommitStatusFailed", "CommitStatusFailed", "CommitStatusRecovered"]);
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_status_refused_for_a_secondary_rate_limit_waits_a_minute_rather_than_being_dropped() {
     // Retried a second after a failure, were it one.

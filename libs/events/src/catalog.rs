@@ -56,6 +56,8 @@ pub enum Event {
     WebhookEndpointDisabled(WebhookEndpointDisabled),
     WebhookEndpointEnabled(WebhookEndpointEnabled),
     WebhookEndpointRecovered(WebhookEndpointRecovered),
+    CommitStatusFailed(CommitStatusFailed),
+    CommitStatusRecovered(CommitStatusRecovered),
 }
 
 impl Event {
@@ -109,6 +111,8 @@ impl Event {
             Event::WebhookEndpointDisabled(_) => "WebhookEndpointDisabled",
             Event::WebhookEndpointEnabled(_) => "WebhookEndpointEnabled",
             Event::WebhookEndpointRecovered(_) => "WebhookEndpointRecovered",
+            Event::CommitStatusFailed(_) => "CommitStatusFailed",
+            Event::CommitStatusRecovered(_) => "CommitStatusRecovered",
         }
     }
 
@@ -256,6 +260,42 @@ pub struct WebhookEndpointEnabled {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WebhookEndpointRecovered {
     pub endpoint_id: Uuid,
+}
+
+/// A commit status was given up: the forge refused it for good, or its last attempt failed.
+/// Appended on the connection's status subject (`{ns}.evt.{tenant}.repostatus.{id}`), apart
+/// from the connection's own log, which holds its creation and deletion only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CommitStatusFailed {
+    pub connection_id: Uuid,
+    pub run_id: Uuid,
+    /// The pushed commit whose status it was.
+    pub commit: String,
+    /// The state it was to report.
+    pub state: crate::command::CommitState,
+    /// Why it was given up (at most [`WebhookDeliveryFailed::MAX_ERROR`] bytes).
+    pub error: String,
+}
+
+impl CommitStatusFailed {
+    /// The event for a status given up with `error` (cut to [`WebhookDeliveryFailed::MAX_ERROR`]
+    /// bytes).
+    pub fn new(
+        connection_id: Uuid,
+        run_id: Uuid,
+        commit: String,
+        state: crate::command::CommitState,
+        mut error: String,
+    ) -> Self {
+        truncate_at_char(&mut error, WebhookDeliveryFailed::MAX_ERROR);
+        Self { connection_id, run_id, commit, state, error }
+    }
+}
+
+/// A connection whose last commit status had failed reported one: that failure is cleared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CommitStatusRecovered {
+    pub connection_id: Uuid,
 }
 
 /// A failed webhook delivery was sent once more, on the schedule of every delivery.

@@ -74,6 +74,16 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
         ),
         ("WebhookDeliveryRetried", pretty::<WebhookDeliveryRetried>(), "A failed webhook delivery was sent once more."),
         (
+            "CommitStatusFailed",
+            pretty::<CommitStatusFailed>(),
+            "A commit status was given up (refused for good by the forge, or its last attempt failed).",
+        ),
+        (
+            "CommitStatusRecovered",
+            pretty::<CommitStatusRecovered>(),
+            "A connection whose last commit status failed reported one: the failure is cleared.",
+        ),
+        (
             "WebhookEndpointDisabled",
             pretty::<WebhookEndpointDisabled>(),
             "A webhook endpoint was disabled: its deliveries had failed for too long.",
@@ -185,8 +195,8 @@ fn asyncapi() -> Value {
             "tenantEvents": {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
-                "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "repo", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
+                "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",

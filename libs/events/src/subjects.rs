@@ -147,6 +147,11 @@ impl Namespace {
     pub fn repo_connection(&self, tenant: &str, id: Uuid) -> String {
         format!("{}.evt.{tenant}.repo.{id}", self.0)
     }
+    /// A repository connection's commit statuses given up, and their clearing: apart from the
+    /// connection's own log, whose last event tells executors the connection (and its token).
+    pub fn repo_statuses(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}.evt.{tenant}.repostatus.{id}", self.0)
+    }
     pub fn workflow(&self, tenant: &str, name: &str) -> String {
         format!("{}.evt.{tenant}.workflow.{name}", self.0)
     }

@@ -99,6 +99,23 @@ pub struct RepoConnectionView {
     /// The path the forge posts to on the git-integration service.
     pub webhook_path: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Its last commit status given up, until one is reported again; none while they go
+    /// through.
+    pub status_failure: Option<StatusFailure>,
+}
+
+/// A commit status given up: the forge refused it for good (a wrong token, say), or every
+/// attempt on the retry schedule failed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatusFailure {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub run_id: uuid::Uuid,
+    /// The pushed commit it was for.
+    pub commit: String,
+    /// The state it was to report: `pending`, `success`, `failure` or `cancelled`.
+    pub state: String,
+    /// Why it was given up (the forge's answer, say).
+    pub error: String,
 }
 
 /// The tenant's repository connections.
@@ -120,7 +137,7 @@ pub async fn list_repo_connections(
     page: crate::Page,
 ) -> ApiResult<Json<RepoConnectionList>> {
     let sql = "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
-        status_token IS NOT NULL AS reports_status, api_url, created_at
+        status_token IS NOT NULL AS reports_status, api_url, created_at, status_failure
         FROM repo_connections WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
@@ -141,6 +158,7 @@ pub async fn list_repo_connections(
                 reports_status: r.get("reports_status"),
                 api_url: r.get("api_url"),
                 created_at: r.get("created_at"),
+                status_failure: r.get::<Option<sqlx::types::Json<StatusFailure>>, _>("status_failure").map(|j| j.0),
             }
         })
         .collect();

@@ -281,9 +281,10 @@ impl Notifier {
                 tracing::info_span!("commit_status", connection = %s.connection_id, run = %s.run_id, state = ?s.state, attempt)
             }
         };
+        // `Ok(true)`: a commit status went through where a failure was on record.
         let attempted = async {
             match &outgoing {
-                Outgoing::Webhook(d) => self.post(d).await,
+                Outgoing::Webhook(d) => self.post(d).await.map(|()| false),
                 Outgoing::Status(s) => self.post_status(s).await,
             }
         };
@@ -294,13 +295,20 @@ impl Notifier {
             Ok(result) => result,
             Err(_) => Err(Outcome::Failed(format!("the attempt took over {limit:?}"))),
         };
-        if let (Ok(()), Outgoing::Webhook(d)) = (&result, &outgoing) {
-            self.took(d).instrument(span).await;
-            return AckKind::Ack;
+        match (&result, &outgoing) {
+            (Ok(_), Outgoing::Webhook(d)) => {
+                self.took(d).instrument(span).await;
+                return AckKind::Ack;
+            }
+            (Ok(true), Outgoing::Status(s)) => {
+                self.status_recovered(s).instrument(span).await;
+                return AckKind::Ack;
+            }
+            _ => {}
         }
         // `None`: refused for good; else the least wait before a retry.
         let (reason, at_least) = match result {
-            Ok(()) => return AckKind::Ack,
+            Ok(_) => return AckKind::Ack,
             Err(Outcome::Gone) => return AckKind::Term,
             // Never attempted: given up at once, as the attempts before this one.
             Err(Outcome::Disabled) => {
@@ -344,7 +352,13 @@ impl Notifier {
         error: &str,
         shutdown: &CancellationToken,
     ) -> AckKind {
-        let Outgoing::Webhook(d) = outgoing else { return AckKind::Term };
+        let d = match outgoing {
+            Outgoing::Webhook(d) => d,
+            Outgoing::Status(s) => {
+                self.record_status_failure(s, error).await;
+                return AckKind::Term;
+            }
+        };
         let disabled = self.disabled(d).await;
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
@@ -457,23 +471,72 @@ impl Notifier {
     /// could miss a failure another recorded meanwhile); best effort, as a miss is made up on
     /// the endpoint's next delivery taken.
     async fn took(&self, d: &Delivery) {
-        let subject = &self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
-        let recovered = self
+        let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
+        let recovered = taskmesh_events::WebhookEndpointRecovered { endpoint_id: d.endpoint_id };
+        let failing = |last: &taskmesh_events::Envelope| taskmesh_events::failing_since(last).is_some();
+        self.clear_failure(&d.tenant, &subject, failing, Event::WebhookEndpointRecovered(recovered)).await;
+    }
+
+    /// Appends `recovered` to `subject` (`tenant`'s) if the subject's last event says it is
+    /// `failing`; best effort (a failure to is logged), as a miss is made up on the next success.
+    async fn clear_failure(
+        &self,
+        tenant: &str,
+        subject: &str,
+        failing: fn(&taskmesh_events::Envelope) -> bool,
+        recovered: Event,
+    ) {
+        let recovered = &recovered;
+        let cleared = self
             .bus
             .append_after_last(subject, 5, |last| async move {
-                if last.as_ref().is_none_or(|last| taskmesh_events::failing_since(&last.envelope).is_none()) {
+                if !last.is_some_and(|last| failing(&last.envelope)) {
                     return Ok(AfterLast::Done(()));
                 }
-                let recovered = Event::WebhookEndpointRecovered(taskmesh_events::WebhookEndpointRecovered {
-                    endpoint_id: d.endpoint_id,
-                });
-                let events = vec![taskmesh_events::EventMeta::new(&d.tenant).envelope(subject.clone(), recovered)];
+                let events = vec![taskmesh_events::EventMeta::new(tenant).envelope(subject, recovered.clone())];
                 Ok::<_, taskmesh_bus::BusError>(AfterLast::Append { events, msg_id: None })
             })
             .await;
-        if let Err(e) = recovered {
-            tracing::debug!(error = %e, "recording that the endpoint took a delivery failed");
+        if let Err(e) = cleared {
+            tracing::debug!(error = %e, subject, "recording that failures are over failed");
         }
+    }
+
+    /// A commit status given up: recorded as the connection's last failed one
+    /// (`CommitStatusFailed`, on its status subject), which `GET /v1/repo-connections` shows.
+    /// Best effort: a status is not worth holding the queue for, so a record that cannot be
+    /// appended is logged and dropped.
+    async fn record_status_failure(&self, s: &CommitStatus, error: &str) {
+        let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
+        let failed = Event::CommitStatusFailed(taskmesh_events::CommitStatusFailed::new(
+            s.connection_id,
+            s.run_id,
+            s.commit.clone(),
+            s.state,
+            error.to_string(),
+        ));
+        let (subject, failed) = (&subject, &failed);
+        let recorded = self
+            .bus
+            .append_after_last(subject, 5, |_| async move {
+                let events = vec![taskmesh_events::EventMeta::new(&s.tenant).envelope(subject.clone(), failed.clone())];
+                Ok::<_, taskmesh_bus::BusError>(AfterLast::<()>::Append { events, msg_id: None })
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "could not record the failed commit status");
+        }
+    }
+
+    /// A commit status went through for a connection with a failed one on record (as the read
+    /// side said): cleared (`CommitStatusRecovered`), unless the log's last on its status
+    /// subject is no failure (another notifier cleared it). Best effort, as
+    /// [`Self::record_status_failure`].
+    async fn status_recovered(&self, s: &CommitStatus) {
+        let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
+        let recovered = taskmesh_events::CommitStatusRecovered { connection_id: s.connection_id };
+        let failing = |last: &taskmesh_events::Envelope| matches!(last.event, Event::CommitStatusFailed(_));
+        self.clear_failure(&s.tenant, &subject, failing, Event::CommitStatusRecovered(recovered)).await;
     }
 
     /// Opens a sealed secret (an endpoint's signing secret, a connection's status token),
@@ -520,7 +583,8 @@ impl Notifier {
     /// over the outcome: none is sent for a run that has ended (its outcome is sent instead),
     /// and should the run end while one is sent (its outcome perhaps sent before, by another
     /// replica), the outcome is sent again after it.
-    async fn post_status(&self, s: &CommitStatus) -> Result<(), Outcome> {
+    /// `Ok(true)`: sent, and the connection had a failed status on record.
+    async fn post_status(&self, s: &CommitStatus) -> Result<bool, Outcome> {
         if s.state != CommitState::Pending {
             return self.send_status(s, s.state).await;
         }
@@ -528,18 +592,20 @@ impl Notifier {
             // Perhaps sent before, its pending landing after it (a retry): sent again.
             return self.send_status(s, end).await;
         }
-        self.send_status(s, CommitState::Pending).await?;
+        let failing = self.send_status(s, CommitState::Pending).await?;
         match self.run_end(s).await? {
             Some(end) => self.send_status(s, end).await,
-            None => Ok(()),
+            None => Ok(failing),
         }
     }
 
-    /// Sends `state` for the run of `s` to the forge's API.
-    async fn send_status(&self, s: &CommitStatus, state: CommitState) -> Result<(), Outcome> {
+    /// Sends `state` for the run of `s` to the forge's API; `Ok(true)` when the connection had
+    /// a failed status on record (as the read side says).
+    async fn send_status(&self, s: &CommitStatus, state: CommitState) -> Result<bool, Outcome> {
         let failed = |what: &str, e: sqlx::Error| Outcome::Failed(format!("reading {what}: {e}"));
         let row = sqlx::query(
-            "SELECT repository, status_token, api_url FROM repo_connections WHERE id = $1 AND tenant_id = $2",
+            "SELECT repository, status_token, api_url, status_failure IS NOT NULL AS failing FROM repo_connections
+             WHERE id = $1 AND tenant_id = $2",
         )
         .bind(s.connection_id)
         .bind(&s.tenant)
@@ -547,7 +613,7 @@ impl Notifier {
         .await
         .map_err(|e| failed("the connection", e))?
         .ok_or(Outcome::Gone)?;
-        let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(()) };
+        let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(false) };
         let token =
             self.open_secret(&taskmesh_secrets::repo_status_token_aad(&s.tenant), &sealed).map_err(Outcome::Failed)?;
         let repository: String = row.get("repository");
@@ -607,7 +673,7 @@ impl Notifier {
             }
         }
         match status.as_u16() {
-            200..=299 => Ok(()),
+            200..=299 => Ok(row.get("failing")),
             // The token, the repository or the commit is wrong: asking again changes nothing.
             400..=499 if !matches!(status.as_u16(), 408 | 429) => {
                 Err(Outcome::Refused(format!("POST {url} answered {status}")))

@@ -208,6 +208,24 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         }
         // Only the notifiers read it (on the endpoint's log).
         Event::WebhookEndpointRecovered(_) => {}
+        Event::CommitStatusFailed(e) => {
+            let failure = serde_json::json!({
+                "at": at, "run_id": e.run_id, "commit": e.commit, "state": e.state, "error": e.error,
+            });
+            sqlx::query("UPDATE repo_connections SET status_failure = $3 WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.connection_id)
+                .bind(sqlx::types::Json(failure))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Event::CommitStatusRecovered(e) => {
+            sqlx::query("UPDATE repo_connections SET status_failure = NULL WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.connection_id)
+                .execute(&mut **tx)
+                .await?;
+        }
         // Marks the failure it sent again, not one that came after it.
         Event::WebhookDeliveryRetried(e) => {
             sqlx::query(
