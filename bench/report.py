@@ -477,7 +477,7 @@ lines = [
     "    alternating, three pairs in each order), submit → step start p50 3.7 against 4.3 ms, p99",
     "    13.6 against 21.8 ms (the new build's p99 lower in 5 of the 6 pairs); one-step",
     "    throughput, 3,000 runs one per request, 4 repetitions each: 1,406 against 1,310 steps/s",
-    "    (noise: one of the old build's did 465). After this run, 3 more pairs: 600 DAG runs one",
+    "    (noise: one of the old build's did 465). After that run, 3 more pairs: 600 DAG runs one",
     "    per request 128.4 against 119.2 workflows/s, 4,000 one-step runs 100 per request 1,448",
     "    against 1,295 steps/s (the new build faster in 3 of 3 batched pairs and 2 of 3 DAG",
     "    pairs), so the change is not what that run's lower rates came from. At 500 runs/s the",

@@ -685,6 +685,7 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
         async move {
             let run = tm.submit(&format!("name: {name}\nsteps:\n  - {{id: a, uses: noop}}\n")).await;
             tm.wait_run(run, Duration::from_secs(30)).await;
+            run
         }
     };
     let failures = |n: usize| {
@@ -746,10 +747,10 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     // While disabled, nothing is sent to it, though it would take it now: a run's end is
     // listed among its failed deliveries at once, unsent.
     up.store(true, SeqCst);
-    run_ends("five").await;
+    let five = run_ends("five").await.to_string();
     failures(4).await;
     let missed = tm.get_json(failed.clone()).await["items"][0].clone();
-    let five = missed["payload"]["data"]["run_id"].as_str().unwrap().to_string();
+    assert_eq!(missed["payload"]["data"]["run_id"], five.as_str(), "{missed}");
     assert_eq!(
         (&missed["error"], &missed["attempts"]),
         (&serde_json::json!("the endpoint is disabled"), &serde_json::json!(0)),
@@ -837,9 +838,35 @@ async fn a_decision_on_an_endpoints_log_is_taken_again_when_someone_appended_mea
     tm.finish().await;
 }
 
+/// What a disabled endpoint misses is listed for `disabled_listed_secs` after its disabling,
+/// and no longer: an endpoint abandoned disabled stops costing a record per run's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disabled_endpoints_missed_runs_are_listed_only_for_a_while() {
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.disabled_listed_secs = 2).await;
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
+    up.store(true, SeqCst);
+    disable_endpoint(&tm, &endpoint).await;
+    let failed = failed_deliveries(&tm, &endpoint);
+    let listed = || async { tm.get_json(failed.clone()).await["items"].as_array().unwrap().len() };
+    // Just disabled: a run's end is listed, unsent.
+    let run = tm.submit("name: soon\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    eventually("the missed run listed", Duration::from_secs(20), || async { Ok((listed().await == 1).then_some(())) })
+        .await
+        .unwrap();
+    // Disabled for over 2 s: nothing more is queued for it, nor listed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let run = tm.submit("name: later\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tm.wait_projected().await;
+    assert_eq!(listed().await, 1, "only the run that ended within the window");
+    assert!(seen.lock().unwrap().is_empty(), "nothing sent to a disabled endpoint");
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_listed_as_failed() {
-    use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
     // Two attempts, 5 s apart; the clock disables nothing here.
     let tm = spawn_with(&Svc::ALL, |s| {
         s.notification.retry_delays_secs = vec![5];
@@ -852,14 +879,7 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
     // Its first attempt has failed; before the retry the endpoint is disabled (as a notifier
     // does once it has failed for too long) and is back up.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
-    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);
-    let disabled = EventMeta::new("default").envelope(
-        subject.clone(),
-        Event::WebhookEndpointDisabled(WebhookEndpointDisabled { endpoint_id, reason: "failing".into() }),
-    );
-    tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &disabled).await.unwrap();
-    tm.wait_projected().await;
+    disable_endpoint(&tm, &endpoint).await;
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     // The retry finds it disabled: nothing is sent, and the delivery is listed as failed, to be
     // sent again once the endpoint is enabled.
@@ -1130,6 +1150,20 @@ async fn down_endpoint(tm: &TestMesh) -> (String, Received, Arc<std::sync::atomi
 }
 
 /// The address of webhook endpoint `id`'s failed deliveries.
+/// Disables endpoint `endpoint` as a notifier does once it has failed for too long, and waits
+/// for the read side to have it.
+async fn disable_endpoint(tm: &TestMesh, endpoint: &str) {
+    use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
+    let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);
+    let disabled = EventMeta::new("default").envelope(
+        subject.clone(),
+        Event::WebhookEndpointDisabled(WebhookEndpointDisabled { endpoint_id, reason: "failing".into() }),
+    );
+    tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &disabled).await.unwrap();
+    tm.wait_projected().await;
+}
+
 fn failed_deliveries(tm: &TestMesh, id: impl std::fmt::Display) -> String {
     format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api)
 }
@@ -1470,6 +1504,9 @@ async fn a_connection_shows_its_last_commit_status_given_up_until_one_goes_throu
     })
     .await
     .unwrap();
+    // (The outcome's own look at the log, after its success, has had time to add a second
+    // clearing, were it to.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let log = tm.bus.read_subject(&tm.bus.namespace().repo_statuses("default", connection), 0).await.unwrap();
     let types: Vec<&str> = log.iter().map(|e| e.envelope.type_name()).collect();
     assert_eq!(types, ["CommitStatusFailed", "CommitStatusFailed", "CommitStatusRecovered"]);

@@ -1,6 +1,6 @@
 //! Lists page: `limit` and each page's `next_cursor` walk a whole list, every item once, in the
-//! list's order, and the last page says it is the last. A cursor the list did not give is a
-//! `400`, never a `500` or a silently wrong page.
+//! list's order, and the last page says it is the last. A cursor not of the list's kind (an
+//! id, a version) is a `400`, never a `500`.
 
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -115,6 +115,10 @@ async fn every_list_pages_through_all_it_holds_once_each_in_order() {
     assert!(schedules.is_sorted_by(|a, b| a >= b), "newest first: {schedules:?}");
     let keys = values(&walk(&tm, &tm.key, "/v1/keys").await, "name");
     assert_eq!(keys[1..], ["E", "B", "D", "A"], "oldest first, after the tenant's first key");
+    let repositories = values(&walk(&tm, &tm.key, "/v1/repo-connections").await, "repository");
+    assert_eq!(repositories, ["E", "B", "D", "A", "C"].map(|n| format!("o/{n}")), "oldest first");
+    let tenants = values(&walk(&tm, PLATFORM_KEY, "/v1/tenants").await, "id");
+    assert_eq!(tenants, ["default", "tenant-a", "tenant-b", "tenant-c", "tenant-d", "tenant-e"], "by id");
 
     // A cursor a list did not give, a limit out of range or an unknown parameter: a 400
     // problem, whatever the list.

@@ -396,6 +396,10 @@ pub struct NotificationSettings {
     /// from the first failure since it last took one) is disabled when the next is given up;
     /// 0: never.
     pub disable_after_secs: u64,
+    /// A disabled endpoint's runs' ends are listed among its failed deliveries (unsent, to be
+    /// sent again once it is enabled) for this many seconds after it was disabled; later ones
+    /// are not queued for it at all. 0: none is listed.
+    pub disabled_listed_secs: u64,
     /// The SMTP server e-mail endpoints are sent through, as a URL: `smtps://user:password@host`
     /// (TLS, port 465), `smtp://user:password@host:587?tls=required` (STARTTLS), or
     /// `smtp://host:25` (plain, for a relay on a trusted network). None: e-mail endpoints are
@@ -420,6 +424,7 @@ impl Default for NotificationSettings {
             tenants_at_once: 1024,
             tenant_slice_secs: 30,
             disable_after_secs: 5 * 86_400,
+            disabled_listed_secs: 30 * 86_400,
             smtp_url: None,
             email_from: None,
             email_domains: Vec::new(),

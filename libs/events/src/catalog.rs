@@ -241,7 +241,8 @@ pub fn failing_since(last: &crate::Envelope) -> Option<DateTime<Utc>> {
 }
 
 /// An endpoint was disabled: every delivery to it had failed for the notifiers'
-/// `disable_after_secs`. Nothing is queued for it until it is enabled again.
+/// `disable_after_secs`. Nothing is sent to it until it is enabled again: the runs' ends it
+/// misses meanwhile are given up unsent and listed (for the notifiers' `disabled_listed_secs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WebhookEndpointDisabled {
     pub endpoint_id: Uuid,

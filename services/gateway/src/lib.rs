@@ -134,8 +134,8 @@ pub struct Page {
 }
 
 impl Page {
-    /// Where the page starts: the cursor read as the list's own (a string that is not one is a
-    /// `400`), or `None` for the first page.
+    /// Where the page starts: the cursor read as the list's kind (an id, a version: a string
+    /// that is not one is a `400`; a name list takes any name), or `None` for the first page.
     pub fn after<T: std::str::FromStr>(&self) -> Result<Option<T>, ApiError> {
         self.cursor.as_deref().map(|c| c.parse().map_err(|_| not_a_cursor())).transpose()
     }
@@ -163,7 +163,7 @@ impl Page {
 }
 
 fn not_a_cursor() -> ApiError {
-    ApiError::new(ErrorCode::BadRequest, "cursor is not a next_cursor of this list")
+    ApiError::new(ErrorCode::BadRequest, "cursor is not of this list's kind (a next_cursor it gave)")
 }
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Page {

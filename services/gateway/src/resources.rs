@@ -158,7 +158,14 @@ pub async fn list_repo_connections(
                 reports_status: r.get("reports_status"),
                 api_url: r.get("api_url"),
                 created_at: r.get("created_at"),
-                status_failure: r.get::<Option<sqlx::types::Json<StatusFailure>>, _>("status_failure").map(|j| j.0),
+                // (A shape this version does not read is shown as none, not a failed list.)
+                status_failure: r
+                    .try_get::<Option<sqlx::types::Json<StatusFailure>>, _>("status_failure")
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "a connection's status_failure is unreadable");
+                        None
+                    })
+                    .map(|j| j.0),
             }
         })
         .collect();

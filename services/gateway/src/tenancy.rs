@@ -253,8 +253,14 @@ pub struct KeyList {
     params(crate::PageParams),
     responses((status = 200, body = KeyList), (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"), (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
-pub async fn list_keys(State(state): State<AppState>, caller: Caller, page: crate::Page) -> ApiResult<Json<KeyList>> {
+pub async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    page: Result<crate::Page, ApiError>,
+) -> ApiResult<Json<KeyList>> {
+    // (A viewer is told it may not list keys, whatever its query.)
     caller.require_admin()?;
+    let page = page?;
     let sql = "SELECT id, role, prefix, name, created_at, revoked_at, last_used_at FROM api_keys
         WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<Uuid>(&state.pool, sql, &caller.tenant, "id").await?;

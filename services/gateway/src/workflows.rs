@@ -188,9 +188,18 @@ pub async fn versions(
     .bind(page.limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    // (A later page may be empty: its cursor was the workflow's first version.)
-    if rows.is_empty() && after.is_none() {
-        return Err(ApiError::not_found("workflow"));
+    // (A later page may be empty, its cursor the workflow's first version: a 404 only when the
+    // workflow has none.)
+    if rows.is_empty() {
+        let stored: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workflows WHERE tenant_id = $1 AND name = $2)")
+                .bind(&caller.tenant)
+                .bind(&name)
+                .fetch_one(&state.pool)
+                .await?;
+        if !stored {
+            return Err(ApiError::not_found("workflow"));
+        }
     }
     let next_cursor = crate::cut_page(&mut rows, page.limit, |r| r.get::<i32, _>("version"));
     Ok(Json(WorkflowVersionList { items: rows.iter().map(to_version).collect(), next_cursor }))

@@ -76,9 +76,17 @@ pub fn sign(secret: &str, message_id: &str, timestamp: i64, body: &[u8]) -> anyh
     webhook.sign(message_id, timestamp, body).map_err(|e| anyhow::anyhow!("signing: {e:?}"))
 }
 
-/// Each tenant's webhook endpoints (id and event types), by tenant; see
-/// [`taskmesh_store::NotifiedCache`].
-pub type EndpointCache = taskmesh_store::NotifiedCache<std::sync::Arc<[(Uuid, Vec<String>)]>>;
+/// A webhook endpoint as the fan-out needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Subscriber {
+    pub id: Uuid,
+    /// The events it is sent; empty: all.
+    pub event_types: Vec<String>,
+    pub disabled_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// Each tenant's webhook endpoints, by tenant; see [`taskmesh_store::NotifiedCache`].
+pub type EndpointCache = taskmesh_store::NotifiedCache<std::sync::Arc<[Subscriber]>>;
 /// Most tenants whose endpoints are kept in memory.
 const MAX_CACHED_TENANTS: usize = 10_000;
 /// Longest an entry of [`EndpointCache`] is kept, should an announcement be lost all the same.
@@ -196,9 +204,19 @@ impl Notifier {
                 "failed_steps": finished.failed_steps,
             }
         });
-        for (endpoint_id, types) in endpoints.iter() {
-            let endpoint_id = *endpoint_id;
+        // A disabled endpoint is queued what it misses (given up unsent, listed) for a while.
+        let listed_for = self.settings.disabled_listed_secs;
+        let listed_since = i64::try_from(listed_for)
+            .ok()
+            .and_then(chrono::TimeDelta::try_seconds)
+            .and_then(|d| env.occurred_at.checked_sub_signed(d));
+        for endpoint in endpoints.iter() {
+            let endpoint_id = endpoint.id;
+            let types = &endpoint.event_types;
             if !types.is_empty() && !types.iter().any(|t| t == type_name) {
+                continue;
+            }
+            if endpoint.disabled_at.is_some_and(|at| listed_for == 0 || listed_since.is_some_and(|since| at < since)) {
                 continue;
             }
             let delivery = Delivery {
@@ -229,21 +247,22 @@ impl Notifier {
         Ok(())
     }
 
-    /// A tenant's endpoints, disabled ones too (a run's end is queued for one all the same, and
-    /// given up unsent: listed among its failed deliveries, to be sent once it is enabled), from
-    /// memory when their changes are being heard.
-    async fn endpoints_of(&self, tenant: &str) -> sqlx::Result<std::sync::Arc<[(Uuid, Vec<String>)]>> {
+    /// A tenant's endpoints, disabled ones too (a run's end is queued for one all the same, for
+    /// `disabled_listed_secs` after it was disabled, and given up unsent: listed among its failed
+    /// deliveries, which can be sent again once it is enabled), from memory when their changes
+    /// are being heard.
+    async fn endpoints_of(&self, tenant: &str) -> sqlx::Result<std::sync::Arc<[Subscriber]>> {
         let ticket = match self.endpoints.get(tenant) {
             Ok(endpoints) => return Ok(endpoints),
             Err(ticket) => ticket,
         };
-        let rows = sqlx::query_as::<_, (Uuid, Vec<String>)>(
-            "SELECT id, event_types FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id",
+        let rows = sqlx::query_as::<_, Subscriber>(
+            "SELECT id, event_types, disabled_at FROM webhook_endpoints WHERE tenant_id = $1 ORDER BY id",
         )
         .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
-        let endpoints: std::sync::Arc<[(Uuid, Vec<String>)]> = rows.into();
+        let endpoints: std::sync::Arc<[Subscriber]> = rows.into();
         self.endpoints.keep(ticket, tenant, endpoints.clone());
         Ok(endpoints)
     }
@@ -282,6 +301,7 @@ impl Notifier {
             }
         };
         // `Ok(true)`: a commit status went through where a failure was on record.
+        let sent = Utc::now();
         let attempted = async {
             match &outgoing {
                 Outgoing::Webhook(d) => self.post(d).await.map(|()| false),
@@ -301,7 +321,7 @@ impl Notifier {
                 return AckKind::Ack;
             }
             (Ok(true), Outgoing::Status(s)) => {
-                self.status_recovered(s).instrument(span).await;
+                self.status_recovered(s, sent).instrument(span).await;
                 return AckKind::Ack;
             }
             _ => {}
@@ -343,7 +363,8 @@ impl Notifier {
     /// (`WebhookDeliveryFailed`, which the API lists and can send again), then terminated.
     /// Recording is tried again here (its ack deadline renewed meanwhile) for up to
     /// [`RECORD_FOR`] (or until shutdown); only then is the delivery handed back, to be
-    /// attempted once more.
+    /// attempted once more. A commit status's is recorded once, best effort
+    /// ([`Self::record_status_failure`]).
     async fn give_up(
         &self,
         outgoing: &Outgoing,
@@ -355,7 +376,7 @@ impl Notifier {
         let d = match outgoing {
             Outgoing::Webhook(d) => d,
             Outgoing::Status(s) => {
-                self.record_status_failure(s, error).await;
+                self.record_status_failure(s, msg_id, error).await;
                 return AckKind::Term;
             }
         };
@@ -483,10 +504,10 @@ impl Notifier {
         &self,
         tenant: &str,
         subject: &str,
-        failing: fn(&taskmesh_events::Envelope) -> bool,
+        failing: impl Fn(&taskmesh_events::Envelope) -> bool,
         recovered: Event,
     ) {
-        let recovered = &recovered;
+        let (recovered, failing) = (&recovered, &failing);
         let cleared = self
             .bus
             .append_after_last(subject, 5, |last| async move {
@@ -498,44 +519,49 @@ impl Notifier {
             })
             .await;
         if let Err(e) = cleared {
-            tracing::debug!(error = %e, subject, "recording that failures are over failed");
+            tracing::warn!(error = %e, subject, "recording that failures are over failed");
         }
     }
 
     /// A commit status given up: recorded as the connection's last failed one
-    /// (`CommitStatusFailed`, on its status subject), which `GET /v1/repo-connections` shows.
-    /// Best effort: a status is not worth holding the queue for, so a record that cannot be
-    /// appended is logged and dropped.
-    async fn record_status_failure(&self, s: &CommitStatus, error: &str) {
+    /// (`CommitStatusFailed`, on its status subject), which `GET /v1/repo-connections` shows,
+    /// with the state it was sent as (a pending one whose run had ended goes as the outcome).
+    /// Its message id is the queued status's own, so one given up twice (its notifier died
+    /// between the two) is recorded once. Best effort: a status is not worth holding the queue
+    /// for, so a record that cannot be appended is logged and dropped.
+    async fn record_status_failure(&self, s: &CommitStatus, msg_id: Option<&str>, error: &str) {
+        let state = match s.state {
+            CommitState::Pending => self.run_end(s).await.ok().flatten().unwrap_or(CommitState::Pending),
+            state => state,
+        };
         let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
         let failed = Event::CommitStatusFailed(taskmesh_events::CommitStatusFailed::new(
             s.connection_id,
             s.run_id,
             s.commit.clone(),
-            s.state,
+            state,
             error.to_string(),
         ));
-        let (subject, failed) = (&subject, &failed);
-        let recorded = self
-            .bus
-            .append_after_last(subject, 5, |_| async move {
-                let events = vec![taskmesh_events::EventMeta::new(&s.tenant).envelope(subject.clone(), failed.clone())];
-                Ok::<_, taskmesh_bus::BusError>(AfterLast::<()>::Append { events, msg_id: None })
-            })
-            .await;
-        if let Err(e) = recorded {
+        let id = match msg_id {
+            Some(id) => format!("failed:{id}"),
+            None => format!("failed:{}:{}:{state:?}", s.connection_id, s.run_id),
+        };
+        let envelope = taskmesh_events::EventMeta::new(&s.tenant).envelope(subject, failed);
+        if let Err(e) = self.bus.append_with_id(None, &envelope, &id).await {
             tracing::warn!(error = %e, "could not record the failed commit status");
         }
     }
 
     /// A commit status went through for a connection with a failed one on record (as the read
-    /// side said): cleared (`CommitStatusRecovered`), unless the log's last on its status
-    /// subject is no failure (another notifier cleared it). Best effort, as
-    /// [`Self::record_status_failure`].
-    async fn status_recovered(&self, s: &CommitStatus) {
+    /// side said): cleared (`CommitStatusRecovered`), if the log's last event on its status
+    /// subject is a failure recorded before this status was sent (not one since, nor another
+    /// notifier's clearing). Best effort, as [`Self::record_status_failure`].
+    async fn status_recovered(&self, s: &CommitStatus, sent: chrono::DateTime<Utc>) {
         let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
         let recovered = taskmesh_events::CommitStatusRecovered { connection_id: s.connection_id };
-        let failing = |last: &taskmesh_events::Envelope| matches!(last.event, Event::CommitStatusFailed(_));
+        let failing = |last: &taskmesh_events::Envelope| {
+            matches!(last.event, Event::CommitStatusFailed(_)) && last.occurred_at < sent
+        };
         self.clear_failure(&s.tenant, &subject, failing, Event::CommitStatusRecovered(recovered)).await;
     }
 
@@ -883,10 +909,11 @@ fn slack_text(
 pub(crate) enum Outcome {
     /// The endpoint (or connection) no longer exists: drop the delivery.
     Gone,
-    /// The endpoint is disabled: give the delivery up unsent, to be sent again once it is
-    /// enabled (its failed deliveries list it, with the error [`DISABLED`]).
+    /// The endpoint is disabled: give the delivery up unsent (its failed deliveries list it,
+    /// with the error [`DISABLED`], to be sent again on request once it is enabled).
     Disabled,
-    /// Retrying changes nothing: give it up (a webhook's is recorded as failed).
+    /// Retrying changes nothing: give it up (recorded as failed: a webhook's on its endpoint, a
+    /// commit status's on its connection).
     Refused(String),
     /// Retry it later.
     Failed(String),

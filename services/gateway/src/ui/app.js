@@ -138,7 +138,8 @@ function adminForm(problem, label, fields, submit) {
 }
 
 // The paging a list's address may carry, as the API's query: `limit` (digits) and `cursor`
-// (a `next_cursor` the API gave: digits, an id or a name; the API refuses one it did not give).
+// (a `next_cursor` the API gave: digits, an id or a name; the API refuses one not of the
+// list's kind).
 function pageParams(params) {
   const page = new URLSearchParams();
   if (/^\d{1,3}$/.test(params.get("limit") || "")) page.set("limit", params.get("limit"));
@@ -256,7 +257,7 @@ function runsView(query) {
   every(3000, async (view) => {
     try {
       const q = new URLSearchParams(params);
-      q.set("limit", "50");
+      q.set("limit", pageParams(params).get("limit") || "50");
       const page = await api(`/v1/runs?${q}`);
       if (view.stopped) return;
       problem.replaceChildren();
