@@ -415,6 +415,45 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.click("main a[href^='#/secrets?']").await;
     browser.until("the next page, the last", &format!("return !!{secret_row} && !{first_row} && !{next_link}")).await;
 
+    // The Repositories page lists a connection (its pushes, its commit statuses, the last one
+    // given up with its run and why) and an admin deletes it (a second click confirms).
+    let repo = serde_json::json!({"forge": "github", "repository": "acme/site", "secret": "12345678",
+        "branches": ["main"], "status_token": "gh-token",
+        "workflow": {"name": "ci", "steps": [{"id": "a", "uses": "noop"}]}});
+    let res = tm.send_json(reqwest::Method::POST, "/v1/repo-connections", &repo).await;
+    assert_eq!(res.status(), 201);
+    let connection: uuid::Uuid =
+        res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    browser.click("#nav a[href=\"#/repositories\"]").await;
+    let repo_row = row_with("github: acme/site");
+    browser
+        .until(
+            "the connection listed",
+            &format!("return !!{repo_row} && {repo_row}.innerText.includes('branches main') && {repo_row}.innerText.includes('active')"),
+        )
+        .await;
+    let failed = taskmesh_events::EventMeta::new("default").envelope(
+        tm.bus.namespace().repo_statuses("default", connection),
+        taskmesh_events::Event::CommitStatusFailed(taskmesh_events::CommitStatusFailed::new(
+            connection,
+            uuid::Uuid::now_v7(),
+            "fd489864e7642b48eaad6e3f155c10e46810ec72".into(),
+            taskmesh_events::command::CommitState::Success,
+            "POST https://api.github.com/… answered 401 Unauthorized".into(),
+        )),
+    );
+    tm.bus.append(0, &failed).await.unwrap();
+    browser
+        .until(
+            "the status given up shown",
+            &format!("return !!{repo_row} && {repo_row}.innerText.includes('success: POST') && {repo_row}.innerText.includes('401') && !!{repo_row}.querySelector('a[href^=\"#/runs/\"]')"),
+        )
+        .await;
+    assert_eq!(browser.confirm(&repo_row).await, "Delete? Click again (then disabled)");
+    browser.until("the connection gone", &format!("return !{repo_row}")).await;
+    let listed = tm.get_json(format!("{}/v1/repo-connections", tm.api)).await;
+    assert_eq!(listed["items"], serde_json::json!([]), "{listed}");
+
     // An admin issues a key from the Keys page (shown once; it works) and revokes it (a second
     // click confirms; it then works no more). The page's own key offers no Revoke.
     browser.click("#nav a[href=\"#/keys\"]").await;

@@ -696,6 +696,61 @@ function webhooksView(query) {
   });
 }
 
+// The tenant's repository connections, oldest first: the forge and repository, which pushes
+// start which workflow, the path the forge posts to, and whether its runs report commit
+// statuses, with the last one given up (when, the run, why) until one goes through again. An
+// admin may delete one (a second click confirms); connecting one takes its secrets, so that
+// is left to the API and the CLI.
+function repositoriesView(query) {
+  const page = pageParams(new URLSearchParams(query));
+  const more = el("p");
+  const problem = el("div");
+  const body = el("tbody");
+  const changes = changing(problem);
+  show(el("h1", {}, "Repositories"), problem,
+    table(["Repository", "Pushes", "Workflow", "Webhook path", "Commit statuses", ""], body), more);
+  changes.shown = every(5000, async (view) => {
+    try {
+      await whoami();
+      const answer = await changes.api(`/v1/repo-connections?${page}`);
+      if (view.stopped) return;
+      problem.replaceChildren();
+      olderLink(more, "#/repositories", page, answer.next_cursor, "More repositories →");
+      const admin = isAdmin();
+      body.replaceChildren(...(answer.items || []).map((x) => {
+        // Only a connection's id goes into the API's paths, only a run id into links.
+        const id = RUN_ID.test(x.id) ? x.id : null;
+        const pushes = [
+          (x.branches || []).length ? `branches ${x.branches.join(", ")}` : "",
+          (x.tags || []).length ? `tags ${x.tags.join(", ")}` : "",
+          (x.paths || []).length ? `changing ${x.paths.join(", ")}` : "",
+        ].filter(Boolean).join("; ") || "every branch";
+        const f = x.status_failure;
+        const statuses = !x.reports_status ? el("span", { class: "muted" }, "not reported")
+          : !f ? badge("active")
+          : el("span", {},
+            badge("failed"), ` ${when(f.at)} `,
+            RUN_ID.test(f.run_id || "") ? el("a", { href: `#/runs/${f.run_id}` }, "its run") : "",
+            el("div", { class: "muted" }, `${f.state || ""}: ${f.error || ""}`));
+        const del = !id ? null
+          : changes.gone.has(id) ? el("span", { class: "muted" }, "deleting…")
+          : admin ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => changes.remove(`/v1/repo-connections/${id}`, id)) }, "Delete")
+          : null;
+        return el("tr", {},
+          el("td", { class: "mono" }, `${x.forge}: ${x.repository}`),
+          el("td", {}, pushes),
+          el("td", { class: x.workflow ? "" : "mono" }, x.workflow || (x.pipeline_file ? `from ${x.pipeline_file}` : "")),
+          el("td", { class: "mono" }, x.webhook_path),
+          el("td", {}, statuses),
+          el("td", {}, del));
+      }));
+      if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No repositories connected.")));
+    } catch (e) {
+      problem.replaceChildren(failure(e));
+    }
+  });
+}
+
 // An endpoint's deliveries given up, newest first, a page at a time (the page's address may
 // carry `cursor` and `limit`); each may be sent again, or all not yet sent again at once.
 function failedDeliveriesView(id, query) {
@@ -945,6 +1000,7 @@ function route() {
     return failedDeliveriesView(parts[1], query);
   }
   if (parts[0] === "webhooks") return webhooksView(query);
+  if (parts[0] === "repositories") return repositoriesView(query);
   if (parts[0] === "audit") return auditView(query);
   if (parts[0] === "secrets") return secretsView(query);
   if (parts[0] === "keys") return keysView(query);
