@@ -2209,25 +2209,6 @@ async fn git_forge(root: std::path::PathBuf, token: Option<&str>) -> (String, Ar
     (url, seen)
 }
 
-/// Pushes `commit` of the repository at `clone_url` to `hook` (GitHub's push); the run it
-/// started, once it has ended.
-async fn push_commit(
-    tm: &TestMesh,
-    hook: &str,
-    clone_url: &str,
-    commit: &str,
-    delivery: &str,
-) -> (uuid::Uuid, serde_json::Value) {
-    let mut body: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
-    body["after"] = commit.into();
-    body["repository"]["clone_url"] = clone_url.into();
-    let res = github_push(tm, hook, &serde_json::to_vec(&body).unwrap(), delivery).send().await.unwrap();
-    let answer: serde_json::Value = res.json().await.unwrap();
-    assert_eq!(answer["outcome"], "started", "{answer}");
-    let run_id: uuid::Uuid = answer["run_id"].as_str().unwrap().parse().unwrap();
-    (run_id, tm.wait_run(run_id, Duration::from_secs(60)).await)
-}
-
 /// Runs `git args` in `dir`, as a test sets up a repository.
 fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
@@ -2238,67 +2219,6 @@ fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
         .unwrap();
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// `checkout: {submodules: true}` checks out the submodules at the commits the repository
-/// records, fetched from its own host with its token; one at another host fails the step,
-/// saying which, and nothing is fetched from there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_checkout_with_submodules_fetches_them_from_the_repositorys_own_host_only() {
-    let tm = spawn_mesh().await;
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("binkkatal")).unwrap();
-    let (lib, app) = (root.path().join("lib"), root.path().join("app"));
-    std::fs::create_dir(&lib).unwrap();
-    git_in(&lib, &["init", "-q"]);
-    std::fs::write(lib.join("lib.txt"), "lib one\n").unwrap();
-    git_in(&lib, &["add", "lib.txt"]);
-    git_in(&lib, &["commit", "-q", "-m", "lib"]);
-    let lib_commit = git_in(&lib, &["rev-parse", "HEAD"]);
-    git_in(root.path(), &["clone", "-q", "--bare", "lib", "binkkatal/lib.git"]);
-    // The repository records the library at `vendor/lib`, by a URL relative to its own.
-    std::fs::create_dir(&app).unwrap();
-    git_in(&app, &["init", "-q"]);
-    let bare_lib = root.path().join("binkkatal/lib.git");
-    git_in(
-        &app,
-        &["-c", "protocol.file.allow=always", "submodule", "add", "-q", bare_lib.to_str().unwrap(), "vendor/lib"],
-    );
-    git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "../lib.git"]);
-    git_in(&app, &["commit", "-q", "-am", "with its library"]);
-    let pushed = git_in(&app, &["rev-parse", "HEAD"]);
-    // A later commit moves it to another host.
-    git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "http://127.0.0.2:9/binkkatal/lib.git"]);
-    git_in(&app, &["commit", "-q", "-am", "elsewhere"]);
-    let elsewhere = git_in(&app, &["rev-parse", "HEAD"]);
-    git_in(&app, &["branch", "relative", &pushed]);
-    git_in(root.path(), &["clone", "-q", "--bare", "app", "binkkatal/sample_app.git"]);
-
-    let (forge, fetches) = git_forge(root.path().to_path_buf(), Some("gh-token")).await;
-    let workflow = serde_json::json!({"name": "ci", "steps": [
-        {"id": "build", "checkout": {"submodules": true}, "run": "cat vendor/lib/lib.txt; git -C vendor/lib rev-parse HEAD"},
-    ]});
-    let more = serde_json::json!({"workflow": workflow, "status_token": "gh-token", "api_url": forge});
-    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
-    let clone_url = format!("{forge}/binkkatal/sample_app.git");
-    let run = push_commit(&tm, &hook, &clone_url, &pushed, "s-1").await.1;
-    assert_eq!(run["status"], "succeeded", "{run}");
-    assert_eq!(run["steps"][0]["output"], format!("lib one\n{lib_commit}\n"), "{run}");
-    let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
-    let sent = fetches.lock().unwrap().clone();
-    assert!(
-        sent.len() >= 4 && sent.iter().all(|a| a.as_deref() == Some(basic)),
-        "both repositories, with the token: {sent:?}"
-    );
-
-    let run = push_commit(&tm, &hook, &clone_url, &elsewhere, "s-2").await.1;
-    assert_eq!(run["status"], "failed", "{run}");
-    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("submodule vendor/lib: http://127.0.0.2:9/binkkatal/lib.git is not at http://127.0.0.1:"),
-        "{run}"
-    );
-    tm.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -2339,8 +2259,16 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
         serde_json::json!({"workflow": workflow, "status_token": "gh-token", "api_url": forge}),
     )
     .await;
+    // Pushes `commit` of the repository at `clone_url`; the run it started, once it has ended.
     let run_of_push = async |clone_url: &str, commit: &str, delivery: &str| {
-        push_commit(&tm, &hook, clone_url, commit, delivery).await
+        let mut body: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
+        body["after"] = commit.into();
+        body["repository"]["clone_url"] = clone_url.into();
+        let res = github_push(&tm, &hook, &serde_json::to_vec(&body).unwrap(), delivery).send().await.unwrap();
+        let answer: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(answer["outcome"], "started", "{answer}");
+        let run_id: uuid::Uuid = answer["run_id"].as_str().unwrap().parse().unwrap();
+        (run_id, tm.wait_run(run_id, Duration::from_secs(60)).await)
     };
     let clone_url = format!("{forge}/binkkatal/sample_app.git");
     let (run_id, run) = run_of_push(&clone_url, &pushed, "c-1").await;

@@ -39,10 +39,6 @@ const PASSED_ON: [&str; 8] = [
 const ERROR_TAIL: usize = 2048;
 /// A fetch that receives nothing for this long fails.
 const LOW_SPEED_SECS: u64 = 60;
-/// Deepest submodules are checked out (a submodule's submodule is two).
-const MAX_SUBMODULE_LEVELS: usize = 8;
-/// Most submodules one checkout fetches, at every level together.
-const MAX_SUBMODULES: usize = 256;
 
 /// Where a step's commit comes from, with what opens it.
 #[derive(Clone)]
@@ -151,9 +147,6 @@ pub async fn fetch(
     fetch.extend(["origin".to_string(), source.commit.clone()]);
     git(&["fetch", "-q"], fetch).await?;
     git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await?;
-    if source.options.submodules {
-        submodules(source, dir, &config).await?;
-    }
     if let Some((uid, gid)) = run_as {
         let dir = workspace.to_path_buf();
         tokio::task::spawn_blocking(move || give(&dir, uid, gid))
@@ -162,92 +155,6 @@ pub async fn fetch(
             .map_err(|e| format!("giving the checkout to uid {uid}: {e}"))?;
     }
     Ok(())
-}
-
-/// Checks out the submodules of the repository checked out in `dir`, and theirs, level by
-/// level, at the commits each records (as deep as the checkout's `depth`). Each level's
-/// `.gitmodules` is read first: a submodule must be fetched over the repository's own scheme,
-/// host and port (a relative URL, resolved as git resolves it, or an absolute one there), so
-/// the egress pin and the token go nowhere else; any other fails the checkout, naming it.
-async fn submodules(source: &Source, dir: &Path, config: &[(String, String)]) -> Result<(), String> {
-    let mut level = vec![(dir.to_path_buf(), source.url.clone())];
-    let mut fetched = 0;
-    for _ in 0..MAX_SUBMODULE_LEVELS {
-        let mut next = Vec::new();
-        for (repo, base) in &level {
-            let listed = listed_submodules(source, repo, config, base).await?;
-            if listed.is_empty() {
-                continue;
-            }
-            fetched += listed.len();
-            if fetched > MAX_SUBMODULES {
-                return Err(format!("submodules: more than {MAX_SUBMODULES}"));
-            }
-            let mut update = vec!["--init".to_string()];
-            if source.options.depth > 0 {
-                update.push(format!("--depth={}", source.options.depth));
-            }
-            git(source, repo, config, &["submodule", "update", "-q"], update).await?;
-            next.extend(listed.into_iter().map(|(path, url)| (repo.join(path), url)));
-        }
-        if next.is_empty() {
-            return Ok(());
-        }
-        level = next;
-    }
-    Err(format!("submodules: nested more than {MAX_SUBMODULE_LEVELS} deep"))
-}
-
-/// The submodules `repo`'s `.gitmodules` lists: each one's path and URL (resolved against
-/// `base`, the URL `repo` was fetched from), each checked to be at `base`'s origin.
-async fn listed_submodules(
-    source: &Source,
-    repo: &Path,
-    config: &[(String, String)],
-    base: &url::Url,
-) -> Result<Vec<(String, url::Url)>, String> {
-    if !tokio::fs::try_exists(repo.join(".gitmodules")).await.unwrap_or(false) {
-        return Ok(Vec::new());
-    }
-    let listed = git(source, repo, config, &["config", "-f", ".gitmodules", "-z", "--list"], vec![]).await?;
-    let (mut paths, mut urls) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
-    for entry in listed.split('\0').filter(|e| !e.is_empty()) {
-        let (key, value) = entry.split_once('\n').unwrap_or((entry, ""));
-        let Some((name, field)) = key.strip_prefix("submodule.").and_then(|k| k.rsplit_once('.')) else { continue };
-        match field {
-            "path" => paths.insert(name.to_string(), value.to_string()),
-            "url" => urls.insert(name.to_string(), value.to_string()),
-            _ => None,
-        };
-    }
-    let mut found = Vec::new();
-    for (name, path) in paths {
-        let Some(url) = urls.get(&name) else { return Err(format!("submodule {path}: no url")) };
-        let resolved = submodule_url(base, url).map_err(|e| format!("submodule {path}: {e}"))?;
-        found.push((path, resolved));
-    }
-    Ok(found)
-}
-
-/// A submodule's `url` as git resolves it against `base` (the URL its superproject was fetched
-/// from: `./x` and `../x` are relative to it as to a directory), which must be at `base`'s
-/// scheme, host and port.
-fn submodule_url(base: &url::Url, url: &str) -> Result<url::Url, String> {
-    let resolved = if url.starts_with("./") || url.starts_with("../") {
-        let mut dir = base.clone();
-        dir.set_path(&format!("{}/", base.path().trim_end_matches('/')));
-        dir.join(url).map_err(|e| format!("{url}: {e}"))?
-    } else {
-        url::Url::parse(url).map_err(|e| format!("{url} is not a URL git may fetch here: {e}"))?
-    };
-    let at = |u: &url::Url| (u.scheme().to_string(), u.host_str().map(str::to_string), u.port_or_known_default());
-    if at(&resolved) != at(base) || !resolved.username().is_empty() || resolved.password().is_some() {
-        return Err(format!(
-            "{url} is not at {}: only the repository's own host is fetched from",
-            base.origin().ascii_serialization()
-        ));
-    }
-    Ok(resolved)
 }
 
 /// Gives `path` and everything under it to `uid`:`gid`, following no symbolic link.
@@ -301,7 +208,7 @@ async fn git(
     config: &[(String, String)],
     args: &[&str],
     extra: Vec<String>,
-) -> Result<String, String> {
+) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.args(args)
         .args(extra)
@@ -322,14 +229,14 @@ async fn git(
             cmd.env(var, v);
         }
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
     let mut group = KillGroup(child.id().map(|p| nix::unistd::Pid::from_raw(p as i32)));
     let out = child.wait_with_output().await.map_err(|e| format!("waiting for git: {e}"))?;
     // It ended (and waited for its helpers): its id may be another's from now on.
     group.0 = None;
     if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        return Ok(());
     }
     let said = source.mask(String::from_utf8_lossy(&out.stderr).trim());
     let tail = &said[said.floor_char_boundary(said.len().saturating_sub(ERROR_TAIL))..];
@@ -359,28 +266,6 @@ mod tests {
             repository: "o/r".into(),
             url: url.into(),
             commit: commit.into(),
-        }
-    }
-
-    #[test]
-    fn a_submodule_is_fetched_from_the_repositorys_own_host_only() {
-        let base = url::Url::parse("https://git.example.com/acme/app.git").unwrap();
-        let ok = |u: &str| submodule_url(&base, u).map(|u| u.to_string());
-        // Relative as git resolves it: against the repository's URL as a directory.
-        assert_eq!(ok("../lib.git").unwrap(), "https://git.example.com/acme/lib.git");
-        assert_eq!(ok("./vendored.git").unwrap(), "https://git.example.com/acme/app.git/vendored.git");
-        assert_eq!(ok("../../other/lib").unwrap(), "https://git.example.com/other/lib");
-        assert_eq!(ok("https://git.example.com:443/x/y.git").unwrap(), "https://git.example.com/x/y.git");
-        for elsewhere in [
-            "https://evil.example.net/x.git",
-            "http://git.example.com/x.git",
-            "https://git.example.com:8443/x.git",
-            "https://user:pw@git.example.com/x.git",
-            "git@git.example.com:acme/lib.git",
-            "ssh://git.example.com/acme/lib.git",
-            "/srv/git/lib.git",
-        ] {
-            assert!(ok(elsewhere).is_err(), "{elsewhere}");
         }
     }
 
