@@ -360,11 +360,10 @@ impl Notifier {
     }
 
     /// A delivery given up: a webhook's is recorded as failed on its endpoint
-    /// (`WebhookDeliveryFailed`, which the API lists and can send again), then terminated.
-    /// Recording is tried again here (its ack deadline renewed meanwhile) for up to
-    /// [`RECORD_FOR`] (or until shutdown); only then is the delivery handed back, to be
-    /// attempted once more. A commit status's is recorded once, best effort
-    /// ([`Self::record_status_failure`]).
+    /// (`WebhookDeliveryFailed`, which the API lists and can send again), a commit status's on
+    /// its connection ([`Self::record_status_failure`]), then terminated. Recording is tried
+    /// again here (its ack deadline renewed meanwhile) for up to [`RECORD_FOR`] (or until
+    /// shutdown); only then is the delivery handed back, to be attempted once more.
     async fn give_up(
         &self,
         outgoing: &Outgoing,
@@ -373,18 +372,18 @@ impl Notifier {
         error: &str,
         shutdown: &CancellationToken,
     ) -> AckKind {
-        let d = match outgoing {
-            Outgoing::Webhook(d) => d,
-            Outgoing::Status(s) => {
-                self.record_status_failure(s, msg_id, error).await;
-                return AckKind::Term;
-            }
+        let disabled = match outgoing {
+            Outgoing::Webhook(d) => self.disabled(d).await,
+            Outgoing::Status(_) => false,
         };
-        let disabled = self.disabled(d).await;
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
         loop {
-            match self.record_failure(d, msg_id, attempts, error, disabled).await {
+            let recorded = match outgoing {
+                Outgoing::Webhook(d) => self.record_failure(d, msg_id, attempts, error, disabled).await,
+                Outgoing::Status(s) => self.record_status_failure(s, msg_id, error).await,
+            };
+            match recorded {
                 Ok(()) => return AckKind::Term,
                 Err(e) if started.elapsed() + wait < RECORD_FOR && !shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "could not record the failed delivery; trying again");
@@ -527,9 +526,13 @@ impl Notifier {
     /// (`CommitStatusFailed`, on its status subject), which `GET /v1/repo-connections` shows,
     /// with the state it was sent as (a pending one whose run had ended goes as the outcome).
     /// Its message id is the queued status's own, so one given up twice (its notifier died
-    /// between the two) is recorded once. Best effort: a status is not worth holding the queue
-    /// for, so a record that cannot be appended is logged and dropped.
-    async fn record_status_failure(&self, s: &CommitStatus, msg_id: Option<&str>, error: &str) {
+    /// between the two) is recorded once.
+    async fn record_status_failure(
+        &self,
+        s: &CommitStatus,
+        msg_id: Option<&str>,
+        error: &str,
+    ) -> Result<(), taskmesh_bus::BusError> {
         let state = match s.state {
             CommitState::Pending => self.run_end(s).await.ok().flatten().unwrap_or(CommitState::Pending),
             state => state,
@@ -547,15 +550,13 @@ impl Notifier {
             None => format!("failed:{}:{}:{state:?}", s.connection_id, s.run_id),
         };
         let envelope = taskmesh_events::EventMeta::new(&s.tenant).envelope(subject, failed);
-        if let Err(e) = self.bus.append_with_id(None, &envelope, &id).await {
-            tracing::warn!(error = %e, "could not record the failed commit status");
-        }
+        self.bus.append_with_id(None, &envelope, &id).await.map(|_| ())
     }
 
     /// A commit status went through for a connection with a failed one on record (as the read
     /// side said): cleared (`CommitStatusRecovered`), if the log's last event on its status
     /// subject is a failure recorded before this status was sent (not one since, nor another
-    /// notifier's clearing). Best effort, as [`Self::record_status_failure`].
+    /// notifier's clearing). Best effort, as an endpoint's recovery ([`Self::took`]).
     async fn status_recovered(&self, s: &CommitStatus, sent: chrono::DateTime<Utc>) {
         let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
         let recovered = taskmesh_events::CommitStatusRecovered { connection_id: s.connection_id };
