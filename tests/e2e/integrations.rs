@@ -842,25 +842,38 @@ async fn a_decision_on_an_endpoints_log_is_taken_again_when_someone_appended_mea
 /// and no longer: an endpoint abandoned disabled stops costing a record per run's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disabled_endpoints_missed_runs_are_listed_only_for_a_while() {
-    let tm = spawn_with(&Svc::ALL, |s| s.notification.disabled_listed_secs = 2).await;
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.disabled_listed_secs = 3600).await;
     let (endpoint, seen, up) = down_endpoint(&tm).await;
     up.store(true, SeqCst);
-    disable_endpoint(&tm, &endpoint).await;
+    // Another endpoint, enabled, tells when a run's end has been fanned out.
+    let (heard, _) = subscribe(&tm).await;
     let failed = failed_deliveries(&tm, &endpoint);
     let listed = || async { tm.get_json(failed.clone()).await["items"].as_array().unwrap().len() };
-    // Just disabled: a run's end is listed, unsent.
+    // Disabled just now: a run's end is listed, unsent.
+    disable_endpoint(&tm, &endpoint, chrono::Duration::zero()).await;
     let run = tm.submit("name: soon\nsteps:\n  - {id: a, uses: noop}\n").await;
     tm.wait_run(run, Duration::from_secs(30)).await;
     eventually("the missed run listed", Duration::from_secs(20), || async { Ok((listed().await == 1).then_some(())) })
         .await
         .unwrap();
-    // Disabled for over 2 s: nothing more is queued for it, nor listed.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let run = tm.submit("name: later\nsteps:\n  - {id: a, uses: noop}\n").await;
-    tm.wait_run(run, Duration::from_secs(30)).await;
+    // Disabled two hours ago, past its hour: a run's end is neither queued for it nor listed.
+    let enable = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api)));
+    assert_eq!(enable.send().await.unwrap().status(), 200);
+    tm.wait_projected().await;
+    disable_endpoint(&tm, &endpoint, chrono::Duration::hours(2)).await;
+    let later = tm.submit("name: later\nsteps:\n  - {id: a, uses: noop}\n").await;
+    eventually("the other endpoint told of it", Duration::from_secs(30), || async {
+        let told = heard.lock().unwrap().iter().any(|(_, body)| {
+            serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|b| b["data"]["run_id"] == later.to_string())
+        });
+        Ok(told.then_some(()))
+    })
+    .await
+    .unwrap();
+    // (Were it queued, it would have been given up and listed by now.)
     tokio::time::sleep(Duration::from_secs(1)).await;
     tm.wait_projected().await;
-    assert_eq!(listed().await, 1, "only the run that ended within the window");
+    assert_eq!(listed().await, 1, "only the run that ended within the hour");
     assert!(seen.lock().unwrap().is_empty(), "nothing sent to a disabled endpoint");
     tm.finish().await;
 }
@@ -879,7 +892,7 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
     // Its first attempt has failed; before the retry the endpoint is disabled (as a notifier
     // does once it has failed for too long) and is back up.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    disable_endpoint(&tm, &endpoint).await;
+    disable_endpoint(&tm, &endpoint, chrono::Duration::zero()).await;
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     // The retry finds it disabled: nothing is sent, and the delivery is listed as failed, to be
     // sent again once the endpoint is enabled.
@@ -1149,21 +1162,22 @@ async fn down_endpoint(tm: &TestMesh) -> (String, Received, Arc<std::sync::atomi
     (endpoint, seen, up)
 }
 
-/// The address of webhook endpoint `id`'s failed deliveries.
-/// Disables endpoint `endpoint` as a notifier does once it has failed for too long, and waits
-/// for the read side to have it.
-async fn disable_endpoint(tm: &TestMesh, endpoint: &str) {
+/// Disables endpoint `endpoint` as a notifier does once it has failed for too long, as if
+/// `ago` before now, and waits for the read side to have it.
+async fn disable_endpoint(tm: &TestMesh, endpoint: &str, ago: chrono::Duration) {
     use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
     let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
     let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);
-    let disabled = EventMeta::new("default").envelope(
+    let mut disabled = EventMeta::new("default").envelope(
         subject.clone(),
         Event::WebhookEndpointDisabled(WebhookEndpointDisabled { endpoint_id, reason: "failing".into() }),
     );
+    disabled.occurred_at -= ago;
     tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &disabled).await.unwrap();
     tm.wait_projected().await;
 }
 
+/// The address of webhook endpoint `id`'s failed deliveries.
 fn failed_deliveries(tm: &TestMesh, id: impl std::fmt::Display) -> String {
     format!("{}/v1/webhook-endpoints/{id}/failed-deliveries", tm.api)
 }

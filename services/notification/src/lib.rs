@@ -300,11 +300,11 @@ impl Notifier {
                 tracing::info_span!("commit_status", connection = %s.connection_id, run = %s.run_id, state = ?s.state, attempt)
             }
         };
-        // `Ok(true)`: a commit status went through where a failure was on record.
-        let sent = Utc::now();
+        // `Ok(Some(seq))`: a commit status went through where the read side held the failure
+        // recorded at `seq`.
         let attempted = async {
             match &outgoing {
-                Outgoing::Webhook(d) => self.post(d).await.map(|()| false),
+                Outgoing::Webhook(d) => self.post(d).await.map(|()| None),
                 Outgoing::Status(s) => self.post_status(s).await,
             }
         };
@@ -320,8 +320,8 @@ impl Notifier {
                 self.took(d).instrument(span).await;
                 return AckKind::Ack;
             }
-            (Ok(true), Outgoing::Status(s)) => {
-                self.status_recovered(s, sent).instrument(span).await;
+            (Ok(Some(seen)), Outgoing::Status(s)) => {
+                self.status_recovered(s, *seen).instrument(span).await;
                 return AckKind::Ack;
             }
             _ => {}
@@ -376,12 +376,17 @@ impl Notifier {
             Outgoing::Webhook(d) => self.disabled(d).await,
             Outgoing::Status(_) => false,
         };
+        // The state a status was sent as (a pending whose run had ended went as the outcome).
+        let sent_as = match outgoing {
+            Outgoing::Status(s) if s.state == CommitState::Pending => self.run_end(s).await.ok().flatten(),
+            _ => None,
+        };
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
         loop {
             let recorded = match outgoing {
                 Outgoing::Webhook(d) => self.record_failure(d, msg_id, attempts, error, disabled).await,
-                Outgoing::Status(s) => self.record_status_failure(s, msg_id, error).await,
+                Outgoing::Status(s) => self.record_status_failure(s, sent_as.unwrap_or(s.state), msg_id, error).await,
             };
             match recorded {
                 Ok(()) => return AckKind::Term,
@@ -493,7 +498,7 @@ impl Notifier {
     async fn took(&self, d: &Delivery) {
         let subject = self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id);
         let recovered = taskmesh_events::WebhookEndpointRecovered { endpoint_id: d.endpoint_id };
-        let failing = |last: &taskmesh_events::Envelope| taskmesh_events::failing_since(last).is_some();
+        let failing = |last: &taskmesh_bus::Stored| taskmesh_events::failing_since(&last.envelope).is_some();
         self.clear_failure(&d.tenant, &subject, failing, Event::WebhookEndpointRecovered(recovered)).await;
     }
 
@@ -503,14 +508,14 @@ impl Notifier {
         &self,
         tenant: &str,
         subject: &str,
-        failing: impl Fn(&taskmesh_events::Envelope) -> bool,
+        failing: impl Fn(&taskmesh_bus::Stored) -> bool,
         recovered: Event,
     ) {
         let (recovered, failing) = (&recovered, &failing);
         let cleared = self
             .bus
             .append_after_last(subject, 5, |last| async move {
-                if !last.is_some_and(|last| failing(&last.envelope)) {
+                if !last.is_some_and(|last| failing(&last)) {
                     return Ok(AfterLast::Done(()));
                 }
                 let events = vec![taskmesh_events::EventMeta::new(tenant).envelope(subject, recovered.clone())];
@@ -530,13 +535,10 @@ impl Notifier {
     async fn record_status_failure(
         &self,
         s: &CommitStatus,
+        state: CommitState,
         msg_id: Option<&str>,
         error: &str,
     ) -> Result<(), taskmesh_bus::BusError> {
-        let state = match s.state {
-            CommitState::Pending => self.run_end(s).await.ok().flatten().unwrap_or(CommitState::Pending),
-            state => state,
-        };
         let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
         let failed = Event::CommitStatusFailed(taskmesh_events::CommitStatusFailed::new(
             s.connection_id,
@@ -553,15 +555,17 @@ impl Notifier {
         self.bus.append_with_id(None, &envelope, &id).await.map(|_| ())
     }
 
-    /// A commit status went through for a connection with a failed one on record (as the read
-    /// side said): cleared (`CommitStatusRecovered`), if the log's last event on its status
-    /// subject is a failure recorded before this status was sent (not one since, nor another
-    /// notifier's clearing). Best effort, as an endpoint's recovery ([`Self::took`]).
-    async fn status_recovered(&self, s: &CommitStatus, sent: chrono::DateTime<Utc>) {
+    /// A commit status went through for a connection whose failed one at `seen` the read side
+    /// held when it was sent: cleared (`CommitStatusRecovered`), if the log's last event on its
+    /// status subject is that failure or an earlier one, or one of this status's own run (not
+    /// another's recorded since, nor another notifier's clearing). By the log's sequences, not
+    /// clocks. Best effort, as an endpoint's recovery ([`Self::took`]).
+    async fn status_recovered(&self, s: &CommitStatus, seen: u64) {
         let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
         let recovered = taskmesh_events::CommitStatusRecovered { connection_id: s.connection_id };
-        let failing = |last: &taskmesh_events::Envelope| {
-            matches!(last.event, Event::CommitStatusFailed(_)) && last.occurred_at < sent
+        let failing = |last: &taskmesh_bus::Stored| match &last.envelope.event {
+            Event::CommitStatusFailed(f) => last.seq <= seen || f.run_id == s.run_id,
+            _ => false,
         };
         self.clear_failure(&s.tenant, &subject, failing, Event::CommitStatusRecovered(recovered)).await;
     }
@@ -610,8 +614,9 @@ impl Notifier {
     /// over the outcome: none is sent for a run that has ended (its outcome is sent instead),
     /// and should the run end while one is sent (its outcome perhaps sent before, by another
     /// replica), the outcome is sent again after it.
-    /// `Ok(true)`: sent, and the connection had a failed status on record.
-    async fn post_status(&self, s: &CommitStatus) -> Result<bool, Outcome> {
+    /// `Ok(Some(seq))`: sent, and the connection had the failed status recorded at `seq` on
+    /// record (the latest of those its sends read).
+    async fn post_status(&self, s: &CommitStatus) -> Result<Option<u64>, Outcome> {
         if s.state != CommitState::Pending {
             return self.send_status(s, s.state).await;
         }
@@ -621,17 +626,17 @@ impl Notifier {
         }
         let failing = self.send_status(s, CommitState::Pending).await?;
         match self.run_end(s).await? {
-            Some(end) => self.send_status(s, end).await,
+            Some(end) => Ok(self.send_status(s, end).await?.max(failing)),
             None => Ok(failing),
         }
     }
 
-    /// Sends `state` for the run of `s` to the forge's API; `Ok(true)` when the connection had
-    /// a failed status on record (as the read side says).
-    async fn send_status(&self, s: &CommitStatus, state: CommitState) -> Result<bool, Outcome> {
+    /// Sends `state` for the run of `s` to the forge's API; `Ok(Some(seq))` when the connection
+    /// had a failed status on record, the one recorded at `seq` (as the read side says).
+    async fn send_status(&self, s: &CommitStatus, state: CommitState) -> Result<Option<u64>, Outcome> {
         let failed = |what: &str, e: sqlx::Error| Outcome::Failed(format!("reading {what}: {e}"));
         let row = sqlx::query(
-            "SELECT repository, status_token, api_url, status_failure IS NOT NULL AS failing FROM repo_connections
+            "SELECT repository, status_token, api_url, (status_failure->>'seq')::bigint AS failing FROM repo_connections
              WHERE id = $1 AND tenant_id = $2",
         )
         .bind(s.connection_id)
@@ -640,7 +645,7 @@ impl Notifier {
         .await
         .map_err(|e| failed("the connection", e))?
         .ok_or(Outcome::Gone)?;
-        let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(false) };
+        let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(None) };
         let token =
             self.open_secret(&taskmesh_secrets::repo_status_token_aad(&s.tenant), &sealed).map_err(Outcome::Failed)?;
         let repository: String = row.get("repository");
@@ -700,7 +705,7 @@ impl Notifier {
             }
         }
         match status.as_u16() {
-            200..=299 => Ok(row.get("failing")),
+            200..=299 => Ok(row.get::<Option<i64>, _>("failing").and_then(|seq| u64::try_from(seq).ok())),
             // The token, the repository or the commit is wrong: asking again changes nothing.
             400..=499 if !matches!(status.as_u16(), 408 | 429) => {
                 Err(Outcome::Refused(format!("POST {url} answered {status}")))

@@ -209,8 +209,11 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         // Only the notifiers read it (on the endpoint's log).
         Event::WebhookEndpointRecovered(_) => {}
         Event::CommitStatusFailed(e) => {
+            // (`seq`: which failure this is, for a notifier deciding whether a status sent since
+            // clears it.)
             let failure = serde_json::json!({
                 "at": at, "run_id": e.run_id, "commit": e.commit, "state": e.state, "error": e.error,
+                "seq": stored.seq,
             });
             sqlx::query("UPDATE repo_connections SET status_failure = $3 WHERE tenant_id = $1 AND id = $2")
                 .bind(tenant)
