@@ -557,15 +557,15 @@ impl Notifier {
 
     /// A commit status went through for a connection whose failed one at `seen` the read side
     /// held when it was sent: cleared (`CommitStatusRecovered`), if the log's last event on its
-    /// status subject is that failure or an earlier one, or one of this status's own run (not
-    /// another's recorded since, nor another notifier's clearing). By the log's sequences, not
-    /// clocks. Best effort, as an endpoint's recovery ([`Self::took`]).
+    /// status subject is that failure or an earlier one (not one recorded since, even of this
+    /// status's run, nor another notifier's clearing): by the log's sequences, not clocks. A
+    /// failure left so shows until the next status goes through. Best effort, as an endpoint's
+    /// recovery ([`Self::took`]).
     async fn status_recovered(&self, s: &CommitStatus, seen: u64) {
         let subject = self.bus.namespace().repo_statuses(&s.tenant, s.connection_id);
         let recovered = taskmesh_events::CommitStatusRecovered { connection_id: s.connection_id };
-        let failing = |last: &taskmesh_bus::Stored| match &last.envelope.event {
-            Event::CommitStatusFailed(f) => last.seq <= seen || f.run_id == s.run_id,
-            _ => false,
+        let failing = |last: &taskmesh_bus::Stored| {
+            matches!(last.envelope.event, Event::CommitStatusFailed(_)) && last.seq <= seen
         };
         self.clear_failure(&s.tenant, &subject, failing, Event::CommitStatusRecovered(recovered)).await;
     }
