@@ -422,21 +422,23 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         "workflow": {"name": "ci", "steps": [{"id": "a", "uses": "noop"}]}});
     let res = tm.send_json(reqwest::Method::POST, "/v1/repo-connections", &repo).await;
     assert_eq!(res.status(), 201);
-    let connection: uuid::Uuid =
-        res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let created = res.json::<serde_json::Value>().await.unwrap();
+    let connection: uuid::Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    let hook_path = serde_json::to_string(created["webhook_path"].as_str().unwrap()).unwrap();
     browser.click("#nav a[href=\"#/repositories\"]").await;
     let repo_row = row_with("github: acme/site");
     browser
         .until(
-            "the connection listed",
-            &format!("return !!{repo_row} && {repo_row}.innerText.includes('branches main') && {repo_row}.innerText.includes('active')"),
+            "the connection listed, with its pushes, workflow and webhook path",
+            &format!("const r = {repo_row}; return !!r && r.innerText.includes('branches main') && r.innerText.includes('active') && r.innerText.includes('ci') && r.innerText.includes({hook_path})"),
         )
         .await;
+    let its_run = uuid::Uuid::now_v7();
     let failed = taskmesh_events::EventMeta::new("default").envelope(
         tm.bus.namespace().repo_statuses("default", connection),
         taskmesh_events::Event::CommitStatusFailed(taskmesh_events::CommitStatusFailed::new(
             connection,
-            uuid::Uuid::now_v7(),
+            its_run,
             "fd489864e7642b48eaad6e3f155c10e46810ec72".into(),
             taskmesh_events::command::CommitState::Success,
             "POST https://api.github.com/… answered 401 Unauthorized".into(),
@@ -446,7 +448,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser
         .until(
             "the status given up shown",
-            &format!("return !!{repo_row} && {repo_row}.innerText.includes('success: POST') && {repo_row}.innerText.includes('401') && !!{repo_row}.querySelector('a[href^=\"#/runs/\"]')"),
+            &format!("return !!{repo_row} && {repo_row}.innerText.includes('success: POST') && {repo_row}.innerText.includes('401') && !!{repo_row}.querySelector('a[href=\"#/runs/{its_run}\"]')"),
         )
         .await;
     assert_eq!(browser.confirm(&repo_row).await, "Delete? Click again (then disabled)");

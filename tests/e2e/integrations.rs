@@ -689,10 +689,10 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
         }
     };
     let failures = |n: usize| {
-        let (tm, failed) = (&tm, &failed);
+        let (tm, endpoint) = (&tm, &endpoint);
         async move {
             eventually(&format!("{n} failed deliveries"), Duration::from_secs(30), || async {
-                Ok((tm.get_json(failed.clone()).await["items"].as_array().unwrap().len() == n).then_some(()))
+                Ok((failed_items(tm, endpoint).await.len() == n).then_some(()))
             })
             .await
             .unwrap();
@@ -749,7 +749,7 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     up.store(true, SeqCst);
     let five = run_ends("five").await.to_string();
     failures(4).await;
-    let missed = tm.get_json(failed.clone()).await["items"][0].clone();
+    let missed = failed_items(&tm, &endpoint).await[0].clone();
     assert_eq!(missed["payload"]["data"]["run_id"], five.as_str(), "{missed}");
     assert_eq!(
         (&missed["error"], &missed["attempts"]),
@@ -760,8 +760,7 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing is sent to a disabled endpoint");
     assert_eq!(disabled().await, Some(reason), "a delivery given up while disabled changes nothing");
     // Enabled again (by an admin): the next run's end is sent.
-    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api))).send().await.unwrap();
-    assert_eq!(res.status(), 200);
+    enable_endpoint(&tm, &endpoint).await;
     assert_eq!(disabled().await, None);
     let six = tm.submit("name: six\nsteps:\n  - {id: a, uses: noop}\n").await;
     received(2).await;
@@ -770,8 +769,7 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.lock().unwrap().len(), 2);
     // What it missed while disabled is sent on request.
-    let retry = format!("{failed}/{}/retry", missed["message_id"].as_str().unwrap());
-    assert_eq!(tm.auth(tm.http.post(retry)).send().await.unwrap().status(), 202);
+    assert_eq!(retry_one(&tm, &failed, missed["message_id"].as_str().unwrap()).await.status(), 202);
     received(3).await;
     let body: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[2].1).unwrap();
     assert_eq!(body["data"]["run_id"], five, "run five's end, missed while disabled");
@@ -845,10 +843,11 @@ async fn a_disabled_endpoints_missed_runs_are_listed_only_for_a_while() {
     let tm = spawn_with(&Svc::ALL, |s| s.notification.disabled_listed_secs = 3600).await;
     let (endpoint, seen, up) = down_endpoint(&tm).await;
     up.store(true, SeqCst);
-    // Another endpoint, enabled, tells when a run's end has been fanned out.
-    let (heard, _) = subscribe(&tm).await;
-    let failed = failed_deliveries(&tm, &endpoint);
-    let listed = || async { tm.get_json(failed.clone()).await["items"].as_array().unwrap().len() };
+    // Another endpoint, disabled just now throughout, tells when a run's end has gone the same
+    // way (fanned out, given up, listed).
+    let (witness, _, _) = down_endpoint(&tm).await;
+    disable_endpoint(&tm, &witness, chrono::Duration::zero()).await;
+    let listed = || async { failed_items(&tm, &endpoint).await.len() };
     // Disabled just now: a run's end is listed, unsent.
     disable_endpoint(&tm, &endpoint, chrono::Duration::zero()).await;
     let run = tm.submit("name: soon\nsteps:\n  - {id: a, uses: noop}\n").await;
@@ -857,20 +856,17 @@ async fn a_disabled_endpoints_missed_runs_are_listed_only_for_a_while() {
         .await
         .unwrap();
     // Disabled two hours ago, past its hour: a run's end is neither queued for it nor listed.
-    let enable = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api)));
-    assert_eq!(enable.send().await.unwrap().status(), 200);
+    enable_endpoint(&tm, &endpoint).await;
     tm.wait_projected().await;
     disable_endpoint(&tm, &endpoint, chrono::Duration::hours(2)).await;
     let later = tm.submit("name: later\nsteps:\n  - {id: a, uses: noop}\n").await;
-    eventually("the other endpoint told of it", Duration::from_secs(30), || async {
-        let told = heard.lock().unwrap().iter().any(|(_, body)| {
-            serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|b| b["data"]["run_id"] == later.to_string())
-        });
-        Ok(told.then_some(()))
+    eventually("the other endpoint listing it", Duration::from_secs(30), || async {
+        let items = failed_items(&tm, &witness).await;
+        Ok(items.iter().any(|i| i["payload"]["data"]["run_id"] == later.to_string()).then_some(()))
     })
     .await
     .unwrap();
-    // (Were it queued, it would have been given up and listed by now.)
+    // (Were it queued for this one too, it would have been given up and listed by now.)
     tokio::time::sleep(Duration::from_secs(1)).await;
     tm.wait_projected().await;
     assert_eq!(listed().await, 1, "only the run that ended within the hour");
@@ -880,10 +876,12 @@ async fn a_disabled_endpoints_missed_runs_are_listed_only_for_a_while() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_listed_as_failed() {
-    // Two attempts, 5 s apart; the clock disables nothing here.
+    // Two attempts, 5 s apart; the clock disables nothing here. No run's end after a disabling
+    // is listed (`disabled_listed_secs` 0), but a delivery queued before it still is.
     let tm = spawn_with(&Svc::ALL, |s| {
         s.notification.retry_delays_secs = vec![5];
         s.notification.disable_after_secs = 0;
+        s.notification.disabled_listed_secs = 0;
     })
     .await;
     let (endpoint, seen, up) = down_endpoint(&tm).await;
@@ -896,10 +894,8 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     // The retry finds it disabled: nothing is sent, and the delivery is listed as failed, to be
     // sent again once the endpoint is enabled.
-    let failed = failed_deliveries(&tm, &endpoint);
     let listed = eventually("the delivery given up", Duration::from_secs(30), || async {
-        let items = tm.get_json(failed.clone()).await["items"].as_array().unwrap().clone();
-        Ok(items.first().cloned())
+        Ok(failed_items(&tm, &endpoint).await.first().cloned())
     })
     .await
     .unwrap();
@@ -925,8 +921,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
         let events = tm.run_events(run).await;
         ends.push((run, events.iter().rev().find(|e| e.event.is_run_terminal()).unwrap().id.to_string()));
         eventually("the delivery given up", Duration::from_secs(30), || async {
-            let page = tm.get_json(failed.clone()).await;
-            Ok((page["items"].as_array().unwrap().len() == ends.len()).then_some(()))
+            Ok((failed_items(&tm, &endpoint).await.len() == ends.len()).then_some(()))
         })
         .await
         .unwrap();
@@ -947,12 +942,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
 
     // The endpoint is back: the first is sent again, as it was, under its webhook-id.
     up.store(true, SeqCst);
-    let retry = |message: &str| {
-        let url = format!("{failed}/{message}/retry");
-        let tm = &tm;
-        async move { tm.auth(tm.http.post(url)).send().await.unwrap() }
-    };
-    let res = retry(&ends[0].1).await;
+    let res = retry_one(&tm, &failed, &ends[0].1).await;
     assert_eq!(res.status(), 202);
     let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
     eventually("the delivery sent again", Duration::from_secs(30), || async {
@@ -961,7 +951,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     .await
     .unwrap();
     // Asked again at once: the same failure is sent once.
-    assert_eq!(retry(&ends[0].1).await.status(), 202);
+    assert_eq!(retry_one(&tm, &failed, &ends[0].1).await.status(), 202);
     tokio::time::sleep(Duration::from_secs(1)).await;
     {
         let seen = seen.lock().unwrap();
@@ -1010,7 +1000,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     assert_eq!(seen.lock().unwrap()[1].0["webhook-id"], ends[1].1.as_str());
     // What is not there is a 404 problem.
     for res in [
-        retry("no-such-message").await,
+        retry_one(&tm, &failed, "no-such-message").await,
         tm.auth(tm.http.get(failed_deliveries(&tm, uuid::Uuid::now_v7()))).send().await.unwrap(),
     ] {
         assert_eq!(res.status(), 404);
@@ -1020,7 +1010,7 @@ async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     let res = tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{endpoint}", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 204);
     tm.wait_projected().await;
-    assert_eq!(retry(&ends[1].1).await.status(), 404);
+    assert_eq!(retry_one(&tm, &failed, &ends[1].1).await.status(), 404);
     tm.finish().await;
 }
 
@@ -1175,6 +1165,17 @@ async fn disable_endpoint(tm: &TestMesh, endpoint: &str, ago: chrono::Duration) 
     disabled.occurred_at -= ago;
     tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &disabled).await.unwrap();
     tm.wait_projected().await;
+}
+
+/// Enables webhook endpoint `endpoint` again, as an admin does (`200`).
+async fn enable_endpoint(tm: &TestMesh, endpoint: &str) {
+    let res = tm.auth(tm.http.post(format!("{}/v1/webhook-endpoints/{endpoint}/enable", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// Asks to send the failed delivery `message` of the failed-deliveries list at `failed` again.
+async fn retry_one(tm: &TestMesh, failed: &str, message: &str) -> reqwest::Response {
+    tm.auth(tm.http.post(format!("{failed}/{message}/retry"))).send().await.unwrap()
 }
 
 /// The address of webhook endpoint `id`'s failed deliveries.
@@ -2085,13 +2086,11 @@ async fn a_failed_email_sent_again_on_request_mails_only_the_addresses_left() {
     // is given up and listed.
     let failed = failed_deliveries(&tm, &endpoint);
     let item = eventually("the e-mail listed as failed", Duration::from_secs(30), || async {
-        let page = tm.get_json(&failed).await;
-        Ok(page["items"].as_array().unwrap().first().cloned())
+        Ok(failed_items(&tm, &endpoint).await.first().cloned())
     })
     .await
     .unwrap();
-    let res =
-        tm.auth(tm.http.post(format!("{failed}/{}/retry", item["message_id"].as_str().unwrap()))).send().await.unwrap();
+    let res = retry_one(&tm, &failed, item["message_id"].as_str().unwrap()).await;
     assert_eq!(res.status(), 202);
     mailed_ops_and_later_once(&maildir, Duration::from_millis(500)).await;
     let asked = asked(&maildir);

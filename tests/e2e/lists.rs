@@ -92,8 +92,10 @@ async fn every_list_pages_through_all_it_holds_once_each_in_order() {
         // `default` and the five made here.
         ("/v1/tenants", PLATFORM_KEY, "id", 6),
     ];
+    let mut walks = std::collections::HashMap::new();
     for (path, key, field, count) in lists {
-        let walked = values(&walk(&tm, key, path).await, field);
+        let items = walk(&tm, key, path).await;
+        let walked = values(&items, field);
         let whole = page(&tm, key, path, &[("limit", "200")]).await;
         assert!(whole["next_cursor"].is_null(), "{path}: {whole}");
         let whole = values(whole["items"].as_array().unwrap(), field);
@@ -101,24 +103,23 @@ async fn every_list_pages_through_all_it_holds_once_each_in_order() {
         assert_eq!(walked.len(), count, "{path}: {walked:?}");
         // The default page (50) holds them all too.
         assert_eq!(values(page(&tm, key, path, &[]).await["items"].as_array().unwrap(), field), whole, "{path}");
+        walks.insert(path, items);
     }
     // The lists' orders: names ascending, versions and schedules newest first, ids oldest first.
-    let names = values(&walk(&tm, &tm.key, "/v1/secrets").await, "name");
-    assert_eq!(names, ["SECRET_A", "SECRET_B", "SECRET_C", "SECRET_D", "SECRET_E"]);
-    let names = values(&walk(&tm, &tm.key, "/v1/workflows").await, "name");
-    assert_eq!(names, ["versioned", "wf-a", "wf-b", "wf-c", "wf-d", "wf-e"]);
-    let versions = walk(&tm, &tm.key, "/v1/workflows/versioned/versions").await;
-    assert_eq!(values(&versions, "version"), ["5", "4", "3", "2", "1"]);
-    let urls = values(&walk(&tm, &tm.key, "/v1/webhook-endpoints").await, "url");
-    assert_eq!(urls, ["E", "B", "D", "A", "C"].map(|n| format!("http://127.0.0.1:9/{n}")), "oldest first");
-    let schedules: Vec<_> = walk(&tm, &tm.key, "/v1/schedules").await.iter().map(|s| ts(s, "created_at")).collect();
+    let walked = |path: &str, field: &str| values(&walks[path], field);
+    assert_eq!(walked("/v1/secrets", "name"), ["SECRET_A", "SECRET_B", "SECRET_C", "SECRET_D", "SECRET_E"]);
+    assert_eq!(walked("/v1/workflows", "name"), ["versioned", "wf-a", "wf-b", "wf-c", "wf-d", "wf-e"]);
+    assert_eq!(walked("/v1/workflows/versioned/versions", "version"), ["5", "4", "3", "2", "1"]);
+    let urls = ["E", "B", "D", "A", "C"].map(|n| format!("http://127.0.0.1:9/{n}"));
+    assert_eq!(walked("/v1/webhook-endpoints", "url"), urls, "oldest first");
+    let schedules: Vec<_> = walks["/v1/schedules"].iter().map(|s| ts(s, "created_at")).collect();
     assert!(schedules.is_sorted_by(|a, b| a >= b), "newest first: {schedules:?}");
-    let keys = values(&walk(&tm, &tm.key, "/v1/keys").await, "name");
+    let keys = walked("/v1/keys", "name");
     assert_eq!(keys[1..], ["E", "B", "D", "A"], "oldest first, after the tenant's first key");
-    let repositories = values(&walk(&tm, &tm.key, "/v1/repo-connections").await, "repository");
-    assert_eq!(repositories, ["E", "B", "D", "A", "C"].map(|n| format!("o/{n}")), "oldest first");
-    let tenants = values(&walk(&tm, PLATFORM_KEY, "/v1/tenants").await, "id");
-    assert_eq!(tenants, ["default", "tenant-a", "tenant-b", "tenant-c", "tenant-d", "tenant-e"], "by id");
+    let repositories = ["E", "B", "D", "A", "C"].map(|n| format!("o/{n}"));
+    assert_eq!(walked("/v1/repo-connections", "repository"), repositories, "oldest first");
+    let tenants = ["default", "tenant-a", "tenant-b", "tenant-c", "tenant-d", "tenant-e"];
+    assert_eq!(walked("/v1/tenants", "id"), tenants, "by id");
 
     // A cursor a list did not give, a limit out of range or an unknown parameter: a 400
     // problem, whatever the list.
@@ -141,8 +142,20 @@ async fn every_list_pages_through_all_it_holds_once_each_in_order() {
         let problem: Value = res.json().await.unwrap();
         assert_eq!(problem["type"], "https://taskmesh.dev/problems/bad-request", "{path} {query:?}: {problem}");
     }
-    // A name past the last one is an empty last page, not an error.
+    // A list by name starts after any name given (one it never held too); one past the last is
+    // an empty last page, not an error.
+    let after = page(&tm, &tm.key, "/v1/secrets", &[("cursor", "SECRET_BB")]).await;
+    assert_eq!(values(after["items"].as_array().unwrap(), "name"), ["SECRET_C", "SECRET_D", "SECRET_E"]);
     let past = page(&tm, &tm.key, "/v1/secrets", &[("cursor", "ZZZ")]).await;
     assert_eq!((past["items"].clone(), past["next_cursor"].clone()), (json!([]), Value::Null));
+    // A stored workflow's versions after its first are an empty page; a workflow never stored
+    // is a 404, cursor or not.
+    let after_first = page(&tm, &tm.key, "/v1/workflows/versioned/versions", &[("cursor", "1")]).await;
+    assert_eq!((after_first["items"].clone(), after_first["next_cursor"].clone()), (json!([]), Value::Null));
+    for query in [&[][..], &[("cursor", "3")][..]] {
+        let res =
+            tm.http.get(url(&tm, "/v1/workflows/never/versions", query)).bearer_auth(&tm.key).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{query:?}");
+    }
     tm.finish().await;
 }

@@ -163,12 +163,14 @@ async fn a_deleted_schedule_ticks_no_more_and_is_gone_from_the_read_side() {
     assert_eq!(tm.get_json(&location).await["id"], id.as_str(), "the Location reads the schedule");
     let delete = |id: String| {
         let req = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api)));
-        async move { req.send().await.unwrap().status() }
+        async move { req.send().await.unwrap() }
     };
-    assert_eq!(delete(id.clone()).await, 204);
-    assert_eq!(delete(id.clone()).await, 204, "deleting twice is fine");
-    assert_eq!(delete(uuid::Uuid::now_v7().to_string()).await, 404);
-    assert_eq!(delete("not-a-uuid".into()).await, 404);
+    // (written_seq checks each is a 204.)
+    let deleted = TestMesh::written_seq(&delete(id.clone()).await);
+    let again = TestMesh::written_seq(&delete(id.clone()).await);
+    assert_eq!(again, deleted, "deleting twice is fine, and answers the deletion's seq");
+    assert_eq!(delete(uuid::Uuid::now_v7().to_string()).await.status(), 404);
+    assert_eq!(delete("not-a-uuid".into()).await.status(), 404);
     // Nothing ticks after the deletion, which is the subject's last event.
     let (before, runs) = ticks(&tm, &id).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;

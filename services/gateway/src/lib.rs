@@ -154,9 +154,24 @@ impl Page {
         T: std::str::FromStr + sqlx::Type<sqlx::Postgres> + Send,
         T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + for<'r> sqlx::Decode<'r, sqlx::Postgres>,
     {
+        self.fetch(pool, sqlx::query(sql).bind(tenant), key).await
+    }
+
+    /// This page of a list, and the next page's cursor (the last row's `key`) if another
+    /// follows: `query`, with its own parameters bound, is given the cursor (a `T`; null on the
+    /// first page) and then the most rows to fetch as its next two.
+    pub async fn fetch<'q, T>(
+        &self,
+        pool: &PgPool,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        key: &str,
+    ) -> Result<(Vec<sqlx::postgres::PgRow>, Option<T>), ApiError>
+    where
+        T: std::str::FromStr + sqlx::Type<sqlx::Postgres> + Send + 'q,
+        T: sqlx::Encode<'q, sqlx::Postgres> + for<'r> sqlx::Decode<'r, sqlx::Postgres>,
+    {
         use sqlx::Row;
-        let mut rows =
-            sqlx::query(sql).bind(tenant).bind(self.after::<T>()?).bind(self.limit + 1).fetch_all(pool).await?;
+        let mut rows = query.bind(self.after::<T>()?).bind(self.limit + 1).fetch_all(pool).await?;
         let next = cut_page(&mut rows, self.limit, |r| r.get::<T, _>(key));
         Ok((rows, next))
     }

@@ -154,14 +154,8 @@ pub async fn list_tenants(
     _: PlatformAdmin,
     page: crate::Page,
 ) -> ApiResult<Json<TenantList>> {
-    let mut rows = sqlx::query(
-        "SELECT id, name, created_at FROM tenants WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2",
-    )
-    .bind(page.after::<String>()?)
-    .bind(page.limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    let next_cursor = crate::cut_page(&mut rows, page.limit, |r| r.get::<String, _>("id"));
+    let sql = "SELECT id, name, created_at FROM tenants WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2";
+    let (rows, next_cursor) = page.fetch::<String>(&state.pool, sqlx::query(sql), "id").await?;
     let items = rows
         .iter()
         .map(|r| TenantView { id: r.get("id"), name: r.get("name"), created_at: r.get("created_at") })

@@ -177,19 +177,15 @@ pub async fn versions(
     Path(name): Path<String>,
     page: crate::Page,
 ) -> ApiResult<Json<WorkflowVersionList>> {
-    let after = page.after::<i32>()?;
-    let mut rows = sqlx::query(
-        "SELECT name, version, definition, created_at FROM workflows
-         WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version < $3) ORDER BY version DESC LIMIT $4",
-    )
-    .bind(&caller.tenant)
-    .bind(&name)
-    .bind(after)
-    .bind(page.limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    // (A later page may be empty, its cursor the workflow's first version: a 404 only when the
-    // workflow has none.)
+    let sql = "SELECT name, version, definition, created_at FROM workflows
+               WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version < $3) ORDER BY version DESC LIMIT $4";
+    let query = sqlx::query(sql).bind(&caller.tenant).bind(&name);
+    let (rows, next_cursor) = page.fetch::<i32>(&state.pool, query, "version").await?;
+    // (An empty first page: never stored. A later one may be empty, its cursor the workflow's
+    // first version: a 404 only when the workflow has none.)
+    if rows.is_empty() && page.after::<i32>()?.is_none() {
+        return Err(ApiError::not_found("workflow"));
+    }
     if rows.is_empty() {
         let stored: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workflows WHERE tenant_id = $1 AND name = $2)")
@@ -201,6 +197,5 @@ pub async fn versions(
             return Err(ApiError::not_found("workflow"));
         }
     }
-    let next_cursor = crate::cut_page(&mut rows, page.limit, |r| r.get::<i32, _>("version"));
     Ok(Json(WorkflowVersionList { items: rows.iter().map(to_version).collect(), next_cursor }))
 }

@@ -52,6 +52,15 @@ use uuid::Uuid;
 /// queue.
 const RECORD_FOR: Duration = Duration::from_secs(120);
 
+/// What a delivery's last attempt learnt that giving it up needs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Attempted {
+    /// The endpoint was found disabled.
+    disabled: bool,
+    /// The state a commit status was sent as.
+    sent_as: Option<CommitState>,
+}
+
 /// A failed delivery's error when its endpoint was disabled: queued while it was (or before,
 /// or sent again since), it was not sent.
 const DISABLED: &str = "the endpoint is disabled";
@@ -205,18 +214,17 @@ impl Notifier {
             }
         });
         // A disabled endpoint is queued what it misses (given up unsent, listed) for a while.
-        let listed_for = self.settings.disabled_listed_secs;
-        let listed_since = i64::try_from(listed_for)
-            .ok()
-            .and_then(chrono::TimeDelta::try_seconds)
-            .and_then(|d| env.occurred_at.checked_sub_signed(d));
+        let listed_for = i64::try_from(self.settings.disabled_listed_secs).unwrap_or(i64::MAX);
         for endpoint in endpoints.iter() {
             let endpoint_id = endpoint.id;
             let types = &endpoint.event_types;
             if !types.is_empty() && !types.iter().any(|t| t == type_name) {
                 continue;
             }
-            if endpoint.disabled_at.is_some_and(|at| listed_for == 0 || listed_since.is_some_and(|since| at < since)) {
+            if endpoint
+                .disabled_at
+                .is_some_and(|at| listed_for == 0 || (env.occurred_at - at).num_seconds() > listed_for)
+            {
                 continue;
             }
             let delivery = Delivery {
@@ -290,7 +298,7 @@ impl Notifier {
             // Its last attempt was made, and its ack lost (a notifier stopped mid-way, say).
             tracing::error!(attempts = attempt - 1, "delivery failed for good (its last attempt's outcome was lost)");
             let error = "its last attempt's outcome was lost (a notifier stopped during it)";
-            return self.give_up(&outgoing, msg_id, attempt - 1, error, shutdown).await;
+            return self.give_up(&outgoing, msg_id, attempt - 1, error, Attempted::default(), shutdown).await;
         }
         let span = match &outgoing {
             Outgoing::Webhook(d) => {
@@ -302,10 +310,11 @@ impl Notifier {
         };
         // `Ok(Some(seq))`: a commit status went through where the read side held the failure
         // recorded at `seq`.
+        let mut sent_as = None;
         let attempted = async {
             match &outgoing {
                 Outgoing::Webhook(d) => self.post(d).await.map(|()| None),
-                Outgoing::Status(s) => self.post_status(s).await,
+                Outgoing::Status(s) => self.post_status(s, &mut sent_as).await,
             }
         };
         // However it is sent (an SMTP server that stops answering mid-way, say), an attempt
@@ -315,25 +324,23 @@ impl Notifier {
             Ok(result) => result,
             Err(_) => Err(Outcome::Failed(format!("the attempt took over {limit:?}"))),
         };
-        match (&result, &outgoing) {
-            (Ok(_), Outgoing::Webhook(d)) => {
-                self.took(d).instrument(span).await;
-                return AckKind::Ack;
-            }
-            (Ok(Some(seen)), Outgoing::Status(s)) => {
-                self.status_recovered(s, *seen).instrument(span).await;
-                return AckKind::Ack;
-            }
-            _ => {}
-        }
+        let known = Attempted { disabled: false, sent_as };
         // `None`: refused for good; else the least wait before a retry.
         let (reason, at_least) = match result {
-            Ok(_) => return AckKind::Ack,
+            Ok(seen) => {
+                match (&outgoing, seen) {
+                    (Outgoing::Webhook(d), _) => self.took(d).instrument(span).await,
+                    (Outgoing::Status(s), Some(seen)) => self.status_recovered(s, seen).instrument(span).await,
+                    (Outgoing::Status(_), None) => {}
+                }
+                return AckKind::Ack;
+            }
             Err(Outcome::Gone) => return AckKind::Term,
             // Never attempted: given up at once, as the attempts before this one.
             Err(Outcome::Disabled) => {
                 span.in_scope(|| tracing::info!("the endpoint is disabled: listed as failed, not sent"));
-                return self.give_up(&outgoing, msg_id, attempt - 1, DISABLED, shutdown).instrument(span).await;
+                let known = Attempted { disabled: true, ..known };
+                return self.give_up(&outgoing, msg_id, attempt - 1, DISABLED, known, shutdown).instrument(span).await;
             }
             Err(Outcome::Refused(reason)) => (reason, None),
             Err(Outcome::Failed(reason)) => (reason, Some(Duration::ZERO)),
@@ -356,30 +363,33 @@ impl Notifier {
                 span.in_scope(|| tracing::error!(%reason, attempts = attempt, "delivery failed for good (dead letter)"))
             }
         }
-        self.give_up(&outgoing, msg_id, attempt, &reason, shutdown).instrument(span).await
+        self.give_up(&outgoing, msg_id, attempt, &reason, known, shutdown).instrument(span).await
     }
 
     /// A delivery given up: a webhook's is recorded as failed on its endpoint
     /// (`WebhookDeliveryFailed`, which the API lists and can send again), a commit status's on
     /// its connection ([`Self::record_status_failure`]), then terminated. Recording is tried
     /// again here (its ack deadline renewed meanwhile) for up to [`RECORD_FOR`] (or until
-    /// shutdown); only then is the delivery handed back, to be attempted once more.
+    /// shutdown); only then is the delivery handed back, to be attempted once more. `known`:
+    /// what its last attempt learnt (none when that attempt's outcome was lost).
     async fn give_up(
         &self,
         outgoing: &Outgoing,
         msg_id: Option<&str>,
         attempts: usize,
         error: &str,
+        known: Attempted,
         shutdown: &CancellationToken,
     ) -> AckKind {
         let disabled = match outgoing {
-            Outgoing::Webhook(d) => self.disabled(d).await,
+            Outgoing::Webhook(d) => known.disabled || self.disabled(d).await,
             Outgoing::Status(_) => false,
         };
-        // The state a status was sent as (a pending whose run had ended went as the outcome).
-        let sent_as = match outgoing {
-            Outgoing::Status(s) if s.state == CommitState::Pending => self.run_end(s).await.ok().flatten(),
-            _ => None,
+        // The state a status was sent as (a pending whose run had ended went as the outcome):
+        // as its attempt sent it, else as it would have.
+        let sent_as = match (outgoing, known.sent_as) {
+            (Outgoing::Status(s), None) if s.state == CommitState::Pending => self.run_end(s).await.ok().flatten(),
+            (_, sent_as) => sent_as,
         };
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
@@ -616,17 +626,25 @@ impl Notifier {
     /// replica), the outcome is sent again after it.
     /// `Ok(Some(seq))`: sent, and the connection had the failed status recorded at `seq` on
     /// record (the latest of those its sends read).
-    async fn post_status(&self, s: &CommitStatus) -> Result<Option<u64>, Outcome> {
+    /// `sent_as`: the state last sent (for a failure's record: a pending whose run had ended
+    /// goes as the outcome).
+    async fn post_status(&self, s: &CommitStatus, sent_as: &mut Option<CommitState>) -> Result<Option<u64>, Outcome> {
         if s.state != CommitState::Pending {
+            *sent_as = Some(s.state);
             return self.send_status(s, s.state).await;
         }
         if let Some(end) = self.run_end(s).await? {
             // Perhaps sent before, its pending landing after it (a retry): sent again.
+            *sent_as = Some(end);
             return self.send_status(s, end).await;
         }
+        *sent_as = Some(CommitState::Pending);
         let failing = self.send_status(s, CommitState::Pending).await?;
         match self.run_end(s).await? {
-            Some(end) => Ok(self.send_status(s, end).await?.max(failing)),
+            Some(end) => {
+                *sent_as = Some(end);
+                Ok(self.send_status(s, end).await?.max(failing))
+            }
             None => Ok(failing),
         }
     }

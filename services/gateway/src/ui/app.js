@@ -1,6 +1,6 @@
 // Taskmesh's dashboard: runs, a run's DAG and timeline, its steps' logs, schedules, stored
-// workflows, webhook endpoints and their failed deliveries, executors, secrets, API keys, the
-// audit log.
+// workflows, webhook endpoints and their failed deliveries, repository connections, executors,
+// secrets, API keys, the audit log.
 //
 // Everything it shows comes from the REST API with the API key the user gives it, kept in
 // this tab's sessionStorage only (gone when the tab closes); the page itself holds no data.
@@ -111,7 +111,7 @@ function failure(e) {
 }
 
 // A destructive button: its first click arms it (saying `ask`), its second does `action` and
-// disables it (a third would ask again). The view's next look draws it afresh, unarmed.
+// disables it (so a third does not do it again). The view's next look draws it afresh, unarmed.
 function twice(button, ask, action) {
   if (button.dataset.armed !== "yes") {
     button.dataset.armed = "yes";
@@ -120,6 +120,15 @@ function twice(button, ask, action) {
   }
   button.disabled = true;
   action();
+}
+
+// A list row's destructive button for an admin: once `key` (the row's id or name) is being
+// removed, `doing` until the list no longer shows it; else `verb`, which a second click
+// confirms, doing `remove()`. Nothing for anyone else.
+function removal(changes, key, admin, remove, verb = "Delete", doing = "deleting…") {
+  if (!admin) return null;
+  if (changes.gone.has(key)) return el("span", { class: "muted" }, doing);
+  return el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, `${verb}? Click again`, remove) }, verb);
 }
 
 // An admin's form on a list's page (hidden until the view shows it to an admin): `fields` and
@@ -676,10 +685,7 @@ function webhooksView(query) {
         const button = x.disabled_at && id && admin
           ? el("button", { type: "button", onclick: () => changes.act(`/v1/webhook-endpoints/${id}/enable`) }, "Enable")
           : null;
-        const del = !id ? null
-          : changes.gone.has(id) ? el("span", { class: "muted" }, "deleting…")
-          : admin ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => changes.remove(`/v1/webhook-endpoints/${id}`, id)) }, "Delete")
-          : null;
+        const del = id && removal(changes, id, admin, () => changes.remove(`/v1/webhook-endpoints/${id}`, id));
         return el("tr", {},
           el("td", { class: "mono" }, x.url),
           el("td", {}, x.format),
@@ -720,11 +726,12 @@ function repositoriesView(query) {
       body.replaceChildren(...(answer.items || []).map((x) => {
         // Only a connection's id goes into the API's paths, only a run id into links.
         const id = RUN_ID.test(x.id) ? x.id : null;
+        // (No branches named: every branch's pushes, as git-integration judges them.)
         const pushes = [
-          (x.branches || []).length ? `branches ${x.branches.join(", ")}` : "",
+          (x.branches || []).length ? `branches ${x.branches.join(", ")}` : "every branch",
           (x.tags || []).length ? `tags ${x.tags.join(", ")}` : "",
           (x.paths || []).length ? `changing ${x.paths.join(", ")}` : "",
-        ].filter(Boolean).join("; ") || "every branch";
+        ].filter(Boolean).join("; ");
         const f = x.status_failure;
         const statuses = !x.reports_status ? el("span", { class: "muted" }, "not reported")
           : !f ? badge("active")
@@ -732,10 +739,7 @@ function repositoriesView(query) {
             badge("failed"), ` ${when(f.at)} `,
             RUN_ID.test(f.run_id || "") ? el("a", { href: `#/runs/${f.run_id}` }, "its run") : "",
             el("div", { class: "muted" }, `${f.state || ""}: ${f.error || ""}`));
-        const del = !id ? null
-          : changes.gone.has(id) ? el("span", { class: "muted" }, "deleting…")
-          : admin ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => changes.remove(`/v1/repo-connections/${id}`, id)) }, "Delete")
-          : null;
+        const del = id && removal(changes, id, admin, () => changes.remove(`/v1/repo-connections/${id}`, id));
         return el("tr", {},
           el("td", { class: "mono" }, `${x.forge}: ${x.repository}`),
           el("td", {}, pushes),
@@ -858,11 +862,7 @@ function secretsView(query) {
       olderLink(more, "#/secrets", page, answer.next_cursor, "More secrets →");
       const admin = isAdmin();
       set.hidden = !admin;
-      const action = (n) => {
-        if (!admin || !SECRET_NAME.test(n)) return null;
-        if (changes.gone.has(n)) return el("span", { class: "muted" }, "deleting…");
-        return el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Delete? Click again", () => remove(n)) }, "Delete");
-      };
+      const action = (n) => SECRET_NAME.test(n) && removal(changes, n, admin, () => remove(n));
       body.replaceChildren(...(answer.items || []).map((x) =>
         el("tr", {},
           el("td", { class: "mono" }, x.name),
@@ -912,9 +912,7 @@ function keysView(query) {
         const id = RUN_ID.test(x.id) ? x.id : null;
         const action = x.revoked_at || !known || !admin ? null
           : me.key_id === id ? el("span", { class: "muted" }, "this page's key")
-          : id && changes.gone.has(id) ? el("span", { class: "muted" }, "revoking…")
-          : id ? el("button", { type: "button", class: "delete", onclick: (ev) => twice(ev.currentTarget, "Revoke? Click again", () => changes.remove(`/v1/keys/${id}`, id)) }, "Revoke")
-          : null;
+          : id && removal(changes, id, true, () => changes.remove(`/v1/keys/${id}`, id), "Revoke", "revoking…");
         return el("tr", { class: x.revoked_at ? "muted" : "" },
           el("td", {}, x.name || ""),
           el("td", {}, x.role),
@@ -1036,7 +1034,8 @@ function whoami() {
 // A viewer's key may not cancel, rerun, pause, resume or send a delivery again: no buttons for
 // it (the API refuses them anyway). Enabling an endpoint is an admin's.
 const mayAct = () => !me || me.role !== "viewer";
-// Keys, secrets, endpoints, enabling one and the audit log are an admin's.
+// Keys, secrets, endpoints (enabling one too), deleting a repository connection and the audit
+// log are an admin's.
 const isAdmin = () => Boolean(me && me.role === "admin");
 
 document.getElementById("sign-out").addEventListener("click", () => {
