@@ -5,6 +5,7 @@ mod helpers;
 
 mod access;
 mod admission;
+mod cache;
 mod cli;
 mod contract;
 mod crash;

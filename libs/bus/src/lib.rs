@@ -158,6 +158,18 @@ impl Settled<u64> {
     }
 }
 
+/// The latest message on `subject` of `stream`, decoded (`None`: none, or undecodable).
+async fn latest_on<T: serde::de::DeserializeOwned>(
+    stream: &async_nats::jetstream::stream::Stream<()>,
+    subject: &str,
+) -> Result<Option<T>> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(msg) => Ok(serde_json::from_slice(&msg.payload).ok()),
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
+    }
+}
+
 /// A connection to the bus under one namespace.
 #[derive(Clone)]
 pub struct Bus {
@@ -305,6 +317,23 @@ impl Bus {
                 "Taskmesh outbound deliveries: webhooks and commit statuses",
             )
         };
+        // Kept step outcomes (`cache:`), the last one per key: not the source of truth (a
+        // lost one is a step run again), so a full stream drops its oldest, and none outlives
+        // the longest time a step may reuse one.
+        let cache = StreamConfig {
+            name: self.ns.cache_stream(),
+            description: Some("Taskmesh kept step outcomes (cache:)".into()),
+            subjects: vec![self.ns.cache_all()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.settings.replicas,
+            max_messages_per_subject: 1,
+            max_age: Duration::from_secs(taskmesh_events::workflow::CacheDef::MAX_TTL_SECS),
+            max_bytes: self.settings.cache_max_bytes,
+            discard: DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        };
         let streams = [
             events,
             ended,
@@ -313,6 +342,7 @@ impl Bus {
             groups,
             executors,
             pools,
+            cache,
             queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
             deliveries,
             queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
@@ -341,6 +371,7 @@ impl Bus {
             self.ns.leases_stream(),
             self.ns.executors_stream(),
             self.ns.pools_stream(),
+            self.ns.cache_stream(),
         ] {
             let _ = self.js.delete_stream(&name).await;
         }
@@ -634,17 +665,16 @@ impl Bus {
         let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
         let mut out = Vec::with_capacity(subjects.len());
         for subject in subjects.keys() {
-            match stream.get_last_raw_message_by_subject(subject).await {
-                Ok(msg) => {
-                    if let Ok(v) = serde_json::from_slice(&msg.payload) {
-                        out.push(v);
-                    }
-                }
-                Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
-                Err(e) => return Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
-            }
+            out.extend(latest_on(&stream, subject).await?);
         }
         Ok(out)
+    }
+
+    /// The latest message on `subject` of `stream`, decoded: `None` when it has none, or it
+    /// does not decode.
+    pub async fn latest<T: serde::de::DeserializeOwned>(&self, stream: &str, subject: &str) -> Result<Option<T>> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        latest_on(&stream, subject).await
     }
 
     /// Publishes `body` on a stream subject and waits for the stream's acknowledgement.

@@ -79,6 +79,8 @@ pub struct NatsSettings {
     pub logs_max_age_days: u64,
     /// Cap on the log stream's size; the oldest lines go first.
     pub logs_max_bytes: i64,
+    /// Cap on the kept step outcomes' size (`cache:`); the oldest go first.
+    pub cache_max_bytes: i64,
     /// The window in which JetStream deduplicates `Nats-Msg-Id`.
     pub duplicate_window_secs: u64,
     /// How long a request to another service waits for its reply.
@@ -99,6 +101,7 @@ impl Default for NatsSettings {
             events_max_bytes: -1,
             logs_max_age_days: 7,
             logs_max_bytes: 1 << 30,
+            cache_max_bytes: 1 << 30,
             duplicate_window_secs: 120,
             request_timeout_ms: 5_000,
             deliveries_per_tenant: 100_000,

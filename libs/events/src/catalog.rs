@@ -814,6 +814,18 @@ pub struct StepOutcome {
     pub retry_after_ms: Option<u64>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// The step did not run: this is the kept outcome of an earlier success (`cache:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_from: Option<CachedFrom>,
+}
+
+/// Where a cached outcome came from: the step that ran, and when it finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CachedFrom {
+    pub run_id: Uuid,
+    pub step: String,
+    pub attempt: u32,
+    pub finished_at: DateTime<Utc>,
 }
 
 /// A step attempt finished successfully.

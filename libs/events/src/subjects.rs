@@ -111,6 +111,21 @@ impl Namespace {
     pub fn log(&self, key: &RunKey, step: &str) -> String {
         format!("{}.log.{}.{}.{step}", self.0, key.tenant, key.run_id)
     }
+    /// Kept step outcomes (`cache:`): a subject per tenant and cache key, holding its last.
+    pub fn cache_stream(&self) -> String {
+        self.stream("CACHE")
+    }
+    pub fn cache_all(&self) -> String {
+        format!("{}.cache.>", self.0)
+    }
+    /// The kept outcome of one cache key (a hex digest) of one tenant.
+    pub fn cache(&self, tenant: &str, key: &str) -> String {
+        format!("{}.cache.{tenant}.{key}", self.0)
+    }
+    /// Every kept outcome of one tenant.
+    pub fn cache_tenant(&self, tenant: &str) -> String {
+        format!("{}.cache.{tenant}.*", self.0)
+    }
     pub fn timers_stream(&self) -> String {
         self.stream("TIMERS")
     }

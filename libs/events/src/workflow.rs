@@ -113,6 +113,31 @@ pub enum GroupPolicy {
     Skip,
 }
 
+/// `cache:` on a step: its outcome, when it succeeds, is kept for the tenant, and a later step
+/// whose rendered definition and `key` are the same succeeds at once with that outcome (its
+/// outputs, exit code and output), without running, for `ttl_seconds` after it was kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheDef {
+    /// More to tell outcomes apart by, beyond the step's definition: a template such as
+    /// `${{ inputs.day }}` (at most 1,024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How long a kept outcome is reused, in seconds: 1 to 2,592,000 (30 days); default 86,400.
+    #[serde(default = "CacheDef::default_ttl")]
+    pub ttl_seconds: u64,
+}
+
+impl CacheDef {
+    /// Longest a kept outcome is reused (and kept): 30 days.
+    pub const MAX_TTL_SECS: u64 = 30 * 86_400;
+    /// Longest `key`, in bytes, before and after rendering.
+    pub const MAX_KEY: usize = 1024;
+    fn default_ttl() -> u64 {
+        86_400
+    }
+}
+
 /// `rate_limit:` on a step: a named token bucket of the tenant's. Steps sharing a key share
 /// the bucket; a step finding it empty waits (it is never failed for it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -348,6 +373,9 @@ pub struct StepDef {
     /// Hold the step until the named rate-limit bucket has a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitDef>,
+    /// Reuse the outcome of an earlier success of the same step (see [`CacheDef`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheDef>,
     /// Set on each instance by the matrix expansion: its combination of values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matrix_values: Option<BTreeMap<String, serde_json::Value>>,
@@ -630,6 +658,9 @@ impl StepDef {
                 out.push((format!("container.command[{n}]"), a));
             }
         }
+        if let Some(key) = self.cache.as_ref().and_then(|c| c.key.as_ref()) {
+            out.push(("cache.key".into(), key));
+        }
         out
     }
 
@@ -655,6 +686,7 @@ impl StepDef {
             out.push(&mut c.image);
             out.extend(c.command.iter_mut());
         }
+        out.extend(self.cache.as_mut().and_then(|c| c.key.as_mut()));
         out
     }
 
@@ -903,6 +935,14 @@ impl WorkflowDef {
                 }
                 if r.burst.is_some_and(|b| !(1..=10_000).contains(&b)) {
                     err(format!("steps[{i}].rate_limit.burst"), "must be 1 to 10000".into());
+                }
+            }
+            if let Some(c) = &step.cache {
+                if c.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > CacheDef::MAX_KEY) {
+                    err(format!("steps[{i}].cache.key"), format!("1 to {} bytes", CacheDef::MAX_KEY));
+                }
+                if !(1..=CacheDef::MAX_TTL_SECS).contains(&c.ttl_seconds) {
+                    err(format!("steps[{i}].cache.ttl_seconds"), format!("must be 1 to {}", CacheDef::MAX_TTL_SECS));
                 }
             }
             if let Some(cond) = &step.condition

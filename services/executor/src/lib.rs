@@ -16,11 +16,13 @@
 //! # Layout
 //! - [`step`]: running one step (shell, container or in-process kinds), isolation, output
 //!   capture, timeouts.
+//! - [`cache`]: `cache:` steps' kept outcomes.
 //! - [`checkout`]: fetching a run's pushed commit into a `checkout` step's working directory.
 //! - [`remote`]: the `http` and `llm` step kinds.
 //! - [`labels`]: detected and configured labels, GPUs, the container CLI.
 //! - this file: [`Executor`]: slots, the pull loop, leases, heartbeats, reports, draining.
 
+pub mod cache;
 pub mod checkout;
 pub mod labels;
 pub mod remote;
@@ -541,70 +543,19 @@ impl Executor {
                 return;
             }
         };
-        let opened = match self.open_secrets(&dispatch).await {
-            Ok(secrets) => self.open_checkout(&dispatch).await.map(|checkout| (secrets, checkout)),
-            Err(e) => Err(e),
+        // A `cache:` step that would do what an earlier success did takes its outcome instead.
+        let cache_key = cache::key(&dispatch);
+        let cached = match (&cache_key, &dispatch.step.cache) {
+            (Some(key), Some(def)) => cache::lookup(&self.bus, &dispatch.tenant, key, def).await,
+            _ => None,
         };
-        let (secrets, checkout) = match opened {
-            Ok(opened) => opened,
-            Err(error) => {
-                // The step cannot run without them: report it failed, having run nothing.
-                let now = chrono::Utc::now();
-                let outcome = taskmesh_events::StepOutcome {
-                    error: Some(error),
-                    started_at: now,
-                    finished_at: now,
-                    ..Default::default()
-                };
-                let report = ResultReport {
-                    tenant: dispatch.tenant.clone(),
-                    run_id: dispatch.run_id,
-                    step: dispatch.step.id.clone(),
-                    lease,
-                    succeeded: false,
-                    outcome,
-                };
-                if let Ok(ReportAck::Recorded) =
-                    self.bus.request::<_, ReportAck>(ns.scheduler_command("report"), &report).await
-                {
-                    drop(heartbeat);
-                    let _ = acker.double_ack().await;
-                    self.slot_freed().await;
-                }
-                return;
+        let outcome = match cached {
+            Some(outcome) => {
+                self.log_cached(&dispatch, attempt, &outcome).await;
+                Some((true, outcome))
             }
+            None => self.run_here(&dispatch, attempt, &hand_back).await,
         };
-        let (logs, publisher) = self.log_publisher(&dispatch, attempt);
-        let ctx = step::StepContext {
-            run_id: dispatch.run_id,
-            attempt,
-            output_limit: self.settings.output_limit_bytes,
-            work_dir: self.settings.work_dir.clone(),
-            logs: Some(logs),
-            secrets,
-            checkout,
-            runtime: self.runtime.clone(),
-        };
-        let kill = CancellationToken::new();
-        self.running
-            .lock()
-            .expect("not poisoned")
-            .entry(dispatch.run_id)
-            .or_default()
-            .insert(dispatch.step.id.clone(), kill.clone());
-        let outcome = step::run(&dispatch.step, &ctx, hand_back.clone(), kill.clone()).await;
-        // Every line is out before the result: a follower sees the whole log, then the end.
-        drop(ctx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
-        {
-            let mut running = self.running.lock().expect("not poisoned");
-            if let Some(tokens) = running.get_mut(&dispatch.run_id) {
-                tokens.remove(&dispatch.step.id);
-                if tokens.is_empty() {
-                    running.remove(&dispatch.run_id);
-                }
-            }
-        }
         let Some((succeeded, outcome)) = outcome else {
             drop(heartbeat);
             tracing::info!("step handed back");
@@ -644,6 +595,83 @@ impl Executor {
             tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
         }
         self.slot_freed().await;
+        if let Some(key) = cache_key.filter(|_| report.succeeded && report.outcome.cached_from.is_none()) {
+            cache::keep(&self.bus, &dispatch, &key, attempt, &report.outcome).await;
+        }
+    }
+
+    /// Runs the step here, once its secrets and checkout are open: its success and outcome,
+    /// or `None` when it was handed back. A step whose secrets or checkout cannot be opened
+    /// fails, having run nothing.
+    async fn run_here(
+        &self,
+        dispatch: &Dispatch,
+        attempt: u32,
+        hand_back: &CancellationToken,
+    ) -> Option<(bool, taskmesh_events::StepOutcome)> {
+        let opened = match self.open_secrets(dispatch).await {
+            Ok(secrets) => self.open_checkout(dispatch).await.map(|checkout| (secrets, checkout)),
+            Err(e) => Err(e),
+        };
+        let (secrets, checkout) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                let now = chrono::Utc::now();
+                let outcome = taskmesh_events::StepOutcome {
+                    error: Some(error),
+                    started_at: now,
+                    finished_at: now,
+                    ..Default::default()
+                };
+                return Some((false, outcome));
+            }
+        };
+        let (logs, publisher) = self.log_publisher(dispatch, attempt);
+        let ctx = step::StepContext {
+            run_id: dispatch.run_id,
+            attempt,
+            output_limit: self.settings.output_limit_bytes,
+            work_dir: self.settings.work_dir.clone(),
+            logs: Some(logs),
+            secrets,
+            checkout,
+            runtime: self.runtime.clone(),
+        };
+        let kill = CancellationToken::new();
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .entry(dispatch.run_id)
+            .or_default()
+            .insert(dispatch.step.id.clone(), kill.clone());
+        let outcome = step::run(&dispatch.step, &ctx, hand_back.clone(), kill.clone()).await;
+        // Every line is out before the result: a follower sees the whole log, then the end.
+        drop(ctx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+        let mut running = self.running.lock().expect("not poisoned");
+        if let Some(tokens) = running.get_mut(&dispatch.run_id) {
+            tokens.remove(&dispatch.step.id);
+            if tokens.is_empty() {
+                running.remove(&dispatch.run_id);
+            }
+        }
+        outcome
+    }
+
+    /// Says in the step's log where its cached outcome came from.
+    async fn log_cached(&self, dispatch: &Dispatch, attempt: u32, outcome: &taskmesh_events::StepOutcome) {
+        let Some(from) = &outcome.cached_from else { return };
+        let (logs, publisher) = self.log_publisher(dispatch, attempt);
+        let line = format!(
+            "cached: the outcome of run {}'s step {} (attempt {}, finished {}); the step did not run",
+            from.run_id,
+            from.step,
+            from.attempt,
+            from.finished_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+        let _ = logs.send((LogStream::System, line)).await;
+        drop(logs);
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
     }
 
     /// Tells the dispatcher a message left the dispatch queue, so held work can go out at once

@@ -184,6 +184,7 @@ pub async fn run(
                 retry_after_ms: done.retry_after_ms,
                 started_at,
                 finished_at: Utc::now(),
+                cached_from: None,
             },
         )
     };

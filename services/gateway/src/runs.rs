@@ -357,7 +357,8 @@ pub struct StepView {
     pub output: Option<String>,
     pub output_truncated: bool,
     pub error: Option<String>,
-    /// Why a step was skipped or cancelled.
+    /// Why a step was skipped or cancelled, or where its outcome came from: `reused from run …`
+    /// (a rerun), `cached from run … (step …)` (`cache:`; the step did not run).
     pub reason: Option<String>,
     /// `key=value` outputs the step wrote to `$TASKMESH_OUTPUT`; `${{ steps.<id>.outputs.<key> }}`.
     #[schema(value_type = Object)]

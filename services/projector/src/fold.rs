@@ -704,8 +704,8 @@ impl RunRows {
     }
 
     /// steps: status, exit_code, output, output_truncated, error, wait_reason = NULL,
-    /// started_at = COALESCE(started_at, outcome's), finished_at, outputs, retry_at = NULL;
-    /// and the attempt ends.
+    /// started_at = COALESCE(started_at, outcome's), finished_at, outputs, retry_at = NULL,
+    /// reason = where a cached outcome came from; and the attempt ends.
     fn finish_step(&mut self, tenant: &str, run: Uuid, step: &str, attempt: u32, status: Status, o: &StepOutcome) {
         if let Some(s) = self.step(tenant, run, step) {
             s.status = status.as_str().into();
@@ -718,6 +718,9 @@ impl RunRows {
             s.finished_at = Some(o.finished_at);
             s.outputs = serde_json::to_value(&o.outputs).unwrap_or_default();
             s.retry_at = None;
+            if let Some(from) = &o.cached_from {
+                s.reason = Some(format!("cached from run {} (step {})", from.run_id, from.step));
+            }
         }
         self.finish_attempt(tenant, run, step, attempt, status, o);
     }

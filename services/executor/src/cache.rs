@@ -1,0 +1,146 @@
+//! `cache:` steps: the outcome of a success is kept, and a later step of the tenant's that would
+//! do the same thing succeeds at once with it, without running.
+//!
+//! "The same thing" is a SHA-256 over what decides a step's outcome: its definition as
+//! dispatched (templates rendered, so inputs and upstream outputs it uses count), without what
+//! only names, orders or schedules it (`id`, `name`, `needs`, `if`, `continue_on_error`,
+//! `retry`, `priority`, `rate_limit`, `timeout_seconds`); its `cache.key`, rendered; and, for a
+//! `checkout` step, the repository's URL and the commit. Secrets count by name, not value.
+//!
+//! Each tenant's outcomes live on the `{NS}_CACHE` stream, one subject per key
+//! (`{ns}.cache.<tenant>.<sha256>`) holding the latest success. The stream keeps none longer
+//! than [`CacheDef::MAX_TTL_SECS`] and, past `nats.cache_max_bytes`, drops the oldest. A step
+//! reuses one only if it finished within the step's own `ttl_seconds`.
+//!
+//! The cache is not the source of truth: the run's log holds the outcome a step got (with
+//! `cached_from` naming where it came from), so replaying the log needs no cache. An outcome
+//! lost (the executor killed between reporting and keeping it, the stream full) is a step run
+//! again; steps with the same key running at the same time both run.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use taskmesh_bus::Bus;
+use taskmesh_events::command::Dispatch;
+use taskmesh_events::workflow::CacheDef;
+use taskmesh_events::{CachedFrom, StepOutcome};
+use uuid::Uuid;
+
+/// What is kept for a key: the outcome, and the step that got it.
+#[derive(Serialize, Deserialize)]
+struct Kept {
+    run_id: Uuid,
+    step: String,
+    attempt: u32,
+    outcome: StepOutcome,
+}
+
+/// The key of a `cache:` step's outcome (a hex SHA-256), `None` for a step without `cache`.
+pub fn key(dispatch: &Dispatch) -> Option<String> {
+    let cache = dispatch.step.cache.as_ref()?;
+    let mut def = dispatch.step.clone();
+    def.id.clear();
+    def.name = None;
+    def.needs.clear();
+    def.condition = None;
+    def.continue_on_error = false;
+    def.retry = None;
+    def.priority = None;
+    def.rate_limit = None;
+    def.timeout_seconds = None;
+    def.cache = None;
+    let checkout = dispatch.checkout.as_ref().filter(|_| dispatch.step.checkout.enabled).map(|c| (&c.url, &c.commit));
+    let material = serde_json::json!({ "v": 1, "step": def, "key": cache.key, "checkout": checkout });
+    let bytes = serde_json::to_vec(&material).ok()?;
+    Some(hex::encode(hmac_sha256::Hash::hash(&bytes)))
+}
+
+/// The outcome kept for `key`, if one finished within `cache.ttl_seconds`: as this step's
+/// outcome, started and finished now, saying where it came from. A failure to read the cache
+/// is logged and counts as a miss (the step runs).
+pub async fn lookup(bus: &Bus, tenant: &str, key: &str, cache: &CacheDef) -> Option<StepOutcome> {
+    let ns = bus.namespace();
+    let kept = match bus.latest::<Kept>(&ns.cache_stream(), &ns.cache(tenant, key)).await {
+        Ok(kept) => kept?,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the step cache; the step runs");
+            return None;
+        }
+    };
+    let now = Utc::now();
+    let ttl = chrono::Duration::seconds(cache.ttl_seconds.min(CacheDef::MAX_TTL_SECS) as i64);
+    if kept.outcome.finished_at + ttl <= now {
+        return None;
+    }
+    let from = CachedFrom {
+        run_id: kept.run_id,
+        step: kept.step,
+        attempt: kept.attempt,
+        finished_at: kept.outcome.finished_at,
+    };
+    Some(StepOutcome { started_at: now, finished_at: now, cached_from: Some(from), ..kept.outcome })
+}
+
+/// Keeps a success's outcome under `key` (best effort: a failure is logged, and the next such
+/// step runs).
+pub async fn keep(bus: &Bus, dispatch: &Dispatch, key: &str, attempt: u32, outcome: &StepOutcome) {
+    let kept = Kept { run_id: dispatch.run_id, step: dispatch.step.id.clone(), attempt, outcome: outcome.clone() };
+    if let Err(e) = bus.put(bus.namespace().cache(&dispatch.tenant, key), &kept).await {
+        tracing::warn!(error = %e, "could not keep the step's outcome in the cache");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskmesh_events::workflow::WorkflowDef;
+
+    fn dispatch(step_yaml: &str) -> Dispatch {
+        let workflow = WorkflowDef::parse_yaml(&format!("name: w\nsteps:\n  - {step_yaml}\n")).unwrap();
+        Dispatch {
+            tenant: "t".into(),
+            run_id: Uuid::now_v7(),
+            dispatch: 1,
+            step: workflow.steps[0].clone(),
+            not_before: None,
+            traceparent: None,
+            checkout: None,
+        }
+    }
+
+    #[test]
+    fn a_key_follows_what_a_step_does_not_what_names_or_orders_it() {
+        let base = key(&dispatch("{id: a, run: 'echo hi', cache: {}}")).unwrap();
+        assert_eq!(base.len(), 64);
+        assert_eq!(key(&dispatch("{id: a, run: 'echo hi'}")), None, "no cache, no key");
+        for same in [
+            "{id: b, name: B, run: 'echo hi', cache: {ttl_seconds: 5}}",
+            "{id: a, run: 'echo hi', cache: {}, retry: {max_attempts: 3}, priority: 5, timeout_seconds: 9}",
+            "{id: a, run: 'echo hi', cache: {}, continue_on_error: true, rate_limit: {key: k, per_second: 1}}",
+        ] {
+            assert_eq!(key(&dispatch(same)).unwrap(), base, "{same}");
+        }
+        for other in [
+            "{id: a, run: 'echo ho', cache: {}}",
+            "{id: a, run: 'echo hi', cache: {key: x}}",
+            "{id: a, run: 'echo hi', cache: {}, env: {A: b}}",
+            "{id: a, run: 'echo hi', cache: {}, secrets: [TOKEN]}",
+            "{id: a, run: 'echo hi', cache: {}, runs_on: {gpu: nvidia}}",
+        ] {
+            assert_ne!(key(&dispatch(other)).unwrap(), base, "{other}");
+        }
+        // A checkout step's outcome follows the commit.
+        let with_commit = |commit: &str| {
+            let mut d = dispatch("{id: a, run: 'make', checkout: true, cache: {}}");
+            d.checkout = Some(taskmesh_events::Checkout {
+                forge: taskmesh_events::Forge::Github,
+                connection_id: Uuid::now_v7(),
+                repository: "o/r".into(),
+                url: "https://github.com/o/r.git".into(),
+                commit: commit.into(),
+            });
+            key(&d).unwrap()
+        };
+        assert_eq!(with_commit(&"a".repeat(40)), with_commit(&"a".repeat(40)), "whatever the connection");
+        assert_ne!(with_commit(&"a".repeat(40)), with_commit(&"b".repeat(40)));
+    }
+}

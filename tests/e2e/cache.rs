@@ -1,0 +1,160 @@
+//! `cache:` steps: an earlier success's outcome reused, within its time, by the same tenant's
+//! same step; failures, other keys and other tenants run.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use taskmesh_events::Event;
+
+use crate::helpers::*;
+
+const PLATFORM_KEY: &str = "platform-admin-key-for-cache-tests";
+
+/// A run whose `gen` step (cached, `ttl` seconds, `key`) makes a new value each time it runs,
+/// and whose `use` step (not cached) prints it.
+fn workflow(ttl: u64, key: &str) -> String {
+    format!(
+        "name: cached\nsteps:\n  - id: gen\n    run: 'echo made; echo n=$(date +%s%N)-$$ >> $TASKMESH_OUTPUT'\n    cache: {{key: '{key}', ttl_seconds: {ttl}}}\n  - {{id: use, needs: [gen], run: 'echo got ${{{{ steps.gen.outputs.n }}}}'}}\n"
+    )
+}
+
+/// Runs `yaml` to its end as the key's tenant; returns the run's id and view.
+async fn run(tm: &TestMesh, key: &str, yaml: &str) -> (uuid::Uuid, Value) {
+    let res = tm
+        .http
+        .post(format!("{}/v1/runs", tm.api))
+        .bearer_auth(key)
+        .header("content-type", "application/yaml")
+        .body(yaml.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let id: uuid::Uuid = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let view = taskmesh_testkit::eventually("the run to end", Duration::from_secs(30), || async {
+        let view: Value = tm.http.get(format!("{}/v1/runs/{id}", tm.api)).bearer_auth(key).send().await?.json().await?;
+        Ok(["succeeded", "failed"].contains(&view["status"].as_str().unwrap_or("")).then_some(view))
+    })
+    .await
+    .unwrap();
+    (id, view)
+}
+
+fn n(view: &Value) -> String {
+    step(view, "gen")["outputs"]["n"].as_str().unwrap().to_string()
+}
+
+/// The `cached_from` of the step's success in the run's log.
+async fn cached_from(tm: &TestMesh, id: uuid::Uuid, step: &str) -> Option<taskmesh_events::CachedFrom> {
+    tm.run_events(id).await.into_iter().find_map(|e| match e.event {
+        Event::StepSucceeded(s) if s.step == step => Some(s.outcome.cached_from),
+        _ => None,
+    })?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_runs_out() {
+    let tm = spawn_with(&Svc::ALL, |s| s.gateway.admin_key = Some(secrecy::SecretString::from(PLATFORM_KEY))).await;
+    let yaml = workflow(600, "a");
+
+    // The first run runs it; the second takes its outcome, and the step downstream gets it.
+    let (first, one) = run(&tm, &tm.key, &yaml).await;
+    assert_eq!(one["status"], "succeeded", "{one:#}");
+    assert_eq!(step(&one, "gen")["reason"], Value::Null);
+    assert_eq!(cached_from(&tm, first, "gen").await, None);
+    let made = n(&one);
+    let (second, two) = run(&tm, &tm.key, &yaml).await;
+    assert_eq!(two["status"], "succeeded", "{two:#}");
+    let gen_step = step(&two, "gen");
+    assert_eq!(n(&two), made, "the outcome is the first run's");
+    assert_eq!(gen_step["output"], "made\n");
+    assert_eq!(gen_step["reason"], format!("cached from run {first} (step gen)"));
+    assert_eq!(step(&two, "use")["output"], format!("got {made}\n"), "its outputs flow downstream");
+    assert_eq!(step(&two, "use")["reason"], Value::Null, "a step without cache runs");
+    let from = cached_from(&tm, second, "gen").await.expect("the log says where the outcome came from");
+    assert_eq!((from.run_id, from.step.as_str(), from.attempt), (first, "gen", 1));
+    let logs: Value = tm.get_json(format!("{}/v1/runs/{second}/steps/gen/logs", tm.api)).await;
+    let lines = logs["lines"].as_array().unwrap();
+    assert!(
+        lines.iter().any(|l| l["stream"] == "system" && l["line"].as_str().unwrap().contains(&first.to_string())),
+        "the step's log says it was cached: {logs:#}"
+    );
+
+    // What names or orders a step is not what it does: another id, name and retry policy reuse it.
+    let renamed = yaml.replace("- id: gen\n", "- id: gen\n    name: Generate\n    retry: {max_attempts: 2}\n");
+    let (_, three) = run(&tm, &tm.key, &renamed).await;
+    assert_eq!(n(&three), made, "{three:#}");
+    // Another key, or another script, is another outcome.
+    let (_, other_key) = run(&tm, &tm.key, &workflow(600, "b")).await;
+    assert_ne!(n(&other_key), made);
+    assert_eq!(step(&other_key, "gen")["reason"], Value::Null);
+    let (_, other_script) = run(&tm, &tm.key, &yaml.replace("echo made", "echo made again")).await;
+    assert_ne!(n(&other_script), made);
+
+    // Another tenant's same step runs: outcomes are the tenant's own.
+    let (status, beta) = {
+        let res = tm
+            .http
+            .request(Method::POST, format!("{}/v1/tenants", tm.api))
+            .bearer_auth(PLATFORM_KEY)
+            .json(&json!({"id": "beta", "name": "Beta"}))
+            .send()
+            .await
+            .unwrap();
+        (res.status(), res.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 201, "{beta}");
+    tm.wait_projected().await;
+    let beta_key = beta["admin_key"].as_str().unwrap().to_string();
+    let (_, theirs) = run(&tm, &beta_key, &yaml).await;
+    assert_eq!(theirs["status"], "succeeded", "{theirs:#}");
+    assert_ne!(n(&theirs), made, "tenant beta's step ran");
+    assert_eq!(step(&theirs, "gen")["reason"], Value::Null);
+
+    // A failure is not kept: the same failing step runs each time.
+    let failing = "name: failing\nsteps:\n  - {id: gen, run: 'echo no; exit 3', cache: {}}\n";
+    for _ in 0..2 {
+        let (id, failed) = run(&tm, &tm.key, failing).await;
+        assert_eq!(failed["status"], "failed", "{failed:#}");
+        assert_eq!(step(&failed, "gen")["exit_code"], 3);
+        assert!(tm.run_events(id).await.iter().any(|e| matches!(&e.event, Event::StepFailed(_))));
+    }
+
+    // An outcome older than the step's time to live is not reused; the new one is kept.
+    let short = workflow(1, "a");
+    let (_, fresh) = run(&tm, &tm.key, &short).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, later) = run(&tm, &tm.key, &short).await;
+    assert_ne!(n(&later), n(&fresh), "a kept outcome past its ttl is run again");
+    assert_ne!(n(&later), made);
+    let (_, reused) = run(&tm, &tm.key, &yaml).await;
+    assert_eq!(n(&reused), n(&later), "the latest success is the one kept");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_with_a_bad_key_or_time_to_live_is_refused() {
+    let tm = spawn_mesh().await;
+    let long = "k".repeat(1025);
+    for (cache, field) in [
+        ("{ttl_seconds: 0}".to_string(), "steps[0].cache.ttl_seconds"),
+        ("{ttl_seconds: 2592001}".to_string(), "steps[0].cache.ttl_seconds"),
+        (format!("{{key: {long}}}"), "steps[0].cache.key"),
+        ("{key: ''}".to_string(), "steps[0].cache.key"),
+        ("{key: '${{ inputs. }}'}".to_string(), "steps[0].cache.key"),
+    ] {
+        let yaml = format!("name: bad\nsteps:\n  - {{id: a, uses: noop, cache: {cache}}}\n");
+        let res = tm
+            .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
+            .header("content-type", "application/yaml")
+            .body(yaml)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 422, "{cache}");
+        let problem: Value = res.json().await.unwrap();
+        assert!(problem["errors"].as_array().unwrap().iter().any(|e| e["field"] == field), "{field} in {problem:#}");
+    }
+    tm.finish().await;
+}
