@@ -47,10 +47,12 @@ fn n(view: &Value) -> String {
 
 /// The `cached_from` of the step's success in the run's log.
 async fn cached_from(tm: &TestMesh, id: uuid::Uuid, step: &str) -> Option<taskmesh_events::CachedFrom> {
-    tm.run_events(id).await.into_iter().find_map(|e| match e.event {
+    let events = tm.run_events(id).await;
+    let succeeded = events.into_iter().find_map(|e| match e.event {
         Event::StepSucceeded(s) if s.step == step => Some(s.outcome.cached_from),
         _ => None,
-    })?
+    });
+    succeeded.expect("the step's StepSucceeded")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -82,9 +84,15 @@ async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_ru
     );
 
     // What names or orders a step is not what it does: another id, name and retry policy reuse it.
-    let renamed = yaml.replace("- id: gen\n", "- id: gen\n    name: Generate\n    retry: {max_attempts: 2}\n");
-    let (_, three) = run(&tm, &tm.key, &renamed).await;
-    assert_eq!(n(&three), made, "{three:#}");
+    let renamed = yaml
+        .replace("- id: gen\n", "- id: make\n    name: Generate\n    retry: {max_attempts: 2}\n")
+        .replace("needs: [gen]", "needs: [make]")
+        .replace("steps.gen.", "steps.make.");
+    let (third, three) = run(&tm, &tm.key, &renamed).await;
+    assert_eq!(step(&three, "make")["outputs"]["n"], made.as_str(), "{three:#}");
+    assert_eq!(step(&three, "use")["output"], format!("got {made}\n"));
+    let from = cached_from(&tm, third, "make").await.expect("cached");
+    assert_eq!((from.run_id, from.step.as_str()), (first, "gen"), "a reused outcome is not kept again");
     // Another key, or another script, is another outcome.
     let (_, other_key) = run(&tm, &tm.key, &workflow(600, "b")).await;
     assert_ne!(n(&other_key), made);
@@ -112,6 +120,23 @@ async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_ru
     assert_ne!(n(&theirs), made, "tenant beta's step ran");
     assert_eq!(step(&theirs, "gen")["reason"], Value::Null);
 
+    // A step's secrets are opened before the cache is looked at: once one is deleted, the step
+    // fails as it would have, though its outcome is kept.
+    let put = tm.send_json(Method::PUT, "/v1/secrets/CACHE_TOKEN", &json!({"value": "s3cret"})).await;
+    assert_eq!(put.status(), 204);
+    tm.wait_projected().await;
+    let with_secret = "name: secret\nsteps:\n  - {id: gen, run: 'echo n=$$ >> $TASKMESH_OUTPUT', secrets: [CACHE_TOKEN], cache: {}}\n";
+    let (_, ran) = run(&tm, &tm.key, with_secret).await;
+    assert_eq!(ran["status"], "succeeded", "{ran:#}");
+    let (_, hit) = run(&tm, &tm.key, with_secret).await;
+    assert_eq!(n(&hit), n(&ran));
+    let deleted = tm.send_json(Method::DELETE, "/v1/secrets/CACHE_TOKEN", &json!({})).await;
+    assert_eq!(deleted.status(), 204);
+    tm.wait_projected().await;
+    let (_, refused) = run(&tm, &tm.key, with_secret).await;
+    assert_eq!(refused["status"], "failed", "{refused:#}");
+    assert!(step(&refused, "gen")["error"].as_str().unwrap().contains("CACHE_TOKEN"), "{refused:#}");
+
     // A failure is not kept: the same failing step runs each time.
     let failing = "name: failing\nsteps:\n  - {id: gen, run: 'echo no; exit 3', cache: {}}\n";
     for _ in 0..2 {
@@ -130,6 +155,20 @@ async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_ru
     assert_ne!(n(&later), made);
     let (_, reused) = run(&tm, &tm.key, &yaml).await;
     assert_eq!(n(&reused), n(&later), "the latest success is the one kept");
+    // Reusing an outcome does not make it younger: past its first run's ttl, it runs again,
+    // though a reuse halfway through would have kept it for as long again.
+    let (_, kept) = run(&tm, &tm.key, &workflow(4, "c")).await;
+    let finished = ts(step(&kept, "gen"), "finished_at");
+    let until = |secs: f64| async move {
+        let wait = finished + chrono::Duration::milliseconds((secs * 1000.0) as i64) - chrono::Utc::now();
+        tokio::time::sleep(wait.to_std().unwrap_or_default()).await;
+    };
+    until(2.0).await;
+    let (_, hit) = run(&tm, &tm.key, &workflow(4, "c")).await;
+    assert_eq!(n(&hit), n(&kept), "within its ttl");
+    until(4.3).await;
+    let (_, expired) = run(&tm, &tm.key, &workflow(4, "c")).await;
+    assert_ne!(n(&expired), n(&kept), "four seconds after the first run, whatever reused it since");
     tm.finish().await;
 }
 

@@ -318,8 +318,9 @@ impl Bus {
             )
         };
         // Kept step outcomes (`cache:`), the last one per key: not the source of truth (a
-        // lost one is a step run again), so a full stream drops its oldest, and none outlives
-        // the longest time a step may reuse one.
+        // lost one is a step run again), so a full stream (bytes, or a million keys, all
+        // tenants' together) drops its oldest, and none outlives the longest time a step may
+        // reuse one.
         let cache = StreamConfig {
             name: self.ns.cache_stream(),
             description: Some("Taskmesh kept step outcomes (cache:)".into()),
@@ -328,6 +329,7 @@ impl Bus {
             storage: StorageType::File,
             num_replicas: self.settings.replicas,
             max_messages_per_subject: 1,
+            max_messages: 1_000_000,
             max_age: Duration::from_secs(taskmesh_events::workflow::CacheDef::MAX_TTL_SECS),
             max_bytes: self.settings.cache_max_bytes,
             discard: DiscardPolicy::Old,

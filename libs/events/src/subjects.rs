@@ -8,6 +8,7 @@
 //! | `{NS}_DELIVERIES` | `{ns}.delivery.{tenant}` | work queue | outbound webhook deliveries |
 //! | `{NS}_TIMERS` | `{ns}.timer.{tenant}` | work queue | things the scheduler must do later |
 //! | `{NS}_LOGS` | `{ns}.log.{tenant}.{run}.{step}` | limits (age, bytes) | steps' output lines |
+//! | `{NS}_CACHE` | `{ns}.cache.{tenant}.{key}` | limits (one per subject, age, bytes) | `cache:` steps' kept outcomes |
 //!
 //! Commands travel on core NATS request/reply: `{ns}.cmd.ingest.{command}` (queue group
 //! `ingest`) and `{ns}.cmd.scheduler.{lease|report}` (queue group `scheduler`).
@@ -121,10 +122,6 @@ impl Namespace {
     /// The kept outcome of one cache key (a hex digest) of one tenant.
     pub fn cache(&self, tenant: &str, key: &str) -> String {
         format!("{}.cache.{tenant}.{key}", self.0)
-    }
-    /// Every kept outcome of one tenant.
-    pub fn cache_tenant(&self, tenant: &str) -> String {
-        format!("{}.cache.{tenant}.*", self.0)
     }
     pub fn timers_stream(&self) -> String {
         self.stream("TIMERS")

@@ -131,7 +131,7 @@ pub struct CacheDef {
 impl CacheDef {
     /// Longest a kept outcome is reused (and kept): 30 days.
     pub const MAX_TTL_SECS: u64 = 30 * 86_400;
-    /// Longest `key`, in bytes, before and after rendering.
+    /// Longest `key`, in bytes, as written (rendered, it is hashed whatever its length).
     pub const MAX_KEY: usize = 1024;
     fn default_ttl() -> u64 {
         86_400

@@ -5,7 +5,9 @@
 //! dispatched (templates rendered, so inputs and upstream outputs it uses count), without what
 //! only names, orders or schedules it (`id`, `name`, `needs`, `if`, `continue_on_error`,
 //! `retry`, `priority`, `rate_limit`, `timeout_seconds`); its `cache.key`, rendered; and, for a
-//! `checkout` step, the repository's URL and the commit. Secrets count by name, not value.
+//! `checkout` step, the repository connection, the URL and the commit. Secrets count by name,
+//! not value; the step's secrets and checkout are opened before the cache is looked at, so a
+//! step whose secret was deleted fails as it would have.
 //!
 //! Each tenant's outcomes live on the `{NS}_CACHE` stream, one subject per key
 //! (`{ns}.cache.<tenant>.<sha256>`) holding the latest success. The stream keeps none longer
@@ -34,10 +36,21 @@ struct Kept {
     outcome: StepOutcome,
 }
 
-/// The key of a `cache:` step's outcome (a hex SHA-256), `None` for a step without `cache`.
+/// The key of a `cache:` step's outcome (a hex SHA-256), `None` for a step without `cache`,
+/// or one whose templates are not all rendered (they failed to render: the step fails).
 pub fn key(dispatch: &Dispatch) -> Option<String> {
     let cache = dispatch.step.cache.as_ref()?;
+    let unrendered = dispatch.step.templates().iter().any(|(_, t)| {
+        // Secret references stay until the step runs (see `remote`); nothing else does.
+        t.contains("${{") && t.split("${{").skip(1).any(|rest| !rest.trim_start().starts_with("secrets."))
+    });
+    if unrendered {
+        return None;
+    }
     let mut def = dispatch.step.clone();
+    // Only their names count, whatever their order.
+    def.secrets.sort();
+    def.secrets.dedup();
     def.id.clear();
     def.name = None;
     def.needs.clear();
@@ -48,7 +61,13 @@ pub fn key(dispatch: &Dispatch) -> Option<String> {
     def.rate_limit = None;
     def.timeout_seconds = None;
     def.cache = None;
-    let checkout = dispatch.checkout.as_ref().filter(|_| dispatch.step.checkout.enabled).map(|c| (&c.url, &c.commit));
+    // The connection too: another connection of the tenant's naming the same URL (a push's
+    // payload names it) must not take an outcome fetched with this one's token.
+    let checkout = dispatch
+        .checkout
+        .as_ref()
+        .filter(|_| dispatch.step.checkout.enabled)
+        .map(|c| (c.connection_id, &c.url, &c.commit));
     let material = serde_json::json!({ "v": 1, "step": def, "key": cache.key, "checkout": checkout });
     let bytes = serde_json::to_vec(&material).ok()?;
     Some(hex::encode(hmac_sha256::Hash::hash(&bytes)))
@@ -128,19 +147,31 @@ mod tests {
         ] {
             assert_ne!(key(&dispatch(other)).unwrap(), base, "{other}");
         }
-        // A checkout step's outcome follows the commit.
-        let with_commit = |commit: &str| {
+        assert_eq!(
+            key(&dispatch("{id: a, run: 'echo hi', cache: {}, secrets: [B, A]}")),
+            key(&dispatch("{id: a, run: 'echo hi', cache: {}, secrets: [A, B]}")),
+            "secrets count by name, in any order"
+        );
+        // A step whose templates did not render has no key: it fails rather than share one.
+        assert_eq!(key(&dispatch("{id: a, run: 'echo ${{ inputs.x }}', cache: {}}")), None);
+        let secret_ref = "{id: a, http: {url: 'http://h/${{ secrets.T }}'}, secrets: [T], cache: {}}";
+        assert!(key(&dispatch(secret_ref)).is_some(), "secret references stay until the step runs");
+        // A checkout step's outcome follows the connection and the commit.
+        let connection = Uuid::now_v7();
+        let with = |connection: Uuid, commit: &str| {
             let mut d = dispatch("{id: a, run: 'make', checkout: true, cache: {}}");
             d.checkout = Some(taskmesh_events::Checkout {
                 forge: taskmesh_events::Forge::Github,
-                connection_id: Uuid::now_v7(),
+                connection_id: connection,
                 repository: "o/r".into(),
                 url: "https://github.com/o/r.git".into(),
                 commit: commit.into(),
             });
             key(&d).unwrap()
         };
-        assert_eq!(with_commit(&"a".repeat(40)), with_commit(&"a".repeat(40)), "whatever the connection");
-        assert_ne!(with_commit(&"a".repeat(40)), with_commit(&"b".repeat(40)));
+        let a = "a".repeat(40);
+        assert_eq!(with(connection, &a), with(connection, &a));
+        assert_ne!(with(connection, &a), with(connection, &"b".repeat(40)));
+        assert_ne!(with(connection, &a), with(Uuid::now_v7(), &a), "another connection naming the same URL");
     }
 }

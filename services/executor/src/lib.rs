@@ -543,18 +543,25 @@ impl Executor {
                 return;
             }
         };
-        // A `cache:` step that would do what an earlier success did takes its outcome instead.
+        // A `cache:` step that would do what an earlier success did takes its outcome instead,
+        // once what it runs with is there (secrets deleted or a connection gone fail it, as
+        // they would a run).
         let cache_key = cache::key(&dispatch);
-        let cached = match (&cache_key, &dispatch.step.cache) {
-            (Some(key), Some(def)) => cache::lookup(&self.bus, &dispatch.tenant, key, def).await,
-            _ => None,
-        };
-        let outcome = match cached {
-            Some(outcome) => {
-                self.log_cached(&dispatch, attempt, &outcome).await;
-                Some((true, outcome))
+        let outcome = match self.open(&dispatch).await {
+            Err(outcome) => Some((false, outcome)),
+            Ok(opened) => {
+                let cached = match (&cache_key, &dispatch.step.cache) {
+                    (Some(key), Some(def)) => cache::lookup(&self.bus, &dispatch.tenant, key, def).await,
+                    _ => None,
+                };
+                match cached {
+                    Some(outcome) => {
+                        self.log_cached(&dispatch, attempt, &outcome).await;
+                        Some((true, outcome))
+                    }
+                    None => self.run_here(&dispatch, attempt, opened, &hand_back).await,
+                }
             }
-            None => self.run_here(&dispatch, attempt, &hand_back).await,
         };
         let Some((succeeded, outcome)) = outcome else {
             drop(heartbeat);
@@ -600,32 +607,28 @@ impl Executor {
         }
     }
 
-    /// Runs the step here, once its secrets and checkout are open: its success and outcome,
-    /// or `None` when it was handed back. A step whose secrets or checkout cannot be opened
-    /// fails, having run nothing.
-    async fn run_here(
-        &self,
-        dispatch: &Dispatch,
-        attempt: u32,
-        hand_back: &CancellationToken,
-    ) -> Option<(bool, taskmesh_events::StepOutcome)> {
+    /// Opens the step's secrets and checkout; a step for which they cannot be opened fails,
+    /// having run nothing (the outcome saying why).
+    async fn open(&self, dispatch: &Dispatch) -> Result<Opened, taskmesh_events::StepOutcome> {
         let opened = match self.open_secrets(dispatch).await {
             Ok(secrets) => self.open_checkout(dispatch).await.map(|checkout| (secrets, checkout)),
             Err(e) => Err(e),
         };
-        let (secrets, checkout) = match opened {
-            Ok(opened) => opened,
-            Err(error) => {
-                let now = chrono::Utc::now();
-                let outcome = taskmesh_events::StepOutcome {
-                    error: Some(error),
-                    started_at: now,
-                    finished_at: now,
-                    ..Default::default()
-                };
-                return Some((false, outcome));
-            }
-        };
+        opened.map_err(|error| {
+            let now = chrono::Utc::now();
+            taskmesh_events::StepOutcome { error: Some(error), started_at: now, finished_at: now, ..Default::default() }
+        })
+    }
+
+    /// Runs the step here with what [`Self::open`] opened: its success and outcome, or `None`
+    /// when it was handed back.
+    async fn run_here(
+        &self,
+        dispatch: &Dispatch,
+        attempt: u32,
+        (secrets, checkout): Opened,
+        hand_back: &CancellationToken,
+    ) -> Option<(bool, taskmesh_events::StepOutcome)> {
         let (logs, publisher) = self.log_publisher(dispatch, attempt);
         let ctx = step::StepContext {
             run_id: dispatch.run_id,
@@ -680,6 +683,9 @@ impl Executor {
         let _ = self.bus.client().publish(self.bus.namespace().slot_signals(), Vec::<u8>::new().into()).await;
     }
 }
+
+/// A step's opened secrets (name, value) and where its checkout comes from.
+type Opened = (Vec<(String, String)>, Option<checkout::Source>);
 
 /// Aborts a background task when dropped, whatever path (or panic) leaves the scope.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
