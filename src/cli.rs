@@ -609,7 +609,11 @@ pub async fn run(
                         _ => " ",
                     };
                     if status != "queued" {
-                        eprintln!("{mark} {sid} {status}");
+                        // Why it was skipped or cancelled, or where its outcome came from.
+                        match step["reason"].as_str() {
+                            Some(reason) => eprintln!("{mark} {sid} {status} ({reason})"),
+                            None => eprintln!("{mark} {sid} {status}"),
+                        }
                     }
                 }
                 shown.insert(sid, status);
@@ -693,8 +697,9 @@ pub async fn runs(conn: &Connection, cmd: Runs) -> anyhow::Result<i32> {
                     run["status"].as_str().unwrap_or("")
                 );
                 for s in run["steps"].as_array().into_iter().flatten() {
+                    let reason = s["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default();
                     println!(
-                        "  {:<24} {:<10} attempts {}",
+                        "  {:<24} {:<10} attempts {}{reason}",
                         s["id"].as_str().unwrap_or(""),
                         s["status"].as_str().unwrap_or(""),
                         s["attempts"]

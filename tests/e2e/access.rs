@@ -23,11 +23,7 @@ async fn call(tm: &TestMesh, key: &str, method: Method, path: &str, body: Option
 }
 
 async fn new_tenant(tm: &TestMesh, id: &str) -> String {
-    let res = call(tm, PLATFORM_KEY, Method::POST, "/v1/tenants", Some(json!({"id": id, "name": id}))).await;
-    assert_eq!(res.status(), 201);
-    let body: Value = res.json().await.unwrap();
-    tm.wait_projected().await;
-    body["admin_key"].as_str().unwrap().to_string()
+    tm.new_tenant(PLATFORM_KEY, id).await
 }
 
 /// What a burst of `clients` concurrent clients, `each` requests apiece, got.

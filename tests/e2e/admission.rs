@@ -87,17 +87,7 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
         );
     })
     .await;
-    let res = tm
-        .http
-        .post(format!("{}/v1/tenants", tm.api))
-        .bearer_auth(PLATFORM_KEY)
-        .json(&json!({"id": "beta", "name": "Beta"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let beta_key = res.json::<Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
+    let beta_key = tm.new_tenant(PLATFORM_KEY, "beta").await;
 
     // Tenant A (`default`): 5,000 steps, ten runs of 500.
     let steps: Vec<Value> = (0..500).map(|i| json!({"id": format!("s{i}"), "uses": "noop"})).collect();

@@ -145,6 +145,18 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     let (code, _, err) = taskmesh(&tm, &["runs", "get", "not-a-run"]).await;
     assert_eq!(code, 2, "an API error is a clear message: {err}");
     assert!(err.contains("404"), "{err}");
+    // A step's reason is shown: here, where a cached outcome came from.
+    std::fs::write(&path, "name: kept\nsteps:\n  - {id: a, run: 'echo once', cache: {}}\n").unwrap();
+    let (code, _, err) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--wait"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("✓ a succeeded\n"), "{err}");
+    let (code, out, err) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--wait"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("✓ a succeeded (cached from run "), "{err}");
+    let id = err.lines().find_map(|l| l.strip_prefix("run ")?.strip_suffix(" submitted")).expect("the run's id");
+    let (code, shown, _) = taskmesh(&tm, &["runs", "get", id]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(shown.contains("(cached from run "), "{shown}");
     let _ = std::fs::remove_file(path);
     tm.finish().await;
 }

@@ -67,8 +67,15 @@ impl TestMesh {
 
     /// Submits a YAML workflow; returns the run id.
     pub async fn submit(&self, yaml: &str) -> Uuid {
+        self.submit_as(&self.key, yaml).await
+    }
+
+    /// Submits a YAML workflow with another tenant's (or role's) `key`; returns the run id.
+    pub async fn submit_as(&self, key: &str, yaml: &str) -> Uuid {
         let res = self
-            .auth(self.http.post(format!("{}/v1/runs", self.api)))
+            .http
+            .post(format!("{}/v1/runs", self.api))
+            .bearer_auth(key)
             .header("content-type", "application/yaml")
             .body(yaml.to_string())
             .send()
@@ -106,21 +113,47 @@ impl TestMesh {
     }
 
     pub async fn get_run(&self, id: Uuid) -> (u16, Value) {
-        let res = self.auth(self.http.get(format!("{}/v1/runs/{id}", self.api))).send().await.unwrap();
+        self.get_run_as(&self.key, id).await
+    }
+
+    pub async fn get_run_as(&self, key: &str, id: Uuid) -> (u16, Value) {
+        let res = self.http.get(format!("{}/v1/runs/{id}", self.api)).bearer_auth(key).send().await.unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
     /// Waits until the run is terminal in the read model; returns its view.
     pub async fn wait_run(&self, id: Uuid, timeout: Duration) -> Value {
+        self.wait_run_as(&self.key, id, timeout).await
+    }
+
+    /// [`Self::wait_run`] with another tenant's (or role's) `key`.
+    pub async fn wait_run_as(&self, key: &str, id: Uuid, timeout: Duration) -> Value {
         eventually(&format!("run {id} to finish"), timeout, || async {
-            let (status, run) = self.get_run(id).await;
+            let (status, run) = self.get_run_as(key, id).await;
             Ok((status == 200
                 && ["succeeded", "failed", "cancelled", "timed_out"].contains(&run["status"].as_str().unwrap_or("")))
             .then_some(run))
         })
         .await
         .unwrap()
+    }
+
+    /// Creates tenant `id` with the platform administrator's key, once the gateway sees it;
+    /// returns its admin key.
+    pub async fn new_tenant(&self, platform_key: &str, id: &str) -> String {
+        let res = self
+            .http
+            .post(format!("{}/v1/tenants", self.api))
+            .bearer_auth(platform_key)
+            .json(&serde_json::json!({"id": id, "name": id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "creating tenant {id}");
+        let key = res.json::<Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
+        self.wait_projected().await;
+        key
     }
 
     /// Waits until the projector has applied everything in the event stream.

@@ -1272,17 +1272,7 @@ async fn a_tenant_whose_endpoint_refuses_everything_fills_only_its_own_share_of_
 /// Creates tenant `id` (with the platform key) and subscribes a [`receiver`] of its own to its
 /// runs' ends: its admin key and what the receiver hears.
 async fn tenant_with_receiver(tm: &TestMesh, platform_key: &str, id: &str) -> (String, Received) {
-    let created = tm
-        .http
-        .post(format!("{}/v1/tenants", tm.api))
-        .bearer_auth(platform_key)
-        .json(&serde_json::json!({"id": id, "name": id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let key = created.json::<serde_json::Value>().await.unwrap()["admin_key"].as_str().unwrap().to_string();
-    tm.wait_projected().await;
+    let key = tm.new_tenant(platform_key, id).await;
     let (url, seen) = receiver().await;
     let res = tm
         .http
@@ -1309,16 +1299,7 @@ async fn beta_is_told(tm: &TestMesh, beta_key: &str, beta_seen: &Received) {
 
 /// Submits a one-step run with tenant `key`.
 async fn submit_as(tm: &TestMesh, key: &str) {
-    let res = tm
-        .http
-        .post(format!("{}/v1/runs", tm.api))
-        .bearer_auth(key)
-        .header("content-type", "application/yaml")
-        .body("name: quick\nsteps:\n  - {id: a, uses: noop}\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
+    tm.submit_as(key, "name: quick\nsteps:\n  - {id: a, uses: noop}\n").await;
 }
 
 /// The requests an endpoint holds now, and the most it held at once.

@@ -158,16 +158,24 @@ impl Settled<u64> {
     }
 }
 
+/// The last message on `subject` of `stream`, if it has one.
+async fn last_raw(
+    stream: &async_nats::jetstream::stream::Stream<()>,
+    subject: &str,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(msg) => Ok(Some(msg)),
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
+    }
+}
+
 /// The latest message on `subject` of `stream`, decoded (`None`: none, or undecodable).
 async fn latest_on<T: serde::de::DeserializeOwned>(
     stream: &async_nats::jetstream::stream::Stream<()>,
     subject: &str,
 ) -> Result<Option<T>> {
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(msg) => Ok(serde_json::from_slice(&msg.payload).ok()),
-        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
-    }
+    Ok(last_raw(stream, subject).await?.and_then(|msg| serde_json::from_slice(&msg.payload).ok()))
 }
 
 /// A connection to the bus under one namespace.
@@ -490,21 +498,14 @@ impl Bus {
     /// The sequence of the last event on `subject`, 0 when it has none.
     pub async fn last_seq(&self, subject: &str) -> Result<u64> {
         let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(msg) => Ok(msg.sequence),
-            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
-            Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
-        }
+        Ok(last_raw(&stream, subject).await?.map_or(0, |msg| msg.sequence))
     }
 
     /// The last event on `subject` (of a commit, its last event), if any.
     pub async fn last(&self, subject: &str) -> Result<Option<Stored>> {
         let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(msg) => Ok(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?.pop()),
-            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(BusError::Nats(format!("reading last of {subject}: {e}"))),
-        }
+        let Some(msg) = last_raw(&stream, subject).await? else { return Ok(None) };
+        Ok(decode_parts(&msg.subject, msg.sequence, Some(&msg.headers), &msg.payload)?.pop())
     }
 
     /// The event at sequence `seq` (of a commit, its first event), if any.

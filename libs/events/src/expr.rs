@@ -84,6 +84,12 @@ pub fn secret_refs(template: &str) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// Whether `template` still holds an expression a render would have replaced (anything but a
+/// secret reference, which is left for the executor), or does not parse.
+pub fn unrendered(template: &str) -> bool {
+    segments(template).map_or(true, |parts| parts.iter().any(|(_, _, s)| secret_ref(s).is_none()))
+}
+
 /// Fills in `${{ secrets.NAME }}` from `secrets` (name, value); other text is kept as it is.
 /// A name not in `secrets` is an error.
 pub fn render_secrets(template: &str, secrets: &[(String, String)]) -> Result<String, String> {
@@ -296,6 +302,9 @@ mod tests {
         assert_eq!(render_secrets(&rendered, &[("TOKEN".into(), "abc".into())]).unwrap(), "Bearer abc for prod");
         assert!(render_secrets(&rendered, &[]).is_err());
         assert!(check_template("${{ secrets.lower }}").is_err());
+        assert!(!unrendered(&rendered), "only a secret reference is left");
+        assert!(unrendered(t) && unrendered("${{ oops"));
+        assert!(!unrendered("no templates"));
     }
 
     #[test]

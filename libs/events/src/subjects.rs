@@ -8,7 +8,7 @@
 //! | `{NS}_DELIVERIES` | `{ns}.delivery.{tenant}` | work queue | outbound webhook deliveries |
 //! | `{NS}_TIMERS` | `{ns}.timer.{tenant}` | work queue | things the scheduler must do later |
 //! | `{NS}_LOGS` | `{ns}.log.{tenant}.{run}.{step}` | limits (age, bytes) | steps' output lines |
-//! | `{NS}_CACHE` | `{ns}.cache.{tenant}.{key}` | limits (one per subject, age, bytes) | `cache:` steps' kept outcomes |
+//! | `{NS}_CACHE` | `{ns}.cache.{tenant}.{key}` | limits (one per subject, 1,000,000 messages, age, bytes) | `cache:` steps' kept outcomes |
 //!
 //! Commands travel on core NATS request/reply: `{ns}.cmd.ingest.{command}` (queue group
 //! `ingest`) and `{ns}.cmd.scheduler.{lease|report}` (queue group `scheduler`).

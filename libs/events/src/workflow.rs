@@ -115,7 +115,8 @@ pub enum GroupPolicy {
 
 /// `cache:` on a step: its outcome, when it succeeds, is kept for the tenant, and a later step
 /// whose rendered definition and `key` are the same succeeds at once with that outcome (its
-/// outputs, exit code and output), without running, for `ttl_seconds` after it was kept.
+/// outputs, exit code and output), without running, while the outcome is younger than the later
+/// step's `ttl_seconds` (counted from when the step that ran finished).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheDef {
@@ -123,7 +124,8 @@ pub struct CacheDef {
     /// `${{ inputs.day }}` (at most 1,024 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    /// How long a kept outcome is reused, in seconds: 1 to 2,592,000 (30 days); default 86,400.
+    /// The oldest kept outcome this step takes, in seconds since the step that ran finished: 1
+    /// to 2,592,000 (30 days); default 86,400. Not part of the match.
     #[serde(default = "CacheDef::default_ttl")]
     pub ttl_seconds: u64,
 }
@@ -373,7 +375,8 @@ pub struct StepDef {
     /// Hold the step until the named rate-limit bucket has a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitDef>,
-    /// Reuse the outcome of an earlier success of the same step (see [`CacheDef`]).
+    /// Instead of running, take the kept outcome of an earlier success of the tenant's that did
+    /// the same thing, in any step, workflow or run (see [`CacheDef`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheDef>,
     /// Set on each instance by the matrix expansion: its combination of values.
@@ -1283,6 +1286,24 @@ mod tests {
         assert_eq!(fields, ["steps[0].if", "steps[0].run", "steps[0].retry.max_attempts"], "{p:?}");
         let p = problem("name: x\nsteps:\n  - {id: a, run: 'true', if: 'secrets.x'}\n");
         assert!(p.detail.contains("unknown variable 'secrets'"), "{}", p.detail);
+    }
+
+    #[test]
+    fn rejects_a_cache_with_a_bad_key_or_time_to_live() {
+        let long = "k".repeat(CacheDef::MAX_KEY + 1);
+        for (cache, field) in [
+            ("{ttl_seconds: 0}".to_string(), "steps[0].cache.ttl_seconds"),
+            ("{ttl_seconds: 2592001}".to_string(), "steps[0].cache.ttl_seconds"),
+            (format!("{{key: {long}}}"), "steps[0].cache.key"),
+            ("{key: ''}".to_string(), "steps[0].cache.key"),
+            ("{key: '${{ inputs. }}'}".to_string(), "steps[0].cache.key"),
+        ] {
+            let p = problem(&format!("name: x\nsteps:\n  - {{id: a, uses: noop, cache: {cache}}}\n"));
+            let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(fields, [field], "{cache}: {p:?}");
+        }
+        let ok = WorkflowDef::parse_yaml("name: x\nsteps:\n  - {id: a, uses: noop, cache: {}}\n").unwrap();
+        assert_eq!(ok.steps[0].cache, Some(CacheDef { key: None, ttl_seconds: 86_400 }), "a day by default");
     }
 
     #[test]

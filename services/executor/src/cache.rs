@@ -4,26 +4,30 @@
 //! "The same thing" is a SHA-256 over what decides a step's outcome: its definition as
 //! dispatched (templates rendered, so inputs and upstream outputs it uses count), without what
 //! only names, orders or schedules it (`id`, `name`, `needs`, `if`, `continue_on_error`,
-//! `retry`, `priority`, `rate_limit`, `timeout_seconds`); its `cache.key`, rendered; and, for a
-//! `checkout` step, the repository connection, the URL and the commit. Secrets count by name,
-//! not value; the step's secrets and checkout are opened before the cache is looked at, so a
-//! step whose secret was deleted fails as it would have.
+//! `retry`, `priority`, `rate_limit`, `timeout_seconds`; and `cache.ttl_seconds`); its
+//! `cache.key`, rendered; and, for a `checkout` step, the repository connection, the URL and
+//! the commit. A matrix instance's values count (they are in the definition). Secrets count
+//! by name, not value; the step's secrets and checkout are opened before the cache is looked
+//! at, so a step whose secret was deleted fails as it would have.
 //!
 //! Each tenant's outcomes live on the `{NS}_CACHE` stream, one subject per key
 //! (`{ns}.cache.<tenant>.<sha256>`) holding the latest success. The stream keeps none longer
-//! than [`CacheDef::MAX_TTL_SECS`] and, past `nats.cache_max_bytes`, drops the oldest. A step
-//! reuses one only if it finished within the step's own `ttl_seconds`.
+//! than [`CacheDef::MAX_TTL_SECS`] and, past 1,000,000 outcomes or `nats.cache_max_bytes`,
+//! drops the oldest. A step reuses one only if it finished within the reusing step's own
+//! `ttl_seconds`. A success is kept before it is reported, so a run seen to have ended has
+//! kept its steps' outcomes.
 //!
 //! The cache is not the source of truth: the run's log holds the outcome a step got (with
 //! `cached_from` naming where it came from), so replaying the log needs no cache. An outcome
-//! lost (the executor killed between reporting and keeping it, the stream full) is a step run
+//! lost (the executor killed before keeping it, or the stream's oldest dropped) is a step run
 //! again; steps with the same key running at the same time both run.
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use taskmesh_bus::Bus;
 use taskmesh_events::command::Dispatch;
-use taskmesh_events::workflow::CacheDef;
+use taskmesh_events::expr::unrendered;
+use taskmesh_events::workflow::{CacheDef, StepDef};
 use taskmesh_events::{CachedFrom, StepOutcome};
 use uuid::Uuid;
 
@@ -36,15 +40,20 @@ struct Kept {
     outcome: StepOutcome,
 }
 
+/// What the key hashes (see the module's docs).
+#[derive(Serialize)]
+struct Material<'a> {
+    v: u8,
+    step: &'a StepDef,
+    key: Option<&'a str>,
+    checkout: Option<(Uuid, &'a str, &'a str)>,
+}
+
 /// The key of a `cache:` step's outcome (a hex SHA-256), `None` for a step without `cache`,
 /// or one whose templates are not all rendered (they failed to render: the step fails).
 pub fn key(dispatch: &Dispatch) -> Option<String> {
     let cache = dispatch.step.cache.as_ref()?;
-    let unrendered = dispatch.step.templates().iter().any(|(_, t)| {
-        // Secret references stay until the step runs (see `remote`); nothing else does.
-        t.contains("${{") && t.split("${{").skip(1).any(|rest| !rest.trim_start().starts_with("secrets."))
-    });
-    if unrendered {
+    if dispatch.step.templates().iter().any(|(_, t)| unrendered(t)) {
         return None;
     }
     let mut def = dispatch.step.clone();
@@ -67,18 +76,19 @@ pub fn key(dispatch: &Dispatch) -> Option<String> {
         .checkout
         .as_ref()
         .filter(|_| dispatch.step.checkout.enabled)
-        .map(|c| (c.connection_id, &c.url, &c.commit));
-    let material = serde_json::json!({ "v": 1, "step": def, "key": cache.key, "checkout": checkout });
+        .map(|c| (c.connection_id, c.url.as_str(), c.commit.as_str()));
+    let material = Material { v: 1, step: &def, key: cache.key.as_deref(), checkout };
     let bytes = serde_json::to_vec(&material).ok()?;
     Some(hex::encode(hmac_sha256::Hash::hash(&bytes)))
 }
 
-/// The outcome kept for `key`, if one finished within `cache.ttl_seconds`: as this step's
-/// outcome, started and finished now, saying where it came from. A failure to read the cache
-/// is logged and counts as a miss (the step runs).
-pub async fn lookup(bus: &Bus, tenant: &str, key: &str, cache: &CacheDef) -> Option<StepOutcome> {
+/// The outcome kept for the step's `key`, if one finished within its `cache.ttl_seconds`: as
+/// this step's outcome, started and finished now, saying where it came from. A failure to read
+/// the cache is logged and counts as a miss (the step runs).
+pub async fn lookup(bus: &Bus, dispatch: &Dispatch, key: &str) -> Option<StepOutcome> {
+    let ttl = dispatch.step.cache.as_ref()?.ttl_seconds.min(CacheDef::MAX_TTL_SECS);
     let ns = bus.namespace();
-    let kept = match bus.latest::<Kept>(&ns.cache_stream(), &ns.cache(tenant, key)).await {
+    let kept = match bus.latest::<Kept>(&ns.cache_stream(), &ns.cache(&dispatch.tenant, key)).await {
         Ok(kept) => kept?,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the step cache; the step runs");
@@ -86,8 +96,7 @@ pub async fn lookup(bus: &Bus, tenant: &str, key: &str, cache: &CacheDef) -> Opt
         }
     };
     let now = Utc::now();
-    let ttl = chrono::Duration::seconds(cache.ttl_seconds.min(CacheDef::MAX_TTL_SECS) as i64);
-    if kept.outcome.finished_at + ttl <= now {
+    if kept.outcome.finished_at + chrono::Duration::seconds(ttl as i64) <= now {
         return None;
     }
     let from = CachedFrom {

@@ -1,6 +1,7 @@
 //! The executor: runs steps. It pulls dispatch messages from the `{NS}_DISPATCH` work queue
-//! only when it has a free slot, asks the scheduler for the step's lease, runs the step,
-//! reports the result and only then acks the message.
+//! only when it has a free slot, asks the scheduler for the step's lease, runs the step (or,
+//! for a `cache:` step, takes a kept outcome of the same thing instead, and keeps its own
+//! success), reports the result and only then acks the message.
 //!
 //! Steps are queued per label set (a pool, `{ns}.dispatch.<tenant>.<pool>`), each pool with
 //! its own durable consumer (`executors` for steps that need no labels). An executor pulls from
@@ -550,13 +551,15 @@ impl Executor {
         let outcome = match self.open(&dispatch).await {
             Err(outcome) => Some((false, outcome)),
             Ok(opened) => {
-                let cached = match (&cache_key, &dispatch.step.cache) {
-                    (Some(key), Some(def)) => cache::lookup(&self.bus, &dispatch.tenant, key, def).await,
-                    _ => None,
+                let cached = match &cache_key {
+                    Some(key) => cache::lookup(&self.bus, &dispatch, key).await,
+                    None => None,
                 };
                 match cached {
                     Some(outcome) => {
-                        self.log_cached(&dispatch, attempt, &outcome).await;
+                        if let Some(from) = &outcome.cached_from {
+                            self.log_cached(&dispatch, attempt, from).await;
+                        }
                         Some((true, outcome))
                     }
                     None => self.run_here(&dispatch, attempt, opened, &hand_back).await,
@@ -569,6 +572,10 @@ impl Executor {
             let _ = acker.ack_with(AckKind::Nak(None)).await;
             return;
         };
+        // Kept before it is reported, so a run seen to have ended has kept its outcomes.
+        if let Some(key) = cache_key.filter(|_| succeeded && outcome.cached_from.is_none()) {
+            cache::keep(&self.bus, &dispatch, &key, attempt, &outcome).await;
+        }
         let report = ResultReport {
             tenant: dispatch.tenant.clone(),
             run_id: dispatch.run_id,
@@ -602,19 +609,15 @@ impl Executor {
             tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
         }
         self.slot_freed().await;
-        if let Some(key) = cache_key.filter(|_| report.succeeded && report.outcome.cached_from.is_none()) {
-            cache::keep(&self.bus, &dispatch, &key, attempt, &report.outcome).await;
-        }
     }
 
     /// Opens the step's secrets and checkout; a step for which they cannot be opened fails,
     /// having run nothing (the outcome saying why).
     async fn open(&self, dispatch: &Dispatch) -> Result<Opened, taskmesh_events::StepOutcome> {
-        let opened = match self.open_secrets(dispatch).await {
-            Ok(secrets) => self.open_checkout(dispatch).await.map(|checkout| (secrets, checkout)),
-            Err(e) => Err(e),
+        let opened = async {
+            Ok(Opened { secrets: self.open_secrets(dispatch).await?, checkout: self.open_checkout(dispatch).await? })
         };
-        opened.map_err(|error| {
+        opened.await.map_err(|error: String| {
             let now = chrono::Utc::now();
             taskmesh_events::StepOutcome { error: Some(error), started_at: now, finished_at: now, ..Default::default() }
         })
@@ -626,7 +629,7 @@ impl Executor {
         &self,
         dispatch: &Dispatch,
         attempt: u32,
-        (secrets, checkout): Opened,
+        Opened { secrets, checkout }: Opened,
         hand_back: &CancellationToken,
     ) -> Option<(bool, taskmesh_events::StepOutcome)> {
         let (logs, publisher) = self.log_publisher(dispatch, attempt);
@@ -662,8 +665,7 @@ impl Executor {
     }
 
     /// Says in the step's log where its cached outcome came from.
-    async fn log_cached(&self, dispatch: &Dispatch, attempt: u32, outcome: &taskmesh_events::StepOutcome) {
-        let Some(from) = &outcome.cached_from else { return };
+    async fn log_cached(&self, dispatch: &Dispatch, attempt: u32, from: &taskmesh_events::CachedFrom) {
         let (logs, publisher) = self.log_publisher(dispatch, attempt);
         let line = format!(
             "cached: the outcome of run {}'s step {} (attempt {}, finished {}); the step did not run",
@@ -684,8 +686,11 @@ impl Executor {
     }
 }
 
-/// A step's opened secrets (name, value) and where its checkout comes from.
-type Opened = (Vec<(String, String)>, Option<checkout::Source>);
+/// What a step runs with, opened: its secrets (name, value) and where its checkout comes from.
+struct Opened {
+    secrets: Vec<(String, String)>,
+    checkout: Option<checkout::Source>,
+}
 
 /// Aborts a background task when dropped, whatever path (or panic) leaves the scope.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
