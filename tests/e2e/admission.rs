@@ -360,3 +360,74 @@ async fn a_tenants_run_limit_queues_its_runs_in_order() {
     tm.wait_queues_drained().await;
     tm.finish().await;
 }
+
+/// The `wait_reason` a held step of run `id` shows, once it shows one.
+async fn step_wait_reason(tm: &TestMesh, id: Uuid) -> String {
+    eventually("the held step's wait_reason", Duration::from_secs(20), || async {
+        let (_, run) = tm.get_run(id).await;
+        Ok(run["steps"].as_array().and_then(|s| s.iter().find_map(|s| s["wait_reason"].as_str().map(str::to_owned))))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_probe_closes_it() {
+    let tm = spawn_mesh().await;
+    let marker = std::env::temp_dir().join(format!("tm-breaker-{}", Uuid::now_v7()));
+    let calls = format!(
+        "name: calls\nsteps:\n  - {{id: call, run: '[ -f {} ]', circuit_breaker: {{key: partner, failures: 2, cooldown_seconds: 3}}}}\n",
+        marker.display()
+    );
+    let run = |yaml: String| {
+        let tm = &tm;
+        async move {
+            let id = tm.submit(&yaml).await;
+            (id, tm.wait_run(id, Duration::from_secs(30)).await)
+        }
+    };
+    let cooldown = chrono::Duration::milliseconds(2_500);
+
+    // One failure leaves it closed; two in a row open it.
+    assert_eq!(run(calls.clone()).await.1["status"], "failed");
+    let (_, second) = run(calls.clone()).await;
+    assert_eq!(second["status"], "failed", "{second:#}");
+    let opened = ts(step(&second, "call"), "finished_at");
+    let held = tm.submit(&calls).await;
+    assert_eq!(step_wait_reason(&tm, held).await, "circuit breaker 'partner' open (2 failed attempts in a row)");
+    assert_eq!(tm.get_run(held).await.1["status"], "queued", "held, not failed");
+    // Other steps go meanwhile: another breaker's, and one without.
+    let (_, other) = run("name: other\nsteps:\n  - {id: a, run: 'true', circuit_breaker: {key: other}}\n".into()).await;
+    assert_eq!(other["status"], "succeeded");
+    assert!(ts(&other, "finished_at") - opened < cooldown, "another breaker's step did not wait for this one");
+
+    // Past the cooldown one step goes as a probe; its success closes the breaker.
+    std::fs::write(&marker, "up").unwrap();
+    let probed = tm.wait_run(held, Duration::from_secs(30)).await;
+    assert_eq!(probed["status"], "succeeded", "{probed:#}");
+    let probe_start = ts(step(&probed, "call"), "started_at");
+    assert!(
+        probe_start - opened >= cooldown,
+        "the probe went {} ms after it opened",
+        (probe_start - opened).num_milliseconds()
+    );
+    let (_, closed) = run(calls.clone()).await;
+    assert_eq!(closed["status"], "succeeded");
+    assert_eq!(step(&closed, "call")["wait_reason"], Value::Null);
+
+    // A failed probe opens it again at once, without waiting for two failures.
+    std::fs::remove_file(&marker).unwrap();
+    assert_eq!(run(calls.clone()).await.1["status"], "failed");
+    assert_eq!(run(calls.clone()).await.1["status"], "failed");
+    let (_, failed_probe) = run(calls.clone()).await;
+    assert_eq!(failed_probe["status"], "failed", "the probe ran, past the cooldown, and failed");
+    let reopened = ts(step(&failed_probe, "call"), "finished_at");
+    let again = tm.submit(&calls).await;
+    assert_eq!(step_wait_reason(&tm, again).await, "circuit breaker 'partner' open (2 failed attempts in a row)");
+    std::fs::write(&marker, "up").unwrap();
+    let last = tm.wait_run(again, Duration::from_secs(30)).await;
+    assert_eq!(last["status"], "succeeded");
+    assert!(ts(step(&last, "call"), "started_at") - reopened >= cooldown, "it waited out another cooldown");
+    let _ = std::fs::remove_file(&marker);
+    tm.finish().await;
+}

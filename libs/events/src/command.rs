@@ -152,6 +152,20 @@ pub struct CancelSignal {
     pub run_id: Uuid,
 }
 
+/// `{ns}.ctl.breaker` (core NATS, to the dispatcher leader): how an attempt of a step with a
+/// `circuit_breaker` went, as its executor reported it (not sent for a cached outcome, a step
+/// that could not start, or one killed by its run's cancellation).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct BreakerSignal {
+    pub tenant: String,
+    /// The breaker's key.
+    pub key: String,
+    /// The breaker as the step defines it: failed attempts in a row that open it, and how long.
+    pub failures: u32,
+    pub cooldown_seconds: u64,
+    pub succeeded: bool,
+}
+
 /// `{ns}.cmd.ingest.create_tenant`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CreateTenant {

@@ -127,6 +127,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("DeleteSchedule", pretty::<DeleteSchedule>()),
         ("WorkflowStored", pretty::<WorkflowStored>()),
         ("CancelSignal", pretty::<CancelSignal>()),
+        ("BreakerSignal", pretty::<BreakerSignal>()),
         ("Dispatch", pretty::<Dispatch>()),
         ("Timer", pretty::<Timer>()),
         ("CommitStatus", pretty::<CommitStatus>()),
@@ -221,6 +222,12 @@ fn asyncapi() -> Value {
                 "description": "Core NATS, every executor: kill the running steps of a run being cancelled.",
                 "parameters": {"ns": {}},
                 "messages": refs(&["CancelSignal"])
+            },
+            "breakerSignals": {
+                "address": "{ns}.ctl.breaker",
+                "description": "Core NATS, the dispatcher leader: how an attempt of a step with a circuit_breaker went (its executor says so after its report is recorded).",
+                "parameters": {"ns": {}},
+                "messages": refs(&["BreakerSignal"])
             },
             "endedRuns": {
                 "address": "{ns}.ended.{tenant}",

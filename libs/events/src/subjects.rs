@@ -89,6 +89,11 @@ impl Namespace {
     pub fn run_ended_signals(&self) -> String {
         format!("{}.ctl.run_ended", self.0)
     }
+    /// Core NATS: how an attempt of a step with a `circuit_breaker` went, for the dispatcher (a
+    /// `command::BreakerSignal` body).
+    pub fn breaker_signals(&self) -> String {
+        format!("{}.ctl.breaker", self.0)
+    }
     /// Leader leases: one subject per lease.
     pub fn leases_stream(&self) -> String {
         self.stream("LEASES")

@@ -113,6 +113,32 @@ pub enum GroupPolicy {
     Skip,
 }
 
+/// `circuit_breaker:` on a step: a named breaker of the tenant's around what the step calls.
+/// Steps sharing a key share it. After `failures` attempts in a row of such steps failed, it
+/// opens: its steps wait (they are never failed for it) for `cooldown_seconds`; then one goes
+/// as a probe, and its success closes the breaker, its failure opens it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerDef {
+    /// The breaker's name: letters, digits, `_` or `-`.
+    pub key: String,
+    /// Failed attempts in a row that open it: 1 to 1,000 (default 5).
+    #[serde(default = "CircuitBreakerDef::default_failures")]
+    pub failures: u32,
+    /// How long it stays open before a probe goes: 1 to 86,400 seconds (default 30).
+    #[serde(default = "CircuitBreakerDef::default_cooldown")]
+    pub cooldown_seconds: u64,
+}
+
+impl CircuitBreakerDef {
+    fn default_failures() -> u32 {
+        5
+    }
+    fn default_cooldown() -> u64 {
+        30
+    }
+}
+
 /// `cache:` on a step: its outcome, when it succeeds, is kept for the tenant, and a later step
 /// whose rendered definition and `key` are the same succeeds at once with that outcome (its
 /// outputs, exit code and output), without running, while the outcome is younger than the later
@@ -379,6 +405,9 @@ pub struct StepDef {
     /// the same thing, in any step, workflow or run (see [`CacheDef`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheDef>,
+    /// Hold the step while the named circuit breaker is open (see [`CircuitBreakerDef`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerDef>,
     /// Set on each instance by the matrix expansion: its combination of values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matrix_values: Option<BTreeMap<String, serde_json::Value>>,
@@ -940,6 +969,20 @@ impl WorkflowDef {
                     err(format!("steps[{i}].rate_limit.burst"), "must be 1 to 10000".into());
                 }
             }
+            if let Some(b) = &step.circuit_breaker {
+                if !is_token(&b.key) {
+                    err(
+                        format!("steps[{i}].circuit_breaker.key"),
+                        "must be 1 to 64 letters, digits, '_' or '-'".into(),
+                    );
+                }
+                if !(1..=1_000).contains(&b.failures) {
+                    err(format!("steps[{i}].circuit_breaker.failures"), "must be 1 to 1000".into());
+                }
+                if !(1..=86_400).contains(&b.cooldown_seconds) {
+                    err(format!("steps[{i}].circuit_breaker.cooldown_seconds"), "must be 1 to 86400".into());
+                }
+            }
             if let Some(c) = &step.cache {
                 if c.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > CacheDef::MAX_KEY) {
                     err(format!("steps[{i}].cache.key"), format!("1 to {} bytes", CacheDef::MAX_KEY));
@@ -1304,6 +1347,25 @@ mod tests {
         }
         let ok = WorkflowDef::parse_yaml("name: x\nsteps:\n  - {id: a, uses: noop, cache: {}}\n").unwrap();
         assert_eq!(ok.steps[0].cache, Some(CacheDef { key: None, ttl_seconds: 86_400 }), "a day by default");
+    }
+
+    #[test]
+    fn rejects_a_circuit_breaker_with_a_bad_key_threshold_or_cooldown() {
+        for (breaker, field) in [
+            ("{key: 'a b'}", "steps[0].circuit_breaker.key"),
+            ("{key: k, failures: 0}", "steps[0].circuit_breaker.failures"),
+            ("{key: k, failures: 1001}", "steps[0].circuit_breaker.failures"),
+            ("{key: k, cooldown_seconds: 0}", "steps[0].circuit_breaker.cooldown_seconds"),
+            ("{key: k, cooldown_seconds: 86401}", "steps[0].circuit_breaker.cooldown_seconds"),
+        ] {
+            let p = problem(&format!("name: x\nsteps:\n  - {{id: a, uses: noop, circuit_breaker: {breaker}}}\n"));
+            let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(fields, [field], "{breaker}: {p:?}");
+        }
+        let ok =
+            WorkflowDef::parse_yaml("name: x\nsteps:\n  - {id: a, uses: noop, circuit_breaker: {key: k}}\n").unwrap();
+        let want = CircuitBreakerDef { key: "k".into(), failures: 5, cooldown_seconds: 30 };
+        assert_eq!(ok.steps[0].circuit_breaker, Some(want), "five failures, thirty seconds by default");
     }
 
     #[test]

@@ -42,8 +42,8 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::ExecutorSettings;
 
 use taskmesh_events::command::{
-    CancelSignal, Dispatch, ExecutorBeat, Lease, LeaseDecision, LeaseRequest, LogLine, LogStream, Pool, ReportAck,
-    ResultReport,
+    BreakerSignal, CancelSignal, Dispatch, ExecutorBeat, Lease, LeaseDecision, LeaseRequest, LogLine, LogStream, Pool,
+    ReportAck, ResultReport,
 };
 use taskmesh_events::subjects::{ANY_POOL, pool_consumer};
 use taskmesh_events::workflow::labels_match;
@@ -548,6 +548,8 @@ impl Executor {
         // once what it runs with is there (secrets deleted or a connection gone fail it, as
         // they would a run).
         let cache_key = cache::key(&dispatch);
+        // Whether the step ran here (its outcome then counts for its circuit breaker).
+        let mut ran = false;
         let outcome = match self.open(&dispatch).await {
             Err(outcome) => Some((false, outcome)),
             Ok(opened) => {
@@ -562,7 +564,10 @@ impl Executor {
                         }
                         Some((true, outcome))
                     }
-                    None => self.run_here(&dispatch, attempt, opened, &hand_back).await,
+                    None => {
+                        ran = true;
+                        self.run_here(&dispatch, attempt, opened, &hand_back).await
+                    }
                 }
             }
         };
@@ -608,7 +613,31 @@ impl Executor {
         if let Err(e) = acker.double_ack().await {
             tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
         }
+        if let Some(breaker) = dispatch.step.circuit_breaker.as_ref().filter(|_| ran && !report.outcome.cancelled) {
+            self.breaker_signal(&dispatch.tenant, breaker, report.succeeded).await;
+        }
         self.slot_freed().await;
+    }
+
+    /// Tells the dispatcher how an attempt behind a circuit breaker went (best effort: a lost
+    /// signal is one attempt the breaker does not count).
+    async fn breaker_signal(
+        &self,
+        tenant: &str,
+        breaker: &taskmesh_events::workflow::CircuitBreakerDef,
+        succeeded: bool,
+    ) {
+        let signal = BreakerSignal {
+            tenant: tenant.to_string(),
+            key: breaker.key.clone(),
+            failures: breaker.failures,
+            cooldown_seconds: breaker.cooldown_seconds,
+            succeeded,
+        };
+        let body = serde_json::to_vec(&signal).expect("serialises");
+        if let Err(e) = self.bus.client().publish(self.bus.namespace().breaker_signals(), body.into()).await {
+            tracing::warn!(error = %e, "could not tell the dispatcher how a step behind a circuit breaker went");
+        }
     }
 
     /// Opens the step's secrets and checkout; a step for which they cannot be opened fails,

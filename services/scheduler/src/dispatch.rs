@@ -37,7 +37,7 @@ use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
 use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
-use taskmesh_events::command::{CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
+use taskmesh_events::command::{BreakerSignal, CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
 use taskmesh_events::subjects::pool_token;
 use taskmesh_events::workflow::GroupPolicy;
 use taskmesh_events::workflow::labels_match;
@@ -56,6 +56,10 @@ pub const REPORT_AFTER: Duration = Duration::from_millis(500);
 const TICK: Duration = Duration::from_millis(100);
 /// Most entries read from READY before an admission round.
 const READ_BATCH: usize = 4_096;
+/// Least time a circuit breaker's probe is waited for before another goes.
+const PROBE_WAIT: Duration = Duration::from_secs(60);
+/// Most circuit breakers remembered at once; past it, only open ones are kept.
+const MAX_BREAKERS: usize = 100_000;
 /// Most publishes (or deletions) in flight at once while a round's admissions go out.
 const PIPELINE: usize = 256;
 /// How long an admitted READY entry may wait for a purge to take it before it is deleted on
@@ -102,6 +106,69 @@ impl Bucket {
     fn refill(&mut self, now: Instant) {
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
         self.at = now;
+    }
+}
+
+/// A circuit breaker of a tenant's, in the leader's memory (see `CircuitBreakerDef`): closed
+/// (`open_until` none), open until a time, then half-open with one probe out.
+struct Breaker {
+    /// Failed attempts in a row, as their executors said.
+    failures: u32,
+    open_until: Option<Instant>,
+    /// When the probe went, while one is out.
+    probe: Option<Instant>,
+    /// The threshold and the cooldown, as the last step or signal naming it said.
+    threshold: u32,
+    cooldown: Duration,
+}
+
+/// What a breaker lets through now.
+#[derive(PartialEq)]
+enum Gate {
+    Closed,
+    Open,
+    /// Open past its cooldown with no probe out: the step that goes is the probe.
+    Probe,
+}
+
+impl Breaker {
+    fn new(threshold: u32, cooldown_seconds: u64) -> Self {
+        Self { failures: 0, open_until: None, probe: None, threshold, cooldown: Duration::from_secs(cooldown_seconds) }
+    }
+
+    fn configure(&mut self, threshold: u32, cooldown_seconds: u64) {
+        (self.threshold, self.cooldown) = (threshold, Duration::from_secs(cooldown_seconds));
+    }
+
+    fn gate(&self, now: Instant) -> Gate {
+        match self.open_until {
+            None => Gate::Closed,
+            Some(until) if now < until => Gate::Open,
+            // A probe that has not been heard of for a cooldown (and at least PROBE_WAIT) is
+            // given up: lost, cancelled or still queued, another goes.
+            Some(_) if self.probe.is_some_and(|at| now.duration_since(at) < self.cooldown.max(PROBE_WAIT)) => {
+                Gate::Open
+            }
+            Some(_) => Gate::Probe,
+        }
+    }
+
+    /// An attempt behind it ended: a success closes it; a failure opens it once `threshold`
+    /// failed in a row, and again at once when it was the probe's.
+    fn record(&mut self, succeeded: bool, now: Instant) {
+        if succeeded {
+            (self.failures, self.open_until, self.probe) = (0, None, None);
+            return;
+        }
+        self.failures = self.failures.saturating_add(1);
+        if self.probe.take().is_some() || (self.open_until.is_none() && self.failures >= self.threshold) {
+            self.open_until = Some(now + self.cooldown);
+        }
+    }
+
+    /// Nothing to remember: closed, with no failures.
+    fn is_idle(&self) -> bool {
+        self.failures == 0 && self.open_until.is_none()
     }
 }
 
@@ -234,6 +301,8 @@ struct Held {
     /// Tenants in turn order.
     turns: VecDeque<String>,
     buckets: HashMap<(String, String), Bucket>,
+    /// Circuit breakers with something to remember, by tenant and key.
+    breakers: HashMap<(String, String), Breaker>,
     /// Runs already asked to cancel for a `cancel_in_progress` group.
     cancelling: HashSet<Uuid>,
     /// Pools (label sets) registered on the POOLS stream by this leader.
@@ -350,6 +419,7 @@ impl Dispatcher {
         let mut ready = consumer.messages().await?;
         let mut signals = self.bus.client().subscribe(ns.slot_signals()).await?;
         let mut ended = self.bus.client().subscribe(ns.run_ended_signals()).await?;
+        let mut breaker_signals = self.bus.client().subscribe(ns.breaker_signals()).await?;
         let mut held = Held::default();
         let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Event2>(8_192);
         let reporter = tokio::spawn(report(self.bus.clone(), report_rx));
@@ -377,6 +447,14 @@ impl Dispatcher {
                     Some(msg) = ended.next() => {
                         if let Ok(run) = serde_json::from_slice::<CancelSignal>(&msg.payload) {
                             self.drop_run(&mut held, &run);
+                        }
+                    }
+                    Some(msg) = breaker_signals.next() => {
+                        if let Ok(b) = serde_json::from_slice::<BreakerSignal>(&msg.payload) {
+                            held.breakers
+                                .entry((b.tenant, b.key))
+                                .or_insert_with(|| Breaker::new(b.failures, b.cooldown_seconds))
+                                .record(b.succeeded, Instant::now());
                         }
                     }
                     _ = tokio::time::sleep(wait) => {}
@@ -614,6 +692,17 @@ impl Dispatcher {
                     if step.dispatch.not_before.is_some_and(|t| t > wall) {
                         continue;
                     }
+                    let breaker = step.dispatch.step.circuit_breaker.as_ref().map(|cb| {
+                        let b = held
+                            .breakers
+                            .entry((tenant.clone(), cb.key.clone()))
+                            .or_insert_with(|| Breaker::new(cb.failures, cb.cooldown_seconds));
+                        b.configure(cb.failures, cb.cooldown_seconds);
+                        (cb.key.clone(), b.gate(now))
+                    });
+                    if breaker.as_ref().is_some_and(|(_, gate)| *gate == Gate::Open) {
+                        continue;
+                    }
                     if let Some(rl) = &step.dispatch.step.rate_limit {
                         let cap = f64::from(rl.burst.unwrap_or(1));
                         let bucket = held.buckets.entry((tenant.clone(), rl.key.clone())).or_insert_with(|| Bucket {
@@ -628,6 +717,11 @@ impl Dispatcher {
                             continue;
                         }
                         bucket.tokens -= 1.0;
+                    }
+                    if let Some((key, Gate::Probe)) = breaker
+                        && let Some(b) = held.breakers.get_mut(&(tenant.clone(), key))
+                    {
+                        b.probe = Some(now);
                     }
                     chosen = Some(*k);
                     break;
@@ -711,6 +805,10 @@ impl Dispatcher {
                     format!("tenant concurrency limit ({limit} steps)")
                 } else if window > 0 && in_flight.total >= u64::from(window) {
                     format!("dispatch window full ({window} steps across tenants)")
+                } else if let Some(cb) = step.dispatch.step.circuit_breaker.as_ref().filter(|cb| {
+                    held.breakers.get(&(tenant.clone(), cb.key.clone())).is_some_and(|b| b.gate(now) == Gate::Open)
+                }) {
+                    format!("circuit breaker '{}' open ({} failed attempts in a row)", cb.key, cb.failures)
                 } else if let Some(rl) = &step.dispatch.step.rate_limit {
                     format!("rate limit '{}' ({}/s)", rl.key, rl.per_second)
                 } else {
@@ -730,6 +828,11 @@ impl Dispatcher {
             return Err(e);
         }
         held.in_flight = Some(in_flight);
+        // A breaker closed with no failures is the same as a new one.
+        held.breakers.retain(|_, b| !b.is_idle());
+        if held.breakers.len() > MAX_BREAKERS {
+            held.breakers.retain(|_, b| b.open_until.is_some());
+        }
         // A bucket that has filled up again is the same as a new one.
         held.buckets.retain(|_, b| {
             b.refill(now);
@@ -921,6 +1024,30 @@ mod tests {
         let ns = Namespace::new("tm").expect("a valid namespace");
         let counts = counts.iter().map(|(tenant, pool, n)| (ns.dispatch(tenant, pool), *n)).collect();
         InFlight::new(counts, &ns, now)
+    }
+
+    #[test]
+    fn a_breaker_opens_on_failures_in_a_row_probes_after_its_cooldown_and_gives_up_a_silent_probe() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut b = Breaker::new(2, 10);
+        b.record(false, t0);
+        b.record(true, t0);
+        b.record(false, t0);
+        assert!(b.gate(t0) == Gate::Closed, "a success in between starts the count again");
+        b.record(false, t0);
+        assert!(b.gate(t0) == Gate::Open && b.gate(t0 + secs(9)) == Gate::Open);
+        b.record(false, t0 + secs(1));
+        assert!(b.gate(t0 + secs(10)) == Gate::Probe, "late failures while open do not push the cooldown back");
+        b.probe = Some(t0 + secs(10));
+        assert!(b.gate(t0 + secs(11)) == Gate::Open, "one probe at a time");
+        assert!(b.gate(t0 + secs(10) + PROBE_WAIT) == Gate::Probe, "a probe not heard of is given up");
+        b.record(false, t0 + secs(12));
+        assert!(b.gate(t0 + secs(21)) == Gate::Open, "a failed probe opens it again, for a cooldown");
+        assert!(b.gate(t0 + secs(22)) == Gate::Probe);
+        b.probe = Some(t0 + secs(22));
+        b.record(true, t0 + secs(23));
+        assert!(b.gate(t0 + secs(23)) == Gate::Closed && b.is_idle(), "the probe's success closes it");
     }
 
     #[test]
