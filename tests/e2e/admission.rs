@@ -376,58 +376,76 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     let tm = spawn_mesh().await;
     let marker = std::env::temp_dir().join(format!("tm-breaker-{}", Uuid::now_v7()));
     let calls = format!(
-        "name: calls\nsteps:\n  - {{id: call, run: '[ -f {} ]', circuit_breaker: {{key: partner, failures: 2, cooldown_seconds: 3}}}}\n",
+        "name: calls\nsteps:\n  - {{id: call, run: '[ -f {} ]', circuit_breaker: {{key: partner, failures: 2, cooldown_seconds: 6}}}}\n",
         marker.display()
     );
     let run = |yaml: String| {
         let tm = &tm;
         async move {
             let id = tm.submit(&yaml).await;
-            (id, tm.wait_run(id, Duration::from_secs(30)).await)
+            (id, tm.wait_run(id, Duration::from_secs(60)).await)
         }
     };
-    let cooldown = chrono::Duration::milliseconds(2_500);
+    let cooldown = chrono::Duration::seconds(6);
+    let call = |run: &Value, field: &str| ts(step(run, "call"), field);
+    let waited = |id: Uuid| {
+        let tm = &tm;
+        async move {
+            tm.run_events(id)
+                .await
+                .iter()
+                .any(|e| matches!(&e.event, Event::StepWaiting(w) if w.reason.starts_with("circuit")))
+        }
+    };
 
-    // One failure leaves it closed; two in a row open it.
-    assert_eq!(run(calls.clone()).await.1["status"], "failed");
-    let (_, second) = run(calls.clone()).await;
+    // One failure leaves it closed (the next goes at once); two in a row open it.
+    let (_, first) = run(calls.clone()).await;
+    assert_eq!(first["status"], "failed");
+    let (second_id, second) = run(calls.clone()).await;
     assert_eq!(second["status"], "failed", "{second:#}");
-    let opened = ts(step(&second, "call"), "finished_at");
+    assert!(!waited(second_id).await, "one failure does not open it");
+    let opened = call(&second, "finished_at");
     let held = tm.submit(&calls).await;
+    // The probe will find the service up: it goes only once the cooldown is over.
+    std::fs::write(&marker, "up").unwrap();
     assert_eq!(step_wait_reason(&tm, held).await, "circuit breaker 'partner' open (2 failed attempts in a row)");
     assert_eq!(tm.get_run(held).await.1["status"], "queued", "held, not failed");
     // Other steps go meanwhile: another breaker's, and one without.
-    let (_, other) = run("name: other\nsteps:\n  - {id: a, run: 'true', circuit_breaker: {key: other}}\n".into()).await;
+    let other_yaml =
+        "name: other\nsteps:\n  - {id: a, run: 'true', circuit_breaker: {key: other}}\n  - {id: b, run: 'true'}\n";
+    let (_, other) = run(other_yaml.into()).await;
     assert_eq!(other["status"], "succeeded");
-    assert!(ts(&other, "finished_at") - opened < cooldown, "another breaker's step did not wait for this one");
 
     // Past the cooldown one step goes as a probe; its success closes the breaker.
-    std::fs::write(&marker, "up").unwrap();
-    let probed = tm.wait_run(held, Duration::from_secs(30)).await;
+    let probed = tm.wait_run(held, Duration::from_secs(60)).await;
     assert_eq!(probed["status"], "succeeded", "{probed:#}");
-    let probe_start = ts(step(&probed, "call"), "started_at");
+    let probe_start = call(&probed, "started_at");
+    assert!(ts(&other, "finished_at") < probe_start, "the other steps did not wait for this breaker");
     assert!(
         probe_start - opened >= cooldown,
         "the probe went {} ms after it opened",
         (probe_start - opened).num_milliseconds()
     );
-    let (_, closed) = run(calls.clone()).await;
+    let (closed_id, closed) = run(calls.clone()).await;
     assert_eq!(closed["status"], "succeeded");
-    assert_eq!(step(&closed, "call")["wait_reason"], Value::Null);
+    assert!(!waited(closed_id).await, "closed again: the next step did not wait");
 
     // A failed probe opens it again at once, without waiting for two failures.
     std::fs::remove_file(&marker).unwrap();
     assert_eq!(run(calls.clone()).await.1["status"], "failed");
-    assert_eq!(run(calls.clone()).await.1["status"], "failed");
+    let (_, fourth) = run(calls.clone()).await;
+    assert_eq!(fourth["status"], "failed");
     let (_, failed_probe) = run(calls.clone()).await;
-    assert_eq!(failed_probe["status"], "failed", "the probe ran, past the cooldown, and failed");
-    let reopened = ts(step(&failed_probe, "call"), "finished_at");
+    assert_eq!(failed_probe["status"], "failed");
+    let probe_start = call(&failed_probe, "started_at");
+    assert!(probe_start - call(&fourth, "finished_at") >= cooldown, "it went as the probe, past the cooldown");
+    let reopened = call(&failed_probe, "finished_at");
     let again = tm.submit(&calls).await;
-    assert_eq!(step_wait_reason(&tm, again).await, "circuit breaker 'partner' open (2 failed attempts in a row)");
     std::fs::write(&marker, "up").unwrap();
-    let last = tm.wait_run(again, Duration::from_secs(30)).await;
+    assert_eq!(step_wait_reason(&tm, again).await, "circuit breaker 'partner' open (3 failed attempts in a row)");
+    let last = tm.wait_run(again, Duration::from_secs(60)).await;
     assert_eq!(last["status"], "succeeded");
-    assert!(ts(step(&last, "call"), "started_at") - reopened >= cooldown, "it waited out another cooldown");
+    assert!(call(&last, "started_at") - reopened >= cooldown, "it waited out another cooldown");
     let _ = std::fs::remove_file(&marker);
     tm.finish().await;
 }

@@ -153,8 +153,7 @@ pub struct CancelSignal {
 }
 
 /// `{ns}.ctl.breaker` (core NATS, to the dispatcher leader): how an attempt of a step with a
-/// `circuit_breaker` went, as its executor reported it (not sent for a cached outcome, a step
-/// that could not start, or one killed by its run's cancellation).
+/// `circuit_breaker` went, as its executor reported it.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct BreakerSignal {
     pub tenant: String,
@@ -163,7 +162,12 @@ pub struct BreakerSignal {
     /// The breaker as the step defines it: failed attempts in a row that open it, and how long.
     pub failures: u32,
     pub cooldown_seconds: u64,
-    pub succeeded: bool,
+    /// The attempt's step, so a breaker waiting for its probe hears only the probe.
+    pub run_id: Uuid,
+    pub step: String,
+    /// How the attempt went: `null` when it gave no verdict (it took a cached outcome, could
+    /// not start, was cancelled, or its lease was denied).
+    pub succeeded: Option<bool>,
 }
 
 /// `{ns}.cmd.ingest.create_tenant`.

@@ -4,7 +4,8 @@
 //! "The same thing" is a SHA-256 over what decides a step's outcome: its definition as
 //! dispatched (templates rendered, so inputs and upstream outputs it uses count), without what
 //! only names, orders or schedules it (`id`, `name`, `needs`, `if`, `continue_on_error`,
-//! `retry`, `priority`, `rate_limit`, `timeout_seconds`; and `cache.ttl_seconds`); its
+//! `retry`, `priority`, `rate_limit`, `circuit_breaker`, `timeout_seconds`; and
+//! `cache.ttl_seconds`); its
 //! `cache.key`, rendered; and, for a `checkout` step, the repository connection, the URL and
 //! the commit. A matrix instance's values count (they are in the definition). Secrets count
 //! by name, not value; the step's secrets and checkout are opened before the cache is looked
@@ -68,6 +69,7 @@ pub fn key(dispatch: &Dispatch) -> Option<String> {
     def.retry = None;
     def.priority = None;
     def.rate_limit = None;
+    def.circuit_breaker = None;
     def.timeout_seconds = None;
     def.cache = None;
     // The connection too: another connection of the tenant's naming the same URL (a push's
@@ -144,6 +146,7 @@ mod tests {
             "{id: b, name: B, run: 'echo hi', cache: {ttl_seconds: 5}}",
             "{id: a, run: 'echo hi', cache: {}, retry: {max_attempts: 3}, priority: 5, timeout_seconds: 9}",
             "{id: a, run: 'echo hi', cache: {}, continue_on_error: true, rate_limit: {key: k, per_second: 1}}",
+            "{id: a, run: 'echo hi', cache: {}, circuit_breaker: {key: k}}",
         ] {
             assert_eq!(key(&dispatch(same)).unwrap(), base, "{same}");
         }

@@ -526,6 +526,7 @@ impl Executor {
                 tracing::info!(%reason, ack, "lease denied");
                 // Without `ack` the message is another executor's current lease: leave it be.
                 if ack {
+                    self.breaker_signal(&dispatch, None).await;
                     let _ = acker.ack().await;
                     self.slot_freed().await;
                 }
@@ -609,30 +610,31 @@ impl Executor {
                 }
             }
         }
+        // The breaker hears of it before the ack, so a retry cannot pass it first.
+        let verdict = (ran && !report.outcome.cancelled).then_some(report.succeeded);
+        self.breaker_signal(&dispatch, verdict).await;
         drop(heartbeat);
         if let Err(e) = acker.double_ack().await {
             tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
-        }
-        if let Some(breaker) = dispatch.step.circuit_breaker.as_ref().filter(|_| ran && !report.outcome.cancelled) {
-            self.breaker_signal(&dispatch.tenant, breaker, report.succeeded).await;
         }
         self.slot_freed().await;
     }
 
     /// Tells the dispatcher how an attempt behind a circuit breaker went (best effort: a lost
-    /// signal is one attempt the breaker does not count).
-    async fn breaker_signal(
-        &self,
-        tenant: &str,
-        breaker: &taskmesh_events::workflow::CircuitBreakerDef,
-        succeeded: bool,
-    ) {
+    /// signal is one attempt the breaker does not count, or a probe it waits for longer).
+    /// `verdict`: how it went, `None` when it gave none (a cached outcome, a step that could not
+    /// start or was cancelled, a lease denied): a breaker waiting for it as its probe then lets
+    /// another go. Nothing for a step without a breaker.
+    async fn breaker_signal(&self, dispatch: &Dispatch, verdict: Option<bool>) {
+        let Some(breaker) = &dispatch.step.circuit_breaker else { return };
         let signal = BreakerSignal {
-            tenant: tenant.to_string(),
+            tenant: dispatch.tenant.clone(),
             key: breaker.key.clone(),
             failures: breaker.failures,
             cooldown_seconds: breaker.cooldown_seconds,
-            succeeded,
+            run_id: dispatch.run_id,
+            step: dispatch.step.id.clone(),
+            succeeded: verdict,
         };
         let body = serde_json::to_vec(&signal).expect("serialises");
         if let Err(e) = self.bus.client().publish(self.bus.namespace().breaker_signals(), body.into()).await {

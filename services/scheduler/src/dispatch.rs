@@ -9,7 +9,8 @@
 //! - the tenant has fewer than its limit of steps on the dispatch queue or running (the DISPATCH
 //!   work queue holds a message per step from admission until its executor acks it, so its
 //!   per-subject counts are the truth, whoever admitted them and whatever crashed since);
-//! - the step's rate-limit bucket has a token, and its `not_before` has passed;
+//! - the step's circuit breaker (if any) is not open (see [`Breaker`]), its rate-limit bucket
+//!   has a token, and its `not_before` has passed;
 //! - for a run with a concurrency group, or of a tenant with a limit of concurrent runs: the
 //!   group (and the tenant's implicit group of runs) has room. The GROUPS stream holds one
 //!   message per active run of a group, purged when the run ends.
@@ -26,7 +27,9 @@
 //! request after each round (on a task of its own, one at a time, so the next round need not
 //! wait for it); an admitted entry above one that is held (a retry waiting for its
 //! backoff, a tenant at its limit) is deleted on its own once it has waited [`REMOVE_AFTER`].
-//! Rate-limit buckets live in the leader's memory: a new leader starts them full.
+//! Rate-limit buckets and circuit breakers live in the leader's memory: a new leader starts
+//! buckets full and breakers closed. Executors tell the leader how attempts behind a breaker
+//! went on `{ns}.ctl.breaker` (core NATS, best effort).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -56,10 +59,6 @@ pub const REPORT_AFTER: Duration = Duration::from_millis(500);
 const TICK: Duration = Duration::from_millis(100);
 /// Most entries read from READY before an admission round.
 const READ_BATCH: usize = 4_096;
-/// Least time a circuit breaker's probe is waited for before another goes.
-const PROBE_WAIT: Duration = Duration::from_secs(60);
-/// Most circuit breakers remembered at once; past it, only open ones are kept.
-const MAX_BREAKERS: usize = 100_000;
 /// Most publishes (or deletions) in flight at once while a round's admissions go out.
 const PIPELINE: usize = 256;
 /// How long an admitted READY entry may wait for a purge to take it before it is deleted on
@@ -115,9 +114,10 @@ struct Breaker {
     /// Failed attempts in a row, as their executors said.
     failures: u32,
     open_until: Option<Instant>,
-    /// When the probe went, while one is out.
-    probe: Option<Instant>,
-    /// The threshold and the cooldown, as the last step or signal naming it said.
+    /// The probe (run, step) and until when it is waited for, while one is out.
+    probe: Option<((Uuid, String), Instant)>,
+    /// The threshold and the cooldown, as the last held step naming it said (or, for one first
+    /// heard of by a signal, that signal).
     threshold: u32,
     cooldown: Duration,
 }
@@ -141,36 +141,70 @@ impl Breaker {
     }
 
     fn gate(&self, now: Instant) -> Gate {
-        match self.open_until {
-            None => Gate::Closed,
-            Some(until) if now < until => Gate::Open,
-            // A probe that has not been heard of for a cooldown (and at least PROBE_WAIT) is
-            // given up: lost, cancelled or still queued, another goes.
-            Some(_) if self.probe.is_some_and(|at| now.duration_since(at) < self.cooldown.max(PROBE_WAIT)) => {
-                Gate::Open
-            }
-            Some(_) => Gate::Probe,
+        match (self.open_until, &self.probe) {
+            (None, _) => Gate::Closed,
+            (Some(until), _) if now < until => Gate::Open,
+            (Some(_), Some((_, wait_until))) if now < *wait_until => Gate::Open,
+            (Some(_), _) => Gate::Probe,
         }
     }
 
-    /// An attempt behind it ended: a success closes it; a failure opens it once `threshold`
-    /// failed in a row, and again at once when it was the probe's.
-    fn record(&mut self, succeeded: bool, now: Instant) {
-        if succeeded {
-            (self.failures, self.open_until, self.probe) = (0, None, None);
+    /// `step` (run, step id) went as the probe; it is waited for until `wait_until` (then, not
+    /// heard of, another goes).
+    fn probing(&mut self, step: (Uuid, String), wait_until: Instant) {
+        self.probe = Some((step, wait_until));
+    }
+
+    /// An attempt of `step` ended: `Some(succeeded)`, or `None` when it gave no verdict (it
+    /// took a cached outcome, could not start, or was cancelled). Closed, a success clears the
+    /// count and a failure adds to it, opening the breaker at `threshold`; open, only the probe
+    /// counts: its success closes the breaker, its failure opens it again, and no verdict lets
+    /// another probe go.
+    fn record(&mut self, step: &(Uuid, String), verdict: Option<bool>, now: Instant) {
+        if self.open_until.is_none() {
+            match verdict {
+                Some(true) => self.failures = 0,
+                Some(false) => {
+                    self.failures = self.failures.saturating_add(1);
+                    if self.failures >= self.threshold {
+                        self.open_until = Some(now + self.cooldown);
+                    }
+                }
+                None => {}
+            }
             return;
         }
-        self.failures = self.failures.saturating_add(1);
-        if self.probe.take().is_some() || (self.open_until.is_none() && self.failures >= self.threshold) {
-            self.open_until = Some(now + self.cooldown);
+        if self.probe.as_ref().is_none_or(|(probe, _)| probe != step) {
+            return;
+        }
+        self.probe = None;
+        match verdict {
+            Some(true) => (self.failures, self.open_until) = (0, None),
+            Some(false) => {
+                self.failures = self.failures.saturating_add(1);
+                self.open_until = Some(now + self.cooldown);
+            }
+            None => {}
         }
     }
 
-    /// Nothing to remember: closed, with no failures.
-    fn is_idle(&self) -> bool {
-        self.failures == 0 && self.open_until.is_none()
+    /// Nothing to remember: closed with no failures, or open long past its cooldown with
+    /// nobody waiting (it starts closed should a step name it again).
+    fn is_idle(&self, now: Instant) -> bool {
+        match self.open_until {
+            None => self.failures == 0,
+            Some(until) => self.probe.is_none() && now.saturating_duration_since(until) > FORGET_OPEN_AFTER,
+        }
     }
 }
+
+/// How long a probe is waited for, at least, before another goes: its step's own timeout and a
+/// minute more, if longer (a lost signal or a crashed executor otherwise holds the breaker).
+const PROBE_WAIT: Duration = Duration::from_secs(300);
+/// An open breaker no step has come to for this long past its cooldown is forgotten.
+const FORGET_OPEN_AFTER: Duration = Duration::from_secs(86_400);
+/// Most circuit breakers remembered per tenant; a signal for another is not counted.
+const MAX_BREAKERS: usize = 1_000;
 
 /// Steps on DISPATCH (queued or running), per tenant and in all: its per-subject counts as last
 /// read, plus every step this leader has admitted since. Steps leave DISPATCH only when their
@@ -301,8 +335,8 @@ struct Held {
     /// Tenants in turn order.
     turns: VecDeque<String>,
     buckets: HashMap<(String, String), Bucket>,
-    /// Circuit breakers with something to remember, by tenant and key.
-    breakers: HashMap<(String, String), Breaker>,
+    /// Circuit breakers with something to remember, by tenant, then key.
+    breakers: HashMap<String, HashMap<String, Breaker>>,
     /// Runs already asked to cancel for a `cancel_in_progress` group.
     cancelling: HashSet<Uuid>,
     /// Pools (label sets) registered on the POOLS stream by this leader.
@@ -450,11 +484,10 @@ impl Dispatcher {
                         }
                     }
                     Some(msg) = breaker_signals.next() => {
-                        if let Ok(b) = serde_json::from_slice::<BreakerSignal>(&msg.payload) {
-                            held.breakers
-                                .entry((b.tenant, b.key))
-                                .or_insert_with(|| Breaker::new(b.failures, b.cooldown_seconds))
-                                .record(b.succeeded, Instant::now());
+                        let now = Instant::now();
+                        breaker_signal(&mut held, &msg.payload, now);
+                        while let Some(Some(msg)) = futures::FutureExt::now_or_never(breaker_signals.next()) {
+                            breaker_signal(&mut held, &msg.payload, now);
                         }
                     }
                     _ = tokio::time::sleep(wait) => {}
@@ -669,6 +702,8 @@ impl Dispatcher {
         let mut blocked: HashSet<String> = HashSet::new();
         let mut admitted: HashMap<RunKey, Vec<String>> = HashMap::new();
         let mut outgoing: Vec<Outgoing> = Vec::new();
+        // Breakers (tenant, keys) whose probe this round chose: one probe per breaker.
+        let mut probes: HashMap<String, HashSet<String>> = HashMap::new();
         loop {
             let mut admitted_any = false;
             for _ in 0..held.turns.len() {
@@ -688,19 +723,28 @@ impl Dispatcher {
                 }
                 let Some(queue) = held.steps.get_mut(&tenant) else { continue };
                 let mut chosen = None;
+                let mut probe = None;
                 for (k, step) in queue.iter() {
                     if step.dispatch.not_before.is_some_and(|t| t > wall) {
                         continue;
                     }
-                    let breaker = step.dispatch.step.circuit_breaker.as_ref().map(|cb| {
-                        let b = held
-                            .breakers
-                            .entry((tenant.clone(), cb.key.clone()))
-                            .or_insert_with(|| Breaker::new(cb.failures, cb.cooldown_seconds));
-                        b.configure(cb.failures, cb.cooldown_seconds);
-                        (cb.key.clone(), b.gate(now))
-                    });
-                    if breaker.as_ref().is_some_and(|(_, gate)| *gate == Gate::Open) {
+                    // Held by its breaker while open, or while this round sends its probe.
+                    let gate = match &step.dispatch.step.circuit_breaker {
+                        Some(cb) => match held.breakers.get_mut(&tenant).and_then(|b| b.get_mut(&cb.key)) {
+                            Some(b) => {
+                                b.configure(cb.failures, cb.cooldown_seconds);
+                                match b.gate(now) {
+                                    Gate::Probe if probes.get(&tenant).is_some_and(|p| p.contains(&cb.key)) => {
+                                        Gate::Open
+                                    }
+                                    gate => gate,
+                                }
+                            }
+                            None => Gate::Closed,
+                        },
+                        None => Gate::Closed,
+                    };
+                    if gate == Gate::Open {
                         continue;
                     }
                     if let Some(rl) = &step.dispatch.step.rate_limit {
@@ -718,10 +762,8 @@ impl Dispatcher {
                         }
                         bucket.tokens -= 1.0;
                     }
-                    if let Some((key, Gate::Probe)) = breaker
-                        && let Some(b) = held.breakers.get_mut(&(tenant.clone(), key))
-                    {
-                        b.probe = Some(now);
+                    if gate == Gate::Probe {
+                        probe = step.dispatch.step.circuit_breaker.as_ref().map(|cb| cb.key.clone());
                     }
                     chosen = Some(*k);
                     break;
@@ -730,6 +772,9 @@ impl Dispatcher {
                     blocked.insert(tenant);
                     continue;
                 };
+                if let Some(key) = probe {
+                    probes.entry(tenant.clone()).or_default().insert(key);
+                }
                 if let Err(e) = valid.check() {
                     hold_again(held, outgoing);
                     return Err(e);
@@ -779,6 +824,17 @@ impl Dispatcher {
                 continue;
             }
             done.push(k.1);
+            if let Some(cb) = &step.dispatch.step.circuit_breaker
+                && probes.get(&tenant).is_some_and(|p| p.contains(&cb.key))
+                && let Some(b) = held.breakers.get_mut(&tenant).and_then(|b| b.get_mut(&cb.key))
+                && b.gate(now) == Gate::Probe
+            {
+                let d = &step.dispatch;
+                let wait = PROBE_WAIT
+                    .max(b.cooldown)
+                    .max(Duration::from_secs(d.step.timeout_seconds.unwrap_or(0).saturating_add(60)));
+                b.probing((d.run_id, d.step.id.clone()), now + wait);
+            }
             let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
             if step.reported {
                 admitted.entry(key.clone()).or_default().push(step.dispatch.step.id.clone());
@@ -805,10 +861,11 @@ impl Dispatcher {
                     format!("tenant concurrency limit ({limit} steps)")
                 } else if window > 0 && in_flight.total >= u64::from(window) {
                     format!("dispatch window full ({window} steps across tenants)")
-                } else if let Some(cb) = step.dispatch.step.circuit_breaker.as_ref().filter(|cb| {
-                    held.breakers.get(&(tenant.clone(), cb.key.clone())).is_some_and(|b| b.gate(now) == Gate::Open)
+                } else if let Some((key, b)) = step.dispatch.step.circuit_breaker.as_ref().and_then(|cb| {
+                    let b = held.breakers.get(tenant)?.get(&cb.key).filter(|b| b.gate(now) != Gate::Closed)?;
+                    Some((&cb.key, b))
                 }) {
-                    format!("circuit breaker '{}' open ({} failed attempts in a row)", cb.key, cb.failures)
+                    format!("circuit breaker '{key}' open ({} failed attempts in a row)", b.failures)
                 } else if let Some(rl) = &step.dispatch.step.rate_limit {
                     format!("rate limit '{}' ({}/s)", rl.key, rl.per_second)
                 } else {
@@ -828,11 +885,7 @@ impl Dispatcher {
             return Err(e);
         }
         held.in_flight = Some(in_flight);
-        // A breaker closed with no failures is the same as a new one.
-        held.breakers.retain(|_, b| !b.is_idle());
-        if held.breakers.len() > MAX_BREAKERS {
-            held.breakers.retain(|_, b| b.open_until.is_some());
-        }
+        forget_idle_breakers(held, now);
         // A bucket that has filled up again is the same as a new one.
         held.buckets.retain(|_, b| {
             b.refill(now);
@@ -962,6 +1015,40 @@ impl Dispatcher {
 /// it goes to, the step.
 type Outgoing = (String, (Reverse<i32>, u64), String, HeldStep);
 
+/// Records what an executor said of an attempt behind a circuit breaker (a `BreakerSignal`).
+/// A signal that does not parse or names no valid tenant, key or limits is dropped (anyone on
+/// the bus could send one); a success or no verdict for a breaker not remembered changes
+/// nothing, and a tenant remembering [`MAX_BREAKERS`] adds no more.
+fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
+    let Ok(b) = serde_json::from_slice::<BreakerSignal>(payload) else { return };
+    let valid = taskmesh_events::subjects::is_token(&b.tenant)
+        && taskmesh_events::subjects::is_token(&b.key)
+        && (1..=1_000).contains(&b.failures)
+        && (1..=86_400).contains(&b.cooldown_seconds);
+    if !valid {
+        tracing::warn!(tenant = %b.tenant, key = %b.key, "a circuit breaker signal out of bounds; dropped");
+        return;
+    }
+    let step = (b.run_id, b.step);
+    let tenant = held.breakers.entry(b.tenant).or_default();
+    if let Some(breaker) = tenant.get_mut(&b.key) {
+        breaker.record(&step, b.succeeded, now);
+    } else if b.succeeded == Some(false) && tenant.len() < MAX_BREAKERS {
+        let mut breaker = Breaker::new(b.failures, b.cooldown_seconds);
+        breaker.record(&step, b.succeeded, now);
+        tenant.insert(b.key, breaker);
+    }
+    forget_idle_breakers(held, now);
+}
+
+/// Forgets breakers with nothing to remember (see [`Breaker::is_idle`]).
+fn forget_idle_breakers(held: &mut Held, now: Instant) {
+    for breakers in held.breakers.values_mut() {
+        breakers.retain(|_, b| !b.is_idle(now));
+    }
+    held.breakers.retain(|_, b| !b.is_empty());
+}
+
 /// Puts steps a round had chosen but not sent back among the held ones (their READY entries
 /// are still there), so a round that stops half-way loses none of them.
 fn hold_again(held: &mut Held, outgoing: Vec<Outgoing>) {
@@ -1027,27 +1114,71 @@ mod tests {
     }
 
     #[test]
-    fn a_breaker_opens_on_failures_in_a_row_probes_after_its_cooldown_and_gives_up_a_silent_probe() {
+    fn a_breaker_opens_on_failures_in_a_row_and_then_hears_only_its_probe() {
         let t0 = Instant::now();
         let secs = Duration::from_secs;
+        let step = |n: u8| (Uuid::from_bytes([n; 16]), format!("s{n}"));
         let mut b = Breaker::new(2, 10);
-        b.record(false, t0);
-        b.record(true, t0);
-        b.record(false, t0);
-        assert!(b.gate(t0) == Gate::Closed, "a success in between starts the count again");
-        b.record(false, t0);
+        b.record(&step(1), Some(false), t0);
+        b.record(&step(2), Some(true), t0);
+        b.record(&step(3), Some(false), t0);
+        b.record(&step(4), None, t0);
+        assert!(b.gate(t0) == Gate::Closed, "a success in between starts the count again; no verdict counts nothing");
+        b.record(&step(5), Some(false), t0);
         assert!(b.gate(t0) == Gate::Open && b.gate(t0 + secs(9)) == Gate::Open);
-        b.record(false, t0 + secs(1));
-        assert!(b.gate(t0 + secs(10)) == Gate::Probe, "late failures while open do not push the cooldown back");
-        b.probe = Some(t0 + secs(10));
+        // Attempts that went before it opened are not heard while it is open.
+        b.record(&step(6), Some(true), t0 + secs(1));
+        b.record(&step(7), Some(false), t0 + secs(1));
+        assert!(b.gate(t0 + secs(9)) == Gate::Open, "a late success does not close it");
+        assert!(b.gate(t0 + secs(10)) == Gate::Probe, "nor does a late failure push the cooldown back");
+        b.probing(step(8), t0 + secs(10) + PROBE_WAIT);
         assert!(b.gate(t0 + secs(11)) == Gate::Open, "one probe at a time");
+        b.record(&step(9), Some(true), t0 + secs(12));
+        assert!(b.gate(t0 + secs(12)) == Gate::Open, "only the probe closes it");
         assert!(b.gate(t0 + secs(10) + PROBE_WAIT) == Gate::Probe, "a probe not heard of is given up");
-        b.record(false, t0 + secs(12));
-        assert!(b.gate(t0 + secs(21)) == Gate::Open, "a failed probe opens it again, for a cooldown");
-        assert!(b.gate(t0 + secs(22)) == Gate::Probe);
-        b.probe = Some(t0 + secs(22));
-        b.record(true, t0 + secs(23));
-        assert!(b.gate(t0 + secs(23)) == Gate::Closed && b.is_idle(), "the probe's success closes it");
+        b.record(&step(8), None, t0 + secs(12));
+        assert!(b.gate(t0 + secs(12)) == Gate::Probe, "a probe without a verdict lets another go");
+        b.probing(step(10), t0 + secs(12) + PROBE_WAIT);
+        b.record(&step(10), Some(false), t0 + secs(13));
+        assert!(b.gate(t0 + secs(22)) == Gate::Open, "a failed probe opens it again, for a cooldown");
+        assert!(b.gate(t0 + secs(23)) == Gate::Probe);
+        assert_eq!(b.failures, 3);
+        b.probing(step(11), t0 + secs(23) + PROBE_WAIT);
+        b.record(&step(11), Some(true), t0 + secs(24));
+        assert!(b.gate(t0 + secs(24)) == Gate::Closed && b.is_idle(t0), "the probe's success closes it");
+        // An open breaker nobody comes to is forgotten a day after its cooldown.
+        let mut lonely = Breaker::new(1, 10);
+        lonely.record(&step(12), Some(false), t0);
+        assert!(!lonely.is_idle(t0 + secs(10)) && lonely.is_idle(t0 + secs(11) + FORGET_OPEN_AFTER));
+    }
+
+    #[test]
+    fn breaker_signals_out_of_bounds_or_for_breakers_not_remembered_change_nothing() {
+        let now = Instant::now();
+        let mut held = Held::default();
+        let signal = |tenant: &str, failures: u32, cooldown: u64, succeeded: Option<bool>| {
+            serde_json::to_vec(&BreakerSignal {
+                tenant: tenant.into(),
+                key: "k".into(),
+                failures,
+                cooldown_seconds: cooldown,
+                run_id: Uuid::now_v7(),
+                step: "s".into(),
+                succeeded,
+            })
+            .unwrap()
+        };
+        for bad in
+            [signal("t", 1, u64::MAX, Some(false)), signal("t", 0, 1, Some(false)), signal("a.b", 1, 1, Some(false))]
+        {
+            breaker_signal(&mut held, &bad, now);
+        }
+        breaker_signal(&mut held, b"not json", now);
+        breaker_signal(&mut held, &signal("t", 1, 1, Some(true)), now);
+        breaker_signal(&mut held, &signal("t", 1, 1, None), now);
+        assert!(held.breakers.is_empty(), "nothing remembered");
+        breaker_signal(&mut held, &signal("t", 1, 30, Some(false)), now);
+        assert!(held.breakers["t"]["k"].gate(now) == Gate::Open, "a failure opens a one-failure breaker");
     }
 
     #[test]
