@@ -136,6 +136,22 @@ async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_ru
     }
     assert_eq!(kept(&tm).await, before, "no failure kept");
 
+    // Purged, the tenant's kept outcomes go (another tenant's stay): the step runs again.
+    let viewer = tm.send_json(Method::POST, "/v1/keys", &json!({"role": "viewer"})).await;
+    let viewer_key = viewer.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let refused = tm.http.delete(format!("{}/v1/cache", tm.api)).bearer_auth(&viewer_key).send().await.unwrap();
+    assert_eq!(refused.status(), 403, "a viewer may not purge");
+    let ours = kept(&tm).await.iter().filter(|(s, _)| s.contains(".cache.default.")).count();
+    let res = tm.send_json(Method::DELETE, "/v1/cache", &json!({})).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["purged"], ours as u64, "every outcome of the tenant's");
+    let left = kept(&tm).await;
+    assert!(!left.is_empty() && left.iter().all(|(s, _)| s.contains(".cache.beta.")), "beta's stay: {left:?}");
+    let (_, anew) = run(&tm, &tm.key, &yaml).await;
+    assert_eq!(step(&anew, "gen")["reason"], Value::Null, "the step ran again");
+    assert_ne!(n(&anew), made);
+
     // An outcome older than the step's time to live is not reused; the new one is kept.
     let short = workflow(1, "a");
     let (_, fresh) = run(&tm, &tm.key, &short).await;

@@ -706,11 +706,12 @@ impl Bus {
         Ok(())
     }
 
-    /// Removes every message on `subject` from `stream`.
-    pub async fn purge_subject(&self, stream: &str, subject: &str) -> Result<()> {
+    /// Removes every message of `subject` (a filter: wildcards allowed) from `stream`; returns how many.
+    pub async fn purge_subject(&self, stream: &str, subject: &str) -> Result<u64> {
         let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
-        stream.purge().filter(subject).await.map_err(|e| BusError::Nats(format!("purging {subject}: {e}")))?;
-        Ok(())
+        let purged =
+            stream.purge().filter(subject).await.map_err(|e| BusError::Nats(format!("purging {subject}: {e}")))?;
+        Ok(purged.purged)
     }
 
     /// Provisions the stream of leader leases: one message per lease subject, expiring after
@@ -753,7 +754,7 @@ impl Bus {
 
     /// Gives up the lease `name` (whoever holds it: call only as its holder).
     pub async fn release_lease(&self, name: &str) -> Result<()> {
-        self.purge_subject(&self.ns.leases_stream(), &self.ns.lease(name)).await
+        self.purge_subject(&self.ns.leases_stream(), &self.ns.lease(name)).await.map(|_| ())
     }
 
     /// Sends a command and waits for its reply: `Ok(Resp)`, or the problem the service answered.

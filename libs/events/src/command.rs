@@ -123,6 +123,18 @@ pub struct DeleteSecret {
     pub name: String,
 }
 
+/// `{ns}.cmd.ingest.purge_cache`: forget every `cache:` outcome the tenant has kept.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PurgeCache {
+    pub tenant: String,
+}
+
+/// The reply to [`PurgeCache`]: how many kept outcomes went.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+pub struct Purged {
+    pub purged: u64,
+}
+
 /// `{ns}.cmd.ingest.create_schedule`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CreateSchedule {

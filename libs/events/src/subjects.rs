@@ -128,6 +128,10 @@ impl Namespace {
     pub fn cache(&self, tenant: &str, key: &str) -> String {
         format!("{}.cache.{tenant}.{key}", self.0)
     }
+    /// Every kept outcome of one tenant.
+    pub fn cache_tenant(&self, tenant: &str) -> String {
+        format!("{}.cache.{tenant}.*", self.0)
+    }
     pub fn timers_stream(&self) -> String {
         self.stream("TIMERS")
     }

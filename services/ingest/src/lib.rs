@@ -289,6 +289,15 @@ impl Ingest {
         Ok(Created { id: cmd.name, seq: appended.seq })
     }
 
+    /// Forgets every `cache:` outcome the tenant has kept (`TM_CACHE` is not the log: nothing
+    /// is appended, and steps that would have reused one run again).
+    pub async fn purge_cache(&self, cmd: PurgeCache) -> Reply<Purged> {
+        check_tenant(&cmd.tenant)?;
+        let ns = self.bus.namespace();
+        let purged = self.bus.purge_subject(&ns.cache_stream(), &ns.cache_tenant(&cmd.tenant)).await?;
+        Ok(Purged { purged })
+    }
+
     /// Deletes a secret; a missing one is a 404.
     pub async fn delete_secret(&self, cmd: DeleteSecret) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
@@ -897,6 +906,7 @@ impl Ingest {
             serve!("create_schedule", create_schedule),
             serve!("set_secret", set_secret),
             serve!("delete_secret", delete_secret),
+            serve!("purge_cache", purge_cache),
             serve!("toggle_schedule", toggle_schedule),
             serve!("delete_schedule", delete_schedule),
             serve!("create_tenant", create_tenant),
@@ -960,6 +970,9 @@ impl IngestClient {
     }
     pub async fn delete_secret(&self, cmd: &DeleteSecret) -> Reply<Created> {
         self.call("delete_secret", cmd).await
+    }
+    pub async fn purge_cache(&self, cmd: &PurgeCache) -> Reply<Purged> {
+        self.call("purge_cache", cmd).await
     }
     pub async fn toggle_schedule(&self, cmd: &ToggleSchedule) -> Reply<Created> {
         self.call("toggle_schedule", cmd).await
