@@ -94,6 +94,8 @@ impl Mesh {
         pool: Option<PgPool>,
         services: &[Service],
     ) -> anyhow::Result<Self> {
+        // The process's metrics recorder, before anything records (see `GET /metrics`).
+        taskmesh_telemetry::metrics::install();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut mesh = Mesh { gateway: None, git: None, shutdown: shutdown.clone(), tasks: JoinSet::new() };

@@ -19,6 +19,7 @@ mod kinds;
 mod lanes;
 mod lists;
 mod logs;
+mod metrics;
 mod pooler;
 mod projection;
 mod requests;

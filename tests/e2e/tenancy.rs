@@ -309,6 +309,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         // Open to all.
         case(Method::GET, "/healthz", "/healthz", None, [200, 200, 200]),
         case(Method::GET, "/readyz", "/readyz", None, [200, 200, 200]),
+        case(Method::GET, "/metrics", "/metrics", None, [200, 200, 200]),
     ];
     let mut covered = BTreeSet::new();
     for c in &cases {
@@ -328,7 +329,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             }
         }
         // Without a key, only the open routes answer.
-        let open = matches!(c.route, "/healthz" | "/readyz");
+        let open = matches!(c.route, "/healthz" | "/readyz" | "/metrics");
         let (status, _) = anonymous.call(c.method.clone(), &c.path, c.body.clone()).await;
         assert_eq!(status == 401, !open, "no key: {} {} -> {status}", c.method, c.path);
     }

@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`error`]: [`ApiError`], problem rendering, rewriting axum's own error responses.
 //! - [`body`]: reading JSON or YAML bodies with every rejection a problem.
-//! - this file: [`Server`], a bound listener plus router.
+//! - this file: [`finish`] (the shared layers, request metrics, `GET /metrics`) and [`Server`],
+//!   a bound listener plus router.
 
 pub mod body;
 pub mod error;
@@ -15,15 +16,54 @@ pub use error::{ApiError, ApiResult, PROBLEM_JSON};
 use tokio_util::sync::CancellationToken;
 
 /// Wraps a router with the shared layers: problem+json for every error axum produces itself,
-/// and request tracing.
+/// request metrics and tracing; and adds `GET /metrics`, the process's Prometheus metrics
+/// (unauthenticated, as `/healthz` is: no metric names a tenant).
 pub fn finish(router: axum::Router) -> axum::Router {
     router
+        .route("/metrics", axum::routing::get(metrics))
+        .layer(axum::middleware::from_fn(track))
         .layer(axum::middleware::map_response(error::problems_everywhere))
         // An INFO span per request, so the trace context it carries survives an `info` filter.
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO)),
         )
+}
+
+/// `GET /metrics`: the Prometheus text format.
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        taskmesh_telemetry::metrics::render(),
+    )
+}
+
+/// Counts and times each request by method, route (its template, not its path, so ids do not
+/// multiply the series) and status.
+async fn track(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    // Extension methods are anyone's to make up: one series for all of them.
+    let method = match *req.method() {
+        axum::http::Method::GET
+        | axum::http::Method::HEAD
+        | axum::http::Method::POST
+        | axum::http::Method::PUT
+        | axum::http::Method::PATCH
+        | axum::http::Method::DELETE
+        | axum::http::Method::OPTIONS => req.method().as_str().to_owned(),
+        _ => "other".to_owned(),
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    ::metrics::counter!("taskmesh_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    ::metrics::histogram!("taskmesh_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// A bound, not yet serving, HTTP service (port 0 picks a free port, for tests).

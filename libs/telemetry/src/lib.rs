@@ -1,13 +1,17 @@
-//! Logs and traces for every Taskmesh process.
+//! Logs, traces and metrics for every Taskmesh process.
 //!
 //! [`init`] installs a `tracing` subscriber (text or JSON logs, filtered by `RUST_LOG` or the
 //! configured filter) and an OpenTelemetry tracer, exporting over OTLP/HTTP when an endpoint is
 //! configured. Spans always carry W3C trace context, so a trace follows a run across the bus:
 //! [`current_traceparent`] reads it to put in NATS headers and envelopes, [`set_parent`]
-//! continues it on the receiving side.
+//! continues it on the receiving side. [`metrics::install`] installs the process's Prometheus
+//! recorder.
 //!
 //! # Layout
-//! Everything is in this file.
+//! - [`metrics`]: the Prometheus recorder and what it describes.
+//! - this file: logs and traces.
+
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

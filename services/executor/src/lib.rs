@@ -555,7 +555,12 @@ impl Executor {
             Err(outcome) => Some((false, outcome)),
             Ok(opened) => {
                 let cached = match &cache_key {
-                    Some(key) => cache::lookup(&self.bus, &dispatch, key).await,
+                    Some(key) => {
+                        let found = cache::lookup(&self.bus, &dispatch, key).await;
+                        let result = if found.is_some() { "hit" } else { "miss" };
+                        metrics::counter!("taskmesh_step_cache_lookups_total", "result" => result).increment(1);
+                        found
+                    }
                     None => None,
                 };
                 match cached {
@@ -609,6 +614,24 @@ impl Executor {
                     return;
                 }
             }
+        }
+        let o = &report.outcome;
+        let outcome = if o.cached_from.is_some() {
+            "cached"
+        } else if report.succeeded {
+            "succeeded"
+        } else if o.cancelled {
+            "cancelled"
+        } else if o.timed_out {
+            "timed_out"
+        } else {
+            "failed"
+        };
+        metrics::counter!("taskmesh_steps_finished_total", "outcome" => outcome).increment(1);
+        if ran {
+            let secs = (o.finished_at - o.started_at).to_std().unwrap_or_default().as_secs_f64();
+            let kind = dispatch.step.kind().unwrap_or("none");
+            metrics::histogram!("taskmesh_step_duration_seconds", "kind" => kind).record(secs);
         }
         // The breaker hears of it before the ack, so a retry cannot pass it first.
         let verdict = (ran && !report.outcome.cancelled).then_some(report.succeeded);

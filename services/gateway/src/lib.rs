@@ -210,7 +210,7 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
-    paths(runs::submit, runs::submit_batch, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, workflows::versions, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, schedules::delete, secrets::set, secrets::list, secrets::delete, cache::purge, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, tenancy::whoami, audit::list, resources::create_repo_connection, resources::list_repo_connections, resources::delete_repo_connection, resources::create_webhook_endpoint, resources::list_webhook_endpoints, resources::delete_webhook_endpoint, deliveries::list, deliveries::retry, deliveries::retry_all, deliveries::enable, executors::list, events::publish, healthz, readyz),
+    paths(runs::submit, runs::submit_batch, runs::list, runs::get_run, runs::cancel, runs::rerun, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, workflows::versions, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, schedules::delete, secrets::set, secrets::list, secrets::delete, cache::purge, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, tenancy::whoami, audit::list, resources::create_repo_connection, resources::list_repo_connections, resources::delete_repo_connection, resources::create_webhook_endpoint, resources::list_webhook_endpoints, resources::delete_webhook_endpoint, deliveries::list, deliveries::retry, deliveries::retry_all, deliveries::enable, executors::list, events::publish, healthz, readyz, metrics),
     components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "events", description = "CloudEvents that trigger stored workflows"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
@@ -311,6 +311,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
+
+/// The process's Prometheus metrics (see operations.md, Metrics), without a key. Every HTTP
+/// server of Taskmesh answers it (`taskmesh_http::finish` adds the route); this function only
+/// lists it in the spec.
+#[utoipa::path(get, operation_id = "metrics", path = "/metrics", tag = "health", responses(
+    (status = 200, description = "The Prometheus text format, version 0.0.4", body = String, content_type = "text/plain")))]
+#[allow(dead_code)]
+fn metrics() {}
 
 /// Readiness: Postgres and NATS answer.
 #[utoipa::path(get, operation_id = "readyz", path = "/readyz", tag = "health", responses(

@@ -484,6 +484,9 @@ impl Ingest {
             envelopes.extend(decided.into_iter().map(|e| meta.envelope(subject.clone(), e)));
         }
         let done = self.bus.append_decision(0, &envelopes).await;
+        if done.first.is_some() {
+            metrics::counter!("taskmesh_runs_submitted_total").increment(1);
+        }
         match (done.first, done.error) {
             (Some(seq), None) => Ok(seq),
             (Some(seq), Some(e)) => {

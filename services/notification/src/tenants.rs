@@ -440,6 +440,12 @@ impl Pool {
             }
         };
         drop(turn);
+        let outcome = match kind {
+            AckKind::Ack => "sent",
+            AckKind::Nak(_) => "retry",
+            _ => "given_up",
+        };
+        metrics::counter!("taskmesh_deliveries_total", "outcome" => outcome).increment(1);
         if let Err(e) = msg.ack_with(kind).await {
             tracing::warn!(error = %e, "ack failed; the delivery will be redelivered");
         }

@@ -257,7 +257,14 @@ impl Projector {
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
-            committed = Some(self.apply_batch(&events, committed, &mut cache).await?);
+            let checkpoint = self.apply_batch(&events, committed, &mut cache).await?;
+            committed = Some(checkpoint);
+            metrics::counter!("taskmesh_projector_events_total").increment(events.len() as u64);
+            metrics::gauge!("taskmesh_projector_checkpoint").set(checkpoint as f64);
+            if let Some(newest) = events.last() {
+                let lag = (chrono::Utc::now() - newest.envelope.occurred_at).to_std().unwrap_or_default();
+                metrics::gauge!("taskmesh_projector_lag_seconds").set(lag.as_secs_f64());
+            }
             last.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
         }
     }

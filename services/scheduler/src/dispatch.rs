@@ -841,6 +841,7 @@ impl Dispatcher {
             }
             sent.push((key, step.dispatch.step.id.clone(), step.dispatch.step.runs_on.clone()));
         }
+        metrics::counter!("taskmesh_dispatch_admitted_total").increment(done.len() as u64);
         for seq in done {
             held.removals.done(seq);
         }
@@ -886,6 +887,10 @@ impl Dispatcher {
         }
         held.in_flight = Some(in_flight);
         forget_idle_breakers(held, now);
+        let held_steps: usize = held.steps.values().map(BTreeMap::len).sum();
+        metrics::gauge!("taskmesh_dispatch_held_steps").set(held_steps as f64);
+        let open = held.breakers.values().flat_map(HashMap::values).filter(|b| b.gate(now) != Gate::Closed).count();
+        metrics::gauge!("taskmesh_circuit_breakers_open").set(open as f64);
         // A bucket that has filled up again is the same as a new one.
         held.buckets.retain(|_, b| {
             b.refill(now);
@@ -1029,6 +1034,12 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
         tracing::warn!(tenant = %b.tenant, key = %b.key, "a circuit breaker signal out of bounds; dropped");
         return;
     }
+    let verdict = match b.succeeded {
+        Some(true) => "success",
+        Some(false) => "failure",
+        None => "none",
+    };
+    metrics::counter!("taskmesh_circuit_breaker_signals_total", "verdict" => verdict).increment(1);
     let step = (b.run_id, b.step);
     let tenant = held.breakers.entry(b.tenant).or_default();
     if let Some(breaker) = tenant.get_mut(&b.key) {

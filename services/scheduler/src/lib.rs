@@ -398,6 +398,13 @@ impl Scheduler {
             }
             // A run leaving its concurrency group makes room for the next.
             Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_) => {
+                let status = match stored.envelope.event {
+                    Event::RunSucceeded(_) => "succeeded",
+                    Event::RunFailed(_) => "failed",
+                    Event::RunCancelled(_) => "cancelled",
+                    _ => "timed_out",
+                };
+                metrics::counter!("taskmesh_runs_finished_total", "status" => status).increment(1);
                 if matches!(stored.envelope.event, Event::RunCancelled(_) | Event::RunTimedOut(_)) {
                     // Steps of the run still held for admission need not go out at all.
                     let signal = CancelSignal { tenant: key.tenant.clone(), run_id: key.run_id };
