@@ -237,15 +237,7 @@ async fn a_rate_limited_step_runs_at_the_buckets_rate_and_none_fails_for_it() {
     }
     let span = (starts[11] - starts[0]).num_milliseconds();
     assert!(span < 6_000, "11 intervals at 5/s took {span} ms");
-    let waits = tm
-        .run_events(id)
-        .await
-        .into_iter()
-        .filter_map(|e| match e.event {
-            Event::StepWaiting(w) => Some(w.reason),
-            _ => None,
-        })
-        .collect::<Vec<_>>();
+    let waits = waiting_reasons(&tm, id).await;
     assert!(waits.iter().all(|r| r == "rate limit 'partner' (5/s)"), "{waits:?}");
     assert!(!waits.is_empty(), "the held steps said why they waited");
     tm.finish().await;
@@ -361,6 +353,18 @@ async fn a_tenants_run_limit_queues_its_runs_in_order() {
     tm.finish().await;
 }
 
+/// Why steps of run `id` waited, from its `StepWaiting` events, in order.
+async fn waiting_reasons(tm: &TestMesh, id: Uuid) -> Vec<String> {
+    let events = tm.run_events(id).await;
+    events
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::StepWaiting(w) => Some(w.reason),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The `wait_reason` a held step of run `id` shows, once it shows one.
 async fn step_wait_reason(tm: &TestMesh, id: Uuid) -> String {
     eventually("the held step's wait_reason", Duration::from_secs(20), || async {
@@ -374,11 +378,15 @@ async fn step_wait_reason(tm: &TestMesh, id: Uuid) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_probe_closes_it() {
     let tm = spawn_mesh().await;
-    let marker = std::env::temp_dir().join(format!("tm-breaker-{}", Uuid::now_v7()));
-    let calls = format!(
-        "name: calls\nsteps:\n  - {{id: call, run: '[ -f {} ]', circuit_breaker: {{key: partner, failures: 2, cooldown_seconds: 6}}}}\n",
-        marker.display()
-    );
+    let dir = tempfile::tempdir().unwrap();
+    // The service the steps call is up while this file exists.
+    let up = dir.path().join("up");
+    let calls = |key: &str, cooldown: u64| {
+        format!(
+            "name: calls\nsteps:\n  - {{id: call, run: '[ -f {} ]', circuit_breaker: {{key: {key}, failures: 2, cooldown_seconds: {cooldown}}}}}\n",
+            up.display()
+        )
+    };
     let run = |yaml: String| {
         let tm = &tm;
         async move {
@@ -386,66 +394,91 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
             (id, tm.wait_run(id, Duration::from_secs(60)).await)
         }
     };
-    let cooldown = chrono::Duration::seconds(6);
     let call = |run: &Value, field: &str| ts(step(run, "call"), field);
-    let waited = |id: Uuid| {
+    // Whether a step of run `id` was held by a breaker, from its log.
+    let held_by_breaker = |id: Uuid| {
+        let tm = &tm;
+        async move { waiting_reasons(tm, id).await.iter().any(|r| r.starts_with("circuit breaker")) }
+    };
+    // Waits until the dispatcher has heard `n` attempts' verdicts of this kind in all (the
+    // executor tells it after the run's end is recorded, which the read side may show first).
+    let heard = |verdict: &'static str, n: f64| {
         let tm = &tm;
         async move {
-            tm.run_events(id)
-                .await
-                .iter()
-                .any(|e| matches!(&e.event, Event::StepWaiting(w) if w.reason.starts_with("circuit")))
+            eventually(&format!("{n} '{verdict}' breaker signals"), Duration::from_secs(20), || async {
+                let text = tm.metrics().await;
+                Ok((sample(&text, "taskmesh_circuit_breaker_signals_total", &[("verdict", verdict)]) >= n)
+                    .then_some(()))
+            })
+            .await
+            .unwrap();
         }
     };
 
-    // One failure leaves it closed (the next goes at once); two in a row open it.
-    let (_, first) = run(calls.clone()).await;
-    assert_eq!(first["status"], "failed");
-    let (second_id, second) = run(calls.clone()).await;
-    assert_eq!(second["status"], "failed", "{second:#}");
-    assert!(!waited(second_id).await, "one failure does not open it");
-    let opened = call(&second, "finished_at");
-    let held = tm.submit(&calls).await;
-    // The probe will find the service up: it goes only once the cooldown is over.
-    std::fs::write(&marker, "up").unwrap();
-    assert_eq!(step_wait_reason(&tm, held).await, "circuit breaker 'partner' open (2 failed attempts in a row)");
-    assert_eq!(tm.get_run(held).await.1["status"], "queued", "held, not failed");
-    // Other steps go meanwhile: another breaker's, and one without.
-    let other_yaml =
-        "name: other\nsteps:\n  - {id: a, run: 'true', circuit_breaker: {key: other}}\n  - {id: b, run: 'true'}\n";
-    let (_, other) = run(other_yaml.into()).await;
-    assert_eq!(other["status"], "succeeded");
+    // A step that could not start gives no verdict: this one-failure breaker stays closed.
+    let unopened = "name: unopened\nsteps:\n  - {id: call, run: 'true', secrets: [NOT_SET], circuit_breaker: {key: quiet, failures: 1, cooldown_seconds: 600}}\n";
+    for _ in 0..2 {
+        let (id, ended) = run(unopened.into()).await;
+        assert_eq!(ended["status"], "failed", "{ended:#}");
+        assert!(!held_by_breaker(id).await, "a step that could not start does not open its breaker");
+    }
+    heard("none", 2.0).await;
 
-    // Past the cooldown one step goes as a probe; its success closes the breaker.
+    // Open, it holds its steps, never failing them, while other steps go.
+    for _ in 0..2 {
+        assert_eq!(run(calls("slow", 600)).await.1["status"], "failed");
+    }
+    heard("failure", 2.0).await;
+    let held = tm.submit(&calls("slow", 600)).await;
+    assert_eq!(step_wait_reason(&tm, held).await, "circuit breaker 'slow' open (2 failed attempts in a row)");
+    let other =
+        "name: other\nsteps:\n  - {id: a, run: 'true', circuit_breaker: {key: other}}\n  - {id: b, run: 'true'}\n";
+    assert_eq!(run(other.into()).await.1["status"], "succeeded", "another breaker's step and one without went");
+    assert_eq!(tm.get_run(held).await.1["status"], "queued", "held, not failed");
+    let cancelled = tm.auth(tm.http.post(format!("{}/v1/runs/{held}/cancel", tm.api))).send().await.unwrap();
+    assert!(cancelled.status().is_success());
+    assert_eq!(tm.wait_run(held, Duration::from_secs(30)).await["status"], "cancelled");
+
+    // One failure leaves a breaker closed; two in a row open it. Past the cooldown one step
+    // goes as a probe, and its success closes it. (Times here are lower bounds only.)
+    let cooldown = chrono::Duration::seconds(6);
+    assert_eq!(run(calls("partner", 6)).await.1["status"], "failed");
+    let (second_id, second) = run(calls("partner", 6)).await;
+    assert_eq!(second["status"], "failed");
+    assert!(!held_by_breaker(second_id).await, "one failure did not open it");
+    heard("failure", 4.0).await;
+    let opened = call(&second, "finished_at");
+    let held = tm.submit(&calls("partner", 6)).await;
+    std::fs::write(&up, "").unwrap();
     let probed = tm.wait_run(held, Duration::from_secs(60)).await;
     assert_eq!(probed["status"], "succeeded", "{probed:#}");
-    let probe_start = call(&probed, "started_at");
-    assert!(ts(&other, "finished_at") < probe_start, "the other steps did not wait for this breaker");
-    assert!(
-        probe_start - opened >= cooldown,
-        "the probe went {} ms after it opened",
-        (probe_start - opened).num_milliseconds()
-    );
-    let (closed_id, closed) = run(calls.clone()).await;
+    assert!(held_by_breaker(held).await, "it was held");
+    let waited = call(&probed, "started_at") - opened;
+    assert!(waited >= cooldown, "the probe went {} ms after it opened", waited.num_milliseconds());
+    heard("success", 1.0).await;
+    let (closed_id, closed) = run(calls("partner", 6)).await;
     assert_eq!(closed["status"], "succeeded");
-    assert!(!waited(closed_id).await, "closed again: the next step did not wait");
+    assert!(!held_by_breaker(closed_id).await, "closed again: the next step did not wait");
+    heard("success", 2.0).await;
 
     // A failed probe opens it again at once, without waiting for two failures.
-    std::fs::remove_file(&marker).unwrap();
-    assert_eq!(run(calls.clone()).await.1["status"], "failed");
-    let (_, fourth) = run(calls.clone()).await;
+    std::fs::remove_file(&up).unwrap();
+    assert_eq!(run(calls("partner", 6)).await.1["status"], "failed");
+    let (_, fourth) = run(calls("partner", 6)).await;
     assert_eq!(fourth["status"], "failed");
-    let (_, failed_probe) = run(calls.clone()).await;
+    heard("failure", 6.0).await;
+    let (_, failed_probe) = run(calls("partner", 6)).await;
     assert_eq!(failed_probe["status"], "failed");
-    let probe_start = call(&failed_probe, "started_at");
-    assert!(probe_start - call(&fourth, "finished_at") >= cooldown, "it went as the probe, past the cooldown");
+    let waited = call(&failed_probe, "started_at") - call(&fourth, "finished_at");
+    assert!(waited >= cooldown, "it went as the probe, past the cooldown ({} ms)", waited.num_milliseconds());
+    heard("failure", 7.0).await;
     let reopened = call(&failed_probe, "finished_at");
-    let again = tm.submit(&calls).await;
-    std::fs::write(&marker, "up").unwrap();
-    assert_eq!(step_wait_reason(&tm, again).await, "circuit breaker 'partner' open (3 failed attempts in a row)");
+    let again = tm.submit(&calls("partner", 6)).await;
+    std::fs::write(&up, "").unwrap();
     let last = tm.wait_run(again, Duration::from_secs(60)).await;
     assert_eq!(last["status"], "succeeded");
     assert!(call(&last, "started_at") - reopened >= cooldown, "it waited out another cooldown");
-    let _ = std::fs::remove_file(&marker);
+    let reasons = waiting_reasons(&tm, again).await;
+    assert_eq!(reasons, ["circuit breaker 'partner' open (3 failed attempts in a row)"], "the failed probe counted");
     tm.finish().await;
 }

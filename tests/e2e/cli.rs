@@ -150,12 +150,14 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     let (code, _, err) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--wait"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("✓ a succeeded\n"), "{err}");
-    let (code, out, err) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--wait"]).await;
+    let first = err.lines().find_map(|l| l.strip_prefix("run ")?.strip_suffix(" submitted")).expect("the run's id");
+    let first = first.to_string();
+    let (code, _, err) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--wait"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("✓ a succeeded (cached from run "), "{err}");
+    assert!(err.contains(&format!("✓ a succeeded (cached from run {first} (step a))")), "{err}");
     let id = err.lines().find_map(|l| l.strip_prefix("run ")?.strip_suffix(" submitted")).expect("the run's id");
-    let (code, shown, _) = taskmesh(&tm, &["runs", "get", id]).await;
-    assert_eq!(code, 0, "{out}");
+    let (code, shown, err) = taskmesh(&tm, &["runs", "get", id]).await;
+    assert_eq!(code, 0, "{err}");
     assert!(shown.contains("(cached from run "), "{shown}");
     let _ = std::fs::remove_file(path);
     tm.finish().await;

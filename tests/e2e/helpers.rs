@@ -139,6 +139,11 @@ impl TestMesh {
         .unwrap()
     }
 
+    /// The gateway's `GET /metrics` (no key), checking it answers the Prometheus text format.
+    pub async fn metrics(&self) -> String {
+        scrape(&self.http, &format!("{}/metrics", self.api)).await
+    }
+
     /// Creates tenant `id` with the platform administrator's key, once the gateway sees it;
     /// returns its admin key.
     pub async fn new_tenant(&self, platform_key: &str, id: &str) -> String {
@@ -259,6 +264,28 @@ pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
         .find(|s| s["id"] == id)
         .with_context(|| format!("step {id} in {run}"))
         .unwrap()
+}
+
+/// `GET url` answered `200` in the Prometheus text format (no key needed): its body.
+pub async fn scrape(http: &reqwest::Client, url: &str) -> String {
+    let res = http.get(url).send().await.unwrap();
+    assert_eq!(res.status(), 200, "{url} needs no key");
+    let kind = res.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    res.text().await.unwrap()
+}
+
+/// The sum of the samples of metric `name` in a scrape whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// A timestamp field of a JSON view.

@@ -131,6 +131,11 @@ pub struct CircuitBreakerDef {
 }
 
 impl CircuitBreakerDef {
+    /// The range of `failures`.
+    pub const FAILURES: std::ops::RangeInclusive<u32> = 1..=1_000;
+    /// The range of `cooldown_seconds`.
+    pub const COOLDOWN_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+
     fn default_failures() -> u32 {
         5
     }
@@ -642,6 +647,16 @@ pub const MAX_SLEEP_SECS: f64 = 7.0 * 86_400.0;
 
 impl StepDef {
     /// What the step does, by the field that says it (`None` if not exactly one does).
+    /// How long the step may run before it is killed: its `timeout_seconds`, else its kind's
+    /// default (`http` 60 s, `llm` 600 s), else no limit.
+    pub fn time_limit_secs(&self) -> Option<u64> {
+        self.timeout_seconds.or(match self.kind() {
+            Some("http") => Some(HTTP_DEFAULT_TIMEOUT_SECS),
+            Some("llm") => Some(LlmStep::DEFAULT_TIMEOUT_SECS),
+            _ => None,
+        })
+    }
+
     pub fn kind(&self) -> Option<&'static str> {
         let set = [
             (self.run.is_some(), "run"),
@@ -976,10 +991,10 @@ impl WorkflowDef {
                         "must be 1 to 64 letters, digits, '_' or '-'".into(),
                     );
                 }
-                if !(1..=1_000).contains(&b.failures) {
+                if !CircuitBreakerDef::FAILURES.contains(&b.failures) {
                     err(format!("steps[{i}].circuit_breaker.failures"), "must be 1 to 1000".into());
                 }
-                if !(1..=86_400).contains(&b.cooldown_seconds) {
+                if !CircuitBreakerDef::COOLDOWN_SECS.contains(&b.cooldown_seconds) {
                     err(format!("steps[{i}].circuit_breaker.cooldown_seconds"), "must be 1 to 86400".into());
                 }
             }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// (unauthenticated, as `/healthz` is: no metric names a tenant).
 pub fn finish(router: axum::Router) -> axum::Router {
     router
-        .route("/metrics", axum::routing::get(metrics))
+        .route("/metrics", axum::routing::get(serve_metrics))
         .layer(axum::middleware::from_fn(track))
         .layer(axum::middleware::map_response(error::problems_everywhere))
         // An INFO span per request, so the trace context it carries survives an `info` filter.
@@ -31,7 +31,7 @@ pub fn finish(router: axum::Router) -> axum::Router {
 }
 
 /// `GET /metrics`: the Prometheus text format.
-async fn metrics() -> impl axum::response::IntoResponse {
+async fn serve_metrics() -> impl axum::response::IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         taskmesh_telemetry::metrics::render(),

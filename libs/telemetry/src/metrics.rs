@@ -11,7 +11,7 @@
 //! - `taskmesh_dispatch_admitted_total`, `taskmesh_dispatch_held_steps`,
 //!   `taskmesh_circuit_breakers_open`, `taskmesh_circuit_breaker_signals_total{verdict}`;
 //! - `taskmesh_projector_events_total`, `taskmesh_projector_checkpoint`,
-//!   `taskmesh_projector_lag_seconds`;
+//!   `taskmesh_projector_last_event_timestamp_seconds`;
 //! - `taskmesh_deliveries_total{outcome}`;
 //! - `taskmesh_build_info{version}`.
 
@@ -37,7 +37,7 @@ pub fn install() -> &'static PrometheusHandle {
             Ok(handle) => handle,
             Err(e) => {
                 tracing::warn!(error = %e, "a metrics recorder was installed already; /metrics stays empty");
-                PrometheusBuilder::new().build_recorder().handle()
+                return PrometheusBuilder::new().build_recorder().handle();
             }
         };
         describe();
@@ -66,7 +66,7 @@ fn describe() {
     describe_histogram!(
         "taskmesh_http_request_duration_seconds",
         Unit::Seconds,
-        "Time to answer an HTTP request (to its first byte), by method and route"
+        "Time until an HTTP response's status and headers were ready (a streamed body is not timed), by method and route"
     );
     describe_counter!("taskmesh_runs_submitted_total", "Runs accepted (a repeated idempotent submission not counted)");
     describe_counter!("taskmesh_runs_finished_total", "Runs that ended, by status (as the scheduler saw each end)");
@@ -75,7 +75,7 @@ fn describe() {
         "Step attempts whose result was recorded, by outcome: succeeded, failed, timed_out, cancelled, cached"
     );
     describe_histogram!("taskmesh_step_duration_seconds", Unit::Seconds, "Time a step attempt ran here, by kind");
-    describe_counter!("taskmesh_step_cache_lookups_total", "Outcomes cache: steps looked up, by result: hit or miss");
+    describe_counter!("taskmesh_step_cache_lookups_total", "cache: steps looked up, by result: hit or miss");
     describe_counter!("taskmesh_dispatch_admitted_total", "Steps the dispatcher let through to the executors");
     describe_gauge!("taskmesh_dispatch_held_steps", "Steps the dispatcher holds back, after its last round");
     describe_gauge!("taskmesh_circuit_breakers_open", "Circuit breakers open (or half-open), after the last round");
@@ -83,16 +83,16 @@ fn describe() {
         "taskmesh_circuit_breaker_signals_total",
         "Attempts behind circuit breakers the dispatcher heard of, by verdict: success, failure, none"
     );
-    describe_counter!("taskmesh_projector_events_total", "Events the projector applied to the read models");
+    describe_counter!("taskmesh_projector_events_total", "Events in the batches the projector committed");
     describe_gauge!("taskmesh_projector_checkpoint", "The last event-log sequence the read models hold");
     describe_gauge!(
-        "taskmesh_projector_lag_seconds",
+        "taskmesh_projector_last_event_timestamp_seconds",
         Unit::Seconds,
-        "Age of the newest event of the projector's last batch when it committed"
+        "When the newest event the read models hold happened (Unix time): the read side's lag is now minus this, while events arrive"
     );
     describe_counter!(
         "taskmesh_deliveries_total",
-        "Outbound deliveries (webhooks, Slack, e-mail, commit statuses) attempted, by outcome: sent, retry, given_up"
+        "Outbound deliveries (webhooks, Slack, e-mail, commit statuses) handled, by outcome: sent, retry (handed back to be tried again), given_up (failed for good, or dropped unattempted)"
     );
     describe_gauge!("taskmesh_build_info", "Always 1, labelled with the version");
     gauge!("taskmesh_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -72,8 +72,14 @@ impl TestEnv {
         settings.secrets.key = Some(SecretString::from(taskmesh_secrets::Keyring::generate_key()));
         settings.notification.retry_delays_secs = vec![1, 1, 1];
         settings.notification.timeout_ms = 2_000;
+        // JetStream sets aside each stream's byte cap on disk when the stream is made: tests
+        // running side by side (and namespaces a killed test left behind, until swept) must
+        // not add up to the server's limit.
+        settings.nats.logs_max_bytes = 64 << 20;
+        settings.nats.cache_max_bytes = 64 << 20;
         let env = Self { settings, database, admin_url };
-        sweep_stale_streams(&env.bus().await?).await;
+        // Before this test's streams are made, so stale ones do not stand in their way.
+        sweep_stale_streams(&Bus::connect(&env.settings.nats).await?).await;
         Ok(env)
     }
 

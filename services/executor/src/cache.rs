@@ -25,10 +25,14 @@
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use taskmesh_bus::Bus;
 use taskmesh_events::command::Dispatch;
 use taskmesh_events::expr::unrendered;
-use taskmesh_events::workflow::{CacheDef, StepDef};
+
+use taskmesh_events::workflow::{
+    Builtin, CacheDef, CheckoutDef, ContainerStep, HttpStep, LlmStep, StepDef, StepLimits,
+};
 use taskmesh_events::{CachedFrom, StepOutcome};
 use uuid::Uuid;
 
@@ -45,9 +49,29 @@ struct Kept {
 #[derive(Serialize)]
 struct Material<'a> {
     v: u8,
-    step: &'a StepDef,
+    step: Does<'a>,
     key: Option<&'a str>,
     checkout: Option<(Uuid, &'a str, &'a str)>,
+}
+
+/// The fields of a step that say what it does (see [`key`]).
+#[derive(Serialize)]
+struct Does<'a> {
+    run: &'a Option<String>,
+    checkout: &'a CheckoutDef,
+    uses: &'a Option<Builtin>,
+    http: &'a Option<HttpStep>,
+    llm: &'a Option<LlmStep>,
+    container: &'a Option<ContainerStep>,
+    sleep: &'a Option<f64>,
+    runs_on: &'a BTreeMap<String, String>,
+    network: &'a Option<bool>,
+    limits: &'a Option<StepLimits>,
+    env: &'a BTreeMap<String, String>,
+    matrix: &'a Option<BTreeMap<String, Vec<serde_json::Value>>>,
+    matrix_values: &'a Option<BTreeMap<String, serde_json::Value>>,
+    /// Only their names count, whatever their order.
+    secrets: BTreeSet<&'a str>,
 }
 
 /// The key of a `cache:` step's outcome (a hex SHA-256), `None` for a step without `cache`,
@@ -57,21 +81,52 @@ pub fn key(dispatch: &Dispatch) -> Option<String> {
     if dispatch.step.templates().iter().any(|(_, t)| unrendered(t)) {
         return None;
     }
-    let mut def = dispatch.step.clone();
-    // Only their names count, whatever their order.
-    def.secrets.sort();
-    def.secrets.dedup();
-    def.id.clear();
-    def.name = None;
-    def.needs.clear();
-    def.condition = None;
-    def.continue_on_error = false;
-    def.retry = None;
-    def.priority = None;
-    def.rate_limit = None;
-    def.circuit_breaker = None;
-    def.timeout_seconds = None;
-    def.cache = None;
+    // Every field, so that a new one is placed on one side or the other, not left out.
+    let StepDef {
+        // What only names, orders or schedules it.
+        id: _,
+        name: _,
+        needs: _,
+        condition: _,
+        continue_on_error: _,
+        retry: _,
+        priority: _,
+        rate_limit: _,
+        circuit_breaker: _,
+        timeout_seconds: _,
+        cache: _,
+        // What it does.
+        run,
+        checkout,
+        uses,
+        http,
+        llm,
+        container,
+        sleep,
+        runs_on,
+        network,
+        limits,
+        env,
+        matrix,
+        matrix_values,
+        secrets,
+    } = &dispatch.step;
+    let does = Does {
+        run,
+        checkout,
+        uses,
+        http,
+        llm,
+        container,
+        sleep,
+        runs_on,
+        network,
+        limits,
+        env,
+        matrix,
+        matrix_values,
+        secrets: secrets.iter().map(String::as_str).collect(),
+    };
     // The connection too: another connection of the tenant's naming the same URL (a push's
     // payload names it) must not take an outcome fetched with this one's token.
     let checkout = dispatch
@@ -79,7 +134,7 @@ pub fn key(dispatch: &Dispatch) -> Option<String> {
         .as_ref()
         .filter(|_| dispatch.step.checkout.enabled)
         .map(|c| (c.connection_id, c.url.as_str(), c.commit.as_str()));
-    let material = Material { v: 1, step: &def, key: cache.key.as_deref(), checkout };
+    let material = Material { v: 1, step: does, key: cache.key.as_deref(), checkout };
     let bytes = serde_json::to_vec(&material).ok()?;
     Some(hex::encode(hmac_sha256::Hash::hash(&bytes)))
 }
@@ -98,7 +153,7 @@ pub async fn lookup(bus: &Bus, dispatch: &Dispatch, key: &str) -> Option<StepOut
         }
     };
     let now = Utc::now();
-    if kept.outcome.finished_at + chrono::Duration::seconds(ttl as i64) <= now {
+    if now.signed_duration_since(kept.outcome.finished_at) >= chrono::Duration::seconds(ttl as i64) {
         return None;
     }
     let from = CachedFrom {
@@ -150,6 +205,14 @@ mod tests {
         ] {
             assert_eq!(key(&dispatch(same)).unwrap(), base, "{same}");
         }
+        // What the scheduler set on it: its needs and condition.
+        let mut ordered = dispatch("{id: a, run: 'echo hi', cache: {}}");
+        ordered.step.needs = vec!["first".into()];
+        ordered.step.condition = Some("always()".into());
+        assert_eq!(key(&ordered).unwrap(), base, "needs and if do not count");
+        let mut instance = dispatch("{id: a, run: 'echo hi', cache: {}}");
+        instance.step.matrix_values = Some([("n".to_string(), serde_json::json!(1))].into());
+        assert_ne!(key(&instance).unwrap(), base, "a matrix instance's values count");
         for other in [
             "{id: a, run: 'echo ho', cache: {}}",
             "{id: a, run: 'echo hi', cache: {key: x}}",

@@ -1,7 +1,9 @@
 //! The executor: runs steps. It pulls dispatch messages from the `{NS}_DISPATCH` work queue
 //! only when it has a free slot, asks the scheduler for the step's lease, runs the step (or,
 //! for a `cache:` step, takes a kept outcome of the same thing instead, and keeps its own
-//! success), reports the result and only then acks the message.
+//! success), reports the result, tells the dispatcher how an attempt behind a circuit breaker
+//! went (`{ns}.ctl.breaker`), and only then acks the message. It counts its steps' outcomes
+//! and durations for `/metrics`.
 //!
 //! Steps are queued per label set (a pool, `{ns}.dispatch.<tenant>.<pool>`), each pool with
 //! its own durable consumer (`executors` for steps that need no labels). An executor pulls from

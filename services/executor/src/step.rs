@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use taskmesh_events::StepOutcome;
 use taskmesh_events::command::LogStream;
-use taskmesh_events::workflow::{HTTP_DEFAULT_TIMEOUT_SECS, LlmStep, OUTPUT_FILE, StepDef, StepLimits};
+use taskmesh_events::workflow::{OUTPUT_FILE, StepDef, StepLimits};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -163,11 +163,7 @@ pub async fn run(
 ) -> Option<(bool, StepOutcome)> {
     let started_at = Utc::now();
     let kind = step.kind().unwrap_or("none");
-    let deadline_secs = step.timeout_seconds.or(match kind {
-        "http" => Some(HTTP_DEFAULT_TIMEOUT_SECS),
-        "llm" => Some(LlmStep::DEFAULT_TIMEOUT_SECS),
-        _ => None,
-    });
+    let deadline_secs = step.time_limit_secs();
     let timeout = deadline_secs.map(Duration::from_secs).unwrap_or(Duration::MAX);
     let stamp = |done: Done, timed_out: bool, cancelled: bool| {
         let ok = done.ok;

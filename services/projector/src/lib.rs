@@ -262,8 +262,8 @@ impl Projector {
             metrics::counter!("taskmesh_projector_events_total").increment(events.len() as u64);
             metrics::gauge!("taskmesh_projector_checkpoint").set(checkpoint as f64);
             if let Some(newest) = events.last() {
-                let lag = (chrono::Utc::now() - newest.envelope.occurred_at).to_std().unwrap_or_default();
-                metrics::gauge!("taskmesh_projector_lag_seconds").set(lag.as_secs_f64());
+                let at = newest.envelope.occurred_at.timestamp_micros() as f64 / 1e6;
+                metrics::gauge!("taskmesh_projector_last_event_timestamp_seconds").set(at);
             }
             last.ack().await.map_err(|e| anyhow::anyhow!("acking: {e}"))?;
         }

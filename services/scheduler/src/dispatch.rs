@@ -42,8 +42,8 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{BreakerSignal, CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
 use taskmesh_events::subjects::pool_token;
-use taskmesh_events::workflow::GroupPolicy;
 use taskmesh_events::workflow::labels_match;
+use taskmesh_events::workflow::{CircuitBreakerDef, GroupPolicy};
 use taskmesh_events::{
     Event, EventMeta, RunAdmitted, RunCancelRequested, RunConcurrency, RunKey, RunWaiting, StepAdmitted, StepWaiting,
     TENANT_RUNS_GROUP,
@@ -111,8 +111,9 @@ impl Bucket {
 /// A circuit breaker of a tenant's, in the leader's memory (see `CircuitBreakerDef`): closed
 /// (`open_until` none), open until a time, then half-open with one probe out.
 struct Breaker {
-    /// Failed attempts in a row, as their executors said.
+    /// Failed attempts in a row, as their executors said, and when the last was heard.
     failures: u32,
+    failed_at: Option<Instant>,
     open_until: Option<Instant>,
     /// The probe (run, step) and until when it is waited for, while one is out.
     probe: Option<((Uuid, String), Instant)>,
@@ -133,7 +134,14 @@ enum Gate {
 
 impl Breaker {
     fn new(threshold: u32, cooldown_seconds: u64) -> Self {
-        Self { failures: 0, open_until: None, probe: None, threshold, cooldown: Duration::from_secs(cooldown_seconds) }
+        Self {
+            failures: 0,
+            failed_at: None,
+            open_until: None,
+            probe: None,
+            threshold,
+            cooldown: Duration::from_secs(cooldown_seconds),
+        }
     }
 
     fn configure(&mut self, threshold: u32, cooldown_seconds: u64) {
@@ -166,6 +174,7 @@ impl Breaker {
                 Some(true) => self.failures = 0,
                 Some(false) => {
                     self.failures = self.failures.saturating_add(1);
+                    self.failed_at = Some(now);
                     if self.failures >= self.threshold {
                         self.open_until = Some(now + self.cooldown);
                     }
@@ -182,29 +191,40 @@ impl Breaker {
             Some(true) => (self.failures, self.open_until) = (0, None),
             Some(false) => {
                 self.failures = self.failures.saturating_add(1);
+                self.failed_at = Some(now);
                 self.open_until = Some(now + self.cooldown);
             }
             None => {}
         }
     }
 
-    /// Nothing to remember: closed with no failures, or open long past its cooldown with
-    /// nobody waiting (it starts closed should a step name it again).
+    /// Nothing to remember: closed with no failures; or a day past its last failure, its
+    /// cooldown and any probe's wait, with no step having come to it (it starts closed should
+    /// a step name it again).
     fn is_idle(&self, now: Instant) -> bool {
-        match self.open_until {
-            None => self.failures == 0,
-            Some(until) => self.probe.is_none() && now.saturating_duration_since(until) > FORGET_OPEN_AFTER,
+        if self.open_until.is_none() && self.failures == 0 {
+            return true;
         }
+        let last = [self.failed_at, self.open_until, self.probe.as_ref().map(|(_, wait)| *wait)];
+        last.into_iter().flatten().max().is_some_and(|last| now.saturating_duration_since(last) > FORGET_AFTER)
     }
 }
 
-/// How long a probe is waited for, at least, before another goes: its step's own timeout and a
-/// minute more, if longer (a lost signal or a crashed executor otherwise holds the breaker).
+/// How long a probe is waited for, from when it was admitted, before another goes: this, or the
+/// step's time limit (its `timeout_seconds`, or its kind's default) and a minute, or the
+/// cooldown, whichever is longest (a lost signal or a crashed executor otherwise holds the
+/// breaker).
 const PROBE_WAIT: Duration = Duration::from_secs(300);
-/// An open breaker no step has come to for this long past its cooldown is forgotten.
-const FORGET_OPEN_AFTER: Duration = Duration::from_secs(86_400);
+/// A breaker nothing has happened to for this long (no failure, cooldown or probe) is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(86_400);
 /// Most circuit breakers remembered per tenant; a signal for another is not counted.
 const MAX_BREAKERS: usize = 1_000;
+/// Most tenants with breakers remembered; a signal for another tenant is not counted.
+const MAX_BREAKER_TENANTS: usize = 10_000;
+/// Most breaker signals taken at once before the next admission round.
+const SIGNAL_BATCH: usize = 1_024;
+/// Longest a step's own time limit stretches how long its probe is waited for.
+const PROBE_WAIT_MAX: Duration = Duration::from_secs(7 * 86_400);
 
 /// Steps on DISPATCH (queued or running), per tenant and in all: its per-subject counts as last
 /// read, plus every step this leader has admitted since. Steps leave DISPATCH only when their
@@ -486,7 +506,8 @@ impl Dispatcher {
                     Some(msg) = breaker_signals.next() => {
                         let now = Instant::now();
                         breaker_signal(&mut held, &msg.payload, now);
-                        while let Some(Some(msg)) = futures::FutureExt::now_or_never(breaker_signals.next()) {
+                        for _ in 0..SIGNAL_BATCH {
+                            let Some(Some(msg)) = futures::FutureExt::now_or_never(breaker_signals.next()) else { break };
                             breaker_signal(&mut held, &msg.payload, now);
                         }
                     }
@@ -508,7 +529,9 @@ impl Dispatcher {
         }
         .await;
         // What is not yet reported is only informational; a new leader says it again. Entries
-        // not yet removed are admitted again by the next leader, deduplicated.
+        // not yet removed are admitted again by the next leader, deduplicated. The gauges are
+        // the leader's: no longer leading, this replica shows nothing held.
+        set_gauges(&Held::default(), Instant::now());
         reporter.abort();
         if let Some(removal) = removing {
             removal.abort();
@@ -675,6 +698,8 @@ impl Dispatcher {
         if held.steps.values().all(BTreeMap::is_empty) {
             held.steps.clear();
             held.turns.clear();
+            forget_idle_breakers(held, Instant::now());
+            set_gauges(held, Instant::now());
             self.report_unserved(held, Vec::new(), reports).await;
             return Ok(());
         }
@@ -830,9 +855,8 @@ impl Dispatcher {
                 && b.gate(now) == Gate::Probe
             {
                 let d = &step.dispatch;
-                let wait = PROBE_WAIT
-                    .max(b.cooldown)
-                    .max(Duration::from_secs(d.step.timeout_seconds.unwrap_or(0).saturating_add(60)));
+                let limit = Duration::from_secs(d.step.time_limit_secs().unwrap_or(0).saturating_add(60));
+                let wait = PROBE_WAIT.max(b.cooldown).max(limit.min(PROBE_WAIT_MAX));
                 b.probing((d.run_id, d.step.id.clone()), now + wait);
             }
             let key = RunKey { tenant: tenant.clone(), run_id: step.dispatch.run_id };
@@ -887,10 +911,7 @@ impl Dispatcher {
         }
         held.in_flight = Some(in_flight);
         forget_idle_breakers(held, now);
-        let held_steps: usize = held.steps.values().map(BTreeMap::len).sum();
-        metrics::gauge!("taskmesh_dispatch_held_steps").set(held_steps as f64);
-        let open = held.breakers.values().flat_map(HashMap::values).filter(|b| b.gate(now) != Gate::Closed).count();
-        metrics::gauge!("taskmesh_circuit_breakers_open").set(open as f64);
+        set_gauges(held, now);
         // A bucket that has filled up again is the same as a new one.
         held.buckets.retain(|_, b| {
             b.refill(now);
@@ -1028,8 +1049,8 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     let Ok(b) = serde_json::from_slice::<BreakerSignal>(payload) else { return };
     let valid = taskmesh_events::subjects::is_token(&b.tenant)
         && taskmesh_events::subjects::is_token(&b.key)
-        && (1..=1_000).contains(&b.failures)
-        && (1..=86_400).contains(&b.cooldown_seconds);
+        && CircuitBreakerDef::FAILURES.contains(&b.failures)
+        && CircuitBreakerDef::COOLDOWN_SECS.contains(&b.cooldown_seconds);
     if !valid {
         tracing::warn!(tenant = %b.tenant, key = %b.key, "a circuit breaker signal out of bounds; dropped");
         return;
@@ -1041,15 +1062,37 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     };
     metrics::counter!("taskmesh_circuit_breaker_signals_total", "verdict" => verdict).increment(1);
     let step = (b.run_id, b.step);
-    let tenant = held.breakers.entry(b.tenant).or_default();
-    if let Some(breaker) = tenant.get_mut(&b.key) {
+    if let Some(breaker) = held.breakers.get_mut(&b.tenant).and_then(|t| t.get_mut(&b.key)) {
         breaker.record(&step, b.succeeded, now);
-    } else if b.succeeded == Some(false) && tenant.len() < MAX_BREAKERS {
+        if breaker.is_idle(now) {
+            let tenant = held.breakers.get_mut(&b.tenant).expect("found above");
+            tenant.remove(&b.key);
+            if tenant.is_empty() {
+                held.breakers.remove(&b.tenant);
+            }
+        }
+        return;
+    }
+    // Only a failure starts a breaker's memory.
+    if b.succeeded != Some(false)
+        || (!held.breakers.contains_key(&b.tenant) && held.breakers.len() >= MAX_BREAKER_TENANTS)
+    {
+        return;
+    }
+    let tenant = held.breakers.entry(b.tenant).or_default();
+    if tenant.len() < MAX_BREAKERS {
         let mut breaker = Breaker::new(b.failures, b.cooldown_seconds);
         breaker.record(&step, b.succeeded, now);
         tenant.insert(b.key, breaker);
     }
-    forget_idle_breakers(held, now);
+}
+
+/// The leader's gauges: steps held, and breakers open (or half-open).
+fn set_gauges(held: &Held, now: Instant) {
+    let steps: usize = held.steps.values().map(BTreeMap::len).sum();
+    metrics::gauge!("taskmesh_dispatch_held_steps").set(steps as f64);
+    let open = held.breakers.values().flat_map(HashMap::values).filter(|b| b.gate(now) != Gate::Closed).count();
+    metrics::gauge!("taskmesh_circuit_breakers_open").set(open as f64);
 }
 
 /// Forgets breakers with nothing to remember (see [`Breaker::is_idle`]).
@@ -1160,7 +1203,14 @@ mod tests {
         // An open breaker nobody comes to is forgotten a day after its cooldown.
         let mut lonely = Breaker::new(1, 10);
         lonely.record(&step(12), Some(false), t0);
-        assert!(!lonely.is_idle(t0 + secs(10)) && lonely.is_idle(t0 + secs(11) + FORGET_OPEN_AFTER));
+        assert!(!lonely.is_idle(t0 + secs(10)) && lonely.is_idle(t0 + secs(11) + FORGET_AFTER));
+        // So is a closed one with failures, a day after the last; and one whose probe was never
+        // heard of, a day after its wait.
+        let mut failing = Breaker::new(3, 10);
+        failing.record(&step(13), Some(false), t0);
+        assert!(!failing.is_idle(t0 + FORGET_AFTER) && failing.is_idle(t0 + secs(1) + FORGET_AFTER));
+        lonely.probing(step(14), t0 + secs(20));
+        assert!(!lonely.is_idle(t0 + secs(19) + FORGET_AFTER) && lonely.is_idle(t0 + secs(21) + FORGET_AFTER));
     }
 
     #[test]
@@ -1179,9 +1229,19 @@ mod tests {
             })
             .unwrap()
         };
-        for bad in
-            [signal("t", 1, u64::MAX, Some(false)), signal("t", 0, 1, Some(false)), signal("a.b", 1, 1, Some(false))]
-        {
+        let bad_key = serde_json::to_vec(&serde_json::json!({
+            "tenant": "t", "key": "a b", "failures": 1, "cooldown_seconds": 1,
+            "run_id": Uuid::now_v7(), "step": "s", "succeeded": false
+        }))
+        .unwrap();
+        for bad in [
+            signal("t", 1, u64::MAX, Some(false)),
+            signal("t", 1, 86_401, Some(false)),
+            signal("t", 0, 1, Some(false)),
+            signal("t", 1_001, 1, Some(false)),
+            signal("a.b", 1, 1, Some(false)),
+            bad_key,
+        ] {
             breaker_signal(&mut held, &bad, now);
         }
         breaker_signal(&mut held, b"not json", now);
@@ -1190,6 +1250,20 @@ mod tests {
         assert!(held.breakers.is_empty(), "nothing remembered");
         breaker_signal(&mut held, &signal("t", 1, 30, Some(false)), now);
         assert!(held.breakers["t"]["k"].gate(now) == Gate::Open, "a failure opens a one-failure breaker");
+        // A tenant remembers at most MAX_BREAKERS.
+        for n in 0..=MAX_BREAKERS {
+            let failed = BreakerSignal {
+                tenant: "many".into(),
+                key: format!("k{n}"),
+                failures: 5,
+                cooldown_seconds: 30,
+                run_id: Uuid::now_v7(),
+                step: "s".into(),
+                succeeded: Some(false),
+            };
+            breaker_signal(&mut held, &serde_json::to_vec(&failed).unwrap(), now);
+        }
+        assert_eq!(held.breakers["many"].len(), MAX_BREAKERS);
     }
 
     #[test]

@@ -398,13 +398,6 @@ impl Scheduler {
             }
             // A run leaving its concurrency group makes room for the next.
             Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_) => {
-                let status = match stored.envelope.event {
-                    Event::RunSucceeded(_) => "succeeded",
-                    Event::RunFailed(_) => "failed",
-                    Event::RunCancelled(_) => "cancelled",
-                    _ => "timed_out",
-                };
-                metrics::counter!("taskmesh_runs_finished_total", "status" => status).increment(1);
                 if matches!(stored.envelope.event, Event::RunCancelled(_) | Event::RunTimedOut(_)) {
                     // Steps of the run still held for admission need not go out at all.
                     let signal = CancelSignal { tenant: key.tenant.clone(), run_id: key.run_id };
@@ -426,6 +419,14 @@ impl Scheduler {
                 };
                 tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
                 self.report_status(key, &state.trigger, &state.workflow.name, end, env).await?;
+                // Counted once its end was handled (a redelivery after a crash counts again).
+                let status = match env.event {
+                    Event::RunSucceeded(_) => "succeeded",
+                    Event::RunFailed(_) => "failed",
+                    Event::RunCancelled(_) => "cancelled",
+                    _ => "timed_out",
+                };
+                metrics::counter!("taskmesh_runs_finished_total", "status" => status).increment(1);
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
             // places it was given are left again, or nobody would ever free them.
