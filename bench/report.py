@@ -498,7 +498,7 @@ lines = [
     "  memory for reuse; still under the 80 MB target.",
     f"- **The read side.** Projection lag under the throughput load is p50 {fmt(lag50, 0)} ms, p99 {fmt(lag99, 0)} ms,",
     f"  at {fmt(steps_1, 0)} steps/s (one run per request). The run at 2950d40 measured p99 120.5 ms at",
-    "  1,465 steps/s, and 986441d's 83.9 ms at 1,327: the lag follows the load and the machine,",
+    "  1,465 steps/s, 986441d's 83.9 ms at 1,327, and 1496e71's 72.0 ms at 1,898: the lag follows the load and the machine,",
     "  so a p99 under 100 ms on one machine is no promise for another.",
     "  Since 2026-12-04 the projector writes each run's rows once per batch, reads only runs it",
     "  has not seen (the rest are in memory), and sends a batch of run events and audit records",

@@ -635,7 +635,8 @@ impl Executor {
             let kind = dispatch.step.kind().unwrap_or("none");
             metrics::histogram!("taskmesh_step_duration_seconds", "kind" => kind).record(secs);
         }
-        // The breaker hears of it before the ack, so a retry cannot pass it first.
+        // The breaker hears of it as soon as the report is recorded, before the ack (a retry
+        // without a backoff may still be admitted before it has).
         let verdict = (ran && !report.outcome.cancelled).then_some(report.succeeded);
         self.breaker_signal(&dispatch, verdict).await;
         drop(heartbeat);
