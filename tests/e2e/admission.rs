@@ -482,3 +482,26 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     assert_eq!(reasons, ["circuit breaker 'partner' open (3 failed attempts in a row)"], "the failed probe counted");
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_behind_an_opened_breaker_waits_out_its_cooldown() {
+    let tm = spawn_mesh().await;
+    let id = tm
+        .submit(
+            "name: retried\nsteps:\n  - id: call\n    run: 'exit 1'\n    retry: {max_attempts: 2, initial_delay_ms: 1000, max_delay_ms: 1000}\n    circuit_breaker: {key: flaky, failures: 1, cooldown_seconds: 4}\n",
+        )
+        .await;
+    let run = tm.wait_run(id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let history = step(&run, "call")["attempt_history"].as_array().unwrap().clone();
+    assert_eq!(history.len(), 2, "{run:#}");
+    // Its own backoff is a second at most; the breaker its first failure opened holds it four.
+    let waited = ts(&history[1], "started_at") - ts(&history[0], "finished_at");
+    assert!(
+        waited >= chrono::Duration::seconds(4),
+        "the retry went {} ms after the failure",
+        waited.num_milliseconds()
+    );
+    assert!(waiting_reasons(&tm, id).await.iter().any(|r| r.starts_with("circuit breaker 'flaky' open")));
+    tm.finish().await;
+}

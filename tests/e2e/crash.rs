@@ -11,7 +11,7 @@ use taskmesh_testkit::eventually;
 use crate::helpers::*;
 
 /// Starts `taskmesh serve <service>` as a child process on the test's namespace.
-fn spawn_service(tm: &TestMesh, service: &str) -> tokio::process::Command {
+pub(crate) fn spawn_service(tm: &TestMesh, service: &str) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
     for (k, _) in std::env::vars() {
         if k.starts_with("TASKMESH_") {

@@ -507,3 +507,36 @@ steps:
     assert_eq!(executors["items"][0]["labels"]["sandbox"], "bwrap");
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http_steps_cached_response_spares_the_endpoint_until_its_templated_key_changes() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let server = serve(axum::Router::new().route(
+        "/price",
+        get(move || {
+            let counted = counted.clone();
+            async move { Json(json!({"call": counted.fetch_add(1, Ordering::SeqCst) + 1})) }
+        }),
+    ))
+    .await;
+    let tm = spawn_mesh().await;
+    let priced = |day: &str| {
+        format!(
+            "name: priced\ninputs:\n  day: {{type: string, default: {day}}}\nsteps:\n  - id: price\n    http: {{url: '{server}/price'}}\n    cache: {{key: 'prices-${{{{ inputs.day }}}}', ttl_seconds: 600}}\n"
+        )
+    };
+    let body = |run: &Value| step(run, "price")["outputs"]["body"].as_str().unwrap().to_string();
+    let mut runs = Vec::new();
+    for day in ["mon", "mon", "tue"] {
+        let id = tm.submit(&priced(day)).await;
+        let run = tm.wait_run(id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+        runs.push(run);
+    }
+    assert_eq!(body(&runs[1]), body(&runs[0]), "the second took the first's response");
+    assert!(step(&runs[1], "price")["reason"].as_str().is_some_and(|r| r.starts_with("cached from run")));
+    assert_ne!(body(&runs[2]), body(&runs[0]), "another day's key is another outcome");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the endpoint was called for monday once, and for tuesday");
+    tm.finish().await;
+}

@@ -68,3 +68,46 @@ async fn metrics_count_runs_steps_the_cache_and_requests_and_name_no_tenant() {
     assert!(sample(&git, "taskmesh_runs_submitted_total", &[]) >= 3.0, "{git}");
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_answers_metrics_on_its_health_listener_and_labels_stay_bounded() {
+    // Everything but the executor here; the executor is a child process with a health listener.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway, Svc::Notification], |_| {}).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut executor = crate::crash::spawn_service(&tm, "executor")
+        .env("TASKMESH_HEALTH__LISTEN", format!("127.0.0.1:{port}"))
+        .env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
+        .spawn()
+        .expect("spawning the executor");
+    let id = tm.submit("name: remote\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    assert_eq!(tm.wait_run(id, Duration::from_secs(30)).await["status"], "succeeded");
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let counted = eventually("the executor's metrics", Duration::from_secs(20), || async {
+        let text = match tm.http.get(&url).send().await {
+            Ok(res) if res.status() == 200 => res.text().await?,
+            _ => return Ok(None),
+        };
+        Ok((sample(&text, "taskmesh_steps_finished_total", &[("outcome", "succeeded")]) == 1.0).then_some(text))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sample(&counted, "taskmesh_runs_submitted_total", &[]),
+        0.0,
+        "its own process's: no runs submitted there"
+    );
+    scrape(&tm.http, &url).await;
+
+    // Whatever the path or method, the labels are from a fixed set: route templates, known methods.
+    let run_id = uuid::Uuid::now_v7();
+    let odd = reqwest::Method::from_bytes(b"FROB").unwrap();
+    tm.http.request(odd, format!("{}/v1/runs/{run_id}", tm.api)).send().await.unwrap();
+    tm.http.get(format!("{}/no/such/{run_id}", tm.api)).send().await.unwrap();
+    let text = tm.metrics().await;
+    assert!(!text.contains(&run_id.to_string()), "no path in a label:\n{text}");
+    assert!(sample(&text, "taskmesh_http_requests_total", &[("method", "other")]) >= 1.0, "{text}");
+    assert!(sample(&text, "taskmesh_http_requests_total", &[("route", "unmatched")]) >= 1.0, "{text}");
+    executor.start_kill().unwrap();
+    let _ = executor.wait().await;
+    tm.finish().await;
+}
