@@ -423,17 +423,10 @@ async fn keys_are_never_stored_or_logged_in_clear_text() {
     })
     .await;
     let port = free_port();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TASKMESH_") {
-            cmd.env_remove(k);
-        }
-    }
     use secrecy::ExposeSecret;
-    let mut child = cmd
+    let mut child = tm
+        .service_command()
         .args(["serve", "gateway"])
-        .env("TASKMESH_NATS__URL", &tm.env.settings.nats.url)
-        .env("TASKMESH_NATS__NAMESPACE", &tm.env.settings.nats.namespace)
         .env("TASKMESH_POSTGRES__URL", tm.env.settings.postgres.url.expose_secret())
         .env("TASKMESH_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
         .env("TASKMESH_GATEWAY__ADMIN_KEY", PLATFORM_KEY)

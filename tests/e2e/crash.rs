@@ -12,16 +12,9 @@ use crate::helpers::*;
 
 /// Starts `taskmesh serve <service>` as a child process on the test's namespace.
 pub(crate) fn spawn_service(tm: &TestMesh, service: &str) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TASKMESH_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = tm.service_command();
     cmd.args(["serve", service])
         .env("TASKMESH_SCHEDULER__EVENT_ACK_WAIT_SECS", tm.env.settings.scheduler.event_ack_wait_secs.to_string())
-        .env("TASKMESH_NATS__URL", &tm.env.settings.nats.url)
-        .env("TASKMESH_NATS__NAMESPACE", &tm.env.settings.nats.namespace)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -31,9 +24,7 @@ pub(crate) fn spawn_service(tm: &TestMesh, service: &str) -> tokio::process::Com
 /// Starts `taskmesh serve executor` as a child process on the test's namespace.
 fn spawn_executor(tm: &TestMesh, id: &str) -> tokio::process::Child {
     let mut cmd = spawn_service(tm, "executor");
-    cmd.env("TASKMESH_NATS__URL", &tm.env.settings.nats.url)
-        .env("TASKMESH_NATS__NAMESPACE", &tm.env.settings.nats.namespace)
-        .env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
+    cmd.env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
         .env("TASKMESH_EXECUTOR__SLOTS", "1")
         .env("TASKMESH_EXECUTOR__ID", id);
     cmd.spawn().expect("spawning the executor")

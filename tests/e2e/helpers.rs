@@ -139,6 +139,24 @@ impl TestMesh {
         .unwrap()
     }
 
+    /// The `taskmesh` binary, on this test's namespace, with none of this process's
+    /// `TASKMESH_*` variables. Its streams keep the test's caps: every service provisions the
+    /// streams as it starts, and the defaults would set aside a GiB of the server's disk each.
+    pub fn service_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskmesh"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TASKMESH_") {
+                cmd.env_remove(k);
+            }
+        }
+        let nats = &self.env.settings.nats;
+        cmd.env("TASKMESH_NATS__URL", &nats.url)
+            .env("TASKMESH_NATS__NAMESPACE", &nats.namespace)
+            .env("TASKMESH_NATS__LOGS_MAX_BYTES", nats.logs_max_bytes.to_string())
+            .env("TASKMESH_NATS__CACHE_MAX_BYTES", nats.cache_max_bytes.to_string());
+        cmd
+    }
+
     /// The gateway's `GET /metrics` (no key), checking it answers the Prometheus text format.
     pub async fn metrics(&self) -> String {
         scrape(&self.http, &format!("{}/metrics", self.api)).await
