@@ -68,11 +68,7 @@ async fn submit_json(tm: &TestMesh, key: &str, body: Value) -> Uuid {
 }
 
 async fn run_of(tm: &TestMesh, key: &str, id: Uuid) -> Value {
-    tm.http.get(format!("{}/v1/runs/{id}", tm.api)).bearer_auth(key).send().await.unwrap().json().await.unwrap()
-}
-
-fn finished(run: &Value) -> bool {
-    ["succeeded", "failed", "cancelled", "timed_out"].contains(&run["status"].as_str().unwrap_or(""))
+    tm.get_run_as(key, id).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -97,23 +93,13 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
             .push(submit_json(&tm, &tm.key, json!({"workflow": {"name": format!("flood-{r}"), "steps": steps}})).await);
     }
     // A's backlog is held back for the tenant's limit, and the API says so.
-    let reason = eventually("a held step's wait reason", Duration::from_secs(60), || async {
-        let run = run_of(&tm, &tm.key, a_runs[9]).await;
-        Ok(run["steps"].as_array().and_then(|s| s.iter().find_map(|s| s["wait_reason"].as_str().map(str::to_owned))))
-    })
-    .await
-    .unwrap();
+    let reason = step_wait_reason(&tm, a_runs[9], Duration::from_secs(60)).await;
     assert_eq!(reason, format!("tenant concurrency limit ({LIMIT} steps)"));
 
     // Tenant B: ten steps, submitted behind A's backlog.
     let b_steps: Vec<Value> = (0..10).map(|i| json!({"id": format!("b{i}"), "uses": "noop"})).collect();
     let b_run = submit_json(&tm, &beta_key, json!({"workflow": {"name": "small", "steps": b_steps}})).await;
-    let b = eventually("B's run to finish", Duration::from_secs(60), || async {
-        let run = run_of(&tm, &beta_key, b_run).await;
-        Ok(finished(&run).then_some(run))
-    })
-    .await
-    .unwrap();
+    let b = tm.wait_run_as(&beta_key, b_run, Duration::from_secs(60)).await;
     assert_eq!(b["status"], "succeeded");
 
     // When B was done, A's backlog had not drained.
@@ -365,9 +351,9 @@ async fn waiting_reasons(tm: &TestMesh, id: Uuid) -> Vec<String> {
         .collect()
 }
 
-/// The `wait_reason` a held step of run `id` shows, once it shows one.
-async fn step_wait_reason(tm: &TestMesh, id: Uuid) -> String {
-    eventually("the held step's wait_reason", Duration::from_secs(20), || async {
+/// The `wait_reason` a held step of run `id` shows, once it shows one (within `timeout`).
+async fn step_wait_reason(tm: &TestMesh, id: Uuid, timeout: Duration) -> String {
+    eventually("the held step's wait_reason", timeout, || async {
         let (_, run) = tm.get_run(id).await;
         Ok(run["steps"].as_array().and_then(|s| s.iter().find_map(|s| s["wait_reason"].as_str().map(str::to_owned))))
     })
@@ -430,7 +416,10 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     }
     heard("failure", 2.0).await;
     let held = tm.submit(&calls("slow", 600)).await;
-    assert_eq!(step_wait_reason(&tm, held).await, "circuit breaker 'slow' open (2 failed attempts in a row)");
+    assert_eq!(
+        step_wait_reason(&tm, held, Duration::from_secs(20)).await,
+        "circuit breaker 'slow' open (2 failed attempts in a row)"
+    );
     let other =
         "name: other\nsteps:\n  - {id: a, run: 'true', circuit_breaker: {key: other}}\n  - {id: b, run: 'true'}\n";
     assert_eq!(run(other.into()).await.1["status"], "succeeded", "another breaker's step and one without went");

@@ -1,7 +1,6 @@
 //! Crash safety with real processes: an executor, a scheduler replica and a notifier killed
 //! with SIGKILL mid-work, an executor drained with SIGTERM.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use taskmesh::mesh::Mesh;
@@ -10,20 +9,9 @@ use taskmesh_testkit::eventually;
 
 use crate::helpers::*;
 
-/// Starts `taskmesh serve <service>` as a child process on the test's namespace.
-pub(crate) fn spawn_service(tm: &TestMesh, service: &str) -> tokio::process::Command {
-    let mut cmd = tm.service_command();
-    cmd.args(["serve", service])
-        .env("TASKMESH_SCHEDULER__EVENT_ACK_WAIT_SECS", tm.env.settings.scheduler.event_ack_wait_secs.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
-
 /// Starts `taskmesh serve executor` as a child process on the test's namespace.
 fn spawn_executor(tm: &TestMesh, id: &str) -> tokio::process::Child {
-    let mut cmd = spawn_service(tm, "executor");
+    let mut cmd = tm.serve_command("executor");
     cmd.env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
         .env("TASKMESH_EXECUTOR__SLOTS", "1")
         .env("TASKMESH_EXECUTOR__ID", id);
@@ -80,7 +68,7 @@ async fn sigkilled_scheduler_replica_loses_no_run_repeats_no_step_and_skips_no_t
     // as they consume them, and the killed one's unacked events are announced by the other.
     let (seen, _) = crate::integrations::subscribe(&tm).await;
     tm.wait_projected().await;
-    let mut doomed = spawn_service(&tm, "scheduler").spawn().unwrap();
+    let mut doomed = tm.serve_command("scheduler").spawn().unwrap();
     let schedule: serde_json::Value = tm
         .auth(tm.http.post(format!("{}/v1/schedules", tm.api)))
         .json(&serde_json::json!({
@@ -227,7 +215,7 @@ async fn sigkilled_notifier_leaves_its_deliveries_to_another_and_every_run_end_i
     crate::integrations::subscribe_url(&tm, &url).await;
     tm.wait_projected().await;
 
-    let mut doomed = spawn_service(&tm, "notification");
+    let mut doomed = tm.serve_command("notification");
     doomed
         .env("TASKMESH_POSTGRES__URL", tm.env.settings.postgres.url.expose_secret())
         .env("TASKMESH_SECRETS__KEY", tm.env.settings.secrets.key.as_ref().unwrap().expose_secret())

@@ -157,6 +157,17 @@ impl TestMesh {
         cmd
     }
 
+    /// `taskmesh serve <service>`, to start as a child process on the test's namespace.
+    pub fn serve_command(&self, service: &str) -> tokio::process::Command {
+        let mut cmd = self.service_command();
+        cmd.args(["serve", service])
+            .env("TASKMESH_SCHEDULER__EVENT_ACK_WAIT_SECS", self.env.settings.scheduler.event_ack_wait_secs.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
     /// The gateway's `GET /metrics` (no key), checking it answers the Prometheus text format.
     pub async fn metrics(&self) -> String {
         scrape(&self.http, &format!("{}/metrics", self.api)).await

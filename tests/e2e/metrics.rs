@@ -61,6 +61,7 @@ async fn metrics_count_runs_steps_the_cache_and_requests_and_name_no_tenant() {
     assert!(sample(&text, "taskmesh_projector_events_total", &[]) >= 3.0);
     assert!(sample(&text, "taskmesh_projector_last_event_timestamp_seconds", &[]) > 1.7e9, "a Unix time");
     assert!(text.contains("# TYPE taskmesh_step_duration_seconds histogram"), "{text}");
+    assert!(text.contains("\ntaskmesh_dispatch_held_steps "), "the held-steps gauge is exported:\n{text}");
     assert!(text.contains("# HELP taskmesh_runs_submitted_total"), "{text}");
     assert!(!text.contains(tenant) && !text.contains("tenant=\""), "no metric names a tenant:\n{text}");
     // Another HTTP server of the process answers the same.
@@ -74,7 +75,8 @@ async fn a_worker_answers_metrics_on_its_health_listener_and_labels_stay_bounded
     // Everything but the executor here; the executor is a child process with a health listener.
     let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway, Svc::Notification], |_| {}).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut executor = crate::crash::spawn_service(&tm, "executor")
+    let mut executor = tm
+        .serve_command("executor")
         .env("TASKMESH_HEALTH__LISTEN", format!("127.0.0.1:{port}"))
         .env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
         .spawn()

@@ -330,19 +330,12 @@ impl Bus {
         // tenants' together) drops its oldest, and none outlives the longest time a step may
         // reuse one.
         let cache = StreamConfig {
-            name: self.ns.cache_stream(),
-            description: Some("Taskmesh kept step outcomes (cache:)".into()),
-            subjects: vec![self.ns.cache_all()],
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            num_replicas: self.settings.replicas,
             max_messages_per_subject: 1,
-            max_messages: 1_000_000,
             max_age: Duration::from_secs(taskmesh_events::workflow::CacheDef::MAX_TTL_SECS),
             max_bytes: self.settings.cache_max_bytes,
             discard: DiscardPolicy::Old,
             allow_direct: true,
-            ..Default::default()
+            ..bounded(self.ns.cache_stream(), self.ns.cache_all(), "Taskmesh kept step outcomes (cache:)")
         };
         let streams = [
             events,

@@ -43,15 +43,15 @@ async fn serve_metrics() -> impl axum::response::IntoResponse {
 async fn track(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
     let started = std::time::Instant::now();
     // Extension methods are anyone's to make up: one series for all of them.
-    let method = match *req.method() {
-        axum::http::Method::GET
-        | axum::http::Method::HEAD
-        | axum::http::Method::POST
-        | axum::http::Method::PUT
-        | axum::http::Method::PATCH
-        | axum::http::Method::DELETE
-        | axum::http::Method::OPTIONS => req.method().as_str().to_owned(),
-        _ => "other".to_owned(),
+    let method: &'static str = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::PATCH => "PATCH",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
     };
     let route = req
         .extensions()
@@ -59,7 +59,7 @@ async fn track(req: axum::extract::Request, next: axum::middleware::Next) -> axu
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
-    ::metrics::counter!("taskmesh_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    ::metrics::counter!("taskmesh_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     ::metrics::histogram!("taskmesh_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());

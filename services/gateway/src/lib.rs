@@ -114,7 +114,8 @@ pub fn cut_page<R, C>(rows: &mut Vec<R>, limit: i64, cursor: impl Fn(&R) -> C) -
 }
 
 /// The paging of a list whose other parameters are its path's: a page size and where the page
-/// starts. Runs, failed deliveries and the audit log have their own parameters, filters too.
+/// starts. Runs and the audit log have parameters of their own, filters too; failed deliveries
+/// page by an integer cursor (`deliveries::FailedDeliveryParams`).
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]

@@ -1063,14 +1063,8 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     metrics::counter!("taskmesh_circuit_breaker_signals_total", "verdict" => verdict).increment(1);
     let step = (b.run_id, b.step);
     if let Some(breaker) = held.breakers.get_mut(&b.tenant).and_then(|t| t.get_mut(&b.key)) {
+        // One with nothing left to remember goes at the round that follows every signal.
         breaker.record(&step, b.succeeded, now);
-        if breaker.is_idle(now) {
-            let tenant = held.breakers.get_mut(&b.tenant).expect("found above");
-            tenant.remove(&b.key);
-            if tenant.is_empty() {
-                held.breakers.remove(&b.tenant);
-            }
-        }
         return;
     }
     // Only a failure starts a breaker's memory.

@@ -412,20 +412,15 @@ impl Scheduler {
                 let msg_id = format!("ended:{}", env.id);
                 let announce =
                     self.bus.enqueue(self.bus.namespace().ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
-                let end = match env.event {
-                    Event::RunSucceeded(_) => CommitState::Success,
-                    Event::RunCancelled(_) => CommitState::Cancelled,
-                    _ => CommitState::Failure,
+                let (end, status) = match env.event {
+                    Event::RunSucceeded(_) => (CommitState::Success, "succeeded"),
+                    Event::RunCancelled(_) => (CommitState::Cancelled, "cancelled"),
+                    Event::RunTimedOut(_) => (CommitState::Failure, "timed_out"),
+                    _ => (CommitState::Failure, "failed"),
                 };
                 tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
                 self.report_status(key, &state.trigger, &state.workflow.name, end, env).await?;
                 // Counted once its end was handled (a redelivery after a crash counts again).
-                let status = match env.event {
-                    Event::RunSucceeded(_) => "succeeded",
-                    Event::RunFailed(_) => "failed",
-                    Event::RunCancelled(_) => "cancelled",
-                    _ => "timed_out",
-                };
                 metrics::counter!("taskmesh_runs_finished_total", "status" => status).increment(1);
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
