@@ -2203,6 +2203,142 @@ async fn git_forge(root: std::path::PathBuf, token: Option<&str>) -> (String, Ar
     (url, seen)
 }
 
+/// Pushes `commit` of the repository at `clone_url` to `hook` (GitHub's push); the run it
+/// started, once it has ended.
+async fn push_commit(
+    tm: &TestMesh,
+    hook: &str,
+    clone_url: &str,
+    commit: &str,
+    delivery: &str,
+) -> (uuid::Uuid, serde_json::Value) {
+    let mut body: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
+    body["after"] = commit.into();
+    body["repository"]["clone_url"] = clone_url.into();
+    let res = github_push(tm, hook, &serde_json::to_vec(&body).unwrap(), delivery).send().await.unwrap();
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["outcome"], "started", "{answer}");
+    let run_id: uuid::Uuid = answer["run_id"].as_str().unwrap().parse().unwrap();
+    (run_id, tm.wait_run(run_id, Duration::from_secs(60)).await)
+}
+
+/// A repository made in `root/<name>` with one file per commit (`(file, contents)`), cloned
+/// bare to `root/<bare>`; its commits.
+fn repository(root: &std::path::Path, name: &str, bare: &str, commits: &[(&str, &str)]) -> Vec<String> {
+    let work = root.join(name);
+    std::fs::create_dir_all(&work).unwrap();
+    git_in(&work, &["init", "-q"]);
+    let mut made = Vec::new();
+    for (file, contents) in commits {
+        std::fs::write(work.join(file), contents).unwrap();
+        git_in(&work, &["add", file]);
+        git_in(&work, &["commit", "-q", "-m", file]);
+        made.push(git_in(&work, &["rev-parse", "HEAD"]));
+    }
+    git_in(root, &["clone", "-q", "--bare", name, bare]);
+    made
+}
+
+/// Records `commit` of the bare repository `bare` as a submodule at `path` of the repository
+/// in `work`, with `url` in its `.gitmodules`, and commits that.
+fn add_submodule(work: &std::path::Path, bare: &std::path::Path, commit: &str, path: &str, url: &str) -> String {
+    let bare = bare.to_str().unwrap();
+    git_in(work, &["-c", "protocol.file.allow=always", "submodule", "add", "-q", bare, path]);
+    git_in(&work.join(path), &["checkout", "-q", commit]);
+    git_in(work, &["config", "-f", ".gitmodules", &format!("submodule.{path}.url"), url]);
+    git_in(work, &["add", ".gitmodules", path]);
+    git_in(work, &["commit", "-q", "-m", path]);
+    git_in(work, &["rev-parse", "HEAD"])
+}
+
+/// `checkout: {submodules: true}` checks out the submodules, and theirs, at the commits
+/// recorded, from the URLs git resolves (relative ones against their superproject's); the
+/// connection's token is not sent for them, so a private repository beside it fails; a URL
+/// that is not plain http(s), or whose host the egress rules deny (one git reached by
+/// climbing out of the repository's path), fails the step naming the submodule, before
+/// anything is fetched from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permitted_hosts() {
+    let tm = spawn_with(&Svc::ALL, |s| s.egress.deny = vec!["127.0.0.2/32".parse().unwrap()]).await;
+    let (root, open_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (forge, fetches) = git_forge(root.path().to_path_buf(), Some("gh-token")).await;
+    let (open, open_fetches) = git_forge(open_root.path().to_path_buf(), None).await;
+    // At the open forge: a library whose recorded commit is not its tip, with a submodule of
+    // its own by a URL relative to its own.
+    let deep = repository(open_root.path(), "deep", "o/deep.git", &[("deep.txt", "deep one\n")]);
+    let lib = repository(open_root.path(), "lib", "o/lib.git", &[("lib.txt", "lib one\n")]);
+    let lib_work = open_root.path().join("lib");
+    let lib_recorded = add_submodule(&lib_work, &open_root.path().join("o/deep.git"), &deep[0], "deep", "../deep.git");
+    std::fs::write(lib_work.join("lib.txt"), "lib two\n").unwrap();
+    git_in(&lib_work, &["commit", "-q", "-am", "two"]);
+    git_in(&lib_work, &["push", "-q", open_root.path().join("o/lib.git").to_str().unwrap(), "HEAD:master"]);
+    let lib_tip = git_in(&open_root.path().join("o/lib.git"), &["rev-parse", "HEAD"]);
+    assert!(lib_tip != lib_recorded && lib_tip != lib[0], "the library moved on past the commit recorded");
+    // At the token's forge: the repository, and a private one beside it.
+    repository(root.path(), "private", "binkkatal/private.git", &[("secret.txt", "private\n")]);
+    repository(root.path(), "app", "binkkatal/sample_app.git", &[("app.txt", "app\n")]);
+    let app = root.path().join("app");
+    let lib_bare = open_root.path().join("o/lib.git");
+    let pushed = add_submodule(&app, &lib_bare, &lib_recorded, "vendor/lib", &format!("{open}/o/lib.git"));
+    let private_bare = root.path().join("binkkatal/private.git");
+    let private_head = git_in(&private_bare, &["rev-parse", "HEAD"]);
+    let with_private = add_submodule(&app, &private_bare, &private_head, "vendor/private", "../private.git");
+    git_in(&app, &["rm", "-q", "--cached", "vendor/private"]);
+    git_in(&app, &["config", "-f", ".gitmodules", "--remove-section", "submodule.vendor/private"]);
+    git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "ssh://git@127.0.0.1/o/lib.git"]);
+    git_in(&app, &["commit", "-q", "-am", "ssh"]);
+    let over_ssh = git_in(&app, &["rev-parse", "HEAD"]);
+    // git resolves this against `http://127.0.0.1:<port>/binkkatal/sample_app.git` to
+    // `http://127.0.0.2:9/o/lib.git`, a host the mesh's egress rules deny.
+    git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "../../../127.0.0.2:9/o/lib.git"]);
+    git_in(&app, &["commit", "-q", "-am", "climbing"]);
+    let climbing = git_in(&app, &["rev-parse", "HEAD"]);
+    git_in(
+        &app,
+        &["push", "-q", "--force", root.path().join("binkkatal/sample_app.git").to_str().unwrap(), "HEAD:master"],
+    );
+
+    let workflow = serde_json::json!({"name": "ci", "steps": [
+        {"id": "build", "checkout": {"submodules": true},
+         "run": "cat app.txt vendor/lib/lib.txt vendor/lib/deep/deep.txt; git -C vendor/lib rev-parse HEAD; git -C vendor/lib/deep rev-parse HEAD"},
+    ]});
+    let more = serde_json::json!({"workflow": workflow, "status_token": "gh-token", "api_url": forge});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let clone_url = format!("{forge}/binkkatal/sample_app.git");
+    let run = push_commit(&tm, &hook, &clone_url, &pushed, "s-1").await.1;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let expected = format!("app\nlib one\ndeep one\n{lib_recorded}\n{}\n", deep[0]);
+    assert_eq!(run["steps"][0]["output"], expected, "{run}");
+    let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
+    let sent = fetches.lock().unwrap().clone();
+    assert!(!sent.is_empty() && sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
+    let sent_open = open_fetches.lock().unwrap().clone();
+    assert!(sent_open.len() >= 2 && sent_open.iter().all(Option::is_none), "both, without the token: {sent_open:?}");
+
+    // A private repository beside it (`../private.git`, on the same forge) is asked for
+    // without the token, so the step fails.
+    let before = fetches.lock().unwrap().len();
+    let run = push_commit(&tm, &hook, &clone_url, &with_private, "s-2").await.1;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with(&format!("checking out {with_private}: git submodule failed")), "{run}");
+    let sent = fetches.lock().unwrap()[before..].to_vec();
+    assert!(sent.contains(&Some(basic.to_string())) && sent.contains(&None), "{sent:?}");
+
+    // A URL that is not plain http(s): refused, naming it, and nothing asked of the library's forge.
+    let before = open_fetches.lock().unwrap().len();
+    let run = push_commit(&tm, &hook, &clone_url, &over_ssh, "s-3").await.1;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("submodule vendor/lib: 'ssh://git@127.0.0.1/o/lib.git' is not an http(s) URL"), "{run}");
+    assert_eq!(open_fetches.lock().unwrap().len(), before);
+    let run = push_commit(&tm, &hook, &clone_url, &climbing, "s-4").await.1;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("submodule vendor/lib: egress to 127.0.0.2 is denied"), "{run}");
+    tm.finish().await;
+}
+
 /// Runs `git args` in `dir`, as a test sets up a repository.
 fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
@@ -2253,16 +2389,8 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
         serde_json::json!({"workflow": workflow, "status_token": "gh-token", "api_url": forge}),
     )
     .await;
-    // Pushes `commit` of the repository at `clone_url`; the run it started, once it has ended.
     let run_of_push = async |clone_url: &str, commit: &str, delivery: &str| {
-        let mut body: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
-        body["after"] = commit.into();
-        body["repository"]["clone_url"] = clone_url.into();
-        let res = github_push(&tm, &hook, &serde_json::to_vec(&body).unwrap(), delivery).send().await.unwrap();
-        let answer: serde_json::Value = res.json().await.unwrap();
-        assert_eq!(answer["outcome"], "started", "{answer}");
-        let run_id: uuid::Uuid = answer["run_id"].as_str().unwrap().parse().unwrap();
-        (run_id, tm.wait_run(run_id, Duration::from_secs(60)).await)
+        push_commit(&tm, &hook, clone_url, commit, delivery).await
     };
     let clone_url = format!("{forge}/binkkatal/sample_app.git");
     let (run_id, run) = run_of_push(&clone_url, &pushed, "c-1").await;

@@ -185,7 +185,8 @@ pub struct RateLimitDef {
     pub burst: Option<u32>,
 }
 
-/// A step's `checkout`: off, `true` (the pushed commit alone), or `{depth, tags, path}`.
+/// A step's `checkout`: off, `true` (the pushed commit alone), or `{depth, tags, path,
+/// submodules}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutDef {
     /// Whether the pushed commit is checked out.
@@ -198,11 +199,14 @@ pub struct CheckoutDef {
     /// Where in the step's working directory the repository goes (a relative path of plain
     /// names, made as needed); `None`: the working directory itself.
     pub path: Option<String>,
+    /// Its submodules are checked out too, and theirs, at the commits it records (over http(s),
+    /// without the connection's token).
+    pub submodules: bool,
 }
 
 impl Default for CheckoutDef {
     fn default() -> Self {
-        Self { enabled: false, depth: 1, tags: false, path: None }
+        Self { enabled: false, depth: 1, tags: false, path: None, submodules: false }
     }
 }
 
@@ -262,15 +266,21 @@ struct CheckoutOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = CheckoutDef::MAX_PATH))]
     path: Option<String>,
+    /// Check out the repository's submodules too, and theirs (at most 8 levels and 256 in all),
+    /// at the commits it records, as deep as `depth`; each over http(s) from a host the
+    /// executor's egress rules permit, without the connection's token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    submodules: bool,
 }
 
 impl Serialize for CheckoutDef {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // `true` as written before options existed, so older readers read it still.
-        if !self.enabled || (self.depth == 1 && !self.tags && self.path.is_none()) {
+        if !self.enabled || (self.depth == 1 && !self.tags && self.path.is_none() && !self.submodules) {
             serializer.serialize_bool(self.enabled)
         } else {
-            CheckoutOptions { depth: self.depth, tags: self.tags, path: self.path.clone() }.serialize(serializer)
+            let (depth, tags, path, submodules) = (self.depth, self.tags, self.path.clone(), self.submodules);
+            CheckoutOptions { depth, tags, path, submodules }.serialize(serializer)
         }
     }
 }
@@ -284,7 +294,7 @@ impl<'de> Deserialize<'de> for CheckoutDef {
             type Value = CheckoutDef;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("true, false or {depth, tags, path}")
+                f.write_str("true, false or {depth, tags, path, submodules}")
             }
 
             fn visit_bool<E: serde::de::Error>(self, enabled: bool) -> Result<CheckoutDef, E> {
@@ -293,7 +303,7 @@ impl<'de> Deserialize<'de> for CheckoutDef {
 
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<CheckoutDef, A::Error> {
                 let o = CheckoutOptions::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-                Ok(CheckoutDef { enabled: true, depth: o.depth, tags: o.tags, path: o.path })
+                Ok(CheckoutDef { enabled: true, depth: o.depth, tags: o.tags, path: o.path, submodules: o.submodules })
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -1198,7 +1208,14 @@ mod tests {
         assert_eq!(read(serde_json::json!(true)).unwrap(), on);
         assert_eq!(read(serde_json::json!(false)).unwrap(), CheckoutDef::default());
         let all = read(serde_json::json!({"depth": 0, "tags": true})).unwrap();
-        assert_eq!(all, CheckoutDef { enabled: true, depth: 0, tags: true, path: None });
+        assert_eq!(all, CheckoutDef { enabled: true, depth: 0, tags: true, ..Default::default() });
+        // Submodules only when asked for, and written only then (older readers know no such field).
+        let with_submodules = read(serde_json::json!({"submodules": true})).unwrap();
+        assert_eq!(with_submodules, CheckoutDef { enabled: true, submodules: true, ..Default::default() });
+        assert_eq!(
+            serde_json::to_value(&with_submodules).unwrap(),
+            serde_json::json!({"depth": 1, "tags": false, "submodules": true})
+        );
         let nested = read(serde_json::json!({"path": "src/app"})).unwrap();
         assert_eq!(nested, CheckoutDef { enabled: true, path: Some("src/app".into()), ..Default::default() });
         assert_eq!(
@@ -1210,7 +1227,7 @@ mod tests {
         let unknown = read(serde_json::json!({"depht": 5})).unwrap_err().to_string();
         assert!(unknown.contains("unknown field `depht`"), "{unknown}");
         let string = read(serde_json::json!("yes")).unwrap_err().to_string();
-        assert!(string.contains("expected true, false or {depth, tags, path}"), "{string}");
+        assert!(string.contains("expected true, false or {depth, tags, path, submodules}"), "{string}");
         assert!(read(serde_json::json!({"depth": -1})).is_err());
         // Written as `true` where nothing more is asked, so older readers still read it.
         assert_eq!(serde_json::to_value(&on).unwrap(), serde_json::json!(true));

@@ -5,10 +5,18 @@
 //! what the step sees: by default it alone (`--depth 1`, no tags), or as much of its history
 //! as the step's `checkout.depth` asks (0: all) and the repository's tags with `checkout.tags`,
 //! into the working directory or the `checkout.path` under it. The connection's token goes
-//! with the requests (as an `http.extraHeader` in git's environment, never on a command line
-//! or in `.git/config`, so the step's own `git` commands do not have it) only where
-//! [`Checkout::token_goes_to`] allows:
-//! the connected repository at its forge. git runs as the executor's user, so steps running as
+//! with the requests (as an `http.<url>.extraHeader` in git's environment, never on a command
+//! line or in `.git/config`, so the step's own `git` commands do not have it) only where
+//! [`Checkout::token_goes_to`] allows, the connected repository at its forge, and only to
+//! URLs under the repository's own.
+//!
+//! With `checkout.submodules`, git's own `submodule init` and `update` check out the
+//! submodules, level by level (at most [`SUBMODULE_LEVELS`] levels and [`MAX_SUBMODULES`] in
+//! all): git resolves each level's URLs (relative ones against the repository's), and every
+//! URL it wrote is read back and checked before anything is fetched. It must be plain http(s)
+//! (a host of letters, digits, `-` and `.`, a port, a path of plain names), so the URL crate,
+//! git and curl cannot read it differently, and its host is judged and pinned as the
+//! repository's is. Only the gitlinks git populated are descended into. git runs as the executor's user, so steps running as
 //! `run_as` cannot read the token from its environment; the files are theirs afterwards. The
 //! repository's host is judged by the executor's egress rules and git is pinned to the
 //! addresses judged (`http.curloptResolve`), redirects are not followed, and git speaks only
@@ -39,6 +47,10 @@ const PASSED_ON: [&str; 8] = [
 const ERROR_TAIL: usize = 2048;
 /// A fetch that receives nothing for this long fails.
 const LOW_SPEED_SECS: u64 = 60;
+/// Most levels of submodules below the repository checked out (its own are the first).
+pub const SUBMODULE_LEVELS: usize = 8;
+/// Most submodules checked out in all levels together.
+pub const MAX_SUBMODULES: usize = 256;
 
 /// Where a step's commit comes from, with what opens it.
 #[derive(Clone)]
@@ -70,6 +82,11 @@ impl Source {
         let url = url::Url::parse(&checkout.url).map_err(|e| format!("'{}' is not a URL: {e}", checkout.url))?;
         if !matches!(url.scheme(), "http" | "https") || !url.username().is_empty() || url.password().is_some() {
             return Err(format!("'{}' is not an http(s) URL without credentials", checkout.url));
+        }
+        // `127.1` or `10.0.0.5.` is an address to the URL crate, judged as it is, but a name
+        // to curl, which would look it up unpinned.
+        if matches!(url.host(), Some(url::Host::Ipv4(_))) && !same_host(&url, written_host(&checkout.url)) {
+            return Err(format!("'{}' names its address in a form other than a.b.c.d", checkout.url));
         }
         let commit = checkout.commit.to_ascii_lowercase();
         if !matches!(commit.len(), 40 | 64) || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -127,16 +144,23 @@ pub async fn fetch(
         ("http.lowSpeedTime".to_string(), LOW_SPEED_SECS.to_string()),
         ("init.defaultBranch".to_string(), "main".to_string()),
         ("advice.detachedHead".to_string(), "false".to_string()),
+        // No hook runs, wherever a repository's content could place one.
+        ("core.hooksPath".to_string(), "/dev/null".to_string()),
     ];
     if let Some(pin) = pin(&source.url, egress).await? {
         config.push(("http.curloptResolve".into(), pin));
     }
+    // git and curl read files in `HOME` (`.netrc`, attributes): an empty directory of the
+    // executor's, not the checkout, which is the pusher's.
+    let home = tempfile::tempdir().map_err(|e| format!("making a home for git: {e}"))?;
+    let mut fetching = config.clone();
     if let Some(auth) = &source.auth {
-        config.push(("http.extraHeader".into(), format!("Authorization: {auth}")));
+        // Only for the repository's URL and those under it (git matches the path at `/`).
+        fetching.push((format!("http.{}.extraHeader", source.url), format!("Authorization: {auth}")));
     }
     // git runs as the executor, not as the step's user: steps of that user (other tenants'
     // among them) must not find the token in its environment. The files are the step's after.
-    let git = |args: &'static [&'static str], extra: Vec<String>| git(source, dir, &config, args, extra);
+    let git = |args: &'static [&'static str], extra: Vec<String>| git(source, dir, home.path(), &fetching, args, extra);
     git(&["init", "-q"], vec![]).await?;
     git(&["remote", "add", "origin"], vec![source.url.to_string()]).await?;
     let mut fetch = Vec::new();
@@ -147,6 +171,10 @@ pub async fn fetch(
     fetch.extend(["origin".to_string(), source.commit.clone()]);
     git(&["fetch", "-q"], fetch).await?;
     git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await?;
+    if source.options.submodules {
+        // Without the token: no submodule is the connected repository.
+        submodules(source, dir, home.path(), config, egress).await?;
+    }
     if let Some((uid, gid)) = run_as {
         let dir = workspace.to_path_buf();
         tokio::task::spawn_blocking(move || give(&dir, uid, gid))
@@ -155,6 +183,180 @@ pub async fn fetch(
             .map_err(|e| format!("giving the checkout to uid {uid}: {e}"))?;
     }
     Ok(())
+}
+
+/// Checks out the submodules of the repository checked out in `top`, and theirs, level by
+/// level, with git's `submodule init` (which resolves their URLs) and `submodule update`
+/// (which fetches each at the commit its superproject records, as deep as the checkout asks),
+/// checking every URL git resolved before it is fetched from and pinning its host.
+async fn submodules(
+    source: &Source,
+    top: &Path,
+    home: &Path,
+    mut config: Vec<(String, String)>,
+    egress: &taskmesh_egress::Egress,
+) -> Result<(), String> {
+    // The hosts (and ports) pinned so far: the repository's, then each submodule's.
+    let mut pinned = vec![host_port(&source.url)];
+    // The repositories of this level: where each is, and its path from the top, for messages.
+    let mut level = vec![(top.to_path_buf(), String::new())];
+    let mut seen = 0;
+    for depth in 0..=SUBMODULE_LEVELS {
+        let mut next = Vec::new();
+        for (dir, shown) in &level {
+            let gitlinks = gitlinks(source, dir, home, &config).await?;
+            if gitlinks.is_empty() {
+                continue;
+            }
+            if depth == SUBMODULE_LEVELS {
+                return Err(format!("submodules nested more than {SUBMODULE_LEVELS} levels deep, in {shown}"));
+            }
+            seen += gitlinks.len();
+            if seen > MAX_SUBMODULES {
+                return Err(format!("more than {MAX_SUBMODULES} submodules"));
+            }
+            git(source, dir, home, &config, &["submodule", "--quiet", "init"], vec![]).await?;
+            let listed = git(source, dir, home, &config, &["config", "--local", "--list", "-z"], vec![]).await?;
+            for (name, url) in submodule_urls(&listed) {
+                let url = submodule_url(&url).map_err(|e| format!("submodule {shown}{name}: {e}"))?;
+                let at = host_port(&url);
+                if !pinned.contains(&at) {
+                    let pin = pin(&url, egress).await.map_err(|e| format!("submodule {shown}{name}: {e}"))?;
+                    config.extend(pin.map(|pin| ("http.curloptResolve".to_string(), pin)));
+                    pinned.push(at);
+                }
+            }
+            let mut update = vec!["--checkout".to_string(), "--no-recommend-shallow".to_string()];
+            if source.options.depth > 0 {
+                update.push(format!("--depth={}", source.options.depth));
+            }
+            git(source, dir, home, &config, &["submodule", "--quiet", "update"], update).await?;
+            for path in gitlinks {
+                if !populated(dir, &path) {
+                    return Err(format!("submodule {shown}{path} was not checked out"));
+                }
+                next.push((dir.join(&path), format!("{shown}{path}/")));
+            }
+        }
+        level = next;
+        if level.is_empty() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The paths of the gitlinks (submodules' commits) in the index of the repository in `dir`:
+/// the submodules git knows of, whatever `.gitmodules` says. Any that is not a relative path
+/// of plain names (a control character in it, say: git has had holes there) fails the
+/// checkout before git acts on it.
+async fn gitlinks(
+    source: &Source,
+    dir: &Path,
+    home: &Path,
+    config: &[(String, String)],
+) -> Result<Vec<String>, String> {
+    let listed = git(source, dir, home, config, &["ls-files", "--stage", "-z"], vec![]).await?;
+    let mut paths = Vec::new();
+    for entry in listed.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+        // `<mode> <object> <stage>\t<path>`
+        let Some(tab) = entry.iter().position(|b| *b == b'\t') else { continue };
+        if !entry.starts_with(b"160000 ") {
+            continue;
+        }
+        let path = &entry[tab + 1..];
+        match std::str::from_utf8(path) {
+            Ok(path) if plain_gitlink(path) => paths.push(path.to_string()),
+            _ => {
+                let shown = String::from_utf8_lossy(path);
+                return Err(format!("submodule path '{}' is not a relative path of plain names", shown.escape_debug()));
+            }
+        }
+    }
+    Ok(paths)
+}
+
+/// Whether a gitlink's path is relative, of plain names (no `.`, `..`, `.git` or empty ones,
+/// no control characters or `\\`).
+fn plain_gitlink(path: &str) -> bool {
+    taskmesh_events::workflow::is_plain_relative_path(path, 4096)
+        && !path.split('/').any(|name| name.eq_ignore_ascii_case(".git"))
+}
+
+/// The submodules' `(name, url)` in `git config --list -z`'s output (`key\nvalue\0` each).
+fn submodule_urls(listed: &[u8]) -> Vec<(String, String)> {
+    listed
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let (key, value) =
+                String::from_utf8_lossy(entry).split_once('\n').map(|(k, v)| (k.to_string(), v.to_string()))?;
+            let name = key.strip_prefix("submodule.")?.strip_suffix(".url")?.to_string();
+            Some((name, value))
+        })
+        .collect()
+}
+
+/// A submodule's URL as git resolved it, if it is one to fetch from: `http` or `https`, a host
+/// of letters, digits, `-` and `.` (as the URL crate writes it: no trailing dot, no short or
+/// hexadecimal IPv4 form) with an optional port, and a path of names of letters, digits and
+/// `-._~` (no `.` or `..`). Nothing else: no credentials, percent-escapes, backslashes, query
+/// or IPv6 literal, where the URL crate, git and curl might each find another host.
+fn submodule_url(text: &str) -> Result<url::Url, String> {
+    let refused =
+        || format!("'{}' is not an http(s) URL of a host name and a path of plain names", text.escape_debug());
+    let rest = text.strip_prefix("https://").or_else(|| text.strip_prefix("http://")).ok_or_else(refused)?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = authority.split_once(':').unwrap_or((authority, "80"));
+    let plain_host = !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+    let plain_port = !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit());
+    let plain_path = path.split('/').all(|name| {
+        !matches!(name, "." | "..")
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~'))
+    });
+    if !(plain_host && plain_port && plain_path) {
+        return Err(refused());
+    }
+    let url = url::Url::parse(text).map_err(|_| refused())?;
+    match url.host() {
+        Some(url::Host::Domain(_) | url::Host::Ipv4(_)) if same_host(&url, host) => Ok(url),
+        _ => Err(refused()),
+    }
+}
+
+/// Whether `written`, a URL's host as written, is the host the URL crate read (case aside):
+/// `10.0.0.5.` or `127.1` are read as addresses, which are judged as they are, while curl
+/// would look the text up as a name, unpinned.
+fn same_host(url: &url::Url, written: &str) -> bool {
+    url.host_str().is_some_and(|host| host.eq_ignore_ascii_case(written))
+}
+
+/// A URL's host as written (without credentials or port).
+fn written_host(text: &str) -> &str {
+    let rest = text.split_once("://").map_or(text, |(_, rest)| rest);
+    let authority = rest.split(['/', '\\', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(host, _)| host)
+}
+
+/// The host and port a URL connects to.
+fn host_port(url: &url::Url) -> (String, Option<u16>) {
+    (url.host_str().unwrap_or_default().to_ascii_lowercase(), url.port_or_known_default())
+}
+
+/// Whether the gitlink at `path` under `dir` was checked out as a repository by plain
+/// directories (no symbolic link on the way), so the next level may look in it.
+fn populated(dir: &Path, path: &str) -> bool {
+    if !taskmesh_events::workflow::is_plain_relative_path(path, 4096) {
+        return false;
+    }
+    let mut at = dir.to_path_buf();
+    for name in path.split('/') {
+        at.push(name);
+        if !std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+            return false;
+        }
+    }
+    std::fs::symlink_metadata(at.join(".git")).is_ok_and(|m| m.is_file())
 }
 
 /// Gives `path` and everything under it to `uid`:`gid`, following no symbolic link.
@@ -201,21 +403,23 @@ async fn pin(url: &url::Url, egress: &taskmesh_egress::Egress) -> Result<Option<
 
 /// Runs `git args extra…` in `dir` with only `config` for configuration, in a process group
 /// of its own that is killed whole if this is dropped before it ends (a timeout, a
-/// cancellation): git's transport helpers would otherwise outlive it, token and all.
+/// cancellation): git's transport helpers would otherwise outlive it, token and all. Its
+/// standard output, once it succeeded.
 async fn git(
     source: &Source,
     dir: &Path,
+    home: &Path,
     config: &[(String, String)],
     args: &[&str],
     extra: Vec<String>,
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.args(args)
         .args(extra)
         .current_dir(dir)
         .env_clear()
         .env("PATH", GIT_PATH)
-        .env("HOME", dir)
+        .env("HOME", home)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -229,14 +433,14 @@ async fn git(
             cmd.env(var, v);
         }
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
     let mut group = KillGroup(child.id().map(|p| nix::unistd::Pid::from_raw(p as i32)));
     let out = child.wait_with_output().await.map_err(|e| format!("waiting for git: {e}"))?;
     // It ended (and waited for its helpers): its id may be another's from now on.
     group.0 = None;
     if out.status.success() {
-        return Ok(());
+        return Ok(out.stdout);
     }
     let said = source.mask(String::from_utf8_lossy(&out.stderr).trim());
     let tail = &said[said.floor_char_boundary(said.len().saturating_sub(ERROR_TAIL))..];
@@ -278,6 +482,11 @@ mod tests {
         assert!(Source::new(&checkout("file:///etc", sha), None).is_err());
         assert!(Source::new(&checkout("ssh://git@github.com/o/r.git", sha), None).is_err());
         assert!(Source::new(&checkout("https://u:p@github.com/o/r.git", sha), None).is_err());
+        // An address only in its a.b.c.d form, which curl reads as the URL crate does.
+        assert!(Source::new(&checkout("http://127.0.0.1:8080/o/r.git", sha), None).is_ok());
+        for other in ["http://127.1/o/r.git", "http://10.0.0.5.:80/o/r.git", "http://0x7f000001/o/r.git"] {
+            assert!(Source::new(&checkout(other, sha), None).unwrap_err().contains("a.b.c.d"), "{other}");
+        }
     }
 
     #[test]
@@ -357,6 +566,69 @@ mod tests {
             assert_eq!(std::fs::symlink_metadata(&path).unwrap().uid(), 65534, "{path:?}");
         }
         assert_eq!(std::fs::metadata(outside.path()).unwrap().uid(), 0, "a link's target is not given away");
+    }
+
+    #[test]
+    fn a_submodule_url_is_fetched_only_when_nothing_can_read_another_host_in_it() {
+        for fine in
+            ["https://github.com/o/lib.git", "http://127.0.0.1:8080/o/lib.git", "https://git.example/a/b/c_d-e~f"]
+        {
+            assert!(submodule_url(fine).is_ok(), "{fine}");
+        }
+        let refused = [
+            "ssh://git@github.com/o/lib.git",
+            "git@github.com:o/lib.git",
+            "file:///etc",
+            "/srv/git/lib.git",
+            "../lib.git",
+            "https://user:pw@github.com/o/lib.git",
+            "https://github.com\\@evil.example/o/lib.git",
+            "https://evil.example%2f@github.com/x",
+            "https://[::1]/o/lib.git",
+            "https://github.com/o/../../x",
+            "https://github.com/o/lib.git?x=1",
+            "https://github.com:99999/o/lib.git",
+            "https://github.com/o/lib .git",
+            "https:///o/lib.git",
+            "ext::sh -c id",
+            // Read as addresses by the URL crate, looked up as names by curl.
+            "http://10.0.0.5.:80/o/x",
+            "http://127.1/o/x",
+            "http://0x7f.1/o/x",
+        ];
+        for bad in refused {
+            assert!(submodule_url(bad).is_err(), "{bad}");
+        }
+        assert!(submodule_url("ssh://x/y").unwrap_err().contains("not an http(s) URL"));
+        // What it says shows no control character as it is.
+        assert!(submodule_url("https://h/o\n\x1b[2J").unwrap_err().contains("o\\n\\u{1b}[2J"));
+        assert!(submodule_url("https://GitHub.com/o/lib.git").is_ok());
+    }
+
+    #[test]
+    fn submodule_urls_are_read_from_the_config_list() {
+        let listed = b"core.bare\nfalse\0remote.origin.url\nhttps://h/o/r.git\0submodule.vendor/lib.url\nhttps://h/o/lib.git\0submodule.a.b.url\n../x.git\0submodule.vendor/lib.active\ntrue\0";
+        assert_eq!(
+            submodule_urls(listed),
+            [
+                ("vendor/lib".to_string(), "https://h/o/lib.git".to_string()),
+                ("a.b".to_string(), "../x.git".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_gitlink_reached_through_plain_directories_is_descended_into() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("vendor/lib")).unwrap();
+        std::fs::write(dir.path().join("vendor/lib/.git"), "gitdir: ../../.git/modules/lib\n").unwrap();
+        assert!(populated(dir.path(), "vendor/lib"));
+        // Not populated, or by way of a link (here to the populated one), or leaving the tree.
+        std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+        assert!(!populated(dir.path(), "empty"));
+        std::os::unix::fs::symlink(dir.path().join("vendor"), dir.path().join("link")).unwrap();
+        assert!(!populated(dir.path(), "link/lib"));
+        assert!(!populated(dir.path(), "../x") && !populated(dir.path(), "/etc"));
     }
 
     #[tokio::test]
