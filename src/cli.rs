@@ -76,6 +76,9 @@ pub enum Runs {
         id: String,
         #[arg(long, default_value = "failed")]
         from: String,
+        /// Run the rerun steps with `cache:` rather than reuse kept outcomes.
+        #[arg(long)]
+        refresh_cache: bool,
     },
 }
 
@@ -549,6 +552,7 @@ pub async fn run(
     file: PathBuf,
     inputs: Vec<String>,
     labels: Vec<String>,
+    refresh_cache: bool,
     wait: bool,
     follow: bool,
 ) -> anyhow::Result<i32> {
@@ -559,6 +563,9 @@ pub async fn run(
     let mut body = json!({"workflow": workflow, "inputs": input_map});
     if !labels.is_empty() {
         body["labels"] = json!(labels);
+    }
+    if refresh_cache {
+        body["refresh_cache"] = json!(true);
     }
     let accepted = client.call(reqwest::Method::POST, "/v1/runs", Some(body)).await?;
     let id = accepted["id"].as_str().context("the answer has no run id")?.to_string();
@@ -713,10 +720,12 @@ pub async fn runs(conn: &Connection, cmd: Runs) -> anyhow::Result<i32> {
             println!("{}", if client.json { done.to_string() } else { format!("cancelling {id}") });
             Ok(0)
         }
-        Runs::Rerun { id, from } => {
-            let accepted = client
-                .call(reqwest::Method::POST, &format!("/v1/runs/{id}/rerun"), Some(json!({"from": from})))
-                .await?;
+        Runs::Rerun { id, from, refresh_cache } => {
+            let mut body = json!({"from": from});
+            if refresh_cache {
+                body["refresh_cache"] = json!(true);
+            }
+            let accepted = client.call(reqwest::Method::POST, &format!("/v1/runs/{id}/rerun"), Some(body)).await?;
             println!(
                 "{}",
                 if client.json { accepted.to_string() } else { accepted["id"].as_str().unwrap_or("").to_string() }

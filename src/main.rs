@@ -35,6 +35,9 @@ enum Command {
         /// A label to find the run by, `key=value` (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Run the steps with `cache:` rather than reuse kept outcomes, and keep theirs instead.
+        #[arg(long)]
+        refresh_cache: bool,
         #[arg(long)]
         wait: bool,
         #[arg(long, short = 'f')]
@@ -117,8 +120,8 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Client commands talk to a server over its API; they need none of its configuration.
     let client = match cli.command {
-        Command::Run { file, inputs, labels, wait, follow, conn } => {
-            taskmesh::cli::run(&conn, file, inputs, labels, wait, follow).await
+        Command::Run { file, inputs, labels, refresh_cache, wait, follow, conn } => {
+            taskmesh::cli::run(&conn, file, inputs, labels, refresh_cache, wait, follow).await
         }
         Command::Runs { action, conn } => taskmesh::cli::runs(&conn, action).await,
         Command::Logs { run, step, follow, conn } => taskmesh::cli::logs(&conn, run, step, follow).await,

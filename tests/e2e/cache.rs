@@ -172,3 +172,41 @@ async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_ru
     assert_eq!(n(&reused), n(&fresh), "the latest success is the one kept, and young enough for ten minutes");
     tm.finish().await;
 }
+
+/// `refresh_cache` on a submission or a rerun: its `cache:` steps run rather than reuse the
+/// kept outcome, and theirs replace it, so later runs reuse the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_their_outcomes() {
+    let tm = spawn_mesh().await;
+    let workflow = json!({"name": "refreshed", "steps": [{"id": "gen", "cache": {"ttl_seconds": 600},
+        "run": "echo n=$(date +%s%N)-$$ >> $TASKMESH_OUTPUT"}]});
+    // Submits (`POST path` with `body`) and waits for the run's end.
+    let submitted = async |path: String, body: Value| {
+        let res = tm.send_json(Method::POST, &path, &body).await;
+        assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+        let id: uuid::Uuid = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+        let view = tm.wait_run(id, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "succeeded", "{view:#}");
+        (id, view)
+    };
+    let (first, one) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
+    let (_, two) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
+    assert_eq!(n(&two), n(&one), "reused");
+
+    // Refreshed: it runs, and what it made is what the next run reuses.
+    let (refreshed, three) = submitted("/v1/runs".into(), json!({"workflow": workflow, "refresh_cache": true})).await;
+    assert_ne!(n(&three), n(&one), "the step ran");
+    assert_eq!(step(&three, "gen")["reason"], Value::Null);
+    assert_eq!(cached_from(&tm, refreshed, "gen").await, None);
+    let (later, four) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
+    assert_eq!(n(&four), n(&three), "the refreshed outcome replaced the first");
+    assert_eq!(cached_from(&tm, later, "gen").await.map(|c| c.run_id), Some(refreshed));
+    assert_ne!(refreshed, first);
+
+    // A rerun may refresh too; without it, a rerun step reuses as any run does.
+    let (_, five) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen", "refresh_cache": true})).await;
+    assert_ne!(n(&five), n(&four), "the rerun step ran");
+    let (_, six) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen"})).await;
+    assert_eq!(n(&six), n(&five), "and its outcome is the one kept");
+    tm.finish().await;
+}

@@ -159,6 +159,14 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     let (code, shown, err) = taskmesh(&tm, &["runs", "get", id]).await;
     assert_eq!(code, 0, "{err}");
     assert!(shown.contains("(cached from run "), "{shown}");
+    // `--refresh-cache` runs it, and a rerun with it runs it again.
+    let (code, _, err) = taskmesh(&tm, &["run", path.to_str().unwrap(), "--wait", "--refresh-cache"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("✓ a succeeded\n"), "it ran: {err}");
+    let (code, rerun, err) = taskmesh(&tm, &["runs", "rerun", id, "--from", "a", "--refresh-cache"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rerun = tm.wait_run(rerun.trim().parse().unwrap(), std::time::Duration::from_secs(30)).await;
+    assert_eq!(step(&rerun, "a")["reason"], Value::Null, "{rerun:#}");
     let _ = std::fs::remove_file(path);
     tm.finish().await;
 }

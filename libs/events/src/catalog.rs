@@ -617,6 +617,10 @@ pub struct RunSubmitted {
     /// keeps its earlier run's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkout: Option<Checkout>,
+    /// The run's `cache:` steps run rather than reuse a kept outcome, and their successes
+    /// replace what was kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh_cache: bool,
 }
 
 impl RunSubmitted {

@@ -39,6 +39,9 @@ pub struct SubmitRun {
     /// values at most 256 bytes.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The run's `cache:` steps run rather than reuse a kept outcome (theirs replace it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh_cache: bool,
 }
 
 /// `{ns}.cmd.ingest.rerun_run`: a new run of an ended run's workflow and inputs that keeps
@@ -51,6 +54,9 @@ pub struct RerunRun {
     pub from: String,
     #[serde(default)]
     pub key_id: Option<Uuid>,
+    /// The new run's `cache:` steps run rather than reuse a kept outcome (theirs replace it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh_cache: bool,
 }
 
 /// The reply to [`SubmitRun`].
@@ -377,6 +383,10 @@ pub struct Dispatch {
     /// For a `checkout` step: the commit to check out into its working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkout: Option<crate::catalog::Checkout>,
+    /// For a `cache:` step: run it rather than reuse a kept outcome, and keep its success in
+    /// place of that (its run was submitted with `refresh_cache`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh_cache: bool,
 }
 
 /// `{ns}.ready.<tenant>`: work waiting for admission control (the scheduler's dispatcher).

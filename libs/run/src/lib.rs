@@ -122,6 +122,8 @@ pub struct RunState {
     pub trigger: taskmesh_events::Trigger,
     /// The commit its `checkout` steps get, if it has one.
     pub checkout: Option<taskmesh_events::Checkout>,
+    /// Its `cache:` steps run rather than reuse kept outcomes.
+    pub refresh_cache: bool,
     /// Correlation and trace of the submission, carried by every event the run causes.
     pub correlation_id: Option<uuid::Uuid>,
     pub traceparent: Option<String>,
@@ -207,6 +209,7 @@ impl RunState {
             key,
             trigger: submitted.trigger.clone(),
             checkout: submitted.checkout.clone(),
+            refresh_cache: submitted.refresh_cache,
             priority,
             concurrency: submitted.concurrency.clone(),
             tenant_max_runs: submitted.tenant_max_runs,
@@ -798,6 +801,7 @@ mod tests {
             tenant_max_runs: None,
             labels: Default::default(),
             checkout: None,
+            refresh_cache: false,
         });
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
     }

@@ -189,6 +189,7 @@ mod tests {
             not_before: None,
             traceparent: None,
             checkout: None,
+            refresh_cache: false,
         }
     }
 

@@ -557,6 +557,8 @@ impl Executor {
             Err(outcome) => Some((false, outcome)),
             Ok(opened) => {
                 let cached = match &cache_key {
+                    // Run, to replace what was kept.
+                    Some(_) if dispatch.refresh_cache => None,
                     Some(key) => {
                         let found = cache::lookup(&self.bus, &dispatch, key).await;
                         let result = if found.is_some() { "hit" } else { "miss" };

@@ -280,6 +280,7 @@ pub async fn publish(
                     not_before: None,
                     priority: None,
                     labels: Default::default(),
+                    refresh_cache: false,
                 })
                 .await;
             match reply {

@@ -54,6 +54,10 @@ pub struct SubmitRunRequest {
     /// letters, digits, `_`, `.` or `-`; values at most 256 bytes.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The run's steps with `cache:` run rather than reuse an outcome kept by an earlier
+    /// success, and theirs replace it (for an outcome known to be stale or wrong).
+    #[serde(default)]
+    pub refresh_cache: bool,
 }
 
 impl SubmitRunRequest {
@@ -69,6 +73,7 @@ impl SubmitRunRequest {
             not_before: self.not_before,
             priority: self.priority,
             labels: self.labels,
+            refresh_cache: self.refresh_cache,
         }
     }
 }
@@ -132,6 +137,7 @@ pub async fn submit(
                 not_before: None,
                 priority: None,
                 labels: BTreeMap::new(),
+                refresh_cache: false,
             }
         }
     };
@@ -595,6 +601,10 @@ pub struct RerunRequest {
     /// `failed` (every step that did not succeed) or a step id; either with everything
     /// downstream of it. The other steps keep their outcomes and outputs.
     pub from: String,
+    /// The rerun steps with `cache:` run rather than reuse an outcome kept by an earlier
+    /// success, and theirs replace it.
+    #[serde(default)]
+    pub refresh_cache: bool,
 }
 
 /// Rerun an ended run: a new run with the same workflow and inputs that keeps the steps that
@@ -631,6 +641,7 @@ pub async fn rerun(
             run_id: id,
             from: request.from,
             key_id: Some(caller.key_id),
+            refresh_cache: request.refresh_cache,
         })
         .await?;
     Ok(accepted_response(

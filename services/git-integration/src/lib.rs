@@ -364,6 +364,7 @@ async fn hook(
             labels: Default::default(),
             traceparent: taskmesh_telemetry::current_traceparent(),
             not_before: None,
+            refresh_cache: false,
         })
         .await
         .map_err(|mut p| {

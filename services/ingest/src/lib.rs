@@ -151,6 +151,7 @@ impl Ingest {
                 tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
                 labels: cmd.labels,
                 checkout,
+                refresh_cache: cmd.refresh_cache,
             }),
         );
         match self.append_submission(&key, envelope.clone()).await {
@@ -462,6 +463,7 @@ impl Ingest {
                 tenant_max_runs: Some(self.limits.max_runs(&cmd.tenant)).filter(|n| *n > 0),
                 labels: original.labels,
                 checkout: original.checkout,
+                refresh_cache: cmd.refresh_cache,
             }),
         );
         let seq = self.append_submission(&new_key, envelope).await?;

@@ -1329,6 +1329,7 @@ mod tests {
             not_before: None,
             traceparent: None,
             checkout: None,
+            refresh_cache: false,
         };
         if !held.steps.contains_key(tenant) {
             held.turns.push_back(tenant.into());

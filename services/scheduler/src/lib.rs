@@ -584,6 +584,7 @@ impl Scheduler {
             not_before: d.not_before,
             traceparent: meta.traceparent.clone(),
             checkout: state.checkout_of(i),
+            refresh_cache: state.refresh_cache,
         };
         // Admission control lets it through to the executors (see `dispatch`).
         let ns = self.bus.namespace();

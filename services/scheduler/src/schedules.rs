@@ -263,6 +263,7 @@ impl Scheduler {
                 labels: Default::default(),
                 traceparent: None,
                 not_before: None,
+                refresh_cache: false,
             })
             .await
             .map(|_| ())
