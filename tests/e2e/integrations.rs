@@ -2253,19 +2253,21 @@ fn add_submodule(work: &std::path::Path, bare: &std::path::Path, commit: &str, p
 
 /// `checkout: {submodules: true}` checks out the submodules, and theirs, at the commits
 /// recorded, from the URLs git resolves (relative ones against their superproject's); the
-/// connection's token is not sent for them, so a private repository beside it fails; a URL
-/// that is not plain http(s), or whose host the egress rules deny (one git reached by
-/// climbing out of the repository's path), fails the step naming the submodule, before
-/// anything is fetched from it.
+/// connection's token is not in git's environment for them, so even a repository under the
+/// connected one's URL is asked for without it and fails; a URL that is not plain http(s),
+/// one whose host the egress rules deny (reached by climbing out of the repository's path),
+/// or a gitlink at a path with a control character fails the step, naming it, before anything
+/// is fetched from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permitted_hosts() {
     let tm = spawn_with(&Svc::ALL, |s| s.egress.deny = vec!["127.0.0.2/32".parse().unwrap()]).await;
     let (root, open_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (forge, fetches) = git_forge(root.path().to_path_buf(), Some("gh-token")).await;
     let (open, open_fetches) = git_forge(open_root.path().to_path_buf(), None).await;
-    // At the open forge: a library whose recorded commit is not its tip, with a submodule of
-    // its own by a URL relative to its own.
-    let deep = repository(open_root.path(), "deep", "o/deep.git", &[("deep.txt", "deep one\n")]);
+    // At the open forge: a library, with a submodule of its own by a URL relative to its own;
+    // each recorded at a commit that is not its tip.
+    let deep =
+        repository(open_root.path(), "deep", "o/deep.git", &[("deep.txt", "deep one\n"), ("deep.txt", "deep two\n")]);
     let lib = repository(open_root.path(), "lib", "o/lib.git", &[("lib.txt", "lib one\n")]);
     let lib_work = open_root.path().join("lib");
     let lib_recorded = add_submodule(&lib_work, &open_root.path().join("o/deep.git"), &deep[0], "deep", "../deep.git");
@@ -2274,29 +2276,36 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
     git_in(&lib_work, &["push", "-q", open_root.path().join("o/lib.git").to_str().unwrap(), "HEAD:master"]);
     let lib_tip = git_in(&open_root.path().join("o/lib.git"), &["rev-parse", "HEAD"]);
     assert!(lib_tip != lib_recorded && lib_tip != lib[0], "the library moved on past the commit recorded");
-    // At the token's forge: the repository, and a private one beside it.
-    repository(root.path(), "private", "binkkatal/private.git", &[("secret.txt", "private\n")]);
+    // At the token's forge: the repository, and a private one under its URL.
     repository(root.path(), "app", "binkkatal/sample_app.git", &[("app.txt", "app\n")]);
+    repository(root.path(), "private", "binkkatal/sample_app.git/private.git", &[("secret.txt", "private\n")]);
     let app = root.path().join("app");
     let lib_bare = open_root.path().join("o/lib.git");
     let pushed = add_submodule(&app, &lib_bare, &lib_recorded, "vendor/lib", &format!("{open}/o/lib.git"));
-    let private_bare = root.path().join("binkkatal/private.git");
+    let private_bare = root.path().join("binkkatal/sample_app.git/private.git");
     let private_head = git_in(&private_bare, &["rev-parse", "HEAD"]);
-    let with_private = add_submodule(&app, &private_bare, &private_head, "vendor/private", "../private.git");
+    let with_private = add_submodule(&app, &private_bare, &private_head, "vendor/private", "./private.git");
     git_in(&app, &["rm", "-q", "--cached", "vendor/private"]);
     git_in(&app, &["config", "-f", ".gitmodules", "--remove-section", "submodule.vendor/private"]);
-    git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "ssh://git@127.0.0.1/o/lib.git"]);
-    git_in(&app, &["commit", "-q", "-am", "ssh"]);
-    let over_ssh = git_in(&app, &["rev-parse", "HEAD"]);
+    // Commits that each change the library's URL, or add a gitlink at `sub\r`.
+    let commit = |url: &str, cr: bool| {
+        git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", url]);
+        if cr {
+            git_in(&app, &["update-index", "--add", "--cacheinfo", &format!("160000,{},sub\r", deep[0])]);
+        }
+        // Not `commit -a`: it would take the gitlink, with nothing at its path, as deleted.
+        git_in(&app, &["add", ".gitmodules"]);
+        git_in(&app, &["commit", "-q", "-m", url]);
+        git_in(&app, &["rev-parse", "HEAD"])
+    };
+    // A user name in the URL: git would fetch it from the open forge.
+    let with_user = commit(&format!("{}/o/lib.git", open.replace("http://", "http://u@")), false);
     // git resolves this against `http://127.0.0.1:<port>/binkkatal/sample_app.git` to
     // `http://127.0.0.2:9/o/lib.git`, a host the mesh's egress rules deny.
-    git_in(&app, &["config", "-f", ".gitmodules", "submodule.vendor/lib.url", "../../../127.0.0.2:9/o/lib.git"]);
-    git_in(&app, &["commit", "-q", "-am", "climbing"]);
-    let climbing = git_in(&app, &["rev-parse", "HEAD"]);
-    git_in(
-        &app,
-        &["push", "-q", "--force", root.path().join("binkkatal/sample_app.git").to_str().unwrap(), "HEAD:master"],
-    );
+    let climbing = commit("../../../127.0.0.2:9/o/lib.git", false);
+    let with_cr = commit(&format!("{open}/o/lib.git"), true);
+    let app_bare = root.path().join("binkkatal/sample_app.git");
+    git_in(&app, &["push", "-q", "--force", app_bare.to_str().unwrap(), "HEAD:master"]);
 
     let workflow = serde_json::json!({"name": "ci", "steps": [
         {"id": "build", "checkout": {"submodules": true},
@@ -2308,15 +2317,15 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
     let run = push_commit(&tm, &hook, &clone_url, &pushed, "s-1").await.1;
     assert_eq!(run["status"], "succeeded", "{run}");
     let expected = format!("app\nlib one\ndeep one\n{lib_recorded}\n{}\n", deep[0]);
-    assert_eq!(run["steps"][0]["output"], expected, "{run}");
+    assert_eq!(run["steps"][0]["output"], expected, "both levels at the commits recorded: {run}");
     let basic = "Basic eC1hY2Nlc3MtdG9rZW46Z2gtdG9rZW4="; // x-access-token:gh-token
     let sent = fetches.lock().unwrap().clone();
     assert!(!sent.is_empty() && sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
     let sent_open = open_fetches.lock().unwrap().clone();
-    assert!(sent_open.len() >= 2 && sent_open.iter().all(Option::is_none), "both, without the token: {sent_open:?}");
+    assert!(sent_open.iter().all(Option::is_none), "no token to the open forge: {sent_open:?}");
 
-    // A private repository beside it (`../private.git`, on the same forge) is asked for
-    // without the token, so the step fails.
+    // A private repository under the repository's own URL (`./private.git`), where a token
+    // scoped to that URL would go, is asked for without it, so the step fails.
     let before = fetches.lock().unwrap().len();
     let run = push_commit(&tm, &hook, &clone_url, &with_private, "s-2").await.1;
     assert_eq!(run["status"], "failed", "{run}");
@@ -2325,17 +2334,24 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
     let sent = fetches.lock().unwrap()[before..].to_vec();
     assert!(sent.contains(&Some(basic.to_string())) && sent.contains(&None), "{sent:?}");
 
-    // A URL that is not plain http(s): refused, naming it, and nothing asked of the library's forge.
-    let before = open_fetches.lock().unwrap().len();
-    let run = push_commit(&tm, &hook, &clone_url, &over_ssh, "s-3").await.1;
-    assert_eq!(run["status"], "failed", "{run}");
-    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
-    assert!(error.contains("submodule vendor/lib: 'ssh://git@127.0.0.1/o/lib.git' is not an http(s) URL"), "{run}");
-    assert_eq!(open_fetches.lock().unwrap().len(), before);
-    let run = push_commit(&tm, &hook, &clone_url, &climbing, "s-4").await.1;
-    assert_eq!(run["status"], "failed", "{run}");
-    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
-    assert!(error.contains("submodule vendor/lib: egress to 127.0.0.2 is denied"), "{run}");
+    // Refused before anything is asked of the library's forge, each naming why.
+    let refused = [
+        (
+            &with_user,
+            "s-3",
+            format!("submodule vendor/lib: '{}/o/lib.git' is not an http(s) URL", open.replace("http://", "http://u@")),
+        ),
+        (&climbing, "s-4", "submodule vendor/lib: egress to 127.0.0.2 is denied".to_string()),
+        (&with_cr, "s-5", "submodule path 'sub\\r' is not a relative path of plain names".to_string()),
+    ];
+    for (commit, delivery, says) in refused {
+        let before = open_fetches.lock().unwrap().len();
+        let run = push_commit(&tm, &hook, &clone_url, commit, delivery).await.1;
+        assert_eq!(run["status"], "failed", "{run}");
+        let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(&says), "{says}: {run}");
+        assert_eq!(open_fetches.lock().unwrap().len(), before, "{says}");
+    }
     tm.finish().await;
 }
 

@@ -8,21 +8,23 @@
 //! with the requests (as an `http.<url>.extraHeader` in git's environment, never on a command
 //! line or in `.git/config`, so the step's own `git` commands do not have it) only where
 //! [`Checkout::token_goes_to`] allows, the connected repository at its forge, and only to
-//! URLs under the repository's own.
+//! URLs under the repository's own. git runs as the executor's user, so steps running as
+//! `run_as` cannot read the token from its environment; the files are theirs afterwards. The
+//! repository's host is judged by the executor's egress rules and git is pinned to the
+//! addresses judged (`http.curloptResolve`), redirects are not followed, no hook runs, `HOME`
+//! is an empty directory of the executor's, and git speaks only http(s): the URL comes from a
+//! push payload, which whoever holds the connection's webhook secret can write. git and its
+//! helpers run in a process group of their own, killed whole when the fetch is given up.
 //!
 //! With `checkout.submodules`, git's own `submodule init` and `update` check out the
 //! submodules, level by level (at most [`SUBMODULE_LEVELS`] levels and [`MAX_SUBMODULES`] in
-//! all): git resolves each level's URLs (relative ones against the repository's), and every
-//! URL it wrote is read back and checked before anything is fetched. It must be plain http(s)
-//! (a host of letters, digits, `-` and `.`, a port, a path of plain names), so the URL crate,
-//! git and curl cannot read it differently, and its host is judged and pinned as the
-//! repository's is. Only the gitlinks git populated are descended into. git runs as the executor's user, so steps running as
-//! `run_as` cannot read the token from its environment; the files are theirs afterwards. The
-//! repository's host is judged by the executor's egress rules and git is pinned to the
-//! addresses judged (`http.curloptResolve`), redirects are not followed, and git speaks only
-//! http(s): the URL comes from a push payload, which whoever holds the connection's webhook
-//! secret can write. git and its helpers run in a process group of their own, killed whole
-//! when the fetch is given up.
+//! all), without the token in git's environment. Each level's gitlink paths must be plain
+//! names before git acts on them; git resolves the level's URLs (relative ones against the
+//! repository's), and every URL it wrote is read back and checked before anything is fetched:
+//! it must be plain http(s) (a host of letters, digits, `-` and `.` as the URL crate writes
+//! it, a port, a path of plain names), so the URL crate, git and curl cannot read it
+//! differently, and its host is judged and pinned as the repository's is. Only the gitlinks
+//! git populated, reached through plain directories, are descended into.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -82,11 +84,6 @@ impl Source {
         let url = url::Url::parse(&checkout.url).map_err(|e| format!("'{}' is not a URL: {e}", checkout.url))?;
         if !matches!(url.scheme(), "http" | "https") || !url.username().is_empty() || url.password().is_some() {
             return Err(format!("'{}' is not an http(s) URL without credentials", checkout.url));
-        }
-        // `127.1` or `10.0.0.5.` is an address to the URL crate, judged as it is, but a name
-        // to curl, which would look it up unpinned.
-        if matches!(url.host(), Some(url::Host::Ipv4(_))) && !same_host(&url, written_host(&checkout.url)) {
-            return Err(format!("'{}' names its address in a form other than a.b.c.d", checkout.url));
         }
         let commit = checkout.commit.to_ascii_lowercase();
         if !matches!(commit.len(), 40 | 64) || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -218,6 +215,9 @@ async fn submodules(
             git(source, dir, home, &config, &["submodule", "--quiet", "init"], vec![]).await?;
             let listed = git(source, dir, home, &config, &["config", "--local", "--list", "-z"], vec![]).await?;
             for (name, url) in submodule_urls(&listed) {
+                if name.chars().any(|c| c.is_control() || c == '\\') {
+                    return Err(format!("submodule name '{}' is not of plain characters", name.escape_debug()));
+                }
                 let url = submodule_url(&url).map_err(|e| format!("submodule {shown}{name}: {e}"))?;
                 let at = host_port(&url);
                 if !pinned.contains(&at) {
@@ -226,17 +226,20 @@ async fn submodules(
                     pinned.push(at);
                 }
             }
-            let mut update = vec!["--checkout".to_string(), "--no-recommend-shallow".to_string()];
+            // Without `--checkout`: git then skips those whose `update` is `none`, as it always
+            // does (a fresh clone is checked out whatever else `update` says).
+            let mut update = vec!["--no-recommend-shallow".to_string()];
             if source.options.depth > 0 {
                 update.push(format!("--depth={}", source.options.depth));
             }
             git(source, dir, home, &config, &["submodule", "--quiet", "update"], update).await?;
-            for path in gitlinks {
-                if !populated(dir, &path) {
-                    return Err(format!("submodule {shown}{path} was not checked out"));
-                }
-                next.push((dir.join(&path), format!("{shown}{path}/")));
-            }
+            // Those git skipped are not there to descend into.
+            next.extend(
+                gitlinks
+                    .into_iter()
+                    .filter(|path| populated(dir, path))
+                    .map(|path| (dir.join(&path), format!("{shown}{path}/"))),
+            );
         }
         level = next;
         if level.is_empty() {
@@ -283,16 +286,22 @@ fn plain_gitlink(path: &str) -> bool {
         && !path.split('/').any(|name| name.eq_ignore_ascii_case(".git"))
 }
 
-/// The submodules' `(name, url)` in `git config --list -z`'s output (`key\nvalue\0` each).
+/// The submodules' `(name, url)` in `git config --list -z`'s output (`key\nvalue\0` each),
+/// but for those git is not to update (`update = none`: it skips them).
 fn submodule_urls(listed: &[u8]) -> Vec<(String, String)> {
-    listed
+    let entries: Vec<(String, String)> = listed
         .split(|b| *b == 0)
         .filter_map(|entry| {
-            let (key, value) =
-                String::from_utf8_lossy(entry).split_once('\n').map(|(k, v)| (k.to_string(), v.to_string()))?;
-            let name = key.strip_prefix("submodule.")?.strip_suffix(".url")?.to_string();
-            Some((name, value))
+            let entry = String::from_utf8_lossy(entry);
+            let (key, value) = entry.split_once('\n')?;
+            Some((key.strip_prefix("submodule.")?.to_string(), value.to_string()))
         })
+        .collect();
+    let skipped = |name: &str| entries.iter().any(|(key, value)| key == &format!("{name}.update") && value == "none");
+    entries
+        .iter()
+        .filter_map(|(key, url)| Some((key.strip_suffix(".url")?.to_string(), url.clone())))
+        .filter(|(name, _)| !skipped(name))
         .collect()
 }
 
@@ -328,14 +337,6 @@ fn submodule_url(text: &str) -> Result<url::Url, String> {
 /// would look the text up as a name, unpinned.
 fn same_host(url: &url::Url, written: &str) -> bool {
     url.host_str().is_some_and(|host| host.eq_ignore_ascii_case(written))
-}
-
-/// A URL's host as written (without credentials or port).
-fn written_host(text: &str) -> &str {
-    let rest = text.split_once("://").map_or(text, |(_, rest)| rest);
-    let authority = rest.split(['/', '\\', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(host, _)| host)
 }
 
 /// The host and port a URL connects to.
@@ -444,7 +445,18 @@ async fn git(
     }
     let said = source.mask(String::from_utf8_lossy(&out.stderr).trim());
     let tail = &said[said.floor_char_boundary(said.len().saturating_sub(ERROR_TAIL))..];
-    Err(format!("git {} failed ({}): {tail}", args[0], out.status))
+    Err(format!("git {} failed ({}): {}", args[0], out.status, printable(tail)))
+}
+
+/// `text` with its control characters (but line breaks and tabs) escaped: what a repository
+/// or its server wrote reaches logs and terminals.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() && !matches!(c, '\n' | '\t') {
+            true => c.escape_debug().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// Kills a process group when dropped while armed (git and whatever it started).
@@ -482,11 +494,6 @@ mod tests {
         assert!(Source::new(&checkout("file:///etc", sha), None).is_err());
         assert!(Source::new(&checkout("ssh://git@github.com/o/r.git", sha), None).is_err());
         assert!(Source::new(&checkout("https://u:p@github.com/o/r.git", sha), None).is_err());
-        // An address only in its a.b.c.d form, which curl reads as the URL crate does.
-        assert!(Source::new(&checkout("http://127.0.0.1:8080/o/r.git", sha), None).is_ok());
-        for other in ["http://127.1/o/r.git", "http://10.0.0.5.:80/o/r.git", "http://0x7f000001/o/r.git"] {
-            assert!(Source::new(&checkout(other, sha), None).unwrap_err().contains("a.b.c.d"), "{other}");
-        }
     }
 
     #[test]
@@ -607,14 +614,24 @@ mod tests {
 
     #[test]
     fn submodule_urls_are_read_from_the_config_list() {
-        let listed = b"core.bare\nfalse\0remote.origin.url\nhttps://h/o/r.git\0submodule.vendor/lib.url\nhttps://h/o/lib.git\0submodule.a.b.url\n../x.git\0submodule.vendor/lib.active\ntrue\0";
+        let listed = b"core.bare\nfalse\0remote.origin.url\nhttps://h/o/r.git\0submodule.vendor/lib.url\nhttps://h/o/lib.git\0submodule.a.b.url\n../x.git\0submodule.vendor/lib.active\ntrue\0submodule.opt.url\nssh://h/x\0submodule.opt.update\nnone\0submodule.c.update\nrebase\0submodule.c.url\nhttps://h/c\0";
         assert_eq!(
             submodule_urls(listed),
             [
                 ("vendor/lib".to_string(), "https://h/o/lib.git".to_string()),
-                ("a.b".to_string(), "../x.git".to_string())
+                ("a.b".to_string(), "../x.git".to_string()),
+                ("c".to_string(), "https://h/c".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn a_gitlink_path_must_be_plain_names_and_git_output_shows_no_control_character() {
+        assert!(plain_gitlink("vendor/lib") && plain_gitlink("a b/c-d.e"));
+        for bad in ["sub\r", "a/.GIT/b", ".git", "../x", "/abs", "a\\b", "a//b", "", "a/./b", "x\u{1b}[2J"] {
+            assert!(!plain_gitlink(bad), "{bad:?}");
+        }
+        assert_eq!(printable("remote: \u{1b}[31mred\r\nnext\tline"), "remote: \\u{1b}[31mred\\r\nnext\tline");
     }
 
     #[test]
