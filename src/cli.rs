@@ -150,6 +150,13 @@ pub enum Secrets {
 }
 
 #[derive(clap::Subcommand)]
+pub enum Cache {
+    /// Forget every outcome the tenant's `cache:` steps kept: they run again next time (to
+    /// replace only a run's, submit it with `taskmesh run --refresh-cache`).
+    Purge,
+}
+
+#[derive(clap::Subcommand)]
 pub enum Profiles {
     /// Show the URL the client commands use, the key's first characters, and where each
     /// comes from.
@@ -955,6 +962,22 @@ pub async fn secrets(conn: &Connection, cmd: Secrets) -> anyhow::Result<i32> {
                 println!("{}", json!({"name": name}));
             } else {
                 println!("secret {name} removed");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `taskmesh cache purge`.
+pub async fn cache(conn: &Connection, cmd: Cache) -> anyhow::Result<i32> {
+    let client = Client::new(conn)?;
+    match cmd {
+        Cache::Purge => {
+            let purged = client.call(reqwest::Method::DELETE, "/v1/cache", None).await?;
+            if client.json {
+                println!("{purged}");
+            } else {
+                println!("{} kept outcomes forgotten", purged["purged"].as_u64().unwrap_or(0));
             }
             Ok(0)
         }

@@ -82,6 +82,13 @@ enum Command {
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
+    /// Forget the tenant's kept `cache:` step outcomes (operator and admin keys).
+    Cache {
+        #[command(subcommand)]
+        action: taskmesh::cli::Cache,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
     /// Which server and key the client commands use, from flags, environment or profile file.
     Profile {
         #[command(subcommand)]
@@ -128,6 +135,7 @@ async fn main() -> std::process::ExitCode {
         Command::Workflows { action, conn } => taskmesh::cli::workflows(&conn, action).await,
         Command::Schedules { action, conn } => taskmesh::cli::schedules(&conn, action).await,
         Command::Secrets { action, conn } => taskmesh::cli::secrets(&conn, action).await,
+        Command::Cache { action, conn } => taskmesh::cli::cache(&conn, action).await,
         Command::Profile { action, conn } => taskmesh::cli::profile(&conn, action),
         command => return server(command, cli.config).await,
     };
@@ -200,6 +208,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         | Command::Workflows { .. }
         | Command::Schedules { .. }
         | Command::Secrets { .. }
+        | Command::Cache { .. }
         | Command::Profile { .. } => {
             anyhow::bail!("client commands run without the server's configuration")
         }

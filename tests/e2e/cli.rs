@@ -167,6 +167,12 @@ async fn run_wait_follow_shows_progress_and_logs_and_exits_with_the_outcome() {
     assert_eq!(code, 0, "{err}");
     let rerun = tm.wait_run(rerun.trim().parse().unwrap(), std::time::Duration::from_secs(30)).await;
     assert_eq!(step(&rerun, "a")["reason"], Value::Null, "{rerun:#}");
+    // Purged, the outcome kept is forgotten.
+    let (code, out, err) = taskmesh(&tm, &["cache", "purge"]).await;
+    assert_eq!((code, out.as_str()), (0, "1 kept outcomes forgotten\n"), "{err}");
+    let (code, out, err) = taskmesh(&tm, &["cache", "purge", "--output", "json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), serde_json::json!({"purged": 0}));
     let _ = std::fs::remove_file(path);
     tm.finish().await;
 }
