@@ -256,24 +256,24 @@ async fn serve(service: Service, settings: Settings) -> anyhow::Result<()> {
     let token = mesh.shutdown_token();
     on_signal(token.clone());
     if let Some(addr) = settings.health.listen {
-        let health =
-            taskmesh_http::finish(axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
-                "/readyz",
-                axum::routing::get(move || {
-                    let bus = bus.clone();
-                    async move {
-                        if bus.client().connection_state() == async_nats::connection::State::Connected {
-                            Ok("ready")
-                        } else {
-                            Err(taskmesh_http::ApiError::new(
-                                taskmesh_events::ErrorCode::Unavailable,
-                                "nats is not connected",
-                            ))
-                        }
+        // The internal port: it answers `/metrics` whatever the public listeners do.
+        let health = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
+            "/readyz",
+            axum::routing::get(move || {
+                let bus = bus.clone();
+                async move {
+                    if bus.client().connection_state() == async_nats::connection::State::Connected {
+                        Ok("ready")
+                    } else {
+                        Err(taskmesh_http::ApiError::new(
+                            taskmesh_events::ErrorCode::Unavailable,
+                            "nats is not connected",
+                        ))
                     }
-                }),
-            ));
-        let server = taskmesh_http::Server::bind(addr, health).await?;
+                }
+            }),
+        );
+        let server = taskmesh_http::Server::bind(addr, taskmesh_http::finish(health, true)).await?;
         tokio::spawn(server.run_until_stopped(token));
     }
     mesh.wait().await

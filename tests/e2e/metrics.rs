@@ -113,3 +113,17 @@ async fn a_worker_answers_metrics_on_its_health_listener_and_labels_stay_bounded
     let _ = executor.wait().await;
     tm.finish().await;
 }
+
+/// `gateway.metrics = false` takes `/metrics` off the gateway's port (a public one, say):
+/// it is then an unknown route there, while git-integration's port still answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_with_metrics_off_does_not_answer_them() {
+    let tm = spawn_with(&Svc::ALL, |s| s.gateway.metrics = false).await;
+    let res = tm.http.get(format!("{}/metrics", tm.api)).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["type"], "https://taskmesh.dev/problems/not-found", "{problem}");
+    let git = scrape(&tm.http, &format!("{}/metrics", tm.git)).await;
+    assert!(git.contains("# TYPE taskmesh_build_info gauge"), "{git}");
+    tm.finish().await;
+}

@@ -138,6 +138,9 @@ pub struct HttpSettings {
     /// attributed to the last address in that header that is not (for the failed-authentication
     /// limit and the audit log); anything else, to its peer. Empty: every request to its peer.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether this listener answers `GET /metrics`. Off where the port is public and the
+    /// platform's counts should not be: the health listener (`health.listen`) answers it always.
+    pub metrics: bool,
 }
 
 impl HttpSettings {
@@ -148,6 +151,7 @@ impl HttpSettings {
             public_url: None,
             admin_key: None,
             trusted_proxies: Vec::new(),
+            metrics: true,
         }
     }
 }
@@ -631,6 +635,10 @@ mod tests {
             assert_eq!(s.git.listen.port(), 8081);
             jail.set_env("TASKMESH_GIT__LISTEN", "0.0.0.0:9000");
             assert_eq!(Settings::load(None).unwrap().git.listen.port(), 9000);
+            assert!(s.gateway.metrics && s.git.metrics, "/metrics on by default");
+            jail.set_env("TASKMESH_GATEWAY__METRICS", "false");
+            let off = Settings::load(None).unwrap();
+            assert!(!off.gateway.metrics && off.git.metrics);
             assert!(!s.egress.deny_private && s.egress.allow.is_empty());
             jail.set_env("TASKMESH_EGRESS__DENY_PRIVATE", "true");
             jail.set_env("TASKMESH_EGRESS__ALLOW", "[10.1.0.0/16, \"fd00::/8\"]");

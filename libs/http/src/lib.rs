@@ -16,11 +16,14 @@ pub use error::{ApiError, ApiResult, PROBLEM_JSON};
 use tokio_util::sync::CancellationToken;
 
 /// Wraps a router with the shared layers: problem+json for every error axum produces itself,
-/// request metrics and tracing; and adds `GET /metrics`, the process's Prometheus metrics
-/// (unauthenticated, as `/healthz` is: no metric names a tenant).
-pub fn finish(router: axum::Router) -> axum::Router {
+/// request metrics and tracing; and, with `metrics`, adds `GET /metrics`, the process's
+/// Prometheus metrics (unauthenticated, as `/healthz` is: no metric names a tenant).
+pub fn finish(router: axum::Router, metrics: bool) -> axum::Router {
+    let router = match metrics {
+        true => router.route("/metrics", axum::routing::get(serve_metrics)),
+        false => router,
+    };
     router
-        .route("/metrics", axum::routing::get(serve_metrics))
         .layer(axum::middleware::from_fn(track))
         .layer(axum::middleware::map_response(error::problems_everywhere))
         // An INFO span per request, so the trace context it carries survives an `info` filter.

@@ -531,7 +531,7 @@ pub(crate) fn located(
     res
 }
 
-pub fn router(state: AppState, body_limit: usize) -> axum::Router {
+pub fn router(state: AppState, body_limit: usize, metrics: bool) -> axum::Router {
     let router = axum::Router::new()
         .merge(runs::routes())
         .merge(logs::routes())
@@ -557,7 +557,7 @@ pub fn router(state: AppState, body_limit: usize) -> axum::Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), read_your_writes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::middleware))
         .layer(DefaultBodyLimit::max(body_limit));
-    taskmesh_http::finish(router.with_state(state))
+    taskmesh_http::finish(router.with_state(state), metrics)
 }
 
 /// Binds the gateway (port 0 picks a free port) and builds its router.
@@ -591,7 +591,7 @@ pub async fn build(
             keys,
             trusted_proxies: settings.trusted_proxies.clone(),
         }));
-        router(state, settings.body_limit_bytes)
+        router(state, settings.body_limit_bytes, settings.metrics)
     })
     .await
 }

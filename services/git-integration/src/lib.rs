@@ -81,10 +81,11 @@ impl HookResponse {
 pub fn router(
     pool: PgPool,
     bus: Bus,
-    body_limit: usize,
+    settings: &HttpSettings,
     keyring: Option<Arc<Keyring>>,
     egress: taskmesh_egress::Egress,
 ) -> anyhow::Result<axum::Router> {
+    let body_limit = settings.body_limit_bytes;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let egress = Arc::new(egress);
     let builder = reqwest::Client::builder()
@@ -102,7 +103,7 @@ pub fn router(
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .layer(DefaultBodyLimit::max(body_limit.max(MAX_WEBHOOK_BYTES)))
         .with_state(state);
-    Ok(taskmesh_http::finish(router))
+    Ok(taskmesh_http::finish(router, settings.metrics))
 }
 
 /// Binds the service (port 0 picks a free port).
@@ -113,7 +114,7 @@ pub async fn build(
     keyring: Option<Arc<Keyring>>,
     egress: taskmesh_egress::Egress,
 ) -> anyhow::Result<Server> {
-    Server::bind(settings.listen, router(pool, bus, settings.body_limit_bytes, keyring, egress)?).await
+    Server::bind(settings.listen, router(pool, bus, settings, keyring, egress)?).await
 }
 
 async fn ready(State(state): State<GitState>) -> ApiResult<Json<serde_json::Value>> {
