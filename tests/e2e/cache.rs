@@ -189,7 +189,7 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
         assert_eq!(view["status"], "succeeded", "{view:#}");
         (id, view)
     };
-    let (first, one) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
+    let (_, one) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
     let (_, two) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
     assert_eq!(n(&two), n(&one), "reused");
 
@@ -201,12 +201,34 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
     let (later, four) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
     assert_eq!(n(&four), n(&three), "the refreshed outcome replaced the first");
     assert_eq!(cached_from(&tm, later, "gen").await.map(|c| c.run_id), Some(refreshed));
-    assert_ne!(refreshed, first);
+    let logs: Value = tm.get_json(format!("{}/v1/runs/{refreshed}/steps/gen/logs", tm.api)).await;
+    let said = |l: &Value| {
+        l["stream"] == "system" && l["line"] == "cache: refreshing: the kept outcome is forgotten; the step runs"
+    };
+    assert!(logs["lines"].as_array().unwrap().iter().any(said), "{logs:#}");
+    // A rerun does not take the flag from the run it reruns: this one reuses.
+    let (_, again) = submitted(format!("/v1/runs/{refreshed}/rerun"), json!({"from": "gen"})).await;
+    assert_eq!(n(&again), n(&three), "{again:#}");
 
     // A rerun may refresh too; without it, a rerun step reuses as any run does.
     let (_, five) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen", "refresh_cache": true})).await;
     assert_ne!(n(&five), n(&four), "the rerun step ran");
     let (_, six) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen"})).await;
     assert_eq!(n(&six), n(&five), "and its outcome is the one kept");
+
+    // A refreshing run forgets the kept outcome before its step runs: should the step fail,
+    // the next run reuses nothing.
+    let toggle = std::env::temp_dir().join(format!("{}-fail", uuid::Uuid::now_v7()));
+    let flaky = json!({"name": "flaky", "steps": [{"id": "gen", "cache": {"ttl_seconds": 600},
+        "run": format!("test -e {} && exit 1; echo n=$(date +%s%N)-$$ >> $TASKMESH_OUTPUT", toggle.display())}]});
+    let (_, kept) = submitted("/v1/runs".into(), json!({"workflow": flaky})).await;
+    std::fs::write(&toggle, "").unwrap();
+    let res = tm.send_json(Method::POST, "/v1/runs", &json!({"workflow": flaky, "refresh_cache": true})).await;
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(tm.wait_run(id, Duration::from_secs(30)).await["status"], "failed");
+    std::fs::remove_file(&toggle).unwrap();
+    let (_, after) = submitted("/v1/runs".into(), json!({"workflow": flaky})).await;
+    assert_ne!(n(&after), n(&kept), "the step ran: the outcome the refresh was to replace is gone");
+    assert_eq!(step(&after, "gen")["reason"], Value::Null);
     tm.finish().await;
 }

@@ -540,3 +540,49 @@ async fn an_http_steps_cached_response_spares_the_endpoint_until_its_templated_k
     assert_eq!(calls.load(Ordering::SeqCst), 2, "the endpoint was called for monday once, and for tuesday");
     tm.finish().await;
 }
+
+/// An `llm` step's reply is kept and reused as any `cache:` step's: a repeated prompt costs no
+/// call (its secret counted by name, so a new value of it still hits), another prompt or a
+/// refreshing run calls again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_llm_steps_cached_reply_spares_the_api_until_its_prompt_changes() {
+    let key = format!("sk-{}", uuid::Uuid::now_v7().simple());
+    let calls = Arc::new(AtomicU32::new(0));
+    let server = serve(openai_standin(key.clone(), 0, calls.clone())).await;
+    let tm = spawn_mesh().await;
+    set_secret(&tm, "OPENAI_KEY", &key).await;
+    let asked = |topic: &str, refresh: bool| {
+        let workflow = json!({"name": "summary", "inputs": {"topic": {"type": "string"}}, "steps": [{"id": "ask",
+            "llm": {"base_url": format!("{server}/v1"), "model": "echo", "prompt": "Summarise ${{ inputs.topic }}",
+                    "api_key_secret": "OPENAI_KEY"},
+            "cache": {"ttl_seconds": 600}}]});
+        let body = json!({"workflow": workflow, "inputs": {"topic": topic}, "refresh_cache": refresh});
+        let tm = &tm;
+        async move {
+            let res = tm.send_json(reqwest::Method::POST, "/v1/runs", &body).await;
+            assert_eq!(res.status(), 202);
+            let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+            let run = tm.wait_run(id, Duration::from_secs(30)).await;
+            assert_eq!(run["status"], "succeeded", "{run:#}");
+            let ask = step(&run, "ask");
+            (ask["outputs"]["reply"].as_str().unwrap().to_string(), ask["reason"].clone())
+        }
+    };
+    let (first, reason) = asked("databases", false).await;
+    assert_eq!((first.as_str(), &reason), ("echo: Summarise databases [] t=null", &Value::Null));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let (again, reason) = asked("databases", false).await;
+    assert_eq!(again, first);
+    assert!(reason.as_str().is_some_and(|r| r.starts_with("cached from run")), "{reason}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the kept reply, no call");
+    // The secret counts by name: a new value of it is not another outcome.
+    set_secret(&tm, "OPENAI_KEY", &format!("{key}-rotated")).await;
+    let (rotated, _) = asked("databases", false).await;
+    assert_eq!((rotated.as_str(), calls.load(Ordering::SeqCst)), (first.as_str(), 1));
+    set_secret(&tm, "OPENAI_KEY", &key).await;
+    let (other, _) = asked("queues", false).await;
+    assert_eq!((other.as_str(), calls.load(Ordering::SeqCst)), ("echo: Summarise queues [] t=null", 2));
+    let (_, reason) = asked("databases", true).await;
+    assert_eq!((reason, calls.load(Ordering::SeqCst)), (Value::Null, 3), "a refreshing run calls again");
+    tm.finish().await;
+}

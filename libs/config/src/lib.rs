@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -139,7 +139,8 @@ pub struct HttpSettings {
     /// limit and the audit log); anything else, to its peer. Empty: every request to its peer.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether this listener answers `GET /metrics`. Off where the port is public and the
-    /// platform's counts should not be: the health listener (`health.listen`) answers it always.
+    /// platform's counts should not be; then give `taskmesh serve` a `health.listen`, which
+    /// answers it always (nothing else does).
     pub metrics: bool,
 }
 
@@ -532,14 +533,18 @@ pub struct SecretsSettings {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthSettings {
-    /// Where `taskmesh serve <worker>` answers `GET /healthz` and `/readyz`; none if unset.
+    /// Where `taskmesh serve <service>` answers `GET /healthz`, `/readyz` and `/metrics`; none
+    /// if unset.
     pub listen: Option<SocketAddr>,
 }
 
 impl Settings {
     /// Defaults, then `file` if given, then `TASKMESH_…` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::new();
+        // `git` shares `HttpSettings` (whose own default listens on 8080) with `gateway`: a
+        // `[git]` table or `TASKMESH_GIT__*` variable naming other fields keeps it on 8081.
+        let git_listen = Settings::default().git.listen;
+        let mut figment = Figment::new().merge(Serialized::default("git.listen", git_listen));
         if let Some(file) = file {
             if !file.exists() {
                 return Err(ConfigError(format!("config file {} does not exist", file.display())));
@@ -639,6 +644,13 @@ mod tests {
             jail.set_env("TASKMESH_GATEWAY__METRICS", "false");
             let off = Settings::load(None).unwrap();
             assert!(!off.gateway.metrics && off.git.metrics);
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            // Another field of git-integration's set, it stays on its own port.
+            jail.set_env("TASKMESH_GIT__METRICS", "false");
+            let s = Settings::load(None).unwrap();
+            assert_eq!((s.git.listen.port(), s.git.metrics, s.gateway.listen.port()), (8081, false, 8080));
             assert!(!s.egress.deny_private && s.egress.allow.is_empty());
             jail.set_env("TASKMESH_EGRESS__DENY_PRIVATE", "true");
             jail.set_env("TASKMESH_EGRESS__ALLOW", "[10.1.0.0/16, \"fd00::/8\"]");

@@ -1,6 +1,7 @@
 //! Prometheus metrics. One recorder per process ([`install`], on first use): the services
-//! record through the `metrics` crate's macros, and every HTTP server of the process answers
-//! `GET /metrics` with [`render`] (`taskmesh_http::finish` adds the route). No metric carries a
+//! record through the `metrics` crate's macros, and the process's HTTP servers answer
+//! `GET /metrics` with [`render`] (`taskmesh_http::finish` adds the route, unless the
+//! listener's `metrics` setting is off). No metric carries a
 //! tenant: the figures are the platform's, and tenants' names stay out of a scrape.
 //!
 //! The metrics, each described in `docs/operations.md`:

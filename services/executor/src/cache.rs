@@ -165,6 +165,14 @@ pub async fn lookup(bus: &Bus, dispatch: &Dispatch, key: &str) -> Option<StepOut
     Some(StepOutcome { started_at: now, finished_at: now, cached_from: Some(from), ..kept.outcome })
 }
 
+/// Forgets the outcome kept under `key`, for a step of a run submitted with `refresh_cache`:
+/// whatever becomes of the step, later ones do not reuse what was there. How many were
+/// forgotten (0 or 1).
+pub async fn forget(bus: &Bus, dispatch: &Dispatch, key: &str) -> Result<u64, taskmesh_bus::BusError> {
+    let ns = bus.namespace();
+    bus.purge_subject(&ns.cache_stream(), &ns.cache(&dispatch.tenant, key)).await
+}
+
 /// Keeps a success's outcome under `key` (best effort: a failure is logged, and the next such
 /// step runs).
 pub async fn keep(bus: &Bus, dispatch: &Dispatch, key: &str, attempt: u32, outcome: &StepOutcome) {

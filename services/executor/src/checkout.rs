@@ -47,6 +47,11 @@ const PASSED_ON: [&str; 8] = [
 ];
 /// Most bytes of git's error output kept in the step's error.
 const ERROR_TAIL: usize = 2048;
+/// Most bytes of git's standard output read (the listing of a repository's files, for its
+/// gitlinks: past it, the checkout fails rather than hold more).
+const MAX_STDOUT: usize = 64 << 20;
+/// Most bytes of the end of git's error output held (a server's `remote:` lines reach it).
+const MAX_STDERR: usize = 64 << 10;
 /// A fetch that receives nothing for this long fails.
 const LOW_SPEED_SECS: u64 = 60;
 /// Most levels of submodules below the repository checked out (its own are the first).
@@ -332,11 +337,12 @@ fn submodule_url(text: &str) -> Result<url::Url, String> {
     }
 }
 
-/// Whether `written`, a URL's host as written, is the host the URL crate read (case aside):
+/// Whether `written`, a URL's host as written, is the host the URL crate read (lower case, as
+/// it writes it, so the pin's name is the one curl looks up whatever its version):
 /// `10.0.0.5.` or `127.1` are read as addresses, which are judged as they are, while curl
 /// would look the text up as a name, unpinned.
 fn same_host(url: &url::Url, written: &str) -> bool {
-    url.host_str().is_some_and(|host| host.eq_ignore_ascii_case(written))
+    url.host_str() == Some(written)
 }
 
 /// The host and port a URL connects to.
@@ -375,11 +381,11 @@ fn give(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 /// permits, for `http.curloptResolve`, so git connects to those and no others (a name resolving
 /// elsewhere a moment later gains nothing). A URL naming an address is judged as it is.
 async fn pin(url: &url::Url, egress: &taskmesh_egress::Egress) -> Result<Option<String>, String> {
-    let port = url.port_or_known_default().ok_or("the repository URL has no port")?;
+    let port = url.port_or_known_default().ok_or("the URL has no port")?;
     let host = match url.host() {
         Some(url::Host::Domain(host)) => host.to_string(),
         Some(_) => return egress.check_url(url).map(|()| None).map_err(|e| e.to_string()),
-        None => return Err("the repository URL has no host".into()),
+        None => return Err("the URL has no host".into()),
     };
     let addrs: Vec<IpAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
@@ -435,17 +441,44 @@ async fn git(
         }
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
-    let child = cmd.spawn().map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| format!("starting git (is it installed on the executor?): {e}"))?;
     let mut group = KillGroup(child.id().map(|p| nix::unistd::Pid::from_raw(p as i32)));
-    let out = child.wait_with_output().await.map_err(|e| format!("waiting for git: {e}"))?;
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let ((stdout, too_much), (stderr, _)) =
+        tokio::join!(read_bounded(stdout, MAX_STDOUT, false), read_bounded(stderr, MAX_STDERR, true));
+    let status = child.wait().await.map_err(|e| format!("waiting for git: {e}"))?;
     // It ended (and waited for its helpers): its id may be another's from now on.
     group.0 = None;
-    if out.status.success() {
-        return Ok(out.stdout);
+    if status.success() && too_much {
+        return Err(format!("git {} printed more than {} MiB", args[0], MAX_STDOUT >> 20));
     }
-    let said = source.mask(String::from_utf8_lossy(&out.stderr).trim());
+    if status.success() {
+        return Ok(stdout);
+    }
+    let said = source.mask(String::from_utf8_lossy(&stderr).trim());
     let tail = &said[said.floor_char_boundary(said.len().saturating_sub(ERROR_TAIL))..];
-    Err(format!("git {} failed ({}): {}", args[0], out.status, printable(tail)))
+    Err(format!("git {} failed ({status}): {}", args[0], printable(tail)))
+}
+
+/// Everything `from` gives, of which at most `max` bytes are held: the first (or with
+/// `tail`, the last); and whether there was more. Read to its end either way, so the writer
+/// is never left blocked.
+async fn read_bounded(from: Option<impl tokio::io::AsyncRead + Unpin>, max: usize, tail: bool) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt as _;
+    let (mut held, mut more) = (Vec::new(), false);
+    let Some(mut from) = from else { return (held, more) };
+    let mut chunk = vec![0; 64 << 10];
+    while let Ok(n @ 1..) = from.read(&mut chunk).await {
+        held.extend_from_slice(&chunk[..n]);
+        if held.len() > max {
+            more = true;
+            match tail {
+                true => drop(held.drain(..held.len() - max)),
+                false => held.truncate(max),
+            }
+        }
+    }
+    (held, more)
 }
 
 /// `text` with its control characters (but line breaks and tabs) escaped: what a repository
@@ -609,7 +642,7 @@ mod tests {
         assert!(submodule_url("ssh://x/y").unwrap_err().contains("not an http(s) URL"));
         // What it says shows no control character as it is.
         assert!(submodule_url("https://h/o\n\x1b[2J").unwrap_err().contains("o\\n\\u{1b}[2J"));
-        assert!(submodule_url("https://GitHub.com/o/lib.git").is_ok());
+        assert!(submodule_url("https://GitHub.com/o/lib.git").is_err(), "a host in lower case only");
     }
 
     #[test]
@@ -632,6 +665,17 @@ mod tests {
             assert!(!plain_gitlink(bad), "{bad:?}");
         }
         assert_eq!(printable("remote: \u{1b}[31mred\r\nnext\tline"), "remote: \\u{1b}[31mred\\r\nnext\tline");
+    }
+
+    #[tokio::test]
+    async fn what_git_prints_is_held_within_bounds_and_read_to_its_end() {
+        let text: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let (head, more) = read_bounded(Some(&text[..]), 1000, false).await;
+        assert_eq!((&head[..], more), (&text[..1000], true));
+        let (tail, more) = read_bounded(Some(&text[..]), 1000, true).await;
+        assert_eq!((&tail[..], more), (&text[text.len() - 1000..], true));
+        let (all, more) = read_bounded(Some(&text[..10]), 1000, false).await;
+        assert_eq!((&all[..], more), (&text[..10], false));
     }
 
     #[test]

@@ -557,8 +557,23 @@ impl Executor {
             Err(outcome) => Some((false, outcome)),
             Ok(opened) => {
                 let cached = match &cache_key {
-                    // Run, to replace what was kept.
-                    Some(_) if dispatch.refresh_cache => None,
+                    // Run, with what was kept forgotten first: should the step fail, later
+                    // steps do not reuse an outcome the refresh was to replace.
+                    Some(key) if dispatch.refresh_cache => {
+                        let line = match cache::forget(&self.bus, &dispatch, key).await {
+                            Ok(0) => "cache: refreshing (nothing was kept); the step runs".to_string(),
+                            Ok(_) => "cache: refreshing: the kept outcome is forgotten; the step runs".to_string(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not forget the step's kept outcome");
+                                format!(
+                                    "cache: refreshing, but the kept outcome could not be forgotten ({e}); the step runs"
+                                )
+                            }
+                        };
+                        metrics::counter!("taskmesh_step_cache_lookups_total", "result" => "refresh").increment(1);
+                        self.log_system(&dispatch, attempt, line).await;
+                        None
+                    }
                     Some(key) => {
                         let found = cache::lookup(&self.bus, &dispatch, key).await;
                         let result = if found.is_some() { "hit" } else { "miss" };
@@ -725,7 +740,6 @@ impl Executor {
 
     /// Says in the step's log where its cached outcome came from.
     async fn log_cached(&self, dispatch: &Dispatch, attempt: u32, from: &taskmesh_events::CachedFrom) {
-        let (logs, publisher) = self.log_publisher(dispatch, attempt);
         let line = format!(
             "cached: the outcome of run {}'s step {} (attempt {}, finished {}); the step did not run",
             from.run_id,
@@ -733,6 +747,13 @@ impl Executor {
             from.attempt,
             from.finished_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         );
+        self.log_system(dispatch, attempt, line).await;
+    }
+
+    /// Writes one `system` line to the attempt's log, and waits (a few seconds at most) for it
+    /// to be published.
+    async fn log_system(&self, dispatch: &Dispatch, attempt: u32, line: String) {
+        let (logs, publisher) = self.log_publisher(dispatch, attempt);
         let _ = logs.send((LogStream::System, line)).await;
         drop(logs);
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;

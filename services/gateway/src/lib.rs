@@ -313,11 +313,13 @@ pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-/// The process's Prometheus metrics (see operations.md, Metrics), without a key. Every HTTP
-/// server of Taskmesh answers it (`taskmesh_http::finish` adds the route); this function only
-/// lists it in the spec.
+/// The process's Prometheus metrics (see operations.md, Metrics), without a key. Taskmesh's
+/// HTTP servers answer it (`taskmesh_http::finish` adds the route) unless the operator turned
+/// it off on this port (`TASKMESH_GATEWAY__METRICS=false`); this function only lists it in
+/// the spec.
 #[utoipa::path(get, operation_id = "metrics", path = "/metrics", tag = "health", responses(
-    (status = 200, description = "The Prometheus text format, version 0.0.4", body = String, content_type = "text/plain")))]
+    (status = 200, description = "The Prometheus text format, version 0.0.4", body = String, content_type = "text/plain"),
+    (status = 404, description = "Not answered on this port", body = taskmesh_events::Problem, content_type = "application/problem+json")))]
 #[allow(dead_code)]
 fn metrics() {}
 

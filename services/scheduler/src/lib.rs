@@ -576,6 +576,7 @@ impl Scheduler {
         // Templates were checked when the step was dispatched; they render the same now.
         let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
         let priority = state.priority_of(i);
+        let refresh_cache = state.refresh_cache && step.cache.is_some();
         let dispatch = Dispatch {
             tenant: key.tenant.clone(),
             run_id: key.run_id,
@@ -584,7 +585,7 @@ impl Scheduler {
             not_before: d.not_before,
             traceparent: meta.traceparent.clone(),
             checkout: state.checkout_of(i),
-            refresh_cache: state.refresh_cache,
+            refresh_cache,
         };
         // Admission control lets it through to the executors (see `dispatch`).
         let ns = self.bus.namespace();
