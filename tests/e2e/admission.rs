@@ -352,7 +352,7 @@ async fn waiting_reasons(tm: &TestMesh, id: Uuid) -> Vec<String> {
 }
 
 /// The `wait_reason` a held step of run `id` shows, once it shows one (within `timeout`).
-async fn step_wait_reason(tm: &TestMesh, id: Uuid, timeout: Duration) -> String {
+pub(crate) async fn step_wait_reason(tm: &TestMesh, id: Uuid, timeout: Duration) -> String {
     eventually("the held step's wait_reason", timeout, || async {
         let (_, run) = tm.get_run(id).await;
         Ok(run["steps"].as_array().and_then(|s| s.iter().find_map(|s| s["wait_reason"].as_str().map(str::to_owned))))

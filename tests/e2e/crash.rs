@@ -7,6 +7,7 @@ use taskmesh::mesh::Mesh;
 use taskmesh_events::Event;
 use taskmesh_testkit::eventually;
 
+use crate::admission::step_wait_reason;
 use crate::helpers::*;
 
 /// Starts `taskmesh serve executor` as a child process on the test's namespace.
@@ -259,5 +260,46 @@ async fn sigkilled_notifier_leaves_its_deliveries_to_another_and_every_run_end_i
     let total = answered.lock().unwrap().len();
     assert!(total <= 16 + 4, "{total} answers for 16 runs");
     survivor.stop().await.unwrap();
+    tm.finish().await;
+}
+
+/// A circuit breaker open at a dispatcher leader killed with SIGKILL is still open at the next
+/// one: the held step stays held, and a new step behind it is held with the failures counted
+/// before, while other work goes on through the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_circuit_breaker_outlives_its_dispatcher_leader() {
+    // No scheduler in this process: each leader is a child process, the first one killed.
+    let services = [Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor, Svc::Notification];
+    let tm = spawn_with(&services, |_| {}).await;
+    let scheduler = || tm.serve_command("scheduler").env("TASKMESH_SCHEDULER__LEADER_TTL_MS", "300").spawn().unwrap();
+    let mut first = scheduler();
+    let calls = "name: calls\nsteps:\n  - {id: call, run: 'exit 1', circuit_breaker: {key: down, failures: 2, cooldown_seconds: 600}}\n";
+    for _ in 0..2 {
+        let id = tm.submit(calls).await;
+        assert_eq!(tm.wait_run(id, Duration::from_secs(60)).await["status"], "failed");
+    }
+    let open = "circuit breaker 'down' open (2 failed attempts in a row)";
+    let held = tm.submit(calls).await;
+    assert_eq!(step_wait_reason(&tm, held, Duration::from_secs(30)).await, open);
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    // The next leader admits other work, and holds the breaker's steps as the first did.
+    let mut second = scheduler();
+    let other = tm.submit("name: other\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    assert_eq!(tm.wait_run(other, Duration::from_secs(60)).await["status"], "succeeded");
+    let later = tm.submit(calls).await;
+    assert_eq!(
+        step_wait_reason(&tm, later, Duration::from_secs(30)).await,
+        open,
+        "the failures counted before are the new leader's"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in [held, later] {
+        let (_, run) = tm.get_run(id).await;
+        assert_eq!(run["steps"][0]["status"], "queued", "still held: {run:#}");
+    }
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
     tm.finish().await;
 }

@@ -337,6 +337,15 @@ impl Bus {
             allow_direct: true,
             ..bounded(self.ns.cache_stream(), self.ns.cache_all(), "Taskmesh kept step outcomes (cache:)")
         };
+        // Circuit breakers' state as the dispatcher leader last wrote it, for the next leader:
+        // the last per breaker, none older than two days (a breaker idle for one is forgotten).
+        let breakers = StreamConfig {
+            max_messages_per_subject: 1,
+            max_age: Duration::from_secs(2 * 86_400),
+            max_message_size: 4 * 1024,
+            discard: DiscardPolicy::Old,
+            ..bounded(self.ns.breakers_stream(), self.ns.breakers_all(), "Taskmesh circuit breakers' state")
+        };
         let streams = [
             events,
             ended,
@@ -346,6 +355,7 @@ impl Bus {
             executors,
             pools,
             cache,
+            breakers,
             queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
             deliveries,
             queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
@@ -375,6 +385,7 @@ impl Bus {
             self.ns.executors_stream(),
             self.ns.pools_stream(),
             self.ns.cache_stream(),
+            self.ns.breakers_stream(),
         ] {
             let _ = self.js.delete_stream(&name).await;
         }

@@ -117,6 +117,18 @@ impl Namespace {
     pub fn log(&self, key: &RunKey, step: &str) -> String {
         format!("{}.log.{}.{}.{step}", self.0, key.tenant, key.run_id)
     }
+    /// Circuit breakers' state, kept by the dispatcher leader for the next one: a subject per
+    /// tenant and breaker (its key's hex digest), holding the last.
+    pub fn breakers_stream(&self) -> String {
+        self.stream("BREAKERS")
+    }
+    pub fn breakers_all(&self) -> String {
+        format!("{}.breaker.>", self.0)
+    }
+    /// The state of one breaker (its key a hex digest) of one tenant.
+    pub fn breaker(&self, tenant: &str, key: &str) -> String {
+        format!("{}.breaker.{tenant}.{key}", self.0)
+    }
     /// Kept step outcomes (`cache:`): a subject per tenant and cache key, holding its last.
     pub fn cache_stream(&self) -> String {
         self.stream("CACHE")

@@ -28,8 +28,10 @@
 //! wait for it); an admitted entry above one that is held (a retry waiting for its
 //! backoff, a tenant at its limit) is deleted on its own once it has waited [`REMOVE_AFTER`].
 //! Rate-limit buckets and circuit breakers live in the leader's memory: a new leader starts
-//! buckets full and breakers closed. Executors tell the leader how attempts behind a breaker
-//! went on `{ns}.ctl.breaker` (core NATS, best effort).
+//! buckets full. Breakers it reads back from `{NS}_BREAKERS`, where the leader keeps each
+//! one's state as it changes (best effort; no probe out is kept, so one goes once the cooldown
+//! has passed). Executors tell the leader how attempts behind a breaker went on
+//! `{ns}.ctl.breaker` (core NATS, best effort).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -37,7 +39,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{BreakerSignal, CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
@@ -198,6 +202,48 @@ impl Breaker {
         }
     }
 
+    /// Its state for the next leader, its instants as wall-clock times (`wall` being `now`).
+    fn kept(&self, tenant: &str, key: &str, now: Instant, wall: DateTime<Utc>) -> KeptBreaker {
+        let at = |i: Instant| match i.checked_duration_since(now) {
+            Some(ahead) => wall + chrono::Duration::from_std(ahead).unwrap_or_default(),
+            None => wall - chrono::Duration::from_std(now.duration_since(i)).unwrap_or_default(),
+        };
+        KeptBreaker {
+            tenant: tenant.to_string(),
+            key: key.to_string(),
+            failures: self.failures,
+            failed_at: self.failed_at.map(at),
+            open_until: self.open_until.map(at),
+            threshold: self.threshold,
+            cooldown_seconds: self.cooldown.as_secs(),
+        }
+    }
+
+    /// The breaker a previous leader kept, as of `now` (`wall`), if it is within bounds: open
+    /// at most its cooldown longer, whatever the record says; no probe out (one goes once the
+    /// cooldown has passed).
+    fn from_kept(k: &KeptBreaker, now: Instant, wall: DateTime<Utc>) -> Option<Self> {
+        let bounded = CircuitBreakerDef::FAILURES.contains(&k.threshold)
+            && CircuitBreakerDef::COOLDOWN_SECS.contains(&k.cooldown_seconds)
+            && taskmesh_events::subjects::is_token(&k.tenant)
+            && taskmesh_events::subjects::is_token(&k.key);
+        if !bounded {
+            return None;
+        }
+        let cooldown = Duration::from_secs(k.cooldown_seconds);
+        let past = |t: DateTime<Utc>| now.checked_sub((wall - t).to_std().unwrap_or_default()).unwrap_or(now);
+        let until = |t: DateTime<Utc>| now + (t - wall).to_std().unwrap_or_default().min(cooldown);
+        Some(Self {
+            failures: k.failures,
+            failed_at: k.failed_at.map(past),
+            // An opening already past stays open (past), so a probe goes at once.
+            open_until: k.open_until.map(|t| if t > wall { until(t) } else { past(t) }),
+            probe: None,
+            threshold: k.threshold,
+            cooldown,
+        })
+    }
+
     /// Nothing to remember: closed with no failures; or a day past its last failure, its
     /// cooldown and any probe's wait, with no step having come to it (it starts closed should
     /// a step name it again).
@@ -208,6 +254,20 @@ impl Breaker {
         let last = [self.failed_at, self.open_until, self.probe.as_ref().map(|(_, wait)| *wait)];
         last.into_iter().flatten().max().is_some_and(|last| now.saturating_duration_since(last) > FORGET_AFTER)
     }
+}
+
+/// A breaker's state as the dispatcher leader keeps it on `{NS}_BREAKERS`, for the next leader
+/// (a new leader would otherwise start every breaker closed). Times are wall-clock; the probe
+/// out, if any, is not kept.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptBreaker {
+    tenant: String,
+    key: String,
+    failures: u32,
+    failed_at: Option<DateTime<Utc>>,
+    open_until: Option<DateTime<Utc>>,
+    threshold: u32,
+    cooldown_seconds: u64,
 }
 
 /// How long a probe is waited for, from when it was admitted, before another goes: this, or the
@@ -223,6 +283,8 @@ const MAX_BREAKERS: usize = 1_000;
 const MAX_BREAKER_TENANTS: usize = 10_000;
 /// Most breaker signals taken at once before the next admission round.
 const SIGNAL_BATCH: usize = 1_024;
+/// Most breaker states waiting to be kept for the next leader.
+const KEEP_QUEUE: usize = 4_096;
 /// Longest a step's own time limit stretches how long its probe is waited for.
 const PROBE_WAIT_MAX: Duration = Duration::from_secs(7 * 86_400);
 
@@ -357,6 +419,8 @@ struct Held {
     buckets: HashMap<(String, String), Bucket>,
     /// Circuit breakers with something to remember, by tenant, then key.
     breakers: HashMap<String, HashMap<String, Breaker>>,
+    /// Breakers (tenant, key) whose state changed since it was last kept for the next leader.
+    breakers_changed: Vec<(String, String)>,
     /// Runs already asked to cancel for a `cancel_in_progress` group.
     cancelling: HashSet<Uuid>,
     /// Pools (label sets) registered on the POOLS stream by this leader.
@@ -474,9 +538,11 @@ impl Dispatcher {
         let mut signals = self.bus.client().subscribe(ns.slot_signals()).await?;
         let mut ended = self.bus.client().subscribe(ns.run_ended_signals()).await?;
         let mut breaker_signals = self.bus.client().subscribe(ns.breaker_signals()).await?;
-        let mut held = Held::default();
+        let mut held = Held { breakers: kept_breakers(&self.bus).await, ..Held::default() };
         let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Event2>(8_192);
         let reporter = tokio::spawn(report(self.bus.clone(), report_rx));
+        let (keep_tx, keep_rx) = tokio::sync::mpsc::channel::<KeptBreaker>(KEEP_QUEUE);
+        let keeper = tokio::spawn(keep_breakers(self.bus.clone(), keep_rx));
         let mut removing = None;
         let result: anyhow::Result<()> = async {
             loop {
@@ -510,6 +576,7 @@ impl Dispatcher {
                             let Some(Some(msg)) = futures::FutureExt::now_or_never(breaker_signals.next()) else { break };
                             breaker_signal(&mut held, &msg.payload, now);
                         }
+                        keep_changed_breakers(&mut held, &keep_tx, now);
                     }
                     _ = tokio::time::sleep(wait) => {}
                 }
@@ -533,6 +600,7 @@ impl Dispatcher {
         // the leader's: no longer leading, this replica shows nothing held.
         set_gauges(&Held::default(), Instant::now());
         reporter.abort();
+        keeper.abort();
         if let Some(removal) = removing {
             removal.abort();
         }
@@ -1065,6 +1133,7 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     if let Some(breaker) = held.breakers.get_mut(&b.tenant).and_then(|t| t.get_mut(&b.key)) {
         // One with nothing left to remember goes at the round that follows every signal.
         breaker.record(&step, b.succeeded, now);
+        held.breakers_changed.push((b.tenant, b.key));
         return;
     }
     // Only a failure starts a breaker's memory.
@@ -1073,12 +1142,65 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     {
         return;
     }
-    let tenant = held.breakers.entry(b.tenant).or_default();
+    let tenant = held.breakers.entry(b.tenant.clone()).or_default();
     if tenant.len() < MAX_BREAKERS {
         let mut breaker = Breaker::new(b.failures, b.cooldown_seconds);
         breaker.record(&step, b.succeeded, now);
-        tenant.insert(b.key, breaker);
+        tenant.insert(b.key.clone(), breaker);
+        held.breakers_changed.push((b.tenant, b.key));
     }
+}
+
+/// Hands the state of the breakers changed since the last call to the task that keeps them for
+/// the next leader (best effort: with its queue full, a state is not kept, and a new leader
+/// would start from the one before).
+fn keep_changed_breakers(held: &mut Held, keep: &tokio::sync::mpsc::Sender<KeptBreaker>, now: Instant) {
+    let wall = Utc::now();
+    let mut changed = std::mem::take(&mut held.breakers_changed);
+    changed.sort();
+    changed.dedup();
+    for (tenant, key) in changed {
+        let Some(breaker) = held.breakers.get(&tenant).and_then(|b| b.get(&key)) else { continue };
+        if keep.try_send(breaker.kept(&tenant, &key, now, wall)).is_err() {
+            tracing::warn!(%tenant, %key, "a circuit breaker's state was not kept: the queue is full");
+        }
+    }
+}
+
+/// Keeps each breaker state it is handed on `{NS}_BREAKERS`, in order.
+async fn keep_breakers(bus: Bus, mut states: tokio::sync::mpsc::Receiver<KeptBreaker>) {
+    while let Some(state) = states.recv().await {
+        let subject = bus.namespace().breaker(&state.tenant, &state.key);
+        if let Err(e) = bus.put(subject, &state).await {
+            tracing::warn!(error = %e, tenant = %state.tenant, key = %state.key, "could not keep a circuit breaker's state");
+        }
+    }
+}
+
+/// The breakers a previous leader kept, with something to remember (within the caps): a new
+/// leader starts from them, not with every breaker closed.
+async fn kept_breakers(bus: &Bus) -> HashMap<String, HashMap<String, Breaker>> {
+    let ns = bus.namespace();
+    let kept = match bus.latest_per_subject::<KeptBreaker>(&ns.breakers_stream(), &ns.breakers_all()).await {
+        Ok(kept) => kept,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the circuit breakers' kept state; they start closed");
+            return HashMap::new();
+        }
+    };
+    let (now, wall) = (Instant::now(), Utc::now());
+    let mut breakers: HashMap<String, HashMap<String, Breaker>> = HashMap::new();
+    for k in kept {
+        let Some(breaker) = Breaker::from_kept(&k, now, wall).filter(|b| !b.is_idle(now)) else { continue };
+        if !breakers.contains_key(&k.tenant) && breakers.len() >= MAX_BREAKER_TENANTS {
+            continue;
+        }
+        let tenant = breakers.entry(k.tenant).or_default();
+        if tenant.len() < MAX_BREAKERS {
+            tenant.insert(k.key, breaker);
+        }
+    }
+    breakers
 }
 
 /// The leader's gauges: steps held, and breakers open (or half-open).
@@ -1159,6 +1281,42 @@ mod tests {
         let ns = Namespace::new("tm").expect("a valid namespace");
         let counts = counts.iter().map(|(tenant, pool, n)| (ns.dispatch(tenant, pool), *n)).collect();
         InFlight::new(counts, &ns, now)
+    }
+
+    #[test]
+    fn a_kept_breaker_is_read_back_by_the_next_leader_as_it_was_within_its_bounds() {
+        let (t0, wall) = (Instant::now(), Utc::now());
+        let secs = Duration::from_secs;
+        let mut b = Breaker::new(2, 10);
+        b.record(&(Uuid::nil(), "a".into()), Some(false), t0);
+        b.record(&(Uuid::nil(), "b".into()), Some(false), t0);
+        b.probing((Uuid::nil(), "c".into()), t0 + secs(60));
+        let kept: KeptBreaker =
+            serde_json::from_slice(&serde_json::to_vec(&b.kept("t", "k", t0, wall)).unwrap()).unwrap();
+        assert_eq!((kept.failures, kept.threshold, kept.cooldown_seconds), (2, 2, 10));
+        // Another leader, three seconds later on the wall clock, on its own clock.
+        let (t1, later) = (Instant::now(), wall + chrono::Duration::seconds(3));
+        let read = Breaker::from_kept(&kept, t1, later).unwrap();
+        assert_eq!(read.failures, 2);
+        assert!(read.gate(t1 + secs(6)) == Gate::Open, "still open for the rest of its cooldown");
+        assert!(read.gate(t1 + secs(7)) == Gate::Probe, "then a probe goes: the old leader's is not waited for");
+        // A record opening it for longer than its cooldown is held to the cooldown; one whose
+        // opening has passed lets a probe go at once; one out of bounds is not read.
+        let long = KeptBreaker { open_until: Some(wall + chrono::Duration::days(400)), ..kept };
+        let read = Breaker::from_kept(&long, t1, wall).unwrap();
+        assert!(read.gate(t1 + secs(10)) == Gate::Probe);
+        let passed = KeptBreaker { open_until: Some(wall - chrono::Duration::seconds(5)), ..long };
+        assert!(Breaker::from_kept(&passed, t1, wall).unwrap().gate(t1) == Gate::Probe);
+        let closed = KeptBreaker { open_until: None, failures: 0, ..passed };
+        assert!(Breaker::from_kept(&closed, t1, wall).unwrap().is_idle(t1), "nothing to remember");
+        for bad in [
+            KeptBreaker { threshold: 0, ..b.kept("t", "k", t0, wall) },
+            KeptBreaker { cooldown_seconds: 1 << 40, ..b.kept("t", "k", t0, wall) },
+            b.kept("t", "no such.key", t0, wall),
+            b.kept("t.x", "k", t0, wall),
+        ] {
+            assert!(Breaker::from_kept(&bad, t1, wall).is_none(), "{bad:?}");
+        }
     }
 
     #[test]
