@@ -80,6 +80,8 @@ pub enum Runs {
         #[arg(long)]
         refresh_cache: bool,
     },
+    /// Report a push-started run's state on its commit again (after the forge refused it).
+    CommitStatus { id: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -725,6 +727,15 @@ pub async fn runs(conn: &Connection, cmd: Runs) -> anyhow::Result<i32> {
         Runs::Cancel { id } => {
             let done = client.call(reqwest::Method::POST, &format!("/v1/runs/{id}/cancel"), Some(json!({}))).await?;
             println!("{}", if client.json { done.to_string() } else { format!("cancelling {id}") });
+            Ok(0)
+        }
+        Runs::CommitStatus { id } => {
+            let queued = client.call(reqwest::Method::POST, &format!("/v1/runs/{id}/commit-status"), None).await?;
+            if client.json {
+                println!("{queued}");
+            } else {
+                println!("{} queued for the commit", queued["state"].as_str().unwrap_or("?"));
+            }
             Ok(0)
         }
         Runs::Rerun { id, from, refresh_cache } => {

@@ -215,6 +215,21 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
     assert_ne!(n(&five), n(&four), "the rerun step ran");
     let (_, six) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen"})).await;
     assert_eq!(n(&six), n(&five), "and its outcome is the one kept");
+    // A YAML body (the workflow alone; JSON is YAML too) asks for it in the query.
+    let yaml = |query: &str| {
+        let req = tm.auth(tm.http.post(format!("{}/v1/runs?{query}", tm.api)));
+        req.header("content-type", "application/yaml").body(workflow.to_string()).send()
+    };
+    let res = yaml("refresh_cache=true").await.unwrap();
+    assert_eq!(res.status(), 202);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let seven = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_ne!(n(&seven), n(&six), "the step ran: {seven:#}");
+    for bad in ["refresh_cache=maybe", "refresh=true"] {
+        let res = yaml(bad).await.unwrap();
+        assert_eq!(res.status(), 400, "{bad}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+    }
 
     // A refreshing run forgets the kept outcome before its step runs: should the step fail,
     // the next run reuses nothing.

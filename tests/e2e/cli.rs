@@ -34,7 +34,7 @@ fn outcome(out: std::process::Output) -> (i32, String, String) {
     )
 }
 
-async fn taskmesh(tm: &TestMesh, args: &[&str]) -> (i32, String, String) {
+pub(crate) async fn taskmesh(tm: &TestMesh, args: &[&str]) -> (i32, String, String) {
     let mut cmd = command();
     cmd.args(args).args(["--url", &tm.api, "--key", &tm.key]);
     let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output()).await;

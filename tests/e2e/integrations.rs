@@ -1509,6 +1509,80 @@ async fn a_connection_shows_its_last_commit_status_given_up_until_one_goes_throu
     tm.finish().await;
 }
 
+/// `POST /v1/runs/{id}/commit-status` sends a push-started run's state to its commit again
+/// (here after the forge refused it), which clears the failure shown; a run with no commit, or
+/// whose connection has no token, is a 409, and an unknown run a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runs_commit_status_is_sent_again_on_request() {
+    let tm = spawn_mesh().await;
+    let (api, calls) = forge_stand_in_failing(Vec::new(), 2, (401, r#"{"message": "Bad credentials"}"#)).await;
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 1"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let resend = |run: &str| tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api))).send();
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rs-1").send().await.unwrap().json().await.unwrap();
+    let run = started["run_id"].as_str().unwrap().to_string();
+    tm.wait_run(run.parse().unwrap(), Duration::from_secs(30)).await;
+    let shown = || {
+        let tm = &tm;
+        async move {
+            let list = tm.get_json(format!("{}/v1/repo-connections", tm.api)).await;
+            list["items"][0]["status_failure"].clone()
+        }
+    };
+    eventually("the refused outcome shown", Duration::from_secs(20), || async {
+        Ok((shown().await["state"] == "success").then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(states_sent(&calls), ["pending", "success"]);
+    // Sent again: the forge takes it now, and the failure is cleared.
+    let res = resend(&run).await.unwrap();
+    assert_eq!(res.status(), 202);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"state": "success"}));
+    eventually("the status sent again and the failure cleared", Duration::from_secs(20), || async {
+        Ok((states_sent(&calls).len() == 3 && shown().await.is_null()).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(states_sent(&calls), ["pending", "success", "success"]);
+    let (code, out, err) = crate::cli::taskmesh(&tm, &["runs", "commit-status", &run]).await;
+    assert_eq!((code, out.as_str()), (0, "success queued for the commit\n"), "{err}");
+    eventually("the CLI's status sent", Duration::from_secs(20), || async {
+        Ok((states_sent(&calls).len() == 4).then_some(()))
+    })
+    .await
+    .unwrap();
+    let sent = calls.lock().unwrap()[2].0.clone();
+    assert!(sent.ends_with("/repos/binkkatal/sample_app/statuses/fd489864e7642b48eaad6e3f155c10e46810ec72"), "{sent}");
+
+    // A run no push started has no commit; an unknown run is not found.
+    let api_run = tm.submit("name: plain\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    tm.wait_run(api_run, Duration::from_secs(30)).await;
+    let res = resend(&api_run.to_string()).await.unwrap();
+    assert_eq!(res.status(), 409);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("not started by a forge push"), "{problem}");
+    assert_eq!(resend(&uuid::Uuid::now_v7().to_string()).await.unwrap().status(), 404);
+    assert_eq!(resend("not-a-run").await.unwrap().status(), 404);
+    // A run of a connection without a token has nothing to send with.
+    let quiet = connect(&tm, "github", "binkkatal/other_app", serde_json::json!({})).await;
+    let mut body: serde_json::Value = serde_json::from_slice(PUSH).unwrap();
+    body["repository"]["full_name"] = "binkkatal/other_app".into();
+    let started: serde_json::Value = github_push(&tm, &quiet, &serde_json::to_vec(&body).unwrap(), "rs-2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let res = resend(started["run_id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(res.status(), 409);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("no status_token"), "{problem}");
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_status_refused_for_a_secondary_rate_limit_waits_a_minute_rather_than_being_dropped() {
     // Retried a second after a failure, were it one.

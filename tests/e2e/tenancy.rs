@@ -204,6 +204,14 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             [403, 202, 202],
         ),
         case(Method::POST, "/v1/runs/{id}/cancel", format!("/v1/runs/{run}/cancel"), Some(json!({})), [403, 202, 202]),
+        // Operators may send a run's commit status again (this run has no commit: a 409).
+        case(
+            Method::POST,
+            "/v1/runs/{id}/commit-status",
+            format!("/v1/runs/{run}/commit-status"),
+            None,
+            [403, 409, 409],
+        ),
         case(Method::GET, "/v1/workflows", "/v1/workflows", None, [200, 200, 200]),
         case(Method::GET, "/v1/workflows/{name}", "/v1/workflows/wf", None, [200, 200, 200]),
         case(Method::GET, "/v1/workflows/{name}/versions", "/v1/workflows/wf/versions", None, [200, 200, 200]),

@@ -125,6 +125,18 @@ impl Event {
     pub fn is_run_terminal(&self) -> bool {
         matches!(self, Event::RunSucceeded(_) | Event::RunFailed(_) | Event::RunCancelled(_) | Event::RunTimedOut(_))
     }
+
+    /// For a run's end: the state its commit shows, and the run's status.
+    pub fn run_end(&self) -> Option<(crate::command::CommitState, &'static str)> {
+        use crate::command::CommitState;
+        match self {
+            Event::RunSucceeded(_) => Some((CommitState::Success, "succeeded")),
+            Event::RunFailed(_) => Some((CommitState::Failure, "failed")),
+            Event::RunCancelled(_) => Some((CommitState::Cancelled, "cancelled")),
+            Event::RunTimedOut(_) => Some((CommitState::Failure, "timed_out")),
+            _ => None,
+        }
+    }
 }
 
 /// A tenant came into being.

@@ -141,6 +141,20 @@ pub struct Purged {
     pub purged: u64,
 }
 
+/// `{ns}.cmd.ingest.resend_commit_status`: report a push-started run's state on its commit
+/// again (after the forge was down, or refused the connection's token).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ResendCommitStatus {
+    pub tenant: String,
+    pub run_id: Uuid,
+}
+
+/// The reply to [`ResendCommitStatus`]: the state queued for the commit.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+pub struct StatusQueued {
+    pub state: CommitState,
+}
+
 /// `{ns}.cmd.ingest.create_schedule`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct CreateSchedule {
@@ -272,7 +286,7 @@ pub struct CreateRepoConnection {
 }
 
 /// A run's state as a forge shows it on a commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommitState {
     /// Started, not ended.

@@ -125,6 +125,8 @@ fn commands() -> Vec<(&'static str, String)> {
         ("DeleteSecret", pretty::<DeleteSecret>()),
         ("PurgeCache", pretty::<PurgeCache>()),
         ("Purged", pretty::<Purged>()),
+        ("ResendCommitStatus", pretty::<ResendCommitStatus>()),
+        ("StatusQueued", pretty::<StatusQueued>()),
         ("ToggleSchedule", pretty::<ToggleSchedule>()),
         ("DeleteSchedule", pretty::<DeleteSchedule>()),
         ("WorkflowStored", pretty::<WorkflowStored>()),
@@ -253,7 +255,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
                 "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "RunAccepted", "Created", "Purged", "Problem"])
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

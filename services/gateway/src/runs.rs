@@ -29,6 +29,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/cancel", post(cancel))
         .route("/v1/runs/{id}/rerun", post(rerun))
+        .route("/v1/runs/{id}/commit-status", post(resend_commit_status))
 }
 
 /// A run submission: an inline workflow and its inputs. With `Content-Type: application/yaml`
@@ -102,7 +103,7 @@ impl From<taskmesh_events::command::RunAccepted> for RunAcceptedResponse {
         (SubmitRunRequest = "application/json"),
         (String = "application/yaml", example = "name: hello\nsteps:\n  - id: build\n    run: echo building\n")
     )),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Submitting again with the same key returns the first run")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Submitting again with the same key returns the first run"), SubmitParams),
     responses(
         (status = 202, description = "Accepted; the run starts shortly", body = RunAcceptedResponse,
          headers(("Location" = String, description = "The run's URL"))),
@@ -119,12 +120,14 @@ pub async fn submit(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    params: Result<Query<SubmitParams>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     caller.require_operator()?;
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     check_active_runs_quota(&state, &caller.tenant, 1).await?;
     let (format, bytes) = body::read(&headers, body, true)?;
-    let request = match format {
+    let mut request = match format {
         Format::Json => body::json::<SubmitRunRequest>(&bytes)?,
         Format::Yaml => {
             let text = std::str::from_utf8(&bytes)
@@ -141,6 +144,7 @@ pub async fn submit(
             }
         }
     };
+    request.refresh_cache |= params.refresh_cache;
     let idempotency_key = headers
         .get("idempotency-key")
         .map(|v| {
@@ -476,6 +480,17 @@ pub async fn get_run(
 /// Longest `wait` of `GET /v1/runs/{id}`.
 pub const MAX_WAIT_SECONDS: u64 = 60;
 
+/// Options of a submission that a YAML body (the workflow alone) cannot carry.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitParams {
+    /// As the JSON body's `refresh_cache`: the run's `cache:` steps run rather than reuse kept
+    /// outcomes, and theirs replace them.
+    #[serde(default)]
+    pub refresh_cache: bool,
+}
+
 /// Options of reading a run.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -605,6 +620,30 @@ pub struct RerunRequest {
     /// success, and theirs replace it.
     #[serde(default)]
     pub refresh_cache: bool,
+}
+
+/// Report a push-started run's state on its commit again: `pending` while it runs, its outcome
+/// once it ended, sent with the repository connection's token as it is now (after the forge
+/// was down, or refused a token since replaced). Nothing else changes.
+#[utoipa::path(post, operation_id = "resend_commit_status", path = "/v1/runs/{id}/commit-status", tag = "runs",
+    params(("id" = Uuid, Path, description = "The run")),
+    responses(
+        (status = 202, description = "The state queued for the commit", body = taskmesh_events::command::StatusQueued),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run was not started by a forge push, or its connection is gone or has no status token", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn resend_commit_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<taskmesh_events::command::StatusQueued>)> {
+    caller.require_operator()?;
+    let run_id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    let cmd = taskmesh_events::command::ResendCommitStatus { tenant: caller.tenant.clone(), run_id };
+    Ok((StatusCode::ACCEPTED, Json(state.ingest.resend_commit_status(&cmd).await?)))
 }
 
 /// Rerun an ended run: a new run with the same workflow and inputs that keeps the steps that

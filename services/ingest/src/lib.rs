@@ -299,6 +299,45 @@ impl Ingest {
         Ok(Purged { purged })
     }
 
+    /// Queues a push-started run's state for its commit again (`pending` while it runs, its
+    /// outcome once it ended), as the scheduler queues it: the notifier sends it with the
+    /// connection's token as it is now. Nothing is appended. A run another trigger started, or
+    /// whose connection is gone or has no status token, is a 409.
+    pub async fn resend_commit_status(&self, cmd: ResendCommitStatus) -> Reply<StatusQueued> {
+        check_tenant(&cmd.tenant)?;
+        let ns = self.bus.namespace();
+        let key = RunKey { tenant: cmd.tenant.clone(), run_id: cmd.run_id };
+        let events = self.bus.read_subject(&ns.run(&key), 0).await?;
+        let Some(Event::RunSubmitted(submitted)) = events.first().map(|e| &e.envelope.event) else {
+            return Err(Problem::new(ErrorCode::NotFound, "no such run"));
+        };
+        let Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), .. } = &submitted.trigger else {
+            return Err(Problem::new(ErrorCode::Conflict, "the run was not started by a forge push: it has no commit"));
+        };
+        let connection = self.bus.last(&ns.repo_connection(&cmd.tenant, *connection_id)).await?;
+        match connection.map(|c| c.envelope.event) {
+            Some(Event::RepoConnectionCreated(c)) if c.status_token.is_some() => {}
+            Some(Event::RepoConnectionCreated(_)) => {
+                return Err(Problem::new(ErrorCode::Conflict, "the run's repository connection has no status_token"));
+            }
+            _ => return Err(Problem::new(ErrorCode::Conflict, "the run's repository connection was deleted")),
+        }
+        let state = events.last().and_then(|e| e.envelope.event.run_end()).map_or(CommitState::Pending, |(s, _)| s);
+        let status = CommitStatus {
+            tenant: cmd.tenant.clone(),
+            connection_id: *connection_id,
+            forge: *forge,
+            repository: repository.clone(),
+            commit: commit.clone(),
+            state,
+            run_id: cmd.run_id,
+            workflow: submitted.workflow.name.clone(),
+        };
+        let msg_id = format!("status:resend:{}", Uuid::now_v7());
+        self.bus.enqueue(ns.delivery(&cmd.tenant), &msg_id, &status, None).await?;
+        Ok(StatusQueued { state })
+    }
+
     /// Deletes a secret; a missing one is a 404.
     pub async fn delete_secret(&self, cmd: DeleteSecret) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
@@ -912,6 +951,7 @@ impl Ingest {
             serve!("set_secret", set_secret),
             serve!("delete_secret", delete_secret),
             serve!("purge_cache", purge_cache),
+            serve!("resend_commit_status", resend_commit_status),
             serve!("toggle_schedule", toggle_schedule),
             serve!("delete_schedule", delete_schedule),
             serve!("create_tenant", create_tenant),
@@ -978,6 +1018,9 @@ impl IngestClient {
     }
     pub async fn purge_cache(&self, cmd: &PurgeCache) -> Reply<Purged> {
         self.call("purge_cache", cmd).await
+    }
+    pub async fn resend_commit_status(&self, cmd: &ResendCommitStatus) -> Reply<StatusQueued> {
+        self.call("resend_commit_status", cmd).await
     }
     pub async fn toggle_schedule(&self, cmd: &ToggleSchedule) -> Reply<Created> {
         self.call("toggle_schedule", cmd).await

@@ -412,12 +412,7 @@ impl Scheduler {
                 let msg_id = format!("ended:{}", env.id);
                 let announce =
                     self.bus.enqueue(self.bus.namespace().ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
-                let (end, status) = match env.event {
-                    Event::RunSucceeded(_) => (CommitState::Success, "succeeded"),
-                    Event::RunCancelled(_) => (CommitState::Cancelled, "cancelled"),
-                    Event::RunTimedOut(_) => (CommitState::Failure, "timed_out"),
-                    _ => (CommitState::Failure, "failed"),
-                };
+                let (end, status) = env.event.run_end().unwrap_or((CommitState::Failure, "failed"));
                 tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
                 self.report_status(key, &state.trigger, &state.workflow.name, end, env).await?;
                 // Counted once its end was handled (a redelivery after a crash counts again).
