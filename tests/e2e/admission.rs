@@ -445,6 +445,17 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     let waited = call(&probed, "started_at") - opened;
     assert!(waited >= cooldown, "the probe went {} ms after it opened", waited.num_milliseconds());
     heard("success", 1.0).await;
+    // The leader keeps what it must remember for the next one: the open breaker `slow`; the
+    // closed `partner`'s state is forgotten, and `quiet` (never opened) was never kept.
+    eventually("only the open breaker kept", Duration::from_secs(10), || async {
+        let ns = tm.bus.namespace();
+        let kept = tm.bus.subject_counts(&ns.breakers_stream(), &ns.breakers_all()).await?;
+        let mut subjects: Vec<String> = kept.into_keys().collect();
+        subjects.sort();
+        Ok((subjects == [ns.breaker("default", "slow")]).then_some(()))
+    })
+    .await
+    .unwrap();
     let (closed_id, closed) = run(calls("partner", 6)).await;
     assert_eq!(closed["status"], "succeeded");
     assert!(!held_by_breaker(closed_id).await, "closed again: the next step did not wait");

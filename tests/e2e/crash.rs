@@ -271,7 +271,7 @@ async fn an_open_circuit_breaker_outlives_its_dispatcher_leader() {
     // No scheduler in this process: each leader is a child process, the first one killed.
     let services = [Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor, Svc::Notification];
     let tm = spawn_with(&services, |_| {}).await;
-    let scheduler = || tm.serve_command("scheduler").env("TASKMESH_SCHEDULER__LEADER_TTL_MS", "300").spawn().unwrap();
+    let scheduler = || tm.serve_command("scheduler").env("TASKMESH_SCHEDULER__LEADER_TTL_MS", "1500").spawn().unwrap();
     let mut first = scheduler();
     let calls = "name: calls\nsteps:\n  - {id: call, run: 'exit 1', circuit_breaker: {key: down, failures: 2, cooldown_seconds: 600}}\n";
     for _ in 0..2 {

@@ -677,6 +677,50 @@ impl Bus {
         Ok(out)
     }
 
+    /// The last message of each subject of `stream` matching `filter`, decoded (those that do
+    /// not decode are skipped), read through one consumer rather than a request a subject: for
+    /// registries that may hold many.
+    pub async fn last_of_each<T: serde::de::DeserializeOwned>(&self, stream: &str, filter: &str) -> Result<Vec<T>> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        let consumer: PullConsumer = stream
+            .create_consumer(PullConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::nats)?;
+        let mut left = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        while left > 0 {
+            let mut batch = consumer
+                .batch()
+                .max_messages(1_000)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(BusError::nats)?;
+            let mut got = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(BusError::nats)?;
+                got += 1;
+                out.extend(serde_json::from_slice(&msg.payload).ok());
+                left = msg.info().map_err(BusError::nats)?.pending;
+                if left == 0 {
+                    break;
+                }
+            }
+            // Nothing came (they expired meanwhile, say): what was read is all there is.
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// The latest message on `subject` of `stream`, decoded: `None` when it has none, or it
     /// does not decode.
     pub async fn latest<T: serde::de::DeserializeOwned>(&self, stream: &str, subject: &str) -> Result<Option<T>> {

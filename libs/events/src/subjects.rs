@@ -118,14 +118,14 @@ impl Namespace {
         format!("{}.log.{}.{}.{step}", self.0, key.tenant, key.run_id)
     }
     /// Circuit breakers' state, kept by the dispatcher leader for the next one: a subject per
-    /// tenant and breaker (its key's hex digest), holding the last.
+    /// tenant and breaker (its key, a token), holding the last.
     pub fn breakers_stream(&self) -> String {
         self.stream("BREAKERS")
     }
     pub fn breakers_all(&self) -> String {
         format!("{}.breaker.>", self.0)
     }
-    /// The state of one breaker (its key a hex digest) of one tenant.
+    /// The state of one breaker (its key, a token) of one tenant.
     pub fn breaker(&self, tenant: &str, key: &str) -> String {
         format!("{}.breaker.{tenant}.{key}", self.0)
     }

@@ -623,8 +623,9 @@ pub struct RerunRequest {
 }
 
 /// Report a push-started run's state on its commit again: `pending` while it runs, its outcome
-/// once it ended, sent with the repository connection's token as it is now (after the forge
-/// was down, or refused a token since replaced). Nothing else changes.
+/// once it ended, sent with the repository connection's token (after the forge was down, or
+/// refused it for a while). It replaces whatever the commit shows for the workflow, a newer
+/// run's included.
 #[utoipa::path(post, operation_id = "resend_commit_status", path = "/v1/runs/{id}/commit-status", tag = "runs",
     params(("id" = Uuid, Path, description = "The run")),
     responses(

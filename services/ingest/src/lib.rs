@@ -322,7 +322,9 @@ impl Ingest {
             }
             _ => return Err(Problem::new(ErrorCode::Conflict, "the run's repository connection was deleted")),
         }
-        let state = events.last().and_then(|e| e.envelope.event.run_end()).map_or(CommitState::Pending, |(s, _)| s);
+        // (A cancellation asked for after the end may follow it in the log.)
+        let end = events.iter().rev().find_map(|e| e.envelope.event.run_end());
+        let state = end.map_or(CommitState::Pending, |(s, _)| s);
         let status = CommitStatus {
             tenant: cmd.tenant.clone(),
             connection_id: *connection_id,

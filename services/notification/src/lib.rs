@@ -711,6 +711,13 @@ impl Notifier {
             // Rate limited (GitHub answers 403 or 429 so).
             return Err(Outcome::Later(format!("POST {url} answered {status}"), wait));
         }
+        if status.as_u16() == 400 && s.forge == Forge::Gitlab {
+            let start = res.chunk().await.ok().flatten().unwrap_or_default();
+            if gitlab_already_shows(state, &start[..start.len().min(4096)]) {
+                return Ok(row.get::<Option<i64>, _>("failing").and_then(|seq| u64::try_from(seq).ok()));
+            }
+            return Err(Outcome::Refused(format!("POST {url} answered {status}")));
+        }
         if status.as_u16() == 403 {
             // GitHub's secondary rate limit may say so only in its message: a minute's rest.
             let start = res.chunk().await.ok().flatten().unwrap_or_default();
@@ -965,9 +972,28 @@ fn gitlab_state(s: CommitState) -> &'static str {
     }
 }
 
+/// Whether GitLab's `400` answer (`said`) refuses a status only because the commit already shows
+/// `state` ("Cannot transition status via :run from :running"): a status sent again, or a
+/// retry of one that went through, is then sent.
+fn gitlab_already_shows(state: CommitState, said: &[u8]) -> bool {
+    let said = String::from_utf8_lossy(said).to_ascii_lowercase();
+    said.contains("cannot transition status") && said.contains(&format!("from :{}", gitlab_state(state)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gitlab_refusing_the_state_a_commit_already_shows_is_no_failure() {
+        let said = |from: &str| format!(r#"{{"message":"Cannot transition status via :run from :{from}"}}"#);
+        assert!(gitlab_already_shows(CommitState::Pending, said("running").as_bytes()));
+        assert!(!gitlab_already_shows(CommitState::Pending, said("success").as_bytes()), "another state: refused");
+        let success = br#"{"message":"Cannot transition status via :success from :success"}"#;
+        assert!(gitlab_already_shows(CommitState::Success, success));
+        assert!(!gitlab_already_shows(CommitState::Failure, success));
+        assert!(!gitlab_already_shows(CommitState::Success, br#"{"message":"400 Bad request - state is missing"}"#));
+    }
 
     #[test]
     fn a_slack_message_says_how_the_run_ended_and_links_to_it() {

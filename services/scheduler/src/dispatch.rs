@@ -285,6 +285,10 @@ const MAX_BREAKER_TENANTS: usize = 10_000;
 const SIGNAL_BATCH: usize = 1_024;
 /// Most breaker states waiting to be kept for the next leader.
 const KEEP_QUEUE: usize = 4_096;
+/// How long a leader that stops waits for the breaker states it queued to be kept.
+const KEEP_FLUSH: Duration = Duration::from_millis(500);
+/// How long a new leader reads the kept breakers before it gives up on them.
+const LOAD_WITHIN: Duration = Duration::from_secs(2);
 /// Longest a step's own time limit stretches how long its probe is waited for.
 const PROBE_WAIT_MAX: Duration = Duration::from_secs(7 * 86_400);
 
@@ -541,7 +545,7 @@ impl Dispatcher {
         let mut held = Held { breakers: kept_breakers(&self.bus).await, ..Held::default() };
         let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Event2>(8_192);
         let reporter = tokio::spawn(report(self.bus.clone(), report_rx));
-        let (keep_tx, keep_rx) = tokio::sync::mpsc::channel::<KeptBreaker>(KEEP_QUEUE);
+        let (keep_tx, keep_rx) = tokio::sync::mpsc::channel::<Keeping>(KEEP_QUEUE);
         let keeper = tokio::spawn(keep_breakers(self.bus.clone(), keep_rx));
         let mut removing = None;
         let result: anyhow::Result<()> = async {
@@ -600,7 +604,12 @@ impl Dispatcher {
         // the leader's: no longer leading, this replica shows nothing held.
         set_gauges(&Held::default(), Instant::now());
         reporter.abort();
-        keeper.abort();
+        // What is queued to be kept goes out first (briefly: the next leader may be reading).
+        drop(keep_tx);
+        let mut keeper = keeper;
+        if tokio::time::timeout(KEEP_FLUSH, &mut keeper).await.is_err() {
+            keeper.abort();
+        }
         if let Some(removal) = removing {
             removal.abort();
         }
@@ -1151,40 +1160,65 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     }
 }
 
+/// What the keeper of breakers' states is to do with one.
+enum Keeping {
+    /// Keep its state.
+    Put(KeptBreaker),
+    /// Forget it (closed, nothing to remember): its subject is purged.
+    Forget { tenant: String, key: String },
+}
+
 /// Hands the state of the breakers changed since the last call to the task that keeps them for
-/// the next leader (best effort: with its queue full, a state is not kept, and a new leader
-/// would start from the one before).
-fn keep_changed_breakers(held: &mut Held, keep: &tokio::sync::mpsc::Sender<KeptBreaker>, now: Instant) {
+/// the next leader: a breaker with something to remember is kept, one closed with none is
+/// forgotten (best effort: with its queue full, a state is not kept, and a new leader would
+/// start from the one before).
+fn keep_changed_breakers(held: &mut Held, keep: &tokio::sync::mpsc::Sender<Keeping>, now: Instant) {
     let wall = Utc::now();
     let mut changed = std::mem::take(&mut held.breakers_changed);
     changed.sort();
     changed.dedup();
     for (tenant, key) in changed {
-        let Some(breaker) = held.breakers.get(&tenant).and_then(|b| b.get(&key)) else { continue };
-        if keep.try_send(breaker.kept(&tenant, &key, now, wall)).is_err() {
+        let keeping = match held.breakers.get(&tenant).and_then(|b| b.get(&key)) {
+            Some(breaker) if !breaker.is_idle(now) => Keeping::Put(breaker.kept(&tenant, &key, now, wall)),
+            _ => Keeping::Forget { tenant: tenant.clone(), key: key.clone() },
+        };
+        if keep.try_send(keeping).is_err() {
             tracing::warn!(%tenant, %key, "a circuit breaker's state was not kept: the queue is full");
         }
     }
 }
 
-/// Keeps each breaker state it is handed on `{NS}_BREAKERS`, in order.
-async fn keep_breakers(bus: Bus, mut states: tokio::sync::mpsc::Receiver<KeptBreaker>) {
-    while let Some(state) = states.recv().await {
-        let subject = bus.namespace().breaker(&state.tenant, &state.key);
-        if let Err(e) = bus.put(subject, &state).await {
-            tracing::warn!(error = %e, tenant = %state.tenant, key = %state.key, "could not keep a circuit breaker's state");
+/// Keeps (or forgets) each breaker state it is handed on `{NS}_BREAKERS`, in order.
+async fn keep_breakers(bus: Bus, mut states: tokio::sync::mpsc::Receiver<Keeping>) {
+    let ns = bus.namespace().clone();
+    while let Some(keeping) = states.recv().await {
+        let done = match &keeping {
+            Keeping::Put(state) => bus.put(ns.breaker(&state.tenant, &state.key), state).await.map(drop),
+            Keeping::Forget { tenant, key } => {
+                bus.purge_subject(&ns.breakers_stream(), &ns.breaker(tenant, key)).await.map(drop)
+            }
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not keep a circuit breaker's state");
         }
     }
 }
 
 /// The breakers a previous leader kept, with something to remember (within the caps): a new
-/// leader starts from them, not with every breaker closed.
+/// leader starts from them, not with every breaker closed. Read through one consumer, within
+/// [`LOAD_WITHIN`] (admissions wait for it): past that, they start closed.
 async fn kept_breakers(bus: &Bus) -> HashMap<String, HashMap<String, Breaker>> {
     let ns = bus.namespace();
-    let kept = match bus.latest_per_subject::<KeptBreaker>(&ns.breakers_stream(), &ns.breakers_all()).await {
-        Ok(kept) => kept,
-        Err(e) => {
+    let (stream, filter) = (ns.breakers_stream(), ns.breakers_all());
+    let read = bus.last_of_each::<KeptBreaker>(&stream, &filter);
+    let kept = match tokio::time::timeout(LOAD_WITHIN, read).await {
+        Ok(Ok(kept)) => kept,
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not read the circuit breakers' kept state; they start closed");
+            return HashMap::new();
+        }
+        Err(_) => {
+            tracing::warn!("the circuit breakers' kept state took too long to read; they start closed");
             return HashMap::new();
         }
     };
