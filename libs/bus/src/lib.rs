@@ -170,6 +170,15 @@ async fn last_raw(
     }
 }
 
+/// Deletes a reader (see [`Bus::reader`]) in the background, rather than leave it for its
+/// inactivity threshold.
+fn drop_reader(stream: jetstream::stream::Stream<()>, consumer: &PullConsumer) {
+    let name = consumer.cached_info().name.clone();
+    tokio::spawn(async move {
+        let _ = stream.delete_consumer(&name).await;
+    });
+}
+
 /// The latest message on `subject` of `stream`, decoded (`None`: none, or undecodable).
 async fn latest_on<T: serde::de::DeserializeOwned>(
     stream: &async_nats::jetstream::stream::Stream<()>,
@@ -552,18 +561,8 @@ impl Bus {
         if last <= after {
             return Ok(Vec::new());
         }
-        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
-        let consumer: PullConsumer = stream
-            .create_consumer(PullConfig {
-                filter_subject: subject.to_string(),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(BusError::nats)?;
+        let start = DeliverPolicy::ByStartSequence { start_sequence: after + 1 };
+        let (stream, consumer) = self.reader(&self.ns.events_stream(), subject, start).await?;
         let mut out = Vec::new();
         let mut empty_fetches = 0;
         'outer: while out.last().map(|s: &Stored| s.seq).unwrap_or(after) < last {
@@ -601,10 +600,7 @@ impl Bus {
                 }
             }
         }
-        let name = consumer.cached_info().name.clone();
-        tokio::spawn(async move {
-            let _ = stream.delete_consumer(&name).await;
-        });
+        drop_reader(stream, &consumer);
         Ok(out)
     }
 
@@ -677,22 +673,32 @@ impl Bus {
         Ok(out)
     }
 
+    /// An ephemeral consumer of `stream` reading `filter` from `start`, acknowledging nothing
+    /// (gone 30 s after its last use, or once [`drop_reader`] deletes it).
+    async fn reader(
+        &self,
+        stream: &str,
+        filter: &str,
+        start: DeliverPolicy,
+    ) -> Result<(jetstream::stream::Stream<()>, PullConsumer)> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
+        let config = PullConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: start,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.map_err(BusError::nats)?;
+        Ok((stream, consumer))
+    }
+
     /// The last message of each subject of `stream` matching `filter`, decoded (those that do
     /// not decode are skipped), read through one consumer rather than a request a subject: for
     /// registries that may hold many.
     pub async fn last_of_each<T: serde::de::DeserializeOwned>(&self, stream: &str, filter: &str) -> Result<Vec<T>> {
-        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
-        let consumer: PullConsumer = stream
-            .create_consumer(PullConfig {
-                filter_subject: filter.to_string(),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                memory_storage: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(BusError::nats)?;
+        let (stream, consumer) = self.reader(stream, filter, DeliverPolicy::LastPerSubject).await?;
         let mut left = consumer.cached_info().num_pending;
         let mut out = Vec::new();
         while left > 0 {
@@ -718,6 +724,7 @@ impl Bus {
                 break;
             }
         }
+        drop_reader(stream, &consumer);
         Ok(out)
     }
 
