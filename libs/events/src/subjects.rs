@@ -1,17 +1,23 @@
 //! Stream, subject and consumer names. Everything lives under a namespace (default `tm`), so
 //! several meshes, or several tests, can share one NATS server without seeing each other.
 //!
+//! The main streams (docs/architecture.md lists every stream, its limits and its consumers):
+//!
 //! | stream | subjects | retention | what |
 //! |---|---|---|---|
 //! | `{NS}_EVENTS` | `{ns}.evt.{tenant}.{aggregate}.{id}` | limits | the event log |
-//! | `{NS}_DISPATCH` | `{ns}.dispatch.{tenant}` | work queue | steps ready for executors |
-//! | `{NS}_DELIVERIES` | `{ns}.delivery.{tenant}` | work queue | outbound webhook deliveries |
-//! | `{NS}_TIMERS` | `{ns}.timer.{tenant}` | work queue | things the scheduler must do later |
+//! | `{NS}_READY` | `{ns}.ready.{tenant}` | limits | work waiting for admission |
+//! | `{NS}_DISPATCH` | `{ns}.dispatch.{tenant}.{pool}` | work queue | admitted steps, per label set |
+//! | `{NS}_DELIVERIES` | `{ns}.delivery.{tenant}` | work queue | webhook, Slack and e-mail deliveries; commit statuses |
+//! | `{NS}_ENDED` | `{ns}.ended.{tenant}` | work queue | runs' ends, for the notifier |
+//! | `{NS}_TIMERS` | `{ns}.timer.{tenant}` | work queue | run deadlines, schedule ticks |
 //! | `{NS}_LOGS` | `{ns}.log.{tenant}.{run}.{step}` | limits (age, bytes) | steps' output lines |
-//! | `{NS}_CACHE` | `{ns}.cache.{tenant}.{key}` | limits (one per subject, 1,000,000 messages, age, bytes) | `cache:` steps' kept outcomes |
+//! | `{NS}_CACHE` | `{ns}.cache.{tenant}.{key}` | limits (one per subject) | `cache:` steps' kept outcomes |
+//! | `{NS}_BREAKERS` | `{ns}.breaker.{tenant}.{key}` | limits (one per subject) | circuit breakers' state |
 //!
 //! Commands travel on core NATS request/reply: `{ns}.cmd.ingest.{command}` (queue group
-//! `ingest`) and `{ns}.cmd.scheduler.{lease|report}` (queue group `scheduler`).
+//! `ingest`) and `{ns}.cmd.scheduler.{lease|report}` (queue group `scheduler`); signals on
+//! `{ns}.ctl.*`.
 
 use uuid::Uuid;
 
