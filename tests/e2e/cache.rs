@@ -196,6 +196,7 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
     // Refreshed: it runs, and what it made is what the next run reuses.
     let (refreshed, three) = submitted("/v1/runs".into(), json!({"workflow": workflow, "refresh_cache": true})).await;
     assert_ne!(n(&three), n(&one), "the step ran");
+    assert_eq!((&one["refresh_cache"], &three["refresh_cache"]), (&json!(false), &json!(true)), "the run shows it");
     assert_eq!(step(&three, "gen")["reason"], Value::Null);
     assert_eq!(cached_from(&tm, refreshed, "gen").await, None);
     let (later, four) = submitted("/v1/runs".into(), json!({"workflow": workflow})).await;
@@ -213,6 +214,7 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
     // A rerun may refresh too; without it, a rerun step reuses as any run does.
     let (_, five) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen", "refresh_cache": true})).await;
     assert_ne!(n(&five), n(&four), "the rerun step ran");
+    assert_eq!(five["refresh_cache"], true);
     let (_, six) = submitted(format!("/v1/runs/{later}/rerun"), json!({"from": "gen"})).await;
     assert_eq!(n(&six), n(&five), "and its outcome is the one kept");
     // A YAML body (the workflow alone; JSON is YAML too) asks for it in the query.

@@ -404,6 +404,8 @@ pub struct RunView {
     /// Dispatch priority under contention (-100 to 100, higher first).
     pub priority: i32,
     pub labels: BTreeMap<String, String>,
+    /// Submitted with `refresh_cache`: its `cache:` steps ran rather than reuse kept outcomes.
+    pub refresh_cache: bool,
     /// Why a queued run has not started, e.g. `concurrency group 'deploy-main' is full (limit 1)`.
     pub wait_reason: Option<String>,
     /// The stream sequence of the last event this view reflects.
@@ -512,7 +514,7 @@ fn is_ended(status: &str) -> bool {
 /// Postgres, the keys named as [`StepView`]'s and [`AttemptView`]'s fields.
 const RUN_VIEW_SQL: &str = "
 SELECT r.id, r.workflow_name, r.workflow_version, r.status, r.trigger, r.inputs, r.created_at, r.started_at,
-       r.finished_at, r.cancel_requested_at, r.last_seq, r.priority, r.wait_reason, r.labels,
+       r.finished_at, r.cancel_requested_at, r.last_seq, r.priority, r.wait_reason, r.labels, r.refresh_cache,
        COALESCE((
            SELECT json_agg(json_build_object(
                       'id', s.step_id, 'status', s.status, 'kind', s.kind, 'needs', s.needs,
@@ -558,6 +560,7 @@ async fn run_view(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<RunView
         cancel_requested_at: row.get("cancel_requested_at"),
         priority: row.get("priority"),
         labels: row.get::<sqlx::types::Json<BTreeMap<String, String>>, _>("labels").0,
+        refresh_cache: row.get("refresh_cache"),
         wait_reason: row.get("wait_reason"),
         seq: row.get("last_seq"),
         steps,

@@ -120,6 +120,7 @@ struct NewRun {
     workflow_version: Option<i32>,
     priority: i32,
     labels: Value,
+    refresh_cache: bool,
 }
 
 #[derive(Clone, PartialEq)]
@@ -643,6 +644,7 @@ impl RunRows {
                 workflow_version: e.workflow_version.map(|v| v as i32),
                 priority: e.priority.or(e.workflow.priority).unwrap_or(0),
                 labels: serde_json::to_value(&e.labels).unwrap_or_default(),
+                refresh_cache: e.refresh_cache,
             };
             let row = RunRow {
                 status: "queued".into(),
@@ -751,6 +753,7 @@ impl RunRows {
         let mut changed = RunColumns::default();
         let (mut names, mut triggers, mut inputs, mut keys, mut created, mut versions, mut priorities, mut labels) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut refreshes = Vec::new();
         for ((tenant, id), slot) in &self.runs {
             if slot.stored {
                 if slot.before.as_ref() != Some(&slot.row) {
@@ -767,19 +770,21 @@ impl RunRows {
             versions.push(n.workflow_version);
             priorities.push(n.priority);
             labels.push(Json(&n.labels));
+            refreshes.push(n.refresh_cache);
             new.push(tenant, *id, &slot.row);
         }
         if !new.ids.is_empty() {
             writes.add(
                 "INSERT INTO runs (tenant_id, id, status, started_at, finished_at, last_seq, cancel_requested_at, wait_reason,
-                                       workflow_name, trigger, inputs, idempotency_key, created_at, workflow_version, priority, labels)
+                                       workflow_name, trigger, inputs, idempotency_key, created_at, workflow_version, priority, labels,
+                                       refresh_cache)
                      SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
                                           $7::timestamptz[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::text[],
-                                          $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[])
+                                          $13::timestamptz[], $14::int[], $15::int[], $16::jsonb[], $17::bool[])
                      WHERE {if_checkpoint_moved}
                      ON CONFLICT DO NOTHING",
                 |b| {
-                    new.bind(b)?.bind(&names)?.bind(&triggers)?.bind(&inputs)?.bind(&keys)?.bind(&created)?.bind(&versions)?.bind(&priorities)?.bind(&labels)?;
+                    new.bind(b)?.bind(&names)?.bind(&triggers)?.bind(&inputs)?.bind(&keys)?.bind(&created)?.bind(&versions)?.bind(&priorities)?.bind(&labels)?.bind(&refreshes)?;
                     Ok(())
                 },
             )?;

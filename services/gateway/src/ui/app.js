@@ -444,6 +444,7 @@ function runView(id, stepId) {
           el("dt", {}, "Created"), el("dd", {}, when(run.created_at)),
           el("dt", {}, "Took"), el("dd", {}, took(run.started_at || run.created_at, run.finished_at)),
           run.wait_reason ? [el("dt", {}, "Waiting"), el("dd", {}, run.wait_reason)] : null,
+          run.refresh_cache ? [el("dt", {}, "Cache"), el("dd", {}, "refreshed: its cache: steps ran, and their outcomes are kept")] : null,
           Object.keys(run.inputs || {}).length ? [el("dt", {}, "Inputs"), el("dd", { class: "mono" }, JSON.stringify(run.inputs))] : null),
         mayAct() && el("div", { class: "actions" },
           ended ? null : el("button", { type: "button", onclick: () => confirm("Cancel this run?") && act(`/v1/runs/${id}/cancel`) }, "Cancel"),
