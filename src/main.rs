@@ -45,7 +45,7 @@ enum Command {
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
-    /// List, show, cancel and rerun runs.
+    /// List, show, cancel and rerun runs; send a run's commit status again.
     Runs {
         #[command(subcommand)]
         action: taskmesh::cli::Runs,

@@ -436,6 +436,23 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     assert_eq!(second["status"], "failed");
     assert!(!held_by_breaker(second_id).await, "one failure did not open it");
     heard("failure", 4.0).await;
+    // Open, its state is kept for the next leader (as `slow`'s is).
+    let kept = |tm: &TestMesh| {
+        let ns = tm.bus.namespace().clone();
+        let bus = tm.bus.clone();
+        async move {
+            let subjects = bus.subject_counts(&ns.breakers_stream(), &ns.breakers_all()).await.unwrap();
+            let mut subjects: Vec<String> = subjects.into_keys().collect();
+            subjects.sort();
+            subjects
+        }
+    };
+    let ns = tm.bus.namespace();
+    eventually("partner's state kept", Duration::from_secs(10), || async {
+        Ok((kept(&tm).await == [ns.breaker("default", "partner"), ns.breaker("default", "slow")]).then_some(()))
+    })
+    .await
+    .unwrap();
     let opened = call(&second, "finished_at");
     let held = tm.submit(&calls("partner", 6)).await;
     std::fs::write(&up, "").unwrap();
@@ -448,11 +465,7 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     // The leader keeps what it must remember for the next one: the open breaker `slow`; the
     // closed `partner`'s state is forgotten, and `quiet` (never opened) was never kept.
     eventually("only the open breaker kept", Duration::from_secs(10), || async {
-        let ns = tm.bus.namespace();
-        let kept = tm.bus.subject_counts(&ns.breakers_stream(), &ns.breakers_all()).await?;
-        let mut subjects: Vec<String> = kept.into_keys().collect();
-        subjects.sort();
-        Ok((subjects == [ns.breaker("default", "slow")]).then_some(()))
+        Ok((kept(&tm).await == [ns.breaker("default", "slow")]).then_some(()))
     })
     .await
     .unwrap();

@@ -179,7 +179,7 @@ async fn a_cached_step_reuses_an_earlier_success_of_its_tenant_until_its_time_ru
 async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_their_outcomes() {
     let tm = spawn_mesh().await;
     let workflow = json!({"name": "refreshed", "steps": [{"id": "gen", "cache": {"ttl_seconds": 600},
-        "run": "echo n=$(date +%s%N)-$$ >> $TASKMESH_OUTPUT"}]});
+        "run": "echo made; echo n=$(date +%s%N)-$$ >> $TASKMESH_OUTPUT"}]});
     // Submits (`POST path` with `body`) and waits for the run's end.
     let submitted = async |path: String, body: Value| {
         let res = tm.send_json(Method::POST, &path, &body).await;
@@ -203,10 +203,15 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
     assert_eq!(n(&four), n(&three), "the refreshed outcome replaced the first");
     assert_eq!(cached_from(&tm, later, "gen").await.map(|c| c.run_id), Some(refreshed));
     let logs: Value = tm.get_json(format!("{}/v1/runs/{refreshed}/steps/gen/logs", tm.api)).await;
-    let said = |l: &Value| {
-        l["stream"] == "system" && l["line"] == "cache: refreshing: the kept outcome is forgotten; the step runs"
-    };
-    assert!(logs["lines"].as_array().unwrap().iter().any(said), "{logs:#}");
+    // The refresh's line opens the attempt's log, numbered with the step's own lines.
+    let lines: Vec<(u64, &str, &str)> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["n"].as_u64().unwrap(), l["stream"].as_str().unwrap(), l["line"].as_str().unwrap()))
+        .collect();
+    let refreshing = "cache: refreshing: the kept outcome is forgotten; the step runs";
+    assert_eq!(lines, [(1, "system", refreshing), (2, "stdout", "made")], "{logs:#}");
     // A rerun does not take the flag from the run it reruns: this one reuses.
     let (_, again) = submitted(format!("/v1/runs/{refreshed}/rerun"), json!({"from": "gen"})).await;
     assert_eq!(n(&again), n(&three), "{again:#}");

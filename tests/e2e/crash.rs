@@ -281,6 +281,14 @@ async fn an_open_circuit_breaker_outlives_its_dispatcher_leader() {
     let open = "circuit breaker 'down' open (2 failed attempts in a row)";
     let held = tm.submit(calls).await;
     assert_eq!(step_wait_reason(&tm, held, Duration::from_secs(30)).await, open);
+    // Its state is written in the background: killed once it is kept.
+    let ns = tm.bus.namespace();
+    eventually("the open breaker's state kept", Duration::from_secs(10), || async {
+        let kept = tm.bus.subject_counts(&ns.breakers_stream(), &ns.breakers_all()).await?;
+        Ok(kept.contains_key(&ns.breaker("default", "down")).then_some(()))
+    })
+    .await
+    .unwrap();
     first.start_kill().unwrap();
     first.wait().await.unwrap();
 

@@ -170,13 +170,23 @@ async fn last_raw(
     }
 }
 
-/// Deletes a reader (see [`Bus::reader`]) in the background, rather than leave it for its
-/// inactivity threshold.
-fn drop_reader(stream: jetstream::stream::Stream<()>, consumer: &PullConsumer) {
-    let name = consumer.cached_info().name.clone();
-    tokio::spawn(async move {
-        let _ = stream.delete_consumer(&name).await;
-    });
+/// An ephemeral consumer made by [`Bus::reader`], deleted in the background once dropped
+/// (whether its reading ended, failed or was given up), rather than left for its inactivity
+/// threshold.
+struct Reader {
+    stream: jetstream::stream::Stream<()>,
+    consumer: PullConsumer,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let (stream, name) = (self.stream.clone(), self.consumer.cached_info().name.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = stream.delete_consumer(&name).await;
+            });
+        }
+    }
 }
 
 /// The latest message on `subject` of `stream`, decoded (`None`: none, or undecodable).
@@ -562,7 +572,8 @@ impl Bus {
             return Ok(Vec::new());
         }
         let start = DeliverPolicy::ByStartSequence { start_sequence: after + 1 };
-        let (stream, consumer) = self.reader(&self.ns.events_stream(), subject, start).await?;
+        let reader = self.reader(&self.ns.events_stream(), subject, start).await?;
+        let consumer = &reader.consumer;
         let mut out = Vec::new();
         let mut empty_fetches = 0;
         'outer: while out.last().map(|s: &Stored| s.seq).unwrap_or(after) < last {
@@ -600,7 +611,6 @@ impl Bus {
                 }
             }
         }
-        drop_reader(stream, &consumer);
         Ok(out)
     }
 
@@ -674,13 +684,8 @@ impl Bus {
     }
 
     /// An ephemeral consumer of `stream` reading `filter` from `start`, acknowledging nothing
-    /// (gone 30 s after its last use, or once [`drop_reader`] deletes it).
-    async fn reader(
-        &self,
-        stream: &str,
-        filter: &str,
-        start: DeliverPolicy,
-    ) -> Result<(jetstream::stream::Stream<()>, PullConsumer)> {
+    /// (deleted once the [`Reader`] is dropped; else gone 30 s after its last use).
+    async fn reader(&self, stream: &str, filter: &str, start: DeliverPolicy) -> Result<Reader> {
         let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
         let config = PullConfig {
             filter_subject: filter.to_string(),
@@ -691,16 +696,17 @@ impl Bus {
             ..Default::default()
         };
         let consumer = stream.create_consumer(config).await.map_err(BusError::nats)?;
-        Ok((stream, consumer))
+        Ok(Reader { stream, consumer })
     }
 
     /// The last message of each subject of `stream` matching `filter`, decoded (those that do
     /// not decode are skipped), read through one consumer rather than a request a subject: for
     /// registries that may hold many.
     pub async fn last_of_each<T: serde::de::DeserializeOwned>(&self, stream: &str, filter: &str) -> Result<Vec<T>> {
-        let (stream, consumer) = self.reader(stream, filter, DeliverPolicy::LastPerSubject).await?;
+        let reader = self.reader(stream, filter, DeliverPolicy::LastPerSubject).await?;
+        let consumer = &reader.consumer;
         let mut left = consumer.cached_info().num_pending;
-        let mut out = Vec::new();
+        let (mut out, mut empty_fetches) = (Vec::new(), 0);
         while left > 0 {
             let mut batch = consumer
                 .batch()
@@ -719,12 +725,15 @@ impl Bus {
                     break;
                 }
             }
-            // Nothing came (they expired meanwhile, say): what was read is all there is.
+            // Nothing came while some were left: after a few tries, an error rather than part
+            // of them as if it were all.
             if got == 0 {
-                break;
+                empty_fetches += 1;
+                if empty_fetches > 3 {
+                    return Err(BusError::Nats(format!("reading {filter}: stopped with {left} left")));
+                }
             }
         }
-        drop_reader(stream, &consumer);
         Ok(out)
     }
 

@@ -552,7 +552,13 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         let settings: Settings = figment
-            .merge(Env::prefixed("TASKMESH_").split("__").ignore(&["config", "url", "api_key"]))
+            .merge(Env::prefixed("TASKMESH_").split("__").ignore(&[
+                "config",
+                "url",
+                "api_key",
+                "profile",
+                "profile_file",
+            ]))
             .extract()
             .map_err(|e| ConfigError(e.to_string()))?;
         settings.validate()?;
@@ -647,8 +653,11 @@ mod tests {
             Ok(())
         });
         figment::Jail::expect_with(|jail| {
-            // Another field of git-integration's set, it stays on its own port.
+            // Another field of git-integration's set, it stays on its own port; the client
+            // commands' variables are not settings, and are no reason to refuse to start.
             jail.set_env("TASKMESH_GIT__METRICS", "false");
+            jail.set_env("TASKMESH_PROFILE", "staging");
+            jail.set_env("TASKMESH_PROFILE_FILE", "/tmp/profiles.toml");
             let s = Settings::load(None).unwrap();
             assert_eq!((s.git.listen.port(), s.git.metrics, s.gateway.listen.port()), (8081, false, 8080));
             assert!(!s.egress.deny_private && s.egress.allow.is_empty());

@@ -316,6 +316,25 @@ pub struct CommitStatus {
     pub workflow: String,
 }
 
+impl CommitStatus {
+    /// The status to report `state` of run `key` with, if a forge push started it (`trigger`).
+    pub fn of_run(key: &crate::RunKey, trigger: &crate::Trigger, workflow: &str, state: CommitState) -> Option<Self> {
+        let crate::Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), .. } = trigger else {
+            return None;
+        };
+        Some(Self {
+            tenant: key.tenant.clone(),
+            connection_id: *connection_id,
+            forge: *forge,
+            repository: repository.clone(),
+            commit: commit.clone(),
+            state,
+            run_id: key.run_id,
+            workflow: workflow.to_string(),
+        })
+    }
+}
+
 /// `{ns}.cmd.ingest.delete_integration`: delete a webhook endpoint or a repository connection.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct DeleteIntegration {

@@ -254,7 +254,7 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint"]}},
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint"]}},
                 "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
             },
             "schedulerCommands": {

@@ -553,6 +553,8 @@ impl Executor {
         let cache_key = cache::key(&dispatch);
         // Whether the step ran here (its outcome then counts for its circuit breaker).
         let mut ran = false;
+        // A line the step's log opens with (a refresh's), before the step's own.
+        let mut first_line = None;
         let outcome = match self.open(&dispatch).await {
             Err(outcome) => Some((false, outcome)),
             Ok(opened) => {
@@ -571,7 +573,7 @@ impl Executor {
                             }
                         };
                         metrics::counter!("taskmesh_step_cache_lookups_total", "result" => "refresh").increment(1);
-                        self.log_system(&dispatch, attempt, line).await;
+                        first_line = Some(line);
                         None
                     }
                     Some(key) => {
@@ -591,7 +593,7 @@ impl Executor {
                     }
                     None => {
                         ran = true;
-                        self.run_here(&dispatch, attempt, opened, &hand_back).await
+                        self.run_here(&dispatch, attempt, opened, &hand_back, first_line).await
                     }
                 }
             }
@@ -705,8 +707,13 @@ impl Executor {
         attempt: u32,
         Opened { secrets, checkout }: Opened,
         hand_back: &CancellationToken,
+        first_line: Option<String>,
     ) -> Option<(bool, taskmesh_events::StepOutcome)> {
         let (logs, publisher) = self.log_publisher(dispatch, attempt);
+        // Through the step's own publisher, so its lines are numbered on from it.
+        if let Some(line) = first_line {
+            let _ = logs.send((LogStream::System, line)).await;
+        }
         let ctx = step::StepContext {
             run_id: dispatch.run_id,
             attempt,

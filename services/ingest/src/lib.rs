@@ -311,10 +311,13 @@ impl Ingest {
         let Some(Event::RunSubmitted(submitted)) = events.first().map(|e| &e.envelope.event) else {
             return Err(Problem::new(ErrorCode::NotFound, "no such run"));
         };
-        let Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), .. } = &submitted.trigger else {
+        // Its state is decided below; the connection and commit are the push's.
+        let Some(mut status) =
+            CommitStatus::of_run(&key, &submitted.trigger, &submitted.workflow.name, CommitState::Pending)
+        else {
             return Err(Problem::new(ErrorCode::Conflict, "the run was not started by a forge push: it has no commit"));
         };
-        let connection = self.bus.last(&ns.repo_connection(&cmd.tenant, *connection_id)).await?;
+        let connection = self.bus.last(&ns.repo_connection(&cmd.tenant, status.connection_id)).await?;
         match connection.map(|c| c.envelope.event) {
             Some(Event::RepoConnectionCreated(c)) if c.status_token.is_some() => {}
             Some(Event::RepoConnectionCreated(_)) => {
@@ -325,16 +328,7 @@ impl Ingest {
         // (A cancellation asked for after the end may follow it in the log.)
         let end = events.iter().rev().find_map(|e| e.envelope.event.run_end());
         let state = end.map_or(CommitState::Pending, |(s, _)| s);
-        let status = CommitStatus {
-            tenant: cmd.tenant.clone(),
-            connection_id: *connection_id,
-            forge: *forge,
-            repository: repository.clone(),
-            commit: commit.clone(),
-            state,
-            run_id: cmd.run_id,
-            workflow: submitted.workflow.name.clone(),
-        };
+        status.state = state;
         let msg_id = format!("status:resend:{}", Uuid::now_v7());
         self.bus.enqueue(ns.delivery(&cmd.tenant), &msg_id, &status, None).await?;
         Ok(StatusQueued { state })

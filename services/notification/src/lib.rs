@@ -597,12 +597,7 @@ impl Notifier {
     async fn run_end(&self, s: &CommitStatus) -> Result<Option<CommitState>, Outcome> {
         let subject = self.bus.namespace().run(&RunKey { tenant: s.tenant.clone(), run_id: s.run_id });
         let last = self.bus.last(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
-        let logged = last.and_then(|l| match l.envelope.event {
-            Event::RunSucceeded(_) => Some(CommitState::Success),
-            Event::RunFailed(_) | Event::RunTimedOut(_) => Some(CommitState::Failure),
-            Event::RunCancelled(_) => Some(CommitState::Cancelled),
-            _ => None,
-        });
+        let logged = last.and_then(|l| l.envelope.event.run_end()).map(|(state, _)| state);
         if logged.is_some() {
             return Ok(logged);
         }

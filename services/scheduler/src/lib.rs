@@ -439,20 +439,10 @@ impl Scheduler {
         state: CommitState,
         event: &taskmesh_events::Envelope,
     ) -> Result<(), BusError> {
-        let Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), reports_status: true, .. } =
-            trigger
+        let Some(status) = CommitStatus::of_run(key, trigger, workflow, state)
+            .filter(|_| matches!(trigger, Trigger::Webhook { reports_status: true, .. }))
         else {
             return Ok(());
-        };
-        let status = CommitStatus {
-            tenant: key.tenant.clone(),
-            connection_id: *connection_id,
-            forge: *forge,
-            repository: repository.clone(),
-            commit: commit.clone(),
-            state,
-            run_id: key.run_id,
-            workflow: workflow.to_string(),
         };
         let ns = self.bus.namespace();
         let msg_id = format!("status:{}", event.id);
