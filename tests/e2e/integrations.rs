@@ -2374,8 +2374,10 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
         git_in(&app, &["commit", "-q", "-m", url]);
         git_in(&app, &["rev-parse", "HEAD"])
     };
-    // A user name in the URL: git would fetch it from the open forge.
+    // A user name in the URL (as Bitbucket's carry) is dropped; with a password, git could
+    // fetch it from the open forge, but it is refused.
     let with_user = commit(&format!("{}/o/lib.git", open.replace("http://", "http://u@")), false);
+    let with_password = commit(&format!("{}/o/lib.git", open.replace("http://", "http://u:p@")), false);
     // git resolves this against `http://127.0.0.1:<port>/binkkatal/sample_app.git` to
     // `http://127.0.0.2:9/o/lib.git`, a host the mesh's egress rules deny.
     let climbing = commit("../../../127.0.0.2:9/o/lib.git", false);
@@ -2410,14 +2412,22 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
     let sent = fetches.lock().unwrap()[before..].to_vec();
     assert!(sent.contains(&Some(basic.to_string())) && sent.contains(&None), "{sent:?}");
 
-    // Refused, each naming why. The URL with a user name is one git could fetch from the
+    // The user name dropped, the library is fetched without it.
+    let run = push_commit(&tm, &hook, &clone_url, &with_user, "s-6").await.1;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][0]["output"], expected, "{run}");
+
+    // Refused, each naming why. The URL with a password is one git could fetch from the
     // library's forge: nothing is asked of it.
     let before = open_fetches.lock().unwrap().len();
     let refused = [
         (
-            &with_user,
+            &with_password,
             "s-3",
-            format!("submodule vendor/lib: '{}/o/lib.git' is not an http(s) URL", open.replace("http://", "http://u@")),
+            format!(
+                "submodule vendor/lib: '{}/o/lib.git' is not an http(s) URL",
+                open.replace("http://", "http://u:p@")
+            ),
         ),
         (&climbing, "s-4", "submodule vendor/lib: egress to 127.0.0.2 is denied".to_string()),
         (&with_cr, "s-5", "submodule path 'sub\\r' is not a relative path of plain names".to_string()),

@@ -223,6 +223,16 @@ async fn submodules(
                 if name.chars().any(|c| c.is_control() || c == '\\') {
                     return Err(format!("submodule name '{}' is not of plain characters", name.escape_debug()));
                 }
+                // A user name alone (Bitbucket's and Azure DevOps' clone URLs carry one) asks
+                // for nothing the fetch could give without a password: it goes.
+                let url = match without_user(&url) {
+                    Some(bare) => {
+                        let key = format!("submodule.{name}.url");
+                        git(source, dir, home, &config, &["config", "--local"], vec![key, bare.clone()]).await?;
+                        bare
+                    }
+                    None => url,
+                };
                 let url = submodule_url(&url).map_err(|e| format!("submodule {shown}{name}: {e}"))?;
                 let at = host_port(&url);
                 if !pinned.contains(&at) {
@@ -308,6 +318,19 @@ fn submodule_urls(listed: &[u8]) -> Vec<(String, String)> {
         .filter_map(|(key, url)| Some((key.strip_suffix(".url")?.to_string(), url.clone())))
         .filter(|(name, _)| !skipped(name))
         .collect()
+}
+
+/// `url` without its user name, if it names one and no password (`https://user@host/…`);
+/// `None` otherwise (one with a password is refused as it is).
+fn without_user(url: &str) -> Option<String> {
+    let (scheme, rest) = [("https://", url.strip_prefix("https://")), ("http://", url.strip_prefix("http://"))]
+        .into_iter()
+        .find_map(|(scheme, rest)| Some((scheme, rest?)))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (user, _) = authority.split_once('@')?;
+    let plain =
+        !user.is_empty() && user.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~'));
+    plain.then(|| format!("{scheme}{}", &rest[user.len() + 1..]))
 }
 
 /// A submodule's URL as git resolved it, if it is one to fetch from: `http` or `https`, a host
@@ -643,6 +666,27 @@ mod tests {
         // What it says shows no control character as it is.
         assert!(submodule_url("https://h/o\n\x1b[2J").unwrap_err().contains("o\\n\\u{1b}[2J"));
         assert!(submodule_url("https://GitHub.com/o/lib.git").is_err(), "a host in lower case only");
+    }
+
+    #[test]
+    fn a_user_name_alone_is_dropped_from_a_submodule_url() {
+        let bare = |url: &str| without_user(url);
+        assert_eq!(
+            bare("https://team@bitbucket.org/team/lib.git").as_deref(),
+            Some("https://bitbucket.org/team/lib.git")
+        );
+        assert_eq!(
+            bare("https://org@dev.azure.com/org/p/_git/lib").as_deref(),
+            Some("https://dev.azure.com/org/p/_git/lib")
+        );
+        assert_eq!(bare("http://u@127.0.0.1:8080/o/lib.git").as_deref(), Some("http://127.0.0.1:8080/o/lib.git"));
+        for kept in
+            ["https://u:p@h/o/lib.git", "https://h/o/lib.git", "ssh://git@h/o/lib.git", "https://h/a@b", "https://@h/x"]
+        {
+            assert_eq!(bare(kept), None, "{kept}");
+        }
+        // What is left is checked as any URL is.
+        assert!(submodule_url(&bare("https://u@h.example\\@evil/x").unwrap_or_default()).is_err());
     }
 
     #[test]
