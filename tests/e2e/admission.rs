@@ -453,6 +453,23 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     })
     .await
     .unwrap();
+    // The tenant sees both open, with their failures and limits.
+    let listed = tm.get_json(format!("{}/v1/circuit-breakers", tm.api)).await;
+    let items = listed["items"].as_array().unwrap();
+    let shown: Vec<_> = items
+        .iter()
+        .map(|b| {
+            (
+                b["key"].as_str().unwrap(),
+                b["state"].as_str().unwrap(),
+                b["failures"].as_u64().unwrap(),
+                b["threshold"].as_u64().unwrap(),
+                b["cooldown_seconds"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shown, [("partner", "open", 2, 2, 6), ("slow", "open", 2, 2, 600)], "{listed:#}");
+    assert!(items.iter().all(|b| b["open_until"].is_string() && b["last_failure_at"].is_string()), "{listed:#}");
     let opened = call(&second, "finished_at");
     let held = tm.submit(&calls("partner", 6)).await;
     std::fs::write(&up, "").unwrap();
@@ -469,6 +486,8 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     })
     .await
     .unwrap();
+    let listed = tm.get_json(format!("{}/v1/circuit-breakers", tm.api)).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "the closed one is not listed: {listed:#}");
     let (closed_id, closed) = run(calls("partner", 6)).await;
     assert_eq!(closed["status"], "succeeded");
     assert!(!held_by_breaker(closed_id).await, "closed again: the next step did not wait");

@@ -247,6 +247,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         case(Method::DELETE, "/v1/secrets/{name}", "/v1/secrets/X", None, [403, 403, 204]),
         case(Method::DELETE, "/v1/cache", "/v1/cache", None, [403, 200, 200]),
         case(Method::GET, "/v1/executors", "/v1/executors", None, [200, 200, 200]),
+        case(Method::GET, "/v1/circuit-breakers", "/v1/circuit-breakers", None, [200, 200, 200]),
         case(Method::GET, "/v1/webhook-endpoints", "/v1/webhook-endpoints", None, [200, 200, 200]),
         case(
             Method::GET,

@@ -335,6 +335,25 @@ impl CommitStatus {
     }
 }
 
+/// A circuit breaker's state as the dispatcher leader keeps it on `{NS}_BREAKERS`
+/// (`{ns}.breaker.{tenant}.{key}`), for the next leader and for `GET /v1/circuit-breakers`,
+/// while it has something to remember. Times are wall-clock; the probe out, if any, is not
+/// kept.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct BreakerState {
+    pub tenant: String,
+    pub key: String,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// When the last failure was heard of.
+    pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Until when it is open (past: the next step goes as a probe); none: closed.
+    pub open_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Failed attempts in a row that open it, and how long it stays open.
+    pub threshold: u32,
+    pub cooldown_seconds: u64,
+}
+
 /// `{ns}.cmd.ingest.delete_integration`: delete a webhook endpoint or a repository connection.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct DeleteIntegration {

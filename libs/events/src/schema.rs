@@ -127,6 +127,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("Purged", pretty::<Purged>()),
         ("ResendCommitStatus", pretty::<ResendCommitStatus>()),
         ("StatusQueued", pretty::<StatusQueued>()),
+        ("BreakerState", pretty::<BreakerState>()),
         ("ToggleSchedule", pretty::<ToggleSchedule>()),
         ("DeleteSchedule", pretty::<DeleteSchedule>()),
         ("WorkflowStored", pretty::<WorkflowStored>()),
@@ -250,6 +251,12 @@ fn asyncapi() -> Value {
                 "description": "Stream {NS}_LOGS (limits: age and bytes, oldest dropped first): each line of a step's output as the executor reads it.",
                 "parameters": {"ns": {}, "tenant": {}, "runId": {}, "step": {}},
                 "messages": refs(&["LogLine"])
+            },
+            "breakers": {
+                "address": "{ns}.breaker.{tenant}.{key}",
+                "description": "Stream {NS}_BREAKERS (last message per subject, 2 days): a circuit breaker's state while it has something to remember, written by the dispatcher leader as signals change it (a closed one's subject purged), read by the next leader and by GET /v1/circuit-breakers.",
+                "parameters": {"ns": {}, "tenant": {}, "key": {}},
+                "messages": refs(&["BreakerState"])
             },
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",

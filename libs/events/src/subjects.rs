@@ -131,6 +131,10 @@ impl Namespace {
     pub fn breakers_all(&self) -> String {
         format!("{}.breaker.>", self.0)
     }
+    /// Every breaker state of one tenant.
+    pub fn breakers_tenant(&self, tenant: &str) -> String {
+        format!("{}.breaker.{tenant}.*", self.0)
+    }
     /// The state of one breaker (its key, a token) of one tenant.
     pub fn breaker(&self, tenant: &str, key: &str) -> String {
         format!("{}.breaker.{tenant}.{key}", self.0)

@@ -10,6 +10,7 @@
 //!   quota, records keys' last use and writes the audit log.
 //! - [`audit`]: `GET /v1/audit`.
 //! - [`auth`]: the authenticated [`auth::Caller`] and the platform administrator.
+//! - [`breakers`]: `GET /v1/circuit-breakers`, the tenant's breakers as the dispatcher keeps them.
 //! - [`cache`]: `DELETE /v1/cache`, forgetting the tenant's kept `cache:` outcomes.
 //! - [`deliveries`]: webhook endpoints' failed deliveries, sending one again, and enabling a
 //!   disabled endpoint.
@@ -28,6 +29,7 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod breakers;
 pub mod cache;
 pub mod deliveries;
 pub mod events;
@@ -211,7 +213,7 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Taskmesh API", version = "1", description = "Submit workflows, follow their runs, connect repositories and subscribe to notifications. Errors are RFC 9457 problem documents (application/problem+json) whose `type` is stable; see docs/api.md."),
-    paths(runs::submit, runs::submit_batch, runs::list, runs::get_run, runs::cancel, runs::rerun, runs::resend_commit_status, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, workflows::versions, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, schedules::delete, secrets::set, secrets::list, secrets::delete, cache::purge, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, tenancy::whoami, audit::list, resources::create_repo_connection, resources::list_repo_connections, resources::delete_repo_connection, resources::create_webhook_endpoint, resources::list_webhook_endpoints, resources::delete_webhook_endpoint, deliveries::list, deliveries::retry, deliveries::retry_all, deliveries::enable, executors::list, events::publish, healthz, readyz, metrics),
+    paths(runs::submit, runs::submit_batch, runs::list, runs::get_run, runs::cancel, runs::rerun, runs::resend_commit_status, logs::logs, live::run_events, workflows::store, workflows::get_one, workflows::list, workflows::versions, schedules::create, schedules::list, schedules::get_one, schedules::pause, schedules::resume, schedules::delete, secrets::set, secrets::list, secrets::delete, cache::purge, breakers::list, tenancy::create_tenant, tenancy::list_tenants, tenancy::create_key, tenancy::list_keys, tenancy::revoke_key, tenancy::whoami, audit::list, resources::create_repo_connection, resources::list_repo_connections, resources::delete_repo_connection, resources::create_webhook_endpoint, resources::list_webhook_endpoints, resources::delete_webhook_endpoint, deliveries::list, deliveries::retry, deliveries::retry_all, deliveries::enable, executors::list, events::publish, healthz, readyz, metrics),
     components(schemas(taskmesh_events::Problem, taskmesh_events::FieldError, taskmesh_events::ErrorCode)),
     modifiers(&BearerAuth, &CommonResponses),
     tags((name = "runs", description = "Workflow runs"), (name = "integrations", description = "Forges and outbound webhooks"), (name = "workflows", description = "Stored, versioned workflow definitions"), (name = "schedules", description = "Cron schedules"), (name = "secrets", description = "Write-only secrets"), (name = "events", description = "CloudEvents that trigger stored workflows"), (name = "executors", description = "Live executors and queue depth per label set"), (name = "tenancy", description = "Tenants and API keys"), (name = "health", description = "Probes"))
@@ -544,6 +546,7 @@ pub fn router(state: AppState, body_limit: usize, metrics: bool) -> axum::Router
         .merge(schedules::routes())
         .merge(secrets::routes())
         .merge(cache::routes())
+        .merge(breakers::routes())
         .merge(executors::routes())
         .merge(events::routes())
         .merge(tenancy::routes())

@@ -41,10 +41,9 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
-use taskmesh_events::command::{BreakerSignal, CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
+use taskmesh_events::command::{BreakerSignal, BreakerState, CancelSignal, Dispatch, ExecutorBeat, Pool, Ready};
 use taskmesh_events::subjects::pool_token;
 use taskmesh_events::workflow::labels_match;
 use taskmesh_events::workflow::{CircuitBreakerDef, GroupPolicy};
@@ -203,12 +202,12 @@ impl Breaker {
     }
 
     /// Its state for the next leader, its instants as wall-clock times (`wall` being `now`).
-    fn kept(&self, tenant: &str, key: &str, now: Instant, wall: DateTime<Utc>) -> KeptBreaker {
+    fn kept(&self, tenant: &str, key: &str, now: Instant, wall: DateTime<Utc>) -> BreakerState {
         let at = |i: Instant| match i.checked_duration_since(now) {
             Some(ahead) => wall + chrono::Duration::from_std(ahead).unwrap_or_default(),
             None => wall - chrono::Duration::from_std(now.duration_since(i)).unwrap_or_default(),
         };
-        KeptBreaker {
+        BreakerState {
             tenant: tenant.to_string(),
             key: key.to_string(),
             failures: self.failures,
@@ -222,7 +221,7 @@ impl Breaker {
     /// The breaker a previous leader kept, as of `now` (`wall`), if it is within bounds: open
     /// at most its cooldown longer, whatever the record says; no probe out (one goes once the
     /// cooldown has passed).
-    fn from_kept(k: &KeptBreaker, now: Instant, wall: DateTime<Utc>) -> Option<Self> {
+    fn from_kept(k: &BreakerState, now: Instant, wall: DateTime<Utc>) -> Option<Self> {
         let bounded = CircuitBreakerDef::FAILURES.contains(&k.threshold)
             && CircuitBreakerDef::COOLDOWN_SECS.contains(&k.cooldown_seconds)
             && taskmesh_events::subjects::is_token(&k.tenant)
@@ -254,20 +253,6 @@ impl Breaker {
         let last = [self.failed_at, self.open_until, self.probe.as_ref().map(|(_, wait)| *wait)];
         last.into_iter().flatten().max().is_some_and(|last| now.saturating_duration_since(last) > FORGET_AFTER)
     }
-}
-
-/// A breaker's state as the dispatcher leader keeps it on `{NS}_BREAKERS`, for the next leader
-/// (a new leader would otherwise start every breaker closed). Times are wall-clock; the probe
-/// out, if any, is not kept.
-#[derive(Debug, Serialize, Deserialize)]
-struct KeptBreaker {
-    tenant: String,
-    key: String,
-    failures: u32,
-    failed_at: Option<DateTime<Utc>>,
-    open_until: Option<DateTime<Utc>>,
-    threshold: u32,
-    cooldown_seconds: u64,
 }
 
 /// How long a probe is waited for, from when it was admitted, before another goes: this, or the
@@ -1163,7 +1148,7 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
 /// What the keeper of breakers' states is to do with one.
 enum Keeping {
     /// Keep its state.
-    Put(KeptBreaker),
+    Put(BreakerState),
     /// Forget it (closed, nothing to remember): its subject is purged.
     Forget { tenant: String, key: String },
 }
@@ -1210,7 +1195,7 @@ async fn keep_breakers(bus: Bus, mut states: tokio::sync::mpsc::Receiver<Keeping
 async fn kept_breakers(bus: &Bus) -> HashMap<String, HashMap<String, Breaker>> {
     let ns = bus.namespace();
     let (stream, filter) = (ns.breakers_stream(), ns.breakers_all());
-    let read = bus.last_of_each::<KeptBreaker>(&stream, &filter);
+    let read = bus.last_of_each::<BreakerState>(&stream, &filter);
     let kept = match tokio::time::timeout(LOAD_WITHIN, read).await {
         Ok(Ok(kept)) => kept,
         Ok(Err(e)) => {
@@ -1325,7 +1310,7 @@ mod tests {
         b.record(&(Uuid::nil(), "a".into()), Some(false), t0);
         b.record(&(Uuid::nil(), "b".into()), Some(false), t0);
         b.probing((Uuid::nil(), "c".into()), t0 + secs(60));
-        let kept: KeptBreaker =
+        let kept: BreakerState =
             serde_json::from_slice(&serde_json::to_vec(&b.kept("t", "k", t0, wall)).unwrap()).unwrap();
         assert_eq!((kept.failures, kept.threshold, kept.cooldown_seconds), (2, 2, 10));
         // Another leader, three seconds later on the wall clock, on its own clock.
@@ -1336,16 +1321,16 @@ mod tests {
         assert!(read.gate(t1 + secs(7)) == Gate::Probe, "then a probe goes: the old leader's is not waited for");
         // A record opening it for longer than its cooldown is held to the cooldown; one whose
         // opening has passed lets a probe go at once; one out of bounds is not read.
-        let long = KeptBreaker { open_until: Some(wall + chrono::Duration::days(400)), ..kept };
+        let long = BreakerState { open_until: Some(wall + chrono::Duration::days(400)), ..kept };
         let read = Breaker::from_kept(&long, t1, wall).unwrap();
         assert!(read.gate(t1 + secs(10)) == Gate::Probe);
-        let passed = KeptBreaker { open_until: Some(wall - chrono::Duration::seconds(5)), ..long };
+        let passed = BreakerState { open_until: Some(wall - chrono::Duration::seconds(5)), ..long };
         assert!(Breaker::from_kept(&passed, t1, wall).unwrap().gate(t1) == Gate::Probe);
-        let closed = KeptBreaker { open_until: None, failures: 0, ..passed };
+        let closed = BreakerState { open_until: None, failures: 0, ..passed };
         assert!(Breaker::from_kept(&closed, t1, wall).unwrap().is_idle(t1), "nothing to remember");
         for bad in [
-            KeptBreaker { threshold: 0, ..b.kept("t", "k", t0, wall) },
-            KeptBreaker { cooldown_seconds: 1 << 40, ..b.kept("t", "k", t0, wall) },
+            BreakerState { threshold: 0, ..b.kept("t", "k", t0, wall) },
+            BreakerState { cooldown_seconds: 1 << 40, ..b.kept("t", "k", t0, wall) },
             b.kept("t", "no such.key", t0, wall),
             b.kept("t.x", "k", t0, wall),
         ] {
