@@ -61,12 +61,6 @@ fn peak<K>(intervals: &[Span<K>]) -> usize {
     most as usize
 }
 
-async fn submit_json(tm: &TestMesh, key: &str, body: Value) -> Uuid {
-    let res = tm.http.post(format!("{}/v1/runs", tm.api)).bearer_auth(key).json(&body).send().await.unwrap();
-    assert_eq!(res.status(), 202, "submit: {}", res.text().await.unwrap());
-    res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap()
-}
-
 async fn run_of(tm: &TestMesh, key: &str, id: Uuid) -> Value {
     tm.get_run_as(key, id).await.1
 }
@@ -89,8 +83,9 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
     let steps: Vec<Value> = (0..500).map(|i| json!({"id": format!("s{i}"), "uses": "noop"})).collect();
     let mut a_runs = Vec::new();
     for r in 0..10 {
-        a_runs
-            .push(submit_json(&tm, &tm.key, json!({"workflow": {"name": format!("flood-{r}"), "steps": steps}})).await);
+        a_runs.push(
+            tm.submit_json_as(&tm.key, json!({"workflow": {"name": format!("flood-{r}"), "steps": steps}})).await,
+        );
     }
     // A's backlog is held back for the tenant's limit, and the API says so.
     let reason = step_wait_reason(&tm, a_runs[9], Duration::from_secs(60)).await;
@@ -98,7 +93,7 @@ async fn a_tenants_flood_does_not_starve_another_and_stays_within_its_limit() {
 
     // Tenant B: ten steps, submitted behind A's backlog.
     let b_steps: Vec<Value> = (0..10).map(|i| json!({"id": format!("b{i}"), "uses": "noop"})).collect();
-    let b_run = submit_json(&tm, &beta_key, json!({"workflow": {"name": "small", "steps": b_steps}})).await;
+    let b_run = tm.submit_json_as(&beta_key, json!({"workflow": {"name": "small", "steps": b_steps}})).await;
     let b = tm.wait_run_as(&beta_key, b_run, Duration::from_secs(60)).await;
     assert_eq!(b["status"], "succeeded");
 
@@ -160,12 +155,9 @@ async fn under_contention_the_higher_priority_goes_first() {
             .insert("default".into(), TenantLimits { max_steps: Some(1), max_runs: None, ..Default::default() });
     })
     .await;
-    let blocker = submit_json(
-        &tm,
-        &tm.key,
-        json!({"workflow": {"name": "blocker", "steps": [{"id": "hold", "run": "sleep 2"}]}}),
-    )
-    .await;
+    let blocker = tm
+        .submit_json_as(&tm.key, json!({"workflow": {"name": "blocker", "steps": [{"id": "hold", "run": "sleep 2"}]}}))
+        .await;
     eventually("the blocker to run", Duration::from_secs(30), || async {
         let run = run_of(&tm, &tm.key, blocker).await;
         Ok((run["steps"][0]["status"] == "running").then_some(()))
@@ -173,12 +165,10 @@ async fn under_contention_the_higher_priority_goes_first() {
     .await
     .unwrap();
     let one = |name: &str| json!({"name": name, "steps": [{"id": "go", "run": "true"}]});
-    let low = submit_json(&tm, &tm.key, json!({"workflow": one("low"), "priority": -10})).await;
-    let mid = submit_json(&tm, &tm.key, json!({"workflow": one("mid")})).await;
+    let low = tm.submit_json_as(&tm.key, json!({"workflow": one("low"), "priority": -10})).await;
+    let mid = tm.submit_json_as(&tm.key, json!({"workflow": one("mid")})).await;
     // A step's own priority beats the run's.
-    let high = submit_json(
-        &tm,
-        &tm.key,
+    let high = tm.submit_json_as(&tm.key,
         json!({"workflow": {"name": "high", "steps": [{"id": "go", "run": "true", "priority": 50}]}, "priority": -20}),
     )
     .await;
@@ -234,7 +224,7 @@ const GROUP: &str = "name: deploy\ninputs:\n  env: {type: string}\nconcurrency: 
 async fn submit_group(tm: &TestMesh, policy: &str, secs: &str, env: &str) -> Uuid {
     let yaml = GROUP.replace("POLICY", policy).replace("SECS", secs);
     let workflow: Value = serde_yaml_ng::from_str(&yaml).unwrap();
-    submit_json(tm, &tm.key, json!({"workflow": workflow, "inputs": {"env": env}})).await
+    tm.submit_json_as(&tm.key, json!({"workflow": workflow, "inputs": {"env": env}})).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -432,6 +422,14 @@ async fn a_circuit_breaker_opens_after_failures_in_a_row_holds_its_steps_and_a_p
     // goes as a probe, and its success closes it. (Times here are lower bounds only.)
     let cooldown = chrono::Duration::seconds(6);
     assert_eq!(run(calls("partner", 6)).await.1["status"], "failed");
+    // Listed closed, with the failure counted.
+    eventually("partner listed closed", Duration::from_secs(10), || async {
+        let listed = tm.get_json(format!("{}/v1/circuit-breakers", tm.api)).await;
+        let partner = listed["items"].as_array().unwrap().iter().find(|b| b["key"] == "partner").cloned();
+        Ok(partner.filter(|b| b["state"] == "closed" && b["failures"] == 1 && b["open_until"].is_null()))
+    })
+    .await
+    .unwrap();
     let (second_id, second) = run(calls("partner", 6)).await;
     assert_eq!(second["status"], "failed");
     assert!(!held_by_breaker(second_id).await, "one failure did not open it");

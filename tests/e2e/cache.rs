@@ -245,8 +245,7 @@ async fn a_run_with_refresh_cache_runs_its_cached_steps_and_later_runs_reuse_the
         "run": format!("test -e {} && exit 1; echo n=$(date +%s%N)-$$ >> $TASKMESH_OUTPUT", toggle.display())}]});
     let (_, kept) = submitted("/v1/runs".into(), json!({"workflow": flaky})).await;
     std::fs::write(&toggle, "").unwrap();
-    let res = tm.send_json(Method::POST, "/v1/runs", &json!({"workflow": flaky, "refresh_cache": true})).await;
-    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let id = tm.submit_json_as(&tm.key, json!({"workflow": flaky, "refresh_cache": true})).await;
     assert_eq!(tm.wait_run(id, Duration::from_secs(30)).await["status"], "failed");
     std::fs::remove_file(&toggle).unwrap();
     let (_, after) = submitted("/v1/runs".into(), json!({"workflow": flaky})).await;

@@ -86,6 +86,13 @@ impl TestMesh {
         body["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Submits a run with `body` as `POST /v1/runs`'s JSON, as the `key`'s tenant; its id.
+    pub async fn submit_json_as(&self, key: &str, body: Value) -> Uuid {
+        let res = self.http.post(format!("{}/v1/runs", self.api)).bearer_auth(key).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 202, "submit: {}", res.text().await.unwrap());
+        res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap()
+    }
+
     /// `method` `path` (under the API) with the tenant's key and `body` as JSON.
     pub async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> reqwest::Response {
         self.auth(self.http.request(method, format!("{}{path}", self.api))).json(body).send().await.unwrap()

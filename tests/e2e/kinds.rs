@@ -559,9 +559,7 @@ async fn an_llm_steps_cached_reply_spares_the_api_until_its_prompt_changes() {
         let body = json!({"workflow": workflow, "inputs": {"topic": topic}, "refresh_cache": refresh});
         let tm = &tm;
         async move {
-            let res = tm.send_json(reqwest::Method::POST, "/v1/runs", &body).await;
-            assert_eq!(res.status(), 202);
-            let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+            let id = tm.submit_json_as(&tm.key, body).await;
             let run = tm.wait_run(id, Duration::from_secs(30)).await;
             assert_eq!(run["status"], "succeeded", "{run:#}");
             let ask = step(&run, "ask");

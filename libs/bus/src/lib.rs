@@ -353,7 +353,6 @@ impl Bus {
             max_age: Duration::from_secs(taskmesh_events::workflow::CacheDef::MAX_TTL_SECS),
             max_bytes: self.settings.cache_max_bytes,
             discard: DiscardPolicy::Old,
-            allow_direct: true,
             ..bounded(self.ns.cache_stream(), self.ns.cache_all(), "Taskmesh kept step outcomes (cache:)")
         };
         // Circuit breakers' state as the dispatcher leader last wrote it, for the next leader:

@@ -127,13 +127,13 @@ impl Event {
     }
 
     /// For a run's end: the state its commit shows, and the run's status.
-    pub fn run_end(&self) -> Option<(crate::command::CommitState, &'static str)> {
+    pub fn run_end(&self) -> Option<(crate::command::CommitState, Status)> {
         use crate::command::CommitState;
         match self {
-            Event::RunSucceeded(_) => Some((CommitState::Success, "succeeded")),
-            Event::RunFailed(_) => Some((CommitState::Failure, "failed")),
-            Event::RunCancelled(_) => Some((CommitState::Cancelled, "cancelled")),
-            Event::RunTimedOut(_) => Some((CommitState::Failure, "timed_out")),
+            Event::RunSucceeded(_) => Some((CommitState::Success, Status::Succeeded)),
+            Event::RunFailed(_) => Some((CommitState::Failure, Status::Failed)),
+            Event::RunCancelled(_) => Some((CommitState::Cancelled, Status::Cancelled)),
+            Event::RunTimedOut(_) => Some((CommitState::Failure, Status::TimedOut)),
             _ => None,
         }
     }

@@ -656,7 +656,6 @@ pub const HTTP_DEFAULT_TIMEOUT_SECS: u64 = 60;
 pub const MAX_SLEEP_SECS: f64 = 7.0 * 86_400.0;
 
 impl StepDef {
-    /// What the step does, by the field that says it (`None` if not exactly one does).
     /// How long the step may run before it is killed: its `timeout_seconds`, else its kind's
     /// default (`http` 60 s, `llm` 600 s), else no limit.
     pub fn time_limit_secs(&self) -> Option<u64> {
@@ -667,6 +666,7 @@ impl StepDef {
         })
     }
 
+    /// What the step does, by the field that says it (`None` if not exactly one does).
     pub fn kind(&self) -> Option<&'static str> {
         let set = [
             (self.run.is_some(), "run"),

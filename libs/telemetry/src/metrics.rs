@@ -76,7 +76,10 @@ fn describe() {
         "Step attempts whose result was recorded, by outcome: succeeded, failed, timed_out, cancelled, cached"
     );
     describe_histogram!("taskmesh_step_duration_seconds", Unit::Seconds, "Time a step attempt ran here, by kind");
-    describe_counter!("taskmesh_step_cache_lookups_total", "cache: steps looked up, by result: hit or miss");
+    describe_counter!(
+        "taskmesh_step_cache_lookups_total",
+        "cache: steps looked up, by result: hit, miss, or refresh (not looked up: the kept outcome forgotten)"
+    );
     describe_counter!("taskmesh_dispatch_admitted_total", "Steps the dispatcher let through to the executors");
     describe_gauge!("taskmesh_dispatch_held_steps", "Steps the dispatcher holds back, after its last round");
     describe_gauge!("taskmesh_circuit_breakers_open", "Circuit breakers open (or half-open), after the last round");

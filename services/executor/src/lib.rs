@@ -754,12 +754,6 @@ impl Executor {
             from.attempt,
             from.finished_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         );
-        self.log_system(dispatch, attempt, line).await;
-    }
-
-    /// Writes one `system` line to the attempt's log, and waits (a few seconds at most) for it
-    /// to be published.
-    async fn log_system(&self, dispatch: &Dispatch, attempt: u32, line: String) {
         let (logs, publisher) = self.log_publisher(dispatch, attempt);
         let _ = logs.send((LogStream::System, line)).await;
         drop(logs);

@@ -74,12 +74,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
         .into_iter()
         .filter(|b| b.tenant == caller.tenant)
         .map(|b| BreakerView {
-            state: match b.open_until {
-                Some(until) if until > now => "open",
-                Some(_) => "probing",
-                None => "closed",
-            }
-            .into(),
+            state: state_at(b.open_until, now).into(),
             key: b.key,
             failures: b.failures,
             last_failure_at: b.failed_at,
@@ -90,4 +85,26 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
         .collect();
     items.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(Json(BreakerList { items }))
+}
+
+/// A kept breaker's state at `now`, by when it is open until.
+fn state_at(open_until: Option<DateTime<Utc>>, now: DateTime<Utc>) -> &'static str {
+    match open_until {
+        Some(until) if until > now => "open",
+        Some(_) => "probing",
+        None => "closed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_breaker_is_open_until_its_cooldown_ends_then_probing() {
+        let now = Utc::now();
+        assert_eq!(state_at(Some(now + chrono::Duration::seconds(1)), now), "open");
+        assert_eq!(state_at(Some(now), now), "probing");
+        assert_eq!(state_at(None, now), "closed");
+    }
 }

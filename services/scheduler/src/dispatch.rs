@@ -170,24 +170,25 @@ impl Breaker {
     /// took a cached outcome, could not start, or was cancelled). Closed, a success clears the
     /// count and a failure adds to it, opening the breaker at `threshold`; open, only the probe
     /// counts: its success closes the breaker, its failure opens it again, and no verdict lets
-    /// another probe go.
-    fn record(&mut self, step: &(Uuid, String), verdict: Option<bool>, now: Instant) {
+    /// another probe go. Whether what a next leader would read of it changed (the probe is not
+    /// kept).
+    fn record(&mut self, step: &(Uuid, String), verdict: Option<bool>, now: Instant) -> bool {
         if self.open_until.is_none() {
             match verdict {
-                Some(true) => self.failures = 0,
+                Some(true) => return std::mem::take(&mut self.failures) > 0,
                 Some(false) => {
                     self.failures = self.failures.saturating_add(1);
                     self.failed_at = Some(now);
                     if self.failures >= self.threshold {
                         self.open_until = Some(now + self.cooldown);
                     }
+                    return true;
                 }
-                None => {}
+                None => return false,
             }
-            return;
         }
         if self.probe.as_ref().is_none_or(|(probe, _)| probe != step) {
-            return;
+            return false;
         }
         self.probe = None;
         match verdict {
@@ -197,8 +198,9 @@ impl Breaker {
                 self.failed_at = Some(now);
                 self.open_until = Some(now + self.cooldown);
             }
-            None => {}
+            None => return false,
         }
+        true
     }
 
     /// Its state for the next leader, its instants as wall-clock times (`wall` being `now`).
@@ -222,11 +224,7 @@ impl Breaker {
     /// at most its cooldown longer, whatever the record says; no probe out (one goes once the
     /// cooldown has passed).
     fn from_kept(k: &BreakerState, now: Instant, wall: DateTime<Utc>) -> Option<Self> {
-        let bounded = CircuitBreakerDef::FAILURES.contains(&k.threshold)
-            && CircuitBreakerDef::COOLDOWN_SECS.contains(&k.cooldown_seconds)
-            && taskmesh_events::subjects::is_token(&k.tenant)
-            && taskmesh_events::subjects::is_token(&k.key);
-        if !bounded {
+        if !in_bounds(&k.tenant, &k.key, k.threshold, k.cooldown_seconds) {
             return None;
         }
         let cooldown = Duration::from_secs(k.cooldown_seconds);
@@ -565,7 +563,6 @@ impl Dispatcher {
                             let Some(Some(msg)) = futures::FutureExt::now_or_never(breaker_signals.next()) else { break };
                             breaker_signal(&mut held, &msg.payload, now);
                         }
-                        keep_changed_breakers(&mut held, &keep_tx, now);
                     }
                     _ = tokio::time::sleep(wait) => {}
                 }
@@ -578,6 +575,8 @@ impl Dispatcher {
                     tracing::warn!(error = %e, "admission round failed; retrying");
                     tokio::time::sleep(TICK).await;
                 }
+                // What signals changed, and breakers the round forgot, go to the keeper.
+                keep_changed_breakers(&mut held, &keep_tx, Instant::now());
                 if removing.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
                     removing = self.remove_done(&mut held);
                 }
@@ -1109,11 +1108,7 @@ type Outgoing = (String, (Reverse<i32>, u64), String, HeldStep);
 /// nothing, and a tenant remembering [`MAX_BREAKERS`] adds no more.
 fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     let Ok(b) = serde_json::from_slice::<BreakerSignal>(payload) else { return };
-    let valid = taskmesh_events::subjects::is_token(&b.tenant)
-        && taskmesh_events::subjects::is_token(&b.key)
-        && CircuitBreakerDef::FAILURES.contains(&b.failures)
-        && CircuitBreakerDef::COOLDOWN_SECS.contains(&b.cooldown_seconds);
-    if !valid {
+    if !in_bounds(&b.tenant, &b.key, b.failures, b.cooldown_seconds) {
         tracing::warn!(tenant = %b.tenant, key = %b.key, "a circuit breaker signal out of bounds; dropped");
         return;
     }
@@ -1126,23 +1121,48 @@ fn breaker_signal(held: &mut Held, payload: &[u8], now: Instant) {
     let step = (b.run_id, b.step);
     if let Some(breaker) = held.breakers.get_mut(&b.tenant).and_then(|t| t.get_mut(&b.key)) {
         // One with nothing left to remember goes at the round that follows every signal.
-        breaker.record(&step, b.succeeded, now);
-        held.breakers_changed.push((b.tenant, b.key));
+        if breaker.record(&step, b.succeeded, now) {
+            held.breakers_changed.push((b.tenant, b.key));
+        }
         return;
     }
     // Only a failure starts a breaker's memory.
-    if b.succeeded != Some(false)
-        || (!held.breakers.contains_key(&b.tenant) && held.breakers.len() >= MAX_BREAKER_TENANTS)
-    {
+    if b.succeeded != Some(false) {
         return;
     }
-    let tenant = held.breakers.entry(b.tenant.clone()).or_default();
-    if tenant.len() < MAX_BREAKERS {
-        let mut breaker = Breaker::new(b.failures, b.cooldown_seconds);
-        breaker.record(&step, b.succeeded, now);
-        tenant.insert(b.key.clone(), breaker);
+    let mut breaker = Breaker::new(b.failures, b.cooldown_seconds);
+    breaker.record(&step, b.succeeded, now);
+    if insert_capped(&mut held.breakers, &b.tenant, &b.key, breaker) {
         held.breakers_changed.push((b.tenant, b.key));
     }
+}
+
+/// Whether a breaker's tenant and key are tokens and its limits within a step's bounds (a
+/// signal or a kept state may come from anyone on the bus).
+fn in_bounds(tenant: &str, key: &str, threshold: u32, cooldown_seconds: u64) -> bool {
+    taskmesh_events::subjects::is_token(tenant)
+        && taskmesh_events::subjects::is_token(key)
+        && CircuitBreakerDef::FAILURES.contains(&threshold)
+        && CircuitBreakerDef::COOLDOWN_SECS.contains(&cooldown_seconds)
+}
+
+/// Remembers `breaker` unless that would pass [`MAX_BREAKER_TENANTS`] tenants or
+/// [`MAX_BREAKERS`] of the tenant's; whether it did.
+fn insert_capped(
+    breakers: &mut HashMap<String, HashMap<String, Breaker>>,
+    tenant: &str,
+    key: &str,
+    breaker: Breaker,
+) -> bool {
+    if !breakers.contains_key(tenant) && breakers.len() >= MAX_BREAKER_TENANTS {
+        return false;
+    }
+    let keyed = breakers.entry(tenant.to_string()).or_default();
+    if keyed.len() >= MAX_BREAKERS && !keyed.contains_key(key) {
+        return false;
+    }
+    keyed.insert(key.to_string(), breaker);
+    true
 }
 
 /// What the keeper of breakers' states is to do with one.
@@ -1210,13 +1230,8 @@ async fn kept_breakers(bus: &Bus) -> HashMap<String, HashMap<String, Breaker>> {
     let (now, wall) = (Instant::now(), Utc::now());
     let mut breakers: HashMap<String, HashMap<String, Breaker>> = HashMap::new();
     for k in kept {
-        let Some(breaker) = Breaker::from_kept(&k, now, wall).filter(|b| !b.is_idle(now)) else { continue };
-        if !breakers.contains_key(&k.tenant) && breakers.len() >= MAX_BREAKER_TENANTS {
-            continue;
-        }
-        let tenant = breakers.entry(k.tenant).or_default();
-        if tenant.len() < MAX_BREAKERS {
-            tenant.insert(k.key, breaker);
+        if let Some(breaker) = Breaker::from_kept(&k, now, wall).filter(|b| !b.is_idle(now)) {
+            insert_capped(&mut breakers, &k.tenant, &k.key, breaker);
         }
     }
     breakers
@@ -1230,12 +1245,20 @@ fn set_gauges(held: &Held, now: Instant) {
     metrics::gauge!("taskmesh_circuit_breakers_open").set(open as f64);
 }
 
-/// Forgets breakers with nothing to remember (see [`Breaker::is_idle`]).
+/// Forgets breakers with nothing to remember (see [`Breaker::is_idle`]), noting each as
+/// changed, so its kept state goes too.
 fn forget_idle_breakers(held: &mut Held, now: Instant) {
-    for breakers in held.breakers.values_mut() {
-        breakers.retain(|_, b| !b.is_idle(now));
+    let Held { breakers, breakers_changed, .. } = held;
+    for (tenant, keyed) in breakers.iter_mut() {
+        keyed.retain(|key, b| {
+            let idle = b.is_idle(now);
+            if idle {
+                breakers_changed.push((tenant.clone(), key.clone()));
+            }
+            !idle
+        });
     }
-    held.breakers.retain(|_, b| !b.is_empty());
+    breakers.retain(|_, b| !b.is_empty());
 }
 
 /// Puts steps a round had chosen but not sent back among the held ones (their READY entries
@@ -1347,13 +1370,13 @@ mod tests {
         b.record(&step(1), Some(false), t0);
         b.record(&step(2), Some(true), t0);
         b.record(&step(3), Some(false), t0);
-        b.record(&step(4), None, t0);
+        assert!(!b.record(&step(4), None, t0), "no verdict changes nothing to keep");
         assert!(b.gate(t0) == Gate::Closed, "a success in between starts the count again; no verdict counts nothing");
         b.record(&step(5), Some(false), t0);
         assert!(b.gate(t0) == Gate::Open && b.gate(t0 + secs(9)) == Gate::Open);
         // Attempts that went before it opened are not heard while it is open.
-        b.record(&step(6), Some(true), t0 + secs(1));
-        b.record(&step(7), Some(false), t0 + secs(1));
+        assert!(!b.record(&step(6), Some(true), t0 + secs(1)), "nor does an attempt other than the probe");
+        assert!(!b.record(&step(7), Some(false), t0 + secs(1)));
         assert!(b.gate(t0 + secs(9)) == Gate::Open, "a late success does not close it");
         assert!(b.gate(t0 + secs(10)) == Gate::Probe, "nor does a late failure push the cooldown back");
         b.probing(step(8), t0 + secs(10) + PROBE_WAIT);
@@ -1435,6 +1458,13 @@ mod tests {
             breaker_signal(&mut held, &serde_json::to_vec(&failed).unwrap(), now);
         }
         assert_eq!(held.breakers["many"].len(), MAX_BREAKERS);
+        // Forgotten a day after its cooldown, a breaker is noted as changed, so its kept
+        // state is purged too.
+        held.breakers_changed.clear();
+        held.breakers.remove("many");
+        forget_idle_breakers(&mut held, now + Duration::from_secs(30) + FORGET_AFTER + Duration::from_secs(1));
+        assert!(held.breakers.is_empty());
+        assert_eq!(held.breakers_changed, [("t".to_string(), "k".to_string())]);
     }
 
     #[test]

@@ -412,11 +412,12 @@ impl Scheduler {
                 let msg_id = format!("ended:{}", env.id);
                 let announce =
                     self.bus.enqueue(self.bus.namespace().ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
-                let (end, status) = env.event.run_end().unwrap_or((CommitState::Failure, "failed"));
+                let (end, status) =
+                    env.event.run_end().unwrap_or((CommitState::Failure, taskmesh_events::Status::Failed));
                 tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
                 self.report_status(key, &state.trigger, &state.workflow.name, end, env).await?;
                 // Counted once its end was handled (a redelivery after a crash counts again).
-                metrics::counter!("taskmesh_runs_finished_total", "status" => status).increment(1);
+                metrics::counter!("taskmesh_runs_finished_total", "status" => status.as_str()).increment(1);
             }
             // Admitted after it ended (it was cancelled while the dispatcher admitted it): the
             // places it was given are left again, or nobody would ever free them.
