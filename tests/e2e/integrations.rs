@@ -13,7 +13,11 @@ const PUSH: &[u8] = include_bytes!("../fixtures/webhooks/github/push.json");
 const SECRET: &str = "a-shared-webhook-secret";
 
 fn github_signature(body: &[u8]) -> String {
-    format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes())))
+    github_signature_with(body, SECRET)
+}
+
+fn github_signature_with(body: &[u8], secret: &str) -> String {
+    format!("sha256={}", hex::encode(hmac_sha256::HMAC::mac(body, secret.as_bytes())))
 }
 
 /// A signed GitHub push delivery of `body` to `hook`.
@@ -623,6 +627,147 @@ async fn tag_and_path_filters_choose_which_pushes_start_runs() {
     let req = tm.http.post(gitlab).header("content-type", "application/json").header("x-gitlab-event", "Push Hook");
     let res = req.header("x-gitlab-token", SECRET).body(GITLAB_PUSH).send().await.unwrap();
     assert_eq!(res.json::<serde_json::Value>().await.unwrap()["outcome"], "started");
+    tm.finish().await;
+}
+
+/// A connection changed in place keeps its webhook path: the new secret is the one checked,
+/// the new token the one sent, the new filters the ones applied. What a new connection could
+/// not have is refused, a change that changes nothing appends nothing, and a deleted
+/// connection cannot be changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_changed_in_place_keeps_its_webhook_path() {
+    let tm = spawn_mesh().await;
+    let (api, calls) = forge_api().await;
+    let hook = connect(
+        &tm,
+        "github",
+        "binkkatal/sample_app",
+        serde_json::json!({"status_token": "old-token", "api_url": api}),
+    )
+    .await;
+    let id = hook.rsplit('/').next().unwrap().to_string();
+    let path = format!("/v1/repo-connections/{id}");
+    let patch = |body: serde_json::Value| {
+        let req =
+            tm.auth(tm.http.patch(format!("{}{path}", tm.api))).header("content-type", "application/merge-patch+json");
+        async move { req.body(body.to_string()).send().await.unwrap() }
+    };
+    let push = |secret: &str, branch: &str, delivery: &str| {
+        let body = String::from_utf8_lossy(PUSH).replace("refs/heads/master", &format!("refs/heads/{branch}"));
+        let req = tm
+            .http
+            .post(&hook)
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", github_signature_with(body.as_bytes(), secret))
+            .body(body);
+        async move { req.send().await.unwrap() }
+    };
+    const NEW_SECRET: &str = "the-webhook-secret-rotated";
+
+    // A new secret and a new token, at once.
+    let res = patch(serde_json::json!({"secret": NEW_SECRET, "status_token": "new-token"})).await;
+    assert_eq!(res.status(), 200);
+    let changed: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(changed["id"], id.as_str());
+    tm.wait_projected().await;
+    assert_eq!(push(SECRET, "master", "c-1").await.status(), 401, "the old secret is refused");
+    let started: serde_json::Value = push(NEW_SECRET, "master", "c-1").await.json().await.unwrap();
+    check_started(&tm, &started, "github", "binkkatal/sample_app", "fd489864e7642b48eaad6e3f155c10e46810ec72").await;
+    eventually("the run's statuses", Duration::from_secs(20), || async {
+        Ok((calls.lock().unwrap().len() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    for (line, headers, _) in calls.lock().unwrap().iter() {
+        assert_eq!(headers["authorization"], "Bearer new-token", "{line}");
+    }
+
+    // New filters: master no longer starts runs.
+    assert_eq!(patch(serde_json::json!({"branches": ["release/*"]})).await.status(), 200);
+    tm.wait_projected().await;
+    let ignored: serde_json::Value = push(NEW_SECRET, "master", "c-2").await.json().await.unwrap();
+    assert_eq!(ignored["outcome"], "ignored", "{ignored}");
+    let started: serde_json::Value = push(NEW_SECRET, "release/1.0", "c-3").await.json().await.unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
+    tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+
+    // What a new connection could not have is refused, and so is a field the API does not
+    // know (the forge, say) or a token sent to a new server unseen.
+    let before = tm.event_count().await;
+    for (body, field) in [
+        (serde_json::json!({"repository": "o/.."}), "repository"),
+        (serde_json::json!({"secret": "short"}), "secret"),
+        (serde_json::json!({"status_token": ""}), "status_token"),
+        (serde_json::json!({"api_url": "https://u:p@example.com"}), "api_url"),
+        (serde_json::json!({"api_url": "http://127.0.0.1:9"}), "status_token"),
+        (serde_json::json!({"pipeline_file": ".taskmesh.yml", "status_token": null}), "pipeline_file"),
+        (serde_json::json!({"pipeline_file": "../x.yml"}), "pipeline_file"),
+        (serde_json::json!({"workflow": {"name": "ci", "steps": []}, "pipeline_file": "ci.yml"}), "workflow"),
+        (serde_json::json!({"tags": [""]}), "tags"),
+    ] {
+        let res = patch(body.clone()).await;
+        assert_eq!(res.status(), 400, "{body}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert!(problem["detail"].as_str().unwrap().starts_with(field), "{body}: {problem}");
+    }
+    let res = patch(serde_json::json!({"forge": "gitlab"})).await;
+    assert_eq!(res.status(), 400, "an unknown field");
+    let res =
+        patch(serde_json::json!({"workflow": {"name": "ci", "steps": [{"id": "a", "needs": ["b"], "run": "true"}]}}))
+            .await;
+    assert_eq!(res.status(), 422, "a workflow that is not valid");
+    // A change that changes nothing appends nothing, and answers the last event's seq.
+    let res = patch(serde_json::json!({"branches": ["release/*"]})).await;
+    assert_eq!(res.status(), 200);
+    let same: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(tm.event_count().await, before, "refusals and a change to nothing append nothing");
+    assert!(same["seq"].as_u64().unwrap() > changed["seq"].as_u64().unwrap());
+
+    // Without its token the connection reports nothing more, and a new server is taken
+    // with no token to send there; the list shows both.
+    let res = patch(serde_json::json!({"status_token": null, "api_url": "https://forge.example/api"})).await;
+    assert_eq!(res.status(), 200);
+    let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    let listed = tm.get_json_after(format!("{}/v1/repo-connections", tm.api), seq).await;
+    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == id.as_str()).unwrap().clone();
+    assert_eq!(mine["reports_status"], false, "{mine}");
+    assert_eq!(mine["api_url"], "https://forge.example/api", "{mine}");
+    assert_eq!(mine["branches"], serde_json::json!(["release/*"]), "{mine}");
+    assert_eq!(mine["webhook_path"], format!("/hooks/github/{id}"), "{mine}");
+    eventually("the second run's statuses", Duration::from_secs(20), || async {
+        Ok((calls.lock().unwrap().len() >= 4).then_some(()))
+    })
+    .await
+    .unwrap();
+    let sent = calls.lock().unwrap().len();
+    let started: serde_json::Value = push(NEW_SECRET, "release/1.0", "c-4").await.json().await.unwrap();
+    tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(calls.lock().unwrap().len(), sent, "no status without a token");
+
+    // The new secret and token are stored sealed, as the first ones were.
+    for plain in [NEW_SECRET, "new-token"] {
+        assert!(!tm.postgres_text().await.contains(plain));
+        assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(plain));
+    }
+
+    // Another connection's id, or a deleted one, is a 404.
+    let unknown = tm
+        .send_json(
+            reqwest::Method::PATCH,
+            &format!("/v1/repo-connections/{}", uuid::Uuid::now_v7()),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(tm.auth(tm.http.delete(format!("{}{path}", tm.api))).send().await.unwrap().status(), 204);
+    let res = patch(serde_json::json!({"branches": []})).await;
+    assert_eq!(res.status(), 404);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["type"], "https://taskmesh.dev/problems/not-found");
     tm.finish().await;
 }
 

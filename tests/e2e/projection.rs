@@ -120,6 +120,15 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     let res =
         tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, endpoints[2]))).send().await.unwrap();
     assert_eq!(res.status(), 204);
+    // A repository connection, changed now and again while the projector is down.
+    let repo = serde_json::json!({"forge": "github", "repository": "o/r", "secret": "12345678", "status_token": "t",
+        "workflow": {"name": "ci", "steps": [{"id": "a", "uses": "noop"}]}});
+    let res = tm.send_json(reqwest::Method::POST, "/v1/repo-connections", &repo).await;
+    assert_eq!(res.status(), 201);
+    let connection =
+        format!("/v1/repo-connections/{}", res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap());
+    let changed = serde_json::json!({"branches": ["main"], "status_token": null});
+    assert_eq!(tm.send_json(reqwest::Method::PATCH, &connection, &changed).await.status(), 200);
     tm.wait_projected().await;
 
     // Projector down: runs still execute, their events pile up in the log.
@@ -137,6 +146,8 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.mesh = Some(rest);
     tm.api = format!("http://{}", tm.mesh.as_ref().unwrap().gateway.unwrap());
     delete_schedule(&tm, &gone_later).await;
+    let res = tm.send_json(reqwest::Method::PATCH, &connection, &serde_json::json!({"repository": "o/renamed"})).await;
+    assert_eq!(res.status(), 200);
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(tm.submit(&format!("name: during\nsteps:\n  - {{id: a, run: 'echo {i}'}}\n  - {{id: b, needs: [a], run: 'exit 1'}}\n  - {{id: c, needs: [b], run: 'true'}}\n")).await);
@@ -167,6 +178,11 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     assert_eq!(live.iter().filter(|r| r.starts_with("schedules:")).count(), 1, "deleted schedules are gone");
     let hooks: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_endpoints:")).collect();
     assert_eq!(hooks.len(), 2, "{hooks:?}");
+    let repos: Vec<&String> = live.iter().filter(|r| r.starts_with("repo_connections:")).collect();
+    assert_eq!(repos.len(), 1, "{repos:?}");
+    for changed in [r#""repository":"o/renamed""#, r#""branches":["main"]"#, r#""status_token":null"#] {
+        assert!(repos[0].contains(changed), "{changed}: {repos:?}");
+    }
     assert!(hooks.iter().any(|r| r.contains(r#""format":"slack""#)), "{hooks:?}");
     let failed: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_delivery_failures:")).collect();
     assert_eq!(failed.len(), 2, "one row a delivery, none of the deleted endpoint: {failed:?}");

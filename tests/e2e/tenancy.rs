@@ -116,6 +116,7 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/enable"), None),
         (Method::POST, format!("/v1/webhook-endpoints/{endpoint}/failed-deliveries/retry"), None),
         (Method::DELETE, format!("/v1/webhook-endpoints/{endpoint}"), None),
+        (Method::PATCH, format!("/v1/repo-connections/{connection}"), Some(json!({"branches": ["x"]}))),
         (Method::DELETE, format!("/v1/repo-connections/{connection}"), None),
     ];
     for (method, path, body) in not_found {
@@ -293,6 +294,13 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             format!("/v1/webhook-endpoints/{endpoint}"),
             None,
             [403, 403, 204],
+        ),
+        case(
+            Method::PATCH,
+            "/v1/repo-connections/{id}",
+            format!("/v1/repo-connections/{connection}"),
+            Some(json!({"branches": ["main"]})),
+            [403, 403, 200],
         ),
         case(
             Method::DELETE,

@@ -58,6 +58,7 @@ pub enum Event {
     WebhookEndpointRecovered(WebhookEndpointRecovered),
     CommitStatusFailed(CommitStatusFailed),
     CommitStatusRecovered(CommitStatusRecovered),
+    RepoConnectionUpdated(RepoConnectionUpdated),
 }
 
 impl Event {
@@ -65,6 +66,15 @@ impl Event {
     /// nothing follows it there.
     pub fn is_deletion(&self) -> bool {
         matches!(self, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_))
+    }
+
+    /// A repository connection's settings as this event leaves them (its creation, or a
+    /// change of them); none for any other event.
+    pub fn repo_connection(&self) -> Option<&RepoConnectionCreated> {
+        match self {
+            Event::RepoConnectionCreated(c) | Event::RepoConnectionUpdated(RepoConnectionUpdated(c)) => Some(c),
+            _ => None,
+        }
     }
 
     pub fn type_name(&self) -> &'static str {
@@ -113,6 +123,7 @@ impl Event {
             Event::WebhookEndpointRecovered(_) => "WebhookEndpointRecovered",
             Event::CommitStatusFailed(_) => "CommitStatusFailed",
             Event::CommitStatusRecovered(_) => "CommitStatusRecovered",
+            Event::RepoConnectionUpdated(_) => "RepoConnectionUpdated",
         }
     }
 
@@ -945,6 +956,13 @@ pub struct RepoConnectionCreated {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
 }
+
+/// A repository connection's settings were changed (its webhook secret, token, filters,
+/// workflow or repository): the event holds all of them as they now are, its id and forge
+/// unchanged, so the connection's last event is always the whole of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct RepoConnectionUpdated(pub RepoConnectionCreated);
 
 /// A subscriber registered an endpoint for outbound webhooks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

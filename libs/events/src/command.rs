@@ -285,6 +285,48 @@ pub struct CreateRepoConnection {
     pub api_url: Option<String>,
 }
 
+/// `{ns}.cmd.ingest.update_repo_connection`: change a connection's settings. A field left
+/// out keeps its value; `null` (for `status_token` and `api_url`) removes it. Giving
+/// `workflow` drops a `pipeline_file`, and the other way round. The outcome is checked as a
+/// new connection is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct UpdateRepoConnection {
+    pub tenant: String,
+    pub connection_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// A new webhook secret, sealed by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<taskmesh_secrets::Sealed>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branches: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_file: Option<String>,
+    /// A new token sealed by the gateway; `null`: the connection keeps none.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub status_token: Option<Option<taskmesh_secrets::Sealed>>,
+    /// A new API base URL; `null`: the forge's public one.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub api_url: Option<Option<String>>,
+}
+
+/// For a field that may be left out, given, or given as `null` (`Option<Option<T>>` with
+/// `#[serde(default, deserialize_with = "present")]`): a field that is there, `null` included,
+/// is `Some`.
+pub fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 /// A run's state as a forge shows it on a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

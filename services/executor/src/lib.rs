@@ -386,7 +386,8 @@ impl Executor {
     }
 
     /// For a `checkout` step, where its commit comes from: the repository connection's latest
-    /// event must be its creation, and its token (opened) goes along where it may.
+    /// event must be its creation or a change (not its deletion), and its token (opened, as it
+    /// is now) goes along where it may.
     async fn open_checkout(&self, dispatch: &Dispatch) -> Result<Option<checkout::Source>, String> {
         let Some(c) = &dispatch.checkout else {
             return match dispatch.step.checkout.enabled {
@@ -396,7 +397,7 @@ impl Executor {
         };
         let subject = self.bus.namespace().repo_connection(&dispatch.tenant, c.connection_id);
         let last = self.bus.last(&subject).await.map_err(|e| format!("reading the repository connection: {e}"))?;
-        let Some(taskmesh_events::Event::RepoConnectionCreated(conn)) = last.map(|s| s.envelope.event) else {
+        let Some(conn) = last.as_ref().and_then(|s| s.envelope.event.repo_connection()) else {
             return Err(format!("checkout: the repository connection {} was deleted", c.connection_id));
         };
         let token = match &conn.status_token {

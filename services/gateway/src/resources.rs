@@ -10,9 +10,12 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use taskmesh_events::command::{CreateRepoConnection, CreateWebhookEndpoint, DeleteIntegration, IntegrationKind};
+use taskmesh_events::command::{
+    CreateRepoConnection, CreateWebhookEndpoint, DeleteIntegration, IntegrationKind, UpdateRepoConnection, present,
+};
 use taskmesh_events::{ErrorCode, Forge};
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::Caller;
@@ -30,7 +33,7 @@ fn keyring(state: &AppState) -> Result<&taskmesh_secrets::Keyring, ApiError> {
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/repo-connections", get(list_repo_connections).post(create_repo_connection))
-        .route("/v1/repo-connections/{id}", delete(delete_repo_connection))
+        .route("/v1/repo-connections/{id}", delete(delete_repo_connection).patch(update_repo_connection))
         .route("/v1/webhook-endpoints", get(list_webhook_endpoints).post(create_webhook_endpoint))
         .route("/v1/webhook-endpoints/{id}", delete(delete_webhook_endpoint))
 }
@@ -299,16 +302,9 @@ pub async fn create_repo_connection(
     caller.require_admin()?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let req: RepoConnectionRequest = body::json(&bytes)?;
-    if req.secret.len() < 8 || req.secret.len() > 256 {
-        return Err(ApiError::new(ErrorCode::BadRequest, "secret: must be 8 to 256 characters"));
-    }
-    if req.status_token.as_ref().is_some_and(|t| t.is_empty() || t.len() > 1024) {
-        return Err(ApiError::new(ErrorCode::BadRequest, "status_token: must be 1 to 1024 characters"));
-    }
     let keyring = keyring(&state)?;
-    let secret = keyring.seal(&taskmesh_secrets::repo_secret_aad(&caller.tenant), req.secret.as_bytes());
-    let token_aad = taskmesh_secrets::repo_status_token_aad(&caller.tenant);
-    let status_token = req.status_token.map(|t| keyring.seal(&token_aad, t.as_bytes()));
+    let secret = seal_secret(keyring, &caller, &req.secret)?;
+    let status_token = req.status_token.as_deref().map(|t| seal_token(keyring, &caller, t)).transpose()?;
     let req_forge = req.forge;
     let created = state
         .ingest
@@ -328,6 +324,120 @@ pub async fn create_repo_connection(
         .await?;
     let webhook_path = format!("/hooks/{}/{}", req_forge.as_str(), created.id);
     Ok((StatusCode::CREATED, Json(RepoConnectionCreatedResponse { id: created.id, webhook_path, seq: created.seq })))
+}
+
+/// A connection's webhook secret (8 to 256 characters), sealed.
+fn seal_secret(
+    keyring: &taskmesh_secrets::Keyring,
+    caller: &Caller,
+    secret: &str,
+) -> Result<taskmesh_secrets::Sealed, ApiError> {
+    if secret.len() < 8 || secret.len() > 256 {
+        return Err(ApiError::new(ErrorCode::BadRequest, "secret: must be 8 to 256 characters"));
+    }
+    Ok(keyring.seal(&taskmesh_secrets::repo_secret_aad(&caller.tenant), secret.as_bytes()))
+}
+
+/// A connection's status token (1 to 1024 characters), sealed.
+fn seal_token(
+    keyring: &taskmesh_secrets::Keyring,
+    caller: &Caller,
+    token: &str,
+) -> Result<taskmesh_secrets::Sealed, ApiError> {
+    if token.is_empty() || token.len() > 1024 {
+        return Err(ApiError::new(ErrorCode::BadRequest, "status_token: must be 1 to 1024 characters"));
+    }
+    Ok(keyring.seal(&taskmesh_secrets::repo_status_token_aad(&caller.tenant), token.as_bytes()))
+}
+
+/// Changes to a repository connection (a JSON merge patch, RFC 7396): each field given
+/// replaces the connection's; one left out keeps it. Its id, forge and webhook path stay.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConnectionPatch {
+    /// `owner/name` (after the repository was renamed or moved, say).
+    pub repository: Option<String>,
+    /// A new webhook secret (8 to 256 characters): deliveries signed with the old one are
+    /// refused from then on, so set it on the forge at the same time.
+    pub secret: Option<String>,
+    pub branches: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    /// A workflow to run instead (the connection then reads no `pipeline_file`).
+    #[schema(value_type = Option<Object>)]
+    pub workflow: Option<serde_json::Value>,
+    /// A pipeline file to read instead (the connection then has no `workflow` of its own).
+    pub pipeline_file: Option<String>,
+    /// A new token (say, before the old one expires); `null` removes it, and with it commit
+    /// statuses. A new `api_url` needs the token given again.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub status_token: Option<Option<String>>,
+    /// A new API base URL; `null`: the forge's public one (GitHub's).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub api_url: Option<Option<String>>,
+}
+
+/// A changed repository connection.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RepoConnectionUpdatedResponse {
+    pub id: Uuid,
+    /// The sequence of the `RepoConnectionUpdated` event (for `Taskmesh-Min-Seq`); the last
+    /// event's when the patch changed nothing.
+    pub seq: u64,
+}
+
+/// Change a repository connection (admin): rotate its webhook secret or status token, change
+/// its filters, its workflow or pipeline file, or its repository, keeping its webhook path.
+#[utoipa::path(patch, operation_id = "update_repo_connection", path = "/v1/repo-connections/{id}", tag = "integrations",
+    params(("id" = Uuid, Path)),
+    request_body(content = RepoConnectionPatch, content_type = "application/merge-patch+json"),
+    responses(
+        (status = 200, body = RepoConnectionUpdatedResponse),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn update_repo_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RepoConnectionUpdatedResponse>> {
+    caller.require_admin()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("repository connection"))?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let patch: RepoConnectionPatch = body::json(&bytes)?;
+    let keyring = keyring(&state)?;
+    let secret = patch.secret.as_deref().map(|s| seal_secret(keyring, &caller, s)).transpose()?;
+    let status_token = match patch.status_token {
+        Some(Some(t)) => Some(Some(seal_token(keyring, &caller, &t)?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let updated = state
+        .ingest
+        .update_repo_connection(&UpdateRepoConnection {
+            tenant: caller.tenant,
+            connection_id: id,
+            repository: patch.repository,
+            secret,
+            branches: patch.branches,
+            tags: patch.tags,
+            paths: patch.paths,
+            workflow: patch.workflow,
+            pipeline_file: patch.pipeline_file,
+            status_token,
+            api_url: patch.api_url,
+        })
+        .await?;
+    Ok(Json(RepoConnectionUpdatedResponse { id, seq: updated.seq }))
 }
 
 /// Subscribe an endpoint to run notifications.

@@ -21,10 +21,10 @@ use taskmesh_events::command::*;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
-    Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, ReusedStep, RunCancelRequested,
-    RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted, SecretSet, TenantCreated,
-    Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted, WebhookEndpointEnabled,
-    WorkflowVersionStored, subjects::is_token,
+    Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, RepoConnectionUpdated, ReusedStep,
+    RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted,
+    SecretSet, TenantCreated, Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted,
+    WebhookEndpointEnabled, WorkflowVersionStored, subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,45 @@ fn invalid(field: &str, message: impl Into<String>) -> Problem {
     let message = message.into();
     Problem::new(ErrorCode::BadRequest, format!("{field}: {message}"))
         .with_errors(vec![taskmesh_events::FieldError { field: field.into(), message }])
+}
+
+/// A repository connection's settings `was`, with the changes `cmd` asks for (`workflow`, its
+/// workflow parsed).
+fn changed(
+    was: &RepoConnectionCreated,
+    cmd: &UpdateRepoConnection,
+    workflow: &Option<WorkflowDef>,
+) -> RepoConnectionCreated {
+    let mut now = was.clone();
+    let set = |field: &mut Vec<String>, to: &Option<Vec<String>>| {
+        if let Some(to) = to {
+            field.clone_from(to);
+        }
+    };
+    set(&mut now.branches, &cmd.branches);
+    set(&mut now.tags, &cmd.tags);
+    set(&mut now.paths, &cmd.paths);
+    if let Some(repository) = &cmd.repository {
+        now.repository.clone_from(repository);
+    }
+    if let Some(secret) = &cmd.secret {
+        now.secret = secret.clone();
+    }
+    if let Some(w) = workflow {
+        now.workflow = Some(w.clone());
+        now.pipeline_file = None;
+    }
+    if let Some(path) = &cmd.pipeline_file {
+        now.pipeline_file = Some(path.clone());
+        now.workflow = None;
+    }
+    if let Some(token) = &cmd.status_token {
+        now.status_token = token.clone();
+    }
+    if let Some(api) = &cmd.api_url {
+        now.api_url = api.clone();
+    }
+    now
 }
 
 /// Refuses a workflow with `checkout` steps for a run that has no pushed commit.
@@ -318,12 +357,12 @@ impl Ingest {
             return Err(Problem::new(ErrorCode::Conflict, "the run was not started by a forge push: it has no commit"));
         };
         let connection = self.bus.last(&ns.repo_connection(&cmd.tenant, status.connection_id)).await?;
-        match connection.map(|c| c.envelope.event) {
-            Some(Event::RepoConnectionCreated(c)) if c.status_token.is_some() => {}
-            Some(Event::RepoConnectionCreated(_)) => {
+        match connection.as_ref().and_then(|c| c.envelope.event.repo_connection()) {
+            Some(c) if c.status_token.is_some() => {}
+            Some(_) => {
                 return Err(Problem::new(ErrorCode::Conflict, "the run's repository connection has no status_token"));
             }
-            _ => return Err(Problem::new(ErrorCode::Conflict, "the run's repository connection was deleted")),
+            None => return Err(Problem::new(ErrorCode::Conflict, "the run's repository connection was deleted")),
         }
         // (A cancellation asked for after the end may follow it in the log.)
         let end = events.iter().rev().find_map(|e| e.envelope.event.run_end());
@@ -677,29 +716,98 @@ impl Ingest {
         check_tenant(&cmd.tenant)?;
         let workflow = match (cmd.workflow, &cmd.pipeline_file) {
             (Some(w), None) => Some(WorkflowDef::from_value(w)?),
-            (None, Some(path)) => {
-                check_pipeline_file(path)?;
-                if cmd.status_token.is_none() {
-                    return Err(invalid("pipeline_file", "is read with the connection's status_token: give one"));
-                }
-                None
-            }
+            (None, Some(_)) => None,
             (Some(_), Some(_)) => return Err(invalid("workflow", "give a workflow or a pipeline_file, not both")),
             (None, None) => return Err(invalid("workflow", "give a workflow, or the pipeline_file it is read from")),
         };
+        let id = Uuid::now_v7();
+        let connection = RepoConnectionCreated {
+            connection_id: id,
+            forge: cmd.forge,
+            repository: cmd.repository,
+            secret: cmd.secret,
+            branches: cmd.branches,
+            tags: cmd.tags,
+            paths: cmd.paths,
+            workflow,
+            pipeline_file: cmd.pipeline_file,
+            status_token: cmd.status_token,
+            api_url: cmd.api_url,
+        };
+        self.check_connection(&connection)?;
+        let envelope = EventMeta::new(&cmd.tenant)
+            .envelope(self.bus.namespace().repo_connection(&cmd.tenant, id), Event::RepoConnectionCreated(connection));
+        let seq = self.append_new(&envelope, "repository connection").await?;
+        Ok(Created { id: id.to_string(), seq })
+    }
+
+    /// Changes a repository connection's settings (see [`UpdateRepoConnection`]): the
+    /// connection as it is in the log, with the changes, checked as a new one is, appended as
+    /// `RepoConnectionUpdated` if that is its last event still (else read again). A deleted
+    /// connection, or one never made, is a 404; a change that changes nothing appends nothing.
+    /// A token is never sent to an API URL it was not given with: changing `api_url` while a
+    /// token is kept needs the token given again.
+    pub async fn update_repo_connection(&self, cmd: UpdateRepoConnection) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let workflow = match (&cmd.workflow, &cmd.pipeline_file) {
+            (Some(_), Some(_)) => return Err(invalid("workflow", "give a workflow or a pipeline_file, not both")),
+            (Some(w), None) => Some(WorkflowDef::from_value(w.clone())?),
+            _ => None,
+        };
+        let subject = self.bus.namespace().repo_connection(&cmd.tenant, cmd.connection_id);
+        let settled = self
+            .bus
+            .append_after_last(&subject, 5, |last| {
+                let (cmd, workflow, subject) = (&cmd, &workflow, &subject);
+                async move {
+                    let Some((seq, was)) =
+                        last.as_ref().and_then(|l| Some((l.seq, l.envelope.event.repo_connection()?)))
+                    else {
+                        return Err(Problem::new(ErrorCode::NotFound, "no such repository connection"));
+                    };
+                    let now = changed(was, cmd, workflow);
+                    self.check_connection(&now)?;
+                    if now.api_url != was.api_url && now.status_token.is_some() && cmd.status_token.is_none() {
+                        return Err(invalid(
+                            "status_token",
+                            "give the token again with a new api_url: a kept token is never sent to another server",
+                        ));
+                    }
+                    if now == *was {
+                        return Ok(AfterLast::Done(seq));
+                    }
+                    let event = Event::RepoConnectionUpdated(RepoConnectionUpdated(now));
+                    Ok(AfterLast::Append {
+                        events: vec![EventMeta::new(&cmd.tenant).envelope(subject.clone(), event)],
+                        msg_id: None,
+                    })
+                }
+            })
+            .await?;
+        Ok(Created { id: cmd.connection_id.to_string(), seq: settled.seq() })
+    }
+
+    /// Refuses a repository connection's settings that a new connection could not have.
+    fn check_connection(&self, c: &RepoConnectionCreated) -> Reply<()> {
+        if let Some(path) = &c.pipeline_file {
+            check_pipeline_file(path)?;
+            if c.status_token.is_none() {
+                return Err(invalid("pipeline_file", "is read with the connection's status_token: give one"));
+            }
+        }
         // GitLab's projects sit in groups within groups: `group/subgroup/project`.
-        let parts = cmd.repository.split('/').count();
-        let nested = cmd.forge == Forge::Gitlab && parts > 2 && parts <= 21;
+        let parts = c.repository.split('/').count();
+        let nested = c.forge == Forge::Gitlab && parts > 2 && parts <= 21;
         let valid_repo = (parts == 2 || nested)
-            && cmd.repository.len() <= 512
-            && cmd.repository.split('/').all(|p| {
+            && c.repository.len() <= 512
+            && c.repository.split('/').all(|p| {
                 !matches!(p, "" | "." | "..") && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             });
         if !valid_repo {
-            let what = if cmd.forge == Forge::Gitlab { "'group/project' (groups may nest)" } else { "'owner/name'" };
+            let what = if c.forge == Forge::Gitlab { "'group/project' (groups may nest)" } else { "'owner/name'" };
             return Err(invalid("repository", format!("must be {what}")));
         }
-        if let Some(api) = &cmd.api_url {
+        if let Some(api) = &c.api_url {
             let url = url::Url::parse(api).map_err(|_| invalid("api_url", "not a URL"))?;
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || api.len() > 2048 {
                 return Err(invalid("api_url", "must be an http or https URL with a host"));
@@ -716,36 +824,18 @@ impl Ingest {
             }
             self.egress.check_url(&url).map_err(|denied| invalid("api_url", denied.to_string()))?;
         }
-        if cmd.status_token.is_some() && cmd.api_url.is_none() && cmd.forge.default_api_url().is_none() {
+        if c.status_token.is_some() && c.api_url.is_none() && c.forge.default_api_url().is_none() {
             return Err(invalid(
                 "api_url",
                 "a GitLab or Gitea connection that reports statuses needs its server's URL",
             ));
         }
-        for (field, patterns) in [("branches", &cmd.branches), ("tags", &cmd.tags), ("paths", &cmd.paths)] {
+        for (field, patterns) in [("branches", &c.branches), ("tags", &c.tags), ("paths", &c.paths)] {
             if patterns.len() > 100 || patterns.iter().any(|b| b.is_empty() || b.len() > 255) {
                 return Err(invalid(field, "at most 100 patterns of 1 to 255 characters"));
             }
         }
-        let id = Uuid::now_v7();
-        let envelope = EventMeta::new(&cmd.tenant).envelope(
-            self.bus.namespace().repo_connection(&cmd.tenant, id),
-            Event::RepoConnectionCreated(RepoConnectionCreated {
-                connection_id: id,
-                forge: cmd.forge,
-                repository: cmd.repository,
-                secret: cmd.secret,
-                branches: cmd.branches,
-                tags: cmd.tags,
-                paths: cmd.paths,
-                workflow,
-                pipeline_file: cmd.pipeline_file,
-                status_token: cmd.status_token,
-                api_url: cmd.api_url,
-            }),
-        );
-        let seq = self.append_new(&envelope, "repository connection").await?;
-        Ok(Created { id: id.to_string(), seq })
+        Ok(())
     }
 
     /// Deletes a webhook endpoint or a repository connection of the tenant (idempotent); another
@@ -958,6 +1048,7 @@ impl Ingest {
             serve!("record_audits", record_audits),
             serve!("delete_integration", delete_integration),
             serve!("create_repo_connection", create_repo_connection),
+            serve!("update_repo_connection", update_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
             serve!("retry_webhook_delivery", retry_webhook_delivery),
             serve!("enable_webhook_endpoint", enable_webhook_endpoint),
@@ -1032,6 +1123,9 @@ impl IngestClient {
     }
     pub async fn create_repo_connection(&self, cmd: &CreateRepoConnection) -> Reply<Created> {
         self.call("create_repo_connection", cmd).await
+    }
+    pub async fn update_repo_connection(&self, cmd: &UpdateRepoConnection) -> Reply<Created> {
+        self.call("update_repo_connection", cmd).await
     }
     pub async fn revoke_api_key(&self, cmd: &RevokeApiKey) -> Reply<Created> {
         self.call("revoke_api_key", cmd).await

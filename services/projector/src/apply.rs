@@ -63,11 +63,18 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
-        Event::RepoConnectionCreated(e) => {
+        // A change holds the whole connection: its row takes every setting (not its creation
+        // time, nor a commit status failure on record).
+        Event::RepoConnectionCreated(e) | Event::RepoConnectionUpdated(taskmesh_events::RepoConnectionUpdated(e)) => {
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
                                               status_token, api_url, tags, paths, pipeline_file)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13)
+                 ON CONFLICT (id) DO UPDATE SET repository = EXCLUDED.repository, secret = EXCLUDED.secret,
+                     branches = EXCLUDED.branches, workflow = EXCLUDED.workflow, status_token = EXCLUDED.status_token,
+                     api_url = EXCLUDED.api_url, tags = EXCLUDED.tags, paths = EXCLUDED.paths,
+                     pipeline_file = EXCLUDED.pipeline_file
+                 WHERE repo_connections.tenant_id = EXCLUDED.tenant_id",
             )
             .bind(e.connection_id)
             .bind(tenant)
