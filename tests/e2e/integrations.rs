@@ -685,13 +685,20 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     }
 
     // New filters: master no longer starts runs.
-    assert_eq!(patch(serde_json::json!({"branches": ["release/*"]})).await.status(), 200);
+    let res = patch(serde_json::json!({"branches": ["release/*"]})).await;
+    assert_eq!(res.status(), 200);
+    let filtered: serde_json::Value = res.json().await.unwrap();
     tm.wait_projected().await;
     let ignored: serde_json::Value = push(NEW_SECRET, "master", "c-2").await.json().await.unwrap();
     assert_eq!(ignored["outcome"], "ignored", "{ignored}");
     let started: serde_json::Value = push(NEW_SECRET, "release/1.0", "c-3").await.json().await.unwrap();
     assert_eq!(started["outcome"], "started", "{started}");
     tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    eventually("the second run's statuses", Duration::from_secs(20), || async {
+        Ok((calls.lock().unwrap().len() >= 4).then_some(()))
+    })
+    .await
+    .unwrap();
 
     // What a new connection could not have is refused, and so is a field the API does not
     // know (the forge, say) or a token sent to a new server unseen.
@@ -706,6 +713,10 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
         (serde_json::json!({"pipeline_file": "../x.yml"}), "pipeline_file"),
         (serde_json::json!({"workflow": {"name": "ci", "steps": []}, "pipeline_file": "ci.yml"}), "workflow"),
         (serde_json::json!({"tags": [""]}), "tags"),
+        (serde_json::json!({"submodule_repositories": ["o/*"], "status_token": null}), "submodule_repositories"),
+        (serde_json::json!({"secret": null}), "secret"),
+        (serde_json::json!({"repository": null}), "repository"),
+        (serde_json::json!({"workflow": null}), "workflow"),
     ] {
         let res = patch(body.clone()).await;
         assert_eq!(res.status(), 400, "{body}");
@@ -724,7 +735,7 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     assert_eq!(res.status(), 200);
     let same: serde_json::Value = res.json().await.unwrap();
     assert_eq!(tm.event_count().await, before, "refusals and a change to nothing append nothing");
-    assert!(same["seq"].as_u64().unwrap() > changed["seq"].as_u64().unwrap());
+    assert_eq!(same["seq"], filtered["seq"], "the last change's seq");
 
     // Without its token the connection reports nothing more, and a new server is taken
     // with no token to send there; the list shows both.
@@ -737,16 +748,21 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     assert_eq!(mine["api_url"], "https://forge.example/api", "{mine}");
     assert_eq!(mine["branches"], serde_json::json!(["release/*"]), "{mine}");
     assert_eq!(mine["webhook_path"], format!("/hooks/github/{id}"), "{mine}");
-    eventually("the second run's statuses", Duration::from_secs(20), || async {
-        Ok((calls.lock().unwrap().len() >= 4).then_some(()))
-    })
-    .await
-    .unwrap();
     let sent = calls.lock().unwrap().len();
     let started: serde_json::Value = push(NEW_SECRET, "release/1.0", "c-4").await.json().await.unwrap();
     tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(calls.lock().unwrap().len(), sent, "no status without a token");
+
+    // `null` empties a list of patterns: every branch again.
+    let res = patch(serde_json::json!({"branches": null})).await;
+    assert_eq!(res.status(), 200);
+    let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    let listed = tm.get_json_after(format!("{}/v1/repo-connections", tm.api), seq).await;
+    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == id.as_str()).unwrap().clone();
+    assert_eq!(mine["branches"], serde_json::json!([]), "{mine}");
+    let started: serde_json::Value = push(NEW_SECRET, "master", "c-5").await.json().await.unwrap();
+    assert_eq!(started["outcome"], "started", "{started}");
 
     // The new secret and token are stored sealed, as the first ones were.
     for plain in [NEW_SECRET, "new-token"] {
@@ -2483,7 +2499,8 @@ fn add_submodule(work: &std::path::Path, bare: &std::path::Path, commit: &str, p
 /// `checkout: {submodules: true}` checks out the submodules, and theirs, at the commits
 /// recorded, from the URLs git resolves (relative ones against their superproject's); the
 /// connection's token is not in git's environment for them, so even a repository under the
-/// connected one's URL is asked for without it and fails; a URL that is not plain http(s),
+/// connected one's URL is asked for without it and fails, until the connection names the
+/// repositories at its forge that the token may go to (`submodule_repositories`); a URL that is not plain http(s),
 /// one whose host the egress rules deny (reached by climbing out of the repository's path),
 /// or a gitlink at a path with a control character fails the step, naming it, before anything
 /// is fetched from it.
@@ -2592,6 +2609,46 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
         assert!(error.contains(&says), "{says}: {run}");
     }
     assert_eq!(open_fetches.lock().unwrap().len(), before, "nothing asked of the library's forge");
+
+    // Once the connection names them, private repositories at the token's forge are fetched as
+    // submodules with the token; one not named is still asked for without it, and fails.
+    let private_lib =
+        repository(root.path(), "private-lib", "binkkatal/private-lib.git", &[("p.txt", "private lib\n")]);
+    let other = repository(root.path(), "other", "binkkatal/other.git", &[("o.txt", "other\n")]);
+    git_in(&app, &["rm", "-q", "--cached", "sub\r"]);
+    let private_lib_bare = root.path().join("binkkatal/private-lib.git");
+    let named = add_submodule(&app, &private_lib_bare, &private_lib[0], "vendor/private-lib", "../private-lib.git");
+    let other_bare = root.path().join("binkkatal/other.git");
+    let unnamed = add_submodule(&app, &other_bare, &other[0], "vendor/other", "../other.git");
+    git_in(&app, &["push", "-q", "--force", app_bare.to_str().unwrap(), "HEAD:master"]);
+    let id = hook.rsplit('/').next().unwrap();
+    let workflow = serde_json::json!({"name": "ci", "steps": [
+        {"id": "build", "checkout": {"submodules": true}, "run": "cat vendor/private-lib/p.txt vendor/lib/lib.txt"},
+    ]});
+    let res = tm
+        .send_json(
+            reqwest::Method::PATCH,
+            &format!("/v1/repo-connections/{id}"),
+            &serde_json::json!({"submodule_repositories": ["BinkKatal/private-*"], "workflow": workflow}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    tm.wait_projected().await;
+    let before = (fetches.lock().unwrap().len(), open_fetches.lock().unwrap().len());
+    let run = push_commit(&tm, &hook, &clone_url, &named, "s-7").await.1;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][0]["output"], "private lib\nlib one\n", "{run}");
+    let sent = fetches.lock().unwrap()[before.0..].to_vec();
+    assert!(!sent.is_empty() && sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
+    let sent_open = open_fetches.lock().unwrap()[before.1..].to_vec();
+    assert!(!sent_open.is_empty() && sent_open.iter().all(Option::is_none), "{sent_open:?}");
+    let before = fetches.lock().unwrap().len();
+    let run = push_commit(&tm, &hook, &clone_url, &unnamed, "s-8").await.1;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with(&format!("checking out {unnamed}: git submodule failed")), "{run}");
+    let sent = fetches.lock().unwrap()[before..].to_vec();
+    assert!(sent.contains(&Some(basic.to_string())) && sent.contains(&None), "{sent:?}");
     tm.finish().await;
 }
 
@@ -2700,6 +2757,21 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     assert_eq!(run["status"], "failed");
     let error = run["steps"][0]["error"].as_str().unwrap_or_default();
     assert!(error.starts_with(&format!("checking out {missing}: git fetch failed")), "{run}");
+
+    // Once the connection names another repository (renamed, say), a rerun of a run pushed
+    // before asks for the old one without the token: this forge, which wants it, refuses.
+    let id = hook.rsplit('/').next().unwrap();
+    let renamed = serde_json::json!({"repository": "binkkatal/renamed"});
+    let res = tm.send_json(reqwest::Method::PATCH, &format!("/v1/repo-connections/{id}"), &renamed).await;
+    assert_eq!(res.status(), 200);
+    let fetched_before = fetches.lock().unwrap().len();
+    let rerun = tm.auth(tm.http.post(format!("{}/v1/runs/{run_id}/rerun", tm.api)));
+    let rerun: serde_json::Value =
+        rerun.json(&serde_json::json!({"from": "build"})).send().await.unwrap().json().await.unwrap();
+    let again = tm.wait_run(rerun["id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(again["status"], "failed", "{again}");
+    let sent = fetches.lock().unwrap()[fetched_before..].to_vec();
+    assert!(!sent.is_empty() && sent.iter().all(Option::is_none), "{sent:?}");
 
     // A run that no push started has nothing to check out: it is refused as it is submitted.
     let res = tm.auth(tm.http.post(format!("{}/v1/runs", tm.api))).json(&serde_json::json!({"workflow": workflow}));

@@ -509,10 +509,15 @@ impl Checkout {
     /// can write a push: the token never goes to another host, nor to another repository on
     /// the same forge.
     pub fn token_goes_to(&self, api_url: Option<&str>) -> bool {
-        let Some(api) = api_url.or(self.forge.default_api_url()).and_then(|u| url::Url::parse(u).ok()) else {
-            return false;
-        };
-        let Ok(repo) = url::Url::parse(&self.url) else { return false };
+        self.forge_repository(api_url, &self.url).is_some_and(|r| r == self.repository.to_ascii_lowercase())
+    }
+
+    /// The repository `url` names at the connection's forge (`owner/name`, lower-case,
+    /// without `.git`), judged as [`Checkout::token_goes_to`] judges the pushed one's; none for
+    /// a URL elsewhere.
+    pub fn forge_repository(&self, api_url: Option<&str>, url: &str) -> Option<String> {
+        let api = api_url.or(self.forge.default_api_url()).and_then(|u| url::Url::parse(u).ok())?;
+        let repo = url::Url::parse(url).ok()?;
         let github = api.scheme() == "https" && api.host_str() == Some("api.github.com");
         let at_the_forge = match github {
             true => repo.scheme() == "https" && repo.host_str() == Some("github.com") && repo.port().is_none(),
@@ -523,10 +528,32 @@ impl Checkout {
             (false, Forge::Github) => api.path().trim_end_matches('/').trim_end_matches("/api/v3"),
             (false, _) => api.path().trim_end_matches('/'),
         };
-        let expected = format!("{prefix}/{}", self.repository).to_ascii_lowercase();
         let path = repo.path().trim_end_matches('/').to_ascii_lowercase();
-        at_the_forge && path.strip_suffix(".git").unwrap_or(&path) == expected
+        let rest = path.strip_prefix(&format!("{}/", prefix.to_ascii_lowercase()))?;
+        let name = rest.strip_suffix(".git").unwrap_or(rest);
+        (at_the_forge && !name.is_empty()).then(|| name.to_string())
     }
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters (`/`
+/// included): branch, tag, path and repository filters.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) || text.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(i) => rest = &rest[i + middle.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// A git forge.
@@ -955,6 +982,12 @@ pub struct RepoConnectionCreated {
     /// The forge's API base URL (its server, for GitLab and Gitea); none: the forge's public one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// Repositories at the forge (`owner/name` patterns, `*` for any run of characters) that a
+    /// checkout may fetch as submodules with `status_token`; empty: submodules are fetched
+    /// without it. Chosen by whoever administers the connection, never by a push: the token
+    /// may read more than the pusher may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub submodule_repositories: Vec<String>,
 }
 
 /// A repository connection's settings were changed (its webhook secret, token, filters,
@@ -1168,6 +1201,37 @@ mod tests {
         assert!(
             !at(Forge::Gitlab, "https://h.example/gitlab/g/o/r.git").token_goes_to(Some("https://h.example/gitlab"))
         );
+        // Another repository's URL (a submodule's) names it only at the same forge.
+        let pushed = at(Forge::Gitlab, "https://h.example/gitlab/o/r.git");
+        let named = |url: &str| pushed.forge_repository(Some("https://h.example/gitlab"), url);
+        assert_eq!(named("https://h.example/gitlab/Acme/Sub/Lib.git").as_deref(), Some("acme/sub/lib"));
+        assert_eq!(named("https://h.example/gitlab/acme/lib/").as_deref(), Some("acme/lib"));
+        for elsewhere in [
+            "https://h.example/acme/lib.git",
+            "http://h.example/gitlab/acme/lib.git",
+            "https://h.example:8443/gitlab/acme/lib.git",
+            "https://h.example.evil/gitlab/acme/lib.git",
+            "https://h.example/gitlab/",
+            "https://h.example/gitlabx/acme/lib.git",
+        ] {
+            assert_eq!(named(elsewhere), None, "{elsewhere}");
+        }
+        let github = at(Forge::Github, "https://github.com/o/r.git");
+        assert_eq!(github.forge_repository(None, "https://github.com/acme/lib").as_deref(), Some("acme/lib"));
+        assert_eq!(github.forge_repository(None, "https://api.github.com/acme/lib"), None);
+    }
+
+    #[test]
+    fn a_star_matches_any_run_of_characters() {
+        assert!(glob_match("main", "main"));
+        assert!(!glob_match("main", "main2"));
+        assert!(glob_match("release/*", "release/1.2"));
+        assert!(!glob_match("release/*", "feature/x"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxc"));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("acme/*", "acme/group/lib"), "`/` included");
     }
 
     #[test]

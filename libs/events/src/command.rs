@@ -283,6 +283,9 @@ pub struct CreateRepoConnection {
     /// The forge's API base URL; none: the forge's public one (required for Gitea).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// Repositories at the forge a checkout may fetch as submodules with the token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub submodule_repositories: Vec<String>,
 }
 
 /// `{ns}.cmd.ingest.update_repo_connection`: change a connection's settings. A field left
@@ -314,6 +317,8 @@ pub struct UpdateRepoConnection {
     /// A new API base URL; `null`: the forge's public one.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     pub api_url: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submodule_repositories: Option<Vec<String>>,
 }
 
 /// For a field that may be left out, given, or given as `null` (`Option<Option<T>>` with

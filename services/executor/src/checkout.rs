@@ -18,13 +18,18 @@
 //!
 //! With `checkout.submodules`, git's own `submodule init` and `update` check out the
 //! submodules, level by level (at most [`SUBMODULE_LEVELS`] levels and [`MAX_SUBMODULES`] in
-//! all), without the token in git's environment. Each level's gitlink paths must be plain
+//! all), without the token in git's environment unless the connection names the submodule's
+//! repository (below). Each level's gitlink paths must be plain
 //! names before git acts on them; git resolves the level's URLs (relative ones against the
 //! repository's), and every URL it wrote is read back and checked before anything is fetched:
 //! it must be plain http(s) (a host of letters, digits, `-` and `.` as the URL crate writes
 //! it, a port, a path of plain names), so the URL crate, git and curl cannot read it
 //! differently, and its host is judged and pinned as the repository's is. Only the gitlinks
-//! git populated, reached through plain directories, are descended into.
+//! git populated, reached through plain directories, are descended into. The token goes with a
+//! submodule's fetch only where the connection names its repository
+//! (`submodule_repositories`), at the same forge as the token goes to for the pushed one, as
+//! an `http.<its URL>.extraHeader`; a submodule not named whose URL lies under one named
+//! (where git would send that header too) fails the checkout.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -70,6 +75,17 @@ pub struct Source {
     token: Option<String>,
     /// How much history, and whether tags, are fetched.
     options: taskmesh_events::workflow::CheckoutDef,
+    /// Which submodules' URLs the token goes to (see [`Source::with_submodule_token`]).
+    submodule_token: Option<SubmoduleToken>,
+}
+
+/// The submodules a checkout's token may go to: repositories at the connection's forge that
+/// the connection names.
+#[derive(Clone)]
+struct SubmoduleToken {
+    checkout: Checkout,
+    api_url: Option<String>,
+    repositories: Vec<String>,
 }
 
 impl std::fmt::Debug for Source {
@@ -95,7 +111,29 @@ impl Source {
             return Err(format!("'{}' is not a full commit id", checkout.commit));
         }
         let auth = token.as_deref().map(|t| checkout.forge.git_auth(t));
-        Ok(Self { url, commit, auth, token, options: Default::default() })
+        Ok(Self { url, commit, auth, token, options: Default::default(), submodule_token: None })
+    }
+
+    /// Lets the token go with submodules fetched from repositories at `checkout`'s forge (as
+    /// `api_url` places it) that match one of `repositories` (`owner/name` patterns with `*`):
+    /// the connection's choice. Nothing changes when the fetch carries no token, or when
+    /// `repositories` is empty.
+    pub fn with_submodule_token(mut self, checkout: &Checkout, api_url: Option<&str>, repositories: &[String]) -> Self {
+        if self.auth.is_some() && !repositories.is_empty() {
+            let (checkout, api_url, repositories) =
+                (checkout.clone(), api_url.map(String::from), repositories.to_vec());
+            self.submodule_token = Some(SubmoduleToken { checkout, api_url, repositories });
+        }
+        self
+    }
+
+    /// The `Authorization` header a submodule's fetch from `url` (as git wrote it) carries,
+    /// if the connection lets the token go there.
+    fn submodule_auth(&self, url: &str) -> Option<&str> {
+        let scope = self.submodule_token.as_ref()?;
+        let named = scope.checkout.forge_repository(scope.api_url.as_deref(), url)?;
+        let allowed = scope.repositories.iter().any(|p| taskmesh_events::glob_match(&p.to_ascii_lowercase(), &named));
+        allowed.then_some(self.auth.as_deref()).flatten()
     }
 
     /// Fetches as much history, and the tags, as the step's `checkout` asks.
@@ -174,7 +212,7 @@ pub async fn fetch(
     git(&["fetch", "-q"], fetch).await?;
     git(&["checkout", "-q", "--detach", "FETCH_HEAD"], vec![]).await?;
     if source.options.submodules {
-        // Without the token: no submodule is the connected repository.
+        // Without the token, but for the repositories the connection names.
         submodules(source, dir, home.path(), config, egress).await?;
     }
     if let Some((uid, gid)) = run_as {
@@ -200,6 +238,8 @@ async fn submodules(
 ) -> Result<(), String> {
     // The hosts (and ports) pinned so far: the repository's, then each submodule's.
     let mut pinned = vec![host_port(&source.url)];
+    // The submodules' URLs the token goes to, at this level and those above.
+    let mut told: Vec<url::Url> = Vec::new();
     // The repositories of this level: where each is, and its path from the top, for messages.
     let mut level = vec![(top.to_path_buf(), String::new())];
     let mut seen = 0;
@@ -219,6 +259,8 @@ async fn submodules(
             }
             git(source, dir, home, &config, &["submodule", "--quiet", "init"], vec![]).await?;
             let listed = git(source, dir, home, &config, &["config", "--local", "--list", "-z"], vec![]).await?;
+            // This level's URLs that the token does not go to, to check against those it does.
+            let mut untold = Vec::new();
             for (name, url) in submodule_urls(&listed) {
                 if name.chars().any(|c| c.is_control() || c == '\\') {
                     return Err(format!("submodule name '{}' is not of plain characters", name.escape_debug()));
@@ -233,12 +275,30 @@ async fn submodules(
                     }
                     None => url,
                 };
-                let url = submodule_url(&url).map_err(|e| format!("submodule {shown}{name}: {e}"))?;
+                let parsed = submodule_url(&url).map_err(|e| format!("submodule {shown}{name}: {e}"))?;
+                // Only for that repository's URL as git will ask for it, where the connection
+                // names it.
+                match source.submodule_auth(&url) {
+                    Some(auth) => {
+                        config.push((format!("http.{url}.extraHeader"), format!("Authorization: {auth}")));
+                        told.push(parsed.clone());
+                    }
+                    None => untold.push((format!("{shown}{name}"), parsed.clone())),
+                }
+                let url = parsed;
                 let at = host_port(&url);
                 if !pinned.contains(&at) {
                     let pin = pin(&url, egress).await.map_err(|e| format!("submodule {shown}{name}: {e}"))?;
                     config.extend(pin.map(|pin| ("http.curloptResolve".to_string(), pin)));
                     pinned.push(at);
+                }
+            }
+            // git sends a header configured for a URL with every request under it too.
+            for (shown, url) in &untold {
+                if let Some(scoped) = told.iter().find(|t| under(t, url)) {
+                    return Err(format!(
+                        "submodule {shown}: '{url}' is under '{scoped}', which the token goes to, and is not itself named for it"
+                    ));
                 }
             }
             // Without `--checkout`: git then skips those whose `update` is `none`, as it always
@@ -366,6 +426,16 @@ fn submodule_url(text: &str) -> Result<url::Url, String> {
 /// would look the text up as a name, unpinned.
 fn same_host(url: &url::Url, written: &str) -> bool {
     url.host_str() == Some(written)
+}
+
+/// Whether git sends what is configured for the URL `scoped` with requests for `url`: the
+/// same scheme, host and port, and `url`'s path `scoped`'s or under it (compared without
+/// regard to case, which refuses more than git would send to).
+fn under(scoped: &url::Url, url: &url::Url) -> bool {
+    let (top, path) = (scoped.path().trim_end_matches('/').to_ascii_lowercase(), url.path().to_ascii_lowercase());
+    scoped.scheme() == url.scheme()
+        && host_port(scoped) == host_port(url)
+        && (path.trim_end_matches('/') == top || path.starts_with(&format!("{top}/")))
 }
 
 /// The host and port a URL connects to.
@@ -666,6 +736,51 @@ mod tests {
         // What it says shows no control character as it is.
         assert!(submodule_url("https://h/o\n\x1b[2J").unwrap_err().contains("o\\n\\u{1b}[2J"));
         assert!(submodule_url("https://GitHub.com/o/lib.git").is_err(), "a host in lower case only");
+    }
+
+    #[test]
+    fn a_header_scoped_to_a_url_goes_with_the_urls_under_it_alone() {
+        let url = |u: &str| url::Url::parse(u).unwrap();
+        let scoped = url("https://git.example/acme/lib");
+        for covered in
+            ["https://git.example/acme/lib", "https://git.example/acme/lib/", "https://git.example/Acme/Lib/x.git"]
+        {
+            assert!(under(&scoped, &url(covered)), "{covered}");
+        }
+        for apart in [
+            "https://git.example/acme/lib.git",
+            "https://git.example/acme/library",
+            "https://git.example/acme",
+            "http://git.example/acme/lib/x",
+            "https://git.example:8443/acme/lib/x",
+            "https://other.example/acme/lib/x",
+        ] {
+            assert!(!under(&scoped, &url(apart)), "{apart}");
+        }
+        assert!(under(&url("https://git.example:443/acme/lib"), &url("https://git.example/acme/lib/x")));
+    }
+
+    #[test]
+    fn a_submodule_token_goes_only_to_the_repositories_the_connection_names_at_its_forge() {
+        let pushed = checkout("https://git.example/o/r.git", &"a".repeat(40));
+        let source = |token: Option<&str>, repositories: &[&str]| {
+            let repositories: Vec<String> = repositories.iter().map(|r| r.to_string()).collect();
+            Source::new(&pushed, token.map(String::from)).unwrap().with_submodule_token(
+                &pushed,
+                Some("https://git.example"),
+                &repositories,
+            )
+        };
+        let told = source(Some("tok"), &["acme/*", "o/Lib"]);
+        assert!(told.submodule_auth("https://git.example/acme/x.git").is_some());
+        assert!(told.submodule_auth("https://git.example/O/lib").is_some());
+        for untold in
+            ["https://git.example/o/other.git", "https://other.example/acme/x.git", "http://git.example/acme/x"]
+        {
+            assert!(told.submodule_auth(untold).is_none(), "{untold}");
+        }
+        assert!(source(Some("tok"), &[]).submodule_auth("https://git.example/acme/x.git").is_none(), "none named");
+        assert!(source(None, &["*"]).submodule_auth("https://git.example/acme/x.git").is_none(), "no token");
     }
 
     #[test]

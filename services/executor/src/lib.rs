@@ -400,8 +400,10 @@ impl Executor {
         let Some(conn) = last.as_ref().and_then(|s| s.envelope.event.repo_connection()) else {
             return Err(format!("checkout: the repository connection {} was deleted", c.connection_id));
         };
+        // The run's repository must still be the connection's (a renamed one is another).
+        let same_repository = c.repository.eq_ignore_ascii_case(&conn.repository);
         let token = match &conn.status_token {
-            Some(sealed) if c.token_goes_to(conn.api_url.as_deref()) => {
+            Some(sealed) if same_repository && c.token_goes_to(conn.api_url.as_deref()) => {
                 let keyring = self
                     .keyring
                     .as_ref()
@@ -413,7 +415,10 @@ impl Executor {
             _ => None,
         };
         checkout::Source::new(c, token)
-            .map(|source| Some(source.with_options(dispatch.step.checkout.clone())))
+            .map(|source| {
+                let source = source.with_submodule_token(c, conn.api_url.as_deref(), &conn.submodule_repositories);
+                Some(source.with_options(dispatch.step.checkout.clone()))
+            })
             .map_err(|e| format!("checkout: {e}"))
     }
 

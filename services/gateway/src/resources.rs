@@ -99,6 +99,8 @@ pub struct RepoConnectionView {
     pub reports_status: bool,
     /// The forge's API base URL it was given, if any.
     pub api_url: Option<String>,
+    /// Repositories at the forge its checkouts may fetch as submodules with its token.
+    pub submodule_repositories: Vec<String>,
     /// The path the forge posts to on the git-integration service.
     pub webhook_path: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -140,7 +142,7 @@ pub async fn list_repo_connections(
     page: crate::Page,
 ) -> ApiResult<Json<RepoConnectionList>> {
     let sql = "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
-        status_token IS NOT NULL AS reports_status, api_url, created_at, status_failure
+        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, created_at, status_failure
         FROM repo_connections WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
@@ -160,6 +162,7 @@ pub async fn list_repo_connections(
                 pipeline_file: r.get("pipeline_file"),
                 reports_status: r.get("reports_status"),
                 api_url: r.get("api_url"),
+                submodule_repositories: r.get("submodule_repositories"),
                 created_at: r.get("created_at"),
                 // (A shape this version does not read is shown as none, not a failed list.)
                 status_failure: r
@@ -272,6 +275,12 @@ pub struct RepoConnectionRequest {
     /// GitLab's or Gitea's (`https://gitlab.com` for GitLab's service); required for GitLab and
     /// Gitea when `status_token` is set, so that a token is never sent to a server by default.
     pub api_url: Option<String>,
+    /// Repositories at the forge (`owner/name` patterns with `*`, such as `acme/*`) that
+    /// `checkout: {submodules: true}` may fetch with `status_token`, for private submodules.
+    /// Empty (the default): submodules are fetched without it. A push chooses its submodules,
+    /// and the token may read more than the pusher may: name only what any pusher may read.
+    #[serde(default)]
+    pub submodule_repositories: Vec<String>,
 }
 
 /// A created repository connection.
@@ -320,6 +329,7 @@ pub async fn create_repo_connection(
             pipeline_file: req.pipeline_file,
             status_token,
             api_url: req.api_url,
+            submodule_repositories: req.submodule_repositories,
         })
         .await?;
     let webhook_path = format!("/hooks/{}/{}", req_forge.as_str(), created.id);
@@ -355,28 +365,70 @@ fn seal_token(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepoConnectionPatch {
-    /// `owner/name` (after the repository was renamed or moved, say).
-    pub repository: Option<String>,
+    /// `owner/name` (after the repository was renamed or moved, say). Cannot be `null`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub repository: Option<Option<String>>,
     /// A new webhook secret (8 to 256 characters): deliveries signed with the old one are
-    /// refused from then on, so set it on the forge at the same time.
-    pub secret: Option<String>,
-    pub branches: Option<Vec<String>>,
-    pub tags: Option<Vec<String>>,
-    pub paths: Option<Vec<String>>,
-    /// A workflow to run instead (the connection then reads no `pipeline_file`).
+    /// refused once the change is projected, so set it on the forge at the same time. Cannot
+    /// be `null`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub secret: Option<Option<String>>,
+    /// Replaces the branch patterns; `null` or `[]`: every branch.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>, nullable)]
+    pub branches: Option<Option<Vec<String>>>,
+    /// Replaces the tag patterns; `null` or `[]`: tag pushes start nothing.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>, nullable)]
+    pub tags: Option<Option<Vec<String>>>,
+    /// Replaces the path patterns; `null` or `[]`: any change.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>, nullable)]
+    pub paths: Option<Option<Vec<String>>>,
+    /// A workflow to run instead (the connection then reads no `pipeline_file`). Cannot be
+    /// `null`.
+    #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Object>)]
-    pub workflow: Option<serde_json::Value>,
+    pub workflow: Option<Option<serde_json::Value>>,
     /// A pipeline file to read instead (the connection then has no `workflow` of its own).
-    pub pipeline_file: Option<String>,
+    /// Cannot be `null`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub pipeline_file: Option<Option<String>>,
     /// A new token (say, before the old one expires); `null` removes it, and with it commit
     /// statuses. A new `api_url` needs the token given again.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, nullable)]
     pub status_token: Option<Option<String>>,
-    /// A new API base URL; `null`: the forge's public one (GitHub's).
+    /// A new API base URL; `null`: none (GitHub's public API for GitHub; a GitLab or Gitea
+    /// connection then cannot keep a token).
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, nullable)]
     pub api_url: Option<Option<String>>,
+    /// Replaces the repositories private submodules may be fetched from with the token;
+    /// `null` or `[]`: none.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>, nullable)]
+    pub submodule_repositories: Option<Option<Vec<String>>>,
+}
+
+/// A merge patch's field that cannot be removed: its value, or `None` when it is left out;
+/// `null` is a 400.
+fn kept<T>(field: &str, value: Option<Option<T>>) -> Result<Option<T>, ApiError> {
+    match value {
+        Some(None) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("{field}: cannot be removed (null): give a value, or leave it out to keep it"),
+        )),
+        other => Ok(other.flatten()),
+    }
+}
+
+/// A merge patch's list: `null` empties it, as `[]` does.
+fn list(value: Option<Option<Vec<String>>>) -> Option<Vec<String>> {
+    value.map(Option::unwrap_or_default)
 }
 
 /// A changed repository connection.
@@ -392,7 +444,10 @@ pub struct RepoConnectionUpdatedResponse {
 /// its filters, its workflow or pipeline file, or its repository, keeping its webhook path.
 #[utoipa::path(patch, operation_id = "update_repo_connection", path = "/v1/repo-connections/{id}", tag = "integrations",
     params(("id" = Uuid, Path)),
-    request_body(content = RepoConnectionPatch, content_type = "application/merge-patch+json"),
+    request_body(content(
+        (RepoConnectionPatch = "application/merge-patch+json"),
+        (RepoConnectionPatch = "application/json"),
+    )),
     responses(
         (status = 200, body = RepoConnectionUpdatedResponse),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -415,7 +470,7 @@ pub async fn update_repo_connection(
     let (_, bytes) = body::read(&headers, body, false)?;
     let patch: RepoConnectionPatch = body::json(&bytes)?;
     let keyring = keyring(&state)?;
-    let secret = patch.secret.as_deref().map(|s| seal_secret(keyring, &caller, s)).transpose()?;
+    let secret = kept("secret", patch.secret)?.map(|s| seal_secret(keyring, &caller, &s)).transpose()?;
     let status_token = match patch.status_token {
         Some(Some(t)) => Some(Some(seal_token(keyring, &caller, &t)?)),
         Some(None) => Some(None),
@@ -426,15 +481,16 @@ pub async fn update_repo_connection(
         .update_repo_connection(&UpdateRepoConnection {
             tenant: caller.tenant,
             connection_id: id,
-            repository: patch.repository,
+            repository: kept("repository", patch.repository)?,
             secret,
-            branches: patch.branches,
-            tags: patch.tags,
-            paths: patch.paths,
-            workflow: patch.workflow,
-            pipeline_file: patch.pipeline_file,
+            branches: list(patch.branches),
+            tags: list(patch.tags),
+            paths: list(patch.paths),
+            workflow: kept("workflow", patch.workflow)?,
+            pipeline_file: kept("pipeline_file", patch.pipeline_file)?,
             status_token,
             api_url: patch.api_url,
+            submodule_repositories: list(patch.submodule_repositories),
         })
         .await?;
     Ok(Json(RepoConnectionUpdatedResponse { id, seq: updated.seq }))

@@ -57,6 +57,7 @@ fn changed(
     set(&mut now.branches, &cmd.branches);
     set(&mut now.tags, &cmd.tags);
     set(&mut now.paths, &cmd.paths);
+    set(&mut now.submodule_repositories, &cmd.submodule_repositories);
     if let Some(repository) = &cmd.repository {
         now.repository.clone_from(repository);
     }
@@ -733,8 +734,9 @@ impl Ingest {
             pipeline_file: cmd.pipeline_file,
             status_token: cmd.status_token,
             api_url: cmd.api_url,
+            submodule_repositories: cmd.submodule_repositories,
         };
-        self.check_connection(&connection)?;
+        self.check_connection(&connection, None)?;
         let envelope = EventMeta::new(&cmd.tenant)
             .envelope(self.bus.namespace().repo_connection(&cmd.tenant, id), Event::RepoConnectionCreated(connection));
         let seq = self.append_new(&envelope, "repository connection").await?;
@@ -766,7 +768,7 @@ impl Ingest {
                         return Err(Problem::new(ErrorCode::NotFound, "no such repository connection"));
                     };
                     let now = changed(was, cmd, workflow);
-                    self.check_connection(&now)?;
+                    self.check_connection(&now, Some(was))?;
                     if now.api_url != was.api_url && now.status_token.is_some() && cmd.status_token.is_none() {
                         return Err(invalid(
                             "status_token",
@@ -787,8 +789,10 @@ impl Ingest {
         Ok(Created { id: cmd.connection_id.to_string(), seq: settled.seq() })
     }
 
-    /// Refuses a repository connection's settings that a new connection could not have.
-    fn check_connection(&self, c: &RepoConnectionCreated) -> Reply<()> {
+    /// Refuses a repository connection's settings that a new connection could not have. The
+    /// egress rules judge `api_url` only when it is new (not `was`'s): a secret can be rotated
+    /// after the rules were tightened (the notifier judges each status's address anyway).
+    fn check_connection(&self, c: &RepoConnectionCreated, was: Option<&RepoConnectionCreated>) -> Reply<()> {
         if let Some(path) = &c.pipeline_file {
             check_pipeline_file(path)?;
             if c.status_token.is_none() {
@@ -822,7 +826,9 @@ impl Ingest {
                     "must carry no credentials, query or fragment (the token goes in a header)",
                 ));
             }
-            self.egress.check_url(&url).map_err(|denied| invalid("api_url", denied.to_string()))?;
+            if was.is_none_or(|w| w.api_url != c.api_url) {
+                self.egress.check_url(&url).map_err(|denied| invalid("api_url", denied.to_string()))?;
+            }
         }
         if c.status_token.is_some() && c.api_url.is_none() && c.forge.default_api_url().is_none() {
             return Err(invalid(
@@ -830,10 +836,19 @@ impl Ingest {
                 "a GitLab or Gitea connection that reports statuses needs its server's URL",
             ));
         }
-        for (field, patterns) in [("branches", &c.branches), ("tags", &c.tags), ("paths", &c.paths)] {
+        let patterns = [
+            ("branches", &c.branches),
+            ("tags", &c.tags),
+            ("paths", &c.paths),
+            ("submodule_repositories", &c.submodule_repositories),
+        ];
+        for (field, patterns) in patterns {
             if patterns.len() > 100 || patterns.iter().any(|b| b.is_empty() || b.len() > 255) {
                 return Err(invalid(field, "at most 100 patterns of 1 to 255 characters"));
             }
+        }
+        if !c.submodule_repositories.is_empty() && c.status_token.is_none() {
+            return Err(invalid("submodule_repositories", "name where the status_token goes: give one"));
         }
         Ok(())
     }
