@@ -714,6 +714,8 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
         (serde_json::json!({"workflow": {"name": "ci", "steps": []}, "pipeline_file": "ci.yml"}), "workflow"),
         (serde_json::json!({"tags": [""]}), "tags"),
         (serde_json::json!({"submodule_repositories": ["o/*"], "status_token": null}), "submodule_repositories"),
+        (serde_json::json!({"submodule_repositories": ["*"]}), "submodule_repositories"),
+        (serde_json::json!({"submodule_repositories": ["*/lib"]}), "submodule_repositories"),
         (serde_json::json!({"secret": null}), "secret"),
         (serde_json::json!({"repository": null}), "repository"),
         (serde_json::json!({"workflow": null}), "workflow"),
@@ -1923,6 +1925,134 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     tm.finish().await;
 }
 
+/// An endpoint changed in place: a new URL is where its notifications go and new event types
+/// choose them; a rotated secret signs beside the one it replaced for the time asked (each
+/// verifies the delivery alone), or alone; what a new endpoint could not have is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endpoint_is_moved_refiltered_and_its_secret_rotated_in_place() {
+    let tm = spawn_mesh().await;
+    let (first, first_seen) = receiver().await;
+    let (second, second_seen) = receiver().await;
+    let endpoint = subscribe_url(&tm, &first).await;
+    let id = endpoint["id"].as_str().unwrap().to_string();
+    let original = endpoint["secret"].as_str().unwrap().to_string();
+    let path = format!("{}/v1/webhook-endpoints/{id}", tm.api);
+    let send = |method: reqwest::Method, url: String, body: Option<serde_json::Value>| {
+        let mut req = tm.auth(tm.http.request(method, url));
+        if let Some(body) = body {
+            req = req.header("content-type", "application/merge-patch+json").body(body.to_string());
+        }
+        async move { req.send().await.unwrap() }
+    };
+    let patch = |body: serde_json::Value| send(reqwest::Method::PATCH, path.clone(), Some(body));
+    let rotate = |body: Option<serde_json::Value>| send(reqwest::Method::POST, format!("{path}/rotate-secret"), body);
+    // Whether `secret` alone verifies the `n`th delivery to `seen`, and how many signatures
+    // it carried.
+    let verifies = |seen: &Received, n: usize, secret: &str| {
+        let (headers, body) = seen.lock().unwrap()[n].clone();
+        let mut h = http::HeaderMap::new();
+        for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+            h.insert(name, headers[name].to_str().unwrap().parse().unwrap());
+        }
+        let signatures = headers["webhook-signature"].to_str().unwrap().split(' ').count();
+        (standardwebhooks::Webhook::new(secret).unwrap().verify(&body, &h).is_ok(), signatures)
+    };
+    let delivered = |seen: Received, n: usize| async move {
+        eventually("a delivery", Duration::from_secs(30), || async {
+            Ok((seen.lock().unwrap().len() >= n).then_some(()))
+        })
+        .await
+        .unwrap()
+    };
+    tm.wait_projected().await;
+
+    // Moved, and told only of failures.
+    let res = patch(serde_json::json!({"url": second, "event_types": ["run.failed"]})).await;
+    assert_eq!(res.status(), 200);
+    tm.wait_projected().await;
+    let failed = tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    delivered(second_seen.clone(), 1).await;
+    let payload: serde_json::Value = serde_json::from_slice(&second_seen.lock().unwrap()[0].1).unwrap();
+    assert_eq!(payload["data"]["run_id"], failed.to_string());
+    assert_eq!(verifies(&second_seen, 0, &original), (true, 1));
+    let succeeded = tm.submit("name: passes\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    tm.wait_run(succeeded, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second_seen.lock().unwrap().len(), 1, "a success is not among its events now");
+    assert!(first_seen.lock().unwrap().is_empty(), "nothing goes to the old URL");
+
+    // Rotated: the new secret and the one it replaced both sign, each alone verifying.
+    let res = rotate(None).await;
+    assert_eq!(res.status(), 200);
+    let rotated: serde_json::Value = res.json().await.unwrap();
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    assert!(new.starts_with("whsec_") && new != original, "{rotated}");
+    let until: chrono::DateTime<chrono::Utc> = rotated["previous_valid_until"].as_str().unwrap().parse().unwrap();
+    let day = until - chrono::Utc::now();
+    assert!(day > chrono::Duration::hours(23) && day <= chrono::Duration::hours(24), "a day by default: {rotated}");
+    let listed = tm.get_json_after(format!("{}/v1/webhook-endpoints", tm.api), rotated["seq"].as_u64().unwrap()).await;
+    assert_eq!(listed["items"][0]["previous_secret_until"], rotated["previous_valid_until"], "{listed}");
+    assert_eq!(listed["items"][0]["url"], second.as_str(), "{listed}");
+    tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    delivered(second_seen.clone(), 2).await;
+    assert_eq!(verifies(&second_seen, 1, &new), (true, 2));
+    assert_eq!(verifies(&second_seen, 1, &original), (true, 2));
+
+    // Rotated at once: the newest alone signs.
+    let res = rotate(Some(serde_json::json!({"previous_valid_seconds": 0}))).await;
+    assert_eq!(res.status(), 200);
+    let newest: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(newest["previous_valid_until"], serde_json::Value::Null);
+    let newest = newest["secret"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    delivered(second_seen.clone(), 3).await;
+    assert_eq!(verifies(&second_seen, 2, &newest), (true, 1));
+    assert!(!verifies(&second_seen, 2, &new).0, "the secret replaced no longer signs");
+
+    // Refused as a new endpoint's would be, and appending nothing.
+    let before = tm.event_count().await;
+    for (body, field) in [
+        (serde_json::json!({"url": "ftp://hooks.example/x"}), "url"),
+        (serde_json::json!({"url": null}), "url"),
+        (serde_json::json!({"event_types": ["run.exploded"]}), "event_types"),
+        (serde_json::json!({"format": "slack"}), "format"),
+    ] {
+        let res = patch(body.clone()).await;
+        assert_eq!(res.status(), 400, "{body}");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert!(problem["detail"].as_str().unwrap().contains(field), "{body}: {problem}");
+    }
+    let res = rotate(Some(serde_json::json!({"previous_valid_seconds": 604_801}))).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(tm.event_count().await, before, "refusals append nothing");
+
+    // `null` event types: every event again.
+    let res = patch(serde_json::json!({"event_types": null})).await;
+    assert_eq!(res.status(), 200);
+    let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    let listed = tm.get_json_after(format!("{}/v1/webhook-endpoints", tm.api), seq).await;
+    assert_eq!(listed["items"][0]["event_types"], serde_json::json!([]), "{listed}");
+
+    // The secrets are stored sealed.
+    for secret in [&new, &newest] {
+        let key = secret.trim_start_matches("whsec_");
+        assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(key));
+        assert!(!tm.postgres_text().await.contains(key));
+    }
+
+    // Another's, or a deleted one, is a 404.
+    let unknown = format!("{}/v1/webhook-endpoints/{}", tm.api, uuid::Uuid::now_v7());
+    assert_eq!(send(reqwest::Method::PATCH, unknown.clone(), Some(serde_json::json!({}))).await.status(), 404);
+    assert_eq!(send(reqwest::Method::POST, format!("{unknown}/rotate-secret"), None).await.status(), 404);
+    let res = send(reqwest::Method::DELETE, path.clone(), None).await;
+    let deleted = TestMesh::written_seq(&res);
+    tm.get_json_after(format!("{}/v1/webhook-endpoints", tm.api), deleted).await;
+    assert_eq!(patch(serde_json::json!({"event_types": []})).await.status(), 404);
+    assert_eq!(rotate(None).await.status(), 404);
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slack_endpoint_is_told_how_a_run_ended_with_a_link_to_it() {
     // The dashboard is under the gateway's public URL: messages link to the run there.
@@ -2620,6 +2750,8 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
     let named = add_submodule(&app, &private_lib_bare, &private_lib[0], "vendor/private-lib", "../private-lib.git");
     let other_bare = root.path().join("binkkatal/other.git");
     let unnamed = add_submodule(&app, &other_bare, &other[0], "vendor/other", "../other.git");
+    // Under a repository named, where git would send the token too, but not itself named.
+    let beneath = add_submodule(&app, &other_bare, &other[0], "vendor/beneath", "../private-lib.git/x.git");
     git_in(&app, &["push", "-q", "--force", app_bare.to_str().unwrap(), "HEAD:master"]);
     let id = hook.rsplit('/').next().unwrap();
     let workflow = serde_json::json!({"name": "ci", "steps": [
@@ -2649,6 +2781,14 @@ async fn a_checkout_with_submodules_checks_them_out_without_the_token_from_permi
     assert!(error.starts_with(&format!("checking out {unnamed}: git submodule failed")), "{run}");
     let sent = fetches.lock().unwrap()[before..].to_vec();
     assert!(sent.contains(&Some(basic.to_string())) && sent.contains(&None), "{sent:?}");
+    let before = fetches.lock().unwrap().len();
+    let run = push_commit(&tm, &hook, &clone_url, &beneath, "s-9").await.1;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+    let says = format!("submodule vendor/beneath: '{forge}/binkkatal/private-lib.git/x.git' is under");
+    assert!(error.contains(&says), "{run}");
+    let sent = fetches.lock().unwrap()[before..].to_vec();
+    assert!(!sent.contains(&None), "no submodule asked for: {sent:?}");
     tm.finish().await;
 }
 

@@ -120,6 +120,14 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     let res =
         tm.auth(tm.http.delete(format!("{}/v1/webhook-endpoints/{}", tm.api, endpoints[2]))).send().await.unwrap();
     assert_eq!(res.status(), 204);
+    // A kept endpoint moved and refiltered, its secret rotated now and again while the
+    // projector is down.
+    tm.wait_projected().await;
+    let kept = format!("/v1/webhook-endpoints/{}", endpoints[1]);
+    let moved = serde_json::json!({"url": "https://hooks.example/moved", "event_types": ["run.failed"]});
+    assert_eq!(tm.send_json(reqwest::Method::PATCH, &kept, &moved).await.status(), 200);
+    let rotate = format!("{kept}/rotate-secret");
+    assert_eq!(tm.send_json(reqwest::Method::POST, &rotate, &serde_json::json!({})).await.status(), 200);
     // A repository connection, changed now and again while the projector is down.
     let repo = serde_json::json!({"forge": "github", "repository": "o/r", "secret": "12345678", "status_token": "t",
         "workflow": {"name": "ci", "steps": [{"id": "a", "uses": "noop"}]}});
@@ -146,6 +154,7 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.mesh = Some(rest);
     tm.api = format!("http://{}", tm.mesh.as_ref().unwrap().gateway.unwrap());
     delete_schedule(&tm, &gone_later).await;
+    assert_eq!(tm.send_json(reqwest::Method::POST, &rotate, &serde_json::json!({})).await.status(), 200);
     let res = tm.send_json(reqwest::Method::PATCH, &connection, &serde_json::json!({"repository": "o/renamed"})).await;
     assert_eq!(res.status(), 200);
     let mut ids = Vec::new();
@@ -184,6 +193,11 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
         assert!(repos[0].contains(changed), "{changed}: {repos:?}");
     }
     assert!(hooks.iter().any(|r| r.contains(r#""format":"slack""#)), "{hooks:?}");
+    let moved = hooks.iter().find(|r| r.contains("https://hooks.example/moved")).expect("the moved endpoint");
+    assert!(
+        moved.contains(r#""event_types":["run.failed"]"#) && !moved.contains(r#""previous_until":null"#),
+        "{moved}"
+    );
     let failed: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_delivery_failures:")).collect();
     assert_eq!(failed.len(), 2, "one row a delivery, none of the deleted endpoint: {failed:?}");
     assert!(failed[0].contains(r#""attempts":7"#) && failed[0].contains(r#""retried_at":null"#), "{failed:?}");

@@ -59,6 +59,8 @@ pub enum Event {
     CommitStatusFailed(CommitStatusFailed),
     CommitStatusRecovered(CommitStatusRecovered),
     RepoConnectionUpdated(RepoConnectionUpdated),
+    WebhookEndpointUpdated(WebhookEndpointUpdated),
+    WebhookEndpointSecretRotated(WebhookEndpointSecretRotated),
 }
 
 impl Event {
@@ -124,6 +126,8 @@ impl Event {
             Event::CommitStatusFailed(_) => "CommitStatusFailed",
             Event::CommitStatusRecovered(_) => "CommitStatusRecovered",
             Event::RepoConnectionUpdated(_) => "RepoConnectionUpdated",
+            Event::WebhookEndpointUpdated(_) => "WebhookEndpointUpdated",
+            Event::WebhookEndpointSecretRotated(_) => "WebhookEndpointSecretRotated",
         }
     }
 
@@ -271,6 +275,30 @@ pub struct WebhookEndpointDisabled {
     pub endpoint_id: Uuid,
     /// Why, in words.
     pub reason: String,
+}
+
+/// An endpoint's address, or the events it is sent, were changed: the fields given, as they
+/// now are (one left out is unchanged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointUpdated {
+    pub endpoint_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Empty: every event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// An endpoint's signing secret was replaced. Deliveries are signed with `secret` from now
+/// on, and also with the secret it replaces until `previous_until` (none: not at all), so a
+/// receiver has that long to take the new one without refusing a delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookEndpointSecretRotated {
+    pub endpoint_id: Uuid,
+    /// The new Standard Webhooks signing secret, sealed (AES-256-GCM).
+    pub secret: taskmesh_secrets::Sealed,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_until: Option<DateTime<Utc>>,
 }
 
 /// A disabled endpoint was enabled again; its failures so far no longer count.
@@ -531,7 +559,15 @@ impl Checkout {
         let path = repo.path().trim_end_matches('/').to_ascii_lowercase();
         let rest = path.strip_prefix(&format!("{}/", prefix.to_ascii_lowercase()))?;
         let name = rest.strip_suffix(".git").unwrap_or(rest);
-        (at_the_forge && !name.is_empty()).then(|| name.to_string())
+        // A repository's path: `owner/name`, or on GitLab groups within groups too (never an
+        // owner alone, under which a header scoped to it would reach every repository).
+        let parts = name.split('/').collect::<Vec<_>>();
+        let shaped = parts.iter().all(|p| !p.is_empty())
+            && match self.forge {
+                Forge::Gitlab => parts.len() >= 2,
+                Forge::Github | Forge::Gitea => parts.len() == 2,
+            };
+        (at_the_forge && shaped).then(|| name.to_string())
     }
 }
 
@@ -1213,12 +1249,16 @@ mod tests {
             "https://h.example.evil/gitlab/acme/lib.git",
             "https://h.example/gitlab/",
             "https://h.example/gitlabx/acme/lib.git",
+            "https://h.example/gitlab/acme",
+            "https://h.example/gitlab/acme//lib",
         ] {
             assert_eq!(named(elsewhere), None, "{elsewhere}");
         }
         let github = at(Forge::Github, "https://github.com/o/r.git");
         assert_eq!(github.forge_repository(None, "https://github.com/acme/lib").as_deref(), Some("acme/lib"));
         assert_eq!(github.forge_repository(None, "https://api.github.com/acme/lib"), None);
+        assert_eq!(github.forge_repository(None, "https://github.com/acme"), None, "an owner is no repository");
+        assert_eq!(github.forge_repository(None, "https://github.com/acme/lib/x"), None, "nor a path under one");
     }
 
     #[test]

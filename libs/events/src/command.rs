@@ -459,6 +459,33 @@ pub struct EnableWebhookEndpoint {
     pub endpoint_id: Uuid,
 }
 
+/// `{ns}.cmd.ingest.update_webhook_endpoint`: change an endpoint's URL or the events it is
+/// sent (a field left out is unchanged).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct UpdateWebhookEndpoint {
+    pub tenant: String,
+    pub endpoint_id: Uuid,
+    /// The endpoint's format, as the gateway read it (it never changes): a new URL is checked
+    /// for it.
+    pub format: crate::catalog::EndpointFormat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// `{ns}.cmd.ingest.rotate_webhook_secret`: replace an endpoint's signing secret.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RotateWebhookSecret {
+    pub tenant: String,
+    pub endpoint_id: Uuid,
+    /// The new secret, generated and sealed by the gateway.
+    pub secret: taskmesh_secrets::Sealed,
+    /// Until when the secret it replaces signs too; none: not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The reply to a create command: the new resource's id and its event's sequence.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Created {

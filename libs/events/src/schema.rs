@@ -99,6 +99,16 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
             "A disabled webhook endpoint was enabled again.",
         ),
         (
+            "WebhookEndpointUpdated",
+            pretty::<WebhookEndpointUpdated>(),
+            "A webhook endpoint's URL or event types were changed.",
+        ),
+        (
+            "WebhookEndpointSecretRotated",
+            pretty::<WebhookEndpointSecretRotated>(),
+            "A webhook endpoint's signing secret was replaced (the old one signing too for a while).",
+        ),
+        (
             "WebhookEndpointRecovered",
             pretty::<WebhookEndpointRecovered>(),
             "A webhook endpoint with failures recorded took a delivery.",
@@ -122,6 +132,8 @@ fn commands() -> Vec<(&'static str, String)> {
         ("CreateWebhookEndpoint", pretty::<CreateWebhookEndpoint>()),
         ("RetryWebhookDelivery", pretty::<RetryWebhookDelivery>()),
         ("EnableWebhookEndpoint", pretty::<EnableWebhookEndpoint>()),
+        ("UpdateWebhookEndpoint", pretty::<UpdateWebhookEndpoint>()),
+        ("RotateWebhookSecret", pretty::<RotateWebhookSecret>()),
         ("Created", pretty::<Created>()),
         ("CancelRun", pretty::<CancelRun>()),
         ("RerunRun", pretty::<RerunRun>()),
@@ -208,7 +220,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",
@@ -267,8 +279,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "update_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "UpdateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "update_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint", "update_webhook_endpoint", "rotate_webhook_secret"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "UpdateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "UpdateWebhookEndpoint", "RotateWebhookSecret", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

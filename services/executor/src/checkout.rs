@@ -259,7 +259,8 @@ async fn submodules(
             }
             git(source, dir, home, &config, &["submodule", "--quiet", "init"], vec![]).await?;
             let listed = git(source, dir, home, &config, &["config", "--local", "--list", "-z"], vec![]).await?;
-            // This level's URLs that the token does not go to, to check against those it does.
+            // This level's URLs that the token does not go to (as git wrote them, and read), to
+            // check against those it does.
             let mut untold = Vec::new();
             for (name, url) in submodule_urls(&listed) {
                 if name.chars().any(|c| c.is_control() || c == '\\') {
@@ -283,7 +284,7 @@ async fn submodules(
                         config.push((format!("http.{url}.extraHeader"), format!("Authorization: {auth}")));
                         told.push(parsed.clone());
                     }
-                    None => untold.push((format!("{shown}{name}"), parsed.clone())),
+                    None => untold.push((format!("{shown}{name}"), url.clone(), parsed.clone())),
                 }
                 let url = parsed;
                 let at = host_port(&url);
@@ -293,12 +294,25 @@ async fn submodules(
                     pinned.push(at);
                 }
             }
-            // git sends a header configured for a URL with every request under it too.
-            for (shown, url) in &untold {
+            // git sends a header configured for a URL with every request under it too: none of
+            // those not named may be under one named, as this judges and as git's own URL
+            // matching does (asked with the configuration the fetch runs with).
+            for (shown, text, url) in &untold {
                 if let Some(scoped) = told.iter().find(|t| under(t, url)) {
                     return Err(format!(
                         "submodule {shown}: '{url}' is under '{scoped}', which the token goes to, and is not itself named for it"
                     ));
+                }
+                if !told.is_empty() {
+                    let matched =
+                        git(source, dir, home, &config, &["config", "--get-urlmatch", "http"], vec![text.clone()])
+                            .await?;
+                    let header = |line: &str| line.to_ascii_lowercase().starts_with("http.extraheader");
+                    if String::from_utf8_lossy(&matched).lines().any(header) {
+                        return Err(format!(
+                            "submodule {shown}: git would send '{url}' the token meant for a submodule named for it"
+                        ));
+                    }
                 }
             }
             // Without `--checkout`: git then skips those whose `update` is `none`, as it always
@@ -404,7 +418,9 @@ fn submodule_url(text: &str) -> Result<url::Url, String> {
     let rest = text.strip_prefix("https://").or_else(|| text.strip_prefix("http://")).ok_or_else(refused)?;
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (host, port) = authority.split_once(':').unwrap_or((authority, "80"));
-    let plain_host = !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+    // No empty label (`git.example.` is the same host to git's URL matching, not to ours).
+    let plain_host = host.split('.').all(|label| !label.is_empty())
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
     let plain_port = !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit());
     let plain_path = path.split('/').all(|name| {
         !matches!(name, "." | "..")
@@ -438,9 +454,11 @@ fn under(scoped: &url::Url, url: &url::Url) -> bool {
         && (path.trim_end_matches('/') == top || path.starts_with(&format!("{top}/")))
 }
 
-/// The host and port a URL connects to.
+/// The host and port a URL connects to (the host without a trailing dot, which names the
+/// same one).
 fn host_port(url: &url::Url) -> (String, Option<u16>) {
-    (url.host_str().unwrap_or_default().to_ascii_lowercase(), url.port_or_known_default())
+    let host = url.host_str().unwrap_or_default().trim_end_matches('.');
+    (host.to_ascii_lowercase(), url.port_or_known_default())
 }
 
 /// Whether the gitlink at `path` under `dir` was checked out as a repository by plain
@@ -758,6 +776,12 @@ mod tests {
             assert!(!under(&scoped, &url(apart)), "{apart}");
         }
         assert!(under(&url("https://git.example:443/acme/lib"), &url("https://git.example/acme/lib/x")));
+        assert!(under(&scoped, &url("https://git.example./acme/lib/x")), "a trailing dot names the same host");
+        for empty_label in
+            ["https://git.example./acme/lib", "https://git..example/acme/lib", "https://.git.example/a/b"]
+        {
+            assert!(submodule_url(empty_label).is_err(), "{empty_label}");
+        }
     }
 
     #[test]

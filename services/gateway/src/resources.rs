@@ -11,9 +11,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use taskmesh_events::command::{
-    CreateRepoConnection, CreateWebhookEndpoint, DeleteIntegration, IntegrationKind, UpdateRepoConnection, present,
+    CreateRepoConnection, CreateWebhookEndpoint, DeleteIntegration, IntegrationKind, RotateWebhookSecret,
+    UpdateRepoConnection, UpdateWebhookEndpoint, present,
 };
-use taskmesh_events::{ErrorCode, Forge};
+use taskmesh_events::{EndpointFormat, ErrorCode, Forge};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -35,7 +36,8 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/repo-connections", get(list_repo_connections).post(create_repo_connection))
         .route("/v1/repo-connections/{id}", delete(delete_repo_connection).patch(update_repo_connection))
         .route("/v1/webhook-endpoints", get(list_webhook_endpoints).post(create_webhook_endpoint))
-        .route("/v1/webhook-endpoints/{id}", delete(delete_webhook_endpoint))
+        .route("/v1/webhook-endpoints/{id}", delete(delete_webhook_endpoint).patch(update_webhook_endpoint))
+        .route("/v1/webhook-endpoints/{id}/rotate-secret", axum::routing::post(rotate_webhook_secret))
 }
 
 async fn delete_integration(
@@ -193,6 +195,9 @@ pub struct WebhookEndpointView {
     pub disabled_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Why it was disabled.
     pub disabled_reason: Option<String>,
+    /// After `POST …/rotate-secret`: until when the secret it replaced signs deliveries too;
+    /// null when only the current one does.
+    pub previous_secret_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The tenant's webhook endpoints.
@@ -213,8 +218,9 @@ pub async fn list_webhook_endpoints(
     caller: Caller,
     page: crate::Page,
 ) -> ApiResult<Json<WebhookEndpointList>> {
-    let sql = "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason FROM webhook_endpoints
-        WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
+    let sql = "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason,
+            CASE WHEN previous_until > now() THEN previous_until END AS previous_until
+        FROM webhook_endpoints WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
         .iter()
@@ -226,6 +232,7 @@ pub async fn list_webhook_endpoints(
             created_at: r.get("created_at"),
             disabled_at: r.get("disabled_at"),
             disabled_reason: r.get("disabled_reason"),
+            previous_secret_until: r.get("previous_until"),
         })
         .collect();
     Ok(Json(WebhookEndpointList { items, next_cursor }))
@@ -431,12 +438,12 @@ fn list(value: Option<Option<Vec<String>>>) -> Option<Vec<String>> {
     value.map(Option::unwrap_or_default)
 }
 
-/// A changed repository connection.
+/// A changed repository connection or webhook endpoint.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RepoConnectionUpdatedResponse {
+pub struct IntegrationUpdated {
     pub id: Uuid,
-    /// The sequence of the `RepoConnectionUpdated` event (for `Taskmesh-Min-Seq`); the last
-    /// event's when the patch changed nothing.
+    /// The sequence of the event that changed it (for `Taskmesh-Min-Seq`); for a connection
+    /// whose patch changed nothing, its last event's.
     pub seq: u64,
 }
 
@@ -449,7 +456,7 @@ pub struct RepoConnectionUpdatedResponse {
         (RepoConnectionPatch = "application/json"),
     )),
     responses(
-        (status = 200, body = RepoConnectionUpdatedResponse),
+        (status = 200, body = IntegrationUpdated),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -464,7 +471,7 @@ pub async fn update_repo_connection(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<RepoConnectionUpdatedResponse>> {
+) -> ApiResult<Json<IntegrationUpdated>> {
     caller.require_admin()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("repository connection"))?;
     let (_, bytes) = body::read(&headers, body, false)?;
@@ -493,7 +500,7 @@ pub async fn update_repo_connection(
             submodule_repositories: list(patch.submodule_repositories),
         })
         .await?;
-    Ok(Json(RepoConnectionUpdatedResponse { id, seq: updated.seq }))
+    Ok(Json(IntegrationUpdated { id, seq: updated.seq }))
 }
 
 /// Subscribe an endpoint to run notifications.
@@ -539,8 +546,7 @@ pub async fn create_webhook_endpoint(
     caller.require_admin()?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let req: WebhookEndpointRequest = body::json(&bytes)?;
-    let plain = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 24]>()));
-    let secret = keyring(&state)?.seal(&taskmesh_secrets::endpoint_secret_aad(&caller.tenant), plain.as_bytes());
+    let (plain, secret) = signing_secret(&state, &caller)?;
     let created = state
         .ingest
         .create_webhook_endpoint(&CreateWebhookEndpoint {
@@ -552,4 +558,168 @@ pub async fn create_webhook_endpoint(
         })
         .await?;
     Ok((StatusCode::CREATED, Json(WebhookEndpointCreatedResponse { id: created.id, secret: plain, seq: created.seq })))
+}
+
+/// A new Standard Webhooks signing secret (`whsec_` and 24 random bytes in base64), and it
+/// sealed for the caller's tenant.
+fn signing_secret(state: &AppState, caller: &Caller) -> Result<(String, taskmesh_secrets::Sealed), ApiError> {
+    let plain = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 24]>()));
+    let sealed = keyring(state)?.seal(&taskmesh_secrets::endpoint_secret_aad(&caller.tenant), plain.as_bytes());
+    Ok((plain, sealed))
+}
+
+/// The format of the caller's endpoint `id` (as the read side has it); 404 for another
+/// tenant's, a deleted one, or one never made.
+async fn endpoint_format(state: &AppState, caller: &Caller, id: &str) -> ApiResult<(Uuid, EndpointFormat)> {
+    let not_found = || ApiError::not_found("webhook endpoint");
+    let id: Uuid = id.parse().map_err(|_| not_found())?;
+    let format: Option<String> =
+        sqlx::query_scalar("SELECT format FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
+            .bind(&caller.tenant)
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?;
+    let format = format.ok_or_else(not_found)?;
+    let format = serde_json::from_value(serde_json::Value::String(format)).map_err(|e| {
+        tracing::error!(error = %e, "an endpoint's format is unreadable");
+        ApiError::new(ErrorCode::Internal, "internal error")
+    })?;
+    Ok((id, format))
+}
+
+/// Changes to a webhook endpoint (a JSON merge patch, RFC 7396): each field given replaces
+/// the endpoint's; one left out keeps it. Its id, format and secret stay.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpointPatch {
+    /// Where its notifications go from now on (checked as a new endpoint's is). Cannot be
+    /// `null`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub url: Option<Option<String>>,
+    /// The events it is sent; `null` or `[]`: every one.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>, nullable)]
+    pub event_types: Option<Option<Vec<String>>>,
+}
+
+/// Change a webhook endpoint (admin): where its notifications go, or which events it is sent.
+#[utoipa::path(patch, operation_id = "update_webhook_endpoint", path = "/v1/webhook-endpoints/{id}", tag = "integrations",
+    params(("id" = Uuid, Path)),
+    request_body(content(
+        (WebhookEndpointPatch = "application/merge-patch+json"),
+        (WebhookEndpointPatch = "application/json"),
+    )),
+    responses(
+        (status = 200, body = IntegrationUpdated),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn update_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<IntegrationUpdated>> {
+    caller.require_admin()?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let patch: WebhookEndpointPatch = body::json(&bytes)?;
+    let (id, format) = endpoint_format(&state, &caller, &id).await?;
+    let updated = state
+        .ingest
+        .update_webhook_endpoint(&UpdateWebhookEndpoint {
+            tenant: caller.tenant,
+            endpoint_id: id,
+            format,
+            url: kept("url", patch.url)?,
+            event_types: list(patch.event_types),
+        })
+        .await?;
+    Ok(Json(IntegrationUpdated { id, seq: updated.seq }))
+}
+
+/// Longest the secret a rotation replaces may go on signing (7 days).
+const MAX_PREVIOUS_SECONDS: u64 = 7 * 86_400;
+
+/// How a signing secret is rotated.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecretRequest {
+    /// How long the secret replaced goes on signing deliveries beside the new one, in seconds:
+    /// 0 to 604,800 (7 days); default 86,400 (a day).
+    #[serde(default = "default_previous_seconds")]
+    pub previous_valid_seconds: u64,
+}
+
+impl Default for RotateSecretRequest {
+    fn default() -> Self {
+        Self { previous_valid_seconds: default_previous_seconds() }
+    }
+}
+
+fn default_previous_seconds() -> u64 {
+    86_400
+}
+
+/// A rotated signing secret (shown only here).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretRotatedResponse {
+    pub id: Uuid,
+    /// The new Standard Webhooks signing secret (`whsec_…`).
+    pub secret: String,
+    /// Until when the secret replaced signs deliveries too (each delivery's
+    /// `webhook-signature` then lists both); null: it no longer does.
+    pub previous_valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    pub seq: u64,
+}
+
+/// Rotate a webhook endpoint's signing secret (admin): deliveries are signed with a new secret
+/// from now on, and also with the one it replaces for `previous_valid_seconds` (a day by
+/// default), so the receiver can take the new one without refusing a delivery meanwhile.
+#[utoipa::path(post, operation_id = "rotate_webhook_secret", path = "/v1/webhook-endpoints/{id}/rotate-secret",
+    tag = "integrations",
+    params(("id" = Uuid, Path)),
+    request_body(content = Option<RotateSecretRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, body = SecretRotatedResponse),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<SecretRotatedResponse>> {
+    caller.require_admin()?;
+    let req: RotateSecretRequest = body::json_or_default(&headers, body)?;
+    if req.previous_valid_seconds > MAX_PREVIOUS_SECONDS {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("previous_valid_seconds: at most {MAX_PREVIOUS_SECONDS} (7 days)"),
+        ));
+    }
+    let (id, _) = endpoint_format(&state, &caller, &id).await?;
+    let (plain, secret) = signing_secret(&state, &caller)?;
+    // In whole seconds, as the read side keeps it and the answer says.
+    let previous_until = (req.previous_valid_seconds > 0)
+        .then(|| {
+            chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + req.previous_valid_seconds as i64, 0)
+        })
+        .flatten();
+    let rotated = state
+        .ingest
+        .rotate_webhook_secret(&RotateWebhookSecret { tenant: caller.tenant, endpoint_id: id, secret, previous_until })
+        .await?;
+    Ok(Json(SecretRotatedResponse { id, secret: plain, previous_valid_until: previous_until, seq: rotated.seq }))
 }

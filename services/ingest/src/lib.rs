@@ -24,7 +24,8 @@ use taskmesh_events::{
     Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, RepoConnectionUpdated, ReusedStep,
     RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted,
     SecretSet, TenantCreated, Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted,
-    WebhookEndpointEnabled, WorkflowVersionStored, subjects::is_token,
+    WebhookEndpointEnabled, WebhookEndpointSecretRotated, WebhookEndpointUpdated, WorkflowVersionStored,
+    subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -850,6 +851,18 @@ impl Ingest {
         if !c.submodule_repositories.is_empty() && c.status_token.is_none() {
             return Err(invalid("submodule_repositories", "name where the status_token goes: give one"));
         }
+        // Each names its owner (or group) in full: `acme/*`, never `*` or `*/lib`, which would
+        // send the token to whatever it can read.
+        if let Some(bad) = c
+            .submodule_repositories
+            .iter()
+            .find(|p| p.split_once('/').is_none_or(|(o, _)| o.is_empty() || o.contains('*')))
+        {
+            return Err(invalid(
+                "submodule_repositories",
+                format!("'{bad}' must name its owner in full, as in 'acme/*' or 'acme/lib-*'"),
+            ));
+        }
         Ok(())
     }
 
@@ -897,38 +910,8 @@ impl Ingest {
     /// Registers an outbound webhook endpoint and generates its signing secret.
     pub async fn create_webhook_endpoint(&self, cmd: CreateWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        if cmd.format == taskmesh_events::EndpointFormat::Email {
-            let Some(email) = &self.email else {
-                return Err(invalid(
-                    "format",
-                    "e-mail endpoints need an SMTP server, and none is configured (notification.smtp_url)",
-                ));
-            };
-            // Sent through the operator's SMTP server, which the egress rules do not govern.
-            if cmd.url.len() > 2048 {
-                return Err(invalid("url", "at most 2,048 bytes"));
-            }
-            let to = taskmesh_events::catalog::mailto_recipients(&cmd.url).map_err(|e| invalid("url", e))?;
-            if let Some(other) = to.iter().find(|a| !email.email_allowed(a)) {
-                return Err(invalid(
-                    "url",
-                    format!("'{other}' is not in a domain e-mail may go to (notification.email_domains)"),
-                ));
-            }
-        } else {
-            let url = url::Url::parse(&cmd.url).map_err(|_| invalid("url", "not a URL"))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || cmd.url.len() > 2048 {
-                return Err(invalid(
-                    "url",
-                    "must be an http or https URL with a host (a mailto: URL for format email)",
-                ));
-            }
-            self.egress.check_url(&url).map_err(|denied| invalid("url", denied.to_string()))?;
-        }
-        const TYPES: &[&str] = &["run.succeeded", "run.failed", "run.cancelled", "run.timed_out"];
-        if let Some(bad) = cmd.event_types.iter().find(|t| !TYPES.contains(&t.as_str())) {
-            return Err(invalid("event_types", format!("unknown event type '{bad}'; known: {}", TYPES.join(", "))));
-        }
+        self.check_endpoint_url(cmd.format, &cmd.url)?;
+        check_event_types(&cmd.event_types)?;
         let id = Uuid::now_v7();
         let envelope = EventMeta::new(&cmd.tenant).envelope(
             self.bus.namespace().webhook_endpoint(&cmd.tenant, id),
@@ -1001,9 +984,77 @@ impl Ingest {
     /// is not disabled, that is all it does). A deleted endpoint, or another tenant's, is a 404.
     pub async fn enable_webhook_endpoint(&self, cmd: EnableWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let subject = self.bus.namespace().webhook_endpoint(&cmd.tenant, cmd.endpoint_id);
         let enabled = Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: cmd.endpoint_id });
-        let (enabled, subject, tenant) = (&enabled, &subject, &cmd.tenant);
+        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, enabled).await
+    }
+
+    /// Refuses a URL an endpoint of `format` cannot be sent to.
+    fn check_endpoint_url(&self, format: taskmesh_events::EndpointFormat, url: &str) -> Reply<()> {
+        if format == taskmesh_events::EndpointFormat::Email {
+            let Some(email) = &self.email else {
+                return Err(invalid(
+                    "format",
+                    "e-mail endpoints need an SMTP server, and none is configured (notification.smtp_url)",
+                ));
+            };
+            // Sent through the operator's SMTP server, which the egress rules do not govern.
+            if url.len() > 2048 {
+                return Err(invalid("url", "at most 2,048 bytes"));
+            }
+            let to = taskmesh_events::catalog::mailto_recipients(url).map_err(|e| invalid("url", e))?;
+            if let Some(other) = to.iter().find(|a| !email.email_allowed(a)) {
+                return Err(invalid(
+                    "url",
+                    format!("'{other}' is not in a domain e-mail may go to (notification.email_domains)"),
+                ));
+            }
+        } else {
+            let parsed = url::Url::parse(url).map_err(|_| invalid("url", "not a URL"))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() || url.len() > 2048 {
+                return Err(invalid(
+                    "url",
+                    "must be an http or https URL with a host (a mailto: URL for format email)",
+                ));
+            }
+            self.egress.check_url(&parsed).map_err(|denied| invalid("url", denied.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Changes an endpoint's URL or the events it is sent, checked as a new endpoint's are:
+    /// appended after the endpoint's last event, unless that is its deletion (a 404).
+    pub async fn update_webhook_endpoint(&self, cmd: UpdateWebhookEndpoint) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        if let Some(url) = &cmd.url {
+            self.check_endpoint_url(cmd.format, url)?;
+        }
+        if let Some(types) = &cmd.event_types {
+            check_event_types(types)?;
+        }
+        let updated = Event::WebhookEndpointUpdated(WebhookEndpointUpdated {
+            endpoint_id: cmd.endpoint_id,
+            url: cmd.url.clone(),
+            event_types: cmd.event_types.clone(),
+        });
+        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, updated).await
+    }
+
+    /// Replaces an endpoint's signing secret (the old one signing too until `previous_until`).
+    pub async fn rotate_webhook_secret(&self, cmd: RotateWebhookSecret) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let rotated = Event::WebhookEndpointSecretRotated(WebhookEndpointSecretRotated {
+            endpoint_id: cmd.endpoint_id,
+            secret: cmd.secret,
+            previous_until: cmd.previous_until,
+        });
+        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, rotated).await
+    }
+
+    /// Appends `event` to a webhook endpoint's log after its last event, unless that is its
+    /// deletion, or there is none (a 404); read again when another event came meanwhile.
+    async fn append_to_endpoint(&self, tenant: &str, endpoint_id: Uuid, event: Event) -> Reply<Created> {
+        let subject = self.bus.namespace().webhook_endpoint(tenant, endpoint_id);
+        let (event, subject) = (&event, &subject);
         let settled = self
             .bus
             .append_after_last(subject, 5, |last| async move {
@@ -1011,12 +1062,11 @@ impl Ingest {
                     Some(last) if !last.envelope.event.is_deletion() => {}
                     _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
                 }
-                let events = vec![EventMeta::new(tenant).envelope(subject.clone(), enabled.clone())];
+                let events = vec![EventMeta::new(tenant).envelope(subject.clone(), event.clone())];
                 Ok::<_, Problem>(AfterLast::<u64>::Append { events, msg_id: None })
             })
             .await?;
-        let seq = settled.seq();
-        Ok(Created { id: cmd.endpoint_id.to_string(), seq })
+        Ok(Created { id: endpoint_id.to_string(), seq: settled.seq() })
     }
 
     async fn append_new(&self, envelope: &taskmesh_events::Envelope, what: &str) -> Reply<u64> {
@@ -1063,6 +1113,8 @@ impl Ingest {
             serve!("record_audits", record_audits),
             serve!("delete_integration", delete_integration),
             serve!("create_repo_connection", create_repo_connection),
+            serve!("update_webhook_endpoint", update_webhook_endpoint),
+            serve!("rotate_webhook_secret", rotate_webhook_secret),
             serve!("update_repo_connection", update_repo_connection),
             serve!("create_webhook_endpoint", create_webhook_endpoint),
             serve!("retry_webhook_delivery", retry_webhook_delivery),
@@ -1165,6 +1217,21 @@ impl IngestClient {
     }
     pub async fn enable_webhook_endpoint(&self, cmd: &EnableWebhookEndpoint) -> Reply<Created> {
         self.call("enable_webhook_endpoint", cmd).await
+    }
+    pub async fn update_webhook_endpoint(&self, cmd: &UpdateWebhookEndpoint) -> Reply<Created> {
+        self.call("update_webhook_endpoint", cmd).await
+    }
+    pub async fn rotate_webhook_secret(&self, cmd: &RotateWebhookSecret) -> Reply<Created> {
+        self.call("rotate_webhook_secret", cmd).await
+    }
+}
+
+/// Refuses an event type endpoints are not sent.
+fn check_event_types(types: &[String]) -> Reply<()> {
+    const TYPES: &[&str] = &["run.succeeded", "run.failed", "run.cancelled", "run.timed_out"];
+    match types.iter().find(|t| !TYPES.contains(&t.as_str())) {
+        Some(bad) => Err(invalid("event_types", format!("unknown event type '{bad}'; known: {}", TYPES.join(", ")))),
+        None => Ok(()),
     }
 }
 

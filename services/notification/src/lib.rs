@@ -736,8 +736,9 @@ impl Notifier {
 
     async fn post(&self, d: &Delivery) -> Result<(), Outcome> {
         let row = sqlx::query(
-            "SELECT url, secret, format, disabled_at IS NOT NULL AS disabled FROM webhook_endpoints
-             WHERE id = $1 AND tenant_id = $2",
+            "SELECT url, secret, format, disabled_at IS NOT NULL AS disabled,
+                    CASE WHEN previous_until > now() THEN previous_secret END AS previous_secret
+             FROM webhook_endpoints WHERE id = $1 AND tenant_id = $2",
         )
         .bind(d.endpoint_id)
         .bind(&d.tenant)
@@ -767,14 +768,24 @@ impl Notifier {
             let (subject, body) = email::text(&summary, self.dashboard.as_ref());
             return mailer.send(&to, &subject, body, &format!("{}.{}", d.message_id, d.endpoint_id)).await;
         }
-        let secret =
-            self.open_secret(&taskmesh_secrets::endpoint_secret_aad(&d.tenant), &sealed).map_err(Outcome::Failed)?;
+        // After a rotation, the secret replaced signs too for a while (see
+        // `WebhookEndpointSecretRotated`): the header lists both signatures.
+        let previous: Option<String> = row.get("previous_secret");
+        let aad = taskmesh_secrets::endpoint_secret_aad(&d.tenant);
+        let secrets = std::iter::once(sealed).chain(previous);
+        let secrets: Vec<String> =
+            secrets.map(|s| self.open_secret(&aad, &s)).collect::<Result<_, _>>().map_err(Outcome::Failed)?;
         let body = match format.as_str() {
             "slack" => self.slack_message(d).await?,
             _ => serde_json::to_vec(&d.payload).map_err(|e| Outcome::Failed(e.to_string()))?,
         };
         let timestamp = Utc::now().timestamp();
-        let signature = sign(&secret, &d.message_id, timestamp, &body).map_err(|e| Outcome::Failed(e.to_string()))?;
+        let signature = secrets
+            .iter()
+            .map(|secret| sign(secret, &d.message_id, timestamp, &body))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| Outcome::Failed(e.to_string()))?
+            .join(" ");
         let parsed = reqwest::Url::parse(&url).map_err(|e| Outcome::Failed(format!("'{url}' is not a URL: {e}")))?;
         self.egress.check_url(&parsed).map_err(|d| Outcome::Failed(format!("POST {url}: {d}")))?;
         let res = self

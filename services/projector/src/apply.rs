@@ -214,6 +214,33 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
+        Event::WebhookEndpointUpdated(e) => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET url = COALESCE($3, url), event_types = COALESCE($4, event_types)
+                 WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(tenant)
+            .bind(e.endpoint_id)
+            .bind(&e.url)
+            .bind(&e.event_types)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // The secret replaced signs too until `previous_until` (on the right of `SET`, `secret`
+        // is the row's before the update).
+        Event::WebhookEndpointSecretRotated(e) => {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET secret = $3, previous_until = $4,
+                     previous_secret = CASE WHEN $4::timestamptz IS NULL THEN NULL ELSE secret END
+                 WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(tenant)
+            .bind(e.endpoint_id)
+            .bind(serde_json::to_string(&e.secret).expect("serialises"))
+            .bind(e.previous_until)
+            .execute(&mut **tx)
+            .await?;
+        }
         // Only the notifiers read it (on the endpoint's log).
         Event::WebhookEndpointRecovered(_) => {}
         Event::CommitStatusFailed(e) => {
