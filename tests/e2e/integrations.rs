@@ -158,9 +158,18 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
     assert_ne!(bare["run_id"], bare_again["run_id"]);
     assert_eq!((bare["outcome"].as_str(), bare_again["duplicate"].as_bool()), (Some("started"), Some(false)));
     check_started(&tm, &first, "gitlab", "mike/diaspora", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7").await;
-    let res = gitlab("Merge Request Hook", SECRET, Some("k-2")).await;
+    // A merge request, where the connection takes none, is acknowledged and starts nothing;
+    // one whose body is not a merge request's is a 400.
+    let mr =
+        tm.http.post(&hook).header("content-type", "application/json").header("x-gitlab-event", "Merge Request Hook");
+    let res = mr.header("x-gitlab-token", SECRET).body(GITLAB_MR.to_vec()).send().await.unwrap();
     assert_eq!(res.status(), 202);
-    assert_eq!(answer(res).await["outcome"], "ignored");
+    let ignored = answer(res).await;
+    assert_eq!(ignored["outcome"], "ignored");
+    assert!(ignored["reason"].as_str().unwrap().contains("pull_requests: false"), "{ignored}");
+    let res = gitlab("Merge Request Hook", SECRET, Some("k-2")).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
     // A tag's push comes as `Tag Push Hook`; it starts a run where the connection names the tag.
     let tagged = connect(&tm, "gitlab", "jsmith/example", serde_json::json!({"tags": ["v1.*"]})).await;
     let req =
@@ -340,6 +349,116 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
         assert!(!tm.postgres_text().await.contains(token));
         assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(token));
     }
+    tm.finish().await;
+}
+
+const GITHUB_PR: &[u8] = include_bytes!("../fixtures/webhooks/github/pull_request.json");
+const GITLAB_MR: &[u8] = include_bytes!("../fixtures/webhooks/gitlab/merge_request.json");
+const GITEA_PR: &[u8] = include_bytes!("../fixtures/webhooks/gitea/pull_request.json");
+
+/// `body` (JSON) with the value at each pointer replaced.
+fn edited(body: &[u8], changes: &[(&str, serde_json::Value)]) -> Vec<u8> {
+    let mut json: serde_json::Value = serde_json::from_slice(body).unwrap();
+    for (pointer, value) in changes {
+        *json.pointer_mut(pointer).unwrap() = value.clone();
+    }
+    serde_json::to_vec(&json).unwrap()
+}
+
+/// Pull (GitLab: merge) requests from a branch of the repository itself start runs where the
+/// connection takes them, at their head commit, with their number and target branch, and
+/// show on that commit; a connection that does not take them, a closed one, one from a fork,
+/// or one into a branch the connection does not name, starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
+    let tm = spawn_mesh().await;
+    let (api, calls) = forge_api().await;
+    let prs = serde_json::json!({"pull_requests": true, "branches": ["master"], "status_token": "t", "api_url": api});
+    let github = connect(&tm, "github", "baxterthehacker/public-repo", prs.clone()).await;
+    let gitlab = connect(&tm, "gitlab", "gitlabhq/gitlab-test", prs.clone()).await;
+    let gitea = connect(&tm, "gitea", "example/example", prs.clone()).await;
+    let without = connect(&tm, "github", "baxterthehacker/public-repo", serde_json::json!({})).await;
+    let send = |url: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+        let mut req = tm.http.post(url).header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let to_github = |url: &str, body: Vec<u8>, delivery: &str| {
+        let headers = vec![
+            ("x-github-event", "pull_request".to_string()),
+            ("x-github-delivery", delivery.to_string()),
+            ("x-hub-signature-256", github_signature(&body)),
+        ];
+        send(url, headers, body)
+    };
+    let to_gitlab = |body: Vec<u8>, delivery: &str| {
+        let headers = vec![
+            ("x-gitlab-event", "Merge Request Hook".to_string()),
+            ("x-gitlab-token", SECRET.to_string()),
+            ("idempotency-key", delivery.to_string()),
+        ];
+        send(&gitlab, headers, body)
+    };
+    let to_gitea = |body: Vec<u8>, delivery: &str| {
+        let headers = vec![
+            ("x-gitea-event", "pull_request".to_string()),
+            ("x-gitea-delivery", delivery.to_string()),
+            ("x-gitea-signature", hex::encode(hmac_sha256::HMAC::mac(&body, SECRET.as_bytes()))),
+        ];
+        send(&gitea, headers, body)
+    };
+    // Gitea's fixture comes from a fork; the same from a branch of the repository itself.
+    let own = edited(GITEA_PR, &[("/pull_request/head/repo/full_name", "example/example".into())]);
+    let started = [
+        (to_github(&github, GITHUB_PR.to_vec(), "p-1").await, "changes", 1, "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"),
+        (to_gitlab(GITLAB_MR.to_vec(), "p-1").await, "ms-viewport", 1, "da1560886d4f094c3e6c9ef40349f7d38b5d27d7"),
+        (to_gitea(own, "p-1").await, "master", 2, "48e773f892a831faa47c0a160d1b7f0cd369ae2a"),
+    ];
+    for (answer, branch, number, commit) in &started {
+        assert_eq!(answer["outcome"], "started", "{answer}");
+        let run = tm.wait_run(answer["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let inputs = &run["inputs"];
+        assert_eq!((&inputs["branch"], &inputs["commit"]), (&serde_json::json!(branch), &serde_json::json!(commit)));
+        assert_eq!(
+            (&inputs["pull_request"], &inputs["target_branch"]),
+            (&serde_json::json!(number), &serde_json::json!("master"))
+        );
+        assert_eq!(run["trigger"]["pull_request"], *number, "{run}");
+        assert_eq!(run["trigger"]["target_branch"], "master", "{run}");
+    }
+    // Each shows on its head commit: pending (GitLab: running), then its outcome.
+    let lines = [
+        "POST /repos/baxterthehacker/public-repo/statuses/0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c",
+        "POST /api/v4/projects/gitlabhq%2Fgitlab-test/statuses/da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
+        "POST /api/v1/repos/example/example/statuses/48e773f892a831faa47c0a160d1b7f0cd369ae2a",
+    ];
+    eventually("each head commit's outcome", Duration::from_secs(20), || async {
+        let seen = calls.lock().unwrap().clone();
+        let done = lines.iter().all(|line| seen.iter().any(|(l, _, b)| l == line && b["state"] == "success"));
+        Ok(done.then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // What starts nothing, and says why.
+    let closed = edited(GITHUB_PR, &[("/action", "closed".into())]);
+    let into_other = edited(GITHUB_PR, &[("/pull_request/base/ref", "develop".into())]);
+    let retitled = edited(GITLAB_MR, &[("/object_attributes/action", "update".into())]);
+    let before = tm.event_count().await;
+    for (answer, says) in [
+        (to_github(&without, GITHUB_PR.to_vec(), "p-2").await, "pull_requests: false"),
+        (to_github(&github, closed, "p-3").await, "closed"),
+        (to_github(&github, into_other, "p-4").await, "target branch develop"),
+        (to_gitea(GITEA_PR.to_vec(), "p-5").await, "fork"),
+        (to_gitlab(retitled, "p-6").await, "without new commits"),
+    ] {
+        assert_eq!(answer["outcome"], "ignored", "{answer}");
+        assert!(answer["reason"].as_str().unwrap().contains(says), "{says}: {answer}");
+    }
+    assert_eq!(tm.event_count().await, before, "nothing appended for them");
     tm.finish().await;
 }
 
@@ -2890,6 +3009,46 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     assert_eq!(run["steps"][0]["output"], format!("one\n{pushed}\n{other_url}\nno-header\n"), "{run}");
     let sent = open_fetches.lock().unwrap().clone();
     assert!(!sent.is_empty() && sent.iter().all(Option::is_none), "{sent:?}");
+
+    // A pull request from a branch of the repository checks out its head commit, with the token.
+    let id = hook.rsplit('/').next().unwrap();
+    let res = tm
+        .send_json(
+            reqwest::Method::PATCH,
+            &format!("/v1/repo-connections/{id}"),
+            &serde_json::json!({"pull_requests": true}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    tm.wait_projected().await;
+    let opened = edited(
+        GITHUB_PR,
+        &[
+            ("/repository/full_name", "binkkatal/sample_app".into()),
+            ("/repository/clone_url", clone_url.clone().into()),
+            ("/pull_request/head/repo/full_name", "binkkatal/sample_app".into()),
+            ("/pull_request/head/sha", second.clone().into()),
+        ],
+    );
+    let fetched_before = fetches.lock().unwrap().len();
+    let res = tm
+        .http
+        .post(&hook)
+        .header("content-type", "application/json")
+        .header("x-github-event", "pull_request")
+        .header("x-github-delivery", "c-5")
+        .header("x-hub-signature-256", github_signature(&opened))
+        .body(opened)
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(answer["outcome"], "started", "{answer}");
+    let run = tm.wait_run(answer["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(step(&run, "build")["output"].as_str().unwrap().starts_with(&format!("two\n{second}\n")), "{run}");
+    let sent = fetches.lock().unwrap()[fetched_before..].to_vec();
+    assert!(!sent.is_empty() && sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
 
     // A commit the repository does not have fails the step, saying why.
     let missing = "0123456789abcdef0123456789abcdef01234567";

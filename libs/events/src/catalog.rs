@@ -492,6 +492,13 @@ pub enum Trigger {
         /// The repository's git URL over HTTP(S), as the push gave it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         clone_url: Option<String>,
+        /// For a pull (GitLab: merge) request's run: its number (GitLab: its `iid`); `branch`
+        /// and `commit` are then its head's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pull_request: Option<u64>,
+        /// For a pull request's run: the branch it asks to merge into.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_branch: Option<String>,
     },
 }
 
@@ -1018,6 +1025,11 @@ pub struct RepoConnectionCreated {
     /// The forge's API base URL (its server, for GitLab and Gitea); none: the forge's public one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// Pull requests (GitLab: merge requests) from a branch of the repository itself start
+    /// runs too, at their head commit, when opened, given new commits or reopened; `branches`
+    /// then filters the branch they ask to merge into. Those from forks start none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pull_requests: bool,
     /// Repositories at the forge (`owner/name` patterns, `*` for any run of characters) that a
     /// checkout may fetch as submodules with `status_token`; empty: submodules are fetched
     /// without it. Chosen by whoever administers the connection, never by a push: the token

@@ -286,6 +286,9 @@ pub struct CreateRepoConnection {
     /// Repositories at the forge a checkout may fetch as submodules with the token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub submodule_repositories: Vec<String>,
+    /// Pull requests from the repository's own branches start runs too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pull_requests: bool,
 }
 
 /// `{ns}.cmd.ingest.update_repo_connection`: change a connection's settings. A field left
@@ -319,6 +322,8 @@ pub struct UpdateRepoConnection {
     pub api_url: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submodule_repositories: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_requests: Option<bool>,
 }
 
 /// For a field that may be left out, given, or given as `null` (`Option<Option<T>>` with

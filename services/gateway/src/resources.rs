@@ -103,6 +103,8 @@ pub struct RepoConnectionView {
     pub api_url: Option<String>,
     /// Repositories at the forge its checkouts may fetch as submodules with its token.
     pub submodule_repositories: Vec<String>,
+    /// Its pull (merge) requests from the repository's own branches start runs.
+    pub pull_requests: bool,
     /// The path the forge posts to on the git-integration service.
     pub webhook_path: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -144,7 +146,7 @@ pub async fn list_repo_connections(
     page: crate::Page,
 ) -> ApiResult<Json<RepoConnectionList>> {
     let sql = "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
-        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, created_at, status_failure
+        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, pull_requests, created_at, status_failure
         FROM repo_connections WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
@@ -165,6 +167,7 @@ pub async fn list_repo_connections(
                 reports_status: r.get("reports_status"),
                 api_url: r.get("api_url"),
                 submodule_repositories: r.get("submodule_repositories"),
+                pull_requests: r.get("pull_requests"),
                 created_at: r.get("created_at"),
                 // (A shape this version does not read is shown as none, not a failed list.)
                 status_failure: r
@@ -288,6 +291,13 @@ pub struct RepoConnectionRequest {
     /// and the token may read more than the pusher may: name only what any pusher may read.
     #[serde(default)]
     pub submodule_repositories: Vec<String>,
+    /// Pull requests (GitLab: merge requests) from a branch of the repository itself start
+    /// runs too, at their head commit, when opened, given new commits or reopened (GitHub and
+    /// Gitea: `pull_request` events; GitLab: `Merge Request Hook`), with inputs `branch` (its
+    /// head's), `target_branch` and `pull_request` (its number); `branches` then filters the
+    /// branch it asks to merge into. Those from forks start none. Default false.
+    #[serde(default)]
+    pub pull_requests: bool,
 }
 
 /// A created repository connection.
@@ -337,6 +347,7 @@ pub async fn create_repo_connection(
             status_token,
             api_url: req.api_url,
             submodule_repositories: req.submodule_repositories,
+            pull_requests: req.pull_requests,
         })
         .await?;
     let webhook_path = format!("/hooks/{}/{}", req_forge.as_str(), created.id);
@@ -419,6 +430,10 @@ pub struct RepoConnectionPatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<String>>, nullable)]
     pub submodule_repositories: Option<Option<Vec<String>>>,
+    /// Whether pull requests start runs. Cannot be `null`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<bool>)]
+    pub pull_requests: Option<Option<bool>>,
 }
 
 /// A merge patch's field that cannot be removed: its value, or `None` when it is left out;
@@ -498,6 +513,7 @@ pub async fn update_repo_connection(
             status_token,
             api_url: patch.api_url,
             submodule_repositories: list(patch.submodule_repositories),
+            pull_requests: kept("pull_requests", patch.pull_requests)?,
         })
         .await?;
     Ok(Json(IntegrationUpdated { id, seq: updated.seq }))

@@ -1,11 +1,11 @@
-//! GitHub: webhook signatures and the parts of a push payload Taskmesh uses.
+//! GitHub: webhook signatures and the parts of push and pull request payloads Taskmesh uses.
 
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use taskmesh_events::ErrorCode;
 use taskmesh_http::ApiError;
 
-use crate::{Hook, Push, header};
+use crate::{Hook, PullRequest, Push, header};
 
 /// Checks `X-Hub-Signature-256` (`sha256=` + hex HMAC-SHA256 of the body) in constant time.
 pub fn verify_signature(secret: &[u8], body: &[u8], header: &str) -> bool {
@@ -30,6 +30,7 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
     match header(headers, "x-github-event").unwrap_or("") {
         "ping" => Ok(Hook::Ping),
         "push" => Ok(Hook::Push { delivery, push: push(body, false)? }),
+        "pull_request" => Ok(Hook::PullRequest { delivery, pr: pull_request(body)? }),
         other => Ok(Hook::Other(other.to_string())),
     }
 }
@@ -51,6 +52,61 @@ pub(crate) fn push(body: &[u8], gitea: bool) -> Result<Push, ApiError> {
     push.clone_url = p.repository.clone_url;
     push.changed = complete.then(|| crate::changed_files(&p.commits));
     Ok(push)
+}
+
+/// Reads a `pull_request` payload: GitHub's, or Gitea's, which has the same fields. Opened,
+/// given new commits (`synchronize`; Gitea: `synchronized`) or reopened, it starts a run.
+pub(crate) fn pull_request(body: &[u8]) -> Result<PullRequest, ApiError> {
+    let p: PullRequestPayload = taskmesh_http::body::json(body)?;
+    let inactive = match p.action.as_str() {
+        "opened" | "synchronize" | "synchronized" | "reopened" => None,
+        other => Some(format!("pull request {other}: only opened, new commits and reopened start runs")),
+    };
+    // A head whose repository is gone (a deleted fork) is not the repository's own.
+    let head_repository = p.pull_request.head.repo.map(|r| r.full_name);
+    let fork = !head_repository.is_some_and(|h| h.eq_ignore_ascii_case(&p.repository.full_name));
+    Ok(PullRequest {
+        repository: p.repository.full_name,
+        number: p.number,
+        head_branch: p.pull_request.head.r#ref,
+        target_branch: p.pull_request.base.r#ref,
+        commit: p.pull_request.head.sha,
+        title: p.pull_request.title,
+        fork,
+        inactive,
+        clone_url: p.repository.clone_url,
+    })
+}
+
+/// A `pull_request` event (only the fields used).
+#[derive(Debug, Deserialize)]
+struct PullRequestPayload {
+    action: String,
+    number: u64,
+    pull_request: PullRequestFields,
+    repository: Repository,
+}
+
+#[derive(Debug, Deserialize)]
+struct PullRequestFields {
+    #[serde(default)]
+    title: String,
+    head: PullRequestEnd,
+    base: PullRequestEnd,
+}
+
+/// A pull request's head or base: a branch of a repository, at a commit.
+#[derive(Debug, Deserialize)]
+struct PullRequestEnd {
+    r#ref: String,
+    #[serde(default)]
+    sha: String,
+    repo: Option<RepositoryName>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RepositoryName {
+    full_name: String,
 }
 
 /// A `push` event (only the fields used).

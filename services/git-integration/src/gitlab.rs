@@ -1,11 +1,11 @@
-//! GitLab: the webhook token and the parts of a push payload Taskmesh uses.
+//! GitLab: the webhook token and the parts of push and merge request payloads Taskmesh uses.
 
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use taskmesh_events::ErrorCode;
 use taskmesh_http::ApiError;
 
-use crate::{Hook, Push, header};
+use crate::{Hook, PullRequest, Push, header};
 
 /// Checks `X-Gitlab-Token`, which is the secret itself, in constant time: the HMACs of the
 /// token and of the secret, both keyed with the secret, are compared.
@@ -44,8 +44,66 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
             push.changed = complete.then(|| crate::changed_files(&files));
             Ok(Hook::Push { delivery, push })
         }
+        "Merge Request Hook" => Ok(Hook::PullRequest { delivery, pr: merge_request(body)? }),
         other => Ok(Hook::Other(other.to_string())),
     }
+}
+
+/// Reads a `Merge Request Hook` payload. Opened, reopened, or updated with new commits (an
+/// update says the head it had, `oldrev`, only then), it starts a run.
+fn merge_request(body: &[u8]) -> Result<PullRequest, ApiError> {
+    let p: MergeRequestPayload = taskmesh_http::body::json(body)?;
+    let mr = p.object_attributes;
+    let inactive = match (mr.action.as_deref(), &mr.oldrev) {
+        (Some("open" | "reopen"), _) | (Some("update"), Some(_)) => None,
+        (Some("update"), None) => Some("merge request updated without new commits".to_string()),
+        (other, _) => Some(format!(
+            "merge request {}: only opened, new commits and reopened start runs",
+            other.unwrap_or("event")
+        )),
+    };
+    let fork = mr.source_project_id.is_none() || mr.source_project_id != mr.target_project_id;
+    let message = mr.last_commit.as_ref().map(|c| c.message.as_str()).unwrap_or_default();
+    Ok(PullRequest {
+        repository: p.project.path_with_namespace,
+        number: mr.iid,
+        head_branch: mr.source_branch,
+        target_branch: mr.target_branch,
+        commit: mr.last_commit.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+        // The head commit's message is in the payload: `[skip ci]` there counts too.
+        title: format!("{}\n{message}", mr.title),
+        fork,
+        inactive,
+        clone_url: p.project.git_http_url,
+    })
+}
+
+/// A `Merge Request Hook` event (only the fields used).
+#[derive(Debug, Deserialize)]
+struct MergeRequestPayload {
+    project: Project,
+    object_attributes: MergeRequest,
+}
+
+#[derive(Debug, Deserialize)]
+struct MergeRequest {
+    iid: u64,
+    action: Option<String>,
+    source_branch: String,
+    target_branch: String,
+    #[serde(default)]
+    title: String,
+    oldrev: Option<String>,
+    last_commit: Option<LastCommit>,
+    source_project_id: Option<u64>,
+    target_project_id: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LastCommit {
+    id: String,
+    #[serde(default)]
+    message: String,
 }
 
 /// A `Push Hook` event (only the fields used).

@@ -1,6 +1,7 @@
-//! Git integration: forges' webhooks in. A push to a connected repository starts a run of the
-//! connection's workflow, or of the workflow its pipeline file holds at the pushed commit, once
-//! per delivery.
+//! Git integration: forges' webhooks in. A push to a connected repository (and, where the
+//! connection asks, a pull or merge request from one of its branches, opened, given new commits
+//! or reopened) starts a run of the connection's workflow, or of the workflow its pipeline file
+//! holds at the commit, once per delivery.
 //!
 //! `POST /hooks/{forge}/{connection}` (`github`, `gitlab` or `gitea`, as the connection says)
 //! verifies the delivery with the connection's secret before anything else: GitHub's
@@ -10,8 +11,8 @@
 //! `{forge}:{connection}:{delivery}`, so a redelivered webhook starts no second run.
 //!
 //! # Layout
-//! - [`github`], [`gitlab`], [`gitea`]: each forge's verification and push payload, read into
-//!   a [`Hook`].
+//! - [`github`], [`gitlab`], [`gitea`]: each forge's verification, push and pull request
+//!   payloads, read into a [`Hook`].
 //! - [`pipeline`]: a connection's workflow read from a file in the repository at the pushed
 //!   commit.
 //! - this file: the router, [`build`], the filters and the run a push starts.
@@ -140,12 +141,17 @@ struct Connection {
     /// the commit, and a pipeline file is read with it.
     status_token: Option<String>,
     api_url: Option<String>,
+    /// Its pull requests start runs.
+    pull_requests: bool,
 }
 
 /// What a verified delivery asks of Taskmesh.
 pub enum Hook {
     /// A push: a run, if it passes the connection's filters; once per `delivery`.
     Push { delivery: String, push: Push },
+    /// A pull (merge) request's event: a run, if the connection takes pull requests and it
+    /// passes its filters; once per `delivery`.
+    PullRequest { delivery: String, pr: PullRequest },
     /// A ping (GitHub's, when a webhook is set up): answered `200`.
     Ping,
     /// Any other event, by its name: acknowledged and ignored.
@@ -178,6 +184,130 @@ impl Push {
         let deleted = is_zero_sha(&commit);
         Self { repository, r#ref, commit, deleted, message, changed: None, clone_url: None }
     }
+}
+
+/// A pull (GitLab: merge) request's event, as every forge describes it.
+pub struct PullRequest {
+    /// The repository it asks to merge into (`owner/name`; GitLab: the project's path).
+    pub repository: String,
+    /// Its number (GitLab: its `iid`).
+    pub number: u64,
+    /// The branch its commits are on.
+    pub head_branch: String,
+    /// The branch it asks to merge into.
+    pub target_branch: String,
+    /// Its head commit.
+    pub commit: String,
+    /// Its title (GitLab: and its head commit's message), where `[skip ci]` counts.
+    pub title: String,
+    /// Its head is another repository's (a fork's), or unknown.
+    pub fork: bool,
+    /// Why this event starts no run (closed, labelled, edited, …); none: it may.
+    pub inactive: Option<String>,
+    /// The repository's git URL over HTTP(S), where the payload has it.
+    pub clone_url: Option<String>,
+}
+
+/// What a delivery that passed the connection's filters starts a run of.
+struct Start {
+    repository: String,
+    commit: String,
+    branch: Option<String>,
+    tag: Option<String>,
+    /// A pull request's number and the branch it asks to merge into.
+    pull_request: Option<(u64, String)>,
+    clone_url: Option<String>,
+}
+
+/// Whether a commit message or title asks to skip CI.
+fn skips_ci(text: &str) -> bool {
+    text.contains("[skip ci]") || text.contains("[ci skip]")
+}
+
+/// What a push starts, or why it starts nothing.
+fn push_start(conn: &Connection, push: Push) -> Result<Start, String> {
+    if !push.repository.eq_ignore_ascii_case(&conn.repository) {
+        return Err(format!("push to {}, but this connection is for {}", push.repository, conn.repository));
+    }
+    if push.deleted {
+        return Err("ref deleted".into());
+    }
+    let matches = |patterns: &[String], name: &str| patterns.iter().any(|p| glob_match(p, name));
+    let (branch, tag) = if let Some(branch) = push.r#ref.strip_prefix("refs/heads/") {
+        if !conn.branches.is_empty() && !matches(&conn.branches, branch) {
+            return Err(format!("branch {branch} matches none of the connection's branches"));
+        }
+        // A branch push changes files; a tag push names a commit. A push listing no file at
+        // all (a branch made at a commit already pushed) is not judged: it starts its run.
+        if let Some(changed) = push.changed.as_ref().filter(|c| !conn.paths.is_empty() && !c.is_empty())
+            && !changed.iter().any(|f| matches(&conn.paths, f))
+        {
+            return Err("no file it changes matches the connection's paths".into());
+        }
+        (Some(branch.to_string()), None)
+    } else if let Some(tag) = push.r#ref.strip_prefix("refs/tags/") {
+        if !matches(&conn.tags, tag) {
+            return Err(format!("tag {tag} matches none of the connection's tags"));
+        }
+        (None, Some(tag.to_string()))
+    } else {
+        return Err(format!("{} is neither a branch nor a tag", push.r#ref));
+    };
+    if push.message.as_deref().is_some_and(skips_ci) {
+        return Err("the head commit asks to skip CI".into());
+    }
+    Ok(Start {
+        repository: push.repository,
+        commit: push.commit,
+        branch,
+        tag,
+        pull_request: None,
+        clone_url: push.clone_url,
+    })
+}
+
+/// What a pull request's event starts, or why it starts nothing. Its files are not listed,
+/// so `paths` does not judge it; `branches` judges the branch it asks to merge into.
+fn pull_request_start(conn: &Connection, pr: PullRequest) -> Result<Start, String> {
+    if !conn.pull_requests {
+        return Err("this connection's pull requests start no runs (pull_requests: false)".into());
+    }
+    if !pr.repository.eq_ignore_ascii_case(&conn.repository) {
+        return Err(format!("pull request to {}, but this connection is for {}", pr.repository, conn.repository));
+    }
+    if let Some(why) = pr.inactive {
+        return Err(why);
+    }
+    // A fork's code and pipeline file are whoever opened it's: they run with the tenant's
+    // secrets nowhere.
+    if pr.fork {
+        return Err(format!(
+            "pull request #{} comes from a fork: only the repository's own branches start runs",
+            pr.number
+        ));
+    }
+    if !conn.branches.is_empty() && !conn.branches.iter().any(|p| glob_match(p, &pr.target_branch)) {
+        return Err(format!("target branch {} matches none of the connection's branches", pr.target_branch));
+    }
+    if !is_commit_id(&pr.commit) {
+        return Err(format!("pull request #{} names no head commit", pr.number));
+    }
+    if skips_ci(&pr.title) {
+        return Err("the pull request asks to skip CI".into());
+    }
+    Ok(Start {
+        repository: pr.repository,
+        commit: pr.commit,
+        branch: Some(pr.head_branch),
+        tag: None,
+        pull_request: Some((pr.number, pr.target_branch)),
+        clone_url: pr.clone_url,
+    })
+}
+
+/// Whether `sha` is a full commit id (40 or 64 hex digits), not all zeros.
+fn is_commit_id(sha: &str) -> bool {
+    matches!(sha.len(), 40 | 64) && sha.bytes().all(|b| b.is_ascii_hexdigit()) && !is_zero_sha(sha)
 }
 
 /// A commit's files as GitHub, GitLab and Gitea list them in a push.
@@ -243,7 +373,8 @@ fn is_zero_sha(sha: &str) -> bool {
 
 async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connection> {
     let row = sqlx::query(
-        "SELECT tenant_id, repository, secret, branches, tags, paths, workflow, pipeline_file, status_token, api_url
+        "SELECT tenant_id, repository, secret, branches, tags, paths, workflow, pipeline_file, status_token, api_url,
+                pull_requests
          FROM repo_connections WHERE id = $1 AND forge = $2",
     )
     .bind(id)
@@ -262,6 +393,7 @@ async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connecti
         pipeline_file: row.get("pipeline_file"),
         status_token: row.get("status_token"),
         api_url: row.get("api_url"),
+        pull_requests: row.get("pull_requests"),
     })
 }
 
@@ -282,51 +414,23 @@ async fn hook(
         Forge::Gitlab => gitlab::read,
         Forge::Gitea => gitea::read,
     };
-    let (delivery, push) = match read(&headers, &body, &secret)? {
-        Hook::Push { delivery, push } => (delivery, push),
+    let (delivery, start) = match read(&headers, &body, &secret)? {
+        Hook::Push { delivery, push } => (delivery, push_start(&conn, push)),
+        Hook::PullRequest { delivery, pr } => (delivery, pull_request_start(&conn, pr)),
         Hook::Ping => {
             let pong = HookResponse { outcome: "ignored", run_id: None, duplicate: None, reason: Some("pong".into()) };
             return Ok((StatusCode::OK, Json(pong)));
         }
         Hook::Other(event) => return Ok(HookResponse::ignored(format!("event '{event}' starts no run"))),
     };
-    if !push.repository.eq_ignore_ascii_case(&conn.repository) {
-        return Ok(HookResponse::ignored(format!(
-            "push to {}, but this connection is for {}",
-            push.repository, conn.repository
-        )));
-    }
-    if push.deleted {
-        return Ok(HookResponse::ignored("ref deleted"));
-    }
-    let matches = |patterns: &[String], name: &str| patterns.iter().any(|p| glob_match(p, name));
-    let (branch, tag) = if let Some(branch) = push.r#ref.strip_prefix("refs/heads/") {
-        if !conn.branches.is_empty() && !matches(&conn.branches, branch) {
-            return Ok(HookResponse::ignored(format!("branch {branch} matches none of the connection's branches")));
-        }
-        // A branch push changes files; a tag push names a commit. A push listing no file at
-        // all (a branch made at a commit already pushed) is not judged: it starts its run.
-        if let Some(changed) = push.changed.as_ref().filter(|c| !conn.paths.is_empty() && !c.is_empty())
-            && !changed.iter().any(|f| matches(&conn.paths, f))
-        {
-            return Ok(HookResponse::ignored("no file it changes matches the connection's paths"));
-        }
-        (Some(branch), None)
-    } else if let Some(tag) = push.r#ref.strip_prefix("refs/tags/") {
-        if !matches(&conn.tags, tag) {
-            return Ok(HookResponse::ignored(format!("tag {tag} matches none of the connection's tags")));
-        }
-        (None, Some(tag))
-    } else {
-        return Ok(HookResponse::ignored(format!("{} is neither a branch nor a tag", push.r#ref)));
+    let start = match start {
+        Ok(start) => start,
+        Err(reason) => return Ok(HookResponse::ignored(reason)),
     };
-    if push.message.as_ref().is_some_and(|m| m.contains("[skip ci]") || m.contains("[ci skip]")) {
-        return Ok(HookResponse::ignored("the head commit asks to skip CI"));
-    }
     // The workflow, and the file it was read from, if it was.
     let (workflow, pipeline_file) = match (&conn.workflow, &conn.pipeline_file) {
         (Some(workflow), _) => (workflow.clone(), None),
-        (None, Some(path)) => match pipeline_workflow(&state, &conn, forge, path, &push.commit).await? {
+        (None, Some(path)) => match pipeline_workflow(&state, &conn, forge, path, &start.commit).await? {
             Some(workflow) => (workflow, Some(path.clone())),
             None => return Ok(HookResponse::ignored(format!("the commit has no pipeline file {path}"))),
         },
@@ -336,13 +440,18 @@ async fn hook(
         }
     };
     let mut inputs = BTreeMap::from([
-        ("repository".to_string(), serde_json::json!(push.repository)),
-        ("commit".to_string(), serde_json::json!(push.commit)),
+        ("repository".to_string(), serde_json::json!(start.repository)),
+        ("commit".to_string(), serde_json::json!(start.commit)),
     ]);
-    match (branch, tag) {
-        (Some(branch), _) => inputs.insert("branch".to_string(), serde_json::json!(branch)),
-        (_, tag) => inputs.insert("tag".to_string(), serde_json::json!(tag)),
-    };
+    for (name, value) in [("branch", &start.branch), ("tag", &start.tag)] {
+        if let Some(value) = value {
+            inputs.insert(name.to_string(), serde_json::json!(value));
+        }
+    }
+    if let Some((number, target)) = &start.pull_request {
+        inputs.insert("pull_request".to_string(), serde_json::json!(number));
+        inputs.insert("target_branch".to_string(), serde_json::json!(target));
+    }
     let accepted = state
         .ingest
         .submit_run(&SubmitRun {
@@ -353,12 +462,14 @@ async fn hook(
                 forge,
                 connection_id: id,
                 delivery: delivery.clone(),
-                repository: push.repository.clone(),
-                branch: branch.map(String::from),
-                commit: Some(push.commit.clone()),
-                tag: tag.map(String::from),
+                repository: start.repository.clone(),
+                branch: start.branch.clone(),
+                commit: Some(start.commit.clone()),
+                tag: start.tag.clone(),
                 reports_status: conn.status_token.is_some(),
-                clone_url: push.clone_url.as_deref().and_then(|u| repository_url(u, &push.repository)),
+                clone_url: start.clone_url.as_deref().and_then(|u| repository_url(u, &start.repository)),
+                pull_request: start.pull_request.as_ref().map(|(n, _)| *n),
+                target_branch: start.pull_request.as_ref().map(|(_, t)| t.clone()),
             },
             idempotency_key: Some(format!("{}:{id}:{delivery}", forge.as_str())),
             priority: None,
@@ -371,7 +482,7 @@ async fn hook(
         .map_err(|mut p| {
             // Said of a file in the repository, the problem names it (the forge shows it).
             if let (Some(path), ErrorCode::InvalidWorkflow | ErrorCode::InvalidInput) = (&pipeline_file, p.code) {
-                p.detail = format!("the pipeline file {path} at {}: {}", push.commit, p.detail);
+                p.detail = format!("the pipeline file {path} at {}: {}", start.commit, p.detail);
             }
             p
         })?;
@@ -434,12 +545,104 @@ mod tests {
         assert!(!push("").deleted);
     }
 
+    /// A payload of `tests/fixtures/webhooks/{forge}/{name}.json`.
+    fn fixture(forge: &str, name: &str) -> Vec<u8> {
+        let path = format!("{}/../../tests/fixtures/webhooks/{forge}/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(path).unwrap()
+    }
+
+    /// `body` with the JSON value at `pointer` set to `value` (added to its object if absent).
+    fn with(body: &[u8], pointer: &str, value: serde_json::Value) -> Vec<u8> {
+        let mut json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        json.pointer_mut(parent).unwrap().as_object_mut().unwrap().insert(key.to_string(), value);
+        serde_json::to_vec(&json).unwrap()
+    }
+
+    fn connection(pull_requests: bool, branches: &[&str]) -> Connection {
+        Connection {
+            tenant: "t".into(),
+            repository: "baxterthehacker/public-repo".into(),
+            secret: String::new(),
+            branches: branches.iter().map(|b| b.to_string()).collect(),
+            tags: vec![],
+            paths: vec!["docs/*".into()],
+            workflow: None,
+            pipeline_file: None,
+            status_token: None,
+            api_url: None,
+            pull_requests,
+        }
+    }
+
+    #[test]
+    fn each_forges_pull_request_is_read_with_its_head_its_target_and_whether_it_is_a_forks() {
+        let github = github::pull_request(&fixture("github", "pull_request")).unwrap();
+        assert_eq!((github.repository.as_str(), github.number), ("baxterthehacker/public-repo", 1));
+        assert_eq!((github.head_branch.as_str(), github.target_branch.as_str()), ("changes", "master"));
+        assert_eq!(github.commit, "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c");
+        assert!(!github.fork && github.inactive.is_none());
+        assert_eq!(github.clone_url.as_deref(), Some("https://github.com/baxterthehacker/public-repo.git"));
+        // Gitea's is from a fork; a closed one, or a head whose repository is gone, starts nothing.
+        let gitea = github::pull_request(&fixture("gitea", "pull_request")).unwrap();
+        assert_eq!((gitea.repository.as_str(), gitea.number, gitea.fork), ("example/example", 2, true));
+        let closed = with(&fixture("github", "pull_request"), "/action", "closed".into());
+        assert!(github::pull_request(&closed).unwrap().inactive.unwrap().contains("closed"));
+        let gone = with(&fixture("github", "pull_request"), "/pull_request/head/repo", serde_json::Value::Null);
+        assert!(github::pull_request(&gone).unwrap().fork);
+        let synced = with(&fixture("gitea", "pull_request"), "/action", "synchronized".into());
+        assert!(github::pull_request(&synced).unwrap().inactive.is_none());
+
+        let headers: HeaderMap = [("x-gitlab-token", "s"), ("x-gitlab-event", "Merge Request Hook")]
+            .into_iter()
+            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+            .collect();
+        let read = |body: &[u8]| match gitlab::read(&headers, body, b"s") {
+            Ok(Hook::PullRequest { pr, .. }) => pr,
+            _ => panic!("a GitLab merge request"),
+        };
+        let gitlab = read(&fixture("gitlab", "merge_request"));
+        assert_eq!((gitlab.repository.as_str(), gitlab.number), ("gitlabhq/gitlab-test", 1));
+        assert_eq!((gitlab.head_branch.as_str(), gitlab.target_branch.as_str()), ("ms-viewport", "master"));
+        assert_eq!(gitlab.commit, "da1560886d4f094c3e6c9ef40349f7d38b5d27d7");
+        assert!(!gitlab.fork && gitlab.inactive.is_none());
+        // An update starts a run only with new commits (`oldrev`).
+        let edited = with(&fixture("gitlab", "merge_request"), "/object_attributes/action", "update".into());
+        assert!(read(&edited).inactive.is_some());
+        let pushed = with(&edited, "/object_attributes/oldrev", "1".repeat(40).into());
+        assert!(read(&pushed).inactive.is_none());
+        let forked = with(&fixture("gitlab", "merge_request"), "/object_attributes/source_project_id", 15.into());
+        assert!(read(&forked).fork);
+    }
+
+    #[test]
+    fn a_pull_request_starts_a_run_only_where_the_connection_takes_them_and_its_target_passes() {
+        let pr = || github::pull_request(&fixture("github", "pull_request")).unwrap();
+        let start = pull_request_start(&connection(true, &["master"]), pr()).unwrap();
+        assert_eq!((start.branch.as_deref(), start.pull_request), (Some("changes"), Some((1, "master".into()))));
+        assert_eq!(start.commit, "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c");
+        // `paths` does not judge it: its files are not listed.
+        let off = pull_request_start(&connection(false, &[]), pr()).err().unwrap();
+        assert!(off.contains("pull_requests: false"), "{off}");
+        let elsewhere = pull_request_start(&connection(true, &["release/*"]), pr()).err().unwrap();
+        assert!(elsewhere.contains("target branch master"), "{elsewhere}");
+        let mut forked = pr();
+        forked.fork = true;
+        assert!(pull_request_start(&connection(true, &[]), forked).err().unwrap().contains("fork"));
+        let mut skipped = pr();
+        skipped.title = "Docs only [skip ci]".into();
+        assert!(pull_request_start(&connection(true, &[]), skipped).err().unwrap().contains("skip CI"));
+        let mut headless = pr();
+        headless.commit = String::new();
+        assert!(pull_request_start(&connection(true, &[]), headless).is_err());
+        let mut other = pr();
+        other.repository = "someone/else".into();
+        assert!(pull_request_start(&connection(true, &[]), other).err().unwrap().contains("someone/else"));
+    }
+
     #[test]
     fn each_forges_push_names_its_repositorys_url() {
-        let fixture = |forge: &str| {
-            let path = format!("{}/../../tests/fixtures/webhooks/{forge}/push.json", env!("CARGO_MANIFEST_DIR"));
-            std::fs::read(path).unwrap()
-        };
+        let fixture = |forge: &str| fixture(forge, "push");
         let github = github::push(&fixture("github"), false).unwrap();
         assert_eq!(github.clone_url.as_deref(), Some("https://github.com/binkkatal/sample_app.git"));
         let gitea = github::push(&fixture("gitea"), true).unwrap();

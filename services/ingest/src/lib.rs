@@ -59,6 +59,9 @@ fn changed(
     set(&mut now.tags, &cmd.tags);
     set(&mut now.paths, &cmd.paths);
     set(&mut now.submodule_repositories, &cmd.submodule_repositories);
+    if let Some(on) = cmd.pull_requests {
+        now.pull_requests = on;
+    }
     if let Some(repository) = &cmd.repository {
         now.repository.clone_from(repository);
     }
@@ -736,6 +739,7 @@ impl Ingest {
             status_token: cmd.status_token,
             api_url: cmd.api_url,
             submodule_repositories: cmd.submodule_repositories,
+            pull_requests: cmd.pull_requests,
         };
         self.check_connection(&connection, None)?;
         let envelope = EventMeta::new(&cmd.tenant)

@@ -68,12 +68,14 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
         Event::RepoConnectionCreated(e) | Event::RepoConnectionUpdated(taskmesh_events::RepoConnectionUpdated(e)) => {
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
-                                              status_token, api_url, tags, paths, pipeline_file, submodule_repositories)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14)
+                                              status_token, api_url, tags, paths, pipeline_file, submodule_repositories,
+                                              pull_requests)
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15)
                  ON CONFLICT (id) DO UPDATE SET repository = EXCLUDED.repository, secret = EXCLUDED.secret,
                      branches = EXCLUDED.branches, workflow = EXCLUDED.workflow, status_token = EXCLUDED.status_token,
                      api_url = EXCLUDED.api_url, tags = EXCLUDED.tags, paths = EXCLUDED.paths,
-                     pipeline_file = EXCLUDED.pipeline_file, submodule_repositories = EXCLUDED.submodule_repositories
+                     pipeline_file = EXCLUDED.pipeline_file, submodule_repositories = EXCLUDED.submodule_repositories,
+                     pull_requests = EXCLUDED.pull_requests
                  WHERE repo_connections.tenant_id = EXCLUDED.tenant_id",
             )
             .bind(e.connection_id)
@@ -90,6 +92,7 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(&e.paths)
             .bind(&e.pipeline_file)
             .bind(&e.submodule_repositories)
+            .bind(e.pull_requests)
             .execute(&mut **tx)
             .await?;
         }

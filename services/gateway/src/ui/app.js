@@ -502,7 +502,11 @@ function runView(id, stepId) {
 function triggerText(t) {
   if (!t) return "";
   switch (t.kind) {
-    case "webhook": return `${t.forge} push to ${t.repository}${t.branch ? ` (${t.branch})` : t.tag ? ` (tag ${t.tag})` : ""}${t.commit ? ` at ${t.commit.slice(0, 12)}` : ""}`;
+    case "webhook":
+      if (t.pull_request != null) {
+        return `${t.forge} pull request #${t.pull_request} to ${t.repository} (${t.branch} into ${t.target_branch})${t.commit ? ` at ${t.commit.slice(0, 12)}` : ""}`;
+      }
+      return `${t.forge} push to ${t.repository}${t.branch ? ` (${t.branch})` : t.tag ? ` (tag ${t.tag})` : ""}${t.commit ? ` at ${t.commit.slice(0, 12)}` : ""}`;
     case "schedule": return `schedule ${t.schedule_id} (${when(t.tick)})`;
     case "rerun": return `rerun of ${t.run_id} from ${t.from}`;
     case "event": return `event ${t.type} from ${t.source}`;
