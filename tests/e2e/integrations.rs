@@ -1020,8 +1020,14 @@ async fn an_endpoint_failing_for_too_long_is_disabled_until_enabled_and_a_succes
     run_ends("three").await;
     failures(2).await;
     assert_eq!(disabled().await, None, "a delivery was taken since the first failure");
-    // Still failing 2 s on: disabled.
+    // Still failing 2 s on: disabled, though meanwhile its secret was rotated and it was changed
+    // (neither restarts the clock, as a delivery taken or an enabling does).
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    let path = format!("{}/v1/webhook-endpoints/{endpoint}", tm.api);
+    assert_eq!(tm.auth(tm.http.post(format!("{path}/rotate-secret"))).send().await.unwrap().status(), 200);
+    let res = tm.auth(tm.http.patch(&path)).json(&serde_json::json!({"event_types": []})).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    tm.wait_projected().await;
     run_ends("four").await;
     failures(3).await;
     let reason = disabled().await.expect("disabled");
@@ -2089,10 +2095,14 @@ async fn an_endpoint_is_moved_refiltered_and_its_secret_rotated_in_place() {
     let res = patch(serde_json::json!({"url": second, "event_types": ["run.failed"]})).await;
     assert_eq!(res.status(), 200);
     tm.wait_projected().await;
+    // The run each delivery was for.
+    let run_of = |n: usize| {
+        let payload: serde_json::Value = serde_json::from_slice(&second_seen.lock().unwrap()[n].1).unwrap();
+        payload["data"]["run_id"].as_str().unwrap().to_string()
+    };
     let failed = tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
     delivered(second_seen.clone(), 1).await;
-    let payload: serde_json::Value = serde_json::from_slice(&second_seen.lock().unwrap()[0].1).unwrap();
-    assert_eq!(payload["data"]["run_id"], failed.to_string());
+    assert_eq!(run_of(0), failed.to_string());
     assert_eq!(verifies(&second_seen, 0, &original), (true, 1));
     let succeeded = tm.submit("name: passes\nsteps:\n  - {id: a, run: 'true'}\n").await;
     tm.wait_run(succeeded, Duration::from_secs(30)).await;
@@ -2112,8 +2122,9 @@ async fn an_endpoint_is_moved_refiltered_and_its_secret_rotated_in_place() {
     let listed = tm.get_json_after(format!("{}/v1/webhook-endpoints", tm.api), rotated["seq"].as_u64().unwrap()).await;
     assert_eq!(listed["items"][0]["previous_secret_until"], rotated["previous_valid_until"], "{listed}");
     assert_eq!(listed["items"][0]["url"], second.as_str(), "{listed}");
-    tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    let failed = tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
     delivered(second_seen.clone(), 2).await;
+    assert_eq!(run_of(1), failed.to_string(), "not the success's, sent late");
     assert_eq!(verifies(&second_seen, 1, &new), (true, 2));
     assert_eq!(verifies(&second_seen, 1, &original), (true, 2));
 
@@ -2122,10 +2133,12 @@ async fn an_endpoint_is_moved_refiltered_and_its_secret_rotated_in_place() {
     assert_eq!(res.status(), 200);
     let newest: serde_json::Value = res.json().await.unwrap();
     assert_eq!(newest["previous_valid_until"], serde_json::Value::Null);
+    let newest_seq = newest["seq"].clone();
     let newest = newest["secret"].as_str().unwrap().to_string();
     tm.wait_projected().await;
-    tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    let failed = tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
     delivered(second_seen.clone(), 3).await;
+    assert_eq!(run_of(2), failed.to_string());
     assert_eq!(verifies(&second_seen, 2, &newest), (true, 1));
     assert!(!verifies(&second_seen, 2, &new).0, "the secret replaced no longer signs");
 
@@ -2144,7 +2157,23 @@ async fn an_endpoint_is_moved_refiltered_and_its_secret_rotated_in_place() {
     }
     let res = rotate(Some(serde_json::json!({"previous_valid_seconds": 604_801}))).await;
     assert_eq!(res.status(), 400);
-    assert_eq!(tm.event_count().await, before, "refusals append nothing");
+    // A patch that changes nothing appends nothing either, and answers the last event's seq.
+    let res = patch(serde_json::json!({})).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["seq"], newest_seq);
+    assert_eq!(tm.event_count().await, before, "refusals and a change to nothing append nothing");
+
+    // The secret replaced signs only for the time given: 1 s, then the newest alone.
+    let res = rotate(Some(serde_json::json!({"previous_valid_seconds": 1}))).await;
+    let briefly: serde_json::Value = res.json().await.unwrap();
+    tm.wait_projected().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listed = tm.get_json(format!("{}/v1/webhook-endpoints", tm.api)).await;
+    assert_eq!(listed["items"][0]["previous_secret_until"], serde_json::Value::Null, "{listed}");
+    let failed = tm.submit("name: fails\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
+    delivered(second_seen.clone(), 4).await;
+    assert_eq!(run_of(3), failed.to_string());
+    assert_eq!(verifies(&second_seen, 3, briefly["secret"].as_str().unwrap()), (true, 1), "the old one expired");
 
     // `null` event types: every event again.
     let res = patch(serde_json::json!({"event_types": null})).await;

@@ -198,6 +198,10 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
         moved.contains(r#""event_types":["run.failed"]"#) && !moved.contains(r#""previous_until":null"#),
         "{moved}"
     );
+    assert!(
+        !moved.contains(r#""previous_secret":null"#),
+        "the first rotation's secret signs beside the second's: {moved}"
+    );
     let failed: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_delivery_failures:")).collect();
     assert_eq!(failed.len(), 2, "one row a delivery, none of the deleted endpoint: {failed:?}");
     assert!(failed[0].contains(r#""attempts":7"#) && failed[0].contains(r#""retried_at":null"#), "{failed:?}");

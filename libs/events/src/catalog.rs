@@ -263,6 +263,8 @@ pub fn failing_since(last: &crate::Envelope) -> Option<DateTime<Utc>> {
     match &last.event {
         Event::WebhookDeliveryFailed(f) => Some(f.failing_since.unwrap_or(last.occurred_at)),
         Event::WebhookDeliveryRetried(r) => r.failing_since,
+        Event::WebhookEndpointUpdated(u) => u.failing_since,
+        Event::WebhookEndpointSecretRotated(r) => r.failing_since,
         _ => None,
     }
 }
@@ -287,6 +289,10 @@ pub struct WebhookEndpointUpdated {
     /// Empty: every event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_types: Option<Vec<String>>,
+    /// Since when its deliveries had been failing, carried on from the event before (see
+    /// `WebhookDeliveryFailed::failing_since`): a change does not restart that clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// An endpoint's signing secret was replaced. Deliveries are signed with `secret` from now
@@ -299,6 +305,9 @@ pub struct WebhookEndpointSecretRotated {
     pub secret: taskmesh_secrets::Sealed,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_until: Option<DateTime<Utc>>,
+    /// Since when its deliveries had been failing, carried on (as on `WebhookEndpointUpdated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// A disabled endpoint was enabled again; its failures so far no longer count.
@@ -1271,6 +1280,25 @@ mod tests {
         assert_eq!(github.forge_repository(None, "https://api.github.com/acme/lib"), None);
         assert_eq!(github.forge_repository(None, "https://github.com/acme"), None, "an owner is no repository");
         assert_eq!(github.forge_repository(None, "https://github.com/acme/lib/x"), None, "nor a path under one");
+    }
+
+    #[test]
+    fn a_change_or_a_rotation_carries_the_failing_clock_and_an_enabling_does_not() {
+        let since = Utc::now() - chrono::Duration::hours(3);
+        let id = Uuid::now_v7();
+        let at = |event: Event| crate::EventMeta::new("t").envelope("s".to_string(), event);
+        let updated =
+            WebhookEndpointUpdated { endpoint_id: id, url: None, event_types: None, failing_since: Some(since) };
+        assert_eq!(failing_since(&at(Event::WebhookEndpointUpdated(updated))), Some(since));
+        let sealed = taskmesh_secrets::Sealed { key_id: "k".into(), nonce: "n".into(), ciphertext: "c".into() };
+        let rotated = WebhookEndpointSecretRotated {
+            endpoint_id: id,
+            secret: sealed,
+            previous_until: None,
+            failing_since: Some(since),
+        };
+        assert_eq!(failing_since(&at(Event::WebhookEndpointSecretRotated(rotated))), Some(since));
+        assert_eq!(failing_since(&at(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: id }))), None);
     }
 
     #[test]

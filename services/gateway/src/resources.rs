@@ -725,7 +725,13 @@ pub async fn rotate_webhook_secret(
             format!("previous_valid_seconds: at most {MAX_PREVIOUS_SECONDS} (7 days)"),
         ));
     }
-    let (id, _) = endpoint_format(&state, &caller, &id).await?;
+    let (id, format) = endpoint_format(&state, &caller, &id).await?;
+    if format == EndpointFormat::Email {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "an e-mail endpoint's deliveries are not signed: it has no secret to rotate",
+        ));
+    }
     let (plain, secret) = signing_secret(&state, &caller)?;
     // In whole seconds, as the read side keeps it and the answer says.
     let previous_until = (req.previous_valid_seconds > 0)

@@ -988,7 +988,9 @@ impl Ingest {
     /// is not disabled, that is all it does). A deleted endpoint, or another tenant's, is a 404.
     pub async fn enable_webhook_endpoint(&self, cmd: EnableWebhookEndpoint) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let enabled = Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: cmd.endpoint_id });
+        // Enabling restarts the endpoint's failing time: nothing carries it on.
+        let enabled =
+            |_: Option<_>| Some(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: cmd.endpoint_id }));
         self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, enabled).await
     }
 
@@ -1035,38 +1037,58 @@ impl Ingest {
         if let Some(types) = &cmd.event_types {
             check_event_types(types)?;
         }
-        let updated = Event::WebhookEndpointUpdated(WebhookEndpointUpdated {
-            endpoint_id: cmd.endpoint_id,
-            url: cmd.url.clone(),
-            event_types: cmd.event_types.clone(),
-        });
+        let updated = |failing_since| {
+            let changes = cmd.url.is_some() || cmd.event_types.is_some();
+            changes.then(|| {
+                Event::WebhookEndpointUpdated(WebhookEndpointUpdated {
+                    endpoint_id: cmd.endpoint_id,
+                    url: cmd.url.clone(),
+                    event_types: cmd.event_types.clone(),
+                    failing_since,
+                })
+            })
+        };
         self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, updated).await
     }
 
     /// Replaces an endpoint's signing secret (the old one signing too until `previous_until`).
     pub async fn rotate_webhook_secret(&self, cmd: RotateWebhookSecret) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        let rotated = Event::WebhookEndpointSecretRotated(WebhookEndpointSecretRotated {
-            endpoint_id: cmd.endpoint_id,
-            secret: cmd.secret,
-            previous_until: cmd.previous_until,
-        });
+        let rotated = |failing_since| {
+            Some(Event::WebhookEndpointSecretRotated(WebhookEndpointSecretRotated {
+                endpoint_id: cmd.endpoint_id,
+                secret: cmd.secret.clone(),
+                previous_until: cmd.previous_until,
+                failing_since,
+            }))
+        };
         self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, rotated).await
     }
 
-    /// Appends `event` to a webhook endpoint's log after its last event, unless that is its
-    /// deletion, or there is none (a 404); read again when another event came meanwhile.
-    async fn append_to_endpoint(&self, tenant: &str, endpoint_id: Uuid, event: Event) -> Reply<Created> {
+    /// Appends the event `event` makes of the time the endpoint's deliveries have been failing
+    /// since (as its last event says; carried on, so a change does not restart the clock that
+    /// disables it) to its log after that last event, unless that is its deletion, or there is
+    /// none (a 404); read again when another event came meanwhile. `event` making none appends
+    /// nothing and answers the last event's sequence.
+    async fn append_to_endpoint(
+        &self,
+        tenant: &str,
+        endpoint_id: Uuid,
+        event: impl Fn(Option<chrono::DateTime<chrono::Utc>>) -> Option<Event>,
+    ) -> Reply<Created> {
         let subject = self.bus.namespace().webhook_endpoint(tenant, endpoint_id);
         let (event, subject) = (&event, &subject);
         let settled = self
             .bus
             .append_after_last(subject, 5, |last| async move {
-                match last {
-                    Some(last) if !last.envelope.event.is_deletion() => {}
+                let last = match last {
+                    Some(last) if !last.envelope.event.is_deletion() => last,
                     _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
-                }
-                let events = vec![EventMeta::new(tenant).envelope(subject.clone(), event.clone())];
+                };
+                let Some(event) = event(taskmesh_events::failing_since(&last.envelope)) else {
+                    return Ok(AfterLast::Done(last.seq));
+                };
+                let events = vec![EventMeta::new(tenant).envelope(subject.clone(), event)];
                 Ok::<_, Problem>(AfterLast::<u64>::Append { events, msg_id: None })
             })
             .await?;

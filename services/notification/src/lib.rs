@@ -770,11 +770,18 @@ impl Notifier {
         }
         // After a rotation, the secret replaced signs too for a while (see
         // `WebhookEndpointSecretRotated`): the header lists both signatures.
-        let previous: Option<String> = row.get("previous_secret");
+        // One that cannot be opened (its key dropped from the keyring, say) is left out rather
+        // than fail the delivery.
         let aad = taskmesh_secrets::endpoint_secret_aad(&d.tenant);
-        let secrets = std::iter::once(sealed).chain(previous);
-        let secrets: Vec<String> =
-            secrets.map(|s| self.open_secret(&aad, &s)).collect::<Result<_, _>>().map_err(Outcome::Failed)?;
+        let mut secrets = vec![self.open_secret(&aad, &sealed).map_err(Outcome::Failed)?];
+        if let Some(previous) = row.get::<Option<String>, _>("previous_secret") {
+            match self.open_secret(&aad, &previous) {
+                Ok(secret) => secrets.push(secret),
+                Err(e) => {
+                    tracing::warn!(endpoint = %d.endpoint_id, error = %e, "the secret a rotation replaced cannot be opened: signing with the new one alone")
+                }
+            }
+        }
         let body = match format.as_str() {
             "slack" => self.slack_message(d).await?,
             _ => serde_json::to_vec(&d.payload).map_err(|e| Outcome::Failed(e.to_string()))?,
