@@ -410,7 +410,10 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
         send(&gitea, headers, body)
     };
     // Gitea's fixture comes from a fork; the same from a branch of the repository itself.
-    let own = edited(GITEA_PR, &[("/pull_request/head/repo/full_name", "example/example".into())]);
+    let own = edited(
+        GITEA_PR,
+        &[("/pull_request/head/repo/full_name", "example/example".into()), ("/pull_request/head/repo/id", 1.into())],
+    );
     let started = [
         (to_github(&github, GITHUB_PR.to_vec(), "p-1").await, "changes", 1, "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"),
         (to_gitlab(GITLAB_MR.to_vec(), "p-1").await, "ms-viewport", 1, "da1560886d4f094c3e6c9ef40349f7d38b5d27d7"),
@@ -442,6 +445,29 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
     })
     .await
     .unwrap();
+    // Named apart from a push's on the same commit (GitLab names it `name`).
+    for (line, _, body) in calls.lock().unwrap().iter() {
+        let name = body.get("context").or_else(|| body.get("name")).unwrap();
+        assert_eq!(name, "taskmesh/ci/pr", "{line}: {body}");
+    }
+
+    // A workflow that declares its inputs, without the request's, is given none of them
+    // (it would refuse them); the trigger still names the request.
+    let typed = serde_json::json!({"name": "typed", "inputs": {"repository": {"type": "string"},
+        "branch": {"type": "string"}, "commit": {"type": "string"}}, "steps": [{"id": "a", "uses": "noop"}]});
+    let declared = connect(
+        &tm,
+        "github",
+        "baxterthehacker/public-repo",
+        serde_json::json!({"pull_requests": true, "workflow": typed}),
+    )
+    .await;
+    let answer = to_github(&declared, GITHUB_PR.to_vec(), "p-7").await;
+    assert_eq!(answer["outcome"], "started", "{answer}");
+    let run = tm.wait_run(answer["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["inputs"].get("pull_request"), None, "{run}");
+    assert_eq!(run["trigger"]["pull_request"], 1, "{run}");
 
     // What starts nothing, and says why.
     let closed = edited(GITHUB_PR, &[("/action", "closed".into())]);

@@ -366,12 +366,18 @@ pub struct CommitStatus {
     pub run_id: Uuid,
     /// The workflow's name: the status is `taskmesh/{workflow}` on the commit.
     pub workflow: String,
+    /// A pull (merge) request's run: the status is `taskmesh/{workflow}/pr`, apart from the
+    /// push's on the same commit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pull_request: bool,
 }
 
 impl CommitStatus {
     /// The status to report `state` of run `key` with, if a forge push started it (`trigger`).
     pub fn of_run(key: &crate::RunKey, trigger: &crate::Trigger, workflow: &str, state: CommitState) -> Option<Self> {
-        let crate::Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), .. } = trigger else {
+        let crate::Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), pull_request, .. } =
+            trigger
+        else {
             return None;
         };
         Some(Self {
@@ -383,7 +389,16 @@ impl CommitStatus {
             state,
             run_id: key.run_id,
             workflow: workflow.to_string(),
+            pull_request: pull_request.is_some(),
         })
+    }
+
+    /// The status's name on the commit: `taskmesh/{workflow}`, with `/pr` for a pull request's.
+    pub fn context(&self) -> String {
+        match self.pull_request {
+            true => format!("taskmesh/{}/pr", self.workflow),
+            false => format!("taskmesh/{}", self.workflow),
+        }
     }
 }
 

@@ -62,9 +62,17 @@ pub(crate) fn pull_request(body: &[u8]) -> Result<PullRequest, ApiError> {
         "opened" | "synchronize" | "synchronized" | "reopened" => None,
         other => Some(format!("pull request {other}: only opened, new commits and reopened start runs")),
     };
-    // A head whose repository is gone (a deleted fork) is not the repository's own.
-    let head_repository = p.pull_request.head.repo.map(|r| r.full_name);
-    let fork = !head_repository.is_some_and(|h| h.eq_ignore_ascii_case(&p.repository.full_name));
+    // The repository's own branch only: the head's repository is the repository itself (by
+    // id where the payload has both, else by name), and the head is a branch. A head whose
+    // repository is gone (a deleted fork) is not; nor is Gitea's "AGit" request, pushed by
+    // anyone who may read the repository to `refs/for/…`, whose head is the repository itself
+    // but a ref (`refs/pull/N/head`) rather than a branch.
+    let head = &p.pull_request.head;
+    let same = head.repo.as_ref().is_some_and(|h| match (h.id, p.repository.id) {
+        (Some(a), Some(b)) => a == b,
+        _ => h.full_name.eq_ignore_ascii_case(&p.repository.full_name),
+    });
+    let fork = !same || head.r#ref.starts_with("refs/") || head.r#ref.is_empty();
     Ok(PullRequest {
         repository: p.repository.full_name,
         number: p.number,
@@ -107,6 +115,7 @@ struct PullRequestEnd {
 #[derive(Debug, Deserialize)]
 struct RepositoryName {
     full_name: String,
+    id: Option<u64>,
 }
 
 /// A `push` event (only the fields used).
@@ -128,6 +137,7 @@ struct PushPayload {
 struct Repository {
     full_name: String,
     clone_url: Option<String>,
+    id: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

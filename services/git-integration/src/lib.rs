@@ -449,8 +449,18 @@ async fn hook(
         }
     }
     if let Some((number, target)) = &start.pull_request {
-        inputs.insert("pull_request".to_string(), serde_json::json!(number));
-        inputs.insert("target_branch".to_string(), serde_json::json!(target));
+        // A workflow that declares its inputs takes no others: these two go where it declares
+        // them, or declares none (the trigger carries them anyway).
+        let declared = |name: &str| {
+            let inputs = workflow.get("inputs").and_then(|i| i.as_object()).filter(|i| !i.is_empty());
+            inputs.is_none_or(|i| i.contains_key(name))
+        };
+        for (name, value) in [("pull_request", serde_json::json!(number)), ("target_branch", serde_json::json!(target))]
+        {
+            if declared(name) {
+                inputs.insert(name.to_string(), value);
+            }
+        }
     }
     let accepted = state
         .ingest
@@ -590,6 +600,15 @@ mod tests {
         assert!(github::pull_request(&closed).unwrap().inactive.unwrap().contains("closed"));
         let gone = with(&fixture("github", "pull_request"), "/pull_request/head/repo", serde_json::Value::Null);
         assert!(github::pull_request(&gone).unwrap().fork);
+        // A fork of the same name elsewhere is told by its id; Gitea's AGit request, whose head
+        // is the repository itself at `refs/pull/N/head`, is no branch of it.
+        let renamed =
+            with(&fixture("gitea", "pull_request"), "/pull_request/head/repo/full_name", "example/example".into());
+        assert!(github::pull_request(&renamed).unwrap().fork, "ids differ");
+        let own = with(&renamed, "/pull_request/head/repo/id", 1.into());
+        assert!(!github::pull_request(&own).unwrap().fork);
+        let agit = with(&own, "/pull_request/head/ref", "refs/pull/2/head".into());
+        assert!(github::pull_request(&agit).unwrap().fork, "an AGit request");
         let synced = with(&fixture("gitea", "pull_request"), "/action", "synchronized".into());
         assert!(github::pull_request(&synced).unwrap().inactive.is_none());
 
@@ -634,7 +653,7 @@ mod tests {
         assert!(pull_request_start(&connection(true, &[]), skipped).err().unwrap().contains("skip CI"));
         let mut headless = pr();
         headless.commit = String::new();
-        assert!(pull_request_start(&connection(true, &[]), headless).is_err());
+        assert!(pull_request_start(&connection(true, &[]), headless).err().unwrap().contains("names no head commit"));
         let mut other = pr();
         other.repository = "someone/else".into();
         assert!(pull_request_start(&connection(true, &[]), other).err().unwrap().contains("someone/else"));

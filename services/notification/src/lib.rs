@@ -669,7 +669,7 @@ impl Notifier {
         if s.commit.is_empty() || s.commit.len() > 64 || !s.commit.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Outcome::Refused(format!("'{}' is not a commit id", s.commit)));
         }
-        let (commit, context) = (&s.commit, format!("taskmesh/{}", s.workflow));
+        let (commit, context) = (&s.commit, s.context());
         let description = match state {
             CommitState::Pending => "running",
             CommitState::Success => "succeeded",
