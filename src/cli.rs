@@ -152,6 +152,35 @@ pub enum Secrets {
 }
 
 #[derive(clap::Subcommand)]
+pub enum Endpoints {
+    /// List the tenant's webhook endpoints (never their secrets).
+    Ls,
+    /// Give an endpoint a new signing secret, printed once; the one it replaces signs too for
+    /// --previous-valid-seconds (a day by default; 0: it stops at once, as for a leaked one).
+    RotateSecret {
+        id: String,
+        #[arg(long)]
+        previous_valid_seconds: Option<u64>,
+    },
+    /// Enable an endpoint that was disabled after failing for too long.
+    Enable { id: String },
+}
+
+#[derive(clap::Subcommand)]
+pub enum Connections {
+    /// List the tenant's repository connections (never their secrets or tokens).
+    Ls,
+    /// Give a connection a new status token (before the old one expires, say) from
+    /// --from-file, or else standard input (one trailing newline dropped). Never printed.
+    SetToken {
+        id: String,
+        /// Read the token from this file, as it is.
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Subcommand)]
 pub enum Cache {
     /// Forget every outcome the tenant's `cache:` steps kept: they run again next time (to
     /// replace only a run's, submit it with `taskmesh run --refresh-cache`).
@@ -922,28 +951,9 @@ pub async fn secrets(conn: &Connection, cmd: Secrets) -> anyhow::Result<i32> {
     let client = Client::new(conn)?;
     match cmd {
         Secrets::Set { name, value, from_file } => {
-            let value = match (value, from_file) {
-                (Some(value), _) => value,
-                (None, Some(path)) => {
-                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
-                }
-                (None, None) => {
-                    let mut stdin = std::io::stdin();
-                    if stdin.is_terminal() {
-                        eprintln!("value of {name} (then Ctrl-D):");
-                    }
-                    let mut value = String::new();
-                    stdin.read_to_string(&mut value).context("reading the value from standard input")?;
-                    // `echo value | taskmesh secrets set NAME` means `value`.
-                    let trimmed = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v).to_string());
-                    if let Some(v) = trimmed {
-                        value = v;
-                    }
-                    if value.is_empty() {
-                        bail!("no value: pass --value or --from-file, or write it to standard input");
-                    }
-                    value
-                }
+            let value = match value {
+                Some(value) => value,
+                None => read_value(from_file.as_deref(), &format!("value of {name}"))?,
             };
             client
                 .call(reqwest::Method::PUT, &format!("/v1/secrets/{}", enc(&name)), Some(json!({"value": value})))
@@ -973,6 +983,110 @@ pub async fn secrets(conn: &Connection, cmd: Secrets) -> anyhow::Result<i32> {
                 println!("{}", json!({"name": name}));
             } else {
                 println!("secret {name} removed");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// A value to send, never shown: the file's contents as they are, or else standard input's,
+/// one trailing newline dropped (`echo value | taskmesh …` means `value`); `what` names it in a
+/// prompt when standard input is a terminal.
+fn read_value(from_file: Option<&Path>, what: &str) -> anyhow::Result<String> {
+    if let Some(path) = from_file {
+        return std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+    }
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("{what} (then Ctrl-D):");
+    }
+    let mut value = String::new();
+    stdin.read_to_string(&mut value).context("reading standard input")?;
+    if let Some(v) = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v).to_string()) {
+        value = v;
+    }
+    if value.is_empty() {
+        bail!("no {what}: pass --from-file, or write it to standard input");
+    }
+    Ok(value)
+}
+
+/// `taskmesh endpoints …`.
+pub async fn endpoints(conn: &Connection, cmd: Endpoints) -> anyhow::Result<i32> {
+    let client = Client::new(conn)?;
+    match cmd {
+        Endpoints::Ls => {
+            let list = client.list_all("/v1/webhook-endpoints").await?;
+            if client.json {
+                println!("{list}");
+            } else {
+                println!("{:<38} {:<18} {:<9} URL", "ID", "FORMAT", "STATE");
+                for e in list["items"].as_array().into_iter().flatten() {
+                    let state = if e["disabled_at"].is_string() { "disabled" } else { "enabled" };
+                    let (id, format, url) = (e["id"].as_str(), e["format"].as_str(), e["url"].as_str());
+                    let (id, format, url) = (id.unwrap_or(""), format.unwrap_or(""), url.unwrap_or(""));
+                    println!("{id:<38} {format:<18} {state:<9} {url}");
+                }
+            }
+            Ok(0)
+        }
+        Endpoints::RotateSecret { id, previous_valid_seconds } => {
+            let body =
+                previous_valid_seconds.map(|s| json!({"previous_valid_seconds": s})).unwrap_or_else(|| json!({}));
+            let path = format!("/v1/webhook-endpoints/{}/rotate-secret", enc(&id));
+            let rotated = client.call(reqwest::Method::POST, &path, Some(body)).await?;
+            if client.json {
+                println!("{rotated}");
+            } else {
+                println!("{}", rotated["secret"].as_str().unwrap_or(""));
+                match rotated["previous_valid_until"].as_str() {
+                    Some(until) => eprintln!("the secret it replaces signs too until {until}"),
+                    None => eprintln!("the secret it replaces no longer signs"),
+                }
+            }
+            Ok(0)
+        }
+        Endpoints::Enable { id } => {
+            let path = format!("/v1/webhook-endpoints/{}/enable", enc(&id));
+            let enabled = client.call(reqwest::Method::POST, &path, None).await?;
+            if client.json {
+                println!("{enabled}");
+            } else {
+                println!("endpoint {id} enabled");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `taskmesh connections …`.
+pub async fn connections(conn: &Connection, cmd: Connections) -> anyhow::Result<i32> {
+    let client = Client::new(conn)?;
+    match cmd {
+        Connections::Ls => {
+            let list = client.list_all("/v1/repo-connections").await?;
+            if client.json {
+                println!("{list}");
+            } else {
+                println!("{:<38} {:<7} {:<8} WEBHOOK PATH / REPOSITORY", "ID", "FORGE", "STATUSES");
+                for c in list["items"].as_array().into_iter().flatten() {
+                    let statuses = if c["reports_status"] == true { "yes" } else { "no" };
+                    let (id, forge) = (c["id"].as_str().unwrap_or(""), c["forge"].as_str().unwrap_or(""));
+                    let (path, repo) =
+                        (c["webhook_path"].as_str().unwrap_or(""), c["repository"].as_str().unwrap_or(""));
+                    println!("{id:<38} {forge:<7} {statuses:<8} {path} {repo}");
+                }
+            }
+            Ok(0)
+        }
+        Connections::SetToken { id, from_file } => {
+            let token = read_value(from_file.as_deref(), "status token")?;
+            let path = format!("/v1/repo-connections/{}", enc(&id));
+            let changed = client.call(reqwest::Method::PATCH, &path, Some(json!({"status_token": token}))).await?;
+            if client.json {
+                println!("{changed}");
+            } else {
+                println!("connection {id}: status token set");
             }
             Ok(0)
         }

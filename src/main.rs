@@ -82,6 +82,20 @@ enum Command {
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
+    /// List webhook endpoints, rotate their signing secrets, enable them again (admin keys).
+    Endpoints {
+        #[command(subcommand)]
+        action: taskmesh::cli::Endpoints,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
+    /// List repository connections, give them a new status token (admin keys).
+    Connections {
+        #[command(subcommand)]
+        action: taskmesh::cli::Connections,
+        #[command(flatten)]
+        conn: taskmesh::cli::Connection,
+    },
     /// Forget the tenant's kept `cache:` step outcomes (operator and admin keys).
     Cache {
         #[command(subcommand)]
@@ -136,6 +150,8 @@ async fn main() -> std::process::ExitCode {
         Command::Schedules { action, conn } => taskmesh::cli::schedules(&conn, action).await,
         Command::Secrets { action, conn } => taskmesh::cli::secrets(&conn, action).await,
         Command::Cache { action, conn } => taskmesh::cli::cache(&conn, action).await,
+        Command::Endpoints { action, conn } => taskmesh::cli::endpoints(&conn, action).await,
+        Command::Connections { action, conn } => taskmesh::cli::connections(&conn, action).await,
         Command::Profile { action, conn } => taskmesh::cli::profile(&conn, action),
         command => return server(command, cli.config).await,
     };
@@ -209,6 +225,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         | Command::Schedules { .. }
         | Command::Secrets { .. }
         | Command::Cache { .. }
+        | Command::Endpoints { .. }
+        | Command::Connections { .. }
         | Command::Profile { .. } => {
             anyhow::bail!("client commands run without the server's configuration")
         }

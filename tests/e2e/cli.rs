@@ -503,3 +503,72 @@ async fn ls_lists_every_page() {
     assert_eq!(out.lines().count(), 202, "a heading and a line a secret: {out}");
     tm.finish().await;
 }
+
+/// `taskmesh endpoints` lists endpoints, rotates a signing secret (printing the new one, which
+/// then signs deliveries) and enables one; `taskmesh connections` lists connections and gives
+/// one a new status token from standard input, never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn endpoints_and_connections_are_listed_and_their_secrets_replaced_from_the_cli() {
+    let tm = spawn_mesh().await;
+    let (url, seen) = crate::integrations::receiver().await;
+    let endpoint = crate::integrations::subscribe_url(&tm, &url).await;
+    let id = endpoint["id"].as_str().unwrap();
+    let connection = tm
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/repo-connections",
+            &serde_json::json!({"forge": "github", "repository": "o/r", "secret": "12345678",
+                "workflow": {"name": "ci", "steps": [{"id": "a", "uses": "noop"}]}}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let connection = connection["id"].as_str().unwrap();
+    tm.wait_projected().await;
+
+    let (code, out, err) = taskmesh(&tm, &["endpoints", "ls"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(id) && out.contains("standard_webhooks") && out.contains("enabled"), "{out}");
+    let (code, out, err) = taskmesh(&tm, &["endpoints", "rotate-secret", id, "--previous-valid-seconds", "0"]).await;
+    assert_eq!(code, 0, "{err}");
+    let secret = out.trim().to_string();
+    assert!(secret.starts_with("whsec_") && secret != endpoint["secret"].as_str().unwrap(), "{out}");
+    assert!(err.contains("no longer signs"), "{err}");
+    tm.wait_projected().await;
+    tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
+    taskmesh_testkit::eventually("the delivery", std::time::Duration::from_secs(30), || async {
+        Ok((!seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    let mut h = http::HeaderMap::new();
+    for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        h.insert(name, headers[name].to_str().unwrap().parse().unwrap());
+    }
+    standardwebhooks::Webhook::new(&secret).unwrap().verify(&body, &h).expect("signed with the secret printed");
+    let (code, out, err) = taskmesh(&tm, &["endpoints", "enable", id]).await;
+    assert_eq!((code, out.trim()), (0, format!("endpoint {id} enabled").as_str()), "{err}");
+    let (code, _, err) = taskmesh(&tm, &["endpoints", "rotate-secret", &uuid::Uuid::now_v7().to_string()]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("404") || err.contains("no such"), "{err}");
+
+    let (code, out, err) = taskmesh(&tm, &["connections", "ls"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(connection) && out.contains("/hooks/github/") && out.contains(" no "), "{out}");
+    let (code, out, err) = taskmesh_stdin(&tm, &["connections", "set-token", connection], "ghp-new-token\n").await;
+    assert_eq!((code, out.trim()), (0, format!("connection {connection}: status token set").as_str()), "{err}");
+    assert!(!out.contains("ghp-new-token") && !err.contains("ghp-new-token"));
+    tm.wait_projected().await;
+    let (code, out, err) = taskmesh(&tm, &["connections", "ls", "--output", "json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == connection).unwrap();
+    assert_eq!(mine["reports_status"], true, "{mine}");
+    assert!(!tm.postgres_text().await.contains("ghp-new-token"), "stored sealed");
+    let (code, _, err) = taskmesh_stdin(&tm, &["connections", "set-token", connection], "").await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no status token"), "{err}");
+    tm.finish().await;
+}
