@@ -1006,7 +1006,7 @@ fn read_value(from_file: Option<&Path>, what: &str) -> anyhow::Result<String> {
         value = v;
     }
     if value.is_empty() {
-        bail!("no {what}: pass --from-file, or write it to standard input");
+        bail!("no {what}: pass it with its flag or --from-file, or write it to standard input");
     }
     Ok(value)
 }
@@ -1080,7 +1080,9 @@ pub async fn connections(conn: &Connection, cmd: Connections) -> anyhow::Result<
             Ok(0)
         }
         Connections::SetToken { id, from_file } => {
-            let token = read_value(from_file.as_deref(), "status token")?;
+            // A token goes in a header: the newline that ends a file (`echo $TOKEN > f`) is no
+            // part of it.
+            let token = read_value(from_file.as_deref(), "status token")?.trim_end_matches(['\n', '\r']).to_string();
             let path = format!("/v1/repo-connections/{}", enc(&id));
             let changed = client.call(reqwest::Method::PATCH, &path, Some(json!({"status_token": token}))).await?;
             if client.json {

@@ -82,14 +82,15 @@ enum Command {
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
-    /// List webhook endpoints, rotate their signing secrets, enable them again (admin keys).
+    /// List webhook endpoints (any key); rotate their signing secrets, enable them again (admin
+    /// keys).
     Endpoints {
         #[command(subcommand)]
         action: taskmesh::cli::Endpoints,
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
-    /// List repository connections, give them a new status token (admin keys).
+    /// List repository connections (any key); give them a new status token (admin keys).
     Connections {
         #[command(subcommand)]
         action: taskmesh::cli::Connections,

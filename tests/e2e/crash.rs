@@ -130,12 +130,10 @@ async fn sigkilled_scheduler_replica_loses_no_run_repeats_no_step_and_skips_no_t
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let subject = tm.bus.namespace().schedule("default", schedule_id);
     let ticks: Vec<_> = tm
-        .bus
-        .read_subject(&subject, 0)
+        .events_on(&subject)
         .await
-        .unwrap()
         .into_iter()
-        .filter_map(|e| match e.envelope.event {
+        .filter_map(|e| match e {
             Event::ScheduleTicked(t) => Some(t.tick),
             _ => None,
         })

@@ -278,6 +278,11 @@ impl TestMesh {
         }
     }
 
+    /// The events on `subject`, oldest first.
+    pub async fn events_on(&self, subject: &str) -> Vec<taskmesh_events::Event> {
+        self.bus.read_subject(subject, 0).await.unwrap().into_iter().map(|e| e.envelope.event).collect()
+    }
+
     /// How many events the stream holds, not counting access records: the audit log (a refused
     /// call is audited, and changes nothing else) and keys' uses.
     pub async fn event_count(&self) -> u64 {

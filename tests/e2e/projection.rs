@@ -194,14 +194,23 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     }
     assert!(hooks.iter().any(|r| r.contains(r#""format":"slack""#)), "{hooks:?}");
     let moved = hooks.iter().find(|r| r.contains("https://hooks.example/moved")).expect("the moved endpoint");
-    assert!(
-        moved.contains(r#""event_types":["run.failed"]"#) && !moved.contains(r#""previous_until":null"#),
-        "{moved}"
-    );
-    assert!(
-        !moved.contains(r#""previous_secret":null"#),
-        "the first rotation's secret signs beside the second's: {moved}"
-    );
+    let row: serde_json::Value = serde_json::from_str(moved.trim_start_matches("webhook_endpoints: ")).unwrap();
+    assert_eq!(row["event_types"], serde_json::json!(["run.failed"]), "{row}");
+    assert!(row["previous_until"].is_string(), "{row}");
+    // Two rotations: the second's secret signs, beside the first's (not the creation's).
+    let subject = tm.bus.namespace().webhook_endpoint("default", endpoints[1].parse().unwrap());
+    let rotated: Vec<String> = tm
+        .events_on(&subject)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            taskmesh_events::Event::WebhookEndpointSecretRotated(r) => Some(serde_json::to_string(&r.secret).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rotated.len(), 2);
+    let kept = (&row["secret"], &row["previous_secret"]);
+    assert_eq!(kept, (&serde_json::json!(rotated[1]), &serde_json::json!(rotated[0])), "{row}");
     let failed: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_delivery_failures:")).collect();
     assert_eq!(failed.len(), 2, "one row a delivery, none of the deleted endpoint: {failed:?}");
     assert!(failed[0].contains(r#""attempts":7"#) && failed[0].contains(r#""retried_at":null"#), "{failed:?}");

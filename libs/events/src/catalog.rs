@@ -257,8 +257,9 @@ impl WebhookDeliveryFailed {
 }
 
 /// Since when an endpoint's deliveries have been failing, as the last event on its log says:
-/// `None` when that event is not a failure or a failure's retry (the endpoint took a delivery,
-/// or was created, enabled or disabled, since: a disabled endpoint's count starts again).
+/// a failure, a failure's retry, a change or a rotation carry it; `None` after anything else
+/// (the endpoint took a delivery, or was created, enabled or disabled, since: a disabled
+/// endpoint's count starts again).
 pub fn failing_since(last: &crate::Envelope) -> Option<DateTime<Utc>> {
     match &last.event {
         Event::WebhookDeliveryFailed(f) => Some(f.failing_since.unwrap_or(last.occurred_at)),
@@ -562,6 +563,11 @@ impl Checkout {
     pub fn forge_repository(&self, api_url: Option<&str>, url: &str) -> Option<String> {
         let api = api_url.or(self.forge.default_api_url()).and_then(|u| url::Url::parse(u).ok())?;
         let repo = url::Url::parse(url).ok()?;
+        // No credentials, query or fragment of its own: nothing a fetch could read otherwise.
+        let plain = repo.username().is_empty() && repo.password().is_none();
+        if !plain || repo.query().is_some() || repo.fragment().is_some() {
+            return None;
+        }
         let github = api.scheme() == "https" && api.host_str() == Some("api.github.com");
         let at_the_forge = match github {
             true => repo.scheme() == "https" && repo.host_str() == Some("github.com") && repo.port().is_none(),
@@ -575,16 +581,17 @@ impl Checkout {
         let path = repo.path().trim_end_matches('/').to_ascii_lowercase();
         let rest = path.strip_prefix(&format!("{}/", prefix.to_ascii_lowercase()))?;
         let name = rest.strip_suffix(".git").unwrap_or(rest);
-        // A repository's path: `owner/name`, or on GitLab groups within groups too (never an
-        // owner alone, under which a header scoped to it would reach every repository).
-        let parts = name.split('/').collect::<Vec<_>>();
-        let shaped = parts.iter().all(|p| !p.is_empty())
-            && match self.forge {
-                Forge::Gitlab => parts.len() >= 2,
-                Forge::Github | Forge::Gitea => parts.len() == 2,
-            };
-        (at_the_forge && shaped).then(|| name.to_string())
+        // A repository's path, never an owner alone (under which a header scoped to it would
+        // reach every repository).
+        (at_the_forge && self.forge.is_repository_path(name)).then(|| name.to_string())
     }
+}
+
+/// Whether a `submodule_repositories` pattern names its owner (or GitLab group) in full, as in
+/// `acme/*` or `acme/lib-*`: never `*` or `*/lib`, which would send a token to whatever it can
+/// read. Ingest refuses others; an executor skips any it finds.
+pub fn submodule_pattern_ok(pattern: &str) -> bool {
+    pattern.split_once('/').is_some_and(|(owner, _)| !owner.is_empty() && !owner.contains('*'))
 }
 
 /// Whether `text` matches `pattern`, where `*` stands for any run of characters (`/`
@@ -619,6 +626,19 @@ pub enum Forge {
 }
 
 impl Forge {
+    /// Whether `path` is a repository's path on this forge: `owner/name`, or on GitLab groups
+    /// within groups too (`group/subgroup/project`, at most 21 parts), each part of letters,
+    /// digits, `-`, `_` and `.` (not `.` or `..`), at most 512 bytes in all.
+    pub fn is_repository_path(&self, path: &str) -> bool {
+        let parts = path.split('/').count();
+        let nested = *self == Forge::Gitlab && parts > 2 && parts <= 21;
+        (parts == 2 || nested)
+            && path.len() <= 512
+            && path.split('/').all(|p| {
+                !matches!(p, "" | "." | "..") && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            })
+    }
+
     /// Where its API is when a connection names none: GitHub's public service. GitLab and Gitea
     /// are often self-hosted, so a connection to them names its server: a token is never sent
     /// to a server by default.
@@ -1039,8 +1059,9 @@ pub struct RepoConnectionCreated {
     /// then filters the branch they ask to merge into. Those from forks start none.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pull_requests: bool,
-    /// Repositories at the forge (`owner/name` patterns, `*` for any run of characters) that a
-    /// checkout may fetch as submodules with `status_token`; empty: submodules are fetched
+    /// Repositories at the forge (`owner/name` patterns, `*` for any run of characters, each
+    /// naming its owner in full: see [`submodule_pattern_ok`]) that a checkout may fetch as
+    /// submodules with `status_token`; empty: submodules are fetched
     /// without it. Chosen by whoever administers the connection, never by a push: the token
     /// may read more than the pusher may.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -364,7 +364,8 @@ pub struct CommitStatus {
     pub commit: String,
     pub state: CommitState,
     pub run_id: Uuid,
-    /// The workflow's name: the status is `taskmesh/{workflow}` on the commit.
+    /// The workflow's name: the status is named after it on the commit (see
+    /// [`CommitStatus::context`]).
     pub workflow: String,
     /// A pull (merge) request's run: the status is `taskmesh/{workflow}/pr`, apart from the
     /// push's on the same commit.
@@ -373,7 +374,8 @@ pub struct CommitStatus {
 }
 
 impl CommitStatus {
-    /// The status to report `state` of run `key` with, if a forge push started it (`trigger`).
+    /// The status to report `state` of run `key` with, if a forge push or pull (merge) request
+    /// started it (`trigger`).
     pub fn of_run(key: &crate::RunKey, trigger: &crate::Trigger, workflow: &str, state: CommitState) -> Option<Self> {
         let crate::Trigger::Webhook { forge, connection_id, repository, commit: Some(commit), pull_request, .. } =
             trigger
@@ -506,7 +508,8 @@ pub struct RotateWebhookSecret {
     pub previous_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// The reply to a create command: the new resource's id and its event's sequence.
+/// The reply to a command that creates, changes or deletes a resource: its id and the
+/// sequence of the event written (or of its last, where nothing was).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Created {
     pub id: String,

@@ -10,7 +10,8 @@
 //! # Layout
 //! - [`envelope`]: the versioned envelope around every event, and the commit: the events one
 //!   decision appends together, in one message.
-//! - [`catalog`]: the events themselves, facts in the past tense.
+//! - [`catalog`]: the events themselves, facts in the past tense, and what they are judged by
+//!   (a forge's repository paths and tokens' destinations, `*` patterns).
 //! - [`subjects`]: stream names, subjects and consumer names under a namespace.
 //! - [`workflow`]: workflow and step definitions, parsing and validation.
 //! - [`command`]: request/reply contracts between the gateway, ingest, git-integration,

@@ -200,7 +200,8 @@ pub struct CheckoutDef {
     /// names, made as needed); `None`: the working directory itself.
     pub path: Option<String>,
     /// Its submodules are checked out too, and theirs, at the commits it records (over http(s),
-    /// without the connection's token).
+    /// with the connection's token only for the repositories its `submodule_repositories`
+    /// names).
     pub submodules: bool,
 }
 
@@ -268,7 +269,8 @@ struct CheckoutOptions {
     path: Option<String>,
     /// Check out the repository's submodules too, and theirs (at most 8 levels and 256 in all),
     /// at the commits it records, as deep as `depth`; each over http(s) from a host the
-    /// executor's egress rules permit, without the connection's token.
+    /// executor's egress rules permit, with the connection's token only for the repositories
+    /// at its forge that the connection's `submodule_repositories` names, otherwise without.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     submodules: bool,
 }

@@ -1,5 +1,5 @@
-//! `checkout` steps: the run's pushed commit, fetched with the `git` CLI into the step's
-//! working directory before the step starts.
+//! `checkout` steps: the run's commit (the one pushed, or a pull request's head), fetched with
+//! the `git` CLI into the step's working directory before the step starts.
 //!
 //! The commit is fetched by its id, so a branch that moved on since the push does not change
 //! what the step sees: by default it alone (`--depth 1`, no tags), or as much of its history
@@ -8,7 +8,7 @@
 //! with the requests (as an `http.<url>.extraHeader` in git's environment, never on a command
 //! line or in `.git/config`, so the step's own `git` commands do not have it) only where
 //! [`Checkout::token_goes_to`] allows, the connected repository at its forge, and only to
-//! URLs under the repository's own. git runs as the executor's user, so steps running as
+//! URLs under the repository's own (submodules: below). git runs as the executor's user, so steps running as
 //! `run_as` cannot read the token from its environment; the files are theirs afterwards. The
 //! repository's host is judged by the executor's egress rules and git is pinned to the
 //! addresses judged (`http.curloptResolve`), redirects are not followed, no hook runs, `HOME`
@@ -132,7 +132,10 @@ impl Source {
     fn submodule_auth(&self, url: &str) -> Option<&str> {
         let scope = self.submodule_token.as_ref()?;
         let named = scope.checkout.forge_repository(scope.api_url.as_deref(), url)?;
-        let allowed = scope.repositories.iter().any(|p| taskmesh_events::glob_match(&p.to_ascii_lowercase(), &named));
+        // (A pattern ingest would refuse, stored by an older version, names nothing.)
+        let allowed = scope.repositories.iter().any(|p| {
+            taskmesh_events::submodule_pattern_ok(p) && taskmesh_events::glob_match(&p.to_ascii_lowercase(), &named)
+        });
         allowed.then_some(self.auth.as_deref()).flatten()
     }
 
@@ -804,7 +807,8 @@ mod tests {
             assert!(told.submodule_auth(untold).is_none(), "{untold}");
         }
         assert!(source(Some("tok"), &[]).submodule_auth("https://git.example/acme/x.git").is_none(), "none named");
-        assert!(source(None, &["*"]).submodule_auth("https://git.example/acme/x.git").is_none(), "no token");
+        assert!(source(None, &["acme/*"]).submodule_auth("https://git.example/acme/x.git").is_none(), "no token");
+        assert!(source(Some("tok"), &["*"]).submodule_auth("https://git.example/acme/x.git").is_none(), "no owner");
     }
 
     #[test]

@@ -375,6 +375,13 @@ fn seal_token(
     if token.is_empty() || token.len() > 1024 {
         return Err(ApiError::new(ErrorCode::BadRequest, "status_token: must be 1 to 1024 characters"));
     }
+    // It goes in a header: a newline (from a file, say) would fail every request it is sent with.
+    if token.trim() != token || token.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "status_token: must have no spaces around it and no control characters (a newline, say)",
+        ));
+    }
     Ok(keyring.seal(&taskmesh_secrets::repo_status_token_aad(&caller.tenant), token.as_bytes()))
 }
 
@@ -457,8 +464,8 @@ fn list(value: Option<Option<Vec<String>>>) -> Option<Vec<String>> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IntegrationUpdated {
     pub id: Uuid,
-    /// The sequence of the event that changed it (for `Taskmesh-Min-Seq`); for a connection
-    /// whose patch changed nothing, its last event's.
+    /// The sequence of the event that changed it (for `Taskmesh-Min-Seq`); for a patch that
+    /// changed nothing, its last event's.
     pub seq: u64,
 }
 

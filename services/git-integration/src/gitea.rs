@@ -20,7 +20,7 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
     let delivery = crate::delivery(either("x-gitea-delivery", "x-forgejo-delivery"), "X-Gitea-Delivery")?;
     match either("x-gitea-event", "x-forgejo-event").unwrap_or("") {
         "push" => Ok(Hook::Push { delivery, push: crate::github::push(body, true)? }),
-        "pull_request" => Ok(Hook::PullRequest { delivery, pr: crate::github::pull_request(body)? }),
+        "pull_request" => Ok(Hook::PullRequest { delivery, pr: crate::github::pull_request(body) }),
         other => Ok(Hook::Other(other.to_string())),
     }
 }

@@ -30,7 +30,7 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
     match header(headers, "x-github-event").unwrap_or("") {
         "ping" => Ok(Hook::Ping),
         "push" => Ok(Hook::Push { delivery, push: push(body, false)? }),
-        "pull_request" => Ok(Hook::PullRequest { delivery, pr: pull_request(body)? }),
+        "pull_request" => Ok(Hook::PullRequest { delivery, pr: pull_request(body) }),
         other => Ok(Hook::Other(other.to_string())),
     }
 }

@@ -44,7 +44,7 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
             push.changed = complete.then(|| crate::changed_files(&files));
             Ok(Hook::Push { delivery, push })
         }
-        "Merge Request Hook" => Ok(Hook::PullRequest { delivery, pr: merge_request(body)? }),
+        "Merge Request Hook" => Ok(Hook::PullRequest { delivery, pr: merge_request(body) }),
         other => Ok(Hook::Other(other.to_string())),
     }
 }

@@ -13,9 +13,9 @@
 //! # Layout
 //! - [`github`], [`gitlab`], [`gitea`]: each forge's verification, push and pull request
 //!   payloads, read into a [`Hook`].
-//! - [`pipeline`]: a connection's workflow read from a file in the repository at the pushed
-//!   commit.
-//! - this file: the router, [`build`], the filters and the run a push starts.
+//! - [`pipeline`]: a connection's workflow read from a file in the repository at the commit
+//!   pushed (or a pull request's head).
+//! - this file: the router, [`build`], the filters and the run a push or a pull request starts.
 
 pub mod gitea;
 pub mod github;
@@ -145,13 +145,21 @@ struct Connection {
     pull_requests: bool,
 }
 
+impl Connection {
+    /// Whether its `branches` take `branch` (none named: every branch).
+    fn takes_branch(&self, branch: &str) -> bool {
+        self.branches.is_empty() || self.branches.iter().any(|p| glob_match(p, branch))
+    }
+}
+
 /// What a verified delivery asks of Taskmesh.
 pub enum Hook {
     /// A push: a run, if it passes the connection's filters; once per `delivery`.
     Push { delivery: String, push: Push },
     /// A pull (merge) request's event: a run, if the connection takes pull requests and it
-    /// passes its filters; once per `delivery`.
-    PullRequest { delivery: String, pr: PullRequest },
+    /// passes its filters; once per `delivery`. Its payload is judged only where the
+    /// connection takes them (a 400 when it does not fit).
+    PullRequest { delivery: String, pr: Result<PullRequest, ApiError> },
     /// A ping (GitHub's, when a webhook is set up): answered `200`.
     Ping,
     /// Any other event, by its name: acknowledged and ignored.
@@ -234,7 +242,7 @@ fn push_start(conn: &Connection, push: Push) -> Result<Start, String> {
     }
     let matches = |patterns: &[String], name: &str| patterns.iter().any(|p| glob_match(p, name));
     let (branch, tag) = if let Some(branch) = push.r#ref.strip_prefix("refs/heads/") {
-        if !conn.branches.is_empty() && !matches(&conn.branches, branch) {
+        if !conn.takes_branch(branch) {
             return Err(format!("branch {branch} matches none of the connection's branches"));
         }
         // A branch push changes files; a tag push names a commit. A push listing no file at
@@ -266,11 +274,14 @@ fn push_start(conn: &Connection, push: Push) -> Result<Start, String> {
     })
 }
 
+/// Why a pull request's event starts nothing where the connection takes none.
+const PULL_REQUESTS_OFF: &str = "this connection's pull requests start no runs (pull_requests: false)";
+
 /// What a pull request's event starts, or why it starts nothing. Its files are not listed,
 /// so `paths` does not judge it; `branches` judges the branch it asks to merge into.
 fn pull_request_start(conn: &Connection, pr: PullRequest) -> Result<Start, String> {
     if !conn.pull_requests {
-        return Err("this connection's pull requests start no runs (pull_requests: false)".into());
+        return Err(PULL_REQUESTS_OFF.into());
     }
     if !pr.repository.eq_ignore_ascii_case(&conn.repository) {
         return Err(format!("pull request to {}, but this connection is for {}", pr.repository, conn.repository));
@@ -286,7 +297,7 @@ fn pull_request_start(conn: &Connection, pr: PullRequest) -> Result<Start, Strin
             pr.number
         ));
     }
-    if !conn.branches.is_empty() && !conn.branches.iter().any(|p| glob_match(p, &pr.target_branch)) {
+    if !conn.takes_branch(&pr.target_branch) {
         return Err(format!("target branch {} matches none of the connection's branches", pr.target_branch));
     }
     if !is_commit_id(&pr.commit) {
@@ -416,7 +427,10 @@ async fn hook(
     };
     let (delivery, start) = match read(&headers, &body, &secret)? {
         Hook::Push { delivery, push } => (delivery, push_start(&conn, push)),
-        Hook::PullRequest { delivery, pr } => (delivery, pull_request_start(&conn, pr)),
+        Hook::PullRequest { delivery, pr } => match conn.pull_requests {
+            true => (delivery, pull_request_start(&conn, pr?)),
+            false => (delivery, Err(PULL_REQUESTS_OFF.to_string())),
+        },
         Hook::Ping => {
             let pong = HookResponse { outcome: "ignored", run_id: None, duplicate: None, reason: Some("pong".into()) };
             return Ok((StatusCode::OK, Json(pong)));
@@ -617,7 +631,7 @@ mod tests {
             .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
             .collect();
         let read = |body: &[u8]| match gitlab::read(&headers, body, b"s") {
-            Ok(Hook::PullRequest { pr, .. }) => pr,
+            Ok(Hook::PullRequest { pr: Ok(pr), .. }) => pr,
             _ => panic!("a GitLab merge request"),
         };
         let gitlab = read(&fixture("gitlab", "merge_request"));

@@ -1,4 +1,5 @@
-//! Pipeline files: a connection's workflow read from its repository at the pushed commit,
+//! Pipeline files: a connection's workflow read from its repository at the commit pushed (or a
+//! pull request's head),
 //! through the forge's API with the connection's token.
 //!
 //! - GitHub: `GET {api}/repos/{owner}/{name}/contents/{path}?ref={commit}` with

@@ -2,9 +2,11 @@
 //! events here, after validation; nothing else turns outside input into events.
 //!
 //! Ingest serves request/reply subjects `{ns}.cmd.ingest.*` in the queue group `ingest`, so any
-//! number of replicas share the load. Every command is idempotent: a run submission with an
-//! idempotency key is deduplicated by JetStream's `Nats-Msg-Id` within the duplicate window (and
-//! by the gateway's read model after it), creations guard on an empty subject.
+//! number of replicas share the load. A run submission with an idempotency key is deduplicated
+//! by JetStream's `Nats-Msg-Id` within the duplicate window (and by the gateway's read model
+//! after it), creations guard on an empty subject, and deletions of what is gone are done. A
+//! change appends after the resource's last event, read again on a race; one carrying a new
+//! secret (a connection's, an endpoint's rotation) is a change each time it is sent.
 //!
 //! A run's `RunSubmitted` goes into the log with the run's first decision (the steps it can
 //! start at once), taken by the run aggregate the scheduler also uses (`taskmesh-run`).
@@ -857,11 +859,7 @@ impl Ingest {
         }
         // Each names its owner (or group) in full: `acme/*`, never `*` or `*/lib`, which would
         // send the token to whatever it can read.
-        if let Some(bad) = c
-            .submodule_repositories
-            .iter()
-            .find(|p| p.split_once('/').is_none_or(|(o, _)| o.is_empty() || o.contains('*')))
-        {
+        if let Some(bad) = c.submodule_repositories.iter().find(|p| !taskmesh_events::submodule_pattern_ok(p)) {
             return Err(invalid(
                 "submodule_repositories",
                 format!("'{bad}' must name its owner in full, as in 'acme/*' or 'acme/lib-*'"),

@@ -11,7 +11,8 @@
 //! The delivery loop (a durable consumer per tenant, [`tenants`], so that one tenant's slow
 //! endpoint or backlog does not hold up another's) POSTs each one with `webhook-id` (the
 //! event id, stable across retries so the receiver can deduplicate), `webhook-timestamp` and
-//! `webhook-signature`; a failure is retried after the configured delays, then given up: recorded
+//! `webhook-signature` (after a rotation of its secret, a signature with each of the last two
+//! for a while); a failure is retried after the configured delays, then given up: recorded
 //! on the endpoint's log as failed (`WebhookDeliveryFailed`, listed by the API and sent again on
 //! request), and the endpoint disabled once every delivery to it has failed for
 //! `disable_after_secs` (a disabled endpoint's deliveries are given up unsent, and listed). Slack endpoints get a Slack message instead, e-mail endpoints an
@@ -20,7 +21,8 @@
 //! The same queue carries commit statuses ([`CommitStatus`]): the scheduler enqueues a
 //! webhook-triggered run's state when it is submitted and when it ends, and the delivery loop
 //! reports it to the forge's API (GitHub, GitLab or Gitea) with the connection's status token,
-//! as the status `taskmesh/{workflow}` of the pushed commit. A connection without a token
+//! as the status `taskmesh/{workflow}` of the pushed commit (`taskmesh/{workflow}/pr` of a pull
+//! request's head: [`CommitStatus::context`]). A connection without a token
 //! reports nothing; a `pending` that would land after the run's end is not sent.
 //!
 //! # Layout

@@ -64,7 +64,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .await?;
         }
         // A change holds the whole connection: its row takes every setting (not its creation
-        // time, nor a commit status failure on record).
+        // time). A commit status failure on record stays, unless the token, API URL or
+        // repository it was of changed.
         Event::RepoConnectionCreated(e) | Event::RepoConnectionUpdated(taskmesh_events::RepoConnectionUpdated(e)) => {
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
@@ -75,7 +76,12 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                      branches = EXCLUDED.branches, workflow = EXCLUDED.workflow, status_token = EXCLUDED.status_token,
                      api_url = EXCLUDED.api_url, tags = EXCLUDED.tags, paths = EXCLUDED.paths,
                      pipeline_file = EXCLUDED.pipeline_file, submodule_repositories = EXCLUDED.submodule_repositories,
-                     pull_requests = EXCLUDED.pull_requests
+                     pull_requests = EXCLUDED.pull_requests,
+                     status_failure = CASE
+                         WHEN repo_connections.status_token IS DISTINCT FROM EXCLUDED.status_token
+                           OR repo_connections.api_url IS DISTINCT FROM EXCLUDED.api_url
+                           OR repo_connections.repository IS DISTINCT FROM EXCLUDED.repository
+                         THEN NULL ELSE repo_connections.status_failure END
                  WHERE repo_connections.tenant_id = EXCLUDED.tenant_id",
             )
             .bind(e.connection_id)
