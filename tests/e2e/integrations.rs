@@ -904,7 +904,10 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     assert_eq!(mine["webhook_path"], format!("/hooks/github/{id}"), "{mine}");
     let sent = calls.lock().unwrap().len();
     let started: serde_json::Value = push(NEW_SECRET, "release/1.0", "c-4").await.json().await.unwrap();
-    tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    let run = tm.wait_run(started["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(30)).await;
+    // Whether a run reports its state is decided as it starts, from the connection then: no
+    // status is queued for it at all.
+    assert_eq!(run["trigger"]["reports_status"], serde_json::Value::Null, "{run}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(calls.lock().unwrap().len(), sent, "no status without a token");
 
@@ -2463,6 +2466,14 @@ async fn an_email_endpoint_is_mailed_how_a_run_ended_through_the_smtp_server() {
     // A mailto: URL is an e-mail endpoint's only.
     assert_eq!(create(serde_json::json!({"url": "mailto:ops@example.com"})).await.status(), 400);
     tm.wait_projected().await;
+    // Its mails are not signed: it has no secret to rotate. A new address is checked as a new
+    // endpoint's is.
+    let endpoint_path = format!("/v1/webhook-endpoints/{endpoint}");
+    let res =
+        tm.send_json(reqwest::Method::POST, &format!("{endpoint_path}/rotate-secret"), &serde_json::json!({})).await;
+    assert_eq!(res.status(), 400);
+    let moved = serde_json::json!({"url": "https://example.com/hook"});
+    assert_eq!(tm.send_json(reqwest::Method::PATCH, &endpoint_path, &moved).await.status(), 400);
 
     let failed = tm.submit("name: nightly\nsteps:\n  - {id: build, run: 'exit 1'}\n").await;
     // One SMTP transaction a recipient.
