@@ -817,8 +817,10 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     };
     const NEW_SECRET: &str = "the-webhook-secret-rotated";
 
-    // A new secret and a new token, at once.
-    let res = patch(serde_json::json!({"secret": NEW_SECRET, "status_token": "new-token"})).await;
+    // A new secret (the old one taken no more: as for one that leaked) and a new token, at once.
+    let changed =
+        serde_json::json!({"secret": NEW_SECRET, "previous_secret_valid_seconds": 0, "status_token": "new-token"});
+    let res = patch(changed).await;
     assert_eq!(res.status(), 200);
     let changed: serde_json::Value = res.json().await.unwrap();
     assert_eq!(changed["id"], id.as_str());
@@ -871,6 +873,11 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
         (serde_json::json!({"secret": null}), "secret"),
         (serde_json::json!({"repository": null}), "repository"),
         (serde_json::json!({"workflow": null}), "workflow"),
+        (serde_json::json!({"previous_secret_valid_seconds": 60}), "previous_secret_valid_seconds"),
+        (
+            serde_json::json!({"secret": "yet-another-one", "previous_secret_valid_seconds": 604_801}),
+            "previous_secret_valid_seconds",
+        ),
     ] {
         let res = patch(body.clone()).await;
         assert_eq!(res.status(), 400, "{body}");
@@ -920,6 +927,24 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     assert_eq!(mine["branches"], serde_json::json!([]), "{mine}");
     let started: serde_json::Value = push(NEW_SECRET, "master", "c-5").await.json().await.unwrap();
     assert_eq!(started["outcome"], "started", "{started}");
+
+    // A new secret, the one it replaces still taken for an hour (by default) so the forge's
+    // setting can follow: either signs a delivery that is taken; the one before both, not.
+    const THIRD: &str = "the-webhook-secret-third";
+    let res = patch(serde_json::json!({"secret": THIRD})).await;
+    assert_eq!(res.status(), 200);
+    let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    let listed = tm.get_json_after(format!("{}/v1/repo-connections", tm.api), seq).await;
+    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == id.as_str()).unwrap().clone();
+    let until: chrono::DateTime<chrono::Utc> = mine["previous_secret_until"].as_str().unwrap().parse().unwrap();
+    let left = until - chrono::Utc::now();
+    assert!(left > chrono::Duration::minutes(59) && left <= chrono::Duration::hours(1), "{mine}");
+    for (secret, delivery) in [(NEW_SECRET, "c-6"), (THIRD, "c-7")] {
+        let res = push(secret, "master", delivery).await;
+        assert_eq!(res.status(), 202, "{secret}");
+        assert_eq!(res.json::<serde_json::Value>().await.unwrap()["outcome"], "started");
+    }
+    assert_eq!(push(SECRET, "master", "c-8").await.status(), 401, "the one before both");
 
     // The new secret and token are stored sealed, as the first ones were.
     for plain in [NEW_SECRET, "new-token"] {

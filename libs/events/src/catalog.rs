@@ -1054,6 +1054,13 @@ pub struct RepoConnectionCreated {
     /// The forge's API base URL (its server, for GitLab and Gitea); none: the forge's public one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// The webhook secret `secret` replaced (sealed), which a delivery may still be signed with
+    /// until `previous_secret_until`: the forge's setting can follow a change without a
+    /// delivery refused meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<taskmesh_secrets::Sealed>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_until: Option<DateTime<Utc>>,
     /// Pull requests (GitLab: merge requests) from a branch of the repository itself start
     /// runs too, at their head commit, when opened, given new commits or reopened; `branches`
     /// then filters the branch they ask to merge into. Those from forks start none.

@@ -304,6 +304,9 @@ pub struct UpdateRepoConnection {
     /// A new webhook secret, sealed by the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<taskmesh_secrets::Sealed>,
+    /// With a new `secret`: until when the one it replaces is still taken; none: not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_until: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branches: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

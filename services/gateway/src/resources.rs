@@ -101,6 +101,9 @@ pub struct RepoConnectionView {
     pub reports_status: bool,
     /// The forge's API base URL it was given, if any.
     pub api_url: Option<String>,
+    /// After its webhook secret was changed: until when the one replaced is still taken; null
+    /// when only the current one is.
+    pub previous_secret_until: Option<chrono::DateTime<chrono::Utc>>,
     /// Repositories at the forge its checkouts may fetch as submodules with its token.
     pub submodule_repositories: Vec<String>,
     /// Its pull (merge) requests from the repository's own branches start runs.
@@ -146,7 +149,8 @@ pub async fn list_repo_connections(
     page: crate::Page,
 ) -> ApiResult<Json<RepoConnectionList>> {
     let sql = "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
-        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, pull_requests, created_at, status_failure
+        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, pull_requests, created_at, status_failure,
+        CASE WHEN previous_secret_until > now() THEN previous_secret_until END AS previous_secret_until
         FROM repo_connections WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
     let items = rows
@@ -167,6 +171,7 @@ pub async fn list_repo_connections(
                 reports_status: r.get("reports_status"),
                 api_url: r.get("api_url"),
                 submodule_repositories: r.get("submodule_repositories"),
+                previous_secret_until: r.get("previous_secret_until"),
                 pull_requests: r.get("pull_requests"),
                 created_at: r.get("created_at"),
                 // (A shape this version does not read is shown as none, not a failed list.)
@@ -394,12 +399,15 @@ pub struct RepoConnectionPatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub repository: Option<Option<String>>,
-    /// A new webhook secret (8 to 256 characters): deliveries signed with the old one are
-    /// refused once the change is projected, so set it on the forge at the same time. Cannot
-    /// be `null`.
+    /// A new webhook secret (8 to 256 characters). Deliveries signed with the old one are still
+    /// taken for `previous_secret_valid_seconds`, so the forge's setting can follow; then
+    /// refused. Cannot be `null`.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub secret: Option<Option<String>>,
+    /// With `secret`: how long the secret it replaces is still taken, in seconds, 0 (not at
+    /// all: for a secret that leaked) to 604,800 (7 days); default 3,600 (an hour).
+    pub previous_secret_valid_seconds: Option<u64>,
     /// Replaces the branch patterns; `null` or `[]`: every branch.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<String>>, nullable)]
@@ -500,6 +508,13 @@ pub async fn update_repo_connection(
     let patch: RepoConnectionPatch = body::json(&bytes)?;
     let keyring = keyring(&state)?;
     let secret = kept("secret", patch.secret)?.map(|s| seal_secret(keyring, &caller, &s)).transpose()?;
+    let previous_secret_until = match (&secret, patch.previous_secret_valid_seconds) {
+        (None, Some(_)) => {
+            return Err(ApiError::new(ErrorCode::BadRequest, "previous_secret_valid_seconds: goes with a new secret"));
+        }
+        (None, None) => None,
+        (Some(_), seconds) => previous_until(seconds.unwrap_or(3_600), "previous_secret_valid_seconds")?,
+    };
     let status_token = match patch.status_token {
         Some(Some(t)) => Some(Some(seal_token(keyring, &caller, &t)?)),
         Some(None) => Some(None),
@@ -512,6 +527,7 @@ pub async fn update_repo_connection(
             connection_id: id,
             repository: kept("repository", patch.repository)?,
             secret,
+            previous_secret_until,
             branches: list(patch.branches),
             tags: list(patch.tags),
             paths: list(patch.paths),
@@ -666,8 +682,19 @@ pub async fn update_webhook_endpoint(
     Ok(Json(IntegrationUpdated { id, seq: updated.seq }))
 }
 
-/// Longest the secret a rotation replaces may go on signing (7 days).
+/// Longest a secret replaced may go on serving (7 days).
 const MAX_PREVIOUS_SECONDS: u64 = 7 * 86_400;
+
+/// Until when a secret replaced goes on serving, `seconds` from now (in whole seconds, as the
+/// read side keeps it and the answer says); none for 0. More than [`MAX_PREVIOUS_SECONDS`] is a
+/// 400 on `field`.
+fn previous_until(seconds: u64, field: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    if seconds > MAX_PREVIOUS_SECONDS {
+        return Err(ApiError::new(ErrorCode::BadRequest, format!("{field}: at most {MAX_PREVIOUS_SECONDS} (7 days)")));
+    }
+    let until = chrono::Utc::now().timestamp() + seconds as i64;
+    Ok((seconds > 0).then(|| chrono::DateTime::from_timestamp(until, 0)).flatten())
+}
 
 /// How a signing secret is rotated.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -726,12 +753,7 @@ pub async fn rotate_webhook_secret(
 ) -> ApiResult<Json<SecretRotatedResponse>> {
     caller.require_admin()?;
     let req: RotateSecretRequest = body::json_or_default(&headers, body)?;
-    if req.previous_valid_seconds > MAX_PREVIOUS_SECONDS {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            format!("previous_valid_seconds: at most {MAX_PREVIOUS_SECONDS} (7 days)"),
-        ));
-    }
+    let previous_until = previous_until(req.previous_valid_seconds, "previous_valid_seconds")?;
     let (id, format) = endpoint_format(&state, &caller, &id).await?;
     if format == EndpointFormat::Email {
         return Err(ApiError::new(
@@ -740,12 +762,6 @@ pub async fn rotate_webhook_secret(
         ));
     }
     let (plain, secret) = signing_secret(&state, &caller)?;
-    // In whole seconds, as the read side keeps it and the answer says.
-    let previous_until = (req.previous_valid_seconds > 0)
-        .then(|| {
-            chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + req.previous_valid_seconds as i64, 0)
-        })
-        .flatten();
     let rotated = state
         .ingest
         .rotate_webhook_secret(&RotateWebhookSecret { tenant: caller.tenant, endpoint_id: id, secret, previous_until })

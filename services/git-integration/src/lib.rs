@@ -131,6 +131,8 @@ struct Connection {
     repository: String,
     /// The sealed webhook secret, as stored.
     secret: String,
+    /// The sealed secret it replaced, while that is still taken.
+    previous_secret: Option<String>,
     branches: Vec<String>,
     tags: Vec<String>,
     paths: Vec<String>,
@@ -385,7 +387,7 @@ fn is_zero_sha(sha: &str) -> bool {
 async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connection> {
     let row = sqlx::query(
         "SELECT tenant_id, repository, secret, branches, tags, paths, workflow, pipeline_file, status_token, api_url,
-                pull_requests
+                pull_requests, CASE WHEN previous_secret_until > now() THEN previous_secret END AS previous_secret
          FROM repo_connections WHERE id = $1 AND forge = $2",
     )
     .bind(id)
@@ -397,6 +399,7 @@ async fn connection(pool: &PgPool, id: Uuid, forge: Forge) -> ApiResult<Connecti
         tenant: row.get("tenant_id"),
         repository: row.get("repository"),
         secret: row.get("secret"),
+        previous_secret: row.get("previous_secret"),
         branches: row.get("branches"),
         tags: row.get("tags"),
         paths: row.get("paths"),
@@ -425,7 +428,15 @@ async fn hook(
         Forge::Gitlab => gitlab::read,
         Forge::Gitea => gitea::read,
     };
-    let (delivery, start) = match read(&headers, &body, &secret)? {
+    // Signed with the secret a change replaced, while it is still taken, it is verified too.
+    let hook = match (read(&headers, &body, &secret), &conn.previous_secret) {
+        (Err(e), Some(previous)) if e.0.code == ErrorCode::Unauthorized => {
+            let previous = open_secret(&state, &taskmesh_secrets::repo_secret_aad(&conn.tenant), previous)?;
+            read(&headers, &body, &previous).map_err(|_| e)?
+        }
+        (hook, _) => hook?,
+    };
+    let (delivery, start) = match hook {
         Hook::Push { delivery, push } => (delivery, push_start(&conn, push)),
         Hook::PullRequest { delivery, pr } => match conn.pull_requests {
             true => (delivery, pull_request_start(&conn, pr?)),
@@ -588,6 +599,7 @@ mod tests {
             tenant: "t".into(),
             repository: "baxterthehacker/public-repo".into(),
             secret: String::new(),
+            previous_secret: None,
             branches: branches.iter().map(|b| b.to_string()).collect(),
             tags: vec![],
             paths: vec!["docs/*".into()],

@@ -68,6 +68,9 @@ fn changed(
         now.repository.clone_from(repository);
     }
     if let Some(secret) = &cmd.secret {
+        // The secret replaced is still taken for a while, if asked (the one before it no more).
+        now.previous_secret = cmd.previous_secret_until.map(|_| was.secret.clone());
+        now.previous_secret_until = cmd.previous_secret_until;
         now.secret = secret.clone();
     }
     if let Some(w) = workflow {
@@ -742,6 +745,8 @@ impl Ingest {
             api_url: cmd.api_url,
             submodule_repositories: cmd.submodule_repositories,
             pull_requests: cmd.pull_requests,
+            previous_secret: None,
+            previous_secret_until: None,
         };
         self.check_connection(&connection, None)?;
         let envelope = EventMeta::new(&cmd.tenant)

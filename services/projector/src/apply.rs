@@ -70,13 +70,14 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             sqlx::query(
                 "INSERT INTO repo_connections (id, tenant_id, forge, repository, secret, branches, workflow, created_at,
                                               status_token, api_url, tags, paths, pipeline_file, submodule_repositories,
-                                              pull_requests)
-                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15)
+                                              pull_requests, previous_secret, previous_secret_until)
+                 VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)
                  ON CONFLICT (id) DO UPDATE SET repository = EXCLUDED.repository, secret = EXCLUDED.secret,
                      branches = EXCLUDED.branches, workflow = EXCLUDED.workflow, status_token = EXCLUDED.status_token,
                      api_url = EXCLUDED.api_url, tags = EXCLUDED.tags, paths = EXCLUDED.paths,
                      pipeline_file = EXCLUDED.pipeline_file, submodule_repositories = EXCLUDED.submodule_repositories,
-                     pull_requests = EXCLUDED.pull_requests,
+                     pull_requests = EXCLUDED.pull_requests, previous_secret = EXCLUDED.previous_secret,
+                     previous_secret_until = EXCLUDED.previous_secret_until,
                      status_failure = CASE
                          WHEN repo_connections.status_token IS DISTINCT FROM EXCLUDED.status_token
                            OR repo_connections.api_url IS DISTINCT FROM EXCLUDED.api_url
@@ -99,6 +100,8 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .bind(&e.pipeline_file)
             .bind(&e.submodule_repositories)
             .bind(e.pull_requests)
+            .bind(e.previous_secret.as_ref().map(|s| serde_json::to_string(s).expect("serialises")))
+            .bind(e.previous_secret_until)
             .execute(&mut **tx)
             .await?;
         }
