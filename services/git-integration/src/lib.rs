@@ -430,9 +430,12 @@ async fn hook(
     };
     // Signed with the secret a change replaced, while it is still taken, it is verified too.
     let hook = match (read(&headers, &body, &secret), &conn.previous_secret) {
+        // (One that no longer opens, its key dropped from the keyring, takes nothing.)
         (Err(e), Some(previous)) if e.0.code == ErrorCode::Unauthorized => {
-            let previous = open_secret(&state, &taskmesh_secrets::repo_secret_aad(&conn.tenant), previous)?;
-            read(&headers, &body, &previous).map_err(|_| e)?
+            match open_secret(&state, &taskmesh_secrets::repo_secret_aad(&conn.tenant), previous) {
+                Ok(previous) => read(&headers, &body, &previous).map_err(|_| e)?,
+                Err(_) => return Err(e),
+            }
         }
         (hook, _) => hook?,
     };
