@@ -945,6 +945,17 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
         assert_eq!(res.json::<serde_json::Value>().await.unwrap()["outcome"], "started");
     }
     assert_eq!(push(SECRET, "master", "c-8").await.status(), 401, "the one before both");
+    // Another change meanwhile keeps the window; another secret drops the oldest of the two.
+    assert_eq!(patch(serde_json::json!({"tags": ["v*"]})).await.status(), 200);
+    tm.wait_projected().await;
+    assert_eq!(push(NEW_SECRET, "master", "c-9").await.status(), 202, "still taken");
+    const FOURTH: &str = "the-webhook-secret-fourth";
+    assert_eq!(patch(serde_json::json!({"secret": FOURTH})).await.status(), 200);
+    tm.wait_projected().await;
+    assert_eq!(push(NEW_SECRET, "master", "c-10").await.status(), 401, "only the last two are taken");
+    for (secret, delivery) in [(THIRD, "c-11"), (FOURTH, "c-12")] {
+        assert_eq!(push(secret, "master", delivery).await.status(), 202, "{secret}");
+    }
 
     // The new secret and token are stored sealed, as the first ones were.
     for plain in [NEW_SECRET, "new-token"] {

@@ -433,7 +433,9 @@ async fn hook(
         // (One that no longer opens, its key dropped from the keyring, takes nothing.)
         (Err(e), Some(previous)) if e.0.code == ErrorCode::Unauthorized => {
             match open_secret(&state, &taskmesh_secrets::repo_secret_aad(&conn.tenant), previous) {
-                Ok(previous) => read(&headers, &body, &previous).map_err(|_| e)?,
+                // Refused by this one too: the first refusal says so; anything else is its own.
+                Ok(previous) => read(&headers, &body, &previous)
+                    .map_err(|second| if second.0.code == ErrorCode::Unauthorized { e } else { second })?,
                 Err(_) => return Err(e),
             }
         }

@@ -68,9 +68,11 @@ fn changed(
         now.repository.clone_from(repository);
     }
     if let Some(secret) = &cmd.secret {
-        // The secret replaced is still taken for a while, if asked (the one before it no more).
-        now.previous_secret = cmd.previous_secret_until.map(|_| was.secret.clone());
-        now.previous_secret_until = cmd.previous_secret_until;
+        // The secret replaced is still taken for a while, if asked (the one before it no more),
+        // for 7 days at most whatever the command says.
+        let until = cmd.previous_secret_until.map(|t| t.min(chrono::Utc::now() + chrono::Duration::days(7)));
+        now.previous_secret = until.map(|_| was.secret.clone());
+        now.previous_secret_until = until;
         now.secret = secret.clone();
     }
     if let Some(w) = workflow {
