@@ -174,7 +174,7 @@ pub enum Connections {
     /// --from-file, or else standard input (one trailing newline dropped). Never printed.
     SetToken {
         id: String,
-        /// Read the token from this file, as it is.
+        /// Read the token from this file (trailing newlines dropped).
         #[arg(long)]
         from_file: Option<PathBuf>,
     },

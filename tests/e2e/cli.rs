@@ -563,6 +563,13 @@ async fn endpoints_and_connections_are_listed_and_their_secrets_replaced_from_th
     let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == connection).unwrap();
     assert_eq!(mine["reports_status"], true, "{mine}");
     assert!(!tm.postgres_text().await.contains("ghp-new-token"), "stored sealed");
+    // From a file, its trailing newline (as `echo $TOKEN > f` writes it) is no part of it.
+    let file = std::env::temp_dir().join(format!("{}-token", tm.env.database));
+    std::fs::write(&file, "ghp-from-file\n").unwrap();
+    let (code, _, err) =
+        taskmesh(&tm, &["connections", "set-token", connection, "--from-file", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_file(&file);
     let (code, _, err) = taskmesh_stdin(&tm, &["connections", "set-token", connection], "").await;
     assert_ne!(code, 0);
     assert!(err.contains("no status token"), "{err}");

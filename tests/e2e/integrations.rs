@@ -956,6 +956,24 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     for (secret, delivery) in [(THIRD, "c-11"), (FOURTH, "c-12")] {
         assert_eq!(push(secret, "master", delivery).await.status(), 202, "{secret}");
     }
+    // The same secret sent again ends the overlap: the one before it is the previous now.
+    assert_eq!(patch(serde_json::json!({"secret": FOURTH})).await.status(), 200);
+    tm.wait_projected().await;
+    assert_eq!(push(THIRD, "master", "c-13").await.status(), 401, "the overlap ended");
+    // An overlap ends when its time is up: a second's, then the one replaced is refused and
+    // the list says nothing more of it.
+    const FIFTH: &str = "the-webhook-secret-fifth";
+    let res = patch(serde_json::json!({"secret": FIFTH, "previous_secret_valid_seconds": 1})).await;
+    let seq = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    let listed = tm.get_json_after(format!("{}/v1/repo-connections", tm.api), seq).await;
+    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == id.as_str()).unwrap().clone();
+    let until: chrono::DateTime<chrono::Utc> = mine["previous_secret_until"].as_str().unwrap().parse().unwrap();
+    assert_eq!(push(FOURTH, "master", "c-14").await.status(), 202, "within its second");
+    tokio::time::sleep((until - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(200)).await;
+    assert_eq!(push(FOURTH, "master", "c-15").await.status(), 401, "its time is up");
+    let listed = tm.get_json(format!("{}/v1/repo-connections", tm.api)).await;
+    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == id.as_str()).unwrap().clone();
+    assert_eq!(mine["previous_secret_until"], serde_json::Value::Null, "{mine}");
 
     // The new secret and token are stored sealed, as the first ones were.
     for plain in [NEW_SECRET, "new-token"] {

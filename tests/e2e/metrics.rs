@@ -126,4 +126,10 @@ async fn a_listener_with_metrics_off_does_not_answer_them() {
     let git = scrape(&tm.http, &format!("{}/metrics", tm.git)).await;
     assert!(git.contains("# TYPE taskmesh_build_info gauge"), "{git}");
     tm.finish().await;
+    // And git-integration's, the other way round.
+    let tm = spawn_with(&Svc::ALL, |s| s.git.metrics = false).await;
+    assert_eq!(tm.http.get(format!("{}/metrics", tm.git)).send().await.unwrap().status(), 404);
+    let gateway = scrape(&tm.http, &format!("{}/metrics", tm.api)).await;
+    assert!(gateway.contains("# TYPE taskmesh_build_info gauge"), "{gateway}");
+    tm.finish().await;
 }

@@ -296,6 +296,15 @@ pub struct WebhookEndpointUpdated {
     pub failing_since: Option<DateTime<Utc>>,
 }
 
+/// Longest a secret replaced (a connection's webhook secret, an endpoint's signing secret)
+/// goes on serving beside the new one: 7 days.
+pub const MAX_SECRET_OVERLAP_SECS: u64 = 7 * 86_400;
+
+/// The end of a replaced secret's overlap, held to [`MAX_SECRET_OVERLAP_SECS`] from now.
+pub fn overlap_until(until: DateTime<Utc>) -> DateTime<Utc> {
+    until.min(Utc::now() + chrono::Duration::seconds(MAX_SECRET_OVERLAP_SECS as i64))
+}
+
 /// An endpoint's signing secret was replaced. Deliveries are signed with `secret` from now
 /// on, and also with the secret it replaces until `previous_until` (none: not at all), so a
 /// receiver has that long to take the new one without refusing a delivery.
@@ -585,6 +594,11 @@ impl Checkout {
         // reach every repository).
         (at_the_forge && self.forge.is_repository_path(name)).then(|| name.to_string())
     }
+}
+
+/// Whether `sha` is a full commit id: 40 (SHA-1) or 64 (SHA-256) hex digits.
+pub fn is_commit_id(sha: &str) -> bool {
+    matches!(sha.len(), 40 | 64) && sha.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether a `submodule_repositories` pattern names its owner (or GitLab group) in full, as in
@@ -1327,6 +1341,16 @@ mod tests {
         };
         assert_eq!(failing_since(&at(Event::WebhookEndpointSecretRotated(rotated))), Some(since));
         assert_eq!(failing_since(&at(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: id }))), None);
+    }
+
+    #[test]
+    fn a_replaced_secrets_overlap_is_held_to_seven_days() {
+        let week = chrono::Duration::seconds(MAX_SECRET_OVERLAP_SECS as i64);
+        let asked = Utc::now() + chrono::Duration::days(30);
+        let held = overlap_until(asked);
+        assert!(held < asked && held <= Utc::now() + week && held > Utc::now() + week - chrono::Duration::minutes(1));
+        let hour = Utc::now() + chrono::Duration::hours(1);
+        assert_eq!(overlap_until(hour), hour, "a shorter one is kept");
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl Source {
             return Err(format!("'{}' is not an http(s) URL without credentials", checkout.url));
         }
         let commit = checkout.commit.to_ascii_lowercase();
-        if !matches!(commit.len(), 40 | 64) || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !taskmesh_events::is_commit_id(&commit) {
             return Err(format!("'{}' is not a full commit id", checkout.commit));
         }
         let auth = token.as_deref().map(|t| checkout.forge.git_auth(t));

@@ -682,15 +682,14 @@ pub async fn update_webhook_endpoint(
     Ok(Json(IntegrationUpdated { id, seq: updated.seq }))
 }
 
-/// Longest a secret replaced may go on serving (7 days).
-const MAX_PREVIOUS_SECONDS: u64 = 7 * 86_400;
-
 /// Until when a secret replaced goes on serving, `seconds` from now (in whole seconds, as the
-/// read side keeps it and the answer says); none for 0. More than [`MAX_PREVIOUS_SECONDS`] is a
+/// read side keeps it and the answer says); none for 0. More than
+/// [`taskmesh_events::MAX_SECRET_OVERLAP_SECS`] is a
 /// 400 on `field`.
 fn previous_until(seconds: u64, field: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-    if seconds > MAX_PREVIOUS_SECONDS {
-        return Err(ApiError::new(ErrorCode::BadRequest, format!("{field}: at most {MAX_PREVIOUS_SECONDS} (7 days)")));
+    let max = taskmesh_events::MAX_SECRET_OVERLAP_SECS;
+    if seconds > max {
+        return Err(ApiError::new(ErrorCode::BadRequest, format!("{field}: at most {max} (7 days)")));
     }
     let until = chrono::Utc::now().timestamp() + seconds as i64;
     Ok((seconds > 0).then(|| chrono::DateTime::from_timestamp(until, 0)).flatten())

@@ -70,7 +70,7 @@ fn changed(
     if let Some(secret) = &cmd.secret {
         // The secret replaced is still taken for a while, if asked (the one before it no more),
         // for 7 days at most whatever the command says.
-        let until = cmd.previous_secret_until.map(|t| t.min(chrono::Utc::now() + chrono::Duration::days(7)));
+        let until = cmd.previous_secret_until.map(taskmesh_events::overlap_until);
         now.previous_secret = until.map(|_| was.secret.clone());
         now.previous_secret_until = until;
         now.secret = secret.clone();
@@ -814,14 +814,7 @@ impl Ingest {
             }
         }
         // GitLab's projects sit in groups within groups: `group/subgroup/project`.
-        let parts = c.repository.split('/').count();
-        let nested = c.forge == Forge::Gitlab && parts > 2 && parts <= 21;
-        let valid_repo = (parts == 2 || nested)
-            && c.repository.len() <= 512
-            && c.repository.split('/').all(|p| {
-                !matches!(p, "" | "." | "..") && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            });
-        if !valid_repo {
+        if !c.forge.is_repository_path(&c.repository) {
             let what = if c.forge == Forge::Gitlab { "'group/project' (groups may nest)" } else { "'owner/name'" };
             return Err(invalid("repository", format!("must be {what}")));
         }
@@ -1056,14 +1049,15 @@ impl Ingest {
         self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, updated).await
     }
 
-    /// Replaces an endpoint's signing secret (the old one signing too until `previous_until`).
+    /// Replaces an endpoint's signing secret (the old one signing too until `previous_until`, held to
+    /// 7 days).
     pub async fn rotate_webhook_secret(&self, cmd: RotateWebhookSecret) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         let rotated = |failing_since| {
             Some(Event::WebhookEndpointSecretRotated(WebhookEndpointSecretRotated {
                 endpoint_id: cmd.endpoint_id,
                 secret: cmd.secret.clone(),
-                previous_until: cmd.previous_until,
+                previous_until: cmd.previous_until.map(taskmesh_events::overlap_until),
                 failing_since,
             }))
         };

@@ -704,6 +704,7 @@ impl Notifier {
             .await
             .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
         let status = res.status();
+        let failing = row.get::<Option<i64>, _>("failing").and_then(|seq| u64::try_from(seq).ok());
         if let Some(wait) = retry_after(&res) {
             // Rate limited (GitHub answers 403 or 429 so).
             return Err(Outcome::Later(format!("POST {url} answered {status}"), wait));
@@ -711,9 +712,8 @@ impl Notifier {
         if status.as_u16() == 400 && s.forge == Forge::Gitlab {
             let start = res.chunk().await.ok().flatten().unwrap_or_default();
             if gitlab_already_shows(state, &start[..start.len().min(4096)]) {
-                return Ok(row.get::<Option<i64>, _>("failing").and_then(|seq| u64::try_from(seq).ok()));
+                return Ok(failing);
             }
-            return Err(Outcome::Refused(format!("POST {url} answered {status}")));
         }
         if status.as_u16() == 403 {
             // GitHub's secondary rate limit may say so only in its message: a minute's rest.
@@ -727,7 +727,7 @@ impl Notifier {
             }
         }
         match status.as_u16() {
-            200..=299 => Ok(row.get::<Option<i64>, _>("failing").and_then(|seq| u64::try_from(seq).ok())),
+            200..=299 => Ok(failing),
             // The token, the repository or the commit is wrong: asking again changes nothing.
             400..=499 if !matches!(status.as_u16(), 408 | 429) => {
                 Err(Outcome::Refused(format!("POST {url} answered {status}")))
