@@ -99,6 +99,38 @@ pub enum Workflows {
     },
 }
 
+/// What `schedules create` and `schedules set` both take.
+#[derive(clap::Args)]
+pub struct ScheduleOptions {
+    /// IANA time zone the expression is read in (UTC unless given).
+    #[arg(long)]
+    timezone: Option<String>,
+    /// An input, `key=value` (repeatable). Changing a schedule, the inputs not named are kept.
+    #[arg(long = "input", short = 'i')]
+    inputs: Vec<String>,
+    /// While the previous run goes on: skip (the default), allow or cancel_previous.
+    #[arg(long)]
+    overlap: Option<String>,
+    /// Ticks missed while no scheduler ran: none (the default), last or all.
+    #[arg(long)]
+    catch_up: Option<String>,
+}
+
+impl ScheduleOptions {
+    /// Puts the options given into a schedule's spec (or a patch of it).
+    fn into_spec(self, spec: &mut serde_json::Map<String, Value>) -> anyhow::Result<()> {
+        for (field, value) in [("timezone", self.timezone), ("overlap", self.overlap), ("catch_up", self.catch_up)] {
+            if let Some(value) = value {
+                spec.insert(field.into(), json!(value));
+            }
+        }
+        if !self.inputs.is_empty() {
+            spec.insert("inputs".into(), json!(parse_inputs(self.inputs)?));
+        }
+        Ok(())
+    }
+}
+
 #[derive(clap::Subcommand)]
 pub enum Schedules {
     /// List schedules.
@@ -111,19 +143,23 @@ pub enum Schedules {
         /// A stored workflow: `name` (its latest version when a tick fires) or `name@version`.
         #[arg(long)]
         workflow: String,
-        /// IANA time zone the expression is read in (default UTC).
-        #[arg(long)]
-        timezone: Option<String>,
-        /// An input, `key=value` (repeatable).
-        #[arg(long = "input", short = 'i')]
-        inputs: Vec<String>,
-        /// While the previous run goes on: skip (default), allow or cancel_previous.
-        #[arg(long)]
-        overlap: Option<String>,
-        /// Ticks missed while no scheduler ran: none (default), last or all.
-        #[arg(long)]
-        catch_up: Option<String>,
+        #[command(flatten)]
+        options: ScheduleOptions,
     },
+    /// Change a schedule in place (what is not given is kept); it keeps its id and its runs.
+    Set {
+        id: String,
+        /// A new cron expression.
+        #[arg(long)]
+        cron: Option<String>,
+        /// Another stored workflow to run.
+        #[arg(long)]
+        workflow: Option<String>,
+        #[command(flatten)]
+        options: ScheduleOptions,
+    },
+    /// Start a run of the schedule's workflow now, paused or not; prints the run's id.
+    Trigger { id: String },
     /// Pause a schedule: no tick fires until it is resumed.
     Pause { id: String },
     /// Resume a paused schedule from its next tick.
@@ -908,24 +944,45 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
             }
             Ok(0)
         }
-        Schedules::Create { cron, workflow, timezone, inputs, overlap, catch_up } => {
-            let inputs = parse_inputs(inputs)?;
-            let mut spec = json!({"cron": cron, "workflow": workflow, "inputs": inputs});
-            if let Some(tz) = timezone {
-                spec["timezone"] = json!(tz);
-            }
-            if let Some(overlap) = overlap {
-                spec["overlap"] = json!(overlap);
-            }
-            if let Some(catch_up) = catch_up {
-                spec["catch_up"] = json!(catch_up);
-            }
+        Schedules::Create { cron, workflow, options } => {
+            let mut spec = serde_json::Map::new();
+            spec.insert("cron".into(), json!(cron));
+            spec.insert("workflow".into(), json!(workflow));
+            options.into_spec(&mut spec)?;
+            let spec = Value::Object(spec);
             let created = client.call(reqwest::Method::POST, "/v1/schedules", Some(spec)).await?;
             if client.json {
                 println!("{created}");
             } else {
                 println!("{}", created["id"].as_str().unwrap_or(""));
             }
+            Ok(0)
+        }
+        Schedules::Set { id, cron, workflow, options } => {
+            let mut patch = serde_json::Map::new();
+            for (field, value) in [("cron", cron), ("workflow", workflow)] {
+                if let Some(value) = value {
+                    patch.insert(field.into(), json!(value));
+                }
+            }
+            options.into_spec(&mut patch)?;
+            if patch.is_empty() {
+                anyhow::bail!(
+                    "nothing to change: give --cron, --workflow, --timezone, --input, --overlap or --catch-up"
+                );
+            }
+            let path = format!("/v1/schedules/{}", enc(&id));
+            let done = client.call(reqwest::Method::PATCH, &path, Some(Value::Object(patch))).await?;
+            println!("{}", if client.json { done.to_string() } else { format!("changed {id}") });
+            Ok(0)
+        }
+        Schedules::Trigger { id } => {
+            let path = format!("/v1/schedules/{}/trigger", enc(&id));
+            let accepted = client.call(reqwest::Method::POST, &path, None).await?;
+            println!(
+                "{}",
+                if client.json { accepted.to_string() } else { accepted["id"].as_str().unwrap_or("").into() }
+            );
             Ok(0)
         }
         Schedules::Pause { id } => {

@@ -68,7 +68,7 @@ enum Command {
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
-    /// List, create, pause and resume schedules.
+    /// List, create, change, trigger, pause, resume and delete schedules.
     Schedules {
         #[command(subcommand)]
         action: taskmesh::cli::Schedules,

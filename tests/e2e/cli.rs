@@ -381,6 +381,30 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
         item(v, &schedule).is_some_and(|s| s["paused"] == false)
     })
     .await;
+    // Changed in place: what is not given is kept.
+    let (code, out, err) =
+        taskmesh(&tm, &["schedules", "set", &schedule, "--cron", "0 0 2 1 *", "--input", "who=patched"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out.trim(), format!("changed {schedule}"));
+    let list = poll_json(&tm, "the schedule changed", &["schedules", "ls"], |v| {
+        item(v, &schedule).is_some_and(|s| s["spec"]["cron"] == "0 0 2 1 *")
+    })
+    .await;
+    let changed = item(&list, &schedule).unwrap();
+    assert_eq!(changed["spec"]["inputs"]["who"], "patched", "{changed}");
+    assert_eq!(changed["spec"]["timezone"], "Europe/Paris", "kept: {changed}");
+    let (code, _, err) = taskmesh(&tm, &["schedules", "set", &schedule]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("nothing to change"), "{err}");
+    // Run now: the run's id, started by the schedule by hand.
+    let (code, out, err) = taskmesh(&tm, &["schedules", "trigger", &schedule]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let run: uuid::Uuid = out.trim().parse().unwrap_or_else(|_| panic!("a run id: {out}"));
+    let view = tm.wait_run(run, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    assert_eq!(view["trigger"]["kind"], "schedule", "{view}");
+    assert_eq!(view["trigger"]["manual"], true, "{view}");
+    assert_eq!(view["inputs"]["who"], "patched", "{view}");
     let (code, _, err) =
         taskmesh(&tm, &["schedules", "create", "--cron", "not a cron", "--workflow", "cli-flow"]).await;
     assert_eq!(code, 2, "{err}");

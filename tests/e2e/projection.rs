@@ -66,7 +66,7 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
         assert_eq!(res.status(), 201);
         res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string()
     };
-    let (gone, gone_later, _kept) = (schedule().await, schedule().await, schedule().await);
+    let (gone, gone_later, kept_schedule) = (schedule().await, schedule().await, schedule().await);
     delete_schedule(&tm, &gone).await;
     // Webhook endpoints of both formats, one deleted (the projector is the only service that
     // reads their events here: nothing is delivered).
@@ -154,6 +154,13 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.mesh = Some(rest);
     tm.api = format!("http://{}", tm.mesh.as_ref().unwrap().gateway.unwrap());
     delete_schedule(&tm, &gone_later).await;
+    // The kept schedule changed and run by hand while the projector is down.
+    let kept_schedule = format!("/v1/schedules/{kept_schedule}");
+    let res = tm.send_json(reqwest::Method::PATCH, &kept_schedule, &serde_json::json!({"cron": "0 0 2 1 *"})).await;
+    assert_eq!(res.status(), 200);
+    let res = tm.send_json(reqwest::Method::POST, &format!("{kept_schedule}/trigger"), &serde_json::json!({})).await;
+    assert_eq!(res.status(), 202);
+    let by_hand = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     assert_eq!(tm.send_json(reqwest::Method::POST, &rotate, &serde_json::json!({})).await.status(), 200);
     let res = tm.send_json(reqwest::Method::PATCH, &connection, &serde_json::json!({"repository": "o/renamed"})).await;
     assert_eq!(res.status(), 200);
@@ -183,8 +190,13 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     }
     tm.wait_projected().await;
     let live = dump(&tm.pool).await;
-    assert!(live.iter().filter(|r| r.starts_with("runs:")).count() == 6);
-    assert_eq!(live.iter().filter(|r| r.starts_with("schedules:")).count(), 1, "deleted schedules are gone");
+    assert_eq!(live.iter().filter(|r| r.starts_with("runs:")).count(), 7, "with the schedule's run by hand");
+    let schedules: Vec<&String> = live.iter().filter(|r| r.starts_with("schedules:")).collect();
+    assert_eq!(schedules.len(), 1, "deleted schedules are gone");
+    assert!(
+        schedules[0].contains("0 0 2 1 *") && schedules[0].contains(&by_hand),
+        "changed, run by hand: {schedules:?}"
+    );
     let hooks: Vec<&String> = live.iter().filter(|r| r.starts_with("webhook_endpoints:")).collect();
     assert_eq!(hooks.len(), 2, "{hooks:?}");
     let repos: Vec<&String> = live.iter().filter(|r| r.starts_with("repo_connections:")).collect();

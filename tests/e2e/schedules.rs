@@ -1,5 +1,6 @@
 //! Cron schedules: each tick fires exactly once, with two scheduler replicas and after the
-//! scheduler was down (catch-up `all`); a deleted schedule fires no more.
+//! scheduler was down (catch-up `all`); a deleted schedule fires no more; a changed one ticks by
+//! its new spec; a run started by hand runs beside the ticks.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -195,5 +196,201 @@ async fn a_deleted_schedule_ticks_no_more_and_is_gone_from_the_read_side() {
         let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/{action}", tm.api))).send().await.unwrap();
         assert_eq!(res.status(), 404, "{action}");
     }
+    tm.finish().await;
+}
+
+async fn patch(tm: &TestMesh, id: &str, body: Value) -> reqwest::Response {
+    let req =
+        tm.http.patch(format!("{}/v1/schedules/{id}", tm.api)).header("content-type", "application/merge-patch+json");
+    tm.auth(req).body(body.to_string()).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_schedule_ticks_by_its_new_spec_and_keeps_its_id_ticks_and_inputs_not_named() {
+    let tm = spawn_mesh().await;
+    let mut spec = every_second();
+    spec["workflow"] = json!({
+        "name": "tick",
+        "inputs": {"env": {"type": "string"}, "region": {"type": "string", "default": "us"}},
+        "steps": [{"id": "a", "uses": "noop"}],
+    });
+    spec["inputs"] = json!({"env": "staging", "region": "eu"});
+    let res = create(&tm, spec).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    eventually("a tick", Duration::from_secs(30), || async { Ok((!ticks(&tm, &id).await.0.is_empty()).then_some(())) })
+        .await
+        .unwrap();
+
+    // Every third second from now on, another input; `region` is kept.
+    let res = patch(&tm, &id, json!({"cron": "*/3 * * * * *", "inputs": {"env": "prod"}})).await;
+    assert_eq!(res.status(), 200);
+    let seq = res.json::<Value>().await.unwrap()["seq"].as_u64().unwrap();
+    let subject = tm.bus.namespace().schedule("default", id.parse().unwrap());
+    let update = tm.bus.read_subject(&subject, seq - 1).await.unwrap().into_iter().find(|e| e.seq == seq).unwrap();
+    let Event::ScheduleUpdated(updated) = &update.envelope.event else { panic!("{:?}", update.envelope.event) };
+    let (changed, next_tick) = (update.envelope.occurred_at, updated.next_tick.unwrap());
+    assert!(next_tick > changed && next_tick.timestamp() % 3 == 0, "{next_tick} after {changed}");
+    let before = ticks(&tm, &id).await.0.len();
+    eventually("two ticks of the new spec", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= before + 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    pause(&tm, &id).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (all, runs) = ticks(&tm, &id).await;
+    // The old spec's ticks: one a second, up to the change; the new one's: every third second
+    // from its first after the change. None between: the old spec's armed tick found nothing
+    // due.
+    let (old, new): (Vec<_>, Vec<_>) = all.iter().zip(&runs).partition(|(t, _)| **t <= changed);
+    let old_ticks: Vec<_> = old.iter().map(|(t, _)| **t).collect();
+    assert_consecutive(&old_ticks);
+    assert!(new.len() >= 2, "{all:?}");
+    assert_eq!(*new[0].0, next_tick, "{all:?} (changed {changed})");
+    for (tick, run) in &new {
+        assert_eq!(tick.timestamp() % 3, 0, "only the new spec's ticks after the change: {all:?} (changed {changed})");
+        let view = tm.wait_run(**run, Duration::from_secs(30)).await;
+        assert_eq!(view["inputs"], json!({"env": "prod", "region": "eu"}), "the patched inputs, merged: {view}");
+    }
+    for (_, run) in &old {
+        assert_eq!(tm.wait_run(**run, Duration::from_secs(30)).await["inputs"]["env"], "staging");
+    }
+    // The read side: the same schedule, its ticks counted on, the new spec.
+    tm.wait_projected().await;
+    let view = tm.get_json_after(format!("{}/v1/schedules/{id}", tm.api), seq).await;
+    assert_eq!(view["id"], id.as_str());
+    assert_eq!(view["spec"]["cron"], "*/3 * * * * *", "{view}");
+    assert_eq!(view["spec"]["inputs"], json!({"env": "prod", "region": "eu"}), "{view}");
+    assert_eq!(view["ticks"], all.len(), "{view}");
+    assert_eq!(view["paused"], true, "{view}");
+
+    // Changed while paused, it stays paused; null puts a field back to its default and removes
+    // an input.
+    let res = patch(&tm, &id, json!({"cron": "* * * * * *", "overlap": null, "inputs": {"region": null}})).await;
+    assert_eq!(res.status(), 200);
+    let Some(Event::ScheduleUpdated(updated)) = tm.events_on(&subject).await.pop() else { panic!("an update last") };
+    assert_eq!(updated.next_tick, None, "paused: no tick armed");
+    assert_eq!(updated.spec.overlap, taskmesh_events::schedule::Overlap::Skip, "null: the default");
+    assert_eq!(updated.spec.inputs.len(), 1, "{:?}", updated.spec.inputs);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ticks(&tm, &id).await.0.len(), all.len(), "a paused schedule changed stays paused");
+
+    // A patch that changes nothing appends nothing and answers the last seq.
+    let last = tm.bus.read_subject(&subject, 0).await.unwrap().last().unwrap().seq;
+    let res = patch(&tm, &id, json!({"cron": "* * * * * *"})).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["seq"], last);
+    assert_eq!(tm.bus.read_subject(&subject, 0).await.unwrap().last().unwrap().seq, last);
+
+    // Refusals change nothing.
+    for (body, status, field) in [
+        (json!({"cron": null}), 400, Some("cron")),
+        (json!({"workflow": null}), 400, Some("workflow")),
+        (json!({"cron": "61 * * * *"}), 422, Some("cron")),
+        (json!({"timezone": "Mars/Olympus"}), 422, Some("timezone")),
+        (json!({"catch_up_limit": 0}), 422, Some("catch_up_limit")),
+        (json!({"inputs": {"colour": "blue"}}), 422, None),
+        (json!({"bogus": 1}), 400, None),
+        (json!({"overlap": "sometimes"}), 400, None),
+        (json!([{"cron": "* * * * *"}]), 400, None),
+        (json!({"workflow": "no-such-workflow"}), 404, None),
+    ] {
+        let res = patch(&tm, &id, body.clone()).await;
+        assert_eq!(res.status(), status, "{body}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json", "{body}");
+        let problem: Value = res.json().await.unwrap();
+        if let Some(field) = field {
+            assert_eq!(problem["errors"][0]["field"], field, "{body}: {problem}");
+        }
+    }
+    assert_eq!(tm.bus.read_subject(&subject, 0).await.unwrap().last().unwrap().seq, last, "refusals append nothing");
+    assert_eq!(patch(&tm, &uuid::Uuid::now_v7().to_string(), json!({"cron": "* * * * *"})).await.status(), 404);
+    let res = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(patch(&tm, &id, json!({"cron": "0 * * * *"})).await.status(), 404, "deleted");
+    tm.finish().await;
+}
+
+async fn trigger(tm: &TestMesh, id: &str, key: Option<&str>) -> reqwest::Response {
+    let mut req = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/trigger", tm.api)));
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overlap_policy_sees_it() {
+    let tm = spawn_mesh().await;
+    // Every second, skipping a tick while the last run goes on; paused for now.
+    let spec = json!({
+        "cron": "* * * * * *",
+        "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 4}]},
+        "overlap": "skip",
+    });
+    let res = create(&tm, spec).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    pause(&tm, &id).await;
+
+    // Paused or not, it runs now; a retry with the same key finds the same run.
+    let res = trigger(&tm, &id, Some("by-hand-1")).await;
+    assert_eq!(res.status(), 202);
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    let first: Value = res.json().await.unwrap();
+    let run: uuid::Uuid = first["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(location, format!("{}/v1/runs/{run}", tm.api));
+    assert_eq!(first["duplicate"], false);
+    let again: Value = trigger(&tm, &id, Some("by-hand-1")).await.json().await.unwrap();
+    assert_eq!((again["id"].as_str(), again["duplicate"].as_bool()), (Some(run.to_string().as_str()), Some(true)));
+    let subject = tm.bus.namespace().schedule("default", id.parse().unwrap());
+    let recorded: Vec<_> = tm
+        .events_on(&subject)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::ScheduleTriggered(t) => Some(t.run_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recorded, [run], "recorded once, as the schedule's last run");
+
+    // Resumed while that run sleeps: the ticks meanwhile are skipped, as for a tick's run.
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/resume", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    eventually("a tick", Duration::from_secs(30), || async {
+        Ok(tm.events_on(&subject).await.into_iter().find_map(|e| match e {
+            Event::ScheduleTicked(t) => Some(t),
+            _ => None,
+        }))
+    })
+    .await
+    .map(|t| {
+        assert_eq!(t.run_id, None, "{t:?}");
+        assert_eq!(t.skipped.as_deref(), Some("the previous run is still running"), "{t:?}");
+    })
+    .unwrap();
+    pause(&tm, &id).await;
+    let view = tm.wait_run(run, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    assert_eq!(view["trigger"]["kind"], "schedule");
+    assert_eq!(view["trigger"]["schedule_id"], id.as_str());
+    assert_eq!(view["trigger"]["manual"], true);
+    tm.wait_projected().await;
+    let schedule = tm.get_json(format!("{}/v1/schedules/{id}", tm.api)).await;
+    assert_eq!(schedule["last_run_id"], run.to_string(), "{schedule}");
+
+    // Without a key, each call is a run of its own; unknown and deleted schedules are 404s.
+    let a: Value = trigger(&tm, &id, None).await.json().await.unwrap();
+    let b: Value = trigger(&tm, &id, None).await.json().await.unwrap();
+    assert_ne!(a["id"], b["id"]);
+    let res = trigger(&tm, &id, Some(&"k".repeat(202))).await;
+    assert_eq!(res.status(), 400, "a key too long to scope");
+    assert_eq!(trigger(&tm, &uuid::Uuid::now_v7().to_string(), None).await.status(), 404);
+    assert_eq!(trigger(&tm, "not-a-uuid", None).await.status(), 404);
+    let res = tm.auth(tm.http.delete(format!("{}/v1/schedules/{id}", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(trigger(&tm, &id, None).await.status(), 404, "deleted");
     tm.finish().await;
 }

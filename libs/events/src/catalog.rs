@@ -44,6 +44,8 @@ pub enum Event {
     ScheduleResumed(ScheduleToggled),
     ScheduleTicked(ScheduleTicked),
     ScheduleDeleted(ScheduleDeleted),
+    ScheduleUpdated(ScheduleUpdated),
+    ScheduleTriggered(ScheduleTriggered),
     SecretSet(SecretSet),
     SecretDeleted(SecretDeleted),
     ApiKeyUsed(ApiKeyUsed),
@@ -111,6 +113,8 @@ impl Event {
             Event::ScheduleResumed(_) => "ScheduleResumed",
             Event::ScheduleTicked(_) => "ScheduleTicked",
             Event::ScheduleDeleted(_) => "ScheduleDeleted",
+            Event::ScheduleUpdated(_) => "ScheduleUpdated",
+            Event::ScheduleTriggered(_) => "ScheduleTriggered",
             Event::SecretSet(_) => "SecretSet",
             Event::SecretDeleted(_) => "SecretDeleted",
             Event::ApiKeyUsed(_) => "ApiKeyUsed",
@@ -480,8 +484,14 @@ pub struct AuditedCall {
 pub enum Trigger {
     /// A REST API call, by the key that made it.
     Api { key_id: Option<Uuid> },
-    /// A schedule's tick.
-    Schedule { schedule_id: Uuid, tick: DateTime<Utc> },
+    /// A schedule's tick; or, `manual`, a run started from the schedule by hand
+    /// (`POST /v1/schedules/{id}/trigger`) at `tick`.
+    Schedule {
+        schedule_id: Uuid,
+        tick: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        manual: bool,
+    },
     /// A rerun of an earlier run: `from` is `failed` or a step id.
     Rerun { run_id: Uuid, from: String, key_id: Option<Uuid> },
     /// A CloudEvent posted to `POST /v1/events` matched the workflow's `on.events`.
@@ -860,6 +870,28 @@ pub struct ScheduleTicked {
     pub run_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+}
+
+/// A schedule's spec was changed in place (`PATCH /v1/schedules/{id}`): the whole new spec. It
+/// keeps its id, its ticks and its last run; ticks of the new spec come from `next_tick` on (ticks
+/// the new spec would have had before the change are not caught up).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleUpdated {
+    pub schedule_id: Uuid,
+    pub spec: crate::schedule::ScheduleSpec,
+    /// The new spec's first tick after the change; none while the schedule is paused (resuming
+    /// arms the next) or when the expression never fires again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_tick: Option<DateTime<Utc>>,
+}
+
+/// A run was started from a schedule by hand (`POST /v1/schedules/{id}/trigger`), whatever its
+/// ticks. It is the schedule's last run: a tick under `overlap: skip` or `cancel_previous` finds it
+/// running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleTriggered {
+    pub schedule_id: Uuid,
+    pub run_id: Uuid,
 }
 
 /// A schedule was deleted: no tick fires after it (a tick is appended expecting the schedule's

@@ -169,6 +169,30 @@ pub struct DeleteSchedule {
     pub schedule_id: Uuid,
 }
 
+/// `{ns}.cmd.ingest.update_schedule`: change a schedule's spec in place by a JSON merge patch
+/// (RFC 7396) of it. Answers [`Created`] (the last seq, for a patch that changes nothing).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct UpdateSchedule {
+    pub tenant: String,
+    pub schedule_id: Uuid,
+    /// The merge patch: an object whose fields replace the spec's (`inputs` and an inline
+    /// `workflow` are merged in turn); `null` removes one (back to its default).
+    pub patch: serde_json::Value,
+}
+
+/// `{ns}.cmd.ingest.trigger_schedule`: start a run of the schedule's workflow and inputs now,
+/// paused or not. Answers [`RunAccepted`].
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct TriggerSchedule {
+    pub tenant: String,
+    pub schedule_id: Uuid,
+    /// Triggering again with the same key finds the first run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
 /// `{ns}.cmd.ingest.toggle_schedule`: pause or resume.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ToggleSchedule {

@@ -56,6 +56,12 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
         ("ScheduleResumed", pretty::<ScheduleToggled>(), "A schedule was resumed."),
         ("ScheduleTicked", pretty::<ScheduleTicked>(), "A schedule's tick was handled, once."),
         ("ScheduleDeleted", pretty::<ScheduleDeleted>(), "A schedule was deleted: no tick fires after it."),
+        (
+            "ScheduleUpdated",
+            pretty::<ScheduleUpdated>(),
+            "A schedule's spec was changed in place; its ticks and runs are kept.",
+        ),
+        ("ScheduleTriggered", pretty::<ScheduleTriggered>(), "A run was started from a schedule by hand."),
         ("SecretSet", pretty::<SecretSet>(), "A secret was set (sealed; never its value)."),
         ("SecretDeleted", pretty::<SecretDeleted>(), "A secret was deleted."),
         ("ApiKeyUsed", pretty::<ApiKeyUsed>(), "An API key was used (at most once a minute per key and gateway)."),
@@ -147,6 +153,8 @@ fn commands() -> Vec<(&'static str, String)> {
         ("StatusQueued", pretty::<StatusQueued>()),
         ("BreakerState", pretty::<BreakerState>()),
         ("ToggleSchedule", pretty::<ToggleSchedule>()),
+        ("UpdateSchedule", pretty::<UpdateSchedule>()),
+        ("TriggerSchedule", pretty::<TriggerSchedule>()),
         ("DeleteSchedule", pretty::<DeleteSchedule>()),
         ("WorkflowStored", pretty::<WorkflowStored>()),
         ("CancelSignal", pretty::<CancelSignal>()),
@@ -220,7 +228,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "SecretSet", "SecretDeleted"])
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",
@@ -279,8 +287,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "update_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint", "update_webhook_endpoint", "rotate_webhook_secret"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "UpdateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "UpdateWebhookEndpoint", "RotateWebhookSecret", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "update_schedule", "trigger_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "update_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint", "update_webhook_endpoint", "rotate_webhook_secret"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "UpdateSchedule", "TriggerSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "UpdateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "UpdateWebhookEndpoint", "RotateWebhookSecret", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

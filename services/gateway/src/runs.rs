@@ -145,19 +145,24 @@ pub async fn submit(
         }
     };
     request.refresh_cache |= params.refresh_cache;
-    let idempotency_key = headers
+    let idempotency_key = idempotency_key(&headers)?;
+    let accepted = state
+        .ingest
+        .submit_run(&request.into_command(&caller, idempotency_key, taskmesh_telemetry::current_traceparent()))
+        .await?;
+    Ok(accepted_response(&state, accepted.into()))
+}
+
+/// The request's `Idempotency-Key`, if any.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
         .get("idempotency-key")
         .map(|v| {
             v.to_str()
                 .map(str::to_owned)
                 .map_err(|_| ApiError::new(ErrorCode::BadRequest, "Idempotency-Key must be ASCII"))
         })
-        .transpose()?;
-    let accepted = state
-        .ingest
-        .submit_run(&request.into_command(&caller, idempotency_key, taskmesh_telemetry::current_traceparent()))
-        .await?;
-    Ok(accepted_response(&state, accepted.into()))
+        .transpose()
 }
 
 /// The most runs one batch may carry.
@@ -330,7 +335,7 @@ pub(crate) async fn check_active_runs_quota(state: &AppState, tenant: &str, runs
     }
 }
 
-fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Response {
+pub(crate) fn accepted_response(state: &AppState, accepted: RunAcceptedResponse) -> Response {
     let path = format!("/v1/runs/{}", accepted.id);
     crate::located(state, StatusCode::ACCEPTED, Json(accepted), &path)
 }

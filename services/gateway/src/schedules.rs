@@ -7,9 +7,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use taskmesh_events::command::{CreateSchedule, DeleteSchedule, ToggleSchedule};
+use taskmesh_events::command::{CreateSchedule, DeleteSchedule, ToggleSchedule, TriggerSchedule, UpdateSchedule};
 use taskmesh_events::schedule::ScheduleSpec;
 use taskmesh_http::{ApiError, ApiResult, body};
 use utoipa::ToSchema;
@@ -21,8 +21,9 @@ use crate::auth::Caller;
 pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/v1/schedules", post(create).get(list))
-        .route("/v1/schedules/{id}", get(get_one).delete(delete))
+        .route("/v1/schedules/{id}", get(get_one).delete(delete).patch(update))
         .route("/v1/schedules/{id}/pause", post(pause))
+        .route("/v1/schedules/{id}/trigger", post(trigger))
         .route("/v1/schedules/{id}/resume", post(resume))
 }
 
@@ -179,6 +180,100 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<ScheduleCreatedResponse>)> {
     toggle(state, caller, id, false).await
+}
+
+/// Changes to a schedule (a JSON merge patch, RFC 7396, of its spec): each field given replaces
+/// the schedule's, one left out keeps it, and `null` puts a field back to its default. `inputs`
+/// (and an inline `workflow`) are merged in turn: `{"inputs": {"env": "staging"}}` changes one
+/// input and keeps the others; `{"inputs": null}` removes them all.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body; it is read as JSON and merged by ingest
+pub struct SchedulePatch {
+    /// A new cron expression. Cannot be `null`.
+    pub cron: Option<String>,
+    /// An IANA time zone; `null`: UTC.
+    pub timezone: Option<String>,
+    /// A stored workflow's name (`name` or `name@version`) or an inline definition. Cannot be
+    /// `null`.
+    #[schema(value_type = Option<Object>)]
+    pub workflow: Option<serde_json::Value>,
+    /// Inputs to set (each `null` removes one); `null`: none.
+    #[schema(value_type = Option<Object>)]
+    pub inputs: Option<serde_json::Value>,
+    /// `skip`, `allow` or `cancel_previous`; `null`: `skip`.
+    pub overlap: Option<String>,
+    /// `none`, `last` or `all`; `null`: `none`.
+    pub catch_up: Option<String>,
+    /// 1 to 10,000; `null`: 100.
+    pub catch_up_limit: Option<u32>,
+}
+
+/// Change a schedule in place: its cron expression, time zone, workflow, inputs, overlap or
+/// catch-up. It keeps its id, ticks, last run and pause. The new spec ticks from its first tick
+/// after the change; ticks it would have had before are not caught up. Checked as a new schedule
+/// is; a patch that changes nothing appends nothing (and answers the last `seq`).
+#[utoipa::path(patch, operation_id = "update_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+    request_body(content(
+        (SchedulePatch = "application/merge-patch+json"),
+        (SchedulePatch = "application/json"),
+    )),
+    responses(
+        (status = 200, body = ScheduleCreatedResponse),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule, or no such stored workflow", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid cron, time zone, workflow or inputs", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ScheduleCreatedResponse>> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let patch: serde_json::Value = body::json(&bytes)?;
+    let done = state.ingest.update_schedule(&UpdateSchedule { tenant: caller.tenant, schedule_id: id, patch }).await?;
+    Ok(Json(ScheduleCreatedResponse { id: done.id, seq: done.seq }))
+}
+
+/// Run a schedule's workflow with its inputs now, paused or not, beside its ticks (whatever its
+/// overlap policy). The run's trigger is `{"kind": "schedule", "schedule_id", "tick": <now>,
+/// "manual": true}`, and it becomes the schedule's last run, which a tick's overlap policy then
+/// looks at. Answered as `POST /v1/runs` is.
+#[utoipa::path(post, operation_id = "trigger_schedule", path = "/v1/schedules/{id}/trigger", tag = "schedules",
+    params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Triggering again with the same key returns the first run")),
+    responses(
+        (status = 202, body = crate::runs::RunAcceptedResponse, headers(("Location" = String, description = "The run's URL"))),
+        (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule, or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn trigger(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    let accepted = state
+        .ingest
+        .trigger_schedule(&TriggerSchedule {
+            tenant: caller.tenant,
+            schedule_id: id,
+            idempotency_key: crate::runs::idempotency_key(&headers)?,
+            traceparent: taskmesh_telemetry::current_traceparent(),
+        })
+        .await?;
+    Ok(crate::runs::accepted_response(&state, accepted.into()))
 }
 
 /// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are

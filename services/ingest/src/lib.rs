@@ -20,14 +20,15 @@ use std::future::Future;
 use base64::Engine;
 use taskmesh_bus::{AfterLast, Bus, BusError};
 use taskmesh_events::command::*;
+use taskmesh_events::schedule::ScheduleSpec;
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
     Forge, MAX_AUDIT_BATCH, Problem, RepoConnectionCreated, RepoConnectionDeleted, RepoConnectionUpdated, ReusedStep,
-    RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, SecretDeleted,
-    SecretSet, TenantCreated, Trigger, WebhookDeliveryRetried, WebhookEndpointCreated, WebhookEndpointDeleted,
-    WebhookEndpointEnabled, WebhookEndpointSecretRotated, WebhookEndpointUpdated, WorkflowVersionStored,
-    subjects::is_token,
+    RunCancelRequested, RunKey, RunSubmitted, ScheduleCreated, ScheduleDeleted, ScheduleToggled, ScheduleTriggered,
+    ScheduleUpdated, SecretDeleted, SecretSet, TenantCreated, Trigger, WebhookDeliveryRetried, WebhookEndpointCreated,
+    WebhookEndpointDeleted, WebhookEndpointEnabled, WebhookEndpointSecretRotated, WebhookEndpointUpdated,
+    WorkflowVersionStored, subjects::is_token,
 };
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +106,26 @@ fn nothing_to_check_out(workflow: &WorkflowDef) -> Reply<()> {
 
 fn check_tenant(tenant: &str) -> Reply<()> {
     if is_token(tenant) { Ok(()) } else { Err(invalid("tenant", "not a valid tenant id")) }
+}
+
+/// A schedule's spec as last changed, and whether it is paused, from its events; `NotFound`
+/// for one never created, or deleted.
+fn schedule_now(events: &[taskmesh_bus::Stored]) -> Reply<(ScheduleSpec, bool)> {
+    let not_found = || Problem::new(ErrorCode::NotFound, "no such schedule");
+    let Some(Event::ScheduleCreated(created)) = events.first().map(|e| &e.envelope.event) else {
+        return Err(not_found());
+    };
+    let (mut spec, mut paused) = (&created.spec, false);
+    for e in events {
+        match &e.envelope.event {
+            Event::SchedulePaused(_) => paused = true,
+            Event::ScheduleResumed(_) => paused = false,
+            Event::ScheduleUpdated(u) => spec = &u.spec,
+            Event::ScheduleDeleted(_) => return Err(not_found()),
+            _ => {}
+        }
+    }
+    Ok((spec.clone(), paused))
 }
 
 /// The command handlers.
@@ -400,18 +421,23 @@ impl Ingest {
         Ok(Created { id: cmd.name, seq: appended.seq })
     }
 
+    /// Checks a schedule's expression, time zone and limits, and its workflow with its inputs.
+    async fn check_schedule(&self, tenant: &str, spec: &ScheduleSpec) -> Reply<()> {
+        spec.validate()?;
+        let workflow = match &spec.workflow {
+            serde_json::Value::String(reference) => self.stored_workflow(tenant, reference).await?.0,
+            inline => WorkflowDef::from_value(inline.clone())?,
+        };
+        workflow.resolve_inputs(spec.inputs.clone())?;
+        // A schedule's runs have no pushed commit.
+        nothing_to_check_out(&workflow)
+    }
+
     /// Creates a schedule after checking its expression, time zone and workflow.
     #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant))]
     pub async fn create_schedule(&self, cmd: CreateSchedule) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
-        cmd.spec.validate()?;
-        let workflow = match &cmd.spec.workflow {
-            serde_json::Value::String(reference) => self.stored_workflow(&cmd.tenant, reference).await?.0,
-            inline => WorkflowDef::from_value(inline.clone())?,
-        };
-        workflow.resolve_inputs(cmd.spec.inputs.clone())?;
-        // A schedule's runs have no pushed commit.
-        nothing_to_check_out(&workflow)?;
+        self.check_schedule(&cmd.tenant, &cmd.spec).await?;
         let id = Uuid::now_v7();
         let first_tick = cmd.spec.next_after(chrono::Utc::now());
         let envelope = EventMeta::new(&cmd.tenant).envelope(
@@ -422,26 +448,108 @@ impl Ingest {
         Ok(Created { id: id.to_string(), seq })
     }
 
+    /// Changes a schedule's spec by a JSON merge patch, checked as a new schedule is. Its id,
+    /// ticks, last run and pause stay; the new spec ticks from its first tick after the change
+    /// (the old spec's armed ticks find nothing due). A patch that changes nothing appends
+    /// nothing.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, schedule = %cmd.schedule_id))]
+    pub async fn update_schedule(&self, cmd: UpdateSchedule) -> Reply<Created> {
+        check_tenant(&cmd.tenant)?;
+        let Some(fields) = cmd.patch.as_object() else {
+            return Err(Problem::new(
+                ErrorCode::BadRequest,
+                "a schedule's patch is a JSON object of the fields to change",
+            ));
+        };
+        for field in ["cron", "workflow"] {
+            if fields.get(field).is_some_and(serde_json::Value::is_null) {
+                return Err(invalid(field, "cannot be removed (null): give a value, or leave it out to keep it"));
+            }
+        }
+        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
+        for _ in 0..16 {
+            let events = self.bus.read_subject(&subject, 0).await?;
+            let last = events.last().map(|e| e.seq).unwrap_or(0);
+            let (spec, paused) = schedule_now(&events)?;
+            let mut patched =
+                serde_json::to_value(&spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
+            json_patch::merge(&mut patched, &cmd.patch);
+            let new: ScheduleSpec = serde_json::from_value(patched)
+                .map_err(|e| Problem::new(ErrorCode::BadRequest, format!("the patched schedule: {e}")))?;
+            if new == spec {
+                return Ok(Created { id: cmd.schedule_id.to_string(), seq: last });
+            }
+            self.check_schedule(&cmd.tenant, &new).await?;
+            // Paused, it is armed again on resuming.
+            let next_tick = if paused { None } else { new.next_after(chrono::Utc::now()) };
+            let event = Event::ScheduleUpdated(ScheduleUpdated { schedule_id: cmd.schedule_id, spec: new, next_tick });
+            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
+            match self.bus.append(last, &envelope).await {
+                Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
+                // A tick was recorded meanwhile: patch the schedule as it is now.
+                Err(BusError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Problem::new(ErrorCode::Unavailable, "the schedule is too busy; retry"))
+    }
+
+    /// Starts a run of a schedule's workflow and inputs now, paused or not (an idempotency key
+    /// finds the first run), and records it as the schedule's last run.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, schedule = %cmd.schedule_id))]
+    pub async fn trigger_schedule(&self, cmd: TriggerSchedule) -> Reply<RunAccepted> {
+        check_tenant(&cmd.tenant)?;
+        // Scoped to the schedule, it must still fit a run's.
+        let prefix = format!("schedule:{}:trigger:", cmd.schedule_id);
+        let most = MAX_IDEMPOTENCY_KEY - prefix.len();
+        if let Some(key) = &cmd.idempotency_key
+            && (key.is_empty() || key.len() > most || key.chars().any(char::is_control))
+        {
+            return Err(invalid("Idempotency-Key", format!("must be 1 to {most} printable characters")));
+        }
+        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
+        let (spec, _) = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        let accepted = self
+            .submit_run(SubmitRun {
+                tenant: cmd.tenant.clone(),
+                workflow: spec.workflow,
+                inputs: spec.inputs,
+                trigger: Trigger::Schedule { schedule_id: cmd.schedule_id, tick: chrono::Utc::now(), manual: true },
+                idempotency_key: cmd.idempotency_key.map(|k| prefix + &k),
+                priority: None,
+                labels: Default::default(),
+                traceparent: cmd.traceparent,
+                not_before: None,
+                refresh_cache: false,
+            })
+            .await?;
+        let run_id = accepted.run_id;
+        let recorded = self
+            .change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
+                schedule_now(events)?;
+                let known = events
+                    .iter()
+                    .any(|e| matches!(&e.envelope.event, Event::ScheduleTriggered(t) if t.run_id == run_id));
+                Ok((!known)
+                    .then_some(Event::ScheduleTriggered(ScheduleTriggered { schedule_id: cmd.schedule_id, run_id })))
+            })
+            .await;
+        match recorded {
+            // Deleted meanwhile: the run started all the same.
+            Ok(_) | Err(Problem { code: ErrorCode::NotFound, .. }) => Ok(accepted),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Pauses or resumes a schedule (idempotent).
     pub async fn toggle_schedule(&self, cmd: ToggleSchedule) -> Reply<Created> {
         self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
-            let Some(Event::ScheduleCreated(created)) = events.first().map(|e| &e.envelope.event) else {
-                return Err(Problem::new(ErrorCode::NotFound, "no such schedule"));
-            };
-            let mut paused = false;
-            for e in events {
-                match e.envelope.event {
-                    Event::SchedulePaused(_) => paused = true,
-                    Event::ScheduleResumed(_) => paused = false,
-                    Event::ScheduleDeleted(_) => return Err(Problem::new(ErrorCode::NotFound, "no such schedule")),
-                    _ => {}
-                }
-            }
+            let (spec, paused) = schedule_now(events)?;
             Ok((paused != cmd.pause).then(|| {
                 if cmd.pause {
                     Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })
                 } else {
-                    let next_tick = created.spec.next_after(chrono::Utc::now());
+                    let next_tick = spec.next_after(chrono::Utc::now());
                     Event::ScheduleResumed(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick })
                 }
             }))
@@ -1130,6 +1238,8 @@ impl Ingest {
             serve!("resend_commit_status", resend_commit_status),
             serve!("toggle_schedule", toggle_schedule),
             serve!("delete_schedule", delete_schedule),
+            serve!("update_schedule", update_schedule),
+            serve!("trigger_schedule", trigger_schedule),
             serve!("create_tenant", create_tenant),
             serve!("create_api_key", create_api_key),
             serve!("revoke_api_key", revoke_api_key),
@@ -1206,6 +1316,12 @@ impl IngestClient {
     }
     pub async fn delete_schedule(&self, cmd: &DeleteSchedule) -> Reply<Created> {
         self.call("delete_schedule", cmd).await
+    }
+    pub async fn update_schedule(&self, cmd: &UpdateSchedule) -> Reply<Created> {
+        self.call("update_schedule", cmd).await
+    }
+    pub async fn trigger_schedule(&self, cmd: &TriggerSchedule) -> Reply<RunAccepted> {
+        self.call("trigger_schedule", cmd).await
     }
     pub async fn create_tenant(&self, cmd: &CreateTenant) -> Reply<Created> {
         self.call("create_tenant", cmd).await

@@ -154,6 +154,22 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
             .execute(&mut **tx)
             .await?;
         }
+        Event::ScheduleUpdated(e) => {
+            sqlx::query("UPDATE schedules SET spec = $3 WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.schedule_id)
+                .bind(sqlx::types::Json(&e.spec))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Event::ScheduleTriggered(e) => {
+            sqlx::query("UPDATE schedules SET last_run_id = $3 WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(e.schedule_id)
+                .bind(e.run_id)
+                .execute(&mut **tx)
+                .await?;
+        }
         Event::SecretSet(e) => {
             sqlx::query(
                 "INSERT INTO secrets (tenant_id, name, updated_at) VALUES ($1, $2, $3)

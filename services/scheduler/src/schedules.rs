@@ -26,8 +26,19 @@ pub(crate) struct ScheduleState {
     size: usize,
     paused: bool,
     last_tick: Option<DateTime<Utc>>,
+    /// Whether the last tick started a run (rather than being skipped).
+    last_tick_ran: bool,
+    /// The last run started, by a tick or by hand.
     last_run: Option<Uuid>,
+    /// Since the spec was last changed: its first tick after the change. Earlier ticks are the
+    /// old spec's time, not caught up under the new one.
+    ticks_from: Option<DateTime<Utc>>,
     last_seq: u64,
+}
+
+/// About how many bytes a state with `spec` takes (for [`Folded`]'s bound).
+fn size_of(spec: &ScheduleSpec) -> usize {
+    serde_json::to_vec(spec).map_or(0, |j| j.len()) + std::mem::size_of::<ScheduleState>()
 }
 
 /// Folds `events` (those after `state`'s `last_seq`; all of them when `state` is `None`) onto
@@ -39,10 +50,12 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
             let Event::ScheduleCreated(created) = &events.first()?.envelope.event else { return None };
             let state = ScheduleState {
                 spec: Arc::new(created.spec.clone()),
-                size: serde_json::to_vec(&created.spec).map_or(0, |j| j.len()) + std::mem::size_of::<ScheduleState>(),
+                size: size_of(&created.spec),
                 paused: false,
                 last_tick: None,
+                last_tick_ran: false,
                 last_run: None,
+                ticks_from: None,
                 last_seq: 0,
             };
             (state, events)
@@ -57,9 +70,17 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
             Event::ScheduleResumed(_) => state.paused = false,
             Event::ScheduleTicked(t) => {
                 state.last_tick = Some(t.tick);
+                state.last_tick_ran = t.run_id.is_some();
                 if t.run_id.is_some() {
                     state.last_run = t.run_id;
                 }
+            }
+            Event::ScheduleTriggered(t) => state.last_run = Some(t.run_id),
+            Event::ScheduleUpdated(u) => {
+                state.spec = Arc::new(u.spec.clone());
+                state.size = size_of(&u.spec);
+                // Paused (no next tick), resuming arms its next tick from then on.
+                state.ticks_from = u.next_tick.or(Some(e.envelope.occurred_at));
             }
             _ => {}
         }
@@ -136,6 +157,7 @@ impl Scheduler {
         let (id, tick) = match &stored.envelope.event {
             Event::ScheduleCreated(c) => (c.schedule_id, c.first_tick),
             Event::ScheduleResumed(r) => (r.schedule_id, r.next_tick),
+            Event::ScheduleUpdated(u) => (u.schedule_id, u.next_tick),
             _ => return Ok(()),
         };
         match tick {
@@ -163,15 +185,28 @@ impl Scheduler {
                 Some(last) if last >= tick => state.spec.next_after(last),
                 _ => Some(tick),
             };
+            // A timer armed before the spec changed: the new spec ticks from its first tick after
+            // the change.
+            let from = match (from, state.ticks_from) {
+                (Some(f), Some(first)) => Some(f.max(first)),
+                (from, _) => from,
+            };
             let (fire, last_due) = from.map(|f| state.spec.due(f, now)).unwrap_or_default();
             let Some(last_due) = last_due else {
                 // Nothing new is due: this timer was a duplicate. Make sure the last tick's run
                 // exists (a crash may have come between recording and starting it) and that the
                 // next tick is armed.
-                if let (Some(last), Some(_)) = (state.last_tick, state.last_run) {
+                if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
                     self.start_run(tenant, schedule_id, &state.spec, last).await?;
                 }
-                if let Some(next) = from {
+                // The next tick: `from` unless it has passed with none of the spec's ticks due
+                // (a timer of the spec before a change, say), then the spec's next.
+                let next = match from {
+                    Some(f) if f > now => Some(f),
+                    Some(_) => state.spec.next_after(now),
+                    None => None,
+                };
+                if let Some(next) = next {
                     self.arm(tenant, schedule_id, next).await?;
                 }
                 return Ok(());
@@ -257,7 +292,7 @@ impl Scheduler {
                 tenant: tenant.to_string(),
                 workflow: spec.workflow.clone(),
                 inputs: spec.inputs.clone(),
-                trigger: Trigger::Schedule { schedule_id, tick },
+                trigger: Trigger::Schedule { schedule_id, tick, manual: false },
                 idempotency_key: Some(idempotency_key(schedule_id, tick)),
                 priority: None,
                 labels: Default::default(),
@@ -278,7 +313,7 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use taskmesh_events::{ScheduleCreated, ScheduleDeleted, ScheduleToggled};
+    use taskmesh_events::{ScheduleCreated, ScheduleDeleted, ScheduleToggled, ScheduleTriggered, ScheduleUpdated};
 
     use super::*;
 
@@ -336,6 +371,55 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_spec_a_triggered_run_and_a_skipped_tick_fold_as_a_tick_needs_them() {
+        let id = Uuid::now_v7();
+        let spec = |cron: &str| -> ScheduleSpec {
+            serde_json::from_value(serde_json::json!({"cron": cron, "workflow": "w"})).unwrap()
+        };
+        let now = Utc::now();
+        let at = |m: i64| now + chrono::Duration::minutes(m);
+        let (ticked, manual) = (Uuid::now_v7(), Uuid::now_v7());
+        let created = ScheduleCreated { schedule_id: id, spec: spec("* * * * *"), first_tick: Some(at(1)) };
+        let events = vec![
+            stored(1, Event::ScheduleCreated(created)),
+            stored(
+                2,
+                Event::ScheduleTicked(ScheduleTicked {
+                    schedule_id: id,
+                    tick: at(1),
+                    run_id: Some(ticked),
+                    skipped: None,
+                }),
+            ),
+            stored(3, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: id, run_id: manual })),
+            stored(
+                4,
+                Event::ScheduleUpdated(ScheduleUpdated {
+                    schedule_id: id,
+                    spec: spec("0 * * * *"),
+                    next_tick: Some(at(60)),
+                }),
+            ),
+        ];
+        let state = fold(None, &events).unwrap();
+        assert_eq!(state.spec.cron, "0 * * * *", "the spec as last changed");
+        assert_eq!(state.ticks_from, Some(at(60)), "the new spec ticks from its first tick after the change");
+        assert_eq!(state.last_run, Some(manual), "a run started by hand is the last run");
+        assert!(state.last_tick_ran);
+        assert_eq!(state.size, size_of(&state.spec), "sized by the new spec");
+        // A skipped tick: the last tick started no run (a duplicate timer must not start one).
+        let skipped = ScheduleTicked { schedule_id: id, tick: at(2), run_id: None, skipped: Some("running".into()) };
+        let state = fold(Some(state), &[stored(5, Event::ScheduleTicked(skipped))]).unwrap();
+        assert!(!state.last_tick_ran);
+        assert_eq!((state.last_tick, state.last_run), (Some(at(2)), Some(manual)));
+        // Changed while paused (no next tick): from the change on.
+        let paused = ScheduleUpdated { schedule_id: id, spec: spec("*/5 * * * *"), next_tick: None };
+        let event = stored(6, Event::ScheduleUpdated(paused));
+        let changed_at = event.envelope.occurred_at;
+        assert_eq!(fold(Some(state), &[event]).unwrap().ticks_from, Some(changed_at));
+    }
+
+    #[test]
     fn the_folded_states_stay_within_their_count_and_their_bytes() {
         let spec: Arc<ScheduleSpec> =
             Arc::new(serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap());
@@ -344,7 +428,9 @@ mod tests {
             size,
             paused: false,
             last_tick: None,
+            last_tick_ran: false,
             last_run: None,
+            ticks_from: None,
             last_seq: 1,
         };
         let folded = Folded::default();

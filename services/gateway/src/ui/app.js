@@ -507,7 +507,7 @@ function triggerText(t) {
         return `${t.forge} pull request #${t.pull_request} to ${t.repository} (${t.branch} into ${t.target_branch})${t.commit ? ` at ${t.commit.slice(0, 12)}` : ""}`;
       }
       return `${t.forge} push to ${t.repository}${t.branch ? ` (${t.branch})` : t.tag ? ` (tag ${t.tag})` : ""}${t.commit ? ` at ${t.commit.slice(0, 12)}` : ""}`;
-    case "schedule": return `schedule ${t.schedule_id} (${when(t.tick)})`;
+    case "schedule": return `schedule ${t.schedule_id} (${t.manual ? "run by hand " : ""}${when(t.tick)})`;
     case "rerun": return `rerun of ${t.run_id} from ${t.from}`;
     case "event": return `event ${t.type} from ${t.source}`;
     default: return "API";
@@ -606,7 +606,10 @@ function schedulesView(query) {
         // Only a schedule's id goes into the API's paths.
         const id = RUN_ID.test(x.id) ? x.id : null;
         const button = mayAct() && id
-          ? el("button", { type: "button", onclick: () => (x.paused ? changes.act(`/v1/schedules/${id}/resume`) : changes.act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause")
+          ? el("span", {},
+            el("button", { type: "button", onclick: () => (x.paused ? changes.act(`/v1/schedules/${id}/resume`) : changes.act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause"),
+            " ",
+            el("button", { type: "button", title: "Start a run of its workflow now", onclick: () => changes.act(`/v1/schedules/${id}/trigger`) }, "Run now"))
           : null;
         return el("tr", {},
           el("td", {}, workflow),
