@@ -68,7 +68,7 @@ enum Command {
         #[command(flatten)]
         conn: taskmesh::cli::Connection,
     },
-    /// List, create, change, trigger, pause, resume and delete schedules.
+    /// List, create, change, trigger, backfill, pause, resume and delete schedules.
     Schedules {
         #[command(subcommand)]
         action: taskmesh::cli::Schedules,

@@ -405,6 +405,16 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
     assert_eq!(view["trigger"]["kind"], "schedule", "{view}");
     assert_eq!(view["trigger"]["manual"], true, "{view}");
     assert_eq!(view["inputs"]["who"], "patched", "{view}");
+    // Backfill: midnight of 2 January in Paris is 23:00 UTC on the 1st; the same range again
+    // finds its run.
+    let range = ["--from", "2026-01-01T00:00:00Z", "--to", "2026-01-02T00:00:00Z"];
+    let (code, out, err) = taskmesh(&tm, &[&["schedules", "backfill", &schedule][..], &range].concat()).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let line: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!((line.len(), line[0], line[2]), (3, "2026-01-01T23:00:00Z", "started"), "{out}");
+    let (code, out, err) = taskmesh(&tm, &[&["schedules", "backfill", &schedule][..], &range].concat()).await;
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.trim().ends_with(&format!("{} had run", line[1])), "{out}");
     let (code, _, err) =
         taskmesh(&tm, &["schedules", "create", "--cron", "not a cron", "--workflow", "cli-flow"]).await;
     assert_eq!(code, 2, "{err}");

@@ -394,3 +394,80 @@ async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overla
     assert_eq!(trigger(&tm, &id, None).await.status(), 404, "deleted");
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backfill_runs_each_past_tick_once_and_finds_the_runs_its_ticks_started() {
+    let tm = spawn_mesh().await;
+    let res = create(&tm, every_second()).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    eventually("two ticks", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    pause(&tm, &id).await;
+    let (fired, fired_runs) = ticks(&tm, &id).await;
+    let backfill = |body: Value| {
+        let req = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/backfill", tm.api))).json(&body);
+        async move { req.send().await.unwrap() }
+    };
+    // Three seconds before the first tick, up to the last: three ticks that had no run, and the
+    // ones that fired, which are found.
+    let (from, to) = (fired[0] - chrono::Duration::seconds(3), *fired.last().unwrap());
+    let res = backfill(json!({"from": from, "to": to})).await;
+    assert_eq!(res.status(), 202);
+    let runs = res.json::<Value>().await.unwrap()["runs"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), fired.len() + 3, "{runs:?}");
+    for (i, run) in runs.iter().enumerate() {
+        let tick: DateTime<Utc> = run["tick"].as_str().unwrap().parse().unwrap();
+        assert_eq!(tick, from + chrono::Duration::seconds(i as i64), "every tick, oldest first: {runs:?}");
+        let run_id: uuid::Uuid = run["run_id"].as_str().unwrap().parse().unwrap();
+        match fired.iter().position(|t| *t == tick) {
+            Some(at) => {
+                assert_eq!(run["duplicate"], true, "{run}");
+                assert_eq!(run_id, fired_runs[at], "the tick's own run: {run}");
+            }
+            None => {
+                assert_eq!(run["duplicate"], false, "{run}");
+                let view = tm.wait_run(run_id, Duration::from_secs(30)).await;
+                assert_eq!(view["status"], "succeeded", "{view}");
+                assert_eq!(view["trigger"]["tick"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), tick);
+                assert_eq!(view["trigger"]["manual"], true, "{view}");
+            }
+        }
+    }
+    // Again: every tick has its run.
+    let again = backfill(json!({"from": from, "to": to})).await.json::<Value>().await.unwrap();
+    let ids = |runs: &[Value]| runs.iter().map(|r| r["run_id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(again["runs"].as_array().unwrap()), ids(&runs));
+    assert!(again["runs"].as_array().unwrap().iter().all(|r| r["duplicate"] == true), "{again}");
+    tm.wait_projected().await;
+    let scheduled: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE trigger->>'kind' = 'schedule'")
+        .fetch_one(&tm.pool)
+        .await
+        .unwrap();
+    assert_eq!(scheduled as usize, fired.len() + 3, "no tick run twice");
+
+    // Refusals.
+    let now = Utc::now();
+    for (body, status) in [
+        (json!({"from": to, "to": from}), 400),
+        (json!({"from": now, "to": now + chrono::Duration::seconds(60)}), 400),
+        (json!({"from": now - chrono::Duration::seconds(600), "to": now}), 400),
+        (json!({"from": from}), 400),
+        (json!({"from": from, "to": to, "bogus": 1}), 400),
+    ] {
+        let res = backfill(body.clone()).await;
+        assert_eq!(res.status(), status, "{body}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json", "{body}");
+    }
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/schedules/{}/backfill", tm.api, uuid::Uuid::now_v7())))
+        .json(&json!({"from": from, "to": to}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    tm.finish().await;
+}

@@ -110,6 +110,11 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
         (Method::POST, format!("/v1/schedules/{schedule}/resume"), None),
         (Method::PATCH, format!("/v1/schedules/{schedule}"), Some(json!({"cron": "0 0 2 1 *"}))),
         (Method::POST, format!("/v1/schedules/{schedule}/trigger"), None),
+        (
+            Method::POST,
+            format!("/v1/schedules/{schedule}/backfill"),
+            Some(json!({"from": "2026-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"})),
+        ),
         (Method::DELETE, format!("/v1/schedules/{schedule}"), None),
         (Method::DELETE, "/v1/secrets/A_SECRET".to_string(), None),
         (Method::DELETE, format!("/v1/keys/{}", viewer["id"].as_str().unwrap()), None),
@@ -257,6 +262,13 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
             "/v1/schedules/{id}/trigger",
             format!("/v1/schedules/{schedule}/trigger"),
             None,
+            [403, 202, 202],
+        ),
+        case(
+            Method::POST,
+            "/v1/schedules/{id}/backfill",
+            format!("/v1/schedules/{schedule}/backfill"),
+            Some(json!({"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"})),
             [403, 202, 202],
         ),
         // Last of the schedule's cases: the operator deletes it, the admin finds it deleted.

@@ -44,6 +44,32 @@ pub struct SubmitRun {
     pub refresh_cache: bool,
 }
 
+impl SubmitRun {
+    /// The run of a schedule's spec for `tick`: its workflow and inputs, triggered by the
+    /// schedule (`manual`: by hand, not by the tick's timer).
+    pub fn of_schedule(
+        tenant: &str,
+        schedule_id: Uuid,
+        spec: &crate::schedule::ScheduleSpec,
+        tick: chrono::DateTime<chrono::Utc>,
+        manual: bool,
+        idempotency_key: Option<String>,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            workflow: spec.workflow.clone(),
+            inputs: spec.inputs.clone(),
+            trigger: Trigger::Schedule { schedule_id, tick, manual },
+            idempotency_key,
+            traceparent: None,
+            not_before: None,
+            priority: None,
+            labels: BTreeMap::new(),
+            refresh_cache: false,
+        }
+    }
+}
+
 /// `{ns}.cmd.ingest.rerun_run`: a new run of an ended run's workflow and inputs that keeps
 /// the steps that succeeded, except those `from` reruns: `failed` (every step that did not
 /// succeed) or a step id; either with everything downstream.
@@ -191,6 +217,36 @@ pub struct TriggerSchedule {
     pub idempotency_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+}
+
+/// `{ns}.cmd.ingest.backfill_schedule`: start the runs of a schedule's ticks from `from` to
+/// `to` (both included, `to` not in the future, at most [`MAX_BACKFILL_TICKS`] ticks). A tick's
+/// run is the one its timer starts (the same idempotency key), so a tick that has its run
+/// already is not run again. Answers [`Backfilled`].
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct BackfillSchedule {
+    pub tenant: String,
+    pub schedule_id: Uuid,
+    pub from: chrono::DateTime<chrono::Utc>,
+    pub to: chrono::DateTime<chrono::Utc>,
+}
+
+/// The most ticks one backfill starts.
+pub const MAX_BACKFILL_TICKS: usize = 500;
+
+/// The reply to [`BackfillSchedule`]: each tick's run, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+pub struct Backfilled {
+    pub runs: Vec<BackfilledRun>,
+}
+
+/// A tick of a backfill and its run.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+pub struct BackfilledRun {
+    pub tick: chrono::DateTime<chrono::Utc>,
+    pub run_id: Uuid,
+    /// The tick had its run already (its timer's, or an earlier backfill's): not run again.
+    pub duplicate: bool,
 }
 
 /// `{ns}.cmd.ingest.toggle_schedule`: pause or resume.

@@ -38,6 +38,12 @@ pub enum CatchUp {
     All,
 }
 
+/// The idempotency key of a tick's run: the scheduler's, when the tick fires, and a backfill's,
+/// so the two find one run.
+pub fn tick_key(schedule_id: uuid::Uuid, tick: DateTime<Utc>) -> String {
+    format!("schedule:{schedule_id}:{}", tick.to_rfc3339())
+}
+
 /// How late a tick may fire and still count as on time under `catch_up: none`.
 pub const GRACE_SECS: i64 = 30;
 

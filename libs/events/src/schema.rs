@@ -155,6 +155,8 @@ fn commands() -> Vec<(&'static str, String)> {
         ("ToggleSchedule", pretty::<ToggleSchedule>()),
         ("UpdateSchedule", pretty::<UpdateSchedule>()),
         ("TriggerSchedule", pretty::<TriggerSchedule>()),
+        ("BackfillSchedule", pretty::<BackfillSchedule>()),
+        ("Backfilled", pretty::<Backfilled>()),
         ("DeleteSchedule", pretty::<DeleteSchedule>()),
         ("WorkflowStored", pretty::<WorkflowStored>()),
         ("CancelSignal", pretty::<CancelSignal>()),
@@ -287,8 +289,8 @@ fn asyncapi() -> Value {
             "ingestCommands": {
                 "address": "{ns}.cmd.ingest.{command}",
                 "description": "Core NATS request/reply, queue group `ingest`. Replies are {\"Ok\": ...} or {\"Err\": Problem}.",
-                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "update_schedule", "trigger_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "update_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint", "update_webhook_endpoint", "rotate_webhook_secret"]}},
-                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "UpdateSchedule", "TriggerSchedule", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "UpdateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "UpdateWebhookEndpoint", "RotateWebhookSecret", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
+                "parameters": {"ns": {}, "command": {"enum": ["submit_run", "cancel_run", "rerun_run", "store_workflow", "create_schedule", "toggle_schedule", "delete_schedule", "update_schedule", "trigger_schedule", "backfill_schedule", "set_secret", "delete_secret", "purge_cache", "resend_commit_status", "revoke_api_key", "touch_api_key", "record_audit", "record_audits", "delete_integration", "create_tenant", "create_api_key", "create_repo_connection", "update_repo_connection", "create_webhook_endpoint", "retry_webhook_delivery", "enable_webhook_endpoint", "update_webhook_endpoint", "rotate_webhook_secret"]}},
+                "messages": refs(&["SubmitRun", "CancelRun", "RerunRun", "StoreWorkflow", "WorkflowStored", "CreateSchedule", "ToggleSchedule", "DeleteSchedule", "UpdateSchedule", "TriggerSchedule", "BackfillSchedule", "Backfilled", "SetSecret", "DeleteSecret", "PurgeCache", "ResendCommitStatus", "RevokeApiKey", "TouchApiKey", "RecordAudit", "RecordAudits", "DeleteIntegration", "CreateTenant", "CreateApiKey", "CreateRepoConnection", "UpdateRepoConnection", "CreateWebhookEndpoint", "RetryWebhookDelivery", "EnableWebhookEndpoint", "UpdateWebhookEndpoint", "RotateWebhookSecret", "RunAccepted", "Created", "Purged", "StatusQueued", "Problem"])
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",

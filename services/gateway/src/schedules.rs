@@ -9,7 +9,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use taskmesh_events::command::{CreateSchedule, DeleteSchedule, ToggleSchedule, TriggerSchedule, UpdateSchedule};
+use taskmesh_events::command::{
+    BackfillSchedule, Backfilled, CreateSchedule, DeleteSchedule, ToggleSchedule, TriggerSchedule, UpdateSchedule,
+};
 use taskmesh_events::schedule::ScheduleSpec;
 use taskmesh_http::{ApiError, ApiResult, body};
 use utoipa::ToSchema;
@@ -24,6 +26,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/schedules/{id}", get(get_one).delete(delete).patch(update))
         .route("/v1/schedules/{id}/pause", post(pause))
         .route("/v1/schedules/{id}/trigger", post(trigger))
+        .route("/v1/schedules/{id}/backfill", post(backfill))
         .route("/v1/schedules/{id}/resume", post(resume))
 }
 
@@ -274,6 +277,48 @@ pub async fn trigger(
         })
         .await?;
     Ok(crate::runs::accepted_response(&state, accepted.into()))
+}
+
+/// A range of a schedule's past ticks to run.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillRequest {
+    /// The first tick's earliest time (included).
+    pub from: DateTime<Utc>,
+    /// The last tick's latest time (included); not in the future.
+    pub to: DateTime<Utc>,
+}
+
+/// Run a schedule's ticks from `from` to `to` (at most 500 ticks), paused or not, all at once
+/// whatever its overlap policy (a concurrency group in the workflow holds them back). Each is
+/// the run its timer starts (the same id): a tick that has its run (fired, or backfilled
+/// before) is not run again, so a backfill stopped midway can be sent again. The runs'
+/// trigger is `{"kind": "schedule", "schedule_id", "tick", "manual": true}`.
+#[utoipa::path(post, operation_id = "backfill_schedule", path = "/v1/schedules/{id}/backfill", tag = "schedules",
+    params(("id" = Uuid, Path)),
+    request_body = BackfillRequest,
+    responses(
+        (status = 202, body = Backfilled),
+        (status = 400, description = "A bad range: from after to, to in the future, or more than 500 ticks", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule, or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn backfill(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Backfilled>)> {
+    caller.require_operator()?;
+    let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    let (_, bytes) = body::read(&headers, body, false)?;
+    let range: BackfillRequest = body::json(&bytes)?;
+    let cmd = BackfillSchedule { tenant: caller.tenant, schedule_id: id, from: range.from, to: range.to };
+    Ok((StatusCode::ACCEPTED, Json(state.ingest.backfill_schedule(&cmd).await?)))
 }
 
 /// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are

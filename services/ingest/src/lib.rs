@@ -20,7 +20,7 @@ use std::future::Future;
 use base64::Engine;
 use taskmesh_bus::{AfterLast, Bus, BusError};
 use taskmesh_events::command::*;
-use taskmesh_events::schedule::ScheduleSpec;
+use taskmesh_events::schedule::{ScheduleSpec, tick_key};
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
@@ -509,20 +509,10 @@ impl Ingest {
         }
         let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
         let (spec, _) = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
-        let accepted = self
-            .submit_run(SubmitRun {
-                tenant: cmd.tenant.clone(),
-                workflow: spec.workflow,
-                inputs: spec.inputs,
-                trigger: Trigger::Schedule { schedule_id: cmd.schedule_id, tick: chrono::Utc::now(), manual: true },
-                idempotency_key: cmd.idempotency_key.map(|k| prefix + &k),
-                priority: None,
-                labels: Default::default(),
-                traceparent: cmd.traceparent,
-                not_before: None,
-                refresh_cache: false,
-            })
-            .await?;
+        let key = cmd.idempotency_key.map(|k| prefix + &k);
+        let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, chrono::Utc::now(), true, key);
+        let run = SubmitRun { traceparent: cmd.traceparent, ..run };
+        let accepted = self.submit_run(run).await?;
         let run_id = accepted.run_id;
         let recorded = self
             .change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
@@ -539,6 +529,44 @@ impl Ingest {
             Ok(_) | Err(Problem { code: ErrorCode::NotFound, .. }) => Ok(accepted),
             Err(e) => Err(e),
         }
+    }
+
+    /// Starts the runs of a schedule's ticks in a past range, each the run its timer would have
+    /// started (found, not run again, where it did), at most [`MAX_BACKFILL_TICKS`] of them.
+    /// Whatever stops it midway, the runs started stay, and the same backfill again starts only
+    /// the rest.
+    #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, schedule = %cmd.schedule_id))]
+    pub async fn backfill_schedule(&self, cmd: BackfillSchedule) -> Reply<Backfilled> {
+        check_tenant(&cmd.tenant)?;
+        if cmd.from > cmd.to {
+            return Err(invalid("from", "must not be after to"));
+        }
+        if cmd.to > chrono::Utc::now() {
+            return Err(invalid("to", "must not be in the future: the ticks to come fire on their own"));
+        }
+        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
+        let (spec, _) = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        let ticks = spec.ticks(cmd.from, cmd.to, MAX_BACKFILL_TICKS + 1);
+        if ticks.len() > MAX_BACKFILL_TICKS {
+            return Err(invalid(
+                "to",
+                format!("the range holds more than {MAX_BACKFILL_TICKS} ticks: backfill it in parts"),
+            ));
+        }
+        use futures::{StreamExt, TryStreamExt};
+        let runs = futures::stream::iter(ticks)
+            .map(|tick| {
+                let key = tick_key(cmd.schedule_id, tick);
+                let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, tick, true, Some(key));
+                async move {
+                    let accepted = self.submit_run(run).await?;
+                    Ok::<_, Problem>(BackfilledRun { tick, run_id: accepted.run_id, duplicate: accepted.duplicate })
+                }
+            })
+            .buffered(8)
+            .try_collect()
+            .await?;
+        Ok(Backfilled { runs })
     }
 
     /// Pauses or resumes a schedule (idempotent).
@@ -1240,6 +1268,7 @@ impl Ingest {
             serve!("delete_schedule", delete_schedule),
             serve!("update_schedule", update_schedule),
             serve!("trigger_schedule", trigger_schedule),
+            serve!("backfill_schedule", backfill_schedule),
             serve!("create_tenant", create_tenant),
             serve!("create_api_key", create_api_key),
             serve!("revoke_api_key", revoke_api_key),
@@ -1322,6 +1351,9 @@ impl IngestClient {
     }
     pub async fn trigger_schedule(&self, cmd: &TriggerSchedule) -> Reply<RunAccepted> {
         self.call("trigger_schedule", cmd).await
+    }
+    pub async fn backfill_schedule(&self, cmd: &BackfillSchedule) -> Reply<Backfilled> {
+        self.call("backfill_schedule", cmd).await
     }
     pub async fn create_tenant(&self, cmd: &CreateTenant) -> Reply<Created> {
         self.call("create_tenant", cmd).await

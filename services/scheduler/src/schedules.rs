@@ -11,8 +11,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{BusError, Stored};
 use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
-use taskmesh_events::schedule::{Overlap, ScheduleSpec};
-use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleTicked, Trigger};
+use taskmesh_events::schedule::{Overlap, ScheduleSpec, tick_key};
+use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleTicked};
 use uuid::Uuid;
 
 use crate::{MAX_CONFLICTS, Scheduler};
@@ -138,10 +138,6 @@ impl Folded {
     }
 }
 
-fn idempotency_key(schedule_id: Uuid, tick: DateTime<Utc>) -> String {
-    format!("schedule:{schedule_id}:{}", tick.to_rfc3339())
-}
-
 impl Scheduler {
     /// Puts a schedule's tick on the timers queue (deduplicated per tick).
     pub(crate) async fn arm(&self, tenant: &str, schedule_id: Uuid, tick: DateTime<Utc>) -> Result<(), BusError> {
@@ -240,7 +236,7 @@ impl Scheduler {
                 if active && state.spec.overlap == Overlap::CancelPrevious {
                     cancels.extend(previous);
                 }
-                let run_id = taskmesh_ingest::idempotent_run_id(tenant, &idempotency_key(schedule_id, t));
+                let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, t));
                 decided.push(ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None });
                 starts.push(t);
                 previous = Some(run_id);
@@ -287,21 +283,8 @@ impl Scheduler {
         tick: DateTime<Utc>,
     ) -> Result<(), Problem> {
         let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
-        ingest
-            .submit_run(&SubmitRun {
-                tenant: tenant.to_string(),
-                workflow: spec.workflow.clone(),
-                inputs: spec.inputs.clone(),
-                trigger: Trigger::Schedule { schedule_id, tick, manual: false },
-                idempotency_key: Some(idempotency_key(schedule_id, tick)),
-                priority: None,
-                labels: Default::default(),
-                traceparent: None,
-                not_before: None,
-                refresh_cache: false,
-            })
-            .await
-            .map(|_| ())
+        let run = SubmitRun::of_schedule(tenant, schedule_id, spec, tick, false, Some(tick_key(schedule_id, tick)));
+        ingest.submit_run(&run).await.map(|_| ())
     }
 
     /// Whether a run has not ended yet.
