@@ -105,7 +105,8 @@ pub struct ScheduleOptions {
     /// IANA time zone the expression is read in (UTC unless given).
     #[arg(long)]
     timezone: Option<String>,
-    /// An input, `key=value` (repeatable). Changing a schedule, the inputs not named are kept.
+    /// An input, `key=value` (repeatable). Changing a schedule, the inputs not named are kept
+    /// and `key=null` removes one.
     #[arg(long = "input", short = 'i')]
     inputs: Vec<String>,
     /// While the previous run goes on: skip (the default), allow or cancel_previous.

@@ -230,7 +230,7 @@ async fn a_changed_schedule_ticks_by_its_new_spec_and_keeps_its_id_ticks_and_inp
     let update = tm.bus.read_subject(&subject, seq - 1).await.unwrap().into_iter().find(|e| e.seq == seq).unwrap();
     let Event::ScheduleUpdated(updated) = &update.envelope.event else { panic!("{:?}", update.envelope.event) };
     let (changed, next_tick) = (update.envelope.occurred_at, updated.next_tick.unwrap());
-    assert!(next_tick > changed && next_tick.timestamp() % 3 == 0, "{next_tick} after {changed}");
+    assert_eq!(next_tick.timestamp() % 3, 0, "{next_tick}");
     let before = ticks(&tm, &id).await.0.len();
     eventually("two ticks of the new spec", Duration::from_secs(30), || async {
         Ok((ticks(&tm, &id).await.0.len() >= before + 2).then_some(()))
@@ -243,9 +243,10 @@ async fn a_changed_schedule_ticks_by_its_new_spec_and_keeps_its_id_ticks_and_inp
     // The old spec's ticks: one a second, up to the change; the new one's: every third second
     // from its first after the change. None between: the old spec's armed tick found nothing
     // due.
-    let (old, new): (Vec<_>, Vec<_>) = all.iter().zip(&runs).partition(|(t, _)| **t <= changed);
+    let (old, new): (Vec<_>, Vec<_>) = all.iter().zip(&runs).partition(|(t, _)| **t < next_tick);
     let old_ticks: Vec<_> = old.iter().map(|(t, _)| **t).collect();
     assert_consecutive(&old_ticks);
+    assert!(old_ticks.iter().all(|t| *t <= changed), "none between the change and the new first tick: {all:?}");
     assert!(new.len() >= 2, "{all:?}");
     assert_eq!(*new[0].0, next_tick, "{all:?} (changed {changed})");
     for (tick, run) in &new {
@@ -292,7 +293,7 @@ async fn a_changed_schedule_ticks_by_its_new_spec_and_keeps_its_id_ticks_and_inp
         (json!({"catch_up_limit": 0}), 422, Some("catch_up_limit")),
         (json!({"inputs": {"colour": "blue"}}), 422, None),
         (json!({"bogus": 1}), 400, None),
-        (json!({"overlap": "sometimes"}), 400, None),
+        (json!({"overlap": "sometimes"}), 400, Some("overlap")),
         (json!([{"cron": "* * * * *"}]), 400, None),
         (json!({"workflow": "no-such-workflow"}), 404, None),
     ] {
@@ -323,9 +324,10 @@ async fn trigger(tm: &TestMesh, id: &str, key: Option<&str>) -> reqwest::Respons
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overlap_policy_sees_it() {
     let tm = spawn_mesh().await;
-    // Every second, skipping a tick while the last run goes on; paused for now.
+    // Yearly for now (so no tick comes before the pause), skipping a tick while the last run
+    // goes on.
     let spec = json!({
-        "cron": "* * * * * *",
+        "cron": "0 0 1 1 *",
         "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 4}]},
         "overlap": "skip",
     });
@@ -356,9 +358,11 @@ async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overla
         .collect();
     assert_eq!(recorded, [run], "recorded once, as the schedule's last run");
 
-    // Resumed while that run sleeps: the ticks meanwhile are skipped, as for a tick's run.
+    // Resumed, and made to tick every second, while that run sleeps: the ticks meanwhile are
+    // skipped, as for a tick's run.
     let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/resume", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 202);
+    assert_eq!(patch(&tm, &id, json!({"cron": "* * * * * *"})).await.status(), 200);
     eventually("a tick", Duration::from_secs(30), || async {
         Ok(tm.events_on(&subject).await.into_iter().find_map(|e| match e {
             Event::ScheduleTicked(t) => Some(t),
@@ -469,5 +473,83 @@ async fn a_backfill_runs_each_past_tick_once_and_finds_the_runs_its_ticks_starte
         .await
         .unwrap();
     assert_eq!(res.status(), 404);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_previous_cancels_the_ticks_run_and_the_one_by_hand_alike() {
+    let tm = spawn_mesh().await;
+    let spec = json!({
+        "cron": "* * * * * *",
+        "workflow": {"name": "long", "steps": [{"id": "a", "sleep": 60}]},
+        "overlap": "cancel_previous",
+    });
+    let res = create(&tm, spec).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let first =
+        eventually("a tick's run", Duration::from_secs(30), || async { Ok(ticks(&tm, &id).await.1.first().copied()) })
+            .await
+            .unwrap();
+    let by_hand: Value = trigger(&tm, &id, None).await.json().await.unwrap();
+    let by_hand: uuid::Uuid = by_hand["id"].as_str().unwrap().parse().unwrap();
+    // The next ticks cancel both, the one by hand beside the tick's.
+    for run in [first, by_hand] {
+        let view = tm.wait_run(run, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "cancelled", "{view}");
+    }
+    pause(&tm, &id).await;
+    // The last tick's run is not left sleeping.
+    if let Some(run) = ticks(&tm, &id).await.1.last() {
+        tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api))).json(&json!({})).send().await.unwrap();
+    }
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_refused_its_run_is_passed_over_and_the_schedule_goes_on() {
+    let tm = spawn_mesh().await;
+    let store = |inputs: Value| {
+        let wf = json!({"name": "nightly", "inputs": inputs, "steps": [{"id": "a", "uses": "noop"}]});
+        let req = tm.auth(tm.http.put(format!("{}/v1/workflows/nightly", tm.api))).json(&wf);
+        async move { assert_eq!(req.send().await.unwrap().status(), 201) }
+    };
+    store(json!({})).await;
+    let spec = json!({"cron": "* * * * * *", "workflow": "nightly", "overlap": "allow"});
+    let res = create(&tm, spec).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    eventually("a tick's run", Duration::from_secs(30), || async { Ok(ticks(&tm, &id).await.1.first().copied()) })
+        .await
+        .unwrap();
+    // A new version wants an input the schedule does not give: its ticks' runs are refused.
+    store(json!({"region": {"type": "string"}})).await;
+    let changed = ticks(&tm, &id).await.0.len();
+    eventually("three ticks after the change", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= changed + 3).then_some(()))
+    })
+    .await
+    .unwrap();
+    pause(&tm, &id).await;
+    let (all, runs) = ticks(&tm, &id).await;
+    assert_consecutive(&all);
+    // The last ticks' runs were refused: none of them exists.
+    tm.wait_projected().await;
+    let last = runs.last().unwrap();
+    assert_eq!(tm.get_run(*last).await.0, 404, "the last tick's run was refused");
+    // Each refused once, and counted: its timer acknowledged, not retried.
+    let text = tm.metrics().await;
+    let refused: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("taskmesh_schedule_runs_refused_total "))
+        .unwrap_or_else(|| panic!("no refusals counted: {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        refused >= 3.0 && refused <= (all.len() - changed + 1) as f64,
+        "{refused} of {} ticks",
+        all.len() - changed
+    );
     tm.finish().await;
 }

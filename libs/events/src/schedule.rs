@@ -44,6 +44,10 @@ pub fn tick_key(schedule_id: uuid::Uuid, tick: DateTime<Utc>) -> String {
     format!("schedule:{schedule_id}:{}", tick.to_rfc3339())
 }
 
+/// The most bytes a schedule's spec takes as JSON: each tick and change carries it, and an event
+/// must fit a NATS message (1 MiB by default) with room to spare.
+pub const MAX_SPEC_BYTES: usize = 512 * 1024;
+
 /// How late a tick may fire and still count as on time under `catch_up: none`.
 pub const GRACE_SECS: i64 = 30;
 
@@ -97,6 +101,15 @@ impl ScheduleSpec {
         }
         if !(1..=10_000).contains(&self.catch_up_limit) {
             errors.push(FieldError { field: "catch_up_limit".into(), message: "must be 1 to 10000".into() });
+        }
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |j| j.len());
+        if size > MAX_SPEC_BYTES {
+            errors.push(FieldError {
+                field: "spec".into(),
+                message: format!(
+                    "{size} bytes as JSON; at most {MAX_SPEC_BYTES} (its inline workflow and inputs included)"
+                ),
+            });
         }
         if !(self.workflow.is_string() || self.workflow.is_object()) {
             errors.push(FieldError {
@@ -186,6 +199,12 @@ mod tests {
         assert!(spec("61 * * * *", "UTC", CatchUp::None).validate().is_err());
         let p = spec("* * * * *", "Mars/Olympus", CatchUp::None).validate().unwrap_err();
         assert_eq!(p.errors[0].field, "timezone");
+        // Bounded: patches that each fit a request cannot grow a spec past what an event holds.
+        let mut big = spec("* * * * *", "UTC", CatchUp::None);
+        big.inputs.insert("a".into(), serde_json::json!("x".repeat(MAX_SPEC_BYTES / 2)));
+        assert!(big.validate().is_ok());
+        big.inputs.insert("b".into(), serde_json::json!("x".repeat(MAX_SPEC_BYTES / 2)));
+        assert_eq!(big.validate().unwrap_err().errors[0].field, "spec");
     }
 
     #[test]

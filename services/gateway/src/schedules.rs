@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use taskmesh_events::command::{
-    BackfillSchedule, Backfilled, CreateSchedule, DeleteSchedule, ToggleSchedule, TriggerSchedule, UpdateSchedule,
+    BackfillSchedule, Backfilled, CreateSchedule, DeleteSchedule, MAX_BACKFILL_TICKS, ToggleSchedule, TriggerSchedule,
+    UpdateSchedule,
 };
 use taskmesh_events::schedule::ScheduleSpec;
 use taskmesh_http::{ApiError, ApiResult, body};
@@ -267,6 +268,7 @@ pub async fn trigger(
 ) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    crate::runs::check_active_runs_quota(&state, &caller.tenant, 1).await?;
     let accepted = state
         .ingest
         .trigger_schedule(&TriggerSchedule {
@@ -317,6 +319,21 @@ pub async fn backfill(
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let range: BackfillRequest = body::json(&bytes)?;
+    // Each tick of the range counts against the quota of runs not yet ended, those that had
+    // their run too (ingest refuses a range of too many).
+    let spec = sqlx::query_scalar::<_, sqlx::types::Json<ScheduleSpec>>(
+        "SELECT spec FROM schedules WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(&caller.tenant)
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await?;
+    if let Some(spec) = spec {
+        let ticks = spec.ticks(range.from, range.to, MAX_BACKFILL_TICKS + 1).len();
+        if (1..=MAX_BACKFILL_TICKS).contains(&ticks) {
+            crate::runs::check_active_runs_quota(&state, &caller.tenant, ticks as i64).await?;
+        }
+    }
     let cmd = BackfillSchedule { tenant: caller.tenant, schedule_id: id, from: range.from, to: range.to };
     Ok((StatusCode::ACCEPTED, Json(state.ingest.backfill_schedule(&cmd).await?)))
 }

@@ -428,9 +428,12 @@ impl Ingest {
             serde_json::Value::String(reference) => self.stored_workflow(tenant, reference).await?.0,
             inline => WorkflowDef::from_value(inline.clone())?,
         };
+        // What a tick's run is checked against, so that a tick is not refused its run.
+        self.check_steps_quota(tenant, &workflow)?;
         workflow.resolve_inputs(spec.inputs.clone())?;
         // A schedule's runs have no pushed commit.
-        nothing_to_check_out(&workflow)
+        nothing_to_check_out(&workflow)?;
+        workflow.expand_matrices().map(|_| ())
     }
 
     /// Creates a schedule after checking its expression, time zone and workflow.
@@ -474,8 +477,18 @@ impl Ingest {
             let mut patched =
                 serde_json::to_value(&spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
             json_patch::merge(&mut patched, &cmd.patch);
-            let new: ScheduleSpec = serde_json::from_value(patched)
-                .map_err(|e| Problem::new(ErrorCode::BadRequest, format!("the patched schedule: {e}")))?;
+            // A workflow given is the new one, not merged into the old (whose `on`, say, would
+            // otherwise stay).
+            if let Some(workflow) = fields.get("workflow") {
+                patched["workflow"] = workflow.clone();
+            }
+            let new: ScheduleSpec = serde_path_to_error::deserialize(patched).map_err(|e| {
+                let (field, message) = (e.path().to_string(), e.into_inner().to_string());
+                match field.as_str() {
+                    "." => Problem::new(ErrorCode::BadRequest, format!("the patched schedule: {message}")),
+                    _ => invalid(&field, message),
+                }
+            })?;
             if new == spec {
                 return Ok(Created { id: cmd.schedule_id.to_string(), seq: last });
             }
@@ -524,11 +537,14 @@ impl Ingest {
                     .then_some(Event::ScheduleTriggered(ScheduleTriggered { schedule_id: cmd.schedule_id, run_id })))
             })
             .await;
-        match recorded {
-            // Deleted meanwhile: the run started all the same.
-            Ok(_) | Err(Problem { code: ErrorCode::NotFound, .. }) => Ok(accepted),
-            Err(e) => Err(e),
+        // The run started whatever became of its record (deleted meanwhile, the bus busy): a
+        // client told otherwise would start another.
+        if let Err(p) = recorded
+            && p.code != ErrorCode::NotFound
+        {
+            tracing::warn!(%run_id, problem = %p.detail, "a schedule's run by hand started but is not recorded on it");
         }
+        Ok(accepted)
     }
 
     /// Starts the runs of a schedule's ticks in a past range, each the run its timer would have

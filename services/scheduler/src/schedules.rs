@@ -28,10 +28,12 @@ pub(crate) struct ScheduleState {
     last_tick: Option<DateTime<Utc>>,
     /// Whether the last tick started a run (rather than being skipped).
     last_tick_ran: bool,
-    /// The last run started, by a tick or by hand.
+    /// The last run a tick started.
     last_run: Option<Uuid>,
-    /// Since the spec was last changed: its first tick after the change. Earlier ticks are the
-    /// old spec's time, not caught up under the new one.
+    /// The last run started by hand (`POST /v1/schedules/{id}/trigger`).
+    last_manual: Option<Uuid>,
+    /// Since the cron expression or time zone was last changed: the new one's first tick after
+    /// the change. Earlier ticks are the old expression's time, not caught up under the new one.
     ticks_from: Option<DateTime<Utc>>,
     last_seq: u64,
 }
@@ -55,6 +57,7 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
                 last_tick: None,
                 last_tick_ran: false,
                 last_run: None,
+                last_manual: None,
                 ticks_from: None,
                 last_seq: 0,
             };
@@ -75,17 +78,45 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
                     state.last_run = t.run_id;
                 }
             }
-            Event::ScheduleTriggered(t) => state.last_run = Some(t.run_id),
+            Event::ScheduleTriggered(t) => state.last_manual = Some(t.run_id),
             Event::ScheduleUpdated(u) => {
+                // Another expression or time zone ticks from its first tick after the change
+                // (paused, with none: from the change); other changes keep the ticks as they
+                // were, due ones included.
+                if (&u.spec.cron, &u.spec.timezone) != (&state.spec.cron, &state.spec.timezone) {
+                    state.ticks_from = u.next_tick.or(Some(e.envelope.occurred_at));
+                }
                 state.spec = Arc::new(u.spec.clone());
                 state.size = size_of(&u.spec);
-                // Paused (no next tick), resuming arms its next tick from then on.
-                state.ticks_from = u.next_tick.or(Some(e.envelope.occurred_at));
             }
             _ => {}
         }
     }
     Some(state)
+}
+
+/// Where a timer for `tick` looks for due ticks from: this timer's tick, or after the last tick
+/// handled if that was this one or later (a duplicate); never before the changed expression's
+/// first tick.
+fn first_due(state: &ScheduleState, tick: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let from = match state.last_tick {
+        Some(last) if last >= tick => state.spec.next_after(last),
+        _ => Some(tick),
+    };
+    match (from, state.ticks_from) {
+        (Some(f), Some(first)) => Some(f.max(first)),
+        (from, _) => from,
+    }
+}
+
+/// The tick to arm when none is due at `now` from `from`: `from` if it is still to come, else
+/// (a timer of an expression since changed, say) the spec's next.
+fn next_to_arm(spec: &ScheduleSpec, from: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    match from {
+        Some(f) if f > now => Some(f),
+        Some(_) => spec.next_after(now),
+        None => None,
+    }
 }
 
 /// Most schedules whose folded state a scheduler keeps between ticks.
@@ -175,18 +206,9 @@ impl Scheduler {
             if state.paused {
                 return Ok(()); // resuming arms the next tick
             }
-            let now = Utc::now();
-            // Ticks after the last one handled, from this timer's on.
-            let from = match state.last_tick {
-                Some(last) if last >= tick => state.spec.next_after(last),
-                _ => Some(tick),
-            };
-            // A timer armed before the spec changed: the new spec ticks from its first tick after
-            // the change.
-            let from = match (from, state.ticks_from) {
-                (Some(f), Some(first)) => Some(f.max(first)),
-                (from, _) => from,
-            };
+            // A timer may fire a few milliseconds early: its own tick is due all the same.
+            let now = Utc::now().max(tick);
+            let from = first_due(&state, tick);
             let (fire, last_due) = from.map(|f| state.spec.due(f, now)).unwrap_or_default();
             let Some(last_due) = last_due else {
                 // Nothing new is due: this timer was a duplicate. Make sure the last tick's run
@@ -195,14 +217,7 @@ impl Scheduler {
                 if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
                     self.start_run(tenant, schedule_id, &state.spec, last).await?;
                 }
-                // The next tick: `from` unless it has passed with none of the spec's ticks due
-                // (a timer of the spec before a change, say), then the spec's next.
-                let next = match from {
-                    Some(f) if f > now => Some(f),
-                    Some(_) => state.spec.next_after(now),
-                    None => None,
-                };
-                if let Some(next) = next {
+                if let Some(next) = next_to_arm(&state.spec, from, now) {
                     self.arm(tenant, schedule_id, next).await?;
                 }
                 return Ok(());
@@ -210,7 +225,8 @@ impl Scheduler {
             let mut decided = Vec::new();
             let mut cancels = Vec::new();
             let mut starts = Vec::new();
-            let mut previous = state.last_run;
+            // The runs a tick's overlap policy looks at: the last tick's, and the last run by hand.
+            let mut previous: Vec<Uuid> = state.last_run.into_iter().chain(state.last_manual).collect();
             if fire.is_empty() {
                 decided.push(ScheduleTicked {
                     schedule_id,
@@ -220,11 +236,13 @@ impl Scheduler {
                 });
             }
             for t in fire {
-                let active = match previous {
-                    Some(run) => self.run_active(tenant, run).await?,
-                    None => false,
-                };
-                if active && state.spec.overlap == Overlap::Skip {
+                let mut active = Vec::new();
+                for run in &previous {
+                    if self.run_active(tenant, *run).await? {
+                        active.push(*run);
+                    }
+                }
+                if !active.is_empty() && state.spec.overlap == Overlap::Skip {
                     decided.push(ScheduleTicked {
                         schedule_id,
                         tick: t,
@@ -233,13 +251,13 @@ impl Scheduler {
                     });
                     continue;
                 }
-                if active && state.spec.overlap == Overlap::CancelPrevious {
-                    cancels.extend(previous);
+                if state.spec.overlap == Overlap::CancelPrevious {
+                    cancels.extend(active);
                 }
                 let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, t));
                 decided.push(ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None });
                 starts.push(t);
-                previous = Some(run_id);
+                previous = vec![run_id];
             }
             let meta = EventMeta::new(tenant);
             let mut seq = state.last_seq;
@@ -274,7 +292,9 @@ impl Scheduler {
         Err(Problem::new(ErrorCode::Unavailable, "too much contention on this schedule; retry"))
     }
 
-    /// Starts (or finds started) the run of one tick.
+    /// Starts (or finds started) the run of one tick. A refusal (a `4xx`: its stored workflow
+    /// gone, or now wanting an input the schedule lacks, or over a quota) is logged and the tick
+    /// has no run, so the schedule goes on with its next; anything else is retried.
     async fn start_run(
         &self,
         tenant: &str,
@@ -284,7 +304,14 @@ impl Scheduler {
     ) -> Result<(), Problem> {
         let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
         let run = SubmitRun::of_schedule(tenant, schedule_id, spec, tick, false, Some(tick_key(schedule_id, tick)));
-        ingest.submit_run(&run).await.map(|_| ())
+        match ingest.submit_run(&run).await {
+            Err(p) if (400..500).contains(&p.status) => {
+                metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
+                tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
+                Ok(())
+            }
+            done => done.map(|_| ()),
+        }
     }
 
     /// Whether a run has not ended yet.
@@ -387,19 +414,52 @@ mod tests {
         let state = fold(None, &events).unwrap();
         assert_eq!(state.spec.cron, "0 * * * *", "the spec as last changed");
         assert_eq!(state.ticks_from, Some(at(60)), "the new spec ticks from its first tick after the change");
-        assert_eq!(state.last_run, Some(manual), "a run started by hand is the last run");
+        assert_eq!((state.last_run, state.last_manual), (Some(ticked), Some(manual)), "a tick's run and one by hand");
         assert!(state.last_tick_ran);
         assert_eq!(state.size, size_of(&state.spec), "sized by the new spec");
         // A skipped tick: the last tick started no run (a duplicate timer must not start one).
         let skipped = ScheduleTicked { schedule_id: id, tick: at(2), run_id: None, skipped: Some("running".into()) };
         let state = fold(Some(state), &[stored(5, Event::ScheduleTicked(skipped))]).unwrap();
         assert!(!state.last_tick_ran);
-        assert_eq!((state.last_tick, state.last_run), (Some(at(2)), Some(manual)));
+        assert_eq!((state.last_tick, state.last_run), (Some(at(2)), Some(ticked)));
         // Changed while paused (no next tick): from the change on.
         let paused = ScheduleUpdated { schedule_id: id, spec: spec("*/5 * * * *"), next_tick: None };
         let event = stored(6, Event::ScheduleUpdated(paused));
         let changed_at = event.envelope.occurred_at;
         assert_eq!(fold(Some(state), &[event]).unwrap().ticks_from, Some(changed_at));
+    }
+
+    #[test]
+    fn a_timer_looks_for_due_ticks_from_its_own_or_the_changed_expressions_first_and_arms_one_to_come() {
+        use chrono::TimeZone;
+        let id = Uuid::now_v7();
+        let spec = |cron: &str| -> ScheduleSpec {
+            serde_json::from_value(serde_json::json!({"cron": cron, "workflow": "w"})).unwrap()
+        };
+        let noon = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let min = |m: i64| noon + chrono::Duration::minutes(m);
+        let created = ScheduleCreated { schedule_id: id, spec: spec("* * * * *"), first_tick: Some(noon) };
+        let state = fold(None, &[stored(1, Event::ScheduleCreated(created))]).unwrap();
+        assert_eq!(first_due(&state, noon), Some(noon), "its own tick");
+        let ticked = ScheduleTicked { schedule_id: id, tick: noon, run_id: Some(Uuid::now_v7()), skipped: None };
+        let state = fold(Some(state), &[stored(2, Event::ScheduleTicked(ticked))]).unwrap();
+        assert_eq!(first_due(&state, noon), Some(min(1)), "a duplicate: after the last tick handled");
+        assert_eq!(first_due(&state, min(3)), Some(min(3)), "a later timer: its own, the missed ones by catch-up");
+        // Other inputs: the ticks go on as they were, a due one included.
+        let inputs = serde_json::json!({"cron": "* * * * *", "workflow": "w", "inputs": {"a": 1}});
+        let mut changed =
+            ScheduleUpdated { schedule_id: id, spec: serde_json::from_value(inputs).unwrap(), next_tick: Some(min(1)) };
+        let state = fold(Some(state), &[stored(3, Event::ScheduleUpdated(changed.clone()))]).unwrap();
+        assert_eq!((state.ticks_from, first_due(&state, min(1))), (None, Some(min(1))));
+        // Another expression: from its first tick after the change; an old timer before it arms
+        // that tick rather than its own, long passed.
+        changed.spec = spec("0 * * * *");
+        changed.next_tick = Some(min(60));
+        let state = fold(Some(state), &[stored(4, Event::ScheduleUpdated(changed))]).unwrap();
+        assert_eq!(first_due(&state, min(2)), Some(min(60)));
+        assert_eq!(next_to_arm(&state.spec, first_due(&state, min(2)), min(2)), Some(min(60)));
+        assert_eq!(next_to_arm(&state.spec, Some(min(2)), min(5)), Some(min(60)), "passed: the spec's next");
+        assert_eq!(next_to_arm(&state.spec, None, min(5)), None, "an expression that never fires again");
     }
 
     #[test]
@@ -413,6 +473,7 @@ mod tests {
             last_tick: None,
             last_tick_ran: false,
             last_run: None,
+            last_manual: None,
             ticks_from: None,
             last_seq: 1,
         };
