@@ -161,7 +161,7 @@ pub enum Schedules {
     },
     /// Start a run of the schedule's workflow now, paused or not; prints the run's id.
     Trigger { id: String },
-    /// Run the schedule's past ticks in a range (at most 500); a tick that had its run is not
+    /// Run the schedule's past ticks in a range (at most 100); a tick that had its run is not
     /// run again. Prints each tick, its run and whether it started now.
     Backfill {
         id: String,

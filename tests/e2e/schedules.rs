@@ -328,7 +328,7 @@ async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overla
     // goes on.
     let spec = json!({
         "cron": "0 0 1 1 *",
-        "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 4}]},
+        "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 60}]},
         "overlap": "skip",
     });
     let res = create(&tm, spec).await;
@@ -376,8 +376,10 @@ async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overla
     })
     .unwrap();
     pause(&tm, &id).await;
+    let res = tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api))).json(&json!({})).send().await.unwrap();
+    assert_eq!(res.status(), 202);
     let view = tm.wait_run(run, Duration::from_secs(30)).await;
-    assert_eq!(view["status"], "succeeded", "{view}");
+    assert_eq!(view["status"], "cancelled", "{view}");
     assert_eq!(view["trigger"]["kind"], "schedule");
     assert_eq!(view["trigger"]["schedule_id"], id.as_str());
     assert_eq!(view["trigger"]["manual"], true);
@@ -389,6 +391,10 @@ async fn a_run_started_by_hand_runs_beside_the_ticks_once_per_key_and_the_overla
     let a: Value = trigger(&tm, &id, None).await.json().await.unwrap();
     let b: Value = trigger(&tm, &id, None).await.json().await.unwrap();
     assert_ne!(a["id"], b["id"]);
+    for run in [&a["id"], &b["id"]] {
+        let run = run.as_str().unwrap();
+        tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api))).json(&json!({})).send().await.unwrap();
+    }
     let res = trigger(&tm, &id, Some(&"k".repeat(202))).await;
     assert_eq!(res.status(), 400, "a key too long to scope");
     assert_eq!(trigger(&tm, &uuid::Uuid::now_v7().to_string(), None).await.status(), 404);
@@ -410,12 +416,29 @@ async fn a_backfill_runs_each_past_tick_once_and_finds_the_runs_its_ticks_starte
     })
     .await
     .unwrap();
-    pause(&tm, &id).await;
-    let (fired, fired_runs) = ticks(&tm, &id).await;
     let backfill = |body: Value| {
         let req = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/backfill", tm.api))).json(&body);
         async move { req.send().await.unwrap() }
     };
+    // Active, the schedule keeps the ticks its timers may still fire: the range ends before
+    // the first after the last it handled.
+    let first = ticks(&tm, &id).await.0[0];
+    let res = backfill(json!({"from": first, "to": Utc::now()})).await;
+    assert_eq!(res.status(), 202);
+    let active: Value = res.json().await.unwrap();
+    let until: DateTime<Utc> = active["until"].as_str().unwrap().parse().unwrap();
+    let handled = ticks(&tm, &id).await.0;
+    assert!(handled.contains(&until), "ends at a tick the schedule handled: {until} {handled:?}");
+    for run in active["runs"].as_array().unwrap() {
+        let tick: DateTime<Utc> = run["tick"].as_str().unwrap().parse().unwrap();
+        assert!(tick <= until && handled.contains(&tick), "{active}");
+    }
+    pause(&tm, &id).await;
+    let (fired, fired_runs) = ticks(&tm, &id).await;
+    // Each fired tick's run exists before the backfill looks (a tick is recorded first).
+    for run in &fired_runs {
+        tm.wait_run(*run, Duration::from_secs(30)).await;
+    }
     // Three seconds before the first tick, up to the last: three ticks that had no run, and the
     // ones that fired, which are found.
     let (from, to) = (fired[0] - chrono::Duration::seconds(3), *fired.last().unwrap());
@@ -459,6 +482,8 @@ async fn a_backfill_runs_each_past_tick_once_and_finds_the_runs_its_ticks_starte
         (json!({"from": to, "to": from}), 400),
         (json!({"from": now, "to": now + chrono::Duration::seconds(60)}), 400),
         (json!({"from": now - chrono::Duration::seconds(600), "to": now}), 400),
+        (json!({"from": "1969-12-31T23:59:59Z", "to": to}), 400),
+        (json!({"from": "-262144-01-01T00:00:00Z", "to": to}), 400),
         (json!({"from": from}), 400),
         (json!({"from": from, "to": to, "bogus": 1}), 400),
     ] {
@@ -515,7 +540,7 @@ async fn a_tick_refused_its_run_is_passed_over_and_the_schedule_goes_on() {
         async move { assert_eq!(req.send().await.unwrap().status(), 201) }
     };
     store(json!({})).await;
-    let spec = json!({"cron": "* * * * * *", "workflow": "nightly", "overlap": "allow"});
+    let spec = json!({"cron": "* * * * * *", "workflow": "nightly", "overlap": "allow", "catch_up": "all"});
     let res = create(&tm, spec).await;
     assert_eq!(res.status(), 201);
     let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();

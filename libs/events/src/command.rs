@@ -220,9 +220,10 @@ pub struct TriggerSchedule {
 }
 
 /// `{ns}.cmd.ingest.backfill_schedule`: start the runs of a schedule's ticks from `from` to
-/// `to` (both included, `to` not in the future, at most [`MAX_BACKFILL_TICKS`] ticks). A tick's
-/// run is the one its timer starts (the same idempotency key), so a tick that has its run
-/// already is not run again. Answers [`Backfilled`].
+/// `to` (both included, `to` not in the future, at most [`MAX_BACKFILL_TICKS`] ticks; an active
+/// schedule's ticks its timers may still fire are left to them). A tick's run is the one its
+/// timer starts (the same idempotency key), so a tick that has its run already is not run
+/// again. Answers [`Backfilled`].
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct BackfillSchedule {
     pub tenant: String,
@@ -231,13 +232,37 @@ pub struct BackfillSchedule {
     pub to: chrono::DateTime<chrono::Utc>,
 }
 
-/// The most ticks one backfill starts.
-pub const MAX_BACKFILL_TICKS: usize = 500;
+/// The most ticks one backfill starts (as many as a batch of runs).
+pub const MAX_BACKFILL_TICKS: usize = 100;
+
+impl BackfillSchedule {
+    /// Checks the range: `from` not after `to`, `to` not after `now`, `from` not before 1970
+    /// (the time zone library has no answer for times far back).
+    pub fn check_range(&self, now: chrono::DateTime<chrono::Utc>) -> Result<(), Problem> {
+        let refuse = |field: &str, message: &str| {
+            Err(Problem::new(crate::error::ErrorCode::BadRequest, format!("{field}: {message}"))
+                .with_errors(vec![crate::error::FieldError { field: field.into(), message: message.into() }]))
+        };
+        if self.from > self.to {
+            return refuse("from", "must not be after to");
+        }
+        if self.to > now {
+            return refuse("to", "must not be in the future: the ticks to come fire on their own");
+        }
+        if self.from < chrono::DateTime::UNIX_EPOCH {
+            return refuse("from", "must not be before 1970");
+        }
+        Ok(())
+    }
+}
 
 /// The reply to [`BackfillSchedule`]: each tick's run, oldest first.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 pub struct Backfilled {
     pub runs: Vec<BackfilledRun>,
+    /// The range's end as run: `to`, or, for a schedule not paused, just before the first tick
+    /// its timers may still fire (they fire it, or catch it up, or record it skipped).
+    pub until: chrono::DateTime<chrono::Utc>,
 }
 
 /// A tick of a backfill and its run.

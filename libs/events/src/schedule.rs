@@ -44,8 +44,9 @@ pub fn tick_key(schedule_id: uuid::Uuid, tick: DateTime<Utc>) -> String {
     format!("schedule:{schedule_id}:{}", tick.to_rfc3339())
 }
 
-/// The most bytes a schedule's spec takes as JSON: each tick and change carries it, and an event
-/// must fit a NATS message (1 MiB by default) with room to spare.
+/// The most bytes a schedule's spec takes as JSON, and its workflow with matrices expanded: each
+/// change carries the spec, each tick's run the workflow, and an event must fit a NATS message
+/// (1 MiB by default) with room to spare.
 pub const MAX_SPEC_BYTES: usize = 512 * 1024;
 
 /// How late a tick may fire and still count as on time under `catch_up: none`.
@@ -131,16 +132,31 @@ impl ScheduleSpec {
         cron.find_next_occurrence(&t.with_timezone(&tz), false).ok().map(|d| d.with_timezone(&Utc).trunc_subsecs(0))
     }
 
-    /// The ticks from `from` (inclusive) to `until` (inclusive), at most `cap` of them.
+    /// The ticks from `from` (inclusive) to `until` (inclusive), at most `cap` of them. Ticks
+    /// fall on whole seconds, so one within a second before `from` is not one; nor is one the
+    /// expression's library finds before `from` (in the hour a time zone repeats when its clocks
+    /// go back, it reads a local time as its first instance).
     pub fn ticks(&self, from: DateTime<Utc>, until: DateTime<Utc>, cap: usize) -> Vec<DateTime<Utc>> {
         let (Ok(cron), Ok(tz)) = (self.cron(), self.tz()) else { return Vec::new() };
+        let from = match from.trunc_subsecs(0) {
+            whole if whole < from => whole + chrono::Duration::seconds(1),
+            whole => whole,
+        };
         let mut out = Vec::new();
-        let mut at = from.trunc_subsecs(0).with_timezone(&tz);
+        let mut at = from.with_timezone(&tz);
         let mut inclusive = true;
-        while out.len() < cap {
+        // Bounded whatever the library answers: each step moves on, and those before `from`
+        // are an hour's worth at most.
+        for _ in 0..cap.saturating_add(4096) {
+            if out.len() >= cap {
+                break;
+            }
             match cron.find_next_occurrence(&at, inclusive) {
                 Ok(t) if t.with_timezone(&Utc) <= until => {
-                    out.push(t.with_timezone(&Utc).trunc_subsecs(0));
+                    let tick = t.with_timezone(&Utc).trunc_subsecs(0);
+                    if tick >= from {
+                        out.push(tick);
+                    }
                     at = t;
                     inclusive = false;
                 }
@@ -205,6 +221,26 @@ mod tests {
         assert!(big.validate().is_ok());
         big.inputs.insert("b".into(), serde_json::json!("x".repeat(MAX_SPEC_BYTES / 2)));
         assert_eq!(big.validate().unwrap_err().errors[0].field, "spec");
+    }
+
+    #[test]
+    fn ticks_in_a_range_start_at_its_start_on_whole_seconds_and_through_a_repeated_hour() {
+        let s = spec("*/10 * * * * *", "UTC", CatchUp::All);
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 10).unwrap();
+        let ticks = s.ticks(t + chrono::Duration::milliseconds(500), t + chrono::Duration::seconds(30), 10);
+        assert_eq!(
+            ticks,
+            [t + chrono::Duration::seconds(10), t + chrono::Duration::seconds(20), t + chrono::Duration::seconds(30)]
+        );
+        assert_eq!(s.ticks(t, t, 10), [t], "inclusive");
+        // Paris goes back from 03:00 CEST to 02:00 CET on 25 October 2026 (01:00 UTC): a range
+        // in the second pass of 02:xx yields nothing from before it.
+        let paris = spec("*/15 * * * *", "Europe/Paris", CatchUp::All);
+        let from = Utc.with_ymd_and_hms(2026, 10, 25, 1, 10, 0).unwrap();
+        let until = Utc.with_ymd_and_hms(2026, 10, 25, 2, 20, 0).unwrap();
+        let ticks = paris.ticks(from, until, 100);
+        assert!(ticks.iter().all(|t| *t >= from && *t <= until), "{ticks:?}");
+        assert!(ticks.contains(&Utc.with_ymd_and_hms(2026, 10, 25, 2, 15, 0).unwrap()), "{ticks:?}");
     }
 
     #[test]

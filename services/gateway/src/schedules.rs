@@ -291,7 +291,7 @@ pub struct BackfillRequest {
     pub to: DateTime<Utc>,
 }
 
-/// Run a schedule's ticks from `from` to `to` (at most 500 ticks), paused or not, all at once
+/// Run a schedule's ticks from `from` to `to` (at most 100 ticks), paused or not, all at once
 /// whatever its overlap policy (a concurrency group in the workflow holds them back). Each is
 /// the run its timer starts (the same id): a tick that has its run (fired, or backfilled
 /// before) is not run again, so a backfill stopped midway can be sent again. The runs'
@@ -301,7 +301,7 @@ pub struct BackfillRequest {
     request_body = BackfillRequest,
     responses(
         (status = 202, body = Backfilled),
-        (status = 400, description = "A bad range: from after to, to in the future, or more than 500 ticks", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad range: from after to, to in the future, or more than 100 ticks, or from before 1970", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such schedule, or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
@@ -319,23 +319,48 @@ pub async fn backfill(
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let range: BackfillRequest = body::json(&bytes)?;
-    // Each tick of the range counts against the quota of runs not yet ended, those that had
-    // their run too (ingest refuses a range of too many).
-    let spec = sqlx::query_scalar::<_, sqlx::types::Json<ScheduleSpec>>(
+    let cmd = BackfillSchedule { tenant: caller.tenant.clone(), schedule_id: id, from: range.from, to: range.to };
+    cmd.check_range(Utc::now())?;
+    backfill_quota(&state, &caller.tenant, id, &cmd).await?;
+    Ok((StatusCode::ACCEPTED, Json(state.ingest.backfill_schedule(&cmd).await?)))
+}
+
+/// A backfill's runs count against the quota of runs not yet ended: the ticks of its range (as
+/// the read side has the schedule; as many as a backfill may start, before it has it) whose run
+/// does not exist yet.
+async fn backfill_quota(state: &AppState, tenant: &str, id: Uuid, cmd: &BackfillSchedule) -> ApiResult<()> {
+    let spec = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(
         "SELECT spec FROM schedules WHERE tenant_id = $1 AND id = $2",
     )
-    .bind(&caller.tenant)
+    .bind(tenant)
     .bind(id)
     .fetch_optional(&state.pool)
     .await?;
-    if let Some(spec) = spec {
-        let ticks = spec.ticks(range.from, range.to, MAX_BACKFILL_TICKS + 1).len();
-        if (1..=MAX_BACKFILL_TICKS).contains(&ticks) {
-            crate::runs::check_active_runs_quota(&state, &caller.tenant, ticks as i64).await?;
+    // Read as it is written, or (a field of a later version, say) left to ingest.
+    let new = match spec.map(|j| serde_json::from_value::<ScheduleSpec>(j.0)) {
+        None => MAX_BACKFILL_TICKS as i64,
+        Some(Err(_)) => return Ok(()),
+        Some(Ok(spec)) => {
+            let ticks = spec.ticks(cmd.from, cmd.to, MAX_BACKFILL_TICKS + 1);
+            if ticks.len() > MAX_BACKFILL_TICKS {
+                return Ok(()); // ingest refuses it
+            }
+            let ids: Vec<Uuid> = ticks
+                .iter()
+                .map(|t| taskmesh_ingest::idempotent_run_id(tenant, &taskmesh_events::schedule::tick_key(id, *t)))
+                .collect();
+            let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE tenant_id = $1 AND id = ANY($2)")
+                .bind(tenant)
+                .bind(&ids)
+                .fetch_one(&state.pool)
+                .await?;
+            ids.len() as i64 - existing
         }
+    };
+    if new > 0 {
+        crate::runs::check_active_runs_quota(state, tenant, new).await?;
     }
-    let cmd = BackfillSchedule { tenant: caller.tenant, schedule_id: id, from: range.from, to: range.to };
-    Ok((StatusCode::ACCEPTED, Json(state.ingest.backfill_schedule(&cmd).await?)))
+    Ok(())
 }
 
 /// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are

@@ -108,24 +108,40 @@ fn check_tenant(tenant: &str) -> Reply<()> {
     if is_token(tenant) { Ok(()) } else { Err(invalid("tenant", "not a valid tenant id")) }
 }
 
-/// A schedule's spec as last changed, and whether it is paused, from its events; `NotFound`
-/// for one never created, or deleted.
-fn schedule_now(events: &[taskmesh_bus::Stored]) -> Reply<(ScheduleSpec, bool)> {
+/// A schedule as its events leave it.
+struct ScheduleNow {
+    /// Its spec as last changed.
+    spec: ScheduleSpec,
+    paused: bool,
+    /// Unless paused, the first tick its timers may still fire (or catch up, or record skipped):
+    /// the one after the last handled, or where the schedule was last resumed, created or given
+    /// another expression. Earlier ticks are past its timers.
+    timers_from: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What a schedule's events leave it; `NotFound` for one never created, or deleted.
+fn schedule_now(events: &[taskmesh_bus::Stored]) -> Reply<ScheduleNow> {
     let not_found = || Problem::new(ErrorCode::NotFound, "no such schedule");
     let Some(Event::ScheduleCreated(created)) = events.first().map(|e| &e.envelope.event) else {
         return Err(not_found());
     };
-    let (mut spec, mut paused) = (&created.spec, false);
+    let (mut spec, mut paused, mut timers_from) = (&created.spec, false, created.first_tick);
     for e in events {
         match &e.envelope.event {
             Event::SchedulePaused(_) => paused = true,
-            Event::ScheduleResumed(_) => paused = false,
-            Event::ScheduleUpdated(u) => spec = &u.spec,
+            Event::ScheduleResumed(r) => (paused, timers_from) = (false, r.next_tick),
+            Event::ScheduleUpdated(u) => {
+                if (&u.spec.cron, &u.spec.timezone) != (&spec.cron, &spec.timezone) && u.next_tick.is_some() {
+                    timers_from = u.next_tick;
+                }
+                spec = &u.spec;
+            }
+            Event::ScheduleTicked(t) => timers_from = Some(t.tick + chrono::Duration::seconds(1)),
             Event::ScheduleDeleted(_) => return Err(not_found()),
             _ => {}
         }
     }
-    Ok((spec.clone(), paused))
+    Ok(ScheduleNow { spec: spec.clone(), paused, timers_from: timers_from.filter(|_| !paused) })
 }
 
 /// The command handlers.
@@ -433,7 +449,22 @@ impl Ingest {
         workflow.resolve_inputs(spec.inputs.clone())?;
         // A schedule's runs have no pushed commit.
         nothing_to_check_out(&workflow)?;
-        workflow.expand_matrices().map(|_| ())
+        // Each tick's run carries the workflow as expanded: it must fit an event.
+        let expanded = serde_json::to_vec(&workflow.expand_matrices()?).map_or(usize::MAX, |j| j.len());
+        if expanded > taskmesh_events::schedule::MAX_SPEC_BYTES {
+            return Err(Problem::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "workflow: {expanded} bytes as JSON with its matrices expanded; at most {}",
+                    taskmesh_events::schedule::MAX_SPEC_BYTES
+                ),
+            )
+            .with_errors(vec![taskmesh_events::FieldError {
+                field: "workflow".into(),
+                message: "too big with its matrices expanded".into(),
+            }]));
+        }
+        Ok(())
     }
 
     /// Creates a schedule after checking its expression, time zone and workflow.
@@ -473,7 +504,7 @@ impl Ingest {
         for _ in 0..16 {
             let events = self.bus.read_subject(&subject, 0).await?;
             let last = events.last().map(|e| e.seq).unwrap_or(0);
-            let (spec, paused) = schedule_now(&events)?;
+            let ScheduleNow { spec, paused, .. } = schedule_now(&events)?;
             let mut patched =
                 serde_json::to_value(&spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
             json_patch::merge(&mut patched, &cmd.patch);
@@ -521,7 +552,7 @@ impl Ingest {
             return Err(invalid("Idempotency-Key", format!("must be 1 to {most} printable characters")));
         }
         let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        let (spec, _) = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        let spec = schedule_now(&self.bus.read_subject(&subject, 0).await?)?.spec;
         let key = cmd.idempotency_key.map(|k| prefix + &k);
         let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, chrono::Utc::now(), true, key);
         let run = SubmitRun { traceparent: cmd.traceparent, ..run };
@@ -554,15 +585,16 @@ impl Ingest {
     #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, schedule = %cmd.schedule_id))]
     pub async fn backfill_schedule(&self, cmd: BackfillSchedule) -> Reply<Backfilled> {
         check_tenant(&cmd.tenant)?;
-        if cmd.from > cmd.to {
-            return Err(invalid("from", "must not be after to"));
-        }
-        if cmd.to > chrono::Utc::now() {
-            return Err(invalid("to", "must not be in the future: the ticks to come fire on their own"));
-        }
+        cmd.check_range(chrono::Utc::now())?;
         let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        let (spec, _) = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
-        let ticks = spec.ticks(cmd.from, cmd.to, MAX_BACKFILL_TICKS + 1);
+        let ScheduleNow { spec, timers_from, .. } = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        // The ticks its timers may still fire (catch up, or record skipped) are theirs: run here
+        // too, a timer's overlap policy would take the backfill's run for its previous one.
+        let until = match timers_from {
+            Some(first) => cmd.to.min(first - chrono::Duration::seconds(1)),
+            None => cmd.to,
+        };
+        let ticks = if cmd.from <= until { spec.ticks(cmd.from, until, MAX_BACKFILL_TICKS + 1) } else { Vec::new() };
         if ticks.len() > MAX_BACKFILL_TICKS {
             return Err(invalid(
                 "to",
@@ -582,13 +614,13 @@ impl Ingest {
             .buffered(8)
             .try_collect()
             .await?;
-        Ok(Backfilled { runs })
+        Ok(Backfilled { runs, until })
     }
 
     /// Pauses or resumes a schedule (idempotent).
     pub async fn toggle_schedule(&self, cmd: ToggleSchedule) -> Reply<Created> {
         self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
-            let (spec, paused) = schedule_now(events)?;
+            let ScheduleNow { spec, paused, .. } = schedule_now(events)?;
             Ok((paused != cmd.pause).then(|| {
                 if cmd.pause {
                     Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })

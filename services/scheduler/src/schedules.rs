@@ -76,6 +76,9 @@ fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState
                 state.last_tick_ran = t.run_id.is_some();
                 if t.run_id.is_some() {
                     state.last_run = t.run_id;
+                    // Its overlap policy looked at the run by hand: ended, or now asked to
+                    // cancel (or alongside, as allowed); the tick's run is the previous one now.
+                    state.last_manual = None;
                 }
             }
             Event::ScheduleTriggered(t) => state.last_manual = Some(t.run_id),
@@ -116,6 +119,15 @@ fn next_to_arm(spec: &ScheduleSpec, from: Option<DateTime<Utc>>, now: DateTime<U
         Some(f) if f > now => Some(f),
         Some(_) => spec.next_after(now),
         None => None,
+    }
+}
+
+/// Whether ingest refused a tick's run for what it is: its workflow, inputs or a quota.
+fn refused(p: &Problem) -> bool {
+    match p.code {
+        ErrorCode::InvalidInput | ErrorCode::InvalidWorkflow | ErrorCode::NotFound | ErrorCode::QuotaExceeded => true,
+        ErrorCode::BadRequest => !p.detail.starts_with("malformed command"),
+        _ => false,
     }
 }
 
@@ -305,7 +317,9 @@ impl Scheduler {
         let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
         let run = SubmitRun::of_schedule(tenant, schedule_id, spec, tick, false, Some(tick_key(schedule_id, tick)));
         match ingest.submit_run(&run).await {
-            Err(p) if (400..500).contains(&p.status) => {
+            // What ingest refuses of the run itself; not a command it could not read (from a
+            // newer scheduler, say), which a later ingest may.
+            Err(p) if refused(&p) => {
                 metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
                 tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
                 Ok(())
