@@ -1007,6 +1007,13 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
                     let how = if run["duplicate"].as_bool().unwrap_or(false) { "had run" } else { "started" };
                     println!("{} {} {how}", run["tick"].as_str().unwrap_or(""), run["run_id"].as_str().unwrap_or(""));
                 }
+                // An active schedule's range ends before the ticks its own timers still handle.
+                let time = |v: &str| v.parse::<chrono::DateTime<chrono::Utc>>().ok();
+                if let (Some(until), Some(asked)) = (done["until"].as_str().and_then(time), time(&to))
+                    && until < asked
+                {
+                    eprintln!("ended at {}: the later ticks are the schedule's own timers'", until.to_rfc3339());
+                }
             }
             Ok(0)
         }

@@ -622,6 +622,30 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
     let accepted: Value = res.json().await.unwrap();
     assert_eq!(accepted["runs"], json!([]), "{accepted}");
     assert!(accepted["errors"][0]["message"].as_str().unwrap().contains("runs not yet ended"), "{accepted}");
+    // Schedules: one whose runs would have more steps than a run may is refused when created;
+    // run by hand or backfilled past the runs not yet ended, nothing starts.
+    let steps = |n: usize| (0..n).map(|i| json!({"id": format!("s{i}"), "uses": "noop"})).collect::<Vec<_>>();
+    let yearly = |n| json!({"cron": "0 0 1 1 *", "workflow": {"name": "q", "steps": steps(n)}});
+    let res = call(&tm, &tm.key, Method::POST, "/v1/schedules", Some(yearly(4))).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "3 steps per run");
+    let res = call(&tm, &tm.key, Method::POST, "/v1/schedules", Some(yearly(1))).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    let res = call(&tm, &tm.key, Method::POST, &format!("/v1/schedules/{id}/trigger"), None).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "runs not yet ended");
+    let range = json!({"from": "2020-01-01T00:00:00Z", "to": "2022-01-01T00:00:00Z"});
+    let res = call(&tm, &tm.key, Method::POST, &format!("/v1/schedules/{id}/backfill"), Some(range)).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "runs not yet ended");
+    tm.wait_projected().await;
+    let scheduled: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE trigger->>'kind' = 'schedule'")
+        .fetch_one(&tm.pool)
+        .await
+        .unwrap();
+    assert_eq!(scheduled, 0, "no schedule's run started");
     // Payload bytes: a declared length over the quota, and a chunked body that runs past it.
     let big = "x".repeat(3_000);
     let res = call(&tm, &tm.key, Method::PUT, "/v1/secrets/BIG", Some(json!({"value": big}))).await;

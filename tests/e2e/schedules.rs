@@ -142,6 +142,21 @@ async fn invalid_schedules_are_problems_naming_the_field() {
         let problem: Value = res.json().await.unwrap();
         assert_eq!(problem["errors"][0]["field"], field, "{problem}");
     }
+    // Each tick's run carries the workflow with its matrices expanded and the inputs: each fits
+    // (about 300 and 250 KB; the spec about 250), both together would not fit an event.
+    let n: Vec<u32> = (0..100).collect();
+    let workflow = json!({
+        "name": "big",
+        "inputs": {"blob": {"type": "string"}},
+        "steps": [{"id": "a", "name": "x".repeat(3_000), "matrix": {"n": n}, "uses": "noop"}],
+    });
+    let spec = |blob: usize| json!({"cron": "0 0 1 1 *", "workflow": workflow, "inputs": {"blob": "y".repeat(blob)}});
+    let res = create(&tm, spec(250_000)).await;
+    assert_eq!(res.status(), 422);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "workflow", "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("workflow and inputs"), "{problem}");
+    assert_eq!(create(&tm, spec(10)).await.status(), 201, "each alone fits");
     assert_eq!(create(&tm, json!({"cron": "* * * * *", "workflow": "missing"})).await.status(), 404);
     assert_eq!(create(&tm, json!({"cron": "* * * * *", "workflow": "x", "bogus": 1})).await.status(), 400);
     tm.finish().await;
@@ -432,6 +447,9 @@ async fn a_backfill_runs_each_past_tick_once_and_finds_the_runs_its_ticks_starte
     for run in active["runs"].as_array().unwrap() {
         let tick: DateTime<Utc> = run["tick"].as_str().unwrap().parse().unwrap();
         assert!(tick <= until && handled.contains(&tick), "{active}");
+        // Not even the last tick handled, whose run its timer may not have started yet: the
+        // backfill finds each run, it starts none marked as by hand.
+        assert_eq!(run["duplicate"], true, "{active}");
     }
     pause(&tm, &id).await;
     let (fired, fired_runs) = ticks(&tm, &id).await;
@@ -576,5 +594,67 @@ async fn a_tick_refused_its_run_is_passed_over_and_the_schedule_goes_on() {
         "{refused} of {} ticks",
         all.len() - changed
     );
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_schedule_ticks_from_its_next_tick_and_a_backfill_runs_the_ones_before() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor], |_| {}).await;
+    let res = create(&tm, every_second()).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let created = Utc::now();
+    // Its first ticks come due while no scheduler runs; then it is paused and resumed, and only
+    // then does a scheduler come, with the first tick's timer still to handle.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    pause(&tm, &id).await;
+    let resumed = Utc::now();
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/resume", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
+    eventually("two ticks", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    // The timers tick from the resume on: the ticks before it (the pause's, and those missed
+    // before the pause) are not caught up.
+    let fired = ticks(&tm, &id).await.0;
+    assert!(fired[0] > resumed, "{resumed}: {fired:?}");
+    // Active, a backfill from the creation on runs the ticks before the resume, and finds the
+    // timers' own runs after it: the two agree on where the timers' ticks start.
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/schedules/{id}/backfill", tm.api)))
+        .json(&json!({"from": created, "to": Utc::now()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let backfilled: Value = res.json().await.unwrap();
+    pause(&tm, &id).await;
+    let (fired, fired_runs) = ticks(&tm, &id).await;
+    assert_consecutive(&fired);
+    let runs = backfilled["runs"].as_array().unwrap();
+    let mut all: Vec<DateTime<Utc>> = Vec::new();
+    for run in runs {
+        let tick: DateTime<Utc> = run["tick"].as_str().unwrap().parse().unwrap();
+        let run_id: uuid::Uuid = run["run_id"].as_str().unwrap().parse().unwrap();
+        match fired.iter().position(|t| *t == tick) {
+            Some(at) => {
+                assert_eq!((run["duplicate"].clone(), run_id), (json!(true), fired_runs[at]), "the timer's own: {run}")
+            }
+            None => {
+                assert!(tick < fired[0], "only ticks before the timers' are run: {backfilled}");
+                assert_eq!(run["duplicate"], false, "{run}");
+                all.push(tick);
+            }
+        }
+    }
+    assert!(all.len() >= 2, "the ticks missed before the pause and during it: {backfilled}");
+    assert!(all[0] <= created + chrono::Duration::seconds(1), "from the first: {backfilled}");
+    // The backfill's and the timers' ticks, together, are every second from the first on.
+    all.extend(fired.iter().copied());
+    assert_consecutive(&all);
+    scheduler.stop().await.unwrap();
     tm.finish().await;
 }

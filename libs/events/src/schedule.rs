@@ -146,8 +146,9 @@ impl ScheduleSpec {
         let mut at = from.with_timezone(&tz);
         let mut inclusive = true;
         // Bounded whatever the library answers: each step moves on, and those before `from`
-        // are an hour's worth at most.
-        for _ in 0..cap.saturating_add(4096) {
+        // are of an hour a time zone repeats (two at most, as Antarctica/Troll does), every
+        // second at most.
+        for _ in 0..cap.saturating_add(2 * 3600 + 1) {
             if out.len() >= cap {
                 break;
             }
@@ -184,6 +185,116 @@ impl ScheduleSpec {
             CatchUp::None => last.filter(|t| (now - *t).num_seconds() <= GRACE_SECS).into_iter().collect(),
         };
         (fire, last)
+    }
+}
+
+/// A schedule as its events leave it: what the scheduler's timers and ingest's commands both
+/// decide on, folded one way so that the two read one log alike.
+#[derive(Debug, Clone)]
+pub struct ScheduleState {
+    /// Its spec as last changed (shared: a copy of the state does not copy the spec).
+    pub spec: std::sync::Arc<ScheduleSpec>,
+    pub paused: bool,
+    /// The last tick handled (its run started, or it was skipped).
+    pub last_tick: Option<DateTime<Utc>>,
+    /// Whether the last tick handled has a run (rather than being skipped).
+    pub last_tick_ran: bool,
+    /// The last run a tick started.
+    pub last_run: Option<uuid::Uuid>,
+    /// The last run started by hand since the last tick's run.
+    pub last_manual: Option<uuid::Uuid>,
+    /// Where its ticks start: the expression's first tick after the schedule was created,
+    /// resumed or given another expression or time zone (the moment it was, where none comes).
+    /// The ticks before it are not its timers' to fire: a pause's, or the old expression's.
+    pub ticks_from: Option<DateTime<Utc>>,
+    /// The stream sequence of the last event folded.
+    pub last_seq: u64,
+}
+
+impl ScheduleState {
+    /// Folds `events` (sequence and envelope; those after `state`'s `last_seq`, or all of them
+    /// when `state` is `None`) onto `state`. `None`: no such schedule (never created, or deleted).
+    pub fn fold<'a>(
+        state: Option<ScheduleState>,
+        events: impl IntoIterator<Item = (u64, &'a crate::Envelope)>,
+    ) -> Option<ScheduleState> {
+        let mut events = events.into_iter();
+        let mut state = match state {
+            Some(state) => state,
+            None => {
+                let (seq, first) = events.next()?;
+                let crate::Event::ScheduleCreated(created) = &first.event else { return None };
+                ScheduleState {
+                    spec: std::sync::Arc::new(created.spec.clone()),
+                    paused: false,
+                    last_tick: None,
+                    last_tick_ran: false,
+                    last_run: None,
+                    last_manual: None,
+                    ticks_from: created.first_tick.or(Some(first.occurred_at)),
+                    last_seq: seq,
+                }
+            }
+        };
+        for (seq, e) in events {
+            state.last_seq = seq;
+            match &e.event {
+                // A deleted schedule is no schedule: its timers are dropped.
+                crate::Event::ScheduleDeleted(_) => return None,
+                crate::Event::SchedulePaused(_) => state.paused = true,
+                crate::Event::ScheduleResumed(r) => {
+                    // The ticks of the pause are not caught up, whenever a timer comes.
+                    state.paused = false;
+                    state.ticks_from = r.next_tick.or(Some(e.occurred_at));
+                }
+                crate::Event::ScheduleTicked(t) => {
+                    state.last_tick = Some(t.tick);
+                    state.last_tick_ran = t.run_id.is_some();
+                    if t.run_id.is_some() {
+                        state.last_run = t.run_id;
+                        // Its overlap policy looked at the run by hand: ended, or now asked to
+                        // cancel (or alongside, as allowed); the tick's run is the previous one.
+                        state.last_manual = None;
+                    }
+                }
+                crate::Event::ScheduleTriggered(t) => state.last_manual = Some(t.run_id),
+                crate::Event::ScheduleUpdated(u) => {
+                    // Another expression or time zone ticks from its first tick after the
+                    // change; other changes keep the ticks as they were, due ones included.
+                    if (&u.spec.cron, &u.spec.timezone) != (&state.spec.cron, &state.spec.timezone) {
+                        state.ticks_from = u.next_tick.or(Some(e.occurred_at));
+                    }
+                    state.spec = std::sync::Arc::new(u.spec.clone());
+                }
+                _ => {}
+            }
+        }
+        Some(state)
+    }
+
+    /// Unless paused, the first tick whose run is its timers' to start (or catch up, or record
+    /// skipped): the last one handled if it has a run (a duplicate timer starts it, should a
+    /// crash have come between), else the one after; never before where ticks start. A backfill
+    /// ends before it, so that no run of a timer's tick is a backfill's.
+    pub fn timers_from(&self) -> Option<DateTime<Utc>> {
+        if self.paused {
+            return None;
+        }
+        let handled = self.last_tick.map(|t| if self.last_tick_ran { t } else { t + chrono::Duration::seconds(1) });
+        self.ticks_from.max(handled)
+    }
+
+    /// Where a timer for `tick` looks for due ticks from: its own tick, or after the last tick
+    /// handled if that was this one or later (a duplicate); never before where ticks start.
+    pub fn first_due(&self, tick: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let from = match self.last_tick {
+            Some(last) if last >= tick => self.spec.next_after(last),
+            _ => Some(tick),
+        };
+        match (from, self.ticks_from) {
+            (Some(f), Some(first)) => Some(f.max(first)),
+            (from, _) => from,
+        }
     }
 }
 
@@ -258,5 +369,99 @@ mod tests {
         let late = now + chrono::Duration::seconds(600);
         let (none, _) = spec("0 0 * * *", "UTC", CatchUp::None).due(first, late);
         assert!(none.is_empty(), "a tick ten minutes late is missed");
+    }
+
+    /// Folds `events`, numbered from 1, each happening at the time given.
+    fn fold_at(events: Vec<(DateTime<Utc>, crate::Event)>) -> Option<ScheduleState> {
+        let envelopes: Vec<crate::Envelope> = events
+            .into_iter()
+            .map(|(at, event)| {
+                let mut e = crate::EventMeta::new("acme").envelope("tm.evt.acme.schedule.x", event);
+                e.occurred_at = at;
+                e
+            })
+            .collect();
+        ScheduleState::fold(None, envelopes.iter().enumerate().map(|(i, e)| (i as u64 + 1, e)))
+    }
+
+    #[test]
+    fn a_resumed_schedule_ticks_from_its_next_tick_and_a_backfill_ends_before_its_timers_ticks() {
+        use crate::{Event, ScheduleCreated, ScheduleTicked, ScheduleToggled, ScheduleUpdated};
+        let id = uuid::Uuid::now_v7();
+        let noon = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let min = |m: i64| noon + chrono::Duration::minutes(m);
+        let every_minute = spec("* * * * *", "UTC", CatchUp::All);
+        let created = (
+            min(0),
+            Event::ScheduleCreated(ScheduleCreated { schedule_id: id, spec: every_minute, first_tick: Some(min(1)) }),
+        );
+        let ticked = |m, ran: bool| {
+            let (run_id, skipped) =
+                if ran { (Some(uuid::Uuid::now_v7()), None) } else { (None, Some("running".into())) };
+            (min(m), Event::ScheduleTicked(ScheduleTicked { schedule_id: id, tick: min(m), run_id, skipped }))
+        };
+        let toggled = |next_tick| ScheduleToggled { schedule_id: id, next_tick };
+
+        // Created: from its first tick.
+        let state = fold_at(vec![created.clone()]).unwrap();
+        assert_eq!((state.timers_from(), state.first_due(min(1))), (Some(min(1)), Some(min(1))));
+        // A tick that ran is still its timers' (a duplicate starts its run); one skipped is not.
+        let state = fold_at(vec![created.clone(), ticked(1, true)]).unwrap();
+        assert_eq!(state.timers_from(), Some(min(1)));
+        let state = fold_at(vec![created.clone(), ticked(1, true), ticked(2, false)]).unwrap();
+        assert_eq!(state.timers_from(), Some(min(2) + chrono::Duration::seconds(1)));
+
+        // Paused at 12:02:30 and resumed at 12:10:30: a timer of 12:02 coming after the resume
+        // (no scheduler ran meanwhile) catches up nothing of the pause; its timers own the
+        // ticks from 12:11, a backfill the ones before.
+        let paused = (min(2) + chrono::Duration::seconds(30), Event::SchedulePaused(toggled(None)));
+        let resumed = (min(10) + chrono::Duration::seconds(30), Event::ScheduleResumed(toggled(Some(min(11)))));
+        let state = fold_at(vec![created.clone(), ticked(1, true), paused.clone()]).unwrap();
+        assert_eq!(state.timers_from(), None, "paused: a backfill may run any tick");
+        let state = fold_at(vec![created.clone(), ticked(1, true), paused.clone(), resumed.clone()]).unwrap();
+        assert_eq!(state.first_due(min(2)), Some(min(11)));
+        assert_eq!(state.timers_from(), Some(min(11)));
+        let (fire, last) = state.spec.due(state.first_due(min(2)).unwrap(), min(11));
+        assert_eq!((fire, last), (vec![min(11)], Some(min(11))));
+        // Resumed with an expression that never fires again: from the resume.
+        let never = (resumed.0, Event::ScheduleResumed(toggled(None)));
+        let state = fold_at(vec![created.clone(), paused.clone(), never]).unwrap();
+        assert_eq!(state.timers_from(), Some(resumed.0));
+
+        // Given another expression: from its first tick after the change, even one that never
+        // fires again (from the change), not from the old expression's last tick.
+        let hourly = spec("0 * * * *", "UTC", CatchUp::All);
+        let changed = |next_tick| {
+            (min(5), Event::ScheduleUpdated(ScheduleUpdated { schedule_id: id, spec: hourly.clone(), next_tick }))
+        };
+        let state = fold_at(vec![created.clone(), ticked(1, true), changed(Some(min(60)))]).unwrap();
+        assert_eq!((state.timers_from(), state.first_due(min(2))), (Some(min(60)), Some(min(60))));
+        let state = fold_at(vec![created.clone(), ticked(1, true), changed(None)]).unwrap();
+        assert_eq!(state.timers_from(), Some(min(5)));
+        // Other changes keep the ticks where they were.
+        let mut inputs = spec("* * * * *", "UTC", CatchUp::All);
+        inputs.inputs.insert("a".into(), serde_json::json!(1));
+        let other = (
+            min(1) + chrono::Duration::seconds(30),
+            Event::ScheduleUpdated(ScheduleUpdated { schedule_id: id, spec: inputs, next_tick: Some(min(2)) }),
+        );
+        let state = fold_at(vec![created.clone(), ticked(1, true), other]).unwrap();
+        assert_eq!((state.timers_from(), state.first_due(min(2))), (Some(min(1)), Some(min(2))));
+        assert_eq!(state.spec.inputs["a"], 1);
+    }
+
+    #[test]
+    fn ticks_in_a_range_come_whole_after_a_two_hour_repeat() {
+        // Antarctica/Troll goes from UTC+2 back to UTC+0 at 03:00 local on the last Sunday of
+        // October (01:00 UTC): local 01:00 to 03:00 comes twice. A range starting in the second
+        // pass is walked from the first (two hours of seconds before it), which has no ticks
+        // of a sub-hourly expression (documented), and then every second from 03:00 UTC.
+        let s = spec("* * * * * *", "Antarctica/Troll", CatchUp::All);
+        let from = Utc.with_ymd_and_hms(2026, 10, 25, 1, 0, 0).unwrap();
+        let after = Utc.with_ymd_and_hms(2026, 10, 25, 3, 0, 0).unwrap();
+        let ticks = s.ticks(from, after + chrono::Duration::seconds(99), 100);
+        assert_eq!(ticks.len(), 100, "the range's ticks, not cut short by the walk");
+        assert!(ticks.windows(2).all(|w| (w[1] - w[0]).num_seconds() == 1), "{:?}", &ticks[..3]);
+        assert_eq!(ticks[0], after);
     }
 }

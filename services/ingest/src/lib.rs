@@ -20,7 +20,7 @@ use std::future::Future;
 use base64::Engine;
 use taskmesh_bus::{AfterLast, Bus, BusError};
 use taskmesh_events::command::*;
-use taskmesh_events::schedule::{ScheduleSpec, tick_key};
+use taskmesh_events::schedule::{ScheduleSpec, ScheduleState, tick_key};
 use taskmesh_events::workflow::WorkflowDef;
 use taskmesh_events::{
     ApiKeyCreated, ApiKeyRevoked, ApiKeyUsed, AuditBatchRecorded, AuditRecorded, Checkout, ErrorCode, Event, EventMeta,
@@ -108,40 +108,11 @@ fn check_tenant(tenant: &str) -> Reply<()> {
     if is_token(tenant) { Ok(()) } else { Err(invalid("tenant", "not a valid tenant id")) }
 }
 
-/// A schedule as its events leave it.
-struct ScheduleNow {
-    /// Its spec as last changed.
-    spec: ScheduleSpec,
-    paused: bool,
-    /// Unless paused, the first tick its timers may still fire (or catch up, or record skipped):
-    /// the one after the last handled, or where the schedule was last resumed, created or given
-    /// another expression. Earlier ticks are past its timers.
-    timers_from: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// What a schedule's events leave it; `NotFound` for one never created, or deleted.
-fn schedule_now(events: &[taskmesh_bus::Stored]) -> Reply<ScheduleNow> {
-    let not_found = || Problem::new(ErrorCode::NotFound, "no such schedule");
-    let Some(Event::ScheduleCreated(created)) = events.first().map(|e| &e.envelope.event) else {
-        return Err(not_found());
-    };
-    let (mut spec, mut paused, mut timers_from) = (&created.spec, false, created.first_tick);
-    for e in events {
-        match &e.envelope.event {
-            Event::SchedulePaused(_) => paused = true,
-            Event::ScheduleResumed(r) => (paused, timers_from) = (false, r.next_tick),
-            Event::ScheduleUpdated(u) => {
-                if (&u.spec.cron, &u.spec.timezone) != (&spec.cron, &spec.timezone) && u.next_tick.is_some() {
-                    timers_from = u.next_tick;
-                }
-                spec = &u.spec;
-            }
-            Event::ScheduleTicked(t) => timers_from = Some(t.tick + chrono::Duration::seconds(1)),
-            Event::ScheduleDeleted(_) => return Err(not_found()),
-            _ => {}
-        }
-    }
-    Ok(ScheduleNow { spec: spec.clone(), paused, timers_from: timers_from.filter(|_| !paused) })
+/// What a schedule's events leave it (folded as the scheduler folds them); `NotFound` for one
+/// never created, or deleted.
+fn schedule_now(events: &[taskmesh_bus::Stored]) -> Reply<ScheduleState> {
+    ScheduleState::fold(None, events.iter().map(|e| (e.seq, &e.envelope)))
+        .ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))
 }
 
 /// The command handlers.
@@ -446,22 +417,24 @@ impl Ingest {
         };
         // What a tick's run is checked against, so that a tick is not refused its run.
         self.check_steps_quota(tenant, &workflow)?;
-        workflow.resolve_inputs(spec.inputs.clone())?;
+        let inputs = workflow.resolve_inputs(spec.inputs.clone())?;
         // A schedule's runs have no pushed commit.
         nothing_to_check_out(&workflow)?;
-        // Each tick's run carries the workflow as expanded: it must fit an event.
-        let expanded = serde_json::to_vec(&workflow.expand_matrices()?).map_or(usize::MAX, |j| j.len());
+        // Each tick's run carries the workflow as expanded and the inputs: they must fit an event.
+        let expanded = serde_json::to_vec(&workflow.expand_matrices()?)
+            .and_then(|w| Ok(w.len() + serde_json::to_vec(&inputs)?.len()))
+            .unwrap_or(usize::MAX);
         if expanded > taskmesh_events::schedule::MAX_SPEC_BYTES {
             return Err(Problem::new(
                 ErrorCode::InvalidInput,
                 format!(
-                    "workflow: {expanded} bytes as JSON with its matrices expanded; at most {}",
+                    "workflow and inputs: {expanded} bytes as JSON with the matrices expanded; at most {}",
                     taskmesh_events::schedule::MAX_SPEC_BYTES
                 ),
             )
             .with_errors(vec![taskmesh_events::FieldError {
                 field: "workflow".into(),
-                message: "too big with its matrices expanded".into(),
+                message: "too big with its matrices expanded and the inputs".into(),
             }]));
         }
         Ok(())
@@ -489,6 +462,7 @@ impl Ingest {
     #[tracing::instrument(skip_all, fields(tenant = %cmd.tenant, schedule = %cmd.schedule_id))]
     pub async fn update_schedule(&self, cmd: UpdateSchedule) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
+        let cmd = &cmd;
         let Some(fields) = cmd.patch.as_object() else {
             return Err(Problem::new(
                 ErrorCode::BadRequest,
@@ -500,13 +474,10 @@ impl Ingest {
                 return Err(invalid(field, "cannot be removed (null): give a value, or leave it out to keep it"));
             }
         }
-        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        for _ in 0..16 {
-            let events = self.bus.read_subject(&subject, 0).await?;
-            let last = events.last().map(|e| e.seq).unwrap_or(0);
-            let ScheduleNow { spec, paused, .. } = schedule_now(&events)?;
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
+            let ScheduleState { spec, paused, .. } = schedule_now(&events)?;
             let mut patched =
-                serde_json::to_value(&spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
+                serde_json::to_value(&*spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
             json_patch::merge(&mut patched, &cmd.patch);
             // A workflow given is the new one, not merged into the old (whose `on`, say, would
             // otherwise stay).
@@ -520,22 +491,15 @@ impl Ingest {
                     _ => invalid(&field, message),
                 }
             })?;
-            if new == spec {
-                return Ok(Created { id: cmd.schedule_id.to_string(), seq: last });
+            if new == *spec {
+                return Ok(None);
             }
             self.check_schedule(&cmd.tenant, &new).await?;
             // Paused, it is armed again on resuming.
             let next_tick = if paused { None } else { new.next_after(chrono::Utc::now()) };
-            let event = Event::ScheduleUpdated(ScheduleUpdated { schedule_id: cmd.schedule_id, spec: new, next_tick });
-            let envelope = EventMeta::new(&cmd.tenant).envelope(subject.clone(), event);
-            match self.bus.append(last, &envelope).await {
-                Ok(seq) => return Ok(Created { id: cmd.schedule_id.to_string(), seq }),
-                // A tick was recorded meanwhile: patch the schedule as it is now.
-                Err(BusError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Problem::new(ErrorCode::Unavailable, "the schedule is too busy; retry"))
+            Ok(Some(Event::ScheduleUpdated(ScheduleUpdated { schedule_id: cmd.schedule_id, spec: new, next_tick })))
+        })
+        .await
     }
 
     /// Starts a run of a schedule's workflow and inputs now, paused or not (an idempotency key
@@ -559,8 +523,8 @@ impl Ingest {
         let accepted = self.submit_run(run).await?;
         let run_id = accepted.run_id;
         let recorded = self
-            .change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
-                schedule_now(events)?;
+            .change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
+                schedule_now(&events)?;
                 let known = events
                     .iter()
                     .any(|e| matches!(&e.envelope.event, Event::ScheduleTriggered(t) if t.run_id == run_id));
@@ -587,10 +551,11 @@ impl Ingest {
         check_tenant(&cmd.tenant)?;
         cmd.check_range(chrono::Utc::now())?;
         let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        let ScheduleNow { spec, timers_from, .. } = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        let schedule = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        let spec = &schedule.spec;
         // The ticks its timers may still fire (catch up, or record skipped) are theirs: run here
         // too, a timer's overlap policy would take the backfill's run for its previous one.
-        let until = match timers_from {
+        let until = match schedule.timers_from() {
             Some(first) => cmd.to.min(first - chrono::Duration::seconds(1)),
             None => cmd.to,
         };
@@ -605,7 +570,7 @@ impl Ingest {
         let runs = futures::stream::iter(ticks)
             .map(|tick| {
                 let key = tick_key(cmd.schedule_id, tick);
-                let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, tick, true, Some(key));
+                let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, spec, tick, true, Some(key));
                 async move {
                     let accepted = self.submit_run(run).await?;
                     Ok::<_, Problem>(BackfilledRun { tick, run_id: accepted.run_id, duplicate: accepted.duplicate })
@@ -619,8 +584,8 @@ impl Ingest {
 
     /// Pauses or resumes a schedule (idempotent).
     pub async fn toggle_schedule(&self, cmd: ToggleSchedule) -> Reply<Created> {
-        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| {
-            let ScheduleNow { spec, paused, .. } = schedule_now(events)?;
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
+            let ScheduleState { spec, paused, .. } = schedule_now(&events)?;
             Ok((paused != cmd.pause).then(|| {
                 if cmd.pause {
                     Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })
@@ -635,10 +600,12 @@ impl Ingest {
 
     /// Deletes a schedule: no tick fires after it. Deleting a deleted schedule changes nothing.
     pub async fn delete_schedule(&self, cmd: DeleteSchedule) -> Reply<Created> {
-        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| match events.last().map(|e| &e.envelope.event) {
-            None => Err(Problem::new(ErrorCode::NotFound, "no such schedule")),
-            Some(Event::ScheduleDeleted(_)) => Ok(None),
-            Some(_) => Ok(Some(Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id }))),
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
+            match events.last().map(|e| &e.envelope.event) {
+                None => Err(Problem::new(ErrorCode::NotFound, "no such schedule")),
+                Some(Event::ScheduleDeleted(_)) => Ok(None),
+                Some(_) => Ok(Some(Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id }))),
+            }
         })
         .await
     }
@@ -646,18 +613,21 @@ impl Ingest {
     /// Appends to a schedule's subject the event `decide` makes of its events (none: nothing
     /// to do), expecting the last of them: a tick a scheduler appended meanwhile makes it look
     /// again.
-    async fn change_schedule(
+    async fn change_schedule<D>(
         &self,
         tenant: &str,
         schedule_id: Uuid,
-        decide: impl Fn(&[taskmesh_bus::Stored]) -> Reply<Option<Event>>,
-    ) -> Reply<Created> {
+        decide: impl Fn(Vec<taskmesh_bus::Stored>) -> D,
+    ) -> Reply<Created>
+    where
+        D: std::future::Future<Output = Reply<Option<Event>>> + Send,
+    {
         check_tenant(tenant)?;
         let subject = self.bus.namespace().schedule(tenant, schedule_id);
         for _ in 0..16 {
             let events = self.bus.read_subject(&subject, 0).await?;
             let last = events.last().map(|e| e.seq).unwrap_or(0);
-            let Some(event) = decide(&events)? else {
+            let Some(event) = decide(events).await? else {
                 return Ok(Created { id: schedule_id.to_string(), seq: last });
             };
             let envelope = EventMeta::new(tenant).envelope(subject.clone(), event);

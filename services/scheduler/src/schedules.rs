@@ -11,105 +11,21 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{BusError, Stored};
 use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
-use taskmesh_events::schedule::{Overlap, ScheduleSpec, tick_key};
+use taskmesh_events::schedule::{Overlap, ScheduleSpec, ScheduleState, tick_key};
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleTicked};
 use uuid::Uuid;
 
 use crate::{MAX_CONFLICTS, Scheduler};
 
-/// A schedule's state, folded from its events up to `last_seq`.
-#[derive(Clone)]
-pub(crate) struct ScheduleState {
-    /// Shared with [`Folded`]: taking a state out of it does not copy the spec.
-    spec: Arc<ScheduleSpec>,
-    /// About how many bytes the spec takes (its JSON), for [`Folded`]'s bound.
-    size: usize,
-    paused: bool,
-    last_tick: Option<DateTime<Utc>>,
-    /// Whether the last tick started a run (rather than being skipped).
-    last_tick_ran: bool,
-    /// The last run a tick started.
-    last_run: Option<Uuid>,
-    /// The last run started by hand (`POST /v1/schedules/{id}/trigger`).
-    last_manual: Option<Uuid>,
-    /// Since the cron expression or time zone was last changed: the new one's first tick after
-    /// the change. Earlier ticks are the old expression's time, not caught up under the new one.
-    ticks_from: Option<DateTime<Utc>>,
-    last_seq: u64,
-}
-
-/// About how many bytes a state with `spec` takes (for [`Folded`]'s bound).
+/// About how many bytes a held state with `spec` takes (for [`Folded`]'s bound).
 fn size_of(spec: &ScheduleSpec) -> usize {
     serde_json::to_vec(spec).map_or(0, |j| j.len()) + std::mem::size_of::<ScheduleState>()
 }
 
 /// Folds `events` (those after `state`'s `last_seq`; all of them when `state` is `None`) onto
-/// `state`. `None`: no such schedule (never created, or deleted).
+/// `state`, as ingest folds them.
 fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState> {
-    let (mut state, events) = match state {
-        Some(state) => (state, events),
-        None => {
-            let Event::ScheduleCreated(created) = &events.first()?.envelope.event else { return None };
-            let state = ScheduleState {
-                spec: Arc::new(created.spec.clone()),
-                size: size_of(&created.spec),
-                paused: false,
-                last_tick: None,
-                last_tick_ran: false,
-                last_run: None,
-                last_manual: None,
-                ticks_from: None,
-                last_seq: 0,
-            };
-            (state, events)
-        }
-    };
-    for e in events {
-        state.last_seq = e.seq;
-        match &e.envelope.event {
-            // A deleted schedule is no schedule: its timers are dropped.
-            Event::ScheduleDeleted(_) => return None,
-            Event::SchedulePaused(_) => state.paused = true,
-            Event::ScheduleResumed(_) => state.paused = false,
-            Event::ScheduleTicked(t) => {
-                state.last_tick = Some(t.tick);
-                state.last_tick_ran = t.run_id.is_some();
-                if t.run_id.is_some() {
-                    state.last_run = t.run_id;
-                    // Its overlap policy looked at the run by hand: ended, or now asked to
-                    // cancel (or alongside, as allowed); the tick's run is the previous one now.
-                    state.last_manual = None;
-                }
-            }
-            Event::ScheduleTriggered(t) => state.last_manual = Some(t.run_id),
-            Event::ScheduleUpdated(u) => {
-                // Another expression or time zone ticks from its first tick after the change
-                // (paused, with none: from the change); other changes keep the ticks as they
-                // were, due ones included.
-                if (&u.spec.cron, &u.spec.timezone) != (&state.spec.cron, &state.spec.timezone) {
-                    state.ticks_from = u.next_tick.or(Some(e.envelope.occurred_at));
-                }
-                state.spec = Arc::new(u.spec.clone());
-                state.size = size_of(&u.spec);
-            }
-            _ => {}
-        }
-    }
-    Some(state)
-}
-
-/// Where a timer for `tick` looks for due ticks from: this timer's tick, or after the last tick
-/// handled if that was this one or later (a duplicate); never before the changed expression's
-/// first tick.
-fn first_due(state: &ScheduleState, tick: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let from = match state.last_tick {
-        Some(last) if last >= tick => state.spec.next_after(last),
-        _ => Some(tick),
-    };
-    match (from, state.ticks_from) {
-        (Some(f), Some(first)) => Some(f.max(first)),
-        (from, _) => from,
-    }
+    ScheduleState::fold(state, events.iter().map(|e| (e.seq, &e.envelope)))
 }
 
 /// The tick to arm when none is due at `now` from `from`: `from` if it is still to come, else
@@ -149,35 +65,49 @@ pub(crate) struct Folded(std::sync::Mutex<Held>);
 /// What [`Folded`] holds, and the sum of its states' sizes.
 #[derive(Default)]
 pub(crate) struct Held {
-    states: std::collections::HashMap<(String, Uuid), ScheduleState>,
+    /// Each state with about how many bytes it takes ([`size_of`] its spec).
+    states: std::collections::HashMap<(String, Uuid), (ScheduleState, usize)>,
     bytes: usize,
 }
 
 impl Held {
-    fn remove(&mut self, key: &(String, Uuid)) {
-        if let Some(old) = self.states.remove(key) {
-            self.bytes -= old.size;
-        }
+    fn remove(&mut self, key: &(String, Uuid)) -> Option<(ScheduleState, usize)> {
+        let old = self.states.remove(key)?;
+        self.bytes -= old.1;
+        Some(old)
     }
 }
 
 impl Folded {
     fn get(&self, tenant: &str, id: Uuid) -> Option<ScheduleState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).states.get(&(tenant.to_string(), id)).cloned()
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.states.get(&(tenant.to_string(), id)).map(|(state, _)| state.clone())
     }
 
     fn put(&self, tenant: &str, id: Uuid, state: Option<&ScheduleState>) {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let key = (tenant.to_string(), id);
-        held.remove(&key);
+        let old = held.remove(&key);
+        let Some(state) = state else { return };
+        // Sized again only when its spec changed.
+        let size = match old {
+            Some((old, size)) if Arc::ptr_eq(&old.spec, &state.spec) => size,
+            _ => size_of(&state.spec),
+        };
+        Self::hold(&mut held, key, state, size);
+    }
+
+    fn hold(held: &mut Held, key: (String, Uuid), state: &ScheduleState, size: usize) {
         // One bigger than the whole bound is never held.
-        let Some(state) = state.filter(|s| s.size <= FOLDED_BYTES) else { return };
-        while held.states.len() >= FOLDED_SCHEDULES || held.bytes + state.size > FOLDED_BYTES {
+        if size > FOLDED_BYTES {
+            return;
+        }
+        while held.states.len() >= FOLDED_SCHEDULES || held.bytes + size > FOLDED_BYTES {
             let Some(other) = held.states.keys().next().cloned() else { break };
             held.remove(&other);
         }
-        held.bytes += state.size;
-        held.states.insert(key, state.clone());
+        held.bytes += size;
+        held.states.insert(key, (state.clone(), size));
     }
 }
 
@@ -220,7 +150,7 @@ impl Scheduler {
             }
             // A timer may fire a few milliseconds early: its own tick is due all the same.
             let now = Utc::now().max(tick);
-            let from = first_due(&state, tick);
+            let from = state.first_due(tick);
             let (fire, last_due) = from.map(|f| state.spec.due(f, now)).unwrap_or_default();
             let Some(last_due) = last_due else {
                 // Nothing new is due: this timer was a duplicate. Make sure the last tick's run
@@ -234,18 +164,14 @@ impl Scheduler {
                 }
                 return Ok(());
             };
-            let mut decided = Vec::new();
-            let mut cancels = Vec::new();
-            let mut starts = Vec::new();
+            // Each tick handled: its record, the runs its overlap policy cancels, and whether
+            // it starts its own.
+            let mut decided: Vec<(ScheduleTicked, Vec<Uuid>)> = Vec::new();
             // The runs a tick's overlap policy looks at: the last tick's, and the last run by hand.
             let mut previous: Vec<Uuid> = state.last_run.into_iter().chain(state.last_manual).collect();
             if fire.is_empty() {
-                decided.push(ScheduleTicked {
-                    schedule_id,
-                    tick: last_due,
-                    run_id: None,
-                    skipped: Some("missed while no scheduler was running (catch_up: none)".into()),
-                });
+                let skipped = Some("missed while no scheduler was running (catch_up: none)".into());
+                decided.push((ScheduleTicked { schedule_id, tick: last_due, run_id: None, skipped }, Vec::new()));
             }
             for t in fire {
                 let mut active = Vec::new();
@@ -255,26 +181,24 @@ impl Scheduler {
                     }
                 }
                 if !active.is_empty() && state.spec.overlap == Overlap::Skip {
-                    decided.push(ScheduleTicked {
-                        schedule_id,
-                        tick: t,
-                        run_id: None,
-                        skipped: Some("the previous run is still running".into()),
-                    });
+                    let skipped = Some("the previous run is still running".into());
+                    decided.push((ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new()));
                     continue;
                 }
-                if state.spec.overlap == Overlap::CancelPrevious {
-                    cancels.extend(active);
-                }
+                let cancels = if state.spec.overlap == Overlap::CancelPrevious { active } else { Vec::new() };
                 let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, t));
-                decided.push(ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None });
-                starts.push(t);
+                decided.push((ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None }, cancels));
                 previous = vec![run_id];
             }
+            // Each tick is recorded, then its run started, before the next is recorded: killed
+            // between the two, only the last tick recorded lacks its run, which a duplicate
+            // timer starts (it finds that tick the last handled).
             let meta = EventMeta::new(tenant);
             let mut seq = state.last_seq;
+            let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
             let mut lost_race = false;
-            for ticked in decided {
+            for (ticked, cancels) in decided {
+                let (t, starts) = (ticked.tick, ticked.run_id.is_some());
                 let envelope = meta.envelope(subject.clone(), Event::ScheduleTicked(ticked));
                 match self.bus.append(seq, &envelope).await {
                     Ok(s) => seq = s,
@@ -284,17 +208,16 @@ impl Scheduler {
                     }
                     Err(e) => return Err(e.into()),
                 }
+                for run_id in cancels {
+                    let reason = "a newer run of its schedule started (overlap: cancel_previous)".to_string();
+                    ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
+                }
+                if starts {
+                    self.start_run(tenant, schedule_id, &state.spec, t).await?;
+                }
             }
             if lost_race {
                 continue; // another replica moved the schedule on: decide again on the fresh log
-            }
-            let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
-            for run_id in cancels {
-                let reason = "a newer run of its schedule started (overlap: cancel_previous)".to_string();
-                ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
-            }
-            for t in starts {
-                self.start_run(tenant, schedule_id, &state.spec, t).await?;
             }
             if let Some(next) = state.spec.next_after(last_due.max(now)) {
                 self.arm(tenant, schedule_id, next).await?;
@@ -430,7 +353,6 @@ mod tests {
         assert_eq!(state.ticks_from, Some(at(60)), "the new spec ticks from its first tick after the change");
         assert_eq!((state.last_run, state.last_manual), (Some(ticked), Some(manual)), "a tick's run and one by hand");
         assert!(state.last_tick_ran);
-        assert_eq!(state.size, size_of(&state.spec), "sized by the new spec");
         // A skipped tick: the last tick started no run (a duplicate timer must not start one).
         let skipped = ScheduleTicked { schedule_id: id, tick: at(2), run_id: None, skipped: Some("running".into()) };
         let state = fold(Some(state), &[stored(5, Event::ScheduleTicked(skipped))]).unwrap();
@@ -454,24 +376,24 @@ mod tests {
         let min = |m: i64| noon + chrono::Duration::minutes(m);
         let created = ScheduleCreated { schedule_id: id, spec: spec("* * * * *"), first_tick: Some(noon) };
         let state = fold(None, &[stored(1, Event::ScheduleCreated(created))]).unwrap();
-        assert_eq!(first_due(&state, noon), Some(noon), "its own tick");
+        assert_eq!(state.first_due(noon), Some(noon), "its own tick");
         let ticked = ScheduleTicked { schedule_id: id, tick: noon, run_id: Some(Uuid::now_v7()), skipped: None };
         let state = fold(Some(state), &[stored(2, Event::ScheduleTicked(ticked))]).unwrap();
-        assert_eq!(first_due(&state, noon), Some(min(1)), "a duplicate: after the last tick handled");
-        assert_eq!(first_due(&state, min(3)), Some(min(3)), "a later timer: its own, the missed ones by catch-up");
+        assert_eq!(state.first_due(noon), Some(min(1)), "a duplicate: after the last tick handled");
+        assert_eq!(state.first_due(min(3)), Some(min(3)), "a later timer: its own, the missed ones by catch-up");
         // Other inputs: the ticks go on as they were, a due one included.
         let inputs = serde_json::json!({"cron": "* * * * *", "workflow": "w", "inputs": {"a": 1}});
         let mut changed =
             ScheduleUpdated { schedule_id: id, spec: serde_json::from_value(inputs).unwrap(), next_tick: Some(min(1)) };
         let state = fold(Some(state), &[stored(3, Event::ScheduleUpdated(changed.clone()))]).unwrap();
-        assert_eq!((state.ticks_from, first_due(&state, min(1))), (None, Some(min(1))));
+        assert_eq!((state.ticks_from, state.first_due(min(1))), (Some(noon), Some(min(1))));
         // Another expression: from its first tick after the change; an old timer before it arms
         // that tick rather than its own, long passed.
         changed.spec = spec("0 * * * *");
         changed.next_tick = Some(min(60));
         let state = fold(Some(state), &[stored(4, Event::ScheduleUpdated(changed))]).unwrap();
-        assert_eq!(first_due(&state, min(2)), Some(min(60)));
-        assert_eq!(next_to_arm(&state.spec, first_due(&state, min(2)), min(2)), Some(min(60)));
+        assert_eq!(state.first_due(min(2)), Some(min(60)));
+        assert_eq!(next_to_arm(&state.spec, state.first_due(min(2)), min(2)), Some(min(60)));
         assert_eq!(next_to_arm(&state.spec, Some(min(2)), min(5)), Some(min(60)), "passed: the spec's next");
         assert_eq!(next_to_arm(&state.spec, None, min(5)), None, "an expression that never fires again");
     }
@@ -480,9 +402,8 @@ mod tests {
     fn the_folded_states_stay_within_their_count_and_their_bytes() {
         let spec: Arc<ScheduleSpec> =
             Arc::new(serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap());
-        let state = |size| ScheduleState {
+        let state = ScheduleState {
             spec: spec.clone(),
-            size,
             paused: false,
             last_tick: None,
             last_tick_ran: false,
@@ -492,31 +413,45 @@ mod tests {
             last_seq: 1,
         };
         let folded = Folded::default();
+        let hold = |id: Uuid, size: usize| {
+            let mut held = folded.0.lock().unwrap();
+            held.remove(&("t".to_string(), id));
+            Folded::hold(&mut held, ("t".to_string(), id), &state, size);
+        };
         let bytes = || folded.0.lock().unwrap().bytes;
         let count = || folded.0.lock().unwrap().states.len();
         // By bytes: three of a third of the bound fit; a fourth takes one's place.
         let third = FOLDED_BYTES / 3;
         let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
         for id in &ids {
-            folded.put("t", *id, Some(&state(third)));
+            hold(*id, third);
             assert!(bytes() <= FOLDED_BYTES);
         }
         assert_eq!((count(), bytes()), (3, 3 * third));
         assert!(folded.get("t", ids[3]).is_some(), "the newest is held");
         // Put again, a state is counted once; taken out, it is no longer counted.
-        folded.put("t", ids[3], Some(&state(10)));
+        hold(ids[3], 10);
         assert_eq!((count(), bytes()), (3, 2 * third + 10));
         folded.put("t", ids[3], None);
         assert_eq!((count(), bytes()), (2, 2 * third));
         // One bigger than the whole bound is not held, and leaves the others be.
-        folded.put("t", ids[3], Some(&state(FOLDED_BYTES + 1)));
+        hold(ids[3], FOLDED_BYTES + 1);
         assert_eq!((count(), bytes()), (2, 2 * third));
+        // Put back after a tick, a state keeps its size while its spec is the one it had; a
+        // changed spec is sized again.
+        let size_held = |id: Uuid| folded.0.lock().unwrap().states[&("t".to_string(), id)].1;
+        hold(ids[0], 7);
+        folded.put("t", ids[0], Some(&state));
+        assert_eq!(size_held(ids[0]), 7);
+        let changed = ScheduleState { spec: Arc::new((*spec).clone()), ..state.clone() };
+        folded.put("t", ids[0], Some(&changed));
+        assert_eq!(size_held(ids[0]), size_of(&spec));
         // By count.
         for _ in 0..FOLDED_SCHEDULES + 5 {
-            folded.put("t", Uuid::now_v7(), Some(&state(1)));
+            hold(Uuid::now_v7(), 1);
         }
         assert_eq!(count(), FOLDED_SCHEDULES);
         let held = folded.0.lock().unwrap();
-        assert_eq!(held.bytes, held.states.values().map(|s| s.size).sum::<usize>());
+        assert_eq!(held.bytes, held.states.values().map(|(_, size)| size).sum::<usize>());
     }
 }
