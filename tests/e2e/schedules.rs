@@ -658,3 +658,60 @@ async fn a_resumed_schedule_ticks_from_its_next_tick_and_a_backfill_runs_the_one
     scheduler.stop().await.unwrap();
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_a_backfill_leaves_it_be() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor], |_| {}).await;
+    let res = create(&tm, every_second()).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let schedule_id: uuid::Uuid = id.parse().unwrap();
+    let subject = tm.bus.namespace().schedule("default", schedule_id);
+    let first = match &tm.events_on(&subject).await[0] {
+        Event::ScheduleCreated(c) => c.first_tick.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    // A scheduler recorded the first tick and was killed before submitting its run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let run_id =
+        taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(schedule_id, first));
+    let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick: first, run_id: Some(run_id), skipped: None };
+    let envelope = taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
+    tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &envelope).await.unwrap();
+    // Paused, a backfill may run any tick, but leaves this one's run to its timer: named, not
+    // submitted as by hand.
+    pause(&tm, &id).await;
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/schedules/{id}/backfill", tm.api)))
+        .json(&json!({"from": first, "to": first}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let backfilled: Value = res.json().await.unwrap();
+    assert_eq!(backfilled["runs"], json!([{"tick": first, "run_id": run_id, "duplicate": true}]), "{backfilled}");
+    assert_eq!(tm.get_run(run_id).await.0, 404, "not submitted by the backfill");
+    // Resumed, later ticks are due by the time a scheduler comes: the recorded tick gets its
+    // run too.
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/resume", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
+    let view = tm.wait_run(run_id, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    assert_eq!(view["trigger"]["tick"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), first);
+    assert!(view["trigger"].get("manual").is_none(), "the timer's run: {view}");
+    eventually("later ticks", Duration::from_secs(30), || async {
+        Ok((ticks(&tm, &id).await.0.len() >= 3).then_some(()))
+    })
+    .await
+    .unwrap();
+    pause(&tm, &id).await;
+    let (ticks, runs) = ticks(&tm, &id).await;
+    assert_eq!(ticks[0], first);
+    assert_consecutive(&ticks[1..]);
+    tm.wait_projected().await;
+    assert_runs(&tm, &runs, &ticks).await;
+    scheduler.stop().await.unwrap();
+    tm.finish().await;
+}

@@ -12,7 +12,9 @@
 //! start at once), taken by the run aggregate the scheduler also uses (`taskmesh-run`).
 //!
 //! # Layout
-//! Everything is in this file: [`Ingest`] (the command handlers) and [`Ingest::run`].
+//! - this file: [`Ingest`] (the command handlers) and [`Ingest::run`];
+//! - [`schedules`]: schedules' states folded from their logs, kept between uses (by ingest's
+//!   schedule commands and the scheduler's ticks).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -33,6 +35,8 @@ use taskmesh_events::{
 use taskmesh_run::RunState;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+pub mod schedules;
 
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -108,11 +112,9 @@ fn check_tenant(tenant: &str) -> Reply<()> {
     if is_token(tenant) { Ok(()) } else { Err(invalid("tenant", "not a valid tenant id")) }
 }
 
-/// What a schedule's events leave it (folded as the scheduler folds them); `NotFound` for one
-/// never created, or deleted.
-fn schedule_now(events: &[taskmesh_bus::Stored]) -> Reply<ScheduleState> {
-    ScheduleState::fold(None, events.iter().map(|e| (e.seq, &e.envelope)))
-        .ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))
+/// A schedule never created, or deleted.
+fn no_such_schedule() -> Problem {
+    Problem::new(ErrorCode::NotFound, "no such schedule")
 }
 
 /// The command handlers.
@@ -123,13 +125,15 @@ pub struct Ingest {
     egress: taskmesh_egress::Egress,
     /// E-mail endpoints may be created, to the addresses these settings permit.
     email: Option<taskmesh_config::NotificationSettings>,
+    /// Schedules' states as last folded, shared by the replicas' handlers in this process.
+    schedules: std::sync::Arc<schedules::Folded>,
 }
 
 impl Ingest {
     /// Ingest with no per-tenant run limit (see [`Ingest::with_limits`]) and the default
     /// egress rules (see [`Ingest::with_egress`]).
     pub fn new(bus: Bus) -> Self {
-        Self { bus, limits: Default::default(), egress: Default::default(), email: None }
+        Self { bus, limits: Default::default(), egress: Default::default(), email: None, schedules: Default::default() }
     }
 
     /// The outbound address rules: a webhook endpoint whose URL names an address they deny is
@@ -474,8 +478,8 @@ impl Ingest {
                 return Err(invalid(field, "cannot be removed (null): give a value, or leave it out to keep it"));
             }
         }
-        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
-            let ScheduleState { spec, paused, .. } = schedule_now(&events)?;
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, _| async move {
+            let ScheduleState { spec, paused, .. } = state.ok_or_else(no_such_schedule)?;
             let mut patched =
                 serde_json::to_value(&*spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
             json_patch::merge(&mut patched, &cmd.patch);
@@ -515,19 +519,17 @@ impl Ingest {
         {
             return Err(invalid("Idempotency-Key", format!("must be 1 to {most} printable characters")));
         }
-        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        let spec = schedule_now(&self.bus.read_subject(&subject, 0).await?)?.spec;
+        let spec = self.schedule(&cmd.tenant, cmd.schedule_id).await?.spec;
         let key = cmd.idempotency_key.map(|k| prefix + &k);
         let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, chrono::Utc::now(), true, key);
         let run = SubmitRun { traceparent: cmd.traceparent, ..run };
         let accepted = self.submit_run(run).await?;
         let run_id = accepted.run_id;
         let recorded = self
-            .change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
-                schedule_now(&events)?;
-                let known = events
-                    .iter()
-                    .any(|e| matches!(&e.envelope.event, Event::ScheduleTriggered(t) if t.run_id == run_id));
+            .change_schedule(&cmd.tenant, cmd.schedule_id, |state, _| async move {
+                // Found again by its key, it is recorded again only if a tick's run came since
+                // (a tick's overlap policy looks at it only while it runs: harmless).
+                let known = state.ok_or_else(no_such_schedule)?.last_manual == Some(run_id);
                 Ok((!known)
                     .then_some(Event::ScheduleTriggered(ScheduleTriggered { schedule_id: cmd.schedule_id, run_id })))
             })
@@ -550,8 +552,7 @@ impl Ingest {
     pub async fn backfill_schedule(&self, cmd: BackfillSchedule) -> Reply<Backfilled> {
         check_tenant(&cmd.tenant)?;
         cmd.check_range(chrono::Utc::now())?;
-        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        let schedule = schedule_now(&self.bus.read_subject(&subject, 0).await?)?;
+        let schedule = self.schedule(&cmd.tenant, cmd.schedule_id).await?;
         let spec = &schedule.spec;
         // The ticks its timers may still fire (catch up, or record skipped) are theirs: run here
         // too, a timer's overlap policy would take the backfill's run for its previous one.
@@ -570,8 +571,16 @@ impl Ingest {
         let runs = futures::stream::iter(ticks)
             .map(|tick| {
                 let key = tick_key(cmd.schedule_id, tick);
+                // The last tick recorded with a run is its timer's to submit (it may not have
+                // yet: paused, or killed, meanwhile), not a backfill's, which would mark it as
+                // by hand.
+                let timers = (schedule.last_tick == Some(tick) && schedule.last_tick_ran)
+                    .then(|| idempotent_run_id(&cmd.tenant, &key));
                 let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, spec, tick, true, Some(key));
                 async move {
+                    if let Some(run_id) = timers {
+                        return Ok(BackfilledRun { tick, run_id, duplicate: true });
+                    }
                     let accepted = self.submit_run(run).await?;
                     Ok::<_, Problem>(BackfilledRun { tick, run_id: accepted.run_id, duplicate: accepted.duplicate })
                 }
@@ -584,8 +593,8 @@ impl Ingest {
 
     /// Pauses or resumes a schedule (idempotent).
     pub async fn toggle_schedule(&self, cmd: ToggleSchedule) -> Reply<Created> {
-        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
-            let ScheduleState { spec, paused, .. } = schedule_now(&events)?;
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, _| async move {
+            let ScheduleState { spec, paused, .. } = state.ok_or_else(no_such_schedule)?;
             Ok((paused != cmd.pause).then(|| {
                 if cmd.pause {
                     Event::SchedulePaused(ScheduleToggled { schedule_id: cmd.schedule_id, next_tick: None })
@@ -600,24 +609,31 @@ impl Ingest {
 
     /// Deletes a schedule: no tick fires after it. Deleting a deleted schedule changes nothing.
     pub async fn delete_schedule(&self, cmd: DeleteSchedule) -> Reply<Created> {
-        self.change_schedule(&cmd.tenant, cmd.schedule_id, |events| async move {
-            match events.last().map(|e| &e.envelope.event) {
-                None => Err(Problem::new(ErrorCode::NotFound, "no such schedule")),
-                Some(Event::ScheduleDeleted(_)) => Ok(None),
-                Some(_) => Ok(Some(Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id }))),
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, last| async move {
+            match (state, last) {
+                (Some(_), _) => Ok(Some(Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id }))),
+                (None, 0) => Err(no_such_schedule()),
+                // Its events fold to none: it was deleted.
+                (None, _) => Ok(None),
             }
         })
         .await
     }
 
-    /// Appends to a schedule's subject the event `decide` makes of its events (none: nothing
-    /// to do), expecting the last of them: a tick a scheduler appended meanwhile makes it look
-    /// again.
+    /// A schedule as its events leave it; `NotFound` for one never created, or deleted.
+    async fn schedule(&self, tenant: &str, schedule_id: Uuid) -> Reply<ScheduleState> {
+        check_tenant(tenant)?;
+        self.schedules.load(&self.bus, tenant, schedule_id).await?.state.ok_or_else(no_such_schedule)
+    }
+
+    /// Appends to a schedule's subject the event `decide` makes of its state (none: no such
+    /// schedule) and its subject's last sequence (none: nothing to do), expecting that
+    /// sequence: a tick a scheduler appended meanwhile makes it look again.
     async fn change_schedule<D>(
         &self,
         tenant: &str,
         schedule_id: Uuid,
-        decide: impl Fn(Vec<taskmesh_bus::Stored>) -> D,
+        decide: impl Fn(Option<ScheduleState>, u64) -> D,
     ) -> Reply<Created>
     where
         D: std::future::Future<Output = Reply<Option<Event>>> + Send,
@@ -625,9 +641,9 @@ impl Ingest {
         check_tenant(tenant)?;
         let subject = self.bus.namespace().schedule(tenant, schedule_id);
         for _ in 0..16 {
-            let events = self.bus.read_subject(&subject, 0).await?;
-            let last = events.last().map(|e| e.seq).unwrap_or(0);
-            let Some(event) = decide(events).await? else {
+            let schedules::Loaded { state, last_seq: last } =
+                self.schedules.load(&self.bus, tenant, schedule_id).await?;
+            let Some(event) = decide(state, last).await? else {
                 return Ok(Created { id: schedule_id.to_string(), seq: last });
             };
             let envelope = EventMeta::new(tenant).envelope(subject.clone(), event);

@@ -57,8 +57,8 @@ pub struct Scheduler {
     settings: SchedulerSettings,
     limits: LimitsSettings,
     cache: Arc<Cache>,
-    /// Schedules' states as last folded (see [`schedules::Folded`]).
-    schedules: Arc<schedules::Folded>,
+    /// Schedules' states as last folded (see [`taskmesh_ingest::schedules::Folded`]).
+    schedules: Arc<taskmesh_ingest::schedules::Folded>,
 }
 
 /// The runs this replica has in memory, each behind its own lock: work on one run (its events,

@@ -6,27 +6,14 @@
 //! after a crash finds it started. Ticks missed while no scheduler ran are fired or skipped by
 //! the catch-up policy.
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{BusError, Stored};
 use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
-use taskmesh_events::schedule::{Overlap, ScheduleSpec, ScheduleState, tick_key};
+use taskmesh_events::schedule::{Overlap, ScheduleSpec, tick_key};
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleTicked};
 use uuid::Uuid;
 
 use crate::{MAX_CONFLICTS, Scheduler};
-
-/// About how many bytes a held state with `spec` takes (for [`Folded`]'s bound).
-fn size_of(spec: &ScheduleSpec) -> usize {
-    serde_json::to_vec(spec).map_or(0, |j| j.len()) + std::mem::size_of::<ScheduleState>()
-}
-
-/// Folds `events` (those after `state`'s `last_seq`; all of them when `state` is `None`) onto
-/// `state`, as ingest folds them.
-fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState> {
-    ScheduleState::fold(state, events.iter().map(|e| (e.seq, &e.envelope)))
-}
 
 /// The tick to arm when none is due at `now` from `from`: `from` if it is still to come, else
 /// (a timer of an expression since changed, say) the spec's next.
@@ -44,70 +31,6 @@ fn refused(p: &Problem) -> bool {
         ErrorCode::InvalidInput | ErrorCode::InvalidWorkflow | ErrorCode::NotFound | ErrorCode::QuotaExceeded => true,
         ErrorCode::BadRequest => !p.detail.starts_with("malformed command"),
         _ => false,
-    }
-}
-
-/// Most schedules whose folded state a scheduler keeps between ticks.
-const FOLDED_SCHEDULES: usize = 10_000;
-/// Most bytes of folded states (their specs' JSON, roughly: an inline workflow can be large) a
-/// scheduler keeps between ticks.
-const FOLDED_BYTES: usize = 64 << 20;
-
-/// Schedules' states as this scheduler last folded them, so that a tick reads only the events
-/// after them (a schedule ticking every minute has half a million events after a year; reading
-/// them all at each tick would make every tick slower than the last). Bounded by count
-/// ([`FOLDED_SCHEDULES`]) and by size ([`FOLDED_BYTES`]): when full, a schedule not yet held
-/// takes the place of arbitrary ones, and a schedule not held is read whole (so beyond the
-/// bounds, some ticks read whole logs).
-#[derive(Default)]
-pub(crate) struct Folded(std::sync::Mutex<Held>);
-
-/// What [`Folded`] holds, and the sum of its states' sizes.
-#[derive(Default)]
-pub(crate) struct Held {
-    /// Each state with about how many bytes it takes ([`size_of`] its spec).
-    states: std::collections::HashMap<(String, Uuid), (ScheduleState, usize)>,
-    bytes: usize,
-}
-
-impl Held {
-    fn remove(&mut self, key: &(String, Uuid)) -> Option<(ScheduleState, usize)> {
-        let old = self.states.remove(key)?;
-        self.bytes -= old.1;
-        Some(old)
-    }
-}
-
-impl Folded {
-    fn get(&self, tenant: &str, id: Uuid) -> Option<ScheduleState> {
-        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        held.states.get(&(tenant.to_string(), id)).map(|(state, _)| state.clone())
-    }
-
-    fn put(&self, tenant: &str, id: Uuid, state: Option<&ScheduleState>) {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (tenant.to_string(), id);
-        let old = held.remove(&key);
-        let Some(state) = state else { return };
-        // Sized again only when its spec changed.
-        let size = match old {
-            Some((old, size)) if Arc::ptr_eq(&old.spec, &state.spec) => size,
-            _ => size_of(&state.spec),
-        };
-        Self::hold(&mut held, key, state, size);
-    }
-
-    fn hold(held: &mut Held, key: (String, Uuid), state: &ScheduleState, size: usize) {
-        // One bigger than the whole bound is never held.
-        if size > FOLDED_BYTES {
-            return;
-        }
-        while held.states.len() >= FOLDED_SCHEDULES || held.bytes + size > FOLDED_BYTES {
-            let Some(other) = held.states.keys().next().cloned() else { break };
-            held.remove(&other);
-        }
-        held.bytes += size;
-        held.states.insert(key, (state.clone(), size));
     }
 }
 
@@ -140,11 +63,18 @@ impl Scheduler {
         let subject = self.bus.namespace().schedule(tenant, schedule_id);
         for _ in 0..MAX_CONFLICTS {
             // What this scheduler folded before, and the events since (all of them, the first time).
-            let known = self.schedules.get(tenant, schedule_id);
-            let events = self.bus.read_subject(&subject, known.as_ref().map_or(0, |s| s.last_seq)).await?;
-            let state = fold(known, &events);
-            self.schedules.put(tenant, schedule_id, state.as_ref());
+            let state = self.schedules.load(&self.bus, tenant, schedule_id).await?.state;
             let state = state.ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))?;
+            // The last tick recorded may lack its run: killed between recording and submitting
+            // it, or its submission failed and this timer was handed back. Submitted before
+            // anything else (paused since, or later ticks due, it would be passed over for
+            // good); found started, it costs one read.
+            if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
+                let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, last));
+                if !self.run_exists(tenant, run_id).await? {
+                    self.start_run(tenant, schedule_id, &state.spec, last, true).await?;
+                }
+            }
             if state.paused {
                 return Ok(()); // resuming arms the next tick
             }
@@ -153,12 +83,7 @@ impl Scheduler {
             let from = state.first_due(tick);
             let (fire, last_due) = from.map(|f| state.spec.due(f, now)).unwrap_or_default();
             let Some(last_due) = last_due else {
-                // Nothing new is due: this timer was a duplicate. Make sure the last tick's run
-                // exists (a crash may have come between recording and starting it) and that the
-                // next tick is armed.
-                if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
-                    self.start_run(tenant, schedule_id, &state.spec, last).await?;
-                }
+                // Nothing new is due: this timer was a duplicate. Make sure the next tick is armed.
                 if let Some(next) = next_to_arm(&state.spec, from, now) {
                     self.arm(tenant, schedule_id, next).await?;
                 }
@@ -213,7 +138,7 @@ impl Scheduler {
                     ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
                 }
                 if starts {
-                    self.start_run(tenant, schedule_id, &state.spec, t).await?;
+                    self.start_run(tenant, schedule_id, &state.spec, t, false).await?;
                 }
             }
             if lost_race {
@@ -229,13 +154,16 @@ impl Scheduler {
 
     /// Starts (or finds started) the run of one tick. A refusal (a `4xx`: its stored workflow
     /// gone, or now wanting an input the schedule lacks, or over a quota) is logged and the tick
-    /// has no run, so the schedule goes on with its next; anything else is retried.
+    /// has no run, so the schedule goes on with its next; anything else is retried. `again`:
+    /// a tick recorded earlier whose run is not found, whose refusal (a refused run is never
+    /// found) was counted when it was first submitted.
     async fn start_run(
         &self,
         tenant: &str,
         schedule_id: Uuid,
         spec: &ScheduleSpec,
         tick: DateTime<Utc>,
+        again: bool,
     ) -> Result<(), Problem> {
         let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
         let run = SubmitRun::of_schedule(tenant, schedule_id, spec, tick, false, Some(tick_key(schedule_id, tick)));
@@ -243,12 +171,20 @@ impl Scheduler {
             // What ingest refuses of the run itself; not a command it could not read (from a
             // newer scheduler, say), which a later ingest may.
             Err(p) if refused(&p) => {
-                metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
-                tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
+                if !again {
+                    metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
+                    tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
+                }
                 Ok(())
             }
             done => done.map(|_| ()),
         }
+    }
+
+    /// Whether a run exists (was submitted).
+    async fn run_exists(&self, tenant: &str, run_id: Uuid) -> Result<bool, BusError> {
+        let subject = self.bus.namespace().run(&RunKey { tenant: tenant.to_string(), run_id });
+        Ok(self.bus.last_seq(&subject).await? > 0)
     }
 
     /// Whether a run has not ended yet.
@@ -260,9 +196,16 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
+    use taskmesh_events::schedule::ScheduleState;
     use taskmesh_events::{ScheduleCreated, ScheduleDeleted, ScheduleToggled, ScheduleTriggered, ScheduleUpdated};
 
     use super::*;
+
+    /// Folds `events` (those after `state`'s `last_seq`; all of them when `state` is `None`) onto
+    /// `state`, as ingest folds them.
+    fn fold(state: Option<ScheduleState>, events: &[Stored]) -> Option<ScheduleState> {
+        ScheduleState::fold(state, events.iter().map(|e| (e.seq, &e.envelope)))
+    }
 
     fn stored(seq: u64, event: Event) -> Stored {
         let envelope = EventMeta::new("acme").envelope("tm.evt.acme.schedule.x", event);
@@ -396,62 +339,5 @@ mod tests {
         assert_eq!(next_to_arm(&state.spec, state.first_due(min(2)), min(2)), Some(min(60)));
         assert_eq!(next_to_arm(&state.spec, Some(min(2)), min(5)), Some(min(60)), "passed: the spec's next");
         assert_eq!(next_to_arm(&state.spec, None, min(5)), None, "an expression that never fires again");
-    }
-
-    #[test]
-    fn the_folded_states_stay_within_their_count_and_their_bytes() {
-        let spec: Arc<ScheduleSpec> =
-            Arc::new(serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap());
-        let state = ScheduleState {
-            spec: spec.clone(),
-            paused: false,
-            last_tick: None,
-            last_tick_ran: false,
-            last_run: None,
-            last_manual: None,
-            ticks_from: None,
-            last_seq: 1,
-        };
-        let folded = Folded::default();
-        let hold = |id: Uuid, size: usize| {
-            let mut held = folded.0.lock().unwrap();
-            held.remove(&("t".to_string(), id));
-            Folded::hold(&mut held, ("t".to_string(), id), &state, size);
-        };
-        let bytes = || folded.0.lock().unwrap().bytes;
-        let count = || folded.0.lock().unwrap().states.len();
-        // By bytes: three of a third of the bound fit; a fourth takes one's place.
-        let third = FOLDED_BYTES / 3;
-        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
-        for id in &ids {
-            hold(*id, third);
-            assert!(bytes() <= FOLDED_BYTES);
-        }
-        assert_eq!((count(), bytes()), (3, 3 * third));
-        assert!(folded.get("t", ids[3]).is_some(), "the newest is held");
-        // Put again, a state is counted once; taken out, it is no longer counted.
-        hold(ids[3], 10);
-        assert_eq!((count(), bytes()), (3, 2 * third + 10));
-        folded.put("t", ids[3], None);
-        assert_eq!((count(), bytes()), (2, 2 * third));
-        // One bigger than the whole bound is not held, and leaves the others be.
-        hold(ids[3], FOLDED_BYTES + 1);
-        assert_eq!((count(), bytes()), (2, 2 * third));
-        // Put back after a tick, a state keeps its size while its spec is the one it had; a
-        // changed spec is sized again.
-        let size_held = |id: Uuid| folded.0.lock().unwrap().states[&("t".to_string(), id)].1;
-        hold(ids[0], 7);
-        folded.put("t", ids[0], Some(&state));
-        assert_eq!(size_held(ids[0]), 7);
-        let changed = ScheduleState { spec: Arc::new((*spec).clone()), ..state.clone() };
-        folded.put("t", ids[0], Some(&changed));
-        assert_eq!(size_held(ids[0]), size_of(&spec));
-        // By count.
-        for _ in 0..FOLDED_SCHEDULES + 5 {
-            hold(Uuid::now_v7(), 1);
-        }
-        assert_eq!(count(), FOLDED_SCHEDULES);
-        let held = folded.0.lock().unwrap();
-        assert_eq!(held.bytes, held.states.values().map(|(_, size)| size).sum::<usize>());
     }
 }
