@@ -594,6 +594,40 @@ async fn a_tick_refused_its_run_is_passed_over_and_the_schedule_goes_on() {
         "{refused} of {} ticks",
         all.len() - changed
     );
+    // Each refusal is on the log, once per tick, naming the tick's run: no later timer submits
+    // it again, and the read side no longer names it as the last run.
+    let subject = tm.bus.namespace().schedule("default", id.parse().unwrap());
+    let refusals = || async {
+        let mut refusals = Vec::new();
+        for e in tm.events_on(&subject).await {
+            if let Event::ScheduleRunRefused(r) = e {
+                refusals.push((r.tick, r.run_id));
+            }
+        }
+        refusals
+    };
+    let last = *all.last().unwrap();
+    eventually("the last tick's refusal", Duration::from_secs(30), || async {
+        Ok(refusals().await.iter().any(|(tick, _)| *tick == last).then_some(()))
+    })
+    .await
+    .unwrap();
+    let refusals = refusals().await;
+    assert!(refusals.len() >= 3, "{refusals:?}");
+    assert_eq!(
+        refusals.iter().map(|r| r.0).collect::<BTreeSet<_>>().len(),
+        refusals.len(),
+        "once a tick: {refusals:?}"
+    );
+    // Every tick named its run (overlap: allow): a refusal names that tick's.
+    assert_eq!(runs.len(), all.len());
+    for (tick, run) in &refusals {
+        let at = all.iter().position(|t| t == tick).unwrap_or_else(|| panic!("a tick handled: {tick}"));
+        assert_eq!(runs[at], *run, "{tick}");
+    }
+    tm.wait_projected().await;
+    let view = tm.get_json(format!("{}/v1/schedules/{id}", tm.api)).await;
+    assert_eq!(view["last_run_id"], Value::Null, "the last tick's run was refused: {view}");
     tm.finish().await;
 }
 
@@ -660,7 +694,7 @@ async fn a_resumed_schedule_ticks_from_its_next_tick_and_a_backfill_runs_the_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_a_backfill_leaves_it_be() {
+async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_a_backfill_submits_it_as_its_timer() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor], |_| {}).await;
     let res = create(&tm, every_second()).await;
     assert_eq!(res.status(), 201);
@@ -671,15 +705,24 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
         Event::ScheduleCreated(c) => c.first_tick.unwrap(),
         other => panic!("{other:?}"),
     };
-    // A scheduler recorded the first tick and was killed before submitting its run.
+    let second = first + chrono::Duration::seconds(1);
+    let run_of =
+        |tick| taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(schedule_id, tick));
+    // A scheduler records a tick and is killed before submitting its run.
+    let (bus, subject) = (&tm.bus, &subject);
+    let record = |tick| {
+        let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_of(tick)), skipped: None };
+        let envelope =
+            taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
+        async move { bus.append(bus.last_seq(subject).await.unwrap(), &envelope).await.unwrap() }
+    };
+    let exists = |run_id| async move {
+        let key = taskmesh_events::RunKey { tenant: "default".into(), run_id };
+        bus.last_seq(&bus.namespace().run(&key)).await.unwrap() > 0
+    };
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let run_id =
-        taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(schedule_id, first));
-    let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick: first, run_id: Some(run_id), skipped: None };
-    let envelope = taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
-    tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &envelope).await.unwrap();
-    // Paused, a backfill may run any tick, but leaves this one's run to its timer: named, not
-    // submitted as by hand.
+    record(first).await;
+    // Paused, a backfill over it submits its run as its timer does: not marked as by hand.
     pause(&tm, &id).await;
     let res = tm
         .auth(tm.http.post(format!("{}/v1/schedules/{id}/backfill", tm.api)))
@@ -689,27 +732,35 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
         .unwrap();
     assert_eq!(res.status(), 202);
     let backfilled: Value = res.json().await.unwrap();
-    assert_eq!(backfilled["runs"], json!([{"tick": first, "run_id": run_id, "duplicate": true}]), "{backfilled}");
-    assert_eq!(tm.get_run(run_id).await.0, 404, "not submitted by the backfill");
-    // Resumed, later ticks are due by the time a scheduler comes: the recorded tick gets its
-    // run too.
+    assert_eq!(
+        backfilled["runs"],
+        json!([{"tick": first, "run_id": run_of(first), "duplicate": false}]),
+        "{backfilled}"
+    );
+    assert!(exists(run_of(first)).await);
+    // The next tick recorded without its run; resumed, later ticks are due by the time a
+    // scheduler comes: that tick gets its run before them.
+    record(second).await;
+    assert!(!exists(run_of(second)).await);
     let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/resume", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
-    let view = tm.wait_run(run_id, Duration::from_secs(30)).await;
-    assert_eq!(view["status"], "succeeded", "{view}");
-    assert_eq!(view["trigger"]["tick"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), first);
-    assert!(view["trigger"].get("manual").is_none(), "the timer's run: {view}");
+    for tick in [first, second] {
+        let view = tm.wait_run(run_of(tick), Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "succeeded", "{view}");
+        assert_eq!(view["trigger"]["tick"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), tick);
+        assert!(view["trigger"].get("manual").is_none(), "the timer's run: {view}");
+    }
     eventually("later ticks", Duration::from_secs(30), || async {
-        Ok((ticks(&tm, &id).await.0.len() >= 3).then_some(()))
+        Ok((ticks(&tm, &id).await.0.len() >= 4).then_some(()))
     })
     .await
     .unwrap();
     pause(&tm, &id).await;
     let (ticks, runs) = ticks(&tm, &id).await;
-    assert_eq!(ticks[0], first);
-    assert_consecutive(&ticks[1..]);
+    assert_eq!(ticks[..2], [first, second]);
+    assert_consecutive(&ticks[2..]);
     tm.wait_projected().await;
     assert_runs(&tm, &runs, &ticks).await;
     scheduler.stop().await.unwrap();

@@ -46,6 +46,7 @@ pub enum Event {
     ScheduleDeleted(ScheduleDeleted),
     ScheduleUpdated(ScheduleUpdated),
     ScheduleTriggered(ScheduleTriggered),
+    ScheduleRunRefused(ScheduleRunRefused),
     SecretSet(SecretSet),
     SecretDeleted(SecretDeleted),
     ApiKeyUsed(ApiKeyUsed),
@@ -115,6 +116,7 @@ impl Event {
             Event::ScheduleDeleted(_) => "ScheduleDeleted",
             Event::ScheduleUpdated(_) => "ScheduleUpdated",
             Event::ScheduleTriggered(_) => "ScheduleTriggered",
+            Event::ScheduleRunRefused(_) => "ScheduleRunRefused",
             Event::SecretSet(_) => "SecretSet",
             Event::SecretDeleted(_) => "SecretDeleted",
             Event::ApiKeyUsed(_) => "ApiKeyUsed",
@@ -892,6 +894,19 @@ pub struct ScheduleUpdated {
 pub struct ScheduleTriggered {
     pub schedule_id: Uuid,
     pub run_id: Uuid,
+}
+
+/// Ingest refused the run of a tick the schedule handled (its `ScheduleTicked` named it): its
+/// stored workflow gone or now wanting an input the schedule lacks, or over a quota. The run
+/// never exists; the tick is passed over (not submitted again by a later timer) and the
+/// schedule's last run is what it was before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleRunRefused {
+    pub schedule_id: Uuid,
+    pub tick: DateTime<Utc>,
+    pub run_id: Uuid,
+    /// Why, as ingest said.
+    pub reason: String,
 }
 
 /// A schedule was deleted: no tick fires after it (a tick is appended expecting the schedule's

@@ -203,6 +203,9 @@ pub struct ScheduleState {
     pub last_run: Option<uuid::Uuid>,
     /// The last run started by hand since the last tick's run.
     pub last_manual: Option<uuid::Uuid>,
+    /// `last_run` and `last_manual` before the last tick's run: what they are again should
+    /// ingest refuse that run (`ScheduleRunRefused`).
+    pub before_last_run: (Option<uuid::Uuid>, Option<uuid::Uuid>),
     /// Where its ticks start: the expression's first tick after the schedule was created,
     /// resumed or given another expression or time zone (the moment it was, where none comes).
     /// The ticks before it are not its timers' to fire: a pause's, or the old expression's.
@@ -231,6 +234,7 @@ impl ScheduleState {
                     last_tick_ran: false,
                     last_run: None,
                     last_manual: None,
+                    before_last_run: (None, None),
                     ticks_from: created.first_tick.or(Some(first.occurred_at)),
                     last_seq: seq,
                 }
@@ -251,6 +255,7 @@ impl ScheduleState {
                     state.last_tick = Some(t.tick);
                     state.last_tick_ran = t.run_id.is_some();
                     if t.run_id.is_some() {
+                        state.before_last_run = (state.last_run, state.last_manual);
                         state.last_run = t.run_id;
                         // Its overlap policy looked at the run by hand: ended, or now asked to
                         // cancel (or alongside, as allowed); the tick's run is the previous one.
@@ -258,6 +263,14 @@ impl ScheduleState {
                     }
                 }
                 crate::Event::ScheduleTriggered(t) => state.last_manual = Some(t.run_id),
+                // The last tick's run never existed: the tick is passed over, and the runs a
+                // tick's overlap policy looks at are those before it again.
+                crate::Event::ScheduleRunRefused(r)
+                    if state.last_tick == Some(r.tick) && state.last_run == Some(r.run_id) =>
+                {
+                    state.last_tick_ran = false;
+                    (state.last_run, state.last_manual) = state.before_last_run;
+                }
                 crate::Event::ScheduleUpdated(u) => {
                     // Another expression or time zone ticks from its first tick after the
                     // change; other changes keep the ticks as they were, due ones included.
@@ -273,7 +286,7 @@ impl ScheduleState {
     }
 
     /// Unless paused, the first tick whose run is its timers' to start (or catch up, or record
-    /// skipped): the last one handled if it has a run (a duplicate timer starts it, should a
+    /// skipped): the last one handled if it has a run (the next timer starts it, should a
     /// crash have come between), else the one after; never before where ticks start. A backfill
     /// ends before it, so that no run of a timer's tick is a backfill's.
     pub fn timers_from(&self) -> Option<DateTime<Utc>> {
@@ -448,6 +461,50 @@ mod tests {
         let state = fold_at(vec![created.clone(), ticked(1, true), other]).unwrap();
         assert_eq!((state.timers_from(), state.first_due(min(2))), (Some(min(1)), Some(min(2))));
         assert_eq!(state.spec.inputs["a"], 1);
+    }
+
+    #[test]
+    fn a_refused_run_passes_its_tick_over_and_gives_back_the_runs_before_it() {
+        use crate::{Event, ScheduleCreated, ScheduleRunRefused, ScheduleTicked, ScheduleTriggered};
+        let id = uuid::Uuid::now_v7();
+        let noon = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let min = |m: i64| noon + chrono::Duration::minutes(m);
+        let every_minute = spec("* * * * *", "UTC", CatchUp::All);
+        let (before, by_hand, refused) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let ticked = |m, run| {
+            Event::ScheduleTicked(ScheduleTicked { schedule_id: id, tick: min(m), run_id: Some(run), skipped: None })
+        };
+        let refusal = |m, run_id| {
+            Event::ScheduleRunRefused(ScheduleRunRefused { schedule_id: id, tick: min(m), run_id, reason: "no".into() })
+        };
+        let events = |tail: Vec<Event>| {
+            let mut all = vec![
+                (
+                    min(0),
+                    Event::ScheduleCreated(ScheduleCreated {
+                        schedule_id: id,
+                        spec: every_minute.clone(),
+                        first_tick: Some(min(1)),
+                    }),
+                ),
+                (min(1), ticked(1, before)),
+                (min(1), Event::ScheduleTriggered(ScheduleTriggered { schedule_id: id, run_id: by_hand })),
+                (min(2), ticked(2, refused)),
+            ];
+            all.extend(tail.into_iter().map(|e| (min(2), e)));
+            fold_at(all).unwrap()
+        };
+        let state = events(vec![]);
+        assert!(state.last_tick_ran);
+        assert_eq!((state.last_run, state.last_manual, state.timers_from()), (Some(refused), None, Some(min(2))));
+        let state = events(vec![refusal(2, refused)]);
+        assert!(!state.last_tick_ran, "not submitted again by a later timer");
+        assert_eq!((state.last_run, state.last_manual), (Some(before), Some(by_hand)), "the runs before it");
+        assert_eq!(state.timers_from(), Some(min(2) + chrono::Duration::seconds(1)), "a backfill may run it");
+        // A refusal of another tick's run (a later tick handled since) changes nothing.
+        let state = events(vec![ticked(3, uuid::Uuid::now_v7()), refusal(2, refused)]);
+        assert!(state.last_tick_ran);
+        assert_eq!(state.last_tick, Some(min(3)));
     }
 
     #[test]

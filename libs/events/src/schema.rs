@@ -62,6 +62,11 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
             "A schedule's spec was changed in place; its ticks and runs are kept.",
         ),
         ("ScheduleTriggered", pretty::<ScheduleTriggered>(), "A run was started from a schedule by hand."),
+        (
+            "ScheduleRunRefused",
+            pretty::<ScheduleRunRefused>(),
+            "Ingest refused a schedule's tick its run; the tick is passed over.",
+        ),
         ("SecretSet", pretty::<SecretSet>(), "A secret was set (sealed; never its value)."),
         ("SecretDeleted", pretty::<SecretDeleted>(), "A secret was deleted."),
         ("ApiKeyUsed", pretty::<ApiKeyUsed>(), "An API key was used (at most once a minute per key and gateway)."),
@@ -230,7 +235,7 @@ fn asyncapi() -> Value {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "SecretSet", "SecretDeleted"])
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "ScheduleRunRefused", "SecretSet", "SecretDeleted"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",

@@ -524,12 +524,14 @@ impl Ingest {
         let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, chrono::Utc::now(), true, key);
         let run = SubmitRun { traceparent: cmd.traceparent, ..run };
         let accepted = self.submit_run(run).await?;
-        let run_id = accepted.run_id;
+        let (run_id, duplicate) = (accepted.run_id, accepted.duplicate);
         let recorded = self
             .change_schedule(&cmd.tenant, cmd.schedule_id, |state, _| async move {
-                // Found again by its key, it is recorded again only if a tick's run came since
-                // (a tick's overlap policy looks at it only while it runs: harmless).
-                let known = state.ok_or_else(no_such_schedule)?.last_manual == Some(run_id);
+                // Found again by its key, it is recorded only if no run by hand is on record
+                // (its first record failed; or a tick's run came since, and a tick's overlap
+                // policy looks at it only while it runs): never over a newer run by hand.
+                let last_manual = state.ok_or_else(no_such_schedule)?.last_manual;
+                let known = last_manual == Some(run_id) || (duplicate && last_manual.is_some());
                 Ok((!known)
                     .then_some(Event::ScheduleTriggered(ScheduleTriggered { schedule_id: cmd.schedule_id, run_id })))
             })
@@ -571,16 +573,11 @@ impl Ingest {
         let runs = futures::stream::iter(ticks)
             .map(|tick| {
                 let key = tick_key(cmd.schedule_id, tick);
-                // The last tick recorded with a run is its timer's to submit (it may not have
-                // yet: paused, or killed, meanwhile), not a backfill's, which would mark it as
-                // by hand.
-                let timers = (schedule.last_tick == Some(tick) && schedule.last_tick_ran)
-                    .then(|| idempotent_run_id(&cmd.tenant, &key));
-                let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, spec, tick, true, Some(key));
+                // The last tick recorded with a run may not have it yet (its timer paused, or
+                // killed, meanwhile): submitted as its timer submits it, not marked as by hand.
+                let timers = schedule.last_tick == Some(tick) && schedule.last_tick_ran;
+                let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, spec, tick, !timers, Some(key));
                 async move {
-                    if let Some(run_id) = timers {
-                        return Ok(BackfilledRun { tick, run_id, duplicate: true });
-                    }
                     let accepted = self.submit_run(run).await?;
                     Ok::<_, Problem>(BackfilledRun { tick, run_id: accepted.run_id, duplicate: accepted.duplicate })
                 }
@@ -609,12 +606,19 @@ impl Ingest {
 
     /// Deletes a schedule: no tick fires after it. Deleting a deleted schedule changes nothing.
     pub async fn delete_schedule(&self, cmd: DeleteSchedule) -> Reply<Created> {
+        let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
+        let subject = &subject;
         self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, last| async move {
+            let deleted = Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id });
             match (state, last) {
-                (Some(_), _) => Ok(Some(Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id }))),
+                (Some(_), _) => Ok(Some(deleted)),
                 (None, 0) => Err(no_such_schedule()),
-                // Its events fold to none: it was deleted.
-                (None, _) => Ok(None),
+                // Its events fold to none: deleted already, or (its first event aged out of
+                // the stream, say) deleted now.
+                (None, _) => match self.bus.last(subject).await?.map(|e| e.envelope.event) {
+                    Some(Event::ScheduleDeleted(_)) => Ok(None),
+                    _ => Ok(Some(deleted)),
+                },
             }
         })
         .await

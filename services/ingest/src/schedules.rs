@@ -56,9 +56,16 @@ impl Folded {
     /// The schedule's state now: the one held, with the events appended since folded onto it
     /// (all of them, when none is held); held again for the next use.
     pub async fn load(&self, bus: &Bus, tenant: &str, id: Uuid) -> Result<Loaded, BusError> {
-        let known = self.get(tenant, id);
-        let after = known.as_ref().map_or(0, |s| s.last_seq);
-        let events = bus.read_subject(&bus.namespace().schedule(tenant, id), after).await?;
+        let subject = bus.namespace().schedule(tenant, id);
+        let mut known = self.get(tenant, id);
+        let mut after = known.as_ref().map_or(0, |s| s.last_seq);
+        let mut events = bus.read_subject(&subject, after).await?;
+        // Nothing new: unless the log is behind what is held (the stream restored or made
+        // again while this process ran), when the held state is forgotten and the log read whole.
+        if events.is_empty() && after > 0 && bus.last_seq(&subject).await? < after {
+            (known, after) = (None, 0);
+            events = bus.read_subject(&subject, 0).await?;
+        }
         let last_seq = events.last().map_or(after, |e| e.seq);
         let state = ScheduleState::fold(known, events.iter().map(|e| (e.seq, &e.envelope)));
         self.put(tenant, id, state.as_ref());
@@ -111,6 +118,7 @@ mod tests {
             last_tick_ran: false,
             last_run: None,
             last_manual: None,
+            before_last_run: (None, None),
             ticks_from: None,
             last_seq: 1,
         };

@@ -162,6 +162,17 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 .execute(&mut **tx)
                 .await?;
         }
+        Event::ScheduleRunRefused(e) => {
+            // That run never existed.
+            sqlx::query(
+                "UPDATE schedules SET last_run_id = NULL WHERE tenant_id = $1 AND id = $2 AND last_run_id = $3",
+            )
+            .bind(tenant)
+            .bind(e.schedule_id)
+            .bind(e.run_id)
+            .execute(&mut **tx)
+            .await?;
+        }
         Event::ScheduleTriggered(e) => {
             sqlx::query("UPDATE schedules SET last_run_id = $3 WHERE tenant_id = $1 AND id = $2")
                 .bind(tenant)

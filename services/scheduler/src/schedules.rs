@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use taskmesh_bus::{BusError, Stored};
 use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
 use taskmesh_events::schedule::{Overlap, ScheduleSpec, tick_key};
-use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleTicked};
+use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleRunRefused, ScheduleTicked};
 use uuid::Uuid;
 
 use crate::{MAX_CONFLICTS, Scheduler};
@@ -71,8 +71,11 @@ impl Scheduler {
             // good); found started, it costs one read.
             if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
                 let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, last));
-                if !self.run_exists(tenant, run_id).await? {
-                    self.start_run(tenant, schedule_id, &state.spec, last, true).await?;
+                if !self.run_exists(tenant, run_id).await?
+                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last, true).await?
+                {
+                    self.record_refusal(tenant, schedule_id, last, run_id, reason, None).await?;
+                    continue; // decide on the log with the refusal
                 }
             }
             if state.paused {
@@ -123,7 +126,7 @@ impl Scheduler {
             let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
             let mut lost_race = false;
             for (ticked, cancels) in decided {
-                let (t, starts) = (ticked.tick, ticked.run_id.is_some());
+                let (t, ticked_run) = (ticked.tick, ticked.run_id);
                 let envelope = meta.envelope(subject.clone(), Event::ScheduleTicked(ticked));
                 match self.bus.append(seq, &envelope).await {
                     Ok(s) => seq = s,
@@ -137,8 +140,17 @@ impl Scheduler {
                     let reason = "a newer run of its schedule started (overlap: cancel_previous)".to_string();
                     ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
                 }
-                if starts {
-                    self.start_run(tenant, schedule_id, &state.spec, t, false).await?;
+                if let Some(run_id) = ticked_run
+                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, t, false).await?
+                {
+                    match self.record_refusal(tenant, schedule_id, t, run_id, reason, Some(seq)).await {
+                        Ok(s) => seq = s,
+                        Err(BusError::Conflict { .. }) => {
+                            lost_race = true;
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             if lost_race {
@@ -153,10 +165,10 @@ impl Scheduler {
     }
 
     /// Starts (or finds started) the run of one tick. A refusal (a `4xx`: its stored workflow
-    /// gone, or now wanting an input the schedule lacks, or over a quota) is logged and the tick
-    /// has no run, so the schedule goes on with its next; anything else is retried. `again`:
-    /// a tick recorded earlier whose run is not found, whose refusal (a refused run is never
-    /// found) was counted when it was first submitted.
+    /// gone, or now wanting an input the schedule lacks, or over a quota) is logged, counted
+    /// (unless `again`: a tick recorded earlier whose run is not found, submitted again) and
+    /// answered with why, for the caller to record: the tick has no run, and the schedule goes
+    /// on with its next. Anything else is an error, and the timer is retried.
     async fn start_run(
         &self,
         tenant: &str,
@@ -164,7 +176,7 @@ impl Scheduler {
         spec: &ScheduleSpec,
         tick: DateTime<Utc>,
         again: bool,
-    ) -> Result<(), Problem> {
+    ) -> Result<Option<String>, Problem> {
         let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
         let run = SubmitRun::of_schedule(tenant, schedule_id, spec, tick, false, Some(tick_key(schedule_id, tick)));
         match ingest.submit_run(&run).await {
@@ -175,10 +187,29 @@ impl Scheduler {
                     metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
                     tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
                 }
-                Ok(())
+                Ok(Some(p.detail))
             }
-            done => done.map(|_| ()),
+            done => done.map(|_| None),
         }
+    }
+
+    /// Records that a tick's run was refused (`ScheduleRunRefused`, once per tick), after
+    /// `expected` when given: the tick is passed over, not submitted again by a later timer.
+    async fn record_refusal(
+        &self,
+        tenant: &str,
+        schedule_id: Uuid,
+        tick: DateTime<Utc>,
+        run_id: Uuid,
+        reason: String,
+        expected: Option<u64>,
+    ) -> Result<u64, BusError> {
+        let reason: String = reason.chars().take(1_000).collect();
+        let refused = ScheduleRunRefused { schedule_id, tick, run_id, reason };
+        let subject = self.bus.namespace().schedule(tenant, schedule_id);
+        let envelope = EventMeta::new(tenant).envelope(subject, Event::ScheduleRunRefused(refused));
+        let msg_id = format!("refused:{schedule_id}:{}", tick.to_rfc3339());
+        Ok(self.bus.append_with_id(expected, &envelope, &msg_id).await?.seq)
     }
 
     /// Whether a run exists (was submitted).
