@@ -566,9 +566,15 @@ impl Bus {
 
     /// Every event on `subject` after sequence `after`, in order.
     pub async fn read_subject(&self, subject: &str, after: u64) -> Result<Vec<Stored>> {
+        Ok(self.read_subject_to_last(subject, after).await?.0)
+    }
+
+    /// [`Bus::read_subject`], with the subject's last sequence when it was read (0: no event;
+    /// below `after`: the stream no longer has what `after` was).
+    pub async fn read_subject_to_last(&self, subject: &str, after: u64) -> Result<(Vec<Stored>, u64)> {
         let last = self.last_seq(subject).await?;
         if last <= after {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), last));
         }
         let start = DeliverPolicy::ByStartSequence { start_sequence: after + 1 };
         let reader = self.reader(&self.ns.events_stream(), subject, start).await?;
@@ -610,7 +616,7 @@ impl Bus {
                 }
             }
         }
-        Ok(out)
+        Ok((out, last))
     }
 
     /// A durable pull consumer with explicit ack, created or updated to `config`.

@@ -269,7 +269,9 @@ impl ScheduleState {
                     if state.last_tick == Some(r.tick) && state.last_run == Some(r.run_id) =>
                 {
                     state.last_tick_ran = false;
-                    (state.last_run, state.last_manual) = state.before_last_run;
+                    // A run by hand recorded since the tick is newer than any before it.
+                    state.last_run = state.before_last_run.0;
+                    state.last_manual = state.last_manual.or(state.before_last_run.1);
                 }
                 crate::Event::ScheduleUpdated(u) => {
                     // Another expression or time zone ticks from its first tick after the
@@ -501,6 +503,11 @@ mod tests {
         assert!(!state.last_tick_ran, "not submitted again by a later timer");
         assert_eq!((state.last_run, state.last_manual), (Some(before), Some(by_hand)), "the runs before it");
         assert_eq!(state.timers_from(), Some(min(2) + chrono::Duration::seconds(1)), "a backfill may run it");
+        // A run by hand recorded between the tick and its refusal stays the last one by hand.
+        let newer = uuid::Uuid::now_v7();
+        let trigger = Event::ScheduleTriggered(ScheduleTriggered { schedule_id: id, run_id: newer });
+        let state = events(vec![trigger, refusal(2, refused)]);
+        assert_eq!((state.last_run, state.last_manual), (Some(before), Some(newer)));
         // A refusal of another tick's run (a later tick handled since) changes nothing.
         let state = events(vec![ticked(3, uuid::Uuid::now_v7()), refusal(2, refused)]);
         assert!(state.last_tick_ran);

@@ -59,10 +59,10 @@ impl Folded {
         let subject = bus.namespace().schedule(tenant, id);
         let mut known = self.get(tenant, id);
         let mut after = known.as_ref().map_or(0, |s| s.last_seq);
-        let mut events = bus.read_subject(&subject, after).await?;
-        // Nothing new: unless the log is behind what is held (the stream restored or made
-        // again while this process ran), when the held state is forgotten and the log read whole.
-        if events.is_empty() && after > 0 && bus.last_seq(&subject).await? < after {
+        let (mut events, last) = bus.read_subject_to_last(&subject, after).await?;
+        // The log behind what is held (the stream restored or made again while this process
+        // ran): the held state is forgotten and the log read whole.
+        if last < after {
             (known, after) = (None, 0);
             events = bus.read_subject(&subject, 0).await?;
         }

@@ -163,13 +163,15 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
                 .await?;
         }
         Event::ScheduleRunRefused(e) => {
-            // That run never existed.
+            // That run never existed (when it is still the last tick's, as the fold judges it).
             sqlx::query(
-                "UPDATE schedules SET last_run_id = NULL WHERE tenant_id = $1 AND id = $2 AND last_run_id = $3",
+                "UPDATE schedules SET last_run_id = NULL
+                 WHERE tenant_id = $1 AND id = $2 AND last_run_id = $3 AND last_tick = $4",
             )
             .bind(tenant)
             .bind(e.schedule_id)
             .bind(e.run_id)
+            .bind(e.tick)
             .execute(&mut **tx)
             .await?;
         }

@@ -72,10 +72,13 @@ impl Scheduler {
             if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
                 let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, last));
                 if !self.run_exists(tenant, run_id).await?
-                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last, true).await?
+                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last).await?
                 {
-                    self.record_refusal(tenant, schedule_id, last, run_id, reason, None).await?;
-                    continue; // decide on the log with the refusal
+                    // After what was folded: not after a delete, or another replica's later tick.
+                    match self.record_refusal(tenant, schedule_id, last, run_id, reason, Some(state.last_seq)).await {
+                        Ok(_) | Err(BusError::Conflict { .. }) => continue, // decide on the log as it is now
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             if state.paused {
@@ -141,7 +144,7 @@ impl Scheduler {
                     ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
                 }
                 if let Some(run_id) = ticked_run
-                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, t, false).await?
+                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, t).await?
                 {
                     match self.record_refusal(tenant, schedule_id, t, run_id, reason, Some(seq)).await {
                         Ok(s) => seq = s,
@@ -165,17 +168,16 @@ impl Scheduler {
     }
 
     /// Starts (or finds started) the run of one tick. A refusal (a `4xx`: its stored workflow
-    /// gone, or now wanting an input the schedule lacks, or over a quota) is logged, counted
-    /// (unless `again`: a tick recorded earlier whose run is not found, submitted again) and
+    /// gone, or now wanting an input the schedule lacks, or over a quota) is logged, counted and
     /// answered with why, for the caller to record: the tick has no run, and the schedule goes
-    /// on with its next. Anything else is an error, and the timer is retried.
+    /// on with its next. (A refusal whose record lost a race is submitted, refused and counted
+    /// once more.) Anything else is an error, and the timer is retried.
     async fn start_run(
         &self,
         tenant: &str,
         schedule_id: Uuid,
         spec: &ScheduleSpec,
         tick: DateTime<Utc>,
-        again: bool,
     ) -> Result<Option<String>, Problem> {
         let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
         let run = SubmitRun::of_schedule(tenant, schedule_id, spec, tick, false, Some(tick_key(schedule_id, tick)));
@@ -183,10 +185,8 @@ impl Scheduler {
             // What ingest refuses of the run itself; not a command it could not read (from a
             // newer scheduler, say), which a later ingest may.
             Err(p) if refused(&p) => {
-                if !again {
-                    metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
-                    tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
-                }
+                metrics::counter!("taskmesh_schedule_runs_refused_total").increment(1);
+                tracing::warn!(%tenant, %schedule_id, %tick, problem = %p.detail, "a schedule's tick was refused its run");
                 Ok(Some(p.detail))
             }
             done => done.map(|_| None),
