@@ -266,6 +266,37 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         (res.status(), res.json::<serde_json::Value>().await.unwrap())
     };
     assert_eq!((status.as_u16(), &paused["paused"]), (200, &serde_json::json!(true)), "{paused}");
+    // Changed from the page: a bad expression is refused and the page says why; a good one is
+    // the schedule's, listed once the read side has it, and the schedule stays paused.
+    browser.click("main button.edit").await;
+    browser.until("the edit form", "return !document.getElementById('schedule-edit').hidden").await;
+    let save = |cron: &str| {
+        format!(
+            "const f = document.getElementById('schedule-edit'); f.querySelector('input[name=cron]').value = '{cron}'; f.querySelector('button[type=submit]').click(); return true"
+        )
+    };
+    browser.run(&save("61 * * * *")).await;
+    browser
+        .until(
+            "the refusal said",
+            "const e = document.querySelector('main .error'); return !!e && e.innerText.includes('cron')",
+        )
+        .await;
+    browser.run(&save("0 0 2 1 *")).await;
+    browser
+        .until(
+            "the new expression listed",
+            "return document.querySelector('main tbody').innerText.includes('0 0 2 1 *')",
+        )
+        .await;
+    assert_eq!(browser.run("return document.getElementById('schedule-edit').hidden").await, true);
+    let changed: serde_json::Value =
+        tm.auth(tm.http.get(format!("{}/v1/schedules/{schedule}", tm.api))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (&changed["spec"]["cron"], &changed["paused"]),
+        (&serde_json::json!("0 0 2 1 *"), &serde_json::json!(true))
+    );
+    assert_eq!(changed["spec"]["workflow"], "stored", "the rest kept: {changed}");
     // The audit log: the pause just made, by this key; the key's link lists its calls only.
     tm.wait_projected().await;
     browser

@@ -590,9 +590,48 @@ function schedulesView(query) {
   const problem = el("div");
   const body = el("tbody");
   const more = el("p");
-  show(el("h1", {}, "Schedules"), problem,
-    table(["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""], body), more);
   const changes = changing(problem);
+  // Changing one schedule (Edit on its row): its expression, time zone and inputs, sent as a
+  // merge patch of what it had. Above the list, which is drawn afresh every few seconds.
+  const editing = { id: null, inputs: {} };
+  const cron = el("input", { name: "cron", placeholder: "cron", size: 18, required: true, class: "mono" });
+  const timezone = el("input", { name: "timezone", placeholder: "time zone (UTC)", size: 16 });
+  const inputs = el("input", { name: "inputs", placeholder: '{"inputs": "as JSON"}', size: 40, class: "mono" });
+  const edit = el("form", {
+    class: "inline", id: "schedule-edit", hidden: true,
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const given = inputs.value.trim() ? JSON.parse(inputs.value) : {};
+        if (typeof given !== "object" || Array.isArray(given) || given === null) throw new Error("inputs: a JSON object");
+        // Inputs no longer given are removed (null), as a merge patch removes them.
+        const patch = Object.fromEntries(Object.keys(editing.inputs).map((k) => [k, null]));
+        const r = await api(`/v1/schedules/${editing.id}`, {
+          method: "PATCH",
+          body: { cron: cron.value.trim(), timezone: timezone.value.trim() || null, inputs: Object.assign(patch, given) },
+        });
+        edit.hidden = true;
+        problem.replaceChildren();
+        changes.wrote(r);
+      } catch (e) {
+        problem.replaceChildren(failure(e));
+      }
+    },
+  }, el("span", { class: "mono" }), cron, timezone, inputs,
+  el("button", { type: "submit" }, "Save"),
+  el("button", { type: "button", onclick: () => { edit.hidden = true; } }, "Cancel"));
+  const editOf = (id, spec) => {
+    editing.id = id;
+    editing.inputs = spec.inputs || {};
+    edit.firstChild.textContent = id;
+    cron.value = spec.cron || "";
+    timezone.value = spec.timezone || "";
+    inputs.value = Object.keys(editing.inputs).length ? JSON.stringify(editing.inputs) : "";
+    edit.hidden = false;
+    cron.focus();
+  };
+  show(el("h1", {}, "Schedules"), edit, problem,
+    table(["Workflow", "Cron", "State", "Next tick", "Last tick", "Last run", "Ticks", ""], body), more);
   changes.shown = every(3000, async (view) => {
     try {
       await whoami();
@@ -609,7 +648,9 @@ function schedulesView(query) {
           ? el("span", {},
             el("button", { type: "button", onclick: () => (x.paused ? changes.act(`/v1/schedules/${id}/resume`) : changes.act(`/v1/schedules/${id}/pause`)) }, x.paused ? "Resume" : "Pause"),
             " ",
-            el("button", { type: "button", title: "Start a run of its workflow now", onclick: () => changes.act(`/v1/schedules/${id}/trigger`) }, "Run now"))
+            el("button", { type: "button", title: "Start a run of its workflow now", onclick: () => changes.act(`/v1/schedules/${id}/trigger`) }, "Run now"),
+            " ",
+            el("button", { type: "button", class: "edit", title: "Change its expression, time zone or inputs", onclick: () => editOf(id, spec) }, "Edit"))
           : null;
         return el("tr", {},
           el("td", {}, workflow),
