@@ -766,3 +766,46 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
     scheduler.stop().await.unwrap();
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_under_cancel_previous() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor], |_| {}).await;
+    let spec = json!({
+        "cron": "0 0 1 1 *",
+        "workflow": {"name": "long", "steps": [{"id": "a", "sleep": 60}]},
+        "overlap": "cancel_previous",
+    });
+    let res = create(&tm, spec).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let schedule_id: uuid::Uuid = id.parse().unwrap();
+    // A run by hand, not ended (queued: no scheduler runs yet).
+    let by_hand: Value = trigger(&tm, &id, None).await.json().await.unwrap();
+    let by_hand: uuid::Uuid = by_hand["id"].as_str().unwrap().parse().unwrap();
+    // A scheduler recorded this year's tick and was killed before asking to cancel the run by
+    // hand and submitting the tick's run; the tick's timer comes again.
+    let tick: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+    let run_id = taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(schedule_id, tick));
+    let subject = tm.bus.namespace().schedule("default", schedule_id);
+    let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_id), skipped: None };
+    let envelope = taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
+    tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &envelope).await.unwrap();
+    let kind = taskmesh_events::command::TimerKind::ScheduleTick { schedule_id, tick };
+    let timer = taskmesh_events::command::Timer { tenant: "default".into(), due: tick, kind };
+    tm.bus.enqueue(tm.bus.namespace().timer("default"), "again", &timer, None).await.unwrap();
+    let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
+    // The run by hand is cancelled, and the tick's run started.
+    let view = tm.wait_run(by_hand, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "cancelled", "{view}");
+    let key = taskmesh_events::RunKey { tenant: "default".into(), run_id };
+    eventually("the tick's run", Duration::from_secs(30), || async {
+        Ok((tm.bus.last_seq(&tm.bus.namespace().run(&key)).await.unwrap() > 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let res =
+        tm.auth(tm.http.post(format!("{}/v1/runs/{run_id}/cancel", tm.api))).json(&json!({})).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    scheduler.stop().await.unwrap();
+    tm.finish().await;
+}

@@ -68,16 +68,23 @@ impl Scheduler {
             // The last tick recorded may lack its run: killed between recording and submitting
             // it, or its submission failed and this timer was handed back. Submitted before
             // anything else (paused since, or later ticks due, it would be passed over for
-            // good); found started, it costs one read.
+            // good), after the cancels its overlap policy asked for (killed before them, say)
+            // of the runs before it still running; found started, it costs one read.
             if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
                 let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, last));
-                if !self.run_exists(tenant, run_id).await?
-                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last).await?
-                {
-                    // After what was folded: not after a delete, or another replica's later tick.
-                    match self.record_refusal(tenant, schedule_id, last, run_id, reason, Some(state.last_seq)).await {
-                        Ok(_) | Err(BusError::Conflict { .. }) => continue, // decide on the log as it is now
-                        Err(e) => return Err(e.into()),
+                if !self.run_exists(tenant, run_id).await? {
+                    if state.spec.overlap == Overlap::CancelPrevious {
+                        let (run, by_hand) = state.before_last_run;
+                        let active = self.active_of(tenant, run.into_iter().chain(by_hand)).await?;
+                        self.cancel_previous(tenant, active).await?;
+                    }
+                    if let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last).await? {
+                        // After what was folded: not after a delete, or another replica's later tick.
+                        match self.record_refusal(tenant, schedule_id, last, run_id, reason, Some(state.last_seq)).await
+                        {
+                            Ok(_) | Err(BusError::Conflict { .. }) => continue, // decide on the log as it is now
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                 }
             }
@@ -105,12 +112,7 @@ impl Scheduler {
                 decided.push((ScheduleTicked { schedule_id, tick: last_due, run_id: None, skipped }, Vec::new()));
             }
             for t in fire {
-                let mut active = Vec::new();
-                for run in &previous {
-                    if self.run_active(tenant, *run).await? {
-                        active.push(*run);
-                    }
-                }
+                let active = self.active_of(tenant, previous.iter().copied()).await?;
                 if !active.is_empty() && state.spec.overlap == Overlap::Skip {
                     let skipped = Some("the previous run is still running".into());
                     decided.push((ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new()));
@@ -121,12 +123,11 @@ impl Scheduler {
                 decided.push((ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None }, cancels));
                 previous = vec![run_id];
             }
-            // Each tick is recorded, then its run started, before the next is recorded: killed
-            // between the two, only the last tick recorded lacks its run, which a duplicate
-            // timer starts (it finds that tick the last handled).
+            // Each tick is recorded, then its cancels asked and its run started, before the next
+            // is recorded: killed between, only the last tick recorded lacks its run (and maybe
+            // its cancels), which the next timer sees to first.
             let meta = EventMeta::new(tenant);
             let mut seq = state.last_seq;
-            let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
             let mut lost_race = false;
             for (ticked, cancels) in decided {
                 let (t, ticked_run) = (ticked.tick, ticked.run_id);
@@ -139,10 +140,7 @@ impl Scheduler {
                     }
                     Err(e) => return Err(e.into()),
                 }
-                for run_id in cancels {
-                    let reason = "a newer run of its schedule started (overlap: cancel_previous)".to_string();
-                    ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
-                }
+                self.cancel_previous(tenant, cancels).await?;
                 if let Some(run_id) = ticked_run
                     && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, t).await?
                 {
@@ -216,6 +214,27 @@ impl Scheduler {
     async fn run_exists(&self, tenant: &str, run_id: Uuid) -> Result<bool, BusError> {
         let subject = self.bus.namespace().run(&RunKey { tenant: tenant.to_string(), run_id });
         Ok(self.bus.last_seq(&subject).await? > 0)
+    }
+
+    /// Of `runs`, those not ended yet.
+    async fn active_of(&self, tenant: &str, runs: impl Iterator<Item = Uuid>) -> Result<Vec<Uuid>, BusError> {
+        let mut active = Vec::new();
+        for run in runs {
+            if self.run_active(tenant, run).await? {
+                active.push(run);
+            }
+        }
+        Ok(active)
+    }
+
+    /// Asks to cancel `runs`, superseded by a newer tick's run (`overlap: cancel_previous`).
+    async fn cancel_previous(&self, tenant: &str, runs: Vec<Uuid>) -> Result<(), Problem> {
+        let ingest = taskmesh_ingest::IngestClient::new(self.bus.clone());
+        for run_id in runs {
+            let reason = "a newer run of its schedule started (overlap: cancel_previous)".to_string();
+            ingest.cancel_run(&CancelRun { tenant: tenant.to_string(), run_id, reason, key_id: None }).await?;
+        }
+        Ok(())
     }
 
     /// Whether a run has not ended yet.
