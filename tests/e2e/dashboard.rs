@@ -268,7 +268,13 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     assert_eq!((status.as_u16(), &paused["paused"]), (200, &serde_json::json!(true)), "{paused}");
     // Changed from the page: a bad expression is refused and the page says why; a good one is
     // the schedule's, listed once the read side has it, and the schedule stays paused.
-    browser.click("main button.edit").await;
+    // The inputs' patch: keys gone are removed, nested ones too; unchanged ones are left out.
+    let patch = browser
+        .run("return JSON.stringify(mergePatch({a: 1, c: {x: 1, y: 2}, d: [1]}, {c: {x: 1}, b: 2, d: [1]}))")
+        .await;
+    assert_eq!(patch, r#"{"a":null,"c":{"y":null},"b":2}"#);
+    // Found and clicked in one script: the list is drawn afresh every few seconds.
+    browser.run("document.querySelector('main button.edit').click(); return true").await;
     browser.until("the edit form", "return !document.getElementById('schedule-edit').hidden").await;
     let save = |cron: &str| {
         format!(
@@ -279,7 +285,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser
         .until(
             "the refusal said",
-            "const e = document.querySelector('main .error'); return !!e && e.innerText.includes('cron')",
+            "const e = document.querySelector('#schedule-edit .error'); return !!e && e.innerText.includes('cron')",
         )
         .await;
     browser.run(&save("0 0 2 1 *")).await;

@@ -590,7 +590,9 @@ async fn a_tick_refused_its_run_is_passed_over_and_the_schedule_goes_on() {
         .parse()
         .unwrap();
     assert!(
-        refused >= 3.0 && refused <= (all.len() - changed + 1) as f64,
+        // At most two more: a tick recorded before the change and submitted after it, and a
+        // refusal whose record lost a race (to the pause) submitted and counted again.
+        refused >= 3.0 && refused <= (all.len() - changed + 2) as f64,
         "{refused} of {} ticks",
         all.len() - changed
     );

@@ -197,12 +197,16 @@ pub struct ScheduleState {
     pub paused: bool,
     /// The last tick handled (its run started, or it was skipped).
     pub last_tick: Option<DateTime<Utc>>,
+    /// When the last tick was handled (its record's time: a tick caught up is handled late).
+    pub last_tick_at: Option<DateTime<Utc>>,
     /// Whether the last tick handled has a run (rather than being skipped).
     pub last_tick_ran: bool,
     /// The last run a tick started.
     pub last_run: Option<uuid::Uuid>,
     /// The last run started by hand since the last tick's run.
     pub last_manual: Option<uuid::Uuid>,
+    /// The stream sequence of the last run by hand's record (0: none).
+    pub last_manual_seq: u64,
     /// `last_run` and `last_manual` before the last tick's run: what they are again should
     /// ingest refuse that run (`ScheduleRunRefused`).
     pub before_last_run: (Option<uuid::Uuid>, Option<uuid::Uuid>),
@@ -231,9 +235,11 @@ impl ScheduleState {
                     spec: std::sync::Arc::new(created.spec.clone()),
                     paused: false,
                     last_tick: None,
+                    last_tick_at: None,
                     last_tick_ran: false,
                     last_run: None,
                     last_manual: None,
+                    last_manual_seq: 0,
                     before_last_run: (None, None),
                     ticks_from: created.first_tick.or(Some(first.occurred_at)),
                     last_seq: seq,
@@ -253,6 +259,7 @@ impl ScheduleState {
                 }
                 crate::Event::ScheduleTicked(t) => {
                     state.last_tick = Some(t.tick);
+                    state.last_tick_at = Some(e.occurred_at);
                     state.last_tick_ran = t.run_id.is_some();
                     if t.run_id.is_some() {
                         state.before_last_run = (state.last_run, state.last_manual);
@@ -262,7 +269,9 @@ impl ScheduleState {
                         state.last_manual = None;
                     }
                 }
-                crate::Event::ScheduleTriggered(t) => state.last_manual = Some(t.run_id),
+                crate::Event::ScheduleTriggered(t) => {
+                    (state.last_manual, state.last_manual_seq) = (Some(t.run_id), seq)
+                }
                 // The last tick's run never existed: the tick is passed over, and the runs a
                 // tick's overlap policy looks at are those before it again.
                 crate::Event::ScheduleRunRefused(r)

@@ -524,14 +524,16 @@ impl Ingest {
         let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, &spec, chrono::Utc::now(), true, key);
         let run = SubmitRun { traceparent: cmd.traceparent, ..run };
         let accepted = self.submit_run(run).await?;
-        let (run_id, duplicate) = (accepted.run_id, accepted.duplicate);
+        let (run_id, duplicate, submitted) = (accepted.run_id, accepted.duplicate, accepted.seq);
         let recorded = self
             .change_schedule(&cmd.tenant, cmd.schedule_id, |state, _| async move {
-                // Found again by its key, it is recorded only if no run by hand is on record
-                // (its first record failed; or a tick's run came since, and a tick's overlap
-                // policy looks at it only while it runs): never over a newer run by hand.
-                let last_manual = state.ok_or_else(no_such_schedule)?.last_manual;
-                let known = last_manual == Some(run_id) || (duplicate && last_manual.is_some());
+                // Found again by its key, it is recorded unless the run by hand on record came
+                // after it (its first record failed; or a tick's run came since, and a tick's
+                // overlap policy looks at it only while it runs): never over a newer one. One
+                // stream's sequences order the run's submission and the record.
+                let state = state.ok_or_else(no_such_schedule)?;
+                let known = state.last_manual == Some(run_id)
+                    || (duplicate && state.last_manual.is_some() && state.last_manual_seq > submitted);
                 Ok((!known)
                     .then_some(Event::ScheduleTriggered(ScheduleTriggered { schedule_id: cmd.schedule_id, run_id })))
             })

@@ -15,6 +15,12 @@ use uuid::Uuid;
 
 use crate::{MAX_CONFLICTS, Scheduler};
 
+/// How long after a tick was recorded its run is still submitted should it be missing: past
+/// that, a missing run is taken as one whose events aged out of the stream (with
+/// `events_max_age_days`), and a tick recorded before a long outage or pause is not started
+/// that late.
+const REDO_WITHIN: chrono::Duration = chrono::Duration::hours(1);
+
 /// The tick to arm when none is due at `now` from `from`: `from` if it is still to come, else
 /// (a timer of an expression since changed, say) the spec's next.
 fn next_to_arm(spec: &ScheduleSpec, from: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -70,7 +76,9 @@ impl Scheduler {
             // anything else (paused since, or later ticks due, it would be passed over for
             // good), after the cancels its overlap policy asked for (killed before them, say)
             // of the runs before it still running; found started, it costs one read.
-            if let (Some(last), true) = (state.last_tick, state.last_tick_ran) {
+            if let (Some(last), true, Some(at)) = (state.last_tick, state.last_tick_ran, state.last_tick_at)
+                && Utc::now() - at < REDO_WITHIN
+            {
                 let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, last));
                 if !self.run_exists(tenant, run_id).await? {
                     if state.spec.overlap == Overlap::CancelPrevious {

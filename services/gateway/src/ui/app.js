@@ -583,6 +583,26 @@ function changing(problem) {
   return changes;
 }
 
+function isObject(v) {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+// The JSON merge patch (RFC 7396) that makes `from` into `to`: keys gone are null, objects in
+// both are patched in turn, other values given whole. (A value cannot be made null by one.)
+function mergePatch(from, to) {
+  const patch = {};
+  for (const k of Object.keys(from)) if (!(k in to)) patch[k] = null;
+  for (const [k, v] of Object.entries(to)) {
+    if (isObject(v) && isObject(from[k])) {
+      const inner = mergePatch(from[k], v);
+      if (Object.keys(inner).length) patch[k] = inner;
+    } else if (JSON.stringify(v) !== JSON.stringify(from[k])) {
+      patch[k] = v;
+    }
+  }
+  return patch;
+}
+
 // The tenant's schedules, newest first, a page at a time (the page's address may carry
 // `cursor` and `limit`, as the API takes them), as the lists below are.
 function schedulesView(query) {
@@ -597,30 +617,31 @@ function schedulesView(query) {
   const cron = el("input", { name: "cron", placeholder: "cron", size: 18, required: true, class: "mono" });
   const timezone = el("input", { name: "timezone", placeholder: "time zone (UTC)", size: 16 });
   const inputs = el("input", { name: "inputs", placeholder: '{"inputs": "as JSON"}', size: 40, class: "mono" });
+  // The form's own: the list's refresh clears the page's problem every few seconds.
+  const refusal = el("div", { class: "refusal" });
   const edit = el("form", {
     class: "inline", id: "schedule-edit", hidden: true,
     onsubmit: async (ev) => {
       ev.preventDefault();
       try {
         const given = inputs.value.trim() ? JSON.parse(inputs.value) : {};
-        if (typeof given !== "object" || Array.isArray(given) || given === null) throw new Error("inputs: a JSON object");
-        // Inputs no longer given are removed (null), as a merge patch removes them.
-        const patch = Object.fromEntries(Object.keys(editing.inputs).map((k) => [k, null]));
+        if (!isObject(given)) throw new Error("inputs: a JSON object");
         const r = await api(`/v1/schedules/${editing.id}`, {
           method: "PATCH",
-          body: { cron: cron.value.trim(), timezone: timezone.value.trim() || null, inputs: Object.assign(patch, given) },
+          body: { cron: cron.value.trim(), timezone: timezone.value.trim() || null, inputs: mergePatch(editing.inputs, given) },
         });
         edit.hidden = true;
-        problem.replaceChildren();
+        refusal.replaceChildren();
         changes.wrote(r);
       } catch (e) {
-        problem.replaceChildren(failure(e));
+        refusal.replaceChildren(failure(e));
       }
     },
   }, el("span", { class: "mono" }), cron, timezone, inputs,
   el("button", { type: "submit" }, "Save"),
-  el("button", { type: "button", onclick: () => { edit.hidden = true; } }, "Cancel"));
+  el("button", { type: "button", onclick: () => { edit.hidden = true; } }, "Cancel"), refusal);
   const editOf = (id, spec) => {
+    refusal.replaceChildren();
     editing.id = id;
     editing.inputs = spec.inputs || {};
     edit.firstChild.textContent = id;
