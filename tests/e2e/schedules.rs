@@ -770,7 +770,7 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_under_cancel_previous() {
+async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_within_the_hour() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor], |_| {}).await;
     let spec = json!({
         "cron": "0 0 1 1 *",
@@ -792,9 +792,26 @@ async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_under_
     let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_id), skipped: None };
     let envelope = taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
     tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &envelope).await.unwrap();
-    let kind = taskmesh_events::command::TimerKind::ScheduleTick { schedule_id, tick };
-    let timer = taskmesh_events::command::Timer { tenant: "default".into(), due: tick, kind };
-    tm.bus.enqueue(tm.bus.namespace().timer("default"), "again", &timer, None).await.unwrap();
+    // Another schedule's tick, recorded two hours ago without its run: past the hour in which
+    // a timer still submits a missing run (it may have aged out of the stream), its timer,
+    // handled first, starts nothing.
+    let stale = json!({"cron": "0 0 1 1 *", "workflow": {"name": "stale", "steps": [{"id": "a", "uses": "noop"}]}});
+    let res = create(&tm, stale).await;
+    assert_eq!(res.status(), 201);
+    let stale_id: uuid::Uuid = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let stale_run = taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(stale_id, tick));
+    let stale_subject = tm.bus.namespace().schedule("default", stale_id);
+    let ticked =
+        taskmesh_events::ScheduleTicked { schedule_id: stale_id, tick, run_id: Some(stale_run), skipped: None };
+    let mut envelope =
+        taskmesh_events::EventMeta::new("default").envelope(stale_subject.clone(), Event::ScheduleTicked(ticked));
+    envelope.occurred_at = Utc::now() - chrono::Duration::hours(2);
+    tm.bus.append(tm.bus.last_seq(&stale_subject).await.unwrap(), &envelope).await.unwrap();
+    for (id, msg_id) in [(stale_id, "stale"), (schedule_id, "again")] {
+        let kind = taskmesh_events::command::TimerKind::ScheduleTick { schedule_id: id, tick };
+        let timer = taskmesh_events::command::Timer { tenant: "default".into(), due: tick, kind };
+        tm.bus.enqueue(tm.bus.namespace().timer("default"), msg_id, &timer, None).await.unwrap();
+    }
     let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
     // The run by hand is cancelled, and the tick's run started.
     let view = tm.wait_run(by_hand, Duration::from_secs(30)).await;
@@ -808,6 +825,8 @@ async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_under_
     let res =
         tm.auth(tm.http.post(format!("{}/v1/runs/{run_id}/cancel", tm.api))).json(&json!({})).send().await.unwrap();
     assert_eq!(res.status(), 202);
+    let stale = taskmesh_events::RunKey { tenant: "default".into(), run_id: stale_run };
+    assert_eq!(tm.bus.last_seq(&tm.bus.namespace().run(&stale)).await.unwrap(), 0, "a stale tick's run is not started");
     scheduler.stop().await.unwrap();
     tm.finish().await;
 }
