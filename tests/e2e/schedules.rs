@@ -708,8 +708,7 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
         other => panic!("{other:?}"),
     };
     let second = first + chrono::Duration::seconds(1);
-    let run_of =
-        |tick| taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(schedule_id, tick));
+    let run_of = |tick| taskmesh_ingest::tick_run_id("default", schedule_id, tick);
     // A scheduler records a tick and is killed before submitting its run.
     let (bus, subject) = (&tm.bus, &subject);
     let record = |tick| {
@@ -787,7 +786,7 @@ async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_within
     // A scheduler recorded this year's tick and was killed before asking to cancel the run by
     // hand and submitting the tick's run; the tick's timer comes again.
     let tick: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
-    let run_id = taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(schedule_id, tick));
+    let run_id = taskmesh_ingest::tick_run_id("default", schedule_id, tick);
     let subject = tm.bus.namespace().schedule("default", schedule_id);
     let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_id), skipped: None };
     let envelope = taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
@@ -799,7 +798,7 @@ async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_within
     let res = create(&tm, stale).await;
     assert_eq!(res.status(), 201);
     let stale_id: uuid::Uuid = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
-    let stale_run = taskmesh_ingest::idempotent_run_id("default", &taskmesh_events::schedule::tick_key(stale_id, tick));
+    let stale_run = taskmesh_ingest::tick_run_id("default", stale_id, tick);
     let stale_subject = tm.bus.namespace().schedule("default", stale_id);
     let ticked =
         taskmesh_events::ScheduleTicked { schedule_id: stale_id, tick, run_id: Some(stale_run), skipped: None };

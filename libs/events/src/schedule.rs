@@ -219,6 +219,24 @@ pub struct ScheduleState {
 }
 
 impl ScheduleState {
+    /// A schedule as created with `spec`, its ticks starting at `ticks_from`, folded up to
+    /// `last_seq`: nothing handled, run or paused yet.
+    pub fn new(spec: ScheduleSpec, ticks_from: Option<DateTime<Utc>>, last_seq: u64) -> Self {
+        ScheduleState {
+            spec: std::sync::Arc::new(spec),
+            paused: false,
+            last_tick: None,
+            last_tick_at: None,
+            last_tick_ran: false,
+            last_run: None,
+            last_manual: None,
+            last_manual_seq: 0,
+            before_last_run: (None, None),
+            ticks_from,
+            last_seq,
+        }
+    }
+
     /// Folds `events` (sequence and envelope; those after `state`'s `last_seq`, or all of them
     /// when `state` is `None`) onto `state`. `None`: no such schedule (never created, or deleted).
     pub fn fold<'a>(
@@ -231,19 +249,7 @@ impl ScheduleState {
             None => {
                 let (seq, first) = events.next()?;
                 let crate::Event::ScheduleCreated(created) = &first.event else { return None };
-                ScheduleState {
-                    spec: std::sync::Arc::new(created.spec.clone()),
-                    paused: false,
-                    last_tick: None,
-                    last_tick_at: None,
-                    last_tick_ran: false,
-                    last_run: None,
-                    last_manual: None,
-                    last_manual_seq: 0,
-                    before_last_run: (None, None),
-                    ticks_from: created.first_tick.or(Some(first.occurred_at)),
-                    last_seq: seq,
-                }
+                ScheduleState::new(created.spec.clone(), created.first_tick.or(Some(first.occurred_at)), seq)
             }
         };
         for (seq, e) in events {

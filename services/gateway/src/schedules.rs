@@ -345,10 +345,7 @@ async fn backfill_quota(state: &AppState, tenant: &str, id: Uuid, cmd: &Backfill
             if ticks.len() > MAX_BACKFILL_TICKS {
                 return Ok(()); // ingest refuses it
             }
-            let ids: Vec<Uuid> = ticks
-                .iter()
-                .map(|t| taskmesh_ingest::idempotent_run_id(tenant, &taskmesh_events::schedule::tick_key(id, *t)))
-                .collect();
+            let ids: Vec<Uuid> = ticks.iter().map(|t| taskmesh_ingest::tick_run_id(tenant, id, *t)).collect();
             let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE tenant_id = $1 AND id = ANY($2)")
                 .bind(tenant)
                 .bind(&ids)

@@ -1475,6 +1475,11 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Reply<()> {
     Ok(())
 }
 
+/// The run id of a schedule's tick: the one its timer and a backfill both submit it under.
+pub fn tick_run_id(tenant: &str, schedule_id: Uuid, tick: chrono::DateTime<chrono::Utc>) -> Uuid {
+    idempotent_run_id(tenant, &tick_key(schedule_id, tick))
+}
+
 /// The run id for an idempotency key: a UUID v8 from SHA-256 of the tenant and the key.
 pub fn idempotent_run_id(tenant: &str, key: &str) -> Uuid {
     let digest = hmac_sha256::Hash::hash(format!("{tenant}\n{key}").as_bytes());

@@ -109,21 +109,9 @@ mod tests {
 
     #[test]
     fn the_folded_states_stay_within_their_count_and_their_bytes() {
-        let spec: Arc<ScheduleSpec> =
-            Arc::new(serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap());
-        let state = ScheduleState {
-            spec: spec.clone(),
-            paused: false,
-            last_tick: None,
-            last_tick_at: None,
-            last_tick_ran: false,
-            last_run: None,
-            last_manual: None,
-            last_manual_seq: 0,
-            before_last_run: (None, None),
-            ticks_from: None,
-            last_seq: 1,
-        };
+        let spec: ScheduleSpec =
+            serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap();
+        let state = ScheduleState::new(spec.clone(), None, 1);
         let folded = Folded::default();
         let hold = |id: Uuid, size: usize| {
             let mut held = folded.0.lock().unwrap();
@@ -155,7 +143,7 @@ mod tests {
         hold(ids[0], 7);
         folded.put("t", ids[0], Some(&state));
         assert_eq!(size_held(ids[0]), 7);
-        let changed = ScheduleState { spec: Arc::new((*spec).clone()), ..state.clone() };
+        let changed = ScheduleState { spec: Arc::new(spec.clone()), ..state.clone() };
         folded.put("t", ids[0], Some(&changed));
         assert_eq!(size_held(ids[0]), size_of(&spec));
         // By count.

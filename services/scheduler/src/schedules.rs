@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{BusError, Stored};
 use taskmesh_events::command::{CancelRun, SubmitRun, Timer, TimerKind};
-use taskmesh_events::schedule::{Overlap, ScheduleSpec, tick_key};
+use taskmesh_events::schedule::{Overlap, ScheduleSpec, ScheduleState, tick_key};
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, ScheduleRunRefused, ScheduleTicked};
 use uuid::Uuid;
 
@@ -71,30 +71,8 @@ impl Scheduler {
             // What this scheduler folded before, and the events since (all of them, the first time).
             let state = self.schedules.load(&self.bus, tenant, schedule_id).await?.state;
             let state = state.ok_or_else(|| Problem::new(ErrorCode::NotFound, "no such schedule"))?;
-            // The last tick recorded may lack its run: killed between recording and submitting
-            // it, or its submission failed and this timer was handed back. Submitted before
-            // anything else (paused since, or later ticks due, it would be passed over for
-            // good), after the cancels its overlap policy asked for (killed before them, say)
-            // of the runs before it still running; found started, it costs one read.
-            if let (Some(last), true, Some(at)) = (state.last_tick, state.last_tick_ran, state.last_tick_at)
-                && Utc::now() - at < REDO_WITHIN
-            {
-                let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, last));
-                if !self.run_exists(tenant, run_id).await? {
-                    if state.spec.overlap == Overlap::CancelPrevious {
-                        let (run, by_hand) = state.before_last_run;
-                        let active = self.active_of(tenant, run.into_iter().chain(by_hand)).await?;
-                        self.cancel_previous(tenant, active).await?;
-                    }
-                    if let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last).await? {
-                        // After what was folded: not after a delete, or another replica's later tick.
-                        match self.record_refusal(tenant, schedule_id, last, run_id, reason, Some(state.last_seq)).await
-                        {
-                            Ok(_) | Err(BusError::Conflict { .. }) => continue, // decide on the log as it is now
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
+            if self.see_to_last_tick(tenant, schedule_id, &state).await? {
+                continue; // a refusal recorded, or the log moved on: decide on it as it is now
             }
             if state.paused {
                 return Ok(()); // resuming arms the next tick
@@ -127,7 +105,7 @@ impl Scheduler {
                     continue;
                 }
                 let cancels = if state.spec.overlap == Overlap::CancelPrevious { active } else { Vec::new() };
-                let run_id = taskmesh_ingest::idempotent_run_id(tenant, &tick_key(schedule_id, t));
+                let run_id = taskmesh_ingest::tick_run_id(tenant, schedule_id, t);
                 decided.push((ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None }, cancels));
                 previous = vec![run_id];
             }
@@ -152,7 +130,7 @@ impl Scheduler {
                 if let Some(run_id) = ticked_run
                     && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, t).await?
                 {
-                    match self.record_refusal(tenant, schedule_id, t, run_id, reason, Some(seq)).await {
+                    match self.record_refusal(tenant, schedule_id, t, run_id, reason, seq).await {
                         Ok(s) => seq = s,
                         Err(BusError::Conflict { .. }) => {
                             lost_race = true;
@@ -171,6 +149,34 @@ impl Scheduler {
             return Ok(());
         }
         Err(Problem::new(ErrorCode::Unavailable, "too much contention on this schedule; retry"))
+    }
+
+    /// Sees to the last tick recorded with a run, should that run be missing: killed between
+    /// recording and submitting it, or its submission failed and this timer was handed back. It
+    /// is submitted before anything else (paused since, or later ticks due, it would be passed
+    /// over for good), after the cancels its overlap policy asked for (killed before them, say)
+    /// of the runs before it still running; found started, it costs one read. Within
+    /// [`REDO_WITHIN`] of its record only. True when its refusal was recorded (or the log moved
+    /// on meanwhile): the caller decides again on the log as it is now.
+    async fn see_to_last_tick(&self, tenant: &str, schedule_id: Uuid, state: &ScheduleState) -> Result<bool, Problem> {
+        let (Some(last), true, Some(at)) = (state.last_tick, state.last_tick_ran, state.last_tick_at) else {
+            return Ok(false);
+        };
+        let run_id = taskmesh_ingest::tick_run_id(tenant, schedule_id, last);
+        if Utc::now() - at >= REDO_WITHIN || self.run_exists(tenant, run_id).await? {
+            return Ok(false);
+        }
+        if state.spec.overlap == Overlap::CancelPrevious {
+            let (run, by_hand) = state.before_last_run;
+            let active = self.active_of(tenant, run.into_iter().chain(by_hand)).await?;
+            self.cancel_previous(tenant, active).await?;
+        }
+        let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last).await? else { return Ok(false) };
+        // After what was folded: not after a delete, or another replica's later tick.
+        match self.record_refusal(tenant, schedule_id, last, run_id, reason, state.last_seq).await {
+            Ok(_) | Err(BusError::Conflict { .. }) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Starts (or finds started) the run of one tick. A refusal (a `4xx`: its stored workflow
@@ -200,7 +206,7 @@ impl Scheduler {
     }
 
     /// Records that a tick's run was refused (`ScheduleRunRefused`, once per tick), after
-    /// `expected` when given: the tick is passed over, not submitted again by a later timer.
+    /// `expected`: the tick is passed over, not submitted again by a later timer.
     async fn record_refusal(
         &self,
         tenant: &str,
@@ -208,14 +214,14 @@ impl Scheduler {
         tick: DateTime<Utc>,
         run_id: Uuid,
         reason: String,
-        expected: Option<u64>,
+        expected: u64,
     ) -> Result<u64, BusError> {
         let reason: String = reason.chars().take(1_000).collect();
         let refused = ScheduleRunRefused { schedule_id, tick, run_id, reason };
         let subject = self.bus.namespace().schedule(tenant, schedule_id);
         let envelope = EventMeta::new(tenant).envelope(subject, Event::ScheduleRunRefused(refused));
         let msg_id = format!("refused:{schedule_id}:{}", tick.to_rfc3339());
-        Ok(self.bus.append_with_id(expected, &envelope, &msg_id).await?.seq)
+        Ok(self.bus.append_with_id(Some(expected), &envelope, &msg_id).await?.seq)
     }
 
     /// Whether a run exists (was submitted).
@@ -254,7 +260,6 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use taskmesh_events::schedule::ScheduleState;
     use taskmesh_events::{ScheduleCreated, ScheduleDeleted, ScheduleToggled, ScheduleTriggered, ScheduleUpdated};
 
     use super::*;
