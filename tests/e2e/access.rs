@@ -640,6 +640,13 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
     let res = call(&tm, &tm.key, Method::POST, &format!("/v1/schedules/{id}/backfill"), Some(range)).await;
     assert_eq!(res.status(), 403);
     quota(&res.json().await.unwrap(), "runs not yet ended");
+    // No such schedule is a 404 all the same, not the quota's 403.
+    let unknown = uuid::Uuid::now_v7();
+    let res = call(&tm, &tm.key, Method::POST, &format!("/v1/schedules/{unknown}/trigger"), None).await;
+    assert_eq!(res.status(), 404);
+    let range = json!({"from": "2020-01-01T00:00:00Z", "to": "2022-01-01T00:00:00Z"});
+    let res = call(&tm, &tm.key, Method::POST, &format!("/v1/schedules/{unknown}/backfill"), Some(range)).await;
+    assert_eq!(res.status(), 404);
     tm.wait_projected().await;
     let scheduled: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE trigger->>'kind' = 'schedule'")
         .fetch_one(&tm.pool)

@@ -131,6 +131,56 @@ async fn ticks_missed_while_the_scheduler_was_down_are_caught_up_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_catch_up_honours_the_overlap_policy_tick_by_tick() {
+    // No executor: a run started stays queued, still running when the next tick comes.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let mut ids = Vec::new();
+    for overlap in ["skip", "cancel_previous"] {
+        let mut spec = every_second();
+        spec["overlap"] = json!(overlap);
+        spec["catch_up_limit"] = json!(3);
+        let res = create(&tm, spec).await;
+        assert_eq!(res.status(), 201);
+        ids.push(res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let scheduler = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Scheduler]).await.unwrap();
+    for id in &ids {
+        eventually("the caught-up ticks", Duration::from_secs(30), || async {
+            Ok((ticks(&tm, id).await.0.len() >= 3).then_some(()))
+        })
+        .await
+        .unwrap();
+        pause(&tm, id).await;
+    }
+    scheduler.stop().await.unwrap();
+    tm.wait_projected().await;
+    let status = |run: uuid::Uuid| {
+        let tm = &tm;
+        async move {
+            let (code, view) = tm.get_run(run).await;
+            assert_eq!(code, 200, "{view}");
+            view["status"].as_str().unwrap().to_string()
+        }
+    };
+    // Skip: the first caught-up tick's run is running, so every tick after it is skipped.
+    let (skip_ticks, skip_runs) = ticks(&tm, &ids[0]).await;
+    assert!(skip_ticks.len() >= 3, "{skip_ticks:?}");
+    assert_eq!(skip_runs.len(), 1, "one run while it runs: {skip_runs:?}");
+    assert_eq!(status(skip_runs[0]).await, "queued");
+    // Cancel previous: each tick's run cancels the one before; the last is left.
+    let (cancel_ticks, cancel_runs) = ticks(&tm, &ids[1]).await;
+    assert_eq!(cancel_runs.len(), cancel_ticks.len(), "every tick starts a run");
+    let (last, before) = cancel_runs.split_last().unwrap();
+    for run in before {
+        let view = tm.wait_run(*run, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "cancelled", "{view}");
+    }
+    assert_eq!(status(*last).await, "queued");
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_schedules_are_problems_naming_the_field() {
     let tm = spawn_mesh().await;
     for (spec, field) in [
@@ -698,7 +748,11 @@ async fn a_resumed_schedule_ticks_from_its_next_tick_and_a_backfill_runs_the_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_a_backfill_submits_it_as_its_timer() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway, Svc::Executor], |_| {}).await;
-    let res = create(&tm, every_second()).await;
+    let mut spec = every_second();
+    spec["workflow"] =
+        json!({"name": "tick", "inputs": {"env": {"type": "string"}}, "steps": [{"id": "a", "uses": "noop"}]});
+    spec["inputs"] = json!({"env": "first"});
+    let res = create(&tm, spec).await;
     assert_eq!(res.status(), 201);
     let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let schedule_id: uuid::Uuid = id.parse().unwrap();
@@ -723,8 +777,10 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     record(first).await;
-    // Paused, a backfill over it submits its run as its timer does: not marked as by hand.
+    // Paused, a backfill over it submits its run as its timer does: not marked as by hand, and
+    // with the inputs its tick was decided with, not those of a change since.
     pause(&tm, &id).await;
+    assert_eq!(patch(&tm, &id, json!({"inputs": {"env": "second"}})).await.status(), 200);
     let res = tm
         .auth(tm.http.post(format!("{}/v1/schedules/{id}/backfill", tm.api)))
         .json(&json!({"from": first, "to": first}))
@@ -743,6 +799,7 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
     // scheduler comes: that tick gets its run before them.
     record(second).await;
     assert!(!exists(run_of(second)).await);
+    assert_eq!(patch(&tm, &id, json!({"inputs": {"env": "later"}})).await.status(), 200);
     let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/resume", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -752,6 +809,9 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
         assert_eq!(view["status"], "succeeded", "{view}");
         assert_eq!(view["trigger"]["tick"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), tick);
         assert!(view["trigger"].get("manual").is_none(), "the timer's run: {view}");
+    }
+    for (tick, env) in [(first, "first"), (second, "second")] {
+        assert_eq!(tm.wait_run(run_of(tick), Duration::from_secs(30)).await["inputs"], json!({"env": env}));
     }
     eventually("later ticks", Duration::from_secs(30), || async {
         Ok((ticks(&tm, &id).await.0.len() >= 4).then_some(()))
@@ -764,6 +824,7 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
     assert_consecutive(&ticks[2..]);
     tm.wait_projected().await;
     assert_runs(&tm, &runs, &ticks).await;
+    assert_eq!(tm.wait_run(runs[2], Duration::from_secs(30)).await["inputs"], json!({"env": "later"}));
     scheduler.stop().await.unwrap();
     tm.finish().await;
 }

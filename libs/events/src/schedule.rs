@@ -194,6 +194,9 @@ impl ScheduleSpec {
 pub struct ScheduleState {
     /// Its spec as last changed (shared: a copy of the state does not copy the spec).
     pub spec: std::sync::Arc<ScheduleSpec>,
+    /// Its spec when the last tick was handled: what that tick's run is submitted with,
+    /// should it be missing (a `PATCH` since changes the ticks after it, not it).
+    pub tick_spec: std::sync::Arc<ScheduleSpec>,
     pub paused: bool,
     /// The last tick handled (its run started, or it was skipped).
     pub last_tick: Option<DateTime<Utc>>,
@@ -222,8 +225,10 @@ impl ScheduleState {
     /// A schedule as created with `spec`, its ticks starting at `ticks_from`, folded up to
     /// `last_seq`: nothing handled, run or paused yet.
     pub fn new(spec: ScheduleSpec, ticks_from: Option<DateTime<Utc>>, last_seq: u64) -> Self {
+        let spec = std::sync::Arc::new(spec);
         ScheduleState {
-            spec: std::sync::Arc::new(spec),
+            tick_spec: spec.clone(),
+            spec,
             paused: false,
             last_tick: None,
             last_tick_at: None,
@@ -267,6 +272,7 @@ impl ScheduleState {
                     state.last_tick = Some(t.tick);
                     state.last_tick_at = Some(e.occurred_at);
                     state.last_tick_ran = t.run_id.is_some();
+                    state.tick_spec = state.spec.clone();
                     if t.run_id.is_some() {
                         state.before_last_run = (state.last_run, state.last_manual);
                         state.last_run = t.run_id;

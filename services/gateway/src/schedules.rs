@@ -268,7 +268,10 @@ pub async fn trigger(
 ) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
-    crate::runs::check_active_runs_quota(&state, &caller.tenant, 1).await?;
+    if let Err(over) = crate::runs::check_active_runs_quota(&state, &caller.tenant, 1).await {
+        // No such schedule is answered first, as documented, whatever the quota.
+        return Err(if on_log(&state, &caller.tenant, id).await? { over } else { ApiError::not_found("schedule") });
+    }
     let accepted = state
         .ingest
         .trigger_schedule(&TriggerSchedule {
@@ -338,6 +341,8 @@ async fn backfill_quota(state: &AppState, tenant: &str, id: Uuid, cmd: &Backfill
     .await?;
     // Read as it is written, or (a field of a later version, say) left to ingest.
     let new = match spec.map(|j| serde_json::from_value::<ScheduleSpec>(j.0)) {
+        // Not on the read side yet (just created), or no such schedule: that is answered first.
+        None if !on_log(state, tenant, id).await? => return Err(ApiError::not_found("schedule")),
         None => MAX_BACKFILL_TICKS as i64,
         Some(Err(_)) => return Ok(()),
         Some(Ok(spec)) => {
@@ -358,6 +363,14 @@ async fn backfill_quota(state: &AppState, tenant: &str, id: Uuid, cmd: &Backfill
         crate::runs::check_active_runs_quota(state, tenant, new).await?;
     }
     Ok(())
+}
+
+/// Whether the log has schedule `id` (its last event is not its deletion): for a schedule the
+/// read side does not have, as it may not yet.
+async fn on_log(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<bool> {
+    let subject = state.bus.namespace().schedule(tenant, id);
+    let last = state.bus.last(&subject).await.map_err(taskmesh_events::Problem::from)?;
+    Ok(last.is_some_and(|s| !matches!(s.envelope.event, taskmesh_events::Event::ScheduleDeleted(_))))
 }
 
 /// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are

@@ -578,6 +578,8 @@ impl Ingest {
                 // The last tick recorded with a run may not have it yet (its timer paused, or
                 // killed, meanwhile): submitted as its timer submits it, not marked as by hand.
                 let timers = schedule.last_tick == Some(tick) && schedule.last_tick_ran;
+                // That one with the spec its tick was decided with; the others with the spec now.
+                let spec = if timers { &schedule.tick_spec } else { spec };
                 let run = SubmitRun::of_schedule(&cmd.tenant, cmd.schedule_id, spec, tick, !timers, Some(key));
                 async move {
                     let accepted = self.submit_run(run).await?;

@@ -7,9 +7,12 @@ use taskmesh_bus::{Bus, BusError};
 use taskmesh_events::schedule::{ScheduleSpec, ScheduleState};
 use uuid::Uuid;
 
-/// About how many bytes a held state with `spec` takes (for [`Folded`]'s bound).
-fn size_of(spec: &ScheduleSpec) -> usize {
-    serde_json::to_vec(spec).map_or(0, |j| j.len()) + std::mem::size_of::<ScheduleState>()
+/// About how many bytes a held state takes (for [`Folded`]'s bound): its specs' JSON (the
+/// spec its last tick was decided with counted only when a change since made it another).
+fn size_of(state: &ScheduleState) -> usize {
+    let json = |spec: &ScheduleSpec| serde_json::to_vec(spec).map_or(0, |j| j.len());
+    let tick_spec = if Arc::ptr_eq(&state.tick_spec, &state.spec) { 0 } else { json(&state.tick_spec) };
+    json(&state.spec) + tick_spec + std::mem::size_of::<ScheduleState>()
 }
 
 /// Most schedules whose folded state a scheduler or ingest keeps between uses.
@@ -81,10 +84,14 @@ impl Folded {
         let key = (tenant.to_string(), id);
         let old = held.remove(&key);
         let Some(state) = state else { return };
-        // Sized again only when its spec changed.
+        // Sized again only when its specs changed.
         let size = match old {
-            Some((old, size)) if Arc::ptr_eq(&old.spec, &state.spec) => size,
-            _ => size_of(&state.spec),
+            Some((old, size))
+                if Arc::ptr_eq(&old.spec, &state.spec) && Arc::ptr_eq(&old.tick_spec, &state.tick_spec) =>
+            {
+                size
+            }
+            _ => size_of(state),
         };
         Self::hold(&mut held, key, state, size);
     }
@@ -145,7 +152,12 @@ mod tests {
         assert_eq!(size_held(ids[0]), 7);
         let changed = ScheduleState { spec: Arc::new(spec.clone()), ..state.clone() };
         folded.put("t", ids[0], Some(&changed));
-        assert_eq!(size_held(ids[0]), size_of(&spec));
+        // Two specs now: the changed one, and the one the last tick was decided with.
+        let both = 2 * serde_json::to_vec(&spec).unwrap().len() + std::mem::size_of::<ScheduleState>();
+        assert_eq!((size_held(ids[0]), size_of(&changed)), (both, both));
+        let ticked = ScheduleState { tick_spec: changed.spec.clone(), ..changed.clone() };
+        folded.put("t", ids[0], Some(&ticked));
+        assert_eq!(size_held(ids[0]), both - serde_json::to_vec(&spec).unwrap().len(), "one spec after a tick");
         // By count.
         for _ in 0..FOLDED_SCHEDULES + 5 {
             hold(Uuid::now_v7(), 1);

@@ -47,8 +47,18 @@ pub const SCHEDULES: &str = "schedules";
 pub const TIMERS: &str = "timers";
 /// Longest a not-yet-due timer is handed back for before it is looked at again.
 const TIMER_RECHECK: Duration = Duration::from_secs(300);
+/// Longest a failed timer waits before it is tried again (see [`retry_after`]).
+const TIMER_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
 pub(crate) const MAX_CONFLICTS: usize = 16;
+
+/// How long a timer that failed, `late` past its due time, waits before it is tried again: a
+/// second at first, then a quarter of how late it is, up to [`TIMER_RETRY_MAX`]. A failure
+/// that passes (ingest restarting) is retried at once; one that lasts (a tick's run that
+/// cannot be submitted) is not retried every second for as long.
+fn retry_after(late: chrono::Duration) -> Duration {
+    (late / 4).to_std().unwrap_or_default().clamp(Duration::from_secs(1), TIMER_RETRY_MAX)
+}
 
 /// A scheduler replica.
 #[derive(Clone)]
@@ -240,8 +250,9 @@ impl Scheduler {
             Ok(()) => AckKind::Ack,
             Err(p) if p.code == ErrorCode::NotFound => AckKind::Term,
             Err(p) => {
-                tracing::warn!(problem = %p, "timer failed; retrying");
-                AckKind::Nak(Some(Duration::from_secs(1)))
+                let wait = retry_after(chrono::Utc::now() - timer.due);
+                tracing::warn!(problem = %p, ?wait, "timer failed; retrying");
+                AckKind::Nak(Some(wait))
             }
         }
     }
@@ -770,5 +781,19 @@ impl Slot {
         let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
         self.state = Self::load(key, &events);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_timer_is_retried_at_once_then_less_often_up_to_a_minute() {
+        let secs = chrono::Duration::seconds;
+        assert_eq!(retry_after(secs(0)), Duration::from_secs(1), "due now");
+        assert_eq!(retry_after(secs(-3)), Duration::from_secs(1), "fired a little early");
+        assert_eq!(retry_after(secs(20)), Duration::from_secs(5));
+        assert_eq!(retry_after(secs(3_600)), TIMER_RETRY_MAX, "failing for an hour");
     }
 }

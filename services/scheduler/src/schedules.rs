@@ -81,6 +81,8 @@ impl Scheduler {
             let now = Utc::now().max(tick);
             let from = state.first_due(tick);
             let (fire, last_due) = from.map(|f| state.spec.due(f, now)).unwrap_or_default();
+            // Due ticks, none of which catch-up fires: the last is recorded skipped.
+            let caught_none = fire.is_empty();
             let Some(last_due) = last_due else {
                 // Nothing new is due: this timer was a duplicate. Make sure the next tick is armed.
                 if let Some(next) = next_to_arm(&state.spec, from, now) {
@@ -88,35 +90,33 @@ impl Scheduler {
                 }
                 return Ok(());
             };
-            // Each tick handled: its record, the runs its overlap policy cancels, and whether
-            // it starts its own.
-            let mut decided: Vec<(ScheduleTicked, Vec<Uuid>)> = Vec::new();
+            // Each tick is decided, recorded, its cancels asked and its run started before the
+            // next is decided: a caught-up tick's overlap policy sees the run the one before it
+            // started (under `skip`, a catch-up fires one run while it runs; under
+            // `cancel_previous`, each cancels the one before). Killed between, only the last tick
+            // recorded lacks its run (and maybe its cancels), which the next timer sees to first.
+            let ticks = if caught_none { vec![last_due] } else { fire };
             // The runs a tick's overlap policy looks at: the last tick's, and the last run by hand.
             let mut previous: Vec<Uuid> = state.last_run.into_iter().chain(state.last_manual).collect();
-            if fire.is_empty() {
-                let skipped = Some("missed while no scheduler was running (catch_up: none)".into());
-                decided.push((ScheduleTicked { schedule_id, tick: last_due, run_id: None, skipped }, Vec::new()));
-            }
-            for t in fire {
-                let active = self.active_of(tenant, previous.iter().copied()).await?;
-                if !active.is_empty() && state.spec.overlap == Overlap::Skip {
-                    let skipped = Some("the previous run is still running".into());
-                    decided.push((ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new()));
-                    continue;
-                }
-                let cancels = if state.spec.overlap == Overlap::CancelPrevious { active } else { Vec::new() };
-                let run_id = taskmesh_ingest::tick_run_id(tenant, schedule_id, t);
-                decided.push((ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None }, cancels));
-                previous = vec![run_id];
-            }
-            // Each tick is recorded, then its cancels asked and its run started, before the next
-            // is recorded: killed between, only the last tick recorded lacks its run (and maybe
-            // its cancels), which the next timer sees to first.
             let meta = EventMeta::new(tenant);
             let mut seq = state.last_seq;
             let mut lost_race = false;
-            for (ticked, cancels) in decided {
-                let (t, ticked_run) = (ticked.tick, ticked.run_id);
+            for t in ticks {
+                let (ticked, cancels) = if caught_none {
+                    let skipped = Some("missed while no scheduler was running (catch_up: none)".into());
+                    (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
+                } else {
+                    let active = self.active_of(tenant, previous.iter().copied()).await?;
+                    if !active.is_empty() && state.spec.overlap == Overlap::Skip {
+                        let skipped = Some("the previous run is still running".into());
+                        (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
+                    } else {
+                        let cancels = if state.spec.overlap == Overlap::CancelPrevious { active } else { Vec::new() };
+                        let run_id = taskmesh_ingest::tick_run_id(tenant, schedule_id, t);
+                        (ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None }, cancels)
+                    }
+                };
+                let ticked_run = ticked.run_id;
                 let envelope = meta.envelope(subject.clone(), Event::ScheduleTicked(ticked));
                 match self.bus.append(seq, &envelope).await {
                     Ok(s) => seq = s,
@@ -127,17 +127,18 @@ impl Scheduler {
                     Err(e) => return Err(e.into()),
                 }
                 self.cancel_previous(tenant, cancels).await?;
-                if let Some(run_id) = ticked_run
-                    && let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, t).await?
-                {
-                    match self.record_refusal(tenant, schedule_id, t, run_id, reason, seq).await {
+                let Some(run_id) = ticked_run else { continue };
+                match self.start_run(tenant, schedule_id, &state.spec, t).await? {
+                    None => previous = vec![run_id],
+                    Some(reason) => match self.record_refusal(tenant, schedule_id, t, run_id, reason, seq).await {
+                        // Refused, it never runs: the runs before it are still the previous ones.
                         Ok(s) => seq = s,
                         Err(BusError::Conflict { .. }) => {
                             lost_race = true;
                             break;
                         }
                         Err(e) => return Err(e.into()),
-                    }
+                    },
                 }
             }
             if lost_race {
@@ -166,12 +167,14 @@ impl Scheduler {
         if Utc::now() - at >= REDO_WITHIN || self.run_exists(tenant, run_id).await? {
             return Ok(false);
         }
-        if state.spec.overlap == Overlap::CancelPrevious {
+        // As the tick was decided: a change of the schedule since is not its.
+        let spec = &state.tick_spec;
+        if spec.overlap == Overlap::CancelPrevious {
             let (run, by_hand) = state.before_last_run;
             let active = self.active_of(tenant, run.into_iter().chain(by_hand)).await?;
             self.cancel_previous(tenant, active).await?;
         }
-        let Some(reason) = self.start_run(tenant, schedule_id, &state.spec, last).await? else { return Ok(false) };
+        let Some(reason) = self.start_run(tenant, schedule_id, spec, last).await? else { return Ok(false) };
         // After what was folded: not after a delete, or another replica's later tick.
         match self.record_refusal(tenant, schedule_id, last, run_id, reason, state.last_seq).await {
             Ok(_) | Err(BusError::Conflict { .. }) => Ok(true),
@@ -359,10 +362,12 @@ mod tests {
         assert_eq!(state.ticks_from, Some(at(60)), "the new spec ticks from its first tick after the change");
         assert_eq!((state.last_run, state.last_manual), (Some(ticked), Some(manual)), "a tick's run and one by hand");
         assert!(state.last_tick_ran);
+        assert_eq!(state.tick_spec.cron, "* * * * *", "the last tick's run is submitted as its tick was decided");
         // A skipped tick: the last tick started no run (a duplicate timer must not start one).
         let skipped = ScheduleTicked { schedule_id: id, tick: at(2), run_id: None, skipped: Some("running".into()) };
         let state = fold(Some(state), &[stored(5, Event::ScheduleTicked(skipped))]).unwrap();
         assert!(!state.last_tick_ran);
+        assert!(std::sync::Arc::ptr_eq(&state.tick_spec, &state.spec), "a tick after the change: the spec now");
         assert_eq!((state.last_tick, state.last_run), (Some(at(2)), Some(ticked)));
         // Changed while paused (no next tick): from the change on.
         let paused = ScheduleUpdated { schedule_id: id, spec: spec("*/5 * * * *"), next_tick: None };
