@@ -494,6 +494,67 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
     tm.finish().await;
 }
 
+/// A pull (GitLab: merge) request closed or merged cancels its runs not yet ended; another
+/// request's runs and a push's on the same connection go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
+    let tm = spawn_mesh().await;
+    let slow = serde_json::json!({"pull_requests": true,
+        "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 60}]}});
+    let github = connect(&tm, "github", "baxterthehacker/public-repo", slow.clone()).await;
+    let gitlab = connect(&tm, "gitlab", "gitlabhq/gitlab-test", slow).await;
+    let to_github = |event: &'static str, body: Vec<u8>, delivery: &str| {
+        let req = tm.http.post(&github).header("content-type", "application/json").header("x-github-event", event);
+        let req = req.header("x-github-delivery", delivery).header("x-hub-signature-256", github_signature(&body));
+        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let to_gitlab = |body: Vec<u8>, delivery: &str| {
+        let req = tm.http.post(&gitlab).header("content-type", "application/json");
+        let req = req.header("x-gitlab-event", "Merge Request Hook").header("x-gitlab-token", SECRET);
+        let req = req.header("idempotency-key", delivery);
+        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let run_of = |answer: &serde_json::Value| -> uuid::Uuid {
+        assert_eq!(answer["outcome"], "started", "{answer}");
+        answer["run_id"].as_str().unwrap().parse().unwrap()
+    };
+    let opened = run_of(&to_github("pull_request", GITHUB_PR.to_vec(), "c-1").await);
+    let other = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 2.into())]), "c-2").await);
+    let push = edited(PUSH, &[("/repository/full_name", "baxterthehacker/public-repo".into())]);
+    let pushed = run_of(&to_github("push", push, "c-3").await);
+    let merge_request = run_of(&to_gitlab(GITLAB_MR.to_vec(), "c-4").await);
+    tm.wait_projected().await;
+
+    let closed = to_github("pull_request", edited(GITHUB_PR, &[("/action", "closed".into())]), "c-5").await;
+    assert_eq!(closed["outcome"], "cancelled", "{closed}");
+    assert_eq!(closed["cancelled"], serde_json::json!([opened]), "{closed}");
+    let merged = to_gitlab(edited(GITLAB_MR, &[("/object_attributes/action", "merge".into())]), "c-6").await;
+    assert_eq!(merged["outcome"], "cancelled", "{merged}");
+    assert_eq!(merged["cancelled"], serde_json::json!([merge_request]), "{merged}");
+    for run in [opened, merge_request] {
+        let view = tm.wait_run(run, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "cancelled", "{view}");
+    }
+    for run in [other, pushed] {
+        let (status, view) = tm.get_run(run).await;
+        assert_eq!(status, 200);
+        assert!(["queued", "running"].contains(&view["status"].as_str().unwrap()), "goes on: {view}");
+    }
+    // Closed again (a redelivery): nothing of it is left to cancel.
+    tm.wait_projected().await;
+    let again = to_github("pull_request", edited(GITHUB_PR, &[("/action", "closed".into())]), "c-7").await;
+    assert_eq!(again["outcome"], "ignored", "{again}");
+    assert!(again["reason"].as_str().unwrap().contains("none of its runs"), "{again}");
+    for run in [other, pushed] {
+        tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api)))
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap();
+    }
+    tm.finish().await;
+}
+
 /// A local stand-in for forges' APIs: answers `GET {path}?{query}` with what `files` says for
 /// it (status and body), any other `GET` with `404` and any `POST` with `201`; records every
 /// request (method, path and query, headers, JSON body).

@@ -55,7 +55,8 @@ pub(crate) fn push(body: &[u8], gitea: bool) -> Result<Push, ApiError> {
 }
 
 /// Reads a `pull_request` payload: GitHub's, or Gitea's, which has the same fields. Opened,
-/// given new commits (`synchronize`; Gitea: `synchronized`) or reopened, it starts a run.
+/// given new commits (`synchronize`; Gitea: `synchronized`) or reopened, it starts a run;
+/// `closed` (merged or not), its runs are cancelled.
 pub(crate) fn pull_request(body: &[u8]) -> Result<PullRequest, ApiError> {
     let p: PullRequestPayload = taskmesh_http::body::json(body)?;
     let inactive = match p.action.as_str() {
@@ -82,6 +83,7 @@ pub(crate) fn pull_request(body: &[u8]) -> Result<PullRequest, ApiError> {
         title: p.pull_request.title,
         fork,
         inactive,
+        closed: p.action == "closed",
         clone_url: p.repository.clone_url,
     })
 }

@@ -50,7 +50,8 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
 }
 
 /// Reads a `Merge Request Hook` payload. Opened, reopened, or updated with new commits (an
-/// update says the head it had, `oldrev`, only then), it starts a run.
+/// update says the head it had, `oldrev`, only then), it starts a run; closed or merged, its
+/// runs are cancelled.
 fn merge_request(body: &[u8]) -> Result<PullRequest, ApiError> {
     let p: MergeRequestPayload = taskmesh_http::body::json(body)?;
     let mr = p.object_attributes;
@@ -74,6 +75,7 @@ fn merge_request(body: &[u8]) -> Result<PullRequest, ApiError> {
         title: format!("{}\n{message}", mr.title),
         fork,
         inactive,
+        closed: matches!(mr.action.as_deref(), Some("close" | "merge")),
         clone_url: p.project.git_http_url,
     })
 }

@@ -35,7 +35,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 use taskmesh_bus::Bus;
 use taskmesh_config::HttpSettings;
-use taskmesh_events::command::SubmitRun;
+use taskmesh_events::command::{CancelRun, SubmitRun};
 use taskmesh_events::{ErrorCode, Forge, Trigger, glob_match};
 use taskmesh_http::{ApiError, ApiResult, Server};
 use taskmesh_ingest::IngestClient;
@@ -57,9 +57,9 @@ struct GitState {
 }
 
 /// What a webhook delivery led to.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct HookResponse {
-    /// `started` or `ignored`.
+    /// `started`, `cancelled` (a pull request closed: the runs in `cancelled`) or `ignored`.
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<Uuid>,
@@ -67,14 +67,14 @@ pub struct HookResponse {
     pub duplicate: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The runs asked to cancel.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cancelled: Vec<Uuid>,
 }
 
 impl HookResponse {
     fn ignored(reason: impl Into<String>) -> (StatusCode, Json<Self>) {
-        (
-            StatusCode::ACCEPTED,
-            Json(Self { outcome: "ignored", run_id: None, duplicate: None, reason: Some(reason.into()) }),
-        )
+        (StatusCode::ACCEPTED, Json(Self { outcome: "ignored", reason: Some(reason.into()), ..Default::default() }))
     }
 }
 
@@ -214,6 +214,8 @@ pub struct PullRequest {
     pub fork: bool,
     /// Why this event starts no run (closed, labelled, edited, …); none: it may.
     pub inactive: Option<String>,
+    /// It was closed (GitLab: or merged): its runs not yet ended are cancelled.
+    pub closed: bool,
     /// The repository's git URL over HTTP(S), where the payload has it.
     pub clone_url: Option<String>,
 }
@@ -438,9 +440,12 @@ async fn hook(
         Hook::Push { delivery, push } => (delivery, push_start(&conn, push)),
         // (Its payload is judged only where the connection takes pull requests.)
         Hook::PullRequest { delivery, .. } if !conn.pull_requests => (delivery, Err(PULL_REQUESTS_OFF.to_string())),
+        Hook::PullRequest { pr: Ok(pr), .. } if pr.closed && pr.repository.eq_ignore_ascii_case(&conn.repository) => {
+            return cancel_pull_request_runs(&state, &conn, id, pr.number).await;
+        }
         Hook::PullRequest { delivery, pr } => (delivery, pull_request_start(&conn, pr?)),
         Hook::Ping => {
-            let pong = HookResponse { outcome: "ignored", run_id: None, duplicate: None, reason: Some("pong".into()) };
+            let pong = HookResponse { outcome: "ignored", reason: Some("pong".into()), ..Default::default() };
             return Ok((StatusCode::OK, Json(pong)));
         }
         Hook::Other(event) => return Ok(HookResponse::ignored(format!("event '{event}' starts no run"))),
@@ -524,8 +529,49 @@ async fn hook(
             outcome: "started",
             run_id: Some(accepted.run_id),
             duplicate: Some(accepted.duplicate),
-            reason: None,
+            ..Default::default()
         }),
+    ))
+}
+
+/// Most runs of one pull request a delivery of its closing cancels.
+const MAX_CANCELLED: i64 = 1_000;
+
+/// A pull request closed (or merged): its runs not yet ended, as the read side has them, are
+/// asked to cancel. Sent again (a redelivery), it asks again those still not ended.
+async fn cancel_pull_request_runs(
+    state: &GitState,
+    conn: &Connection,
+    id: Uuid,
+    number: u64,
+) -> ApiResult<(StatusCode, Json<HookResponse>)> {
+    let runs: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running')
+           AND trigger->>'kind' = 'webhook' AND trigger->>'connection_id' = $2 AND trigger->>'pull_request' = $3
+         ORDER BY id LIMIT $4",
+    )
+    .bind(&conn.tenant)
+    .bind(id.to_string())
+    .bind(number.to_string())
+    .bind(MAX_CANCELLED)
+    .fetch_all(&state.pool)
+    .await?;
+    if runs.is_empty() {
+        return Ok(HookResponse::ignored(format!("pull request #{number} closed; none of its runs is running")));
+    }
+    for &run_id in &runs {
+        let reason = format!("pull request #{number} was closed");
+        let cancel = CancelRun { tenant: conn.tenant.clone(), run_id, reason, key_id: None };
+        match state.ingest.cancel_run(&cancel).await {
+            Ok(_) => {}
+            Err(p) if p.code == ErrorCode::NotFound => {} // (its events aged out)
+            Err(p) => return Err(p.into()),
+        }
+    }
+    let reason = Some(format!("pull request #{number} closed"));
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(HookResponse { outcome: "cancelled", reason, cancelled: runs, ..Default::default() }),
     ))
 }
 
@@ -620,7 +666,9 @@ mod tests {
         let gitea = github::pull_request(&fixture("gitea", "pull_request")).unwrap();
         assert_eq!((gitea.repository.as_str(), gitea.number, gitea.fork), ("example/example", 2, true));
         let closed = with(&fixture("github", "pull_request"), "/action", "closed".into());
-        assert!(github::pull_request(&closed).unwrap().inactive.unwrap().contains("closed"));
+        let closed = github::pull_request(&closed).unwrap();
+        assert!(closed.closed && closed.inactive.unwrap().contains("closed"));
+        assert!(!github.closed);
         let gone = with(&fixture("github", "pull_request"), "/pull_request/head/repo", serde_json::Value::Null);
         assert!(github::pull_request(&gone).unwrap().fork);
         // A fork of the same name elsewhere is told by its id; Gitea's AGit request, whose head
@@ -655,6 +703,11 @@ mod tests {
         assert!(read(&pushed).inactive.is_none());
         let forked = with(&fixture("gitlab", "merge_request"), "/object_attributes/source_project_id", 15.into());
         assert!(read(&forked).fork);
+        assert!(!gitlab.closed && !read(&pushed).closed);
+        for action in ["close", "merge"] {
+            let closed = with(&fixture("gitlab", "merge_request"), "/object_attributes/action", action.into());
+            assert!(read(&closed).closed && read(&closed).inactive.is_some(), "{action}");
+        }
     }
 
     #[test]
