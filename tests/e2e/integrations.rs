@@ -1986,8 +1986,9 @@ async fn a_connection_shows_its_last_commit_status_given_up_until_one_goes_throu
 }
 
 /// `POST /v1/runs/{id}/commit-status` sends a push-started run's state to its commit again
-/// (here after the forge refused it), which clears the failure shown; a run with no commit, or
-/// whose connection has no token, is a 409, and an unknown run a 404.
+/// (here after the forge refused it), which clears the failure shown; a run with no commit,
+/// whose connection has no token, or with a newer run of its workflow on its commit, is a 409,
+/// and an unknown run a 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runs_commit_status_is_sent_again_on_request() {
     let tm = spawn_mesh().await;
@@ -2033,6 +2034,16 @@ async fn a_runs_commit_status_is_sent_again_on_request() {
     .unwrap();
     let sent = calls.lock().unwrap()[2].0.clone();
     assert!(sent.ends_with("/repos/binkkatal/sample_app/statuses/fd489864e7642b48eaad6e3f155c10e46810ec72"), "{sent}");
+    // A newer run of the workflow on the same commit: the older's state would replace its own,
+    // so it is refused, naming the newer, which is sent.
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rs-3").send().await.unwrap().json().await.unwrap();
+    let newer = started["run_id"].as_str().unwrap().to_string();
+    tm.wait_run(newer.parse().unwrap(), Duration::from_secs(30)).await;
+    let res = resend(&run).await.unwrap();
+    assert_eq!(res.status(), 409);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains(&format!("run {newer} ")), "{problem}");
+    assert_eq!(resend(&newer).await.unwrap().status(), 202);
 
     // A run no push started has no commit; an unknown run is not found.
     let api_run = tm.submit("name: plain\nsteps:\n  - {id: a, run: 'true'}\n").await;
@@ -2062,7 +2073,7 @@ async fn a_runs_commit_status_is_sent_again_on_request() {
     let connection = hook.rsplit('/').next().unwrap();
     let deleted = tm.auth(tm.http.delete(format!("{}/v1/repo-connections/{connection}", tm.api))).send().await.unwrap();
     assert!(deleted.status().is_success(), "{}", deleted.status());
-    let res = resend(&run).await.unwrap();
+    let res = resend(&newer).await.unwrap();
     assert_eq!(res.status(), 409);
     let problem: serde_json::Value = res.json().await.unwrap();
     assert!(problem["detail"].as_str().unwrap().contains("was deleted"), "{problem}");

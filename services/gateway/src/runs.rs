@@ -632,8 +632,8 @@ pub struct RerunRequest {
 
 /// Report a push-started run's state on its commit again: `pending` while it runs, its outcome
 /// once it ended, sent with the repository connection's token (after the forge was down, or
-/// refused it for a while). It replaces whatever the commit shows for the workflow, a newer
-/// run's included.
+/// refused it for a while). It replaces whatever the commit shows for the workflow, so a run
+/// with a newer one of the same workflow on the same commit is refused (send the newer's).
 #[utoipa::path(post, operation_id = "resend_commit_status", path = "/v1/runs/{id}/commit-status", tag = "runs",
     params(("id" = Uuid, Path, description = "The run")),
     responses(
@@ -641,7 +641,7 @@ pub struct RerunRequest {
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The run was not started by a forge push, or its connection is gone or has no status token", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run was not started by a forge push, or its connection is gone or has no status token, or a newer run of its workflow on its commit reports its status", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn resend_commit_status(
@@ -651,6 +651,33 @@ pub async fn resend_commit_status(
 ) -> ApiResult<(StatusCode, Json<taskmesh_events::command::StatusQueued>)> {
     caller.require_operator()?;
     let run_id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
+    // The forge shows a commit's latest status of a name: this run's state would replace a
+    // newer run's (as the read side has the runs).
+    let newer: Option<Uuid> = sqlx::query_scalar(
+        "SELECT n.id FROM runs r JOIN runs n
+            ON n.tenant_id = r.tenant_id AND n.trigger->>'kind' = 'webhook'
+           AND n.trigger->>'commit' = r.trigger->>'commit'
+           AND n.trigger->>'forge' = r.trigger->>'forge'
+           AND n.trigger->>'repository' = r.trigger->>'repository'
+           AND n.workflow_name = r.workflow_name
+           AND (n.trigger ? 'pull_request') = (r.trigger ? 'pull_request')
+           AND n.trigger->>'reports_status' = 'true'
+           AND (n.created_at, n.id) > (r.created_at, r.id)
+         WHERE r.tenant_id = $1 AND r.id = $2 AND r.trigger->>'kind' = 'webhook'
+         ORDER BY n.created_at DESC, n.id DESC LIMIT 1",
+    )
+    .bind(&caller.tenant)
+    .bind(run_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    if let Some(newer) = newer {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "run {newer} of the same workflow on the same commit is newer, and the forge shows the latest status: this run's would replace it; send that run's"
+            ),
+        ));
+    }
     let cmd = taskmesh_events::command::ResendCommitStatus { tenant: caller.tenant.clone(), run_id };
     Ok((StatusCode::ACCEPTED, Json(state.ingest.resend_commit_status(&cmd).await?)))
 }
