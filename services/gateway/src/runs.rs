@@ -652,17 +652,20 @@ pub async fn resend_commit_status(
     caller.require_operator()?;
     let run_id: Uuid = id.parse().map_err(|_| ApiError::not_found("run"))?;
     // The forge shows a commit's latest status of a name: this run's state would replace a
-    // newer run's (as the read side has the runs).
+    // newer run's (as the read side has the runs) that could itself be sent again.
     let newer: Option<Uuid> = sqlx::query_scalar(
         "SELECT n.id FROM runs r JOIN runs n
             ON n.tenant_id = r.tenant_id AND n.trigger->>'kind' = 'webhook'
            AND n.trigger->>'commit' = r.trigger->>'commit'
            AND n.trigger->>'forge' = r.trigger->>'forge'
-           AND n.trigger->>'repository' = r.trigger->>'repository'
+           AND lower(n.trigger->>'repository') = lower(r.trigger->>'repository')
            AND n.workflow_name = r.workflow_name
            AND (n.trigger ? 'pull_request') = (r.trigger ? 'pull_request')
            AND n.trigger->>'reports_status' = 'true'
            AND (n.created_at, n.id) > (r.created_at, r.id)
+           -- (A newer run whose connection is gone, or has no token, cannot be sent again.)
+           AND EXISTS (SELECT 1 FROM repo_connections c WHERE c.tenant_id = n.tenant_id
+                       AND c.id::text = n.trigger->>'connection_id' AND c.status_token IS NOT NULL)
          WHERE r.tenant_id = $1 AND r.id = $2 AND r.trigger->>'kind' = 'webhook'
          ORDER BY n.created_at DESC, n.id DESC LIMIT 1",
     )

@@ -546,9 +546,9 @@ async fn cancel_pull_request_runs(
     number: u64,
 ) -> ApiResult<(StatusCode, Json<HookResponse>)> {
     let runs: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running')
+        "SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') AND trigger ? 'pull_request'
            AND trigger->>'kind' = 'webhook' AND trigger->>'connection_id' = $2 AND trigger->>'pull_request' = $3
-         ORDER BY id LIMIT $4",
+         LIMIT $4",
     )
     .bind(&conn.tenant)
     .bind(id.to_string())
@@ -559,15 +559,21 @@ async fn cancel_pull_request_runs(
     if runs.is_empty() {
         return Ok(HookResponse::ignored(format!("pull request #{number} closed; none of its runs is running")));
     }
-    for &run_id in &runs {
-        let reason = format!("pull request #{number} was closed");
-        let cancel = CancelRun { tenant: conn.tenant.clone(), run_id, reason, key_id: None };
-        match state.ingest.cancel_run(&cancel).await {
-            Ok(_) => {}
-            Err(p) if p.code == ErrorCode::NotFound => {} // (its events aged out)
-            Err(p) => return Err(p.into()),
-        }
-    }
+    // A few at once: the forge waits for the answer (GitHub for 10 seconds).
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(runs.iter().copied())
+        .map(|run_id| async move {
+            let reason = format!("pull request #{number} was closed");
+            let cancel = CancelRun { tenant: conn.tenant.clone(), run_id, reason, key_id: None };
+            match state.ingest.cancel_run(&cancel).await {
+                Ok(_) => Ok(()),
+                Err(p) if p.code == ErrorCode::NotFound => Ok(()), // (its events aged out)
+                Err(p) => Err(p),
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<()>()
+        .await?;
     let reason = Some(format!("pull request #{number} closed"));
     Ok((
         StatusCode::ACCEPTED,

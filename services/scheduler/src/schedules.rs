@@ -92,18 +92,28 @@ impl Scheduler {
             };
             // Each tick is decided, recorded, its cancels asked and its run started before the
             // next is decided: a caught-up tick's overlap policy sees the run the one before it
-            // started (under `skip`, a catch-up fires one run while it runs; under
-            // `cancel_previous`, each cancels the one before). Killed between, only the last tick
-            // recorded lacks its run (and maybe its cancels), which the next timer sees to first.
+            // started (under `skip`, a catch-up fires one run while it runs). Under
+            // `cancel_previous`, each would cancel the one before: of ticks caught up at once,
+            // all but the last are recorded superseded instead of starting runs to cancel. Killed
+            // between, only the last tick recorded lacks its run (and maybe its cancels), which
+            // the next timer sees to first.
             let ticks = if caught_none { vec![last_due] } else { fire };
+            let superseded = match state.spec.overlap {
+                Overlap::CancelPrevious => ticks.len() - 1,
+                _ => 0,
+            };
             // The runs a tick's overlap policy looks at: the last tick's, and the last run by hand.
             let mut previous: Vec<Uuid> = state.last_run.into_iter().chain(state.last_manual).collect();
             let meta = EventMeta::new(tenant);
             let mut seq = state.last_seq;
             let mut lost_race = false;
-            for t in ticks {
+            for (i, t) in ticks.into_iter().enumerate() {
                 let (ticked, cancels) = if caught_none {
                     let skipped = Some("missed while no scheduler was running (catch_up: none)".into());
+                    (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
+                } else if i < superseded {
+                    let skipped =
+                        Some("superseded by a later tick caught up at once (overlap: cancel_previous)".into());
                     (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
                 } else {
                     let active = self.active_of(tenant, previous.iter().copied()).await?;
