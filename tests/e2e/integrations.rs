@@ -2084,6 +2084,45 @@ async fn a_runs_commit_status_is_sent_again_on_request() {
     tm.finish().await;
 }
 
+/// A run's state sent again while it runs is `pending`, and goes to its commit as such; once it
+/// has ended, its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_runs_commit_status_sent_again_is_pending_then_its_outcome() {
+    let tm = spawn_mesh().await;
+    let (api, calls) = forge_api().await;
+    let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
+        "workflow": {"name": "ci", "steps": [{"id": "wait", "run": "sleep 3"}]}});
+    let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
+    let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rp-1").send().await.unwrap().json().await.unwrap();
+    let run: uuid::Uuid = started["run_id"].as_str().unwrap().parse().unwrap();
+    let resend = || tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api))).send();
+    // Its own pending first (sent as it was submitted), then the one asked for.
+    eventually("the run's pending status", Duration::from_secs(20), || async {
+        Ok((states_sent(&calls) == ["pending"]).then_some(()))
+    })
+    .await
+    .unwrap();
+    let res = resend().await.unwrap();
+    assert_eq!(res.status(), 202);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"state": "pending"}));
+    eventually("the pending sent again", Duration::from_secs(20), || async {
+        Ok((states_sent(&calls).len() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(states_sent(&calls)[1], "pending", "sent again while the run runs");
+    let view = tm.wait_run(run, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    let res = resend().await.unwrap();
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"state": "success"}));
+    eventually("the outcome, and the outcome sent again", Duration::from_secs(20), || async {
+        Ok((states_sent(&calls).iter().filter(|s| *s == "success").count() == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_status_refused_for_a_secondary_rate_limit_waits_a_minute_rather_than_being_dropped() {
     // Retried a second after a failure, were it one.

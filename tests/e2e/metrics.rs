@@ -21,21 +21,28 @@ async fn metrics_count_runs_steps_the_cache_and_requests_and_name_no_tenant() {
         let id = tm.submit_as(&key, yaml).await;
         tm.wait_run_as(&key, id, Duration::from_secs(30)).await;
     }
+    // Once more, refreshing its cache: the step runs.
+    let req = tm.http.post(format!("{}/v1/runs?refresh_cache=true", tm.api)).bearer_auth(&key);
+    let res = req.header("content-type", "application/yaml").body(cached).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    tm.wait_run_as(&key, id, Duration::from_secs(30)).await;
     // Each test runs in a process of its own under nextest: the counts are this test's alone,
     // so exact; under plain `cargo test` other tests add to them.
     let exact = std::env::var_os("NEXTEST_RUN_ID").is_some();
-    let expected: [Expected; 14] = [
-        ("taskmesh_runs_submitted_total", vec![], 3.0),
-        ("taskmesh_runs_finished_total", vec![("status", "succeeded")], 2.0),
+    let expected: [Expected; 15] = [
+        ("taskmesh_runs_submitted_total", vec![], 4.0),
+        ("taskmesh_runs_finished_total", vec![("status", "succeeded")], 3.0),
         ("taskmesh_runs_finished_total", vec![("status", "failed")], 1.0),
-        ("taskmesh_steps_finished_total", vec![("outcome", "succeeded")], 1.0),
+        ("taskmesh_steps_finished_total", vec![("outcome", "succeeded")], 2.0),
         ("taskmesh_steps_finished_total", vec![("outcome", "cached")], 1.0),
         ("taskmesh_steps_finished_total", vec![("outcome", "failed")], 1.0),
         ("taskmesh_step_cache_lookups_total", vec![("result", "miss")], 1.0),
         ("taskmesh_step_cache_lookups_total", vec![("result", "hit")], 1.0),
-        ("taskmesh_step_duration_seconds_count", vec![("kind", "run")], 2.0),
-        ("taskmesh_dispatch_admitted_total", vec![], 3.0),
-        ("taskmesh_http_requests_total", vec![("method", "POST"), ("route", "/v1/runs"), ("status", "202")], 3.0),
+        ("taskmesh_step_cache_lookups_total", vec![("result", "refresh")], 1.0),
+        ("taskmesh_step_duration_seconds_count", vec![("kind", "run")], 3.0),
+        ("taskmesh_dispatch_admitted_total", vec![], 4.0),
+        ("taskmesh_http_requests_total", vec![("method", "POST"), ("route", "/v1/runs"), ("status", "202")], 4.0),
         ("taskmesh_http_requests_total", vec![("method", "POST"), ("route", "/v1/tenants"), ("status", "201")], 1.0),
         ("taskmesh_build_info", vec![("version", env!("CARGO_PKG_VERSION"))], 1.0),
         ("taskmesh_dispatch_held_steps", vec![], 0.0),
