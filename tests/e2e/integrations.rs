@@ -525,10 +525,15 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     let merge_request = run_of(&to_gitlab(GITLAB_MR.to_vec(), "c-4").await);
     tm.wait_projected().await;
 
-    let closed = to_github("pull_request", edited(GITHUB_PR, &[("/action", "closed".into())]), "c-5").await;
+    // Closed (merged) now, as each forge's payload says.
+    let now = || serde_json::json!(chrono::Utc::now().to_rfc3339());
+    let close = edited(GITHUB_PR, &[("/action", "closed".into()), ("/pull_request/closed_at", now())]);
+    let closed = to_github("pull_request", close.clone(), "c-5").await;
     assert_eq!(closed["outcome"], "cancelled", "{closed}");
     assert_eq!(closed["cancelled"], serde_json::json!([opened]), "{closed}");
-    let merged = to_gitlab(edited(GITLAB_MR, &[("/object_attributes/action", "merge".into())]), "c-6").await;
+    let merge =
+        edited(GITLAB_MR, &[("/object_attributes/action", "merge".into()), ("/object_attributes/updated_at", now())]);
+    let merged = to_gitlab(merge, "c-6").await;
     assert_eq!(merged["outcome"], "cancelled", "{merged}");
     assert_eq!(merged["cancelled"], serde_json::json!([merge_request]), "{merged}");
     for run in [opened, merge_request] {
@@ -540,12 +545,31 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
         assert_eq!(status, 200);
         assert!(["queued", "running"].contains(&view["status"].as_str().unwrap()), "goes on: {view}");
     }
-    // Closed again (a redelivery): nothing of it is left to cancel.
+    // Reopened, then the close delivered again (late, or redelivered): the reopening's run was
+    // started after the close, and goes on.
     tm.wait_projected().await;
-    let again = to_github("pull_request", edited(GITHUB_PR, &[("/action", "closed".into())]), "c-7").await;
+    let reopened =
+        run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/action", "reopened".into())]), "c-7").await);
+    tm.wait_projected().await;
+    let again = to_github("pull_request", close.clone(), "c-5").await;
     assert_eq!(again["outcome"], "ignored", "{again}");
     assert!(again["reason"].as_str().unwrap().contains("none of its runs"), "{again}");
-    for run in [other, pushed] {
+    // A close sent where the connection takes no requests, or for another repository, is not
+    // this connection's to act on.
+    let plain = connect(&tm, "github", "baxterthehacker/public-repo", serde_json::json!({})).await;
+    let req = tm.http.post(&plain).header("content-type", "application/json").header("x-github-event", "pull_request");
+    let req = req.header("x-github-delivery", "c-8").header("x-hub-signature-256", github_signature(&close));
+    let answer: serde_json::Value = req.body(close.clone()).send().await.unwrap().json().await.unwrap();
+    assert!(answer["reason"].as_str().unwrap().contains("pull_requests: false"), "{answer}");
+    let elsewhere = edited(&close, &[("/repository/full_name", "someone/else".into())]);
+    let answer = to_github("pull_request", elsewhere, "c-9").await;
+    assert_eq!(answer["outcome"], "ignored", "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("connection is for"), "{answer}");
+    for run in [other, pushed, reopened] {
+        let (_, view) = tm.get_run(run).await;
+        assert!(["queued", "running"].contains(&view["status"].as_str().unwrap()), "goes on: {view}");
+    }
+    for run in [other, pushed, reopened] {
         tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api)))
             .json(&serde_json::json!({}))
             .send()
@@ -2091,7 +2115,7 @@ async fn a_running_runs_commit_status_sent_again_is_pending_then_its_outcome() {
     let tm = spawn_mesh().await;
     let (api, calls) = forge_api().await;
     let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
-        "workflow": {"name": "ci", "steps": [{"id": "wait", "run": "sleep 3"}]}});
+        "workflow": {"name": "ci", "steps": [{"id": "wait", "run": "sleep 10"}]}});
     let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
     let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rp-1").send().await.unwrap().json().await.unwrap();
     let run: uuid::Uuid = started["run_id"].as_str().unwrap().parse().unwrap();

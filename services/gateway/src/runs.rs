@@ -665,7 +665,7 @@ pub async fn resend_commit_status(
            AND (n.created_at, n.id) > (r.created_at, r.id)
            -- (A newer run whose connection is gone, or has no token, cannot be sent again.)
            AND EXISTS (SELECT 1 FROM repo_connections c WHERE c.tenant_id = n.tenant_id
-                       AND c.id::text = n.trigger->>'connection_id' AND c.status_token IS NOT NULL)
+                       AND c.id = (n.trigger->>'connection_id')::uuid AND c.status_token IS NOT NULL)
          WHERE r.tenant_id = $1 AND r.id = $2 AND r.trigger->>'kind' = 'webhook'
          ORDER BY n.created_at DESC, n.id DESC LIMIT 1",
     )

@@ -84,6 +84,8 @@ pub(crate) fn pull_request(body: &[u8]) -> Result<PullRequest, ApiError> {
         fork,
         inactive,
         closed: p.action == "closed",
+        // (`updated_at` is the close's time too, where a forge leaves `closed_at` out.)
+        closed_at: crate::forge_time(p.pull_request.closed_at.as_deref().or(p.pull_request.updated_at.as_deref())),
         clone_url: p.repository.clone_url,
     })
 }
@@ -101,6 +103,8 @@ struct PullRequestPayload {
 struct PullRequestFields {
     #[serde(default)]
     title: String,
+    closed_at: Option<String>,
+    updated_at: Option<String>,
     head: PullRequestEnd,
     base: PullRequestEnd,
 }

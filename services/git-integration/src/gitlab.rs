@@ -76,6 +76,7 @@ fn merge_request(body: &[u8]) -> Result<PullRequest, ApiError> {
         fork,
         inactive,
         closed: matches!(mr.action.as_deref(), Some("close" | "merge")),
+        closed_at: crate::forge_time(mr.updated_at.as_deref()),
         clone_url: p.project.git_http_url,
     })
 }
@@ -96,6 +97,7 @@ struct MergeRequest {
     #[serde(default)]
     title: String,
     oldrev: Option<String>,
+    updated_at: Option<String>,
     last_commit: Option<LastCommit>,
     source_project_id: Option<u64>,
     target_project_id: Option<u64>,

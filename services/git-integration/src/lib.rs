@@ -216,6 +216,9 @@ pub struct PullRequest {
     pub inactive: Option<String>,
     /// It was closed (GitLab: or merged): its runs not yet ended are cancelled.
     pub closed: bool,
+    /// When it was last closed or changed, as the forge says: a close cancels only the runs
+    /// started before it (not those of a reopening that a late or redelivered close follows).
+    pub closed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The repository's git URL over HTTP(S), where the payload has it.
     pub clone_url: Option<String>,
 }
@@ -276,6 +279,16 @@ fn push_start(conn: &Connection, push: Push) -> Result<Start, String> {
         pull_request: None,
         clone_url: push.clone_url,
     })
+}
+
+/// A time in a forge's payload: RFC 3339 (GitHub, Gitea, recent GitLab), or GitLab's older
+/// `2013-12-03 17:23:34 UTC`.
+pub(crate) fn forge_time(text: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = text?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S UTC").map(|t| t.and_utc()))
+        .ok()
 }
 
 /// Why a pull request's event starts nothing where the connection takes none.
@@ -441,7 +454,7 @@ async fn hook(
         // (Its payload is judged only where the connection takes pull requests.)
         Hook::PullRequest { delivery, .. } if !conn.pull_requests => (delivery, Err(PULL_REQUESTS_OFF.to_string())),
         Hook::PullRequest { pr: Ok(pr), .. } if pr.closed && pr.repository.eq_ignore_ascii_case(&conn.repository) => {
-            return cancel_pull_request_runs(&state, &conn, id, pr.number).await;
+            return cancel_pull_request_runs(&state, &conn, id, pr.number, pr.closed_at).await;
         }
         Hook::PullRequest { delivery, pr } => (delivery, pull_request_start(&conn, pr?)),
         Hook::Ping => {
@@ -537,23 +550,28 @@ async fn hook(
 /// Most runs of one pull request a delivery of its closing cancels.
 const MAX_CANCELLED: i64 = 1_000;
 
-/// A pull request closed (or merged): its runs not yet ended, as the read side has them, are
-/// asked to cancel. Sent again (a redelivery), it asks again those still not ended.
+/// A pull request closed (or merged): its runs not yet ended, as the read side has them, and
+/// started before `closed_at` (where the payload says when), are asked to cancel. Sent again
+/// (a redelivery), it asks again those still not ended; a run of a reopening since is left be
+/// (the forge's clock and ours may differ by a few seconds).
 async fn cancel_pull_request_runs(
     state: &GitState,
     conn: &Connection,
     id: Uuid,
     number: u64,
+    closed_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> ApiResult<(StatusCode, Json<HookResponse>)> {
     let runs: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') AND trigger ? 'pull_request'
            AND trigger->>'kind' = 'webhook' AND trigger->>'connection_id' = $2 AND trigger->>'pull_request' = $3
+           AND ($5::timestamptz IS NULL OR created_at <= $5)
          LIMIT $4",
     )
     .bind(&conn.tenant)
     .bind(id.to_string())
     .bind(number.to_string())
     .bind(MAX_CANCELLED)
+    .bind(closed_at)
     .fetch_all(&state.pool)
     .await?;
     if runs.is_empty() {
@@ -658,6 +676,17 @@ mod tests {
             api_url: None,
             pull_requests,
         }
+    }
+
+    #[test]
+    fn forge_times_are_read_in_rfc_3339_and_gitlabs_older_form() {
+        use chrono::TimeZone;
+        let t = chrono::Utc.with_ymd_and_hms(2013, 12, 3, 17, 23, 34).unwrap();
+        assert_eq!(forge_time(Some("2013-12-03T17:23:34Z")), Some(t));
+        assert_eq!(forge_time(Some("2013-12-04T02:23:34+09:00")), Some(t));
+        assert_eq!(forge_time(Some("2013-12-03 17:23:34 UTC")), Some(t));
+        assert_eq!(forge_time(Some("yesterday")), None);
+        assert_eq!(forge_time(None), None);
     }
 
     #[test]

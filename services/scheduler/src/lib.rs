@@ -49,15 +49,18 @@ pub const TIMERS: &str = "timers";
 const TIMER_RECHECK: Duration = Duration::from_secs(300);
 /// Longest a failed timer waits before it is tried again (see [`retry_after`]).
 const TIMER_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Most timers whose failures in a row a replica counts at once (past it, it starts counting
+/// afresh: their next waits are short again).
+const TIMER_FAILURES_KEPT: usize = 10_000;
 /// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
 pub(crate) const MAX_CONFLICTS: usize = 16;
 
-/// How long a timer that failed, `late` past its due time, waits before it is tried again: a
-/// second at first, then a quarter of how late it is, up to [`TIMER_RETRY_MAX`]. A failure
-/// that passes (ingest restarting) is retried at once; one that lasts (a tick's run that
-/// cannot be submitted) is not retried every second for as long.
-fn retry_after(late: chrono::Duration) -> Duration {
-    (late / 4).to_std().unwrap_or_default().clamp(Duration::from_secs(1), TIMER_RETRY_MAX)
+/// How long a timer that has failed `failures` times in a row waits before it is tried again:
+/// a second, then twice as long each time, up to [`TIMER_RETRY_MAX`]. A failure that passes
+/// (ingest restarting) is retried at once, however late the timer already is; one that lasts
+/// (a tick's run that cannot be submitted) is not retried every second for as long.
+fn retry_after(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.clamp(1, 7).saturating_sub(1)).min(TIMER_RETRY_MAX)
 }
 
 /// A scheduler replica.
@@ -69,6 +72,8 @@ pub struct Scheduler {
     cache: Arc<Cache>,
     /// Schedules' states as last folded (see [`taskmesh_ingest::schedules::Folded`]).
     schedules: Arc<taskmesh_ingest::schedules::Folded>,
+    /// How often each timer (by its stream sequence) failed in a row here (see [`retry_after`]).
+    timer_failures: Arc<std::sync::Mutex<HashMap<u64, u32>>>,
 }
 
 /// The runs this replica has in memory, each behind its own lock: work on one run (its events,
@@ -93,7 +98,14 @@ const REACTOR_LANES: taskmesh_bus::Lanes = taskmesh_bus::Lanes { count: 32, dept
 
 impl Scheduler {
     pub fn new(bus: Bus, settings: SchedulerSettings, limits: LimitsSettings) -> Self {
-        Self { bus, settings, limits, cache: Arc::new(Cache::default()), schedules: Default::default() }
+        Self {
+            bus,
+            settings,
+            limits,
+            cache: Arc::new(Cache::default()),
+            schedules: Default::default(),
+            timer_failures: Default::default(),
+        }
     }
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
@@ -246,15 +258,32 @@ impl Scheduler {
             }
             return AckKind::Nak(Some(wait.min(TIMER_RECHECK)));
         }
-        match self.fire(&timer).await {
+        let fired = self.fire(&timer).await;
+        // Failures in a row are counted by the timer's message, on this replica (another's, or
+        // one restarted, starts again at a second).
+        let seq = msg.info().map(|i| i.stream_sequence).ok();
+        let mut failures = self.timer_failures.lock().unwrap_or_else(|e| e.into_inner());
+        let done = match fired {
             Ok(()) => AckKind::Ack,
             Err(p) if p.code == ErrorCode::NotFound => AckKind::Term,
             Err(p) => {
-                let wait = retry_after(chrono::Utc::now() - timer.due);
-                tracing::warn!(problem = %p, ?wait, "timer failed; retrying");
-                AckKind::Nak(Some(wait))
+                if failures.len() >= TIMER_FAILURES_KEPT {
+                    failures.clear();
+                }
+                let n = seq.map_or(1, |s| {
+                    let n = failures.entry(s).or_default();
+                    *n += 1;
+                    *n
+                });
+                let wait = retry_after(n);
+                tracing::warn!(problem = %p, ?wait, failures = n, "timer failed; retrying");
+                return AckKind::Nak(Some(wait));
             }
+        };
+        if let Some(s) = seq {
+            failures.remove(&s);
         }
+        done
     }
 
     async fn on_schedule_message(&self, msg: &Message) -> AckKind {
@@ -790,10 +819,9 @@ mod tests {
 
     #[test]
     fn a_failed_timer_is_retried_at_once_then_less_often_up_to_a_minute() {
-        let secs = chrono::Duration::seconds;
-        assert_eq!(retry_after(secs(0)), Duration::from_secs(1), "due now");
-        assert_eq!(retry_after(secs(-3)), Duration::from_secs(1), "fired a little early");
-        assert_eq!(retry_after(secs(20)), Duration::from_secs(5));
-        assert_eq!(retry_after(secs(3_600)), TIMER_RETRY_MAX, "failing for an hour");
+        let waits: Vec<u64> = (1..=9).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_after(0), Duration::from_secs(1));
+        assert_eq!(retry_after(u32::MAX), TIMER_RETRY_MAX);
     }
 }
