@@ -288,6 +288,15 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
             "const e = document.querySelector('#schedule-edit .error'); return !!e && e.innerText.includes('cron')",
         )
         .await;
+    // The policies are chosen beside it.
+    assert_eq!(
+        browser.run("return document.querySelector('#schedule-edit select[name=overlap]').value").await,
+        "skip",
+        "the schedule's own overlap shown"
+    );
+    browser
+        .run("const f = document.getElementById('schedule-edit'); f.querySelector('select[name=overlap]').value = 'cancel_previous'; f.querySelector('select[name=catch_up]').value = 'last'; return true")
+        .await;
     browser.run(&save("0 0 2 1 *")).await;
     browser
         .until(
@@ -303,6 +312,11 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         (&serde_json::json!("0 0 2 1 *"), &serde_json::json!(true))
     );
     assert_eq!(changed["spec"]["workflow"], "stored", "the rest kept: {changed}");
+    assert_eq!(
+        (&changed["spec"]["overlap"], &changed["spec"]["catch_up"]),
+        (&serde_json::json!("cancel_previous"), &serde_json::json!("last")),
+        "{changed}"
+    );
     // The audit log: the pause just made, by this key; the key's link lists its calls only.
     tm.wait_projected().await;
     browser

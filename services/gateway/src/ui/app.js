@@ -611,12 +611,18 @@ function schedulesView(query) {
   const body = el("tbody");
   const more = el("p");
   const changes = changing(problem);
-  // Changing one schedule (Edit on its row): its expression, time zone and inputs, sent as a
-  // merge patch of what it had. Above the list, which is drawn afresh every few seconds.
+  // Changing one schedule (Edit on its row): its expression, time zone, overlap and catch-up
+  // policies and inputs, sent as a merge patch of what it had. Above the list, which is drawn
+  // afresh every few seconds.
   const editing = { id: null, inputs: {} };
   const cron = el("input", { name: "cron", placeholder: "cron", size: 18, required: true, class: "mono" });
   const timezone = el("input", { name: "timezone", placeholder: "time zone (UTC)", size: 16 });
   const inputs = el("input", { name: "inputs", placeholder: '{"inputs": "as JSON"}', size: 40, class: "mono" });
+  // Each policy's values, the default first (as the API has them).
+  const choice = (name, title, values) => el("select", { name, title },
+    ...values.map((v) => el("option", { value: v }, `${name.replace("_", " ")}: ${v}`)));
+  const overlap = choice("overlap", "What a tick does while the previous run still runs", ["skip", "allow", "cancel_previous"]);
+  const catchUp = choice("catch_up", "Which ticks missed while no scheduler ran are fired", ["none", "last", "all"]);
   // The form's own: the list's refresh clears the page's problem every few seconds.
   const refusal = el("div", { class: "refusal" });
   const edit = el("form", {
@@ -628,7 +634,13 @@ function schedulesView(query) {
         if (!isObject(given)) throw new Error("inputs: a JSON object");
         const r = await api(`/v1/schedules/${editing.id}`, {
           method: "PATCH",
-          body: { cron: cron.value.trim(), timezone: timezone.value.trim() || null, inputs: mergePatch(editing.inputs, given) },
+          body: {
+            cron: cron.value.trim(),
+            timezone: timezone.value.trim() || null,
+            overlap: overlap.value,
+            catch_up: catchUp.value,
+            inputs: mergePatch(editing.inputs, given),
+          },
         });
         edit.hidden = true;
         refusal.replaceChildren();
@@ -637,7 +649,7 @@ function schedulesView(query) {
         refusal.replaceChildren(failure(e));
       }
     },
-  }, el("span", { class: "mono" }), cron, timezone, inputs,
+  }, el("span", { class: "mono" }), cron, timezone, overlap, catchUp, inputs,
   el("button", { type: "submit" }, "Save"),
   el("button", { type: "button", onclick: () => { edit.hidden = true; } }, "Cancel"), refusal);
   const editOf = (id, spec) => {
@@ -647,6 +659,8 @@ function schedulesView(query) {
     edit.firstChild.textContent = id;
     cron.value = spec.cron || "";
     timezone.value = spec.timezone || "";
+    overlap.value = spec.overlap || "skip";
+    catchUp.value = spec.catch_up || "none";
     inputs.value = Object.keys(editing.inputs).length ? JSON.stringify(editing.inputs) : "";
     edit.hidden = false;
     cron.focus();
@@ -671,7 +685,7 @@ function schedulesView(query) {
             " ",
             el("button", { type: "button", title: "Start a run of its workflow now", onclick: () => changes.act(`/v1/schedules/${id}/trigger`) }, "Run now"),
             " ",
-            el("button", { type: "button", class: "edit", title: "Change its expression, time zone or inputs", onclick: () => editOf(id, spec) }, "Edit"))
+            el("button", { type: "button", class: "edit", title: "Change its expression, time zone, policies or inputs", onclick: () => editOf(id, spec) }, "Edit"))
           : null;
         return el("tr", {},
           el("td", {}, workflow),
