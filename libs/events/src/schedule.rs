@@ -125,11 +125,13 @@ impl ScheduleSpec {
         Err(Problem::new(ErrorCode::InvalidInput, detail).with_errors(errors))
     }
 
-    /// The first tick strictly after `t` (ticks fall on whole seconds).
+    /// The first tick strictly after `t` (ticks fall on whole seconds). Found as [`Self::ticks`]
+    /// finds them, never before `t`: in the hour a time zone repeats, the expression's library
+    /// reads a local time as its first instance, and answered one before `t` (so a schedule
+    /// created then had a first tick before it, and caught up ticks from before it existed).
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let (cron, tz) = (self.cron().ok()?, self.tz().ok()?);
-        let t = t.trunc_subsecs(0);
-        cron.find_next_occurrence(&t.with_timezone(&tz), false).ok().map(|d| d.with_timezone(&Utc).trunc_subsecs(0))
+        let from = t.trunc_subsecs(0) + chrono::Duration::seconds(1);
+        self.ticks(from, DateTime::<Utc>::MAX_UTC, 1).into_iter().next()
     }
 
     /// The ticks from `from` (inclusive) to `until` (inclusive), at most `cap` of them. Ticks
@@ -388,6 +390,26 @@ mod tests {
         let ticks = paris.ticks(from, until, 100);
         assert!(ticks.iter().all(|t| *t >= from && *t <= until), "{ticks:?}");
         assert!(ticks.contains(&Utc.with_ymd_and_hms(2026, 10, 25, 2, 15, 0).unwrap()), "{ticks:?}");
+    }
+
+    #[test]
+    fn the_next_tick_is_never_before_in_the_hour_a_time_zone_repeats() {
+        // Paris goes back from 03:00 CEST to 02:00 CET on 25 October 2026 at 01:00 UTC: 00:00
+        // to 01:00 UTC is 02:xx CEST, 01:00 to 02:00 UTC is 02:xx CET.
+        let paris = spec("*/15 * * * *", "Europe/Paris", CatchUp::None);
+        let utc = |h, m| Utc.with_ymd_and_hms(2026, 10, 25, h, m, 0).unwrap();
+        assert_eq!(paris.next_after(utc(0, 40)), Some(utc(0, 45)), "in the first pass");
+        // In the second pass (no ticks there: a local time is its first instance), the next
+        // tick is after it: 03:00 CET. The library alone answered 00:15 UTC, the past.
+        for t in [utc(1, 0), utc(1, 10), utc(1, 59)] {
+            assert_eq!(paris.next_after(t), Some(utc(2, 0)), "after {t}");
+        }
+        // An every-second expression there too, within the search's bound.
+        let every = spec("* * * * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(every.next_after(utc(1, 10)), Some(utc(2, 0)));
+        // Troll repeats two hours (01:00 UTC on 25 October 2026: +02 to +00).
+        let troll = spec("* * * * * *", "Antarctica/Troll", CatchUp::None);
+        assert_eq!(troll.next_after(utc(1, 30)), Some(utc(3, 0)), "local 03:00 +00, two hours of search");
     }
 
     #[test]

@@ -112,8 +112,7 @@ impl Scheduler {
                     let skipped = Some("missed while no scheduler was running (catch_up: none)".into());
                     (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
                 } else if i < superseded {
-                    let skipped =
-                        Some("superseded by a later tick caught up at once (overlap: cancel_previous)".into());
+                    let skipped = Some("superseded by a later tick due at once (overlap: cancel_previous)".into());
                     (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
                 } else {
                     let active = self.active_of(tenant, previous.iter().copied()).await?;
