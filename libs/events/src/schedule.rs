@@ -134,37 +134,92 @@ impl ScheduleSpec {
         self.ticks(from, DateTime::<Utc>::MAX_UTC, 1).into_iter().next()
     }
 
+    /// Whether the expression's hour is a wildcard (`*`, `*/2`, …): such an expression ticks in
+    /// both passes of an hour its time zone repeats, as cron does (Vixie cron's rule); one fixed
+    /// to an hour ticks in its first pass only.
+    fn hour_wildcard(&self) -> bool {
+        let fields: Vec<&str> = self.cron.split_whitespace().collect();
+        let hour = match fields.len() {
+            5 => fields[1],
+            n if n >= 6 => fields[2],
+            _ => return false,
+        };
+        hour.starts_with('*')
+    }
+
     /// The ticks from `from` (inclusive) to `until` (inclusive), at most `cap` of them. Ticks
     /// fall on whole seconds, so one within a second before `from` is not one; nor is one the
     /// expression's library finds before `from` (in the hour a time zone repeats when its clocks
-    /// go back, it reads a local time as its first instance).
+    /// go back, it reads a local time as its first instance). An expression whose hour is a
+    /// wildcard ticks in that hour's second pass too ([`Self::hour_wildcard`]): each local time
+    /// it matches there is taken at its second instance.
     pub fn ticks(&self, from: DateTime<Utc>, until: DateTime<Utc>, cap: usize) -> Vec<DateTime<Utc>> {
+        use chrono::{Offset, TimeZone};
         let (Ok(cron), Ok(tz)) = (self.cron(), self.tz()) else { return Vec::new() };
+        let both = self.hour_wildcard();
+        let offset = |t: DateTime<Utc>| tz.offset_from_utc_datetime(&t.naive_utc()).fix().local_minus_utc();
         let from = match from.trunc_subsecs(0) {
             whole if whole < from => whole + chrono::Duration::seconds(1),
             whole => whole,
         };
-        let mut out = Vec::new();
+        let mut out: Vec<DateTime<Utc>> = Vec::new();
         let mut at = from.with_timezone(&tz);
         let mut inclusive = true;
+        // The repeated hour whose second pass was walked already (see below), if any.
+        let mut walked: Option<DateTime<Utc>> = None;
         // Bounded whatever the library answers: each step moves on, and those before `from`
         // are of an hour a time zone repeats (two at most, as Antarctica/Troll does), every
-        // second at most.
-        for _ in 0..cap.saturating_add(2 * 3600 + 1) {
+        // second at most, walked once in each pass.
+        for _ in 0..cap.saturating_add(4 * 3600 + 2) {
             if out.len() >= cap {
                 break;
             }
-            match cron.find_next_occurrence(&at, inclusive) {
-                Ok(t) if t.with_timezone(&Utc) <= until => {
-                    let tick = t.with_timezone(&Utc).trunc_subsecs(0);
-                    if tick >= from {
-                        out.push(tick);
+            let Ok(t) = cron.find_next_occurrence(&at, inclusive) else { break };
+            let found = t.with_timezone(&Utc).trunc_subsecs(0);
+            let last = out.last().copied();
+            if found < from || last.is_some_and(|l| found <= l) {
+                // A local time of a repeated hour, read as its first instance: in its second
+                // pass, for an expression that ticks there, its second instance is the tick.
+                if both
+                    && let Some(late) = tz.from_local_datetime(&t.naive_local()).latest()
+                    && let late = late.with_timezone(&Utc).trunc_subsecs(0)
+                    && late >= from
+                    && last.is_none_or(|l| late > l)
+                {
+                    if late > until {
+                        break;
                     }
-                    at = t;
-                    inclusive = false;
+                    out.push(late);
                 }
-                _ => break,
+                at = t;
+                inclusive = false;
+                continue;
             }
+            if found > until && !both {
+                break;
+            }
+            // Past a repeated hour (the offset went down between where the walk was and this
+            // tick) whose second pass it has not walked: walk it first, from its start.
+            let was = last.unwrap_or(from).max(at.with_timezone(&Utc));
+            if both && offset(was) > offset(found) {
+                let (mut lo, mut hi) = (was, found);
+                while hi - lo > chrono::Duration::seconds(1) {
+                    let mid = lo + (hi - lo) / 2;
+                    if offset(mid) == offset(was) { lo = mid } else { hi = mid }
+                }
+                if hi > from && walked != Some(hi) {
+                    walked = Some(hi);
+                    at = hi.with_timezone(&tz);
+                    inclusive = true;
+                    continue;
+                }
+            }
+            if found > until {
+                break;
+            }
+            out.push(found);
+            at = t;
+            inclusive = false;
         }
         out
     }
@@ -383,7 +438,7 @@ mod tests {
         );
         assert_eq!(s.ticks(t, t, 10), [t], "inclusive");
         // Paris goes back from 03:00 CEST to 02:00 CET on 25 October 2026 (01:00 UTC): a range
-        // in the second pass of 02:xx yields nothing from before it.
+        // in the second pass of 02:xx yields nothing from before it, and its ticks there.
         let paris = spec("*/15 * * * *", "Europe/Paris", CatchUp::All);
         let from = Utc.with_ymd_and_hms(2026, 10, 25, 1, 10, 0).unwrap();
         let until = Utc.with_ymd_and_hms(2026, 10, 25, 2, 20, 0).unwrap();
@@ -393,23 +448,58 @@ mod tests {
     }
 
     #[test]
-    fn the_next_tick_is_never_before_in_the_hour_a_time_zone_repeats() {
+    fn in_an_hour_a_time_zone_repeats_wildcard_hours_tick_in_both_passes_and_fixed_ones_once() {
         // Paris goes back from 03:00 CEST to 02:00 CET on 25 October 2026 at 01:00 UTC: 00:00
         // to 01:00 UTC is 02:xx CEST, 01:00 to 02:00 UTC is 02:xx CET.
-        let paris = spec("*/15 * * * *", "Europe/Paris", CatchUp::None);
         let utc = |h, m| Utc.with_ymd_and_hms(2026, 10, 25, h, m, 0).unwrap();
-        assert_eq!(paris.next_after(utc(0, 40)), Some(utc(0, 45)), "in the first pass");
-        // In the second pass (no ticks there: a local time is its first instance), the next
-        // tick is after it: 03:00 CET. The library alone answered 00:15 UTC, the past.
-        for t in [utc(1, 0), utc(1, 10), utc(1, 59)] {
-            assert_eq!(paris.next_after(t), Some(utc(2, 0)), "after {t}");
-        }
-        // An every-second expression there too, within the search's bound.
+        let quarterly = spec("*/15 * * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(quarterly.next_after(utc(0, 40)), Some(utc(0, 45)), "in the first pass");
+        // From the first pass into the second, through it, and on: every quarter of an hour of
+        // real time. (The library alone answered 00:15 UTC for 01:10 UTC, the past.)
+        assert_eq!(quarterly.next_after(utc(0, 50)), Some(utc(1, 0)));
+        assert_eq!(quarterly.next_after(utc(1, 10)), Some(utc(1, 15)));
+        assert_eq!(quarterly.next_after(utc(1, 59)), Some(utc(2, 0)));
+        let every_quarter: Vec<_> = (0..=9).map(|q| utc(0, 0) + chrono::Duration::minutes(15 * q)).collect();
+        assert_eq!(quarterly.ticks(utc(0, 0), utc(2, 15), 100), every_quarter);
+        assert_eq!(quarterly.ticks(utc(1, 5), utc(1, 50), 100), [utc(1, 15), utc(1, 30), utc(1, 45)], "from within");
+        assert_eq!(quarterly.ticks(utc(0, 50), utc(1, 20), 100), [utc(1, 0), utc(1, 15)], "into it, up to a bound");
+        // Every two hours: 02:00 comes twice, an hour apart.
+        let two_hourly = spec("0 */2 * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(two_hourly.ticks(utc(0, 0), utc(3, 0), 10), [utc(0, 0), utc(1, 0), utc(3, 0)]);
+        // An expression fixed to an hour ticks once, in the first pass.
+        let fixed = spec("30 2 * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(fixed.ticks(utc(0, 0), utc(23, 0), 10), [utc(0, 30)]);
+        assert_eq!(
+            fixed.next_after(utc(0, 40)).map(|t| t.date_naive()),
+            Some(utc(0, 0).date_naive().succ_opt().unwrap())
+        );
+        // Every second, through a pass and a half, within the walk's bound.
         let every = spec("* * * * * *", "Europe/Paris", CatchUp::None);
-        assert_eq!(every.next_after(utc(1, 10)), Some(utc(2, 0)));
+        assert_eq!(every.next_after(utc(1, 10)), Some(utc(1, 10) + chrono::Duration::seconds(1)));
+        let seconds = every.ticks(utc(0, 30), utc(2, 30), 10_000);
+        assert_eq!(seconds.len(), 2 * 3600 + 1);
+        assert!(seconds.windows(2).all(|w| (w[1] - w[0]).num_seconds() == 1));
         // Troll repeats two hours (01:00 UTC on 25 October 2026: +02 to +00).
         let troll = spec("* * * * * *", "Antarctica/Troll", CatchUp::None);
-        assert_eq!(troll.next_after(utc(1, 30)), Some(utc(3, 0)), "local 03:00 +00, two hours of search");
+        assert_eq!(troll.next_after(utc(1, 30)), Some(utc(1, 30) + chrono::Duration::seconds(1)));
+        let troll_hourly = spec("0 * * * *", "Antarctica/Troll", CatchUp::None);
+        let hours: Vec<_> = (0..=4).map(|h| utc(h, 0)).collect();
+        assert_eq!(
+            troll_hourly.ticks(utc(0, 0), utc(4, 0), 10),
+            hours,
+            "local 02:00 +02, then 01:00, 02:00, 03:00 and 04:00 +00"
+        );
+    }
+
+    #[test]
+    fn when_clocks_go_forward_a_fixed_hour_ticks_at_the_jump_and_wildcard_hours_skip_it() {
+        // Paris goes forward from 02:00 CET to 03:00 CEST on 29 March 2026 at 01:00 UTC.
+        let utc = |h, m| Utc.with_ymd_and_hms(2026, 3, 29, h, m, 0).unwrap();
+        let ticks = |cron: &str| spec(cron, "Europe/Paris", CatchUp::None).ticks(utc(0, 0), utc(2, 0), 20);
+        assert_eq!(ticks("30 2 * * *"), [utc(1, 0)], "02:30 does not exist: 03:00 CEST");
+        let quarters: Vec<_> = (0..=8).map(|q| utc(0, 0) + chrono::Duration::minutes(15 * q)).collect();
+        assert_eq!(ticks("*/15 * * * *"), quarters, "01:xx CET, then 03:00 CEST on");
+        assert_eq!(ticks("0 */2 * * *"), [utc(2, 0)], "02:00 does not exist; 04:00 CEST");
     }
 
     #[test]
@@ -561,14 +651,15 @@ mod tests {
     fn ticks_in_a_range_come_whole_after_a_two_hour_repeat() {
         // Antarctica/Troll goes from UTC+2 back to UTC+0 at 03:00 local on the last Sunday of
         // October (01:00 UTC): local 01:00 to 03:00 comes twice. A range starting in the second
-        // pass is walked from the first (two hours of seconds before it), which has no ticks
-        // of a sub-hourly expression (documented), and then every second from 03:00 UTC.
+        // pass has its ticks there, every second from its start, and on past it.
         let s = spec("* * * * * *", "Antarctica/Troll", CatchUp::All);
         let from = Utc.with_ymd_and_hms(2026, 10, 25, 1, 0, 0).unwrap();
         let after = Utc.with_ymd_and_hms(2026, 10, 25, 3, 0, 0).unwrap();
         let ticks = s.ticks(from, after + chrono::Duration::seconds(99), 100);
         assert_eq!(ticks.len(), 100, "the range's ticks, not cut short by the walk");
         assert!(ticks.windows(2).all(|w| (w[1] - w[0]).num_seconds() == 1), "{:?}", &ticks[..3]);
-        assert_eq!(ticks[0], after);
+        assert_eq!(ticks[0], from);
+        let all = s.ticks(from, after + chrono::Duration::seconds(99), 10_000);
+        assert_eq!((all.len(), all.last().copied()), (2 * 3600 + 100, Some(after + chrono::Duration::seconds(99))));
     }
 }
