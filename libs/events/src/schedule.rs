@@ -134,37 +134,44 @@ impl ScheduleSpec {
         self.ticks(from, DateTime::<Utc>::MAX_UTC, 1).into_iter().next()
     }
 
-    /// Whether the expression's hour is a wildcard (`*`, `*/2`, …): such an expression ticks in
-    /// both passes of an hour its time zone repeats, as cron does (Vixie cron's rule); one fixed
-    /// to an hour ticks in its first pass only.
-    fn hour_wildcard(&self) -> bool {
-        let fields: Vec<&str> = self.cron.split_whitespace().collect();
-        let hour = match fields.len() {
-            5 => fields[1],
-            n if n >= 6 => fields[2],
-            _ => return false,
-        };
-        hour.starts_with('*')
+    /// Whether an expression ticks in both passes of an hour its time zone repeats: one with a
+    /// wildcard (`*`, `*/15`) in its second, minute or hour field, as cron runs such jobs
+    /// (Vixie cron's rule; `@hourly` is `0 * * * *`). One of fixed times (`30 2 * * *`,
+    /// `0,30 2 * * *`) ticks in the first pass only.
+    fn both_passes(cron: &Cron) -> bool {
+        let p = &cron.pattern;
+        p.seconds.from_wildcard || p.minutes.from_wildcard || p.hours.from_wildcard
     }
 
     /// The ticks from `from` (inclusive) to `until` (inclusive), at most `cap` of them. Ticks
     /// fall on whole seconds, so one within a second before `from` is not one; nor is one the
     /// expression's library finds before `from` (in the hour a time zone repeats when its clocks
-    /// go back, it reads a local time as its first instance). An expression whose hour is a
-    /// wildcard ticks in that hour's second pass too ([`Self::hour_wildcard`]): each local time
-    /// it matches there is taken at its second instance.
+    /// go back, it reads a local time as its first instance). An expression with a wildcard in
+    /// a time field ticks in that hour's second pass too ([`Self::both_passes`]): each local
+    /// time it matches there is taken at its second instance.
     pub fn ticks(&self, from: DateTime<Utc>, until: DateTime<Utc>, cap: usize) -> Vec<DateTime<Utc>> {
         use chrono::{Offset, TimeZone};
         let (Ok(cron), Ok(tz)) = (self.cron(), self.tz()) else { return Vec::new() };
-        let both = self.hour_wildcard();
+        let both = Self::both_passes(&cron);
         let offset = |t: DateTime<Utc>| tz.offset_from_utc_datetime(&t.naive_utc()).fix().local_minus_utc();
         let from = match from.trunc_subsecs(0) {
             whole if whole < from => whole + chrono::Duration::seconds(1),
             whole => whole,
         };
         let mut out: Vec<DateTime<Utc>> = Vec::new();
+        // A tick at `from` that the library finds only walking into it: where clocks jump to,
+        // for an expression of one time of day that the jump skips (`30 2 * * *` at 03:00).
+        // Looked for from a second before, lest the timer of that tick find nothing due.
+        if cap > 0
+            && from <= until
+            && let Ok(t) = cron.find_next_occurrence(&(from - chrono::Duration::seconds(1)).with_timezone(&tz), false)
+            && t.with_timezone(&Utc) == from
+        {
+            out.push(from);
+        }
         let mut at = from.with_timezone(&tz);
-        let mut inclusive = true;
+        // (Found there, `from` is taken: the walk goes on after it.)
+        let mut inclusive = out.is_empty();
         // The repeated hour whose second pass was walked already (see below), if any.
         let mut walked: Option<DateTime<Utc>> = None;
         // Bounded whatever the library answers: each step moves on, and those before `from`
@@ -199,10 +206,14 @@ impl ScheduleSpec {
                 break;
             }
             // Past a repeated hour (the offset went down between where the walk was and this
-            // tick) whose second pass it has not walked: walk it first, from its start.
+            // tick) whose second pass it has not walked: walk it first, from its start. Only
+            // within a day of where the walk was: a local time the expression matches in the
+            // second pass it matched in the first, so the walk was within the repeat of it (and
+            // a year-long gap between ticks may hold other changes of offset).
             let was = last.unwrap_or(from).max(at.with_timezone(&Utc));
-            if both && offset(was) > offset(found) {
-                let (mut lo, mut hi) = (was, found);
+            let near = found.min(was + chrono::Duration::days(1));
+            if both && offset(was) > offset(near) {
+                let (mut lo, mut hi) = (was, near);
                 while hi - lo > chrono::Duration::seconds(1) {
                     let mid = lo + (hi - lo) / 2;
                     if offset(mid) == offset(was) { lo = mid } else { hi = mid }
@@ -466,9 +477,16 @@ mod tests {
         // Every two hours: 02:00 comes twice, an hour apart.
         let two_hourly = spec("0 */2 * * *", "Europe/Paris", CatchUp::None);
         assert_eq!(two_hourly.ticks(utc(0, 0), utc(3, 0), 10), [utc(0, 0), utc(1, 0), utc(3, 0)]);
-        // An expression fixed to an hour ticks once, in the first pass.
+        // An expression of fixed times ticks once, in the first pass; a wildcard minute is
+        // enough to tick in both.
         let fixed = spec("30 2 * * *", "Europe/Paris", CatchUp::None);
         assert_eq!(fixed.ticks(utc(0, 0), utc(23, 0), 10), [utc(0, 30)]);
+        let two_times = spec("0,30 2 * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(two_times.ticks(utc(0, 0), utc(23, 0), 10), [utc(0, 0), utc(0, 30)]);
+        let in_the_hour = spec("*/30 2 * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(in_the_hour.ticks(utc(0, 0), utc(23, 0), 10), [utc(0, 0), utc(0, 30), utc(1, 0), utc(1, 30)]);
+        let hourly = spec("@hourly", "Europe/Paris", CatchUp::None);
+        assert_eq!(hourly.ticks(utc(0, 0), utc(2, 0), 10), [utc(0, 0), utc(1, 0), utc(2, 0)]);
         assert_eq!(
             fixed.next_after(utc(0, 40)).map(|t| t.date_naive()),
             Some(utc(0, 0).date_naive().succ_opt().unwrap())
@@ -482,6 +500,14 @@ mod tests {
         // Troll repeats two hours (01:00 UTC on 25 October 2026: +02 to +00).
         let troll = spec("* * * * * *", "Antarctica/Troll", CatchUp::None);
         assert_eq!(troll.next_after(utc(1, 30)), Some(utc(1, 30) + chrono::Duration::seconds(1)));
+        // Santiago goes back at local midnight on 5 April 2026 (03:00 UTC): 23:00 on the 4th
+        // comes twice. An expression of that day only, whose next tick is a year away: its
+        // second 23:00 is found, not a change of offset months later.
+        let santiago = spec("0 * 4 4 *", "America/Santiago", CatchUp::None);
+        let april = |d, h| Utc.with_ymd_and_hms(2026, 4, d, h, 0, 0).unwrap();
+        let day: Vec<_> = santiago.ticks(april(4, 0), april(10, 0), 100);
+        assert_eq!(day.len(), 25, "{day:?}");
+        assert_eq!(day[23..], [april(5, 2), april(5, 3)]);
         let troll_hourly = spec("0 * * * *", "Antarctica/Troll", CatchUp::None);
         let hours: Vec<_> = (0..=4).map(|h| utc(h, 0)).collect();
         assert_eq!(
@@ -497,6 +523,16 @@ mod tests {
         let utc = |h, m| Utc.with_ymd_and_hms(2026, 3, 29, h, m, 0).unwrap();
         let ticks = |cron: &str| spec(cron, "Europe/Paris", CatchUp::None).ticks(utc(0, 0), utc(2, 0), 20);
         assert_eq!(ticks("30 2 * * *"), [utc(1, 0)], "02:30 does not exist: 03:00 CEST");
+        // Its timer looks for due ticks from that tick, and finds it; so does the day before's.
+        let fixed = spec("30 2 * * *", "Europe/Paris", CatchUp::None);
+        assert_eq!(fixed.ticks(utc(1, 0), utc(1, 0), 5), [utc(1, 0)]);
+        assert_eq!(fixed.due(utc(1, 0), utc(1, 0)), (vec![utc(1, 0)], Some(utc(1, 0))));
+        assert_eq!(fixed.next_after(utc(0, 59) + chrono::Duration::seconds(59)), Some(utc(1, 0)));
+        assert_eq!(
+            ticks("0,30 2 * * *"),
+            Vec::<DateTime<Utc>>::new(),
+            "fixed times, but more than one: skipped (the library's rule)"
+        );
         let quarters: Vec<_> = (0..=8).map(|q| utc(0, 0) + chrono::Duration::minutes(15 * q)).collect();
         assert_eq!(ticks("*/15 * * * *"), quarters, "01:xx CET, then 03:00 CEST on");
         assert_eq!(ticks("0 */2 * * *"), [utc(2, 0)], "02:00 does not exist; 04:00 CEST");
