@@ -56,7 +56,8 @@ pub const GRACE_SECS: i64 = 30;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
-    /// Cron expression, 5 fields (minute precision) or 6 (with seconds first).
+    /// Cron expression: 5 fields (minute precision), 6 (with seconds first) or 7 (and a year
+    /// last), or a nickname (`@yearly`, `@annually`, `@monthly`, `@weekly`, `@daily`, `@hourly`).
     pub cron: String,
     /// IANA time zone the expression is read in, e.g. `Europe/Paris`.
     #[serde(default = "ScheduleSpec::utc")]
@@ -428,6 +429,12 @@ mod tests {
         let paris = spec("0 9 * * *", "Europe/Paris", CatchUp::None);
         assert_eq!(paris.next_after(t), Some(Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()));
         assert!(spec("61 * * * *", "UTC", CatchUp::None).validate().is_err());
+        // Nicknames and a year, as api.md has them.
+        for cron in ["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@hourly", "0 30 2 * * * 2027"] {
+            assert!(spec(cron, "UTC", CatchUp::None).validate().is_ok(), "{cron}");
+        }
+        let in_2027 = spec("0 30 2 * * * 2027", "UTC", CatchUp::None);
+        assert_eq!(in_2027.next_after(t), Some(Utc.with_ymd_and_hms(2027, 1, 1, 2, 30, 0).unwrap()));
         let p = spec("* * * * *", "Mars/Olympus", CatchUp::None).validate().unwrap_err();
         assert_eq!(p.errors[0].field, "timezone");
         // Bounded: patches that each fit a request cannot grow a spec past what an event holds.
