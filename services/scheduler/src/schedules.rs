@@ -108,46 +108,51 @@ impl Scheduler {
             let mut seq = state.last_seq;
             let mut lost_race = false;
             for (i, t) in ticks.into_iter().enumerate() {
-                let (ticked, cancels) = if caught_none {
-                    let skipped = Some("missed while no scheduler was running (catch_up: none)".into());
-                    (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
+                // Why it starts no run, or the runs its overlap policy cancels.
+                let decided: Result<Vec<Uuid>, &str> = if caught_none {
+                    Err("missed while no scheduler was running (catch_up: none)")
                 } else if i < superseded {
-                    let skipped = Some("superseded by a later tick due at once (overlap: cancel_previous)".into());
-                    (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
+                    Err("superseded by a later tick due at once (overlap: cancel_previous)")
+                } else if state.spec.overlap == Overlap::Allow {
+                    Ok(Vec::new())
                 } else {
                     let active = self.active_of(tenant, previous.iter().copied()).await?;
-                    if !active.is_empty() && state.spec.overlap == Overlap::Skip {
-                        let skipped = Some("the previous run is still running".into());
-                        (ScheduleTicked { schedule_id, tick: t, run_id: None, skipped }, Vec::new())
-                    } else {
-                        let cancels = if state.spec.overlap == Overlap::CancelPrevious { active } else { Vec::new() };
-                        let run_id = taskmesh_ingest::tick_run_id(tenant, schedule_id, t);
-                        (ScheduleTicked { schedule_id, tick: t, run_id: Some(run_id), skipped: None }, cancels)
+                    match state.spec.overlap {
+                        Overlap::Skip if !active.is_empty() => Err("the previous run is still running"),
+                        Overlap::CancelPrevious => Ok(active),
+                        _ => Ok(Vec::new()),
                     }
                 };
-                let ticked_run = ticked.run_id;
+                let run_id = decided.is_ok().then(|| taskmesh_ingest::tick_run_id(tenant, schedule_id, t));
+                let skipped = decided.as_ref().err().map(|why| why.to_string());
+                let ticked = ScheduleTicked { schedule_id, tick: t, run_id, skipped };
                 let envelope = meta.envelope(subject.clone(), Event::ScheduleTicked(ticked));
-                match self.bus.append(seq, &envelope).await {
+                // The tick's record, then its cancels and its run; a refusal recorded after it.
+                let recorded = match self.bus.append(seq, &envelope).await {
+                    Ok(s) => {
+                        seq = s;
+                        self.cancel_previous(tenant, decided.unwrap_or_default()).await?;
+                        match run_id {
+                            None => Ok(seq),
+                            Some(run_id) => match self.start_run(tenant, schedule_id, &state.spec, t).await? {
+                                None => {
+                                    previous = vec![run_id];
+                                    Ok(seq)
+                                }
+                                // Refused, it never runs: the runs before it are still the previous ones.
+                                Some(reason) => self.record_refusal(tenant, schedule_id, t, run_id, reason, seq).await,
+                            },
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                match recorded {
                     Ok(s) => seq = s,
                     Err(BusError::Conflict { .. }) => {
                         lost_race = true;
                         break;
                     }
                     Err(e) => return Err(e.into()),
-                }
-                self.cancel_previous(tenant, cancels).await?;
-                let Some(run_id) = ticked_run else { continue };
-                match self.start_run(tenant, schedule_id, &state.spec, t).await? {
-                    None => previous = vec![run_id],
-                    Some(reason) => match self.record_refusal(tenant, schedule_id, t, run_id, reason, seq).await {
-                        // Refused, it never runs: the runs before it are still the previous ones.
-                        Ok(s) => seq = s,
-                        Err(BusError::Conflict { .. }) => {
-                            lost_race = true;
-                            break;
-                        }
-                        Err(e) => return Err(e.into()),
-                    },
                 }
             }
             if lost_race {
@@ -169,10 +174,12 @@ impl Scheduler {
     /// [`REDO_WITHIN`] of its record only. True when its refusal was recorded (or the log moved
     /// on meanwhile): the caller decides again on the log as it is now.
     async fn see_to_last_tick(&self, tenant: &str, schedule_id: Uuid, state: &ScheduleState) -> Result<bool, Problem> {
-        let (Some(last), true, Some(at)) = (state.last_tick, state.last_tick_ran, state.last_tick_at) else {
+        // (A tick that ran is the last run a tick started.)
+        let (Some(last), true, Some(at), Some(run_id)) =
+            (state.last_tick, state.last_tick_ran, state.last_tick_at, state.last_run)
+        else {
             return Ok(false);
         };
-        let run_id = taskmesh_ingest::tick_run_id(tenant, schedule_id, last);
         if Utc::now() - at >= REDO_WITHIN || self.run_exists(tenant, run_id).await? {
             return Ok(false);
         }
