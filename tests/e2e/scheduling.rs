@@ -1,10 +1,11 @@
-//! Two scheduler replicas on one stream never both dispatch a step.
+//! Two scheduler replicas on one stream never both dispatch a step; a fan-out's leases and
+//! reports that arrive together are appended together.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use taskmesh_bus::BusError;
-use taskmesh_events::command::{Lease, LeaseDecision, ReportAck, ResultReport};
+use taskmesh_events::command::{Lease, LeaseDecision, LeaseRequest, ReportAck, ResultReport};
 use taskmesh_events::{Event, EventMeta, RunKey, StepOutcome};
 use taskmesh_scheduler::state::StepPhase;
 use taskmesh_scheduler::{RunState, Scheduler};
@@ -114,5 +115,82 @@ async fn two_scheduler_replicas_dispatch_every_step_exactly_once() {
     }
     stop.cancel();
     replica.await.unwrap().unwrap();
+    tm.finish().await;
+}
+
+/// The stream sequences (the commits) of the run's events that `pick` selects, one per event.
+async fn seqs_of(tm: &TestMesh, key: &RunKey, pick: impl Fn(&Event) -> bool) -> Vec<u64> {
+    let events = tm.bus.read_subject(&tm.bus.namespace().run(key), 0).await.unwrap();
+    events.iter().filter(|e| pick(&e.envelope.event)).map(|e| e.seq).collect()
+}
+
+fn distinct(seqs: &[u64]) -> usize {
+    seqs.iter().collect::<HashSet<_>>().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fan_outs_leases_and_reports_arriving_together_are_decided_and_appended_together() {
+    // No scheduler service runs: the test asks one replica directly, as executors would.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
+    const WIDE: usize = 12;
+    let mut yaml = String::from("name: wide\nsteps:\n");
+    for i in 0..WIDE {
+        yaml.push_str(&format!("  - {{id: s{i}, uses: noop}}\n"));
+    }
+    let id = tm.submit(&yaml).await;
+    let key = RunKey { tenant: "default".into(), run_id: id };
+    let submitted = load(&tm, &key).await;
+    assert!(submitted.steps.iter().all(|s| s.phase == StepPhase::Dispatched), "ingest dispatched every step");
+    let scheduler = Scheduler::new(tm.bus.clone(), tm.env.settings.scheduler.clone(), tm.env.settings.limits.clone());
+    let lease = |i: u64| Lease { dispatch: 1, message: i + 1, delivery: 1 };
+    let request = |step: String, lease: Lease, executor: &str| LeaseRequest {
+        tenant: key.tenant.clone(),
+        run_id: id,
+        step,
+        lease,
+        executor: executor.into(),
+    };
+
+    // Every step's lease at once, and a second executor asking for the first step's message
+    // (a duplicate delivery): polled in this order in one task, the first takes the run's
+    // slot and loads the run from the log, and the rest wait for it together.
+    let mut asked: Vec<LeaseRequest> = (0..WIDE).map(|i| request(format!("s{i}"), lease(i as u64), "x")).collect();
+    asked.push(request("s0".into(), lease(0), "y"));
+    let decisions = futures::future::join_all(asked.into_iter().map(|r| scheduler.lease(r))).await;
+    for (i, d) in decisions[..WIDE].iter().enumerate() {
+        assert!(matches!(d, Ok(LeaseDecision::Granted { attempt: 1 })), "s{i}: {d:?}");
+    }
+    // Decided on the state the others leave, after a look at the log: x holds that message.
+    assert!(matches!(&decisions[WIDE], Ok(LeaseDecision::Denied { ack: false, .. })), "{:?}", decisions[WIDE]);
+    let started = seqs_of(&tm, &key, |e| matches!(e, Event::StepStarted(_))).await;
+    assert_eq!(started.len(), WIDE, "every step started once");
+    // One append for the first lease, one for all that waited while it was appended (they
+    // were one each, in turn).
+    assert_eq!(distinct(&started), 2, "the leases that waited together were appended together");
+
+    // Every step's report at once, and x asking again for s1's lease after it (a redelivery
+    // of its message): decided after s1's report, ahead of the log, then again on the log.
+    let reports = (0..WIDE).map(|i| {
+        scheduler.report(ResultReport {
+            tenant: key.tenant.clone(),
+            run_id: id,
+            step: format!("s{i}"),
+            lease: lease(i as u64),
+            succeeded: true,
+            outcome: StepOutcome { exit_code: Some(0), ..Default::default() },
+        })
+    });
+    let again = scheduler.lease(request("s1".into(), lease(1), "x"));
+    let (acks, again) = tokio::join!(futures::future::join_all(reports), again);
+    assert!(acks.iter().all(|a| matches!(a, Ok(ReportAck::Recorded))), "{acks:?}");
+    assert!(matches!(&again, Ok(LeaseDecision::Denied { ack: true, .. })), "s1 has ended: {again:?}");
+    let succeeded = seqs_of(&tm, &key, |e| matches!(e, Event::StepSucceeded(_))).await;
+    assert_eq!(succeeded.len(), WIDE, "every step succeeded once");
+    assert_eq!(distinct(&succeeded), 2, "the reports that waited together were appended together");
+    // The end was decided with the results it follows from, and appended with them.
+    let ended = seqs_of(&tm, &key, |e| matches!(e, Event::RunSucceeded(_))).await;
+    assert_eq!(ended, [*succeeded.iter().max().unwrap()], "the run ended in the last results' commit");
+    let run = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
     tm.finish().await;
 }

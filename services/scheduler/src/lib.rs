@@ -80,7 +80,56 @@ pub struct Scheduler {
 /// its executors' leases and reports) is serialised, while different runs proceed side by side.
 #[derive(Default)]
 struct Cache {
-    runs: std::sync::Mutex<HashMap<RunKey, Arc<Mutex<Slot>>>>,
+    runs: std::sync::Mutex<HashMap<RunKey, Arc<Entry>>>,
+}
+
+/// One run's place in the cache: its slot, and the executors' commands waiting for it.
+#[derive(Default)]
+struct Entry {
+    /// Leases and reports that arrived while the slot was held, in order of arrival: the next
+    /// command to take the slot decides them all at once (see [`Scheduler::command`]). Bounded
+    /// by how many commands the servers handle at once.
+    waiting: std::sync::Mutex<Vec<Box<dyn Pending>>>,
+    slot: Mutex<Slot>,
+}
+
+/// An executor's command on a run (a lease or a report), waiting to be decided.
+trait Pending: Send {
+    /// Decides the command on `state`: its events (none for a refusal or a repeated request).
+    /// Its answer is kept for [`Pending::answer`]; a later decision replaces it.
+    fn decide(&mut self, state: &RunState) -> Vec<Event>;
+    /// Sends whoever waits the answer last decided, or `problem`.
+    fn answer(self: Box<Self>, problem: Option<Problem>);
+}
+
+/// A [`Pending`] command deciding with `decide`, answered through `answered`.
+struct Command<R, F> {
+    decide: F,
+    decided: Option<R>,
+    answered: tokio::sync::oneshot::Sender<Result<R, Problem>>,
+}
+
+impl<R, F> Pending for Command<R, F>
+where
+    R: Send,
+    F: Fn(&RunState) -> (R, Vec<Event>) + Send,
+{
+    fn decide(&mut self, state: &RunState) -> Vec<Event> {
+        let (answer, events) = (self.decide)(state);
+        self.decided = Some(answer);
+        events
+    }
+
+    fn answer(self: Box<Self>, problem: Option<Problem>) {
+        let answer = match (problem, self.decided) {
+            (Some(problem), _) => Err(problem),
+            (None, Some(answer)) => Ok(answer),
+            // Not reached: every command is decided before it is answered without a problem.
+            (None, None) => Err(Problem::new(ErrorCode::Internal, "a command was answered before it was decided")),
+        };
+        // Whoever asked may have stopped waiting.
+        let _ = self.answered.send(answer);
+    }
 }
 
 /// One run's cached state.
@@ -357,8 +406,8 @@ impl Scheduler {
     }
 
     async fn on_run_commit(&self, key: &RunKey, commit: &[Stored]) -> Result<(), BusError> {
-        let slot = self.cache.slot(key);
-        let mut slot = slot.lock().await;
+        let entry = self.cache.entry(key);
+        let mut slot = entry.slot.lock().await;
         let slot = &mut *slot;
         if slot.ensure(&self.bus, key, Some(commit)).await?.is_none() {
             tracing::warn!(subject = %commit[0].envelope.subject, "events for a run with no RunSubmitted");
@@ -368,13 +417,17 @@ impl Scheduler {
             self.on_run_event(slot, key, stored).await?;
         }
         let last = &commit[commit.len() - 1];
-        self.decide_and_append(slot, key, &EventMeta::caused_by(&last.envelope)).await
+        let meta = EventMeta::caused_by(&last.envelope);
+        // The steps it dispatched go out after the rest it asks for (a run's deadline is armed
+        // before its first step can start), all at once.
+        self.enqueue_dispatched(slot, key, commit.iter().map(|s| &s.envelope.event), &meta).await?;
+        self.decide_and_append(slot, key, &meta).await
     }
 
     /// What one event asks of the world beyond the run's own log (admission, deadlines,
-    /// dispatch, cancellation signals, announcing the end), done before the event is acked.
+    /// cancellation signals, announcing the end), done before the event is acked; the steps a
+    /// commit dispatched are enqueued after its events (see `on_run_commit`).
     async fn on_run_event(&self, slot: &mut Slot, key: &RunKey, stored: &Stored) -> Result<(), BusError> {
-        let meta = EventMeta::caused_by(&stored.envelope);
         let state = slot.state.as_ref().expect("ensured");
         match &stored.envelope.event {
             Event::RunSubmitted(submitted) if !state.is_finished() => {
@@ -419,14 +472,6 @@ impl Scheduler {
                     &stored.envelope,
                 );
                 tokio::try_join!(admission, deadline, status)?;
-            }
-            Event::StepDispatched(d) => {
-                let still = state
-                    .step(&d.step)
-                    .is_some_and(|s| s.phase == state::StepPhase::Dispatched && s.dispatch == d.dispatch);
-                if still {
-                    self.enqueue(slot, key, d, &meta).await?;
-                }
             }
             // Running steps are killed where they run; their executors report them cancelled.
             Event::RunCancelRequested(_) if !state.is_finished() => {
@@ -507,11 +552,12 @@ impl Scheduler {
     /// Decides on the run's current state and appends the decisions, retrying on conflicts.
     async fn decide_and_append(&self, slot: &mut Slot, key: &RunKey, meta: &EventMeta) -> Result<(), BusError> {
         for _ in 0..MAX_CONFLICTS {
-            let Some(state) = &slot.state else { return Ok(()) };
+            let Some(state) = slot.state.as_mut() else { return Ok(()) };
             let events = state.decide();
             if events.is_empty() {
                 return Ok(());
             }
+            apply_ahead(state, &events);
             match self.commit(slot, key, events, meta).await {
                 Ok(_) => return Ok(()),
                 Err(BusError::Conflict { .. }) => continue,
@@ -521,9 +567,9 @@ impl Scheduler {
         Err(BusError::Nats(format!("gave up deciding {key:?} after {MAX_CONFLICTS} conflicts")))
     }
 
-    /// Appends `events`, and everything the run then decides, as one commit (several for a
-    /// decision too big for one message), applies them to the cache, and enqueues the steps
-    /// they dispatched. Returns how many of `events` the log holds: all, or (a later commit of
+    /// Appends `events` (decided on the cached state, and applied to it ahead of the log), and
+    /// everything the run then decides, as one commit (several for a decision too big for one
+    /// message), applies what follows to the cache too, and enqueues the steps they dispatched. Returns how many of `events` the log holds: all, or (a later commit of
     /// a long decision lost a race) the ones before it; what follows them is left for the
     /// next decision. A conflict on the first commit is [`BusError::Conflict`], and any failure
     /// leaves the cache reloaded from the log.
@@ -542,7 +588,8 @@ impl Scheduler {
         let subject = self.bus.namespace().run(key);
         let state = slot.state.as_mut().expect("committing to a cached run");
         let expected = state.last_seq;
-        let all = state.decide_ahead(events);
+        let mut all = events;
+        all.extend(state.decide_ahead(Vec::new()));
         let envelopes: Vec<_> = all.iter().map(|e| meta.envelope(subject.clone(), e.clone())).collect();
         let done = self.bus.append_decision(expected, &envelopes).await;
         if let Some(e) = done.error {
@@ -562,63 +609,33 @@ impl Scheduler {
         Ok(wanted)
     }
 
-    /// Enqueues the steps `events` dispatched that are still dispatched.
-    async fn enqueue_dispatched(
+    /// Enqueues the steps `events` dispatched that are still dispatched and not yet enqueued
+    /// here, on the tenant's `READY` queue, where admission control lets them through to the
+    /// executors (see `dispatch`): all at once, their publishes pipelined and each
+    /// acknowledged, so a fan-out's steps reach the executors together (and their leases come
+    /// back together: see [`Scheduler::command`]) rather than one acknowledgement apart.
+    async fn enqueue_dispatched<'e>(
         &self,
         slot: &mut Slot,
         key: &RunKey,
-        events: &[Event],
+        events: impl IntoIterator<Item = &'e Event>,
         meta: &EventMeta,
     ) -> Result<(), BusError> {
-        for d in events.iter().filter_map(|e| match e {
-            Event::StepDispatched(d) => Some(d),
-            _ => None,
-        }) {
-            let still = slot
-                .state
-                .as_ref()
-                .and_then(|s| s.step(&d.step))
-                .is_some_and(|s| s.phase == state::StepPhase::Dispatched && s.dispatch == d.dispatch);
-            if still {
-                self.enqueue(slot, key, d, meta).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn enqueue(
-        &self,
-        slot: &mut Slot,
-        key: &RunKey,
-        d: &StepDispatched,
-        meta: &EventMeta,
-    ) -> Result<(), BusError> {
-        let marker = (d.step.clone(), d.dispatch);
-        if slot.enqueued.contains(&marker) {
-            return Ok(());
-        }
-        let state = slot.state.as_ref().expect("enqueueing for a cached run");
-        let Some(i) = state.workflow.steps.iter().position(|s| s.id == d.step) else { return Ok(()) };
-        // Templates were checked when the step was dispatched; they render the same now.
-        let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
-        let priority = state.priority_of(i);
-        let refresh_cache = state.refresh_cache && step.cache.is_some();
-        let dispatch = Dispatch {
-            tenant: key.tenant.clone(),
-            run_id: key.run_id,
-            dispatch: d.dispatch,
-            step,
-            not_before: d.not_before,
-            traceparent: meta.traceparent.clone(),
-            checkout: state.checkout_of(i),
-            refresh_cache,
-        };
-        // Admission control lets it through to the executors (see `dispatch`).
-        let ns = self.bus.namespace();
-        let msg_id = format!("{}:{}:{}", key.run_id, d.step, d.dispatch);
-        let ready = Ready::Step { dispatch: Box::new(dispatch), priority };
-        self.bus.enqueue(ns.ready(&key.tenant), &msg_id, &ready, meta.traceparent.as_deref()).await?;
-        slot.enqueued.insert(marker);
+        let ready: Vec<_> = events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::StepDispatched(d) => ready_of(slot, key, d, meta),
+                _ => None,
+            })
+            .collect();
+        let subject = self.bus.namespace().ready(&key.tenant);
+        let publishes = ready.iter().map(|((step, dispatch), ready)| {
+            let msg_id = format!("{}:{}:{}", key.run_id, step, dispatch);
+            let subject = subject.clone();
+            async move { self.bus.enqueue(subject, &msg_id, ready, meta.traceparent.as_deref()).await }
+        });
+        futures::future::try_join_all(publishes).await?;
+        slot.enqueued.extend(ready.into_iter().map(|(marker, _)| marker));
         Ok(())
     }
 
@@ -627,38 +644,76 @@ impl Scheduler {
     pub async fn lease(&self, req: LeaseRequest) -> Result<LeaseDecision, Problem> {
         let key = RunKey { tenant: req.tenant.clone(), run_id: req.run_id };
         let max_lost = self.settings.max_lost_attempts;
-        self.command(&key, |state| state.lease(&req.step, req.lease, &req.executor, max_lost)).await
+        self.command(&key, move |state| state.lease(&req.step, req.lease, &req.executor, max_lost)).await
     }
 
     /// Records an executor's result if it holds the step's current lease.
     #[tracing::instrument(skip_all, fields(run = %req.run_id, step = %req.step))]
     pub async fn report(&self, req: ResultReport) -> Result<ReportAck, Problem> {
         let key = RunKey { tenant: req.tenant.clone(), run_id: req.run_id };
-        self.command(&key, |state| state.report(&req)).await
+        self.command(&key, move |state| state.report(&req)).await
     }
 
     /// Runs a command against the run's state, appends its events (retrying on conflict),
     /// then decides what follows so the next steps go out without waiting for the reactor.
     ///
-    /// It decides on the cached state first: a decision with events is appended with the
-    /// cache's last sequence as the expected one, so it stands only if the cache was the
-    /// log's latest (a conflict reloads and decides again). A decision without events (a
-    /// refusal, a repeated request) proves nothing about freshness, so it is made again on
-    /// the log's latest before it is answered.
-    async fn command<R>(&self, key: &RunKey, decide: impl Fn(&RunState) -> (R, Vec<Event>)) -> Result<R, Problem> {
-        let result = self.command_on_slot(key, decide).await;
-        self.cache.evict(self.settings.cache_runs);
-        result
-    }
-
-    async fn command_on_slot<R>(
+    /// Commands on one run that arrive while its slot is held (the leases and reports of a
+    /// fan-out's steps, which executors send at about the same time) wait together, and the
+    /// next of them to take the slot decides them all and appends their events as one
+    /// decision, rather than one append each in turn (see [`Scheduler::decide_commands`]).
+    /// Each is answered only once its events are in the log.
+    async fn command<R: Send + 'static>(
         &self,
         key: &RunKey,
-        decide: impl Fn(&RunState) -> (R, Vec<Event>),
+        decide: impl Fn(&RunState) -> (R, Vec<Event>) + Send + 'static,
     ) -> Result<R, Problem> {
-        let slot = self.cache.slot(key);
-        let mut slot = slot.lock().await;
-        let slot = &mut *slot;
+        let entry = self.cache.entry(key);
+        let (answered, mut answer) = tokio::sync::oneshot::channel();
+        entry.waiting.lock().expect("not poisoned").push(Box::new(Command { decide, decided: None, answered }));
+        // Answered by whoever takes the slot first: this command, or one waiting before it
+        // that took this one along (then there is no need to wait for the slot).
+        let early = tokio::select! {
+            biased;
+            answered = &mut answer => Some(answered),
+            mut slot = entry.slot.lock() => {
+                let mut waiting = std::mem::take(&mut *entry.waiting.lock().expect("not poisoned"));
+                // Empty when whoever held the slot before took this command with its own.
+                if !waiting.is_empty() {
+                    let problem = self.decide_commands(&mut slot, key, &mut waiting).await.err();
+                    for command in waiting {
+                        command.answer(problem.clone());
+                    }
+                }
+                None
+            }
+        };
+        drop(entry);
+        self.cache.evict(self.settings.cache_runs);
+        let answered = match early {
+            Some(answered) => answered,
+            None => answer.await,
+        };
+        answered.unwrap_or_else(|_| {
+            Err(Problem::new(ErrorCode::Unavailable, "the scheduler stopped before deciding this command; retry"))
+        })
+    }
+
+    /// Decides `waiting` (commands on one run, in order of arrival), each on the state the
+    /// ones before it leave, and appends all their events, with what follows from them, as
+    /// one decision (see [`Scheduler::commit`]). The answers are left in the commands; an
+    /// error is every command's (a retry is then a repeat, answered as the first was).
+    ///
+    /// It decides on the cached state first: events are appended with the cache's last
+    /// sequence as the expected one, so they stand only if the cache was the log's latest (a
+    /// conflict reloads, and all are decided again). A decision without events (a refusal, a
+    /// repeated request) proves nothing about freshness, so all are decided again on the
+    /// log's latest before any is answered.
+    async fn decide_commands(
+        &self,
+        slot: &mut Slot,
+        key: &RunKey,
+        waiting: &mut [Box<dyn Pending>],
+    ) -> Result<(), Problem> {
         let loaded = slot.state.is_none();
         let Some(state) = slot.ensure(&self.bus, key, None).await? else {
             return Err(Problem::new(ErrorCode::NotFound, "no such run"));
@@ -670,28 +725,79 @@ impl Scheduler {
         };
         // Just loaded from the log: as fresh as a refresh would make it.
         let mut fresh = loaded;
-        for _ in 0..MAX_CONFLICTS {
-            let (reply, events) = decide(slot.state.as_ref().expect("ensured"));
-            if events.is_empty() {
-                if fresh {
-                    return Ok(reply);
+        'decide: for _ in 0..MAX_CONFLICTS {
+            // Each command decides on the state the ones before it leave: their events are
+            // applied to the cache ahead of the log (a failed append folds it afresh).
+            let mut events = Vec::new();
+            for command in waiting.iter_mut() {
+                let Some(state) = slot.state.as_mut() else {
+                    return Err(Problem::new(ErrorCode::NotFound, "no such run"));
+                };
+                let decided = command.decide(state);
+                if decided.is_empty() && !fresh {
+                    // Decided again on the log's latest: read what the cache lacks, or the
+                    // whole run when the cache holds this batch's events ahead of the log.
+                    if events.is_empty() {
+                        slot.refresh(&self.bus, key).await?;
+                    } else {
+                        slot.reload(&self.bus, key).await?;
+                    }
+                    fresh = true;
+                    continue 'decide;
                 }
-                slot.refresh(&self.bus, key).await?;
-                fresh = true;
-                continue;
+                apply_ahead(state, &decided);
+                events.extend(decided);
+            }
+            if events.is_empty() {
+                return Ok(());
             }
             // What follows (the next steps' dispatches, the run's end) goes into the same
             // commit, so the next steps go out without waiting for the reactor.
             let wanted = events.len();
             match self.commit(slot, key, events, &meta).await {
-                // The reply stands only if its whole decision is in the log; a partial append
+                // The answers stand only if all their events are in the log; a partial append
                 // (someone appended in between) is decided again on the fresh state.
-                Ok(appended) if appended == wanted => return Ok(reply),
+                Ok(appended) if appended == wanted => return Ok(()),
                 Ok(_) | Err(BusError::Conflict { .. }) => fresh = true,
                 Err(e) => return Err(e.into()),
             }
         }
         Err(Problem::new(ErrorCode::Unavailable, "too much contention on this run; retry"))
+    }
+}
+
+/// The `READY` message of a dispatched step, with its marker (step, dispatch n); `None` if the
+/// step is no longer at that dispatch, or this process enqueued it already.
+fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> Option<((String, u32), Ready)> {
+    let state = slot.state.as_ref()?;
+    let i = state.workflow.steps.iter().position(|s| s.id == d.step)?;
+    let still = state.steps[i].phase == state::StepPhase::Dispatched && state.steps[i].dispatch == d.dispatch;
+    let marker = (d.step.clone(), d.dispatch);
+    if !still || slot.enqueued.contains(&marker) {
+        return None;
+    }
+    // Templates were checked when the step was dispatched; they render the same now.
+    let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
+    let priority = state.priority_of(i);
+    let refresh_cache = state.refresh_cache && step.cache.is_some();
+    let dispatch = Dispatch {
+        tenant: key.tenant.clone(),
+        run_id: key.run_id,
+        dispatch: d.dispatch,
+        step,
+        not_before: d.not_before,
+        traceparent: meta.traceparent.clone(),
+        checkout: state.checkout_of(i),
+        refresh_cache,
+    };
+    Some((marker, Ready::Step { dispatch: Box::new(dispatch), priority }))
+}
+
+/// Applies `events`, decided on `state` and not yet appended, to it ahead of the log.
+fn apply_ahead(state: &mut RunState, events: &[Event]) {
+    let seq = state.last_seq;
+    for event in events {
+        state.apply(seq, event);
     }
 }
 
@@ -715,8 +821,8 @@ async fn leave_groups(bus: &Bus, key: &RunKey, state: &RunState) -> Result<(), B
 }
 
 impl Cache {
-    /// The run's slot, created empty if it has none.
-    fn slot(&self, key: &RunKey) -> Arc<Mutex<Slot>> {
+    /// The run's entry, created with an empty slot if it has none.
+    fn entry(&self, key: &RunKey) -> Arc<Entry> {
         let mut runs = self.runs.lock().expect("not poisoned");
         match runs.get(key) {
             Some(slot) => slot.clone(),
@@ -733,14 +839,18 @@ impl Cache {
         }
         // A slot only the map holds is in nobody's hands, and nobody can take it while the
         // map is locked.
-        let idle = |slot: &Arc<Mutex<Slot>>| Arc::strong_count(slot) == 1;
-        runs.retain(|_, slot| {
-            !idle(slot) || slot.try_lock().is_ok_and(|s| s.state.as_ref().is_some_and(|st| !st.is_finished()))
+        let idle = |entry: &Arc<Entry>| Arc::strong_count(entry) == 1;
+        runs.retain(|_, entry| {
+            !idle(entry) || entry.slot.try_lock().is_ok_and(|s| s.state.as_ref().is_some_and(|st| !st.is_finished()))
         });
         let target = cap - cap / 10;
         if runs.len() > target {
-            let surplus: Vec<RunKey> =
-                runs.iter().filter(|(_, slot)| idle(slot)).map(|(k, _)| k.clone()).take(runs.len() - target).collect();
+            let surplus: Vec<RunKey> = runs
+                .iter()
+                .filter(|(_, entry)| idle(entry))
+                .map(|(k, _)| k.clone())
+                .take(runs.len() - target)
+                .collect();
             for k in surplus {
                 runs.remove(&k);
             }
