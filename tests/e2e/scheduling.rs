@@ -168,8 +168,8 @@ async fn a_fan_outs_leases_and_reports_arriving_together_are_decided_and_appende
     // were one each, in turn).
     assert_eq!(distinct(&started), 2, "the leases that waited together were appended together");
 
-    // Every step's report at once, and x asking again for s1's lease after it (a redelivery
-    // of its message): decided after s1's report, ahead of the log, then again on the log.
+    // Every step's report at once, and x asking again for s1's lease after them (a repeated
+    // request): decided on the state s1's report leaves, ahead of the log, it is refused.
     let reports = (0..WIDE).map(|i| {
         scheduler.report(ResultReport {
             tenant: key.tenant.clone(),

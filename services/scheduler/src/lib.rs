@@ -100,6 +100,8 @@ trait Pending: Send {
     fn decide(&mut self, state: &RunState) -> Vec<Event>;
     /// Sends whoever waits the answer last decided, or `problem`.
     fn answer(self: Box<Self>, problem: Option<Problem>);
+    /// Whether nobody waits for the answer any more (the asker's task was dropped).
+    fn abandoned(&self) -> bool;
 }
 
 /// A [`Pending`] command deciding with `decide`, answered through `answered`.
@@ -130,6 +132,10 @@ where
         // Whoever asked may have stopped waiting.
         let _ = self.answered.send(answer);
     }
+
+    fn abandoned(&self) -> bool {
+        self.answered.is_closed()
+    }
 }
 
 /// One run's cached state.
@@ -141,6 +147,10 @@ struct Slot {
     /// enqueue them again.
     enqueued: HashSet<(String, u32)>,
 }
+
+/// Most `READY` publishes of one decision in flight at once (see
+/// [`Scheduler::enqueue_dispatched`]).
+const READY_PIPELINE: usize = 256;
 
 /// Lanes of the run-event reactor: events of one run in order, different runs side by side.
 const REACTOR_LANES: taskmesh_bus::Lanes = taskmesh_bus::Lanes { count: 32, depth: 16 };
@@ -569,9 +579,10 @@ impl Scheduler {
 
     /// Appends `events` (decided on the cached state, and applied to it ahead of the log), and
     /// everything the run then decides, as one commit (several for a decision too big for one
-    /// message), applies what follows to the cache too, and enqueues the steps they dispatched. Returns how many of `events` the log holds: all, or (a later commit of
-    /// a long decision lost a race) the ones before it; what follows them is left for the
-    /// next decision. A conflict on the first commit is [`BusError::Conflict`], and any failure
+    /// message), applies what follows to the cache too, and enqueues the steps they
+    /// dispatched. Returns how many of `events` the log holds: all, or (a later commit of a
+    /// long decision lost a race) the ones before it; what follows them is left for the next
+    /// decision. A conflict on the first commit is [`BusError::Conflict`], and any failure
     /// leaves the cache reloaded from the log.
     ///
     /// What follows from `events` is decided on the state they leave, before anything is
@@ -611,8 +622,8 @@ impl Scheduler {
 
     /// Enqueues the steps `events` dispatched that are still dispatched and not yet enqueued
     /// here, on the tenant's `READY` queue, where admission control lets them through to the
-    /// executors (see `dispatch`): all at once, their publishes pipelined and each
-    /// acknowledged, so a fan-out's steps reach the executors together (and their leases come
+    /// executors (see `dispatch`): their publishes pipelined ([`READY_PIPELINE`] at a time,
+    /// in order) and each acknowledged, so a fan-out's steps reach the executors together (and their leases come
     /// back together: see [`Scheduler::command`]) rather than one acknowledgement apart.
     async fn enqueue_dispatched<'e>(
         &self,
@@ -629,12 +640,14 @@ impl Scheduler {
             })
             .collect();
         let subject = self.bus.namespace().ready(&key.tenant);
-        let publishes = ready.iter().map(|((step, dispatch), ready)| {
-            let msg_id = format!("{}:{}:{}", key.run_id, step, dispatch);
-            let subject = subject.clone();
-            async move { self.bus.enqueue(subject, &msg_id, ready, meta.traceparent.as_deref()).await }
-        });
-        futures::future::try_join_all(publishes).await?;
+        for chunk in ready.chunks(READY_PIPELINE) {
+            let publishes = chunk.iter().map(|((step, dispatch), ready)| {
+                let msg_id = format!("{}:{}:{}", key.run_id, step, dispatch);
+                let subject = subject.clone();
+                async move { self.bus.enqueue(subject, &msg_id, ready, meta.traceparent.as_deref()).await }
+            });
+            futures::future::try_join_all(publishes).await?;
+        }
         slot.enqueued.extend(ready.into_iter().map(|(marker, _)| marker));
         Ok(())
     }
@@ -677,6 +690,8 @@ impl Scheduler {
             answered = &mut answer => Some(answered),
             mut slot = entry.slot.lock() => {
                 let mut waiting = std::mem::take(&mut *entry.waiting.lock().expect("not poisoned"));
+                // A command nobody waits for any more (its asker stopped) is not carried out.
+                waiting.retain(|command| !command.abandoned());
                 // Empty when whoever held the slot before took this command with its own.
                 if !waiting.is_empty() {
                     let problem = self.decide_commands(&mut slot, key, &mut waiting).await.err();
@@ -704,10 +719,10 @@ impl Scheduler {
     /// error is every command's (a retry is then a repeat, answered as the first was).
     ///
     /// It decides on the cached state first: events are appended with the cache's last
-    /// sequence as the expected one, so they stand only if the cache was the log's latest (a
-    /// conflict reloads, and all are decided again). A decision without events (a refusal, a
-    /// repeated request) proves nothing about freshness, so all are decided again on the
-    /// log's latest before any is answered.
+    /// sequence as the expected one, so they, and the batch's decisions without events, stand
+    /// only if the cache was the log's latest (a conflict reloads, and all are decided again).
+    /// A batch without events (refusals, repeated requests) proves nothing about freshness, so
+    /// it is decided again on the log's latest before it is answered.
     async fn decide_commands(
         &self,
         slot: &mut Slot,
@@ -725,31 +740,29 @@ impl Scheduler {
         };
         // Just loaded from the log: as fresh as a refresh would make it.
         let mut fresh = loaded;
-        'decide: for _ in 0..MAX_CONFLICTS {
+        for _ in 0..MAX_CONFLICTS {
             // Each command decides on the state the ones before it leave: their events are
             // applied to the cache ahead of the log (a failed append folds it afresh).
+            let Some(state) = slot.state.as_mut() else {
+                return Err(Problem::new(ErrorCode::NotFound, "no such run"));
+            };
             let mut events = Vec::new();
             for command in waiting.iter_mut() {
-                let Some(state) = slot.state.as_mut() else {
-                    return Err(Problem::new(ErrorCode::NotFound, "no such run"));
-                };
                 let decided = command.decide(state);
-                if decided.is_empty() && !fresh {
-                    // Decided again on the log's latest: read what the cache lacks, or the
-                    // whole run when the cache holds this batch's events ahead of the log.
-                    if events.is_empty() {
-                        slot.refresh(&self.bus, key).await?;
-                    } else {
-                        slot.reload(&self.bus, key).await?;
-                    }
-                    fresh = true;
-                    continue 'decide;
-                }
                 apply_ahead(state, &decided);
                 events.extend(decided);
             }
+            // Appending checks every decision of the batch against the log, those that
+            // appended nothing included (they saw the same state). Without events, nothing
+            // does: a refusal or a repeated request proves nothing about the cache's freshness,
+            // so they are decided again on the log's latest before they are answered.
             if events.is_empty() {
-                return Ok(());
+                if fresh {
+                    return Ok(());
+                }
+                slot.refresh(&self.bus, key).await?;
+                fresh = true;
+                continue;
             }
             // What follows (the next steps' dispatches, the run's end) goes into the same
             // commit, so the next steps go out without waiting for the reactor.
