@@ -83,17 +83,18 @@ struct Cache {
     runs: std::sync::Mutex<HashMap<RunKey, Arc<Entry>>>,
 }
 
-/// One run's place in the cache: its slot, and the executors' commands waiting for it.
+/// One run's place in the cache: its slot, and the commands waiting for it.
 #[derive(Default)]
 struct Entry {
-    /// Leases and reports that arrived while the slot was held, in order of arrival: the next
-    /// command to take the slot decides them all at once (see [`Scheduler::command`]). Bounded
-    /// by how many commands the servers handle at once.
+    /// Commands (leases, reports, a run's time-out) that arrived while the slot was held, in
+    /// order of arrival: the next command to take the slot decides them all at once (see
+    /// [`Scheduler::command`]). Bounded by how many commands the servers handle at once.
     waiting: std::sync::Mutex<Vec<Box<dyn Pending>>>,
     slot: Mutex<Slot>,
 }
 
-/// An executor's command on a run (a lease or a report), waiting to be decided.
+/// A command on a run (an executor's lease or report, or the run's time-out), waiting to be
+/// decided.
 trait Pending: Send {
     /// Decides the command on `state`: its events (none for a refusal or a repeated request).
     /// Its answer is kept for [`Pending::answer`]; a later decision replaces it.
@@ -623,8 +624,9 @@ impl Scheduler {
     /// Enqueues the steps `events` dispatched that are still dispatched and not yet enqueued
     /// here, on the tenant's `READY` queue, where admission control lets them through to the
     /// executors (see `dispatch`): their publishes pipelined ([`READY_PIPELINE`] at a time,
-    /// in order) and each acknowledged, so a fan-out's steps reach the executors together (and their leases come
-    /// back together: see [`Scheduler::command`]) rather than one acknowledgement apart.
+    /// in order) and each acknowledged, so a fan-out's steps reach the executors together
+    /// (and their leases come back together: see [`Scheduler::command`]) rather than one
+    /// acknowledgement apart.
     async fn enqueue_dispatched<'e>(
         &self,
         slot: &mut Slot,
