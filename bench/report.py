@@ -327,7 +327,7 @@ lines = [
     "third to a half of 4fd9608's at JetStream publishes and Postgres commits, and Celery",
     "ran at half its rate there too. The absolute targets that run missed and 4fd9608's met",
     "(the round trip's p99, dispatch at 500 runs/s, `GET` p99 at 2,000 req/s, projection lag)",
-    "are on paths bc3385a does not change for one-step runs (one lease and one report each):",
+    "are on paths whose I/O bc3385a does not change for one-step runs (one lease and one report each):",
     "that they are the machine's is a judgement, not something this run measured.",
     f"Celery's own round trip here had a p50 of {fmt(c50, 2)} ms (1.96 ms at 46fbd80, 2.10 at f3eebdb,",
     "2.23 and 3.33 at 2950d40 with the limit on and off, 2.92 at 986441d, 1.55 at 1496e71, 1.51 at 4fd9608): a ratio just past a",

@@ -203,9 +203,6 @@ impl ScheduleSpec {
                 inclusive = false;
                 continue;
             }
-            if found > until && !both {
-                break;
-            }
             // Past a repeated hour (the offset went down between where the walk was and this
             // tick) whose second pass it has not walked: walk it first, from its start. Only
             // within a day of where the walk was: a local time the expression matches in the

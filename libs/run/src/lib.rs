@@ -235,6 +235,11 @@ impl RunState {
         })
     }
 
+    /// The step's position in the workflow (and in `steps`).
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
     pub fn step(&self, id: &str) -> Option<&StepState> {
         self.index.get(id).map(|&i| &self.steps[i])
     }
@@ -456,25 +461,26 @@ impl RunState {
         Ok(out)
     }
 
-    /// Applies `events` (decided on this state, not yet appended) ahead of their append, then
-    /// decides what follows on the state they leave, applying it too, for up to
-    /// [`FOLLOW_UPS`] rounds. Returns `events` and what follows, in order: one decision's
-    /// worth, to append together. If the append fails, this state is ahead of the log: fold it
-    /// afresh.
-    pub fn decide_ahead(&mut self, events: Vec<Event>) -> Vec<Event> {
+    /// Applies `events` (decided on this state, not yet appended) ahead of their append. If the
+    /// append fails, this state is ahead of the log: fold it afresh.
+    pub fn apply_ahead(&mut self, events: &[Event]) {
         let seq = self.last_seq;
-        for event in &events {
+        for event in events {
             self.apply(seq, event);
         }
-        let mut all = events;
+    }
+
+    /// Decides what follows on this state, applying it ahead of its append (see
+    /// [`RunState::apply_ahead`]), for up to [`FOLLOW_UPS`] rounds. Returns what follows, in
+    /// order: one decision's worth, to append together with what led to it.
+    pub fn decide_ahead(&mut self) -> Vec<Event> {
+        let mut all = Vec::new();
         for _ in 0..FOLLOW_UPS {
             let more = self.decide();
             if more.is_empty() {
                 break;
             }
-            for event in &more {
-                self.apply(seq, event);
-            }
+            self.apply_ahead(&more);
             all.extend(more);
         }
         all

@@ -256,7 +256,7 @@ pub async fn update(
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such schedule, or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule (answered before the quota's 403), or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -268,10 +268,7 @@ pub async fn trigger(
 ) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
-    if let Err(over) = crate::runs::check_active_runs_quota(&state, &caller.tenant, 1).await {
-        // No such schedule is answered first, as documented, whatever the quota.
-        return Err(if on_log(&state, &caller.tenant, id).await? { over } else { ApiError::not_found("schedule") });
-    }
+    quota_or_not_found(&state, &caller.tenant, id, 1).await?;
     let accepted = state
         .ingest
         .trigger_schedule(&TriggerSchedule {
@@ -307,7 +304,7 @@ pub struct BackfillRequest {
         (status = 400, description = "A bad range: from after to, to in the future, or more than 100 ticks, or from before 1970", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such schedule, or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule (answered before the quota's 403), or its stored workflow is gone", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -341,8 +338,7 @@ async fn backfill_quota(state: &AppState, tenant: &str, id: Uuid, cmd: &Backfill
     .await?;
     // Read as it is written, or (a field of a later version, say) left to ingest.
     let new = match spec.map(|j| serde_json::from_value::<ScheduleSpec>(j.0)) {
-        // Not on the read side yet (just created), or no such schedule: that is answered first.
-        None if !on_log(state, tenant, id).await? => return Err(ApiError::not_found("schedule")),
+        // Not on the read side yet (just created), or no such schedule (see below).
         None => MAX_BACKFILL_TICKS as i64,
         Some(Err(_)) => return Ok(()),
         Some(Ok(spec)) => {
@@ -360,9 +356,20 @@ async fn backfill_quota(state: &AppState, tenant: &str, id: Uuid, cmd: &Backfill
         }
     };
     if new > 0 {
-        crate::runs::check_active_runs_quota(state, tenant, new).await?;
+        quota_or_not_found(state, tenant, id, new).await?;
     }
     Ok(())
+}
+
+/// The quota of runs not yet ended, for `n` more runs of schedule `id`. Where it refuses, a
+/// schedule the log does not have is answered `404` first, as documented (where it does not,
+/// ingest answers that).
+async fn quota_or_not_found(state: &AppState, tenant: &str, id: Uuid, n: i64) -> ApiResult<()> {
+    match crate::runs::check_active_runs_quota(state, tenant, n).await {
+        Err(over) if on_log(state, tenant, id).await? => Err(over),
+        Err(_) => Err(ApiError::not_found("schedule")),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// Whether the log has schedule `id` (its last event is not its deletion): for a schedule the

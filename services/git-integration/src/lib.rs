@@ -579,14 +579,16 @@ async fn cancel_pull_request_runs(
     }
     // A few at once: the forge waits for the answer (GitHub for 10 seconds).
     use futures::{StreamExt, TryStreamExt};
+    let why = format!("pull request #{number} was closed");
     futures::stream::iter(runs.iter().copied())
-        .map(|run_id| async move {
-            let reason = format!("pull request #{number} was closed");
-            let cancel = CancelRun { tenant: conn.tenant.clone(), run_id, reason, key_id: None };
-            match state.ingest.cancel_run(&cancel).await {
-                Ok(_) => Ok(()),
-                Err(p) if p.code == ErrorCode::NotFound => Ok(()), // (its events aged out)
-                Err(p) => Err(p),
+        .map(|run_id| {
+            let cancel = CancelRun { tenant: conn.tenant.clone(), run_id, reason: why.clone(), key_id: None };
+            async move {
+                match state.ingest.cancel_run(&cancel).await {
+                    Ok(_) => Ok(()),
+                    Err(p) if p.code == ErrorCode::NotFound => Ok(()), // (its events aged out)
+                    Err(p) => Err(p),
+                }
             }
         })
         .buffer_unordered(16)
@@ -700,10 +702,14 @@ mod tests {
         // Gitea's is from a fork; a closed one, or a head whose repository is gone, starts nothing.
         let gitea = github::pull_request(&fixture("gitea", "pull_request")).unwrap();
         assert_eq!((gitea.repository.as_str(), gitea.number, gitea.fork), ("example/example", 2, true));
-        let closed = with(&fixture("github", "pull_request"), "/action", "closed".into());
-        let closed = github::pull_request(&closed).unwrap();
+        let closed_json = with(&fixture("github", "pull_request"), "/action", "closed".into());
+        let closed = github::pull_request(&closed_json).unwrap();
         assert!(closed.closed && closed.inactive.unwrap().contains("closed"));
         assert!(!github.closed);
+        // The fixture's `closed_at` is null: the close's time is its `updated_at`.
+        assert_eq!(closed.closed_at, forge_time(Some("2015-05-05T23:40:27Z")));
+        let at = with(&closed_json, "/pull_request/closed_at", "2015-05-05T23:41:00Z".into());
+        assert_eq!(github::pull_request(&at).unwrap().closed_at, forge_time(Some("2015-05-05T23:41:00Z")));
         let gone = with(&fixture("github", "pull_request"), "/pull_request/head/repo", serde_json::Value::Null);
         assert!(github::pull_request(&gone).unwrap().fork);
         // A fork of the same name elsewhere is told by its id; Gitea's AGit request, whose head

@@ -746,7 +746,7 @@ impl Ingest {
         if let Some(mut state) = RunState::from_submitted(key.clone(), 0, &envelopes[0].event) {
             let meta = EventMeta::caused_by(&envelopes[0]);
             let subject = envelopes[0].subject.clone();
-            let decided = state.decide_ahead(Vec::new());
+            let decided = state.decide_ahead();
             envelopes.extend(decided.into_iter().map(|e| meta.envelope(subject.clone(), e)));
         }
         let done = self.bus.append_decision(0, &envelopes).await;

@@ -63,7 +63,7 @@ const TICK: Duration = Duration::from_millis(100);
 /// Most entries read from READY before an admission round.
 const READ_BATCH: usize = 4_096;
 /// Most publishes (or deletions) in flight at once while a round's admissions go out.
-const PIPELINE: usize = 256;
+pub(crate) const PIPELINE: usize = 256;
 /// How long an admitted READY entry may wait for a purge to take it before it is deleted on
 /// its own (see [`Removals`]).
 const REMOVE_AFTER: Duration = Duration::from_secs(1);

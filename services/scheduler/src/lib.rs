@@ -60,7 +60,36 @@ pub(crate) const MAX_CONFLICTS: usize = 16;
 /// (ingest restarting) is retried at once, however late the timer already is; one that lasts
 /// (a tick's run that cannot be submitted) is not retried every second for as long.
 fn retry_after(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.clamp(1, 7).saturating_sub(1)).min(TIMER_RETRY_MAX)
+    Duration::from_secs(1u64 << (failures.clamp(1, 7) - 1)).min(TIMER_RETRY_MAX)
+}
+
+/// How often each timer (by its message's stream sequence) failed in a row on this replica,
+/// for at most [`TIMER_FAILURES_KEPT`] timers (past it, counting starts afresh).
+#[derive(Default)]
+struct TimerFailures(std::sync::Mutex<HashMap<u64, u32>>);
+
+impl TimerFailures {
+    /// Counts one more failure of the timer `seq` (a timer without one counts as its first):
+    /// how long it waits before it is tried again, and its failures in a row.
+    fn failed(&self, seq: Option<u64>) -> (Duration, u32) {
+        let mut failures = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= TIMER_FAILURES_KEPT {
+            failures.clear();
+        }
+        let n = seq.map_or(1, |s| {
+            let n = failures.entry(s).or_default();
+            *n += 1;
+            *n
+        });
+        (retry_after(n), n)
+    }
+
+    /// Forgets the timer `seq`'s failures: it is done with.
+    fn succeeded(&self, seq: Option<u64>) {
+        if let Some(s) = seq {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&s);
+        }
+    }
 }
 
 /// A scheduler replica.
@@ -73,7 +102,7 @@ pub struct Scheduler {
     /// Schedules' states as last folded (see [`taskmesh_ingest::schedules::Folded`]).
     schedules: Arc<taskmesh_ingest::schedules::Folded>,
     /// How often each timer (by its stream sequence) failed in a row here (see [`retry_after`]).
-    timer_failures: Arc<std::sync::Mutex<HashMap<u64, u32>>>,
+    timer_failures: Arc<TimerFailures>,
 }
 
 /// The runs this replica has in memory, each behind its own lock: work on one run (its events,
@@ -124,11 +153,10 @@ where
     }
 
     fn answer(self: Box<Self>, problem: Option<Problem>) {
-        let answer = match (problem, self.decided) {
-            (Some(problem), _) => Err(problem),
-            (None, Some(answer)) => Ok(answer),
-            // Not reached: every command is decided before it is answered without a problem.
-            (None, None) => Err(Problem::new(ErrorCode::Internal, "a command was answered before it was decided")),
+        // Every command is decided before it is answered without a problem.
+        let answer = match problem {
+            Some(problem) => Err(problem),
+            None => self.decided.ok_or_else(|| Problem::new(ErrorCode::Internal, "a command answered undecided")),
         };
         // Whoever asked may have stopped waiting.
         let _ = self.answered.send(answer);
@@ -148,10 +176,6 @@ struct Slot {
     /// enqueue them again.
     enqueued: HashSet<(String, u32)>,
 }
-
-/// Most `READY` publishes of one decision in flight at once (see
-/// [`Scheduler::enqueue_dispatched`]).
-const READY_PIPELINE: usize = 256;
 
 /// Lanes of the run-event reactor: events of one run in order, different runs side by side.
 const REACTOR_LANES: taskmesh_bus::Lanes = taskmesh_bus::Lanes { count: 32, depth: 16 };
@@ -322,28 +346,17 @@ impl Scheduler {
         // Failures in a row are counted by the timer's message, on this replica (another's, or
         // one restarted, starts again at a second).
         let seq = msg.info().map(|i| i.stream_sequence).ok();
-        let mut failures = self.timer_failures.lock().unwrap_or_else(|e| e.into_inner());
-        let done = match fired {
-            Ok(()) => AckKind::Ack,
-            Err(p) if p.code == ErrorCode::NotFound => AckKind::Term,
-            Err(p) => {
-                if failures.len() >= TIMER_FAILURES_KEPT {
-                    failures.clear();
-                }
-                let n = seq.map_or(1, |s| {
-                    let n = failures.entry(s).or_default();
-                    *n += 1;
-                    *n
-                });
-                let wait = retry_after(n);
-                tracing::warn!(problem = %p, ?wait, failures = n, "timer failed; retrying");
-                return AckKind::Nak(Some(wait));
+        match fired {
+            Err(p) if p.code != ErrorCode::NotFound => {
+                let (wait, failures) = self.timer_failures.failed(seq);
+                tracing::warn!(problem = %p, ?wait, failures, "timer failed; retrying");
+                AckKind::Nak(Some(wait))
             }
-        };
-        if let Some(s) = seq {
-            failures.remove(&s);
+            done => {
+                self.timer_failures.succeeded(seq);
+                if done.is_ok() { AckKind::Ack } else { AckKind::Term }
+            }
         }
-        done
     }
 
     async fn on_schedule_message(&self, msg: &Message) -> AckKind {
@@ -568,7 +581,7 @@ impl Scheduler {
             if events.is_empty() {
                 return Ok(());
             }
-            apply_ahead(state, &events);
+            state.apply_ahead(&events);
             match self.commit(slot, key, events, meta).await {
                 Ok(_) => return Ok(()),
                 Err(BusError::Conflict { .. }) => continue,
@@ -601,7 +614,7 @@ impl Scheduler {
         let state = slot.state.as_mut().expect("committing to a cached run");
         let expected = state.last_seq;
         let mut all = events;
-        all.extend(state.decide_ahead(Vec::new()));
+        all.extend(state.decide_ahead());
         let envelopes: Vec<_> = all.iter().map(|e| meta.envelope(subject.clone(), e.clone())).collect();
         let done = self.bus.append_decision(expected, &envelopes).await;
         if let Some(e) = done.error {
@@ -623,7 +636,7 @@ impl Scheduler {
 
     /// Enqueues the steps `events` dispatched that are still dispatched and not yet enqueued
     /// here, on the tenant's `READY` queue, where admission control lets them through to the
-    /// executors (see `dispatch`): their publishes pipelined ([`READY_PIPELINE`] at a time,
+    /// executors (see `dispatch`): their publishes pipelined (`dispatch::PIPELINE` at a time,
     /// in order) and each acknowledged, so a fan-out's steps reach the executors together
     /// (and their leases come back together: see [`Scheduler::command`]) rather than one
     /// acknowledgement apart.
@@ -642,7 +655,7 @@ impl Scheduler {
             })
             .collect();
         let subject = self.bus.namespace().ready(&key.tenant);
-        for chunk in ready.chunks(READY_PIPELINE) {
+        for chunk in ready.chunks(dispatch::PIPELINE) {
             let publishes = chunk.iter().map(|((step, dispatch), ready)| {
                 let msg_id = format!("{}:{}:{}", key.run_id, step, dispatch);
                 let subject = subject.clone();
@@ -751,7 +764,7 @@ impl Scheduler {
             let mut events = Vec::new();
             for command in waiting.iter_mut() {
                 let decided = command.decide(state);
-                apply_ahead(state, &decided);
+                state.apply_ahead(&decided);
                 events.extend(decided);
             }
             // Appending checks every decision of the batch against the log, those that
@@ -785,12 +798,12 @@ impl Scheduler {
 /// step is no longer at that dispatch, or this process enqueued it already.
 fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> Option<((String, u32), Ready)> {
     let state = slot.state.as_ref()?;
-    let i = state.workflow.steps.iter().position(|s| s.id == d.step)?;
-    let still = state.steps[i].phase == state::StepPhase::Dispatched && state.steps[i].dispatch == d.dispatch;
+    let step = state.step(&d.step)?;
     let marker = (d.step.clone(), d.dispatch);
-    if !still || slot.enqueued.contains(&marker) {
+    if step.phase != state::StepPhase::Dispatched || step.dispatch != d.dispatch || slot.enqueued.contains(&marker) {
         return None;
     }
+    let i = state.index_of(&d.step)?;
     // Templates were checked when the step was dispatched; they render the same now.
     let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
     let priority = state.priority_of(i);
@@ -806,14 +819,6 @@ fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> 
         refresh_cache,
     };
     Some((marker, Ready::Step { dispatch: Box::new(dispatch), priority }))
-}
-
-/// Applies `events`, decided on `state` and not yet appended, to it ahead of the log.
-fn apply_ahead(state: &mut RunState, events: &[Event]) {
-    let seq = state.last_seq;
-    for event in events {
-        state.apply(seq, event);
-    }
 }
 
 /// Takes the run out of the groups it counts in (its concurrency group, its tenant's runs),
@@ -941,6 +946,24 @@ impl Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timers_failures_in_a_row_are_counted_by_timer_and_forgotten_once_it_is_done() {
+        let failures = TimerFailures::default();
+        let secs = |(wait, n): (Duration, u32)| (wait.as_secs(), n);
+        assert_eq!(secs(failures.failed(Some(7))), (1, 1));
+        assert_eq!(secs(failures.failed(Some(7))), (2, 2));
+        assert_eq!(secs(failures.failed(Some(8))), (1, 1), "counted per timer");
+        assert_eq!(secs(failures.failed(Some(7))), (4, 3));
+        failures.succeeded(Some(7));
+        assert_eq!(secs(failures.failed(Some(7))), (1, 1), "a success starts it afresh");
+        assert_eq!(secs(failures.failed(None)), (1, 1), "without a sequence, always the first");
+        assert_eq!(secs(failures.failed(None)), (1, 1));
+        for seq in 100..100 + TIMER_FAILURES_KEPT as u64 {
+            failures.failed(Some(seq));
+        }
+        assert_eq!(secs(failures.failed(Some(8))), (1, 1), "past the bound, counting starts afresh");
+    }
 
     #[test]
     fn a_failed_timer_is_retried_at_once_then_less_often_up_to_a_minute() {
