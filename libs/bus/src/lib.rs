@@ -641,6 +641,18 @@ impl Bus {
         traceparent: Option<&str>,
     ) -> Result<u64> {
         let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
+        self.enqueue_payload(subject, msg_id, payload, traceparent).await
+    }
+
+    /// Enqueues an already encoded message on a work-queue stream, deduplicated by `msg_id`
+    /// (see [`Bus::enqueue`]).
+    pub async fn enqueue_payload(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Vec<u8>,
+        traceparent: Option<&str>,
+    ) -> Result<u64> {
         let mut publish = PublishMessage::build().payload(payload.into()).message_id(msg_id);
         if let Some(tp) = traceparent {
             publish = publish.header(TRACEPARENT_HEADER, tp);

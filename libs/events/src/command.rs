@@ -652,12 +652,17 @@ pub struct Dispatch {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Ready {
     /// A dispatched step, to go onto the dispatch queue once the tenant's concurrency limit, its
-    /// rate-limit bucket and its `not_before` allow.
+    /// rate-limit bucket and its `not_before` allow. (Entries since 2026-12-06 are `Steps`,
+    /// even of one step; the dispatcher still reads this form.)
     Step {
         dispatch: Box<Dispatch>,
         /// Effective priority: the step's, else the run's, else the workflow's, else 0.
         priority: i32,
     },
+    /// Steps that one decision dispatched together (a fan-out's), in order: one entry for
+    /// all, each admitted on its own as a `Step` would be. The entry is removed once the last
+    /// of them is admitted.
+    Steps { steps: Vec<ReadyStep> },
     /// A run to be admitted once its concurrency group and its tenant's limit of concurrent
     /// runs both have room.
     Run {
@@ -668,6 +673,41 @@ pub enum Ready {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tenant_max_runs: Option<u32>,
     },
+}
+
+impl Ready {
+    /// Encodes `steps` (dispatched together, in order) as `READY` entries of [`Ready::Steps`],
+    /// each of at most `max_bytes` unless a single step is larger (it then goes alone). Returns
+    /// each entry's body with how many of `steps`, taken in order, it holds.
+    pub fn entries(steps: Vec<ReadyStep>, max_bytes: usize) -> serde_json::Result<Vec<(Vec<u8>, usize)>> {
+        const HEAD: &[u8] = br#"{"kind":"steps","steps":["#;
+        const TAIL: &[u8] = b"]}";
+        let mut entries = Vec::new();
+        let (mut body, mut n) = (Vec::new(), 0);
+        for step in steps {
+            let item = serde_json::to_vec(&step)?;
+            if n > 0 && body.len() + 1 + item.len() + TAIL.len() > max_bytes {
+                body.extend_from_slice(TAIL);
+                entries.push((std::mem::take(&mut body), std::mem::take(&mut n)));
+            }
+            body.extend_from_slice(if n == 0 { HEAD } else { b"," });
+            body.extend_from_slice(&item);
+            n += 1;
+        }
+        if n > 0 {
+            body.extend_from_slice(TAIL);
+            entries.push((body, n));
+        }
+        Ok(entries)
+    }
+}
+
+/// One of the steps of a [`Ready::Steps`] entry.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ReadyStep {
+    pub dispatch: Dispatch,
+    /// Effective priority, as in [`Ready::Step`].
+    pub priority: i32,
 }
 
 /// Identifies one lease on a step: the dispatch, the dispatch message's stream sequence, and
@@ -781,4 +821,43 @@ impl ExecutorBeat {
 pub struct Pool {
     pub token: String,
     pub runs_on: std::collections::BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_step(id: &str, script_bytes: usize) -> ReadyStep {
+        let step = serde_json::json!({"id": id, "run": "x".repeat(script_bytes)});
+        let dispatch = serde_json::json!({"tenant": "t", "run_id": Uuid::nil(), "dispatch": 1, "step": step});
+        ReadyStep { dispatch: serde_json::from_value(dispatch).unwrap(), priority: 3 }
+    }
+
+    fn ids(body: &[u8]) -> Vec<String> {
+        match serde_json::from_slice::<Ready>(body).unwrap() {
+            Ready::Steps { steps } => steps.into_iter().map(|s| s.dispatch.step.id).collect(),
+            other => panic!("not a Steps entry: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ready_entries_hold_steps_in_order_and_split_at_the_byte_bound() {
+        // Small steps share one entry, which decodes as the steps, in order.
+        let steps: Vec<_> = ["a", "b", "c"].into_iter().map(|id| ready_step(id, 10)).collect();
+        let entries = Ready::entries(steps, 64 * 1024).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].1, 3);
+        assert_eq!(ids(&entries[0].0), ["a", "b", "c"]);
+        // Past the bound, the next entry starts; a step larger than the bound goes alone.
+        let steps = vec![ready_step("a", 400), ready_step("b", 400), ready_step("big", 5_000), ready_step("c", 10)];
+        let entries = Ready::entries(steps, 1_500).unwrap();
+        let held: Vec<_> = entries.iter().map(|(body, n)| (ids(body), *n)).collect();
+        assert_eq!(
+            held,
+            [(vec!["a".to_string(), "b".into()], 2), (vec!["big".into()], 1), (vec!["c".into()], 1)],
+            "{held:?}"
+        );
+        assert!(entries.iter().filter(|(_, n)| *n > 1).all(|(body, _)| body.len() <= 1_500));
+        assert!(Ready::entries(Vec::new(), 1_500).unwrap().is_empty());
+    }
 }

@@ -56,6 +56,8 @@ use uuid::Uuid;
 
 /// How often the POOLS stream is looked at for new label sets this executor can serve.
 const POOL_LOOK: Duration = Duration::from_secs(1);
+/// Shortest time between two signals of freed slots (see [`Executor::signal_slots`]).
+const SLOT_SIGNAL_GAP: Duration = Duration::from_millis(5);
 
 /// One executor process.
 #[derive(Clone)]
@@ -74,6 +76,8 @@ pub struct Executor {
     labels: Arc<BTreeMap<String, String>>,
     /// Steps being handled right now (slots held by a waiting pull are not counted).
     busy: Arc<std::sync::atomic::AtomicU32>,
+    /// Slots freed since the last signal to the dispatcher (see [`Executor::signal_slots`]).
+    slots_freed: Arc<tokio::sync::Notify>,
 }
 
 impl Executor {
@@ -93,6 +97,7 @@ impl Executor {
             egress: Arc::default(),
             labels: Arc::default(),
             busy: Arc::default(),
+            slots_freed: Arc::default(),
         }
     }
 
@@ -238,6 +243,7 @@ impl Executor {
         let permits = Arc::new(Semaphore::new(slots));
         let hand_back = CancellationToken::new();
         let listener = tokio::spawn(self.clone().listen_for_cancellations(shutdown.clone()));
+        let signaller = tokio::spawn(self.clone().signal_slots());
         let beats_stop = CancellationToken::new();
         let beats = tokio::spawn(self.clone().heartbeat(beats_stop.clone()));
         tracing::info!(executor = %self.id, slots, labels = ?self.labels, "executor started");
@@ -292,6 +298,7 @@ impl Executor {
         // Gone: no longer listed as alive.
         let _ = self.bus.purge_subject(&ns.executors_stream(), &ns.executor(&self.token())).await;
         listener.abort();
+        signaller.abort();
         Ok(())
     }
 
@@ -536,7 +543,7 @@ impl Executor {
                 if ack {
                     self.breaker_signal(&dispatch, None).await;
                     let _ = acker.ack().await;
-                    self.slot_freed().await;
+                    self.slot_freed();
                 }
                 return;
             }
@@ -668,7 +675,7 @@ impl Executor {
         if let Err(e) = acker.double_ack().await {
             tracing::warn!(error = %e, "ack after report failed; a redelivery will be denied");
         }
-        self.slot_freed().await;
+        self.slot_freed();
     }
 
     /// Tells the dispatcher how an attempt behind a circuit breaker went (best effort: a lost
@@ -768,8 +775,22 @@ impl Executor {
 
     /// Tells the dispatcher a message left the dispatch queue, so held work can go out at once
     /// rather than at its next periodic look (best effort: a lost signal costs a little delay).
-    async fn slot_freed(&self) {
-        let _ = self.bus.client().publish(self.bus.namespace().slot_signals(), Vec::<u8>::new().into()).await;
+    /// Tells the dispatcher a slot is free (see [`Executor::signal_slots`]).
+    fn slot_freed(&self) {
+        self.slots_freed.notify_one();
+    }
+
+    /// Tells the dispatcher that slots were freed, so held work can go (core NATS, best effort:
+    /// it also looks again every 100 ms). One signal serves every slot freed while the last
+    /// was going out or within [`SLOT_SIGNAL_GAP`] after it: a busy executor sends a few
+    /// hundred a second at most, rather than one per step, each of which woke the dispatcher
+    /// for a round of its own.
+    async fn signal_slots(self) {
+        loop {
+            self.slots_freed.notified().await;
+            let _ = self.bus.client().publish(self.bus.namespace().slot_signals(), Vec::<u8>::new().into()).await;
+            tokio::time::sleep(SLOT_SIGNAL_GAP).await;
+        }
     }
 }
 

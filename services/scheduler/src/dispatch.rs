@@ -365,12 +365,28 @@ struct Removals {
     last_read: u64,
     /// Entries done but still on READY, and since when.
     pending: BTreeMap<u64, Instant>,
+    /// Entries of several steps, with how many of their steps are not yet done.
+    parts_left: HashMap<u64, usize>,
 }
 
 impl Removals {
-    /// Notes an entry as done with: it goes with the next purge below it, or on its own once
-    /// overdue.
+    /// Notes that the entry `seq` holds `parts` steps: it is done with once each of them is.
+    fn shared(&mut self, seq: u64, parts: usize) {
+        if parts > 1 {
+            self.parts_left.insert(seq, parts);
+        }
+    }
+
+    /// Notes an entry (or one of its steps) as done with: once all its steps are, it goes with
+    /// the next purge below it, or on its own once overdue.
     fn done(&mut self, seq: u64) {
+        if let Some(left) = self.parts_left.get_mut(&seq) {
+            *left -= 1;
+            if *left > 0 {
+                return;
+            }
+            self.parts_left.remove(&seq);
+        }
         self.pending.insert(seq, Instant::now());
     }
 
@@ -398,7 +414,7 @@ impl Removals {
 #[derive(Default)]
 struct Held {
     /// Per tenant, in admission order: priority (highest first), then READY sequence.
-    steps: HashMap<String, BTreeMap<(Reverse<i32>, u64), HeldStep>>,
+    steps: HashMap<String, BTreeMap<StepKey, HeldStep>>,
     /// By READY sequence: submission order.
     runs: BTreeMap<u64, HeldRun>,
     /// Tenants in turn order.
@@ -429,6 +445,16 @@ struct Held {
 impl Held {
     fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.steps.values().all(BTreeMap::is_empty) && self.unjudged.is_empty()
+    }
+
+    /// Holds a step read from READY, the `part`-th of the entry at `seq`.
+    fn hold_step(&mut self, seq: u64, part: u32, dispatch: Dispatch, priority: i32) {
+        if !self.steps.contains_key(&dispatch.tenant) {
+            self.turns.push_back(dispatch.tenant.clone());
+        }
+        let tenant = dispatch.tenant.clone();
+        let entry = HeldStep { dispatch, since: Instant::now(), reported: false };
+        self.steps.entry(tenant).or_default().insert((Reverse(priority), seq, part), entry);
     }
 
     /// The READY sequence of the oldest entry still held.
@@ -643,7 +669,7 @@ impl Dispatcher {
             held.removals.done(seq);
         }
         let Some(queue) = held.steps.get_mut(&run.tenant) else { return };
-        let gone: Vec<(Reverse<i32>, u64)> =
+        let gone: Vec<StepKey> =
             queue.iter().filter(|(_, s)| s.dispatch.run_id == run.run_id).map(|(k, _)| *k).collect();
         for k in &gone {
             queue.remove(k);
@@ -661,13 +687,15 @@ impl Dispatcher {
         };
         held.removals.last_read = held.removals.last_read.max(seq);
         match serde_json::from_slice::<Ready>(&msg.payload) {
-            Ok(Ready::Step { dispatch, priority }) => {
-                let tenant = dispatch.tenant.clone();
-                if !held.steps.contains_key(&tenant) {
-                    held.turns.push_back(tenant.clone());
+            Ok(Ready::Step { dispatch, priority }) => held.hold_step(seq, 0, *dispatch, priority),
+            Ok(Ready::Steps { steps }) => {
+                if steps.is_empty() {
+                    held.removals.done(seq);
                 }
-                let entry = HeldStep { dispatch: *dispatch, since: Instant::now(), reported: false };
-                held.steps.entry(tenant).or_default().insert((Reverse(priority), seq), entry);
+                held.removals.shared(seq, steps.len());
+                for (i, step) in steps.into_iter().enumerate() {
+                    held.hold_step(seq, i as u32, step.dispatch, step.priority);
+                }
             }
             Ok(Ready::Run { tenant, run_id, concurrency, tenant_max_runs }) => {
                 held.runs.insert(seq, HeldRun { tenant, run_id, concurrency, tenant_max_runs, reported: false });
@@ -1098,9 +1126,13 @@ impl Dispatcher {
     }
 }
 
+/// A held step's place in its tenant's queue: priority (highest first), then its READY entry's
+/// sequence, then its place in that entry.
+type StepKey = (Reverse<i32>, u64, u32);
+
 /// A step a round has chosen: its tenant, its key among the tenant's held steps, the subject
 /// it goes to, the step.
-type Outgoing = (String, (Reverse<i32>, u64), String, HeldStep);
+type Outgoing = (String, StepKey, String, HeldStep);
 
 /// Records what an executor said of an attempt behind a circuit breaker (a `BreakerSignal`).
 /// A signal that does not parse or names no valid tenant, key or limits is dropped (anyone on
@@ -1470,7 +1502,7 @@ mod tests {
     #[test]
     fn done_entries_below_the_oldest_held_go_in_one_purge_and_the_rest_once_overdue() {
         let t0 = Instant::now();
-        let mut r = Removals { last_read: 10, pending: BTreeMap::new() };
+        let mut r = Removals { last_read: 10, ..Default::default() };
         // 1..=4 and 6..=8 admitted; 5 still held (a retry waiting for its backoff).
         r.pending.extend([1, 2, 3, 4, 6, 7, 8].map(|s| (s, t0)));
         let (purge, overdue) = r.due(Some(5), t0, REMOVE_AFTER);
@@ -1490,6 +1522,37 @@ mod tests {
         r.pending.insert(15, t0);
         assert_eq!(r.due(Some(12), t0, REMOVE_AFTER), (None, Vec::new()), "15 is above the held 12");
         assert_eq!(r.due(None, t0, REMOVE_AFTER), (Some(21), Vec::new()));
+    }
+
+    #[test]
+    fn an_entry_of_several_steps_is_removed_only_once_each_of_its_steps_is_done() {
+        let t0 = Instant::now();
+        let mut held = Held::default();
+        let step = |id: &str| noop_dispatch("t", id);
+        // Entry 1 holds one step; entry 2 a fan-out of three, the last with a higher priority.
+        held.removals.last_read = 2;
+        held.hold_step(1, 0, step("a"), 0);
+        held.removals.shared(2, 3);
+        for (i, (id, priority)) in [("b", 0), ("c", 0), ("d", 5)].into_iter().enumerate() {
+            held.hold_step(2, i as u32, step(id), priority);
+        }
+        let queue = &held.steps["t"];
+        let order: Vec<_> = queue.values().map(|s| s.dispatch.step.id.as_str()).collect();
+        assert_eq!(order, ["d", "a", "b", "c"], "priority first, then the entry, then the place in it");
+        // All but one of entry 2's steps admitted, and entry 1's.
+        for k in [(Reverse(5), 2, 2), (Reverse(0), 1, 0), (Reverse(0), 2, 0)] {
+            held.steps.get_mut("t").unwrap().remove(&k).unwrap();
+            held.removals.done(k.1);
+        }
+        assert_eq!(held.oldest(), Some(2));
+        let (purge, overdue) = held.removals.due(held.oldest(), t0 + REMOVE_AFTER * 2, REMOVE_AFTER);
+        assert_eq!((purge, overdue), (Some(2), Vec::new()), "entry 1 goes; entry 2 still holds a step");
+        // Its last step admitted, the entry goes too.
+        held.steps.get_mut("t").unwrap().remove(&(Reverse(0), 2, 1)).unwrap();
+        held.removals.done(2);
+        assert_eq!(held.oldest(), None);
+        assert_eq!(held.removals.due(held.oldest(), t0, REMOVE_AFTER), (Some(3), Vec::new()));
+        assert!(held.removals.parts_left.is_empty());
     }
 
     #[test]
@@ -1525,24 +1588,23 @@ mod tests {
         assert!(!f.serves(then + COUNTS_FOR, [("a", 1)].into_iter(), |_| 0, 0));
     }
 
-    /// A step of `tenant`, held as if read from READY at sequence `seq`.
-    fn hold(held: &mut Held, tenant: &str, seq: u64) {
-        let step = serde_json::from_value(serde_json::json!({"id": format!("s{seq}"), "uses": "noop"})).unwrap();
-        let dispatch = Dispatch {
+    /// The first dispatch of a `noop` step `id` of a new run of `tenant`'s.
+    fn noop_dispatch(tenant: &str, id: &str) -> Dispatch {
+        Dispatch {
             tenant: tenant.into(),
             run_id: Uuid::now_v7(),
             dispatch: 1,
-            step,
+            step: serde_json::from_value(serde_json::json!({"id": id, "uses": "noop"})).unwrap(),
             not_before: None,
             traceparent: None,
             checkout: None,
             refresh_cache: false,
-        };
-        if !held.steps.contains_key(tenant) {
-            held.turns.push_back(tenant.into());
         }
-        let entry = HeldStep { dispatch, since: Instant::now(), reported: false };
-        held.steps.entry(tenant.into()).or_default().insert((Reverse(0), seq), entry);
+    }
+
+    /// A step of `tenant`, held as if read from READY at sequence `seq`.
+    fn hold(held: &mut Held, tenant: &str, seq: u64) {
+        held.hold_step(seq, 0, noop_dispatch(tenant, &format!("s{seq}")), 0);
     }
 
     #[tokio::test]

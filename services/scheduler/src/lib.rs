@@ -29,8 +29,8 @@ use async_nats::jetstream::{AckKind, Message};
 use taskmesh_bus::{Bus, BusError, Stored};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{
-    CancelSignal, CommitState, CommitStatus, Dispatch, LeaseDecision, LeaseRequest, Ready, ReportAck, ResultReport,
-    Timer, TimerKind,
+    CancelSignal, CommitState, CommitStatus, Dispatch, LeaseDecision, LeaseRequest, Ready, ReadyStep, ReportAck,
+    ResultReport, Timer, TimerKind,
 };
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched, Trigger};
 use tokio::sync::Mutex;
@@ -52,6 +52,9 @@ const TIMER_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Most timers whose failures in a row a replica counts at once (past it, it starts counting
 /// afresh: their next waits are short again).
 const TIMER_FAILURES_KEPT: usize = 10_000;
+/// Most bytes of one `READY` entry of several steps (NATS's own limit on a message is 1 MiB by
+/// default).
+const READY_ENTRY_BYTES: usize = 256 * 1024;
 /// Conflicts tolerated in a row before a decision is given up (and the event redelivered).
 pub(crate) const MAX_CONFLICTS: usize = 16;
 
@@ -636,10 +639,11 @@ impl Scheduler {
 
     /// Enqueues the steps `events` dispatched that are still dispatched and not yet enqueued
     /// here, on the tenant's `READY` queue, where admission control lets them through to the
-    /// executors (see `dispatch`): their publishes pipelined (`dispatch::PIPELINE` at a time,
-    /// in order) and each acknowledged, so a fan-out's steps reach the executors together
-    /// (and their leases come back together: see [`Scheduler::command`]) rather than one
-    /// acknowledgement apart.
+    /// executors (see `dispatch`). The steps of one decision (a fan-out's) go as one entry
+    /// (several for a large decision: [`READY_ENTRY_BYTES`] each), so they cost one message
+    /// rather than one each and reach the executors together (and their leases come back
+    /// together: see [`Scheduler::command`]); entries are published pipelined
+    /// (`dispatch::PIPELINE` at a time, in order), each acknowledged.
     async fn enqueue_dispatched<'e>(
         &self,
         slot: &mut Slot,
@@ -647,23 +651,41 @@ impl Scheduler {
         events: impl IntoIterator<Item = &'e Event>,
         meta: &EventMeta,
     ) -> Result<(), BusError> {
-        let ready: Vec<_> = events
+        let (markers, steps): (Vec<_>, Vec<_>) = events
             .into_iter()
             .filter_map(|e| match e {
                 Event::StepDispatched(d) => ready_of(slot, key, d, meta),
                 _ => None,
             })
-            .collect();
+            .unzip();
         let subject = self.bus.namespace().ready(&key.tenant);
-        for chunk in ready.chunks(dispatch::PIPELINE) {
-            let publishes = chunk.iter().map(|((step, dispatch), ready)| {
-                let msg_id = format!("{}:{}:{}", key.run_id, step, dispatch);
+        let entries = Ready::entries(steps, READY_ENTRY_BYTES)
+            .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?;
+        let mut first = 0;
+        let mut entries = entries.into_iter().map(|(body, n)| {
+            // Named after its first step (and how many it holds, when several), so the same
+            // entry enqueued again is deduplicated.
+            let (step, dispatch) = &markers[first];
+            first += n;
+            let msg_id = match n {
+                1 => format!("{}:{step}:{dispatch}", key.run_id),
+                n => format!("{}:{step}:{dispatch}+{n}", key.run_id),
+            };
+            (msg_id, body)
+        });
+        loop {
+            let chunk: Vec<_> = entries.by_ref().take(dispatch::PIPELINE).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let publishes = chunk.into_iter().map(|(msg_id, body)| {
                 let subject = subject.clone();
-                async move { self.bus.enqueue(subject, &msg_id, ready, meta.traceparent.as_deref()).await }
+                async move { self.bus.enqueue_payload(subject, &msg_id, body, meta.traceparent.as_deref()).await }
             });
             futures::future::try_join_all(publishes).await?;
         }
-        slot.enqueued.extend(ready.into_iter().map(|(marker, _)| marker));
+        drop(entries);
+        slot.enqueued.extend(markers);
         Ok(())
     }
 
@@ -794,9 +816,9 @@ impl Scheduler {
     }
 }
 
-/// The `READY` message of a dispatched step, with its marker (step, dispatch n); `None` if the
+/// The `READY` part of a dispatched step, with its marker (step, dispatch n); `None` if the
 /// step is no longer at that dispatch, or this process enqueued it already.
-fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> Option<((String, u32), Ready)> {
+fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> Option<((String, u32), ReadyStep)> {
     let state = slot.state.as_ref()?;
     let step = state.step(&d.step)?;
     let marker = (d.step.clone(), d.dispatch);
@@ -818,7 +840,7 @@ fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> 
         checkout: state.checkout_of(i),
         refresh_cache,
     };
-    Some((marker, Ready::Step { dispatch: Box::new(dispatch), priority }))
+    Some((marker, ReadyStep { dispatch, priority }))
 }
 
 /// Takes the run out of the groups it counts in (its concurrency group, its tenant's runs),
