@@ -22,13 +22,34 @@ fn github_signature_with(body: &[u8], secret: &str) -> String {
 
 /// A signed GitHub push delivery of `body` to `hook`.
 fn github_push(tm: &TestMesh, hook: &str, body: &[u8], delivery: &str) -> reqwest::RequestBuilder {
+    github_event(tm, hook, "push", body, delivery)
+}
+
+/// A signed GitHub delivery of `event` (`push`, `pull_request`) with `body` to `hook`.
+fn github_event(tm: &TestMesh, hook: &str, event: &str, body: &[u8], delivery: &str) -> reqwest::RequestBuilder {
     tm.http
         .post(hook)
         .header("content-type", "application/json")
-        .header("x-github-event", "push")
+        .header("x-github-event", event)
         .header("x-github-delivery", delivery)
         .header("x-hub-signature-256", github_signature(body))
         .body(body.to_vec())
+}
+
+/// A GitLab merge request delivery of `body` to `hook`, with [`SECRET`] as its token.
+fn gitlab_merge_request(tm: &TestMesh, hook: &str, body: Vec<u8>, delivery: &str) -> reqwest::RequestBuilder {
+    tm.http
+        .post(hook)
+        .header("content-type", "application/json")
+        .header("x-gitlab-event", "Merge Request Hook")
+        .header("x-gitlab-token", SECRET)
+        .header("idempotency-key", delivery)
+        .body(body)
+}
+
+/// What a hook answered `req`.
+async fn answer(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 /// Connects `repository` on `forge` (its branches `master` and `release/*`, secret [`SECRET`],
@@ -378,36 +399,14 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
     let gitlab = connect(&tm, "gitlab", "gitlabhq/gitlab-test", prs.clone()).await;
     let gitea = connect(&tm, "gitea", "example/example", prs.clone()).await;
     let without = connect(&tm, "github", "baxterthehacker/public-repo", serde_json::json!({})).await;
-    let send = |url: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>| {
-        let mut req = tm.http.post(url).header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
-    };
-    let to_github = |url: &str, body: Vec<u8>, delivery: &str| {
-        let headers = vec![
-            ("x-github-event", "pull_request".to_string()),
-            ("x-github-delivery", delivery.to_string()),
-            ("x-hub-signature-256", github_signature(&body)),
-        ];
-        send(url, headers, body)
-    };
-    let to_gitlab = |body: Vec<u8>, delivery: &str| {
-        let headers = vec![
-            ("x-gitlab-event", "Merge Request Hook".to_string()),
-            ("x-gitlab-token", SECRET.to_string()),
-            ("idempotency-key", delivery.to_string()),
-        ];
-        send(&gitlab, headers, body)
-    };
+    let to_github =
+        |url: &str, body: Vec<u8>, delivery: &str| answer(github_event(&tm, url, "pull_request", &body, delivery));
+    let to_gitlab = |body: Vec<u8>, delivery: &str| answer(gitlab_merge_request(&tm, &gitlab, body, delivery));
     let to_gitea = |body: Vec<u8>, delivery: &str| {
-        let headers = vec![
-            ("x-gitea-event", "pull_request".to_string()),
-            ("x-gitea-delivery", delivery.to_string()),
-            ("x-gitea-signature", hex::encode(hmac_sha256::HMAC::mac(&body, SECRET.as_bytes()))),
-        ];
-        send(&gitea, headers, body)
+        let req = tm.http.post(&gitea).header("content-type", "application/json");
+        let req = req.header("x-gitea-event", "pull_request").header("x-gitea-delivery", delivery);
+        let req = req.header("x-gitea-signature", hex::encode(hmac_sha256::HMAC::mac(&body, SECRET.as_bytes())));
+        answer(req.body(body))
     };
     // Gitea's fixture comes from a fork; the same from a branch of the repository itself.
     let own = edited(
@@ -503,17 +502,9 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
         "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 60}]}});
     let github = connect(&tm, "github", "baxterthehacker/public-repo", slow.clone()).await;
     let gitlab = connect(&tm, "gitlab", "gitlabhq/gitlab-test", slow).await;
-    let to_github = |event: &'static str, body: Vec<u8>, delivery: &str| {
-        let req = tm.http.post(&github).header("content-type", "application/json").header("x-github-event", event);
-        let req = req.header("x-github-delivery", delivery).header("x-hub-signature-256", github_signature(&body));
-        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
-    };
-    let to_gitlab = |body: Vec<u8>, delivery: &str| {
-        let req = tm.http.post(&gitlab).header("content-type", "application/json");
-        let req = req.header("x-gitlab-event", "Merge Request Hook").header("x-gitlab-token", SECRET);
-        let req = req.header("idempotency-key", delivery);
-        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
-    };
+    let to_github =
+        |event: &str, body: Vec<u8>, delivery: &str| answer(github_event(&tm, &github, event, &body, delivery));
+    let to_gitlab = |body: Vec<u8>, delivery: &str| answer(gitlab_merge_request(&tm, &gitlab, body, delivery));
     let run_of = |answer: &serde_json::Value| -> uuid::Uuid {
         assert_eq!(answer["outcome"], "started", "{answer}");
         answer["run_id"].as_str().unwrap().parse().unwrap()
@@ -3383,4 +3374,75 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
     assert_eq!(res.status(), 400);
     let problem: serde_json::Value = res.json().await.unwrap();
     assert_eq!(problem["errors"][0]["field"], "steps[0].checkout", "{problem}");
+}
+
+/// What holds a run's status back from being sent again (above) is only a newer run of the
+/// same kind, of the same workflow, that reports its status, on the same commit: a pull
+/// request's run and a push's show apart on the forge, another workflow's run shows under
+/// another name, and a run that reported nothing (its connection had no token then) shows
+/// nothing to replace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_newer_run_of_the_same_kind_and_workflow_that_reports_holds_a_status_back() {
+    let tm = spawn_mesh().await;
+    let (api, _calls) = forge_api().await;
+    let more = serde_json::json!({"pull_requests": true, "status_token": "t", "api_url": api});
+    let hook = connect(&tm, "github", "baxterthehacker/public-repo", more).await;
+    let connection = hook.rsplit('/').next().unwrap().to_string();
+    let patch = |body: serde_json::Value| {
+        let req = tm.auth(tm.http.patch(format!("{}/v1/repo-connections/{connection}", tm.api)));
+        let req = req.header("content-type", "application/merge-patch+json").body(body.to_string());
+        let tm = &tm;
+        async move {
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            tm.wait_projected().await;
+        }
+    };
+    let resend = |run: uuid::Uuid| tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api))).send();
+    // Every run here is on the pull request's head commit, pushed to master too.
+    let head = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c";
+    let push =
+        edited(PUSH, &[("/repository/full_name", "baxterthehacker/public-repo".into()), ("/after", head.into())]);
+    let run = |event: &'static str, body: Vec<u8>, delivery: &'static str| {
+        let (req, tm) = (github_event(&tm, &hook, event, &body, delivery), &tm);
+        async move {
+            let started = answer(req).await;
+            assert_eq!(started["outcome"], "started", "{started}");
+            let run: uuid::Uuid = started["run_id"].as_str().unwrap().parse().unwrap();
+            let view = tm.wait_run(run, Duration::from_secs(30)).await;
+            assert_eq!(view["trigger"]["commit"], head, "{view}");
+            (run, view)
+        }
+    };
+    let (older, _) = run("push", push.clone(), "n-1").await;
+
+    // A pull request's run on the commit, newer: each is sent again.
+    let (pr, view) = run("pull_request", GITHUB_PR.to_vec(), "n-2").await;
+    assert_eq!(view["trigger"]["pull_request"], 1, "{view}");
+    assert_eq!(resend(older).await.unwrap().status(), 202);
+    assert_eq!(resend(pr).await.unwrap().status(), 202);
+    // Another workflow's push run on the commit, newer: still sent.
+    patch(serde_json::json!({"workflow": {"name": "other", "steps": [{"id": "test", "run": "true"}]}})).await;
+    let (other, view) = run("push", push.clone(), "n-3").await;
+    assert_eq!(view["workflow"], "other", "{view}");
+    assert_eq!(resend(older).await.unwrap().status(), 202);
+    // A newer run of the workflow that reported nothing (no token then, one again now).
+    patch(
+        serde_json::json!({"status_token": null, "workflow": {"name": "ci", "steps": [{"id": "test", "run": "true"}]}}),
+    )
+    .await;
+    let (_, view) = run("push", push.clone(), "n-4").await;
+    assert_ne!(view["trigger"]["reports_status"], true, "{view}");
+    patch(serde_json::json!({"status_token": "t"})).await;
+    assert_eq!(resend(older).await.unwrap().status(), 202);
+    // One that reports: now the older is held back, by it alone.
+    let (newest, _) = run("push", push, "n-5").await;
+    let res = resend(older).await.unwrap();
+    assert_eq!(res.status(), 409);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains(&format!("run {newest} ")), "{problem}");
+    for run in [pr, other, newest] {
+        assert_eq!(resend(run).await.unwrap().status(), 202, "run {run}");
+    }
+    tm.finish().await;
 }
