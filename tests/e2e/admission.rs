@@ -185,6 +185,35 @@ async fn under_contention_the_higher_priority_goes_first() {
     tm.finish().await;
 }
 
+/// The steps one decision dispatched (here a run's five first steps) are one `READY` entry,
+/// each admitted on its own as the tenant's limit allows: the entry stays while any of them is
+/// held, and goes once the last is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fan_outs_steps_are_one_ready_entry_kept_until_the_last_is_admitted() {
+    let tm = spawn_with(&Svc::ALL, |s| {
+        s.limits.tenants.insert("default".into(), TenantLimits { max_steps: Some(2), ..Default::default() });
+    })
+    .await;
+    let ready = || async {
+        let stream = tm.bus.jetstream().get_stream(tm.bus.namespace().ready_stream()).await.unwrap();
+        stream.get_info().await.unwrap().state.messages
+    };
+    let steps: Vec<Value> = (0..5).map(|i| json!({"id": format!("s{i}"), "run": "sleep 2"})).collect();
+    let id = tm.submit_json_as(&tm.key, json!({"workflow": {"name": "fan", "steps": steps}})).await;
+    let reason = step_wait_reason(&tm, id, Duration::from_secs(30)).await;
+    assert_eq!(reason, "tenant concurrency limit (2 steps)");
+    // Past the second after which an admitted entry above a held one would be deleted on its
+    // own (the last step is held until the first four have run, about four seconds in).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ready().await, 1, "some of the five admitted, the rest held: their one entry stays");
+    let run = tm.wait_run(id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    eventually("the entry removed", Duration::from_secs(10), || async { Ok((ready().await == 0).then_some(())) })
+        .await
+        .unwrap();
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rate_limited_step_runs_at_the_buckets_rate_and_none_fails_for_it() {
     let tm = spawn_with(&Svc::ALL, |s| s.executor.slots = 8).await;
