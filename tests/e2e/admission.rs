@@ -198,13 +198,16 @@ async fn a_fan_outs_steps_are_one_ready_entry_kept_until_the_last_is_admitted() 
         let stream = tm.bus.jetstream().get_stream(tm.bus.namespace().ready_stream()).await.unwrap();
         stream.get_info().await.unwrap().state.messages
     };
-    let steps: Vec<Value> = (0..5).map(|i| json!({"id": format!("s{i}"), "run": "sleep 2"})).collect();
+    let steps: Vec<Value> = (0..5).map(|i| json!({"id": format!("s{i}"), "run": "sleep 4"})).collect();
     let id = tm.submit_json_as(&tm.key, json!({"workflow": {"name": "fan", "steps": steps}})).await;
     let reason = step_wait_reason(&tm, id, Duration::from_secs(30)).await;
     assert_eq!(reason, "tenant concurrency limit (2 steps)");
     // Past the second after which an admitted entry above a held one would be deleted on its
-    // own (the last step is held until the first four have run, about four seconds in).
+    // own (the last step is held until the first four have run, about eight seconds in).
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, run) = tm.get_run(id).await;
+    let held = run["steps"].as_array().unwrap().iter().filter(|s| s["started_at"].is_null()).count();
+    assert!(held > 0, "a step still held: {run}");
     assert_eq!(ready().await, 1, "some of the five admitted, the rest held: their one entry stays");
     let run = tm.wait_run(id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "succeeded", "{run}");

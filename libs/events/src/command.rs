@@ -647,7 +647,7 @@ pub struct Dispatch {
 }
 
 /// `{ns}.ready.<tenant>`: work waiting for admission control (the scheduler's dispatcher).
-/// The READY stream holds exactly what waits: an entry is deleted once admitted.
+/// The READY stream holds what waits: an entry is deleted once all it holds is admitted.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Ready {
@@ -676,6 +676,21 @@ pub enum Ready {
 }
 
 impl Ready {
+    /// The message id of a `READY` entry of run `run_id` holding the steps `markers` (step,
+    /// dispatch n), in order, so that the same entry enqueued again, and only it, is
+    /// deduplicated: a lone step's is `{run}:{step}:{dispatch}` (as before entries held
+    /// several); several steps' adds their count and a digest of them all.
+    pub fn entry_id(run_id: Uuid, markers: &[(String, u32)]) -> String {
+        let Some((step, dispatch)) = markers.first() else { return format!("{run_id}:") };
+        if markers.len() == 1 {
+            return format!("{run_id}:{step}:{dispatch}");
+        }
+        let all: String = markers.iter().map(|(s, d)| format!("{s}:{d}\n")).collect();
+        let digest = hmac_sha256::Hash::hash(all.as_bytes());
+        let digest: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{run_id}:{step}:{dispatch}+{}:{digest}", markers.len())
+    }
+
     /// Encodes `steps` (dispatched together, in order) as `READY` entries of [`Ready::Steps`],
     /// each of at most `max_bytes` unless a single step is larger (it then goes alone). Returns
     /// each entry's body with how many of `steps`, taken in order, it holds.
@@ -838,6 +853,23 @@ mod tests {
             Ready::Steps { steps } => steps.into_iter().map(|s| s.dispatch.step.id).collect(),
             other => panic!("not a Steps entry: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_ready_entrys_id_names_all_its_steps() {
+        let run = Uuid::nil();
+        let m = |ids: &[&str]| ids.iter().map(|s| (s.to_string(), 1)).collect::<Vec<_>>();
+        assert_eq!(Ready::entry_id(run, &m(&["a"])), format!("{run}:a:1"), "a lone step's id as before");
+        let abc = Ready::entry_id(run, &m(&["a", "b", "c"]));
+        assert!(abc.starts_with(&format!("{run}:a:1+3:")), "{abc}");
+        assert_eq!(abc, Ready::entry_id(run, &m(&["a", "b", "c"])));
+        // Same first step and count, another step among them: another entry.
+        assert_ne!(abc, Ready::entry_id(run, &m(&["a", "x", "c"])));
+        assert_ne!(abc, Ready::entry_id(run, &m(&["a", "b", "d"])));
+        assert_ne!(
+            Ready::entry_id(run, &[("a".into(), 1), ("b".into(), 1)]),
+            Ready::entry_id(run, &[("a".into(), 1), ("b".into(), 2)])
+        );
     }
 
     #[test]

@@ -774,8 +774,7 @@ impl Executor {
     }
 
     /// Tells the dispatcher a message left the dispatch queue, so held work can go out at once
-    /// rather than at its next periodic look (best effort: a lost signal costs a little delay).
-    /// Tells the dispatcher a slot is free (see [`Executor::signal_slots`]).
+    /// rather than at its next periodic look (see [`Executor::signal_slots`]).
     fn slot_freed(&self) {
         self.slots_freed.notify_one();
     }

@@ -1,7 +1,9 @@
 //! The dispatcher: admission control between "a step is ready" and "executors may take it".
 //!
-//! Ready work is published to the READY stream (`command::Ready`); the stream holds exactly
-//! what waits, since an entry is deleted once admitted. One scheduler replica at a time, the
+//! Ready work is published to the READY stream (`command::Ready`; the steps one decision
+//! dispatched share an entry); the stream holds what waits, since an entry is deleted once
+//! all it holds is admitted (so a fan-out's admitted steps stay on it while one of them is
+//! held). One scheduler replica at a time, the
 //! holder of a leader lease (a subject of the LEASES stream, claimed and renewed with
 //! expected-last-subject-sequence, expiring by the stream's `max_age`), reads READY from its
 //! start and lets work through when:
@@ -413,7 +415,8 @@ impl Removals {
 
 #[derive(Default)]
 struct Held {
-    /// Per tenant, in admission order: priority (highest first), then READY sequence.
+    /// Per tenant, in admission order: priority (highest first), then READY sequence, then the
+    /// step's place in its entry.
     steps: HashMap<String, BTreeMap<StepKey, HeldStep>>,
     /// By READY sequence: submission order.
     runs: BTreeMap<u64, HeldRun>,

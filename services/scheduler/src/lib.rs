@@ -663,14 +663,8 @@ impl Scheduler {
             .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?;
         let mut first = 0;
         let mut entries = entries.into_iter().map(|(body, n)| {
-            // Named after its first step (and how many it holds, when several), so the same
-            // entry enqueued again is deduplicated.
-            let (step, dispatch) = &markers[first];
+            let msg_id = Ready::entry_id(key.run_id, &markers[first..first + n]);
             first += n;
-            let msg_id = match n {
-                1 => format!("{}:{step}:{dispatch}", key.run_id),
-                n => format!("{}:{step}:{dispatch}+{n}", key.run_id),
-            };
             (msg_id, body)
         });
         loop {
