@@ -52,6 +52,23 @@ async fn answer(req: reqwest::RequestBuilder) -> serde_json::Value {
     req.send().await.unwrap().json().await.unwrap()
 }
 
+/// The run a hook's `answer` says it started.
+fn started_run(answer: &serde_json::Value) -> uuid::Uuid {
+    assert_eq!(answer["outcome"], "started", "{answer}");
+    answer["run_id"].as_str().unwrap().parse().unwrap()
+}
+
+/// A merge patch of the repository connection `id` (the last segment of its webhook URL).
+fn patch_connection(tm: &TestMesh, id: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+    let req = tm.auth(tm.http.patch(format!("{}/v1/repo-connections/{id}", tm.api)));
+    req.header("content-type", "application/merge-patch+json").body(body.to_string())
+}
+
+/// Asks for `run`'s commit status to be sent again.
+fn resend_status(tm: &TestMesh, run: impl std::fmt::Display) -> reqwest::RequestBuilder {
+    tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api)))
+}
+
 /// Connects `repository` on `forge` (its branches `master` and `release/*`, secret [`SECRET`],
 /// and the fields of `more`) to a one-step workflow; returns the URL its webhooks go to, once
 /// the gateway has it.
@@ -505,10 +522,7 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     let to_github =
         |event: &str, body: Vec<u8>, delivery: &str| answer(github_event(&tm, &github, event, &body, delivery));
     let to_gitlab = |body: Vec<u8>, delivery: &str| answer(gitlab_merge_request(&tm, &gitlab, body, delivery));
-    let run_of = |answer: &serde_json::Value| -> uuid::Uuid {
-        assert_eq!(answer["outcome"], "started", "{answer}");
-        answer["run_id"].as_str().unwrap().parse().unwrap()
-    };
+    let run_of = started_run;
     let opened = run_of(&to_github("pull_request", GITHUB_PR.to_vec(), "c-1").await);
     let other = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 2.into())]), "c-2").await);
     let push = edited(PUSH, &[("/repository/full_name", "baxterthehacker/public-repo".into())]);
@@ -875,9 +889,8 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     let id = hook.rsplit('/').next().unwrap().to_string();
     let path = format!("/v1/repo-connections/{id}");
     let patch = |body: serde_json::Value| {
-        let req =
-            tm.auth(tm.http.patch(format!("{}{path}", tm.api))).header("content-type", "application/merge-patch+json");
-        async move { req.body(body.to_string()).send().await.unwrap() }
+        let req = patch_connection(&tm, &id, body);
+        async move { req.send().await.unwrap() }
     };
     let push = |secret: &str, branch: &str, delivery: &str| {
         let body = String::from_utf8_lossy(PUSH).replace("refs/heads/master", &format!("refs/heads/{branch}"));
@@ -2011,7 +2024,7 @@ async fn a_runs_commit_status_is_sent_again_on_request() {
     let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
         "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 1"}]}});
     let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
-    let resend = |run: &str| tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api))).send();
+    let resend = |run: &str| resend_status(&tm, run).send();
     let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rs-1").send().await.unwrap().json().await.unwrap();
     let run = started["run_id"].as_str().unwrap().to_string();
     tm.wait_run(run.parse().unwrap(), Duration::from_secs(30)).await;
@@ -2110,7 +2123,7 @@ async fn a_running_runs_commit_status_sent_again_is_pending_then_its_outcome() {
     let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
     let started: serde_json::Value = github_push(&tm, &hook, PUSH, "rp-1").send().await.unwrap().json().await.unwrap();
     let run: uuid::Uuid = started["run_id"].as_str().unwrap().parse().unwrap();
-    let resend = || tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api))).send();
+    let resend = || resend_status(&tm, run).send();
     // Its own pending first (sent as it was submitted), then the one asked for.
     eventually("the run's pending status", Duration::from_secs(20), || async {
         Ok((states_sent(&calls) == ["pending"]).then_some(()))
@@ -3389,16 +3402,14 @@ async fn only_a_newer_run_of_the_same_kind_and_workflow_that_reports_holds_a_sta
     let hook = connect(&tm, "github", "baxterthehacker/public-repo", more).await;
     let connection = hook.rsplit('/').next().unwrap().to_string();
     let patch = |body: serde_json::Value| {
-        let req = tm.auth(tm.http.patch(format!("{}/v1/repo-connections/{connection}", tm.api)));
-        let req = req.header("content-type", "application/merge-patch+json").body(body.to_string());
-        let tm = &tm;
+        let (req, tm) = (patch_connection(&tm, &connection, body), &tm);
         async move {
             let res = req.send().await.unwrap();
             assert_eq!(res.status(), 200);
             tm.wait_projected().await;
         }
     };
-    let resend = |run: uuid::Uuid| tm.auth(tm.http.post(format!("{}/v1/runs/{run}/commit-status", tm.api))).send();
+    let resend = |run: uuid::Uuid| resend_status(&tm, run).send();
     // Every run here is on the pull request's head commit, pushed to master too.
     let head = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c";
     let push =
@@ -3406,9 +3417,7 @@ async fn only_a_newer_run_of_the_same_kind_and_workflow_that_reports_holds_a_sta
     let run = |event: &'static str, body: Vec<u8>, delivery: &'static str| {
         let (req, tm) = (github_event(&tm, &hook, event, &body, delivery), &tm);
         async move {
-            let started = answer(req).await;
-            assert_eq!(started["outcome"], "started", "{started}");
-            let run: uuid::Uuid = started["run_id"].as_str().unwrap().parse().unwrap();
+            let run = started_run(&answer(req).await);
             let view = tm.wait_run(run, Duration::from_secs(30)).await;
             assert_eq!(view["trigger"]["commit"], head, "{view}");
             (run, view)

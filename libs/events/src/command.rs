@@ -654,11 +654,7 @@ pub enum Ready {
     /// A dispatched step, to go onto the dispatch queue once the tenant's concurrency limit, its
     /// rate-limit bucket and its `not_before` allow. (Entries since 2026-12-06 are `Steps`,
     /// even of one step; the dispatcher still reads this form.)
-    Step {
-        dispatch: Box<Dispatch>,
-        /// Effective priority: the step's, else the run's, else the workflow's, else 0.
-        priority: i32,
-    },
+    Step(Box<ReadyStep>),
     /// Steps that one decision dispatched together (a fan-out's), in order: one entry for
     /// all, each admitted on its own as a `Step` would be. The entry is removed once the last
     /// of them is admitted.
@@ -717,11 +713,11 @@ impl Ready {
     }
 }
 
-/// One of the steps of a [`Ready::Steps`] entry.
+/// A step waiting for admission: one of a [`Ready::Steps`] entry (or a [`Ready::Step`]).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ReadyStep {
     pub dispatch: Dispatch,
-    /// Effective priority, as in [`Ready::Step`].
+    /// Effective priority: the step's, else the run's, else the workflow's, else 0.
     pub priority: i32,
 }
 
@@ -852,6 +848,17 @@ mod tests {
         match serde_json::from_slice::<Ready>(body).unwrap() {
             Ready::Steps { steps } => steps.into_iter().map(|s| s.dispatch.step.id).collect(),
             other => panic!("not a Steps entry: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_one_step_entry_written_before_entries_of_several_still_reads() {
+        let step = serde_json::json!({"id": "a", "run": "true"});
+        let dispatch = serde_json::json!({"tenant": "t", "run_id": Uuid::nil(), "dispatch": 1, "step": step});
+        let old = serde_json::json!({"kind": "step", "dispatch": dispatch, "priority": 4});
+        match serde_json::from_value::<Ready>(old).unwrap() {
+            Ready::Step(s) => assert_eq!((s.dispatch.step.id.as_str(), s.priority), ("a", 4)),
+            other => panic!("not a Step entry: {other:?}"),
         }
     }
 

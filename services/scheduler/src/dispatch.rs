@@ -690,7 +690,7 @@ impl Dispatcher {
         };
         held.removals.last_read = held.removals.last_read.max(seq);
         match serde_json::from_slice::<Ready>(&msg.payload) {
-            Ok(Ready::Step { dispatch, priority }) => held.hold_step(seq, 0, *dispatch, priority),
+            Ok(Ready::Step(step)) => held.hold_step(seq, 0, step.dispatch, step.priority),
             Ok(Ready::Steps { steps }) => {
                 if steps.is_empty() {
                     held.removals.done(seq);

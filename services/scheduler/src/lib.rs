@@ -658,15 +658,21 @@ impl Scheduler {
                 _ => None,
             })
             .unzip();
+        if steps.is_empty() {
+            return Ok(());
+        }
         let subject = self.bus.namespace().ready(&key.tenant);
-        let entries = Ready::entries(steps, READY_ENTRY_BYTES)
-            .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?;
         let mut first = 0;
-        let mut entries = entries.into_iter().map(|(body, n)| {
-            let msg_id = Ready::entry_id(key.run_id, &markers[first..first + n]);
-            first += n;
-            (msg_id, body)
-        });
+        let entries: Vec<_> = Ready::entries(steps, READY_ENTRY_BYTES)
+            .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?
+            .into_iter()
+            .map(|(body, n)| {
+                let msg_id = Ready::entry_id(key.run_id, &markers[first..first + n]);
+                first += n;
+                (msg_id, body)
+            })
+            .collect();
+        let mut entries = entries.into_iter();
         loop {
             let chunk: Vec<_> = entries.by_ref().take(dispatch::PIPELINE).collect();
             if chunk.is_empty() {
@@ -678,7 +684,6 @@ impl Scheduler {
             });
             futures::future::try_join_all(publishes).await?;
         }
-        drop(entries);
         slot.enqueued.extend(markers);
         Ok(())
     }
@@ -814,12 +819,15 @@ impl Scheduler {
 /// step is no longer at that dispatch, or this process enqueued it already.
 fn ready_of(slot: &Slot, key: &RunKey, d: &StepDispatched, meta: &EventMeta) -> Option<((String, u32), ReadyStep)> {
     let state = slot.state.as_ref()?;
-    let step = state.step(&d.step)?;
-    let marker = (d.step.clone(), d.dispatch);
-    if step.phase != state::StepPhase::Dispatched || step.dispatch != d.dispatch || slot.enqueued.contains(&marker) {
+    let i = state.index_of(&d.step)?;
+    let step = &state.steps[i];
+    if step.phase != state::StepPhase::Dispatched || step.dispatch != d.dispatch {
         return None;
     }
-    let i = state.index_of(&d.step)?;
+    let marker = (d.step.clone(), d.dispatch);
+    if slot.enqueued.contains(&marker) {
+        return None;
+    }
     // Templates were checked when the step was dispatched; they render the same now.
     let step = state.render(i).unwrap_or_else(|_| state.workflow.steps[i].clone());
     let priority = state.priority_of(i);
