@@ -2307,6 +2307,11 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     assert_eq!(payload["data"]["failed_steps"], serde_json::json!(["a"]));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.lock().unwrap().len(), 1, "delivered once");
+    // The scheduler handed the run's end to the notifier of its own process: nothing went
+    // through the queue of runs' ends.
+    let mut ended = tm.bus.jetstream().get_stream(tm.bus.namespace().ended_stream()).await.unwrap();
+    let ended = ended.info().await.unwrap().state.clone();
+    assert_eq!(ended.last_sequence, 0, "a run's end went through the queue: {ended:?}");
     // The signing secret is stored sealed: it is in no event and no row.
     assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(&key));
     assert!(!tm.postgres_text().await.contains(&key));

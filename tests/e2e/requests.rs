@@ -1,6 +1,7 @@
 //! Commands over the bus: a server in the asker's own process is reached without NATS, one in
 //! another process over NATS, and a stopped server by no one (not even the commands from its own
-//! process that were waiting for their turn).
+//! process that were waiting for their turn). Work-queue messages likewise: handed to their
+//! consumer in the sender's process, or else enqueued.
 
 use std::time::Duration;
 
@@ -120,6 +121,76 @@ async fn a_stopped_server_handles_none_of_its_own_process_commands_still_waiting
     assert_eq!(first.await??, 1);
     assert!(matches!(second.await, Err(BusError::Unavailable(_))));
     assert_eq!(handled.load(Ordering::SeqCst), 1);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A work-queue message is handed to a taker of its stream in the sender's process, and
+/// enqueued (deduplicated by its message id) when the taker fails, holds as many as it may, or
+/// has stopped, or when it is sent from another process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the_queue_otherwise() -> anyhow::Result<()>
+{
+    use std::sync::Arc;
+    use tokio::sync::{Notify, mpsc};
+    let env = TestEnv::new().await?;
+    let bus = env.bus().await?;
+    // A second connection stands for another process: it shares no takers with `bus`.
+    let other = env.bus().await?;
+    let ns = bus.namespace().clone();
+    let (stream, subject) = (ns.ended_stream(), ns.ended("acme"));
+    let queued =
+        || async { anyhow::Ok(bus.subject_counts(&stream, &subject).await?.get(&subject).copied().unwrap_or(0)) };
+    // One at a time: "fail" fails, "hold" is held until released, anything else is taken.
+    let (taken, mut took) = mpsc::unbounded_channel::<String>();
+    let (holding, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let taking = {
+        let (holding, release) = (holding.clone(), release.clone());
+        bus.take_locally(&stream, 1, move |payload| {
+            let (taken, holding, release) = (taken.clone(), holding.clone(), release.clone());
+            async move {
+                let body: String = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+                match body.as_str() {
+                    "fail" => return Err("refused".to_string()),
+                    "hold" => {
+                        holding.notify_one();
+                        release.notified().await;
+                    }
+                    _ => {}
+                }
+                taken.send(body).map_err(|e| e.to_string())
+            }
+        })
+    };
+    let hand_over = |bus: &taskmesh_bus::Bus, msg_id: &'static str, body: &'static str| {
+        let (bus, stream, subject) = (bus.clone(), stream.clone(), subject.clone());
+        async move { bus.hand_over(&stream, subject, msg_id, &body, None).await }
+    };
+
+    // Taken, and nothing queued.
+    assert!(hand_over(&bus, "m1", "one").await?);
+    assert_eq!(took.try_recv()?, "one", "handed over only once taken");
+    assert_eq!(queued().await?, 0);
+    // The taker fails: queued.
+    assert!(!hand_over(&bus, "m2", "fail").await?);
+    assert_eq!(queued().await?, 1);
+    // From another process: queued, and only once however often it is sent.
+    assert!(!hand_over(&other, "m3", "three").await?);
+    assert!(!hand_over(&other, "m3", "three").await?);
+    assert_eq!(queued().await?, 2);
+    // The taker holds one, as many as it may: the next is queued, not waited for.
+    let held = tokio::spawn(hand_over(&bus, "m4", "hold"));
+    holding.notified().await;
+    assert!(!hand_over(&bus, "m5", "five").await?);
+    assert_eq!(queued().await?, 3);
+    release.notify_one();
+    assert!(held.await??);
+    assert_eq!(took.try_recv()?, "hold");
+    // Stopped: queued.
+    drop(taking);
+    assert!(!hand_over(&bus, "m6", "six").await?);
+    assert_eq!(queued().await?, 4);
+    assert!(took.try_recv().is_err(), "the taker took what it should not have");
     env.cleanup().await;
     Ok(())
 }

@@ -11,15 +11,19 @@
 //! - [`Bus::durable`] provisions durable pull consumers with explicit ack.
 //! - [`Bus::request`] and [`serve`] carry commands over core NATS request/reply, or straight
 //!   to the server when it runs in the same process.
+//! - [`Bus::hand_over`] gives a work-queue message straight to its consumer when it runs in the
+//!   same process ([`Bus::take_locally`]), and enqueues it otherwise.
 //!
 //! Trace context travels in the `traceparent` header of every message.
 //!
 //! # Layout
 //! - this file: [`Bus`], [`Stored`], errors.
 //! - [`serve`]: a bounded request/reply server loop.
+//! - `hand_over`: work-queue messages handed to a consumer in the same process.
 //! - [`consume`]: a durable consumer loop that recreates its consumer when the pull ends.
 
 mod consume;
+mod hand_over;
 mod serve;
 
 use std::time::Duration;
@@ -39,6 +43,7 @@ use taskmesh_config::NatsSettings;
 use taskmesh_events::{Commit, Envelope, Namespace, Problem};
 
 pub use consume::{Lanes, consume, consume_in_lanes};
+pub use hand_over::Taking;
 pub use serve::serve;
 
 /// The header carrying the sequence an event was appended after (its subject's previous event).
@@ -206,6 +211,8 @@ pub struct Bus {
     settings: NatsSettings,
     /// The request servers running in this process ([`serve`]), reached without NATS.
     local: std::sync::Arc<serve::Local>,
+    /// The work-queue consumers in this process that take messages without NATS ([`hand_over`]).
+    takers: std::sync::Arc<hand_over::Takers>,
 }
 
 impl Bus {
@@ -230,7 +237,7 @@ impl Bus {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let js = jetstream::new(client.clone());
-        Ok(Self { client, js, ns, settings: settings.clone(), local: Default::default() })
+        Ok(Self { client, js, ns, settings: settings.clone(), local: Default::default(), takers: Default::default() })
     }
 
     pub fn namespace(&self) -> &Namespace {
@@ -650,7 +657,7 @@ impl Bus {
         &self,
         subject: String,
         msg_id: &str,
-        payload: Vec<u8>,
+        payload: impl Into<Bytes>,
         traceparent: Option<&str>,
     ) -> Result<u64> {
         let mut publish = PublishMessage::build().payload(payload.into()).message_id(msg_id);

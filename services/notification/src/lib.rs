@@ -3,7 +3,8 @@
 //!
 //! Two loops. The fan-out reads the runs that ended from the `{NS}_ENDED` work queue (durable
 //! consumer `fan-out`; the scheduler puts each run's terminal event there as it consumes it,
-//! so this service reads one message per run, not every run event) and enqueues one delivery
+//! so this service reads one message per run, not every run event; a scheduler in this
+//! process hands it over directly instead, `Bus::hand_over`) and enqueues one delivery
 //! per subscribed endpoint on the `{NS}_DELIVERIES` work queue, deduplicated by
 //! `{event id}:{endpoint id}`. Each tenant's endpoints are kept in memory between runs' ends
 //! ([`EndpointCache`]), forgotten as a trigger on `webhook_endpoints` announces their change
@@ -69,6 +70,8 @@ const DISABLED: &str = "the endpoint is disabled";
 
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
+/// Runs' ends fanned out at once, from the queue and again handed over in this process.
+const FAN_OUT_CONCURRENCY: usize = 64;
 
 pub use taskmesh_events::command::Delivery;
 
@@ -167,16 +170,25 @@ impl Notifier {
             ack_wait: Duration::from_secs(30),
             ..Default::default()
         };
+        // The scheduler in this process hands runs' ends over directly (the same payload,
+        // handled the same way) rather than through the queue.
+        let _taking = self.bus.take_locally(&ns.ended_stream(), FAN_OUT_CONCURRENCY, {
+            let me = self.clone();
+            move |payload| {
+                let me = me.clone();
+                async move { me.fan_out_one(&payload).await.map_err(|e| e.to_string()) }
+            }
+        });
         let me = &self;
         taskmesh_bus::consume(
             &self.bus,
             &ns.ended_stream(),
             FAN_OUT,
             config,
-            64,
+            FAN_OUT_CONCURRENCY,
             shutdown.cancelled(),
             |msg| async move {
-                match me.fan_out_one(&msg).await {
+                match me.fan_out_one(&msg.payload).await {
                     Ok(()) => AckKind::Ack,
                     Err(e) => {
                         tracing::warn!(error = %e, "fan-out failed; retrying");
@@ -189,8 +201,10 @@ impl Notifier {
         Ok(())
     }
 
-    async fn fan_out_one(&self, msg: &Message) -> anyhow::Result<()> {
-        let env = &match taskmesh_events::Envelope::from_json(&msg.payload) {
+    /// Enqueues a delivery of a run's end (a notice from `{NS}_ENDED`, or handed over by the
+    /// scheduler in this process) to each endpoint subscribed to it.
+    async fn fan_out_one(&self, notice: &[u8]) -> anyhow::Result<()> {
+        let env = &match taskmesh_events::Envelope::from_json(notice) {
             Ok(env) => env,
             Err(e) => {
                 tracing::error!(error = %e, "undecodable notice of an ended run; dropping it");

@@ -518,12 +518,14 @@ impl Scheduler {
                 }
                 // The notifier learns of the end from a queue of its own rather than by reading
                 // every run event: announced before this event is acked, so a crash in between
-                // announces it again (the message id deduplicates). Independent of leaving the
+                // announces it again (the message id deduplicates; a notifier in this process,
+                // handed it directly, deduplicates its deliveries). Independent of leaving the
                 // groups: both go out together.
                 let env = &stored.envelope;
-                let msg_id = format!("ended:{}", env.id);
+                let (ns, msg_id) = (self.bus.namespace(), format!("ended:{}", env.id));
+                let stream = ns.ended_stream();
                 let announce =
-                    self.bus.enqueue(self.bus.namespace().ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
+                    self.bus.hand_over(&stream, ns.ended(&key.tenant), &msg_id, env, env.traceparent.as_deref());
                 let (end, status) =
                     env.event.run_end().unwrap_or((CommitState::Failure, taskmesh_events::Status::Failed));
                 tokio::try_join!(leave_groups(&self.bus, key, state), announce)?;
