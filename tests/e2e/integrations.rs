@@ -570,16 +570,30 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     let answer = to_github("pull_request", elsewhere, "c-9").await;
     assert_eq!(answer["outcome"], "ignored", "{answer}");
     assert!(answer["reason"].as_str().unwrap().contains("connection is for"), "{answer}");
+    let cancel = |run: uuid::Uuid| {
+        let req = tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api)));
+        async move { assert_eq!(req.json(&serde_json::json!({})).send().await.unwrap().status(), 202) }
+    };
+    // A rerun of a request's run, and a rerun of that rerun, are the request's runs too: its
+    // close cancels the one not yet ended.
+    let mut latest = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 3.into())]), "c-10").await);
+    for _ in 0..2 {
+        cancel(latest).await;
+        assert_eq!(tm.wait_run(latest, Duration::from_secs(30)).await["status"], "cancelled");
+        let req = tm.auth(tm.http.post(format!("{}/v1/runs/{latest}/rerun", tm.api)));
+        let rerun: serde_json::Value =
+            req.json(&serde_json::json!({"from": "failed"})).send().await.unwrap().json().await.unwrap();
+        latest = rerun["id"].as_str().unwrap_or_else(|| panic!("{rerun}")).parse().unwrap();
+    }
+    tm.wait_projected().await;
+    let close_third = edited(&close, &[("/number", 3.into()), ("/pull_request/closed_at", now())]);
+    let closed = to_github("pull_request", close_third, "c-11").await;
+    assert_eq!(closed["cancelled"], serde_json::json!([latest]), "{closed}");
+    assert_eq!(tm.wait_run(latest, Duration::from_secs(30)).await["status"], "cancelled");
     for run in [other, pushed, reopened] {
         let (_, view) = tm.get_run(run).await;
         assert!(["queued", "running"].contains(&view["status"].as_str().unwrap()), "goes on: {view}");
-    }
-    for run in [other, pushed, reopened] {
-        tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api)))
-            .json(&serde_json::json!({}))
-            .send()
-            .await
-            .unwrap();
+        cancel(run).await;
     }
     tm.finish().await;
 }

@@ -551,9 +551,10 @@ async fn hook(
 const MAX_CANCELLED: i64 = 1_000;
 
 /// A pull request closed (or merged): its runs not yet ended, as the read side has them, and
-/// started before `closed_at` (where the payload says when), are asked to cancel. Sent again
-/// (a redelivery), it asks again those still not ended; a run of a reopening since is left be
-/// (the forge's clock and ours may differ by a few seconds).
+/// reruns of its runs (of reruns of them, and so on) not yet ended, started before `closed_at`
+/// (where the payload says when), are asked to cancel. Sent again (a redelivery), it asks again
+/// those still not ended; a run of a reopening since is left be (the forge's clock and ours may
+/// differ by a few seconds).
 async fn cancel_pull_request_runs(
     state: &GitState,
     conn: &Connection,
@@ -561,10 +562,24 @@ async fn cancel_pull_request_runs(
     number: u64,
     closed_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> ApiResult<(StatusCode, Json<HookResponse>)> {
+    // Reruns are found from the tenant's reruns not yet ended, up their chains of earlier runs
+    // (bounded, though a chain cannot loop: a rerun is always of an earlier run).
     let runs: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') AND trigger ? 'pull_request'
+        "WITH RECURSIVE earlier (id, of, depth) AS (
+             SELECT id, (trigger->>'run_id')::uuid, 1 FROM runs
+              WHERE tenant_id = $1 AND status IN ('queued', 'running') AND trigger->>'kind' = 'rerun'
+                AND ($5::timestamptz IS NULL OR created_at <= $5)
+           UNION ALL
+             SELECT e.id, (r.trigger->>'run_id')::uuid, e.depth + 1 FROM earlier e
+               JOIN runs r ON r.tenant_id = $1 AND r.id = e.of AND r.trigger->>'kind' = 'rerun'
+              WHERE e.depth < 1000
+         )
+         SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') AND trigger ? 'pull_request'
            AND trigger->>'kind' = 'webhook' AND trigger->>'connection_id' = $2 AND trigger->>'pull_request' = $3
            AND ($5::timestamptz IS NULL OR created_at <= $5)
+         UNION
+         SELECT e.id FROM earlier e JOIN runs r ON r.tenant_id = $1 AND r.id = e.of
+          WHERE r.trigger->>'kind' = 'webhook' AND r.trigger->>'connection_id' = $2 AND r.trigger->>'pull_request' = $3
          LIMIT $4",
     )
     .bind(&conn.tenant)
