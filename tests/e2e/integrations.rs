@@ -25,26 +25,41 @@ fn github_push(tm: &TestMesh, hook: &str, body: &[u8], delivery: &str) -> reqwes
     github_event(tm, hook, "push", body, delivery)
 }
 
+/// A delivery of `body` to `hook` with the forge's `headers`.
+fn forge_delivery(tm: &TestMesh, hook: &str, headers: [(&str, &str); 3], body: Vec<u8>) -> reqwest::RequestBuilder {
+    let req = tm.http.post(hook).header("content-type", "application/json");
+    headers.into_iter().fold(req, |req, (name, value)| req.header(name, value)).body(body)
+}
+
 /// A signed GitHub delivery of `event` (`push`, `pull_request`) with `body` to `hook`.
 fn github_event(tm: &TestMesh, hook: &str, event: &str, body: &[u8], delivery: &str) -> reqwest::RequestBuilder {
-    tm.http
-        .post(hook)
-        .header("content-type", "application/json")
-        .header("x-github-event", event)
-        .header("x-github-delivery", delivery)
-        .header("x-hub-signature-256", github_signature(body))
-        .body(body.to_vec())
+    let signature = github_signature(body);
+    let headers = [("x-github-event", event), ("x-github-delivery", delivery), ("x-hub-signature-256", &signature)];
+    forge_delivery(tm, hook, headers, body.to_vec())
 }
 
 /// A GitLab merge request delivery of `body` to `hook`, with [`SECRET`] as its token.
 fn gitlab_merge_request(tm: &TestMesh, hook: &str, body: Vec<u8>, delivery: &str) -> reqwest::RequestBuilder {
-    tm.http
-        .post(hook)
-        .header("content-type", "application/json")
-        .header("x-gitlab-event", "Merge Request Hook")
-        .header("x-gitlab-token", SECRET)
-        .header("idempotency-key", delivery)
-        .body(body)
+    gitlab_event(tm, hook, "Merge Request Hook", body, delivery)
+}
+
+/// A GitLab delivery of `event` (`Push Hook`, `Merge Request Hook`) with `body` to `hook`,
+/// with [`SECRET`] as its token.
+fn gitlab_event(tm: &TestMesh, hook: &str, event: &str, body: Vec<u8>, delivery: &str) -> reqwest::RequestBuilder {
+    let headers = [("x-gitlab-event", event), ("x-gitlab-token", SECRET), ("idempotency-key", delivery)];
+    forge_delivery(tm, hook, headers, body)
+}
+
+/// Gitea's (and Forgejo's) signature of `body`: a bare hex HMAC-SHA256 with [`SECRET`].
+fn gitea_signature(body: &[u8]) -> String {
+    hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes()))
+}
+
+/// A signed Gitea delivery of `event` (`push`, `pull_request`) with `body` to `hook`.
+fn gitea_event(tm: &TestMesh, hook: &str, event: &str, body: &[u8], delivery: &str) -> reqwest::RequestBuilder {
+    let signature = gitea_signature(body);
+    let headers = [("x-gitea-event", event), ("x-gitea-delivery", delivery), ("x-gitea-signature", &signature)];
+    forge_delivery(tm, hook, headers, body.to_vec())
 }
 
 /// What a hook answered `req`.
@@ -230,12 +245,11 @@ async fn gitlab_and_gitea_pushes_are_verified_and_start_one_run_per_delivery() {
             .header(format!("x-{prefix}-signature"), signature);
         async move { req.body(GITEA_PUSH.to_vec()).send().await.unwrap() }
     };
-    let hex_signature = |body: &[u8]| hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes()));
-    for bad in [hex_signature(b"something else"), github_signature(GITEA_PUSH), String::new()] {
+    for bad in [gitea_signature(b"something else"), github_signature(GITEA_PUSH), String::new()] {
         assert_eq!(gitea("gitea", bad, "g-1").await.status(), 401);
     }
-    let first = answer(gitea("gitea", hex_signature(GITEA_PUSH), "g-1").await).await;
-    let again = answer(gitea("forgejo", hex_signature(GITEA_PUSH), "g-1").await).await;
+    let first = answer(gitea("gitea", gitea_signature(GITEA_PUSH), "g-1").await).await;
+    let again = answer(gitea("forgejo", gitea_signature(GITEA_PUSH), "g-1").await).await;
     assert_eq!((&again["run_id"], &again["duplicate"]), (&first["run_id"], &serde_json::json!(true)));
     check_started(&tm, &first, "gitea", "example/example", "67b56589a45103f891bdee7c0546e5d40bc02001").await;
 
@@ -276,42 +290,11 @@ async fn runs_a_push_starts_show_on_its_commit_on_each_forge() {
     let gitlab = connect(&tm, "gitlab", "mike/diaspora", with_token("gl-token", 0)).await;
     // Gitea's workflow fails: its commit shows the failure.
     let gitea = connect(&tm, "gitea", "example/example", with_token("gt-token", 3)).await;
-    let post = |url: &str, headers: Vec<(String, String)>, body: &'static [u8]| {
-        let mut req = tm.http.post(url).header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        async move { req.body(body).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
-    };
-    let h = |pairs: &[(&str, String)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>();
-    let hex_signature = |body: &[u8]| hex::encode(hmac_sha256::HMAC::mac(body, SECRET.as_bytes()));
-    let push_github = |url| {
-        let signature = github_signature(PUSH);
-        post(
-            url,
-            h(&[
-                ("x-github-event", "push".into()),
-                ("x-github-delivery", "s-1".into()),
-                ("x-hub-signature-256", signature),
-            ]),
-            PUSH,
-        )
-    };
     let started = [
-        push_github(&github).await,
-        push_github(&untold).await,
-        post(&gitlab, h(&[("x-gitlab-event", "Push Hook".into()), ("x-gitlab-token", SECRET.into())]), GITLAB_PUSH)
-            .await,
-        post(
-            &gitea,
-            h(&[
-                ("x-gitea-event", "push".into()),
-                ("x-gitea-delivery", "s-1".into()),
-                ("x-gitea-signature", hex_signature(GITEA_PUSH)),
-            ]),
-            GITEA_PUSH,
-        )
-        .await,
+        answer(github_push(&tm, &github, PUSH, "s-1")).await,
+        answer(github_push(&tm, &untold, PUSH, "s-1")).await,
+        answer(gitlab_event(&tm, &gitlab, "Push Hook", GITLAB_PUSH.to_vec(), "s-1")).await,
+        answer(gitea_event(&tm, &gitea, "push", GITEA_PUSH, "s-1")).await,
     ];
     for s in &started {
         assert_eq!(s["outcome"], "started", "{s}");
@@ -419,12 +402,7 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
     let to_github =
         |url: &str, body: Vec<u8>, delivery: &str| answer(github_event(&tm, url, "pull_request", &body, delivery));
     let to_gitlab = |body: Vec<u8>, delivery: &str| answer(gitlab_merge_request(&tm, &gitlab, body, delivery));
-    let to_gitea = |body: Vec<u8>, delivery: &str| {
-        let req = tm.http.post(&gitea).header("content-type", "application/json");
-        let req = req.header("x-gitea-event", "pull_request").header("x-gitea-delivery", delivery);
-        let req = req.header("x-gitea-signature", hex::encode(hmac_sha256::HMAC::mac(&body, SECRET.as_bytes())));
-        answer(req.body(body))
-    };
+    let to_gitea = |body: Vec<u8>, delivery: &str| answer(gitea_event(&tm, &gitea, "pull_request", &body, delivery));
     // Gitea's fixture comes from a fork; the same from a branch of the repository itself.
     let own = edited(
         GITEA_PR,
@@ -706,15 +684,7 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
 
     // Gitea: the commit has no such file, so the push starts nothing.
     let gitea = connect(&tm, "gitea", "example/example", from_file("gt-token", ".taskmesh.yml")).await;
-    let req = tm.http.post(gitea).header("content-type", "application/json").header("x-gitea-event", "push");
-    let res = req
-        .header("x-gitea-delivery", "f-1")
-        .header("x-gitea-signature", hex::encode(hmac_sha256::HMAC::mac(GITEA_PUSH, SECRET.as_bytes())))
-        .body(GITEA_PUSH)
-        .send()
-        .await
-        .unwrap();
-    let ignored: serde_json::Value = res.json().await.unwrap();
+    let ignored = answer(gitea_event(&tm, &gitea, "push", GITEA_PUSH, "f-1")).await;
     assert_eq!(ignored["outcome"], "ignored", "{ignored}");
     assert!(ignored["reason"].as_str().unwrap().contains("no pipeline file .taskmesh.yml"), "{ignored}");
     let line = "GET /api/v1/repos/example/example/raw/.taskmesh.yml?ref=67b56589a45103f891bdee7c0546e5d40bc02001";
