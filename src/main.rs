@@ -114,10 +114,11 @@ enum Command {
     /// Run every service in this process, starting nats-server and a private Postgres under the
     /// data directory when none answers, and ensure the `default` tenant and its admin key.
     Up,
-    /// Run one service.
+    /// Run one service, or several in one process (`taskmesh serve scheduler notification`):
+    /// services that share a process hand each other commands and runs' ends without NATS.
     Serve {
-        #[arg(value_enum)]
-        service: Service,
+        #[arg(value_enum, required = true, num_args = 1..)]
+        services: Vec<Service>,
     },
     /// Provision the JetStream streams and apply Postgres migrations, then exit.
     Migrate,
@@ -174,10 +175,10 @@ async fn server(command: Command, config: Option<PathBuf>) -> std::process::Exit
         }
     };
     let name = match &command {
-        Command::Serve { service } => service.name(),
-        _ => "taskmesh",
+        Command::Serve { services } => services.iter().map(|s| s.name()).collect::<Vec<_>>().join("+"),
+        _ => "taskmesh".to_string(),
     };
-    let _telemetry = taskmesh_telemetry::init(name, &settings.telemetry);
+    let _telemetry = taskmesh_telemetry::init(&name, &settings.telemetry);
     match run(command, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -207,7 +208,7 @@ fn on_signal(token: CancellationToken) {
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Up => up(settings).await,
-        Command::Serve { service } => serve(service, settings).await,
+        Command::Serve { services } => serve(services, settings).await,
         Command::Migrate => {
             taskmesh::mesh::connect(&settings, true).await?;
             println!("streams provisioned, migrations applied");
@@ -269,9 +270,12 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(service: Service, settings: Settings) -> anyhow::Result<()> {
-    let (bus, pool) = taskmesh::mesh::connect(&settings, service.needs_postgres()).await?;
-    let mut mesh = Mesh::start(&settings, bus.clone(), pool, &[service]).await?;
+async fn serve(mut services: Vec<Service>, settings: Settings) -> anyhow::Result<()> {
+    // A service named twice runs once.
+    let mut seen = std::collections::HashSet::new();
+    services.retain(|s| seen.insert(*s));
+    let (bus, pool) = taskmesh::mesh::connect(&settings, services.iter().any(|s| s.needs_postgres())).await?;
+    let mut mesh = Mesh::start(&settings, bus.clone(), pool, &services).await?;
     let token = mesh.shutdown_token();
     on_signal(token.clone());
     if let Some(addr) = settings.health.listen {

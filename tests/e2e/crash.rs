@@ -1,6 +1,8 @@
-//! Crash safety with real processes: an executor, a scheduler replica and a notifier killed
-//! with SIGKILL mid-work, an executor drained with SIGTERM.
+//! Crash safety with real processes: an executor, a scheduler replica, a notifier, and a
+//! scheduler with its notifier in one process killed with SIGKILL mid-work, an executor
+//! drained with SIGTERM.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use taskmesh::mesh::Mesh;
@@ -17,6 +19,46 @@ fn spawn_executor(tm: &TestMesh, id: &str) -> tokio::process::Child {
         .env("TASKMESH_EXECUTOR__SLOTS", "1")
         .env("TASKMESH_EXECUTOR__ID", id);
     cmd.spawn().expect("spawning the executor")
+}
+
+/// Subscribes a webhook endpoint that answers each delivery after `delay`, keeping the
+/// webhook-id of each it answered (a request cut off by a kill is not answered, so not kept).
+async fn told_endpoint(tm: &TestMesh, delay: Duration) -> Arc<Mutex<Vec<String>>> {
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let store = answered.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            store.lock().unwrap().push(id);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    crate::integrations::subscribe_url(tm, &url).await;
+    tm.wait_projected().await;
+    answered
+}
+
+/// Waits until each of the runs `ids` has ended and its end has been told to the endpoint that
+/// keeps `answered` (each at least once, and nothing else).
+async fn wait_every_end_told(tm: &TestMesh, ids: &[uuid::Uuid], answered: &Mutex<Vec<String>>) {
+    let mut want = std::collections::BTreeSet::new();
+    for id in ids {
+        tm.wait_run(*id, Duration::from_secs(60)).await;
+        let events = tm.run_events(*id).await;
+        let end = events.iter().rev().find(|e| e.event.is_run_terminal()).expect("the run's end");
+        want.insert(end.id.to_string());
+    }
+    eventually("every run's end told", Duration::from_secs(60), || async {
+        let told: std::collections::BTreeSet<String> = answered.lock().unwrap().iter().cloned().collect();
+        Ok((told == want).then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -189,30 +231,13 @@ async fn sigterm_lets_the_running_step_finish_and_takes_no_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_notifier_leaves_its_deliveries_to_another_and_every_run_end_is_told() {
     use secrecy::ExposeSecret;
-    use std::sync::{Arc, Mutex};
     // Everything but the notifier in this process; the first notifier is a child process.
     let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Projector, Svc::Gateway], |s| {
         s.notification.timeout_ms = 1_000
     })
     .await;
-    // The endpoint takes half a second over each delivery and keeps the webhook-id of each it
-    // answered (a request cut off by the kill is not answered, so not kept).
-    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
-    let store = answered.clone();
-    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
-        let store = store.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-            store.lock().unwrap().push(id);
-            "ok"
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    crate::integrations::subscribe_url(&tm, &url).await;
-    tm.wait_projected().await;
+    // The endpoint takes half a second over each delivery.
+    let answered = told_endpoint(&tm, Duration::from_millis(500)).await;
 
     let mut doomed = tm.serve_command("notification");
     doomed
@@ -240,24 +265,67 @@ async fn sigkilled_notifier_leaves_its_deliveries_to_another_and_every_run_end_i
     // deadline (twelve seconds) passes.
     let survivor =
         Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &[Svc::Notification]).await.unwrap();
-    let mut want = std::collections::BTreeSet::new();
-    for id in &ids {
-        tm.wait_run(*id, Duration::from_secs(30)).await;
-        let events = tm.run_events(*id).await;
-        let end = events.iter().rev().find(|e| e.event.is_run_terminal()).expect("the run's end");
-        want.insert(end.id.to_string());
-    }
-    eventually("every run's end told", Duration::from_secs(60), || async {
-        let told: std::collections::BTreeSet<String> = answered.lock().unwrap().iter().cloned().collect();
-        Ok((told == want).then_some(()))
-    })
-    .await
-    .unwrap();
+    wait_every_end_told(&tm, &ids, &answered).await;
     // At least once: one the kill cut off after its answer and before its ack is told again;
     // no more than the four that were under way.
     let total = answered.lock().unwrap().len();
     assert!(total <= 16 + 4, "{total} answers for 16 runs");
     survivor.stop().await.unwrap();
+    tm.finish().await;
+}
+
+/// A scheduler and a notifier in one process, where runs' ends go from one to the other
+/// without a queue, killed with SIGKILL while runs end: every run's end is still told, once
+/// the next such process has started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_scheduler_with_its_notifier_in_one_process_loses_no_run_end() {
+    use secrecy::ExposeSecret;
+    const RUNS: usize = 120;
+    // The scheduler and the notifier are a child process, both in it.
+    let tm = spawn_with(&[Svc::Ingest, Svc::Executor, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let answered = told_endpoint(&tm, Duration::ZERO).await;
+    let both = || {
+        let mut cmd = tm.serve_command("scheduler");
+        cmd.arg("notification")
+            .env("TASKMESH_SCHEDULER__LEADER_TTL_MS", "1500")
+            .env("TASKMESH_POSTGRES__URL", tm.env.settings.postgres.url.expose_secret())
+            .env("TASKMESH_SECRETS__KEY", tm.env.settings.secrets.key.as_ref().unwrap().expose_secret());
+        cmd.spawn().unwrap()
+    };
+    let mut doomed = both();
+
+    // Runs are submitted throughout; the process is killed once a few of their ends are told.
+    let submitting = async {
+        let mut ids = Vec::new();
+        for _ in 0..RUNS {
+            ids.push(tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ids
+    };
+    let killing = async {
+        eventually("the doomed process's first runs' ends told", Duration::from_secs(30), || async {
+            Ok((answered.lock().unwrap().len() >= RUNS / 4).then_some(()))
+        })
+        .await
+        .unwrap();
+        doomed.start_kill().unwrap();
+        doomed.wait().await.unwrap()
+    };
+    let (ids, killed) = tokio::join!(submitting, killing);
+    assert!(!killed.success(), "killed: {killed:?}");
+    let before = answered.lock().unwrap().len();
+    assert!(before < RUNS, "killed with runs' ends left to tell ({before} of {RUNS} told)");
+
+    // The next process finishes the runs and tells every end.
+    let mut next = both();
+    wait_every_end_told(&tm, &ids, &answered).await;
+    // Most ends went straight from the scheduler to the notifier: the queue saw few, if any.
+    let mut ended = tm.bus.jetstream().get_stream(tm.bus.namespace().ended_stream()).await.unwrap();
+    let queued = ended.info().await.unwrap().state.last_sequence;
+    assert!(queued < RUNS as u64 / 2, "{queued} of {RUNS} runs' ends went through the queue");
+    next.start_kill().unwrap();
+    next.wait().await.unwrap();
     tm.finish().await;
 }
 

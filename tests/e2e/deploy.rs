@@ -19,7 +19,9 @@ fn service_names() -> Vec<String> {
 fn valid_command(args: &[String]) -> bool {
     match args {
         [cmd] => ["up", "migrate", "bootstrap"].contains(&cmd.as_str()),
-        [serve, service] if serve == "serve" => service_names().contains(service),
+        [serve, services @ ..] if serve == "serve" => {
+            !services.is_empty() && services.iter().all(|s| service_names().contains(s))
+        }
         _ => false,
     }
 }
