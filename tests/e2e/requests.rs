@@ -126,8 +126,9 @@ async fn a_stopped_server_handles_none_of_its_own_process_commands_still_waiting
 }
 
 /// A work-queue message is handed to a taker of its stream in the sender's process, and
-/// enqueued (deduplicated by its message id) when the taker fails, holds as many as it may, or
-/// has stopped, or when it is sent from another process.
+/// enqueued (deduplicated by its message id) when the taker fails or panics, holds as many as
+/// it may, is too slow (and then for a while after), or has stopped, or when it is sent from
+/// another process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the_queue_otherwise() -> anyhow::Result<()>
 {
@@ -141,7 +142,8 @@ async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the
     let (stream, subject) = (ns.ended_stream(), ns.ended("acme"));
     let queued =
         || async { anyhow::Ok(bus.subject_counts(&stream, &subject).await?.get(&subject).copied().unwrap_or(0)) };
-    // One at a time: "fail" fails, "hold" is held until released, anything else is taken.
+    // One at a time: "fail" fails, "panic" panics, "hold" is held until released, "stall"
+    // never ends, anything else is taken.
     let (taken, mut took) = mpsc::unbounded_channel::<String>();
     let (holding, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let taking = {
@@ -152,6 +154,8 @@ async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the
                 let body: String = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
                 match body.as_str() {
                     "fail" => return Err("refused".to_string()),
+                    "panic" => panic!("a taker's panic (expected by this test)"),
+                    "stall" => std::future::pending::<()>().await,
                     "hold" => {
                         holding.notify_one();
                         release.notified().await;
@@ -171,25 +175,36 @@ async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the
     assert!(hand_over(&bus, "m1", "one").await?);
     assert_eq!(took.try_recv()?, "one", "handed over only once taken");
     assert_eq!(queued().await?, 0);
-    // The taker fails: queued.
+    // The taker fails, or panics: queued, and the next is taken again.
     assert!(!hand_over(&bus, "m2", "fail").await?);
-    assert_eq!(queued().await?, 1);
+    assert!(!hand_over(&bus, "m2b", "panic").await?);
+    assert_eq!(queued().await?, 2);
+    assert!(hand_over(&bus, "m2c", "after").await?);
+    assert_eq!(took.try_recv()?, "after");
     // From another process: queued, and only once however often it is sent.
     assert!(!hand_over(&other, "m3", "three").await?);
     assert!(!hand_over(&other, "m3", "three").await?);
-    assert_eq!(queued().await?, 2);
+    assert_eq!(queued().await?, 3);
     // The taker holds one, as many as it may: the next is queued, not waited for.
     let held = tokio::spawn(hand_over(&bus, "m4", "hold"));
     holding.notified().await;
     assert!(!hand_over(&bus, "m5", "five").await?);
-    assert_eq!(queued().await?, 3);
+    assert_eq!(queued().await?, 4);
     release.notify_one();
     assert!(held.await??);
     assert_eq!(took.try_recv()?, "hold");
+    // Too slow: queued once the sender has waited its while, and the next ones at once.
+    let started = tokio::time::Instant::now();
+    assert!(!hand_over(&bus, "m6", "stall").await?);
+    assert!(started.elapsed() >= taskmesh_bus::HAND_OVER_WAIT);
+    let started = tokio::time::Instant::now();
+    assert!(!hand_over(&bus, "m7", "seven").await?);
+    assert!(started.elapsed() < taskmesh_bus::HAND_OVER_WAIT / 2, "a slow taker was waited for again");
+    assert_eq!(queued().await?, 6);
     // Stopped: queued.
     drop(taking);
-    assert!(!hand_over(&bus, "m6", "six").await?);
-    assert_eq!(queued().await?, 4);
+    assert!(!hand_over(&bus, "m8", "eight").await?);
+    assert_eq!(queued().await?, 7);
     assert!(took.try_recv().is_err(), "the taker took what it should not have");
     env.cleanup().await;
     Ok(())

@@ -43,7 +43,7 @@ use taskmesh_config::NatsSettings;
 use taskmesh_events::{Commit, Envelope, Namespace, Problem};
 
 pub use consume::{Lanes, consume, consume_in_lanes};
-pub use hand_over::Taking;
+pub use hand_over::{HAND_OVER_WAIT, SLOW_TAKER_PAUSE, Taking};
 pub use serve::serve;
 
 /// The header carrying the sequence an event was appended after (its subject's previous event).

@@ -70,8 +70,9 @@ const DISABLED: &str = "the endpoint is disabled";
 
 /// The consumer of runs that ended.
 pub const FAN_OUT: &str = "fan-out";
-/// Runs' ends fanned out at once, from the queue and again handed over in this process.
-const FAN_OUT_CONCURRENCY: usize = 64;
+/// Runs' ends handed over by the scheduler of this process that are fanned out at once (more
+/// go onto the queue).
+const HANDED_OVER_AT_ONCE: usize = 64;
 
 pub use taskmesh_events::command::Delivery;
 
@@ -172,7 +173,7 @@ impl Notifier {
         };
         // The scheduler in this process hands runs' ends over directly (the same payload,
         // handled the same way) rather than through the queue.
-        let _taking = self.bus.take_locally(&ns.ended_stream(), FAN_OUT_CONCURRENCY, {
+        let _taking = self.bus.take_locally(&ns.ended_stream(), HANDED_OVER_AT_ONCE, {
             let me = self.clone();
             move |payload| {
                 let me = me.clone();
@@ -185,7 +186,7 @@ impl Notifier {
             &ns.ended_stream(),
             FAN_OUT,
             config,
-            FAN_OUT_CONCURRENCY,
+            64,
             shutdown.cancelled(),
             |msg| async move {
                 match me.fan_out_one(&msg.payload).await {
