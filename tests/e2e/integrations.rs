@@ -494,7 +494,7 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
 async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     let tm = spawn_mesh().await;
     let slow = serde_json::json!({"pull_requests": true,
-        "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 60}]}});
+        "workflow": {"name": "slow", "steps": [{"id": "a", "sleep": 600}]}});
     let github = connect(&tm, "github", "baxterthehacker/public-repo", slow.clone()).await;
     let gitlab = connect(&tm, "gitlab", "gitlabhq/gitlab-test", slow).await;
     let to_github =
@@ -552,17 +552,23 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
         let req = tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api)));
         async move { assert_eq!(req.json(&serde_json::json!({})).send().await.unwrap().status(), 202) }
     };
-    // A rerun of a request's run, and a rerun of that rerun, are the request's runs too: its
-    // close cancels the one not yet ended.
-    let mut latest = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 3.into())]), "c-10").await);
-    for _ in 0..2 {
-        cancel(latest).await;
-        assert_eq!(tm.wait_run(latest, Duration::from_secs(30)).await["status"], "cancelled");
-        let req = tm.auth(tm.http.post(format!("{}/v1/runs/{latest}/rerun", tm.api)));
+    // Cancels `run`, waits for it to end, and reruns it: the rerun.
+    let (mesh, cancel) = (&tm, &cancel);
+    let rerun = |run: uuid::Uuid| async move {
+        cancel(run).await;
+        assert_eq!(mesh.wait_run(run, Duration::from_secs(30)).await["status"], "cancelled");
+        let req = mesh.auth(mesh.http.post(format!("{}/v1/runs/{run}/rerun", mesh.api)));
         let rerun: serde_json::Value =
             req.json(&serde_json::json!({"from": "failed"})).send().await.unwrap().json().await.unwrap();
-        latest = rerun["id"].as_str().unwrap_or_else(|| panic!("{rerun}")).parse().unwrap();
+        rerun["id"].as_str().unwrap_or_else(|| panic!("{rerun}")).parse::<uuid::Uuid>().unwrap()
+    };
+    // A rerun of a request's run, and a rerun of that rerun, are the request's runs too: its
+    // close cancels the one not yet ended. Another request's rerun goes on.
+    let mut latest = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 3.into())]), "c-10").await);
+    for _ in 0..2 {
+        latest = rerun(latest).await;
     }
+    let other = rerun(other).await;
     tm.wait_projected().await;
     let close_third = edited(&close, &[("/number", 3.into()), ("/pull_request/closed_at", now())]);
     let closed = to_github("pull_request", close_third, "c-11").await;

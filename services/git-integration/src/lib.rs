@@ -563,7 +563,9 @@ async fn cancel_pull_request_runs(
     closed_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> ApiResult<(StatusCode, Json<HookResponse>)> {
     // Reruns are found from the tenant's reruns not yet ended, up their chains of earlier runs
-    // (bounded, though a chain cannot loop: a rerun is always of an earlier run).
+    // (bounded, though a chain cannot loop: a rerun is always of an ended run). The two parts
+    // cannot overlap (webhook runs, reruns), and a rerun's chain reaches one first run, so
+    // `UNION ALL` lists each run once, and the limit can stop the walk early.
     let runs: Vec<Uuid> = sqlx::query_scalar(
         "WITH RECURSIVE earlier (id, of, depth) AS (
              SELECT id, (trigger->>'run_id')::uuid, 1 FROM runs
@@ -577,7 +579,7 @@ async fn cancel_pull_request_runs(
          SELECT id FROM runs WHERE tenant_id = $1 AND status IN ('queued', 'running') AND trigger ? 'pull_request'
            AND trigger->>'kind' = 'webhook' AND trigger->>'connection_id' = $2 AND trigger->>'pull_request' = $3
            AND ($5::timestamptz IS NULL OR created_at <= $5)
-         UNION
+         UNION ALL
          SELECT e.id FROM earlier e JOIN runs r ON r.tenant_id = $1 AND r.id = e.of
           WHERE r.trigger->>'kind' = 'webhook' AND r.trigger->>'connection_id' = $2 AND r.trigger->>'pull_request' = $3
          LIMIT $4",
