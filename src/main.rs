@@ -117,7 +117,7 @@ enum Command {
     /// Run one service, or several in one process (`taskmesh serve scheduler notification`):
     /// services that share a process hand each other commands and runs' ends without NATS.
     Serve {
-        #[arg(value_enum, required = true, num_args = 1..)]
+        #[arg(value_enum, required = true)]
         services: Vec<Service>,
     },
     /// Provision the JetStream streams and apply Postgres migrations, then exit.
@@ -173,6 +173,15 @@ async fn server(command: Command, config: Option<PathBuf>) -> std::process::Exit
             eprintln!("taskmesh: {e}");
             return std::process::ExitCode::from(2);
         }
+    };
+    let command = match command {
+        // A service named twice runs once (and is named once).
+        Command::Serve { mut services } => {
+            let mut seen = std::collections::HashSet::new();
+            services.retain(|s| seen.insert(*s));
+            Command::Serve { services }
+        }
+        other => other,
     };
     let name = match &command {
         Command::Serve { services } => services.iter().map(|s| s.name()).collect::<Vec<_>>().join("+"),
@@ -270,10 +279,7 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(mut services: Vec<Service>, settings: Settings) -> anyhow::Result<()> {
-    // A service named twice runs once.
-    let mut seen = std::collections::HashSet::new();
-    services.retain(|s| seen.insert(*s));
+async fn serve(services: Vec<Service>, settings: Settings) -> anyhow::Result<()> {
     let (bus, pool) = taskmesh::mesh::connect(&settings, services.iter().any(|s| s.needs_postgres())).await?;
     let mut mesh = Mesh::start(&settings, bus.clone(), pool, &services).await?;
     let token = mesh.shutdown_token();

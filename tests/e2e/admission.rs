@@ -194,10 +194,7 @@ async fn a_fan_outs_steps_are_one_ready_entry_kept_until_the_last_is_admitted() 
         s.limits.tenants.insert("default".into(), TenantLimits { max_steps: Some(2), ..Default::default() });
     })
     .await;
-    let ready = || async {
-        let stream = tm.bus.jetstream().get_stream(tm.bus.namespace().ready_stream()).await.unwrap();
-        stream.get_info().await.unwrap().state.messages
-    };
+    let ready = || async { tm.stream_state(&tm.bus.namespace().ready_stream()).await.messages };
     let steps: Vec<Value> = (0..5).map(|i| json!({"id": format!("s{i}"), "run": "sleep 4"})).collect();
     let id = tm.submit_json_as(&tm.key, json!({"workflow": {"name": "fan", "steps": steps}})).await;
     let reason = step_wait_reason(&tm, id, Duration::from_secs(30)).await;

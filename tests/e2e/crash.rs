@@ -325,8 +325,7 @@ async fn sigkilled_scheduler_with_its_notifier_in_one_process_loses_no_run_end()
     let total = answered.lock().unwrap().len();
     assert!(total <= RUNS + 4, "{total} answers for {RUNS} runs");
     // Most ends went straight from the scheduler to the notifier: the queue saw few, if any.
-    let mut ended = tm.bus.jetstream().get_stream(tm.bus.namespace().ended_stream()).await.unwrap();
-    let queued = ended.info().await.unwrap().state.last_sequence;
+    let queued = tm.stream_state(&tm.bus.namespace().ended_stream()).await.last_sequence;
     assert!(queued < RUNS as u64 / 2, "{queued} of {RUNS} runs' ends went through the queue");
     next.start_kill().unwrap();
     next.wait().await.unwrap();

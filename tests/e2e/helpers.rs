@@ -227,6 +227,11 @@ impl TestMesh {
     }
 
     /// Every message payload of a stream, as text (to scan for what must not be there).
+    /// A stream's state (its messages, first and last sequences) as the server has it now.
+    pub async fn stream_state(&self, stream: &str) -> async_nats::jetstream::stream::State {
+        self.bus.jetstream().get_stream(stream).await.unwrap().get_info().await.unwrap().state
+    }
+
     pub async fn stream_text(&self, stream: &str) -> String {
         use async_nats::jetstream::consumer::pull::OrderedConfig;
         use futures::StreamExt;

@@ -500,12 +500,11 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     let to_github =
         |event: &str, body: Vec<u8>, delivery: &str| answer(github_event(&tm, &github, event, &body, delivery));
     let to_gitlab = |body: Vec<u8>, delivery: &str| answer(gitlab_merge_request(&tm, &gitlab, body, delivery));
-    let run_of = started_run;
-    let opened = run_of(&to_github("pull_request", GITHUB_PR.to_vec(), "c-1").await);
-    let other = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 2.into())]), "c-2").await);
+    let opened = started_run(&to_github("pull_request", GITHUB_PR.to_vec(), "c-1").await);
+    let other = started_run(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 2.into())]), "c-2").await);
     let push = edited(PUSH, &[("/repository/full_name", "baxterthehacker/public-repo".into())]);
-    let pushed = run_of(&to_github("push", push, "c-3").await);
-    let merge_request = run_of(&to_gitlab(GITLAB_MR.to_vec(), "c-4").await);
+    let pushed = started_run(&to_github("push", push, "c-3").await);
+    let merge_request = started_run(&to_gitlab(GITLAB_MR.to_vec(), "c-4").await);
     tm.wait_projected().await;
 
     // Closed (merged) now, as each forge's payload says.
@@ -532,7 +531,7 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     // started after the close, and goes on.
     tm.wait_projected().await;
     let reopened =
-        run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/action", "reopened".into())]), "c-7").await);
+        started_run(&to_github("pull_request", edited(GITHUB_PR, &[("/action", "reopened".into())]), "c-7").await);
     tm.wait_projected().await;
     let again = to_github("pull_request", close.clone(), "c-5").await;
     assert_eq!(again["outcome"], "ignored", "{again}");
@@ -540,35 +539,19 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     // A close sent where the connection takes no requests, or for another repository, is not
     // this connection's to act on.
     let plain = connect(&tm, "github", "baxterthehacker/public-repo", serde_json::json!({})).await;
-    let req = tm.http.post(&plain).header("content-type", "application/json").header("x-github-event", "pull_request");
-    let req = req.header("x-github-delivery", "c-8").header("x-hub-signature-256", github_signature(&close));
-    let answer: serde_json::Value = req.body(close.clone()).send().await.unwrap().json().await.unwrap();
+    let answer = answer(github_event(&tm, &plain, "pull_request", &close, "c-8")).await;
     assert!(answer["reason"].as_str().unwrap().contains("pull_requests: false"), "{answer}");
     let elsewhere = edited(&close, &[("/repository/full_name", "someone/else".into())]);
     let answer = to_github("pull_request", elsewhere, "c-9").await;
     assert_eq!(answer["outcome"], "ignored", "{answer}");
     assert!(answer["reason"].as_str().unwrap().contains("connection is for"), "{answer}");
-    let cancel = |run: uuid::Uuid| {
-        let req = tm.auth(tm.http.post(format!("{}/v1/runs/{run}/cancel", tm.api)));
-        async move { assert_eq!(req.json(&serde_json::json!({})).send().await.unwrap().status(), 202) }
-    };
-    // Cancels `run`, waits for it to end, and reruns it: the rerun.
-    let (mesh, cancel) = (&tm, &cancel);
-    let rerun = |run: uuid::Uuid| async move {
-        cancel(run).await;
-        assert_eq!(mesh.wait_run(run, Duration::from_secs(30)).await["status"], "cancelled");
-        let req = mesh.auth(mesh.http.post(format!("{}/v1/runs/{run}/rerun", mesh.api)));
-        let rerun: serde_json::Value =
-            req.json(&serde_json::json!({"from": "failed"})).send().await.unwrap().json().await.unwrap();
-        rerun["id"].as_str().unwrap_or_else(|| panic!("{rerun}")).parse::<uuid::Uuid>().unwrap()
-    };
     // A rerun of a request's run, and a rerun of that rerun, are the request's runs too: its
     // close cancels the one not yet ended. Another request's rerun goes on.
-    let mut latest = run_of(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 3.into())]), "c-10").await);
+    let mut latest = started_run(&to_github("pull_request", edited(GITHUB_PR, &[("/number", 3.into())]), "c-10").await);
     for _ in 0..2 {
-        latest = rerun(latest).await;
+        latest = cancel_and_rerun(&tm, latest).await;
     }
-    let other = rerun(other).await;
+    let other = cancel_and_rerun(&tm, other).await;
     tm.wait_projected().await;
     let close_third = edited(&close, &[("/number", 3.into()), ("/pull_request/closed_at", now())]);
     let closed = to_github("pull_request", close_third, "c-11").await;
@@ -577,9 +560,25 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     for run in [other, pushed, reopened] {
         let (_, view) = tm.get_run(run).await;
         assert!(["queued", "running"].contains(&view["status"].as_str().unwrap()), "goes on: {view}");
-        cancel(run).await;
+        cancel_run(&tm, run).await;
     }
     tm.finish().await;
+}
+
+/// Cancels `run` through the API (answered `202`).
+async fn cancel_run(tm: &TestMesh, run: uuid::Uuid) {
+    let res = tm.send_json(reqwest::Method::POST, &format!("/v1/runs/{run}/cancel"), &serde_json::json!({})).await;
+    assert_eq!(res.status(), 202);
+}
+
+/// Cancels `run`, waits for it to end, and reruns it from its failed steps: the rerun's id.
+async fn cancel_and_rerun(tm: &TestMesh, run: uuid::Uuid) -> uuid::Uuid {
+    cancel_run(tm, run).await;
+    assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "cancelled");
+    let body = serde_json::json!({"from": "failed"});
+    let rerun: serde_json::Value =
+        tm.send_json(reqwest::Method::POST, &format!("/v1/runs/{run}/rerun"), &body).await.json().await.unwrap();
+    rerun["id"].as_str().unwrap_or_else(|| panic!("{rerun}")).parse().unwrap()
 }
 
 /// A local stand-in for forges' APIs: answers `GET {path}?{query}` with what `files` says for
@@ -2299,8 +2298,7 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     assert_eq!(seen.lock().unwrap().len(), 1, "delivered once");
     // The scheduler handed the run's end to the notifier of its own process: nothing went
     // through the queue of runs' ends.
-    let mut ended = tm.bus.jetstream().get_stream(tm.bus.namespace().ended_stream()).await.unwrap();
-    let ended = ended.info().await.unwrap().state.clone();
+    let ended = tm.stream_state(&tm.bus.namespace().ended_stream()).await;
     assert_eq!(ended.last_sequence, 0, "a run's end went through the queue: {ended:?}");
     // The signing secret is stored sealed: it is in no event and no row.
     assert!(!tm.stream_text(&tm.bus.namespace().events_stream()).await.contains(&key));

@@ -188,7 +188,9 @@ async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the
     // The taker holds one, as many as it may: the next is queued, not waited for.
     let held = tokio::spawn(hand_over(&bus, "m4", "hold"));
     holding.notified().await;
+    let started = tokio::time::Instant::now();
     assert!(!hand_over(&bus, "m5", "five").await?);
+    assert!(started.elapsed() < taskmesh_bus::HAND_OVER_WAIT / 2, "a busy taker was waited for");
     assert_eq!(queued().await?, 4);
     release.notify_one();
     assert!(held.await??);
@@ -201,9 +203,13 @@ async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the
     assert!(!hand_over(&bus, "m7", "seven").await?);
     assert!(started.elapsed() < taskmesh_bus::HAND_OVER_WAIT / 2, "a slow taker was waited for again");
     assert_eq!(queued().await?, 6);
-    // Stopped: queued.
+    // Stopped: its place is given up (a taker registered since takes, where the first one
+    // registered would), and with none left the message is queued.
     drop(taking);
-    assert!(!hand_over(&bus, "m8", "eight").await?);
+    let next = bus.take_locally(&stream, 1, |_| async { Ok(()) });
+    assert!(hand_over(&bus, "m8", "eight").await?, "the stopped taker kept its place");
+    drop(next);
+    assert!(!hand_over(&bus, "m9", "nine").await?);
     assert_eq!(queued().await?, 7);
     assert!(took.try_recv().is_err(), "the taker took what it should not have");
     env.cleanup().await;

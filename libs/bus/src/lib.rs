@@ -648,7 +648,7 @@ impl Bus {
         traceparent: Option<&str>,
     ) -> Result<u64> {
         let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
-        self.enqueue_payload(subject, msg_id, payload, traceparent).await
+        self.enqueue_payload(subject, msg_id, payload.into(), traceparent).await
     }
 
     /// Enqueues an already encoded message on a work-queue stream, deduplicated by `msg_id`
@@ -657,10 +657,10 @@ impl Bus {
         &self,
         subject: String,
         msg_id: &str,
-        payload: impl Into<Bytes>,
+        payload: Bytes,
         traceparent: Option<&str>,
     ) -> Result<u64> {
-        let mut publish = PublishMessage::build().payload(payload.into()).message_id(msg_id);
+        let mut publish = PublishMessage::build().payload(payload).message_id(msg_id);
         if let Some(tp) = traceparent {
             publish = publish.header(TRACEPARENT_HEADER, tp);
         }

@@ -162,6 +162,7 @@ impl Notifier {
 
     async fn fan_out(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let ns = self.bus.namespace();
+        let stream = ns.ended_stream();
         let config = PullConfig {
             filter_subject: ns.ended_all(),
             // Runs that ended before the notifier first ran wait in the queue: they are
@@ -173,7 +174,7 @@ impl Notifier {
         };
         // The scheduler in this process hands runs' ends over directly (the same payload,
         // handled the same way) rather than through the queue.
-        let _taking = self.bus.take_locally(&ns.ended_stream(), HANDED_OVER_AT_ONCE, {
+        let _taking = self.bus.take_locally(&stream, HANDED_OVER_AT_ONCE, {
             let me = self.clone();
             move |payload| {
                 let me = me.clone();
@@ -181,23 +182,15 @@ impl Notifier {
             }
         });
         let me = &self;
-        taskmesh_bus::consume(
-            &self.bus,
-            &ns.ended_stream(),
-            FAN_OUT,
-            config,
-            64,
-            shutdown.cancelled(),
-            |msg| async move {
-                match me.fan_out_one(&msg.payload).await {
-                    Ok(()) => AckKind::Ack,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "fan-out failed; retrying");
-                        AckKind::Nak(Some(Duration::from_secs(1)))
-                    }
+        taskmesh_bus::consume(&self.bus, &stream, FAN_OUT, config, 64, shutdown.cancelled(), |msg| async move {
+            match me.fan_out_one(&msg.payload).await {
+                Ok(()) => AckKind::Ack,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fan-out failed; retrying");
+                    AckKind::Nak(Some(Duration::from_secs(1)))
                 }
-            },
-        )
+            }
+        })
         .await;
         Ok(())
     }

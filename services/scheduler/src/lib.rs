@@ -664,25 +664,21 @@ impl Scheduler {
             return Ok(());
         }
         let subject = self.bus.namespace().ready(&key.tenant);
-        let mut first = 0;
-        let entries: Vec<_> = Ready::entries(steps, READY_ENTRY_BYTES)
-            .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?
+        let bodies = Ready::entries(steps, READY_ENTRY_BYTES)
+            .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?;
+        // Each entry's id names the steps it holds: the markers, in entry order.
+        let mut left = markers.as_slice();
+        let entries: Vec<_> = bodies
             .into_iter()
             .map(|(body, n)| {
-                let msg_id = Ready::entry_id(key.run_id, &markers[first..first + n]);
-                first += n;
-                (msg_id, body)
+                let (held, rest) = left.split_at(n);
+                left = rest;
+                (Ready::entry_id(key.run_id, held), bytes::Bytes::from(body))
             })
             .collect();
-        let mut entries = entries.into_iter();
-        loop {
-            let chunk: Vec<_> = entries.by_ref().take(dispatch::PIPELINE).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            let publishes = chunk.into_iter().map(|(msg_id, body)| {
-                let subject = subject.clone();
-                async move { self.bus.enqueue_payload(subject, &msg_id, body, meta.traceparent.as_deref()).await }
+        for chunk in entries.chunks(dispatch::PIPELINE) {
+            let publishes = chunk.iter().map(|(msg_id, body)| {
+                self.bus.enqueue_payload(subject.clone(), msg_id, body.clone(), meta.traceparent.as_deref())
             });
             futures::future::try_join_all(publishes).await?;
         }
