@@ -59,14 +59,55 @@ const POOL_LOOK: Duration = Duration::from_secs(1);
 /// Shortest time between two signals of freed slots (see [`Executor::signal_slots`]).
 const SLOT_SIGNAL_GAP: Duration = Duration::from_millis(5);
 
+/// Kill switches of the steps held here, by run and step (each with its holder's id: two
+/// deliveries of one step may be held at once, one of them to be denied its lease).
+type KillSwitches = Arc<std::sync::Mutex<HashMap<Uuid, HashMap<String, Vec<(u64, CancellationToken)>>>>>;
+
+/// A held step's kill switch, registered for its run's cancellation signals from before its
+/// lease is asked for until the executor is done with the step, so that a signal sent while
+/// the step starts (its lease granted just before the run's cancellation) is not missed.
+struct KillSwitch {
+    switches: KillSwitches,
+    run_id: Uuid,
+    step: String,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl KillSwitch {
+    fn register(switches: &KillSwitches, run_id: Uuid, step: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let (id, token) = (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), CancellationToken::new());
+        let mut held = switches.lock().expect("not poisoned");
+        held.entry(run_id).or_default().entry(step.to_string()).or_default().push((id, token.clone()));
+        Self { switches: switches.clone(), run_id, step: step.to_string(), id, token }
+    }
+}
+
+impl Drop for KillSwitch {
+    fn drop(&mut self) {
+        let mut held = self.switches.lock().expect("not poisoned");
+        let Some(steps) = held.get_mut(&self.run_id) else { return };
+        if let Some(tokens) = steps.get_mut(&self.step) {
+            tokens.retain(|(id, _)| *id != self.id);
+            if tokens.is_empty() {
+                steps.remove(&self.step);
+            }
+        }
+        if steps.is_empty() {
+            held.remove(&self.run_id);
+        }
+    }
+}
+
 /// One executor process.
 #[derive(Clone)]
 pub struct Executor {
     bus: Bus,
     settings: ExecutorSettings,
     id: String,
-    /// Kill switches of the steps running here, by run: a cancellation signal fires them.
-    running: Arc<std::sync::Mutex<HashMap<Uuid, HashMap<String, CancellationToken>>>>,
+    /// Kill switches of the steps held here, by run: a cancellation signal fires them.
+    running: KillSwitches,
     /// Opens the secrets steps declare; without it, such steps fail.
     keyring: Option<Arc<taskmesh_secrets::Keyring>>,
     /// What steps run with: found out at start.
@@ -206,7 +247,7 @@ impl Executor {
             };
             let Ok(signal) = serde_json::from_slice::<CancelSignal>(&msg.payload) else { continue };
             let tokens = self.running.lock().expect("not poisoned").get(&signal.run_id).cloned().unwrap_or_default();
-            for token in tokens.into_values() {
+            for (_, token) in tokens.into_values().flatten() {
                 tracing::info!(run = %signal.run_id, "killing a cancelled run's step");
                 token.cancel();
             }
@@ -535,6 +576,8 @@ impl Executor {
                 }
             })
         });
+        // Fired by a cancellation signal from now on, granted or not yet.
+        let kill = KillSwitch::register(&self.running, dispatch.run_id, &dispatch.step.id);
         let attempt = match self.request_lease(&request).await {
             Ok(LeaseDecision::Granted { attempt }) => attempt,
             Ok(LeaseDecision::Denied { reason, ack }) => {
@@ -606,7 +649,7 @@ impl Executor {
                     }
                     None => {
                         ran = true;
-                        self.run_here(&dispatch, attempt, opened, &hand_back, first_line).await
+                        self.run_here(&dispatch, attempt, opened, &hand_back, &kill.token, first_line).await
                     }
                 }
             }
@@ -720,6 +763,7 @@ impl Executor {
         attempt: u32,
         Opened { secrets, checkout }: Opened,
         hand_back: &CancellationToken,
+        kill: &CancellationToken,
         first_line: Option<String>,
     ) -> Option<(bool, taskmesh_events::StepOutcome)> {
         let (logs, publisher) = self.log_publisher(dispatch, attempt);
@@ -737,24 +781,10 @@ impl Executor {
             checkout,
             runtime: self.runtime.clone(),
         };
-        let kill = CancellationToken::new();
-        self.running
-            .lock()
-            .expect("not poisoned")
-            .entry(dispatch.run_id)
-            .or_default()
-            .insert(dispatch.step.id.clone(), kill.clone());
         let outcome = step::run(&dispatch.step, &ctx, hand_back.clone(), kill.clone()).await;
         // Every line is out before the result: a follower sees the whole log, then the end.
         drop(ctx);
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
-        let mut running = self.running.lock().expect("not poisoned");
-        if let Some(tokens) = running.get_mut(&dispatch.run_id) {
-            tokens.remove(&dispatch.step.id);
-            if tokens.is_empty() {
-                running.remove(&dispatch.run_id);
-            }
-        }
         outcome
     }
 
@@ -805,5 +835,30 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two deliveries of one step held at once each have a kill switch; one let go leaves the
+    /// other's in place, and the last let go leaves nothing behind.
+    #[test]
+    fn a_steps_kill_switches_are_kept_per_holder_and_removed_with_the_last() {
+        let switches = KillSwitches::default();
+        let run = Uuid::now_v7();
+        let first = KillSwitch::register(&switches, run, "a");
+        let second = KillSwitch::register(&switches, run, "a");
+        let other = KillSwitch::register(&switches, run, "b");
+        drop(second);
+        let held = |step: &str| switches.lock().unwrap().get(&run).and_then(|s| s.get(step)).map(Vec::len);
+        assert_eq!((held("a"), held("b")), (Some(1), Some(1)));
+        // What a cancellation signal fires: the switches still held.
+        let fired: Vec<_> = switches.lock().unwrap()[&run].values().flatten().map(|(_, t)| t.clone()).collect();
+        fired.iter().for_each(CancellationToken::cancel);
+        assert!(first.token.is_cancelled() && other.token.is_cancelled());
+        drop((first, other));
+        assert!(switches.lock().unwrap().is_empty());
     }
 }
