@@ -682,8 +682,7 @@ impl Ready {
             return format!("{run_id}:{step}:{dispatch}");
         }
         let all: String = markers.iter().map(|(s, d)| format!("{s}:{d}\n")).collect();
-        let digest = hmac_sha256::Hash::hash(all.as_bytes());
-        let digest: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let digest = hex::encode(&hmac_sha256::Hash::hash(all.as_bytes())[..8]);
         format!("{run_id}:{step}:{dispatch}+{}:{digest}", markers.len())
     }
 

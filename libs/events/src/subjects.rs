@@ -319,7 +319,7 @@ pub fn pool_token(runs_on: &std::collections::BTreeMap<String, String>) -> Strin
     }
     let canonical: String = runs_on.iter().map(|(k, v)| format!("{k}={}\n", v.to_ascii_lowercase())).collect();
     let digest = hmac_sha256::Hash::hash(canonical.as_bytes());
-    format!("l{}", digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!("l{}", hex::encode(&digest[..8]))
 }
 
 /// The durable consumer executors of a pool share: `executors` for [`ANY_POOL`].
