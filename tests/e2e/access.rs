@@ -570,6 +570,8 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
             TenantLimits {
                 max_active_runs: Some(2),
                 max_workflows: Some(2),
+                max_schedules: Some(1),
+                max_webhook_endpoints: Some(1),
                 max_steps_per_run: Some(3),
                 max_payload_bytes: Some(2_000),
                 ..Default::default()
@@ -647,6 +649,25 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
     let range = json!({"from": "2020-01-01T00:00:00Z", "to": "2022-01-01T00:00:00Z"});
     let res = call(&tm, &tm.key, Method::POST, &format!("/v1/schedules/{unknown}/backfill"), Some(range)).await;
     assert_eq!(res.status(), 404);
+    // Schedules and webhook endpoints: one of each fits; a deleted one no longer counts.
+    let res = call(&tm, &tm.key, Method::POST, "/v1/schedules", Some(yearly(1))).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "1 schedules; its quota is 1");
+    let endpoint = |n: u32| json!({"url": format!("http://127.0.0.1:9/{n}")});
+    let res = call(&tm, &tm.key, Method::POST, "/v1/webhook-endpoints", Some(endpoint(1))).await;
+    assert_eq!(res.status(), 201);
+    let first = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let res = call(&tm, &tm.key, Method::POST, "/v1/webhook-endpoints", Some(endpoint(2))).await;
+    assert_eq!(res.status(), 403);
+    quota(&res.json().await.unwrap(), "1 webhook endpoints; its quota is 1");
+    let res = call(&tm, &tm.key, Method::DELETE, &format!("/v1/webhook-endpoints/{first}"), None).await;
+    assert!(res.status().is_success(), "{}", res.status());
+    let res = call(&tm, &tm.key, Method::POST, "/v1/webhook-endpoints", Some(endpoint(3))).await;
+    assert_eq!(res.status(), 201, "the deleted endpoint no longer counts");
+    let res = call(&tm, &tm.key, Method::DELETE, &format!("/v1/schedules/{id}"), None).await;
+    assert!(res.status().is_success(), "{}", res.status());
+    let res = call(&tm, &tm.key, Method::POST, "/v1/schedules", Some(yearly(1))).await;
+    assert_eq!(res.status(), 201, "the deleted schedule no longer counts");
     tm.wait_projected().await;
     let scheduled: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE trigger->>'kind' = 'schedule'")
         .fetch_one(&tm.pool)

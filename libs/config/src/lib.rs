@@ -280,6 +280,11 @@ pub struct LimitsSettings {
     pub max_active_runs: u32,
     /// Quota: stored workflows (names) of one tenant (0: no quota).
     pub max_workflows: u32,
+    /// Quota: schedules of one tenant not deleted (0: no quota).
+    pub max_schedules: u32,
+    /// Quota: outbound webhook endpoints of one tenant not deleted (0: no quota). Each run's
+    /// end is queued once for each of them.
+    pub max_webhook_endpoints: u32,
     /// Quota: steps declared in one run's workflow, a matrix step counting once (0: only the
     /// workflow format's own limit of 5,000).
     pub max_steps_per_run: u32,
@@ -309,6 +314,8 @@ pub struct TenantLimits {
     pub key_request_burst: Option<u32>,
     pub max_active_runs: Option<u32>,
     pub max_workflows: Option<u32>,
+    pub max_schedules: Option<u32>,
+    pub max_webhook_endpoints: Option<u32>,
     pub max_steps_per_run: Option<u32>,
     pub max_payload_bytes: Option<u32>,
 }
@@ -324,6 +331,8 @@ impl Default for LimitsSettings {
             key_request_burst: 1_000,
             max_active_runs: 100_000,
             max_workflows: 1_000,
+            max_schedules: 1_000,
+            max_webhook_endpoints: 100,
             max_steps_per_run: 0,
             max_payload_bytes: 0,
             failed_auth_per_second: 10,
@@ -360,6 +369,10 @@ tenant_limit!(
     max_active_runs,
     /// The tenant's quota of stored workflows (0: none).
     max_workflows,
+    /// The tenant's quota of schedules (0: none).
+    max_schedules,
+    /// The tenant's quota of webhook endpoints (0: none).
+    max_webhook_endpoints,
     /// The tenant's quota of steps per run (0: none).
     max_steps_per_run,
     /// The tenant's quota of request body bytes (0: only the gateway's limit).

@@ -67,10 +67,10 @@ pub enum Event {
 }
 
 impl Event {
-    /// Whether it ends an integration's log (an endpoint or a repository connection deleted):
-    /// nothing follows it there.
+    /// Whether it ends a resource's log (a webhook endpoint, a repository connection or a
+    /// schedule deleted): nothing follows it there.
     pub fn is_deletion(&self) -> bool {
-        matches!(self, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_))
+        matches!(self, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_) | Event::ScheduleDeleted(_))
     }
 
     /// A repository connection's settings as this event leaves them (its creation, or a

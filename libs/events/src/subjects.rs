@@ -204,6 +204,10 @@ impl Namespace {
     pub fn schedule(&self, tenant: &str, id: Uuid) -> String {
         format!("{}.evt.{tenant}.schedule.{id}", self.0)
     }
+    /// Every schedule subject of one tenant.
+    pub fn schedules_of(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.schedule.*", self.0)
+    }
     /// Every schedule subject of every tenant.
     pub fn schedules_all(&self) -> String {
         format!("{}.evt.*.schedule.*", self.0)
@@ -214,6 +218,10 @@ impl Namespace {
     }
     pub fn webhook_endpoint(&self, tenant: &str, id: Uuid) -> String {
         format!("{}.evt.{tenant}.endpoint.{id}", self.0)
+    }
+    /// Every webhook endpoint subject of one tenant.
+    pub fn webhook_endpoints_of(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.endpoint.*", self.0)
     }
 
     /// Parses a run subject back into its key.

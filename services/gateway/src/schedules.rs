@@ -377,7 +377,7 @@ async fn quota_or_not_found(state: &AppState, tenant: &str, id: Uuid, n: i64) ->
 async fn on_log(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<bool> {
     let subject = state.bus.namespace().schedule(tenant, id);
     let last = state.bus.last(&subject).await.map_err(taskmesh_events::Problem::from)?;
-    Ok(last.is_some_and(|s| !matches!(s.envelope.event, taskmesh_events::Event::ScheduleDeleted(_))))
+    Ok(last.is_some_and(|s| !s.envelope.event.is_deletion()))
 }
 
 /// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are

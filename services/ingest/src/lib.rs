@@ -256,6 +256,26 @@ impl Ingest {
         Ok(())
     }
 
+    /// A tenant's quota of resources of one kind not deleted (schedules, webhook endpoints):
+    /// counted in the log, from the last event of each of the `filter`'s subjects. Like the
+    /// workflows' quota it is checked before the append, so creations at the same moment may
+    /// pass it together.
+    async fn check_resources_quota(&self, filter: String, max: u32, what: &str) -> Reply<()> {
+        if max == 0 {
+            return Ok(());
+        }
+        let stream = self.bus.namespace().events_stream();
+        let lasts = self.bus.last_of_each::<taskmesh_events::Envelope>(&stream, &filter).await?;
+        let live = lasts.iter().filter(|last| !last.event.is_deletion()).count();
+        if live >= max as usize {
+            return Err(Problem::new(
+                ErrorCode::QuotaExceeded,
+                format!("this tenant has {live} {what}; its quota is {max}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// A stored workflow by reference: `name` (the latest version) or `name@version`.
     async fn stored_workflow(&self, tenant: &str, reference: &str) -> Reply<(WorkflowDef, u32)> {
         let (name, version) = match reference.split_once('@') {
@@ -449,6 +469,8 @@ impl Ingest {
     pub async fn create_schedule(&self, cmd: CreateSchedule) -> Reply<Created> {
         check_tenant(&cmd.tenant)?;
         self.check_schedule(&cmd.tenant, &cmd.spec).await?;
+        let max = self.limits.max_schedules(&cmd.tenant);
+        self.check_resources_quota(self.bus.namespace().schedules_of(&cmd.tenant), max, "schedules").await?;
         let id = Uuid::now_v7();
         let first_tick = cmd.spec.next_after(chrono::Utc::now());
         let envelope = EventMeta::new(&cmd.tenant).envelope(
@@ -1092,6 +1114,9 @@ impl Ingest {
         check_tenant(&cmd.tenant)?;
         self.check_endpoint_url(cmd.format, &cmd.url)?;
         check_event_types(&cmd.event_types)?;
+        let max = self.limits.max_webhook_endpoints(&cmd.tenant);
+        let filter = self.bus.namespace().webhook_endpoints_of(&cmd.tenant);
+        self.check_resources_quota(filter, max, "webhook endpoints").await?;
         let id = Uuid::now_v7();
         let envelope = EventMeta::new(&cmd.tenant).envelope(
             self.bus.namespace().webhook_endpoint(&cmd.tenant, id),
