@@ -2281,6 +2281,8 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     let secret = endpoint["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("whsec_"));
     let key = secret.trim_start_matches("whsec_").to_string();
+    // Two more endpoints of the tenant: a run's end is queued for each (together).
+    let others = [subscribe(&tm).await.0, subscribe(&tm).await.0];
     tm.wait_projected().await;
 
     let id = tm.submit("name: notify-me\nsteps:\n  - {id: a, run: 'exit 1'}\n").await;
@@ -2294,8 +2296,20 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     assert_eq!(payload["type"], "run.failed");
     assert_eq!(payload["data"]["run_id"], id.to_string());
     assert_eq!(payload["data"]["failed_steps"], serde_json::json!(["a"]));
+    for other in &others {
+        eventually("the others' notifications", Duration::from_secs(30), || async {
+            Ok((!other.lock().unwrap().is_empty()).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.lock().unwrap().len(), 1, "delivered once");
+    for other in &others {
+        let other = other.lock().unwrap();
+        assert_eq!(other.len(), 1, "delivered once to each endpoint");
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&other[0].1).unwrap()["data"]["run_id"], id.to_string());
+    }
     // The scheduler handed the run's end to the notifier of its own process: nothing went
     // through the queue of runs' ends.
     let ended = tm.stream_state(&tm.bus.namespace().ended_stream()).await;

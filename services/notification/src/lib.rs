@@ -41,6 +41,7 @@ use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
+use futures::StreamExt;
 use serde::Deserialize;
 use sqlx::{PgPool, Row};
 use taskmesh_bus::{AfterLast, Bus};
@@ -73,6 +74,8 @@ pub const FAN_OUT: &str = "fan-out";
 /// Runs' ends handed over by the scheduler of this process that are fanned out at once (more
 /// go onto the queue).
 const HANDED_OVER_AT_ONCE: usize = 64;
+/// A run's deliveries on their way onto the queue at once (one an endpoint of its tenant).
+const ENQUEUED_AT_ONCE: usize = 32;
 
 pub use taskmesh_events::command::Delivery;
 
@@ -225,18 +228,19 @@ impl Notifier {
         });
         // A disabled endpoint is queued what it misses (given up unsent, listed) for a while.
         let listed_for = i64::try_from(self.settings.disabled_listed_secs).unwrap_or(i64::MAX);
-        for endpoint in endpoints.iter() {
-            let endpoint_id = endpoint.id;
-            let types = &endpoint.event_types;
-            if !types.is_empty() && !types.iter().any(|t| t == type_name) {
-                continue;
-            }
-            if endpoint
-                .disabled_at
-                .is_some_and(|at| listed_for == 0 || (env.occurred_at - at).num_seconds() > listed_for)
-            {
-                continue;
-            }
+        let told: Vec<Uuid> = endpoints
+            .iter()
+            .filter(|endpoint| {
+                let types = &endpoint.event_types;
+                let disabled_long = endpoint
+                    .disabled_at
+                    .is_some_and(|at| listed_for == 0 || (env.occurred_at - at).num_seconds() > listed_for);
+                (types.is_empty() || types.iter().any(|t| t == type_name)) && !disabled_long
+            })
+            .map(|endpoint| endpoint.id)
+            .collect();
+        let payload = &payload;
+        let enqueue = |endpoint_id: Uuid| async move {
             let delivery = Delivery {
                 tenant: env.tenant.clone(),
                 endpoint_id,
@@ -244,13 +248,13 @@ impl Notifier {
                 payload: payload.clone(),
             };
             let msg_id = format!("{}:{endpoint_id}", env.id);
-            let queued = self.bus.enqueue(
-                self.bus.namespace().delivery(&env.tenant),
-                &msg_id,
-                &delivery,
-                env.traceparent.as_deref(),
-            );
-            match queued.await {
+            let subject = self.bus.namespace().delivery(&env.tenant);
+            (endpoint_id, self.bus.enqueue(subject, &msg_id, &delivery, env.traceparent.as_deref()).await)
+        };
+        // The endpoints' deliveries are enqueued together, a bounded number at a time.
+        let mut queued = futures::stream::iter(told).map(enqueue).buffer_unordered(ENQUEUED_AT_ONCE);
+        while let Some((endpoint_id, result)) = queued.next().await {
+            match result {
                 Ok(_) => {}
                 // Its endpoints' deliveries fill the tenant's share of the queue (one refusing
                 // them for hours, say): this one is dropped, not every tenant's held up. (A
