@@ -25,9 +25,8 @@
 //! taker standing by: with two takers of one stream in a process (replicas in one test), the
 //! first takes, and once it stops the messages go onto the queue.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +34,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::registry::{Place, Registry};
 use crate::{Bus, Result};
 
 /// Longest a sender waits for a taker before putting the message onto the queue: well under
@@ -48,7 +48,7 @@ pub const SLOW_TAKER_PAUSE: Duration = Duration::from_secs(10);
 type TakeFn = dyn Fn(Bytes) -> Option<BoxFuture<'static, std::result::Result<(), String>>> + Send + Sync;
 
 /// One taker: how it handles a message, and until when it is passed over.
-struct Take {
+pub(crate) struct Take {
     handle: Box<TakeFn>,
     paused_until: Mutex<Option<Instant>>,
 }
@@ -64,32 +64,12 @@ impl Take {
 }
 
 /// The takers of this process, by the stream they consume (see the module's docs).
-#[derive(Default)]
-pub(crate) struct Takers {
-    takers: RwLock<HashMap<String, Arc<Take>>>,
-}
-
-impl Takers {
-    fn get(&self, stream: &str) -> Option<Arc<Take>> {
-        self.takers.read().unwrap_or_else(|e| e.into_inner()).get(stream).cloned()
-    }
-}
+pub(crate) type Takers = Registry<Take>;
 
 /// A taker's place, given up when dropped (see [`Bus::take_locally`]).
 #[must_use = "the taker stops taking messages when this is dropped"]
 pub struct Taking {
-    takers: Arc<Takers>,
-    stream: String,
-    take: Arc<Take>,
-}
-
-impl Drop for Taking {
-    fn drop(&mut self) {
-        let mut takers = self.takers.takers.write().unwrap_or_else(|e| e.into_inner());
-        if takers.get(&self.stream).is_some_and(|t| Arc::ptr_eq(t, &self.take)) {
-            takers.remove(&self.stream);
-        }
-    }
+    _place: Place<Take>,
 }
 
 impl Bus {
@@ -115,9 +95,7 @@ impl Bus {
             }),
             paused_until: Mutex::new(None),
         });
-        let mut takers = self.takers.takers.write().unwrap_or_else(|e| e.into_inner());
-        takers.entry(stream.to_string()).or_insert_with(|| take.clone());
-        Taking { takers: self.takers.clone(), stream: stream.to_string(), take }
+        Taking { _place: self.takers.register(stream, take) }
     }
 
     /// Hands `body` to this process's taker of `stream`, and waits until it has handled it;

@@ -21,9 +21,11 @@
 //! - [`serve`]: a bounded request/reply server loop.
 //! - `hand_over`: work-queue messages handed to a consumer in the same process.
 //! - [`consume`]: a durable consumer loop that recreates its consumer when the pull ends.
+//! - `registry`: what runs in this process by name (servers, takers), found without NATS.
 
 mod consume;
 mod hand_over;
+mod registry;
 mod serve;
 
 use std::time::Duration;

@@ -2,17 +2,16 @@
 //!
 //! A server is also reachable without NATS by requests made through the same [`Bus`] (the
 //! services of one process share one): while [`serve`] runs, it is registered under its subject
-//! in the bus's [`Local`] table, and [`Bus::request`] hands a request for that subject straight
+//! in the bus's table of what runs in this process ([`Local`]), and [`Bus::request`] hands a request for that subject straight
 //! to it. The request is still JSON, answered with the same handler, under the same bound on
 //! concurrent handlers and the same timeout, and the handler runs to its end as its own task
 //! whether or not the asker still waits, as it does for a request over NATS. What it spares is
 //! two messages through nats-server and their wait (request and reply); a subject served by no
 //! one in this process goes over NATS, to the other processes' servers.
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -23,73 +22,23 @@ use taskmesh_events::{ErrorCode, Problem};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::registry::Registry;
 use crate::{Bus, BusError, Result, TRACEPARENT_HEADER};
 
 /// Answers one request's payload (with its caller's trace context) with the reply's payload;
 /// `None` when the server holds as many requests as it may (see [`LOCAL_WAITING`]). The answer
 /// is `None` when the server stopped before the request's turn came: over NATS, a request
 /// still waiting in the subscription then is never handled, and the asker hears nothing.
-type Responder = Arc<dyn Fn(Bytes, Option<String>) -> Option<BoxFuture<'static, Option<Bytes>>> + Send + Sync>;
+pub(crate) type Respond = dyn Fn(Bytes, Option<String>) -> Option<BoxFuture<'static, Option<Bytes>>> + Send + Sync;
+
+/// The servers running in this process, by the subject they serve (see the module's docs). Of
+/// two servers of one subject in a process (replicas in one test, say), the first started
+/// answers; the other takes over when it stops.
+pub(crate) type Local = Registry<Respond>;
 
 /// Most requests from its own process a server holds beyond those it is handling; more go over
 /// NATS, where its subscription's own bound applies.
 const LOCAL_WAITING: usize = 1_024;
-
-/// The servers running in this process, by the subject they serve (see the module's docs).
-#[derive(Default)]
-pub(crate) struct Local {
-    servers: RwLock<HashMap<String, Responder>>,
-}
-
-impl Local {
-    /// The server of `subject` in this process, if one runs.
-    pub(crate) fn get(&self, subject: &str) -> Option<Responder> {
-        self.servers.read().unwrap_or_else(|e| e.into_inner()).get(subject).cloned()
-    }
-
-    /// Registers `respond` for `subject` until the returned guard drops. Of two servers of one
-    /// subject in a process (replicas in one test, say), the first started answers; the other
-    /// takes over when it stops.
-    fn register(self: &Arc<Self>, subject: &str, respond: Responder) -> Registered {
-        let mut servers = self.servers.write().unwrap_or_else(|e| e.into_inner());
-        let mine = !servers.contains_key(subject);
-        if mine {
-            servers.insert(subject.to_string(), respond.clone());
-        }
-        Registered { local: self.clone(), subject: subject.to_string(), respond, mine }
-    }
-}
-
-/// A server's place in [`Local`], given up when dropped.
-struct Registered {
-    local: Arc<Local>,
-    subject: String,
-    /// Its handler, which also tells its place from another server's.
-    respond: Responder,
-    mine: bool,
-}
-
-impl Registered {
-    /// Takes the subject if the server holding it has stopped.
-    fn claim(&mut self) {
-        if !self.mine {
-            let mut servers = self.local.servers.write().unwrap_or_else(|e| e.into_inner());
-            if !servers.contains_key(&self.subject) {
-                servers.insert(self.subject.clone(), self.respond.clone());
-                self.mine = true;
-            }
-        }
-    }
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        let mut servers = self.local.servers.write().unwrap_or_else(|e| e.into_inner());
-        if servers.get(&self.subject).is_some_and(|r| Arc::ptr_eq(r, &self.respond)) {
-            servers.remove(&self.subject);
-        }
-    }
-}
 
 /// Serves requests on `subject` in queue group `group` until `shutdown` resolves, running at
 /// most `concurrency` handlers at once. A request that does not decode as `Req` is answered
@@ -113,7 +62,7 @@ where
     let mut sub = client.queue_subscribe(subject.clone(), group.to_string()).await.map_err(BusError::nats)?;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let stopped = Arc::new(AtomicBool::new(false));
-    let respond: Responder = {
+    let respond: Arc<Respond> = {
         let (handler, permits, subject, stopped) = (handler.clone(), permits.clone(), subject.clone(), stopped.clone());
         let held = Arc::new(Semaphore::new(concurrency.max(1) + LOCAL_WAITING));
         Arc::new(move |payload, traceparent| {
