@@ -372,10 +372,15 @@ struct Removals {
 }
 
 impl Removals {
-    /// Notes that the entry `seq` holds `parts` steps: it is done with once each of them is.
-    fn shared(&mut self, seq: u64, parts: usize) {
-        if parts > 1 {
-            self.parts_left.insert(seq, parts);
+    /// Notes that the entry `seq` holds `parts` steps: it is done with once each of them is
+    /// (at once when it holds none).
+    fn holds(&mut self, seq: u64, parts: usize) {
+        match parts {
+            0 => self.done(seq),
+            1 => {}
+            _ => {
+                self.parts_left.insert(seq, parts);
+            }
         }
     }
 
@@ -692,10 +697,7 @@ impl Dispatcher {
         match serde_json::from_slice::<Ready>(&msg.payload) {
             Ok(Ready::Step(step)) => held.hold_step(seq, 0, step.dispatch, step.priority),
             Ok(Ready::Steps { steps }) => {
-                if steps.is_empty() {
-                    held.removals.done(seq);
-                }
-                held.removals.shared(seq, steps.len());
+                held.removals.holds(seq, steps.len());
                 for (i, step) in steps.into_iter().enumerate() {
                     held.hold_step(seq, i as u32, step.dispatch, step.priority);
                 }
@@ -1535,7 +1537,7 @@ mod tests {
         // Entry 1 holds one step; entry 2 a fan-out of three, the last with a higher priority.
         held.removals.last_read = 2;
         held.hold_step(1, 0, step("a"), 0);
-        held.removals.shared(2, 3);
+        held.removals.holds(2, 3);
         for (i, (id, priority)) in [("b", 0), ("c", 0), ("d", 5)].into_iter().enumerate() {
             held.hold_step(2, i as u32, step(id), priority);
         }
@@ -1556,6 +1558,10 @@ mod tests {
         assert_eq!(held.oldest(), None);
         assert_eq!(held.removals.due(held.oldest(), t0, REMOVE_AFTER), (Some(3), Vec::new()));
         assert!(held.removals.parts_left.is_empty());
+        // An entry of no steps is done with at once.
+        held.removals.last_read = 3;
+        held.removals.holds(3, 0);
+        assert_eq!(held.removals.due(None, t0, REMOVE_AFTER), (Some(4), Vec::new()));
     }
 
     #[test]
