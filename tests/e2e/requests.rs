@@ -198,11 +198,15 @@ async fn a_queue_message_goes_straight_to_its_taker_in_this_process_and_onto_the
     // Too slow: queued once the sender has waited its while, and the next ones at once.
     let started = tokio::time::Instant::now();
     assert!(!hand_over(&bus, "m6", "stall").await?);
-    assert!(started.elapsed() >= taskmesh_bus::HAND_OVER_WAIT);
-    let started = tokio::time::Instant::now();
+    let paused_at = tokio::time::Instant::now();
+    assert!(paused_at - started >= taskmesh_bus::HAND_OVER_WAIT);
     assert!(!hand_over(&bus, "m7", "seven").await?);
-    assert!(started.elapsed() < taskmesh_bus::HAND_OVER_WAIT / 2, "a slow taker was waited for again");
+    assert!(paused_at.elapsed() < taskmesh_bus::HAND_OVER_WAIT / 2, "a slow taker was waited for again");
     assert_eq!(queued().await?, 6);
+    // Once its pause is over, it takes again.
+    tokio::time::sleep_until(paused_at + taskmesh_bus::SLOW_TAKER_PAUSE).await;
+    assert!(hand_over(&bus, "m7b", "again").await?, "still passed over after its pause");
+    assert_eq!(took.try_recv()?, "again");
     // Stopped: its place is given up (a taker registered since takes, where the first one
     // registered would), and with none left the message is queued.
     drop(taking);
