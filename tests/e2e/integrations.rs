@@ -122,14 +122,9 @@ async fn github_push_is_verified_and_starts_one_run_per_delivery() {
     let tm = spawn_mesh().await;
     let hook = connect(&tm, "github", "binkkatal/sample_app", serde_json::json!({})).await;
     let send_body = |body: Vec<u8>, signature: String, delivery: &'static str| {
-        tm.http
-            .post(&hook)
-            .header("content-type", "application/json")
-            .header("x-github-event", "push")
-            .header("x-github-delivery", delivery)
-            .header("x-hub-signature-256", signature)
-            .body(body)
-            .send()
+        let headers =
+            [("x-github-event", "push"), ("x-github-delivery", delivery), ("x-hub-signature-256", &signature)];
+        forge_delivery(&tm, &hook, headers, body).send()
     };
     let send = |signature: String, delivery: &'static str| send_body(PUSH.to_vec(), signature, delivery);
 
@@ -480,9 +475,7 @@ async fn pull_requests_start_runs_at_their_head_on_each_forge_and_show_there() {
     }
     assert_eq!(tm.event_count().await, before, "nothing appended for them");
     // Where the connection takes requests, one whose body is not a request's is a 400.
-    let req = tm.http.post(&github).header("content-type", "application/json").header("x-github-event", "pull_request");
-    let req = req.header("x-github-delivery", "p-8").header("x-hub-signature-256", github_signature(PUSH));
-    let res = req.body(PUSH).send().await.unwrap();
+    let res = github_event(&tm, &github, "pull_request", PUSH, "p-8").send().await.unwrap();
     assert_eq!(res.status(), 400);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
     tm.finish().await;
@@ -554,10 +547,16 @@ async fn a_closed_pull_request_cancels_its_runs_and_no_others() {
     let other = cancel_and_rerun(&tm, other).await;
     tm.wait_projected().await;
     let close_third = edited(&close, &[("/number", 3.into()), ("/pull_request/closed_at", now())]);
-    let closed = to_github("pull_request", close_third, "c-11").await;
+    let closed = to_github("pull_request", close_third.clone(), "c-11").await;
     assert_eq!(closed["cancelled"], serde_json::json!([latest]), "{closed}");
     assert_eq!(tm.wait_run(latest, Duration::from_secs(30)).await["status"], "cancelled");
-    for run in [other, pushed, reopened] {
+    // A rerun made after the close's time (of the run it cancelled) is left be when the close
+    // comes again.
+    let after = rerun(&tm, latest).await;
+    tm.wait_projected().await;
+    let again = to_github("pull_request", close_third, "c-12").await;
+    assert_eq!(again["outcome"], "ignored", "{again}");
+    for run in [other, pushed, reopened, after] {
         let (_, view) = tm.get_run(run).await;
         assert!(["queued", "running"].contains(&view["status"].as_str().unwrap()), "goes on: {view}");
         cancel_run(&tm, run).await;
@@ -575,6 +574,11 @@ async fn cancel_run(tm: &TestMesh, run: uuid::Uuid) {
 async fn cancel_and_rerun(tm: &TestMesh, run: uuid::Uuid) -> uuid::Uuid {
     cancel_run(tm, run).await;
     assert_eq!(tm.wait_run(run, Duration::from_secs(30)).await["status"], "cancelled");
+    rerun(tm, run).await
+}
+
+/// Reruns the ended `run` from its failed steps: the rerun's id.
+async fn rerun(tm: &TestMesh, run: uuid::Uuid) -> uuid::Uuid {
     let body = serde_json::json!({"from": "failed"});
     let rerun: serde_json::Value =
         tm.send_json(reqwest::Method::POST, &format!("/v1/runs/{run}/rerun"), &body).await.json().await.unwrap();
@@ -754,17 +758,7 @@ async fn a_cancelled_run_shows_as_an_error_on_its_commit() {
     let more = serde_json::json!({"status_token": "gh-token", "api_url": api,
         "workflow": {"name": "ci", "steps": [{"id": "test", "run": "sleep 30"}]}});
     let hook = connect(&tm, "github", "binkkatal/sample_app", more).await;
-    let res = tm
-        .http
-        .post(&hook)
-        .header("content-type", "application/json")
-        .header("x-github-event", "push")
-        .header("x-github-delivery", "c-1")
-        .header("x-hub-signature-256", github_signature(PUSH))
-        .body(PUSH)
-        .send()
-        .await
-        .unwrap();
+    let res = github_event(&tm, &hook, "push", PUSH, "c-1").send().await.unwrap();
     let started: serde_json::Value = res.json().await.unwrap();
     let run = started["run_id"].as_str().unwrap().to_string();
     let states = || states_sent(&calls);
@@ -883,14 +877,10 @@ async fn a_connection_changed_in_place_keeps_its_webhook_path() {
     };
     let push = |secret: &str, branch: &str, delivery: &str| {
         let body = String::from_utf8_lossy(PUSH).replace("refs/heads/master", &format!("refs/heads/{branch}"));
-        let req = tm
-            .http
-            .post(&hook)
-            .header("content-type", "application/json")
-            .header("x-github-event", "push")
-            .header("x-github-delivery", delivery)
-            .header("x-hub-signature-256", github_signature_with(body.as_bytes(), secret))
-            .body(body);
+        let signature = github_signature_with(body.as_bytes(), secret);
+        let headers =
+            [("x-github-event", "push"), ("x-github-delivery", delivery), ("x-hub-signature-256", &signature)];
+        let req = forge_delivery(&tm, &hook, headers, body.into_bytes());
         async move { req.send().await.unwrap() }
     };
     const NEW_SECRET: &str = "the-webhook-secret-rotated";
@@ -3336,17 +3326,7 @@ async fn a_checkout_step_starts_in_the_pushed_commit_fetched_with_the_token_only
         ],
     );
     let fetched_before = fetches.lock().unwrap().len();
-    let res = tm
-        .http
-        .post(&hook)
-        .header("content-type", "application/json")
-        .header("x-github-event", "pull_request")
-        .header("x-github-delivery", "c-5")
-        .header("x-hub-signature-256", github_signature(&opened))
-        .body(opened)
-        .send()
-        .await
-        .unwrap();
+    let res = github_event(&tm, &hook, "pull_request", &opened, "c-5").send().await.unwrap();
     let answer: serde_json::Value = res.json().await.unwrap();
     assert_eq!(answer["outcome"], "started", "{answer}");
     let run = tm.wait_run(answer["run_id"].as_str().unwrap().parse().unwrap(), Duration::from_secs(60)).await;
