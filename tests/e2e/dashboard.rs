@@ -317,6 +317,26 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         (&serde_json::json!("cancel_previous"), &serde_json::json!("last")),
         "{changed}"
     );
+    // Saved over a change made since Edit was clicked: refused (it is sent with the version
+    // Edit had, in If-Match), the page says so, and the other change stays.
+    browser.run("document.querySelector('main button.edit').click(); return true").await;
+    browser.until("the edit form again", "return !document.getElementById('schedule-edit').hidden").await;
+    let path = format!("/v1/schedules/{schedule}");
+    let res = tm.send_json(reqwest::Method::PATCH, &path, &serde_json::json!({"catch_up": "all"})).await;
+    assert_eq!(res.status(), 200);
+    let other_change = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+    browser.run(&save("0 0 3 1 *")).await;
+    browser
+        .until(
+            "the stale save refused",
+            "const e = document.querySelector('#schedule-edit .error'); return !!e && e.innerText.includes('changed since Edit')",
+        )
+        .await;
+    let kept = tm.get_json_after(format!("{}{path}", tm.api), other_change).await;
+    assert_eq!(
+        (&kept["spec"]["cron"], &kept["spec"]["catch_up"]),
+        (&serde_json::json!("0 0 2 1 *"), &serde_json::json!("all"))
+    );
     // The audit log: the pause just made, by this key; the key's link lists its calls only.
     tm.wait_projected().await;
     browser

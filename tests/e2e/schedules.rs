@@ -394,6 +394,86 @@ async fn a_changed_schedule_ticks_by_its_new_spec_and_keeps_its_id_ticks_and_inp
     tm.finish().await;
 }
 
+/// A `PATCH` of schedule `id` conditional on `if_match`.
+async fn patch_if(tm: &TestMesh, id: &str, if_match: &str, body: Value) -> reqwest::Response {
+    let req = tm.http.patch(format!("{}/v1/schedules/{id}", tm.api)).header("if-match", if_match);
+    tm.auth(req).header("content-type", "application/merge-patch+json").body(body.to_string()).send().await.unwrap()
+}
+
+/// Its `ETag` header.
+fn etag(res: &reqwest::Response) -> String {
+    res.headers()["etag"].to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_patch_with_if_match_changes_a_schedule_only_at_the_version_it_names() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
+    let yearly = json!({"cron": "0 0 1 1 *", "workflow": {"name": "y", "steps": [{"id": "a", "uses": "noop"}]}});
+    let res = create(&tm, yearly).await;
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    let (id, seq) = (created["id"].as_str().unwrap().to_string(), created["seq"].as_u64().unwrap());
+    let url = format!("{}/v1/schedules/{id}", tm.api);
+
+    // A read's strong ETag is the schedule's version: the sequence of its last event.
+    let res = tm.auth(tm.http.get(&url)).header("Taskmesh-Min-Seq", seq.to_string()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let read = etag(&res);
+    assert_eq!(read, format!("\"{seq}\""));
+    assert_eq!(res.json::<Value>().await.unwrap()["version"], seq);
+    let res = tm.auth(tm.http.get(&url)).header("if-none-match", &read).send().await.unwrap();
+    assert_eq!(res.status(), 304, "not changed since");
+
+    // Changed at that version: the answer's ETag is the new one.
+    let res = patch_if(&tm, &id, &read, json!({"overlap": "allow"})).await;
+    assert_eq!(res.status(), 200);
+    let changed = etag(&res);
+    let after: u64 = res.json::<Value>().await.unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(changed, format!("\"{after}\""));
+    assert!(after > seq);
+
+    // The version read before is stale now, and a weak tag never matches: refused, nothing
+    // appended, whether or not the patch would change anything.
+    let subject = tm.bus.namespace().schedule("default", id.parse().unwrap());
+    for (if_match, body) in [
+        (read.clone(), json!({"overlap": "cancel_previous"})),
+        (read.clone(), json!({"overlap": "allow"})),
+        (format!("W/{changed}"), json!({"overlap": "cancel_previous"})),
+        ("\"not-a-version\"".to_string(), json!({"overlap": "cancel_previous"})),
+    ] {
+        let res = patch_if(&tm, &id, &if_match, body).await;
+        assert_eq!(res.status(), 412, "{if_match}");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["type"], "https://taskmesh.dev/problems/precondition-failed", "{problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(&format!("version {after}")), "{problem}");
+    }
+    assert_eq!(tm.bus.last_seq(&subject).await.unwrap(), after, "a refused patch appends nothing");
+    // A list naming the current version among others, and `*`, match.
+    let res = patch_if(&tm, &id, &format!("{read}, {changed}"), json!({"catch_up": "last"})).await;
+    assert_eq!(res.status(), 200);
+    let res = patch_if(&tm, &id, "*", json!({"catch_up": "all"})).await;
+    assert_eq!(res.status(), 200);
+    // Any event of the schedule moves its version, a pause too.
+    let res = tm.auth(tm.http.post(format!("{url}/pause"))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let last = format!("\"{}\"", res.json::<Value>().await.unwrap()["seq"]);
+    assert_eq!(patch_if(&tm, &id, &changed, json!({"overlap": "skip"})).await.status(), 412);
+    // The read side's version follows (after the change is projected); a schedule that does
+    // not exist is a 404, not a 412.
+    let last_seq: u64 = last.trim_matches('"').parse().unwrap();
+    let res = tm.auth(tm.http.get(&url)).header("Taskmesh-Min-Seq", last_seq.to_string()).send().await.unwrap();
+    assert_eq!(etag(&res), last);
+    let view: Value = res.json().await.unwrap();
+    assert_eq!(
+        (view["spec"]["overlap"].as_str(), view["spec"]["catch_up"].as_str()),
+        (Some("allow"), Some("all")),
+        "{view}"
+    );
+    let res = patch_if(&tm, &uuid::Uuid::now_v7().to_string(), &last, json!({"overlap": "allow"})).await;
+    assert_eq!(res.status(), 404);
+    tm.finish().await;
+}
+
 async fn trigger(tm: &TestMesh, id: &str, key: Option<&str>) -> reqwest::Response {
     let mut req = tm.auth(tm.http.post(format!("{}/v1/schedules/{id}/trigger", tm.api)));
     if let Some(key) = key {

@@ -20,8 +20,11 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// Too many requests: the tenant's or the key's rate limit; see `Retry-After`.
     RateLimited,
-    /// A tenant quota (active runs, stored workflows, steps per run) would be exceeded.
+    /// A tenant quota (active runs, stored workflows, schedules, webhook endpoints, steps per
+    /// run) would be exceeded.
     QuotaExceeded,
+    /// A conditional change (`If-Match`) whose resource is at another version.
+    PreconditionFailed,
     Unavailable,
     Internal,
 }
@@ -41,6 +44,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RateLimited => 429,
             ErrorCode::QuotaExceeded => 403,
+            ErrorCode::PreconditionFailed => 412,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
@@ -60,6 +64,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported-media-type",
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::QuotaExceeded => "quota-exceeded",
+            ErrorCode::PreconditionFailed => "precondition-failed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -84,6 +89,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "Unsupported content type",
             ErrorCode::RateLimited => "Too many requests",
             ErrorCode::QuotaExceeded => "A tenant quota would be exceeded",
+            ErrorCode::PreconditionFailed => "The resource is not at the version the request is conditional on",
             ErrorCode::Unavailable => "A service Taskmesh depends on is unavailable",
             ErrorCode::Internal => "Internal error",
         }

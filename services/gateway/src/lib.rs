@@ -387,12 +387,61 @@ pub fn etag_matches(if_none_match: &str, tag: &str) -> bool {
     })
 }
 
+/// A JSON answer tagged with the strong entity tag `"{version}"` (a resource's version: the
+/// log sequence of its last event; none: untagged, and the weak tag of [`etags`] applies), or
+/// `304 Not Modified` when the request's `If-None-Match` names that tag.
+pub fn versioned<T: serde::Serialize>(
+    headers: &axum::http::HeaderMap,
+    version: Option<u64>,
+    body: T,
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    let Some(version) = version else { return axum::Json(body).into_response() };
+    let etag = HeaderValue::from_str(&format!("\"{version}\"")).expect("ascii");
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| etag_matches(v, etag.to_str().expect("ascii")));
+    let mut res =
+        if not_modified { StatusCode::NOT_MODIFIED.into_response() } else { axum::Json(body).into_response() };
+    res.headers_mut().insert(header::ETAG, etag);
+    res
+}
+
+/// The versions a change is conditional on, from its `If-Match` header (RFC 9110): `None`
+/// without one, or for `*` (any version: the resource exists, which a change needs anyway);
+/// else the strong tags `"{version}"` it lists. A weak tag (`W/"…"`) or any other never matches
+/// a version, so adds none: a header of only such tags lets nothing through.
+pub fn if_match(headers: &axum::http::HeaderMap) -> Result<Option<Vec<u64>>, ApiError> {
+    let mut lines = headers.get_all(axum::http::header::IF_MATCH).iter().peekable();
+    if lines.peek().is_none() {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    for line in lines {
+        let line = line.to_str().map_err(|_| ApiError::new(ErrorCode::BadRequest, "If-Match is not ASCII"))?;
+        for tag in line.split(',').map(str::trim) {
+            if tag == "*" {
+                return Ok(None);
+            }
+            // Compared as the tags are written (strong comparison): digits only, as a version's
+            // tag has them, so `"05"` or `"+5"` names no version.
+            let digits = tag.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
+            if let Some(version) = digits.and_then(|t| t.parse::<u64>().ok().filter(|v| v.to_string() == t)) {
+                versions.push(version);
+            }
+        }
+    }
+    Ok(Some(versions))
+}
+
 /// Largest JSON answer given an entity tag (bigger ones are streamed through untouched).
 const ETAG_MAX_BYTES: usize = 4 * 1024 * 1024;
 
 /// Entity tags on reads: a `GET` answered 200 with JSON and no `ETag` of its own gets a weak
 /// one, a hash of the body, and a request whose `If-None-Match` names it is answered
-/// `304 Not Modified` without the body. (`GET /v1/runs/{id}` sets its own: the run's sequence.)
+/// `304 Not Modified` without the body. (`GET /v1/runs/{id}` and `GET /v1/schedules/{id}` set
+/// their own, strong: the resource's version; see [`versioned`].)
 async fn etags(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
     use axum::http::{Method, StatusCode, header};
     if req.method() != Method::GET {
@@ -620,5 +669,25 @@ mod tests {
             on_disk == current,
             "docs/openapi.json is stale: regenerate with TASKMESH_BLESS=1 cargo test -p taskmesh-gateway openapi"
         );
+    }
+
+    #[test]
+    fn if_match_takes_strong_version_tags_as_written_and_star_as_any() {
+        let parse = |lines: &[&str]| {
+            let mut headers = axum::http::HeaderMap::new();
+            for line in lines {
+                headers.append(axum::http::header::IF_MATCH, line.parse().unwrap());
+            }
+            super::if_match(&headers).unwrap()
+        };
+        assert_eq!(parse(&[]), None, "unconditional");
+        assert_eq!(parse(&["\"12\""]), Some(vec![12]));
+        assert_eq!(
+            parse(&["\"12\", W/\"13\"", "\"14\""]),
+            Some(vec![12, 14]),
+            "a list, over two lines; weak tags never match"
+        );
+        assert_eq!(parse(&["\"012\", \"+12\", \"x\", 12"]), Some(vec![]), "no tag names a version as it is written");
+        assert_eq!(parse(&["\"12\", *"]), None, "any");
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -473,15 +473,8 @@ pub async fn get_run(
         }
     };
     // The view changes exactly when the run gets a new event: its sequence is the entity tag.
-    let etag = format!("\"{}\"", view.seq);
-    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| crate::etag_matches(v, &etag)) {
-        let mut res = StatusCode::NOT_MODIFIED.into_response();
-        res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
-        return Ok(res);
-    }
-    let mut res = Json(view).into_response();
-    res.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii"));
-    Ok(res)
+    let seq = u64::try_from(view.seq).ok();
+    Ok(crate::versioned(&headers, seq, view))
 }
 
 /// Longest `wait` of `GET /v1/runs/{id}`.

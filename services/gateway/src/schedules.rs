@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -46,6 +47,10 @@ pub struct ScheduleView {
     /// The next tick, unless paused.
     pub next_tick: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// The log sequence of its last event (a tick too): `GET /v1/schedules/{id}` answers it as
+    /// its `ETag`, and `PATCH` takes it in `If-Match`. None for a schedule last changed before
+    /// versions were kept, until its next event.
+    pub version: Option<u64>,
 }
 
 /// A created schedule.
@@ -104,6 +109,7 @@ fn view(row: &sqlx::postgres::PgRow) -> ScheduleView {
         ticks: row.get("ticks"),
         next_tick,
         created_at: row.get("created_at"),
+        version: row.get::<Option<i64>, _>("version").and_then(|v| u64::try_from(v).ok()),
     }
 }
 
@@ -127,10 +133,13 @@ pub async fn list(State(state): State<AppState>, caller: Caller, page: crate::Pa
     Ok(Json(ScheduleList { items: rows.iter().map(view).collect(), next_cursor }))
 }
 
-/// Read a schedule.
-#[utoipa::path(get, operation_id = "get_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+/// Read a schedule. Its `ETag` is its version (changed by every event of it, a tick too; its
+/// `next_tick`, computed at the read, aside), which `PATCH` takes in `If-Match`.
+#[utoipa::path(get, operation_id = "get_schedule", path = "/v1/schedules/{id}", tag = "schedules",
+    params(("id" = Uuid, Path), ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier read: 304 if the schedule has no event since")),
     responses(
-        (status = 200, body = ScheduleView),
+        (status = 200, body = ScheduleView, headers(("ETag" = String, description = "The schedule's version, as `\"{version}\"`"))),
+        (status = 304, description = "Not modified since the ETag given"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
@@ -139,7 +148,8 @@ pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<ScheduleView>> {
+    headers: HeaderMap,
+) -> ApiResult<axum::response::Response> {
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
     let row = sqlx::query("SELECT * FROM schedules WHERE tenant_id = $1 AND id = $2")
         .bind(&caller.tenant)
@@ -147,7 +157,8 @@ pub async fn get_one(
         .fetch_optional(&state.pool)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule"))?;
-    Ok(Json(view(&row)))
+    let view = view(&row);
+    Ok(crate::versioned(&headers, view.version, view))
 }
 
 async fn toggle(
@@ -215,18 +226,22 @@ pub struct SchedulePatch {
 /// Change a schedule in place: its cron expression, time zone, workflow, inputs, overlap or
 /// catch-up. It keeps its id, ticks, last run and pause. The new spec ticks from its first tick
 /// after the change; ticks it would have had before are not caught up. Checked as a new schedule
-/// is; a patch that changes nothing appends nothing (and answers the last `seq`).
-#[utoipa::path(patch, operation_id = "update_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+/// is; a patch that changes nothing appends nothing (and answers the last `seq`). With
+/// `If-Match`, only a schedule at a version it names is changed (`412` otherwise). The answer's
+/// `seq`, also its `ETag`, is the schedule's version after the change.
+#[utoipa::path(patch, operation_id = "update_schedule", path = "/v1/schedules/{id}", tag = "schedules",
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "The schedule's ETag as last read: the change is made only if it is still at that version")),
     request_body(content(
         (SchedulePatch = "application/merge-patch+json"),
         (SchedulePatch = "application/json"),
     )),
     responses(
-        (status = 200, body = ScheduleCreatedResponse),
+        (status = 200, body = ScheduleCreatedResponse, headers(("ETag" = String, description = "The schedule's version after the change"))),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such schedule, or no such stored workflow", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "The schedule is not at a version If-Match names", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid cron, time zone, workflow or inputs", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -236,13 +251,17 @@ pub async fn update(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<ScheduleCreatedResponse>> {
+) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
+    let if_match = crate::if_match(&headers)?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let patch: serde_json::Value = body::json(&bytes)?;
-    let done = state.ingest.update_schedule(&UpdateSchedule { tenant: caller.tenant, schedule_id: id, patch }).await?;
-    Ok(Json(ScheduleCreatedResponse { id: done.id, seq: done.seq }))
+    let cmd = UpdateSchedule { tenant: caller.tenant, schedule_id: id, patch, if_match };
+    let done = state.ingest.update_schedule(&cmd).await?;
+    let etag = axum::http::HeaderValue::from_str(&format!("\"{}\"", done.seq)).expect("ascii");
+    let answer = Json(ScheduleCreatedResponse { id: done.id, seq: done.seq });
+    Ok(([(axum::http::header::ETAG, etag)], answer).into_response())
 }
 
 /// Run a schedule's workflow with its inputs now, paused or not, beside its ticks (whatever its

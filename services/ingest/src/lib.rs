@@ -500,8 +500,9 @@ impl Ingest {
                 return Err(invalid(field, "cannot be removed (null): give a value, or leave it out to keep it"));
             }
         }
-        self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, _| async move {
+        self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, last| async move {
             let ScheduleState { spec, paused, .. } = state.ok_or_else(no_such_schedule)?;
+            taskmesh_events::command::check_version(cmd.if_match.as_deref(), last, "schedule")?;
             let mut patched =
                 serde_json::to_value(&*spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
             json_patch::merge(&mut patched, &cmd.patch);

@@ -13,6 +13,20 @@ type Tx<'a> = Transaction<'a, Postgres>;
 /// Applies one event inside the projector's transaction: every event but a run's (those are
 /// folded per batch by [`crate::fold`]).
 pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
+    apply_event(tx, stored).await?;
+    // A schedule's version is the sequence of its last event, whatever the event.
+    if let Some(schedule) = stored.envelope.event.schedule_id() {
+        sqlx::query("UPDATE schedules SET version = $3 WHERE tenant_id = $1 AND id = $2")
+            .bind(&stored.envelope.tenant)
+            .bind(schedule)
+            .bind(stored.seq as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
     let env = &stored.envelope;
     let tenant = env.tenant.as_str();
     let at = env.occurred_at;

@@ -614,7 +614,9 @@ function schedulesView(query) {
   // Changing one schedule (Edit on its row): its expression, time zone, overlap and catch-up
   // policies and inputs, sent as a merge patch of what it had. Above the list, which is drawn
   // afresh every few seconds.
-  const editing = { id: null, inputs: {} };
+  // Saved only if the schedule is still as it was when Edit was clicked (its version, sent as
+  // If-Match): a change or a tick since is refused, and Edit shows it afresh.
+  const editing = { id: null, inputs: {}, version: null };
   const cron = el("input", { name: "cron", placeholder: "cron", size: 18, required: true, class: "mono" });
   const timezone = el("input", { name: "timezone", placeholder: "time zone (UTC)", size: 16 });
   const inputs = el("input", { name: "inputs", placeholder: '{"inputs": "as JSON"}', size: 40, class: "mono" });
@@ -634,6 +636,7 @@ function schedulesView(query) {
         if (!isObject(given)) throw new Error("inputs: a JSON object");
         const r = await api(`/v1/schedules/${editing.id}`, {
           method: "PATCH",
+          headers: editing.version === null ? {} : { "if-match": `"${editing.version}"` },
           body: {
             cron: cron.value.trim(),
             timezone: timezone.value.trim() || null,
@@ -646,15 +649,18 @@ function schedulesView(query) {
         refusal.replaceChildren();
         changes.wrote(r);
       } catch (e) {
-        refusal.replaceChildren(failure(e));
+        refusal.replaceChildren(e.status === 412
+          ? failure("The schedule changed since Edit was clicked (another change, or a tick): click Edit again.")
+          : failure(e));
       }
     },
   }, el("span", { class: "mono" }), cron, timezone, overlap, catchUp, inputs,
   el("button", { type: "submit" }, "Save"),
   el("button", { type: "button", onclick: () => { edit.hidden = true; } }, "Cancel"), refusal);
-  const editOf = (id, spec) => {
+  const editOf = (id, spec, version) => {
     refusal.replaceChildren();
     editing.id = id;
+    editing.version = Number.isSafeInteger(version) ? version : null;
     editing.inputs = spec.inputs || {};
     edit.firstChild.textContent = id;
     cron.value = spec.cron || "";
@@ -685,7 +691,7 @@ function schedulesView(query) {
             " ",
             el("button", { type: "button", title: "Start a run of its workflow now", onclick: () => changes.act(`/v1/schedules/${id}/trigger`) }, "Run now"),
             " ",
-            el("button", { type: "button", class: "edit", title: "Change its expression, time zone, policies or inputs", onclick: () => editOf(id, spec) }, "Edit"))
+            el("button", { type: "button", class: "edit", title: "Change its expression, time zone, policies or inputs", onclick: () => editOf(id, spec, x.version) }, "Edit"))
           : null;
         return el("tr", {},
           el("td", {}, workflow),
