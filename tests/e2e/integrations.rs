@@ -2310,6 +2310,67 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     tm.finish().await;
 }
 
+/// A change of a webhook endpoint or a repository connection conditional on the version its
+/// list shows (`If-Match`) is made only while it is still at that version; the answer's `ETag`
+/// is the version after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endpoint_or_a_connection_changed_with_if_match_is_changed_only_at_the_version_listed() {
+    let tm = spawn_mesh().await;
+    let endpoint = subscribe_url(&tm, "http://127.0.0.1:9/hook").await;
+    let hook = connect(&tm, "github", "baxterthehacker/public-repo", serde_json::json!({})).await;
+    let connection = hook.rsplit('/').next().unwrap().to_string();
+    let endpoint = endpoint["id"].as_str().unwrap().to_string();
+    tm.wait_projected().await;
+    // (list path, item id, a change, another change, the log's subject)
+    let ns = tm.bus.namespace();
+    let resources = [
+        (
+            "webhook-endpoints",
+            endpoint.clone(),
+            serde_json::json!({"event_types": ["run.failed"]}),
+            serde_json::json!({"event_types": ["run.succeeded"]}),
+            ns.webhook_endpoint("default", endpoint.parse().unwrap()),
+        ),
+        (
+            "repo-connections",
+            connection.clone(),
+            serde_json::json!({"branches": ["main"]}),
+            serde_json::json!({"branches": ["dev"]}),
+            ns.repo_connection("default", connection.parse().unwrap()),
+        ),
+    ];
+    for (list, id, change, other, subject) in resources {
+        let items = tm.get_json(format!("{}/v1/{list}", tm.api)).await;
+        let item = items["items"].as_array().unwrap().iter().find(|i| i["id"] == id.as_str()).unwrap().clone();
+        let version = item["version"].as_u64().unwrap_or_else(|| panic!("{list}: {item}"));
+        assert_eq!(version, tm.bus.last_seq(&subject).await.unwrap(), "{list}: the version is its last event's");
+        let patch = |if_match: String, body: serde_json::Value| {
+            let req = tm.auth(tm.http.patch(format!("{}/v1/{list}/{id}", tm.api))).header("if-match", if_match);
+            let req = req.header("content-type", "application/merge-patch+json").body(body.to_string());
+            async move { req.send().await.unwrap() }
+        };
+        let res = patch(format!("\"{version}\""), change).await;
+        assert_eq!(res.status(), 200, "{list}");
+        let etag = res.headers()["etag"].to_str().unwrap().to_string();
+        let after = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+        assert_eq!(etag, format!("\"{after}\""), "{list}");
+        // The version listed before is stale now: refused, and nothing appended.
+        let res = patch(format!("\"{version}\""), other.clone()).await;
+        assert_eq!(res.status(), 412, "{list}");
+        let problem: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(problem["type"], "https://taskmesh.dev/problems/precondition-failed", "{list}: {problem}");
+        assert_eq!(tm.bus.last_seq(&subject).await.unwrap(), after, "{list}: a refused change appends nothing");
+        // With the new one, it is made; and the list shows the version after it.
+        let res = patch(etag, other).await;
+        assert_eq!(res.status(), 200, "{list}");
+        let last = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
+        let items = tm.get_json_after(format!("{}/v1/{list}", tm.api), last).await;
+        let item = items["items"].as_array().unwrap().iter().find(|i| i["id"] == id.as_str()).unwrap().clone();
+        assert_eq!(item["version"], last, "{list}: {item}");
+    }
+    tm.finish().await;
+}
+
 /// An endpoint changed in place: a new URL is where its notifications go and new event types
 /// choose them; a rotated secret signs beside the one it replaced for the time asked (each
 /// verifies the delivery alone), or alone; what a new endpoint could not have is refused.

@@ -73,21 +73,6 @@ impl Event {
         matches!(self, Event::WebhookEndpointDeleted(_) | Event::RepoConnectionDeleted(_) | Event::ScheduleDeleted(_))
     }
 
-    /// The schedule whose log it is on, for a schedule's event.
-    pub fn schedule_id(&self) -> Option<Uuid> {
-        match self {
-            Event::ScheduleCreated(ScheduleCreated { schedule_id, .. })
-            | Event::SchedulePaused(ScheduleToggled { schedule_id, .. })
-            | Event::ScheduleResumed(ScheduleToggled { schedule_id, .. })
-            | Event::ScheduleTicked(ScheduleTicked { schedule_id, .. })
-            | Event::ScheduleDeleted(ScheduleDeleted { schedule_id, .. })
-            | Event::ScheduleUpdated(ScheduleUpdated { schedule_id, .. })
-            | Event::ScheduleTriggered(ScheduleTriggered { schedule_id, .. })
-            | Event::ScheduleRunRefused(ScheduleRunRefused { schedule_id, .. }) => Some(*schedule_id),
-            _ => None,
-        }
-    }
-
     /// A repository connection's settings as this event leaves them (its creation, or a
     /// change of them); none for any other event.
     pub fn repo_connection(&self) -> Option<&RepoConnectionCreated> {

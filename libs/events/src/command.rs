@@ -206,7 +206,8 @@ pub struct UpdateSchedule {
     pub patch: serde_json::Value,
     /// The versions (the sequence of the schedule's last event) the change is conditional on,
     /// from `If-Match`: refused with `precondition-failed` unless the schedule is at one of
-    /// them (none given: never). Absent: unconditional.
+    /// them (none given: never). Absent: unconditional. (The same for the other resources'
+    /// changes that take it.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_match: Option<Vec<u64>>,
 }
@@ -449,6 +450,9 @@ pub struct UpdateRepoConnection {
     pub submodule_repositories: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_requests: Option<bool>,
+    /// The versions the change is conditional on (`If-Match`; see [`UpdateSchedule::if_match`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_match: Option<Vec<u64>>,
 }
 
 /// For a field that may be left out, given, or given as `null` (`Option<Option<T>>` with
@@ -619,6 +623,9 @@ pub struct UpdateWebhookEndpoint {
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_types: Option<Vec<String>>,
+    /// The versions the change is conditional on (`If-Match`; see [`UpdateSchedule::if_match`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_match: Option<Vec<u64>>,
 }
 
 /// `{ns}.cmd.ingest.rotate_webhook_secret`: replace an endpoint's signing secret.

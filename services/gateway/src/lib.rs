@@ -395,9 +395,9 @@ pub fn versioned<T: serde::Serialize>(
     version: Option<u64>,
     body: T,
 ) -> axum::response::Response {
-    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::http::{StatusCode, header};
     let Some(version) = version else { return axum::Json(body).into_response() };
-    let etag = HeaderValue::from_str(&format!("\"{version}\"")).expect("ascii");
+    let etag = version_tag(version);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -406,6 +406,19 @@ pub fn versioned<T: serde::Serialize>(
         if not_modified { StatusCode::NOT_MODIFIED.into_response() } else { axum::Json(body).into_response() };
     res.headers_mut().insert(header::ETAG, etag);
     res
+}
+
+/// The answer to a change of a versioned resource: `body`, with the resource's version after
+/// the change as its strong `ETag` (for the next change's `If-Match`).
+pub fn changed<T: serde::Serialize>(version: u64, body: T) -> axum::response::Response {
+    let mut res = axum::Json(body).into_response();
+    res.headers_mut().insert(axum::http::header::ETAG, version_tag(version));
+    res
+}
+
+/// A version as a strong entity tag: `"1234"`.
+fn version_tag(version: u64) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_str(&format!("\"{version}\"")).expect("ascii")
 }
 
 /// The versions a change is conditional on, from its `If-Match` header (RFC 9110): `None`

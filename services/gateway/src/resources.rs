@@ -114,6 +114,9 @@ pub struct RepoConnectionView {
     /// Its last commit status given up, until one is reported again; none while they go
     /// through.
     pub status_failure: Option<StatusFailure>,
+    /// The log sequence of its last event, which `PATCH` takes in `If-Match` (as `"{version}"`);
+    /// none for a connection last changed before versions were kept, until its next event.
+    pub version: Option<u64>,
 }
 
 /// A commit status given up: the forge refused it for good (a wrong token, say), or every
@@ -149,7 +152,7 @@ pub async fn list_repo_connections(
     page: crate::Page,
 ) -> ApiResult<Json<RepoConnectionList>> {
     let sql = "SELECT id, forge, repository, branches, tags, paths, workflow->>'name' AS workflow, pipeline_file,
-        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, pull_requests, created_at, status_failure,
+        status_token IS NOT NULL AS reports_status, api_url, submodule_repositories, pull_requests, created_at, status_failure, version,
         CASE WHEN previous_secret_until > now() THEN previous_secret_until END AS previous_secret_until
         FROM repo_connections WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
@@ -182,6 +185,7 @@ pub async fn list_repo_connections(
                         None
                     })
                     .map(|j| j.0),
+                version: version(r),
             }
         })
         .collect();
@@ -206,6 +210,10 @@ pub struct WebhookEndpointView {
     /// After `POST …/rotate-secret`: until when the secret it replaced signs deliveries too;
     /// null when only the current one does.
     pub previous_secret_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The log sequence of its last event (a failed delivery's record too), which `PATCH`
+    /// takes in `If-Match` (as `"{version}"`); none for an endpoint last changed before versions
+    /// were kept, until its next event.
+    pub version: Option<u64>,
 }
 
 /// The tenant's webhook endpoints.
@@ -226,7 +234,7 @@ pub async fn list_webhook_endpoints(
     caller: Caller,
     page: crate::Page,
 ) -> ApiResult<Json<WebhookEndpointList>> {
-    let sql = "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason,
+    let sql = "SELECT id, url, event_types, format, created_at, disabled_at, disabled_reason, version,
             CASE WHEN previous_until > now() THEN previous_until END AS previous_until
         FROM webhook_endpoints WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3";
     let (rows, next_cursor) = page.of_tenant::<uuid::Uuid>(&state.pool, sql, &caller.tenant, "id").await?;
@@ -241,6 +249,7 @@ pub async fn list_webhook_endpoints(
             disabled_at: r.get("disabled_at"),
             disabled_reason: r.get("disabled_reason"),
             previous_secret_until: r.get("previous_until"),
+            version: version(r),
         })
         .collect();
     Ok(Json(WebhookEndpointList { items, next_cursor }))
@@ -480,18 +489,19 @@ pub struct IntegrationUpdated {
 /// Change a repository connection (admin): rotate its webhook secret or status token, change
 /// its filters, its workflow or pipeline file, or its repository, keeping its webhook path.
 #[utoipa::path(patch, operation_id = "update_repo_connection", path = "/v1/repo-connections/{id}", tag = "integrations",
-    params(("id" = Uuid, Path)),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "The connection's version as listed, `\"{version}\"`: the change is made only if it is still at it")),
     request_body(content(
         (RepoConnectionPatch = "application/merge-patch+json"),
         (RepoConnectionPatch = "application/json"),
     )),
     responses(
-        (status = 200, body = IntegrationUpdated),
+        (status = 200, body = IntegrationUpdated, headers(("ETag" = String, description = "The version after the change"))),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Not at a version If-Match names", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 422, body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -501,9 +511,10 @@ pub async fn update_repo_connection(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<IntegrationUpdated>> {
+) -> ApiResult<axum::response::Response> {
     caller.require_admin()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("repository connection"))?;
+    let if_match = crate::if_match(&headers)?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let patch: RepoConnectionPatch = body::json(&bytes)?;
     let keyring = keyring(&state)?;
@@ -537,9 +548,10 @@ pub async fn update_repo_connection(
             api_url: patch.api_url,
             submodule_repositories: list(patch.submodule_repositories),
             pull_requests: kept("pull_requests", patch.pull_requests)?,
+            if_match,
         })
         .await?;
-    Ok(Json(IntegrationUpdated { id, seq: updated.seq }))
+    Ok(crate::changed(updated.seq, IntegrationUpdated { id, seq: updated.seq }))
 }
 
 /// Subscribe an endpoint to run notifications.
@@ -644,18 +656,19 @@ pub struct WebhookEndpointPatch {
 
 /// Change a webhook endpoint (admin): where its notifications go, or which events it is sent.
 #[utoipa::path(patch, operation_id = "update_webhook_endpoint", path = "/v1/webhook-endpoints/{id}", tag = "integrations",
-    params(("id" = Uuid, Path)),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "The endpoint's version as listed, `\"{version}\"`: the change is made only if it is still at it")),
     request_body(content(
         (WebhookEndpointPatch = "application/merge-patch+json"),
         (WebhookEndpointPatch = "application/json"),
     )),
     responses(
-        (status = 200, body = IntegrationUpdated),
+        (status = 200, body = IntegrationUpdated, headers(("ETag" = String, description = "The version after the change"))),
         (status = 400, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 409, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Not at a version If-Match names", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn update_webhook_endpoint(
@@ -664,8 +677,9 @@ pub async fn update_webhook_endpoint(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<IntegrationUpdated>> {
+) -> ApiResult<axum::response::Response> {
     caller.require_admin()?;
+    let if_match = crate::if_match(&headers)?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let patch: WebhookEndpointPatch = body::json(&bytes)?;
     let (id, format) = endpoint_format(&state, &caller, &id).await?;
@@ -677,9 +691,10 @@ pub async fn update_webhook_endpoint(
             format,
             url: kept("url", patch.url)?,
             event_types: list(patch.event_types),
+            if_match,
         })
         .await?;
-    Ok(Json(IntegrationUpdated { id, seq: updated.seq }))
+    Ok(crate::changed(updated.seq, IntegrationUpdated { id, seq: updated.seq }))
 }
 
 /// Until when a secret replaced goes on serving, `seconds` from now (in whole seconds, as the
@@ -766,4 +781,9 @@ pub async fn rotate_webhook_secret(
         .rotate_webhook_secret(&RotateWebhookSecret { tenant: caller.tenant, endpoint_id: id, secret, previous_until })
         .await?;
     Ok(Json(SecretRotatedResponse { id, secret: plain, previous_valid_until: previous_until, seq: rotated.seq }))
+}
+
+/// A listed row's version (its `version` column; none before versions were kept).
+fn version(row: &sqlx::postgres::PgRow) -> Option<u64> {
+    row.get::<Option<i64>, _>("version").and_then(|v| u64::try_from(v).ok())
 }

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -259,9 +258,7 @@ pub async fn update(
     let patch: serde_json::Value = body::json(&bytes)?;
     let cmd = UpdateSchedule { tenant: caller.tenant, schedule_id: id, patch, if_match };
     let done = state.ingest.update_schedule(&cmd).await?;
-    let etag = axum::http::HeaderValue::from_str(&format!("\"{}\"", done.seq)).expect("ascii");
-    let answer = Json(ScheduleCreatedResponse { id: done.id, seq: done.seq });
-    Ok(([(axum::http::header::ETAG, etag)], answer).into_response())
+    Ok(crate::changed(done.seq, ScheduleCreatedResponse { id: done.id, seq: done.seq }))
 }
 
 /// Run a schedule's workflow with its inputs now, paused or not, beside its ticks (whatever its

@@ -502,7 +502,7 @@ impl Ingest {
         }
         self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, last| async move {
             let ScheduleState { spec, paused, .. } = state.ok_or_else(no_such_schedule)?;
-            taskmesh_events::command::check_version(cmd.if_match.as_deref(), last, "schedule")?;
+            check_version(cmd.if_match.as_deref(), last, "schedule")?;
             let mut patched =
                 serde_json::to_value(&*spec).map_err(|e| Problem::new(ErrorCode::Internal, e.to_string()))?;
             json_patch::merge(&mut patched, &cmd.patch);
@@ -982,6 +982,7 @@ impl Ingest {
                     else {
                         return Err(Problem::new(ErrorCode::NotFound, "no such repository connection"));
                     };
+                    check_version(cmd.if_match.as_deref(), seq, "repository connection")?;
                     let now = changed(was, cmd, workflow);
                     self.check_connection(&now, Some(was))?;
                     if now.api_url != was.api_url && now.status_token.is_some() && cmd.status_token.is_none() {
@@ -1193,7 +1194,7 @@ impl Ingest {
         // Enabling restarts the endpoint's failing time: nothing carries it on.
         let enabled =
             |_: Option<_>| Some(Event::WebhookEndpointEnabled(WebhookEndpointEnabled { endpoint_id: cmd.endpoint_id }));
-        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, enabled).await
+        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, None, enabled).await
     }
 
     /// Refuses a URL an endpoint of `format` cannot be sent to.
@@ -1250,7 +1251,7 @@ impl Ingest {
                 })
             })
         };
-        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, updated).await
+        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, cmd.if_match.as_deref(), updated).await
     }
 
     /// Replaces an endpoint's signing secret (the old one signing too until `previous_until`, held to
@@ -1265,18 +1266,20 @@ impl Ingest {
                 failing_since,
             }))
         };
-        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, rotated).await
+        self.append_to_endpoint(&cmd.tenant, cmd.endpoint_id, None, rotated).await
     }
 
     /// Appends the event `event` makes of the time the endpoint's deliveries have been failing
     /// since (as its last event says; carried on, so a change does not restart the clock that
     /// disables it) to its log after that last event, unless that is its deletion, or there is
-    /// none (a 404); read again when another event came meanwhile. `event` making none appends
-    /// nothing and answers the last event's sequence.
+    /// none (a 404), or it is not at a version `if_match` names; read again when another event
+    /// came meanwhile. `event` making none appends nothing and answers the last event's
+    /// sequence.
     async fn append_to_endpoint(
         &self,
         tenant: &str,
         endpoint_id: Uuid,
+        if_match: Option<&[u64]>,
         event: impl Fn(Option<chrono::DateTime<chrono::Utc>>) -> Option<Event>,
     ) -> Reply<Created> {
         let subject = self.bus.namespace().webhook_endpoint(tenant, endpoint_id);
@@ -1288,6 +1291,7 @@ impl Ingest {
                     Some(last) if !last.envelope.event.is_deletion() => last,
                     _ => return Err(Problem::new(ErrorCode::NotFound, "no such webhook endpoint")),
                 };
+                check_version(if_match, last.seq, "webhook endpoint")?;
                 let Some(event) = event(taskmesh_events::failing_since(&last.envelope)) else {
                     return Ok(AfterLast::Done(last.seq));
                 };

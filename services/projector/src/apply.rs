@@ -14,16 +14,27 @@ type Tx<'a> = Transaction<'a, Postgres>;
 /// folded per batch by [`crate::fold`]).
 pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
     apply_event(tx, stored).await?;
-    // A schedule's version is the sequence of its last event, whatever the event.
-    if let Some(schedule) = stored.envelope.event.schedule_id() {
-        sqlx::query("UPDATE schedules SET version = $3 WHERE tenant_id = $1 AND id = $2")
-            .bind(&stored.envelope.tenant)
-            .bind(schedule)
-            .bind(stored.seq as i64)
-            .execute(&mut **tx)
-            .await?;
+    // A versioned resource's version is the sequence of the last event on its subject,
+    // whatever the event.
+    if let Some((update, id)) = version_update(&stored.envelope.subject) {
+        sqlx::query(update).bind(&stored.envelope.tenant).bind(id).bind(stored.seq as i64).execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// The statement that sets the version (`$3`) of the resource whose subject this is, in its
+/// read model, and the resource's id (`$2`; its tenant is `$1`): subjects end `.<kind>.<id>`
+/// (see `taskmesh_events::Namespace`).
+fn version_update(subject: &str) -> Option<(&'static str, Uuid)> {
+    let mut tokens = subject.rsplit('.');
+    let id = tokens.next()?.parse().ok()?;
+    let update = match tokens.next()? {
+        "schedule" => "UPDATE schedules SET version = $3 WHERE tenant_id = $1 AND id = $2",
+        "endpoint" => "UPDATE webhook_endpoints SET version = $3 WHERE tenant_id = $1 AND id = $2",
+        "repo" => "UPDATE repo_connections SET version = $3 WHERE tenant_id = $1 AND id = $2",
+        _ => return None,
+    };
+    Some((update, id))
 }
 
 async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
@@ -449,5 +460,23 @@ impl<'a> AuditRows<'a> {
                 Ok(())
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resources_version_is_kept_in_its_own_read_model_found_from_its_subject() {
+        let id = Uuid::now_v7();
+        let ns = taskmesh_events::Namespace::new("tm").unwrap();
+        let table = |subject: String| version_update(&subject).map(|(sql, id)| (sql.split(' ').nth(1).unwrap(), id));
+        assert_eq!(table(ns.schedule("t", id)), Some(("schedules", id)));
+        assert_eq!(table(ns.webhook_endpoint("t", id)), Some(("webhook_endpoints", id)));
+        assert_eq!(table(ns.repo_connection("t", id)), Some(("repo_connections", id)));
+        assert_eq!(table(ns.repo_statuses("t", id)), None, "a connection's statuses are not it");
+        assert_eq!(table(ns.secret("t", "NAME")), None);
+        assert_eq!(table(ns.audit("t")), None);
     }
 }
