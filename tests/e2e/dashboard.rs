@@ -329,7 +329,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser
         .until(
             "the stale save refused",
-            "const e = document.querySelector('#schedule-edit .error'); return !!e && e.innerText.includes('changed since Edit')",
+            "const e = document.querySelector('#schedule-edit .error'); return !!e && e.innerText.includes('was changed since Edit')",
         )
         .await;
     let kept = tm.get_json_after(format!("{}{path}", tm.api), other_change).await;
@@ -337,6 +337,23 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         (&kept["spec"]["cron"], &kept["spec"]["catch_up"]),
         (&serde_json::json!("0 0 2 1 *"), &serde_json::json!("all"))
     );
+    // Resumed since Edit was clicked: its version moved but not its spec, so it is saved.
+    // (The page afresh, so the list Edit reads from has the change above.)
+    browser.go(&format!("{}/ui/#/workflows", tm.api)).await;
+    browser.go(&format!("{}/ui/#/schedules", tm.api)).await;
+    browser.until("the schedule again", "return document.querySelector('main').innerText.includes('0 0 2 1 *')").await;
+    browser.run("document.querySelector('main button.edit').click(); return true").await;
+    browser.until("the edit form once more", "return !document.getElementById('schedule-edit').hidden").await;
+    let res = tm.auth(tm.http.post(format!("{}{path}/resume", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    tm.wait_projected().await;
+    browser.run(&save("0 0 4 1 *")).await;
+    browser
+        .until(
+            "the save over a resume listed",
+            "return document.querySelector('main tbody').innerText.includes('0 0 4 1 *')",
+        )
+        .await;
     // The audit log: the pause just made, by this key; the key's link lists its calls only.
     tm.wait_projected().await;
     browser

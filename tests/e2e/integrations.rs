@@ -2368,6 +2368,45 @@ async fn an_endpoint_or_a_connection_changed_with_if_match_is_changed_only_at_th
         let item = items["items"].as_array().unwrap().iter().find(|i| i["id"] == id.as_str()).unwrap().clone();
         assert_eq!(item["version"], last, "{list}: {item}");
     }
+    // Any event on an endpoint's log moves its version, a rotation of its secret too; one
+    // deleted is a 404, not a 412.
+    let path = format!("{}/v1/webhook-endpoints/{endpoint}", tm.api);
+    let before =
+        tm.bus.last_seq(&tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap())).await.unwrap();
+    let res = tm.auth(tm.http.post(format!("{path}/rotate-secret"))).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let refilter = |if_match: String| {
+        let req = tm.auth(tm.http.patch(&path)).header("if-match", if_match).header("content-type", "application/json");
+        async move { req.body(r#"{"event_types": []}"#).send().await.unwrap().status() }
+    };
+    assert_eq!(refilter(format!("\"{before}\"")).await, 412, "rotated since");
+    let res = tm.auth(tm.http.delete(&path)).send().await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    tm.wait_projected().await;
+    assert_eq!(refilter(format!("\"{before}\"")).await, 404, "deleted");
+    tm.finish().await;
+}
+
+/// The notifiers keep a tenant's endpoints in memory and forget them when told of a change of
+/// them; a new version alone (a failed delivery recorded moves it) is not announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endpoints_new_version_alone_is_not_announced_to_the_notifiers() {
+    let tm = spawn_mesh().await;
+    let endpoint = subscribe_url(&tm, "http://127.0.0.1:9/hook").await;
+    let id: uuid::Uuid = endpoint["id"].as_str().unwrap().parse().unwrap();
+    tm.wait_projected().await;
+    // (A pool of its own: the listener holds its connection.)
+    let own = sqlx::postgres::PgPoolOptions::new().connect_lazy_with((*tm.pool.connect_options()).clone());
+    let mut listener = sqlx::postgres::PgListener::connect_with(&own).await.unwrap();
+    listener.listen(taskmesh_store::WEBHOOK_ENDPOINTS_CHANNEL).await.unwrap();
+    for change in ["version = version + 1", "event_types = '{run.failed}'"] {
+        let sql = format!("UPDATE webhook_endpoints SET {change} WHERE id = $1");
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&tm.pool).await.unwrap();
+    }
+    let told = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
+    assert_eq!(told.payload(), "default");
+    let more = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(more.is_err(), "announced twice: the version alone too");
     tm.finish().await;
 }
 

@@ -416,6 +416,13 @@ pub fn changed<T: serde::Serialize>(version: u64, body: T) -> axum::response::Re
     res
 }
 
+/// A read-model row's `version` (the log sequence of its resource's last event); none for a row
+/// projected before versions were kept.
+pub fn row_version(row: &sqlx::postgres::PgRow) -> Option<u64> {
+    use sqlx::Row;
+    row.get::<Option<i64>, _>("version").and_then(|v| u64::try_from(v).ok())
+}
+
 /// A version as a strong entity tag: `"1234"`.
 fn version_tag(version: u64) -> axum::http::HeaderValue {
     axum::http::HeaderValue::from_str(&format!("\"{version}\"")).expect("ascii")

@@ -185,7 +185,7 @@ pub async fn list_repo_connections(
                         None
                     })
                     .map(|j| j.0),
-                version: version(r),
+                version: crate::row_version(r),
             }
         })
         .collect();
@@ -249,7 +249,7 @@ pub async fn list_webhook_endpoints(
             disabled_at: r.get("disabled_at"),
             disabled_reason: r.get("disabled_reason"),
             previous_secret_until: r.get("previous_until"),
-            version: version(r),
+            version: crate::row_version(r),
         })
         .collect();
     Ok(Json(WebhookEndpointList { items, next_cursor }))
@@ -781,9 +781,4 @@ pub async fn rotate_webhook_secret(
         .rotate_webhook_secret(&RotateWebhookSecret { tenant: caller.tenant, endpoint_id: id, secret, previous_until })
         .await?;
     Ok(Json(SecretRotatedResponse { id, secret: plain, previous_valid_until: previous_until, seq: rotated.seq }))
-}
-
-/// A listed row's version (its `version` column; none before versions were kept).
-fn version(row: &sqlx::postgres::PgRow) -> Option<u64> {
-    row.get::<Option<i64>, _>("version").and_then(|v| u64::try_from(v).ok())
 }

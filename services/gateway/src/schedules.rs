@@ -108,7 +108,7 @@ fn view(row: &sqlx::postgres::PgRow) -> ScheduleView {
         ticks: row.get("ticks"),
         next_tick,
         created_at: row.get("created_at"),
-        version: row.get::<Option<i64>, _>("version").and_then(|v| u64::try_from(v).ok()),
+        version: crate::row_version(row),
     }
 }
 

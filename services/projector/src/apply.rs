@@ -23,12 +23,12 @@ pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> 
 }
 
 /// The statement that sets the version (`$3`) of the resource whose subject this is, in its
-/// read model, and the resource's id (`$2`; its tenant is `$1`): subjects end `.<kind>.<id>`
-/// (see `taskmesh_events::Namespace`).
+/// read model, and the resource's id (`$2`; its tenant is `$1`): such subjects are
+/// `<ns>.evt.<tenant>.<kind>.<id>` (see `taskmesh_events::Namespace`).
 fn version_update(subject: &str) -> Option<(&'static str, Uuid)> {
-    let mut tokens = subject.rsplit('.');
-    let id = tokens.next()?.parse().ok()?;
-    let update = match tokens.next()? {
+    let [_, "evt", _, kind, id] = subject.split('.').collect::<Vec<_>>()[..] else { return None };
+    let id = id.parse().ok()?;
+    let update = match kind {
         "schedule" => "UPDATE schedules SET version = $3 WHERE tenant_id = $1 AND id = $2",
         "endpoint" => "UPDATE webhook_endpoints SET version = $3 WHERE tenant_id = $1 AND id = $2",
         "repo" => "UPDATE repo_connections SET version = $3 WHERE tenant_id = $1 AND id = $2",
@@ -478,5 +478,6 @@ mod tests {
         assert_eq!(table(ns.repo_statuses("t", id)), None, "a connection's statuses are not it");
         assert_eq!(table(ns.secret("t", "NAME")), None);
         assert_eq!(table(ns.audit("t")), None);
+        assert_eq!(table(format!("tm.cmd.t.schedule.{id}")), None, "not an event's subject");
     }
 }

@@ -615,8 +615,8 @@ function schedulesView(query) {
   // policies and inputs, sent as a merge patch of what it had. Above the list, which is drawn
   // afresh every few seconds.
   // Saved only if the schedule is still as it was when Edit was clicked (its version, sent as
-  // If-Match): a change or a tick since is refused, and Edit shows it afresh.
-  const editing = { id: null, inputs: {}, version: null };
+  // If-Match), or only ticked, paused or ran since: another change since is refused.
+  const editing = { id: null, inputs: {}, version: null, spec: null };
   const cron = el("input", { name: "cron", placeholder: "cron", size: 18, required: true, class: "mono" });
   const timezone = el("input", { name: "timezone", placeholder: "time zone (UTC)", size: 16 });
   const inputs = el("input", { name: "inputs", placeholder: '{"inputs": "as JSON"}', size: 40, class: "mono" });
@@ -634,23 +634,36 @@ function schedulesView(query) {
       try {
         const given = inputs.value.trim() ? JSON.parse(inputs.value) : {};
         if (!isObject(given)) throw new Error("inputs: a JSON object");
-        const r = await api(`/v1/schedules/${editing.id}`, {
+        const body = {
+          cron: cron.value.trim(),
+          timezone: timezone.value.trim() || null,
+          overlap: overlap.value,
+          catch_up: catchUp.value,
+          inputs: mergePatch(editing.inputs, given),
+        };
+        const save = () => api(`/v1/schedules/${editing.id}`, {
           method: "PATCH",
           headers: editing.version === null ? {} : { "if-match": `"${editing.version}"` },
-          body: {
-            cron: cron.value.trim(),
-            timezone: timezone.value.trim() || null,
-            overlap: overlap.value,
-            catch_up: catchUp.value,
-            inputs: mergePatch(editing.inputs, given),
-          },
+          body,
         });
+        let r;
+        try {
+          r = await save();
+        } catch (e) {
+          if (e.status !== 412) throw e;
+          // Its version moved: saved all the same if only a tick, a pause or a run by hand
+          // moved it (its spec is still the one Edit showed), else refused.
+          const now = await api(`/v1/schedules/${editing.id}`);
+          if (JSON.stringify(now.spec) !== editing.spec || !Number.isSafeInteger(now.version)) throw e;
+          editing.version = now.version;
+          r = await save();
+        }
         edit.hidden = true;
         refusal.replaceChildren();
         changes.wrote(r);
       } catch (e) {
         refusal.replaceChildren(e.status === 412
-          ? failure("The schedule changed since Edit was clicked (another change, or a tick): click Edit again.")
+          ? failure("The schedule was changed since Edit was clicked: click Edit to see it as it is now, and make your change again.")
           : failure(e));
       }
     },
@@ -661,6 +674,7 @@ function schedulesView(query) {
     refusal.replaceChildren();
     editing.id = id;
     editing.version = Number.isSafeInteger(version) ? version : null;
+    editing.spec = JSON.stringify(spec);
     editing.inputs = spec.inputs || {};
     edit.firstChild.textContent = id;
     cron.value = spec.cron || "";
