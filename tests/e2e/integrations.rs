@@ -2380,6 +2380,8 @@ async fn an_endpoint_or_a_connection_changed_with_if_match_is_changed_only_at_th
         async move { req.body(r#"{"event_types": []}"#).send().await.unwrap().status() }
     };
     assert_eq!(refilter(format!("\"{before}\"")).await, 412, "rotated since");
+    let res = tm.auth(tm.http.delete(&path)).header("if-match", format!("\"{before}\"")).send().await.unwrap();
+    assert_eq!(res.status(), 412, "a deletion at a stale version");
     let res = tm.auth(tm.http.delete(&path)).send().await.unwrap();
     assert!(res.status().is_success(), "{}", res.status());
     tm.wait_projected().await;

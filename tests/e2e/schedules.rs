@@ -472,6 +472,13 @@ async fn a_patch_with_if_match_changes_a_schedule_only_at_the_version_it_names()
     );
     let res = patch_if(&tm, &uuid::Uuid::now_v7().to_string(), &last, json!({"overlap": "allow"})).await;
     assert_eq!(res.status(), 404);
+    // A deletion takes If-Match too: at a stale version it is refused; at the current one it
+    // is made; made already, it stays made (204) whatever it names.
+    let delete_if = |if_match: &str| tm.auth(tm.http.delete(&url)).header("if-match", if_match).send();
+    assert_eq!(delete_if(&changed).await.unwrap().status(), 412);
+    assert_eq!(tm.bus.last_seq(&subject).await.unwrap(), last_seq, "a refused deletion appends nothing");
+    assert_eq!(delete_if(&last).await.unwrap().status(), 204);
+    assert_eq!(delete_if(&changed).await.unwrap().status(), 204, "deleted already");
     tm.finish().await;
 }
 

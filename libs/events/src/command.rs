@@ -193,6 +193,10 @@ pub struct CreateSchedule {
 pub struct DeleteSchedule {
     pub tenant: String,
     pub schedule_id: Uuid,
+    /// The versions the deletion is conditional on (`If-Match`; see [`UpdateSchedule::if_match`]);
+    /// one deleted already stays deleted, whatever it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_match: Option<Vec<u64>>,
 }
 
 /// `{ns}.cmd.ingest.update_schedule`: change a schedule's spec in place by a JSON merge patch
@@ -558,6 +562,10 @@ pub struct DeleteIntegration {
     pub tenant: String,
     pub kind: IntegrationKind,
     pub id: Uuid,
+    /// The versions the deletion is conditional on (`If-Match`; see [`UpdateSchedule::if_match`]);
+    /// one deleted already stays deleted, whatever it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_match: Option<Vec<u64>>,
 }
 
 /// Which kind of integration.

@@ -45,43 +45,53 @@ async fn delete_integration(
     caller: &Caller,
     kind: IntegrationKind,
     id: &str,
+    headers: &HeaderMap,
 ) -> ApiResult<crate::Written> {
     caller.require_admin()?;
+    let if_match = crate::if_match(headers)?;
     let what = match kind {
         IntegrationKind::WebhookEndpoint => "webhook endpoint",
         IntegrationKind::RepoConnection => "repository connection",
     };
     let id: uuid::Uuid = id.parse().map_err(|_| ApiError::not_found(what))?;
-    let written =
-        state.ingest.delete_integration(&DeleteIntegration { tenant: caller.tenant.clone(), kind, id }).await?;
+    let cmd = DeleteIntegration { tenant: caller.tenant.clone(), kind, id, if_match };
+    let written = state.ingest.delete_integration(&cmd).await?;
     Ok(crate::Written(written.seq))
 }
 
 /// Delete a repository connection (admin): its forge's webhooks start nothing more.
 #[utoipa::path(delete, operation_id = "delete_repo_connection", path = "/v1/repo-connections/{id}", tag = "integrations",
-    params(("id" = uuid::Uuid, Path)),
-    responses((status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it")))),
+    params(("id" = uuid::Uuid, Path), ("If-Match" = Option<String>, Header, description = "Its version as listed, `\"{version}\"`: deleted only if it is still at it")),
+    responses(
+        (status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
+        (status = 412, description = "Not at a version If-Match names", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
     security(("bearer" = [])))]
 pub async fn delete_repo_connection(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<crate::Written> {
-    delete_integration(&state, &caller, IntegrationKind::RepoConnection, &id).await
+    delete_integration(&state, &caller, IntegrationKind::RepoConnection, &id, &headers).await
 }
 
 /// Delete an outbound webhook endpoint (admin): nothing more is delivered to it, retries
 /// included.
 #[utoipa::path(delete, operation_id = "delete_webhook_endpoint", path = "/v1/webhook-endpoints/{id}", tag = "integrations",
-    params(("id" = uuid::Uuid, Path)),
-    responses((status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it")))),
+    params(("id" = uuid::Uuid, Path), ("If-Match" = Option<String>, Header, description = "Its version as listed, `\"{version}\"`: deleted only if it is still at it")),
+    responses(
+        (status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
+        (status = 412, description = "Not at a version If-Match names", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+    ),
     security(("bearer" = [])))]
 pub async fn delete_webhook_endpoint(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<crate::Written> {
-    delete_integration(&state, &caller, IntegrationKind::WebhookEndpoint, &id).await
+    delete_integration(&state, &caller, IntegrationKind::WebhookEndpoint, &id, &headers).await
 }
 
 /// A repository connection, without its secret.

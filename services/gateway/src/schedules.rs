@@ -397,22 +397,28 @@ async fn on_log(state: &AppState, tenant: &str, id: Uuid) -> ApiResult<bool> {
 }
 
 /// Delete a schedule: no tick fires after it, and it is no longer listed. Runs it started are
-/// kept. Deleting a deleted schedule is fine.
-#[utoipa::path(delete, operation_id = "delete_schedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+/// kept. Deleting a deleted schedule is fine. With `If-Match`, only a schedule at a version it
+/// names is deleted (`412` otherwise; one deleted already stays so, `204`).
+#[utoipa::path(delete, operation_id = "delete_schedule", path = "/v1/schedules/{id}", tag = "schedules",
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "The schedule's ETag as last read: deleted only if it is still at that version")),
     responses(
         (status = 204, description = "Deleted (or already gone)", headers(("Taskmesh-Seq" = u64, description = "The write's seq: send it as Taskmesh-Min-Seq to read it"))),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 403, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "The schedule is not at a version If-Match names", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<crate::Written> {
     caller.require_operator()?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("schedule"))?;
-    let written = state.ingest.delete_schedule(&DeleteSchedule { tenant: caller.tenant, schedule_id: id }).await?;
+    let if_match = crate::if_match(&headers)?;
+    let written =
+        state.ingest.delete_schedule(&DeleteSchedule { tenant: caller.tenant, schedule_id: id, if_match }).await?;
     Ok(crate::Written(written.seq))
 }

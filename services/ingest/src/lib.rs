@@ -634,11 +634,14 @@ impl Ingest {
     /// Deletes a schedule: no tick fires after it. Deleting a deleted schedule changes nothing.
     pub async fn delete_schedule(&self, cmd: DeleteSchedule) -> Reply<Created> {
         let subject = self.bus.namespace().schedule(&cmd.tenant, cmd.schedule_id);
-        let subject = &subject;
+        let (subject, if_match) = (&subject, cmd.if_match.as_deref());
         self.change_schedule(&cmd.tenant, cmd.schedule_id, |state, last| async move {
             let deleted = Event::ScheduleDeleted(ScheduleDeleted { schedule_id: cmd.schedule_id });
             match (state, last) {
-                (Some(_), _) => Ok(Some(deleted)),
+                (Some(_), _) => {
+                    check_version(if_match, last, "schedule")?;
+                    Ok(Some(deleted))
+                }
                 (None, 0) => Err(no_such_schedule()),
                 // Its events fold to none: deleted already, or (its first event aged out of
                 // the stream, say) deleted now.
@@ -1089,6 +1092,7 @@ impl Ingest {
         };
         // Others append to an endpoint's subject too (its failed deliveries, their retries): a
         // conflict is read again, never taken for a deletion.
+        let if_match = cmd.if_match.as_deref();
         let settled = self
             .bus
             .append_after_last(&subject, 5, |last| {
@@ -1100,6 +1104,7 @@ impl Ingest {
                     if last.envelope.event.is_deletion() {
                         return Ok(AfterLast::Done(last.seq));
                     }
+                    check_version(if_match, last.seq, what)?;
                     Ok(AfterLast::Append {
                         events: vec![EventMeta::new(tenant).envelope(subject.clone(), event)],
                         msg_id: None,
