@@ -2271,7 +2271,7 @@ async fn finished_run_is_notified_with_a_valid_standard_webhooks_signature() {
     let secret = endpoint["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("whsec_"));
     let key = secret.trim_start_matches("whsec_").to_string();
-    // Two more endpoints of the tenant: a run's end is queued for each (together).
+    // Two more endpoints of the tenant: a run's end is queued for each.
     let others = [subscribe(&tm).await.0, subscribe(&tm).await.0];
     tm.wait_projected().await;
 
@@ -2375,17 +2375,31 @@ async fn an_endpoint_or_a_connection_changed_with_if_match_is_changed_only_at_th
         tm.bus.last_seq(&tm.bus.namespace().webhook_endpoint("default", endpoint.parse().unwrap())).await.unwrap();
     let res = tm.auth(tm.http.post(format!("{path}/rotate-secret"))).send().await.unwrap();
     assert_eq!(res.status(), 200);
+    let rotated = res.json::<serde_json::Value>().await.unwrap()["seq"].as_u64().unwrap();
     let refilter = |if_match: String| {
         let req = tm.auth(tm.http.patch(&path)).header("if-match", if_match).header("content-type", "application/json");
         async move { req.body(r#"{"event_types": []}"#).send().await.unwrap().status() }
     };
     assert_eq!(refilter(format!("\"{before}\"")).await, 412, "rotated since");
-    let res = tm.auth(tm.http.delete(&path)).header("if-match", format!("\"{before}\"")).send().await.unwrap();
-    assert_eq!(res.status(), 412, "a deletion at a stale version");
-    let res = tm.auth(tm.http.delete(&path)).send().await.unwrap();
-    assert!(res.status().is_success(), "{}", res.status());
+    let delete_if = |path: String, version: u64| {
+        let req = tm.auth(tm.http.delete(path)).header("if-match", format!("\"{version}\""));
+        async move { req.send().await.unwrap().status() }
+    };
+    assert_eq!(delete_if(path.clone(), before).await, 412, "a deletion at a stale version");
+    assert_eq!(delete_if(path.clone(), rotated).await, 204, "a deletion at the current one");
+    assert_eq!(delete_if(path.clone(), before).await, 204, "deleted already");
     tm.wait_projected().await;
     assert_eq!(refilter(format!("\"{before}\"")).await, 404, "deleted");
+    // A connection's too.
+    let connection_path = format!("{}/v1/repo-connections/{connection}", tm.api);
+    let subject = tm.bus.namespace().repo_connection("default", connection.parse().unwrap());
+    let current = tm.bus.last_seq(&subject).await.unwrap();
+    assert_eq!(
+        delete_if(connection_path.clone(), current - 1).await,
+        412,
+        "a connection's deletion at a stale version"
+    );
+    assert_eq!(delete_if(connection_path, current).await, 204);
     tm.finish().await;
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::catalog::{Forge, Role, StepOutcome, Trigger};
-use crate::error::{ErrorCode, Problem};
+use crate::error::Problem;
 use crate::workflow::StepDef;
 
 /// Every reply on a command subject.
@@ -214,18 +214,6 @@ pub struct UpdateSchedule {
     /// changes that take it.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_match: Option<Vec<u64>>,
-}
-
-/// Refuses a change conditional on `versions` ([`UpdateSchedule::if_match`]) of a `what` at
-/// version `current` unless it is one of them.
-pub fn check_version(versions: Option<&[u64]>, current: u64, what: &str) -> Result<(), Problem> {
-    match versions {
-        Some(versions) if !versions.contains(&current) => Err(Problem::new(
-            ErrorCode::PreconditionFailed,
-            format!("the {what} is at version {current}, not the one the request is conditional on (If-Match)"),
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// `{ns}.cmd.ingest.trigger_schedule`: start a run of the schedule's workflow and inputs now,

@@ -397,19 +397,17 @@ pub fn versioned<T: serde::Serialize>(
 ) -> axum::response::Response {
     use axum::http::{StatusCode, header};
     let Some(version) = version else { return axum::Json(body).into_response() };
-    let etag = version_tag(version);
-    let not_modified = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| etag_matches(v, etag.to_str().expect("ascii")));
-    let mut res =
-        if not_modified { StatusCode::NOT_MODIFIED.into_response() } else { axum::Json(body).into_response() };
-    res.headers_mut().insert(header::ETAG, etag);
+    let if_none_match = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if !if_none_match.is_some_and(|v| etag_matches(v, &format!("\"{version}\""))) {
+        return changed(version, body);
+    }
+    let mut res = StatusCode::NOT_MODIFIED.into_response();
+    res.headers_mut().insert(header::ETAG, version_tag(version));
     res
 }
 
-/// The answer to a change of a versioned resource: `body`, with the resource's version after
-/// the change as its strong `ETag` (for the next change's `If-Match`).
+/// `body` with a versioned resource's version as its strong `ETag`: the answer to a read of it,
+/// or to a change of it (the version after the change, for the next one's `If-Match`).
 pub fn changed<T: serde::Serialize>(version: u64, body: T) -> axum::response::Response {
     let mut res = axum::Json(body).into_response();
     res.headers_mut().insert(axum::http::header::ETAG, version_tag(version));

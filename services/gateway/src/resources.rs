@@ -124,7 +124,7 @@ pub struct RepoConnectionView {
     /// Its last commit status given up, until one is reported again; none while they go
     /// through.
     pub status_failure: Option<StatusFailure>,
-    /// The log sequence of its last event, which `PATCH` takes in `If-Match` (as `"{version}"`);
+    /// The log sequence of its last event, which `PATCH` and `DELETE` take in `If-Match` (as `"{version}"`);
     /// none for a connection last changed before versions were kept, until its next event.
     pub version: Option<u64>,
 }
@@ -221,7 +221,7 @@ pub struct WebhookEndpointView {
     /// null when only the current one does.
     pub previous_secret_until: Option<chrono::DateTime<chrono::Utc>>,
     /// The log sequence of its last event (a failed delivery's record too), which `PATCH`
-    /// takes in `If-Match` (as `"{version}"`); none for an endpoint last changed before versions
+    /// and `DELETE` take in `If-Match` (as `"{version}"`); none for an endpoint last changed before versions
     /// were kept, until its next event.
     pub version: Option<u64>,
 }

@@ -47,7 +47,7 @@ pub struct ScheduleView {
     pub next_tick: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     /// The log sequence of its last event (a tick too): `GET /v1/schedules/{id}` answers it as
-    /// its `ETag`, and `PATCH` takes it in `If-Match`. None for a schedule last changed before
+    /// its `ETag`, and `PATCH` and `DELETE` take it in `If-Match`. None for a schedule last changed before
     /// versions were kept, until its next event.
     pub version: Option<u64>,
 }

@@ -113,6 +113,18 @@ fn check_tenant(tenant: &str) -> Reply<()> {
 }
 
 /// A schedule never created, or deleted.
+/// Refuses a change conditional on `versions` (a command's `if_match`: see
+/// [`UpdateSchedule::if_match`]) of a `what` at version `current` unless it is one of them.
+fn check_version(versions: Option<&[u64]>, current: u64, what: &str) -> Reply<()> {
+    match versions {
+        Some(versions) if !versions.contains(&current) => Err(Problem::new(
+            ErrorCode::PreconditionFailed,
+            format!("the {what} is at version {current}, not the one the request is conditional on (If-Match)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn no_such_schedule() -> Problem {
     Problem::new(ErrorCode::NotFound, "no such schedule")
 }
@@ -257,7 +269,8 @@ impl Ingest {
     }
 
     /// A tenant's quota of resources of one kind not deleted (schedules, webhook endpoints):
-    /// counted in the log, from the last event of each of the `filter`'s subjects. Like the
+    /// counted in the log, from the `filter`'s subjects (and, when there are as many as the
+    /// quota, the last event of each). Like the
     /// workflows' quota it is checked before the append, so creations at the same moment may
     /// pass it together.
     async fn check_resources_quota(&self, filter: String, max: u32, what: &str) -> Reply<()> {
@@ -265,6 +278,11 @@ impl Ingest {
             return Ok(());
         }
         let stream = self.bus.namespace().events_stream();
+        // Subjects are counted in one request; only when there are enough to reach the quota
+        // are their last events read, to leave the deleted ones out.
+        if self.bus.subject_counts(&stream, &filter).await?.len() < max as usize {
+            return Ok(());
+        }
         let lasts = self.bus.last_of_each::<taskmesh_events::Envelope>(&stream, &filter).await?;
         let live = lasts.iter().filter(|last| !last.event.is_deletion()).count();
         if live >= max as usize {
@@ -647,7 +665,10 @@ impl Ingest {
                 // the stream, say) deleted now.
                 (None, _) => match self.bus.last(subject).await?.map(|e| e.envelope.event) {
                     Some(Event::ScheduleDeleted(_)) => Ok(None),
-                    _ => Ok(Some(deleted)),
+                    _ => {
+                        check_version(if_match, last, "schedule")?;
+                        Ok(Some(deleted))
+                    }
                 },
             }
         })
