@@ -274,8 +274,14 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
         .await;
     assert_eq!(patch, r#"{"a":null,"c":{"y":null},"b":2}"#);
     // Found and clicked in one script: the list is drawn afresh every few seconds.
-    browser.run("document.querySelector('main button.edit').click(); return true").await;
-    browser.until("the edit form", "return !document.getElementById('schedule-edit').hidden").await;
+    let open_edit = |what: &'static str| {
+        let browser = &browser;
+        async move {
+            browser.run("document.querySelector('main button.edit').click(); return true").await;
+            browser.until(what, "return !document.getElementById('schedule-edit').hidden").await;
+        }
+    };
+    open_edit("the edit form").await;
     let save = |cron: &str| {
         format!(
             "const f = document.getElementById('schedule-edit'); f.querySelector('input[name=cron]').value = '{cron}'; f.querySelector('button[type=submit]').click(); return true"
@@ -319,8 +325,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     );
     // Saved over a change made since Edit was clicked: refused (it is sent with the version
     // Edit had, in If-Match), the page says so, and the other change stays.
-    browser.run("document.querySelector('main button.edit').click(); return true").await;
-    browser.until("the edit form again", "return !document.getElementById('schedule-edit').hidden").await;
+    open_edit("the edit form again").await;
     let path = format!("/v1/schedules/{schedule}");
     let res = tm.send_json(reqwest::Method::PATCH, &path, &serde_json::json!({"catch_up": "all"})).await;
     assert_eq!(res.status(), 200);
@@ -342,8 +347,7 @@ async fn in_a_browser_the_dashboard_signs_in_and_shows_a_runs_dag_and_log() {
     browser.go(&format!("{}/ui/#/workflows", tm.api)).await;
     browser.go(&format!("{}/ui/#/schedules", tm.api)).await;
     browser.until("the schedule again", "return document.querySelector('main').innerText.includes('0 0 2 1 *')").await;
-    browser.run("document.querySelector('main button.edit').click(); return true").await;
-    browser.until("the edit form once more", "return !document.getElementById('schedule-edit').hidden").await;
+    open_edit("the edit form once more").await;
     let res = tm.auth(tm.http.post(format!("{}{path}/resume", tm.api))).send().await.unwrap();
     assert_eq!(res.status(), 202);
     tm.wait_projected().await;
