@@ -664,6 +664,12 @@ async fn quotas_refuse_what_is_over_them_with_a_clear_problem() {
     assert!(res.status().is_success(), "{}", res.status());
     let res = call(&tm, &tm.key, Method::POST, "/v1/webhook-endpoints", Some(endpoint(3))).await;
     assert_eq!(res.status(), 201, "the deleted endpoint no longer counts");
+    // A disabled endpoint still counts: it can be enabled again.
+    let third = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    crate::integrations::disable_endpoint(&tm, &third, chrono::Duration::zero()).await;
+    let res = call(&tm, &tm.key, Method::POST, "/v1/webhook-endpoints", Some(endpoint(4))).await;
+    assert_eq!(res.status(), 403, "a disabled endpoint counts");
+    quota(&res.json().await.unwrap(), "1 webhook endpoints; its quota is 1");
     let res = call(&tm, &tm.key, Method::DELETE, &format!("/v1/schedules/{id}"), None).await;
     assert!(res.status().is_success(), "{}", res.status());
     let res = call(&tm, &tm.key, Method::POST, "/v1/schedules", Some(yearly(1))).await;

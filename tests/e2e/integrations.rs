@@ -1611,7 +1611,7 @@ async fn down_endpoint(tm: &TestMesh) -> (String, Received, Arc<std::sync::atomi
 
 /// Disables endpoint `endpoint` as a notifier does once it has failed for too long, as if
 /// `ago` before now, and waits for the read side to have it.
-async fn disable_endpoint(tm: &TestMesh, endpoint: &str, ago: chrono::Duration) {
+pub(crate) async fn disable_endpoint(tm: &TestMesh, endpoint: &str, ago: chrono::Duration) {
     use taskmesh_events::{Event, EventMeta, WebhookEndpointDisabled};
     let endpoint_id: uuid::Uuid = endpoint.parse().unwrap();
     let subject = tm.bus.namespace().webhook_endpoint("default", endpoint_id);

@@ -85,6 +85,16 @@ async fn every_tick_fires_once_with_two_scheduler_replicas() {
     })
     .await
     .unwrap();
+    // A tick moves the schedule's version (the sequence of its last event), as any event does.
+    let subject = tm.bus.namespace().schedule("default", id.parse().unwrap());
+    let events = tm.bus.read_subject(&subject, 0).await.unwrap();
+    let third_tick = events.iter().filter(|e| matches!(e.envelope.event, Event::ScheduleTicked(_))).nth(2).unwrap().seq;
+    eventually("the read side's version at the third tick or later", Duration::from_secs(30), || async {
+        let view: Value = tm.get_json(format!("{}/v1/schedules/{id}", tm.api)).await;
+        Ok((view["version"].as_u64() >= Some(third_tick)).then_some(()))
+    })
+    .await
+    .unwrap();
     pause(&tm, &id).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (ticks, runs) = ticks(&tm, &id).await;

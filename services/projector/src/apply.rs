@@ -1,6 +1,8 @@
 //! One event → its effect on the read models. Only what the event says is written (no clock,
 //! no randomness), so replaying the log rebuilds identical rows.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use taskmesh_bus::Stored;
@@ -11,30 +13,73 @@ use uuid::Uuid;
 type Tx<'a> = Transaction<'a, Postgres>;
 
 /// Applies one event inside the projector's transaction: every event but a run's (those are
-/// folded per batch by [`crate::fold`]).
-pub async fn apply(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
+/// folded per batch by [`crate::fold`]). A versioned resource's version goes into `versions`,
+/// written once for the whole batch ([`Versions::write`]).
+pub async fn apply(tx: &mut Tx<'_>, stored: &Stored, versions: &mut Versions) -> Result<(), sqlx::Error> {
     apply_event(tx, stored).await?;
-    // A versioned resource's version is the sequence of the last event on its subject,
-    // whatever the event.
-    if let Some((update, id)) = version_update(&stored.envelope.subject) {
-        sqlx::query(update).bind(&stored.envelope.tenant).bind(id).bind(stored.seq as i64).execute(&mut **tx).await?;
-    }
+    versions.note(stored);
     Ok(())
 }
 
-/// The statement that sets the version (`$3`) of the resource whose subject this is, in its
-/// read model, and the resource's id (`$2`; its tenant is `$1`): such subjects are
-/// `<ns>.evt.<tenant>.<kind>.<id>` (see `taskmesh_events::Namespace`).
-fn version_update(subject: &str) -> Option<(&'static str, Uuid)> {
+/// The resources whose subjects a transaction's events are on, each with the sequence of the
+/// last of them: a versioned resource's version is the sequence of the last event on its
+/// subject, whatever the event.
+#[derive(Default)]
+pub struct Versions {
+    /// By read model (an index into [`SET_VERSIONS`]), then tenant and id.
+    seen: [HashMap<(String, Uuid), i64>; SET_VERSIONS.len()],
+}
+
+/// The read models that keep a version, by the kind of their subjects: one statement each
+/// sets the versions of its rows (`$1` tenants, `$2` ids, `$3` versions).
+const SET_VERSIONS: [(&str, &str); 3] = [
+    (
+        "schedule",
+        "UPDATE schedules t SET version = v.seq FROM UNNEST($1::text[], $2::uuid[], $3::bigint[]) AS v(tenant_id, id, seq)
+          WHERE t.tenant_id = v.tenant_id AND t.id = v.id",
+    ),
+    (
+        "endpoint",
+        "UPDATE webhook_endpoints t SET version = v.seq FROM UNNEST($1::text[], $2::uuid[], $3::bigint[]) AS v(tenant_id, id, seq)
+          WHERE t.tenant_id = v.tenant_id AND t.id = v.id",
+    ),
+    (
+        "repo",
+        "UPDATE repo_connections t SET version = v.seq FROM UNNEST($1::text[], $2::uuid[], $3::bigint[]) AS v(tenant_id, id, seq)
+          WHERE t.tenant_id = v.tenant_id AND t.id = v.id",
+    ),
+];
+
+impl Versions {
+    /// Notes the event's subject if it is a versioned resource's; events come in log order,
+    /// so the last noted is the version.
+    fn note(&mut self, stored: &Stored) {
+        if let Some((table, id)) = versioned(&stored.envelope.subject) {
+            self.seen[table].insert((stored.envelope.tenant.clone(), id), stored.seq as i64);
+        }
+    }
+
+    /// Sets the versions noted, one statement per read model that has any: after the events'
+    /// own statements, so a resource created in the same transaction has its row.
+    pub async fn write(self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        for ((_, sql), seen) in SET_VERSIONS.iter().zip(self.seen) {
+            if seen.is_empty() {
+                continue;
+            }
+            let (keys, seqs): (Vec<_>, Vec<_>) = seen.into_iter().unzip();
+            let (tenants, ids): (Vec<_>, Vec<_>) = keys.into_iter().unzip();
+            sqlx::query(*sql).bind(tenants).bind(ids).bind(seqs).execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The read model ([`SET_VERSIONS`]'s index) of the resource whose subject this is, and its
+/// id: such subjects are `<ns>.evt.<tenant>.<kind>.<id>` (see `taskmesh_events::Namespace`).
+fn versioned(subject: &str) -> Option<(usize, Uuid)> {
     let [_, "evt", _, kind, id] = subject.split('.').collect::<Vec<_>>()[..] else { return None };
-    let id = id.parse().ok()?;
-    let update = match kind {
-        "schedule" => "UPDATE schedules SET version = $3 WHERE tenant_id = $1 AND id = $2",
-        "endpoint" => "UPDATE webhook_endpoints SET version = $3 WHERE tenant_id = $1 AND id = $2",
-        "repo" => "UPDATE repo_connections SET version = $3 WHERE tenant_id = $1 AND id = $2",
-        _ => return None,
-    };
-    Some((update, id))
+    let table = SET_VERSIONS.iter().position(|(k, _)| *k == kind)?;
+    Some((table, id.parse().ok()?))
 }
 
 async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error> {
@@ -471,7 +516,8 @@ mod tests {
     fn a_resources_version_is_kept_in_its_own_read_model_found_from_its_subject() {
         let id = Uuid::now_v7();
         let ns = taskmesh_events::Namespace::new("tm").unwrap();
-        let table = |subject: String| version_update(&subject).map(|(sql, id)| (sql.split(' ').nth(1).unwrap(), id));
+        let table =
+            |subject: String| versioned(&subject).map(|(i, id)| (SET_VERSIONS[i].1.split(' ').nth(1).unwrap(), id));
         assert_eq!(table(ns.schedule("t", id)), Some(("schedules", id)));
         assert_eq!(table(ns.webhook_endpoint("t", id)), Some(("webhook_endpoints", id)));
         assert_eq!(table(ns.repo_connection("t", id)), Some(("repo_connections", id)));

@@ -324,9 +324,11 @@ impl Projector {
             Some(c) => c,
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
         };
+        let mut versions = apply::Versions::default();
         for stored in fresh(from).filter(|s| !gathered(s)) {
-            apply::apply(&mut tx, stored).await?;
+            apply::apply(&mut tx, stored, &mut versions).await?;
         }
+        versions.write(&mut tx).await?;
         let Some((checkpoint, runs)) = self.move_on(&mut tx, events, from, cache).await? else {
             drop(tx);
             return Err(self.moved_under(from).await);
