@@ -51,11 +51,15 @@ const SET_VERSIONS: [(&str, &str); 3] = [
 ];
 
 impl Versions {
-    /// Notes the event's subject if it is a versioned resource's; events come in log order,
-    /// so the last noted is the version.
+    /// Notes the event's subject if it is a versioned resource's: its version is the highest
+    /// sequence noted.
     fn note(&mut self, stored: &Stored) {
         if let Some((table, id)) = versioned(&stored.envelope.subject) {
-            self.seen[table].insert((stored.envelope.tenant.clone(), id), stored.seq as i64);
+            let seq = stored.seq as i64;
+            self.seen[table]
+                .entry((stored.envelope.tenant.clone(), id))
+                .and_modify(|v| *v = seq.max(*v))
+                .or_insert(seq);
         }
     }
 
@@ -525,5 +529,26 @@ mod tests {
         assert_eq!(table(ns.secret("t", "NAME")), None);
         assert_eq!(table(ns.audit("t")), None);
         assert_eq!(table(format!("tm.cmd.t.schedule.{id}")), None, "not an event's subject");
+    }
+
+    #[test]
+    fn a_batch_notes_each_resources_highest_sequence_and_nothing_else() {
+        use taskmesh_events::{Event, EventMeta, ScheduleTriggered};
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let ns = taskmesh_events::Namespace::new("tm").unwrap();
+        let stored = |subject: String, seq: u64| {
+            let event = Event::ScheduleTriggered(ScheduleTriggered { schedule_id: a, run_id: a });
+            Stored { seq, prev: None, envelope: EventMeta::new("t").envelope(subject, event), part: 0, parts: 1 }
+        };
+        let mut versions = Versions::default();
+        for (subject, seq) in
+            [(ns.schedule("t", a), 5), (ns.schedule("t", b), 6), (ns.schedule("t", a), 9), (ns.secret("t", "S"), 10)]
+        {
+            versions.note(&stored(subject, seq));
+        }
+        versions.note(&stored(ns.schedule("t", a), 7));
+        let schedules: HashMap<_, _> = versions.seen[0].iter().map(|((_, id), v)| (*id, *v)).collect();
+        assert_eq!(schedules, HashMap::from([(a, 9), (b, 6)]));
+        assert!(versions.seen[1..].iter().all(HashMap::is_empty), "a secret keeps no version");
     }
 }
