@@ -150,6 +150,10 @@ pub enum Schedules {
     /// Change a schedule in place (what is not given is kept); it keeps its id and its runs.
     Set {
         id: String,
+        /// Change it only if it is still at this version (`version` in `schedules ls`): refused
+        /// if anything changed it since, a tick or a pause too.
+        #[arg(long)]
+        if_version: Option<u64>,
         /// A new cron expression.
         #[arg(long)]
         cron: Option<String>,
@@ -177,7 +181,12 @@ pub enum Schedules {
     /// Resume a paused schedule from its next tick.
     Resume { id: String },
     /// Delete a schedule: no tick fires after it (the runs it started are kept).
-    Rm { id: String },
+    Rm {
+        id: String,
+        /// Delete it only if it is still at this version (`version` in `schedules ls`).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -265,7 +274,20 @@ impl Client {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        self.call_after(method, path, body, None).await
+        self.send(method, path, body, &[]).await
+    }
+
+    /// [`Client::call`], changing the resource only if it is still at `version` (`If-Match`;
+    /// the gateway answers `412` when anything has changed it since).
+    async fn call_at(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        version: Option<u64>,
+    ) -> anyhow::Result<Value> {
+        let tag = version.map(|v| (reqwest::header::IF_MATCH.as_str(), format!("\"{v}\"")));
+        self.send(method, path, body, tag.as_slice()).await
     }
 
     /// Every item of the list at `path`, page after page (as `{"items": […]}`).
@@ -293,12 +315,24 @@ impl Client {
         body: Option<Value>,
         min_seq: Option<u64>,
     ) -> anyhow::Result<Value> {
+        let seq = min_seq.map(|seq| (taskmesh_gateway::MIN_SEQ_HEADER, seq.to_string()));
+        self.send(method, path, body, seq.as_slice()).await
+    }
+
+    /// Sends a request with `headers`; the answer's JSON, or its problem as the error.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<Value> {
         let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.key);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        if let Some(seq) = min_seq {
-            req = req.header(taskmesh_gateway::MIN_SEQ_HEADER, seq);
+        for (name, value) in headers {
+            req = req.header(*name, value);
         }
         let res = req.send().await.with_context(|| format!("no answer from {}", self.url))?;
         let status = res.status();
@@ -970,7 +1004,7 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
             }
             Ok(0)
         }
-        Schedules::Set { id, cron, workflow, options } => {
+        Schedules::Set { id, if_version, cron, workflow, options } => {
             let mut patch = serde_json::Map::new();
             for (field, value) in [("cron", cron), ("workflow", workflow)] {
                 if let Some(value) = value {
@@ -984,7 +1018,7 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
                 );
             }
             let path = format!("/v1/schedules/{}", enc(&id));
-            let done = client.call(reqwest::Method::PATCH, &path, Some(Value::Object(patch))).await?;
+            let done = client.call_at(reqwest::Method::PATCH, &path, Some(Value::Object(patch)), if_version).await?;
             println!("{}", if client.json { done.to_string() } else { format!("changed {id}") });
             Ok(0)
         }
@@ -1027,8 +1061,8 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
             println!("{}", if client.json { done.to_string() } else { format!("resumed {id}") });
             Ok(0)
         }
-        Schedules::Rm { id } => {
-            client.call(reqwest::Method::DELETE, &format!("/v1/schedules/{}", enc(&id)), None).await?;
+        Schedules::Rm { id, if_version } => {
+            client.call_at(reqwest::Method::DELETE, &format!("/v1/schedules/{}", enc(&id)), None, if_version).await?;
             println!("{}", if client.json { json!({"deleted": id}).to_string() } else { format!("deleted {id}") });
             Ok(0)
         }
