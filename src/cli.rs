@@ -150,8 +150,8 @@ pub enum Schedules {
     /// Change a schedule in place (what is not given is kept); it keeps its id and its runs.
     Set {
         id: String,
-        /// Change it only if it is still at this version (`version` in `schedules ls`): refused
-        /// if anything changed it since, a tick or a pause too.
+        /// Change it only if it is still at this version (`version` in `schedules ls --output
+        /// json`): refused if anything changed it since, a tick or a pause too.
         #[arg(long)]
         if_version: Option<u64>,
         /// A new cron expression.
@@ -183,7 +183,8 @@ pub enum Schedules {
     /// Delete a schedule: no tick fires after it (the runs it started are kept).
     Rm {
         id: String,
-        /// Delete it only if it is still at this version (`version` in `schedules ls`).
+        /// Delete it only if it is still at this version (`version` in `schedules ls --output
+        /// json`).
         #[arg(long)]
         if_version: Option<u64>,
     },

@@ -396,15 +396,20 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
     let (code, _, err) = taskmesh(&tm, &["schedules", "set", &schedule]).await;
     assert_ne!(code, 0);
     assert!(err.contains("nothing to change"), "{err}");
-    // Conditional: at a version it has moved past, refused; at its own, made.
-    let version = changed["version"].as_u64().unwrap_or_else(|| panic!("a version: {changed}"));
-    let (stale, current) = ((version - 1).to_string(), version.to_string());
-    let set = ["schedules", "set", &schedule, "--input", "who=patched", "--if-version"];
+    // Conditional: at a version it has moved past (its creation's), refused; at its own, made.
+    let version = |s: &Value| s["version"].as_u64().unwrap_or_else(|| panic!("a version: {s}"));
+    let (stale, current) = (version(&created).to_string(), version(&changed).to_string());
+    let set = ["schedules", "set", &schedule, "--overlap", "allow", "--if-version"];
     let (code, _, err) = taskmesh(&tm, &[&set[..], &[&stale]].concat()).await;
-    assert_ne!(code, 0);
-    assert!(err.contains("412") && err.contains(&format!("version {version}")), "{err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("412") && err.contains(&format!("version {current}")), "{err}");
     let (code, out, err) = taskmesh(&tm, &[&set[..], &[&current]].concat()).await;
     assert_eq!(code, 0, "{out} {err}");
+    let list = poll_json(&tm, "the conditional change made", &["schedules", "ls"], |v| {
+        item(v, &schedule).is_some_and(|s| s["spec"]["overlap"] == "allow")
+    })
+    .await;
+    assert!(version(&item(&list, &schedule).unwrap()) > version(&changed), "a new version");
     // Run now: the run's id, started by the schedule by hand.
     let (code, out, err) = taskmesh(&tm, &["schedules", "trigger", &schedule]).await;
     assert_eq!(code, 0, "{out} {err}");
@@ -428,9 +433,9 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
         taskmesh(&tm, &["schedules", "create", "--cron", "not a cron", "--workflow", "cli-flow"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("422") && err.contains("cron"), "{err}");
-    let (code, _, err) = taskmesh(&tm, &["schedules", "rm", &schedule, "--if-version", &stale]).await;
-    assert_ne!(code, 0);
-    assert!(err.contains("412"), "a deletion at a version it has moved past: {err}");
+    let (code, _, err) = taskmesh(&tm, &["schedules", "rm", &schedule, "--if-version", &current]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("412") && err.contains("version"), "a deletion at a version it has moved past: {err}");
     let (code, out, err) = taskmesh(&tm, &["schedules", "rm", &schedule]).await;
     assert_eq!(code, 0, "{out} {err}");
     assert_eq!(out.trim(), format!("deleted {schedule}"));
