@@ -128,7 +128,13 @@ fn distinct(seqs: &[u64]) -> usize {
     seqs.iter().collect::<HashSet<_>>().len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// On a single-threaded runtime: the commands are polled in turn in this one task, and the
+/// first one's append cannot be answered (by the NATS client's task) before the others have
+/// all been polled and are waiting. On several threads it could: under CPU load, this thread
+/// was at times preempted within the first command's poll, so its append's answer was there
+/// when it looked, the command ended within that poll, and the next took the free slot alone
+/// (seen in about one run in ten beside two CPU hogs, 2026-12-07; none in 60 since).
+#[tokio::test]
 async fn a_fan_outs_leases_and_reports_arriving_together_are_decided_and_appended_together() {
     // No scheduler service runs: the test asks one replica directly, as executors would.
     let tm = spawn_with(&[Svc::Ingest, Svc::Projector, Svc::Gateway], |_| {}).await;
