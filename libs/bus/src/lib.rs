@@ -432,7 +432,8 @@ impl Bus {
     /// first event's id. Use [`commits`] to cut a longer decision into commits that fit.
     pub async fn append_commit(&self, expected: u64, envelopes: &[Envelope]) -> Result<u64> {
         let first = envelopes.first().ok_or_else(|| BusError::Nats("appending an empty commit".into()))?;
-        Ok(self.append_message(Some(expected), envelopes, &first.id.to_string()).await?.seq)
+        let json = Commit::to_json(envelopes);
+        Ok(self.append_message(Some(expected), envelopes, json, &first.id.to_string()).await?.seq)
     }
 
     /// Appends one decision's `envelopes` (all for one subject) after sequence `expected`, as
@@ -440,12 +441,13 @@ impl Bus {
     /// Stops at the first failure; what was appended before it stands.
     pub async fn append_decision(&self, expected: u64, envelopes: &[Envelope]) -> DecisionAppended {
         let mut done = DecisionAppended { first: None, last: expected, events: 0, error: None };
-        for commit in commits(envelopes) {
-            match self.append_commit(done.last, commit).await {
-                Ok(seq) => {
+        for Cut { envelopes, json } in commits(envelopes) {
+            let appended = self.append_message(Some(done.last), envelopes, json, &envelopes[0].id.to_string()).await;
+            match appended {
+                Ok(Appended { seq, .. }) => {
                     done.first.get_or_insert(seq);
                     done.last = seq;
-                    done.events += commit.len();
+                    done.events += envelopes.len();
                 }
                 Err(e) => {
                     done.error = Some(e);
@@ -458,13 +460,20 @@ impl Bus {
 
     /// Appends one event with an explicit message id, and optionally without a sequence check.
     pub async fn append_with_id(&self, expected: Option<u64>, envelope: &Envelope, msg_id: &str) -> Result<Appended> {
-        self.append_message(expected, std::slice::from_ref(envelope), msg_id).await
+        self.append_message(expected, std::slice::from_ref(envelope), envelope.to_json(), msg_id).await
     }
 
     #[tracing::instrument(skip_all, fields(subject = %envelopes[0].subject, r#type = envelopes[0].type_name(), events = envelopes.len()), err(level = "debug"))]
-    async fn append_message(&self, expected: Option<u64>, envelopes: &[Envelope], msg_id: &str) -> Result<Appended> {
+    /// Publishes `json`, the message of `envelopes` ([`Commit::to_json`]), with their headers.
+    async fn append_message(
+        &self,
+        expected: Option<u64>,
+        envelopes: &[Envelope],
+        json: Vec<u8>,
+        msg_id: &str,
+    ) -> Result<Appended> {
         let first = &envelopes[0];
-        let mut publish = PublishMessage::build().payload(Bytes::from(Commit::to_json(envelopes))).message_id(msg_id);
+        let mut publish = PublishMessage::build().payload(Bytes::from(json)).message_id(msg_id);
         publish = match envelopes {
             [one] => publish.header(EVENT_TYPE_HEADER, one.type_name()),
             many => publish
@@ -517,7 +526,7 @@ impl Bus {
                 return Err(BusError::Malformed { subject: subject.to_string(), reason }.into());
             };
             let msg_id = msg_id.unwrap_or_else(|| first.id.to_string());
-            match self.append_message(Some(expected), &events, &msg_id).await {
+            match self.append_message(Some(expected), &events, Commit::to_json(&events), &msg_id).await {
                 Ok(appended) => return Ok(Settled::Appended(appended.seq)),
                 Err(BusError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -928,24 +937,49 @@ fn decode_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &
         .collect())
 }
 
+/// One commit of a decision cut by [`commits`]: its events, and its message.
+#[derive(Debug)]
+pub struct Cut<'a> {
+    pub envelopes: &'a [Envelope],
+    /// The message: the same bytes as [`Commit::to_json`] of `envelopes`.
+    pub json: Vec<u8>,
+}
+
 /// Cuts one decision's `envelopes` into commits that fit a message: at most
 /// [`COMMIT_MAX_EVENTS`] events and [`COMMIT_MAX_BYTES`] of JSON each (an event bigger than
-/// that alone goes alone), in order.
-pub fn commits(envelopes: &[Envelope]) -> Vec<&[Envelope]> {
-    // A commit of n envelopes is `[` + each envelope followed by `,` or `]`: one byte for the
-    // opening bracket, and each envelope's length plus one.
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 1);
-    for (i, envelope) in envelopes.iter().enumerate() {
-        let size = serde_json::to_vec(envelope).map(|v| v.len()).unwrap_or(0) + 1;
-        if i > start && (i - start >= COMMIT_MAX_EVENTS || bytes + size > COMMIT_MAX_BYTES) {
-            out.push(&envelopes[start..i]);
-            (start, bytes) = (i, 1);
+/// that alone goes alone), in order. Each envelope is serialised once, into its commit's
+/// message, which is measured as it grows.
+pub fn commits(envelopes: &[Envelope]) -> Vec<Cut<'_>> {
+    // A commit of n > 1 envelopes is `[` + each envelope followed by `,` or `]`: one byte for
+    // the opening bracket, and each envelope's length plus one. A commit of one is the
+    // envelope alone, so its bracket is taken off when it is cut.
+    fn cut<'a>(envelopes: &'a [Envelope], mut json: Vec<u8>) -> Cut<'a> {
+        match envelopes.len() {
+            1 => {
+                json.remove(0);
+            }
+            _ => json.push(b']'),
         }
-        bytes += size;
+        Cut { envelopes, json }
+    }
+    let mut out = Vec::new();
+    let (mut start, mut json) = (0, vec![b'[']);
+    let mut item = Vec::new();
+    for (i, envelope) in envelopes.iter().enumerate() {
+        item.clear();
+        serde_json::to_writer(&mut item, envelope).expect("an envelope always serialises");
+        // The commit with this envelope: what it holds, a comma, the envelope, `]`.
+        if i > start && (i - start >= COMMIT_MAX_EVENTS || json.len() + 1 + item.len() + 1 > COMMIT_MAX_BYTES) {
+            out.push(cut(&envelopes[start..i], std::mem::replace(&mut json, vec![b'['])));
+            start = i;
+        }
+        if i > start {
+            json.push(b',');
+        }
+        json.extend_from_slice(&item);
     }
     if start < envelopes.len() {
-        out.push(&envelopes[start..]);
+        out.push(cut(&envelopes[start..], json));
     }
     out
 }
@@ -996,17 +1030,19 @@ mod tests {
     #[test]
     fn a_long_decision_is_cut_into_commits_that_fit_a_message_in_order() {
         let small = dispatched(10, 0);
-        assert_eq!(commits(&small).len(), 1, "a small decision is one commit");
+        let one = commits(&small);
+        assert_eq!(one.len(), 1, "a small decision is one commit");
+        assert_eq!(one[0].json, Commit::to_json(&small));
+        let alone = commits(&small[..1]);
+        assert_eq!(alone[0].json, small[0].to_json(), "an event alone is its envelope, not an array");
         for long in [dispatched(COMMIT_MAX_EVENTS * 2 + 5, 0), dispatched(40, 20_000)] {
             let cut = commits(&long);
             assert!(cut.len() > 1);
             for c in &cut {
-                assert!(
-                    c.len() <= COMMIT_MAX_EVENTS && Commit::to_json(c).len() <= COMMIT_MAX_BYTES,
-                    "each commit fits"
-                );
+                assert!(c.envelopes.len() <= COMMIT_MAX_EVENTS && c.json.len() <= COMMIT_MAX_BYTES, "each commit fits");
+                assert_eq!(c.json, Commit::to_json(c.envelopes), "its message is the commit's JSON");
             }
-            let order: Vec<_> = cut.concat().into_iter().map(|e| e.id).collect();
+            let order: Vec<_> = cut.iter().flat_map(|c| c.envelopes).map(|e| e.id).collect();
             assert_eq!(order, long.iter().map(|e| e.id).collect::<Vec<_>>(), "nothing lost or reordered");
         }
         // Two events whose lengths plus separators fill a commit exactly go together; one byte
@@ -1019,11 +1055,15 @@ mod tests {
                 d.step.push_str(&"x".repeat(fill));
             }
             assert_eq!(Commit::to_json(&pair).len(), COMMIT_MAX_BYTES + extra);
-            assert_eq!(commits(&pair).len(), parts, "a pair {extra} byte(s) over the bound");
+            let cut = commits(&pair);
+            assert_eq!(cut.len(), parts, "a pair {extra} byte(s) over the bound");
+            assert!(cut.iter().all(|c| c.json == Commit::to_json(c.envelopes)));
         }
         // An event bigger than a commit may be goes alone.
         let huge = dispatched(3, COMMIT_MAX_BYTES);
-        assert_eq!(commits(&huge).len(), 3);
+        let cut = commits(&huge);
+        assert_eq!(cut.len(), 3);
+        assert!(cut.iter().all(|c| c.json == c.envelopes[0].to_json()));
         assert!(commits(&[]).is_empty());
     }
 }
