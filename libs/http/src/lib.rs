@@ -12,6 +12,7 @@ pub mod error;
 
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
 pub use error::{ApiError, ApiResult, PROBLEM_JSON};
 use tokio_util::sync::CancellationToken;
 
@@ -100,7 +101,15 @@ impl Server {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         // The peer's address reaches handlers as `ConnectInfo<SocketAddr>` (the audit log's `ip`).
         let app = self.router.into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        // What is written goes out at once, not held back until the peer acknowledges the last
+        // segment (Nagle's algorithm): a live stream's (SSE) small events, written one after
+        // another, would otherwise wait for the peer's delayed acknowledgement.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         Ok(())
     }
 }
