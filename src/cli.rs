@@ -150,8 +150,8 @@ pub enum Schedules {
     /// Change a schedule in place (what is not given is kept); it keeps its id and its runs.
     Set {
         id: String,
-        /// Change it only if it is still at this version (`version` in `schedules ls --output
-        /// json`): refused if anything changed it since, a tick or a pause too.
+        /// Change it only if it is still at this version (`VERSION` in `schedules ls`): refused
+        /// if anything changed it since, a tick or a pause too.
         #[arg(long)]
         if_version: Option<u64>,
         /// A new cron expression.
@@ -183,8 +183,7 @@ pub enum Schedules {
     /// Delete a schedule: no tick fires after it (the runs it started are kept).
     Rm {
         id: String,
-        /// Delete it only if it is still at this version (`version` in `schedules ls --output
-        /// json`).
+        /// Delete it only if it is still at this version (`VERSION` in `schedules ls`).
         #[arg(long)]
         if_version: Option<u64>,
     },
@@ -235,6 +234,10 @@ pub enum Connections {
         /// Read the token from this file (trailing newlines dropped).
         #[arg(long)]
         from_file: Option<PathBuf>,
+        /// Set it only if the connection is still at this version (`VERSION` in `connections
+        /// ls`): refused if anything changed it since.
+        #[arg(long)]
+        if_version: Option<u64>,
     },
 }
 
@@ -630,6 +633,12 @@ fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
+/// A listed resource's `version` (what `--if-version` takes) for a table: `-` for one last
+/// changed before versions were kept (it has one after its next change).
+fn version_column(version: &Value) -> String {
+    version.as_u64().map_or_else(|| "-".into(), |v| v.to_string())
+}
+
 /// `?k=v&…` of the pairs that have a value (encoded), or nothing.
 fn query(pairs: &[(&str, Option<&str>)]) -> String {
     let parts: Vec<String> = pairs.iter().filter_map(|&(k, v)| v.map(|v| format!("{k}={}", enc(v)))).collect();
@@ -971,7 +980,10 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
             if client.json {
                 println!("{list}");
             } else {
-                println!("{:<38} {:<24} {:<16} {:<16} {:<7} NEXT", "ID", "WORKFLOW", "CRON", "TIMEZONE", "STATE");
+                println!(
+                    "{:<38} {:<24} {:<16} {:<16} {:<7} {:<8} NEXT",
+                    "ID", "WORKFLOW", "CRON", "TIMEZONE", "STATE", "VERSION"
+                );
                 for s in list["items"].as_array().into_iter().flatten() {
                     let spec = &s["spec"];
                     let workflow = match &spec["workflow"] {
@@ -979,12 +991,13 @@ pub async fn schedules(conn: &Connection, cmd: Schedules) -> anyhow::Result<i32>
                         inline => format!("{} (inline)", inline["name"].as_str().unwrap_or("?")),
                     };
                     println!(
-                        "{:<38} {:<24} {:<16} {:<16} {:<7} {}",
+                        "{:<38} {:<24} {:<16} {:<16} {:<7} {:<8} {}",
                         s["id"].as_str().unwrap_or(""),
                         workflow,
                         spec["cron"].as_str().unwrap_or(""),
                         spec["timezone"].as_str().unwrap_or(""),
                         if s["paused"].as_bool().unwrap_or(false) { "paused" } else { "active" },
+                        version_column(&s["version"]),
                         s["next_tick"].as_str().unwrap_or("-")
                     );
                 }
@@ -1192,23 +1205,25 @@ pub async fn connections(conn: &Connection, cmd: Connections) -> anyhow::Result<
             if client.json {
                 println!("{list}");
             } else {
-                println!("{:<38} {:<7} {:<8} WEBHOOK PATH / REPOSITORY", "ID", "FORGE", "STATUSES");
+                println!("{:<38} {:<7} {:<8} {:<8} WEBHOOK PATH / REPOSITORY", "ID", "FORGE", "STATUSES", "VERSION");
                 for c in list["items"].as_array().into_iter().flatten() {
                     let statuses = if c["reports_status"] == true { "yes" } else { "no" };
                     let (id, forge) = (c["id"].as_str().unwrap_or(""), c["forge"].as_str().unwrap_or(""));
                     let (path, repo) =
                         (c["webhook_path"].as_str().unwrap_or(""), c["repository"].as_str().unwrap_or(""));
-                    println!("{id:<38} {forge:<7} {statuses:<8} {path} {repo}");
+                    let version = version_column(&c["version"]);
+                    println!("{id:<38} {forge:<7} {statuses:<8} {version:<8} {path} {repo}");
                 }
             }
             Ok(0)
         }
-        Connections::SetToken { id, from_file } => {
+        Connections::SetToken { id, from_file, if_version } => {
             // A token goes in a header: the newline that ends a file (`echo $TOKEN > f`) is no
             // part of it.
             let token = read_value(from_file.as_deref(), "status token")?.trim_end_matches(['\n', '\r']).to_string();
             let path = format!("/v1/repo-connections/{}", enc(&id));
-            let changed = client.call(reqwest::Method::PATCH, &path, Some(json!({"status_token": token}))).await?;
+            let body = Some(json!({"status_token": token}));
+            let changed = client.call_at(reqwest::Method::PATCH, &path, body, if_version).await?;
             if client.json {
                 println!("{changed}");
             } else {

@@ -409,7 +409,13 @@ async fn workflows_schedules_secrets_labels_and_profiles_from_the_command_line()
         item(v, &schedule).is_some_and(|s| s["spec"]["overlap"] == "allow")
     })
     .await;
-    assert!(version(&item(&list, &schedule).unwrap()) > version(&changed), "a new version");
+    let now = version(&item(&list, &schedule).unwrap());
+    assert!(now > version(&changed), "a new version");
+    let (code, out, err) = taskmesh(&tm, &["schedules", "ls"]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with(schedule.as_str())).unwrap_or_else(|| panic!("{out}"));
+    assert!(out.starts_with("ID") && out.lines().next().unwrap().contains(" VERSION "), "{out}");
+    assert!(line.contains(&format!(" {now} ")), "the table shows the version --if-version takes: {out}");
     // Run now: the run's id, started by the schedule by hand.
     let (code, out, err) = taskmesh(&tm, &["schedules", "trigger", &schedule]).await;
     assert_eq!(code, 0, "{out} {err}");
@@ -601,18 +607,39 @@ async fn endpoints_and_connections_are_listed_and_their_secrets_replaced_from_th
     assert_ne!(code, 0);
     assert!(err.contains("no such webhook endpoint"), "{err}");
 
+    let listed = || {
+        let tm = &tm;
+        async move {
+            let (code, out, err) = taskmesh(tm, &["connections", "ls", "--output", "json"]).await;
+            assert_eq!(code, 0, "{err}");
+            let listed: Value = serde_json::from_str(&out).unwrap();
+            listed["items"].as_array().unwrap().iter().find(|c| c["id"] == connection).unwrap().clone()
+        }
+    };
+    let created = listed().await["version"].as_u64().expect("a version");
     let (code, out, err) = taskmesh(&tm, &["connections", "ls"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains(connection) && out.contains("/hooks/github/") && out.contains(" no "), "{out}");
+    let line = out.lines().find(|l| l.starts_with(connection)).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("/hooks/github/") && line.contains(" no "), "{out}");
+    assert_eq!(line.split_whitespace().nth(3), Some(created.to_string().as_str()), "its version listed: {out}");
     let (code, out, err) = taskmesh_stdin(&tm, &["connections", "set-token", connection], "ghp-new-token\n").await;
     assert_eq!((code, out.trim()), (0, format!("connection {connection}: status token set").as_str()), "{err}");
     assert!(!out.contains("ghp-new-token") && !err.contains("ghp-new-token"));
     tm.wait_projected().await;
-    let (code, out, err) = taskmesh(&tm, &["connections", "ls", "--output", "json"]).await;
-    assert_eq!(code, 0, "{err}");
-    let listed: Value = serde_json::from_str(&out).unwrap();
-    let mine = listed["items"].as_array().unwrap().iter().find(|c| c["id"] == connection).unwrap();
+    let mine = listed().await;
     assert_eq!(mine["reports_status"], true, "{mine}");
+    // Conditional: at its creation's version, which the token moved it past, refused; at its
+    // own, made.
+    let current = mine["version"].as_u64().expect("a version");
+    assert!(current > created, "{mine}");
+    let at = |v: u64| ["connections", "set-token", connection, "--if-version", &v.to_string()].map(String::from);
+    let (code, _, err) = taskmesh_stdin(&tm, &at(created).each_ref().map(String::as_str), "ghp-stale\n").await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("412") && err.contains(&format!("version {current}")), "{err}");
+    let (code, _, err) = taskmesh_stdin(&tm, &at(current).each_ref().map(String::as_str), "ghp-current\n").await;
+    assert_eq!(code, 0, "{err}");
+    tm.wait_projected().await;
+    assert!(listed().await["version"].as_u64().unwrap() > current, "a new version");
     assert!(!tm.postgres_text().await.contains("ghp-new-token"), "stored sealed");
     // From a file, its trailing newline (as `echo $TOKEN > f` writes it) is no part of it.
     let file = std::env::temp_dir().join(format!("{}-token", tm.env.database));
