@@ -128,12 +128,14 @@ fn distinct(seqs: &[u64]) -> usize {
     seqs.iter().collect::<HashSet<_>>().len()
 }
 
-/// On a single-threaded runtime: the commands are polled in turn in this one task, and the
-/// first one's append cannot be answered (by the NATS client's task) before the others have
-/// all been polled and are waiting. On several threads it could: under CPU load, this thread
-/// was at times preempted within the first command's poll, so its append's answer was there
-/// when it looked, the command ended within that poll, and the next took the free slot alone
-/// (seen in about one run in ten beside two CPU hogs, 2026-12-07; none in 60 since).
+/// On a single-threaded runtime: the commands are polled in turn in this one task (`join_all`
+/// polls up to 30 futures in order), and nothing the first one awaits from NATS (its load of
+/// the run, its append) can be answered before the others have all been polled and are
+/// waiting, since the NATS client's task runs on this same thread. On several threads it
+/// could: in about one run in ten beside two CPU hogs (2026-12-07) the first command ended
+/// within its first poll, so the next found the slot free and took it alone, presumably
+/// because this thread was preempted after sending and the answer was there when it looked.
+/// None in 60 runs on one thread.
 #[tokio::test]
 async fn a_fan_outs_leases_and_reports_arriving_together_are_decided_and_appended_together() {
     // No scheduler service runs: the test asks one replica directly, as executors would.

@@ -463,8 +463,8 @@ impl Bus {
         self.append_message(expected, std::slice::from_ref(envelope), envelope.to_json(), msg_id).await
     }
 
-    #[tracing::instrument(skip_all, fields(subject = %envelopes[0].subject, r#type = envelopes[0].type_name(), events = envelopes.len()), err(level = "debug"))]
     /// Publishes `json`, the message of `envelopes` ([`Commit::to_json`]), with their headers.
+    #[tracing::instrument(skip_all, fields(subject = %envelopes[0].subject, r#type = envelopes[0].type_name(), events = envelopes.len()), err(level = "debug"))]
     async fn append_message(
         &self,
         expected: Option<u64>,
@@ -1038,6 +1038,17 @@ mod tests {
         for long in [dispatched(COMMIT_MAX_EVENTS * 2 + 5, 0), dispatched(40, 20_000)] {
             let cut = commits(&long);
             assert!(cut.len() > 1);
+            // Each but the last is as full as it may be: with the next event it would not fit.
+            let mut start = 0;
+            for c in &cut[..cut.len() - 1] {
+                let more = &long[start..start + c.envelopes.len() + 1];
+                assert!(
+                    more.len() > COMMIT_MAX_EVENTS || Commit::to_json(more).len() > COMMIT_MAX_BYTES,
+                    "a commit of {} could have taken one more",
+                    c.envelopes.len()
+                );
+                start += c.envelopes.len();
+            }
             for c in &cut {
                 assert!(c.envelopes.len() <= COMMIT_MAX_EVENTS && c.json.len() <= COMMIT_MAX_BYTES, "each commit fits");
                 assert_eq!(c.json, Commit::to_json(c.envelopes), "its message is the commit's JSON");
