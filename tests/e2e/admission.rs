@@ -199,6 +199,18 @@ async fn a_fan_outs_steps_are_one_ready_entry_kept_until_the_last_is_admitted() 
     let id = tm.submit_json_as(&tm.key, json!({"workflow": {"name": "fan", "steps": steps}})).await;
     let reason = step_wait_reason(&tm, id, Duration::from_secs(30)).await;
     assert_eq!(reason, "tenant concurrency limit (2 steps)");
+    // The leader's gauge counts the three held back (until the first two end, four seconds
+    // in), and none once all are admitted. Under nextest the process is this test's alone; under
+    // plain `cargo test` other tests' leaders set the same gauge.
+    let exact = std::env::var_os("NEXTEST_RUN_ID").is_some();
+    let held_gauge = |want: f64| {
+        let tm = &tm;
+        async move {
+            let got = sample(&tm.metrics().await, "taskmesh_dispatch_held_steps", &[]);
+            anyhow::Ok((!exact || got == want).then_some(()))
+        }
+    };
+    eventually("the held-steps gauge to count three", Duration::from_secs(3), || held_gauge(3.0)).await.unwrap();
     // Past the second after which an admitted entry above a held one would be deleted on its
     // own (the last step is held until the first four have run, about eight seconds in).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -208,6 +220,7 @@ async fn a_fan_outs_steps_are_one_ready_entry_kept_until_the_last_is_admitted() 
     assert_eq!(ready().await, 1, "some of the five admitted, the rest held: their one entry stays");
     let run = tm.wait_run(id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
+    eventually("the held-steps gauge to count none", Duration::from_secs(10), || held_gauge(0.0)).await.unwrap();
     // The entry removed (and nothing else left queued).
     tm.wait_queues_drained().await;
     tm.finish().await;
