@@ -66,6 +66,9 @@ async fn metrics_count_runs_steps_the_cache_and_requests_and_name_no_tenant() {
     };
     assert!(sample(&text, "taskmesh_http_request_duration_seconds_count", &[("route", "/v1/runs/{id}")]) >= 1.0);
     assert!(sample(&text, "taskmesh_projector_events_total", &[]) >= 3.0);
+    let batches = sample(&text, "taskmesh_projector_batch_seconds_count", &[]);
+    assert!(batches >= 1.0, "the projector's batches are timed:\n{text}");
+    assert!(text.contains("# TYPE taskmesh_projector_batch_seconds histogram"), "{text}");
     assert!(sample(&text, "taskmesh_projector_last_event_timestamp_seconds", &[]) > 1.7e9, "a Unix time");
     assert!(text.contains("# TYPE taskmesh_step_duration_seconds histogram"), "{text}");
     assert!(text.contains("\ntaskmesh_dispatch_held_steps "), "the held-steps gauge is exported:\n{text}");

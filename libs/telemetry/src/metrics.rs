@@ -88,6 +88,11 @@ fn describe() {
         "Attempts behind circuit breakers the dispatcher heard of, by verdict: success, failure, none"
     );
     describe_counter!("taskmesh_projector_events_total", "Events in the batches the projector committed");
+    describe_histogram!(
+        "taskmesh_projector_batch_seconds",
+        Unit::Seconds,
+        "Time the projector took to write a batch of events to the read models and commit it (its count is the batches committed)"
+    );
     describe_gauge!("taskmesh_projector_checkpoint", "The last event-log sequence the read models hold");
     describe_gauge!(
         "taskmesh_projector_last_event_timestamp_seconds",

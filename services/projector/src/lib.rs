@@ -257,7 +257,9 @@ impl Projector {
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
+            let applying = std::time::Instant::now();
             let checkpoint = self.apply_batch(&events, committed, &mut cache).await?;
+            metrics::histogram!("taskmesh_projector_batch_seconds").record(applying.elapsed().as_secs_f64());
             committed = Some(checkpoint);
             metrics::counter!("taskmesh_projector_events_total").increment(events.len() as u64);
             metrics::gauge!("taskmesh_projector_checkpoint").set(checkpoint as f64);
