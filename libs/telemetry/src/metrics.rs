@@ -11,8 +11,8 @@
 //!   `taskmesh_step_cache_lookups_total{result}`;
 //! - `taskmesh_dispatch_admitted_total`, `taskmesh_dispatch_held_steps`,
 //!   `taskmesh_circuit_breakers_open`, `taskmesh_circuit_breaker_signals_total{verdict}`;
-//! - `taskmesh_projector_events_total`, `taskmesh_projector_checkpoint`,
-//!   `taskmesh_projector_last_event_timestamp_seconds`;
+//! - `taskmesh_projector_events_total`, `taskmesh_projector_batch_seconds`,
+//!   `taskmesh_projector_checkpoint`, `taskmesh_projector_last_event_timestamp_seconds`;
 //! - `taskmesh_deliveries_total{outcome}`;
 //! - `taskmesh_build_info{version}`.
 
