@@ -562,7 +562,7 @@ impl Executor {
         // Renew the message's lease from the moment it is held: while the lease is asked for
         // (a reply may take a while when a scheduler replica dies), while the step runs and
         // while its result is reported.
-        let heartbeat = AbortOnDrop({
+        let heartbeat = tokio_util::task::AbortOnDropHandle::new({
             let acker = acker.clone();
             let every = self.settings.lease() / 3;
             tokio::spawn(async move {
@@ -827,15 +827,6 @@ impl Executor {
 struct Opened {
     secrets: Vec<(String, String)>,
     checkout: Option<checkout::Source>,
-}
-
-/// Aborts a background task when dropped, whatever path (or panic) leaves the scope.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]
