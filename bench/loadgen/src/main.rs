@@ -58,6 +58,11 @@ struct Args {
     /// read that waits for it (`GET /v1/runs/{id}?wait=`).
     #[arg(long)]
     poll: bool,
+    /// Open loop: no read held for each run while the runs arrive (submit → visible as
+    /// finished is then not measured, and the runs' ends are awaited after the last arrival),
+    /// to tell what those held reads cost the mesh.
+    #[arg(long)]
+    no_wait: bool,
     /// Postgres database (limits): a scratch table is created and dropped in it.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres: String,
@@ -410,7 +415,7 @@ async fn roundtrip_hops(api: &Api, marks: Vec<(String, Utc, Utc, Utc)>) -> anyho
 /// finished is when that answer arrives. Then, from each run's record: submit → its step
 /// started, and submit → the run finished (the events' own times, this machine's clock); and
 /// where the time goes, hop by hop, as for the round trip.
-async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
+async fn openloop(api: Arc<Api>, rate: f64, n: usize, hold: bool) -> anyhow::Result<Value> {
     let name = format!("bench-open-{}", uuid::Uuid::now_v7().simple());
     let mut workflow = noop();
     workflow["name"] = json!(name);
@@ -425,10 +430,12 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
             let (id, seq) = api.submit(&wf).await?;
             let answered = chrono::Utc::now();
             // As a client awaiting its result would: one read, held until the run has ended.
-            tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
-                .await
-                .context("an open-loop run did not end in 10 minutes")??;
-            anyhow::Ok((id, sent, answered, chrono::Utc::now()))
+            if hold {
+                tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
+                    .await
+                    .context("an open-loop run did not end in 10 minutes")??;
+            }
+            anyhow::Ok((id, seq, sent, answered, chrono::Utc::now()))
         }));
     }
     let offered = start.elapsed().as_secs_f64();
@@ -440,18 +447,27 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
     // leaves the later hops: with the tenant's step limit off, as `scripts/bench` runs, none do).
     let sample = n.div_ceil(200).max(1);
     for (i, t) in tasks.into_iter().enumerate() {
-        let (id, sent, answered, seen) = t.await??;
-        visible.push((seen - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
-        if i % sample == 0 {
-            marks.push((id.clone(), sent, answered, seen));
+        let (id, seq, sent, answered, seen) = t.await??;
+        if hold {
+            visible.push((seen - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            if i % sample == 0 {
+                marks.push((id.clone(), sent, answered, seen));
+            }
         }
-        submitted.push((id, sent));
+        submitted.push((id, seq, sent));
     }
     let hops = roundtrip_hops(&api, marks).await?;
     let views: Vec<(chrono::DateTime<chrono::Utc>, Value)> = futures::stream::iter(submitted)
-        .map(|(id, sent)| {
+        .map(|(id, seq, sent)| {
             let api = api.clone();
-            async move { api.run(&id).await.map(|v| (sent, v)) }
+            async move {
+                if !hold {
+                    tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
+                        .await
+                        .context("an open-loop run did not end in 10 minutes")??;
+                }
+                api.run(&id).await.map(|v| (sent, v))
+            }
         })
         .buffer_unordered(16)
         .collect::<Vec<_>>()
@@ -462,7 +478,7 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize) -> anyhow::Result<Value> {
         views.iter().filter_map(|(sent, v)| ms_between(*sent, &v["steps"][0]["started_at"])).collect();
     let finished: Vec<f64> = views.iter().filter_map(|(sent, v)| ms_between(*sent, &v["finished_at"])).collect();
     Ok(json!({
-        "workload": "openloop", "rate": rate, "runs": n, "offered_seconds": offered,
+        "workload": "openloop", "rate": rate, "runs": n, "offered_seconds": offered, "held_reads": hold,
         "start_latency": latency_summary(started), "finish_latency": latency_summary(finished),
         "visible_latency": latency_summary(visible), "hops": hops,
     }))
@@ -658,7 +674,7 @@ async fn main() -> anyhow::Result<()> {
             let rps = args.n as f64 / start.elapsed().as_secs_f64();
             json!({"workload": "api_open", "rate": args.rate, "requests": args.n, "requests_per_second": rps, "latency": latency_summary(ms)})
         }
-        Workload::Openloop => openloop(api, args.rate, args.n).await?,
+        Workload::Openloop => openloop(api, args.rate, args.n, !args.no_wait).await?,
         Workload::Limits => limits(&args.nats, &args.postgres, args.n).await?,
     };
     println!("{report}");
