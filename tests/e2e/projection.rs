@@ -300,6 +300,20 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     assert_eq!(one_at_a_time.iter().filter(|r| r.starts_with("runs:")).count(), 8);
     assert!(one_at_a_time.iter().any(|r| r.starts_with("step_attempts:") && r.contains("\"attempt\":3")));
 
+    // A batch looks in the tables only for runs it neither holds in its cache nor submits. The
+    // tables now hold every run; still, a run's submission reads nothing (no row of a run can
+    // be there before its first event), and its later events, with nothing cached, read it.
+    let first = &messages[0];
+    assert!(matches!(first[0].envelope.event, taskmesh_events::Event::RunSubmitted(_)));
+    let later = messages.iter().find(|m| m[0].seq > first[0].seq && run_of[&m[0].seq] == run_of[&first[0].seq]);
+    let mut conn = tm.pool.acquire().await.unwrap();
+    for (message, read) in [(first, 0), (later.unwrap(), 1)] {
+        let mut cache = Default::default();
+        let rows = taskmesh_projector::fold::RunRows::load(&mut conn, message.iter(), &mut cache).await.unwrap();
+        assert_eq!(rows.runs_read(), read, "runs read for {}", message[0].envelope.event.type_name());
+    }
+    drop(conn);
+
     taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
     projector.apply_batch(&events, None, &mut Default::default()).await.unwrap();
     let gathered = run_rows(dump(&tm.pool).await);

@@ -4,8 +4,9 @@
 //! rows, one for changed ones).
 //!
 //! Rows are read whole by run (the run's row, all its steps, all their attempts), and only for
-//! runs the [`RowCache`] does not hold: the projector keeps the rows of the runs its batches
-//! left running, so a run's events after its submission cost writes and no reads.
+//! runs the [`RowCache`] does not hold and the batch does not submit: the projector keeps the
+//! rows of the runs its batches left running, and a run submitted in the batch has none in the
+//! tables yet, so a run costs writes and no reads.
 //!
 //! A one-step run is eight row writes when its events come one per batch (its run row
 //! inserted, started and ended; its step inserted, started and finished; its attempt inserted
@@ -297,12 +298,21 @@ pub struct RunRows {
     attempts_of: HashMap<StepKey, Vec<i32>>,
     /// Runs that ended in the batch, announced when it commits.
     pub ended: Vec<Uuid>,
+    /// How many runs [`RunRows::load`] looked for in the tables.
+    read: usize,
 }
 
 impl RunRows {
     /// Reads every row of every run the batch's events touch (`events` after the checkpoint
     /// only): from `cache` where it holds the run (taking it out), the rest from the tables,
-    /// each such run whole (its row, all its steps and all their attempts).
+    /// each such run whole (its row, all its steps and all their attempts), but for runs the
+    /// events submit.
+    ///
+    /// A run whose `RunSubmitted` is among the events has no rows to read: that event is the
+    /// first on the run's subject (it is appended expecting the subject empty, see
+    /// `taskmesh_ingest`), so every event of the run is after the checkpoint, and the tables,
+    /// which hold only what was applied up to it, hold nothing of the run. A batch of new
+    /// runs, and the cache's other runs, thus costs no read.
     pub async fn load<'e>(
         conn: &mut PgConnection,
         events: impl Iterator<Item = &'e Stored>,
@@ -311,11 +321,17 @@ impl RunRows {
         let mut rows = RunRows::default();
         // The runs the events touch, and the steps each names.
         let mut touched: HashMap<RunKey, HashSet<String>> = HashMap::new();
+        // The runs the events submit (none of their rows is in the tables).
+        let mut submitted: HashSet<RunKey> = HashSet::new();
         for stored in events.filter(|s| is_run_event(&s.envelope.event)) {
             let Some(run) = run_of(stored) else { continue };
-            let steps = touched.entry((stored.envelope.tenant.clone(), run)).or_default();
+            let key = (stored.envelope.tenant.clone(), run);
+            let steps = touched.entry(key.clone()).or_default();
             match &stored.envelope.event {
-                Event::RunSubmitted(e) => steps.extend(e.workflow.steps.iter().map(|s| s.id.clone())),
+                Event::RunSubmitted(e) => {
+                    steps.extend(e.workflow.steps.iter().map(|s| s.id.clone()));
+                    submitted.insert(key);
+                }
                 Event::StepWaiting(taskmesh_events::StepWaiting { steps: ids, .. })
                 | Event::StepAdmitted(taskmesh_events::StepAdmitted { steps: ids }) => {
                     steps.extend(ids.iter().cloned())
@@ -327,11 +343,13 @@ impl RunRows {
         for (key, steps) in touched {
             match cache.take(&key, &steps) {
                 Some((run, steps)) => rows.hold(key, run, steps),
+                None if submitted.contains(&key) => {}
                 None => {
                     missing.insert(key);
                 }
             }
         }
+        rows.read = missing.len();
         if missing.is_empty() {
             return Ok(rows);
         }
@@ -414,6 +432,12 @@ impl RunRows {
             rows.add_attempt(key, Slot::stored(row));
         }
         Ok(rows)
+    }
+
+    /// How many runs [`RunRows::load`] looked for in the tables (neither in the cache nor
+    /// submitted by the batch).
+    pub fn runs_read(&self) -> usize {
+        self.read
     }
 
     /// Takes in a run's row and some of its steps' rows from the cache, as the table holds them.
