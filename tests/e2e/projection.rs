@@ -405,3 +405,73 @@ async fn a_projector_that_finds_its_committed_batches_lost_replays_them() {
     assert_eq!(tm.wait_run(next, Duration::from_secs(30)).await["status"], "succeeded");
     tm.finish().await;
 }
+
+/// Postgres drops every connection to the mesh's database (a restart, a failover, an
+/// administrator's `pg_terminate_backend`) while the mesh is idle: no read fails on a dead
+/// connection (the pool's check is tested on its own below), and the projector, whose
+/// connection broke under it, takes another and goes on from its checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_postgres_drops_are_replaced_without_a_failed_read_or_a_lost_event() {
+    let tm = spawn_mesh().await;
+    let noop = "name: noop\nsteps:\n  - {id: a, uses: noop}\n";
+    let before = tm.submit(noop).await;
+    assert_eq!(tm.wait_run(before, Duration::from_secs(30)).await["status"], "succeeded");
+    // From a connection outside the mesh's pool (which the test shares), so none is spared.
+    let mut admin = sqlx::ConnectOptions::connect(&*tm.pool.connect_options()).await.unwrap();
+    let dropped: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(dropped >= 2, "the pool's and the projector's connections were dropped ({dropped})");
+    // Idle past the pool's bound: each connection is checked as it is next handed out.
+    tokio::time::sleep(taskmesh_store::CHECK_IDLE_AFTER + Duration::from_millis(300)).await;
+    for _ in 0..4 {
+        let (status, run) = tm.get_run(before).await;
+        assert_eq!((status, &run["status"]), (200, &serde_json::json!("succeeded")), "{run}");
+    }
+    let after = tm.submit(noop).await;
+    assert_eq!(tm.wait_run(after, Duration::from_secs(30)).await["status"], "succeeded");
+    tm.finish().await;
+}
+
+/// A pool's connection that Postgres dropped while it sat idle (past
+/// `taskmesh_store::CHECK_IDLE_AFTER`) is found dead as it is handed out and replaced: the
+/// statement given to the pool does not fail.
+#[tokio::test]
+async fn a_pooled_connection_dropped_while_idle_is_replaced_before_it_is_used() {
+    let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+    let settings = taskmesh_config::PostgresSettings { max_connections: 1, ..env.settings.postgres.clone() };
+    let pool = taskmesh_store::connect(&settings).unwrap();
+    let backend = "SELECT pg_backend_pid()";
+    // (Each connection is dropped only once the pool has it back: the pool checks each one as
+    // it takes it back, and would find it dead then.)
+    let idle = || {
+        eventually("the connection back in the pool", Duration::from_secs(5), || async {
+            Ok((pool.num_idle() == 1).then_some(()))
+        })
+    };
+    let pid: i32 = sqlx::query_scalar(backend).fetch_one(&pool).await.unwrap();
+    let mut admin = sqlx::ConnectOptions::connect(&*pool.connect_options()).await.unwrap();
+    idle().await.unwrap();
+    let dropped: bool =
+        sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&mut admin).await.unwrap();
+    assert!(dropped);
+    tokio::time::sleep(taskmesh_store::CHECK_IDLE_AFTER + Duration::from_millis(300)).await;
+    let again: i32 = sqlx::query_scalar(backend).fetch_one(&pool).await.expect("a live connection");
+    assert_ne!(again, pid, "a new connection");
+    // One used within the last second is handed out unchecked: dropped meanwhile, it fails the
+    // statement that uses it, which an API call answers as a 503 (retry), not a 500.
+    idle().await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)").bind(again).execute(&mut admin).await.unwrap();
+    let failed = sqlx::query_scalar::<_, i32>(backend).fetch_one(&pool).await.expect_err("a dead connection");
+    let answer = taskmesh_http::ApiError::from(failed).0;
+    assert_eq!(answer.code, taskmesh_events::ErrorCode::Unavailable, "{}", answer.detail);
+    let last: i32 = sqlx::query_scalar(backend).fetch_one(&pool).await.expect("the next statement is answered");
+    assert_ne!(last, again);
+    drop(admin);
+    pool.close().await;
+    env.cleanup().await;
+}

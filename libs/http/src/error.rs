@@ -36,6 +36,11 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
             }
+            // The connection was lost (SQLSTATE class 08), or Postgres is shutting down, starting
+            // or dropped it (57P01 to 57P05: a restart, a failover, an administrator).
+            sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
+                Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
+            }
             _ => Self::new(ErrorCode::Internal, "internal error"),
         }
     }

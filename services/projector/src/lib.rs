@@ -202,6 +202,11 @@ impl Projector {
         // Rows of the runs this consumer's batches left running: valid while every batch
         // commits (a failure ends this call, and the next starts with none).
         let mut cache = fold::RowCache::default();
+        // One connection for every batch: taken from the pool for each, it would cost two
+        // round trips more (the pool makes sure of a connection as it hands it out, and again
+        // as it takes it back). Should it break, the batch fails, and the next call takes
+        // another.
+        let mut conn = self.pool().acquire().await?;
         loop {
             let mut events = Vec::new();
             let mut last = None;
@@ -258,7 +263,7 @@ impl Projector {
             }
             let Some(last) = last else { continue };
             let applying = std::time::Instant::now();
-            let checkpoint = self.apply_batch(&events, committed, &mut cache).await?;
+            let checkpoint = self.apply_on(&mut conn, &events, committed, &mut cache).await?;
             metrics::histogram!("taskmesh_projector_batch_seconds").record(applying.elapsed().as_secs_f64());
             committed = Some(checkpoint);
             metrics::counter!("taskmesh_projector_events_total").increment(events.len() as u64);
@@ -309,19 +314,30 @@ impl Projector {
         committed: Option<u64>,
         cache: &mut fold::RowCache,
     ) -> anyhow::Result<u64> {
+        let mut conn = self.pool().acquire().await?;
+        self.apply_on(&mut conn, events, committed, cache).await
+    }
+
+    /// [`Projector::apply_batch`] on a connection the caller holds.
+    async fn apply_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        events: &[Stored],
+        committed: Option<u64>,
+        cache: &mut fold::RowCache,
+    ) -> anyhow::Result<u64> {
         let fresh = |from: u64| events.iter().filter(move |s| s.seq > from);
         if let Some(from) = committed
             && fresh(from).all(gathered)
         {
             // Only run rows and audit records: one statement, no transaction.
-            let mut conn = self.pool().acquire().await?;
-            let Some((checkpoint, runs)) = self.move_on(&mut conn, events, from, cache).await? else {
+            let Some((checkpoint, runs)) = self.move_on(conn, events, from, cache).await? else {
                 return Err(self.moved_under(from).await);
             };
             runs.keep(cache);
             return Ok(checkpoint);
         }
-        let mut tx = self.pool().begin().await?;
+        let mut tx = sqlx::Connection::begin(conn).await?;
         let from = match committed {
             Some(c) => c,
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
