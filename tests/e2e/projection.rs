@@ -241,13 +241,9 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
     tm.finish().await;
 }
 
-/// A batch of events leaves the rows that the same events one message per batch would:
-/// fan-out, fan-in, retries, a failure with skips and a chain, applied both ways. (The projector
-/// folds a batch's run events into rows written once each; this is what keeps it honest.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would() {
-    // The projector runs until the API key is readable, then stops: the test applies the
-    // runs' events itself.
+/// A mesh whose projector ran until the API key was readable, then stopped: the test applies
+/// the runs' events itself.
+async fn without_projector() -> TestMesh {
     let mut tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Gateway, Svc::Projector], |s| {
         s.executor.slots = 8
     })
@@ -258,6 +254,26 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     tm.mesh.take().unwrap().stop().await.unwrap();
     tm.mesh = Some(rest);
     tm.api = format!("http://{}", tm.mesh.as_ref().unwrap().gateway.unwrap());
+    tm
+}
+
+/// A run's events from the log, once it has ended there.
+async fn ended_in_the_log(tm: &TestMesh, id: uuid::Uuid) -> Vec<taskmesh_bus::Stored> {
+    let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: id });
+    eventually("the run to end in the log", Duration::from_secs(30), || async {
+        let events = tm.bus.read_subject(&subject, 0).await?;
+        Ok(events.last().is_some_and(|e| e.envelope.event.is_run_terminal()).then_some(events))
+    })
+    .await
+    .unwrap()
+}
+
+/// A batch of events leaves the rows that the same events one message per batch would:
+/// fan-out, fan-in, retries, a failure with skips and a chain, applied both ways. (The projector
+/// folds a batch's run events into rows written once each; this is what keeps it honest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would() {
+    let tm = without_projector().await;
     let workflows = [
         "name: fan\nsteps:\n  - {id: a, run: 'echo a'}\n  - {id: b1, needs: [a], run: 'echo b1'}\n  - {id: b2, needs: [a], run: 'echo b2'}\n  - {id: b3, needs: [a], run: 'echo b3'}\n  - {id: c, needs: [b1, b2, b3], run: 'echo c'}\n",
         "name: retry\nsteps:\n  - {id: flaky, run: '[ \"$TASKMESH_ATTEMPT\" -ge 3 ] || exit 7', retry: {max_attempts: 3, initial_delay_ms: 50}}\n  - {id: after, needs: [flaky], run: 'true'}\n",
@@ -271,13 +287,7 @@ async fn a_batch_that_gathers_events_writes_the_rows_one_event_at_a_time_would()
     let mut events = Vec::new();
     let mut run_of = std::collections::HashMap::new();
     for id in &ids {
-        let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: *id });
-        let run_events = eventually("the run to end in the log", Duration::from_secs(30), || async {
-            let events = tm.bus.read_subject(&subject, 0).await?;
-            Ok(events.last().is_some_and(|e| e.envelope.event.is_run_terminal()).then_some(events))
-        })
-        .await
-        .unwrap();
+        let run_events = ended_in_the_log(&tm, *id).await;
         run_of.extend(run_events.iter().map(|e| (e.seq, *id)));
         events.extend(run_events);
     }
@@ -406,10 +416,72 @@ async fn a_projector_that_finds_its_committed_batches_lost_replays_them() {
     tm.finish().await;
 }
 
+/// A run id derived from an idempotency key can come round: once the log has dropped the run's
+/// events (purged here by hand, as `nats.events_max_age_days` would), the key submits the run
+/// again, while its rows from the first time are still in the read side. A batch holding the
+/// whole second submission leaves the rows its events one message at a time would: it reads
+/// the run's rows, as each event's own statement would find them, rather than take the run for
+/// new (its insert would then change nothing, and the batch's changes would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_run_submitted_again_after_its_events_expired_is_projected_as_one_event_at_a_time_would() {
+    let tm = without_projector().await;
+    let submit = || async {
+        let res = tm
+            .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
+            .header("content-type", "application/yaml")
+            .header("Idempotency-Key", "nightly-2026-12-07")
+            .body("name: keyed\nsteps:\n  - {id: a, uses: noop}\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202);
+        let body: serde_json::Value = res.json().await.unwrap();
+        body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap()
+    };
+    let id = submit().await;
+    let first = ended_in_the_log(&tm, id).await;
+    let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: id });
+    tm.bus.purge_subject(&tm.bus.namespace().events_stream(), &subject).await.unwrap();
+    assert_eq!(submit().await, id, "the key's run id, submitted anew");
+    // (Its submission, with the steps it dispatches at once; the scheduler, which remembers
+    // the run as ended, does nothing more with it.)
+    let second = tm.bus.read_subject(&subject, 0).await.unwrap();
+    assert!(second[0].seq > first.last().unwrap().seq);
+    assert!(matches!(second[0].envelope.event, taskmesh_events::Event::RunSubmitted(_)));
+    let messages = |events: &[taskmesh_bus::Stored]| -> Vec<Vec<taskmesh_bus::Stored>> {
+        events.chunk_by(|a, b| a.seq == b.seq).map(|m| m.to_vec()).collect()
+    };
+    let projector = taskmesh_projector::Projector::new(tm.bus.clone(), tm.pool.clone());
+    let runs = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT row_to_json(r)::text FROM runs r UNION ALL SELECT row_to_json(s)::text FROM steps s
+             UNION ALL SELECT row_to_json(a)::text FROM step_attempts a ORDER BY 1",
+        )
+        .fetch_all(&tm.pool)
+        .await
+        .unwrap()
+    };
+
+    taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    for m in messages(&first).iter().chain(&messages(&second)) {
+        projector.apply_batch(m, None, &mut Default::default()).await.unwrap();
+    }
+    let one_at_a_time = runs().await;
+    let last_seq: i64 =
+        sqlx::query_scalar("SELECT last_seq FROM runs WHERE id = $1").bind(id).fetch_one(&tm.pool).await.unwrap();
+    assert_eq!(last_seq as u64, second.last().unwrap().seq, "the second submission's events applied");
+
+    taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    let committed = projector.apply_batch(&first, None, &mut Default::default()).await.unwrap();
+    projector.apply_batch(&second, Some(committed), &mut Default::default()).await.unwrap();
+    assert_eq!(runs().await, one_at_a_time, "the second submission in one batch");
+    tm.finish().await;
+}
+
 /// Postgres drops every connection to the mesh's database (a restart, a failover, an
 /// administrator's `pg_terminate_backend`) while the mesh is idle: no read fails on a dead
-/// connection (the pool's check is tested on its own below), and the projector, whose
-/// connection broke under it, takes another and goes on from its checkpoint.
+/// connection (the pool's check is tested on its own below), and the projector, whose held
+/// connection was dropped, takes another and goes on from its checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_postgres_drops_are_replaced_without_a_failed_read_or_a_lost_event() {
     let tm = spawn_mesh().await;
@@ -446,31 +518,33 @@ async fn a_pooled_connection_dropped_while_idle_is_replaced_before_it_is_used() 
     let settings = taskmesh_config::PostgresSettings { max_connections: 1, ..env.settings.postgres.clone() };
     let pool = taskmesh_store::connect(&settings).unwrap();
     let backend = "SELECT pg_backend_pid()";
-    // (Each connection is dropped only once the pool has it back: the pool checks each one as
-    // it takes it back, and would find it dead then.)
-    let idle = || {
-        eventually("the connection back in the pool", Duration::from_secs(5), || async {
-            Ok((pool.num_idle() == 1).then_some(()))
-        })
-    };
     let pid: i32 = sqlx::query_scalar(backend).fetch_one(&pool).await.unwrap();
     let mut admin = sqlx::ConnectOptions::connect(&*pool.connect_options()).await.unwrap();
-    idle().await.unwrap();
+    // Dropped only once the pool has it back (the pool checks each connection as it takes it
+    // back, and would find it dead then).
+    eventually("the connection back in the pool", Duration::from_secs(5), || async {
+        Ok((pool.num_idle() == 1).then_some(()))
+    })
+    .await
+    .unwrap();
     let dropped: bool =
         sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&mut admin).await.unwrap();
     assert!(dropped);
     tokio::time::sleep(taskmesh_store::CHECK_IDLE_AFTER + Duration::from_millis(300)).await;
     let again: i32 = sqlx::query_scalar(backend).fetch_one(&pool).await.expect("a live connection");
     assert_ne!(again, pid, "a new connection");
-    // One used within the last second is handed out unchecked: dropped meanwhile, it fails the
-    // statement that uses it, which an API call answers as a 503 (retry), not a 500.
-    idle().await.unwrap();
-    sqlx::query("SELECT pg_terminate_backend($1)").bind(again).execute(&mut admin).await.unwrap();
-    let failed = sqlx::query_scalar::<_, i32>(backend).fetch_one(&pool).await.expect_err("a dead connection");
+    // A statement on a connection Postgres dropped fails, and an API call answers it 503
+    // (retry), not 500: such is the lot of one used within the last second, which the pool
+    // hands out unchecked.
+    let mut held = pool.acquire().await.unwrap();
+    let pid: i32 = sqlx::query_scalar(backend).fetch_one(&mut *held).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&mut admin).await.unwrap();
+    let failed = sqlx::query_scalar::<_, i32>(backend).fetch_one(&mut *held).await.expect_err("a dead connection");
     let answer = taskmesh_http::ApiError::from(failed).0;
     assert_eq!(answer.code, taskmesh_events::ErrorCode::Unavailable, "{}", answer.detail);
+    drop(held);
     let last: i32 = sqlx::query_scalar(backend).fetch_one(&pool).await.expect("the next statement is answered");
-    assert_ne!(last, again);
+    assert_ne!(last, pid);
     drop(admin);
     pool.close().await;
     env.cleanup().await;

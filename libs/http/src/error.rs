@@ -37,7 +37,9 @@ impl From<sqlx::Error> for ApiError {
                 Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
             }
             // The connection was lost (SQLSTATE class 08), or Postgres is shutting down, starting
-            // or dropped it (57P01 to 57P05: a restart, a failover, an administrator).
+            // or dropped it (57P01 to 57P05: a restart, a failover, an administrator). Class 08
+            // holds 08P01 too, which Postgres also gives a malformed message, but which a pooler
+            // such as PgBouncer gives its own disconnections.
             sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
                 Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
             }

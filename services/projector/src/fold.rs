@@ -4,9 +4,10 @@
 //! rows, one for changed ones).
 //!
 //! Rows are read whole by run (the run's row, all its steps, all their attempts), and only for
-//! runs the [`RowCache`] does not hold and the batch does not submit: the projector keeps the
-//! rows of the runs its batches left running, and a run submitted in the batch has none in the
-//! tables yet, so a run costs writes and no reads.
+//! runs the [`RowCache`] does not hold and the batch does not submit under a fresh id: the
+//! projector keeps the rows of the runs its batches left running, and a run submitted in the
+//! batch without an idempotency key has none in the tables yet, so such a run costs writes and
+//! no reads.
 //!
 //! A one-step run is eight row writes when its events come one per batch (its run row
 //! inserted, started and ended; its step inserted, started and finished; its attempt inserted
@@ -308,11 +309,15 @@ impl RunRows {
     /// each such run whole (its row, all its steps and all their attempts), but for runs the
     /// events submit.
     ///
-    /// A run whose `RunSubmitted` is among the events has no rows to read: that event is the
-    /// first on the run's subject (it is appended expecting the subject empty, see
-    /// `taskmesh_ingest`), so every event of the run is after the checkpoint, and the tables,
-    /// which hold only what was applied up to it, hold nothing of the run. A batch of new
-    /// runs, and the cache's other runs, thus costs no read.
+    /// A run whose `RunSubmitted` is among the events, and whose id is a fresh UUID v7 (one
+    /// submitted without an idempotency key, or a rerun), has no rows to read: no event can
+    /// have named that id before. Its `RunSubmitted` is appended expecting the run's subject
+    /// empty (see `taskmesh_ingest`), so all its events are after the checkpoint, and the
+    /// tables, which hold only what was applied up to it, hold nothing of the run. A batch of
+    /// such runs, and the cache's other runs, thus costs no read. A run id derived from an
+    /// idempotency key is read all the same: once the log has dropped the run's events
+    /// (`nats.events_max_age_days`), the same key submits it again, with a new
+    /// `RunSubmitted` on an empty subject while the tables still hold the run's rows.
     pub async fn load<'e>(
         conn: &mut PgConnection,
         events: impl Iterator<Item = &'e Stored>,
@@ -321,7 +326,7 @@ impl RunRows {
         let mut rows = RunRows::default();
         // The runs the events touch, and the steps each names.
         let mut touched: HashMap<RunKey, HashSet<String>> = HashMap::new();
-        // The runs the events submit (none of their rows is in the tables).
+        // The runs the events submit under fresh ids (none of their rows is in the tables).
         let mut submitted: HashSet<RunKey> = HashSet::new();
         for stored in events.filter(|s| is_run_event(&s.envelope.event)) {
             let Some(run) = run_of(stored) else { continue };
@@ -330,7 +335,9 @@ impl RunRows {
             match &stored.envelope.event {
                 Event::RunSubmitted(e) => {
                     steps.extend(e.workflow.steps.iter().map(|s| s.id.clone()));
-                    submitted.insert(key);
+                    if e.idempotency_key.is_none() {
+                        submitted.insert(key);
+                    }
                 }
                 Event::StepWaiting(taskmesh_events::StepWaiting { steps: ids, .. })
                 | Event::StepAdmitted(taskmesh_events::StepAdmitted { steps: ids }) => {

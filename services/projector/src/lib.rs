@@ -51,6 +51,9 @@ fn gathered(stored: &Stored) -> bool {
 /// How often an idle projector looks for batches Postgres lost.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// How long the check of an idle connection may wait for Postgres's answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Fails when the table's `checkpoint` is behind the `committed` one: Postgres lost batches.
 fn lost_batches(checkpoint: u64, committed: u64) -> anyhow::Result<()> {
     if checkpoint < committed {
@@ -204,9 +207,11 @@ impl Projector {
         let mut cache = fold::RowCache::default();
         // One connection for every batch: taken from the pool for each, it would cost two
         // round trips more (the pool makes sure of a connection as it hands it out, and again
-        // as it takes it back). Should it break, the batch fails, and the next call takes
-        // another.
+        // as it takes it back). One idle for a while is checked first, as the pool would (see
+        // `taskmesh_store::connect`), and replaced if Postgres dropped it meanwhile. Should it
+        // break under a batch, the batch fails, and the next call takes another.
         let mut conn = self.pool().acquire().await?;
+        let mut used = std::time::Instant::now();
         loop {
             let mut events = Vec::new();
             let mut last = None;
@@ -262,8 +267,24 @@ impl Projector {
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
+            if used.elapsed() >= taskmesh_store::CHECK_IDLE_AFTER {
+                let alive = tokio::time::timeout(PING_TIMEOUT, sqlx::Connection::ping(&mut *conn)).await;
+                if !matches!(alive, Ok(Ok(()))) {
+                    tracing::info!("the projector's connection was lost while idle; taking another");
+                    conn.close_on_drop();
+                    conn = self.pool().acquire().await?;
+                }
+            }
             let applying = std::time::Instant::now();
-            let checkpoint = self.apply_on(&mut conn, &events, committed, &mut cache).await?;
+            let checkpoint = match self.apply_on(&mut conn, &events, committed, &mut cache).await {
+                Ok(checkpoint) => checkpoint,
+                Err(e) => {
+                    // Not handed back to the pool, whose check of it could wait on a dead peer.
+                    conn.close_on_drop();
+                    return Err(e);
+                }
+            };
+            used = std::time::Instant::now();
             metrics::histogram!("taskmesh_projector_batch_seconds").record(applying.elapsed().as_secs_f64());
             committed = Some(checkpoint);
             metrics::counter!("taskmesh_projector_events_total").increment(events.len() as u64);
