@@ -481,13 +481,20 @@ async fn a_keyed_run_submitted_again_after_its_events_expired_is_projected_as_on
 /// Postgres drops every connection to the mesh's database (a restart, a failover, an
 /// administrator's `pg_terminate_backend`) while the mesh is idle: no read fails on a dead
 /// connection (the pool's check is tested on its own below), and the projector, whose held
-/// connection was dropped, takes another and goes on from its checkpoint.
+/// connection was dropped, finds it dead before its next batch and takes another, without
+/// failing the batch and restarting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_postgres_drops_are_replaced_without_a_failed_read_or_a_lost_event() {
     let tm = spawn_mesh().await;
     let noop = "name: noop\nsteps:\n  - {id: a, uses: noop}\n";
     let before = tm.submit(noop).await;
     assert_eq!(tm.wait_run(before, Duration::from_secs(30)).await["status"], "succeeded");
+    // The projector's consumer, which it makes anew whenever it restarts.
+    let consumer_created = || async {
+        let stream = tm.bus.jetstream().get_stream(tm.bus.namespace().events_stream()).await.unwrap();
+        stream.consumer_info(taskmesh_projector::NAME).await.unwrap().created
+    };
+    let created = consumer_created().await;
     // From a connection outside the mesh's pool (which the test shares), so none is spared.
     let mut admin = sqlx::ConnectOptions::connect(&*tm.pool.connect_options()).await.unwrap();
     let dropped: i64 = sqlx::query_scalar(
@@ -506,6 +513,7 @@ async fn connections_postgres_drops_are_replaced_without_a_failed_read_or_a_lost
     }
     let after = tm.submit(noop).await;
     assert_eq!(tm.wait_run(after, Duration::from_secs(30)).await["status"], "succeeded");
+    assert_eq!(consumer_created().await, created, "the projector replaced its idle connection without a restart");
     tm.finish().await;
 }
 

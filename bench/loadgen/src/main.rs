@@ -408,6 +408,15 @@ async fn roundtrip_hops(api: &Api, marks: Vec<(String, Utc, Utc, Utc)>) -> anyho
         .collect())
 }
 
+/// Waits, 10 minutes at most, until an open-loop run (submitted at `seq`) has ended in the read
+/// side.
+async fn open_run_ended(api: &Api, id: &str, seq: u64) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(600), api.wait_ended(id, Some(seq)))
+        .await
+        .context("an open-loop run did not end in 10 minutes")??;
+    Ok(())
+}
+
 /// Open-loop arrivals: `n` one-step runs submitted at `rate` per second on a fixed schedule,
 /// whether or not earlier ones are done (a closed loop would hide queueing). Each submission
 /// is followed by one read the gateway holds until the run has ended (`?wait`, after the read
@@ -431,9 +440,7 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize, hold: bool) -> anyhow::Res
             let answered = chrono::Utc::now();
             // As a client awaiting its result would: one read, held until the run has ended.
             if hold {
-                tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
-                    .await
-                    .context("an open-loop run did not end in 10 minutes")??;
+                open_run_ended(&api, &id, seq).await?;
             }
             anyhow::Ok((id, seq, sent, answered, chrono::Utc::now()))
         }));
@@ -462,9 +469,7 @@ async fn openloop(api: Arc<Api>, rate: f64, n: usize, hold: bool) -> anyhow::Res
             let api = api.clone();
             async move {
                 if !hold {
-                    tokio::time::timeout(Duration::from_secs(600), api.wait_ended(&id, Some(seq)))
-                        .await
-                        .context("an open-loop run did not end in 10 minutes")??;
+                    open_run_ended(&api, &id, seq).await?;
                 }
                 api.run(&id).await.map(|v| (sent, v))
             }

@@ -32,18 +32,19 @@ impl From<sqlx::Error> for ApiError {
     /// Database details go to the log, never to the client.
     fn from(e: sqlx::Error) -> Self {
         tracing::error!(error = %e, "database error");
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
-            }
+        let unavailable = match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
             // The connection was lost (SQLSTATE class 08), or Postgres is shutting down, starting
             // or dropped it (57P01 to 57P05: a restart, a failover, an administrator). Class 08
             // holds 08P01 too, which Postgres also gives a malformed message, but which a pooler
             // such as PgBouncer gives its own disconnections.
-            sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
-                Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
-            }
-            _ => Self::new(ErrorCode::Internal, "internal error"),
+            sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        };
+        if unavailable {
+            Self::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
+        } else {
+            Self::new(ErrorCode::Internal, "internal error")
         }
     }
 }

@@ -56,13 +56,24 @@ pub fn connect(settings: &PostgresSettings) -> Result<PgPool> {
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for >= CHECK_IDLE_AFTER {
-                    sqlx::Connection::ping(conn).await?;
-                }
+                check_if_idle(conn, meta.idle_for).await?;
                 Ok(true)
             })
         })
         .connect_lazy_with(options))
+}
+
+/// Checks that a connection idle for `idle_for` is still alive (a round trip, answered within
+/// 5 s), if that is [`CHECK_IDLE_AFTER`] or longer: the check [`connect`]'s pools make as they
+/// hand one out, for connections held outside a pool too.
+pub async fn check_if_idle(conn: &mut sqlx::PgConnection, idle_for: Duration) -> std::result::Result<(), sqlx::Error> {
+    if idle_for < CHECK_IDLE_AFTER {
+        return Ok(());
+    }
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::Connection::ping(conn)).await {
+        Ok(pinged) => pinged,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer to a ping"))),
+    }
 }
 
 /// Applies pending migrations.

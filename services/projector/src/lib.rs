@@ -51,9 +51,6 @@ fn gathered(stored: &Stored) -> bool {
 /// How often an idle projector looks for batches Postgres lost.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// How long the check of an idle connection may wait for Postgres's answer.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Fails when the table's `checkpoint` is behind the `committed` one: Postgres lost batches.
 fn lost_batches(checkpoint: u64, committed: u64) -> anyhow::Result<()> {
     if checkpoint < committed {
@@ -267,13 +264,10 @@ impl Projector {
                 last = Some(msg);
             }
             let Some(last) = last else { continue };
-            if used.elapsed() >= taskmesh_store::CHECK_IDLE_AFTER {
-                let alive = tokio::time::timeout(PING_TIMEOUT, sqlx::Connection::ping(&mut *conn)).await;
-                if !matches!(alive, Ok(Ok(()))) {
-                    tracing::info!("the projector's connection was lost while idle; taking another");
-                    conn.close_on_drop();
-                    conn = self.pool().acquire().await?;
-                }
+            if taskmesh_store::check_if_idle(&mut conn, used.elapsed()).await.is_err() {
+                tracing::info!("the projector's connection was lost while idle; taking another");
+                conn.close_on_drop();
+                conn = self.pool().acquire().await?;
             }
             let applying = std::time::Instant::now();
             let checkpoint = match self.apply_on(&mut conn, &events, committed, &mut cache).await {
