@@ -440,21 +440,28 @@ impl Scheduler {
             tracing::warn!(subject = %commit[0].envelope.subject, "events for a run with no RunSubmitted");
             return Ok(());
         }
-        for stored in commit {
-            self.on_run_event(slot, key, stored).await?;
-        }
         let last = &commit[commit.len() - 1];
         let meta = EventMeta::caused_by(&last.envelope);
-        // The steps it dispatched go out after the rest it asks for (a run's deadline is armed
-        // before its first step can start), all at once.
-        self.enqueue_dispatched(slot, key, commit.iter().map(|s| &s.envelope.event), &meta).await?;
+        // What the events ask of the world (a new run's deadline, its admission, a run's end)
+        // and the steps they dispatched go out at once: the commit counts as handled (is
+        // acked) only once both are done, so a failure of either has the commit delivered
+        // again, and a step that started meanwhile keeps its run's deadline, armed then.
+        let (markers, entries) = ready_entries(slot, key, commit.iter().map(|s| &s.envelope.event), &meta)?;
+        let effects = async {
+            for stored in commit {
+                self.on_run_event(slot, key, stored).await?;
+            }
+            Ok::<_, BusError>(())
+        };
+        tokio::try_join!(effects, self.publish_ready(key, &entries, &meta))?;
+        slot.enqueued.extend(markers);
         self.decide_and_append(slot, key, &meta).await
     }
 
     /// What one event asks of the world beyond the run's own log (admission, deadlines,
     /// cancellation signals, announcing the end), done before the event is acked; the steps a
-    /// commit dispatched are enqueued after its events (see `on_run_commit`).
-    async fn on_run_event(&self, slot: &mut Slot, key: &RunKey, stored: &Stored) -> Result<(), BusError> {
+    /// commit dispatched are enqueued at the same time (see `on_run_commit`).
+    async fn on_run_event(&self, slot: &Slot, key: &RunKey, stored: &Stored) -> Result<(), BusError> {
         let state = slot.state.as_ref().expect("ensured");
         match &stored.envelope.event {
             Event::RunSubmitted(submitted) if !state.is_finished() => {
@@ -641,11 +648,7 @@ impl Scheduler {
 
     /// Enqueues the steps `events` dispatched that are still dispatched and not yet enqueued
     /// here, on the tenant's `READY` queue, where admission control lets them through to the
-    /// executors (see `dispatch`). The steps of one decision (a fan-out's) go as one entry
-    /// (several for a large decision: [`READY_ENTRY_BYTES`] each), so they cost one message
-    /// rather than one each and reach the executors together (and their leases come back
-    /// together: see [`Scheduler::command`]); entries are published pipelined
-    /// (`dispatch::PIPELINE` at a time, in order), each acknowledged.
+    /// executors (see `dispatch`), as [`ready_entries`] groups them.
     async fn enqueue_dispatched<'e>(
         &self,
         slot: &mut Slot,
@@ -653,36 +656,27 @@ impl Scheduler {
         events: impl IntoIterator<Item = &'e Event>,
         meta: &EventMeta,
     ) -> Result<(), BusError> {
-        let (markers, steps): (Vec<_>, Vec<_>) = events
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::StepDispatched(d) => ready_of(slot, key, d, meta),
-                _ => None,
-            })
-            .unzip();
-        if steps.is_empty() {
-            return Ok(());
-        }
+        let (markers, entries) = ready_entries(slot, key, events, meta)?;
+        self.publish_ready(key, &entries, meta).await?;
+        slot.enqueued.extend(markers);
+        Ok(())
+    }
+
+    /// Publishes `READY` entries (see [`ready_entries`]), pipelined
+    /// (`dispatch::PIPELINE` at a time, in order), each acknowledged.
+    async fn publish_ready(
+        &self,
+        key: &RunKey,
+        entries: &[(String, bytes::Bytes)],
+        meta: &EventMeta,
+    ) -> Result<(), BusError> {
         let subject = self.bus.namespace().ready(&key.tenant);
-        let bodies = Ready::entries(steps, READY_ENTRY_BYTES)
-            .map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?;
-        // Each entry's id names the steps it holds: the markers, in entry order.
-        let mut left = markers.as_slice();
-        let entries: Vec<_> = bodies
-            .into_iter()
-            .map(|(body, n)| {
-                let (held, rest) = left.split_at(n);
-                left = rest;
-                (Ready::entry_id(key.run_id, held), bytes::Bytes::from(body))
-            })
-            .collect();
         for chunk in entries.chunks(dispatch::PIPELINE) {
             let publishes = chunk.iter().map(|(msg_id, body)| {
                 self.bus.enqueue_payload(subject.clone(), msg_id, body.clone(), meta.traceparent.as_deref())
             });
             futures::future::try_join_all(publishes).await?;
         }
-        slot.enqueued.extend(markers);
         Ok(())
     }
 
@@ -811,6 +805,46 @@ impl Scheduler {
         }
         Err(Problem::new(ErrorCode::Unavailable, "too much contention on this run; retry"))
     }
+}
+
+/// `READY` entries: each one's message id and body.
+type ReadyEntries = Vec<(String, bytes::Bytes)>;
+
+/// The `READY` entries (each with its message id) for the steps `events` dispatched that are
+/// still dispatched and not yet enqueued here, with their markers, to be added to
+/// `slot.enqueued` once the entries are in `READY`. The steps of one decision (a fan-out's) go
+/// as one entry (several for a large decision: [`READY_ENTRY_BYTES`] each), so they cost one
+/// message rather than one each and reach the executors together (and their leases come back
+/// together: see [`Scheduler::command`]).
+fn ready_entries<'e>(
+    slot: &Slot,
+    key: &RunKey,
+    events: impl IntoIterator<Item = &'e Event>,
+    meta: &EventMeta,
+) -> Result<(Vec<(String, u32)>, ReadyEntries), BusError> {
+    let (markers, steps): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::StepDispatched(d) => ready_of(slot, key, d, meta),
+            _ => None,
+        })
+        .unzip();
+    if steps.is_empty() {
+        return Ok((markers, Vec::new()));
+    }
+    let bodies =
+        Ready::entries(steps, READY_ENTRY_BYTES).map_err(|e| BusError::Nats(format!("encoding READY entries: {e}")))?;
+    // Each entry's id names the steps it holds: the markers, in entry order.
+    let mut left = markers.as_slice();
+    let entries = bodies
+        .into_iter()
+        .map(|(body, n)| {
+            let (held, rest) = left.split_at(n);
+            left = rest;
+            (Ready::entry_id(key.run_id, held), bytes::Bytes::from(body))
+        })
+        .collect();
+    Ok((markers, entries))
 }
 
 /// The `READY` part of a dispatched step, with its marker (step, dispatch n); `None` if the
