@@ -244,8 +244,14 @@ async fn stopped_projector_catches_up_and_a_rebuild_equals_the_live_rows() {
 /// A mesh whose projector ran until the API key was readable, then stopped: the test applies
 /// the runs' events itself.
 async fn without_projector() -> TestMesh {
+    without_projector_with(|_| {}).await
+}
+
+/// [`without_projector`] with settings of the test's own.
+async fn without_projector_with(tweak: impl FnOnce(&mut taskmesh_config::Settings)) -> TestMesh {
     let mut tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Gateway, Svc::Projector], |s| {
-        s.executor.slots = 8
+        s.executor.slots = 8;
+        tweak(s);
     })
     .await;
     let services = [Svc::Ingest, Svc::Scheduler, Svc::Executor, Svc::Gateway];
@@ -264,6 +270,17 @@ async fn ended_in_the_log(tm: &TestMesh, id: uuid::Uuid) -> Vec<taskmesh_bus::St
         let events = tm.bus.read_subject(&subject, 0).await?;
         Ok(events.last().is_some_and(|e| e.envelope.event.is_run_terminal()).then_some(events))
     })
+    .await
+    .unwrap()
+}
+
+/// Every row of `runs`, `steps` and `step_attempts`, in a stable order, as JSON text.
+async fn run_rows(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar::<_, String>(
+        "SELECT row_to_json(r)::text FROM runs r UNION ALL SELECT row_to_json(s)::text FROM steps s
+         UNION ALL SELECT row_to_json(a)::text FROM step_attempts a ORDER BY 1",
+    )
+    .fetch_all(pool)
     .await
     .unwrap()
 }
@@ -452,15 +469,7 @@ async fn a_keyed_run_submitted_again_after_its_events_expired_is_projected_as_on
         events.chunk_by(|a, b| a.seq == b.seq).map(|m| m.to_vec()).collect()
     };
     let projector = taskmesh_projector::Projector::new(tm.bus.clone(), tm.pool.clone());
-    let runs = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT row_to_json(r)::text FROM runs r UNION ALL SELECT row_to_json(s)::text FROM steps s
-             UNION ALL SELECT row_to_json(a)::text FROM step_attempts a ORDER BY 1",
-        )
-        .fetch_all(&tm.pool)
-        .await
-        .unwrap()
-    };
+    let runs = || run_rows(&tm.pool);
 
     taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
     for m in messages(&first).iter().chain(&messages(&second)) {
@@ -475,6 +484,79 @@ async fn a_keyed_run_submitted_again_after_its_events_expired_is_projected_as_on
     let committed = projector.apply_batch(&first, None, &mut Default::default()).await.unwrap();
     projector.apply_batch(&second, Some(committed), &mut Default::default()).await.unwrap();
     assert_eq!(runs().await, one_at_a_time, "the second submission in one batch");
+    tm.finish().await;
+}
+
+/// An idempotency key whose run's events aged out of the log is free again: it submits a new
+/// run, under the same id, while the scheduler may still cache the old run and the read side
+/// still holds its rows. The new run runs to its end (the scheduler, remembering the old run
+/// as ended, took the new one for ended too, and it never ended), and the read side shows the
+/// new run only, as a rebuild from the log (which holds only the new run) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_run_submitted_again_after_its_events_expired_runs_and_is_shown_as_a_rebuild_shows_it() {
+    // The queues deduplicate a dispatch of the same step of the same run id within their window
+    // (two minutes by default): the run's events age out days later.
+    let tm = without_projector_with(|s| s.nats.duplicate_window_secs = 1).await;
+    let projector =
+        Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &[Svc::Projector]).await.unwrap();
+    let submit = |yaml: &'static str| {
+        let tm = &tm;
+        async move {
+            let res = tm
+                .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
+                .header("content-type", "application/yaml")
+                .header("Idempotency-Key", "nightly-2026-12-07")
+                .body(yaml)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+            let body: serde_json::Value = res.json().await.unwrap();
+            body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap()
+        }
+    };
+    let id = submit("name: first\nsteps:\n  - {id: a, run: 'exit 3'}\n  - {id: b, needs: [a], uses: noop}\n").await;
+    let first = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!((&first["status"], &first["workflow"]), (&"failed".into(), &"first".into()), "{first}");
+    let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: id });
+    // What `nats.events_max_age_days` does, days later: the log's oldest events, the run's
+    // among them, are gone (the read side keeps what it made of them).
+    tm.wait_projected().await;
+    let events_stream = tm.bus.namespace().events_stream();
+    let last_seq =
+        tm.bus.jetstream().get_stream(&events_stream).await.unwrap().info().await.unwrap().state.last_sequence;
+    tm.bus.purge_below(&events_stream, last_seq + 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let second = "name: second\nsteps:\n  - {id: c, uses: noop}\n  - {id: a, needs: [c], uses: noop}\n";
+    assert_eq!(submit(second).await, id, "the key's run id, submitted anew");
+    let events = eventually("the second run to end in the log", Duration::from_secs(30), || async {
+        let events = tm.bus.read_subject(&subject, last_seq).await?;
+        Ok(events.last().is_some_and(|e| e.envelope.event.is_run_terminal()).then_some(events))
+    })
+    .await
+    .unwrap();
+    let end = &events.last().unwrap().envelope.event;
+    assert!(matches!(end, taskmesh_events::Event::RunSucceeded(_)), "{end:?}");
+    tm.wait_projected().await;
+    let (status, run) = tm.get_run(id).await;
+    assert_eq!(status, 200);
+    assert_eq!((&run["status"], &run["workflow"]), (&"succeeded".into(), &"second".into()), "{run}");
+    let steps: Vec<_> =
+        run["steps"].as_array().unwrap().iter().map(|s| (s["id"].clone(), s["status"].clone())).collect();
+    let expected: Vec<(serde_json::Value, serde_json::Value)> =
+        vec![("c".into(), "succeeded".into()), ("a".into(), "succeeded".into())];
+    assert_eq!(steps, expected, "{run}");
+    // The rows of runs (the log no longer has the tenant's and its key's creation, which a
+    // rebuild would not show).
+    let runs = || run_rows(&tm.pool);
+    let live = runs().await;
+    projector.stop().await.unwrap();
+    taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+    let projector =
+        Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &[Svc::Projector]).await.unwrap();
+    tm.wait_projected().await;
+    assert_eq!(runs().await, live, "a rebuild from the log shows the runs as the live projection does");
+    projector.stop().await.unwrap();
     tm.finish().await;
 }
 

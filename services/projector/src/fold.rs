@@ -301,6 +301,8 @@ pub struct RunRows {
     pub ended: Vec<Uuid>,
     /// How many runs [`RunRows::load`] looked for in the tables.
     read: usize,
+    /// Runs the batch submits again (see [`RunRows::load`]), whose rows are to go first.
+    replaced: Vec<RunKey>,
 }
 
 impl RunRows {
@@ -318,6 +320,12 @@ impl RunRows {
     /// idempotency key is read all the same: once the log has dropped the run's events
     /// (`nats.events_max_age_days`), the same key submits it again, with a new
     /// `RunSubmitted` on an empty subject while the tables still hold the run's rows.
+    ///
+    /// Such a run, submitted again, is a new run (a rebuild from the log, which no longer
+    /// holds the first, shows only the new one): its rows are left out here, as if the tables
+    /// did not hold them, and listed in [`RunRows::replaced`], to be deleted before the batch
+    /// is written. Its rows are read from the tables, never the cache, which holds only some
+    /// of a run's steps.
     pub async fn load<'e>(
         conn: &mut PgConnection,
         events: impl Iterator<Item = &'e Stored>,
@@ -328,6 +336,8 @@ impl RunRows {
         let mut touched: HashMap<RunKey, HashSet<String>> = HashMap::new();
         // The runs the events submit under fresh ids (none of their rows is in the tables).
         let mut submitted: HashSet<RunKey> = HashSet::new();
+        // The runs the events submit under an idempotency key's id (their rows may be there).
+        let mut keyed: HashSet<RunKey> = HashSet::new();
         for stored in events.filter(|s| is_run_event(&s.envelope.event)) {
             let Some(run) = run_of(stored) else { continue };
             let key = (stored.envelope.tenant.clone(), run);
@@ -337,6 +347,8 @@ impl RunRows {
                     steps.extend(e.workflow.steps.iter().map(|s| s.id.clone()));
                     if e.idempotency_key.is_none() {
                         submitted.insert(key);
+                    } else {
+                        keyed.insert(key);
                     }
                 }
                 Event::StepWaiting(taskmesh_events::StepWaiting { steps: ids, .. })
@@ -345,6 +357,9 @@ impl RunRows {
                 }
                 event => steps.extend(step_named(event).map(str::to_string)),
             }
+        }
+        for key in &keyed {
+            cache.remove(key);
         }
         let mut missing: HashSet<RunKey> = HashSet::new();
         for (key, steps) in touched {
@@ -438,7 +453,22 @@ impl RunRows {
             let key: AttemptKey = (r.get("tenant_id"), r.get("run_id"), r.get("step_id"), r.get("attempt"));
             rows.add_attempt(key, Slot::stored(row));
         }
+        for key in keyed {
+            if rows.runs.remove(&key).is_some() {
+                let of_run = |tenant: &String, run: &Uuid| (tenant, run) == (&key.0, &key.1);
+                rows.steps.retain(|(tenant, run, _), _| !of_run(tenant, run));
+                rows.attempts.retain(|(tenant, run, _, _), _| !of_run(tenant, run));
+                rows.attempts_of.retain(|(tenant, run, _), _| !of_run(tenant, run));
+                rows.replaced.push(key);
+            }
+        }
         Ok(rows)
+    }
+
+    /// The runs the batch submits again, whose rows must be deleted before it is written (in
+    /// its transaction, guarded by its checkpoint; see [`RunRows::load`]).
+    pub fn replaced(&self) -> &[RunKey] {
+        &self.replaced
     }
 
     /// How many runs [`RunRows::load`] looked for in the tables (neither in the cache nor

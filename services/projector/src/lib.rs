@@ -48,6 +48,19 @@ fn gathered(stored: &Stored) -> bool {
     fold::is_run_event(&stored.envelope.event) || apply::is_audit(&stored.envelope.event)
 }
 
+/// What [`Projector::move_on`] did with a batch.
+enum MovedOn {
+    /// Wrote it and moved the checkpoint to this sequence; the rows to keep in the cache once
+    /// committed.
+    To(u64, Box<fold::RunRows>),
+    /// Nothing: the checkpoint was not where the batch left from.
+    Under,
+    /// Nothing: the batch submits a run again under its idempotency key, once its first
+    /// submission's events aged out of the log (see `fold::RunRows::load`), and the old run's
+    /// rows must go before it is written, in the same transaction.
+    NeedsTransaction,
+}
+
 /// How often an idle projector looks for batches Postgres lost.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
@@ -346,11 +359,14 @@ impl Projector {
             && fresh(from).all(gathered)
         {
             // Only run rows and audit records: one statement, no transaction.
-            let Some((checkpoint, runs)) = self.move_on(conn, events, from, cache).await? else {
-                return Err(self.moved_under(from).await);
-            };
-            runs.keep(cache);
-            return Ok(checkpoint);
+            match self.move_on(conn, events, from, cache, false).await? {
+                MovedOn::To(checkpoint, runs) => {
+                    runs.keep(cache);
+                    return Ok(checkpoint);
+                }
+                MovedOn::Under => return Err(self.moved_under(from).await),
+                MovedOn::NeedsTransaction => {}
+            }
         }
         let mut tx = sqlx::Connection::begin(conn).await?;
         let from = match committed {
@@ -362,7 +378,7 @@ impl Projector {
             apply::apply(&mut tx, stored, &mut versions).await?;
         }
         versions.write(&mut tx).await?;
-        let Some((checkpoint, runs)) = self.move_on(&mut tx, events, from, cache).await? else {
+        let MovedOn::To(checkpoint, runs) = self.move_on(&mut tx, events, from, cache, true).await? else {
             drop(tx);
             return Err(self.moved_under(from).await);
         };
@@ -372,21 +388,47 @@ impl Projector {
     }
 
     /// Folds the batch's run events and gathers its audit records (those after `from`), and
-    /// writes them with the checkpoint's move in one statement. Returns the checkpoint and the
-    /// rows to keep in the cache once committed; none when the checkpoint was not `from`
-    /// (nothing written).
+    /// writes them with the checkpoint's move in one statement (`in_transaction`: on a
+    /// connection in a transaction, which a batch submitting a run again needs: see
+    /// [`MovedOn::NeedsTransaction`]).
     async fn move_on(
         &self,
         conn: &mut sqlx::PgConnection,
         events: &[Stored],
         from: u64,
         cache: &mut fold::RowCache,
-    ) -> anyhow::Result<Option<(u64, fold::RunRows)>> {
+        in_transaction: bool,
+    ) -> anyhow::Result<MovedOn> {
         // A commit's events share its sequence: the checkpoint moves to the sequence once all of
         // them are applied (a batch holds whole messages).
         let fresh = || events.iter().filter(|s| s.seq > from);
         let checkpoint = fresh().map(|s| s.seq).max().unwrap_or(from);
         let mut runs = fold::RunRows::load(conn, fresh(), cache).await?;
+        if !runs.replaced().is_empty() {
+            if !in_transaction {
+                // Nothing changed: the rows go back to the cache as they were taken.
+                runs.keep(cache);
+                return Ok(MovedOn::NeedsTransaction);
+            }
+            // The deletion stands only if the batch's statement moves the checkpoint on.
+            let (tenants, ids): (Vec<&str>, Vec<uuid::Uuid>) =
+                runs.replaced().iter().map(|(t, id)| (t.as_str(), *id)).unzip();
+            sqlx::query(
+                "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::uuid[]) AS k(tenant, id)),
+                      here AS (SELECT 1 FROM projection_checkpoints WHERE projection = $3 AND last_seq = $4),
+                      a AS (DELETE FROM step_attempts t USING k
+                            WHERE t.tenant_id = k.tenant AND t.run_id = k.id AND EXISTS (SELECT 1 FROM here)),
+                      s AS (DELETE FROM steps t USING k
+                            WHERE t.tenant_id = k.tenant AND t.run_id = k.id AND EXISTS (SELECT 1 FROM here))
+                 DELETE FROM runs t USING k WHERE t.tenant_id = k.tenant AND t.id = k.id AND EXISTS (SELECT 1 FROM here)",
+            )
+            .bind(&tenants)
+            .bind(&ids)
+            .bind(NAME)
+            .bind(from as i64)
+            .execute(&mut *conn)
+            .await?;
+        }
         let mut audit = apply::AuditRows::default();
         for stored in fresh().filter(|s| gathered(s)) {
             if !audit.take(stored) {
@@ -397,7 +439,7 @@ impl Projector {
         audit.write(&mut writes)?;
         let ended = runs.write(&mut writes)?;
         let moved = taskmesh_store::set_checkpoint(conn, NAME, from, checkpoint, ended, writes).await?;
-        Ok(moved.then_some((checkpoint, runs)))
+        Ok(if moved { MovedOn::To(checkpoint, Box::new(runs)) } else { MovedOn::Under })
     }
 
     /// Why a batch left from checkpoint `from` could not move it on: Postgres lost batches (the

@@ -980,10 +980,19 @@ impl Slot {
         Some(state)
     }
 
-    /// Applies whatever the log has for the run beyond the cached state.
+    /// Applies whatever the log has for the run beyond the cached state. From a
+    /// `RunSubmitted` among it, folds the run afresh, forgetting what was enqueued: the cached
+    /// run was an earlier one of the same id, whose events aged out of the log
+    /// (`nats.events_max_age_days`) before its idempotency key submitted it again.
     async fn refresh(&mut self, bus: &Bus, key: &RunKey) -> Result<(), BusError> {
         let Some(state) = self.state.as_mut() else { return Ok(()) };
-        for e in bus.read_subject(&bus.namespace().run(key), state.last_seq).await? {
+        let events = bus.read_subject(&bus.namespace().run(key), state.last_seq).await?;
+        if let Some(i) = events.iter().rposition(|e| matches!(e.envelope.event, Event::RunSubmitted(_))) {
+            self.state = Self::load(key, &events[i..]);
+            self.enqueued.clear();
+            return Ok(());
+        }
+        for e in events {
             state.apply(e.seq, &e.envelope.event);
         }
         Ok(())
