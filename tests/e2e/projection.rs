@@ -512,10 +512,11 @@ async fn a_keyed_run_submitted_again_after_its_events_expired_runs_and_is_shown_
                 .unwrap();
             assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
             let body: serde_json::Value = res.json().await.unwrap();
-            body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap()
+            (body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap(), body["duplicate"].clone())
         }
     };
-    let id = submit("name: first\nsteps:\n  - {id: a, run: 'exit 3'}\n  - {id: b, needs: [a], uses: noop}\n").await;
+    let (id, _) =
+        submit("name: first\nsteps:\n  - {id: a, run: 'exit 3'}\n  - {id: b, needs: [a], uses: noop}\n").await;
     let first = tm.wait_run(id, Duration::from_secs(30)).await;
     assert_eq!((&first["status"], &first["workflow"]), (&"failed".into(), &"first".into()), "{first}");
     let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: id });
@@ -528,7 +529,7 @@ async fn a_keyed_run_submitted_again_after_its_events_expired_runs_and_is_shown_
     tm.bus.purge_below(&events_stream, last_seq + 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let second = "name: second\nsteps:\n  - {id: c, uses: noop}\n  - {id: a, needs: [c], uses: noop}\n";
-    assert_eq!(submit(second).await, id, "the key's run id, submitted anew");
+    assert_eq!(submit(second).await, (id, false.into()), "the key's run id, submitted anew, not a repeat");
     let events = eventually("the second run to end in the log", Duration::from_secs(30), || async {
         let events = tm.bus.read_subject(&subject, last_seq).await?;
         Ok(events.last().is_some_and(|e| e.envelope.event.is_run_terminal()).then_some(events))

@@ -772,6 +772,27 @@ pub struct RunSubmitted {
 }
 
 impl RunSubmitted {
+    /// A submission of `workflow` as run `run_id` with nothing else set: no inputs, no key,
+    /// no delay, priority, group, labels or checkout.
+    pub fn new(run_id: Uuid, workflow: WorkflowDef, trigger: Trigger) -> Self {
+        RunSubmitted {
+            run_id,
+            workflow,
+            inputs: Default::default(),
+            trigger,
+            idempotency_key: None,
+            workflow_version: None,
+            not_before: None,
+            reused: Default::default(),
+            priority: None,
+            concurrency: None,
+            tenant_max_runs: None,
+            labels: Default::default(),
+            checkout: None,
+            refresh_cache: false,
+        }
+    }
+
     /// Whether the run waits for `RunAdmitted` before its steps may start.
     pub fn needs_admission(&self) -> bool {
         self.concurrency.is_some() || self.tenant_max_runs.is_some()

@@ -793,22 +793,7 @@ mod tests {
     fn run(yaml: &str) -> RunState {
         let workflow = WorkflowDef::parse_yaml(yaml).unwrap();
         let run_id = Uuid::now_v7();
-        let event = Event::RunSubmitted(RunSubmitted {
-            run_id,
-            workflow,
-            inputs: Default::default(),
-            trigger: Trigger::Api { key_id: None },
-            idempotency_key: None,
-            workflow_version: None,
-            not_before: None,
-            reused: Default::default(),
-            priority: None,
-            concurrency: None,
-            tenant_max_runs: None,
-            labels: Default::default(),
-            checkout: None,
-            refresh_cache: false,
-        });
+        let event = Event::RunSubmitted(RunSubmitted::new(run_id, workflow, Trigger::Api { key_id: None }));
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
     }
 

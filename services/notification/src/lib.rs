@@ -615,18 +615,23 @@ impl Notifier {
         if logged.is_some() {
             return Ok(logged);
         }
-        let projected: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE tenant_id = $1 AND id = $2")
-            .bind(&s.tenant)
-            .bind(s.run_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
-        Ok(match projected.as_deref() {
+        let projected: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, last_seq FROM runs WHERE tenant_id = $1 AND id = $2")
+                .bind(&s.tenant)
+                .bind(s.run_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
+        let ended = match projected.as_ref().map(|(status, _)| status.as_str()) {
             Some("succeeded") => Some(CommitState::Success),
             Some("failed" | "timed_out") => Some(CommitState::Failure),
             Some("cancelled") => Some(CommitState::Cancelled),
-            _ => None,
-        })
+            _ => return Ok(None),
+        };
+        // A row from before the run's first event in the log is an earlier run of the same id
+        // (its events aged out, and its idempotency key submitted it again): not this run's end.
+        let first = self.bus.first_seq(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
+        Ok(ended.filter(|_| projected.is_some_and(|(_, last_seq)| last_seq as u64 >= first)))
     }
 
     /// Reports a run's state on its commit through the forge's API. A `pending` never stays

@@ -316,7 +316,8 @@ impl Projector {
     /// A batch of run events only (the common case) is one statement and no transaction: its
     /// rows' writes and the checkpoint's move together, each write made only if the checkpoint
     /// moves ([`taskmesh_store::set_checkpoint`]), after reading the runs the cache
-    /// lacks. Any other event needs statements of its own, and the batch is one transaction.
+    /// lacks. Any other event needs statements of its own, and the batch is one transaction;
+    /// so does a run submitted again under its idempotency key ([`MovedOn::NeedsTransaction`]).
     ///
     /// Commits are asynchronous (the projector's connections set `synchronous_commit = off`):
     /// they do not wait for the WAL to reach the disk. Postgres may then lose the last batches

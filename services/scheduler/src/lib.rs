@@ -178,6 +178,9 @@ struct Slot {
     /// Dispatches (step, dispatch n) this process has enqueued, so the reactor does not
     /// enqueue them again.
     enqueued: HashSet<(String, u32)>,
+    /// The sequence of the cached run's `RunSubmitted`: another one means another run of the
+    /// same id (see [`Slot::fold`]).
+    submitted: u64,
 }
 
 /// Lanes of the run-event reactor: events of one run in order, different runs side by side.
@@ -947,12 +950,10 @@ impl Slot {
     ) -> Result<Option<&RunState>, BusError> {
         let next = next.filter(|c| !c.is_empty());
         match (&mut self.state, next) {
-            (None, Some(first)) if first[0].prev == Some(0) => {
-                self.state = Self::load(key, first);
-            }
+            (None, Some(first)) if first[0].prev == Some(0) => self.fold(key, first),
             (None, _) => {
                 let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
-                self.state = Self::load(key, &events);
+                self.fold(key, &events);
             }
             (Some(state), Some(next)) if next[0].seq > state.last_seq => {
                 if next[0].prev == Some(state.last_seq) {
@@ -968,28 +969,35 @@ impl Slot {
         Ok(self.state.as_ref())
     }
 
-    /// A run's state folded from its events, the first being its `RunSubmitted`.
-    fn load(key: &RunKey, events: &[Stored]) -> Option<RunState> {
-        let first = events.first()?;
-        let mut state = RunState::from_submitted(key.clone(), first.seq, &first.envelope.event)?;
+    /// Caches the run's state folded from its events, the first being its `RunSubmitted`
+    /// (none without one). A `RunSubmitted` other than the cached run's is another run of the
+    /// same id: the cached one's events aged out of the log (`nats.events_max_age_days`)
+    /// before its idempotency key submitted it again. What this process enqueued for the
+    /// other run is then forgotten (the same steps at the same dispatch are the new run's to
+    /// enqueue).
+    fn fold(&mut self, key: &RunKey, events: &[Stored]) {
+        self.state = None;
+        let Some(first) = events.first() else { return };
+        let Some(mut state) = RunState::from_submitted(key.clone(), first.seq, &first.envelope.event) else { return };
         state.correlation_id = Some(first.envelope.correlation_id);
         state.traceparent = first.envelope.traceparent.clone();
         for e in &events[1..] {
             state.apply(e.seq, &e.envelope.event);
         }
-        Some(state)
+        if first.seq != self.submitted {
+            self.enqueued.clear();
+            self.submitted = first.seq;
+        }
+        self.state = Some(state);
     }
 
-    /// Applies whatever the log has for the run beyond the cached state. From a
-    /// `RunSubmitted` among it, folds the run afresh, forgetting what was enqueued: the cached
-    /// run was an earlier one of the same id, whose events aged out of the log
-    /// (`nats.events_max_age_days`) before its idempotency key submitted it again.
+    /// Applies whatever the log has for the run beyond the cached state; from a `RunSubmitted`
+    /// among it, the run submitted again (see [`Slot::fold`]), folds it afresh.
     async fn refresh(&mut self, bus: &Bus, key: &RunKey) -> Result<(), BusError> {
         let Some(state) = self.state.as_mut() else { return Ok(()) };
         let events = bus.read_subject(&bus.namespace().run(key), state.last_seq).await?;
         if let Some(i) = events.iter().rposition(|e| matches!(e.envelope.event, Event::RunSubmitted(_))) {
-            self.state = Self::load(key, &events[i..]);
-            self.enqueued.clear();
+            self.fold(key, &events[i..]);
             return Ok(());
         }
         for e in events {
@@ -1003,7 +1011,7 @@ impl Slot {
     async fn reload(&mut self, bus: &Bus, key: &RunKey) -> Result<(), BusError> {
         self.state = None;
         let events = bus.read_subject(&bus.namespace().run(key), 0).await?;
-        self.state = Self::load(key, &events);
+        self.fold(key, &events);
         Ok(())
     }
 }
@@ -1028,6 +1036,36 @@ mod tests {
             failures.failed(Some(seq));
         }
         assert_eq!(secs(failures.failed(Some(8))), (1, 1), "past the bound, counting starts afresh");
+    }
+
+    /// A run's first commit as the log stores it: its `RunSubmitted` at `seq`, on an empty
+    /// subject.
+    fn submitted(key: &RunKey, seq: u64, yaml: &str) -> Vec<Stored> {
+        let workflow = taskmesh_events::workflow::WorkflowDef::parse_yaml(yaml).unwrap();
+        let event = Event::RunSubmitted(taskmesh_events::RunSubmitted {
+            idempotency_key: Some("k".into()),
+            ..taskmesh_events::RunSubmitted::new(key.run_id, workflow, Trigger::Api { key_id: None })
+        });
+        let envelope = EventMeta::new(&key.tenant).envelope(format!("tm.evt.{}.run.{}", key.tenant, key.run_id), event);
+        vec![Stored { seq, prev: Some(0), envelope, part: 0, parts: 1 }]
+    }
+
+    #[test]
+    fn folding_another_submission_of_the_same_run_id_forgets_what_was_enqueued_for_the_first() {
+        let key = RunKey { tenant: "t".into(), run_id: uuid::Uuid::now_v7() };
+        let mut slot = Slot::default();
+        slot.fold(&key, &submitted(&key, 5, "name: first\nsteps:\n  - {id: a, uses: noop}\n"));
+        slot.enqueued.insert(("a".into(), 1));
+        // The same run folded again (a failed append reloads it): its enqueued steps stay so.
+        slot.fold(&key, &submitted(&key, 5, "name: first\nsteps:\n  - {id: a, uses: noop}\n"));
+        assert!(slot.enqueued.contains(&("a".to_string(), 1)));
+        // Submitted again under its key once its events aged out: step `a` at dispatch 1 is the
+        // new run's, not yet enqueued.
+        slot.fold(&key, &submitted(&key, 40, "name: second\nsteps:\n  - {id: a, uses: noop}\n"));
+        assert!(slot.enqueued.is_empty());
+        assert_eq!(slot.state.as_ref().map(|s| s.workflow.name.as_str()), Some("second"));
+        slot.fold(&key, &[]);
+        assert!(slot.state.is_none(), "no RunSubmitted, no run");
     }
 
     #[test]
