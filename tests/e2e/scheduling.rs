@@ -1,5 +1,6 @@
 //! Two scheduler replicas on one stream never both dispatch a step; a fan-out's leases and
-//! reports that arrive together are appended together.
+//! reports that arrive together are appended together; a run's first step goes out once while
+//! its deadline cannot be armed.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -9,6 +10,7 @@ use taskmesh_events::command::{Lease, LeaseDecision, LeaseRequest, ReportAck, Re
 use taskmesh_events::{Event, EventMeta, RunKey, StepOutcome};
 use taskmesh_scheduler::state::StepPhase;
 use taskmesh_scheduler::{RunState, Scheduler};
+use taskmesh_testkit::eventually;
 
 use crate::helpers::*;
 
@@ -200,5 +202,43 @@ async fn a_fan_outs_leases_and_reports_arriving_together_are_decided_and_appende
     assert_eq!(ended, [*succeeded.iter().max().unwrap()], "the run ended in the last results' commit");
     let run = tm.wait_run(id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
+    tm.finish().await;
+}
+
+/// A new run's first steps and its deadline timer go out together. While the timers queue
+/// refuses the deadline, the step still goes out, once: the run's first commit, not acked
+/// until the deadline is armed, is delivered again every half second, and its `READY` entry is
+/// not sent again, even past the queues' deduplication window, while the step waits (here for
+/// an executor with a GPU, which none has). Once the queue takes the timer, the deadline is
+/// armed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_step_goes_out_once_while_its_runs_deadline_cannot_be_armed() {
+    let tm = spawn_with(&Svc::ALL, |s| s.nats.duplicate_window_secs = 1).await;
+    let ns = tm.bus.namespace().clone();
+    let js = tm.bus.jetstream();
+    let mut timers = js.get_stream(ns.timers_stream()).await.unwrap();
+    let mut refusing = timers.info().await.unwrap().config.clone();
+    refusing.max_bytes = 1;
+    js.update_stream(&refusing).await.unwrap();
+    let ready_seq =
+        || async { js.get_stream(ns.ready_stream()).await.unwrap().info().await.unwrap().state.last_sequence };
+    let before = ready_seq().await;
+    tm.submit("name: gpu\nsteps:\n  - {id: train, runs_on: {gpu: nvidia}, run: 'echo trained'}\n").await;
+    eventually("the step's READY entry", Duration::from_secs(10), || async {
+        Ok((ready_seq().await > before).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Past the window, the first commit delivered again meanwhile.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(ready_seq().await - before, 1, "the step's READY entry went out once");
+    assert_eq!(timers.info().await.unwrap().state.messages, 0, "no deadline armed yet");
+    tm.bus.provision().await.unwrap();
+    eventually("the deadline to be armed", Duration::from_secs(5), || async {
+        let armed = js.get_stream(ns.timers_stream()).await?.info().await?.state.messages;
+        Ok((armed > 0).then_some(()))
+    })
+    .await
+    .unwrap();
     tm.finish().await;
 }

@@ -773,7 +773,8 @@ pub struct RunSubmitted {
 
 impl RunSubmitted {
     /// A submission of `workflow` as run `run_id` with nothing else set: no inputs, no key,
-    /// no delay, priority, group, labels or checkout.
+    /// no stored version, delay, priority, group, tenant run limit, labels or checkout, no
+    /// steps reused, and kept outcomes used.
     pub fn new(run_id: Uuid, workflow: WorkflowDef, trigger: Trigger) -> Self {
         RunSubmitted {
             run_id,

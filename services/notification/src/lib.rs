@@ -607,7 +607,7 @@ impl Notifier {
     /// How the run ended, by its last event in the log (none: not ended).
     /// Either of two readings says so: the log's last event on the run (the freshest, but a
     /// cancellation asked for after the end can follow it) and the read model's status (which
-    /// may lag).
+    /// may lag, and may still be an earlier run's of the same id: see [`projected_end`]).
     async fn run_end(&self, s: &CommitStatus) -> Result<Option<CommitState>, Outcome> {
         let subject = self.bus.namespace().run(&RunKey { tenant: s.tenant.clone(), run_id: s.run_id });
         let last = self.bus.last(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
@@ -622,16 +622,15 @@ impl Notifier {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
-        let ended = match projected.as_ref().map(|(status, _)| status.as_str()) {
-            Some("succeeded") => Some(CommitState::Success),
-            Some("failed" | "timed_out") => Some(CommitState::Failure),
-            Some("cancelled") => Some(CommitState::Cancelled),
-            _ => return Ok(None),
+        let Some((status, last_seq)) = projected.filter(|(status, _)| ended_as(status).is_some()) else {
+            return Ok(None);
         };
-        // A row from before the run's first event in the log is an earlier run of the same id
-        // (its events aged out, and its idempotency key submitted it again): not this run's end.
-        let first = self.bus.first_seq(&subject).await.map_err(|e| Outcome::Failed(format!("reading the run: {e}")))?;
-        Ok(ended.filter(|_| projected.is_some_and(|(_, last_seq)| last_seq as u64 >= first)))
+        let first = self
+            .bus
+            .first_seq(&subject)
+            .await
+            .map_err(|e| Outcome::Failed(format!("reading the run's first event: {e}")))?;
+        Ok(projected_end(&status, last_seq, first))
     }
 
     /// Reports a run's state on its commit through the forge's API. A `pending` never stays
@@ -1012,9 +1011,40 @@ fn gitlab_already_shows(state: CommitState, said: &[u8]) -> bool {
     said.contains("cannot transition status") && said.contains(&format!("from :{}", gitlab_state(state)))
 }
 
+/// The commit state of a run's status in the read side, `succeeded`, `failed`, `timed_out` or
+/// `cancelled`; none for a run not ended.
+fn ended_as(status: &str) -> Option<CommitState> {
+    match status {
+        "succeeded" => Some(CommitState::Success),
+        "failed" | "timed_out" => Some(CommitState::Failure),
+        "cancelled" => Some(CommitState::Cancelled),
+        _ => None,
+    }
+}
+
+/// How the run ended by its row in the read side (`status`, moved on to `last_seq` by the
+/// run's events), when the log's first event on the run is at `first` (0: none). A row older
+/// than that first event is an earlier run of the same id, whose events aged out before its
+/// idempotency key submitted it again: not this run's end.
+fn projected_end(status: &str, last_seq: i64, first: u64) -> Option<CommitState> {
+    ended_as(status).filter(|_| u64::try_from(last_seq).is_ok_and(|seq| seq >= first))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_projected_end_counts_only_for_a_row_of_the_run_the_log_holds() {
+        // The run ended at 12; a cancellation asked for after it is the log's last event.
+        assert_eq!(projected_end("succeeded", 12, 9), Some(CommitState::Success));
+        assert_eq!(projected_end("timed_out", 12, 9), Some(CommitState::Failure));
+        // Its events gone from the log (none left on the subject): the row is all there is.
+        assert_eq!(projected_end("cancelled", 12, 0), Some(CommitState::Cancelled));
+        // Submitted again at 40 after its events aged out: the row is the earlier run's.
+        assert_eq!(projected_end("failed", 12, 40), None);
+        assert_eq!(projected_end("running", 50, 40), None, "not ended");
+    }
 
     #[test]
     fn gitlab_refusing_the_state_a_commit_already_shows_is_no_failure() {

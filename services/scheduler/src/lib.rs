@@ -446,9 +446,12 @@ impl Scheduler {
         let last = &commit[commit.len() - 1];
         let meta = EventMeta::caused_by(&last.envelope);
         // What the events ask of the world (a new run's deadline, its admission, a run's end)
-        // and the steps they dispatched go out at once: the commit counts as handled (is
-        // acked) only once both are done, so a failure of either has the commit delivered
-        // again, and a step that started meanwhile keeps its run's deadline, armed then.
+        // and the steps they dispatched go out at once, each seen through whether the other
+        // fails: the commit counts as handled (is acked) only once both are done, so a failure
+        // of either has the commit delivered again. Steps that went out are not sent again
+        // then (however long the other keeps failing: the queues' deduplication lasts only
+        // their window), and a step that started meanwhile keeps its run's deadline, armed
+        // by a redelivery.
         let (markers, entries) = ready_entries(slot, key, commit.iter().map(|s| &s.envelope.event), &meta)?;
         let effects = async {
             for stored in commit {
@@ -456,8 +459,10 @@ impl Scheduler {
             }
             Ok::<_, BusError>(())
         };
-        tokio::try_join!(effects, self.publish_ready(key, &entries, &meta))?;
+        let (effects, ready) = tokio::join!(effects, self.publish_ready(key, &entries, &meta));
+        ready?;
         slot.enqueued.extend(markers);
+        effects?;
         self.decide_and_append(slot, key, &meta).await
     }
 
@@ -1046,7 +1051,8 @@ mod tests {
             idempotency_key: Some("k".into()),
             ..taskmesh_events::RunSubmitted::new(key.run_id, workflow, Trigger::Api { key_id: None })
         });
-        let envelope = EventMeta::new(&key.tenant).envelope(format!("tm.evt.{}.run.{}", key.tenant, key.run_id), event);
+        let subject = taskmesh_events::subjects::Namespace::new("tm").unwrap().run(key);
+        let envelope = EventMeta::new(&key.tenant).envelope(subject, event);
         vec![Stored { seq, prev: Some(0), envelope, part: 0, parts: 1 }]
     }
 
@@ -1066,6 +1072,10 @@ mod tests {
         assert_eq!(slot.state.as_ref().map(|s| s.workflow.name.as_str()), Some("second"));
         slot.fold(&key, &[]);
         assert!(slot.state.is_none(), "no RunSubmitted, no run");
+        // Nor is what was enqueued forgotten then: folding the same submission again keeps it.
+        slot.enqueued.insert(("a".into(), 1));
+        slot.fold(&key, &submitted(&key, 40, "name: second\nsteps:\n  - {id: a, uses: noop}\n"));
+        assert!(slot.enqueued.contains(&("a".to_string(), 1)));
     }
 
     #[test]
