@@ -223,7 +223,7 @@ async fn a_first_step_goes_out_once_while_its_runs_deadline_cannot_be_armed() {
     let ready_seq =
         || async { js.get_stream(ns.ready_stream()).await.unwrap().info().await.unwrap().state.last_sequence };
     let before = ready_seq().await;
-    tm.submit("name: gpu\nsteps:\n  - {id: train, runs_on: {gpu: nvidia}, run: 'echo trained'}\n").await;
+    let id = tm.submit("name: gpu\nsteps:\n  - {id: train, runs_on: {gpu: nvidia}, run: 'echo trained'}\n").await;
     eventually("the step's READY entry", Duration::from_secs(10), || async {
         Ok((ready_seq().await > before).then_some(()))
     })
@@ -234,11 +234,16 @@ async fn a_first_step_goes_out_once_while_its_runs_deadline_cannot_be_armed() {
     assert_eq!(ready_seq().await - before, 1, "the step's READY entry went out once");
     assert_eq!(timers.info().await.unwrap().state.messages, 0, "no deadline armed yet");
     tm.bus.provision().await.unwrap();
-    eventually("the deadline to be armed", Duration::from_secs(5), || async {
-        let armed = js.get_stream(ns.timers_stream()).await?.info().await?.state.messages;
-        Ok((armed > 0).then_some(()))
+    let timer = eventually("the deadline to be armed", Duration::from_secs(5), || async {
+        let stream = js.get_stream(ns.timers_stream()).await?;
+        Ok(stream.get_last_raw_message_by_subject(&ns.timer("default")).await.ok())
     })
     .await
     .unwrap();
+    let timer: taskmesh_events::command::Timer = serde_json::from_slice(&timer.payload).unwrap();
+    assert!(
+        matches!(timer.kind, taskmesh_events::command::TimerKind::RunTimeout { run_id } if run_id == id),
+        "{timer:?}"
+    );
     tm.finish().await;
 }

@@ -324,8 +324,8 @@ impl RunRows {
     /// Such a run, submitted again, is a new run (a rebuild from the log, which no longer
     /// holds the first, shows only the new one): its rows are left out here, as if the tables
     /// did not hold them, and listed in [`RunRows::replaced`], to be deleted before the batch
-    /// is written. Its rows are read from the tables, never the cache, which holds only some
-    /// of a run's steps.
+    /// is written. Its rows are read from the tables, never the cache: taken from there, a run
+    /// comes with only the steps the batch names, where all of the old run's must go.
     pub async fn load<'e>(
         conn: &mut PgConnection,
         events: impl Iterator<Item = &'e Stored>,

@@ -54,7 +54,7 @@ enum MovedOn {
     /// committed.
     To(u64, Box<fold::RunRows>),
     /// Nothing: the checkpoint was not where the batch left from.
-    Under,
+    CheckpointMoved,
     /// Nothing: the batch submits a run again under its idempotency key, once its first
     /// submission's events aged out of the log (see `fold::RunRows::load`), and the old run's
     /// rows must go before it is written, in the same transaction.
@@ -365,7 +365,7 @@ impl Projector {
                     runs.keep(cache);
                     return Ok(checkpoint);
                 }
-                MovedOn::Under => return Err(self.moved_under(from).await),
+                MovedOn::CheckpointMoved => return Err(self.moved_under(from).await),
                 MovedOn::NeedsTransaction => {}
             }
         }
@@ -411,7 +411,8 @@ impl Projector {
                 runs.keep(cache);
                 return Ok(MovedOn::NeedsTransaction);
             }
-            // The deletion stands only if the batch's statement moves the checkpoint on.
+            // The deletion stands only if the batch's statement moves the checkpoint on: the
+            // transaction is rolled back otherwise (its own guard only spares the work).
             let (tenants, ids): (Vec<&str>, Vec<uuid::Uuid>) =
                 runs.replaced().iter().map(|(t, id)| (t.as_str(), *id)).unzip();
             sqlx::query(
@@ -440,7 +441,7 @@ impl Projector {
         audit.write(&mut writes)?;
         let ended = runs.write(&mut writes)?;
         let moved = taskmesh_store::set_checkpoint(conn, NAME, from, checkpoint, ended, writes).await?;
-        Ok(if moved { MovedOn::To(checkpoint, Box::new(runs)) } else { MovedOn::Under })
+        Ok(if moved { MovedOn::To(checkpoint, Box::new(runs)) } else { MovedOn::CheckpointMoved })
     }
 
     /// Why a batch left from checkpoint `from` could not move it on: Postgres lost batches (the

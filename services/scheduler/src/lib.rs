@@ -178,9 +178,9 @@ struct Slot {
     /// Dispatches (step, dispatch n) this process has enqueued, so the reactor does not
     /// enqueue them again.
     enqueued: HashSet<(String, u32)>,
-    /// The sequence of the cached run's `RunSubmitted`: another one means another run of the
+    /// The sequence of the `RunSubmitted` last folded: another one means another run of the
     /// same id (see [`Slot::fold`]).
-    submitted: u64,
+    submitted_seq: u64,
 }
 
 /// Lanes of the run-event reactor: events of one run in order, different runs side by side.
@@ -445,13 +445,14 @@ impl Scheduler {
         }
         let last = &commit[commit.len() - 1];
         let meta = EventMeta::caused_by(&last.envelope);
-        // What the events ask of the world (a new run's deadline, its admission, a run's end)
+        // What the events ask of the world (a new run's deadline, a commit status, a run's end)
         // and the steps they dispatched go out at once, each seen through whether the other
         // fails: the commit counts as handled (is acked) only once both are done, so a failure
-        // of either has the commit delivered again. Steps that went out are not sent again
-        // then (however long the other keeps failing: the queues' deduplication lasts only
-        // their window), and a step that started meanwhile keeps its run's deadline, armed
-        // by a redelivery.
+        // of either has the commit delivered again. Steps that went out are not sent again by
+        // this replica then (however long the other keeps failing: the queues' deduplication
+        // lasts only their window), and a step that started meanwhile keeps its run's
+        // deadline, armed by a redelivery. (`enqueue_dispatched`, apart: its publish and its
+        // markers around the effects, which borrow the slot.)
         let (markers, entries) = ready_entries(slot, key, commit.iter().map(|s| &s.envelope.event), &meta)?;
         let effects = async {
             for stored in commit {
@@ -672,12 +673,7 @@ impl Scheduler {
 
     /// Publishes `READY` entries (see [`ready_entries`]), pipelined
     /// (`dispatch::PIPELINE` at a time, in order), each acknowledged.
-    async fn publish_ready(
-        &self,
-        key: &RunKey,
-        entries: &[(String, bytes::Bytes)],
-        meta: &EventMeta,
-    ) -> Result<(), BusError> {
+    async fn publish_ready(&self, key: &RunKey, entries: &ReadyEntries, meta: &EventMeta) -> Result<(), BusError> {
         let subject = self.bus.namespace().ready(&key.tenant);
         for chunk in entries.chunks(dispatch::PIPELINE) {
             let publishes = chunk.iter().map(|(msg_id, body)| {
@@ -989,9 +985,9 @@ impl Slot {
         for e in &events[1..] {
             state.apply(e.seq, &e.envelope.event);
         }
-        if first.seq != self.submitted {
+        if first.seq != self.submitted_seq {
             self.enqueued.clear();
-            self.submitted = first.seq;
+            self.submitted_seq = first.seq;
         }
         self.state = Some(state);
     }
