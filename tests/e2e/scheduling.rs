@@ -242,7 +242,7 @@ async fn a_first_step_goes_out_once_while_its_runs_deadline_cannot_be_armed() {
     .unwrap();
     let timer: taskmesh_events::command::Timer = serde_json::from_slice(&timer.payload).unwrap();
     assert!(
-        matches!(timer.kind, taskmesh_events::command::TimerKind::RunTimeout { run_id } if run_id == id),
+        matches!(timer.kind, taskmesh_events::command::TimerKind::RunTimeout { run_id, .. } if run_id == id),
         "{timer:?}"
     );
     tm.finish().await;

@@ -135,7 +135,15 @@ pub struct Timer {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TimerKind {
     /// The run's `timeout_seconds` are up.
-    RunTimeout { run_id: Uuid },
+    RunTimeout {
+        run_id: Uuid,
+        /// The stream sequence of the `RunSubmitted` of the run it is the deadline of (none
+        /// on timers armed before 2026-12-07): a run of the same id submitted since (its
+        /// idempotency key, once the first's events aged out of the log) has a deadline of its
+        /// own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        submitted_seq: Option<u64>,
+    },
     /// A schedule's tick is due.
     ScheduleTick { schedule_id: Uuid, tick: chrono::DateTime<chrono::Utc> },
 }

@@ -107,6 +107,8 @@ pub enum RunPhase {
 #[derive(Debug, Clone)]
 pub struct RunState {
     pub key: RunKey,
+    /// Stream sequence of its `RunSubmitted`.
+    pub submitted_seq: u64,
     /// Stream sequence of the last event applied.
     pub last_seq: u64,
     pub workflow: WorkflowDef,
@@ -220,6 +222,7 @@ impl RunState {
             candidates,
             unfinished,
             not_before: submitted.not_before,
+            submitted_seq: seq,
             last_seq: seq,
             inputs: serde_json::to_value(&submitted.inputs).unwrap_or_default(),
             workflow,
@@ -621,9 +624,11 @@ impl RunState {
         }
     }
 
-    /// The run's timeout is up: cancel what is left, ending `timed_out`.
-    pub fn time_out(&self) -> ((), Vec<Event>) {
-        if self.is_finished() || self.cancel_requested {
+    /// The timeout is up of the run submitted at `submitted_seq` (none: whichever run this
+    /// is): cancel what is left, ending `timed_out`. Nothing for another run of the same id,
+    /// submitted since under the same idempotency key.
+    pub fn time_out(&self, submitted_seq: Option<u64>) -> ((), Vec<Event>) {
+        if self.is_finished() || self.cancel_requested || submitted_seq.is_some_and(|s| s != self.submitted_seq) {
             return ((), Vec::new());
         }
         let reason = match self.workflow.timeout_seconds {
@@ -795,6 +800,18 @@ mod tests {
         let run_id = Uuid::now_v7();
         let event = Event::RunSubmitted(RunSubmitted::new(run_id, workflow, Trigger::Api { key_id: None }));
         RunState::from_submitted(RunKey { tenant: "t".into(), run_id }, 1, &event).unwrap()
+    }
+
+    #[test]
+    fn a_deadline_times_out_only_the_run_submitted_when_it_was_armed() {
+        // Submitted at sequence 1 (see `run`).
+        let state = run("name: r\nsteps:\n  - {id: a, uses: noop}\n");
+        let names =
+            |(_, events): ((), Vec<Event>)| events.iter().map(|e| e.type_name().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(state.time_out(Some(1))), ["RunCancelRequested"]);
+        assert_eq!(names(state.time_out(None)), ["RunCancelRequested"], "a timer armed before it said which");
+        // An earlier run of the same id, whose events aged out, armed this one.
+        assert!(names(state.time_out(Some(40))).is_empty());
     }
 
     fn apply_all(state: &mut RunState, events: &[Event]) {

@@ -336,7 +336,7 @@ impl Scheduler {
         {
             // A run's deadline is looked at again every few minutes, and dropped once the run
             // has ended, so the timers queue holds only live runs' deadlines.
-            if let TimerKind::RunTimeout { run_id } = timer.kind
+            if let TimerKind::RunTimeout { run_id, .. } = timer.kind
                 && msg.info().is_ok_and(|i| i.delivered > 1)
             {
                 let key = RunKey { tenant: timer.tenant.clone(), run_id };
@@ -390,9 +390,10 @@ impl Scheduler {
 
     async fn fire(&self, timer: &Timer) -> Result<(), Problem> {
         match &timer.kind {
-            TimerKind::RunTimeout { run_id } => {
+            TimerKind::RunTimeout { run_id, submitted_seq } => {
                 let key = RunKey { tenant: timer.tenant.clone(), run_id: *run_id };
-                self.command(&key, RunState::time_out).await
+                let submitted_seq = *submitted_seq;
+                self.command(&key, move |state| state.time_out(submitted_seq)).await
             }
             TimerKind::ScheduleTick { schedule_id, tick } => self.tick(&timer.tenant, *schedule_id, *tick).await,
         }
@@ -500,7 +501,7 @@ impl Scheduler {
                     let timer = Timer {
                         tenant: key.tenant.clone(),
                         due: stored.envelope.occurred_at + chrono::Duration::seconds(secs as i64),
-                        kind: TimerKind::RunTimeout { run_id: key.run_id },
+                        kind: TimerKind::RunTimeout { run_id: key.run_id, submitted_seq: Some(stored.seq) },
                     };
                     self.bus
                         .enqueue(ns.timer(&key.tenant), &format!("timeout:{}", key.run_id), &timer, None)
