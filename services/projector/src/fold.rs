@@ -466,7 +466,8 @@ impl RunRows {
     }
 
     /// The runs the batch submits again, whose rows must be deleted before it is written (in
-    /// its transaction, guarded by its checkpoint; see [`RunRows::load`]).
+    /// its transaction, which rolls back should the checkpoint have moved; see
+    /// [`RunRows::load`]).
     pub fn replaced(&self) -> &[RunKey] {
         &self.replaced
     }

@@ -412,22 +412,17 @@ impl Projector {
                 return Ok(MovedOn::NeedsTransaction);
             }
             // The deletion stands only if the batch's statement moves the checkpoint on: the
-            // transaction is rolled back otherwise (its own guard only spares the work).
+            // transaction is rolled back otherwise.
             let (tenants, ids): (Vec<&str>, Vec<uuid::Uuid>) =
                 runs.replaced().iter().map(|(t, id)| (t.as_str(), *id)).unzip();
             sqlx::query(
                 "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::uuid[]) AS k(tenant, id)),
-                      here AS (SELECT 1 FROM projection_checkpoints WHERE projection = $3 AND last_seq = $4),
-                      a AS (DELETE FROM step_attempts t USING k
-                            WHERE t.tenant_id = k.tenant AND t.run_id = k.id AND EXISTS (SELECT 1 FROM here)),
-                      s AS (DELETE FROM steps t USING k
-                            WHERE t.tenant_id = k.tenant AND t.run_id = k.id AND EXISTS (SELECT 1 FROM here))
-                 DELETE FROM runs t USING k WHERE t.tenant_id = k.tenant AND t.id = k.id AND EXISTS (SELECT 1 FROM here)",
+                      a AS (DELETE FROM step_attempts t USING k WHERE t.tenant_id = k.tenant AND t.run_id = k.id),
+                      s AS (DELETE FROM steps t USING k WHERE t.tenant_id = k.tenant AND t.run_id = k.id)
+                 DELETE FROM runs t USING k WHERE t.tenant_id = k.tenant AND t.id = k.id",
             )
             .bind(&tenants)
             .bind(&ids)
-            .bind(NAME)
-            .bind(from as i64)
             .execute(&mut *conn)
             .await?;
         }
