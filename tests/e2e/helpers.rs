@@ -65,6 +65,13 @@ impl TestMesh {
         req.bearer_auth(&self.key)
     }
 
+    /// Submits a YAML workflow with an `Idempotency-Key`; returns the run id and whether the
+    /// answer took it for a repeat (`duplicate`).
+    pub async fn submit_keyed(&self, key: &str, yaml: &str) -> (Uuid, Value) {
+        let body = self.submit_yaml(&self.key, Some(key), yaml).await;
+        (body["id"].as_str().unwrap().parse().unwrap(), body["duplicate"].clone())
+    }
+
     /// Submits a YAML workflow; returns the run id.
     pub async fn submit(&self, yaml: &str) -> Uuid {
         self.submit_as(&self.key, yaml).await
@@ -72,18 +79,24 @@ impl TestMesh {
 
     /// Submits a YAML workflow with another tenant's (or role's) `key`; returns the run id.
     pub async fn submit_as(&self, key: &str, yaml: &str) -> Uuid {
-        let res = self
+        self.submit_yaml(key, None, yaml).await["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// `POST /v1/runs` of a YAML workflow with `key`, and `idempotency_key` if given: the
+    /// accepted answer's body.
+    async fn submit_yaml(&self, key: &str, idempotency_key: Option<&str>, yaml: &str) -> Value {
+        let mut req = self
             .http
             .post(format!("{}/v1/runs", self.api))
             .bearer_auth(key)
             .header("content-type", "application/yaml")
-            .body(yaml.to_string())
-            .send()
-            .await
-            .unwrap();
+            .body(yaml.to_string());
+        if let Some(k) = idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let res = req.send().await.unwrap();
         assert_eq!(res.status(), 202, "submit: {}", res.text().await.unwrap());
-        let body: Value = res.json().await.unwrap();
-        body["id"].as_str().unwrap().parse().unwrap()
+        res.json().await.unwrap()
     }
 
     /// Submits a run with `body` as `POST /v1/runs`'s JSON, as the `key`'s tenant; its id.

@@ -442,19 +442,8 @@ async fn a_projector_that_finds_its_committed_batches_lost_replays_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_keyed_run_submitted_again_after_its_events_expired_is_projected_as_one_event_at_a_time_would() {
     let tm = without_projector().await;
-    let submit = || async {
-        let res = tm
-            .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
-            .header("content-type", "application/yaml")
-            .header("Idempotency-Key", "nightly-2026-12-07")
-            .body("name: keyed\nsteps:\n  - {id: a, uses: noop}\n")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 202);
-        let body: serde_json::Value = res.json().await.unwrap();
-        body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap()
-    };
+    let submit =
+        || async { tm.submit_keyed("nightly-2026-12-07", "name: keyed\nsteps:\n  - {id: a, uses: noop}\n").await.0 };
     let id = submit().await;
     let first = ended_in_the_log(&tm, id).await;
     let subject = tm.bus.namespace().run(&RunKey { tenant: "default".into(), run_id: id });
@@ -501,22 +490,7 @@ async fn a_keyed_run_submitted_again_after_its_events_expired_runs_and_is_shown_
     let tm = without_projector_with(|s| s.nats.duplicate_window_secs = 1).await;
     let projector =
         Mesh::start(&tm.env.settings, tm.bus.clone(), Some(tm.pool.clone()), &[Svc::Projector]).await.unwrap();
-    let submit = |yaml: &'static str| {
-        let tm = &tm;
-        async move {
-            let res = tm
-                .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
-                .header("content-type", "application/yaml")
-                .header("Idempotency-Key", "nightly-2026-12-07")
-                .body(yaml)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
-            let body: serde_json::Value = res.json().await.unwrap();
-            (body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap(), body["duplicate"].clone())
-        }
-    };
+    let submit = |yaml| tm.submit_keyed("nightly-2026-12-07", yaml);
     let (id, _) =
         submit("name: first\nsteps:\n  - {id: a, run: 'exit 3'}\n  - {id: b, needs: [a], uses: noop}\n").await;
     let first = tm.wait_run(id, Duration::from_secs(30)).await;

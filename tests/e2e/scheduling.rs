@@ -1,6 +1,7 @@
 //! Two scheduler replicas on one stream never both dispatch a step; a fan-out's leases and
 //! reports that arrive together are appended together; a run's first step goes out once while
-//! its deadline cannot be armed.
+//! its deadline cannot be armed; an old run's deadline leaves alone the run its idempotency key
+//! submitted again.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -244,6 +245,69 @@ async fn a_first_step_goes_out_once_while_its_runs_deadline_cannot_be_armed() {
     assert!(
         matches!(timer.kind, taskmesh_events::command::TimerKind::RunTimeout { run_id, .. } if run_id == id),
         "{timer:?}"
+    );
+    tm.finish().await;
+}
+
+/// A run whose events aged out of the log before it ended leaves its deadline timer behind;
+/// its idempotency key then submits a new run under the same id. When the old run's deadline
+/// comes due it names the old run's submission, so the new run is not timed out by it (the
+/// scheduler passes the timer's submission to the run's state, which ignores another run's),
+/// and the new run's own deadline is armed (its timer's message id names its submission, so
+/// the queue does not take it for the old one's within its deduplication window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_runs_deadline_does_not_time_out_the_run_its_key_submitted_again() {
+    let tm = spawn_with(&Svc::ALL, |_| {}).await;
+    let ns = tm.bus.namespace().clone();
+    let js = tm.bus.jetstream();
+    let submit = |yaml| tm.submit_keyed("train-2026-12-07", yaml);
+    let timers = || async {
+        let mut stream = js.get_stream(ns.timers_stream()).await.unwrap();
+        let mut timers = Vec::new();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        for seq in 1..=last {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                timers.push(serde_json::from_slice::<taskmesh_events::command::Timer>(&m.payload).unwrap().kind);
+            }
+        }
+        timers
+    };
+    let deadline = |run: uuid::Uuid, seq: u64| taskmesh_events::command::TimerKind::RunTimeout {
+        run_id: run,
+        submitted_seq: Some(seq),
+    };
+    // Steps no executor here can take (none has a GPU): each run waits until its deadline.
+    let (id, _) =
+        submit("name: first\ntimeout_seconds: 3\nsteps:\n  - {id: a, runs_on: {gpu: nvidia}, run: 'true'}\n").await;
+    let subject = ns.run(&RunKey { tenant: "default".into(), run_id: id });
+    let first = tm.bus.read_subject(&subject, 0).await.unwrap()[0].seq;
+    eventually("the first run's deadline armed", Duration::from_secs(10), || async {
+        Ok(timers().await.contains(&deadline(id, first)).then_some(()))
+    })
+    .await
+    .unwrap();
+    // What `nats.events_max_age_days` does to a run older than that, still running.
+    tm.bus.purge_subject(&ns.events_stream(), &subject).await.unwrap();
+    let second = "name: second\ntimeout_seconds: 600\nsteps:\n  - {id: b, runs_on: {gpu: nvidia}, run: 'true'}\n";
+    // (The dispatcher's note that the first run's step waits for an executor, appended to an
+    // empty subject, would make this a repeat: it appends nothing there.)
+    assert_eq!(submit(second).await, (id, false.into()), "the key's run id, submitted anew");
+    let submitted = tm.bus.read_subject(&subject, 0).await.unwrap()[0].seq;
+    assert!(submitted > first);
+    // The first run's deadline comes due (three seconds after its submission) and is taken off
+    // the queue: only the new run's is left.
+    eventually("the first run's deadline fired", Duration::from_secs(15), || async {
+        Ok((timers().await == vec![deadline(id, submitted)]).then_some(()))
+    })
+    .await
+    .unwrap();
+    let events = tm.bus.read_subject(&subject, 0).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e.envelope.event, Event::RunCancelRequested(_)) && !e.envelope.event.is_run_terminal()),
+        "the new run is neither timed out nor ended: {:?}",
+        events.iter().map(|e| e.envelope.type_name()).collect::<Vec<_>>()
     );
     tm.finish().await;
 }

@@ -131,7 +131,7 @@ pub struct Timer {
     pub kind: TimerKind,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TimerKind {
     /// The run's `timeout_seconds` are up.

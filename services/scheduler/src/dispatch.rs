@@ -1337,11 +1337,19 @@ async fn report(bus: Bus, mut rx: tokio::sync::mpsc::Receiver<Event2>) {
 }
 
 /// Appends one event to a run's subject after whatever is there, deduplicated by `msg_id`.
+/// A subject with nothing there gets nothing: the run's events aged out of the log (it waited
+/// longer than `nats.events_max_age_days`), and a run's log begins with its submission. An
+/// event alone there would stand in the way of the next submission of the run's idempotency
+/// key, which would be answered as a repeat of it.
 pub(crate) async fn append_to_run(bus: &Bus, key: &RunKey, event: Event, msg_id: &str) -> Result<(), BusError> {
     let subject = bus.namespace().run(key);
     let envelope = EventMeta::new(&key.tenant).envelope(subject.clone(), event);
     for _ in 0..crate::MAX_CONFLICTS {
         let last = bus.last_seq(&subject).await?;
+        if last == 0 {
+            tracing::debug!(%subject, "the run's events are gone from the log; nothing appended");
+            return Ok(());
+        }
         match bus.append_with_id(Some(last), &envelope, msg_id).await {
             Ok(_) => return Ok(()),
             Err(BusError::Conflict { .. }) => continue,
@@ -1614,6 +1622,21 @@ mod tests {
     /// A step of `tenant`, held as if read from READY at sequence `seq`.
     fn hold(held: &mut Held, tenant: &str, seq: u64) {
         held.hold_step(seq, 0, noop_dispatch(tenant, &format!("s{seq}")), 0);
+    }
+
+    #[tokio::test]
+    async fn an_event_for_a_run_whose_events_are_gone_is_not_appended() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let key = RunKey { tenant: "t".into(), run_id: Uuid::now_v7() };
+        let subject = bus.namespace().run(&key);
+        let waiting = || Event::RunWaiting(RunWaiting { run_id: key.run_id, reason: "held".into() });
+        append_to_run(&bus, &key, waiting(), "w1").await.unwrap();
+        assert_eq!(bus.last_seq(&subject).await.unwrap(), 0, "nothing on an empty subject");
+        let first = bus.append(0, &EventMeta::new("t").envelope(subject.clone(), waiting())).await.unwrap();
+        append_to_run(&bus, &key, waiting(), "w2").await.unwrap();
+        assert!(bus.last_seq(&subject).await.unwrap() > first, "appended after the run's last event");
+        env.cleanup().await;
     }
 
     #[tokio::test]

@@ -503,10 +503,10 @@ impl Scheduler {
                         due: stored.envelope.occurred_at + chrono::Duration::seconds(secs as i64),
                         kind: TimerKind::RunTimeout { run_id: key.run_id, submitted_seq: Some(stored.seq) },
                     };
-                    self.bus
-                        .enqueue(ns.timer(&key.tenant), &format!("timeout:{}", key.run_id), &timer, None)
-                        .await
-                        .map(|_| ())
+                    // Named by the submission too: a run its idempotency key submitted again
+                    // under the same id (the first's events aged out) has a deadline of its own.
+                    let msg_id = format!("timeout:{}:{}", key.run_id, stored.seq);
+                    self.bus.enqueue(ns.timer(&key.tenant), &msg_id, &timer, None).await.map(|_| ())
                 };
                 let status = self.report_status(
                     key,
