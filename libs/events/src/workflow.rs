@@ -35,7 +35,8 @@ pub struct WorkflowDef {
     /// declared inputs, a run takes whatever inputs it is given.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inputs: BTreeMap<String, serde_json::Value>,
-    /// Cancel the whole run after this many seconds; it ends `timed_out`.
+    /// Cancel the whole run after this many seconds (1 to 31,536,000: a year); it ends
+    /// `timed_out`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
     /// Dispatch priority of the workflow's steps under contention (-100 to 100, higher first;
@@ -389,7 +390,7 @@ pub struct StepDef {
     /// Environment variables for the step (the executor's own are never passed on).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Kill the step after this many seconds; it ends `timed_out`.
+    /// Kill the step after this many seconds (1 to 31,536,000: a year); it ends `timed_out`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
     /// A CEL condition: the step runs only if it is true. Without one, a step runs when every
@@ -656,6 +657,14 @@ pub const SECRET_FIELDS: &[&str] =
 pub const HTTP_DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// The longest `sleep`.
 pub const MAX_SLEEP_SECS: f64 = 7.0 * 86_400.0;
+/// The longest `timeout_seconds`, a run's or a step's: a year. (A deadline is a time that has
+/// to exist: one far past the calendar's end would make no timer.)
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 86_400;
+
+/// What is wrong with a `timeout_seconds`, if anything.
+fn timeout_problem(secs: Option<u64>) -> Option<String> {
+    secs.filter(|s| !(1..=MAX_TIMEOUT_SECS).contains(s)).map(|_| format!("must be 1 to {MAX_TIMEOUT_SECS} (a year)"))
+}
 
 impl StepDef {
     /// How long the step may run before it is killed: its `timeout_seconds`, else its kind's
@@ -905,8 +914,8 @@ impl WorkflowDef {
         if self.name.trim().is_empty() || self.name.len() > 128 {
             err("name".into(), "must be 1 to 128 characters".into());
         }
-        if self.timeout_seconds == Some(0) {
-            err("timeout_seconds".into(), "must be at least 1".into());
+        if let Some(m) = timeout_problem(self.timeout_seconds) {
+            err("timeout_seconds".into(), m);
         }
         if let Some(p) = self.priority.filter(|p| !PRIORITY_RANGE.contains(p)) {
             err("priority".into(), format!("{p} is out of range: -100 to 100"));
@@ -979,8 +988,8 @@ impl WorkflowDef {
                 err(format!("steps[{i}].run"), format!("at most {MAX_SCRIPT_BYTES} bytes"));
             }
             validate_kinds(step, &mut |f, m| err(format!("steps[{i}].{f}"), m));
-            if step.timeout_seconds == Some(0) {
-                err(format!("steps[{i}].timeout_seconds"), "must be at least 1".into());
+            if let Some(m) = timeout_problem(step.timeout_seconds) {
+                err(format!("steps[{i}].timeout_seconds"), m);
             }
             if let Some(p) = step.priority.filter(|p| !PRIORITY_RANGE.contains(p)) {
                 err(format!("steps[{i}].priority"), format!("{p} is out of range: -100 to 100"));
@@ -1271,6 +1280,22 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_timeout_is_one_second_to_a_year() {
+        let fields = |yaml: &str| match WorkflowDef::parse_yaml(yaml) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.errors.into_iter().map(|e| e.field).collect::<Vec<_>>(),
+        };
+        let both = |run: u64, step: u64| {
+            fields(&format!(
+                "name: t\ntimeout_seconds: {run}\nsteps:\n  - {{id: a, run: 'true', timeout_seconds: {step}}}\n"
+            ))
+        };
+        assert_eq!(both(1, MAX_TIMEOUT_SECS), Vec::<String>::new());
+        assert_eq!(both(0, MAX_TIMEOUT_SECS + 1), ["timeout_seconds", "steps[0].timeout_seconds"]);
+        assert_eq!(both(10_000_000_000_000, 1), ["timeout_seconds"], "a time past the calendar's end");
+    }
 
     #[test]
     fn step_kinds_validate_their_fields() {

@@ -32,6 +32,7 @@ use taskmesh_events::command::{
     CancelSignal, CommitState, CommitStatus, Dispatch, LeaseDecision, LeaseRequest, Ready, ReadyStep, ReportAck,
     ResultReport, Timer, TimerKind,
 };
+use taskmesh_events::workflow::MAX_TIMEOUT_SECS;
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched, Trigger};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +65,15 @@ pub(crate) const MAX_CONFLICTS: usize = 16;
 /// (a tick's run that cannot be submitted) is not retried every second for as long.
 fn retry_after(failures: u32) -> Duration {
     Duration::from_secs(1u64 << (failures.clamp(1, 7) - 1)).min(TIMER_RETRY_MAX)
+}
+
+/// When a run submitted at `submitted` is due to time out after `secs`. At most
+/// [`MAX_TIMEOUT_SECS`] on: a submission validated before that bound (or an operator's
+/// `scheduler.max_run_seconds`) may name a time past the calendar's end, which would otherwise
+/// panic the scheduler on every delivery of the run's submission.
+fn deadline_of(submitted: chrono::DateTime<chrono::Utc>, secs: u64) -> chrono::DateTime<chrono::Utc> {
+    let secs = secs.min(MAX_TIMEOUT_SECS) as i64;
+    submitted.checked_add_signed(chrono::Duration::seconds(secs)).unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
 /// How often each timer (by its message's stream sequence) failed in a row on this replica,
@@ -500,7 +510,7 @@ impl Scheduler {
                     let Some(secs) = limit else { return Ok(()) };
                     let timer = Timer {
                         tenant: key.tenant.clone(),
-                        due: stored.envelope.occurred_at + chrono::Duration::seconds(secs as i64),
+                        due: deadline_of(stored.envelope.occurred_at, secs),
                         kind: TimerKind::RunTimeout { run_id: key.run_id, submitted_seq: Some(stored.seq) },
                     };
                     // Named by the submission too: a run its idempotency key submitted again
@@ -1021,6 +1031,15 @@ impl Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_past_the_calendars_end_is_a_years_after_its_submission() {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-12-07T10:00:00Z").unwrap().to_utc();
+        assert_eq!(deadline_of(t, 60), t + chrono::Duration::seconds(60));
+        let year = t + chrono::Duration::seconds(MAX_TIMEOUT_SECS as i64);
+        assert_eq!(deadline_of(t, 10_000_000_000_000), year, "no panic on a time past the calendar's end");
+        assert_eq!(deadline_of(t, u64::MAX), year, "nor on seconds past i64");
+    }
 
     #[test]
     fn a_timers_failures_in_a_row_are_counted_by_timer_and_forgotten_once_it_is_done() {
