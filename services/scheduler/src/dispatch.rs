@@ -1107,7 +1107,14 @@ impl Dispatcher {
                                     timed_out: false,
                                 });
                                 let old_key = RunKey { tenant: tenant.clone(), run_id: old };
-                                append_to_run(&self.bus, &old_key, event, &format!("supersede:{old}")).await?;
+                                // Asked only once it is in the log: a failed append is tried
+                                // again by the next round, rather than never.
+                                let appended =
+                                    append_to_run(&self.bus, &old_key, event, &format!("supersede:{old}")).await;
+                                if appended.is_err() {
+                                    held.cancelling.remove(&old);
+                                }
+                                appended?;
                             }
                         }
                     }
@@ -1636,6 +1643,54 @@ mod tests {
         let first = bus.append(0, &EventMeta::new("t").envelope(subject.clone(), waiting())).await.unwrap();
         append_to_run(&bus, &key, waiting(), "w2").await.unwrap();
         assert!(bus.last_seq(&subject).await.unwrap() > first, "appended after the run's last event");
+        env.cleanup().await;
+    }
+
+    /// A `cancel_in_progress` group's newcomer asks the run holding the group to cancel; an ask
+    /// that could not be appended is made again by a later round.
+    #[tokio::test]
+    async fn a_supersession_that_failed_to_append_is_asked_again() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let ns = bus.namespace().clone();
+        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let group = RunConcurrency { key: "deploy-prod".into(), limit: 1, policy: GroupPolicy::CancelInProgress };
+        let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
+        let old_subject = ns.run(&RunKey { tenant: "t".into(), run_id: old });
+        let waiting = Event::RunWaiting(RunWaiting { run_id: old, reason: "held".into() });
+        bus.append(0, &EventMeta::new("t").envelope(old_subject.clone(), waiting)).await.unwrap();
+        bus.enqueue(ns.group_member("t", &group.token(), old), "member", &old, None).await.unwrap();
+        let mut held = Held::default();
+        held.runs.insert(
+            7,
+            HeldRun {
+                tenant: "t".into(),
+                run_id: new,
+                concurrency: Some(group),
+                tenant_max_runs: None,
+                reported: true,
+            },
+        );
+        let (reports, _rx) = tokio::sync::mpsc::channel(16);
+        let valid = Validity::new(Instant::now() + Duration::from_secs(60));
+        let asked = || async {
+            bus.read_subject(&old_subject, 0)
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e.envelope.event, Event::RunCancelRequested(_)))
+        };
+        // The log refuses appends (a limit on a message's size: lowering its byte limit would
+        // remove the old run's events as well).
+        let events = bus.jetstream().get_stream(ns.events_stream()).await.unwrap().info().await.unwrap().config.clone();
+        let refusing = async_nats::jetstream::stream::Config { max_message_size: 1, ..events.clone() };
+        bus.jetstream().update_stream(&refusing).await.unwrap();
+        assert!(dispatcher.admit_runs(&mut held, &reports, &valid).await.is_err());
+        assert!(!asked().await);
+        bus.jetstream().update_stream(&events).await.unwrap();
+        dispatcher.admit_runs(&mut held, &reports, &valid).await.unwrap();
+        assert!(asked().await, "asked again once the log takes it");
+        assert!(held.runs.contains_key(&7), "the newcomer waits for the old run to end");
         env.cleanup().await;
     }
 
