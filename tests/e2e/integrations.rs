@@ -1362,6 +1362,39 @@ async fn a_delivery_queued_before_its_endpoint_was_disabled_is_not_sent_but_list
     tm.finish().await;
 }
 
+/// The read side loses an endpoint's row for a while (a rebuild under way, or batches
+/// Postgres lost in a crash): a delivery to it is tried again, not dropped as if the endpoint
+/// had been deleted, and goes through once the row is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_whose_endpoint_the_read_side_lost_for_a_while_is_not_dropped() {
+    let tm = spawn_with(&Svc::ALL, |s| s.notification.retry_delays_secs = vec![2, 1, 1, 1, 1, 1]).await;
+    let (endpoint, seen, up) = down_endpoint(&tm).await;
+    let run = tm.submit("name: told\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(run, Duration::from_secs(30)).await;
+    // Its first attempt has failed; the next, two seconds later, finds no row.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id: uuid::Uuid = endpoint.parse().unwrap();
+    sqlx::query("CREATE TABLE lost_endpoint AS SELECT * FROM webhook_endpoints WHERE id = $1")
+        .bind(id)
+        .execute(&tm.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1").bind(id).execute(&tm.pool).await.unwrap();
+    up.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(seen.lock().unwrap().is_empty(), "not sent while the read side lacks the endpoint");
+    sqlx::query("INSERT INTO webhook_endpoints SELECT * FROM lost_endpoint").execute(&tm.pool).await.unwrap();
+    eventually("the delivery to go through", Duration::from_secs(15), || async {
+        Ok((!seen.lock().unwrap().is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (_, body) = seen.lock().unwrap()[0].clone();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["data"]["run_id"], run.to_string(), "{body}");
+    tm.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_delivery_is_listed_and_sent_again_on_request() {
     // Two attempts: the first, and one retry a second later.

@@ -674,8 +674,10 @@ impl Notifier {
         .bind(&s.tenant)
         .fetch_optional(&self.pool)
         .await
-        .map_err(|e| failed("the connection", e))?
-        .ok_or(Outcome::Gone)?;
+        .map_err(|e| failed("the connection", e))?;
+        let Some(row) = row else {
+            return Err(self.missing(&self.bus.namespace().repo_connection(&s.tenant, s.connection_id)).await);
+        };
         let Some(sealed) = row.get::<Option<String>, _>("status_token") else { return Ok(None) };
         let token =
             self.open_secret(&taskmesh_secrets::repo_status_token_aad(&s.tenant), &sealed).map_err(Outcome::Failed)?;
@@ -752,6 +754,20 @@ impl Notifier {
         }
     }
 
+    /// What a delivery's endpoint (or connection) that the read side does not show is, by the
+    /// last event of its `subject` in the log: gone when it was deleted, or has no events left;
+    /// else the read side is behind the log (a rebuild under way, or batches Postgres lost in
+    /// a crash and the projector replays), and the delivery is tried again later rather than
+    /// dropped.
+    async fn missing(&self, subject: &str) -> Outcome {
+        match self.bus.last(subject).await {
+            Ok(None) => Outcome::Gone,
+            Ok(Some(last)) if last.envelope.event.is_deletion() => Outcome::Gone,
+            Ok(Some(_)) => Outcome::Failed("the read side does not show it yet (a rebuild under way?)".into()),
+            Err(e) => Outcome::Failed(format!("reading its log: {e}")),
+        }
+    }
+
     async fn post(&self, d: &Delivery) -> Result<(), Outcome> {
         let row = sqlx::query(
             "SELECT url, secret, format, disabled_at IS NOT NULL AS disabled,
@@ -762,8 +778,10 @@ impl Notifier {
         .bind(&d.tenant)
         .fetch_optional(&self.pool)
         .await
-        .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?
-        .ok_or(Outcome::Gone)?;
+        .map_err(|e| Outcome::Failed(format!("reading the endpoint: {e}")))?;
+        let Some(row) = row else {
+            return Err(self.missing(&self.bus.namespace().webhook_endpoint(&d.tenant, d.endpoint_id)).await);
+        };
         if row.get::<bool, _>("disabled") {
             return Err(Outcome::Disabled);
         }
