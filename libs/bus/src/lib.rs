@@ -851,9 +851,11 @@ impl Bus {
         }
     }
 
-    /// Gives up the lease `name` (whoever holds it: call only as its holder).
-    pub async fn release_lease(&self, name: &str) -> Result<()> {
-        self.purge_subject(&self.ns.leases_stream(), &self.ns.lease(name)).await.map(|_| ())
+    /// Gives up a lease we hold by our `claim` (its sequence, as [`Bus::claim_lease`]
+    /// returned it): only that claim's message is removed, so one who claimed the lease since
+    /// (ours ran out) keeps it.
+    pub async fn release_lease(&self, claim: u64) -> Result<()> {
+        self.delete_message(&self.ns.leases_stream(), claim).await
     }
 
     /// Sends a command and waits for its reply: `Ok(Resp)`, or the problem the service answered.

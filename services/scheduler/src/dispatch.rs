@@ -62,6 +62,8 @@ const LEASE_KEY: &str = "dispatcher";
 pub const REPORT_AFTER: Duration = Duration::from_millis(500);
 /// How often held work is looked at again without a signal.
 const TICK: Duration = Duration::from_millis(100);
+/// How often, at most, a label set that could not be recorded on POOLS is logged.
+const POOL_WARNING_EVERY: Duration = Duration::from_secs(30);
 /// Most entries read from READY before an admission round.
 const READ_BATCH: usize = 4_096;
 /// Most publishes (or deletions) in flight at once while a round's admissions go out.
@@ -348,6 +350,10 @@ impl Validity {
     fn extend(&self, until: Instant) {
         *self.0.lock().expect("not poisoned") = until;
     }
+    /// Ends it now: nothing more is admitted under this lease.
+    fn end(&self) {
+        self.extend(Instant::now());
+    }
     fn check(&self) -> Result<(), BusError> {
         if Instant::now() < *self.0.lock().expect("not poisoned") {
             Ok(())
@@ -436,6 +442,8 @@ struct Held {
     cancelling: HashSet<Uuid>,
     /// Pools (label sets) registered on the POOLS stream by this leader.
     pools: HashSet<String>,
+    /// When a label set that could not be recorded was last logged.
+    pools_warned: Option<Instant>,
     /// Live executors' labels as last read, and when.
     executors: Option<(Instant, Vec<BTreeMap<String, String>>)>,
     /// When this leader first read the live executors: until a few heartbeats have had time
@@ -489,13 +497,15 @@ impl Dispatcher {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
+            // The lease runs from before it was asked for: a slow answer shortens it.
+            let asked = Instant::now();
             match self.bus.claim_lease(LEASE_KEY, &self.id, None).await {
                 Ok(claim) => {
                     tracing::info!(id = %self.id, "leading the dispatcher");
                     let lost = CancellationToken::new();
                     // Admissions stop a margin before the lease could have expired unrenewed,
                     // so a stalled leader never admits alongside its successor.
-                    let valid = Validity::new(Instant::now() + ttl * 2 / 3);
+                    let valid = Validity::new(asked + ttl * 2 / 3);
                     let renew = {
                         let (bus, id, lost, shutdown, valid) =
                             (self.bus.clone(), self.id.clone(), lost.clone(), shutdown.clone(), valid.clone());
@@ -516,20 +526,28 @@ impl Dispatcher {
                                     Err(e) => {
                                         tracing::warn!(error = %e, "lost the dispatcher lease");
                                         lost.cancel();
-                                        return;
+                                        return None;
                                     }
                                 }
                             }
-                            // Hand over at once rather than at the lease's expiry.
-                            let _ = bus.release_lease(LEASE_KEY).await;
+                            // Nothing more is admitted from now on; the lease is given up once
+                            // the leader has stopped (below), not while its round may still be
+                            // sending what a successor would not count.
+                            valid.end();
                             lost.cancel();
+                            Some(claim)
                         })
                     };
                     if let Err(e) = self.lead(lost.clone(), valid).await {
                         tracing::warn!(error = %e, "dispatcher stopped leading");
                     }
                     lost.cancel();
-                    let _ = renew.await;
+                    // Handed over at once rather than at the lease's expiry.
+                    if let Ok(Some(claim)) = renew.await
+                        && let Err(e) = self.bus.release_lease(claim).await
+                    {
+                        tracing::debug!(error = %e, "could not give up the dispatcher lease; it runs out");
+                    }
                 }
                 Err(e) => {
                     if !matches!(e, BusError::Conflict { .. }) {
@@ -823,6 +841,8 @@ impl Dispatcher {
         let mut outgoing: Vec<Outgoing> = Vec::new();
         // Breakers (tenant, keys) whose probe this round chose: one probe per breaker.
         let mut probes: HashMap<String, HashSet<String>> = HashMap::new();
+        // Pools (label sets) this round could not record: their steps wait for the next.
+        let mut unrecorded: HashSet<String> = HashSet::new();
         loop {
             let mut admitted_any = false;
             for _ in 0..held.turns.len() {
@@ -845,6 +865,9 @@ impl Dispatcher {
                 let mut probe = None;
                 for (k, step) in queue.iter() {
                     if step.dispatch.not_before.is_some_and(|t| t > wall) {
+                        continue;
+                    }
+                    if !unrecorded.is_empty() && unrecorded.contains(&pool_token(&step.dispatch.step.runs_on)) {
                         continue;
                     }
                     // Held by its breaker while open, or while this round sends its probe.
@@ -902,10 +925,16 @@ impl Dispatcher {
                 let pool = pool_token(&step.dispatch.step.runs_on);
                 if !held.pools.contains(&pool) {
                     if let Err(e) = self.register_pool(&pool, &step.dispatch.step.runs_on).await {
-                        // Keep it, and what the round chose before it; the next round tries again.
+                        // Kept for the next round, which tries again; the rest of this round goes
+                        // on without the steps of that label set (POOLS full, say, must not stop
+                        // every tenant's other steps).
+                        if held.pools_warned.is_none_or(|at| at.elapsed() >= POOL_WARNING_EVERY) {
+                            tracing::warn!(error = %e, %pool, "a label set could not be recorded; its steps wait");
+                            held.pools_warned = Some(now);
+                        }
                         held.steps.get_mut(&tenant).expect("chosen from this tenant's queue").insert(k, step);
-                        hold_again(held, outgoing);
-                        return Err(e);
+                        unrecorded.insert(pool);
+                        continue;
                     }
                     held.pools.insert(pool.clone());
                 }
@@ -1691,6 +1720,62 @@ mod tests {
         dispatcher.admit_runs(&mut held, &reports, &valid).await.unwrap();
         assert!(asked().await, "asked again once the log takes it");
         assert!(held.runs.contains_key(&7), "the newcomer waits for the old run to end");
+        env.cleanup().await;
+    }
+
+    /// A step whose label set cannot be recorded on POOLS (full) waits for a later round; the
+    /// round admits every other tenant's steps meanwhile.
+    #[tokio::test]
+    async fn a_label_set_that_cannot_be_recorded_holds_only_its_own_steps() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let ns = bus.namespace().clone();
+        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let mut held = Held::default();
+        let mut gpu = noop_dispatch("a", "train");
+        gpu.step.runs_on = BTreeMap::from([("gpu".to_string(), "nvidia".to_string())]);
+        held.hold_step(1, 0, gpu, 0);
+        hold(&mut held, "b", 2);
+        let pools = bus.jetstream().get_stream(ns.pools_stream()).await.unwrap().info().await.unwrap().config.clone();
+        let refusing = async_nats::jetstream::stream::Config { max_message_size: 1, ..pools.clone() };
+        bus.jetstream().update_stream(&refusing).await.unwrap();
+        let queued = |pool: String| {
+            let (bus, ns) = (bus.clone(), ns.clone());
+            async move {
+                bus.subject_counts(&ns.dispatch_stream(), &ns.dispatch("*", &pool)).await.unwrap().values().sum::<u64>()
+            }
+        };
+        let (reports, _rx) = tokio::sync::mpsc::channel(16);
+        let valid = Validity::new(Instant::now() + Duration::from_secs(60));
+        held.pools.insert(taskmesh_events::subjects::ANY_POOL.to_string());
+        dispatcher.admit(&mut held, &reports, &valid).await.unwrap();
+        assert_eq!(queued(taskmesh_events::subjects::ANY_POOL.to_string()).await, 1, "tenant b's step went out");
+        assert_eq!(held.steps.values().map(BTreeMap::len).sum::<usize>(), 1, "tenant a's waits");
+        bus.jetstream().update_stream(&pools).await.unwrap();
+        dispatcher.admit(&mut held, &reports, &valid).await.unwrap();
+        assert!(held.steps.is_empty(), "recorded now, it goes out too");
+        let gpu_pool = pool_token(&BTreeMap::from([("gpu".to_string(), "nvidia".to_string())]));
+        assert_eq!(queued(gpu_pool).await, 1);
+        env.cleanup().await;
+    }
+
+    /// A leader gives up only its own claim: one who claimed the lease after ours ran out keeps
+    /// it.
+    #[tokio::test]
+    async fn giving_up_the_lease_leaves_a_later_holders_claim() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let ns = bus.namespace().clone();
+        bus.provision_leases(Duration::from_secs(3)).await.unwrap();
+        let ours = bus.claim_lease(LEASE_KEY, "a", None).await.unwrap();
+        // Ours ran out (the stream's age limit removes it) and another replica claimed it.
+        bus.purge_subject(&ns.leases_stream(), &ns.lease(LEASE_KEY)).await.unwrap();
+        let theirs = bus.claim_lease(LEASE_KEY, "b", None).await.unwrap();
+        bus.release_lease(ours).await.unwrap();
+        let claimed = bus.claim_lease(LEASE_KEY, "c", None).await;
+        assert!(matches!(claimed, Err(BusError::Conflict { .. })), "still held: {claimed:?}");
+        bus.release_lease(theirs).await.unwrap();
+        bus.claim_lease(LEASE_KEY, "c", None).await.unwrap();
         env.cleanup().await;
     }
 
