@@ -3,7 +3,7 @@
 //!
 //! Each tenant's deliveries are on their own subject of the `{NS}_DELIVERIES` work queue, and
 //! a tenant with deliveries gets its own durable pull consumer on that subject
-//! (`deliveries-{tenant}`, which the server removes once idle for [`IDLE_CONSUMER`]). (A single
+//! (`deliveries-{tenant}`, which the server removes once idle for [`idle_consumer`]). (A single
 //! consumer for all tenants, as before, handed out one delivery at a time: a tenant whose
 //! endpoint timed out held everyone's webhooks, and 1,000 deliveries waiting for their retries,
 //! the server's default limit of unacknowledged messages, stopped all of them.)
@@ -43,8 +43,18 @@ use crate::Notifier;
 const MAX_WAITING: usize = 100_000;
 /// How often the queue's subjects are read for tenants with deliveries.
 pub const SWEEP: Duration = Duration::from_secs(2);
-/// A tenant's consumer unused this long is removed by the server (and made again when needed).
+/// A tenant's consumer unused this long past the longest retry delay is removed by the server
+/// (and made again when needed); see [`idle_consumer`].
 pub const IDLE_CONSUMER: Duration = Duration::from_secs(3600);
+
+/// How long a tenant's consumer may sit unused before the server removes it: an hour past the
+/// schedule's longest delay. Deliveries waiting for a retry (handed back with a delay) are
+/// unacknowledged on it, and the server does not count them as use: removed while no notifier
+/// pulled (all of them down), the consumer would be made again with each delivery's count of
+/// attempts back at one, its schedule started over.
+pub fn idle_consumer(retry_delays_secs: &[u64]) -> Duration {
+    IDLE_CONSUMER + Duration::from_secs(retry_delays_secs.iter().copied().max().unwrap_or(0))
+}
 /// How long one pull for a tenant's next delivery waits on the server.
 const PULL_FOR: Duration = Duration::from_secs(10);
 /// The consumer all tenants shared, which a work queue does not allow beside theirs.
@@ -314,7 +324,7 @@ impl Pool {
             // Deliveries waiting for their retry are unacknowledged: they must not stop the
             // tenant's others (the queue's share per tenant bounds them).
             max_ack_pending: -1,
-            inactive_threshold: IDLE_CONSUMER,
+            inactive_threshold: idle_consumer(&notifier.settings.retry_delays_secs),
             ..Default::default()
         };
         let consumer = match notifier.bus.durable(&ns.deliveries_stream(), &consumer_name(tenant), config).await {
@@ -462,5 +472,17 @@ struct Leaving {
 impl Drop for Leaving {
     fn drop(&mut self) {
         self.pool.leave(&self.tenant, self.generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_consumer_outlasts_the_longest_retry_delay_by_an_hour() {
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(idle_consumer(&[5, 30, 120, 600, 1800, 3600, 10800]), hours(4));
+        assert_eq!(idle_consumer(&[]), hours(1));
     }
 }
