@@ -117,21 +117,69 @@ pub fn endpoint_secret_aad(tenant: &str) -> String {
     format!("{tenant}:webhook-endpoint")
 }
 
-/// Replaces every occurrence of each value in `text` with `***`. Empty values are ignored;
-/// longer values are replaced first, so one that contains another is masked whole.
+/// The shortest line of a multi-line secret that is masked on its own (shorter ones, a `}` or
+/// an empty line, would mask the same text everywhere else).
+const MIN_LINE_MASKED: usize = 6;
+/// The shortest beginning of a secret masked where a text was cut short.
+const MIN_PREFIX_MASKED: usize = 3;
+
+/// What is masked for `values`: each non-empty value, and each line (of at least
+/// [`MIN_LINE_MASKED`] characters) of one that has several, since logs are masked a line at a
+/// time; longest first, so one that contains another is masked whole.
+fn masked_values(values: &[String]) -> Vec<&str> {
+    let mut masked: Vec<&str> = values.iter().map(String::as_str).filter(|v| !v.is_empty()).collect();
+    let lines: Vec<&str> = masked
+        .iter()
+        .filter(|v| v.contains('\n'))
+        .flat_map(|v| v.lines())
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.trim().chars().count() >= MIN_LINE_MASKED)
+        .collect();
+    masked.extend(lines);
+    masked.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    masked.dedup();
+    masked
+}
+
+/// Replaces every occurrence of each value in `text` with `***`, and of each line of a
+/// multi-line value (see [`masked_values`]). Empty values are ignored; longer values are
+/// replaced first, so one that contains another is masked whole.
 pub fn mask(text: &str, values: &[String]) -> String {
-    let mut values: Vec<&String> = values.iter().filter(|v| !v.is_empty()).collect();
-    if values.is_empty() {
-        return text.to_string();
-    }
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
     let mut out = text.to_string();
-    for v in values {
-        if out.contains(v.as_str()) {
-            out = out.replace(v.as_str(), "***");
+    for v in masked_values(values) {
+        if out.contains(v) {
+            out = out.replace(v, "***");
         }
     }
     out
+}
+
+/// Masks `text` as [`mask`] does, `text` being the start of something cut short (output past
+/// a limit, an over-long line): where it ends with the beginning of a value (at least
+/// [`MIN_PREFIX_MASKED`] characters of it), whose rest was cut off, that end is masked too.
+pub fn mask_cut(text: &str, values: &[String]) -> String {
+    let mut out = mask(text, values);
+    // A cut inside a character leaves a replacement character after the value's beginning.
+    let end = out.trim_end_matches('\u{FFFD}').len();
+    let start = masked_values(values).into_iter().filter_map(|v| cut_start(&out[..end], v)).min();
+    if let Some(start) = start {
+        out.truncate(start);
+        out.push_str("***");
+    }
+    out
+}
+
+/// Where `text` ends with the beginning of `v` (at least [`MIN_PREFIX_MASKED`] characters of
+/// it, not all of it), the longest such: its start in `text`.
+fn cut_start(text: &str, v: &str) -> Option<usize> {
+    let head_len = v.char_indices().nth(MIN_PREFIX_MASKED).map(|(i, _)| i)?;
+    let head = &v[..head_len];
+    // A beginning shorter than `v` starts after this.
+    let mut from = text.len().saturating_sub(v.len() - 1);
+    while !text.is_char_boundary(from) {
+        from += 1;
+    }
+    text[from..].match_indices(head).map(|(i, _)| from + i).find(|&p| v.starts_with(&text[p..]))
 }
 
 #[cfg(test)]
@@ -153,6 +201,23 @@ mod tests {
         assert_ne!(after.seal("TOKEN", b"x").key_id, sealed.key_id);
         assert!(matches!(Keyring::new(&new, &[]).unwrap().open("TOKEN", &sealed), Err(SecretError::UnknownKey(_))));
         assert!(Keyring::new("short", &[]).is_err());
+    }
+
+    #[test]
+    fn masks_each_line_of_a_multi_line_secret_and_a_secret_cut_short() {
+        let key = "-----BEGIN KEY-----\r\nMIIEvQIBADANBg\r\n}\r\n-----END KEY-----".to_string();
+        let values = vec![key.clone(), "hunter2-token".to_string()];
+        // Logs are masked a line at a time.
+        assert_eq!(mask("MIIEvQIBADANBg", &values), "***");
+        assert_eq!(mask("a } b", &values), "a } b", "a short line is not masked everywhere");
+        assert_eq!(mask(&format!("k={key}."), &values), "k=***.");
+        // Cut off after the beginning of a secret.
+        assert_eq!(mask_cut("out: hunter2-to", &values), "out: ***");
+        assert_eq!(mask_cut("out: hunter2-token and hun", &values), "out: *** and ***");
+        assert_eq!(mask_cut("out: hu", &values), "out: hu", "too short a beginning to tell");
+        assert_eq!(mask_cut("out: hunt\u{FFFD}", &values), "out: ***", "cut inside a character after it");
+        assert_eq!(mask_cut("nothing", &values), "nothing");
+        assert_eq!(mask_cut("", &values), "");
     }
 
     #[test]

@@ -102,7 +102,8 @@ async fn try_http(h: &HttpStep, ctx: &StepContext) -> Result<Done, String> {
     let limit = h.max_body_bytes.unwrap_or(HttpStep::DEFAULT_BODY_BYTES).min(ctx.output_limit.max(1));
     let (body, truncated) =
         bounded_body(response, limit).await.map_err(|e| format!("reading the response: {}", error_chain(&e)))?;
-    let body = ctx.mask(&String::from_utf8_lossy(&body));
+    let body = String::from_utf8_lossy(&body);
+    let body = if truncated { ctx.mask_cut(&body) } else { ctx.mask(&body) };
     ctx.log(LogStream::System, &format!("HTTP {status} in {} ms, {} bytes", started.elapsed().as_millis(), body.len()));
     for line in body.lines() {
         ctx.log(LogStream::Stdout, line);

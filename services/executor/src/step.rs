@@ -122,8 +122,16 @@ pub struct StepContext {
 impl StepContext {
     /// Masks every secret value in `text`.
     pub fn mask(&self, text: &str) -> String {
-        let masks: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
-        taskmesh_secrets::mask(text, &masks)
+        taskmesh_secrets::mask(text, &self.masks())
+    }
+
+    /// Masks `text`, the start of something cut short, as [`taskmesh_secrets::mask_cut`] does.
+    pub fn mask_cut(&self, text: &str) -> String {
+        taskmesh_secrets::mask_cut(text, &self.masks())
+    }
+
+    fn masks(&self) -> Vec<String> {
+        self.secrets.iter().map(|(_, v)| v.clone()).collect()
     }
 
     /// Sends a line to the step's log (best effort), masked.
@@ -405,7 +413,14 @@ async fn run_process(
         Ok(l) => l,
         Err(e) => return Some((Done::failed(e), false, false)),
     };
-    let masks: Vec<String> = ctx.secrets.iter().map(|(_, v)| v.clone()).collect();
+    // The output file is the step's to write: one a checkout brought (a file, or a link) is not
+    // its outputs. (Removing a link removes the link.)
+    if let Err(e) = std::fs::remove_file(&output_file)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Some((Done::failed(format!("removing {OUTPUT_FILE} from the workspace: {e}")), false, false));
+    }
+    let masks = ctx.masks();
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -465,7 +480,12 @@ async fn run_process(
         .await;
     }
     let capture = output.into_inner();
-    let text = taskmesh_secrets::mask(&String::from_utf8_lossy(&capture.buf), &masks);
+    let text = String::from_utf8_lossy(&capture.buf);
+    let text = if capture.truncated {
+        taskmesh_secrets::mask_cut(&text, &masks)
+    } else {
+        taskmesh_secrets::mask(&text, &masks)
+    };
     let done = |ok: bool, exit_code: Option<i32>, error: Option<String>| Done {
         ok,
         exit_code,
@@ -519,14 +539,11 @@ async fn run_process(
 /// and `#` comments are ignored; anything else malformed fails the step, as does a file over
 /// the size limit.
 async fn read_outputs(path: &std::path::Path) -> Result<std::collections::BTreeMap<String, String>, String> {
-    let bytes = match tokio::fs::read(path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
-        Err(e) => return Err(format!("reading $TASKMESH_OUTPUT: {e}")),
+    let path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || read_output_file(&path)).await;
+    let Some(bytes) = read.map_err(|e| format!("reading $TASKMESH_OUTPUT: {e}"))?? else {
+        return Ok(Default::default());
     };
-    if bytes.len() > OUTPUT_FILE_LIMIT {
-        return Err(format!("$TASKMESH_OUTPUT is over {OUTPUT_FILE_LIMIT} bytes"));
-    }
     let text = String::from_utf8_lossy(&bytes);
     let mut outputs = std::collections::BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -546,6 +563,43 @@ async fn read_outputs(path: &std::path::Path) -> Result<std::collections::BTreeM
         }
     }
     Ok(outputs)
+}
+
+/// The bytes of a step's output file, if it wrote one. The executor reads it outside the
+/// step's sandbox (or container), so the file must not lead anywhere the step could not read
+/// itself: only a regular file with no other name is read (not a symbolic link, which could
+/// name the executor's own `/proc/self/environ`; not a pipe, which would never end; not a
+/// device such as `/dev/zero`; not a hard link), and only up to [`OUTPUT_FILE_LIMIT`] bytes.
+fn read_output_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let failed = |e: std::io::Error| format!("reading $TASKMESH_OUTPUT: {e}");
+    let not_regular = || "$TASKMESH_OUTPUT must be a regular file (not a link, a pipe or a device)".to_string();
+    let over = || format!("$TASKMESH_OUTPUT is over {OUTPUT_FILE_LIMIT} bytes");
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        // Non-blocking, so that opening a pipe returns at once (and is then refused).
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Err(not_regular()),
+        Err(e) => return Err(failed(e)),
+    };
+    let meta = file.metadata().map_err(failed)?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(not_regular());
+    }
+    if meta.len() > OUTPUT_FILE_LIMIT as u64 {
+        return Err(over());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(OUTPUT_FILE_LIMIT as u64 + 1).read_to_end(&mut bytes).map_err(failed)?;
+    if bytes.len() > OUTPUT_FILE_LIMIT {
+        return Err(over());
+    }
+    Ok(Some(bytes))
 }
 
 struct Capture {
@@ -570,7 +624,11 @@ async fn pump(
         if let Some(logs) = &logs {
             let text =
                 String::from_utf8_lossy(&line[..line.len().min(MAX_LOG_LINE)]).trim_end_matches('\r').to_string();
-            let text = taskmesh_secrets::mask(&text, masks);
+            let text = if line.len() > MAX_LOG_LINE {
+                taskmesh_secrets::mask_cut(&text, masks)
+            } else {
+                taskmesh_secrets::mask(&text, masks)
+            };
             if logs.try_send((stream, text)).is_err() {
                 *dropped += 1;
             }
@@ -755,6 +813,47 @@ mod tests {
         let (ok, out) = run(&bad, &ctx(1000), CancellationToken::new(), CancellationToken::new()).await.unwrap();
         assert!(!ok);
         assert!(out.error.unwrap().contains("key=value"));
+    }
+
+    /// Output cut at the limit inside a secret shows none of it, and a multi-line secret's
+    /// lines are masked in the log, which is masked a line at a time.
+    #[tokio::test]
+    async fn a_secret_cut_short_or_spread_over_lines_is_masked() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let mut c = StepContext { logs: Some(tx), ..ctx(12) };
+        c.secrets =
+            vec![("TOKEN".into(), "hunter2-token".into()), ("KEY".into(), "line-one-of-key\nline-two-of-key".into())];
+        let s = step("{id: a, run: 'printf \"out: hunter2-token\\nline-two-of-key\\n\"'}");
+        let (ok, out) = run(&s, &c, CancellationToken::new(), CancellationToken::new()).await.unwrap();
+        assert!(ok && out.output_truncated, "{out:?}");
+        assert_eq!(out.output, "out: ***");
+        drop(c);
+        let mut lines = Vec::new();
+        while let Some((_, line)) = rx.recv().await {
+            lines.push(line);
+        }
+        assert_eq!(lines, ["out: ***", "***"]);
+    }
+
+    /// The executor reads the output file outside the step's sandbox: a link to a file the
+    /// step may not read (here the executor's own environment), a pipe that never ends, a device
+    /// without end, a hard link, and a file over the limit each fail the step, reading nothing.
+    #[tokio::test]
+    async fn an_output_file_that_is_not_a_plain_file_of_the_steps_own_is_not_read() {
+        for (script, why) in [
+            ("ln -s /proc/self/environ $TASKMESH_OUTPUT", "a regular file"),
+            ("mkfifo $TASKMESH_OUTPUT", "a regular file"),
+            ("ln -s /dev/zero $TASKMESH_OUTPUT", "a regular file"),
+            ("echo a=b > o; ln o $TASKMESH_OUTPUT", "a regular file"),
+            ("head -c 70000 /dev/zero | tr '\\0' a > $TASKMESH_OUTPUT", "over 65536 bytes"),
+        ] {
+            let s: StepDef = serde_json::from_value(serde_json::json!({"id": "a", "run": script})).unwrap();
+            let t = std::time::Instant::now();
+            let (ok, out) = run(&s, &ctx(1000), CancellationToken::new(), CancellationToken::new()).await.unwrap();
+            assert!(!ok && out.outputs.is_empty(), "{script}: {out:?}");
+            assert!(out.error.as_deref().is_some_and(|e| e.contains(why)), "{script}: {out:?}");
+            assert!(t.elapsed() < Duration::from_secs(10), "{script}: did not hang");
+        }
     }
 
     #[tokio::test]
