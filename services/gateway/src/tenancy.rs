@@ -63,18 +63,21 @@ impl FromRequestParts<AppState> for PlatformAdmin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let unauthorized = || ApiError::new(ErrorCode::Unauthorized, "this needs the platform administrator's key");
-        let expected = state.admin_key.as_ref().ok_or_else(unauthorized)?;
         let given = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        // Compared as hashes: equal length, and no early exit on the secret itself.
-        let same = given.is_some_and(|g| {
-            hmac_sha256::Hash::hash(g.trim().as_bytes()) == hmac_sha256::Hash::hash(expected.expose_secret().as_bytes())
-        });
-        same.then_some(PlatformAdmin).ok_or_else(unauthorized)
+        given.is_some_and(|g| is_admin_key(state, g.trim())).then_some(PlatformAdmin).ok_or_else(unauthorized)
     }
+}
+
+/// Whether `given` is the platform administrator's key (none is, when none is configured).
+/// Compared as hashes: equal length, and no early exit on the secret itself.
+pub(crate) fn is_admin_key(state: &AppState, given: &str) -> bool {
+    state.admin_key.as_ref().is_some_and(|expected| {
+        hmac_sha256::Hash::hash(given.as_bytes()) == hmac_sha256::Hash::hash(expected.expose_secret().as_bytes())
+    })
 }
 
 /// A new tenant.
