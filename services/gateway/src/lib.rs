@@ -17,6 +17,8 @@
 //! - [`events`]: CloudEvents in, runs of the stored workflows they trigger out.
 //! - [`logs`]: step logs, paged or followed as Server-Sent Events.
 //! - [`live`]: a run's events as Server-Sent Events, resumable with `Last-Event-ID`.
+//! - [`places`]: places for requests that stay open (live streams, waiting reads), bounded in
+//!   all and per tenant.
 //! - [`runs`] serves `/v1/runs`.
 //! - [`resources`]: repository connections and webhook endpoints.
 //! - [`workflows`]: stored, versioned workflow definitions.
@@ -36,6 +38,7 @@ pub mod events;
 pub mod executors;
 pub mod live;
 pub mod logs;
+pub mod places;
 pub mod resources;
 pub mod runs;
 pub mod schedules;
@@ -95,6 +98,10 @@ pub struct Shared {
     pub keys: std::sync::Arc<taskmesh_store::NotifiedCache<auth::Caller>>,
     /// Proxies whose `X-Forwarded-For` names the client ([`access::client_addr`]).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The live streams served (a run's events, steps' logs followed), bounded.
+    pub streams: std::sync::Arc<places::Places>,
+    /// Reads waiting for a run's end, bounded per tenant (and in all, as [`Shared::run_ends`]).
+    pub waiting_reads: std::sync::Arc<places::Places>,
 }
 
 /// Most API keys one gateway keeps looked up.
@@ -104,6 +111,8 @@ pub const CACHED_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(6
 
 /// Most reads of one gateway waiting for runs to end at once.
 pub const MAX_WAITING_READS: usize = 10_000;
+/// Most of them one tenant's, so one tenant cannot take them all.
+pub const MAX_TENANT_WAITING_READS: usize = 1_000;
 
 /// Cuts `rows` (fetched with `LIMIT limit + 1`) to one page and returns the cursor of the next
 /// page, taken from the page's last row, when there is one.
@@ -662,6 +671,12 @@ pub async fn build(
             run_ends,
             keys,
             trusted_proxies: settings.trusted_proxies.clone(),
+            streams: places::Places::new("live streams", logs::MAX_STREAMS, logs::MAX_TENANT_STREAMS),
+            waiting_reads: places::Places::new(
+                "reads waiting for runs to end",
+                MAX_WAITING_READS,
+                MAX_TENANT_WAITING_READS,
+            ),
         }));
         router(state, settings.body_limit_bytes, settings.metrics)
     })

@@ -52,10 +52,12 @@ pub async fn run_events(
         Some((seq, Some(part))) => (seq - 1, Some((seq, part))),
         Some((seq, None)) => (seq, None),
     };
+    let slot = state.streams.take(&caller.tenant)?;
     let subject = state.bus.namespace().run(&RunKey { tenant: caller.tenant.clone(), run_id });
     let messages = crate::logs::ordered_on(&state, state.bus.namespace().events_stream(), &subject, after).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
+        let _slot = slot;
         let to_event = |msg: &async_nats::jetstream::Message| {
             let Ok(commit) = taskmesh_bus::decode(msg) else { return Vec::new() };
             commit

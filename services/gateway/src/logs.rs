@@ -113,9 +113,10 @@ pub async fn logs(
     let key = RunKey { tenant: caller.tenant.clone(), run_id };
     let subject = state.bus.namespace().log(&key, &step);
     if params.follow.unwrap_or(false) {
+        let slot = state.streams.take(&caller.tenant)?;
         // Opened before answering: a stream that cannot be read is a 503, not an empty stream.
         let messages = ordered(&state, &subject, after).await?;
-        return Ok(follow(state, caller.tenant, run_id, step, messages).into_response());
+        return Ok(follow(state, caller.tenant, run_id, step, messages, slot).into_response());
     }
     Ok(Json(page(&state, &subject, after, limit).await?).into_response())
 }
@@ -185,9 +186,11 @@ fn follow(
     run_id: Uuid,
     step: String,
     messages: async_nats::jetstream::consumer::pull::Ordered,
+    slot: crate::places::Place,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
+        let _slot = slot;
         let to_event = |msg: &async_nats::jetstream::Message| {
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
             let Some(e) = entry(seq, &msg.payload) else { return Vec::new() };
@@ -239,7 +242,11 @@ where
     Fut: Future<Output = bool>,
 {
     let mut draining = false;
+    let until = tokio::time::Instant::now() + MAX_STREAM_LIFETIME;
     loop {
+        if tokio::time::Instant::now() >= until {
+            return false; // as if broken off: the client opens it again from its last event
+        }
         let wait = Duration::from_millis(if draining { 300 } else { 500 });
         match tokio::time::timeout(wait, messages.next()).await {
             Ok(Some(Ok(msg))) => {
@@ -262,6 +269,15 @@ where
         }
     }
 }
+
+/// Most streams (a run's events, a step's log followed) one gateway serves at once.
+pub const MAX_STREAMS: usize = 10_000;
+/// Most of them one tenant has open on one gateway, so one tenant cannot take them all.
+pub const MAX_TENANT_STREAMS: usize = 1_000;
+/// Longest one stream lasts: then it ends as a stream broken off does, and the client opens it
+/// again from its last event (`Last-Event-ID`), so a stream on a run that never ends does not
+/// hold its place (and look at the run twice a second) for ever.
+pub const MAX_STREAM_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// A Server-Sent Events answer of what arrives on `rx`.
 pub(crate) fn sse(rx: tokio::sync::mpsc::Receiver<SseEvent>) -> Response {

@@ -454,6 +454,7 @@ pub async fn get_run(
     let view = match wait {
         None => run_view(&state, &caller.tenant, id).await?,
         Some(wait) => {
+            let _place = state.waiting_reads.take(&caller.tenant)?;
             let registered = state.run_ends.wait(id).ok_or_else(|| {
                 ApiError::new(ErrorCode::Unavailable, "too many reads are waiting for runs to end; retry")
             })?;
