@@ -43,6 +43,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use taskmesh_bus::{Bus, BusError};
 use taskmesh_config::ExecutorSettings;
 
+use taskmesh_events::StepOutcome;
 use taskmesh_events::command::{
     BreakerSignal, CancelSignal, Dispatch, ExecutorBeat, Lease, LeaseDecision, LeaseRequest, LogLine, LogStream, Pool,
     ReportAck, ResultReport,
@@ -58,6 +59,47 @@ use uuid::Uuid;
 const POOL_LOOK: Duration = Duration::from_secs(1);
 /// Shortest time between two signals of freed slots (see [`Executor::signal_slots`]).
 const SLOT_SIGNAL_GAP: Duration = Duration::from_millis(5);
+/// Most bytes a step's outcome takes as JSON in its report (and so in its event): well inside
+/// NATS's default 1 MiB message, beside the rest of the report and of the event's commit.
+const MAX_OUTCOME_BYTES: usize = 512 * 1024;
+
+/// A step's outcome made to fit in `most` bytes of JSON, so that its report can be sent and
+/// recorded: one that cannot be is never recorded, and its step is run again until it counts
+/// as lost. Its output is cut first (marked truncated); if its outputs alone are still too
+/// large, they are dropped and the step fails, saying why.
+fn fit_outcome(succeeded: bool, mut outcome: StepOutcome, most: usize) -> (bool, StepOutcome) {
+    let size = |o: &StepOutcome| serde_json::to_vec(o).map_or(usize::MAX, |j| j.len());
+    if size(&outcome) <= most {
+        return (succeeded, outcome);
+    }
+    let output = std::mem::take(&mut outcome.output);
+    outcome.output_truncated = true;
+    if size(&outcome) <= most {
+        // The longest beginning of the output that fits (`fits` does, `over` does not).
+        let (mut fits, mut over) = (0, output.len());
+        loop {
+            let mut mid = (fits + over) / 2;
+            while !output.is_char_boundary(mid) {
+                mid -= 1;
+            }
+            if mid <= fits {
+                break;
+            }
+            outcome.output = output[..mid].to_string();
+            if size(&outcome) <= most {
+                fits = mid;
+            } else {
+                over = mid;
+            }
+        }
+        outcome.output = output[..fits].to_string();
+        return (succeeded, outcome);
+    }
+    let bytes = size(&outcome);
+    outcome.outputs.clear();
+    outcome.error = Some(format!("its outputs take {bytes} bytes as JSON, more than a step's outcome may ({most})"));
+    (false, outcome)
+}
 
 /// Kill switches of the steps held here, by run and step (each with its holder's id: two
 /// deliveries of one step may be held at once, one of them to be denied its lease).
@@ -660,6 +702,7 @@ impl Executor {
             let _ = acker.ack_with(AckKind::Nak(None)).await;
             return;
         };
+        let (succeeded, outcome) = fit_outcome(succeeded, outcome, MAX_OUTCOME_BYTES);
         // Kept before it is reported, so a run seen to have ended has kept its outcomes.
         if let Some(key) = cache_key.filter(|_| succeeded && outcome.cached_from.is_none()) {
             cache::keep(&self.bus, &dispatch, &key, attempt, &outcome).await;
@@ -832,6 +875,30 @@ struct Opened {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_too_large_to_report_is_cut_to_fit_or_fails_saying_why() {
+        let at = chrono::Utc::now();
+        let outcome = |output: String, outputs: &[(&str, String)]| StepOutcome {
+            output,
+            outputs: outputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            started_at: at,
+            finished_at: at,
+            ..Default::default()
+        };
+        let json = |o: &StepOutcome| serde_json::to_vec(o).unwrap().len();
+        // Fits: unchanged.
+        let small = outcome("ok\n".into(), &[("a", "1".into())]);
+        assert_eq!(fit_outcome(true, small.clone(), 4096), (true, small));
+        // Control bytes take six each in JSON: the output is cut, the outputs kept.
+        let (ok, cut) = fit_outcome(true, outcome("\u{1}é".repeat(20_000), &[("a", "1".into())]), 16 * 1024);
+        assert!(ok && cut.output_truncated && json(&cut) <= 16 * 1024, "{}", json(&cut));
+        assert!(!cut.output.is_empty() && cut.outputs["a"] == "1");
+        // Outputs too large by themselves: dropped, and the step fails saying why.
+        let (ok, failed) = fit_outcome(true, outcome("x".into(), &[("body", "\u{1}".repeat(10_000))]), 16 * 1024);
+        assert!(!ok && failed.outputs.is_empty() && failed.output.is_empty());
+        assert!(failed.error.unwrap().contains("more than a step's outcome may"));
+    }
 
     /// Two deliveries of one step held at once each have a kill switch; one let go leaves the
     /// other's in place, and the last let go leaves nothing behind.
