@@ -278,7 +278,7 @@ async fn an_old_runs_deadline_does_not_time_out_the_run_its_key_submitted_again(
     };
     // Steps no executor here can take (none has a GPU): each run waits until its deadline.
     let (id, _) =
-        submit("name: first\ntimeout_seconds: 3\nsteps:\n  - {id: a, runs_on: {gpu: nvidia}, run: 'true'}\n").await;
+        submit("name: first\ntimeout_seconds: 8\nsteps:\n  - {id: a, runs_on: {gpu: nvidia}, run: 'true'}\n").await;
     let subject = ns.run(&RunKey { tenant: "default".into(), run_id: id });
     let first = tm.bus.read_subject(&subject, 0).await.unwrap()[0].seq;
     eventually("the first run's deadline armed", Duration::from_secs(10), || async {
@@ -294,9 +294,10 @@ async fn an_old_runs_deadline_does_not_time_out_the_run_its_key_submitted_again(
     assert_eq!(submit(second).await, (id, false.into()), "the key's run id, submitted anew");
     let submitted = tm.bus.read_subject(&subject, 0).await.unwrap()[0].seq;
     assert!(submitted > first);
-    // The first run's deadline comes due (three seconds after its submission) and is taken off
+    assert!(timers().await.contains(&deadline(id, first)), "the first run's deadline is not yet due");
+    // The first run's deadline comes due (eight seconds after its submission) and is taken off
     // the queue: only the new run's is left.
-    eventually("the first run's deadline fired", Duration::from_secs(15), || async {
+    eventually("the first run's deadline fired", Duration::from_secs(20), || async {
         Ok((timers().await == vec![deadline(id, submitted)]).then_some(()))
     })
     .await

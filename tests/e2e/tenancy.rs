@@ -62,6 +62,16 @@ async fn tenants_are_isolated_and_roles_hold_on_every_route() {
     let (status, beta) = platform.call(Method::POST, "/v1/tenants", Some(json!({"id": "beta", "name": "Beta"}))).await;
     assert_eq!(status, 201, "{beta}");
     assert_eq!(platform.call(Method::POST, "/v1/tenants", Some(json!({"id": "beta", "name": "Beta"}))).await.0, 409);
+    // A tenant whose creation's first key was never issued (the call failed after creating
+    // it): a second call issues it; then a third is a conflict.
+    let ingest = taskmesh_ingest::IngestClient::new(tm.bus.clone());
+    let keyless = taskmesh_events::command::CreateTenant { tenant_id: "keyless".into(), name: "K".into() };
+    ingest.create_tenant(&keyless).await.unwrap();
+    let again = || platform.call(Method::POST, "/v1/tenants", Some(json!({"id": "keyless", "name": "K"})));
+    let (status, issued) = again().await;
+    assert_eq!(status, 201, "{issued}");
+    assert!(issued["admin_key"].as_str().is_some_and(|k| k.starts_with("tm_")), "{issued}");
+    assert_eq!(again().await.0, 409);
     tm.wait_projected().await;
     let (status, tenants) = platform.call(Method::GET, "/v1/tenants", None).await;
     assert_eq!(status, 200);

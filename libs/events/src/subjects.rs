@@ -182,6 +182,10 @@ impl Namespace {
     pub fn api_key(&self, tenant: &str, key_id: Uuid) -> String {
         format!("{}.evt.{tenant}.apikey.{key_id}", self.0)
     }
+    /// Every API key subject of one tenant.
+    pub fn api_keys_of(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.apikey.*", self.0)
+    }
     /// Where a key's uses are recorded: apart from the key's own subject, so a use never
     /// races a revocation's expected-sequence append.
     pub fn api_key_use(&self, tenant: &str, key_id: Uuid) -> String {

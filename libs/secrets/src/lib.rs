@@ -117,33 +117,20 @@ pub fn endpoint_secret_aad(tenant: &str) -> String {
     format!("{tenant}:webhook-endpoint")
 }
 
-/// The shortest line of a multi-line secret that is masked on its own (shorter ones, a `}` or
-/// an empty line, would mask the same text everywhere else).
+/// The shortest line of a multi-line secret that a log line equal to it is masked for.
 const MIN_LINE_MASKED: usize = 6;
 /// The shortest beginning of a secret masked where a text was cut short.
 const MIN_PREFIX_MASKED: usize = 3;
 
-/// What is masked for `values`: each non-empty value, and each line (of at least
-/// [`MIN_LINE_MASKED`] characters) of one that has several, since logs are masked a line at a
-/// time; longest first, so one that contains another is masked whole.
+/// The non-empty values, longest first, so one that contains another is masked whole.
 fn masked_values(values: &[String]) -> Vec<&str> {
     let mut masked: Vec<&str> = values.iter().map(String::as_str).filter(|v| !v.is_empty()).collect();
-    let lines: Vec<&str> = masked
-        .iter()
-        .filter(|v| v.contains('\n'))
-        .flat_map(|v| v.lines())
-        .map(|l| l.trim_end_matches('\r'))
-        .filter(|l| l.trim().chars().count() >= MIN_LINE_MASKED)
-        .collect();
-    masked.extend(lines);
     masked.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    masked.dedup();
     masked
 }
 
-/// Replaces every occurrence of each value in `text` with `***`, and of each line of a
-/// multi-line value (see [`masked_values`]). Empty values are ignored; longer values are
-/// replaced first, so one that contains another is masked whole.
+/// Replaces every occurrence of each value in `text` with `***`. Empty values are ignored;
+/// longer values are replaced first, so one that contains another is masked whole.
 pub fn mask(text: &str, values: &[String]) -> String {
     let mut out = text.to_string();
     for v in masked_values(values) {
@@ -152,6 +139,20 @@ pub fn mask(text: &str, values: &[String]) -> String {
         }
     }
     out
+}
+
+/// Masks one line of a log, which is masked a line at a time, as [`mask`] does, and whole
+/// when it is (trimmed) one of the lines of a value of several lines (a key in PEM, say: its
+/// lines are printed one at a time, and no log line holds the whole value). Only a line equal
+/// to one is masked, of at least [`MIN_LINE_MASKED`] characters, and not a PEM armour line
+/// (`-----BEGIN …-----`), so text that merely contains such a line (`users:` in a kubeconfig)
+/// stays readable.
+pub fn mask_line(line: &str, values: &[String]) -> String {
+    let trimmed = line.trim();
+    let is_secret_line = trimmed.chars().count() >= MIN_LINE_MASKED
+        && !trimmed.starts_with("-----")
+        && values.iter().filter(|v| v.contains('\n')).any(|v| v.lines().any(|l| l.trim() == trimmed));
+    if is_secret_line { "***".to_string() } else { mask(line, values) }
 }
 
 /// Masks `text` as [`mask`] does, `text` being the start of something cut short (output past
@@ -175,11 +176,19 @@ fn cut_start(text: &str, v: &str) -> Option<usize> {
     let head_len = v.char_indices().nth(MIN_PREFIX_MASKED).map(|(i, _)| i)?;
     let head = &v[..head_len];
     // A beginning shorter than `v` starts after this.
-    let mut from = text.len().saturating_sub(v.len() - 1);
-    while !text.is_char_boundary(from) {
-        from += 1;
+    let mut at = text.len().saturating_sub(v.len() - 1);
+    while !text.is_char_boundary(at) {
+        at += 1;
     }
-    text[from..].match_indices(head).map(|(i, _)| from + i).find(|&p| v.starts_with(&text[p..]))
+    // Each place `head` starts, overlapping ones included (`aba` twice in `ababa`).
+    while let Some(found) = text[at..].find(head) {
+        let p = at + found;
+        if v.starts_with(&text[p..]) {
+            return Some(p);
+        }
+        at = p + text[p..].chars().next().map_or(1, char::len_utf8);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -205,17 +214,24 @@ mod tests {
 
     #[test]
     fn masks_each_line_of_a_multi_line_secret_and_a_secret_cut_short() {
-        let key = "-----BEGIN KEY-----\r\nMIIEvQIBADANBg\r\n}\r\n-----END KEY-----".to_string();
-        let values = vec![key.clone(), "hunter2-token".to_string()];
-        // Logs are masked a line at a time.
-        assert_eq!(mask("MIIEvQIBADANBg", &values), "***");
-        assert_eq!(mask("a } b", &values), "a } b", "a short line is not masked everywhere");
+        let key = "-----BEGIN KEY-----\r\nMIIEvQIBADANBg\r\nusers:\r\n}\r\n-----END KEY-----".to_string();
+        let values = vec![key.clone(), "hunter2-token".to_string(), "abaXYZ".to_string()];
+        // Logs are masked a line at a time: a line of the key, printed alone, is masked.
+        assert_eq!(mask_line("  MIIEvQIBADANBg\r", &values), "***");
+        assert_eq!(mask_line("users:", &values), "***");
+        // Text that merely contains one, a short line, or an armour line, is not.
+        assert_eq!(mask_line("active users: 42", &values), "active users: 42");
+        assert_eq!(mask_line("a } b", &values), "a } b");
+        assert_eq!(mask_line("-----BEGIN KEY-----", &values), "-----BEGIN KEY-----");
+        assert_eq!(mask_line("token hunter2-token", &values), "token ***");
+        assert_eq!(mask("users: MIIEvQIBADANBg", &values), "users: MIIEvQIBADANBg", "whole values only");
         assert_eq!(mask(&format!("k={key}."), &values), "k=***.");
         // Cut off after the beginning of a secret.
         assert_eq!(mask_cut("out: hunter2-to", &values), "out: ***");
         assert_eq!(mask_cut("out: hunter2-token and hun", &values), "out: *** and ***");
         assert_eq!(mask_cut("out: hu", &values), "out: hu", "too short a beginning to tell");
         assert_eq!(mask_cut("out: hunt\u{FFFD}", &values), "out: ***", "cut inside a character after it");
+        assert_eq!(mask_cut("x ababa", &values), "x ab***", "a beginning overlapping an earlier match");
         assert_eq!(mask_cut("nothing", &values), "nothing");
         assert_eq!(mask_cut("", &values), "");
     }

@@ -97,7 +97,12 @@ fn fit_outcome(succeeded: bool, mut outcome: StepOutcome, most: usize) -> (bool,
     }
     let bytes = size(&outcome);
     outcome.outputs.clear();
-    outcome.error = Some(format!("its outputs take {bytes} bytes as JSON, more than a step's outcome may ({most})"));
+    let error = format!("its outcome takes {bytes} bytes as JSON without its output, more than it may ({most})");
+    outcome.error = Some(match outcome.error.take() {
+        // Its own error, cut to what fits beside this one.
+        Some(e) => format!("{error}; {}", e.chars().take(1000).collect::<String>()),
+        None => error,
+    });
     (false, outcome)
 }
 
@@ -897,7 +902,7 @@ mod tests {
         // Outputs too large by themselves: dropped, and the step fails saying why.
         let (ok, failed) = fit_outcome(true, outcome("x".into(), &[("body", "\u{1}".repeat(10_000))]), 16 * 1024);
         assert!(!ok && failed.outputs.is_empty() && failed.output.is_empty());
-        assert!(failed.error.unwrap().contains("more than a step's outcome may"));
+        assert!(failed.error.unwrap().contains("more than it may"));
     }
 
     /// Two deliveries of one step held at once each have a kill switch; one let go leaves the

@@ -137,7 +137,7 @@ impl StepContext {
     /// Sends a line to the step's log (best effort), masked.
     pub fn log(&self, stream: LogStream, line: &str) {
         if let Some(logs) = &self.logs {
-            let _ = logs.try_send((stream, self.mask(line)));
+            let _ = logs.try_send((stream, taskmesh_secrets::mask_line(line, &self.masks())));
         }
     }
 }
@@ -576,19 +576,28 @@ fn read_output_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
     let failed = |e: std::io::Error| format!("reading $TASKMESH_OUTPUT: {e}");
     let not_regular = || "$TASKMESH_OUTPUT must be a regular file (not a link, a pipe or a device)".to_string();
     let over = || format!("$TASKMESH_OUTPUT is over {OUTPUT_FILE_LIMIT} bytes");
+    // Looked at before it is opened (opening some devices acts on them), and again once open,
+    // in case it was replaced meanwhile.
+    let seen = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed(e)),
+    };
+    if !seen.is_file() || seen.nlink() != 1 {
+        return Err(not_regular());
+    }
     let opened = std::fs::OpenOptions::new()
         .read(true)
-        // Non-blocking, so that opening a pipe returns at once (and is then refused).
+        // Non-blocking, so that opening a pipe put there meanwhile returns at once (refused).
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path);
     let file = match opened {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Err(not_regular()),
         Err(e) => return Err(failed(e)),
     };
     let meta = file.metadata().map_err(failed)?;
-    if !meta.is_file() || meta.nlink() != 1 {
+    if !meta.is_file() || meta.nlink() != 1 || (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
         return Err(not_regular());
     }
     if meta.len() > OUTPUT_FILE_LIMIT as u64 {
@@ -627,7 +636,7 @@ async fn pump(
             let text = if line.len() > MAX_LOG_LINE {
                 taskmesh_secrets::mask_cut(&text, masks)
             } else {
-                taskmesh_secrets::mask(&text, masks)
+                taskmesh_secrets::mask_line(&text, masks)
             };
             if logs.try_send((stream, text)).is_err() {
                 *dropped += 1;

@@ -113,7 +113,14 @@ pub async fn create_tenant(
 ) -> ApiResult<(StatusCode, Json<TenantCreatedResponse>)> {
     let (_, bytes) = body::read(&headers, body, false)?;
     let req: TenantRequest = body::json(&bytes)?;
-    state.ingest.create_tenant(&CreateTenant { tenant_id: req.id.clone(), name: req.name }).await?;
+    match state.ingest.create_tenant(&CreateTenant { tenant_id: req.id.clone(), name: req.name }).await {
+        Ok(_) => {}
+        // Created by an earlier call whose first key was not issued (it failed after the
+        // tenant's creation, or its answer was lost): the key is issued now, or the tenant
+        // would have none and no way to get one.
+        Err(p) if p.code == ErrorCode::Conflict && !has_keys(&state, &req.id).await? => {}
+        Err(p) => return Err(p.into()),
+    }
     let (key, id, _) = issue(&state, &req.id, Role::Admin, Some("first admin key".into())).await?;
     // The platform administrator's call opens the new tenant's audit log.
     let record = taskmesh_events::AuditRecorded {
@@ -129,6 +136,17 @@ pub async fn create_tenant(
     };
     state.audit.record(&req.id, record).await;
     Ok((StatusCode::CREATED, Json(TenantCreatedResponse { id: req.id, admin_key: key, admin_key_id: id })))
+}
+
+/// Whether any API key of `tenant` was ever created (the log, not the read side, which may
+/// not have it yet).
+async fn has_keys(state: &AppState, tenant: &str) -> Result<bool, ApiError> {
+    let ns = state.bus.namespace();
+    let counts = state.bus.subject_counts(&ns.events_stream(), &ns.api_keys_of(tenant)).await.map_err(|e| {
+        tracing::warn!(error = %e, "reading a tenant's keys");
+        ApiError::new(ErrorCode::Unavailable, "could not read the tenant's keys; retry")
+    })?;
+    Ok(!counts.is_empty())
 }
 
 /// A tenant.

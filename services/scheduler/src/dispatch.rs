@@ -932,6 +932,17 @@ impl Dispatcher {
                             tracing::warn!(error = %e, %pool, "a label set could not be recorded; its steps wait");
                             held.pools_warned = Some(now);
                         }
+                        // What choosing it took is given back: its rate limit's token, its probe.
+                        if let Some(rl) = &step.dispatch.step.rate_limit
+                            && let Some(bucket) = held.buckets.get_mut(&(tenant.clone(), rl.key.clone()))
+                        {
+                            bucket.tokens += 1.0;
+                        }
+                        if let Some(cb) = &step.dispatch.step.circuit_breaker
+                            && let Some(p) = probes.get_mut(&tenant)
+                        {
+                            p.remove(&cb.key);
+                        }
                         held.steps.get_mut(&tenant).expect("chosen from this tenant's queue").insert(k, step);
                         unrecorded.insert(pool);
                         continue;
@@ -1087,9 +1098,10 @@ impl Dispatcher {
                 // About to admit, skip, or cancel others: a run that ended while it waited
                 // (cancelled) no longer wants a place. (Waiting runs are not looked up every
                 // round; a cancelled one is dropped by its `run_ended` signal, or here.)
-                if let Some(last) = self.bus.last(&ns.run(&key)).await?
-                    && last.envelope.event.is_run_terminal()
-                {
+                // One whose events aged out of the log (none left) is as good as ended: it takes
+                // no place it would never give back.
+                let last = self.bus.last(&ns.run(&key)).await?;
+                if last.is_none_or(|last| last.envelope.event.is_run_terminal()) {
                     held.runs.remove(&seq);
                     held.removals.done(seq);
                     continue;
@@ -1686,8 +1698,12 @@ mod tests {
         let group = RunConcurrency { key: "deploy-prod".into(), limit: 1, policy: GroupPolicy::CancelInProgress };
         let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
         let old_subject = ns.run(&RunKey { tenant: "t".into(), run_id: old });
-        let waiting = Event::RunWaiting(RunWaiting { run_id: old, reason: "held".into() });
-        bus.append(0, &EventMeta::new("t").envelope(old_subject.clone(), waiting)).await.unwrap();
+        // Both runs have events in the log (a run whose events are gone is dropped, not admitted).
+        for run_id in [old, new] {
+            let waiting = Event::RunWaiting(RunWaiting { run_id, reason: "held".into() });
+            let subject = ns.run(&RunKey { tenant: "t".into(), run_id });
+            bus.append(0, &EventMeta::new("t").envelope(subject, waiting)).await.unwrap();
+        }
         bus.enqueue(ns.group_member("t", &group.token(), old), "member", &old, None).await.unwrap();
         let mut held = Held::default();
         held.runs.insert(
@@ -1720,6 +1736,33 @@ mod tests {
         dispatcher.admit_runs(&mut held, &reports, &valid).await.unwrap();
         assert!(asked().await, "asked again once the log takes it");
         assert!(held.runs.contains_key(&7), "the newcomer waits for the old run to end");
+        env.cleanup().await;
+    }
+
+    /// A run held for admission whose events aged out of the log meanwhile is dropped: it takes
+    /// no place in its group it would never give back.
+    #[tokio::test]
+    async fn a_held_run_whose_events_are_gone_takes_no_place() {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let ns = bus.namespace().clone();
+        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let group = RunConcurrency { key: "nightly".into(), limit: 1, policy: GroupPolicy::Queue };
+        let mut held = Held::default();
+        let run = HeldRun {
+            tenant: "t".into(),
+            run_id: Uuid::now_v7(),
+            concurrency: Some(group.clone()),
+            tenant_max_runs: None,
+            reported: false,
+        };
+        held.runs.insert(3, run);
+        let (reports, _rx) = tokio::sync::mpsc::channel(16);
+        let valid = Validity::new(Instant::now() + Duration::from_secs(60));
+        dispatcher.admit_runs(&mut held, &reports, &valid).await.unwrap();
+        assert!(held.runs.is_empty(), "dropped");
+        let members = bus.subject_counts(&ns.groups_stream(), &ns.group_all("t", &group.token())).await.unwrap();
+        assert!(members.is_empty(), "no place taken: {members:?}");
         env.cleanup().await;
     }
 
