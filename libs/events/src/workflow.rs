@@ -793,9 +793,119 @@ fn json_strings_mut<'a>(v: &'a mut serde_json::Value, out: &mut Vec<&'a mut Stri
     }
 }
 
+/// Most nodes (mappings, sequences, scalars) a YAML text may expand to, its aliases replayed, for
+/// each of its bytes, beyond [`YAML_NODES_FLOOR`]: a few kilobytes of anchors and aliases can
+/// otherwise expand to billions of nodes (a "billion laughs"), and a pipeline file from any
+/// pushed commit is parsed by the shared git-integration service.
+const YAML_NODES_PER_BYTE: usize = 4;
+/// Nodes any YAML text may expand to, however short.
+const YAML_NODES_FLOOR: usize = 10_000;
+
+/// Checks that YAML `text` expands, its aliases replayed, to no more nodes than its size allows
+/// (see [`YAML_NODES_PER_BYTE`]), walking it without building anything; the error says why not.
+pub fn check_yaml_expansion(text: &str) -> Result<(), String> {
+    let budget = YAML_NODES_FLOOR.saturating_add(text.len().saturating_mul(YAML_NODES_PER_BYTE));
+    let left = std::cell::Cell::new(budget);
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(YamlNodes(&left), de).map_err(|e| e.to_string())
+}
+
+/// YAML `text` as JSON, once [`check_yaml_expansion`] has passed it.
+pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    check_yaml_expansion(text)?;
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Counts the nodes of a YAML document down from what is left, failing at none.
+#[derive(Clone, Copy)]
+struct YamlNodes<'a>(&'a std::cell::Cell<usize>);
+
+impl YamlNodes<'_> {
+    fn take<E: serde::de::Error>(self) -> Result<(), E> {
+        match self.0.get().checked_sub(1) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(E::custom("it expands to more than its size allows (anchors and aliases repeated too often)")),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for YamlNodes<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for YamlNodes<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any YAML")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take()
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.take()?;
+        d.deserialize_any(self)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.take()?;
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.take()?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.take()?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged node (`!tag value`): the tag, then its value.
+        self.take()?;
+        let ((), variant) = data.variant_seed(self)?;
+        serde::de::VariantAccess::newtype_variant_seed(variant, self)
+    }
+}
+
 impl WorkflowDef {
     /// Parses YAML (a superset of JSON) and validates.
     pub fn parse_yaml(text: &str) -> Result<Self, Problem> {
+        check_yaml_expansion(text).map_err(|e| Problem::new(ErrorCode::InvalidWorkflow, e))?;
         let def: WorkflowDef =
             serde_yaml_ng::from_str(text).map_err(|e| Problem::new(ErrorCode::InvalidWorkflow, e.to_string()))?;
         def.validate()?;
@@ -1280,6 +1390,22 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn yaml_that_expands_past_its_size_is_refused_and_ordinary_anchors_pass() {
+        // 1,000 aliases of a list of 1,000 items: a million nodes from 5 kB.
+        let wide = format!("a: &a [{}]\nb: [{}]\n", vec!["x"; 1000].join(","), vec!["*a"; 1000].join(","));
+        assert!(serde_yaml_ng::from_str::<serde_json::Value>(&wide).is_ok(), "the parser alone takes it");
+        let refused = yaml_to_json(&wide).unwrap_err();
+        assert!(refused.contains("expands to more than its size allows"), "{refused}");
+        assert!(WorkflowDef::parse_yaml(&wide).is_err());
+        // Settings shared through an anchor, as people write them.
+        let shared = "name: w\nx-env: &e {REGION: eu}\nsteps:\n  - {id: a, run: 'true', env: *e}\n  - {id: b, run: 'true', env: *e}\n";
+        let value = yaml_to_json(shared).unwrap();
+        assert_eq!(value["steps"][1]["env"]["REGION"], "eu");
+        assert!(check_yaml_expansion("!tag {a: [1, 2.5, null, true, ~, -3]}").is_ok(), "tags and every scalar kind");
+        assert!(yaml_to_json("a: [").is_err(), "malformed");
+    }
 
     #[test]
     fn a_timeout_is_one_second_to_a_year() {

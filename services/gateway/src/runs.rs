@@ -132,7 +132,7 @@ pub async fn submit(
         Format::Yaml => {
             let text = std::str::from_utf8(&bytes)
                 .map_err(|_| ApiError::new(ErrorCode::BadRequest, "the body is not UTF-8"))?;
-            let workflow: serde_json::Value = serde_yaml_ng::from_str(text)
+            let workflow = taskmesh_events::workflow::yaml_to_json(text)
                 .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed YAML: {e}")))?;
             SubmitRunRequest {
                 workflow,

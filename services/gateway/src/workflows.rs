@@ -72,7 +72,7 @@ pub async fn store(
         Format::Yaml => {
             let text = std::str::from_utf8(&bytes)
                 .map_err(|_| ApiError::new(ErrorCode::BadRequest, "the body is not UTF-8"))?;
-            serde_yaml_ng::from_str(text)
+            taskmesh_events::workflow::yaml_to_json(text)
                 .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed YAML: {e}")))?
         }
     };

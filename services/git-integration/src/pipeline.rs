@@ -148,7 +148,7 @@ async fn read(
 /// A pipeline file's text as JSON: YAML (JSON is YAML too).
 pub(crate) fn parse(body: &[u8]) -> Result<serde_json::Value, String> {
     let text = std::str::from_utf8(body).map_err(|_| "is not UTF-8 text".to_string())?;
-    let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| format!("is not YAML: {e}"))?;
+    let value = taskmesh_events::workflow::yaml_to_json(text).map_err(|e| format!("is not YAML: {e}"))?;
     if !value.is_object() {
         return Err("is not a workflow (a mapping with `name` and `steps`)".into());
     }
