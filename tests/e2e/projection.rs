@@ -616,3 +616,28 @@ async fn a_pooled_connection_dropped_while_idle_is_replaced_before_it_is_used() 
     pool.close().await;
     env.cleanup().await;
 }
+
+/// A NUL character, which Postgres's `text` and `jsonb` refuse, in a step's output and in a
+/// run's inputs: the read side shows a replacement character and goes on projecting (it
+/// failed on that event again and again, for every tenant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nul_in_an_output_or_an_input_does_not_stop_the_read_side() {
+    let tm = spawn_mesh().await;
+    let body = serde_json::json!({
+        "workflow": {
+            "name": "nul",
+            "inputs": {"x": {"type": "string"}},
+            "steps": [{"id": "a", "run": "printf 'a\\000b'"}],
+        },
+        "inputs": {"x": "c\u{0}d"},
+    });
+    let id = tm.submit_json_as(&tm.key, body).await;
+    let run = tm.wait_run(id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["steps"][0]["output"], "a\u{FFFD}b", "{run}");
+    assert_eq!(run["inputs"]["x"], "c\u{FFFD}d", "{run}");
+    // And the read side goes on.
+    let after = tm.submit("name: after\nsteps:\n  - {id: a, uses: noop}\n").await;
+    assert_eq!(tm.wait_run(after, Duration::from_secs(30)).await["status"], "succeeded");
+    tm.finish().await;
+}

@@ -927,6 +927,52 @@ pub fn decode(msg: &jetstream::Message) -> Result<Vec<Stored>> {
     decode_parts(&msg.subject, seq, msg.headers.as_ref(), &msg.payload)
 }
 
+/// Decodes a delivered message of events as [`decode`] does, with every NUL character in their
+/// text (in JSON, the escape `\u0000`) read as U+FFFD: Postgres's `text` and `jsonb` refuse NUL,
+/// so a read model's writer that met one (a step's output with a NUL byte in it, say) would
+/// fail on that event for ever. The replacement is the same on every reading, so a rebuild
+/// writes what the live projection did.
+pub fn decode_without_nul(msg: &jetstream::Message) -> Result<Vec<Stored>> {
+    match without_nul_escapes(&msg.payload) {
+        std::borrow::Cow::Borrowed(_) => decode(msg),
+        std::borrow::Cow::Owned(payload) => {
+            let seq = msg
+                .info()
+                .map_err(|e| BusError::Malformed { subject: msg.subject.to_string(), reason: e.to_string() })?
+                .stream_sequence;
+            decode_parts(&msg.subject, seq, msg.headers.as_ref(), &payload)
+        }
+    }
+}
+
+/// `json` with every escaped NUL (`\u0000`) in its strings replaced by an escaped U+FFFD;
+/// borrowed when it has none. Other escapes are copied whole, so an escaped backslash
+/// followed by `u0000` (the text `\u0000`) is left as it is.
+fn without_nul_escapes(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    const NUL: &[u8] = b"\\u0000";
+    if !json.windows(NUL.len()).any(|w| w == NUL) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = Vec::with_capacity(json.len());
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] == b'\\' {
+            if json[i..].starts_with(NUL) {
+                out.extend_from_slice(b"\\ufffd");
+                i += NUL.len();
+            } else {
+                let end = (i + 2).min(json.len());
+                out.extend_from_slice(&json[i..end]);
+                i = end;
+            }
+            continue;
+        }
+        out.push(json[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn decode_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Vec<Stored>> {
     let envelopes = Commit::from_json(payload)
         .map_err(|e| BusError::Malformed { subject: subject.to_string(), reason: e.to_string() })?;
@@ -1015,6 +1061,18 @@ impl From<BusError> for Problem {
 mod tests {
     use super::*;
     use taskmesh_events::{Event, EventMeta, StepDispatched};
+
+    #[test]
+    fn an_escaped_nul_reads_as_a_replacement_character_and_nothing_else_changes() {
+        let json = br#"{"a":"x\u0000y","b":"\\u0000","c":"\"\u0000"}"#;
+        let clean = without_nul_escapes(json);
+        assert_eq!(std::str::from_utf8(&clean).unwrap(), r#"{"a":"x\ufffdy","b":"\\u0000","c":"\"\ufffd"}"#);
+        let value: serde_json::Value = serde_json::from_slice(&clean).unwrap();
+        assert_eq!(value["a"], "x\u{FFFD}y");
+        assert_eq!(value["b"], "\\u0000", "the text \\u0000 is left alone");
+        assert!(matches!(without_nul_escapes(br#"{"a":"\n"}"#), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(&*without_nul_escapes(b"\\"), b"\\", "a lone backslash at the end");
+    }
 
     fn dispatched(n: usize, pad: usize) -> Vec<Envelope> {
         let meta = EventMeta::new("t");

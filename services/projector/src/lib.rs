@@ -256,12 +256,17 @@ impl Projector {
                 let msg = next
                     .ok_or_else(|| anyhow::anyhow!("event stream ended"))?
                     .map_err(|e| anyhow::anyhow!("pulling events: {e}"))?;
-                let commit = taskmesh_bus::decode(&msg)?;
+                let commit = taskmesh_bus::decode_without_nul(&msg)?;
                 let seq = commit[0].seq;
                 if let Some(want) = expected
                     && seq > want
                 {
                     anyhow::bail!("gap in the event stream: expected sequence {want}, got {seq}");
+                }
+                // Delivered again (its ack was late, the batch before it long in Postgres) after
+                // the batch already took it: taken once. (A later message's ack covers it.)
+                if expected.is_some_and(|want| seq < want) {
+                    continue;
                 }
                 if expected.is_none_or(|want| seq == want) {
                     expected = Some(seq + 1);
