@@ -47,7 +47,13 @@ pub(crate) fn push(body: &[u8], gitea: bool) -> Result<Push, ApiError> {
         false => p.commits.len() < MAX_LISTED_COMMITS,
         true => p.total_commits.is_some_and(|n| n <= p.commits.len()),
     };
-    let mut push = Push::new(p.repository.full_name, p.r#ref, p.after, p.head_commit.map(|c| c.message));
+    // An annotated tag's push names the tag object in `after`; the commit it tags is the head
+    // commit's.
+    let commit = match &p.head_commit {
+        Some(c) if p.r#ref.starts_with("refs/tags/") && !p.deleted && !c.id.is_empty() => c.id.clone(),
+        _ => p.after,
+    };
+    let mut push = Push::new(p.repository.full_name, p.r#ref, commit, p.head_commit.map(|c| c.message));
     push.deleted |= p.deleted;
     push.clone_url = p.repository.clone_url;
     push.changed = complete.then(|| crate::changed_files(&p.commits));
@@ -149,12 +155,30 @@ struct Repository {
 #[derive(Debug, Deserialize)]
 struct Commit {
     #[serde(default)]
+    id: String,
+    #[serde(default)]
     message: String,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_annotated_tags_push_names_the_commit_it_tags() {
+        let payload = |r#ref: &str| {
+            serde_json::json!({
+                "ref": r#ref, "after": "1111111111111111111111111111111111111111",
+                "repository": {"full_name": "o/r"},
+                "head_commit": {"id": "2222222222222222222222222222222222222222", "message": "release"},
+            })
+            .to_string()
+        };
+        let tag = push(payload("refs/tags/v1.0").as_bytes(), false).unwrap();
+        assert_eq!(tag.commit, "2222222222222222222222222222222222222222", "the tagged commit, not the tag object");
+        let branch = push(payload("refs/heads/main").as_bytes(), false).unwrap();
+        assert_eq!(branch.commit, "1111111111111111111111111111111111111111", "a branch's push: its `after`");
+    }
 
     #[test]
     fn reproduces_githubs_published_test_vector() {

@@ -35,11 +35,17 @@ pub fn read(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<Hook, Api
         // A tag's push comes as an event of its own, in the same shape.
         "Push Hook" | "Tag Push Hook" => {
             let p: PushPayload = taskmesh_http::body::json(body)?;
-            let message = p.commits.iter().find(|c| c.id == p.after).map(|c| c.message.clone());
+            // An annotated tag's push names the tag object in `after`; the commit it tags is
+            // `checkout_sha` (none when the tag was deleted).
+            let commit = match &p.checkout_sha {
+                Some(sha) if p.r#ref.starts_with("refs/tags/") && !sha.is_empty() => sha.clone(),
+                _ => p.after.clone(),
+            };
+            let message = p.commits.iter().find(|c| c.id == commit).map(|c| c.message.clone());
             // GitLab lists at most 20 commits, and says how many there were.
             let complete = p.total_commits_count.is_none_or(|n| n <= p.commits.len());
             let files: Vec<crate::CommitFiles> = p.commits.into_iter().map(|c| c.files).collect();
-            let mut push = Push::new(p.project.path_with_namespace, p.r#ref, p.after, message);
+            let mut push = Push::new(p.project.path_with_namespace, p.r#ref, commit, message);
             push.clone_url = p.project.git_http_url;
             push.changed = complete.then(|| crate::changed_files(&files));
             Ok(Hook::Push { delivery, push })
@@ -115,6 +121,7 @@ struct LastCommit {
 struct PushPayload {
     r#ref: String,
     after: String,
+    checkout_sha: Option<String>,
     project: Project,
     #[serde(default)]
     commits: Vec<Commit>,
@@ -139,6 +146,23 @@ struct Commit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_annotated_tags_push_names_the_commit_it_tags() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-gitlab-token", "s3cret".parse().unwrap());
+        headers.insert("x-gitlab-event", "Tag Push Hook".parse().unwrap());
+        let body = serde_json::json!({
+            "ref": "refs/tags/v1.0", "after": "1111111111111111111111111111111111111111",
+            "checkout_sha": "2222222222222222222222222222222222222222",
+            "project": {"path_with_namespace": "g/p"},
+            "commits": [{"id": "2222222222222222222222222222222222222222", "message": "release [skip ci]"}],
+        })
+        .to_string();
+        let Ok(Hook::Push { push, .. }) = read(&headers, body.as_bytes(), b"s3cret") else { panic!("a push") };
+        assert_eq!(push.commit, "2222222222222222222222222222222222222222", "the tagged commit, not the tag object");
+        assert_eq!(push.message.as_deref(), Some("release [skip ci]"), "its message found");
+    }
 
     #[test]
     fn the_token_must_be_the_secret() {
