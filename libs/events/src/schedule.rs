@@ -239,7 +239,23 @@ impl ScheduleSpec {
         let cap = (self.catch_up_limit as usize).max(1);
         // Bounded: a long outage of an every-second schedule is not walked tick by tick beyond
         // what could be fired.
-        let mut due = self.ticks(first, now, cap.saturating_mul(4).max(4096));
+        let walk = cap.saturating_mul(4).max(4096);
+        let mut due = self.ticks(first, now, walk);
+        if due.len() == walk {
+            // The walk stopped short of `now`: the latest ticks are later. Walked again back
+            // from `now`, over a span that holds at most `walk` ticks (a second apart at the
+            // least), doubled until it holds `cap` of them or reaches back to `first`.
+            let mut span = walk as i64 - 1;
+            loop {
+                let start = first.max(now - chrono::Duration::seconds(span));
+                let latest = self.ticks(start, now, walk);
+                if latest.len() >= cap || start == first || latest.len() == walk || span > i64::MAX / 4 {
+                    due = latest;
+                    break;
+                }
+                span *= 2;
+            }
+        }
         let last = due.last().copied();
         let fire = match self.catch_up {
             CatchUp::All => {
@@ -557,6 +573,16 @@ mod tests {
         let late = now + chrono::Duration::seconds(600);
         let (none, _) = spec("0 0 * * *", "UTC", CatchUp::None).due(first, late);
         assert!(none.is_empty(), "a tick ten minutes late is missed");
+        // Three days missed, more ticks than one walk takes: still the latest ones.
+        let days = first + chrono::Duration::days(3) + chrono::Duration::seconds(30);
+        let newest = first + chrono::Duration::days(3);
+        let (one, last) = spec("* * * * *", "UTC", CatchUp::Last).due(first, days);
+        assert_eq!((one, last), (vec![newest], Some(newest)), "the latest tick, not the 4096th");
+        let (all, last) = spec("* * * * *", "UTC", CatchUp::All).due(first, days);
+        let latest: Vec<_> = (0..3).rev().map(|m| newest - chrono::Duration::minutes(m)).collect();
+        assert_eq!((all, last), (latest, Some(newest)), "the latest catch_up_limit ticks");
+        let (each_second, _) = spec("* * * * * *", "UTC", CatchUp::Last).due(first, days);
+        assert_eq!(each_second, vec![days]);
     }
 
     /// Folds `events`, numbered from 1, each happening at the time given.
