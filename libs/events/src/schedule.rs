@@ -245,14 +245,38 @@ impl ScheduleSpec {
             // The walk stopped short of `now`: the latest ticks are later. Walked again back
             // from `now`, over a span that holds at most `walk` ticks (a second apart at the
             // least), doubled until it holds `cap` of them or reaches back to `first`.
+            let back = |span: i64| self.ticks(first.max(now - chrono::Duration::seconds(span)), now, walk);
             let mut span = walk as i64 - 1;
+            // A span holding too few ticks.
+            let mut short = 0;
             loop {
-                let start = first.max(now - chrono::Duration::seconds(span));
-                let latest = self.ticks(start, now, walk);
-                if latest.len() >= cap || start == first || latest.len() == walk || span > i64::MAX / 4 {
+                let latest = back(span);
+                if latest.len() == walk {
+                    // Stopped short of `now` again (the ticks between the last span and this
+                    // were dense): narrowed between the two. The count changes by one a second
+                    // at most, so a span holding `cap` to `walk` ticks lies between them.
+                    let mut long = span;
+                    let mut found = None;
+                    while long - short > 1 {
+                        let mid = short + (long - short) / 2;
+                        let ticks = back(mid);
+                        if ticks.len() == walk {
+                            long = mid;
+                        } else if ticks.len() < cap {
+                            short = mid;
+                        } else {
+                            found = Some(ticks);
+                            break;
+                        }
+                    }
+                    due = found.unwrap_or_else(|| back(short));
+                    break;
+                }
+                if latest.len() >= cap || first >= now - chrono::Duration::seconds(span) {
                     due = latest;
                     break;
                 }
+                short = span;
                 span *= 2;
             }
         }
@@ -583,6 +607,13 @@ mod tests {
         assert_eq!((all, last), (latest, Some(newest)), "the latest catch_up_limit ticks");
         let (each_second, _) = spec("* * * * * *", "UTC", CatchUp::Last).due(first, days);
         assert_eq!(each_second, vec![days]);
+        // Sparse, then dense: every second of two hours a day, late in the day.
+        let dense = spec("* * 8,9 * * *", "UTC", CatchUp::Last);
+        // (At 14:40, the spans walked back hold no tick up to 4.5 hours, then 7,200.)
+        let afternoon = first + chrono::Duration::days(3) + chrono::Duration::minutes(14 * 60 + 40);
+        let (one, last) = dense.due(first, afternoon);
+        let ten = first + chrono::Duration::days(3) + chrono::Duration::hours(10) - chrono::Duration::seconds(1);
+        assert_eq!((one, last), (vec![ten], Some(ten)), "the day's last tick, 09:59:59");
     }
 
     /// Folds `events`, numbered from 1, each happening at the time given.

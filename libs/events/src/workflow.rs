@@ -793,18 +793,20 @@ fn json_strings_mut<'a>(v: &'a mut serde_json::Value, out: &mut Vec<&'a mut Stri
     }
 }
 
-/// Most nodes (mappings, sequences, scalars) a YAML text may expand to, its aliases replayed, for
-/// each of its bytes, beyond [`YAML_NODES_FLOOR`]: a few kilobytes of anchors and aliases can
-/// otherwise expand to billions of nodes (a "billion laughs"), and a pipeline file from any
-/// pushed commit is parsed by the shared git-integration service.
-const YAML_NODES_PER_BYTE: usize = 4;
-/// Nodes any YAML text may expand to, however short.
-const YAML_NODES_FLOOR: usize = 10_000;
+/// How much a YAML text may expand to, its aliases replayed, counted as one for each node
+/// (mapping, sequence, scalar) and each byte of each string: [`YAML_EXPANSION_PER_BYTE`] for
+/// each of its bytes, and never less than [`YAML_EXPANSION_FLOOR`]. A few kilobytes of anchors
+/// and aliases (of many nodes, or of one long string) can otherwise expand to billions (a
+/// "billion laughs"), and a pipeline file from any pushed commit is parsed by the shared
+/// git-integration service.
+const YAML_EXPANSION_PER_BYTE: usize = 4;
+/// What any YAML text may expand to, however short: more than a workflow an event can carry.
+const YAML_EXPANSION_FLOOR: usize = 4 << 20;
 
-/// Checks that YAML `text` expands, its aliases replayed, to no more nodes than its size allows
-/// (see [`YAML_NODES_PER_BYTE`]), walking it without building anything; the error says why not.
+/// Checks that YAML `text` expands, its aliases replayed, to no more than its size allows (see
+/// [`YAML_EXPANSION_PER_BYTE`]), walking it without building anything; the error says why not.
 pub fn check_yaml_expansion(text: &str) -> Result<(), String> {
-    let budget = YAML_NODES_FLOOR.saturating_add(text.len().saturating_mul(YAML_NODES_PER_BYTE));
+    let budget = YAML_EXPANSION_FLOOR.max(text.len().saturating_mul(YAML_EXPANSION_PER_BYTE));
     let left = std::cell::Cell::new(budget);
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde::de::DeserializeSeed::deserialize(YamlNodes(&left), de).map_err(|e| e.to_string())
@@ -822,7 +824,10 @@ struct YamlNodes<'a>(&'a std::cell::Cell<usize>);
 
 impl YamlNodes<'_> {
     fn take<E: serde::de::Error>(self) -> Result<(), E> {
-        match self.0.get().checked_sub(1) {
+        self.take_n(1)
+    }
+    fn take_n<E: serde::de::Error>(self, n: usize) -> Result<(), E> {
+        match self.0.get().checked_sub(n) {
             Some(left) => {
                 self.0.set(left);
                 Ok(())
@@ -862,11 +867,11 @@ impl<'de> serde::de::Visitor<'de> for YamlNodes<'_> {
     fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
         self.take()
     }
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
-        self.take()
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.take_n(v.len().saturating_add(1))
     }
-    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<(), E> {
-        self.take()
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<(), E> {
+        self.take_n(v.len().saturating_add(1))
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
         self.take()
@@ -1393,12 +1398,15 @@ mod tests {
 
     #[test]
     fn yaml_that_expands_past_its_size_is_refused_and_ordinary_anchors_pass() {
-        // 1,000 aliases of a list of 1,000 items: a million nodes from 5 kB.
-        let wide = format!("a: &a [{}]\nb: [{}]\n", vec!["x"; 1000].join(","), vec!["*a"; 1000].join(","));
-        assert!(serde_yaml_ng::from_str::<serde_json::Value>(&wide).is_ok(), "the parser alone takes it");
+        // 3,000 aliases of a list of 3,000 items: nine million nodes from 15 kB.
+        let wide = format!("a: &a [{}]\nb: [{}]\n", vec!["x"; 3000].join(","), vec!["*a"; 3000].join(","));
         let refused = yaml_to_json(&wide).unwrap_err();
         assert!(refused.contains("expands to more than its size allows"), "{refused}");
         assert!(WorkflowDef::parse_yaml(&wide).is_err());
+        // 1,000 aliases of one string of 64 kB: 64 MB from 70 kB.
+        let long = format!("a: &a \"{}\"\nb: [{}]\n", "x".repeat(64 * 1024), vec!["*a"; 1000].join(","));
+        assert!(serde_yaml_ng::from_str::<serde_json::Value>(&long).is_ok(), "the parser alone takes it");
+        assert!(yaml_to_json(&long).unwrap_err().contains("expands to more than its size allows"));
         // Settings shared through an anchor, as people write them.
         let shared = "name: w\nx-env: &e {REGION: eu}\nsteps:\n  - {id: a, run: 'true', env: *e}\n  - {id: b, run: 'true', env: *e}\n";
         let value = yaml_to_json(shared).unwrap();
