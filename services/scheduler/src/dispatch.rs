@@ -1667,6 +1667,24 @@ mod tests {
         }
     }
 
+    /// A dispatcher on a test environment of its own, with its bus and namespace.
+    async fn dispatcher_env() -> (taskmesh_testkit::TestEnv, Bus, Namespace, Dispatcher) {
+        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
+        let bus = env.bus().await.unwrap();
+        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let ns = bus.namespace().clone();
+        (env, bus, ns, dispatcher)
+    }
+
+    /// Makes `stream` refuse every new message (a limit on a message's size: lowering its byte
+    /// limit would remove what it holds as well); returns its configuration, to restore.
+    async fn refusing(bus: &Bus, stream: String) -> async_nats::jetstream::stream::Config {
+        let config = bus.jetstream().get_stream(stream).await.unwrap().info().await.unwrap().config.clone();
+        let refusing = async_nats::jetstream::stream::Config { max_message_size: 1, ..config.clone() };
+        bus.jetstream().update_stream(&refusing).await.unwrap();
+        config
+    }
+
     /// A step of `tenant`, held as if read from READY at sequence `seq`.
     fn hold(held: &mut Held, tenant: &str, seq: u64) {
         held.hold_step(seq, 0, noop_dispatch(tenant, &format!("s{seq}")), 0);
@@ -1691,10 +1709,7 @@ mod tests {
     /// that could not be appended is made again by a later round.
     #[tokio::test]
     async fn a_supersession_that_failed_to_append_is_asked_again() {
-        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
-        let bus = env.bus().await.unwrap();
-        let ns = bus.namespace().clone();
-        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let (env, bus, ns, dispatcher) = dispatcher_env().await;
         let group = RunConcurrency { key: "deploy-prod".into(), limit: 1, policy: GroupPolicy::CancelInProgress };
         let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
         let old_subject = ns.run(&RunKey { tenant: "t".into(), run_id: old });
@@ -1725,11 +1740,8 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e.envelope.event, Event::RunCancelRequested(_)))
         };
-        // The log refuses appends (a limit on a message's size: lowering its byte limit would
-        // remove the old run's events as well).
-        let events = bus.jetstream().get_stream(ns.events_stream()).await.unwrap().info().await.unwrap().config.clone();
-        let refusing = async_nats::jetstream::stream::Config { max_message_size: 1, ..events.clone() };
-        bus.jetstream().update_stream(&refusing).await.unwrap();
+        // The log refuses appends.
+        let events = refusing(&bus, ns.events_stream()).await;
         assert!(dispatcher.admit_runs(&mut held, &reports, &valid).await.is_err());
         assert!(!asked().await);
         bus.jetstream().update_stream(&events).await.unwrap();
@@ -1743,10 +1755,7 @@ mod tests {
     /// no place in its group it would never give back.
     #[tokio::test]
     async fn a_held_run_whose_events_are_gone_takes_no_place() {
-        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
-        let bus = env.bus().await.unwrap();
-        let ns = bus.namespace().clone();
-        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let (env, bus, ns, dispatcher) = dispatcher_env().await;
         let group = RunConcurrency { key: "nightly".into(), limit: 1, policy: GroupPolicy::Queue };
         let mut held = Held::default();
         let run = HeldRun {
@@ -1770,18 +1779,13 @@ mod tests {
     /// round admits every other tenant's steps meanwhile.
     #[tokio::test]
     async fn a_label_set_that_cannot_be_recorded_holds_only_its_own_steps() {
-        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
-        let bus = env.bus().await.unwrap();
-        let ns = bus.namespace().clone();
-        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let (env, bus, ns, dispatcher) = dispatcher_env().await;
         let mut held = Held::default();
         let mut gpu = noop_dispatch("a", "train");
         gpu.step.runs_on = BTreeMap::from([("gpu".to_string(), "nvidia".to_string())]);
         held.hold_step(1, 0, gpu, 0);
         hold(&mut held, "b", 2);
-        let pools = bus.jetstream().get_stream(ns.pools_stream()).await.unwrap().info().await.unwrap().config.clone();
-        let refusing = async_nats::jetstream::stream::Config { max_message_size: 1, ..pools.clone() };
-        bus.jetstream().update_stream(&refusing).await.unwrap();
+        let pools = refusing(&bus, ns.pools_stream()).await;
         let queued = |pool: String| {
             let (bus, ns) = (bus.clone(), ns.clone());
             async move {
@@ -1824,9 +1828,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_round_whose_lease_ran_out_sends_nothing_and_loses_no_step() {
-        let env = taskmesh_testkit::TestEnv::new().await.unwrap();
-        let bus = env.bus().await.unwrap();
-        let dispatcher = Dispatcher::new(bus.clone(), env.settings.scheduler.clone(), LimitsSettings::default());
+        let (env, bus, _, dispatcher) = dispatcher_env().await;
         let mut held = Held::default();
         for (seq, tenant) in [(1, "a"), (2, "a"), (3, "b")] {
             hold(&mut held, tenant, seq);
