@@ -23,6 +23,7 @@ mod metrics;
 mod pooler;
 mod projection;
 mod requests;
+mod retention;
 mod schedules;
 mod scheduling;
 mod secrets;

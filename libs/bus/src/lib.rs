@@ -180,9 +180,65 @@ async fn last_raw(
 /// An ephemeral consumer made by [`Bus::reader`], deleted in the background once dropped
 /// (whether its reading ended, failed or was given up), rather than left for its inactivity
 /// threshold.
+/// A message of the event log without its body ([`Bus::headings_before`]).
+#[derive(Debug, Clone)]
+pub struct Heading {
+    pub seq: u64,
+    pub subject: String,
+    /// When the stream stored it.
+    pub stored: chrono::DateTime<chrono::Utc>,
+    /// The types of the events it holds (`Tm-Event-Type`; none on a message without the header).
+    pub types: Vec<String>,
+}
+
 struct Reader {
     stream: jetstream::stream::Stream<()>,
     consumer: PullConsumer,
+}
+
+impl Reader {
+    /// Hands what the consumer has to `each`, in order, until none is left, `each` answers
+    /// `false`, or `limit` were read; whether some may be left (`false` once `each` stopped).
+    /// Nothing coming while some are left, a few times over, is an error rather than part of
+    /// them taken for all.
+    async fn read(
+        &self,
+        what: &str,
+        limit: usize,
+        mut each: impl FnMut(&jetstream::Message) -> Result<bool>,
+    ) -> Result<bool> {
+        let mut left = self.consumer.cached_info().num_pending;
+        let (mut read, mut empty_fetches) = (0, 0);
+        while left > 0 && read < limit {
+            let mut batch = self
+                .consumer
+                .batch()
+                .max_messages((limit - read).min(1_000))
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(BusError::nats)?;
+            let mut got = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(BusError::nats)?;
+                (got, read) = (got + 1, read + 1);
+                left = msg.info().map_err(BusError::nats)?.pending;
+                if !each(&msg)? {
+                    return Ok(false);
+                }
+                if left == 0 || read >= limit {
+                    break;
+                }
+            }
+            if got == 0 {
+                empty_fetches += 1;
+                if empty_fetches > 3 {
+                    return Err(BusError::Nats(format!("reading {what}: stopped with {left} left")));
+                }
+            }
+        }
+        Ok(left > 0)
+    }
 }
 
 impl Drop for Reader {
@@ -265,7 +321,9 @@ impl Bus {
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             num_replicas: self.settings.replicas,
-            max_age: Duration::from_secs(self.settings.events_max_age_days * 86_400),
+            // No age limit: `events_max_age_days` is kept by the scheduler's sweeps, which
+            // leave what is still in force (a tenant's keys, secrets, schedules…).
+            max_age: Duration::ZERO,
             max_bytes: self.settings.events_max_bytes,
             // A full event log refuses new events rather than silently dropping history.
             discard: DiscardPolicy::New,
@@ -574,11 +632,16 @@ impl Bus {
 
     /// The sequence of the first event on `subject`, 0 when it has none.
     pub async fn first_seq(&self, subject: &str) -> Result<u64> {
+        self.next_kept(subject, 1).await
+    }
+
+    /// The sequence of the first event on `subject` at or after `from`, 0 when it has none.
+    async fn next_kept(&self, subject: &str, from: u64) -> Result<u64> {
         let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
-        match stream.direct_get_next_for_subject(subject, None).await {
+        match stream.direct_get_next_for_subject(subject, Some(from.max(1))).await {
             Ok(msg) => Ok(msg.sequence),
             Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
-            Err(e) => Err(BusError::Nats(format!("reading first of {subject}: {e}"))),
+            Err(e) => Err(BusError::Nats(format!("reading {subject} from {from}: {e}"))),
         }
     }
 
@@ -614,11 +677,13 @@ impl Bus {
                 let (seq, prev) = (commit[0].seq, commit[0].prev);
                 // Every message on an aggregate subject names the one before it: a break in
                 // that chain means a message went missing in flight, and a state folded from
-                // it would be wrong.
+                // it would be wrong, unless the messages between were removed from the stream
+                // (by retention): then this is the subject's next message still kept.
                 let before = out.last().map(|s: &Stored| s.seq).unwrap_or(after);
                 if let Some(prev) = prev
                     && prev != before
                     && (before != after || prev > after)
+                    && self.next_kept(subject, before + 1).await? != seq
                 {
                     return Err(BusError::Nats(format!("reading {subject}: event {seq} follows {prev}, not {before}")));
                 }
@@ -739,36 +804,13 @@ impl Bus {
     /// registries that may hold many.
     pub async fn last_of_each<T: serde::de::DeserializeOwned>(&self, stream: &str, filter: &str) -> Result<Vec<T>> {
         let reader = self.reader(stream, filter, DeliverPolicy::LastPerSubject).await?;
-        let consumer = &reader.consumer;
-        let mut left = consumer.cached_info().num_pending;
-        let (mut out, mut empty_fetches) = (Vec::new(), 0);
-        while left > 0 {
-            let mut batch = consumer
-                .batch()
-                .max_messages(1_000)
-                .expires(Duration::from_millis(500))
-                .messages()
-                .await
-                .map_err(BusError::nats)?;
-            let mut got = 0;
-            while let Some(msg) = batch.next().await {
-                let msg = msg.map_err(BusError::nats)?;
-                got += 1;
+        let mut out = Vec::new();
+        reader
+            .read(filter, usize::MAX, |msg| {
                 out.extend(serde_json::from_slice(&msg.payload).ok());
-                left = msg.info().map_err(BusError::nats)?.pending;
-                if left == 0 {
-                    break;
-                }
-            }
-            // Nothing came while some were left: after a few tries, an error rather than part
-            // of them as if it were all.
-            if got == 0 {
-                empty_fetches += 1;
-                if empty_fetches > 3 {
-                    return Err(BusError::Nats(format!("reading {filter}: stopped with {left} left")));
-                }
-            }
-        }
+                Ok(true)
+            })
+            .await?;
         Ok(out)
     }
 
@@ -803,6 +845,63 @@ impl Bus {
         let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
         stream.purge().sequence(below).await.map_err(|e| BusError::Nats(format!("purging below {below}: {e}")))?;
         Ok(())
+    }
+
+    /// Removes the messages of `subject` of the event log below sequence `below` (those at or
+    /// after it, appended since the caller looked, stay); returns how many.
+    pub async fn purge_subject_below(&self, subject: &str, below: u64) -> Result<u64> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .sequence(below)
+            .await
+            .map_err(|e| BusError::Nats(format!("purging {subject} below {below}: {e}")))?;
+        Ok(purged.purged)
+    }
+
+    /// The event log's messages from sequence `from` on, in order, as long as they were stored
+    /// before `until`, without their payloads: at most `limit`, and whether some before `until`
+    /// may be left (the limit was reached). For sweeps of the log's oldest part that must not
+    /// read its bodies.
+    pub async fn headings_before(
+        &self,
+        from: u64,
+        until: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<(Vec<Heading>, bool)> {
+        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        let config = PullConfig {
+            filter_subject: self.ns.events_all(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from.max(1) },
+            ack_policy: AckPolicy::None,
+            headers_only: true,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.map_err(BusError::nats)?;
+        let reader = Reader { stream, consumer };
+        let mut out = Vec::new();
+        let more = reader
+            .read("the log", limit, |msg| {
+                let info = msg.info().map_err(BusError::nats)?;
+                let nanos = info.published.unix_timestamp_nanos();
+                let stored = chrono::DateTime::from_timestamp_nanos(i64::try_from(nanos).unwrap_or(i64::MAX));
+                if stored >= until {
+                    return Ok(false);
+                }
+                let types = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(EVENT_TYPE_HEADER))
+                    .map(|v| v.as_str().split(',').map(str::to_string).collect())
+                    .unwrap_or_default();
+                out.push(Heading { seq: info.stream_sequence, subject: msg.subject.to_string(), stored, types });
+                Ok(true)
+            })
+            .await?;
+        Ok((out, more))
     }
 
     /// Removes every message of `subject` (a filter: wildcards allowed) from `stream`; returns how many.

@@ -228,6 +228,13 @@ impl Namespace {
         format!("{}.evt.{tenant}.endpoint.*", self.0)
     }
 
+    /// The kind of aggregate an event subject is of (`run`, `schedule`, `audit`, …): the token
+    /// after the tenant's.
+    pub fn event_kind<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject.strip_prefix(self.0.as_str())?.strip_prefix(".evt.")?;
+        rest.split('.').nth(1)
+    }
+
     /// Parses a run subject back into its key.
     pub fn parse_run(&self, subject: &str) -> Option<RunKey> {
         let rest = subject.strip_prefix(&self.0)?.strip_prefix(".evt.")?;
@@ -347,9 +354,13 @@ mod tests {
     fn run_subject_round_trips() {
         let ns = Namespace::new("tm").unwrap();
         let key = RunKey { tenant: "default".into(), run_id: Uuid::now_v7() };
-        assert_eq!(ns.parse_run(&ns.run(&key)), Some(key));
+        assert_eq!(ns.parse_run(&ns.run(&key)), Some(key.clone()));
         assert_eq!(ns.parse_run("tm.evt.default.repo.x"), None);
         assert_eq!(ns.parse_run("other.evt.default.run.x"), None);
+        assert_eq!(ns.event_kind(&ns.run(&key)), Some("run"));
+        assert_eq!(ns.event_kind(&ns.audit("acme")), Some("audit"));
+        assert_eq!(ns.event_kind(&ns.schedule("acme", Uuid::now_v7())), Some("schedule"));
+        assert_eq!(ns.event_kind("other.evt.acme.run.x"), None);
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! - `dispatch`: admission control: tenant limits, priorities, rate limits, concurrency
 //!   groups; one leader replica at a time.
 //! - `schedules`: cron schedules: arming ticks, handling each exactly once.
+//! - [`retention`]: sweeps of the event log's part older than `nats.events_max_age_days`.
 //! - this file: [`Scheduler`]: the cache, the reactor loop and the command handlers.
 
 mod dispatch;
+pub mod retention;
 mod schedules;
 pub use taskmesh_run as state;
 
@@ -242,6 +244,7 @@ impl Scheduler {
         let reactor = self.clone().react(shutdown.clone());
         let timers = self.clone().timers(shutdown.clone());
         let schedules = self.clone().schedules(shutdown.clone());
+        let retention = self.clone().retention(shutdown.clone());
         let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone(), self.limits.clone())
             .run(shutdown.clone());
         tokio::try_join!(
@@ -250,9 +253,32 @@ impl Scheduler {
             reactor,
             timers,
             schedules,
+            retention,
             dispatcher
         )?;
         Ok(())
+    }
+
+    /// With `nats.events_max_age_days` set, sweeps the event log a minute after the start and
+    /// hourly after that ([`retention::sweep`]).
+    async fn retention(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let days = self.bus.settings().events_max_age_days;
+        if days == 0 {
+            return Ok(());
+        }
+        let mut wait = Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = Duration::from_secs(3_600);
+            let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
+            match retention::sweep(&self.bus, cutoff).await {
+                Ok(swept) => tracing::info!(?swept, %cutoff, "swept the event log"),
+                Err(e) => tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour"),
+            }
+        }
     }
 
     /// Consumes run events and acts on them, acking each only once its consequences are in

@@ -1,0 +1,137 @@
+//! Retention of the event log: a sweep removes what is old and no longer in force (ended
+//! runs, deleted secrets, old audit records, a schedule's old ticks) and leaves what still is
+//! (a tenant's secrets and keys, a schedule, a running run).
+
+use std::time::Duration;
+
+use serde_json::json;
+use taskmesh_events::schedule::ScheduleState;
+use taskmesh_events::{Event, RunKey};
+use taskmesh_scheduler::retention::sweep;
+use taskmesh_testkit::eventually;
+
+use crate::helpers::*;
+
+async fn put_secret(tm: &TestMesh, name: &str, value: &str) {
+    let res = tm.send_json(reqwest::Method::PUT, &format!("/v1/secrets/{name}"), &json!({"value": value})).await;
+    assert!(res.status().is_success(), "{}", res.status());
+}
+
+/// Messages on `subject` of the event log.
+async fn count(tm: &TestMesh, subject: &str) -> usize {
+    tm.bus.read_subject(subject, 0).await.unwrap().len()
+}
+
+async fn schedule_state(tm: &TestMesh, subject: &str) -> ScheduleState {
+    let events = tm.bus.read_subject(subject, 0).await.unwrap();
+    ScheduleState::fold(None, events.iter().map(|s| (s.seq, &s.envelope))).expect("the schedule is still there")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
+    // Its scheduler's own sweep comes a minute after it starts: past this test's end.
+    let tm = spawn_with(&Svc::ALL, |s| s.nats.events_max_age_days = 30).await;
+    let ns = tm.bus.namespace().clone();
+    // The stream keeps no age limit of its own (it would remove what is in force too).
+    let stream = tm.bus.jetstream().get_stream(ns.events_stream()).await.unwrap();
+    assert_eq!(stream.cached_info().config.max_age, Duration::ZERO);
+    put_secret(&tm, "KEPT", "kept-value-1").await;
+    put_secret(&tm, "GONE", "gone-value-1").await;
+    let res = tm.auth(tm.http.delete(format!("{}/v1/secrets/GONE", tm.api))).send().await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+
+    // A schedule ticking every second, paused after a few ticks.
+    let res = tm
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/schedules",
+            &json!({
+                "cron": "* * * * * *",
+                "workflow": {"name": "tick", "steps": [{"id": "a", "uses": "noop"}]},
+                "overlap": "allow",
+            }),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let schedule: uuid::Uuid = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
+    let schedule_subject = ns.schedule("default", schedule);
+    let ticked = |events: Vec<taskmesh_bus::Stored>| {
+        events.iter().filter(|s| matches!(s.envelope.event, Event::ScheduleTicked(_))).count()
+    };
+    eventually("five ticks", Duration::from_secs(30), || async {
+        Ok((ticked(tm.bus.read_subject(&schedule_subject, 0).await?) >= 5).then_some(()))
+    })
+    .await
+    .unwrap();
+    let res = tm.auth(tm.http.post(format!("{}/v1/schedules/{schedule}/pause", tm.api))).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+
+    let done = tm.submit("name: done\nsteps:\n  - {id: a, uses: noop}\n").await;
+    tm.wait_run(done, Duration::from_secs(30)).await;
+    // Running while the sweep runs; its second step needs the secret afterwards.
+    let running = tm
+        .submit("name: running\nsteps:\n  - {id: a, run: 'sleep 4'}\n  - {id: b, needs: [a], secrets: [KEPT], run: '[ \"$KEPT\" = kept-value-1 ]'}\n")
+        .await;
+    let running_subject = ns.run(&RunKey { tenant: "default".into(), run_id: running });
+    eventually("the long step to start", Duration::from_secs(30), || async {
+        let events = tm.run_events(running).await;
+        Ok(events.iter().any(|e| matches!(e.event, Event::StepStarted(_))).then_some(()))
+    })
+    .await
+    .unwrap();
+    tm.wait_projected().await;
+    let audit = ns.audit("default");
+    let audit_before = count(&tm, &audit).await;
+    assert!(audit_before >= 2, "writes are audited: {audit_before}");
+    let schedule_before = schedule_state(&tm, &schedule_subject).await;
+    let running_before = count(&tm, &running_subject).await;
+    let tenant_before = count(&tm, &ns.tenant("default")).await;
+    let keys_before = tm.bus.subject_counts(&ns.events_stream(), &ns.api_keys_of("default")).await.unwrap();
+
+    // Everything so far is past the limit.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let swept = sweep(&tm.bus, chrono::Utc::now()).await.unwrap();
+    assert!(swept.runs >= 5 && swept.deleted == 1 && swept.records >= 3, "{swept:?}");
+
+    // Done and deleted: gone.
+    assert!(tm.run_events(done).await.is_empty(), "an ended run's events are removed");
+    assert_eq!(count(&tm, &ns.secret("default", "GONE")).await, 0, "a deleted secret's are too");
+    assert_eq!(count(&tm, &audit).await, 1, "old audit records: all but the newest");
+    // In force: kept as they were.
+    assert_eq!(count(&tm, &running_subject).await, running_before, "a running run's events stay");
+    assert!(matches!(
+        tm.bus.last(&ns.secret("default", "KEPT")).await.unwrap().map(|s| s.envelope.event),
+        Some(Event::SecretSet(_))
+    ));
+    assert_eq!(count(&tm, &ns.tenant("default")).await, tenant_before);
+    assert_eq!(tm.bus.subject_counts(&ns.events_stream(), &ns.api_keys_of("default")).await.unwrap(), keys_before);
+    // The schedule: its creation and last two ticks, folding to the state it had.
+    let events = tm.bus.read_subject(&schedule_subject, 0).await.unwrap();
+    assert!(matches!(events[0].envelope.event, Event::ScheduleCreated(_)));
+    assert_eq!(ticked(events), 2);
+    let after = schedule_state(&tm, &schedule_subject).await;
+    assert_eq!(
+        (after.last_tick, after.last_run, after.last_tick_ran, after.paused, after.ticks_from, after.last_seq),
+        (
+            schedule_before.last_tick,
+            schedule_before.last_run,
+            schedule_before.last_tick_ran,
+            schedule_before.paused,
+            schedule_before.ticks_from,
+            schedule_before.last_seq
+        )
+    );
+
+    // The running run goes on, and its step opens the secret kept.
+    let run = tm.wait_run(running, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    // Once it has ended, the next sweep removes it; another sweep finds nothing more.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cutoff = chrono::Utc::now();
+    let swept = sweep(&tm.bus, cutoff).await.unwrap();
+    assert!(swept.runs >= 1, "{swept:?}");
+    assert_eq!(count(&tm, &running_subject).await, 0);
+    let again = sweep(&tm.bus, cutoff).await.unwrap();
+    assert_eq!((again.runs, again.deleted, again.records), (0, 0, 0), "{again:?}");
+    tm.finish().await;
+}
