@@ -8,7 +8,7 @@
 //! previous keys until every secret has been set again.
 //!
 //! # Layout
-//! Everything is in this file: [`Keyring`], [`Sealed`], [`mask`].
+//! Everything is in this file: [`Keyring`], [`Sealed`], [`mask`] and [`masked_forms`].
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -122,6 +122,52 @@ const MIN_LINE_MASKED: usize = 6;
 /// The shortest beginning of a secret masked where a text was cut short.
 const MIN_PREFIX_MASKED: usize = 3;
 
+/// The shortest value whose encoded forms ([`masked_forms`]) are masked too: shorter ones
+/// encode to a few characters that ordinary text holds by chance.
+const MIN_ENCODED: usize = 6;
+
+/// What a value's URL encoding escapes: all but the unreserved characters (RFC 3986).
+const URL_ESCAPED: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// The values and, for each of at least [`MIN_ENCODED`] bytes, the forms a step is likely to
+/// print it in: URL-encoded (a token in a query string; spaces as `%20` and as `+`), escaped
+/// as in a JSON string, and in base64 (standard and URL-safe), at each of the three offsets it
+/// can start at inside longer encoded text (a token in a basic-auth header or a config file
+/// printed encoded): only the characters that depend on the value alone. Duplicates and forms
+/// equal to the value are left out.
+pub fn masked_forms(values: &[String]) -> Vec<String> {
+    use base64::engine::general_purpose::URL_SAFE;
+    let mut forms: Vec<String> = Vec::new();
+    let add = |form: String, forms: &mut Vec<String>| {
+        if !form.is_empty() && !forms.contains(&form) {
+            forms.push(form);
+        }
+    };
+    for v in values.iter().filter(|v| !v.is_empty()) {
+        add(v.clone(), &mut forms);
+        if v.len() < MIN_ENCODED {
+            continue;
+        }
+        let url = percent_encoding::utf8_percent_encode(v, URL_ESCAPED).to_string();
+        add(url.replace("%20", "+"), &mut forms);
+        add(url, &mut forms);
+        let json = serde_json::to_string(v).unwrap_or_default();
+        add(json.strip_prefix('"').and_then(|j| j.strip_suffix('"')).unwrap_or_default().to_string(), &mut forms);
+        for shift in 0..3usize {
+            let mut bytes = vec![0u8; shift];
+            bytes.extend_from_slice(v.as_bytes());
+            // The characters that hold none of the bytes before the value or after it.
+            let (from, to) = ((shift * 8).div_ceil(6), bytes.len() * 8 / 6);
+            for engine in [&STANDARD, &URL_SAFE] {
+                let encoded = engine.encode(&bytes);
+                add(encoded[from..to].to_string(), &mut forms);
+            }
+        }
+    }
+    forms
+}
+
 /// The non-empty values, longest first, so one that contains another is masked whole.
 fn masked_values(values: &[String]) -> Vec<&str> {
     let mut masked: Vec<&str> = values.iter().map(String::as_str).filter(|v| !v.is_empty()).collect();
@@ -234,6 +280,32 @@ mod tests {
         assert_eq!(mask_cut("x ababa", &values), "x ab***", "a beginning overlapping an earlier match");
         assert_eq!(mask_cut("nothing", &values), "nothing");
         assert_eq!(mask_cut("", &values), "");
+    }
+
+    #[test]
+    fn masks_a_secret_encoded_as_steps_print_it() {
+        use base64::engine::general_purpose::URL_SAFE;
+        let secret = "p@ss word/+?&\"x1".to_string();
+        let forms = masked_forms(&[secret.clone(), "abc".to_string()]);
+        let masked = |text: &str| mask(text, &forms);
+        assert_eq!(masked("token=p%40ss%20word%2F%2B%3F%26%22x1&a=1"), "token=***&a=1");
+        assert_eq!(masked("token=p%40ss+word%2F%2B%3F%26%22x1"), "token=***");
+        assert_eq!(masked(r#"{"token":"p@ss word/+?&\"x1"}"#), r#"{"token":"***"}"#);
+        // In base64, after any number of bytes before it and whatever follows.
+        for before in ["", "u", "us", "user:"] {
+            for after in ["", "!", "!!", "!!!"] {
+                for engine in [&STANDARD, &URL_SAFE] {
+                    let text = engine.encode(format!("{before}{secret}{after}"));
+                    let out = masked(&text);
+                    assert!(out.contains("***"), "{before:?} {after:?}: {text} -> {out}");
+                    assert!(out.len() <= text.len() - 8, "{text} -> {out}");
+                }
+            }
+        }
+        // A short value is masked as itself only; its encodings are too common to mask.
+        assert_eq!(forms.iter().filter(|f| f.contains("YWJj")).count(), 0);
+        assert_eq!(masked("abc%20"), "***%20");
+        assert_eq!(masked_forms(&[String::new()]), Vec::<String>::new());
     }
 
     #[test]

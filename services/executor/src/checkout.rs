@@ -156,8 +156,8 @@ impl Source {
     }
 
     fn mask(&self, text: &str) -> String {
-        let masks: Vec<String> = self.token.iter().chain(&self.auth).cloned().collect();
-        taskmesh_secrets::mask(text, &masks)
+        let values: Vec<String> = self.token.iter().chain(&self.auth).cloned().collect();
+        taskmesh_secrets::mask(text, &taskmesh_secrets::masked_forms(&values))
     }
 }
 

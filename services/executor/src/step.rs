@@ -130,8 +130,11 @@ impl StepContext {
         taskmesh_secrets::mask_cut(text, &self.masks())
     }
 
+    /// The step's secret values and the forms they may be printed in
+    /// ([`taskmesh_secrets::masked_forms`]).
     fn masks(&self) -> Vec<String> {
-        self.secrets.iter().map(|(_, v)| v.clone()).collect()
+        let values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
+        taskmesh_secrets::masked_forms(&values)
     }
 
     /// Sends a line to the step's log (best effort), masked.
@@ -781,11 +784,12 @@ mod tests {
         c.logs = Some(tx);
         c.secrets = vec![("TOKEN".into(), "s3cr3t-xyz".into())];
         let s = step(
-            "{id: a, run: 'echo \"token=$TOKEN\"; echo t=$TOKEN >> $TASKMESH_OUTPUT; [ \"$TOKEN\" = s3cr3t-xyz ]'}",
+            "{id: a, run: 'echo \"token=$TOKEN\"; echo t=$TOKEN >> $TASKMESH_OUTPUT; [ \"$TOKEN\" = s3cr3t-xyz ]; printf %s \"u:$TOKEN\" | base64'}",
         );
         let (ok, out) = run(&s, &c, CancellationToken::new(), CancellationToken::new()).await.unwrap();
         assert!(ok, "the step received the value: {out:?}");
-        assert_eq!(out.output, "token=***\n");
+        // Encoded, in a basic-auth-like `user:token`, all but what holds the user's bytes.
+        assert_eq!(out.output, "token=***\ndTp***\n");
         assert_eq!(out.outputs["t"], "***");
         assert_eq!(rx.try_recv().unwrap().1, "token=***");
     }
