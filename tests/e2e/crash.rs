@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::json;
 use taskmesh::mesh::Mesh;
 use taskmesh_events::Event;
 use taskmesh_testkit::eventually;
@@ -14,11 +15,36 @@ use crate::helpers::*;
 
 /// Starts `taskmesh serve executor` as a child process on the test's namespace.
 fn spawn_executor(tm: &TestMesh, id: &str) -> tokio::process::Child {
+    spawn_executor_with(tm, id, &[])
+}
+
+/// [`spawn_executor`] with more environment variables.
+fn spawn_executor_with(tm: &TestMesh, id: &str, env: &[(&str, &str)]) -> tokio::process::Child {
     let mut cmd = tm.serve_command("executor");
     cmd.env("TASKMESH_EXECUTOR__LEASE_SECS", tm.env.settings.executor.lease_secs.to_string())
         .env("TASKMESH_EXECUTOR__SLOTS", "1")
-        .env("TASKMESH_EXECUTOR__ID", id);
+        .env("TASKMESH_EXECUTOR__ID", id)
+        .envs(env.iter().copied());
     cmd.spawn().expect("spawning the executor")
+}
+
+/// Once run `id`'s first step runs, sends the `executor` child SIGTERM and waits for its clean
+/// exit.
+async fn sigterm_once_running(tm: &TestMesh, executor: &mut tokio::process::Child, id: uuid::Uuid) {
+    eventually("the step to start", Duration::from_secs(30), || async {
+        let (status, run) = tm.get_run(id).await;
+        Ok((status == 200 && run["steps"][0]["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(executor.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(20), executor.wait()).await.expect("exits after draining").unwrap();
+    assert!(status.success(), "a clean exit: {status:?}");
 }
 
 /// Subscribes a webhook endpoint that answers each delivery after `delay`, keeping the
@@ -192,20 +218,7 @@ async fn sigterm_lets_the_running_step_finish_and_takes_no_new_one() {
     let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway], |_| {}).await;
     let mut draining = spawn_executor(&tm, "draining");
     let id = tm.submit("name: drain\nsteps:\n  - {id: slow, run: 'sleep 3; echo finished'}\n  - {id: next, needs: [slow], run: 'true'}\n").await;
-    eventually("the step to start", Duration::from_secs(30), || async {
-        let (status, run) = tm.get_run(id).await;
-        Ok((status == 200 && run["steps"][0]["status"] == "running").then_some(()))
-    })
-    .await
-    .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(draining.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status =
-        tokio::time::timeout(Duration::from_secs(20), draining.wait()).await.expect("exits after draining").unwrap();
-    assert!(status.success(), "a clean exit: {status:?}");
+    sigterm_once_running(&tm, &mut draining, id).await;
     // The scheduler acknowledged the report before the executor exited, so the outcome is in
     // the log; the projection follows it shortly.
     let run = eventually("the finished step to be projected", Duration::from_secs(20), || async {
@@ -224,6 +237,32 @@ async fn sigterm_lets_the_running_step_finish_and_takes_no_new_one() {
     let run = tm.wait_run(id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "succeeded");
     assert_ne!(step(&run, "next")["attempt_history"][0]["executor"], "draining");
+    other.stop().await.unwrap();
+    tm.finish().await;
+}
+
+/// A step still running when a drain runs out of time is handed back: another executor runs it
+/// again, and the attempt given back is not counted among those lost (one lost attempt fails
+/// the step here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_handed_back_by_a_drain_runs_again_without_counting_as_lost() {
+    let tm = spawn_with(&[Svc::Ingest, Svc::Scheduler, Svc::Projector, Svc::Gateway], |s| {
+        s.scheduler.max_lost_attempts = 1;
+    })
+    .await;
+    let mut draining = spawn_executor_with(&tm, "draining", &[("TASKMESH_EXECUTOR__DRAIN_TIMEOUT_SECS", "1")]);
+    let id = tm.submit("name: long\nsteps:\n  - {id: long, run: 'sleep 4; echo finished'}\n").await;
+    sigterm_once_running(&tm, &mut draining, id).await;
+    let other = Mesh::start(&tm.env.settings, tm.bus.clone(), None, &[Svc::Executor]).await.unwrap();
+    let run = tm.wait_run(id, Duration::from_secs(60)).await;
+    let long = step(&run, "long");
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(long["output"], "finished\n");
+    let history = long["attempt_history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{run:#}");
+    assert_eq!((&history[0]["executor"], &history[0]["status"]), (&json!("draining"), &json!("lost")));
+    assert!(history[0]["error"].as_str().unwrap().contains("gave it back"), "{run:#}");
+    assert_eq!(history[1]["status"], "succeeded");
     other.stop().await.unwrap();
     tm.finish().await;
 }

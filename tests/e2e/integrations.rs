@@ -1604,7 +1604,7 @@ async fn a_failed_delivery_whose_event_aged_out_is_listed_as_expired_and_not_sen
     let res = tm.auth(tm.http.post(format!("{failed}/{}/retry", failures[0].1))).send().await.unwrap();
     assert_eq!(res.status(), 404);
     let problem = res.json::<serde_json::Value>().await.unwrap();
-    assert!(problem["detail"].as_str().unwrap().contains("aged out"), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("no longer in the log"), "{problem}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.lock().unwrap().len(), 1, "the expired one was not sent");
     tm.finish().await;

@@ -994,6 +994,10 @@ pub struct StepAttemptLost {
     pub step: String,
     pub attempt: u32,
     pub reason: String,
+    /// Its executor gave it back unfinished as it stopped (a drain that ran out of time),
+    /// rather than going silent: not counted against `scheduler.max_lost_attempts`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_back: bool,
 }
 
 /// What a step attempt produced.

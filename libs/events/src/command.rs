@@ -790,6 +790,12 @@ pub struct ResultReport {
     pub lease: Lease,
     pub succeeded: bool,
     pub outcome: StepOutcome,
+    /// The executor gives the attempt back unfinished, as it stops: `succeeded` and `outcome`
+    /// say nothing. The attempt is recorded lost (`StepAttemptLost` with `handed_back`), not
+    /// counted against the step's lost attempts, and the message's next delivery starts a new
+    /// one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_back: bool,
 }
 
 /// The scheduler's answer to a [`ResultReport`].

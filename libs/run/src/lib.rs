@@ -284,7 +284,8 @@ impl RunState {
                 if let Some(s) = self.step_mut(&e.step)
                     && s.last_lost != Some(e.attempt)
                 {
-                    s.lost += 1;
+                    // One given back is not one lost to a failure.
+                    s.lost += u32::from(!e.handed_back);
                     s.last_lost = Some(e.attempt);
                 }
             }
@@ -679,6 +680,7 @@ impl RunState {
                     step: step.id.clone(),
                     attempt: step.attempts,
                     reason: "the executor stopped renewing its lease".into(),
+                    handed_back: false,
                 }));
             }
             if self.cancel_requested {
@@ -733,6 +735,21 @@ impl RunState {
             return (ReportAck::Stale, Vec::new());
         }
         match step.phase {
+            StepPhase::Running if !self.is_finished() && report.handed_back => {
+                // The same hand-back again (its reply was lost): already recorded.
+                let events = (step.last_lost != Some(step.attempts))
+                    .then(|| {
+                        Event::StepAttemptLost(StepAttemptLost {
+                            step: step.id.clone(),
+                            attempt: step.attempts,
+                            reason: "its executor gave it back unfinished as it stopped".into(),
+                            handed_back: true,
+                        })
+                    })
+                    .into_iter()
+                    .collect();
+                (ReportAck::Recorded, events)
+            }
             StepPhase::Running if !self.is_finished() => {
                 let (id, attempt, outcome) = (step.id.clone(), step.attempts, report.outcome.clone());
                 let event = if report.succeeded {
@@ -850,6 +867,7 @@ mod tests {
             lease,
             succeeded: ok,
             outcome,
+            handed_back: false,
         };
         let (_, ev) = state.report(&report);
         apply_all(state, &ev);
@@ -879,6 +897,43 @@ mod tests {
         let first = s.decide();
         apply_all(&mut s, &first);
         assert_eq!(names(&finish(&mut s, "a", false)), ["skip b", "skip c", "skip d", "RunFailed"]);
+    }
+
+    #[test]
+    fn an_attempt_handed_back_is_not_counted_lost() {
+        let mut s = run("name: x\nsteps:\n  - {id: a, run: 'sleep 60'}\n");
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        let l1 = Lease { dispatch: 1, message: 7, delivery: 1 };
+        let (_, ev) = s.lease("a", l1, "e1", 1);
+        apply_all(&mut s, &ev);
+        let hand_back = ResultReport {
+            tenant: "t".into(),
+            run_id: s.key.run_id,
+            step: "a".into(),
+            lease: l1,
+            succeeded: false,
+            outcome: StepOutcome::default(),
+            handed_back: true,
+        };
+        let (ack, ev) = s.report(&hand_back);
+        assert!(matches!(ack, ReportAck::Recorded));
+        assert!(matches!(&ev[..], [Event::StepAttemptLost(l)] if l.handed_back && l.attempt == 1), "{ev:?}");
+        apply_all(&mut s, &ev);
+        // Said again (its reply lost): nothing more.
+        assert!(matches!(s.report(&hand_back), (ReportAck::Recorded, ref e) if e.is_empty()));
+        // Its next delivery starts attempt 2, even where one lost attempt fails the step.
+        let l2 = Lease { dispatch: 1, message: 7, delivery: 2 };
+        let (d, ev) = s.lease("a", l2, "e2", 1);
+        assert!(matches!(d, LeaseDecision::Granted { attempt: 2 }), "{d:?}");
+        assert_eq!(names(&ev), ["StepStarted"]);
+        apply_all(&mut s, &ev);
+        assert_eq!(s.step("a").unwrap().lost, 0);
+        // An attempt that goes silent is lost, and here fails the step.
+        let l3 = Lease { dispatch: 1, message: 7, delivery: 3 };
+        let (d, ev) = s.lease("a", l3, "e3", 1);
+        assert!(matches!(d, LeaseDecision::Denied { ack: true, .. }), "{d:?}");
+        assert_eq!(names(&ev), ["StepAttemptLost", "StepFailed"]);
     }
 
     #[test]
@@ -923,6 +978,7 @@ mod tests {
             lease: l1,
             succeeded: true,
             outcome,
+            handed_back: false,
         };
         assert!(matches!(s.report(&late), (ReportAck::Stale, ref e) if e.is_empty()));
     }

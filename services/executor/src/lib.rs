@@ -702,6 +702,20 @@ impl Executor {
             }
         };
         let Some((succeeded, outcome)) = outcome else {
+            // Said before the message goes back, so its next delivery starts a new attempt
+            // without counting this one lost (once: unanswered, it is counted lost).
+            let report = ResultReport {
+                tenant: dispatch.tenant.clone(),
+                run_id: dispatch.run_id,
+                step: dispatch.step.id.clone(),
+                lease,
+                succeeded: false,
+                outcome: Default::default(),
+                handed_back: true,
+            };
+            if let Err(e) = self.bus.request::<_, ReportAck>(ns.scheduler_command("report"), &report).await {
+                tracing::warn!(error = %e, "could not say the step is handed back; it counts as lost");
+            }
             drop(heartbeat);
             tracing::info!("step handed back");
             let _ = acker.ack_with(AckKind::Nak(None)).await;
@@ -719,6 +733,7 @@ impl Executor {
             lease,
             succeeded,
             outcome,
+            handed_back: false,
         };
         let deadline = tokio::time::Instant::now() + self.settings.lease() * 4;
         loop {

@@ -59,8 +59,9 @@ pub struct FailedDelivery {
     /// When it was last sent again, if it was since it failed (a later failure shows as a
     /// later `failed_at`).
     pub retried_at: Option<DateTime<Utc>>,
-    /// Its failure's event has aged out of the log (`nats.events_max_age_days`), and with it
-    /// what would be sent: it can no longer be sent again.
+    /// Its failure's event is no longer in the log (removed by hand, or aged out under a
+    /// version before 2026-12-07: retention now keeps an endpoint's failures while the endpoint
+    /// exists), and with it what would be sent: it can no longer be sent again.
     pub expired: bool,
 }
 
@@ -103,7 +104,7 @@ async fn aged_out<T>(state: &AppState, seq: i64, answer: &taskmesh_events::comma
 fn expired() -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
-        "this failed delivery's event has aged out of the log (nats.events_max_age_days): it can no longer be sent again",
+        "this failed delivery's event is no longer in the log: it can no longer be sent again",
     )
 }
 

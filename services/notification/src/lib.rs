@@ -476,7 +476,8 @@ impl Notifier {
                     Some(last) if !last.envelope.event.is_deletion() => last,
                     Some(_) => return Ok(AfterLast::Done(())),
                     None => {
-                        // Its events aged out of the log (`nats.events_max_age_days`).
+                        // Its events were removed from the log (by hand, or by an older version's
+                        // retention; retention now keeps an endpoint's while it exists).
                         tracing::warn!(endpoint = %d.endpoint_id, "the endpoint has no events left; its failed delivery is not recorded");
                         return Ok(AfterLast::Done(()));
                     }

@@ -274,7 +274,12 @@ impl Scheduler {
             }
             wait = Duration::from_secs(3_600);
             let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
-            match retention::sweep(&self.bus, cutoff).await {
+            // Stopped between two removals, a sweep leaves the rest to the next.
+            let swept = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                swept = retention::sweep(&self.bus, cutoff) => swept,
+            };
+            match swept {
                 Ok(swept) => tracing::info!(?swept, %cutoff, "swept the event log"),
                 Err(e) => tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour"),
             }

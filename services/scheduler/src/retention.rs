@@ -6,12 +6,13 @@
 //! events like a run's, created once and read for as long as they exist. A sweep walks the
 //! log's part older than the limit (headers only) and removes, subject by subject:
 //! - a run's events, once the run has ended and its last event is that old;
-//! - the audit log's, keys' uses' and commit statuses' records that old (the newest of each
-//!   subject stays, as its last sequence);
-//! - a schedule's ticks (and its runs by hand, and refusals) that old, all but the last two
-//!   ticks and what follows them;
-//! - the whole log of a schedule, secret, endpoint, repository connection or key deleted
-//!   (revoked) that long ago.
+//! - the audit log's, keys' uses' and commit statuses' records that old, and a secret's values
+//!   set before its latest (the newest of each subject stays, as its last sequence);
+//! - a schedule's ticks (and its runs by hand, and refusals) that old, but those its state is
+//!   folded from: its last two ticks, the ticks that started its last two runs, its last run
+//!   by hand, and what follows the earliest of them;
+//! - the whole log of a schedule, secret, endpoint or repository connection deleted that long
+//!   ago (a key revoked stays: a tenant's keys, revoked or not, tell that it has had some).
 //!
 //! Everything else stays. Each removal is bounded by the sequence the sweep looked at, so an
 //! event appended meanwhile (a key submitting its run again) is never removed with it. Sweeps
@@ -21,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{Bus, BusError, Heading};
+use taskmesh_events::Event;
 
 /// Messages read per round of a sweep (headers only).
 const ROUND: usize = 20_000;
@@ -28,12 +30,12 @@ const ROUND: usize = 20_000;
 /// Events that end a run.
 const RUN_ENDS: [&str; 4] = ["RunSucceeded", "RunFailed", "RunCancelled", "RunTimedOut"];
 /// Events after which an aggregate is gone.
-const DELETIONS: [&str; 5] =
-    ["ScheduleDeleted", "SecretDeleted", "WebhookEndpointDeleted", "RepoConnectionDeleted", "ApiKeyRevoked"];
+const DELETIONS: [&str; 4] = ["ScheduleDeleted", "SecretDeleted", "WebhookEndpointDeleted", "RepoConnectionDeleted"];
 /// A schedule's events that each tick (or run by hand) adds.
 const TICKS: [&str; 3] = ["ScheduleTicked", "ScheduleTriggered", "ScheduleRunRefused"];
-/// Subjects that are records appended one after another, none of which is needed once old.
-const RECORDS: [&str; 3] = ["audit", "keyuse", "repostatus"];
+/// Subjects whose messages each stand alone, the newest saying all that is needed (records
+/// appended one after another; a secret's values, the latest in force).
+const RECORDS: [&str; 4] = ["audit", "keyuse", "repostatus", "secret"];
 
 /// What a sweep removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -89,11 +91,12 @@ async fn round(
             Some("run") if has(&RUN_ENDS) => {
                 ended.insert(h.subject.clone());
             }
-            Some(kind) if RECORDS.contains(&kind) => {
-                let entry = records.entry(subject).or_default();
-                *entry = (h.seq, entry.1 + 1);
-            }
+            Some("run") => {}
             Some(kind) => {
+                if RECORDS.contains(&kind) {
+                    let entry = records.entry(subject).or_default();
+                    *entry = (h.seq, entry.1 + 1);
+                }
                 if kind == "schedule" {
                     schedules.entry(subject).or_default().push(h);
                 }
@@ -111,10 +114,15 @@ async fn round(
         if !ended.contains(*subject) {
             continue;
         }
-        if bus.last_seq(subject).await? == *seen {
+        let last = bus.last_seq(subject).await?;
+        if last == *seen {
             bus.purge_subject_below(subject, seen + 1).await?;
-            ended.remove(*subject);
             swept.runs += 1;
+        }
+        // Removed (here, or by another replica's sweep), or to be looked at again when a later
+        // round sees its last event.
+        if last <= *seen {
+            ended.remove(*subject);
         }
     }
     // A deleted aggregate with nothing since: gone.
@@ -122,6 +130,7 @@ async fn round(
         if bus.last_seq(subject).await? == seq {
             bus.purge_subject_below(subject, seq + 1).await?;
             schedules.remove(subject);
+            records.remove(subject);
             swept.deleted += 1;
         }
     }
@@ -131,17 +140,77 @@ async fn round(
             swept.records += bus.purge_subject_below(subject, newest).await?;
         }
     }
-    // A schedule's old ticks: those before its last two ticks (which its state is folded from).
+    // A schedule's old ticks, but those its state is folded from.
     let stream = ns.events_stream();
-    for messages in schedules.values() {
-        let is_tick = |h: &&&Heading| !h.types.is_empty() && h.types.iter().all(|t| TICKS.contains(&t.as_str()));
-        let ticked: Vec<u64> =
-            messages.iter().filter(|h| h.types.iter().any(|t| t == "ScheduleTicked")).map(|h| h.seq).collect();
-        let Some(&keep_from) = ticked.len().checked_sub(2).and_then(|i| ticked.get(i)) else { continue };
-        for h in messages.iter().filter(|h| h.seq < keep_from).filter(is_tick) {
+    let is_tick = |h: &Heading| !h.types.is_empty() && h.types.iter().all(|t| TICKS.contains(&t.as_str()));
+    for (subject, messages) in schedules {
+        // Fewer than three ticks of any kind: nothing to gain from reading it.
+        if messages.iter().filter(|h| is_tick(h)).count() < 3 {
+            continue;
+        }
+        let keep_from = folded_from(&bus.read_subject(subject, 0).await?);
+        for h in messages.into_iter().filter(|h| h.seq < keep_from && is_tick(h)) {
             bus.delete_message(&stream, h.seq).await?;
             swept.records += 1;
         }
     }
     Ok(())
+}
+
+/// Of a schedule's events, the sequence from which its state needs its ticks, runs by hand and
+/// refusals: its last two ticks, the ticks that started its last two runs (its overlap policy
+/// looks at the last; a refusal of it turns to the one before), and its last run by hand.
+fn folded_from(events: &[taskmesh_bus::Stored]) -> u64 {
+    let (mut ticks, mut runs, mut manual) = (Vec::new(), Vec::new(), None);
+    for e in events {
+        match &e.envelope.event {
+            Event::ScheduleTicked(t) => {
+                ticks.push(e.seq);
+                if t.run_id.is_some() {
+                    runs.push(e.seq);
+                }
+            }
+            Event::ScheduleTriggered(_) => manual = Some(e.seq),
+            _ => {}
+        }
+    }
+    let second_last = |seqs: &[u64]| seqs.len().checked_sub(2).and_then(|i| seqs.get(i)).or(seqs.first()).copied();
+    [second_last(&ticks), second_last(&runs), manual].into_iter().flatten().min().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use taskmesh_bus::Stored;
+    use taskmesh_events::{EventMeta, ScheduleTicked, ScheduleTriggered};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn stored(seq: u64, event: Event) -> Stored {
+        let envelope = EventMeta::new("acme").envelope("tm.evt.acme.schedule.x", event);
+        Stored { seq, prev: None, envelope, part: 0, parts: 1 }
+    }
+
+    fn tick(seq: u64, ran: bool) -> Stored {
+        let run_id = ran.then(Uuid::now_v7);
+        stored(
+            seq,
+            Event::ScheduleTicked(ScheduleTicked { schedule_id: Uuid::nil(), tick: Utc::now(), run_id, skipped: None }),
+        )
+    }
+
+    #[test]
+    fn a_schedule_keeps_the_ticks_its_state_is_folded_from() {
+        // Every tick ran: from the second to last.
+        assert_eq!(folded_from(&[tick(2, true), tick(3, true), tick(4, true), tick(5, true)]), 4);
+        // Ticks skipped since a run that still runs (`overlap: skip`): from the tick that
+        // started it, which the policy looks at.
+        assert_eq!(folded_from(&[tick(2, true), tick(3, true), tick(4, false), tick(5, false), tick(6, false)]), 2);
+        // A run by hand before the last two ticks, none of which ran: from it.
+        let by_hand =
+            stored(3, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: Uuid::nil(), run_id: Uuid::nil() }));
+        assert_eq!(folded_from(&[tick(1, false), tick(2, false), by_hand, tick(4, false), tick(5, false)]), 3);
+        assert_eq!(folded_from(&[tick(2, false), tick(4, true), tick(5, false), tick(6, false)]), 4);
+        assert_eq!(folded_from(&[]), 0, "nothing to go by: nothing removed");
+    }
 }
