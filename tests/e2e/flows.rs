@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use serde_json::json;
 use taskmesh_testkit::eventually;
 
 use crate::helpers::*;
@@ -93,6 +94,21 @@ async fn same_idempotency_key_twice_creates_one_run() {
     assert_eq!(third["id"], first["id"]);
     let other: serde_json::Value = post("order-43").await.unwrap().json().await.unwrap();
     assert_ne!(other["id"], first["id"]);
+    // A key shaped as Taskmesh's own (a schedule's tick, a forge delivery) is refused: it
+    // would take the run id that tick or delivery derives.
+    let tick = "schedule:0190a6a5-0000-7000-8000-000000000000:2026-12-07T00:00:00+00:00";
+    let refused = post(tick).await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "Idempotency-Key", "{problem}");
+    let run =
+        |key: &str| json!({"idempotency_key": key, "workflow": {"name": "x", "steps": [{"id": "a", "run": "true"}]}});
+    let batch = tm
+        .send_json(reqwest::Method::POST, "/v1/runs/batch", &json!({"runs": [run("GitHub:1:2"), run("order-44")]}))
+        .await;
+    let batch: serde_json::Value = batch.json().await.unwrap();
+    assert_eq!((&batch["accepted"], &batch["rejected"]), (&json!(1), &json!(1)), "{batch}");
+    assert!(batch["runs"][0]["problem"]["detail"].as_str().unwrap().contains("may not begin"), "{batch}");
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE idempotency_key = 'order-42'")
         .fetch_one(&tm.pool)
         .await
@@ -100,7 +116,7 @@ async fn same_idempotency_key_twice_creates_one_run() {
     assert_eq!(runs, 1);
     tm.wait_projected().await;
     let submitted: i64 = sqlx::query_scalar("SELECT count(*) FROM runs").fetch_one(&tm.pool).await.unwrap();
-    assert_eq!(submitted, 2);
+    assert_eq!(submitted, 3, "order-42, order-43 and the batch's order-44");
     tm.finish().await;
 }
 

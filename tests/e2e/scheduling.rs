@@ -50,7 +50,6 @@ async fn racing_replicas_conflict_and_the_loser_redecides_to_nothing() {
         lease,
         succeeded: true,
         outcome: StepOutcome { exit_code: Some(0), ..Default::default() },
-        handed_back: false,
     };
     let (ack, done) = running.report(&report);
     assert!(matches!(ack, ReportAck::Recorded));
@@ -190,7 +189,6 @@ async fn a_fan_outs_leases_and_reports_arriving_together_are_decided_and_appende
             lease: lease(i as u64),
             succeeded: true,
             outcome: StepOutcome { exit_code: Some(0), ..Default::default() },
-            handed_back: false,
         })
     });
     let again = scheduler.lease(request("s1".into(), lease(1), "x"));

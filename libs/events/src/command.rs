@@ -237,6 +237,18 @@ pub struct TriggerSchedule {
     pub traceparent: Option<String>,
 }
 
+/// How the idempotency keys Taskmesh makes itself begin: a schedule's ticks and runs by hand
+/// (`schedule:`, see [`crate::schedule::tick_key`]), a CloudEvent's (`cloudevent:`) and a forge
+/// delivery's (`github:`, `gitlab:`, `gitea:`). A client's key may not begin so: the run id it
+/// derives would be taken before Taskmesh's own key took it, and that tick or event would find
+/// the client's run as its own.
+pub const SYSTEM_KEY_PREFIXES: [&str; 5] = ["schedule:", "cloudevent:", "github:", "gitlab:", "gitea:"];
+
+/// Whether `key` begins as one Taskmesh makes itself ([`SYSTEM_KEY_PREFIXES`], in any case).
+pub fn is_system_key(key: &str) -> bool {
+    SYSTEM_KEY_PREFIXES.iter().any(|p| key.get(..p.len()).is_some_and(|head| head.eq_ignore_ascii_case(p)))
+}
+
 /// `{ns}.cmd.ingest.backfill_schedule`: start the runs of a schedule's ticks from `from` to
 /// `to` (both included, `to` not in the future, at most [`MAX_BACKFILL_TICKS`] ticks; an active
 /// schedule's ticks its timers may still fire are left to them). A tick's run is the one its
@@ -790,12 +802,26 @@ pub struct ResultReport {
     pub lease: Lease,
     pub succeeded: bool,
     pub outcome: StepOutcome,
-    /// The executor gives the attempt back unfinished, as it stops: `succeeded` and `outcome`
-    /// say nothing. The attempt is recorded lost (`StepAttemptLost` with `handed_back`), not
-    /// counted against the step's lost attempts, and the message's next delivery starts a new
-    /// one.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub handed_back: bool,
+}
+
+/// `{ns}.cmd.scheduler.handback`: an executor gives an attempt back unfinished, as it stops (a
+/// drain that ran out of time), before it puts the dispatch message back. The attempt is
+/// recorded lost (`StepAttemptLost` with `handed_back`) but not counted against the step's
+/// lost attempts (up to [`HandBack::MAX`] times), and the message's next delivery starts a new
+/// one. Answered with a [`ReportAck`]. (Its own command, not a kind of report, so that a
+/// scheduler older than it answers no one, and the attempt counts as lost, as it did.)
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct HandBack {
+    pub tenant: String,
+    pub run_id: Uuid,
+    pub step: String,
+    pub lease: Lease,
+}
+
+impl HandBack {
+    /// The most hand-backs of one step not counted as lost: past them, each counts (a step
+    /// whose executors keep stopping under it, whatever the reason, fails in the end).
+    pub const MAX: u32 = 10;
 }
 
 /// The scheduler's answer to a [`ResultReport`].

@@ -173,6 +173,7 @@ fn commands() -> Vec<(&'static str, String)> {
         ("LeaseRequest", pretty::<LeaseRequest>()),
         ("LeaseDecision", pretty::<LeaseDecision>()),
         ("ResultReport", pretty::<ResultReport>()),
+        ("HandBack", pretty::<HandBack>()),
         ("ReportAck", pretty::<ReportAck>()),
         ("ExecutorBeat", pretty::<ExecutorBeat>()),
         ("Pool", pretty::<Pool>()),
@@ -299,9 +300,9 @@ fn asyncapi() -> Value {
             },
             "schedulerCommands": {
                 "address": "{ns}.cmd.scheduler.{command}",
-                "description": "Core NATS request/reply, queue group `scheduler`: executors' lease requests and result reports.",
-                "parameters": {"ns": {}, "command": {"enum": ["lease", "report"]}},
-                "messages": refs(&["LeaseRequest", "LeaseDecision", "ResultReport", "ReportAck", "Problem"])
+                "description": "Core NATS request/reply, queue group `scheduler`: executors' lease requests, result reports and hand-backs.",
+                "parameters": {"ns": {}, "command": {"enum": ["lease", "report", "handback"]}},
+                "messages": refs(&["LeaseRequest", "LeaseDecision", "ResultReport", "HandBack", "ReportAck", "Problem"])
             }
         },
         "operations": {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use taskmesh_events::command::{Lease, LeaseDecision, ReportAck, ResultReport};
+use taskmesh_events::command::{HandBack, Lease, LeaseDecision, ReportAck, ResultReport};
 use taskmesh_events::expr::Scope;
 use taskmesh_events::workflow::{StepDef, WorkflowDef};
 use taskmesh_events::{
@@ -77,6 +77,8 @@ pub struct StepState {
     pub attempts: u32,
     /// Attempts abandoned because their executor was lost.
     pub lost: u32,
+    /// Attempts given back unfinished by their executors as they stopped, not counted in `lost`.
+    pub handed_back: u32,
     /// The last attempt recorded as lost (so deciding again never records it twice).
     pub last_lost: Option<u32>,
     pub retry_at: Option<DateTime<Utc>>,
@@ -173,6 +175,7 @@ impl RunState {
                 executor: None,
                 attempts: 0,
                 lost: 0,
+                handed_back: 0,
                 last_lost: None,
                 retry_at: None,
                 exit_code: None,
@@ -285,7 +288,11 @@ impl RunState {
                     && s.last_lost != Some(e.attempt)
                 {
                     // One given back is not one lost to a failure.
-                    s.lost += u32::from(!e.handed_back);
+                    if e.handed_back {
+                        s.handed_back += 1;
+                    } else {
+                        s.lost += 1;
+                    }
                     s.last_lost = Some(e.attempt);
                 }
             }
@@ -725,6 +732,32 @@ impl RunState {
         (LeaseDecision::Granted { attempt }, events)
     }
 
+    /// Decides an executor's hand-back of an attempt it stopped unfinished: only the holder of
+    /// the current lease is heard. The attempt is recorded lost but, for the first
+    /// [`HandBack::MAX`] of the step, not counted against its lost attempts; the dispatch
+    /// message's next delivery starts the next attempt ([`RunState::lease`]).
+    pub fn hand_back(&self, step_id: &str, lease: Lease) -> (ReportAck, Vec<Event>) {
+        let Some(step) = self.step(step_id) else { return (ReportAck::Stale, Vec::new()) };
+        if step.lease != Some(lease) || step.phase != StepPhase::Running || self.is_finished() {
+            return (ReportAck::Stale, Vec::new());
+        }
+        // The same hand-back again (its reply was lost): recorded already.
+        if step.last_lost == Some(step.attempts) {
+            return (ReportAck::Recorded, Vec::new());
+        }
+        let counted = step.handed_back >= HandBack::MAX;
+        let reason = if counted {
+            format!(
+                "its executor gave it back unfinished as it stopped, for the {}th time: counted as lost",
+                step.handed_back + 1
+            )
+        } else {
+            "its executor gave it back unfinished as it stopped".to_string()
+        };
+        let lost = StepAttemptLost { step: step.id.clone(), attempt: step.attempts, reason, handed_back: !counted };
+        (ReportAck::Recorded, vec![Event::StepAttemptLost(lost)])
+    }
+
     /// Decides a result report: only the holder of the current lease is heard. A failure the
     /// step's retry policy covers, with attempts left and the run not being cancelled, becomes
     /// `StepAttemptFailed` with a jittered exponential backoff.
@@ -735,21 +768,6 @@ impl RunState {
             return (ReportAck::Stale, Vec::new());
         }
         match step.phase {
-            StepPhase::Running if !self.is_finished() && report.handed_back => {
-                // The same hand-back again (its reply was lost): already recorded.
-                let events = (step.last_lost != Some(step.attempts))
-                    .then(|| {
-                        Event::StepAttemptLost(StepAttemptLost {
-                            step: step.id.clone(),
-                            attempt: step.attempts,
-                            reason: "its executor gave it back unfinished as it stopped".into(),
-                            handed_back: true,
-                        })
-                    })
-                    .into_iter()
-                    .collect();
-                (ReportAck::Recorded, events)
-            }
             StepPhase::Running if !self.is_finished() => {
                 let (id, attempt, outcome) = (step.id.clone(), step.attempts, report.outcome.clone());
                 let event = if report.succeeded {
@@ -867,7 +885,6 @@ mod tests {
             lease,
             succeeded: ok,
             outcome,
-            handed_back: false,
         };
         let (_, ev) = state.report(&report);
         apply_all(state, &ev);
@@ -907,33 +924,37 @@ mod tests {
         let l1 = Lease { dispatch: 1, message: 7, delivery: 1 };
         let (_, ev) = s.lease("a", l1, "e1", 1);
         apply_all(&mut s, &ev);
-        let hand_back = ResultReport {
-            tenant: "t".into(),
-            run_id: s.key.run_id,
-            step: "a".into(),
-            lease: l1,
-            succeeded: false,
-            outcome: StepOutcome::default(),
-            handed_back: true,
-        };
-        let (ack, ev) = s.report(&hand_back);
+        // Not the current lease: nothing.
+        let other = Lease { delivery: 9, ..l1 };
+        assert!(matches!(s.hand_back("a", other), (ReportAck::Stale, ref e) if e.is_empty()));
+        let (ack, ev) = s.hand_back("a", l1);
         assert!(matches!(ack, ReportAck::Recorded));
         assert!(matches!(&ev[..], [Event::StepAttemptLost(l)] if l.handed_back && l.attempt == 1), "{ev:?}");
         apply_all(&mut s, &ev);
         // Said again (its reply lost): nothing more.
-        assert!(matches!(s.report(&hand_back), (ReportAck::Recorded, ref e) if e.is_empty()));
+        assert!(matches!(s.hand_back("a", l1), (ReportAck::Recorded, ref e) if e.is_empty()));
         // Its next delivery starts attempt 2, even where one lost attempt fails the step.
-        let l2 = Lease { dispatch: 1, message: 7, delivery: 2 };
-        let (d, ev) = s.lease("a", l2, "e2", 1);
+        let mut delivery = 2;
+        let (d, ev) = s.lease("a", Lease { delivery, ..l1 }, "e2", 1);
         assert!(matches!(d, LeaseDecision::Granted { attempt: 2 }), "{d:?}");
         assert_eq!(names(&ev), ["StepStarted"]);
         apply_all(&mut s, &ev);
-        assert_eq!(s.step("a").unwrap().lost, 0);
-        // An attempt that goes silent is lost, and here fails the step.
-        let l3 = Lease { dispatch: 1, message: 7, delivery: 3 };
-        let (d, ev) = s.lease("a", l3, "e3", 1);
+        assert_eq!((s.step("a").unwrap().lost, s.step("a").unwrap().handed_back), (0, 1));
+        // Given back again and again: past `HandBack::MAX`, one counts, and fails the step here.
+        for _ in 1..HandBack::MAX {
+            let (_, ev) = s.hand_back("a", Lease { delivery, ..l1 });
+            apply_all(&mut s, &ev);
+            delivery += 1;
+            let (d, ev) = s.lease("a", Lease { delivery, ..l1 }, "e2", 1);
+            assert!(matches!(d, LeaseDecision::Granted { .. }), "{d:?}");
+            apply_all(&mut s, &ev);
+        }
+        let (_, ev) = s.hand_back("a", Lease { delivery, ..l1 });
+        assert!(matches!(&ev[..], [Event::StepAttemptLost(l)] if !l.handed_back), "{ev:?}");
+        apply_all(&mut s, &ev);
+        let (d, ev) = s.lease("a", Lease { delivery: delivery + 1, ..l1 }, "e3", 1);
         assert!(matches!(d, LeaseDecision::Denied { ack: true, .. }), "{d:?}");
-        assert_eq!(names(&ev), ["StepAttemptLost", "StepFailed"]);
+        assert_eq!(names(&ev), ["StepFailed"]);
     }
 
     #[test]
@@ -978,7 +999,6 @@ mod tests {
             lease: l1,
             succeeded: true,
             outcome,
-            handed_back: false,
         };
         assert!(matches!(s.report(&late), (ReportAck::Stale, ref e) if e.is_empty()));
     }

@@ -126,16 +126,33 @@ const MIN_PREFIX_MASKED: usize = 3;
 /// encode to a few characters that ordinary text holds by chance.
 const MIN_ENCODED: usize = 6;
 
-/// What a value's URL encoding escapes: all but the unreserved characters (RFC 3986).
-const URL_ESCAPED: &percent_encoding::AsciiSet =
-    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+/// The characters URL encoders commonly escape, each set as one encoder does: all but the
+/// unreserved characters (RFC 3986); Python's `quote` (which keeps `/`); JavaScript's
+/// `encodeURIComponent` (which keeps `!'()*`); and the URL standard's userinfo, path and query
+/// sets (as the `url` crate, and browsers, write a URL: an `http` step's own request line).
+const URL_SETS: [&percent_encoding::AsciiSet; 6] = {
+    use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC};
+    const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    const QUERY: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>');
+    const PATH: &AsciiSet = &QUERY.add(b'?').add(b'`').add(b'{').add(b'}');
+    [
+        UNRESERVED,
+        &UNRESERVED.remove(b'/'),
+        &UNRESERVED.remove(b'!').remove(b'\'').remove(b'(').remove(b')').remove(b'*'),
+        &PATH.add(b'/').add(b':').add(b';').add(b'=').add(b'@').add(b'[').add(b'\\').add(b']').add(b'^').add(b'|'),
+        PATH,
+        QUERY,
+    ]
+};
 
 /// The values and, for each of at least [`MIN_ENCODED`] bytes, the forms a step is likely to
-/// print it in: URL-encoded (a token in a query string; spaces as `%20` and as `+`), escaped
-/// as in a JSON string, and in base64 (standard and URL-safe), at each of the three offsets it
-/// can start at inside longer encoded text (a token in a basic-auth header or a config file
-/// printed encoded): only the characters that depend on the value alone. Duplicates and forms
-/// equal to the value are left out.
+/// print it in: URL-encoded as common encoders do ([`URL_SETS`]; spaces as `%20` and as `+`),
+/// escaped as in a JSON string (as serde and JavaScript write it, as Python writes it with
+/// `\uXXXX` for each non-ASCII character, as Go writes `<`, `>` and `&`, as PHP writes `/`), in
+/// hexadecimal, and in base64 (standard and URL-safe), at each of the three offsets it can start
+/// at inside longer encoded text (a token in a basic-auth header or a config file printed
+/// encoded): only the characters that depend on the value alone. Duplicates and forms equal to
+/// the value are left out.
 pub fn masked_forms(values: &[String]) -> Vec<String> {
     use base64::engine::general_purpose::URL_SAFE;
     let mut forms: Vec<String> = Vec::new();
@@ -149,11 +166,29 @@ pub fn masked_forms(values: &[String]) -> Vec<String> {
         if v.len() < MIN_ENCODED {
             continue;
         }
-        let url = percent_encoding::utf8_percent_encode(v, URL_ESCAPED).to_string();
-        add(url.replace("%20", "+"), &mut forms);
-        add(url, &mut forms);
+        for set in URL_SETS {
+            let url = percent_encoding::utf8_percent_encode(v, set).to_string();
+            add(url.replace("%20", "+"), &mut forms);
+            add(url, &mut forms);
+        }
         let json = serde_json::to_string(v).unwrap_or_default();
-        add(json.strip_prefix('"').and_then(|j| j.strip_suffix('"')).unwrap_or_default().to_string(), &mut forms);
+        let json = json.strip_prefix('"').and_then(|j| j.strip_suffix('"')).unwrap_or_default().to_string();
+        let mut ascii = String::new();
+        for c in json.chars() {
+            if c.is_ascii() {
+                ascii.push(c);
+            } else {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    ascii.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        add(ascii.replace('/', "\\/"), &mut forms);
+        add(ascii, &mut forms);
+        add(json.replace('<', "\\u003c").replace('>', "\\u003e").replace('&', "\\u0026"), &mut forms);
+        add(json.replace('/', "\\/"), &mut forms);
+        add(json, &mut forms);
+        add(hex::encode(v), &mut forms);
         for shift in 0..3usize {
             let mut bytes = vec![0u8; shift];
             bytes.extend_from_slice(v.as_bytes());
@@ -176,15 +211,78 @@ fn masked_values(values: &[String]) -> Vec<&str> {
 }
 
 /// Replaces every occurrence of each value in `text` with `***`. Empty values are ignored;
-/// longer values are replaced first, so one that contains another is masked whole.
+/// longer values are replaced first, so one that contains another is masked whole. A line that
+/// is all base64 (or hex) characters, a piece of encoded text wrapped at a width as `base64`,
+/// `openssl` and `xxd` print it, also has what it holds of a value masked ([`mask_wrapped`]).
 pub fn mask(text: &str, values: &[String]) -> String {
+    let values = masked_values(values);
     let mut out = text.to_string();
-    for v in masked_values(values) {
+    for v in &values {
         if out.contains(v) {
             out = out.replace(v, "***");
         }
     }
-    out
+    if !out.lines().any(is_wrapped_line) {
+        return out;
+    }
+    out.split_inclusive('\n')
+        .map(|line| {
+            let body = line.trim_end_matches(['\n', '\r']);
+            match mask_wrapped(body, &values) {
+                Some(masked) => masked + &line[body.len()..],
+                None => line.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The shortest piece of a value a line of wrapped encoded text is masked for.
+const MIN_WRAPPED: usize = 16;
+/// The longest line taken for a line of wrapped encoded text.
+const MAX_WRAPPED: usize = 256;
+
+/// Whether `line` may be a line of encoded text wrapped at a width: [`MIN_WRAPPED`] to
+/// [`MAX_WRAPPED`] characters of the base64 alphabets (standard and URL-safe, with padding),
+/// which hexadecimal is part of.
+fn is_wrapped_line(line: &str) -> bool {
+    let line = line.trim_end_matches('\r');
+    (MIN_WRAPPED..=MAX_WRAPPED).contains(&line.len())
+        && line.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=-_".contains(&b))
+}
+
+/// `line` with what it holds of one of `values` (of [`MIN_WRAPPED`] characters or more)
+/// masked, when it is a line of wrapped encoded text ([`is_wrapped_line`]): all of it, when a
+/// value holds the whole line; its end, where a value starts there; its start, where a value
+/// ends there. `None`: nothing to mask.
+fn mask_wrapped(line: &str, values: &[&str]) -> Option<String> {
+    if !is_wrapped_line(line) {
+        return None;
+    }
+    for v in values.iter().filter(|v| v.len() >= MIN_WRAPPED && v.is_ascii()) {
+        if v.contains(line) {
+            return Some("***".into());
+        }
+        // The line ends with the value's start: at the first place it starts, the longest.
+        let head = &v[..MIN_WRAPPED];
+        let mut from = 0;
+        while let Some(p) = line[from..].find(head).map(|p| p + from) {
+            if v.starts_with(&line[p..]) {
+                return Some(format!("{}***", &line[..p]));
+            }
+            from = p + 1;
+        }
+        // The line starts with the value's end.
+        let start = &line[..MIN_WRAPPED];
+        let mut from = 0;
+        while let Some(q) = v[from..].find(start).map(|q| q + from) {
+            let end = v.len() - q;
+            if line.starts_with(&v[q..]) && end < line.len() {
+                return Some(format!("***{}", &line[end..]));
+            }
+            from = q + 1;
+        }
+    }
+    None
 }
 
 /// Masks one line of a log, which is masked a line at a time, as [`mask`] does, and whole
@@ -302,6 +400,30 @@ mod tests {
                 }
             }
         }
+        // As other encoders write it: Python's `quote` and `json.dumps`, hexadecimal.
+        let other = "p\u{e4}ss/w\u{f6}rd @!x".to_string();
+        let other_forms = masked_forms(&[other]);
+        let other_masked = |text: &str| mask(text, &other_forms);
+        assert_eq!(other_masked("GET /a?k=p%C3%A4ss/w%C3%B6rd%20%40%21x"), "GET /a?k=***");
+        assert_eq!(other_masked(r#"{"k": "p\u00e4ss/w\u00f6rd @!x"}"#), r#"{"k": "***"}"#);
+        let php = masked_forms(&["a/b/c-secret".to_string()]);
+        assert_eq!(mask(r#"{"k":"a\/b\/c-secret"}"#, &php), r#"{"k":"***"}"#);
+        assert_eq!(other_masked(&format!("hex {}", hex::encode("p\u{e4}ss/w\u{f6}rd @!x"))), "hex ***");
+        // Wrapped at 76 characters, as `base64` prints it: each line's piece of the value.
+        let long = "k".repeat(20) + &"0123456789abcdef".repeat(8);
+        let long_forms = masked_forms(std::slice::from_ref(&long));
+        let encoded = STANDARD.encode(format!("{{\"key\": \"{long}\"}}"));
+        let wrapped: String =
+            encoded.as_bytes().chunks(76).map(|l| format!("{}\n", std::str::from_utf8(l).unwrap())).collect();
+        let out = mask(&wrapped, &long_forms);
+        assert!(out.lines().all(|l| l.contains("***")), "{wrapped}\n->\n{out}");
+        let joined = out.replace('\n', "");
+        for form in long_forms.iter().filter(|f| f.len() >= 16) {
+            for piece in form.as_bytes().windows(16) {
+                assert!(!joined.contains(std::str::from_utf8(piece).unwrap()), "{out}");
+            }
+        }
+        assert_eq!(mask("SGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\n", &long_forms), "SGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\n");
         // A short value is masked as itself only; its encodings are too common to mask.
         assert_eq!(forms.iter().filter(|f| f.contains("YWJj")).count(), 0);
         assert_eq!(masked("abc%20"), "***%20");

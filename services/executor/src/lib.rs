@@ -704,16 +704,13 @@ impl Executor {
         let Some((succeeded, outcome)) = outcome else {
             // Said before the message goes back, so its next delivery starts a new attempt
             // without counting this one lost (once: unanswered, it is counted lost).
-            let report = ResultReport {
+            let hand_back = taskmesh_events::command::HandBack {
                 tenant: dispatch.tenant.clone(),
                 run_id: dispatch.run_id,
                 step: dispatch.step.id.clone(),
                 lease,
-                succeeded: false,
-                outcome: Default::default(),
-                handed_back: true,
             };
-            if let Err(e) = self.bus.request::<_, ReportAck>(ns.scheduler_command("report"), &report).await {
+            if let Err(e) = self.bus.request::<_, ReportAck>(ns.scheduler_command("handback"), &hand_back).await {
                 tracing::warn!(error = %e, "could not say the step is handed back; it counts as lost");
             }
             drop(heartbeat);
@@ -733,7 +730,6 @@ impl Executor {
             lease,
             succeeded,
             outcome,
-            handed_back: false,
         };
         let deadline = tokio::time::Instant::now() + self.settings.lease() * 4;
         loop {
@@ -843,6 +839,7 @@ impl Executor {
             secrets,
             checkout,
             runtime: self.runtime.clone(),
+            masks: Default::default(),
         };
         let outcome = step::run(&dispatch.step, &ctx, hand_back.clone(), kill.clone()).await;
         // Every line is out before the result: a follower sees the whole log, then the end.

@@ -117,30 +117,34 @@ pub struct StepContext {
     /// For a `checkout` step: the commit to fetch into its working directory first.
     pub checkout: Option<crate::checkout::Source>,
     pub runtime: Arc<Runtime>,
+    /// The secrets' values and forms masked ([`StepContext::masks`]), made at their first use.
+    pub masks: std::sync::OnceLock<Vec<String>>,
 }
 
 impl StepContext {
     /// Masks every secret value in `text`.
     pub fn mask(&self, text: &str) -> String {
-        taskmesh_secrets::mask(text, &self.masks())
+        taskmesh_secrets::mask(text, self.masks())
     }
 
     /// Masks `text`, the start of something cut short, as [`taskmesh_secrets::mask_cut`] does.
     pub fn mask_cut(&self, text: &str) -> String {
-        taskmesh_secrets::mask_cut(text, &self.masks())
+        taskmesh_secrets::mask_cut(text, self.masks())
     }
 
     /// The step's secret values and the forms they may be printed in
-    /// ([`taskmesh_secrets::masked_forms`]).
-    fn masks(&self) -> Vec<String> {
-        let values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
-        taskmesh_secrets::masked_forms(&values)
+    /// ([`taskmesh_secrets::masked_forms`]), made once.
+    fn masks(&self) -> &[String] {
+        self.masks.get_or_init(|| {
+            let values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
+            taskmesh_secrets::masked_forms(&values)
+        })
     }
 
     /// Sends a line to the step's log (best effort), masked.
     pub fn log(&self, stream: LogStream, line: &str) {
         if let Some(logs) = &self.logs {
-            let _ = logs.try_send((stream, taskmesh_secrets::mask_line(line, &self.masks())));
+            let _ = logs.try_send((stream, taskmesh_secrets::mask_line(line, self.masks())));
         }
     }
 }
@@ -433,7 +437,7 @@ async fn run_process(
         }
     };
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let output = Mutex::new(Capture { buf: Vec::new(), limit: ctx.output_limit, truncated: false });
+    let output = Mutex::new(Capture::new(ctx.output_limit));
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let kill_group = move || {
@@ -444,8 +448,8 @@ async fn run_process(
     let work = async {
         let pumps = async {
             tokio::join!(
-                pump(stdout, &output, ctx.logs.clone(), LogStream::Stdout, &masks),
-                pump(stderr, &output, ctx.logs.clone(), LogStream::Stderr, &masks)
+                pump(stdout, &output, ctx.logs.clone(), LogStream::Stdout, masks),
+                pump(stderr, &output, ctx.logs.clone(), LogStream::Stderr, masks)
             )
         };
         tokio::pin!(pumps);
@@ -482,13 +486,13 @@ async fn run_process(
         )
         .await;
     }
-    let capture = output.into_inner();
+    let mut capture = output.into_inner();
+    // What a step stopped before its lines ended had printed of them.
+    capture.release(0);
+    capture.release(1);
     let text = String::from_utf8_lossy(&capture.buf);
-    let text = if capture.truncated {
-        taskmesh_secrets::mask_cut(&text, &masks)
-    } else {
-        taskmesh_secrets::mask(&text, &masks)
-    };
+    let text =
+        if capture.truncated { taskmesh_secrets::mask_cut(&text, masks) } else { taskmesh_secrets::mask(&text, masks) };
     let done = |ok: bool, exit_code: Option<i32>, error: Option<String>| Done {
         ok,
         exit_code,
@@ -513,7 +517,7 @@ async fn run_process(
             let mut out = done(ok, code, error);
             match read_outputs(&output_file).await {
                 Ok(outputs) => {
-                    out.outputs = outputs.into_iter().map(|(k, v)| (k, taskmesh_secrets::mask(&v, &masks))).collect();
+                    out.outputs = outputs.into_iter().map(|(k, v)| (k, taskmesh_secrets::mask(&v, masks))).collect();
                 }
                 Err(e) => {
                     out.ok = false;
@@ -618,10 +622,40 @@ struct Capture {
     buf: Vec<u8>,
     limit: usize,
     truncated: bool,
+    /// Each stream's current line, not yet in `buf` (stdout's, then stderr's).
+    held: [Vec<u8>; 2],
+}
+
+/// The longest part of a line a pump holds back from the capture until the line ends.
+const HELD_LINE: usize = 64 * 1024;
+
+impl Capture {
+    fn new(limit: usize) -> Self {
+        Capture { buf: Vec::new(), limit, truncated: false, held: Default::default() }
+    }
+
+    /// Appends `bytes`, as far as the limit allows.
+    fn take(&mut self, bytes: &[u8]) {
+        let room = self.limit.saturating_sub(self.buf.len());
+        if bytes.len() > room {
+            self.truncated = true;
+        }
+        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// Appends what `stream` read of its current line (at its end, or when the step stopped
+    /// before the line ended).
+    fn release(&mut self, stream: usize) {
+        let held = std::mem::take(&mut self.held[stream]);
+        self.take(&held);
+    }
 }
 
 /// Copies a pipe into the capture until EOF, keeping at most `limit` bytes in all, and sends
-/// each complete line to `logs`.
+/// each complete line to `logs`. The capture takes whole lines (a line's start is held back
+/// until it ends, up to [`HELD_LINE`] bytes), so stdout and stderr interleave there line by
+/// line: a secret printed in two writes with the other stream's output between them stays
+/// whole, and is masked.
 async fn pump(
     mut pipe: impl AsyncRead + Unpin,
     capture: &Mutex<Capture>,
@@ -631,6 +665,7 @@ async fn pump(
 ) {
     let mut chunk = [0u8; 8192];
     let mut line: Vec<u8> = Vec::new();
+    let at = usize::from(stream != LogStream::Stdout);
     let mut dropped = 0u64;
     let emit = |line: &mut Vec<u8>, dropped: &mut u64| {
         if let Some(logs) = &logs {
@@ -653,13 +688,19 @@ async fn pump(
             Ok(n) => n,
         };
         {
+            let read = &chunk[..n];
             let mut c = capture.lock().await;
-            let room = c.limit.saturating_sub(c.buf.len());
-            if n > room {
-                c.truncated = true;
+            match read.iter().rposition(|&b| b == b'\n') {
+                Some(end) => {
+                    c.release(at);
+                    c.take(&read[..=end]);
+                    c.held[at].extend_from_slice(&read[end + 1..]);
+                }
+                None => c.held[at].extend_from_slice(read),
             }
-            let take = n.min(room);
-            c.buf.extend_from_slice(&chunk[..take]);
+            if c.held[at].len() >= HELD_LINE {
+                c.release(at);
+            }
         }
         for &b in &chunk[..n] {
             if b == b'\n' {
@@ -669,6 +710,7 @@ async fn pump(
             }
         }
     }
+    capture.lock().await.release(at);
     if !line.is_empty() {
         emit(&mut line, &mut dropped);
     }
@@ -702,6 +744,7 @@ mod tests {
             secrets: Vec::new(),
             checkout: None,
             runtime: Arc::default(),
+            masks: Default::default(),
         }
     }
 
@@ -792,6 +835,21 @@ mod tests {
         assert_eq!(out.output, "token=***\ndTp***\n");
         assert_eq!(out.outputs["t"], "***");
         assert_eq!(rx.try_recv().unwrap().1, "token=***");
+    }
+
+    /// The capture interleaves stdout and stderr line by line: a secret written in two parts
+    /// with the other stream's output between them stays whole, and masked; a line cut short
+    /// by the step's end is kept.
+    #[tokio::test]
+    async fn a_secret_written_in_parts_around_the_other_streams_output_is_masked() {
+        let mut c = ctx(1000);
+        c.secrets = vec![("TOKEN".into(), "s3cr3t-xyz".into())];
+        let s = step(
+            "{id: a, run: 'printf \"tok=s3cr\"; sleep 0.2; echo between >&2; sleep 0.2; printf \"3t-xyz\\nlast\"'}",
+        );
+        let (ok, out) = run(&s, &c, CancellationToken::new(), CancellationToken::new()).await.unwrap();
+        assert!(ok, "{out:?}");
+        assert_eq!(out.output, "between\ntok=***\nlast");
     }
 
     #[tokio::test]

@@ -196,6 +196,19 @@ impl Ingest {
         {
             return Err(invalid("Idempotency-Key", format!("must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")));
         }
+        // A client's key may not take the run id of a tick's, an event's or a delivery's.
+        if let Some(key) = &cmd.idempotency_key
+            && matches!(cmd.trigger, Trigger::Api { .. } | Trigger::Rerun { .. })
+            && taskmesh_events::command::is_system_key(key)
+        {
+            let prefixes = taskmesh_events::command::SYSTEM_KEY_PREFIXES.join(", ");
+            return Err(invalid(
+                "Idempotency-Key",
+                format!(
+                    "may not begin with {prefixes}: those are the keys of schedules, CloudEvents and forge deliveries"
+                ),
+            ));
+        }
         // With an idempotency key the run id is derived from it, so a repeat finds the run's
         // subject taken (expected sequence 0 fails) however long after the first submission.
         let run_id = match &cmd.idempotency_key {

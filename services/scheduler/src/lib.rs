@@ -31,8 +31,8 @@ use async_nats::jetstream::{AckKind, Message};
 use taskmesh_bus::{Bus, BusError, Stored};
 use taskmesh_config::{LimitsSettings, SchedulerSettings};
 use taskmesh_events::command::{
-    CancelSignal, CommitState, CommitStatus, Dispatch, LeaseDecision, LeaseRequest, Ready, ReadyStep, ReportAck,
-    ResultReport, Timer, TimerKind,
+    CancelSignal, CommitState, CommitStatus, Dispatch, HandBack, LeaseDecision, LeaseRequest, Ready, ReadyStep,
+    ReportAck, ResultReport, Timer, TimerKind,
 };
 use taskmesh_events::workflow::MAX_TIMEOUT_SECS;
 use taskmesh_events::{ErrorCode, Event, EventMeta, Problem, RunKey, StepDispatched, Trigger};
@@ -241,6 +241,20 @@ impl Scheduler {
                 },
             )
         };
+        let hand_back = {
+            let me = self.clone();
+            taskmesh_bus::serve(
+                &self.bus,
+                ns.scheduler_command("handback"),
+                "scheduler",
+                64,
+                shutdown.clone().cancelled_owned(),
+                move |_, req: HandBack| {
+                    let me = me.clone();
+                    async move { me.hand_back(req).await }
+                },
+            )
+        };
         let reactor = self.clone().react(shutdown.clone());
         let timers = self.clone().timers(shutdown.clone());
         let schedules = self.clone().schedules(shutdown.clone());
@@ -250,6 +264,7 @@ impl Scheduler {
         tokio::try_join!(
             async { lease.await.map_err(anyhow::Error::from) },
             async { report.await.map_err(anyhow::Error::from) },
+            async { hand_back.await.map_err(anyhow::Error::from) },
             reactor,
             timers,
             schedules,
@@ -739,6 +754,14 @@ impl Scheduler {
     pub async fn report(&self, req: ResultReport) -> Result<ReportAck, Problem> {
         let key = RunKey { tenant: req.tenant.clone(), run_id: req.run_id };
         self.command(&key, move |state| state.report(&req)).await
+    }
+
+    /// Records an executor's hand-back of an attempt it stopped unfinished, if it holds the
+    /// step's current lease.
+    #[tracing::instrument(skip_all, fields(run = %req.run_id, step = %req.step, delivery = req.lease.delivery))]
+    pub async fn hand_back(&self, req: HandBack) -> Result<ReportAck, Problem> {
+        let key = RunKey { tenant: req.tenant.clone(), run_id: req.run_id };
+        self.command(&key, move |state| state.hand_back(&req.step, req.lease)).await
     }
 
     /// Runs a command against the run's state, appends its events (retrying on conflict),

@@ -148,9 +148,16 @@ async fn round(
         if messages.iter().filter(|h| is_tick(h)).count() < 3 {
             continue;
         }
-        let keep_from = folded_from(&bus.read_subject(subject, 0).await?);
-        for h in messages.into_iter().filter(|h| h.seq < keep_from && is_tick(h)) {
-            bus.delete_message(&stream, h.seq).await?;
+        let events = bus.read_subject(subject, 0).await?;
+        let keep_from = folded_from(&events);
+        let doomed: HashSet<u64> = messages.iter().filter(|h| h.seq < keep_from && is_tick(h)).map(|h| h.seq).collect();
+        // Only if the schedule folds to the same state without them: what `folded_from`
+        // overlooks keeps them all.
+        if doomed.is_empty() || decisive(&events, &HashSet::new()) != decisive(&events, &doomed) {
+            continue;
+        }
+        for seq in doomed {
+            bus.delete_message(&stream, seq).await?;
             swept.records += 1;
         }
     }
@@ -158,30 +165,45 @@ async fn round(
 }
 
 /// Of a schedule's events, the sequence from which its state needs its ticks, runs by hand and
-/// refusals: its last two ticks, the ticks that started its last two runs (its overlap policy
-/// looks at the last; a refusal of it turns to the one before), and its last run by hand.
+/// refusals: its last tick, the ticks that started its last two runs not refused (its overlap
+/// policy looks at the last; a refusal of the next turns to it), and its last run by hand
+/// while fewer than two such runs followed it.
 fn folded_from(events: &[taskmesh_bus::Stored]) -> u64 {
     let (mut ticks, mut runs, mut manual) = (Vec::new(), Vec::new(), None);
     for e in events {
         match &e.envelope.event {
             Event::ScheduleTicked(t) => {
                 ticks.push(e.seq);
-                if t.run_id.is_some() {
-                    runs.push(e.seq);
+                if let Some(run) = t.run_id {
+                    runs.push((e.seq, run, t.tick));
                 }
             }
+            Event::ScheduleRunRefused(r) => runs.retain(|&(_, run, tick)| (run, tick) != (r.run_id, r.tick)),
             Event::ScheduleTriggered(_) => manual = Some(e.seq),
             _ => {}
         }
     }
-    let second_last = |seqs: &[u64]| seqs.len().checked_sub(2).and_then(|i| seqs.get(i)).or(seqs.first()).copied();
-    [second_last(&ticks), second_last(&runs), manual].into_iter().flatten().min().unwrap_or(0)
+    let runs_from = runs.len().checked_sub(2).and_then(|i| runs.get(i)).or(runs.first()).map(|r| r.0);
+    let manual = manual.filter(|&m| runs.iter().filter(|r| r.0 > m).count() < 2);
+    [ticks.last().copied(), runs_from, manual].into_iter().flatten().min().unwrap_or(0)
+}
+
+/// What a schedule's ticks decide on, folded from `events` without those at `skipped`.
+fn decisive(events: &[taskmesh_bus::Stored], skipped: &HashSet<u64>) -> Option<impl PartialEq + use<>> {
+    let kept = events.iter().filter(|e| !skipped.contains(&e.seq)).map(|e| (e.seq, &e.envelope));
+    let s = taskmesh_events::schedule::ScheduleState::fold(None, kept)?;
+    Some((
+        (s.paused, s.last_tick, s.last_tick_at, s.last_tick_ran, s.ticks_from, s.last_seq),
+        (s.last_run, s.last_manual, s.last_manual_seq, s.before_last_run),
+        ((*s.spec).clone(), (*s.tick_spec).clone()),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use taskmesh_bus::Stored;
-    use taskmesh_events::{EventMeta, ScheduleTicked, ScheduleTriggered};
+    use taskmesh_events::schedule::ScheduleSpec;
+    use taskmesh_events::{EventMeta, ScheduleCreated, ScheduleRunRefused, ScheduleTicked, ScheduleTriggered};
     use uuid::Uuid;
 
     use super::*;
@@ -212,5 +234,38 @@ mod tests {
         assert_eq!(folded_from(&[tick(1, false), tick(2, false), by_hand, tick(4, false), tick(5, false)]), 3);
         assert_eq!(folded_from(&[tick(2, false), tick(4, true), tick(5, false), tick(6, false)]), 4);
         assert_eq!(folded_from(&[]), 0, "nothing to go by: nothing removed");
+        // Runs refused are passed over: from the tick of the last run that was not.
+        let at = |m: i64| Utc::now() + chrono::Duration::minutes(m);
+        let (t2, t3, t5) = (at(2), at(3), at(5));
+        let (r0, r1, r2) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let ticked = |seq, tick, run| {
+            let t = ScheduleTicked { schedule_id: Uuid::nil(), tick, run_id: Some(run), skipped: None };
+            stored(seq, Event::ScheduleTicked(t))
+        };
+        let refused = |seq, tick, run_id| {
+            let r = ScheduleRunRefused { schedule_id: Uuid::nil(), tick, run_id, reason: "no".into() };
+            stored(seq, Event::ScheduleRunRefused(r))
+        };
+        let events = [ticked(2, t2, r0), ticked(3, t3, r1), refused(4, t3, r1), ticked(5, t5, r2), refused(6, t5, r2)];
+        assert_eq!(folded_from(&events), 2);
+        // A late refusal of an older tick's run, which the fold passes over: the rule would
+        // start from the next tick, but the state folded without the older one differs (the
+        // run before the last), so the sweep keeps them.
+        let spec: ScheduleSpec =
+            serde_json::from_value(serde_json::json!({"cron": "* * * * *", "workflow": "w"})).unwrap();
+        let created = || {
+            let c = ScheduleCreated { schedule_id: Uuid::nil(), spec: spec.clone(), first_tick: Some(t2) };
+            stored(0, Event::ScheduleCreated(c))
+        };
+        let late = [created(), ticked(1, t2, r0), ticked(2, t3, r1), refused(3, t2, r0)];
+        assert_eq!(folded_from(&late), 2);
+        let without_first: HashSet<u64> = [1].into();
+        assert!(decisive(&late, &HashSet::new()).is_some());
+        assert!(decisive(&late, &without_first) != decisive(&late, &HashSet::new()));
+        let all = [created(), ticked(1, t2, r0), ticked(2, t3, r1), ticked(4, t5, r2), ticked(5, at(6), r2)];
+        assert!(decisive(&all, &without_first) == decisive(&all, &HashSet::new()));
+        // A run by hand followed by two runs of ticks is no longer looked at.
+        let by_hand = stored(1, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: Uuid::nil(), run_id: r0 }));
+        assert_eq!(folded_from(&[by_hand, tick(2, true), tick(3, true), tick(4, true)]), 3);
     }
 }
