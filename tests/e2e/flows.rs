@@ -103,9 +103,9 @@ async fn same_idempotency_key_twice_creates_one_run() {
     assert_eq!(problem["errors"][0]["field"], "Idempotency-Key", "{problem}");
     let run =
         |key: &str| json!({"idempotency_key": key, "workflow": {"name": "x", "steps": [{"id": "a", "run": "true"}]}});
-    let batch = tm
-        .send_json(reqwest::Method::POST, "/v1/runs/batch", &json!({"runs": [run("GitHub:1:2"), run("order-44")]}))
-        .await;
+    let delivery = "github:0190a6a5-0000-7000-8000-000000000000:d-1";
+    let batch =
+        tm.send_json(reqwest::Method::POST, "/v1/runs/batch", &json!({"runs": [run(delivery), run("order-44")]})).await;
     let batch: serde_json::Value = batch.json().await.unwrap();
     assert_eq!((&batch["accepted"], &batch["rejected"]), (&json!(1), &json!(1)), "{batch}");
     assert!(batch["runs"][0]["problem"]["detail"].as_str().unwrap().contains("may not begin"), "{batch}");

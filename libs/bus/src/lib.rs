@@ -656,8 +656,20 @@ impl Bus {
     /// below `after`: the stream no longer has what `after` was).
     pub async fn read_subject_to_last(&self, subject: &str, after: u64) -> Result<(Vec<Stored>, u64)> {
         let last = self.last_seq(subject).await?;
+        Ok((self.read_subject_between(subject, after, last).await?, last))
+    }
+
+    /// The events on `subject` up to sequence `until` (and the commit holding it), in order:
+    /// the start of a long subject, where what comes after is not needed.
+    pub async fn read_subject_until(&self, subject: &str, until: u64) -> Result<Vec<Stored>> {
+        let last = self.last_seq(subject).await?;
+        self.read_subject_between(subject, 0, until.min(last)).await
+    }
+
+    /// The events on `subject` after `after`, up to the message at or past `last`.
+    async fn read_subject_between(&self, subject: &str, after: u64, last: u64) -> Result<Vec<Stored>> {
         if last <= after {
-            return Ok((Vec::new(), last));
+            return Ok(Vec::new());
         }
         let start = DeliverPolicy::ByStartSequence { start_sequence: after + 1 };
         let reader = self.reader(&self.ns.events_stream(), subject, start).await?;
@@ -701,7 +713,7 @@ impl Bus {
                 }
             }
         }
-        Ok((out, last))
+        Ok(out)
     }
 
     /// A durable pull consumer with explicit ack, created or updated to `config`.

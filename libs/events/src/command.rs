@@ -238,15 +238,24 @@ pub struct TriggerSchedule {
 }
 
 /// How the idempotency keys Taskmesh makes itself begin: a schedule's ticks and runs by hand
-/// (`schedule:`, see [`crate::schedule::tick_key`]), a CloudEvent's (`cloudevent:`) and a forge
-/// delivery's (`github:`, `gitlab:`, `gitea:`). A client's key may not begin so: the run id it
+/// (`schedule:{id}:`, see [`crate::schedule::tick_key`]), a forge delivery's
+/// (`github:{connection}:`, `gitlab:…`, `gitea:…`; ids are UUIDs) and a CloudEvent's
+/// (`cloudevent:`). A client's key may not be shaped so ([`is_system_key`]): the run id it
 /// derives would be taken before Taskmesh's own key took it, and that tick or event would find
 /// the client's run as its own.
 pub const SYSTEM_KEY_PREFIXES: [&str; 5] = ["schedule:", "cloudevent:", "github:", "gitlab:", "gitea:"];
 
-/// Whether `key` begins as one Taskmesh makes itself ([`SYSTEM_KEY_PREFIXES`], in any case).
+/// Whether `key` has the shape of a key Taskmesh makes itself: `cloudevent:` and anything, or
+/// `schedule:`, `github:`, `gitlab:` or `gitea:` followed by a UUID and `:` (keys are compared
+/// exactly, so only that shape can name the same run; `github:org/repo@sha` is a client's).
 pub fn is_system_key(key: &str) -> bool {
-    SYSTEM_KEY_PREFIXES.iter().any(|p| key.get(..p.len()).is_some_and(|head| head.eq_ignore_ascii_case(p)))
+    if key.starts_with("cloudevent:") {
+        return true;
+    }
+    SYSTEM_KEY_PREFIXES
+        .iter()
+        .filter_map(|p| key.strip_prefix(p))
+        .any(|rest| rest.split_once(':').is_some_and(|(id, _)| id.len() == 36 && Uuid::parse_str(id).is_ok()))
 }
 
 /// `{ns}.cmd.ingest.backfill_schedule`: start the runs of a schedule's ticks from `from` to
@@ -896,6 +905,23 @@ pub struct Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_keys_are_told_by_their_shape() {
+        let id = "0190a6a5-0000-7000-8000-000000000000";
+        for key in [
+            format!("schedule:{id}:2026-12-07T00:00:00+00:00"),
+            format!("schedule:{id}:trigger:mine"),
+            format!("github:{id}:delivery-1"),
+            format!("gitea:{id}:x"),
+            "cloudevent:deploy:abc".to_string(),
+        ] {
+            assert!(is_system_key(&key), "{key}");
+        }
+        for key in ["github:org/repo@sha", "schedule:nightly", "GitHub:1:2", "order-42", &format!("gitlab:{id}")] {
+            assert!(!is_system_key(key), "{key}");
+        }
+    }
 
     fn ready_step(id: &str, script_bytes: usize) -> ReadyStep {
         let step = serde_json::json!({"id": id, "run": "x".repeat(script_bytes)});

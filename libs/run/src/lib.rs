@@ -748,8 +748,8 @@ impl RunState {
         let counted = step.handed_back >= HandBack::MAX;
         let reason = if counted {
             format!(
-                "its executor gave it back unfinished as it stopped, for the {}th time: counted as lost",
-                step.handed_back + 1
+                "its executor gave it back unfinished as it stopped (more than {} times: counted as lost)",
+                HandBack::MAX
             )
         } else {
             "its executor gave it back unfinished as it stopped".to_string()

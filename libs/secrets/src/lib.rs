@@ -129,8 +129,11 @@ const MIN_ENCODED: usize = 6;
 /// The characters URL encoders commonly escape, each set as one encoder does: all but the
 /// unreserved characters (RFC 3986); Python's `quote` (which keeps `/`); JavaScript's
 /// `encodeURIComponent` (which keeps `!'()*`); and the URL standard's userinfo, path and query
-/// sets (as the `url` crate, and browsers, write a URL: an `http` step's own request line).
-const URL_SETS: [&percent_encoding::AsciiSet; 6] = {
+/// sets (as the `url` crate, and browsers, write a URL: an `http` step's own request line; an
+/// `http(s)` URL's query escapes `'` too); and form encoding (`application/x-www-form-urlencoded`,
+/// as `URLSearchParams`, Java's `URLEncoder` and PHP's `urlencode` write it: `*` kept, `~`
+/// escaped).
+const URL_SETS: [&percent_encoding::AsciiSet; 8] = {
     use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC};
     const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
     const QUERY: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>');
@@ -142,6 +145,8 @@ const URL_SETS: [&percent_encoding::AsciiSet; 6] = {
         &PATH.add(b'/').add(b':').add(b';').add(b'=').add(b'@').add(b'[').add(b'\\').add(b']').add(b'^').add(b'|'),
         PATH,
         QUERY,
+        &QUERY.add(b'\''),
+        &NON_ALPHANUMERIC.remove(b'*').remove(b'-').remove(b'.').remove(b'_'),
     ]
 };
 
@@ -200,20 +205,25 @@ pub fn masked_forms(values: &[String]) -> Vec<String> {
             }
         }
     }
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
     forms
 }
 
 /// The non-empty values, longest first, so one that contains another is masked whole.
 fn masked_values(values: &[String]) -> Vec<&str> {
     let mut masked: Vec<&str> = values.iter().map(String::as_str).filter(|v| !v.is_empty()).collect();
-    masked.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    // (Forms from `masked_forms` come sorted already.)
+    if !masked.is_sorted_by_key(|v| std::cmp::Reverse(v.len())) {
+        masked.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    }
     masked
 }
 
 /// Replaces every occurrence of each value in `text` with `***`. Empty values are ignored;
-/// longer values are replaced first, so one that contains another is masked whole. A line that
-/// is all base64 (or hex) characters, a piece of encoded text wrapped at a width as `base64`,
-/// `openssl` and `xxd` print it, also has what it holds of a value masked ([`mask_wrapped`]).
+/// longer values are replaced first, so one that contains another is masked whole. Encoded
+/// text wrapped at a width (lines of base64 or hex characters, as `base64`, `openssl` and
+/// `xxd -p` print it) has what it holds of a value masked on each line, across the breaks
+/// ([`mask_wrapped`]).
 pub fn mask(text: &str, values: &[String]) -> String {
     let values = masked_values(values);
     let mut out = text.to_string();
@@ -222,67 +232,119 @@ pub fn mask(text: &str, values: &[String]) -> String {
             out = out.replace(v, "***");
         }
     }
-    if !out.lines().any(is_wrapped_line) {
-        return out;
-    }
-    out.split_inclusive('\n')
-        .map(|line| {
-            let body = line.trim_end_matches(['\n', '\r']);
-            match mask_wrapped(body, &values) {
-                Some(masked) => masked + &line[body.len()..],
-                None => line.to_string(),
-            }
-        })
-        .collect()
+    if out.lines().any(is_wrapped_line) { mask_wrapped(&out, &values) } else { out }
 }
 
-/// The shortest piece of a value a line of wrapped encoded text is masked for.
+/// The shortest piece of a value masked at the edge of a line of wrapped encoded text that is
+/// not followed (or preceded) by the rest of it: a log, masked a line at a time.
 const MIN_WRAPPED: usize = 16;
+/// The shortest value looked for across the lines of wrapped encoded text.
+const MIN_ACROSS: usize = 8;
 /// The longest line taken for a line of wrapped encoded text.
 const MAX_WRAPPED: usize = 256;
 
-/// Whether `line` may be a line of encoded text wrapped at a width: [`MIN_WRAPPED`] to
-/// [`MAX_WRAPPED`] characters of the base64 alphabets (standard and URL-safe, with padding),
-/// which hexadecimal is part of.
+/// Whether `line` may be a line of encoded text wrapped at a width: up to [`MAX_WRAPPED`]
+/// characters of the base64 alphabets (standard and URL-safe, with padding), which hexadecimal
+/// is part of, and at least 4.
 fn is_wrapped_line(line: &str) -> bool {
     let line = line.trim_end_matches('\r');
-    (MIN_WRAPPED..=MAX_WRAPPED).contains(&line.len())
-        && line.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=-_".contains(&b))
+    (4..=MAX_WRAPPED).contains(&line.len()) && line.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=-_".contains(&b))
 }
 
-/// `line` with what it holds of one of `values` (of [`MIN_WRAPPED`] characters or more)
-/// masked, when it is a line of wrapped encoded text ([`is_wrapped_line`]): all of it, when a
-/// value holds the whole line; its end, where a value starts there; its start, where a value
-/// ends there. `None`: nothing to mask.
-fn mask_wrapped(line: &str, values: &[&str]) -> Option<String> {
-    if !is_wrapped_line(line) {
-        return None;
+/// Masks what the lines of wrapped encoded text in `text` hold of `values`. Consecutive such
+/// lines, all as long as the first but the last (a block as an encoder wraps it), are joined,
+/// and each value of [`MIN_ACROSS`] characters or more is looked for in the joined text: each
+/// line's part of a match is masked. A line alone (a log line) has masked what it holds of a
+/// value: all of it, its end where a value of [`MIN_WRAPPED`] characters or more starts, its
+/// start where one ends.
+fn mask_wrapped(text: &str, values: &[&str]) -> String {
+    let values: Vec<&str> = values.iter().copied().filter(|v| v.len() >= MIN_ACROSS && v.is_ascii()).collect();
+    let lines: Vec<(&str, &str)> = text
+        .split_inclusive('\n')
+        .map(|l| {
+            let body = l.trim_end_matches(['\n', '\r']);
+            (body, &l[body.len()..])
+        })
+        .collect();
+    // Each line's ranges masked (byte ranges of its body).
+    let mut masked: Vec<Vec<(usize, usize)>> = vec![Vec::new(); lines.len()];
+    let mut i = 0;
+    while i < lines.len() {
+        if !is_wrapped_line(lines[i].0) {
+            i += 1;
+            continue;
+        }
+        let width = lines[i].0.len();
+        let mut end = i + 1;
+        while end < lines.len() && is_wrapped_line(lines[end].0) && lines[end - 1].0.len() == width {
+            end += 1;
+        }
+        if end - i >= 2 {
+            let joined: String = lines[i..end].iter().map(|l| l.0).collect();
+            for v in &values {
+                for (at, _) in joined.match_indices(v) {
+                    let (from, to) = (at, at + v.len());
+                    // Each line's share of the match.
+                    let mut start = 0;
+                    for (k, line) in lines[i..end].iter().enumerate() {
+                        let stop = start + line.0.len();
+                        if from < stop && to > start {
+                            masked[i + k].push((from.max(start) - start, to.min(stop) - start));
+                        }
+                        start = stop;
+                    }
+                }
+            }
+        }
+        for k in i..end {
+            masked[k].extend(edges(lines[k].0, &values));
+        }
+        i = end;
     }
-    for v in values.iter().filter(|v| v.len() >= MIN_WRAPPED && v.is_ascii()) {
+    let mut out = String::with_capacity(text.len());
+    for ((body, ending), mut ranges) in lines.into_iter().zip(masked) {
+        ranges.sort_unstable();
+        // Ranges that overlap or touch are masked as one.
+        let (mut at, mut open) = (0, false);
+        for (from, to) in ranges {
+            if open && from <= at {
+                at = at.max(to);
+                continue;
+            }
+            out.push_str(&body[at..from]);
+            out.push_str("***");
+            (at, open) = (to, true);
+        }
+        out.push_str(&body[at..]);
+        out.push_str(ending);
+    }
+    out
+}
+
+/// The ranges of a line of wrapped encoded text that are pieces of one of `values` (of
+/// [`MIN_WRAPPED`] characters or more) on their own: the whole line inside one; its end, where
+/// one starts; its start, where one ends.
+fn edges(line: &str, values: &[&str]) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    if line.len() < MIN_WRAPPED {
+        return ranges;
+    }
+    for v in values.iter().filter(|v| v.len() >= MIN_WRAPPED) {
         if v.contains(line) {
-            return Some("***".into());
+            return vec![(0, line.len())];
         }
         // The line ends with the value's start: at the first place it starts, the longest.
         let head = &v[..MIN_WRAPPED];
-        let mut from = 0;
-        while let Some(p) = line[from..].find(head).map(|p| p + from) {
-            if v.starts_with(&line[p..]) {
-                return Some(format!("{}***", &line[..p]));
-            }
-            from = p + 1;
+        if let Some(p) = line.match_indices(head).map(|(p, _)| p).find(|&p| v.starts_with(&line[p..])) {
+            ranges.push((p, line.len()));
         }
         // The line starts with the value's end.
         let start = &line[..MIN_WRAPPED];
-        let mut from = 0;
-        while let Some(q) = v[from..].find(start).map(|q| q + from) {
-            let end = v.len() - q;
-            if line.starts_with(&v[q..]) && end < line.len() {
-                return Some(format!("***{}", &line[end..]));
-            }
-            from = q + 1;
+        if let Some(q) = v.match_indices(start).map(|(q, _)| q).find(|&q| line.starts_with(&v[q..])) {
+            ranges.push((0, v.len() - q));
         }
     }
-    None
+    ranges
 }
 
 /// Masks one line of a log, which is masked a line at a time, as [`mask`] does, and whole
@@ -418,12 +480,25 @@ mod tests {
         let out = mask(&wrapped, &long_forms);
         assert!(out.lines().all(|l| l.contains("***")), "{wrapped}\n->\n{out}");
         let joined = out.replace('\n', "");
-        for form in long_forms.iter().filter(|f| f.len() >= 16) {
-            for piece in form.as_bytes().windows(16) {
+        for form in long_forms.iter().filter(|f| f.len() >= 8) {
+            for piece in form.as_bytes().windows(8) {
                 assert!(!joined.contains(std::str::from_utf8(piece).unwrap()), "{out}");
             }
         }
         assert_eq!(mask("SGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\n", &long_forms), "SGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\n");
+        // A short value split by a wrap into pieces under 16 characters each.
+        let password = "correct-horse-batt3r".to_string();
+        let encoded = STANDARD.encode(format!("{}{password}", "x".repeat(51)));
+        let wrapped: String =
+            encoded.as_bytes().chunks(76).map(|l| format!("{}\n", std::str::from_utf8(l).unwrap())).collect();
+        let out = mask(&wrapped, &masked_forms(std::slice::from_ref(&password)));
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("***") && lines[1].starts_with("***"), "{wrapped}\n->\n{out}");
+        assert_eq!(lines[0].len(), 68 + 3, "the line's own part kept: {out}");
+        // A log line alone: the end of one value and the start of another.
+        let (a, b) = ("A".repeat(10) + &"0123456789abcdef".repeat(2), "B".repeat(10) + &"fedcba9876543210".repeat(2));
+        let line = format!("{}mid{}", &a[a.len() - 20..], &b[..20]);
+        assert_eq!(mask(&line, &[a.clone(), b.clone()]), "***mid***");
         // A short value is masked as itself only; its encodings are too common to mask.
         assert_eq!(forms.iter().filter(|f| f.contains("YWJj")).count(), 0);
         assert_eq!(masked("abc%20"), "***%20");

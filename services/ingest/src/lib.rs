@@ -201,12 +201,10 @@ impl Ingest {
             && matches!(cmd.trigger, Trigger::Api { .. } | Trigger::Rerun { .. })
             && taskmesh_events::command::is_system_key(key)
         {
-            let prefixes = taskmesh_events::command::SYSTEM_KEY_PREFIXES.join(", ");
             return Err(invalid(
                 "Idempotency-Key",
-                format!(
-                    "may not begin with {prefixes}: those are the keys of schedules, CloudEvents and forge deliveries"
-                ),
+                "may not begin with `cloudevent:`, nor with `schedule:`, `github:`, `gitlab:` or `gitea:` and a UUID: \
+                 those are the keys of schedules, CloudEvents and forge deliveries",
             ));
         }
         // With an idempotency key the run id is derived from it, so a repeat finds the run's

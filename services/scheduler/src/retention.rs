@@ -148,7 +148,11 @@ async fn round(
         if messages.iter().filter(|h| is_tick(h)).count() < 3 {
             continue;
         }
-        let events = bus.read_subject(subject, 0).await?;
+        // Up to the last of its messages this round looks at: the state folded from them
+        // being the same without those removed, it is the same after whatever follows. (So a
+        // read is at most about a round's messages, and the few kept before them.)
+        let until = messages.last().map_or(0, |h| h.seq);
+        let events = bus.read_subject_until(subject, until).await?;
         let keep_from = folded_from(&events);
         let doomed: HashSet<u64> = messages.iter().filter(|h| h.seq < keep_from && is_tick(h)).map(|h| h.seq).collect();
         // Only if the schedule folds to the same state without them: what `folded_from`
@@ -192,9 +196,11 @@ fn folded_from(events: &[taskmesh_bus::Stored]) -> u64 {
 fn decisive(events: &[taskmesh_bus::Stored], skipped: &HashSet<u64>) -> Option<impl PartialEq + use<>> {
     let kept = events.iter().filter(|e| !skipped.contains(&e.seq)).map(|e| (e.seq, &e.envelope));
     let s = taskmesh_events::schedule::ScheduleState::fold(None, kept)?;
+    // The run by hand's sequence says something only while that run is looked at.
+    let manual_seq = (s.last_manual.is_some() || s.before_last_run.1.is_some()).then_some(s.last_manual_seq);
     Some((
         (s.paused, s.last_tick, s.last_tick_at, s.last_tick_ran, s.ticks_from, s.last_seq),
-        (s.last_run, s.last_manual, s.last_manual_seq, s.before_last_run),
+        (s.last_run, s.last_manual, manual_seq, s.before_last_run),
         ((*s.spec).clone(), (*s.tick_spec).clone()),
     ))
 }
@@ -264,7 +270,12 @@ mod tests {
         assert!(decisive(&late, &without_first) != decisive(&late, &HashSet::new()));
         let all = [created(), ticked(1, t2, r0), ticked(2, t3, r1), ticked(4, t5, r2), ticked(5, at(6), r2)];
         assert!(decisive(&all, &without_first) == decisive(&all, &HashSet::new()));
-        // A run by hand followed by two runs of ticks is no longer looked at.
+        // A run by hand followed by two runs of ticks is no longer looked at: removing it
+        // leaves the state as it was.
+        let by_hand = stored(1, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: Uuid::nil(), run_id: r0 }));
+        let kept = [created(), by_hand, ticked(2, t2, r0), ticked(3, t3, r1), ticked(4, t5, r2)];
+        assert_eq!(folded_from(&kept), 3);
+        assert!(decisive(&kept, &[1, 2].into()) == decisive(&kept, &HashSet::new()));
         let by_hand = stored(1, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: Uuid::nil(), run_id: r0 }));
         assert_eq!(folded_from(&[by_hand, tick(2, true), tick(3, true), tick(4, true)]), 3);
     }
