@@ -1574,8 +1574,9 @@ async fn a_failed_delivery_whose_event_aged_out_is_listed_as_expired_and_not_sen
     .await
     .unwrap();
     tm.wait_projected().await;
-    // The log's retention takes everything before the newer failure (as `events_max_age_days`
-    // would, oldest first), the older failure with it.
+    // Everything before the newer failure is removed from the log (by hand here, as a version
+    // before 2026-12-07's retention would have: it aged out the whole log, oldest first), the
+    // older failure with it.
     let events = tm.bus.jetstream().get_stream(tm.bus.namespace().events_stream()).await.unwrap();
     events.purge().sequence(failures[1].0).await.unwrap();
     up.store(true, SeqCst);

@@ -76,7 +76,7 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     tm.wait_run(done, Duration::from_secs(30)).await;
     // Running while the sweep runs; its second step needs the secret afterwards.
     let running = tm
-        .submit("name: running\nsteps:\n  - {id: a, run: 'sleep 4'}\n  - {id: b, needs: [a], secrets: [KEPT], run: '[ \"$KEPT\" = kept-value-1 ]'}\n")
+        .submit("name: running\nsteps:\n  - {id: a, run: 'sleep 8'}\n  - {id: b, needs: [a], secrets: [KEPT], run: '[ \"$KEPT\" = kept-value-1 ]'}\n")
         .await;
     let running_subject = ns.run(&RunKey { tenant: "default".into(), run_id: running });
     eventually("the long step to start", Duration::from_secs(30), || async {
@@ -116,6 +116,12 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     // The schedule: its creation and last two ticks, folding to the state it had.
     let events = tm.bus.read_subject(&schedule_subject, 0).await.unwrap();
     assert!(matches!(events[0].envelope.event, Event::ScheduleCreated(_)));
+    // What a reader that meets a jump asks the stream: the next message it keeps, by subject
+    // or across the log, and none for a subject removed.
+    let all = ns.events_all();
+    assert_eq!(tm.bus.next_kept(&schedule_subject, 1).await.unwrap(), events[0].seq);
+    assert_eq!(tm.bus.next_kept(&all, events[1].seq).await.unwrap(), events[1].seq);
+    assert_eq!(tm.bus.next_kept(&ns.run(&RunKey { tenant: "default".into(), run_id: done }), 1).await.unwrap(), 0);
     assert_eq!(ticked(events), 2);
     let after = schedule_state(&tm, &schedule_subject).await;
     assert_eq!(

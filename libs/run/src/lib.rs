@@ -704,7 +704,11 @@ impl RunState {
                     step: step.id.clone(),
                     attempt: step.attempts,
                     outcome: StepOutcome {
-                        error: Some(format!("lost its executor {lost} times")),
+                        error: Some(if step.handed_back > 0 {
+                            format!("lost its executor {lost} times (and was handed back {} times)", step.handed_back)
+                        } else {
+                            format!("lost its executor {lost} times")
+                        }),
                         started_at: now,
                         finished_at: now,
                         ..Default::default()
@@ -770,6 +774,7 @@ impl RunState {
         match step.phase {
             StepPhase::Running if !self.is_finished() => {
                 let (id, attempt, outcome) = (step.id.clone(), step.attempts, report.outcome.clone());
+                let tries = attempt.saturating_sub(step.handed_back).max(1);
                 let event = if report.succeeded {
                     Event::StepSucceeded(StepSucceeded { step: id, attempt, outcome })
                 } else if self.cancel_requested || outcome.cancelled {
@@ -778,9 +783,10 @@ impl RunState {
                     .def(i)
                     .retry
                     .as_ref()
-                    .filter(|p| attempt < p.max_attempts && p.retries(outcome.exit_code, outcome.timed_out))
+                    // Attempts handed back (not counted lost) are not tries either.
+                    .filter(|p| tries < p.max_attempts && p.retries(outcome.exit_code, outcome.timed_out))
                 {
-                    let ceiling = policy.ceiling_ms(attempt);
+                    let ceiling = policy.ceiling_ms(tries);
                     let jittered = ceiling / 2 + rand::random_range(0..=ceiling - ceiling / 2);
                     // The far end's `Retry-After` is honoured (up to a day).
                     let delay_ms = jittered.max(outcome.retry_after_ms.unwrap_or(0).min(86_400_000));
@@ -955,6 +961,33 @@ mod tests {
         let (d, ev) = s.lease("a", Lease { delivery: delivery + 1, ..l1 }, "e3", 1);
         assert!(matches!(d, LeaseDecision::Denied { ack: true, .. }), "{d:?}");
         assert_eq!(names(&ev), ["StepFailed"]);
+    }
+
+    #[test]
+    fn an_attempt_handed_back_is_not_a_try_of_the_retry_policy() {
+        let mut s = run("name: x\nsteps:\n  - {id: a, run: 'false', retry: {max_attempts: 2}}\n");
+        let first = s.decide();
+        apply_all(&mut s, &first);
+        let l1 = Lease { dispatch: 1, message: 7, delivery: 1 };
+        let (_, ev) = s.lease("a", l1, "e1", 3);
+        apply_all(&mut s, &ev);
+        let (_, ev) = s.hand_back("a", l1);
+        apply_all(&mut s, &ev);
+        let l2 = Lease { delivery: 2, ..l1 };
+        let (_, ev) = s.lease("a", l2, "e2", 3);
+        apply_all(&mut s, &ev);
+        let now = chrono::Utc::now();
+        let outcome = StepOutcome { exit_code: Some(1), started_at: now, finished_at: now, ..Default::default() };
+        let report = ResultReport {
+            tenant: "t".into(),
+            run_id: s.key.run_id,
+            step: "a".into(),
+            lease: l2,
+            succeeded: false,
+            outcome,
+        };
+        // Attempt 2, but its first try: the policy's second is still to come.
+        assert_eq!(names(&s.report(&report).1), ["StepAttemptFailed"]);
     }
 
     #[test]

@@ -132,8 +132,8 @@ const MIN_ENCODED: usize = 6;
 /// sets (as the `url` crate, and browsers, write a URL: an `http` step's own request line; an
 /// `http(s)` URL's query escapes `'` too); and form encoding (`application/x-www-form-urlencoded`,
 /// as `URLSearchParams`, Java's `URLEncoder` and PHP's `urlencode` write it: `*` kept, `~`
-/// escaped).
-const URL_SETS: [&percent_encoding::AsciiSet; 8] = {
+/// escaped; PHP's `urlencode` escapes `*` too).
+const URL_SETS: [&percent_encoding::AsciiSet; 9] = {
     use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC};
     const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
     const QUERY: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>');
@@ -147,6 +147,7 @@ const URL_SETS: [&percent_encoding::AsciiSet; 8] = {
         QUERY,
         &QUERY.add(b'\''),
         &NON_ALPHANUMERIC.remove(b'*').remove(b'-').remove(b'.').remove(b'_'),
+        &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_'),
     ]
 };
 
@@ -194,6 +195,7 @@ pub fn masked_forms(values: &[String]) -> Vec<String> {
         add(json.replace('/', "\\/"), &mut forms);
         add(json, &mut forms);
         add(hex::encode(v), &mut forms);
+        add(hex::encode_upper(v), &mut forms);
         for shift in 0..3usize {
             let mut bytes = vec![0u8; shift];
             bytes.extend_from_slice(v.as_bytes());
@@ -252,9 +254,9 @@ fn is_wrapped_line(line: &str) -> bool {
 }
 
 /// Masks what the lines of wrapped encoded text in `text` hold of `values`. Consecutive such
-/// lines, all as long as the first but the last (a block as an encoder wraps it), are joined,
-/// and each value of [`MIN_ACROSS`] characters or more is looked for in the joined text: each
-/// line's part of a match is masked. A line alone (a log line) has masked what it holds of a
+/// lines (a block as an encoder wraps it, with whatever short word-like lines touch it: a match
+/// across those is as unlikely as anywhere) are joined, and each value of [`MIN_ACROSS`]
+/// characters or more is looked for in the joined text: each line's part of a match is masked. A line alone (a log line) has masked what it holds of a
 /// value: all of it, its end where a value of [`MIN_WRAPPED`] characters or more starts, its
 /// start where one ends.
 fn mask_wrapped(text: &str, values: &[&str]) -> String {
@@ -274,9 +276,8 @@ fn mask_wrapped(text: &str, values: &[&str]) -> String {
             i += 1;
             continue;
         }
-        let width = lines[i].0.len();
         let mut end = i + 1;
-        while end < lines.len() && is_wrapped_line(lines[end].0) && lines[end - 1].0.len() == width {
+        while end < lines.len() && is_wrapped_line(lines[end].0) {
             end += 1;
         }
         if end - i >= 2 {
@@ -471,6 +472,7 @@ mod tests {
         let php = masked_forms(&["a/b/c-secret".to_string()]);
         assert_eq!(mask(r#"{"k":"a\/b\/c-secret"}"#, &php), r#"{"k":"***"}"#);
         assert_eq!(other_masked(&format!("hex {}", hex::encode("p\u{e4}ss/w\u{f6}rd @!x"))), "hex ***");
+        assert_eq!(other_masked(&format!("HEX {}", hex::encode_upper("p\u{e4}ss/w\u{f6}rd @!x"))), "HEX ***");
         // Wrapped at 76 characters, as `base64` prints it: each line's piece of the value.
         let long = "k".repeat(20) + &"0123456789abcdef".repeat(8);
         let long_forms = masked_forms(std::slice::from_ref(&long));
@@ -486,6 +488,10 @@ mod tests {
             }
         }
         assert_eq!(mask("SGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\n", &long_forms), "SGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\n");
+        // After a short line that looks encoded too (`echo config; base64 creds.json`).
+        let out = mask(&format!("config\n{wrapped}"), &long_forms);
+        assert!(out.lines().skip(1).all(|l| l.contains("***")), "{out}");
+        assert!(out.starts_with("config\n"), "{out}");
         // A short value split by a wrap into pieces under 16 characters each.
         let password = "correct-horse-batt3r".to_string();
         let encoded = STANDARD.encode(format!("{}{password}", "x".repeat(51)));

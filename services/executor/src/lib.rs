@@ -650,6 +650,25 @@ impl Executor {
                 return;
             }
         };
+        // Should the drain run out of time, the scheduler is told the attempt is handed back at
+        // once, beside the step's stopping (a container's removal can take longer than the
+        // process has left), and before the message goes back: its next delivery then starts
+        // a new attempt without counting this one lost (unanswered, it is counted lost).
+        let told = {
+            let (bus, given_back, subject) = (self.bus.clone(), hand_back.clone(), ns.scheduler_command("handback"));
+            let cmd = taskmesh_events::command::HandBack {
+                tenant: dispatch.tenant.clone(),
+                run_id: dispatch.run_id,
+                step: dispatch.step.id.clone(),
+                lease,
+            };
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                given_back.cancelled().await;
+                if let Err(e) = bus.request::<_, ReportAck>(subject, &cmd).await {
+                    tracing::warn!(error = %e, "could not say the step is handed back; it counts as lost");
+                }
+            }))
+        };
         // A `cache:` step that would do what an earlier success did takes its outcome instead,
         // once what it runs with is there (secrets deleted or a connection gone fail it, as
         // they would a run).
@@ -702,16 +721,8 @@ impl Executor {
             }
         };
         let Some((succeeded, outcome)) = outcome else {
-            // Said before the message goes back, so its next delivery starts a new attempt
-            // without counting this one lost (once: unanswered, it is counted lost).
-            let hand_back = taskmesh_events::command::HandBack {
-                tenant: dispatch.tenant.clone(),
-                run_id: dispatch.run_id,
-                step: dispatch.step.id.clone(),
-                lease,
-            };
-            if let Err(e) = self.bus.request::<_, ReportAck>(ns.scheduler_command("handback"), &hand_back).await {
-                tracing::warn!(error = %e, "could not say the step is handed back; it counts as lost");
+            if hand_back.is_cancelled() {
+                let _ = told.await;
             }
             drop(heartbeat);
             tracing::info!("step handed back");

@@ -82,8 +82,9 @@ pub struct RetryAccepted {
     pub seq: u64,
 }
 
-/// The log's first sequence still kept: a failure recorded below it has aged out. 1 (none has)
-/// when the stream does not answer.
+/// The log's first sequence still kept: a failure recorded below it was removed (by hand, or
+/// aged out under a version before 2026-12-07; retention keeps an endpoint's failures now). 1
+/// (none was) when the stream does not answer.
 async fn first_kept(state: &AppState) -> u64 {
     crate::log_state(state).await.map_or(1, |s| s.first_sequence)
 }
@@ -94,8 +95,9 @@ fn is_expired(seq: i64, first: u64) -> bool {
     (seq as u64) < first
 }
 
-/// Whether sending the failure recorded at `seq` again was not found because its event has
-/// aged out of the log (the log is looked at only then: the usual answer costs nothing more).
+/// Whether sending the failure recorded at `seq` again was not found because its event was
+/// removed from the start of the log (the log is looked at only then: the usual answer costs
+/// nothing more).
 async fn aged_out<T>(state: &AppState, seq: i64, answer: &taskmesh_events::command::Reply<T>) -> bool {
     matches!(answer, Err(p) if p.code == ErrorCode::NotFound) && is_expired(seq, first_kept(state).await)
 }

@@ -198,7 +198,7 @@ impl Ingest {
         }
         // A client's key may not take the run id of a tick's, an event's or a delivery's.
         if let Some(key) = &cmd.idempotency_key
-            && matches!(cmd.trigger, Trigger::Api { .. } | Trigger::Rerun { .. })
+            && matches!(cmd.trigger, Trigger::Api { .. })
             && taskmesh_events::command::is_system_key(key)
         {
             return Err(invalid(

@@ -9,8 +9,9 @@
 //! - the audit log's, keys' uses' and commit statuses' records that old, and a secret's values
 //!   set before its latest (the newest of each subject stays, as its last sequence);
 //! - a schedule's ticks (and its runs by hand, and refusals) that old, but those its state is
-//!   folded from: its last two ticks, the ticks that started its last two runs, its last run
-//!   by hand, and what follows the earliest of them;
+//!   folded from: its last tick, the ticks that started its last two runs not refused, its
+//!   last run by hand while fewer than two such runs followed it, and what follows the
+//!   earliest of them (and only when the state folded without them is the same);
 //! - the whole log of a schedule, secret, endpoint or repository connection deleted that long
 //!   ago (a key revoked stays: a tenant's keys, revoked or not, tell that it has had some).
 //!
@@ -46,7 +47,8 @@ pub struct Swept {
     pub runs: usize,
     /// Deleted aggregates whose events were removed.
     pub deleted: usize,
-    /// Old records (audit, key uses, statuses) and schedule ticks removed.
+    /// Old records (audit, key uses, statuses), a secret's superseded values, and schedule
+    /// ticks removed.
     pub records: u64,
 }
 

@@ -16,9 +16,9 @@ use uuid::Uuid;
 use crate::{MAX_CONFLICTS, Scheduler};
 
 /// How long after a tick was recorded its run is still submitted should it be missing: past
-/// that, a missing run is taken as one whose events aged out of the stream (with
-/// `events_max_age_days`), and a tick recorded before a long outage or pause is not started
-/// that late.
+/// that, a missing run is taken as one whose events were removed (retention removes an ended
+/// run's after `events_max_age_days`, a day at least), and a tick recorded before a long outage
+/// or pause is not started that late.
 const REDO_WITHIN: chrono::Duration = chrono::Duration::hours(1);
 
 /// The tick to arm when none is due at `now` from `from`: `from` if it is still to come, else
