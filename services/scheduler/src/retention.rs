@@ -55,12 +55,17 @@ pub struct Swept {
 /// Removes what the event log holds from before `cutoff` and is no longer in force (see the
 /// module's docs).
 pub async fn sweep(bus: &Bus, cutoff: DateTime<Utc>) -> Result<Swept, BusError> {
+    sweep_in_rounds(bus, cutoff, ROUND).await
+}
+
+/// [`sweep`], reading `per_round` messages a round (tests cross rounds with a few).
+pub async fn sweep_in_rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize) -> Result<Swept, BusError> {
     let mut swept = Swept::default();
     // Runs seen ending, across rounds (a run's end and its last event may fall in two).
     let mut ended = HashSet::new();
     let mut from = 1;
     loop {
-        let (headings, more) = bus.headings_before(from, cutoff, ROUND).await?;
+        let (headings, more) = bus.headings_before(from, cutoff, per_round.max(1)).await?;
         let Some(last) = headings.last() else { break };
         from = last.seq + 1;
         swept.read += headings.len();
