@@ -282,17 +282,24 @@ fn mask_wrapped(text: &str, values: &[&str]) -> String {
         }
         if end - i >= 2 {
             let joined: String = lines[i..end].iter().map(|l| l.0).collect();
+            // Where each line starts in the joined text.
+            let starts: Vec<usize> = lines[i..end]
+                .iter()
+                .scan(0, |at, l| {
+                    let start = *at;
+                    *at += l.0.len();
+                    Some(start)
+                })
+                .collect();
             for v in &values {
-                for (at, _) in joined.match_indices(v) {
-                    let (from, to) = (at, at + v.len());
-                    // Each line's share of the match.
-                    let mut start = 0;
-                    for (k, line) in lines[i..end].iter().enumerate() {
-                        let stop = start + line.0.len();
-                        if from < stop && to > start {
-                            masked[i + k].push((from.max(start) - start, to.min(stop) - start));
-                        }
-                        start = stop;
+                for (from, _) in joined.match_indices(v) {
+                    let to = from + v.len();
+                    // Each line's share of the match, from the line it starts in.
+                    let mut k = starts.partition_point(|&s| s <= from) - 1;
+                    while k < starts.len() && starts[k] < to {
+                        let (start, stop) = (starts[k], starts[k] + lines[i + k].0.len());
+                        masked[i + k].push((from.max(start) - start, to.min(stop) - start));
+                        k += 1;
                     }
                 }
             }

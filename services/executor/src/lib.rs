@@ -729,6 +729,8 @@ impl Executor {
             let _ = acker.ack_with(AckKind::Nak(None)).await;
             return;
         };
+        // It finished here: a drain running out from now on hands nothing back.
+        drop(told);
         let (succeeded, outcome) = fit_outcome(succeeded, outcome, MAX_OUTCOME_BYTES);
         // Kept before it is reported, so a run seen to have ended has kept its outcomes.
         if let Some(key) = cache_key.filter(|_| succeeded && outcome.cached_from.is_none()) {

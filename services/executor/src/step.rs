@@ -402,6 +402,7 @@ async fn run_process(
         ctx.log(LogStream::System, &format!("checking out {} from {}{with_token}", source.commit, source.url));
         let fetch = crate::checkout::fetch(source, workspace.path(), &ctx.runtime.egress, ctx.runtime.run_as);
         let fetched = tokio::select! {
+            biased;
             fetched = fetch => fetched,
             _ = tokio::time::sleep(timeout) => {
                 let secs = deadline_secs.unwrap_or_default();
@@ -467,6 +468,8 @@ async fn run_process(
         status
     };
     let result = tokio::select! {
+        // A step that has finished is finished, whatever else is ready at once.
+        biased;
         status = work => Ok(status),
         _ = tokio::time::sleep(timeout) => Err(None),
         _ = hand_back.cancelled() => Err(Some(Stop::HandBack)),
