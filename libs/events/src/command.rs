@@ -243,19 +243,18 @@ pub struct TriggerSchedule {
 /// (`cloudevent:`). A client's key may not be shaped so ([`is_system_key`]): the run id it
 /// derives would be taken before Taskmesh's own key took it, and that tick or event would find
 /// the client's run as its own.
-pub const SYSTEM_KEY_PREFIXES: [&str; 5] = ["schedule:", "cloudevent:", "github:", "gitlab:", "gitea:"];
+pub const SYSTEM_KEY_PREFIXES: [&str; 5] = ["cloudevent:", "schedule:", "github:", "gitlab:", "gitea:"];
 
 /// Whether `key` has the shape of a key Taskmesh makes itself: `cloudevent:` and anything, or
 /// `schedule:`, `github:`, `gitlab:` or `gitea:` followed by a UUID and `:` (keys are compared
 /// exactly, so only that shape can name the same run; `github:org/repo@sha` is a client's).
 pub fn is_system_key(key: &str) -> bool {
-    if key.starts_with("cloudevent:") {
-        return true;
-    }
-    SYSTEM_KEY_PREFIXES
-        .iter()
-        .filter_map(|p| key.strip_prefix(p))
-        .any(|rest| rest.split_once(':').is_some_and(|(id, _)| id.len() == 36 && Uuid::parse_str(id).is_ok()))
+    let [cloudevent, by_id @ ..] = SYSTEM_KEY_PREFIXES;
+    key.starts_with(cloudevent)
+        || by_id
+            .iter()
+            .filter_map(|p| key.strip_prefix(p))
+            .any(|rest| rest.split_once(':').is_some_and(|(id, _)| id.len() == 36 && Uuid::parse_str(id).is_ok()))
 }
 
 /// `{ns}.cmd.ingest.backfill_schedule`: start the runs of a schedule's ticks from `from` to

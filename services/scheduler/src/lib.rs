@@ -212,66 +212,40 @@ impl Scheduler {
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let ns = self.bus.namespace().clone();
-        let lease = {
-            let me = self.clone();
-            taskmesh_bus::serve(
-                &self.bus,
-                ns.scheduler_command("lease"),
-                "scheduler",
-                64,
-                shutdown.clone().cancelled_owned(),
-                move |_, req: LeaseRequest| {
-                    let me = me.clone();
-                    async move { me.lease(req).await }
-                },
-            )
-        };
-        let report = {
-            let me = self.clone();
-            taskmesh_bus::serve(
-                &self.bus,
-                ns.scheduler_command("report"),
-                "scheduler",
-                64,
-                shutdown.clone().cancelled_owned(),
-                move |_, req: ResultReport| {
-                    let me = me.clone();
-                    async move { me.report(req).await }
-                },
-            )
-        };
-        let hand_back = {
-            let me = self.clone();
-            taskmesh_bus::serve(
-                &self.bus,
-                ns.scheduler_command("handback"),
-                "scheduler",
-                64,
-                shutdown.clone().cancelled_owned(),
-                move |_, req: HandBack| {
-                    let me = me.clone();
-                    async move { me.hand_back(req).await }
-                },
-            )
-        };
+        let lease = self.serve_command("lease", &shutdown, |me, req: LeaseRequest| async move { me.lease(req).await });
+        let report =
+            self.serve_command("report", &shutdown, |me, req: ResultReport| async move { me.report(req).await });
+        let hand_back =
+            self.serve_command("handback", &shutdown, |me, req: HandBack| async move { me.hand_back(req).await });
         let reactor = self.clone().react(shutdown.clone());
         let timers = self.clone().timers(shutdown.clone());
         let schedules = self.clone().schedules(shutdown.clone());
         let retention = self.clone().retention(shutdown.clone());
         let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone(), self.limits.clone())
             .run(shutdown.clone());
-        tokio::try_join!(
-            async { lease.await.map_err(anyhow::Error::from) },
-            async { report.await.map_err(anyhow::Error::from) },
-            async { hand_back.await.map_err(anyhow::Error::from) },
-            reactor,
-            timers,
-            schedules,
-            retention,
-            dispatcher
-        )?;
+        tokio::try_join!(lease, report, hand_back, reactor, timers, schedules, retention, dispatcher)?;
         Ok(())
+    }
+
+    /// Serves the executors' command `cmd.scheduler.{name}` with `handle` (on a clone of this
+    /// scheduler), 64 at a time, until `shutdown`.
+    async fn serve_command<Req, Resp, H, Fut>(
+        &self,
+        name: &str,
+        shutdown: &CancellationToken,
+        handle: H,
+    ) -> anyhow::Result<()>
+    where
+        Req: serde::de::DeserializeOwned + Send + 'static,
+        Resp: serde::Serialize + Send + 'static,
+        H: Fn(Scheduler, Req) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Resp, Problem>> + Send + 'static,
+    {
+        let me = self.clone();
+        let subject = self.bus.namespace().scheduler_command(name);
+        let handler = move |_, req| handle(me.clone(), req);
+        Ok(taskmesh_bus::serve(&self.bus, subject, "scheduler", 64, shutdown.clone().cancelled_owned(), handler)
+            .await?)
     }
 
     /// With `nats.events_max_age_days` set, sweeps the event log a minute after the start and
