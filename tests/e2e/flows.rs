@@ -180,6 +180,17 @@ async fn a_client_reads_its_own_write_and_etags_spare_unchanged_reads() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // A sequence the log has not reached is refused, not waited for until the read gives up.
+    let started = std::time::Instant::now();
+    let beyond = tm
+        .auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api)))
+        .header("taskmesh-min-seq", (seq + 1_000_000).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beyond.status(), 400);
+    assert!(beyond.text().await.unwrap().contains("beyond the log"));
+    assert!(started.elapsed() < Duration::from_secs(4), "answered before the 5 s wait is over");
 
     let run = tm.wait_run(id.parse().unwrap(), Duration::from_secs(30)).await;
     let res = tm.auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api))).send().await.unwrap();

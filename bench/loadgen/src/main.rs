@@ -214,13 +214,20 @@ impl Api {
             }
             let res = req.send().await?;
             let status = res.status();
-            // 404: not projected yet (the wait is for an end, not for a submission to
-            // appear); 503: the read side is further behind than the gateway waits for.
-            if status == 404 || status == 503 {
+            // 404: not projected yet (the wait is for an end, not for a submission to appear).
+            if status == 404 {
                 tokio::time::sleep(Duration::from_micros(500)).await;
                 continue;
             }
-            let body: Value = res.json().await?;
+            // 429: the tenant holds as many waiting reads as the gateway gives one; 503: the
+            // read side is further behind than the gateway waits for, or the gateway holds
+            // all the reads it may. Asked again when the answer says, as a client should:
+            // asking again at once would flood the gateway while the mesh is behind.
+            if status == 429 || status == 503 {
+                tokio::time::sleep(retry_after(&res)).await;
+                continue;
+            }
+            let body: Value = res.error_for_status()?.json().await?;
             let s = body["status"].as_str().unwrap_or("").to_string();
             if ["succeeded", "failed", "cancelled", "timed_out"].contains(&s.as_str()) {
                 return Ok(s);
@@ -238,6 +245,12 @@ impl Api {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
+}
+
+/// How long a refusal asks the client to wait (`Retry-After` in seconds; a second without one).
+fn retry_after(res: &reqwest::Response) -> Duration {
+    let secs = res.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse().ok());
+    Duration::from_secs(secs.unwrap_or(1).min(60))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -614,12 +627,14 @@ async fn main() -> anyhow::Result<()> {
             for _ in 0..args.n {
                 let sent = chrono::Utc::now();
                 let t = Instant::now();
-                let (id, _) = api.submit(&noop()).await?;
+                let (id, seq) = api.submit(&noop()).await?;
                 let answered = chrono::Utc::now();
                 if args.poll {
                     api.wait(&id).await?;
                 } else {
-                    api.wait_ended(&id, None).await?;
+                    // As docs/api.md tells a client to: one read, held until the read side
+                    // holds the submission and then until the run has ended.
+                    api.wait_ended(&id, Some(seq)).await?;
                 }
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
                 marks.push((id, sent, answered, chrono::Utc::now()));

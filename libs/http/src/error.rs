@@ -7,15 +7,26 @@ use taskmesh_events::{ErrorCode, Problem};
 /// The media type of every error response.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// An error answered to a client.
+/// An error answered to a client. A `429` or `503` says when to try again (`Retry-After`,
+/// see [`problem_response`]) unless it is [`ApiError::lasting`].
 #[derive(Debug)]
-pub struct ApiError(pub Problem);
+pub struct ApiError(pub Problem, Lasting);
+
+/// Whether a refusal lasts until something is changed (no `Retry-After`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Lasting(bool);
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self(Problem::new(code, detail))
+        Self(Problem::new(code, detail), Lasting::default())
+    }
+    /// A refusal that asking again will not change (a feature configured off): answered
+    /// without `Retry-After`, so clients do not keep asking.
+    pub fn lasting(mut self) -> Self {
+        self.1 = Lasting(true);
+        self
     }
     pub fn not_found(what: &str) -> Self {
         Self::new(ErrorCode::NotFound, format!("no such {what}"))
@@ -24,7 +35,7 @@ impl ApiError {
 
 impl From<Problem> for ApiError {
     fn from(p: Problem) -> Self {
-        Self(p)
+        Self(p, Lasting::default())
     }
 }
 
@@ -51,14 +62,24 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        problem_response(&self.0)
+        let mut res = problem_response(&self.0);
+        if self.1.0 {
+            res.headers_mut().remove(header::RETRY_AFTER);
+        }
+        res
     }
 }
 
+/// The problem as an answer. A refusal to try again later (`429`, `503`) says when: `Retry-After`
+/// is a second unless whoever refused sets it (the rate limiter sets its own), so that a client
+/// does not ask again at once while the gateway is busy.
 pub fn problem_response(p: &Problem) -> Response {
     let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut res = (status, serde_json::to_vec(p).unwrap_or_default()).into_response();
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     res
 }
 
@@ -86,4 +107,25 @@ pub async fn problems_everywhere(res: Response) -> Response {
         fresh.headers_mut().insert(header::ALLOW, allow);
     }
     fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_to_try_later_say_when_and_others_do_not() {
+        for code in [ErrorCode::RateLimited, ErrorCode::Unavailable] {
+            let res = ApiError::new(code, "later").into_response();
+            assert_eq!(res.headers()[header::RETRY_AFTER], "1", "{code:?}");
+            assert_eq!(res.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        }
+        for code in [ErrorCode::BadRequest, ErrorCode::NotFound, ErrorCode::Internal] {
+            let res = ApiError::new(code, "no").into_response();
+            assert!(res.headers().get(header::RETRY_AFTER).is_none(), "{code:?}");
+        }
+        let off = ApiError::new(ErrorCode::Unavailable, "no secrets key is configured").lasting().into_response();
+        assert_eq!(off.status(), 503);
+        assert!(off.headers().get(header::RETRY_AFTER).is_none(), "a lasting refusal");
+    }
 }

@@ -259,12 +259,15 @@ impl utoipa::Modify for CommonResponses {
                 "application/problem+json",
                 ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
             );
-            if code == ErrorCode::RateLimited {
+            if matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable) {
                 r = r.header(
                     "Retry-After",
                     HeaderBuilder::new()
                         .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer))
-                        .description(Some("Seconds to wait before retrying"))
+                        .description(Some(
+                            "Seconds to wait before retrying (1 unless a rate limit says otherwise; absent \
+                             when the refusal lasts until the configuration changes)",
+                        ))
                         .build(),
                 );
             }
@@ -525,33 +528,40 @@ async fn read_your_writes(
             return ApiError::new(ErrorCode::BadRequest, "Taskmesh-Min-Seq must be a sequence number").into_response();
         }
         Some(Some(seq)) => {
-            let deadline = tokio::time::Instant::now() + READ_WAIT;
-            // Woken by the projector's commits (LISTEN/NOTIFY); the table is read at the start
-            // and then every so often, in case announcements are not coming through.
+            let start = tokio::time::Instant::now();
+            let deadline = start + READ_WAIT;
+            // Woken by the projector's commits (LISTEN/NOTIFY). The table is read every
+            // READ_RECHECK (on a clock of its own, which the commits heard meanwhile do not put
+            // off) in case announcements stop coming through, and at once only while none can be
+            // heard (the checkpoint heard reads 0 while the listener is down): a read the
+            // projector catches up with soon, as most are, costs no query.
             let mut projected = state.projected.clone();
-            let mut first = true;
+            let mut recheck = tokio::time::interval_at(start + READ_RECHECK, READ_RECHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut looked = false;
             loop {
-                if *projected.borrow_and_update() >= seq {
+                let heard = *projected.borrow_and_update();
+                if heard >= seq {
                     break;
                 }
-                let now = tokio::time::Instant::now();
-                let checked = if first || now >= deadline {
+                let checked = if (heard == 0 && !looked) || tokio::time::Instant::now() >= deadline {
                     taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some)
                 } else {
                     tokio::select! {
                         // (Should the announcer be gone, only the rechecks are left.)
                         Ok(()) = projected.changed() => Ok(None),
-                        _ = tokio::time::sleep(READ_RECHECK.min(deadline - now)) => {
-                            taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some)
-                        }
+                        _ = recheck.tick() => taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some),
+                        _ = tokio::time::sleep_until(deadline) => Ok(None),
                     }
                 };
                 match checked {
                     Ok(None) => {}
                     Ok(Some(applied)) if applied >= seq => break,
-                    // A sequence the log has not reached yet is never going to be read: say so.
+                    // A sequence the log has not reached yet is never going to be read: say so
+                    // (asked of the stream once, when the table is first found behind).
                     Ok(Some(_))
-                        if std::mem::take(&mut first) && last_written(&state).await.is_some_and(|last| seq > last) =>
+                        if !std::mem::replace(&mut looked, true)
+                            && last_written(&state).await.is_some_and(|last| seq > last) =>
                     {
                         return ApiError::new(
                             ErrorCode::BadRequest,

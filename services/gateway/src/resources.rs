@@ -25,10 +25,9 @@ use taskmesh_http::{ApiError, ApiResult};
 
 /// The keyring that seals integration secrets; without one they cannot be stored.
 fn keyring(state: &AppState) -> Result<&taskmesh_secrets::Keyring, ApiError> {
-    state
-        .keyring
-        .as_deref()
-        .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "no secrets key is configured (TASKMESH_SECRETS__KEY)"))
+    state.keyring.as_deref().ok_or_else(|| {
+        ApiError::new(ErrorCode::Unavailable, "no secrets key is configured (TASKMESH_SECRETS__KEY)").lasting()
+    })
 }
 
 pub fn routes() -> axum::Router<AppState> {

@@ -78,6 +78,7 @@ pub async fn set(
     }
     let keyring = state.keyring.as_ref().ok_or_else(|| {
         ApiError::new(ErrorCode::Unavailable, "secrets are off: no secrets key is configured (TASKMESH_SECRETS__KEY)")
+            .lasting()
     })?;
     let (_, bytes) = body::read(&headers, body, false)?;
     let value: SecretValue = body::json(&bytes)?;

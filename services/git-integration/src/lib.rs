@@ -642,8 +642,10 @@ async fn pipeline_workflow(
 
 /// Opens one of a connection's sealed values (its webhook secret, its token) sealed with `aad`.
 fn open_secret(state: &GitState, aad: &str, stored: &str) -> ApiResult<Vec<u8>> {
-    let keyring =
-        state.keyring.as_ref().ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "no secrets key is configured"))?;
+    let keyring = state
+        .keyring
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "no secrets key is configured").lasting())?;
     let sealed: taskmesh_secrets::Sealed = serde_json::from_str(stored).map_err(|e| {
         tracing::error!(error = %e, "a stored connection secret is not sealed");
         ApiError::new(ErrorCode::Internal, "internal error")
