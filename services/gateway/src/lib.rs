@@ -254,22 +254,22 @@ impl utoipa::Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::header::HeaderBuilder;
         use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, path::Operation};
+        let retry_after = || {
+            HeaderBuilder::new()
+                .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer))
+                .description(Some(
+                    "Seconds to wait before retrying (1 unless a rate limit says otherwise; absent \
+                     when the refusal lasts until the configuration changes)",
+                ))
+                .build()
+        };
         let problem = |description: &str, code: ErrorCode| {
             let mut r = ResponseBuilder::new().description(description).content(
                 "application/problem+json",
                 ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
             );
             if matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable) {
-                r = r.header(
-                    "Retry-After",
-                    HeaderBuilder::new()
-                        .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer))
-                        .description(Some(
-                            "Seconds to wait before retrying (1 unless a rate limit says otherwise; absent \
-                             when the refusal lasts until the configuration changes)",
-                        ))
-                        .build(),
-                );
+                r = r.header("Retry-After", retry_after());
             }
             RefOr::T(r.build())
         };
@@ -295,6 +295,12 @@ impl utoipa::Modify for CommonResponses {
             }
             for (status, description, code) in wanted {
                 op.responses.responses.entry(status.to_string()).or_insert_with(|| problem(description, code));
+            }
+            // A route's own 429 and 503 say when to retry too.
+            for status in ["429", "503"] {
+                if let Some(RefOr::T(r)) = op.responses.responses.get_mut(status) {
+                    r.headers.entry("Retry-After".to_string()).or_insert_with(retry_after);
+                }
             }
         };
         for (path, item) in openapi.paths.paths.iter_mut() {
