@@ -216,6 +216,10 @@ impl Api {
             let status = res.status();
             // 404: not projected yet (the wait is for an end, not for a submission to appear).
             if status == 404 {
+                // With the submission's sequence, the read side holds the run: gone is gone.
+                if seq.is_some() {
+                    bail!("run {id} not found at its submission's sequence");
+                }
                 tokio::time::sleep(Duration::from_micros(500)).await;
                 continue;
             }
@@ -250,7 +254,7 @@ impl Api {
 /// How long a refusal asks the client to wait (`Retry-After` in seconds; a second without one).
 fn retry_after(res: &reqwest::Response) -> Duration {
     let secs = res.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse().ok());
-    Duration::from_secs(secs.unwrap_or(1).min(60))
+    Duration::from_secs(secs.unwrap_or(1).clamp(1, 60))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -429,10 +429,11 @@ pub struct RunView {
     responses(
         (status = 200, body = RunView, headers(("ETag" = String, description = "Changes whenever the run does"))),
         (status = 304, description = "Not modified since the ETag given"),
-        (status = 400, description = "`wait` is not a whole number of seconds from 0 to 60", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`wait` is not a whole number of seconds from 0 to 60, or `Taskmesh-Min-Seq` is not a sequence or is beyond the log's last", body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 401, body = taskmesh_events::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such run in the caller's tenant", body = taskmesh_events::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Too many reads are waiting for runs to end; retry", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited (see the RateLimit headers), or the tenant holds as many reads waiting for runs to end as a gateway gives one (1,000); see Retry-After", body = taskmesh_events::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The gateway holds all the waiting reads it may, the read side has not reached `Taskmesh-Min-Seq` within 5 s, or the database does not answer; see Retry-After", body = taskmesh_events::Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_run(
