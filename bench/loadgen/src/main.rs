@@ -251,10 +251,11 @@ impl Api {
     }
 }
 
-/// How long a refusal asks the client to wait (`Retry-After` in seconds; a second without one).
+/// How long a refusal asks the client to wait (`Retry-After`, as the egress crate reads it), a
+/// second without one, at least a second and at most a minute.
 fn retry_after(res: &reqwest::Response) -> Duration {
-    let secs = res.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse().ok());
-    Duration::from_secs(secs.unwrap_or(1).clamp(1, 60))
+    let asked = taskmesh_egress::retry_after(res.headers()).unwrap_or(Duration::from_secs(1));
+    asked.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
