@@ -652,6 +652,7 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
         (github_file("malformed.yml"), 200, "name: [unclosed\n"),
         (github_file("no-steps.yml"), 200, "name: empty\nsteps: 3\n"),
         (github_file("denied.yml"), 401, "{\"message\": \"Bad credentials\"}"),
+        (github_file("busy.yml"), 502, "{}"),
         // Gitea shows the commit, so a 404 for its file means there is none. GitHub does not
         // show its commit here, as to a token that cannot see the repository.
         ("/api/v1/repos/example/example/git/commits/67b56589a45103f891bdee7c0546e5d40bc02001?stat=false&verification=false&files=false".into(), 200, "{}"),
@@ -702,16 +703,20 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
     assert_eq!(read(line.into()).expect("the commit was looked at")["authorization"], "token gt-token");
 
     // A file that is no workflow is refused, saying why (the forge shows it on the delivery);
-    // a forge refusing the token is a 503, so the delivery can be sent again once it is fixed.
-    for (path, status, says) in [
-        ("malformed.yml", 422, "not YAML"),
-        ("no-steps.yml", 422, "the pipeline file no-steps.yml at fd48"),
-        ("denied.yml", 503, "answered 401"),
-        ("absent.yml", 503, "404, and 404 for the commit itself"),
+    // a forge refusing the token is a 503, so the delivery can be sent again once it is fixed,
+    // with no Retry-After (asking again changes nothing until then); a forge failing is a 503
+    // to try again after a second.
+    for (path, status, says, retry_after) in [
+        ("malformed.yml", 422, "not YAML", None),
+        ("no-steps.yml", 422, "the pipeline file no-steps.yml at fd48", None),
+        ("denied.yml", 503, "answered 401", None),
+        ("absent.yml", 503, "404, and 404 for the commit itself", None),
+        ("busy.yml", 503, "answered 502", Some("1")),
     ] {
         let res = push(github(path).await, "f-2").await.unwrap();
         assert_eq!(res.status(), status, "{path}");
         assert_eq!(res.headers()["content-type"], "application/problem+json");
+        assert_eq!(res.headers().get("retry-after").map(|v| v.to_str().unwrap()), retry_after, "{path}");
         let problem: serde_json::Value = res.json().await.unwrap();
         assert!(problem["detail"].as_str().unwrap().contains(says), "{path}: {problem}");
     }

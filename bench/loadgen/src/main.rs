@@ -134,13 +134,25 @@ impl Api {
             .collect()
     }
 
+    /// A run's status, "unknown" while the read side does not hold it. Any other answer than
+    /// `200` or `404` is an error, so that the API workloads count only reads answered.
     async fn status(&self, id: &str) -> anyhow::Result<String> {
-        let res = self.http.get(format!("{}/v1/runs/{id}", self.url)).bearer_auth(&self.key).send().await?;
-        if res.status() == 404 {
-            return Ok("unknown".into());
+        match self.read_status(id).await? {
+            Ok(status) => Ok(status),
+            Err(_) => bail!("GET /v1/runs/{id} was refused (429 or 503)"),
         }
-        let body: Value = res.json().await?;
-        Ok(body["status"].as_str().unwrap_or("").to_string())
+    }
+
+    /// [`Api::status`], or how long a refusal (`429`, `503`) asks the client to wait.
+    async fn read_status(&self, id: &str) -> anyhow::Result<Result<String, Duration>> {
+        let res = self.http.get(format!("{}/v1/runs/{id}", self.url)).bearer_auth(&self.key).send().await?;
+        match res.status().as_u16() {
+            404 => return Ok(Ok("unknown".into())),
+            429 | 503 => return Ok(Err(retry_after(&res))),
+            _ => {}
+        }
+        let body: Value = res.error_for_status()?.json().await?;
+        Ok(Ok(body["status"].as_str().unwrap_or("").to_string()))
     }
 
     /// How many runs of `workflow` have `status`, paging through the list (200 a page).
@@ -152,7 +164,8 @@ impl Api {
             if let Some(c) = &cursor {
                 url.push_str(&format!("&cursor={c}"));
             }
-            let page: Value = self.http.get(url).bearer_auth(&self.key).send().await?.json().await?;
+            let page: Value =
+                self.http.get(url).bearer_auth(&self.key).send().await?.error_for_status()?.json().await?;
             total += page["items"].as_array().map_or(0, Vec::len);
             match page["next_cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_string()),
@@ -173,11 +186,13 @@ impl Api {
                 .header("taskmesh-min-seq", seq.to_string())
                 .send()
                 .await?;
-            // A read side further behind than the gateway waits for answers 503: ask again.
+            // A read side further behind than the gateway waits for answers 503: ask again
+            // when the answer says.
             tries += 1;
             if res.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || tries == 20 {
                 break res;
             }
+            tokio::time::sleep(retry_after(&res)).await;
         };
         let page: Value = res.error_for_status()?.json().await?;
         Ok(page["items"].as_array().is_some_and(|items| !items.is_empty()))
@@ -239,14 +254,15 @@ impl Api {
         }
     }
 
-    /// Polls until the run has ended; returns its status.
+    /// Polls until the run has ended (every 0.5 ms, or when a refusal says); returns its
+    /// status.
     async fn wait(&self, id: &str) -> anyhow::Result<String> {
         loop {
-            let s = self.status(id).await?;
-            if ["succeeded", "failed", "cancelled", "timed_out"].contains(&s.as_str()) {
-                return Ok(s);
+            match self.read_status(id).await? {
+                Ok(s) if ["succeeded", "failed", "cancelled", "timed_out"].contains(&s.as_str()) => return Ok(s),
+                Ok(_) => tokio::time::sleep(Duration::from_micros(500)).await,
+                Err(wait) => tokio::time::sleep(wait).await,
             }
-            tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
 }

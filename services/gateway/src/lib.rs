@@ -544,7 +544,8 @@ async fn read_your_writes(
             let mut projected = state.projected.clone();
             let mut recheck = tokio::time::interval_at(start + READ_RECHECK, READ_RECHECK);
             recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut looked = false;
+            // Whether the table was read, and whether the log was seen to hold `seq`.
+            let (mut looked, mut in_log) = (false, false);
             loop {
                 let heard = *projected.borrow_and_update();
                 if heard >= seq {
@@ -563,25 +564,31 @@ async fn read_your_writes(
                 match checked {
                     Ok(None) => {}
                     Ok(Some(applied)) if applied >= seq => break,
-                    // A sequence the log has not reached yet is never going to be read: say so
-                    // (asked of the stream once, when the table is first found behind).
-                    Ok(Some(_))
-                        if !std::mem::replace(&mut looked, true)
-                            && last_written(&state).await.is_some_and(|last| seq > last) =>
-                    {
-                        return ApiError::new(
-                            ErrorCode::BadRequest,
-                            format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence"),
-                        )
-                        .into_response();
-                    }
-                    Ok(Some(_)) if tokio::time::Instant::now() < deadline => {}
                     Ok(Some(applied)) => {
-                        return ApiError::new(
-                            ErrorCode::Unavailable,
-                            format!("the read side is at sequence {applied}, not yet {seq}; retry"),
-                        )
-                        .into_response();
+                        looked = true;
+                        // A sequence the log has not reached yet is never going to be read: say
+                        // so (the stream is asked from when the table is first found behind,
+                        // at each check until it answers).
+                        if !in_log {
+                            match last_written(&state).await {
+                                Some(last) if seq > last => {
+                                    return ApiError::new(
+                                        ErrorCode::BadRequest,
+                                        format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence"),
+                                    )
+                                    .into_response();
+                                }
+                                Some(_) => in_log = true,
+                                None => {}
+                            }
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            return ApiError::new(
+                                ErrorCode::Unavailable,
+                                format!("the read side is at sequence {applied}, not yet {seq}; retry"),
+                            )
+                            .into_response();
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the projection checkpoint");

@@ -12,7 +12,10 @@
 //! and the push starts nothing, only when the forge then shows the commit itself to the same
 //! token. The forge not answering within [`FETCH_TIMEOUT`], or answering anything else, is a
 //! `503` to the webhook's sender, so that the forge shows the delivery as failed and it can be
-//! sent again. A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
+//! sent again. It carries `Retry-After` only where asking again may help (the forge did not
+//! answer, or answered `5xx` or `429`), not where the connection must change first: an
+//! `api_url` that is no URL or that the egress policy refuses, or a forge refusing the token
+//! (`401`, `403`, or `404` for the commit too). A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
 
 use std::time::Duration;
 
@@ -92,6 +95,18 @@ fn unavailable(detail: String) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, detail)
 }
 
+/// A `503` that lasts until the connection (its `api_url` or token) or the egress policy is
+/// changed: answered without `Retry-After`.
+fn misconfigured(detail: String) -> ApiError {
+    unavailable(detail).lasting()
+}
+
+/// Whether a forge's answer refuses the connection's token or does not know its repository,
+/// which asking again will not change.
+fn refuses_the_connection(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404)
+}
+
 async fn read(
     http: &reqwest::Client,
     egress: &taskmesh_egress::Egress,
@@ -102,9 +117,9 @@ async fn read(
         unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
     };
     let get = |url: Result<url::Url, String>, accept: &'static str| {
-        let url = url.map_err(|e| unavailable(format!("the connection's api_url: {e}")));
+        let url = url.map_err(|e| misconfigured(format!("the connection's api_url: {e}")));
         let url = url.and_then(|url| {
-            egress.check_url(&url).map_err(|d| unavailable(format!("reading the pipeline file {shown}: {d}")))?;
+            egress.check_url(&url).map_err(|d| misconfigured(format!("reading the pipeline file {shown}: {d}")))?;
             Ok(url)
         });
         let (name, value) = src.forge.api_auth(src.token);
@@ -121,14 +136,20 @@ async fn read(
         404 => {
             return match get(commit_url(src), "application/json").await?.status().as_u16() {
                 200 => Ok(None),
-                code => Err(unavailable(format!(
-                    "reading the pipeline file {shown}: the forge answered 404, and {code} for the commit \
-                     itself: the connection's token may not see the repository, or its api_url is not \
-                     the forge's"
-                ))),
+                code => {
+                    let detail = format!(
+                        "reading the pipeline file {shown}: the forge answered 404, and {code} for the commit \
+                         itself: the connection's token may not see the repository, or its api_url is not \
+                         the forge's"
+                    );
+                    Err(if refuses_the_connection(code) { misconfigured(detail) } else { unavailable(detail) })
+                }
             };
         }
-        code => return Err(unavailable(format!("reading the pipeline file {shown}: the forge answered {code}"))),
+        code => {
+            let detail = format!("reading the pipeline file {shown}: the forge answered {code}");
+            return Err(if refuses_the_connection(code) { misconfigured(detail) } else { unavailable(detail) });
+        }
     }
     let mut body = Vec::new();
     while let Some(chunk) = res.chunk().await.map_err(failed)? {
