@@ -174,6 +174,11 @@ pub fn masked_forms(values: &[String]) -> Vec<String> {
         }
         for set in URL_SETS {
             let url = percent_encoding::utf8_percent_encode(v, set).to_string();
+            // RFC 3986 takes an escape's hex digits in either case; some encoders write them
+            // in lower case (Erlang's `uri_string`, hand-rolled ones).
+            let lower = lowercase_escapes(&url);
+            add(lower.replace("%20", "+"), &mut forms);
+            add(lower, &mut forms);
             add(url.replace("%20", "+"), &mut forms);
             add(url, &mut forms);
         }
@@ -209,6 +214,24 @@ pub fn masked_forms(values: &[String]) -> Vec<String> {
     }
     forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
     forms
+}
+
+/// `url` with each percent-escape's hex digits in lower case (`%2F` as `%2f`).
+fn lowercase_escapes(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut escape = 0;
+    for c in url.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The non-empty values, longest first, so one that contains another is masked whole.
@@ -458,6 +481,9 @@ mod tests {
         let masked = |text: &str| mask(text, &forms);
         assert_eq!(masked("token=p%40ss%20word%2F%2B%3F%26%22x1&a=1"), "token=***&a=1");
         assert_eq!(masked("token=p%40ss+word%2F%2B%3F%26%22x1"), "token=***");
+        // Escapes written in lower case, as RFC 3986 allows.
+        assert_eq!(masked("token=p%40ss%20word%2f%2b%3f%26%22x1&a=1"), "token=***&a=1");
+        assert_eq!(masked("token=p%40ss+word%2f%2b%3f%26%22x1"), "token=***");
         assert_eq!(masked(r#"{"token":"p@ss word/+?&\"x1"}"#), r#"{"token":"***"}"#);
         // In base64, after any number of bytes before it and whatever follows.
         for before in ["", "u", "us", "user:"] {
