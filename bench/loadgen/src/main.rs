@@ -164,8 +164,7 @@ impl Api {
             if let Some(c) = &cursor {
                 url.push_str(&format!("&cursor={c}"));
             }
-            let page: Value =
-                self.http.get(url).bearer_auth(&self.key).send().await?.error_for_status()?.json().await?;
+            let page = self.listing(url, None).await?;
             total += page["items"].as_array().map_or(0, Vec::len);
             match page["next_cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_string()),
@@ -177,25 +176,28 @@ impl Api {
     /// Whether any run of `workflow` has `status` (one row asked for), once the read side has
     /// applied sequence `seq`.
     async fn any(&self, workflow: &str, status: &str, seq: u64) -> anyhow::Result<bool> {
+        let url = format!("{}/v1/runs?workflow={workflow}&status={status}&limit=1", self.url);
+        let page = self.listing(url, Some(seq)).await?;
+        Ok(page["items"].as_array().is_some_and(|items| !items.is_empty()))
+    }
+
+    /// A page of a listing (with `Taskmesh-Min-Seq: seq`, once the read side has applied it).
+    /// A refusal (`429`; `503`, the read side further behind than the gateway waits for) is
+    /// asked again when its answer says, up to 20 times.
+    async fn listing(&self, url: String, seq: Option<u64>) -> anyhow::Result<Value> {
         let mut tries = 0;
-        let res = loop {
-            let res = self
-                .http
-                .get(format!("{}/v1/runs?workflow={workflow}&status={status}&limit=1", self.url))
-                .bearer_auth(&self.key)
-                .header("taskmesh-min-seq", seq.to_string())
-                .send()
-                .await?;
-            // A read side further behind than the gateway waits for answers 503: ask again
-            // when the answer says.
+        loop {
+            let mut req = self.http.get(&url).bearer_auth(&self.key);
+            if let Some(seq) = seq {
+                req = req.header("taskmesh-min-seq", seq.to_string());
+            }
+            let res = req.send().await?;
             tries += 1;
-            if res.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || tries == 20 {
-                break res;
+            if !matches!(res.status().as_u16(), 429 | 503) || tries == 20 {
+                return Ok(res.error_for_status()?.json().await?);
             }
             tokio::time::sleep(retry_after(&res)).await;
-        };
-        let page: Value = res.error_for_status()?.json().await?;
-        Ok(page["items"].as_array().is_some_and(|items| !items.is_empty()))
+        }
     }
 
     /// A run's view.

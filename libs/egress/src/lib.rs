@@ -20,11 +20,11 @@
 //! through a proxy is resolved by the proxy: give it the same rules.
 //!
 //! Also here, for whatever reads an outbound response: [`retry_after`] (how long the far end
-//! asks to wait) and [`error_chain`].
+//! asks to wait), [`error_chain`] and [`is_denied`] (whether a failure was the rules' refusal).
 //!
 //! # Layout
-//! - this file: [`Egress`], [`Denied`], the resolver, [`error_chain`] for messages, and
-//!   [`retry_after`] for a refusal's wait.
+//! - this file: [`Egress`], [`Denied`] and [`DeniedHost`], the resolver, [`error_chain`] for
+//!   messages, [`is_denied`], and [`retry_after`] for a refusal's wait.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -48,6 +48,27 @@ pub struct Egress {
 pub struct Denied {
     pub addr: IpAddr,
     pub why: &'static str,
+}
+
+/// A name that resolves only to addresses the rules deny.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{host}: {denied}")]
+pub struct DeniedHost {
+    pub host: String,
+    pub denied: Denied,
+}
+
+/// Whether `e`, or one of its causes, is a request the rules refused ([`Denied`], [`DeniedHost`]):
+/// a refusal that lasts until the rules or the address change, unlike a failure to connect.
+pub fn is_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<Denied>() || e.is::<DeniedHost>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 impl Egress {
@@ -119,7 +140,9 @@ impl Resolve for Resolver {
                 .filter(|a| rules.check(a.ip()).map_err(|d| denied.get_or_insert(d)).is_ok())
                 .collect();
             match denied {
-                Some(d) if permitted.is_empty() => Err(format!("{host}: {d}").into()),
+                Some(denied) if permitted.is_empty() => {
+                    Err(Box::new(DeniedHost { host: host.to_string(), denied }) as _)
+                }
                 _ => Ok(Box::new(permitted.into_iter()) as Addrs),
             }
         })
@@ -364,6 +387,7 @@ mod tests {
         let err = client.get(format!("http://localhost:{port}/ok")).send().await.unwrap_err();
         let text = error_chain(&err);
         assert!(text.contains("egress to") && text.contains("loopback"), "{text}");
+        assert!(is_denied(&err), "{text}");
         // Permitted, the same name is reached.
         let loopback = Arc::new(rules(true, &[], &["127.0.0.1/32", "::1/128"]));
         let client = loopback.client(reqwest::Client::builder(), 5).unwrap();
@@ -373,6 +397,11 @@ mod tests {
         let err = client.get(format!("http://127.0.0.1:{port}/bounce")).send().await.unwrap_err();
         let text = error_chain(&err);
         assert!(text.contains("egress to 127.0.0.2 is denied"), "{text}");
+        assert!(is_denied(&err), "{text}");
+        // Failing to connect is no refusal.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let err = client.get(format!("http://127.0.0.1:{closed}/ok")).send().await.unwrap_err();
+        assert!(!is_denied(&err), "{}", error_chain(&err));
         // Without redirects the 3xx is the answer.
         let client = loopback.client(reqwest::Client::builder(), 0).unwrap();
         let res = client.get(format!("http://127.0.0.1:{port}/bounce")).send().await.unwrap();

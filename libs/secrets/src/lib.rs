@@ -216,22 +216,21 @@ pub fn masked_forms(values: &[String]) -> Vec<String> {
     forms
 }
 
-/// `url` with each percent-escape's hex digits in lower case (`%2F` as `%2f`).
+/// `url` with each percent-escape's hex digits in lower case (`%2F` as `%2f`): a `%` followed
+/// by two hex digits (a `%` the encoder kept, followed by anything else, is left as it is).
 fn lowercase_escapes(url: &str) -> String {
-    let mut out = String::with_capacity(url.len());
-    let mut escape = 0;
-    for c in url.chars() {
-        if c == '%' {
-            escape = 2;
-            out.push(c);
-        } else if escape > 0 {
-            escape -= 1;
-            out.push(c.to_ascii_lowercase());
+    let mut out = url.as_bytes().to_vec();
+    let mut i = 0;
+    while i + 2 < out.len() {
+        if out[i] == b'%' && out[i + 1].is_ascii_hexdigit() && out[i + 2].is_ascii_hexdigit() {
+            out[i + 1].make_ascii_lowercase();
+            out[i + 2].make_ascii_lowercase();
+            i += 3;
         } else {
-            out.push(c);
+            i += 1;
         }
     }
-    out
+    String::from_utf8(out).expect("only ASCII letters changed")
 }
 
 /// The non-empty values, longest first, so one that contains another is masked whole.
@@ -484,6 +483,8 @@ mod tests {
         // Escapes written in lower case, as RFC 3986 allows.
         assert_eq!(masked("token=p%40ss%20word%2f%2b%3f%26%22x1&a=1"), "token=***&a=1");
         assert_eq!(masked("token=p%40ss+word%2f%2b%3f%26%22x1"), "token=***");
+        assert_eq!(lowercase_escapes("a%2Fb%ZZ%C3%A4%"), "a%2fb%ZZ%c3%a4%");
+        assert_eq!(lowercase_escapes("100%Pure%2B"), "100%Pure%2b");
         assert_eq!(masked(r#"{"token":"p@ss word/+?&\"x1"}"#), r#"{"token":"***"}"#);
         // In base64, after any number of bytes before it and whatever follows.
         for before in ["", "u", "us", "user:"] {

@@ -102,6 +102,9 @@ pub struct Shared {
     pub streams: std::sync::Arc<places::Places>,
     /// Reads waiting for a run's end, bounded per tenant (and in all, as [`Shared::run_ends`]).
     pub waiting_reads: std::sync::Arc<places::Places>,
+    /// The highest last sequence the event log was seen at: a `Taskmesh-Min-Seq` at or below it
+    /// is in the log, without asking.
+    pub log_reached: std::sync::atomic::AtomicU64,
 }
 
 /// Most API keys one gateway keeps looked up.
@@ -378,6 +381,9 @@ impl IntoResponse for Written {
 pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a waiting read looks at the checkpoint table itself, between announcements.
 const READ_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often a read waiting for the read side asks the log for its last sequence at most, while
+/// the log does not answer.
+const LOG_ASK_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The `Last-Event-ID` a reconnecting Server-Sent Events client sends, as the gateway's
 /// streams write their ids: a stream sequence, and for a run event that was not the last of
@@ -544,8 +550,9 @@ async fn read_your_writes(
             let mut projected = state.projected.clone();
             let mut recheck = tokio::time::interval_at(start + READ_RECHECK, READ_RECHECK);
             recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Whether the table was read, and whether the log was seen to hold `seq`.
-            let (mut looked, mut in_log) = (false, false);
+            // Whether the table was read, whether the log was seen to hold `seq`, and when the
+            // log may be asked next.
+            let (mut looked, mut in_log, mut next_ask) = (false, false, start);
             loop {
                 let heard = *projected.borrow_and_update();
                 if heard >= seq {
@@ -567,19 +574,26 @@ async fn read_your_writes(
                     Ok(Some(applied)) => {
                         looked = true;
                         // A sequence the log has not reached yet is never going to be read: say
-                        // so (the stream is asked from when the table is first found behind,
-                        // at each check until it answers).
-                        if !in_log {
-                            match last_written(&state).await {
-                                Some(last) if seq > last => {
+                        // so. The stream is asked from when the table is first found behind,
+                        // until it answers: at most once a second, within the read's wait, and
+                        // not for a sequence the log was seen to hold already.
+                        let now = tokio::time::Instant::now();
+                        in_log = in_log || seq <= state.log_reached.load(std::sync::atomic::Ordering::Relaxed);
+                        if !in_log && now >= next_ask && now < deadline {
+                            next_ask = now + LOG_ASK_GAP;
+                            match tokio::time::timeout(deadline - now, last_written(&state)).await {
+                                Ok(Some(last)) if seq > last => {
                                     return ApiError::new(
                                         ErrorCode::BadRequest,
                                         format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence"),
                                     )
                                     .into_response();
                                 }
-                                Some(_) => in_log = true,
-                                None => {}
+                                Ok(Some(last)) => {
+                                    state.log_reached.fetch_max(last, std::sync::atomic::Ordering::Relaxed);
+                                    in_log = true;
+                                }
+                                Ok(None) | Err(_) => {}
                             }
                         }
                         if tokio::time::Instant::now() >= deadline {
@@ -700,6 +714,7 @@ pub async fn build(
                 MAX_WAITING_READS,
                 MAX_TENANT_WAITING_READS,
             ),
+            log_reached: Default::default(),
         }));
         router(state, settings.body_limit_bytes, settings.metrics)
     })

@@ -13,9 +13,10 @@
 //! token. The forge not answering within [`FETCH_TIMEOUT`], or answering anything else, is a
 //! `503` to the webhook's sender, so that the forge shows the delivery as failed and it can be
 //! sent again. It carries `Retry-After` only where asking again may help (the forge did not
-//! answer, or answered `5xx` or `429`), not where the connection must change first: an
-//! `api_url` that is no URL or that the egress policy refuses, or a forge refusing the token
-//! (`401`, `403`, or `404` for the commit too). A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
+//! answer, or answered `5xx`, `429` or a rate limit's `403`), not where the connection must
+//! change first: an `api_url` that is no URL, or whose address the egress rules refuse, or a
+//! forge refusing the token (`401`, another `403`, or `404` for the commit too; just after a
+//! push a forge's replica may not show the commit yet, which this reads as lasting too). A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
 
 use std::time::Duration;
 
@@ -102,9 +103,24 @@ fn misconfigured(detail: String) -> ApiError {
 }
 
 /// Whether a forge's answer refuses the connection's token or does not know its repository,
-/// which asking again will not change.
-fn refuses_the_connection(status: u16) -> bool {
-    matches!(status, 401 | 403 | 404)
+/// which asking again will not change: `401`, `404`, and a `403` that is not a rate limit
+/// (GitHub answers its limits `403` too, with `x-ratelimit-remaining: 0` or `Retry-After`).
+fn refuses_the_connection(res: &reqwest::Response) -> bool {
+    match res.status().as_u16() {
+        401 | 404 => true,
+        403 => {
+            let headers = res.headers();
+            let limited = headers.get("x-ratelimit-remaining").is_some_and(|v| v.as_bytes() == b"0")
+                || taskmesh_egress::retry_after(headers).is_some();
+            !limited
+        }
+        _ => false,
+    }
+}
+
+/// A `503` for the forge's answer `res`: lasting where it refuses the connection.
+fn refused(res: &reqwest::Response, detail: String) -> ApiError {
+    if refuses_the_connection(res) { misconfigured(detail) } else { unavailable(detail) }
 }
 
 async fn read(
@@ -113,8 +129,11 @@ async fn read(
     src: &Source<'_>,
     shown: &str,
 ) -> ApiResult<Option<serde_json::Value>> {
+    // The egress rules refusing the forge's address (as its name resolves, or at a redirect)
+    // last until the connection or the rules change; anything else may pass.
     let failed = |e: reqwest::Error| {
-        unavailable(format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e)))
+        let detail = format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e));
+        if taskmesh_egress::is_denied(&e) { misconfigured(detail) } else { unavailable(detail) }
     };
     let get = |url: Result<url::Url, String>, accept: &'static str| {
         let url = url.map_err(|e| misconfigured(format!("the connection's api_url: {e}")));
@@ -134,22 +153,20 @@ async fn read(
         200 => {}
         // No such file, or no such repository for this token: the commit tells them apart.
         404 => {
-            return match get(commit_url(src), "application/json").await?.status().as_u16() {
+            let commit = get(commit_url(src), "application/json").await?;
+            return match commit.status().as_u16() {
                 200 => Ok(None),
-                code => {
-                    let detail = format!(
+                code => Err(refused(
+                    &commit,
+                    format!(
                         "reading the pipeline file {shown}: the forge answered 404, and {code} for the commit \
                          itself: the connection's token may not see the repository, or its api_url is not \
                          the forge's"
-                    );
-                    Err(if refuses_the_connection(code) { misconfigured(detail) } else { unavailable(detail) })
-                }
+                    ),
+                )),
             };
         }
-        code => {
-            let detail = format!("reading the pipeline file {shown}: the forge answered {code}");
-            return Err(if refuses_the_connection(code) { misconfigured(detail) } else { unavailable(detail) });
-        }
+        code => return Err(refused(&res, format!("reading the pipeline file {shown}: the forge answered {code}"))),
     }
     let mut body = Vec::new();
     while let Some(chunk) = res.chunk().await.map_err(failed)? {
@@ -182,6 +199,29 @@ mod tests {
 
     fn src(forge: Forge, repository: &'static str, path: &'static str) -> Source<'static> {
         Source { forge, api_url: "https://forge.example/base/", repository, path, commit: "abc123", token: "t" }
+    }
+
+    #[test]
+    fn a_forge_refusing_the_token_lasts_and_a_rate_limit_passes() {
+        let answer = |status: u16, headers: &[(&str, &str)]| {
+            let mut res = axum::http::Response::builder().status(status);
+            for (name, value) in headers {
+                res = res.header(*name, *value);
+            }
+            reqwest::Response::from(res.body("").unwrap())
+        };
+        for (status, headers, lasts) in [
+            (401, &[][..], true),
+            (404, &[], true),
+            (403, &[("x-ratelimit-remaining", "4999")][..], true),
+            (403, &[("x-ratelimit-remaining", "0")][..], false),
+            (403, &[("retry-after", "60")][..], false),
+            (429, &[], false),
+            (500, &[], false),
+            (502, &[], false),
+        ] {
+            assert_eq!(refuses_the_connection(&answer(status, headers)), lasts, "{status} {headers:?}");
+        }
     }
 
     #[test]
