@@ -720,6 +720,14 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
         let problem: serde_json::Value = res.json().await.unwrap();
         assert!(problem["detail"].as_str().unwrap().contains(says), "{path}: {problem}");
     }
+    // A forge that does not answer (nothing listens at the api_url) may later: a 503 to try
+    // again after a second.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let silent = serde_json::json!({"workflow": null, "pipeline_file": ".taskmesh.yml", "status_token": "gh-token",
+        "api_url": format!("http://127.0.0.1:{closed}")});
+    let res = push(connect(&tm, "github", "binkkatal/sample_app", silent).await, "f-3").await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
 
     // The list shows where each connection's workflow comes from.
     let list: serde_json::Value =
@@ -2283,6 +2291,36 @@ steps:
         ))
         .await;
     let run = tm.wait_run(id, Duration::from_secs(60)).await;
+    // A repository connection made before the rules were tightened: its pipeline file is not
+    // read from a denied address, a 503 that lasts until the connection or the rules change
+    // (no Retry-After).
+    taskmesh_ingest::Ingest::new(tm.bus.clone())
+        .create_repo_connection(taskmesh_events::command::CreateRepoConnection {
+            tenant: "default".into(),
+            forge: taskmesh_events::Forge::Github,
+            repository: "binkkatal/sample_app".into(),
+            secret: keyring.seal(&taskmesh_secrets::repo_secret_aad("default"), SECRET.as_bytes()),
+            branches: vec!["master".into()],
+            tags: vec![],
+            paths: vec![],
+            workflow: None,
+            pipeline_file: Some(".taskmesh.yml".into()),
+            status_token: Some(keyring.seal(&taskmesh_secrets::repo_status_token_aad("default"), b"gh-token")),
+            api_url: Some(format!("http://127.0.0.2:{denied_port}")),
+            submodule_repositories: vec![],
+            pull_requests: false,
+        })
+        .await
+        .unwrap();
+    tm.wait_projected().await;
+    let list: serde_json::Value =
+        tm.auth(tm.http.get(format!("{}/v1/repo-connections", tm.api))).send().await.unwrap().json().await.unwrap();
+    let hook = format!("{}{}", tm.git, list["items"][0]["webhook_path"].as_str().unwrap());
+    let res = github_push(&tm, &hook, PUSH, "e-1").send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().get("retry-after").is_none(), "{:?}", res.headers());
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("egress to 127.0.0.2 is denied"), "{problem}");
     assert_eq!(step(&run, "permitted")["status"], "succeeded", "{run:#}");
     for (name, addr) in
         [("loopback", "127.0.0.2"), ("mapped", "127.0.0.2"), ("metadata", "169.254.169.254"), ("llm", "127.0.0.2")]

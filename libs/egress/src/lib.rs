@@ -20,11 +20,12 @@
 //! through a proxy is resolved by the proxy: give it the same rules.
 //!
 //! Also here, for whatever reads an outbound response: [`retry_after`] (how long the far end
-//! asks to wait), [`error_chain`] and [`is_denied`] (whether a failure was the rules' refusal).
+//! asks to wait), [`says_rate_limited`], [`error_chain`] and [`is_denied`] (whether a failure
+//! was the rules' refusal).
 //!
 //! # Layout
 //! - this file: [`Egress`], [`Denied`] and [`DeniedHost`], the resolver, [`error_chain`] for
-//!   messages, [`is_denied`], and [`retry_after`] for a refusal's wait.
+//!   messages, [`is_denied`], and [`retry_after`] and [`says_rate_limited`] for a refusal.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -168,6 +169,13 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Du
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
 }
 
+/// Whether the start of a `403`'s body says it is a rate limit: GitHub's secondary rate
+/// limits may say so only in their message, without a header that does.
+pub fn says_rate_limited(body_start: &[u8]) -> bool {
+    let said = String::from_utf8_lossy(&body_start[..body_start.len().min(4096)]).to_ascii_lowercase();
+    said.contains("rate limit")
+}
+
 /// An error and its causes, one after another (reqwest's own message hides the causes, where
 /// a denial is).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -250,6 +258,14 @@ fn not_public(addr: IpAddr) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_403_says_it_is_a_rate_limit_in_its_message() {
+        assert!(says_rate_limited(br#"{"message": "You have exceeded a secondary rate limit."}"#));
+        assert!(says_rate_limited(b"API Rate Limit exceeded"));
+        assert!(!says_rate_limited(br#"{"message": "Resource not accessible by integration"}"#));
+        assert!(!says_rate_limited(b""));
+    }
 
     #[test]
     fn retry_after_reads_seconds_milliseconds_and_dates() {

@@ -12,11 +12,12 @@
 //! and the push starts nothing, only when the forge then shows the commit itself to the same
 //! token. The forge not answering within [`FETCH_TIMEOUT`], or answering anything else, is a
 //! `503` to the webhook's sender, so that the forge shows the delivery as failed and it can be
-//! sent again. It carries `Retry-After` only where asking again may help (the forge did not
-//! answer, or answered `5xx`, `429` or a rate limit's `403`), not where the connection must
-//! change first: an `api_url` that is no URL, or whose address the egress rules refuse, or a
-//! forge refusing the token (`401`, another `403`, or `404` for the commit too; just after a
-//! push a forge's replica may not show the commit yet, which this reads as lasting too). A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
+//! sent again. It carries no `Retry-After` where the connection must change first: an
+//! `api_url` that is no URL, or whose address the egress rules refuse, or a forge refusing the
+//! token (`401`, a `403` that is not a rate limit, or `404` for the commit too; just after a
+//! push a forge's replica may not show the commit yet, which this reads as lasting too). Every
+//! other `503` (no answer, `429`, `5xx`, a rate limit's `403`, any other status) carries
+//! `Retry-After: 1`. A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
 
 use std::time::Duration;
 
@@ -103,24 +104,24 @@ fn misconfigured(detail: String) -> ApiError {
 }
 
 /// Whether a forge's answer refuses the connection's token or does not know its repository,
-/// which asking again will not change: `401`, `404`, and a `403` that is not a rate limit
-/// (GitHub answers its limits `403` too, with `x-ratelimit-remaining: 0` or `Retry-After`).
-fn refuses_the_connection(res: &reqwest::Response) -> bool {
+/// which asking again will not change: `401`, `404`, and a `403` that is not a rate limit.
+/// GitHub answers its rate limits `403` too: with `x-ratelimit-remaining: 0` or `Retry-After`,
+/// or, for a secondary limit, saying so only in its message (the body's start is read for it).
+async fn refuses_the_connection(res: &mut reqwest::Response) -> bool {
     match res.status().as_u16() {
         401 | 404 => true,
         403 => {
             let headers = res.headers();
-            let limited = headers.get("x-ratelimit-remaining").is_some_and(|v| v.as_bytes() == b"0")
-                || taskmesh_egress::retry_after(headers).is_some();
-            !limited
+            if headers.get("x-ratelimit-remaining").is_some_and(|v| v.as_bytes() == b"0")
+                || taskmesh_egress::retry_after(headers).is_some()
+            {
+                return false;
+            }
+            let start = res.chunk().await.ok().flatten().unwrap_or_default();
+            !taskmesh_egress::says_rate_limited(&start)
         }
         _ => false,
     }
-}
-
-/// A `503` for the forge's answer `res`: lasting where it refuses the connection.
-fn refused(res: &reqwest::Response, detail: String) -> ApiError {
-    if refuses_the_connection(res) { misconfigured(detail) } else { unavailable(detail) }
 }
 
 async fn read(
@@ -153,20 +154,29 @@ async fn read(
         200 => {}
         // No such file, or no such repository for this token: the commit tells them apart.
         404 => {
-            let commit = get(commit_url(src), "application/json").await?;
-            return match commit.status().as_u16() {
-                200 => Ok(None),
-                code => Err(refused(
-                    &commit,
-                    format!(
-                        "reading the pipeline file {shown}: the forge answered 404, and {code} for the commit \
-                         itself: the connection's token may not see the repository, or its api_url is not \
-                         the forge's"
-                    ),
-                )),
-            };
+            let mut commit = get(commit_url(src), "application/json").await?;
+            let code = commit.status().as_u16();
+            if code == 200 {
+                return Ok(None);
+            }
+            let detail =
+                format!("reading the pipeline file {shown}: the forge answered 404, and {code} for the commit itself");
+            return Err(if refuses_the_connection(&mut commit).await {
+                misconfigured(format!(
+                    "{detail}: the connection's token may not see the repository, or its api_url is not the forge's"
+                ))
+            } else {
+                unavailable(detail)
+            });
         }
-        code => return Err(refused(&res, format!("reading the pipeline file {shown}: the forge answered {code}"))),
+        code => {
+            let detail = format!("reading the pipeline file {shown}: the forge answered {code}");
+            return Err(if refuses_the_connection(&mut res).await {
+                misconfigured(detail)
+            } else {
+                unavailable(detail)
+            });
+        }
     }
     let mut body = Vec::new();
     while let Some(chunk) = res.chunk().await.map_err(failed)? {
@@ -201,26 +211,30 @@ mod tests {
         Source { forge, api_url: "https://forge.example/base/", repository, path, commit: "abc123", token: "t" }
     }
 
-    #[test]
-    fn a_forge_refusing_the_token_lasts_and_a_rate_limit_passes() {
-        let answer = |status: u16, headers: &[(&str, &str)]| {
+    #[tokio::test]
+    async fn a_forge_refusing_the_token_lasts_and_a_rate_limit_passes() {
+        let answer = |status: u16, headers: &[(&str, &str)], body: &'static str| {
             let mut res = axum::http::Response::builder().status(status);
             for (name, value) in headers {
                 res = res.header(*name, *value);
             }
-            reqwest::Response::from(res.body("").unwrap())
+            reqwest::Response::from(res.body(body).unwrap())
         };
-        for (status, headers, lasts) in [
-            (401, &[][..], true),
-            (404, &[], true),
-            (403, &[("x-ratelimit-remaining", "4999")][..], true),
-            (403, &[("x-ratelimit-remaining", "0")][..], false),
-            (403, &[("retry-after", "60")][..], false),
-            (429, &[], false),
-            (500, &[], false),
-            (502, &[], false),
+        let denied = r#"{"message": "Resource not accessible by personal access token"}"#;
+        let secondary = r#"{"message": "You have exceeded a secondary rate limit. Please wait a few minutes."}"#;
+        for (status, headers, body, lasts) in [
+            (401, &[][..], "", true),
+            (404, &[], "", true),
+            (403, &[("x-ratelimit-remaining", "4999")][..], denied, true),
+            (403, &[("x-ratelimit-remaining", "0")][..], "", false),
+            (403, &[("retry-after", "60")][..], "", false),
+            (403, &[], secondary, false),
+            (429, &[], "", false),
+            (500, &[], "", false),
+            (502, &[], "", false),
         ] {
-            assert_eq!(refuses_the_connection(&answer(status, headers)), lasts, "{status} {headers:?}");
+            let mut res = answer(status, headers, body);
+            assert_eq!(refuses_the_connection(&mut res).await, lasts, "{status} {headers:?} {body}");
         }
     }
 

@@ -737,8 +737,7 @@ impl Notifier {
         if status.as_u16() == 403 {
             // GitHub's secondary rate limit may say so only in its message: a minute's rest.
             let start = res.chunk().await.ok().flatten().unwrap_or_default();
-            let said = String::from_utf8_lossy(&start[..start.len().min(4096)]).to_ascii_lowercase();
-            if said.contains("rate limit") {
+            if taskmesh_egress::says_rate_limited(&start) {
                 return Err(Outcome::Later(
                     format!("POST {url} answered {status}: rate limited"),
                     Duration::from_secs(60),
