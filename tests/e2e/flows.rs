@@ -149,6 +149,48 @@ async fn one_trace_and_one_correlation_follow_a_run_across_the_bus() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_the_read_side_does_not_reach_in_time_is_a_503_to_retry_and_one_beyond_the_log_a_400() {
+    let tm = spawn_mesh().await;
+    tm.wait_projected().await;
+    // Hold the projector back: each of its batches first locks the checkpoint's row.
+    let mut hold = tm.pool.begin().await.unwrap();
+    sqlx::query("SELECT last_seq FROM projection_checkpoints WHERE projection = 'projector' FOR UPDATE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let res = tm
+        .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
+        .json(&serde_json::json!({"workflow": {"name": "held", "steps": [{"id": "a", "uses": "noop"}]}}))
+        .send()
+        .await
+        .unwrap();
+    let accepted: serde_json::Value = res.json().await.unwrap();
+    let (id, seq) = (accepted["id"].as_str().unwrap().to_string(), accepted["seq"].as_u64().unwrap());
+    let read = |min_seq: u64| {
+        tm.auth(tm.http.get(format!("{}/v1/runs/{id}", tm.api))).header("taskmesh-min-seq", min_seq.to_string()).send()
+    };
+    // In the log, but the read side does not get there: held for the wait, then a 503 saying
+    // when to ask again.
+    let started = std::time::Instant::now();
+    let behind = read(seq).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(behind.status(), 503);
+    assert_eq!(behind.headers()["retry-after"], "1");
+    assert!(waited >= Duration::from_millis(4_900) && waited < Duration::from_secs(8), "{waited:?}");
+    assert!(behind.text().await.unwrap().contains(&format!("not yet {seq}")));
+    // Beyond the log: a 400 well before the wait is over, the read side behind as it is.
+    let started = std::time::Instant::now();
+    let beyond = read(seq + 1_000_000).await.unwrap();
+    assert_eq!(beyond.status(), 400);
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    // Let go, the read side catches up and the same read is answered.
+    hold.rollback().await.unwrap();
+    let answered = read(seq).await.unwrap();
+    assert_eq!(answered.status(), 200);
+    tm.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_reads_its_own_write_and_etags_spare_unchanged_reads() {
     let tm = spawn_mesh().await;
     let res = tm

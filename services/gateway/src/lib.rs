@@ -540,80 +540,102 @@ async fn read_your_writes(
             return ApiError::new(ErrorCode::BadRequest, "Taskmesh-Min-Seq must be a sequence number").into_response();
         }
         Some(Some(seq)) => {
-            let start = tokio::time::Instant::now();
-            let deadline = start + READ_WAIT;
-            // Woken by the projector's commits (LISTEN/NOTIFY). The table is read every
-            // READ_RECHECK (on a clock of its own, which the commits heard meanwhile do not put
-            // off) in case announcements stop coming through, and at once only while none can be
-            // heard (the checkpoint heard reads 0 while the listener is down): a read the
-            // projector catches up with soon, as most are, costs no query.
-            let mut projected = state.projected.clone();
-            let mut recheck = tokio::time::interval_at(start + READ_RECHECK, READ_RECHECK);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Whether the table was read, whether the log was seen to hold `seq`, and when the
-            // log may be asked next.
-            let (mut looked, mut in_log, mut next_ask) = (false, false, start);
-            loop {
-                let heard = *projected.borrow_and_update();
-                if heard >= seq {
-                    break;
-                }
-                let checked = if (heard == 0 && !looked) || tokio::time::Instant::now() >= deadline {
-                    taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some)
-                } else {
-                    tokio::select! {
-                        // (Should the announcer be gone, only the rechecks are left.)
-                        Ok(()) = projected.changed() => Ok(None),
-                        _ = recheck.tick() => taskmesh_store::read_checkpoint(&state.pool, "projector").await.map(Some),
-                        _ = tokio::time::sleep_until(deadline) => Ok(None),
-                    }
-                };
-                match checked {
-                    Ok(None) => {}
-                    Ok(Some(applied)) if applied >= seq => break,
-                    Ok(Some(applied)) => {
-                        looked = true;
-                        // A sequence the log has not reached yet is never going to be read: say
-                        // so. The stream is asked from when the table is first found behind,
-                        // until it answers: at most once a second, within the read's wait, and
-                        // not for a sequence the log was seen to hold already.
-                        let now = tokio::time::Instant::now();
-                        in_log = in_log || seq <= state.log_reached.load(std::sync::atomic::Ordering::Relaxed);
-                        if !in_log && now >= next_ask && now < deadline {
-                            next_ask = now + LOG_ASK_GAP;
-                            match tokio::time::timeout(deadline - now, last_written(&state)).await {
-                                Ok(Some(last)) if seq > last => {
-                                    return ApiError::new(
-                                        ErrorCode::BadRequest,
-                                        format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence"),
-                                    )
-                                    .into_response();
-                                }
-                                Ok(Some(last)) => {
-                                    state.log_reached.fetch_max(last, std::sync::atomic::Ordering::Relaxed);
-                                    in_log = true;
-                                }
-                                Ok(None) | Err(_) => {}
-                            }
-                        }
-                        if tokio::time::Instant::now() >= deadline {
-                            return ApiError::new(
-                                ErrorCode::Unavailable,
-                                format!("the read side is at sequence {applied}, not yet {seq}; retry"),
-                            )
-                            .into_response();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the projection checkpoint");
-                        return ApiError::new(ErrorCode::Unavailable, "the read side is unavailable; retry")
-                            .into_response();
-                    }
-                }
+            if let Err(refused) = wait_until_projected(&state, seq).await {
+                return refused.into_response();
             }
         }
     }
     next.run(req).await
+}
+
+/// What woke a read waiting for the read side.
+enum Woke {
+    /// An announcement, or the wait's end.
+    Nothing,
+    /// The checkpoint table, read.
+    Table(taskmesh_store::Result<u64>),
+    /// The log's last sequence, if the stream answered.
+    Log(Option<u64>),
+}
+
+/// Waits until the read side has applied `seq` ([`MIN_SEQ_HEADER`]): `400` for a sequence
+/// beyond the log, `503` if the read side is not there within [`READ_WAIT`].
+///
+/// Woken by the projector's commits (LISTEN/NOTIFY). The table is read every [`READ_RECHECK`]
+/// (on a clock of its own, which the commits heard meanwhile do not put off) in case
+/// announcements stop coming through, and at once only while none can be heard (the
+/// checkpoint heard reads 0 while the listener is down): a read the projector catches up with
+/// soon, as most are, costs no query. Once the table is found behind, the log is asked for its
+/// last sequence, beside the wait, until it answers: at most once every [`LOG_ASK_GAP`], and
+/// not for a sequence at or below the highest the log was seen at.
+async fn wait_until_projected(state: &AppState, seq: u64) -> Result<(), ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let start = tokio::time::Instant::now();
+    let deadline = start + READ_WAIT;
+    let mut projected = state.projected.clone();
+    let mut recheck = tokio::time::interval_at(start + READ_RECHECK, READ_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether the table was read, whether the log was seen to hold `seq`, when the log may be
+    // asked next, and the question under way.
+    let (mut looked, mut in_log, mut next_ask) = (false, false, start);
+    let mut asking: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>>> = None;
+    loop {
+        let heard = *projected.borrow_and_update();
+        if heard >= seq {
+            return Ok(());
+        }
+        let woke = if (heard == 0 && !looked) || tokio::time::Instant::now() >= deadline {
+            Woke::Table(taskmesh_store::read_checkpoint(&state.pool, "projector").await)
+        } else {
+            tokio::select! {
+                // (Should the announcer be gone, only the rechecks are left.)
+                Ok(()) = projected.changed() => Woke::Nothing,
+                _ = recheck.tick() => Woke::Table(taskmesh_store::read_checkpoint(&state.pool, "projector").await),
+                last = async { asking.as_mut().expect("asking").await }, if asking.is_some() => Woke::Log(last),
+                _ = tokio::time::sleep_until(deadline) => Woke::Nothing,
+            }
+        };
+        match woke {
+            Woke::Nothing => {}
+            Woke::Log(last) => {
+                asking = None;
+                match last {
+                    // A sequence the log has not reached yet is never going to be read.
+                    Some(last) if seq > last => {
+                        return Err(ApiError::new(
+                            ErrorCode::BadRequest,
+                            format!("Taskmesh-Min-Seq {seq} is beyond the log's last sequence"),
+                        ));
+                    }
+                    Some(last) => {
+                        state.log_reached.fetch_max(last, Relaxed);
+                        in_log = true;
+                    }
+                    None => {}
+                }
+            }
+            Woke::Table(Ok(applied)) if applied >= seq => return Ok(()),
+            Woke::Table(Ok(applied)) => {
+                looked = true;
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("the read side is at sequence {applied}, not yet {seq}; retry"),
+                    ));
+                }
+                in_log = in_log || seq <= state.log_reached.load(Relaxed);
+                if !in_log && asking.is_none() && now >= next_ask {
+                    next_ask = now + LOG_ASK_GAP;
+                    asking = Some(Box::pin(last_written(state)));
+                }
+            }
+            Woke::Table(Err(e)) => {
+                tracing::warn!(error = %e, "reading the projection checkpoint");
+                return Err(ApiError::new(ErrorCode::Unavailable, "the read side is unavailable; retry"));
+            }
+        }
+    }
 }
 
 /// The event log's last sequence, if the stream answers.
