@@ -152,7 +152,7 @@ async fn one_trace_and_one_correlation_follow_a_run_across_the_bus() {
 async fn a_read_the_read_side_does_not_reach_in_time_is_a_503_to_retry_and_one_beyond_the_log_a_400() {
     let tm = spawn_mesh().await;
     tm.wait_projected().await;
-    // Hold the projector back: each of its batches first locks the checkpoint's row.
+    // Hold the projector back: each of its batches' checkpoint update waits on the row's lock.
     let mut hold = tm.pool.begin().await.unwrap();
     sqlx::query("SELECT last_seq FROM projection_checkpoints WHERE projection = 'projector' FOR UPDATE")
         .execute(&mut *hold)

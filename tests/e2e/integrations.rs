@@ -720,14 +720,23 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
         let problem: serde_json::Value = res.json().await.unwrap();
         assert!(problem["detail"].as_str().unwrap().contains(says), "{path}: {problem}");
     }
-    // A forge that does not answer (nothing listens at the api_url) may later: a 503 to try
-    // again after a second.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    // A forge that does not answer (it drops every connection at once) may later: a 503 to
+    // try again after a second.
+    let dropping = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dropped = dropping.local_addr().unwrap().port();
+    let dropper = tokio::spawn(async move {
+        while let Ok((conn, _)) = dropping.accept().await {
+            drop(conn);
+        }
+    });
     let silent = serde_json::json!({"workflow": null, "pipeline_file": ".taskmesh.yml", "status_token": "gh-token",
-        "api_url": format!("http://127.0.0.1:{closed}")});
+        "api_url": format!("http://127.0.0.1:{dropped}")});
     let res = push(connect(&tm, "github", "binkkatal/sample_app", silent).await, "f-3").await.unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(res.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("reading the pipeline file .taskmesh.yml"), "{problem}");
+    dropper.abort();
 
     // The list shows where each connection's workflow comes from.
     let list: serde_json::Value =

@@ -20,12 +20,13 @@
 //! through a proxy is resolved by the proxy: give it the same rules.
 //!
 //! Also here, for whatever reads an outbound response: [`retry_after`] (how long the far end
-//! asks to wait), [`says_rate_limited`], [`error_chain`] and [`is_denied`] (whether a failure
-//! was the rules' refusal).
+//! asks to wait), [`body_start`] and [`says_rate_limited`], [`error_chain`] and [`is_denied`]
+//! (whether a failure was the rules' refusal).
 //!
 //! # Layout
 //! - this file: [`Egress`], [`Denied`] and [`DeniedHost`], the resolver, [`error_chain`] for
-//!   messages, [`is_denied`], and [`retry_after`] and [`says_rate_limited`] for a refusal.
+//!   messages, [`is_denied`], and [`retry_after`], [`body_start`] and [`says_rate_limited`] for
+//!   a refusal.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -167,6 +168,19 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Du
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+/// The start of a response's body: at most `limit` bytes, read chunk by chunk until then or
+/// its end (a failure to read ends it too).
+pub async fn body_start(res: &mut reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut start = Vec::new();
+    while start.len() < limit {
+        match res.chunk().await {
+            Ok(Some(chunk)) => start.extend_from_slice(&chunk[..chunk.len().min(limit - start.len())]),
+            _ => break,
+        }
+    }
+    start
 }
 
 /// Whether the start of a `403`'s body says it is a rate limit: GitHub's secondary rate

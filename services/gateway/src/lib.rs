@@ -552,8 +552,8 @@ async fn read_your_writes(
 enum Woke {
     /// An announcement, or the wait's end.
     Nothing,
-    /// The checkpoint table, read.
-    Table(taskmesh_store::Result<u64>),
+    /// The checkpoint table, read (or why not).
+    Table(Result<u64, String>),
     /// The log's last sequence, if the stream answered.
     Log(Option<u64>),
 }
@@ -579,18 +579,27 @@ async fn wait_until_projected(state: &AppState, seq: u64) -> Result<(), ApiError
     // asked next, and the question under way.
     let (mut looked, mut in_log, mut next_ask) = (false, false, start);
     let mut asking: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>>> = None;
+    // The table, read within what is left of the wait and a recheck more: Postgres slower than
+    // that gets the read a 503, as a table that cannot be read does.
+    let read_table = || async {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()) + READ_RECHECK;
+        match tokio::time::timeout(left, taskmesh_store::read_checkpoint(&state.pool, "projector")).await {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(_) => Err("postgres did not answer in time".to_string()),
+        }
+    };
     loop {
         let heard = *projected.borrow_and_update();
         if heard >= seq {
             return Ok(());
         }
         let woke = if (heard == 0 && !looked) || tokio::time::Instant::now() >= deadline {
-            Woke::Table(taskmesh_store::read_checkpoint(&state.pool, "projector").await)
+            Woke::Table(read_table().await)
         } else {
             tokio::select! {
                 // (Should the announcer be gone, only the rechecks are left.)
                 Ok(()) = projected.changed() => Woke::Nothing,
-                _ = recheck.tick() => Woke::Table(taskmesh_store::read_checkpoint(&state.pool, "projector").await),
+                _ = recheck.tick() => Woke::Table(read_table().await),
                 last = async { asking.as_mut().expect("asking").await }, if asking.is_some() => Woke::Log(last),
                 _ = tokio::time::sleep_until(deadline) => Woke::Nothing,
             }

@@ -117,7 +117,7 @@ async fn refuses_the_connection(res: &mut reqwest::Response) -> bool {
             {
                 return false;
             }
-            let start = res.chunk().await.ok().flatten().unwrap_or_default();
+            let start = taskmesh_egress::body_start(res, 4096).await;
             !taskmesh_egress::says_rate_limited(&start)
         }
         _ => false,

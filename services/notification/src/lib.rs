@@ -729,14 +729,14 @@ impl Notifier {
             return Err(Outcome::Later(format!("POST {url} answered {status}"), wait));
         }
         if status.as_u16() == 400 && s.forge == Forge::Gitlab {
-            let start = res.chunk().await.ok().flatten().unwrap_or_default();
-            if gitlab_already_shows(state, &start[..start.len().min(4096)]) {
+            let start = taskmesh_egress::body_start(&mut res, 4096).await;
+            if gitlab_already_shows(state, &start) {
                 return Ok(failing);
             }
         }
         if status.as_u16() == 403 {
             // GitHub's secondary rate limit may say so only in its message: a minute's rest.
-            let start = res.chunk().await.ok().flatten().unwrap_or_default();
+            let start = taskmesh_egress::body_start(&mut res, 4096).await;
             if taskmesh_egress::says_rate_limited(&start) {
                 return Err(Outcome::Later(
                     format!("POST {url} answered {status}: rate limited"),
