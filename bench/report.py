@@ -103,6 +103,10 @@ api_rps, api50, api99 = med(get(api, "requests_per_second")), med(get(api, "late
 api_open = by.get("api_open", [])
 open_rate = api_open[0]["rate"] if api_open else float("nan")
 open_rps, open50, open99 = med(get(api_open, "requests_per_second")), med(get(api_open, "latency", "p50_ms")), med(get(api_open, "latency", "p99_ms"))
+# The GET workloads' refused reads, not timed (none in results made before they were counted).
+counted = [r for r in api + api_open if "refused" in r]
+refused_reads = (f" `GET /v1/runs/{{id}}` reads refused (`429`, `503`; not timed): {sum(r['refused'] for r in counted)}."
+                 if counted else "")
 lag50, lag99 = med(get(t, "projection_lag", "p50_ms")), med(get(t, "projection_lag", "p99_ms"))
 # The batched workload is the full throughput: its lag counts for the target too (results made
 # before it recorded one have none).
@@ -205,7 +209,8 @@ lines = [
     f"| memory: `taskmesh up` RSS | idle / peak MB | {idle_kb/1024:.0f} / {peak_kb/1024:.0f} | | |",
     "",
     "Ratios above 1 favour Taskmesh for rates, below 1 for latencies (Taskmesh's time ÷ the peer's).",
-    "Failed runs across all repetitions: " + str(sum(r.get('failed', 0) for r in t + tb + d + db + ct + cd + at + ad)) + ".", "",
+    "Failed runs across all repetitions: " + str(sum(r.get('failed', 0) for r in t + tb + d + db + ct + cd + at + ad)) + "."
+    + refused_reads, "",
     "### Open-loop arrivals (one-step runs at a fixed rate)", "",
     "Runs are submitted on a fixed schedule whatever the mesh does, for a few seconds per rate;",
     "latency is from the submission to the step's start and to the run's end (the events' own",

@@ -134,16 +134,15 @@ impl Api {
             .collect()
     }
 
-    /// A run's status, "unknown" while the read side does not hold it. Any other answer than
-    /// `200` or `404` is an error, so that the API workloads count only reads answered.
-    async fn status(&self, id: &str) -> anyhow::Result<String> {
-        match self.read_status(id).await? {
-            Ok(status) => Ok(status),
-            Err(_) => bail!("GET /v1/runs/{id} was refused (429 or 503)"),
-        }
+    /// One read of a run for the API workloads: whether it was answered (`false`: refused, a
+    /// `429` or `503`, counted apart so that only reads answered are timed); another failure
+    /// is an error.
+    async fn timed_read(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self.read_status(id).await?.is_ok())
     }
 
-    /// [`Api::status`], or how long a refusal (`429`, `503`) asks the client to wait.
+    /// A run's status ("unknown" while the read side does not hold it), or how long a refusal
+    /// (`429`, `503`) asks the client to wait.
     async fn read_status(&self, id: &str) -> anyhow::Result<Result<String, Duration>> {
         let res = self.http.get(format!("{}/v1/runs/{id}", self.url)).bearer_auth(&self.key).send().await?;
         match res.status().as_u16() {
@@ -274,6 +273,12 @@ impl Api {
 fn retry_after(res: &reqwest::Response) -> Duration {
     let asked = taskmesh_egress::retry_after(res.headers()).unwrap_or(Duration::from_secs(1));
     asked.clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// The API workloads' answered reads' times, and how many were refused.
+fn answered(answers: Vec<Option<f64>>) -> (Vec<f64>, usize) {
+    let refused = answers.iter().filter(|a| a.is_none()).count();
+    (answers.into_iter().flatten().collect(), refused)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -679,12 +684,12 @@ async fn main() -> anyhow::Result<()> {
             let (id, _) = api.submit(&noop()).await?;
             api.wait(&id).await?;
             let start = Instant::now();
-            let ms: Vec<f64> = futures::stream::iter(0..args.n)
+            let answers: Vec<Option<f64>> = futures::stream::iter(0..args.n)
                 .map(|_| {
                     let (api, id) = (api.clone(), id.clone());
                     async move {
                         let t = Instant::now();
-                        api.status(&id).await.map(|_| t.elapsed().as_secs_f64() * 1000.0)
+                        api.timed_read(&id).await.map(|read| read.then(|| t.elapsed().as_secs_f64() * 1000.0))
                     }
                 })
                 .buffer_unordered(args.concurrency)
@@ -692,8 +697,9 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .into_iter()
                 .collect::<anyhow::Result<_>>()?;
-            let rps = args.n as f64 / start.elapsed().as_secs_f64();
-            json!({"workload": "api", "requests": args.n, "concurrency": args.concurrency, "requests_per_second": rps, "latency": latency_summary(ms)})
+            let (ms, refused) = answered(answers);
+            let rps = ms.len() as f64 / start.elapsed().as_secs_f64();
+            json!({"workload": "api", "requests": args.n, "refused": refused, "concurrency": args.concurrency, "requests_per_second": rps, "latency": latency_summary(ms)})
         }
         Workload::ApiOpen => {
             let (id, _) = api.submit(&noop()).await?;
@@ -706,16 +712,17 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep_until(due).await;
                 let (api, id) = (api.clone(), id.clone());
                 // From the scheduled time, not the send: a late send is the server's queue too.
-                tasks.push(tokio::spawn(
-                    async move { api.status(&id).await.map(|_| due.elapsed().as_secs_f64() * 1000.0) },
-                ));
+                tasks.push(tokio::spawn(async move {
+                    api.timed_read(&id).await.map(|read| read.then(|| due.elapsed().as_secs_f64() * 1000.0))
+                }));
             }
-            let mut ms = Vec::with_capacity(args.n);
+            let mut answers = Vec::with_capacity(args.n);
             for t in tasks {
-                ms.push(t.await??);
+                answers.push(t.await??);
             }
-            let rps = args.n as f64 / start.elapsed().as_secs_f64();
-            json!({"workload": "api_open", "rate": args.rate, "requests": args.n, "requests_per_second": rps, "latency": latency_summary(ms)})
+            let (ms, refused) = answered(answers);
+            let rps = ms.len() as f64 / start.elapsed().as_secs_f64();
+            json!({"workload": "api_open", "rate": args.rate, "requests": args.n, "refused": refused, "requests_per_second": rps, "latency": latency_summary(ms)})
         }
         Workload::Openloop => openloop(api, args.rate, args.n, !args.no_wait).await?,
         Workload::Limits => limits(&args.nats, &args.postgres, args.n).await?,
