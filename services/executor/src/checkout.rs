@@ -517,7 +517,7 @@ async fn pin(url: &url::Url, egress: &taskmesh_egress::Egress) -> Result<Option<
         .collect();
     match (permitted.is_empty(), denied) {
         (false, _) => Ok(Some(format!("{host}:{port}:{}", permitted.join(",")))),
-        (true, Some(e)) => Err(e.to_string()),
+        (true, Some(denied)) => Err(taskmesh_egress::DeniedHost { host, denied }.to_string()),
         (true, None) => Err(format!("{host} resolves to no address")),
     }
 }
@@ -887,5 +887,10 @@ mod tests {
         let local = url::Url::parse("http://localhost:8080/o/r.git").unwrap();
         let pinned = pin(&local, &egress).await.unwrap().unwrap();
         assert!(pinned.starts_with("localhost:8080:"), "{pinned}");
+        // A name whose every address is denied: the refusal names it.
+        let strict =
+            taskmesh_egress::Egress::new(&taskmesh_config::EgressSettings { deny_private: true, ..Default::default() });
+        let refused = pin(&local, &strict).await.unwrap_err();
+        assert!(refused.starts_with("localhost: egress to "), "{refused}");
     }
 }
