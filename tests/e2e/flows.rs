@@ -158,12 +158,8 @@ async fn a_read_the_read_side_does_not_reach_in_time_is_a_503_to_retry_and_one_b
         .execute(&mut *hold)
         .await
         .unwrap();
-    let res = tm
-        .auth(tm.http.post(format!("{}/v1/runs", tm.api)))
-        .json(&serde_json::json!({"workflow": {"name": "held", "steps": [{"id": "a", "uses": "noop"}]}}))
-        .send()
-        .await
-        .unwrap();
+    let workflow = serde_json::json!({"workflow": {"name": "held", "steps": [{"id": "a", "uses": "noop"}]}});
+    let res = tm.send_json(reqwest::Method::POST, "/v1/runs", &workflow).await;
     let accepted: serde_json::Value = res.json().await.unwrap();
     let (id, seq) = (accepted["id"].as_str().unwrap().to_string(), accepted["seq"].as_u64().unwrap());
     let read = |min_seq: u64| {

@@ -575,9 +575,9 @@ async fn wait_until_projected(state: &AppState, seq: u64) -> Result<(), ApiError
     let mut projected = state.projected.clone();
     let mut recheck = tokio::time::interval_at(start + READ_RECHECK, READ_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Whether the table was read, whether the log was seen to hold `seq`, when the log may be
-    // asked next, and the question under way.
-    let (mut looked, mut in_log, mut next_ask) = (false, false, start);
+    // Whether the table was read, when the log may be asked next, and the question under way
+    // (once the log is seen to hold `seq`, `log_reached` says so).
+    let (mut looked, mut next_ask) = (false, start);
     let mut asking: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>>> = None;
     // The table, read within what is left of the wait and a recheck more: Postgres slower than
     // that gets the read a 503, as a table that cannot be read does.
@@ -618,7 +618,6 @@ async fn wait_until_projected(state: &AppState, seq: u64) -> Result<(), ApiError
                     }
                     Some(last) => {
                         state.log_reached.fetch_max(last, Relaxed);
-                        in_log = true;
                     }
                     None => {}
                 }
@@ -633,7 +632,7 @@ async fn wait_until_projected(state: &AppState, seq: u64) -> Result<(), ApiError
                         format!("the read side is at sequence {applied}, not yet {seq}; retry"),
                     ));
                 }
-                in_log = in_log || seq <= state.log_reached.load(Relaxed);
+                let in_log = seq <= state.log_reached.load(Relaxed);
                 if !in_log && asking.is_none() && now >= next_ask {
                     next_ask = now + LOG_ASK_GAP;
                     asking = Some(Box::pin(last_written(state)));

@@ -103,6 +103,11 @@ fn misconfigured(detail: String) -> ApiError {
     unavailable(detail).lasting()
 }
 
+/// A `503`: [`misconfigured`] where it `lasts`, else one to try again.
+fn refused(lasts: bool, detail: String) -> ApiError {
+    if lasts { misconfigured(detail) } else { unavailable(detail) }
+}
+
 /// Whether a forge's answer refuses the connection's token or does not know its repository,
 /// which asking again will not change: `401`, `404`, and a `403` that is not a rate limit.
 /// GitHub answers its rate limits `403` too: with `x-ratelimit-remaining: 0` or `Retry-After`,
@@ -134,7 +139,7 @@ async fn read(
     // last until the connection or the rules change; anything else may pass.
     let failed = |e: reqwest::Error| {
         let detail = format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e));
-        if taskmesh_egress::is_denied(&e) { misconfigured(detail) } else { unavailable(detail) }
+        refused(taskmesh_egress::is_denied(&e), detail)
     };
     let get = |url: Result<url::Url, String>, accept: &'static str| {
         let url = url.map_err(|e| misconfigured(format!("the connection's api_url: {e}")));
@@ -171,11 +176,7 @@ async fn read(
         }
         code => {
             let detail = format!("reading the pipeline file {shown}: the forge answered {code}");
-            return Err(if refuses_the_connection(&mut res).await {
-                misconfigured(detail)
-            } else {
-                unavailable(detail)
-            });
+            return Err(refused(refuses_the_connection(&mut res).await, detail));
         }
     }
     let mut body = Vec::new();
