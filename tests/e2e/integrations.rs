@@ -653,6 +653,7 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
         (github_file("no-steps.yml"), 200, "name: empty\nsteps: 3\n"),
         (github_file("denied.yml"), 401, "{\"message\": \"Bad credentials\"}"),
         (github_file("busy.yml"), 502, "{}"),
+        (github_file("limited.yml"), 403, "{\"message\": \"You have exceeded a secondary rate limit.\"}"),
         // Gitea shows the commit, so a 404 for its file means there is none. GitHub does not
         // show its commit here, as to a token that cannot see the repository.
         ("/api/v1/repos/example/example/git/commits/67b56589a45103f891bdee7c0546e5d40bc02001?stat=false&verification=false&files=false".into(), 200, "{}"),
@@ -705,13 +706,15 @@ async fn a_pipeline_file_in_the_repository_is_the_workflow_its_pushes_run() {
     // A file that is no workflow is refused, saying why (the forge shows it on the delivery);
     // a forge refusing the token is a 503, so the delivery can be sent again once it is fixed,
     // with no Retry-After (asking again changes nothing until then); a forge failing is a 503
-    // to try again after a second.
+    // to try again after a second, and a forge's rate limit one to try again when it says
+    // (GitHub's secondary limit, said only in its message: a minute).
     for (path, status, says, retry_after) in [
         ("malformed.yml", 422, "not YAML", None),
         ("no-steps.yml", 422, "the pipeline file no-steps.yml at fd48", None),
         ("denied.yml", 503, "answered 401", None),
         ("absent.yml", 503, "404, and 404 for the commit itself", None),
         ("busy.yml", 503, "answered 502", Some("1")),
+        ("limited.yml", 503, "answered 403", Some("60")),
     ] {
         let res = push(github(path).await, "f-2").await.unwrap();
         assert_eq!(res.status(), status, "{path}");

@@ -20,13 +20,14 @@
 //! through a proxy is resolved by the proxy: give it the same rules.
 //!
 //! Also here, for whatever reads an outbound response: [`retry_after`] (how long the far end
-//! asks to wait), [`body_start`] and [`says_rate_limited`], [`error_chain`] and [`is_denied`]
+//! asks to wait), [`rate_limit_wait`] and [`rate_limited`] (how long a rate limit asks to be
+//! left alone), [`body_start`] and [`says_rate_limited`], [`error_chain`] and [`is_denied`]
 //! (whether a failure was the rules' refusal).
 //!
 //! # Layout
 //! - this file: [`Egress`], [`Denied`] and [`DeniedHost`], the resolver, [`error_chain`] for
-//!   messages, [`is_denied`], and [`retry_after`], [`body_start`] and [`says_rate_limited`] for
-//!   a refusal.
+//!   messages, [`is_denied`], and [`retry_after`], [`rate_limit_wait`], [`rate_limited`],
+//!   [`body_start`] and [`says_rate_limited`] for a refusal.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -190,6 +191,52 @@ pub fn says_rate_limited(body_start: &[u8]) -> bool {
     said.contains("rate limit")
 }
 
+/// The longest wait a rate limit is taken to ask for.
+pub const MAX_RATE_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How long a `403`, `429` or `503` asks to be left alone, by its headers alone, at most
+/// [`MAX_RATE_LIMIT_WAIT`]: its [`retry_after`], or, as GitHub says when its primary rate limit
+/// is spent (`x-ratelimit-remaining: 0`), until `x-ratelimit-reset` (seconds since the epoch;
+/// a minute when it is missing, as GitHub advises). `None` for any other status, and for one
+/// whose headers say nothing.
+pub fn rate_limit_wait(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Option<std::time::Duration> {
+    use std::time::{Duration, SystemTime};
+    if !matches!(status.as_u16(), 403 | 429 | 503) {
+        return None;
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let wait = match retry_after(headers) {
+        Some(wait) => wait,
+        None if header("x-ratelimit-remaining") == Some("0") => {
+            match header("x-ratelimit-reset").and_then(|v| v.parse::<u64>().ok()) {
+                Some(reset) => {
+                    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                    Duration::from_secs(reset.saturating_sub(now.as_secs()).max(1))
+                }
+                None => Duration::from_secs(60),
+            }
+        }
+        None => return None,
+    };
+    Some(wait.min(MAX_RATE_LIMIT_WAIT))
+}
+
+/// [`rate_limit_wait`], and for a `403` whose headers say nothing, a minute when the start of
+/// its body [`says_rate_limited`] (GitHub's secondary limits; it advises a minute's rest). A
+/// forge's refusal is asked this; a webhook endpoint's `403` is not read for it.
+pub async fn rate_limited(res: &mut reqwest::Response) -> Option<std::time::Duration> {
+    if let Some(wait) = rate_limit_wait(res.status(), res.headers()) {
+        return Some(wait);
+    }
+    if res.status() != reqwest::StatusCode::FORBIDDEN {
+        return None;
+    }
+    says_rate_limited(&body_start(res, 4096).await).then_some(std::time::Duration::from_secs(60))
+}
+
 /// An error and its causes, one after another (reqwest's own message hides the causes, where
 /// a denial is).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -279,6 +326,46 @@ mod tests {
         assert!(says_rate_limited(b"API Rate Limit exceeded"));
         assert!(!says_rate_limited(br#"{"message": "Resource not accessible by integration"}"#));
         assert!(!says_rate_limited(b""));
+    }
+
+    fn answer(status: u16, headers: &[(&str, String)], body: &'static str) -> reqwest::Response {
+        let mut res = http::Response::builder().status(status);
+        for (name, value) in headers {
+            res = res.header(*name, value);
+        }
+        reqwest::Response::from(res.body(body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_says_how_long_to_wait_by_its_headers_or_a_403_by_its_message() {
+        use std::time::{Duration, SystemTime};
+        let wait = |status, headers: &[(&str, String)], body| {
+            let mut res = answer(status, headers, body);
+            async move { rate_limited(&mut res).await }
+        };
+        assert_eq!(wait(429, &[("retry-after", "7".into())], "").await, Some(Duration::from_secs(7)));
+        assert_eq!(wait(503, &[("retry-after", "99999".into())], "").await, Some(MAX_RATE_LIMIT_WAIT), "capped");
+        assert_eq!(wait(500, &[("retry-after", "7".into())], "").await, None, "only a 403, 429 or 503");
+        assert_eq!(wait(429, &[], "").await, None, "no wait said");
+        // GitHub's spent primary limit: until the reset, or a minute without one.
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let reset = (now + 120).to_string();
+        let spent = wait(403, &[("x-ratelimit-remaining", "0".into()), ("x-ratelimit-reset", reset.clone())], "");
+        let spent = spent.await.unwrap();
+        assert!((Duration::from_secs(115)..=Duration::from_secs(120)).contains(&spent), "{spent:?}");
+        let past = wait(403, &[("x-ratelimit-remaining", "0".into()), ("x-ratelimit-reset", "5".into())], "");
+        assert_eq!(past.await, Some(Duration::from_secs(1)), "a reset passed: a second");
+        let no_reset = wait(429, &[("x-ratelimit-remaining", "0".into())], "");
+        assert_eq!(no_reset.await, Some(Duration::from_secs(60)));
+        let left = wait(403, &[("x-ratelimit-remaining", "12".into()), ("x-ratelimit-reset", reset)], "denied");
+        assert_eq!(left.await, None, "a 403 with requests left is a refusal");
+        // A secondary limit says so only in its message.
+        let secondary = wait(403, &[], r#"{"message": "You have exceeded a secondary rate limit."}"#);
+        assert_eq!(secondary.await, Some(Duration::from_secs(60)));
+        assert_eq!(wait(429, &[], "rate limit").await, None, "only a 403's body is read");
+        // The headers alone: a 403's message is not read.
+        let headers = answer(403, &[], "rate limit");
+        assert_eq!(rate_limit_wait(headers.status(), headers.headers()), None);
     }
 
     #[test]

@@ -8,24 +8,40 @@ use taskmesh_events::{ErrorCode, Problem};
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An error answered to a client. A `429` or `503` says when to try again (`Retry-After`,
-/// see [`problem_response`]) unless it is [`ApiError::lasting`].
+/// see [`problem_response`]) unless it is [`ApiError::lasting`], and as long as
+/// [`ApiError::retry_after`] says when that is set.
 #[derive(Debug)]
-pub struct ApiError(pub Problem, Lasting);
+pub struct ApiError(pub Problem, Retry);
 
-/// Whether a refusal lasts until something is changed (no `Retry-After`).
+/// When a `429` or `503` says to try again.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Lasting(bool);
+enum Retry {
+    /// As [`problem_response`] says.
+    #[default]
+    Soon,
+    /// In this many seconds.
+    After(u64),
+    /// Not until something is changed: no `Retry-After`.
+    Never,
+}
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self(Problem::new(code, detail), Lasting::default())
+        Self(Problem::new(code, detail), Retry::Soon)
     }
     /// A refusal that asking again will not change (a feature configured off): answered
     /// without `Retry-After`, so clients do not keep asking.
     pub fn lasting(mut self) -> Self {
-        self.1 = Lasting(true);
+        self.1 = Retry::Never;
+        self
+    }
+    /// A `429` or `503` that says to try again after `wait` (whole seconds, rounded up, at
+    /// least one), as what it waits on said (a forge's rate limit).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.1 = Retry::After(secs.max(1));
         self
     }
     pub fn not_found(what: &str) -> Self {
@@ -35,7 +51,7 @@ impl ApiError {
 
 impl From<Problem> for ApiError {
     fn from(p: Problem) -> Self {
-        Self(p, Lasting::default())
+        Self(p, Retry::Soon)
     }
 }
 
@@ -63,8 +79,13 @@ impl From<sqlx::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = problem_response(&self.0);
-        if self.1.0 {
-            res.headers_mut().remove(header::RETRY_AFTER);
+        let said = res.headers_mut().get_mut(header::RETRY_AFTER);
+        match (self.1, said) {
+            (Retry::Never, Some(_)) => {
+                res.headers_mut().remove(header::RETRY_AFTER);
+            }
+            (Retry::After(secs), Some(said)) => *said = HeaderValue::from(secs),
+            _ => {}
         }
         res
     }
@@ -127,5 +148,11 @@ mod tests {
         let off = ApiError::new(ErrorCode::Unavailable, "no secrets key is configured").lasting().into_response();
         assert_eq!(off.status(), 503);
         assert!(off.headers().get(header::RETRY_AFTER).is_none(), "a lasting refusal");
+        let wait = |d| ApiError::new(ErrorCode::Unavailable, "rate limited").retry_after(d).into_response();
+        assert_eq!(wait(std::time::Duration::from_secs(42)).headers()[header::RETRY_AFTER], "42");
+        assert_eq!(wait(std::time::Duration::from_millis(1500)).headers()[header::RETRY_AFTER], "2", "rounded up");
+        assert_eq!(wait(std::time::Duration::ZERO).headers()[header::RETRY_AFTER], "1", "a second at least");
+        let not_later = ApiError::new(ErrorCode::BadRequest, "no").retry_after(std::time::Duration::from_secs(5));
+        assert!(not_later.into_response().headers().get(header::RETRY_AFTER).is_none(), "only a 429 or 503 says it");
     }
 }

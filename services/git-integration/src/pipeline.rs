@@ -103,29 +103,37 @@ fn misconfigured(detail: String) -> ApiError {
     unavailable(detail).lasting()
 }
 
-/// A `503`: [`misconfigured`] where it `lasts`, else one to try again.
-fn refused(lasts: bool, detail: String) -> ApiError {
-    if lasts { misconfigured(detail) } else { unavailable(detail) }
+/// What a forge's answer other than the file tells whoever sent the webhook.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// A rate limit, and how long it asks to be left alone ([`taskmesh_egress::rate_limited`]:
+    /// GitHub's `403` and `429` by their headers, or a secondary limit's `403` by its message):
+    /// passed on as `Retry-After`.
+    Wait(Duration),
+    /// The forge refuses the connection's token or does not know its repository, which asking
+    /// again will not change: `401`, `404`, and a `403` that is not a rate limit.
+    Lasting,
+    /// Anything else: try again soon.
+    Soon,
 }
 
-/// Whether a forge's answer refuses the connection's token or does not know its repository,
-/// which asking again will not change: `401`, `404`, and a `403` that is not a rate limit.
-/// GitHub answers its rate limits `403` too: with `x-ratelimit-remaining: 0` or `Retry-After`,
-/// or, for a secondary limit, saying so only in its message (the body's start is read for it).
-async fn refuses_the_connection(res: &mut reqwest::Response) -> bool {
+async fn refusal(res: &mut reqwest::Response) -> Refusal {
+    if let Some(wait) = taskmesh_egress::rate_limited(res).await {
+        return Refusal::Wait(wait);
+    }
     match res.status().as_u16() {
-        401 | 404 => true,
-        403 => {
-            let headers = res.headers();
-            if headers.get("x-ratelimit-remaining").is_some_and(|v| v.as_bytes() == b"0")
-                || taskmesh_egress::retry_after(headers).is_some()
-            {
-                return false;
-            }
-            let start = taskmesh_egress::body_start(res, 4096).await;
-            !taskmesh_egress::says_rate_limited(&start)
+        401 | 403 | 404 => Refusal::Lasting,
+        _ => Refusal::Soon,
+    }
+}
+
+impl Refusal {
+    fn answer(self, detail: String) -> ApiError {
+        match self {
+            Refusal::Wait(wait) => unavailable(detail).retry_after(wait),
+            Refusal::Lasting => misconfigured(detail),
+            Refusal::Soon => unavailable(detail),
         }
-        _ => false,
     }
 }
 
@@ -139,7 +147,7 @@ async fn read(
     // last until the connection or the rules change; anything else may pass.
     let failed = |e: reqwest::Error| {
         let detail = format!("reading the pipeline file {shown}: {}", taskmesh_egress::error_chain(&e));
-        refused(taskmesh_egress::is_denied(&e), detail)
+        if taskmesh_egress::is_denied(&e) { misconfigured(detail) } else { unavailable(detail) }
     };
     let get = |url: Result<url::Url, String>, accept: &'static str| {
         let url = url.map_err(|e| misconfigured(format!("the connection's api_url: {e}")));
@@ -166,17 +174,16 @@ async fn read(
             }
             let detail =
                 format!("reading the pipeline file {shown}: the forge answered 404, and {code} for the commit itself");
-            return Err(if refuses_the_connection(&mut commit).await {
-                misconfigured(format!(
+            return Err(match refusal(&mut commit).await {
+                Refusal::Lasting => misconfigured(format!(
                     "{detail}: the connection's token may not see the repository, or its api_url is not the forge's"
-                ))
-            } else {
-                unavailable(detail)
+                )),
+                other => other.answer(detail),
             });
         }
         code => {
             let detail = format!("reading the pipeline file {shown}: the forge answered {code}");
-            return Err(refused(refuses_the_connection(&mut res).await, detail));
+            return Err(refusal(&mut res).await.answer(detail));
         }
     }
     let mut body = Vec::new();
@@ -213,7 +220,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_forge_refusing_the_token_lasts_and_a_rate_limit_passes() {
+    async fn a_forge_refusing_the_token_lasts_and_a_rate_limit_says_how_long() {
+        use axum::response::IntoResponse;
         let answer = |status: u16, headers: &[(&str, &str)], body: &'static str| {
             let mut res = axum::http::Response::builder().status(status);
             for (name, value) in headers {
@@ -223,20 +231,25 @@ mod tests {
         };
         let denied = r#"{"message": "Resource not accessible by personal access token"}"#;
         let secondary = r#"{"message": "You have exceeded a secondary rate limit. Please wait a few minutes."}"#;
-        for (status, headers, body, lasts) in [
-            (401, &[][..], "", true),
-            (404, &[], "", true),
-            (403, &[("x-ratelimit-remaining", "4999")][..], denied, true),
-            (403, &[("x-ratelimit-remaining", "0")][..], "", false),
-            (403, &[("retry-after", "60")][..], "", false),
-            (403, &[], secondary, false),
-            (429, &[], "", false),
-            (500, &[], "", false),
-            (502, &[], "", false),
+        let minute = Refusal::Wait(Duration::from_secs(60));
+        for (status, headers, body, refusal_is) in [
+            (401, &[][..], "", Refusal::Lasting),
+            (404, &[], "", Refusal::Lasting),
+            (403, &[("x-ratelimit-remaining", "4999")][..], denied, Refusal::Lasting),
+            (403, &[("x-ratelimit-remaining", "0")][..], "", minute),
+            (403, &[("retry-after", "42")][..], "", Refusal::Wait(Duration::from_secs(42))),
+            (403, &[], secondary, Refusal::Wait(Duration::from_secs(60))),
+            (429, &[("retry-after", "7")][..], "", Refusal::Wait(Duration::from_secs(7))),
+            (429, &[], "", Refusal::Soon),
+            (500, &[], "", Refusal::Soon),
+            (502, &[], "", Refusal::Soon),
         ] {
             let mut res = answer(status, headers, body);
-            assert_eq!(refuses_the_connection(&mut res).await, lasts, "{status} {headers:?} {body}");
+            assert_eq!(refusal(&mut res).await, refusal_is, "{status} {headers:?} {body}");
         }
+        let waited = Refusal::Wait(Duration::from_secs(42)).answer("rate limited".into()).into_response();
+        assert_eq!(waited.status(), 503);
+        assert_eq!(waited.headers()["retry-after"], "42");
     }
 
     #[test]

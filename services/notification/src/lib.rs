@@ -724,24 +724,15 @@ impl Notifier {
             .map_err(|e| Outcome::Failed(format!("POST {url}: {}", taskmesh_egress::error_chain(&e))))?;
         let status = res.status();
         let failing = row.get::<Option<i64>, _>("failing").and_then(|seq| u64::try_from(seq).ok());
-        if let Some(wait) = retry_after(&res) {
-            // Rate limited (GitHub answers 403 or 429 so).
-            return Err(Outcome::Later(format!("POST {url} answered {status}"), wait));
+        // Rate limited: GitHub answers 403 or 429 so, by its headers or, for a secondary limit,
+        // only in its message.
+        if let Some(wait) = taskmesh_egress::rate_limited(&mut res).await {
+            return Err(Outcome::Later(format!("POST {url} answered {status}: rate limited"), wait));
         }
         if status.as_u16() == 400 && s.forge == Forge::Gitlab {
             let start = taskmesh_egress::body_start(&mut res, 4096).await;
             if gitlab_already_shows(state, &start) {
                 return Ok(failing);
-            }
-        }
-        if status.as_u16() == 403 {
-            // GitHub's secondary rate limit may say so only in its message: a minute's rest.
-            let start = taskmesh_egress::body_start(&mut res, 4096).await;
-            if taskmesh_egress::says_rate_limited(&start) {
-                return Err(Outcome::Later(
-                    format!("POST {url} answered {status}: rate limited"),
-                    Duration::from_secs(60),
-                ));
             }
         }
         match status.as_u16() {
@@ -847,7 +838,7 @@ impl Notifier {
             return Ok(());
         }
         let reason = format!("POST {url} answered {status}");
-        if let Some(wait) = retry_after(&res) {
+        if let Some(wait) = taskmesh_egress::rate_limit_wait(status, res.headers()) {
             return Err(Outcome::Later(reason, wait));
         }
         match status.as_u16() {
@@ -862,26 +853,6 @@ impl Notifier {
 
 /// Deliveries of one message that may have been no attempt (see `deliver_one`).
 const UNATTEMPTED_DELIVERIES: usize = 3;
-
-/// How long a `429`, `503` (or a forge's rate-limiting `403`) asks to be left alone, at most an
-/// hour: its `Retry-After` ([`taskmesh_egress::retry_after`]), or, as GitHub says when its rate
-/// limit is spent, until `x-ratelimit-reset` (seconds since the epoch) when
-/// `x-ratelimit-remaining` is `0`.
-fn retry_after(res: &reqwest::Response) -> Option<Duration> {
-    if !matches!(res.status().as_u16(), 403 | 429 | 503) {
-        return None;
-    }
-    let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let wait = match taskmesh_egress::retry_after(res.headers()) {
-        Some(wait) => wait,
-        None if header("x-ratelimit-remaining") == Some("0") => {
-            let reset: i64 = header("x-ratelimit-reset")?.parse().ok()?;
-            Duration::from_secs(reset.saturating_sub(Utc::now().timestamp()).max(1) as u64)
-        }
-        None => return None,
-    };
-    Some(wait.min(Duration::from_secs(3600)))
-}
 
 /// What a message about a run's end says (Slack's, an e-mail's).
 pub(crate) struct Summary {
@@ -1095,27 +1066,6 @@ mod tests {
             ":no_entry_sign: <https://tm.example/a%7Cb/#/runs/01a2-run|two lines> cancelled (run `01a2-run`)",
             "a name stays on its line, and a | cannot end the link early"
         );
-    }
-
-    #[test]
-    fn a_rate_limited_answer_says_how_long_to_wait() {
-        let answer = |status: u16, headers: &[(&str, String)]| {
-            let mut res = http::Response::builder().status(status);
-            for (name, value) in headers {
-                res = res.header(*name, value);
-            }
-            retry_after(&reqwest::Response::from(res.body("").unwrap()))
-        };
-        assert_eq!(answer(429, &[("retry-after", "7".into())]), Some(Duration::from_secs(7)));
-        assert_eq!(answer(503, &[("retry-after", "99999".into())]), Some(Duration::from_secs(3600)), "an hour at most");
-        assert_eq!(answer(500, &[("retry-after", "7".into())]), None, "only a 403, 429 or 503 is rate limiting");
-        assert_eq!(answer(429, &[]), None, "no wait said: the schedule's");
-        // GitHub's spent primary limit: until the reset.
-        let reset = (Utc::now().timestamp() + 120).to_string();
-        let waited =
-            answer(403, &[("x-ratelimit-remaining", "0".into()), ("x-ratelimit-reset", reset.clone())]).unwrap();
-        assert!((Duration::from_secs(115)..=Duration::from_secs(120)).contains(&waited), "{waited:?}");
-        assert_eq!(answer(403, &[("x-ratelimit-remaining", "12".into()), ("x-ratelimit-reset", reset)]), None);
     }
 
     #[test]
