@@ -256,7 +256,46 @@ pub fn mask(text: &str, values: &[String]) -> String {
             out = out.replace(v, "***");
         }
     }
+    if out.contains('%') {
+        out = mask_mixed_escapes(out, &values);
+    }
     if out.lines().any(is_wrapped_line) { mask_wrapped(&out, &values) } else { out }
+}
+
+/// Masks the URL-encoded forms of `values` that `text` writes with escapes in both cases
+/// (`%2f%2B`), which no form matches as it is: escapes in lower case throughout, in `text` and
+/// in each value, are compared (lowering a hex digit keeps every byte where it was, so a match
+/// there is one in `text`). Longer values first; a match overlapping one already masked is
+/// left.
+fn mask_mixed_escapes(text: String, values: &[&str]) -> String {
+    let folded = lowercase_escapes(&text);
+    if folded == text {
+        // No escape in upper case: the forms in lower case were matched as they are.
+        return text;
+    }
+    let mut taken: Vec<(usize, usize)> = Vec::new();
+    for v in values.iter().filter(|v| v.contains('%')) {
+        let v = lowercase_escapes(v);
+        for (from, _) in folded.match_indices(&v) {
+            let to = from + v.len();
+            if !taken.iter().any(|&(a, b)| from < b && a < to) {
+                taken.push((from, to));
+            }
+        }
+    }
+    if taken.is_empty() {
+        return text;
+    }
+    taken.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (from, to) in taken {
+        out.push_str(&text[at..from]);
+        out.push_str("***");
+        at = to;
+    }
+    out.push_str(&text[at..]);
+    out
 }
 
 /// The shortest piece of a value masked at the edge of a line of wrapped encoded text that is
@@ -483,6 +522,10 @@ mod tests {
         // Escapes written in lower case, as RFC 3986 allows.
         assert_eq!(masked("token=p%40ss%20word%2f%2b%3f%26%22x1&a=1"), "token=***&a=1");
         assert_eq!(masked("token=p%40ss+word%2f%2b%3f%26%22x1"), "token=***");
+        // Escapes in both cases in one value, as a hand-rolled encoder or an edit may write them.
+        assert_eq!(masked("token=p%40ss%20word%2f%2B%3F%26%22x1&a=1"), "token=***&a=1");
+        assert_eq!(masked("a=p%40ss+word%2F%2b%3f%26%22x1 b=p%40ss+word%2f%2B%3F%26%22x1."), "a=*** b=***.");
+        assert_eq!(masked("100%Pure p%40ss+word%2F%2b"), "100%Pure p%40ss+word%2F%2b", "half a value is not it");
         assert_eq!(lowercase_escapes("a%2Fb%ZZ%C3%A4%"), "a%2fb%ZZ%c3%a4%");
         assert_eq!(lowercase_escapes("100%Pure%2B"), "100%Pure%2b");
         assert_eq!(masked(r#"{"token":"p@ss word/+?&\"x1"}"#), r#"{"token":"***"}"#);
