@@ -181,3 +181,60 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     projector.stop().await.unwrap();
     tm.finish().await;
 }
+
+/// The event log's sweep timer on the timers queue, if one is there.
+async fn sweep_timer(tm: &TestMesh) -> Option<taskmesh_events::command::Timer> {
+    let ns = tm.bus.namespace();
+    let stream = tm.bus.jetstream().get_stream(ns.timers_stream()).await.unwrap();
+    let raw = stream.get_last_raw_message_by_subject(&ns.sweep_timer()).await.ok()?;
+    Some(serde_json::from_slice(&raw.payload).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_is_one_timer_the_replicas_share_and_one_of_them_sweeps() {
+    let tm = spawn_with(&Svc::ALL, |s| s.nats.events_max_age_days = 30).await;
+    let ns = tm.bus.namespace().clone();
+    // The scheduler armed it as it started, due a minute later.
+    let armed =
+        eventually("the sweep armed", Duration::from_secs(10), || async { Ok(sweep_timer(&tm).await) }).await.unwrap();
+    assert_eq!(armed.kind, taskmesh_events::command::TimerKind::EventLogSweep);
+    let in_secs = (armed.due - chrono::Utc::now()).num_seconds();
+    assert!((40..=60).contains(&in_secs), "due in {in_secs} s");
+    // A second replica, which arms it too as it starts, and every replica hourly: one timer.
+    let second = taskmesh_scheduler::Scheduler::new(
+        tm.bus.clone(),
+        tm.env.settings.scheduler.clone(),
+        tm.env.settings.limits.clone(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let replica = tokio::spawn(second.run(stop.clone()));
+    assert!(!taskmesh_scheduler::retention::arm(&tm.bus, chrono::Utc::now()).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = tm.bus.subject_counts(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
+    assert_eq!(counts.get(&ns.sweep_timer()), Some(&1), "{counts:?}");
+
+    // Due now: one replica of the two sweeps, then arms the next an hour on.
+    tm.bus.purge_subject(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
+    assert!(taskmesh_scheduler::retention::arm(&tm.bus, chrono::Utc::now()).await.unwrap());
+    let sweeps = || async { sample(&tm.metrics().await, "taskmesh_event_log_sweeps_total", &[("outcome", "done")]) };
+    eventually("the sweep done and the next armed", Duration::from_secs(20), || async {
+        let next = sweep_timer(&tm).await;
+        Ok(next.filter(|t| t.due > chrono::Utc::now() + chrono::Duration::minutes(50)).map(|_| ()))
+    })
+    .await
+    .unwrap();
+    // Each test runs in a process of its own under nextest: the count is this test's alone.
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        assert_eq!(sweeps().await, 1.0);
+    }
+    // Longer than a replica would take to sweep the log again, were the timer left to it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        assert_eq!(sweeps().await, 1.0, "swept once");
+    }
+    let counts = tm.bus.subject_counts(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
+    assert_eq!(counts.get(&ns.sweep_timer()), Some(&1), "{counts:?}");
+    stop.cancel();
+    replica.await.unwrap().unwrap();
+    tm.finish().await;
+}

@@ -443,7 +443,11 @@ impl Bus {
             breakers,
             queue(self.ns.dispatch_stream(), self.ns.dispatch_all(), "Taskmesh steps ready to run"),
             deliveries,
-            queue(self.ns.timers_stream(), self.ns.timers_all(), "Taskmesh timers: run timeouts, schedule ticks"),
+            queue(
+                self.ns.timers_stream(),
+                self.ns.timers_all(),
+                "Taskmesh timers: run timeouts, schedule ticks, the event log's sweep",
+            ),
         ];
         for config in streams {
             let name = config.name.clone();
@@ -739,6 +743,20 @@ impl Bus {
     ) -> Result<u64> {
         let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
         self.enqueue_payload(subject, msg_id, payload.into(), traceparent).await
+    }
+
+    /// Enqueues `body` on `subject` of a work-queue stream only while the subject's last
+    /// message is at `last` (its stream sequence; 0: the subject holds none), so that however
+    /// many replicas enqueue it, one is there (or one after the message at `last`). `false`:
+    /// the subject's last message is another.
+    pub async fn enqueue_after<T: Serialize>(&self, subject: String, last: u64, body: &T) -> Result<bool> {
+        let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
+        let publish = PublishMessage::build().payload(payload.into()).expected_last_subject_sequence(last);
+        match async { self.js.send_publish(subject.clone(), publish).await?.await }.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => Err(BusError::Nats(format!("enqueueing on {subject}: {e}"))),
+        }
     }
 
     /// Enqueues an already encoded message on a work-queue stream, deduplicated by `msg_id`

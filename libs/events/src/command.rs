@@ -126,6 +126,7 @@ pub struct CancelRun {
 /// by the scheduler replicas.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Timer {
+    /// Whose timer it is; empty for the platform's own (the event log's sweep).
     pub tenant: String,
     pub due: chrono::DateTime<chrono::Utc>,
     pub kind: TimerKind,
@@ -146,6 +147,9 @@ pub enum TimerKind {
     },
     /// A schedule's tick is due.
     ScheduleTick { schedule_id: Uuid, tick: chrono::DateTime<chrono::Utc> },
+    /// The event log's sweep is due (`nats.events_max_age_days`): one timer, on
+    /// `Namespace::sweep_timer`, that the scheduler replicas share, so one of them sweeps.
+    EventLogSweep,
 }
 
 /// `{ns}.cmd.ingest.set_secret`: the value arrives sealed; ingest never sees it.

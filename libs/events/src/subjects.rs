@@ -10,7 +10,7 @@
 //! | `{NS}_DISPATCH` | `{ns}.dispatch.{tenant}.{pool}` | work queue | admitted steps, per label set |
 //! | `{NS}_DELIVERIES` | `{ns}.delivery.{tenant}` | work queue | webhook, Slack and e-mail deliveries; commit statuses |
 //! | `{NS}_ENDED` | `{ns}.ended.{tenant}` | work queue | runs' ends, for the notifier |
-//! | `{NS}_TIMERS` | `{ns}.timer.{tenant}` | work queue | run deadlines, schedule ticks |
+//! | `{NS}_TIMERS` | `{ns}.timer.{tenant}`, `{ns}.timer._platform.sweep` | work queue | run deadlines, schedule ticks, the event log's sweep |
 //! | `{NS}_LOGS` | `{ns}.log.{tenant}.{run}.{step}` | limits (age, bytes) | steps' output lines |
 //! | `{NS}_CACHE` | `{ns}.cache.{tenant}.{key}` | limits (one per subject) | `cache:` steps' kept outcomes |
 //! | `{NS}_BREAKERS` | `{ns}.breaker.{tenant}.{key}` | limits (one per subject) | circuit breakers' state |
@@ -162,6 +162,11 @@ impl Namespace {
     }
     pub fn timer(&self, tenant: &str) -> String {
         format!("{}.timer.{tenant}", self.0)
+    }
+    /// The event log's sweep timer (`command::TimerKind::EventLogSweep`): a subject of two
+    /// tokens after `timer`, which no tenant's timers subject is.
+    pub fn sweep_timer(&self) -> String {
+        format!("{}.timer._platform.sweep", self.0)
     }
 
     /// Every event subject: `{ns}.evt.>`.

@@ -48,6 +48,8 @@ pub const CONSUMER: &str = "scheduler";
 pub const SCHEDULES: &str = "schedules";
 /// The durable consumer of the timers queue.
 pub const TIMERS: &str = "timers";
+/// How long a delivered timer is the replica's before the queue gives it to another.
+const TIMERS_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Longest a not-yet-due timer is handed back for before it is looked at again.
 const TIMER_RECHECK: Duration = Duration::from_secs(300);
 /// Longest a failed timer waits before it is tried again (see [`retry_after`]).
@@ -118,6 +120,10 @@ pub struct Scheduler {
     schedules: Arc<taskmesh_ingest::schedules::Folded>,
     /// How often each timer (by its stream sequence) failed in a row here (see [`retry_after`]).
     timer_failures: Arc<TimerFailures>,
+    /// Whether this replica is sweeping the event log (see [`Scheduler::sweep_on`]).
+    sweeping: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the replica stops (set by [`Scheduler::run`]): ends a sweep.
+    stopping: CancellationToken,
 }
 
 /// The runs this replica has in memory, each behind its own lock: work on one run (its events,
@@ -207,11 +213,14 @@ impl Scheduler {
             cache: Arc::new(Cache::default()),
             schedules: Default::default(),
             timer_failures: Default::default(),
+            sweeping: Default::default(),
+            stopping: CancellationToken::new(),
         }
     }
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.stopping = shutdown.clone();
         let lease = self.serve_command("lease", &shutdown, |me, req: LeaseRequest| async move { me.lease(req).await });
         let report =
             self.serve_command("report", &shutdown, |me, req: ResultReport| async move { me.report(req).await });
@@ -248,31 +257,97 @@ impl Scheduler {
             .await?)
     }
 
-    /// With `nats.events_max_age_days` set, sweeps the event log a minute after the start and
-    /// hourly after that ([`retention::sweep`]).
+    /// With `nats.events_max_age_days` set, arms the event log's sweep ([`retention::arm`]),
+    /// due a minute later, unless it is armed already, as the replica starts and hourly after
+    /// that (so a timer lost, taken out by a version that did not know it, comes back). The
+    /// replica the timer is delivered to sweeps ([`Scheduler::sweep_on`]).
     async fn retention(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let days = self.bus.settings().events_max_age_days;
-        if days == 0 {
+        if self.bus.settings().events_max_age_days == 0 {
             return Ok(());
         }
-        let mut wait = Duration::from_secs(60);
         loop {
+            let due = chrono::Utc::now() + chrono::Duration::seconds(60);
+            match retention::arm(&self.bus, due).await {
+                Ok(true) => tracing::info!(%due, "armed the event log's sweep"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "arming the event log's sweep failed; trying again in an hour"),
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(wait) => {}
-            }
-            wait = Duration::from_secs(3_600);
-            let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
-            // Stopped between two removals, a sweep leaves the rest to the next.
-            let swept = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                swept = retention::sweep(&self.bus, cutoff) => swept,
-            };
-            match swept {
-                Ok(swept) => tracing::info!(?swept, %cutoff, "swept the event log"),
-                Err(e) => tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour"),
+                _ = tokio::time::sleep(retention::SWEEP_EVERY) => {}
             }
         }
+    }
+
+    /// The event log's sweep timer, due. The sweep runs in a task of its own (on a long log it
+    /// takes a while, and the timers behind this one must not wait for it), the timer kept in
+    /// progress meanwhile, so no other replica takes it. Once the sweep is done, or has failed,
+    /// the next timer, due in [`retention::SWEEP_EVERY`], is put after this one (expecting it
+    /// to be the subject's last, so the subject never goes empty for a replica to arm another
+    /// meanwhile), and this one acked. (Handed back with a delay instead, it would have a
+    /// progress ack arriving after that shorten the delay to the ack wait.) A replica that stops
+    /// or dies mid-sweep leaves the timer to be delivered again once its ack wait has run out;
+    /// the next sweep starts over, and one that finds the next timer put already only acks.
+    /// With retention turned off here, the timer is taken out.
+    fn sweep_on(&self, msg: &Arc<Message>) -> AckKind {
+        let days = self.bus.settings().events_max_age_days;
+        if days == 0 {
+            return AckKind::Ack;
+        }
+        if self.sweeping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // Delivered again while this replica sweeps (its progress acks did not arrive).
+            return AckKind::Progress;
+        }
+        let (me, msg) = (self.clone(), msg.clone());
+        tokio::spawn(async move {
+            let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
+            let sweep = retention::sweep(&me.bus, cutoff);
+            tokio::pin!(sweep);
+            let mut progress = tokio::time::interval(TIMERS_ACK_WAIT / 3);
+            let swept = loop {
+                tokio::select! {
+                    swept = &mut sweep => break Some(swept),
+                    _ = me.stopping.cancelled() => break None,
+                    _ = progress.tick() => {
+                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                            tracing::warn!(error = %e, "keeping the event log's sweep timer failed");
+                        }
+                    }
+                }
+            };
+            if let Some(swept) = swept {
+                let outcome = match swept {
+                    Ok(swept) => {
+                        tracing::info!(?swept, %cutoff, "swept the event log");
+                        metrics::counter!("taskmesh_event_log_swept_total", "what" => "runs")
+                            .increment(swept.runs as u64);
+                        metrics::counter!("taskmesh_event_log_swept_total", "what" => "deleted")
+                            .increment(swept.deleted as u64);
+                        metrics::counter!("taskmesh_event_log_swept_total", "what" => "records")
+                            .increment(swept.records);
+                        "done"
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
+                        "failed"
+                    }
+                };
+                metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => outcome).increment(1);
+                let next = chrono::Utc::now() + chrono::Duration::from_std(retention::SWEEP_EVERY).unwrap_or_default();
+                let rearmed = async {
+                    let seq = msg.info().map_err(|e| BusError::Nats(e.to_string()))?.stream_sequence;
+                    // `false`: a sweep that took the timer over after this one's ack wait put it.
+                    retention::arm_after(&me.bus, seq, next).await?;
+                    msg.double_ack().await.map_err(|e| BusError::Nats(format!("acking the sweep's timer: {e}")))
+                };
+                // Failed, the timer is delivered again after its ack wait, and swept for again.
+                if let Err(e) = rearmed.await {
+                    tracing::warn!(error = %e, "arming the next sweep of the event log failed");
+                }
+            }
+            me.sweeping.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+        AckKind::Progress
     }
 
     /// Consumes run events and acts on them, acking each only once its consequences are in
@@ -310,7 +385,7 @@ impl Scheduler {
         let config = PullConfig {
             filter_subject: ns.timers_all(),
             ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: TIMERS_ACK_WAIT,
             max_deliver: -1,
             ..Default::default()
         };
@@ -353,7 +428,7 @@ impl Scheduler {
     }
 
     /// A timer not yet due goes back with a nak delayed until it is; a due one is fired.
-    async fn on_timer(&self, msg: &Message) -> AckKind {
+    async fn on_timer(&self, msg: &Arc<Message>) -> AckKind {
         let timer = match serde_json::from_slice::<Timer>(&msg.payload) {
             Ok(t) => t,
             Err(e) => {
@@ -377,6 +452,9 @@ impl Scheduler {
                 }
             }
             return AckKind::Nak(Some(wait.min(TIMER_RECHECK)));
+        }
+        if timer.kind == TimerKind::EventLogSweep {
+            return self.sweep_on(msg);
         }
         let fired = self.fire(&timer).await;
         // Failures in a row are counted by the timer's message, on this replica (another's, or
@@ -426,6 +504,8 @@ impl Scheduler {
                 self.command(&key, move |state| state.time_out(submitted_seq)).await
             }
             TimerKind::ScheduleTick { schedule_id, tick } => self.tick(&timer.tenant, *schedule_id, *tick).await,
+            // Taken by `on_timer` before it comes here.
+            TimerKind::EventLogSweep => Ok(()),
         }
     }
 

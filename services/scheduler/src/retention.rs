@@ -16,8 +16,13 @@
 //!   ago (a key revoked stays: a tenant's keys, revoked or not, tell that it has had some).
 //!
 //! Everything else stays. Each removal is bounded by the sequence the sweep looked at, so an
-//! event appended meanwhile (a key submitting its run again) is never removed with it. Sweeps
-//! on several replicas at once remove the same messages, which is harmless.
+//! event appended meanwhile (a key submitting its run again) is never removed with it.
+//!
+//! When: one timer on the timers queue ([`arm`]; `Namespace::sweep_timer`), which every
+//! scheduler replica arms if it is not there, and whichever replica it is delivered to sweeps
+//! (see the scheduler's `sweep_on`), so several replicas sweep once a round between them. Two
+//! sweeps at once (a replica stalled past the timer's ack wait, another taking it over)
+//! remove the same messages, which is harmless.
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,6 +32,27 @@ use taskmesh_events::Event;
 
 /// Messages read per round of a sweep (headers only).
 const ROUND: usize = 20_000;
+
+/// How long after one sweep's end the next is due.
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3_600);
+
+/// Puts the sweep's timer on the timers queue, due at `due`, unless one is there (armed, or
+/// taken by a replica sweeping): `false` then.
+pub async fn arm(bus: &Bus, due: DateTime<Utc>) -> Result<bool, BusError> {
+    arm_after(bus, 0, due).await
+}
+
+/// Puts the sweep's next timer, due at `due`, on the timers queue after the one at stream
+/// sequence `last`, unless another was put there since: `false` then. The one at `last` is
+/// still there, so no replica arms one meanwhile ([`arm`] expects none).
+pub async fn arm_after(bus: &Bus, last: u64, due: DateTime<Utc>) -> Result<bool, BusError> {
+    let timer = taskmesh_events::command::Timer {
+        tenant: String::new(),
+        due,
+        kind: taskmesh_events::command::TimerKind::EventLogSweep,
+    };
+    bus.enqueue_after(bus.namespace().sweep_timer(), last, &timer).await
+}
 
 /// Events that end a run.
 const RUN_ENDS: [&str; 4] = ["RunSucceeded", "RunFailed", "RunCancelled", "RunTimedOut"];
