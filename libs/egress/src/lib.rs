@@ -363,6 +363,11 @@ mod tests {
         let secondary = wait(403, &[], r#"{"message": "You have exceeded a secondary rate limit."}"#);
         assert_eq!(secondary.await, Some(Duration::from_secs(60)));
         assert_eq!(wait(429, &[], "rate limit").await, None, "only a 403's body is read");
+        // A wait of nothing, or of a date gone by, is a wait of nothing (callers round it up).
+        assert_eq!(wait(429, &[("retry-after", "0".into())], "").await, Some(Duration::ZERO));
+        let past = wait(503, &[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".into())], "");
+        assert_eq!(past.await, Some(Duration::ZERO));
+        assert_eq!(wait(429, &[("retry-after", "soon".into())], "").await, None, "not a wait");
         // The headers alone: a 403's message is not read.
         let headers = answer(403, &[], "rate limit");
         assert_eq!(rate_limit_wait(headers.status(), headers.headers()), None);

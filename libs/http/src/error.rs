@@ -14,10 +14,9 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 pub struct ApiError(pub Problem, Retry);
 
 /// When a `429` or `503` says to try again.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Retry {
     /// As [`problem_response`] says.
-    #[default]
     Soon,
     /// In this many seconds.
     After(u64),
@@ -79,13 +78,17 @@ impl From<sqlx::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = problem_response(&self.0);
-        let said = res.headers_mut().get_mut(header::RETRY_AFTER);
-        match (self.1, said) {
-            (Retry::Never, Some(_)) => {
-                res.headers_mut().remove(header::RETRY_AFTER);
+        // Only a refusal to try again later says when (`problem_response` sets it).
+        if res.headers().contains_key(header::RETRY_AFTER) {
+            match self.1 {
+                Retry::Soon => {}
+                Retry::After(secs) => {
+                    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                Retry::Never => {
+                    res.headers_mut().remove(header::RETRY_AFTER);
+                }
             }
-            (Retry::After(secs), Some(said)) => *said = HeaderValue::from(secs),
-            _ => {}
         }
         res
     }

@@ -264,38 +264,44 @@ pub fn mask(text: &str, values: &[String]) -> String {
 
 /// Masks the URL-encoded forms of `values` that `text` writes with escapes in both cases
 /// (`%2f%2B`), which no form matches as it is: escapes in lower case throughout, in `text` and
-/// in each value, are compared (lowering a hex digit keeps every byte where it was, so a match
-/// there is one in `text`). Longer values first; a match overlapping one already masked is
-/// left.
+/// in each value, are compared. Lowering a hex digit moves no byte, so `text` and its lowered
+/// copy are masked at the same places, one value after another (longest first), as [`mask`]
+/// masks the values themselves.
 fn mask_mixed_escapes(text: String, values: &[&str]) -> String {
-    let folded = lowercase_escapes(&text);
+    let mut lowered: Vec<String> = Vec::new();
+    for v in values.iter().filter(|v| v.contains('%')) {
+        let v = lowercase_escapes(v);
+        if !lowered.contains(&v) {
+            lowered.push(v);
+        }
+    }
+    if lowered.is_empty() {
+        return text;
+    }
+    let mut folded = lowercase_escapes(&text);
     if folded == text {
         // No escape in upper case: the forms in lower case were matched as they are.
         return text;
     }
-    let mut taken: Vec<(usize, usize)> = Vec::new();
-    for v in values.iter().filter(|v| v.contains('%')) {
-        let v = lowercase_escapes(v);
-        for (from, _) in folded.match_indices(&v) {
-            let to = from + v.len();
-            if !taken.iter().any(|&(a, b)| from < b && a < to) {
-                taken.push((from, to));
-            }
+    let mut text = text;
+    for v in &lowered {
+        if !folded.contains(v.as_str()) {
+            continue;
         }
+        let (mut masked, mut masked_folded) = (String::with_capacity(text.len()), String::with_capacity(text.len()));
+        let mut at = 0;
+        for (from, _) in folded.match_indices(v.as_str()) {
+            masked.push_str(&text[at..from]);
+            masked_folded.push_str(&folded[at..from]);
+            masked.push_str("***");
+            masked_folded.push_str("***");
+            at = from + v.len();
+        }
+        masked.push_str(&text[at..]);
+        masked_folded.push_str(&folded[at..]);
+        (text, folded) = (masked, masked_folded);
     }
-    if taken.is_empty() {
-        return text;
-    }
-    taken.sort_unstable();
-    let mut out = String::with_capacity(text.len());
-    let mut at = 0;
-    for (from, to) in taken {
-        out.push_str(&text[at..from]);
-        out.push_str("***");
-        at = to;
-    }
-    out.push_str(&text[at..]);
-    out
+    text
 }
 
 /// The shortest piece of a value masked at the edge of a line of wrapped encoded text that is
@@ -437,7 +443,9 @@ pub fn mask_cut(text: &str, values: &[String]) -> String {
     let mut out = mask(text, values);
     // A cut inside a character leaves a replacement character after the value's beginning.
     let end = out.trim_end_matches('\u{FFFD}').len();
-    let start = masked_values(values).into_iter().filter_map(|v| cut_start(&out[..end], v)).min();
+    // Escapes compared in lower case, as `mask` does (positions are the same).
+    let folded = lowercase_escapes(&out[..end]);
+    let start = masked_values(values).into_iter().filter_map(|v| cut_start(&folded, &lowercase_escapes(v))).min();
     if let Some(start) = start {
         out.truncate(start);
         out.push_str("***");
@@ -526,6 +534,12 @@ mod tests {
         assert_eq!(masked("token=p%40ss%20word%2f%2B%3F%26%22x1&a=1"), "token=***&a=1");
         assert_eq!(masked("a=p%40ss+word%2F%2b%3f%26%22x1 b=p%40ss+word%2f%2B%3F%26%22x1."), "a=*** b=***.");
         assert_eq!(masked("100%Pure p%40ss+word%2F%2b"), "100%Pure p%40ss+word%2F%2b", "half a value is not it");
+        assert_eq!(masked("ä p%40ss+word%2F%2b%3f%26%22x1 ü"), "ä *** ü", "beside other characters");
+        // A value that is a piece of another, masked whole once, and on its own elsewhere.
+        let nested = masked_forms(&["ab/cd/ef".to_string(), "xx ab/cd/ef yy".to_string()]);
+        assert_eq!(mask("xx%20ab%2fcd%2Fef%20yy and ab%2Fcd%2fef", &nested), "*** and ***");
+        // Cut short in a form of mixed case.
+        assert_eq!(mask_cut("token=p%40ss+word%2f%2B%3F", &forms), "token=***");
         assert_eq!(lowercase_escapes("a%2Fb%ZZ%C3%A4%"), "a%2fb%ZZ%c3%a4%");
         assert_eq!(lowercase_escapes("100%Pure%2B"), "100%Pure%2b");
         assert_eq!(masked(r#"{"token":"p@ss word/+?&\"x1"}"#), r#"{"token":"***"}"#);

@@ -107,7 +107,7 @@ fn misconfigured(detail: String) -> ApiError {
 #[derive(Debug, PartialEq)]
 enum Refusal {
     /// A rate limit, and how long it asks to be left alone ([`taskmesh_egress::rate_limited`]:
-    /// GitHub's `403` and `429` by their headers, or a secondary limit's `403` by its message):
+    /// a `403`, `429` or `503` by its headers, or a secondary limit's `403` by its message):
     /// passed on as `Retry-After`.
     Wait(Duration),
     /// The forge refuses the connection's token or does not know its repository, which asking
