@@ -182,25 +182,41 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     tm.finish().await;
 }
 
-/// The event log's sweep timer on the timers queue, if one is there.
-async fn sweep_timer(tm: &TestMesh) -> Option<taskmesh_events::command::Timer> {
+/// The event log's sweep timer on the timers queue (the subject's last), with its sequence, if
+/// one is there.
+async fn sweep_timer(tm: &TestMesh) -> Option<(u64, taskmesh_events::command::Timer)> {
     let ns = tm.bus.namespace();
     let stream = tm.bus.jetstream().get_stream(ns.timers_stream()).await.unwrap();
     let raw = stream.get_last_raw_message_by_subject(&ns.sweep_timer()).await.ok()?;
-    Some(serde_json::from_slice(&raw.payload).unwrap())
+    Some((raw.sequence, serde_json::from_slice(&raw.payload).unwrap()))
+}
+
+/// Whether the timers queue still holds the message at `seq`.
+async fn timer_held(tm: &TestMesh, seq: u64) -> bool {
+    let stream = tm.bus.jetstream().get_stream(tm.bus.namespace().timers_stream()).await.unwrap();
+    stream.get_raw_message(seq).await.is_ok()
+}
+
+/// How many sweep timers the timers queue holds.
+async fn sweep_timers(tm: &TestMesh) -> u64 {
+    let ns = tm.bus.namespace();
+    let counts = tm.bus.subject_counts(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
+    counts.get(&ns.sweep_timer()).copied().unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_is_one_timer_the_replicas_share_and_one_of_them_sweeps() {
+    use taskmesh_scheduler::retention::{arm, arm_after};
     let tm = spawn_with(&Svc::ALL, |s| s.nats.events_max_age_days = 30).await;
     let ns = tm.bus.namespace().clone();
     // The scheduler armed it as it started, due a minute later.
-    let armed =
+    let (first, armed) =
         eventually("the sweep armed", Duration::from_secs(10), || async { Ok(sweep_timer(&tm).await) }).await.unwrap();
     assert_eq!(armed.kind, taskmesh_events::command::TimerKind::EventLogSweep);
     let in_secs = (armed.due - chrono::Utc::now()).num_seconds();
     assert!((40..=60).contains(&in_secs), "due in {in_secs} s");
-    // A second replica, which arms it too as it starts, and every replica hourly: one timer.
+    // A second replica, which arms it too as it starts (as every replica does hourly): still
+    // the one timer.
     let second = taskmesh_scheduler::Scheduler::new(
         tm.bus.clone(),
         tm.env.settings.scheduler.clone(),
@@ -208,32 +224,52 @@ async fn the_sweep_is_one_timer_the_replicas_share_and_one_of_them_sweeps() {
     );
     let stop = tokio_util::sync::CancellationToken::new();
     let replica = tokio::spawn(second.run(stop.clone()));
-    assert!(!taskmesh_scheduler::retention::arm(&tm.bus, chrono::Utc::now()).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let counts = tm.bus.subject_counts(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
-    assert_eq!(counts.get(&ns.sweep_timer()), Some(&1), "{counts:?}");
+    assert!(!arm(&tm.bus, chrono::Utc::now()).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sweep_timers(&tm).await, 1);
+    assert_eq!(sweep_timer(&tm).await.unwrap().0, first, "no other put");
 
-    // Due now: one replica of the two sweeps, then arms the next an hour on.
+    // Due now: one replica of the two sweeps, then puts the next an hour on and acks this one.
     tm.bus.purge_subject(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
-    assert!(taskmesh_scheduler::retention::arm(&tm.bus, chrono::Utc::now()).await.unwrap());
-    let sweeps = || async { sample(&tm.metrics().await, "taskmesh_event_log_sweeps_total", &[("outcome", "done")]) };
-    eventually("the sweep done and the next armed", Duration::from_secs(20), || async {
+    assert!(arm(&tm.bus, chrono::Utc::now()).await.unwrap());
+    let (due_now, _) = sweep_timer(&tm).await.unwrap();
+    let (next, _) = eventually("the sweep done and the next armed", Duration::from_secs(20), || async {
         let next = sweep_timer(&tm).await;
-        Ok(next.filter(|t| t.due > chrono::Utc::now() + chrono::Duration::minutes(50)).map(|_| ()))
+        Ok(next.filter(|(_, t)| t.due > chrono::Utc::now() + chrono::Duration::minutes(50)))
     })
     .await
     .unwrap();
-    // Each test runs in a process of its own under nextest: the count is this test's alone.
-    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
-        assert_eq!(sweeps().await, 1.0);
+    eventually("the swept timer acked", Duration::from_secs(5), || async {
+        Ok((!timer_held(&tm, due_now).await).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(sweep_timers(&tm).await, 1);
+    // Each test runs in a process of its own under nextest, the two replicas in this one: the
+    // count is theirs alone. (Under plain `cargo test`, other tests add to it.)
+    let exact = std::env::var_os("NEXTEST_RUN_ID").is_some();
+    let sweeps = || async { sample(&tm.metrics().await, "taskmesh_event_log_sweeps_total", &[("outcome", "done")]) };
+    if exact {
+        assert_eq!(sweeps().await, 1.0, "one sweep of the two replicas");
     }
-    // Longer than a replica would take to sweep the log again, were the timer left to it.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
-        assert_eq!(sweeps().await, 1.0, "swept once");
+
+    // A timer due with another put after it (a sweep whose ack was lost put the next) is
+    // acked without a sweep.
+    tm.bus.purge_subject(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
+    assert!(!timer_held(&tm, next).await);
+    let soon = chrono::Utc::now() + chrono::Duration::seconds(2);
+    assert!(arm(&tm.bus, soon).await.unwrap());
+    let (stale, _) = sweep_timer(&tm).await.unwrap();
+    assert!(arm_after(&tm.bus, stale, chrono::Utc::now() + chrono::Duration::hours(1)).await.unwrap());
+    eventually("the stale timer acked", Duration::from_secs(10), || async {
+        Ok((!timer_held(&tm, stale).await).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(sweep_timers(&tm).await, 1);
+    if exact {
+        assert_eq!(sweeps().await, 1.0, "no sweep for it");
     }
-    let counts = tm.bus.subject_counts(&ns.timers_stream(), &ns.sweep_timer()).await.unwrap();
-    assert_eq!(counts.get(&ns.sweep_timer()), Some(&1), "{counts:?}");
     stop.cancel();
     replica.await.unwrap().unwrap();
     tm.finish().await;

@@ -599,7 +599,12 @@ impl Bus {
 
     /// The sequence of the last event on `subject`, 0 when it has none.
     pub async fn last_seq(&self, subject: &str) -> Result<u64> {
-        let stream = self.js.get_stream_no_info(self.ns.events_stream()).await.map_err(BusError::nats)?;
+        self.last_seq_in(&self.ns.events_stream(), subject).await
+    }
+
+    /// The stream sequence of the last message on `subject` of `stream` (0 if none).
+    pub async fn last_seq_in(&self, stream: &str, subject: &str) -> Result<u64> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(BusError::nats)?;
         Ok(last_raw(&stream, subject).await?.map_or(0, |msg| msg.sequence))
     }
 

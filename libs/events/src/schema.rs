@@ -276,7 +276,7 @@ fn asyncapi() -> Value {
             },
             "timers": {
                 "address": "{ns}.timer.{tenant}",
-                "description": "Stream {NS}_TIMERS (work queue), durable consumer `timers`: what the scheduler must do later; handed back with a delayed nak until due.",
+                "description": "Stream {NS}_TIMERS (work queue), durable consumer `timers`: what the scheduler must do later; handed back with a delayed nak until due. The event log's sweep is one timer of the platform's own (`tenant` empty) on `{ns}.timer._platform.sweep`, armed only while that subject holds none.",
                 "parameters": {"ns": {}, "tenant": {}},
                 "messages": refs(&["Timer"])
             },

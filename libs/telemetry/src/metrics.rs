@@ -14,6 +14,7 @@
 //! - `taskmesh_projector_events_total`, `taskmesh_projector_batch_seconds`,
 //!   `taskmesh_projector_checkpoint`, `taskmesh_projector_last_event_timestamp_seconds`;
 //! - `taskmesh_deliveries_total{outcome}`;
+//! - `taskmesh_event_log_sweeps_total{outcome}`, `taskmesh_event_log_swept_total{what}`;
 //! - `taskmesh_build_info{version}`.
 
 use std::sync::OnceLock;
@@ -102,6 +103,14 @@ fn describe() {
     describe_counter!(
         "taskmesh_deliveries_total",
         "Outbound deliveries (webhooks, Slack, e-mail, commit statuses) handled, by outcome: sent, retry (handed back to be tried again), given_up (failed for good, or dropped unattempted)"
+    );
+    describe_counter!(
+        "taskmesh_event_log_sweeps_total",
+        "Sweeps of the event log (retention) this process ran to their end, by outcome: done, failed"
+    );
+    describe_counter!(
+        "taskmesh_event_log_swept_total",
+        "What the sweeps removed, by what: runs (ended runs whose events went), deleted (deleted aggregates whose events went), records (messages: old records, superseded secret values, schedule ticks)"
     );
     describe_gauge!("taskmesh_build_info", "Always 1, labelled with the version");
     gauge!("taskmesh_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);

@@ -124,6 +124,8 @@ pub struct Scheduler {
     sweeping: Arc<std::sync::atomic::AtomicBool>,
     /// Cancelled when the replica stops (set by [`Scheduler::run`]): ends a sweep.
     stopping: CancellationToken,
+    /// Tasks [`Scheduler::run`] waits for as it stops (a sweep handing its timer back).
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// The runs this replica has in memory, each behind its own lock: work on one run (its events,
@@ -215,6 +217,7 @@ impl Scheduler {
             timer_failures: Default::default(),
             sweeping: Default::default(),
             stopping: CancellationToken::new(),
+            tasks: Default::default(),
         }
     }
 
@@ -232,7 +235,10 @@ impl Scheduler {
         let retention = self.clone().retention(shutdown.clone());
         let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone(), self.limits.clone())
             .run(shutdown.clone());
-        tokio::try_join!(lease, report, hand_back, reactor, timers, schedules, retention, dispatcher)?;
+        let ran = tokio::try_join!(lease, report, hand_back, reactor, timers, schedules, retention, dispatcher);
+        self.tasks.close();
+        self.tasks.wait().await;
+        ran?;
         Ok(())
     }
 
@@ -284,26 +290,42 @@ impl Scheduler {
     /// progress meanwhile, so no other replica takes it. Once the sweep is done, or has failed,
     /// the next timer, due in [`retention::SWEEP_EVERY`], is put after this one (expecting it
     /// to be the subject's last, so the subject never goes empty for a replica to arm another
-    /// meanwhile), and this one acked. (Handed back with a delay instead, it would have a
-    /// progress ack arriving after that shorten the delay to the ack wait.) A replica that stops
-    /// or dies mid-sweep leaves the timer to be delivered again once its ack wait has run out;
-    /// the next sweep starts over, and one that finds the next timer put already only acks.
-    /// With retention turned off here, the timer is taken out.
-    fn sweep_on(&self, msg: &Arc<Message>) -> AckKind {
+    /// meanwhile), and this one acked. (Handed back with a delay instead, it could have the
+    /// progress ack the consumer sends as this returns arrive after that, and shorten the delay
+    /// to the ack wait.) Should that fail, it is handed back for as long. A timer that is not
+    /// its subject's last (a next one was put after it already, by a sweep whose ack was lost,
+    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep hands the
+    /// timer back at once, for another to sweep; one that dies leaves it to be delivered again
+    /// once its ack wait has run out. With retention turned off here, the timer is taken out.
+    async fn sweep_on(&self, msg: &Arc<Message>) -> AckKind {
+        use std::sync::atomic::Ordering::SeqCst;
         let days = self.bus.settings().events_max_age_days;
         if days == 0 {
             return AckKind::Ack;
         }
-        if self.sweeping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else { return AckKind::Term };
+        let ns = self.bus.namespace();
+        match self.bus.last_seq_in(&ns.timers_stream(), &ns.sweep_timer()).await {
+            Ok(last) if last != seq => return AckKind::Ack,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the event log's sweep timers failed; trying again");
+                return AckKind::Nak(Some(Duration::from_secs(1)));
+            }
+        }
+        if self.sweeping.swap(true, SeqCst) {
             // Delivered again while this replica sweeps (its progress acks did not arrive).
             return AckKind::Progress;
         }
         let (me, msg) = (self.clone(), msg.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
             let sweep = retention::sweep(&me.bus, cutoff);
             tokio::pin!(sweep);
-            let mut progress = tokio::time::interval(TIMERS_ACK_WAIT / 3);
+            let mut progress = tokio::time::interval_at(
+                tokio::time::Instant::now() + TIMERS_ACK_WAIT / 3,
+                TIMERS_ACK_WAIT / 3,
+            );
             let swept = loop {
                 tokio::select! {
                     swept = &mut sweep => break Some(swept),
@@ -315,37 +337,45 @@ impl Scheduler {
                     }
                 }
             };
-            if let Some(swept) = swept {
-                let outcome = match swept {
-                    Ok(swept) => {
-                        tracing::info!(?swept, %cutoff, "swept the event log");
-                        metrics::counter!("taskmesh_event_log_swept_total", "what" => "runs")
-                            .increment(swept.runs as u64);
-                        metrics::counter!("taskmesh_event_log_swept_total", "what" => "deleted")
-                            .increment(swept.deleted as u64);
-                        metrics::counter!("taskmesh_event_log_swept_total", "what" => "records")
-                            .increment(swept.records);
-                        "done"
+            let handed_back = match swept {
+                // Stopped: another replica takes it over.
+                None => msg.ack_with(AckKind::Nak(None)).await.err().map(|e| e.to_string()),
+                Some(swept) => {
+                    let outcome = match swept {
+                        Ok(swept) => {
+                            tracing::info!(?swept, %cutoff, "swept the event log");
+                            let removed = [("runs", swept.runs as u64), ("deleted", swept.deleted as u64), ("records", swept.records)];
+                            for (what, n) in removed {
+                                metrics::counter!("taskmesh_event_log_swept_total", "what" => what).increment(n);
+                            }
+                            "done"
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
+                            "failed"
+                        }
+                    };
+                    metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => outcome).increment(1);
+                    let next =
+                        chrono::Utc::now() + chrono::Duration::from_std(retention::SWEEP_EVERY).unwrap_or_default();
+                    let rearmed = async {
+                        // `false`: another was put after this one since (see above).
+                        retention::arm_after(&me.bus, seq, next).await?;
+                        msg.double_ack().await.map_err(|e| BusError::Nats(format!("acking the sweep's timer: {e}")))
+                    };
+                    match rearmed.await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "arming the next sweep of the event log failed; handing this one back for as long");
+                            msg.ack_with(AckKind::Nak(Some(retention::SWEEP_EVERY))).await.err().map(|e| e.to_string())
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
-                        "failed"
-                    }
-                };
-                metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => outcome).increment(1);
-                let next = chrono::Utc::now() + chrono::Duration::from_std(retention::SWEEP_EVERY).unwrap_or_default();
-                let rearmed = async {
-                    let seq = msg.info().map_err(|e| BusError::Nats(e.to_string()))?.stream_sequence;
-                    // `false`: a sweep that took the timer over after this one's ack wait put it.
-                    retention::arm_after(&me.bus, seq, next).await?;
-                    msg.double_ack().await.map_err(|e| BusError::Nats(format!("acking the sweep's timer: {e}")))
-                };
-                // Failed, the timer is delivered again after its ack wait, and swept for again.
-                if let Err(e) = rearmed.await {
-                    tracing::warn!(error = %e, "arming the next sweep of the event log failed");
                 }
+            };
+            if let Some(e) = handed_back {
+                tracing::warn!(error = %e, "handing back the event log's sweep timer failed; it comes back after its ack wait");
             }
-            me.sweeping.store(false, std::sync::atomic::Ordering::SeqCst);
+            me.sweeping.store(false, SeqCst);
         });
         AckKind::Progress
     }
@@ -454,7 +484,7 @@ impl Scheduler {
             return AckKind::Nak(Some(wait.min(TIMER_RECHECK)));
         }
         if timer.kind == TimerKind::EventLogSweep {
-            return self.sweep_on(msg);
+            return self.sweep_on(msg).await;
         }
         let fired = self.fire(&timer).await;
         // Failures in a row are counted by the timer's message, on this replica (another's, or
