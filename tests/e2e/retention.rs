@@ -90,6 +90,13 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     let audit_before = count(&tm, &audit).await;
     assert!(audit_before >= 2, "writes are audited: {audit_before}");
     let schedule_before = schedule_state(&tm, &schedule_subject).await;
+    let ticks_before: i64 = sqlx::query_scalar("SELECT ticks FROM schedules WHERE id = $1")
+        .bind(schedule)
+        .fetch_one(&tm.pool)
+        .await
+        .unwrap();
+    assert_eq!(ticks_before as u64, schedule_before.ticks, "the read side counts as the fold does");
+    assert!(ticks_before >= 5, "{ticks_before}");
     let running_before = count(&tm, &running_subject).await;
     let tenant_before = count(&tm, &ns.tenant("default")).await;
     let keys_before = tm.bus.subject_counts(&ns.events_stream(), &ns.api_keys_of("default")).await.unwrap();
@@ -125,14 +132,23 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     assert_eq!(ticked(events), 2);
     let after = schedule_state(&tm, &schedule_subject).await;
     assert_eq!(
-        (after.last_tick, after.last_run, after.last_tick_ran, after.paused, after.ticks_from, after.last_seq),
+        (
+            after.last_tick,
+            after.last_run,
+            after.last_tick_ran,
+            after.paused,
+            after.ticks_from,
+            after.last_seq,
+            after.ticks
+        ),
         (
             schedule_before.last_tick,
             schedule_before.last_run,
             schedule_before.last_tick_ran,
             schedule_before.paused,
             schedule_before.ticks_from,
-            schedule_before.last_seq
+            schedule_before.last_seq,
+            schedule_before.ticks
         )
     );
 
@@ -177,6 +193,8 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     assert_eq!(rows("SELECT count(*) FROM api_keys WHERE tenant_id = 'default'").await, keys_before.len() as i64);
     assert_eq!(rows("SELECT count(*) FROM secrets WHERE tenant_id = 'default'").await, 2);
     assert_eq!(rows("SELECT count(*) FROM schedules WHERE tenant_id = 'default'").await, 1);
+    // Its ticks as counted before the sweep, though only the last two are left in the log.
+    assert_eq!(rows("SELECT ticks::bigint FROM schedules WHERE tenant_id = 'default'").await, ticks_before);
     assert!(rows("SELECT count(*) FROM audit_log WHERE tenant_id = 'default'").await >= 1, "the newest record's");
     projector.stop().await.unwrap();
     tm.finish().await;

@@ -880,7 +880,13 @@ async fn a_tick_recorded_without_its_run_gets_it_though_later_ticks_are_due_and_
     // A scheduler records a tick and is killed before submitting its run.
     let (bus, subject) = (&tm.bus, &subject);
     let record = |tick| {
-        let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_of(tick)), skipped: None };
+        let ticked = taskmesh_events::ScheduleTicked {
+            schedule_id,
+            tick,
+            run_id: Some(run_of(tick)),
+            skipped: None,
+            count: None,
+        };
         let envelope =
             taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
         async move { bus.append(bus.last_seq(subject).await.unwrap(), &envelope).await.unwrap() }
@@ -963,7 +969,8 @@ async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_within
     let tick: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
     let run_id = taskmesh_ingest::tick_run_id("default", schedule_id, tick);
     let subject = tm.bus.namespace().schedule("default", schedule_id);
-    let ticked = taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_id), skipped: None };
+    let ticked =
+        taskmesh_events::ScheduleTicked { schedule_id, tick, run_id: Some(run_id), skipped: None, count: None };
     let envelope = taskmesh_events::EventMeta::new("default").envelope(subject.clone(), Event::ScheduleTicked(ticked));
     tm.bus.append(tm.bus.last_seq(&subject).await.unwrap(), &envelope).await.unwrap();
     // Another schedule's tick, recorded two hours ago without its run: past the hour in which
@@ -975,8 +982,13 @@ async fn a_tick_recorded_before_its_cancels_gets_them_from_the_next_timer_within
     let stale_id: uuid::Uuid = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
     let stale_run = taskmesh_ingest::tick_run_id("default", stale_id, tick);
     let stale_subject = tm.bus.namespace().schedule("default", stale_id);
-    let ticked =
-        taskmesh_events::ScheduleTicked { schedule_id: stale_id, tick, run_id: Some(stale_run), skipped: None };
+    let ticked = taskmesh_events::ScheduleTicked {
+        schedule_id: stale_id,
+        tick,
+        run_id: Some(stale_run),
+        skipped: None,
+        count: None,
+    };
     let mut envelope =
         taskmesh_events::EventMeta::new("default").envelope(stale_subject.clone(), Event::ScheduleTicked(ticked));
     envelope.occurred_at = Utc::now() - chrono::Duration::hours(2);

@@ -894,6 +894,11 @@ pub struct ScheduleTicked {
     pub run_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// The schedule's ticks recorded so far, this one included, so that the count survives
+    /// retention removing old ticks from the log. Absent from ticks recorded before
+    /// 2026-12-08: a reader counts those one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// A schedule's spec was changed in place (`PATCH /v1/schedules/{id}`): the whole new spec. It

@@ -325,6 +325,9 @@ pub struct ScheduleState {
     pub ticks_from: Option<DateTime<Utc>>,
     /// The stream sequence of the last event folded.
     pub last_seq: u64,
+    /// Its ticks recorded so far: the last tick's `count`, or, for ticks recorded without
+    /// one, those folded.
+    pub ticks: u64,
 }
 
 impl ScheduleState {
@@ -345,6 +348,7 @@ impl ScheduleState {
             before_last_run: (None, None),
             ticks_from,
             last_seq,
+            ticks: 0,
         }
     }
 
@@ -375,6 +379,7 @@ impl ScheduleState {
                     state.ticks_from = r.next_tick.or(Some(e.occurred_at));
                 }
                 crate::Event::ScheduleTicked(t) => {
+                    state.ticks = t.count.unwrap_or(state.ticks + 1);
                     state.last_tick = Some(t.tick);
                     state.last_tick_at = Some(e.occurred_at);
                     state.last_tick_ran = t.run_id.is_some();
@@ -643,7 +648,10 @@ mod tests {
         let ticked = |m, ran: bool| {
             let (run_id, skipped) =
                 if ran { (Some(uuid::Uuid::now_v7()), None) } else { (None, Some("running".into())) };
-            (min(m), Event::ScheduleTicked(ScheduleTicked { schedule_id: id, tick: min(m), run_id, skipped }))
+            (
+                min(m),
+                Event::ScheduleTicked(ScheduleTicked { schedule_id: id, tick: min(m), run_id, skipped, count: None }),
+            )
         };
         let toggled = |next_tick| ScheduleToggled { schedule_id: id, next_tick };
 
@@ -704,7 +712,13 @@ mod tests {
         let every_minute = spec("* * * * *", "UTC", CatchUp::All);
         let (before, by_hand, refused) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
         let ticked = |m, run| {
-            Event::ScheduleTicked(ScheduleTicked { schedule_id: id, tick: min(m), run_id: Some(run), skipped: None })
+            Event::ScheduleTicked(ScheduleTicked {
+                schedule_id: id,
+                tick: min(m),
+                run_id: Some(run),
+                skipped: None,
+                count: None,
+            })
         };
         let refusal = |m, run_id| {
             Event::ScheduleRunRefused(ScheduleRunRefused { schedule_id: id, tick: min(m), run_id, reason: "no".into() })
@@ -758,5 +772,32 @@ mod tests {
         assert_eq!(ticks[0], from);
         let all = s.ticks(from, after + chrono::Duration::seconds(99), 10_000);
         assert_eq!((all.len(), all.last().copied()), (2 * 3600 + 100, Some(after + chrono::Duration::seconds(99))));
+    }
+
+    #[test]
+    fn a_schedules_tick_count_is_its_last_ticks_count_or_its_ticks_counted() {
+        use crate::{Event, ScheduleCreated, ScheduleTicked};
+        let id = uuid::Uuid::now_v7();
+        let noon = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let min = |m: i64| noon + chrono::Duration::minutes(m);
+        let created = (
+            min(0),
+            Event::ScheduleCreated(ScheduleCreated {
+                schedule_id: id,
+                spec: spec("* * * * *", "UTC", CatchUp::All),
+                first_tick: Some(min(1)),
+            }),
+        );
+        let ticked = |m, count| {
+            let t = ScheduleTicked { schedule_id: id, tick: min(m), run_id: None, skipped: Some("x".into()), count };
+            (min(m), Event::ScheduleTicked(t))
+        };
+        // Recorded before ticks carried a count: counted.
+        assert_eq!(fold_at(vec![created.clone(), ticked(1, None), ticked(2, None)]).unwrap().ticks, 2);
+        // The ticks before these two were removed from the log: their count says how many.
+        let kept = fold_at(vec![created.clone(), ticked(41, Some(41)), ticked(42, Some(42))]).unwrap();
+        assert_eq!(kept.ticks, 42);
+        // Counted on from the last count.
+        assert_eq!(fold_at(vec![created, ticked(41, Some(41)), ticked(42, None)]).unwrap().ticks, 42);
     }
 }

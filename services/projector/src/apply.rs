@@ -218,13 +218,15 @@ async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error
         }
         Event::ScheduleTicked(e) => {
             sqlx::query(
-                "UPDATE schedules SET last_tick = $3, last_run_id = COALESCE($4, last_run_id), ticks = ticks + 1
+                "UPDATE schedules SET last_tick = $3, last_run_id = COALESCE($4, last_run_id),
+                   ticks = COALESCE($5, ticks + 1)
                  WHERE tenant_id = $1 AND id = $2",
             )
             .bind(tenant)
             .bind(e.schedule_id)
             .bind(e.tick)
             .bind(e.run_id)
+            .bind(e.count.map(|c| i64::try_from(c).unwrap_or(i64::MAX)))
             .execute(&mut **tx)
             .await?;
         }

@@ -256,7 +256,13 @@ mod tests {
         let run_id = ran.then(Uuid::now_v7);
         stored(
             seq,
-            Event::ScheduleTicked(ScheduleTicked { schedule_id: Uuid::nil(), tick: Utc::now(), run_id, skipped: None }),
+            Event::ScheduleTicked(ScheduleTicked {
+                schedule_id: Uuid::nil(),
+                tick: Utc::now(),
+                run_id,
+                skipped: None,
+                count: None,
+            }),
         )
     }
 
@@ -278,7 +284,7 @@ mod tests {
         let (t2, t3, t5) = (at(2), at(3), at(5));
         let (r0, r1, r2) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let ticked = |seq, tick, run| {
-            let t = ScheduleTicked { schedule_id: Uuid::nil(), tick, run_id: Some(run), skipped: None };
+            let t = ScheduleTicked { schedule_id: Uuid::nil(), tick, run_id: Some(run), skipped: None, count: None };
             stored(seq, Event::ScheduleTicked(t))
         };
         let refused = |seq, tick, run_id| {

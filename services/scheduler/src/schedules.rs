@@ -125,7 +125,10 @@ impl Scheduler {
                 };
                 let run_id = decided.is_ok().then(|| taskmesh_ingest::tick_run_id(tenant, schedule_id, t));
                 let skipped = decided.as_ref().err().map(|why| why.to_string());
-                let ticked = ScheduleTicked { schedule_id, tick: t, run_id, skipped };
+                // Counted on from the state folded: a tick recorded under a lost race is not
+                // kept (the loop decides again on the log as it is).
+                let count = Some(state.ticks + i as u64 + 1);
+                let ticked = ScheduleTicked { schedule_id, tick: t, run_id, skipped, count };
                 let envelope = meta.envelope(subject.clone(), Event::ScheduleTicked(ticked));
                 // The tick's record, then its cancels and its run; a refusal recorded after it.
                 let recorded = match self.bus.append(seq, &envelope).await {
@@ -316,6 +319,7 @@ mod tests {
                 tick: at(m),
                 run_id,
                 skipped: skipped.map(Into::into),
+                count: None,
             })
         };
         let events = vec![
@@ -361,6 +365,7 @@ mod tests {
                     tick: at(1),
                     run_id: Some(ticked),
                     skipped: None,
+                    count: None,
                 }),
             ),
             stored(3, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: id, run_id: manual })),
@@ -380,7 +385,8 @@ mod tests {
         assert!(state.last_tick_ran);
         assert_eq!(state.tick_spec.cron, "* * * * *", "the last tick's run is submitted as its tick was decided");
         // A skipped tick: the last tick started no run (a duplicate timer must not start one).
-        let skipped = ScheduleTicked { schedule_id: id, tick: at(2), run_id: None, skipped: Some("running".into()) };
+        let skipped =
+            ScheduleTicked { schedule_id: id, tick: at(2), run_id: None, skipped: Some("running".into()), count: None };
         let state = fold(Some(state), &[stored(5, Event::ScheduleTicked(skipped))]).unwrap();
         assert!(!state.last_tick_ran);
         assert!(std::sync::Arc::ptr_eq(&state.tick_spec, &state.spec), "a tick after the change: the spec now");
@@ -404,7 +410,8 @@ mod tests {
         let created = ScheduleCreated { schedule_id: id, spec: spec("* * * * *"), first_tick: Some(noon) };
         let state = fold(None, &[stored(1, Event::ScheduleCreated(created))]).unwrap();
         assert_eq!(state.first_due(noon), Some(noon), "its own tick");
-        let ticked = ScheduleTicked { schedule_id: id, tick: noon, run_id: Some(Uuid::now_v7()), skipped: None };
+        let ticked =
+            ScheduleTicked { schedule_id: id, tick: noon, run_id: Some(Uuid::now_v7()), skipped: None, count: None };
         let state = fold(Some(state), &[stored(2, Event::ScheduleTicked(ticked))]).unwrap();
         assert_eq!(state.first_due(noon), Some(min(1)), "a duplicate: after the last tick handled");
         assert_eq!(state.first_due(min(3)), Some(min(3)), "a later timer: its own, the missed ones by catch-up");
