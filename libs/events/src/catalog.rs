@@ -64,6 +64,7 @@ pub enum Event {
     RepoConnectionUpdated(RepoConnectionUpdated),
     WebhookEndpointUpdated(WebhookEndpointUpdated),
     WebhookEndpointSecretRotated(WebhookEndpointSecretRotated),
+    RunsSwept(RunsSwept),
 }
 
 impl Event {
@@ -124,6 +125,7 @@ impl Event {
             Event::WebhookEndpointDeleted(_) => "WebhookEndpointDeleted",
             Event::RepoConnectionDeleted(_) => "RepoConnectionDeleted",
             Event::AuditBatchRecorded(_) => "AuditBatchRecorded",
+            Event::RunsSwept(_) => "RunsSwept",
             Event::WebhookDeliveryFailed(_) => "WebhookDeliveryFailed",
             Event::WebhookDeliveryRetried(_) => "WebhookDeliveryRetried",
             Event::WebhookEndpointDisabled(_) => "WebhookEndpointDisabled",
@@ -459,6 +461,29 @@ pub fn truncate_at_char(s: &mut String, max: usize) {
         let end = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
         s.truncate(end);
     }
+}
+
+/// Most runs one [`RunsSwept`] names.
+pub const MAX_RUNS_SWEPT: usize = 500;
+
+/// Retention (`nats.events_max_age_days`) removed the events of these ended runs of the
+/// tenant from the log: the read side drops their rows, which a rebuild from the log would
+/// not have. Appended by the sweep once it has removed them, on the tenant's
+/// `{ns}.evt.{tenant}.retention.runs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunsSwept {
+    /// 1 to 500 runs ([`MAX_RUNS_SWEPT`]).
+    pub runs: Vec<SweptRun>,
+}
+
+/// A run whose events were removed: its rows go only while they are of the run removed (up
+/// to `last_seq`), not of a run of the same id submitted since (its idempotency key free
+/// again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SweptRun {
+    pub run_id: Uuid,
+    /// The last sequence removed from the run's subject.
+    pub last_seq: u64,
 }
 
 /// Most records one [`AuditBatchRecorded`] holds.

@@ -84,6 +84,11 @@ fn events() -> Vec<(&'static str, String, &'static str)> {
             "Several mutating API calls of one tenant, for its audit log, recorded together.",
         ),
         (
+            "RunsSwept",
+            pretty::<RunsSwept>(),
+            "Retention removed these ended runs' events from the log: the read side drops their rows.",
+        ),
+        (
             "WebhookDeliveryFailed",
             pretty::<WebhookDeliveryFailed>(),
             "A webhook delivery was given up (refused for good, or its last attempt failed).",
@@ -235,8 +240,8 @@ fn asyncapi() -> Value {
             "tenantEvents": {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
                 "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
-                "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret"]}, "id": {}},
-                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "ScheduleRunRefused", "SecretSet", "SecretDeleted"])
+                "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret", "retention"]}, "id": {}},
+                "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "ScheduleRunRefused", "SecretSet", "SecretDeleted", "RunsSwept"])
             },
             "dispatch": {
                 "address": "{ns}.dispatch.{tenant}.{pool}",

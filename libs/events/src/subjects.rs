@@ -221,6 +221,10 @@ impl Namespace {
     pub fn schedules_all(&self) -> String {
         format!("{}.evt.*.schedule.*", self.0)
     }
+    /// Where retention records the runs it removed of a tenant (`RunsSwept`).
+    pub fn runs_swept(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.retention.runs", self.0)
+    }
     /// A tenant's audit log: `{ns}.evt.<tenant>.audit.log`.
     pub fn audit(&self, tenant: &str) -> String {
         format!("{}.evt.{tenant}.audit.log", self.0)

@@ -417,6 +417,25 @@ async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error
             .execute(&mut **tx)
             .await?;
         }
+        // Retention removed these ended runs' events: their rows go, as a rebuild would not have
+        // them, unless they are of a run of the same id submitted since (a later sequence).
+        // (Ended runs are not in the fold's cache, which holds runs left running.)
+        Event::RunsSwept(e) => {
+            let (ids, seqs): (Vec<Uuid>, Vec<i64>) =
+                e.runs.iter().map(|r| (r.run_id, i64::try_from(r.last_seq).unwrap_or(i64::MAX))).unzip();
+            sqlx::query(
+                "WITH k AS (SELECT r.id FROM runs r JOIN UNNEST($2::uuid[], $3::bigint[]) AS s(id, seq) ON r.id = s.id
+                             WHERE r.tenant_id = $1 AND r.last_seq <= s.seq),
+                      a AS (DELETE FROM step_attempts t USING k WHERE t.tenant_id = $1 AND t.run_id = k.id),
+                      s AS (DELETE FROM steps t USING k WHERE t.tenant_id = $1 AND t.run_id = k.id)
+                 DELETE FROM runs t USING k WHERE t.tenant_id = $1 AND t.id = k.id",
+            )
+            .bind(tenant)
+            .bind(&ids)
+            .bind(&seqs)
+            .execute(&mut **tx)
+            .await?;
+        }
         // Run events are folded per batch (see `fold`), audit records gathered ([`AuditRows`]);
         // nothing else is left out.
         event => {

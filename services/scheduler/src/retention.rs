@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{Bus, BusError, Heading};
-use taskmesh_events::Event;
+use taskmesh_events::{Event, EventMeta, MAX_RUNS_SWEPT, RunsSwept, SweptRun};
 
 /// Messages read per round of a sweep (headers only).
 const ROUND: usize = 20_000;
@@ -61,8 +61,9 @@ const DELETIONS: [&str; 4] = ["ScheduleDeleted", "SecretDeleted", "WebhookEndpoi
 /// A schedule's events that each tick (or run by hand) adds.
 const TICKS: [&str; 3] = ["ScheduleTicked", "ScheduleTriggered", "ScheduleRunRefused"];
 /// Subjects whose messages each stand alone, the newest saying all that is needed (records
-/// appended one after another; a secret's values, the latest in force).
-const RECORDS: [&str; 4] = ["audit", "keyuse", "repostatus", "secret"];
+/// appended one after another; a secret's values, the latest in force; the runs a sweep
+/// removed).
+const RECORDS: [&str; 5] = ["audit", "keyuse", "repostatus", "secret", "retention"];
 
 /// What a sweep removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -142,22 +143,34 @@ async fn round(
             None => {}
         }
     }
-    // An ended run all of whose events are old: gone.
-    for (subject, seen) in &last_seen {
-        if !ended.contains(*subject) {
-            continue;
+    // An ended run all of whose events are old: gone, and recorded as gone for the read side
+    // (what was removed before a failure too).
+    let mut removed: HashMap<String, Vec<SweptRun>> = HashMap::new();
+    let purged = async {
+        for (subject, seen) in &last_seen {
+            if !ended.contains(*subject) {
+                continue;
+            }
+            let last = bus.last_seq(subject).await?;
+            if last == *seen {
+                bus.purge_subject_below(subject, seen + 1).await?;
+                swept.runs += 1;
+                if let Some(key) = ns.parse_run(subject) {
+                    removed.entry(key.tenant).or_default().push(SweptRun { run_id: key.run_id, last_seq: *seen });
+                }
+            }
+            // Removed (here, or by another replica's sweep), or to be looked at again when a
+            // later round sees its last event.
+            if last <= *seen {
+                ended.remove(*subject);
+            }
         }
-        let last = bus.last_seq(subject).await?;
-        if last == *seen {
-            bus.purge_subject_below(subject, seen + 1).await?;
-            swept.runs += 1;
-        }
-        // Removed (here, or by another replica's sweep), or to be looked at again when a later
-        // round sees its last event.
-        if last <= *seen {
-            ended.remove(*subject);
-        }
+        Ok::<_, BusError>(())
     }
+    .await;
+    let recorded = record_removed(bus, removed).await;
+    purged?;
+    recorded?;
     // A deleted aggregate with nothing since: gone.
     for (subject, seq) in deleted {
         if bus.last_seq(subject).await? == seq {
@@ -196,6 +209,23 @@ async fn round(
         for seq in doomed {
             bus.delete_message(&stream, seq).await?;
             swept.records += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Appends, a tenant at a time and at most [`MAX_RUNS_SWEPT`] runs an event, `RunsSwept` for
+/// the runs whose events were `removed`, so the read side drops their rows. (Should it fail,
+/// the rows stay until a rebuild of the read side, which leaves them out.)
+async fn record_removed(bus: &Bus, removed: HashMap<String, Vec<SweptRun>>) -> Result<(), BusError> {
+    let ns = bus.namespace();
+    for (tenant, runs) in removed {
+        for chunk in runs.chunks(MAX_RUNS_SWEPT) {
+            let event = Event::RunsSwept(RunsSwept { runs: chunk.to_vec() });
+            let envelope = EventMeta::new(&tenant).envelope(ns.runs_swept(&tenant), event);
+            // The same runs recorded again (a retried append) are recorded once.
+            let msg_id = format!("swept:{}:{}:{}", tenant, chunk[0].run_id, chunk[0].last_seq);
+            bus.append_with_id(None, &envelope, &msg_id).await?;
         }
     }
     Ok(())
