@@ -641,3 +641,42 @@ async fn a_nul_in_an_output_or_an_input_does_not_stop_the_read_side() {
     assert_eq!(tm.wait_run(after, Duration::from_secs(30)).await["status"], "succeeded");
     tm.finish().await;
 }
+
+/// Retention's record of a run removed (`RunsSwept`) in the same batch as the run's own
+/// events (a projector behind by the retention age): applied after them, it leaves no rows of
+/// the run and nothing of it cached; one naming an earlier sequence than the run's rows have
+/// (a run of the same id submitted since) leaves the rows (the cache forgets the run either
+/// way, to read it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runs_removal_in_the_batch_that_brings_its_events_leaves_no_rows_of_it() {
+    use taskmesh_events::{Event, EventMeta, RunsSwept, SweptRun};
+    let tm = without_projector().await;
+    let id = tm.submit("name: one\nsteps:\n  - {id: a, run: 'true'}\n").await;
+    let events = ended_in_the_log(&tm, id).await;
+    // Its first commit only: the run looks running, so its rows stay in the cache.
+    let first: Vec<taskmesh_bus::Stored> = events.iter().filter(|e| e.seq == events[0].seq).cloned().collect();
+    let removed = |last_seq: u64| {
+        let event = Event::RunsSwept(RunsSwept { runs: vec![SweptRun { run_id: id, last_seq }] });
+        let envelope = EventMeta::new("default").envelope(tm.bus.namespace().runs_swept("default"), event);
+        taskmesh_bus::Stored { seq: events[0].seq + 1, prev: None, envelope, part: 0, parts: 1 }
+    };
+    let projector = taskmesh_projector::Projector::new(tm.bus.clone(), tm.pool.clone());
+    let count = |sql: &'static str| {
+        let pool = tm.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+    };
+    for (names, left) in [(events[0].seq - 1, 1), (events[0].seq, 0)] {
+        taskmesh_projector::Projector::rebuild(&tm.pool).await.unwrap();
+        let mut batch = first.clone();
+        batch.push(removed(names));
+        let mut cache = taskmesh_projector::fold::RowCache::default();
+        projector.apply_batch(&batch, None, &mut cache).await.unwrap();
+        let rows = (count("SELECT count(*) FROM runs").await, count("SELECT count(*) FROM steps").await);
+        assert_eq!(rows, (left, left), "a record naming {names}");
+        if left == 0 {
+            // Its rows gone, nor cached (it looked running): read again, were it to come back.
+            assert!(cache.is_empty(), "nothing cached of a run removed");
+        }
+    }
+    tm.finish().await;
+}

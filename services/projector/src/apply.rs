@@ -219,7 +219,7 @@ async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error
         Event::ScheduleTicked(e) => {
             sqlx::query(
                 "UPDATE schedules SET last_tick = $3, last_run_id = COALESCE($4, last_run_id),
-                   ticks = COALESCE($5, ticks + 1)
+                   ticks = GREATEST(ticks + 1, COALESCE($5, 0))
                  WHERE tenant_id = $1 AND id = $2",
             )
             .bind(tenant)
@@ -419,7 +419,8 @@ async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error
         }
         // Retention removed these ended runs' events: their rows go, as a rebuild would not have
         // them, unless they are of a run of the same id submitted since (a later sequence).
-        // (Ended runs are not in the fold's cache, which holds runs left running.)
+        // Applied after the batch's run rows are written, and the runs then dropped from the
+        // fold's cache (`Projector::apply_on`).
         Event::RunsSwept(e) => {
             let (ids, seqs): (Vec<Uuid>, Vec<i64>) =
                 e.runs.iter().map(|r| (r.run_id, i64::try_from(r.last_seq).unwrap_or(i64::MAX))).unzip();

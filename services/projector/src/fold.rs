@@ -224,7 +224,8 @@ impl RowCache {
         self.runs.is_empty()
     }
 
-    fn remove(&mut self, key: &RunKey) {
+    /// Forgets a run (its rows deleted, or to be read again when next touched).
+    pub(crate) fn remove(&mut self, key: &RunKey) {
         if let Some(run) = self.runs.remove(key) {
             self.bytes -= RUN_BYTES + run.bytes;
         }

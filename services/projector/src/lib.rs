@@ -383,7 +383,11 @@ impl Projector {
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
         };
         let mut versions = apply::Versions::default();
-        for stored in fresh(from).filter(|s| !gathered(s)) {
+        // Runs retention removed go once the batch's run rows are written: a batch that brings
+        // in a run's last events (a projector behind by the retention age) and the record of
+        // its removal leaves no rows of it.
+        let is_swept = |s: &&Stored| matches!(s.envelope.event, taskmesh_events::Event::RunsSwept(_));
+        for stored in fresh(from).filter(|s| !gathered(s)).filter(|s| !is_swept(s)) {
             apply::apply(&mut tx, stored, &mut versions).await?;
         }
         versions.write(&mut tx).await?;
@@ -391,8 +395,22 @@ impl Projector {
             drop(tx);
             return Err(self.moved_under(from).await);
         };
+        // (Records of removed runs are of no versioned resource.)
+        let mut no_versions = apply::Versions::default();
+        for stored in fresh(from).filter(is_swept) {
+            apply::apply(&mut tx, stored, &mut no_versions).await?;
+        }
         tx.commit().await?;
         runs.keep(cache);
+        // Nor any cached rows of them (a run whose end was removed before it was projected
+        // looks running): read again, should a run of the same id come.
+        for stored in fresh(from).filter(is_swept) {
+            if let taskmesh_events::Event::RunsSwept(e) = &stored.envelope.event {
+                for run in &e.runs {
+                    cache.remove(&(stored.envelope.tenant.clone(), run.run_id));
+                }
+            }
+        }
         Ok(checkpoint)
     }
 

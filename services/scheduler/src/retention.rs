@@ -223,7 +223,8 @@ async fn record_removed(bus: &Bus, removed: HashMap<String, Vec<SweptRun>>) -> R
         for chunk in runs.chunks(MAX_RUNS_SWEPT) {
             let event = Event::RunsSwept(RunsSwept { runs: chunk.to_vec() });
             let envelope = EventMeta::new(&tenant).envelope(ns.runs_swept(&tenant), event);
-            // The same runs recorded again (a retried append) are recorded once.
+            // A retried append of the same chunk is appended once (chunks of another sweep may
+            // differ: a run recorded twice is harmless, its rows already gone).
             let msg_id = format!("swept:{}:{}:{}", tenant, chunk[0].run_id, chunk[0].last_seq);
             bus.append_with_id(None, &envelope, &msg_id).await?;
         }
@@ -262,7 +263,7 @@ fn decisive(events: &[taskmesh_bus::Stored], skipped: &HashSet<u64>) -> Option<i
     // The run by hand's sequence says something only while that run is looked at.
     let manual_seq = (s.last_manual.is_some() || s.before_last_run.1.is_some()).then_some(s.last_manual_seq);
     Some((
-        (s.paused, s.last_tick, s.last_tick_at, s.last_tick_ran, s.ticks_from, s.last_seq),
+        (s.paused, s.last_tick, s.last_tick_at, s.last_tick_ran, s.ticks_from, s.last_seq, s.ticks),
         (s.last_run, s.last_manual, manual_seq, s.before_last_run),
         ((*s.spec).clone(), (*s.tick_spec).clone()),
     ))
@@ -313,8 +314,10 @@ mod tests {
         let at = |m: i64| Utc::now() + chrono::Duration::minutes(m);
         let (t2, t3, t5) = (at(2), at(3), at(5));
         let (r0, r1, r2) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // Each tick with its count (as recorded since 2026-12-08), the sequence standing in.
         let ticked = |seq, tick, run| {
-            let t = ScheduleTicked { schedule_id: Uuid::nil(), tick, run_id: Some(run), skipped: None, count: None };
+            let t =
+                ScheduleTicked { schedule_id: Uuid::nil(), tick, run_id: Some(run), skipped: None, count: Some(seq) };
             stored(seq, Event::ScheduleTicked(t))
         };
         let refused = |seq, tick, run_id| {
@@ -339,6 +342,15 @@ mod tests {
         assert!(decisive(&late, &without_first) != decisive(&late, &HashSet::new()));
         let all = [created(), ticked(1, t2, r0), ticked(2, t3, r1), ticked(4, t5, r2), ticked(5, at(6), r2)];
         assert!(decisive(&all, &without_first) == decisive(&all, &HashSet::new()));
+        // Ticks recorded without a count (before 2026-12-08) are counted one by one: removing
+        // one would change the count, so they stay.
+        let uncounted = |seq, tick, run| {
+            let t = ScheduleTicked { schedule_id: Uuid::nil(), tick, run_id: Some(run), skipped: None, count: None };
+            stored(seq, Event::ScheduleTicked(t))
+        };
+        let old =
+            [created(), uncounted(1, t2, r0), uncounted(2, t3, r1), uncounted(4, t5, r2), uncounted(5, at(6), r2)];
+        assert!(decisive(&old, &without_first) != decisive(&old, &HashSet::new()));
         // A run by hand followed by two runs of ticks is no longer looked at: removing it
         // leaves the state as it was.
         let by_hand = stored(1, Event::ScheduleTriggered(ScheduleTriggered { schedule_id: Uuid::nil(), run_id: r0 }));
