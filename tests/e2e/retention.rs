@@ -309,3 +309,30 @@ async fn the_sweep_is_one_timer_the_replicas_share_and_one_of_them_sweeps() {
     replica.await.unwrap().unwrap();
     tm.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_stopped_finishes_its_round_and_records_the_runs_it_removed() {
+    let tm = spawn_with(&Svc::ALL, |s| s.nats.events_max_age_days = 30).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(tm.submit("name: done\nsteps:\n  - {id: a, uses: noop}\n").await);
+    }
+    for id in &ids {
+        tm.wait_run(*id, Duration::from_secs(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Stopped before it began: it still sweeps one round (here, the whole log) whole, and
+    // records what it removed, so the read side drops the runs.
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    let swept = taskmesh_scheduler::retention::sweep_unless_stopped(&tm.bus, chrono::Utc::now(), &stop).await.unwrap();
+    assert!(swept.runs >= 3, "{swept:?}");
+    for id in ids {
+        eventually("the removed run gone from the read side", Duration::from_secs(10), || async {
+            Ok((tm.get_run(id).await.0 == 404).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    tm.finish().await;
+}

@@ -14,7 +14,8 @@
 //! - [`Bus::hand_over`] gives a work-queue message straight to its consumer when it runs in the
 //!   same process ([`Bus::take_locally`]), and enqueues it otherwise.
 //!
-//! Trace context travels in the `traceparent` header of every message.
+//! Trace context travels in the `traceparent` header of every message sent on a caller's behalf
+//! (the platform's own timers, [`Bus::enqueue_after`], carry none).
 //!
 //! # Layout
 //! - this file: [`Bus`], [`Stored`], errors.

@@ -220,8 +220,12 @@ fn asyncapi() -> Value {
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    let run_events: Vec<&str> =
-        events().iter().map(|e| e.0).filter(|n| n.starts_with("Run") || n.starts_with("Step")).collect();
+    let run_events: Vec<&str> = events()
+        .iter()
+        .map(|e| e.0)
+        .filter(|n| n.starts_with("Run") || n.starts_with("Step"))
+        .filter(|n| *n != "RunsSwept")
+        .collect();
     json!({
         "asyncapi": "3.0.0",
         "info": {
@@ -239,7 +243,7 @@ fn asyncapi() -> Value {
             },
             "tenantEvents": {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
-                "description": "Stream {NS}_EVENTS. Tenants, API keys, repository connections, webhook endpoints.",
+                "description": "Stream {NS}_EVENTS. A tenant's other aggregates and records: the tenant, API keys and their uses, the audit log, repository connections and their failed commit statuses, webhook endpoints, workflows, schedules, secrets, and the runs retention removed.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret", "retention"]}, "id": {}},
                 "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "ScheduleRunRefused", "SecretSet", "SecretDeleted", "RunsSwept"])
             },

@@ -15,9 +15,10 @@
 //! sent again. It carries no `Retry-After` where the connection must change first: an
 //! `api_url` that is no URL, or whose address the egress rules refuse, or a forge refusing the
 //! token (`401`, a `403` that is not a rate limit, or `404` for the commit too; just after a
-//! push a forge's replica may not show the commit yet, which this reads as lasting too). Every
-//! other `503` (no answer, `429`, `5xx`, a rate limit's `403`, any other status) carries
-//! `Retry-After: 1`. A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
+//! push a forge's replica may not show the commit yet, which this reads as lasting too). A
+//! forge's rate limit passes its own wait on as `Retry-After` (see [`Refusal::Wait`]); every
+//! other `503` (no answer, `429` or `503` without a wait, another `5xx`, any other status)
+//! carries `Retry-After: 1`. A file that is not YAML or JSON, or larger than [`MAX_PIPELINE_BYTES`], is a `422`.
 
 use std::time::Duration;
 

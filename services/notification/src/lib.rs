@@ -727,7 +727,7 @@ impl Notifier {
         // Rate limited: GitHub answers 403 or 429 so, by its headers or, for a secondary limit,
         // only in its message.
         if let Some(wait) = taskmesh_egress::rate_limited(&mut res).await {
-            return Err(Outcome::Later(format!("POST {url} answered {status}: rate limited"), wait));
+            return Err(Outcome::Later(format!("POST {url} answered {status}, asking to wait {wait:?}"), wait));
         }
         if status.as_u16() == 400 && s.forge == Forge::Gitlab {
             let start = taskmesh_egress::body_start(&mut res, 4096).await;

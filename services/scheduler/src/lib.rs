@@ -13,8 +13,10 @@
 //! - `dispatch`: admission control: tenant limits, priorities, rate limits, concurrency
 //!   groups; one leader replica at a time.
 //! - `schedules`: cron schedules: arming ticks, handling each exactly once.
-//! - [`retention`]: sweeps of the event log's part older than `nats.events_max_age_days`.
-//! - this file: [`Scheduler`]: the cache, the reactor loop and the command handlers.
+//! - [`retention`]: sweeps of the event log's part older than `nats.events_max_age_days`, and
+//!   their timer (`arm`, `arm_after`, `SWEEP_EVERY`).
+//! - this file: [`Scheduler`]: the cache, the reactor loop, the command handlers, the timers
+//!   (`on_timer`; the sweep's, `sweep_on`).
 
 mod dispatch;
 pub mod retention;
@@ -223,7 +225,8 @@ impl Scheduler {
 
     /// Runs the reactor and the lease/report handlers until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.stopping = shutdown.clone();
+        // Its own token: cancelled by `shutdown`, and as the replica stops for any reason.
+        self.stopping = shutdown.child_token();
         let lease = self.serve_command("lease", &shutdown, |me, req: LeaseRequest| async move { me.lease(req).await });
         let report =
             self.serve_command("report", &shutdown, |me, req: ResultReport| async move { me.report(req).await });
@@ -236,6 +239,7 @@ impl Scheduler {
         let dispatcher = dispatch::Dispatcher::new(self.bus.clone(), self.settings.clone(), self.limits.clone())
             .run(shutdown.clone());
         let ran = tokio::try_join!(lease, report, hand_back, reactor, timers, schedules, retention, dispatcher);
+        self.stopping.cancel();
         self.tasks.close();
         self.tasks.wait().await;
         ran?;
@@ -294,8 +298,8 @@ impl Scheduler {
     /// progress ack the consumer sends as this returns arrive after that, and shorten the delay
     /// to the ack wait.) Should that fail, it is handed back for as long. A timer that is not
     /// its subject's last (a next one was put after it already, by a sweep whose ack was lost,
-    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep hands the
-    /// timer back at once, for another to sweep; one that dies leaves it to be delivered again
+    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep finishes the
+    /// round under way and hands the timer back, for another to sweep; one that dies leaves it to be delivered again
     /// once its ack wait has run out. With retention turned off here, the timer is taken out.
     async fn sweep_on(&self, msg: &Arc<Message>) -> AckKind {
         use std::sync::atomic::Ordering::SeqCst;
@@ -303,7 +307,13 @@ impl Scheduler {
         if days == 0 {
             return AckKind::Ack;
         }
-        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else { return AckKind::Term };
+        let seq = match msg.info() {
+            Ok(info) => info.stream_sequence,
+            Err(e) => {
+                tracing::error!(error = %e, "a sweep timer without its delivery's details; terminating it");
+                return AckKind::Term;
+            }
+        };
         let ns = self.bus.namespace();
         match self.bus.last_seq_in(&ns.timers_stream(), &ns.sweep_timer()).await {
             Ok(last) if last != seq => return AckKind::Ack,
@@ -320,7 +330,8 @@ impl Scheduler {
         let (me, msg) = (self.clone(), msg.clone());
         self.tasks.spawn(async move {
             let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
-            let sweep = retention::sweep(&me.bus, cutoff);
+            // A stop ends it between two rounds (see `sweep_unless_stopped`).
+            let sweep = retention::sweep_unless_stopped(&me.bus, cutoff, &me.stopping);
             tokio::pin!(sweep);
             let mut progress = tokio::time::interval_at(
                 tokio::time::Instant::now() + TIMERS_ACK_WAIT / 3,
@@ -328,8 +339,7 @@ impl Scheduler {
             );
             let swept = loop {
                 tokio::select! {
-                    swept = &mut sweep => break Some(swept),
-                    _ = me.stopping.cancelled() => break None,
+                    swept = &mut sweep => break swept,
                     _ = progress.tick() => {
                         if let Err(e) = msg.ack_with(AckKind::Progress).await {
                             tracing::warn!(error = %e, "keeping the event log's sweep timer failed");
@@ -337,38 +347,39 @@ impl Scheduler {
                     }
                 }
             };
-            let handed_back = match swept {
-                // Stopped: another replica takes it over.
-                None => msg.ack_with(AckKind::Nak(None)).await.err().map(|e| e.to_string()),
-                Some(swept) => {
-                    let outcome = match swept {
-                        Ok(swept) => {
-                            tracing::info!(?swept, %cutoff, "swept the event log");
-                            let removed = [("runs", swept.runs as u64), ("deleted", swept.deleted as u64), ("records", swept.records)];
-                            for (what, n) in removed {
-                                metrics::counter!("taskmesh_event_log_swept_total", "what" => what).increment(n);
-                            }
-                            "done"
+            let handed_back = if me.stopping.is_cancelled() {
+                // Stopped: another replica takes it over, and starts over.
+                tracing::info!(?swept, "stopped sweeping the event log; handing the sweep to another replica");
+                msg.ack_with(AckKind::Nak(None)).await.err().map(|e| e.to_string())
+            } else {
+                let outcome = match swept {
+                    Ok(swept) => {
+                        tracing::info!(?swept, %cutoff, "swept the event log");
+                        let removed =
+                            [("runs", swept.runs as u64), ("deleted", swept.deleted as u64), ("records", swept.records)];
+                        for (what, n) in removed {
+                            metrics::counter!("taskmesh_event_log_swept_total", "what" => what).increment(n);
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
-                            "failed"
-                        }
-                    };
-                    metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => outcome).increment(1);
-                    let next =
-                        chrono::Utc::now() + chrono::Duration::from_std(retention::SWEEP_EVERY).unwrap_or_default();
-                    let rearmed = async {
-                        // `false`: another was put after this one since (see above).
-                        retention::arm_after(&me.bus, seq, next).await?;
-                        msg.double_ack().await.map_err(|e| BusError::Nats(format!("acking the sweep's timer: {e}")))
-                    };
-                    match rearmed.await {
-                        Ok(()) => None,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "arming the next sweep of the event log failed; handing this one back for as long");
-                            msg.ack_with(AckKind::Nak(Some(retention::SWEEP_EVERY))).await.err().map(|e| e.to_string())
-                        }
+                        "done"
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
+                        "failed"
+                    }
+                };
+                metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => outcome).increment(1);
+                let next =
+                    chrono::Utc::now() + chrono::Duration::from_std(retention::SWEEP_EVERY).unwrap_or_default();
+                let rearmed = async {
+                    // `false`: another was put after this one since (see above).
+                    retention::arm_after(&me.bus, seq, next).await?;
+                    msg.double_ack().await.map_err(|e| BusError::Nats(format!("acking the sweep's timer: {e}")))
+                };
+                match rearmed.await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "arming the next sweep of the event log failed; handing this one back for as long");
+                        msg.ack_with(AckKind::Nak(Some(retention::SWEEP_EVERY))).await.err().map(|e| e.to_string())
                     }
                 }
             };

@@ -87,6 +87,25 @@ pub async fn sweep(bus: &Bus, cutoff: DateTime<Utc>) -> Result<Swept, BusError> 
 
 /// [`sweep`], reading `per_round` messages a round (tests cross rounds with a few).
 pub async fn sweep_in_rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize) -> Result<Swept, BusError> {
+    rounds(bus, cutoff, per_round, None).await
+}
+
+/// [`sweep`] until `stop` is cancelled: it stops between two rounds (a round's removals and
+/// their record for the read side go together), returning what it removed so far.
+pub async fn sweep_unless_stopped(
+    bus: &Bus,
+    cutoff: DateTime<Utc>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<Swept, BusError> {
+    rounds(bus, cutoff, ROUND, Some(stop)).await
+}
+
+async fn rounds(
+    bus: &Bus,
+    cutoff: DateTime<Utc>,
+    per_round: usize,
+    stop: Option<&tokio_util::sync::CancellationToken>,
+) -> Result<Swept, BusError> {
     let mut swept = Swept::default();
     // Runs seen ending, across rounds (a run's end and its last event may fall in two).
     let mut ended = HashSet::new();
@@ -97,7 +116,7 @@ pub async fn sweep_in_rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize)
         from = last.seq + 1;
         swept.read += headings.len();
         round(bus, &headings, &mut ended, &mut swept).await?;
-        if !more {
+        if !more || stop.is_some_and(|s| s.is_cancelled()) {
             break;
         }
     }
@@ -169,6 +188,9 @@ async fn round(
     }
     .await;
     let recorded = record_removed(bus, removed).await;
+    if let (Err(_), Err(e)) = (&purged, &recorded) {
+        tracing::warn!(error = %e, "recording the runs removed failed: their rows stay in the read side until a rebuild");
+    }
     purged?;
     recorded?;
     // A deleted aggregate with nothing since: gone.
@@ -216,7 +238,8 @@ async fn round(
 
 /// Appends, a tenant at a time and at most [`MAX_RUNS_SWEPT`] runs an event, `RunsSwept` for
 /// the runs whose events were `removed`, so the read side drops their rows. (Should it fail,
-/// the rows stay until a rebuild of the read side, which leaves them out.)
+/// the rows stay until a rebuild of the read side, which leaves them out: the sweep's error
+/// says so.)
 async fn record_removed(bus: &Bus, removed: HashMap<String, Vec<SweptRun>>) -> Result<(), BusError> {
     let ns = bus.namespace();
     for (tenant, runs) in removed {
