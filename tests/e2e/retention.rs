@@ -89,6 +89,15 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     let audit = ns.audit("default");
     let audit_before = count(&tm, &audit).await;
     assert!(audit_before >= 2, "writes are audited: {audit_before}");
+    let newest_audit = tm.bus.last_seq(&audit).await.unwrap() as i64;
+    let old_audit_rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE tenant_id = 'default' AND seq < $1")
+            .bind(newest_audit)
+            .fetch_one(&tm.pool)
+            .await
+            .unwrap()
+    };
+    assert!(old_audit_rows().await > 0, "the read side has the older records");
     let schedule_before = schedule_state(&tm, &schedule_subject).await;
     let ticks_before: i64 = sqlx::query_scalar("SELECT ticks FROM schedules WHERE id = $1")
         .bind(schedule)
@@ -125,6 +134,12 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     assert!(tm.run_events(done).await.is_empty(), "an ended run's events are removed");
     assert_eq!(count(&tm, &ns.secret("default", "GONE")).await, 0, "a deleted secret's are too");
     assert_eq!(count(&tm, &audit).await, 1, "old audit records: all but the newest");
+    // The read side drops their rows as the sweep records them (`AuditSwept`).
+    eventually("the old audit rows gone from the read side", Duration::from_secs(10), || async {
+        Ok((old_audit_rows().await == 0).then_some(()))
+    })
+    .await
+    .unwrap();
     // In force: kept as they were.
     assert_eq!(count(&tm, &running_subject).await, running_before, "a running run's events stay");
     // A secret: its value in force only.

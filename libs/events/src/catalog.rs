@@ -65,6 +65,7 @@ pub enum Event {
     WebhookEndpointUpdated(WebhookEndpointUpdated),
     WebhookEndpointSecretRotated(WebhookEndpointSecretRotated),
     RunsSwept(RunsSwept),
+    AuditSwept(AuditSwept),
 }
 
 impl Event {
@@ -126,6 +127,7 @@ impl Event {
             Event::RepoConnectionDeleted(_) => "RepoConnectionDeleted",
             Event::AuditBatchRecorded(_) => "AuditBatchRecorded",
             Event::RunsSwept(_) => "RunsSwept",
+            Event::AuditSwept(_) => "AuditSwept",
             Event::WebhookDeliveryFailed(_) => "WebhookDeliveryFailed",
             Event::WebhookDeliveryRetried(_) => "WebhookDeliveryRetried",
             Event::WebhookEndpointDisabled(_) => "WebhookEndpointDisabled",
@@ -484,6 +486,15 @@ pub struct SweptRun {
     pub run_id: Uuid,
     /// The last sequence removed from the run's subject.
     pub last_seq: u64,
+}
+
+/// Retention removed the tenant's audit records older than the limit from the log: those of
+/// its audit log's events at sequences below `below_seq` (the newest of them stays). The read
+/// side drops their rows. Appended by the sweep once it has removed them, on the tenant's
+/// `{ns}.evt.{tenant}.retention.audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditSwept {
+    pub below_seq: u64,
 }
 
 /// Most records one [`AuditBatchRecorded`] holds.

@@ -225,6 +225,14 @@ impl Namespace {
     pub fn runs_swept(&self, tenant: &str) -> String {
         format!("{}.evt.{tenant}.retention.runs", self.0)
     }
+    /// Where retention records the audit records it removed of a tenant (`AuditSwept`).
+    pub fn audit_swept(&self, tenant: &str) -> String {
+        format!("{}.evt.{tenant}.retention.audit", self.0)
+    }
+    /// The tenant an event subject is of: the token after `evt`.
+    pub fn event_tenant<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(self.0.as_str())?.strip_prefix(".evt.")?.split('.').next()
+    }
     /// A tenant's audit log: `{ns}.evt.<tenant>.audit.log`.
     pub fn audit(&self, tenant: &str) -> String {
         format!("{}.evt.{tenant}.audit.log", self.0)

@@ -437,6 +437,15 @@ async fn apply_event(tx: &mut Tx<'_>, stored: &Stored) -> Result<(), sqlx::Error
             .execute(&mut **tx)
             .await?;
         }
+        // Retention removed the tenant's audit records below this sequence (applied after the
+        // batch's own audit records, as `RunsSwept` is).
+        Event::AuditSwept(e) => {
+            sqlx::query("DELETE FROM audit_log WHERE tenant_id = $1 AND seq < $2")
+                .bind(tenant)
+                .bind(i64::try_from(e.below_seq).unwrap_or(i64::MAX))
+                .execute(&mut **tx)
+                .await?;
+        }
         // Run events are folded per batch (see `fold`), audit records gathered ([`AuditRows`]);
         // nothing else is left out.
         event => {

@@ -383,10 +383,13 @@ impl Projector {
             None => taskmesh_store::checkpoint(&mut tx, NAME).await?,
         };
         let mut versions = apply::Versions::default();
-        // Runs retention removed go once the batch's run rows are written: a batch that brings
-        // in a run's last events (a projector behind by the retention age) and the record of
-        // its removal leaves no rows of it.
-        let is_swept = |s: &&Stored| matches!(s.envelope.event, taskmesh_events::Event::RunsSwept(_));
+        // Runs and audit records retention removed go once the batch's run rows and audit
+        // records are written: a batch that brings in a run's last events, or old audit
+        // records (a projector behind by the retention age), and the record of their removal
+        // leaves no rows of them.
+        let is_swept = |s: &&Stored| {
+            matches!(s.envelope.event, taskmesh_events::Event::RunsSwept(_) | taskmesh_events::Event::AuditSwept(_))
+        };
         for stored in fresh(from).filter(|s| !gathered(s)).filter(|s| !is_swept(s)) {
             apply::apply(&mut tx, stored, &mut versions).await?;
         }

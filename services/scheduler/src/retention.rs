@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use taskmesh_bus::{Bus, BusError, Heading};
-use taskmesh_events::{Event, EventMeta, MAX_RUNS_SWEPT, RunsSwept, SweptRun};
+use taskmesh_events::{AuditSwept, Event, EventMeta, MAX_RUNS_SWEPT, RunsSwept, SweptRun};
 
 /// Messages read per round of a sweep (headers only).
 const ROUND: usize = 20_000;
@@ -202,10 +202,19 @@ async fn round(
             swept.deleted += 1;
         }
     }
-    // Old records: all but the newest of each subject.
+    // Old records: all but the newest of each subject; a tenant's audit records removed are
+    // recorded for the read side (as runs are, above).
     for (subject, (newest, count)) in records {
         if count > 1 {
-            swept.records += bus.purge_subject_below(subject, newest).await?;
+            let purged = bus.purge_subject_below(subject, newest).await?;
+            swept.records += purged;
+            if let (Some("audit"), Some(tenant)) = (ns.event_kind(subject), ns.event_tenant(subject))
+                && purged > 0
+            {
+                let event = Event::AuditSwept(AuditSwept { below_seq: newest });
+                let envelope = EventMeta::new(tenant).envelope(ns.audit_swept(tenant), event);
+                bus.append_with_id(None, &envelope, &format!("audit-swept:{tenant}:{newest}")).await?;
+            }
         }
     }
     // A schedule's old ticks, but those its state is folded from.
