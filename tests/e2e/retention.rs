@@ -140,6 +140,12 @@ async fn a_sweep_removes_what_is_old_and_done_and_keeps_what_is_in_force() {
     })
     .await
     .unwrap();
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE tenant_id = 'default' AND seq >= $1")
+        .bind(newest_audit)
+        .fetch_one(&tm.pool)
+        .await
+        .unwrap();
+    assert!(kept >= 1, "the newest record's rows stay");
     // In force: kept as they were.
     assert_eq!(count(&tm, &running_subject).await, running_before, "a running run's events stay");
     // A secret: its value in force only.
@@ -326,7 +332,8 @@ async fn the_sweep_is_one_timer_the_replicas_share_and_one_of_them_sweeps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_sweep_stopped_finishes_its_round_and_records_the_runs_it_removed() {
+async fn a_sweep_stopped_says_so_and_one_let_run_records_the_runs_it_removed() {
+    use taskmesh_scheduler::retention::sweep_in_rounds_unless_stopped;
     let tm = spawn_with(&Svc::ALL, |s| s.nats.events_max_age_days = 30).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -336,12 +343,19 @@ async fn a_sweep_stopped_finishes_its_round_and_records_the_runs_it_removed() {
         tm.wait_run(*id, Duration::from_secs(30)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    // Stopped before it began: it still sweeps one round (here, the whole log) whole, and
-    // records what it removed, so the read side drops the runs.
+    let cutoff = chrono::Utc::now();
+    // Stopped before it began: it reads and removes nothing, and says it was stopped (so its
+    // timer is handed back, not armed an hour on).
     let stop = tokio_util::sync::CancellationToken::new();
     stop.cancel();
-    let swept = taskmesh_scheduler::retention::sweep_unless_stopped(&tm.bus, chrono::Utc::now(), &stop).await.unwrap();
-    assert!(swept.runs >= 3, "{swept:?}");
+    let swept = sweep_in_rounds_unless_stopped(&tm.bus, cutoff, 2, &stop).await.unwrap();
+    assert_eq!((swept.read, swept.runs, swept.stopped), (0, 0, true), "{swept:?}");
+    assert_eq!(tm.get_run(ids[0]).await.0, 200);
+    // Let run, a few messages a round: all of it, not stopped, and the runs it removed leave
+    // the read side.
+    let go_on = tokio_util::sync::CancellationToken::new();
+    let swept = sweep_in_rounds_unless_stopped(&tm.bus, cutoff, 2, &go_on).await.unwrap();
+    assert!(swept.runs >= 3 && !swept.stopped, "{swept:?}");
     for id in ids {
         eventually("the removed run gone from the read side", Duration::from_secs(10), || async {
             Ok((tm.get_run(id).await.0 == 404).then_some(()))

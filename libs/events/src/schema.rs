@@ -248,7 +248,7 @@ fn asyncapi() -> Value {
             },
             "tenantEvents": {
                 "address": "{ns}.evt.{tenant}.{aggregate}.{id}",
-                "description": "Stream {NS}_EVENTS. A tenant's other aggregates and records: the tenant, API keys and their uses, the audit log, repository connections and their failed commit statuses, webhook endpoints, workflows, schedules, secrets, and the runs retention removed.",
+                "description": "Stream {NS}_EVENTS. A tenant's other aggregates and records: the tenant, API keys and their uses, the audit log, repository connections and their failed commit statuses, webhook endpoints, workflows, schedules, secrets, and the runs and audit records retention removed.",
                 "parameters": {"ns": {}, "tenant": {}, "aggregate": {"enum": ["tenant", "apikey", "keyuse", "audit", "repo", "repostatus", "endpoint", "workflow", "schedule", "secret", "retention"]}, "id": {}},
                 "messages": refs(&["TenantCreated", "ApiKeyCreated", "ApiKeyRevoked", "ApiKeyUsed", "AuditRecorded", "AuditBatchRecorded", "RepoConnectionCreated", "RepoConnectionUpdated", "RepoConnectionDeleted", "WebhookEndpointCreated", "WebhookEndpointDeleted", "WebhookDeliveryFailed", "WebhookDeliveryRetried", "WebhookEndpointDisabled", "WebhookEndpointEnabled", "WebhookEndpointRecovered", "WebhookEndpointUpdated", "WebhookEndpointSecretRotated", "CommitStatusFailed", "CommitStatusRecovered", "WorkflowVersionStored", "ScheduleCreated", "SchedulePaused", "ScheduleResumed", "ScheduleTicked", "ScheduleDeleted", "ScheduleUpdated", "ScheduleTriggered", "ScheduleRunRefused", "SecretSet", "SecretDeleted", "RunsSwept", "AuditSwept"])
             },

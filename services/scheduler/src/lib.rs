@@ -298,8 +298,8 @@ impl Scheduler {
     /// progress ack the consumer sends as this returns arrive after that, and shorten the delay
     /// to the ack wait.) Should that fail, it is handed back for as long. A timer that is not
     /// its subject's last (a next one was put after it already, by a sweep whose ack was lost,
-    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep finishes the
-    /// round under way and hands the timer back, for another to sweep; one that dies leaves it to be delivered again
+    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep ends it before
+    /// its next removal (the runs removed recorded) and hands the timer back, for another to sweep; one that dies leaves it to be delivered again
     /// once its ack wait has run out. With retention turned off here, the timer is taken out.
     async fn sweep_on(&self, msg: &Arc<Message>) -> AckKind {
         use std::sync::atomic::Ordering::SeqCst;
@@ -330,7 +330,7 @@ impl Scheduler {
         let (me, msg) = (self.clone(), msg.clone());
         self.tasks.spawn(async move {
             let cutoff = chrono::Utc::now() - chrono::Duration::days(days.min(1_000_000) as i64);
-            // A stop ends it between two rounds (see `sweep_unless_stopped`).
+            // A stop ends it before its next removal (see `sweep_unless_stopped`).
             let sweep = retention::sweep_unless_stopped(&me.bus, cutoff, &me.stopping);
             tokio::pin!(sweep);
             let mut progress = tokio::time::interval_at(
@@ -347,27 +347,29 @@ impl Scheduler {
                     }
                 }
             };
-            let handed_back = if me.stopping.is_cancelled() {
+            let stopped = matches!(&swept, Ok(s) if s.stopped);
+            match swept {
                 // Stopped: another replica takes it over, and starts over.
-                tracing::info!(?swept, "stopped sweeping the event log; handing the sweep to another replica");
+                Ok(swept) if swept.stopped => {
+                    tracing::info!(?swept, "stopped sweeping the event log; handing the sweep to another replica");
+                }
+                Ok(swept) => {
+                    tracing::info!(?swept, %cutoff, "swept the event log");
+                    let removed =
+                        [("runs", swept.runs as u64), ("deleted", swept.deleted as u64), ("records", swept.records)];
+                    for (what, n) in removed {
+                        metrics::counter!("taskmesh_event_log_swept_total", "what" => what).increment(n);
+                    }
+                    metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => "done").increment(1);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
+                    metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => "failed").increment(1);
+                }
+            }
+            let handed_back = if stopped {
                 msg.ack_with(AckKind::Nak(None)).await.err().map(|e| e.to_string())
             } else {
-                let outcome = match swept {
-                    Ok(swept) => {
-                        tracing::info!(?swept, %cutoff, "swept the event log");
-                        let removed =
-                            [("runs", swept.runs as u64), ("deleted", swept.deleted as u64), ("records", swept.records)];
-                        for (what, n) in removed {
-                            metrics::counter!("taskmesh_event_log_swept_total", "what" => what).increment(n);
-                        }
-                        "done"
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "sweeping the event log failed; trying again in an hour");
-                        "failed"
-                    }
-                };
-                metrics::counter!("taskmesh_event_log_sweeps_total", "outcome" => outcome).increment(1);
                 let next =
                     chrono::Utc::now() + chrono::Duration::from_std(retention::SWEEP_EVERY).unwrap_or_default();
                 let rearmed = async {

@@ -77,6 +77,15 @@ pub struct Swept {
     /// Old records (audit, key uses, statuses), a secret's superseded values, and schedule
     /// ticks removed.
     pub records: u64,
+    /// Whether it was stopped before it had read all of the log older than the cutoff.
+    pub stopped: bool,
+}
+
+/// A sweep's stop: a token that may be cancelled, or none.
+type Stop<'a> = Option<&'a tokio_util::sync::CancellationToken>;
+
+fn stopped(stop: Stop<'_>) -> bool {
+    stop.is_some_and(|s| s.is_cancelled())
 }
 
 /// Removes what the event log holds from before `cutoff` and is no longer in force (see the
@@ -90,8 +99,9 @@ pub async fn sweep_in_rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize)
     rounds(bus, cutoff, per_round, None).await
 }
 
-/// [`sweep`] until `stop` is cancelled: it stops between two rounds (a round's removals and
-/// their record for the read side go together), returning what it removed so far.
+/// [`sweep`] until `stop` is cancelled: it stops before its next removal, once the runs it
+/// removed are recorded for the read side (so a stop waits for one removal and that record),
+/// returning what it removed so far, `stopped`.
 pub async fn sweep_unless_stopped(
     bus: &Bus,
     cutoff: DateTime<Utc>,
@@ -100,23 +110,32 @@ pub async fn sweep_unless_stopped(
     rounds(bus, cutoff, ROUND, Some(stop)).await
 }
 
-async fn rounds(
+/// [`sweep_unless_stopped`], reading `per_round` messages a round.
+pub async fn sweep_in_rounds_unless_stopped(
     bus: &Bus,
     cutoff: DateTime<Utc>,
     per_round: usize,
-    stop: Option<&tokio_util::sync::CancellationToken>,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<Swept, BusError> {
+    rounds(bus, cutoff, per_round, Some(stop)).await
+}
+
+async fn rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize, stop: Stop<'_>) -> Result<Swept, BusError> {
     let mut swept = Swept::default();
     // Runs seen ending, across rounds (a run's end and its last event may fall in two).
     let mut ended = HashSet::new();
     let mut from = 1;
     loop {
+        if stopped(stop) {
+            swept.stopped = true;
+            break;
+        }
         let (headings, more) = bus.headings_before(from, cutoff, per_round.max(1)).await?;
         let Some(last) = headings.last() else { break };
         from = last.seq + 1;
         swept.read += headings.len();
-        round(bus, &headings, &mut ended, &mut swept).await?;
-        if !more || stop.is_some_and(|s| s.is_cancelled()) {
+        round(bus, &headings, &mut ended, &mut swept, stop).await?;
+        if swept.stopped || !more {
             break;
         }
     }
@@ -129,6 +148,7 @@ async fn round(
     headings: &[Heading],
     ended: &mut HashSet<String>,
     swept: &mut Swept,
+    stop: Stop<'_>,
 ) -> Result<(), BusError> {
     let ns = bus.namespace();
     // Per subject: the last sequence seen; and a schedule's messages.
@@ -170,6 +190,10 @@ async fn round(
             if !ended.contains(*subject) {
                 continue;
             }
+            if stopped(stop) {
+                swept.stopped = true;
+                break;
+            }
             let last = bus.last_seq(subject).await?;
             if last == *seen {
                 bus.purge_subject_below(subject, seen + 1).await?;
@@ -193,6 +217,9 @@ async fn round(
     }
     purged?;
     recorded?;
+    if swept.stopped {
+        return Ok(());
+    }
     // A deleted aggregate with nothing since: gone.
     for (subject, seq) in deleted {
         if bus.last_seq(subject).await? == seq {
@@ -213,7 +240,13 @@ async fn round(
             {
                 let event = Event::AuditSwept(AuditSwept { below_seq: newest });
                 let envelope = EventMeta::new(tenant).envelope(ns.audit_swept(tenant), event);
-                bus.append_with_id(None, &envelope, &format!("audit-swept:{tenant}:{newest}")).await?;
+                let recorded = bus.append_with_id(None, &envelope, &format!("audit-swept:{tenant}:{newest}")).await;
+                if let Err(e) = recorded {
+                    // They go from the read side at the tenant's next audit purge (the delete
+                    // is of all below), or at a rebuild.
+                    tracing::warn!(error = %e, tenant, "recording the audit records removed failed");
+                    return Err(e);
+                }
             }
         }
     }
