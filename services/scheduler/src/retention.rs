@@ -77,7 +77,7 @@ pub struct Swept {
     /// Old records (audit, key uses, statuses), a secret's superseded values, and schedule
     /// ticks removed.
     pub records: u64,
-    /// Whether it was stopped before it had read all of the log older than the cutoff.
+    /// Whether a stop ended it before it had looked at all of the log older than the cutoff.
     pub stopped: bool,
 }
 
@@ -100,8 +100,8 @@ pub async fn sweep_in_rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize)
 }
 
 /// [`sweep`] until `stop` is cancelled: it stops before its next removal, once the runs it
-/// removed are recorded for the read side (so a stop waits for one removal and that record),
-/// returning what it removed so far, `stopped`.
+/// removed are recorded for the read side (so a stop waits for the removal under way, or the
+/// read of a round's headings, and that record), returning what it removed so far, `stopped`.
 pub async fn sweep_unless_stopped(
     bus: &Bus,
     cutoff: DateTime<Utc>,
@@ -220,8 +220,18 @@ async fn round(
     if swept.stopped {
         return Ok(());
     }
+    // Stopped, the rest of the round is left before its next removal: each removal below
+    // (with its record, for audit records; a schedule's ticks, decided as a whole) is done
+    // whole.
+    let stop_here = |swept: &mut Swept| {
+        swept.stopped = stopped(stop);
+        swept.stopped
+    };
     // A deleted aggregate with nothing since: gone.
     for (subject, seq) in deleted {
+        if stop_here(swept) {
+            return Ok(());
+        }
         if bus.last_seq(subject).await? == seq {
             bus.purge_subject_below(subject, seq + 1).await?;
             schedules.remove(subject);
@@ -232,6 +242,9 @@ async fn round(
     // Old records: all but the newest of each subject; a tenant's audit records removed are
     // recorded for the read side (as runs are, above).
     for (subject, (newest, count)) in records {
+        if stop_here(swept) {
+            return Ok(());
+        }
         if count > 1 {
             let purged = bus.purge_subject_below(subject, newest).await?;
             swept.records += purged;
@@ -254,6 +267,9 @@ async fn round(
     let stream = ns.events_stream();
     let is_tick = |h: &Heading| !h.types.is_empty() && h.types.iter().all(|t| TICKS.contains(&t.as_str()));
     for (subject, messages) in schedules {
+        if stop_here(swept) {
+            return Ok(());
+        }
         // Fewer than three ticks of any kind: nothing to gain from reading it.
         if messages.iter().filter(|h| is_tick(h)).count() < 3 {
             continue;
