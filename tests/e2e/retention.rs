@@ -332,9 +332,11 @@ async fn the_sweep_is_one_timer_the_replicas_share_and_one_of_them_sweeps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_sweep_stopped_says_so_and_one_let_run_records_the_runs_it_removed() {
-    use taskmesh_scheduler::retention::sweep_in_rounds_unless_stopped;
+async fn a_sweep_stopped_between_two_removals_records_what_it_removed_and_leaves_the_rest() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use taskmesh_scheduler::retention::sweep_in_rounds_unless;
     let tm = spawn_with(&Svc::ALL, |s| s.nats.events_max_age_days = 30).await;
+    let ns = tm.bus.namespace().clone();
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(tm.submit("name: done\nsteps:\n  - {id: a, uses: noop}\n").await);
@@ -342,23 +344,50 @@ async fn a_sweep_stopped_says_so_and_one_let_run_records_the_runs_it_removed() {
     for id in &ids {
         tm.wait_run(*id, Duration::from_secs(30)).await;
     }
+    put_secret(&tm, "GONE", "gone-value-1").await;
+    let res = tm.auth(tm.http.delete(format!("{}/v1/secrets/GONE", tm.api))).send().await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    tm.wait_projected().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let cutoff = chrono::Utc::now();
+    let mesh = &tm;
+    let gone = |id| async move { mesh.get_run(id).await.0 == 404 };
+
     // Stopped before it began: it reads and removes nothing, and says it was stopped (so its
     // timer is handed back, not armed an hour on).
-    let stop = tokio_util::sync::CancellationToken::new();
-    stop.cancel();
-    let swept = sweep_in_rounds_unless_stopped(&tm.bus, cutoff, 2, &stop).await.unwrap();
+    let swept = sweep_in_rounds_unless(&tm.bus, cutoff, 100_000, &|| true).await.unwrap();
     assert_eq!((swept.read, swept.runs, swept.stopped), (0, 0, true), "{swept:?}");
-    assert_eq!(tm.get_run(ids[0]).await.0, 200);
-    // Let run, a few messages a round: all of it, not stopped, and the runs it removed leave
-    // the read side.
-    let go_on = tokio_util::sync::CancellationToken::new();
-    let swept = sweep_in_rounds_unless_stopped(&tm.bus, cutoff, 2, &go_on).await.unwrap();
-    assert!(swept.runs >= 3 && !swept.stopped, "{swept:?}");
+
+    // Stopped after its first removal: asked before the round, before the first run's purge
+    // and before the second's, it stops there. The run it removed is recorded (the read side
+    // drops it); the other runs and the deleted secret stay in the log.
+    let asked = AtomicUsize::new(0);
+    let third = || asked.fetch_add(1, SeqCst) >= 2;
+    let swept = sweep_in_rounds_unless(&tm.bus, cutoff, 100_000, &third).await.unwrap();
+    assert_eq!((swept.runs, swept.deleted, swept.stopped), (1, 0, true), "{swept:?}");
+    let removed = eventually("the removed run gone from the read side", Duration::from_secs(10), || async {
+        let mut removed = Vec::new();
+        for id in &ids {
+            if gone(*id).await {
+                removed.push(*id);
+            }
+        }
+        Ok((!removed.is_empty()).then_some(removed))
+    })
+    .await
+    .unwrap();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    for id in ids.iter().filter(|id| !removed.contains(id)) {
+        assert!(!tm.run_events(*id).await.is_empty(), "a run not reached keeps its events");
+    }
+    assert!(tm.bus.last_seq(&ns.secret("default", "GONE")).await.unwrap() > 0, "the rest of the round is left");
+
+    // Let run: the rest goes, and is recorded.
+    let swept = sweep_in_rounds_unless(&tm.bus, cutoff, 2, &|| false).await.unwrap();
+    assert!(swept.runs >= 2 && swept.deleted == 1 && !swept.stopped, "{swept:?}");
     for id in ids {
         eventually("the removed run gone from the read side", Duration::from_secs(10), || async {
-            Ok((tm.get_run(id).await.0 == 404).then_some(()))
+            Ok(gone(id).await.then_some(()))
         })
         .await
         .unwrap();

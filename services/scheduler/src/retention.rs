@@ -81,11 +81,11 @@ pub struct Swept {
     pub stopped: bool,
 }
 
-/// A sweep's stop: a token that may be cancelled, or none.
-type Stop<'a> = Option<&'a tokio_util::sync::CancellationToken>;
+/// A sweep's stop: whether to stop now, asked before each removal and round; or none.
+type Stop<'a> = Option<&'a (dyn Fn() -> bool + Send + Sync)>;
 
 fn stopped(stop: Stop<'_>) -> bool {
-    stop.is_some_and(|s| s.is_cancelled())
+    stop.is_some_and(|s| s())
 }
 
 /// Removes what the event log holds from before `cutoff` and is no longer in force (see the
@@ -107,15 +107,16 @@ pub async fn sweep_unless_stopped(
     cutoff: DateTime<Utc>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<Swept, BusError> {
-    rounds(bus, cutoff, ROUND, Some(stop)).await
+    rounds(bus, cutoff, ROUND, Some(&|| stop.is_cancelled())).await
 }
 
-/// [`sweep_unless_stopped`], reading `per_round` messages a round.
-pub async fn sweep_in_rounds_unless_stopped(
+/// [`sweep_unless_stopped`], reading `per_round` messages a round, stopping when `stop` says
+/// so (asked before each round and each removal: tests stop it at a given removal).
+pub async fn sweep_in_rounds_unless(
     bus: &Bus,
     cutoff: DateTime<Utc>,
     per_round: usize,
-    stop: &tokio_util::sync::CancellationToken,
+    stop: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Swept, BusError> {
     rounds(bus, cutoff, per_round, Some(stop)).await
 }
