@@ -757,11 +757,24 @@ impl Bus {
     /// the subject's last message is another.
     pub async fn enqueue_after<T: Serialize>(&self, subject: String, last: u64, body: &T) -> Result<bool> {
         let payload = serde_json::to_vec(body).map_err(BusError::nats)?;
-        let publish = PublishMessage::build().payload(payload.into()).expected_last_subject_sequence(last);
-        match async { self.js.send_publish(subject.clone(), publish).await?.await }.await {
+        match self.publish_after(subject, payload.into(), last).await {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
-            Err(e) => Err(BusError::Nats(format!("enqueueing on {subject}: {e}"))),
+            Err(BusError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Publishes `payload` on `subject` only while the subject's last message is at `last`
+    /// (0: it holds none); returns its sequence. Another last message is a
+    /// [`BusError::Conflict`].
+    async fn publish_after(&self, subject: String, payload: Bytes, last: u64) -> Result<u64> {
+        let publish = PublishMessage::build().payload(payload).expected_last_subject_sequence(last);
+        match async { self.js.send_publish(subject.clone(), publish).await?.await }.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(BusError::Conflict { subject, expected: last })
+            }
+            Err(e) => Err(BusError::Nats(format!("publishing to {subject}: {e}"))),
         }
     }
 
@@ -974,18 +987,7 @@ impl Bus {
     /// our last claim) the lease `name` for `holder`. Returns the claim's sequence; someone
     /// else holding it is a [`BusError::Conflict`].
     pub async fn claim_lease(&self, name: &str, holder: &str, held: Option<u64>) -> Result<u64> {
-        let subject = self.ns.lease(name);
-        let publish = PublishMessage::build()
-            .payload(holder.as_bytes().to_vec().into())
-            .expected_last_subject_sequence(held.unwrap_or(0));
-        let ack = async { self.js.send_publish(subject.clone(), publish).await?.await }.await;
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(BusError::Conflict { subject, expected: held.unwrap_or(0) })
-            }
-            Err(e) => Err(BusError::Nats(format!("claiming {subject}: {e}"))),
-        }
+        self.publish_after(self.ns.lease(name), holder.as_bytes().to_vec().into(), held.unwrap_or(0)).await
     }
 
     /// Gives up a lease we hold by our `claim` (its sequence, as [`Bus::claim_lease`]

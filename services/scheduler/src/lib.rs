@@ -298,9 +298,10 @@ impl Scheduler {
     /// progress ack the consumer sends as this returns arrive after that, and shorten the delay
     /// to the ack wait.) Should that fail, it is handed back for as long. A timer that is not
     /// its subject's last (a next one was put after it already, by a sweep whose ack was lost,
-    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep ends it before
-    /// its next removal (the runs removed recorded) and hands the timer back, for another to sweep; one that dies leaves it to be delivered again
-    /// once its ack wait has run out. With retention turned off here, the timer is taken out.
+    /// or two armed at once) is acked without a sweep. A replica that stops mid-sweep ends it
+    /// before its next removal (the runs removed recorded) and hands the timer back, for
+    /// another to sweep; one that dies leaves it to be delivered again once its ack wait has
+    /// run out. With retention turned off here, the timer is taken out.
     async fn sweep_on(&self, msg: &Arc<Message>) -> AckKind {
         use std::sync::atomic::Ordering::SeqCst;
         let days = self.bus.settings().events_max_age_days;

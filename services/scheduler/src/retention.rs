@@ -84,8 +84,10 @@ pub struct Swept {
 /// A sweep's stop: whether to stop now, asked before each removal and round; or none.
 type Stop<'a> = Option<&'a (dyn Fn() -> bool + Send + Sync)>;
 
-fn stopped(stop: Stop<'_>) -> bool {
-    stop.is_some_and(|s| s())
+/// Whether `stop` says to stop now, noted in `swept`.
+fn stops_now(stop: Stop<'_>, swept: &mut Swept) -> bool {
+    swept.stopped = stop.is_some_and(|s| s());
+    swept.stopped
 }
 
 /// Removes what the event log holds from before `cutoff` and is no longer in force (see the
@@ -127,8 +129,7 @@ async fn rounds(bus: &Bus, cutoff: DateTime<Utc>, per_round: usize, stop: Stop<'
     let mut ended = HashSet::new();
     let mut from = 1;
     loop {
-        if stopped(stop) {
-            swept.stopped = true;
+        if stops_now(stop, &mut swept) {
             break;
         }
         let (headings, more) = bus.headings_before(from, cutoff, per_round.max(1)).await?;
@@ -191,8 +192,7 @@ async fn round(
             if !ended.contains(*subject) {
                 continue;
             }
-            if stopped(stop) {
-                swept.stopped = true;
+            if stops_now(stop, swept) {
                 break;
             }
             let last = bus.last_seq(subject).await?;
@@ -224,13 +224,9 @@ async fn round(
     // Stopped, the rest of the round is left before its next removal: each removal below
     // (with its record, for audit records; a schedule's ticks, decided as a whole) is done
     // whole.
-    let stop_here = |swept: &mut Swept| {
-        swept.stopped = stopped(stop);
-        swept.stopped
-    };
     // A deleted aggregate with nothing since: gone.
     for (subject, seq) in deleted {
-        if stop_here(swept) {
+        if stops_now(stop, swept) {
             return Ok(());
         }
         if bus.last_seq(subject).await? == seq {
@@ -243,7 +239,7 @@ async fn round(
     // Old records: all but the newest of each subject; a tenant's audit records removed are
     // recorded for the read side (as runs are, above).
     for (subject, (newest, count)) in records {
-        if stop_here(swept) {
+        if stops_now(stop, swept) {
             return Ok(());
         }
         if count > 1 {
@@ -268,7 +264,7 @@ async fn round(
     let stream = ns.events_stream();
     let is_tick = |h: &Heading| !h.types.is_empty() && h.types.iter().all(|t| TICKS.contains(&t.as_str()));
     for (subject, messages) in schedules {
-        if stop_here(swept) {
+        if stops_now(stop, swept) {
             return Ok(());
         }
         // Fewer than three ticks of any kind: nothing to gain from reading it.
